@@ -1,0 +1,1 @@
+"""Hydra configs of selfflow, installed as the package `selfflow.conf` (the folder is `conf/` in the repository)."""

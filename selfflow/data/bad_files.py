@@ -1,0 +1,38 @@
+"""What a dataset does with a file it cannot read: skip it with one warning line and a record, or stop."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+log = logging.getLogger("selfflow.data")
+
+BAD_FILE_POLICIES = ("skip", "error")
+
+
+class BadFileError(RuntimeError):
+    """A sample file could not be read and data.on_bad_file=error."""
+
+
+class BadFilePolicy:
+    """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` line per skipped file."""
+
+    def __init__(self, on_bad_file: str = "skip", record_path: str | os.PathLike | None = None):
+        if on_bad_file not in BAD_FILE_POLICIES:
+            raise ValueError(f"data.on_bad_file={on_bad_file!r} is unknown; choose one of {BAD_FILE_POLICIES}")
+        self.on_bad_file = on_bad_file
+        self.record_path = Path(record_path) if record_path else None
+        self._seen: set[str] = set()
+
+    def handle(self, path: str | os.PathLike, reason: str) -> None:
+        if self.on_bad_file == "error":
+            raise BadFileError(f"cannot read {path}: {reason} (set data.on_bad_file=skip to skip such files)")
+        key = str(path)
+        if key in self._seen:
+            return
+        self._seen.add(key)
+        log.warning("skipping %s: %s", key, reason)
+        if self.record_path is not None:
+            self.record_path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.record_path, "a", encoding="utf-8", errors="backslashreplace") as f:
+                f.write(f"{key}\t{reason}\n")

@@ -1,0 +1,20 @@
+"""Batching of samples `(data, label)` into `{"modality", "data", "label"}` dicts, dropping unreadable samples."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.utils.data import default_collate
+
+
+def collate_samples(modality: str) -> Callable[[list[Any]], dict[str, Any] | None]:
+    """A collate function for one modality; samples that are None (skipped files) are left out."""
+
+    def collate(samples: list[Any]) -> dict[str, Any] | None:
+        kept = [s for s in samples if s is not None]
+        if not kept:
+            return None
+        data, labels = default_collate(kept)
+        return {"modality": modality, "data": data, "label": torch.as_tensor(labels, dtype=torch.long)}
+
+    return collate

@@ -1,0 +1,194 @@
+"""The flow-matching transformer: per-modality input/output, shared blocks with per-token adaLN-Zero.
+
+Per-token conditioning is computed on the distinct conditioning vectors only: a sample carries a few noise
+levels (`levels: [B, L]`, L = 1 at inference, 2 in Self-Flow training) and each token points at one of them
+(`level_index: [B, N]`). The modulation MLPs run on the [B, L] table and the result is gathered per token,
+so the outputs equal those of running the MLPs on every token at close to plain-DiT cost.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from selfflow.models.attention import Attention
+from selfflow.models.embeddings import LabelEmbedder, MultiAxisRoPE, TimestepEmbedder, sincos_2d
+
+POSITION_EMBEDDINGS = ("rope", "sincos")
+
+
+def gather_tokens(table: Tensor, index: Tensor) -> Tensor:
+    """table: [B, L, K], index: [B, N] -> [B, N, K]; a broadcast view when L == 1."""
+    if table.shape[1] == 1:
+        return table.expand(-1, index.shape[1], -1)
+    return torch.gather(table, 1, index[..., None].expand(-1, -1, table.shape[-1]))
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    return x * (1 + scale) + shift
+
+
+class TransformerBlock(nn.Module):
+    """DiT block: LN -> modulate -> attention -> gated residual, LN -> modulate -> MLP -> gated residual."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, attention: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.attn = Attention(width, heads, qk_norm=qk_norm, backend=attention)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
+
+    def forward(self, x: Tensor, cond: Tensor, cond_index: Tensor, rope=None, mask: Tensor | None = None) -> Tensor:
+        """x: [B, N, D]; cond: [B, L, D] distinct conditioning vectors; cond_index: [B, N] into L."""
+        mod = gather_tokens(self.adaLN_modulation(cond), cond_index)  # [B, N, 6D]
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
+        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, mask)
+        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
+
+
+class FinalLayer(nn.Module):
+    """Per-token adaLN then a linear map to the modality's token channels."""
+
+    def __init__(self, width: int, out_channels: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.linear = nn.Linear(width, out_channels)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
+
+    def forward(self, x: Tensor, cond: Tensor, cond_index: Tensor) -> Tensor:
+        shift, scale = gather_tokens(self.adaLN_modulation(cond), cond_index).chunk(2, dim=-1)
+        return self.linear(modulate(self.norm(x), shift, scale))
+
+
+@dataclass
+class ModelOutput:
+    velocity: Tensor | None  # [B, N, C]; None when the forward stopped early
+    hidden: dict[int, Tensor] = field(default_factory=dict)  # block number (1-based) -> [B, N, D]
+
+
+class SelfFlowTransformer(nn.Module):
+    """Shared transformer with per-modality input projections and output heads.
+
+    token_channels: channels of one token per modality, e.g. {"image": 12}.
+    num_classes: class labels (0 = unconditional); label `num_classes` is the null label.
+    """
+
+    def __init__(
+        self,
+        token_channels: dict[str, int],
+        width: int = 384,
+        depth: int = 12,
+        heads: int = 6,
+        mlp_ratio: float = 4.0,
+        num_classes: int = 0,
+        pos_embed: str = "rope",
+        rope_axes: list[int] | None = None,
+        rope_theta: float = 10000.0,
+        qk_norm: bool = False,
+        attention: str = "auto",
+        time_scale: float = 1000.0,
+        activation_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if pos_embed not in POSITION_EMBEDDINGS:
+            raise ValueError(f"model.pos_embed={pos_embed!r} is unknown; choose one of {POSITION_EMBEDDINGS}")
+        if not token_channels:
+            raise ValueError("token_channels is empty: the model needs at least one modality's tokenizer")
+        self.width, self.depth, self.heads = width, depth, heads
+        self.num_classes, self.pos_embed = num_classes, pos_embed
+        self.token_channels = dict(token_channels)
+        self.activation_checkpointing = activation_checkpointing
+        self.input_proj = nn.ModuleDict({m: nn.Linear(c, width) for m, c in token_channels.items()})
+        self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(width)) for m in token_channels})
+        self.t_embedder = TimestepEmbedder(width, scale=time_scale)
+        self.y_embedder = LabelEmbedder(num_classes, width)
+        self.rope = MultiAxisRoPE(width // heads, rope_axes, rope_theta) if pos_embed == "rope" else None
+        self.blocks = nn.ModuleList(
+            TransformerBlock(width, heads, mlp_ratio, qk_norm=qk_norm, attention=attention) for _ in range(depth)
+        )
+        self.final_layers = nn.ModuleDict({m: FinalLayer(width, c) for m, c in token_channels.items()})
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """Xavier linears, small embeddings, and adaLN-Zero: modulations and output layers start at zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        for linear in (self.t_embedder.mlp[0], self.t_embedder.mlp[2]):
+            nn.init.normal_(linear.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for final in self.final_layers.values():
+            for linear in (final.adaLN_modulation[-1], final.linear):
+                nn.init.zeros_(linear.weight)
+                nn.init.zeros_(linear.bias)
+
+    @property
+    def null_class(self) -> int:
+        return self.y_embedder.null_class
+
+    def conditioning(self, levels: Tensor, labels: Tensor) -> Tensor:
+        """levels: [B, L], labels: [B] or [B, L] -> distinct conditioning vectors [B, L, D]."""
+        if labels.dim() == 1:
+            labels = labels[:, None]
+        return self.t_embedder(levels) + self.y_embedder(labels)
+
+    def embed_tokens(self, x: Tensor, pos: Tensor, modality: str) -> Tensor:
+        if modality not in self.input_proj:
+            raise KeyError(f"modality {modality!r} has no input projection; this model knows {list(self.input_proj)}")
+        h = self.input_proj[modality](x) + self.modality_embed[modality]
+        if self.pos_embed == "sincos":
+            h = h + sincos_2d(pos, self.width).to(h.dtype)
+        return h
+
+    def forward(
+        self,
+        x: Tensor,
+        levels: Tensor,
+        level_index: Tensor | None,
+        pos: Tensor,
+        labels: Tensor,
+        modality: str,
+        *,
+        attn_mask: Tensor | None = None,
+        hidden_layers: tuple[int, ...] = (),
+        stop_after: int | None = None,
+    ) -> ModelOutput:
+        """Velocity for tokens x: [B, N, C] at per-token levels `levels[b, level_index[b, n]]`.
+
+        levels: [B, L]; level_index: [B, N] long (None when L == 1); pos: [B, N, 4]; labels: [B] or [B, L].
+        hidden_layers: 1-based block numbers whose outputs to return. stop_after: run only the first k blocks
+        and skip the output head (the teacher's forward).
+        """
+        if level_index is None:
+            if levels.shape[1] != 1:
+                raise ValueError("level_index is required when a sample has more than one level")
+            level_index = torch.zeros(x.shape[:2], dtype=torch.long, device=x.device)
+        last = self.depth if stop_after is None else stop_after
+        if not 0 <= last <= self.depth:
+            raise ValueError(f"stop_after={stop_after} is outside the model's 1..{self.depth} blocks")
+        cond = self.conditioning(levels, labels)  # [B, L, D]
+        h = self.embed_tokens(x, pos, modality)  # [B, N, D]
+        rope = self.rope(pos) if self.rope is not None else None
+        hidden: dict[int, Tensor] = {}
+        for number, block in enumerate(self.blocks[:last], start=1):
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                h = checkpoint(block, h, cond, level_index, rope, attn_mask, use_reentrant=False)
+            else:
+                h = block(h, cond, level_index, rope, attn_mask)
+            if number in hidden_layers:
+                hidden[number] = h
+        if stop_after is not None:
+            return ModelOutput(velocity=None, hidden=hidden)
+        return ModelOutput(velocity=self.final_layers[modality](h, cond, level_index), hidden=hidden)
+
+    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str) -> Tensor:
+        """Plain flow-matching inference: one level per sample, t: [B]."""
+        return self.forward(x, t[:, None], None, pos, labels, modality).velocity

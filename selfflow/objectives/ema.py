@@ -1,0 +1,44 @@
+"""Exponential moving average of a model: the Self-Flow teacher and the weights used for inference."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA(nn.Module):
+    """Holds `module`, an EMA copy of a model, updated with `update(model)` after every optimizer step.
+
+    decay: the target decay (0.9999 at full scale over millions of steps; shorter runs need a shorter horizon).
+    warmup: use min(decay, (1 + n) / (10 + n)) at update n, so early updates move the copy quickly.
+    """
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+        super().__init__()
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"objective.ema_decay={decay} must be in [0, 1)")
+        self.decay, self.warmup = decay, warmup
+        self.module = copy.deepcopy(model).requires_grad_(False).eval()
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))
+
+    def current_decay(self) -> float:
+        n = int(self.num_updates)
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
+
+    def train(self, mode: bool = True):  # the copy stays in eval mode
+        super().train(mode)
+        self.module.eval()
+        return self
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        ema_params = list(self.module.parameters())
+        params = [p.detach() for p in model.parameters()]
+        if len(ema_params) != len(params):
+            raise RuntimeError("EMA copy and model have different parameter lists")
+        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+        for ema_buffer, buffer in zip(self.module.buffers(), model.buffers()):
+            ema_buffer.copy_(buffer)
+        self.num_updates += 1

@@ -1,0 +1,36 @@
+"""Flow-matching loss and its breakdown by noise level."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
+    """Mean of values: [B, N] over the tokens where valid: [B, N] is True (all when None)."""
+    if valid is None:
+        return values.mean()
+    weights = valid.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def token_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over channels, per token: [B, N, C] -> [B, N], in float32."""
+    return (prediction.float() - target.float()).pow(2).mean(dim=-1)
+
+
+def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Sum and count of per-token values: [B, N] in `buckets` equal ranges of their level: [B, N].
+
+    Returns (sums, counts), each [buckets]; no host sync, so it is cheap to compute every step.
+    """
+    which = torch.clamp((levels.float() * buckets).long(), 0, buckets - 1).flatten()
+    weights = valid.flatten().to(values.dtype) if valid is not None else torch.ones_like(which, dtype=values.dtype)
+    sums = torch.zeros(buckets, device=values.device, dtype=values.dtype).index_add_(0, which, values.flatten() * weights)
+    counts = torch.zeros(buckets, device=values.device, dtype=values.dtype).index_add_(0, which, weights)
+    return sums, counts
+
+
+def bucket_names(buckets: int) -> list[str]:
+    """Names of the level ranges, e.g. ["0.00-0.25", ..., "0.75-1.00"]."""
+    edges = [i / buckets for i in range(buckets + 1)]
+    return [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges[:-1], edges[1:])]

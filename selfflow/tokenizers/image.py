@@ -1,0 +1,54 @@
+"""Image tokenizer: non-overlapping pixel patches with (0, h, w, 0) position ids."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from selfflow.tokenizers.base import Tokenizer, Tokens
+
+
+class ImagePatchTokenizer(Tokenizer):
+    """Images [B, C, H, W] in [0, 1] -> tokens [B, (H/p)(W/p), C p p] in [-1, 1], channel order (c p q).
+
+    `decode` is the exact inverse (back to [0, 1], clamped).
+    """
+
+    modality = "image"
+
+    def __init__(self, patch_size: int = 2, channels: int = 3, image_size: int | tuple[int, int] = 32):
+        super().__init__()
+        h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+        if patch_size < 1 or h % patch_size or w % patch_size:
+            raise ValueError(
+                f"tokenizer.image.patch_size={patch_size} must divide the image size {h}x{w}; "
+                f"pick a patch size that divides both sides or change data.image_size"
+            )
+        self.patch_size, self.channels, self.image_size = patch_size, channels, (h, w)
+        self.grid = (h // patch_size, w // patch_size)
+        self.token_channels = channels * patch_size * patch_size
+
+    def encode(self, images: Tensor) -> Tokens:
+        b, c, h, w = images.shape
+        if c != self.channels or (h, w) != self.image_size:
+            raise ValueError(
+                f"image tokenizer expects [B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}], "
+                f"got {list(images.shape)}; set tokenizer.image.channels/image_size to match the data"
+            )
+        p = self.patch_size
+        x = rearrange(images * 2 - 1, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
+        return Tokens(x=x, pos=self.positions(b, images.device), modality=self.modality)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """x: [B, N, C p p] -> images [B, C, H, W] in [0, 1]."""
+        gh, gw = self.grid
+        p = self.patch_size
+        images = rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=gh, w=gw, p=p, q=p)
+        return ((images + 1) / 2).clamp(0, 1)
+
+    def positions(self, batch_size: int, device=None) -> Tensor:
+        gh, gw = self.grid
+        h, w = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+        zeros = torch.zeros_like(h)
+        pos = torch.stack([zeros, h, w, zeros], dim=-1)  # [gh, gw, 4]
+        return rearrange(pos, "h w a -> (h w) a").expand(batch_size, -1, -1)

@@ -1,0 +1,65 @@
+"""Build the data, model, objective, Lightning module and trainer of a run from its (Hydra) config."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from selfflow.training.module import SelfFlowModule
+
+
+def _register_resolvers() -> None:
+    if not OmegaConf.has_resolver("auto_precision"):
+        OmegaConf.register_new_resolver("auto_precision", auto_precision)
+
+
+def auto_precision() -> str:
+    """bf16 mixed precision where the accelerator supports it, float32 otherwise (the CPU default)."""
+    if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16-mixed"
+    return "32-true"
+
+
+_register_resolvers()
+
+
+@dataclass
+class Run:
+    datamodule: L.LightningDataModule
+    module: SelfFlowModule
+    trainer: L.Trainer
+    run_dir: Path
+
+
+def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
+    """Tokenizers, model, objective and optimizer, sized from the data (classes) and tokenizers (channels)."""
+    tokenizers = {modality: instantiate(spec) for modality, spec in cfg.tokenizer.items()}
+    if datamodule.modality not in tokenizers:
+        raise ValueError(
+            f"data gives {datamodule.modality!r} samples but no tokenizer is configured for it "
+            f"(configured: {sorted(tokenizers)}); choose a matching tokenizer=..."
+        )
+    model = instantiate(cfg.model)(
+        token_channels={m: t.token_channels for m, t in tokenizers.items()}, num_classes=datamodule.num_classes
+    )
+    objective = instantiate(cfg.objective)(model=model)
+    return SelfFlowModule(
+        objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )
+
+
+def build_run(cfg: DictConfig) -> Run:
+    run_dir = Path(cfg.run_dir)
+    datamodule = instantiate(cfg.data)
+    datamodule.record_skipped_files(run_dir / "skipped_files.tsv")
+    module = build_module(cfg, datamodule)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers: Any = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    return Run(datamodule, module, trainer, run_dir)

@@ -1,0 +1,100 @@
+"""LightningModule: tokenize a batch, apply the Self-Flow objective, optimise, keep the EMA teacher current."""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable
+
+import lightning as L
+import torch
+from torch import nn
+
+from selfflow.objectives.flow_loss import bucket_names
+from selfflow.objectives.selfflow import SelfFlowObjective
+from selfflow.tokenizers.base import Tokenizer
+
+CHECKPOINT_FORMAT = 1
+
+
+class SelfFlowModule(L.LightningModule):
+    """optimizer: a partial optimizer (e.g. `functools.partial(torch.optim.AdamW, lr=3e-4)`) completed with the
+    trainable parameters; lr_warmup_steps: linear warm-up, then constant. config: the resolved run config, stored
+    in every checkpoint so that sampling and probing can rebuild the model.
+    """
+
+    def __init__(self, objective: SelfFlowObjective, tokenizers: dict[str, Tokenizer],
+                 optimizer: Callable[..., torch.optim.Optimizer], lr_warmup_steps: int = 0,
+                 config: dict[str, Any] | None = None):
+        super().__init__()
+        self.objective = objective
+        self.tokenizers = nn.ModuleDict(tokenizers)
+        self.optimizer_factory, self.lr_warmup_steps = optimizer, lr_warmup_steps
+        self.config = config or {}
+        buckets = objective.loss_buckets
+        self.register_buffer("bucket_sums", torch.zeros(buckets), persistent=False)
+        self.register_buffer("bucket_counts", torch.zeros(buckets), persistent=False)
+        self._bucket_names = bucket_names(buckets)
+        self._last_batch_end: float | None = None
+
+    @property
+    def model(self):
+        return self.objective.model
+
+    @property
+    def ema_model(self):
+        return self.objective.teacher.module
+
+    def training_step(self, batch: dict[str, Any] | None, batch_idx: int):
+        if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
+            return None
+        modality = batch["modality"]
+        tokens = self.tokenizers[modality].encode(batch["data"])
+        out = self.objective(tokens, batch["label"])
+        batch_size = tokens.batch_size
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
+        self.log("train/loss_flow", out.loss_flow, batch_size=batch_size)
+        if out.loss_rep is not None:
+            self.log("train/loss_rep", out.loss_rep, prog_bar=True, batch_size=batch_size)
+        self.bucket_sums += out.flow_bucket_sums
+        self.bucket_counts += out.flow_bucket_counts
+        self._tokens_in_batch = batch_size * out.num_tokens
+        self._samples_in_batch = batch_size
+        return out.loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        if self._last_batch_end is not None and batch is not None:
+            elapsed = max(now - self._last_batch_end, 1e-9)
+            self.log("train/samples_per_s", self._samples_in_batch / elapsed)
+            self.log("train/tokens_per_s", self._tokens_in_batch / elapsed)
+        self._last_batch_end = now
+        if self.trainer is not None and (self.global_step % max(1, self.trainer.log_every_n_steps) == 0):
+            self._log_buckets()
+
+    def _log_buckets(self) -> None:
+        counts = self.bucket_counts.clamp_min(1)
+        means = (self.bucket_sums / counts).tolist()
+        for name, mean, count in zip(self._bucket_names, means, self.bucket_counts.tolist()):
+            if count > 0:
+                self.log(f"train/loss_flow_t{name}", mean)
+        self.bucket_sums.zero_()
+        self.bucket_counts.zero_()
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
+        if grads:
+            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        self.objective.update_teacher()
+
+    def configure_optimizers(self):
+        params = [p for p in self.objective.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        warmup = max(0, int(self.lr_warmup_steps))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["selfflow_format"] = CHECKPOINT_FORMAT
+        checkpoint["selfflow_config"] = self.config

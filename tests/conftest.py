@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny configs composed from the real conf/ tree, real shared data where present."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+# overrides that make any train config run in seconds on a CPU
+TINY = [
+    "model.depth=2", "model.width=32", "model.heads=2",
+    "data.batch_size=8", "data.num_workers=0",
+    "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
+    "~callbacks.progress", "callbacks.samples.steps=2", "callbacks.samples.samples_per_class=1",
+    "callbacks.samples.every_n_steps=2", "callbacks.checkpoint.every_n_train_steps=2",
+    "objective.student_layer=1", "objective.teacher_layer=2",
+]
+
+
+def compose_train(overrides: list[str], run_dir: Path):
+    from hydra import compose, initialize_config_module
+
+    import selfflow.training.build  # noqa: F401 - registers the config resolvers
+
+    with initialize_config_module("selfflow.conf", version_base="1.3"):
+        return compose("train", overrides=[*TINY, f"run_dir={run_dir}", *overrides])
+
+
+@pytest.fixture
+def tiny_train_cfg(tmp_path):
+    def make(*overrides: str, run_dir: Path | None = None):
+        return compose_train(list(overrides), run_dir or tmp_path / "run")
+
+    return make
+
+
+def shared_dataset(name: str) -> Path:
+    path = SHARED_DATA / name
+    if not path.is_dir():
+        pytest.skip(f"shared dataset {path} is absent")
+    return path

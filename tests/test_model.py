@@ -1,0 +1,176 @@
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from selfflow.models.attention import flash_available
+from selfflow.models.embeddings import MultiAxisRoPE, apply_rope, default_rope_axes, sincos_2d
+from selfflow.models.transformer import SelfFlowTransformer, gather_tokens
+from selfflow.tokenizers.image import ImagePatchTokenizer
+
+
+def tiny_model(**kwargs) -> SelfFlowTransformer:
+    torch.manual_seed(0)
+    args = dict(token_channels={"image": 12}, width=32, depth=3, heads=2, num_classes=10)
+    return SelfFlowTransformer(**{**args, **kwargs})
+
+
+def randomize_zero_init(model: nn.Module) -> None:
+    """adaLN-Zero starts the modulations and outputs at zero; give them values so comparisons mean something."""
+    torch.manual_seed(1)
+    for name, p in model.named_parameters():
+        if "adaLN_modulation" in name or "final_layers" in name:
+            nn.init.normal_(p, std=0.2)
+
+
+def inputs(batch=3, grid=4):
+    tokenizer = ImagePatchTokenizer(patch_size=2, channels=3, image_size=2 * grid)
+    tokens = tokenizer.encode(torch.rand(batch, 3, 2 * grid, 2 * grid))
+    labels = torch.tensor([1, 5, 10])[:batch]  # 10 is the null label
+    return tokens, labels
+
+
+def test_output_is_exactly_zero_at_initialisation():
+    model = tiny_model()
+    tokens, labels = inputs()
+    out = model(tokens.x, torch.rand(3, 2), torch.randint(0, 2, (3, 16)), tokens.pos, labels, "image")
+    assert out.velocity.shape == (3, 16, 12)
+    assert torch.count_nonzero(out.velocity) == 0
+
+
+def test_gathered_adaln_equals_naive_per_token_adaln():
+    model = tiny_model()
+    randomize_zero_init(model)
+    tokens, labels = inputs()
+    levels = torch.rand(3, 2)
+    index = torch.randint(0, 2, (3, 16))
+    gathered = model(tokens.x, levels, index, tokens.pos, labels, "image").velocity
+    # naive: one conditioning vector per token, the modulation MLPs run on all of them
+    per_token_levels = torch.gather(levels, 1, index)  # [B, N]
+    naive = model(tokens.x, per_token_levels, torch.arange(16).expand(3, -1), tokens.pos, labels, "image").velocity
+    torch.testing.assert_close(gathered, naive, rtol=1e-5, atol=1e-6)
+    # and at the block level, against the modulation MLP applied to every token's own vector
+    block = model.blocks[0]
+    cond = model.conditioning(levels, labels)  # [B, 2, D]
+    cond_per_token = model.conditioning(per_token_levels, labels[:, None].expand(-1, 16))  # [B, N, D]
+    torch.testing.assert_close(gather_tokens(block.adaLN_modulation(cond), index),
+                               block.adaLN_modulation(cond_per_token), rtol=1e-5, atol=1e-6)
+
+
+def test_per_token_conditioning_with_equal_levels_matches_scalar_conditioning():
+    model = tiny_model()
+    randomize_zero_init(model)
+    tokens, labels = inputs()
+    t = torch.rand(3)
+    scalar = model.velocity(tokens.x, t, tokens.pos, labels, "image")
+    per_token = model(tokens.x, torch.stack([t, t], 1), torch.randint(0, 2, (3, 16)), tokens.pos, labels, "image")
+    torch.testing.assert_close(per_token.velocity, scalar, rtol=1e-5, atol=1e-6)
+
+
+def test_levels_actually_condition_the_output():
+    model = tiny_model()
+    randomize_zero_init(model)
+    tokens, labels = inputs()
+    a = model.velocity(tokens.x, torch.full((3,), 0.1), tokens.pos, labels, "image")
+    b = model.velocity(tokens.x, torch.full((3,), 0.9), tokens.pos, labels, "image")
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_stop_after_returns_the_same_hidden_state_without_the_head():
+    model = tiny_model()
+    randomize_zero_init(model)
+    tokens, labels = inputs()
+    t = torch.rand(3, 1)
+    full = model(tokens.x, t, None, tokens.pos, labels, "image", hidden_layers=(2,))
+    early = model(tokens.x, t, None, tokens.pos, labels, "image", hidden_layers=(2,), stop_after=2)
+    assert early.velocity is None
+    torch.testing.assert_close(early.hidden[2], full.hidden[2])
+    with pytest.raises(ValueError, match="stop_after"):
+        model(tokens.x, t, None, tokens.pos, labels, "image", stop_after=4)
+
+
+def test_rope_scores_depend_only_on_position_differences():
+    rope = MultiAxisRoPE(head_dim=16)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(pq, pk):
+        cq, sq = rope(torch.tensor([[pq]]))
+        ck, sk = rope(torch.tensor([[pk]]))
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
+
+    base = score([0, 1, 2, 0], [0, 3, 1, 0])
+    torch.testing.assert_close(score([5, 4, 9, 2], [5, 6, 8, 2]), base)  # same offsets on every axis
+    assert (score([0, 1, 2, 0], [0, 4, 1, 0]) - base).abs() > 1e-4  # a different offset changes it
+    assert sum(default_rope_axes(64)) == 64 and all(a % 2 == 0 for a in default_rope_axes(72))
+    with pytest.raises(ValueError, match="rope_axes"):
+        MultiAxisRoPE(16, [4, 4, 4, 2])
+
+
+def test_sincos_matches_the_mae_grid_layout():
+    width, grid = 16, 4
+
+    def one_axis(dim, coords):
+        omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+        out = np.einsum("m,d->md", coords.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
+    reference = np.concatenate([one_axis(width // 2, gw), one_axis(width // 2, gh)], axis=1)
+    pos = ImagePatchTokenizer(patch_size=1, channels=1, image_size=grid).positions(1)
+    torch.testing.assert_close(sincos_2d(pos, width)[0], torch.tensor(reference, dtype=torch.float32))
+
+
+def test_blocked_attention_keeps_groups_independent():
+    model = tiny_model()
+    randomize_zero_init(model)
+    tokens, labels = inputs(batch=1)
+    groups = torch.zeros(1, 16, dtype=torch.long)
+    groups[0, 8:] = 1
+    mask = (groups[:, :, None] == groups[:, None, :])[:, None]
+    levels = torch.rand(1, 2)
+    out_a = model(tokens.x, levels, groups, tokens.pos, labels[:1], "image", attn_mask=mask).velocity
+    changed = tokens.x.clone()
+    changed[0, 8:] += 1.0
+    out_b = model(changed, levels, groups, tokens.pos, labels[:1], "image", attn_mask=mask).velocity
+    torch.testing.assert_close(out_a[0, :8], out_b[0, :8])
+    assert (out_a[0, 8:] - out_b[0, 8:]).abs().max() > 1e-4
+
+
+def test_unknown_options_are_named():
+    with pytest.raises(ValueError, match="model.pos_embed"):
+        tiny_model(pos_embed="learned")
+    with pytest.raises(ValueError, match="model.attention"):
+        tiny_model(attention="xformers")
+    if not flash_available():
+        with pytest.raises(ValueError, match=r"selfflow\[flash\]"):
+            tiny_model(attention="flash")
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    tokens, labels = inputs()
+    grads = []
+    for ckpt in (False, True):
+        model = tiny_model(activation_checkpointing=ckpt)
+        randomize_zero_init(model)
+        model.train()
+        out = model(tokens.x, torch.rand(3, 2, generator=torch.Generator().manual_seed(0)),
+                    torch.ones(3, 16, dtype=torch.long), tokens.pos, labels, "image")
+        out.velocity.square().mean().backward()
+        grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not flash_available(), reason="needs CUDA and flash-attn")
+def test_flash_attention_matches_sdpa_on_gpu():
+    tokens, labels = inputs()
+    t = torch.rand(3, device="cuda")
+    outs = []
+    for backend in ("sdpa", "flash"):
+        model = tiny_model(attention=backend, width=128, heads=2).cuda()
+        randomize_zero_init(model)
+        model.cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outs.append(model.velocity(tokens.x.cuda(), t, tokens.pos.cuda(),
+                                       labels.cuda(), "image").float())
+    torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
