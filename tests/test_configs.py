@@ -151,3 +151,41 @@ def test_build_module_rejects_data_without_a_tokenizer(tiny_train_cfg):
     datamodule.modality = "audio"
     with pytest.raises(ValueError, match="no tokenizer is configured"):
         build_module(cfg, datamodule)
+
+
+def test_checkpoint_loads_back_for_inference_with_ema_or_online_weights(tiny_train_cfg, tmp_path):
+    from selfflow.training.checkpoint import load_checkpoint
+
+    run = build_run(tiny_train_cfg("trainer.max_steps=2"))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    path = Path(run.run_dir) / "checkpoints" / "last.ckpt"
+    ema = load_checkpoint(path, weights="ema")
+    online = load_checkpoint(path, weights="online")
+    assert ema.step == 2 and list(ema.tokenizers) == ["image"]
+    for (name, a), b in zip(ema.model.state_dict().items(), run.module.ema_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    torch.testing.assert_close(online.model.blocks[0].attn.qkv.weight, run.module.model.blocks[0].attn.qkv.weight)
+    assert not torch.equal(ema.model.blocks[0].attn.qkv.weight, online.model.blocks[0].attn.qkv.weight)
+
+
+def test_checkpoint_errors_are_clear_and_unsafe_files_are_not_executed(tiny_train_cfg, tmp_path):
+    import pickle
+
+    from selfflow.training.checkpoint import load_checkpoint, load_state_checked
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.ckpt"
+    evil.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    with pytest.raises(ValueError, match="cannot load checkpoint .* safely"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    model = torch.nn.Linear(3, 4)
+    with pytest.raises(ValueError, match=r"'weight' has shape \(4, 5\) in the checkpoint but \(4, 3\)"):
+        load_state_checked(model, {"weight": torch.zeros(4, 5), "bias": torch.zeros(4)}, "test")
