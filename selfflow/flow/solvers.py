@@ -1,6 +1,16 @@
-"""ODE solvers from noise (t = 1) to data (t = 0). A velocity function is `v(x: [B, ...], t: [B]) -> [B, ...]`."""
+"""Solvers from noise (t = 1) to data (t = 0) in the paper's convention, x_t = (1 - t) x0 + t x1.
+
+A velocity function is `v(x: [B, ...], t: [B]) -> [B, ...]` (d x_t / d t). Every solver calls it exactly
+`steps` times, so that samplers compare at equal cost (NFE = steps):
+- `euler`: `steps` Euler steps.
+- `heun`: ceil(steps / 2) intervals of Heun's method (2 evaluations each); when `steps` is odd the first
+  interval (at the noise end, where paths are straightest) is a plain Euler step (1 evaluation).
+- `euler_maruyama`: the SDE of the released Self-Flow / SiT sampler: `steps - 1` stochastic steps on levels from
+  1 down to `last_step`, then one deterministic Euler step from `last_step` to 0.
+"""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -9,6 +19,7 @@ from torch import Tensor
 from selfflow.flow.timesteps import shift_levels
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
+NoiseFn = Callable[[Tensor], Tensor]  # x -> standard normal noise shaped like x
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
@@ -18,11 +29,74 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
     return shift_levels(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
 
 
+def _levels(t: Tensor, x: Tensor) -> Tensor:
+    """One scalar level broadcast to the batch: [B] in x's dtype."""
+    return torch.full((x.shape[0],), float(t), device=x.device, dtype=x.dtype)
+
+
 def euler(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> Tensor:
     """Explicit Euler: one model evaluation per step (NFE = steps)."""
     grid = time_grid(steps, shift, x1.device)
     x = x1
     for t_cur, t_next in zip(grid[:-1], grid[1:]):
-        t = torch.full((x.shape[0],), float(t_cur), device=x.device, dtype=x.dtype)
-        x = x + (t_next - t_cur).to(x.dtype) * velocity(x, t)
+        x = x + float(t_next - t_cur) * velocity(x, _levels(t_cur, x))
     return x
+
+
+def heun(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> Tensor:
+    """Heun's second-order method with NFE = steps: ceil(steps / 2) intervals, the first one Euler if steps is odd."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    intervals = math.ceil(steps / 2)
+    grid = time_grid(intervals, shift, x1.device)
+    x = x1
+    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+        h = float(t_next - t_cur)
+        v_cur = velocity(x, _levels(t_cur, x))
+        x_euler = x + h * v_cur
+        if i == 0 and steps % 2:
+            x = x_euler
+        else:
+            x = x + h * 0.5 * (v_cur + velocity(x_euler, _levels(t_next, x)))
+    return x
+
+
+def score_from_velocity(velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """Score grad log p_t(x) implied by the velocity on the linear path: -(x + (1 - t) v) / t.
+
+    From x = (1 - t) x0 + t x1 and v = x1 - x0: E[x1 | x] = x + (1 - t) v, and the score is -E[x1 | x] / t.
+    """
+    t = t.reshape(-1, *([1] * (x.dim() - 1)))
+    return -(x + (1 - t) * velocity) / t
+
+
+def euler_maruyama(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0, noise: NoiseFn | None = None,
+                   last_step: float = 0.04, diffusion_norm: float = 1.0) -> Tensor:
+    """Euler-Maruyama on the reverse SDE with the ODE's marginals (the released sampler's form, NFE = steps).
+
+    Going from level t to t - h: x <- x - h (v - w s) + sqrt(2 w h) z, with s the score from the velocity and
+    diffusion w = diffusion_norm * t (proportional to the noise level). The levels run from 1 to `last_step` in
+    `steps - 1` stochastic steps; a final deterministic Euler step goes from `last_step` to 0, where the score
+    is singular.
+    """
+    if steps < 2:
+        raise ValueError(f"the sde sampler needs steps >= 2 (steps - 1 stochastic steps and a last Euler step), "
+                         f"got {steps}")
+    if not 0.0 < last_step < 1.0:
+        raise ValueError(f"sde last_step={last_step} must be in (0, 1)")
+    noise = noise or torch.randn_like
+    grid = shift_levels(torch.linspace(1.0, last_step, steps, device=x1.device, dtype=torch.float64), shift)
+    x = x1
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        h = float(t_cur - t_next)
+        t = _levels(t_cur, x)
+        v = velocity(x, t)
+        w = diffusion_norm * float(t_cur)
+        drift = v - w * score_from_velocity(v, x, t)  # d x / d t; the step goes toward smaller t
+        x = x - h * drift + math.sqrt(2 * w * h) * noise(x)
+    t_last = grid[-1]
+    return x - float(t_last) * velocity(x, _levels(t_last, x))
+
+
+SOLVERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun, "sde": euler_maruyama}
+STOCHASTIC = ("sde",)
