@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""selfflow benchmark suite: step times, method overheads as ratios, memory, FLOPs and MFU; prints a table and JSON.
+
+    python tools/bench.py --out bench.json            # the full suite on this machine's default device
+    python tools/bench.py --quick --only adaln        # a smaller, faster subset
+
+Every comparison is measured in the same run (this machine is shared and noisy: read ratios, not absolutes).
+Each case runs in its own subprocess so that its peak memory is its own. On CPU, peak memory is the growth of the
+process's resident set over its size before the case (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
+Records: {"name", "config", "step_s_median", "tokens_per_s", "peak_mem_mb", "device", ...extra fields}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from selfflow.models.transformer import SelfFlowTransformer, TransformerBlock, modulate  # noqa: E402
+from selfflow.objectives.selfflow import SelfFlowObjective, default_layers  # noqa: E402
+from selfflow.tokenizers.base import Tokens  # noqa: E402
+
+# ---------------------------------------------------------------- measurement helpers
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_calls(fn, device: str, warmup: int, iters: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def resident_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+class PeakMemory:
+    """Peak memory of the block: CUDA allocator peak, or CPU resident-set growth."""
+
+    def __init__(self, device: str):
+        self.device, self.mb = device, 0.0
+
+    def __enter__(self):
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            self.start = torch.cuda.memory_allocated()
+        else:
+            self.start = resident_mb()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.startswith("cuda"):
+            self.mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
+        else:
+            self.mb = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.start)
+
+
+def matmul_flops_per_s(device: str, dtype: torch.dtype, size: int = 2048, iters: int = 10) -> float:
+    """The machine's measured dense matmul rate: the ceiling that MFU is computed against."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    times = time_calls(lambda: a @ b, device, warmup=2, iters=iters)
+    return 2 * size**3 / statistics.median(times)
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def record(name, config, times, tokens, peak_mb, device, **extra) -> dict:
+    step = statistics.median(times)
+    return {"name": name, "config": config, "step_s_median": step, "tokens_per_s": tokens / step,
+            "peak_mem_mb": round(peak_mb, 1), "device": device_name(device), **extra}
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+# ---------------------------------------------------------------- what is measured
+
+
+def make_batch(batch: int, grid: int, channels: int, device: str) -> tuple[Tokens, torch.Tensor]:
+    h, w = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+    pos = torch.stack([torch.zeros_like(h), h, w, torch.zeros_like(h)], -1).reshape(1, -1, 4).expand(batch, -1, -1)
+    x = torch.randn(batch, grid * grid, channels)
+    return Tokens(x.to(device), pos.to(device), "image"), torch.randint(0, 10, (batch,), device=device)
+
+
+def train_step_fn(objective: SelfFlowObjective, tokens: Tokens, labels, dtype):
+    params = [p for p in objective.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    device_type = tokens.x.device.type
+
+    def step():
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = objective(tokens, labels).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        objective.update_teacher()
+
+    return step
+
+
+def case_training_step(args, variant: str) -> dict:
+    """One optimizer step of Self-Flow (teacher + head + masks) or of vanilla flow matching, same model."""
+    torch.manual_seed(0)
+    model = SelfFlowTransformer({"image": args.channels}, width=args.width, depth=args.depth, heads=args.heads,
+                                num_classes=10, activation_checkpointing=variant == "selfflow_checkpointed")
+    settings = {"selfflow": dict(mask_ratio=0.25, gamma=0.8), "selfflow_checkpointed": dict(mask_ratio=0.25, gamma=0.8),
+                "vanilla": dict(mask_ratio=0.0, gamma=0.0)}[variant]
+    objective = SelfFlowObjective(model, ema_decay=0.9999, **settings).to(args.device)
+    tokens, labels = make_batch(args.batch, args.grid, args.channels, args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    step = train_step_fn(objective, tokens, labels, dtype)
+    with PeakMemory(args.device) as memory:  # first, so that nothing before it has raised the peak
+        times = time_calls(step, args.device, args.warmup, args.iters)
+    flops = count_flops(step)
+    student, teacher = default_layers(args.depth)
+    config = dict(width=args.width, depth=args.depth, heads=args.heads, batch=args.batch, tokens=args.grid**2,
+                  dtype=args.dtype, student_layer=student, teacher_layer=teacher, **settings)
+    achieved = flops / statistics.median(times)
+    return record(f"train_step/{variant}", config, times, args.batch * args.grid**2, memory.mb, args.device,
+                  flops_per_step=flops, achieved_flops_per_s=achieved)
+
+
+class NaiveAdaLNBlock(nn.Module):
+    """Reference only: the released model's way, the modulation MLP run on every token's own vector."""
+
+    def __init__(self, block: TransformerBlock):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x, cond_per_token):
+        b = self.block
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = b.adaLN_modulation(cond_per_token).chunk(6, dim=-1)
+        x = x + gate_a * b.attn(modulate(b.norm1(x), shift_a, scale_a))
+        return x + gate_m * b.mlp(modulate(b.norm2(x), shift_m, scale_m))
+
+
+def case_adaln(args, width: int, variant: str) -> dict:
+    """Forward + backward of one transformer block with per-token conditioning: distinct vectors vs naive."""
+    torch.manual_seed(0)
+    heads = max(1, width // 64)
+    block = TransformerBlock(width, heads).to(args.device)
+    for p in block.adaLN_modulation.parameters():
+        nn.init.normal_(p, std=0.02)
+    tokens = args.adaln_tokens
+    x = torch.randn(args.adaln_batch, tokens, width, device=args.device, requires_grad=True)
+    cond = torch.randn(args.adaln_batch, 2, width, device=args.device, requires_grad=True)  # (t, s) per sample
+    index = (torch.rand(args.adaln_batch, tokens, device=args.device) < 0.25).long()
+    naive = NaiveAdaLNBlock(block)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    def forward():
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            if variant == "distinct":
+                return block(x, cond, index)
+            per_token = torch.gather(cond, 1, index[..., None].expand(-1, -1, width))
+            return naive(x, per_token)
+
+    def step():
+        forward().float().square().mean().backward()
+
+    with torch.no_grad():
+        per_token = torch.gather(cond, 1, index[..., None].expand(-1, -1, width))
+        difference = (block(x, cond, index) - naive(x, per_token)).abs().max().item()
+    with PeakMemory(args.device) as memory:
+        times = time_calls(step, args.device, args.warmup, args.iters)
+    flops = count_flops(step)
+    config = dict(width=width, heads=heads, batch=args.adaln_batch, tokens=tokens, dtype=args.dtype)
+    return record(f"adaln/{variant}/w{width}", config, times, args.adaln_batch * tokens, memory.mb, args.device,
+                  flops_per_step=flops, max_abs_difference_to_naive=difference)
+
+
+# ---------------------------------------------------------------- the suite
+
+
+def run_case(payload):
+    name, args, extra = payload
+    torch.set_num_threads(args.threads)
+    if name == "train":
+        return case_training_step(args, *extra)
+    if name == "adaln":
+        return case_adaln(args, *extra)
+    raise ValueError(name)
+
+
+def ratio(records: dict, slower: str, faster: str) -> float:
+    return records[slower]["step_s_median"] / records[faster]["step_s_median"]
+
+
+def main(argv=None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", help="write the JSON records here")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument("--quick", action="store_true", help="fewer iterations and smaller sizes")
+    parser.add_argument("--only", choices=["train", "adaln"], action="append", help="run only these cases")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
+    on_gpu = args.device.startswith("cuda")
+    # the training-step model: DiT-S-like on GPU, a small one on CPU
+    args.width, args.depth, args.heads = (384, 12, 6) if on_gpu else (256, 10, 4)
+    args.grid, args.channels = (16, 16) if on_gpu else (8, 12)
+    args.batch = 64 if on_gpu else 16
+    args.adaln_tokens = 256  # SiT-XL/2 on 256px images: 16x16 latent patches
+    args.adaln_batch = 32 if on_gpu else 4
+    args.warmup, args.iters = (2, 5) if args.quick else (3, 15)
+    if args.quick:
+        args.depth, args.iters = args.depth // 2, 5
+    cases = args.only or ["train", "adaln"]
+
+    payloads = []
+    if "train" in cases:
+        payloads += [("train", args, (v,)) for v in ("vanilla", "selfflow", "selfflow_checkpointed")]
+    if "adaln" in cases:
+        widths = (384, 1152)
+        payloads += [("adaln", args, (w, v)) for w in widths for v in ("naive", "distinct")]
+
+    context = mp.get_context("spawn")
+    records = []
+    for payload in payloads:  # one fresh process per case, one at a time
+        with context.Pool(1) as pool:
+            records.append(pool.apply(run_case, (payload,)))
+    by_name = {r["name"]: r for r in records}
+
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    ceiling = matmul_flops_per_s(args.device, dtype)
+    for r in records:
+        if "achieved_flops_per_s" in r:
+            r["matmul_ceiling_flops_per_s"] = ceiling
+            r["mfu"] = r["achieved_flops_per_s"] / ceiling
+    summary = {"name": "summary", "config": {"dtype": args.dtype}, "step_s_median": None, "tokens_per_s": None,
+               "peak_mem_mb": None, "device": device_name(args.device), "matmul_ceiling_flops_per_s": ceiling}
+    if "train" in cases:
+        summary["selfflow_over_vanilla_step"] = ratio(by_name, "train_step/selfflow", "train_step/vanilla")
+        summary["checkpointing_time_cost"] = ratio(by_name, "train_step/selfflow_checkpointed", "train_step/selfflow")
+        summary["checkpointing_memory_saving"] = 1 - (by_name["train_step/selfflow_checkpointed"]["peak_mem_mb"]
+                                                     / max(by_name["train_step/selfflow"]["peak_mem_mb"], 1e-9))
+    if "adaln" in cases:
+        for w in (384, 1152):
+            summary[f"adaln_distinct_speedup_w{w}"] = ratio(by_name, f"adaln/naive/w{w}", f"adaln/distinct/w{w}")
+    records.append(summary)
+    print_table(records)
+    if args.out:
+        Path(args.out).write_text(json.dumps(records, indent=2))
+        print(f"wrote {args.out}")
+    return records
+
+
+def print_table(records: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"selfflow benchmarks on {records[-1]['device']}")
+    for column in ("name", "step ms", "tokens/s", "peak MB", "GFLOP/step", "MFU"):
+        table.add_column(column, justify="right" if column != "name" else "left")
+    for r in records[:-1]:
+        table.add_row(r["name"], f"{1000 * r['step_s_median']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_mem_mb']:.0f}",
+                      f"{r.get('flops_per_step', 0) / 1e9:.2f}", f"{r['mfu']:.1%}" if "mfu" in r else "")
+    console = Console()
+    console.print(table)
+    for key, value in records[-1].items():
+        if isinstance(value, float) and key != "matmul_ceiling_flops_per_s":
+            console.print(f"  {key}: {value:.3f}")
+    console.print(f"  matmul ceiling: {records[-1]['matmul_ceiling_flops_per_s'] / 1e9:.0f} GFLOP/s")
+
+
+if __name__ == "__main__":
+    main()
