@@ -1,0 +1,221 @@
+"""Frozen-backbone features for probing: noised inputs at fixed levels, hidden states at chosen blocks, pooled
+over each sample's valid tokens, with an on-disk cache so that a second probe on the same features costs no forward.
+
+Layer 0 stands for the tokenizer's own output (pixels, frames, mel patches): the input baseline of a probe.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from selfflow.data.collate import collate_samples
+from selfflow.flow.path import interpolate
+from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.objectives.selfflow import SelfFlowObjective, default_layers
+from selfflow.tokenizers.base import Tokenizer
+
+POOLS = ("mean", "attentive")
+INPUT_LAYER = 0  # the tokenizer output, before the backbone
+
+
+@dataclass
+class Features:
+    """Features of one split at one (layer, level).
+
+    x: [M, D] mean-pooled, or [M, N, D] token features for attentive pooling (then `valid: [M, N]`).
+    """
+
+    x: Tensor
+    labels: Tensor  # [M] long
+    valid: Tensor | None = None
+
+
+def default_probe_layers(depth: int, student_layer: int | None = None) -> list[int]:
+    """Every quarter of the depth plus the student layer (the run's, or the method's default)."""
+    quarters = {max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)}
+    student = student_layer if student_layer is not None else default_layers(depth)[0]
+    return sorted(quarters | {student})
+
+
+def check_layers(layers: Iterable[int], depth: int) -> list[int]:
+    layers = sorted({int(layer) for layer in layers})
+    bad = [layer for layer in layers if not 1 <= layer <= depth]
+    if bad or not layers:
+        raise ValueError(f"layers={bad or layers} out of range: this model has blocks 1..{depth} "
+                         f"(1-based); pass layers=[...] within that range or leave it null for the defaults")
+    return layers
+
+
+def check_pool(pool: str) -> str:
+    if pool not in POOLS:
+        raise ValueError(f"pool={pool!r} is unknown; choose one of {POOLS}")
+    return pool
+
+
+def mean_pool(h: Tensor, valid: Tensor | None) -> Tensor:
+    """h: [B, N, D] -> [B, D], the mean over each sample's valid tokens."""
+    if valid is None:
+        return h.mean(dim=1)
+    weights = valid.to(h.dtype)[..., None]  # [B, N, 1]
+    return (h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def probe_loader(dataset: Dataset, modality: str, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
+    """A fixed-order loader: the same samples in the same order every time, so the seeded noise repeats."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_samples(modality))
+
+
+def _stack(parts: list[Tensor], valids: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Token features of batches with different token counts, padded to the longest: [M, N, D], [M, N]."""
+    longest = max(p.shape[1] for p in parts)
+    x = torch.cat([F.pad(p, (0, 0, 0, longest - p.shape[1])) for p in parts])
+    valid = torch.cat([F.pad(v, (0, longest - v.shape[1]), value=False) for v in valids])
+    return x, valid
+
+
+@torch.no_grad()
+def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, loader: Iterable,
+                     layers: Sequence[int], levels: Sequence[float], pool: str = "mean", seed: int = 0,
+                     progress: bool = False, description: str = "features") -> dict[tuple[int, float], Features]:
+    """Features at every (layer, level): one backbone forward per batch and level covers all layers.
+
+    The noise is drawn once per batch from a generator seeded with `seed` (the same for every level and run),
+    and the condition is the null label so that the features never see the answer. Layer 0 (the pooled
+    tokenizer output at that level) needs no model; `model=None` is allowed when only layer 0 is asked for.
+    """
+    check_pool(pool)
+    blocks = tuple(layer for layer in layers if layer != INPUT_LAYER)
+    if blocks and model is None:
+        raise ValueError("a model is needed for features of layers >= 1")
+    device = next(model.parameters()).device if model is not None else torch.device("cpu")
+    generator = torch.Generator().manual_seed(seed)
+    parts: dict[tuple[int, float], list[Tensor]] = {(layer, float(t)): [] for layer in layers for t in levels}
+    valids: list[Tensor] = []
+    labels: list[Tensor] = []
+    batches = loader
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(loader, desc=description, unit="batch", leave=False)
+    for batch in batches:
+        if batch is None:  # every file of the batch was unreadable
+            continue
+        tokens = tokenizer.encode(batch["data"].to(device))
+        x0 = tokens.x.float()  # [B, N, C]
+        valid = tokens.valid if tokens.valid is not None else torch.ones(x0.shape[:2], dtype=torch.bool,
+                                                                         device=x0.device)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        batch_size = x0.shape[0]
+        for level in levels:
+            t = torch.full((batch_size,), float(level), device=device)
+            x_t = interpolate(x0, noise, t)
+            hidden = {INPUT_LAYER: x_t}
+            if blocks:
+                null = torch.full((batch_size,), model.null_class, dtype=torch.long, device=device)
+                hidden.update(model(x_t, t[:, None], None, tokens.pos, null, tokens.modality,
+                                    attn_mask=SelfFlowObjective.attention_mask(tokens.valid, None),
+                                    hidden_layers=blocks, stop_after=max(blocks)).hidden)
+            for layer in layers:
+                h = hidden[layer].float()  # [B, N, D]
+                parts[(layer, float(level))].append((mean_pool(h, valid) if pool == "mean" else h).cpu())
+        valids.append(valid.cpu())
+        labels.append(batch["label"].cpu())
+    if not labels:
+        raise ValueError("no readable samples to extract features from; check the dataset")
+    all_labels = torch.cat(labels)
+    out = {}
+    for key, chunks in parts.items():
+        if pool == "mean":
+            out[key] = Features(torch.cat(chunks), all_labels)
+        else:
+            x, valid = _stack(chunks, valids)
+            out[key] = Features(x, all_labels, valid)
+    return out
+
+
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's content: the checkpoint's identity in cache keys, whatever its name or location."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FeatureCache:
+    """Features on disk, one file per key; a key is any JSON-able dict (source, weights, layer, level, pool,
+    dataset config, split), hashed into the file name and stored beside the features to guard against collisions.
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root).expanduser()
+        self.hits = self.misses = 0
+
+    def path(self, key: dict) -> Path:
+        text = json.dumps(key, sort_keys=True, default=str)
+        return self.root / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
+
+    def load(self, key: dict) -> Features | None:
+        path = self.path(key)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            stored = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a truncated or foreign file is recomputed, not trusted
+            self.misses += 1
+            return None
+        if stored.get("key") != json.dumps(key, sort_keys=True, default=str):
+            self.misses += 1
+            return None
+        self.hits += 1
+        return Features(stored["x"], stored["labels"], stored.get("valid"))
+
+    def save(self, key: dict, features: Features) -> Path:
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp")
+        torch.save({"key": json.dumps(key, sort_keys=True, default=str), "x": features.x,
+                    "labels": features.labels, "valid": features.valid}, partial)
+        os.replace(partial, path)  # readers never see half a file
+        return path
+
+
+def cached_features(cache: FeatureCache | None, source: dict, model: SelfFlowTransformer | None,
+                    tokenizer: Tokenizer, loader: Iterable, layers: Sequence[int], levels: Sequence[float],
+                    pool: str = "mean", seed: int = 0, progress: bool = False,
+                    description: str = "features") -> dict[tuple[int, float], Features]:
+    """`extract_features` through the cache: only the levels with a missing (layer, level) run a forward.
+
+    source: what identifies the features besides layer, level and pool (checkpoint digest, weights, dataset
+    config, split, seed); without a cache everything is extracted.
+    """
+    def key(layer: int, level: float) -> dict:
+        return {**source, "layer": int(layer), "level": float(level), "pool": pool, "seed": seed}
+
+    found: dict[tuple[int, float], Features] = {}
+    if cache is not None:
+        for layer in layers:
+            for level in levels:
+                hit = cache.load(key(layer, level))
+                if hit is not None:
+                    found[(layer, float(level))] = hit
+    missing_levels = [t for t in levels if any((layer, float(t)) not in found for layer in layers)]
+    if missing_levels:
+        fresh = extract_features(model, tokenizer, loader, layers, missing_levels, pool, seed, progress, description)
+        for (layer, level), features in fresh.items():
+            if (layer, level) not in found:
+                found[(layer, level)] = features
+                if cache is not None:
+                    cache.save(key(layer, level), features)
+    return found

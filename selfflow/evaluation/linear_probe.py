@@ -1,0 +1,174 @@
+"""Linear probes on frozen features: a grid of heads (learning rate x weight decay) trained in one pass over
+standardised features, the best picked on a validation split carved from train, top-1 reported on test.
+
+Heads are stacked into one tensor and updated with a hand-written SGD (momentum, cosine decay, per-head rate and
+decay), so twenty heads cost one batched matmul per step. With `pool="attentive"` features every head also learns
+one query that attention-pools the sample's tokens before its linear map (the query starts at zero: a mean).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from selfflow.evaluation.features import Features
+
+LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0)
+WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
+
+
+@dataclass
+class ProbeFit:
+    top1: float  # test accuracy of the head best on validation, in [0, 1]
+    val_top1: float
+    learning_rate: float
+    weight_decay: float
+    head_val_top1: list[float]  # every head of the grid, learning rates major
+
+
+def check_num_classes(num_classes: int, what: str) -> None:
+    """Unlabelled data (no classes at all) cannot be probed: stop before any feature is extracted."""
+    if num_classes < 2:
+        raise ValueError(f"{what} has {num_classes} classes: a linear probe needs labelled data with at least 2 "
+                         f"classes (an image/audio/video folder with one sub-folder per class)")
+
+
+def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
+    """A probe needs a class for every sample; unlabelled samples (label -1) stop here."""
+    check_num_classes(num_classes, what)
+    unlabelled = int((labels < 0).sum())
+    if unlabelled:
+        raise ValueError(f"{what} has {unlabelled} of {len(labels)} samples without a label (-1): a linear probe "
+                         f"needs every sample in a class sub-folder")
+    if int(labels.max()) >= num_classes:
+        raise ValueError(f"{what} has label {int(labels.max())} but only {num_classes} classes")
+
+
+def validation_split(num: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """A fixed (fit, validation) partition of range(num)."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction={fraction} must be in (0, 1)")
+    if num < 2:
+        raise ValueError(f"the training split has {num} sample(s); a probe needs at least 2 (fit and validation)")
+    order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
+    n_val = min(num - 1, max(1, round(num * fraction)))
+    return order[n_val:], order[:n_val]
+
+
+class Standardizer:
+    """Per-channel mean and std of the fitting features (over valid tokens for token features)."""
+
+    def __init__(self, features: Features):
+        x = features.x if features.valid is None else features.x[features.valid]  # [M(, N), D] -> [*, D]
+        x = x.reshape(-1, x.shape[-1]).double()
+        self.mean, self.std = x.mean(0).float(), x.std(0).float().clamp_min(1e-6)
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+class HeadGrid:
+    """H heads (linear, optionally preceded by an attentive pooling query) evaluated in one batched pass."""
+
+    def __init__(self, heads: int, dim: int, num_classes: int, attentive: bool):
+        self.weight = torch.zeros(heads, dim, num_classes, requires_grad=True)
+        self.bias = torch.zeros(heads, num_classes, requires_grad=True)
+        self.query = torch.zeros(heads, dim, requires_grad=True) if attentive else None
+
+    @property
+    def params(self) -> list[Tensor]:
+        return [p for p in (self.weight, self.bias, self.query) if p is not None]
+
+    def logits(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        """x: [B, D] or tokens [B, N, D] with valid [B, N] -> logits [H, B, K]."""
+        if self.query is None:
+            return torch.einsum("bd,hdk->hbk", x, self.weight) + self.bias[:, None]
+        scores = torch.einsum("hd,bnd->hbn", self.query, x) / math.sqrt(x.shape[-1])
+        if valid is not None:
+            scores = scores.masked_fill(~valid[None], float("-inf"))
+        pooled = torch.einsum("hbn,bnd->hbd", scores.softmax(dim=-1), x)  # [H, B, D]
+        return torch.einsum("hbd,hdk->hbk", pooled, self.weight) + self.bias[:, None]
+
+    @torch.no_grad()
+    def accuracy(self, x: Tensor, valid: Tensor | None, labels: Tensor, batch_size: int = 1024) -> Tensor:
+        """[H] top-1 of every head."""
+        correct = torch.zeros(self.weight.shape[0])
+        for start in range(0, len(labels), batch_size):
+            end = start + batch_size
+            logits = self.logits(x[start:end], None if valid is None else valid[start:end])
+            correct += (logits.argmax(-1) == labels[start:end]).sum(dim=1).float()
+        return correct / max(1, len(labels))
+
+
+def fit_linear_probe(train: Features, test: Features, num_classes: int,
+                     learning_rates: Sequence[float] = LEARNING_RATES, weight_decays: Sequence[float] = WEIGHT_DECAYS,
+                     epochs: int = 100, batch_size: int = 256, momentum: float = 0.9, val_fraction: float = 0.1,
+                     seed: int = 0, progress: bool = False, description: str = "probe") -> ProbeFit:
+    """Train the len(learning_rates) x len(weight_decays) grid at once and report the best head's test top-1.
+
+    Deterministic under `seed` (validation split, batch order). Weight decay acts on the linear weights only.
+    """
+    check_labels(train.labels, num_classes, "the training split")
+    check_labels(test.labels, num_classes, "the test split")
+    if epochs < 1 or batch_size < 1:
+        raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
+    fit_index, val_index = validation_split(len(train.labels), val_fraction, seed)
+    fitting = Features(train.x[fit_index], train.labels[fit_index],
+                       None if train.valid is None else train.valid[fit_index])
+    standardize = Standardizer(fitting)
+
+    def prepared(features: Features, index: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        x, valid, labels = features.x, features.valid, features.labels
+        if index is not None:
+            x, labels = x[index], labels[index]
+            valid = None if valid is None else valid[index]
+        x = standardize(x.float())
+        if valid is not None:
+            x = x * valid[..., None]  # padding stays zero
+        return x, valid, labels
+
+    fit_x, fit_valid, fit_y = prepared(train, fit_index)
+    val_x, val_valid, val_y = prepared(train, val_index)
+    test_x, test_valid, test_y = prepared(test)
+
+    grid = [(lr, wd) for lr in learning_rates for wd in weight_decays]
+    lrs = torch.tensor([lr for lr, _ in grid])  # [H]
+    wds = torch.tensor([wd for _, wd in grid])
+    heads = HeadGrid(len(grid), fit_x.shape[-1], num_classes, attentive=fit_valid is not None)
+    buffers = [torch.zeros_like(p) for p in heads.params]
+    steps_per_epoch = math.ceil(len(fit_y) / batch_size)
+    total = epochs * steps_per_epoch
+    generator = torch.Generator().manual_seed(seed + 1)
+    epoch_range = range(epochs)
+    if progress:
+        from tqdm.auto import tqdm
+
+        epoch_range = tqdm(epoch_range, desc=description, unit="epoch", leave=False)
+    step = 0
+    for _ in epoch_range:
+        order = torch.randperm(len(fit_y), generator=generator)
+        for start in range(0, len(order), batch_size):
+            index = order[start:start + batch_size]
+            logits = heads.logits(fit_x[index], None if fit_valid is None else fit_valid[index])  # [H, B, K]
+            # each head's mean cross-entropy; summed, so every head gets exactly its own gradient
+            loss = F.cross_entropy(rearrange(logits, "h b k -> (h b) k"), fit_y[index].repeat(len(grid)),
+                                   reduction="sum") / len(index)
+            grads = torch.autograd.grad(loss, heads.params)
+            scale = lrs * 0.5 * (1 + math.cos(math.pi * step / total))  # [H] cosine-decayed rates
+            with torch.no_grad():
+                for param, grad, buffer in zip(heads.params, grads, buffers):
+                    if param is heads.weight:
+                        grad = grad + wds[:, None, None] * param
+                    buffer.mul_(momentum).add_(grad)
+                    param.sub_(scale.view(-1, *[1] * (param.dim() - 1)) * buffer)
+            step += 1
+    val_top1 = heads.accuracy(val_x, val_valid, val_y)
+    best = int(torch.argmax(val_top1))  # the first of equals: deterministic
+    test_top1 = heads.accuracy(test_x, test_valid, test_y)
+    lr, wd = grid[best]
+    return ProbeFit(float(test_top1[best]), float(val_top1[best]), lr, wd, [float(v) for v in val_top1])
