@@ -1,49 +1,146 @@
-"""Generation: noise tokens -> ODE solver over the model's velocity (with optional guidance) -> decoded samples."""
+"""Generation: noise tokens -> solver over the model's velocity (with optional guidance) -> decoded samples.
+
+The model is anything with `velocity(x: [B, N, C], t: [B], pos: [B, N, 4], labels: [B], modality) -> [B, N, C]`
+and a `null_class` (a `SelfFlowTransformer`, or the released checkpoint's wrapper in `selfflow.interop`).
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
 import torch
 from torch import Tensor
 
 from selfflow.flow import solvers
-from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
 
-SOLVERS = {"euler": solvers.euler}
+SOLVERS = solvers.SOLVERS
+PRECISIONS = ("auto", "bf16", "fp32")
 
 
-def guided_velocity(model: SelfFlowTransformer, pos: Tensor, labels: Tensor, modality: str,
-                    cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0)):
+def sample_seed(seed: int, index: int) -> int:
+    """A well-mixed 63-bit seed for sample `index` of a run seeded with `seed`."""
+    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+
+
+def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample, so that sample i's noise depends on (seed, i) only, never on the batch size."""
+    return [torch.Generator().manual_seed(sample_seed(seed, int(i))) for i in indices]
+
+
+class NoiseSource:
+    """Standard normal draws for a batch: from one shared generator, or from one generator per sample (row)."""
+
+    def __init__(self, generator: torch.Generator | None = None, generators: list[torch.Generator] | None = None):
+        self.generator, self.generators = generator, generators
+
+    def __call__(self, shape: Sequence[int], device, dtype=torch.float32) -> Tensor:
+        if self.generators is not None:
+            if len(self.generators) != shape[0]:
+                raise ValueError(f"{len(self.generators)} per-sample generators for a batch of {shape[0]}")
+            rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in self.generators]
+            return torch.stack(rows).to(device=device, dtype=dtype)
+        source = "cpu" if self.generator is None else self.generator.device
+        return torch.randn(tuple(shape), generator=self.generator, device=source).to(device=device, dtype=dtype)
+
+
+def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
+    """bf16 on CUDA devices that support it (precision=auto), bf16 anywhere (bf16), or none (fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; choose one of {PRECISIONS}")
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    cuda = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return torch.bfloat16 if cuda else None
+
+
+class GuidedVelocity:
     """A velocity function v(x, t) for the solvers, with classifier-free guidance inside the level interval.
 
-    Outside the interval, or at scale 1, the model is called once per step on the conditional input only.
+    Inside [lo, hi] (and at scale != 1) one batched call evaluates the conditional and null-label inputs and
+    returns uncond + scale (cond - uncond); outside it, or at scale 1, the model is called once on the
+    conditional input only. Counts `evaluations` (the solver's NFE) and `model_calls` (forward passes).
     """
-    null = torch.full_like(labels, model.null_class)
-    lo, hi = guidance_interval
 
-    def velocity(x: Tensor, t: Tensor) -> Tensor:
-        level = float(t[0])
-        if cfg_scale == 1.0 or not lo <= level <= hi:
-            return model.velocity(x, t, pos, labels, modality)
-        both = model.velocity(torch.cat([x, x]), torch.cat([t, t]), torch.cat([pos, pos]),
-                              torch.cat([labels, null]), modality)
+    def __init__(self, model, pos: Tensor, labels: Tensor, modality: str, cfg_scale: float = 1.0,
+                 guidance_interval: Sequence[float] = (0.0, 1.0), autocast: torch.dtype | None = None,
+                 on_evaluation: Callable[[], None] | None = None):
+        lo, hi = (float(v) for v in guidance_interval)
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"guidance_interval=[{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1 (noise levels)")
+        self.model, self.pos, self.labels, self.modality = model, pos, labels, modality
+        self.null = torch.full_like(labels, model.null_class)
+        self.cfg_scale, self.interval, self.autocast = float(cfg_scale), (lo, hi), autocast
+        self.on_evaluation = on_evaluation
+        self.evaluations = self.model_calls = 0
+
+    def guided_at(self, level: float) -> bool:
+        return self.cfg_scale != 1.0 and self.interval[0] <= level <= self.interval[1]
+
+    def _call_model(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor) -> Tensor:
+        self.model_calls += 1
+        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+            return self.model.velocity(x, t, pos, labels, self.modality).to(x.dtype)
+
+    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+        self.evaluations += 1
+        if self.on_evaluation is not None:
+            self.on_evaluation()
+        if not self.guided_at(float(t[0])):
+            return self._call_model(x, t, self.pos, self.labels)
+        both = self._call_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.pos, self.pos]),
+                                torch.cat([self.labels, self.null]))
         cond, uncond = both.chunk(2)
-        return uncond + cfg_scale * (cond - uncond)
+        return uncond + self.cfg_scale * (cond - uncond)
 
-    return velocity
+
+def guided_velocity(model, pos: Tensor, labels: Tensor, modality: str, cfg_scale: float = 1.0,
+                    guidance_interval: Sequence[float] = (0.0, 1.0)) -> GuidedVelocity:
+    """The guided velocity function of `model` for the solvers (see `GuidedVelocity`)."""
+    return GuidedVelocity(model, pos, labels, modality, cfg_scale, guidance_interval)
+
+
+@dataclass
+class Generation:
+    tokens: Tensor  # [B, N, C] generated (clean) tokens, float32
+    nfe: int  # velocity evaluations per sample (= steps)
+    model_calls: int  # model forward passes (a guided step is one pass over a doubled batch)
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
-def generate(model: SelfFlowTransformer, tokenizer: Tokenizer, labels: Tensor, steps: int = 50,
-             solver: str = "euler", cfg_scale: float = 1.0, guidance_interval: tuple[float, float] = (0.0, 1.0),
-             generator: torch.Generator | None = None, shift: float = 1.0) -> Tensor:
-    """Samples for `labels: [B]` (the null label for unconditional ones), decoded by the tokenizer."""
+def sample_tokens(model, tokenizer: Tokenizer, labels: Tensor, steps: int = 50, solver: str = "euler",
+                  cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
+                  noise: NoiseSource | None = None, shift: float = 1.0, precision: str = "fp32",
+                  on_evaluation: Callable[[], None] | None = None, **solver_options) -> Generation:
+    """Generated tokens for `labels: [B]` (the null label for unconditional samples), from `noise` draws."""
     if solver not in SOLVERS:
-        raise ValueError(f"solver={solver!r} is unknown; choose one of {sorted(SOLVERS)}")
-    device = next(model.parameters()).device
+        raise ValueError(f"sampler={solver!r} is unknown; choose one of {sorted(SOLVERS)}")
+    noise = noise or NoiseSource()
+    device = model_device(model)
     labels = labels.to(device)
     pos = tokenizer.positions(len(labels), device)
-    shape = (len(labels), pos.shape[1], tokenizer.token_channels)
-    noise = torch.randn(shape, generator=generator, device="cpu" if generator is None else generator.device)
-    velocity = guided_velocity(model, pos, labels, tokenizer.modality, cfg_scale, guidance_interval)
-    x0 = SOLVERS[solver](velocity, noise.to(device), steps, shift=shift)
-    return tokenizer.decode(x0.float())
+    x1 = noise((len(labels), pos.shape[1], tokenizer.token_channels), device)
+    velocity = GuidedVelocity(model, pos, labels, tokenizer.modality, cfg_scale, guidance_interval,
+                              autocast_dtype(device, precision), on_evaluation)
+    if solver in solvers.STOCHASTIC:
+        solver_options["noise"] = lambda x: noise(x.shape, x.device, x.dtype)
+    x0 = SOLVERS[solver](velocity, x1, steps, shift=shift, **solver_options)
+    return Generation(x0.float(), velocity.evaluations, velocity.model_calls)
+
+
+@torch.no_grad()
+def generate(model, tokenizer: Tokenizer, labels: Tensor, steps: int = 50, solver: str = "euler",
+             cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
+             generator: torch.Generator | None = None, shift: float = 1.0,
+             generators: list[torch.Generator] | None = None) -> Tensor:
+    """Decoded samples for `labels: [B]`; noise from one `generator`, or per sample from `generators`."""
+    noise = NoiseSource(generator, generators)
+    out = sample_tokens(model, tokenizer, labels, steps, solver, cfg_scale, guidance_interval, noise, shift)
+    return tokenizer.decode(out.tokens)

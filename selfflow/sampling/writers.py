@@ -1,4 +1,4 @@
-"""Writing samples to files a person can open."""
+"""Writing samples to files a person can open, and to the arrays metric suites read."""
 from __future__ import annotations
 
 import math
@@ -10,6 +10,8 @@ import torch
 from einops import rearrange
 from PIL import Image
 from torch import Tensor
+
+MEDIA_MODULE = "selfflow.sampling.media"
 
 
 def to_uint8(images: Tensor) -> np.ndarray:
@@ -41,3 +43,70 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = 
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow, upscale).save(path)
     return path
+
+
+def save_image_files(images: Tensor, folder: str | os.PathLike, names: list[str], upscale: int = 1) -> list[Path]:
+    """One PNG per image [B, C, H, W] in [0, 1], named `names[i].png`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for pixels, name in zip(to_uint8(images), names):
+        image = Image.fromarray(pixels)
+        if upscale > 1:
+            image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
+        image.save(folder / f"{name}.png")
+        paths.append(folder / f"{name}.png")
+    return paths
+
+
+def save_npz(images: Tensor | np.ndarray, path: str | os.PathLike, labels: Tensor | None = None) -> Path:
+    """`uint8 [N, H, W, 3]` under key `arr_0` (what the ADM evaluation suite reads); labels, if given, as `labels`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = images if isinstance(images, np.ndarray) else to_uint8(images)
+    arrays = {"arr_0": pixels}
+    if labels is not None:
+        arrays["labels"] = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
+    np.savez(path, **arrays)
+    return path
+
+
+def media_writers():
+    """The video/audio writers module, imported only when a video or audio sample is written."""
+    import importlib
+
+    try:
+        return importlib.import_module(MEDIA_MODULE)
+    except ModuleNotFoundError as error:
+        raise ValueError(f"writing video or audio samples needs {MEDIA_MODULE} (save_video, save_audio, ...), which "
+                         f"this installation lacks ({error}); sample an image model or update selfflow") from error
+
+
+def save_video_files(clips: Tensor, folder: str | os.PathLike, names: list[str], fps: float) -> list[Path]:
+    """clips: [B, T, C, H, W] in [0, 1] -> one MP4 per clip, `names[i].mp4`."""
+    media = media_writers()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    videos = [folder / f"{name}.mp4" for name in names]
+    for clip, path in zip(clips, videos):
+        media.save_video(clip, path, fps)
+    return videos
+
+
+def save_contact_sheet(clips: Tensor, path: str | os.PathLike, upscale: int = 1) -> Path:
+    """clips: [B, T, C, H, W] in [0, 1] -> one PNG with a row of frames per clip."""
+    return save_image_grid(rearrange(clips, "b t c h w -> (b t) c h w"), path, nrow=clips.shape[1], upscale=upscale)
+
+
+def save_audio_files(waves: Tensor, folder: str | os.PathLike, names: list[str],
+                     sample_rate: int) -> dict[str, list[Path]]:
+    """waves: [B, S] -> one WAV and one spectrogram PNG per sample."""
+    media = media_writers()
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    wavs = [folder / f"{name}.wav" for name in names]
+    spectrograms = [folder / f"{name}.png" for name in names]
+    for wave, wav, spectrogram in zip(waves, wavs, spectrograms):
+        media.save_audio(wave, wav, sample_rate)
+        media.save_spectrogram(wave, spectrogram, sample_rate)
+    return {"audio": wavs, "spectrograms": spectrograms}
