@@ -92,6 +92,7 @@ class SelfFlowTransformer(nn.Module):
         attention: str = "auto",
         time_scale: float = 1000.0,
         activation_checkpointing: bool = False,
+        compile: bool = False,
     ):
         super().__init__()
         if pos_embed not in POSITION_EMBEDDINGS:
@@ -112,6 +113,9 @@ class SelfFlowTransformer(nn.Module):
         )
         self.final_layers = nn.ModuleDict({m: FinalLayer(width, c) for m, c in token_channels.items()})
         self.initialize_weights()
+        if compile:  # torch.compile per block: one graph serves every block, and early stops need no recompile
+            for block in self.blocks:
+                block.compile()
 
     def initialize_weights(self) -> None:
         """Xavier linears, small embeddings, and adaLN-Zero: modulations and output layers start at zero."""
