@@ -1,0 +1,30 @@
+"""Distributed training pieces Lightning leaves to the user: per-rank randomness and the FSDP wrapping policy."""
+from __future__ import annotations
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import FSDPStrategy
+
+from selfflow.models.transformer import TransformerBlock
+
+
+class RankSeed(L.Callback):
+    """Give every rank its own random stream (masks, levels, noise, condition dropout).
+
+    Each process of a DDP/FSDP run is seeded with the same `seed`; without an offset all ranks would draw identical
+    masks and noise for their different samples. Runs at setup, before a checkpoint's states are restored.
+    """
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            torch.manual_seed(torch.initial_seed() + trainer.global_rank)
+
+
+def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointing: bool = False,
+                  **kwargs) -> FSDPStrategy:
+    """FSDP with one unit per transformer block (student and EMA teacher alike)."""
+    policy = {TransformerBlock}
+    return FSDPStrategy(
+        auto_wrap_policy=policy, sharding_strategy=sharding_strategy, use_orig_params=True,
+        activation_checkpointing_policy=policy if activation_checkpointing else None, **kwargs,
+    )
