@@ -42,8 +42,9 @@ def test_tokens_take_their_group_level_and_teacher_is_never_noisier():
     t, s = levels.levels[:, 0:1], levels.levels[:, 1:2]
     assert torch.equal(per_token, torch.where(levels.mask, s.expand(-1, 32), t.expand(-1, 32)))
     # the invariant of the method: on every token the teacher's level is <= the student's
-    assert torch.all(levels.teacher_levels[:, None] <= per_token)
-    assert torch.equal(levels.teacher_levels, torch.minimum(t, s).squeeze(1))
+    assert torch.all(levels.teacher_levels <= per_token)
+    assert torch.all(levels.teacher_per_token <= per_token)
+    assert torch.equal(levels.teacher_levels, torch.minimum(t, s))
 
 
 def test_levels_are_not_sorted():
@@ -60,4 +61,26 @@ def test_zero_ratio_is_vanilla_one_level_per_sample():
     assert not levels.mask.any()
     assert torch.equal(levels.per_token, levels.levels[:, :1].expand(-1, 10))
     # with no masked token the teacher sees the student's own level, not the unused s
-    assert torch.equal(levels.teacher_levels, levels.levels[:, 0])
+    assert torch.equal(levels.teacher_levels[:, 0], levels.levels[:, 0])
+
+
+def test_packed_rows_get_levels_and_exact_counts_per_sample():
+    torch.manual_seed(3)
+    segment = torch.tensor([[0] * 8 + [1] * 4 + [2] * 2 + [-1] * 2, [0] * 12 + [1] * 4])  # [R=2, N=16]
+    ratios = torch.tensor([[0.25, 0.5, 0.5], [0.5, 0.25, 0.0]])
+    levels = DualTimestepScheduler(mask_ratio=0.25).for_segments(segment, 3, ratios)
+    counts = [[int((levels.mask[r] & (segment[r] == k)).sum()) for k in range(3)] for r in range(2)]
+    assert counts == [[2, 2, 1], [6, 1, 0]]
+    assert not levels.mask[0, 14:].any()  # padding is never masked
+    per_token = levels.per_token
+    for r in range(2):
+        for k in range(3):
+            tokens = segment[r] == k
+            if not tokens.any():
+                continue
+            t, s = levels.levels[r, 2 * k], levels.levels[r, 2 * k + 1]
+            expected = torch.where(levels.mask[r][tokens], s, t)
+            assert torch.equal(per_token[r][tokens], expected)
+            assert torch.all(levels.teacher_per_token[r][tokens] <= per_token[r][tokens])
+    # a sample with no masked token: its teacher level is its own t
+    assert levels.teacher_levels[1, 2] == levels.levels[1, 4]

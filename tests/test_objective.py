@@ -69,7 +69,9 @@ def test_teacher_sees_the_cleaner_view_of_the_same_sample_and_noise():
     x1 = (x_t - (1 - t) * tokens.x) / t
     tt = teacher_levels[..., None]
     torch.testing.assert_close(teacher_x, (1 - tt) * tokens.x + tt * x1, rtol=1e-4, atol=1e-4)
-    assert torch.equal(student_labels, teacher_labels)  # shared condition dropout
+    assert student_labels.shape == (16, 2) and teacher_labels.shape == (16, 1)  # per level entry / per sample
+    assert torch.equal(student_labels[:, 0], teacher_labels[:, 0])  # shared condition dropout
+    assert torch.equal(student_labels[:, 0], student_labels[:, 1])
     assert (student_labels == 10).any() and (student_labels != 10).any()
     assert teacher_kwargs["stop_after"] == objective.teacher_layer == 3
     torch.testing.assert_close(out.loss, out.loss_flow + 0.8 * out.loss_rep)

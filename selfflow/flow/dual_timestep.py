@@ -1,4 +1,7 @@
-"""Dual-timestep scheduling: two iid levels per sample, spread over its tokens by a random mask."""
+"""Dual-timestep scheduling: two iid levels per sample, spread over its tokens by a random mask.
+
+A "sample" is a segment of a row: an unpacked batch has one per row, a packed batch several.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,21 +16,28 @@ MASK_MODES = ("exact", "bernoulli")
 
 @dataclass
 class DualLevels:
-    """Per-sample levels and how they map onto tokens.
+    """Per-sample levels and how they map onto tokens (R rows, S samples per row, N tokens).
 
-    The student sees token n of sample b at `levels[b, index[b, n]]`; the teacher sees every token at
-    `teacher_levels[b]` = min(t, s), the cleaner of the two.
+    The student sees token n of row r at `levels[r, index[r, n]]`, where `levels` holds (t, s) of each sample:
+    `levels[r, 2k]` = t and `levels[r, 2k + 1]` = s of sample k. The teacher sees every token of sample k at
+    `teacher_levels[r, k]`: min(t, s), the cleaner of the two (t itself for a sample with no masked token).
     """
 
-    levels: Tensor  # [B, 2]: (t, s), unsorted
-    index: Tensor  # [B, N] long: 0 where the token takes t, 1 where it is masked and takes s
-    mask: Tensor  # [B, N] bool: the masked set M
-    teacher_levels: Tensor  # [B]
+    levels: Tensor  # [R, 2S], unsorted pairs
+    index: Tensor  # [R, N] long: 2 * sample + (1 if masked)
+    mask: Tensor  # [R, N] bool: the masked set M
+    teacher_levels: Tensor  # [R, S]
+    segment: Tensor  # [R, N] long sample of each token, -1 on padding
 
     @property
     def per_token(self) -> Tensor:
-        """[B, N] student level of every token."""
+        """[R, N] student level of every token."""
         return torch.gather(self.levels, 1, self.index)
+
+    @property
+    def teacher_per_token(self) -> Tensor:
+        """[R, N] teacher level of every token."""
+        return torch.gather(self.teacher_levels, 1, self.segment.clamp_min(0))
 
 
 def check_mask_ratio(ratio: float, name: str = "objective.mask_ratio") -> float:
@@ -39,10 +49,22 @@ def check_mask_ratio(ratio: float, name: str = "objective.mask_ratio") -> float:
     return float(ratio)
 
 
-class DualTimestepScheduler:
-    """Draws (t, s) iid from p(t), never sorted, and a token mask of ratio r <= 0.5.
+def rank_within_segments(scores: Tensor, segment: Tensor, num_segments: int) -> Tensor:
+    """[R, N] rank of each token's score among the tokens of its own segment (padding ranks last)."""
+    seg = torch.where(segment < 0, num_segments, segment)
+    order = (seg.to(scores.dtype) * 2 + scores).argsort(dim=1)  # grouped by segment, by score inside
+    sizes = torch.zeros(seg.shape[0], num_segments + 1, dtype=torch.long, device=seg.device)
+    sizes.scatter_add_(1, seg, torch.ones_like(seg))
+    starts = sizes.cumsum(dim=1) - sizes  # [R, S + 1] first sorted position of each segment
+    sorted_seg = torch.gather(seg, 1, order)
+    rank_sorted = torch.arange(seg.shape[1], device=seg.device) - torch.gather(starts, 1, sorted_seg)
+    return torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
 
-    mask_mode="exact": exactly round(r * n_valid) tokens per sample via a random permutation;
+
+class DualTimestepScheduler:
+    """Draws (t, s) iid from p(t), never sorted, and a token mask of ratio r <= 0.5 per sample.
+
+    mask_mode="exact": exactly round(r * n_tokens) masked tokens per sample via a random permutation;
     mask_mode="bernoulli": each token independently with probability r.
     """
 
@@ -53,28 +75,40 @@ class DualTimestepScheduler:
         self.mask_mode = mask_mode
         self.timesteps = timesteps or Uniform()
 
-    def draw_mask(self, batch: int, tokens: int, valid: Tensor | None = None,
-                  generator: torch.Generator | None = None, device=None) -> Tensor:
-        """[B, N] bool mask. valid: [B, N] bool, False on padding (never masked, not counted)."""
-        if valid is None:
-            valid = torch.ones(batch, tokens, dtype=torch.bool, device=device)
-        if self.mask_ratio == 0:
-            return torch.zeros(batch, tokens, dtype=torch.bool, device=device)
-        scores = torch.rand(batch, tokens, generator=generator, device=device)
+    def draw_mask(self, segment: Tensor, num_segments: int, ratios: Tensor) -> Tensor:
+        """[R, N] bool mask; ratios: [R, S] per sample. Padding (segment -1) is never masked."""
+        valid = segment >= 0
+        token_ratio = torch.gather(ratios, 1, segment.clamp_min(0))  # [R, N]
+        scores = torch.rand(segment.shape, device=segment.device)
         if self.mask_mode == "bernoulli":
-            return (scores < self.mask_ratio) & valid
-        # exact count: the k lowest random scores among the valid tokens form a uniformly random subset
-        scores = scores.masked_fill(~valid, 2.0)
-        ranks = scores.argsort(dim=1).argsort(dim=1)  # [B, N] rank of each token's score
-        counts = torch.round(valid.sum(dim=1).float() * self.mask_ratio).long()  # [B]
-        return ranks < counts[:, None]
+            return (scores < token_ratio) & valid
+        lengths = torch.zeros_like(ratios).scatter_add_(1, segment.clamp_min(0), valid.to(ratios.dtype))
+        counts = torch.round(lengths * ratios)  # [R, S]
+        ranks = rank_within_segments(scores, segment, num_segments)
+        return (ranks < torch.gather(counts, 1, segment.clamp_min(0))) & valid
 
-    def __call__(self, batch: int, tokens: int, valid: Tensor | None = None,
-                 generator: torch.Generator | None = None, device=None) -> DualLevels:
-        t = self.timesteps.sample(batch, generator, device)
-        s = self.timesteps.sample(batch, generator, device)
-        levels = torch.stack([t, s], dim=1)  # [B, 2] -- deliberately not sorted
-        mask = self.draw_mask(batch, tokens, valid, generator, device)
-        # the teacher's view is the cleaner of the levels in use: s only counts where some token took it
-        teacher = torch.where(mask.any(dim=1), torch.minimum(t, s), t)
-        return DualLevels(levels=levels, index=mask.long(), mask=mask, teacher_levels=teacher)
+    def for_segments(self, segment: Tensor, num_segments: int, ratios: Tensor | None = None) -> DualLevels:
+        """segment: [R, N] sample of each token (-1 padding); ratios: [R, S] (default: this scheduler's ratio)."""
+        rows, device = segment.shape[0], segment.device
+        if ratios is None:
+            ratios = torch.full((rows, num_segments), self.mask_ratio, device=device)
+        t = self.timesteps.sample(rows * num_segments, device=device).view(rows, num_segments)
+        s = self.timesteps.sample(rows * num_segments, device=device).view(rows, num_segments)
+        levels = torch.stack([t, s], dim=-1).flatten(1)  # [R, 2S] -- deliberately not sorted
+        if float(ratios.max()) > 0:
+            mask = self.draw_mask(segment, num_segments, ratios)
+        else:
+            mask = torch.zeros(segment.shape, dtype=torch.bool, device=device)
+        has_mask = torch.zeros(rows, num_segments, device=device).scatter_add_(
+            1, segment.clamp_min(0), mask.float()) > 0
+        teacher = torch.where(has_mask, torch.minimum(t, s), t)
+        index = 2 * segment.clamp_min(0) + mask.long()
+        return DualLevels(levels=levels, index=index, mask=mask, teacher_levels=teacher, segment=segment)
+
+    def __call__(self, batch: int, tokens: int, valid: Tensor | None = None, device=None) -> DualLevels:
+        """One sample per row; valid: [B, N] bool, False on padding (never masked, not counted)."""
+        if valid is None:
+            segment = torch.zeros(batch, tokens, dtype=torch.long, device=device)
+        else:
+            segment = torch.where(valid, 0, -1)
+        return self.for_segments(segment, 1)

@@ -144,13 +144,31 @@ class SelfFlowTransformer(nn.Module):
             labels = labels[:, None]
         return self.t_embedder(levels) + self.y_embedder(labels)
 
-    def embed_tokens(self, x: Tensor, pos: Tensor, modality: str) -> Tensor:
-        if modality not in self.input_proj:
-            raise KeyError(f"modality {modality!r} has no input projection; this model knows {list(self.input_proj)}")
-        h = self.input_proj[modality](x) + self.modality_embed[modality]
+    def embed_tokens(self, x: Tensor, pos: Tensor, modality: str | dict[str, Tensor]) -> Tensor:
+        """x: [B, N, C] -> [B, N, D]. modality: a name, or {name: [B, N] bool} for rows mixing modalities."""
+        if isinstance(modality, str):
+            h = self._project_in(x, modality)
+        else:
+            h = sum(torch.where(sel[..., None], self._project_in(x, m), 0.0) for m, sel in modality.items())
         if self.pos_embed == "sincos":
             h = h + sincos_2d(pos, self.width).to(h.dtype)
         return h
+
+    def _project_in(self, x: Tensor, modality: str) -> Tensor:
+        if modality not in self.input_proj:
+            raise KeyError(f"modality {modality!r} has no input projection; this model knows {list(self.input_proj)}")
+        return self.input_proj[modality](x[..., : self.token_channels[modality]]) + self.modality_embed[modality]
+
+    def project_out(self, h: Tensor, cond: Tensor, cond_index: Tensor, modality: str | dict[str, Tensor]) -> Tensor:
+        """Output heads: [B, N, D] -> [B, N, C] (mixed rows: each token's own channels first, zeros after)."""
+        if isinstance(modality, str):
+            return self.final_layers[modality](h, cond, cond_index)
+        width = max(self.token_channels[m] for m in modality)
+        out = h.new_zeros(*h.shape[:2], width)
+        for m, sel in modality.items():
+            head = self.final_layers[m](h, cond, cond_index)
+            out[..., : head.shape[-1]] = torch.where(sel[..., None], head, out[..., : head.shape[-1]])
+        return out
 
     def forward(
         self,
@@ -159,7 +177,7 @@ class SelfFlowTransformer(nn.Module):
         level_index: Tensor | None,
         pos: Tensor,
         labels: Tensor,
-        modality: str,
+        modality: str | dict[str, Tensor],
         *,
         attn_mask: Tensor | None = None,
         hidden_layers: tuple[int, ...] = (),
@@ -167,7 +185,8 @@ class SelfFlowTransformer(nn.Module):
     ) -> ModelOutput:
         """Velocity for tokens x: [B, N, C] at per-token levels `levels[b, level_index[b, n]]`.
 
-        levels: [B, L]; level_index: [B, N] long (None when L == 1); pos: [B, N, 4]; labels: [B] or [B, L].
+        levels: [B, L]; level_index: [B, N] long (None when L == 1); pos: [B, N, 4]; labels: [B] or [B, L];
+        modality: a name, or {name: [B, N] bool} for packed rows (with a block-diagonal `attn_mask`).
         hidden_layers: 1-based block numbers whose outputs to return. stop_after: run only the first k blocks
         and skip the output head (the teacher's forward).
         """
@@ -191,7 +210,7 @@ class SelfFlowTransformer(nn.Module):
                 hidden[number] = h
         if stop_after is not None:
             return ModelOutput(velocity=None, hidden=hidden)
-        return ModelOutput(velocity=self.final_layers[modality](h, cond, level_index), hidden=hidden)
+        return ModelOutput(velocity=self.project_out(h, cond, level_index, modality), hidden=hidden)
 
     def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str) -> Tensor:
         """Plain flow-matching inference: one level per sample, t: [B]."""

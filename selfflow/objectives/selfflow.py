@@ -14,7 +14,7 @@ from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
 from selfflow.objectives.flow_loss import bucket_sums, masked_mean, token_squared_error
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
-from selfflow.tokenizers.base import Tokens
+from selfflow.data.tokens import PackedTokens, Tokens, as_segments
 
 
 def default_layers(depth: int) -> tuple[int, int]:
@@ -32,7 +32,8 @@ class ObjectiveOutput:
     flow_bucket_sums: Tensor  # [buckets] flow error summed per noise-level range
     flow_bucket_counts: Tensor  # [buckets]
     levels: DualLevels = field(repr=False)
-    num_tokens: int = 0
+    num_tokens: int = 0  # tokens per sample (padded batch) or valid tokens in all rows (packed)
+    per_modality: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # detached, for logging
 
 
 class SelfFlowObjective(nn.Module):
@@ -43,6 +44,7 @@ class SelfFlowObjective(nn.Module):
     student_layer / teacher_layer: 1-based blocks (None = about 0.3 and 0.7 of the depth).
     class_dropout: probability of replacing a label with the null label, shared by student and teacher.
     attention_separation: block attention between the two noise groups in the student (ablation).
+    loss_weights: {modality: weight} on the per-token losses (joint training; default 1).
     """
 
     def __init__(
@@ -59,6 +61,7 @@ class SelfFlowObjective(nn.Module):
         class_dropout: float = 0.1,
         attention_separation: bool = False,
         loss_buckets: int = 4,
+        loss_weights: dict[str, float] | None = None,
     ):
         super().__init__()
         if gamma < 0:
@@ -78,12 +81,15 @@ class SelfFlowObjective(nn.Module):
         missing = set(model.token_channels) - set(ratios)
         if missing:
             raise ValueError(f"objective.mask_ratio has no value for modalities {sorted(missing)}")
-        self.schedulers = {
-            m: DualTimestepScheduler(
-                check_mask_ratio(float(r), f"objective.mask_ratio.{m}" if per_modality else "objective.mask_ratio"),
-                timesteps, mask_mode)
+        self.mask_ratios = {
+            m: check_mask_ratio(float(r), f"objective.mask_ratio.{m}" if per_modality else "objective.mask_ratio")
             for m, r in ratios.items()
         }
+        self.scheduler = DualTimestepScheduler(max(self.mask_ratios.values()), timesteps, mask_mode)
+        self.loss_weights = {m: float(w) for m, w in (loss_weights or {}).items()}
+        negative = {m: w for m, w in self.loss_weights.items() if w < 0}
+        if negative:
+            raise ValueError(f"objective.loss_weights must be >= 0, got {negative}")
         self.model = model
         self.teacher = EMA(model, ema_decay, ema_warmup)
         self.head = ProjectionHead(model.width) if gamma > 0 else None
@@ -91,61 +97,91 @@ class SelfFlowObjective(nn.Module):
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.attention_separation, self.loss_buckets = attention_separation, loss_buckets
 
-    def drop_labels(self, labels: Tensor | None, batch: int, device) -> Tensor:
+    def drop_labels(self, labels: Tensor | None, shape: tuple[int, ...], device) -> Tensor:
         """Replace labels with the null label with probability class_dropout (all of them if unconditional)."""
         null = self.model.null_class
         if labels is None or self.model.num_classes == 0:
-            return torch.full((batch,), null, dtype=torch.long, device=device)
-        drop = torch.rand(batch, device=device) < self.class_dropout
+            return torch.full(shape, null, dtype=torch.long, device=device)
+        drop = torch.rand(shape, device=device) < self.class_dropout
         return torch.where(drop, torch.full_like(labels, null), labels)
 
     @staticmethod
-    def attention_mask(valid: Tensor | None, groups: Tensor | None) -> Tensor | None:
-        """[B, 1, N, N] bool: no attention to padding, and (optionally) none across noise groups."""
-        if valid is None and groups is None:
+    def attention_mask(groups: Tensor | None) -> Tensor | None:
+        """groups: [B, N] long, -1 on padding -> [B, 1, N, N] bool: tokens attend within their own group only."""
+        if groups is None:
             return None
-        mask = None
-        if groups is not None:
-            mask = groups[:, :, None] == groups[:, None, :]
-        if valid is not None:
-            key_ok = valid[:, None, :].expand(-1, valid.shape[1], -1)
-            mask = key_ok if mask is None else mask & key_ok
-        return mask[:, None]
+        return (groups[:, :, None] == groups[:, None, :])[:, None]
 
-    def forward(self, tokens: Tokens, labels: Tensor | None = None) -> ObjectiveOutput:
-        x0, valid = tokens.x, tokens.valid  # x0: [B, N, C]
-        batch, num_tokens = x0.shape[:2]
-        scheduler = self.schedulers[tokens.modality]
-        dual = scheduler(batch, num_tokens, valid, device=x0.device)
+    def _layout(self, tokens: Tokens | PackedTokens, labels: Tensor | None):
+        """Segments, per-sample labels [R, S], mask ratios [R, S] and per-token loss weights of a batch."""
+        if isinstance(tokens, PackedTokens):
+            ratios = torch.tensor([[self.mask_ratios[m] for m in row] + [0.0] * (tokens.num_segments - len(row))
+                                   for row in tokens.segment_modality], device=tokens.x.device)
+            weights = sum(sel * self.loss_weights.get(m, 1.0) for m, sel in tokens.modality_masks.items())
+            return tokens.segment, tokens.segment_labels, ratios, weights, tokens.modality_masks
+        segment = as_segments(tokens)
+        ratios = torch.full((segment.shape[0], 1), self.mask_ratios[tokens.modality], device=tokens.x.device)
+        per_sample = None if labels is None else labels[:, None]
+        return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality
+
+    def forward(self, tokens: Tokens | PackedTokens, labels: Tensor | None = None) -> ObjectiveOutput:
+        """tokens: a padded batch of one modality (labels: [B]) or packed rows (labels inside the packing)."""
+        x0 = tokens.x  # [R, N, C]
+        packed = isinstance(tokens, PackedTokens)
+        segment, sample_labels, ratios, weights, modality = self._layout(tokens, labels)
+        valid = segment >= 0 if (packed or tokens.valid is not None) else None
+        num_samples = ratios.shape[1]
+        dual = self.scheduler.for_segments(segment, num_samples, ratios)
         x1 = torch.randn_like(x0)  # one shared noise draw for student and teacher
-        student_t = dual.per_token  # [B, N]
-        labels = self.drop_labels(labels, batch, x0.device)
+        student_t = dual.per_token  # [R, N]
+        sample_labels = self.drop_labels(sample_labels, tuple(ratios.shape), x0.device)  # [R, S], shared
 
-        groups = dual.index if self.attention_separation and scheduler.mask_ratio > 0 else None
+        # attention stays within a sample (packed rows), within a noise group (the separation ablation), and away
+        # from padding; None when nothing needs blocking
+        sample_groups = segment if valid is not None else None
+        groups = sample_groups
+        if self.attention_separation and float(ratios.max()) > 0:
+            groups = torch.where(segment >= 0, dual.index, -1)
         want_rep = self.gamma > 0
         student = self.model(
-            interpolate(x0, x1, student_t), dual.levels, dual.index, tokens.pos, labels, tokens.modality,
-            attn_mask=self.attention_mask(valid, groups),
+            interpolate(x0, x1, student_t), dual.levels, dual.index, tokens.pos,
+            sample_labels.repeat_interleave(2, dim=1), modality, attn_mask=self.attention_mask(groups),
             hidden_layers=(self.student_layer,) if want_rep else (),
         )
-        flow_error = token_squared_error(student.velocity, velocity_target(x0, x1))  # [B, N]
-        loss_flow = masked_mean(flow_error, valid)
+        flow_error = token_squared_error(student.velocity, velocity_target(x0, x1))  # [R, N]
+        loss_flow = masked_mean(flow_error * weights, valid)
         sums, counts = bucket_sums(flow_error.detach(), student_t, self.loss_buckets, valid)
 
-        loss_rep = None
+        loss_rep, rep_error = None, None
         loss = loss_flow
         if want_rep:
             with torch.no_grad():
-                teacher_t = dual.teacher_levels  # [B]: min(t, s), the cleaner view, on every token
+                teacher_t = dual.teacher_per_token  # [R, N]: min(t, s) of each token's sample, the cleaner view
                 target = self.teacher.module(
-                    interpolate(x0, x1, teacher_t), teacher_t[:, None], None, tokens.pos, labels, tokens.modality,
-                    attn_mask=self.attention_mask(valid, None),
+                    interpolate(x0, x1, teacher_t), dual.teacher_levels, segment.clamp_min(0) if packed else None,
+                    tokens.pos, sample_labels, modality, attn_mask=self.attention_mask(sample_groups),
                     hidden_layers=(self.teacher_layer,), stop_after=self.teacher_layer,
                 ).hidden[self.teacher_layer]
-            projected = self.head(student.hidden[self.student_layer])
-            loss_rep = masked_mean(cosine_distance(projected, target), valid)
+            rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
+            loss_rep = masked_mean(rep_error * weights, valid)
             loss = loss_flow + self.gamma * loss_rep
-        return ObjectiveOutput(loss, loss_flow, loss_rep, sums, counts, dual, int(num_tokens))
+        per_modality = self._per_modality(flow_error.detach(), None if rep_error is None else rep_error.detach(),
+                                          modality, valid)
+        num_tokens = x0.shape[1] if not packed else int(tokens.valid.sum())
+        return ObjectiveOutput(loss, loss_flow, loss_rep, sums, counts, dual, num_tokens, per_modality)
+
+    @staticmethod
+    def _per_modality(flow_error: Tensor, rep_error: Tensor | None, modality, valid: Tensor | None) -> dict:
+        """{modality: {"loss_flow": ..., "loss_rep": ...}} over each modality's tokens."""
+        selections = {modality: valid} if isinstance(modality, str) else modality
+        out = {}
+        for name, sel in selections.items():
+            if sel is not None and not bool(sel.any()):
+                continue
+            out[name] = {"loss_flow": masked_mean(flow_error, sel)}
+            if rep_error is not None:
+                out[name]["loss_rep"] = masked_mean(rep_error, sel)
+        return out
 
     def update_teacher(self) -> None:
         """Call after every optimizer step."""

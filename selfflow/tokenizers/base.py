@@ -1,30 +1,10 @@
 """What every tokenizer returns, and the interface it implements."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-POSITION_AXES = ("t", "h", "w", "l")
-
-
-@dataclass
-class Tokens:
-    """A batch of token sequences of one modality."""
-
-    x: Tensor  # [B, N, C] token features
-    pos: Tensor  # [B, N, 4] long position ids over (t, h, w, l)
-    modality: str
-    valid: Tensor | None = None  # [B, N] bool, False on padding; None = all valid
-
-    @property
-    def batch_size(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def num_tokens(self) -> int:
-        return self.x.shape[1]
+from selfflow.data.tokens import POSITION_AXES, PackedTokens, Tokens  # noqa: F401 - re-exported
 
 
 class Tokenizer(torch.nn.Module):
