@@ -1,0 +1,204 @@
+"""Import of the released Self-Flow ImageNet checkpoint (SiT-XL/2 layout, per-token timesteps) into selfflow.
+
+The released model takes pre-patchified latent tokens `x: [B, 256, 16]` in (c p1 p2) order (4 SD-VAE channels,
+patch 2, a 16 x 16 grid), embeds `1 - t` where t is the paper's level (0 data, 1 noise) and returns the *negated*
+network output, whose 8 channels per patch position come in (p q c) order with only c < 4 used (learn_sigma).
+Its velocity is therefore the paper's `x1 - x0`.
+
+The conversion makes a plain `SelfFlowTransformer` (pos_embed=sincos, time_scale=1, 1000 classes + null class
+1000) that computes exactly that velocity in selfflow's own convention, so that sampling, probing and fine-tuning
+need no special case:
+- the final linear keeps the rows of c < 4, reordered to (c p q), and negated (the sign);
+- the time flip is folded into the first timestep-MLP weight: the sin/cos features of `1 - t` are a fixed linear
+  map (a rotation per frequency) of those of `t`, computed in float64.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from selfflow.models.embeddings import sincos_2d
+from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.objectives.representation import ProjectionHead
+from selfflow.tokenizers.image import ImagePatchTokenizer
+
+RELEASED = {"depth": 28, "width": 1152, "heads": 16, "patch_size": 2, "latent_channels": 4, "num_classes": 1000}
+FREQUENCY_DIM = 256  # sinusoidal timestep features of the released t_embedder
+WRAPPER_KEYS = ("ema", "model", "state_dict")  # where training scripts nest the weights
+
+
+def read_state_dict(path_or_state_dict: str | os.PathLike | dict[str, Tensor]) -> dict[str, Tensor]:
+    """The released weights as a flat dict: loaded safely (weights only), unwrapped, `module.` prefixes dropped."""
+    if isinstance(path_or_state_dict, dict):
+        state = path_or_state_dict
+    else:
+        path = Path(path_or_state_dict).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"released checkpoint {path} does not exist; pass the path of the downloaded "
+                                    f"Self-Flow .pt file (ckpt=official:PATH)")
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                state = load_file(str(path))
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # noqa: BLE001 - corrupt or unsafe files end here
+            raise ValueError(f"cannot load {path} safely: {type(error).__name__}: {error}") from error
+    for key in WRAPPER_KEYS:
+        if isinstance(state.get(key), dict) and "x_embedder.proj.weight" not in state:
+            state = state[key]
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if "x_embedder.proj.weight" not in state:
+        raise ValueError("this state dict is not in the released Self-Flow layout (no 'x_embedder.proj.weight'); "
+                         "for selfflow's own checkpoints use ckpt=PATH without official:")
+    return state
+
+
+def time_flip_matrix(frequency_dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> Tensor:
+    """A [F, F] float64 matrix with features(1 - t) = A @ features(t) for the (cos, sin) timestep features."""
+    half = frequency_dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
+    cos, sin = torch.diag(freqs.cos()), torch.diag(freqs.sin())
+    # cos(f (1 - t)) = cos f cos ft + sin f sin ft;  sin(f (1 - t)) = sin f cos ft - cos f sin ft
+    return torch.cat([torch.cat([cos, sin], 1), torch.cat([sin, -cos], 1)], 0)
+
+
+def output_rows(patch_size: int, out_channels: int, keep_channels: int) -> Tensor:
+    """Indices of the released final-layer rows, (p q c) order, that give our (c p q) rows for c < keep_channels."""
+    index = torch.arange(patch_size * patch_size * out_channels)
+    index = rearrange(index, "(p q c) -> c p q", p=patch_size, q=patch_size, c=out_channels)
+    return rearrange(index[:keep_channels], "c p q -> (c p q)")
+
+
+def describe_layout(state: dict[str, Tensor], patch_size: int, latent_channels: int) -> dict[str, int]:
+    """Sizes read off the weights (heads cannot be, so they are an argument of `load_official`)."""
+    width, token_channels = state["x_embedder.proj.weight"].shape
+    if token_channels != latent_channels * patch_size ** 2:
+        raise ValueError(f"x_embedder.proj takes {token_channels} channels per token, not latent_channels * "
+                         f"patch_size^2 = {latent_channels * patch_size ** 2}; pass the checkpoint's patch_size and "
+                         f"latent_channels")
+    out = state["final_layer.linear.weight"].shape[0] // patch_size ** 2
+    if out not in (latent_channels, 2 * latent_channels):
+        raise ValueError(f"final_layer.linear emits {out} channels per position; expected {latent_channels} or "
+                         f"{2 * latent_channels} (learn_sigma)")
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    num_tokens = state["pos_embed"].shape[-2]
+    grid = math.isqrt(num_tokens)
+    if grid * grid != num_tokens:
+        raise ValueError(f"pos_embed has {num_tokens} positions, not a square grid")
+    return {"width": width, "depth": depth, "out_channels": out, "grid": grid,
+            "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1, "token_channels": token_channels}
+
+
+def convert_state_dict(state: dict[str, Tensor], layout: dict[str, int], patch_size: int,
+                       latent_channels: int) -> dict[str, Tensor]:
+    """Released keys -> `SelfFlowTransformer` keys (modality "image"), flip and sign folded in (float64 math)."""
+    rows = output_rows(patch_size, layout["out_channels"], latent_channels)
+    flip = time_flip_matrix(state["t_embedder.mlp.0.weight"].shape[1])
+    converted = {
+        "input_proj.image.weight": state["x_embedder.proj.weight"],
+        "input_proj.image.bias": state["x_embedder.proj.bias"],
+        "modality_embed.image": torch.zeros(layout["width"]),
+        "t_embedder.mlp.0.weight": (state["t_embedder.mlp.0.weight"].double() @ flip).float(),
+        "t_embedder.mlp.0.bias": state["t_embedder.mlp.0.bias"],
+        "t_embedder.mlp.2.weight": state["t_embedder.mlp.2.weight"],
+        "t_embedder.mlp.2.bias": state["t_embedder.mlp.2.bias"],
+        "y_embedder.embedding_table.weight": state["y_embedder.embedding_table.weight"],
+        "final_layers.image.linear.weight": -state["final_layer.linear.weight"][rows],
+        "final_layers.image.linear.bias": -state["final_layer.linear.bias"][rows],
+    }
+    for kind in ("weight", "bias"):
+        converted[f"final_layers.image.adaLN_modulation.1.{kind}"] = state[f"final_layer.adaLN_modulation.1.{kind}"]
+        for i in range(layout["depth"]):
+            ours, theirs = f"blocks.{i}.", f"blocks.{i}."
+            for a, b in (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.0", "mlp.fc1"),
+                         ("mlp.2", "mlp.fc2"), ("adaLN_modulation.1", "adaLN_modulation.1")):
+                converted[f"{ours}{a}.{kind}"] = state[f"{theirs}{b}.{kind}"]
+    return {k: v.float() for k, v in converted.items()}
+
+
+class OfficialSelfFlow(nn.Module):
+    """The released model as selfflow modules: `model` (a SelfFlowTransformer in selfflow's convention) and the
+    self-distillation `projector`. `forward(x, t, y)` is the released model's forward in the paper's convention.
+    """
+
+    def __init__(self, model: SelfFlowTransformer, projector: ProjectionHead | None, grid: int, patch_size: int,
+                 latent_channels: int):
+        super().__init__()
+        self.model, self.projector = model, projector
+        self.grid, self.patch_size, self.latent_channels = grid, patch_size, latent_channels
+        # the released tokens are (c p q) patches of the latent grid in row-major order: our image patch layout
+        self.patches = ImagePatchTokenizer(patch_size, latent_channels, grid * patch_size)
+
+    @property
+    def num_classes(self) -> int:
+        return self.model.num_classes
+
+    @property
+    def null_class(self) -> int:
+        return self.model.null_class
+
+    def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        """x: [B, N, C p p] tokens in (c p q) order; t: [B] or [B, N] levels (0 data, 1 noise); y: [B] labels
+        (1000 = null) -> velocity x1 - x0, [B, N, C p p]."""
+        b, n, _ = x.shape
+        if n != self.grid ** 2:
+            raise ValueError(f"the released model takes {self.grid ** 2} tokens ({self.grid}x{self.grid}), got {n}")
+        pos = self.patches.positions(b, x.device)
+        if t.dim() == 1:
+            return self.model.velocity(x, t, pos, y, "image")
+        index = torch.arange(n, device=x.device).expand(b, -1)
+        return self.model(x, t, index, pos, y, "image").velocity
+
+    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str = "image") -> Tensor:
+        """The interface `selfflow.sampling.generate` calls (one level per sample)."""
+        return self.model.velocity(x, t, pos, labels, "image")
+
+
+def load_official(path_or_state_dict: str | os.PathLike | dict[str, Tensor], heads: int = RELEASED["heads"],
+                  patch_size: int = RELEASED["patch_size"], latent_channels: int = RELEASED["latent_channels"],
+                  attention: str = "auto") -> OfficialSelfFlow:
+    """The released Self-Flow checkpoint (a path or a state dict in its layout) as an `OfficialSelfFlow`, eval mode."""
+    state = read_state_dict(path_or_state_dict)
+    layout = describe_layout(state, patch_size, latent_channels)
+    if layout["width"] % heads:
+        raise ValueError(f"width {layout['width']} is not divisible by heads={heads}; pass the checkpoint's heads")
+    model = SelfFlowTransformer({"image": layout["token_channels"]}, width=layout["width"], depth=layout["depth"],
+                                heads=heads, num_classes=layout["num_classes"], pos_embed="sincos", time_scale=1.0,
+                                attention=attention)
+    pos = ImagePatchTokenizer(patch_size, latent_channels, layout["grid"] * patch_size).positions(1)
+    expected = sincos_2d(pos, layout["width"])[0]
+    stored = state["pos_embed"].reshape(-1, layout["width"]).float()
+    if not torch.allclose(stored, expected, atol=1e-4):
+        raise ValueError("pos_embed of this checkpoint is not the fixed 2D sin-cos grid the released model uses "
+                         f"(max difference {(stored - expected).abs().max():.3g}); it cannot be converted exactly")
+    try:
+        model.load_state_dict(convert_state_dict(state, layout, patch_size, latent_channels))
+    except (KeyError, RuntimeError) as error:
+        raise ValueError(f"the released checkpoint is incomplete or has unexpected shapes: {error}") from error
+    projector = None
+    if "projector.linear1.weight" in state:
+        hidden = state["projector.linear1.weight"].shape[0]
+        projector = ProjectionHead(layout["width"], hidden // layout["width"])
+        projector.load_state_dict({k.removeprefix("projector."): v.float() for k, v in state.items()
+                                   if k.startswith("projector.")})
+    return OfficialSelfFlow(model, projector, layout["grid"], patch_size, latent_channels).eval()
+
+
+def load_official_for_sampling(path: str, vae: str | None) -> tuple[OfficialSelfFlow, dict[str, Any]]:
+    """The released model and an SD-VAE latent tokenizer (from a local diffusers folder) for selfflow-sample."""
+    if vae is None:
+        raise ValueError("the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
+                         "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained")
+    from selfflow.interop.sd_vae import SDVAETokenizer
+
+    model = load_official(path)
+    return model, {"image": SDVAETokenizer(vae, grid=model.grid, patch_size=model.patch_size,
+                                           latent_channels=model.latent_channels)}
