@@ -99,3 +99,32 @@ def test_objective_on_packed_rows_keeps_every_invariant_per_sample():
     assert torch.isfinite(out.loss) and out.loss_rep is not None
     out.loss.backward()
     assert net.final_layers["audio"].linear.weight.grad.abs().sum() > 0
+
+
+def test_group_mask_sequences_follow_the_packing():
+    from selfflow.models.attention import GroupMask
+
+    groups = torch.tensor([[0, 0, 0, 1, 1, -1], [0, 0, 1, 1, 1, 1]])
+    mask = GroupMask(groups, contiguous=True)
+    cu, longest = mask.varlen
+    assert cu.tolist() == [0, 3, 5, 6, 8, 12] and longest == 4
+    assert mask.one_run_per_group
+    assert not GroupMask(torch.tensor([[0, 1, 0, 1]])).one_run_per_group
+    assert mask.dense[0, 0, 0].tolist() == [True, True, True, False, False, False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_attention_on_flash_varlen_matches_dense_sdpa():
+    from selfflow.models.attention import Attention, GroupMask, flash_available
+
+    if not flash_available():
+        pytest.skip("flash-attn is not installed")
+    torch.manual_seed(0)
+    groups = torch.tensor([[0] * 40 + [1] * 20 + [-1] * 4, [0] * 64], device="cuda")
+    x = torch.randn(2, 64, 128, device="cuda", dtype=torch.bfloat16)
+    flash = Attention(128, 2, backend="auto").cuda().bfloat16()
+    sdpa = Attention(128, 2, backend="sdpa").cuda().bfloat16()
+    sdpa.load_state_dict(flash.state_dict())
+    mask = GroupMask(groups, contiguous=True)
+    torch.testing.assert_close(flash(x, mask=mask).float(), sdpa(x, mask=mask).float(), rtol=2e-2, atol=2e-2)

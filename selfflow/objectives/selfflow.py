@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from selfflow.flow.dual_timestep import DualLevels, DualTimestepScheduler, check_mask_ratio
 from selfflow.flow.path import interpolate, velocity_target
 from selfflow.flow.timesteps import TimestepDistribution
+from selfflow.models.attention import GroupMask
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
 from selfflow.objectives.flow_loss import bucket_sums, masked_mean, token_squared_error
@@ -106,11 +107,9 @@ class SelfFlowObjective(nn.Module):
         return torch.where(drop, torch.full_like(labels, null), labels)
 
     @staticmethod
-    def attention_mask(groups: Tensor | None) -> Tensor | None:
-        """groups: [B, N] long, -1 on padding -> [B, 1, N, N] bool: tokens attend within their own group only."""
-        if groups is None:
-            return None
-        return (groups[:, :, None] == groups[:, None, :])[:, None]
+    def attention_mask(groups: Tensor | None, contiguous: bool = True) -> GroupMask | None:
+        """groups: [B, N] long, -1 on padding: tokens attend within their own group only (None: no blocking)."""
+        return None if groups is None else GroupMask(groups, contiguous)
 
     def _layout(self, tokens: Tokens | PackedTokens, labels: Tensor | None):
         """Segments, per-sample labels [R, S], mask ratios [R, S] and per-token loss weights of a batch."""
@@ -138,14 +137,14 @@ class SelfFlowObjective(nn.Module):
 
         # attention stays within a sample (packed rows), within a noise group (the separation ablation), and away
         # from padding; None when nothing needs blocking
-        sample_groups = segment if valid is not None else None
+        sample_groups = self.attention_mask(segment if valid is not None else None)
         groups = sample_groups
         if self.attention_separation and float(ratios.max()) > 0:
-            groups = torch.where(segment >= 0, dual.index, -1)
+            groups = self.attention_mask(torch.where(segment >= 0, dual.index, -1), contiguous=False)
         want_rep = self.gamma > 0
         student = self.model(
             interpolate(x0, x1, student_t), dual.levels, dual.index, tokens.pos,
-            sample_labels.repeat_interleave(2, dim=1), modality, attn_mask=self.attention_mask(groups),
+            sample_labels.repeat_interleave(2, dim=1), modality, attn_mask=groups,
             hidden_layers=(self.student_layer,) if want_rep else (),
         )
         flow_error = token_squared_error(student.velocity, velocity_target(x0, x1))  # [R, N]
@@ -159,7 +158,7 @@ class SelfFlowObjective(nn.Module):
                 teacher_t = dual.teacher_per_token  # [R, N]: min(t, s) of each token's sample, the cleaner view
                 target = self.teacher.module(
                     interpolate(x0, x1, teacher_t), dual.teacher_levels, segment.clamp_min(0) if packed else None,
-                    tokens.pos, sample_labels, modality, attn_mask=self.attention_mask(sample_groups),
+                    tokens.pos, sample_labels, modality, attn_mask=sample_groups,
                     hidden_layers=(self.teacher_layer,), stop_after=self.teacher_layer,
                 ).hidden[self.teacher_layer]
             rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
