@@ -1,0 +1,112 @@
+"""Joint attention with text: clean text tokens join the data sequence of `SelfFlowTransformer`.
+
+Text tokens (frozen encoder features, see `selfflow.tokenizers.text`) are projected to the model width and
+appended after the data tokens with position ids (0, 0, 0, l). They get their own entry in the conditioning table,
+at level 0 (clean), attend and are attended to (padding masked out), and are dropped before the output head, so
+the flow and representation losses see data tokens only. The pooled text vector is added to every conditioning
+vector. The first `two_stream_blocks` blocks keep separate weights for the text stream (the two-stream design,
+attention still joint); the blocks after them are single-stream.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from selfflow.models.embeddings import apply_rope
+from selfflow.tokenizers.text import TEXT, TextTokens  # noqa: F401 - TEXT re-exported for the model
+
+Joined = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
+
+
+def joint_attention_mask(data_mask, text_valid: Tensor, num_data: int) -> Tensor | None:
+    """[B, 1, N + T, N + T] bool: the data tokens' own mask (kept), and text keys only where the text is valid.
+
+    data_mask: None, a [B, 1, N, N] bool mask, or any mask object with a `.dense` one; a data token is a valid key
+    where it may attend to itself (padding never is). None when nothing needs masking.
+    """
+    dense = getattr(data_mask, "dense", data_mask)
+    if dense is None and bool(text_valid.all()):
+        return None
+    b, t = text_valid.shape
+    data_keys = (torch.ones(b, num_data, dtype=torch.bool, device=text_valid.device) if dense is None
+                 else dense.diagonal(dim1=-2, dim2=-1)[:, 0])
+    keys = torch.cat([data_keys, text_valid], dim=1)  # [B, N + T]
+    mask = keys[:, None, None, :].expand(b, 1, num_data + t, num_data + t).clone()
+    if dense is not None:
+        mask[:, :, :num_data, :num_data] = dense
+    return mask
+
+
+class TextStream(nn.Module):
+    """The text side of the model: token and pooled projections, and the text weights of the two-stream blocks."""
+
+    def __init__(self, text_channels: int, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
+                 two_stream_blocks: int = 0):
+        super().__init__()
+        from selfflow.models.transformer import TransformerBlock  # the model imports this module
+
+        self.token_proj = nn.Linear(text_channels, width)
+        self.pooled_proj = nn.Sequential(nn.Linear(text_channels, width), nn.SiLU(), nn.Linear(width, width))
+        self.text_blocks = nn.ModuleList(
+            TransformerBlock(width, heads, mlp_ratio, qk_norm=qk_norm, attention="sdpa")
+            for _ in range(two_stream_blocks))
+
+    def zero_init(self) -> None:
+        """adaLN-Zero for the text weights, and a pooled projection that starts at zero."""
+        for block in self.text_blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        nn.init.zeros_(self.pooled_proj[-1].weight)
+        nn.init.zeros_(self.pooled_proj[-1].bias)
+
+    def join(self, model, h: Tensor, pos: Tensor, cond: Tensor, level_index: Tensor, attn_mask, labels: Tensor,
+             text: TextTokens) -> Joined:
+        """Append text tokens to h: [B, N, D] -> [B, N + T, D], with positions, conditioning table [B, L + 1, D]
+        (last entry: the clean text level), per-token indices [B, N + T] and the joint attention mask."""
+        if text.batch_size != h.shape[0]:
+            raise ValueError(f"text for {text.batch_size} samples given with a batch of {h.shape[0]}")
+        b, n = h.shape[:2]
+        pooled = self.pooled_proj(text.pooled.to(h.device))[:, None]  # [B, 1, D]
+        first_labels = labels if labels.dim() == 1 else labels[:, 0]
+        clean = model.conditioning(torch.zeros(b, 1, device=h.device), first_labels)  # [B, 1, D] at level 0
+        table = torch.cat([cond, clean], dim=1) + pooled  # [B, L + 1, D]
+        text_index = torch.full(text.valid.shape, cond.shape[1], dtype=torch.long, device=h.device)
+        joined = torch.cat([h, self.token_proj(text.x.to(h.device)).to(h.dtype)], dim=1)
+        return (joined, torch.cat([pos, text.pos.to(pos.device)], dim=1), table,
+                torch.cat([level_index, text_index], dim=1), joint_attention_mask(attn_mask, text.valid, n))
+
+    def block(self, number: int, block: nn.Module, num_data: int):
+        """The callable for 1-based block `number`: the two-stream form for the first blocks, else `block` itself."""
+        if number > len(self.text_blocks):
+            return block
+        text_block = self.text_blocks[number - 1]
+
+        def two_stream(x: Tensor, cond: Tensor, cond_index: Tensor, rope=None, mask=None) -> Tensor:
+            return two_stream_forward(block, text_block, x, cond, cond_index, rope, mask, num_data)
+
+        return two_stream
+
+
+def two_stream_forward(data_block: nn.Module, text_block: nn.Module, x: Tensor, cond: Tensor, cond_index: Tensor,
+                       rope, mask: Tensor | None, num_data: int) -> Tensor:
+    """A DiT block with separate weights per stream (data: x[:, :N], text: x[:, N:]) and one joint attention."""
+    from selfflow.models.transformer import gather_tokens, modulate
+
+    parts = []
+    for block, xs, index in ((data_block, x[:, :num_data], cond_index[:, :num_data]),
+                             (text_block, x[:, num_data:], cond_index[:, num_data:])):
+        mod = gather_tokens(block.adaLN_modulation(cond), index).chunk(6, dim=-1)
+        qkv = rearrange(block.attn.qkv(modulate(block.norm1(xs), mod[0], mod[1])), "b n (three h d) -> three b h n d",
+                        three=3, h=block.attn.heads)
+        parts.append((block, xs, mod, block.attn.q_norm(qkv[0]), block.attn.k_norm(qkv[1]), qkv[2]))
+    q, k, v = (torch.cat([p[i] for p in parts], dim=2) for i in (3, 4, 5))  # [B, H, N + T, Dh]
+    if rope is not None:
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+    attended = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h n d -> b n (h d)")
+    out = []
+    for (block, xs, mod, *_), a in zip(parts, (attended[:, :num_data], attended[:, num_data:])):
+        xs = xs + mod[2] * block.attn.proj(a)
+        out.append(xs + mod[5] * block.mlp(modulate(block.norm2(xs), mod[3], mod[4])))
+    return torch.cat(out, dim=1)
