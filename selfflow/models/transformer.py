@@ -15,6 +15,8 @@ from torch.utils.checkpoint import checkpoint
 
 from selfflow.models.attention import Attention
 from selfflow.models.embeddings import LabelEmbedder, MultiAxisRoPE, TimestepEmbedder, sincos_2d
+from selfflow.models.size_conditioning import SizeEmbedder
+from selfflow.models.text_stream import TEXT, TextStream, TextTokens
 
 POSITION_EMBEDDINGS = ("rope", "sincos")
 
@@ -73,8 +75,11 @@ class ModelOutput:
 class SelfFlowTransformer(nn.Module):
     """Shared transformer with per-modality input projections and output heads.
 
-    token_channels: channels of one token per modality, e.g. {"image": 12}.
+    token_channels: channels of one token per modality, e.g. {"image": 12}; a "text" entry (the text encoder's
+    feature width) adds joint attention with text tokens (`selfflow.models.text_stream`).
     num_classes: class labels (0 = unconditional); label `num_classes` is the null label.
+    text_stream_blocks: with text, how many first blocks keep separate text weights (two-stream), single after.
+    size_conditioning: embed (original size, crop offsets, target size) into the conditioning (multi-aspect).
     """
 
     def __init__(
@@ -93,8 +98,12 @@ class SelfFlowTransformer(nn.Module):
         time_scale: float = 1000.0,
         activation_checkpointing: bool = False,
         compile: bool = False,
+        text_stream_blocks: int = 0,
+        size_conditioning: bool = False,
     ):
         super().__init__()
+        text_channels = token_channels.get(TEXT)  # text conditions the model; it is not a modality it generates
+        token_channels = {m: c for m, c in token_channels.items() if m != TEXT}
         if pos_embed not in POSITION_EMBEDDINGS:
             raise ValueError(f"model.pos_embed={pos_embed!r} is unknown; choose one of {POSITION_EMBEDDINGS}")
         if not token_channels:
@@ -112,6 +121,11 @@ class SelfFlowTransformer(nn.Module):
             TransformerBlock(width, heads, mlp_ratio, qk_norm=qk_norm, attention=attention) for _ in range(depth)
         )
         self.final_layers = nn.ModuleDict({m: FinalLayer(width, c) for m, c in token_channels.items()})
+        if not 0 <= text_stream_blocks <= depth:
+            raise ValueError(f"model.text_stream_blocks={text_stream_blocks} must be in 0..{depth} (the depth)")
+        self.text_stream = (TextStream(text_channels, width, heads, mlp_ratio, qk_norm, text_stream_blocks)
+                            if text_channels else None)
+        self.size_embedder = SizeEmbedder(width) if size_conditioning else None
         self.initialize_weights()
         if compile:  # torch.compile per block: one graph serves every block, and early stops need no recompile
             for block in self.blocks:
@@ -133,6 +147,9 @@ class SelfFlowTransformer(nn.Module):
             for linear in (final.adaLN_modulation[-1], final.linear):
                 nn.init.zeros_(linear.weight)
                 nn.init.zeros_(linear.bias)
+        for extra in (self.text_stream, self.size_embedder):
+            if extra is not None:
+                extra.zero_init()
 
     @property
     def null_class(self) -> int:
@@ -182,13 +199,16 @@ class SelfFlowTransformer(nn.Module):
         attn_mask: Tensor | None = None,
         hidden_layers: tuple[int, ...] = (),
         stop_after: int | None = None,
+        text: TextTokens | None = None,
+        sizes: Tensor | None = None,
     ) -> ModelOutput:
         """Velocity for tokens x: [B, N, C] at per-token levels `levels[b, level_index[b, n]]`.
 
         levels: [B, L]; level_index: [B, N] long (None when L == 1); pos: [B, N, 4]; labels: [B] or [B, L];
         modality: a name, or {name: [B, N] bool} for packed rows (with a block-diagonal `attn_mask`).
         hidden_layers: 1-based block numbers whose outputs to return. stop_after: run only the first k blocks
-        and skip the output head (the teacher's forward).
+        and skip the output head (the teacher's forward). text: captions to attend to (never noised; velocity and
+        hidden states cover the data tokens only). sizes: [B, 6] size and crop conditioning.
         """
         if level_index is None:
             if levels.shape[1] != 1:
@@ -199,19 +219,33 @@ class SelfFlowTransformer(nn.Module):
             raise ValueError(f"stop_after={stop_after} is outside the model's 1..{self.depth} blocks")
         cond = self.conditioning(levels, labels)  # [B, L, D]
         h = self.embed_tokens(x, pos, modality)  # [B, N, D]
+        num_data = h.shape[1]
+        if text is not None:  # joint attention: clean text tokens appended after the data tokens
+            if self.text_stream is None:
+                raise ValueError("text given to a model built without text conditioning (no 'text' token channels)")
+            h, pos, cond, level_index, attn_mask = self.text_stream.join(self, h, pos, cond, level_index, attn_mask,
+                                                                         labels, text)
+        if sizes is not None:
+            if self.size_embedder is None:
+                raise ValueError("sizes given to a model built without model.size_conditioning=true")
+            cond = cond + self.size_embedder(sizes)[:, None]
         rope = self.rope(pos) if self.rope is not None else None
         hidden: dict[int, Tensor] = {}
         for number, block in enumerate(self.blocks[:last], start=1):
+            if text is not None:
+                block = self.text_stream.block(number, block, num_data)
             if self.activation_checkpointing and self.training and torch.is_grad_enabled():
                 h = checkpoint(block, h, cond, level_index, rope, attn_mask, use_reentrant=False)
             else:
                 h = block(h, cond, level_index, rope, attn_mask)
             if number in hidden_layers:
-                hidden[number] = h
+                hidden[number] = h[:, :num_data]
         if stop_after is not None:
             return ModelOutput(velocity=None, hidden=hidden)
-        return ModelOutput(velocity=self.project_out(h, cond, level_index, modality), hidden=hidden)
+        velocity = self.project_out(h[:, :num_data], cond, level_index[:, :num_data], modality)
+        return ModelOutput(velocity=velocity, hidden=hidden)
 
-    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str,
+                 text: TextTokens | None = None, sizes: Tensor | None = None) -> Tensor:
         """Plain flow-matching inference: one level per sample, t: [B]."""
-        return self.forward(x, t[:, None], None, pos, labels, modality).velocity
+        return self.forward(x, t[:, None], None, pos, labels, modality, text=text, sizes=sizes).velocity
