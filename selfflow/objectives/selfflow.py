@@ -16,6 +16,7 @@ from selfflow.objectives.ema import EMA
 from selfflow.objectives.flow_loss import bucket_sums, masked_mean, token_squared_error
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
 from selfflow.data.tokens import PackedTokens, Tokens, as_segments
+from selfflow.tokenizers.text import TextTokens
 
 
 def default_layers(depth: int) -> tuple[int, int]:
@@ -46,6 +47,8 @@ class SelfFlowObjective(nn.Module):
     class_dropout: probability of replacing a label with the null label, shared by student and teacher.
     attention_separation: block attention between the two noise groups in the student (ablation).
     loss_weights: {modality: weight} on the per-token losses (joint training; default 1).
+    caption_dropout: probability of replacing a caption with the null text (classifier-free guidance), shared by
+    student and teacher like the label dropout. Text tokens are never noised and the losses cover data tokens only.
     """
 
     def __init__(
@@ -63,12 +66,16 @@ class SelfFlowObjective(nn.Module):
         attention_separation: bool = False,
         loss_buckets: int = 4,
         loss_weights: dict[str, float] | None = None,
+        caption_dropout: float = 0.1,
     ):
         super().__init__()
         if gamma < 0:
             raise ValueError(f"objective.gamma={gamma} must be >= 0 (0 turns the representation loss off)")
         if not 0.0 <= class_dropout <= 1.0:
             raise ValueError(f"objective.class_dropout={class_dropout} must be in [0, 1]")
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"objective.caption_dropout={caption_dropout} must be in [0, 1]")
+        self.caption_dropout = float(caption_dropout)
         auto_student, auto_teacher = default_layers(model.depth)
         student_layer = auto_student if student_layer is None else student_layer
         teacher_layer = auto_teacher if teacher_layer is None else teacher_layer
@@ -106,6 +113,12 @@ class SelfFlowObjective(nn.Module):
         drop = torch.rand(shape, device=device) < self.class_dropout
         return torch.where(drop, torch.full_like(labels, null), labels)
 
+    def drop_text(self, text: TextTokens | None) -> TextTokens | None:
+        """Replace captions with the null text with probability caption_dropout (one draw, used by both views)."""
+        if text is None or self.caption_dropout == 0:
+            return text
+        return text.drop(torch.rand(text.batch_size, device=text.valid.device) < self.caption_dropout)
+
     @staticmethod
     def attention_mask(groups: Tensor | None, contiguous: bool = True) -> GroupMask | None:
         """groups: [B, N] long, -1 on padding: tokens attend within their own group only (None: no blocking)."""
@@ -123,10 +136,14 @@ class SelfFlowObjective(nn.Module):
         per_sample = None if labels is None else labels[:, None]
         return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality
 
-    def forward(self, tokens: Tokens | PackedTokens, labels: Tensor | None = None) -> ObjectiveOutput:
-        """tokens: a padded batch of one modality (labels: [B]) or packed rows (labels inside the packing)."""
+    def forward(self, tokens: Tokens | PackedTokens, labels: Tensor | None = None, text: TextTokens | None = None,
+                sizes: Tensor | None = None) -> ObjectiveOutput:
+        """tokens: a padded batch of one modality (labels: [B]) or packed rows (labels inside the packing);
+        text: the batch's encoded captions; sizes: [B, 6] size and crop conditioning (multi-aspect)."""
         x0 = tokens.x  # [R, N, C]
         packed = isinstance(tokens, PackedTokens)
+        if packed and (text is not None or sizes is not None):
+            raise ValueError("text and size conditioning work with padded batches; turn data packing off")
         segment, sample_labels, ratios, weights, modality = self._layout(tokens, labels)
         valid = segment >= 0 if (packed or tokens.valid is not None) else None
         num_samples = ratios.shape[1]
@@ -134,6 +151,7 @@ class SelfFlowObjective(nn.Module):
         x1 = torch.randn_like(x0)  # one shared noise draw for student and teacher
         student_t = dual.per_token  # [R, N]
         sample_labels = self.drop_labels(sample_labels, tuple(ratios.shape), x0.device)  # [R, S], shared
+        text = self.drop_text(text)  # shared by student and teacher, like the labels
 
         # attention stays within a sample (packed rows), within a noise group (the separation ablation), and away
         # from padding; None when nothing needs blocking
@@ -145,7 +163,7 @@ class SelfFlowObjective(nn.Module):
         student = self.model(
             interpolate(x0, x1, student_t), dual.levels, dual.index, tokens.pos,
             sample_labels.repeat_interleave(2, dim=1), modality, attn_mask=groups,
-            hidden_layers=(self.student_layer,) if want_rep else (),
+            hidden_layers=(self.student_layer,) if want_rep else (), text=text, sizes=sizes,
         )
         flow_error = token_squared_error(student.velocity, velocity_target(x0, x1))  # [R, N]
         loss_flow = masked_mean(flow_error * weights, valid)
@@ -159,7 +177,7 @@ class SelfFlowObjective(nn.Module):
                 target = self.teacher.module(
                     interpolate(x0, x1, teacher_t), dual.teacher_levels, segment.clamp_min(0) if packed else None,
                     tokens.pos, sample_labels, modality, attn_mask=sample_groups,
-                    hidden_layers=(self.teacher_layer,), stop_after=self.teacher_layer,
+                    hidden_layers=(self.teacher_layer,), stop_after=self.teacher_layer, text=text, sizes=sizes,
                 ).hidden[self.teacher_layer]
             rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
             loss_rep = masked_mean(rep_error * weights, valid)
