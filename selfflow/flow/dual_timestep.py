@@ -92,8 +92,10 @@ class DualTimestepScheduler:
         rows, device = segment.shape[0], segment.device
         if ratios is None:
             ratios = torch.full((rows, num_segments), self.mask_ratio, device=device)
-        t = self.timesteps.sample(rows * num_segments, device=device).view(rows, num_segments)
-        s = self.timesteps.sample(rows * num_segments, device=device).view(rows, num_segments)
+        lengths = torch.zeros(rows, num_segments, device=device).scatter_add_(  # [R, S] tokens per sample
+            1, segment.clamp_min(0), (segment >= 0).float()).flatten()
+        t = self.timesteps.sample(rows * num_segments, device=device, lengths=lengths).view(rows, num_segments)
+        s = self.timesteps.sample(rows * num_segments, device=device, lengths=lengths).view(rows, num_segments)
         levels = torch.stack([t, s], dim=-1).flatten(1)  # [R, 2S] -- deliberately not sorted
         if float(ratios.max()) > 0:
             mask = self.draw_mask(segment, num_segments, ratios)

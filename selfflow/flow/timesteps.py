@@ -22,19 +22,32 @@ def resolution_shift(num_tokens: int | Tensor, base_tokens: int = 256, base_shif
 
 
 class TimestepDistribution:
-    """Base: draws levels in [0, 1], then applies the configured shift."""
+    """Base: draws levels in [0, 1], then applies the configured shift.
 
-    def __init__(self, shift: float = 1.0):
+    shift_base_tokens: when set, the shift is per sample and grows with the sample's own token count N:
+    `resolution_shift(N, shift_base_tokens, shift)`, i.e. `shift` at N = shift_base_tokens (images, clips and
+    recordings of one batch differ a lot in length). None: the same `shift` for every sample.
+    """
+
+    def __init__(self, shift: float = 1.0, shift_base_tokens: int | None = None):
         if shift <= 0:
             raise ValueError(f"timestep shift must be > 0, got {shift}")
-        self.shift = shift
+        if shift_base_tokens is not None and shift_base_tokens < 1:
+            raise ValueError(f"timesteps.shift_base_tokens={shift_base_tokens} must be >= 1 (or null for a fixed shift)")
+        self.shift, self.shift_base_tokens = shift, shift_base_tokens
 
     def _draw(self, n: int, generator: torch.Generator | None, device) -> Tensor:
         raise NotImplementedError
 
-    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> Tensor:
-        """Returns [n] levels in [0, 1]."""
-        return shift_levels(self._draw(n, generator, device), self.shift)
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None,
+               lengths: Tensor | None = None) -> Tensor:
+        """Returns [n] levels in [0, 1]; lengths: [n] token counts of the samples (used by the per-sample shift)."""
+        shift = self.shift
+        if self.shift_base_tokens is not None:
+            if lengths is None:
+                raise ValueError("a length-dependent timestep shift needs each sample's token count (lengths)")
+            shift = resolution_shift(lengths.to(device), self.shift_base_tokens, self.shift)
+        return shift_levels(self._draw(n, generator, device), shift)
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in vars(self).items())
@@ -51,8 +64,8 @@ class Uniform(TimestepDistribution):
 class LogitNormal(TimestepDistribution):
     """t = sigmoid(m + s * z), z ~ N(0, 1): concentrates on the middle levels."""
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float = 1.0):
-        super().__init__(shift)
+    def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float = 1.0, shift_base_tokens: int | None = None):
+        super().__init__(shift, shift_base_tokens)
         if std <= 0:
             raise ValueError(f"logit-normal std must be > 0, got {std}")
         self.mean, self.std = mean, std
@@ -60,3 +73,21 @@ class LogitNormal(TimestepDistribution):
     def _draw(self, n, generator, device):
         z = torch.randn(n, generator=generator, device=device)
         return torch.sigmoid(self.mean + self.std * z)
+
+
+class ModeSampling(TimestepDistribution):
+    """Mode sampling with heavy tails: t = 1 - u - scale (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1).
+
+    scale = 0 is uniform; scale > 0 puts more mass on the middle levels while keeping both ends reachable
+    (valid for -1 <= scale <= 2 / (pi - 2), where the map stays monotone).
+    """
+
+    def __init__(self, scale: float = 1.29, shift: float = 1.0, shift_base_tokens: int | None = None):
+        super().__init__(shift, shift_base_tokens)
+        if not -1.0 <= scale <= 2.0 / (math.pi - 2.0):
+            raise ValueError(f"mode-sampling scale={scale} must be in [-1, {2.0 / (math.pi - 2.0):.3f}]")
+        self.scale = scale
+
+    def _draw(self, n, generator, device):
+        u = torch.rand(n, generator=generator, device=device)
+        return (1 - u - self.scale * (torch.cos(math.pi / 2 * u) ** 2 - 1 + u)).clamp(0, 1)
