@@ -110,7 +110,7 @@ class SelfFlowObjective(nn.Module):
         null = self.model.null_class
         if labels is None or self.model.num_classes == 0:
             return torch.full(shape, null, dtype=torch.long, device=device)
-        drop = torch.rand(shape, device=device) < self.class_dropout
+        drop = (torch.rand(shape, device=device) < self.class_dropout) | (labels < 0)  # -1: an unlabelled sample
         return torch.where(drop, torch.full_like(labels, null), labels)
 
     def drop_text(self, text: TextTokens | None) -> TextTokens | None:
