@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import os
+import re
 import sys
 
 from omegaconf.errors import OmegaConfBaseException
 
 from selfflow.data.bad_files import BadFileError
+from selfflow.training.checkpoint_io import CheckpointWriteError
+from selfflow.training.nonfinite import NonFiniteLossError
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, BadFileError, OmegaConfBaseException)
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, BadFileError, OmegaConfBaseException,
+               CheckpointWriteError, NonFiniteLossError)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -31,4 +36,65 @@ def friendly_errors(command: str):
         message = str(cause).strip().strip('"') or type(cause).__name__
         print(f"{command}: error: {message}", file=sys.stderr)
         print(f"{command}: (set SELFFLOW_TRACEBACK=1 to see the full traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _keys_near(config_name: str, overrides: list[str], full_key: str) -> str:
+    """'did you mean ...?' and the keys that exist next to an unknown `full_key`."""
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    parent, _, name = full_key.rpartition(".")
+    usable = [o for o in overrides if not o.lstrip("+~").startswith(full_key)]
+    try:
+        with initialize_config_module("selfflow.conf", version_base="1.3"):
+            node = OmegaConf.select(compose(config_name, overrides=usable), parent) if parent else None
+    except Exception:  # noqa: BLE001 - another override is broken too; say what we know
+        return ""
+    if node is None and parent:
+        return ""
+    if node is None:
+        with initialize_config_module("selfflow.conf", version_base="1.3"):
+            node = compose(config_name, overrides=usable)
+    keys = sorted(str(k) for k in node.keys() if k != "hydra") if hasattr(node, "keys") else []
+    near = difflib.get_close_matches(name, keys, n=1)
+    hint = f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
+    return f"{hint}keys{' of ' + parent if parent else ''}: {', '.join(keys)}"
+
+
+def describe_override_error(error: Exception, config_name: str, overrides: list[str]) -> str | None:
+    """One line for a command-line override Hydra cannot apply (unknown key, unknown option, bad syntax)."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+
+    if isinstance(error, MissingConfigException) and error.options is not None:
+        group = error.missing_cfg_file.rpartition("/")[0]
+        option = error.missing_cfg_file.rpartition("/")[2]
+        return f"{group}={option} is not an option; choose one of: {', '.join(sorted(error.options))}"
+    if isinstance(error, OverrideParseException):
+        return f"cannot parse the override {error.override!r}: {error.message.splitlines()[0]}"
+    full_key = getattr(error.__cause__, "full_key", None)
+    if full_key:
+        return f"{full_key} is not a config key (typo?); {_keys_near(config_name, overrides, full_key)}".rstrip("; ")
+    deleted = re.search(r"'([^']+)' does not exist", str(error))
+    if deleted:
+        return f"cannot delete {deleted[1]}: it is not in the config"
+    return None
+
+
+def check_overrides(command: str, config_name: str, args: list[str]) -> None:
+    """Compose the config once before Hydra does, so that a bad override ends in one line and exit status 2
+    (Hydra's own report spans several lines). Flags (--help, -m, ...) and hydra.* overrides are left to Hydra."""
+    if any(a.startswith("-") for a in args):
+        return
+    overrides = [a for a in args if not a.lstrip("+~").startswith("hydra")]
+    from hydra import compose, initialize_config_module
+
+    try:
+        with initialize_config_module("selfflow.conf", version_base="1.3"):
+            compose(config_name, overrides=overrides)
+    except Exception as error:  # noqa: BLE001 - described below, or left for Hydra to report
+        message = None if os.environ.get("SELFFLOW_TRACEBACK") else describe_override_error(error, config_name, overrides)
+        if message is None:
+            return
+        print(f"{command}: error: {message}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -10,6 +10,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from selfflow.training.checkpoint_io import AtomicCheckpointIO
+from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.module import SelfFlowModule
 
 
@@ -51,6 +53,7 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
     return SelfFlowModule(
         objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
         config=OmegaConf.to_container(cfg, resolve=True),
+        max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
     )
 
 
@@ -58,8 +61,14 @@ def build_run(cfg: DictConfig) -> Run:
     run_dir = Path(cfg.run_dir)
     datamodule = instantiate(cfg.data)
     datamodule.record_skipped_files(run_dir / "skipped_files.tsv")
+    if isinstance(datamodule, SelfFlowDataModule):
+        datamodule.seed = int(cfg.seed)
     module = build_module(cfg, datamodule)
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers: Any = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir))
+    # checkpoints are written atomically and read weights-only; the datamodule shards the data over ranks itself
+    # (with a resumable order), so Lightning must not swap in its own sampler
+    extra = {} if "use_distributed_sampler" in cfg.trainer else {"use_distributed_sampler": False}
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
+                          plugins=[AtomicCheckpointIO()], **extra)
     return Run(datamodule, module, trainer, run_dir)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.training.module import CHECKPOINT_FORMAT
+from selfflow.training.state_check import check_state_fits
 
 WEIGHTS = ("ema", "online")
 
@@ -25,13 +27,16 @@ class LoadedCheckpoint:
     path: Path
 
 
-def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused, never executed."""
+def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
+    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused, never executed.
+
+    mmap: map the tensors instead of reading them (a cheap validity check of a large file).
+    """
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file from a run's checkpoints/")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # noqa: BLE001 - corrupt or unsafe files end here
         raise ValueError(f"cannot load checkpoint {path} safely: {type(error).__name__}: {error}") from error
     if not isinstance(checkpoint, dict) or "selfflow_config" not in checkpoint:
@@ -44,16 +49,7 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
 
 def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """load_state_dict that names the first missing, unexpected or mismatched key and both shapes."""
-    own = module.state_dict()
-    for key, value in own.items():
-        if key not in state:
-            raise ValueError(f"{source} does not fit this model: it has no entry for {key!r}")
-        if state[key].shape != value.shape:
-            raise ValueError(f"{source} does not fit this model: {key!r} has shape {tuple(state[key].shape)} in the "
-                             f"checkpoint but {tuple(value.shape)} in the model")
-    extra = sorted(set(state) - set(own))
-    if extra:
-        raise ValueError(f"{source} does not fit this model: unexpected entry {extra[0]!r}")
+    check_state_fits(module.state_dict(), state, source)
     module.load_state_dict(state)
 
 

@@ -1,6 +1,7 @@
 """LightningModule: tokenize a batch, apply the Self-Flow objective, optimise, keep the EMA teacher current."""
 from __future__ import annotations
 
+import math
 import time
 from typing import Any, Callable
 
@@ -11,6 +12,9 @@ from torch import nn
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.training.nonfinite import NonFiniteGuard
+from selfflow.training.rng_state import capture_rng_state, restore_rng_state
+from selfflow.training.state_check import check_state_fits
 
 CHECKPOINT_FORMAT = 1
 
@@ -18,12 +22,14 @@ CHECKPOINT_FORMAT = 1
 class SelfFlowModule(L.LightningModule):
     """optimizer: a partial optimizer (e.g. `functools.partial(torch.optim.AdamW, lr=3e-4)`) completed with the
     trainable parameters; lr_warmup_steps: linear warm-up, then constant. config: the resolved run config, stored
-    in every checkpoint so that sampling and probing can rebuild the model.
+    in every checkpoint so that sampling and probing can rebuild the model. max_nonfinite_in_a_row: a NaN/inf
+    loss or gradient skips its update (no optimizer step, no EMA update); this many in a row stop the run.
+    Checkpoints also carry every RNG state, restored before the first step after a resume (exact resume).
     """
 
     def __init__(self, objective: SelfFlowObjective, tokenizers: dict[str, Tokenizer],
                  optimizer: Callable[..., torch.optim.Optimizer], lr_warmup_steps: int = 0,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None, max_nonfinite_in_a_row: int = 5):
         super().__init__()
         self.objective = objective
         self.tokenizers = nn.ModuleDict(tokenizers)
@@ -34,6 +40,9 @@ class SelfFlowModule(L.LightningModule):
         self.register_buffer("bucket_counts", torch.zeros(buckets), persistent=False)
         self._bucket_names = bucket_names(buckets)
         self._last_batch_end: float | None = None
+        self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
+        self._update_skipped = False
+        self._rng_to_restore: dict[str, Any] | None = None
 
     @property
     def model(self):
@@ -44,12 +53,16 @@ class SelfFlowModule(L.LightningModule):
         return self.objective.teacher.module
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int):
+        self._update_skipped = True  # until the loss is known to be usable
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
         modality = batch["modality"]
         tokens = self.tokenizers[modality].encode(batch["data"])
         out = self.objective(tokens, batch["label"])
         batch_size = tokens.batch_size
+        if not self._usable(out.loss.detach().float().item(), "loss"):
+            return None
+        self._update_skipped = False
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         self.log("train/loss_flow", out.loss_flow, batch_size=batch_size)
         if out.loss_rep is not None:
@@ -79,14 +92,30 @@ class SelfFlowModule(L.LightningModule):
         self.bucket_sums.zero_()
         self.bucket_counts.zero_()
 
+    def _usable(self, value: float, what: str) -> bool:
+        """False for a NaN/inf value (on any rank): the update is skipped, counted and logged."""
+        finite = math.isfinite(value)
+        if self.trainer is not None and self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        usable = self.nonfinite.check(value if finite else math.nan, self.global_step, what)
+        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
+        return usable
+
     def on_before_optimizer_step(self, optimizer) -> None:
-        grads = [p.grad for p in self.objective.parameters() if p.grad is not None]
-        if grads:
-            self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        params = [p for p in self.objective.parameters() if p.grad is not None]
+        if params:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            if not self._usable(float(norm), "gradient norm"):
+                self._update_skipped = True
+                for p in params:  # no gradient: the optimizer leaves these parameters (and its state) alone
+                    p.grad = None
+                return
+            self.log("train/grad_norm", norm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)
-        self.objective.update_teacher()
+        super().optimizer_step(*args, **kwargs)  # runs training_step and backward through the closure
+        if not self._update_skipped:
+            self.objective.update_teacher()
 
     def configure_optimizers(self):
         params = [p for p in self.objective.parameters() if p.requires_grad]
@@ -98,3 +127,25 @@ class SelfFlowModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["selfflow_format"] = CHECKPOINT_FORMAT
         checkpoint["selfflow_config"] = self.config
+        checkpoint["selfflow_rng"] = capture_rng_state()
+        checkpoint["selfflow_training"] = {
+            "nonfinite": self.nonfinite.state_dict(),
+            "bucket_sums": self.bucket_sums.cpu(), "bucket_counts": self.bucket_counts.cpu(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture by name; keep its RNG states for the first resumed step."""
+        check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), "the checkpoint to resume from")
+        self._rng_to_restore = checkpoint.get("selfflow_rng")
+        training = checkpoint.get("selfflow_training") or {}
+        self.nonfinite.load_state_dict(training.get("nonfinite", {}))
+        if "bucket_sums" in training and training["bucket_sums"].shape == self.bucket_sums.shape:
+            self.bucket_sums.copy_(training["bucket_sums"])
+            self.bucket_counts.copy_(training["bucket_counts"])
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        if self._rng_to_restore is not None:
+            restore_rng_state(self._rng_to_restore)
+            self._rng_to_restore = None
+            if self.trainer.world_size > 1:  # only rank 0's states were saved: give each rank its own stream again
+                torch.manual_seed(int(torch.randint(2**62, ())) + self.trainer.global_rank)

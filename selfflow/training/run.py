@@ -9,6 +9,9 @@ import lightning as L
 from omegaconf import DictConfig
 
 from selfflow.training.build import Run, build_run
+from selfflow.training.checkpoint import read_checkpoint
+from selfflow.training.resume import keep_metric_history, resolve_resume
+from selfflow.training.validate import validate_config
 
 log = logging.getLogger("selfflow")
 
@@ -19,13 +22,22 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
     warnings.filterwarnings("ignore", message=r"Experiment logs directory .* exists and is not empty")  # Hydra's files
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
+    warnings.filterwarnings("ignore", message=r"`training_step` returned `None`")  # a skipped non-finite step
+    # the resumable data position lives in SelfFlowDataModule.state_dict, which Lightning does not look at here
+    warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 
 def train(cfg: DictConfig) -> Run:
+    """Validate the config, pick the checkpoint to resume from (checked before any data is read), build, fit."""
     quiet_known_warnings()
+    validate_config(cfg)
+    ckpt_path = resolve_resume(cfg.run_dir, cfg.get("ckpt_path"), cfg.get("resume"))
+    resumed_step = int(read_checkpoint(ckpt_path, mmap=True).get("global_step", 0)) if ckpt_path else None
     L.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if resumed_step is not None and run.trainer.is_global_zero:
+        keep_metric_history(run.trainer.loggers, resumed_step)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
     if run.trainer.is_global_zero:
         print(describe_outputs(run.run_dir))
     return run

@@ -1,0 +1,37 @@
+"""When checkpoints are written: Lightning's ModelCheckpoint, plus a save at the end of training and a flush of
+the loggers with every save, so that a resumed run has the full metric history up to its checkpoint."""
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def flush_loggers(trainer) -> None:
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.save()
+
+
+class SelfFlowCheckpoint(ModelCheckpoint):
+    """Every `every_n_train_steps` steps and at the end of training (files written atomically by the run's
+    AtomicCheckpointIO)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._flush_at_next_batch = False
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        flush_loggers(trainer)
+        super()._save_checkpoint(trainer, filepath)
+        self._flush_at_next_batch = True  # the metrics of the saved step reach the logger after this hook
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._flush_at_next_batch:
+            self._flush_at_next_batch = False
+            flush_loggers(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step != self._last_global_step_saved and self._every_n_train_steps:
+            candidates = self._monitor_candidates(trainer)
+            self._save_topk_checkpoint(trainer, candidates)
+            self._save_last_checkpoint(trainer, candidates)
+        super().on_train_end(trainer, pl_module)

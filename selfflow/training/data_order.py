@@ -1,0 +1,90 @@
+"""A data order that survives a restart: batches as a pure function of (seed, epoch, position), resumable mid-epoch.
+
+`ResumableBatchSampler` shuffles each epoch with its own generator (no draw from the global RNG) and can start an
+epoch part-way through; `SeededSamples` runs each batch's loading under a seed derived from the same
+(seed, epoch, batch), so random augmentation gives the same result whether or not the run was interrupted, with
+or without DataLoader workers.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from selfflow.training.rng_state import mix_seed, seeded_rng
+
+
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Yields batches of `(sample index, batch seed)` pairs for this rank.
+
+    Each epoch is a permutation drawn from (seed, epoch) (or the identity if not shuffled), split over
+    `num_replicas` ranks; `drop_last` keeps only full batches. Each iteration is the next epoch;
+    `set_epoch(e)` and `skip_batches(k)` make the next iteration start at batch k of epoch e (resuming mid-epoch).
+    `len()` is always the full epoch.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = True, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.shuffle, self.num_replicas, self.rank = shuffle, num_replicas, rank
+        per_rank = num_samples // num_replicas
+        # with too few samples for one full batch, keep the partial batch rather than yielding nothing
+        self.drop_last = drop_last and per_rank >= batch_size
+        self.epoch = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, count: int) -> None:
+        """Start the next iteration after `count` batches of the current epoch (an end-of-epoch position moves on
+        to the start of the next epoch)."""
+        if count >= len(self):
+            self.epoch, count = self.epoch + 1, 0
+        self._skip = count
+
+    def __len__(self) -> int:
+        per_rank = self.num_samples // self.num_replicas
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """[num_samples // num_replicas] this rank's sample indices for `epoch`."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch))
+            order = torch.randperm(self.num_samples, generator=generator)
+        else:
+            order = torch.arange(self.num_samples)
+        per_rank = self.num_samples // self.num_replicas
+        return order[self.rank::self.num_replicas][:per_rank]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip, self._skip = self.epoch, self._skip, 0
+        self.epoch = epoch + 1  # the next iteration is the next epoch, however this one ends
+        indices = self.order(epoch).tolist()
+        for b in range(skip, len(self)):
+            batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            seed = mix_seed(self.seed, epoch, b, self.rank)
+            yield [(i, seed) for i in batch]
+
+
+class SeededSamples(Dataset):
+    """Wraps a map-style dataset: item `(index, seed)` loads `dataset[index]` with the RNGs seeded from `seed`."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        index, seed = key
+        with seeded_rng(seed):
+            return self.dataset[index]
+
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
+        """One seeding per batch (the DataLoader fetches a whole batch through this)."""
+        with seeded_rng(keys[0][1] if keys else 0):
+            return [self.dataset[index] for index, _ in keys]
