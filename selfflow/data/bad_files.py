@@ -14,6 +14,15 @@ class BadFileError(RuntimeError):
     """A sample file could not be read and data.on_bad_file=error."""
 
 
+class UnusableSample(Exception):
+    """A file that decodes but cannot be used as a sample (too short, silent, wrong rate); the message says why."""
+
+
+def failure_reason(error: Exception) -> str:
+    """The reason given for a skipped file: the message of an UnusableSample, else the error's type and message."""
+    return str(error) if isinstance(error, UnusableSample) else f"{type(error).__name__}: {error}"
+
+
 class BadFilePolicy:
     """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` line per skipped file."""
 

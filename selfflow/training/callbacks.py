@@ -1,4 +1,4 @@
-"""Training callbacks: sample grids from the EMA weights."""
+"""Training callbacks: samples from the EMA weights (PNG grids, MP4 clips with frame strips, WAVs with spectrograms)."""
 from __future__ import annotations
 
 import logging
@@ -8,6 +8,9 @@ import lightning as L
 import torch
 
 from selfflow.sampling.generate import generate
+from selfflow.sampling.prompted import prompted_model
+from selfflow.tokenizers.text import TEXT
+from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
 from selfflow.sampling.writers import save_image_grid
 
 log = logging.getLogger("selfflow")
@@ -15,13 +18,18 @@ log = logging.getLogger("selfflow")
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps` optimizer steps (and at the end), sample from the EMA model with an Euler ODE and
-    save a PNG grid to `<run_dir>/samples/<modality>/step_XXXXXXX.png`: one row per class when the model is
-    class-conditional. The noise is fixed, so grids of successive steps are comparable.
+    save them under `<run_dir>/samples/<modality>/`, named `step_XXXXXXX` (or `final`):
+    image: a PNG grid, one row per class when the model is class-conditional;
+    video: a PNG strip (one row of frames per clip) and one MP4 per clip in a folder of the same name;
+    audio: a PNG of the spectrograms and one WAV per clip in a folder of the same name.
+    The noise is fixed, so samples of successive steps are comparable. prompts: with a text tokenizer, one row
+    of `samples_per_class` samples per prompt instead of per class.
     """
 
     def __init__(self, every_n_steps: int = 500, samples_per_class: int = 8, max_classes: int = 10,
                  num_unconditional: int = 64, steps: int = 50, cfg_scale: float = 1.0, upscale: int = 4,
-                 seed: int = 0, dirname: str = "samples"):
+                 seed: int = 0, dirname: str = "samples", prompts: list[str] | None = None):
+        self.prompts = list(prompts or [])
         self.every_n_steps, self.samples_per_class, self.max_classes = every_n_steps, samples_per_class, max_classes
         self.num_unconditional, self.steps, self.cfg_scale = num_unconditional, steps, cfg_scale
         self.upscale, self.seed, self.dirname = upscale, seed, dirname
@@ -39,17 +47,47 @@ class SampleGrid(L.Callback):
     def write(self, trainer: L.Trainer, module, name: str) -> list[Path]:
         paths = []
         for modality, tokenizer in module.tokenizers.items():
-            if modality != "image":
-                continue  # other modalities bring their own writers
+            if modality == TEXT:  # text conditions the samples; it is not sampled
+                continue
             generator = torch.Generator(device=module.device).manual_seed(self.seed)
-            labels = self.labels(module)
-            images = generate(module.ema_model, tokenizer, labels, steps=self.steps, cfg_scale=self.cfg_scale,
-                              generator=generator)
-            nrow = self.samples_per_class if module.ema_model.num_classes else None
-            path = Path(trainer.default_root_dir) / self.dirname / modality / f"{name}.png"
-            paths.append(save_image_grid(images, path, nrow=nrow, upscale=self.upscale))
+            model, labels = self.conditioned(module)
+            samples = generate(model, tokenizer, labels, steps=self.steps, cfg_scale=self.cfg_scale,
+                               generator=generator)
+            folder = Path(trainer.default_root_dir) / self.dirname / modality
+            if modality == "image":
+                nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
+                paths.append(save_image_grid(samples, folder / f"{name}.png", nrow=nrow, upscale=self.upscale))
+            elif modality == "video":
+                paths.append(save_frame_strip(samples, folder / f"{name}.png", upscale=self.upscale))
+                for clip, stem in zip(samples, self.file_stems(trainer, module, labels)):
+                    paths.append(save_video(clip, folder / name / f"{stem}.mp4", tokenizer.fps))
+            elif modality == "audio":
+                stems = self.file_stems(trainer, module, labels)
+                paths.append(save_spectrogram(samples, folder / f"{name}.png", tokenizer.sample_rate, titles=stems))
+                for wave, stem in zip(samples, stems):
+                    paths.append(save_audio(wave, folder / name / f"{stem}.wav", tokenizer.sample_rate))
         self.written += paths
         return paths
+
+    def conditioned(self, module):
+        """The model to sample from and its labels: per prompt when prompts and a text tokenizer are given."""
+        if self.prompts and TEXT in module.tokenizers:
+            return prompted_model(module.ema_model, module.tokenizers[TEXT], self.prompts, self.samples_per_class)
+        return module.ema_model, self.labels(module)
+
+    def file_stems(self, trainer: L.Trainer, module, labels: torch.Tensor) -> list[str]:
+        """`<class name>_<k>` per sample (`uncond_<k>` for the null label), for file names and panel titles."""
+        names = list(getattr(trainer.datamodule, "class_names", None) or [])
+        seen: dict[int, int] = {}
+        stems = []
+        for label in labels.tolist():
+            if label == module.ema_model.null_class:
+                label_name = "uncond"
+            else:
+                label_name = names[label] if label < len(names) else f"class{label}"
+            seen[label] = seen.get(label, -1) + 1
+            stems.append(f"{label_name}_{seen[label]}".replace("/", "-"))
+        return stems
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

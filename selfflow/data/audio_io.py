@@ -1,0 +1,81 @@
+"""Reading fixed-length mono clips from audio files (soundfile + torchaudio resampling) and writing WAV files."""
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import Tensor
+
+from selfflow.data.bad_files import UnusableSample
+
+AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
+TRUNCATED = re.compile(r"^data\s*:\s*\d+ \(should be", re.MULTILINE)  # libsndfile's note on a short WAV data chunk
+
+
+@functools.lru_cache(maxsize=16)
+def resampler(source_rate: int, target_rate: int) -> torchaudio.transforms.Resample:
+    """A cached resampler (its filter is built once per rate pair)."""
+    return torchaudio.transforms.Resample(source_rate, target_rate)
+
+
+def fit_length(wave: Tensor, num_samples: int, random_offset: bool) -> Tensor:
+    """wave: [C, n] -> [C, num_samples]: cropped or zero-padded, at a random offset or centred."""
+    excess = wave.shape[-1] - num_samples
+    offset = int(torch.randint(0, abs(excess) + 1, ())) if random_offset else abs(excess) // 2
+    if excess >= 0:
+        return wave[..., offset:offset + num_samples]
+    return F.pad(wave, (offset, -excess - offset))
+
+
+def read_audio(path: str | os.PathLike, sample_rate: int, num_samples: int, random_crop: bool = False,
+               resample: bool = True, min_peak: float = 1e-4) -> Tensor:
+    """A clip of `num_samples` samples at `sample_rate`, mixed to mono: [1, S] float.
+
+    Only the part of the file that the clip needs is read. A file that is empty, truncated, silent (peak below
+    `min_peak`), holds non-finite samples, or (with `resample=False`) has another rate raises UnusableSample.
+    """
+    with soundfile.SoundFile(str(path)) as f:
+        if f.frames <= 0:
+            raise UnusableSample("file holds no audio frames")
+        if TRUNCATED.search(f.extra_info):
+            raise UnusableSample("file is truncated: its header promises more audio than the file holds")
+        source_rate = f.samplerate
+        if source_rate != sample_rate and not resample:
+            raise UnusableSample(f"recorded at {source_rate} Hz, not {sample_rate} Hz "
+                                 f"(set data.train.resample=true to resample)")
+        needed = math.ceil(num_samples * source_rate / sample_rate)
+        room = max(0, f.frames - needed)
+        start = int(torch.randint(0, room + 1, ())) if random_crop else room // 2
+        f.seek(start)
+        audio = f.read(min(needed, f.frames), dtype="float32", always_2d=True)  # [n, channels]
+    if len(audio) == 0:
+        raise UnusableSample("file holds no audio frames")
+    if not np.isfinite(audio).all():
+        raise UnusableSample("file holds NaN or infinite samples")
+    wave = torch.from_numpy(audio).mean(dim=1)[None]  # [1, n]
+    peak = float(wave.abs().max())
+    if peak < min_peak:
+        raise UnusableSample(f"recording is silent (peak {peak:.2g} below min_peak={min_peak:g})")
+    wave = fit_length(wave, needed, random_crop)  # one shape per rate pair: the resampling conv stays fast
+    if source_rate != sample_rate:
+        wave = fit_length(resampler(source_rate, sample_rate)(wave), num_samples, random_offset=False)
+    return wave
+
+
+def write_wav(wave: np.ndarray | Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
+    """Mono samples [S] in [-1, 1] -> a 16-bit PCM WAV file (values outside [-1, 1] are clipped)."""
+    samples = wave.detach().float().cpu().numpy() if isinstance(wave, Tensor) else np.asarray(wave, np.float32)
+    if samples.ndim != 1:
+        raise ValueError(f"write_wav expects mono samples [S], got shape {list(samples.shape)}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(str(path), np.clip(samples, -1.0, 1.0), int(sample_rate), subtype="PCM_16")
+    return path

@@ -1,0 +1,40 @@
+"""A dataset of labelled sample files whose unreadable files are skipped (or fatal) through a BadFilePolicy."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from selfflow.data.bad_files import BadFilePolicy, failure_reason
+from selfflow.data.files import LabelledFiles
+
+
+class LabelledFileDataset(Dataset):
+    """Items `(load(path), label)`; an item whose file cannot be loaded is None (see `collate_samples`).
+
+    Subclasses implement `load`; random crops draw from torch's generator, which Lightning seeds per worker.
+    """
+
+    def __init__(self, files: LabelledFiles, on_bad_file: str = "skip"):
+        self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names
+        self.bad_files = BadFilePolicy(on_bad_file)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def load(self, path: Path) -> Tensor:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path = self.paths[i]
+        try:
+            data = self.load(path)
+        except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
+            self.bad_files.handle(path, failure_reason(error))
+            return None
+        return data, self.labels[i]

@@ -1,0 +1,43 @@
+"""Video folder dataset: clips of `num_frames` frames as [T, C, S, S] in [0, 1], labelled like any sample files."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import Tensor
+
+from selfflow.data.file_dataset import LabelledFileDataset
+from selfflow.data.files import find_labelled_files
+from selfflow.data.video_io import VIDEO_BACKENDS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+
+
+class VideoFolder(LabelledFileDataset):
+    """Videos under `root` (.mp4 .avi .mkv .webm .mov), labelled by class sub-folder, CSV `manifest` or file-name
+    `name_pattern` + `label_field` (see `find_labelled_files`).
+
+    A clip is `num_frames` frames, `frame_stride` source frames apart or resampled to `fps` when set; its start is
+    random in training and centred in evaluation. Frames are resized (shorter side) and centre-cropped to
+    `image_size`, grey when `channels=1`. Each clip opens its file once; decoding runs in DataLoader workers.
+    """
+
+    def __init__(self, root: str, split: str = "train", num_frames: int = 8, frame_stride: int = 1,
+                 fps: float | None = None, image_size: int = 32, channels: int = 3, test_fraction: float = 0.1,
+                 seed: int = 0, on_bad_file: str = "skip", manifest: str | None = None,
+                 name_pattern: str | None = None, label_field: str | None = None, backend: str = "auto"):
+        if channels not in (1, 3):
+            raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
+        if num_frames < 1 or frame_stride < 1 or (fps is not None and fps <= 0):
+            raise ValueError(f"data.train.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be "
+                             f"positive")
+        if backend not in VIDEO_BACKENDS:
+            raise ValueError(f"data.train.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
+        files = find_labelled_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
+                                    label_field)
+        super().__init__(files, on_bad_file)
+        self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
+        self.image_size, self.channels, self.backend = image_size, channels, backend
+        self.random_start = split == "train"
+
+    def load(self, path: Path) -> Tensor:
+        """frames: [T, C, S, S] in [0, 1]"""
+        frames = read_clip(path, self.num_frames, self.frame_stride, self.fps, self.random_start, self.backend)
+        return frames_to_tensor(frames, self.image_size, self.channels)

@@ -1,0 +1,78 @@
+"""Writing video and audio samples to files a person can open: MP4 clips, frame strips, WAV files, spectrograms."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from selfflow.data.audio_io import write_wav
+from selfflow.data.video_io import write_mp4
+from selfflow.sampling.writers import image_grid, to_uint8
+
+
+def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
+    """frames: [T, C, H, W] in [0, 1] (C = 1 or 3) -> an H.264 MP4 at `fps`."""
+    if frames.ndim != 4:
+        raise ValueError(f"save_video expects frames [T, C, H, W], got {list(frames.shape)}")
+    return write_mp4(to_uint8(frames), path, fps)
+
+
+def save_frame_strip(frames: Tensor, path: str | os.PathLike, upscale: int = 1) -> Path:
+    """frames: [T, C, H, W] (one row) or [B, T, C, H, W] (one row per clip) in [0, 1] -> a PNG of the frames."""
+    if frames.ndim not in (4, 5):
+        raise ValueError(f"save_frame_strip expects frames [T, C, H, W] or [B, T, C, H, W], got {list(frames.shape)}")
+    clips = frames[None] if frames.ndim == 4 else frames
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(rearrange(clips, "b t c h w -> (b t) c h w"), nrow=clips.shape[1], upscale=upscale).save(path)
+    return path
+
+
+def save_audio(wave: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
+    """wave: [S] (or [1, S]) -> a 16-bit WAV file; values beyond [-1, 1] are clipped."""
+    wave = wave.reshape(-1) if wave.ndim == 2 and wave.shape[0] == 1 else wave
+    return write_wav(wave, path, sample_rate)
+
+
+def log_spectrogram(wave: Tensor, sample_rate: int) -> np.ndarray:
+    """wave: [S] -> dB magnitudes [freq, frames] of a 32 ms-window STFT."""
+    n_fft = max(64, 1 << int(np.log2(sample_rate * 0.032)))
+    window = torch.hann_window(n_fft)
+    spec = torch.stft(wave.detach().float().cpu(), n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
+    return (20 * torch.log10(spec.abs().clamp_min(1e-5))).numpy()
+
+
+def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int,
+                     titles: list[str] | None = None) -> Path:
+    """wave: [S] (one panel) or [B, S] (one panel per clip, titled by `titles`) -> a PNG of the log
+    spectrogram(s), time in seconds and frequency in Hz, 80 dB of range."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    waves = wave.reshape(1, -1) if wave.ndim == 1 else wave
+    if waves.ndim != 2:
+        raise ValueError(f"save_spectrogram expects a wave [S] or waves [B, S], got {list(wave.shape)}")
+    columns = min(4, len(waves))
+    rows = -(-len(waves) // columns)
+    figure = Figure(figsize=(3.2 * columns, 2.4 * rows), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    seconds = waves.shape[-1] / sample_rate
+    spectrograms = [log_spectrogram(one, sample_rate) for one in waves]
+    top = max(float(db.max()) for db in spectrograms)  # one colour scale for all panels, so levels compare
+    for i, db in enumerate(spectrograms):
+        axes = figure.add_subplot(rows, columns, i + 1)
+        axes.imshow(db, origin="lower", aspect="auto", cmap="magma", vmin=top - 80, vmax=top,
+                    extent=(0, seconds, 0, sample_rate / 2))
+        axes.set_xlabel("time (s)", fontsize=7)
+        axes.set_ylabel("Hz", fontsize=7)
+        axes.tick_params(labelsize=6)
+        if titles is not None:
+            axes.set_title(titles[i], fontsize=8)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path

@@ -1,0 +1,95 @@
+"""Audio tokenizer: patches of a log-mel spectrogram (time x frequency) with (t, h, 0, 0) position ids, decoded
+back to a waveform by mel inversion and Griffin-Lim so that samples can be heard."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torchaudio
+from einops import rearrange
+from torch import Tensor
+
+from selfflow.tokenizers.base import Tokenizer, Tokens
+from selfflow.tokenizers.video import grid_positions
+
+
+def as_mono_batch(wave: Tensor, num_samples: int, what: str) -> Tensor:
+    """[B, S] or [B, 1, S] -> [B, S] float32, or a ValueError naming the expected length."""
+    if wave.ndim == 3 and wave.shape[1] == 1:
+        wave = wave[:, 0]
+    if wave.ndim != 2 or wave.shape[1] != num_samples:
+        raise ValueError(
+            f"{what} expects mono waves [B, 1, {num_samples}] or [B, {num_samples}], got {list(wave.shape)}; "
+            f"make tokenizer.audio.sample_rate/duration match data.train.sample_rate/duration"
+        )
+    return wave.float()
+
+
+class AudioMelTokenizer(Tokenizer):
+    """Waves [B, 1, S] -> log-mel [B, n_mels, S / hop] -> tokens [B, (frames/pf)(n_mels/pm), pf pm].
+
+    Mel magnitudes (power 1) are mapped by `log(mel + floor)` and an affine map sending `log(floor)` to -1 and
+    `log(ceiling)` to +1, so silence is -1 and loud speech near +1. `decode` inverts the log exactly, the mel
+    filterbank by least squares, and the phase with `griffin_lim_iters` Griffin-Lim iterations (deterministic
+    start), returning waves [B, S]; round trips are close, not exact (see tests/test_tokenizer_audio.py).
+    """
+
+    modality = "audio"
+
+    def __init__(self, sample_rate: int = 8000, duration: float = 1.0, n_fft: int = 512, hop_length: int = 125,
+                 n_mels: int = 32, patch_frames: int = 8, patch_mels: int = 4, f_min: float = 0.0,
+                 f_max: float | None = None, floor: float = 1e-4, ceiling: float = 100.0,
+                 griffin_lim_iters: int = 32):
+        super().__init__()
+        self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
+        self.hop_length, self.n_mels = hop_length, n_mels
+        self.patch_frames, self.patch_mels = patch_frames, patch_mels
+        self.frames = self.num_samples // hop_length
+        if patch_frames < 1 or patch_mels < 1 or self.frames % patch_frames or n_mels % patch_mels:
+            raise ValueError(
+                f"tokenizer.audio patches of {patch_frames} frames x {patch_mels} mel bins do not divide the "
+                f"spectrogram of {self.frames} frames (sample_rate * duration / hop_length) x {n_mels} mel bins; "
+                f"change tokenizer.audio.patch_frames/patch_mels/hop_length/n_mels"
+            )
+        if not 0 < floor < ceiling:
+            raise ValueError(f"tokenizer.audio.floor={floor} and ceiling={ceiling} need 0 < floor < ceiling")
+        self.grid = (self.frames // patch_frames, n_mels // patch_mels)
+        self.token_channels = patch_frames * patch_mels
+        self.log_floor, self.log_ceiling = math.log(floor), math.log(ceiling)
+        self.floor = floor
+        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop_length,
+                                                        f_min=f_min, f_max=f_max, n_mels=n_mels, power=1.0)
+        self.inverse_mel = torchaudio.transforms.InverseMelScale(n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max)
+        self.griffin_lim = torchaudio.transforms.GriffinLim(n_fft, griffin_lim_iters, hop_length=hop_length,
+                                                            power=1.0, length=self.num_samples, rand_init=False)
+
+    def log_mel(self, wave: Tensor) -> Tensor:
+        """wave: [B, 1, S] or [B, S] -> normalised log-mel [B, n_mels, frames] (silence -1, loud about +1)."""
+        wave = as_mono_batch(wave, self.num_samples, "audio tokenizer")
+        with torch.autocast(wave.device.type, enabled=False):
+            mel = self.mel(wave)[..., : self.frames]  # centred STFT frames, the last one (past the end) dropped
+            return 2 * (torch.log(mel + self.floor) - self.log_floor) / (self.log_ceiling - self.log_floor) - 1
+
+    def encode(self, wave: Tensor) -> Tokens:
+        spec = self.log_mel(wave)
+        x = rearrange(spec, "b (h q) (t p) -> b (t h) (p q)", p=self.patch_frames, q=self.patch_mels)
+        return Tokens(x=x, pos=self.positions(spec.shape[0], spec.device), modality=self.modality)
+
+    def tokens_to_log_mel(self, x: Tensor) -> Tensor:
+        """x: [B, N, pf pm] -> normalised log-mel [B, n_mels, frames]."""
+        t, h = self.grid
+        return rearrange(x, "b (t h) (p q) -> b (h q) (t p)", t=t, h=h, p=self.patch_frames, q=self.patch_mels)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """x: [B, N, pf pm] -> waves [B, S] (mel inversion + Griffin-Lim)."""
+        spec = self.tokens_to_log_mel(x.float())
+        with torch.autocast(x.device.type, enabled=False):
+            log_mel = (spec + 1) / 2 * (self.log_ceiling - self.log_floor) + self.log_floor
+            mel = (torch.exp(log_mel) - self.floor).clamp_min(0)
+            mel = torch.cat([mel, mel[..., -1:]], dim=-1)  # the dropped last STFT frame, so lengths line up
+            magnitude = self.inverse_mel(mel)  # [B, n_fft / 2 + 1, frames + 1]
+            return self.griffin_lim(magnitude)
+
+    def positions(self, batch_size: int, device=None) -> Tensor:
+        """ids (t, h, 0, 0): t = time patch, h = frequency patch."""
+        return grid_positions(*self.grid, 1, batch_size, device)

@@ -1,0 +1,76 @@
+"""Video tokenizer: non-overlapping tubelets of pt frames x p x p pixels with (t, h, w, 0) position ids."""
+from __future__ import annotations
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from selfflow.tokenizers.base import Tokenizer, Tokens
+
+
+def grid_positions(t: int, h: int, w: int, batch_size: int, device=None) -> Tensor:
+    """[B, t*h*w, 4] position ids (t, h, w, 0) of a token grid in row-major (t, h, w) order."""
+    axes = torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
+                          torch.arange(w, device=device), indexing="ij")
+    pos = torch.stack([*axes, torch.zeros_like(axes[0])], dim=-1)  # [t, h, w, 4]
+    return rearrange(pos, "t h w a -> (t h w) a").expand(batch_size, -1, -1)
+
+
+def to_tubelets(video: Tensor, tubelet_frames: int, patch_size: int) -> Tensor:
+    """video: [B, T, C, H, W] -> tokens [B, (T/pt)(H/p)(W/p), C pt p p], channel order (c pt p q)."""
+    p = patch_size
+    return rearrange(video, "b (t u) c (h p) (w q) -> b (t h w) (c u p q)", u=tubelet_frames, p=p, q=p)
+
+
+def from_tubelets(x: Tensor, grid: tuple[int, int, int], tubelet_frames: int, patch_size: int) -> Tensor:
+    """The inverse of `to_tubelets`: [B, N, C pt p p] -> [B, T, C, H, W]."""
+    t, h, w = grid
+    p = patch_size
+    return rearrange(x, "b (t h w) (c u p q) -> b (t u) c (h p) (w q)", t=t, h=h, w=w, u=tubelet_frames, p=p, q=p)
+
+
+def tubelet_grid(shape: tuple[int, int, int], tubelet_frames: int, patch_size: int, what: str) -> tuple[int, int, int]:
+    """(T, H, W) -> the token grid (T/pt, H/p, W/p), or a ValueError naming the sizes that do not divide."""
+    t, h, w = shape
+    if tubelet_frames < 1 or patch_size < 1 or t % tubelet_frames or h % patch_size or w % patch_size:
+        raise ValueError(
+            f"tokenizer.video tubelets of {tubelet_frames} frames x {patch_size} x {patch_size} do not divide the "
+            f"{what} of {t} frames x {h} x {w}; pick tubelet_frames dividing the frame count and patch_size "
+            f"dividing the size (or change data.train.num_frames/image_size)"
+        )
+    return t // tubelet_frames, h // patch_size, w // patch_size
+
+
+class VideoTubeletTokenizer(Tokenizer):
+    """Clips [B, T, C, H, W] in [0, 1] -> tokens [B, (T/pt)(H/p)(W/p), C pt p p] in [-1, 1].
+
+    `decode` is the exact inverse (back to [0, 1], clamped). `fps` is the rate samples are written at.
+    """
+
+    modality = "video"
+
+    def __init__(self, tubelet_frames: int = 2, patch_size: int = 4, channels: int = 1, num_frames: int = 8,
+                 image_size: int = 16, fps: float = 8.0):
+        super().__init__()
+        self.tubelet_frames, self.patch_size, self.channels = tubelet_frames, patch_size, channels
+        self.num_frames, self.image_size, self.fps = num_frames, image_size, fps
+        self.grid = tubelet_grid((num_frames, image_size, image_size), tubelet_frames, patch_size, "clips")
+        self.token_channels = channels * tubelet_frames * patch_size * patch_size
+
+    def encode(self, video: Tensor) -> Tokens:
+        expected = (self.num_frames, self.channels, self.image_size, self.image_size)
+        if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+            raise ValueError(
+                f"video tokenizer expects [B, {', '.join(map(str, expected))}] (B, T, C, H, W), got "
+                f"{list(video.shape)}; set tokenizer.video.num_frames/channels/image_size to match the data"
+            )
+        x = to_tubelets(video * 2 - 1, self.tubelet_frames, self.patch_size)
+        return Tokens(x=x, pos=self.positions(video.shape[0], video.device), modality=self.modality)
+
+    def decode(self, x: Tensor) -> Tensor:
+        """x: [B, N, C pt p p] -> clips [B, T, C, H, W] in [0, 1]."""
+        video = from_tubelets(x, self.grid, self.tubelet_frames, self.patch_size)
+        return ((video + 1) / 2).clamp(0, 1)
+
+    def positions(self, batch_size: int, device=None) -> Tensor:
+        return grid_positions(*self.grid, batch_size, device)
