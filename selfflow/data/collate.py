@@ -1,4 +1,8 @@
-"""Batching of samples `(data, label)` into `{"modality", "data", "label"}` dicts, dropping unreadable samples."""
+"""Batching of samples `(data, label)` into `{"modality", "data", "label"}` dicts, dropping unreadable samples.
+
+Samples may carry a third item, a dict of extra conditioning (e.g. `{"caption": str}`), collated per key into
+the batch (strings into lists, tensors stacked).
+"""
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -14,7 +18,10 @@ def collate_samples(modality: str) -> Callable[[list[Any]], dict[str, Any] | Non
         kept = [s for s in samples if s is not None]
         if not kept:
             return None
-        data, labels = default_collate(kept)
-        return {"modality": modality, "data": data, "label": torch.as_tensor(labels, dtype=torch.long)}
+        data, labels, *extra = default_collate(kept)
+        batch = {"modality": modality, "data": data, "label": torch.as_tensor(labels, dtype=torch.long)}
+        for conditioning in extra:
+            batch.update(conditioning)
+        return batch
 
     return collate

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from selfflow.tokenizers.text import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.module import SelfFlowModule
@@ -46,6 +47,9 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
             f"data gives {datamodule.modality!r} samples but no tokenizer is configured for it "
             f"(configured: {sorted(tokenizers)}); choose a matching tokenizer=..."
         )
+    if TEXT in tokenizers and not getattr(getattr(datamodule, "train_set", None), "has_captions", False):
+        raise ValueError("tokenizer.text is configured but the data has no captions; use captioned data "
+                         "(data=text_digits or data=captioned_image_folder) or leave the text tokenizer out")
     model = instantiate(cfg.model)(
         token_channels={m: t.token_channels for m, t in tokenizers.items()}, num_classes=datamodule.num_classes
     )

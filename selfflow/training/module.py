@@ -12,6 +12,7 @@ from torch import nn
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.text import TEXT
 from selfflow.training.nonfinite import NonFiniteGuard
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.state_check import check_state_fits
@@ -52,13 +53,22 @@ class SelfFlowModule(L.LightningModule):
     def ema_model(self):
         return self.objective.teacher.module
 
+    def conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Extra inputs of the objective: the captions encoded by the text tokenizer, size/crop values."""
+        extra = {}
+        if "caption" in batch and TEXT in self.tokenizers:
+            extra["text"] = self.tokenizers[TEXT].encode(batch["caption"])
+        if "sizes" in batch:
+            extra["sizes"] = batch["sizes"]
+        return extra
+
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int):
         self._update_skipped = True  # until the loss is known to be usable
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
         modality = batch["modality"]
         tokens = self.tokenizers[modality].encode(batch["data"])
-        out = self.objective(tokens, batch["label"])
+        out = self.objective(tokens, batch["label"], **self.conditioning(batch))
         batch_size = tokens.batch_size
         if not self._usable(out.loss.detach().float().item(), "loss"):
             return None
