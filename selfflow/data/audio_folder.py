@@ -30,6 +30,7 @@ class AudioFolder(LabelledFileDataset):
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.resample, self.min_peak = resample, min_peak
         self.random_crop = split == "train"
+        self.check_readable()
 
     def load(self, path: Path) -> Tensor:
         """wave: [1, S]"""

@@ -27,6 +27,23 @@ class LabelledFileDataset(Dataset):
     def load(self, path: Path) -> Tensor:
         raise NotImplementedError
 
+    def check_readable(self) -> None:
+        """Fail at start-up when no file can be read: decode files in order until one works (usually the first)."""
+        first_failure = None
+        for path in self.paths:
+            try:
+                self.load(path)
+                return
+            except Exception as error:  # noqa: BLE001 - classified by the policy
+                if self.bad_files.on_bad_file == "error":
+                    self.bad_files.handle(path, failure_reason(error))
+                first_failure = first_failure or (path, failure_reason(error))
+        if first_failure is None:
+            return  # an empty split: the DataModule names it
+        path, reason = first_failure
+        raise ValueError(f"none of the {len(self.paths)} files of this split can be read (the first, {path}: {reason}); "
+                         f"check data.root and the file types")
+
     def __len__(self) -> int:
         return len(self.paths)
 

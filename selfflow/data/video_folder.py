@@ -36,6 +36,7 @@ class VideoFolder(LabelledFileDataset):
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
         self.random_start = split == "train"
+        self.check_readable()
 
     def load(self, path: Path) -> Tensor:
         """frames: [T, C, S, S] in [0, 1]"""
