@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from selfflow.data.collate import collate_samples
 from selfflow.flow.path import interpolate
 from selfflow.models.transformer import SelfFlowTransformer
-from selfflow.objectives.selfflow import SelfFlowObjective, default_layers
+from selfflow.objectives.selfflow import default_layers
 from selfflow.tokenizers.base import Tokenizer
 
 POOLS = ("mean", "attentive")
@@ -67,6 +67,13 @@ def mean_pool(h: Tensor, valid: Tensor | None) -> Tensor:
         return h.mean(dim=1)
     weights = valid.to(h.dtype)[..., None]  # [B, N, 1]
     return (h * weights).sum(dim=1) / weights.sum(dim=1).clamp_min(1.0)
+
+
+def padding_mask(valid: Tensor | None) -> Tensor | None:
+    """valid: [B, N] -> [B, 1, N, N] bool: every token attends to the sample's valid tokens only."""
+    if valid is None:
+        return None
+    return valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)
 
 
 def probe_loader(dataset: Dataset, modality: str, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
@@ -123,7 +130,7 @@ def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, lo
             if blocks:
                 null = torch.full((batch_size,), model.null_class, dtype=torch.long, device=device)
                 hidden.update(model(x_t, t[:, None], None, tokens.pos, null, tokens.modality,
-                                    attn_mask=SelfFlowObjective.attention_mask(tokens.valid, None),
+                                    attn_mask=padding_mask(tokens.valid),
                                     hidden_layers=blocks, stop_after=max(blocks)).hidden)
             for layer in layers:
                 h = hidden[layer].float()  # [B, N, D]
