@@ -1,0 +1,155 @@
+"""A small local reference classifier whose penultimate features define the space for sample metrics.
+
+Trained once per labelled dataset (`tools/train_reference_classifier.py`) and saved as `model.safetensors` +
+`config.json`, so that Frechet distance and classifier accuracy of class-conditional samples need no downloaded
+network. Any other local extractor with `features(images) -> [B, D]` (and optionally `logits(images)`) plugs
+into `selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
+
+
+def conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1),
+                         nn.GroupNorm(min(8, channels_out), channels_out), nn.ReLU())
+
+
+def match_images(images: Tensor, channels: int, image_size: int) -> Tensor:
+    """images: [B, C, H, W] in [0, 1] -> [B, channels, image_size, image_size] (grey <-> RGB, bilinear resize)."""
+    if images.shape[1] != channels:
+        if images.shape[1] == 1:
+            images = images.expand(-1, channels, -1, -1)
+        elif channels == 1:
+            images = images.mean(1, keepdim=True)
+        else:
+            raise ValueError(f"the reference classifier takes {channels}-channel images, got {images.shape[1]}")
+    if images.shape[-2:] != (image_size, image_size):
+        images = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
+                               align_corners=False)
+    return images
+
+
+class ReferenceCNN(nn.Module):
+    """Compact CNN: three conv stages (width, 2 width, 4 width), global average pool -> features [B, 4 width] ->
+    linear classifier. Takes [B, C, H, W] in [0, 1]; other sizes and grey/RGB are adapted on the way in.
+    """
+
+    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 16, width: int = 16,
+                 class_names: list[str] | None = None):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"a reference classifier needs a labelled dataset with >= 2 classes, got {num_classes}")
+        self.num_classes, self.channels, self.image_size, self.width = num_classes, channels, image_size, width
+        self.class_names = list(class_names or [str(i) for i in range(num_classes)])
+        self.body = nn.Sequential(
+            conv_block(channels, width), conv_block(width, width), nn.AvgPool2d(2),
+            conv_block(width, 2 * width), conv_block(2 * width, 2 * width), nn.AvgPool2d(2),
+            conv_block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.head = nn.Linear(4 * width, num_classes)
+
+    @property
+    def feature_dim(self) -> int:
+        return 4 * self.width
+
+    def features(self, images: Tensor) -> Tensor:
+        """[B, C, H, W] in [0, 1] -> [B, 4 width]."""
+        images = match_images(images.to(self.head.weight.device, torch.float32), self.channels, self.image_size)
+        return self.body(images * 2 - 1)
+
+    def logits(self, images: Tensor) -> Tensor:
+        return self.head(self.features(images))
+
+    forward = logits
+
+    def config(self) -> dict[str, Any]:
+        return {"architecture": "ReferenceCNN", "num_classes": self.num_classes, "channels": self.channels,
+                "image_size": self.image_size, "width": self.width, "class_names": self.class_names}
+
+    def save(self, folder: str | os.PathLike, **info: Any) -> Path:
+        """`folder/model.safetensors` + `folder/config.json` (the architecture plus any `info`)."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps({**self.config(), **info}, indent=2))
+        return folder
+
+
+def load_reference_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> ReferenceCNN:
+    """The classifier saved by `ReferenceCNN.save` (a folder with model.safetensors and config.json), in eval mode."""
+    from safetensors.torch import load_file
+
+    folder = Path(path).expanduser()
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise FileNotFoundError(f"reference={folder} is not a reference classifier folder (needs {CONFIG_FILE} and "
+                                f"{WEIGHTS_FILE}); make one with tools/train_reference_classifier.py --out {folder}")
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    if config.get("architecture") != "ReferenceCNN":
+        raise ValueError(f"{folder / CONFIG_FILE} describes architecture {config.get('architecture')!r}, not "
+                         f"ReferenceCNN; plug other extractors in with feature_extractor._target_")
+    model = ReferenceCNN(config["num_classes"], config["channels"], config["image_size"], config["width"],
+                         config.get("class_names"))
+    try:
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    except RuntimeError as error:
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE}: {error}") from error
+    return model.to(device).eval()
+
+
+def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
+    """Translate a batch by up to `max_shift` pixels (edge padding): cheap augmentation against overfitting."""
+    if max_shift == 0:
+        return images
+    dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    h, w = images.shape[-2:]
+    return padded[..., max_shift + dy: max_shift + dy + h, max_shift + dx: max_shift + dx + w]
+
+
+@torch.no_grad()
+def accuracy(model: ReferenceCNN, dataset: Dataset, batch_size: int = 256) -> float:
+    model.eval()
+    correct = total = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        correct += int((model.logits(images).argmax(-1).cpu() == torch.as_tensor(labels)).sum())
+        total += len(labels)
+    return correct / max(total, 1)
+
+
+def train_reference_classifier(train_set: Dataset, test_set: Dataset | None, num_classes: int, channels: int,
+                               image_size: int, width: int = 16, epochs: int = 15, batch_size: int = 32,
+                               lr: float = 2e-3, max_shift: int = 1, seed: int = 0, device: str = "cpu",
+                               class_names: list[str] | None = None, log=print) -> tuple[ReferenceCNN, float | None]:
+    """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its test accuracy."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = ReferenceCNN(num_classes, channels, image_size, width, class_names).to(device)
+    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
+                        generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
+    for epoch in range(epochs):
+        model.train()
+        for images, labels in loader:
+            images = random_shift(images.to(device), max_shift, generator)
+            loss = F.cross_entropy(model.logits(images), torch.as_tensor(labels, device=device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+        log(f"epoch {epoch + 1}/{epochs}: train loss {loss.item():.4f}")
+    test_accuracy = accuracy(model, test_set) if test_set is not None and len(test_set) else None
+    return model.eval(), test_accuracy

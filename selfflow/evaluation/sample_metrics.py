@@ -1,0 +1,70 @@
+"""Metrics of generated images in a local extractor's feature space: Frechet distance to real data, and the
+accuracy with which the extractor (a classifier) recognises the class each sample was conditioned on.
+
+An extractor is any object with `features(images: [B, C, H, W] in [0, 1]) -> [B, D]`; if it also has
+`logits(images) -> [B, K]`, class-conditional samples get an accuracy.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from selfflow.evaluation.frechet import FeatureStats, frechet_distance_of
+
+
+class FeatureAccumulator:
+    """Collects features (and classifier hits for labelled images) batch by batch."""
+
+    def __init__(self, extractor: Any):
+        self.extractor = extractor
+        self.features: list[Tensor] = []
+        self.correct = self.labelled = 0
+
+    @torch.no_grad()
+    def add(self, images: Tensor, labels: Tensor | None = None) -> None:
+        """images: [B, C, H, W] in [0, 1]; labels: [B], where labels outside the classifier's classes are ignored."""
+        self.features.append(self.extractor.features(images).float().cpu())
+        logits = getattr(self.extractor, "logits", None)
+        if labels is None or logits is None:
+            return
+        labels = torch.as_tensor(labels).cpu()
+        known = (labels >= 0) & (labels < int(getattr(self.extractor, "num_classes", 0) or 0))
+        if known.any():
+            predicted = logits(images[known.to(images.device)]).argmax(-1).cpu()
+            self.correct += int((predicted == labels[known]).sum())
+            self.labelled += int(known.sum())
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.labelled if self.labelled else None
+
+    def stats(self) -> FeatureStats:
+        return FeatureStats.of(torch.cat(self.features))
+
+
+def dataset_features(extractor: Any, dataset: Dataset, batch_size: int = 256,
+                     limit: int | None = None) -> FeatureAccumulator:
+    """Features and classifier accuracy of a labelled dataset of `(image, label)` (e.g. a run's test split)."""
+    accumulator = FeatureAccumulator(extractor)
+    seen = 0
+    for images, labels in DataLoader(dataset, batch_size=batch_size):
+        accumulator.add(images, torch.as_tensor(labels))
+        seen += len(images)
+        if limit is not None and seen >= limit:
+            break
+    return accumulator
+
+
+def sample_metrics(samples: FeatureAccumulator, real: FeatureAccumulator) -> dict[str, Any]:
+    """The numbers for metrics.json: FD of samples to real data, both accuracies, and the counts behind them."""
+    return {
+        "frechet_distance": frechet_distance_of(samples.stats(), real.stats()),
+        "classifier_accuracy": samples.accuracy,
+        "real_classifier_accuracy": real.accuracy,
+        "num_samples": sum(len(f) for f in samples.features),
+        "num_real": sum(len(f) for f in real.features),
+        "num_labelled_samples": samples.labelled,
+    }

@@ -1,0 +1,125 @@
+"""Frechet distance against closed forms; the reference classifier tells real digits from noise; metrics.json."""
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch.utils.data import TensorDataset
+
+from selfflow.data.digits import DigitImages
+from selfflow.evaluation.frechet import FeatureStats, frechet_distance, frechet_distance_of
+from selfflow.evaluation.reference_classifier import (ReferenceCNN, load_reference_classifier,
+                                                      train_reference_classifier)
+from selfflow.evaluation.sample_metrics import FeatureAccumulator, dataset_features, sample_metrics
+
+
+def random_cov(dim, seed):
+    a = torch.randn(dim, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return a @ a.T / dim + 0.1 * torch.eye(dim, dtype=torch.float64)
+
+
+def test_frechet_distance_of_two_diagonal_gaussians_is_the_closed_form():
+    m1, m2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, -1.0])
+    v1, v2 = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([9.0, 1.0, 0.25])
+    expected = (m1 - m2).square().sum() + (v1.sqrt() - v2.sqrt()).square().sum()  # 1 + 9 + 4 + 1 + 0
+    assert frechet_distance(m1, torch.diag(v1), m2, torch.diag(v2)) == pytest.approx(float(expected), rel=1e-10)
+    assert frechet_distance(m1, torch.diag(v1), m1, torch.diag(v1)) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_frechet_distance_of_non_commuting_covariances_matches_the_matrix_square_root_formula():
+    s1, s2 = random_cov(6, 0), random_cov(6, 1)
+    m1, m2 = torch.zeros(6, dtype=torch.float64), torch.full((6,), 0.5, dtype=torch.float64)
+    root = scipy.linalg.sqrtm(s1.numpy() @ s2.numpy()).real
+    expected = float((m1 - m2).square().sum() + s1.trace() + s2.trace() - 2 * np.trace(root))
+    assert frechet_distance(m1, s1, m2, s2) == pytest.approx(expected, rel=1e-8)
+
+
+def test_frechet_distance_from_samples_approaches_the_gaussian_value():
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(20000, 4, generator=g, dtype=torch.float64)
+    b = 2 * torch.randn(20000, 4, generator=g, dtype=torch.float64) + 1
+    # N(0, I) vs N(1, 4I) in 4 dims: 4 * 1 + 4 * (1 - 2)^2 = 8
+    assert frechet_distance_of(FeatureStats.of(a), FeatureStats.of(b)) == pytest.approx(8.0, rel=0.03)
+    with pytest.raises(ValueError, match="N >= 2"):
+        FeatureStats.of(a[:1])
+
+
+@pytest.fixture(scope="module")
+def digits_classifier():
+    train, test = DigitImages("train", image_size=16), DigitImages("test", image_size=16)
+    model, accuracy = train_reference_classifier(train, test, 10, channels=1, image_size=16, width=8, epochs=3,
+                                                 batch_size=32, lr=5e-3, log=lambda line: None)
+    return model, accuracy, train, test
+
+
+def test_reference_classifier_scores_real_digits_far_better_than_noise(digits_classifier):
+    model, accuracy, train, test = digits_classifier
+    assert accuracy > 0.7
+    real_train = dataset_features(model, train)
+    real_test = dataset_features(model, test)
+    g = torch.Generator().manual_seed(0)
+    noise = TensorDataset(torch.rand(len(test), 1, 16, 16, generator=g), torch.arange(len(test)) % 10)
+    fake = dataset_features(model, noise)
+    good = sample_metrics(real_test, real_train)
+    bad = sample_metrics(fake, real_train)
+    assert good["classifier_accuracy"] == pytest.approx(accuracy)
+    assert bad["classifier_accuracy"] < 0.3
+    assert good["frechet_distance"] * 5 < bad["frechet_distance"]
+
+
+def test_reference_classifier_saves_and_loads_back_with_the_same_features(digits_classifier, tmp_path):
+    model = digits_classifier[0]
+    model.save(tmp_path / "ref", test_accuracy=0.9)
+    loaded = load_reference_classifier(tmp_path / "ref")
+    images = torch.rand(4, 3, 32, 32)  # other sizes and RGB are adapted on the way in
+    torch.testing.assert_close(loaded.features(images), model.features(images))
+    assert json.loads((tmp_path / "ref" / "config.json").read_text())["test_accuracy"] == 0.9
+    with pytest.raises(FileNotFoundError, match="train_reference_classifier.py"):
+        load_reference_classifier(tmp_path / "missing")
+
+
+class MeanPixels:
+    """A stand-in local feature extractor for the `feature_extractor._target_` path (no logits: no accuracy)."""
+
+    def features(self, images):
+        return torch.stack([images.mean((1, 2, 3)), images.std((1, 2, 3)), images[:, :, :8].mean((1, 2, 3))], -1)
+
+
+def test_sample_cli_writes_metrics_json_with_both_numbers(digits_classifier, tmp_path):
+    from tests.test_sample_cli import run_sample, tiny_ckpt_path
+
+    ckpt = tiny_ckpt_path(tmp_path / "run")
+    digits_classifier[0].save(tmp_path / "ref")
+    summary = run_sample(ckpt, tmp_path / "out", "num_samples=12", "steps=3", "metrics=true",
+                         f"reference={tmp_path / 'ref'}")
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics == summary["metrics"]
+    assert metrics["frechet_distance"] > 0 and 0 <= metrics["classifier_accuracy"] <= 1
+    assert metrics["num_samples"] == 12 and metrics["num_labelled_samples"] == 12
+    assert metrics["num_real"] == len(DigitImages("test")) and metrics["real_classifier_accuracy"] > 0.7
+    run_sample(ckpt, tmp_path / "plug", "num_samples=4", "steps=2", "metrics=true",
+               "+feature_extractor._target_=tests.test_metrics.MeanPixels")
+    plugged = json.loads((tmp_path / "plug" / "metrics.json").read_text())
+    assert plugged["classifier_accuracy"] is None and plugged["frechet_distance"] > 0
+
+
+def test_feature_accumulator_ignores_labels_outside_the_classifier(digits_classifier):
+    accumulator = FeatureAccumulator(digits_classifier[0])
+    accumulator.add(torch.rand(3, 1, 16, 16), torch.tensor([1, 10, 10]))  # 10 = the null label
+    assert accumulator.labelled == 1 and accumulator.stats().mean.shape == (32,)
+
+
+@pytest.mark.slow
+def test_train_reference_classifier_tool_writes_a_loadable_classifier(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "train_reference_classifier", Path(__file__).resolve().parents[1] / "tools" / "train_reference_classifier.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    record = tool.main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.train.image_size=8"])
+    assert 0 <= record["test_accuracy"] <= 1 and record["num_test"] == 270
+    model = load_reference_classifier(tmp_path / "ref")
+    assert isinstance(model, ReferenceCNN) and model.image_size == 8 and model.feature_dim == 16

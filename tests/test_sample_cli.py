@@ -1,0 +1,234 @@
+"""selfflow-sample: outputs, NFE, guidance, seeds across batch sizes, labels, errors, the released-checkpoint path."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfflow.cli.sample import resolve_labels, sample
+from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.sampling import writers
+from selfflow.sampling.generate import (GuidedVelocity, NoiseSource, generate, sample_generators, sample_tokens)
+from selfflow.tokenizers.image import ImagePatchTokenizer
+from tests.conftest import compose_train
+
+
+def tiny_ckpt_path(run_dir: Path) -> Path:
+    """Train a 2-step tiny digits run (16x16 grey, patch 4: 16 tokens); its last checkpoint."""
+    from selfflow.training.build import build_run
+
+    run = build_run(compose_train(["trainer.max_steps=2", "tokenizer.image.patch_size=4",
+                                   "~callbacks.samples"], run_dir))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return run_dir / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    return tiny_ckpt_path(tmp_path_factory.mktemp("run"))
+
+
+def compose_sample(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("selfflow.conf", version_base="1.3"):
+        return compose("sample", overrides=["progress=false", *overrides])
+
+
+def run_sample(ckpt, out_dir, *overrides):
+    return sample(compose_sample(f"ckpt={ckpt}", f"out_dir={out_dir}", *overrides))
+
+
+def random_model(num_classes=10, seed=0) -> SelfFlowTransformer:
+    """A tiny model whose adaLN and output layers are non-zero (adaLN-Zero would make every velocity 0)."""
+    torch.manual_seed(seed)
+    model = SelfFlowTransformer({"image": 16}, width=32, depth=2, heads=2, num_classes=num_classes)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    return model.eval()
+
+
+TOKENIZER = ImagePatchTokenizer(patch_size=4, channels=1, image_size=16)
+
+
+@pytest.mark.parametrize("sampler, steps", [("euler", 4), ("heun", 5), ("sde", 4)])
+def test_image_outputs_npz_and_nfe(tiny_ckpt, tmp_path, sampler, steps, capsys):
+    summary = run_sample(tiny_ckpt, tmp_path, "num_samples=7", "batch_size=3", f"sampler={sampler}", f"steps={steps}")
+    assert summary["nfe"] == steps and summary["sampler"] == sampler
+    assert f"NFE={steps}" in capsys.readouterr().out
+    pngs = sorted((tmp_path / "images").glob("*.png"))
+    assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(7)]
+    assert Image.open(pngs[0]).size == (16, 16)
+    assert Image.open(tmp_path / "grid.png").width > 16
+    with np.load(tmp_path / "samples.npz") as npz:
+        assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (7, 16, 16, 3)
+        assert npz["labels"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+        np.testing.assert_array_equal(npz["arr_0"][2], np.asarray(Image.open(pngs[2]).convert("RGB")))
+    recorded = json.loads((tmp_path / "sampling.json").read_text())
+    assert recorded["nfe"] == steps and recorded["labels"] == list(range(7))
+
+
+def test_same_seed_same_samples_for_any_batch_size(tiny_ckpt, tmp_path):
+    arrays = {}
+    for name, overrides in {"b1": ["batch_size=1"], "b4": ["batch_size=4"], "b4_sde": ["batch_size=4", "sampler=sde"],
+                            "b2_sde": ["batch_size=2", "sampler=sde"], "seed1": ["batch_size=4", "seed=1"]}.items():
+        run_sample(tiny_ckpt, tmp_path / name, "num_samples=5", "steps=4", *overrides)
+        with np.load(tmp_path / name / "samples.npz") as npz:
+            arrays[name] = npz["arr_0"]
+    np.testing.assert_array_equal(arrays["b1"], arrays["b4"])
+    np.testing.assert_array_equal(arrays["b4_sde"], arrays["b2_sde"])
+    assert not np.array_equal(arrays["b4"], arrays["seed1"])
+    assert not np.array_equal(arrays["b4"], arrays["b4_sde"])
+
+
+def test_per_sample_noise_depends_only_on_seed_and_index():
+    whole = NoiseSource(generators=sample_generators(3, range(6)))((6, 4, 2), "cpu")
+    tail = NoiseSource(generators=sample_generators(3, range(4, 6)))((2, 4, 2), "cpu")
+    torch.testing.assert_close(whole[4:], tail)
+    assert not torch.equal(whole[0], whole[1])
+
+
+def counting(model):
+    calls = []
+    original = model.velocity
+
+    def velocity(x, t, pos, labels, modality):
+        calls.append(len(x))
+        return original(x, t, pos, labels, modality)
+
+    model.velocity = velocity
+    return calls
+
+
+def test_guidance_scale_one_equals_no_guidance_and_costs_one_call_per_step():
+    model = random_model()
+    labels = torch.tensor([1, 2, 3])
+    plain = generate(model, TOKENIZER, labels, steps=6, generator=torch.Generator().manual_seed(0))
+    calls = counting(model)
+    guided = generate(model, TOKENIZER, labels, steps=6, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(plain, guided)
+    assert calls == [3] * 6
+
+
+def test_guidance_applies_inside_the_interval_only():
+    model = random_model()
+    labels = torch.tensor([1, 2])
+    pos = TOKENIZER.positions(2)
+    velocity = GuidedVelocity(model, pos, labels, "image", cfg_scale=3.0, guidance_interval=(0.3, 0.7))
+    x = torch.randn(2, 16, 16)
+    calls = counting(model)
+    with torch.no_grad():
+        outside = velocity(x, torch.full((2,), 0.9))
+        inside = velocity(x, torch.full((2,), 0.5))
+    assert calls == [2, 4]  # once on the conditional batch outside; once on [cond; null] inside
+    with torch.no_grad():
+        c = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.5), pos, labels, "image")
+        u = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.5), pos, torch.full((2,), 10), "image")
+        plain = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.9), pos, labels, "image")
+    torch.testing.assert_close(inside, u + 3.0 * (c - u))
+    torch.testing.assert_close(outside, plain)
+    # a full run: 10 Euler steps, levels 1.0, 0.9, ..., 0.1; guided at 0.7 .. 0.3 (5 steps)
+    calls.clear()
+    out = sample_tokens(model, TOKENIZER, labels, steps=10, cfg_scale=3.0, guidance_interval=(0.3, 0.7))
+    assert out.nfe == 10 and out.model_calls == 10 and sorted(calls) == [2] * 5 + [4] * 5
+
+
+def test_labels_round_robin_list_and_unconditional():
+    assert resolve_labels(None, 5, 3, 3).tolist() == [0, 1, 2, 0, 1]
+    assert resolve_labels([7, 2], 5, 10, 10).tolist() == [7, 2, 7, 2, 7]
+    assert resolve_labels(None, 3, 0, 0).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="labels=.*class ids in 0..9"):
+        resolve_labels([12], 2, 10, 10)
+
+
+def test_user_errors_name_the_key(tiny_ckpt, tmp_path):
+    with pytest.raises(ValueError, match="sampler='rk4' is unknown"):
+        run_sample(tiny_ckpt, tmp_path, "sampler=rk4", "num_samples=2")
+    with pytest.raises(ValueError, match="modality=audio"):
+        run_sample(tiny_ckpt, tmp_path, "modality=audio", "num_samples=2")
+    with pytest.raises(ValueError, match="guidance_interval"):
+        run_sample(tiny_ckpt, tmp_path, "guidance_interval=[0.8,0.2]", "num_samples=2", "cfg_scale=2")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        run_sample(tmp_path / "missing.ckpt", tmp_path)
+    with pytest.raises(ValueError, match="metrics=true needs reference"):
+        run_sample(tiny_ckpt, tmp_path, "metrics=true", "num_samples=2")
+
+
+def test_online_weights_differ_from_ema(tiny_ckpt, tmp_path):
+    run_sample(tiny_ckpt, tmp_path / "ema", "num_samples=2", "steps=2")
+    run_sample(tiny_ckpt, tmp_path / "online", "num_samples=2", "steps=2", "weights=online")
+    with np.load(tmp_path / "ema" / "samples.npz") as a, np.load(tmp_path / "online" / "samples.npz") as b:
+        assert not np.array_equal(a["arr_0"], b["arr_0"])
+
+
+def test_video_and_audio_writers_explain_a_missing_media_module(monkeypatch, tmp_path):
+    monkeypatch.setattr(writers, "MEDIA_MODULE", "selfflow.sampling.no_such_media")
+    with pytest.raises(ValueError, match="needs selfflow.sampling.no_such_media"):
+        writers.save_video_files(torch.rand(1, 2, 3, 8, 8), tmp_path, ["a"], fps=4)
+    with pytest.raises(ValueError, match="needs selfflow.sampling.no_such_media"):
+        writers.save_audio_files(torch.rand(1, 800), tmp_path, ["a"], sample_rate=8000)
+
+
+MEDIA = importlib.util.find_spec("selfflow.sampling.media") is not None
+
+
+@pytest.mark.skipif(not MEDIA, reason="selfflow.sampling.media (video/audio writers) is not there yet")
+def test_video_and_audio_samples_are_written(tmp_path):
+    clips = torch.rand(2, 4, 3, 16, 16)
+    videos = writers.save_video_files(clips, tmp_path / "videos", ["a", "b"], fps=4)
+    sheet = writers.save_contact_sheet(clips, tmp_path / "contact_sheet.png")
+    assert all(p.stat().st_size > 0 for p in videos)
+    assert Image.open(sheet).size == (4 * 18 + 2, 2 * 18 + 2)
+    files = writers.save_audio_files(torch.rand(2, 8000) * 2 - 1, tmp_path / "audio", ["a", "b"], sample_rate=8000)
+    import soundfile
+
+    wave, rate = soundfile.read(files["audio"][0])
+    assert rate == 8000 and len(wave) == 8000
+    assert Image.open(files["spectrograms"][1]).width > 0
+
+
+def save_tiny_vae(folder: Path):
+    diffusers = pytest.importorskip("diffusers", reason="the [vae] extra (diffusers) is not installed")
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1)
+    vae.save_pretrained(folder)
+    return vae
+
+
+def test_released_checkpoint_cli_path_decodes_with_a_local_vae(tmp_path, capsys):
+    from tests.test_interop import released_state_dict
+
+    save_tiny_vae(tmp_path / "vae")
+    ckpt = tmp_path / "selfflow_imagenet256.pt"
+    torch.save(released_state_dict(width=64, grid=4), ckpt)  # heads: the released 16
+    summary = run_sample(f"official:{ckpt}", tmp_path / "out", f"vae={tmp_path / 'vae'}", "num_samples=3",
+                         "steps=3", "labels=[1,1000]")
+    assert summary["sampler"] == "sde" and summary["nfe"] == 3  # the released recipe's sampler by default
+    with np.load(tmp_path / "out" / "samples.npz") as npz:
+        assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8  # 8x8 latents, VAE x2
+        assert npz["labels"].tolist() == [1, 1000, 1]
+    with pytest.raises(ValueError, match="pass vae=LOCAL_DIR"):
+        run_sample(f"official:{ckpt}", tmp_path / "out2", "num_samples=1")
+
+
+def run_cli(args, cwd, timeout=300):
+    return subprocess.run([sys.executable, "-m", "selfflow.cli.sample", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ})
+
+
+@pytest.mark.slow
+def test_sample_cli_as_a_user_runs_it(tiny_ckpt, tmp_path):
+    result = run_cli([f"ckpt={tiny_ckpt}", "num_samples=4", "steps=3", "sampler=heun", "cfg_scale=2",
+                      "guidance_interval=[0.2,0.9]", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "NFE=3" in result.stdout and (tmp_path / "out" / "samples.npz").is_file()
+    bad = run_cli([f"ckpt={tmp_path / 'nope.ckpt'}", f"out_dir={tmp_path / 'bad'}"], cwd=tmp_path)
+    assert bad.returncode == 2 and "selfflow-sample: error:" in bad.stderr and "Traceback" not in bad.stderr
