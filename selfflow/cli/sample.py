@@ -162,6 +162,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     from rich.progress import Progress
 
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
+    from selfflow.sampling.prompted import ConditionedModel, prompt_text
+    from selfflow.sampling.refine import load_init, refine_tokens
 
     device = resolve_device(cfg.device)
     loaded = load_sampling_model(cfg)
@@ -170,6 +172,10 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     modality = pick_modality(cfg.modality, loaded.tokenizers)
     model, tokenizer = loaded.model.to(device).eval(), loaded.tokenizers[modality].to(device)
     labels = resolve_labels(cfg.labels, cfg.num_samples, model.num_classes, model.null_class)
+    text = prompt_text(loaded.tokenizers, cfg.get("prompt"), cfg.num_samples)
+    if text is not None and cfg.labels is None:  # text models: the caption is the condition
+        labels = torch.full_like(labels, model.null_class)
+    init = load_init(cfg.init, tokenizer).to(device) if cfg.get("init") else None
     extractor, real = build_metrics(cfg, loaded, device) if modality == "image" else (None, None)
     if cfg.metrics and extractor is None:
         raise ValueError(f"metrics=true is for images; this run samples {modality}")
@@ -185,9 +191,17 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     with Progress(disable=not cfg.progress, transient=True) as progress:
         task = progress.add_task(f"sampling ({sampler}, {steps} steps)", total=len(parts) * steps)
         for part in parts:
-            out = sample_tokens(model, tokenizer, labels[part.start:part.stop], steps, sampler, cfg.cfg_scale,
-                                tuple(cfg.guidance_interval), NoiseSource(generators=sample_generators(cfg.seed, part)),
-                                cfg.shift, cfg.precision, on_evaluation=lambda: progress.advance(task), **options)
+            part_model = model if text is None else ConditionedModel(model, text.select(slice(part.start, part.stop)))
+            noise = NoiseSource(generators=sample_generators(cfg.seed, part))
+            if init is None:
+                out = sample_tokens(part_model, tokenizer, labels[part.start:part.stop], steps, sampler, cfg.cfg_scale,
+                                    tuple(cfg.guidance_interval), noise, cfg.shift, cfg.precision,
+                                    on_evaluation=lambda: progress.advance(task), **options)
+            else:  # refinement: start from the init sample noised to level `strength`
+                out = refine_tokens(part_model, tokenizer, init.expand(len(part), *init.shape), cfg.strength,
+                                    labels[part.start:part.stop], steps, sampler, cfg.cfg_scale,
+                                    tuple(cfg.guidance_interval), noise, cfg.shift, cfg.precision,
+                                    on_evaluation=lambda: progress.advance(task))
             decoded = tokenizer.decode(out.tokens).float()
             writer.add(decoded, part)
             if features is not None:
@@ -201,7 +215,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "sampler": sampler, "steps": steps, "nfe": nfe, "model_forward_passes": model_calls,
         "cfg_scale": cfg.cfg_scale, "guidance_interval": list(cfg.guidance_interval), "shift": cfg.shift,
         "seed": cfg.seed, "batch_size": cfg.batch_size, "device": str(device), "seconds": round(seconds, 3),
-        "labels": labels.tolist(), "files": {k: str(v[0].parent if len(v) > 1 else v[0]) for k, v in files.items()},
+        "labels": labels.tolist(), "prompt": OmegaConf.to_container(cfg).get("prompt"),
+        "init": cfg.get("init"), "strength": cfg.get("strength") if cfg.get("init") else None, "files": {k: str(v[0].parent if len(v) > 1 else v[0]) for k, v in files.items()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "sampling.json").write_text(json.dumps(summary, indent=2))

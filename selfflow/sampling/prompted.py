@@ -61,3 +61,20 @@ def prompted_model(model: nn.Module, text_tokenizer: TextTokenizer, prompts: Seq
     if labels is None:
         labels = torch.full((len(captions),), model.null_class, dtype=torch.long)
     return ConditionedModel(model, text_tokenizer.encode(captions)), labels
+
+
+def prompt_text(tokenizers: dict, prompt, num_samples: int) -> TextTokens | None:
+    """Captions for `num_samples` rows: the prompt (a string, or a list cycled over the rows); the null text for a
+    text model given no prompt (unconditional samples); None for a model without text conditioning."""
+    from selfflow.tokenizers.text import TEXT
+
+    prompts = [] if prompt is None else [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+    text_tokenizer = tokenizers.get(TEXT)
+    if text_tokenizer is None:
+        if prompts:
+            raise ValueError("prompt=... needs a checkpoint trained with text conditioning (a tokenizer.text, e.g. "
+                             "experiment=text_digits); this checkpoint has none")
+        return None
+    if not prompts:
+        return text_tokenizer.encode([""] * num_samples).null()
+    return text_tokenizer.encode([prompts[i % len(prompts)] for i in range(num_samples)])
