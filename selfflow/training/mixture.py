@@ -1,0 +1,239 @@
+"""Joint training data: several modalities' datasets in one run, either one modality per step (drawn by weight)
+or samples of every modality packed into rows (`data.mode=packed`).
+
+Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a resumed run sees the same data.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import lightning as L
+import torch
+from torch import Tensor
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
+
+from selfflow.data.packing import pack
+from selfflow.data.tokens import PackedTokens, Tokens
+from selfflow.training.data_order import SeededSamples
+from selfflow.training.rng_state import mix_seed
+
+MODES = ("per_step", "packed")
+
+
+class ModalityStreams:
+    """Endless per-modality sample orders: permutations of (seed, epoch, modality, cycle), split over ranks."""
+
+    def __init__(self, sizes: dict[str, int], offsets: dict[str, int], seed: int, num_replicas: int, rank: int):
+        self.sizes, self.offsets, self.seed = sizes, offsets, seed
+        self.num_replicas, self.rank = num_replicas, rank
+
+    def take(self, modality: str, start: int, count: int, epoch: int) -> list[int]:
+        """Concat-dataset indices of this rank's samples start..start+count of `modality` in `epoch`."""
+        per_rank = max(1, self.sizes[modality] // self.num_replicas)
+        out = []
+        for position in range(start, start + count):
+            cycle, within = divmod(position, per_rank)
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, hash_name(modality), cycle))
+            order = torch.randperm(self.sizes[modality], generator=generator)[self.rank::self.num_replicas]
+            out.append(self.offsets[modality] + int(order[within % len(order)]))
+        return out
+
+
+def hash_name(name: str) -> int:
+    """A stable integer for a modality name (Python's hash() changes between processes)."""
+    return sum((i + 1) * ord(c) for i, c in enumerate(name))
+
+
+class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Batches of `(concat index, batch seed)`; per_step: each batch one modality drawn by weight with that
+    modality's batch size; packed: `batch_size` samples, each of a modality drawn by weight."""
+
+    def __init__(self, streams: ModalityStreams, weights: dict[str, float], batch_size: dict[str, int] | int,
+                 batches_per_epoch: int, mode: str, seed: int):
+        self.streams, self.mode, self.seed = streams, mode, seed
+        self.names = sorted(weights)
+        self.weights = torch.tensor([float(weights[m]) for m in self.names])
+        self.batch_size, self.batches_per_epoch = batch_size, batches_per_epoch
+        self.epoch, self._skip = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_batches(self, count: int) -> None:
+        if count >= len(self):
+            self.epoch, count = self.epoch + 1, 0
+        self._skip = count
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def _choices(self, epoch: int, count: int) -> list[str]:
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.streams.rank, 7))
+        return [self.names[i] for i in torch.multinomial(self.weights, count, replacement=True, generator=generator)]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip, self._skip = self.epoch, self._skip, 0
+        per_batch = 1 if self.mode == "per_step" else int(self.batch_size)
+        choices = self._choices(epoch, len(self) * per_batch)
+        used = {m: 0 for m in self.names}
+        for b in range(len(self)):
+            picks = choices[b * per_batch:(b + 1) * per_batch]
+            counts = {m: picks.count(m) * (self.batch_size[m] if self.mode == "per_step" else 1) for m in set(picks)}
+            indices = []
+            for m in sorted(counts):
+                if b >= skip:
+                    indices += self.streams.take(m, used[m], counts[m], epoch)
+                used[m] += counts[m]
+            if b >= skip:
+                seed = mix_seed(self.seed, epoch, b, self.streams.rank)
+                yield [(i, seed) for i in indices]
+        self.epoch = epoch + 1
+
+
+class TaggedDataset(Dataset):
+    """Items `(modality, data, label)` of one modality's dataset (None stays None: skipped files)."""
+
+    def __init__(self, dataset: Dataset, modality: str):
+        self.dataset, self.modality = dataset, modality
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        item = self.dataset[i]
+        return None if item is None else (self.modality, *item)
+
+
+class GroupCollate:
+    """Samples of several modalities -> {"modality": "mixed", "groups": {name: {"data", "label"}}, "pack_length"},
+    or the plain single-modality batch layout when the samples are all of one modality."""
+
+    def __init__(self, pack_length: int):
+        self.pack_length = pack_length
+
+    def __call__(self, samples: list[Any]) -> dict[str, Any] | None:
+        return collate_groups(samples, self.pack_length)
+
+
+def collate_groups(samples: list[Any], pack_length: int) -> dict[str, Any] | None:
+    groups: dict[str, list] = {}
+    for sample in samples:
+        if sample is not None:
+            groups.setdefault(sample[0], []).append(sample[1:])
+    if not groups:
+        return None
+    out = {}
+    for modality, items in groups.items():
+        data, labels = default_collate(items)
+        out[modality] = {"data": data, "label": torch.as_tensor(labels, dtype=torch.long)}
+    if len(out) == 1:  # one modality: the plain batch layout every other code path reads
+        (modality, batch), = out.items()
+        return {"modality": modality, **batch}
+    return {"modality": "mixed", "groups": out, "pack_length": pack_length}
+
+
+class MixtureDataModule(L.LightningDataModule):
+    """Several single-modality data modules (`sources`) trained together.
+
+    mode: per_step (each step one modality, drawn by `weights`, with its own batch size from `batch_size`) or
+    packed (each step `batch_size` samples of mixed modalities, packed by the training step into rows of
+    `pack_length` tokens). Labels share one class space across modalities (class k means the same in each, as in the
+    built-in digit sets); `num_classes` is the largest of the sources'.
+    """
+
+    def __init__(self, sources: dict[str, L.LightningDataModule], weights: dict[str, float],
+                 batch_size: dict[str, int] | int, mode: str = "per_step", pack_length: int = 512,
+                 num_workers: int = 0, seed: int = 0, batches_per_epoch: int | None = None):
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"data.mode={mode!r} is unknown; choose one of {MODES}")
+        weights = {m: float(w) for m, w in weights.items()}
+        missing = set(weights) - set(sources)
+        if missing:
+            raise ValueError(f"data.weights names {sorted(missing)} but data.sources has no dataset for them "
+                             f"(sources: {sorted(sources)})")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"data.weights={weights} must be >= 0 and sum to a positive value")
+        weights = {m: w for m, w in weights.items() if w > 0}
+        if mode == "per_step":
+            sizes = batch_size if isinstance(batch_size, dict) else {m: batch_size for m in weights}
+            if set(weights) - set(sizes):
+                raise ValueError(f"data.batch_size has no value for {sorted(set(weights) - set(sizes))}")
+            batch_size = {m: int(sizes[m]) for m in weights}
+        elif isinstance(batch_size, dict):
+            raise ValueError("data.batch_size must be one number (samples per step) with data.mode=packed")
+        self.sources, self.weights, self.batch_size, self.mode = dict(sources), weights, batch_size, mode
+        self.pack_length, self.num_workers, self.seed = pack_length, num_workers, seed
+        self.modality = "mixed"
+        self.modalities = sorted(weights)
+        self.train_set = ConcatDataset([TaggedDataset(sources[m].train_set, m) for m in self.modalities])
+        self.test_set = ConcatDataset([TaggedDataset(sources[m].test_set, m) for m in self.modalities])
+        lengths = [len(sources[m].train_set) for m in self.modalities]
+        self.offsets = dict(zip(self.modalities, [sum(lengths[:i]) for i in range(len(lengths))]))
+        self.sizes = dict(zip(self.modalities, lengths))
+        mean_batch = (sum(self.batch_size.values()) / len(self.batch_size)) if mode == "per_step" else batch_size
+        self.batches_per_epoch = batches_per_epoch or max(1, int(sum(lengths) // mean_batch))
+        self.train_batches: MixtureBatchSampler | None = None
+        self._position_to_load: dict[str, int] | None = None
+
+    @property
+    def num_classes(self) -> int:
+        return max(int(getattr(s, "num_classes", 0)) for s in self.sources.values())
+
+    @property
+    def class_names(self) -> list[str]:
+        return max((list(getattr(s, "class_names", [])) for s in self.sources.values()), key=len)
+
+    def record_skipped_files(self, path) -> None:
+        for source in self.sources.values():
+            source.record_skipped_files(path)
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
+        streams = ModalityStreams(self.sizes, self.offsets, self.seed, world, rank)
+        self.train_batches = MixtureBatchSampler(streams, self.weights, self.batch_size, self.batches_per_epoch,
+                                                 self.mode, self.seed)
+        if self._position_to_load:
+            self.train_batches.set_epoch(self._position_to_load["epoch"])
+            self.train_batches.skip_batches(self._position_to_load["batches_done"])
+            self._position_to_load = None
+        return DataLoader(SeededSamples(self.train_set), batch_sampler=self.train_batches,
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+                          collate_fn=GroupCollate(self.pack_length))
+
+    def test_dataloader(self) -> DataLoader:
+        return DataLoader(self.test_set, batch_size=32, shuffle=False, num_workers=self.num_workers,
+                          collate_fn=GroupCollate(self.pack_length))
+
+    def state_dict(self) -> dict[str, Any]:
+        trainer = getattr(self, "trainer", None)
+        if self.train_batches is None or trainer is None:
+            return {}
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
+        return {"epoch": int(self.train_batches.epoch), "batches_done": done}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._position_to_load = dict(state) if state else None
+
+
+def pack_groups(groups: dict[str, dict[str, Tensor]], tokenizers, pack_length: int, null_label: int) -> PackedTokens:
+    """Tokenize each modality's group, then pack all samples into rows of `pack_length` tokens."""
+    samples: list[Tokens] = []
+    labels: list[int] = []
+    for modality, group in groups.items():
+        tokens = tokenizers[modality].encode(group["data"])
+        for b in range(tokens.batch_size):
+            samples.append(Tokens(tokens.x[b:b + 1], tokens.pos[b:b + 1], modality))
+        labels += group["label"].tolist()
+    labels = [null_label if label < 0 else label for label in labels]
+    return pack(samples, labels, pack_length, null_label)
+
+
+def check_pack_length(pack_length: int, tokenizers) -> None:
+    """At start-up: every sample must fit one packed row."""
+    longest = {m: t.positions(1).shape[1] for m, t in tokenizers.items()}
+    name, tokens = max(longest.items(), key=lambda kv: kv[1])
+    if tokens > pack_length:
+        raise ValueError(f"data.pack_length={pack_length} is shorter than a {name} sample ({tokens} tokens); "
+                         f"set data.pack_length >= {tokens}")
