@@ -14,11 +14,15 @@ from selfflow.data.video_io import write_mp4
 from selfflow.sampling.writers import image_grid, to_uint8
 
 
-def save_video(frames: Tensor, path: str | os.PathLike, fps: float) -> Path:
-    """frames: [T, C, H, W] in [0, 1] (C = 1 or 3) -> an H.264 MP4 at `fps`."""
+def save_video(frames: Tensor, path: str | os.PathLike, fps: float, upscale: int = 1) -> Path:
+    """frames: [T, C, H, W] in [0, 1] (C = 1 or 3) -> an H.264 MP4 at `fps`, optionally upscaled by nearest
+    neighbour so that small samples are visible in a player."""
     if frames.ndim != 4:
         raise ValueError(f"save_video expects frames [T, C, H, W], got {list(frames.shape)}")
-    return write_mp4(to_uint8(frames), path, fps)
+    pixels = to_uint8(frames)  # [T, H, W, 3]
+    if upscale > 1:
+        pixels = pixels.repeat(upscale, axis=1).repeat(upscale, axis=2)
+    return write_mp4(pixels, path, fps)
 
 
 def save_frame_strip(frames: Tensor, path: str | os.PathLike, upscale: int = 1) -> Path:

@@ -60,7 +60,7 @@ class SampleGrid(L.Callback):
             elif modality == "video":
                 paths.append(save_frame_strip(samples, folder / f"{name}.png", upscale=self.upscale))
                 for clip, stem in zip(samples, self.file_stems(trainer, module, labels)):
-                    paths.append(save_video(clip, folder / name / f"{stem}.mp4", tokenizer.fps))
+                    paths.append(save_video(clip, folder / name / f"{stem}.mp4", tokenizer.fps, self.upscale))
             elif modality == "audio":
                 stems = self.file_stems(trainer, module, labels)
                 paths.append(save_spectrogram(samples, folder / f"{name}.png", tokenizer.sample_rate, titles=stems))
