@@ -152,7 +152,8 @@ class SampleWriter:
             npz = writers.save_npz(np.concatenate(self.pixels), self.out_dir / "samples.npz", labels)
             self.files.update(grid=[grid], npz=[npz])
         elif self.modality == "video":
-            sheet = writers.save_contact_sheet(preview, self.out_dir / "contact_sheet.png", self.cfg.grid_upscale)
+            sheet = self.out_dir / "contact_sheet.png"  # one row of frames per clip
+            writers.media_writers().save_frame_strip(preview, sheet, upscale=self.cfg.grid_upscale)
             self.files["contact_sheet"] = [sheet]
         return self.files
 

@@ -93,11 +93,6 @@ def save_video_files(clips: Tensor, folder: str | os.PathLike, names: list[str],
     return videos
 
 
-def save_contact_sheet(clips: Tensor, path: str | os.PathLike, upscale: int = 1) -> Path:
-    """clips: [B, T, C, H, W] in [0, 1] -> one PNG with a row of frames per clip."""
-    return save_image_grid(rearrange(clips, "b t c h w -> (b t) c h w"), path, nrow=clips.shape[1], upscale=upscale)
-
-
 def save_audio_files(waves: Tensor, folder: str | os.PathLike, names: list[str],
                      sample_rate: int) -> dict[str, list[Path]]:
     """waves: [B, S] -> one WAV and one spectrogram PNG per sample."""
