@@ -61,7 +61,7 @@ def test_experiments_build(name, tmp_path):
     assert run.module.model.num_classes == run.datamodule.num_classes > 0
     batch = next(iter(run.datamodule.train_dataloader()))
     tokens = run.module.tokenizers[batch["modality"]].encode(batch["data"])
-    assert tokens.x.shape[-1] == run.module.model.token_channels["image"]
+    assert tokens.x.shape[-1] == run.module.model.token_channels[batch["modality"]]
 
 
 def test_image_folder_data_and_objective_options_build(tmp_path):

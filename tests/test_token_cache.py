@@ -46,3 +46,24 @@ def test_a_changed_autoencoder_file_or_preprocessing_never_reuses_the_cache(tmp_
     with pytest.raises(FileNotFoundError, match="tools/cache_tokens.py"):
         CachedTokens(tok_cfg, {"image_size": 16}, cache_dir=str(tmp_path))  # other preprocessing
     assert len(CachedTokens(tok_cfg, {"image_size": 8}, cache_dir=str(tmp_path))) == 2
+
+
+def test_training_reads_the_cache_built_by_the_tool_and_refuses_another_tokenizer(tiny_train_cfg, tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from selfflow.training.build import build_run
+    from tests.conftest import TINY
+
+    spec = importlib.util.spec_from_file_location("cache_tokens", Path(__file__).parents[1] / "tools" / "cache_tokens.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    folders = tool.main([*TINY, f"cache_dir={tmp_path / 'cache'}"])
+    assert len(folders) == 2 and all((f / "tokens.npy").is_file() for f in folders)
+
+    run = build_run(tiny_train_cfg("cache_tokens=true", f"cache_dir={tmp_path / 'cache'}", "trainer.max_steps=2"))
+    assert type(run.datamodule.train_set).__name__ == "CachedTokens" and run.module.tokens_from_cache
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 2
+    with pytest.raises(FileNotFoundError, match="no token cache"):
+        build_run(tiny_train_cfg("cache_tokens=true", f"cache_dir={tmp_path / 'cache'}", "tokenizer.image.patch_size=2"))

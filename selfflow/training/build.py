@@ -13,6 +13,8 @@ from omegaconf import DictConfig, OmegaConf
 from selfflow.tokenizers.text import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
+from selfflow.data.token_cache import CachedTokens
+from selfflow.training.mixture import MixtureDataModule, check_pack_length
 from selfflow.training.module import SelfFlowModule
 
 
@@ -58,16 +60,34 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
         objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
         config=OmegaConf.to_container(cfg, resolve=True),
         max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
+        tokens_from_cache=bool(cfg.get("cache_tokens", False)),
     )
+
+
+def use_token_cache(cfg: DictConfig, datamodule) -> None:
+    """Train from the tokens `tools/cache_tokens.py` stored for exactly this tokenizer and preprocessing."""
+    if not isinstance(datamodule, SelfFlowDataModule):
+        raise ValueError("cache_tokens=true works with single-modality data configs (data.train / data.test)")
+    spec = OmegaConf.to_container(cfg.tokenizer[datamodule.modality], resolve=True)
+    for split in ("train", "test"):
+        dataset = getattr(datamodule, f"{split}_set")
+        cached = CachedTokens(spec, OmegaConf.to_container(cfg.data[split], resolve=True),
+                              num_classes=getattr(dataset, "num_classes", 0),
+                              class_names=getattr(dataset, "class_names", None), cache_dir=cfg.get("cache_dir"))
+        setattr(datamodule, f"{split}_set", cached)
 
 
 def build_run(cfg: DictConfig) -> Run:
     run_dir = Path(cfg.run_dir)
     datamodule = instantiate(cfg.data)
     datamodule.record_skipped_files(run_dir / "skipped_files.tsv")
-    if isinstance(datamodule, SelfFlowDataModule):
+    if isinstance(datamodule, (SelfFlowDataModule, MixtureDataModule)):
         datamodule.seed = int(cfg.seed)
+    if cfg.get("cache_tokens"):
+        use_token_cache(cfg, datamodule)
     module = build_module(cfg, datamodule)
+    if isinstance(datamodule, MixtureDataModule) and datamodule.mode == "packed":
+        check_pack_length(datamodule.pack_length, {m: module.tokenizers[m] for m in datamodule.modalities})
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     loggers: Any = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
     # checkpoints are written atomically and read weights-only; the datamodule shards the data over ranks itself

@@ -9,10 +9,12 @@ import lightning as L
 import torch
 from torch import nn
 
+from selfflow.data.tokens import PackedTokens, Tokens
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokenizers.text import TEXT
+from selfflow.training.mixture import pack_groups
 from selfflow.training.nonfinite import NonFiniteGuard
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.state_check import check_state_fits
@@ -26,12 +28,15 @@ class SelfFlowModule(L.LightningModule):
     in every checkpoint so that sampling and probing can rebuild the model. max_nonfinite_in_a_row: a NaN/inf
     loss or gradient skips its update (no optimizer step, no EMA update); this many in a row stop the run.
     Checkpoints also carry every RNG state, restored before the first step after a resume (exact resume).
+    tokens_from_cache: batches hold stored tokens (`cache_tokens=true`), not raw samples.
     """
 
     def __init__(self, objective: SelfFlowObjective, tokenizers: dict[str, Tokenizer],
                  optimizer: Callable[..., torch.optim.Optimizer], lr_warmup_steps: int = 0,
-                 config: dict[str, Any] | None = None, max_nonfinite_in_a_row: int = 5):
+                 config: dict[str, Any] | None = None, max_nonfinite_in_a_row: int = 5,
+                 tokens_from_cache: bool = False):
         super().__init__()
+        self.tokens_from_cache = tokens_from_cache
         self.objective = objective
         self.tokenizers = nn.ModuleDict(tokenizers)
         self.optimizer_factory, self.lr_warmup_steps = optimizer, lr_warmup_steps
@@ -66,9 +71,8 @@ class SelfFlowModule(L.LightningModule):
         self._update_skipped = True  # until the loss is known to be usable
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
-        modality = batch["modality"]
-        tokens = self.tokenizers[modality].encode(batch["data"])
-        out = self.objective(tokens, batch["label"], **self.conditioning(batch))
+        tokens = self.tokenize(batch)
+        out = self.objective(tokens, batch.get("label"), **self.conditioning(batch))
         batch_size = tokens.batch_size
         if not self._usable(out.loss.detach().float().item(), "loss"):
             return None
@@ -79,16 +83,37 @@ class SelfFlowModule(L.LightningModule):
             self.log("train/loss_rep", out.loss_rep, prog_bar=True, batch_size=batch_size)
         self.bucket_sums += out.flow_bucket_sums
         self.bucket_counts += out.flow_bucket_counts
-        self._tokens_in_batch = batch_size * out.num_tokens
+        if len(self.data_modalities) > 1:  # joint training: each modality's losses on its own
+            for name, losses in out.per_modality.items():
+                for key, value in losses.items():
+                    self.log(f"train/{name}/{key}", value, batch_size=batch_size)
+        self._tokens_by_modality = modality_token_counts(tokens)
         self._samples_in_batch = batch_size
         return out.loss
+
+    @property
+    def data_modalities(self) -> list[str]:
+        return [m for m in self.tokenizers if m != TEXT]
+
+    def tokenize(self, batch: dict[str, Any]) -> Tokens | PackedTokens:
+        """Raw samples -> tokens: packed rows for a mixed batch, the stored tokens for a token-cache batch."""
+        if "groups" in batch:
+            return pack_groups(batch["groups"], self.tokenizers, batch["pack_length"], self.model.null_class)
+        tokenizer = self.tokenizers[batch["modality"]]
+        if self.tokens_from_cache:
+            x = batch["data"]
+            return Tokens(x, tokenizer.positions(x.shape[0], x.device), batch["modality"])
+        return tokenizer.encode(batch["data"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         if self._last_batch_end is not None and batch is not None:
             elapsed = max(now - self._last_batch_end, 1e-9)
             self.log("train/samples_per_s", self._samples_in_batch / elapsed)
-            self.log("train/tokens_per_s", self._tokens_in_batch / elapsed)
+            self.log("train/tokens_per_s", sum(self._tokens_by_modality.values()) / elapsed)
+            if len(self.data_modalities) > 1:
+                for name, count in self._tokens_by_modality.items():
+                    self.log(f"train/{name}/tokens_per_s", count / elapsed)
         self._last_batch_end = now
         if self.trainer is not None and (self.global_step % max(1, self.trainer.log_every_n_steps) == 0):
             self._log_buckets()
@@ -159,3 +184,11 @@ class SelfFlowModule(L.LightningModule):
             self._rng_to_restore = None
             if self.trainer.world_size > 1:  # only rank 0's states were saved: give each rank its own stream again
                 torch.manual_seed(int(torch.randint(2**62, ())) + self.trainer.global_rank)
+
+
+def modality_token_counts(tokens: Tokens | PackedTokens) -> dict[str, int]:
+    """Data tokens of each modality in a batch (padding not counted)."""
+    if isinstance(tokens, PackedTokens):
+        return {m: int(sel.sum()) for m, sel in tokens.modality_masks.items()}
+    count = tokens.x.shape[0] * tokens.x.shape[1] if tokens.valid is None else int(tokens.valid.sum())
+    return {tokens.modality: count}
