@@ -56,7 +56,11 @@ def check_ranges(cfg: DictConfig) -> None:
     _choice(cfg, "resume", (None, "auto"))
     _number(cfg, "optimizer.lr", 0, low_open=True)
     _number(cfg, "optimizer.weight_decay", 0)
-    _number(cfg, "data.batch_size", 1, integer=True)
+    if isinstance(_get(cfg, "data.batch_size"), Mapping):  # joint training: a batch size per modality
+        for modality in _get(cfg, "data.batch_size"):
+            _number(cfg, f"data.batch_size.{modality}", 1, integer=True)
+    else:
+        _number(cfg, "data.batch_size", 1, integer=True)
     _number(cfg, "data.num_workers", 0, integer=True)
     _number(cfg, "trainer.max_steps", 1, integer=True, allowed_extra=(-1,))
     _number(cfg, "trainer.log_every_n_steps", 1, integer=True)
