@@ -239,3 +239,23 @@ def test_training_callback_logs_probe_top1_without_changing_training(tiny_train_
     assert sorted(logged) == [2, 4] and logged[4] == pytest.approx(probe.history[-1][1])
     for a, b in zip(run.module.objective.parameters(), plain.module.objective.parameters()):
         assert torch.equal(a, b)  # the probe draws from its own RNG scope
+
+
+@pytest.mark.parametrize("modality", ["video", "audio"])
+def test_extraction_works_for_every_modality_its_tokenizer_gives(modality):
+    """Nothing image-specific: video tubelets (pooled over time and space) and mel patches go the same way."""
+    if modality == "video":
+        from selfflow.tokenizers.video import VideoTubeletTokenizer
+
+        tokenizer, samples = VideoTubeletTokenizer(2, 4, 1, 4, 8), torch.rand(6, 4, 1, 8, 8)
+    else:
+        from selfflow.tokenizers.audio import AudioMelTokenizer
+
+        tokenizer = AudioMelTokenizer(sample_rate=4000, duration=0.5, hop_length=125, n_mels=16, patch_frames=4)
+        samples = torch.randn(6, 1, 2000) * 0.1
+    model = SelfFlowTransformer({modality: tokenizer.token_channels}, width=32, depth=2, heads=2, num_classes=3)
+    dataset = [(sample, i % 3) for i, sample in enumerate(samples)]
+    features = extract_features(model.eval(), tokenizer, probe_loader(dataset, modality, batch_size=4), [0, 2], [0.1])
+    assert features[(2, 0.1)].x.shape == (6, 32) and features[(0, 0.1)].x.shape == (6, tokenizer.token_channels)
+    assert features[(2, 0.1)].labels.tolist() == [0, 1, 2, 0, 1, 2]
+    assert torch.isfinite(features[(2, 0.1)].x).all()
