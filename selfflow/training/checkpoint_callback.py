@@ -11,6 +11,18 @@ def flush_loggers(trainer) -> None:
             logger.save()
 
 
+def pending_metrics_row(trainer) -> dict[str, float] | None:
+    """The logger row of the step being checkpointed: Lightning hands it to the loggers only after this save, so
+    a kill right after the save would lose it; the checkpoint keeps a copy (`keep_metric_history` puts it back)."""
+    connector = getattr(trainer, "_logger_connector", None)
+    if connector is None or not connector.should_update_logs:
+        return None
+    fresh = getattr(trainer.lightning_module, "STEP_METRICS", ())  # logged before this save (others are stale)
+    row = {name: float(value) for name, value in trainer.callback_metrics.items() if name in fresh}
+    step = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", trainer.global_step - 1)
+    return {**row, "epoch": trainer.current_epoch, "step": int(step)} if row else None
+
+
 class SelfFlowCheckpoint(ModelCheckpoint):
     """Every `every_n_train_steps` steps and at the end of training (files written atomically by the run's
     AtomicCheckpointIO)."""
@@ -28,6 +40,9 @@ class SelfFlowCheckpoint(ModelCheckpoint):
         if self._flush_at_next_batch:
             self._flush_at_next_batch = False
             flush_loggers(trainer)
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint["selfflow_step_metrics"] = pending_metrics_row(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.global_step != self._last_global_step_saved and self._every_n_train_steps:

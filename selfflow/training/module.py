@@ -20,6 +20,8 @@ from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.state_check import check_state_fits
 
 CHECKPOINT_FORMAT = 1
+# metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
+STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm", "train/nonfinite_skipped")
 
 
 class SelfFlowModule(L.LightningModule):
@@ -30,6 +32,8 @@ class SelfFlowModule(L.LightningModule):
     Checkpoints also carry every RNG state, restored before the first step after a resume (exact resume).
     tokens_from_cache: batches hold stored tokens (`cache_tokens=true`), not raw samples.
     """
+
+    STEP_METRICS = STEP_METRICS
 
     def __init__(self, objective: SelfFlowObjective, tokenizers: dict[str, Tokenizer],
                  optimizer: Callable[..., torch.optim.Optimizer], lr_warmup_steps: int = 0,

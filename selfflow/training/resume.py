@@ -49,9 +49,10 @@ def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, resume: st
     return str(found[0])
 
 
-def keep_metric_history(loggers, before_step: int) -> None:
+def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None) -> None:
     """CSVLogger deletes an existing metrics.csv when it starts; put back its rows of steps before the resumed
-    step, so that the file of a resumed run reads as if the run had never stopped."""
+    step (and `saved_row`, the checkpointed step's own row, if the file never got it), so that the file of a
+    resumed run reads as if the run had never stopped."""
     from lightning.pytorch.loggers import CSVLogger
 
     for logger in loggers:
@@ -63,6 +64,9 @@ def keep_metric_history(loggers, before_step: int) -> None:
         with open(path, newline="") as f:
             rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit() and int(row["step"]) < before_step]
         kept = [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in rows]
+        if saved_row and saved_row["step"] < before_step and not any(
+                "train/loss" in row and row["step"] == saved_row["step"] for row in kept):
+            kept.append(dict(saved_row))
         logger.experiment.metrics[:0] = kept  # the writer (created here) removed the file; it rewrites these first
 
 

@@ -32,11 +32,12 @@ def train(cfg: DictConfig) -> Run:
     quiet_known_warnings()
     validate_config(cfg)
     ckpt_path = resolve_resume(cfg.run_dir, cfg.get("ckpt_path"), cfg.get("resume"))
-    resumed_step = int(read_checkpoint(ckpt_path, mmap=True).get("global_step", 0)) if ckpt_path else None
+    resumed = read_checkpoint(ckpt_path, mmap=True) if ckpt_path else None  # refused here if unsafe or corrupt
     L.seed_everything(cfg.seed, workers=True)
     run = build_run(cfg)
-    if resumed_step is not None and run.trainer.is_global_zero:
-        keep_metric_history(run.trainer.loggers, resumed_step)
+    if resumed is not None and run.trainer.is_global_zero:
+        keep_metric_history(run.trainer.loggers, int(resumed.get("global_step", 0)),
+                            resumed.get("selfflow_step_metrics"))
     run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
     if run.trainer.is_global_zero:
         print(describe_outputs(run.run_dir))

@@ -1,0 +1,151 @@
+"""Exact resume: a run killed with SIGKILL (at a checkpoint, or in the middle of writing one) and continued with
+resume=auto produces the same per-step losses and final weights as a run that was never interrupted."""
+import csv
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from selfflow.training.checkpoint import read_checkpoint
+from selfflow.training.resume import newest_valid_checkpoint
+from tests.conftest import TINY
+
+MAX_STEPS = 40
+EVERY = 4
+
+
+def write_noise_images(root: Path, per_class: int = 11) -> Path:
+    """Two classes of random 12x12 RGB images: 19 training images, 2 batches of 8 per epoch (many epochs)."""
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+def train_args(images: Path, run_dir: Path, workers: int, *extra: str) -> list[str]:
+    return [*TINY, "data=image_folder", f"data.root={images}", "data.train.image_size=8", "data.train.hflip=true",
+            "tokenizer.image.patch_size=2", f"data.num_workers={workers}", f"trainer.max_steps={MAX_STEPS}",
+            f"callbacks.checkpoint.every_n_train_steps={EVERY}", "callbacks.samples.every_n_steps=0", "seed=7",
+            f"hydra.run.dir={run_dir}", *extra]
+
+
+def start(args: list[str], cwd: Path, script: str | None = None) -> subprocess.Popen:
+    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "selfflow.cli.train", *args]
+    return subprocess.Popen(command, cwd=cwd, env={**os.environ, "WANDB_MODE": "offline"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> None:
+    out, err = process.communicate(timeout=timeout)
+    assert process.returncode == 0, err[-3000:]
+
+
+def kill_when(process: subprocess.Popen, path: Path, timeout: float = 300) -> None:
+    """SIGKILL the process as soon as `path` exists (polled every few milliseconds)."""
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert process.poll() is None, f"the run ended before {path.name} appeared: {process.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.003)
+    process.send_signal(signal.SIGKILL)
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+
+
+def losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "metrics.csv", newline="") as f:
+        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def assert_same_run(reference: Path, resumed: Path) -> None:
+    expected, got = losses(reference), losses(resumed)
+    assert sorted(expected) == list(range(MAX_STEPS))
+    assert got == expected  # every step, bit for bit (the CSV holds the exact float)
+    a = read_checkpoint(reference / "checkpoints" / "last.ckpt")
+    b = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
+    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted run (no DataLoader workers) and its images."""
+    base = tmp_path_factory.mktemp("reference")
+    images = write_noise_images(base / "images")
+    finish(start(train_args(images, base / "run", workers=0), cwd=base))
+    return images, base / "run"
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_checkpoints_then_resume_auto_gives_the_same_losses(reference, tmp_path):
+    images, reference_run = reference
+    run_dir = tmp_path / "run"
+    first, second = sorted(random.sample(range(EVERY, MAX_STEPS - EVERY, EVERY), 2))
+    # killed twice, with DataLoader workers this time (the data order and augmentation must not depend on them)
+    kill_when(start(train_args(images, run_dir, 2), tmp_path), run_dir / "checkpoints" / f"step_{first:07d}.ckpt")
+    kill_when(start(train_args(images, run_dir, 2, "resume=auto"), tmp_path),
+              run_dir / "checkpoints" / f"step_{second:07d}.ckpt")
+    finish(start(train_args(images, run_dir, 2, "resume=auto"), tmp_path))
+    assert_same_run(reference_run, run_dir)
+
+
+SLOW_SAVE = """
+import pathlib, sys, time, io, torch
+real_save = torch.save
+def save(obj, f, *args, **kwargs):
+    name = getattr(f, "name", "")
+    if "step_{step:07d}" in str(name):  # write half the checkpoint, then hang until killed
+        buffer = io.BytesIO(); real_save(obj, buffer)
+        f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2]); f.flush()
+        pathlib.Path(r"{marker}").touch(); time.sleep(600)
+    return real_save(obj, f, *args, **kwargs)
+torch.save = save
+from selfflow.cli.train import main
+sys.argv = ["selfflow-train", *sys.argv[1:]]
+main()
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_intact(reference, tmp_path):
+    images, reference_run = reference
+    run_dir, marker = tmp_path / "run", tmp_path / "saving"
+    step = random.choice(range(2 * EVERY, MAX_STEPS - EVERY, EVERY))
+    script = SLOW_SAVE.format(step=step, marker=marker)
+    kill_when(start(train_args(images, run_dir, 0), tmp_path, script=script), marker)
+    folder = run_dir / "checkpoints"
+    assert not (folder / f"step_{step:07d}.ckpt").exists()
+    assert list(folder.glob(f"step_{step:07d}.ckpt.*.tmp"))  # the half-written file never took the real name
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == step - EVERY  # the previous one, intact
+    assert newest_valid_checkpoint(folder)[1] == step - EVERY
+    finish(start(train_args(images, run_dir, 0, "resume=auto"), tmp_path))
+    assert_same_run(reference_run, run_dir)
+
+
+def test_in_process_resume_from_a_mid_epoch_checkpoint_repeats_the_losses(tiny_train_cfg, tmp_path):
+    from selfflow.training.run import train
+
+    images = write_noise_images(tmp_path / "images")
+    args = ["data=image_folder", f"data.root={images}", "data.train.image_size=8", "data.train.hflip=true",
+            "tokenizer.image.patch_size=2", "trainer.max_steps=7", "callbacks.checkpoint.every_n_train_steps=3",
+            "callbacks.samples.every_n_steps=0", "callbacks.checkpoint.save_top_k=-1"]
+    train(tiny_train_cfg(*args, run_dir=tmp_path / "a"))
+    (tmp_path / "b" / "checkpoints").mkdir(parents=True)  # step 3 = the middle of the second epoch
+    shutil.copy(tmp_path / "a" / "checkpoints" / "step_0000003.ckpt", tmp_path / "b" / "checkpoints")
+    train(tiny_train_cfg(*args, "resume=auto", run_dir=tmp_path / "b"))
+    expected = losses(tmp_path / "a")
+    assert sorted(expected) == list(range(7))
+    assert losses(tmp_path / "b") == {k: v for k, v in expected.items() if k >= 3}
+    assert (tmp_path / "a" / "checkpoints" / "step_0000007.ckpt").is_file()  # saved at the end, off the interval
