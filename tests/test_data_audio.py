@@ -113,13 +113,13 @@ def test_broken_recordings_are_skipped_with_a_reason_and_recorded(tmp_path):
 
 
 def test_on_bad_file_error_and_startup_errors(tmp_path):
-    write_bad_recordings(tmp_path / "d" / "a")
-    dataset = AudioFolder(str(tmp_path / "d"), "train", test_fraction=0.1)
+    write_bad_recordings(tmp_path / "d" / "train" / "a")
+    (tmp_path / "d" / "test").mkdir()
+    soundfile.write(tmp_path / "d" / "test" / "t.wav", tone(440, 1.0, 8000), 8000)
+    dataset = AudioFolder(str(tmp_path / "d"), "train")
     dataset.bad_files.on_bad_file = "error"
-    silent = [i for i, p in enumerate(dataset.paths) if p.name == "silent.wav"]
-    if silent:
-        with pytest.raises(BadFileError, match="silent.wav: recording is silent"):
-            dataset[silent[0]]
+    with pytest.raises(BadFileError, match="silent.wav: recording is silent"):
+        dataset[[p.name for p in dataset.paths].index("silent.wav")]
     with pytest.raises(FileNotFoundError, match="data.root=.*missing is not a folder"):
         AudioFolder(str(tmp_path / "missing"))
     (tmp_path / "mp3s").mkdir()
