@@ -23,8 +23,8 @@ def tiny_ckpt_path(run_dir: Path) -> Path:
     """Train a 2-step tiny digits run (16x16 grey, patch 4: 16 tokens); its last checkpoint."""
     from selfflow.training.build import build_run
 
-    run = build_run(compose_train(["trainer.max_steps=2", "tokenizer.image.patch_size=4",
-                                   "~callbacks.samples"], run_dir))
+    run = build_run(compose_train(["trainer.max_steps=2", "tokenizer.image.patch_size=4", "~callbacks.samples",
+                                   "lr_warmup_steps=0", "optimizer.lr=0.01"], run_dir))  # visibly trained weights
     run.trainer.fit(run.module, datamodule=run.datamodule)
     return run_dir / "checkpoints" / "last.ckpt"
 
