@@ -250,3 +250,28 @@ def test_sample_writer_dispatches_video_and_audio(tmp_path):
     files = audio.finish(torch.zeros(2, dtype=torch.long), nrow=None)
     assert [p.name for p in files["audio"]] == ["000000.wav", "000001.wav"]
     assert all(p.is_file() for p in files["spectrograms"])
+
+
+def test_bf16_autocast_is_close_to_fp32_and_auto_means_fp32_on_cpu():
+    from selfflow.sampling.generate import autocast_dtype
+
+    assert autocast_dtype(torch.device("cpu"), "auto") is None
+    assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
+    model, labels = random_model(), torch.tensor([0, 1])
+    runs = {p: sample_tokens(model, TOKENIZER, labels, steps=4, precision=p,
+                             noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
+            for p in ("fp32", "bf16")}
+    assert runs["bf16"].dtype == torch.float32
+    assert not torch.equal(runs["fp32"], runs["bf16"])
+    torch.testing.assert_close(runs["bf16"], runs["fp32"], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_sampling_matches_cpu_noise_and_uses_bf16_where_supported():
+    model, labels = random_model(), torch.tensor([0, 1])
+    cpu = sample_tokens(model, TOKENIZER, labels, steps=4, precision="fp32",
+                        noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
+    gpu = sample_tokens(model.cuda(), TOKENIZER, labels, steps=4, precision="auto",
+                        noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
+    torch.testing.assert_close(gpu.cpu(), cpu, atol=0.1, rtol=0.05)  # same per-sample noise on any device
