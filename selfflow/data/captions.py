@@ -19,8 +19,8 @@ from torch.utils.data import Dataset
 
 from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.digits import DigitImages
-from selfflow.data.files import find_labelled_files, split_indices
-from selfflow.data.image_folder import IMAGE_EXTENSIONS, load_image
+from selfflow.data.files import split_indices
+from selfflow.data.image_folder import IMAGE_EXTENSIONS, ImageFolder
 
 log = logging.getLogger("selfflow.data")
 
@@ -118,7 +118,7 @@ def read_caption_manifest(root: Path, manifest: str | os.PathLike) -> list[dict[
     return rows
 
 
-class CaptionedImageFolder(Dataset):
+class CaptionedImageFolder(ImageFolder):
     """Images under `root` with captions, as ([channels, S, S] in [0, 1], label, {"caption": str}).
 
     Captions come from a text file next to each image (same name, `.txt`), or from `manifest` (CSV/JSONL with
@@ -130,31 +130,28 @@ class CaptionedImageFolder(Dataset):
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  manifest: str | None = None, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip"):
-        if channels not in (1, 3):
-            raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
-        root_path = Path(root).expanduser()
         if manifest is not None:
+            if channels not in (1, 3):
+                raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
             self.paths, self.labels, self.captions, self.class_names = self._from_manifest(
-                root_path, manifest, split, test_fraction, seed)
-        else:
-            files = find_labelled_files(root_path, split, IMAGE_EXTENSIONS, test_fraction, seed)
-            self.class_names = files.class_names
-            captioned = [(p, lab) for p, lab in zip(files.paths, files.labels)
-                         if p.with_suffix(CAPTION_FILE_SUFFIX).is_file()]
-            if not captioned:
-                raise FileNotFoundError(
-                    f"no image under {root_path} ({split} split) has a caption file next to it; add e.g. "
-                    f"{files.paths[0].with_suffix(CAPTION_FILE_SUFFIX).name} beside {files.paths[0].name}, or set "
-                    f"data.train.manifest to a CSV/JSONL of path,caption")
-            if len(captioned) < len(files.paths):
-                log.warning("%d of %d images under %s have no caption file and are left out",
-                            len(files.paths) - len(captioned), len(files.paths), root_path)
-            self.paths = [p for p, _ in captioned]
-            self.labels = [lab for _, lab in captioned]
-            self.captions = [p.with_suffix(CAPTION_FILE_SUFFIX).read_text(encoding="utf-8").strip()
-                             for p in self.paths]
-        self.image_size, self.channels = image_size, channels
-        self.bad_files = BadFilePolicy(on_bad_file)
+                Path(root).expanduser(), manifest, split, test_fraction, seed)
+            self.image_size, self.channels, self.hflip = image_size, channels, False
+            self.bad_files = BadFilePolicy(on_bad_file)
+            return
+        super().__init__(root, split=split, image_size=image_size, channels=channels, hflip=False,
+                         test_fraction=test_fraction, seed=seed, on_bad_file=on_bad_file)
+        captioned = [i for i, p in enumerate(self.paths) if p.with_suffix(CAPTION_FILE_SUFFIX).is_file()]
+        if not captioned:
+            raise FileNotFoundError(
+                f"no image under {root} ({split} split) has a caption file next to it; add e.g. "
+                f"{self.paths[0].with_suffix(CAPTION_FILE_SUFFIX).name} beside {self.paths[0].name}, or set "
+                f"data.train.manifest to a CSV/JSONL of path,caption")
+        if len(captioned) < len(self.paths):
+            log.warning("%d of %d images under %s have no caption file and are left out",
+                        len(self.paths) - len(captioned), len(self.paths), root)
+        self.paths = [self.paths[i] for i in captioned]
+        self.labels = [self.labels[i] for i in captioned]
+        self.captions = [p.with_suffix(CAPTION_FILE_SUFFIX).read_text(encoding="utf-8").strip() for p in self.paths]
 
     @staticmethod
     def _from_manifest(root: Path, manifest, split: str, test_fraction: float, seed: int):
@@ -176,17 +173,6 @@ class CaptionedImageFolder(Dataset):
         labels = [index.get(str(r.get("label", "")), -1) for r in rows]
         return paths, labels, [str(r["caption"]).strip() for r in rows], class_names
 
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
     def __getitem__(self, i: int):
-        try:
-            image = load_image(self.paths[i], self.image_size, self.channels)
-        except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
-            self.bad_files.handle(self.paths[i], f"{type(error).__name__}: {error}")
-            return None
-        return image, self.labels[i], {"caption": self.captions[i]}
+        item = super().__getitem__(i)
+        return None if item is None else (*item, {"caption": self.captions[i]})
