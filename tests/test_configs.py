@@ -149,7 +149,7 @@ def test_build_module_rejects_data_without_a_tokenizer(tiny_train_cfg):
     cfg = tiny_train_cfg()
     datamodule = instantiate(cfg.data)
     datamodule.modality = "audio"
-    with pytest.raises(ValueError, match="no tokenizer is configured"):
+    with pytest.raises(ValueError, match="tokenizer.audio is not configured"):
         build_module(cfg, datamodule)
 
 

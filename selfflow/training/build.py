@@ -44,11 +44,12 @@ class Run:
 def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
     """Tokenizers, model, objective and optimizer, sized from the data (classes) and tokenizers (channels)."""
     tokenizers = {modality: instantiate(spec) for modality, spec in cfg.tokenizer.items()}
-    if datamodule.modality not in tokenizers:
-        raise ValueError(
-            f"data gives {datamodule.modality!r} samples but no tokenizer is configured for it "
-            f"(configured: {sorted(tokenizers)}); choose a matching tokenizer=..."
-        )
+    for modality in getattr(datamodule, "modalities", [datamodule.modality]):
+        if modality not in tokenizers:
+            raise ValueError(
+                f"data gives {modality!r} samples but tokenizer.{modality} is not configured "
+                f"(configured: {sorted(tokenizers)}); choose a matching tokenizer=..."
+            )
     if TEXT in tokenizers and not getattr(getattr(datamodule, "train_set", None), "has_captions", False):
         raise ValueError("tokenizer.text is configured but the data has no captions; use captioned data "
                          "(data=text_digits or data=captioned_image_folder) or leave the text tokenizer out")

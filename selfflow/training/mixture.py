@@ -5,6 +5,7 @@ Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Iterator
 
 import lightning as L
@@ -156,13 +157,15 @@ class MixtureDataModule(L.LightningDataModule):
             raise ValueError(f"data.weights={weights} must be >= 0 and sum to a positive value")
         weights = {m: w for m, w in weights.items() if w > 0}
         if mode == "per_step":
-            sizes = batch_size if isinstance(batch_size, dict) else {m: batch_size for m in weights}
+            sizes = dict(batch_size) if isinstance(batch_size, Mapping) else {m: batch_size for m in weights}
             if set(weights) - set(sizes):
                 raise ValueError(f"data.batch_size has no value for {sorted(set(weights) - set(sizes))}")
             batch_size = {m: int(sizes[m]) for m in weights}
-        elif isinstance(batch_size, dict):
+        elif isinstance(batch_size, Mapping):
             raise ValueError("data.batch_size must be one number (samples per step) with data.mode=packed")
         self.sources, self.weights, self.batch_size, self.mode = dict(sources), weights, batch_size, mode
+        if self.mode == "packed":
+            self.batch_size = int(batch_size)
         self.pack_length, self.num_workers, self.seed = pack_length, num_workers, seed
         self.modality = "mixed"
         self.modalities = sorted(weights)
