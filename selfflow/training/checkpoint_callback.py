@@ -25,11 +25,16 @@ def pending_metrics_row(trainer) -> dict[str, float] | None:
 
 class SelfFlowCheckpoint(ModelCheckpoint):
     """Every `every_n_train_steps` steps and at the end of training (files written atomically by the run's
-    AtomicCheckpointIO)."""
+    AtomicCheckpointIO), except while the loss is NaN/inf."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._flush_at_next_batch = False
+
+    def _should_skip_saving_checkpoint(self, trainer) -> bool:
+        """No saves during a run of NaN/inf steps: the last good checkpoint stays the newest."""
+        guard = getattr(trainer.lightning_module, "nonfinite", None)
+        return super()._should_skip_saving_checkpoint(trainer) or bool(guard and guard.in_a_row)
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         flush_loggers(trainer)

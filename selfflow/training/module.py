@@ -21,7 +21,7 @@ from selfflow.training.state_check import check_state_fits
 
 CHECKPOINT_FORMAT = 1
 # metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
-STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm", "train/nonfinite_skipped")
+STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm")
 
 
 class SelfFlowModule(L.LightningModule):
@@ -110,6 +110,8 @@ class SelfFlowModule(L.LightningModule):
         return tokenizer.encode(batch["data"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # logged here: Lightning drops what a training_step that returned None logged
+        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
         now = time.perf_counter()
         if self._last_batch_end is not None and batch is not None:
             elapsed = max(now - self._last_batch_end, 1e-9)
@@ -136,9 +138,7 @@ class SelfFlowModule(L.LightningModule):
         finite = math.isfinite(value)
         if self.trainer is not None and self.trainer.world_size > 1:
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
-        usable = self.nonfinite.check(value if finite else math.nan, self.global_step, what)
-        self.log("train/nonfinite_skipped", float(self.nonfinite.skipped))
-        return usable
+        return self.nonfinite.check(value if finite else math.nan, self.global_step, what)
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.objective.parameters() if p.grad is not None]

@@ -1,0 +1,239 @@
+"""Crash-safe and safe checkpoints, non-finite losses, config validation: each promise of docs/reliability.md."""
+import dataclasses
+import errno
+import hashlib
+import io
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from selfflow.training.build import build_run
+from selfflow.training.checkpoint import read_checkpoint
+from selfflow.training.checkpoint_io import CheckpointWriteError, atomic_save
+from selfflow.training.nonfinite import NonFiniteLossError
+from selfflow.training.resume import newest_valid_checkpoint
+from selfflow.training.run import train
+from selfflow.training.validate import ConfigError, validate_config
+from tests.conftest import TINY
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def evil_pickle(path: Path, marker: Path) -> Path:
+    """A checkpoint-looking file that creates `marker` if anything unpickles it."""
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps({"selfflow_config": {}, "state_dict": Evil(), "global_step": 99}))
+    return path
+
+
+# --- crash-safe writes -------------------------------------------------------------------------------------------
+
+def test_atomic_save_replaces_the_file_only_when_the_write_succeeded(tmp_path, monkeypatch):
+    path = tmp_path / "last.ckpt"
+    atomic_save({"step": torch.tensor(1)}, path)
+    before = digest(path)
+
+    def full_disk(obj, f, *args, **kwargs):
+        f.write(b"x" * 1000)  # part of the file got out, then the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*last.ckpt: No space left on device.*"
+                                                   r"intact.*resume=auto"):
+        atomic_save({"step": torch.tensor(2)}, path)
+    assert digest(path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    assert int(torch.load(path, weights_only=True)["step"]) == 1
+
+
+def test_full_disk_during_training_stops_with_one_clear_error_and_keeps_the_last_checkpoint(tiny_train_cfg,
+                                                                                            tmp_path, monkeypatch):
+    run = build_run(tiny_train_cfg("trainer.max_steps=6", "callbacks.samples.every_n_steps=0"))
+    real_save = torch.save
+
+    def fill_up_at_step_4(obj, f, *args, **kwargs):
+        if isinstance(obj, dict) and obj.get("global_step") == 4:
+            f.write(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fill_up_at_step_4)
+    with pytest.raises(CheckpointWriteError, match="No space left on device"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    folder = Path(run.run_dir) / "checkpoints"
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 2
+    assert not list(folder.glob("*.tmp"))
+    assert newest_valid_checkpoint(folder)[1] == 2
+
+
+def test_resume_auto_passes_over_truncated_temporary_and_unsafe_files(tiny_train_cfg, tmp_path):
+    run = build_run(tiny_train_cfg("trainer.max_steps=4", "callbacks.samples.every_n_steps=0"))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    folder = Path(run.run_dir) / "checkpoints"
+    good = folder / "step_0000004.ckpt"
+    (folder / "step_0000009.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated
+    (folder / "step_0000010.ckpt.123.tmp").write_bytes(good.read_bytes())  # an unfinished save
+    evil_pickle(folder / "step_0000011.ckpt", tmp_path / "pwned")
+    path, step = newest_valid_checkpoint(folder)
+    assert step == 4 and path.name in ("last.ckpt", "step_0000004.ckpt")
+    assert not (tmp_path / "pwned").exists()
+
+
+# --- safe loading ------------------------------------------------------------------------------------------------
+
+def test_resume_loads_weights_only_and_never_runs_a_malicious_pickle(tiny_train_cfg, tmp_path):
+    marker = tmp_path / "pwned"
+    evil = evil_pickle(tmp_path / "evil.ckpt", marker)
+    with pytest.raises(ValueError, match="cannot load checkpoint .*evil.ckpt safely"):
+        train(tiny_train_cfg(f"ckpt_path={evil}"))
+    run = build_run(tiny_train_cfg())  # Lightning's own loading path goes through the same safe reader
+    with pytest.raises(ValueError, match="safely"):
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(evil))
+    assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_cli_refuses_a_malicious_checkpoint_with_one_line(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = evil_pickle(tmp_path / "evil.ckpt", marker)
+    result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *TINY, f"ckpt_path={evil}",
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode == 2
+    assert "selfflow-train: error: cannot load checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_resuming_into_another_architecture_names_the_first_mismatched_key(tiny_train_cfg, tmp_path):
+    first = build_run(tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0",
+                                     run_dir=tmp_path / "a"))
+    first.trainer.fit(first.module, datamodule=first.datamodule)
+    ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    with pytest.raises(ValueError, match=r"does not fit this model: '.*' has shape \(.*32.*\) in the checkpoint "
+                                         r"but \(.*64.*\) in the model"):
+        train(tiny_train_cfg("model.width=64", f"ckpt_path={ckpt}", run_dir=tmp_path / "b"))
+
+
+# --- non-finite losses -------------------------------------------------------------------------------------------
+
+def inject_nan(module, steps: set[int]) -> None:
+    """Make the objective's loss NaN at the given optimizer steps."""
+    forward = module.objective.forward
+
+    def nan_at_steps(*args, **kwargs):
+        out = forward(*args, **kwargs)
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if module.global_step in steps else out
+
+    module.objective.forward = nan_at_steps
+
+
+def test_a_nan_loss_skips_the_update_and_is_counted(tiny_train_cfg):
+    run = build_run(tiny_train_cfg("trainer.max_steps=5", "callbacks.samples.every_n_steps=0"))
+    inject_nan(run.module, {2})
+    snapshots = {}
+
+    class Snapshot(torch.nn.Module):
+        pass
+
+    import lightning as L
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            snapshots[trainer.global_step] = (module.model.blocks[0].attn.qkv.weight.clone(),
+                                              module.ema_model.blocks[0].attn.qkv.weight.clone())
+
+    run.trainer.callbacks.append(Capture())
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert torch.equal(snapshots[2][0], snapshots[3][0])  # no optimizer update at the NaN step
+    assert torch.equal(snapshots[2][1], snapshots[3][1])  # no EMA update either
+    assert not torch.equal(snapshots[3][0], snapshots[4][0])  # and training goes on afterwards
+    assert int(run.module.objective.teacher.num_updates) == 4
+    assert run.module.nonfinite.skipped == 1
+    import csv
+
+    with open(Path(run.run_dir) / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/nonfinite_skipped")]
+    assert [float(r["train/nonfinite_skipped"]) for r in rows if int(r["step"]) >= 2][0] == 1.0
+    assert all(torch.isfinite(p).all() for p in run.module.parameters())
+
+
+def test_too_many_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_train_cfg):
+    run = build_run(tiny_train_cfg("trainer.max_steps=20", "max_nonfinite_in_a_row=3",
+                                   "callbacks.samples.every_n_steps=0"))
+    inject_nan(run.module, set(range(3, 20)))
+    with pytest.raises(NonFiniteLossError, match=r"the loss was nan for 3 steps in a row .*learning rate.*"
+                                                 r"precision.*resume=auto"):
+        run.trainer.fit(run.module, datamodule=run.datamodule)
+    folder = Path(run.run_dir) / "checkpoints"
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_0000002.ckpt"]
+    assert read_checkpoint(folder / "last.ckpt")["global_step"] == 2
+
+
+def test_a_non_finite_gradient_is_skipped_like_a_non_finite_loss(tiny_train_cfg):
+    run = build_run(tiny_train_cfg("trainer.max_steps=3", "callbacks.samples.every_n_steps=0"))
+    weight = run.module.model.blocks[0].attn.qkv.weight
+    hook = weight.register_hook(lambda grad: grad * float("inf") if run.module.global_step == 1 else grad)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    hook.remove()
+    assert run.module.nonfinite.skipped == 1
+    assert int(run.module.objective.teacher.num_updates) == 2
+    assert all(torch.isfinite(p).all() for p in run.module.parameters())
+
+
+# --- config validation -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, message", [
+    ("objective.mask_ratio=0.6", "objective.mask_ratio=0.6 is out of range"),
+    ("objective.student_layer=2", "objective.student_layer=2 must be below objective.teacher_layer=2"),
+    ("objective.teacher_layer=3", "objective.teacher_layer=3 is beyond the model's depth"),
+    ("objective.gamma=-0.5", r"objective.gamma=-0.5 is out of range: use a number in \[0, inf\)"),
+    ("objective.ema_decay=1.0", r"objective.ema_decay=1.0 is out of range: use a number in \[0, 1\)"),
+    ("data.batch_size=-8", r"data.batch_size=-8 is out of range: use an integer in \[1, inf\)"),
+    ("trainer.max_steps=-5", r"trainer.max_steps=-5 is out of range.*\(or -1\)"),
+    ("optimizer.lr=0", r"optimizer.lr=0 is out of range: use a number in \(0, inf\)"),
+    ("max_nonfinite_in_a_row=0", "max_nonfinite_in_a_row=0 is out of range"),
+    ("objective.mask_mode=random", r"objective.mask_mode='random' is unknown; choose one of: exact, bernoulli"),
+    ("resume=sometimes", "resume='sometimes' is unknown; choose one of: null, auto"),
+    ("+objective.mask_ration=0.3", "objective.mask_ration is not an option of SelfFlowObjective; did you mean "
+                                   "objective.mask_ratio"),
+    ("data=image_folder", r"data.root must be set"),
+])
+def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(tiny_train_cfg, tmp_path, override, message):
+    cfg = tiny_train_cfg(override)
+    with pytest.raises(ConfigError, match=message) as error:
+        validate_config(cfg)
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError):
+        train(cfg)
+    assert not (tmp_path / "run").exists()  # nothing was written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("override, message", [
+    ("objective.mask_ration=0.3", "objective.mask_ration is not a config key (typo?); did you mean "
+                                  "objective.mask_ratio?"),
+    ("model=XXL", "model=XXL is not an option; choose one of: B, L, S, XL, tiny"),
+    ("data.batch_size=-1", "data.batch_size=-1 is out of range"),
+])
+def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override, message):
+    result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *TINY, override,
+                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    assert result.returncode == 2
+    first = result.stderr.strip().splitlines()[0]
+    assert first.startswith("selfflow-train: error: ") and message in first, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
