@@ -18,10 +18,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, BadF
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """Hydra's instantiate wraps the real error; the innermost user error is the one worth showing."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    return error
+    """Hydra's instantiate wraps the real error: the outermost user error of the chain is the one worth showing
+    (a user error raised `from` a library error explains it better than the library error does)."""
+    chain = [error]
+    while chain[-1].__cause__ is not None:
+        chain.append(chain[-1].__cause__)
+    return next((e for e in chain if isinstance(e, USER_ERRORS)), chain[-1])
 
 
 @contextlib.contextmanager
