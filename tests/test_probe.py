@@ -259,3 +259,14 @@ def test_extraction_works_for_every_modality_its_tokenizer_gives(modality):
     assert features[(2, 0.1)].x.shape == (6, 32) and features[(0, 0.1)].x.shape == (6, tokenizer.token_channels)
     assert features[(2, 0.1)].labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert torch.isfinite(features[(2, 0.1)].x).all()
+
+
+def test_multimodal_data_is_probed_per_modality_source():
+    from types import SimpleNamespace
+
+    from selfflow.evaluation.probe import modality_sources
+
+    image, audio = SimpleNamespace(modality="image"), SimpleNamespace(modality="audio")
+    assert modality_sources(image) == {"image": image}
+    mixture = SimpleNamespace(modality="mixed", sources={"image": image, "audio": audio})
+    assert modality_sources(mixture) == {"image": image, "audio": audio}

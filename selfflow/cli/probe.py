@@ -17,10 +17,10 @@ from selfflow.cli.errors import friendly_errors
 IGNORED_DATA_KEYS = ("batch_size", "num_workers", "pin_memory")  # loader settings: the features do not depend on them
 
 
-def describe_dataset(data_cfg) -> str:
+def describe_dataset(datamodule) -> str:
     """A short name for the report: the dataset class, and its folder when it has one."""
-    name = str(data_cfg.train.get("_target_", "dataset")).rsplit(".", 1)[-1]
-    root = data_cfg.get("root")
+    name = type(datamodule.train_set).__name__
+    root = getattr(datamodule, "root", None)
     return f"{name}({root})" if root else name
 
 
@@ -54,12 +54,19 @@ def probe(cfg: DictConfig) -> dict:
     from hydra.utils import instantiate
 
     from selfflow.evaluation.features import FeatureCache, default_probe_layers, file_digest
-    from selfflow.evaluation.probe import FeatureSources, HeadOptions, probe_representations, report
+    from selfflow.evaluation.probe import (FeatureSources, HeadOptions, modality_sources, probe_representations,
+                                          report)
     from selfflow.training.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(cfg.ckpt, cfg.weights)
     data_cfg = cfg.data if cfg.get("data") is not None else loaded.config.data
-    datamodule = instantiate(data_cfg)
+    sources = modality_sources(instantiate(data_cfg))
+    if cfg.modality is None and len(sources) > 1:
+        raise ValueError(f"the data holds several modalities {sorted(sources)}; pass modality=NAME to probe one "
+                         f"(one probe.json per modality)")
+    if cfg.modality is not None and cfg.modality not in sources:
+        raise ValueError(f"modality={cfg.modality!r} is not in the data; choose one of {sorted(sources)}")
+    datamodule = sources[cfg.modality] if cfg.modality is not None else next(iter(sources.values()))
     if datamodule.modality not in loaded.tokenizers:
         raise ValueError(f"data gives {datamodule.modality!r} samples but checkpoint {cfg.ckpt} has tokenizers for "
                          f"{sorted(loaded.tokenizers)} only; probe it on data of a modality it was trained on")
@@ -69,6 +76,7 @@ def probe(cfg: DictConfig) -> dict:
     layers = list(cfg.layers) if cfg.layers is not None else default_probe_layers(
         model.depth, loaded.config.objective.get("student_layer"))
     data_key = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in IGNORED_DATA_KEYS}
+    data_key["modality"] = datamodule.modality
     sources = FeatureSources(
         model={"checkpoint_sha256": file_digest(cfg.ckpt), "weights": cfg.weights,
                "tokenizer": OmegaConf.to_container(loaded.config.tokenizer, resolve=True)},
@@ -85,7 +93,7 @@ def probe(cfg: DictConfig) -> dict:
                                  seed=cfg.seed, heads=heads, cache=cache, sources=sources,
                                  feature_batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  progress=cfg.progress)
-    document = report(str(Path(cfg.ckpt).expanduser().resolve()), describe_dataset(data_cfg), rows)
+    document = report(str(Path(cfg.ckpt).expanduser().resolve()), describe_dataset(datamodule), rows)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "probe.json").write_text(json.dumps(document, indent=2) + "\n")

@@ -61,6 +61,12 @@ def random_init_like(model: SelfFlowTransformer, seed: int = 0) -> SelfFlowTrans
     return fresh.eval()
 
 
+def modality_sources(datamodule) -> dict:
+    """{modality: single-modality data module}: the data module itself, or the sources of a multi-modal mixture."""
+    sources = getattr(datamodule, "sources", None)
+    return dict(sources) if sources else {datamodule.modality: datamodule}
+
+
 def best_row(rows: Sequence[ProbeRow]) -> ProbeRow:
     """The highest test top-1 (the first of equals, so the report is deterministic)."""
     return max(rows, key=lambda row: row.top1)

@@ -11,6 +11,7 @@ from torch.utils.data import Subset
 
 from selfflow.evaluation.features import extract_features, probe_loader
 from selfflow.evaluation.linear_probe import fit_linear_probe
+from selfflow.evaluation.probe import modality_sources
 
 log = logging.getLogger("selfflow")
 
@@ -26,6 +27,7 @@ def fixed_subset(dataset, size: int, seed: int):
 class LinearProbe(L.Callback):
     """Every `every_n_steps` optimizer steps (and at the end), probe block `objective.student_layer` of the EMA
     model at `noise_level`: heads fit on `train_samples` train samples, top-1 on `test_samples` test samples.
+    Multi-modal data is probed per modality (`probe/top1_<modality>`), `probe/top1` being their mean.
 
     Runs inside its own RNG scope, so training draws the same random numbers with or without it.
     """
@@ -48,24 +50,23 @@ class LinearProbe(L.Callback):
             self._disabled = True
         return not self._disabled
 
-    def probe(self, trainer: L.Trainer, module) -> float:
-        """Run one probe now and return its top-1 in [0, 1]."""
-        datamodule = trainer.datamodule
-        modality = datamodule.modality
-        layer = module.objective.student_layer
-        device = module.device
+    def probe(self, trainer: L.Trainer, module) -> dict[str, float]:
+        """Run one probe now: top-1 in [0, 1] per modality of the data (one entry unless it is a mixture)."""
+        layer, level, device = module.objective.student_layer, float(self.noise_level), module.device
+        top1 = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            features = {}
-            for split, dataset, size in (("train", datamodule.train_set, self.train_samples),
-                                         ("test", datamodule.test_set, self.test_samples)):
-                loader = probe_loader(fixed_subset(dataset, size, self.seed), modality, self.batch_size)
-                features[split] = extract_features(module.ema_model, module.tokenizers[modality], loader, [layer],
-                                                   [self.noise_level], seed=self.seed)[(layer, float(self.noise_level))]
-            with torch.enable_grad(), torch.inference_mode(False):
-                fit = fit_linear_probe(features["train"], features["test"], datamodule.num_classes,
-                                       self.learning_rates, self.weight_decays, self.epochs, self.batch_size,
-                                       seed=self.seed)
-        return fit.top1
+            for modality, datamodule in modality_sources(trainer.datamodule).items():
+                features = {}
+                for split, dataset, size in (("train", datamodule.train_set, self.train_samples),
+                                             ("test", datamodule.test_set, self.test_samples)):
+                    loader = probe_loader(fixed_subset(dataset, size, self.seed), modality, self.batch_size)
+                    features[split] = extract_features(module.ema_model, module.tokenizers[modality], loader,
+                                                       [layer], [level], seed=self.seed)[(layer, level)]
+                with torch.enable_grad(), torch.inference_mode(False):
+                    top1[modality] = fit_linear_probe(features["train"], features["test"], datamodule.num_classes,
+                                                      self.learning_rates, self.weight_decays, self.epochs,
+                                                      self.batch_size, seed=self.seed).top1
+        return top1
 
     def _run(self, trainer, module) -> None:
         """Probe once per step at most and log `probe/top1` at the step; nothing when the data has no labels."""
@@ -73,11 +74,16 @@ class LinearProbe(L.Callback):
         if step == self._last_step or not self._usable(trainer):
             return
         self._last_step = step
-        top1 = self.probe(trainer, module)
+        per_modality = self.probe(trainer, module)
+        top1 = sum(per_modality.values()) / len(per_modality)
         self.history.append((step, top1))
+        metrics = {"probe/top1": top1}
+        if len(per_modality) > 1:
+            metrics.update({f"probe/top1_{m}": v for m, v in per_modality.items()})
         for logger in trainer.loggers:  # straight to the loggers: one row at this step, also from on_train_end
-            logger.log_metrics({"probe/top1": top1}, step=step)
-        log.info("probe: student layer %d top-1 %.1f%% at step %d", module.objective.student_layer, 100 * top1, step)
+            logger.log_metrics(metrics, step=step)
+        log.info("probe: student layer %d top-1 %s at step %d", module.objective.student_layer,
+                 ", ".join(f"{m} {100 * v:.1f}%" for m, v in per_modality.items()), step)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
