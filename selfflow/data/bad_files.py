@@ -5,6 +5,8 @@ import logging
 import os
 from pathlib import Path
 
+from selfflow.data.files import printable_path
+
 log = logging.getLogger("selfflow.data")
 
 BAD_FILE_POLICIES = ("skip", "error")
@@ -34,9 +36,9 @@ class BadFilePolicy:
         self._seen: set[str] = set()
 
     def handle(self, path: str | os.PathLike, reason: str) -> None:
+        key = printable_path(path)  # non-UTF-8 names must not break the log or the record
         if self.on_bad_file == "error":
-            raise BadFileError(f"cannot read {path}: {reason} (set data.on_bad_file=skip to skip such files)")
-        key = str(path)
+            raise BadFileError(f"cannot read {key}: {reason} (set data.on_bad_file=skip to skip such files)")
         if key in self._seen:
             return
         self._seen.add(key)

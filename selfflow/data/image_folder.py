@@ -9,23 +9,46 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from selfflow.data.bad_files import BadFilePolicy
-from selfflow.data.files import find_labelled_files
+from selfflow.data.files import check_readable_file, find_labelled_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def load_image(path, image_size: int, channels: int) -> torch.Tensor:
-    """Decode, convert to RGB or L, resize the shorter side to image_size and centre-crop: [C, S, S] in [0, 1]."""
+# 2x below PIL's own limit: far more pixels than any training image needs, far less memory than a bomb wants
+MAX_PIXELS = 64_000_000
+
+
+def to_8bit(image: Image.Image, channels: int) -> Image.Image:
+    """RGB or L with 8 bits: 16-bit and float images rescaled (PIL's convert would clip them), transparency
+    composited onto white, palette/CMYK/YCbCr/bilevel converted."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        array = np.asarray(image, dtype=np.float32)
+        top = 1.0 if array.max(initial=0) <= 1.0 else 255.0 if array.max() <= 255 else 65535.0
+        image = Image.fromarray(np.clip(array / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    elif image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return image.convert("RGB" if channels == 3 else "L")
+
+
+def load_image(path, image_size: int, channels: int, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1].
+
+    Refuses (raises) non-regular or empty files and images above `max_pixels` before decoding any pixel.
+    """
+    check_readable_file(path)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise ValueError(f"{image.width}x{image.height} pixels is more than max_pixels={max_pixels} "
+                                 f"(a decompression bomb, or an image far larger than training needs)")
             image.draft("RGB" if channels == 3 else "L", (image_size, image_size))  # fast JPEG downscale
-            image = image.convert("RGB" if channels == 3 else "L")
-            scale = image_size / min(image.size)
-            size = (max(image_size, round(image.width * scale)), max(image_size, round(image.height * scale)))
-            image = image.resize(size, Image.BICUBIC)
-            left, top = (image.width - image_size) // 2, (image.height - image_size) // 2
-            image = image.crop((left, top, left + image_size, top + image_size))
+            image = to_8bit(image, channels)
+            side = min(image.size)
+            left, top = (image.width - side) // 2, (image.height - side) // 2
+            # crop and resize in one step: an extreme aspect ratio never blows up into a huge intermediate
+            image = image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
             array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
