@@ -89,4 +89,3 @@ class MovingDigits(VideoFolder):
                              cache_dir)
         super().__init__(str(root), split, num_frames=num_frames, image_size=image_size, channels=channels,
                          on_bad_file=on_bad_file, name_pattern=NAME_PATTERN, label_field=label, backend=backend)
-        self.fps = fps
