@@ -145,3 +145,17 @@ def test_probe_cli_errors_are_one_line(checkpoint, tmp_path):
     assert "Traceback" not in result.stderr
     result = run_cli([f"ckpt={tmp_path / 'missing.ckpt'}", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_multimodal_data_needs_a_modality_choice():
+    from types import SimpleNamespace
+
+    from selfflow.cli.probe import pick_modality
+
+    image, audio = SimpleNamespace(modality="image"), SimpleNamespace(modality="audio")
+    assert pick_modality({"image": image}, None) is image
+    assert pick_modality({"image": image, "audio": audio}, "audio") is audio
+    with pytest.raises(ValueError, match=r"several modalities \['audio', 'image'\]; pass modality=NAME"):
+        pick_modality({"image": image, "audio": audio}, None)
+    with pytest.raises(ValueError, match="modality='video' is not in the data"):
+        pick_modality({"image": image}, "video")

@@ -24,6 +24,16 @@ def describe_dataset(datamodule) -> str:
     return f"{name}({root})" if root else name
 
 
+def pick_modality(by_modality: dict, modality: str | None):
+    """The single-modality data module to probe: the only one, or the one `modality=` names in a mixture."""
+    if modality is None and len(by_modality) > 1:
+        raise ValueError(f"the data holds several modalities {sorted(by_modality)}; pass modality=NAME to probe one "
+                         f"(one probe.json per modality)")
+    if modality is not None and modality not in by_modality:
+        raise ValueError(f"modality={modality!r} is not in the data; choose one of {sorted(by_modality)}")
+    return by_modality[modality] if modality is not None else next(iter(by_modality.values()))
+
+
 def pick_device(name: str):
     import torch
 
@@ -58,17 +68,12 @@ def probe(cfg: DictConfig) -> dict:
                                           report)
     from selfflow.training.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(cfg.ckpt, cfg.weights)
+    ckpt = Path(cfg.ckpt).expanduser()
+    loaded = load_checkpoint(ckpt, cfg.weights)
     data_cfg = cfg.data if cfg.get("data") is not None else loaded.config.data
-    sources = modality_sources(instantiate(data_cfg))
-    if cfg.modality is None and len(sources) > 1:
-        raise ValueError(f"the data holds several modalities {sorted(sources)}; pass modality=NAME to probe one "
-                         f"(one probe.json per modality)")
-    if cfg.modality is not None and cfg.modality not in sources:
-        raise ValueError(f"modality={cfg.modality!r} is not in the data; choose one of {sorted(sources)}")
-    datamodule = sources[cfg.modality] if cfg.modality is not None else next(iter(sources.values()))
+    datamodule = pick_modality(modality_sources(instantiate(data_cfg)), cfg.modality)
     if datamodule.modality not in loaded.tokenizers:
-        raise ValueError(f"data gives {datamodule.modality!r} samples but checkpoint {cfg.ckpt} has tokenizers for "
+        raise ValueError(f"data gives {datamodule.modality!r} samples but checkpoint {ckpt} has tokenizers for "
                          f"{sorted(loaded.tokenizers)} only; probe it on data of a modality it was trained on")
     device = pick_device(cfg.device)
     model = loaded.model.to(device)
@@ -78,7 +83,7 @@ def probe(cfg: DictConfig) -> dict:
     data_key = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in IGNORED_DATA_KEYS}
     data_key["modality"] = datamodule.modality
     sources = FeatureSources(
-        model={"checkpoint_sha256": file_digest(cfg.ckpt), "weights": cfg.weights,
+        model={"checkpoint_sha256": file_digest(ckpt), "weights": cfg.weights,
                "tokenizer": OmegaConf.to_container(loaded.config.tokenizer, resolve=True)},
         random_init={"architecture": OmegaConf.to_container(loaded.config.model, resolve=True),
                      "token_channels": model.token_channels, "num_classes": model.num_classes,
@@ -93,7 +98,7 @@ def probe(cfg: DictConfig) -> dict:
                                  seed=cfg.seed, heads=heads, cache=cache, sources=sources,
                                  feature_batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  progress=cfg.progress)
-    document = report(str(Path(cfg.ckpt).expanduser().resolve()), describe_dataset(datamodule), rows)
+    document = report(str(ckpt.resolve()), describe_dataset(datamodule), rows)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "probe.json").write_text(json.dumps(document, indent=2) + "\n")
