@@ -237,3 +237,27 @@ def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override,
     assert first.startswith("selfflow-train: error: ") and message in first, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# --- sharing weights without pickles ----------------------------------------------------------------------------
+
+def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny_train_cfg, tmp_path):
+    import json
+
+    from selfflow.training.checkpoint import load_checkpoint
+
+    run = build_run(tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0"))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    ckpt = Path(run.run_dir) / "checkpoints" / "last.ckpt"
+    result = subprocess.run([sys.executable, "tools/export_weights.py", str(ckpt), str(tmp_path / "export")],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout)["files"] == ["model.safetensors", "config.json"]
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["step"] == 2 and config["config"]["model"]["width"] == 32
+    exported = load_checkpoint(tmp_path / "export")
+    assert exported.step == 2 and list(exported.tokenizers) == ["image"]
+    for (name, a), b in zip(exported.model.state_dict().items(), run.module.ema_model.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=name)
+    with pytest.raises(FileNotFoundError, match="not an exported model"):
+        load_checkpoint(tmp_path)
