@@ -95,7 +95,9 @@ def check_overrides(command: str, config_name: str, args: list[str]) -> None:
         with initialize_config_module("selfflow.conf", version_base="1.3"):
             compose(config_name, overrides=overrides)
     except Exception as error:  # noqa: BLE001 - described below, or left for Hydra to report
-        message = None if os.environ.get("SELFFLOW_TRACEBACK") else describe_override_error(error, config_name, overrides)
+        if os.environ.get("SELFFLOW_TRACEBACK"):
+            return
+        message = describe_override_error(error, config_name, overrides)
         if message is None:
             return
         print(f"{command}: error: {message}", file=sys.stderr)

@@ -62,7 +62,7 @@ def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None
         if not path.is_file():
             continue
         with open(path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if row.get("step", "").isdigit() and int(row["step"]) < before_step]
+            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) < before_step]
         kept = [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in rows]
         if saved_row and saved_row["step"] < before_step and not any(
                 "train/loss" in row and row["step"] == saved_row["step"] for row in kept):
