@@ -189,3 +189,13 @@ def test_checkpoint_errors_are_clear_and_unsafe_files_are_not_executed(tiny_trai
     model = torch.nn.Linear(3, 4)
     with pytest.raises(ValueError, match=r"'weight' has shape \(4, 5\) in the checkpoint but \(4, 3\)"):
         load_state_checked(model, {"weight": torch.zeros(4, 5), "bias": torch.zeros(4)}, "test")
+
+
+@pytest.mark.parametrize("name", ["image_folder", "video_folder", "audio_folder"])
+def test_data_on_bad_file_is_one_key_for_both_splits(name, tmp_path):
+    from selfflow.training.datamodule import SelfFlowDataModule
+
+    cfg = compose_train([f"data={name}", f"data.root={tmp_path}", "data.on_bad_file=error"], tmp_path / "run")
+    assert cfg.data.train.on_bad_file == cfg.data.test.on_bad_file == "error"
+    with pytest.raises(ValueError, match="data.on_bad_file='sometimes'"):
+        SelfFlowDataModule([1], [1], "image", on_bad_file="sometimes")

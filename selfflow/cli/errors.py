@@ -14,7 +14,7 @@ from selfflow.training.checkpoint_io import CheckpointWriteError
 from selfflow.training.nonfinite import NonFiniteLossError
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, BadFileError, OmegaConfBaseException,
-               CheckpointWriteError, NonFiniteLossError)
+               ModuleNotFoundError, CheckpointWriteError, NonFiniteLossError)
 
 
 def root_cause(error: BaseException) -> BaseException:

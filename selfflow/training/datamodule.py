@@ -7,6 +7,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.collate import collate_samples
 from selfflow.training.data_order import ResumableBatchSampler, SeededSamples
 
@@ -14,14 +15,16 @@ from selfflow.training.data_order import ResumableBatchSampler, SeededSamples
 class SelfFlowDataModule(L.LightningDataModule):
     """Train and test datasets yielding `(data, label)`; batches are `{"modality", "data", "label"}` dicts.
 
-    root: where the data lives (shared by the split configs through interpolation; kept for the record).
+    root / on_bad_file: where the data lives and what an unreadable file does (skip or error), shared by the split
+    configs through interpolation (`data.root=...`, `data.on_bad_file=error`).
     seed: the training order and augmentation follow (seed, epoch, batch); `build_run` sets it to the run's seed.
     The training position (epoch, batches done) is saved in every checkpoint and restored on resume.
     """
 
     def __init__(self, train: Dataset, test: Dataset, modality: str, batch_size: int = 64, num_workers: int = 0,
-                 pin_memory: bool = False, root: str | None = None, seed: int = 0):
+                 pin_memory: bool = False, root: str | None = None, seed: int = 0, on_bad_file: str = "skip"):
         super().__init__()
+        BadFilePolicy(on_bad_file)  # validates; the split datasets take it through their configs
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         if len(train) == 0:
