@@ -88,7 +88,7 @@ def write_bad_recordings(folder):
     soundfile.write(folder / "silent.wav", np.zeros(8000, np.float32), 8000)
     soundfile.write(folder / "nan.wav", np.full(8000, np.nan, np.float32), 8000, subtype="FLOAT")
     soundfile.write(folder / "wrong_rate.wav", tone(440, 1.0, 44100), 44100)
-    return {"empty.wav": "LibsndfileError", "corrupt.flac": "LibsndfileError", "truncated.wav": "truncated",
+    return {"empty.wav": "empty file (0 bytes)", "corrupt.flac": "LibsndfileError", "truncated.wav": "truncated",
             "header_only.wav": "", "silent.wav": "silent", "nan.wav": "NaN", "wrong_rate.wav": "44100 Hz"}
 
 
@@ -167,3 +167,15 @@ def test_missing_synthesiser_names_the_package_to_install(tmp_path, monkeypatch)
     with pytest.raises(ModuleNotFoundError, match="pip install espeakng-loader"):
         SpokenDigits("train", takes=2, test_takes=1, cache_dir=str(tmp_path / "cache"))
     assert not list((tmp_path / "cache" / "spoken_digits").glob("*/parameters.json"))  # no half-made set left
+
+
+def test_a_named_pipe_posing_as_audio_is_skipped_without_hanging(tmp_path):
+    import os
+
+    for split in ("train", "test"):
+        (tmp_path / split / "a").mkdir(parents=True)
+        soundfile.write(tmp_path / split / "a" / "good.wav", tone(440, 1.0, 8000), 8000)
+    os.mkfifo(tmp_path / "train" / "a" / "pipe.wav")
+    dataset = AudioFolder(str(tmp_path), "train")
+    items = {p.name: dataset[i] for i, p in enumerate(dataset.paths)}
+    assert items["pipe.wav"] is None and items["good.wav"] is not None

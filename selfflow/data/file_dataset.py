@@ -7,7 +7,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from selfflow.data.bad_files import BadFilePolicy, failure_reason
-from selfflow.data.files import LabelledFiles
+from selfflow.data.files import LabelledFiles, check_readable_file
 
 
 class LabelledFileDataset(Dataset):
@@ -27,12 +27,17 @@ class LabelledFileDataset(Dataset):
     def load(self, path: Path) -> Tensor:
         raise NotImplementedError
 
+    def read(self, path: Path) -> Tensor:
+        """`load`, after refusing what is not a non-empty regular file (a pipe would block the decoder forever)."""
+        check_readable_file(path)
+        return self.load(path)
+
     def check_readable(self) -> None:
         """Fail at start-up when no file can be read: decode files in order until one works (usually the first)."""
         first_failure = None
         for path in self.paths:
             try:
-                self.load(path)
+                self.read(path)
                 return
             except Exception as error:  # noqa: BLE001 - classified by the policy
                 if self.bad_files.on_bad_file == "error":
@@ -50,7 +55,7 @@ class LabelledFileDataset(Dataset):
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            data = self.load(path)
+            data = self.read(path)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             self.bad_files.handle(path, failure_reason(error))
             return None
