@@ -202,6 +202,43 @@ def case_adaln(args, width: int, variant: str) -> dict:
                   flops_per_step=flops, max_abs_difference_to_naive=difference)
 
 
+PACKING_LENGTHS = [16] * 8 + [64] * 4 + [32] * 6 + [128] * 2 + [24] * 4 + [96] * 2  # images, clips, audio
+
+
+def case_packing(args, variant: str) -> dict:
+    """One training step on a realistic length mix, padded to the longest sample or packed into rows."""
+    from selfflow.data.packing import pack
+
+    torch.manual_seed(0)
+    model = SelfFlowTransformer({"image": args.channels}, width=args.width, depth=args.depth, heads=args.heads,
+                                num_classes=10)
+    objective = SelfFlowObjective(model, mask_ratio=0.25, gamma=0.8).to(args.device)
+    lengths = PACKING_LENGTHS
+    labels = torch.randint(0, 10, (len(lengths),))
+    if variant == "padded":
+        longest = max(lengths)
+        valid = torch.arange(longest)[None] < torch.tensor(lengths)[:, None]
+        pos = torch.stack([torch.zeros(longest), torch.arange(longest) // 16, torch.arange(longest) % 16,
+                           torch.zeros(longest)], -1).long().expand(len(lengths), -1, -1)
+        batch = Tokens(torch.randn(len(lengths), longest, args.channels).to(args.device), pos.to(args.device),
+                       "image", valid.to(args.device))
+        step_labels = labels.to(args.device)
+    else:
+        samples = [Tokens(torch.randn(1, n, args.channels, device=args.device),
+                          torch.randint(0, 16, (1, n, 4), device=args.device), "image") for n in lengths]
+        batch = pack(samples, labels.tolist(), row_length=128, null_label=model.null_class)
+        step_labels = None
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    step = train_step_fn(objective, batch, step_labels, dtype)
+    with PeakMemory(args.device) as memory:
+        times = time_calls(step, args.device, args.warmup, args.iters)
+    rows = batch.x.shape[0]
+    config = dict(width=args.width, depth=args.depth, samples=len(lengths), useful_tokens=sum(lengths),
+                  rows=rows, row_length=batch.x.shape[1], dtype=args.dtype)
+    return record(f"packing/{variant}", config, times, sum(lengths), memory.mb, args.device,
+                  computed_tokens=rows * batch.x.shape[1])
+
+
 # ---------------------------------------------------------------- the suite
 
 
@@ -212,6 +249,8 @@ def run_case(payload):
         return case_training_step(args, *extra)
     if name == "adaln":
         return case_adaln(args, *extra)
+    if name == "packing":
+        return case_packing(args, *extra)
     raise ValueError(name)
 
 
@@ -225,7 +264,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--quick", action="store_true", help="fewer iterations and smaller sizes")
-    parser.add_argument("--only", choices=["train", "adaln"], action="append", help="run only these cases")
+    parser.add_argument("--only", choices=["train", "adaln", "packing"], action="append", help="run only these cases")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
@@ -239,7 +278,7 @@ def main(argv=None) -> list[dict]:
     args.warmup, args.iters = (2, 5) if args.quick else (3, 15)
     if args.quick:
         args.depth, args.iters = args.depth // 2, 5
-    cases = args.only or ["train", "adaln"]
+    cases = args.only or ["train", "adaln", "packing"]
 
     payloads = []
     if "train" in cases:
@@ -247,6 +286,9 @@ def main(argv=None) -> list[dict]:
     if "adaln" in cases:
         widths = (384, 1152)
         payloads += [("adaln", args, (w, v)) for w in widths for v in ("naive", "distinct")]
+
+    if "packing" in cases:
+        payloads += [("packing", args, (v,)) for v in ("padded", "packed")]
 
     context = mp.get_context("spawn")
     records = []
@@ -271,6 +313,11 @@ def main(argv=None) -> list[dict]:
     if "adaln" in cases:
         for w in (384, 1152):
             summary[f"adaln_distinct_speedup_w{w}"] = ratio(by_name, f"adaln/naive/w{w}", f"adaln/distinct/w{w}")
+    if "packing" in cases:
+        summary["packed_over_padded_useful_tokens_per_s"] = (by_name["packing/packed"]["tokens_per_s"]
+                                                            / by_name["packing/padded"]["tokens_per_s"])
+        summary["packed_over_padded_peak_memory"] = (by_name["packing/packed"]["peak_mem_mb"]
+                                                     / max(by_name["packing/padded"]["peak_mem_mb"], 1e-9))
     records.append(summary)
     print_table(records)
     if args.out:
