@@ -27,6 +27,17 @@ class ModalityStreams:
     def __init__(self, sizes: dict[str, int], offsets: dict[str, int], seed: int, num_replicas: int, rank: int):
         self.sizes, self.offsets, self.seed = sizes, offsets, seed
         self.num_replicas, self.rank = num_replicas, rank
+        self._orders: dict[str, tuple] = {}
+
+    def order(self, modality: str, epoch: int, cycle: int) -> list[int]:
+        """This rank's share of one permutation of `modality` (the latest per modality is kept: batches read it in
+        turn, so each permutation is drawn once)."""
+        key, order = self._orders.get(modality, (None, []))
+        if key != (epoch, cycle):
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, hash_name(modality), cycle))
+            order = torch.randperm(self.sizes[modality], generator=generator)[self.rank::self.num_replicas].tolist()
+            self._orders[modality] = ((epoch, cycle), order)
+        return order
 
     def take(self, modality: str, start: int, count: int, epoch: int) -> list[int]:
         """Concat-dataset indices of this rank's samples start..start+count of `modality` in `epoch`."""
@@ -34,9 +45,8 @@ class ModalityStreams:
         out = []
         for position in range(start, start + count):
             cycle, within = divmod(position, per_rank)
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, hash_name(modality), cycle))
-            order = torch.randperm(self.sizes[modality], generator=generator)[self.rank::self.num_replicas]
-            out.append(self.offsets[modality] + int(order[within % len(order)]))
+            order = self.order(modality, epoch, cycle)
+            out.append(self.offsets[modality] + order[within % len(order)])
         return out
 
 
