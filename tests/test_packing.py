@@ -43,7 +43,7 @@ def test_plan_rows_fills_rows_and_rejects_samples_longer_than_a_row():
 def test_pack_and_unpack_round_trip():
     samples, labels = mixed_samples()
     packed = pack(samples, labels, row_length=32, null_label=10)
-    assert packed.x.shape == (3, 32, 12) and packed.num_tokens == 78
+    assert packed.x.shape == (3, 32, 12) and packed.num_tokens == 78 and packed.batch_size == 6
     back = unpack(packed.x, packed)
     for original, restored in zip(samples, back):
         torch.testing.assert_close(restored, original.x[0])

@@ -55,7 +55,8 @@ class PackedTokens:
 
     @property
     def batch_size(self) -> int:
-        return int(self.valid.any(dim=1).sum())
+        """Samples in all rows (not rows)."""
+        return sum(len(row) for row in self.segment_modality)
 
     @property
     def num_tokens(self) -> int:
