@@ -1,12 +1,12 @@
 """Built-in image data: scikit-learn's 1,797 real 8x8 handwritten digits (ships with the package, no download)."""
 from __future__ import annotations
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from selfflow.data.files import split_indices
+
 
 class DigitImages(Dataset):
     """Digits as float images [channels, image_size, image_size] in [0, 1] with labels 0-9.

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 
@@ -39,6 +38,3 @@ def clean_estimate(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
         t = t.unsqueeze(-1)
     return x_t - t * velocity
 
-
-def noise_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)

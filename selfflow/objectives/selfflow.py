@@ -34,7 +34,6 @@ class ObjectiveOutput:
     flow_bucket_sums: Tensor  # [buckets] flow error summed per noise-level range
     flow_bucket_counts: Tensor  # [buckets]
     levels: DualLevels = field(repr=False)
-    num_tokens: int = 0  # tokens per sample (padded batch) or valid tokens in all rows (packed)
     per_modality: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # detached, for logging
 
 
@@ -184,8 +183,7 @@ class SelfFlowObjective(nn.Module):
             loss = loss_flow + self.gamma * loss_rep
         per_modality = self._per_modality(flow_error.detach(), None if rep_error is None else rep_error.detach(),
                                           modality, valid)
-        num_tokens = x0.shape[1] if not packed else int(tokens.valid.sum())
-        return ObjectiveOutput(loss, loss_flow, loss_rep, sums, counts, dual, num_tokens, per_modality)
+        return ObjectiveOutput(loss, loss_flow, loss_rep, sums, counts, dual, per_modality)
 
     @staticmethod
     def _per_modality(flow_error: Tensor, rep_error: Tensor | None, modality, valid: Tensor | None) -> dict:
