@@ -174,3 +174,18 @@ def test_flash_attention_matches_sdpa_on_gpu():
             outs.append(model.velocity(tokens.x.cuda(), t, tokens.pos.cuda(),
                                        labels.cuda(), "image").float())
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+
+
+def test_gathered_conditioning_has_the_gradient_of_a_plain_gather():
+    """gather_tokens' backward is a one-hot product (no atomic scatter-add on GPUs): same values and gradients."""
+    from selfflow.models.transformer import gather_tokens
+
+    table = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 4, (3, 9))
+    assert torch.autograd.gradcheck(lambda t: gather_tokens(t, index), (table,))
+    weights = torch.randn(3, 9, 6, dtype=torch.float64)
+    plain = torch.gather(table, 1, index[..., None].expand(-1, -1, 6))
+    torch.testing.assert_close(gather_tokens(table, index), plain, rtol=0, atol=0)
+    ours, = torch.autograd.grad((gather_tokens(table, index) * weights).sum(), table)
+    reference, = torch.autograd.grad((plain * weights).sum(), table)
+    torch.testing.assert_close(ours, reference)

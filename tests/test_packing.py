@@ -116,15 +116,22 @@ def test_group_mask_sequences_follow_the_packing():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_packed_attention_on_flash_varlen_matches_dense_sdpa():
+    """backend=auto runs packed rows as flash-attn variable-length sequences when it is installed."""
     from selfflow.models.attention import Attention, GroupMask, flash_available
 
     if not flash_available():
         pytest.skip("flash-attn is not installed")
+    dtype = torch.bfloat16
     torch.manual_seed(0)
     groups = torch.tensor([[0] * 40 + [1] * 20 + [-1] * 4, [0] * 64], device="cuda")
-    x = torch.randn(2, 64, 128, device="cuda", dtype=torch.bfloat16)
-    flash = Attention(128, 2, backend="auto").cuda().bfloat16()
-    sdpa = Attention(128, 2, backend="sdpa").cuda().bfloat16()
-    sdpa.load_state_dict(flash.state_dict())
+    x = torch.randn(2, 64, 128, device="cuda", dtype=dtype, requires_grad=True)
+    varlen = Attention(128, 2, backend="auto").cuda().to(dtype)
+    sdpa = Attention(128, 2, backend="sdpa").cuda().to(dtype)
+    sdpa.load_state_dict(varlen.state_dict())
     mask = GroupMask(groups, contiguous=True)
-    torch.testing.assert_close(flash(x, mask=mask).float(), sdpa(x, mask=mask).float(), rtol=2e-2, atol=2e-2)
+    assert varlen._use_flash(x, mask) and not sdpa._use_flash(x, mask)
+    out_varlen, out_dense = varlen(x, mask=mask), sdpa(x, mask=mask)
+    torch.testing.assert_close(out_varlen.float(), out_dense.float(), rtol=2e-2, atol=2e-2)
+    grad_varlen, = torch.autograd.grad(out_varlen.float().square().sum(), x)
+    grad_dense, = torch.autograd.grad(out_dense.float().square().sum(), x)
+    torch.testing.assert_close(grad_varlen.float(), grad_dense.float(), rtol=5e-2, atol=5e-2)

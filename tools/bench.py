@@ -211,9 +211,9 @@ def case_packing(args, variant: str) -> dict:
 
     torch.manual_seed(0)
     model = SelfFlowTransformer({"image": args.channels}, width=args.width, depth=args.depth, heads=args.heads,
-                                num_classes=10)
+                                num_classes=10, attention=args.attention)
     objective = SelfFlowObjective(model, mask_ratio=0.25, gamma=0.8).to(args.device)
-    lengths = PACKING_LENGTHS
+    lengths = [n * args.packing_scale for n in PACKING_LENGTHS]
     labels = torch.randint(0, 10, (len(lengths),))
     if variant == "padded":
         longest = max(lengths)
@@ -226,7 +226,7 @@ def case_packing(args, variant: str) -> dict:
     else:
         samples = [Tokens(torch.randn(1, n, args.channels, device=args.device),
                           torch.randint(0, 16, (1, n, 4), device=args.device), "image") for n in lengths]
-        batch = pack(samples, labels.tolist(), row_length=128, null_label=model.null_class)
+        batch = pack(samples, labels.tolist(), row_length=max(lengths), null_label=model.null_class)
         step_labels = None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     step = train_step_fn(objective, batch, step_labels, dtype)
@@ -234,7 +234,7 @@ def case_packing(args, variant: str) -> dict:
         times = time_calls(step, args.device, args.warmup, args.iters)
     rows = batch.x.shape[0]
     config = dict(width=args.width, depth=args.depth, samples=len(lengths), useful_tokens=sum(lengths),
-                  rows=rows, row_length=batch.x.shape[1], dtype=args.dtype)
+                  rows=rows, row_length=batch.x.shape[1], dtype=args.dtype, attention=args.attention)
     return record(f"packing/{variant}", config, times, sum(lengths), memory.mb, args.device,
                   computed_tokens=rows * batch.x.shape[1])
 
@@ -266,7 +266,14 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--quick", action="store_true", help="fewer iterations and smaller sizes")
     parser.add_argument("--only", choices=["train", "adaln", "packing"], action="append", help="run only these cases")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--width", type=int, help="training-step model width (default: 384 on GPU, 256 on CPU)")
+    parser.add_argument("--depth", type=int, help="training-step model depth (default: 12 on GPU, 10 on CPU)")
+    parser.add_argument("--batch", type=int, help="training-step batch size (default: 64 on GPU, 16 on CPU)")
+    parser.add_argument("--packing-scale", type=int, default=1, help="multiply the packing case's sample lengths")
+    parser.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
+                        help="packing case: auto (variable-length kernel on GPUs) or sdpa (dense block mask)")
     args = parser.parse_args(argv)
+    overrides = argparse.Namespace(**vars(args))
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     on_gpu = args.device.startswith("cuda")
     # the training-step model: DiT-S-like on GPU, a small one on CPU
@@ -275,9 +282,12 @@ def main(argv=None) -> list[dict]:
     args.batch = 64 if on_gpu else 16
     args.adaln_tokens = 256  # SiT-XL/2 on 256px images: 16x16 latent patches
     args.adaln_batch = 32 if on_gpu else 4
-    args.warmup, args.iters = (2, 5) if args.quick else (3, 15)
+    args.warmup, args.iters = (2, 5) if args.quick else ((10, 30) if on_gpu else (3, 15))  # GPU: clocks ramp up
     if args.quick:
         args.depth, args.iters = args.depth // 2, 5
+    args.width, args.depth, args.batch = (given or default for given, default in zip(
+        (overrides.width, overrides.depth, overrides.batch), (args.width, args.depth, args.batch)))
+    args.heads = max(1, args.width // 64) if overrides.width else args.heads
     cases = args.only or ["train", "adaln", "packing"]
 
     payloads = []

@@ -41,12 +41,13 @@ LABELS = {"vanilla": "vanilla flow matching", "dual_timestep": "dual-timestep on
 
 def datasets(steps: int) -> dict[str, dict]:
     """The training overrides of each modality's experiment, real data where the shared folder has it."""
-    common = [f"trainer.max_steps={steps}", "callbacks.samples.every_n_steps=0", "~callbacks.probe",
+    common = [f"trainer.max_steps={steps}", "data.batch_size=32", "callbacks.samples.every_n_steps=0",
+              "~callbacks.probe",
               f"callbacks.checkpoint.every_n_train_steps={steps}", "trainer.log_every_n_steps=10",
               "model.depth=6", "objective.ema_decay=0.999"]
     cifar, fsdd = SHARED / "cifar10-small", SHARED / "fsdd" / "recordings"
     image = (["experiment=cifar10", f"data.root={cifar}", "model=tiny", "tokenizer.image.patch_size=4",
-              "data.batch_size=64", "data.num_workers=2"], "CIFAR-10 photos (32x32)") if cifar.is_dir() else \
+              "data.num_workers=2"], "CIFAR-10 photos (32x32)") if cifar.is_dir() else \
         (["experiment=digits"], "built-in handwritten digits (16x16)")
     audio = (["experiment=audio_digits", "data=audio_folder", f"data.root={fsdd}",
               "data.train.name_pattern='{digit}_{speaker}_{index}'", "data.train.label_field=digit"],
@@ -83,7 +84,7 @@ def train_probe_sample(work: Path, modality: str, spec: dict, variant: str, seed
              f"seed={seed}", "progress=false"], run_dir.with_suffix(".probe.log"))
     if reference is not None and not (run_dir / "samples" / "metrics.json").is_file():
         run([exe("selfflow-sample"), f"ckpt={ckpt}", f"out_dir={run_dir / 'samples'}", "num_samples=500",
-             "sampler=heun", "steps=40", "cfg_scale=1.5", f"seed={seed}", "metrics=true", f"reference={reference}",
+             "sampler=heun", "steps=20", "cfg_scale=1.5", f"seed={seed}", "metrics=true", f"reference={reference}",
              "progress=false"], run_dir.with_suffix(".sample.log"))
     return run_dir
 
@@ -168,7 +169,7 @@ def write_report(results: dict, names: dict, args, out: Path, figures: list[Path
              f"data, model (6 blocks, width 128) and seeds {args.seeds}; numbers are mean ± standard deviation over "
              "seeds. Probes: a linear classifier on mean-pooled EMA features of clean inputs (`selfflow-probe`), "
              "best layer and head chosen on a validation split of train, top-1 on the test split. Samples: 500 "
-             "class-conditional samples (Heun, 40 evaluations, guidance 1.5) scored in the feature space of a "
+             "class-conditional samples (Heun, 20 evaluations, guidance 1.5) scored in the feature space of a "
              "small reference CNN trained on the same data (`tools/train_reference_classifier.py`).", ""]
     for modality, by_variant in results.items():
         lines += [f"## {modality}: {names[modality]}", "",
@@ -200,7 +201,7 @@ def write_report(results: dict, names: dict, args, out: Path, figures: list[Path
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only", choices=["image", "audio"], nargs="+", default=["image", "audio"])
     parser.add_argument("--variants", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))

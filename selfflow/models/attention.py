@@ -74,12 +74,17 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def _use_flash(self, x: Tensor, mask: Tensor | GroupMask | None) -> bool:
-        if self.backend == "sdpa" or not x.is_cuda or flash_attn_func is None:
+    def _use_flash(self, q: Tensor, mask: Tensor | GroupMask | None) -> bool:
+        """flash-attn on a GPU when installed, in half precision (q's dtype, so autocast counts), for unmasked
+        attention or packed rows (one variable-length sequence per sample instead of a dense N x N mask).
+
+        Without flash-attn packed rows take the dense mask: SDPA on jagged nested tensors was measured 2.5-3.3x
+        slower than it on an H200 (docs/performance.md)."""
+        if self.backend == "sdpa" or not q.is_cuda or flash_attn_func is None:
             return False
         if mask is not None and not (isinstance(mask, GroupMask) and mask.contiguous and mask.one_run_per_group):
             return False
-        return x.dtype in (torch.float16, torch.bfloat16)
+        return q.dtype in (torch.float16, torch.bfloat16)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
                 mask: Tensor | GroupMask | None = None) -> Tensor:
@@ -88,7 +93,7 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self._use_flash(x, mask):
+        if self._use_flash(q, mask):
             q, k, v = (rearrange(a, "b h n d -> b n h d") for a in (q, k, v))
             if mask is None:
                 out = flash_attn_func(q, k, v)

@@ -12,6 +12,7 @@ from selfflow.sampling.prompted import prompted_model
 from selfflow.tokenizers.text import TEXT
 from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
 from selfflow.sampling.writers import save_image_grid
+from selfflow.training.distributed import callback_forward_context, joins_model_forward
 
 log = logging.getLogger("selfflow")
 
@@ -45,14 +46,18 @@ class SampleGrid(L.Callback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, module, name: str) -> list[Path]:
+        """Sample every modality and save the files (on rank 0; other ranks of a sharded model only sample)."""
         paths = []
         for modality, tokenizer in module.tokenizers.items():
             if modality == TEXT:  # text conditions the samples; it is not sampled
                 continue
             generator = torch.Generator(device=module.device).manual_seed(self.seed)
             model, labels = self.conditioned(module)
-            samples = generate(model, tokenizer, labels, steps=self.steps, cfg_scale=self.cfg_scale,
-                               generator=generator)
+            with callback_forward_context(trainer):
+                samples = generate(model, tokenizer, labels, steps=self.steps, cfg_scale=self.cfg_scale,
+                                   generator=generator)
+            if not trainer.is_global_zero:
+                continue
             folder = Path(trainer.default_root_dir) / self.dirname / modality
             if modality == "image":
                 nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
@@ -92,11 +97,11 @@ class SampleGrid(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step
-        if due and trainer.is_global_zero:
+        if due and joins_model_forward(trainer):
             self._last_step = step
             self.write(trainer, module, f"step_{step:07d}")
 
     def on_train_end(self, trainer, module) -> None:
-        if trainer.is_global_zero:
+        if joins_model_forward(trainer):
             for path in self.write(trainer, module, "final"):
                 log.info("samples: %s", path)

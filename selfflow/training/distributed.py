@@ -1,6 +1,8 @@
 """Distributed training pieces Lightning leaves to the user: per-rank randomness and the FSDP wrapping policy."""
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
+
 import lightning as L
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -28,3 +30,19 @@ def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointin
         auto_wrap_policy=policy, sharding_strategy=sharding_strategy, use_orig_params=True,
         activation_checkpointing_policy=policy if activation_checkpointing else None, **kwargs,
     )
+
+
+def is_sharded(trainer: L.Trainer) -> bool:
+    return isinstance(trainer.strategy, FSDPStrategy)
+
+
+def joins_model_forward(trainer: L.Trainer) -> bool:
+    """Whether this rank runs a callback's model forward: rank 0 alone, except for a model sharded over several
+    ranks, whose every forward needs all of them (each gathers its shards from the others)."""
+    return trainer.is_global_zero or (is_sharded(trainer) and trainer.world_size > 1)
+
+
+def callback_forward_context(trainer: L.Trainer) -> AbstractContextManager:
+    """Context for a model forward outside training_step: under FSDP mixed precision the parameters are cast to
+    bf16/fp16 at each forward, so the inputs need the precision plugin's autocast too."""
+    return trainer.precision_plugin.forward_context() if is_sharded(trainer) else nullcontext()

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from selfflow.data.tokens import PackedTokens, Tokens
@@ -150,6 +151,13 @@ class SelfFlowModule(L.LightningModule):
                     p.grad = None
                 return
             self.log("train/grad_norm", norm)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Lightning's norm clipping refuses FSDP; there the wrapped model clips by the norm over all shards."""
+        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)  # runs training_step and backward through the closure

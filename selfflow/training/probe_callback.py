@@ -12,6 +12,7 @@ from torch.utils.data import Subset
 from selfflow.evaluation.features import extract_features, probe_loader
 from selfflow.evaluation.linear_probe import fit_linear_probe
 from selfflow.evaluation.probe import modality_sources
+from selfflow.training.distributed import callback_forward_context
 
 log = logging.getLogger("selfflow")
 
@@ -60,8 +61,9 @@ class LinearProbe(L.Callback):
                 for split, dataset, size in (("train", datamodule.train_set, self.train_samples),
                                              ("test", datamodule.test_set, self.test_samples)):
                     loader = probe_loader(fixed_subset(dataset, size, self.seed), modality, self.batch_size)
-                    features[split] = extract_features(module.ema_model, module.tokenizers[modality], loader,
-                                                       [layer], [level], seed=self.seed)[(layer, level)]
+                    with callback_forward_context(trainer):  # every rank runs the probe: FSDP needs them all
+                        features[split] = extract_features(module.ema_model, module.tokenizers[modality], loader,
+                                                           [layer], [level], seed=self.seed)[(layer, level)]
                 with torch.enable_grad(), torch.inference_mode(False):
                     top1[modality] = fit_linear_probe(features["train"], features["test"], datamodule.num_classes,
                                                       self.learning_rates, self.weight_decays, self.epochs,
