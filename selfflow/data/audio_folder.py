@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 from torch import Tensor
 
@@ -32,6 +33,6 @@ class AudioFolder(LabelledFileDataset):
         self.random_crop = split == "train"
         self.check_readable()
 
-    def load(self, path: Path) -> Tensor:
-        """wave: [1, S]"""
+    def load(self, path: Path | BinaryIO) -> Tensor:
+        """wave: [1, S], from a path or an open binary file (AudioShards decodes through read_audio too)"""
         return read_audio(path, self.sample_rate, self.num_samples, self.random_crop, self.resample, self.min_peak)

@@ -6,6 +6,7 @@ import math
 import os
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile
@@ -35,14 +36,15 @@ def fit_length(wave: Tensor, num_samples: int, random_offset: bool) -> Tensor:
     return F.pad(wave, (offset, -excess - offset))
 
 
-def read_audio(path: str | os.PathLike, sample_rate: int, num_samples: int, random_crop: bool = False,
+def read_audio(source: str | os.PathLike | BinaryIO, sample_rate: int, num_samples: int, random_crop: bool = False,
                resample: bool = True, min_peak: float = 1e-4) -> Tensor:
     """A clip of `num_samples` samples at `sample_rate`, mixed to mono: [1, S] float.
 
-    Only the part of the file that the clip needs is read. A file that is empty, truncated, silent (peak below
+    `source` is a path or an open binary file (e.g. a tar shard member's bytes in a BytesIO). Only the part of
+    the file that the clip needs is read. A file that is empty, truncated, silent (peak below
     `min_peak`), holds non-finite samples, or (with `resample=False`) has another rate raises UnusableSample.
     """
-    with soundfile.SoundFile(str(path)) as f:
+    with soundfile.SoundFile(source if hasattr(source, "read") else os.fspath(source)) as f:
         if f.frames <= 0:
             raise UnusableSample("file holds no audio frames")
         if TRUNCATED.search(f.extra_info):

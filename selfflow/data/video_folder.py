@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import BinaryIO
 
 from torch import Tensor
 
@@ -38,7 +39,7 @@ class VideoFolder(LabelledFileDataset):
         self.random_start = split == "train"
         self.check_readable()
 
-    def load(self, path: Path) -> Tensor:
-        """frames: [T, C, S, S] in [0, 1]"""
+    def load(self, path: Path | BinaryIO) -> Tensor:
+        """frames: [T, C, S, S] in [0, 1], from a path or an open binary file (as VideoShards decodes)"""
         frames = read_clip(path, self.num_frames, self.frame_stride, self.fps, self.random_start, self.backend)
         return frames_to_tensor(frames, self.image_size, self.channels)

@@ -5,6 +5,7 @@ import math
 import os
 from fractions import Fraction
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -40,19 +41,29 @@ def frame_step(source_fps: float, frame_stride: int, fps: float | None) -> float
     return source_fps / fps
 
 
-def _read_decord(path: Path, num_frames: int, frame_stride: int, fps: float | None, random_start: bool) -> np.ndarray:
+def _rewound(source: Path | BinaryIO) -> str | BinaryIO:
+    """What a decoder opens: the path as text, or the in-memory file from its start (a fallback reads it again)."""
+    if isinstance(source, Path):
+        return str(source)
+    source.seek(0)
+    return source
+
+
+def _read_decord(source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None,
+                 random_start: bool) -> np.ndarray:
     import decord
 
-    reader = decord.VideoReader(str(path), num_threads=1)
+    reader = decord.VideoReader(_rewound(source), num_threads=1)
     step = frame_step(reader.get_avg_fps(), frame_stride, fps)
     indices = clip_indices(len(reader), num_frames, step, random_start)
     return reader.get_batch(indices.tolist()).asnumpy()  # [T, H, W, 3] uint8
 
 
-def _read_pyav(path: Path, num_frames: int, frame_stride: int, fps: float | None, random_start: bool) -> np.ndarray:
+def _read_pyav(source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None,
+               random_start: bool) -> np.ndarray:
     import av
 
-    with av.open(str(path)) as container:
+    with av.open(_rewound(source)) as container:
         if not container.streams.video:
             raise UnusableSample("file has no video stream")
         stream = container.streams.video[0]
@@ -81,19 +92,26 @@ def decord_available() -> bool:
     return True
 
 
-def read_clip(path: str | os.PathLike, num_frames: int, frame_stride: int = 1, fps: float | None = None,
+def _byte_size(source: Path | BinaryIO) -> int:
+    if isinstance(source, Path):
+        return source.stat().st_size
+    return source.seek(0, os.SEEK_END)
+
+
+def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_stride: int = 1, fps: float | None = None,
               random_start: bool = False, backend: str = "auto") -> np.ndarray:
     """One clip of a video file as uint8 RGB frames [T, H, W, 3], opening the file once.
 
+    `source` is a path or a seekable binary file (e.g. a tar shard member's bytes in a BytesIO), decoded in memory.
     backend `auto` reads with decord and falls back to PyAV when decord is missing or fails on the file
     (decord 0.6 rejects some frame widths, e.g. 16 or 48 pixels, that PyAV decodes fine).
     """
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"video backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
-    path = Path(path)
-    if path.stat().st_size == 0:
+    source = source if hasattr(source, "read") else Path(source)
+    if _byte_size(source) == 0:
         raise UnusableSample("file is empty")
-    args = (path, num_frames, frame_stride, fps, random_start)
+    args = (source, num_frames, frame_stride, fps, random_start)
     if backend == "pyav" or (backend == "auto" and not decord_available()):
         return _read_pyav(*args)
     try:
@@ -101,8 +119,10 @@ def read_clip(path: str | os.PathLike, num_frames: int, frame_stride: int = 1, f
     except UnusableSample:
         raise
     except Exception as decord_error:  # noqa: BLE001 - any decord failure: PyAV may still read the file
-        if backend == "decord":
+        if backend == "decord" and isinstance(source, Path):
             raise
+        if backend == "decord":  # decord's message on in-memory input quotes the input bytes: keep it short
+            raise RuntimeError(f"decord cannot decode it: {str(decord_error)[:120]}") from None
         try:
             return _read_pyav(*args)
         except UnusableSample:
