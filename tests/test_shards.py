@@ -173,6 +173,25 @@ def test_length_and_random_access_read_only_the_wanted_member(tmp_path):
     assert torch.equal(shards[3][0], in_order[3][0]) and shards[3][1] == in_order[3][1]
 
 
+def test_shards_resume_mid_epoch_with_the_same_batches(tmp_path):
+    from selfflow.training.datamodule import SelfFlowDataModule
+
+    write_images(tmp_path / "src", per_class=6)
+    write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.2, max_samples_per_shard=3)
+
+    def datamodule():
+        train = ImageShards(str(tmp_path / "shards"), "train", image_size=8, hflip=True)  # random flips too
+        test = ImageShards(str(tmp_path / "shards"), "test", image_size=8)
+        return SelfFlowDataModule(train, test, "image", batch_size=2, seed=3)
+
+    uninterrupted = [batch["data"] for batch in datamodule().train_dataloader()]
+    resumed = datamodule()
+    resumed.load_state_dict({"epoch": 0, "batches_done": 2})
+    continued = [batch["data"] for batch in resumed.train_dataloader()]
+    assert len(uninterrupted) == 5 and len(continued) == 3
+    assert all(torch.equal(a, b) for a, b in zip(continued, uninterrupted[2:]))
+
+
 def write_tar(path: Path, members: dict[str, bytes]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tarfile.open(path, "w") as tar:
