@@ -164,25 +164,27 @@ class ShardDataset(Dataset):
         self.split = split
         self.shards = resolve_shards(root, split)
         names = read_class_names(self.shards[0].parent, self.modality)  # before the scan: names a wrong modality
-        data_extensions = tuple(e.lstrip(".") for e in self.extensions)
+        self.data_extensions = tuple(e.lstrip(".") for e in self.extensions)
         keys, data_ext, data, labels, captions = [], [], [], [], []
         for shard_index, shard in enumerate(self.shards):
             samples, _ = _scan_shard(shard)
             for key, members in samples.items():
-                extension = next((e for e in members if e in data_extensions), None)
+                extension = next((e for e in members if e in self.data_extensions), None)
                 if extension is None:
                     raise ValueError(f"sample {key} of shard {shard} has no {self.modality} member (it holds "
-                                     f"{sorted(members)}; expected one of {list(data_extensions)}); check "
+                                     f"{sorted(members)}; expected one of {list(self.data_extensions)}); check "
                                      f"data=<modality>_shards or write the shards again")
                 keys.append(key)
-                data_ext.append(extension)
+                data_ext.append(self.data_extensions.index(extension))
                 data.append((shard_index, *members[extension]))
                 labels.append((shard_index, *members.get(LABEL_EXTENSION, (0, -1))))
                 captions.append((shard_index, *members.get(CAPTION_EXTENSION, (0, -1))))
         if not keys:
             raise ValueError(f"the {len(self.shards)} shards of split={split!r} ({self.shards[0]}, ...) hold no "
                              f"samples; {WRITE_HINT}")
-        self.keys, self.data_ext = keys, data_ext
+        # numpy, not lists of str: DataLoader workers share these pages instead of copying them on every read
+        self.keys = np.asarray(keys)  # [N] fixed-width text
+        self.data_ext = np.asarray(data_ext, dtype=np.int8)  # [N] index into data_extensions
         self.data_members = np.asarray(data, dtype=np.int64)  # [N, 3]: shard, offset, size
         self.label_members = np.asarray(labels, dtype=np.int64)  # [N, 3]; size -1: no label
         self.caption_members = np.asarray(captions, dtype=np.int64)  # [N, 3]; size -1: no caption
@@ -201,7 +203,8 @@ class ShardDataset(Dataset):
 
     def member_name(self, i: int) -> str:
         """`.../train-000000.tar/000123.jpg`: names the sample in warnings and skipped_files.tsv."""
-        return f"{self.shards[self.data_members[i, 0]]}/{self.keys[i]}.{self.data_ext[i]}"
+        extension = self.data_extensions[self.data_ext[i]]
+        return f"{self.shards[self.data_members[i, 0]]}/{self.keys[i]}.{extension}"
 
     def _read(self, member: np.ndarray) -> bytes:
         shard, offset, size = (int(v) for v in member)
