@@ -4,6 +4,7 @@
   selfflow-sample ckpt=... labels=[3,3,7] guidance_interval=[0.1,0.8] seed=1 out_dir=samples/run1
   selfflow-sample ckpt=... metrics=true reference=refs/digits    # metrics.json: FD and classifier accuracy
   selfflow-sample ckpt=official:selfflow_imagenet256.pt vae=sd-vae-ft-ema num_samples=8   # the released model
+  selfflow-sample ckpt=... size=[24,40]     # a multi-aspect (size-conditioned) model at any bucket's size
 
 Writes into out_dir: per-sample files (images/*.png, videos/*.mp4 + contact_sheet.png, audio/*.wav + *.png),
 grid.png and samples.npz (uint8 [N, H, W, 3] under arr_0) for images, sampling.json (settings, NFE, timing),
@@ -81,6 +82,36 @@ def resolve_labels(labels, num_samples: int, num_classes: int, null_class: int) 
         raise ValueError(f"labels={labels} must be class ids in 0..{num_classes - 1} (or {null_class}, the null "
                          f"label); leave labels=null for all classes round-robin")
     return torch.tensor(labels, dtype=torch.long).repeat(math.ceil(num_samples / len(labels)))[:num_samples]
+
+
+def tokenizer_at_size(tokenizer, modality: str, size) -> Any:
+    """The tokenizer that generates images of `size` [H, W] (or S for S x S) pixels; null keeps the trained size."""
+    if size is None:
+        return tokenizer
+    from selfflow.tokenizers.image import ImagePatchTokenizer
+
+    values = list(size) if isinstance(size, (list, tuple)) or OmegaConf.is_list(size) else [size, size]
+    if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        raise ValueError(f"size={values if len(values) != 2 else size} must be [height, width] in pixels, "
+                         f"e.g. size=[24,40]")
+    if modality != "image" or type(tokenizer) is not ImagePatchTokenizer:
+        raise ValueError(f"size= is for pixel-space image checkpoints; this one samples {modality} with "
+                         f"{type(tokenizer).__name__}, at its trained size only")
+    (height, width), patch = values, tokenizer.patch_size
+    if height % patch or width % patch:
+        near = [-(-v // patch) * patch for v in (height, width)]  # rounded up
+        raise ValueError(f"size=[{height}, {width}] must be whole patches: multiples of the checkpoint's "
+                         f"tokenizer.image.patch_size={patch}, e.g. size=[{near[0]},{near[1]}]")
+    return ImagePatchTokenizer(patch, tokenizer.channels, (height, width))
+
+
+def size_rows(model, tokenizer, count: int) -> torch.Tensor | None:
+    """[count, 6] size conditioning of a multi-aspect model: an uncropped image of the size generated (None for a
+    model without size conditioning)."""
+    if getattr(model, "size_embedder", None) is None:
+        return None
+    height, width = tokenizer.image_size
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(count, 1)
 
 
 def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device):
@@ -171,7 +202,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     default_sampler, default_steps = DEFAULTS[loaded.kind]
     sampler, steps = cfg.sampler or default_sampler, int(cfg.steps or default_steps)
     modality = pick_modality(cfg.modality, loaded.tokenizers)
-    model, tokenizer = loaded.model.to(device).eval(), loaded.tokenizers[modality].to(device)
+    model = loaded.model.to(device).eval()
+    tokenizer = tokenizer_at_size(loaded.tokenizers[modality], modality, cfg.get("size")).to(device)
     labels = resolve_labels(cfg.labels, cfg.num_samples, model.num_classes, model.null_class)
     text = prompt_text(loaded.tokenizers, cfg.get("prompt"), cfg.num_samples)
     if text is not None and cfg.labels is None:  # text models: the caption is the condition
@@ -192,7 +224,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     with Progress(disable=not cfg.progress, transient=True) as progress:
         task = progress.add_task(f"sampling ({sampler}, {steps} steps)", total=len(parts) * steps)
         for part in parts:
-            part_model = model if text is None else ConditionedModel(model, text.select(slice(part.start, part.stop)))
+            part_text = None if text is None else text.select(slice(part.start, part.stop))
+            sizes = size_rows(model, tokenizer, len(part))
+            part_model = model if part_text is None and sizes is None else ConditionedModel(model, part_text, sizes)
             noise = NoiseSource(generators=sample_generators(cfg.seed, part))
             if init is None:
                 out = sample_tokens(part_model, tokenizer, labels[part.start:part.stop], steps, sampler, cfg.cfg_scale,
@@ -217,6 +251,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         "cfg_scale": cfg.cfg_scale, "guidance_interval": list(cfg.guidance_interval), "shift": cfg.shift,
         "seed": cfg.seed, "batch_size": cfg.batch_size, "device": str(device), "seconds": round(seconds, 3),
         "labels": labels.tolist(), "prompt": OmegaConf.to_container(cfg).get("prompt"),
+        "size": list(tokenizer.image_size) if modality == "image" and hasattr(tokenizer, "image_size") else None,
         "init": cfg.get("init"), "strength": cfg.get("strength") if cfg.get("init") else None, "files": {k: str(v[0].parent if len(v) > 1 else v[0]) for k, v in files.items()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,9 @@ For video and audio, the duration plays the part of the aspect (bucket on frames
 from __future__ import annotations
 
 import math
-from typing import Iterator, Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -50,6 +52,37 @@ class AspectBuckets:
         return float(np.exp(edges[bucket])), float(np.exp(edges[bucket + 1]))
 
 
+@dataclass(frozen=True)
+class BucketCrop:
+    """How an image of `original` (h, w) goes into a bucket of `target` (h, w): resized to `resized` (h, w), the
+    smallest size that covers the target at the image's aspect, then cropped at (top, left) of the resized image."""
+
+    original: tuple[int, int]
+    resized: tuple[int, int]
+    top: int
+    left: int
+    target: tuple[int, int]
+
+    @property
+    def sizes(self) -> Tensor:
+        """[6] (original h, original w, crop top, crop left, target h, target w): `SizeEmbedder`'s input."""
+        return torch.tensor([*self.original, self.top, self.left, *self.target], dtype=torch.float32)
+
+
+def bucket_crop(height: int, width: int, size: Sequence[int], random_crop: bool = False) -> BucketCrop:
+    """The resize and crop that put an image of (height, width) into a bucket of `size` (h, w); a random crop
+    draws its offsets from torch's RNG (reproducible under the data order's seeding), else the centre."""
+    target_h, target_w = int(size[0]), int(size[1])
+    scale = max(target_h / height, target_w / width)
+    resized_h, resized_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
+    if random_crop:
+        top = int(torch.randint(resized_h - target_h + 1, ()))
+        left = int(torch.randint(resized_w - target_w + 1, ()))
+    else:
+        top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
+    return BucketCrop((int(height), int(width)), (resized_h, resized_w), top, left, (target_h, target_w))
+
+
 def fit_to_bucket(image: Tensor, size: tuple[int, int], random_crop: bool = False) -> tuple[Tensor, Tensor]:
     """image: [C, H, W] -> ([C, h, w] resized to cover the bucket size and cropped, sizes [6]).
 
@@ -57,18 +90,77 @@ def fit_to_bucket(image: Tensor, size: tuple[int, int], random_crop: bool = Fals
     `selfflow.models.size_conditioning` (crop offsets in the resized image).
     """
     _, height, width = image.shape
-    target_h, target_w = size
-    scale = max(target_h / height, target_w / width)
-    resized_h, resized_w = max(target_h, round(height * scale)), max(target_w, round(width * scale))
-    resized = F.interpolate(image[None], size=(resized_h, resized_w), mode="bilinear", antialias=True,
-                            align_corners=False)[0]
-    if random_crop:
-        top = int(torch.randint(resized_h - target_h + 1, ()))
-        left = int(torch.randint(resized_w - target_w + 1, ()))
+    crop = bucket_crop(height, width, size, random_crop)
+    resized = F.interpolate(image[None], size=crop.resized, mode="bilinear", antialias=True, align_corners=False)[0]
+    (target_h, target_w), top, left = crop.target, crop.top, crop.left
+    return resized[:, top:top + target_h, left:left + target_w], crop.sizes
+
+
+class BucketIndex(int):
+    """A sample index asking a multi-aspect dataset for the sample in its bucket, with its sizes row. A plain int
+    gets the usual square sample, so loaders that batch samples freely (probe, metrics, caches) keep working;
+    the training loader's bucket batch sampler hands out BucketIndex keys."""
+
+    def __repr__(self) -> str:
+        return f"BucketIndex({int(self)})"
+
+
+BUCKET_KEYS = ("base_size", "max_aspect", "sizes", "random_crop")
+
+
+@dataclass(frozen=True)
+class BucketOptions:
+    """A dataset's multi-aspect setting: its buckets and whether the crop into a bucket is random."""
+
+    buckets: AspectBuckets
+    random_crop: bool = False
+
+
+def parse_buckets(value: Any, multiple: int, base_size: int, name: str = "data.train.buckets") -> BucketOptions:
+    """The `buckets:` option of a dataset config -> BucketOptions. `value` is a list of [h, w] sizes, or a mapping
+    with `sizes` (such a list) or `base_size` (default: the dataset's image size) and `max_aspect` (default 2.0) for
+    `make_buckets`, and `random_crop` (default false). Every side must be a multiple of `multiple` (the patch size).
+    """
+    hint = (f"use e.g. {name}={{base_size: 32, max_aspect: 2.0}} or {name}=[[32, 32], [24, 40], [40, 24]] "
+            f"(or null for square images only)")
+    random_crop = False
+    if isinstance(value, Mapping):
+        unknown = sorted(set(map(str, value)) - set(BUCKET_KEYS))
+        if unknown:
+            raise ValueError(f"{name} has unknown keys {unknown}; allowed: {', '.join(BUCKET_KEYS)}")
+        random_crop = bool(value.get("random_crop", False))
+        if value.get("sizes") is not None:
+            if value.get("base_size") is not None or value.get("max_aspect") is not None:
+                raise ValueError(f"{name} gives both sizes and base_size/max_aspect; give one of them")
+            sizes = value["sizes"]
+        else:
+            base = int(value.get("base_size") or base_size)
+            max_aspect = float(value.get("max_aspect") or 2.0)
+            if max_aspect < 1:
+                raise ValueError(f"{name}.max_aspect={max_aspect} must be >= 1 (the widest aspect w/h allowed)")
+            if base % multiple:
+                raise ValueError(f"{name}.base_size={base} must be a multiple of the patch size {multiple}")
+            sizes = make_buckets(base, multiple, max_aspect)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        sizes = value
     else:
-        top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
-    crop = resized[:, top:top + target_h, left:left + target_w]
-    return crop, torch.tensor([height, width, top, left, target_h, target_w], dtype=torch.float32)
+        raise ValueError(f"{name}={value!r} is not a bucket setting; {hint}")
+    pairs = []
+    for size in sizes:
+        if (isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+            raise ValueError(f"{name} size {size!r} is not a pair [h, w] of positive integers; {hint}")
+        if size[0] % multiple or size[1] % multiple:
+            raise ValueError(f"{name} size [{size[0]}, {size[1]}] has a side that is not a multiple of the patch size "
+                             f"{multiple}; round it to a multiple (tokenizer.image.patch_size)")
+        pairs.append((int(size[0]), int(size[1])))
+    if not pairs:
+        raise ValueError(f"{name} lists no bucket sizes; {hint}")
+    aspects = sorted(w / h for h, w in set(pairs))
+    if any(math.isclose(a, b) for a, b in zip(aspects, aspects[1:])):
+        raise ValueError(f"{name} has two sizes of the same aspect ratio ({sorted(set(pairs))}); a bucket is an "
+                         f"aspect ratio, so keep one size per aspect")
+    return BucketOptions(AspectBuckets(pairs), random_crop)
 
 
 class BucketBatchSampler(Sampler[list[int]]):
@@ -100,8 +192,16 @@ class BucketBatchSampler(Sampler[list[int]]):
         usable = len(batches) - len(batches) % self.num_replicas  # every rank gets the same number of batches
         return [batches[i] for i in order[:usable]][self.rank::self.num_replicas]
 
+    def num_batches(self) -> int:
+        """This rank's batches per epoch (the same in every epoch: only the order changes)."""
+        counts = np.unique(self.bucket_ids, return_counts=True)[1]
+        total = int((counts // self.batch_size).sum())
+        if not self.drop_last:
+            total += int((counts % self.batch_size > 0).sum())
+        return total // self.num_replicas
+
     def __len__(self) -> int:
-        return len(self.batches(self.epoch))
+        return self.num_batches()
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches(self.epoch)

@@ -84,8 +84,8 @@ class ClassCaptions(Dataset):
         item = self.dataset[i]
         if item is None:
             return None
-        data, label = item[0], int(item[1])
-        return data, label, {"caption": self.caption(label, i)}
+        data, label, *extra = item  # extra: conditioning of the wrapped dataset, e.g. {"sizes": ...}
+        return data, int(label), *extra, {"caption": self.caption(int(label), i)}
 
 
 class CaptionedDigits(ClassCaptions):
@@ -124,12 +124,14 @@ class CaptionedImageFolder(ImageFolder):
     Captions come from a text file next to each image (same name, `.txt`), or from `manifest` (CSV/JSONL with
     path, caption and optionally label and split). Labels (class sub-folders or the manifest's label column) are
     optional (-1 without). Images without a caption are left out with one warning line.
+    buckets / bucket_multiple: multi-aspect training as in `ImageFolder` (samples also carry `{"sizes": [6]}`).
     """
 
     has_captions = True
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
-                 manifest: str | None = None, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip"):
+                 manifest: str | None = None, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
+                 buckets=None, bucket_multiple: int = 1):
         if manifest is not None:
             if channels not in (1, 3):
                 raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
@@ -137,9 +139,11 @@ class CaptionedImageFolder(ImageFolder):
                 Path(root).expanduser(), manifest, split, test_fraction, seed)
             self.image_size, self.channels, self.hflip = image_size, channels, False
             self.bad_files = BadFilePolicy(on_bad_file)
+            self.use_buckets(buckets, bucket_multiple)
             return
         super().__init__(root, split=split, image_size=image_size, channels=channels, hflip=False,
-                         test_fraction=test_fraction, seed=seed, on_bad_file=on_bad_file)
+                         test_fraction=test_fraction, seed=seed, on_bad_file=on_bad_file, buckets=buckets,
+                         bucket_multiple=bucket_multiple)
         captioned = [i for i, p in enumerate(self.paths) if p.with_suffix(CAPTION_FILE_SUFFIX).is_file()]
         if not captioned:
             raise FileNotFoundError(

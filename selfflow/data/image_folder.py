@@ -11,6 +11,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from selfflow.data.bad_files import BadFilePolicy
+from selfflow.data.buckets import BucketIndex, BucketOptions, bucket_crop, parse_buckets
 from selfflow.data.files import check_readable_file, find_labelled_files
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
@@ -60,11 +61,51 @@ def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: 
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
+def read_image_size(path) -> tuple[int, int]:
+    """(height, width) from the file's header alone, no pixel decoded (bucketing a whole folder at setup)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused later, when it is loaded
+        with Image.open(path) as image:
+            return image.height, image.width
+
+
+def load_image_in_bucket(path, size: tuple[int, int], channels: int, random_crop: bool = False,
+                         max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode like `load_image`, resize to cover the bucket `size` (h, w) and crop (`bucket_crop`):
+    ([C, h, w] in [0, 1], sizes [6] = original h, w, crop top, left, target h, w)."""
+    check_readable_file(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as image:
+            if image.width * image.height > max_pixels:
+                raise ValueError(f"{image.width}x{image.height} pixels is more than max_pixels={max_pixels} "
+                                 f"(a decompression bomb, or an image far larger than training needs)")
+            crop = bucket_crop(image.height, image.width, size, random_crop)
+            (resized_h, resized_w), (target_h, target_w) = crop.resized, crop.target
+            image.draft("RGB" if channels == 3 else "L", (resized_w, resized_h))  # fast JPEG downscale
+            image = to_8bit(image, channels)
+            # the crop box in the decoded image's pixels (a JPEG draft may have decoded it smaller)
+            sx, sy = image.width / resized_w, image.height / resized_h
+            box = (crop.left * sx, crop.top * sy, (crop.left + target_w) * sx, (crop.top + target_h) * sy)
+            image = image.resize((target_w, target_h), Image.BICUBIC, box=box)
+            array = np.asarray(image, dtype=np.float32) / 255.0
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), crop.sizes
+
+
 class ImageFolder(Dataset):
-    """Images under `root` (see `find_labelled_files` for the layout) as [channels, S, S] in [0, 1] with labels."""
+    """Images under `root` (see `find_labelled_files` for the layout) as [channels, S, S] in [0, 1] with labels.
+
+    buckets (multi-aspect training, see `parse_buckets`): `dataset[BucketIndex(i)]` resizes and crops image i
+    into the bucket nearest its aspect ratio (`bucket_ids[i]`) and adds `{"sizes": [6]}` (original size, crop
+    offsets, bucket size) for the model's size conditioning; a plain index still gives the square image.
+    bucket_multiple: the patch size that bucket sides must be multiples of.
+    """
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
-                 hflip: bool = False, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip"):
+                 hflip: bool = False, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
+                 buckets=None, bucket_multiple: int = 1):
         if channels not in (1, 3):
             raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
         files = find_labelled_files(root, split, IMAGE_EXTENSIONS, test_fraction, seed)
@@ -72,6 +113,34 @@ class ImageFolder(Dataset):
         self.image_size, self.channels = image_size, channels
         self.hflip = hflip and split == "train"
         self.bad_files = BadFilePolicy(on_bad_file)
+        self.use_buckets(buckets, bucket_multiple)
+
+    def use_buckets(self, buckets, multiple: int = 1) -> None:
+        """Turn multi-aspect bucketing on (a `buckets:` setting) or off (None)."""
+        self.bucketing: BucketOptions | None = None if buckets is None else parse_buckets(
+            buckets, multiple, self.image_size)
+        self._bucket_ids: list[int] | None = None
+
+    @property
+    def bucket_ids(self) -> list[int] | None:
+        """Each sample's bucket (None without buckets), from the image headers read once on first use; a file
+        whose header cannot be read goes to the squarest bucket and is reported when it fails to load."""
+        if self.bucketing is None:
+            return None
+        if self._bucket_ids is None:
+            buckets = self.bucketing.buckets
+            ids = []
+            for path in self.paths:
+                try:
+                    ids.append(buckets.assign(*read_image_size(path)))
+                except Exception:  # noqa: BLE001 - the loader reports the file when the sample is drawn
+                    ids.append(buckets.assign(1, 1))
+            self._bucket_ids = ids
+        return self._bucket_ids
+
+    def _load_in_bucket(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.bucketing.buckets.sizes[self.bucket_ids[i]]
+        return load_image_in_bucket(self.paths[i], size, self.channels, self.bucketing.random_crop)
 
     @property
     def num_classes(self) -> int:
@@ -81,12 +150,15 @@ class ImageFolder(Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        path = self.paths[i]
+        path, sizes = self.paths[i], None
         try:
-            image = load_image(path, self.image_size, self.channels)
+            if self.bucketing is not None and isinstance(i, BucketIndex):
+                image, sizes = self._load_in_bucket(i)
+            else:
+                image = load_image(path, self.image_size, self.channels)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             self.bad_files.handle(path, f"{type(error).__name__}: {error}")
             return None
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
-        return image, self.labels[i]
+        return (image, self.labels[i]) if sizes is None else (image, self.labels[i], {"sizes": sizes})

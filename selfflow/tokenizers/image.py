@@ -11,7 +11,8 @@ from selfflow.tokenizers.base import Tokenizer, Tokens
 class ImagePatchTokenizer(Tokenizer):
     """Images [B, C, H, W] in [0, 1] -> tokens [B, (H/p)(W/p), C p p] in [-1, 1], channel order (c p q).
 
-    `decode` is the exact inverse (back to [0, 1], clamped).
+    `decode` is the exact inverse (back to [0, 1], clamped). `image_size` is the size generation starts from;
+    `encode` takes any size whose sides are whole patches (multi-aspect batches), with ids from the actual grid.
     """
 
     modality = "image"
@@ -30,14 +31,15 @@ class ImagePatchTokenizer(Tokenizer):
 
     def encode(self, images: Tensor) -> Tokens:
         b, c, h, w = images.shape
-        if c != self.channels or (h, w) != self.image_size:
-            raise ValueError(
-                f"image tokenizer expects [B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}], "
-                f"got {list(images.shape)}; set tokenizer.image.channels/image_size to match the data"
-            )
         p = self.patch_size
+        if c != self.channels or h % p or w % p:
+            raise ValueError(
+                f"image tokenizer expects [B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}] (or any "
+                f"H, W that are multiples of patch_size={p}), got {list(images.shape)}; set "
+                f"tokenizer.image.channels/image_size to match the data"
+            )
         x = rearrange(images * 2 - 1, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
-        return Tokens(x=x, pos=self.positions(b, images.device), modality=self.modality)
+        return Tokens(x=x, pos=self.positions(b, images.device, grid=(h // p, w // p)), modality=self.modality)
 
     def decode(self, x: Tensor) -> Tensor:
         """x: [B, N, C p p] -> images [B, C, H, W] in [0, 1]."""
@@ -46,8 +48,9 @@ class ImagePatchTokenizer(Tokenizer):
         images = rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=gh, w=gw, p=p, q=p)
         return ((images + 1) / 2).clamp(0, 1)
 
-    def positions(self, batch_size: int, device=None) -> Tensor:
-        gh, gw = self.grid
+    def positions(self, batch_size: int, device=None, grid: tuple[int, int] | None = None) -> Tensor:
+        """[B, gh gw, 4] ids (0, h, w, 0) of a `grid` of patches (default: that of `image_size`)."""
+        gh, gw = grid or self.grid
         h, w = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
         zeros = torch.zeros_like(h)
         pos = torch.stack([zeros, h, w, zeros], dim=-1)  # [gh, gw, 4]

@@ -1,15 +1,73 @@
-"""Lightning DataModule over plain map-style datasets of one modality, with a data order that resumes exactly."""
+"""Lightning DataModule over plain map-style datasets of one modality, with a data order that resumes exactly.
+
+Multi-aspect datasets (`buckets:`, e.g. `ImageFolder`) give every sample's bucket as `bucket_ids`; their training
+batches then each hold one bucket (one token grid, no padding), in an order that resumes exactly like the plain
+one, and ask for each sample in its bucket (`BucketIndex` keys).
+"""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator, Sequence
 
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from selfflow.data.bad_files import BadFilePolicy
+from selfflow.data.buckets import BucketBatchSampler, BucketIndex
 from selfflow.data.collate import collate_samples
 from selfflow.training.data_order import ResumableBatchSampler, SeededSamples
+from selfflow.training.rng_state import mix_seed
+
+
+class ResumableBucketBatchSampler(ResumableBatchSampler):
+    """`ResumableBatchSampler` (same `(index, batch seed)` batches, `set_epoch` / `skip_batches` resume) whose
+    batches each hold one bucket, in `BucketBatchSampler`'s order: a pure function of (seed, epoch), sharded over
+    ranks. A bucket's partial batch is dropped, unless no bucket fills a batch at all."""
+
+    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0):
+        super().__init__(len(bucket_ids), batch_size, seed=seed, shuffle=True, drop_last=True,
+                         num_replicas=num_replicas, rank=rank)
+        self.buckets = BucketBatchSampler(bucket_ids, batch_size, seed=seed, drop_last=True,
+                                          num_replicas=num_replicas, rank=rank)
+        if self.buckets.num_batches() == 0:  # keep partial batches rather than yielding nothing
+            self.buckets.drop_last = False
+        self.drop_last = self.buckets.drop_last
+
+    def __len__(self) -> int:
+        return self.buckets.num_batches()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip, self._skip = self.epoch, self._skip, 0
+        self.epoch = epoch + 1  # the next iteration is the next epoch, however this one ends
+        batches = self.buckets.batches(epoch)
+        for b in range(skip, len(batches)):
+            seed = mix_seed(self.seed, epoch, b, self.rank)
+            yield [(BucketIndex(i), seed) for i in batches[b]]
+
+
+def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> None:
+    """Multi-aspect data and the model's size conditioning go together: one without the other is a config
+    mistake, reported before the first step. Bucket sides must also be whole patches of the tokenizer."""
+    model = getattr(module, "model", None)
+    if model is None or not hasattr(model, "size_embedder"):
+        return
+    bucketing = getattr(dataset, "bucketing", None)
+    conditioned = model.size_embedder is not None
+    if bucketing is not None and not conditioned:
+        raise ValueError("data.train.buckets is set (multi-aspect training) but the model has no size conditioning; "
+                         "add +model.size_conditioning=true, or set data.train.buckets=null for square images")
+    if bucketing is None and conditioned:
+        raise ValueError("model.size_conditioning=true but the training data has no buckets (data.train.buckets is "
+                         "null), so the size embedder would never see a size; set data.train.buckets (e.g. "
+                         "data.train.buckets={max_aspect: 2.0}) or model.size_conditioning=false")
+    tokenizers = getattr(module, "tokenizers", {})
+    patch = getattr(tokenizers[modality], "patch_size", None) if modality in tokenizers else None
+    if bucketing is not None and patch:
+        bad = [list(size) for size in bucketing.buckets.sizes if size[0] % patch or size[1] % patch]
+        if bad:
+            raise ValueError(f"data.train.buckets sizes {bad} are not multiples of tokenizer.{modality}.patch_size="
+                             f"{patch}; set data.train.bucket_multiple={patch} or round the sizes")
 
 
 class SelfFlowDataModule(L.LightningDataModule):
@@ -52,6 +110,13 @@ class SelfFlowDataModule(L.LightningDataModule):
             if policy is not None:
                 policy.record_path = Path(path)
 
+    def setup(self, stage: str | None = None) -> None:
+        """Start-up check, once the trainer holds the module: buckets <-> the model's size conditioning."""
+        trainer = getattr(self, "trainer", None)
+        if stage in (None, "fit") and trainer is not None:
+            check_size_conditioning(self.train_set, self.modality, trainer.lightning_module)
+        getattr(self.train_set, "bucket_ids", None)  # bucket every training image now (file headers only)
+
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(
             dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last and len(dataset) > self.batch_size,
@@ -61,9 +126,13 @@ class SelfFlowDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        self.train_batches = ResumableBatchSampler(
-            len(self.train_set), self.batch_size, seed=self.seed, shuffle=True, drop_last=True,
-            num_replicas=trainer.world_size if trainer else 1, rank=trainer.global_rank if trainer else 0)
+        ranks = {"num_replicas": trainer.world_size if trainer else 1, "rank": trainer.global_rank if trainer else 0}
+        bucket_ids = getattr(self.train_set, "bucket_ids", None)
+        if bucket_ids is not None:
+            self.train_batches = ResumableBucketBatchSampler(bucket_ids, self.batch_size, seed=self.seed, **ranks)
+        else:
+            self.train_batches = ResumableBatchSampler(len(self.train_set), self.batch_size, seed=self.seed,
+                                                       shuffle=True, drop_last=True, **ranks)
         if self._position_to_load:
             self.train_batches.set_epoch(self._position_to_load["epoch"])
             self.train_batches.skip_batches(self._position_to_load["batches_done"])
