@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import selfflow.data.image_folder as image_folder
-from selfflow.data.buckets import BucketIndex, bucket_crop, parse_buckets
+from selfflow.data.buckets import BucketIndex, bucket_crop, make_buckets, parse_buckets
 from selfflow.data.captions import CaptionedImageFolder
 from selfflow.data.collate import collate_samples
 from selfflow.data.image_folder import ImageFolder
@@ -27,7 +27,7 @@ from tests.conftest import TINY
 
 # (height, width) of the images written: aspects w/h from 0.4 to 2.5
 SHAPES = [(48, 24), (40, 24), (30, 30), (24, 40), (20, 50)]
-BUCKETS = {"max_aspect": 2.0}  # with image_size 16 and patch 4: (24, 12), (20, 12), (16, 16), (12, 20)
+BUCKETS = {"max_aspect": 2.0}  # with image_size 16 and patch 4: (24, 12), (20, 12), (16, 16), (12, 20), (12, 24)
 
 
 def write_images(root: Path, per_shape: int = 4, captions: bool = False) -> Path:
@@ -59,7 +59,7 @@ def file_shape(path) -> tuple[int, int]:
 def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_path):
     train = bucketed(write_images(tmp_path / "images"))
     buckets = train.bucketing.buckets
-    assert buckets.sizes == [(24, 12), (20, 12), (16, 16), (12, 20)]
+    assert buckets.sizes == [(24, 12), (20, 12), (16, 16), (12, 20), (12, 24)]
     data = SelfFlowDataModule(train, train, "image", batch_size=2, seed=3)
     data.setup("fit")
     loader = data.train_dataloader()
@@ -156,6 +156,9 @@ def test_captioned_folder_with_buckets_carries_sizes_and_captions(tmp_path):
 
 
 def test_bucket_settings_are_checked():
+    sizes = make_buckets(64, 4, max_aspect=3.0)
+    assert all((w, h) in sizes for h, w in sizes)  # portrait and landscape alike
+    assert len({w / h for h, w in sizes}) == len(sizes)  # one size per aspect
     assert parse_buckets([[12, 20], [16, 16]], 4, 16).buckets.sizes == [(16, 16), (12, 20)]
     assert parse_buckets({"sizes": [[8, 8]], "random_crop": True}, 4, 16).random_crop
     for value, message in [([[12, 18]], "not a multiple of the patch size 4"), ({"base": 16}, "unknown keys"),

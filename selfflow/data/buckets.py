@@ -20,15 +20,19 @@ from torch.utils.data import Sampler
 
 
 def make_buckets(base_size: int, patch_size: int, max_aspect: float = 2.0) -> list[tuple[int, int]]:
-    """(h, w) sizes of about base_size^2 pixels, sides multiples of patch_size, aspects w/h in [1/max, max]."""
+    """(h, w) sizes of about base_size^2 pixels, sides multiples of patch_size, aspects w/h in [1/max, max];
+    every portrait size has its landscape twin."""
     if base_size % patch_size:
         raise ValueError(f"bucket base_size={base_size} must be a multiple of patch_size={patch_size}")
     area, sizes = base_size * base_size, set()
     for h in range(patch_size, 4 * base_size + 1, patch_size):
         w = max(patch_size, round(area / h / patch_size) * patch_size)
         if 1 / max_aspect <= w / h <= max_aspect:
-            sizes.add((h, w))
-    return sorted(sizes, key=lambda s: s[1] / s[0])
+            sizes.update({(h, w), (w, h)})
+    by_aspect: dict[tuple[int, int], tuple[int, int]] = {}  # one size per aspect: the nearest to the area
+    for h, w in sorted(sizes, key=lambda s: abs(s[0] * s[1] - area)):
+        by_aspect.setdefault((h // math.gcd(h, w), w // math.gcd(h, w)), (h, w))
+    return sorted(by_aspect.values(), key=lambda s: s[1] / s[0])
 
 
 class AspectBuckets:
