@@ -1,0 +1,68 @@
+"""tools/prompt_following.py: prompts judged by a reference classifier, on a tiny text-conditioned run."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_tool():
+    spec = importlib.util.spec_from_file_location("prompt_following", ROOT / "tools" / "prompt_following.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class():
+    tool = load_tool()
+    names = [str(i) for i in range(10)]
+    assert tool.parse_prompt("a handwritten four=4", names) == ("a handwritten four", 4, None)
+    assert tool.parse_prompt("x = y=7", names) == ("x = y", 7, None)  # the last '=' separates the class
+    with pytest.raises(ValueError, match="TEXT=CLASS"):
+        tool.parse_prompt("a handwritten four", names)
+    with pytest.raises(ValueError, match="not one of"):
+        tool.parse_prompt("a cat=cat", names)
+    prompts = tool.default_prompts(names)
+    assert {label for _, label, _ in prompts} == set(range(10))
+    assert ("a handwritten four", 4, True) in prompts and ("a picture of a four", 4, False) in prompts
+    summary = tool.summary([{"accuracy": 1.0, "seen_phrasing": True}, {"accuracy": 0.0, "seen_phrasing": False}], 10)
+    assert summary == {"accuracy": 0.5, "chance": 0.1, "accuracy_seen_phrasings": 1.0,
+                       "accuracy_unseen_phrasings": 0.0}
+
+
+@pytest.mark.slow
+def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
+    from selfflow.evaluation.reference_classifier import ReferenceCNN
+    from selfflow.training.build import build_run
+
+    cfg = tiny_train_cfg("experiment=text_digits", "trainer.max_steps=2", "data.batch_size=4",
+                         "callbacks.samples.every_n_steps=0", "callbacks.samples.prompts=[seven]")
+    run = build_run(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    ReferenceCNN(10, channels=1, image_size=16, width=4).save(tmp_path / "ref")
+    tool = load_tool()
+    report = tool.main(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "out"),
+                        "--prompt", "a handwritten four=4", "--prompt", "the digit 7=7", "--per-prompt", "3",
+                        "--steps", "2"])
+    saved = json.loads((tmp_path / "out" / "prompt_following.json").read_text())
+    assert saved == report and [p["prompt"] for p in saved["prompts"]] == ["a handwritten four", "the digit 7"]
+    for row in saved["prompts"]:
+        assert len(row["predicted"]) == 3 and row["accuracy"] == sum(p == row["class"] for p in row["predicted"]) / 3
+    assert saved["chance"] == 0.1 and saved["accuracy_seen_phrasings"] is None
+    assert Image.open(tmp_path / "out" / "prompt_grid.png").size == (2 * (2 + 3 * 18), 2 * (2 + 2 * 18))
+    with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
+        tool.judge(_plain_checkpoint(tiny_train_cfg, tmp_path / "plain"), tmp_path / "ref", [("four", 4, None)], 1, 1,
+                   1.0, 0)
+
+
+def _plain_checkpoint(tiny_train_cfg, run_dir: Path) -> Path:
+    from selfflow.training.build import build_run
+
+    cfg = tiny_train_cfg("trainer.max_steps=1", "callbacks.samples.every_n_steps=0", run_dir=run_dir)
+    run = build_run(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
