@@ -1,19 +1,16 @@
 """tools/prompt_following.py: prompts judged by a reference classifier, on a tiny text-conditioned run."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.conftest import load_tool as load_shared_tool
+
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("prompt_following", ROOT / "tools" / "prompt_following.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_shared_tool("prompt_following")
 
 
 def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class():

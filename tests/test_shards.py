@@ -1,6 +1,5 @@
 """WebDataset tar shards: folder -> tools/write_shards.py -> shard datasets give the folder datasets' items, for
 image, audio and video; shard lists and brace patterns; random access; corrupt shards and members."""
-import importlib.util
 import io
 import json
 import os
@@ -24,15 +23,12 @@ from selfflow.data.shards import AudioShards, ImageShards, VideoShards, expand_b
 from selfflow.data.video_folder import VideoFolder
 from selfflow.data.video_io import write_mp4
 from tests.conftest import TINY, compose_train
+from tests.conftest import load_tool as load_shared_tool
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("write_shards", REPO / "tools" / "write_shards.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_shared_tool("write_shards")
 
 
 write_shards = load_tool().write_shards

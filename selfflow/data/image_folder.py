@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import BinaryIO
+from contextlib import contextmanager
+from typing import BinaryIO, Iterator
 
 import numpy as np
 import torch
@@ -34,13 +35,10 @@ def to_8bit(image: Image.Image, channels: int) -> Image.Image:
     return image.convert("RGB" if channels == 3 else "L")
 
 
-def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: int,
-               max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1].
-
-    `source` is a path or an open binary file (e.g. a tar shard member's bytes in a BytesIO). Refuses (raises)
-    non-regular or empty files and images above `max_pixels` before decoding any pixel.
-    """
+@contextmanager
+def opened_image(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
+    """The PIL image of `source` (a path, or an open binary file such as a tar shard member's bytes), refused
+    before any pixel is decoded when the path is not a non-empty regular file or has more than `max_pixels`."""
     if isinstance(source, (str, os.PathLike)):
         check_readable_file(source)
     with warnings.catch_warnings():
@@ -49,16 +47,31 @@ def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: 
             if image.width * image.height > max_pixels:
                 raise ValueError(f"{image.width}x{image.height} pixels is more than max_pixels={max_pixels} "
                                  f"(a decompression bomb, or an image far larger than training needs)")
-            image.draft("RGB" if channels == 3 else "L", (image_size, image_size))  # fast JPEG downscale
-            image = to_8bit(image, channels)
-            side = min(image.size)
-            left, top = (image.width - side) // 2, (image.height - side) // 2
-            # crop and resize in one step: an extreme aspect ratio never blows up into a huge intermediate
-            image = image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
-            array = np.asarray(image, dtype=np.float32) / 255.0
+            yield image
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """8-bit PIL image -> [C, H, W] float in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32) / 255.0
     if array.ndim == 2:
         array = array[:, :, None]
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: int,
+               max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1].
+
+    `source` is a path or an open binary file; see `opened_image` for what is refused.
+    """
+    with opened_image(source, max_pixels) as image:
+        image.draft("RGB" if channels == 3 else "L", (image_size, image_size))  # fast JPEG downscale
+        image = to_8bit(image, channels)
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        # crop and resize in one step: an extreme aspect ratio never blows up into a huge intermediate
+        return image_to_tensor(image.resize((image_size, image_size), Image.BICUBIC,
+                                            box=(left, top, left + side, top + side)))
 
 
 def read_image_size(path) -> tuple[int, int]:
@@ -73,25 +86,15 @@ def load_image_in_bucket(path, size: tuple[int, int], channels: int, random_crop
                          max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode like `load_image`, resize to cover the bucket `size` (h, w) and crop (`bucket_crop`):
     ([C, h, w] in [0, 1], sizes [6] = original h, w, crop top, left, target h, w)."""
-    check_readable_file(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as image:
-            if image.width * image.height > max_pixels:
-                raise ValueError(f"{image.width}x{image.height} pixels is more than max_pixels={max_pixels} "
-                                 f"(a decompression bomb, or an image far larger than training needs)")
-            crop = bucket_crop(image.height, image.width, size, random_crop)
-            (resized_h, resized_w), (target_h, target_w) = crop.resized, crop.target
-            image.draft("RGB" if channels == 3 else "L", (resized_w, resized_h))  # fast JPEG downscale
-            image = to_8bit(image, channels)
-            # the crop box in the decoded image's pixels (a JPEG draft may have decoded it smaller)
-            sx, sy = image.width / resized_w, image.height / resized_h
-            box = (crop.left * sx, crop.top * sy, (crop.left + target_w) * sx, (crop.top + target_h) * sy)
-            image = image.resize((target_w, target_h), Image.BICUBIC, box=box)
-            array = np.asarray(image, dtype=np.float32) / 255.0
-    if array.ndim == 2:
-        array = array[:, :, None]
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous(), crop.sizes
+    with opened_image(path, max_pixels) as image:
+        crop = bucket_crop(image.height, image.width, size, random_crop)
+        (resized_h, resized_w), (target_h, target_w) = crop.resized, crop.target
+        image.draft("RGB" if channels == 3 else "L", (resized_w, resized_h))  # fast JPEG downscale
+        image = to_8bit(image, channels)
+        # the crop box in the decoded image's pixels (a JPEG draft may have decoded it smaller)
+        sx, sy = image.width / resized_w, image.height / resized_h
+        box = (crop.left * sx, crop.top * sy, (crop.left + target_w) * sx, (crop.top + target_h) * sy)
+        return image_to_tensor(image.resize((target_w, target_h), Image.BICUBIC, box=box)), crop.sizes
 
 
 class ImageFolder(Dataset):

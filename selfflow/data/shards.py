@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, load_image
-from selfflow.data.video_io import VIDEO_BACKENDS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.data.video_folder import check_clip_options
+from selfflow.data.video_io import VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 log = logging.getLogger("selfflow.data")
 
@@ -330,13 +331,7 @@ class VideoShards(ShardDataset):
     def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", num_frames: int = 8,
                  frame_stride: int = 1, fps: float | None = None, image_size: int = 32, channels: int = 3,
                  backend: str = "auto", on_bad_file: str = "skip"):
-        if channels not in (1, 3):
-            raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
-        if num_frames < 1 or frame_stride < 1 or (fps is not None and fps <= 0):
-            raise ValueError(f"data.train.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be "
-                             f"positive")
-        if backend not in VIDEO_BACKENDS:
-            raise ValueError(f"data.train.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
+        check_clip_options(num_frames, frame_stride, fps, channels, backend)
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
         self.random_start = split == "train"

@@ -11,6 +11,17 @@ from selfflow.data.files import find_labelled_files
 from selfflow.data.video_io import VIDEO_BACKENDS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 
+def check_clip_options(num_frames: int, frame_stride: int, fps: float | None, channels: int, backend: str) -> None:
+    """Start-up errors for a video dataset's clip options, naming the key."""
+    if channels not in (1, 3):
+        raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
+    if num_frames < 1 or frame_stride < 1 or (fps is not None and fps <= 0):
+        raise ValueError(f"data.train.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be "
+                         f"positive")
+    if backend not in VIDEO_BACKENDS:
+        raise ValueError(f"data.train.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
+
+
 class VideoFolder(LabelledFileDataset):
     """Videos under `root` (.mp4 .avi .mkv .webm .mov), labelled by class sub-folder, CSV `manifest` or file-name
     `name_pattern` + `label_field` (see `find_labelled_files`).
@@ -24,13 +35,7 @@ class VideoFolder(LabelledFileDataset):
                  fps: float | None = None, image_size: int = 32, channels: int = 3, test_fraction: float = 0.1,
                  seed: int = 0, on_bad_file: str = "skip", manifest: str | None = None,
                  name_pattern: str | None = None, label_field: str | None = None, backend: str = "auto"):
-        if channels not in (1, 3):
-            raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
-        if num_frames < 1 or frame_stride < 1 or (fps is not None and fps <= 0):
-            raise ValueError(f"data.train.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be "
-                             f"positive")
-        if backend not in VIDEO_BACKENDS:
-            raise ValueError(f"data.train.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
+        check_clip_options(num_frames, frame_stride, fps, channels, backend)
         files = find_labelled_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
                                     label_field)
         super().__init__(files, on_bad_file)
