@@ -123,3 +123,52 @@ def test_train_reference_classifier_tool_writes_a_loadable_classifier(tmp_path):
     assert 0 <= record["test_accuracy"] <= 1 and record["num_test"] == 270
     model = load_reference_classifier(tmp_path / "ref")
     assert isinstance(model, ReferenceCNN) and model.image_size == 8 and model.feature_dim == 16
+
+
+class Tones(torch.utils.data.Dataset):
+    """Two classes of 0.25 s recordings at 8 kHz: a low or a high tone, random phase and loudness."""
+
+    def __init__(self, count: int, seed: int):
+        generator = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 2, (count,), generator=generator)
+        t = torch.arange(2000) / 8000
+        phase = torch.rand(count, 1, generator=generator) * 6.28
+        loudness = 0.2 + 0.6 * torch.rand(count, 1, generator=generator)
+        frequency = torch.where(self.labels[:, None] == 0, 300.0, 2000.0)
+        self.waves = loudness * torch.sin(6.283 * frequency * t + phase)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.waves[i][None], int(self.labels[i])  # ([1, S], label), like the audio datasets
+
+
+def test_audio_reference_classifier_reads_log_mel_images_and_tells_tones_apart(tmp_path):
+    from selfflow.evaluation.reference_classifier import MelImage
+
+    mel = MelImage(8000, 2000, n_mels=16, frames=32)
+    image = mel(Tones(2, 0).waves)
+    assert image.shape == (2, 1, 16, 32) and 0 <= image.min() and image.max() <= 1
+    with pytest.raises(ValueError, match=r"waves \[B, 2000\]"):
+        mel(torch.zeros(2, 1999))
+    audio = {"sample_rate": 8000, "num_samples": 2000, "n_mels": 16, "frames": 32}
+    model, test_accuracy = train_reference_classifier(Tones(128, 0), Tones(32, 1), 2, channels=1, image_size=16,
+                                                      width=4, epochs=8, batch_size=16, log=lambda _: None,
+                                                      audio=audio)
+    assert model.modality == "audio" and test_accuracy > 0.9
+    model.save(tmp_path / "ref")
+    loaded = load_reference_classifier(tmp_path / "ref")
+    waves = Tones(4, 2).waves
+    assert loaded.modality == "audio"
+    torch.testing.assert_close(loaded.features(waves), model.features(waves))
+    torch.testing.assert_close(loaded.features(waves[:, None]), model.features(waves))  # [B, 1, S] too
+
+
+def test_sample_metrics_refuse_a_reference_of_the_other_modality(tmp_path):
+    from tests.test_sample_cli import run_sample, tiny_ckpt_path
+
+    ckpt = tiny_ckpt_path(tmp_path / "run")
+    ReferenceCNN(2, 1, 16, 4, audio={"sample_rate": 8000, "num_samples": 2000}).save(tmp_path / "ref")
+    with pytest.raises(ValueError, match="judges audio, but this run samples image"):
+        run_sample(ckpt, tmp_path / "out", "num_samples=2", "steps=1", "metrics=true", f"reference={tmp_path / 'ref'}")

@@ -216,12 +216,11 @@ def main(argv: list[str] | None = None) -> None:
     figures_dir.mkdir(parents=True, exist_ok=True)
     for modality in args.only:
         spec = specs[modality]
-        reference = None
-        if modality == "image":
-            reference = args.work / "reference_classifier"
-            if not (reference / "config.json").is_file():
-                run([sys.executable, str(ROOT / "tools" / "train_reference_classifier.py"), "--out", str(reference),
-                     "--epochs", str(args.reference_epochs), *spec["data"]], args.work / "reference_classifier.log")
+        # one reference classifier per modality (audio: on log-mel images), trained on the same data
+        reference = args.work / ("reference_classifier" if modality == "image" else f"reference_classifier_{modality}")
+        if not (reference / "config.json").is_file():
+            run([sys.executable, str(ROOT / "tools" / "train_reference_classifier.py"), "--out", str(reference),
+                 "--epochs", str(args.reference_epochs), *spec["data"]], reference.with_suffix(".log"))
         results[modality] = {}
         for variant in args.variants:
             results[modality][variant] = [read_results(train_probe_sample(args.work, modality, spec, variant, seed,

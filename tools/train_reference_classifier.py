@@ -4,6 +4,7 @@ built from selfflow's own data configs, and save it as model.safetensors + confi
 
     python tools/train_reference_classifier.py --out refs/digits                      # built-in digits (16x16)
     python tools/train_reference_classifier.py --out refs/cifar data=image_folder data.root=DIR data.train.image_size=32
+    python tools/train_reference_classifier.py --out refs/speech experiment=audio_digits   # audio: log-mel images
     selfflow-sample ckpt=runs/.../last.ckpt metrics=true reference=refs/digits
 
 Trailing arguments are overrides of the training config (conf/train.yaml), so `data=...` means exactly what it
@@ -50,16 +51,24 @@ def main(argv: list[str] | None = None) -> dict:
         from selfflow.evaluation.reference_classifier import train_reference_classifier
 
         data = compose_data_config(args.overrides)
-        if data.get("modality", "image") != "image":
-            raise ValueError(f"the reference classifier is for images; data gives {data.modality!r} samples")
+        modality = data.get("modality", "image")
+        if modality == "image":
+            shape = {"channels": int(data.train.channels), "image_size": int(data.train.image_size), "audio": None}
+        elif modality == "audio":  # the CNN reads a log-mel image of each recording
+            rate = int(data.train.sample_rate)
+            shape = {"channels": 1, "image_size": 32,
+                     "audio": {"sample_rate": rate, "num_samples": round(rate * float(data.train.duration))}}
+        else:
+            raise ValueError(f"the reference classifier is for images or audio; data gives {modality!r} samples "
+                             f"(for a multi-modal run pick one: experiment=digits or experiment=audio_digits)")
         train_set, test_set = instantiate(data.train), instantiate(data.test)
         num_classes = int(getattr(train_set, "num_classes", 0))
         started = time.perf_counter()
         model, test_accuracy = train_reference_classifier(
-            train_set, test_set, num_classes, channels=int(data.train.channels), image_size=int(data.train.image_size),
-            width=args.width, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-            device=args.device, class_names=list(getattr(train_set, "class_names", [])) or None,
-            log=lambda line: print(line, file=sys.stderr))
+            train_set, test_set, num_classes, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
+            lr=args.lr, seed=args.seed, device=args.device,
+            class_names=list(getattr(train_set, "class_names", [])) or None,
+            log=lambda line: print(line, file=sys.stderr), **shape)
         record = {"out": str(Path(args.out).resolve()), "test_accuracy": test_accuracy, "num_train": len(train_set),
                   "num_test": len(test_set), "seconds": round(time.perf_counter() - started, 1),
                   "data": " ".join(args.overrides) or "digits"}

@@ -114,7 +114,7 @@ def size_rows(model, tokenizer, count: int) -> torch.Tensor | None:
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(count, 1)
 
 
-def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device):
+def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device, modality: str = "image"):
     """(extractor, accumulator of the real data's features) for metrics=true, else (None, None)."""
     if not cfg.metrics:
         return None, None
@@ -127,6 +127,10 @@ def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device):
         extractor = instantiate(cfg.feature_extractor)
     elif cfg.reference is not None:
         extractor = load_reference_classifier(cfg.reference, device)
+        if extractor.modality != modality:
+            raise ValueError(f"reference={cfg.reference} judges {extractor.modality}, but this run samples {modality}; "
+                             f"train one on the run's data: tools/train_reference_classifier.py --out DIR "
+                             f"<the run's data overrides>")
     else:
         raise ValueError("metrics=true needs reference=PATH (a folder from tools/train_reference_classifier.py) "
                          "or feature_extractor={_target_: ...}")
@@ -209,9 +213,9 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     if text is not None and cfg.labels is None:  # text models: the caption is the condition
         labels = torch.full_like(labels, model.null_class)
     init = load_init(cfg.init, tokenizer).to(device) if cfg.get("init") else None
-    extractor, real = build_metrics(cfg, loaded, device) if modality == "image" else (None, None)
+    extractor, real = build_metrics(cfg, loaded, device, modality) if modality in ("image", "audio") else (None, None)
     if cfg.metrics and extractor is None:
-        raise ValueError(f"metrics=true is for images; this run samples {modality}")
+        raise ValueError(f"metrics=true is for images and audio; this run samples {modality}")
     out_dir = Path(cfg.out_dir)
     writer = SampleWriter(modality, tokenizer, out_dir, cfg)
     options = {"last_step": cfg.sde_last_step} if sampler == "sde" else {}

@@ -2,7 +2,8 @@
 
 Trained once per labelled dataset (`tools/train_reference_classifier.py`) and saved as `model.safetensors` +
 `config.json`, so that Frechet distance and classifier accuracy of class-conditional samples need no downloaded
-network. Any other local extractor with `features(images) -> [B, D]` (and optionally `logits(images)`) plugs
+network. For audio the same CNN reads a fixed log-mel image of each waveform (`MelImage`), so generated
+recordings are judged like generated images. Any other local extractor with `features(images) -> [B, D]` (and optionally `logits(images)`) plugs
 into `selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
 """
 from __future__ import annotations
@@ -40,14 +41,46 @@ def match_images(images: Tensor, channels: int, image_size: int) -> Tensor:
     return images
 
 
+class MelImage(nn.Module):
+    """Waves [B, S] or [B, 1, S] -> log-mel images [B, 1, n_mels, frames] in [0, 1] (a fixed transform, no weights):
+    magnitudes mapped by log(mel + 1e-4), with log(1e-4) -> 0 and log(100) -> 1, clamped."""
+
+    LOG_FLOOR, LOG_CEILING = -9.2103, 4.6052  # log(1e-4), log(100)
+
+    def __init__(self, sample_rate: int, num_samples: int, n_mels: int = 32, frames: int = 64):
+        super().__init__()
+        import torchaudio
+
+        self.sample_rate, self.num_samples, self.n_mels, self.frames = sample_rate, num_samples, n_mels, frames
+        hop = max(1, num_samples // frames)
+        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=max(64, 4 * hop), hop_length=hop,
+                                                        n_mels=n_mels, power=1.0)
+
+    def forward(self, waves: Tensor) -> Tensor:
+        if waves.ndim == 3:
+            waves = waves[:, 0]
+        if waves.ndim != 2 or waves.shape[1] != self.num_samples:
+            raise ValueError(f"the audio reference classifier takes waves [B, {self.num_samples}] "
+                             f"({self.num_samples / self.sample_rate:g} s at {self.sample_rate} Hz), got "
+                             f"{list(waves.shape)}")
+        log_mel = torch.log(self.mel(waves.float()) + 1e-4)[:, None, :, :self.frames]  # [B, 1, n_mels, frames]
+        return ((log_mel - self.LOG_FLOOR) / (self.LOG_CEILING - self.LOG_FLOOR)).clamp(0, 1)
+
+    def config(self) -> dict[str, Any]:
+        return {"sample_rate": self.sample_rate, "num_samples": self.num_samples, "n_mels": self.n_mels,
+                "frames": self.frames}
+
+
 class ReferenceCNN(nn.Module):
     """Compact CNN: three conv stages (width, 2 width, 4 width), global average pool -> features [B, 4 width] ->
     linear classifier. Takes [B, C, H, W] in [0, 1]; other sizes and grey/RGB are adapted on the way in.
     """
 
     def __init__(self, num_classes: int, channels: int = 1, image_size: int = 16, width: int = 16,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, audio: dict[str, int] | None = None):
         super().__init__()
+        self.front = MelImage(**audio) if audio else None  # waves in, instead of images
+        self.modality = "audio" if audio else "image"
         if num_classes < 2:
             raise ValueError(f"a reference classifier needs a labelled dataset with >= 2 classes, got {num_classes}")
         self.num_classes, self.channels, self.image_size, self.width = num_classes, channels, image_size, width
@@ -63,10 +96,19 @@ class ReferenceCNN(nn.Module):
     def feature_dim(self) -> int:
         return 4 * self.width
 
-    def features(self, images: Tensor) -> Tensor:
-        """[B, C, H, W] in [0, 1] -> [B, 4 width]."""
-        images = match_images(images.to(self.head.weight.device, torch.float32), self.channels, self.image_size)
+    def prepare(self, inputs: Tensor) -> Tensor:
+        """Images [B, C, H, W] in [0, 1] (or waves [B, (1,) S] for audio) -> [B, channels, S, S] in [0, 1]."""
+        inputs = inputs.to(self.head.weight.device, torch.float32)
+        if self.front is not None:
+            inputs = self.front(inputs)
+        return match_images(inputs, self.channels, self.image_size)
+
+    def features_of_prepared(self, images: Tensor) -> Tensor:
         return self.body(images * 2 - 1)
+
+    def features(self, inputs: Tensor) -> Tensor:
+        """Images [B, C, H, W] in [0, 1] (waves for audio) -> [B, 4 width]."""
+        return self.features_of_prepared(self.prepare(inputs))
 
     def logits(self, images: Tensor) -> Tensor:
         return self.head(self.features(images))
@@ -75,7 +117,8 @@ class ReferenceCNN(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"architecture": "ReferenceCNN", "num_classes": self.num_classes, "channels": self.channels,
-                "image_size": self.image_size, "width": self.width, "class_names": self.class_names}
+                "image_size": self.image_size, "width": self.width, "class_names": self.class_names,
+                "modality": self.modality, "audio": self.front.config() if self.front is not None else None}
 
     def save(self, folder: str | os.PathLike, **info: Any) -> Path:
         """`folder/model.safetensors` + `folder/config.json` (the architecture plus any `info`)."""
@@ -101,7 +144,7 @@ def load_reference_classifier(path: str | os.PathLike, device: str | torch.devic
         raise ValueError(f"{folder / CONFIG_FILE} describes architecture {config.get('architecture')!r}, not "
                          f"ReferenceCNN; plug other extractors in with feature_extractor._target_")
     model = ReferenceCNN(config["num_classes"], config["channels"], config["image_size"], config["width"],
-                         config.get("class_names"))
+                         config.get("class_names"), config.get("audio"))
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except RuntimeError as error:
@@ -132,11 +175,15 @@ def accuracy(model: ReferenceCNN, dataset: Dataset, batch_size: int = 256) -> fl
 def train_reference_classifier(train_set: Dataset, test_set: Dataset | None, num_classes: int, channels: int,
                                image_size: int, width: int = 16, epochs: int = 15, batch_size: int = 32,
                                lr: float = 2e-3, max_shift: int = 1, seed: int = 0, device: str = "cpu",
-                               class_names: list[str] | None = None, log=print) -> tuple[ReferenceCNN, float | None]:
-    """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its test accuracy."""
+                               class_names: list[str] | None = None, log=print,
+                               audio: dict[str, int] | None = None) -> tuple[ReferenceCNN, float | None]:
+    """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its test accuracy.
+
+    audio: `MelImage` settings when the datasets give waves (then `channels` is 1 and `image_size` the square the
+    log-mel image is resized to)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = ReferenceCNN(num_classes, channels, image_size, width, class_names).to(device)
+    model = ReferenceCNN(num_classes, channels, image_size, width, class_names, audio).to(device)
     loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
                         generator=generator)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
@@ -144,8 +191,9 @@ def train_reference_classifier(train_set: Dataset, test_set: Dataset | None, num
     for epoch in range(epochs):
         model.train()
         for images, labels in loader:
-            images = random_shift(images.to(device), max_shift, generator)
-            loss = F.cross_entropy(model.logits(images), torch.as_tensor(labels, device=device))
+            images = random_shift(model.prepare(images), max_shift, generator)
+            logits = model.head(model.features_of_prepared(images))
+            loss = F.cross_entropy(logits, torch.as_tensor(labels, device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
