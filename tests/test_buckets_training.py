@@ -180,7 +180,7 @@ def test_size_conditioning_must_match_the_buckets_at_start_up(tmp_path):
 
     check_size_conditioning(bucketed(root), "image", module(True))
     check_size_conditioning(square, "image", module(False))
-    with pytest.raises(ValueError, match=r"data.train.buckets is set .* \+model.size_conditioning=true"):
+    with pytest.raises(ValueError, match=r"data.train.buckets is set .* model.size_conditioning=true"):
         check_size_conditioning(bucketed(root), "image", module(False))
     with pytest.raises(ValueError, match=r"model.size_conditioning=true but .*\(data.train.buckets is null\)"):
         check_size_conditioning(square, "image", module(True))
@@ -217,7 +217,7 @@ def bucketed_checkpoint(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("buckets")
     images, run_dir = write_images(tmp / "images"), tmp / "run"
     args = [*TINY, "data=image_folder", f"data.root={images}", "data.train.image_size=16", "data.batch_size=2",
-            "tokenizer.image.patch_size=4", "data.train.buckets={max_aspect: 2.0}", "+model.size_conditioning=true",
+            "tokenizer.image.patch_size=4", "data.train.buckets={max_aspect: 2.0}", "model.size_conditioning=true",
             "trainer.max_steps=2", "callbacks.probe.every_n_steps=2", "callbacks.probe.train_samples=8",
             "callbacks.probe.test_samples=4", "callbacks.probe.epochs=2", f"hydra.run.dir={run_dir}"]
     result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *args], capture_output=True, text=True,

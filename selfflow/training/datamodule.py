@@ -56,7 +56,7 @@ def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> Non
     conditioned = model.size_embedder is not None
     if bucketing is not None and not conditioned:
         raise ValueError("data.train.buckets is set (multi-aspect training) but the model has no size conditioning; "
-                         "add +model.size_conditioning=true, or set data.train.buckets=null for square images")
+                         "add model.size_conditioning=true, or set data.train.buckets=null for square images")
     if bucketing is None and conditioned:
         raise ValueError("model.size_conditioning=true but the training data has no buckets (data.train.buckets is "
                          "null), so the size embedder would never see a size; set data.train.buckets (e.g. "
