@@ -61,3 +61,23 @@ def test_ddp_and_fsdp_trainer_configs_build(tmp_path):
     assert strategy.kwargs["use_orig_params"] is True
     assert TransformerBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
     assert strategy.sharding_strategy.name == "FULL_SHARD"
+
+
+def test_callbacks_stand_down_when_the_model_is_sharded_over_ranks(caplog):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from selfflow.training.distributed import callback_forward_context, fsdp_strategy, sharded_over_ranks
+
+    fsdp, single = fsdp_strategy(), SingleDeviceStrategy("cpu")
+    many = SimpleNamespace(strategy=fsdp, world_size=2, is_global_zero=True)
+    with caplog.at_level("WARNING", logger="selfflow.training"):
+        assert sharded_over_ranks(many, "sample grids")
+        assert sharded_over_ranks(many, "sample grids")  # warned once
+    assert [r.getMessage() for r in caplog.records].count(
+        "sample grids are off under FSDP on 2 ranks; run selfflow-sample / selfflow-probe on a checkpoint") == 1
+    assert not sharded_over_ranks(SimpleNamespace(strategy=fsdp, world_size=1, is_global_zero=True), "probes")
+    assert not sharded_over_ranks(SimpleNamespace(strategy=single, world_size=2, is_global_zero=True), "probes")
+    with callback_forward_context(SimpleNamespace(strategy=single)):  # no autocast outside FSDP
+        assert not torch.is_autocast_enabled("cpu")

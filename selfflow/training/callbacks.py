@@ -12,7 +12,7 @@ from selfflow.sampling.prompted import prompted_model
 from selfflow.tokenizers.text import TEXT
 from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
 from selfflow.sampling.writers import save_image_grid
-from selfflow.training.distributed import callback_forward_context, joins_model_forward
+from selfflow.training.distributed import callback_forward_context, sharded_over_ranks
 
 log = logging.getLogger("selfflow")
 
@@ -46,7 +46,7 @@ class SampleGrid(L.Callback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, module, name: str) -> list[Path]:
-        """Sample every modality and save the files (on rank 0; other ranks of a sharded model only sample)."""
+        """Sample every modality and save the files (rank 0)."""
         paths = []
         for modality, tokenizer in module.tokenizers.items():
             if modality == TEXT:  # text conditions the samples; it is not sampled
@@ -56,8 +56,6 @@ class SampleGrid(L.Callback):
             with callback_forward_context(trainer):
                 samples = generate(model, tokenizer, labels, steps=self.steps, cfg_scale=self.cfg_scale,
                                    generator=generator)
-            if not trainer.is_global_zero:
-                continue
             folder = Path(trainer.default_root_dir) / self.dirname / modality
             if modality == "image":
                 nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
@@ -97,11 +95,11 @@ class SampleGrid(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step
-        if due and joins_model_forward(trainer):
+        if due and trainer.is_global_zero and not sharded_over_ranks(trainer, "sample grids"):
             self._last_step = step
             self.write(trainer, module, f"step_{step:07d}")
 
     def on_train_end(self, trainer, module) -> None:
-        if joins_model_forward(trainer):
+        if trainer.is_global_zero and not sharded_over_ranks(trainer, "sample grids"):
             for path in self.write(trainer, module, "final"):
                 log.info("samples: %s", path)

@@ -1,6 +1,7 @@
 """Distributed training pieces Lightning leaves to the user: per-rank randomness and the FSDP wrapping policy."""
 from __future__ import annotations
 
+import logging
 from contextlib import AbstractContextManager, nullcontext
 
 import lightning as L
@@ -8,6 +9,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 
 from selfflow.models.transformer import TransformerBlock
+
+log = logging.getLogger("selfflow.training")
 
 
 class RankSeed(L.Callback):
@@ -36,13 +39,23 @@ def is_sharded(trainer: L.Trainer) -> bool:
     return isinstance(trainer.strategy, FSDPStrategy)
 
 
-def joins_model_forward(trainer: L.Trainer) -> bool:
-    """Whether this rank runs a callback's model forward: rank 0 alone, except for a model sharded over several
-    ranks, whose every forward needs all of them (each gathers its shards from the others)."""
-    return trainer.is_global_zero or (is_sharded(trainer) and trainer.world_size > 1)
+_SKIP_WARNED: set[str] = set()
+
+
+def sharded_over_ranks(trainer: L.Trainer, what: str) -> bool:
+    """True (and a one-time warning) when the model is sharded over several ranks: a callback's forward outside
+    training_step would need every rank and the unsharded root parameters, which is not supported; sample and
+    probe the checkpoint instead (selfflow-sample / selfflow-probe)."""
+    if not (is_sharded(trainer) and trainer.world_size > 1):
+        return False
+    if what not in _SKIP_WARNED and trainer.is_global_zero:
+        log.warning("%s are off under FSDP on %d ranks; run selfflow-sample / selfflow-probe on a checkpoint",
+                    what, trainer.world_size)
+    _SKIP_WARNED.add(what)
+    return True
 
 
 def callback_forward_context(trainer: L.Trainer) -> AbstractContextManager:
-    """Context for a model forward outside training_step: under FSDP mixed precision the parameters are cast to
-    bf16/fp16 at each forward, so the inputs need the precision plugin's autocast too."""
+    """Context for a model forward outside training_step: under FSDP mixed precision (one GPU) the parameters are
+    cast to bf16/fp16 at each forward, so the inputs need the precision plugin's autocast too."""
     return trainer.precision_plugin.forward_context() if is_sharded(trainer) else nullcontext()

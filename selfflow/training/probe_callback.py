@@ -12,7 +12,7 @@ from torch.utils.data import Subset
 from selfflow.evaluation.features import extract_features, probe_loader
 from selfflow.evaluation.linear_probe import fit_linear_probe
 from selfflow.evaluation.probe import modality_sources
-from selfflow.training.distributed import callback_forward_context
+from selfflow.training.distributed import callback_forward_context, sharded_over_ranks
 
 log = logging.getLogger("selfflow")
 
@@ -61,7 +61,7 @@ class LinearProbe(L.Callback):
                 for split, dataset, size in (("train", datamodule.train_set, self.train_samples),
                                              ("test", datamodule.test_set, self.test_samples)):
                     loader = probe_loader(fixed_subset(dataset, size, self.seed), modality, self.batch_size)
-                    with callback_forward_context(trainer):  # every rank runs the probe: FSDP needs them all
+                    with callback_forward_context(trainer):
                         features[split] = extract_features(module.ema_model, module.tokenizers[modality], loader,
                                                            [layer], [level], seed=self.seed)[(layer, level)]
                 with torch.enable_grad(), torch.inference_mode(False):
@@ -73,7 +73,7 @@ class LinearProbe(L.Callback):
     def _run(self, trainer, module) -> None:
         """Probe once per step at most and log `probe/top1` at the step; nothing when the data has no labels."""
         step = trainer.global_step
-        if step == self._last_step or not self._usable(trainer):
+        if step == self._last_step or not self._usable(trainer) or sharded_over_ranks(trainer, "probe callbacks"):
             return
         self._last_step = step
         per_modality = self.probe(trainer, module)
