@@ -271,7 +271,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, help="training-step batch size (default: 64 on GPU, 16 on CPU)")
     parser.add_argument("--packing-scale", type=int, default=1, help="multiply the packing case's sample lengths")
     parser.add_argument("--attention", choices=["auto", "sdpa"], default="auto",
-                        help="packing case: auto (variable-length kernel on GPUs) or sdpa (dense block mask)")
+                        help="packing case: auto (flash-attn's variable-length kernel when installed, else the "
+                             "dense block mask) or sdpa (always the dense block mask)")
     args = parser.parse_args(argv)
     overrides = argparse.Namespace(**vars(args))
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
