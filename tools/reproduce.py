@@ -2,7 +2,8 @@
 """Small-scale reproduction of Self-Flow's claims: four variants trained with the same data and compute, judged on
 representations (linear probes by layer) and on samples (reference-classifier Frechet distance and accuracy).
 
-    python tools/reproduce.py                         # images + audio, 2 seeds, writes docs/results.md
+    python tools/reproduce.py                         # images + audio, 2 seeds, writes docs/results.md (~1.5 h)
+    python tools/reproduce.py --report-only           # the page from whatever runs have finished
     python tools/reproduce.py --steps 600 --seeds 0   # quicker
     python tools/reproduce.py --only image --variants vanilla selfflow
 
