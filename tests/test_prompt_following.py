@@ -52,8 +52,8 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     assert saved["chance"] == 0.1 and saved["accuracy_seen_phrasings"] is None
     assert Image.open(tmp_path / "out" / "prompt_grid.png").size == (2 * (2 + 3 * 18), 2 * (2 + 2 * 18))
     with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
-        tool.judge(_plain_checkpoint(tiny_train_cfg, tmp_path / "plain"), tmp_path / "ref", [("four", 4, None)], 1, 1,
-                   1.0, 0)
+        tool.judge(_plain_checkpoint(tiny_train_cfg, tmp_path / "plain"), ReferenceCNN(10, 1, 16, 4),
+                   [("four", 4, None)], 1, 1, 1.0, 0)
 
 
 def _plain_checkpoint(tiny_train_cfg, run_dir: Path) -> Path:

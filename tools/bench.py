@@ -274,21 +274,18 @@ def main(argv=None) -> list[dict]:
                         help="packing case: auto (flash-attn's variable-length kernel when installed, else the "
                              "dense block mask) or sdpa (always the dense block mask)")
     args = parser.parse_args(argv)
-    overrides = argparse.Namespace(**vars(args))
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     on_gpu = args.device.startswith("cuda")
-    # the training-step model: DiT-S-like on GPU, a small one on CPU
-    args.width, args.depth, args.heads = (384, 12, 6) if on_gpu else (256, 10, 4)
+    # the training-step model: DiT-S-like on GPU, a small one on CPU, unless --width/--depth/--batch say otherwise
+    width, depth, heads = (384, 12, 6) if on_gpu else (256, 10, 4)
+    args.heads = max(1, args.width // 64) if args.width else heads
+    args.width = args.width or width
+    args.depth = args.depth or (depth // 2 if args.quick else depth)
+    args.batch = args.batch or (64 if on_gpu else 16)
     args.grid, args.channels = (16, 16) if on_gpu else (8, 12)
-    args.batch = 64 if on_gpu else 16
     args.adaln_tokens = 256  # SiT-XL/2 on 256px images: 16x16 latent patches
     args.adaln_batch = 32 if on_gpu else 4
     args.warmup, args.iters = (2, 5) if args.quick else ((10, 30) if on_gpu else (3, 15))  # GPU: clocks ramp up
-    if args.quick:
-        args.depth, args.iters = args.depth // 2, 5
-    args.width, args.depth, args.batch = (given or default for given, default in zip(
-        (overrides.width, overrides.depth, overrides.batch), (args.width, args.depth, args.batch)))
-    args.heads = max(1, args.width // 64) if overrides.width else args.heads
     cases = args.only or ["train", "adaln", "packing"]
 
     payloads = []

@@ -50,10 +50,9 @@ def parse_prompt(spec: str, class_names: list[str]) -> tuple[str, int, None]:
 
 
 @torch.no_grad()
-def judge(ckpt: Path, reference: Path, prompts: list[tuple[str, int, bool | None]], per_prompt: int, steps: int,
+def judge(ckpt: Path, classifier, prompts: list[tuple[str, int, bool | None]], per_prompt: int, steps: int,
           cfg_scale: float, seed: int) -> tuple[list[dict], torch.Tensor]:
-    """Per-prompt results and the samples [P * per_prompt, C, H, W]."""
-    from selfflow.evaluation.reference_classifier import load_reference_classifier
+    """Per-prompt results and the samples [P * per_prompt, C, H, W]; classifier: a loaded reference classifier."""
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
     from selfflow.sampling.prompted import prompted_model
     from selfflow.tokenizers.text import TEXT
@@ -63,7 +62,6 @@ def judge(ckpt: Path, reference: Path, prompts: list[tuple[str, int, bool | None
     if TEXT not in loaded.tokenizers or "image" not in loaded.tokenizers:
         raise ValueError(f"{ckpt} is not a text-to-image checkpoint (its tokenizers: {sorted(loaded.tokenizers)}); "
                          f"train one with selfflow-train experiment=text_digits")
-    classifier = load_reference_classifier(reference)
     model, labels = prompted_model(loaded.model, loaded.tokenizers[TEXT], [p for p, _, _ in prompts], per_prompt)
     noise = NoiseSource(generators=sample_generators(seed, range(len(labels))))
     tokenizer = loaded.tokenizers["image"]
@@ -101,9 +99,10 @@ def main(argv: list[str] | None = None) -> dict:
     from selfflow.evaluation.reference_classifier import load_reference_classifier
     from selfflow.sampling.writers import save_image_grid
 
-    class_names = load_reference_classifier(args.reference).class_names
+    classifier = load_reference_classifier(args.reference)
+    class_names = classifier.class_names
     prompts = [parse_prompt(p, class_names) for p in args.prompt] or default_prompts(class_names)
-    results, images = judge(args.ckpt, args.reference, prompts, args.per_prompt, args.steps, args.cfg_scale,
+    results, images = judge(args.ckpt, classifier, prompts, args.per_prompt, args.steps, args.cfg_scale,
                             args.seed)
     report = {"ckpt": str(args.ckpt), "reference": str(args.reference), "per_prompt": args.per_prompt,
               "sampler": "heun", "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,

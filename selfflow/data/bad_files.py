@@ -47,3 +47,21 @@ class BadFilePolicy:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.record_path, "a", encoding="utf-8", errors="backslashreplace") as f:
                 f.write(f"{key}\t{reason}\n")
+
+
+def require_one_readable(count: int, load, name_of, policy: BadFilePolicy, what: str, hint: str) -> None:
+    """Fail at start-up when none of `count` items can be loaded: try `load(i)` in order until one works (usually
+    the first). With on_bad_file=error the first failure stops the run through the policy."""
+    first_failure = None
+    for i in range(count):
+        try:
+            load(i)
+            return
+        except Exception as error:  # noqa: BLE001 - classified by the policy
+            if policy.on_bad_file == "error":
+                policy.handle(name_of(i), failure_reason(error))
+            first_failure = first_failure or (name_of(i), failure_reason(error))
+    if first_failure is None:
+        return  # nothing to read: the caller names an empty split
+    name, reason = first_failure
+    raise ValueError(f"none of the {count} {what} can be read (the first, {name}: {reason}); {hint}")

@@ -6,7 +6,7 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.data.bad_files import BadFilePolicy, failure_reason
+from selfflow.data.bad_files import BadFilePolicy, failure_reason, require_one_readable
 from selfflow.data.files import LabelledFiles, check_readable_file
 
 
@@ -33,21 +33,9 @@ class LabelledFileDataset(Dataset):
         return self.load(path)
 
     def check_readable(self) -> None:
-        """Fail at start-up when no file can be read: decode files in order until one works (usually the first)."""
-        first_failure = None
-        for path in self.paths:
-            try:
-                self.read(path)
-                return
-            except Exception as error:  # noqa: BLE001 - classified by the policy
-                if self.bad_files.on_bad_file == "error":
-                    self.bad_files.handle(path, failure_reason(error))
-                first_failure = first_failure or (path, failure_reason(error))
-        if first_failure is None:
-            return  # an empty split: the DataModule names it
-        path, reason = first_failure
-        raise ValueError(f"none of the {len(self.paths)} files of this split can be read (the first, {path}: {reason}); "
-                         f"check data.root and the file types")
+        """Fail at start-up when no file of this split can be read (an empty split: the DataModule names it)."""
+        require_one_readable(len(self.paths), lambda i: self.read(self.paths[i]), lambda i: self.paths[i],
+                             self.bad_files, "files of this split", "check data.root and the file types")
 
     def __len__(self) -> int:
         return len(self.paths)

@@ -25,7 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
-from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason
+from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, load_image
 from selfflow.data.video_folder import check_clip_options
 from selfflow.data.video_io import VIDEO_EXTENSIONS, frames_to_tensor, read_clip
@@ -106,8 +106,8 @@ def sample_key(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _scan_shard(path: Path) -> tuple[dict[str, dict[str, tuple[int, int]]], int]:
-    """key -> {extension: (data offset, size)} of the regular members, in tar order, and the shard's size.
+def _scan_shard(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
+    """key -> {extension: (data offset, size)} of the regular members, in tar order.
 
     A truncated or corrupt shard raises: besides tarfile's own checks, every member's data must lie inside the file
     and the archive must end with tar's zero block (tarfile stops silently at a broken header after the first)."""
@@ -131,7 +131,7 @@ def _scan_shard(path: Path) -> tuple[dict[str, dict[str, tuple[int, int]]], int]
     except (tarfile.TarError, EOFError) as error:
         raise ValueError(f"shard {path} is truncated or corrupt ({error}); write it again (tools/write_shards.py "
                          f"--overwrite) or leave it out of data.root") from None
-    return samples, size
+    return samples
 
 
 def read_class_names(folder: Path, modality: str) -> list[str] | None:
@@ -168,7 +168,7 @@ class ShardDataset(Dataset):
         self.data_extensions = tuple(e.lstrip(".") for e in self.extensions)
         keys, data_ext, data, labels, captions = [], [], [], [], []
         for shard_index, shard in enumerate(self.shards):
-            samples, _ = _scan_shard(shard)
+            samples = _scan_shard(shard)
             for key, members in samples.items():
                 extension = next((e for e in members if e in self.data_extensions), None)
                 if extension is None:
@@ -254,19 +254,9 @@ class ShardDataset(Dataset):
         return [str(i) for i in range(top + 1)]
 
     def check_readable(self) -> None:
-        """Fail at start-up when no sample can be read: decode samples in order until one works (usually the first)."""
-        first_failure = None
-        for i in range(len(self)):
-            try:
-                self.load(i)
-                return
-            except Exception as error:  # noqa: BLE001 - classified by the policy
-                if self.bad_files.on_bad_file == "error":
-                    self.bad_files.handle(self.member_name(i), failure_reason(error))
-                first_failure = first_failure or (self.member_name(i), failure_reason(error))
-        name, reason = first_failure
-        raise ValueError(f"none of the {len(self)} samples of split={self.split!r} can be read (the first, {name}: "
-                         f"{reason}); check data.root and data=<modality>_shards")
+        """Fail at start-up when no sample can be read."""
+        require_one_readable(len(self), self.load, self.member_name, self.bad_files,
+                             f"samples of split={self.split!r}", "check data.root and data=<modality>_shards")
 
     def __getitem__(self, i: int):
         try:

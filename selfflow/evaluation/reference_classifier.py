@@ -9,6 +9,7 @@ into `selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ class MelImage(nn.Module):
     """Waves [B, S] or [B, 1, S] -> log-mel images [B, 1, n_mels, frames] in [0, 1] (a fixed transform, no weights):
     magnitudes mapped by log(mel + 1e-4), with log(1e-4) -> 0 and log(100) -> 1, clamped."""
 
-    LOG_FLOOR, LOG_CEILING = -9.2103, 4.6052  # log(1e-4), log(100)
+    LOG_FLOOR, LOG_CEILING = math.log(1e-4), math.log(100.0)
 
     def __init__(self, sample_rate: int, num_samples: int, n_mels: int = 32, frames: int = 64):
         super().__init__()
