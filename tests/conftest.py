@@ -13,8 +13,9 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
-# overrides that make any train config run in seconds on a CPU
+# overrides that make any train config run in seconds on a CPU; images only unless a later experiment=... says
 TINY = [
+    "experiment=digits",
     "model.depth=2", "model.width=32", "model.heads=2",
     "data.batch_size=8", "data.num_workers=0",
     "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",

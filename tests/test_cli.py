@@ -51,3 +51,22 @@ def test_train_cli_bad_config_fails_with_a_one_line_message(tmp_path, override, 
     assert message in result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_the_progress_bar_counts_optimizer_steps_not_epochs():
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+
+    from selfflow.training.progress import StepProgressBar
+
+    labels = []
+
+    class Spy(StepProgressBar):
+        def on_train_batch_end(self, trainer, *args, **kwargs):
+            super().on_train_batch_end(trainer, *args, **kwargs)
+            labels.append(self.progress.tasks[self.train_progress_bar_id].description)
+
+    trainer = L.Trainer(max_steps=3, max_epochs=-1, limit_train_batches=2, limit_val_batches=0, callbacks=[Spy()],
+                        logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(BoringModel())
+    assert labels == ["step 1/3 (epoch 0)", "step 2/3 (epoch 0)", "step 3/3 (epoch 1)"]  # not "Epoch 1/-2"

@@ -32,6 +32,34 @@ def compose_plain(overrides: list[str], run_dir: Path):
         return compose("train", overrides=[*overrides, f"run_dir={run_dir}"])
 
 
+def test_the_default_is_the_joint_experiment_and_one_modality_is_one_override_away(tmp_path, capsys):
+    from selfflow.cli.train import check_data_fits_experiment
+
+    default = compose_plain([], tmp_path)
+    assert set(default.data.sources) == {"image", "video", "audio"} and set(default.tokenizer) == set(default.data.sources)
+    assert compose_plain(["experiment=digits"], tmp_path).data.modality == "image"
+    check_data_fits_experiment(default, [])
+    check_data_fits_experiment(compose_plain(["experiment=digits", "data=image_folder"], tmp_path),
+                               ["experiment=digits", "data=image_folder"])
+    for data, experiment in (("image_folder", "digits"), ("audio_folder", "audio_digits"),
+                             ("captioned_video_folder", "text_video_digits")):
+        with pytest.raises(SystemExit):
+            check_data_fits_experiment(compose_plain([f"data={data}"], tmp_path), [f"data={data}"])
+        assert f"add experiment={experiment} to train on" in capsys.readouterr().err
+
+
+def test_a_single_modality_data_without_its_experiment_is_named_in_one_line(tmp_path, capsys):
+    from selfflow.cli.train import check_data_fits_experiment
+
+    with pytest.raises(SystemExit) as stop:
+        check_data_fits_experiment(compose_plain(["data=audio_folder"], tmp_path), ["data=audio_folder"])
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip() == (
+        "selfflow-train: error: data=audio_folder gives audio only, but the default experiment (multimodal_digits) "
+        "trains images, videos and audio together; add experiment=audio_digits to train on audio alone: "
+        "selfflow-train experiment=audio_digits data=audio_folder ...")
+
+
 @pytest.mark.parametrize("name", options("model"))
 def test_model_presets_build(name, tmp_path):
     cfg = compose_plain([f"model={name}"], tmp_path)

@@ -7,9 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.data.captions import CaptionedDigits, CaptionedImageFolder, ClassCaptions, class_words
+from selfflow.data.captions import (AUDIO_TEMPLATES, CaptionedAudioFolder, CaptionedDigits, CaptionedImageFolder,
+                                    CaptionedMovingDigits, CaptionedSpokenDigits, CaptionedVideoFolder, ClassCaptions,
+                                    class_words)
 from selfflow.data.collate import collate_samples
+from tests.test_data_audio import tone
 from tests.test_data_image import write_folder
+from tests.test_data_video import write_video_folder
 
 
 def test_built_in_digits_are_captioned_by_their_class():
@@ -60,6 +64,68 @@ def test_captioned_folder_reads_a_jsonl_or_csv_manifest(tmp_path):
     (tmp_path / "bad.csv").write_text("path,label\nx.png,1\n")
     with pytest.raises(ValueError, match="needs path and caption"):
         CaptionedImageFolder(str(tmp_path), "train", 8, 3, manifest="bad.csv")
+
+
+def test_built_in_clips_and_recordings_are_captioned_from_their_file_names(tmp_path):
+    videos = CaptionedMovingDigits("train", num_frames=4, image_size=8, clips_train=12, clips_test=4,
+                                   cache_dir=str(tmp_path))
+    for i in range(len(videos)):
+        clip, label, extra = videos[i]
+        digit, direction, _ = videos.paths[i].stem.split("_")
+        assert clip.shape == (4, 1, 8, 8) and videos.class_names[label] == digit
+        vertical, _, horizontal = direction.partition("-")
+        words = f"{vertical} and to the {horizontal}" if horizontal else direction
+        assert extra["caption"].endswith(f" moving {words}") or extra["caption"].endswith(f" sliding {words}")
+        assert class_words(digit)["word"] in extra["caption"] or f" {digit} " in extra["caption"]
+    audio = CaptionedSpokenDigits("test", voices=["en+m1", "en+f1"], takes=2, test_takes=1,
+                                  cache_dir=str(tmp_path))
+    captions = [audio[i][2]["caption"] for i in range(len(audio))]
+    assert captions == [audio[i][2]["caption"] for i in range(len(audio))]  # test captions are fixed
+    for i, caption in enumerate(captions):  # test split: template i % 5, filled from the file name
+        word = class_words(audio.paths[i].stem.split("_")[0])["word"]
+        speaker = "a woman" if "-f1_" in audio.paths[i].name else "a man"
+        assert caption == AUDIO_TEMPLATES[i % len(AUDIO_TEMPLATES)].format(word=word, speaker=speaker)
+    assert any(c.startswith("a woman") for c in captions) and any(c.startswith("a man") for c in captions)
+    with pytest.raises(ValueError, match=r"unknown field 'colour'.*\{direction\}"):
+        CaptionedMovingDigits("test", templates=["a {colour} clip"], num_frames=4, image_size=8, clips_train=12,
+                              clips_test=4, cache_dir=str(tmp_path))
+
+
+def test_captioned_video_and_audio_folders_read_caption_files_or_a_manifest(tmp_path):
+    import soundfile
+
+    write_video_folder(tmp_path / "clips", per_class=2, num_frames=6)
+    clips = sorted((tmp_path / "clips").rglob("*.mp4"))
+    for path in clips[:-1]:
+        path.with_suffix(".txt").write_text(f"someone doing a {path.parent.name} ")
+    both = [CaptionedVideoFolder(str(tmp_path / "clips"), split, num_frames=4, image_size=8, channels=1,
+                                 test_fraction=0.25) for split in ("train", "test")]
+    assert sum(map(len, both)) == len(clips) - 1  # the clip without a caption is left out
+    clip, label, extra = both[0][0]
+    assert clip.shape == (4, 1, 8, 8) and extra == {"caption": f"someone doing a {both[0].class_names[label]}"}
+    rows = [{"path": str(p.relative_to(tmp_path / "clips")), "caption": f"clip {i}", "split": "test" if i else "train"}
+            for i, p in enumerate(clips)]
+    (tmp_path / "clips" / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    from_manifest = CaptionedVideoFolder(str(tmp_path / "clips"), "train", manifest="captions.jsonl", num_frames=4,
+                                         image_size=8, channels=1)
+    assert len(from_manifest) == 1 and from_manifest[0][1:] == (-1, {"caption": "clip 0"})
+
+    (tmp_path / "sounds").mkdir()
+    for i, freq in enumerate((300, 500, 700, 900)):
+        soundfile.write(tmp_path / "sounds" / f"s{i}.wav", tone(freq, 1.0, 8000), 8000)
+    (tmp_path / "sounds" / "captions.csv").write_text(
+        "path,caption,label\n" + "".join(f"s{i}.wav,a {f} hertz tone,{'low' if f < 600 else 'high'}\n"
+                                         for i, f in enumerate((300, 500, 700, 900))))
+    train = CaptionedAudioFolder(str(tmp_path / "sounds"), "train", manifest="captions.csv", test_fraction=0.25)
+    test = CaptionedAudioFolder(str(tmp_path / "sounds"), "test", manifest="captions.csv", test_fraction=0.25)
+    assert (len(train), len(test), train.class_names) == (3, 1, ["high", "low"])
+    wave, label, extra = test[0]
+    assert wave.shape == (1, 8000) and extra["caption"].endswith("hertz tone")
+    assert train.class_names[label] == ("low" if int(extra["caption"].split()[1]) < 600 else "high")
+    with pytest.raises(FileNotFoundError, match="has a caption file next to it"):
+        CaptionedAudioFolder(str(tmp_path / "sounds"), "train")
+    with pytest.raises(ValueError, match="not supported here"):
+        CaptionedVideoFolder(str(tmp_path / "sounds"), "train", manifest="captions.csv")
 
 
 def test_a_text_tokenizer_without_captioned_data_is_refused(tiny_train_cfg):

@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Encode a dataset once with the run's tokenizer (e.g. a latent autoencoder) and cache the tokens on disk.
 
-    python tools/cache_tokens.py data=image_folder data.root=DIR tokenizer=image_sdvae tokenizer.image.path=VAE
-    selfflow-train data=image_folder data.root=DIR tokenizer=image_sdvae tokenizer.image.path=VAE cache_tokens=true
+    python tools/cache_tokens.py experiment=digits data=image_folder data.root=DIR tokenizer=image_sdvae tokenizer.image.path=VAE
+    selfflow-train experiment=digits data=image_folder data.root=DIR tokenizer=image_sdvae tokenizer.image.path=VAE cache_tokens=true
 
-Takes the same overrides as `selfflow-train`. The cache lives under $SELFFLOW_CACHE (default ~/.cache/selfflow)
+Takes the same overrides as `selfflow-train`, for one modality (a single-modality experiment). The cache lives under $SELFFLOW_CACHE (default ~/.cache/selfflow)
 in a folder keyed by the tokenizer config, the autoencoder file's content and the data preprocessing, so a run
 with anything different never reads a stale cache. Both splits are encoded; the tokens are stored as float16.
 """
@@ -21,6 +21,7 @@ from rich.progress import Progress
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from selfflow.cli.train import check_data_fits_experiment  # noqa: E402
 from selfflow.data.token_cache import build_token_cache, fingerprint  # noqa: E402
 from selfflow.training import build  # noqa: E402, F401 - registers the config resolvers
 
@@ -48,6 +49,10 @@ def main(argv: list[str] | None = None) -> list[Path]:
     overrides = list(sys.argv[1:] if argv is None else argv)
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         cfg = compose("train", overrides=["run_dir=.", *overrides])
+    check_data_fits_experiment(cfg, overrides)
+    if "sources" in cfg.data:
+        raise SystemExit("cache_tokens: error: the tokens of one modality are cached at a time; add a "
+                         "single-modality experiment, e.g. experiment=digits data=image_folder data.root=DIR")
     datamodule = instantiate(cfg.data)
     spec = cfg.tokenizer[datamodule.modality]
     tokenizer = instantiate(spec).to("cuda" if torch.cuda.is_available() else "cpu")

@@ -27,11 +27,18 @@ from selfflow.cli.errors import friendly_errors  # noqa: E402
 
 
 def compose_data_config(overrides: list[str]):
-    """The `data` node of the training config with the given overrides."""
+    """The `data` node of the training config with the given overrides (the built-in digit images unless an
+    experiment=... says otherwise: the classifier learns one modality)."""
     from hydra import compose, initialize_config_module
 
+    if not any(o.lstrip("+").startswith("experiment=") for o in overrides):
+        overrides = ["experiment=digits", *overrides]
     with initialize_config_module("selfflow.conf", version_base="1.3"):
-        return compose("train", overrides=[*overrides, "run_dir=."]).data
+        data = compose("train", overrides=[*overrides, "run_dir=."]).data
+    if "sources" in data:
+        raise ValueError("the reference classifier learns one modality; use experiment=digits (images) or "
+                         "experiment=audio_digits (audio), not a multi-modal mixture")
+    return data
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -2,7 +2,7 @@
 """Write a folder of labelled image, audio or video files as WebDataset tar shards, one set per split.
 
     python tools/write_shards.py /path/to/images /path/to/shards --modality image
-    selfflow-train data=image_shards data.root=/path/to/shards
+    selfflow-train experiment=digits data=image_shards data.root=/path/to/shards
 
 The files of each split are the ones the folder dataset reads with the same options (class sub-folders, train/ and
 test/ folders or a fixed `--test-fraction`, a CSV `--manifest`, or `--name-pattern`), in the same order. Sample k of

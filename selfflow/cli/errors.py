@@ -83,22 +83,27 @@ def describe_override_error(error: Exception, config_name: str, overrides: list[
     return None
 
 
-def check_overrides(command: str, config_name: str, args: list[str]) -> None:
+def fail(command: str, message: str):
+    print(f"{command}: error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
+
+
+def check_overrides(command: str, config_name: str, args: list[str]):
     """Compose the config once before Hydra does, so that a bad override ends in one line and exit status 2
-    (Hydra's own report spans several lines). Flags (--help, -m, ...) and hydra.* overrides are left to Hydra."""
+    (Hydra's own report spans several lines). Flags (--help, -m, ...) and hydra.* overrides are left to Hydra.
+    Returns the composed (unresolved) config, or None where it was left to Hydra."""
     if any(a.startswith("-") for a in args):
-        return
+        return None
     overrides = [a for a in args if not a.lstrip("+~").startswith("hydra")]
     from hydra import compose, initialize_config_module
 
     try:
         with initialize_config_module("selfflow.conf", version_base="1.3"):
-            compose(config_name, overrides=overrides)
+            return compose(config_name, overrides=overrides)
     except Exception as error:  # noqa: BLE001 - described below, or left for Hydra to report
         if os.environ.get("SELFFLOW_TRACEBACK"):
-            return
+            return None
         message = describe_override_error(error, config_name, overrides)
         if message is None:
-            return
-        print(f"{command}: error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+            return None
+        fail(command, message)

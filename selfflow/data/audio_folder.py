@@ -8,7 +8,6 @@ from torch import Tensor
 
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.file_dataset import LabelledFileDataset
-from selfflow.data.files import find_labelled_files
 
 
 class AudioFolder(LabelledFileDataset):
@@ -25,7 +24,7 @@ class AudioFolder(LabelledFileDataset):
                  label_field: str | None = None):
         if sample_rate <= 0 or duration <= 0:
             raise ValueError(f"data.train.sample_rate={sample_rate} and duration={duration} must be positive")
-        files = find_labelled_files(root, split, AUDIO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
+        files = self.find_files(root, split, AUDIO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
                                     label_field)
         super().__init__(files, on_bad_file)
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)

@@ -1,10 +1,13 @@
 """Captioned datasets: samples `(data, label, {"caption": str})` for text-conditioned training.
 
-- `ClassCaptions` captions any labelled dataset from its class names through templates ("a handwritten {word}"),
-  one template drawn per sample, so built-in sets need no caption files;
-- `CaptionedDigits`: the built-in digits captioned that way ("a handwritten seven", "the digit 7", ...);
-- `CaptionedImageFolder`: your images with a caption file next to each (`cat.png` + `cat.txt`), or a CSV/JSONL
-  manifest with `path` and `caption` columns (optionally `label` and `split`).
+- `ClassCaptions` captions any labelled dataset from its class names (and, with `name_pattern`, the other fields
+  of each file's name) through templates ("a handwritten {word}"), one template drawn per sample, so built-in sets
+  need no caption files;
+- the built-in sets captioned that way: `CaptionedDigits` ("a handwritten seven"), `CaptionedMovingDigits` ("the
+  digit three moving left"), `CaptionedSpokenDigits` ("a woman saying five");
+- `CaptionedImageFolder`, `CaptionedVideoFolder`, `CaptionedAudioFolder`: your files with a caption file next to
+  each (`cat.png` + `cat.txt`), or a CSV/JSONL manifest with `path` and `caption` columns (optionally `label` and
+  `split`).
 """
 from __future__ import annotations
 
@@ -17,18 +20,22 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from selfflow.data.bad_files import BadFilePolicy
+from selfflow.data import moving_digits, spoken_digits
+from selfflow.data.audio_folder import AudioFolder
 from selfflow.data.digits import DigitImages
-from selfflow.data.files import split_indices
-from selfflow.data.image_folder import IMAGE_EXTENSIONS, ImageFolder
+from selfflow.data.files import LabelledFiles, name_pattern_regex, split_indices
+from selfflow.data.image_folder import ImageFolder
+from selfflow.data.video_folder import VideoFolder
 
 log = logging.getLogger("selfflow.data")
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 DIGIT_TEMPLATES = ("a handwritten {word}", "the digit {word}", "a handwritten digit {digit}", "the number {word}",
                    "{word}", "a drawing of the number {digit}", "a {word} written by hand", "the handwritten digit {word}")
-VIDEO_TEMPLATES = ("the digit {word} moving", "a handwritten {word} moving across the frame", "a moving {word}")
-AUDIO_TEMPLATES = ("a voice saying {word}", "someone says {word}", "the spoken digit {word}")
+VIDEO_TEMPLATES = ("the digit {word} moving {direction}", "a handwritten {word} moving {direction}",
+                   "a {word} sliding {direction}", "the number {digit} moving {direction}")
+AUDIO_TEMPLATES = ("a voice saying {word}", "{speaker} saying {word}", "someone says {word}",
+                   "the spoken digit {word}", "{speaker} says the number {word}")
 CAPTION_FILE_SUFFIX = ".txt"
 
 
@@ -42,31 +49,50 @@ def class_words(name: str) -> dict[str, str]:
     return {"name": name, "digit": name, "word": name}
 
 
+def name_fields(path: Path, regex) -> dict[str, str]:
+    """The fields of a file name under a name pattern, in words: "up-left" -> "up and to the left", a voice
+    "en-f2" also as {speaker} "a woman" (m: "a man")."""
+    match = regex.fullmatch(Path(path).stem)
+    fields = dict(match.groupdict()) if match else {}
+    if "direction" in fields:
+        vertical, _, horizontal = fields["direction"].partition("-")
+        fields["direction"] = f"{vertical} and to the {horizontal}" if horizontal else fields["direction"]
+    if "voice" in fields:
+        kind = fields["voice"].split("-")[-1][:1]
+        fields["speaker"] = {"m": "a man", "f": "a woman"}.get(kind, "someone")
+    return fields
+
+
 class ClassCaptions(Dataset):
     """Wraps a labelled dataset: each sample gets a caption from its class name and one of `templates`.
 
-    Training draws the template at random (reproducibly under the data order's seeding); `fixed=True` uses
-    template `index % len(templates)` (stable test captions).
+    Template fields: {name}, {digit}, {word} of the class (`class_words`), and with `name_pattern` (e.g.
+    `{digit}_{direction}_{index}`) the fields of each file's name too (`name_fields`). Training draws the template
+    at random (reproducibly under the data order's seeding); `fixed=True` uses template `index % len(templates)`
+    (stable test captions).
     """
 
     has_captions = True
 
-    def __init__(self, dataset: Dataset, templates: list[str] | tuple[str, ...], fixed: bool = False):
+    def __init__(self, dataset: Dataset, templates: list[str] | tuple[str, ...], fixed: bool = False,
+                 name_pattern: str | None = None):
         if not templates:
             raise ValueError("caption templates are empty; give at least one, e.g. 'a handwritten {word}'")
         names = list(getattr(dataset, "class_names", []))
         if not names:
             raise ValueError(f"{type(dataset).__name__} has no class names to caption from; use a dataset with "
                              f"classes or caption files (CaptionedImageFolder)")
-        for template in templates:
-            try:
-                template.format(**class_words(names[0]))
-            except (KeyError, IndexError) as error:
-                raise ValueError(f"caption template {template!r} uses an unknown field {error}; the fields are "
-                                 f"{{name}}, {{digit}} and {{word}}") from error
         self.dataset, self.templates, self.fixed = dataset, tuple(templates), fixed
+        self.name_regex = None if name_pattern is None else name_pattern_regex(name_pattern)
         self.class_names = names
         self.num_classes = len(names)
+        example = self.fields(int(dataset.labels[0]) if hasattr(dataset, "labels") else 0, 0)
+        for template in templates:
+            try:
+                template.format(**example)
+            except (KeyError, IndexError) as error:
+                raise ValueError(f"caption template {template!r} uses an unknown field {error}; the fields are "
+                                 f"{', '.join('{' + f + '}' for f in example)}") from error
 
     def __getattr__(self, name: str):  # sizes, rates, bad-file policy... of the wrapped dataset
         if name == "dataset":
@@ -76,9 +102,16 @@ class ClassCaptions(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def fields(self, label: int, index: int) -> dict[str, str]:
+        """The template fields of sample `index` (class `label`)."""
+        fields = class_words(self.class_names[label])
+        if self.name_regex is not None:
+            fields.update(name_fields(self.dataset.paths[index], self.name_regex))
+        return fields
+
     def caption(self, label: int, index: int) -> str:
         choice = index % len(self.templates) if self.fixed else int(torch.randint(len(self.templates), ()))
-        return self.templates[choice].format(**class_words(self.class_names[label]))
+        return self.templates[choice].format(**self.fields(label, index))
 
     def __getitem__(self, i: int):
         item = self.dataset[i]
@@ -95,6 +128,26 @@ class CaptionedDigits(ClassCaptions):
                  templates: list[str] | tuple[str, ...] = DIGIT_TEMPLATES, test_fraction: float = 0.15, seed: int = 0):
         super().__init__(DigitImages(split, image_size, channels, test_fraction, seed), templates,
                          fixed=split != "train")
+
+
+
+
+class CaptionedMovingDigits(ClassCaptions):
+    """The built-in moving digits (`MovingDigits`, any of its options) captioned from the digit and its direction
+    in the file name: "the digit three moving left", "a handwritten seven moving up and to the right", ..."""
+
+    def __init__(self, split: str = "train", templates: list[str] | tuple[str, ...] = VIDEO_TEMPLATES, **options):
+        super().__init__(moving_digits.MovingDigits(split, **options), templates, fixed=split != "train",
+                         name_pattern=moving_digits.NAME_PATTERN)
+
+
+class CaptionedSpokenDigits(ClassCaptions):
+    """The built-in spoken digits (`SpokenDigits`, any of its options) captioned from the word and the voice:
+    "a voice saying five", "a woman saying five", ..."""
+
+    def __init__(self, split: str = "train", templates: list[str] | tuple[str, ...] = AUDIO_TEMPLATES, **options):
+        super().__init__(spoken_digits.SpokenDigits(split, **options), templates, fixed=split != "train",
+                         name_pattern=spoken_digits.NAME_PATTERN)
 
 
 def read_caption_manifest(root: Path, manifest: str | os.PathLike) -> list[dict[str, str]]:
@@ -118,65 +171,103 @@ def read_caption_manifest(root: Path, manifest: str | os.PathLike) -> list[dict[
     return rows
 
 
-class CaptionedImageFolder(ImageFolder):
+def files_from_caption_manifest(root: Path, manifest: str | os.PathLike, split: str, extensions: tuple[str, ...],
+                                test_fraction: float, seed: int) -> tuple[LabelledFiles, list[str]]:
+    """One split's files, labels (the optional label column; -1 without) and captions from a caption manifest;
+    its split column picks the split, or a fixed random `test_fraction` is held out."""
+    rows = read_caption_manifest(root, manifest)
+    for row in rows:
+        if not str(row["path"]).lower().endswith(extensions):
+            raise ValueError(f"caption manifest {manifest} lists {row['path']}, whose type is not supported here; "
+                             f"use files ending in {list(extensions)}")
+    class_names = sorted({str(r["label"]) for r in rows if r.get("label") not in (None, "")})
+    if "split" in rows[0]:
+        wanted = {split, "val"} if split == "test" else {split}
+        rows = [r for r in rows if str(r["split"]).strip() in wanted]
+        if not rows:
+            raise ValueError(f"caption manifest {manifest} has no rows with split={split!r}")
+    else:
+        rows = [rows[i] for i in split_indices(len(rows), split, test_fraction, seed)]
+    index = {name: i for i, name in enumerate(class_names)}
+    paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in rows]
+    labels = [index.get(str(r.get("label", "")), -1) for r in rows]
+    return LabelledFiles(paths, labels, class_names), [str(r["caption"]).strip() for r in rows]
+
+
+def keep_captioned(files: LabelledFiles, root: str) -> tuple[LabelledFiles, list[str]]:
+    """The files that have a caption file next to them (same name, `.txt`), and those captions."""
+    captioned = [i for i, p in enumerate(files.paths) if p.with_suffix(CAPTION_FILE_SUFFIX).is_file()]
+    if not captioned:
+        example = files.paths[0]
+        raise FileNotFoundError(
+            f"no file under {root} (this split) has a caption file next to it; add e.g. "
+            f"{example.with_suffix(CAPTION_FILE_SUFFIX).name} beside {example.name}, or set data.train.manifest "
+            f"to a CSV/JSONL of path,caption")
+    if len(captioned) < len(files.paths):
+        log.warning("%d of %d files under %s have no caption file and are left out",
+                    len(files.paths) - len(captioned), len(files.paths), root)
+    paths = [files.paths[i] for i in captioned]
+    captions = [p.with_suffix(CAPTION_FILE_SUFFIX).read_text(encoding="utf-8").strip() for p in paths]
+    return LabelledFiles(paths, [files.labels[i] for i in captioned], files.class_names), captions
+
+
+class CaptionFiles:
+    """Mixin for a folder dataset (image, video, audio): its files come with captions, from a `.txt` next to each
+    file or from `caption_manifest`, and every item gains `{"caption": str}`. Files without a caption are left
+    out with one warning line."""
+
+    has_captions = True
+    caption_manifest: str | None = None
+
+    def find_files(self, root, split, extensions, test_fraction=0.1, seed=0, manifest=None, name_pattern=None,
+                   label_field=None) -> LabelledFiles:
+        if self.caption_manifest is not None:
+            files, self.captions = files_from_caption_manifest(Path(root).expanduser(), self.caption_manifest,
+                                                                split, extensions, test_fraction, seed)
+        else:
+            files = super().find_files(root, split, extensions, test_fraction, seed, manifest, name_pattern,
+                                       label_field)
+            files, self.captions = keep_captioned(files, root)
+        return files
+
+    def __getitem__(self, i):
+        item = super().__getitem__(i)
+        return None if item is None else (*item, {"caption": self.captions[i]})
+
+
+class CaptionedImageFolder(CaptionFiles, ImageFolder):
     """Images under `root` with captions, as ([channels, S, S] in [0, 1], label, {"caption": str}).
 
     Captions come from a text file next to each image (same name, `.txt`), or from `manifest` (CSV/JSONL with
     path, caption and optionally label and split). Labels (class sub-folders or the manifest's label column) are
-    optional (-1 without). Images without a caption are left out with one warning line.
-    buckets / bucket_multiple: multi-aspect training as in `ImageFolder` (samples also carry `{"sizes": [6]}`).
+    optional (-1 without). buckets / bucket_multiple: multi-aspect training as in `ImageFolder` (samples also
+    carry `{"sizes": [6]}`).
     """
-
-    has_captions = True
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  manifest: str | None = None, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
                  buckets=None, bucket_multiple: int = 1):
-        if manifest is not None:
-            if channels not in (1, 3):
-                raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
-            self.paths, self.labels, self.captions, self.class_names = self._from_manifest(
-                Path(root).expanduser(), manifest, split, test_fraction, seed)
-            self.image_size, self.channels, self.hflip = image_size, channels, False
-            self.bad_files = BadFilePolicy(on_bad_file)
-            self.use_buckets(buckets, bucket_multiple)
-            return
+        self.caption_manifest = manifest
         super().__init__(root, split=split, image_size=image_size, channels=channels, hflip=False,
                          test_fraction=test_fraction, seed=seed, on_bad_file=on_bad_file, buckets=buckets,
                          bucket_multiple=bucket_multiple)
-        captioned = [i for i, p in enumerate(self.paths) if p.with_suffix(CAPTION_FILE_SUFFIX).is_file()]
-        if not captioned:
-            raise FileNotFoundError(
-                f"no image under {root} ({split} split) has a caption file next to it; add e.g. "
-                f"{self.paths[0].with_suffix(CAPTION_FILE_SUFFIX).name} beside {self.paths[0].name}, or set "
-                f"data.train.manifest to a CSV/JSONL of path,caption")
-        if len(captioned) < len(self.paths):
-            log.warning("%d of %d images under %s have no caption file and are left out",
-                        len(self.paths) - len(captioned), len(self.paths), root)
-        self.paths = [self.paths[i] for i in captioned]
-        self.labels = [self.labels[i] for i in captioned]
-        self.captions = [p.with_suffix(CAPTION_FILE_SUFFIX).read_text(encoding="utf-8").strip() for p in self.paths]
 
-    @staticmethod
-    def _from_manifest(root: Path, manifest, split: str, test_fraction: float, seed: int):
-        rows = read_caption_manifest(root, manifest)
-        for row in rows:
-            if not str(row["path"]).lower().endswith(IMAGE_EXTENSIONS):
-                raise ValueError(f"caption manifest {manifest} lists {row['path']}, which is not an image "
-                                 f"({list(IMAGE_EXTENSIONS)})")
-        class_names = sorted({str(r["label"]) for r in rows if r.get("label") not in (None, "")})
-        if rows and "split" in rows[0]:
-            wanted = {split, "val"} if split == "test" else {split}
-            rows = [r for r in rows if str(r["split"]).strip() in wanted]
-            if not rows:
-                raise ValueError(f"caption manifest {manifest} has no rows with split={split!r}")
-        else:
-            rows = [rows[i] for i in split_indices(len(rows), split, test_fraction, seed)]
-        index = {name: i for i, name in enumerate(class_names)}
-        paths = [Path(r["path"]) if Path(r["path"]).is_absolute() else root / r["path"] for r in rows]
-        labels = [index.get(str(r.get("label", "")), -1) for r in rows]
-        return paths, labels, [str(r["caption"]).strip() for r in rows], class_names
 
-    def __getitem__(self, i: int):
-        item = super().__getitem__(i)
-        return None if item is None else (*item, {"caption": self.captions[i]})
+class CaptionedVideoFolder(CaptionFiles, VideoFolder):
+    """Videos under `root` with captions, as ([T, C, S, S], label, {"caption": str}); the clip options are
+    `VideoFolder`'s. `manifest`: a CSV/JSONL of path, caption (optionally label, split) instead of `.txt` files;
+    without it, labels come from class sub-folders or `name_pattern` + `label_field` (optional, -1 without)."""
+
+    def __init__(self, root: str, split: str = "train", manifest: str | None = None, **options):
+        self.caption_manifest = manifest
+        super().__init__(root, split, **options)
+
+
+class CaptionedAudioFolder(CaptionFiles, AudioFolder):
+    """Recordings under `root` with captions, as ([1, S], label, {"caption": str}); the clip options are
+    `AudioFolder`'s. `manifest`: a CSV/JSONL of path, caption (optionally label, split) instead of `.txt` files;
+    without it, labels come from class sub-folders or `name_pattern` + `label_field` (optional, -1 without)."""
+
+    def __init__(self, root: str, split: str = "train", manifest: str | None = None, **options):
+        self.caption_manifest = manifest
+        super().__init__(root, split, **options)

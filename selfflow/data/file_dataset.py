@@ -7,14 +7,17 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from selfflow.data.bad_files import BadFilePolicy, failure_reason, require_one_readable
-from selfflow.data.files import LabelledFiles, check_readable_file
+from selfflow.data.files import LabelledFiles, check_readable_file, find_labelled_files
 
 
 class LabelledFileDataset(Dataset):
     """Items `(load(path), label)`; an item whose file cannot be loaded is None (see `collate_samples`).
 
-    Subclasses implement `load`; random crops draw from torch's generator, which Lightning seeds per worker.
+    Subclasses implement `load` and find their files through `find_files` (captioned datasets extend it);
+    random crops draw from torch's generator, which Lightning seeds per worker.
     """
+
+    find_files = staticmethod(find_labelled_files)
 
     def __init__(self, files: LabelledFiles, on_bad_file: str = "skip"):
         self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names

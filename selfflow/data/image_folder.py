@@ -106,12 +106,14 @@ class ImageFolder(Dataset):
     bucket_multiple: the patch size that bucket sides must be multiples of.
     """
 
+    find_files = staticmethod(find_labelled_files)  # captioned folders extend it
+
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  hflip: bool = False, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
                  buckets=None, bucket_multiple: int = 1):
         if channels not in (1, 3):
             raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
-        files = find_labelled_files(root, split, IMAGE_EXTENSIONS, test_fraction, seed)
+        files = self.find_files(root, split, IMAGE_EXTENSIONS, test_fraction, seed)
         self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names
         self.image_size, self.channels = image_size, channels
         self.hflip = hflip and split == "train"

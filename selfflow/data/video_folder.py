@@ -7,7 +7,6 @@ from typing import BinaryIO
 from torch import Tensor
 
 from selfflow.data.file_dataset import LabelledFileDataset
-from selfflow.data.files import find_labelled_files
 from selfflow.data.video_io import VIDEO_BACKENDS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 
@@ -36,7 +35,7 @@ class VideoFolder(LabelledFileDataset):
                  seed: int = 0, on_bad_file: str = "skip", manifest: str | None = None,
                  name_pattern: str | None = None, label_field: str | None = None, backend: str = "auto"):
         check_clip_options(num_frames, frame_stride, fps, channels, backend)
-        files = find_labelled_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
+        files = self.find_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
                                     label_field)
         super().__init__(files, on_bad_file)
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps

@@ -52,7 +52,9 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
             )
     if TEXT in tokenizers and not getattr(getattr(datamodule, "train_set", None), "has_captions", False):
         raise ValueError("tokenizer.text is configured but the data has no captions; use captioned data "
-                         "(data=text_digits or data=captioned_image_folder) or leave the text tokenizer out")
+                         "(data=text_digits, text_moving_digits, text_spoken_digits, or captioned_image_folder, "
+                         "captioned_video_folder, captioned_audio_folder for your files) or leave the text "
+                         "tokenizer out")
     model = instantiate(cfg.model)(
         token_channels={m: t.token_channels for m, t in tokenizers.items()}, num_classes=datamodule.num_classes
     )
