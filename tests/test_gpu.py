@@ -1,4 +1,5 @@
-"""GPU-only checks of the scale switches (skipped without CUDA): FSDP with the EMA teacher, bf16 through the CLI."""
+"""GPU-only checks of the scale switches (skipped without CUDA): FSDP with the EMA teacher, bf16 through the CLI,
+the joint default in bf16 (per-step and packed)."""
 import csv
 import math
 import os
@@ -45,3 +46,15 @@ def test_bf16_training_on_gpu_keeps_an_ema_teacher_and_a_loadable_checkpoint(tmp
         assert a.shape == b.shape and torch.isfinite(a).all(), name
     moved = [name for name, p in online.named_parameters() if not torch.equal(p, ema.get_parameter(name))]
     assert moved, "the EMA teacher should lag the online weights"
+
+
+@pytest.mark.parametrize("mode", ["per_step", "packed"])
+def test_the_joint_default_trains_in_bf16_on_gpu_and_samples_every_modality(tmp_path, mode):
+    run_dir = train_on_gpu(tmp_path, "experiment=multimodal_digits", f"data.mode={mode}", "data.batch_size=16",
+                           "trainer.precision=bf16-mixed")
+    with open(run_dir / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    losses = [float(r["train/loss_flow"]) for r in rows if r.get("train/loss_flow")]
+    assert len(losses) == 6 and all(math.isfinite(v) for v in losses)
+    for modality in ("image", "video", "audio"):
+        assert (run_dir / "samples" / modality / "final.png").is_file(), modality

@@ -116,6 +116,26 @@ def test_guidance_scale_one_equals_no_guidance_and_costs_one_call_per_step():
     assert calls == [3] * 6
 
 
+def test_fp32_sampling_keeps_a_callers_autocast_and_bf16_adds_its_own():
+    """Under FSDP mixed precision the parameters are bf16 and the caller's autocast must reach the model."""
+    model = random_model()
+    seen = []
+    original = model.velocity
+
+    def spy(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+
+    model.velocity = spy
+    pos, labels, x, t = TOKENIZER.positions(2), torch.tensor([1, 2]), torch.randn(2, 16, 16), torch.full((2,), 0.5)
+    with torch.no_grad():
+        GuidedVelocity(model, pos, labels, "image")(x, t)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = GuidedVelocity(model, pos, labels, "image")(x, t)
+        GuidedVelocity(model, pos, labels, "image", autocast=torch.bfloat16)(x, t)
+    assert seen == [False, True, True] and out.dtype == torch.float32
+
+
 def test_guidance_applies_inside_the_interval_only():
     model = random_model()
     labels = torch.tensor([1, 2])

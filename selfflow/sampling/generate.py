@@ -5,6 +5,7 @@ and a `null_class` (a `SelfFlowTransformer`, or the released checkpoint's wrappe
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -82,7 +83,9 @@ class GuidedVelocity:
 
     def _call_model(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor) -> Tensor:
         self.model_calls += 1
-        with torch.autocast(x.device.type, dtype=self.autocast or torch.bfloat16, enabled=self.autocast is not None):
+        # no autocast of its own at fp32, so that a caller's (FSDP mixed precision's) stays in effect
+        precision = nullcontext() if self.autocast is None else torch.autocast(x.device.type, dtype=self.autocast)
+        with precision:
             return self.model.velocity(x, t, pos, labels, self.modality).to(x.dtype)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
