@@ -25,6 +25,9 @@ def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class()
     prompts = tool.default_prompts(names)
     assert {label for _, label, _ in prompts} == set(range(10))
     assert ("a handwritten four", 4, True) in prompts and ("a picture of a four", 4, False) in prompts
+    spoken = tool.default_prompts(names, "audio")
+    assert ("a voice saying four", 4, True) in spoken and ("four, spoken out loud", 4, False) in spoken
+    assert len(spoken) == 40
     summary = tool.summary([{"accuracy": 1.0, "seen_phrasing": True}, {"accuracy": 0.0, "seen_phrasing": False}], 10)
     assert summary == {"accuracy": 0.5, "chance": 0.1, "accuracy_seen_phrasings": 1.0,
                        "accuracy_unseen_phrasings": 0.0}
@@ -63,3 +66,24 @@ def _plain_checkpoint(tiny_train_cfg, run_dir: Path) -> Path:
     run = build_run(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.slow
+def test_a_text_to_audio_run_is_judged_by_an_audio_reference(tiny_train_cfg, tmp_path):
+    from selfflow.evaluation.reference_classifier import ReferenceCNN
+    from selfflow.training.build import build_run
+
+    cfg = tiny_train_cfg("experiment=text_audio_digits", "trainer.max_steps=2", "data.batch_size=4",
+                         "callbacks.samples.every_n_steps=0", "callbacks.samples.prompts=[seven]")
+    run = build_run(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    ReferenceCNN(10, channels=1, image_size=16, width=4, audio={"sample_rate": 8000, "num_samples": 8000}).save(
+        tmp_path / "ref")
+    report = load_tool().main(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out",
+                               str(tmp_path / "out"), "--per-prompt", "2", "--steps", "2"])
+    assert len(report["prompts"]) == 40 and report["prompts"][0]["prompt"] == "a voice saying zero"
+    assert all(len(row["predicted"]) == 2 for row in report["prompts"])
+    assert Image.open(tmp_path / "out" / "prompt_grid.png").size[0] > 400  # one spectrogram per prompt
+    with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
+        load_tool().judge(ckpt, ReferenceCNN(10, 1, 16, 4), [("four", 4, None)], 1, 1, 1.0, 0)

@@ -173,3 +173,18 @@ def test_text_experiment_trains_samples_prompts_and_reloads(tiny_train_cfg, tmp_
                                                        f"out_dir={tmp_path / 'out2'}", "strength=2", f"init={init}"])
     with pytest.raises(ValueError, match="strength=2"):
         sample(plain_ckpt_cfg)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("experiment, modality, suffix", [("text_audio_digits", "audio", "wav"),
+                                                          ("text_video_digits", "video", "mp4")])
+def test_text_to_audio_and_video_train_and_name_their_samples_by_prompt(tiny_train_cfg, experiment, modality, suffix):
+    from selfflow.training.build import build_run
+
+    cfg = tiny_train_cfg(f"experiment={experiment}", "trainer.max_steps=2", "data.batch_size=4",
+                         "callbacks.samples.every_n_steps=0", "callbacks.samples.prompts=[a man saying one,'Seven!']")
+    run = build_run(cfg)
+    assert run.datamodule.train_set.has_captions and run.module.model.text_stream is not None
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    folder = Path(cfg.run_dir) / "samples" / modality / "final"
+    assert sorted(p.name for p in folder.iterdir()) == [f"a-man-saying-one_0.{suffix}", f"seven_0.{suffix}"]

@@ -5,6 +5,8 @@
     python tools/train_reference_classifier.py --out refs/digits experiment=digits
     python tools/prompt_following.py --ckpt runs/text/checkpoints/last.ckpt --reference refs/digits --out runs/prompts
 
+Text-to-audio the same way: `experiment=text_audio_digits`, a reference trained with `experiment=audio_digits`.
+
 Each prompt names one class ("a handwritten four" -> 4). By default every digit gets prompts in phrasings the
 training captions used and in phrasings they never used; `--prompt "TEXT=CLASS"` (repeatable) gives your own.
 For each prompt, `--per-prompt` samples are drawn and classified; a prompt is followed when the classifier's
@@ -24,16 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from selfflow.cli.errors import friendly_errors  # noqa: E402
 
-SEEN_TEMPLATES = ("a handwritten {word}", "the digit {digit}")  # among the built-in captions' templates
-UNSEEN_TEMPLATES = ("a picture of a {word}", "number {digit} written with a pen")  # never in the training captions
+# per modality: phrasings among the built-in captions' templates, and phrasings never in the training captions
+SEEN_TEMPLATES = {"image": ("a handwritten {word}", "the digit {digit}"),
+                  "audio": ("a voice saying {word}", "someone says {word}")}
+UNSEEN_TEMPLATES = {"image": ("a picture of a {word}", "number {digit} written with a pen"),
+                    "audio": ("a recording of the word {word}", "{word}, spoken out loud")}
 
 
-def default_prompts(class_names: list[str]) -> list[tuple[str, int, bool]]:
+def default_prompts(class_names: list[str], modality: str = "image") -> list[tuple[str, int, bool]]:
     """(prompt, class, seen phrasing) for every class, in both seen and unseen phrasings."""
     from selfflow.data.captions import class_words
 
-    return [(template.format(**class_words(name)), label, template in SEEN_TEMPLATES)
-            for label, name in enumerate(class_names) for template in SEEN_TEMPLATES + UNSEEN_TEMPLATES]
+    seen, unseen = SEEN_TEMPLATES[modality], UNSEEN_TEMPLATES[modality]
+    return [(template.format(**class_words(name)), label, template in seen)
+            for label, name in enumerate(class_names) for template in seen + unseen]
 
 
 def parse_prompt(spec: str, class_names: list[str]) -> tuple[str, int, None]:
@@ -52,28 +58,32 @@ def parse_prompt(spec: str, class_names: list[str]) -> tuple[str, int, None]:
 @torch.no_grad()
 def judge(ckpt: Path, classifier, prompts: list[tuple[str, int, bool | None]], per_prompt: int, steps: int,
           cfg_scale: float, seed: int) -> tuple[list[dict], torch.Tensor]:
-    """Per-prompt results and the samples [P * per_prompt, C, H, W]; classifier: a loaded reference classifier."""
+    """Per-prompt results and the samples ([P * per_prompt, C, H, W] images or [P * per_prompt, 1, S] waves) of
+    the reference classifier's modality; classifier: a loaded reference classifier."""
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
     from selfflow.sampling.prompted import prompted_model
     from selfflow.tokenizers.text import TEXT
     from selfflow.training.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt)
-    if TEXT not in loaded.tokenizers or "image" not in loaded.tokenizers:
-        raise ValueError(f"{ckpt} is not a text-to-image checkpoint (its tokenizers: {sorted(loaded.tokenizers)}); "
-                         f"train one with selfflow-train experiment=text_digits")
+    modality = classifier.modality
+    if TEXT not in loaded.tokenizers or modality not in loaded.tokenizers:
+        experiment = {"image": "text_digits", "audio": "text_audio_digits"}[modality]
+        raise ValueError(f"{ckpt} is not a text-to-{modality} checkpoint, as the {modality} reference classifier "
+                         f"needs (its tokenizers: {sorted(loaded.tokenizers)}); train one with selfflow-train "
+                         f"experiment={experiment}, or give a reference of its modality")
     model, labels = prompted_model(loaded.model, loaded.tokenizers[TEXT], [p for p, _, _ in prompts], per_prompt)
     noise = NoiseSource(generators=sample_generators(seed, range(len(labels))))
-    tokenizer = loaded.tokenizers["image"]
-    images = tokenizer.decode(sample_tokens(model, tokenizer, labels, steps=steps, solver="heun",
-                                            cfg_scale=cfg_scale, noise=noise).tokens)
-    predicted = classifier.logits(images).argmax(dim=1).view(len(prompts), per_prompt)
+    tokenizer = loaded.tokenizers[modality]
+    samples = tokenizer.decode(sample_tokens(model, tokenizer, labels, steps=steps, solver="heun",
+                                             cfg_scale=cfg_scale, noise=noise).tokens)
+    predicted = classifier.logits(samples).argmax(dim=1).view(len(prompts), per_prompt)
     results = []
     for (prompt, target, seen), row in zip(prompts, predicted):
         results.append({"prompt": prompt, "class": classifier.class_names[target], "seen_phrasing": seen,
                         "accuracy": float((row == target).float().mean()),
                         "predicted": [classifier.class_names[i] for i in row.tolist()]})
-    return results, images
+    return results, samples
 
 
 def summary(results: list[dict], num_classes: int) -> dict:
@@ -97,19 +107,26 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     from selfflow.evaluation.reference_classifier import load_reference_classifier
+    from selfflow.sampling.media import save_spectrogram
     from selfflow.sampling.writers import save_image_grid
 
     classifier = load_reference_classifier(args.reference)
     class_names = classifier.class_names
-    prompts = [parse_prompt(p, class_names) for p in args.prompt] or default_prompts(class_names)
-    results, images = judge(args.ckpt, classifier, prompts, args.per_prompt, args.steps, args.cfg_scale,
+    prompts = [parse_prompt(p, class_names) for p in args.prompt] or default_prompts(class_names,
+                                                                                     classifier.modality)
+    results, samples = judge(args.ckpt, classifier, prompts, args.per_prompt, args.steps, args.cfg_scale,
                             args.seed)
     report = {"ckpt": str(args.ckpt), "reference": str(args.reference), "per_prompt": args.per_prompt,
               "sampler": "heun", "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
               **summary(results, len(class_names)), "prompts": results}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "prompt_following.json").write_text(json.dumps(report, indent=2))
-    save_image_grid(images, args.out / "prompt_grid.png", nrow=args.per_prompt, upscale=2)
+    if classifier.modality == "image":
+        save_image_grid(samples, args.out / "prompt_grid.png", nrow=args.per_prompt, upscale=2)
+    else:  # the first sample of each prompt, titled by its prompt
+        firsts = samples.view(len(prompts), args.per_prompt, *samples.shape[1:])[:, 0]
+        save_spectrogram(firsts, args.out / "prompt_grid.png", classifier.front.sample_rate,
+                         titles=[r["prompt"] for r in results])
     for r in results:
         print(f"{r['accuracy']:6.1%}  {r['class']:>6}  {r['prompt']}")
     print(json.dumps({k: report[k] for k in ("accuracy", "chance", "accuracy_seen_phrasings",

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import lightning as L
@@ -79,7 +80,11 @@ class SampleGrid(L.Callback):
         return module.ema_model, self.labels(module)
 
     def file_stems(self, trainer: L.Trainer, module, labels: torch.Tensor) -> list[str]:
-        """`<class name>_<k>` per sample (`uncond_<k>` for the null label), for file names and panel titles."""
+        """`<class name>_<k>` per sample (`uncond_<k>` for the null label; `<prompt words>_<k>` when sampling
+        prompts), for file names and panel titles."""
+        if self.prompts and TEXT in module.tokenizers:
+            slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt" for prompt in self.prompts]
+            return [f"{slug}_{k}" for slug in slugs for k in range(self.samples_per_class)]
         names = list(getattr(trainer.datamodule, "class_names", None) or [])
         seen: dict[int, int] = {}
         stems = []
