@@ -27,9 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from selfflow.cli.errors import friendly_errors  # noqa: E402
 
 # per modality: phrasings among the built-in captions' templates, and phrasings never in the training captions
-SEEN_TEMPLATES = {"image": ("a handwritten {word}", "the digit {digit}"),
+SEEN_TEMPLATES = {"image": ("a handwritten {word}", "the digit {word}"),
                   "audio": ("a voice saying {word}", "someone says {word}")}
-UNSEEN_TEMPLATES = {"image": ("a picture of a {word}", "number {digit} written with a pen"),
+UNSEEN_TEMPLATES = {"image": ("a picture of a {word}", "the digit {digit}", "number {digit} written with a pen"),
                     "audio": ("a recording of the word {word}", "{word}, spoken out loud")}
 
 
