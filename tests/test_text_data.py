@@ -86,6 +86,12 @@ def test_built_in_clips_and_recordings_are_captioned_from_their_file_names(tmp_p
         speaker = "a woman" if "-f1_" in audio.paths[i].name else "a man"
         assert caption == AUDIO_TEMPLATES[i % len(AUDIO_TEMPLATES)].format(word=word, speaker=speaker)
     assert any(c.startswith("a woman") for c in captions) and any(c.startswith("a man") for c in captions)
+    by_direction = CaptionedMovingDigits("test", label="direction", num_frames=4, image_size=8, clips_train=12,
+                                         clips_test=4, cache_dir=str(tmp_path))
+    for i in range(len(by_direction)):  # labels are directions now; the caption still names the digit
+        digit = by_direction.paths[i].stem.split("_")[0]
+        caption = by_direction[i][2]["caption"]
+        assert class_words(digit)["word"] in caption.split() or digit in caption.split(), caption
     with pytest.raises(ValueError, match=r"unknown field 'colour'.*\{direction\}"):
         CaptionedMovingDigits("test", templates=["a {colour} clip"], num_frames=4, image_size=8, clips_train=12,
                               clips_test=4, cache_dir=str(tmp_path))

@@ -54,6 +54,8 @@ def name_fields(path: Path, regex) -> dict[str, str]:
     "en-f2" also as {speaker} "a woman" (m: "a man")."""
     match = regex.fullmatch(Path(path).stem)
     fields = dict(match.groupdict()) if match else {}
+    if "digit" in fields:  # {word} follows the file's digit even when the labels are another field
+        fields.update(digit=class_words(fields["digit"])["digit"], word=class_words(fields["digit"])["word"])
     if "direction" in fields:
         vertical, _, horizontal = fields["direction"].partition("-")
         fields["direction"] = f"{vertical} and to the {horizontal}" if horizontal else fields["direction"]
