@@ -35,6 +35,12 @@ def compose_probe(*overrides: str):
         return compose("probe", overrides=list(overrides))
 
 
+def probe_document(cfg) -> dict:
+    """The probe.json document of a single-modality probe."""
+    ((_, document),) = probe(cfg).values()
+    return document
+
+
 def fast(checkpoint: Path, tmp_path: Path, *overrides: str):
     return compose_probe(f"ckpt={checkpoint}", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
                          "head.epochs=5", "head.learning_rates=[0.1]", "head.weight_decays=[0.0,0.001]",
@@ -56,7 +62,7 @@ def forwards(monkeypatch):
 
 
 def test_probe_writes_the_report_and_a_second_run_does_no_forward(checkpoint, tmp_path, forwards):
-    document = probe(fast(checkpoint, tmp_path, "noise_levels=[0.0,0.5]"))
+    document = probe_document(fast(checkpoint, tmp_path, "noise_levels=[0.0,0.5]"))
     written = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert written == document
     assert set(written) == {"checkpoint", "dataset", "results", "best"}
@@ -73,7 +79,7 @@ def test_probe_writes_the_report_and_a_second_run_does_no_forward(checkpoint, tm
     first = len(forwards)
     assert first > 0
 
-    again = probe(fast(checkpoint, tmp_path, "noise_levels=[0.0,0.5]", f"out_dir={tmp_path / 'again'}"))
+    again = probe_document(fast(checkpoint, tmp_path, "noise_levels=[0.0,0.5]", f"out_dir={tmp_path / 'again'}"))
     assert len(forwards) == first  # every feature came from the cache
     assert again == document  # and the numbers are the same: seeded all the way
 
@@ -82,7 +88,7 @@ def test_probe_writes_the_report_and_a_second_run_does_no_forward(checkpoint, tm
 
 
 def test_probe_attentive_pooling_and_chosen_layers(checkpoint, tmp_path):
-    document = probe(fast(checkpoint, tmp_path, "pool=attentive", "layers=[2]", "cache_dir=null"))
+    document = probe_document(fast(checkpoint, tmp_path, "pool=attentive", "layers=[2]", "cache_dir=null"))
     assert [(r["layer"], r["pool"]) for r in document["results"]] == [(2, "attentive")]
     assert not (tmp_path / "cache").exists()
 
@@ -147,15 +153,35 @@ def test_probe_cli_errors_are_one_line(checkpoint, tmp_path):
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
-def test_multimodal_data_needs_a_modality_choice():
+def test_modality_choice_in_multimodal_data():
     from types import SimpleNamespace
 
-    from selfflow.cli.probe import pick_modality
+    from selfflow.cli.probe import pick_modalities
 
     image, audio = SimpleNamespace(modality="image"), SimpleNamespace(modality="audio")
-    assert pick_modality({"image": image}, None) is image
-    assert pick_modality({"image": image, "audio": audio}, "audio") is audio
-    with pytest.raises(ValueError, match=r"several modalities \['audio', 'image'\]; pass modality=NAME"):
-        pick_modality({"image": image, "audio": audio}, None)
+    assert pick_modalities({"image": image}, None) == {"image": image}
+    assert pick_modalities({"image": image, "audio": audio}, "audio") == {"audio": audio}
+    assert pick_modalities({"image": image, "audio": audio}, None) == {"image": image, "audio": audio}
     with pytest.raises(ValueError, match="modality='video' is not in the data"):
-        pick_modality({"image": image}, "video")
+        pick_modalities({"image": image}, "video")
+
+
+@pytest.mark.slow
+def test_a_joint_checkpoint_is_probed_on_every_modality_or_the_one_named(tmp_path):
+    from selfflow.training.build import build_run
+
+    small = ["data.sources.video.train.clips_train=40", "data.sources.video.train.clips_test=20",
+             "data.sources.audio.train.voices=[en+m1,en+f1]", "data.sources.audio.train.takes=3",
+             "data.sources.audio.train.test_takes=1", "data.batch_size=8"]
+    run = build_run(compose_train(["experiment=multimodal_digits", "trainer.max_steps=2", "~callbacks.samples",
+                                   "~callbacks.probe", *small], tmp_path / "run"))
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    every = probe(fast(ckpt, tmp_path, "layers=[1]"))
+    assert sorted(every) == ["audio", "image", "video"]
+    for modality, (path, document) in every.items():
+        assert path == tmp_path / "out" / modality / "probe.json"
+        assert json.loads(path.read_text()) == document and [r["layer"] for r in document["results"]] == [1]
+    assert every["video"][1]["dataset"] == "MovingDigits" and every["audio"][1]["dataset"] == "SpokenDigits"
+    one = probe(fast(ckpt, tmp_path, "layers=[1]", "modality=audio", f"out_dir={tmp_path / 'audio'}"))
+    assert one == {"audio": (tmp_path / "audio" / "probe.json", every["audio"][1])}  # same seed, same numbers

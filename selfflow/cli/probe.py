@@ -3,6 +3,8 @@
   selfflow-probe ckpt=runs/.../checkpoints/last.ckpt out_dir=probes/run1      # the data the run trained on
   selfflow-probe ckpt=... data=image_folder data.root=DIR layers=[1,3] noise_levels=[0,0.25]
   selfflow-probe ckpt=... weights=online pool=attentive cache_dir=null
+  selfflow-probe ckpt=<joint run> out_dir=probes/joint   # every modality: probes/joint/<modality>/probe.json
+  selfflow-probe ckpt=<joint run> modality=audio          # one modality: out_dir/probe.json
 """
 from __future__ import annotations
 
@@ -24,14 +26,13 @@ def describe_dataset(datamodule) -> str:
     return f"{name}({root})" if root else name
 
 
-def pick_modality(by_modality: dict, modality: str | None):
-    """The single-modality data module to probe: the only one, or the one `modality=` names in a mixture."""
-    if modality is None and len(by_modality) > 1:
-        raise ValueError(f"the data holds several modalities {sorted(by_modality)}; pass modality=NAME to probe one "
-                         f"(one probe.json per modality)")
-    if modality is not None and modality not in by_modality:
+def pick_modalities(by_modality: dict, modality: str | None) -> dict:
+    """{modality: data module} to probe: the one `modality=` names, or every one (a mixture with modality=null)."""
+    if modality is None:
+        return dict(by_modality)
+    if modality not in by_modality:
         raise ValueError(f"modality={modality!r} is not in the data; choose one of {sorted(by_modality)}")
-    return by_modality[modality] if modality is not None else next(iter(by_modality.values()))
+    return {modality: by_modality[modality]}
 
 
 def pick_device(name: str):
@@ -59,22 +60,41 @@ def print_table(document: dict) -> None:
     Console().print(table)
 
 
-def probe(cfg: DictConfig) -> dict:
-    """Load, extract (through the cache), fit, and write `probe.json`; returns the document."""
+def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
+    """Load, extract (through the cache), fit, and write `probe.json`: {modality: (its path, the document)}.
+
+    One modality (a single-modality run, or `modality=` given): `out_dir/probe.json`. A multi-modal run with
+    `modality=null`: every modality, each in `out_dir/<modality>/probe.json`.
+    """
     from hydra.utils import instantiate
 
-    from selfflow.evaluation.features import FeatureCache, default_probe_layers, file_digest
-    from selfflow.evaluation.probe import (FeatureSources, HeadOptions, modality_sources, probe_representations,
-                                          report)
+    from selfflow.evaluation.probe import modality_sources
     from selfflow.training.checkpoint import load_checkpoint
 
     ckpt = Path(cfg.ckpt).expanduser()
     loaded = load_checkpoint(ckpt, cfg.weights)
     data_cfg = cfg.data if cfg.get("data") is not None else loaded.config.data
-    datamodule = pick_modality(modality_sources(instantiate(data_cfg)), cfg.modality)
-    if datamodule.modality not in loaded.tokenizers:
-        raise ValueError(f"data gives {datamodule.modality!r} samples but checkpoint {ckpt} has tokenizers for "
-                         f"{sorted(loaded.tokenizers)} only; probe it on data of a modality it was trained on")
+    chosen = pick_modalities(modality_sources(instantiate(data_cfg)), cfg.modality)
+    for datamodule in chosen.values():
+        if datamodule.modality not in loaded.tokenizers:
+            raise ValueError(f"data gives {datamodule.modality!r} samples but checkpoint {ckpt} has tokenizers for "
+                             f"{sorted(loaded.tokenizers)} only; probe it on data of a modality it was trained on")
+    out_dir = Path(cfg.out_dir)
+    results = {}
+    for modality, datamodule in chosen.items():
+        path = (out_dir if len(chosen) == 1 else out_dir / modality) / "probe.json"
+        document = probe_one(cfg, ckpt, loaded, data_cfg, datamodule)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(document, indent=2) + "\n")
+        results[modality] = (path, document)
+    return results
+
+
+def probe_one(cfg: DictConfig, ckpt: Path, loaded, data_cfg, datamodule) -> dict:
+    """The probe.json document of one modality's data module."""
+    from selfflow.evaluation.features import FeatureCache, default_probe_layers, file_digest
+    from selfflow.evaluation.probe import FeatureSources, HeadOptions, probe_representations, report
+
     device = pick_device(cfg.device)
     model = loaded.model.to(device)
     tokenizer = loaded.tokenizers[datamodule.modality].to(device)
@@ -98,19 +118,15 @@ def probe(cfg: DictConfig) -> dict:
                                  seed=cfg.seed, heads=heads, cache=cache, sources=sources,
                                  feature_batch_size=cfg.batch_size, num_workers=cfg.num_workers,
                                  progress=cfg.progress)
-    document = report(str(ckpt.resolve()), describe_dataset(datamodule), rows)
-    out_dir = Path(cfg.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "probe.json").write_text(json.dumps(document, indent=2) + "\n")
-    return document
+    return report(str(ckpt.resolve()), describe_dataset(datamodule), rows)
 
 
 @hydra.main(config_path="pkg://selfflow.conf", config_name="probe", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     with friendly_errors("selfflow-probe"):
-        document = probe(cfg)
-        print_table(document)
-        print(f"selfflow-probe: wrote {Path(cfg.out_dir).resolve() / 'probe.json'}")
+        for path, document in probe(cfg).values():
+            print_table(document)
+            print(f"selfflow-probe: wrote {path.resolve()}")
 
 
 if __name__ == "__main__":
