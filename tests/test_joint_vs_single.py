@@ -32,5 +32,6 @@ def test_the_page_compares_the_joint_probe_with_both_single_runs(tmp_path):
     assert "- image: joint 85.0% vs 90.0% for its own model at equal steps (-5.0 points) and 75.0% at equal " \
            "image steps (+10.0 points)." in page
     assert "Not run: video_digits (300 steps); audio_digits (130 steps)." in page
+    assert "single-modality model's on every modality; given the same total steps, on 0 of 1." in page  # image only
     saved = json.loads(out.with_suffix(".json").read_text())
     assert saved["results"]["video"]["joint"]["best"] == 0.65 and saved["results"]["image"]["joint"]["steps"] == 1000
