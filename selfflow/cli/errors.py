@@ -6,6 +6,7 @@ import difflib
 import os
 import re
 import sys
+from typing import NoReturn
 
 from omegaconf.errors import OmegaConfBaseException
 
@@ -83,7 +84,8 @@ def describe_override_error(error: Exception, config_name: str, overrides: list[
     return None
 
 
-def fail(command: str, message: str):
+def fail(command: str, message: str) -> NoReturn:
+    """`command: error: message` on stderr and exit status 2."""
     print(f"{command}: error: {message}", file=sys.stderr)
     raise SystemExit(2) from None
 

@@ -132,8 +132,6 @@ class CaptionedDigits(ClassCaptions):
                          fixed=split != "train")
 
 
-
-
 class CaptionedMovingDigits(ClassCaptions):
     """The built-in moving digits (`MovingDigits`, any of its options) captioned from the digit and its direction
     in the file name: "the digit three moving left", "a handwritten seven moving up and to the right", ..."""
