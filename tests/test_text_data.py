@@ -188,9 +188,11 @@ def test_text_to_audio_and_video_train_and_name_their_samples_by_prompt(tiny_tra
     from selfflow.training.build import build_run
 
     cfg = tiny_train_cfg(f"experiment={experiment}", "trainer.max_steps=2", "data.batch_size=4",
-                         "callbacks.samples.every_n_steps=0", "callbacks.samples.prompts=[a man saying one,'Seven!']")
+                         "callbacks.samples.every_n_steps=0",
+                         "callbacks.samples.prompts=[a man saying one,'Seven!',seven]")
     run = build_run(cfg)
     assert run.datamodule.train_set.has_captions and run.module.model.text_stream is not None
     run.trainer.fit(run.module, datamodule=run.datamodule)
     folder = Path(cfg.run_dir) / "samples" / modality / "final"
-    assert sorted(p.name for p in folder.iterdir()) == [f"a-man-saying-one_0.{suffix}", f"seven_0.{suffix}"]
+    assert sorted(p.name for p in folder.iterdir()) == [f"a-man-saying-one_0.{suffix}", f"seven-2_0.{suffix}",
+                                                        f"seven_0.{suffix}"]

@@ -83,7 +83,10 @@ class SampleGrid(L.Callback):
         """`<class name>_<k>` per sample (`uncond_<k>` for the null label; `<prompt words>_<k>` when sampling
         prompts), for file names and panel titles."""
         if self.prompts and TEXT in module.tokenizers:
-            slugs = [re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt" for prompt in self.prompts]
+            slugs: list[str] = []
+            for prompt in self.prompts:  # file-name safe; a repeated slug ("Seven!", "seven") gets its position
+                slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
+                slugs.append(f"{slug}-{len(slugs)}" if slug in slugs else slug)
             return [f"{slug}_{k}" for slug in slugs for k in range(self.samples_per_class)]
         names = list(getattr(trainer.datamodule, "class_names", None) or [])
         seen: dict[int, int] = {}
