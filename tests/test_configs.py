@@ -102,6 +102,37 @@ def test_image_folder_data_and_objective_options_build(tmp_path):
     assert run.module.objective.attention_separation
 
 
+@pytest.mark.parametrize("experiment, data", [("text_video_digits", "captioned_video_folder"),
+                                              ("text_audio_digits", "captioned_audio_folder")])
+def test_captioned_video_and_audio_folder_configs_build_a_text_run(tmp_path, experiment, data):
+    import soundfile
+
+    from tests.test_data_audio import tone
+    from tests.test_data_video import write_video_folder
+
+    root = tmp_path / "files"
+    if data == "captioned_video_folder":
+        write_video_folder(root, per_class=3, num_frames=20, size=16)
+        files = sorted(root.rglob("*.mp4"))
+    else:
+        for c, name in enumerate(("low", "high")):
+            (root / name).mkdir(parents=True)
+            for i in range(3):
+                soundfile.write(root / name / f"{i}.wav", tone(300 + 500 * c, 1.0, 8000), 8000)
+        files = sorted(root.rglob("*.wav"))
+    for path in files:
+        path.with_suffix(".txt").write_text(f"something {path.parent.name}")
+    overrides = [f"experiment={experiment}", f"data={data}", f"data.root={root}"]
+    if data == "captioned_video_folder":
+        overrides += ["data.train.channels=1", "data.train.image_size=16"]
+    cfg = compose_train(overrides, tmp_path / "run")
+    run = build_run(cfg)
+    assert run.datamodule.train_set.has_captions and "text" in run.module.tokenizers
+    batch = next(iter(run.datamodule.train_dataloader()))
+    assert all(caption in ("something low", "something high", "something walk", "something wave")
+               for caption in batch["caption"])
+
+
 def read_metrics(path: Path) -> list[dict[str, str]]:
     with open(path) as f:
         return list(csv.DictReader(f))
