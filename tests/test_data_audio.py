@@ -179,3 +179,49 @@ def test_a_named_pipe_posing_as_audio_is_skipped_without_hanging(tmp_path):
     dataset = AudioFolder(str(tmp_path), "train")
     items = {p.name: dataset[i] for i, p in enumerate(dataset.paths)}
     assert items["pipe.wav"] is None and items["good.wav"] is not None
+
+
+def write_lengths(folder, seconds: list[float], rate: int = 8000):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, length in enumerate(seconds):
+        soundfile.write(folder / f"{i}.wav", tone(400 + 100 * i, length, rate), rate)
+
+
+def test_duration_buckets_crop_each_recording_to_the_longest_bucket_it_fills(tmp_path):
+    from selfflow.data.buckets import BucketIndex
+
+    write_lengths(tmp_path / "a", [0.3, 0.6, 1.2, 2.5, 1.0])
+    data = AudioFolder(str(tmp_path), "test", test_fraction=0.99, durations=[2.0, 0.5, 1.0])
+    assert data.durations == [0.5, 1.0, 2.0]
+    by_name = {p.name: i for i, p in enumerate(data.paths)}
+    assert {name: data.bucket_ids[i] for name, i in by_name.items()} == {
+        "0.wav": 0, "1.wav": 0, "2.wav": 1, "3.wav": 2, "4.wav": 1}  # 0.3 s: the shortest bucket, padded
+    lengths = {name: data[BucketIndex(i)][0].shape[-1] for name, i in by_name.items()}
+    assert lengths == {"0.wav": 4000, "1.wav": 4000, "2.wav": 8000, "3.wav": 16000, "4.wav": 8000}
+    assert data[by_name["3.wav"]][0].shape == (1, 8000)  # a plain index: the fixed duration
+    assert AudioFolder(str(tmp_path), "test", test_fraction=0.99).bucket_ids is None
+    with pytest.raises(ValueError, match=r"data.train.durations=\[1.0, 1.0\] must be distinct positive"):
+        AudioFolder(str(tmp_path), "test", test_fraction=0.99, durations=[1.0, 1.0])
+
+
+def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train_cfg, tmp_path):
+    from selfflow.cli.sample import tokenizer_at_duration
+    from selfflow.training.build import build_run
+
+    for name in ("low", "high"):
+        write_lengths(tmp_path / "data" / name, [0.6, 0.7, 1.1, 1.3, 1.6, 0.55])
+    overrides = ["experiment=audio_digits", "data=audio_folder", f"data.root={tmp_path / 'data'}",
+                 "data.batch_size=2", "trainer.max_steps=4", "callbacks.samples.every_n_steps=0", "~callbacks.probe"]
+    run = build_run(tiny_train_cfg(*overrides, "data.train.durations=[0.5,1.0]"))
+    lengths = []
+    run.module.on_train_batch_start = lambda batch, i: lengths.append(batch["data"].shape[-1])
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 4 and set(lengths) <= {4000, 8000} and len(lengths) == 4
+    assert set(run.datamodule.train_set.bucket_ids) == {0, 1}  # both lengths in the data; a batch holds one
+    tokenizer = run.module.tokenizers["audio"]
+    assert tokenizer_at_duration(tokenizer, "audio", 0.5).decode(torch.zeros(1, 32, 32)).shape == (1, 4000)
+    with pytest.raises(ValueError, match=r"duration=0.3: an audio clip of 2400 samples"):
+        tokenizer_at_duration(tokenizer, "audio", 0.3)
+    bad = build_run(tiny_train_cfg(*overrides, "data.train.durations=[0.3]", run_dir=tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"data.train.durations=\[0.3\]: an audio clip of 2400 samples"):
+        bad.trainer.fit(bad.module, datamodule=bad.datamodule)

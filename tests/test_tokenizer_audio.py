@@ -80,6 +80,25 @@ def test_wrong_sizes_are_explained():
         tokenizer.encode(torch.zeros(2, 2, 8000))
 
 
+def test_clips_of_other_durations_tokenize_to_their_own_length():
+    tokenizer = AudioMelTokenizer()  # 1 s at 8 kHz: 64 tokens, time patches of 1000 samples
+    wave = 0.1 * torch.randn(2, 1, 16000, generator=torch.Generator().manual_seed(0))
+    tokens = tokenizer.encode(wave)
+    fresh = AudioMelTokenizer(duration=2.0)
+    torch.testing.assert_close(tokens.x, fresh.encode(wave).x)
+    assert tokens.x.shape == (2, 128, 32) and torch.equal(tokens.pos, fresh.positions(2))
+    assert tokenizer.decode(tokens.x).shape == (2, 16000) and tokenizer.num_samples == 8000  # unchanged
+    torch.testing.assert_close(tokenizer.decode(tokens.x), fresh.decode(tokens.x))
+    half = tokenizer.at_duration(0.5)
+    assert (half.num_samples, half.grid) == (4000, (4, 8)) and half.positions(1).shape == (1, 32, 4)
+    assert half.mel is tokenizer.mel  # the transforms are shared, not copied
+    with pytest.raises(ValueError, match=r"8100 samples .* not a whole number of tokenizer.audio time patches "
+                                         r"\(1000 samples = 0.125 s"):
+        tokenizer.encode(torch.zeros(1, 8100))
+    with pytest.raises(ValueError, match="not whole time patches"):
+        tokenizer.decode(torch.zeros(1, 60, 32))
+
+
 class FrameAE(nn.Module):
     """A stand-in audio autoencoder: frames of 100 samples as 100 latent channels (exactly invertible)."""
 

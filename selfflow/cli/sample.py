@@ -5,6 +5,7 @@
   selfflow-sample ckpt=... metrics=true reference=refs/digits    # metrics.json: FD and classifier accuracy
   selfflow-sample ckpt=official:selfflow_imagenet256.pt vae=sd-vae-ft-ema num_samples=8   # the released model
   selfflow-sample ckpt=... size=[24,40]     # a multi-aspect (size-conditioned) model at any bucket's size
+  selfflow-sample ckpt=... duration=2.0     # audio clips of another length (whole time patches)
 
 Writes into out_dir: per-sample files (images/*.png, videos/*.mp4 + contact_sheet.png, audio/*.wav + *.png),
 grid.png and samples.npz (uint8 [N, H, W, 3] under arr_0) for images, sampling.json (settings, NFE, timing),
@@ -103,6 +104,21 @@ def tokenizer_at_size(tokenizer, modality: str, size) -> Any:
         raise ValueError(f"size=[{height}, {width}] must be whole patches: multiples of the checkpoint's "
                          f"tokenizer.image.patch_size={patch}, e.g. size=[{near[0]},{near[1]}]")
     return ImagePatchTokenizer(patch, tokenizer.channels, (height, width))
+
+
+def tokenizer_at_duration(tokenizer, modality: str, seconds) -> Any:
+    """The tokenizer that generates audio clips of `seconds`; null keeps the trained duration."""
+    if seconds is None:
+        return tokenizer
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
+        raise ValueError(f"duration={seconds!r} must be a positive number of seconds, e.g. duration=2.0")
+    if not hasattr(tokenizer, "at_duration"):
+        raise ValueError(f"duration= is for audio checkpoints with a log-mel tokenizer; this one samples {modality} "
+                         f"with {type(tokenizer).__name__}, at its trained length only")
+    try:
+        return tokenizer.at_duration(float(seconds))
+    except ValueError as error:
+        raise ValueError(f"duration={seconds}: {error}") from None
 
 
 def size_rows(model, tokenizer, count: int) -> torch.Tensor | None:
@@ -207,7 +223,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     sampler, steps = cfg.sampler or default_sampler, int(cfg.steps or default_steps)
     modality = pick_modality(cfg.modality, loaded.tokenizers)
     model = loaded.model.to(device).eval()
-    tokenizer = tokenizer_at_size(loaded.tokenizers[modality], modality, cfg.get("size")).to(device)
+    tokenizer = tokenizer_at_size(loaded.tokenizers[modality], modality, cfg.get("size"))
+    tokenizer = tokenizer_at_duration(tokenizer, modality, cfg.get("duration")).to(device)
     labels = resolve_labels(cfg.labels, cfg.num_samples, model.num_classes, model.null_class)
     text = prompt_text(loaded.tokenizers, cfg.get("prompt"), cfg.num_samples)
     if text is not None and cfg.labels is None:  # text models: the caption is the condition

@@ -43,10 +43,14 @@ class LabelledFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def load_item(self, i: int) -> Tensor:
+        """Sample i's data; datasets with buckets load a `BucketIndex` key at its bucket's size."""
+        return self.read(self.paths[i])
+
     def __getitem__(self, i: int):
         path = self.paths[i]
         try:
-            data = self.read(path)
+            data = self.load_item(i)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             self.bad_files.handle(path, failure_reason(error))
             return None

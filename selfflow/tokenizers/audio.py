@@ -2,6 +2,7 @@
 back to a waveform by mel inversion and Griffin-Lim so that samples can be heard."""
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -63,6 +64,30 @@ class AudioMelTokenizer(Tokenizer):
         self.griffin_lim = torchaudio.transforms.GriffinLim(n_fft, griffin_lim_iters, hop_length=hop_length,
                                                             power=1.0, length=self.num_samples, rand_init=False)
 
+    @property
+    def samples_per_patch(self) -> int:
+        """Wave samples per time patch: clip lengths are whole multiples of it."""
+        return self.hop_length * self.patch_frames
+
+    def at_samples(self, num_samples: int) -> "AudioMelTokenizer":
+        """The same tokenizer for clips of `num_samples` samples (another duration), sharing its transforms."""
+        if num_samples == self.num_samples:
+            return self
+        if num_samples < self.samples_per_patch or num_samples % self.samples_per_patch:
+            seconds = self.samples_per_patch / self.sample_rate
+            raise ValueError(f"an audio clip of {num_samples} samples ({num_samples / self.sample_rate:g} s) is not "
+                             f"a whole number of tokenizer.audio time patches ({self.samples_per_patch} samples = "
+                             f"{seconds:g} s at {self.sample_rate} Hz); use durations that are multiples of {seconds:g} s")
+        other = copy.copy(self)  # shallow: the mel, inverse-mel and Griffin-Lim modules are shared
+        other.num_samples = num_samples
+        other.frames = num_samples // self.hop_length
+        other.grid = (other.frames // self.patch_frames, self.grid[1])
+        return other
+
+    def at_duration(self, seconds: float) -> "AudioMelTokenizer":
+        """The same tokenizer for clips of `seconds` (e.g. to sample another duration)."""
+        return self.at_samples(round(seconds * self.sample_rate))
+
     def log_mel(self, wave: Tensor) -> Tensor:
         """wave: [B, 1, S] or [B, S] -> normalised log-mel [B, n_mels, frames] (silence -1, loud about +1)."""
         wave = as_mono_batch(wave, self.num_samples, "audio tokenizer")
@@ -71,9 +96,12 @@ class AudioMelTokenizer(Tokenizer):
             return 2 * (torch.log(mel + self.floor) - self.log_floor) / (self.log_ceiling - self.log_floor) - 1
 
     def encode(self, wave: Tensor) -> Tokens:
-        spec = self.log_mel(wave)
+        """wave: [B, 1, S] or [B, S]; S may differ from the configured duration (duration buckets) when it is a
+        whole number of time patches: the token count follows it."""
+        tokenizer = self.at_samples(wave.shape[-1])
+        spec = tokenizer.log_mel(wave)
         x = rearrange(spec, "b (h q) (t p) -> b (t h) (p q)", p=self.patch_frames, q=self.patch_mels)
-        return Tokens(x=x, pos=self.positions(spec.shape[0], spec.device), modality=self.modality)
+        return Tokens(x=x, pos=tokenizer.positions(spec.shape[0], spec.device), modality=self.modality)
 
     def tokens_to_log_mel(self, x: Tensor) -> Tensor:
         """x: [B, N, pf pm] -> normalised log-mel [B, n_mels, frames]."""
@@ -81,14 +109,23 @@ class AudioMelTokenizer(Tokenizer):
         return rearrange(x, "b (t h) (p q) -> b (h q) (t p)", t=t, h=h, p=self.patch_frames, q=self.patch_mels)
 
     def decode(self, x: Tensor) -> Tensor:
-        """x: [B, N, pf pm] -> waves [B, S] (mel inversion + Griffin-Lim)."""
-        spec = self.tokens_to_log_mel(x.float())
+        """x: [B, N, pf pm] -> waves [B, S] (mel inversion + Griffin-Lim); S follows N (duration buckets)."""
+        time_patches, bands = divmod(x.shape[1], self.grid[1])
+        if bands or not time_patches:
+            raise ValueError(f"{x.shape[1]} audio tokens are not whole time patches of {self.grid[1]} tokens")
+        tokenizer = self.at_samples(time_patches * self.samples_per_patch)
+        spec = tokenizer.tokens_to_log_mel(x.float())
         with torch.autocast(x.device.type, enabled=False):
             log_mel = (spec + 1) / 2 * (self.log_ceiling - self.log_floor) + self.log_floor
             mel = (torch.exp(log_mel) - self.floor).clamp_min(0)
             mel = torch.cat([mel, mel[..., -1:]], dim=-1)  # the dropped last STFT frame, so lengths line up
             magnitude = self.inverse_mel(mel)  # [B, n_fft / 2 + 1, frames + 1]
-            return self.griffin_lim(magnitude)
+            if tokenizer.num_samples == self.griffin_lim.length:
+                return self.griffin_lim(magnitude)
+            g = self.griffin_lim
+            return torchaudio.functional.griffinlim(magnitude, g.window, g.n_fft, g.hop_length, g.win_length,
+                                                    g.power, g.n_iter, g.momentum, tokenizer.num_samples,
+                                                    g.rand_init)
 
     def positions(self, batch_size: int, device=None) -> Tensor:
         """ids (t, h, 0, 0): t = time patch, h = frequency patch."""
