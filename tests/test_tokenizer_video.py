@@ -32,8 +32,22 @@ def test_wrong_shapes_are_explained():
     with pytest.raises(ValueError, match="tubelets of 3 frames x 4 x 4 do not divide .* 8 frames x 16 x 16"):
         VideoTubeletTokenizer(tubelet_frames=3, patch_size=4, num_frames=8, image_size=16)
     tokenizer = VideoTubeletTokenizer(tubelet_frames=2, patch_size=4, channels=1, num_frames=8, image_size=16)
-    with pytest.raises(ValueError, match=r"expects \[B, 8, 1, 16, 16\] \(B, T, C, H, W\), got \[2, 1, 16, 16\]"):
+    with pytest.raises(ValueError, match=r"expects \[B, T, 1, 16, 16\] \(B, T, C, H, W; T = 8 or another whole "
+                                         r"number of tubelets\), got \[2, 1, 16, 16\]"):
         tokenizer.encode(torch.rand(2, 1, 16, 16))
+    with pytest.raises(ValueError, match="a clip of 7 frames is not a whole number of tokenizer.video tubelets"):
+        tokenizer.encode(torch.rand(2, 7, 1, 16, 16))
+
+
+def test_clips_of_other_frame_counts_tokenize_to_their_own_length():
+    tokenizer = VideoTubeletTokenizer(tubelet_frames=2, patch_size=4, channels=1, num_frames=8, image_size=16)
+    clips = torch.rand(2, 12, 1, 16, 16)
+    tokens = tokenizer.encode(clips)
+    fresh = VideoTubeletTokenizer(tubelet_frames=2, patch_size=4, channels=1, num_frames=12, image_size=16)
+    torch.testing.assert_close(tokens.x, fresh.encode(clips).x)
+    assert torch.equal(tokens.pos, fresh.positions(2)) and tokens.x.shape == (2, 96, 32)
+    torch.testing.assert_close(tokenizer.decode(tokens.x), clips)  # exact inverse at the clip's own length
+    assert tokenizer.num_frames == 8 and tokenizer.at_frames(4).grid == (2, 4, 4)
 
 
 class PixelShuffleVideoAE(nn.Module):

@@ -6,6 +6,7 @@
   selfflow-sample ckpt=official:selfflow_imagenet256.pt vae=sd-vae-ft-ema num_samples=8   # the released model
   selfflow-sample ckpt=... size=[24,40]     # a multi-aspect (size-conditioned) model at any bucket's size
   selfflow-sample ckpt=... duration=2.0     # audio clips of another length (whole time patches)
+  selfflow-sample ckpt=... frames=16        # video clips of another frame count (whole tubelets)
 
 Writes into out_dir: per-sample files (images/*.png, videos/*.mp4 + contact_sheet.png, audio/*.wav + *.png),
 grid.png and samples.npz (uint8 [N, H, W, 3] under arr_0) for images, sampling.json (settings, NFE, timing),
@@ -106,19 +107,24 @@ def tokenizer_at_size(tokenizer, modality: str, size) -> Any:
     return ImagePatchTokenizer(patch, tokenizer.channels, (height, width))
 
 
-def tokenizer_at_duration(tokenizer, modality: str, seconds) -> Any:
-    """The tokenizer that generates audio clips of `seconds`; null keeps the trained duration."""
-    if seconds is None:
-        return tokenizer
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds <= 0:
-        raise ValueError(f"duration={seconds!r} must be a positive number of seconds, e.g. duration=2.0")
-    if not hasattr(tokenizer, "at_duration"):
-        raise ValueError(f"duration= is for audio checkpoints with a log-mel tokenizer; this one samples {modality} "
-                         f"with {type(tokenizer).__name__}, at its trained length only")
-    try:
-        return tokenizer.at_duration(float(seconds))
-    except ValueError as error:
-        raise ValueError(f"duration={seconds}: {error}") from None
+def tokenizer_at_length(tokenizer, modality: str, cfg: DictConfig) -> Any:
+    """The tokenizer that generates audio of `duration=` seconds or video of `frames=` frames; null keeps the
+    trained length."""
+    for key, wanted, unit in (("duration", "audio", "seconds, e.g. duration=2.0"), ("frames", "video",
+                                                                                  "frames, e.g. frames=16")):
+        value = cfg.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            raise ValueError(f"{key}={value!r} must be a positive number of {unit}")
+        if modality != wanted or not hasattr(tokenizer, "at_length"):
+            raise ValueError(f"{key}= is for {wanted} checkpoints with a pixel or log-mel tokenizer; this one samples "
+                             f"{modality} with {type(tokenizer).__name__}, at its trained length only")
+        try:
+            return tokenizer.at_length(value)
+        except ValueError as error:
+            raise ValueError(f"{key}={value}: {error}") from None
+    return tokenizer
 
 
 def size_rows(model, tokenizer, count: int) -> torch.Tensor | None:
@@ -224,7 +230,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     modality = pick_modality(cfg.modality, loaded.tokenizers)
     model = loaded.model.to(device).eval()
     tokenizer = tokenizer_at_size(loaded.tokenizers[modality], modality, cfg.get("size"))
-    tokenizer = tokenizer_at_duration(tokenizer, modality, cfg.get("duration")).to(device)
+    tokenizer = tokenizer_at_length(tokenizer, modality, cfg).to(device)
     labels = resolve_labels(cfg.labels, cfg.num_samples, model.num_classes, model.null_class)
     text = prompt_text(loaded.tokenizers, cfg.get("prompt"), cfg.num_samples)
     if text is not None and cfg.labels is None:  # text models: the caption is the condition

@@ -3,7 +3,8 @@ sampler whose batches each hold one bucket (so samples of a batch share a token 
 
 Buckets have about the same area (token count) and sides that are multiples of the patch size. A sample goes to
 the bucket nearest to it in log aspect ratio, so its aspect lies between the midpoints to the neighbouring buckets.
-For video and audio, the duration plays the part of the aspect (bucket on frames or seconds the same way).
+Audio and video bucket on length instead (`length_bucket`): a recording or video goes to the longest bucket it
+fills (seconds, or clip frames), cropped to it, so that no batch needs padding.
 """
 from __future__ import annotations
 
@@ -209,3 +210,20 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches(self.epoch)
+
+
+def parse_lengths(values: Sequence[float] | None, key: str) -> list[float] | None:
+    """Bucket lengths (seconds or frames) from `data.train.<key>`, sorted; None (or empty) = off."""
+    if values is None or len(values) == 0:
+        return None
+    lengths = sorted(float(v) for v in values)
+    if lengths[0] <= 0 or len(set(lengths)) != len(lengths):
+        raise ValueError(f"data.train.{key}={list(values)} must be distinct positive lengths, e.g. [0.5,1,2]")
+    return lengths
+
+
+def length_bucket(lengths: Sequence[float], available: float) -> int:
+    """The longest bucket a sample of `available` length fills (it is cropped to it), or the shortest (padded, or
+    reported as too short by its loader)."""
+    fitting = [b for b, length in enumerate(lengths) if length <= available + 1e-6]
+    return fitting[-1] if fitting else 0

@@ -7,6 +7,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from selfflow.data.bad_files import BadFilePolicy, failure_reason, require_one_readable
+from selfflow.data.buckets import BucketIndex, length_bucket
 from selfflow.data.files import LabelledFiles, check_readable_file, find_labelled_files
 
 
@@ -43,9 +44,42 @@ class LabelledFileDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    # length buckets (audio durations, video frame counts): subclasses name the attribute holding the sorted bucket
+    # lengths (None = off) and implement `header_length` and `load_at_length`
+    length_bucket_key: str | None = None
+    _bucket_ids: list[int] | None = None
+
+    @property
+    def bucket_lengths(self) -> list[float] | None:
+        return getattr(self, self.length_bucket_key) if self.length_bucket_key else None
+
+    def header_length(self, path: Path) -> float:
+        """The length a file offers, in bucket units, from its header (0 where unknown)."""
+        raise NotImplementedError
+
+    def load_at_length(self, path: Path, length: float) -> Tensor:
+        """The file's sample cropped (or padded) to `length` bucket units."""
+        raise NotImplementedError
+
+    @property
+    def bucket_ids(self) -> list[int] | None:
+        """Each file's length bucket (None without buckets): the longest it fills, from the headers read once on
+        first use; shorter files go to the shortest bucket."""
+        lengths = self.bucket_lengths
+        if lengths is None:
+            return None
+        if self._bucket_ids is None:
+            self._bucket_ids = [length_bucket(lengths, self.header_length(path)) for path in self.paths]
+        return self._bucket_ids
+
     def load_item(self, i: int) -> Tensor:
-        """Sample i's data; datasets with buckets load a `BucketIndex` key at its bucket's size."""
-        return self.read(self.paths[i])
+        """Sample i's data; with length buckets a `BucketIndex` key loads at its bucket's length."""
+        path = self.paths[i]
+        lengths = self.bucket_lengths
+        if lengths is None or not isinstance(i, BucketIndex):
+            return self.read(path)
+        check_readable_file(path)
+        return self.load_at_length(path, lengths[self.bucket_ids[i]])
 
     def __getitem__(self, i: int):
         path = self.paths[i]

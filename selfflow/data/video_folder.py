@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, Sequence
 
 from torch import Tensor
 
+from selfflow.data.buckets import parse_lengths
 from selfflow.data.file_dataset import LabelledFileDataset
-from selfflow.data.video_io import VIDEO_BACKENDS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.data.video_io import (VIDEO_BACKENDS, VIDEO_EXTENSIONS, clip_frames_available, frames_to_tensor,
+                                     read_clip)
 
 
 def check_clip_options(num_frames: int, frame_stride: int, fps: float | None, channels: int, backend: str) -> None:
@@ -28,20 +30,39 @@ class VideoFolder(LabelledFileDataset):
     A clip is `num_frames` frames, `frame_stride` source frames apart or resampled to `fps` when set; its start is
     random in training and centred in evaluation. Frames are resized (shorter side) and centre-cropped to
     `image_size`, grey when `channels=1`. Each clip opens its file once; decoding runs in DataLoader workers.
+
+    frame_counts (length buckets, e.g. [4, 8, 16]): each video goes to the longest clip length it holds at this
+    stride (`bucket_ids`, from the container headers); `dataset[BucketIndex(i)]` is a clip of that many frames, so a
+    training batch (one bucket) wastes no tokens on padding; a plain index still gives `num_frames` frames.
     """
+
+    length_bucket_key = "frame_counts"  # the bucket lengths' config key, in the tokenizer's `at_length` unit
 
     def __init__(self, root: str, split: str = "train", num_frames: int = 8, frame_stride: int = 1,
                  fps: float | None = None, image_size: int = 32, channels: int = 3, test_fraction: float = 0.1,
                  seed: int = 0, on_bad_file: str = "skip", manifest: str | None = None,
-                 name_pattern: str | None = None, label_field: str | None = None, backend: str = "auto"):
+                 name_pattern: str | None = None, label_field: str | None = None, backend: str = "auto",
+                 frame_counts: Sequence[int] | None = None):
         check_clip_options(num_frames, frame_stride, fps, channels, backend)
+        counts = parse_lengths(frame_counts, self.length_bucket_key)
+        if counts and any(count != int(count) for count in counts):
+            raise ValueError(f"data.train.frame_counts={list(frame_counts)} must be whole numbers of frames")
+        self.frame_counts = [int(count) for count in counts] if counts else None
         files = self.find_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
-                                    label_field)
+                                label_field)
         super().__init__(files, on_bad_file)
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
         self.random_start = split == "train"
         self.check_readable()
+
+    def header_length(self, path: Path) -> float:
+        """Clip frames the video holds at this stride or rate, from its container header."""
+        return clip_frames_available(path, self.frame_stride, self.fps)
+
+    def load_at_length(self, path: Path, length: float) -> Tensor:
+        frames = read_clip(path, int(length), self.frame_stride, self.fps, self.random_start, self.backend)
+        return frames_to_tensor(frames, self.image_size, self.channels)
 
     def load(self, path: Path | BinaryIO) -> Tensor:
         """frames: [T, C, S, S] in [0, 1], from a path or an open binary file (as VideoShards decodes)"""

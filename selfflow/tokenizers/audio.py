@@ -88,6 +88,8 @@ class AudioMelTokenizer(Tokenizer):
         """The same tokenizer for clips of `seconds` (e.g. to sample another duration)."""
         return self.at_samples(round(seconds * self.sample_rate))
 
+    at_length = at_duration  # length buckets are in seconds for audio (data.train.durations)
+
     def log_mel(self, wave: Tensor) -> Tensor:
         """wave: [B, 1, S] or [B, S] -> normalised log-mel [B, n_mels, frames] (silence -1, loud about +1)."""
         wave = as_mono_batch(wave, self.num_samples, "audio tokenizer")

@@ -1,6 +1,8 @@
 """Video tokenizer: non-overlapping tubelets of pt frames x p x p pixels with (t, h, w, 0) position ids."""
 from __future__ import annotations
 
+import copy
+
 import torch
 from einops import rearrange
 from torch import Tensor
@@ -50,26 +52,50 @@ class VideoTubeletTokenizer(Tokenizer):
     modality = "video"
 
     def __init__(self, tubelet_frames: int = 2, patch_size: int = 4, channels: int = 1, num_frames: int = 8,
-                 image_size: int = 16, fps: float = 8.0):
+                 image_size: int = 16, fps: float | None = 8.0):
         super().__init__()
         self.tubelet_frames, self.patch_size, self.channels = tubelet_frames, patch_size, channels
-        self.num_frames, self.image_size, self.fps = num_frames, image_size, fps
+        # the rate samples are written at; null (data read at a frame stride, not a rate) writes 8 fps
+        self.num_frames, self.image_size, self.fps = num_frames, image_size, float(fps) if fps else 8.0
         self.grid = tubelet_grid((num_frames, image_size, image_size), tubelet_frames, patch_size, "clips")
         self.token_channels = channels * tubelet_frames * patch_size * patch_size
 
+    def at_frames(self, num_frames: int) -> "VideoTubeletTokenizer":
+        """The same tokenizer for clips of `num_frames` frames (frame-count buckets, or sampling another length)."""
+        if num_frames == self.num_frames:
+            return self
+        if num_frames != int(num_frames) or num_frames < self.tubelet_frames or num_frames % self.tubelet_frames:
+            raise ValueError(f"a clip of {num_frames} frames is not a whole number of tokenizer.video tubelets of "
+                             f"{self.tubelet_frames} frames; use frame counts that are multiples of "
+                             f"{self.tubelet_frames}")
+        other = copy.copy(self)
+        other.num_frames = int(num_frames)
+        other.grid = (other.num_frames // self.tubelet_frames, *self.grid[1:])
+        return other
+
+    at_length = at_frames  # length buckets are frame counts for video (data.train.frame_counts)
+
     def encode(self, video: Tensor) -> Tokens:
-        expected = (self.num_frames, self.channels, self.image_size, self.image_size)
-        if video.ndim != 5 or tuple(video.shape[1:]) != expected:
+        """video: [B, T, C, H, W]; T may differ from `num_frames` (frame-count buckets) when it is whole tubelets."""
+        expected = ("T", self.channels, self.image_size, self.image_size)
+        if video.ndim != 5 or tuple(video.shape[2:]) != expected[1:]:
             raise ValueError(
-                f"video tokenizer expects [B, {', '.join(map(str, expected))}] (B, T, C, H, W), got "
-                f"{list(video.shape)}; set tokenizer.video.num_frames/channels/image_size to match the data"
+                f"video tokenizer expects [B, {', '.join(map(str, expected))}] (B, T, C, H, W; T = {self.num_frames} "
+                f"or another whole number of tubelets), got {list(video.shape)}; set "
+                f"tokenizer.video.num_frames/channels/image_size to match the data"
             )
+        tokenizer = self.at_frames(video.shape[1])
         x = to_tubelets(video * 2 - 1, self.tubelet_frames, self.patch_size)
-        return Tokens(x=x, pos=self.positions(video.shape[0], video.device), modality=self.modality)
+        return Tokens(x=x, pos=tokenizer.positions(video.shape[0], video.device), modality=self.modality)
 
     def decode(self, x: Tensor) -> Tensor:
-        """x: [B, N, C pt p p] -> clips [B, T, C, H, W] in [0, 1]."""
-        video = from_tubelets(x, self.grid, self.tubelet_frames, self.patch_size)
+        """x: [B, N, C pt p p] -> clips [B, T, C, H, W] in [0, 1]; T follows N (frame-count buckets)."""
+        per_tubelet = self.grid[1] * self.grid[2]
+        tubelets, rest = divmod(x.shape[1], per_tubelet)
+        if rest or not tubelets:
+            raise ValueError(f"{x.shape[1]} video tokens are not whole tubelet frames of {per_tubelet} tokens")
+        grid = (tubelets, *self.grid[1:])
+        video = from_tubelets(x, grid, self.tubelet_frames, self.patch_size)
         return ((video + 1) / 2).clamp(0, 1)
 
     def positions(self, batch_size: int, device=None) -> Tensor:

@@ -70,22 +70,24 @@ def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> Non
                              f"{patch}; set data.train.bucket_multiple={patch} or round the sizes")
 
 
-def check_durations(dataset: Dataset, modality: str, module: Any) -> None:
-    """Duration buckets must be whole token patches of a tokenizer that takes clips of other lengths."""
-    durations = getattr(dataset, "durations", None)
+def check_length_buckets(dataset: Dataset, modality: str, module: Any) -> None:
+    """Length buckets (audio durations, video frame counts) must be whole token patches of a tokenizer that takes
+    clips of other lengths."""
+    key = getattr(dataset, "length_bucket_key", None)
+    lengths = getattr(dataset, key, None) if key else None
     tokenizers = getattr(module, "tokenizers", {})
-    if not durations or modality not in tokenizers:
+    if not lengths or modality not in tokenizers:
         return
     tokenizer = tokenizers[modality]
-    if not hasattr(tokenizer, "at_duration"):
-        raise ValueError(f"data.train.durations={durations} needs a tokenizer that takes clips of several lengths "
-                         f"(tokenizer.{modality}: {type(tokenizer).__name__} takes one); use tokenizer=audio_mel or "
-                         f"set data.train.durations=null")
-    for seconds in durations:
+    if not hasattr(tokenizer, "at_length"):
+        raise ValueError(f"data.train.{key}={lengths} needs a tokenizer that takes clips of several lengths "
+                         f"(tokenizer.{modality}: {type(tokenizer).__name__} takes one); use a pixel or log-mel "
+                         f"tokenizer (video_tubelets, audio_mel) or set data.train.{key}=null")
+    for length in lengths:
         try:
-            tokenizer.at_duration(seconds)
+            tokenizer.at_length(length)
         except ValueError as error:
-            raise ValueError(f"data.train.durations={durations}: {error}") from None
+            raise ValueError(f"data.train.{key}={lengths}: {error}") from None
 
 
 class SelfFlowDataModule(L.LightningDataModule):
@@ -129,12 +131,12 @@ class SelfFlowDataModule(L.LightningDataModule):
                 policy.record_path = Path(path)
 
     def setup(self, stage: str | None = None) -> None:
-        """Start-up checks, once the trainer holds the module: buckets <-> the model's size conditioning, duration
+        """Start-up checks, once the trainer holds the module: buckets <-> the model's size conditioning, length
         buckets <-> the tokenizer."""
         trainer = getattr(self, "trainer", None)
         if stage in (None, "fit") and trainer is not None:
             check_size_conditioning(self.train_set, self.modality, trainer.lightning_module)
-            check_durations(self.train_set, self.modality, trainer.lightning_module)
+            check_length_buckets(self.train_set, self.modality, trainer.lightning_module)
         getattr(self.train_set, "bucket_ids", None)  # bucket every training sample now (file headers only)
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
