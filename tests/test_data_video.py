@@ -12,7 +12,7 @@ from selfflow.data.bad_files import BadFileError
 from selfflow.data.collate import collate_samples
 from selfflow.data.moving_digits import DIRECTIONS, MovingDigits
 from selfflow.data.video_folder import VideoFolder
-from selfflow.data.video_io import decord_available, read_clip, write_mp4
+from selfflow.data.video_io import clip_frames_available, decord_available, read_clip, write_mp4
 
 
 def ramp_video(num_frames: int, size: int = 32, offset: int = 0) -> np.ndarray:
@@ -90,6 +90,9 @@ def test_other_containers_and_codecs_are_read(tmp_path):
         container.mux(stream.encode())
     dataset = VideoFolder(str(tmp_path), "test", num_frames=4, image_size=32, channels=1, test_fraction=0.5)
     assert dataset[0][0].shape == (4, 1, 32, 32)
+    with av.open(str(path)) as container:
+        assert container.streams.video[0].frames == 0  # Matroska keeps no frame count: length from the duration
+    assert (clip_frames_available(path), clip_frames_available(path, frame_stride=2)) == (10, 5)
 
 
 def test_labels_from_a_csv_manifest_or_a_file_name_pattern(tmp_path):

@@ -86,14 +86,18 @@ def _read_pyav(source: Path | BinaryIO, num_frames: int, frame_stride: int, fps:
 
 def clip_frames_available(path: str | os.PathLike, frame_stride: int = 1, fps: float | None = None) -> int:
     """How many clip frames a video holds at this stride or target rate, from its container header (PyAV, no
-    decoding); 0 where the header does not say (the loader reports a bad file when it is drawn)."""
+    decoding: the frame count, else duration x rate); 0 where the header does not say (the loader reports a bad
+    file when it is drawn)."""
     import av
 
     try:
         with av.open(os.fspath(path)) as container:
             stream = container.streams.video[0]
+            rate = float(stream.average_rate or stream.guessed_rate or 0)
             total = int(stream.frames)
-            step = frame_step(float(stream.average_rate or stream.guessed_rate or 0), frame_stride, fps)
+            if total <= 0 and container.duration:  # containers without a frame count (e.g. WebM): from duration
+                total = int(container.duration / 1_000_000 * rate)
+            step = frame_step(rate, frame_stride, fps)
     except Exception:  # noqa: BLE001 - unreadable, no video stream, no rate: the loader says why
         return 0
     return math.floor((total - 1) / step) + 1 if total > 0 else 0
