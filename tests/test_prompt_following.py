@@ -41,13 +41,9 @@ def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class()
 @pytest.mark.slow
 def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     from selfflow.evaluation.reference_classifier import ReferenceCNN
-    from selfflow.training.build import build_run
 
-    cfg = tiny_train_cfg("experiment=text_digits", "trainer.max_steps=2", "data.batch_size=4",
-                         "callbacks.samples.every_n_steps=0", "callbacks.samples.prompts=[seven]")
-    run = build_run(cfg)
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    ckpt = _trained_checkpoint(tiny_train_cfg, "experiment=text_digits", "data.batch_size=4",
+                               "callbacks.samples.prompts=[seven]")
     ReferenceCNN(10, channels=1, image_size=16, width=4).save(tmp_path / "ref")
     tool = load_tool()
     report = tool.main(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "out"),
@@ -60,14 +56,15 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     assert saved["chance"] == 0.1 and saved["accuracy_seen_phrasings"] is None
     assert Image.open(tmp_path / "out" / "prompt_grid.png").size == (2 * (2 + 3 * 18), 2 * (2 + 2 * 18))
     with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
-        tool.judge(_plain_checkpoint(tiny_train_cfg, tmp_path / "plain"), ReferenceCNN(10, 1, 16, 4),
+        tool.judge(_trained_checkpoint(tiny_train_cfg, run_dir=tmp_path / "plain"), ReferenceCNN(10, 1, 16, 4),
                    [("four", 4, None)], 1, 1, 1.0, 0)
 
 
-def _plain_checkpoint(tiny_train_cfg, run_dir: Path) -> Path:
+def _trained_checkpoint(tiny_train_cfg, *overrides: str, run_dir: Path | None = None) -> Path:
+    """The last checkpoint of a 2-step tiny run with these overrides (the digit images by default)."""
     from selfflow.training.build import build_run
 
-    cfg = tiny_train_cfg("trainer.max_steps=1", "callbacks.samples.every_n_steps=0", run_dir=run_dir)
+    cfg = tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0", *overrides, run_dir=run_dir)
     run = build_run(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
@@ -76,13 +73,9 @@ def _plain_checkpoint(tiny_train_cfg, run_dir: Path) -> Path:
 @pytest.mark.slow
 def test_a_text_to_audio_run_is_judged_by_an_audio_reference(tiny_train_cfg, tmp_path):
     from selfflow.evaluation.reference_classifier import ReferenceCNN
-    from selfflow.training.build import build_run
 
-    cfg = tiny_train_cfg("experiment=text_audio_digits", "trainer.max_steps=2", "data.batch_size=4",
-                         "callbacks.samples.every_n_steps=0", "callbacks.samples.prompts=[seven]")
-    run = build_run(cfg)
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+    ckpt = _trained_checkpoint(tiny_train_cfg, "experiment=text_audio_digits", "data.batch_size=4",
+                               "callbacks.samples.prompts=[seven]")
     ReferenceCNN(10, channels=1, image_size=16, width=4, audio={"sample_rate": 8000, "num_samples": 8000}).save(
         tmp_path / "ref")
     report = load_tool().main(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out",

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfflow.data.buckets import AspectBuckets, BucketBatchSampler, fit_to_bucket, make_buckets
+from selfflow.data.buckets import AspectBuckets, BucketBatchSampler, bucket_crop, make_buckets
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling.generate import NoiseSource, sample_tokens
 from selfflow.sampling.prompted import ConditionedModel
@@ -45,15 +45,13 @@ def test_bucketing_keeps_every_sample_aspect_within_its_bucket():
     assert len(ranks[0]) == len(ranks[1]) and not set(sum(ranks[0], [])) & set(sum(ranks[1], []))
 
 
-def test_fit_to_bucket_resizes_crops_and_reports_size_and_crop():
-    image = torch.rand(3, 40, 100)
-    crop, sizes = fit_to_bucket(image, (16, 32))
-    assert crop.shape == (3, 16, 32)
-    assert sizes[:2].tolist() == [40, 100] and sizes[4:].tolist() == [16, 32]
-    assert sizes[2] == 0 and sizes[3] == 4  # resized to 16x40, centre crop of 32 columns starts at 4
+def test_bucket_crop_covers_the_bucket_and_reports_size_and_crop():
+    crop = bucket_crop(40, 100, (16, 32))
+    assert crop.resized == (16, 40) and crop.target == (16, 32)  # the smallest cover at the image's aspect
+    assert crop.sizes.tolist() == [40, 100, 0, 4, 16, 32]  # centre crop of 32 of the 40 columns starts at 4
     torch.manual_seed(0)
-    _, random_sizes = fit_to_bucket(image, (16, 32), random_crop=True)
-    assert 0 <= random_sizes[3] <= 8
+    lefts = {bucket_crop(40, 100, (16, 32), random_crop=True).left for _ in range(50)}
+    assert lefts <= set(range(9)) and len(lefts) > 1
 
 
 def test_a_size_conditioned_model_samples_at_any_bucket_size():

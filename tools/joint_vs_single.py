@@ -24,10 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from reproduce import ROOT, exe, run, wall_time  # noqa: E402
 
+JOINT = "multimodal_digits"
 SINGLE = {"image": "digits", "video": "video_digits", "audio": "audio_digits"}
 NAMES = {"image": "handwritten digit images (16x16)", "video": "moving-digit clips (8 frames, 16x16)",
          "audio": "spoken digits (1 s at 8 kHz)"}
-WEIGHTS = {"image": 0.57, "video": 0.30, "audio": 0.13}  # conf/data/multimodal_digits.yaml
+WEIGHTS = {"image": 0.57, "video": 0.30, "audio": 0.13}  # the paper's mixture (the default's), set explicitly
 BLOCKS = (1, 2, 3, 4)  # every block of the tiny model
 LAYERS = "[" + ",".join(map(str, BLOCKS)) + "]"
 
@@ -35,17 +36,19 @@ LAYERS = "[" + ",".join(map(str, BLOCKS)) + "]"
 def train(run_dir: Path, experiment: str, steps: int, seed: int) -> Path:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        run([exe("selfflow-train"), f"experiment={experiment}", f"trainer.max_steps={steps}", f"seed={seed}",
-             "callbacks.samples.every_n_steps=0", "~callbacks.probe", "trainer.log_every_n_steps=25",
+        mixture = ["data.weights={" + ", ".join(f"{m}: {w}" for m, w in WEIGHTS.items()) + "}"] \
+            if experiment == JOINT else []
+        run([exe("selfflow-train"), f"experiment={experiment}", *mixture, f"trainer.max_steps={steps}",
+             f"seed={seed}", "callbacks.samples.every_n_steps=0", "~callbacks.probe", "trainer.log_every_n_steps=25",
              f"callbacks.checkpoint.every_n_train_steps={steps}", f"hydra.run.dir={run_dir}"],
             run_dir.with_suffix(".train.log"))
     return ckpt
 
 
-def probe(ckpt: Path, modality: str, out: Path, seed: int, joint: bool) -> dict:
+def probe(ckpt: Path, modality: str, out: Path, seed: int) -> dict:
     if not (out / "probe.json").is_file():
         run([exe("selfflow-probe"), f"ckpt={ckpt}", f"out_dir={out}", f"layers={LAYERS}", f"seed={seed}",
-             "progress=false", *([f"modality={modality}"] if joint else [])], out.with_suffix(".log"))
+             f"modality={modality}", "progress=false"], out.with_suffix(".log"))
     return json.loads((out / "probe.json").read_text())
 
 
@@ -60,31 +63,31 @@ def modality_steps(steps: int) -> dict[str, int]:
     return {m: max(1, round(steps * w / total)) for m, w in WEIGHTS.items()}
 
 
+def planned_runs(work: Path, steps: int) -> list[tuple[str, Path, str, int, list[str]]]:
+    """(report column, run folder, experiment, steps, modalities probed) of every run the comparison needs."""
+    share = modality_steps(steps)
+    runs = [("joint", work / "joint", JOINT, steps, list(SINGLE))]
+    for modality, experiment in SINGLE.items():
+        runs.append(("single_equal_steps", work / f"{modality}_{steps}", experiment, steps, [modality]))
+        runs.append(("single_modality_steps", work / f"{modality}_{share[modality]}", experiment, share[modality],
+                     [modality]))
+    return runs
+
+
 def collect(work: Path, steps: int, seed: int, train_missing: bool) -> tuple[dict, list[str]]:
     """{modality: {joint, single_equal_steps, single_modality_steps}: probe summary}, and what is missing."""
-    runs = {"joint": (work / "joint", "multimodal_digits", steps)}
-    for modality, experiment in SINGLE.items():
-        runs[f"{modality}_equal"] = (work / f"{modality}_{steps}", experiment, steps)
-        runs[f"{modality}_modality"] = (work / f"{modality}_{modality_steps(steps)[modality]}", experiment,
-                                        modality_steps(steps)[modality])
     results, missing = {m: {} for m in SINGLE}, []
-    for key, (run_dir, experiment, run_steps) in runs.items():
-        ckpt = run_dir / "checkpoints" / "last.ckpt"
-        if train_missing:
-            train(run_dir, experiment, run_steps, seed)
+    for column, run_dir, experiment, run_steps, modalities in planned_runs(work, steps):
+        ckpt = train(run_dir, experiment, run_steps, seed) if train_missing else run_dir / "checkpoints" / "last.ckpt"
         if not ckpt.is_file():
             missing.append(f"{experiment} ({run_steps} steps)")
             continue
-        modalities = list(SINGLE) if key == "joint" else [key.split("_")[0]]
         for modality in modalities:
             out = run_dir / f"probe_{modality}"
             if not train_missing and not (out / "probe.json").is_file():
                 missing.append(f"probe of {experiment} on {modality}")
                 continue
-            column = "joint" if key == "joint" else ("single_equal_steps" if key.endswith("equal")
-                                                     else "single_modality_steps")
-            results[modality][column] = {**summary(probe(ckpt, modality, out, seed, key == "joint")),
-                                         "steps": run_steps}
+            results[modality][column] = {**summary(probe(ckpt, modality, out, seed)), "steps": run_steps}
     return results, missing
 
 

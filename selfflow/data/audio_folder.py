@@ -50,10 +50,13 @@ class AudioFolder(LabelledFileDataset):
         except Exception:  # noqa: BLE001 - a bad file is reported when it is loaded
             return 0.0
 
-    def load_at_length(self, path: Path, length: float) -> Tensor:
-        num_samples = round(length * self.sample_rate)
-        return read_audio(path, self.sample_rate, num_samples, self.random_crop, self.resample, self.min_peak)
+    def load_at_length(self, path: Path | BinaryIO, length: float) -> Tensor:
+        """wave: [1, round(length * sample_rate)]"""
+        return self.clip(path, round(length * self.sample_rate))
 
     def load(self, path: Path | BinaryIO) -> Tensor:
         """wave: [1, S], from a path or an open binary file (AudioShards decodes through read_audio too)"""
-        return read_audio(path, self.sample_rate, self.num_samples, self.random_crop, self.resample, self.min_peak)
+        return self.clip(path, self.num_samples)
+
+    def clip(self, path: Path | BinaryIO, num_samples: int) -> Tensor:
+        return read_audio(path, self.sample_rate, num_samples, self.random_crop, self.resample, self.min_peak)

@@ -15,7 +15,6 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Sampler
 
@@ -86,19 +85,6 @@ def bucket_crop(height: int, width: int, size: Sequence[int], random_crop: bool 
     else:
         top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
     return BucketCrop((int(height), int(width)), (resized_h, resized_w), top, left, (target_h, target_w))
-
-
-def fit_to_bucket(image: Tensor, size: tuple[int, int], random_crop: bool = False) -> tuple[Tensor, Tensor]:
-    """image: [C, H, W] -> ([C, h, w] resized to cover the bucket size and cropped, sizes [6]).
-
-    sizes = (original h, original w, crop top, crop left, target h, target w) in pixels, the conditioning of
-    `selfflow.models.size_conditioning` (crop offsets in the resized image).
-    """
-    _, height, width = image.shape
-    crop = bucket_crop(height, width, size, random_crop)
-    resized = F.interpolate(image[None], size=crop.resized, mode="bilinear", antialias=True, align_corners=False)[0]
-    (target_h, target_w), top, left = crop.target, crop.top, crop.left
-    return resized[:, top:top + target_h, left:left + target_w], crop.sizes
 
 
 class BucketIndex(int):

@@ -219,6 +219,10 @@ class CaptionFiles:
     has_captions = True
     caption_manifest: str | None = None
 
+    def __init__(self, root: str, split: str = "train", manifest: str | None = None, **options):
+        self.caption_manifest = manifest  # read by find_files, which the folder's __init__ calls
+        super().__init__(root, split, **options)
+
     def find_files(self, root, split, extensions, test_fraction=0.1, seed=0, manifest=None, name_pattern=None,
                    label_field=None) -> LabelledFiles:
         if self.caption_manifest is not None:
@@ -247,8 +251,7 @@ class CaptionedImageFolder(CaptionFiles, ImageFolder):
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  manifest: str | None = None, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
                  buckets=None, bucket_multiple: int = 1):
-        self.caption_manifest = manifest
-        super().__init__(root, split=split, image_size=image_size, channels=channels, hflip=False,
+        super().__init__(root, split, manifest, image_size=image_size, channels=channels, hflip=False,
                          test_fraction=test_fraction, seed=seed, on_bad_file=on_bad_file, buckets=buckets,
                          bucket_multiple=bucket_multiple)
 
@@ -258,16 +261,8 @@ class CaptionedVideoFolder(CaptionFiles, VideoFolder):
     `VideoFolder`'s. `manifest`: a CSV/JSONL of path, caption (optionally label, split) instead of `.txt` files;
     without it, labels come from class sub-folders or `name_pattern` + `label_field` (optional, -1 without)."""
 
-    def __init__(self, root: str, split: str = "train", manifest: str | None = None, **options):
-        self.caption_manifest = manifest
-        super().__init__(root, split, **options)
-
 
 class CaptionedAudioFolder(CaptionFiles, AudioFolder):
     """Recordings under `root` with captions, as ([1, S], label, {"caption": str}); the clip options are
     `AudioFolder`'s. `manifest`: a CSV/JSONL of path, caption (optionally label, split) instead of `.txt` files;
     without it, labels come from class sub-folders or `name_pattern` + `label_field` (optional, -1 without)."""
-
-    def __init__(self, root: str, split: str = "train", manifest: str | None = None, **options):
-        self.caption_manifest = manifest
-        super().__init__(root, split, **options)

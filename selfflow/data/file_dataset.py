@@ -20,6 +20,11 @@ class LabelledFileDataset(Dataset):
 
     find_files = staticmethod(find_labelled_files)
 
+    # length buckets (audio durations, video frame counts): subclasses name the attribute holding the sorted bucket
+    # lengths (None = off) and implement `header_length` and `load_at_length`
+    length_bucket_key: str | None = None
+    _bucket_ids: list[int] | None = None
+
     def __init__(self, files: LabelledFiles, on_bad_file: str = "skip"):
         self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names
         self.bad_files = BadFilePolicy(on_bad_file)
@@ -43,11 +48,6 @@ class LabelledFileDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.paths)
-
-    # length buckets (audio durations, video frame counts): subclasses name the attribute holding the sorted bucket
-    # lengths (None = off) and implement `header_length` and `load_at_length`
-    length_bucket_key: str | None = None
-    _bucket_ids: list[int] | None = None
 
     @property
     def bucket_lengths(self) -> list[float] | None:

@@ -60,11 +60,11 @@ class VideoFolder(LabelledFileDataset):
         """Clip frames the video holds at this stride or rate, from its container header."""
         return clip_frames_available(path, self.frame_stride, self.fps)
 
-    def load_at_length(self, path: Path, length: float) -> Tensor:
+    def load_at_length(self, path: Path | BinaryIO, length: float) -> Tensor:
+        """frames: [T = length, C, S, S] in [0, 1]"""
         frames = read_clip(path, int(length), self.frame_stride, self.fps, self.random_start, self.backend)
         return frames_to_tensor(frames, self.image_size, self.channels)
 
     def load(self, path: Path | BinaryIO) -> Tensor:
         """frames: [T, C, S, S] in [0, 1], from a path or an open binary file (as VideoShards decodes)"""
-        frames = read_clip(path, self.num_frames, self.frame_stride, self.fps, self.random_start, self.backend)
-        return frames_to_tensor(frames, self.image_size, self.channels)
+        return self.load_at_length(path, self.num_frames)

@@ -1,8 +1,9 @@
 """Lightning DataModule over plain map-style datasets of one modality, with a data order that resumes exactly.
 
-Multi-aspect datasets (`buckets:`, e.g. `ImageFolder`) give every sample's bucket as `bucket_ids`; their training
-batches then each hold one bucket (one token grid, no padding), in an order that resumes exactly like the plain
-one, and ask for each sample in its bucket (`BucketIndex` keys).
+Bucketed datasets (image aspect buckets, `buckets:`; audio or video length buckets, `durations:` / `frame_counts:`)
+give every sample's bucket as `bucket_ids`; their training batches then each hold one bucket (one token grid, no
+padding), in an order that resumes exactly like the plain one, and ask for each sample in its bucket (`BucketIndex`
+keys).
 """
 from __future__ import annotations
 
@@ -73,8 +74,7 @@ def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> Non
 def check_length_buckets(dataset: Dataset, modality: str, module: Any) -> None:
     """Length buckets (audio durations, video frame counts) must be whole token patches of a tokenizer that takes
     clips of other lengths."""
-    key = getattr(dataset, "length_bucket_key", None)
-    lengths = getattr(dataset, key, None) if key else None
+    key, lengths = getattr(dataset, "length_bucket_key", None), getattr(dataset, "bucket_lengths", None)
     tokenizers = getattr(module, "tokenizers", {})
     if not lengths or modality not in tokenizers:
         return

@@ -7,7 +7,6 @@ from typing import Any, Callable
 
 import lightning as L
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 
 from selfflow.data.tokens import PackedTokens, Tokens
@@ -15,6 +14,7 @@ from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokenizers.text import TEXT
+from selfflow.training.distributed import is_sharded
 from selfflow.training.mixture import pack_groups
 from selfflow.training.nonfinite import NonFiniteGuard
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
@@ -154,7 +154,7 @@ class SelfFlowModule(L.LightningModule):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's norm clipping refuses FSDP; there the wrapped model clips by the norm over all shards."""
-        if gradient_clip_val and isinstance(self.trainer.strategy, FSDPStrategy):
+        if gradient_clip_val and is_sharded(self.trainer):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
