@@ -19,7 +19,7 @@ from selfflow.models.embeddings import LabelEmbedder, MultiAxisRoPE, TimestepEmb
 from selfflow.models.size_conditioning import SizeEmbedder
 from selfflow.models.text_stream import TEXT, TextStream, TextTokens
 
-POSITION_EMBEDDINGS = ("rope", "sincos")
+POSITION_EMBEDDINGS = ("rope", "sincos")  # sincos: the fixed 2D grid of the released ImageNet model, images only
 
 
 class GatherRows(torch.autograd.Function):
@@ -130,6 +130,10 @@ class SelfFlowTransformer(nn.Module):
             raise ValueError(f"model.pos_embed={pos_embed!r} is unknown; choose one of {POSITION_EMBEDDINGS}")
         if not token_channels:
             raise ValueError("token_channels is empty: the model needs at least one modality's tokenizer")
+        without_grid = sorted(set(token_channels) - {"image"}) + ([TEXT] if text_channels else [])
+        if pos_embed == "sincos" and without_grid:
+            raise ValueError(f"model.pos_embed=sincos encodes the (h, w) grid of images only, not the time axis or "
+                             f"the text positions of {without_grid}; use model.pos_embed=rope for this model")
         self.width, self.depth, self.heads = width, depth, heads
         self.num_classes, self.pos_embed = num_classes, pos_embed
         self.token_channels = dict(token_channels)
