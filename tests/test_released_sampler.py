@@ -8,8 +8,8 @@ u = dx/dtau = -v); the interval is compared with the noise level 1 - tau, and th
 import pytest
 import torch
 
-import selfflow.sampling.generate as generate
 from selfflow.cli.sample import SamplingModel, sample
+from selfflow.sampling import generate
 from selfflow.sampling.generate import NoiseSource, sample_generators
 from tests.test_sample_cli import TOKENIZER, compose_sample, random_model
 

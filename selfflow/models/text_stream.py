@@ -28,7 +28,7 @@ def data_groups(data_mask: GroupMask | None, batch: int, num_data: int, device) 
     if data_mask is None:
         return torch.zeros(batch, num_data, dtype=torch.long, device=device)
     if not isinstance(data_mask, GroupMask):
-        raise ValueError("with text, attn_mask must be a GroupMask (the attention group of every data token) or None")
+        raise TypeError("with text, attn_mask must be a GroupMask (the attention group of every data token) or None")
     return data_mask.groups
 
 

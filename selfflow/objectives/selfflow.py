@@ -44,7 +44,8 @@ class SelfFlowObjective(nn.Module):
     gamma: weight of the representation loss (0 = dual-timestep only; with mask_ratio 0: vanilla flow matching).
     student_layer / teacher_layer: 1-based blocks (None = about 0.3 and 0.7 of the depth).
     class_dropout: probability of replacing a label with the null label, shared by student and teacher.
-    attention_separation: block attention between the two noise groups in the student (ablation).
+    attention_separation: block attention between the two noise groups in the student (ablation); with text, each
+    group attends to its own copy of the text tokens.
     loss_weights: {modality: weight} on the per-token losses (joint training; default 1).
     caption_dropout: probability of replacing a caption with the null text (classifier-free guidance), shared by
     student and teacher like the label dropout. Text tokens are never noised and the losses cover data tokens only.
