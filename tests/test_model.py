@@ -146,6 +146,16 @@ def test_unknown_options_are_named():
             tiny_model(attention="flash")
 
 
+@pytest.mark.parametrize("channels, named", [({"video": 12}, "video"), ({"audio": 8}, "audio"),
+                                             ({"image": 12, "audio": 8}, "audio"), ({"image": 12, "text": 16}, "text")])
+def test_sincos_positions_are_refused_where_they_would_drop_an_axis(channels, named):
+    """The fixed sin-cos embedding encodes (h, w) only: video frames, audio time and text positions would be lost."""
+    with pytest.raises(ValueError, match=rf"model.pos_embed=sincos encodes the \(h, w\) grid of images only.*'{named}'"
+                                         r".*use model.pos_embed=rope"):
+        tiny_model(token_channels=channels, pos_embed="sincos")
+    assert tiny_model(pos_embed="sincos").pos_embed == "sincos"  # images (the released ImageNet model) keep it
+
+
 def test_activation_checkpointing_gives_the_same_gradients():
     tokens, labels = inputs()
     grads = []

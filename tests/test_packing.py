@@ -4,7 +4,7 @@ import torch
 
 from selfflow.data.packing import pack, plan_rows, unpack
 from selfflow.data.tokens import Tokens
-from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.models.transformer import ModelOutput, SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
 from tests.test_model import randomize_zero_init
 
@@ -99,6 +99,65 @@ def test_objective_on_packed_rows_keeps_every_invariant_per_sample():
     assert torch.isfinite(out.loss) and out.loss_rep is not None
     out.loss.backward()
     assert net.final_layers["audio"].linear.weight.grad.abs().sum() > 0
+
+
+def own_channel_mask(packed) -> torch.Tensor:
+    """[R, N, C_max] bool: True on each token's own channels (none on padding)."""
+    width = torch.arange(packed.x.shape[-1])
+    return sum((width < CHANNELS[m]) & sel[..., None] for m, sel in packed.modality_masks.items()).bool()
+
+
+def perfect_predictor(x0: torch.Tensor, own: torch.Tensor, error: float = 0.0):
+    """A student forward that returns the exact target x1 - x0 (plus `error` on every own channel), with zeros on the
+    padded channels as the real output heads give; x1 is read back from the noised input x_t = (1 - t) x0 + t x1."""
+
+    def forward(x_t, levels, level_index, *args, **kwargs):
+        t = torch.gather(levels, 1, level_index)[..., None].to(x_t.dtype)  # [R, N, 1] each token's level
+        x1 = (x_t - (1 - t) * x0) / t
+        return ModelOutput(velocity=torch.where(own, x1 - x0 + error, 0.0), hidden={})
+
+    return forward
+
+
+@pytest.mark.parametrize("error", [0.0, 0.5])
+def test_packed_flow_loss_is_the_mean_over_each_tokens_own_channels(error):
+    """Image tokens (12 channels) packed beside audio (8) and video (6): a perfect predictor's flow loss is 0 on every
+    modality and noise-level bucket, and an error of e on every own channel costs exactly e^2 on each modality (the
+    narrower ones too), whatever the padding to the widest modality holds."""
+    net = model().double()
+    objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5}, gamma=0.0)
+    samples, labels = mixed_samples()
+    packed = pack([Tokens(s.x.double(), s.pos, s.modality) for s in samples], labels, row_length=32,
+                  null_label=net.null_class)
+    own = own_channel_mask(packed)
+    net.forward = perfect_predictor(packed.x, own, error)
+    torch.manual_seed(0)
+    out = objective(packed)
+    expected = torch.tensor(error ** 2)
+    torch.testing.assert_close(out.loss, expected.float(), rtol=1e-6, atol=1e-10)
+    torch.testing.assert_close(out.loss_flow, expected.float(), rtol=1e-6, atol=1e-10)
+    assert set(out.per_modality) == {"image", "audio", "video"}
+    for modality, losses in out.per_modality.items():
+        torch.testing.assert_close(losses["loss_flow"], expected.float(), rtol=1e-6, atol=1e-10, msg=modality)
+    assert out.flow_bucket_counts.sum() == packed.num_tokens
+    torch.testing.assert_close(out.flow_bucket_sums, out.flow_bucket_counts * error ** 2, rtol=1e-6, atol=1e-8)
+
+
+def test_packed_noise_stays_off_the_padded_channels_for_student_and_teacher():
+    net = model().train()
+    objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5}, gamma=0.8,
+                                  ema_decay=0.9)
+    samples, labels = mixed_samples()
+    packed = pack(samples, labels, row_length=32, null_label=net.null_class)
+    inputs = []
+    for module in (objective.model, objective.teacher.module):
+        module.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+    objective(packed)
+    own = own_channel_mask(packed)
+    assert len(inputs) == 2
+    for x_t in inputs:  # student, teacher: noised on every own channel, exactly zero on the padding
+        assert torch.all(x_t[~own] == 0)
+        assert torch.all(x_t[own] != packed.x[own])
 
 
 def test_group_mask_sequences_follow_the_packing():

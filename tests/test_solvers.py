@@ -115,6 +115,26 @@ def test_sde_without_diffusion_is_the_deterministic_ode():
     torch.testing.assert_close(a, MEAN + STD * x1, atol=2e-2, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["mean", "euler"])
+def test_sde_last_step_follows_the_drift_or_the_velocity_alone(mode):
+    """steps=2 without noise: one step from 1 to 0.04 along v - t s, then the last step from 0.04 to 0 along the same
+    drift v - 0.04 s ("mean", the released sampler's) or along v alone ("euler")."""
+    v, x1 = gaussian_velocity(), noise(8)
+
+    def level(t):
+        return torch.full((8,), t, dtype=torch.float64)
+
+    x = x1 - 0.96 * (v(x1, level(1.0)) - score_from_velocity(v(x1, level(1.0)), x1, level(1.0)))
+    drift = v(x, level(0.04))
+    if mode == "mean":
+        drift = drift - 0.04 * score_from_velocity(drift, x, level(0.04))
+    expected = x - 0.04 * drift
+    out = euler_maruyama(v, x1, steps=2, noise=torch.zeros_like, last_step_mode=mode)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_sde_rejects_bad_options():
     with pytest.raises(ValueError, match="last_step"):
         euler_maruyama(gaussian_velocity(), noise(2), steps=10, last_step=1.5)
+    with pytest.raises(ValueError, match="sde_last_step_mode='tweedie'"):
+        euler_maruyama(gaussian_velocity(), noise(2), steps=10, last_step_mode="tweedie")

@@ -151,6 +151,51 @@ def test_text_tokens_join_attention_but_only_data_tokens_come_out():
     torch.testing.assert_close(again.velocity, out.velocity)
 
 
+@pytest.mark.parametrize("with_text", [True, False])
+def test_padding_is_never_attended_to(with_text):
+    """Padded data tokens (and padded text tokens) can hold anything: every valid output stays the same."""
+    model = tiny_text_model(text_stream_blocks=1)
+    tokens, text = image_tokens(), random_text()
+    valid = torch.ones(2, 16, dtype=torch.bool)
+    valid[0, 11:] = False  # sample 0 has 11 tokens, then padding
+    mask = SelfFlowObjective.attention_mask(torch.where(valid, 0, -1))  # as the objective builds it
+    levels, index = torch.rand(2, 2), torch.randint(0, 2, (2, 16))
+
+    def run(x, text):
+        return model(x, levels, index, tokens.pos, torch.zeros(2, dtype=torch.long), "image", attn_mask=mask,
+                     text=text if with_text else None, hidden_layers=(1, 2, 3))
+
+    base = run(tokens.x, text)
+    x = tokens.x.clone()
+    x[~valid] = 50.0 * torch.randn(int((~valid).sum()), 12)
+    noisy_text = TextTokens(text.x.clone(), text.valid, text.pooled)
+    noisy_text.x[~text.valid] = 50.0
+    again = run(x, noisy_text)
+    assert torch.equal(again.velocity[valid], base.velocity[valid])
+    for layer in (1, 2, 3):
+        assert torch.equal(again.hidden[layer][valid], base.hidden[layer][valid])
+
+
+def test_attention_separation_with_text_keeps_the_two_noise_groups_apart():
+    """Each noise group attends to its own view of the text, so nothing crosses between the groups through it:
+    changing the masked group's tokens leaves every output of the other group as it was."""
+    model = tiny_text_model(text_stream_blocks=1)
+    objective = SelfFlowObjective(model, mask_ratio=0.5, gamma=0.0, class_dropout=0.0, caption_dropout=0.0,
+                                  attention_separation=True)
+    velocities = []
+    model.final_layers["image"].register_forward_hook(lambda m, i, o: velocities.append(o))
+    tokens, text = image_tokens(), random_text()
+    torch.manual_seed(5)
+    masked = objective(tokens, None, text=text).levels.mask  # [2, 16]: the tokens at the second level
+    assert masked.any() and (~masked).any()
+    changed = type(tokens)(tokens.x + 3.0 * masked[..., None], tokens.pos, tokens.modality)
+    torch.manual_seed(5)
+    assert torch.equal(objective(changed, None, text=text).levels.mask, masked)  # same draws
+    before, after = velocities
+    assert torch.equal(after[~masked], before[~masked])
+    assert not torch.allclose(after[masked], before[masked])
+
+
 def test_two_stream_blocks_keep_separate_text_weights_that_learn():
     model = tiny_text_model(text_stream_blocks=2)
     assert len(model.text_stream.text_blocks) == 2 and len(model.blocks) == 3

@@ -166,6 +166,13 @@ def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device, 
     return extractor, real
 
 
+def solver_options(cfg: DictConfig, sampler: str) -> dict[str, Any]:
+    """The solver's own settings from the config: the sde sampler's last step (level and form)."""
+    if sampler != "sde":
+        return {}
+    return {"last_step": cfg.sde_last_step, "last_step_mode": cfg.sde_last_step_mode}
+
+
 def batches(count: int, size: int) -> list[range]:
     if size < 1:
         raise ValueError(f"batch_size={size} must be >= 1")
@@ -241,7 +248,7 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"metrics=true is for images and audio; this run samples {modality}")
     out_dir = Path(cfg.out_dir)
     writer = SampleWriter(modality, tokenizer, out_dir, cfg)
-    options = {"last_step": cfg.sde_last_step} if sampler == "sde" else {}
+    options = solver_options(cfg, sampler)
     from selfflow.evaluation.sample_metrics import FeatureAccumulator
 
     features = FeatureAccumulator(extractor) if extractor is not None else None
@@ -274,7 +281,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     files = writer.finish(labels, nrow=min(model.num_classes, 10) if guided else None)
     summary = {
         "ckpt": str(cfg.ckpt), "weights": cfg.weights, "modality": modality, "num_samples": cfg.num_samples,
-        "sampler": sampler, "steps": steps, "nfe": nfe, "model_forward_passes": model_calls,
+        "sampler": sampler, **{f"sde_{k}": v for k, v in options.items()}, "steps": steps, "nfe": nfe,
+        "model_forward_passes": model_calls,
         "cfg_scale": cfg.cfg_scale, "guidance_interval": list(cfg.guidance_interval), "shift": cfg.shift,
         "seed": cfg.seed, "batch_size": cfg.batch_size, "device": str(device), "seconds": round(seconds, 3),
         "labels": labels.tolist(), "prompt": OmegaConf.to_container(cfg).get("prompt"),

@@ -5,8 +5,9 @@ A velocity function is `v(x: [B, ...], t: [B]) -> [B, ...]` (d x_t / d t). Every
 - `euler`: `steps` Euler steps.
 - `heun`: ceil(steps / 2) intervals of Heun's method (2 evaluations each); when `steps` is odd the first
   interval (at the noise end, where paths are straightest) is a plain Euler step (1 evaluation).
-- `euler_maruyama`: the SDE of the released Self-Flow / SiT sampler: `steps - 1` stochastic steps on levels from
-  1 down to `last_step`, then one deterministic Euler step from `last_step` to 0.
+- `euler_maruyama`: the SDE of the released Self-Flow sampler (SiT's transport sampler: Euler-Maruyama, diffusion
+  proportional to the noise level, last step "Mean"): `steps - 1` stochastic steps on levels from 1 down to
+  `last_step`, then one step from `last_step` to 0 along the SDE's drift without noise.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from selfflow.flow.timesteps import shift_levels
 
 VelocityFn = Callable[[Tensor, Tensor], Tensor]
 NoiseFn = Callable[[Tensor], Tensor]  # x -> standard normal noise shaped like x
+SDE_LAST_STEPS = ("mean", "euler")  # the SDE's drift (the released sampler), or the velocity alone
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
@@ -71,31 +73,35 @@ def score_from_velocity(velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
 
 
 def euler_maruyama(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0, noise: NoiseFn | None = None,
-                   last_step: float = 0.04, diffusion_norm: float = 1.0) -> Tensor:
-    """Euler-Maruyama on the reverse SDE with the ODE's marginals (the released sampler's form, NFE = steps).
+                   last_step: float = 0.04, diffusion_norm: float = 1.0, last_step_mode: str = "mean") -> Tensor:
+    """Euler-Maruyama on the reverse SDE with the ODE's marginals (the released sampler, NFE = steps).
 
     Going from level t to t - h: x <- x - h (v - w s) + sqrt(2 w h) z, with s the score from the velocity and
     diffusion w = diffusion_norm * t (proportional to the noise level). The levels run from 1 to `last_step` in
-    `steps - 1` stochastic steps; a final deterministic Euler step goes from `last_step` to 0, where the score
-    is singular.
+    `steps - 1` stochastic steps; the final step goes from `last_step` to 0 without noise, along the same drift
+    v - w s (last_step_mode="mean", the released sampler's "Mean" step) or along the velocity alone ("euler").
     """
     if steps < 2:
-        raise ValueError(f"the sde sampler needs steps >= 2 (steps - 1 stochastic steps and a last Euler step), "
-                         f"got {steps}")
+        raise ValueError(f"the sde sampler needs steps >= 2 (steps - 1 stochastic steps and a last step), got {steps}")
     if not 0.0 < last_step < 1.0:
         raise ValueError(f"sde last_step={last_step} must be in (0, 1)")
+    if last_step_mode not in SDE_LAST_STEPS:
+        raise ValueError(f"sde_last_step_mode={last_step_mode!r} is unknown; choose one of {SDE_LAST_STEPS}")
     noise = noise or torch.randn_like
     grid = shift_levels(torch.linspace(1.0, last_step, steps, device=x1.device, dtype=torch.float64), shift)
-    x = x1
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
-        h = float(t_cur - t_next)
+
+    def drift(x: Tensor, t_cur: Tensor, with_score: bool = True) -> Tensor:
+        """d x / d t of the reverse SDE at level t_cur (the steps go toward smaller t)."""
         t = _levels(t_cur, x)
         v = velocity(x, t)
-        w = diffusion_norm * float(t_cur)
-        drift = v - w * score_from_velocity(v, x, t)  # d x / d t; the step goes toward smaller t
-        x = x - h * drift + math.sqrt(2 * w * h) * noise(x)
+        return v - diffusion_norm * float(t_cur) * score_from_velocity(v, x, t) if with_score else v
+
+    x = x1
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        h, w = float(t_cur - t_next), diffusion_norm * float(t_cur)
+        x = x - h * drift(x, t_cur) + math.sqrt(2 * w * h) * noise(x)
     t_last = grid[-1]
-    return x - float(t_last) * velocity(x, _levels(t_last, x))
+    return x - float(t_last) * drift(x, t_last, with_score=last_step_mode == "mean")
 
 
 SOLVERS: dict[str, Callable[..., Tensor]] = {"euler": euler, "heun": heun, "sde": euler_maruyama}

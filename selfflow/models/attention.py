@@ -54,6 +54,11 @@ class GroupMask:
         return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
+def dense_mask(mask: Tensor | GroupMask | None) -> Tensor | None:
+    """The [B, 1, N, N] bool form of any attention mask (None stays None)."""
+    return mask.dense if isinstance(mask, GroupMask) else mask
+
+
 def flash_available() -> bool:
     return flash_attn_func is not None and torch.cuda.is_available()
 
@@ -104,6 +109,5 @@ class Attention(nn.Module):
                 out = rearrange(out, "(b n) h d -> b n h d", b=x.shape[0])
             out = rearrange(out, "b n h d -> b n (h d)")
         else:
-            dense = mask.dense if isinstance(mask, GroupMask) else mask
-            out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense), "b h n d -> b n (h d)")
+            out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask)), "b h n d -> b n (h d)")
         return self.proj(out)

@@ -2,10 +2,12 @@
 
 Text tokens (frozen encoder features, see `selfflow.tokenizers.text`) are projected to the model width and
 appended after the data tokens with position ids (0, 0, 0, l). They get their own entry in the conditioning table,
-at level 0 (clean), attend and are attended to (padding masked out), and are dropped before the output head, so
-the flow and representation losses see data tokens only. The pooled text vector is added to every conditioning
-vector. The first `two_stream_blocks` blocks keep separate weights for the text stream (the two-stream design,
-attention still joint); the blocks after them are single-stream.
+at level 0 (clean), attend and are attended to, and are dropped before the output head, so the flow and
+representation losses see data tokens only. The text joins each attention group of the data tokens (the two noise
+groups under attention separation) as a view of its own, so that no information crosses between groups through
+it; padding (data or text) is never attended to. The pooled text vector is added to every conditioning vector. The
+first `two_stream_blocks` blocks keep separate weights for the text stream (the two-stream design, attention still
+joint); the blocks after them are single-stream.
 """
 from __future__ import annotations
 
@@ -14,29 +16,26 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from selfflow.models.attention import GroupMask, dense_mask
 from selfflow.models.embeddings import apply_rope
 from selfflow.tokenizers.text import TEXT, TextTokens  # noqa: F401 - TEXT re-exported for the model
 
-Joined = tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]
+Joined = tuple[Tensor, Tensor, Tensor, Tensor, GroupMask | None]
 
 
-def joint_attention_mask(data_mask, text_valid: Tensor, num_data: int) -> Tensor | None:
-    """[B, 1, N + T, N + T] bool: the data tokens' own mask (kept), and text keys only where the text is valid.
+def data_groups(data_mask: GroupMask | None, batch: int, num_data: int, device) -> Tensor:
+    """[B, N] attention group of every data token, -1 on padding: the mask's groups, or one group without a mask."""
+    if data_mask is None:
+        return torch.zeros(batch, num_data, dtype=torch.long, device=device)
+    if not isinstance(data_mask, GroupMask):
+        raise TypeError("with text, attn_mask must be a GroupMask (the attention group of every data token) or None")
+    return data_mask.groups
 
-    data_mask: None, a [B, 1, N, N] bool mask, or any mask object with a `.dense` one; a data token is a valid key
-    where it may attend to itself (padding never is). None when nothing needs masking.
-    """
-    dense = getattr(data_mask, "dense", data_mask)
-    if dense is None and bool(text_valid.all()):
-        return None
-    b, t = text_valid.shape
-    data_keys = (torch.ones(b, num_data, dtype=torch.bool, device=text_valid.device) if dense is None
-                 else dense.diagonal(dim1=-2, dim2=-1)[:, 0])
-    keys = torch.cat([data_keys, text_valid], dim=1)  # [B, N + T]
-    mask = keys[:, None, None, :].expand(b, 1, num_data + t, num_data + t).clone()
-    if dense is not None:
-        mask[:, :, :num_data, :num_data] = dense
-    return mask
+
+def text_view_groups(text_valid: Tensor, views: int) -> Tensor:
+    """[B, views * T] group of every token of the text views: view g joins data group g; -1 on text padding."""
+    view = torch.arange(views, device=text_valid.device).repeat_interleave(text_valid.shape[1])  # [views * T]
+    return torch.where(text_valid.repeat(1, views), view, -1)
 
 
 class TextStream(nn.Module):
@@ -61,21 +60,28 @@ class TextStream(nn.Module):
         nn.init.zeros_(self.pooled_proj[-1].weight)
         nn.init.zeros_(self.pooled_proj[-1].bias)
 
-    def join(self, model, h: Tensor, pos: Tensor, cond: Tensor, level_index: Tensor, attn_mask, labels: Tensor,
-             text: TextTokens) -> Joined:
-        """Append text tokens to h: [B, N, D] -> [B, N + T, D], with positions, conditioning table [B, L + 1, D]
-        (last entry: the clean text level), per-token indices [B, N + T] and the joint attention mask."""
+    def join(self, model, h: Tensor, pos: Tensor, cond: Tensor, level_index: Tensor, attn_mask: GroupMask | None,
+             labels: Tensor, text: TextTokens) -> Joined:
+        """Append one view of the text per attention group of the data (G views, G = 1 unless the data is split
+        into groups): h: [B, N, D] -> [B, N + G T, D], with positions, conditioning table [B, L + 1, D] (last
+        entry: the clean text level), per-token indices [B, N + G T] and the joint mask (None: nothing masked)."""
         if text.batch_size != h.shape[0]:
             raise ValueError(f"text for {text.batch_size} samples given with a batch of {h.shape[0]}")
         b, n = h.shape[:2]
+        valid = text.valid.to(h.device)
+        groups = data_groups(attn_mask, b, n, h.device)  # [B, N]
+        views = int(groups.max().clamp_min(0)) + 1
         pooled = self.pooled_proj(text.pooled.to(h.device))[:, None]  # [B, 1, D]
         first_labels = labels if labels.dim() == 1 else labels[:, 0]
         clean = model.conditioning(torch.zeros(b, 1, device=h.device), first_labels)  # [B, 1, D] at level 0
         table = torch.cat([cond, clean], dim=1) + pooled  # [B, L + 1, D]
-        text_index = torch.full(text.valid.shape, cond.shape[1], dtype=torch.long, device=h.device)
-        joined = torch.cat([h, self.token_proj(text.x.to(h.device)).to(h.dtype)], dim=1)
-        return (joined, torch.cat([pos, text.pos.to(pos.device)], dim=1), table,
-                torch.cat([level_index, text_index], dim=1), joint_attention_mask(attn_mask, text.valid, n))
+        text_index = torch.full((b, views * valid.shape[1]), cond.shape[1], dtype=torch.long, device=h.device)
+        text_h = self.token_proj(text.x.to(h.device)).to(h.dtype).repeat(1, views, 1)  # [B, G T, D]
+        mask = None
+        if attn_mask is not None or not bool(valid.all()):
+            mask = GroupMask(torch.cat([groups, text_view_groups(valid, views)], dim=1))
+        return (torch.cat([h, text_h], dim=1), torch.cat([pos, text.pos.to(pos.device).repeat(1, views, 1)], dim=1),
+                table, torch.cat([level_index, text_index], dim=1), mask)
 
     def block(self, number: int, block: nn.Module, num_data: int):
         """The callable for 1-based block `number`: the two-stream form for the first blocks, else `block` itself."""
@@ -90,7 +96,7 @@ class TextStream(nn.Module):
 
 
 def two_stream_forward(data_block: nn.Module, text_block: nn.Module, x: Tensor, cond: Tensor, cond_index: Tensor,
-                       rope, mask: Tensor | None, num_data: int) -> Tensor:
+                       rope, mask: GroupMask | Tensor | None, num_data: int) -> Tensor:
     """A DiT block with separate weights per stream (data: x[:, :N], text: x[:, N:]) and one joint attention."""
     from selfflow.models.transformer import gather_tokens, modulate
 
@@ -104,7 +110,7 @@ def two_stream_forward(data_block: nn.Module, text_block: nn.Module, x: Tensor, 
     q, k, v = (torch.cat([p[i] for p in parts], dim=2) for i in (3, 4, 5))  # [B, H, N + T, Dh]
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    attended = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=mask), "b h n d -> b n (h d)")
+    attended = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask)), "b h n d -> b n (h d)")
     out = []
     for (block, xs, mod, *_), a in zip(parts, (attended[:, :num_data], attended[:, num_data:])):
         xs = xs + mod[2] * block.attn.proj(a)

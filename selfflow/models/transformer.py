@@ -14,12 +14,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selfflow.models.attention import Attention
+from selfflow.models.attention import Attention, GroupMask
 from selfflow.models.embeddings import LabelEmbedder, MultiAxisRoPE, TimestepEmbedder, sincos_2d
 from selfflow.models.size_conditioning import SizeEmbedder
 from selfflow.models.text_stream import TEXT, TextStream, TextTokens
 
-POSITION_EMBEDDINGS = ("rope", "sincos")
+POSITION_EMBEDDINGS = ("rope", "sincos")  # sincos: the fixed 2D grid of the released ImageNet model, images only
 
 
 class GatherRows(torch.autograd.Function):
@@ -130,6 +130,10 @@ class SelfFlowTransformer(nn.Module):
             raise ValueError(f"model.pos_embed={pos_embed!r} is unknown; choose one of {POSITION_EMBEDDINGS}")
         if not token_channels:
             raise ValueError("token_channels is empty: the model needs at least one modality's tokenizer")
+        without_grid = sorted(set(token_channels) - {"image"}) + ([TEXT] if text_channels else [])
+        if pos_embed == "sincos" and without_grid:
+            raise ValueError(f"model.pos_embed=sincos encodes the (h, w) grid of images only, not the time axis or "
+                             f"the text positions of {without_grid}; use model.pos_embed=rope for this model")
         self.width, self.depth, self.heads = width, depth, heads
         self.num_classes, self.pos_embed = num_classes, pos_embed
         self.token_channels = dict(token_channels)
@@ -218,7 +222,7 @@ class SelfFlowTransformer(nn.Module):
         labels: Tensor,
         modality: str | dict[str, Tensor],
         *,
-        attn_mask: Tensor | None = None,
+        attn_mask: GroupMask | Tensor | None = None,
         hidden_layers: tuple[int, ...] = (),
         stop_after: int | None = None,
         text: TextTokens | None = None,
@@ -228,7 +232,8 @@ class SelfFlowTransformer(nn.Module):
 
         levels: [B, L]; level_index: [B, N] long (None when L == 1); pos: [B, N, 4]; labels: [B] or [B, L];
         modality: a name, or {name: [B, N] bool} for packed rows (with a block-diagonal `attn_mask`).
-        hidden_layers: 1-based block numbers whose outputs to return. stop_after: run only the first k blocks
+        attn_mask: the tokens' attention groups (a GroupMask, the form text needs), a [B, 1, N, N] bool mask, or
+        None. hidden_layers: 1-based block numbers whose outputs to return. stop_after: run only the first k blocks
         and skip the output head (the teacher's forward). text: captions to attend to (never noised; velocity and
         hidden states cover the data tokens only). sizes: [B, 6] size and crop conditioning.
         """

@@ -13,9 +13,23 @@ def masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
     return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
-def token_squared_error(prediction: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error over channels, per token: [B, N, C] -> [B, N], in float32."""
-    return (prediction.float() - target.float()).pow(2).mean(dim=-1)
+def own_channels(channels: Tensor, width: int) -> Tensor:
+    """[B, N, C] bool: True on the first `channels[b, n]` of `width` channels, a token's own (packed rows of mixed
+    modalities zero-pad the narrower tokens to the widest)."""
+    return torch.arange(width, device=channels.device) < channels[..., None]
+
+
+def token_squared_error(prediction: Tensor, target: Tensor, channels: Tensor | None = None) -> Tensor:
+    """Mean squared error over each token's own channels: [B, N, C] -> [B, N], in float32.
+
+    channels: [B, N] how many leading channels belong to each token (None: all C), so that a token's error does not
+    depend on the width of the other modalities it is packed with; a token with none (padding) gets 0.
+    """
+    squared = (prediction.float() - target.float()).pow(2)
+    if channels is None:
+        return squared.mean(dim=-1)
+    own = own_channels(channels, squared.shape[-1])
+    return torch.where(own, squared, 0.0).sum(dim=-1) / channels.clamp_min(1).to(squared.dtype)
 
 
 def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -13,7 +13,7 @@ from selfflow.flow.timesteps import TimestepDistribution
 from selfflow.models.attention import GroupMask
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
-from selfflow.objectives.flow_loss import bucket_sums, masked_mean, token_squared_error
+from selfflow.objectives.flow_loss import bucket_sums, masked_mean, own_channels, token_squared_error
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
 from selfflow.data.tokens import PackedTokens, Tokens, as_segments
 from selfflow.tokenizers.text import TextTokens
@@ -44,7 +44,8 @@ class SelfFlowObjective(nn.Module):
     gamma: weight of the representation loss (0 = dual-timestep only; with mask_ratio 0: vanilla flow matching).
     student_layer / teacher_layer: 1-based blocks (None = about 0.3 and 0.7 of the depth).
     class_dropout: probability of replacing a label with the null label, shared by student and teacher.
-    attention_separation: block attention between the two noise groups in the student (ablation).
+    attention_separation: block attention between the two noise groups in the student (ablation); with text, each
+    group attends to its own copy of the text tokens.
     loss_weights: {modality: weight} on the per-token losses (joint training; default 1).
     caption_dropout: probability of replacing a caption with the null text (classifier-free guidance), shared by
     student and teacher like the label dropout. Text tokens are never noised and the losses cover data tokens only.
@@ -124,16 +125,18 @@ class SelfFlowObjective(nn.Module):
         return None if groups is None else GroupMask(groups, contiguous)
 
     def _layout(self, tokens: Tokens | PackedTokens, labels: Tensor | None):
-        """Segments, per-sample labels [R, S], mask ratios [R, S] and per-token loss weights of a batch."""
+        """Segments, per-sample labels [R, S], mask ratios [R, S], per-token loss weights, the modality (or masks)
+        and the per-token channel counts [R, N] of a batch (None when every token has all C channels)."""
         if isinstance(tokens, PackedTokens):
             ratios = torch.tensor([[self.mask_ratios[m] for m in row] + [0.0] * (tokens.num_segments - len(row))
                                    for row in tokens.segment_modality], device=tokens.x.device)
             weights = sum(sel * self.loss_weights.get(m, 1.0) for m, sel in tokens.modality_masks.items())
-            return tokens.segment, tokens.segment_labels, ratios, weights, tokens.modality_masks
+            channels = sum(sel * tokens.channels[m] for m, sel in tokens.modality_masks.items())  # 0 on padding
+            return tokens.segment, tokens.segment_labels, ratios, weights, tokens.modality_masks, channels
         segment = as_segments(tokens)
         ratios = torch.full((segment.shape[0], 1), self.mask_ratios[tokens.modality], device=tokens.x.device)
         per_sample = None if labels is None else labels[:, None]
-        return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality
+        return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality, None
 
     def forward(self, tokens: Tokens | PackedTokens, labels: Tensor | None = None, text: TextTokens | None = None,
                 sizes: Tensor | None = None) -> ObjectiveOutput:
@@ -143,11 +146,13 @@ class SelfFlowObjective(nn.Module):
         packed = isinstance(tokens, PackedTokens)
         if packed and (text is not None or sizes is not None):
             raise ValueError("text and size conditioning work with padded batches; turn data packing off")
-        segment, sample_labels, ratios, weights, modality = self._layout(tokens, labels)
+        segment, sample_labels, ratios, weights, modality, channels = self._layout(tokens, labels)
         valid = segment >= 0 if (packed or tokens.valid is not None) else None
         num_samples = ratios.shape[1]
         dual = self.scheduler.for_segments(segment, num_samples, ratios)
         x1 = torch.randn_like(x0)  # one shared noise draw for student and teacher
+        if channels is not None:  # packed rows: noise on each token's own channels only, the zero padding stays zero
+            x1 = torch.where(own_channels(channels, x0.shape[-1]), x1, 0.0)
         student_t = dual.per_token  # [R, N]
         sample_labels = self.drop_labels(sample_labels, tuple(ratios.shape), x0.device)  # [R, S], shared
         text = self.drop_text(text)  # shared by student and teacher, like the labels
@@ -164,7 +169,7 @@ class SelfFlowObjective(nn.Module):
             sample_labels.repeat_interleave(2, dim=1), modality, attn_mask=groups,
             hidden_layers=(self.student_layer,) if want_rep else (), text=text, sizes=sizes,
         )
-        flow_error = token_squared_error(student.velocity, velocity_target(x0, x1))  # [R, N]
+        flow_error = token_squared_error(student.velocity, velocity_target(x0, x1), channels)  # [R, N]
         loss_flow = masked_mean(flow_error * weights, valid)
         sums, counts = bucket_sums(flow_error.detach(), student_t, self.loss_buckets, valid)
 
