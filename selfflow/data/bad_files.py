@@ -1,6 +1,8 @@
 """What a dataset does with a file it cannot read: skip it with one warning line and a record, or stop."""
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 from pathlib import Path
@@ -25,8 +27,17 @@ def failure_reason(error: Exception) -> str:
     return str(error) if isinstance(error, UnusableSample) else f"{type(error).__name__}: {error}"
 
 
+def record_row(path: str, reason: str) -> str:
+    """One row of a skipped-files TSV: fields holding a tab, a newline or a quote are quoted (csv's excel-tab
+    dialect), so `csv.reader(f, dialect="excel-tab")` reads back exactly the rows that were written."""
+    row = io.StringIO()
+    csv.writer(row, dialect="excel-tab", lineterminator="\n").writerow([path, reason])
+    return row.getvalue()
+
+
 class BadFilePolicy:
-    """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` line per skipped file."""
+    """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` row per skipped file
+    (`record_row`: a tab or newline in a file name cannot forge a row)."""
 
     def __init__(self, on_bad_file: str = "skip", record_path: str | os.PathLike | None = None):
         if on_bad_file not in BAD_FILE_POLICIES:
@@ -46,7 +57,7 @@ class BadFilePolicy:
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.record_path, "a", encoding="utf-8", errors="backslashreplace") as f:
-                f.write(f"{key}\t{reason}\n")
+                f.write(record_row(key, reason))  # one write: rows from several worker processes do not mix
 
 
 def require_one_readable(count: int, load, name_of, policy: BadFilePolicy, what: str, hint: str) -> None:
