@@ -5,6 +5,7 @@ import csv
 import io
 import logging
 import os
+import re
 from pathlib import Path
 
 from selfflow.data.files import printable_path
@@ -12,6 +13,7 @@ from selfflow.data.files import printable_path
 log = logging.getLogger("selfflow.data")
 
 BAD_FILE_POLICIES = ("skip", "error")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BadFileError(RuntimeError):
@@ -25,6 +27,11 @@ class UnusableSample(Exception):
 def failure_reason(error: Exception) -> str:
     """The reason given for a skipped file: the message of an UnusableSample, else the error's type and message."""
     return str(error) if isinstance(error, UnusableSample) else f"{type(error).__name__}: {error}"
+
+
+def one_line(text: str) -> str:
+    """`text` with its control characters written as escapes (a tab as \\t): a log line stays one line."""
+    return _CONTROL.sub(lambda match: repr(match[0])[1:-1], text)
 
 
 def record_row(path: str, reason: str) -> str:
@@ -49,11 +56,12 @@ class BadFilePolicy:
     def handle(self, path: str | os.PathLike, reason: str) -> None:
         key = printable_path(path)  # non-UTF-8 names must not break the log or the record
         if self.on_bad_file == "error":
-            raise BadFileError(f"cannot read {key}: {reason} (set data.on_bad_file=skip to skip such files)")
+            raise BadFileError(f"cannot read {one_line(key)}: {one_line(reason)} (set data.on_bad_file=skip to skip "
+                               f"such files)")
         if key in self._seen:
             return
         self._seen.add(key)
-        log.warning("skipping %s: %s", key, reason)
+        log.warning("skipping %s: %s", one_line(key), one_line(reason))
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.record_path, "a", encoding="utf-8", errors="backslashreplace") as f:

@@ -347,12 +347,12 @@ class ShardDataset(Dataset):
         if not re.fullmatch(r"-?\d+", text):
             raise UnusableSample(f"its .{LABEL_EXTENSION} member holds {text[:40]!r}, not a class index")
         label = int(text)
-        if label < -1 or (self.class_names and label >= self.num_classes):
-            raise UnusableSample(f"class index {label} is out of range for the {self.num_classes} classes of "
-                                 f"{CLASSES_FILE}")
         if label >= self.max_classes:
             raise UnusableSample(f"class index {label} is not below data.train.max_classes={self.max_classes}; "
                                  f"raise it if the shards really hold that many classes")
+        if label < -1 or (self.class_names and label >= self.num_classes):
+            raise UnusableSample(f"class index {label} is out of range for the {self.num_classes} classes of "
+                                 f"{CLASSES_FILE}")
         return label
 
     def caption(self, i: int) -> str | None:
