@@ -171,7 +171,8 @@ def _scan_shard(path: Path) -> list[ScannedSample]:
                 tar.members.clear()  # tarfile keeps every header it reads; nothing here looks one up again
                 if member.isdir():
                     continue
-                if member.isfile() and not member.issparse() and member.offset_data + member.size > size:
+                regular = member.isfile() and not member.issparse()
+                if regular and member.offset_data + member.size > size:
                     raise tarfile.ReadError(f"member {_shortened(member.name)} runs past the end of the file")
                 if len(member.name) > MAX_KEY_CHARS:
                     samples.append(ScannedSample(_shortened(member.name), {}, (
@@ -179,7 +180,7 @@ def _scan_shard(path: Path) -> list[ScannedSample]:
                         f"samples with short keys such as 000123")))
                     continue
                 key, extension = sample_key(member.name)
-                if not samples or samples[-1].key != key:
+                if not samples or samples[-1].key != key:  # a new group of members
                     samples.append(ScannedSample(key, {}))
                     if key in first_of_key:
                         samples[first_of_key[key]].problem = samples[-1].problem = _DUPLICATE_KEY
@@ -187,12 +188,11 @@ def _scan_shard(path: Path) -> list[ScannedSample]:
                 sample = samples[-1]
                 if extension in sample.members:
                     sample.problem = _DUPLICATE_KEY
-                regular = member.isfile() and not member.issparse()
                 sample.members[extension] = (member.offset_data, member.size) if regular else (0, -1)
-                if not regular and sample.problem is None:
-                    sample.problem = (f"its member {_shortened(member.name)} is "
-                                      f"{_MEMBER_KINDS.get(member.type, 'not a regular file')}, not file data; "
-                                      f"shards hold regular files only")
+                if not regular:
+                    sample.problem = sample.problem or (
+                        f"its member {_shortened(member.name)} is {_MEMBER_KINDS.get(member.type, 'no regular file')}"
+                        f", not file data; shards hold regular files only")
             end = tar.offset
         with open(path, "rb") as f:
             f.seek(end)
