@@ -72,7 +72,7 @@ def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: 
                max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1].
 
-    `source` is a path or an open binary file; see `opened_image` for what is refused.
+    `source` is a path or an open binary file; see `opened_image` and `draft_within` for what is refused.
     """
     with opened_image(source) as image:
         draft_within(image, channels, (image_size, image_size), max_pixels)
