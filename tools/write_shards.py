@@ -10,6 +10,11 @@ a split becomes `<split>-NNNNNN.tar` members `k.<ext>` (the file's bytes, unchan
 `k.txt` (the caption file next to it, when there is one); `classes.json` names the classes. Each shard is written
 to a temporary file and renamed when complete; existing shards are kept unless `--overwrite`. The last line printed
 is a JSON summary.
+
+Shards are made to be shared, so only what the source folder holds goes in: a file (or caption) whose real path,
+links resolved, lies outside it (a symlink, a manifest path with `..` or an absolute one) is skipped, and so is any
+file that does not decode, once, through the datasets' own decode functions at their default limits (`--max-pixels`,
+`--max-member-bytes` raise them). Skipped files are listed in the summary with the reason.
 """
 from __future__ import annotations
 
@@ -20,21 +25,25 @@ import logging
 import os
 import sys
 import tarfile
+from collections.abc import Callable
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from selfflow.data.audio_io import AUDIO_EXTENSIONS  # noqa: E402
-from selfflow.data.captions import CAPTION_FILE_SUFFIX  # noqa: E402
-from selfflow.data.files import check_readable_file, find_labelled_files, printable_path  # noqa: E402
-from selfflow.data.image_folder import IMAGE_EXTENSIONS  # noqa: E402
-from selfflow.data.shards import CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, TAR_BLOCK  # noqa: E402
-from selfflow.data.video_io import VIDEO_EXTENSIONS  # noqa: E402
+from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
+from selfflow.data.bad_files import failure_reason, one_line
+from selfflow.data.captions import CAPTION_FILE_SUFFIX
+from selfflow.data.files import check_readable_file, find_labelled_files, printable_path
+from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, load_image
+from selfflow.data.shards import (CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, MAX_CAPTION_BYTES,
+                                  MAX_MEMBER_BYTES, TAR_BLOCK)
+from selfflow.data.video_io import MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 log = logging.getLogger("selfflow.data")
 
 MODALITY_EXTENSIONS = {"image": IMAGE_EXTENSIONS, "audio": AUDIO_EXTENSIONS, "video": VIDEO_EXTENSIONS}
+DEFAULT_MAX_PIXELS = {"image": MAX_PIXELS, "audio": None, "video": MAX_FRAME_PIXELS}  # an image or a video frame
 BYTE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+PROBE_SIZE = 8  # the check decode: an image or the middle video frame at 8x8, one second of audio at 8 kHz
+PROBE_RATE = 8000
 
 
 def parse_bytes(text: str) -> int:
@@ -128,14 +137,44 @@ class ShardWriter:
             self._file = self._tar = None
 
 
-def _sample_members(path: Path, label: int) -> dict[str, bytes]:
-    check_readable_file(path)  # a pipe would block the read forever
-    members = {path.suffix.lower().lstrip("."): path.read_bytes()}
+def check_decoder(modality: str, max_pixels: int | None = None) -> Callable[[bytes], None]:
+    """A function that decodes a file's bytes once through the dataset's own decode function (raising where the
+    dataset would skip the file): the whole image, the middle video frame, a second of audio from the middle."""
+    max_pixels = DEFAULT_MAX_PIXELS[modality] if max_pixels is None else max_pixels
+    if modality == "image":
+        return lambda data: load_image(io.BytesIO(data), PROBE_SIZE, 3, max_pixels)
+    if modality == "audio":
+        return lambda data: read_audio(io.BytesIO(data), PROBE_RATE, PROBE_RATE, min_peak=0.0)
+    return lambda data: frames_to_tensor(read_clip(io.BytesIO(data), 1, max_frame_pixels=max_pixels,
+                                                   max_clip_pixels=max_pixels), PROBE_SIZE, 3)
+
+
+def read_inside(path: Path, root: Path, max_bytes: int) -> bytes:
+    """The bytes of `path`, refused unless its real path (every link resolved) lies inside the resolved `root`,
+    it is a non-empty regular file (a pipe would block the read forever) and it holds at most `max_bytes`."""
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(root):
+        raise ValueError(f"its real path lies outside the source folder {printable_path(root)} (a link or a path "
+                         f"with '..'); shards hold only the folder's own files: copy the file in to write it")
+    check_readable_file(real)
+    if real.stat().st_size > max_bytes:
+        raise ValueError(f"it holds {real.stat().st_size} bytes, more than --max-member-bytes={max_bytes}")
+    return real.read_bytes()
+
+
+def _sample_members(path: Path, label: int, root: Path, decodes: Callable[[bytes], None],
+                    max_member_bytes: int) -> dict[str, bytes]:
+    data = read_inside(path, root, max_member_bytes)
+    decodes(data)  # the bytes written are the bytes decoded: nothing undecodable is shipped
+    members = {path.suffix.lower().lstrip("."): data}
     if label >= 0:
         members[LABEL_EXTENSION] = str(label).encode()
     caption = path.with_suffix(CAPTION_FILE_SUFFIX)
     if caption.is_file():
-        members[CAPTION_EXTENSION] = caption.read_bytes()
+        try:
+            members[CAPTION_EXTENSION] = read_inside(caption, root, MAX_CAPTION_BYTES)
+        except ValueError as error:
+            raise ValueError(f"its caption file {caption.name}: {error}") from None
     return members
 
 
@@ -153,10 +192,14 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, modality: st
                  splits: tuple[str, ...] = ("train", "test"), test_fraction: float = 0.1, seed: int = 0,
                  manifest: str | None = None, name_pattern: str | None = None, label_field: str | None = None,
                  max_samples_per_shard: int = 10_000, max_shard_bytes: int = 1 << 30, overwrite: bool = False,
-                 progress: bool = False) -> dict:
-    """Write the shards of each split and classes.json; returns the summary (samples, shards, bytes, skipped)."""
+                 progress: bool = False, max_pixels: int | None = None,
+                 max_member_bytes: int = MAX_MEMBER_BYTES) -> dict:
+    """Write the shards of each split and classes.json; returns the summary (samples, shards, bytes, skipped:
+    [{"path", "reason"}, ...])."""
     if modality not in MODALITY_EXTENSIONS:
         raise ValueError(f"--modality={modality!r} is unknown; choose one of {list(MODALITY_EXTENSIONS)}")
+    root = Path(os.path.realpath(Path(source).expanduser()))
+    decodes = check_decoder(modality, max_pixels)
     out = Path(out).expanduser()
     listings = {split: find_labelled_files(source, split, MODALITY_EXTENSIONS[modality], test_fraction, seed,
                                            manifest, name_pattern, label_field) for split in splits}
@@ -179,10 +222,10 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, modality: st
             try:
                 for path, label in zip(files.paths, files.labels):
                     try:
-                        members = _sample_members(path, label)
-                    except (OSError, ValueError) as error:
-                        skipped.append(f"{printable_path(path)}\t{type(error).__name__}: {error}")
-                        log.warning("skipping %s: %s", printable_path(path), error)
+                        members = _sample_members(path, label, root, decodes, max_member_bytes)
+                    except Exception as error:  # noqa: BLE001 - unreadable or undecodable: the file is not written
+                        skipped.append({"path": printable_path(path), "reason": failure_reason(error)})
+                        log.warning("skipping %s: %s", one_line(printable_path(path)), one_line(failure_reason(error)))
                     else:
                         writer.add(f"{samples:06d}", members)
                         samples += 1
@@ -220,6 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-field", help="the field of --name-pattern that is the label")
     parser.add_argument("--max-samples-per-shard", type=int, default=10_000)
     parser.add_argument("--max-shard-bytes", type=parse_bytes, default=parse_bytes("1G"), help="e.g. 500M, 1G")
+    parser.add_argument("--max-pixels", type=int, help="largest image or video frame written, in pixels (default: "
+                        "the loaders' default, data.train.max_pixels / max_frame_pixels)")
+    parser.add_argument("--max-member-bytes", type=parse_bytes, default=MAX_MEMBER_BYTES,
+                        help="largest file written (default: the loaders' data.train.max_member_bytes), e.g. 1G")
     parser.add_argument("--overwrite", action="store_true", help="replace existing shards of these splits")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal)")
     args = parser.parse_args(argv)
@@ -228,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = write_shards(args.source, args.out, args.modality, tuple(args.splits), args.test_fraction,
                                args.seed, args.manifest, args.name_pattern, args.label_field,
                                args.max_samples_per_shard, args.max_shard_bytes, args.overwrite,
-                               progress=not args.no_progress and sys.stderr.isatty())
+                               progress=not args.no_progress and sys.stderr.isatty(), max_pixels=args.max_pixels,
+                               max_member_bytes=args.max_member_bytes)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"write_shards.py: error: {error}", file=sys.stderr)
         return 2

@@ -1,8 +1,11 @@
 """What a dataset does with a file it cannot read: skip it with one warning line and a record, or stop."""
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
+import re
 from pathlib import Path
 
 from selfflow.data.files import printable_path
@@ -10,6 +13,7 @@ from selfflow.data.files import printable_path
 log = logging.getLogger("selfflow.data")
 
 BAD_FILE_POLICIES = ("skip", "error")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class BadFileError(RuntimeError):
@@ -25,8 +29,22 @@ def failure_reason(error: Exception) -> str:
     return str(error) if isinstance(error, UnusableSample) else f"{type(error).__name__}: {error}"
 
 
+def one_line(text: str) -> str:
+    """`text` with its control characters written as escapes (a tab as \\t): a log line stays one line."""
+    return _CONTROL.sub(lambda match: repr(match[0])[1:-1], text)
+
+
+def record_row(path: str, reason: str) -> str:
+    """One row of a skipped-files TSV: fields holding a tab, a newline or a quote are quoted (csv's excel-tab
+    dialect), so `csv.reader(f, dialect="excel-tab")` reads back exactly the rows that were written."""
+    row = io.StringIO()
+    csv.writer(row, dialect="excel-tab", lineterminator="\n").writerow([path, reason])
+    return row.getvalue()
+
+
 class BadFilePolicy:
-    """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` line per skipped file."""
+    """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` row per skipped file
+    (`record_row`: a tab or newline in a file name cannot forge a row)."""
 
     def __init__(self, on_bad_file: str = "skip", record_path: str | os.PathLike | None = None):
         if on_bad_file not in BAD_FILE_POLICIES:
@@ -38,15 +56,16 @@ class BadFilePolicy:
     def handle(self, path: str | os.PathLike, reason: str) -> None:
         key = printable_path(path)  # non-UTF-8 names must not break the log or the record
         if self.on_bad_file == "error":
-            raise BadFileError(f"cannot read {key}: {reason} (set data.on_bad_file=skip to skip such files)")
+            raise BadFileError(f"cannot read {one_line(key)}: {one_line(reason)} (set data.on_bad_file=skip to skip "
+                               f"such files)")
         if key in self._seen:
             return
         self._seen.add(key)
-        log.warning("skipping %s: %s", key, reason)
+        log.warning("skipping %s: %s", one_line(key), one_line(reason))
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
             with open(self.record_path, "a", encoding="utf-8", errors="backslashreplace") as f:
-                f.write(f"{key}\t{reason}\n")
+                f.write(record_row(key, reason))  # one write: rows from several worker processes do not mix
 
 
 def require_one_readable(count: int, load, name_of, policy: BadFilePolicy, what: str, hint: str) -> None:

@@ -24,7 +24,7 @@ from selfflow.data import moving_digits, spoken_digits
 from selfflow.data.audio_folder import AudioFolder
 from selfflow.data.digits import DigitImages
 from selfflow.data.files import LabelledFiles, name_pattern_regex, split_indices
-from selfflow.data.image_folder import ImageFolder
+from selfflow.data.image_folder import MAX_PIXELS, ImageFolder
 from selfflow.data.video_folder import VideoFolder
 
 log = logging.getLogger("selfflow.data")
@@ -250,10 +250,10 @@ class CaptionedImageFolder(CaptionFiles, ImageFolder):
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  manifest: str | None = None, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
-                 buckets=None, bucket_multiple: int = 1):
+                 buckets=None, bucket_multiple: int = 1, max_pixels: int = MAX_PIXELS):
         super().__init__(root, split, manifest, image_size=image_size, channels=channels, hflip=False,
                          test_fraction=test_fraction, seed=seed, on_bad_file=on_bad_file, buckets=buckets,
-                         bucket_multiple=bucket_multiple)
+                         bucket_multiple=bucket_multiple, max_pixels=max_pixels)
 
 
 class CaptionedVideoFolder(CaptionFiles, VideoFolder):

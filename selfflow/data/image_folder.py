@@ -18,8 +18,10 @@ from selfflow.data.files import check_readable_file, find_labelled_files
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-# 2x below PIL's own limit: far more pixels than any training image needs, far less memory than a bomb wants
-MAX_PIXELS = 64_000_000
+# the default of data.train.max_pixels, counted as decoded (a JPEG decodes at 1/2, 1/4 or 1/8 scale when the target
+# size allows, so large photos pass): decoding takes up to ~15 bytes a pixel (RGBA, 16-bit), ~250 MB per DataLoader
+# worker at this limit
+MAX_PIXELS = 4096 * 4096
 
 
 def to_8bit(image: Image.Image, channels: int) -> Image.Image:
@@ -36,18 +38,26 @@ def to_8bit(image: Image.Image, channels: int) -> Image.Image:
 
 
 @contextmanager
-def opened_image(source: str | os.PathLike | BinaryIO, max_pixels: int = MAX_PIXELS) -> Iterator[Image.Image]:
+def opened_image(source: str | os.PathLike | BinaryIO) -> Iterator[Image.Image]:
     """The PIL image of `source` (a path, or an open binary file such as a tar shard member's bytes), refused
-    before any pixel is decoded when the path is not a non-empty regular file or has more than `max_pixels`."""
+    before any pixel is decoded when the path is not a non-empty regular file or PIL sees a decompression bomb."""
     if isinstance(source, (str, os.PathLike)):
         check_readable_file(source)
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         with Image.open(source) as image:
-            if image.width * image.height > max_pixels:
-                raise ValueError(f"{image.width}x{image.height} pixels is more than max_pixels={max_pixels} "
-                                 f"(a decompression bomb, or an image far larger than training needs)")
             yield image
+
+
+def draft_within(image: Image.Image, channels: int, size: tuple[int, int], max_pixels: int) -> None:
+    """Have `image` decode at a reduced scale that still covers `size` (width, height) where the format allows
+    (JPEG: 1/2, 1/4, 1/8), then refuse it, before any pixel is decoded, if it would decode to more than
+    `max_pixels`."""
+    image.draft("RGB" if channels == 3 else "L", size)
+    if image.width * image.height > max_pixels:
+        raise ValueError(f"{image.width}x{image.height} pixels is more than data.train.max_pixels={max_pixels}; "
+                         f"raise it to read such images (a decompression bomb, or an image far larger than "
+                         f"training needs)")
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -62,10 +72,10 @@ def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: 
                max_pixels: int = MAX_PIXELS) -> torch.Tensor:
     """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1].
 
-    `source` is a path or an open binary file; see `opened_image` for what is refused.
+    `source` is a path or an open binary file; see `opened_image` and `draft_within` for what is refused.
     """
-    with opened_image(source, max_pixels) as image:
-        image.draft("RGB" if channels == 3 else "L", (image_size, image_size))  # fast JPEG downscale
+    with opened_image(source) as image:
+        draft_within(image, channels, (image_size, image_size), max_pixels)
         image = to_8bit(image, channels)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -86,15 +96,23 @@ def load_image_in_bucket(path, size: tuple[int, int], channels: int, random_crop
                          max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode like `load_image`, resize to cover the bucket `size` (h, w) and crop (`bucket_crop`):
     ([C, h, w] in [0, 1], sizes [6] = original h, w, crop top, left, target h, w)."""
-    with opened_image(path, max_pixels) as image:
+    with opened_image(path) as image:
         crop = bucket_crop(image.height, image.width, size, random_crop)
         (resized_h, resized_w), (target_h, target_w) = crop.resized, crop.target
-        image.draft("RGB" if channels == 3 else "L", (resized_w, resized_h))  # fast JPEG downscale
+        draft_within(image, channels, (resized_w, resized_h), max_pixels)
         image = to_8bit(image, channels)
         # the crop box in the decoded image's pixels (a JPEG draft may have decoded it smaller)
         sx, sy = image.width / resized_w, image.height / resized_h
         box = (crop.left * sx, crop.top * sy, (crop.left + target_w) * sx, (crop.top + target_h) * sy)
         return image_to_tensor(image.resize((target_w, target_h), Image.BICUBIC, box=box)), crop.sizes
+
+
+def check_image_options(channels: int, max_pixels: int) -> None:
+    """Start-up errors for an image dataset's options, naming the key."""
+    if channels not in (1, 3):
+        raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
+    if max_pixels < 1:
+        raise ValueError(f"data.train.max_pixels={max_pixels} must be positive")
 
 
 class ImageFolder(Dataset):
@@ -103,19 +121,19 @@ class ImageFolder(Dataset):
     buckets (multi-aspect training, see `parse_buckets`): `dataset[BucketIndex(i)]` resizes and crops image i
     into the bucket nearest its aspect ratio (`bucket_ids[i]`) and adds `{"sizes": [6]}` (original size, crop
     offsets, bucket size) for the model's size conditioning; a plain index still gives the square image.
-    bucket_multiple: the patch size that bucket sides must be multiples of.
+    bucket_multiple: the patch size that bucket sides must be multiples of. max_pixels: larger images (as decoded,
+    see `draft_within`) are skipped before decoding.
     """
 
     find_files = staticmethod(find_labelled_files)  # captioned folders extend it
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  hflip: bool = False, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
-                 buckets=None, bucket_multiple: int = 1):
-        if channels not in (1, 3):
-            raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
+                 buckets=None, bucket_multiple: int = 1, max_pixels: int = MAX_PIXELS):
+        check_image_options(channels, max_pixels)
         files = self.find_files(root, split, IMAGE_EXTENSIONS, test_fraction, seed)
         self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.max_pixels = image_size, channels, max_pixels
         self.hflip = hflip and split == "train"
         self.bad_files = BadFilePolicy(on_bad_file)
         self.use_buckets(buckets, bucket_multiple)
@@ -145,7 +163,7 @@ class ImageFolder(Dataset):
 
     def _load_in_bucket(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.bucketing.buckets.sizes[self.bucket_ids[i]]
-        return load_image_in_bucket(self.paths[i], size, self.channels, self.bucketing.random_crop)
+        return load_image_in_bucket(self.paths[i], size, self.channels, self.bucketing.random_crop, self.max_pixels)
 
     @property
     def num_classes(self) -> int:
@@ -160,7 +178,7 @@ class ImageFolder(Dataset):
             if self.bucketing is not None and isinstance(i, BucketIndex):
                 image, sizes = self._load_in_bucket(i)
             else:
-                image = load_image(path, self.image_size, self.channels)
+                image = load_image(path, self.image_size, self.channels, self.max_pixels)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             self.bad_files.handle(path, f"{type(error).__name__}: {error}")
             return None

@@ -6,6 +6,10 @@ caption, optional). `classes.json` next to the shards names the classes. `tools/
 from a folder. The tar headers are scanned once at start-up (no member data is read); an item is one seek and read
 per member, so the datasets have a length and random access, and the exact-resume sampler works unchanged.
 Decoding goes through the same functions as the folder datasets: a shard item equals the folder item of its file.
+
+Shards are data from others: every size, count and name read from them is bounded before memory is allocated
+(`MAX_*` below and the `max_*` options), and a sample that breaks a rule (a link member, a name too long, a key
+that appears twice, a member too large) is skipped and listed like an unreadable file, never a start-up stop.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import os
 import re
 import tarfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,9 +31,9 @@ from torch.utils.data import Dataset
 
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
-from selfflow.data.image_folder import IMAGE_EXTENSIONS, load_image
+from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, check_image_options, load_image
 from selfflow.data.video_folder import check_clip_options
-from selfflow.data.video_io import VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.data.video_io import MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 log = logging.getLogger("selfflow.data")
 
@@ -37,6 +42,13 @@ LABEL_EXTENSION = "cls"
 CAPTION_EXTENSION = "txt"
 TAR_BLOCK = 512
 WRITE_HINT = "write shards from a folder with: python tools/write_shards.py SOURCE_FOLDER SHARD_FOLDER --modality M"
+MAX_KEY_CHARS = 1024  # a sample key (a member's name up to its first dot): real keys are short ("000123")
+MAX_LABEL_BYTES = 32  # a .cls member: one class index as text
+MAX_CAPTION_BYTES = 64 << 10  # a .txt member
+MAX_CLASSES_FILE_BYTES = 8 << 20  # classes.json: 100k class names of 80 characters
+MAX_CLASS_NAME_CHARS = 256  # a class name becomes part of sample file names
+MAX_CLASSES = 100_000  # the default of data.train.max_classes: the model gets one label embedding per class
+MAX_MEMBER_BYTES = 256 << 20  # the default of data.train.max_member_bytes: a data member is read whole, per worker
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
@@ -106,87 +118,194 @@ def sample_key(member_name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
 
 
-def _scan_shard(path: Path) -> dict[str, dict[str, tuple[int, int]]]:
-    """key -> {extension: (data offset, size)} of the regular members, in tar order.
+@dataclass
+class ScannedSample:
+    """One sample of a shard: consecutive members sharing a key. `problem`: why it cannot be used (read as a bad
+    file when drawn), None when it can."""
+
+    key: str
+    members: dict[str, tuple[int, int]]  # extension -> (data offset, size); size -1: not file data
+    problem: str | None = None
+
+
+class _ReadsWithinFile:
+    """A shard file whose reads never ask for more than the bytes left in it: tarfile reads a long-name or pax
+    header in one read of the size that header claims, and Python allocates that size before reading."""
+
+    def __init__(self, file: BinaryIO, size: int):
+        self.file, self.size = file, size
+
+    def read(self, n: int = -1) -> bytes:
+        left = max(0, self.size - self.file.tell())
+        return self.file.read(left if n is None or n < 0 else min(n, left))
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self.file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+
+_MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
+                 tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a named pipe", tarfile.GNUTYPE_SPARSE: "a sparse file"}
+
+
+def _shortened(name: str, keep: int = 60) -> str:
+    return name if len(name) <= keep else f"{name[:keep]}..."
+
+
+def _scan_shard(path: Path) -> list[ScannedSample]:
+    """The samples of a shard in tar order (WebDataset groups consecutive members by key); directories are passed
+    over. A member that is not file data (a link, device, pipe), a name longer than MAX_KEY_CHARS, a key that
+    appears twice (two groups, or one extension twice: which data goes with which label is unknown) make the
+    sample's `problem`.
 
     A truncated or corrupt shard raises: besides tarfile's own checks, every member's data must lie inside the file
     and the archive must end with tar's zero block (tarfile stops silently at a broken header after the first)."""
     size = path.stat().st_size
-    samples: dict[str, dict[str, tuple[int, int]]] = {}
+    samples: list[ScannedSample] = []
+    first_of_key: dict[str, int] = {}
     try:
-        with tarfile.open(path, mode="r:") as tar:
-            for member in tar:
-                if not member.isfile():
+        with open(path, "rb") as raw, tarfile.open(fileobj=_ReadsWithinFile(raw, size), mode="r:") as tar:
+            while (member := tar.next()) is not None:
+                tar.members.clear()  # tarfile keeps every header it reads; nothing here looks one up again
+                if member.isdir():
                     continue
-                if member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"member {member.name} runs past the end of the file")
+                regular = member.isfile() and not member.issparse()
+                if regular and member.offset_data + member.size > size:
+                    raise tarfile.ReadError(f"member {_shortened(member.name)} runs past the end of the file")
+                if len(member.name) > MAX_KEY_CHARS:
+                    samples.append(ScannedSample(_shortened(member.name), {}, (
+                        f"its member name has {len(member.name)} characters, more than {MAX_KEY_CHARS}; name "
+                        f"samples with short keys such as 000123")))
+                    continue
                 key, extension = sample_key(member.name)
-                samples.setdefault(key, {})[extension] = (member.offset_data, member.size)
+                if not samples or samples[-1].key != key:  # a new group of members
+                    samples.append(ScannedSample(key, {}))
+                    if key in first_of_key:
+                        samples[first_of_key[key]].problem = samples[-1].problem = _DUPLICATE_KEY
+                    first_of_key.setdefault(key, len(samples) - 1)
+                sample = samples[-1]
+                if extension in sample.members:
+                    sample.problem = _DUPLICATE_KEY
+                sample.members[extension] = (member.offset_data, member.size) if regular else (0, -1)
+                if not regular:
+                    sample.problem = sample.problem or (
+                        f"its member {_shortened(member.name)} is {_MEMBER_KINDS.get(member.type, 'no regular file')}"
+                        f", not file data; shards hold regular files only")
             end = tar.offset
         with open(path, "rb") as f:
             f.seek(end)
             if f.read(TAR_BLOCK) != bytes(TAR_BLOCK):
                 raise tarfile.ReadError(f"no end-of-archive block at byte {end}: the file is truncated or a header "
                                         f"there is corrupt")
-    except (tarfile.TarError, EOFError) as error:
-        raise ValueError(f"shard {path} is truncated or corrupt ({error}); write it again (tools/write_shards.py "
-                         f"--overwrite) or leave it out of data.root") from None
+    except (tarfile.TarError, EOFError, ValueError, OverflowError, RecursionError) as error:
+        raise ValueError(f"shard {path} is truncated or corrupt ({str(error)[:200]}); write it again "
+                         f"(tools/write_shards.py --overwrite) or leave it out of data.root") from None
     return samples
 
 
-def read_class_names(folder: Path, modality: str) -> list[str] | None:
-    """The class names in `folder/classes.json` ({"class_names": [...], "modality": ...}), None without the file."""
+_DUPLICATE_KEY = ("its key appears more than once in the shard (members are grouped by key), so which data goes "
+                  "with which label is unknown; write the shard again with one group of members per key")
+
+
+def read_class_names(folder: Path, modality: str, max_classes: int = MAX_CLASSES) -> list[str] | None:
+    """The class names in `folder/classes.json` ({"class_names": [...], "modality": ...}), None without the file;
+    a file too large, of another shape or naming more than `max_classes` classes is refused before it is used."""
     path = folder / CLASSES_FILE
     if not path.is_file():
         return None
+    example = 'it must be JSON like {"class_names": ["cat", "dog"], "modality": "image"}'
+    with open(path, "rb") as f:
+        text = f.read(MAX_CLASSES_FILE_BYTES + 1)
+    if len(text) > MAX_CLASSES_FILE_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_CLASSES_FILE_BYTES} bytes, far more than a class list needs; "
+                         f"{example}")
     try:
-        info = json.loads(path.read_text(encoding="utf-8"))
-        names = [str(name) for name in info["class_names"]]
-    except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a class list ({type(error).__name__}: {error}); it must be JSON like "
-                         f'{{"class_names": ["cat", "dog"]}}') from None
+        info = json.loads(text.decode("utf-8"))
+    except (ValueError, RecursionError) as error:
+        raise ValueError(f"{path} is not JSON ({type(error).__name__}: {str(error)[:120]}); {example}") from None
+    names = info.get("class_names") if isinstance(info, dict) else None
+    if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
+        raise ValueError(f"{path} is not a class list (\"class_names\" must be a list of names); {example}")
+    if len(names) > max_classes:
+        raise ValueError(f"{path} names {len(names)} classes, more than data.train.max_classes={max_classes}; raise "
+                         f"it if the shards really hold that many classes")
+    names = [str(name) for name in names]
+    longest = max(names, key=len, default="")
+    if len(longest) > MAX_CLASS_NAME_CHARS:
+        raise ValueError(f"{path} holds a class name of {len(longest)} characters, more than "
+                         f"{MAX_CLASS_NAME_CHARS}; shorten it")
     written_for = info.get("modality")
     if written_for not in (None, modality):
-        raise ValueError(f"the shards next to {path} hold {written_for} samples, not {modality}; use "
-                         f"data={written_for}_shards")
+        shown = _shortened(str(written_for), 20)
+        raise ValueError(f"the shards next to {path} hold {shown} samples, not {modality}; use data={shown}_shards")
     return names
+
+
+class PackedStrings:
+    """Many strings in two numpy arrays (UTF-8 bytes and offsets): DataLoader workers share the pages instead of
+    copying them on every read (no reference counts), and a long string costs its own length only (a fixed-width
+    array would give every entry the width of the longest)."""
+
+    def __init__(self, strings: list[str]):
+        encoded = [text.encode("utf-8", "surrogateescape") for text in strings]
+        self.offsets = np.zeros(len(encoded) + 1, dtype=np.int64)  # [N + 1]
+        np.cumsum([len(data) for data in encoded], out=self.offsets[1:])
+        self.data = np.frombuffer(b"".join(encoded), dtype=np.uint8)  # [total bytes]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
 
 class ShardDataset(Dataset):
     """Items `(decode(data member), label)` from tar shards; an item whose member cannot be read or decoded is None
     (see `collate_samples`) or, with on_bad_file=error, stops the run. Subclasses set `modality`, `extensions`
-    and `decode`."""
+    and `decode`.
+
+    max_member_bytes: a data member is read whole into memory, so larger ones are skipped; max_classes: more
+    classes in classes.json stop the start-up, a larger class index makes its sample bad.
+    """
 
     modality = ""
     extensions: tuple[str, ...] = ()
 
-    def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", on_bad_file: str = "skip"):
+    def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", on_bad_file: str = "skip",
+                 max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES):
+        if max_member_bytes < 1 or max_classes < 1:
+            raise ValueError(f"data.train.max_member_bytes={max_member_bytes} and max_classes={max_classes} must be "
+                             f"positive")
         self.bad_files = BadFilePolicy(on_bad_file)
-        self.split = split
+        self.split, self.max_member_bytes, self.max_classes = split, max_member_bytes, max_classes
         self.shards = resolve_shards(root, split)
-        names = read_class_names(self.shards[0].parent, self.modality)  # before the scan: names a wrong modality
+        # before the scan: names a wrong modality
+        names = read_class_names(self.shards[0].parent, self.modality, max_classes)
         self.data_extensions = tuple(e.lstrip(".") for e in self.extensions)
         keys, data_ext, data, labels, captions = [], [], [], [], []
+        self.problems: dict[int, str] = {}  # sample index -> why it cannot be used (see ScannedSample)
         for shard_index, shard in enumerate(self.shards):
-            samples = _scan_shard(shard)
-            for key, members in samples.items():
-                extension = next((e for e in members if e in self.data_extensions), None)
-                if extension is None:
-                    raise ValueError(f"sample {key} of shard {shard} has no {self.modality} member (it holds "
-                                     f"{sorted(members)}; expected one of {list(self.data_extensions)}); check "
-                                     f"data=<modality>_shards or write the shards again")
-                keys.append(key)
-                data_ext.append(self.data_extensions.index(extension))
-                data.append((shard_index, *members[extension]))
-                labels.append((shard_index, *members.get(LABEL_EXTENSION, (0, -1))))
-                captions.append((shard_index, *members.get(CAPTION_EXTENSION, (0, -1))))
+            for sample in _scan_shard(shard):
+                extension = next((e for e in sample.members if e in self.data_extensions), None)
+                if extension is None and sample.problem is None:
+                    raise ValueError(f"sample {sample.key} of shard {shard} has no {self.modality} member (it holds "
+                                     f"{sorted(sample.members)}; expected one of {list(self.data_extensions)}); "
+                                     f"check data=<modality>_shards or write the shards again")
+                if sample.problem is not None:
+                    self.problems[len(keys)] = sample.problem
+                keys.append(sample.key)
+                data_ext.append(-1 if extension is None else self.data_extensions.index(extension))
+                data.append((shard_index, *sample.members.get(extension, (0, -1))))
+                labels.append((shard_index, *sample.members.get(LABEL_EXTENSION, (0, -1))))
+                captions.append((shard_index, *sample.members.get(CAPTION_EXTENSION, (0, -1))))
         if not keys:
             raise ValueError(f"the {len(self.shards)} shards of split={split!r} ({self.shards[0]}, ...) hold no "
                              f"samples; {WRITE_HINT}")
-        # numpy, not lists of str: DataLoader workers share these pages instead of copying them on every read
-        self.keys = np.asarray(keys)  # [N] fixed-width text
-        self.data_ext = np.asarray(data_ext, dtype=np.int8)  # [N] index into data_extensions
-        self.data_members = np.asarray(data, dtype=np.int64)  # [N, 3]: shard, offset, size
+        self.keys = PackedStrings(keys)  # [N]
+        self.data_ext = np.asarray(data_ext, dtype=np.int8)  # [N] index into data_extensions; -1: none
+        self.data_members = np.asarray(data, dtype=np.int64)  # [N, 3]: shard, offset, size; size -1: no data
         self.label_members = np.asarray(labels, dtype=np.int64)  # [N, 3]; size -1: no label
         self.caption_members = np.asarray(captions, dtype=np.int64)  # [N, 3]; size -1: no caption
         self.class_names = names if names is not None else self._class_names_from_labels()
@@ -204,11 +323,14 @@ class ShardDataset(Dataset):
 
     def member_name(self, i: int) -> str:
         """`.../train-000000.tar/000123.jpg`: names the sample in warnings and skipped_files.tsv."""
-        extension = self.data_extensions[self.data_ext[i]]
-        return f"{self.shards[self.data_members[i, 0]]}/{self.keys[i]}.{extension}"
+        name = f"{self.shards[self.data_members[i, 0]]}/{self.keys[i]}"
+        return name if self.data_ext[i] < 0 else f"{name}.{self.data_extensions[self.data_ext[i]]}"
 
-    def _read(self, member: np.ndarray) -> bytes:
+    def _read(self, member: np.ndarray, limit: int, what: str) -> bytes:
+        """A member's bytes, refused when larger than `limit` (it is read whole into memory)."""
         shard, offset, size = (int(v) for v in member)
+        if size > limit:
+            raise UnusableSample(f"its {what} member has {size} bytes, more than {limit}")
         with open(self.shards[shard], "rb") as f:
             f.seek(offset)
             data = f.read(size)
@@ -220,10 +342,14 @@ class ShardDataset(Dataset):
         """The `.cls` member as an int; -1 without one."""
         if self.label_members[i, 2] < 0:
             return -1
-        text = self._read(self.label_members[i]).decode("utf-8", errors="replace").strip()
+        text = self._read(self.label_members[i], MAX_LABEL_BYTES, f".{LABEL_EXTENSION}")
+        text = text.decode("utf-8", errors="replace").strip()
         if not re.fullmatch(r"-?\d+", text):
             raise UnusableSample(f"its .{LABEL_EXTENSION} member holds {text[:40]!r}, not a class index")
         label = int(text)
+        if label >= self.max_classes:
+            raise UnusableSample(f"class index {label} is not below data.train.max_classes={self.max_classes}; "
+                                 f"raise it if the shards really hold that many classes")
         if label < -1 or (self.class_names and label >= self.num_classes):
             raise UnusableSample(f"class index {label} is out of range for the {self.num_classes} classes of "
                                  f"{CLASSES_FILE}")
@@ -233,14 +359,19 @@ class ShardDataset(Dataset):
         """The `.txt` member, None without one."""
         if self.caption_members[i, 2] < 0:
             return None
-        return self._read(self.caption_members[i]).decode("utf-8", errors="replace").strip()
+        data = self._read(self.caption_members[i], MAX_CAPTION_BYTES, f".{CAPTION_EXTENSION}")
+        return data.decode("utf-8", errors="replace").strip()
 
     def load(self, i: int) -> tuple[Tensor, int]:
-        return self.decode(io.BytesIO(self._read(self.data_members[i]))), self.label(i)
+        if i in self.problems:
+            raise UnusableSample(self.problems[i])
+        data = self._read(self.data_members[i], self.max_member_bytes, "data")
+        return self.decode(io.BytesIO(data)), self.label(i)
 
     def _class_names_from_labels(self) -> list[str]:
-        """Without classes.json: read the (tiny) label members once; the names are the indices as text."""
-        self.class_names = []  # no range check while reading
+        """Without classes.json: read the (tiny) label members once; the names are the indices as text (at most
+        max_classes: a larger index makes its sample bad)."""
+        self.class_names = []  # no range check against classes.json while reading
         top = -1
         for i in np.flatnonzero(self.label_members[:, 2] >= 0):
             try:
@@ -274,16 +405,16 @@ class ImageShards(ShardDataset):
     extensions = IMAGE_EXTENSIONS
 
     def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", image_size: int = 32,
-                 channels: int = 3, hflip: bool = False, on_bad_file: str = "skip"):
-        if channels not in (1, 3):
-            raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
-        self.image_size, self.channels = image_size, channels
+                 channels: int = 3, hflip: bool = False, on_bad_file: str = "skip", max_pixels: int = MAX_PIXELS,
+                 max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES):
+        check_image_options(channels, max_pixels)
+        self.image_size, self.channels, self.max_pixels = image_size, channels, max_pixels
         self.hflip = hflip and split == "train"
-        super().__init__(root, split, on_bad_file)
+        super().__init__(root, split, on_bad_file, max_member_bytes, max_classes)
 
     def decode(self, source: BinaryIO) -> Tensor:
         """image: [C, S, S]"""
-        return load_image(source, self.image_size, self.channels)
+        return load_image(source, self.image_size, self.channels, self.max_pixels)
 
     def load(self, i: int) -> tuple[Tensor, int]:
         image, label = super().load(i)
@@ -299,13 +430,14 @@ class AudioShards(ShardDataset):
     extensions = AUDIO_EXTENSIONS
 
     def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", sample_rate: int = 8000,
-                 duration: float = 1.0, resample: bool = True, min_peak: float = 1e-4, on_bad_file: str = "skip"):
+                 duration: float = 1.0, resample: bool = True, min_peak: float = 1e-4, on_bad_file: str = "skip",
+                 max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES):
         if sample_rate <= 0 or duration <= 0:
             raise ValueError(f"data.train.sample_rate={sample_rate} and duration={duration} must be positive")
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.resample, self.min_peak = resample, min_peak
         self.random_crop = split == "train"
-        super().__init__(root, split, on_bad_file)
+        super().__init__(root, split, on_bad_file, max_member_bytes, max_classes)
 
     def decode(self, source: BinaryIO) -> Tensor:
         """wave: [1, S]"""
@@ -320,14 +452,18 @@ class VideoShards(ShardDataset):
 
     def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", num_frames: int = 8,
                  frame_stride: int = 1, fps: float | None = None, image_size: int = 32, channels: int = 3,
-                 backend: str = "auto", on_bad_file: str = "skip"):
-        check_clip_options(num_frames, frame_stride, fps, channels, backend)
+                 backend: str = "auto", on_bad_file: str = "skip", max_frame_pixels: int = MAX_FRAME_PIXELS,
+                 max_clip_pixels: int = MAX_CLIP_PIXELS, max_member_bytes: int = MAX_MEMBER_BYTES,
+                 max_classes: int = MAX_CLASSES):
+        check_clip_options(num_frames, frame_stride, fps, channels, backend, max_frame_pixels, max_clip_pixels)
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
+        self.max_frame_pixels, self.max_clip_pixels = max_frame_pixels, max_clip_pixels
         self.random_start = split == "train"
-        super().__init__(root, split, on_bad_file)
+        super().__init__(root, split, on_bad_file, max_member_bytes, max_classes)
 
     def decode(self, source: BinaryIO) -> Tensor:
         """frames: [T, C, S, S]"""
-        frames = read_clip(source, self.num_frames, self.frame_stride, self.fps, self.random_start, self.backend)
+        frames = read_clip(source, self.num_frames, self.frame_stride, self.fps, self.random_start, self.backend,
+                           self.max_frame_pixels, self.max_clip_pixels)
         return frames_to_tensor(frames, self.image_size, self.channels)

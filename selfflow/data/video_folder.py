@@ -8,11 +8,12 @@ from torch import Tensor
 
 from selfflow.data.buckets import parse_lengths
 from selfflow.data.file_dataset import LabelledFileDataset
-from selfflow.data.video_io import (VIDEO_BACKENDS, VIDEO_EXTENSIONS, clip_frames_available, frames_to_tensor,
-                                     read_clip)
+from selfflow.data.video_io import (MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_BACKENDS, VIDEO_EXTENSIONS,
+                                     clip_frames_available, frames_to_tensor, read_clip)
 
 
-def check_clip_options(num_frames: int, frame_stride: int, fps: float | None, channels: int, backend: str) -> None:
+def check_clip_options(num_frames: int, frame_stride: int, fps: float | None, channels: int, backend: str,
+                       max_frame_pixels: int = MAX_FRAME_PIXELS, max_clip_pixels: int = MAX_CLIP_PIXELS) -> None:
     """Start-up errors for a video dataset's clip options, naming the key."""
     if channels not in (1, 3):
         raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
@@ -21,6 +22,9 @@ def check_clip_options(num_frames: int, frame_stride: int, fps: float | None, ch
                          f"positive")
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"data.train.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
+    if max_frame_pixels < 1 or max_clip_pixels < 1:
+        raise ValueError(f"data.train.max_frame_pixels={max_frame_pixels} and max_clip_pixels={max_clip_pixels} "
+                         f"must be positive")
 
 
 class VideoFolder(LabelledFileDataset):
@@ -29,7 +33,8 @@ class VideoFolder(LabelledFileDataset):
 
     A clip is `num_frames` frames, `frame_stride` source frames apart or resampled to `fps` when set; its start is
     random in training and centred in evaluation. Frames are resized (shorter side) and centre-cropped to
-    `image_size`, grey when `channels=1`. Each clip opens its file once; decoding runs in DataLoader workers.
+    `image_size`, grey when `channels=1`. Decoding runs in DataLoader workers; a video whose frames have more than
+    `max_frame_pixels` pixels, or a clip more than `max_clip_pixels`, is skipped before it is decoded.
 
     frame_counts (length buckets, e.g. [4, 8, 16]): each video goes to the longest clip length it holds at this
     stride (`bucket_ids`, from the container headers); `dataset[BucketIndex(i)]` is a clip of that many frames, so a
@@ -42,8 +47,9 @@ class VideoFolder(LabelledFileDataset):
                  fps: float | None = None, image_size: int = 32, channels: int = 3, test_fraction: float = 0.1,
                  seed: int = 0, on_bad_file: str = "skip", manifest: str | None = None,
                  name_pattern: str | None = None, label_field: str | None = None, backend: str = "auto",
-                 frame_counts: Sequence[int] | None = None):
-        check_clip_options(num_frames, frame_stride, fps, channels, backend)
+                 frame_counts: Sequence[int] | None = None, max_frame_pixels: int = MAX_FRAME_PIXELS,
+                 max_clip_pixels: int = MAX_CLIP_PIXELS):
+        check_clip_options(num_frames, frame_stride, fps, channels, backend, max_frame_pixels, max_clip_pixels)
         counts = parse_lengths(frame_counts, self.length_bucket_key)
         if counts and any(count != int(count) for count in counts):
             raise ValueError(f"data.train.frame_counts={list(frame_counts)} must be whole numbers of frames")
@@ -53,6 +59,7 @@ class VideoFolder(LabelledFileDataset):
         super().__init__(files, on_bad_file)
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
+        self.max_frame_pixels, self.max_clip_pixels = max_frame_pixels, max_clip_pixels
         self.random_start = split == "train"
         self.check_readable()
 
@@ -62,7 +69,8 @@ class VideoFolder(LabelledFileDataset):
 
     def load_at_length(self, path: Path | BinaryIO, length: float) -> Tensor:
         """frames: [T = length, C, S, S] in [0, 1]"""
-        frames = read_clip(path, int(length), self.frame_stride, self.fps, self.random_start, self.backend)
+        frames = read_clip(path, int(length), self.frame_stride, self.fps, self.random_start, self.backend,
+                           self.max_frame_pixels, self.max_clip_pixels)
         return frames_to_tensor(frames, self.image_size, self.channels)
 
     def load(self, path: Path | BinaryIO) -> Tensor:

@@ -18,6 +18,10 @@ from selfflow.data.bad_files import UnusableSample
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 VIDEO_BACKENDS = ("auto", "decord", "pyav")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey
+# defaults of data.train.max_frame_pixels / max_clip_pixels: 4K UHD frames; 32M pixels a clip (16 frames of 1080p)
+# hold about 100 MB of decoded uint8 frames, twice that while decord hands them over, per DataLoader worker
+MAX_FRAME_PIXELS = 3840 * 2160
+MAX_CLIP_PIXELS = 32 * 1024 * 1024
 
 
 def clip_indices(total: int, num_frames: int, step: float, random_start: bool) -> np.ndarray:
@@ -49,6 +53,43 @@ def _rewound(source: Path | BinaryIO) -> str | BinaryIO:
     return source
 
 
+def check_frame_size(width: int, height: int, num_frames: int, max_frame_pixels: int, max_clip_pixels: int) -> None:
+    """Refuse frames or a clip with more pixels than the limits, before they are decoded (a tiny file can hold a
+    few huge frames: 8 frames of 4096x4096 in 49 KB would take 2 GB)."""
+    if width <= 0 or height <= 0:
+        raise UnusableSample("its video stream gives no frame size")
+    if width * height > max_frame_pixels:
+        raise UnusableSample(f"frames of {width}x{height} pixels are more than data.train.max_frame_pixels="
+                             f"{max_frame_pixels}; raise it to read such videos")
+    if num_frames * width * height > max_clip_pixels:
+        raise UnusableSample(f"a clip of {num_frames} frames of {width}x{height} pixels is more than "
+                             f"data.train.max_clip_pixels={max_clip_pixels}; raise it or lower num_frames")
+
+
+def _checked_stream(container, num_frames: int, max_frame_pixels: int, max_clip_pixels: int):
+    """The container's video stream, after `check_frame_size` on the frame size in its header."""
+    if not container.streams.video:
+        raise UnusableSample("file has no video stream")
+    stream = container.streams.video[0]
+    check_frame_size(stream.codec_context.width, stream.codec_context.height, num_frames, max_frame_pixels,
+                     max_clip_pixels)
+    return stream
+
+
+def _check_header(source: Path | BinaryIO, num_frames: int, max_frame_pixels: int, max_clip_pixels: int) -> None:
+    """`check_frame_size` from the container header, before decord decodes (decord shows no size until then)."""
+    import av
+
+    try:
+        with av.open(_rewound(source)) as container:
+            _checked_stream(container, num_frames, max_frame_pixels, max_clip_pixels)
+    except UnusableSample:
+        raise
+    except Exception as error:  # noqa: BLE001 - an unreadable header makes the file unusable
+        raise UnusableSample(f"cannot read its container header ({type(error).__name__}: {str(error)[:120]})"
+                             ) from None
+
+
 def _read_decord(source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None,
                  random_start: bool) -> np.ndarray:
     import decord
@@ -60,28 +101,33 @@ def _read_decord(source: Path | BinaryIO, num_frames: int, frame_stride: int, fp
 
 
 def _read_pyav(source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None,
-               random_start: bool) -> np.ndarray:
+               random_start: bool, max_frame_pixels: int, max_clip_pixels: int) -> np.ndarray:
+    """Decode up to the clip's last frame, keeping only the clip's frames (memory does not grow with the video's
+    length); a container without a frame count is decoded once to count them, keeping none."""
     import av
 
+    limits = (num_frames, max_frame_pixels, max_clip_pixels)
     with av.open(_rewound(source)) as container:
-        if not container.streams.video:
-            raise UnusableSample("file has no video stream")
-        stream = container.streams.video[0]
+        stream = _checked_stream(container, *limits)
         step = frame_step(float(stream.average_rate or stream.guessed_rate or 0), frame_stride, fps)
-        if stream.frames > 0:  # the container knows the length: decode only up to the last frame needed
-            indices = clip_indices(stream.frames, num_frames, step, random_start)
-            frames = []
-            for frame in container.decode(stream):
-                frames.append(frame.to_ndarray(format="rgb24"))
-                if len(frames) > indices[-1]:
-                    break
-            if len(frames) <= indices[-1]:
-                raise UnusableSample(f"video is truncated: the header promises {stream.frames} frames, "
-                                     f"only {len(frames)} decode")
-        else:
-            frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
-            indices = clip_indices(len(frames), num_frames, step, random_start)
-    return np.stack([frames[i] for i in indices])
+        total = int(stream.frames)
+        if total <= 0:
+            total = sum(1 for _ in container.decode(stream))
+    indices = clip_indices(total, num_frames, step, random_start)
+    wanted = set(indices.tolist())
+    kept: dict[int, np.ndarray] = {}
+    decoded = 0
+    with av.open(_rewound(source)) as container:
+        for index, frame in enumerate(container.decode(_checked_stream(container, *limits))):
+            check_frame_size(frame.width, frame.height, *limits)  # the header may lie, or the size change
+            if index in wanted:
+                kept[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+            decoded = index + 1
+            if decoded > indices[-1]:
+                break
+    if decoded <= indices[-1]:
+        raise UnusableSample(f"video is truncated: the header promises {total} frames, only {decoded} decode")
+    return np.stack([kept[i] for i in indices])
 
 
 def clip_frames_available(path: str | os.PathLike, frame_stride: int = 1, fps: float | None = None) -> int:
@@ -118,12 +164,14 @@ def _byte_size(source: Path | BinaryIO) -> int:
 
 
 def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_stride: int = 1, fps: float | None = None,
-              random_start: bool = False, backend: str = "auto") -> np.ndarray:
-    """One clip of a video file as uint8 RGB frames [T, H, W, 3], opening the file once.
+              random_start: bool = False, backend: str = "auto", max_frame_pixels: int = MAX_FRAME_PIXELS,
+              max_clip_pixels: int = MAX_CLIP_PIXELS) -> np.ndarray:
+    """One clip of a video file as uint8 RGB frames [T, H, W, 3].
 
     `source` is a path or a seekable binary file (e.g. a tar shard member's bytes in a BytesIO), decoded in memory.
     backend `auto` reads with decord and falls back to PyAV when decord is missing or fails on the file
-    (decord 0.6 rejects some frame widths, e.g. 16 or 48 pixels, that PyAV decodes fine).
+    (decord 0.6 rejects some frame widths, e.g. 16 or 48 pixels, that PyAV decodes fine). A video whose frames
+    (or clip) have more pixels than `max_frame_pixels` (`max_clip_pixels`) is refused before decoding.
     """
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"video backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
@@ -131,8 +179,10 @@ def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_strid
     if _byte_size(source) == 0:
         raise UnusableSample("file is empty")
     args = (source, num_frames, frame_stride, fps, random_start)
+    limits = (max_frame_pixels, max_clip_pixels)
     if backend == "pyav" or (backend == "auto" and not decord_available()):
-        return _read_pyav(*args)
+        return _read_pyav(*args, *limits)
+    _check_header(source, num_frames, *limits)
     try:
         return _read_decord(*args)
     except UnusableSample:
@@ -143,7 +193,7 @@ def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_strid
         if backend == "decord":  # decord's message on in-memory input quotes the input bytes: keep it short
             raise RuntimeError(f"decord cannot decode it: {str(decord_error)[:120]}") from None
         try:
-            return _read_pyav(*args)
+            return _read_pyav(*args, *limits)
         except UnusableSample:
             raise
         except Exception as pyav_error:  # noqa: BLE001
@@ -153,17 +203,22 @@ def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_strid
 
 def frames_to_tensor(frames: np.ndarray, image_size: int, channels: int) -> Tensor:
     """uint8 [T, H, W, 3] -> float [T, channels, S, S] in [0, 1]: grey or RGB, shorter side resized to S
-    (antialiased), centre-cropped."""
-    video = rearrange(torch.from_numpy(frames).float() / 255.0, "t h w c -> t c h w")
+    (antialiased), centre-cropped. Frame by frame: a float copy exists of one full-size frame at a time."""
+    return torch.stack([_frame_to_tensor(frame, image_size, channels) for frame in frames])
+
+
+def _frame_to_tensor(frame: np.ndarray, image_size: int, channels: int) -> Tensor:
+    """uint8 [H, W, 3] -> float [channels, S, S] in [0, 1]"""
+    image = rearrange(torch.from_numpy(frame).float() / 255.0, "h w c -> 1 c h w")
     if channels == 1:
-        video = torch.einsum("tchw,c->thw", video, torch.tensor(LUMA))[:, None]
-    h, w = video.shape[-2:]
+        image = torch.einsum("bchw,c->bhw", image, torch.tensor(LUMA))[:, None]
+    h, w = image.shape[-2:]
     scale = image_size / min(h, w)
     size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
     if size != (h, w):
-        video = F.interpolate(video, size=size, mode="bilinear", antialias=True, align_corners=False)
+        image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-    return video[:, :, top:top + image_size, left:left + image_size].clamp(0, 1).contiguous()
+    return image[0, :, top:top + image_size, left:left + image_size].clamp(0, 1)
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, crf: int = 12) -> Path:
