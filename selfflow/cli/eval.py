@@ -24,22 +24,21 @@ COMMAND = "selfflow-eval"
 
 
 def check_inputs(cfg: DictConfig) -> None:
-    """Every input is given and exists before the network is loaded or an image read."""
+    """Every input is given, and samples and ref exist, before the network is loaded or an image read."""
     for key in ("samples", "ref", "inception"):
         if OmegaConf.is_missing(cfg, key):
             raise ValueError(f"{key}=... is required: {COMMAND} samples=SAMPLES.npz ref=REF.npz|FOLDER "
                              f"inception=pt_inception-2015-12-05-6726825d.pth out=metrics.json")
-        path = Path(str(cfg[key])).expanduser()
-        if not path.exists():
-            raise FileNotFoundError(f"{key}={path}: no such file or folder")
-        if key != "ref" and path.is_dir():
-            raise ValueError(f"{key}={path} is a folder; pass a file ({'an .npz' if key == 'samples' else 'the .pth'})")
+    for key in ("samples", "ref"):
+        if not Path(str(cfg[key])).expanduser().exists():
+            raise FileNotFoundError(f"{key}={cfg[key]}: no such file or folder")
 
 
 def reference_stats_path(cfg: DictConfig) -> Path:
     if cfg.ref_stats_out is not None:
         return Path(str(cfg.ref_stats_out)).expanduser()
-    return Path(str(cfg.out)).expanduser().parent / f"{Path(str(cfg.ref)).expanduser().resolve().name}_inception_stats.npz"
+    folder = Path(str(cfg.ref)).expanduser().resolve()
+    return Path(str(cfg.out)).expanduser().parent / f"{folder.name}_inception_stats.npz"
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
@@ -63,10 +62,10 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     ref_stats = write_stats(ref, reference_stats_path(cfg)) if Path(str(cfg.ref)).expanduser().is_dir() else None
     metrics = standard_metrics(samples, ref, device, cfg.distance_batch_size)
     notes = metrics.pop("notes")
-    document = {**metrics, "inception": str(extractor.weights), "library": f"torch-fidelity {torch_fidelity.__version__}",
-                "inception_sha256": extractor.sha256, "standard_inception_weights": extractor.is_standard,
-                "samples": str(cfg.samples), "ref": str(cfg.ref), "ref_stats": None if ref_stats is None else str(ref_stats),
-                "notes": notes}
+    document = {**metrics, "inception": str(extractor.weights),
+                "library": f"torch-fidelity {torch_fidelity.__version__}", "inception_sha256": extractor.sha256,
+                "standard_inception_weights": extractor.is_standard, "samples": str(cfg.samples), "ref": str(cfg.ref),
+                "ref_stats": None if ref_stats is None else str(ref_stats), "notes": notes}
     out = Path(str(cfg.out)).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(document, indent=2) + "\n")
