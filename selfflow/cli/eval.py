@@ -34,6 +34,15 @@ def check_inputs(cfg: DictConfig) -> None:
             raise FileNotFoundError(f"{key}={cfg[key]}: no such file or folder")
 
 
+def size_mismatch(samples, ref) -> str | None:
+    """Samples and reference images of different sizes: allowed (both are resized to 299x299), but a pitfall."""
+    if None in (samples.image_size, ref.image_size) or samples.image_size == ref.image_size:
+        return None
+    return (f"samples are {'x'.join(map(str, samples.image_size))} pixels, the reference images "
+            f"{'x'.join(map(str, ref.image_size))}; both are resized to 299x299, but published numbers compare "
+            f"images of one resolution")
+
+
 def reference_stats_path(cfg: DictConfig) -> Path:
     if cfg.ref_stats_out is not None:
         return Path(str(cfg.ref_stats_out)).expanduser()
@@ -59,6 +68,8 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
               file=sys.stderr)
     samples = load_eval_set(cfg.samples, extractor, cfg.batch_size, progress=cfg.progress)
     ref = load_eval_set(cfg.ref, extractor, cfg.batch_size, size=samples.image_size, progress=cfg.progress)
+    if (mismatch := size_mismatch(samples, ref)) is not None:
+        print(f"{COMMAND}: warning: {mismatch}", file=sys.stderr)
     ref_stats = write_stats(ref, reference_stats_path(cfg)) if Path(str(cfg.ref)).expanduser().is_dir() else None
     metrics = standard_metrics(samples, ref, device, cfg.distance_batch_size)
     notes = metrics.pop("notes")
