@@ -52,7 +52,10 @@ def reference_stats_path(cfg: DictConfig) -> Path:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """Run selfflow-eval from its config; returns the document written to `out`."""
-    import torch_fidelity
+    try:
+        import torch_fidelity
+    except ImportError as error:
+        raise ModuleNotFoundError(f"{COMMAND} needs torch-fidelity: pip install -e '.[eval]' ({error})") from None
 
     from selfflow.cli.sample import resolve_device
     from selfflow.evaluation.eval_sets import load_eval_set, write_stats
