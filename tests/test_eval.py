@@ -328,6 +328,27 @@ def test_the_weights_are_unpickled_with_weights_only(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------------ CLI
 
+def compose_eval(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    with initialize_config_module("selfflow.conf", version_base="1.3"):
+        return compose("eval", overrides=["progress=false", *overrides])
+
+
+def test_inputs_are_checked_before_any_work(tmp_path):
+    from selfflow.cli.eval import evaluate
+
+    np.savez(tmp_path / "samples.npz", arr_0=smooth_images(2))
+    out = f"out={tmp_path / 'metrics.json'}"
+    with pytest.raises(ValueError, match=r"ref=\.\.\. is required"):
+        evaluate(compose_eval(f"samples={tmp_path / 'samples.npz'}", "inception=x.pth", out))
+    with pytest.raises(FileNotFoundError, match="samples=.*nothing.npz: no such file or folder"):
+        evaluate(compose_eval(f"samples={tmp_path / 'nothing.npz'}", f"ref={tmp_path}", "inception=x.pth", out))
+    with pytest.raises(FileNotFoundError, match=f"inception=x.pth: no such file; .*{WEIGHTS_FILE}"):
+        evaluate(compose_eval(f"samples={tmp_path / 'samples.npz'}", f"ref={tmp_path}", "inception=x.pth", out))
+    assert not (tmp_path / "metrics.json").exists()
+
+
 def run_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "selfflow.cli.eval", *args, "progress=false"], check=False, cwd=cwd,
                           capture_output=True, text=True, timeout=900, env={**os.environ})
