@@ -189,7 +189,7 @@ def test_sample_cli_refuses_a_crafted_checkpoint_and_export_with_one_line(checkp
                                                       "system is not a selfflow class")
     result = run_cli("selfflow.cli.probe", [f"ckpt={path}", f"out_dir={tmp_path / 'out'}"], tmp_path)
     assert_one_line_exit_2(result, "selfflow-probe", "is not a selfflow class")
-    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert not marker.exists() and not list((tmp_path / "out").glob("*.json"))  # Hydra's own files only
 
 
 # --- exports: refused onto existing files, and refused when tampered or truncated -------------------------------
