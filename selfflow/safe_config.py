@@ -62,6 +62,11 @@ WRITE_LOCATION_KEYS = frozenset({"cache_dir"})
 PLAIN = (str, int, float, bool, type(None))
 
 
+def first_line(error: BaseException) -> str:
+    """The first non-empty line of an error's message (torch's and Hydra's messages span many lines)."""
+    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+
+
 class StoredConfigError(ValueError):
     """A config read from a file names something selfflow will not build from it."""
 
@@ -126,4 +131,11 @@ def instantiate_stored(node: Any, where: str, key: str = "") -> Any:
     check_plain(container, where, key, targets=True)
     if not isinstance(container, Mapping) or "_target_" not in container:
         raise _refuse(where, key, " has no _target_ (nothing to build)")
-    return instantiate(without_write_locations(container, where, key))
+    try:
+        return instantiate(without_write_locations(container, where, key))
+    except Exception as error:  # noqa: BLE001 - whatever the stored arguments make the class raise, in one line
+        cause = error
+        while cause.__cause__ is not None:  # Hydra wraps the class's own error
+            cause = cause.__cause__
+        raise StoredConfigError(f"{where}: cannot build {key or 'the stored config'} from its stored arguments: "
+                                f"{first_line(cause)}") from error

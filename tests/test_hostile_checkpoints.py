@@ -135,6 +135,14 @@ def test_an_interpolation_in_a_stored_config_is_refused(checkpoint, tmp_path):
         load_checkpoint(path)
 
 
+def test_stored_arguments_an_allowed_class_rejects_give_one_line(checkpoint, tmp_path):
+    path = crafted(checkpoint, tmp_path / "odd.ckpt", lambda config: config["tokenizer"]["image"].update(evil=1))
+    with pytest.raises(StoredConfigError, match=r"cannot build tokenizer.image from its stored arguments: .*"
+                                                r"unexpected keyword argument 'evil'") as error:
+        load_checkpoint(path)
+    one_line(error.value)
+
+
 def test_instantiate_stored_builds_allowed_classes_and_never_chooses_a_write_location(tmp_path):
     node = {"_target_": "selfflow.tokenizers.text.TextTokenizer", "cache_dir": str(tmp_path / "elsewhere")}
     tokenizer = instantiate_stored(OmegaConf.create(node), "test")

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from selfflow.models.transformer import SelfFlowTransformer
-from selfflow.safe_config import StoredConfigError, instantiate_stored, stored_config
+from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.training.module import CHECKPOINT_FORMAT
 from selfflow.training.state_check import check_state_fits
@@ -47,11 +47,6 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         raise ValueError(f"{path} is not a selfflow training checkpoint (it has no stored selfflow config)")
     check_format(checkpoint.get("selfflow_format", 0), str(path))
     return checkpoint
-
-
-def first_line(error: BaseException) -> str:
-    """The first non-empty line of an error's message (torch's own messages span many lines)."""
-    return next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
 
 
 def check_format(version: Any, source: str) -> None:

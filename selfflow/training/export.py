@@ -12,9 +12,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from selfflow.training.checkpoint import (CHECKPOINT_FORMAT, LoadedCheckpoint, check_format, first_line,
-                                          load_checkpoint, model_from_state)
-from selfflow.safe_config import stored_config
+from selfflow.safe_config import first_line, stored_config
+from selfflow.training.checkpoint import (CHECKPOINT_FORMAT, LoadedCheckpoint, check_format, load_checkpoint,
+                                          model_from_state)
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
 MAX_CONFIG_BYTES = 16 << 20  # an export's config.json is a few KB; a larger one is not read
