@@ -127,6 +127,23 @@ def test_a_stored_target_outside_the_allow_list_is_refused_before_anything_runs(
     assert not marker.exists()
 
 
+def test_an_unsafe_pickle_is_refused_in_one_line(tmp_path):
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.ckpt"
+    path.write_bytes(pickle.dumps({"selfflow_config": {}, "state_dict": Evil()}))
+    with pytest.raises(ValueError, match="cannot load checkpoint .*evil.ckpt safely") as error:
+        load_checkpoint(path)
+    one_line(error.value)
+    assert not marker.exists()
+
+
 def test_an_interpolation_in_a_stored_config_is_refused(checkpoint, tmp_path):
     path = crafted(checkpoint, tmp_path / "evil.ckpt",
                    lambda config: config["tokenizer"]["image"].update(patch_size="${oc.env:HOME}"))
@@ -236,11 +253,11 @@ def rewrite_weights(folder: Path, change) -> None:
     """Replace the export's tensors by `change(state)` and record their sha256 (as a tamperer would)."""
     from safetensors.torch import load_file, save_file
 
-    from selfflow.training.export import file_sha256
+    from selfflow.data.token_cache import file_digest
 
     save_file(change(load_file(str(folder / EXPORT_WEIGHTS))), str(folder / EXPORT_WEIGHTS))
     meta = json.loads((folder / EXPORT_CONFIG).read_text())
-    meta["weights_sha256"] = file_sha256(folder / EXPORT_WEIGHTS)
+    meta["weights_sha256"] = file_digest(folder / EXPORT_WEIGHTS)
     (folder / EXPORT_CONFIG).write_text(json.dumps(meta))
 
 
@@ -254,9 +271,9 @@ def drop_digest(folder: Path) -> None:
     (folder / EXPORT_CONFIG).write_text(json.dumps(meta))
 
 
-def grow_model(folder: Path, width: int, heads: int) -> None:
+def edit_meta(folder: Path, edit) -> None:
     meta = json.loads((folder / EXPORT_CONFIG).read_text())
-    meta["config"]["model"].update(width=width, heads=heads)
+    edit(meta)
     (folder / EXPORT_CONFIG).write_text(json.dumps(meta))
 
 
@@ -274,7 +291,13 @@ def grow_model(folder: Path, width: int, heads: int) -> None:
                                              for k, v in s.items()}),
      r"does not fit this model: '.*' has shape"),
     # sizes far beyond memory: refused by shape before any of it is allocated
-    (lambda f: grow_model(f, width=1 << 20, heads=1 << 14), r"does not fit this model: '.*' has shape"),
+    (lambda f: edit_meta(f, lambda m: m["config"]["model"].update(width=1 << 20, heads=1 << 14)),
+     r"does not fit this model: '.*' has shape"),
+    # a model built in full by the stored config itself, before any check: refused
+    (lambda f: edit_meta(f, lambda m: m["config"]["model"].update(_partial_=False, token_channels={"image": 16},
+                                                                  num_classes=10, width=1 << 20, heads=1 << 14)),
+     r"model._partial_ must be true"),
+    (lambda f: edit_meta(f, lambda m: m.update(selfflow_format="9")), r"has format '9', which is not a format version"),
 ])
 def test_a_tampered_or_truncated_export_is_refused_with_one_line(checkpoint, tmp_path, tamper, message):
     folder = export_weights(checkpoint, tmp_path / "export")

@@ -5,27 +5,19 @@ config.json stores the sha256 of the weights file, so that a truncated or change
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from selfflow.data.token_cache import file_digest
 from selfflow.safe_config import first_line, stored_config
 from selfflow.training.checkpoint import (CHECKPOINT_FORMAT, LoadedCheckpoint, check_format, load_checkpoint,
                                           model_from_state)
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
 MAX_CONFIG_BYTES = 16 << 20  # an export's config.json is a few KB; a larger one is not read
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_export_target(folder: Path, overwrite: bool) -> None:
@@ -61,7 +53,7 @@ def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike
     replace_file(weights, lambda temp: save_file(state, str(temp), metadata={"weights": "ema",
                                                                               "step": str(loaded.step)}))
     meta = {"selfflow_format": CHECKPOINT_FORMAT, "step": loaded.step, "weights": "ema",
-            "weights_sha256": file_sha256(weights), "config": OmegaConf.to_container(loaded.config, resolve=True)}
+            "weights_sha256": file_digest(weights), "config": OmegaConf.to_container(loaded.config, resolve=True)}
     replace_file(folder / EXPORT_CONFIG, lambda temp: temp.write_text(json.dumps(meta, indent=2) + "\n"))
     return folder
 
@@ -95,7 +87,7 @@ def load_exported(folder: str | os.PathLike) -> LoadedCheckpoint:
     meta = read_export_config(meta_path)
     source = f"exported model {folder}"
     expected = meta.get("weights_sha256")
-    if expected is not None and file_sha256(weights) != expected:
+    if expected is not None and file_digest(weights) != expected:
         raise ValueError(f"{weights} does not match the sha256 in {meta_path}: it was truncated or changed after "
                          f"the export; get the export again")
     config = stored_config(meta["config"], source)
