@@ -50,7 +50,7 @@ def given_run_dir(args: list[str]) -> str | None:
     """The run folder named on the command line (hydra.run.dir=...), for a single run."""
     if any(a in ("-m", "--multirun") for a in args):
         return None
-    given = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")]
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
     return given[-1] if given and "${" not in given[-1] else None
 
 
