@@ -247,8 +247,8 @@ def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny
     run = build_run(tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0"))
     run.trainer.fit(run.module, datamodule=run.datamodule)
     ckpt = Path(run.run_dir) / "checkpoints" / "last.ckpt"
-    result = subprocess.run([sys.executable, "tools/export_weights.py", str(ckpt), str(tmp_path / "export")],
-                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "selfflow.cli.export", str(ckpt), str(tmp_path / "export")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["files"] == ["model.safetensors", "config.json"]
     config = json.loads((tmp_path / "export" / "config.json").read_text())

@@ -13,9 +13,10 @@ from omegaconf.errors import OmegaConfBaseException
 from selfflow.data.bad_files import BadFileError
 from selfflow.training.checkpoint_io import CheckpointWriteError
 from selfflow.training.nonfinite import NonFiniteLossError
+from selfflow.training.run_folder import RunFolderError
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError, BadFileError, OmegaConfBaseException,
-               ModuleNotFoundError, CheckpointWriteError, NonFiniteLossError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError, BadFileError,
+               OmegaConfBaseException, ModuleNotFoundError, CheckpointWriteError, NonFiniteLossError, RunFolderError)
 
 
 def root_cause(error: BaseException) -> BaseException:

@@ -69,12 +69,17 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
     from hydra.utils import instantiate
 
     from selfflow.evaluation.probe import modality_sources
+    from selfflow.safe_config import instantiate_stored
     from selfflow.training.checkpoint import load_checkpoint
 
     ckpt = Path(cfg.ckpt).expanduser()
     loaded = load_checkpoint(ckpt, cfg.weights)
-    data_cfg = cfg.data if cfg.get("data") is not None else loaded.config.data
-    chosen = pick_modalities(modality_sources(instantiate(data_cfg)), cfg.modality)
+    if cfg.get("data") is not None:  # typed by the user
+        data_cfg, data = cfg.data, instantiate(cfg.data)
+    else:  # stored in the checkpoint: built through the allow-list
+        data_cfg = loaded.config.data
+        data = instantiate_stored(data_cfg, f"checkpoint {ckpt}", "data")
+    chosen = pick_modalities(modality_sources(data), cfg.modality)
     for datamodule in chosen.values():
         if datamodule.modality not in loaded.tokenizers:
             raise ValueError(f"data gives {datamodule.modality!r} samples but checkpoint {ckpt} has tokenizers for "
@@ -103,7 +108,7 @@ def probe_one(cfg: DictConfig, ckpt: Path, loaded, data_cfg, datamodule) -> dict
     data_key = {k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in IGNORED_DATA_KEYS}
     data_key["modality"] = datamodule.modality
     sources = FeatureSources(
-        model={"checkpoint_sha256": file_digest(ckpt), "weights": cfg.weights,
+        model={"checkpoint_sha256": file_digest(loaded.weights_file), "weights": cfg.weights,
                "tokenizer": OmegaConf.to_container(loaded.config.tokenizer, resolve=True)},
         random_init={"architecture": OmegaConf.to_container(loaded.config.model, resolve=True),
                      "token_channels": model.token_channels, "num_classes": model.num_classes,

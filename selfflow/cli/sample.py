@@ -144,6 +144,7 @@ def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device, 
 
     from selfflow.evaluation.reference_classifier import load_reference_classifier
     from selfflow.evaluation.sample_metrics import dataset_features
+    from selfflow.safe_config import instantiate_stored
 
     if cfg.feature_extractor is not None:
         extractor = instantiate(cfg.feature_extractor)
@@ -161,8 +162,10 @@ def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device, 
         if loaded.data_config is None or "test" not in loaded.data_config:
             raise ValueError("metrics=true cannot find real images: this checkpoint stores no data config; pass "
                              "metrics_data={_target_: ...} (a dataset of (image, label))")
-        data = loaded.data_config.test
-    real = dataset_features(extractor, instantiate(data), limit=cfg.metrics_max_real)
+        real_set = instantiate_stored(loaded.data_config.test, f"checkpoint {cfg.ckpt}", "data.test")
+    else:  # typed by the user
+        real_set = instantiate(data)
+    real = dataset_features(extractor, real_set, limit=cfg.metrics_max_real)
     return extractor, real
 
 

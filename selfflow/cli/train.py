@@ -16,6 +16,7 @@ import hydra
 from omegaconf import DictConfig
 
 from selfflow.cli.errors import check_overrides, fail, friendly_errors
+from selfflow.training.run_folder import launching_process, lock_run_folder
 
 # the single-modality experiment to pair with a modality's own data, plain and captioned
 EXPERIMENT_OF_MODALITY = {"image": "digits", "video": "video_digits", "audio": "audio_digits"}
@@ -45,11 +46,24 @@ def check_data_fits_experiment(cfg: DictConfig, args: list[str]) -> None:
                                f"{modality} alone: selfflow-train experiment={experiment} data={data} ...")
 
 
+def given_run_dir(args: list[str]) -> str | None:
+    """The run folder named on the command line (hydra.run.dir=...), for a single run."""
+    if any(a in ("-m", "--multirun") for a in args):
+        return None
+    given = [a.split("=", 1)[1] for a in args if a.lstrip("+").startswith("hydra.run.dir=")]
+    return given[-1] if given and "${" not in given[-1] else None
+
+
 def main() -> None:
-    """Bad overrides (unknown keys or options) stop here with one line; then Hydra composes and runs."""
+    """Bad overrides (unknown keys or options) stop here with one line, and so does a run folder that is in use
+    or read-only (locked here, before Hydra writes its files into it); then Hydra composes and runs."""
     cfg = check_overrides("selfflow-train", "train", sys.argv[1:])
     if cfg is not None:
         check_data_fits_experiment(cfg, sys.argv[1:])
+    run_dir = given_run_dir(sys.argv[1:])
+    if run_dir is not None and launching_process():
+        with friendly_errors("selfflow-train"):
+            lock_run_folder(run_dir)  # held until this process ends
     run_from_config()
 
 

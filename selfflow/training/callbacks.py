@@ -1,6 +1,7 @@
 """Training callbacks: samples from the EMA weights (PNG grids, MP4 clips with frame strips, WAVs with spectrograms)."""
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from pathlib import Path
@@ -13,9 +14,23 @@ from selfflow.sampling.prompted import prompted_model
 from selfflow.tokenizers.text import TEXT
 from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
 from selfflow.sampling.writers import save_image_grid
+from selfflow.training.checkpoint_callback import save_end_of_run
 from selfflow.training.distributed import callback_forward_context, sharded_over_ranks
 
 log = logging.getLogger("selfflow")
+
+MAX_STEM_BYTES = 120  # file names stay far below the usual 255-byte limit, with room for "_<k>.wav"
+
+
+def file_stem(text: str, max_bytes: int = MAX_STEM_BYTES) -> str:
+    """`text` as one file-name part: path separators and control characters become "-", and a name longer than
+    `max_bytes` (UTF-8) is cut and given a digest of the whole name, so that two long names stay distinct."""
+    stem = re.sub(r"[/\\\x00-\x1f\x7f]", "-", text) or "-"
+    if len(stem.encode()) <= max_bytes:
+        return stem
+    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
+    cut = stem.encode()[:max_bytes - len(digest) - 1].decode(errors="ignore")
+    return f"{cut}-{digest}"
 
 
 class SampleGrid(L.Callback):
@@ -97,7 +112,7 @@ class SampleGrid(L.Callback):
             else:
                 label_name = names[label] if label < len(names) else f"class{label}"
             seen[label] = seen.get(label, -1) + 1
-            stems.append(f"{label_name}_{seen[label]}".replace("/", "-"))
+            stems.append(f"{file_stem(label_name)}_{seen[label]}")
         return stems
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -108,6 +123,7 @@ class SampleGrid(L.Callback):
             self.write(trainer, module, f"step_{step:07d}")
 
     def on_train_end(self, trainer, module) -> None:
+        save_end_of_run(trainer)  # the final checkpoint first: a failure while sampling must not lose it
         if trainer.is_global_zero and not sharded_over_ranks(trainer, "sample grids"):
             for path in self.write(trainer, module, "final"):
                 log.info("samples: %s", path)

@@ -1,17 +1,17 @@
 """Loading a training checkpoint back into plain PyTorch objects for sampling, probing or fine-tuning."""
 from __future__ import annotations
 
-import json
 import os
 import zipfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
 from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.training.module import CHECKPOINT_FORMAT
 from selfflow.training.state_check import check_state_fits
@@ -25,7 +25,8 @@ class LoadedCheckpoint:
     tokenizers: dict[str, Tokenizer]
     config: Any  # the run's resolved config (an OmegaConf DictConfig)
     step: int
-    path: Path
+    path: Path  # what was loaded: a .ckpt file or an export folder
+    weights_file: Path  # the file holding the weights (its digest identifies them)
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
@@ -35,34 +36,52 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file from a run's checkpoints/")
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file from a run's "
+                                f"checkpoints/")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as error:  # noqa: BLE001 - corrupt or unsafe files end here
-        raise ValueError(f"cannot load checkpoint {path} safely: {type(error).__name__}: {error}") from error
+        raise ValueError(f"cannot load checkpoint {path} safely: {type(error).__name__}: "
+                         f"{first_line(error)}") from error
     if not isinstance(checkpoint, dict) or "selfflow_config" not in checkpoint:
         raise ValueError(f"{path} is not a selfflow training checkpoint (it has no stored selfflow config)")
-    if checkpoint.get("selfflow_format", 0) > CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} has checkpoint format {checkpoint['selfflow_format']}, newer than this selfflow "
-                         f"({CHECKPOINT_FORMAT}); upgrade selfflow")
+    check_format(checkpoint.get("selfflow_format", 0), str(path))
     return checkpoint
 
 
-def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that names the first missing, unexpected or mismatched key and both shapes."""
+def check_format(version: Any, source: str) -> None:
+    """A stored format version must be a whole number this selfflow can read."""
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"{source} has format {version!r}, which is not a format version; the file is damaged or "
+                         f"not selfflow's")
+    if version > CHECKPOINT_FORMAT:
+        raise ValueError(f"{source} has format {version}, newer than this selfflow ({CHECKPOINT_FORMAT}); upgrade "
+                         f"selfflow")
+
+
+def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict that names the first missing, unexpected or mismatched key (shapes, dtypes)."""
     check_state_fits(module.state_dict(), state, source)
     module.load_state_dict(state)
 
 
-def model_from_state(config, state: dict[str, torch.Tensor], source: str):
-    """The run's tokenizers and its model with `state` loaded (the class count read from the label table)."""
-    from hydra.utils import instantiate
+def model_from_state(config, state: Mapping[str, torch.Tensor], source: str):
+    """The run's tokenizers and its model with `state` loaded (the class count read from the label table).
 
-    tokenizers = {m: instantiate(spec) for m, spec in config.tokenizer.items()}
+    `config` came from a file: its tokenizers and model are built through the allow-list (`instantiate_stored`),
+    and the model is first built on the meta device, so that a config whose sizes do not fit the stored weights is
+    refused before any memory is allocated for it."""
+    tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}") for m, spec in config.tokenizer.items()}
+    if config.model.get("_partial_") is not True:
+        raise StoredConfigError(f"{source}: model._partial_ must be true (the model is completed with the token "
+                                f"channels and class count); refusing to build it")
+    build = instantiate_stored(config.model, source, "model")
     label_rows = state.get("y_embedder.embedding_table.weight")
-    num_classes = label_rows.shape[0] - 1 if label_rows is not None else 0
-    model = instantiate(config.model)(token_channels={m: t.token_channels for m, t in tokenizers.items()},
-                                      num_classes=num_classes)
+    num_classes = label_rows.shape[0] - 1 if isinstance(label_rows, torch.Tensor) and label_rows.ndim == 2 else 0
+    sizes = {"token_channels": {m: t.token_channels for m, t in tokenizers.items()}, "num_classes": num_classes}
+    with torch.device("meta"):
+        check_state_fits(build(**sizes).state_dict(), state, source)
+    model = build(**sizes)
     load_state_checked(model, state, source)
     return model.eval(), tokenizers
 
@@ -70,53 +89,26 @@ def model_from_state(config, state: dict[str, torch.Tensor], source: str):
 def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedCheckpoint:
     """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema or online.
 
-    `path` may also be a folder written by `export_weights` (or its model.safetensors): EMA weights only.
+    `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is unknown; choose one of {WEIGHTS}")
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":
-        return load_exported(path if path.is_dir() else path.parent)
+        from selfflow.training.export import load_exported
+
+        folder = path if path.is_dir() else path.parent
+        if weights != "ema":
+            raise ValueError(f"weights={weights} asks for the online weights, but {folder} is an export, which holds "
+                             f"the EMA weights only; use weights=ema, or the run's .ckpt file for the online weights")
+        return load_exported(folder)
     checkpoint = read_checkpoint(path)
-    config = OmegaConf.create(checkpoint["selfflow_config"])
+    source = f"checkpoint {path}"
+    config = stored_config(checkpoint["selfflow_config"], source)
+    stored = checkpoint.get("state_dict")
+    if not isinstance(stored, Mapping):
+        raise ValueError(f"{path} has no state_dict; it is not a complete selfflow training checkpoint")
     prefix = "objective.teacher.module." if weights == "ema" else "objective.model."
-    state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model, tokenizers = model_from_state(config, state, f"checkpoint {path} ({weights} weights)")
-    return LoadedCheckpoint(model, tokenizers, config, int(checkpoint.get("global_step", 0)), path)
-
-
-EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
-
-
-def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike) -> Path:
-    """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config as `folder/config.json`:
-    a pickle-free pair to share (load it back with `load_checkpoint(folder)`)."""
-    from safetensors.torch import save_file
-
-    loaded = load_checkpoint(checkpoint_path, weights="ema")
-    folder = Path(folder).expanduser()
-    folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()}
-    save_file(state, str(folder / EXPORT_WEIGHTS), metadata={"weights": "ema", "step": str(loaded.step)})
-    meta = {"selfflow_format": CHECKPOINT_FORMAT, "step": loaded.step, "weights": "ema",
-            "config": OmegaConf.to_container(loaded.config, resolve=True)}
-    (folder / EXPORT_CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
-    return folder
-
-
-def load_exported(folder: str | os.PathLike) -> LoadedCheckpoint:
-    """The model of an `export_weights` folder (safetensors: no code can run while loading)."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder).expanduser()
-    weights, meta_path = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
-    if not weights.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"{folder} is not an exported model: it needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG} "
-                                f"(write them with tools/export_weights.py)")
-    meta = json.loads(meta_path.read_text())
-    if meta.get("selfflow_format", 0) > CHECKPOINT_FORMAT:
-        raise ValueError(f"{folder} has format {meta['selfflow_format']}, newer than this selfflow "
-                         f"({CHECKPOINT_FORMAT}); upgrade selfflow")
-    config = OmegaConf.create(meta["config"])
-    model, tokenizers = model_from_state(config, load_file(str(weights)), f"exported weights {weights}")
-    return LoadedCheckpoint(model, tokenizers, config, int(meta.get("step", 0)), folder)
+    state = {k[len(prefix):]: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
+    model, tokenizers = model_from_state(config, state, f"{source} ({weights} weights)")
+    return LoadedCheckpoint(model, tokenizers, config, int(checkpoint.get("global_step", 0)), path, path)

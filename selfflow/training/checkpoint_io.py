@@ -7,6 +7,7 @@ run code.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,21 +23,42 @@ class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. the disk is full); the earlier checkpoints are intact."""
 
 
+# torch.save reports a failed write (a full disk) as a RuntimeError of its zip writer, not as an OSError
+WRITE_FAILURES = re.compile(r"PytorchStreamWriter failed|file write failed|unexpected pos")
+
+
+def is_write_failure(error: BaseException) -> bool:
+    return bool(WRITE_FAILURES.search(str(error)))
+
+
+def write_failure_line(error: BaseException) -> str:
+    """One line for torch's multi-line writer error, e.g. "PytorchStreamWriter failed writing file data/0:
+    file write failed (is the disk full?)"."""
+    found = re.search(r"PytorchStreamWriter failed[^\n]*", str(error))
+    return f"{found[0].strip() if found else 'the write failed'} (is the disk full?)"
+
+
 def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
     """torch.save to `<path>.<pid>.tmp`, fsync, rename over `path`, fsync the folder."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temp = path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(temp, "wb") as f:
             torch.save(checkpoint, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, path)
-    except OSError as error:
+    except (OSError, RuntimeError) as error:
         temp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            cause = error.strerror or str(error)
+        elif is_write_failure(error):
+            cause = write_failure_line(error)
+        else:
+            raise
         raise CheckpointWriteError(
-            f"cannot write checkpoint {path}: {error.strerror or error}; the checkpoints written before are "
+            f"cannot write checkpoint {path}: {cause}; the checkpoints written before are "
             f"intact. Free space in {path.parent} (or fix its permissions) and resume with resume=auto"
         ) from error
     except BaseException:

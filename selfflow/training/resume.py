@@ -2,15 +2,27 @@
 from __future__ import annotations
 
 import csv
+import fnmatch
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from selfflow.training.checkpoint import read_checkpoint
 
 log = logging.getLogger("selfflow")
 
 RESUME_MODES = ("auto",)
+# keys that may change when a run is continued (where it runs, how long, how it loads and logs): a difference in
+# any other key means the checkpoint of the run folder belongs to another run (patterns over dotted keys)
+RESUMABLE_CHANGES = ("run_dir", "ckpt_path", "resume", "resume_allow_changes", "cache_dir",
+                     "trainer.max_steps", "trainer.max_epochs", "trainer.log_every_n_steps",
+                     "trainer.enable_progress_bar", "trainer.enable_model_summary",
+                     "data.num_workers", "data.pin_memory", "data.sources.*.num_workers", "data.sources.*.pin_memory",
+                     "logger", "callbacks")
+SHOWN_DIFFERENCES = 4
+ABSENT = "<absent>"
 
 
 def newest_valid_checkpoint(folder: str | os.PathLike) -> tuple[Path, int] | None:
@@ -47,6 +59,41 @@ def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, resume: st
         return None
     log.info("resume=auto: resuming from %s (step %d)", found[0], found[1])
     return str(found[0])
+
+
+def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
+    """{dotted key: value} of a config's leaves (a list is one leaf)."""
+    if not isinstance(node, Mapping):
+        return {prefix: node}
+    flat: dict[str, Any] = {}
+    for key, value in node.items():
+        flat.update(flat_config(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def config_differences(stored: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
+    """(key, stored value, current value) of every key that differs, leaving out RESUMABLE_CHANGES."""
+    old, new = flat_config(stored), flat_config(current)
+
+    def resumable(key: str) -> bool:
+        return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}.*") for p in RESUMABLE_CHANGES)
+
+    return [(key, old.get(key, ABSENT), new.get(key, ABSENT)) for key in sorted(set(old) | set(new))
+            if not resumable(key) and old.get(key, ABSENT) != new.get(key, ABSENT)]
+
+
+def check_same_run(stored: Mapping, current: Mapping, checkpoint: str | os.PathLike) -> None:
+    """resume=auto must continue this run, not another run that used the same folder: refuse (one line with the
+    first differing keys and both values) when the configs differ beyond RESUMABLE_CHANGES."""
+    differences = config_differences(stored, current)
+    if not differences:
+        return
+    shown = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in
+                      differences[:SHOWN_DIFFERENCES])
+    more = f" (and {len(differences) - SHOWN_DIFFERENCES} more)" if len(differences) > SHOWN_DIFFERENCES else ""
+    raise ValueError(f"resume=auto: {checkpoint} was written by another run ({shown}{more}); start this run in "
+                     f"another folder (hydra.run.dir=...), or continue that run with these changes: "
+                     f"resume_allow_changes=true")
 
 
 def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None) -> None:

@@ -6,11 +6,12 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from selfflow.training.build import Run, build_run
 from selfflow.training.checkpoint import read_checkpoint
-from selfflow.training.resume import keep_metric_history, resolve_resume
+from selfflow.training.resume import check_same_run, keep_metric_history, resolve_resume
+from selfflow.training.run_folder import run_folder_lock
 from selfflow.training.validate import validate_config
 
 log = logging.getLogger("selfflow")
@@ -28,17 +29,21 @@ def quiet_known_warnings() -> None:
 
 
 def train(cfg: DictConfig) -> Run:
-    """Validate the config, pick the checkpoint to resume from (checked before any data is read), build, fit."""
+    """Validate the config, lock the run folder, pick the checkpoint to resume from (checked before any data is
+    read; with resume=auto it must be this run's), build, fit."""
     quiet_known_warnings()
     validate_config(cfg)
-    ckpt_path = resolve_resume(cfg.run_dir, cfg.get("ckpt_path"), cfg.get("resume"))
-    resumed = read_checkpoint(ckpt_path, mmap=True) if ckpt_path else None  # refused here if unsafe or corrupt
-    L.seed_everything(cfg.seed, workers=True)
-    run = build_run(cfg)
-    if resumed is not None and run.trainer.is_global_zero:
-        keep_metric_history(run.trainer.loggers, int(resumed.get("global_step", 0)),
-                            resumed.get("selfflow_step_metrics"))
-    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
+    with run_folder_lock(cfg.run_dir):
+        ckpt_path = resolve_resume(cfg.run_dir, cfg.get("ckpt_path"), cfg.get("resume"))
+        resumed = read_checkpoint(ckpt_path, mmap=True) if ckpt_path else None  # refused here if unsafe or corrupt
+        if resumed is not None and cfg.get("resume") == "auto" and not cfg.get("resume_allow_changes"):
+            check_same_run(resumed["selfflow_config"], OmegaConf.to_container(cfg, resolve=True), ckpt_path)
+        L.seed_everything(cfg.seed, workers=True)
+        run = build_run(cfg)
+        if resumed is not None and run.trainer.is_global_zero:
+            keep_metric_history(run.trainer.loggers, int(resumed.get("global_step", 0)),
+                                resumed.get("selfflow_step_metrics"))
+        run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
     if run.trainer.is_global_zero:
         print(describe_outputs(run.run_dir))
     return run
