@@ -17,7 +17,7 @@ from PIL import Image
 
 from selfflow.training.checkpoint import read_checkpoint
 from selfflow.training.resume import newest_valid_checkpoint
-from tests.conftest import TINY
+from tests.conftest import SMALL_JOINT, TINY
 
 MAX_STEPS = 40
 EVERY = 4
@@ -151,11 +151,7 @@ def test_in_process_resume_from_a_mid_epoch_checkpoint_repeats_the_losses(tiny_t
     assert (tmp_path / "a" / "checkpoints" / "step_0000007.ckpt").is_file()  # saved at the end, off the interval
 
 
-# the joint default, made small: tiny built-in sets of the three modalities, epochs of JOINT_EPOCH batches
-JOINT_EPOCH, JOINT_STEPS = 4, 10
-SMALL_JOINT = ["experiment=multimodal_digits", "data.sources.video.train.clips_train=40",
-               "data.sources.video.train.clips_test=20", "data.sources.audio.train.voices=[en+m1,en+f1]",
-               "data.sources.audio.train.takes=3", "data.sources.audio.train.test_takes=1"]
+JOINT_EPOCH, JOINT_STEPS = 4, 10  # the joint default, made small, in epochs of JOINT_EPOCH batches
 
 
 def joint_args(run_dir: Path, mode: str, workers: int, *extra: str) -> list[str]:
