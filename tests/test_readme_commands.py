@@ -2,7 +2,8 @@
 `selfflow-...` / `python tools/...` command, and the usage lines of the tools' docstrings) is split into words as a
 POSIX shell splits it, then parsed as the program would parse it: Hydra composes the overrides of selfflow-train,
 -sample and -probe (an unknown key, option or a value Hydra cannot parse fails), the tools' argparse accepts their
-flags. Placeholders such as DIR or /path/to/... are fine as values; nothing is run."""
+flags. Placeholders such as DIR or /path/to/... are fine as values; nothing is run. The project files that the
+README links and the configs' comments cite exist."""
 import argparse
 import ast
 import re
@@ -132,3 +133,19 @@ def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(mo
         check_command(["selfflow-sample", "ckpt=x", "feature_extractor._target_=a.B"], monkeypatch)
     with pytest.raises(SystemExit):  # a flag the tool does not know
         check_command(["python", "tools/export_weights.py", "CKPT", "OUT", "--fast"], monkeypatch)
+
+
+def cited_files() -> list[str]:
+    """Project files linked from the README and cited in the comments of conf/**/*.yaml."""
+    cited = [link for link in re.findall(r"\]\(([^)#]+)\)", (ROOT / "README.md").read_text()) if "://" not in link]
+    citation = r"\b((?:selfflow|tools|docs|tests|conf)/[\w./-]*\w|[A-Z][A-Za-z_]*\.md)\b"
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        comments = "\n".join(line.partition("#")[2] for line in path.read_text().splitlines())
+        cited += re.findall(citation, comments)
+    return sorted(set(cited))
+
+
+def test_the_files_the_readme_and_the_configs_cite_exist():
+    cited = cited_files()
+    assert {"docs/reliability.md", "selfflow/tokenizers/latent.py", "tests/test_distributed.py"} <= set(cited)
+    assert [path for path in cited if not (ROOT / path).exists()] == []
