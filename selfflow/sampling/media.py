@@ -40,8 +40,8 @@ def save_frame_strip(frames: Tensor, path: str | os.PathLike, upscale: int = 1) 
 
 
 def save_audio(wave: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
-    """wave: [S] (or [1, S]) -> a 16-bit WAV file. A clip louder than PEAK_LIMIT (-1 dBFS) is scaled down to peak
-    there, never clipped into a square wave; NaN/inf samples are written as silence."""
+    """wave: [S] (or [1, S]) -> a 16-bit WAV file. A clip louder than -1 dBFS is scaled down to peak there
+    (`limit_peak`), never clipped into a square wave; NaN/inf samples are written as silence."""
     wave = wave.reshape(-1) if wave.ndim == 2 and wave.shape[0] == 1 else wave
     return write_wav(limit_peak(wave.detach().float()), path, sample_rate)
 

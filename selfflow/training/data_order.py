@@ -72,9 +72,10 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
 def resumable_loader(dataset: Dataset, batch_sampler: Sampler, collate_fn, seed: int, num_workers: int = 0,
                      pin_memory: bool = False) -> DataLoader:
-    """The training loader over `batch_sampler`'s `(index, batch seed)` batches. It has its own generator: a loader
-    without one draws its workers' base seed from the global RNG at every new iterator (every epoch without
-    persistent workers), after the checkpoint of an epoch's last batch, so that a resumed run's noise would differ."""
+    """The training loader over `batch_sampler`'s `(index, batch seed)` batches, with its own generator: without
+    one, every new iterator (each epoch, without persistent workers) draws its workers' base seed from the global
+    RNG, between the checkpoint at an epoch's last batch and the next step, so a run resumed from that checkpoint
+    would draw other noise than the run that went on."""
     return DataLoader(SeededSamples(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
                       pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=collate_fn,
                       generator=torch.Generator().manual_seed(seed))

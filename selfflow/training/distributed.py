@@ -84,7 +84,8 @@ class ModalityParameters:
 
     def in_graph(self, loss: Tensor, present: Iterable[str]) -> Tensor:
         """loss + 0 * (the parameters of the modalities not in `present`): same value, every parameter reached."""
-        absent = [p for m in self.names if m not in set(present) for p in self.by_modality[m]]
+        present = set(present)
+        absent = [p for m in self.names if m not in present for p in self.by_modality[m]]
         return loss + sum(p.sum() for p in absent) * 0.0 if absent else loss
 
     def drop_absent(self, present: Iterable[str], strategy=None) -> None:

@@ -85,7 +85,8 @@ class SelfFlowModule(L.LightningModule):
         tokens = self.tokenize(batch)
         out = self.objective(tokens, batch.get("label"), **self.conditioning(batch))
         batch_size = tokens.batch_size
-        present = [m for m, count in modality_token_counts(tokens).items() if count]
+        token_counts = modality_token_counts(tokens)
+        present = [m for m, count in token_counts.items() if count]
         self._step_modalities.update(present)
         loss = self.modality_parameters.in_graph(out.loss, present)
         value = out.loss.detach().float().item()
@@ -102,7 +103,7 @@ class SelfFlowModule(L.LightningModule):
             for name, losses in out.per_modality.items():
                 for key, value in losses.items():
                     self.log(f"train/{name}/{key}", value, batch_size=batch_size)
-        self._tokens_by_modality = modality_token_counts(tokens)
+        self._tokens_by_modality = token_counts
         self._samples_in_batch = batch_size
         return loss
 
