@@ -25,6 +25,11 @@ TINY = [
     "objective.student_layer=1", "objective.teacher_layer=2",
 ]
 
+# the joint default made small: tiny built-in video and audio sets (generated once into the cache)
+SMALL_JOINT = ["experiment=multimodal_digits", "data.sources.video.train.clips_train=40",
+               "data.sources.video.train.clips_test=20", "data.sources.audio.train.voices=[en+m1,en+f1]",
+               "data.sources.audio.train.takes=3", "data.sources.audio.train.test_takes=1"]
+
 
 def compose_train(overrides: list[str], run_dir: Path):
     from hydra import compose, initialize_config_module

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
+from selfflow.tokenizers.audio import PEAK_LIMIT
 from selfflow.training.build import build_run
 from tests.conftest import compose_train
 
@@ -56,14 +57,33 @@ def test_save_audio_and_spectrogram(tmp_path):
     samples, rate = soundfile.read(path, dtype="float32")
     assert rate == 8000 and samples.shape == (8000,) and soundfile.info(str(path)).subtype == "PCM_16"
     np.testing.assert_allclose(samples, wave.numpy(), atol=1 / 32767)
-    loud = save_audio(wave * 4, tmp_path / "loud.wav", 8000)  # clipped, not wrapped around
-    assert soundfile.read(loud)[0].max() == pytest.approx(1.0, abs=1e-4)
+    for gain in (4, 1e8):  # too loud: scaled down to peak at -1 dBFS, never clipped into a square wave
+        loud = soundfile.read(save_audio(wave * gain, tmp_path / "loud.wav", 8000), dtype="float32")[0]
+        np.testing.assert_allclose(loud, wave.numpy() * PEAK_LIMIT / 0.5, atol=1 / 32767)
+    broken = wave.clone()
+    broken[:100] = float("nan")
+    written = soundfile.read(save_audio(broken, tmp_path / "nan.wav", 8000), dtype="float32")[0]
+    assert (written[:100] == 0).all() and np.allclose(written[100:], wave.numpy()[100:], atol=1 / 32767)
     png = Image.open(save_spectrogram(wave, tmp_path / "spec.png", 8000)).convert("RGB")
     assert png.width > 200 and png.height > 150
     assert len(np.unique(np.asarray(png).reshape(-1, 3), axis=0)) > 20  # a real plot, not a blank image
     panels = Image.open(save_spectrogram(torch.stack([wave, wave.roll(100)] * 3), tmp_path / "six.png", 8000,
                                          titles=[f"clip {i}" for i in range(6)]))
     assert panels.width > png.width and panels.height > png.height  # 4 columns, 2 rows
+
+
+def test_a_loud_clip_does_not_black_out_the_other_spectrograms(tmp_path):
+    """Every panel is drawn on the same fixed dBFS range: a quiet clip's panel is the same image whether its
+    neighbour is a quiet clip or full-scale noise, and the quiet tone is visible."""
+    t = torch.arange(8000) / 8000
+    quiet = 0.05 * torch.sin(2 * torch.pi * 440 * t)
+    with_loud = np.asarray(Image.open(save_spectrogram(torch.stack([quiet, torch.randn(8000) * 1e8]),
+                                                       tmp_path / "loud.png", 8000)).convert("RGB"))
+    with_quiet = np.asarray(Image.open(save_spectrogram(torch.stack([quiet, quiet]), tmp_path / "quiet.png",
+                                                        8000)).convert("RGB"))
+    left = with_loud.shape[1] // 2  # the first of the two panels
+    assert np.array_equal(with_loud[:, :left], with_quiet[:, :left])
+    assert len(np.unique(with_quiet[:, :left].reshape(-1, 3), axis=0)) > 20
 
 
 @pytest.mark.slow

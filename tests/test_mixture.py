@@ -1,4 +1,6 @@
 """Joint training data: modality mixtures per step and packed, resumable, with the checks named by key."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from torch.utils.data import Dataset
@@ -55,6 +57,29 @@ def test_mixture_order_is_a_function_of_seed_and_position():
     resumed = batches(resumed_data, 2)
     for a, b in zip(first[4:], resumed):
         assert a["modality"] == b["modality"] and torch.equal(a["data"], b["data"])
+
+
+@pytest.mark.parametrize("mode, batch_size", [("per_step", {"image": 4, "audio": 2}), ("packed", 6)])
+def test_every_rank_draws_the_same_modalities_from_its_own_samples(mode, batch_size):
+    """One modality per global batch (per_step) or the same count of each per rank (packed): the draw does not
+    depend on the rank, the samples do."""
+    data = MixtureDataModule(sources(), {"image": 0.75, "audio": 0.25}, batch_size, mode=mode, batches_per_epoch=30)
+    ranks = []
+    for rank in (0, 1):
+        data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
+        ranks.append(batches(data, 30))
+    for a, b in zip(*ranks):
+        counts = [{m: len(g["label"]) for m, g in (x["groups"] if "groups" in x else {x["modality"]: x}).items()}
+                  for x in (a, b)]
+        assert counts[0] == counts[1]
+    per_step_modalities = {b["modality"] for b in ranks[0]}
+    assert per_step_modalities >= ({"image", "audio"} if mode == "per_step" else {"mixed"})
+    def images(batch):  # the image samples' indices (their data is the index)
+        group = batch["groups"].get("image") if "groups" in batch else batch if batch["modality"] == "image" else None
+        return [] if group is None else group["data"][:, 0, 0, 0].long().tolist()
+
+    first_pass = [[i for b in rank for i in images(b)][:20] for rank in ranks]  # 40 images: 20 a rank a pass
+    assert len(first_pass[1]) == 20 and sorted(first_pass[0] + first_pass[1]) == list(range(40))
 
 
 def test_packed_mode_mixes_modalities_and_packs_them_into_rows():

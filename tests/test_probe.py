@@ -1,5 +1,6 @@
 """Linear probes: the head grid on features with known structure, agreement with scikit-learn, seeded extraction,
 padding-aware pooling, the feature cache, clear errors, and the training callback."""
+import copy
 import csv
 from pathlib import Path
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from selfflow.data.digits import DigitImages
-from selfflow.evaluation.features import (FeatureCache, Features, cached_features, check_layers,
+from selfflow.evaluation.features import (INPUT_LAYER, FeatureCache, Features, cached_features, check_layers,
                                           default_probe_layers, extract_features, mean_pool, probe_loader)
 from selfflow.evaluation.linear_probe import check_labels, fit_linear_probe
 from selfflow.evaluation.probe import ProbeRow, best_row, random_init_like, report
@@ -194,14 +195,32 @@ def test_probe_agrees_with_scikit_learn_on_the_same_cached_features(tmp_path):
     assert abs(ours.top1 - theirs) <= 0.03, (ours.top1, theirs)
 
 
-def test_random_init_baseline_is_the_architecture_at_its_initialisation():
+def affine_residual(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
+    """Share of `outputs`' variance that no affine map of `inputs` explains (0: outputs are affine in inputs)."""
+    design = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1).double()
+    target = outputs.double() - outputs.double().mean(0)
+    fit = design @ (torch.linalg.pinv(design) @ target)
+    return float((target - fit).square().sum() / target.square().sum())
+
+
+def test_random_init_baseline_is_a_random_network_whose_blocks_are_not_the_identity():
+    """With adaLN-Zero, random blocks are identities and the features an affine map of the pooled input (the input
+    baseline again); the baseline's blocks must compute something of their own."""
     model = tiny_model()
     fresh = random_init_like(model, seed=0)
     assert fresh is not model and fresh.depth == model.depth
-    assert all(torch.count_nonzero(b.adaLN_modulation[-1].weight) == 0 for b in fresh.blocks)  # adaLN-Zero
-    assert torch.count_nonzero(model.blocks[0].adaLN_modulation[-1].weight) > 0  # the original is untouched
+    assert all(torch.count_nonzero(b.adaLN_modulation[-1].weight) > 0 for b in fresh.blocks)
     again = random_init_like(model, seed=0)
-    torch.testing.assert_close(fresh.input_proj["image"].weight, again.input_proj["image"].weight)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), again.parameters()))  # seeded
+    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)  # the original untouched
+    tokenizer = ImagePatchTokenizer(4, 1, 16)
+    loader = probe_loader(digits("train", 200), "image", batch_size=100)
+    features = extract_features(fresh, tokenizer, loader, [INPUT_LAYER, 2], [0.0])
+    assert affine_residual(features[(INPUT_LAYER, 0.0)].x, features[(2, 0.0)].x) > 0.05
+    identity_blocks = copy.deepcopy(fresh)
+    identity_blocks.initialize_weights()
+    features = extract_features(identity_blocks, tokenizer, loader, [INPUT_LAYER, 2], [0.0])
+    assert affine_residual(features[(INPUT_LAYER, 0.0)].x, features[(2, 0.0)].x) < 1e-6  # what the test rules out
 
 
 def test_report_has_the_issue_keys_and_picks_the_best_row():

@@ -12,7 +12,7 @@ from PIL import Image
 
 from selfflow.cli.probe import probe
 from selfflow.models.transformer import SelfFlowTransformer
-from tests.conftest import compose_train
+from tests.conftest import SMALL_JOINT, compose_train
 
 ROW_TYPES = {"layer": int, "noise_level": float, "pool": str, "top1": float, "baseline_random_init_top1": float,
              "baseline_input_top1": float}
@@ -170,11 +170,8 @@ def test_modality_choice_in_multimodal_data():
 def test_a_joint_checkpoint_is_probed_on_every_modality_or_the_one_named(tmp_path):
     from selfflow.training.build import build_run
 
-    small = ["data.sources.video.train.clips_train=40", "data.sources.video.train.clips_test=20",
-             "data.sources.audio.train.voices=[en+m1,en+f1]", "data.sources.audio.train.takes=3",
-             "data.sources.audio.train.test_takes=1", "data.batch_size=8"]
-    run = build_run(compose_train(["experiment=multimodal_digits", "trainer.max_steps=2", "~callbacks.samples",
-                                   "~callbacks.probe", *small], tmp_path / "run"))
+    run = build_run(compose_train([*SMALL_JOINT, "trainer.max_steps=2", "~callbacks.samples", "~callbacks.probe",
+                                   "data.batch_size=8"], tmp_path / "run"))
     run.trainer.fit(run.module, datamodule=run.datamodule)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     every = probe(fast(ckpt, tmp_path, "layers=[1]"))

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -128,6 +129,30 @@ def test_resuming_into_another_architecture_names_the_first_mismatched_key(tiny_
 
 # --- non-finite losses -------------------------------------------------------------------------------------------
 
+class PoisonBatches(L.Callback):
+    """Puts NaN into the input data of the micro-batches with the given indices."""
+
+    def __init__(self, batch_indices: set[int]):
+        self.batch_indices = batch_indices
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        if batch_idx in self.batch_indices:
+            batch["data"].fill_(float("nan"))
+
+
+def weights_after_each_step(trainer) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """{global step: (student weights, EMA weights)} after each optimizer step, filled while `trainer` fits."""
+    after = {}
+
+    class Capture(L.Callback):
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            after[trainer.global_step] = ([p.detach().clone() for p in module.model.parameters()],
+                                          [p.detach().clone() for p in module.ema_model.parameters()])
+
+    trainer.callbacks.append(Capture())
+    return after
+
+
 def inject_nan(module, steps: set[int]) -> None:
     """Make the objective's loss NaN at the given optimizer steps."""
     forward = module.objective.forward
@@ -142,20 +167,11 @@ def inject_nan(module, steps: set[int]) -> None:
 def test_a_nan_loss_skips_the_update_and_is_counted(tiny_train_cfg):
     run = build_run(tiny_train_cfg("trainer.max_steps=5", "callbacks.samples.every_n_steps=0"))
     inject_nan(run.module, {2})
-    snapshots = {}
-
-    import lightning as L
-
-    class Capture(L.Callback):
-        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            snapshots[trainer.global_step] = (module.model.blocks[0].attn.qkv.weight.clone(),
-                                              module.ema_model.blocks[0].attn.qkv.weight.clone())
-
-    run.trainer.callbacks.append(Capture())
+    after = weights_after_each_step(run.trainer)
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    assert torch.equal(snapshots[2][0], snapshots[3][0])  # no optimizer update at the NaN step
-    assert torch.equal(snapshots[2][1], snapshots[3][1])  # no EMA update either
-    assert not torch.equal(snapshots[3][0], snapshots[4][0])  # and training goes on afterwards
+    assert all(torch.equal(a, b) for a, b in zip(after[2][0], after[3][0]))  # no optimizer update at the NaN step
+    assert all(torch.equal(a, b) for a, b in zip(after[2][1], after[3][1]))  # no EMA update either
+    assert not all(torch.equal(a, b) for a, b in zip(after[3][0], after[4][0]))  # and training goes on afterwards
     assert int(run.module.objective.teacher.num_updates) == 4
     assert run.module.nonfinite.skipped == 1
     import csv
@@ -188,6 +204,25 @@ def test_a_non_finite_gradient_is_skipped_like_a_non_finite_loss(tiny_train_cfg)
     hook.remove()
     assert run.module.nonfinite.skipped == 1
     assert int(run.module.objective.teacher.num_updates) == 2
+    assert all(torch.isfinite(p).all() for p in run.module.parameters())
+
+
+@pytest.mark.parametrize("poisoned", [2, 3], ids=["first-micro-batch", "second-micro-batch"])
+def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_cfg, poisoned):
+    """Two micro-batches per optimizer step; a NaN in either of step 1's (batches 2 and 3) skips step 1 whole: no
+    optimizer step with the other micro-batch's gradients, no EMA update, one skip counted."""
+    run = build_run(tiny_train_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
+                                   "callbacks.samples.every_n_steps=0"))
+    run.trainer.callbacks.append(PoisonBatches({poisoned}))
+    after = weights_after_each_step(run.trainer)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    for before, skipped in zip(after[1], after[2]):  # student, then EMA
+        assert all(torch.equal(a, b) for a, b in zip(before, skipped))
+    assert not all(torch.equal(a, b) for a, b in zip(after[2][0], after[3][0]))  # training goes on afterwards
+    assert run.module.nonfinite.skipped == 1
+    assert int(run.module.objective.teacher.num_updates) == 2
+    optimizer = run.trainer.optimizers[0]
+    assert {int(state["step"]) for state in optimizer.state.values()} == {2}  # the skipped step left Adam alone
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
 
 

@@ -17,7 +17,7 @@ from PIL import Image
 
 from selfflow.training.checkpoint import read_checkpoint
 from selfflow.training.resume import newest_valid_checkpoint
-from tests.conftest import TINY
+from tests.conftest import SMALL_JOINT, TINY
 
 MAX_STEPS = 40
 EVERY = 4
@@ -68,13 +68,13 @@ def losses(run_dir: Path) -> dict[int, str]:
         return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
 
 
-def assert_same_run(reference: Path, resumed: Path) -> None:
+def assert_same_run(reference: Path, resumed: Path, max_steps: int = MAX_STEPS) -> None:
     expected, got = losses(reference), losses(resumed)
-    assert sorted(expected) == list(range(MAX_STEPS))
+    assert sorted(expected) == list(range(max_steps))
     assert got == expected  # every step, bit for bit (the CSV holds the exact float)
     a = read_checkpoint(reference / "checkpoints" / "last.ckpt")
     b = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == MAX_STEPS
+    assert a["global_step"] == b["global_step"] == max_steps
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
 
@@ -149,3 +149,27 @@ def test_in_process_resume_from_a_mid_epoch_checkpoint_repeats_the_losses(tiny_t
     assert sorted(expected) == list(range(7))
     assert losses(tmp_path / "b") == {k: v for k, v in expected.items() if k >= 3}
     assert (tmp_path / "a" / "checkpoints" / "step_0000007.ckpt").is_file()  # saved at the end, off the interval
+
+
+JOINT_EPOCH, JOINT_STEPS = 4, 10  # the joint default, made small, in epochs of JOINT_EPOCH batches
+
+
+def joint_args(run_dir: Path, mode: str, workers: int, *extra: str) -> list[str]:
+    return [*TINY, *SMALL_JOINT, f"data.mode={mode}", f"data.num_workers={workers}",
+            f"data.batches_per_epoch={JOINT_EPOCH}", f"trainer.max_steps={JOINT_STEPS}",
+            f"callbacks.checkpoint.every_n_train_steps={JOINT_EPOCH}", "~callbacks.samples", "~callbacks.probe",
+            "seed=7", f"hydra.run.dir={run_dir}", *extra]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode, workers", [("per_step", 2), ("packed", 0)])
+def test_joint_run_killed_at_the_last_batch_of_an_epoch_resumes_exactly(mode, workers, tmp_path):
+    """The checkpoint of step JOINT_EPOCH is taken at the last batch of epoch 0, when the loader has already
+    started on epoch 1: the resumed run must start epoch 1 at its first batch, not skip to epoch 2."""
+    pytest.importorskip("espeakng_loader")
+    finish(start(joint_args(tmp_path / "reference", mode, workers), tmp_path))
+    run_dir = tmp_path / "run"
+    kill_when(start(joint_args(run_dir, mode, workers), tmp_path),
+              run_dir / "checkpoints" / f"step_{JOINT_EPOCH:07d}.ckpt")
+    finish(start(joint_args(run_dir, mode, workers, "resume=auto"), tmp_path))
+    assert_same_run(tmp_path / "reference", run_dir, JOINT_STEPS)

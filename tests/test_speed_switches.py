@@ -1,4 +1,7 @@
 """Each memory/speed switch is a config key that trains and does what it says."""
+import csv
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -21,10 +24,14 @@ def test_bf16_mixed_precision_runs_matmuls_in_bf16_and_keeps_fp32_weights(tiny_t
     assert all(torch.isfinite(p).all() for p in run.module.model.parameters())
 
 
-def test_gradient_accumulation_updates_the_ema_once_per_optimizer_step(tiny_train_cfg):
-    run = fit(tiny_train_cfg("trainer.accumulate_grad_batches=2", "trainer.max_steps=2"))
-    assert run.trainer.global_step == 2
-    assert int(run.module.objective.teacher.num_updates) == 2
+def test_gradient_accumulation_updates_the_ema_and_logs_the_learning_rate_once_per_optimizer_step(tiny_train_cfg):
+    run = fit(tiny_train_cfg("trainer.accumulate_grad_batches=2", "trainer.max_steps=3"))
+    assert run.trainer.global_step == 3
+    assert int(run.module.objective.teacher.num_updates) == 3
+    with open(Path(run.run_dir) / "metrics.csv") as f:
+        logged = [(int(row["step"]), float(row["lr-AdamW"])) for row in csv.DictReader(f) if row.get("lr-AdamW")]
+    assert [step for step, _ in logged] == [0, 1, 2]  # one learning rate per step, not one per micro-batch
+    assert logged[0][1] < logged[1][1] < logged[2][1]  # the warm-up
 
 
 def test_activation_checkpointing_switch_trains(tiny_train_cfg):

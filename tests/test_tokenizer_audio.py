@@ -8,7 +8,7 @@ from torch import nn
 
 from tests.conftest import SHARED_DATA
 
-from selfflow.tokenizers.audio import AudioMelTokenizer
+from selfflow.tokenizers.audio import PEAK_LIMIT, AudioMelTokenizer
 from selfflow.tokenizers.latent import AudioLatentTokenizer
 
 
@@ -72,6 +72,21 @@ def test_decode_gives_waves_whose_log_mel_is_close_to_the_tokens():
     assert abs(float(spectrum.argmax()) - 1000) < 100
 
 
+def test_wild_tokens_decode_to_bounded_audio():
+    """An untrained or unstable model's tokens (huge, NaN, inf) decode to finite waves peaking at -1 dBFS at most:
+    the tokens are clamped to the tokenizer's range [-1, 1] before inversion, the waves limited after it."""
+    tokenizer = AudioMelTokenizer()
+    tokens = tokenizer.encode(speech_batch()).x
+    wild = tokens * 1e4
+    wild[0, 0, 0], wild[1, 0, 0] = float("nan"), float("inf")
+    waves = tokenizer.decode(wild)
+    assert torch.isfinite(waves).all()
+    assert waves.abs().amax(dim=-1).tolist() == pytest.approx([PEAK_LIMIT] * 3)  # loud, limited, not silenced
+    torch.testing.assert_close(waves[2:], tokenizer.decode(wild[2:].clamp(-1, 1)))
+    assert tokenizer.decode(torch.ones_like(tokens[:1])).abs().max() == pytest.approx(PEAK_LIMIT)  # the loudest
+    assert (tokenizer.decode(tokens).abs().amax(dim=-1) < 0.8 * PEAK_LIMIT).all()  # speech keeps its own level
+
+
 def test_wrong_sizes_are_explained():
     with pytest.raises(ValueError, match="patches of 8 frames x 5 mel bins do not divide"):
         AudioMelTokenizer(patch_mels=5)
@@ -124,5 +139,7 @@ def test_latent_audio_tokenizer_round_trips_through_a_local_torchscript(tmp_path
     assert tokens.x.shape == (3, 40, 200)
     assert tokens.pos[0, :2].tolist() == [[0, 0, 0, 0], [1, 0, 0, 0]]
     torch.testing.assert_close(tokenizer.decode(tokens.x), waves[:, 0])
+    loud = tokenizer.decode(tokens.x * 1e8)  # a wild decoder output: limited to -1 dBFS, not clipped
+    torch.testing.assert_close(loud, waves[:, 0] * PEAK_LIMIT / waves.abs().amax(dim=-1))
     with pytest.raises(ValueError, match="divisible by patch_frames=3"):
         AudioLatentTokenizer(str(path), patch_frames=3)

@@ -1,8 +1,10 @@
 #!/usr/bin/env python
-"""Encode a dataset once with the run's tokenizer (e.g. a latent autoencoder) and cache the tokens on disk.
+r"""Encode a dataset once with the run's tokenizer (e.g. a latent autoencoder) and cache the tokens on disk.
 
-    python tools/cache_tokens.py experiment=digits data=image_folder data.root=DIR tokenizer=image_sdvae tokenizer.image.path=VAE
-    selfflow-train experiment=digits data=image_folder data.root=DIR tokenizer=image_sdvae tokenizer.image.path=VAE cache_tokens=true
+    python tools/cache_tokens.py experiment=video_digits data=video_folder data.root=DIR \
+        tokenizer=video_latent tokenizer.video.autoencoder_path=AE.pt
+    selfflow-train experiment=video_digits data=video_folder data.root=DIR \
+        tokenizer=video_latent tokenizer.video.autoencoder_path=AE.pt cache_tokens=true
 
 Takes the same overrides as `selfflow-train`, for one modality (a single-modality experiment). The cache lives under $SELFFLOW_CACHE (default ~/.cache/selfflow)
 in a folder keyed by the tokenizer config, the autoencoder file's content and the data preprocessing, so a run

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 from torch.utils.data import Dataset
 
 from selfflow.evaluation.features import (INPUT_LAYER, FeatureCache, cached_features, check_layers, check_pool,
@@ -51,13 +52,20 @@ class FeatureSources:
 
 
 def random_init_like(model: SelfFlowTransformer, seed: int = 0) -> SelfFlowTransformer:
-    """The same architecture at its own initialisation, seeded. With adaLN-Zero every block starts as the
-    identity, so its features are a random linear map of the input tokens: what the architecture alone gives.
+    """The same architecture with random weights, seeded: what the architecture alone gives. Its own (adaLN-Zero)
+    initialisation would not do: every block starts as the identity there, so its features would be a linear map
+    of the input tokens, the input baseline again. So the blocks' modulation layers are drawn like the other
+    linears (Xavier) and their gates start at 1: each block is a random pre-norm transformer block.
     """
     fresh = copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(seed)
         fresh.initialize_weights()
+        for block in fresh.blocks:
+            modulation = block.adaLN_modulation[-1]
+            nn.init.xavier_uniform_(modulation.weight)
+            modulation.bias.zero_()
+            modulation.bias.view(6, -1)[2::3] = 1.0  # shift, scale, gate for attention, then for the MLP
     return fresh.eval()
 
 

@@ -12,6 +12,9 @@ from torch import Tensor
 from selfflow.data.audio_io import write_wav
 from selfflow.data.video_io import write_mp4
 from selfflow.sampling.writers import image_grid, to_uint8
+from selfflow.tokenizers.audio import limit_peak
+
+SPECTROGRAM_DB = (-80.0, 0.0)  # every panel's colour range in dBFS (0 dB: a full-scale sine), fixed so panels compare
 
 
 def save_video(frames: Tensor, path: str | os.PathLike, fps: float, upscale: int = 1) -> Path:
@@ -37,23 +40,27 @@ def save_frame_strip(frames: Tensor, path: str | os.PathLike, upscale: int = 1) 
 
 
 def save_audio(wave: Tensor, path: str | os.PathLike, sample_rate: int) -> Path:
-    """wave: [S] (or [1, S]) -> a 16-bit WAV file; values beyond [-1, 1] are clipped."""
+    """wave: [S] (or [1, S]) -> a 16-bit WAV file. A clip louder than -1 dBFS is scaled down to peak there
+    (`limit_peak`), never clipped into a square wave; NaN/inf samples are written as silence."""
     wave = wave.reshape(-1) if wave.ndim == 2 and wave.shape[0] == 1 else wave
-    return write_wav(wave, path, sample_rate)
+    return write_wav(limit_peak(wave.detach().float()), path, sample_rate)
 
 
 def log_spectrogram(wave: Tensor, sample_rate: int) -> np.ndarray:
-    """wave: [S] -> dB magnitudes [freq, frames] of a 32 ms-window STFT."""
+    """wave: [S] -> magnitudes [freq, frames] of a 32 ms-window STFT in dBFS (a full-scale sine peaks at 0 dB)."""
     n_fft = max(64, 1 << int(np.log2(sample_rate * 0.032)))
     window = torch.hann_window(n_fft)
-    spec = torch.stft(wave.detach().float().cpu(), n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
-    return (20 * torch.log10(spec.abs().clamp_min(1e-5))).numpy()
+    wave = torch.nan_to_num(wave.detach().float().cpu(), nan=0.0, posinf=0.0, neginf=0.0)
+    spec = torch.stft(wave, n_fft, hop_length=n_fft // 4, window=window, return_complex=True)
+    full_scale = window.sum() / 2  # the STFT magnitude of a sine of amplitude 1
+    return (20 * torch.log10((spec.abs() / full_scale).clamp_min(1e-6))).numpy()
 
 
 def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int,
                      titles: list[str] | None = None) -> Path:
     """wave: [S] (one panel) or [B, S] (one panel per clip, titled by `titles`) -> a PNG of the log
-    spectrogram(s), time in seconds and frequency in Hz, 80 dB of range."""
+    spectrogram(s), time in seconds and frequency in Hz, every panel on the same fixed SPECTROGRAM_DB range, so a
+    loud clip cannot darken the others and levels compare across panels and files."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -65,12 +72,11 @@ def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int,
     figure = Figure(figsize=(3.2 * columns, 2.4 * rows), dpi=100, layout="constrained")
     FigureCanvasAgg(figure)
     seconds = waves.shape[-1] / sample_rate
-    spectrograms = [log_spectrogram(one, sample_rate) for one in waves]
-    top = max(float(db.max()) for db in spectrograms)  # one colour scale for all panels, so levels compare
-    for i, db in enumerate(spectrograms):
+    low, high = SPECTROGRAM_DB
+    for i, one in enumerate(waves):
         axes = figure.add_subplot(rows, columns, i + 1)
-        axes.imshow(db, origin="lower", aspect="auto", cmap="magma", vmin=top - 80, vmax=top,
-                    extent=(0, seconds, 0, sample_rate / 2))
+        axes.imshow(log_spectrogram(one, sample_rate), origin="lower", aspect="auto", cmap="magma", vmin=low,
+                    vmax=high, extent=(0, seconds, 0, sample_rate / 2))
         axes.set_xlabel("time (s)", fontsize=7)
         axes.set_ylabel("Hz", fontsize=7)
         axes.tick_params(labelsize=6)

@@ -13,6 +13,16 @@ from torch import Tensor
 from selfflow.tokenizers.base import Tokenizer, Tokens
 from selfflow.tokenizers.video import grid_positions
 
+PEAK_LIMIT = 10 ** (-1 / 20)  # -1 dBFS: decoded and written audio never comes closer to full scale than this
+
+
+def limit_peak(wave: Tensor, limit: float = PEAK_LIMIT) -> Tensor:
+    """wave: [..., S] -> the same, each clip whose peak exceeds `limit` scaled down to peak there (quieter clips
+    keep their level) and NaN/inf samples silenced, so that no decoded sample reaches a speaker at full scale."""
+    wave = torch.nan_to_num(wave, nan=0.0, posinf=0.0, neginf=0.0)
+    peak = wave.abs().amax(dim=-1, keepdim=True)
+    return wave * (limit / peak.clamp_min(limit))
+
 
 def as_mono_batch(wave: Tensor, num_samples: int, what: str) -> Tensor:
     """[B, S] or [B, 1, S] -> [B, S] float32, or a ValueError naming the expected length."""
@@ -32,7 +42,9 @@ class AudioMelTokenizer(Tokenizer):
     Mel magnitudes (power 1) are mapped by `log(mel + floor)` and an affine map sending `log(floor)` to -1 and
     `log(ceiling)` to +1, so silence is -1 and loud speech near +1. `decode` inverts the log exactly, the mel
     filterbank by least squares, and the phase with `griffin_lim_iters` Griffin-Lim iterations (deterministic
-    start), returning waves [B, S]; round trips are close, not exact (see tests/test_tokenizer_audio.py).
+    start), returning waves [B, S]; round trips are close, not exact (see tests/test_tokenizer_audio.py). Tokens
+    are clamped to the tokenizer's range [-1, 1] (silence to `ceiling`) before inversion and the waves limited to
+    PEAK_LIMIT (-1 dBFS), so that an untrained or unstable model's samples stay bounded.
     """
 
     modality = "audio"
@@ -111,23 +123,24 @@ class AudioMelTokenizer(Tokenizer):
         return rearrange(x, "b (t h) (p q) -> b (h q) (t p)", t=t, h=h, p=self.patch_frames, q=self.patch_mels)
 
     def decode(self, x: Tensor) -> Tensor:
-        """x: [B, N, pf pm] -> waves [B, S] (mel inversion + Griffin-Lim); S follows N (duration buckets)."""
+        """x: [B, N, pf pm] -> waves [B, S] with peaks <= PEAK_LIMIT (mel inversion + Griffin-Lim); S follows N
+        (duration buckets)."""
         time_patches, bands = divmod(x.shape[1], self.grid[1])
         if bands or not time_patches:
             raise ValueError(f"{x.shape[1]} audio tokens are not whole time patches of {self.grid[1]} tokens")
         tokenizer = self.at_samples(time_patches * self.samples_per_patch)
-        spec = tokenizer.tokens_to_log_mel(x.float())
+        spec = torch.nan_to_num(tokenizer.tokens_to_log_mel(x.float()), nan=-1.0).clamp(-1.0, 1.0)
         with torch.autocast(x.device.type, enabled=False):
             log_mel = (spec + 1) / 2 * (self.log_ceiling - self.log_floor) + self.log_floor
             mel = (torch.exp(log_mel) - self.floor).clamp_min(0)
             mel = torch.cat([mel, mel[..., -1:]], dim=-1)  # the dropped last STFT frame, so lengths line up
             magnitude = self.inverse_mel(mel)  # [B, n_fft / 2 + 1, frames + 1]
             if tokenizer.num_samples == self.griffin_lim.length:
-                return self.griffin_lim(magnitude)
+                return limit_peak(self.griffin_lim(magnitude))
             g = self.griffin_lim
-            return torchaudio.functional.griffinlim(magnitude, g.window, g.n_fft, g.hop_length, g.win_length,
-                                                    g.power, g.n_iter, g.momentum, tokenizer.num_samples,
-                                                    g.rand_init)
+            return limit_peak(torchaudio.functional.griffinlim(magnitude, g.window, g.n_fft, g.hop_length,
+                                                               g.win_length, g.power, g.n_iter, g.momentum,
+                                                               tokenizer.num_samples, g.rand_init))
 
     def positions(self, batch_size: int, device=None) -> Tensor:
         """ids (t, h, 0, 0): t = time patch, h = frequency patch."""

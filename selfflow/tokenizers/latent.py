@@ -14,7 +14,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.tokenizers.audio import as_mono_batch
+from selfflow.tokenizers.audio import as_mono_batch, limit_peak
 from selfflow.tokenizers.base import Tokenizer, Tokens
 from selfflow.tokenizers.video import from_tubelets, grid_positions, to_tubelets, tubelet_grid
 
@@ -104,10 +104,10 @@ class AudioLatentTokenizer(Tokenizer):
         return Tokens(x=x, pos=self.positions(wave.shape[0], wave.device), modality=self.modality)
 
     def decode(self, x: Tensor) -> Tensor:
-        """x: [B, L / pf, C' pf] -> waves [B, S]."""
+        """x: [B, L / pf, C' pf] -> waves [B, S], peaks limited to -1 dBFS (`limit_peak`)."""
         latent = rearrange(x, "b t (c p) -> b c (t p)", p=self.patch_frames) / self.scale + self.shift
         wave = self.autoencoder.decode(latent)
-        return wave.reshape(wave.shape[0], -1)
+        return limit_peak(wave.reshape(wave.shape[0], -1))
 
     def positions(self, batch_size: int, device=None) -> Tensor:
         return grid_positions(self.latent_frames // self.patch_frames, 1, 1, batch_size, device)

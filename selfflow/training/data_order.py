@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from selfflow.training.rng_state import mix_seed, seeded_rng
 
@@ -68,6 +68,25 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
             batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
             seed = mix_seed(self.seed, epoch, b, self.rank)
             yield [(i, seed) for i in batch]
+
+
+def resumable_loader(dataset: Dataset, batch_sampler: Sampler, collate_fn, seed: int, num_workers: int = 0,
+                     pin_memory: bool = False) -> DataLoader:
+    """The training loader over `batch_sampler`'s `(index, batch seed)` batches, with its own generator: without
+    one, every new iterator (each epoch, without persistent workers) draws its workers' base seed from the global
+    RNG, between the checkpoint at an epoch's last batch and the next step, so a run resumed from that checkpoint
+    would draw other noise than the run that went on."""
+    return DataLoader(SeededSamples(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
+                      pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=collate_fn,
+                      generator=torch.Generator().manual_seed(seed))
+
+
+def trained_position(trainer) -> dict[str, int]:
+    """Where training is in the data: the epoch and how many of its batches the trainer took. Counted by the
+    trainer's loop, not read from the sampler, which the loader (and its workers) may have run ahead of it: at an
+    epoch's last batch the sampler has often moved on to the next epoch already."""
+    return {"epoch": int(trainer.current_epoch),
+            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)}
 
 
 class SeededSamples(Dataset):

@@ -10,13 +10,12 @@ from __future__ import annotations
 from typing import Any, Iterator, Sequence
 
 import lightning as L
-import torch
 from torch.utils.data import DataLoader, Dataset
 
 from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.buckets import BucketBatchSampler, BucketIndex
 from selfflow.data.collate import collate_samples
-from selfflow.training.data_order import ResumableBatchSampler, SeededSamples
+from selfflow.training.data_order import ResumableBatchSampler, resumable_loader, trained_position
 from selfflow.training.rng_state import mix_seed
 
 
@@ -159,19 +158,13 @@ class SelfFlowDataModule(L.LightningDataModule):
             self.train_batches.set_epoch(self._position_to_load["epoch"])
             self.train_batches.skip_batches(self._position_to_load["batches_done"])
             self._position_to_load = None
-        return DataLoader(
-            SeededSamples(self.train_set), batch_sampler=self.train_batches, num_workers=self.num_workers,
-            pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
-            collate_fn=collate_samples(self.modality), generator=torch.Generator().manual_seed(self.seed),
-        )
+        return resumable_loader(self.train_set, self.train_batches, collate_samples(self.modality), self.seed,
+                                self.num_workers, self.pin_memory)
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the data: the epoch and how many of its batches were trained on."""
         trainer = getattr(self, "trainer", None)
-        if self.train_batches is None or trainer is None:
-            return {}
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-        return {"epoch": int(trainer.current_epoch), "batches_done": done}
+        return {} if self.train_batches is None or trainer is None else trained_position(trainer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._position_to_load = dict(state) if state else None

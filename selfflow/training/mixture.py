@@ -15,7 +15,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, defaul
 
 from selfflow.data.packing import pack
 from selfflow.data.tokens import PackedTokens, Tokens
-from selfflow.training.data_order import SeededSamples
+from selfflow.training.data_order import resumable_loader, trained_position
 from selfflow.training.rng_state import mix_seed
 
 MODES = ("per_step", "packed")
@@ -57,7 +57,12 @@ def hash_name(name: str) -> int:
 
 class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
     """Batches of `(concat index, batch seed)`; per_step: each batch one modality drawn by weight with that
-    modality's batch size; packed: `batch_size` samples, each of a modality drawn by weight."""
+    modality's batch size; packed: `batch_size` samples, each of a modality drawn by weight.
+
+    The modality draws follow (seed, epoch) only, the same on every rank: per_step, all ranks train the same
+    modality at a step (one modality per global batch, the paper's rule); packed, every rank packs the same number
+    of samples of each modality (equal work per rank). The samples themselves and the batch seeds are per rank.
+    """
 
     def __init__(self, streams: ModalityStreams, weights: dict[str, float], batch_size: dict[str, int] | int,
                  batches_per_epoch: int, mode: str, seed: int):
@@ -79,11 +84,14 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.batches_per_epoch
 
     def _choices(self, epoch: int, count: int) -> list[str]:
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, self.streams.rank, 7))
+        """The modality of each of `count` batch slots of `epoch`: rank 0's draw on every rank (see the class), so
+        a one-process run draws what it always did."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0, 7))
         return [self.names[i] for i in torch.multinomial(self.weights, count, replacement=True, generator=generator)]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, skip, self._skip = self.epoch, self._skip, 0
+        self.epoch = epoch + 1  # the next iteration is the next epoch, however this one ends
         per_batch = 1 if self.mode == "per_step" else int(self.batch_size)
         choices = self._choices(epoch, len(self) * per_batch)
         used = {m: 0 for m in self.names}
@@ -98,7 +106,6 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
             if b >= skip:
                 seed = mix_seed(self.seed, epoch, b, self.streams.rank)
                 yield [(i, seed) for i in indices]
-        self.epoch = epoch + 1
 
 
 class TaggedDataset(Dataset):
@@ -211,20 +218,17 @@ class MixtureDataModule(L.LightningDataModule):
             self.train_batches.set_epoch(self._position_to_load["epoch"])
             self.train_batches.skip_batches(self._position_to_load["batches_done"])
             self._position_to_load = None
-        return DataLoader(SeededSamples(self.train_set), batch_sampler=self.train_batches,
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
-                          collate_fn=GroupCollate(self.pack_length))
+        return resumable_loader(self.train_set, self.train_batches, GroupCollate(self.pack_length), self.seed,
+                                self.num_workers)
 
     def test_dataloader(self) -> DataLoader:
         return DataLoader(self.test_set, batch_size=32, shuffle=False, num_workers=self.num_workers,
                           collate_fn=GroupCollate(self.pack_length))
 
     def state_dict(self) -> dict[str, Any]:
+        """Where training is in the data (the trainer's count, however far the loader has read ahead)."""
         trainer = getattr(self, "trainer", None)
-        if self.train_batches is None or trainer is None:
-            return {}
-        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)
-        return {"epoch": int(self.train_batches.epoch), "batches_done": done}
+        return {} if self.train_batches is None or trainer is None else trained_position(trainer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._position_to_load = dict(state) if state else None

@@ -14,7 +14,7 @@ from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokenizers.text import TEXT
-from selfflow.training.distributed import is_sharded
+from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
 from selfflow.training.nonfinite import NonFiniteGuard
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
@@ -29,7 +29,8 @@ class SelfFlowModule(L.LightningModule):
     """optimizer: a partial optimizer (e.g. `functools.partial(torch.optim.AdamW, lr=3e-4)`) completed with the
     trainable parameters; lr_warmup_steps: linear warm-up, then constant. config: the resolved run config, stored
     in every checkpoint so that sampling and probing can rebuild the model. max_nonfinite_in_a_row: a NaN/inf
-    loss or gradient skips its update (no optimizer step, no EMA update); this many in a row stop the run.
+    loss or gradient in any micro-batch of an optimizer step (on any rank) skips that update (no optimizer step,
+    no EMA update); this many skipped updates in a row stop the run.
     Checkpoints also carry every RNG state, restored before the first step after a resume (exact resume).
     tokens_from_cache: batches hold stored tokens (`cache_tokens=true`), not raw samples.
     """
@@ -52,7 +53,11 @@ class SelfFlowModule(L.LightningModule):
         self._bucket_names = bucket_names(buckets)
         self._last_batch_end: float | None = None
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
+        self.modality_parameters = ModalityParameters(objective.model)
         self._update_skipped = False
+        # the optimizer step being accumulated: its first non-finite loss (value, what) and the modalities it holds
+        self._step_nonfinite: tuple[float, str] | None = None
+        self._step_modalities: set[str] = set()
         self._rng_to_restore: dict[str, Any] | None = None
 
     @property
@@ -73,15 +78,21 @@ class SelfFlowModule(L.LightningModule):
         return extra
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int):
-        self._update_skipped = True  # until the loss is known to be usable
+        """The loss of one (micro-)batch. A non-finite loss is still returned, so that every rank runs its backward;
+        `on_before_optimizer_step` then skips the whole optimizer step it belongs to."""
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
         tokens = self.tokenize(batch)
         out = self.objective(tokens, batch.get("label"), **self.conditioning(batch))
         batch_size = tokens.batch_size
-        if not self._usable(out.loss.detach().float().item(), "loss"):
-            return None
-        self._update_skipped = False
+        token_counts = modality_token_counts(tokens)
+        present = [m for m, count in token_counts.items() if count]
+        self._step_modalities.update(present)
+        loss = self.modality_parameters.in_graph(out.loss, present)
+        value = out.loss.detach().float().item()
+        if not math.isfinite(value):
+            self._step_nonfinite = self._step_nonfinite or (value, "loss")
+            return loss
         self.log("train/loss", out.loss, prog_bar=True, batch_size=batch_size)
         self.log("train/loss_flow", out.loss_flow, batch_size=batch_size)
         if out.loss_rep is not None:
@@ -92,9 +103,9 @@ class SelfFlowModule(L.LightningModule):
             for name, losses in out.per_modality.items():
                 for key, value in losses.items():
                     self.log(f"train/{name}/{key}", value, batch_size=batch_size)
-        self._tokens_by_modality = modality_token_counts(tokens)
+        self._tokens_by_modality = token_counts
         self._samples_in_batch = batch_size
-        return out.loss
+        return loss
 
     @property
     def data_modalities(self) -> list[str]:
@@ -142,15 +153,19 @@ class SelfFlowModule(L.LightningModule):
         return self.nonfinite.check(value if finite else math.nan, self.global_step, what)
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        """Decide the optimizer step, once for all its micro-batches: it goes ahead only if every loss and the
+        gradient norm were finite on every rank."""
+        strategy = self.trainer.strategy if self.trainer is not None and self.trainer.world_size > 1 else None
+        self.modality_parameters.drop_absent(self._step_modalities, strategy)
         params = [p for p in self.objective.parameters() if p.grad is not None]
-        if params:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-            if not self._usable(float(norm), "gradient norm"):
-                self._update_skipped = True
-                for p in params:  # no gradient: the optimizer leaves these parameters (and its state) alone
-                    p.grad = None
-                return
-            self.log("train/grad_norm", norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
+        value, what = self._step_nonfinite or (0.0 if norm is None else float(norm), "gradient norm")
+        self._update_skipped = not self._usable(value, what) or norm is None
+        if self._update_skipped:
+            for p in params:  # no gradient: the optimizer leaves these parameters (and its state) alone
+                p.grad = None
+            return
+        self.log("train/grad_norm", norm)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Lightning's norm clipping refuses FSDP; there the wrapped model clips by the norm over all shards."""
@@ -163,6 +178,7 @@ class SelfFlowModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)  # runs training_step and backward through the closure
         if not self._update_skipped:
             self.objective.update_teacher()
+        self._step_nonfinite, self._step_modalities = None, set()
 
     def configure_optimizers(self):
         params = [p for p in self.objective.parameters() if p.requires_grad]

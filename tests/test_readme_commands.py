@@ -1,0 +1,151 @@
+"""Every command the README prints runs as printed: each line of its ```bash blocks (and each inline
+`selfflow-...` / `python tools/...` command, and the usage lines of the tools' docstrings) is split into words as a
+POSIX shell splits it, then parsed as the program would parse it: Hydra composes the overrides of selfflow-train,
+-sample and -probe (an unknown key, option or a value Hydra cannot parse fails), the tools' argparse accepts their
+flags. Placeholders such as DIR or /path/to/... are fine as values; nothing is run. The project files that the
+README links and the configs' comments cite exist."""
+import argparse
+import ast
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+import selfflow.training.build  # noqa: F401 - registers the config resolvers
+from selfflow.cli.train import check_data_fits_experiment
+from tests.conftest import load_tool
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_OF = {"selfflow-train": "train", "selfflow-sample": "sample", "selfflow-probe": "probe",
+             "selfflow.cli.train": "train", "selfflow.cli.sample": "sample", "selfflow.cli.probe": "probe"}
+HYDRA_FLAGS = {"--help"}
+COMMAND_START = r"(?:selfflow-(?:train|sample|probe)\b|python tools/)"
+
+
+def logical_lines(block: str) -> list[str]:
+    """A shell script's lines with `\\` continuations joined."""
+    return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    commands = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in logical_lines(block)]
+    commands += re.findall(rf"(?<!`)`({COMMAND_START}[^`]*)`", text)
+    return commands
+
+
+def tool_usage_lines() -> list[str]:
+    """The command lines (`python tools/...`, `selfflow-...`) in the docstrings of tools/*.py."""
+    lines = []
+    for path in sorted((ROOT / "tools").glob("*.py")):
+        docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        lines += [line.strip() for line in logical_lines(docstring) if re.match(COMMAND_START, line.strip())]
+    return lines
+
+
+def shell_commands(line: str) -> list[list[str]]:
+    """The words of each command of a line (split at `&&`), as the shell gives them to the program; `$VAR` is
+    replaced by a number as the shell would expand it (e.g. $SLURM_NNODES)."""
+    words = shlex.split(re.sub(r"\$\{?[A-Z_]+\}?", "1", line), comments=True)
+    commands, current = [], []
+    for word in words:
+        if word == "&&":
+            commands.append(current)
+            current = []
+        else:
+            current.append(word)
+    return [c for c in [*commands, current] if c]
+
+
+def compose_overrides(config: str, overrides: list[str]):
+    """Hydra composes `config` with the overrides, hydra.* ones included, or raises naming the bad one."""
+    flags = [o for o in overrides if o.startswith("-")]
+    assert set(flags) <= HYDRA_FLAGS, f"unknown flags {flags}"
+    overrides = [o for o in overrides if not o.startswith("-")]
+    with initialize_config_module("selfflow.conf", version_base="1.3"):
+        cfg = compose(config, overrides=overrides, return_hydra_config=True)
+    if config == "train":
+        check_data_fits_experiment(cfg, overrides)  # the CLI's own check before Hydra runs
+    return cfg
+
+
+class Parsed(Exception):
+    """Raised with the parsed namespace instead of running a tool."""
+
+
+def parse_tool(words: list[str], monkeypatch) -> None:
+    """`python tools/NAME.py ARGS`: the file exists, its argparse accepts ARGS, and the training overrides it
+    passes on (train_reference_classifier's, all of cache_tokens') compose."""
+    path = ROOT / words[1]
+    assert path.is_file(), f"{words[1]} does not exist"
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.setattr(sys, "argv", [str(path), *words[2:]])
+    if path.stem == "cache_tokens":  # takes selfflow-train's overrides and nothing else
+        compose_overrides("train", ["run_dir=.", *words[2:]])
+        return
+    tool = load_tool(path.stem)
+    with pytest.raises(Parsed) as parsed:
+        tool.main()
+    overrides = getattr(parsed.value.args[0], "overrides", None)
+    if overrides:  # composed as the tool composes them
+        tool.compose_data_config(overrides)
+
+
+def check_command(words: list[str], monkeypatch) -> None:
+    program = words[0]
+    if program == "srun":
+        return check_command(words[1:], monkeypatch)
+    if program == "torchrun":
+        module = words.index("-m") + 1
+        return compose_overrides(CONFIG_OF[words[module]], words[module + 1:])
+    if program in CONFIG_OF:
+        return compose_overrides(CONFIG_OF[program], words[1:])
+    if words[:2] == ["python", "-m"] and words[2] == "pytest" or words[:2] == ["pip", "install"]:
+        return None
+    if program == "python" and words[1].startswith("tools/"):
+        return parse_tool(words, monkeypatch)
+    raise AssertionError(f"a README command this test does not know how to check: {' '.join(words)}")
+
+
+@pytest.mark.parametrize("line", readme_commands() + tool_usage_lines())
+def test_the_readme_commands_parse_as_printed(line, monkeypatch):
+    for words in shell_commands(line):
+        check_command(words, monkeypatch)
+
+
+def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(monkeypatch):
+    lines = readme_commands()
+    assert len(lines) > 40 and any(line.startswith("torchrun") for line in lines)
+    assert "selfflow-train" in [words[0] for line in lines for words in shell_commands(line)]
+    # unquoted braces reach Hydra without the quotes the shell removed: a parse error, not a pattern
+    with pytest.raises(Exception, match="no viable alternative at input '{digit}'"):
+        check_command(shell_commands("selfflow-train experiment=audio_digits data=audio_folder data.root=DIR "
+                                     "data.train.name_pattern='{digit}_{speaker}'")[0], monkeypatch)
+    with pytest.raises(Exception, match="feature_extractor"):  # a key missing from the config needs +
+        check_command(["selfflow-sample", "ckpt=x", "feature_extractor._target_=a.B"], monkeypatch)
+    with pytest.raises(SystemExit):  # a flag the tool does not know
+        check_command(["python", "tools/export_weights.py", "CKPT", "OUT", "--fast"], monkeypatch)
+
+
+def cited_files() -> list[str]:
+    """Project files linked from the README and cited in the comments of conf/**/*.yaml."""
+    cited = [link for link in re.findall(r"\]\(([^)#]+)\)", (ROOT / "README.md").read_text()) if "://" not in link]
+    citation = r"\b((?:selfflow|tools|docs|tests|conf)/[\w./-]*\w|[A-Z][A-Za-z_]*\.md)\b"
+    for path in sorted((ROOT / "conf").rglob("*.yaml")):
+        comments = "\n".join(line.partition("#")[2] for line in path.read_text().splitlines())
+        cited += re.findall(citation, comments)
+    return sorted(set(cited))
+
+
+def test_the_files_the_readme_and_the_configs_cite_exist():
+    cited = cited_files()
+    assert {"docs/reliability.md", "selfflow/tokenizers/latent.py", "tests/test_distributed.py"} <= set(cited)
+    assert [path for path in cited if not (ROOT / path).exists()] == []
