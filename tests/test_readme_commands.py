@@ -19,10 +19,10 @@ from selfflow.cli.train import check_data_fits_experiment
 from tests.conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG_OF = {"selfflow-train": "train", "selfflow-sample": "sample", "selfflow-probe": "probe",
+CONFIG_OF = {"selfflow-train": "train", "selfflow-sample": "sample", "selfflow-probe": "probe", "selfflow-eval": "eval",
              "selfflow.cli.train": "train", "selfflow.cli.sample": "sample", "selfflow.cli.probe": "probe"}
 HYDRA_FLAGS = {"--help"}
-COMMAND_START = r"(?:selfflow-(?:train|sample|probe)\b|python tools/)"
+COMMAND_START = r"(?:selfflow-[a-z]+\b|python tools/)"
 
 
 def logical_lines(block: str) -> list[str]:
@@ -76,6 +76,27 @@ class Parsed(Exception):
     """Raised with the parsed namespace instead of running a tool."""
 
 
+def console_scripts() -> dict:
+    """selfflow's argparse console scripts (the Hydra ones are in CONFIG_OF): name -> entry point."""
+    from importlib.metadata import entry_points
+
+    return {e.name: e for e in entry_points(group="console_scripts")
+            if e.name.startswith("selfflow-") and e.name not in CONFIG_OF}
+
+
+def parse_console_script(program: str, args: list[str], monkeypatch) -> None:
+    """The script's argparse accepts `args` (nothing is run)."""
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_only(self, args=None, namespace=None):
+        raise Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
+    monkeypatch.setattr(sys, "argv", [program, *args])
+    with pytest.raises(Parsed):
+        console_scripts()[program].load()()
+
+
 def parse_tool(words: list[str], monkeypatch) -> None:
     """`python tools/NAME.py ARGS`: the file exists, its argparse accepts ARGS, and the training overrides it
     passes on (train_reference_classifier's, all of cache_tokens') compose."""
@@ -112,6 +133,8 @@ def check_command(words: list[str], monkeypatch) -> None:
         return None
     if program == "python" and words[1].startswith("tools/"):
         return parse_tool(words, monkeypatch)
+    if program in console_scripts():
+        return parse_console_script(program, words[1:], monkeypatch)
     raise AssertionError(f"a README command this test does not know how to check: {' '.join(words)}")
 
 
@@ -132,7 +155,7 @@ def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(mo
     with pytest.raises(Exception, match="feature_extractor"):  # a key missing from the config needs +
         check_command(["selfflow-sample", "ckpt=x", "feature_extractor._target_=a.B"], monkeypatch)
     with pytest.raises(SystemExit):  # a flag the tool does not know
-        check_command(["python", "tools/export_weights.py", "CKPT", "OUT", "--fast"], monkeypatch)
+        check_command(["selfflow-export", "CKPT", "OUT", "--fast"], monkeypatch)
 
 
 def cited_files() -> list[str]:
