@@ -88,6 +88,16 @@ class PeakMemory:
             self.mb = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.start)
 
 
+def peak_memory_of(steps: dict, device: str) -> dict[str, float]:
+    """Peak memory (MB) of one call of each step, in order (on CPU the resident-set peak only grows: coarse)."""
+    peaks = {}
+    for name, step in steps.items():
+        with PeakMemory(device) as memory:
+            step()
+        peaks[name] = memory.mb
+    return peaks
+
+
 def matmul_flops_per_s(device: str, dtype: torch.dtype, size: int = 2048, iters: int = 10) -> float:
     """The machine's measured dense matmul rate: the ceiling that MFU is computed against."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -255,6 +265,47 @@ def case_packing(args, variant: str) -> dict:
                   computed_tokens=rows * batch.x.shape[1])
 
 
+def case_attention(args) -> list[dict]:
+    """One attention layer on the packing case's rows (width and heads of the training-step model): SDPA with the
+    dense block mask against FlexAttention's block mask, timed in alternation. Forward + backward on CUDA (flex
+    compiled); forward only on CPU, where FlexAttention is the unfused reference and has no backward."""
+    from selfflow.data.packing import pack
+    from selfflow.models.attention import Attention, GroupMask
+
+    on_gpu = args.device.startswith("cuda")
+    lengths = [n * args.packing_scale for n in PACKING_LENGTHS]
+    samples = [Tokens(torch.zeros(1, n, 1), torch.zeros(1, n, 4, dtype=torch.long), "image") for n in lengths]
+    segment = pack(samples, [0] * len(lengths), row_length=max(lengths), null_label=0).segment.to(args.device)
+    torch.manual_seed(0)
+    layers = {backend: Attention(args.width, args.heads, backend=backend).to(args.device) for backend in ("sdpa", "flex")}
+    layers["flex"].load_state_dict(layers["sdpa"].state_dict())
+    if args.compile:  # both layers compiled: on CPU too, FlexAttention then runs fused kernels
+        for layer in layers.values():
+            layer.compile()
+    x = torch.randn(*segment.shape, args.width, device=args.device, requires_grad=on_gpu)
+    mask = GroupMask(segment, contiguous=True)  # one mask object for every call: its block mask is built once
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
+    def step_of(layer):
+        @torch.set_grad_enabled(on_gpu)
+        def step():
+            with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+                out = layer(x, mask=mask)
+            if on_gpu:
+                out.float().square().mean().backward()
+
+        return step
+
+    steps = {backend: step_of(layer) for backend, layer in layers.items()}
+    memory = peak_memory_of(steps, args.device)
+    times = time_alternating(steps, args.device, args.warmup, args.iters)
+    config = {"width": args.width, "heads": args.heads, "rows": segment.shape[0], "row_length": segment.shape[1],
+              "useful_tokens": sum(lengths), "dtype": args.dtype, "compile": args.compile,
+              "pass": "forward + backward" if on_gpu else "forward, no gradients"}
+    return [record(f"attention/{backend}", config, times[backend], sum(lengths), memory[backend], args.device)
+            for backend in steps]
+
+
 OFFICIAL_GRID, OFFICIAL_CHANNELS, OFFICIAL_CLASSES = 16, 16, 1000  # 256 tokens of 4 x 2 x 2 SD-VAE latents
 
 
@@ -338,10 +389,7 @@ def case_official(args, with_grad: bool) -> list[dict]:
         return step
 
     steps = {"selfflow": step_of(selfflow), "released": step_of(released)}  # selfflow first: CPU peaks are coarse
-    memory = {}
-    for variant, step in steps.items():
-        with PeakMemory(args.device) as memory[variant]:
-            step()
+    memory = peak_memory_of(steps, args.device)
     times = time_alternating(steps, args.device, args.warmup, args.iters)
     config = {"width": args.official_width, "depth": args.official_depth, "heads": args.official_heads,
               "batch": batch, "tokens": n, "dtype": args.dtype, "compile": args.compile,
@@ -352,7 +400,7 @@ def case_official(args, with_grad: bool) -> list[dict]:
             flops = count_flops(step)
         levels_of = {"selfflow": "distinct per sample (2)", "released": "per token"}[variant]
         out.append(record(f"official{'' if with_grad else '_forward'}/{variant}", {**config, "levels": levels_of},
-                          times[variant], batch * n, memory[variant].mb, args.device, flops_per_step=flops,
+                          times[variant], batch * n, memory[variant], args.device, flops_per_step=flops,
                           achieved_flops_per_s=flops / statistics.median(times[variant])))
         if variant == "selfflow":
             out[-1]["max_abs_difference_to_released"] = difference
@@ -378,6 +426,7 @@ def profile_table(step, device: str, steps: int = 3, rows: int = 15) -> str:
 
 
 CASES = ("train", "adaln", "packing")  # the default suite
+EXTRA_CASES = ("attention", "official", "official_forward")
 
 
 def run_case(payload) -> list[dict]:
@@ -389,6 +438,8 @@ def run_case(payload) -> list[dict]:
         return [case_adaln(args, *extra)]
     if name == "packing":
         return [case_packing(args, *extra)]
+    if name == "attention":
+        return case_attention(args)
     if name in ("official", "official_forward"):
         return case_official(args, with_grad=name == "official")
     raise ValueError(name)
@@ -404,9 +455,10 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--quick", action="store_true", help="fewer iterations and smaller sizes")
-    parser.add_argument("--only", choices=[*CASES, "official", "official_forward"], action="append",
-                        help="run only these cases (official, official_forward: XL/2 against the released code "
-                             "path, not part of the default suite)")
+    parser.add_argument("--only", choices=[*CASES, *EXTRA_CASES], action="append",
+                        help="run only these cases (attention: one layer, SDPA against FlexAttention on packed "
+                             "rows; official, official_forward: XL/2 against the released code path; these three "
+                             "are not part of the default suite)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--width", type=int, help="model width (default: 384 on GPU, 256 on CPU; official: 1152)")
     parser.add_argument("--depth", type=int, help="model depth (default: 12 on GPU, 10 on CPU; official: 28)")
@@ -414,7 +466,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--batch", type=int, help="batch size (default: 64 on GPU, 16 on CPU; official: 32 on GPU, "
                                                   "2 on CPU)")
     parser.add_argument("--compile", action="store_true", help="official cases: model.compile=true (every block "
-                                                               "compiled, the released path's too)")
+                                                               "compiled, the released path's too); attention case: "
+                                                               "both layers compiled")
     parser.add_argument("--profile", action="store_true", help="official cases: add a profiler table of the step")
     parser.add_argument("--packing-scale", type=int, default=1, help="multiply the packing case's sample lengths")
     parser.add_argument("--packing-pass", choices=["train", "forward"], default="train",
@@ -449,7 +502,7 @@ def main(argv=None) -> list[dict]:
         payloads += [("adaln", args, (w, v)) for w in widths for v in ("naive", "distinct")]
     if "packing" in cases:
         payloads += [("packing", args, (v,)) for v in ("padded", "packed")]
-    payloads += [(case, args, ()) for case in ("official", "official_forward") if case in cases]
+    payloads += [(case, args, ()) for case in EXTRA_CASES if case in cases]
 
     context = mp.get_context("spawn")
     records = []
@@ -479,6 +532,8 @@ def main(argv=None) -> list[dict]:
                                                             / by_name["packing/padded"]["tokens_per_s"])
         summary["packed_over_padded_peak_memory"] = (by_name["packing/packed"]["peak_mem_mb"]
                                                      / max(by_name["packing/padded"]["peak_mem_mb"], 1e-9))
+    if "attention" in cases:
+        summary["attention_flex_over_sdpa_time"] = ratio(by_name, "attention/flex", "attention/sdpa")
     if "official" in cases:  # target: <= 0.8 on a GPU
         summary["official_selfflow_over_released_step"] = ratio(by_name, "official/selfflow", "official/released")
     if "official_forward" in cases:  # target: >= 1.25
