@@ -188,7 +188,7 @@ def test_packed_attention_on_flash_varlen_matches_dense_sdpa():
     sdpa = Attention(128, 2, backend="sdpa").cuda().to(dtype)
     sdpa.load_state_dict(varlen.state_dict())
     mask = GroupMask(groups, contiguous=True)
-    assert varlen._use_flash(x, mask) and not sdpa._use_flash(x, mask)
+    assert varlen.kernel_for(x, mask) == "flash" and sdpa.kernel_for(x, mask) == "sdpa"
     out_varlen, out_dense = varlen(x, mask=mask), sdpa(x, mask=mask)
     torch.testing.assert_close(out_varlen.float(), out_dense.float(), rtol=2e-2, atol=2e-2)
     grad_varlen, = torch.autograd.grad(out_varlen.float().square().sum(), x)

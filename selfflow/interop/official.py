@@ -23,6 +23,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from selfflow.models.distinct_levels import distinct_levels
 from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.representation import ProjectionHead
@@ -154,8 +155,8 @@ class OfficialSelfFlow(nn.Module):
         pos = self.patches.positions(b, x.device)
         if t.dim() == 1:
             return self.model.velocity(x, t, pos, y, "image")
-        index = torch.arange(n, device=x.device).expand(b, -1)
-        return self.model(x, t, index, pos, y, "image").velocity
+        levels, index = distinct_levels(t)  # the modulation MLPs run on each sample's few distinct levels, not on N
+        return self.model(x, levels, index, pos, y, "image").velocity
 
     def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str = "image") -> Tensor:
         """The interface `selfflow.sampling.generate` calls (one level per sample)."""

@@ -1,6 +1,13 @@
-"""Multi-head self-attention with rotary positions, optional QK-norm, and SDPA or flash-attn kernels."""
+"""Multi-head self-attention with rotary positions, optional QK-norm, and one attention kernel chosen per call.
+
+- flash: flash-attn (a GPU with it installed), unmasked or with contiguous groups as variable-length sequences;
+- flex: PyTorch's FlexAttention with a block mask built from the groups, so that blocks between different samples
+  and blocks of padding cost nothing (compiled once per process on CUDA; on CPU the unfused reference, forward only);
+- sdpa: PyTorch SDPA with a dense [B, 1, N, N] mask, which does the work of the whole N x N square.
+"""
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -8,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from selfflow.models.embeddings import apply_rope
 
@@ -16,7 +24,7 @@ try:  # optional, GPU only
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     flash_attn_func = flash_attn_varlen_func = None
 
-ATTENTION_BACKENDS = ("auto", "sdpa", "flash")
+ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
 
 
 @dataclass
@@ -24,16 +32,38 @@ class GroupMask:
     """Tokens attend only within their own group: a sample of a packed row, a noise group, or padding (-1).
 
     `contiguous` groups (packing, trailing padding) can run on flash-attn's variable-length kernel; any grouping
-    runs on SDPA as a dense boolean mask.
+    runs on FlexAttention as a block mask or on SDPA as a dense boolean mask. `shared` tokens ([B, N] bool, e.g.
+    joined text) belong to every group of their row: they attend to and are attended by every non-padding token.
     """
 
     groups: Tensor  # [B, N] long
     contiguous: bool = False
+    shared: Tensor | None = None  # [B, N] bool
 
     @cached_property
     def dense(self) -> Tensor:
-        """[B, 1, N, N] bool, True where attention is allowed."""
-        return (self.groups[:, :, None] == self.groups[:, None, :])[:, None]
+        """[B, 1, N, N] bool, True where attention is allowed (padding sees padding only, so no row is empty)."""
+        q, k = self.groups[:, :, None], self.groups[:, None, :]
+        allowed = q == k
+        if self.shared is not None:
+            shared = self.shared & (self.groups >= 0)
+            allowed = allowed | (shared[:, :, None] & (k >= 0)) | (shared[:, None, :] & (q >= 0))
+        return allowed[:, None]
+
+    @cached_property
+    def block_mask(self) -> BlockMask:
+        """FlexAttention's block mask, built once per mask object (a batch reuses it in every block). Padding is
+        never a key; a padding query sees nothing and gets a zero output."""
+        groups, shared = self.groups, self.shared
+
+        def same_group(b, h, q, k):
+            return (groups[b, q] == groups[b, k]) & (groups[b, k] >= 0)
+
+        def same_group_or_shared(b, h, q, k):
+            either_shared = shared[b, q] | shared[b, k]
+            return (same_group(b, h, q, k) | either_shared) & (groups[b, q] >= 0) & (groups[b, k] >= 0)
+
+        return block_mask_for(same_group if shared is None else same_group_or_shared, *groups.shape, groups.device)
 
     @cached_property
     def one_run_per_group(self) -> bool:
@@ -41,6 +71,11 @@ class GroupMask:
         changes = (self.groups[:, 1:] != self.groups[:, :-1]).sum(dim=1) + 1  # runs per row
         distinct = torch.stack([row.unique().numel() * torch.ones((), device=row.device) for row in self.groups])
         return bool((changes == distinct).all())
+
+    @property
+    def fits_varlen(self) -> bool:
+        """Whether flash-attn's variable-length kernel can run this mask: one contiguous run per group, no shared."""
+        return self.contiguous and self.shared is None and self.one_run_per_group
 
     @cached_property
     def varlen(self) -> tuple[Tensor, int]:
@@ -59,8 +94,52 @@ def dense_mask(mask: Tensor | GroupMask | None) -> Tensor | None:
     return mask.dense if isinstance(mask, GroupMask) else mask
 
 
+def block_mask_for(mask_mod, rows: int, n: int, device: torch.device) -> BlockMask:
+    """A FlexAttention block mask over `rows` rows of n tokens, one for every head."""
+    return create_block_mask(mask_mod, rows, None, n, n, device=device)
+
+
+def dense_block_mask(dense: Tensor) -> BlockMask:
+    """The block mask of a dense [B, 1, N, N] bool mask (masks that come without a group description)."""
+    return block_mask_for(lambda b, h, q, k: dense[b, 0, q, k], dense.shape[0], dense.shape[-1], dense.device)
+
+
 def flash_available() -> bool:
     return flash_attn_func is not None and torch.cuda.is_available()
+
+
+def choose_kernel(backend: str, device_type: str, dtype: torch.dtype, mask: Tensor | GroupMask | None,
+                  flash_installed: bool) -> str:
+    """"flash", "flex" or "sdpa" for one call.
+
+    auto takes flash-attn where it applies (CUDA, half precision, unmasked or contiguous groups), else FlexAttention
+    for masked attention on CUDA (block-sparse), else SDPA. It never picks flex on CPU, where FlexAttention is the
+    unfused reference (slower than SDPA, docs/performance.md) and has no backward. backend=flex forces
+    FlexAttention for every masked call; unmasked attention has no block to skip and stays on SDPA.
+    """
+    on_cuda = device_type == "cuda"
+    flash_runs = backend != "sdpa" and flash_installed and on_cuda and dtype in (torch.float16, torch.bfloat16)
+    if flash_runs and (mask is None or (isinstance(mask, GroupMask) and mask.fits_varlen)):
+        return "flash"
+    if mask is not None and (backend == "flex" or (backend != "sdpa" and on_cuda)):
+        return "flex"
+    return "sdpa"
+
+
+@functools.cache
+def compiled_flex_attention():
+    """flex_attention compiled once per process: the fused kernels (eager FlexAttention is the unfused reference)."""
+    return torch.compile(flex_attention)
+
+
+def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask) -> Tensor:
+    """q, k, v: [B, H, N, Dh] -> [B, H, N, Dh] with FlexAttention; compiled on CUDA unless already being compiled."""
+    if not q.is_cuda and q.requires_grad:
+        raise ValueError("model.attention=flex cannot train on CPU (PyTorch's FlexAttention has no CPU backward); "
+                         "use model.attention=auto or sdpa there")
+    block_mask = mask.block_mask if isinstance(mask, GroupMask) else dense_block_mask(mask)
+    kernel = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    return kernel(q, k, v, block_mask=block_mask)
 
 
 class Attention(nn.Module):
@@ -79,17 +158,27 @@ class Attention(nn.Module):
         self.q_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
-    def _use_flash(self, q: Tensor, mask: Tensor | GroupMask | None) -> bool:
-        """flash-attn on a GPU when installed, in half precision (q's dtype, so autocast counts), for unmasked
-        attention or packed rows (one variable-length sequence per sample instead of a dense N x N mask).
+    def kernel_for(self, q: Tensor, mask: Tensor | GroupMask | None) -> str:
+        """The kernel this module runs q (its dtype, so autocast counts) and mask on (see `choose_kernel`)."""
+        return choose_kernel(self.backend, q.device.type, q.dtype, mask, flash_attn_func is not None)
 
-        Without flash-attn packed rows take the dense mask: SDPA on jagged nested tensors was measured 2.5-3.3x
-        slower than it on an H200 (docs/performance.md)."""
-        if self.backend == "sdpa" or not q.is_cuda or flash_attn_func is None:
-            return False
-        if mask is not None and not (isinstance(mask, GroupMask) and mask.contiguous and mask.one_run_per_group):
-            return False
-        return q.dtype in (torch.float16, torch.bfloat16)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None) -> Tensor:
+        """q, k, v: [B, H, N, Dh] -> [B, N, H * Dh]. mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None."""
+        kernel = self.kernel_for(q, mask)
+        if kernel == "flex":
+            return rearrange(run_flex(q, k, v, mask), "b h n d -> b n (h d)")
+        if kernel == "sdpa":
+            dense = mask.dense if isinstance(mask, GroupMask) else mask
+            return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense), "b h n d -> b n (h d)")
+        q, k, v = (rearrange(a, "b h n d -> b n h d") for a in (q, k, v))
+        if mask is None:
+            out = flash_attn_func(q, k, v)
+        else:  # packed rows: one variable-length sequence per sample, no compute on other samples or padding
+            cu_seqlens, max_len = mask.varlen
+            flat = [rearrange(a, "b n h d -> (b n) h d") for a in (q, k, v)]
+            out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len)
+            out = rearrange(out, "(b n) h d -> b n h d", b=q.shape[0])
+        return rearrange(out, "b n h d -> b n (h d)")
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
                 mask: Tensor | GroupMask | None = None) -> Tensor:
@@ -98,16 +187,4 @@ class Attention(nn.Module):
         q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if self._use_flash(q, mask):
-            q, k, v = (rearrange(a, "b h n d -> b n h d") for a in (q, k, v))
-            if mask is None:
-                out = flash_attn_func(q, k, v)
-            else:  # packed rows: one variable-length sequence per sample, no compute on other samples or padding
-                cu_seqlens, max_len = mask.varlen
-                flat = [rearrange(a, "b n h d -> (b n) h d") for a in (q, k, v)]
-                out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len)
-                out = rearrange(out, "(b n) h d -> b n h d", b=x.shape[0])
-            out = rearrange(out, "b n h d -> b n (h d)")
-        else:
-            out = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask)), "b h n d -> b n (h d)")
-        return self.proj(out)
+        return self.proj(self.attend(q, k, v, mask))
