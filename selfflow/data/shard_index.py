@@ -293,9 +293,9 @@ def check_member_header(block: bytes, key: str, extension: str, size: int) -> st
         return "no valid tar header precedes it"
     if not info.isfile() or info.issparse():
         return "its tar header is not a regular file's"
-    if info.size != size:
-        return f"its tar header gives {info.size} bytes, not {size}"
     name = f"{key}.{extension}"
     if name.isascii() and len(name) < 100 and sample_key(info.name) != (key, extension):
         return f"its tar header names {shortened(info.name)!r}"
+    if info.size != size:
+        return f"its tar header gives {info.size} bytes, not {size}"
     return None
