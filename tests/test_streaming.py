@@ -4,6 +4,7 @@ items, one request per sample; ranks fetch disjoint samples; errors name the set
 SIGKILL and resumed gives the losses of an uninterrupted run."""
 import logging
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -111,6 +112,27 @@ def test_two_ranks_fetch_disjoint_samples_that_cover_the_epoch(endpoint, image_s
     assert not fetched[0] & fetched[1]
 
 
+def test_a_batch_has_its_reads_in_flight_at_once_and_the_items_of_a_loop(endpoint, image_shards, monkeypatch):
+    folder = upload(endpoint, image_shards, "batch")
+    store = ObjectStore(endpoint_url=endpoint, max_connections=4)
+    streamed = ImageShards(folder, "train", image_size=8, hflip=True, store=store)
+    batch = [7, 0, 4, 2]
+    torch.manual_seed(3)
+    one_by_one = [streamed[i] for i in batch]
+    together = threading.Barrier(len(batch), timeout=60)  # breaks unless all four reads wait here at once
+    read = store.read
+
+    def read_together(location, offset, size):
+        together.wait()
+        return read(location, offset, size)
+
+    monkeypatch.setattr(store, "read", read_together)
+    torch.manual_seed(3)
+    loaded = streamed.load_batch(batch)
+    assert [label for _, label in loaded] == [label for _, label in one_by_one]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(loaded, one_by_one))  # the same flips, in the same order
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -140,6 +162,8 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
     store.endpoint_url, store._client = dead.endpoint_url, None  # the store goes away mid-run
     with pytest.raises(ObjectStoreError, match="cannot read"):
         streamed[1]  # a stop (resume=auto continues exactly), not a skipped sample
+    with pytest.raises(ObjectStoreError, match="cannot read"):
+        streamed.load_batch([1, 2])
 
     import botocore.utils
 

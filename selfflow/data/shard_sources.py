@@ -101,17 +101,24 @@ class ObjectStore:
         self.endpoint_url, self.region, self.profile = endpoint_url, region, profile
         self.addressing_style, self.instance_credentials = addressing_style, instance_credentials
         self.max_connections, self.retries, self.timeout_s = max_connections, retries, timeout_s
-        self._client, self._pid = None, None
+        self._client = self._threads = self._pid = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_pid": None}
+        return {**self.__dict__, "_client": None, "_threads": None, "_pid": None}
+
+    def _this_process(self) -> None:
+        """Forget the client and threads of the process this one was forked from."""
+        if self._pid != os.getpid():
+            self._client = self._threads = None
+            self._pid = os.getpid()
 
     def where(self) -> str:
         return self.endpoint_url or "the endpoint of the AWS settings (AWS_ENDPOINT_URL or AWS S3)"
 
     def client(self):
-        if self._client is None or self._pid != os.getpid():
-            self._client, self._pid = self._new_client(), os.getpid()
+        self._this_process()
+        if self._client is None:
+            self._client = self._new_client()
         return self._client
 
     def _new_client(self):
@@ -197,8 +204,10 @@ class ObjectStore:
 
     def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """`function` over `items` on max_connections threads (requests wait on the network, not the CPU)."""
-        with ThreadPoolExecutor(self.max_connections) as pool:
-            return list(pool.map(function, items))
+        self._this_process()
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(self.max_connections, thread_name_prefix="selfflow-store")
+        return list(self._threads.map(function, items))
 
 
 def source_for(locations: Iterable, store: ObjectStore | None) -> ByteSource:

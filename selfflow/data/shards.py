@@ -23,7 +23,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -341,16 +341,23 @@ class ShardDataset(Dataset):
         wanted = (self.caption_members[i], MAX_CAPTION_BYTES, f".{CAPTION_EXTENSION}", CAPTION_EXTENSION)
         return self._read(i, [wanted])[0].decode("utf-8", errors="replace").strip()
 
-    def load(self, i: int) -> tuple[Tensor, int]:
-        """The data and label members in one read, the data decoded."""
+    def fetch(self, i: int) -> list[bytes]:
+        """The bytes of the data member and, when there is one, the label member, in one read."""
         if i in self.problems:
             raise UnusableSample(self.problems[i])
         wanted = [(self.data_members[i], self.max_member_bytes, "data", self.data_extensions[self.data_ext[i]])]
         if self.label_members[i, 2] >= 0:
             wanted.append(self._label_member(i))
-        data, *label = self._read(i, wanted)
+        return self._read(i, wanted)
+
+    def finish(self, i: int, fetched: list[bytes]) -> tuple[Tensor, int]:
+        """`(decoded data, label)` from what `fetch(i)` returned."""
+        data, *label = fetched
         decoded = self.decode(io.BytesIO(data))
         return decoded, self._parse_label(label[0]) if label else -1
+
+    def load(self, i: int) -> tuple[Tensor, int]:
+        return self.finish(i, self.fetch(i))
 
     def _class_names_from_labels(self) -> list[str]:
         """Without classes.json: read the (tiny) label members once; the names are the indices as text (at most
@@ -373,15 +380,41 @@ class ShardDataset(Dataset):
         require_one_readable(len(self), self.load, self.member_name, self.bad_files,
                              f"samples of split={self.split!r}", "check data.root and data=<modality>_shards")
 
-    def __getitem__(self, i: int):
+    def _item(self, i: int, load: Callable[[], tuple[Tensor, int]]):
+        """`load()`, or None (listed as a bad file) when it fails; an unreachable store stops the run instead
+        (resume=auto continues exactly), never skips every sample."""
         try:
-            data, label = self.load(i)
+            return load()
         except ObjectStoreError:
-            raise  # the store is unreachable: stop (resume=auto continues exactly), never skip every sample
+            raise
         except Exception as error:  # noqa: BLE001 - any read or decode failure makes the sample unusable
             self.bad_files.handle(self.member_name(i), failure_reason(error))
             return None
-        return data, label
+
+    def __getitem__(self, i: int):
+        return self._item(i, lambda: self.load(i))
+
+    def load_batch(self, indices: list[int]) -> list:
+        """Items `indices` as `[self[i] for i in indices]` gives them (the same augmentation draws), with the reads
+        in flight at once: from an object store, one GET per sample, concurrently (`SeededSamples` uses this)."""
+
+        def fetch(i: int):
+            try:
+                return self.fetch(i)
+            except Exception as error:  # noqa: BLE001 - raised again below, in the sample's turn
+                return error
+
+        fetched = self.source.map(fetch, indices)
+        for result in fetched:
+            if isinstance(result, ObjectStoreError):
+                raise result
+
+        def finish(i: int, result):
+            if isinstance(result, Exception):
+                raise result
+            return self.finish(i, result)
+
+        return [self._item(i, lambda i=i, result=result: finish(i, result)) for i, result in zip(indices, fetched)]
 
 
 class ImageShards(ShardDataset):
@@ -403,8 +436,8 @@ class ImageShards(ShardDataset):
         """image: [C, S, S]"""
         return load_image(source, self.image_size, self.channels, self.max_pixels)
 
-    def load(self, i: int) -> tuple[Tensor, int]:
-        image, label = super().load(i)
+    def finish(self, i: int, fetched: list[bytes]) -> tuple[Tensor, int]:
+        image, label = super().finish(i, fetched)
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
         return image, label
