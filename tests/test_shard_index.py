@@ -115,13 +115,14 @@ def test_a_stale_index_is_refused_at_start_up_and_a_copy_stays_valid(tmp_path):
         return bytes(changed)
 
     cases = {"grown": original + bytes(1024), "first samples": flipped(2000),
-             "last samples": flipped(len(original) - 3000), "rewritten": big_shard(tmp_path / "other", order=[1, 0, *range(2, 30)]).read_bytes()}
+             "last samples": flipped(len(original) - 3000),
+             "rewritten": big_shard(tmp_path / "other", order=[1, 0, *range(2, 30)]).read_bytes()}
     assert len(cases["rewritten"]) == len(original)  # the same members in another order: same size
     for name, content in cases.items():
         shard.write_bytes(content)
         index_location(shard).write_bytes(index)
-        with pytest.raises(ValueError, match=rf"the index .*train-000000\.tar\.index\.json describes another version "
-                                             rf"of .*train-000000\.tar .*selfflow-shards index FOLDER"):
+        with pytest.raises(ValueError, match=r"the index .*train-000000\.tar\.index\.json describes another version "
+                                             r"of .*train-000000\.tar .*selfflow-shards index FOLDER"):
             ImageShards(str(shard.parent), "train", image_size=4)
     shard.write_bytes(original)
     assert len(ImageShards(str(shard.parent), "train", image_size=4)) == 30

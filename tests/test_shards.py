@@ -15,13 +15,13 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from selfflow.cli.shards import main as shards_cli
+from selfflow.cli.shards import parse_bytes
+from selfflow.data import shard_writer
 from selfflow.data.audio_folder import AudioFolder
 from selfflow.data.bad_files import BadFileError
 from selfflow.data.collate import collate_samples
 from selfflow.data.image_folder import ImageFolder
-from selfflow.cli.shards import main as shards_cli
-from selfflow.cli.shards import parse_bytes
-from selfflow.data import shard_writer
 from selfflow.data.shard_index import sample_key
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import AudioShards, ImageShards, VideoShards, expand_braces, resolve_shards

@@ -11,14 +11,15 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from selfflow.data.shard_sources import ObjectStore, ObjectStoreError
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
 from selfflow.training.datamodule import SelfFlowDataModule
-from tests.conftest import TINY
+from tests.conftest import TINY, compose_train
 from tests.test_resume import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, start, write_noise_images
-from tests.test_shards import write_images
+from tests.test_shards import write_images, write_recordings, write_videos
 
 BUCKET = "selfflow-test"
 
@@ -131,6 +132,23 @@ def test_a_batch_has_its_reads_in_flight_at_once_and_the_items_of_a_loop(endpoin
     loaded = streamed.load_batch(batch)
     assert [label for _, label in loaded] == [label for _, label in one_by_one]
     assert all(torch.equal(a[0], b[0]) for a, b in zip(loaded, one_by_one))  # the same flips, in the same order
+
+
+@pytest.mark.parametrize("modality, tokenizer", [("image", "image_pixels"), ("audio", "audio_mel"),
+                                                 ("video", "video_tubelets")])
+def test_stream_data_configs_build_and_batch(endpoint, modality, tokenizer, tmp_path):
+    {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](tmp_path / "src")
+    write_shards(tmp_path / "src", tmp_path / "shards", modality, test_fraction=0.34)
+    folder = upload(endpoint, tmp_path / "shards", f"config-{modality}")
+    sizes = {"image": ["data.train.image_size=8"], "audio": [],
+             "video": ["data.train.num_frames=4", "data.train.image_size=16"]}[modality]
+    cfg = compose_train([f"data={modality}_stream", f"tokenizer={tokenizer}", f"data.root={folder}",
+                         f"data.train.store.endpoint_url={endpoint}", "data.batch_size=2", *sizes], tmp_path / "run")
+    datamodule = instantiate(cfg.data)
+    assert datamodule.num_classes == 2 and datamodule.modality == modality
+    assert datamodule.test_set.shards[0].startswith("s3://") and datamodule.test_set.source.endpoint_url == endpoint
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["data"].shape[0] == 2 and batch["label"].tolist()[0] in (0, 1)
 
 
 def free_port() -> int:

@@ -30,8 +30,7 @@ from selfflow.data.files import check_readable_file, find_labelled_files, printa
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, load_image
 from selfflow.data.shard_index import (TAR_BLOCK, index_location, scan_shard, temporary_path, write_atomically,
                                        write_index)
-from selfflow.data.shards import (CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, MAX_CAPTION_BYTES,
-                                  MAX_MEMBER_BYTES)
+from selfflow.data.shards import CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, MAX_CAPTION_BYTES, MAX_MEMBER_BYTES
 from selfflow.data.video_io import MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 log = logging.getLogger("selfflow.data")
