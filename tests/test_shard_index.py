@@ -3,6 +3,7 @@ of the tar headers, refused when stale, and treated as data from others: bounded
 checked member by member against the tar headers they point at."""
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -42,7 +43,8 @@ def same_dataset(a: ImageShards, b: ImageShards) -> None:
     assert a.problems == b.problems and a.class_names == b.class_names
 
 
-def test_the_writer_indexes_every_shard_and_start_up_reads_the_indexes_not_the_headers(tmp_path, monkeypatch):
+def test_the_writer_indexes_every_shard_and_start_up_reads_the_indexes_not_the_headers(tmp_path, monkeypatch,
+                                                                                        caplog):
     write_images(tmp_path / "src", per_class=5)
     write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.3, max_samples_per_shard=3)
     tars = sorted((tmp_path / "shards").glob("*.tar"))
@@ -58,9 +60,12 @@ def test_the_writer_indexes_every_shard_and_start_up_reads_the_indexes_not_the_h
     for i in range(len(indexed)):
         assert torch.equal(indexed[i][0], scanned[i][0]) and indexed[i][1] == scanned[i][1]
     monkeypatch.undo()
-    for tar in tars:  # the scan is still there for shards without an index
+    for tar in tars:  # the scan is still there for shards without an index, and a slow one suggests indexing
         index_location(tar).unlink()
-    same_dataset(ImageShards(str(tmp_path / "shards"), "train", image_size=8), scanned)
+    monkeypatch.setattr(shards_module, "SLOW_SCAN_SECONDS", 0.0)
+    with caplog.at_level(logging.WARNING, logger="selfflow.data"):
+        same_dataset(ImageShards(str(tmp_path / "shards"), "train", image_size=8), scanned)
+    assert f"`selfflow-shards index {tmp_path / 'shards'}` writes an index beside each shard" in caplog.text
 
 
 def test_selfflow_shards_index_indexes_existing_shards_and_rewrites_only_stale_ones(tmp_path, capsys):

@@ -36,7 +36,7 @@ INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "selfflow-shard-index"
 INDEX_VERSION = 1
 FINGERPRINT_BYTES = 64 << 10  # hashed at each end of a shard
-MAX_INDEX_BYTES = 64 << 20  # ~1M members: 100x a shard of the writer's default 10,000 samples
+MAX_INDEX_BYTES = 16 << 20  # ~500k members, 25x a shard of the writer's default 10,000 samples; ~100 MB parsed
 MAX_REASON_CHARS = 1024
 INDEX_HINT = "write it again with: selfflow-shards index FOLDER"
 

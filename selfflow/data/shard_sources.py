@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import fnmatch
 import os
-import re
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -21,7 +20,6 @@ T = TypeVar("T")
 R = TypeVar("R")
 URL_SCHEME = "s3://"
 ADDRESSING_STYLES = ("auto", "path", "virtual")
-_CONTENT_RANGE = re.compile(r"^bytes \d+-\d+/(\d+)$")
 
 
 class ByteSource(Protocol):
@@ -35,7 +33,8 @@ class ByteSource(Protocol):
     def glob(self, folder, pattern: str) -> list:
         """The files directly in `folder` whose names match the glob `pattern`, sorted."""
 
-    def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]: ...
+    def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
+        """`[function(item) for item in items]`, concurrently where that helps (network requests)."""
 
 
 def is_url(location) -> bool:

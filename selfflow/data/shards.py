@@ -35,8 +35,8 @@ from torch.utils.data import Dataset
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, check_image_options, load_image
-from selfflow.data.shard_index import (INDEX_HINT, OFFSET, SAMPLE, SIZE, TAR_BLOCK, ShardTable, check_member_header,
-                                       index_location, read_index, scan_shard, shortened)
+from selfflow.data.shard_index import (EXTENSION, INDEX_HINT, OFFSET, SAMPLE, SIZE, TAR_BLOCK, ShardTable,
+                                       check_member_header, index_location, read_index, scan_shard, shortened)
 from selfflow.data.shard_sources import ByteSource, ObjectStore, ObjectStoreError, child, is_url, parent, source_for
 from selfflow.data.video_folder import check_clip_options
 from selfflow.data.video_io import MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
@@ -182,11 +182,11 @@ def member_columns(table: ShardTable, extensions: Sequence[str]) -> tuple[np.nda
     """Per sample of `table`, which of `extensions` it has first (in tar order) and that member's (offset, size):
     choice: [S] index into `extensions`, -1 for none; members: [S, 2], size -1 for none."""
     rank = np.array([extensions.index(e) if e in extensions else -1 for e in table.extensions] + [-1])  # [E + 1]
-    rows = table.members[rank[table.members[:, 1]] >= 0] if len(table.members) else table.members  # [R, 4]
+    rows = table.members[rank[table.members[:, EXTENSION]] >= 0]  # [R, 4]: members of one of `extensions`
     first = np.unique(rows[:, SAMPLE], return_index=True)[1]  # first row of each sample that has one
     choice = np.full(len(table.keys), -1, dtype=np.int64)
     members = np.tile(np.array([0, -1], dtype=np.int64), (len(table.keys), 1))
-    choice[rows[first, SAMPLE]] = rank[rows[first, 1]]
+    choice[rows[first, SAMPLE]] = rank[rows[first, EXTENSION]]
     members[rows[first, SAMPLE]] = rows[first][:, [OFFSET, SIZE]]
     return choice, members
 
@@ -231,7 +231,7 @@ class ShardDataset(Dataset):
             missing = [int(s) for s in missing if int(s) not in table.problems]
             if missing:
                 sample = missing[0]
-                held = sorted(table.extensions[e] for e in table.members[table.members[:, SAMPLE] == sample, 1])
+                held = sorted(table.extensions[e] for e in table.members[table.members[:, SAMPLE] == sample, EXTENSION])
                 raise ValueError(f"sample {table.keys[sample]} of shard {shard} has no {self.modality} member (it "
                                  f"holds {held}; expected one of {list(self.data_extensions)}); check "
                                  f"data=<modality>_shards or write the shards again")
@@ -309,7 +309,7 @@ class ShardDataset(Dataset):
             problem = check_member_header(piece[:TAR_BLOCK], self.keys[i], extension, e - s - TAR_BLOCK)
             if problem is not None:
                 raise UnusableSample(f"its {what} member does not match the shard's index: {problem} (the shard "
-                                     f"changed after it was indexed?); {INDEX_HINT}")
+                                     f"changed after it was indexed or scanned?); {INDEX_HINT}")
         return [piece[TAR_BLOCK:] for piece in pieces]
 
     def _label_member(self, i: int) -> tuple[np.ndarray, int, str, str]:
