@@ -5,8 +5,8 @@ The files of each split are the ones the folder dataset reads with the same opti
 test/ folders or a fixed `test_fraction`, a CSV `manifest`, or a `name_pattern`), in the same order. Sample k of
 a split becomes `<split>-NNNNNN.tar` members `k.<ext>` (the file's bytes, unchanged), `k.cls` (its class index) and
 `k.txt` (the caption file next to it, when there is one); `classes.json` names the classes. Each shard is written
-to a temporary file, indexed, and renamed when complete, then its index is written beside it; existing shards are
-kept unless `overwrite`.
+to a temporary file and renamed when complete, then its index is written beside it; existing shards are kept unless
+`overwrite`.
 
 Shards are made to be shared, so only what the source folder holds goes in: a file (or caption) whose real path,
 links resolved, lies outside it (a symlink, a manifest path with `..` or an absolute one) is skipped, and so is any
@@ -49,7 +49,7 @@ def tar_bytes(size: int) -> int:
 class ShardWriter:
     """Samples into `<folder>/<split>-NNNNNN.tar`: a new shard after `max_samples` samples, or before a sample that
     would take the shard past `max_bytes` (a larger sample gets a shard of its own). Members stream into a temporary
-    file that is renamed when its shard is complete; `abort` removes it."""
+    file that is renamed when its shard is complete, and its index written beside it; `abort` removes it."""
 
     def __init__(self, folder: Path, split: str, max_samples: int, max_bytes: int):
         if max_samples < 1:
