@@ -1,4 +1,4 @@
-"""Files from others are data: tools/write_shards.py ships only what the source folder holds and what decodes, and
+"""Files from others are data: selfflow-shards write ships only what the source folder holds and what decodes, and
 tiny hostile shards, recordings and videos are refused (naming the file and the limit) at a small memory cost.
 
 Memory bounds are checked in a fresh Python whose address space may grow only a few hundred MB past what it holds
@@ -23,9 +23,10 @@ from PIL import Image
 from selfflow.data.audio_io import READ_BLOCK_VALUES, read_audio, resampling_rates
 from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.image_folder import ImageFolder
+from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
-from tests.conftest import compose_train, load_tool
-from tests.test_shards import png_bytes, write_images, write_tar
+from tests.conftest import compose_train
+from tests.test_shards import exit_status, png_bytes, write_images, write_tar
 
 REPO = Path(__file__).resolve().parents[1]
 HEADROOM_MB = 300
@@ -68,7 +69,7 @@ def lines_of(output: str) -> dict[str, str]:
     return dict(line.split(": ", 1) for line in output.splitlines() if ": " in line)
 
 
-# --- tools/write_shards.py -------------------------------------------------------------------------------------------
+# --- selfflow-shards write -------------------------------------------------------------------------------------------
 
 
 def shard_bytes(folder: Path) -> bytes:
@@ -76,7 +77,6 @@ def shard_bytes(folder: Path) -> bytes:
 
 
 def test_write_shards_never_copies_a_file_from_outside_the_source_folder(tmp_path):
-    tool = load_tool("write_shards")
     secret = Image.fromarray(np.full((8, 8, 3), 77, dtype=np.uint8))
     secret.save(tmp_path / "secret.png")
     (tmp_path / "secret.txt").write_text("the password is swordfish")
@@ -85,7 +85,7 @@ def test_write_shards_never_copies_a_file_from_outside_the_source_folder(tmp_pat
     write_images(source / "train", per_class=3)
     (source / "train" / "cat" / "leak.png").symlink_to(tmp_path / "secret.png")
     (source / "train" / "dog" / "0.txt").symlink_to(tmp_path / "secret.txt")  # the caption of dog/0.jpg
-    summary = tool.write_shards(source, tmp_path / "shards", "image", splits=("train",))
+    summary = write_shards(source, tmp_path / "shards", "image", splits=("train",))
     reasons = {Path(s["path"]).name: s["reason"] for s in summary["splits"]["train"]["skipped"]}
     assert set(reasons) == {"leak.png", "0.jpg"}
     assert "outside the source folder" in reasons["leak.png"]
@@ -97,7 +97,7 @@ def test_write_shards_never_copies_a_file_from_outside_the_source_folder(tmp_pat
     # manifest rows that climb out of the folder or name an absolute path
     (source / "labels.csv").write_text(f"path,label,split\ntrain/cat/1.png,cat,train\n../secret.png,cat,train\n"
                                        f"{tmp_path / 'secret.png'},dog,train\n")
-    summary = tool.write_shards(source, tmp_path / "manifest", "image", splits=("train",), manifest="labels.csv")
+    summary = write_shards(source, tmp_path / "manifest", "image", splits=("train",), manifest="labels.csv")
     skipped = summary["splits"]["train"]["skipped"]
     assert len(skipped) == 2 and all("outside the source folder" in s["reason"] for s in skipped)
     assert summary["splits"]["train"]["samples"] == 1
@@ -106,7 +106,6 @@ def test_write_shards_never_copies_a_file_from_outside_the_source_folder(tmp_pat
 
 
 def test_write_shards_decodes_every_file_and_ships_nothing_undecodable(tmp_path, capsys):
-    tool = load_tool("write_shards")
     source = tmp_path / "src"
     write_images(source / "train", per_class=2)
     (source / "train" / "cat" / "notes.png").write_text("not an image")
@@ -114,8 +113,8 @@ def test_write_shards_decodes_every_file_and_ships_nothing_undecodable(tmp_path,
     Image.new("L", (5000, 5000)).save(source / "train" / "dog" / "huge.png")  # above the loaders' max_pixels
     Image.new("RGB", (200, 200)).save(source / "train" / "dog" / "big_file.bmp")  # 120 KB: above 100K below
     out = tmp_path / "shards"
-    assert tool.main([str(source), str(out), "--modality", "image", "--splits", "train", "--max-member-bytes",
-                      "100K", "--no-progress"]) == 0
+    assert exit_status(["write", str(source), str(out), "--modality", "image", "--splits", "train",
+                        "--max-member-bytes", "100K", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
     reasons = {Path(s["path"]).name: s["reason"] for s in summary["splits"]["train"]["skipped"]}
     assert sorted(reasons) == ["big_file.bmp", "cut.png", "huge.png", "notes.png"]
@@ -124,8 +123,8 @@ def test_write_shards_decodes_every_file_and_ships_nothing_undecodable(tmp_path,
     assert "more than --max-member-bytes=102400" in reasons["big_file.bmp"]
     shards = ImageShards(str(out), "train", image_size=8)
     assert len(shards) == 4 and all(shards[i] is not None for i in range(len(shards)))  # every shipped file decodes
-    assert tool.main([str(source), str(tmp_path / "raised"), "--modality", "image", "--splits", "train",
-                      "--max-pixels", "25000000", "--no-progress"]) == 0
+    assert exit_status(["write", str(source), str(tmp_path / "raised"), "--modality", "image", "--splits", "train",
+                        "--max-pixels", "25000000", "--no-progress"]) == 0
     assert "huge.png" not in capsys.readouterr().out  # the limit is the writer's option too
 
 

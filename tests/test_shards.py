@@ -1,4 +1,4 @@
-"""WebDataset tar shards: folder -> tools/write_shards.py -> shard datasets give the folder datasets' items, for
+"""WebDataset tar shards: folder -> selfflow-shards write -> shard datasets give the folder datasets' items, for
 image, audio and video; shard lists and brace patterns; random access; corrupt shards and members."""
 import io
 import json
@@ -15,23 +15,19 @@ import torch
 from hydra.utils import instantiate
 from PIL import Image
 
+from selfflow.cli.shards import main as shards_cli
+from selfflow.cli.shards import parse_bytes
+from selfflow.data import shard_writer
 from selfflow.data.audio_folder import AudioFolder
 from selfflow.data.bad_files import BadFileError
 from selfflow.data.collate import collate_samples
 from selfflow.data.image_folder import ImageFolder
-from selfflow.data.shards import AudioShards, ImageShards, VideoShards, expand_braces, resolve_shards, sample_key
+from selfflow.data.shard_index import sample_key
+from selfflow.data.shard_writer import write_shards
+from selfflow.data.shards import AudioShards, ImageShards, VideoShards, expand_braces, resolve_shards
 from selfflow.data.video_folder import VideoFolder
 from selfflow.data.video_io import write_mp4
 from tests.conftest import TINY, compose_train
-from tests.conftest import load_tool as load_shared_tool
-
-
-
-def load_tool():
-    return load_shared_tool("write_shards")
-
-
-write_shards = load_tool().write_shards
 
 
 def write_images(root: Path, per_class: int = 4) -> None:
@@ -89,8 +85,9 @@ def test_image_shards_round_trip_equals_the_folder_item_by_item(tmp_path):
     assert summary["splits"]["train"] == {"samples": 7, "shards": 3, "bytes": summary["splits"]["train"]["bytes"],
                                           "skipped": []}
     assert summary["splits"]["test"]["samples"] == 3
-    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == [
-        "classes.json", "test-000000.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == [
+        "test-000000.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+    assert (tmp_path / "shards" / "classes.json").is_file()
     info = json.loads((tmp_path / "shards" / "classes.json").read_text())
     assert info["class_names"] == ["cat", "dog"] and info["modality"] == "image"
     for split in ("train", "test"):
@@ -144,7 +141,7 @@ def test_brace_patterns_lists_and_the_split_placeholder(tmp_path):
     assert len(pattern) == len(by_folder) == 7 and len(listed) == 3
     for i in range(len(listed)):
         assert torch.equal(listed[i][0], by_folder[4 + i][0]) and listed[i][1] == by_folder[4 + i][1]
-    with pytest.raises(FileNotFoundError, match=r"train-000004\.tar does not exist.*tools/write_shards\.py"):
+    with pytest.raises(FileNotFoundError, match=r"train-000004\.tar does not exist.*selfflow-shards write"):
         resolve_shards(f"{out}/train-{{000000..000004}}.tar", "train")
 
 
@@ -157,14 +154,14 @@ def test_length_and_random_access_read_only_the_wanted_member(tmp_path):
     order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(0)).tolist()
     for i in order:  # any order, any shard: the same items
         assert torch.equal(shards[i][0], in_order[i][0]) and shards[i][1] == in_order[i][1]
-    # an item is read at its offset: zeroing every other member's bytes does not change it
-    shard, offset, size = (int(v) for v in shards.data_members[3])
-    path = shards.shards[shard]
-    kept = path.read_bytes()[offset:offset + size]
-    blanked = bytearray(path.stat().st_size)
-    blanked[offset:offset + size] = kept
-    label_shard, label_offset, label_size = (int(v) for v in shards.label_members[3])
-    blanked[label_offset:label_offset + label_size] = path.read_bytes()[label_offset:label_offset + label_size]
+    # an item is read at its offset: zeroing every other member (but the end of the archive, read for the index's
+    # fingerprint) does not change it; each member's own header is read with it
+    path = shards.shards[int(shards.data_members[3, 0])]
+    original = path.read_bytes()
+    blanked = bytearray(len(original))
+    for _, offset, size in (shards.data_members[3], shards.label_members[3]):
+        blanked[offset - 512:offset + size] = original[offset - 512:offset + size]
+    blanked[-1024:] = original[-1024:]
     path.write_bytes(bytes(blanked))
     assert torch.equal(shards[3][0], in_order[3][0]) and shards[3][1] == in_order[3][1]
 
@@ -252,7 +249,7 @@ def test_corrupt_member_is_skipped_and_listed_or_fatal_by_policy(tmp_path):
 
 
 def test_clear_errors_for_missing_shards_missing_data_and_the_wrong_modality(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"shard .*nowhere does not exist.*tools/write_shards\.py"):
+    with pytest.raises(FileNotFoundError, match=r"shard .*nowhere does not exist.*selfflow-shards write"):
         ImageShards(str(tmp_path / "nowhere"), "train")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no train-\*\.tar shards in .*empty; write shards"):
@@ -273,45 +270,52 @@ def test_clear_errors_for_missing_shards_missing_data_and_the_wrong_modality(tmp
     assert ImageShards(str(val.parent), "test", image_size=4).shards == [val]  # no test-*.tar: val-*.tar
 
 
+def exit_status(argv: list[str]) -> int:
+    """selfflow-shards' exit status for `argv` (user errors end in SystemExit(2))."""
+    try:
+        return shards_cli(argv)
+    except SystemExit as stop:
+        return stop.code
+
+
 def test_writer_is_atomic_refuses_to_overwrite_and_replaces_stale_shards(tmp_path, capsys):
-    tool = load_tool()
     write_images(tmp_path / "src", per_class=4)
     (tmp_path / "src" / "cat" / "0.txt").write_text("a small cat\n")
     out = tmp_path / "shards"
-    argv = [str(tmp_path / "src"), str(out), "--modality", "image", "--test-fraction", "0.25",
+    argv = ["write", str(tmp_path / "src"), str(out), "--modality", "image", "--test-fraction", "0.25",
             "--max-samples-per-shard", "1", "--no-progress"]
-    assert tool.main(argv) == 0
+    assert exit_status(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"]["train"]["shards"] == 6 and summary["classes"] == 2
-    assert tool.main(argv) == 2
+    assert exit_status(argv) == 2
     error = capsys.readouterr().err
     assert "already holds shards (test-000000.tar, ... 8 files); pass --overwrite" in error
-    assert tool.main([*argv[:-3], "--max-samples-per-shard", "100", "--no-progress", "--overwrite"]) == 0
+    assert exit_status([*argv[:-3], "--max-samples-per-shard", "100", "--no-progress", "--overwrite"]) == 0
     capsys.readouterr()
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "test-000000.tar", "train-000000.tar"]
+    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "test-000000.tar", "test-000000.tar.index.json",
+                                                     "train-000000.tar", "train-000000.tar.index.json"]
     shards = ImageShards(str(out), "train", image_size=8)
     captions = [shards.caption(i) for i in range(len(shards))]
     assert captions.count("a small cat") == 1 and captions.count(None) == len(shards) - 1
-    assert tool.main([str(tmp_path / "missing"), str(out), "--modality", "image"]) == 2
+    assert exit_status(["write", str(tmp_path / "missing"), str(out), "--modality", "image"]) == 2
     assert "data.root=" in capsys.readouterr().err
-    assert tool.parse_bytes("1.5G") == int(1.5 * (1 << 30)) and tool.parse_bytes("500M") == 500 << 20
+    assert parse_bytes("1.5G") == int(1.5 * (1 << 30)) and parse_bytes("500M") == 500 << 20
 
 
 def test_writer_leaves_no_partial_shard_when_interrupted(tmp_path, monkeypatch):
-    tool = load_tool()
     write_images(tmp_path / "src", per_class=4)
     calls = []
 
-    def failing_add(self, key, members, add=tool.ShardWriter.add):
+    def failing_add(self, key, members, add=shard_writer.ShardWriter.add):
         calls.append(key)
         if len(calls) == 4:
             raise KeyboardInterrupt
         add(self, key, members)
 
-    monkeypatch.setattr(tool.ShardWriter, "add", failing_add)
+    monkeypatch.setattr(shard_writer.ShardWriter, "add", failing_add)
     with pytest.raises(KeyboardInterrupt):
-        tool.write_shards(tmp_path / "src", tmp_path / "out", "image", test_fraction=0.25, max_samples_per_shard=2)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-000000.tar"]  # complete shards only
+        write_shards(tmp_path / "src", tmp_path / "out", "image", test_fraction=0.25, max_samples_per_shard=2)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-000000.tar", "train-000000.tar.index.json"]
     assert len(tarfile.open(tmp_path / "out" / "train-000000.tar").getnames()) == 4
 
 

@@ -1,23 +1,209 @@
-"""Loader throughput against the training step's consumption for the built-in video and audio experiments.
+"""Loader throughput: where images come from (a folder, local tar shards, an S3-compatible store) against what an
+XL/2 training step consumes, and the built-in video and audio experiments against their own training step.
 
-  python tools/bench_loaders.py                       # video_digits and audio_digits, prints JSON
-  python tools/bench_loaders.py --experiments video_digits --batches 20 --steps 10 --workers 0 2
+  python tools/bench_loaders.py                                     # every part; JSON records on stdout
+  python tools/bench_loaders.py --only start_up --start-up-samples 100000
+  python tools/bench_loaders.py --only storage --images 256 --workers 0 1 2 --step-seconds 0.19 --step-batch 32
+  python tools/bench_loaders.py --only storage --latency-ms 20      # as if the store were 20 ms away
+  python tools/bench_loaders.py --only experiments --experiments video_digits --batches 20 --steps 10
 
-For each experiment: clips/s (and seconds of audio/s) that the train DataLoader delivers with each worker count,
-the video decoders (decord, PyAV) on their own, and clips/s that one optimizer step of the experiment's model
-consumes (tokenize + Self-Flow objective forward/backward + AdamW + EMA update). `loader_over_step` > 1 means
-the loader keeps up. Built-in data is generated into $SELFFLOW_CACHE first if needed (not timed).
+start_up: seconds to open `--start-up-samples` samples in shards of 10,000 (tiny members: the headers are the
+work) through their indexes (local and streamed) and by scanning every tar header (local, indexes removed).
+
+storage: `--images` synthetic photos (JPEG, 500x375 like an average ImageNet image) in two class folders, written
+as shards by `selfflow-shards write` (with their indexes) and uploaded to a moto S3 server on 127.0.0.1 started
+here (moto is in the test extra); the same items (256x256 centre crops, flips) are then loaded through the training
+DataLoader (`SelfFlowDataModule`: the resumable sampler, a batch's reads in flight at once) from each storage, at
+each worker count. Records: samples/s per storage and worker count, and per storage the workers that keep one GPU
+fed: ceil(consumption / samples/s of one worker), consumption = step_batch / step_seconds of one XL/2 step on one
+GPU.
+The default step (0.19 s for 32 samples) is an estimate: the H200 step measured in docs/performance.md (width 768,
+12 blocks, batch 128: 145 ms) scaled by FLOPs to XL/2 (width 1152, 28 blocks) at 32 samples; pass a measured one.
+
+experiments: clips/s (and seconds of audio/s) of the train DataLoader of each experiment, the video decoders on their
+own, and clips/s that one optimizer step of the experiment's model consumes (tokenize + Self-Flow forward/backward
++ AdamW + EMA update); `loader_over_step` > 1 means the loader keeps up. Built-in data is generated into
+$SELFFLOW_CACHE first if needed (not timed).
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import logging
+import math
 import os
+import tempfile
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
+from PIL import Image
+
+from selfflow.data.image_folder import ImageFolder
+from selfflow.data.shard_index import index_location
+from selfflow.data.shard_sources import ObjectStore
+from selfflow.data.shard_writer import ShardWriter, write_shards
+from selfflow.data.shards import CLASSES_FILE, ImageShards
+from selfflow.training.datamodule import SelfFlowDataModule
+
+BUCKET = "selfflow-bench"
+PHOTO_SIZE = (500, 375)  # width, height: about the mean ImageNet image
+IMAGE_SIZE = 256  # what an XL/2 run on ImageNet trains on (before its autoencoder)
+PARTS = ["start_up", "storage", "experiments"]
+
+
+# ---------------------------------------------------------------- storage: folder, local shards, streamed
+
+
+def write_photos(root: Path, count: int) -> float:
+    """`count` JPEGs of smooth colour fields with noise (compressing like photos) in two class folders; mean KB."""
+    rng = np.random.default_rng(0)
+    width, height = PHOTO_SIZE
+    ramp = np.linspace(0, 1, width)[None, :, None] * np.linspace(0, 1, height)[:, None, None]  # [H, W, 1]
+    sizes = []
+    for i in range(count):
+        path = root / f"class{i % 2}" / f"{i:06d}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        colour = rng.uniform(0, 255, (1, 1, 3))
+        pixels = np.clip(colour * ramp + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(path, quality=90)
+        sizes.append(path.stat().st_size)
+    return float(np.mean(sizes)) / 1024
+
+
+class DelayedStore(ObjectStore):
+    """An object store `latency_ms` away: each read waits that long first (a remote store's time to first byte)."""
+
+    def __init__(self, latency_ms: float, **kwargs):
+        super().__init__(**kwargs)
+        self.latency_ms = latency_ms
+
+    def read(self, location: str, offset: int, size: int) -> bytes:
+        time.sleep(self.latency_ms / 1000)
+        return super().read(location, offset, size)
+
+
+def start_store() -> tuple[object, str]:
+    """A moto S3 server on 127.0.0.1 with a bucket; throw-away credentials in this process's environment."""
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench")
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    ObjectStore(endpoint_url=url).client().create_bucket(Bucket=BUCKET)
+    return server, url
+
+
+def upload(url: str, folder: Path) -> str:
+    client = ObjectStore(endpoint_url=url).client()
+    for path in sorted(folder.iterdir()):
+        client.put_object(Bucket=BUCKET, Key=f"shards/{path.name}", Body=path.read_bytes())
+    return f"s3://{BUCKET}/shards"
+
+
+def samples_per_s(train, workers: int, batch_size: int, batches: int) -> float:
+    """Samples per second of the training DataLoader after one warm-up batch (which starts the workers)."""
+    test = train  # the test split is not read here
+    loader = SelfFlowDataModule(train, test, "image", batch_size=batch_size, num_workers=workers).train_dataloader()
+    iterator = iter(loader)
+    next(iterator)
+    count, start = 0, time.perf_counter()
+    for _ in range(batches):
+        batch = next(iterator)
+        count += 0 if batch is None else len(batch["label"])
+    return count / (time.perf_counter() - start)
+
+
+def bench_storage(args) -> list[dict]:
+    records = []
+    device = f"cpu ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
+    consumption = args.step_batch / args.step_seconds
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        image_kb = write_photos(folder / "photos", args.images)
+        write_shards(folder / "photos", folder / "shards", "image", splits=("train",),
+                     max_samples_per_shard=args.samples_per_shard)
+        server, url = start_store()
+        try:
+            remote = upload(url, folder / "shards")
+            options = {"split": "train", "image_size": IMAGE_SIZE, "hflip": True}
+            store = DelayedStore(args.latency_ms, endpoint_url=url) if args.latency_ms else ObjectStore(
+                endpoint_url=url)
+            builders = {
+                "folder": lambda: ImageFolder(str(folder / "photos"), **options),
+                "local_shards": lambda: ImageShards(str(folder / "shards"), **options),
+                "streamed": lambda: ImageShards(remote, store=store, **options),
+            }
+            datasets = {storage: build() for storage, build in builders.items()}
+            for storage, dataset in datasets.items():
+                rates = {}
+                for workers in args.workers:
+                    rates[workers] = samples_per_s(dataset, workers, args.batch_size, args.batches)
+                    records.append({"name": "loader/samples_per_s", "storage": storage, "workers": workers,
+                                    "samples_per_s": round(rates[workers], 1), "batch_size": args.batch_size,
+                                    "images": len(dataset), "image_kb": round(image_kb, 1),
+                                    "latency_ms": args.latency_ms if storage == "streamed" else 0, "device": device})
+                per_worker = rates.get(1) or max((rate / w for w, rate in rates.items() if w), default=float("nan"))
+                records.append({"name": "loader/keep_one_gpu_fed", "storage": storage,
+                                "step_seconds": args.step_seconds, "step_batch": args.step_batch,
+                                "consumption_samples_per_s": round(consumption, 1),
+                                "samples_per_s_one_worker": round(per_worker, 1),
+                                "workers_needed": math.ceil(consumption / per_worker) if per_worker > 0 else None,
+                                "device": device})
+        finally:
+            server.stop()
+    return records
+
+
+def tiny_png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), (90, 60, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bench_start_up(args) -> list[dict]:
+    """Seconds to open `--start-up-samples` samples (tiny PNGs, so that the headers are the work) in shards of
+    10,000: through the indexes, from local disk and from the store, and by scanning every tar header."""
+    records = []
+    device = f"cpu ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
+    with tempfile.TemporaryDirectory() as folder:
+        folder = Path(folder)
+        writer, data = ShardWriter(folder, "train", 10_000, 1 << 40), tiny_png()
+        for k in range(args.start_up_samples):
+            writer.add(f"{k:07d}", {"png": data, "cls": str(k % 2).encode()})
+        shards = writer.close()
+        (folder / CLASSES_FILE).write_text(json.dumps({"class_names": ["even", "odd"], "modality": "image"}))
+        server, url = start_store()
+        try:
+            remote = upload(url, folder)
+            opened = {"local_shards": lambda: ImageShards(str(folder), image_size=8),
+                      "streamed": lambda: ImageShards(remote, image_size=8, store=ObjectStore(endpoint_url=url))}
+            for storage, open_shards in opened.items():
+                start = time.perf_counter()
+                open_shards()
+                records.append({"name": "loader/start_up", "storage": storage, "index": True,
+                                "seconds": round(time.perf_counter() - start, 3), "samples": args.start_up_samples,
+                                "shards": len(shards), "device": device})
+            for shard in shards:
+                index_location(shard).unlink()
+            start = time.perf_counter()
+            opened["local_shards"]()
+            records.append({"name": "loader/start_up", "storage": "local_shards", "index": False,
+                            "seconds": round(time.perf_counter() - start, 3), "samples": args.start_up_samples,
+                            "shards": len(shards), "device": device})
+        finally:
+            server.stop()
+    return records
+
+
+# ---------------------------------------------------------------- experiments: built-in video and audio
 
 
 def compose_experiment(name: str, overrides: list[str]):
@@ -73,11 +259,11 @@ def step_rate(cfg, datamodule, steps: int) -> float:
     return steps * len(batch["label"]) / (time.perf_counter() - start)
 
 
-def bench(name: str, workers: list[int], batches: int, steps: int, overrides: list[str]) -> dict:
+def bench_experiment(name: str, workers: list[int], batches: int, steps: int, overrides: list[str]) -> dict:
     cfg = compose_experiment(name, overrides)
     datamodule = instantiate(cfg.data)
-    result: dict = {"experiment": name, "modality": datamodule.modality, "batch_size": datamodule.batch_size,
-                    "configured_workers": int(cfg.data.num_workers)}
+    result: dict = {"name": "loader/experiment", "experiment": name, "modality": datamodule.modality,
+                    "batch_size": datamodule.batch_size, "configured_workers": int(cfg.data.num_workers)}
     for count in workers:
         result[f"loader_clips_per_s_workers{count}"] = round(loader_rate(datamodule, count, batches), 1)
     if datamodule.modality == "audio":
@@ -99,15 +285,30 @@ def bench(name: str, workers: list[int], batches: int, steps: int, overrides: li
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", choices=PARTS, action="append", help="one part (repeatable); default: all")
+    parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="DataLoader worker counts")
+    parser.add_argument("--batches", type=int, default=8, help="batches timed per loader setting")
+    parser.add_argument("--images", type=int, default=256, help="storage: synthetic photos written")
+    parser.add_argument("--batch-size", type=int, default=32, help="storage: DataLoader batch size")
+    parser.add_argument("--samples-per-shard", type=int, default=64, help="storage: shard size in samples")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="storage: wait this long before every read from the store (a remote store)")
+    parser.add_argument("--step-seconds", type=float, default=0.19, help="storage: one XL/2 optimizer step on one GPU "
+                        "(default: an estimate scaled from docs/performance.md, see above)")
+    parser.add_argument("--step-batch", type=int, default=32, help="storage: samples per GPU in that step")
+    parser.add_argument("--start-up-samples", type=int, default=50_000, help="start_up: samples in the shards")
     parser.add_argument("--experiments", nargs="+", default=["video_digits", "audio_digits"])
-    parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
-    parser.add_argument("--batches", type=int, default=20, help="batches timed per loader setting")
-    parser.add_argument("--steps", type=int, default=10, help="optimizer steps timed")
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides applied to every experiment")
+    parser.add_argument("--steps", type=int, default=10, help="experiments: optimizer steps timed")
+    parser.add_argument("overrides", nargs="*", help="experiments: Hydra overrides applied to every experiment")
     args = parser.parse_args()
-    results = [bench(name, args.workers, args.batches, args.steps, args.overrides) for name in args.experiments]
+    parts = args.only or PARTS
+    records = bench_start_up(args) if "start_up" in parts else []
+    records += bench_storage(args) if "storage" in parts else []
+    if "experiments" in parts:
+        records += [bench_experiment(name, args.workers, args.batches, args.steps, args.overrides)
+                    for name in args.experiments]
     print(json.dumps({"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "load_average_1min": round(os.getloadavg()[0], 2), "results": results}, indent=2))
+                      "load_average_1min": round(os.getloadavg()[0], 2), "records": records}, indent=2))
 
 
 if __name__ == "__main__":

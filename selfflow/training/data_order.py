@@ -104,6 +104,11 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
-        """One seeding per batch (the DataLoader fetches a whole batch through this)."""
+        """One seeding per batch (the DataLoader fetches a whole batch through this). A dataset class with a
+        `load_batch` (shards: the batch's reads in flight at once) loads the batch itself; looked up on the class,
+        so that a wrapper forwarding attributes (captions) keeps its own items."""
+        indices = [index for index, _ in keys]
         with seeded_rng(keys[0][1] if keys else 0):
-            return [self.dataset[index] for index, _ in keys]
+            if hasattr(type(self.dataset), "load_batch"):
+                return self.dataset.load_batch(indices)
+            return [self.dataset[index] for index in indices]
