@@ -56,6 +56,12 @@ STORED_TARGETS = frozenset({
     "torch.optim.AdamW",
 })
 
+# selfflow's own classes that a stored config may still not build, and why (named in the refusal)
+NEVER_REBUILT = {
+    "selfflow.data.shard_sources.ObjectStore": "it would choose which network endpoint selfflow contacts with your "
+                                               "credentials; give data=... for the data to probe or measure",
+}
+
 # arguments that choose where files are written: a stored config never does; the default location is used instead
 WRITE_LOCATION_KEYS = frozenset({"cache_dir"})
 
@@ -83,6 +89,8 @@ def check_plain(value: Any, where: str, key: str = "", targets: bool = False) ->
             if not isinstance(name, (str, int)) or isinstance(name, bool):
                 raise _refuse(where, key, f" has a key of type {type(name).__name__}, not a plain name")
             path = f"{key}.{name}" if key else str(name)
+            if targets and name == "_target_" and item in NEVER_REBUILT:
+                raise _refuse(where, path, f"={item} is not rebuilt from a file: {NEVER_REBUILT[item]}")
             if targets and name == "_target_" and item not in STORED_TARGETS:
                 shown = item if isinstance(item, str) else type(item).__name__
                 raise _refuse(where, path, f"={shown!s:.120} is not a selfflow class")
