@@ -228,7 +228,7 @@ def bucketed_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_selfflow_train_with_buckets_writes_a_size_conditioned_checkpoint(bucketed_checkpoint):
-    from selfflow.training.checkpoint import read_checkpoint
+    from selfflow.interop.checkpoint import read_checkpoint
 
     checkpoint = read_checkpoint(bucketed_checkpoint)
     assert checkpoint["global_step"] == 2

@@ -213,7 +213,7 @@ def test_build_module_rejects_data_without_a_tokenizer(tiny_train_cfg):
 
 
 def test_checkpoint_loads_back_for_inference_with_ema_or_online_weights(tiny_train_cfg, tmp_path):
-    from selfflow.training.checkpoint import load_checkpoint
+    from selfflow.interop.checkpoint import load_checkpoint
 
     run = build_run(tiny_train_cfg("trainer.max_steps=2"))
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -230,7 +230,7 @@ def test_checkpoint_loads_back_for_inference_with_ema_or_online_weights(tiny_tra
 def test_checkpoint_errors_are_clear_and_unsafe_files_are_not_executed(tiny_train_cfg, tmp_path):
     import pickle
 
-    from selfflow.training.checkpoint import load_checkpoint, load_state_checked
+    from selfflow.interop.checkpoint import load_checkpoint, load_state_checked
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")

@@ -86,7 +86,7 @@ def test_ddp_and_fsdp_trainer_configs_build(tmp_path):
     fsdp = compose_train(["trainer=fsdp"], tmp_path)
     strategy = instantiate(fsdp.trainer.strategy)
     assert type(strategy).__name__ == "FSDPStrategy"
-    from selfflow.models.transformer import TransformerBlock
+    from selfflow.models.layers import TransformerBlock
 
     assert strategy.kwargs["use_orig_params"] is True
     assert TransformerBlock in strategy.kwargs["auto_wrap_policy"]._module_classes
@@ -120,11 +120,12 @@ def test_an_absent_modality_has_gradients_for_ddp_and_none_for_the_optimizer():
 
     from selfflow.models.transformer import SelfFlowTransformer
     from selfflow.training.distributed import ModalityParameters
+    from selfflow.tokens import Condition
 
     model = SelfFlowTransformer({"image": 4, "audio": 8}, width=16, depth=1, heads=2, num_classes=3)
     parameters = ModalityParameters(model)
     x, pos = torch.randn(2, 5, 4), torch.zeros(2, 5, 4, dtype=torch.long)
-    loss = model.velocity(x, torch.rand(2), pos, torch.tensor([0, 1]), "image").square().mean()
+    loss = model.velocity(x, torch.rand(2), pos, Condition(torch.tensor([0, 1])), "image").square().mean()
     tied = parameters.in_graph(loss, ["image"])
     assert tied.item() == loss.item()
     tied.backward()

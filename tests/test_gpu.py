@@ -31,7 +31,7 @@ def train_on_gpu(tmp_path: Path, *overrides: str) -> Path:
 
 @pytest.mark.parametrize("strategy", ["default", "fsdp"])
 def test_bf16_training_on_gpu_keeps_an_ema_teacher_and_a_loadable_checkpoint(tmp_path, strategy):
-    from selfflow.training.checkpoint import load_checkpoint, read_checkpoint
+    from selfflow.interop.checkpoint import load_checkpoint, read_checkpoint
 
     run_dir = train_on_gpu(tmp_path, f"trainer={strategy}", "trainer.precision=bf16-mixed")
     with open(run_dir / "metrics.csv") as f:

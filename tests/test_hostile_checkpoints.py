@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 from selfflow.safe_config import NEVER_REBUILT, STORED_TARGETS, StoredConfigError, instantiate_stored
 from selfflow.training.build import build_run
-from selfflow.training.checkpoint import load_checkpoint
-from selfflow.training.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
+from selfflow.interop.checkpoint import load_checkpoint
+from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
 from selfflow.training.run import train
 from selfflow.training.run_folder import RunFolderError, lock_run_folder, release_run_folder, run_folder_lock
 from tests.conftest import TINY, compose_train
@@ -497,7 +497,7 @@ TORCH_WRITE_FAILURE = ("[enforce fail at inline_container.cc:626] . PytorchStrea
 def test_a_full_disk_reported_by_torch_as_a_runtime_error_is_one_line_and_keeps_the_checkpoint(
         tiny_train_cfg, monkeypatch, capsys):
     from selfflow.cli.errors import friendly_errors
-    from selfflow.training.checkpoint import read_checkpoint
+    from selfflow.interop.checkpoint import read_checkpoint
 
     cfg = tiny_train_cfg("trainer.max_steps=6", "callbacks.samples.every_n_steps=0")
     real_save = torch.save
@@ -555,7 +555,7 @@ def test_a_250_byte_class_folder_name_trains_to_the_end_with_its_checkpoint_and_
 
 def test_the_final_checkpoint_is_written_before_the_final_samples(tiny_train_cfg, monkeypatch):
     from selfflow.training.callbacks import SampleGrid
-    from selfflow.training.checkpoint import read_checkpoint
+    from selfflow.interop.checkpoint import read_checkpoint
 
     cfg = tiny_train_cfg("trainer.max_steps=3", "callbacks.samples.every_n_steps=0")
     real_write = SampleGrid.write

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from selfflow.tokens import Condition
 from selfflow.interop.official import load_official, output_rows, time_flip_matrix
 from selfflow.models.embeddings import sinusoidal_embedding
 
@@ -153,7 +154,7 @@ def test_converted_weights_are_a_plain_selfflow_model_in_our_convention():
     x, t, y = inputs()
     pos = official.patches.positions(3)
     with torch.no_grad():
-        torch.testing.assert_close(official.model.velocity(x, t, pos, y, "image"), reference_forward(state, x, t, y),
+        torch.testing.assert_close(official.model.velocity(x, t, pos, Condition(y), "image"), reference_forward(state, x, t, y),
                                    atol=2e-5, rtol=1e-5)
     assert official.model.pos_embed == "sincos" and official.model.t_embedder.scale == 1.0
 

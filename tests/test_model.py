@@ -5,7 +5,9 @@ from torch import nn
 
 from selfflow.models.attention import flash_available
 from selfflow.models.embeddings import MultiAxisRoPE, apply_rope, default_rope_axes, sincos_2d
-from selfflow.models.transformer import SelfFlowTransformer, gather_tokens
+from selfflow.models.layers import gather_tokens
+from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.tokens import Condition
 from selfflow.tokenizers.image import ImagePatchTokenizer
 
 
@@ -27,7 +29,7 @@ def inputs(batch=3, grid=4):
     tokenizer = ImagePatchTokenizer(patch_size=2, channels=3, image_size=2 * grid)
     tokens = tokenizer.encode(torch.rand(batch, 3, 2 * grid, 2 * grid))
     labels = torch.tensor([1, 5, 10])[:batch]  # 10 is the null label
-    return tokens, labels
+    return tokens, Condition(labels)
 
 
 def test_output_is_exactly_zero_at_initialisation():
@@ -51,8 +53,8 @@ def test_gathered_adaln_equals_naive_per_token_adaln():
     torch.testing.assert_close(gathered, naive, rtol=1e-5, atol=1e-6)
     # and at the block level, against the modulation MLP applied to every token's own vector
     block = model.blocks[0]
-    cond = model.conditioning(levels, labels)  # [B, 2, D]
-    cond_per_token = model.conditioning(per_token_levels, labels[:, None].expand(-1, 16))  # [B, N, D]
+    cond = model.conditioning(levels, labels.labels)  # [B, 2, D]
+    cond_per_token = model.conditioning(per_token_levels, labels.labels[:, None].expand(-1, 16))  # [B, N, D]
     torch.testing.assert_close(gather_tokens(block.adaLN_modulation(cond), index),
                                block.adaLN_modulation(cond_per_token), rtol=1e-5, atol=1e-6)
 
@@ -128,10 +130,10 @@ def test_blocked_attention_keeps_groups_independent():
     groups[0, 8:] = 1
     mask = (groups[:, :, None] == groups[:, None, :])[:, None]
     levels = torch.rand(1, 2)
-    out_a = model(tokens.x, levels, groups, tokens.pos, labels[:1], "image", attn_mask=mask).velocity
+    out_a = model(tokens.x, levels, groups, tokens.pos, labels.select(slice(0, 1)), "image", attn_mask=mask).velocity
     changed = tokens.x.clone()
     changed[0, 8:] += 1.0
-    out_b = model(changed, levels, groups, tokens.pos, labels[:1], "image", attn_mask=mask).velocity
+    out_b = model(changed, levels, groups, tokens.pos, labels.select(slice(0, 1)), "image", attn_mask=mask).velocity
     torch.testing.assert_close(out_a[0, :8], out_b[0, :8])
     assert (out_a[0, 8:] - out_b[0, 8:]).abs().max() > 1e-4
 
@@ -182,13 +184,13 @@ def test_flash_attention_matches_sdpa_on_gpu():
         model.cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
             outs.append(model.velocity(tokens.x.cuda(), t, tokens.pos.cuda(),
-                                       labels.cuda(), "image").float())
+                                       labels.to("cuda"), "image").float())
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
 
 
 def test_gathered_conditioning_has_the_gradient_of_a_plain_gather():
     """gather_tokens' backward is a one-hot product (no atomic scatter-add on GPUs): same values and gradients."""
-    from selfflow.models.transformer import gather_tokens
+    from selfflow.models.layers import gather_tokens
 
     table = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
     index = torch.randint(0, 4, (3, 9))

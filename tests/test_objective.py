@@ -6,6 +6,7 @@ from selfflow.objectives.ema import EMA
 from selfflow.objectives.representation import cosine_distance
 from selfflow.objectives.selfflow import SelfFlowObjective, default_layers
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.tokens import Condition
 from tests.test_model import randomize_zero_init
 
 
@@ -18,7 +19,7 @@ def make_objective(**kwargs) -> SelfFlowObjective:
 
 def batch(b=6):
     tokenizer = ImagePatchTokenizer(patch_size=2, channels=3, image_size=8)
-    return tokenizer.encode(torch.rand(b, 3, 8, 8)), torch.randint(0, 10, (b,))
+    return tokenizer.encode(torch.rand(b, 3, 8, 8)), Condition(torch.randint(0, 10, (b,)))
 
 
 class Recorder:
@@ -41,13 +42,13 @@ def test_vanilla_settings_give_plain_flow_matching():
     out = objective(tokens, labels)
     assert out.loss_rep is None and objective.head is None
     assert len(student.calls) == 1 and len(teacher.calls) == 0  # no teacher forward at all
-    (x_t, levels, index, pos, used_labels, modality), _ = student.calls[0]
+    (x_t, levels, index, pos, condition, modality), _ = student.calls[0]
     per_token = torch.gather(levels, 1, index)
     assert torch.all(per_token == per_token[:, :1])  # one level per sample
     t = per_token[..., None]
     x1 = (x_t - (1 - t) * tokens.x) / t  # recover the noise from the student's input
     with torch.no_grad():
-        velocity = objective.model(x_t, levels, index, pos, used_labels, modality).velocity
+        velocity = objective.model(x_t, levels, index, pos, condition, modality).velocity
     torch.testing.assert_close(out.loss, ((velocity - (x1 - tokens.x)) ** 2).mean(), rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out.loss, out.loss_flow)
 
@@ -57,8 +58,8 @@ def test_teacher_sees_the_cleaner_view_of_the_same_sample_and_noise():
     student, teacher = Recorder(objective.model), Recorder(objective.teacher.module)
     tokens, labels = batch(16)
     out = objective(tokens, labels)
-    (x_t, levels, index, _, student_labels, _), _ = student.calls[0]
-    (teacher_x, teacher_levels, teacher_index, _, teacher_labels, _), teacher_kwargs = teacher.calls[0]
+    (x_t, levels, index, _, student_condition, _), _ = student.calls[0]
+    (teacher_x, teacher_levels, teacher_index, _, teacher_condition, _), teacher_kwargs = teacher.calls[0]
     per_token = torch.gather(levels, 1, index)  # [B, N]
     assert torch.all(index.sum(dim=1) == 4)  # 25% of 16 tokens
     assert teacher_index is None and teacher_levels.shape == (16, 1)
@@ -69,10 +70,12 @@ def test_teacher_sees_the_cleaner_view_of_the_same_sample_and_noise():
     x1 = (x_t - (1 - t) * tokens.x) / t
     tt = teacher_levels[..., None]
     torch.testing.assert_close(teacher_x, (1 - tt) * tokens.x + tt * x1, rtol=1e-4, atol=1e-4)
-    assert student_labels.shape == (16, 2) and teacher_labels.shape == (16, 1)  # per level entry / per sample
-    assert torch.equal(student_labels[:, 0], teacher_labels[:, 0])  # shared condition dropout
-    assert torch.equal(student_labels[:, 0], student_labels[:, 1])
-    assert (student_labels == 10).any() and (student_labels != 10).any()
+    # the same condition (labels per sample, one dropout draw) for both views, expanded to each view's levels
+    assert student_condition is teacher_condition and student_condition.labels.shape == (16, 1)
+    student_ids = objective.model.label_ids(student_condition.labels, levels)
+    teacher_ids = objective.model.label_ids(teacher_condition.labels, teacher_levels)
+    assert student_ids.shape == (16, 1) and torch.equal(student_ids[:, 0], teacher_ids[:, 0])
+    assert (student_ids == 10).any() and (student_ids != 10).any()  # some labels dropped to the null class
     assert teacher_kwargs["stop_after"] == objective.teacher_layer == 3
     torch.testing.assert_close(out.loss, out.loss_flow + 0.8 * out.loss_rep)
     assert 0 <= out.loss_rep <= 2

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from selfflow.data.packing import pack, plan_rows, unpack
-from selfflow.data.tokens import Tokens
+from selfflow.tokens import Condition, Tokens
 from selfflow.models.transformer import ModelOutput, SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
 from tests.test_model import randomize_zero_init
@@ -62,7 +62,7 @@ def test_packed_forward_equals_each_sample_alone():
     seg = packed.segment
     attn = (seg[:, :, None] == seg[:, None, :])[:, None]
     with torch.no_grad():
-        out = net(packed.x, levels, index, packed.pos, packed.segment_labels.repeat_interleave(2, 1),
+        out = net(packed.x, levels, index, packed.pos, Condition(packed.segment_labels),
                   packed.modality_masks, attn_mask=attn, hidden_layers=(2,))
     per_sample = unpack(out.velocity, packed)
     hidden = unpack(out.hidden[2], packed)
@@ -73,7 +73,7 @@ def test_packed_forward_equals_each_sample_alone():
             own_levels = levels[r, 2 * k: 2 * k + 2][None]
             own_index = masked[r][tokens][None].long()
             with torch.no_grad():
-                alone = net(s.x, own_levels, own_index, s.pos, torch.tensor([labels[i]]), s.modality,
+                alone = net(s.x, own_levels, own_index, s.pos, Condition(torch.tensor([labels[i]])), s.modality,
                             hidden_layers=(2,))
             torch.testing.assert_close(per_sample[i], alone.velocity[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(hidden[i], alone.hidden[2][0], rtol=1e-4, atol=1e-5)

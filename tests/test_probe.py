@@ -13,7 +13,8 @@ from selfflow.evaluation.features import (INPUT_LAYER, FeatureCache, Features, c
 from selfflow.evaluation.linear_probe import check_labels, fit_linear_probe
 from selfflow.evaluation.probe import ProbeRow, best_row, random_init_like, report
 from selfflow.models.transformer import SelfFlowTransformer
-from selfflow.tokenizers.base import Tokenizer, Tokens
+from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
 
 FAST = dict(epochs=30, learning_rates=(0.03, 0.3), weight_decays=(0.0, 1e-3))

@@ -8,6 +8,8 @@ u = dx/dtau = -v); the interval is compared with the noise level 1 - tau, and th
 import pytest
 import torch
 
+from selfflow.tokens import Condition
+
 from selfflow.cli.sample import SamplingModel, sample
 from selfflow.sampling import generate
 from selfflow.sampling.generate import NoiseSource, sample_generators
@@ -48,9 +50,9 @@ def released_velocity(model, labels, cfg_scale: float, guidance_low: float, guid
     def velocity_at(x, tau):
         level = 1 - torch.full((x.shape[0],), float(tau))
         with torch.no_grad():
-            v = model.velocity(x, level, pos, labels, "image")
+            v = model.velocity(x, level, pos, Condition(labels), "image")
             if cfg_scale > 1.0 and bool(torch.all((guidance_low <= level) & (level <= guidance_high))):
-                uncond = model.velocity(x, level, pos, null, "image")
+                uncond = model.velocity(x, level, pos, Condition(null), "image")
                 v = uncond + cfg_scale * (v - uncond)
         return -v
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from selfflow.training.build import build_run
-from selfflow.training.checkpoint import read_checkpoint
+from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.checkpoint_io import CheckpointWriteError, atomic_save
 from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.resume import newest_valid_checkpoint
@@ -277,7 +277,7 @@ def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override,
 def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny_train_cfg, tmp_path):
     import json
 
-    from selfflow.training.checkpoint import load_checkpoint
+    from selfflow.interop.checkpoint import load_checkpoint
 
     run = build_run(tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0"))
     run.trainer.fit(run.module, datamodule=run.datamodule)

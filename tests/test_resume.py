@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.training.checkpoint import read_checkpoint
+from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.resume import newest_valid_checkpoint
 from tests.conftest import SMALL_JOINT, TINY
 

@@ -14,6 +14,7 @@ from PIL import Image
 from selfflow.cli.sample import resolve_labels, sample
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling import writers
+from selfflow.tokens import Condition
 from selfflow.sampling.generate import (GuidedVelocity, NoiseSource, generate, sample_generators, sample_tokens)
 from selfflow.tokenizers.image import ImagePatchTokenizer
 from tests.conftest import compose_train
@@ -108,7 +109,7 @@ def counting(model):
 
 def test_guidance_scale_one_equals_no_guidance_and_costs_one_call_per_step():
     model = random_model()
-    labels = torch.tensor([1, 2, 3])
+    labels = Condition(torch.tensor([1, 2, 3]))
     plain = generate(model, TOKENIZER, labels, steps=6, generator=torch.Generator().manual_seed(0))
     calls = counting(model)
     guided = generate(model, TOKENIZER, labels, steps=6, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
@@ -127,7 +128,7 @@ def test_fp32_sampling_keeps_a_callers_autocast_and_bf16_adds_its_own():
         return original(*args, **kwargs)
 
     model.velocity = spy
-    pos, labels, x, t = TOKENIZER.positions(2), torch.tensor([1, 2]), torch.randn(2, 16, 16), torch.full((2,), 0.5)
+    pos, labels, x, t = TOKENIZER.positions(2), Condition(torch.tensor([1, 2])), torch.randn(2, 16, 16), torch.full((2,), 0.5)
     with torch.no_grad():
         GuidedVelocity(model, pos, labels, "image")(x, t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -138,7 +139,7 @@ def test_fp32_sampling_keeps_a_callers_autocast_and_bf16_adds_its_own():
 
 def test_guidance_applies_inside_the_interval_only():
     model = random_model()
-    labels = torch.tensor([1, 2])
+    labels = Condition(torch.tensor([1, 2]))
     pos = TOKENIZER.positions(2)
     velocity = GuidedVelocity(model, pos, labels, "image", cfg_scale=3.0, guidance_interval=(0.3, 0.7))
     x = torch.randn(2, 16, 16)
@@ -149,7 +150,7 @@ def test_guidance_applies_inside_the_interval_only():
     assert calls == [2, 4]  # once on the conditional batch outside; once on [cond; null] inside
     with torch.no_grad():
         c = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.5), pos, labels, "image")
-        u = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.5), pos, torch.full((2,), 10), "image")
+        u = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.5), pos, Condition(torch.full((2,), 10)), "image")
         plain = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.9), pos, labels, "image")
     torch.testing.assert_close(inside, u + 3.0 * (c - u))
     torch.testing.assert_close(outside, plain)
@@ -277,7 +278,7 @@ def test_bf16_autocast_is_close_to_fp32_and_auto_means_fp32_on_cpu():
 
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
-    model, labels = random_model(), torch.tensor([0, 1])
+    model, labels = random_model(), Condition(torch.tensor([0, 1]))
     runs = {p: sample_tokens(model, TOKENIZER, labels, steps=4, precision=p,
                              noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
             for p in ("fp32", "bf16")}
@@ -289,7 +290,7 @@ def test_bf16_autocast_is_close_to_fp32_and_auto_means_fp32_on_cpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_sampling_matches_cpu_noise_and_uses_bf16_where_supported():
-    model, labels = random_model(), torch.tensor([0, 1])
+    model, labels = random_model(), Condition(torch.tensor([0, 1]))
     cpu = sample_tokens(model, TOKENIZER, labels, steps=4, precision="fp32",
                         noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
     gpu = sample_tokens(model.cuda(), TOKENIZER, labels, steps=4, precision="auto",

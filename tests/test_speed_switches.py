@@ -5,6 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from selfflow.tokens import Condition
+
 from selfflow.training.build import build_run
 
 
@@ -50,7 +52,7 @@ def test_teacher_forward_stops_at_its_layer(tiny_train_cfg):
         model.final_layers["image"].register_forward_hook(lambda m, i, o, who=name: calls[who].append("head"))
     batch = next(iter(run.datamodule.train_dataloader()))
     tokens = run.module.tokenizers["image"].encode(batch["data"])
-    run.module.objective(tokens, batch["label"])
+    run.module.objective(tokens, Condition(batch["label"]))
     assert calls["teacher"] == [1, 2, 3]  # never block 4, never the output head
     assert calls["student"] == [1, 2, 3, 4, "head"]
 
@@ -68,7 +70,7 @@ def test_compile_switch_gives_the_same_outputs_and_state_dict_keys(tiny_train_cf
         torch.nn.init.normal_(p, std=0.1)
     compiled.load_state_dict(eager.state_dict())
     x, pos = torch.randn(2, 16, 12), torch.randint(0, 4, (2, 16, 4))
-    t, labels = torch.rand(2), torch.tensor([1, 10])
+    t, labels = torch.rand(2), Condition(torch.tensor([1, 10]))
     torch.testing.assert_close(compiled.velocity(x, t, pos, labels, "image"), eager.velocity(x, t, pos, labels, "image"),
                                rtol=1e-4, atol=1e-5)
     run = fit(tiny_train_cfg("model.compile=true", "trainer.max_steps=2", "callbacks.samples.every_n_steps=0"))

@@ -9,11 +9,11 @@ from selfflow.flow.dual_timestep import DualTimestepScheduler
 from selfflow.flow.timesteps import LogitNormal, ModeSampling, Uniform, shift_levels
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
-from selfflow.sampling.generate import NoiseSource, sample_tokens
-from selfflow.sampling.prompted import ConditionedModel
+from selfflow.sampling.generate import GuidedVelocity, NoiseSource, sample_tokens
 from selfflow.sampling.refine import refine_tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
-from selfflow.tokenizers.text import FrozenTextEncoder, TextTokenizer, TextTokens
+from selfflow.tokenizers.text import FrozenTextEncoder, TextTokenizer
+from selfflow.tokens import NO_LABEL, Condition, TextTokens
 
 WORDS = ["[PAD]", "[UNK]", "a", "handwritten", "digit", "the", "number", "seven", "four", "one", "two", "three"]
 
@@ -132,7 +132,8 @@ def test_without_text_the_model_is_the_text_free_model_bit_for_bit():
         nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
     with_text.load_state_dict(plain.state_dict(), strict=False)
     tokens = image_tokens(3)
-    args = (tokens.x, torch.rand(3, 2), torch.randint(0, 2, (3, 16)), tokens.pos, torch.tensor([1, 5, 10]), "image")
+    args = (tokens.x, torch.rand(3, 2), torch.randint(0, 2, (3, 16)), tokens.pos,
+            Condition(labels=torch.tensor([1, 5, 10])), "image")
     assert torch.equal(plain(*args).velocity, with_text(*args).velocity)
 
 
@@ -140,14 +141,14 @@ def test_text_tokens_join_attention_but_only_data_tokens_come_out():
     model = tiny_text_model(text_stream_blocks=1)
     tokens, text = image_tokens(), random_text()
     levels, index = torch.rand(2, 2), torch.randint(0, 2, (2, 16))
-    out = model(tokens.x, levels, index, tokens.pos, torch.zeros(2, dtype=torch.long), "image", text=text,
-                hidden_layers=(1, 2))
+    labels = torch.zeros(2, dtype=torch.long)
+    out = model(tokens.x, levels, index, tokens.pos, Condition(labels, text), "image", hidden_layers=(1, 2))
     assert out.velocity.shape == (2, 16, 12) and out.hidden[2].shape == (2, 16, 32)
-    null = model(tokens.x, levels, index, tokens.pos, torch.zeros(2, dtype=torch.long), "image", text=text.null())
+    null = model(tokens.x, levels, index, tokens.pos, Condition(labels, text.null()), "image")
     assert not torch.allclose(out.velocity, null.velocity)  # the caption changes the data tokens' output
     padded = TextTokens(text.x.clone(), text.valid, text.pooled)
     padded.x[0, 3:] = 100.0  # features behind the padding mask
-    again = model(tokens.x, levels, index, tokens.pos, torch.zeros(2, dtype=torch.long), "image", text=padded)
+    again = model(tokens.x, levels, index, tokens.pos, Condition(labels, padded), "image")
     torch.testing.assert_close(again.velocity, out.velocity)
 
 
@@ -162,8 +163,8 @@ def test_padding_is_never_attended_to(with_text):
     levels, index = torch.rand(2, 2), torch.randint(0, 2, (2, 16))
 
     def run(x, text):
-        return model(x, levels, index, tokens.pos, torch.zeros(2, dtype=torch.long), "image", attn_mask=mask,
-                     text=text if with_text else None, hidden_layers=(1, 2, 3))
+        condition = Condition(torch.zeros(2, dtype=torch.long), text if with_text else None)
+        return model(x, levels, index, tokens.pos, condition, "image", attn_mask=mask, hidden_layers=(1, 2, 3))
 
     base = run(tokens.x, text)
     x = tokens.x.clone()
@@ -186,11 +187,11 @@ def test_attention_separation_with_text_keeps_the_two_noise_groups_apart():
     model.final_layers["image"].register_forward_hook(lambda m, i, o: velocities.append(o))
     tokens, text = image_tokens(), random_text()
     torch.manual_seed(5)
-    masked = objective(tokens, None, text=text).levels.mask  # [2, 16]: the tokens at the second level
+    masked = objective(tokens, Condition(text=text)).levels.mask  # [2, 16]: the tokens at the second level
     assert masked.any() and (~masked).any()
     changed = type(tokens)(tokens.x + 3.0 * masked[..., None], tokens.pos, tokens.modality)
     torch.manual_seed(5)
-    assert torch.equal(objective(changed, None, text=text).levels.mask, masked)  # same draws
+    assert torch.equal(objective(changed, Condition(text=text)).levels.mask, masked)  # same draws
     before, after = velocities
     assert torch.equal(after[~masked], before[~masked])
     assert not torch.allclose(after[masked], before[masked])
@@ -200,7 +201,7 @@ def test_two_stream_blocks_keep_separate_text_weights_that_learn():
     model = tiny_text_model(text_stream_blocks=2)
     assert len(model.text_stream.text_blocks) == 2 and len(model.blocks) == 3
     tokens, text = image_tokens(), random_text()
-    out = model(tokens.x, torch.rand(2, 1), None, tokens.pos, torch.zeros(2, dtype=torch.long), "image", text=text)
+    out = model(tokens.x, torch.rand(2, 1), None, tokens.pos, Condition(torch.zeros(2, dtype=torch.long), text), "image")
     out.velocity.square().mean().backward()
     assert model.text_stream.text_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.text_stream.token_proj.weight.grad.abs().sum() > 0
@@ -212,8 +213,8 @@ def test_qk_norm_makes_attention_invariant_to_the_scale_of_queries_and_keys():
     tokens, text = image_tokens(), random_text()
 
     def run(model):
-        return model(tokens.x, torch.full((2, 1), 0.5), None, tokens.pos, torch.zeros(2, dtype=torch.long), "image",
-                     text=text).velocity
+        return model(tokens.x, torch.full((2, 1), 0.5), None, tokens.pos, Condition(torch.zeros(2, dtype=torch.long), text),
+                     "image").velocity
 
     for qk_norm in (True, False):
         model = tiny_text_model(qk_norm=qk_norm)
@@ -231,7 +232,7 @@ def spy_forwards(module: nn.Module, store: list):
     original = module.forward
 
     def forward(*args, **kwargs):
-        store.append(kwargs.get("text"))
+        store.append(args[4].text)  # the Condition
         return original(*args, **kwargs)
 
     module.forward = forward
@@ -248,7 +249,7 @@ def test_caption_dropout_gives_student_and_teacher_the_same_null_text_and_text_i
     model.text_stream.token_proj.register_forward_hook(lambda m, i, o: projected.append(i[0]))
     text = random_text(batch=8, lengths=(3, 5, 4, 2, 5, 1, 3, 4))
     torch.manual_seed(3)
-    out = objective(image_tokens(8), None, text=text)
+    out = objective(image_tokens(8), Condition(text=text))
     s, t = student[0], teacher[0]
     assert torch.equal(s.valid, t.valid) and torch.equal(s.pooled, t.pooled)
     dropped = ~s.valid.any(dim=1)
@@ -259,9 +260,12 @@ def test_caption_dropout_gives_student_and_teacher_the_same_null_text_and_text_i
         torch.testing.assert_close(seen, s.x)
     assert out.loss_rep is not None and torch.isfinite(out.loss)
     assert out.levels.per_token.shape == (8, 16)  # noise levels exist for the 16 data tokens only
-    all_dropped = SelfFlowObjective(model, caption_dropout=1.0, student_layer=1, teacher_layer=2).drop_text(text)
+    all_dropped = SelfFlowObjective(model, caption_dropout=1.0, student_layer=1, teacher_layer=2).drop_condition(
+        Condition(text=text), (8, 1), "cpu").text
     assert not all_dropped.valid.any()
-    assert SelfFlowObjective(model, caption_dropout=0.0, student_layer=1, teacher_layer=2).drop_text(text) is text
+    kept = SelfFlowObjective(model, caption_dropout=0.0, student_layer=1, teacher_layer=2).drop_condition(
+        Condition(text=text), (8, 1), "cpu")
+    assert kept.text is text
 
 
 def test_flow_loss_covers_data_tokens_only():
@@ -271,7 +275,7 @@ def test_flow_loss_covers_data_tokens_only():
     captured = {}
     model.final_layers["image"].register_forward_hook(lambda m, i, o: captured.update(v=o))
     torch.manual_seed(4)
-    out = objective(tokens, None, text=text)
+    out = objective(tokens, Condition(text=text))
     torch.manual_seed(4)
     objective.scheduler.for_segments(torch.zeros(2, 16, dtype=torch.long), 1)  # the same draws as inside
     x1 = torch.randn_like(tokens.x)
@@ -317,7 +321,7 @@ class LinearVelocity(nn.Module):
         super().__init__()
         self.anchor = nn.Parameter(torch.zeros(()))
 
-    def velocity(self, x, t, pos, labels, modality):
+    def velocity(self, x, t, pos, condition, modality):
         return x - 0.5 + self.anchor
 
 
@@ -325,7 +329,7 @@ def test_refinement_at_strength_0_returns_the_input_and_at_1_ignores_it():
     tokenizer = ImagePatchTokenizer(patch_size=2, channels=1, image_size=4)
     model = LinearVelocity()
     images = torch.rand(2, 1, 4, 4)
-    labels = torch.zeros(2, dtype=torch.long)
+    labels = Condition(torch.zeros(2, dtype=torch.long))
     kept = refine_tokens(model, tokenizer, images, 0.0, labels, steps=5)
     torch.testing.assert_close(tokenizer.decode(kept.tokens), images)
     assert kept.nfe == 0
@@ -346,14 +350,18 @@ def test_refinement_at_strength_0_returns_the_input_and_at_1_ignores_it():
 
 
 def test_guided_prompt_sampling_pairs_each_caption_with_its_null_text():
+    """Guidance's doubled batch: the prompted rows, then the same rows with the null text and no label."""
     model = tiny_text_model()
     text = random_text()
-    prompted = ConditionedModel(model, text)
-    tokens = image_tokens()
-    x, t = torch.cat([tokens.x, tokens.x]), torch.full((4,), 0.5)
-    labels = torch.tensor([0, 0, prompted.null_class, prompted.null_class])  # what guidance passes
-    out = prompted.velocity(x, t, torch.cat([tokens.pos, tokens.pos]), labels, "image")
-    cond = model.velocity(tokens.x, t[:2], tokens.pos, torch.zeros(2, dtype=torch.long), "image", text=text)
-    uncond = model.velocity(tokens.x, t[:2], tokens.pos, torch.zeros(2, dtype=torch.long), "image", text=text.null())
-    torch.testing.assert_close(out[:2], cond)
-    torch.testing.assert_close(out[2:], uncond)
+    labels = torch.tensor([0, 0])
+    guided = GuidedVelocity(model, image_tokens().pos, Condition(labels, text), "image", cfg_scale=2.0)
+    seen = []
+    original = model.velocity
+    model.velocity = lambda x, t, pos, condition, modality: seen.append(condition) or original(x, t, pos, condition,
+                                                                                             modality)
+    guided(image_tokens().x, torch.full((2,), 0.5))
+    (both,) = seen
+    assert torch.equal(both.labels, torch.tensor([0, 0, NO_LABEL, NO_LABEL]))
+    assert torch.equal(both.text.valid[:2], text.valid) and not both.text.valid[2:].any()
+    torch.testing.assert_close(both.text.x[:2], text.x)
+    assert torch.count_nonzero(both.text.pooled[2:]) == 0

@@ -9,8 +9,8 @@ from torch import nn
 from selfflow.data.buckets import AspectBuckets, BucketBatchSampler, bucket_crop, make_buckets
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling.generate import NoiseSource, sample_tokens
-from selfflow.sampling.prompted import ConditionedModel
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.tokens import Condition
 
 
 def test_buckets_have_patch_multiple_sides_and_about_the_same_area():
@@ -64,13 +64,13 @@ def test_a_size_conditioned_model_samples_at_any_bucket_size():
     for h, w in [(8, 16), (16, 8)]:
         tokenizer = ImagePatchTokenizer(patch_size=2, channels=1, image_size=(h, w))
         sizes = torch.tensor([[h, w, 0, 0, h, w], [2 * h, 2 * w, 1, 3, h, w]], dtype=torch.float32)
-        out = sample_tokens(ConditionedModel(model, sizes=sizes), tokenizer, labels, steps=3,
+        out = sample_tokens(model, tokenizer, Condition(labels, sizes=sizes), steps=3,
                             noise=NoiseSource(torch.Generator().manual_seed(0)))
         assert tokenizer.decode(out.tokens).shape == (2, 1, h, w)
-        same = sample_tokens(ConditionedModel(model, sizes=sizes[:1].repeat(2, 1)), tokenizer, labels, steps=3,
+        same = sample_tokens(model, tokenizer, Condition(labels, sizes=sizes[:1].repeat(2, 1)), steps=3,
                              noise=NoiseSource(torch.Generator().manual_seed(0)))
         assert torch.equal(out.tokens[0], same.tokens[0]) and not torch.allclose(out.tokens[1], same.tokens[1])
     with pytest.raises(ValueError, match="size_conditioning=true"):
         SelfFlowTransformer({"image": 4}, width=32, depth=2, heads=2)(
             torch.zeros(1, 4, 4), torch.zeros(1, 1), None, torch.zeros(1, 4, 4, dtype=torch.long),
-            torch.zeros(1, dtype=torch.long), "image", sizes=torch.zeros(1, 6))
+            Condition(torch.zeros(1, dtype=torch.long), sizes=torch.zeros(1, 6)), "image")

@@ -147,7 +147,7 @@ def test_text_experiment_trains_samples_prompts_and_reloads(tiny_train_cfg, tmp_
 
     from selfflow.cli.sample import sample
     from selfflow.training.build import build_run
-    from selfflow.training.checkpoint import load_checkpoint
+    from selfflow.interop.checkpoint import load_checkpoint
 
     cfg = tiny_train_cfg("experiment=text_digits", "trainer.max_steps=2", "data.batch_size=4",
                          "callbacks.samples.prompts=[a handwritten one,the digit 7]")

@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from selfflow.interop.official import OfficialSelfFlow
-from selfflow.models.transformer import SelfFlowTransformer, TransformerBlock, modulate
+from selfflow.models.layers import TransformerBlock, modulate
+from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective, default_layers
-from selfflow.tokenizers.base import Tokens
+from selfflow.tokens import Condition, Tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
 
 # ---------------------------------------------------------------- measurement helpers
@@ -143,7 +144,7 @@ def train_step_fn(objective: SelfFlowObjective, tokens: Tokens, labels, dtype):
 
     def step():
         with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-            loss = objective(tokens, labels).loss
+            loss = objective(tokens, Condition(labels=labels)).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -254,7 +255,7 @@ def case_packing(args, variant: str) -> dict:
     if args.packing_pass == "train":
         step = train_step_fn(objective, batch, step_labels, dtype)
     else:  # student and teacher forwards without gradients (FlexAttention has no backward on CPU)
-        step = torch.no_grad()(lambda: objective(batch, step_labels))
+        step = torch.no_grad()(lambda: objective(batch, Condition(labels=step_labels)))
     with PeakMemory(args.device) as memory:
         times = time_calls(step, args.device, args.warmup, args.iters)
     rows = batch.x.shape[0]
@@ -365,7 +366,7 @@ def case_official(args, with_grad: bool) -> list[dict]:
 
     def selfflow(rows: slice = slice(None)):
         if with_grad:
-            return model(x[rows], levels[rows], index[rows], pos[rows], labels[rows], "image").velocity
+            return model(x[rows], levels[rows], index[rows], pos[rows], Condition(labels=labels[rows]), "image").velocity
         return official(x[rows], per_token[rows], labels[rows])
 
     with torch.no_grad():  # the same function: compared on the first sample, eager, in fp32

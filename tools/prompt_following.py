@@ -61,9 +61,9 @@ def judge(ckpt: Path, classifier, prompts: list[tuple[str, int, bool | None]], p
     """Per-prompt results and the samples ([P * per_prompt, C, H, W] images or [P * per_prompt, 1, S] waves) of
     the reference classifier's modality; classifier: a loaded reference classifier."""
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
-    from selfflow.sampling.prompted import prompted_model
-    from selfflow.tokenizers.text import TEXT
-    from selfflow.training.checkpoint import load_checkpoint
+    from selfflow.sampling.prompted import prompted_condition
+    from selfflow.tokens import TEXT
+    from selfflow.interop.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt)
     modality = classifier.modality
@@ -72,10 +72,10 @@ def judge(ckpt: Path, classifier, prompts: list[tuple[str, int, bool | None]], p
         raise ValueError(f"{ckpt} is not a text-to-{modality} checkpoint, as the {modality} reference classifier "
                          f"needs (its tokenizers: {sorted(loaded.tokenizers)}); train one with selfflow-train "
                          f"experiment={experiment}, or give a reference of its modality")
-    model, labels = prompted_model(loaded.model, loaded.tokenizers[TEXT], [p for p, _, _ in prompts], per_prompt)
-    noise = NoiseSource(generators=sample_generators(seed, range(len(labels))))
+    condition = prompted_condition(loaded.tokenizers[TEXT], [p for p, _, _ in prompts], per_prompt)
+    noise = NoiseSource(generators=sample_generators(seed, range(condition.batch_size)))
     tokenizer = loaded.tokenizers[modality]
-    samples = tokenizer.decode(sample_tokens(model, tokenizer, labels, steps=steps, solver="heun",
+    samples = tokenizer.decode(sample_tokens(loaded.model, tokenizer, condition, steps=steps, solver="heun",
                                              cfg_scale=cfg_scale, noise=noise).tokens)
     predicted = classifier.logits(samples).argmax(dim=1).view(len(prompts), per_prompt)
     results = []

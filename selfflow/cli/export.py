@@ -20,7 +20,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace the export files of an existing folder")
     args = parser.parse_args(argv)
     with friendly_errors("selfflow-export"):
-        from selfflow.training.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
+        from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
 
         folder = export_weights(args.checkpoint, args.out, overwrite=args.overwrite)
         print(json.dumps({"folder": str(folder.resolve()), "files": [EXPORT_WEIGHTS, EXPORT_CONFIG]}))

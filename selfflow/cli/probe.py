@@ -70,7 +70,7 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
 
     from selfflow.evaluation.probe import modality_sources
     from selfflow.safe_config import instantiate_stored
-    from selfflow.training.checkpoint import load_checkpoint
+    from selfflow.interop.checkpoint import load_checkpoint
 
     ckpt = Path(cfg.ckpt).expanduser()
     loaded = load_checkpoint(ckpt, cfg.weights)

@@ -56,7 +56,7 @@ def load_sampling_model(cfg: DictConfig) -> SamplingModel:
 
         model, tokenizers = load_official_for_sampling(ckpt[len(OFFICIAL_PREFIX):], cfg.vae)
         return SamplingModel(model, tokenizers, None, "official")
-    from selfflow.training.checkpoint import load_checkpoint
+    from selfflow.interop.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt, weights=cfg.weights)
     return SamplingModel(loaded.model, loaded.tokenizers, loaded.config.get("data"), "model")
@@ -230,7 +230,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     from rich.progress import Progress
 
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
-    from selfflow.sampling.prompted import ConditionedModel, prompt_text
+    from selfflow.sampling.prompted import prompt_text
+    from selfflow.tokens import Condition
     from selfflow.sampling.refine import load_init, refine_tokens
 
     device = resolve_device(cfg.device)
@@ -261,17 +262,17 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
     with Progress(disable=not cfg.progress, transient=True) as progress:
         task = progress.add_task(f"sampling ({sampler}, {steps} steps)", total=len(parts) * steps)
         for part in parts:
-            part_text = None if text is None else text.select(slice(part.start, part.stop))
-            sizes = size_rows(model, tokenizer, len(part))
-            part_model = model if part_text is None and sizes is None else ConditionedModel(model, part_text, sizes)
+            condition = Condition(labels=labels[part.start:part.stop],
+                                  text=None if text is None else text.select(slice(part.start, part.stop)),
+                                  sizes=size_rows(model, tokenizer, len(part)))
             noise = NoiseSource(generators=sample_generators(cfg.seed, part))
             if init is None:
-                out = sample_tokens(part_model, tokenizer, labels[part.start:part.stop], steps, sampler, cfg.cfg_scale,
+                out = sample_tokens(model, tokenizer, condition, steps, sampler, cfg.cfg_scale,
                                     tuple(cfg.guidance_interval), noise, cfg.shift, cfg.precision,
                                     on_evaluation=lambda: progress.advance(task), **options)
             else:  # refinement: start from the init sample noised to level `strength`
-                out = refine_tokens(part_model, tokenizer, init.expand(len(part), *init.shape), cfg.strength,
-                                    labels[part.start:part.stop], steps, sampler, cfg.cfg_scale,
+                out = refine_tokens(model, tokenizer, init.expand(len(part), *init.shape), cfg.strength,
+                                    condition, steps, sampler, cfg.cfg_scale,
                                     tuple(cfg.guidance_interval), noise, cfg.shift, cfg.precision,
                                     on_evaluation=lambda: progress.advance(task))
             decoded = tokenizer.decode(out.tokens).float()

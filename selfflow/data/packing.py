@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from selfflow.data.tokens import PackedTokens, Tokens
+from selfflow.tokens import PackedTokens, Tokens
 
 
 def plan_rows(lengths: list[int], row_length: int) -> list[list[int]]:

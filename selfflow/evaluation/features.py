@@ -22,6 +22,7 @@ from selfflow.flow.path import interpolate
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import default_layers
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Condition
 
 POOLS = ("mean", "attentive")
 INPUT_LAYER = 0  # the tokenizer output, before the backbone
@@ -128,8 +129,7 @@ def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, lo
             x_t = interpolate(x0, noise, t)
             hidden = {INPUT_LAYER: x_t}
             if blocks:
-                null = torch.full((batch_size,), model.null_class, dtype=torch.long, device=device)
-                hidden.update(model(x_t, t[:, None], None, tokens.pos, null, tokens.modality,
+                hidden.update(model(x_t, t[:, None], None, tokens.pos, Condition(), tokens.modality,
                                     attn_mask=padding_mask(tokens.valid),
                                     hidden_layers=blocks, stop_after=max(blocks)).hidden)
             for layer in layers:

@@ -28,6 +28,7 @@ from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.representation import ProjectionHead
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.tokens import Condition
 
 RELEASED = {"depth": 28, "width": 1152, "heads": 16, "patch_size": 2, "latent_channels": 4, "num_classes": 1000}
 FREQUENCY_DIM = 256  # sinusoidal timestep features of the released t_embedder
@@ -154,13 +155,13 @@ class OfficialSelfFlow(nn.Module):
             raise ValueError(f"the released model takes {self.grid ** 2} tokens ({self.grid}x{self.grid}), got {n}")
         pos = self.patches.positions(b, x.device)
         if t.dim() == 1:
-            return self.model.velocity(x, t, pos, y, "image")
+            return self.model.velocity(x, t, pos, Condition(labels=y), "image")
         levels, index = distinct_levels(t)  # the modulation MLPs run on each sample's few distinct levels, not on N
-        return self.model(x, levels, index, pos, y, "image").velocity
+        return self.model(x, levels, index, pos, Condition(labels=y), "image").velocity
 
-    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str = "image") -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition, modality: str = "image") -> Tensor:
         """The interface `selfflow.sampling.generate` calls (one level per sample)."""
-        return self.model.velocity(x, t, pos, labels, "image")
+        return self.model.velocity(x, t, pos, condition, "image")
 
 
 def load_official(path_or_state_dict: str | os.PathLike | dict[str, Tensor], heads: int = RELEASED["heads"],

@@ -12,7 +12,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.tokenizers.base import Tokenizer, Tokens
+from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
 
 SD_VAE_SCALE = 0.18215

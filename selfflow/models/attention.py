@@ -89,11 +89,6 @@ class GroupMask:
         return bounds.to(torch.int32), int((bounds[1:] - bounds[:-1]).max())
 
 
-def dense_mask(mask: Tensor | GroupMask | None) -> Tensor | None:
-    """The [B, 1, N, N] bool form of any attention mask (None stays None)."""
-    return mask.dense if isinstance(mask, GroupMask) else mask
-
-
 def block_mask_for(mask_mod, rows: int, n: int, device: torch.device) -> BlockMask:
     """A FlexAttention block mask over `rows` rows of n tokens, one for every head."""
     return create_block_mask(mask_mod, rows, None, n, n, device=device)
@@ -142,7 +137,30 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask) -> Tenso
     return kernel(q, k, v, block_mask=block_mask)
 
 
+def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None = None, backend: str = "auto") -> Tensor:
+    """Multi-head attention on the kernel `choose_kernel` picks for this call (q's dtype, so autocast counts), the one
+    function every block type calls. q, k, v: [B, H, N, Dh] -> [B, N, H * Dh]; mask: [B, 1, N, N] bool (True = may
+    attend), a GroupMask, or None."""
+    kernel = choose_kernel(backend, q.device.type, q.dtype, mask, flash_attn_func is not None)
+    if kernel == "flex":
+        return rearrange(run_flex(q, k, v, mask), "b h n d -> b n (h d)")
+    if kernel == "sdpa":
+        dense = mask.dense if isinstance(mask, GroupMask) else mask
+        return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense), "b h n d -> b n (h d)")
+    q, k, v = (rearrange(a, "b h n d -> b n h d") for a in (q, k, v))
+    if mask is None:
+        out = flash_attn_func(q, k, v)
+    else:  # packed rows: one variable-length sequence per sample, no compute on other samples or padding
+        cu_seqlens, max_len = mask.varlen
+        flat = [rearrange(a, "b n h d -> (b n) h d") for a in (q, k, v)]
+        out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len)
+        out = rearrange(out, "(b n) h d -> b n h d", b=q.shape[0])
+    return rearrange(out, "b n h d -> b n (h d)")
+
+
 class Attention(nn.Module):
+    """Self-attention weights (qkv, output projection, optional QK-norm) around the `attention` function."""
+
     def __init__(self, width: int, heads: int, qk_norm: bool = False, backend: str = "auto"):
         super().__init__()
         if width % heads:
@@ -159,32 +177,18 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def kernel_for(self, q: Tensor, mask: Tensor | GroupMask | None) -> str:
-        """The kernel this module runs q (its dtype, so autocast counts) and mask on (see `choose_kernel`)."""
+        """The kernel this module runs q and mask on (see `choose_kernel`)."""
         return choose_kernel(self.backend, q.device.type, q.dtype, mask, flash_attn_func is not None)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None) -> Tensor:
-        """q, k, v: [B, H, N, Dh] -> [B, N, H * Dh]. mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None."""
-        kernel = self.kernel_for(q, mask)
-        if kernel == "flex":
-            return rearrange(run_flex(q, k, v, mask), "b h n d -> b n (h d)")
-        if kernel == "sdpa":
-            dense = mask.dense if isinstance(mask, GroupMask) else mask
-            return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense), "b h n d -> b n (h d)")
-        q, k, v = (rearrange(a, "b h n d -> b n h d") for a in (q, k, v))
-        if mask is None:
-            out = flash_attn_func(q, k, v)
-        else:  # packed rows: one variable-length sequence per sample, no compute on other samples or padding
-            cu_seqlens, max_len = mask.varlen
-            flat = [rearrange(a, "b n h d -> (b n) h d") for a in (q, k, v)]
-            out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len)
-            out = rearrange(out, "(b n) h d -> b n h d", b=q.shape[0])
-        return rearrange(out, "b n h d -> b n (h d)")
+    def heads_of(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """x: [B, N, D] -> q, k, v: [B, H, N, Dh], QK-normed (before rotary positions)."""
+        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
+        return self.q_norm(q), self.k_norm(k), v
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
                 mask: Tensor | GroupMask | None = None) -> Tensor:
         """x: [B, N, D]; mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None."""
-        q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.heads_of(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.proj(self.attend(q, k, v, mask))
+        return self.proj(attention(q, k, v, mask, self.backend))

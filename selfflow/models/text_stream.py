@@ -12,13 +12,12 @@ joint); the blocks after them are single-stream.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
-from selfflow.models.attention import GroupMask, dense_mask
+from selfflow.models.attention import GroupMask, attention
 from selfflow.models.embeddings import apply_rope
-from selfflow.tokenizers.text import TEXT, TextTokens  # noqa: F401 - TEXT re-exported for the model
+from selfflow.models.layers import TransformerBlock, gather_tokens, modulate
+from selfflow.tokens import TextTokens
 
 Joined = tuple[Tensor, Tensor, Tensor, Tensor, GroupMask | None]
 
@@ -44,8 +43,6 @@ class TextStream(nn.Module):
     def __init__(self, text_channels: int, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
                  two_stream_blocks: int = 0):
         super().__init__()
-        from selfflow.models.transformer import TransformerBlock  # the model imports this module
-
         self.token_proj = nn.Linear(text_channels, width)
         self.pooled_proj = nn.Sequential(nn.Linear(text_channels, width), nn.SiLU(), nn.Linear(width, width))
         self.text_blocks = nn.ModuleList(
@@ -72,7 +69,7 @@ class TextStream(nn.Module):
         groups = data_groups(attn_mask, b, n, h.device)  # [B, N]
         views = int(groups.max().clamp_min(0)) + 1
         pooled = self.pooled_proj(text.pooled.to(h.device))[:, None]  # [B, 1, D]
-        first_labels = labels if labels.dim() == 1 else labels[:, 0]
+        first_labels = None if labels is None else labels if labels.dim() == 1 else labels[:, 0]
         clean = model.conditioning(torch.zeros(b, 1, device=h.device), first_labels)  # [B, 1, D] at level 0
         table = torch.cat([cond, clean], dim=1) + pooled  # [B, L + 1, D]
         text_index = torch.full((b, views * valid.shape[1]), cond.shape[1], dtype=torch.long, device=h.device)
@@ -98,19 +95,15 @@ class TextStream(nn.Module):
 def two_stream_forward(data_block: nn.Module, text_block: nn.Module, x: Tensor, cond: Tensor, cond_index: Tensor,
                        rope, mask: GroupMask | Tensor | None, num_data: int) -> Tensor:
     """A DiT block with separate weights per stream (data: x[:, :N], text: x[:, N:]) and one joint attention."""
-    from selfflow.models.transformer import gather_tokens, modulate
-
     parts = []
     for block, xs, index in ((data_block, x[:, :num_data], cond_index[:, :num_data]),
                              (text_block, x[:, num_data:], cond_index[:, num_data:])):
         mod = gather_tokens(block.adaLN_modulation(cond), index).chunk(6, dim=-1)
-        qkv = rearrange(block.attn.qkv(modulate(block.norm1(xs), mod[0], mod[1])), "b n (three h d) -> three b h n d",
-                        three=3, h=block.attn.heads)
-        parts.append((block, xs, mod, block.attn.q_norm(qkv[0]), block.attn.k_norm(qkv[1]), qkv[2]))
+        parts.append((block, xs, mod, *block.attn.heads_of(modulate(block.norm1(xs), mod[0], mod[1]))))
     q, k, v = (torch.cat([p[i] for p in parts], dim=2) for i in (3, 4, 5))  # [B, H, N + T, Dh]
     if rope is not None:
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    attended = rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense_mask(mask)), "b h n d -> b n (h d)")
+    attended = attention(q, k, v, mask, data_block.attn.backend)  # [B, N + T, H Dh]
     out = []
     for (block, xs, mod, *_), a in zip(parts, (attended[:, :num_data], attended[:, num_data:])):
         xs = xs + mod[2] * block.attn.proj(a)

@@ -10,82 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from selfflow.models.attention import Attention, GroupMask
+from selfflow.models.attention import GroupMask
 from selfflow.models.embeddings import LabelEmbedder, MultiAxisRoPE, TimestepEmbedder, sincos_2d
+from selfflow.models.layers import FinalLayer, TransformerBlock
 from selfflow.models.size_conditioning import SizeEmbedder
-from selfflow.models.text_stream import TEXT, TextStream, TextTokens
+from selfflow.models.text_stream import TextStream
+from selfflow.tokens import NO_LABEL, TEXT, Condition
 
 POSITION_EMBEDDINGS = ("rope", "sincos")  # sincos: the fixed 2D grid of the released ImageNet model, images only
-
-
-class GatherRows(torch.autograd.Function):
-    """torch.gather of table rows per token whose backward is a one-hot matrix product.
-
-    The plain gather's backward is a scatter-add of N token gradients into L << N rows: atomics that contend on a
-    GPU (it made per-token conditioning slower than the naive per-token MLP there). The product [B, L, N] @
-    [B, N, K] sums the same terms in a tensor-core kernel; the forward stays an exact copy.
-    """
-
-    @staticmethod
-    def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
-        ctx.save_for_backward(index)
-        ctx.rows = table.shape[1]
-        return torch.gather(table, 1, index[..., None].expand(-1, -1, table.shape[-1]))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        one_hot = F.one_hot(index, ctx.rows).to(grad.dtype)  # [B, N, L]
-        return torch.bmm(one_hot.transpose(1, 2), grad), None  # [B, L, K]
-
-
-def gather_tokens(table: Tensor, index: Tensor) -> Tensor:
-    """table: [B, L, K], index: [B, N] -> [B, N, K]; a broadcast view when L == 1."""
-    if table.shape[1] == 1:
-        return table.expand(-1, index.shape[1], -1)
-    return GatherRows.apply(table, index)
-
-
-def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
-
-
-class TransformerBlock(nn.Module):
-    """DiT block: LN -> modulate -> attention -> gated residual, LN -> modulate -> MLP -> gated residual."""
-
-    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, attention: str = "auto"):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.attn = Attention(width, heads, qk_norm=qk_norm, backend=attention)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
-
-    def forward(self, x: Tensor, cond: Tensor, cond_index: Tensor, rope=None, mask: Tensor | None = None) -> Tensor:
-        """x: [B, N, D]; cond: [B, L, D] distinct conditioning vectors; cond_index: [B, N] into L."""
-        mod = gather_tokens(self.adaLN_modulation(cond), cond_index)  # [B, N, 6D]
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
-        x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, mask)
-        return x + gate_m * self.mlp(modulate(self.norm2(x), shift_m, scale_m))
-
-
-class FinalLayer(nn.Module):
-    """Per-token adaLN then a linear map to the modality's token channels."""
-
-    def __init__(self, width: int, out_channels: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.linear = nn.Linear(width, out_channels)
-        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
-
-    def forward(self, x: Tensor, cond: Tensor, cond_index: Tensor) -> Tensor:
-        shift, scale = gather_tokens(self.adaLN_modulation(cond), cond_index).chunk(2, dim=-1)
-        return self.linear(modulate(self.norm(x), shift, scale))
 
 
 @dataclass
@@ -181,11 +116,19 @@ class SelfFlowTransformer(nn.Module):
     def null_class(self) -> int:
         return self.y_embedder.null_class
 
-    def conditioning(self, levels: Tensor, labels: Tensor) -> Tensor:
-        """levels: [B, L], labels: [B] or [B, L] -> distinct conditioning vectors [B, L, D]."""
-        if labels.dim() == 1:
-            labels = labels[:, None]
-        return self.t_embedder(levels) + self.y_embedder(labels)
+    def label_ids(self, labels: Tensor | None, levels: Tensor) -> Tensor:
+        """Labels [B] or [B, S] (one per sample; each sample's levels are consecutive in `levels` [B, L]) -> [B, L]
+        embedding ids, the null class where there is no label (None, NO_LABEL, or an unconditional model)."""
+        if labels is None:
+            return torch.full(levels.shape, self.null_class, dtype=torch.long, device=levels.device)
+        labels = labels[:, None] if labels.dim() == 1 else labels
+        if labels.shape[1] not in (1, levels.shape[1]):
+            labels = labels.repeat_interleave(levels.shape[1] // labels.shape[1], dim=1)
+        return torch.where(labels <= NO_LABEL, self.null_class, labels)
+
+    def conditioning(self, levels: Tensor, labels: Tensor | None) -> Tensor:
+        """levels: [B, L], labels: see `label_ids` -> distinct conditioning vectors [B, L, D]."""
+        return self.t_embedder(levels) + self.y_embedder(self.label_ids(labels, levels))
 
     def embed_tokens(self, x: Tensor, pos: Tensor, modality: str | dict[str, Tensor]) -> Tensor:
         """x: [B, N, C] -> [B, N, D]. modality: a name, or {name: [B, N] bool} for rows mixing modalities."""
@@ -219,23 +162,22 @@ class SelfFlowTransformer(nn.Module):
         levels: Tensor,
         level_index: Tensor | None,
         pos: Tensor,
-        labels: Tensor,
+        condition: Condition,
         modality: str | dict[str, Tensor],
         *,
         attn_mask: GroupMask | Tensor | None = None,
         hidden_layers: tuple[int, ...] = (),
         stop_after: int | None = None,
-        text: TextTokens | None = None,
-        sizes: Tensor | None = None,
     ) -> ModelOutput:
         """Velocity for tokens x: [B, N, C] at per-token levels `levels[b, level_index[b, n]]`.
 
-        levels: [B, L]; level_index: [B, N] long (None when L == 1); pos: [B, N, 4]; labels: [B] or [B, L];
-        modality: a name, or {name: [B, N] bool} for packed rows (with a block-diagonal `attn_mask`).
-        attn_mask: the tokens' attention groups (a GroupMask, the form text needs), a [B, 1, N, N] bool mask, or
-        None. hidden_layers: 1-based block numbers whose outputs to return. stop_after: run only the first k blocks
-        and skip the output head (the teacher's forward). text: captions to attend to (never noised; velocity and
-        hidden states cover the data tokens only). sizes: [B, 6] size and crop conditioning.
+        levels: [B, L]; level_index: [B, N] long (None when L == 1); pos: [B, N, 4]; condition: labels ([B], or
+        [B, S] per sample of a packed row), text (captions to attend to: never noised; velocity and hidden states
+        cover the data tokens only) and sizes ([B, 6] size and crop conditioning); modality: a name, or
+        {name: [B, N] bool} for packed rows (with a block-diagonal `attn_mask`). attn_mask: the tokens' attention
+        groups (a GroupMask, the form text needs), a [B, 1, N, N] bool mask, or None. hidden_layers: 1-based block
+        numbers whose outputs to return. stop_after: run only the first k blocks and skip the output head (the
+        teacher's forward).
         """
         if level_index is None:
             if levels.shape[1] != 1:
@@ -244,6 +186,7 @@ class SelfFlowTransformer(nn.Module):
         last = self.depth if stop_after is None else stop_after
         if not 0 <= last <= self.depth:
             raise ValueError(f"stop_after={stop_after} is outside the model's 1..{self.depth} blocks")
+        labels, text, sizes = condition.labels, condition.text, condition.sizes
         cond = self.conditioning(levels, labels)  # [B, L, D]
         h = self.embed_tokens(x, pos, modality)  # [B, N, D]
         num_data = h.shape[1]
@@ -272,7 +215,6 @@ class SelfFlowTransformer(nn.Module):
         velocity = self.project_out(h[:, :num_data], cond, level_index[:, :num_data], modality)
         return ModelOutput(velocity=velocity, hidden=hidden)
 
-    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor, modality: str,
-                 text: TextTokens | None = None, sizes: Tensor | None = None) -> Tensor:
+    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition, modality: str) -> Tensor:
         """Plain flow-matching inference: one level per sample, t: [B]."""
-        return self.forward(x, t[:, None], None, pos, labels, modality, text=text, sizes=sizes).velocity
+        return self.forward(x, t[:, None], None, pos, condition, modality).velocity

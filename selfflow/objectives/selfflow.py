@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor, nn
@@ -15,8 +15,7 @@ from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
 from selfflow.objectives.flow_loss import bucket_sums, masked_mean, own_channels, token_squared_error
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
-from selfflow.data.tokens import PackedTokens, Tokens, as_segments
-from selfflow.tokenizers.text import TextTokens
+from selfflow.tokens import Condition, PackedTokens, Tokens, as_segments
 
 
 def default_layers(depth: int) -> tuple[int, int]:
@@ -105,19 +104,18 @@ class SelfFlowObjective(nn.Module):
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.attention_separation, self.loss_buckets = attention_separation, loss_buckets
 
-    def drop_labels(self, labels: Tensor | None, shape: tuple[int, ...], device) -> Tensor:
-        """Replace labels with the null label with probability class_dropout (all of them if unconditional)."""
-        null = self.model.null_class
-        if labels is None or self.model.num_classes == 0:
-            return torch.full(shape, null, dtype=torch.long, device=device)
-        drop = (torch.rand(shape, device=device) < self.class_dropout) | (labels < 0)  # -1: an unlabelled sample
-        return torch.where(drop, torch.full_like(labels, null), labels)
-
-    def drop_text(self, text: TextTokens | None) -> TextTokens | None:
-        """Replace captions with the null text with probability caption_dropout (one draw, used by both views)."""
-        if text is None or self.caption_dropout == 0:
-            return text
-        return text.drop(torch.rand(text.batch_size, device=text.valid.device) < self.caption_dropout)
+    def drop_condition(self, condition: Condition, samples: tuple[int, int], device) -> Condition:
+        """Classifier-free guidance dropout, drawn once and shared by the student and the teacher: each sample's label
+        ([R, S] samples) with probability class_dropout (all of them for an unconditional model), each caption with
+        probability caption_dropout."""
+        if condition.labels is None or self.model.num_classes == 0:
+            condition = replace(condition, labels=None)  # the model's null class
+        else:
+            condition = condition.drop(torch.rand(samples, device=device) < self.class_dropout, only="labels")
+        if condition.text is not None and self.caption_dropout > 0:
+            rows = torch.rand(condition.text.batch_size, device=condition.text.valid.device) < self.caption_dropout
+            condition = condition.drop(rows, only="text")
+        return condition
 
     @staticmethod
     def attention_mask(groups: Tensor | None, contiguous: bool = True) -> GroupMask | None:
@@ -125,8 +123,9 @@ class SelfFlowObjective(nn.Module):
         return None if groups is None else GroupMask(groups, contiguous)
 
     def _layout(self, tokens: Tokens | PackedTokens, labels: Tensor | None):
-        """Segments, per-sample labels [R, S], mask ratios [R, S], per-token loss weights, the modality (or masks)
-        and the per-token channel counts [R, N] of a batch (None when every token has all C channels)."""
+        """Segments, per-sample labels [R, S] (None: unlabelled), mask ratios [R, S], per-token loss weights, the
+        modality (or masks) and the per-token channel counts [R, N] of a batch (None when every token has all C
+        channels)."""
         if isinstance(tokens, PackedTokens):
             ratios = torch.tensor([[self.mask_ratios[m] for m in row] + [0.0] * (tokens.num_segments - len(row))
                                    for row in tokens.segment_modality], device=tokens.x.device)
@@ -138,15 +137,15 @@ class SelfFlowObjective(nn.Module):
         per_sample = None if labels is None else labels[:, None]
         return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality, None
 
-    def forward(self, tokens: Tokens | PackedTokens, labels: Tensor | None = None, text: TextTokens | None = None,
-                sizes: Tensor | None = None) -> ObjectiveOutput:
-        """tokens: a padded batch of one modality (labels: [B]) or packed rows (labels inside the packing);
-        text: the batch's encoded captions; sizes: [B, 6] size and crop conditioning (multi-aspect)."""
+    def forward(self, tokens: Tokens | PackedTokens, condition: Condition | None = None) -> ObjectiveOutput:
+        """tokens: a padded batch of one modality or packed rows; condition: the batch's labels ([B]; packed rows
+        carry theirs inside the packing), captions and size conditioning (None: unconditional)."""
+        condition = condition or Condition()
         x0 = tokens.x  # [R, N, C]
         packed = isinstance(tokens, PackedTokens)
-        if packed and (text is not None or sizes is not None):
+        if packed and (condition.text is not None or condition.sizes is not None):
             raise ValueError("text and size conditioning work with padded batches; turn data packing off")
-        segment, sample_labels, ratios, weights, modality, channels = self._layout(tokens, labels)
+        segment, sample_labels, ratios, weights, modality, channels = self._layout(tokens, condition.labels)
         valid = segment >= 0 if (packed or tokens.valid is not None) else None
         num_samples = ratios.shape[1]
         dual = self.scheduler.for_segments(segment, num_samples, ratios)
@@ -154,8 +153,8 @@ class SelfFlowObjective(nn.Module):
         if channels is not None:  # packed rows: noise on each token's own channels only, the zero padding stays zero
             x1 = torch.where(own_channels(channels, x0.shape[-1]), x1, 0.0)
         student_t = dual.per_token  # [R, N]
-        sample_labels = self.drop_labels(sample_labels, tuple(ratios.shape), x0.device)  # [R, S], shared
-        text = self.drop_text(text)  # shared by student and teacher, like the labels
+        # labels per sample [R, S]; dropped once, shared by student and teacher
+        condition = self.drop_condition(replace(condition, labels=sample_labels), tuple(ratios.shape), x0.device)
 
         # attention stays within a sample (packed rows), within a noise group (the separation ablation), and away
         # from padding; None when nothing needs blocking
@@ -165,9 +164,8 @@ class SelfFlowObjective(nn.Module):
             groups = self.attention_mask(torch.where(segment >= 0, dual.index, -1), contiguous=False)
         want_rep = self.gamma > 0
         student = self.model(
-            interpolate(x0, x1, student_t), dual.levels, dual.index, tokens.pos,
-            sample_labels.repeat_interleave(2, dim=1), modality, attn_mask=groups,
-            hidden_layers=(self.student_layer,) if want_rep else (), text=text, sizes=sizes,
+            interpolate(x0, x1, student_t), dual.levels, dual.index, tokens.pos, condition, modality,
+            attn_mask=groups, hidden_layers=(self.student_layer,) if want_rep else (),
         )
         flow_error = token_squared_error(student.velocity, velocity_target(x0, x1), channels)  # [R, N]
         loss_flow = masked_mean(flow_error * weights, valid)
@@ -180,8 +178,8 @@ class SelfFlowObjective(nn.Module):
                 teacher_t = dual.teacher_per_token  # [R, N]: min(t, s) of each token's sample, the cleaner view
                 target = self.teacher.module(
                     interpolate(x0, x1, teacher_t), dual.teacher_levels, segment.clamp_min(0) if packed else None,
-                    tokens.pos, sample_labels, modality, attn_mask=sample_groups,
-                    hidden_layers=(self.teacher_layer,), stop_after=self.teacher_layer, text=text, sizes=sizes,
+                    tokens.pos, condition, modality, attn_mask=sample_groups,
+                    hidden_layers=(self.teacher_layer,), stop_after=self.teacher_layer,
                 ).hidden[self.teacher_layer]
             rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
             loss_rep = masked_mean(rep_error * weights, valid)

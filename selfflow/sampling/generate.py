@@ -1,7 +1,8 @@
 """Generation: noise tokens -> solver over the model's velocity (with optional guidance) -> decoded samples.
 
-The model is anything with `velocity(x: [B, N, C], t: [B], pos: [B, N, 4], labels: [B], modality) -> [B, N, C]`
-and a `null_class` (a `SelfFlowTransformer`, or the released checkpoint's wrapper in `selfflow.interop`).
+The model is anything with `velocity(x: [B, N, C], t: [B], pos: [B, N, 4], condition: Condition, modality) ->
+[B, N, C]` (a `SelfFlowTransformer`, or the released checkpoint's wrapper in `selfflow.interop`); what the samples
+are conditioned on (labels, text, sizes) travels as one `Condition`, whose `null()` is guidance's unconditional half.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from selfflow.flow import solvers
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Condition
 
 SOLVERS = solvers.SOLVERS
 PRECISIONS = ("auto", "bf16", "fp32")
@@ -66,14 +68,14 @@ class GuidedVelocity:
     conditional input only. Counts `evaluations` (the solver's NFE) and `model_calls` (forward passes).
     """
 
-    def __init__(self, model, pos: Tensor, labels: Tensor, modality: str, cfg_scale: float = 1.0,
+    def __init__(self, model, pos: Tensor, condition: Condition, modality: str, cfg_scale: float = 1.0,
                  guidance_interval: Sequence[float] = (0.0, 1.0), autocast: torch.dtype | None = None,
                  on_evaluation: Callable[[], None] | None = None):
         lo, hi = (float(v) for v in guidance_interval)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"guidance_interval=[{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1 (noise levels)")
-        self.model, self.pos, self.labels, self.modality = model, pos, labels, modality
-        self.null = torch.full_like(labels, model.null_class)
+        self.model, self.pos, self.condition, self.modality = model, pos, condition, modality
+        self.guided_condition = Condition.cat([condition, condition.null()])  # conditional rows, then unconditional
         self.cfg_scale, self.interval, self.autocast = float(cfg_scale), (lo, hi), autocast
         self.on_evaluation = on_evaluation
         self.evaluations = self.model_calls = 0
@@ -81,29 +83,23 @@ class GuidedVelocity:
     def guided_at(self, level: float) -> bool:
         return self.cfg_scale != 1.0 and self.interval[0] <= level <= self.interval[1]
 
-    def _call_model(self, x: Tensor, t: Tensor, pos: Tensor, labels: Tensor) -> Tensor:
+    def _call_model(self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition) -> Tensor:
         self.model_calls += 1
         # no autocast of its own at fp32, so that a caller's (FSDP mixed precision's) stays in effect
         precision = nullcontext() if self.autocast is None else torch.autocast(x.device.type, dtype=self.autocast)
         with precision:
-            return self.model.velocity(x, t, pos, labels, self.modality).to(x.dtype)
+            return self.model.velocity(x, t, pos, condition, self.modality).to(x.dtype)
 
     def __call__(self, x: Tensor, t: Tensor) -> Tensor:
         self.evaluations += 1
         if self.on_evaluation is not None:
             self.on_evaluation()
         if not self.guided_at(float(t[0])):
-            return self._call_model(x, t, self.pos, self.labels)
+            return self._call_model(x, t, self.pos, self.condition)
         both = self._call_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.pos, self.pos]),
-                                torch.cat([self.labels, self.null]))
+                                self.guided_condition)
         cond, uncond = both.chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
-
-
-def guided_velocity(model, pos: Tensor, labels: Tensor, modality: str, cfg_scale: float = 1.0,
-                    guidance_interval: Sequence[float] = (0.0, 1.0)) -> GuidedVelocity:
-    """The guided velocity function of `model` for the solvers (see `GuidedVelocity`)."""
-    return GuidedVelocity(model, pos, labels, modality, cfg_scale, guidance_interval)
 
 
 @dataclass
@@ -118,19 +114,21 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def sample_tokens(model, tokenizer: Tokenizer, labels: Tensor, steps: int = 50, solver: str = "euler",
+def sample_tokens(model, tokenizer: Tokenizer, condition: Condition, steps: int = 50, solver: str = "euler",
                   cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
                   noise: NoiseSource | None = None, shift: float = 1.0, precision: str = "fp32",
                   on_evaluation: Callable[[], None] | None = None, **solver_options) -> Generation:
-    """Generated tokens for `labels: [B]` (the null label for unconditional samples), from `noise` draws."""
+    """Generated tokens for the B samples of `condition` (labels [B]: NO_LABEL for unconditional samples), from
+    `noise` draws."""
     if solver not in SOLVERS:
         raise ValueError(f"sampler={solver!r} is unknown; choose one of {sorted(SOLVERS)}")
     noise = noise or NoiseSource()
     device = model_device(model)
-    labels = labels.to(device)
-    pos = tokenizer.positions(len(labels), device)
-    x1 = noise((len(labels), pos.shape[1], tokenizer.token_channels), device)
-    velocity = GuidedVelocity(model, pos, labels, tokenizer.modality, cfg_scale, guidance_interval,
+    condition = condition.to(device)
+    count = condition.batch_size
+    pos = tokenizer.positions(count, device)
+    x1 = noise((count, pos.shape[1], tokenizer.token_channels), device)
+    velocity = GuidedVelocity(model, pos, condition, tokenizer.modality, cfg_scale, guidance_interval,
                               autocast_dtype(device, precision), on_evaluation)
     if solver in solvers.STOCHASTIC:
         solver_options["noise"] = lambda x: noise(x.shape, x.device, x.dtype)
@@ -139,11 +137,11 @@ def sample_tokens(model, tokenizer: Tokenizer, labels: Tensor, steps: int = 50, 
 
 
 @torch.no_grad()
-def generate(model, tokenizer: Tokenizer, labels: Tensor, steps: int = 50, solver: str = "euler",
+def generate(model, tokenizer: Tokenizer, condition: Condition, steps: int = 50, solver: str = "euler",
              cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
              generator: torch.Generator | None = None, shift: float = 1.0,
              generators: list[torch.Generator] | None = None) -> Tensor:
-    """Decoded samples for `labels: [B]`; noise from one `generator`, or per sample from `generators`."""
+    """Decoded samples of `condition`'s B rows; noise from one `generator`, or per sample from `generators`."""
     noise = NoiseSource(generator, generators)
-    out = sample_tokens(model, tokenizer, labels, steps, solver, cfg_scale, guidance_interval, noise, shift)
+    out = sample_tokens(model, tokenizer, condition, steps, solver, cfg_scale, guidance_interval, noise, shift)
     return tokenizer.decode(out.tokens)

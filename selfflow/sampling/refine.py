@@ -17,6 +17,7 @@ from torch import Tensor
 from selfflow.flow import solvers
 from selfflow.sampling.generate import Generation, GuidedVelocity, NoiseSource, autocast_dtype, model_device
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Condition
 
 
 def check_strength(strength: float) -> float:
@@ -26,11 +27,11 @@ def check_strength(strength: float) -> float:
 
 
 @torch.no_grad()
-def refine_tokens(model, tokenizer: Tokenizer, init: Tensor, strength: float, labels: Tensor, steps: int = 50,
+def refine_tokens(model, tokenizer: Tokenizer, init: Tensor, strength: float, condition: Condition, steps: int = 50,
                   solver: str = "euler", cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
                   noise: NoiseSource | None = None, shift: float = 1.0, precision: str = "fp32",
                   on_evaluation: Callable[[], None] | None = None) -> Generation:
-    """Refined tokens for raw samples `init` (what `tokenizer.encode` takes, B of them) and `labels: [B]`.
+    """Refined tokens for raw samples `init` (what `tokenizer.encode` takes, B of them) and their `condition`.
 
     `steps` model evaluations cover the part of the path from `strength` to 0.
     """
@@ -45,8 +46,8 @@ def refine_tokens(model, tokenizer: Tokenizer, init: Tensor, strength: float, la
     noise = noise or NoiseSource()
     x1 = noise(tuple(x0.shape), device)
     start = (1 - strength) * x0 + strength * x1
-    pos = tokenizer.positions(len(labels), device)
-    velocity = GuidedVelocity(model, pos, labels.to(device), tokenizer.modality, cfg_scale, guidance_interval,
+    pos = tokenizer.positions(x0.shape[0], device)
+    velocity = GuidedVelocity(model, pos, condition.to(device), tokenizer.modality, cfg_scale, guidance_interval,
                               autocast_dtype(device, precision), on_evaluation)
 
     def rescaled(x: Tensor, tau: Tensor) -> Tensor:  # d x / d tau at level t = strength * tau

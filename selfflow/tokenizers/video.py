@@ -7,7 +7,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.tokenizers.base import Tokenizer, Tokens
+from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokens import Tokens
 
 
 def grid_positions(t: int, h: int, w: int, batch_size: int, device=None) -> Tensor:

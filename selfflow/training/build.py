@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from selfflow.tokenizers.text import TEXT
+from selfflow.tokens import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.data.token_cache import CachedTokens

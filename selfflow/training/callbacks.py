@@ -10,8 +10,8 @@ import lightning as L
 import torch
 
 from selfflow.sampling.generate import generate
-from selfflow.sampling.prompted import prompted_model
-from selfflow.tokenizers.text import TEXT
+from selfflow.sampling.prompted import prompted_condition
+from selfflow.tokens import TEXT, Condition
 from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
 from selfflow.sampling.writers import save_image_grid
 from selfflow.training.checkpoint_callback import save_end_of_run
@@ -68,9 +68,10 @@ class SampleGrid(L.Callback):
             if modality == TEXT:  # text conditions the samples; it is not sampled
                 continue
             generator = torch.Generator(device=module.device).manual_seed(self.seed)
-            model, labels = self.conditioned(module)
+            condition = self.condition(module)
+            labels = condition.labels
             with callback_forward_context(trainer):
-                samples = generate(model, tokenizer, labels, steps=self.steps, cfg_scale=self.cfg_scale,
+                samples = generate(module.ema_model, tokenizer, condition, steps=self.steps, cfg_scale=self.cfg_scale,
                                    generator=generator)
             folder = Path(trainer.default_root_dir) / self.dirname / modality
             if modality == "image":
@@ -88,11 +89,12 @@ class SampleGrid(L.Callback):
         self.written += paths
         return paths
 
-    def conditioned(self, module):
-        """The model to sample from and its labels: per prompt when prompts and a text tokenizer are given."""
+    def condition(self, module) -> Condition:
+        """What the samples are conditioned on: each prompt when prompts and a text tokenizer are given, else the
+        classes (or nothing, for an unconditional model)."""
         if self.prompts and TEXT in module.tokenizers:
-            return prompted_model(module.ema_model, module.tokenizers[TEXT], self.prompts, self.samples_per_class)
-        return module.ema_model, self.labels(module)
+            return prompted_condition(module.tokenizers[TEXT], self.prompts, self.samples_per_class)
+        return Condition(labels=self.labels(module))
 
     def file_stems(self, trainer: L.Trainer, module, labels: torch.Tensor) -> list[str]:
         """`<class name>_<k>` per sample (`uncond_<k>` for the null label; `<prompt words>_<k>` when sampling

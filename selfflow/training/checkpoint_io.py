@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from selfflow.training.checkpoint import read_checkpoint
+from selfflow.interop.checkpoint import read_checkpoint
 
 TEMP_SUFFIX = ".tmp"
 

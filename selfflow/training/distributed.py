@@ -11,7 +11,8 @@ import torch
 from lightning.pytorch.strategies import FSDPStrategy
 from torch import Tensor, nn
 
-from selfflow.models.transformer import SelfFlowTransformer, TransformerBlock
+from selfflow.models.layers import TransformerBlock
+from selfflow.models.transformer import SelfFlowTransformer
 
 log = logging.getLogger("selfflow.training")
 

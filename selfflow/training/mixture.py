@@ -14,7 +14,7 @@ from torch import Tensor
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from selfflow.data.packing import pack
-from selfflow.data.tokens import PackedTokens, Tokens
+from selfflow.tokens import PackedTokens, Tokens
 from selfflow.training.data_order import resumable_loader, trained_position
 from selfflow.training.rng_state import mix_seed
 

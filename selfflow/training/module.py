@@ -9,18 +9,18 @@ import lightning as L
 import torch
 from torch import nn
 
-from selfflow.data.tokens import PackedTokens, Tokens
+from selfflow.tokens import PackedTokens, Tokens
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokenizers.text import TEXT
+from selfflow.tokens import TEXT, Condition
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
 from selfflow.training.nonfinite import NonFiniteGuard
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
-from selfflow.training.state_check import check_state_fits
+from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
+from selfflow.interop.state_check import check_state_fits
 
-CHECKPOINT_FORMAT = 1
 # metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
 STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm")
 
@@ -68,14 +68,11 @@ class SelfFlowModule(L.LightningModule):
     def ema_model(self):
         return self.objective.teacher.module
 
-    def conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Extra inputs of the objective: the captions encoded by the text tokenizer, size/crop values."""
-        extra = {}
-        if "caption" in batch and TEXT in self.tokenizers:
-            extra["text"] = self.tokenizers[TEXT].encode(batch["caption"])
-        if "sizes" in batch:
-            extra["sizes"] = batch["sizes"]
-        return extra
+    def condition(self, batch: dict[str, Any]) -> Condition:
+        """What the batch is conditioned on: its labels, its captions encoded by the text tokenizer, its size/crop
+        values (packed rows carry their labels inside the packing)."""
+        text = self.tokenizers[TEXT].encode(batch["caption"]) if "caption" in batch and TEXT in self.tokenizers else None
+        return Condition(labels=batch.get("label"), text=text, sizes=batch.get("sizes"))
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int):
         """The loss of one (micro-)batch. A non-finite loss is still returned, so that every rank runs its backward;
@@ -83,7 +80,7 @@ class SelfFlowModule(L.LightningModule):
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
         tokens = self.tokenize(batch)
-        out = self.objective(tokens, batch.get("label"), **self.conditioning(batch))
+        out = self.objective(tokens, self.condition(batch))
         batch_size = tokens.batch_size
         token_counts = modality_token_counts(tokens)
         present = [m for m, count in token_counts.items() if count]

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from selfflow.training.checkpoint import read_checkpoint
+from selfflow.interop.checkpoint import read_checkpoint
 
 log = logging.getLogger("selfflow")
 

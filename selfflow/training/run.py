@@ -9,7 +9,7 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 from selfflow.training.build import Run, build_run
-from selfflow.training.checkpoint import read_checkpoint
+from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.resume import check_same_run, keep_metric_history, resolve_resume
 from selfflow.training.run_folder import run_folder_lock
 from selfflow.training.validate import validate_config

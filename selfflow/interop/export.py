@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from selfflow.data.token_cache import file_digest
 from selfflow.safe_config import first_line, stored_config
-from selfflow.training.checkpoint import (CHECKPOINT_FORMAT, LoadedCheckpoint, check_format, load_checkpoint,
+from selfflow.interop.checkpoint import (CHECKPOINT_FORMAT, LoadedCheckpoint, check_format, load_checkpoint,
                                           model_from_state)
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"

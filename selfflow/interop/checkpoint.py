@@ -13,8 +13,9 @@ import torch
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.training.module import CHECKPOINT_FORMAT
-from selfflow.training.state_check import check_state_fits
+from selfflow.interop.state_check import check_state_fits
+
+CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads
 
 WEIGHTS = ("ema", "online")
 
@@ -95,7 +96,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
         raise ValueError(f"weights={weights!r} is unknown; choose one of {WEIGHTS}")
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":
-        from selfflow.training.export import load_exported
+        from selfflow.interop.export import load_exported
 
         folder = path if path.is_dir() else path.parent
         if weights != "ema":

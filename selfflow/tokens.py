@@ -1,0 +1,205 @@
+"""The core types every stage shares: token batches of one modality (`Tokens`) or packed across modalities
+(`PackedTokens`), encoded captions (`TextTokens`), and the `Condition` that carries what a sample is generated from
+besides its noise level (class labels, text, size conditioning).
+
+Plain PyTorch and dataclasses, imported by every layer (data, tokenizers, models, objectives, sampling, training) and
+importing none of them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+
+import torch
+from torch import Tensor
+
+POSITION_AXES = ("t", "h", "w", "l")
+TEXT = "text"  # the modality name of caption tokens: they condition the model, they are never generated
+NO_LABEL = -1  # a label that conditions on nothing: the model embeds its null class for it
+
+
+@dataclass
+class Tokens:
+    """A batch of token sequences of one modality."""
+
+    x: Tensor  # [B, N, C] token features
+    pos: Tensor  # [B, N, 4] long position ids over (t, h, w, l)
+    modality: str
+    valid: Tensor | None = None  # [B, N] bool, False on padding; None = all valid
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.x.shape[1]
+
+
+@dataclass
+class PackedTokens:
+    """Samples of possibly different modalities and lengths packed into R rows of N tokens.
+
+    Token n of row r belongs to sample `segment[r, n]` of that row (-1 on padding). Channels differ per modality:
+    `x` holds each token's own channels first and zeros after them.
+    """
+
+    x: Tensor  # [R, N, C_max]
+    pos: Tensor  # [R, N, 4]
+    segment: Tensor  # [R, N] long, -1 on padding
+    modality_masks: dict[str, Tensor]  # modality -> [R, N] bool
+    segment_labels: Tensor  # [R, S] long (the null label on empty segment slots)
+    segment_modality: list[list[str]]  # row -> the modality of each of its samples
+    channels: dict[str, int]  # modality -> its token channels
+    order: list[list[int]] = field(default_factory=list)  # row -> indices of its samples in the packed input
+
+    @property
+    def valid(self) -> Tensor:
+        return self.segment >= 0
+
+    @property
+    def num_segments(self) -> int:
+        return self.segment_labels.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        """Samples in all rows (not rows)."""
+        return sum(len(row) for row in self.segment_modality)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.valid.sum())
+
+
+def as_segments(tokens: Tokens) -> Tensor:
+    """[B, N] segment ids of an unpacked batch: every row is one sample (0), padding is -1."""
+    if tokens.valid is None:
+        return torch.zeros(tokens.x.shape[:2], dtype=torch.long, device=tokens.x.device)
+    return torch.where(tokens.valid, 0, -1)
+
+
+@dataclass
+class TextTokens:
+    """A batch of encoded captions; rows with no valid token (and a zero pooled vector) are the null text."""
+
+    x: Tensor  # [B, T, C] frozen encoder features
+    valid: Tensor  # [B, T] bool, False on padding
+    pooled: Tensor  # [B, C] one vector per caption
+
+    @property
+    def batch_size(self) -> int:
+        return self.x.shape[0]
+
+    @property
+    def pos(self) -> Tensor:
+        """[B, T, 4] position ids (0, 0, 0, l)."""
+        b, t = self.valid.shape
+        pos = torch.zeros(b, t, 4, dtype=torch.long, device=self.x.device)
+        pos[..., 3] = torch.arange(t, device=self.x.device)
+        return pos
+
+    def drop(self, rows: Tensor) -> TextTokens:
+        """rows: [B] bool -> the same batch with those rows replaced by the null text."""
+        keep = ~rows.to(self.valid.device)
+        return TextTokens(self.x * keep[:, None, None].to(self.x.dtype), self.valid & keep[:, None],
+                          self.pooled * keep[:, None].to(self.pooled.dtype))
+
+    def null(self) -> TextTokens:
+        return self.drop(torch.ones(self.batch_size, dtype=torch.bool, device=self.valid.device))
+
+    def repeat(self, times: int) -> TextTokens:
+        return TextTokens(self.x.repeat(times, 1, 1), self.valid.repeat(times, 1), self.pooled.repeat(times, 1))
+
+    def select(self, rows) -> TextTokens:
+        return TextTokens(self.x[rows], self.valid[rows], self.pooled[rows])
+
+    def to(self, device) -> TextTokens:
+        return TextTokens(self.x.to(device), self.valid.to(device), self.pooled.to(device))
+
+    @staticmethod
+    def cat(batches: list[TextTokens]) -> TextTokens:
+        return TextTokens(*(torch.cat([getattr(b, name) for b in batches]) for name in ("x", "valid", "pooled")))
+
+
+@dataclass
+class Condition:
+    """What a batch is conditioned on besides its noise level: one field per signal, None where absent.
+
+    labels: [B] class ids, or [B, S] one per sample of a packed row; NO_LABEL (-1) conditions on nothing (the
+    model embeds its null class). text: the batch's encoded captions. sizes: [B, 6] size and crop conditioning of
+    multi-aspect models, a property of the sample that guidance never drops.
+
+    `drop(rows)` replaces the droppable signals of some rows by their null (classifier-free guidance and its training
+    dropout), `null()` does it for every row, `repeat(k)` stacks the batch k times. A new conditioning signal is one
+    new field here (listed in DROPPABLE if guidance drops it) and its use in the model.
+    """
+
+    labels: Tensor | None = None
+    text: TextTokens | None = None
+    sizes: Tensor | None = None
+
+    DROPPABLE = ("labels", "text")
+
+    @property
+    def batch_size(self) -> int | None:
+        present = [v for v in (self.labels, self.text, self.sizes) if v is not None]
+        return None if not present else (present[0].batch_size if isinstance(present[0], TextTokens)
+                                          else present[0].shape[0])
+
+    def drop(self, rows: Tensor, only: str | None = None) -> Condition:
+        """rows: bool, [B] (or [B, S] for per-sample labels) -> those rows' signals replaced by their null; `only`
+        names one field of DROPPABLE to drop (the others are kept)."""
+        names = self.DROPPABLE if only is None else (only,)
+        if only is not None and only not in self.DROPPABLE:
+            raise ValueError(f"Condition.drop(only={only!r}): droppable signals are {self.DROPPABLE}")
+        changes = {}
+        if "labels" in names and self.labels is not None:
+            rows_here = rows.to(self.labels.device)
+            if rows_here.dim() < self.labels.dim():
+                rows_here = rows_here[:, None]
+            changes["labels"] = torch.where(rows_here, torch.full_like(self.labels, NO_LABEL), self.labels)
+        if "text" in names and self.text is not None:
+            changes["text"] = self.text.drop(rows if rows.dim() == 1 else rows.any(dim=1))
+        return replace(self, **changes)
+
+    def null(self) -> Condition:
+        """Every row conditioned on nothing droppable (the unconditional half of guidance)."""
+        size = self.batch_size
+        if size is None:
+            return self
+        device = next(v.valid.device if isinstance(v, TextTokens) else v.device
+                      for v in (self.labels, self.text, self.sizes) if v is not None)
+        return self.drop(torch.ones(size, dtype=torch.bool, device=device))
+
+    def map(self, tensor_fn, text_fn) -> Condition:
+        """Each present field through `tensor_fn` (tensors) or `text_fn` (TextTokens)."""
+
+        def apply(value):
+            if value is None:
+                return None
+            return text_fn(value) if isinstance(value, TextTokens) else tensor_fn(value)
+
+        return Condition(*(apply(getattr(self, f.name)) for f in fields(self)))
+
+    def repeat(self, times: int) -> Condition:
+        return self.map(lambda t: t.repeat(times, *([1] * (t.dim() - 1))), lambda t: t.repeat(times))
+
+    def select(self, rows) -> Condition:
+        return self.map(lambda t: t[rows], lambda t: t.select(rows))
+
+    def to(self, device) -> Condition:
+        return self.map(lambda t: t.to(device), lambda t: t.to(device))
+
+    @staticmethod
+    def cat(conditions: list[Condition]) -> Condition:
+        """The batches one after another (every condition must have the same fields present)."""
+        first = conditions[0]
+        out = {}
+        for f in fields(first):
+            values = [getattr(c, f.name) for c in conditions]
+            if all(v is None for v in values):
+                out[f.name] = None
+            elif any(v is None for v in values):
+                raise ValueError(f"Condition.cat: {f.name} is present in some conditions only")
+            else:
+                out[f.name] = TextTokens.cat(values) if isinstance(values[0], TextTokens) else torch.cat(values)
+        return Condition(**out)
