@@ -72,7 +72,7 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
     from selfflow.training.checkpoint import load_checkpoint
 
     ckpt = Path(cfg.ckpt).expanduser()
-    loaded = load_checkpoint(ckpt, cfg.weights)
+    loaded = load_checkpoint(ckpt, cfg.weights, vae=cfg.get("vae"))
     data_cfg = cfg.data if cfg.get("data") is not None else loaded.config.data
     chosen = pick_modalities(modality_sources(instantiate(data_cfg)), cfg.modality)
     for datamodule in chosen.values():

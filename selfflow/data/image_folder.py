@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from selfflow.data.adm_crop import adm_center_crop, check_crop
 from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.buckets import BucketIndex, BucketOptions, bucket_crop, parse_buckets
 from selfflow.data.files import check_readable_file, find_labelled_files
@@ -59,12 +60,15 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: int,
-               max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1].
+               max_pixels: int = MAX_PIXELS, crop: str = "center") -> torch.Tensor:
+    """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1]
+    (`crop="adm"`: the ADM centre crop of ImageNet training instead, see `adm_center_crop`).
 
     `source` is a path or an open binary file; see `opened_image` for what is refused.
     """
     with opened_image(source, max_pixels) as image:
+        if crop == "adm":
+            return image_to_tensor(adm_center_crop(to_8bit(image, channels), image_size))
         image.draft("RGB" if channels == 3 else "L", (image_size, image_size))  # fast JPEG downscale
         image = to_8bit(image, channels)
         side = min(image.size)
@@ -110,12 +114,12 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  hflip: bool = False, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
-                 buckets=None, bucket_multiple: int = 1):
+                 buckets=None, bucket_multiple: int = 1, crop: str = "center"):
         if channels not in (1, 3):
             raise ValueError(f"channels={channels} must be 1 (grey) or 3 (RGB)")
         files = self.find_files(root, split, IMAGE_EXTENSIONS, test_fraction, seed)
         self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.crop = image_size, channels, check_crop(crop)
         self.hflip = hflip and split == "train"
         self.bad_files = BadFilePolicy(on_bad_file)
         self.use_buckets(buckets, bucket_multiple)
@@ -160,7 +164,7 @@ class ImageFolder(Dataset):
             if self.bucketing is not None and isinstance(i, BucketIndex):
                 image, sizes = self._load_in_bucket(i)
             else:
-                image = load_image(path, self.image_size, self.channels)
+                image = load_image(path, self.image_size, self.channels, crop=self.crop)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             self.bad_files.handle(path, f"{type(error).__name__}: {error}")
             return None

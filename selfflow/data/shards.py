@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
+from selfflow.data.adm_crop import check_crop
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, load_image
 from selfflow.data.video_folder import check_clip_options
 from selfflow.data.video_io import VIDEO_EXTENSIONS, frames_to_tensor, read_clip
@@ -274,16 +275,16 @@ class ImageShards(ShardDataset):
     extensions = IMAGE_EXTENSIONS
 
     def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", image_size: int = 32,
-                 channels: int = 3, hflip: bool = False, on_bad_file: str = "skip"):
+                 channels: int = 3, hflip: bool = False, on_bad_file: str = "skip", crop: str = "center"):
         if channels not in (1, 3):
             raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
-        self.image_size, self.channels = image_size, channels
+        self.image_size, self.channels, self.crop = image_size, channels, check_crop(crop)
         self.hflip = hflip and split == "train"
         super().__init__(root, split, on_bad_file)
 
     def decode(self, source: BinaryIO) -> Tensor:
         """image: [C, S, S]"""
-        return load_image(source, self.image_size, self.channels)
+        return load_image(source, self.image_size, self.channels, crop=self.crop)
 
     def load(self, i: int) -> tuple[Tensor, int]:
         image, label = super().load(i)

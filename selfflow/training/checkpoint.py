@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.vae_folder import check_fingerprint
 from selfflow.training.module import CHECKPOINT_FORMAT
 from selfflow.training.state_check import check_state_fits
 
@@ -54,11 +55,16 @@ def load_state_checked(module: torch.nn.Module, state: dict[str, torch.Tensor], 
     module.load_state_dict(state)
 
 
-def model_from_state(config, state: dict[str, torch.Tensor], source: str):
-    """The run's tokenizers and its model with `state` loaded (the class count read from the label table)."""
+def model_from_state(config, state: dict[str, torch.Tensor], source: str, vae: str | None = None):
+    """The run's tokenizers (in eval mode) and its model with `state` loaded (the class count read from the label
+    table). vae: a folder replacing the stored one of a latent tokenizer (the fingerprint must still match)."""
     from hydra.utils import instantiate
 
-    tokenizers = {m: instantiate(spec) for m, spec in config.tokenizer.items()}
+    for spec in config.tokenizer.values():
+        if "vae" in spec:  # a latent tokenizer: its VAE (moved to `vae`, when given) must be the one trained with
+            spec.vae = str(vae if vae is not None else spec.vae)
+            check_fingerprint(spec.vae, spec.get("fingerprint"), "vae")
+    tokenizers = {m: instantiate(spec).eval() for m, spec in config.tokenizer.items()}
     label_rows = state.get("y_embedder.embedding_table.weight")
     num_classes = label_rows.shape[0] - 1 if label_rows is not None else 0
     model = instantiate(config.model)(token_channels={m: t.token_channels for m, t in tokenizers.items()},
@@ -67,21 +73,22 @@ def model_from_state(config, state: dict[str, torch.Tensor], source: str):
     return model.eval(), tokenizers
 
 
-def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | None = None) -> LoadedCheckpoint:
     """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema or online.
 
     `path` may also be a folder written by `export_weights` (or its model.safetensors): EMA weights only.
+    vae: where the run's VAE is now, when it moved (checked by fingerprint).
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is unknown; choose one of {WEIGHTS}")
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":
-        return load_exported(path if path.is_dir() else path.parent)
+        return load_exported(path if path.is_dir() else path.parent, vae)
     checkpoint = read_checkpoint(path)
     config = OmegaConf.create(checkpoint["selfflow_config"])
     prefix = "objective.teacher.module." if weights == "ema" else "objective.model."
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
-    model, tokenizers = model_from_state(config, state, f"checkpoint {path} ({weights} weights)")
+    model, tokenizers = model_from_state(config, state, f"checkpoint {path} ({weights} weights)", vae)
     return LoadedCheckpoint(model, tokenizers, config, int(checkpoint.get("global_step", 0)), path)
 
 
@@ -104,7 +111,7 @@ def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike
     return folder
 
 
-def load_exported(folder: str | os.PathLike) -> LoadedCheckpoint:
+def load_exported(folder: str | os.PathLike, vae: str | None = None) -> LoadedCheckpoint:
     """The model of an `export_weights` folder (safetensors: no code can run while loading)."""
     from safetensors.torch import load_file
 
@@ -118,5 +125,5 @@ def load_exported(folder: str | os.PathLike) -> LoadedCheckpoint:
         raise ValueError(f"{folder} has format {meta['selfflow_format']}, newer than this selfflow "
                          f"({CHECKPOINT_FORMAT}); upgrade selfflow")
     config = OmegaConf.create(meta["config"])
-    model, tokenizers = model_from_state(config, load_file(str(weights)), f"exported weights {weights}")
+    model, tokenizers = model_from_state(config, load_file(str(weights)), f"exported weights {weights}", vae)
     return LoadedCheckpoint(model, tokenizers, config, int(meta.get("step", 0)), folder)
