@@ -1,8 +1,14 @@
 """experiment=imagenet256: the paper's setting in the released model's layout, runnable end to end on a stand-in."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
-from selfflow.interop.official import RELEASED, save_official
+from selfflow.interop.official import RELEASED, export_official
 from selfflow.objectives.selfflow import default_layers
 from tests.conftest import TINY
 from tests.test_configs import compose_plain
@@ -29,7 +35,7 @@ def test_the_experiment_is_the_paper_setting_in_the_released_layout(tmp_path):
         (12, 768, "sincos", 1.0)
 
 
-def test_two_steps_on_cpu_with_a_tiny_width_and_the_result_loads_into_the_released_layout(tiny_train_cfg, tiny_vae,
+def test_two_steps_on_cpu_with_a_tiny_width_and_the_export_loads_into_the_released_layout(tiny_train_cfg, tiny_vae,
                                                                                          cifar_classes):
     from selfflow.training.run import train
 
@@ -38,8 +44,10 @@ def test_two_steps_on_cpu_with_a_tiny_width_and_the_result_loads_into_the_releas
                                "global_batch_size=8", "trainer.max_steps=2"))
     assert run.trainer.global_step == 2 and run.datamodule.batch_size == 8
     assert (run.run_dir / "checkpoints" / "last.ckpt").is_file()
+    exported = export_official(run.run_dir / "checkpoints" / "last.ckpt", run.run_dir / "released-layout.pt")
     released = ReleasedDiT(width=32, depth=2, grid=2, classes=3)
-    released.load_state_dict(save_official(run.module.ema_model, run.module.objective.head, grid=2), strict=True)
+    released.load_state_dict(torch.load(exported, weights_only=True), strict=True)
+    torch.testing.assert_close(released.projector.linear1.weight, run.module.objective.head.linear1.weight)
     x, t, y = torch.randn(2, 4, 16), torch.tensor([0.2, 0.7]), torch.tensor([1, 3])
     pos = run.module.tokenizers["image"].positions(2)
     with torch.no_grad():
@@ -62,3 +70,22 @@ def test_global_batch_size_is_split_over_processes_and_accumulation(tmp_path):
         build_run(compose_train([*ddp, "global_batch_size=12"], tmp_path / "run"))
     assert TINY[0] == "experiment=digits"  # these tiny runs keep data.batch_size when global_batch_size is null
     assert build_run(compose_train(ddp, tmp_path / "run")).datamodule.batch_size == 8
+
+
+@pytest.mark.slow
+def test_the_stand_in_commands_of_docs_imagenet_run_as_printed(cifar_classes, tmp_path):
+    """docs/imagenet.md's CIFAR stand-in, command by command (on a smaller copy of the CIFAR folder): a tiny VAE, a
+    latent cache, a trained checkpoint with sample grids, samples and a probe."""
+    docs = Path(__file__).resolve().parents[1] / "docs" / "imagenet.md"
+    block = docs.read_text().split("<!-- stand-in")[1].split("```bash\n")[1].split("```")[0]
+    first, *commands = block.strip().splitlines()
+    assert first == "DATA=../shared/data/cifar10-small"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "WANDB_MODE": "offline"}
+    result = subprocess.run(["bash", "-c", "\n".join(["set -e", f"DATA={cifar_classes}", *commands])], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "cifar-latents" / "manifest.json").read_text())["splits"] == {"train": 24, "test": 9}
+    assert (tmp_path / "runs" / "standin" / "samples" / "image" / "step_0000100.png").is_file()
+    assert (tmp_path / "samples" / "standin" / "grid.png").is_file()
+    assert json.loads((tmp_path / "probes" / "standin" / "probe.json").read_text())["results"]

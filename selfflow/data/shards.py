@@ -24,9 +24,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from selfflow.data.adm_crop import check_crop
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
-from selfflow.data.adm_crop import check_crop
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, load_image
 from selfflow.data.video_folder import check_clip_options
 from selfflow.data.video_io import VIDEO_EXTENSIONS, frames_to_tensor, read_clip

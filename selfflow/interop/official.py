@@ -265,6 +265,30 @@ def save_official(model: SelfFlowTransformer | OfficialSelfFlow, projector: Proj
     return released
 
 
+def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weights: str = "ema") -> Path:
+    """A `selfflow-train` checkpoint of a released-layout run (experiment=imagenet256) as a .pt file of plain tensors
+    that the released model code loads with strict=True: the EMA (or online) weights and the projection head."""
+    from selfflow.training.checkpoint import load_checkpoint, read_checkpoint
+
+    loaded = load_checkpoint(checkpoint, weights)
+    tokenizer = loaded.tokenizers.get("image")
+    if tokenizer is None or not hasattr(tokenizer, "latent_shape"):
+        raise ValueError(f"{checkpoint} is not a VAE-latent image run; the released layout is SD-VAE latents "
+                         f"(experiment=imagenet256)")
+    projector = None
+    head = {k.removeprefix("objective.head."): v for k, v in read_checkpoint(checkpoint)["state_dict"].items()
+            if k.startswith("objective.head.")}
+    if head:
+        projector = ProjectionHead(loaded.model.width)
+        projector.load_state_dict(head)
+    state = save_official(loaded.model, projector, grid=tokenizer.grid[0], patch_size=tokenizer.patch_size,
+                          latent_channels=tokenizer.latent_shape[0])
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
+
+
 def initialize_from_official(objective, path: str | os.PathLike, patch_size: int, latent_channels: int) -> None:
     """Fine-tuning from the released checkpoint: the student, a fresh EMA teacher equal to it, and the projection
     head (when the objective has one) take the released weights. The model must follow the released conventions."""

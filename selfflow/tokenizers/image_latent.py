@@ -49,7 +49,8 @@ class ImageLatentTokenizer(Tokenizer):
         config_shift = getattr(autoencoder.config, "shift_factor", None)
         self.scale = float(autoencoder.config.scaling_factor if scale is None else scale)
         self.shift = float((config_shift or 0.0) if shift is None else shift)
-        self.image_size, self.patch_size, self.decode_batch_size = int(image_size), int(patch_size), decode_batch_size
+        self.image_size = (int(image_size), int(image_size))  # (h, w) pixels, as the pixel tokenizer's
+        self.patch_size, self.decode_batch_size = int(patch_size), decode_batch_size
         self.latent_shape = (channels, image_size // factor, image_size // factor)
         self.patches = ImagePatchTokenizer(patch_size, channels, image_size // factor)
         self.grid = self.patches.grid
@@ -82,9 +83,9 @@ class ImageLatentTokenizer(Tokenizer):
         """Images [B, 3, S, S] in [0, 1], or latents [B, C, S/f, S/f] from a latent cache -> tokens."""
         if tuple(data.shape[1:]) == self.latent_shape:
             return self.encode_latents(data)
-        if tuple(data.shape[1:]) != (3, self.image_size, self.image_size):
-            c, h, w = self.latent_shape
-            raise ValueError(f"the image latent tokenizer takes images [B, 3, {self.image_size}, {self.image_size}] "
+        if tuple(data.shape[1:]) != (3, *self.image_size):
+            (c, h, w), (height, width) = self.latent_shape, self.image_size
+            raise ValueError(f"the image latent tokenizer takes images [B, 3, {height}, {width}] "
                              f"or cached latents [B, {c}, {h}, {w}], got {list(data.shape)}; set "
                              f"data.train.image_size to the size the tokenizer was built for")
         mean, std = self.posterior(data)

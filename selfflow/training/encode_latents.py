@@ -120,6 +120,7 @@ def build_latent_cache(cfg: DictConfig) -> Path:
     if fabric.is_global_zero:
         counts = {split: merge_index(out, split, fabric.world_size) for split in SPLITS}
         write_json(out / MANIFEST, {**wanted, "splits": counts})
-        print(f"selfflow-cache: {counts} records ({fabric.world_size} processes) in {out.resolve()}")
+        processes = f"{fabric.world_size} process{'es' if fabric.world_size > 1 else ''}"
+        print(f"selfflow-cache: {counts} records ({processes}) in {out.resolve()}")
     fabric.barrier()
     return out

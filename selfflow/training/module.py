@@ -176,8 +176,9 @@ class SelfFlowModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture by name; keep its RNG states for the first resumed step."""
-        check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), "the checkpoint to resume from")
-        check_stored_fingerprints(dict(self.tokenizers), checkpoint.get("selfflow_config"), "the checkpoint to resume from")
+        source = "the checkpoint to resume from"
+        check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), source)
+        check_stored_fingerprints(dict(self.tokenizers), checkpoint.get("selfflow_config"), source)
         self._rng_to_restore = checkpoint.get("selfflow_rng")
         training = checkpoint.get("selfflow_training") or {}
         self.nonfinite.load_state_dict(training.get("nonfinite", {}))
