@@ -128,12 +128,13 @@ def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(ca
 
 @pytest.mark.parametrize("damage, message", [
     (lambda m, i: i.update(offset=[10**12] * len(i["offset"])), "points outside its shards"),
-    (lambda m, i: i["shards"].__setitem__(0, "../train-r000-000000.tar"), "which is not a .tar file in"),
+    (lambda m, i: i["shards"].__setitem__(0, "../outside.tar"), "which is not a .tar file in"),
     (lambda m, i: i.update(label=[7] * len(i["label"])), "labels outside the 3 classes"),
     (lambda m, i: m.update(latent_channels=10**9), "not a selfflow latent cache manifest"),
 ])
 def test_a_damaged_or_hostile_index_is_refused_before_anything_is_read(cache, tiny_vae, tmp_path, damage, message):
     copy = shutil.copytree(cache, tmp_path / "copy")
+    shutil.copy(cache / "train-r000-000000.tar", tmp_path / "outside.tar")  # a real shard, outside the cache folder
     manifest, index = (json.loads((copy / name).read_text()) for name in ("manifest.json", "index-train.json"))
     damage(manifest, index)
     (copy / "manifest.json").write_text(json.dumps(manifest))
