@@ -95,6 +95,7 @@ def latent_run_args(cache, vae):
 
 @pytest.mark.slow
 def test_resuming_a_run_on_the_cache_repeats_the_losses(cache, tiny_vae, tiny_train_cfg, tmp_path):
+    from selfflow.training.checkpoint import load_checkpoint
     from selfflow.training.run import train
     from tests.test_resume import losses
 
@@ -108,6 +109,9 @@ def test_resuming_a_run_on_the_cache_repeats_the_losses(cache, tiny_vae, tiny_tr
     expected = losses(tmp_path / "a")
     assert sorted(expected) == list(range(5))
     assert losses(tmp_path / "b") == {k: v for k, v in expected.items() if k >= 2}
+    moved = shutil.copytree(tiny_vae, tmp_path / "moved-vae")  # selfflow-probe vae=...: the cache data follows
+    loaded = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt", vae=str(moved))
+    assert loaded.config.data.train.vae == loaded.config.data.test.vae == str(moved)
 
 
 def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(cache, tiny_vae, tiny_train_cfg,

@@ -60,9 +60,13 @@ def model_from_state(config, state: dict[str, torch.Tensor], source: str, vae: s
     table). vae: a folder replacing the stored one of a latent tokenizer (the fingerprint must still match)."""
     from hydra.utils import instantiate
 
+    if vae is not None:  # the VAE moved: every config node that names it (tokenizer, latent-cache data) follows
+        data = config.get("data") or {}
+        for spec in [*config.tokenizer.values(), *(data.get(split) for split in ("train", "test"))]:
+            if spec is not None and "vae" in spec:
+                spec.vae = str(vae)
     for spec in config.tokenizer.values():
-        if "vae" in spec:  # a latent tokenizer: its VAE (moved to `vae`, when given) must be the one trained with
-            spec.vae = str(vae if vae is not None else spec.vae)
+        if "vae" in spec:  # a latent tokenizer: its VAE must be the one the run trained with
             check_fingerprint(spec.vae, spec.get("fingerprint"), "vae")
     tokenizers = {m: instantiate(spec).eval() for m, spec in config.tokenizer.items()}
     label_rows = state.get("y_embedder.embedding_table.weight")
