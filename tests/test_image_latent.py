@@ -28,8 +28,14 @@ def test_tokens_are_the_scaled_posterior_in_c_p_q_patches(tiny_vae):
 
 
 def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path):
+    from hydra.utils import instantiate
+
+    from tests.test_configs import compose_plain
+
     folder = write_tiny_vae(tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
-    tokenizer = ImageLatentTokenizer(folder, image_size=32, latent_channels=16).eval()
+    cfg = compose_plain(["experiment=imagenet256", "tokenizer=image_flux_vae", f"tokenizer.image.vae={folder}",
+                         "data.train.image_size=32", "data.root=unused"], tmp_path)
+    tokenizer = instantiate(cfg.tokenizer.image).eval()
     assert (tokenizer.scale, tokenizer.shift, tokenizer.token_channels) == (0.3611, 0.1159, 64)
     images = torch.rand(2, 3, 32, 32)
     mean, _ = tokenizer.posterior(images)
@@ -76,11 +82,13 @@ def latent_run_args(cifar_classes, vae) -> list[str]:
 
 
 def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(tiny_train_cfg, tiny_vae,
-                                                                               cifar_classes, tmp_path):
+                                                                               cifar_classes, tmp_path, monkeypatch):
     from selfflow.training.checkpoint import load_checkpoint, read_checkpoint
     from selfflow.training.run import train
 
-    run = train(tiny_train_cfg(*latent_run_args(cifar_classes, tiny_vae), "trainer.max_steps=2"))
+    monkeypatch.chdir(tiny_vae.parent)  # a relative tokenizer.image.vae is stored as the absolute folder
+    run = train(tiny_train_cfg(*latent_run_args(cifar_classes, tiny_vae.name), "trainer.max_steps=2"))
+    monkeypatch.chdir(tmp_path)
     checkpoint = read_checkpoint(run.run_dir / "checkpoints" / "last.ckpt")
     assert not [k for k in checkpoint["state_dict"] if "vae" in k or "encoder" in k or "decoder" in k]
     assert all(k.startswith("objective.") for k in checkpoint["state_dict"])

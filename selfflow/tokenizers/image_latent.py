@@ -12,7 +12,7 @@ from torch import Tensor
 
 from selfflow.tokenizers.base import Tokenizer, Tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
-from selfflow.tokenizers.vae_folder import check_fingerprint, downsampling, load_autoencoder
+from selfflow.tokenizers.vae_folder import check_fingerprint, downsampling, load_autoencoder, vae_folder
 
 KEY = "tokenizer.image.vae"
 
@@ -35,7 +35,7 @@ class ImageLatentTokenizer(Tokenizer):
                  fingerprint: str | None = None, decode_batch_size: int = 16):
         super().__init__()
         self.fingerprint = check_fingerprint(vae, fingerprint, KEY)
-        self.vae_path = str(vae)
+        self.vae_path = str(vae_folder(vae, KEY))  # resolved: checkpoints name it from any working folder
         autoencoder = load_autoencoder(vae, KEY)
         self._vae = [autoencoder]  # a list: not a submodule, so never in state_dict() or parameters()
         channels, factor = int(autoencoder.config.latent_channels), downsampling(autoencoder)

@@ -81,6 +81,15 @@ def downsampling(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
+def point_vae_keys(config, folder: str | os.PathLike) -> None:
+    """Every node of a run config (dict or DictConfig) that names the run's VAE, the latent tokenizers and the
+    latent-cache data, points at `folder`."""
+    data = config.get("data") or {}
+    for spec in [*(config.get("tokenizer") or {}).values(), *(data.get(split) for split in ("train", "test"))]:
+        if spec is not None and "vae" in spec:
+            spec["vae"] = str(folder)
+
+
 def check_stored_fingerprints(tokenizers: dict[str, Any], stored_config: dict[str, Any], source: str) -> None:
     """Resuming: each latent tokenizer's VAE must be the one the checkpoint's run used (by fingerprint)."""
     stored = (stored_config or {}).get("tokenizer") or {}

@@ -11,6 +11,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from selfflow.tokenizers.text import TEXT
+from selfflow.tokenizers.vae_folder import point_vae_keys
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.mixture import MixtureDataModule, check_pack_length
@@ -64,6 +65,7 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
     for modality, tokenizer in tokenizers.items():  # a VAE is stored as its folder and the fingerprint of its files
         if getattr(tokenizer, "fingerprint", None):
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
+            point_vae_keys(config, tokenizer.vae_path)
     return SelfFlowModule(
         objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
         config=config, max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),

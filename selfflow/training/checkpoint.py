@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokenizers.vae_folder import check_fingerprint
+from selfflow.tokenizers.vae_folder import check_fingerprint, point_vae_keys
 from selfflow.training.module import CHECKPOINT_FORMAT
 from selfflow.training.state_check import check_state_fits
 
@@ -61,10 +61,7 @@ def model_from_state(config, state: dict[str, torch.Tensor], source: str, vae: s
     from hydra.utils import instantiate
 
     if vae is not None:  # the VAE moved: every config node that names it (tokenizer, latent-cache data) follows
-        data = config.get("data") or {}
-        for spec in [*config.tokenizer.values(), *(data.get(split) for split in ("train", "test"))]:
-            if spec is not None and "vae" in spec:
-                spec.vae = str(vae)
+        point_vae_keys(config, vae)
     for spec in config.tokenizer.values():
         if "vae" in spec:  # a latent tokenizer: its VAE must be the one the run trained with
             check_fingerprint(spec.vae, spec.get("fingerprint"), "vae")

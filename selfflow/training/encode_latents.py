@@ -89,6 +89,7 @@ def build_latent_cache(cfg: DictConfig) -> Path:
     if "train" not in cfg.data or "Latent" in str(cfg.data.train.get("_target_", "")):
         raise ValueError("selfflow-cache reads images: use an image data config (data=imagenet, image_folder or "
                          "image_shards) with data.root=... and the run's experiment")
+    out = Path(cfg.out_dir).expanduser()
     single = cfg.devices == 1 and cfg.num_nodes == 1
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                     strategy="auto" if single else "ddp")
@@ -100,7 +101,6 @@ def build_latent_cache(cfg: DictConfig) -> Path:
     tokenizer = tokenizer.to(fabric.device).eval()
     datasets = {split: instantiate(cfg.data[split], hflip=False) for split in SPLITS}
     wanted = manifest_of(cfg, tokenizer, list(getattr(datasets["train"], "class_names", [])))
-    out = Path(cfg.out_dir).expanduser()
     if (out / MANIFEST).is_file():
         if same_cache(read_manifest(out), wanted):
             if fabric.is_global_zero:
