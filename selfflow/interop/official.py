@@ -202,7 +202,6 @@ def load_official(path_or_state_dict: str | os.PathLike | dict[str, Tensor], hea
     return OfficialSelfFlow(model, projector, layout["grid"], patch_size, latent_channels).eval()
 
 
-
 def check_released_conventions(model: SelfFlowTransformer, what: str) -> None:
     """The released model embeds `1 - t` (time_scale 1) of 256 sinusoidal features and adds a sin-cos grid."""
     if model.pos_embed != "sincos" or model.t_embedder.scale != 1.0 or model.t_embedder.frequency_dim != FREQUENCY_DIM:
@@ -248,9 +247,8 @@ def save_official(model: SelfFlowTransformer | OfficialSelfFlow, projector: Proj
         "t_embedder.mlp.0.weight": (state.pop("t_embedder.mlp.0.weight").double() @ flip).float(),
         "final_layer.linear.weight": final_weight, "final_layer.linear.bias": final_bias,
     }
-    renames = {"t_embedder.mlp.0.bias": "t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight": "t_embedder.mlp.2.weight",
-               "t_embedder.mlp.2.bias": "t_embedder.mlp.2.bias",
-               "y_embedder.embedding_table.weight": "y_embedder.embedding_table.weight"}
+    renames = {key: key for key in ("t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+                                    "y_embedder.embedding_table.weight")}
     for kind in ("weight", "bias"):
         renames[f"final_layers.image.adaLN_modulation.1.{kind}"] = f"final_layer.adaLN_modulation.1.{kind}"
         for i in range(model.depth):
