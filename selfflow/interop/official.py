@@ -36,7 +36,7 @@ from selfflow.training.state_check import check_state_fits
 
 RELEASED = {"depth": 28, "width": 1152, "heads": 16, "patch_size": 2, "latent_channels": 4, "num_classes": 1000,
             "grid": 16}
-SD_VAE_SCALE, SD_VAE_DOWNSAMPLING = 0.18215, 8  # the released model's latent space
+SD_VAE_SCALE = 0.18215  # the released model's latent space: SD-VAE latents times this
 # (selfflow, released) names of each block's linear layers
 BLOCK_LINEARS = (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"),
                  ("adaLN_modulation.1", "adaLN_modulation.1"))
@@ -308,12 +308,10 @@ def load_official_for_sampling(path: str, vae: str | None) -> tuple[OfficialSelf
         raise ValueError("the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
                          "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained")
     from selfflow.tokenizers.image_latent import ImageLatentTokenizer
+    from selfflow.tokenizers.vae_folder import downsampling
 
     model = load_official(path)
-    tokenizer = ImageLatentTokenizer(vae, image_size=model.grid * model.patch_size * SD_VAE_DOWNSAMPLING,
+    tokenizer = ImageLatentTokenizer(vae, image_size=model.grid * model.patch_size * downsampling(vae),
                                      patch_size=model.patch_size, latent_channels=model.latent_channels,
                                      scale=SD_VAE_SCALE, shift=0.0).eval()
-    if tokenizer.grid != (model.grid, model.grid):
-        raise ValueError(f"vae={vae} gives a {tokenizer.grid} latent grid at {tokenizer.image_size} px, not the "
-                         f"released model's {model.grid}x{model.grid}; use the SD-VAE (downsampling 8)")
     return model, {"image": tokenizer}

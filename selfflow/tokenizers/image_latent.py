@@ -38,7 +38,7 @@ class ImageLatentTokenizer(Tokenizer):
         self.vae_path = str(vae_folder(vae, KEY))  # resolved: checkpoints name it from any working folder
         autoencoder = load_autoencoder(vae, KEY)
         self._vae = [autoencoder]  # a list: not a submodule, so never in state_dict() or parameters()
-        channels, factor = int(autoencoder.config.latent_channels), downsampling(autoencoder)
+        channels, factor = int(autoencoder.config.latent_channels), downsampling(vae, KEY)
         if latent_channels is not None and latent_channels != channels:
             raise ValueError(f"{KEY}={vae} has {channels} latent channels, not tokenizer.image.latent_channels="
                              f"{latent_channels}; pick the tokenizer config of this VAE (image_sdvae: 4, "

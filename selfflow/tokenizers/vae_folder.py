@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -76,9 +77,16 @@ def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):
     return vae.eval().requires_grad_(False)
 
 
-def downsampling(vae) -> int:
-    """Pixels per latent position along a side: 2 per down block after the first (8 for SD-VAE and FLUX)."""
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
+    """Pixels per latent position along a side, from the VAE's config.json: 2 per down block after the first (8 for
+    SD-VAE and FLUX)."""
+    path = vae_folder(folder, key) / "config.json"
+    try:
+        blocks = json.loads(path.read_text())["block_out_channels"]
+        return 2 ** (len(blocks) - 1)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{key}={folder}: {path} has no list block_out_channels ({error}); not an AutoencoderKL "
+                         f"config") from error
 
 
 def point_vae_keys(config, folder: str | os.PathLike) -> None:
