@@ -44,3 +44,18 @@ def test_image_folder_crop_adm_loads_the_adm_crop(tmp_path):
     assert not torch.equal(centre, image)
     with pytest.raises(ValueError, match="data.train.crop='middle' is unknown; choose one of center, adm"):
         ImageFolder(str(tmp_path), "train", image_size=8, crop="middle")
+
+
+def test_image_shards_crop_adm_like_the_folder(tmp_path):
+    from selfflow.data.shards import ImageShards
+    from tests.conftest import load_tool
+
+    pixels = np.stack([blocky_image(32, 64, seed=2)] * 3, -1)
+    (tmp_path / "images" / "a").mkdir(parents=True)
+    for name in ("0.png", "1.png"):  # one goes to the test split
+        Image.fromarray(pixels).save(tmp_path / "images" / "a" / name)
+    load_tool("write_shards").main([str(tmp_path / "images"), str(tmp_path / "shards"), "--modality", "image",
+                                    "--splits", "train"])
+    folder = ImageFolder(str(tmp_path / "images"), "train", image_size=8, crop="adm")
+    shards = ImageShards(str(tmp_path / "shards"), "train", image_size=8, crop="adm")
+    torch.testing.assert_close(shards[0][0], folder[0][0])

@@ -180,3 +180,16 @@ def test_two_processes_write_the_cache_one_process_writes(cache, tiny_vae, cifar
         a, b = open_cache(cache, tiny_vae, split), open_cache(out, tiny_vae, split)
         for i in range(len(a)):
             torch.testing.assert_close(b.moments(i), a.moments(i), atol=2e-3, rtol=2e-3)
+
+
+def test_a_cache_from_tar_shards_holds_the_records_of_the_cache_from_the_folder(cache, tiny_vae, cifar_classes,
+                                                                               tmp_path):
+    from tests.conftest import load_tool
+
+    assert load_tool("write_shards").main([str(cifar_classes), str(tmp_path / "shards"), "--modality", "image"]) == 0
+    from_shards = build_cache(*cache_overrides(tmp_path / "shards", tiny_vae, tmp_path / "cache"), "data=image_shards")
+    for split in ("train", "test"):
+        a, b = open_cache(cache, tiny_vae, split), open_cache(from_shards, tiny_vae, split)
+        assert b.labels.tolist() == a.labels.tolist()
+        for i in range(len(a)):
+            torch.testing.assert_close(b.moments(i), a.moments(i), atol=2e-3, rtol=2e-3)
