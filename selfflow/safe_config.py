@@ -26,7 +26,7 @@ STORED_TARGETS = frozenset({
     "selfflow.tokenizers.text.TextTokenizer",
     "selfflow.tokenizers.latent.VideoLatentTokenizer",
     "selfflow.tokenizers.latent.AudioLatentTokenizer",
-    "selfflow.interop.sd_vae.SDVAETokenizer",
+    "selfflow.tokenizers.image_latent.ImageLatentTokenizer",
     # the model and the objective around it
     "selfflow.models.transformer.SelfFlowTransformer",
     "selfflow.objectives.selfflow.SelfFlowObjective",
@@ -45,6 +45,7 @@ STORED_TARGETS = frozenset({
     "selfflow.data.shards.ImageShards",
     "selfflow.data.shards.VideoShards",
     "selfflow.data.shards.AudioShards",
+    "selfflow.data.latent_cache.LatentCache",
     "selfflow.data.captions.ClassCaptions",
     "selfflow.data.captions.CaptionedDigits",
     "selfflow.data.captions.CaptionedMovingDigits",

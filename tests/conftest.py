@@ -63,3 +63,38 @@ def load_tool(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def write_tiny_vae(folder: Path, seed: int = 0, latent_channels: int = 4, **config) -> Path:
+    """A randomly initialised diffusers AutoencoderKL with 8x downsampling (32x32 images -> 4x4 latents) and a few
+    thousand weights, written with save_pretrained like a real VAE folder."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
+                                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
+                                      norm_num_groups=4, latent_channels=latent_channels, **config)
+    with torch.no_grad():  # posterior std about 0.2, so that the two flips of an image stay apart in a sample
+        vae.quant_conv.bias[latent_channels:] = -3.0
+    vae.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory) -> Path:
+    return write_tiny_vae(tmp_path_factory.mktemp("vae") / "tiny-vae")
+
+
+@pytest.fixture(scope="session")
+def cifar_classes(tmp_path_factory) -> Path:
+    """A small class-folder set (train/ and test/, 3 classes) of real CIFAR-10 photos from the shared data."""
+    import shutil
+
+    source = shared_dataset("cifar10-small")
+    root = tmp_path_factory.mktemp("cifar") / "images"
+    for split, count in (("train", 8), ("test", 3)):
+        for name in ("airplane", "cat", "ship"):
+            (root / split / name).mkdir(parents=True)
+            for path in sorted((source / split / name).iterdir())[:count]:
+                shutil.copy(path, root / split / name / path.name)
+    return root

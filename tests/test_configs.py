@@ -80,9 +80,12 @@ def test_loggers_build(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", options("experiment"))
-def test_experiments_build(name, tmp_path):
+def test_experiments_build(name, tmp_path, request):
     write_folder(tmp_path / "images", per_class=4, size=(32, 32))
-    cfg = compose_train([f"experiment={name}"], tmp_path / "run")
+    extra = []
+    if name == "imagenet256":  # SD-VAE latents: a tiny VAE, 32 px images
+        extra = [f"tokenizer.image.vae={request.getfixturevalue('tiny_vae')}", "data.train.image_size=32"]
+    cfg = compose_train([f"experiment={name}", *extra], tmp_path / "run")
     if "root" in list(cfg.data.keys()) and OmegaConf.is_missing(cfg.data, "root"):
         cfg.data.root = str(tmp_path / "images")
     run = build_run(cfg)

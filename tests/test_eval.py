@@ -20,7 +20,8 @@ from PIL import Image
 
 from selfflow.data.image_folder import MAX_PIXELS
 from selfflow.evaluation.eval_sets import load_eval_set
-from selfflow.evaluation.image_batches import adm_center_crop, folder_images, npz_images
+from selfflow.data.adm_crop import adm_center_crop
+from selfflow.evaluation.image_batches import folder_images, npz_images
 from selfflow.evaluation.inception import SPATIAL_DIM, WEIGHTS_FILE, load_inception, read_weights
 from selfflow.evaluation.standard_metrics import (
     EvalSet,
@@ -279,7 +280,7 @@ def test_a_folder_is_read_recursively_sorted_with_adm_centre_crop_to_the_evaluat
     np.testing.assert_array_equal(read[0], wide[:, 8:40])  # centre crop of the short side's square
     np.testing.assert_array_equal(read[1], images[0])
     np.testing.assert_array_equal(read[2], images[1])
-    assert adm_center_crop(Image.fromarray(wide), 16).shape == (16, 16, 3)
+    assert np.asarray(adm_center_crop(Image.fromarray(wide), 16)).shape == (16, 16, 3)
     with pytest.raises(ValueError, match=r"a_wide.png .*square"):
         list(folder_images(tmp_path / "ref", (32, 40)).batches(4))
     (tmp_path / "empty").mkdir()

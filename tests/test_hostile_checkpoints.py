@@ -262,7 +262,7 @@ def rewrite_weights(folder: Path, change) -> None:
     """Replace the export's tensors by `change(state)` and record their sha256 (as a tamperer would)."""
     from safetensors.torch import load_file, save_file
 
-    from selfflow.data.token_cache import file_digest
+    from selfflow.data.cache import file_digest
 
     save_file(change(load_file(str(folder / EXPORT_WEIGHTS))), str(folder / EXPORT_WEIGHTS))
     meta = json.loads((folder / EXPORT_CONFIG).read_text())

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from selfflow.tokens import Condition
 from selfflow.interop.official import load_official, output_rows, time_flip_matrix
@@ -27,32 +28,42 @@ def numpy_sincos_grid(width: int, grid: int) -> np.ndarray:
     return np.concatenate([one_axis(width // 2, cols), one_axis(width // 2, rows)], axis=1)
 
 
+def namespace(**children: nn.Module) -> nn.Module:
+    module = nn.Module()
+    for name, child in children.items():
+        module.add_module(name, child)
+    return module
+
+
+class ReleasedDiT(nn.Module):
+    """The released SelfFlowPerTokenDiT's parameter layout (learn_sigma, sin-cos pos_embed, projector) re-stated,
+    with `reference_forward` as its forward: what the released code loads with strict=True."""
+
+    def __init__(self, width=WIDTH, depth=DEPTH, grid=GRID, patch=PATCH, latent=LATENT, classes=1000, heads=HEADS):
+        super().__init__()
+        self.heads, self.patch, self.latent = heads, patch, latent
+        self.x_embedder = namespace(proj=nn.Linear(latent * patch * patch, width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, width), requires_grad=False)
+        self.t_embedder = namespace(mlp=nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width)))
+        self.y_embedder = namespace(embedding_table=nn.Embedding(classes + 1, width))
+        self.blocks = nn.ModuleList(namespace(
+            attn=namespace(qkv=nn.Linear(width, 3 * width), proj=nn.Linear(width, width)),
+            mlp=namespace(fc1=nn.Linear(width, 4 * width), fc2=nn.Linear(4 * width, width)),
+            adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))) for _ in range(depth))
+        self.final_layer = namespace(linear=nn.Linear(width, 2 * latent * patch * patch),
+                                     adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)))
+        self.projector = namespace(linear1=nn.Linear(width, 2 * width), linear2=nn.Linear(2 * width, width))
+
+    def forward(self, x, t, y):
+        return reference_forward(self.state_dict(), x, t, y, self.heads, self.patch, self.latent)
+
+
 def released_state_dict(width=WIDTH, depth=DEPTH, grid=GRID, patch=PATCH, latent=LATENT, classes=1000, seed=0):
     """Random weights in the released layout; adaLN and final layers non-zero so every path is exercised."""
     g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape, std=0.2):
-        return torch.randn(*shape, generator=g) * std
-
-    tokens_in, out = latent * patch * patch, 2 * latent * patch * patch
-    state = {
-        "x_embedder.proj.weight": rand(width, tokens_in), "x_embedder.proj.bias": rand(width),
-        "pos_embed": torch.from_numpy(numpy_sincos_grid(width, grid)).float()[None],
-        "t_embedder.mlp.0.weight": rand(width, 256), "t_embedder.mlp.0.bias": rand(width),
-        "t_embedder.mlp.2.weight": rand(width, width), "t_embedder.mlp.2.bias": rand(width),
-        "y_embedder.embedding_table.weight": rand(classes + 1, width),
-        "final_layer.linear.weight": rand(out, width), "final_layer.linear.bias": rand(out),
-        "final_layer.adaLN_modulation.1.weight": rand(2 * width, width),
-        "final_layer.adaLN_modulation.1.bias": rand(2 * width),
-        "projector.linear1.weight": rand(2 * width, width), "projector.linear1.bias": rand(2 * width),
-        "projector.linear2.weight": rand(width, 2 * width), "projector.linear2.bias": rand(width),
-    }
-    for i in range(depth):
-        for name, shape in (("attn.qkv", (3 * width, width)), ("attn.proj", (width, width)),
-                            ("mlp.fc1", (4 * width, width)), ("mlp.fc2", (width, 4 * width)),
-                            ("adaLN_modulation.1", (6 * width, width))):
-            state[f"blocks.{i}.{name}.weight"] = rand(*shape)
-            state[f"blocks.{i}.{name}.bias"] = rand(shape[0])
+    layout = ReleasedDiT(width, depth, grid, patch, latent, classes).state_dict()
+    state = {key: torch.randn(value.shape, generator=g) * 0.2 for key, value in layout.items()}
+    state["pos_embed"] = torch.from_numpy(numpy_sincos_grid(width, grid)).float()[None]
     return state
 
 
@@ -170,3 +181,119 @@ def test_bad_files_and_layouts_fail_with_clear_messages(tmp_path):
         load_official(state, heads=HEADS)
     with pytest.raises(ValueError, match="patch_size"):
         load_official(released_state_dict(), heads=HEADS, patch_size=4)
+
+
+def selfflow_model(seed=0, **overrides):
+    """A selfflow model in the released conventions with every weight random (no adaLN-Zero), modality embedding
+    included (save_official folds it into the input bias)."""
+    from selfflow.models.transformer import SelfFlowTransformer
+
+    options = {"width": WIDTH, "depth": DEPTH, "heads": HEADS, "num_classes": 1000, "pos_embed": "sincos",
+               "time_scale": 1.0, **overrides}
+    model = SelfFlowTransformer({"image": LATENT * PATCH * PATCH}, **options)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def projection_head(seed=0):
+    from selfflow.objectives.representation import ProjectionHead
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return ProjectionHead(WIDTH)
+
+
+def test_save_official_loads_strictly_into_the_released_layout_and_computes_the_same_velocity():
+    from selfflow.interop.official import save_official
+
+    model, head = selfflow_model(), projection_head()
+    released = ReleasedDiT()
+    released.load_state_dict(save_official(model, head, grid=GRID), strict=True)
+    x, t, y = inputs()
+    pos = load_official(released_state_dict(), heads=HEADS).patches.positions(3)
+    levels = torch.rand(3, GRID * GRID, generator=torch.Generator().manual_seed(7))  # per-token levels
+    with torch.no_grad():
+        ours = model.velocity(x, t, pos, Condition(y), "image")
+        assert ours.abs().mean() > 0.1
+        torch.testing.assert_close(released(x, t, y), ours, atol=2e-5, rtol=1e-5)
+        index = torch.arange(GRID * GRID).expand(3, -1)
+        torch.testing.assert_close(released(x, levels, y), model(x, levels, index, pos, Condition(y), "image").velocity,
+                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(released.projector.linear2(F.silu(released.projector.linear1(x.new_ones(WIDTH)))),
+                                   head(x.new_ones(WIDTH)))
+
+
+def test_load_official_and_save_official_are_inverse_both_ways():
+    from selfflow.interop.official import save_official
+
+    model, head = selfflow_model(seed=1), projection_head(1)
+    official = load_official(save_official(model, head, grid=GRID), heads=HEADS)
+    x, t, y = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(official(x, t, y), model.velocity(x, t, official.patches.positions(3), Condition(y), "image"),
+                                   atol=2e-5, rtol=1e-5)
+    state = released_state_dict(seed=5)
+    back = save_official(load_official(state, heads=HEADS))
+    assert set(back) == set(state)
+    used = output_rows(PATCH, 2 * LATENT, LATENT)
+    for key, value in state.items():
+        if key.startswith("final_layer.linear."):  # learn_sigma rows are not part of the velocity: zeros
+            torch.testing.assert_close(back[key][used], value[used], atol=1e-5, rtol=0)
+            assert not back[key][sorted(set(range(len(value))) - set(used.tolist()))].any()
+        else:
+            torch.testing.assert_close(back[key], value, atol=1e-5, rtol=0, msg=key)
+
+
+def test_save_official_refuses_a_model_outside_the_released_conventions():
+    from selfflow.interop.official import save_official
+
+    with pytest.raises(ValueError, match="model.pos_embed=sincos and model.time_scale=1"):
+        save_official(selfflow_model(pos_embed="rope"))
+    with pytest.raises(ValueError, match="model.pos_embed=sincos and model.time_scale=1"):
+        save_official(selfflow_model(time_scale=1000.0))
+    with pytest.raises(ValueError, match="no place for.*q_norm"):
+        save_official(selfflow_model(qk_norm=True))
+
+
+def test_init_official_starts_student_teacher_and_head_from_the_released_weights(tiny_train_cfg, tiny_vae,
+                                                                                 cifar_classes, tmp_path):
+    from selfflow.training.build import build_run
+
+    state = released_state_dict(grid=2, classes=3, seed=6)  # 32 px -> 4x4 latents -> 2x2 patches; 3 classes
+    path = tmp_path / "released.pt"
+    torch.save({"ema": state}, path)
+    run = build_run(tiny_train_cfg(
+        "experiment=imagenet256", f"data.root={cifar_classes}", "data.train.image_size=32",
+        f"tokenizer.image.vae={tiny_vae}", f"model.width={WIDTH}", f"model.depth={DEPTH}", f"model.heads={HEADS}",
+        "global_batch_size=6", "data.num_workers=0", f"init=official:{path}", "trainer.max_steps=2"))
+    objective = run.module.objective
+    x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(0))
+    t, y = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 2, 3])
+    pos = run.module.tokenizers["image"].positions(3)
+    with torch.no_grad():
+        for model in (objective.model, objective.teacher.module):  # a fresh EMA equal to the released weights
+            torch.testing.assert_close(model.velocity(x, t, pos, Condition(y), "image"), reference_forward(state, x, t, y),
+                                       atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(objective.head.linear1.weight, state["projector.linear1.weight"])
+    assert int(objective.teacher.num_updates) == 0 and objective.teacher.current_decay() == 0.9999
+    run.trainer.fit(run.module, datamodule=run.datamodule)  # and it trains (fine-tuning)
+    assert run.trainer.global_step == 2
+
+
+def test_init_official_names_what_does_not_fit(tiny_train_cfg, tiny_vae, cifar_classes, tmp_path):
+    from selfflow.training.build import build_run
+
+    path = tmp_path / "released.pt"
+    torch.save(released_state_dict(grid=2, classes=1000), path)
+    common = ["experiment=imagenet256", f"data.root={cifar_classes}", "data.train.image_size=32",
+              f"tokenizer.image.vae={tiny_vae}", f"model.width={WIDTH}", f"model.depth={DEPTH}",
+              f"model.heads={HEADS}", "global_batch_size=6"]
+    with pytest.raises(ValueError, match="y_embedder.embedding_table.weight.*\\(1001, 32\\).*\\(4, 32\\)"):
+        build_run(tiny_train_cfg(*common, f"init=official:{path}"))  # 1000 classes, the data has 3
+    with pytest.raises(ValueError, match="model.pos_embed=sincos"):
+        build_run(tiny_train_cfg(*common, "model.pos_embed=rope", f"init=official:{path}"))
+    with pytest.raises(ValueError, match="use init=official:PATH"):
+        build_run(tiny_train_cfg(*common, f"init={path}"))

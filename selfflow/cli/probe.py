@@ -73,7 +73,7 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
     from selfflow.interop.checkpoint import load_checkpoint
 
     ckpt = Path(cfg.ckpt).expanduser()
-    loaded = load_checkpoint(ckpt, cfg.weights)
+    loaded = load_checkpoint(ckpt, cfg.weights, vae=cfg.get("vae"))
     if cfg.get("data") is not None:  # typed by the user
         data_cfg, data = cfg.data, instantiate(cfg.data)
     else:  # stored in the checkpoint: built through the allow-list
@@ -97,7 +97,8 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
 
 def probe_one(cfg: DictConfig, ckpt: Path, loaded, data_cfg, datamodule) -> dict:
     """The probe.json document of one modality's data module."""
-    from selfflow.evaluation.features import FeatureCache, default_probe_layers, file_digest
+    from selfflow.data.cache import file_digest
+    from selfflow.evaluation.features import FeatureCache, default_probe_layers
     from selfflow.evaluation.probe import FeatureSources, HeadOptions, probe_representations, report
 
     device = pick_device(cfg.device)

@@ -27,8 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from selfflow.cli.errors import friendly_errors
+from selfflow.interop.official import OFFICIAL_PREFIX
 
-OFFICIAL_PREFIX = "official:"
 DEFAULTS = {"model": ("euler", 50), "official": ("sde", 250)}  # sampler and steps when left null
 
 
@@ -58,7 +58,7 @@ def load_sampling_model(cfg: DictConfig) -> SamplingModel:
         return SamplingModel(model, tokenizers, None, "official")
     from selfflow.interop.checkpoint import load_checkpoint
 
-    loaded = load_checkpoint(ckpt, weights=cfg.weights)
+    loaded = load_checkpoint(ckpt, weights=cfg.weights, vae=cfg.vae)
     return SamplingModel(loaded.model, loaded.tokenizers, loaded.config.get("data"), "model")
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from selfflow.data.adm_crop import adm_center_crop, check_crop
 from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.buckets import BucketIndex, BucketOptions, bucket_crop, parse_buckets
 from selfflow.data.files import check_readable_file, find_labelled_files
@@ -49,11 +50,12 @@ def opened_image(source: str | os.PathLike | BinaryIO) -> Iterator[Image.Image]:
             yield image
 
 
-def draft_within(image: Image.Image, channels: int, size: tuple[int, int], max_pixels: int) -> None:
+def draft_within(image: Image.Image, channels: int, size: tuple[int, int] | None, max_pixels: int) -> None:
     """Have `image` decode at a reduced scale that still covers `size` (width, height) where the format allows
-    (JPEG: 1/2, 1/4, 1/8), then refuse it, before any pixel is decoded, if it would decode to more than
-    `max_pixels`."""
-    image.draft("RGB" if channels == 3 else "L", size)
+    (JPEG: 1/2, 1/4, 1/8; None: at full scale), then refuse it, before any pixel is decoded, if it would decode
+    to more than `max_pixels`."""
+    if size is not None:
+        image.draft("RGB" if channels == 3 else "L", size)
     if image.width * image.height > max_pixels:
         raise ValueError(f"{image.width}x{image.height} pixels is more than data.train.max_pixels={max_pixels}; "
                          f"raise it to read such images (a decompression bomb, or an image far larger than "
@@ -69,13 +71,17 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: int,
-               max_pixels: int = MAX_PIXELS) -> torch.Tensor:
-    """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1].
+               max_pixels: int = MAX_PIXELS, crop: str = "center") -> torch.Tensor:
+    """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1]
+    (`crop="adm"`: the ADM centre crop of ImageNet training instead, see `adm_center_crop`).
 
     `source` is a path or an open binary file; see `opened_image` and `draft_within` for what is refused.
     """
     with opened_image(source) as image:
-        draft_within(image, channels, (image_size, image_size), max_pixels)
+        adm = crop == "adm"  # ADM's crop resizes from the full-scale image: no reduced-scale decoding
+        draft_within(image, channels, None if adm else (image_size, image_size), max_pixels)
+        if adm:
+            return image_to_tensor(adm_center_crop(to_8bit(image, channels), image_size))
         image = to_8bit(image, channels)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
@@ -129,11 +135,12 @@ class ImageFolder(Dataset):
 
     def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
                  hflip: bool = False, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
-                 buckets=None, bucket_multiple: int = 1, max_pixels: int = MAX_PIXELS):
+                 buckets=None, bucket_multiple: int = 1, max_pixels: int = MAX_PIXELS, crop: str = "center"):
         check_image_options(channels, max_pixels)
         files = self.find_files(root, split, IMAGE_EXTENSIONS, test_fraction, seed)
         self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names
         self.image_size, self.channels, self.max_pixels = image_size, channels, max_pixels
+        self.crop = check_crop(crop)
         self.hflip = hflip and split == "train"
         self.bad_files = BadFilePolicy(on_bad_file)
         self.use_buckets(buckets, bucket_multiple)
@@ -178,7 +185,7 @@ class ImageFolder(Dataset):
             if self.bucketing is not None and isinstance(i, BucketIndex):
                 image, sizes = self._load_in_bucket(i)
             else:
-                image = load_image(path, self.image_size, self.channels, self.max_pixels)
+                image = load_image(path, self.image_size, self.channels, self.max_pixels, self.crop)
         except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
             self.bad_files.handle(path, f"{type(error).__name__}: {error}")
             return None

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from selfflow.data.adm_crop import check_crop
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, check_image_options, load_image
@@ -426,15 +427,16 @@ class ImageShards(ShardDataset):
     def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", image_size: int = 32,
                  channels: int = 3, hflip: bool = False, on_bad_file: str = "skip", max_pixels: int = MAX_PIXELS,
                  max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES,
-                 store: ObjectStore | None = None):
+                 store: ObjectStore | None = None, crop: str = "center"):
         check_image_options(channels, max_pixels)
         self.image_size, self.channels, self.max_pixels = image_size, channels, max_pixels
+        self.crop = check_crop(crop)
         self.hflip = hflip and split == "train"
         super().__init__(root, split, on_bad_file, max_member_bytes, max_classes, store)
 
     def decode(self, source: BinaryIO) -> Tensor:
         """image: [C, S, S]"""
-        return load_image(source, self.image_size, self.channels, self.max_pixels)
+        return load_image(source, self.image_size, self.channels, self.max_pixels, self.crop)
 
     def finish(self, i: int, fetched: list[bytes]) -> tuple[Tensor, int]:
         image, label = super().finish(i, fetched)

@@ -21,6 +21,7 @@ from selfflow.data.collate import collate_samples
 from selfflow.flow.path import interpolate
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import default_layers
+
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import Condition
 
@@ -148,15 +149,6 @@ def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, lo
             x, valid = _stack(chunks, valids)
             out[key] = Features(x, all_labels, valid)
     return out
-
-
-def file_digest(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's content: the checkpoint's identity in cache keys, whatever its name or location."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FeatureCache:

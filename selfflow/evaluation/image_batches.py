@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from selfflow.data.files import _files_below
+from selfflow.data.adm_crop import adm_center_crop
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8bit
 from selfflow.evaluation.npz_arrays import ArrayHeader, iter_rows, npz_header
 
@@ -51,17 +52,6 @@ def npz_images(path: str | os.PathLike) -> ImageSource:
                        lambda batch_size: iter_rows(path, IMAGES_KEY, batch_size, header))
 
 
-def adm_center_crop(image: Image.Image, size: int) -> np.ndarray:
-    """ADM's centre crop of an RGB image to uint8 [size, size, 3]."""
-    while min(image.size) >= 2 * size:
-        image = image.resize(tuple(side // 2 for side in image.size), resample=Image.BOX)
-    scale = size / min(image.size)
-    image = image.resize(tuple(round(side * scale) for side in image.size), resample=Image.BICUBIC)
-    pixels = np.asarray(image)
-    top, left = (pixels.shape[0] - size) // 2, (pixels.shape[1] - size) // 2
-    return pixels[top:top + size, left:left + size]
-
-
 def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
     """One file as uint8 [h, w, 3]: as it is at that size, else ADM's centre crop to it (square sizes only)."""
     try:
@@ -72,7 +62,7 @@ def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
             if size[0] != size[1]:
                 raise ValueError(f"it is {image.height}x{image.width}, and ADM's centre crop makes square images only: "
                                  f"resize the folder to {size[0]}x{size[1]} first")
-            return adm_center_crop(image, size[0])
+            return np.asarray(adm_center_crop(image, size[0]))
     except (OSError, ValueError) as error:
         raise ValueError(f"reference image {path} cannot be used: {error}") from None
 

@@ -109,7 +109,7 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from selfflow.evaluation.features import file_digest
+    from selfflow.data.cache import file_digest
 
     path = Path(path).expanduser()
     state = read_weights(path)

@@ -13,6 +13,7 @@ import torch
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.vae_folder import check_fingerprint, point_vae_keys
 from selfflow.interop.state_check import check_state_fits
 
 CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads
@@ -66,13 +67,19 @@ def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor
     module.load_state_dict(state)
 
 
-def model_from_state(config, state: Mapping[str, torch.Tensor], source: str):
-    """The run's tokenizers and its model with `state` loaded (the class count read from the label table).
+def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae: str | None = None):
+    """The run's tokenizers (in eval mode) and its model with `state` loaded (the class count read from the label
+    table). vae: a folder replacing the stored one of a latent tokenizer (its fingerprint must still match).
 
     `config` came from a file: its tokenizers and model are built through the allow-list (`instantiate_stored`),
     and the model is first built on the meta device, so that a config whose sizes do not fit the stored weights is
     refused before any memory is allocated for it."""
-    tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}") for m, spec in config.tokenizer.items()}
+    if vae is not None:  # the VAE moved: every config node that names it (tokenizer, latent-cache data) follows
+        point_vae_keys(config, vae)
+    for spec in config.tokenizer.values():
+        if "vae" in spec:  # a latent tokenizer: its VAE must be the one the run trained with
+            check_fingerprint(spec.vae, spec.get("fingerprint"), "vae")
+    tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}").eval() for m, spec in config.tokenizer.items()}
     if config.model.get("_partial_") is not True:
         raise StoredConfigError(f"{source}: model._partial_ must be true (the model is completed with the token "
                                 f"channels and class count); refusing to build it")
@@ -87,10 +94,11 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str):
     return model.eval(), tokenizers
 
 
-def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | None = None) -> LoadedCheckpoint:
     """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema or online.
 
     `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
+    vae: where the run's VAE is now, when it moved (checked by fingerprint).
     """
     if weights not in WEIGHTS:
         raise ValueError(f"weights={weights!r} is unknown; choose one of {WEIGHTS}")
@@ -102,7 +110,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
         if weights != "ema":
             raise ValueError(f"weights={weights} asks for the online weights, but {folder} is an export, which holds "
                              f"the EMA weights only; use weights=ema, or the run's .ckpt file for the online weights")
-        return load_exported(folder)
+        return load_exported(folder, vae)
     checkpoint = read_checkpoint(path)
     source = f"checkpoint {path}"
     config = stored_config(checkpoint["selfflow_config"], source)
@@ -111,5 +119,5 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema") -> LoadedChec
         raise ValueError(f"{path} has no state_dict; it is not a complete selfflow training checkpoint")
     prefix = "objective.teacher.module." if weights == "ema" else "objective.model."
     state = {k[len(prefix):]: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
-    model, tokenizers = model_from_state(config, state, f"{source} ({weights} weights)")
+    model, tokenizers = model_from_state(config, state, f"{source} ({weights} weights)", vae)
     return LoadedCheckpoint(model, tokenizers, config, int(checkpoint.get("global_step", 0)), path, path)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from selfflow.data.token_cache import file_digest
+from selfflow.data.cache import file_digest
 from selfflow.safe_config import first_line, stored_config
 from selfflow.interop.checkpoint import (CHECKPOINT_FORMAT, LoadedCheckpoint, check_format, load_checkpoint,
                                           model_from_state)
@@ -75,7 +75,7 @@ def read_export_config(path: Path) -> dict:
     return meta
 
 
-def load_exported(folder: str | os.PathLike) -> LoadedCheckpoint:
+def load_exported(folder: str | os.PathLike, vae: str | None = None) -> LoadedCheckpoint:
     """The model of a `selfflow-export` folder; a truncated, changed or mismatched file is refused in one line."""
     from safetensors.torch import load_file
 
@@ -96,5 +96,5 @@ def load_exported(folder: str | os.PathLike) -> LoadedCheckpoint:
     except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for damaged files
         raise ValueError(f"cannot read {weights}: {first_line(error)}; the file is truncated or damaged") from error
     step = meta.get("step", 0)
-    model, tokenizers = model_from_state(config, state, source)
+    model, tokenizers = model_from_state(config, state, source, vae)
     return LoadedCheckpoint(model, tokenizers, config, step if isinstance(step, int) else 0, folder, weights)

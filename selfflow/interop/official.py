@@ -11,6 +11,11 @@ need no special case:
 - the final linear keeps the rows of c < 4, reordered to (c p q), and negated (the sign);
 - the time flip is folded into the first timestep-MLP weight: the sin/cos features of `1 - t` are a fixed linear
   map (a rotation per frequency) of those of `t`, computed in float64.
+
+`save_official` is the inverse: a selfflow model in those conventions (`experiment=imagenet256`) becomes a state
+dict that the released model code loads with `strict=True` (`pos_embed` buffer, zero learn_sigma rows, the
+projector from the objective's head), and `initialize_from_official` starts training from the released weights
+(`selfflow-train init=official:PATH`).
 """
 from __future__ import annotations
 
@@ -28,11 +33,18 @@ from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.representation import ProjectionHead
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.interop.state_check import check_state_fits
 from selfflow.tokens import Condition
 
-RELEASED = {"depth": 28, "width": 1152, "heads": 16, "patch_size": 2, "latent_channels": 4, "num_classes": 1000}
+RELEASED = {"depth": 28, "width": 1152, "heads": 16, "patch_size": 2, "latent_channels": 4, "num_classes": 1000,
+            "grid": 16}
+SD_VAE_SCALE = 0.18215  # the released model's latent space: SD-VAE latents times this
+# (selfflow, released) names of each block's linear layers
+BLOCK_LINEARS = (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"),
+                 ("adaLN_modulation.1", "adaLN_modulation.1"))
 FREQUENCY_DIM = 256  # sinusoidal timestep features of the released t_embedder
 WRAPPER_KEYS = ("ema", "model", "state_dict")  # where training scripts nest the weights
+OFFICIAL_PREFIX = "official:"  # ckpt=official:PATH (selfflow-sample), init=official:PATH (selfflow-train)
 
 
 def read_state_dict(path_or_state_dict: str | os.PathLike | dict[str, Tensor]) -> dict[str, Tensor]:
@@ -119,10 +131,8 @@ def convert_state_dict(state: dict[str, Tensor], layout: dict[str, int], patch_s
     for kind in ("weight", "bias"):
         converted[f"final_layers.image.adaLN_modulation.1.{kind}"] = state[f"final_layer.adaLN_modulation.1.{kind}"]
         for i in range(layout["depth"]):
-            ours, theirs = f"blocks.{i}.", f"blocks.{i}."
-            for a, b in (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.0", "mlp.fc1"),
-                         ("mlp.2", "mlp.fc2"), ("adaLN_modulation.1", "adaLN_modulation.1")):
-                converted[f"{ours}{a}.{kind}"] = state[f"{theirs}{b}.{kind}"]
+            for ours, theirs in BLOCK_LINEARS:
+                converted[f"blocks.{i}.{ours}.{kind}"] = state[f"blocks.{i}.{theirs}.{kind}"]
     return {k: v.float() for k, v in converted.items()}
 
 
@@ -194,13 +204,116 @@ def load_official(path_or_state_dict: str | os.PathLike | dict[str, Tensor], hea
     return OfficialSelfFlow(model, projector, layout["grid"], patch_size, latent_channels).eval()
 
 
+def check_released_conventions(model: SelfFlowTransformer, what: str) -> None:
+    """The released model embeds `1 - t` (time_scale 1) of 256 sinusoidal features and adds a sin-cos grid."""
+    if model.pos_embed != "sincos" or model.t_embedder.scale != 1.0 or model.t_embedder.frequency_dim != FREQUENCY_DIM:
+        raise ValueError(f"{what} needs the released model's conventions: model.pos_embed=sincos and "
+                         f"model.time_scale=1 (experiment=imagenet256 sets them); this model has "
+                         f"pos_embed={model.pos_embed}, time_scale={model.t_embedder.scale:g}")
+    if list(model.token_channels) != ["image"] or model.num_classes < 1:
+        raise ValueError(f"{what} needs a class-conditional image-only model (the released layout); this one "
+                         f"generates {sorted(model.token_channels)} with {model.num_classes} classes")
+
+
+def save_official(model: SelfFlowTransformer | OfficialSelfFlow, projector: ProjectionHead | None = None,
+                  grid: int = RELEASED["grid"], patch_size: int = RELEASED["patch_size"],
+                  latent_channels: int = RELEASED["latent_channels"], learn_sigma: bool = True) -> dict[str, Tensor]:
+    """A selfflow model as a state dict in the released layout (the inverse of `convert_state_dict`): the released
+    model code (`SelfFlowPerTokenDiT`, learn_sigma) loads it with `strict=True` and computes the same velocity.
+
+    projector: the objective's projection head (`objective.head`), saved as `projector.*` (the released model
+    has one; without it the key is left out). grid: latent patches per side (16 for 256 px with SD-VAE, patch 2).
+    """
+    if isinstance(model, OfficialSelfFlow):
+        grid, patch_size, latent_channels = model.grid, model.patch_size, model.latent_channels
+        model, projector = model.model, projector if projector is not None else model.projector
+    check_released_conventions(model, "save_official")
+    if model.token_channels["image"] != latent_channels * patch_size ** 2:
+        raise ValueError(f"the model takes {model.token_channels['image']} channels per token, not latent_channels "
+                         f"* patch_size^2 = {latent_channels * patch_size ** 2}; pass the tokenizer's patch_size "
+                         f"and latent_channels")
+    state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
+    out_channels = 2 * latent_channels if learn_sigma else latent_channels
+    rows = output_rows(patch_size, out_channels, latent_channels)
+    final_weight = torch.zeros(patch_size ** 2 * out_channels, model.width)
+    final_bias = torch.zeros(patch_size ** 2 * out_channels)
+    final_weight[rows] = -state.pop("final_layers.image.linear.weight")  # the released forward negates
+    final_bias[rows] = -state.pop("final_layers.image.linear.bias")
+    flip = time_flip_matrix(FREQUENCY_DIM)  # an involution: features(1 - (1 - t)) = features(t)
+    pos = ImagePatchTokenizer(patch_size, latent_channels, grid * patch_size).positions(1)
+    released = {
+        "x_embedder.proj.weight": state.pop("input_proj.image.weight"),
+        # the modality embedding is a constant added after the projection: folded into its bias
+        "x_embedder.proj.bias": state.pop("input_proj.image.bias") + state.pop("modality_embed.image"),
+        "pos_embed": sincos_2d(pos, model.width),  # [1, grid^2, width]
+        "t_embedder.mlp.0.weight": (state.pop("t_embedder.mlp.0.weight").double() @ flip).float(),
+        "final_layer.linear.weight": final_weight, "final_layer.linear.bias": final_bias,
+    }
+    renames = {key: key for key in ("t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
+                                    "y_embedder.embedding_table.weight")}
+    for kind in ("weight", "bias"):
+        renames[f"final_layers.image.adaLN_modulation.1.{kind}"] = f"final_layer.adaLN_modulation.1.{kind}"
+        for i in range(model.depth):
+            for ours, theirs in BLOCK_LINEARS:
+                renames[f"blocks.{i}.{ours}.{kind}"] = f"blocks.{i}.{theirs}.{kind}"
+    released.update({theirs: state.pop(ours) for ours, theirs in renames.items()})
+    if state:
+        raise ValueError(f"the model has weights the released layout has no place for: {sorted(state)[:3]} (text "
+                         f"stream, size conditioning or QK-norm); save_official takes a plain image model")
+    if projector is not None:
+        released.update({f"projector.{k}": v.detach().float().cpu() for k, v in projector.state_dict().items()})
+    return released
+
+
+def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weights: str = "ema") -> Path:
+    """A `selfflow-train` checkpoint of a released-layout run (experiment=imagenet256) as a .pt file of plain tensors
+    that the released model code loads with strict=True: the EMA (or online) weights and the projection head."""
+    from selfflow.interop.checkpoint import load_checkpoint, read_checkpoint
+
+    loaded = load_checkpoint(checkpoint, weights)
+    tokenizer = loaded.tokenizers.get("image")
+    if tokenizer is None or not hasattr(tokenizer, "latent_shape"):
+        raise ValueError(f"{checkpoint} is not a VAE-latent image run; the released layout is SD-VAE latents "
+                         f"(experiment=imagenet256)")
+    projector = None
+    head = {k.removeprefix("objective.head."): v for k, v in read_checkpoint(checkpoint)["state_dict"].items()
+            if k.startswith("objective.head.")}
+    if head:
+        projector = ProjectionHead(loaded.model.width)
+        projector.load_state_dict(head)
+    state = save_official(loaded.model, projector, grid=tokenizer.grid[0], patch_size=tokenizer.patch_size,
+                          latent_channels=tokenizer.latent_shape[0])
+    out = Path(out).expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, out)
+    return out
+
+
+def initialize_from_official(objective, path: str | os.PathLike, patch_size: int, latent_channels: int) -> None:
+    """Fine-tuning from the released checkpoint: the student, a fresh EMA teacher equal to it, and the projection
+    head (when the objective has one) take the released weights. The model must follow the released conventions."""
+    model = objective.model
+    check_released_conventions(model, "init=official:")
+    official = load_official(path, heads=model.heads, patch_size=patch_size, latent_channels=latent_channels)
+    source = f"init=official:{path}"
+    check_state_fits(model.state_dict(), official.model.state_dict(), source)
+    model.load_state_dict(official.model.state_dict())
+    objective.teacher.module.load_state_dict(official.model.state_dict())
+    if objective.head is not None and official.projector is not None:
+        check_state_fits(objective.head.state_dict(), official.projector.state_dict(), f"{source} (projector)")
+        objective.head.load_state_dict(official.projector.state_dict())
+
+
 def load_official_for_sampling(path: str, vae: str | None) -> tuple[OfficialSelfFlow, dict[str, Any]]:
     """The released model and an SD-VAE latent tokenizer (from a local diffusers folder) for selfflow-sample."""
     if vae is None:
         raise ValueError("the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
                          "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained")
-    from selfflow.interop.sd_vae import SDVAETokenizer
+    from selfflow.tokenizers.image_latent import ImageLatentTokenizer
+    from selfflow.tokenizers.vae_folder import downsampling
 
     model = load_official(path)
-    return model, {"image": SDVAETokenizer(vae, grid=model.grid, patch_size=model.patch_size,
-                                           latent_channels=model.latent_channels)}
+    tokenizer = ImageLatentTokenizer(vae, image_size=model.grid * model.patch_size * downsampling(vae),
+                                     patch_size=model.patch_size, latent_channels=model.latent_channels,
+                                     scale=SD_VAE_SCALE, shift=0.0).eval()
+    return model, {"image": tokenizer}

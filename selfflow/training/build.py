@@ -10,10 +10,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from selfflow.tokenizers.vae_folder import point_vae_keys
 from selfflow.tokens import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
-from selfflow.data.token_cache import CachedTokens
 from selfflow.training.mixture import MixtureDataModule, check_pack_length
 from selfflow.training.module import SelfFlowModule
 
@@ -59,25 +59,44 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
         token_channels={m: t.token_channels for m, t in tokenizers.items()}, num_classes=datamodule.num_classes
     )
     objective = instantiate(cfg.objective)(model=model)
+    if cfg.get("init"):
+        initialize_from(str(cfg.init), objective, tokenizers)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for modality, tokenizer in tokenizers.items():  # a VAE is stored as its folder and the fingerprint of its files
+        if getattr(tokenizer, "fingerprint", None):
+            config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
+            point_vae_keys(config, tokenizer.vae_path)
     return SelfFlowModule(
         objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
-        config=OmegaConf.to_container(cfg, resolve=True),
-        max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
-        tokens_from_cache=bool(cfg.get("cache_tokens", False)),
+        config=config, max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
     )
 
 
-def use_token_cache(cfg: DictConfig, datamodule) -> None:
-    """Train from the tokens `tools/cache_tokens.py` stored for exactly this tokenizer and preprocessing."""
-    if not isinstance(datamodule, SelfFlowDataModule):
-        raise ValueError("cache_tokens=true works with single-modality data configs (data.train / data.test)")
-    spec = OmegaConf.to_container(cfg.tokenizer[datamodule.modality], resolve=True)
-    for split in ("train", "test"):
-        dataset = getattr(datamodule, f"{split}_set")
-        cached = CachedTokens(spec, OmegaConf.to_container(cfg.data[split], resolve=True),
-                              num_classes=getattr(dataset, "num_classes", 0),
-                              class_names=getattr(dataset, "class_names", None), cache_dir=cfg.get("cache_dir"))
-        setattr(datamodule, f"{split}_set", cached)
+def initialize_from(init: str, objective, tokenizers: dict) -> None:
+    """`init=official:PATH`: the student, the EMA teacher and the projection head start from the released weights."""
+    from selfflow.interop.official import OFFICIAL_PREFIX, initialize_from_official
+
+    path = init.removeprefix(OFFICIAL_PREFIX)
+    if path == init or "image" not in tokenizers:
+        raise ValueError(f"init={init} is not supported: use init=official:PATH (the released Self-Flow ImageNet "
+                         f"checkpoint, with experiment=imagenet256); continue a selfflow run with ckpt_path= or "
+                         f"resume=auto")
+    tokenizer = tokenizers["image"]
+    channels = tokenizer.token_channels // tokenizer.patch_size ** 2
+    initialize_from_official(objective, path, tokenizer.patch_size, channels)
+
+
+def set_global_batch_size(cfg: DictConfig, datamodule, trainer: L.Trainer) -> None:
+    """data.batch_size per process from `global_batch_size` (one optimizer step over all processes)."""
+    total = cfg.get("global_batch_size")
+    if total is None:
+        return
+    shares = trainer.world_size * trainer.accumulate_grad_batches
+    if not isinstance(datamodule, SelfFlowDataModule) or int(total) % shares or int(total) < shares:
+        raise ValueError(f"global_batch_size={total} must be a multiple of the {trainer.world_size} processes x "
+                         f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} (single-modality data); "
+                         f"change it or set global_batch_size=null and data.batch_size per process")
+    datamodule.batch_size = int(total) // shares
 
 
 def build_run(cfg: DictConfig) -> Run:
@@ -86,8 +105,6 @@ def build_run(cfg: DictConfig) -> Run:
     datamodule.record_skipped_files(run_dir / "skipped_files.tsv")
     if isinstance(datamodule, (SelfFlowDataModule, MixtureDataModule)):
         datamodule.seed = int(cfg.seed)
-    if cfg.get("cache_tokens"):
-        use_token_cache(cfg, datamodule)
     module = build_module(cfg, datamodule)
     if isinstance(datamodule, MixtureDataModule) and datamodule.mode == "packed":
         check_pack_length(datamodule.pack_length, {m: module.tokenizers[m] for m in datamodule.modalities})
@@ -98,4 +115,5 @@ def build_run(cfg: DictConfig) -> Run:
     extra = {} if "use_distributed_sampler" in cfg.trainer else {"use_distributed_sampler": False}
     trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
                           plugins=[AtomicCheckpointIO()], **extra)
+    set_global_batch_size(cfg, datamodule, trainer)
     return Run(datamodule, module, trainer, run_dir)

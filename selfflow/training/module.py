@@ -13,6 +13,7 @@ from selfflow.tokens import PackedTokens, Tokens
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.vae_folder import check_stored_fingerprints
 from selfflow.tokens import TEXT, Condition
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
@@ -32,17 +33,14 @@ class SelfFlowModule(L.LightningModule):
     loss or gradient in any micro-batch of an optimizer step (on any rank) skips that update (no optimizer step,
     no EMA update); this many skipped updates in a row stop the run.
     Checkpoints also carry every RNG state, restored before the first step after a resume (exact resume).
-    tokens_from_cache: batches hold stored tokens (`cache_tokens=true`), not raw samples.
     """
 
     STEP_METRICS = STEP_METRICS
 
     def __init__(self, objective: SelfFlowObjective, tokenizers: dict[str, Tokenizer],
                  optimizer: Callable[..., torch.optim.Optimizer], lr_warmup_steps: int = 0,
-                 config: dict[str, Any] | None = None, max_nonfinite_in_a_row: int = 5,
-                 tokens_from_cache: bool = False):
+                 config: dict[str, Any] | None = None, max_nonfinite_in_a_row: int = 5):
         super().__init__()
-        self.tokens_from_cache = tokens_from_cache
         self.objective = objective
         self.tokenizers = nn.ModuleDict(tokenizers)
         self.optimizer_factory, self.lr_warmup_steps = optimizer, lr_warmup_steps
@@ -109,14 +107,10 @@ class SelfFlowModule(L.LightningModule):
         return [m for m in self.tokenizers if m != TEXT]
 
     def tokenize(self, batch: dict[str, Any]) -> Tokens | PackedTokens:
-        """Raw samples -> tokens: packed rows for a mixed batch, the stored tokens for a token-cache batch."""
+        """Raw samples (or cached latents) -> tokens: packed rows for a mixed batch."""
         if "groups" in batch:
             return pack_groups(batch["groups"], self.tokenizers, batch["pack_length"], self.model.null_class)
-        tokenizer = self.tokenizers[batch["modality"]]
-        if self.tokens_from_cache:
-            x = batch["data"]
-            return Tokens(x, tokenizer.positions(x.shape[0], x.device), batch["modality"])
-        return tokenizer.encode(batch["data"])
+        return self.tokenizers[batch["modality"]].encode(batch["data"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         # logged here: Lightning drops what a training_step that returned None logged
@@ -195,7 +189,9 @@ class SelfFlowModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Refuse a checkpoint of another architecture by name; keep its RNG states for the first resumed step."""
-        check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), "the checkpoint to resume from")
+        source = "the checkpoint to resume from"
+        check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), source)
+        check_stored_fingerprints(dict(self.tokenizers), checkpoint.get("selfflow_config"), source)
         self._rng_to_restore = checkpoint.get("selfflow_rng")
         training = checkpoint.get("selfflow_training") or {}
         self.nonfinite.load_state_dict(training.get("nonfinite", {}))

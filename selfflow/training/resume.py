@@ -20,7 +20,9 @@ RESUMABLE_CHANGES = ("run_dir", "ckpt_path", "resume", "resume_allow_changes", "
                      "trainer.max_steps", "trainer.max_epochs", "trainer.log_every_n_steps",
                      "trainer.enable_progress_bar", "trainer.enable_model_summary",
                      "data.num_workers", "data.pin_memory", "data.sources.*.num_workers", "data.sources.*.pin_memory",
-                     "logger", "callbacks")
+                     "logger", "callbacks",
+                     # a VAE's identity is its fingerprint, checked when the checkpoint loads: it may move folders
+                     "*.vae", "*.fingerprint")
 SHOWN_DIFFERENCES = 4
 ABSENT = "<absent>"
 

@@ -62,6 +62,7 @@ def check_ranges(cfg: DictConfig) -> None:
     else:
         _number(cfg, "data.batch_size", 1, integer=True)
     _number(cfg, "data.num_workers", 0, integer=True)
+    _number(cfg, "global_batch_size", 1, integer=True)
     _number(cfg, "trainer.max_steps", 1, integer=True, allowed_extra=(-1,))
     _number(cfg, "trainer.log_every_n_steps", 1, integer=True)
     _number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)

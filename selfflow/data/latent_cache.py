@@ -1,0 +1,225 @@
+"""A cache of VAE posteriors for training from latents (written by `selfflow-cache`, read by `data=latent_cache`).
+
+Layout of a cache folder:
+  manifest.json            what the latents depend on (VAE fingerprint, crop, image size), the record layout, the
+                           class names and the sample count of each split; written last, so it marks a whole cache
+  index-<split>.json       per record: the source key (its file), shard, byte offset in the shard, label
+  <split>-rNNN-NNNNNN.tar  tar shards written by rank NNN; member `<sample index>.latent` is one record:
+                           float16 [2 flips, (posterior mean, posterior std), C, h, w], flip 1 = the mirrored image
+
+Training draws a flip and a posterior sample `mean + std * noise` per step (as REPA) from the batch's seed, so a
+resumed run draws the same latents. Every number read from these files is bounded before it sizes anything.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from selfflow.tokenizers.vae_folder import vae_fingerprint
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+SPLITS = ("train", "test")
+RECORD_SUFFIX = ".latent"
+MAX_JSON_BYTES = 1 << 31  # an index of ~1.3M ImageNet records is ~60 MB
+MAX_RECORD_BYTES = 1 << 28
+MAX_LATENT_CHANNELS, MAX_LATENT_SIDE, MAX_CLASSES = 256, 4096, 1_000_000
+
+
+def index_name(split: str) -> str:
+    return f"index-{split}.json"
+
+
+def record_shape(channels: int, height: int, width: int) -> tuple[int, ...]:
+    """[flip, (mean, std), C, h, w]"""
+    return (2, 2, channels, height, width)
+
+
+def read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist: {what}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise ValueError(f"{path} is larger than {MAX_JSON_BYTES} bytes; not a selfflow latent cache file")
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); cache again with selfflow-cache") from error
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Written under a temporary name and renamed, so a reader never sees half a file."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(value) + "\n")
+    os.replace(temporary, path)
+
+
+def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a finished cache, its fields checked (types and bounds)."""
+    path = Path(root).expanduser() / MANIFEST
+    manifest = read_json(path, "data.root must be a folder written by selfflow-cache (an interrupted cache has no "
+                               "manifest; run selfflow-cache again)")
+    try:
+        ok = (manifest["format"] == FORMAT and manifest["dtype"] == "float16"
+              and 1 <= int(manifest["latent_channels"]) <= MAX_LATENT_CHANNELS
+              and all(1 <= int(s) <= MAX_LATENT_SIDE for s in manifest["latent_size"])
+              and len(manifest["latent_size"]) == 2
+              and isinstance(manifest["vae_fingerprint"], str) and isinstance(manifest["crop"], str)
+              and isinstance(manifest["image_size"], int) and isinstance(manifest["class_names"], list)
+              and len(manifest["class_names"]) <= MAX_CLASSES)
+    except (KeyError, TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise ValueError(f"{path} is not a selfflow latent cache manifest of format {FORMAT}; cache again with "
+                         f"selfflow-cache")
+    return manifest
+
+
+def check_manifest(manifest: dict[str, Any], root: str, vae: str | os.PathLike, image_size: int, crop: str) -> None:
+    """A cache made with another VAE, crop or image size than the run's is refused, naming the difference."""
+    for key, wanted in (("crop", crop), ("image_size", image_size)):
+        if manifest[key] != wanted:
+            raise ValueError(f"the latent cache data.root={root} was made with {key}={manifest[key]}, but this run "
+                             f"asks for data.train.{key}={wanted}; set data.train.{key}={manifest[key]} or cache "
+                             f"again with selfflow-cache")
+    fingerprint = vae_fingerprint(vae, "tokenizer.image.vae")
+    if manifest["vae_fingerprint"] != fingerprint:
+        raise ValueError(f"the latent cache data.root={root} was made with another VAE (fingerprint "
+                         f"{manifest['vae_fingerprint'][:16]}, {manifest.get('vae')}) than tokenizer.image.vae={vae} "
+                         f"({fingerprint[:16]}); point tokenizer.image.vae at that VAE or cache again")
+
+
+class ShardWriter:
+    """One rank's records of one split, as tar shards of at most `records_per_shard` records; `close()` writes the
+    rank's part of the index (`part-<split>-rNNN.json`) for `merge_index`."""
+
+    def __init__(self, folder: Path, split: str, rank: int, records_per_shard: int = 4096):
+        if records_per_shard < 1:
+            raise ValueError(f"records_per_shard={records_per_shard} must be >= 1")
+        self.folder, self.split, self.rank, self.records_per_shard = folder, split, rank, records_per_shard
+        self.records: list[list[Any]] = []  # [sample index, key, shard name, data offset, label]
+        self._tar: tarfile.TarFile | None = None
+        self._shard_name, self._in_shard, self._shards = "", 0, 0
+
+    def add(self, index: int, key: str, label: int, record: Tensor) -> None:
+        """record: float16 [2, 2, C, h, w] of sample `index` (its position in the split's dataset)."""
+        if self._tar is None or self._in_shard == self.records_per_shard:
+            self._next_shard()
+        data = record.to(torch.float16).contiguous().numpy().tobytes()
+        info = tarfile.TarInfo(f"{index:09d}{RECORD_SUFFIX}")
+        info.size = len(data)
+        offset = self._tar.offset + tarfile.BLOCKSIZE  # a USTAR header is one block for these short names
+        self._tar.addfile(info, io.BytesIO(data))
+        self.records.append([int(index), str(key), self._shard_name, offset, int(label)])
+        self._in_shard += 1
+
+    def _next_shard(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        self._shard_name = f"{self.split}-r{self.rank:03d}-{self._shards:06d}.tar"
+        self._tar = tarfile.open(self.folder / self._shard_name, "w", format=tarfile.USTAR_FORMAT)
+        self._shards, self._in_shard = self._shards + 1, 0
+
+    def close(self) -> None:
+        if self._tar is not None:
+            self._tar.close()
+        write_json(self.folder / f"part-{self.split}-r{self.rank:03d}.json", self.records)
+
+
+def merge_index(folder: Path, split: str, world_size: int) -> int:
+    """Rank 0, after every rank closed its writer: the parts as `index-<split>.json` in sample order (the same
+    index for any number of ranks); the parts are removed. Returns the record count."""
+    parts = [folder / f"part-{split}-r{rank:03d}.json" for rank in range(world_size)]
+    records = sorted((r for part in parts for r in read_json(part, "a rank did not finish")), key=lambda r: r[0])
+    shards = sorted({r[2] for r in records})
+    shard_ids = {name: i for i, name in enumerate(shards)}
+    write_json(folder / index_name(split), {
+        "shards": shards, "key": [r[1] for r in records], "shard": [shard_ids[r[2]] for r in records],
+        "offset": [r[3] for r in records], "label": [r[4] for r in records]})
+    for part in parts:
+        part.unlink()
+    return len(records)
+
+
+class LatentCache(Dataset):
+    """Items `(z [C, h, w] float32, label)` of a `selfflow-cache` folder, by random access through the index.
+
+    random_flip: draw one of the two stored flips per item (else the image as read); sample_posterior: z =
+    mean + std * noise (else the mean). Both draws use the global RNG, which the training loader seeds per batch.
+    vae / image_size / crop: the run's; a cache made with another VAE, crop or size is refused.
+    """
+
+    def __init__(self, root: str | os.PathLike, split: str = "train", vae: str | os.PathLike = "",
+                 image_size: int = 256, crop: str = "adm", random_flip: bool = True, sample_posterior: bool = True):
+        if split not in SPLITS:
+            raise ValueError(f"latent cache split={split!r} is unknown; choose one of {SPLITS}")
+        self.root = Path(root).expanduser()
+        manifest = read_manifest(self.root)
+        check_manifest(manifest, str(root), vae, image_size, crop)
+        self.class_names = [str(name) for name in manifest["class_names"]]
+        height, width = (int(s) for s in manifest["latent_size"])
+        self.record_shape = record_shape(int(manifest["latent_channels"]), height, width)
+        self.record_bytes = 2 * int(np.prod(self.record_shape))
+        if self.record_bytes > MAX_RECORD_BYTES:
+            raise ValueError(f"{self.root / MANIFEST}: records of {self.record_shape} exceed {MAX_RECORD_BYTES} bytes")
+        self.random_flip, self.sample_posterior = random_flip, sample_posterior
+        self.shards, self.shard_ids, self.offsets, self.labels = self._read_index(split)
+        self._fds: dict[int, int] = {}
+
+    def _read_index(self, split: str) -> tuple[list[Path], np.ndarray, np.ndarray, np.ndarray]:
+        path = self.root / index_name(split)
+        index = read_json(path, f"the latent cache has no {split} split")
+        try:
+            names = [str(n) for n in index["shards"]]
+            shard_ids, offsets, labels = (np.asarray(index[k], dtype=np.int64) for k in ("shard", "offset", "label"))
+        except (KeyError, TypeError, ValueError, OverflowError) as error:
+            raise ValueError(f"{path} is not a latent cache index ({error}); cache again") from error
+        shards = []
+        for name in names:  # plain file names inside the cache folder, nothing else
+            if Path(name).name != name or not name.endswith(".tar") or not (self.root / name).is_file():
+                raise ValueError(f"{path} names shard {name!r}, which is not a .tar file in {self.root}")
+            shards.append(self.root / name)
+        sizes = np.asarray([p.stat().st_size for p in shards] or [0], dtype=np.int64)
+        lengths = {len(shard_ids), len(offsets), len(labels)}
+        if len(lengths) != 1 or not len(labels):
+            raise ValueError(f"{path} has no records or lists of different lengths; cache again")
+        if (shard_ids.min() < 0 or shard_ids.max() >= len(shards) or offsets.min() < 0
+                or (offsets + self.record_bytes > sizes[shard_ids]).any()):
+            raise ValueError(f"{path} points outside its shards (truncated or foreign files); cache again")
+        if labels.min() < 0 or labels.max() >= max(1, len(self.class_names)):
+            raise ValueError(f"{path} has labels outside the {len(self.class_names)} classes of the manifest")
+        return shards, shard_ids, offsets, labels
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers open their own files
+        return {**self.__dict__, "_fds": {}}
+
+    def moments(self, i: int) -> Tensor:
+        """The stored record of item i: [2 flips, (mean, std), C, h, w] float32."""
+        shard = int(self.shard_ids[i])
+        if shard not in self._fds:
+            self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        data = os.pread(self._fds[shard], self.record_bytes, int(self.offsets[i]))
+        if len(data) != self.record_bytes:
+            raise ValueError(f"{self.shards[shard]} is truncated (record {i}); cache again with selfflow-cache")
+        return torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(self.record_shape).astype(np.float32))
+
+    def __getitem__(self, i: int) -> tuple[Tensor, int]:
+        moments = self.moments(i)
+        mean, std = moments[int(torch.randint(2, ())) if self.random_flip else 0]  # [C, h, w] each
+        z = mean + std * torch.randn(mean.shape) if self.sample_posterior else mean
+        return z, int(self.labels[i])
