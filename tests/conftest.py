@@ -55,16 +55,6 @@ def shared_dataset(name: str) -> Path:
     return path
 
 
-def load_tool(name: str):
-    """tools/<name>.py as a module (the tools folder is scripts, not a package)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def write_tiny_vae(folder: Path, seed: int = 0, latent_channels: int = 4, **config) -> Path:
     """A randomly initialised diffusers AutoencoderKL with 8x downsampling (32x32 images -> 4x4 latents) and a few
     thousand weights, written with save_pretrained like a real VAE folder."""

@@ -2,11 +2,11 @@
 function, and selfflow's side of it does the work of each sample's distinct levels only (no timing asserted)."""
 from argparse import Namespace
 
-from tests.conftest import load_tool
+from tools import bench as tool_module
 
 
 def test_official_cases_compare_the_same_function_and_selfflow_does_fewer_flops():
-    bench = load_tool("bench")
+    bench = tool_module
     args = Namespace(device="cpu", dtype="fp32", official_width=32, official_depth=1, official_heads=2,
                      official_batch=2, compile=False, profile=False, warmup=0, iters=1)
     for with_grad in (True, False):

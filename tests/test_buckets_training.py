@@ -200,15 +200,17 @@ def test_the_image_tokenizer_takes_any_whole_patch_size():
 
 
 def test_sample_size_must_be_whole_patches_of_a_pixel_checkpoint():
-    from selfflow.cli.sample import tokenizer_at_size
+    from selfflow.sampling.modalities import tokenizer_at_length
 
     tokenizer = ImagePatchTokenizer(4, 1, 16)
-    assert tokenizer_at_size(tokenizer, "image", None) is tokenizer
-    assert tokenizer_at_size(tokenizer, "image", [12, 20]).image_size == (12, 20)
+    assert tokenizer_at_length(tokenizer, "image", {"size": None}) is tokenizer
+    assert tokenizer_at_length(tokenizer, "image", {"size": [12, 20]}).image_size == (12, 20)
     with pytest.raises(ValueError, match=r"size=\[12, 18\] must be whole patches: .*patch_size=4, e.g. size=\[12,20\]"):
-        tokenizer_at_size(tokenizer, "image", [12, 18])
+        tokenizer_at_length(tokenizer, "image", {"size": [12, 18]})
     with pytest.raises(ValueError, match=r"must be \[height, width\]"):
-        tokenizer_at_size(tokenizer, "image", [12, 20, 4])
+        tokenizer_at_length(tokenizer, "image", {"size": [12, 20, 4]})
+    with pytest.raises(ValueError, match=r"size= is for image checkpoints; this one samples audio"):
+        tokenizer_at_length(tokenizer, "audio", {"size": [12, 20]})
 
 
 @pytest.fixture(scope="module")

@@ -205,9 +205,7 @@ def test_duration_buckets_crop_each_recording_to_the_longest_bucket_it_fills(tmp
 
 
 def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train_cfg, tmp_path):
-    from omegaconf import OmegaConf
-
-    from selfflow.cli.sample import tokenizer_at_length
+    from selfflow.sampling.modalities import tokenizer_at_length
     from selfflow.training.build import build_run
 
     for name in ("low", "high"):
@@ -221,12 +219,12 @@ def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train
     assert run.trainer.global_step == 4 and set(lengths) <= {4000, 8000} and len(lengths) == 4
     assert set(run.datamodule.train_set.bucket_ids) == {0, 1}  # both lengths in the data; a batch holds one
     tokenizer = run.module.tokenizers["audio"]
-    half = tokenizer_at_length(tokenizer, "audio", OmegaConf.create({"duration": 0.5}))
+    half = tokenizer_at_length(tokenizer, "audio", {"duration": 0.5})
     assert half.decode(torch.zeros(1, 32, 32)).shape == (1, 4000)
     with pytest.raises(ValueError, match=r"duration=0.3: an audio clip of 2400 samples"):
-        tokenizer_at_length(tokenizer, "audio", OmegaConf.create({"duration": 0.3}))
+        tokenizer_at_length(tokenizer, "audio", {"duration": 0.3})
     with pytest.raises(ValueError, match=r"frames= is for video checkpoints"):
-        tokenizer_at_length(tokenizer, "audio", OmegaConf.create({"frames": 16}))
+        tokenizer_at_length(tokenizer, "audio", {"frames": 16})
     bad = build_run(tiny_train_cfg(*overrides, "data.train.durations=[0.3]", run_dir=tmp_path / "bad"))
     with pytest.raises(ValueError, match=r"data.train.durations=\[0.3\]: an audio clip of 2400 samples"):
         bad.trainer.fit(bad.module, datamodule=bad.datamodule)

@@ -181,7 +181,8 @@ def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_prob
     from hydra import compose, initialize_config_module
 
     from selfflow.cli.probe import probe
-    from selfflow.cli.sample import SamplingModel, build_metrics
+    from selfflow.cli.sample import build_metrics
+    from selfflow.sampling.job import SamplingModel
 
     marker = tmp_path / "pwned"
     evil = payloads(marker)["open"]
@@ -195,7 +196,7 @@ def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_prob
                                 "reference": None, "metrics_data": None, "metrics_max_real": 4, "ckpt": str(path)})
     with pytest.raises(StoredConfigError, match=r"data.test._target_=builtins.open is not a selfflow class"):
         build_metrics(metrics, SamplingModel(loaded.model, loaded.tokenizers, loaded.config.data, "model"),
-                      torch.device("cpu"))
+                      torch.device("cpu"), "image")
     assert not marker.exists()
 
 

@@ -1,7 +1,7 @@
 """tools/joint_vs_single.py: which runs it trains, and the page it writes from their probe reports."""
 import json
 
-from tests.conftest import load_tool
+from tools import joint_vs_single as tool_module
 
 
 def fake_run(run_dir, by_layer: dict[int, float], modality: str | None = None):
@@ -16,7 +16,7 @@ def fake_run(run_dir, by_layer: dict[int, float], modality: str | None = None):
 
 
 def test_the_page_compares_the_joint_probe_with_both_single_runs(tmp_path):
-    tool = load_tool("joint_vs_single")
+    tool = tool_module
     assert tool.modality_steps(1000) == {"image": 570, "video": 300, "audio": 130}
     work = tmp_path / "work"
     for modality, base in (("image", 0.8), ("video", 0.6), ("audio", 0.4)):

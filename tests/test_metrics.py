@@ -75,7 +75,7 @@ def test_reference_classifier_saves_and_loads_back_with_the_same_features(digits
     images = torch.rand(4, 3, 32, 32)  # other sizes and RGB are adapted on the way in
     torch.testing.assert_close(loaded.features(images), model.features(images))
     assert json.loads((tmp_path / "ref" / "config.json").read_text())["test_accuracy"] == 0.9
-    with pytest.raises(FileNotFoundError, match="train_reference_classifier.py"):
+    with pytest.raises(FileNotFoundError, match="selfflow-reference"):
         load_reference_classifier(tmp_path / "missing")
 
 
@@ -111,15 +111,10 @@ def test_feature_accumulator_ignores_labels_outside_the_classifier(digits_classi
 
 
 @pytest.mark.slow
-def test_train_reference_classifier_tool_writes_a_loadable_classifier(tmp_path):
-    import importlib.util
-    from pathlib import Path
+def test_selfflow_reference_writes_a_loadable_classifier(tmp_path):
+    from selfflow.cli.reference import main
 
-    spec = importlib.util.spec_from_file_location(
-        "train_reference_classifier", Path(__file__).resolve().parents[1] / "tools" / "train_reference_classifier.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
-    record = tool.main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.train.image_size=8"])
+    record = main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.train.image_size=8"])
     assert 0 <= record["test_accuracy"] <= 1 and record["num_test"] == 270
     model = load_reference_classifier(tmp_path / "ref")
     assert isinstance(model, ReferenceCNN) and model.image_size == 8 and model.feature_dim == 16

@@ -156,7 +156,7 @@ def test_probe_cli_errors_are_one_line(checkpoint, tmp_path):
 def test_modality_choice_in_multimodal_data():
     from types import SimpleNamespace
 
-    from selfflow.cli.probe import pick_modalities
+    from selfflow.evaluation.probe_checkpoint import pick_modalities
 
     image, audio = SimpleNamespace(modality="image"), SimpleNamespace(modality="audio")
     assert pick_modalities({"image": image}, None) == {"image": image}

@@ -1,20 +1,15 @@
-"""tools/prompt_following.py: prompts judged by a reference classifier, on a tiny text-conditioned run."""
+"""selfflow-prompt-following: prompts judged by a reference classifier, on a tiny text-conditioned run."""
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from tests.conftest import load_tool as load_shared_tool
-
-
-
-def load_tool():
-    return load_shared_tool("prompt_following")
+from selfflow.cli.prompt_following import main as run_cli
+from selfflow.evaluation import prompt_following as tool
 
 
 def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class():
-    tool = load_tool()
     names = [str(i) for i in range(10)]
     assert tool.parse_prompt("a handwritten four=4", names) == ("a handwritten four", 4, None)
     assert tool.parse_prompt("x = y=7", names) == ("x = y", 7, None)  # the last '=' separates the class
@@ -45,8 +40,7 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     ckpt = _trained_checkpoint(tiny_train_cfg, "experiment=text_digits", "data.batch_size=4",
                                "callbacks.samples.prompts=[seven]")
     ReferenceCNN(10, channels=1, image_size=16, width=4).save(tmp_path / "ref")
-    tool = load_tool()
-    report = tool.main(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "out"),
+    report = run_cli(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "out"),
                         "--prompt", "a handwritten four=4", "--prompt", "the digit 7=7", "--per-prompt", "3",
                         "--steps", "2"])
     saved = json.loads((tmp_path / "out" / "prompt_following.json").read_text())
@@ -78,10 +72,10 @@ def test_a_text_to_audio_run_is_judged_by_an_audio_reference(tiny_train_cfg, tmp
                                "callbacks.samples.prompts=[seven]")
     ReferenceCNN(10, channels=1, image_size=16, width=4, audio={"sample_rate": 8000, "num_samples": 8000}).save(
         tmp_path / "ref")
-    report = load_tool().main(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out",
+    report = run_cli(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out",
                                str(tmp_path / "out"), "--per-prompt", "2", "--steps", "2"])
     assert len(report["prompts"]) == 40 and report["prompts"][0]["prompt"] == "a voice saying zero"
     assert all(len(row["predicted"]) == 2 for row in report["prompts"])
     assert Image.open(tmp_path / "out" / "prompt_grid.png").size[0] > 400  # one spectrogram per prompt
     with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
-        load_tool().judge(ckpt, ReferenceCNN(10, 1, 16, 4), [("four", 4, None)], 1, 1, 1.0, 0)
+        tool.judge(ckpt, ReferenceCNN(10, 1, 16, 4), [("four", 4, None)], 1, 1, 1.0, 0)

@@ -16,13 +16,13 @@ from hydra import compose, initialize_config_module
 
 import selfflow.training.build  # noqa: F401 - registers the config resolvers
 from selfflow.cli.train import check_data_fits_experiment
-from tests.conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_OF = {"selfflow-train": "train", "selfflow-sample": "sample", "selfflow-probe": "probe", "selfflow-eval": "eval",
-             "selfflow.cli.train": "train", "selfflow.cli.sample": "sample", "selfflow.cli.probe": "probe"}
+             "selfflow-cache": "cache", "selfflow.cli.train": "train", "selfflow.cli.sample": "sample",
+             "selfflow.cli.probe": "probe", "selfflow.cli.cache": "cache"}
 HYDRA_FLAGS = {"--help"}
-COMMAND_START = r"(?:selfflow-[a-z]+\b|python tools/)"
+COMMAND_START = r"(?:selfflow-[a-z-]+(?![:\w-])|python -m tools\.)"
 
 
 def logical_lines(block: str) -> list[str]:
@@ -38,9 +38,10 @@ def readme_commands() -> list[str]:
 
 
 def tool_usage_lines() -> list[str]:
-    """The command lines (`python tools/...`, `selfflow-...`) in the docstrings of tools/*.py."""
+    """The command lines (`python -m tools....`, `selfflow-...`) in the docstrings of tools/*.py and of the console
+    scripts (selfflow/cli/*.py)."""
     lines = []
-    for path in sorted((ROOT / "tools").glob("*.py")):
+    for path in sorted([*(ROOT / "tools").glob("*.py"), *(ROOT / "selfflow" / "cli").glob("*.py")]):
         docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
         lines += [line.strip() for line in logical_lines(docstring) if re.match(COMMAND_START, line.strip())]
     return lines
@@ -84,40 +85,34 @@ def console_scripts() -> dict:
             if e.name.startswith("selfflow-") and e.name not in CONFIG_OF}
 
 
-def parse_console_script(program: str, args: list[str], monkeypatch) -> None:
-    """The script's argparse accepts `args` (nothing is run)."""
+def parse_only(monkeypatch, argv: list[str], entry) -> None:
+    """Run `entry` with `argv` until its argparse has parsed (nothing else runs); training overrides it passes on
+    (selfflow-reference's) are composed as the program composes them."""
     original = argparse.ArgumentParser.parse_args
 
-    def parse_only(self, args=None, namespace=None):
+    def parse(self, args=None, namespace=None):
         raise Parsed(original(self, args, namespace))
 
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
-    monkeypatch.setattr(sys, "argv", [program, *args])
-    with pytest.raises(Parsed):
-        console_scripts()[program].load()()
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse)
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(Parsed) as parsed:
+        entry()
+    overrides = getattr(parsed.value.args[0], "overrides", None)
+    if overrides:
+        sys.modules[entry.__module__].compose_data_config(overrides)
+
+
+def parse_console_script(program: str, args: list[str], monkeypatch) -> None:
+    """The script's argparse accepts `args` (nothing is run)."""
+    parse_only(monkeypatch, [program, *args], console_scripts()[program].load())
 
 
 def parse_tool(words: list[str], monkeypatch) -> None:
-    """`python tools/NAME.py ARGS`: the file exists, its argparse accepts ARGS, and the training overrides it
-    passes on (train_reference_classifier's, all of cache_tokens') compose."""
-    path = ROOT / words[1]
-    assert path.is_file(), f"{words[1]} does not exist"
-    original = argparse.ArgumentParser.parse_args
+    """`python -m tools.NAME ARGS`: the module exists and its argparse accepts ARGS."""
+    import importlib
 
-    def parse_only(self, args=None, namespace=None):
-        raise Parsed(original(self, args, namespace))
-
-    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_only)
-    monkeypatch.setattr(sys, "argv", [str(path), *words[2:]])
-    if path.stem == "cache_tokens":  # takes selfflow-train's overrides and nothing else
-        compose_overrides("train", ["run_dir=.", *words[2:]])
-        return
-    tool = load_tool(path.stem)
-    with pytest.raises(Parsed) as parsed:
-        tool.main()
-    overrides = getattr(parsed.value.args[0], "overrides", None)
-    if overrides:  # composed as the tool composes them
-        tool.compose_data_config(overrides)
+    module = importlib.import_module(words[2])
+    parse_only(monkeypatch, [words[2], *words[3:]], module.main)
 
 
 def check_command(words: list[str], monkeypatch) -> None:
@@ -131,7 +126,7 @@ def check_command(words: list[str], monkeypatch) -> None:
         return compose_overrides(CONFIG_OF[program], words[1:])
     if words[:2] == ["python", "-m"] and words[2] == "pytest" or words[:2] == ["pip", "install"]:
         return None
-    if program == "python" and words[1].startswith("tools/"):
+    if words[:2] == ["python", "-m"] and words[2].startswith("tools."):
         return parse_tool(words, monkeypatch)
     if program in console_scripts():
         return parse_console_script(program, words[1:], monkeypatch)
@@ -172,3 +167,22 @@ def test_the_files_the_readme_and_the_configs_cite_exist():
     cited = cited_files()
     assert {"docs/reliability.md", "selfflow/tokenizers/latent.py", "tests/test_distributed.py"} <= set(cited)
     assert [path for path in cited if not (ROOT / path).exists()] == []
+
+
+NOT_COMMANDS = {"selfflow-shard-index", "selfflow-store"}  # a file format's name, a thread name
+
+
+def test_every_command_the_package_names_exists():
+    """Error messages, help texts and config comments name only console scripts that are installed with selfflow
+    (no stale `tools/...py` script either)."""
+    named: dict[str, str] = {}
+    for path in [*(ROOT / "selfflow").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml")]:
+        text = path.read_text()
+        for name in re.findall(r"\bselfflow-[a-z]+(?:-[a-z]+)*", text):
+            named.setdefault(name, str(path.relative_to(ROOT)))
+        for script in re.findall(r"tools/[a-z_]+\.py", text):
+            assert (ROOT / script).is_file(), f"{path.relative_to(ROOT)} names {script}, which does not exist"
+    installed = {e.name for e in __import__("importlib.metadata").metadata.entry_points(group="console_scripts")}
+    missing = {name: where for name, where in named.items() if name not in installed | NOT_COMMANDS}
+    assert not missing, f"commands named but not installed: {missing}"
+    assert {"selfflow-train", "selfflow-export", "selfflow-shards", "selfflow-reference"} <= set(named)

@@ -10,7 +10,8 @@ import torch
 
 from selfflow.tokens import Condition
 
-from selfflow.cli.sample import SamplingModel, sample
+from selfflow.cli.sample import sample
+from selfflow.sampling.job import SamplingModel
 from selfflow.sampling import generate
 from selfflow.sampling.generate import NoiseSource, sample_generators
 from tests.test_sample_cli import TOKENIZER, compose_sample, random_model
@@ -62,8 +63,8 @@ def released_velocity(model, labels, cfg_scale: float, guidance_low: float, guid
 def sample_as_the_cli(monkeypatch, tmp_path, *overrides):
     """selfflow-sample on a random tiny model; returns (the generated float tokens [N, 16, 16], config, model)."""
     model = random_model()
-    monkeypatch.setattr("selfflow.cli.sample.load_sampling_model",
-                        lambda cfg: SamplingModel(model, {"image": TOKENIZER}, None, "model"))
+    monkeypatch.setattr("selfflow.sampling.job.load_sampling_model",
+                        lambda *args: SamplingModel(model, {"image": TOKENIZER}, None, "model"))
     generated = []
     real_sample_tokens = generate.sample_tokens
 
@@ -72,7 +73,7 @@ def sample_as_the_cli(monkeypatch, tmp_path, *overrides):
         generated.append(out.tokens)
         return out
 
-    monkeypatch.setattr(generate, "sample_tokens", recording)
+    monkeypatch.setattr("selfflow.sampling.job.sample_tokens", recording)
     cfg = compose_sample("ckpt=random", f"out_dir={tmp_path}", f"num_samples={NUM_SAMPLES}", "batch_size=2",
                          f"seed={SEED}", "device=cpu", "precision=fp32", *overrides)
     summary = sample(cfg)

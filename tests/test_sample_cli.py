@@ -6,12 +6,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from selfflow.cli.sample import resolve_labels, sample
+from selfflow.cli.sample import sample
+from selfflow.sampling.job import resolve_labels
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling import writers
 from selfflow.tokens import Condition
@@ -188,23 +191,14 @@ def test_online_weights_differ_from_ema(tiny_ckpt, tmp_path):
         assert not np.array_equal(a["arr_0"], b["arr_0"])
 
 
-def test_video_and_audio_writers_explain_a_missing_media_module(monkeypatch, tmp_path):
-    monkeypatch.setattr(writers, "MEDIA_MODULE", "selfflow.sampling.no_such_media")
-    with pytest.raises(ValueError, match="needs selfflow.sampling.no_such_media"):
-        writers.save_video_files(torch.rand(1, 2, 3, 8, 8), tmp_path, ["a"], fps=4)
-    with pytest.raises(ValueError, match="needs selfflow.sampling.no_such_media"):
-        writers.save_audio_files(torch.rand(1, 800), tmp_path, ["a"], sample_rate=8000)
-
-
-MEDIA = importlib.util.find_spec("selfflow.sampling.media") is not None
-
-
-@pytest.mark.skipif(not MEDIA, reason="selfflow.sampling.media (video/audio writers) is not there yet")
 def test_video_and_audio_samples_are_written(tmp_path):
+    from selfflow.sampling.modalities import MODALITIES
+
     clips = torch.rand(2, 4, 3, 16, 16)
-    videos = writers.save_video_files(clips, tmp_path / "videos", ["a", "b"], fps=4)
+    videos = MODALITIES["video"].write(clips, tmp_path / "videos", ["a", "b"], SimpleNamespace(fps=4))["videos"]
     assert [p.name for p in videos] == ["a.mp4", "b.mp4"] and all(p.stat().st_size > 0 for p in videos)
-    files = writers.save_audio_files(torch.rand(2, 8000) * 2 - 1, tmp_path / "audio", ["a", "b"], sample_rate=8000)
+    files = MODALITIES["audio"].write(torch.rand(2, 8000) * 2 - 1, tmp_path / "audio", ["a", "b"],
+                                      SimpleNamespace(sample_rate=8000))
     import soundfile
 
     wave, rate = soundfile.read(files["audio"][0])
@@ -253,20 +247,16 @@ def test_sample_cli_as_a_user_runs_it(tiny_ckpt, tmp_path):
     assert bad.returncode == 2 and "selfflow-sample: error:" in bad.stderr and "Traceback" not in bad.stderr
 
 
-@pytest.mark.skipif(not MEDIA, reason="selfflow.sampling.media (video/audio writers) is not there yet")
 def test_sample_writer_dispatches_video_and_audio(tmp_path):
-    from types import SimpleNamespace
+    from selfflow.sampling.job import SampleWriter
 
-    from selfflow.cli.sample import SampleWriter
-
-    cfg = compose_sample("ckpt=unused", f"out_dir={tmp_path}", "grid_upscale=1")
-    video = SampleWriter("video", SimpleNamespace(fps=4), tmp_path / "v", cfg)
+    video = SampleWriter("video", SimpleNamespace(fps=4), tmp_path / "v", grid_upscale=1)
     video.add(torch.rand(2, 4, 3, 8, 8), range(0, 2))
     video.add(torch.rand(1, 4, 3, 8, 8), range(2, 3))
     files = video.finish(torch.zeros(3, dtype=torch.long), nrow=None)
     assert [p.name for p in files["videos"]] == ["000000.mp4", "000001.mp4", "000002.mp4"]
     assert Image.open(files["contact_sheet"][0]).height > 3 * 8
-    audio = SampleWriter("audio", SimpleNamespace(sample_rate=8000), tmp_path / "a", cfg)
+    audio = SampleWriter("audio", SimpleNamespace(sample_rate=8000), tmp_path / "a", grid_upscale=1)
     audio.add(torch.rand(2, 4000) - 0.5, range(2))
     files = audio.finish(torch.zeros(2, dtype=torch.long), nrow=None)
     assert [p.name for p in files["audio"]] == ["000000.wav", "000001.wav"]

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """selfflow benchmark suite: step times, method overheads as ratios, memory, FLOPs and MFU; prints a table and JSON.
 
-    python tools/bench.py --out bench.json            # the full suite on this machine's default device
-    python tools/bench.py --quick --only adaln        # a smaller, faster subset
-    python tools/bench.py --only official             # XL/2 training step: selfflow against the released code path
+    python -m tools.bench --out bench.json            # the full suite on this machine's default device
+    python -m tools.bench --quick --only adaln        # a smaller, faster subset
+    python -m tools.bench --only official             # XL/2 training step: selfflow against the released code path
 
 Every comparison is measured in the same run (this machine is shared and noisy: read ratios, not absolutes).
 Each case runs in its own subprocess so that its peak memory is its own. On CPU, peak memory is the growth of the

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Does one model trained on images, videos and audio learn features as good as three single-modality models?
 
-    python tools/joint_vs_single.py                       # 3,000 steps, writes docs/joint_training.md (~40 CPU min)
-    python tools/joint_vs_single.py --steps 600 --out /tmp/joint.md --work /tmp/joint   # quicker
-    python tools/joint_vs_single.py --report-only         # the page from the runs that have finished
+    python -m tools.joint_vs_single                       # 3,000 steps, writes docs/joint_training.md (~40 CPU min)
+    python -m tools.joint_vs_single --steps 600 --out /tmp/joint.md --work /tmp/joint   # quicker
+    python -m tools.joint_vs_single --report-only         # the page from the runs that have finished
 
 Trains `experiment=multimodal_digits` for --steps steps, and each single-modality experiment (digits,
 video_digits, audio_digits) twice: for the same number of steps (the same optimizer steps, so about the same
@@ -17,12 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from reproduce import ROOT, exe, run, wall_time  # noqa: E402
+from tools.reproduce import ROOT, exe, run, wall_time
 
 JOINT = "multimodal_digits"
 SINGLE = {"image": "digits", "video": "video_digits", "audio": "audio_digits"}
@@ -100,7 +97,7 @@ def write_report(results: dict, steps: int, seed: int, out: Path, elapsed: float
     lines = [
         "# Joint training: one model for images, videos and audio against one model per modality",
         "",
-        f"Written by `python tools/joint_vs_single.py --steps {steps}` (seed {seed}; about {elapsed / 60:.0f} "
+        f"Written by `python -m tools.joint_vs_single --steps {steps}` (seed {seed}; about {elapsed / 60:.0f} "
         f"minutes of wall time on this machine, probes included). Every number is the linear-probe test top-1 of "
         f"the EMA weights at the best of the {len(BLOCKS)} blocks (mean-pooled clean inputs, "
         f"`selfflow-probe`), on the built-in digit sets, 10 classes (chance 10%).",

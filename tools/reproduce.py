@@ -2,10 +2,10 @@
 """Small-scale reproduction of Self-Flow's claims: four variants trained with the same data and compute, judged on
 representations (linear probes by layer) and on samples (reference-classifier Frechet distance and accuracy).
 
-    python tools/reproduce.py                         # images + audio, 2 seeds, writes docs/results.md (~1.5 h)
-    python tools/reproduce.py --report-only           # the page from whatever runs have finished
-    python tools/reproduce.py --steps 600 --seeds 0   # quicker
-    python tools/reproduce.py --only image --variants vanilla selfflow
+    python -m tools.reproduce                         # images + audio, 2 seeds, writes docs/results.md (~1.5 h)
+    python -m tools.reproduce --report-only           # the page from whatever runs have finished
+    python -m tools.reproduce --steps 600 --seeds 0   # quicker
+    python -m tools.reproduce --only image --variants vanilla selfflow
 
 Variants: vanilla flow matching (mask_ratio=0, gamma=0), dual-timestep only (gamma=0), Self-Flow (defaults), and
 Self-Flow with attention blocked between the two noise groups. Images: CIFAR-10 photos from
@@ -213,14 +213,14 @@ def reading(results: dict) -> list[str]:
 def write_report(results: dict, names: dict, args, out: Path, figures: list[Path], elapsed: float,
                  missing: list[str]) -> None:
     lines = ["# Self-Flow at small scale: does it do what the paper says?", "",
-             f"Written by `python tools/reproduce.py {' '.join(sys.argv[1:])}`; the runs took {elapsed / 60:.0f} "
+             f"Written by `python -m tools.reproduce {' '.join(sys.argv[1:])}`; the runs took {elapsed / 60:.0f} "
              f"minutes of wall time (first to last output file) on this machine ({os.cpu_count()} CPU cores). "
              f"Each variant trained for {args.steps} steps with the same "
              f"data, model (6 blocks, width 128) and seeds {args.seeds}; numbers are mean ± standard deviation over "
              "seeds. Probes: a linear classifier on mean-pooled EMA features of clean inputs (`selfflow-probe`), "
              "best layer and head chosen on a validation split of train, top-1 on the test split. Samples: 500 "
              "class-conditional samples (Heun, 20 evaluations, guidance 1.5) scored in the feature space of a "
-             "small reference CNN trained on the same data (`tools/train_reference_classifier.py`; for audio it "
+             "small reference CNN trained on the same data (`selfflow-reference`; for audio it "
              "reads log-mel images of the recordings); the real test split's own accuracy under that CNN is in "
              "each run's samples/metrics.json.", ""]
     for modality, by_variant in results.items():
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> None:
         # one reference classifier per modality (audio: on log-mel images), trained on the same data
         reference = args.work / ("reference_classifier" if modality == "image" else f"reference_classifier_{modality}")
         if not args.report_only and not (reference / "config.json").is_file():
-            run([sys.executable, str(ROOT / "tools" / "train_reference_classifier.py"), "--out", str(reference),
+            run([sys.executable, "-m", "selfflow.cli.reference", "--out", str(reference),
                  "--epochs", str(args.reference_epochs), *spec["data"]], reference.with_suffix(".log"))
         results[modality] = {}
         for variant in args.variants:

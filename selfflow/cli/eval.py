@@ -57,7 +57,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     except ImportError as error:
         raise ModuleNotFoundError(f"{COMMAND} needs torch-fidelity: pip install -e '.[eval]' ({error})") from None
 
-    from selfflow.cli.sample import resolve_device
+    from selfflow.sampling.generate import resolve_device
     from selfflow.evaluation.eval_sets import load_eval_set, write_stats
     from selfflow.evaluation.inception import WEIGHTS_FILE, WEIGHTS_SHA256_PREFIX, load_inception
     from selfflow.evaluation.standard_metrics import standard_metrics

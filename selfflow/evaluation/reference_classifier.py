@@ -1,6 +1,6 @@
 """A small local reference classifier whose penultimate features define the space for sample metrics.
 
-Trained once per labelled dataset (`tools/train_reference_classifier.py`) and saved as `model.safetensors` +
+Trained once per labelled dataset (`selfflow-reference`) and saved as `model.safetensors` +
 `config.json`, so that Frechet distance and classifier accuracy of class-conditional samples need no downloaded
 network. For audio the same CNN reads a fixed log-mel image of each waveform (`MelImage`), so generated
 recordings are judged like generated images. Any other local extractor with `features(images) -> [B, D]` (and optionally `logits(images)`) plugs
@@ -139,7 +139,7 @@ def load_reference_classifier(path: str | os.PathLike, device: str | torch.devic
     folder = Path(path).expanduser()
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(f"reference={folder} is not a reference classifier folder (needs {CONFIG_FILE} and "
-                                f"{WEIGHTS_FILE}); make one with tools/train_reference_classifier.py --out {folder}")
+                                f"{WEIGHTS_FILE}); make one with selfflow-reference --out {folder}")
     config = json.loads((folder / CONFIG_FILE).read_text())
     if config.get("architecture") != "ReferenceCNN":
         raise ValueError(f"{folder / CONFIG_FILE} describes architecture {config.get('architecture')!r}, not "
@@ -202,3 +202,15 @@ def train_reference_classifier(train_set: Dataset, test_set: Dataset | None, num
         log(f"epoch {epoch + 1}/{epochs}: train loss {loss.item():.4f}")
     test_accuracy = accuracy(model, test_set) if test_set is not None and len(test_set) else None
     return model.eval(), test_accuracy
+
+
+def reference_input(dataset: Dataset, modality: str) -> dict[str, Any]:
+    """What the classifier reads, from the dataset's own geometry: images as they are ([C, S, S]); recordings as a
+    fixed 32 x 32 log-mel image of `num_samples` at `sample_rate` (`MelImage`)."""
+    if modality == "image":
+        return {"channels": int(dataset.channels), "image_size": int(dataset.image_size), "audio": None}
+    if modality == "audio":
+        return {"channels": 1, "image_size": 32,
+                "audio": {"sample_rate": int(dataset.sample_rate), "num_samples": int(dataset.num_samples)}}
+    raise ValueError(f"the reference classifier judges images or audio; this data gives {modality!r} samples "
+                     f"(for a multi-modal run pick one: experiment=digits or experiment=audio_digits)")

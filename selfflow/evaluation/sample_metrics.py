@@ -68,3 +68,28 @@ def sample_metrics(samples: FeatureAccumulator, real: FeatureAccumulator) -> dic
         "num_real": sum(len(f) for f in real.features),
         "num_labelled_samples": samples.labelled,
     }
+
+
+def reference_metrics(modality: str, device, reference: str | None = None, extractor: Any = None,
+                      real_set: Dataset | None = None, stored_data: Any = None, source: str = "the checkpoint",
+                      max_real: int | None = None) -> tuple[Any, FeatureAccumulator]:
+    """(extractor, features of the real data) for `selfflow-sample metrics=true`: the extractor is the reference
+    classifier in `reference` (a `selfflow-reference` folder) unless one is given; the real data is `real_set`, else
+    the test split of the checkpoint's stored data config (`stored_data`, built through the allow-list)."""
+    from selfflow.evaluation.reference_classifier import load_reference_classifier
+    from selfflow.safe_config import instantiate_stored
+
+    if extractor is None:
+        if reference is None:
+            raise ValueError("metrics=true needs reference=PATH (a folder written by selfflow-reference) or "
+                             "feature_extractor={_target_: ...}")
+        extractor = load_reference_classifier(reference, device)
+        if extractor.modality != modality:
+            raise ValueError(f"reference={reference} judges {extractor.modality}, but this run samples {modality}; "
+                             f"train one on the run's data: selfflow-reference --out DIR <the run's data overrides>")
+    if real_set is None:
+        if stored_data is None or "test" not in stored_data:
+            raise ValueError("metrics=true cannot find real samples: this checkpoint stores no data config; pass "
+                             "metrics_data={_target_: ...} (a dataset of (sample, label))")
+        real_set = instantiate_stored(stored_data.test, source, "data.test")
+    return extractor, dataset_features(extractor, real_set, limit=max_real)

@@ -48,6 +48,19 @@ class NoiseSource:
         return torch.randn(tuple(shape), generator=self.generator, device=source).to(device=device, dtype=dtype)
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...; a CUDA device that is not there is refused."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device={name!r} is unknown; choose auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+    return device
+
+
 def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype | None:
     """bf16 on CUDA devices that support it (precision=auto), bf16 anywhere (bf16), or none (fp32)."""
     if precision not in PRECISIONS:

@@ -55,27 +55,3 @@ def refine_tokens(model, tokenizer: Tokenizer, init: Tensor, strength: float, co
 
     out = solvers.SOLVERS[solver](rescaled, start, steps, shift=shift)
     return Generation(out.float(), velocity.evaluations, velocity.model_calls)
-
-
-def load_init(path: str | os.PathLike, tokenizer: Tokenizer) -> Tensor:
-    """One sample from a file, shaped for `tokenizer.encode` after stacking: an image, a video clip or a recording."""
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"init={path} does not exist; pass the path of a {tokenizer.modality} file to refine")
-    if tokenizer.modality == "image":
-        from selfflow.data.image_folder import load_image
-
-        height, width = tokenizer.image_size
-        if height != width:
-            raise ValueError(f"init images are loaded square; this tokenizer makes {height}x{width} images")
-        return load_image(path, height, tokenizer.channels)  # [C, S, S]
-    if tokenizer.modality == "video":
-        from selfflow.data.video_io import frames_to_tensor, read_clip
-
-        return frames_to_tensor(read_clip(path, tokenizer.num_frames, fps=tokenizer.fps), tokenizer.image_size,
-                                tokenizer.channels)  # [T, C, S, S]
-    if tokenizer.modality == "audio":
-        from selfflow.data.audio_io import read_audio
-
-        return read_audio(path, tokenizer.sample_rate, tokenizer.num_samples)  # [1, S]
-    raise ValueError(f"init= is not supported for {tokenizer.modality!r} samples")

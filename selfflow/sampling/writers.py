@@ -11,9 +11,6 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
-MEDIA_MODULE = "selfflow.sampling.media"
-
-
 def to_uint8(images: Tensor) -> np.ndarray:
     """[B, C, H, W] in [0, 1] -> uint8 [B, H, W, 3] (grey images repeated to RGB)."""
     images = images.detach().float().clamp(0, 1)
@@ -69,39 +66,3 @@ def save_npz(images: Tensor | np.ndarray, path: str | os.PathLike, labels: Tenso
         arrays["labels"] = np.asarray(labels.cpu() if isinstance(labels, Tensor) else labels, dtype=np.int64)
     np.savez(path, **arrays)
     return path
-
-
-def media_writers():
-    """The video/audio writers module, imported only when a video or audio sample is written."""
-    import importlib
-
-    try:
-        return importlib.import_module(MEDIA_MODULE)
-    except ModuleNotFoundError as error:
-        raise ValueError(f"writing video or audio samples needs {MEDIA_MODULE} (save_video, save_audio, ...), which "
-                         f"this installation lacks ({error}); sample an image model or update selfflow") from error
-
-
-def save_video_files(clips: Tensor, folder: str | os.PathLike, names: list[str], fps: float) -> list[Path]:
-    """clips: [B, T, C, H, W] in [0, 1] -> one MP4 per clip, `names[i].mp4`."""
-    media = media_writers()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    videos = [folder / f"{name}.mp4" for name in names]
-    for clip, path in zip(clips, videos):
-        media.save_video(clip, path, fps)
-    return videos
-
-
-def save_audio_files(waves: Tensor, folder: str | os.PathLike, names: list[str],
-                     sample_rate: int) -> dict[str, list[Path]]:
-    """waves: [B, S] -> one WAV and one spectrogram PNG per sample."""
-    media = media_writers()
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    wavs = [folder / f"{name}.wav" for name in names]
-    spectrograms = [folder / f"{name}.png" for name in names]
-    for wave, wav, spectrogram in zip(waves, wavs, spectrograms):
-        media.save_audio(wave, wav, sample_rate)
-        media.save_spectrogram(wave, spectrogram, sample_rate)
-    return {"audio": wavs, "spectrograms": spectrograms}

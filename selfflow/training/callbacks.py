@@ -10,10 +10,9 @@ import lightning as L
 import torch
 
 from selfflow.sampling.generate import generate
+from selfflow.sampling.modalities import modality_io
 from selfflow.sampling.prompted import prompted_condition
 from selfflow.tokens import TEXT, Condition
-from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
-from selfflow.sampling.writers import save_image_grid
 from selfflow.training.checkpoint_callback import save_end_of_run
 from selfflow.training.distributed import callback_forward_context, sharded_over_ranks
 
@@ -69,23 +68,17 @@ class SampleGrid(L.Callback):
                 continue
             generator = torch.Generator(device=module.device).manual_seed(self.seed)
             condition = self.condition(module)
-            labels = condition.labels
             with callback_forward_context(trainer):
                 samples = generate(module.ema_model, tokenizer, condition, steps=self.steps, cfg_scale=self.cfg_scale,
                                    generator=generator)
             folder = Path(trainer.default_root_dir) / self.dirname / modality
-            if modality == "image":
-                nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
-                paths.append(save_image_grid(samples, folder / f"{name}.png", nrow=nrow, upscale=self.upscale))
-            elif modality == "video":
-                paths.append(save_frame_strip(samples, folder / f"{name}.png", upscale=self.upscale))
-                for clip, stem in zip(samples, self.file_stems(trainer, module, labels)):
-                    paths.append(save_video(clip, folder / name / f"{stem}.mp4", tokenizer.fps, self.upscale))
-            elif modality == "audio":
-                stems = self.file_stems(trainer, module, labels)
-                paths.append(save_spectrogram(samples, folder / f"{name}.png", tokenizer.sample_rate, titles=stems))
-                for wave, stem in zip(samples, stems):
-                    paths.append(save_audio(wave, folder / name / f"{stem}.wav", tokenizer.sample_rate))
+            io, stems = modality_io(modality), self.file_stems(trainer, module, condition.labels)
+            nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
+            paths.append(io.preview(samples, folder / f"{name}.png", tokenizer, nrow=nrow, upscale=self.upscale,
+                                    titles=stems))
+            if io.playable:  # a picture cannot show motion or sound: a file per clip, the preview shows the rest
+                for files in io.write(samples, folder / name, stems, tokenizer, self.upscale, pictures=False).values():
+                    paths += files
         self.written += paths
         return paths
 

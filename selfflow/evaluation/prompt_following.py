@@ -1,30 +1,13 @@
-#!/usr/bin/env python
-"""Do a text-conditioned model's samples follow their prompts? Judge them with a local reference classifier.
-
-    selfflow-train experiment=text_digits hydra.run.dir=runs/text
-    python tools/train_reference_classifier.py --out refs/digits experiment=digits
-    python tools/prompt_following.py --ckpt runs/text/checkpoints/last.ckpt --reference refs/digits --out runs/prompts
-
-Text-to-audio the same way: `experiment=text_audio_digits`, a reference trained with `experiment=audio_digits`.
-
-Each prompt names one class ("a handwritten four" -> 4). By default every digit gets prompts in phrasings the
-training captions used and in phrasings they never used; `--prompt "TEXT=CLASS"` (repeatable) gives your own.
-For each prompt, `--per-prompt` samples are drawn and classified; a prompt is followed when the classifier's
-answer is the prompt's class. Writes `prompt_following.json` (per-prompt and overall accuracy, chance level)
-and `prompt_grid.png` (one row per prompt) under --out, and prints the table.
+"""Do a text-conditioned model's samples follow their prompts? Each prompt names one class ("a handwritten four" ->
+4); samples drawn for it are judged by a local reference classifier, and a prompt is followed when the classifier's
+answer is the prompt's class. `selfflow-prompt-following` runs it from the command line.
 """
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from selfflow.cli.errors import friendly_errors  # noqa: E402
 
 # per modality: phrasings among the built-in captions' templates, and phrasings never in the training captions
 SEEN_TEMPLATES = {"image": ("a handwritten {word}", "the digit {word}"),
@@ -95,45 +78,15 @@ def summary(results: list[dict], num_classes: int) -> dict:
             "accuracy_unseen_phrasings": mean([r for r in results if r["seen_phrasing"] is False])}
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", type=Path, required=True, help="a text-conditioned run's checkpoint")
-    parser.add_argument("--reference", type=Path, required=True, help="tools/train_reference_classifier.py output")
-    parser.add_argument("--out", type=Path, required=True, help="folder for prompt_following.json and the grid")
-    parser.add_argument("--prompt", action="append", default=[], help="'TEXT=CLASS' (repeatable); default: all digits")
-    parser.add_argument("--per-prompt", type=int, default=16)
-    parser.add_argument("--steps", type=int, default=25, help="Heun steps (evaluations per sample)")
-    parser.add_argument("--cfg-scale", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    from selfflow.evaluation.reference_classifier import load_reference_classifier
-    from selfflow.sampling.media import save_spectrogram
-    from selfflow.sampling.writers import save_image_grid
+def write_report(out: Path, report: dict, samples: torch.Tensor, classifier, per_prompt: int) -> None:
+    """prompt_following.json, and prompt_grid.png: the modality's preview of every prompt's samples (a row each for
+    images; the first sample of each prompt, titled by it, for audio)."""
+    from selfflow.sampling.modalities import modality_io
 
-    classifier = load_reference_classifier(args.reference)
-    class_names = classifier.class_names
-    prompts = [parse_prompt(p, class_names) for p in args.prompt] or default_prompts(class_names,
-                                                                                     classifier.modality)
-    results, samples = judge(args.ckpt, classifier, prompts, args.per_prompt, args.steps, args.cfg_scale,
-                            args.seed)
-    report = {"ckpt": str(args.ckpt), "reference": str(args.reference), "per_prompt": args.per_prompt,
-              "sampler": "heun", "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
-              **summary(results, len(class_names)), "prompts": results}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "prompt_following.json").write_text(json.dumps(report, indent=2))
-    if classifier.modality == "image":
-        save_image_grid(samples, args.out / "prompt_grid.png", nrow=args.per_prompt, upscale=2)
-    else:  # the first sample of each prompt, titled by its prompt
-        firsts = samples.view(len(prompts), args.per_prompt, *samples.shape[1:])[:, 0]
-        save_spectrogram(firsts, args.out / "prompt_grid.png", classifier.front.sample_rate,
-                         titles=[r["prompt"] for r in results])
-    for r in results:
-        print(f"{r['accuracy']:6.1%}  {r['class']:>6}  {r['prompt']}")
-    print(json.dumps({k: report[k] for k in ("accuracy", "chance", "accuracy_seen_phrasings",
-                                              "accuracy_unseen_phrasings")}))
-    return report
-
-
-if __name__ == "__main__":
-    with friendly_errors("prompt_following"):
-        main()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompt_following.json").write_text(json.dumps(report, indent=2))
+    prompts = [row["prompt"] for row in report["prompts"]]
+    io = modality_io(classifier.modality)
+    shown = samples if not io.playable else samples.view(len(prompts), per_prompt, *samples.shape[1:])[:, 0]
+    tokenizer = getattr(classifier, "front", None)  # audio: the classifier's mel front knows the sample rate
+    io.preview(shown, out / "prompt_grid.png", tokenizer, nrow=per_prompt, upscale=2, titles=prompts)

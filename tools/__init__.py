@@ -1,0 +1,1 @@
+"""Benchmarks and the reproduction: run from the project root as `python -m tools.<name>` (selfflow installed)."""
