@@ -231,20 +231,13 @@ def test_checkpoint_loads_back_for_inference_with_ema_or_online_weights(tiny_tra
 
 
 def test_checkpoint_errors_are_clear_and_unsafe_files_are_not_executed(tiny_train_cfg, tmp_path):
-    import pickle
-
     from selfflow.interop.checkpoint import load_checkpoint, load_state_checked
+    from tests.helpers.hostile import hostile_checkpoint
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_checkpoint(tmp_path / "missing.ckpt")
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    evil = tmp_path / "evil.ckpt"
-    evil.write_bytes(pickle.dumps({"state_dict": Evil()}))
+    evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     with pytest.raises(ValueError, match="cannot load checkpoint .* safely"):
         load_checkpoint(evil)
     assert not marker.exists()

@@ -7,7 +7,6 @@ maths, and against the metrics' definitions.
 import io
 import json
 import os
-import pickle
 import subprocess
 import sys
 import zipfile
@@ -21,6 +20,7 @@ from PIL import Image
 from selfflow.data.image_folder import MAX_PIXELS
 from selfflow.evaluation.eval_sets import load_eval_set
 from selfflow.data.adm_crop import adm_center_crop
+from tests.helpers.hostile import CreatesAFile
 from selfflow.evaluation.image_batches import folder_images, npz_images
 from selfflow.evaluation.inception import SPATIAL_DIM, WEIGHTS_FILE, load_inception, read_weights
 from selfflow.evaluation.standard_metrics import (
@@ -290,14 +290,6 @@ def test_a_folder_is_read_recursively_sorted_with_adm_centre_crop_to_the_evaluat
 
 # -------------------------------------------------------------------------------------------------- weights file
 
-class CreatesAFile:
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (Path(self.path),))
-
-
 def test_missing_wrong_or_unsafe_weights_files_are_refused_in_one_line_naming_the_expected_file(tmp_path):
     state = random_inception_state()
     cases = {"missing.pth": None, "resnet.pth": {"conv1.weight": torch.zeros(64, 3, 7, 7)},
@@ -305,8 +297,7 @@ def test_missing_wrong_or_unsafe_weights_files_are_refused_in_one_line_naming_th
              "not_weights.pth": [1, 2, 3], "unsafe.pth": CreatesAFile(tmp_path / "pwned")}
     for name, content in cases.items():
         if content is not None:
-            with open(tmp_path / name, "wb") as f:
-                pickle.dump(content, f, protocol=2) if name == "unsafe.pth" else torch.save(content, f)
+            torch.save(content, tmp_path / name)
         with pytest.raises((ValueError, FileNotFoundError)) as error:
             load_inception(tmp_path / name)
         message = str(error.value)

@@ -137,16 +137,10 @@ def test_a_stored_target_outside_the_allow_list_is_refused_before_anything_runs(
 
 
 def test_an_unsafe_pickle_is_refused_in_one_line(tmp_path):
-    import pickle
+    from tests.helpers.hostile import hostile_checkpoint
 
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps({"selfflow_config": {}, "state_dict": Evil()}))
+    path = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     with pytest.raises(ValueError, match="cannot load checkpoint .*evil.ckpt safely") as error:
         load_checkpoint(path)
     one_line(error.value)

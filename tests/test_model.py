@@ -8,6 +8,7 @@ from selfflow.models.embeddings import MultiAxisRoPE, apply_rope, default_rope_a
 from selfflow.models.layers import gather_tokens
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokens import Condition
+from tests.helpers.models import count_calls
 from selfflow.tokenizers.image import ImagePatchTokenizer
 
 
@@ -158,18 +159,22 @@ def test_sincos_positions_are_refused_where_they_would_drop_an_axis(channels, na
     assert tiny_model(pos_embed="sincos").pos_embed == "sincos"  # images (the released ImageNet model) keep it
 
 
-def test_activation_checkpointing_gives_the_same_gradients():
+def test_activation_checkpointing_recomputes_each_block_in_backward_with_the_same_gradients():
     tokens, labels = inputs()
-    grads = []
+    grads, forwards = [], []
     for ckpt in (False, True):
         model = tiny_model(activation_checkpointing=ckpt)
         randomize_zero_init(model)
         model.train()
+        calls = []
+        count_calls(model.blocks[0].mlp, calls)
         out = model(tokens.x, torch.rand(3, 2, generator=torch.Generator().manual_seed(0)),
                     torch.ones(3, 16, dtype=torch.long), tokens.pos, labels, "image")
         out.velocity.square().mean().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
+        forwards.append(len(calls))
     torch.testing.assert_close(grads[0], grads[1])
+    assert forwards == [1, 2]  # checkpointed: the block's activations were dropped and recomputed in backward
 
 
 @pytest.mark.gpu

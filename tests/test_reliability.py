@@ -3,7 +3,6 @@ import dataclasses
 import errno
 import hashlib
 import os
-import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -19,23 +18,12 @@ from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.resume import newest_valid_checkpoint
 from selfflow.training.run import train
 from selfflow.training.validate import ConfigError, validate_config
+from tests.helpers.hostile import hostile_checkpoint
 from tests.conftest import TINY
 
 
 def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def evil_pickle(path: Path, marker: Path) -> Path:
-    """A checkpoint-looking file that creates `marker` if anything unpickles it."""
-
-    class Evil:
-        def __reduce__(self):
-            return (open, (str(marker), "w"))
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps({"selfflow_config": {}, "state_dict": Evil(), "global_step": 99}))
-    return path
 
 
 # --- crash-safe writes -------------------------------------------------------------------------------------------
@@ -85,7 +73,7 @@ def test_resume_auto_passes_over_truncated_temporary_and_unsafe_files(tiny_train
     good = folder / "step_0000004.ckpt"
     (folder / "step_0000009.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated
     (folder / "step_0000010.ckpt.123.tmp").write_bytes(good.read_bytes())  # an unfinished save
-    evil_pickle(folder / "step_0000011.ckpt", tmp_path / "pwned")
+    hostile_checkpoint(folder / "step_0000011.ckpt", tmp_path / "pwned")
     path, step = newest_valid_checkpoint(folder)
     assert step == 4 and path.name in ("last.ckpt", "step_0000004.ckpt")
     assert not (tmp_path / "pwned").exists()
@@ -95,7 +83,7 @@ def test_resume_auto_passes_over_truncated_temporary_and_unsafe_files(tiny_train
 
 def test_resume_loads_weights_only_and_never_runs_a_malicious_pickle(tiny_train_cfg, tmp_path):
     marker = tmp_path / "pwned"
-    evil = evil_pickle(tmp_path / "evil.ckpt", marker)
+    evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     with pytest.raises(ValueError, match="cannot load checkpoint .*evil.ckpt safely"):
         train(tiny_train_cfg(f"ckpt_path={evil}"))
     run = build_run(tiny_train_cfg())  # Lightning's own loading path goes through the same safe reader
@@ -107,7 +95,7 @@ def test_resume_loads_weights_only_and_never_runs_a_malicious_pickle(tiny_train_
 @pytest.mark.slow
 def test_cli_refuses_a_malicious_checkpoint_with_one_line(tmp_path):
     marker = tmp_path / "pwned"
-    evil = evil_pickle(tmp_path / "evil.ckpt", marker)
+    evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *TINY, f"ckpt_path={evil}",
                              f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "WANDB_MODE": "offline"})

@@ -36,10 +36,16 @@ def test_gradient_accumulation_updates_the_ema_and_logs_the_learning_rate_once_p
     assert logged[0][1] < logged[1][1] < logged[2][1]  # the warm-up
 
 
-def test_activation_checkpointing_switch_trains(tiny_train_cfg):
-    run = fit(tiny_train_cfg("model.activation_checkpointing=true", "trainer.max_steps=2"))
-    assert run.module.model.activation_checkpointing
-    assert run.trainer.global_step == 2
+@pytest.mark.parametrize("switch, forwards_per_step", [("false", 1), ("true", 2)])
+def test_activation_checkpointing_switch_recomputes_the_blocks_in_training(tiny_train_cfg, switch, forwards_per_step):
+    run = build_run(tiny_train_cfg(f"model.activation_checkpointing={switch}", "trainer.max_steps=2",
+                                   "callbacks.samples.every_n_steps=0", "~callbacks.probe"))
+    from tests.helpers.models import count_calls
+
+    calls = []
+    count_calls(run.module.model.blocks[-1].mlp, calls)  # the student's last block (the teacher is its own copy)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert run.trainer.global_step == 2 and len(calls) == 2 * forwards_per_step
 
 
 def test_teacher_forward_stops_at_its_layer(tiny_train_cfg):
@@ -71,7 +77,11 @@ def test_compile_switch_gives_the_same_outputs_and_state_dict_keys(tiny_train_cf
     compiled.load_state_dict(eager.state_dict())
     x, pos = torch.randn(2, 16, 12), torch.randint(0, 4, (2, 16, 4))
     t, labels = torch.rand(2), Condition(torch.tensor([1, 10]))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     torch.testing.assert_close(compiled.velocity(x, t, pos, labels, "image"), eager.velocity(x, t, pos, labels, "image"),
                                rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] >= 1  # the blocks really ran as compiled graphs
     run = fit(tiny_train_cfg("model.compile=true", "trainer.max_steps=2", "callbacks.samples.every_n_steps=0"))
     assert run.trainer.global_step == 2
