@@ -7,7 +7,7 @@ import torch
 from einops import rearrange
 
 from selfflow.tokenizers.image_latent import ImageLatentTokenizer
-from selfflow.tokenizers.vae_folder import vae_fingerprint
+from selfflow.data.vae_folder import vae_fingerprint
 from tests.conftest import write_tiny_vae
 
 

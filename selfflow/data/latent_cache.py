@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.tokenizers.vae_folder import vae_fingerprint
+from selfflow.data.vae_folder import vae_fingerprint
 
 FORMAT = 1
 MANIFEST = "manifest.json"

@@ -13,7 +13,7 @@ import torch
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokenizers.vae_folder import check_fingerprint, point_vae_keys
+from selfflow.data.vae_folder import check_fingerprint, point_vae_keys
 from selfflow.interop.state_check import check_state_fits
 
 CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads

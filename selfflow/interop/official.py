@@ -310,7 +310,7 @@ def load_official_for_sampling(path: str, vae: str | None) -> tuple[OfficialSelf
         raise ValueError("the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
                          "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained")
     from selfflow.tokenizers.image_latent import ImageLatentTokenizer
-    from selfflow.tokenizers.vae_folder import downsampling
+    from selfflow.data.vae_folder import downsampling
 
     model = load_official(path)
     tokenizer = ImageLatentTokenizer(vae, image_size=model.grid * model.patch_size * downsampling(vae),

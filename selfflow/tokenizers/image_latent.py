@@ -13,7 +13,7 @@ from torch import Tensor
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import Tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
-from selfflow.tokenizers.vae_folder import check_fingerprint, downsampling, load_autoencoder, vae_folder
+from selfflow.data.vae_folder import check_fingerprint, downsampling, load_autoencoder, vae_folder
 
 KEY = "tokenizer.image.vae"
 

@@ -10,7 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from selfflow.tokenizers.vae_folder import point_vae_keys
+from selfflow.data.vae_folder import point_vae_keys
 from selfflow.tokens import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule

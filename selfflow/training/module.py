@@ -13,7 +13,7 @@ from selfflow.tokens import PackedTokens, Tokens
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokenizers.vae_folder import check_stored_fingerprints
+from selfflow.data.vae_folder import check_stored_fingerprints
 from selfflow.tokens import TEXT, Condition
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
