@@ -241,13 +241,13 @@ def test_frame_count_buckets_read_each_video_at_the_longest_clip_it_holds(tmp_pa
         VideoFolder(str(tmp_path / "clips"), "test", num_frames=4, test_fraction=0.99, frame_counts=[2.5])
 
     overrides = ["experiment=video_digits", "data=video_folder", f"data.root={tmp_path / 'clips'}",
-                 "data.train.channels=1", "data.train.image_size=16", "data.train.num_frames=4",
-                 "data.train.frame_stride=1", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=3",
+                 "data.dataset.channels=1", "data.dataset.image_size=16", "data.dataset.num_frames=4",
+                 "data.dataset.frame_stride=1", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=3",
                  "callbacks.samples.every_n_steps=0", "~callbacks.probe"]
-    run = build_run(tiny_train_cfg(*overrides, "data.train.frame_counts=[4,8]"))
+    run = build_run(tiny_train_cfg(*overrides, "data.dataset.frame_counts=[4,8]"))
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 3 and set(run.datamodule.train_set.bucket_ids) == {0, 1}
-    bad = build_run(tiny_train_cfg(*overrides, "data.train.frame_counts=[3]", run_dir=tmp_path / "bad"))
-    with pytest.raises(ValueError, match=r"data.train.frame_counts=\[3\]: a clip of 3 frames is not a whole "
+    bad = build_run(tiny_train_cfg(*overrides, "data.dataset.frame_counts=[3]", run_dir=tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"data.dataset.frame_counts=\[3\]: a clip of 3 frames is not a whole "
                                          r"number of tokenizer.video tubelets of 2 frames"):
         bad.trainer.fit(bad.module, datamodule=bad.datamodule)

@@ -119,7 +119,7 @@ def test_train_reference_classifier_tool_writes_a_loadable_classifier(tmp_path):
         "train_reference_classifier", Path(__file__).resolve().parents[1] / "tools" / "train_reference_classifier.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
-    record = tool.main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.train.image_size=8"])
+    record = tool.main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.dataset.image_size=8"])
     assert 0 <= record["test_accuracy"] <= 1 and record["num_test"] == 270
     model = load_reference_classifier(tmp_path / "ref")
     assert isinstance(model, ReferenceCNN) and model.image_size == 8 and model.feature_dim == 16

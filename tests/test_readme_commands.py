@@ -151,7 +151,7 @@ def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(mo
     # unquoted braces reach Hydra without the quotes the shell removed: a parse error, not a pattern
     with pytest.raises(Exception, match="no viable alternative at input '{digit}'"):
         check_command(shell_commands("selfflow-train experiment=audio_digits data=audio_folder data.root=DIR "
-                                     "data.train.name_pattern='{digit}_{speaker}'")[0], monkeypatch)
+                                     "data.dataset.name_pattern='{digit}_{speaker}'")[0], monkeypatch)
     with pytest.raises(Exception, match="feature_extractor"):  # a key missing from the config needs +
         check_command(["selfflow-sample", "ckpt=x", "feature_extractor._target_=a.B"], monkeypatch)
     with pytest.raises(SystemExit):  # a flag the tool does not know

@@ -3,7 +3,7 @@
 built from selfflow's own data configs, and save it as model.safetensors + config.json.
 
     python tools/train_reference_classifier.py --out refs/digits                      # built-in digits (16x16)
-    python tools/train_reference_classifier.py --out refs/cifar data=image_folder data.root=DIR data.train.image_size=32
+    python tools/train_reference_classifier.py --out refs/cifar data=image_folder data.root=DIR data.dataset.image_size=32
     python tools/train_reference_classifier.py --out refs/speech experiment=audio_digits   # audio: log-mel images
     selfflow-sample ckpt=runs/.../last.ckpt metrics=true reference=refs/digits
 
@@ -60,15 +60,16 @@ def main(argv: list[str] | None = None) -> dict:
         data = compose_data_config(args.overrides)
         modality = data.get("modality", "image")
         if modality == "image":
-            shape = {"channels": int(data.train.channels), "image_size": int(data.train.image_size), "audio": None}
+            shape = {"channels": int(data.dataset.channels), "image_size": int(data.dataset.image_size), "audio": None}
         elif modality == "audio":  # the CNN reads a log-mel image of each recording
-            rate = int(data.train.sample_rate)
+            rate = int(data.dataset.sample_rate)
             shape = {"channels": 1, "image_size": 32,
-                     "audio": {"sample_rate": rate, "num_samples": round(rate * float(data.train.duration))}}
+                     "audio": {"sample_rate": rate, "num_samples": round(rate * float(data.dataset.duration))}}
         else:
             raise ValueError(f"the reference classifier is for images or audio; data gives {modality!r} samples "
                              f"(for a multi-modal run pick one: experiment=digits or experiment=audio_digits)")
-        train_set, test_set = instantiate(data.train), instantiate(data.test)
+        dataset = instantiate(data.dataset)
+        train_set, test_set = dataset(split="train"), dataset(split="test")
         num_classes = int(getattr(train_set, "num_classes", 0))
         started = time.perf_counter()
         model, test_accuracy = train_reference_classifier(

@@ -159,10 +159,11 @@ def build_metrics(cfg: DictConfig, loaded: SamplingModel, device: torch.device, 
                          "or feature_extractor={_target_: ...}")
     data = cfg.metrics_data
     if data is None:
-        if loaded.data_config is None or "test" not in loaded.data_config:
+        if loaded.data_config is None or "dataset" not in loaded.data_config:
             raise ValueError("metrics=true cannot find real images: this checkpoint stores no data config; pass "
                              "metrics_data={_target_: ...} (a dataset of (image, label))")
-        real_set = instantiate_stored(loaded.data_config.test, f"checkpoint {cfg.ckpt}", "data.test")
+        dataset = instantiate_stored(loaded.data_config.dataset, f"checkpoint {cfg.ckpt}", "data.dataset")
+        real_set = dataset(split="test")
     else:  # typed by the user
         real_set = instantiate(data)
     real = dataset_features(extractor, real_set, limit=cfg.metrics_max_real)
