@@ -60,6 +60,8 @@ def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_
     train = bucketed(write_images(tmp_path / "images"))
     buckets = train.bucketing.buckets
     assert buckets.sizes == [(24, 12), (20, 12), (16, 16), (12, 20), (12, 24)]
+    test = ImageFolder(str(tmp_path / "images"), "test", image_size=16, test_fraction=0.1, buckets=BUCKETS)
+    assert test.bucket_ids is None and test[0][0].shape == (3, 16, 16)  # the test split stays square
     data = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2, seed=3)
     data.setup("fit")
     loader = data.train_dataloader()

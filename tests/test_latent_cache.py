@@ -85,6 +85,12 @@ def test_cached_latents_give_the_tokens_of_on_the_fly_encoding_in_distribution(c
     z = torch.stack(latents).flatten(1) * tokenizer.scale
     nearer_mirrored = (torch.cdist(z, flips).argmin(1) == 1).float().mean()
     assert 0.4 < nearer_mirrored < 0.6
+    test = open_cache(cache, tiny_vae, "test", random_flip=True, sample_posterior=True)  # the options of the run
+    with seeded_rng(0):
+        first = test[5][0]
+    with seeded_rng(1):  # the test split reads the posterior mean of the image as it is, whatever the seed
+        torch.testing.assert_close(test[5][0], first)
+    torch.testing.assert_close(first, test.moments(5)[0, 0])
 
 
 def latent_run_args(cache, vae):

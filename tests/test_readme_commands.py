@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-import selfflow.training.build  # noqa: F401 - registers the config resolvers
-from selfflow.cli.train import check_data_fits_experiment
+from selfflow.training.build import tokenizer_configs
 from tests.conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +67,7 @@ def compose_overrides(config: str, overrides: list[str]):
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         cfg = compose(config, overrides=overrides, return_hydra_config=True)
     if config == "train":
-        check_data_fits_experiment(cfg, overrides)  # the CLI's own check before Hydra runs
+        tokenizer_configs(cfg)  # the data's modalities have tokenizers (the start-up check, before any data is read)
     return cfg
 
 
