@@ -20,7 +20,7 @@ from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.resume import newest_valid_checkpoint
 from selfflow.training.run import train
 from selfflow.training.validate import ConfigError, validate_config
-from tests.conftest import TINY
+from tests.conftest import SMALL_JOINT, TINY
 
 
 def digest(path: Path) -> str:
@@ -267,6 +267,21 @@ def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(tiny_trai
     with pytest.raises(ConfigError):
         train(cfg)
     assert not (tmp_path / "run").exists()  # nothing was written
+
+
+def test_a_bad_joint_option_stops_before_any_source_is_read(tiny_train_cfg, monkeypatch, tmp_path):
+    from selfflow.data.moving_digits import MovingDigits
+    from selfflow.data.spoken_digits import SpokenDigits
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the config was checked")
+
+    for dataset in (DigitImages, MovingDigits, SpokenDigits):
+        monkeypatch.setattr(dataset, "__init__", no_data)
+    cfg = tiny_train_cfg(*SMALL_JOINT, "data.batch_size={image: 4, video: 0, audio: 2}")
+    with pytest.raises(ConfigError, match=r"^data.batch_size.video=0 must be an integer >= 1$"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_range_lightning_checks_stops_the_run_before_any_data_is_read(tiny_train_cfg, monkeypatch):
