@@ -30,12 +30,13 @@ def test_tokens_are_the_scaled_posterior_in_c_p_q_patches(tiny_vae):
 def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path):
     from hydra.utils import instantiate
 
+    from selfflow.training.build import tokenizer_configs
     from tests.test_configs import compose_plain
 
     folder = write_tiny_vae(tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
     cfg = compose_plain(["experiment=imagenet256", "tokenizer=image_flux_vae", f"tokenizer.image.vae={folder}",
                          "data.dataset.image_size=32", "data.root=unused"], tmp_path)
-    tokenizer = instantiate(cfg.tokenizer.image).eval()
+    tokenizer = instantiate(tokenizer_configs(cfg)["image"]).eval()  # image_size from the data
     assert (tokenizer.scale, tokenizer.shift, tokenizer.token_channels) == (0.3611, 0.1159, 64)
     images = torch.rand(2, 3, 32, 32)
     mean, _ = tokenizer.posterior(images)

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from selfflow.tokens import Condition
 
 from selfflow.interop.official import RELEASED, export_official
 from selfflow.objectives.selfflow import default_layers
+from selfflow.training.build import tokenizer_configs
 from tests.conftest import TINY
 from tests.test_configs import compose_plain
 from tests.test_interop import ReleasedDiT
@@ -20,7 +22,7 @@ from tests.test_interop import ReleasedDiT
 def test_the_experiment_is_the_paper_setting_in_the_released_layout(tmp_path):
     cfg = compose_plain(["experiment=imagenet256", "data.root=/data/imagenet", "tokenizer.image.vae=/models/vae"],
                         tmp_path)
-    model, objective, tokenizer = cfg.model, cfg.objective, cfg.tokenizer.image
+    model, objective, tokenizer = cfg.model, cfg.objective, OmegaConf.create(tokenizer_configs(cfg)["image"])
     assert (model.depth, model.width, model.heads) == (RELEASED["depth"], RELEASED["width"], RELEASED["heads"])
     assert (model.pos_embed, model.time_scale, model.mlp_ratio, model.qk_norm) == ("sincos", 1.0, 4.0, False)
     assert tokenizer._target_.endswith("ImageLatentTokenizer") and tokenizer.patch_size == RELEASED["patch_size"]

@@ -172,7 +172,7 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
         ImageShards(folder, "test", store=store)
 
     dead = ObjectStore(endpoint_url=f"http://127.0.0.1:{free_port()}", retries=1, timeout_s=5)
-    with pytest.raises(ObjectStoreError, match=r"cannot read s3://.* check data\.train\.store\.endpoint_url"):
+    with pytest.raises(ObjectStoreError, match=r"cannot read s3://.* check data\.dataset\.store\.endpoint_url"):
         ImageShards(f"s3://{BUCKET}/equal", "train", store=dead)
 
     streamed = ImageShards(f"{upload(endpoint, image_shards, 'outage')}", "train", image_size=8, store=store)
