@@ -36,11 +36,12 @@ def compose_plain(overrides: list[str], run_dir: Path):
 
 def test_the_default_is_the_joint_setup_and_one_modality_is_one_override_away(tmp_path):
     default = compose_plain([], tmp_path)
-    assert set(default.data.sources) == {"image", "video", "audio"} and set(default.tokenizer) == set(default.data.sources)
+    assert set(default.data.sources) == set(default.tokenizer) == {"image", "video", "audio"}
     assert default.objective.mask_ratio == {"image": 0.25, "video": 0.10, "audio": 0.50}
     assert compose_plain(["experiment=multimodal_digits"], tmp_path) == default  # still a valid name for it
     for overrides, modality in ((["data=image_folder", "data.root=DIR"], "image"),
-                                (["data=audio_folder", "data.root=DIR"], "audio"), (["experiment=video_digits"], "video")):
+                                (["data=audio_folder", "data.root=DIR"], "audio"),
+                                (["experiment=video_digits"], "video")):
         cfg = compose_plain(overrides, tmp_path)
         assert list(tokenizer_configs(cfg)) == [modality]  # the other configured tokenizers are not built
 

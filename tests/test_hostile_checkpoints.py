@@ -104,8 +104,8 @@ def test_every_target_selfflows_own_configs_can_store_is_allowed():
 def test_a_stored_object_store_is_refused_naming_why():
     stored = {"_target_": "selfflow.data.shards.ImageShards", "root": "s3://bucket/shards",
               "store": {"_target_": "selfflow.data.shard_sources.ObjectStore", "endpoint_url": "http://127.0.0.1:9"}}
-    with pytest.raises(StoredConfigError, match=r"data.dataset.store._target_=.*ObjectStore is not rebuilt from a file: "
-                                                r"it would choose which network endpoint"):
+    with pytest.raises(StoredConfigError, match=r"data.dataset.store._target_=.*ObjectStore is not rebuilt from a "
+                                                r"file: it would choose which network endpoint"):
         instantiate_stored(stored, "checkpoint x.ckpt", "data.dataset")
 
 

@@ -3,7 +3,8 @@
 built from selfflow's own data configs, and save it as model.safetensors + config.json.
 
     python tools/train_reference_classifier.py --out refs/digits                      # built-in digits (16x16)
-    python tools/train_reference_classifier.py --out refs/cifar data=image_folder data.root=DIR data.dataset.image_size=32
+    python tools/train_reference_classifier.py --out refs/cifar data=image_folder data.root=DIR \\
+        data.dataset.image_size=32
     python tools/train_reference_classifier.py --out refs/speech experiment=audio_digits   # audio: log-mel images
     selfflow-sample ckpt=runs/.../last.ckpt metrics=true reference=refs/digits
 

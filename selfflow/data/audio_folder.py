@@ -21,9 +21,9 @@ class AudioFolder(LabelledFileDataset):
     Each item is `duration` seconds at `sample_rate`, mixed to mono, resampled when the file's rate differs,
     randomly cropped (training) or centred (evaluation), zero-padded when shorter.
 
-    durations (duration buckets, e.g. [0.5, 1.0, 2.0] seconds; split train only): each recording goes to the longest bucket it fills
-    (`bucket_ids`, from the headers); `dataset[BucketIndex(i)]` is cropped to that bucket's length, so a training
-    batch (one bucket) wastes no tokens on padding; a plain index still gives `duration` seconds.
+    durations (duration buckets, e.g. [0.5, 1.0, 2.0] seconds; split train only): each recording goes to the longest
+    bucket it fills (`bucket_ids`, from the headers); `dataset[BucketIndex(i)]` is cropped to that bucket's length,
+    so a training batch (one bucket) wastes no tokens on padding; a plain index still gives `duration` seconds.
     """
 
     length_bucket_key = "durations"  # the bucket lengths' config key, in the tokenizer's `at_length` unit
