@@ -139,7 +139,7 @@ def built(group: str | None, build: Callable[[], Any]) -> Any:
         if cause is None:
             raise
         message = first_line(cause)
-        raise ConfigError(message if group is None or message.startswith(group) else f"{group}: {message}") from None
+        raise ConfigError(message if group is None or message.startswith(group) else f"{group}: {message}") from error
 
 
 def build_on_meta(cfg: DictConfig) -> None:
@@ -152,7 +152,7 @@ def build_on_meta(cfg: DictConfig) -> None:
     from selfflow.training.module import SelfFlowModule
 
     built("data", lambda: instantiate(cfg.data))
-    modalities = built("tokenizer", lambda: list(tokenizer_configs(cfg)))
+    modalities = built(None, lambda: list(tokenizer_configs(cfg)))  # its messages name the groups they join
     for name, callback in (cfg.get("callbacks") or {}).items():
         if callback is not None:
             built(f"callbacks.{name}", lambda: instantiate(callback))
