@@ -1,4 +1,4 @@
-"""The ADM centre crop (data.train.crop=adm): box halvings, a bicubic resize to the size, the centre square."""
+"""The ADM centre crop (data.dataset.crop=adm): box halvings, a bicubic resize to the size, the centre square."""
 import numpy as np
 import pytest
 import torch
@@ -42,7 +42,7 @@ def test_image_folder_crop_adm_loads_the_adm_crop(tmp_path):
     torch.testing.assert_close(image, expected.expand(3, 8, 8))
     centre = load_image(tmp_path / "train" / "a" / "0.png", 8, 3)  # the default crop differs on this image
     assert not torch.equal(centre, image)
-    with pytest.raises(ValueError, match="data.train.crop='middle' is unknown; choose one of center, adm"):
+    with pytest.raises(ValueError, match="data.dataset.crop='middle' is unknown; choose one of center, adm"):
         ImageFolder(str(tmp_path), "train", image_size=8, crop="middle")
 
 

@@ -60,7 +60,9 @@ def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_
     train = bucketed(write_images(tmp_path / "images"))
     buckets = train.bucketing.buckets
     assert buckets.sizes == [(24, 12), (20, 12), (16, 16), (12, 20), (12, 24)]
-    data = SelfFlowDataModule(train, train, "image", batch_size=2, seed=3)
+    test = ImageFolder(str(tmp_path / "images"), "test", image_size=16, test_fraction=0.1, buckets=BUCKETS)
+    assert test.bucket_ids is None and test[0][0].shape == (3, 16, 16)  # the test split stays square
+    data = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2, seed=3)
     data.setup("fit")
     loader = data.train_dataloader()
     expected = Counter(file_shape(train.paths[i]) for batch in data.train_batches.buckets.batches(0) for i in batch)
@@ -93,7 +95,7 @@ def test_sizes_are_read_once_from_the_file_headers(tmp_path, monkeypatch):
     monkeypatch.setattr(image_folder, "read_image_size", lambda path: calls.append(path) or original(path))
     monkeypatch.setattr(image_folder, "load_image_in_bucket", lambda *a, **k: pytest.fail("decoded at setup"))
     train = bucketed(write_images(tmp_path / "images"))
-    data = SelfFlowDataModule(train, train, "image", batch_size=2)
+    data = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2)
     data.setup("fit")
     data.train_dataloader()
     data.train_dataloader()
@@ -130,9 +132,9 @@ def test_bucket_sampler_resumes_mid_epoch_with_the_same_batches_and_seeds():
 def test_the_datamodule_resumes_bucketed_data_exactly(tmp_path):
     # random crops and flips: the augmentation must replay too
     train = bucketed(write_images(tmp_path / "images", per_shape=6), {**BUCKETS, "random_crop": True}, hflip=True)
-    data = SelfFlowDataModule(train, train, "image", batch_size=2, seed=9)
+    data = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2, seed=9)
     whole = [(b["data"], b["sizes"]) for b in data.train_dataloader()]
-    again = SelfFlowDataModule(train, train, "image", batch_size=2, seed=9)
+    again = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2, seed=9)
     again.load_state_dict({"epoch": 0, "batches_done": 3})
     rest = [(b["data"], b["sizes"]) for b in again.train_dataloader()]
     assert len(rest) == len(whole) - 3 > 0
@@ -180,9 +182,9 @@ def test_size_conditioning_must_match_the_buckets_at_start_up(tmp_path):
 
     check_size_conditioning(bucketed(root), "image", module(True))
     check_size_conditioning(square, "image", module(False))
-    with pytest.raises(ValueError, match=r"data.train.buckets is set .* model.size_conditioning=true"):
+    with pytest.raises(ValueError, match=r"data.dataset.buckets is set .* model.size_conditioning=true"):
         check_size_conditioning(bucketed(root), "image", module(False))
-    with pytest.raises(ValueError, match=r"model.size_conditioning=true but .*\(data.train.buckets is null\)"):
+    with pytest.raises(ValueError, match=r"model.size_conditioning=true but .*\(data.dataset.buckets is null\)"):
         check_size_conditioning(square, "image", module(True))
     odd = ImageFolder(str(root), "train", image_size=16, buckets=[[18, 30], [16, 16]])
     with pytest.raises(ValueError, match=r"\[\[18, 30\]\] are not multiples of tokenizer.image.patch_size=4"):
@@ -218,8 +220,8 @@ def bucketed_checkpoint(tmp_path_factory) -> Path:
     """A 2-step `selfflow-train` run with buckets and size conditioning; its last checkpoint."""
     tmp = tmp_path_factory.mktemp("buckets")
     images, run_dir = write_images(tmp / "images"), tmp / "run"
-    args = [*TINY, "data=image_folder", f"data.root={images}", "data.train.image_size=16", "data.batch_size=2",
-            "tokenizer.image.patch_size=4", "data.train.buckets={max_aspect: 2.0}", "model.size_conditioning=true",
+    args = [*TINY, "data=image_folder", f"data.root={images}", "data.dataset.image_size=16", "data.batch_size=2",
+            "tokenizer.image.patch_size=4", "data.dataset.buckets={max_aspect: 2.0}", "model.size_conditioning=true",
             "trainer.max_steps=2", "callbacks.probe.every_n_steps=2", "callbacks.probe.train_samples=8",
             "callbacks.probe.test_samples=4", "callbacks.probe.epochs=2", f"hydra.run.dir={run_dir}"]
     result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *args], capture_output=True, text=True,

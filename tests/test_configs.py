@@ -8,8 +8,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from selfflow.training.build import build_module, build_run
-from tests.conftest import compose_train
+from selfflow.training.build import build_module, build_run, tokenizer_configs
+from selfflow.training.datamodule import has_captions, sample_geometry
+from selfflow.training.validate import ConfigError, validate_config
+from tests.conftest import TINY_SIZES, compose_train
 from tests.test_data_image import write_folder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -32,35 +34,34 @@ def compose_plain(overrides: list[str], run_dir: Path):
         return compose("train", overrides=[*overrides, f"run_dir={run_dir}"])
 
 
-def test_the_default_is_the_joint_experiment_and_one_modality_is_one_override_away(tmp_path, capsys):
-    from selfflow.cli.train import check_data_fits_experiment
-
+def test_the_default_is_the_joint_setup_and_one_modality_is_one_override_away(tmp_path):
     default = compose_plain([], tmp_path)
-    assert set(default.data.sources) == {"image", "video", "audio"} and set(default.tokenizer) == set(default.data.sources)
-    assert compose_plain(["experiment=digits"], tmp_path).data.modality == "image"
-    check_data_fits_experiment(default, [])
-    check_data_fits_experiment(compose_plain(["experiment=digits", "data=image_folder"], tmp_path),
-                               ["experiment=digits", "data=image_folder"])
-    for data, experiment in (("image_folder", "digits"), ("audio_folder", "audio_digits"),
-                             ("captioned_video_folder", "text_video_digits")):
-        with pytest.raises(SystemExit):
-            check_data_fits_experiment(compose_plain([f"data={data}"], tmp_path), [f"data={data}"])
-        assert f"add experiment={experiment} to train on" in capsys.readouterr().err
+    assert set(default.data.sources) == set(default.tokenizer) == {"image", "video", "audio"}
+    assert default.objective.mask_ratio == {"image": 0.25, "video": 0.10, "audio": 0.50}
+    assert compose_plain(["experiment=multimodal_digits"], tmp_path) == default  # still a valid name for it
+    for overrides, modality in ((["data=image_folder", "data.root=DIR"], "image"),
+                                (["data=audio_folder", "data.root=DIR"], "audio"),
+                                (["experiment=video_digits"], "video")):
+        cfg = compose_plain(overrides, tmp_path)
+        assert list(tokenizer_configs(cfg)) == [modality]  # the other configured tokenizers are not built
 
 
-def test_a_single_modality_data_without_its_experiment_is_named_in_one_line(tmp_path, capsys):
-    from selfflow.cli.train import check_data_fits_experiment
+def test_image_folder_data_alone_trains_images_only(cifar_classes, tmp_path):
+    from selfflow.interop.checkpoint import load_checkpoint
+    from selfflow.training.run import train
 
-    with pytest.raises(SystemExit) as stop:
-        check_data_fits_experiment(compose_plain(["data=audio_folder"], tmp_path), ["data=audio_folder"])
-    assert stop.value.code == 2
-    assert capsys.readouterr().err.strip() == (
-        "selfflow-train: error: data=audio_folder gives audio only, but the default experiment (multimodal_digits) "
-        "trains images, videos and audio together; add experiment=audio_digits to train on audio alone: "
-        "selfflow-train experiment=audio_digits data=audio_folder ...")
+    cfg = compose_train(["data=image_folder", f"data.root={cifar_classes}", "trainer.max_steps=2"], tmp_path / "run",
+                        tiny=TINY_SIZES)  # no experiment: the root defaults with the data swapped
+    run = train(cfg)
+    assert list(run.module.tokenizers) == ["image"] and run.module.model.token_channels == {"image": 3 * 4 * 4}
+    assert run.trainer.global_step == 2 and run.datamodule.num_classes == 3
+    assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["image"]
+    stored = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt").config.tokenizer
+    assert OmegaConf.to_container(stored) == {"image": {  # every argument: sampling rebuilds it without the data
+        "_target_": "selfflow.tokenizers.image.ImagePatchTokenizer", "patch_size": 4, "channels": 3, "image_size": 32}}
 
 
-@pytest.mark.parametrize("name", options("model"))
+@pytest.mark.parametrize("name", [n for n in options("model") if n != "base"])
 def test_model_presets_build(name, tmp_path):
     cfg = compose_plain([f"model={name}"], tmp_path)
     with torch.device("meta"):  # no memory, no init cost: the shapes are what is checked
@@ -70,6 +71,56 @@ def test_model_presets_build(name, tmp_path):
     assert len(model.blocks) == model.depth
     if name == "XL":  # the SiT-XL/2 transformer is about 675M parameters
         assert 600e6 < sum(p.numel() for p in model.blocks.parameters()) < 700e6
+    size, base = (OmegaConf.to_container(c.model) for c in (cfg, compose_plain(["model=base"], tmp_path)))
+    assert {k: v for k, v in size.items() if k not in ("depth", "width", "heads")} == {  # the rest is base.yaml's
+        k: v for k, v in base.items() if k not in ("depth", "width", "heads")}
+
+
+def test_model_base_takes_any_size_and_names_the_missing_ones(tiny_train_cfg, tmp_path):
+    with pytest.raises(ConfigError, match=r"model.depth must be set \(model.depth=...\)"):
+        validate_config(compose_plain(["model=base"], tmp_path))
+    validate_config(tiny_train_cfg("model=base", "model.depth=3", "model.width=48", "model.heads=3"))
+
+
+def test_no_data_config_mirrors_a_train_split():
+    for path in sorted((CONF / "data").glob("*.yaml")):
+        text = path.read_text()
+        assert "${..train." not in text and "\ntrain:" not in text and "\ntest:" not in text, path.name
+
+
+def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
+    """What `overrides` still need to pass start-up (folders that need not exist: nothing is read)."""
+    extra: list[str] = []
+    for _ in range(3):  # a fill may need another: latent_cache -> an SD-VAE tokenizer -> its folder
+        cfg = compose_train([*overrides, *extra], tmp_path / "compose", tiny=TINY_SIZES)
+        wanted = []
+        if "root" in cfg.data.keys() and OmegaConf.is_missing(cfg.data, "root"):
+            wanted.append(f"data.root={tmp_path / 'nothing'}")
+        if has_captions(cfg.data) and "text" not in cfg.tokenizer:
+            wanted.append("tokenizer=[image_pixels,video_tubelets,audio_mel,text_minilm]")
+        if "LatentCache" in str(OmegaConf.select(cfg, "data.dataset._target_")) and "vae" not in cfg.tokenizer.image:
+            wanted.append("tokenizer=image_sdvae")
+        for modality, spec in cfg.tokenizer.items():
+            wanted += [f"tokenizer.{modality}.{key}={tmp_path / 'none'}" for key in ("vae", "autoencoder_path")
+                       if key in spec.keys() and OmegaConf.is_missing(spec, key)]
+        extra += [w for w in wanted if w not in extra]
+    return extra
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g in ("data", "tokenizer", "model", "objective", "trainer",
+                                                               "logger", "callbacks", "paths", "experiment")
+                                           for o in options(g) if (g, o) != ("model", "base")])
+def test_every_config_option_passes_start_up(group, option, tmp_path):
+    """Each option of each group composes with tiny sizes, and its data module, model, objective, training module,
+    optimizer and callbacks build (on the meta device: no data is read) through the start-up checks."""
+    overrides = [f"{group}={option}"]
+    if group == "tokenizer":  # data of the tokenizer's modality (text: captioned digit images)
+        experiment = {"image": "digits", "video": "video_digits", "audio": "audio_digits", "text": "text_digits"}
+        tokenizers = "[image_pixels,text_minilm]" if option == "text_minilm" else option
+        overrides = [f"experiment={experiment[option.split('_')[0]]}", f"tokenizer={tokenizers}"]
+    cfg = compose_train([*overrides, *fill_for(overrides, tmp_path)], tmp_path / "run", tiny=TINY_SIZES)
+    validate_config(cfg)
+    assert set(tokenizer_configs(cfg)) >= set(sample_geometry(cfg.data))
 
 
 @pytest.mark.parametrize("name", options("logger"))
@@ -84,7 +135,7 @@ def test_experiments_build(name, tmp_path, request):
     write_folder(tmp_path / "images", per_class=4, size=(32, 32))
     extra = []
     if name == "imagenet256":  # SD-VAE latents: a tiny VAE, 32 px images
-        extra = [f"tokenizer.image.vae={request.getfixturevalue('tiny_vae')}", "data.train.image_size=32"]
+        extra = [f"tokenizer.image.vae={request.getfixturevalue('tiny_vae')}", "data.dataset.image_size=32"]
     cfg = compose_train([f"experiment={name}", *extra], tmp_path / "run")
     if "root" in list(cfg.data.keys()) and OmegaConf.is_missing(cfg.data, "root"):
         cfg.data.root = str(tmp_path / "images")
@@ -97,7 +148,7 @@ def test_experiments_build(name, tmp_path, request):
 
 def test_image_folder_data_and_objective_options_build(tmp_path):
     write_folder(tmp_path / "images", per_class=4, size=(32, 32))
-    cfg = compose_train(["data=image_folder", f"data.root={tmp_path / 'images'}", "data.train.image_size=16",
+    cfg = compose_train(["data=image_folder", f"data.root={tmp_path / 'images'}", "data.dataset.image_size=16",
                          "objective.mask_mode=bernoulli", "objective.attention_separation=true",
                          "objective.timesteps._target_=selfflow.flow.timesteps.LogitNormal"], tmp_path / "run")
     run = build_run(cfg)
@@ -127,7 +178,7 @@ def test_captioned_video_and_audio_folder_configs_build_a_text_run(tmp_path, exp
         path.with_suffix(".txt").write_text(f"something {path.parent.name}")
     overrides = [f"experiment={experiment}", f"data={data}", f"data.root={root}"]
     if data == "captioned_video_folder":
-        overrides += ["data.train.channels=1", "data.train.image_size=16"]
+        overrides += ["data.dataset.channels=1", "data.dataset.image_size=16"]
     cfg = compose_train(overrides, tmp_path / "run")
     run = build_run(cfg)
     assert run.datamodule.train_set.has_captions and "text" in run.module.tokenizers
@@ -207,12 +258,16 @@ def test_resume_continues_from_the_saved_step_with_ema_and_optimizer_state(tiny_
     assert {int(r["step"]) for r in rows if r.get("train/loss")} == {2, 3}
 
 
-def test_build_module_rejects_data_without_a_tokenizer(tiny_train_cfg):
-    cfg = tiny_train_cfg()
-    datamodule = instantiate(cfg.data)
-    datamodule.modality = "audio"
-    with pytest.raises(ValueError, match="tokenizer.audio is not configured"):
-        build_module(cfg, datamodule)
+def test_data_without_its_tokenizer_or_captions_without_text_stop_at_start_up(tiny_train_cfg):
+    cfg = tiny_train_cfg("tokenizer=video_tubelets")
+    with pytest.raises(ConfigError, match="data gives 'image' samples but tokenizer.image is not configured"):
+        validate_config(cfg)
+    with pytest.raises(ValueError, match="tokenizer.image is not configured"):
+        build_module(cfg, instantiate(cfg.data))
+    with pytest.raises(ConfigError, match="the data has captions but no text tokenizer is configured"):
+        validate_config(tiny_train_cfg("data=text_digits"))
+    with pytest.raises(ConfigError, match="tokenizer.text is configured but the data has no captions"):
+        validate_config(tiny_train_cfg("tokenizer=[image_pixels,text_minilm]"))
 
 
 def test_checkpoint_loads_back_for_inference_with_ema_or_online_weights(tiny_train_cfg, tmp_path):
@@ -251,6 +306,6 @@ def test_data_on_bad_file_is_one_key_for_both_splits(name, tmp_path):
     from selfflow.training.datamodule import SelfFlowDataModule
 
     cfg = compose_train([f"data={name}", f"data.root={tmp_path}", "data.on_bad_file=error"], tmp_path / "run")
-    assert cfg.data.train.on_bad_file == cfg.data.test.on_bad_file == "error"
+    assert OmegaConf.to_container(cfg.data, resolve=True)["dataset"]["on_bad_file"] == "error"
     with pytest.raises(ValueError, match="data.on_bad_file='sometimes'"):
-        SelfFlowDataModule([1], [1], "image", on_bad_file="sometimes")
+        SelfFlowDataModule.from_splits([1], [1], "image", on_bad_file="sometimes")

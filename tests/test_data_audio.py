@@ -190,18 +190,20 @@ def write_lengths(folder, seconds: list[float], rate: int = 8000):
 def test_duration_buckets_crop_each_recording_to_the_longest_bucket_it_fills(tmp_path):
     from selfflow.data.buckets import BucketIndex
 
-    write_lengths(tmp_path / "a", [0.3, 0.6, 1.2, 2.5, 1.0])
-    data = AudioFolder(str(tmp_path), "test", test_fraction=0.99, durations=[2.0, 0.5, 1.0])
+    for split in ("train", "test"):
+        write_lengths(tmp_path / split / "a", [0.3, 0.6, 1.2, 2.5, 1.0])
+    data = AudioFolder(str(tmp_path), "train", durations=[2.0, 0.5, 1.0])
     assert data.durations == [0.5, 1.0, 2.0]
+    assert AudioFolder(str(tmp_path), "test", durations=[2.0, 0.5, 1.0]).bucket_ids is None  # the test split: 1 s
     by_name = {p.name: i for i, p in enumerate(data.paths)}
     assert {name: data.bucket_ids[i] for name, i in by_name.items()} == {
         "0.wav": 0, "1.wav": 0, "2.wav": 1, "3.wav": 2, "4.wav": 1}  # 0.3 s: the shortest bucket, padded
     lengths = {name: data[BucketIndex(i)][0].shape[-1] for name, i in by_name.items()}
     assert lengths == {"0.wav": 4000, "1.wav": 4000, "2.wav": 8000, "3.wav": 16000, "4.wav": 8000}
     assert data[by_name["3.wav"]][0].shape == (1, 8000)  # a plain index: the fixed duration
-    assert AudioFolder(str(tmp_path), "test", test_fraction=0.99).bucket_ids is None
-    with pytest.raises(ValueError, match=r"data.train.durations=\[1.0, 1.0\] must be distinct positive"):
-        AudioFolder(str(tmp_path), "test", test_fraction=0.99, durations=[1.0, 1.0])
+    assert AudioFolder(str(tmp_path), "train").bucket_ids is None
+    with pytest.raises(ValueError, match=r"data.dataset.durations=\[1.0, 1.0\] must be distinct positive"):
+        AudioFolder(str(tmp_path), "train", durations=[1.0, 1.0])
 
 
 def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train_cfg, tmp_path):
@@ -212,7 +214,7 @@ def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train
         write_lengths(tmp_path / "data" / name, [0.6, 0.7, 1.1, 1.3, 1.6, 0.55])
     overrides = ["experiment=audio_digits", "data=audio_folder", f"data.root={tmp_path / 'data'}",
                  "data.batch_size=2", "trainer.max_steps=4", "callbacks.samples.every_n_steps=0", "~callbacks.probe"]
-    run = build_run(tiny_train_cfg(*overrides, "data.train.durations=[0.5,1.0]"))
+    run = build_run(tiny_train_cfg(*overrides, "data.dataset.durations=[0.5,1.0]"))
     lengths = []
     run.module.on_train_batch_start = lambda batch, i: lengths.append(batch["data"].shape[-1])
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -225,6 +227,6 @@ def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train
         tokenizer_at_length(tokenizer, "audio", {"duration": 0.3})
     with pytest.raises(ValueError, match=r"frames= is for video checkpoints"):
         tokenizer_at_length(tokenizer, "audio", {"frames": 16})
-    bad = build_run(tiny_train_cfg(*overrides, "data.train.durations=[0.3]", run_dir=tmp_path / "bad"))
-    with pytest.raises(ValueError, match=r"data.train.durations=\[0.3\]: an audio clip of 2400 samples"):
+    bad = build_run(tiny_train_cfg(*overrides, "data.dataset.durations=[0.3]", run_dir=tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"data.dataset.durations=\[0.3\]: an audio clip of 2400 samples"):
         bad.trainer.fit(bad.module, datamodule=bad.datamodule)

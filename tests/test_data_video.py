@@ -226,28 +226,30 @@ def test_frame_count_buckets_read_each_video_at_the_longest_clip_it_holds(tmp_pa
     for c, name in enumerate(("walk", "wave")):
         for i, total in enumerate((6, 10, 17, 20)):
             write_mp4(ramp_video(total, 32, offset=40 * c), tmp_path / "clips" / name / f"{i}.mp4", 10, crf=0)
-    data = VideoFolder(str(tmp_path / "clips"), "test", num_frames=4, image_size=8, channels=1, test_fraction=0.99,
+    data = VideoFolder(str(tmp_path / "clips"), "train", num_frames=4, image_size=8, channels=1, test_fraction=0.01,
                        frame_counts=[8, 4])
-    assert data.frame_counts == [4, 8]
+    assert data.frame_counts == [4, 8] and len(data) == 7
+    assert VideoFolder(str(tmp_path / "clips"), "test", num_frames=4, image_size=8, channels=1, test_fraction=0.01,
+                       frame_counts=[8, 4]).bucket_ids is None  # the test split: num_frames
     for i, path in enumerate(data.paths):  # stride 1: 6 frames hold a 4-frame clip, 10 and more an 8-frame one
         expected = 0 if path.stem == "0" else 1
         assert data.bucket_ids[i] == expected, path
         assert data[BucketIndex(i)][0].shape == ((4, 8)[expected], 1, 8, 8)
         assert data[i][0].shape == (4, 1, 8, 8)  # a plain index: num_frames
-    strided = VideoFolder(str(tmp_path / "clips"), "test", num_frames=4, frame_stride=2, image_size=8, channels=1,
-                          test_fraction=0.99, frame_counts=[4, 8])
+    strided = VideoFolder(str(tmp_path / "clips"), "train", num_frames=4, frame_stride=2, image_size=8, channels=1,
+                          test_fraction=0.01, frame_counts=[4, 8])
     assert {p.stem: strided.bucket_ids[i] for i, p in enumerate(strided.paths)} == {"0": 0, "1": 0, "2": 1, "3": 1}
     with pytest.raises(ValueError, match="must be whole numbers of frames"):
         VideoFolder(str(tmp_path / "clips"), "test", num_frames=4, test_fraction=0.99, frame_counts=[2.5])
 
     overrides = ["experiment=video_digits", "data=video_folder", f"data.root={tmp_path / 'clips'}",
-                 "data.train.channels=1", "data.train.image_size=16", "data.train.num_frames=4",
-                 "data.train.frame_stride=1", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=3",
+                 "data.dataset.channels=1", "data.dataset.image_size=16", "data.dataset.num_frames=4",
+                 "data.dataset.frame_stride=1", "data.num_workers=0", "data.batch_size=2", "trainer.max_steps=3",
                  "callbacks.samples.every_n_steps=0", "~callbacks.probe"]
-    run = build_run(tiny_train_cfg(*overrides, "data.train.frame_counts=[4,8]"))
+    run = build_run(tiny_train_cfg(*overrides, "data.dataset.frame_counts=[4,8]"))
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 3 and set(run.datamodule.train_set.bucket_ids) == {0, 1}
-    bad = build_run(tiny_train_cfg(*overrides, "data.train.frame_counts=[3]", run_dir=tmp_path / "bad"))
-    with pytest.raises(ValueError, match=r"data.train.frame_counts=\[3\]: a clip of 3 frames is not a whole "
+    bad = build_run(tiny_train_cfg(*overrides, "data.dataset.frame_counts=[3]", run_dir=tmp_path / "bad"))
+    with pytest.raises(ValueError, match=r"data.dataset.frame_counts=\[3\]: a clip of 3 frames is not a whole "
                                          r"number of tokenizer.video tubelets of 2 frames"):
         bad.trainer.fit(bad.module, datamodule=bad.datamodule)

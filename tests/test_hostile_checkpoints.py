@@ -104,9 +104,9 @@ def test_every_target_selfflows_own_configs_can_store_is_allowed():
 def test_a_stored_object_store_is_refused_naming_why():
     stored = {"_target_": "selfflow.data.shards.ImageShards", "root": "s3://bucket/shards",
               "store": {"_target_": "selfflow.data.shard_sources.ObjectStore", "endpoint_url": "http://127.0.0.1:9"}}
-    with pytest.raises(StoredConfigError, match=r"data.train.store._target_=.*ObjectStore is not rebuilt from a file: "
-                                                r"it would choose which network endpoint"):
-        instantiate_stored(stored, "checkpoint x.ckpt", "data.train")
+    with pytest.raises(StoredConfigError, match=r"data.dataset.store._target_=.*ObjectStore is not rebuilt from a "
+                                                r"file: it would choose which network endpoint"):
+        instantiate_stored(stored, "checkpoint x.ckpt", "data.dataset")
 
 
 @pytest.mark.parametrize("place, key", [
@@ -180,15 +180,15 @@ def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_prob
 
     marker = tmp_path / "pwned"
     evil = payloads(marker)["open"]
-    path = crafted(checkpoint, tmp_path / "evil.ckpt", lambda config: config["data"].update(train=evil, test=evil))
+    path = crafted(checkpoint, tmp_path / "evil.ckpt", lambda config: config["data"].update(dataset=evil))
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         cfg = compose("probe", overrides=[f"ckpt={path}", f"out_dir={tmp_path / 'out'}", "cache_dir=null"])
-    with pytest.raises(StoredConfigError, match=r"data.train._target_=builtins.open is not a selfflow class"):
+    with pytest.raises(StoredConfigError, match=r"data.dataset._target_=builtins.open is not a selfflow class"):
         probe(cfg)
     loaded = load_checkpoint(path)
     metrics = OmegaConf.create({"metrics": True, "feature_extractor": {"_target_": "torch.nn.Identity"},
                                 "reference": None, "metrics_data": None, "metrics_max_real": 4, "ckpt": str(path)})
-    with pytest.raises(StoredConfigError, match=r"data.test._target_=builtins.open is not a selfflow class"):
+    with pytest.raises(StoredConfigError, match=r"data.dataset._target_=builtins.open is not a selfflow class"):
         build_metrics(metrics, SamplingModel(loaded.model, loaded.tokenizers, loaded.config.data, "model"),
                       torch.device("cpu"), "image")
     assert not marker.exists()
@@ -540,7 +540,7 @@ def test_a_250_byte_class_folder_name_trains_to_the_end_with_its_checkpoint_and_
     long_name = "x" * 250
     write_audio_classes(tmp_path / "audio", [long_name, "short"])
     cfg = compose_train(["experiment=audio_digits", "data=audio_folder", f"data.root={tmp_path / 'audio'}",
-                         "data.train.duration=0.5", "data.batch_size=4", "model.depth=2", "model.width=32",
+                         "data.dataset.duration=0.5", "data.batch_size=4", "model.depth=2", "model.width=32",
                          "model.heads=2", "~callbacks.probe", "trainer.max_steps=2"], tmp_path / "run")
     train(cfg)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

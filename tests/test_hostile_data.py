@@ -218,9 +218,9 @@ def test_class_counts_and_class_lists_from_a_shard_are_bounded(tmp_path):
         """)
     found = lines_of(output)
     assert found["names"] == "['0', '1']"
-    assert "class index 999999999 is not below data.train.max_classes=100000; raise it" in found["index"]
+    assert "class index 999999999 is not below data.dataset.max_classes=100000; raise it" in found["index"]
     assert "many/classes.json is larger than 8388608 bytes" in found["many"]
-    assert "names 1200000 classes, more than data.train.max_classes=100000" in found["too many"]
+    assert "names 1200000 classes, more than data.dataset.max_classes=100000" in found["too many"]
     assert "MemoryError" not in output
 
     shapes = {"string": {"class_names": "cats and dogs"}, "list": ["cat", "dog"], "nested": {"class_names": [["a"]]},
@@ -412,10 +412,10 @@ def test_huge_video_frames_are_refused_before_decoding(tmp_path):
         print("to tensor:", refusal(lambda: frames_to_tensor(frames, 32, 3)))
         """)
     found = lines_of(output)
-    frame_limit = "frames of 4096x4096 pixels are more than data.train.max_frame_pixels=8294400; raise it"
+    frame_limit = "frames of 4096x4096 pixels are more than data.dataset.max_frame_pixels=8294400; raise it"
     assert found["folder auto"].startswith(frame_limit) and found["folder pyav"].startswith(frame_limit)
     assert found["shard"].startswith(frame_limit)
-    clip_limit = "a clip of 8 frames of 4096x4096 pixels is more than data.train.max_clip_pixels=33554432; raise it"
+    clip_limit = "a clip of 8 frames of 4096x4096 pixels is more than data.dataset.max_clip_pixels=33554432; raise it"
     assert found["raised auto"].startswith(clip_limit) and found["raised pyav"].startswith(clip_limit)
     assert found["to tensor"] == "loaded"
     assert "MemoryError" not in output
@@ -453,12 +453,11 @@ def test_the_image_pixel_limit_is_a_config_key_counted_as_decoded(tmp_path):
     items = {path.name: dataset[i] for i, path in enumerate(dataset.paths)}
     assert items["camera.jpg"][0].shape == (3, 64, 64) and items["camera.jpg"][0][0].mean() > 0.7
     assert items["scan.png"] is None and items["small.png"] is not None
-    assert "5000x5000 pixels is more than data.train.max_pixels=16777216; raise it" in record.read_text()
+    assert "5000x5000 pixels is more than data.dataset.max_pixels=16777216; raise it" in record.read_text()
 
-    cfg = compose_train(["data=image_folder", f"data.root={tmp_path / 'images'}", "data.train.max_pixels=1000"],
+    cfg = compose_train(["data=image_folder", f"data.root={tmp_path / 'images'}", "data.dataset.max_pixels=1000"],
                         tmp_path / "run")
-    assert cfg.data.test.max_pixels == 1000  # the test split follows the train split's key
-    limited = instantiate(cfg.data.train)
+    limited = instantiate(cfg.data.dataset)(split="train")
     limited.bad_files.record_path = tmp_path / "limited.tsv"
     assert all(limited[i] is None for i in range(len(limited)))
-    assert "40x40 pixels is more than data.train.max_pixels=1000" in (tmp_path / "limited.tsv").read_text()
+    assert "40x40 pixels is more than data.dataset.max_pixels=1000" in (tmp_path / "limited.tsv").read_text()

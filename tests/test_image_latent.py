@@ -30,12 +30,13 @@ def test_tokens_are_the_scaled_posterior_in_c_p_q_patches(tiny_vae):
 def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path):
     from hydra.utils import instantiate
 
+    from selfflow.training.build import tokenizer_configs
     from tests.test_configs import compose_plain
 
     folder = write_tiny_vae(tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
     cfg = compose_plain(["experiment=imagenet256", "tokenizer=image_flux_vae", f"tokenizer.image.vae={folder}",
-                         "data.train.image_size=32", "data.root=unused"], tmp_path)
-    tokenizer = instantiate(cfg.tokenizer.image).eval()
+                         "data.dataset.image_size=32", "data.root=unused"], tmp_path)
+    tokenizer = instantiate(tokenizer_configs(cfg)["image"]).eval()  # image_size from the data
     assert (tokenizer.scale, tokenizer.shift, tokenizer.token_channels) == (0.3611, 0.1159, 64)
     images = torch.rand(2, 3, 32, 32)
     mean, _ = tokenizer.posterior(images)
@@ -78,7 +79,7 @@ def test_the_fingerprint_follows_the_content_not_the_folder(tiny_vae, tmp_path):
 
 def latent_run_args(cifar_classes, vae) -> list[str]:
     return ["data=image_folder", f"data.root={cifar_classes}", "tokenizer=image_sdvae", f"tokenizer.image.vae={vae}",
-            "data.train.image_size=32", "callbacks.samples.every_n_steps=2"]
+            "data.dataset.image_size=32", "callbacks.samples.every_n_steps=2"]
 
 
 def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(tiny_train_cfg, tiny_vae,

@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from selfflow.tokens import Condition
 
 from selfflow.interop.official import RELEASED, export_official
 from selfflow.objectives.selfflow import default_layers
+from selfflow.training.build import tokenizer_configs
 from tests.conftest import TINY
 from tests.test_configs import compose_plain
 from tests.test_interop import ReleasedDiT
@@ -20,12 +22,12 @@ from tests.test_interop import ReleasedDiT
 def test_the_experiment_is_the_paper_setting_in_the_released_layout(tmp_path):
     cfg = compose_plain(["experiment=imagenet256", "data.root=/data/imagenet", "tokenizer.image.vae=/models/vae"],
                         tmp_path)
-    model, objective, tokenizer = cfg.model, cfg.objective, cfg.tokenizer.image
+    model, objective, tokenizer = cfg.model, cfg.objective, OmegaConf.create(tokenizer_configs(cfg)["image"])
     assert (model.depth, model.width, model.heads) == (RELEASED["depth"], RELEASED["width"], RELEASED["heads"])
     assert (model.pos_embed, model.time_scale, model.mlp_ratio, model.qk_norm) == ("sincos", 1.0, 4.0, False)
     assert tokenizer._target_.endswith("ImageLatentTokenizer") and tokenizer.patch_size == RELEASED["patch_size"]
     assert tokenizer.latent_channels == RELEASED["latent_channels"] and tokenizer.image_size == 256
-    assert (cfg.data.train.crop, cfg.data.train.image_size, cfg.data.train.hflip) == ("adm", 256, True)
+    assert (cfg.data.dataset.crop, cfg.data.dataset.image_size, cfg.data.dataset.hflip) == ("adm", 256, True)
     assert (objective.mask_ratio, objective.gamma, objective.class_dropout) == (0.25, 0.8, 0.1)
     assert default_layers(model.depth) == (8, 20) and objective.student_layer is None
     assert (objective.ema_decay, objective.ema_warmup) == (0.9999, False)
@@ -41,7 +43,7 @@ def test_two_steps_on_cpu_with_a_tiny_width_and_the_export_loads_into_the_releas
                                                                                          cifar_classes):
     from selfflow.training.run import train
 
-    run = train(tiny_train_cfg("experiment=imagenet256", f"data.root={cifar_classes}", "data.train.image_size=32",
+    run = train(tiny_train_cfg("experiment=imagenet256", f"data.root={cifar_classes}", "data.dataset.image_size=32",
                                f"tokenizer.image.vae={tiny_vae}", "model.width=32", "model.depth=2", "model.heads=2",
                                "global_batch_size=8", "trainer.max_steps=2"))
     assert run.trainer.global_step == 2 and run.datamodule.batch_size == 8

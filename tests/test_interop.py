@@ -266,7 +266,7 @@ def test_init_official_starts_student_teacher_and_head_from_the_released_weights
     path = tmp_path / "released.pt"
     torch.save({"ema": state}, path)
     run = build_run(tiny_train_cfg(
-        "experiment=imagenet256", f"data.root={cifar_classes}", "data.train.image_size=32",
+        "experiment=imagenet256", f"data.root={cifar_classes}", "data.dataset.image_size=32",
         f"tokenizer.image.vae={tiny_vae}", f"model.width={WIDTH}", f"model.depth={DEPTH}", f"model.heads={HEADS}",
         "global_batch_size=6", "data.num_workers=0", f"init=official:{path}", "trainer.max_steps=2"))
     objective = run.module.objective
@@ -288,7 +288,7 @@ def test_init_official_names_what_does_not_fit(tiny_train_cfg, tiny_vae, cifar_c
 
     path = tmp_path / "released.pt"
     torch.save(released_state_dict(grid=2, classes=1000), path)
-    common = ["experiment=imagenet256", f"data.root={cifar_classes}", "data.train.image_size=32",
+    common = ["experiment=imagenet256", f"data.root={cifar_classes}", "data.dataset.image_size=32",
               f"tokenizer.image.vae={tiny_vae}", f"model.width={WIDTH}", f"model.depth={DEPTH}",
               f"model.heads={HEADS}", "global_batch_size=6"]
     with pytest.raises(ValueError, match="y_embedder.embedding_table.weight.*\\(1001, 32\\).*\\(4, 32\\)"):

@@ -20,7 +20,7 @@ from tests.conftest import write_tiny_vae
 
 
 def cache_overrides(images, vae, out, *extra):
-    return ["experiment=imagenet256", f"data.root={images}", "data.train.image_size=32", f"tokenizer.image.vae={vae}",
+    return ["experiment=imagenet256", f"data.root={images}", "data.dataset.image_size=32", f"tokenizer.image.vae={vae}",
             f"out_dir={out}", "accelerator=cpu", "data.num_workers=0", "batch_size=5", "records_per_shard=7",
             "progress=false", *extra]
 
@@ -85,10 +85,16 @@ def test_cached_latents_give_the_tokens_of_on_the_fly_encoding_in_distribution(c
     z = torch.stack(latents).flatten(1) * tokenizer.scale
     nearer_mirrored = (torch.cdist(z, flips).argmin(1) == 1).float().mean()
     assert 0.4 < nearer_mirrored < 0.6
+    test = open_cache(cache, tiny_vae, "test", random_flip=True, sample_posterior=True)  # the options of the run
+    with seeded_rng(0):
+        first = test[5][0]
+    with seeded_rng(1):  # the test split reads the posterior mean of the image as it is, whatever the seed
+        torch.testing.assert_close(test[5][0], first)
+    torch.testing.assert_close(first, test.moments(5)[0, 0])
 
 
 def latent_run_args(cache, vae):
-    return ["experiment=imagenet256", "data=latent_cache", f"data.root={cache}", "data.train.image_size=32",
+    return ["experiment=imagenet256", "data=latent_cache", f"data.root={cache}", "data.dataset.image_size=32",
             f"tokenizer.image.vae={vae}", "model.width=32", "model.depth=2", "model.heads=2", "global_batch_size=8",
             "data.num_workers=0", "callbacks.samples.every_n_steps=0"]
 
@@ -111,7 +117,7 @@ def test_resuming_a_run_on_the_cache_repeats_the_losses(cache, tiny_vae, tiny_tr
     assert losses(tmp_path / "b") == {k: v for k, v in expected.items() if k >= 2}
     moved = shutil.copytree(tiny_vae, tmp_path / "moved-vae")  # selfflow-probe vae=...: the cache data follows
     loaded = load_checkpoint(tmp_path / "b" / "checkpoints" / "last.ckpt", vae=str(moved))
-    assert loaded.config.data.train.vae == loaded.config.data.test.vae == str(moved)
+    assert loaded.config.data.dataset.vae == str(moved)
 
 
 def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(cache, tiny_vae, tiny_train_cfg,
@@ -122,9 +128,9 @@ def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(ca
     with pytest.raises(Exception) as caught:
         build_run(tiny_train_cfg(*latent_run_args(cache, other)))
     assert re.search(r"made with another VAE .* than tokenizer.image.vae=.*other-vae", str(root_cause(caught.value)))
-    with pytest.raises(ValueError, match="made with crop=adm, but this run asks for data.train.crop=center"):
+    with pytest.raises(ValueError, match="made with crop=adm, but this run asks for data.dataset.crop=center"):
         LatentCache(cache, vae=str(tiny_vae), image_size=32, crop="center")
-    with pytest.raises(ValueError, match="made with image_size=32, but this run asks for data.train.image_size=64"):
+    with pytest.raises(ValueError, match="made with image_size=32, but this run asks for data.dataset.image_size=64"):
         LatentCache(cache, vae=str(tiny_vae), image_size=64, crop="adm")
     with pytest.raises(FileNotFoundError, match="must be a folder written by selfflow-cache"):
         LatentCache(tmp_path, vae=str(tiny_vae), image_size=32)
@@ -154,7 +160,7 @@ def test_selfflow_cache_keeps_a_finished_cache_and_never_writes_into_another_fol
     assert "already holds this cache" in capsys.readouterr().out
     assert {p.name: p.stat().st_mtime_ns for p in cache.iterdir()} == before
     with pytest.raises(ValueError, match="holds a latent cache of other settings"):
-        build_cache(*cache_overrides(cifar_classes, tiny_vae, cache, "data.train.crop=center"))
+        build_cache(*cache_overrides(cifar_classes, tiny_vae, cache, "data.dataset.crop=center"))
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="is not empty"):

@@ -88,8 +88,8 @@ def test_a_loud_clip_does_not_black_out_the_other_spectrograms(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("experiment, overrides", [
-    ("video_digits", ["data.train.clips_train=24", "data.train.clips_test=4"]),
-    ("audio_digits", ["data.train.voices=[en+m1]", "data.train.takes=3", "data.train.test_takes=1"]),
+    ("video_digits", ["data.dataset.clips_train=24", "data.dataset.clips_test=4"]),
+    ("audio_digits", ["data.dataset.voices=[en+m1]", "data.dataset.takes=3", "data.dataset.test_takes=1"]),
 ])
 def test_sample_callback_writes_playable_media_in_a_tiny_run(experiment, overrides, tmp_path, monkeypatch):
     if experiment == "audio_digits":

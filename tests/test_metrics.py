@@ -114,7 +114,7 @@ def test_feature_accumulator_ignores_labels_outside_the_classifier(digits_classi
 def test_selfflow_reference_writes_a_loadable_classifier(tmp_path):
     from selfflow.cli.reference import main
 
-    record = main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.train.image_size=8"])
+    record = main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.dataset.image_size=8"])
     assert 0 <= record["test_accuracy"] <= 1 and record["num_test"] == 270
     model = load_reference_classifier(tmp_path / "ref")
     assert isinstance(model, ReferenceCNN) and model.image_size == 8 and model.feature_dim == 16

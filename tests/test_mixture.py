@@ -26,8 +26,8 @@ class Constant(Dataset):
 
 
 def sources():
-    image = SelfFlowDataModule(Constant(40), Constant(8), "image", batch_size=4)
-    audio = SelfFlowDataModule(Constant(12, (1, 2, 8)), Constant(4, (1, 2, 8)), "audio", batch_size=4)
+    image = SelfFlowDataModule.from_splits(Constant(40), Constant(8), "image", batch_size=4)
+    audio = SelfFlowDataModule.from_splits(Constant(12, (1, 2, 8)), Constant(4, (1, 2, 8)), "audio", batch_size=4)
     return {"image": image, "audio": audio}
 
 

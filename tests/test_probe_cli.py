@@ -110,7 +110,7 @@ def test_probe_refuses_a_dataset_without_labels(checkpoint, tmp_path):
     for i in range(6):  # images directly in the folder: no class sub-folders, no labels
         Image.fromarray(np.full((16, 16), 20 * i, dtype=np.uint8)).save(root / f"{i}.png")
     cfg = fast(checkpoint, tmp_path, "data=image_folder", f"data.root={root}", "data.num_workers=0",
-               "data.train.image_size=16", "data.train.channels=1")
+               "data.dataset.image_size=16", "data.dataset.channels=1")
     with pytest.raises(ValueError, match="needs labelled data"):
         probe(cfg)
 

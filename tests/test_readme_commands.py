@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-import selfflow.training.build  # noqa: F401 - registers the config resolvers
-from selfflow.cli.train import check_data_fits_experiment
+from selfflow.training.build import tokenizer_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_OF = {"selfflow-train": "train", "selfflow-sample": "sample", "selfflow-probe": "probe", "selfflow-eval": "eval",
@@ -69,7 +68,7 @@ def compose_overrides(config: str, overrides: list[str]):
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         cfg = compose(config, overrides=overrides, return_hydra_config=True)
     if config == "train":
-        check_data_fits_experiment(cfg, overrides)  # the CLI's own check before Hydra runs
+        tokenizer_configs(cfg)  # the data's modalities have tokenizers (the start-up check, before any data is read)
     return cfg
 
 
@@ -146,7 +145,7 @@ def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(mo
     # unquoted braces reach Hydra without the quotes the shell removed: a parse error, not a pattern
     with pytest.raises(Exception, match="no viable alternative at input '{digit}'"):
         check_command(shell_commands("selfflow-train experiment=audio_digits data=audio_folder data.root=DIR "
-                                     "data.train.name_pattern='{digit}_{speaker}'")[0], monkeypatch)
+                                     "data.dataset.name_pattern='{digit}_{speaker}'")[0], monkeypatch)
     with pytest.raises(Exception, match="feature_extractor"):  # a key missing from the config needs +
         check_command(["selfflow-sample", "ckpt=x", "feature_extractor._target_=a.B"], monkeypatch)
     with pytest.raises(SystemExit):  # a flag the tool does not know

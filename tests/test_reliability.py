@@ -11,6 +11,7 @@ import lightning as L
 import pytest
 import torch
 
+from selfflow.data.digits import DigitImages
 from selfflow.training.build import build_run
 from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.checkpoint_io import CheckpointWriteError, atomic_save
@@ -18,8 +19,8 @@ from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.resume import newest_valid_checkpoint
 from selfflow.training.run import train
 from selfflow.training.validate import ConfigError, validate_config
+from tests.conftest import SMALL_JOINT, TINY
 from tests.helpers.hostile import hostile_checkpoint
-from tests.conftest import TINY
 
 
 def digest(path: Path) -> str:
@@ -218,21 +219,35 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
 
 @pytest.mark.parametrize("override, message", [
     ("objective.mask_ratio=0.6", "objective.mask_ratio=0.6 is out of range"),
-    ("objective.student_layer=2", "objective.student_layer=2 must be below objective.teacher_layer=2"),
-    ("objective.teacher_layer=3", "objective.teacher_layer=3 is beyond the model's depth"),
-    ("objective.gamma=-0.5", r"objective.gamma=-0.5 is out of range: use a number in \[0, inf\)"),
-    ("objective.ema_decay=1.0", r"objective.ema_decay=1.0 is out of range: use a number in \[0, 1\)"),
-    ("data.batch_size=-8", r"data.batch_size=-8 is out of range: use an integer in \[1, inf\)"),
-    ("trainer.max_steps=-5", r"trainer.max_steps=-5 is out of range.*\(or -1\)"),
-    ("optimizer.lr=0", r"optimizer.lr=0 is out of range: use a number in \(0, inf\)"),
-    ("max_nonfinite_in_a_row=0", "max_nonfinite_in_a_row=0 is out of range"),
+    ("objective.mask_ratio.image=0.7", "objective.mask_ratio.image=0.7 is out of range"),
+    ("objective.student_layer=2", r"objective.student_layer=2 and objective.teacher_layer=2 must satisfy 1 <= "
+                                  r"student_layer < teacher_layer <= model depth \(2\)"),
+    ("objective.teacher_layer=3", r"objective.teacher_layer=3 must satisfy .* <= model depth \(2\)"),
+    ("objective.gamma=-0.5", r"objective.gamma=-0.5 must be >= 0"),
+    ("objective.ema_decay=1.0", r"objective.ema_decay=1.0 must be in \[0, 1\)"),
+    ("objective.loss_buckets=0", "objective.loss_buckets=0 must be an integer >= 1"),
+    ("model.heads=3", "model.width=32 must be a multiple of model.heads=3"),
+    ("data.batch_size=-8", "data.batch_size=-8 must be an integer >= 1"),
+    ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+    ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0 is out of range: use an integer in \[1, inf\)"),
+    ("optimizer.lr=-0.1", "optimizer: Invalid learning rate: -0.1"),
+    ("lr_warmup_steps=-1", "lr_warmup_steps=-1 must be an integer >= 0"),
+    ("max_nonfinite_in_a_row=0", "max_nonfinite_in_a_row=0 must be >= 1"),
+    ("callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint: Invalid value for save_top_k=-2. Must be >= -1"),
     ("objective.mask_mode=random", r"objective.mask_mode='random' is unknown; choose one of: exact, bernoulli"),
     ("resume=sometimes", "resume='sometimes' is unknown; choose one of: null, auto"),
     ("+objective.mask_ration=0.3", "objective.mask_ration is not an option of SelfFlowObjective; did you mean "
                                    "objective.mask_ratio"),
     ("data=image_folder", r"data.root must be set"),
+    ("+tokenizer.image.image_size=32", "tokenizer.image.image_size is set, but the tokenizer takes image_size from "
+                                      "the data"),
 ])
-def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(tiny_train_cfg, tmp_path, override, message):
+def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(tiny_train_cfg, tmp_path, override, message,
+                                                                     monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the config was checked")
+
+    monkeypatch.setattr(DigitImages, "__init__", no_data)
     cfg = tiny_train_cfg(override)
     with pytest.raises(ConfigError, match=message) as error:
         validate_config(cfg)
@@ -242,12 +257,36 @@ def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(tiny_trai
     assert not (tmp_path / "run").exists()  # nothing was written
 
 
+def test_a_bad_joint_option_stops_before_any_source_is_read(tiny_train_cfg, monkeypatch, tmp_path):
+    from selfflow.data.moving_digits import MovingDigits
+    from selfflow.data.spoken_digits import SpokenDigits
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the config was checked")
+
+    for dataset in (DigitImages, MovingDigits, SpokenDigits):
+        monkeypatch.setattr(dataset, "__init__", no_data)
+    cfg = tiny_train_cfg(*SMALL_JOINT, "data.batch_size={image: 4, video: 0, audio: 2}")
+    with pytest.raises(ConfigError, match=r"^data.batch_size.video=0 must be an integer >= 1$"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_range_lightning_checks_stops_the_run_before_any_data_is_read(tiny_train_cfg, monkeypatch):
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the trainer was built")
+
+    monkeypatch.setattr(DigitImages, "__init__", no_data)
+    with pytest.raises(ConfigError, match=r"trainer: `max_steps` must be a non-negative integer or -1"):
+        train(tiny_train_cfg("trainer.max_steps=-5"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("override, message", [
     ("objective.mask_ration=0.3", "objective.mask_ration is not a config key (typo?); did you mean "
                                   "objective.mask_ratio?"),
-    ("model=XXL", "model=XXL is not an option; choose one of: B, L, S, XL, tiny"),
-    ("data.batch_size=-1", "data.batch_size=-1 is out of range"),
+    ("model=XXL", "model=XXL is not an option; choose one of: B, L, S, XL, base, tiny"),
+    ("data.batch_size=-1", "data.batch_size=-1 must be an integer >= 1"),
 ])
 def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override, message):
     result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *TINY, override,

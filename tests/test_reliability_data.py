@@ -121,7 +121,7 @@ def test_hostile_files_mixed_into_real_photos_train_without_a_crash(tmp_path, ti
         for path in sorted(class_dir.iterdir())[:12]:
             (root / class_dir.name / path.name).symlink_to(path)
     expected = hostile_folder(root / "zz_hostile")
-    run = build_run(tiny_train_cfg("data=image_folder", f"data.root={root}", "data.train.image_size=8",
+    run = build_run(tiny_train_cfg("data=image_folder", f"data.root={root}", "data.dataset.image_size=8",
                                    "tokenizer.image.patch_size=4", "trainer.max_steps=6", "data.num_workers=2",
                                    "callbacks.samples.every_n_steps=0"))
     run.trainer.fit(run.module, datamodule=run.datamodule)

@@ -34,7 +34,7 @@ def write_noise_images(root: Path, per_class: int = 11) -> Path:
 
 
 def train_args(images: Path, run_dir: Path, workers: int, *extra: str) -> list[str]:
-    return [*TINY, "data=image_folder", f"data.root={images}", "data.train.image_size=8", "data.train.hflip=true",
+    return [*TINY, "data=image_folder", f"data.root={images}", "data.dataset.image_size=8", "data.dataset.hflip=true",
             "tokenizer.image.patch_size=2", f"data.num_workers={workers}", f"trainer.max_steps={MAX_STEPS}",
             f"callbacks.checkpoint.every_n_train_steps={EVERY}", "callbacks.samples.every_n_steps=0", "seed=7",
             f"hydra.run.dir={run_dir}", *extra]
@@ -138,7 +138,7 @@ def test_in_process_resume_from_a_mid_epoch_checkpoint_repeats_the_losses(tiny_t
     from selfflow.training.run import train
 
     images = write_noise_images(tmp_path / "images")
-    args = ["data=image_folder", f"data.root={images}", "data.train.image_size=8", "data.train.hflip=true",
+    args = ["data=image_folder", f"data.root={images}", "data.dataset.image_size=8", "data.dataset.hflip=true",
             "tokenizer.image.patch_size=2", "trainer.max_steps=7", "callbacks.checkpoint.every_n_train_steps=3",
             "callbacks.samples.every_n_steps=0", "callbacks.checkpoint.save_top_k=-1"]
     train(tiny_train_cfg(*args, run_dir=tmp_path / "a"))

@@ -175,7 +175,7 @@ def test_shards_resume_mid_epoch_with_the_same_batches(tmp_path):
     def datamodule():
         train = ImageShards(str(tmp_path / "shards"), "train", image_size=8, hflip=True)  # random flips too
         test = ImageShards(str(tmp_path / "shards"), "test", image_size=8)
-        return SelfFlowDataModule(train, test, "image", batch_size=2, seed=3)
+        return SelfFlowDataModule.from_splits(train, test, "image", batch_size=2, seed=3)
 
     uninterrupted = [batch["data"] for batch in datamodule().train_dataloader()]
     resumed = datamodule()
@@ -325,8 +325,8 @@ def test_shard_data_configs_build_and_batch(name, tokenizer, tmp_path):
     modality = name.split("_")[0]
     {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](tmp_path / "src")
     write_shards(tmp_path / "src", tmp_path / "shards", modality, test_fraction=0.34)
-    sizes = {"image": ["data.train.image_size=8"], "audio": [],
-             "video": ["data.train.num_frames=4", "data.train.image_size=16"]}[modality]
+    sizes = {"image": ["data.dataset.image_size=8"], "audio": [],
+             "video": ["data.dataset.num_frames=4", "data.dataset.image_size=16"]}[modality]
     cfg = compose_train([f"data={name}", f"tokenizer={tokenizer}", f"data.root={tmp_path / 'shards'}",
                          "data.batch_size=2", *sizes], tmp_path / "run")
     datamodule = instantiate(cfg.data)
@@ -335,7 +335,7 @@ def test_shard_data_configs_build_and_batch(name, tokenizer, tmp_path):
     assert batch["data"].shape[0] == 2 and batch["label"].tolist()[0] in (0, 1)
     pattern = compose_train([f"data={name}", f"tokenizer={tokenizer}", *sizes,
                              f"data.root='{tmp_path / 'shards'}/{{split}}-{{000000..000000}}.tar'"], tmp_path / "r2")
-    assert len(instantiate(pattern.data.test)) == len(datamodule.test_set)
+    assert len(instantiate(pattern.data.dataset)(split="test")) == len(datamodule.test_set)
 
 
 @pytest.mark.slow
@@ -346,7 +346,7 @@ def test_train_cli_on_image_shards_writes_a_checkpoint(tmp_path):
     env = {**os.environ, "WANDB_MODE": "offline"}
     result = subprocess.run(
         [sys.executable, "-m", "selfflow.cli.train", *TINY, "data=image_shards", f"data.root={tmp_path / 'shards'}",
-         "data.batch_size=4", "data.train.image_size=8", "tokenizer.image.patch_size=2", "trainer.max_steps=2",
+         "data.batch_size=4", "data.dataset.image_size=8", "tokenizer.image.patch_size=2", "trainer.max_steps=2",
          f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

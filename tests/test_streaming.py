@@ -101,7 +101,7 @@ def test_two_ranks_fetch_disjoint_samples_that_cover_the_epoch(endpoint, image_s
         store = ObjectStore(endpoint_url=endpoint)
         train = ImageShards(folder, "train", image_size=8, store=store)
         test = ImageShards(folder, "test", image_size=8, store=store)
-        datamodule = SelfFlowDataModule(train, test, "image", batch_size=2, seed=5)
+        datamodule = SelfFlowDataModule.from_splits(train, test, "image", batch_size=2, seed=5)
         datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what DDP gives each rank
         gets = record_gets(store)
         batches = list(datamodule.train_dataloader())
@@ -140,10 +140,10 @@ def test_stream_data_configs_build_and_batch(endpoint, modality, tokenizer, tmp_
     {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](tmp_path / "src")
     write_shards(tmp_path / "src", tmp_path / "shards", modality, test_fraction=0.34)
     folder = upload(endpoint, tmp_path / "shards", f"config-{modality}")
-    sizes = {"image": ["data.train.image_size=8"], "audio": [],
-             "video": ["data.train.num_frames=4", "data.train.image_size=16"]}[modality]
+    sizes = {"image": ["data.dataset.image_size=8"], "audio": [],
+             "video": ["data.dataset.num_frames=4", "data.dataset.image_size=16"]}[modality]
     cfg = compose_train([f"data={modality}_stream", f"tokenizer={tokenizer}", f"data.root={folder}",
-                         f"data.train.store.endpoint_url={endpoint}", "data.batch_size=2", *sizes], tmp_path / "run")
+                         f"data.dataset.store.endpoint_url={endpoint}", "data.batch_size=2", *sizes], tmp_path / "run")
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == 2 and datamodule.modality == modality
     assert datamodule.test_set.shards[0].startswith("s3://") and datamodule.test_set.source.endpoint_url == endpoint
@@ -172,7 +172,7 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
         ImageShards(folder, "test", store=store)
 
     dead = ObjectStore(endpoint_url=f"http://127.0.0.1:{free_port()}", retries=1, timeout_s=5)
-    with pytest.raises(ObjectStoreError, match=r"cannot read s3://.* check data\.train\.store\.endpoint_url"):
+    with pytest.raises(ObjectStoreError, match=r"cannot read s3://.* check data\.dataset\.store\.endpoint_url"):
         ImageShards(f"s3://{BUCKET}/equal", "train", store=dead)
 
     streamed = ImageShards(f"{upload(endpoint, image_shards, 'outage')}", "train", image_size=8, store=store)
@@ -204,8 +204,8 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
 def shard_run_args(root: str, run_dir: Path, workers: int, *extra: str, endpoint: str | None = None) -> list[str]:
     """tests/test_resume.py's run on shards: local ones, or streamed from `endpoint`."""
     data = ["data=image_shards"] if endpoint is None else ["data=image_stream",
-                                                           f"data.train.store.endpoint_url={endpoint}"]
-    return [*TINY, *data, f"data.root={root}", "data.train.image_size=8", "data.train.hflip=true",
+                                                           f"data.dataset.store.endpoint_url={endpoint}"]
+    return [*TINY, *data, f"data.root={root}", "data.dataset.image_size=8", "data.dataset.hflip=true",
             "tokenizer.image.patch_size=2", f"data.num_workers={workers}", f"trainer.max_steps={MAX_STEPS}",
             f"callbacks.checkpoint.every_n_train_steps={EVERY}", "callbacks.samples.every_n_steps=0", "seed=7",
             f"hydra.run.dir={run_dir}", *extra]

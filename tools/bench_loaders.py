@@ -111,7 +111,8 @@ def upload(url: str, folder: Path) -> str:
 def samples_per_s(train, workers: int, batch_size: int, batches: int) -> float:
     """Samples per second of the training DataLoader after one warm-up batch (which starts the workers)."""
     test = train  # the test split is not read here
-    loader = SelfFlowDataModule(train, test, "image", batch_size=batch_size, num_workers=workers).train_dataloader()
+    loader = SelfFlowDataModule.from_splits(train, test, "image", batch_size=batch_size,
+                                            num_workers=workers).train_dataloader()
     iterator = iter(loader)
     next(iterator)
     count, start = 0, time.perf_counter()

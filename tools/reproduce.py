@@ -50,7 +50,7 @@ def datasets(steps: int) -> dict[str, dict]:
               "data.num_workers=2"], "CIFAR-10 photos (32x32)") if cifar.is_dir() else \
         (["experiment=digits"], "built-in handwritten digits (16x16)")
     audio = (["experiment=audio_digits", "data=audio_folder", f"data.root={fsdd}",
-              "data.train.name_pattern='{digit}_{speaker}_{index}'", "data.train.label_field=digit"],
+              "data.dataset.name_pattern='{digit}_{speaker}_{index}'", "data.dataset.label_field=digit"],
              "Free Spoken Digit recordings (1 s, 8 kHz)") if fsdd.is_dir() else \
         (["experiment=audio_digits"], "built-in spoken digits (espeak-ng)")
     return {"image": {"train": image[0] + common, "name": image[1], "data": image[0]},

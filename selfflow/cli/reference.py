@@ -2,7 +2,7 @@
 dataset built from selfflow's own data configs, and save it as model.safetensors + config.json.
 
   selfflow-reference --out refs/digits                                  # built-in digits (16x16)
-  selfflow-reference --out refs/cifar experiment=digits data=image_folder data.root=DIR data.train.image_size=32
+  selfflow-reference --out refs/cifar experiment=digits data=image_folder data.root=DIR data.dataset.image_size=32
   selfflow-reference --out refs/speech experiment=audio_digits          # audio: log-mel images
   selfflow-sample ckpt=runs/.../last.ckpt metrics=true reference=refs/digits
 

@@ -92,9 +92,9 @@ def parser() -> argparse.ArgumentParser:
     writer.add_argument("--max-samples-per-shard", type=int, default=10_000)
     writer.add_argument("--max-shard-bytes", type=parse_bytes, default=parse_bytes("1G"), help="e.g. 500M, 1G")
     writer.add_argument("--max-pixels", type=int, help="largest image or video frame written, in pixels (default: "
-                        "the loaders' default, data.train.max_pixels / max_frame_pixels)")
+                        "the loaders' default, data.dataset.max_pixels / max_frame_pixels)")
     writer.add_argument("--max-member-bytes", type=parse_bytes, default=MAX_MEMBER_BYTES,
-                        help="largest file written (default: the loaders' data.train.max_member_bytes), e.g. 1G")
+                        help="largest file written (default: the loaders' data.dataset.max_member_bytes), e.g. 1G")
     writer.add_argument("--overwrite", action="store_true", help="replace existing shards of these splits")
     writer.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal)")
     writer.set_defaults(run=write)

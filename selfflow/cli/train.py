@@ -2,7 +2,7 @@
 
   selfflow-train                                   # one model on built-in digit images, videos and audio
   selfflow-train experiment=digits                 # images only (video_digits, audio_digits: other modalities)
-  selfflow-train experiment=digits data=image_folder data.root=DIR   # your images (class sub-folders)
+  selfflow-train data=image_folder data.root=DIR   # your images (class sub-folders)
   selfflow-train objective.mask_ratio=0 objective.gamma=0   # vanilla flow-matching baseline
   selfflow-train ckpt_path=runs/.../checkpoints/last.ckpt   # resume from a checkpoint
   selfflow-train hydra.run.dir=runs/my_run resume=auto     # continue a run from its newest valid checkpoint
@@ -15,12 +15,8 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from selfflow.cli.errors import check_overrides, fail, friendly_errors
+from selfflow.cli.errors import check_overrides, friendly_errors
 from selfflow.training.run_folder import launching_process, lock_run_folder
-
-# the single-modality experiment to pair with a modality's own data, plain and captioned
-EXPERIMENT_OF_MODALITY = {"image": "digits", "video": "video_digits", "audio": "audio_digits"}
-TEXT_EXPERIMENT_OF_MODALITY = {"image": "text_digits", "video": "text_video_digits", "audio": "text_audio_digits"}
 
 
 @hydra.main(config_path="pkg://selfflow.conf", config_name="train", version_base="1.3")
@@ -29,21 +25,6 @@ def run_from_config(cfg: DictConfig) -> None:
         from selfflow.training.run import train  # imported here so that --help stays fast
 
         train(cfg)
-
-
-def check_data_fits_experiment(cfg: DictConfig, args: list[str]) -> None:
-    """`data=X` of one modality without `experiment=...` keeps the default joint experiment, whose tokenizers read
-    the mixture's sources: name the experiment to add instead of an interpolation error."""
-    if "sources" in cfg.data or any(a.lstrip("+").startswith("experiment=") for a in args):
-        return
-    data = next((a.split("=", 1)[1] for a in reversed(args) if a.lstrip("+").startswith("data=")), None)
-    if data is not None:
-        modality = cfg.data.get("modality", "image")
-        captioned = "Caption" in str(cfg.data.get("train", {}).get("_target_", ""))
-        experiment = (TEXT_EXPERIMENT_OF_MODALITY if captioned else EXPERIMENT_OF_MODALITY).get(modality, "digits")
-        fail("selfflow-train", f"data={data} gives {modality} only, but the default experiment (multimodal_digits) "
-                               f"trains images, videos and audio together; add experiment={experiment} to train on "
-                               f"{modality} alone: selfflow-train experiment={experiment} data={data} ...")
 
 
 def given_run_dir(args: list[str]) -> str | None:
@@ -57,9 +38,7 @@ def given_run_dir(args: list[str]) -> str | None:
 def main() -> None:
     """Bad overrides (unknown keys or options) stop here with one line, and so does a run folder that is in use
     or read-only (locked here, before Hydra writes its files into it); then Hydra composes and runs."""
-    cfg = check_overrides("selfflow-train", "train", sys.argv[1:])
-    if cfg is not None:
-        check_data_fits_experiment(cfg, sys.argv[1:])
+    check_overrides("selfflow-train", "train", sys.argv[1:])
     run_dir = given_run_dir(sys.argv[1:])
     if run_dir is not None and launching_process():
         with friendly_errors("selfflow-train"):

@@ -9,7 +9,7 @@ CROPS = ("center", "adm")
 
 def check_crop(crop: str) -> str:
     if crop not in CROPS:
-        raise ValueError(f"data.train.crop={crop!r} is unknown; choose one of {', '.join(CROPS)}")
+        raise ValueError(f"data.dataset.crop={crop!r} is unknown; choose one of {', '.join(CROPS)}")
     return crop
 
 

@@ -21,9 +21,9 @@ class AudioFolder(LabelledFileDataset):
     Each item is `duration` seconds at `sample_rate`, mixed to mono, resampled when the file's rate differs,
     randomly cropped (training) or centred (evaluation), zero-padded when shorter.
 
-    durations (duration buckets, e.g. [0.5, 1.0, 2.0] seconds): each recording goes to the longest bucket it fills
-    (`bucket_ids`, from the headers); `dataset[BucketIndex(i)]` is cropped to that bucket's length, so a training
-    batch (one bucket) wastes no tokens on padding; a plain index still gives `duration` seconds.
+    durations (duration buckets, e.g. [0.5, 1.0, 2.0] seconds; split train only): each recording goes to the longest
+    bucket it fills (`bucket_ids`, from the headers); `dataset[BucketIndex(i)]` is cropped to that bucket's length,
+    so a training batch (one bucket) wastes no tokens on padding; a plain index still gives `duration` seconds.
     """
 
     length_bucket_key = "durations"  # the bucket lengths' config key, in the tokenizer's `at_length` unit
@@ -33,14 +33,15 @@ class AudioFolder(LabelledFileDataset):
                  on_bad_file: str = "skip", manifest: str | None = None, name_pattern: str | None = None,
                  label_field: str | None = None, durations: Sequence[float] | None = None):
         if sample_rate <= 0 or duration <= 0:
-            raise ValueError(f"data.train.sample_rate={sample_rate} and duration={duration} must be positive")
+            raise ValueError(f"data.dataset.sample_rate={sample_rate} and duration={duration} must be positive")
         files = self.find_files(root, split, AUDIO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
                                 label_field)
         super().__init__(files, on_bad_file)
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.resample, self.min_peak = resample, min_peak
         self.random_crop = split == "train"
-        self.durations = parse_lengths(durations, self.length_bucket_key)
+        durations = parse_lengths(durations, self.length_bucket_key)
+        self.durations = durations if split == "train" else None  # the test split stays `duration` seconds
         self.check_readable()
 
     def header_length(self, path: Path) -> float:

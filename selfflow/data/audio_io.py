@@ -76,7 +76,7 @@ def read_audio(source: str | os.PathLike | BinaryIO, sample_rate: int, num_sampl
                                  f"recording uses (a broken or hostile header)")
         if source_rate != sample_rate and not resample:
             raise UnusableSample(f"recorded at {source_rate} Hz, not {sample_rate} Hz "
-                                 f"(set data.train.resample=true to resample)")
+                                 f"(set data.dataset.resample=true to resample)")
         needed = math.ceil(num_samples * source_rate / sample_rate)
         room = max(0, f.frames - needed)
         start = int(torch.randint(0, room + 1, ())) if random_crop else room // 2

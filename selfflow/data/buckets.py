@@ -107,7 +107,7 @@ class BucketOptions:
     random_crop: bool = False
 
 
-def parse_buckets(value: Any, multiple: int, base_size: int, name: str = "data.train.buckets") -> BucketOptions:
+def parse_buckets(value: Any, multiple: int, base_size: int, name: str = "data.dataset.buckets") -> BucketOptions:
     """The `buckets:` option of a dataset config -> BucketOptions. `value` is a list of [h, w] sizes, or a mapping
     with `sizes` (such a list) or `base_size` (default: the dataset's image size) and `max_aspect` (default 2.0) for
     `make_buckets`, and `random_crop` (default false). Every side must be a multiple of `multiple` (the patch size).
@@ -199,12 +199,12 @@ class BucketBatchSampler(Sampler[list[int]]):
 
 
 def parse_lengths(values: Sequence[float] | None, key: str) -> list[float] | None:
-    """Bucket lengths (seconds or frames) from `data.train.<key>`, sorted; None (or empty) = off."""
+    """Bucket lengths (seconds or frames) from `data.dataset.<key>`, sorted; None (or empty) = off."""
     if values is None or len(values) == 0:
         return None
     lengths = sorted(float(v) for v in values)
     if lengths[0] <= 0 or len(set(lengths)) != len(lengths):
-        raise ValueError(f"data.train.{key}={list(values)} must be distinct positive lengths, e.g. [0.5,1,2]")
+        raise ValueError(f"data.dataset.{key}={list(values)} must be distinct positive lengths, e.g. [0.5,1,2]")
     return lengths
 
 

@@ -155,7 +155,7 @@ def read_caption_manifest(root: Path, manifest: str | os.PathLike) -> list[dict[
     path = Path(manifest).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise FileNotFoundError(f"caption manifest {path} does not exist; point data.train.manifest at a CSV or "
+        raise FileNotFoundError(f"caption manifest {path} does not exist; point data.dataset.manifest at a CSV or "
                                 f"JSONL file with path and caption columns")
     with open(path, newline="", encoding="utf-8") as f:
         if path.suffix.lower() in (".jsonl", ".json"):
@@ -201,7 +201,7 @@ def keep_captioned(files: LabelledFiles, root: str) -> tuple[LabelledFiles, list
         example = files.paths[0]
         raise FileNotFoundError(
             f"no file under {root} (this split) has a caption file next to it; add e.g. "
-            f"{example.with_suffix(CAPTION_FILE_SUFFIX).name} beside {example.name}, or set data.train.manifest "
+            f"{example.with_suffix(CAPTION_FILE_SUFFIX).name} beside {example.name}, or set data.dataset.manifest "
             f"to a CSV/JSONL of path,caption")
     if len(captioned) < len(files.paths):
         log.warning("%d of %d files under %s have no caption file and are left out",

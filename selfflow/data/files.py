@@ -82,7 +82,7 @@ def _labels_from_names(paths: list[Path], class_paths: list[Path], name_pattern:
     kept = [(p, label(p)) for p in paths if label(p) is not None]
     if not kept:
         raise FileNotFoundError(f"no file name under {source} matches name_pattern={name_pattern!r} "
-                                f"(e.g. {paths[0].name}); fix data.train.name_pattern")
+                                f"(e.g. {paths[0].name}); fix data.dataset.name_pattern")
     if len(kept) < len(paths):
         log.warning("%d files under %s do not match name_pattern=%r and are left out (e.g. %s)",
                     len(paths) - len(kept), source, name_pattern, next(p for p in paths if label(p) is None).name)
@@ -99,7 +99,7 @@ def read_manifest(root: Path, manifest: str | os.PathLike, split: str,
     path = Path(manifest).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise FileNotFoundError(f"manifest {path} does not exist; point data.train.manifest at a CSV of path,label")
+        raise FileNotFoundError(f"manifest {path} does not exist; point data.dataset.manifest at a CSV of path,label")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     if not rows or not {"path", "label"} <= set(rows[0]):

@@ -19,7 +19,7 @@ from selfflow.data.files import check_readable_file, find_labelled_files
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-# the default of data.train.max_pixels, counted as decoded (a JPEG decodes at 1/2, 1/4 or 1/8 scale when the target
+# the default of data.dataset.max_pixels, counted as decoded (a JPEG decodes at 1/2, 1/4 or 1/8 scale when the target
 # size allows, so large photos pass): decoding takes up to ~15 bytes a pixel (RGBA, 16-bit), ~250 MB per DataLoader
 # worker at this limit
 MAX_PIXELS = 4096 * 4096
@@ -57,7 +57,7 @@ def draft_within(image: Image.Image, channels: int, size: tuple[int, int] | None
     if size is not None:
         image.draft("RGB" if channels == 3 else "L", size)
     if image.width * image.height > max_pixels:
-        raise ValueError(f"{image.width}x{image.height} pixels is more than data.train.max_pixels={max_pixels}; "
+        raise ValueError(f"{image.width}x{image.height} pixels is more than data.dataset.max_pixels={max_pixels}; "
                          f"raise it to read such images (a decompression bomb, or an image far larger than "
                          f"training needs)")
 
@@ -116,9 +116,9 @@ def load_image_in_bucket(path, size: tuple[int, int], channels: int, random_crop
 def check_image_options(channels: int, max_pixels: int) -> None:
     """Start-up errors for an image dataset's options, naming the key."""
     if channels not in (1, 3):
-        raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
+        raise ValueError(f"data.dataset.channels={channels} must be 1 (grey) or 3 (RGB)")
     if max_pixels < 1:
-        raise ValueError(f"data.train.max_pixels={max_pixels} must be positive")
+        raise ValueError(f"data.dataset.max_pixels={max_pixels} must be positive")
 
 
 class ImageFolder(Dataset):
@@ -126,7 +126,8 @@ class ImageFolder(Dataset):
 
     buckets (multi-aspect training, see `parse_buckets`): `dataset[BucketIndex(i)]` resizes and crops image i
     into the bucket nearest its aspect ratio (`bucket_ids[i]`) and adds `{"sizes": [6]}` (original size, crop
-    offsets, bucket size) for the model's size conditioning; a plain index still gives the square image.
+    offsets, bucket size) for the model's size conditioning; a plain index still gives the square image. hflip and
+    buckets apply to split train only.
     bucket_multiple: the patch size that bucket sides must be multiples of. max_pixels: larger images (as decoded,
     see `draft_within`) are skipped before decoding.
     """
@@ -143,7 +144,7 @@ class ImageFolder(Dataset):
         self.crop = check_crop(crop)
         self.hflip = hflip and split == "train"
         self.bad_files = BadFilePolicy(on_bad_file)
-        self.use_buckets(buckets, bucket_multiple)
+        self.use_buckets(buckets if split == "train" else None, bucket_multiple)  # the test split stays square
 
     def use_buckets(self, buckets, multiple: int = 1) -> None:
         """Turn multi-aspect bucketing on (a `buckets:` setting) or off (None)."""

@@ -88,7 +88,7 @@ def check_manifest(manifest: dict[str, Any], root: str, vae: str | os.PathLike, 
     for key, wanted in (("crop", crop), ("image_size", image_size)):
         if manifest[key] != wanted:
             raise ValueError(f"the latent cache data.root={root} was made with {key}={manifest[key]}, but this run "
-                             f"asks for data.train.{key}={wanted}; set data.train.{key}={manifest[key]} or cache "
+                             f"asks for data.dataset.{key}={wanted}; set data.dataset.{key}={manifest[key]} or cache "
                              f"again with selfflow-cache")
     fingerprint = vae_fingerprint(vae, "tokenizer.image.vae")
     if manifest["vae_fingerprint"] != fingerprint:
@@ -153,7 +153,8 @@ class LatentCache(Dataset):
     """Items `(z [C, h, w] float32, label)` of a `selfflow-cache` folder, by random access through the index.
 
     random_flip: draw one of the two stored flips per item (else the image as read); sample_posterior: z =
-    mean + std * noise (else the mean). Both draws use the global RNG, which the training loader seeds per batch.
+    mean + std * noise (else the mean); both for split train only. Both draws use the global RNG, which the training
+    loader seeds per batch.
     vae / image_size / crop: the run's; a cache made with another VAE, crop or size is refused.
     """
 
@@ -170,7 +171,9 @@ class LatentCache(Dataset):
         self.record_bytes = 2 * int(np.prod(self.record_shape))
         if self.record_bytes > MAX_RECORD_BYTES:
             raise ValueError(f"{self.root / MANIFEST}: records of {self.record_shape} exceed {MAX_RECORD_BYTES} bytes")
-        self.random_flip, self.sample_posterior = random_flip, sample_posterior
+        # the test split (probes) reads the posterior mean of each image as it is
+        training = split == "train"
+        self.random_flip, self.sample_posterior = random_flip and training, sample_posterior and training
         self.shards, self.shard_ids, self.offsets, self.labels = self._read_index(split)
         self._fds: dict[int, int] = {}
 

@@ -73,9 +73,9 @@ class MovingDigits(VideoFolder):
                  fps: float = 8.0, seed: int = 0, cache_dir: str | None = None, on_bad_file: str = "skip",
                  backend: str = "auto"):
         if label not in LABELS:
-            raise ValueError(f"data.train.label={label!r} is unknown; choose one of {LABELS}")
+            raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
         if directions not in (4, 8):
-            raise ValueError(f"data.train.directions={directions} must be 4 (axes) or 8 (axes and diagonals)")
+            raise ValueError(f"data.dataset.directions={directions} must be 4 (axes) or 8 (axes and diagonals)")
         if digit_size + speed * (num_frames - 1) > canvas_size:
             raise ValueError(f"a {digit_size}-pixel digit moving {speed} pixels a frame for {num_frames} frames "
                              f"leaves a {canvas_size}-pixel canvas; lower speed or digit_size, or raise canvas_size")

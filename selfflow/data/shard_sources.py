@@ -92,10 +92,10 @@ class ObjectStore:
                  addressing_style: str = "auto", instance_credentials: bool = False, max_connections: int = 16,
                  retries: int = 5, timeout_s: float = 60.0):
         if addressing_style not in ADDRESSING_STYLES:
-            raise ValueError(f"data.train.store.addressing_style={addressing_style!r} is unknown; choose one of "
+            raise ValueError(f"data.dataset.store.addressing_style={addressing_style!r} is unknown; choose one of "
                              f"{ADDRESSING_STYLES}")
         if max_connections < 1 or retries < 1 or timeout_s <= 0:
-            raise ValueError(f"data.train.store.max_connections={max_connections}, retries={retries} and "
+            raise ValueError(f"data.dataset.store.max_connections={max_connections}, retries={retries} and "
                              f"timeout_s={timeout_s} must be positive")
         self.endpoint_url, self.region, self.profile = endpoint_url, region, profile
         self.addressing_style, self.instance_credentials = addressing_style, instance_credentials
@@ -154,14 +154,14 @@ class ObjectStore:
                 return None
             raise ObjectStoreError(f"{url}: {code or 'error'} from {self.where()} ({str(error)[:200]}); check the "
                                    f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and "
-                                   f"data.train.store") from None
+                                   f"data.dataset.store") from None
         except NoCredentialsError:
             raise ObjectStoreError(f"no credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                                   f"or AWS_PROFILE (data.train.store.profile); on a cloud VM with a role, "
-                                   f"data.train.store.instance_credentials=true") from None
+                                   f"or AWS_PROFILE (data.dataset.store.profile); on a cloud VM with a role, "
+                                   f"data.dataset.store.instance_credentials=true") from None
         except BotoCoreError as error:
             raise ObjectStoreError(f"cannot read {url} from {self.where()} ({str(error)[:200]}); check "
-                                   f"data.train.store.endpoint_url (or AWS_ENDPOINT_URL) and the network") from None
+                                   f"data.dataset.store.endpoint_url (or AWS_ENDPOINT_URL) and the network") from None
 
     def size(self, location: str) -> int:
         return int(self._call("head_object", location, Key=split_url(location)[1])["ContentLength"])

@@ -52,8 +52,8 @@ MAX_LABEL_BYTES = 32  # a .cls member: one class index as text
 MAX_CAPTION_BYTES = 64 << 10  # a .txt member
 MAX_CLASSES_FILE_BYTES = 8 << 20  # classes.json: 100k class names of 80 characters
 MAX_CLASS_NAME_CHARS = 256  # a class name becomes part of sample file names
-MAX_CLASSES = 100_000  # the default of data.train.max_classes: the model gets one label embedding per class
-MAX_MEMBER_BYTES = 256 << 20  # the default of data.train.max_member_bytes: a data member is read whole, per worker
+MAX_CLASSES = 100_000  # the default of data.dataset.max_classes: the model gets one label embedding per class
+MAX_MEMBER_BYTES = 256 << 20  # the default of data.dataset.max_member_bytes: a data member is read whole, per worker
 COALESCE_BYTES = 64 << 10  # members of a sample this close together come in one read (one GET from a store)
 SLOW_SCAN_SECONDS = 10.0  # a header scan this long suggests writing indexes
 _BRACE = re.compile(r"\{([^{}]*)\}")
@@ -93,15 +93,15 @@ def _split_files(source: ByteSource, folder, split: str) -> list:
     others = source.glob(folder, "*.tar")
     if others:
         raise FileNotFoundError(f"{folder} holds shards ({others[0]}, ...) but none named {split}-*.tar for "
-                                f"split={split!r}; name them <split>-NNNNNN.tar or give data.{split}.root as a list "
-                                f"or a pattern like 'dir/{split}-{{000000..000009}}.tar'")
+                                f"split={split!r}; name them <split>-NNNNNN.tar or give data.root as a list or a "
+                                f"pattern like 'dir/{{split}}-{{000000..000009}}.tar' ({{split}}: each split's name)")
     raise FileNotFoundError(f"no {split}-*.tar shards in {folder}; {WRITE_HINT}")
 
 
 def _root_names(root: str | os.PathLike | Sequence, split: str) -> list[str]:
     items = [root] if isinstance(root, (str, os.PathLike)) else list(root)
     if not items:
-        raise ValueError(f"data.{split}.root is an empty list of shards; {WRITE_HINT}")
+        raise ValueError(f"data.root is an empty list of shards; {WRITE_HINT}")
     return [name for item in items for name in expand_braces(os.fspath(item).replace("{split}", split))]
 
 
@@ -147,7 +147,7 @@ def read_class_names(source: ByteSource, folder, modality: str, max_classes: int
     if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
         raise ValueError(f"{path} is not a class list (\"class_names\" must be a list of names); {example}")
     if len(names) > max_classes:
-        raise ValueError(f"{path} names {len(names)} classes, more than data.train.max_classes={max_classes}; raise "
+        raise ValueError(f"{path} names {len(names)} classes, more than data.dataset.max_classes={max_classes}; raise "
                          f"it if the shards really hold that many classes")
     names = [str(name) for name in names]
     longest = max(names, key=len, default="")
@@ -209,7 +209,7 @@ class ShardDataset(Dataset):
                  max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES,
                  store: ObjectStore | None = None):
         if max_member_bytes < 1 or max_classes < 1:
-            raise ValueError(f"data.train.max_member_bytes={max_member_bytes} and max_classes={max_classes} must be "
+            raise ValueError(f"data.dataset.max_member_bytes={max_member_bytes} and max_classes={max_classes} must be "
                              f"positive")
         self.bad_files = BadFilePolicy(on_bad_file)
         self.split, self.max_member_bytes, self.max_classes = split, max_member_bytes, max_classes
@@ -322,7 +322,7 @@ class ShardDataset(Dataset):
             raise UnusableSample(f"its .{LABEL_EXTENSION} member holds {text[:40]!r}, not a class index")
         label = int(text)
         if label >= self.max_classes:
-            raise UnusableSample(f"class index {label} is not below data.train.max_classes={self.max_classes}; "
+            raise UnusableSample(f"class index {label} is not below data.dataset.max_classes={self.max_classes}; "
                                  f"raise it if the shards really hold that many classes")
         if label < -1 or (self.class_names and label >= self.num_classes):
             raise UnusableSample(f"class index {label} is out of range for the {self.num_classes} classes of "
@@ -456,7 +456,7 @@ class AudioShards(ShardDataset):
                  max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES,
                  store: ObjectStore | None = None):
         if sample_rate <= 0 or duration <= 0:
-            raise ValueError(f"data.train.sample_rate={sample_rate} and duration={duration} must be positive")
+            raise ValueError(f"data.dataset.sample_rate={sample_rate} and duration={duration} must be positive")
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.resample, self.min_peak = resample, min_peak
         self.random_crop = split == "train"

@@ -58,9 +58,9 @@ class SpokenDigits(AudioFolder):
                  voices: list[str] | tuple[str, ...] = VOICES, takes: int = 12, test_takes: int = 2, seed: int = 0,
                  cache_dir: str | None = None, on_bad_file: str = "skip"):
         if label not in LABELS:
-            raise ValueError(f"data.train.label={label!r} is unknown; choose one of {LABELS}")
+            raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
         if not 0 < test_takes < takes:
-            raise ValueError(f"data.train.test_takes={test_takes} must be between 1 and takes - 1 = {takes - 1}")
+            raise ValueError(f"data.dataset.test_takes={test_takes} must be between 1 and takes - 1 = {takes - 1}")
         voices = list(voices)
         parameters = {"version": 1, "voices": voices, "takes": takes, "test_takes": test_takes,
                       "sample_rate": sample_rate, "seed": seed}

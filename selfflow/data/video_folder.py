@@ -16,14 +16,14 @@ def check_clip_options(num_frames: int, frame_stride: int, fps: float | None, ch
                        max_frame_pixels: int = MAX_FRAME_PIXELS, max_clip_pixels: int = MAX_CLIP_PIXELS) -> None:
     """Start-up errors for a video dataset's clip options, naming the key."""
     if channels not in (1, 3):
-        raise ValueError(f"data.train.channels={channels} must be 1 (grey) or 3 (RGB)")
+        raise ValueError(f"data.dataset.channels={channels} must be 1 (grey) or 3 (RGB)")
     if num_frames < 1 or frame_stride < 1 or (fps is not None and fps <= 0):
-        raise ValueError(f"data.train.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be "
+        raise ValueError(f"data.dataset.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be "
                          f"positive")
     if backend not in VIDEO_BACKENDS:
-        raise ValueError(f"data.train.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
+        raise ValueError(f"data.dataset.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
     if max_frame_pixels < 1 or max_clip_pixels < 1:
-        raise ValueError(f"data.train.max_frame_pixels={max_frame_pixels} and max_clip_pixels={max_clip_pixels} "
+        raise ValueError(f"data.dataset.max_frame_pixels={max_frame_pixels} and max_clip_pixels={max_clip_pixels} "
                          f"must be positive")
 
 
@@ -36,9 +36,9 @@ class VideoFolder(LabelledFileDataset):
     `image_size`, grey when `channels=1`. Decoding runs in DataLoader workers; a video whose frames have more than
     `max_frame_pixels` pixels, or a clip more than `max_clip_pixels`, is skipped before it is decoded.
 
-    frame_counts (length buckets, e.g. [4, 8, 16]): each video goes to the longest clip length it holds at this
-    stride (`bucket_ids`, from the container headers); `dataset[BucketIndex(i)]` is a clip of that many frames, so a
-    training batch (one bucket) wastes no tokens on padding; a plain index still gives `num_frames` frames.
+    frame_counts (length buckets, e.g. [4, 8, 16]; split train only): each video goes to the longest clip length it
+    holds at this stride (`bucket_ids`, from the container headers); `dataset[BucketIndex(i)]` is a clip of that many
+    frames, so a training batch (one bucket) wastes no tokens on padding; a plain index still gives `num_frames`.
     """
 
     length_bucket_key = "frame_counts"  # the bucket lengths' config key, in the tokenizer's `at_length` unit
@@ -52,8 +52,9 @@ class VideoFolder(LabelledFileDataset):
         check_clip_options(num_frames, frame_stride, fps, channels, backend, max_frame_pixels, max_clip_pixels)
         counts = parse_lengths(frame_counts, self.length_bucket_key)
         if counts and any(count != int(count) for count in counts):
-            raise ValueError(f"data.train.frame_counts={list(frame_counts)} must be whole numbers of frames")
-        self.frame_counts = [int(count) for count in counts] if counts else None
+            raise ValueError(f"data.dataset.frame_counts={list(frame_counts)} must be whole numbers of frames")
+        # the test split stays `num_frames` frames
+        self.frame_counts = [int(count) for count in counts] if counts and split == "train" else None
         files = self.find_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
                                 label_field)
         super().__init__(files, on_bad_file)

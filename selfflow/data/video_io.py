@@ -18,7 +18,7 @@ from selfflow.data.bad_files import UnusableSample
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 VIDEO_BACKENDS = ("auto", "decord", "pyav")
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey
-# defaults of data.train.max_frame_pixels / max_clip_pixels: 4K UHD frames; 32M pixels a clip (16 frames of 1080p)
+# defaults of data.dataset.max_frame_pixels / max_clip_pixels: 4K UHD frames; 32M pixels a clip (16 frames of 1080p)
 # hold about 100 MB of decoded uint8 frames, twice that while decord hands them over, per DataLoader worker
 MAX_FRAME_PIXELS = 3840 * 2160
 MAX_CLIP_PIXELS = 32 * 1024 * 1024
@@ -30,7 +30,7 @@ def clip_indices(total: int, num_frames: int, step: float, random_start: bool) -
     needed = math.floor((num_frames - 1) * step) + 1
     if total < needed:
         raise UnusableSample(f"video has {total} frames; a clip of {num_frames} frames {step:g} apart needs {needed}"
-                             f" (lower data.train.num_frames or the frame stride)")
+                             f" (lower data.dataset.num_frames or the frame stride)")
     room = total - needed
     first = float(torch.randint(0, room + 1, ())) if random_start else room / 2
     return np.minimum(np.floor(first + np.arange(num_frames) * step + 1e-6).astype(np.int64), total - 1)
@@ -41,7 +41,7 @@ def frame_step(source_fps: float, frame_stride: int, fps: float | None) -> float
     if fps is None:
         return float(frame_stride)
     if not source_fps or source_fps <= 0:
-        raise UnusableSample("video has no frame rate; set data.train.fps=null and use frame_stride")
+        raise UnusableSample("video has no frame rate; set data.dataset.fps=null and use frame_stride")
     return source_fps / fps
 
 
@@ -59,11 +59,11 @@ def check_frame_size(width: int, height: int, num_frames: int, max_frame_pixels:
     if width <= 0 or height <= 0:
         raise UnusableSample("its video stream gives no frame size")
     if width * height > max_frame_pixels:
-        raise UnusableSample(f"frames of {width}x{height} pixels are more than data.train.max_frame_pixels="
+        raise UnusableSample(f"frames of {width}x{height} pixels are more than data.dataset.max_frame_pixels="
                              f"{max_frame_pixels}; raise it to read such videos")
     if num_frames * width * height > max_clip_pixels:
         raise UnusableSample(f"a clip of {num_frames} frames of {width}x{height} pixels is more than "
-                             f"data.train.max_clip_pixels={max_clip_pixels}; raise it or lower num_frames")
+                             f"data.dataset.max_clip_pixels={max_clip_pixels}; raise it or lower num_frames")
 
 
 def _checked_stream(container, num_frames: int, max_frame_pixels: int, max_clip_pixels: int):

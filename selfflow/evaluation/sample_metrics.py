@@ -88,8 +88,8 @@ def reference_metrics(modality: str, device, reference: str | None = None, extra
             raise ValueError(f"reference={reference} judges {extractor.modality}, but this run samples {modality}; "
                              f"train one on the run's data: selfflow-reference --out DIR <the run's data overrides>")
     if real_set is None:
-        if stored_data is None or "test" not in stored_data:
+        if stored_data is None or "dataset" not in stored_data:
             raise ValueError("metrics=true cannot find real samples: this checkpoint stores no data config; pass "
                              "metrics_data={_target_: ...} (a dataset of (sample, label))")
-        real_set = instantiate_stored(stored_data.test, source, "data.test")
+        real_set = instantiate_stored(stored_data.dataset, source, "data.dataset")(split="test")
     return extractor, dataset_features(extractor, real_set, limit=max_real)

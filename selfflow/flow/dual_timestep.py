@@ -4,6 +4,7 @@ A "sample" is a segment of a row: an unpacked batch has one per row, a packed ba
 """
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +42,9 @@ class DualLevels:
 
 
 def check_mask_ratio(ratio: float, name: str = "objective.mask_ratio") -> float:
-    if not 0.0 <= ratio <= 0.5:
+    if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 0.5:
         raise ValueError(
-            f"{name}={ratio} is out of range: the masked group must be the smaller one, so use a value in "
+            f"{name}={ratio!r} is out of range: the masked group must be the smaller one, so use a value in "
             f"[0, 0.5] (0 = vanilla flow matching; method defaults: image 0.25, video 0.10, audio 0.50)"
         )
     return float(ratio)
@@ -71,7 +72,7 @@ class DualTimestepScheduler:
     def __init__(self, mask_ratio: float, timesteps: TimestepDistribution | None = None, mask_mode: str = "exact"):
         self.mask_ratio = check_mask_ratio(mask_ratio)
         if mask_mode not in MASK_MODES:
-            raise ValueError(f"mask_mode={mask_mode!r} is unknown; choose one of {MASK_MODES}")
+            raise ValueError(f"objective.mask_mode={mask_mode!r} is unknown; choose one of: {', '.join(MASK_MODES)}")
         self.mask_mode = mask_mode
         self.timesteps = timesteps or Uniform()
 

@@ -61,6 +61,11 @@ class SelfFlowTransformer(nn.Module):
         super().__init__()
         text_channels = token_channels.get(TEXT)  # text conditions the model; it is not a modality it generates
         token_channels = {m: c for m, c in token_channels.items() if m != TEXT}
+        for key, value in (("depth", depth), ("width", width), ("heads", heads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model.{key}={value!r} must be an integer >= 1")
+        if width % heads:
+            raise ValueError(f"model.width={width} must be a multiple of model.heads={heads}")
         if pos_embed not in POSITION_EMBEDDINGS:
             raise ValueError(f"model.pos_embed={pos_embed!r} is unknown; choose one of {POSITION_EMBEDDINGS}")
         if not token_channels:

@@ -74,6 +74,8 @@ class SelfFlowObjective(nn.Module):
             raise ValueError(f"objective.class_dropout={class_dropout} must be in [0, 1]")
         if not 0.0 <= caption_dropout <= 1.0:
             raise ValueError(f"objective.caption_dropout={caption_dropout} must be in [0, 1]")
+        if isinstance(loss_buckets, bool) or not isinstance(loss_buckets, int) or loss_buckets < 1:
+            raise ValueError(f"objective.loss_buckets={loss_buckets!r} must be an integer >= 1")
         self.caption_dropout = float(caption_dropout)
         auto_student, auto_teacher = default_layers(model.depth)
         student_layer = auto_student if student_layer is None else student_layer
@@ -89,7 +91,7 @@ class SelfFlowObjective(nn.Module):
         if missing:
             raise ValueError(f"objective.mask_ratio has no value for modalities {sorted(missing)}")
         self.mask_ratios = {
-            m: check_mask_ratio(float(r), f"objective.mask_ratio.{m}" if per_modality else "objective.mask_ratio")
+            m: check_mask_ratio(r, f"objective.mask_ratio.{m}" if per_modality else "objective.mask_ratio")
             for m, r in ratios.items()
         }
         self.scheduler = DualTimestepScheduler(max(self.mask_ratios.values()), timesteps, mask_mode)

@@ -32,7 +32,7 @@ def as_mono_batch(wave: Tensor, num_samples: int, what: str) -> Tensor:
     if wave.ndim != 2 or wave.shape[1] != num_samples:
         raise ValueError(
             f"{what} expects mono waves [B, 1, {num_samples}] or [B, {num_samples}], got {list(wave.shape)}; "
-            f"make tokenizer.audio.sample_rate/duration match data.train.sample_rate/duration"
+            f"the tokenizer was built for the data's data.dataset.sample_rate and duration"
         )
     return wave.float()
 
@@ -101,7 +101,7 @@ class AudioMelTokenizer(Tokenizer):
         """The same tokenizer for clips of `seconds` (e.g. to sample another duration)."""
         return self.at_samples(round(seconds * self.sample_rate))
 
-    at_length = at_duration  # length buckets are in seconds for audio (data.train.durations)
+    at_length = at_duration  # length buckets are in seconds for audio (data.dataset.durations)
 
     def log_mel(self, wave: Tensor) -> Tensor:
         """wave: [B, 1, S] or [B, S] -> normalised log-mel [B, n_mels, frames] (silence -1, loud about +1)."""

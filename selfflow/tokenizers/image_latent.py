@@ -45,7 +45,7 @@ class ImageLatentTokenizer(Tokenizer):
                              f"{latent_channels}; pick the tokenizer config of this VAE (image_sdvae: 4, "
                              f"image_flux_vae: 16)")
         if factor < 2 or image_size % factor:
-            raise ValueError(f"data.train.image_size={image_size} must be a multiple of the VAE's downsampling "
+            raise ValueError(f"data.dataset.image_size={image_size} must be a multiple of the VAE's downsampling "
                              f"factor {factor} (of {KEY}={vae})")
         config_shift = getattr(autoencoder.config, "shift_factor", None)
         self.scale = float(autoencoder.config.scaling_factor if scale is None else scale)
@@ -88,7 +88,7 @@ class ImageLatentTokenizer(Tokenizer):
             (c, h, w), (height, width) = self.latent_shape, self.image_size
             raise ValueError(f"the image latent tokenizer takes images [B, 3, {height}, {width}] "
                              f"or cached latents [B, {c}, {h}, {w}], got {list(data.shape)}; set "
-                             f"data.train.image_size to the size the tokenizer was built for")
+                             f"data.dataset.image_size to the size the tokenizer was built for")
         mean, std = self.posterior(data)
         z = mean + std * torch.randn_like(std) if self.training else mean
         return self.encode_latents(z.to(data.device))

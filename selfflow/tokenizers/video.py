@@ -39,7 +39,7 @@ def tubelet_grid(shape: tuple[int, int, int], tubelet_frames: int, patch_size: i
         raise ValueError(
             f"tokenizer.video tubelets of {tubelet_frames} frames x {patch_size} x {patch_size} do not divide the "
             f"{what} of {t} frames x {h} x {w}; pick tubelet_frames dividing the frame count and patch_size "
-            f"dividing the size (or change data.train.num_frames/image_size)"
+            f"dividing the size (or change data.dataset.num_frames/image_size)"
         )
     return t // tubelet_frames, h // patch_size, w // patch_size
 
@@ -74,7 +74,7 @@ class VideoTubeletTokenizer(Tokenizer):
         other.grid = (other.num_frames // self.tubelet_frames, *self.grid[1:])
         return other
 
-    at_length = at_frames  # length buckets are frame counts for video (data.train.frame_counts)
+    at_length = at_frames  # length buckets are frame counts for video (data.dataset.frame_counts)
 
     def encode(self, video: Tensor) -> Tokens:
         """video: [B, T, C, H, W]; T may differ from `num_frames` (frame-count buckets) when it is whole tubelets."""

@@ -13,9 +13,10 @@ from omegaconf import DictConfig, OmegaConf
 from selfflow.data.vae_folder import point_vae_keys
 from selfflow.tokens import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
-from selfflow.training.datamodule import SelfFlowDataModule
+from selfflow.training.datamodule import SelfFlowDataModule, has_captions, sample_geometry
 from selfflow.training.mixture import MixtureDataModule, check_pack_length
 from selfflow.training.module import SelfFlowModule
+from selfflow.training.validate import built, target_parameters
 
 
 def _register_resolvers() -> None:
@@ -41,27 +42,54 @@ class Run:
     run_dir: Path
 
 
-def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
-    """Tokenizers, model, objective and optimizer, sized from the data (classes) and tokenizers (channels)."""
-    tokenizers = {modality: instantiate(spec) for modality, spec in cfg.tokenizer.items()}
-    for modality in getattr(datamodule, "modalities", [datamodule.modality]):
-        if modality not in tokenizers:
-            raise ValueError(
-                f"data gives {modality!r} samples but tokenizer.{modality} is not configured "
-                f"(configured: {sorted(tokenizers)}); choose a matching tokenizer=..."
-            )
-    if TEXT in tokenizers and not getattr(getattr(datamodule, "train_set", None), "has_captions", False):
+def tokenizer_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The tokenizers a run builds, with every argument (as checkpoints store them): one per modality of the data,
+    completed with that modality's sample geometry from the data config (channels, image_size, num_frames, fps,
+    sample_rate, duration: the arguments of its class that are `GEOMETRY_KEYS`), and the text tokenizer when one is
+    configured. Tokenizers of other modalities are configured but not built (the root default lists three)."""
+    geometry = sample_geometry(cfg.data)
+    configured = cfg.get("tokenizer") or {}
+    for modality in geometry:
+        if modality not in configured:
+            raise ValueError(f"data gives {modality!r} samples but tokenizer.{modality} is not configured "
+                             f"(configured: {sorted(configured)}); choose a matching tokenizer=...")
+    captioned = has_captions(cfg.data)
+    if TEXT in configured and not captioned:
         raise ValueError("tokenizer.text is configured but the data has no captions; use captioned data "
                          "(data=text_digits, text_moving_digits, text_spoken_digits, or captioned_image_folder, "
                          "captioned_video_folder, captioned_audio_folder for your files) or leave the text "
                          "tokenizer out")
+    if captioned and TEXT not in configured:
+        raise ValueError("the data has captions but no text tokenizer is configured; add text_minilm to the "
+                         "tokenizers (e.g. tokenizer=[image_pixels,text_minilm] for images) or train with "
+                         "experiment=text_digits, text_video_digits or text_audio_digits")
+    specs = {}
+    for modality, spec in configured.items():  # in the configured order: the model's modules follow it
+        if modality in geometry or modality == TEXT:
+            spec = OmegaConf.to_container(spec, resolve=True)
+            accepted = target_parameters(spec["_target_"]) or set()
+            specs[modality] = {**spec, **{k: v for k, v in geometry.get(modality, {}).items() if k in accepted}}
+    return specs
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved config that checkpoints store (and that resume=auto compares): the tokenizer group holds the
+    tokenizers the run builds, each with every argument, so that sampling and probing rebuild them without data."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    config["tokenizer"] = tokenizer_configs(cfg)
+    return config
+
+
+def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
+    """Tokenizers, model, objective and optimizer, sized from the data (classes) and tokenizers (channels)."""
+    config = run_config(cfg)
+    tokenizers = {modality: instantiate(spec) for modality, spec in config["tokenizer"].items()}
     model = instantiate(cfg.model)(
         token_channels={m: t.token_channels for m, t in tokenizers.items()}, num_classes=datamodule.num_classes
     )
     objective = instantiate(cfg.objective)(model=model)
     if cfg.get("init"):
         initialize_from(str(cfg.init), objective, tokenizers)
-    config = OmegaConf.to_container(cfg, resolve=True)
     for modality, tokenizer in tokenizers.items():  # a VAE is stored as its folder and the fingerprint of its files
         if getattr(tokenizer, "fingerprint", None):
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
@@ -92,15 +120,29 @@ def set_global_batch_size(cfg: DictConfig, datamodule, trainer: L.Trainer) -> No
     if total is None:
         return
     shares = trainer.world_size * trainer.accumulate_grad_batches
-    if not isinstance(datamodule, SelfFlowDataModule) or int(total) % shares or int(total) < shares:
+    if not isinstance(datamodule, SelfFlowDataModule) or int(total) % shares:
         raise ValueError(f"global_batch_size={total} must be a multiple of the {trainer.world_size} processes x "
                          f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} (single-modality data); "
                          f"change it or set global_batch_size=null and data.batch_size per process")
     datamodule.batch_size = int(total) // shares
 
 
+def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
+    """The Lightning Trainer with the run's callbacks and loggers (their own checks, e.g. trainer.max_steps, run
+    here, before any data is read)."""
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    loggers: Any = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
+    # checkpoints are written atomically and read weights-only; the datamodule shards the data over ranks itself
+    # (with a resumable order), so Lightning must not swap in its own sampler
+    extra = {} if "use_distributed_sampler" in cfg.trainer else {"use_distributed_sampler": False}
+    return built("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
+                                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
+                                                **extra))
+
+
 def build_run(cfg: DictConfig) -> Run:
     run_dir = Path(cfg.run_dir)
+    trainer = build_trainer(cfg, run_dir)
     datamodule = instantiate(cfg.data)
     datamodule.record_skipped_files(run_dir / "skipped_files.tsv")
     if isinstance(datamodule, (SelfFlowDataModule, MixtureDataModule)):
@@ -108,12 +150,5 @@ def build_run(cfg: DictConfig) -> Run:
     module = build_module(cfg, datamodule)
     if isinstance(datamodule, MixtureDataModule) and datamodule.mode == "packed":
         check_pack_length(datamodule.pack_length, {m: module.tokenizers[m] for m in datamodule.modalities})
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    loggers: Any = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
-    # checkpoints are written atomically and read weights-only; the datamodule shards the data over ranks itself
-    # (with a resumable order), so Lightning must not swap in its own sampler
-    extra = {} if "use_distributed_sampler" in cfg.trainer else {"use_distributed_sampler": False}
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers, default_root_dir=str(run_dir),
-                          plugins=[AtomicCheckpointIO()], **extra)
     set_global_batch_size(cfg, datamodule, trainer)
     return Run(datamodule, module, trainer, run_dir)

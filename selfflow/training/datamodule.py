@@ -7,6 +7,7 @@ keys).
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from typing import Any, Iterator, Sequence
 
 import lightning as L
@@ -46,6 +47,15 @@ class ResumableBucketBatchSampler(ResumableBatchSampler):
             yield [(BucketIndex(i), seed) for i in batches[b]]
 
 
+def check_loader_options(batch_size: int, num_workers: int, key: str = "data.batch_size") -> None:
+    """Batch size (samples per step) and loader worker count of a data module."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{key}={batch_size!r} must be an integer >= 1")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the training "
+                         f"process)")
+
+
 def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> None:
     """Multi-aspect data and the model's size conditioning go together: one without the other is a config
     mistake, reported before the first step. Bucket sides must also be whole patches of the tokenizer."""
@@ -55,19 +65,19 @@ def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> Non
     bucketing = getattr(dataset, "bucketing", None)
     conditioned = model.size_embedder is not None
     if bucketing is not None and not conditioned:
-        raise ValueError("data.train.buckets is set (multi-aspect training) but the model has no size conditioning; "
-                         "add model.size_conditioning=true, or set data.train.buckets=null for square images")
+        raise ValueError("data.dataset.buckets is set (multi-aspect training) but the model has no size conditioning; "
+                         "add model.size_conditioning=true, or set data.dataset.buckets=null for square images")
     if bucketing is None and conditioned:
-        raise ValueError("model.size_conditioning=true but the training data has no buckets (data.train.buckets is "
-                         "null), so the size embedder would never see a size; set data.train.buckets (e.g. "
-                         "data.train.buckets={max_aspect: 2.0}) or model.size_conditioning=false")
+        raise ValueError("model.size_conditioning=true but the training data has no buckets (data.dataset.buckets is "
+                         "null), so the size embedder would never see a size; set data.dataset.buckets (e.g. "
+                         "data.dataset.buckets={max_aspect: 2.0}) or model.size_conditioning=false")
     tokenizers = getattr(module, "tokenizers", {})
     patch = getattr(tokenizers[modality], "patch_size", None) if modality in tokenizers else None
     if bucketing is not None and patch:
         bad = [list(size) for size in bucketing.buckets.sizes if size[0] % patch or size[1] % patch]
         if bad:
-            raise ValueError(f"data.train.buckets sizes {bad} are not multiples of tokenizer.{modality}.patch_size="
-                             f"{patch}; set data.train.bucket_multiple={patch} or round the sizes")
+            raise ValueError(f"data.dataset.buckets sizes {bad} are not multiples of tokenizer.{modality}.patch_size="
+                             f"{patch}; set data.dataset.bucket_multiple={patch} or round the sizes")
 
 
 def check_length_buckets(dataset: Dataset, modality: str, module: Any) -> None:
@@ -79,38 +89,85 @@ def check_length_buckets(dataset: Dataset, modality: str, module: Any) -> None:
         return
     tokenizer = tokenizers[modality]
     if not hasattr(tokenizer, "at_length"):
-        raise ValueError(f"data.train.{key}={lengths} needs a tokenizer that takes clips of several lengths "
+        raise ValueError(f"data.dataset.{key}={lengths} needs a tokenizer that takes clips of several lengths "
                          f"(tokenizer.{modality}: {type(tokenizer).__name__} takes one); use a pixel or log-mel "
-                         f"tokenizer (video_tubelets, audio_mel) or set data.train.{key}=null")
+                         f"tokenizer (video_tubelets, audio_mel) or set data.dataset.{key}=null")
     for length in lengths:
         try:
             tokenizer.at_length(length)
         except ValueError as error:
-            raise ValueError(f"data.train.{key}={lengths}: {error}") from None
+            raise ValueError(f"data.dataset.{key}={lengths}: {error}") from None
+
+
+SPLITS = ("train", "test")
+
+# what a tokenizer needs to know about the samples of its modality: the dataset config names these, and the run
+# builds the modality's tokenizer with them (the tokenizer configs hold only their own settings, e.g. patch sizes)
+GEOMETRY_KEYS = ("channels", "image_size", "num_frames", "fps", "sample_rate", "duration")
+
+
+def sample_geometry(data: Mapping) -> dict[str, dict[str, Any]]:
+    """{modality: {geometry key: value}} of a data config (one modality, or a mixture's `sources`), from the
+    options of its `dataset` config: what both splits' samples look like."""
+    sources = data.get("sources") or {data["modality"]: data}
+    return {modality: {key: source["dataset"][key] for key in GEOMETRY_KEYS if key in source["dataset"]}
+            for modality, source in sources.items()}
+
+
+def has_captions(data: Mapping) -> bool:
+    """Whether a data config's samples come with captions (a captioned dataset class; a mixture has none)."""
+    from hydra.utils import get_object
+
+    return "sources" not in data and bool(getattr(get_object(data["dataset"]["_target_"]), "has_captions", False))
 
 
 class SelfFlowDataModule(L.LightningDataModule):
-    """Train and test datasets yielding `(data, label)`; batches are `{"modality", "data", "label"}` dicts.
+    """Train and test splits of one dataset yielding `(data, label)`; batches are `{"modality", "data", "label"}`
+    dicts.
 
-    root / on_bad_file: where the data lives and what an unreadable file does (skip or error), shared by the split
-    configs through interpolation (`data.root=...`, `data.on_bad_file=error`).
+    dataset: builds a split, `dataset(split="train")` and `dataset(split="test")` (a `_partial_` dataset config
+    holding what both splits share; each dataset class applies its training augmentation to split train only).
+    The splits are built on first use, so constructing the module reads no data (start-up validation does it to
+    check the options). root / on_bad_file: where the data lives and what an unreadable file does (skip or error),
+    passed to the dataset config by interpolation (`data.root=...`, `data.on_bad_file=error`).
     seed: the training order and augmentation follow (seed, epoch, batch); `build_run` sets it to the run's seed.
     The training position (epoch, batches done) is saved in every checkpoint and restored on resume.
     """
 
-    def __init__(self, train: Dataset, test: Dataset, modality: str, batch_size: int = 64, num_workers: int = 0,
+    def __init__(self, dataset: Callable[..., Dataset], modality: str, batch_size: int = 64, num_workers: int = 0,
                  pin_memory: bool = False, root: str | None = None, seed: int = 0, on_bad_file: str = "skip"):
         super().__init__()
-        BadFilePolicy(on_bad_file)  # validates; the split datasets take it through their configs
-        if batch_size < 1:
-            raise ValueError(f"data.batch_size={batch_size} must be >= 1")
-        if len(train) == 0:
-            raise ValueError(f"the training split of data.root={root} holds no samples")
-        self.train_set, self.test_set, self.modality = train, test, modality
+        BadFilePolicy(on_bad_file)  # validates; the dataset takes it through its config
+        check_loader_options(batch_size, num_workers)
+        self.dataset, self.modality = dataset, modality
         self.batch_size, self.num_workers, self.pin_memory, self.root = batch_size, num_workers, pin_memory, root
         self.seed = seed
         self.train_batches: ResumableBatchSampler | None = None
         self._position_to_load: dict[str, int] | None = None
+        self._splits: dict[str, Dataset] | None = None
+
+    @classmethod
+    def from_splits(cls, train: Dataset, test: Dataset, modality: str, **options) -> "SelfFlowDataModule":
+        """A data module over two datasets built already (a notebook, a test)."""
+        return cls(lambda split: {"train": train, "test": test}[split], modality, **options)
+
+    @property
+    def splits(self) -> dict[str, Dataset]:
+        """{"train": dataset, "test": dataset}, built on first use."""
+        if self._splits is None:
+            splits = {split: self.dataset(split=split) for split in SPLITS}
+            if len(splits["train"]) == 0:
+                raise ValueError(f"the training split of data.root={self.root} holds no samples")
+            self._splits = splits
+        return self._splits
+
+    @property
+    def train_set(self) -> Dataset:
+        return self.splits["train"]
+
+    @property
+    def test_set(self) -> Dataset:
+        return self.splits["test"]
 
     @property
     def num_classes(self) -> int:

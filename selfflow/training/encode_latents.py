@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from selfflow.data.latent_cache import FORMAT, MANIFEST, SPLITS, ShardWriter, merge_index, read_manifest, write_json
 from selfflow.tokenizers.image_latent import ImageLatentTokenizer
+from selfflow.training.build import tokenizer_configs
 
 log = logging.getLogger("selfflow")
 
@@ -52,7 +53,7 @@ def source_key(dataset: Dataset, i: int) -> str:
 def manifest_of(cfg: DictConfig, tokenizer: ImageLatentTokenizer, class_names: list[str]) -> dict[str, Any]:
     c, h, w = tokenizer.latent_shape
     return {"format": FORMAT, "vae_fingerprint": tokenizer.fingerprint, "vae": tokenizer.vae_path,
-            "image_size": int(cfg.data.train.image_size), "crop": str(cfg.data.train.get("crop", "center")),
+            "image_size": int(cfg.data.dataset.image_size), "crop": str(cfg.data.dataset.get("crop", "center")),
             "latent_channels": c, "latent_size": [h, w], "scale": tokenizer.scale, "shift": tokenizer.shift,
             "dtype": "float16", "record": "[flip (1: mirrored), (posterior mean, posterior std), C, h, w]",
             "class_names": list(class_names), "source": str(cfg.data.get("root"))}
@@ -86,7 +87,7 @@ def build_latent_cache(cfg: DictConfig) -> Path:
     from lightning.fabric import Fabric
     from rich.progress import Progress
 
-    if "train" not in cfg.data or "Latent" in str(cfg.data.train.get("_target_", "")):
+    if "dataset" not in cfg.data or "Latent" in str(cfg.data.dataset.get("_target_", "")):
         raise ValueError("selfflow-cache reads images: use an image data config (data=imagenet, image_folder or "
                          "image_shards) with data.root=... and the run's experiment")
     out = Path(cfg.out_dir).expanduser()
@@ -94,12 +95,13 @@ def build_latent_cache(cfg: DictConfig) -> Path:
     fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
                     strategy="auto" if single else "ddp")
     fabric.launch()
-    tokenizer = instantiate(cfg.tokenizer.image)
+    tokenizer = instantiate(tokenizer_configs(cfg)["image"])
     if not isinstance(tokenizer, ImageLatentTokenizer):
         raise ValueError("selfflow-cache caches VAE latents: choose tokenizer=image_sdvae or tokenizer=image_flux_vae "
                          "and tokenizer.image.vae=DIR")
     tokenizer = tokenizer.to(fabric.device).eval()
-    datasets = {split: instantiate(cfg.data[split], hflip=False) for split in SPLITS}
+    dataset = instantiate(cfg.data.dataset, hflip=False)  # both flips are encoded
+    datasets = {split: dataset(split=split) for split in SPLITS}
     wanted = manifest_of(cfg, tokenizer, list(getattr(datasets["train"], "class_names", [])))
     if (out / MANIFEST).is_file():
         if same_cache(read_manifest(out), wanted):

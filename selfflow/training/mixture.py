@@ -6,6 +6,7 @@ Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import cached_property
 from typing import Any, Iterator
 
 import lightning as L
@@ -16,6 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, defaul
 from selfflow.data.packing import pack
 from selfflow.tokens import PackedTokens, Tokens
 from selfflow.training.data_order import resumable_loader, trained_position
+from selfflow.training.datamodule import check_loader_options
 from selfflow.training.rng_state import mix_seed
 
 MODES = ("per_step", "packed")
@@ -177,24 +179,52 @@ class MixtureDataModule(L.LightningDataModule):
             sizes = dict(batch_size) if isinstance(batch_size, Mapping) else {m: batch_size for m in weights}
             if set(weights) - set(sizes):
                 raise ValueError(f"data.batch_size has no value for {sorted(set(weights) - set(sizes))}")
+            for m in weights:
+                check_loader_options(sizes[m], num_workers, f"data.batch_size.{m}")
             batch_size = {m: int(sizes[m]) for m in weights}
         elif isinstance(batch_size, Mapping):
             raise ValueError("data.batch_size must be one number (samples per step) with data.mode=packed")
+        else:
+            check_loader_options(batch_size, num_workers)
+        if batches_per_epoch is not None and batches_per_epoch < 1:
+            raise ValueError(f"data.batches_per_epoch={batches_per_epoch} must be >= 1 (or null: the samples of all "
+                             f"sources / the mean batch size)")
         self.sources, self.weights, self.batch_size, self.mode = dict(sources), weights, batch_size, mode
-        if self.mode == "packed":
-            self.batch_size = int(batch_size)
         self.pack_length, self.num_workers, self.seed = pack_length, num_workers, seed
         self.modality = "mixed"
         self.modalities = sorted(weights)
-        self.train_set = ConcatDataset([TaggedDataset(sources[m].train_set, m) for m in self.modalities])
-        self.test_set = ConcatDataset([TaggedDataset(sources[m].test_set, m) for m in self.modalities])
-        lengths = [len(sources[m].train_set) for m in self.modalities]
-        self.offsets = dict(zip(self.modalities, [sum(lengths[:i]) for i in range(len(lengths))]))
-        self.sizes = dict(zip(self.modalities, lengths))
-        mean_batch = (sum(self.batch_size.values()) / len(self.batch_size)) if mode == "per_step" else batch_size
-        self.batches_per_epoch = batches_per_epoch or max(1, int(sum(lengths) // mean_batch))
+        self._batches_per_epoch = batches_per_epoch
         self.train_batches: MixtureBatchSampler | None = None
         self._position_to_load: dict[str, int] | None = None
+
+    @cached_property
+    def train_set(self) -> ConcatDataset:
+        """Every source's training split, tagged with its modality, in the order of `modalities` (built on first
+        use: constructing the module reads no data)."""
+        return ConcatDataset([TaggedDataset(self.sources[m].train_set, m) for m in self.modalities])
+
+    @cached_property
+    def test_set(self) -> ConcatDataset:
+        return ConcatDataset([TaggedDataset(self.sources[m].test_set, m) for m in self.modalities])
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """{modality: training samples}"""
+        return {m: len(d.dataset) for m, d in zip(self.modalities, self.train_set.datasets)}
+
+    @property
+    def offsets(self) -> dict[str, int]:
+        """{modality: index of its first sample in `train_set`}"""
+        return dict(zip(self.modalities, [0, *self.train_set.cumulative_sizes[:-1]]))
+
+    @property
+    def batches_per_epoch(self) -> int:
+        """As given, or the samples of all sources over the mean batch size."""
+        if self._batches_per_epoch:
+            return self._batches_per_epoch
+        batch = self.batch_size
+        mean_batch = sum(batch.values()) / len(batch) if isinstance(batch, Mapping) else batch
+        return max(1, int(sum(self.sizes.values()) // mean_batch))
 
     @property
     def num_classes(self) -> int:

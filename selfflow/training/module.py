@@ -43,6 +43,8 @@ class SelfFlowModule(L.LightningModule):
         super().__init__()
         self.objective = objective
         self.tokenizers = nn.ModuleDict(tokenizers)
+        if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
+            raise ValueError(f"lr_warmup_steps={lr_warmup_steps!r} must be an integer >= 0 (0: no warm-up)")
         self.optimizer_factory, self.lr_warmup_steps = optimizer, lr_warmup_steps
         self.config = config or {}
         buckets = objective.loss_buckets
@@ -174,7 +176,7 @@ class SelfFlowModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.objective.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        warmup = max(0, int(self.lr_warmup_steps))
+        warmup = self.lr_warmup_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 

@@ -6,9 +6,9 @@ import warnings
 from pathlib import Path
 
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from selfflow.training.build import Run, build_run
+from selfflow.training.build import Run, build_run, run_config
 from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.resume import check_same_run, keep_metric_history, resolve_resume
 from selfflow.training.run_folder import run_folder_lock
@@ -37,7 +37,7 @@ def train(cfg: DictConfig) -> Run:
         ckpt_path = resolve_resume(cfg.run_dir, cfg.get("ckpt_path"), cfg.get("resume"))
         resumed = read_checkpoint(ckpt_path, mmap=True) if ckpt_path else None  # refused here if unsafe or corrupt
         if resumed is not None and cfg.get("resume") == "auto" and not cfg.get("resume_allow_changes"):
-            check_same_run(resumed["selfflow_config"], OmegaConf.to_container(cfg, resolve=True), ckpt_path)
+            check_same_run(resumed["selfflow_config"], run_config(cfg), ckpt_path)
         L.seed_everything(cfg.seed, workers=True)
         run = build_run(cfg)
         if resumed is not None and run.trainer.is_global_zero:

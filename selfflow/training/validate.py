@@ -1,16 +1,24 @@
 """Start-up checks of a run config: every user mistake found here stops the run with one line naming the key and
-what is allowed, before any data is read or any checkpoint is touched."""
+what is allowed, before any data is read or any checkpoint is touched.
+
+Ranges have one source, the constructor of the object that takes the value: start-up builds the data module (which
+reads no data until its splits are used), the callbacks, and the model, objective, training module and optimizer
+on the meta device (no memory, no initialisation cost at any size), and turns a constructor's error into a
+ConfigError. What no constructor sees is checked here: typos (`check_keys`), the checks across groups, and the
+ranges of run and trainer keys that neither selfflow nor Lightning checks.
+"""
 from __future__ import annotations
 
 import difflib
 import inspect
 import numbers
-from collections.abc import Mapping
+from collections.abc import Callable
 from typing import Any
 
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from selfflow.flow.dual_timestep import MASK_MODES, check_mask_ratio
+from selfflow.safe_config import first_line
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -24,20 +32,18 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
 
 
 def _number(cfg, key: str, low: float | None = None, high: float | None = None, *, integer: bool = False,
-            low_open: bool = False, high_open: bool = False, allowed_extra: tuple = (), default: Any = None) -> Any:
-    value = _get(cfg, key, default)
-    if value is None or value in allowed_extra:
+            low_open: bool = False) -> Any:
+    value = _get(cfg, key)
+    if value is None:
         return value
     kind = "an integer" if integer else "a number"
     ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
     below = low is not None and (value <= low if low_open else value < low) if ok_type else False
-    above = high is not None and (value >= high if high_open else value > high) if ok_type else False
+    above = high is not None and value > high if ok_type else False
     if not ok_type or below or above:
-        lo = "" if low is None else f"{'(' if low_open else '['}{low}"
-        hi = "" if high is None else f"{high}{')' if high_open else ']'}"
-        span = f" in {lo or '(-inf'}, {hi or 'inf)'}" if (low is not None or high is not None) else ""
-        extra = f" (or {', '.join(map(str, allowed_extra))})" if allowed_extra else ""
-        raise ConfigError(f"{key}={value!r} is out of range: use {kind}{span}{extra}")
+        lo = "(-inf" if low is None else f"{'(' if low_open else '['}{low}"
+        hi = "inf)" if high is None else f"{high}]"
+        raise ConfigError(f"{key}={value!r} is out of range: use {kind} in {lo}, {hi}")
     return value
 
 
@@ -48,73 +54,19 @@ def _choice(cfg, key: str, choices: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is unknown; choose one of: {names}")
 
 
-def check_ranges(cfg: DictConfig) -> None:
-    """Ranges of the keys users tune most (objective, model, data, trainer, optimizer, run)."""
+def check_unowned_ranges(cfg: DictConfig) -> None:
+    """Ranges of the keys no constructor checks: the run's own keys and the trainer keys Lightning takes as given
+    (it checks max_steps and max_epochs itself, when the trainer is built)."""
     _number(cfg, "seed", 0, 2**32 - 1, integer=True)
-    _number(cfg, "max_nonfinite_in_a_row", 1, integer=True)
-    _number(cfg, "lr_warmup_steps", 0, integer=True)
     _choice(cfg, "resume", (None, "auto"))
-    _number(cfg, "optimizer.lr", 0, low_open=True)
-    _number(cfg, "optimizer.weight_decay", 0)
-    if isinstance(_get(cfg, "data.batch_size"), Mapping):  # joint training: a batch size per modality
-        for modality in _get(cfg, "data.batch_size"):
-            _number(cfg, f"data.batch_size.{modality}", 1, integer=True)
-    else:
-        _number(cfg, "data.batch_size", 1, integer=True)
-    _number(cfg, "data.num_workers", 0, integer=True)
     _number(cfg, "global_batch_size", 1, integer=True)
-    _number(cfg, "trainer.max_steps", 1, integer=True, allowed_extra=(-1,))
     _number(cfg, "trainer.log_every_n_steps", 1, integer=True)
     _number(cfg, "trainer.accumulate_grad_batches", 1, integer=True)
     _number(cfg, "trainer.gradient_clip_val", 0)
-    _number(cfg, "callbacks.checkpoint.every_n_train_steps", 0, integer=True)
-    _number(cfg, "callbacks.checkpoint.save_top_k", -1, integer=True)
     _number(cfg, "callbacks.samples.every_n_steps", 0, integer=True)
-    if _get(cfg, "objective") is None:
-        return
-    ratio = _get(cfg, "objective.mask_ratio")
-    ratios = ratio.items() if isinstance(ratio, Mapping) else [(None, ratio)]
-    for modality, value in ratios:
-        key = "objective.mask_ratio" if modality is None else f"objective.mask_ratio.{modality}"
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise ConfigError(f"{key}={value!r} is out of range: use a number in [0, 0.5]")
-        try:
-            check_mask_ratio(float(value), key)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-    _choice(cfg, "objective.mask_mode", MASK_MODES)
-    _number(cfg, "objective.gamma", 0)
-    _number(cfg, "objective.class_dropout", 0, 1)
-    _number(cfg, "objective.ema_decay", 0, 1, high_open=True)
-    _number(cfg, "objective.loss_buckets", 1, integer=True)
-    check_layers(cfg)
 
 
-def check_layers(cfg: DictConfig) -> None:
-    """1 <= student_layer < teacher_layer <= model.depth (null layers take the method's defaults)."""
-    from selfflow.objectives.selfflow import default_layers
-
-    depth = _number(cfg, "model.depth", 1, integer=True)
-    width = _number(cfg, "model.width", 1, integer=True)
-    heads = _number(cfg, "model.heads", 1, integer=True)
-    if width and heads and width % heads:
-        raise ConfigError(f"model.width={width} must be a multiple of model.heads={heads}")
-    student = _number(cfg, "objective.student_layer", 1, integer=True)
-    teacher = _number(cfg, "objective.teacher_layer", 1, integer=True)
-    if depth is None:
-        return
-    auto_student, auto_teacher = default_layers(depth)
-    student = auto_student if student is None else student
-    teacher = auto_teacher if teacher is None else teacher
-    if teacher > depth:
-        raise ConfigError(f"objective.teacher_layer={teacher} is beyond the model's depth: use a block in "
-                          f"[{student + 1}, {depth}] (model.depth={depth})")
-    if student >= teacher:
-        raise ConfigError(f"objective.student_layer={student} must be below objective.teacher_layer={teacher}: use "
-                          f"1 <= student_layer < teacher_layer <= model.depth ({depth})")
-
-
-def _parameters(target: str) -> set[str] | None:
+def target_parameters(target: str) -> set[str] | None:
     """Keyword names `target` accepts; None when it takes **kwargs or cannot be inspected."""
     from hydra.utils import get_object
 
@@ -143,7 +95,7 @@ def check_keys(node: Any, path: str = "") -> None:
     keys = [k for k in node.keys() if not (path == "" and k == "hydra")]
     target = node.get("_target_") if "_target_" in node else None
     if isinstance(target, str):
-        accepted = _parameters(target)
+        accepted = target_parameters(target)
         if accepted is not None:
             for key in keys:
                 if key not in accepted and key not in HYDRA_KEYS:
@@ -158,7 +110,65 @@ def check_keys(node: Any, path: str = "") -> None:
         check_keys(node[key], full)
 
 
+def check_tokenizers_take_geometry_from_the_data(cfg: DictConfig) -> None:
+    """The sample geometry (image size, channels, frames, ...) is the data's: a tokenizer config that sets it
+    would disagree with the data sooner or later."""
+    from selfflow.training.datamodule import GEOMETRY_KEYS
+
+    for modality, spec in (cfg.get("tokenizer") or {}).items():
+        for key in GEOMETRY_KEYS:
+            if key in spec.keys():
+                raise ConfigError(f"tokenizer.{modality}.{key} is set, but the tokenizer takes {key} from the data: "
+                                  f"remove it and set data.dataset.{key} (a mixture: data.sources.<modality>."
+                                  f"dataset.{key})")
+
+
+def built(group: str | None, build: Callable[[], Any]) -> Any:
+    """`build()`, whose constructor errors (a value out of range, of the wrong type) become one ConfigError line,
+    prefixed with the config group unless the message starts with it (or the group is None: top-level keys)."""
+    try:
+        return build()
+    except Exception as error:  # noqa: BLE001 - classified below
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        chain = [error]
+        while chain[-1].__cause__ is not None:  # Hydra wraps the constructor's own error
+            chain.append(chain[-1].__cause__)
+        cause = next((e for e in reversed(chain)
+                      if isinstance(e, (ValueError, TypeError, MisconfigurationException))), None)
+        if cause is None:
+            raise
+        message = first_line(cause)
+        raise ConfigError(message if group is None or message.startswith(group) else f"{group}: {message}") from error
+
+
+def build_on_meta(cfg: DictConfig) -> None:
+    """Build what the run is made of without reading data or allocating memory, so that every constructor checks
+    its own options now: the data module, the callbacks, and the model (one input channel per modality, one
+    class), objective, training module and optimizer on the meta device."""
+    from hydra.utils import instantiate
+
+    from selfflow.training.build import tokenizer_configs
+    from selfflow.training.module import SelfFlowModule
+
+    built("data", lambda: instantiate(cfg.data))
+    modalities = built(None, lambda: list(tokenizer_configs(cfg)))  # its messages name the groups they join
+    for name, callback in (cfg.get("callbacks") or {}).items():
+        if callback is not None:
+            built(f"callbacks.{name}", lambda: instantiate(callback))
+    with torch.device("meta"):
+        model = built("model", lambda: instantiate(cfg.model)(token_channels={m: 1 for m in modalities},
+                                                               num_classes=1))
+        objective = built("objective", lambda: instantiate(cfg.objective)(model=model))
+        module = built(None, lambda: SelfFlowModule(
+            objective, {}, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
+            max_nonfinite_in_a_row=cfg.get("max_nonfinite_in_a_row", 5)))
+        built("optimizer", lambda: module.optimizer_factory(list(objective.parameters())))
+
+
 def validate_config(cfg: DictConfig) -> None:
     """All start-up checks; raises ConfigError with one line on the first problem."""
     check_keys(cfg)
-    check_ranges(cfg)
+    check_unowned_ranges(cfg)
+    check_tokenizers_take_geometry_from_the_data(cfg)
+    build_on_meta(cfg)
