@@ -185,3 +185,13 @@ def test_every_command_the_package_names_exists():
     missing = {name: where for name, where in named.items() if name not in installed | NOT_COMMANDS}
     assert not missing, f"commands named but not installed: {missing}"
     assert {"selfflow-train", "selfflow-export", "selfflow-shards", "selfflow-reference"} <= set(named)
+
+
+def readme_python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+
+
+@pytest.mark.parametrize("block", readme_python_blocks())
+def test_the_readme_python_examples_run_as_printed(block):
+    """Each ```python block of the README runs in a fresh namespace (the public API as the README shows it)."""
+    exec(compile(block, "README.md", "exec"), {})
