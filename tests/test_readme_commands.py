@@ -123,7 +123,7 @@ def check_command(words: list[str], monkeypatch) -> None:
         return compose_overrides(CONFIG_OF[words[module]], words[module + 1:])
     if program in CONFIG_OF:
         return compose_overrides(CONFIG_OF[program], words[1:])
-    if words[:2] == ["python", "-m"] and words[2] == "pytest" or words[:2] == ["pip", "install"]:
+    if words[:2] == ["python", "-m"] and words[2] == "pytest" or words[:2] == ["pip", "install"] or program == "ruff":
         return None
     if words[:2] == ["python", "-m"] and words[2].startswith("tools."):
         return parse_tool(words, monkeypatch)
