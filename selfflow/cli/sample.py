@@ -67,11 +67,12 @@ def fid_config(cfg: DictConfig, out_dir: Path, device) -> DictConfig:
         if cfg.get(key) is None:
             raise ValueError(f"metrics=fid needs {key}=...: fid_ref=REF.npz|FOLDER (e.g. the ADM reference batch) "
                              f"inception=pt_inception-2015-12-05-6726825d.pth (see docs/evaluation.md)")
-    defaults = OmegaConf.load(files("selfflow.conf").joinpath("eval.yaml"))
-    eval_cfg = OmegaConf.merge({k: v for k, v in defaults.items() if k not in ("defaults", "hydra")},
-                               {"samples": str(out_dir / "samples.npz"), "ref": str(cfg.fid_ref),
+    eval_cfg = OmegaConf.load(files("selfflow.conf").joinpath("eval.yaml"))
+    for key in ("defaults", "hydra"):
+        eval_cfg.pop(key)
+    eval_cfg = OmegaConf.merge(eval_cfg, {"samples": str(out_dir / "samples.npz"), "ref": str(cfg.fid_ref),
                                 "inception": str(cfg.inception), "out": str(out_dir / "metrics.json"),
-                                "device": str(device), "progress": cfg.progress})
+                               "device": str(device), "progress": cfg.progress})
     try:
         import torch_fidelity  # noqa: F401
     except ImportError as error:
