@@ -11,10 +11,25 @@ from tests.helpers.eval_files import smooth_images
 pytest.importorskip("torch_fidelity")
 
 
+def counted(monkeypatch, module, name: str) -> list[int]:
+    """Count the calls of `module.name` (the callback imports it from there when it runs)."""
+    calls, original = [], getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+@pytest.mark.slow
 def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the_checkpoint(tiny_train_cfg, tmp_path,
-                                                                                           inception_file):
+                                                                                           inception_file,
+                                                                                           monkeypatch):
     import lightning as L
 
+    from selfflow.evaluation import eval_sets, inception
     from selfflow.training.build import build_run
     from selfflow.training.fid_callback import FIDCallback
     from tests.test_sample_cli import run_sample
@@ -31,7 +46,10 @@ def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the
         run.trainer.fit(run.module, datamodule=run.datamodule)
         return run
 
+    loads, ref_stats = counted(monkeypatch, inception, "load_inception"), counted(monkeypatch, eval_sets,
+                                                                                  "reference_pool_stats")
     run = train(tmp_path / "a", *fid)
+    assert len(loads) == 1 and len(ref_stats) == 1  # once per run, reused at every evaluation
     callback = next(c for c in run.trainer.callbacks if isinstance(c, FIDCallback))
     with open(tmp_path / "a" / "metrics.csv") as f:
         logged = {int(r["step"]): float(r["val/fid"]) for r in csv.DictReader(f) if r.get("val/fid")}
@@ -44,7 +62,9 @@ def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the
                          f"inception={inception_file}", "per_sample_files=false")
     assert summary["metrics"]["fid"] == pytest.approx(logged[4], rel=1e-5)
 
-    plain = train(tmp_path / "b")  # off by default: nothing logged, the same training
+    loads.clear()
+    plain = train(tmp_path / "b")  # off by default: no Inception loaded, nothing logged, the same training
+    assert loads == []
     with open(tmp_path / "b" / "metrics.csv") as f:
         assert "val/fid" not in next(csv.reader(f))
     for a, b in zip(run.module.objective.parameters(), plain.module.objective.parameters()):
