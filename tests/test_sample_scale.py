@@ -2,6 +2,7 @@
 number of processes, resume after a kill, settings pinned per out_dir, launcher ranks."""
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -102,3 +103,26 @@ def test_ranks_come_from_torchrun_or_slurm_and_a_slurm_node_gets_a_rendezvous():
         rendezvous_environment(slurm, {"SLURM_NNODES": "2"})
     with pytest.raises(ValueError, match="RANK=4 outside 0..WORLD_SIZE-1=1"):
         launcher_ranks({"RANK": "4", "WORLD_SIZE": "2"})
+
+
+def evaluation_doc_commands() -> list[str]:
+    """The selfflow / torchrun / srun command lines of docs/evaluation.md's bash blocks."""
+    from tests.test_readme_commands import ROOT, logical_lines
+
+    text = (ROOT / "docs" / "evaluation.md").read_text()
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in logical_lines(block)]
+    return [line for line in lines if re.match(r"(selfflow-|torchrun |srun )", line)]
+
+
+@pytest.mark.parametrize("line", evaluation_doc_commands())
+def test_the_commands_of_the_evaluation_guide_parse_as_printed(line, monkeypatch):
+    from tests.test_readme_commands import check_command, shell_commands
+
+    for words in shell_commands(line):
+        check_command(words, monkeypatch)
+
+
+def test_the_evaluation_guide_shows_sharded_sampling_and_the_fid_callback():
+    commands = evaluation_doc_commands()
+    assert any(c.startswith("torchrun") and "selfflow.cli.sample" in c for c in commands)
+    assert any("callbacks.fid.every_n_steps=" in c for c in commands) and len(commands) >= 8
