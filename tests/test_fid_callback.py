@@ -99,3 +99,22 @@ def test_a_reference_with_adm_statistics_gives_them_without_running_its_images(t
     np.testing.assert_array_equal(stats.sigma, a @ a.T)
     np.savez(tmp_path / "images.npz", arr_0=smooth_images(3))  # images only: their statistics
     assert reference_pool_stats(tmp_path / "images.npz", load_inception(inception_file)).mu.shape == (2048,)
+
+
+@pytest.mark.slow
+def test_on_two_ddp_processes_each_samples_its_block_and_val_fid_is_that_of_all_samples(tmp_path, inception_file):
+    from tests.test_distributed import train_cli
+    from tests.test_sample_cli import run_sample
+
+    np.savez(tmp_path / "ref.npz", arr_0=smooth_images(6, size=(16, 16)))
+    run_dir = train_cli(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", "callbacks.fid.every_n_steps=4",
+                        f"callbacks.fid.ref={tmp_path / 'ref.npz'}", f"callbacks.fid.inception={inception_file}",
+                        "callbacks.fid.num_samples=5", "callbacks.fid.batch_size=2", "callbacks.fid.steps=2")
+    with open(run_dir / "metrics.csv") as f:
+        logged = {int(r["step"]): float(r["val/fid"]) for r in csv.DictReader(f) if r.get("val/fid")}
+    assert sorted(logged) == [4]  # once, by rank 0
+    # blocks of 2 and 3 samples, gathered in index order: the FID of the 5 samples of the step-4 checkpoint
+    summary = run_sample(run_dir / "checkpoints" / "last.ckpt", tmp_path / "sampled", "num_samples=5", "steps=2",
+                         "sampler=euler", "metrics=fid", f"fid_ref={tmp_path / 'ref.npz'}",
+                         f"inception={inception_file}", "per_sample_files=false")
+    assert summary["metrics"]["fid"] == pytest.approx(logged[4], rel=1e-5)
