@@ -24,8 +24,8 @@ MODALITY = "image"
 
 
 def own_random_state(device: torch.device) -> AbstractContextManager:
-    """The global RNGs (CPU, and `device`'s if a GPU) as they were after the block: whatever the callback draws
-    leaves training's random stream untouched."""
+    """The global RNGs (CPU, and `device`'s if a GPU) put back after the block as they were before it: whatever the
+    callback draws leaves training's random stream untouched."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
