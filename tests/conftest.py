@@ -90,3 +90,12 @@ def cifar_classes(tmp_path_factory) -> Path:
             for path in sorted((source / split / name).iterdir())[:count]:
                 shutil.copy(path, root / split / name / path.name)
     return root
+
+
+@pytest.fixture(scope="session")
+def inception_file(tmp_path_factory) -> Path:
+    """A stand-in for the FID Inception weights file (tests.helpers.eval_files.write_inception_file)."""
+    pytest.importorskip("torch_fidelity")
+    from tests.helpers.eval_files import write_inception_file
+
+    return write_inception_file(tmp_path_factory.mktemp("weights"))

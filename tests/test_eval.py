@@ -31,41 +31,14 @@ from selfflow.evaluation.standard_metrics import (
     precision_recall,
     standard_metrics,
 )
+from tests.helpers.eval_files import random_inception_state, smooth_images
 
 pytest.importorskip("torch_fidelity")
-
-
-def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The FID InceptionV3's tensors (torchvision's Inception3 with 1,008 classes and no auxiliary head, the
-    module names pytorch-fid's and torch-fidelity's files use), He-initialised so that activations stay O(1)."""
-    import torchvision
-
-    torch.manual_seed(seed)
-    network = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
-    for module in network.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    # converted TensorFlow weights carry no BatchNorm step counters
-    return {k: v for k, v in network.state_dict().items() if not k.endswith("num_batches_tracked")}
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("weights") / WEIGHTS_FILE
-    torch.save(random_inception_state(), path)
-    return path
 
 
 @pytest.fixture(scope="module")
 def extractor(inception_file):
     return load_inception(inception_file)
-
-
-def smooth_images(n: int, size: tuple[int, int] = (32, 32), seed: int = 0) -> np.ndarray:
-    """uint8 [n, h, w, 3]: blurry colour fields, unlike each other and unlike noise."""
-    coarse = torch.rand(n, 3, 4, 4, generator=torch.Generator().manual_seed(seed))
-    fine = torch.nn.functional.interpolate(coarse, size=size, mode="bilinear", align_corners=False)
-    return (fine * 255).round().byte().permute(0, 2, 3, 1).numpy()
 
 
 def corrupt(images: np.ndarray, strength: float, seed: int = 1) -> np.ndarray:

@@ -248,19 +248,24 @@ def test_sample_cli_as_a_user_runs_it(tiny_ckpt, tmp_path):
 
 
 def test_sample_writer_dispatches_video_and_audio(tmp_path):
-    from selfflow.sampling.job import SampleWriter
+    from selfflow.sampling.chunks import ChunkStore
+    from selfflow.sampling.job import SampleWriter, stored_form
+
+    def write(writer, store, chunks):
+        for chunk, samples in enumerate(chunks):
+            writer.add(samples, store.ranges[chunk])
+            store.write(chunk, torch.zeros(len(samples), dtype=torch.long), stored_form(writer.io, samples))
+        return writer.finish(store, torch.zeros(store.ranges[-1].stop, dtype=torch.long), nrow=None)
 
     video = SampleWriter("video", SimpleNamespace(fps=4), tmp_path / "v", grid_upscale=1)
-    video.add(torch.rand(2, 4, 3, 8, 8), range(0, 2))
-    video.add(torch.rand(1, 4, 3, 8, 8), range(2, 3))
-    files = video.finish(torch.zeros(3, dtype=torch.long), nrow=None)
-    assert [p.name for p in files["videos"]] == ["000000.mp4", "000001.mp4", "000002.mp4"]
-    assert Image.open(files["contact_sheet"][0]).height > 3 * 8
+    files = write(video, ChunkStore(tmp_path / "v", 3, 2), [torch.rand(2, 4, 3, 8, 8), torch.rand(1, 4, 3, 8, 8)])
+    assert sorted(p.name for p in files["videos"].iterdir()) == ["000000.mp4", "000001.mp4", "000002.mp4"]
+    assert Image.open(files["contact_sheet"]).height > 3 * 8
     audio = SampleWriter("audio", SimpleNamespace(sample_rate=8000), tmp_path / "a", grid_upscale=1)
-    audio.add(torch.rand(2, 4000) - 0.5, range(2))
-    files = audio.finish(torch.zeros(2, dtype=torch.long), nrow=None)
-    assert [p.name for p in files["audio"]] == ["000000.wav", "000001.wav"]
-    assert all(p.is_file() for p in files["spectrograms"])
+    files = write(audio, ChunkStore(tmp_path / "a", 2, 2), [torch.rand(2, 4000) - 0.5])
+    assert sorted(p.name for p in files["audio"].iterdir()) == ["000000.png", "000000.wav", "000001.png",
+                                                               "000001.wav"]
+    assert "npz" not in files and not (tmp_path / "a" / "samples.npz").exists()
 
 
 def test_bf16_autocast_is_close_to_fp32_and_auto_means_fp32_on_cpu():

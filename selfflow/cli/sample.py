@@ -25,11 +25,21 @@ from omegaconf import DictConfig, OmegaConf
 from selfflow.cli.errors import friendly_errors
 
 LENGTH_OPTIONS = ("size", "duration", "frames")
+METRICS = {False: None, None: None, True: "reference", "reference": "reference", "fid": "fid"}
+
+
+def metrics_kind(value) -> str | None:
+    """metrics=false, true (= reference: a local reference classifier's space) or fid (selfflow-eval)."""
+    if isinstance(value, (bool, str)) or value is None:
+        if value in METRICS:
+            return METRICS[value]
+    raise ValueError(f"metrics={value!r} is unknown; choose false, true (= reference: Frechet distance and accuracy "
+                     f"of a reference classifier) or fid (FID, sFID, IS, precision, recall with selfflow-eval)")
 
 
 def build_metrics(cfg: DictConfig, loaded, device, modality: str):
     """(extractor, features of the real data) for metrics=true, else (None, None)."""
-    if not cfg.metrics:
+    if metrics_kind(cfg.metrics) != "reference":
         return None, None
     from hydra.utils import instantiate
 
@@ -45,72 +55,136 @@ def build_metrics(cfg: DictConfig, loaded, device, modality: str):
                              f"checkpoint {cfg.ckpt}", cfg.metrics_max_real)
 
 
+def fid_config(cfg: DictConfig, out_dir: Path, device) -> DictConfig:
+    """selfflow-eval's config (its defaults from conf/eval.yaml) for samples.npz against fid_ref, checked before any
+    sampling: the reference exists, the weights file is a safe state dict, torch-fidelity is installed."""
+    from importlib.resources import files
+
+    from selfflow.cli.eval import check_inputs
+    from selfflow.evaluation.inception import read_weights
+
+    for key in ("fid_ref", "inception"):
+        if cfg.get(key) is None:
+            raise ValueError(f"metrics=fid needs {key}=...: fid_ref=REF.npz|FOLDER (e.g. the ADM reference batch) "
+                             f"inception=pt_inception-2015-12-05-6726825d.pth (see docs/evaluation.md)")
+    eval_cfg = OmegaConf.load(files("selfflow.conf").joinpath("eval.yaml"))
+    for key in ("defaults", "hydra"):
+        eval_cfg.pop(key)
+    eval_cfg = OmegaConf.merge(eval_cfg, {"samples": str(out_dir / "samples.npz"), "ref": str(cfg.fid_ref),
+                                "inception": str(cfg.inception), "out": str(out_dir / "metrics.json"),
+                               "device": str(device), "progress": cfg.progress})
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError as error:
+        raise ModuleNotFoundError(f"metrics=fid needs torch-fidelity: pip install -e '.[eval]' ({error})") from None
+    check_inputs(OmegaConf.merge(eval_cfg, {"samples": str(cfg.fid_ref)}))  # the samples are not there yet
+    read_weights(cfg.inception)
+    return eval_cfg
+
+
 def sample(cfg: DictConfig) -> dict[str, Any]:
-    """Run selfflow-sample from its config; returns the summary written to sampling.json."""
+    """Run selfflow-sample from its config, in each process of a launch; returns the summary written to
+    sampling.json (by rank 0)."""
+    from selfflow.sampling.ranks import launcher_ranks, process_device, process_group
+
+    ranks = launcher_ranks()
+    device = process_device(ranks, cfg.device)
+    with process_group(ranks, device) as group:
+        return sample_in_group(cfg, ranks, device, group)
+
+
+def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     from rich.progress import Progress
 
+    from selfflow.data.cache import file_digest
     from selfflow.evaluation.sample_metrics import FeatureAccumulator, sample_metrics
-    from selfflow.sampling.generate import resolve_device
-    from selfflow.sampling.job import (DEFAULT_SOLVERS, SampleWriter, SamplingPlan, generate_batches,
-                                       load_sampling_model, pick_modality, sampling_condition, solver_options)
-    from selfflow.sampling.modalities import load_init, tokenizer_at_length
+    from selfflow.sampling.chunks import ChunkStore
+    from selfflow.sampling.job import (DEFAULT_SOLVERS, SampleWriter, SamplingPlan, batches, job_settings,
+                                       load_sampling_model, pick_modality, sample_chunks, sampling_condition,
+                                       solver_options)
+    from selfflow.sampling.modalities import load_init, modality_io, tokenizer_at_length
 
-    device = resolve_device(cfg.device)
+    out_dir = Path(cfg.out_dir)
+    group.check_same(str(out_dir.resolve()), "out_dir")
+    kind = metrics_kind(cfg.metrics)
+    eval_cfg = fid_config(cfg, out_dir, device) if kind == "fid" else None
     loaded = load_sampling_model(str(cfg.ckpt), cfg.weights, cfg.vae)
     default_sampler, default_steps = DEFAULT_SOLVERS[loaded.kind]
     sampler, steps = cfg.sampler or default_sampler, int(cfg.steps or default_steps)
     modality = pick_modality(cfg.modality, loaded.tokenizers)
-    model = loaded.model.to(device).eval()
+    if kind == "fid" and not modality_io(modality).arrays:
+        raise ValueError(f"metrics=fid measures images; this checkpoint samples {modality}")
     lengths = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg.get(key)) else cfg.get(key)
                for key in LENGTH_OPTIONS}
     tokenizer = tokenizer_at_length(loaded.tokenizers[modality], modality, lengths).to(device)
     labels = OmegaConf.to_object(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels
     prompt = OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.get("prompt")) else cfg.get("prompt")
-    condition = sampling_condition(model, tokenizer, loaded.tokenizers, labels, cfg.num_samples, prompt)
+    condition = sampling_condition(loaded.model, tokenizer, loaded.tokenizers, labels, cfg.num_samples, prompt)
     options = solver_options(sampler, cfg.sde_last_step, cfg.sde_last_step_mode)
     plan = SamplingPlan(tokenizer, condition, sampler, steps, cfg.cfg_scale, tuple(cfg.guidance_interval), cfg.shift,
                         options, cfg.precision, cfg.seed, cfg.batch_size,
                         load_init(cfg.init, tokenizer).to(device) if cfg.get("init") else None, cfg.strength)
-    extractor, real = build_metrics(cfg, loaded, device, modality)
-    features = FeatureAccumulator(extractor) if extractor is not None else None
-    out_dir = Path(cfg.out_dir)
-    writer = SampleWriter(modality, tokenizer, out_dir, cfg.upscale, cfg.grid_upscale, cfg.grid_max)
-    nfe = model_calls = 0
+    requests = {"labels": labels, "prompt": prompt, **lengths,
+                "init_sha256": file_digest(Path(cfg.init).expanduser()) if cfg.get("init") else None}
+    settings = job_settings(loaded.model, tokenizer, modality, plan, device, cfg.chunk_size, requests)
+    model = loaded.model.to(device).eval()
+    extractor, real = build_metrics(cfg, loaded, device, modality) if ranks.is_main else (None, None)
+
+    store = ChunkStore(out_dir, plan.num_samples, cfg.chunk_size)
+    if store.check_settings(settings) and ranks.is_main:
+        store.write_settings(settings, {"ckpt": str(cfg.ckpt), "weights": cfg.weights})
+    todo = store.missing()
+    group.barrier()  # every process has listed the chunks on disk before any is written
+    mine = todo[ranks.rank::ranks.world]
+    writer = SampleWriter(modality, tokenizer, out_dir, cfg.upscale, cfg.grid_upscale, cfg.grid_max,
+                          cfg.per_sample_files)
     started = time.perf_counter()
-    with Progress(disable=not cfg.progress, transient=True) as progress:
-        task = progress.add_task(f"sampling ({sampler}, {steps} steps)", total=-(-plan.num_samples // plan.batch_size)
-                                 * steps)
-        for part, decoded, out in generate_batches(model, plan, on_evaluation=lambda: progress.advance(task)):
-            writer.add(decoded, part)
-            if features is not None:
-                features.add(decoded, condition.labels[part.start:part.stop])
-            nfe, model_calls = out.nfe, model_calls + out.model_calls
+    with Progress(disable=not (cfg.progress and ranks.is_main), transient=True) as progress:
+        evaluations = sum(len(batches(len(store.ranges[k]), plan.batch_size)) for k in mine) * plan.nfe
+        task = progress.add_task(f"sampling ({sampler}, {steps} steps)", total=evaluations)
+        model_calls = sample_chunks(model, plan, store, mine, writer, on_evaluation=lambda: progress.advance(task))
     seconds = time.perf_counter() - started
-    guided = model.num_classes > 0 and cfg.labels is None
-    files = writer.finish(condition.labels, nrow=min(model.num_classes, 10) if guided else None)
+    model_calls, sampled = group.sum([model_calls, len(mine)])  # returns once every process has written its chunks
     summary = {
         "ckpt": str(cfg.ckpt), "weights": cfg.weights, "modality": modality, "num_samples": cfg.num_samples,
-        "sampler": sampler, **{f"sde_{k}": v for k, v in options.items()}, "steps": steps, "nfe": nfe,
+        "sampler": sampler, **{f"sde_{k}": v for k, v in options.items()}, "steps": steps, "nfe": plan.nfe,
         "model_forward_passes": model_calls, "cfg_scale": cfg.cfg_scale,
         "guidance_interval": list(cfg.guidance_interval), "shift": cfg.shift, "seed": cfg.seed,
-        "batch_size": cfg.batch_size, "device": str(device), "seconds": round(seconds, 3),
+        "batch_size": cfg.batch_size, "chunk_size": cfg.chunk_size, "chunks": len(store.ranges),
+        "chunks_sampled": sampled, "processes": ranks.world, "device": str(device), "seconds": round(seconds, 3),
         "labels": condition.labels.tolist(), "prompt": prompt,
         "size": list(tokenizer.image_size) if modality == "image" and hasattr(tokenizer, "image_size") else None,
         "init": cfg.get("init"), "strength": cfg.get("strength") if cfg.get("init") else None,
-        "files": {k: str(v[0].parent if len(v) > 1 else v[0]) for k, v in files.items()},
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if not ranks.is_main:
+        return summary
+    features = FeatureAccumulator(extractor) if extractor is not None else None
+    guided = model.num_classes > 0 and cfg.labels is None
+    files = writer.finish(store, condition.labels, nrow=min(model.num_classes, 10) if guided else None,
+                          visit=None if features is None else lambda s, y: features.add(s.to(device), y))
+    summary["files"] = {k: str(v) for k, v in files.items()}
+    if not cfg.keep_parts:
+        store.remove()
+    else:
+        store.remove_temporary()
     (out_dir / "sampling.json").write_text(json.dumps(summary, indent=2))
-    print(f"selfflow-sample: {cfg.num_samples} {modality} samples, sampler={sampler}, NFE={nfe} per sample "
-          f"({model_calls} model forward passes), {seconds:.1f} s; outputs in {out_dir.resolve()}")
+    resumed = f", {len(store.ranges) - sampled} of {len(store.ranges)} chunks were on disk" if sampled < len(
+        store.ranges) else ""
+    print(f"selfflow-sample: {cfg.num_samples} {modality} samples, sampler={sampler}, NFE={plan.nfe} per sample "
+          f"({model_calls} model forward passes, {ranks.world} process{'es' if ranks.world > 1 else ''}"
+          f"{resumed}), {seconds:.1f} s; outputs in {out_dir.resolve()}")
     if features is not None:
-        metrics = {**sample_metrics(features, real), "sampler": sampler, "nfe": nfe, "cfg_scale": cfg.cfg_scale,
+        metrics = {**sample_metrics(features, real), "sampler": sampler, "nfe": plan.nfe, "cfg_scale": cfg.cfg_scale,
                    "reference": str(cfg.reference) if cfg.feature_extractor is None else "feature_extractor"}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         accuracy = metrics["classifier_accuracy"]
         print(f"selfflow-sample: Frechet distance {metrics['frechet_distance']:.3f}, classifier accuracy "
               f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} -> {out_dir / 'metrics.json'}")
         summary["metrics"] = metrics
+    if eval_cfg is not None:
+        from selfflow.cli.eval import evaluate
+
+        summary["metrics"] = evaluate(eval_cfg)
     return summary
 
 

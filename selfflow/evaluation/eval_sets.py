@@ -84,6 +84,17 @@ def load_eval_set(path: str | os.PathLike, extractor: InceptionExtractor, batch_
     return EvalSet(str(path), pool_stats, spatial_stats, pool=pool, count=None if pool is None else len(pool))
 
 
+def reference_pool_stats(path: str | os.PathLike, extractor: InceptionExtractor, batch_size: int = 64) -> GaussianStats:
+    """A reference's pool_3 statistics for FID alone: stored `mu, sigma` of an .npz (which take precedence, as in
+    load_eval_set), else those of its images or of a folder's images."""
+    path = Path(path).expanduser()
+    if path.is_file():
+        stored = _stored_stats(path, npz_keys(path), POOL_STATS_KEYS)
+        if stored is not None:
+            return stored
+    return load_eval_set(path, extractor, batch_size).pool_stats
+
+
 def write_stats(eval_set: EvalSet, path: str | os.PathLike) -> Path:
     """mu, sigma, mu_s, sigma_s (the ADM layout) and pool_features, written atomically: reusable as ref=PATH."""
     path = Path(path).expanduser()

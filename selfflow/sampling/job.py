@@ -7,6 +7,7 @@ noise depends on (seed, i) only, so the same seed gives the same samples for any
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,8 +20,9 @@ from torch import Tensor
 
 from selfflow.interop.official import OFFICIAL_PREFIX
 from selfflow.sampling import writers
-from selfflow.sampling.generate import Generation, NoiseSource, sample_generators, sample_tokens
-from selfflow.sampling.modalities import modality_io
+from selfflow.sampling.generate import Generation, NoiseSource, autocast_dtype, sample_generators, sample_tokens
+from selfflow.sampling.chunks import ChunkStore
+from selfflow.sampling.modalities import ModalityIO, modality_io
 from selfflow.sampling.prompted import prompt_text
 from selfflow.sampling.refine import refine_tokens
 from selfflow.tokenizers.base import Tokenizer
@@ -128,6 +130,11 @@ class SamplingPlan:
     def num_samples(self) -> int:
         return self.condition.batch_size
 
+    @property
+    def nfe(self) -> int:
+        """Model evaluations per sample: `steps` (none when refining at strength 0)."""
+        return 0 if self.init is not None and self.strength == 0 else self.steps
+
 
 def generate_batches(model, plan: SamplingPlan, on_evaluation: Callable[[], None] | None = None,
                      parts: list[range] | None = None) -> Iterator[tuple[range, Tensor, Generation]]:
@@ -146,33 +153,113 @@ def generate_batches(model, plan: SamplingPlan, on_evaluation: Callable[[], None
         yield part, plan.tokenizer.decode(out.tokens).float(), out
 
 
+def job_settings(model, tokenizer: Tokenizer, modality: str, plan: SamplingPlan, device: torch.device,
+                 chunk_size: int, requests: dict[str, Any]) -> dict[str, Any]:
+    """What decides a job's samples, as job.json keeps it: the weights (by content), the tokenizer (a VAE by its
+    fingerprint), the solver, guidance, precision as resolved on `device`, seed, count and chunking, and what the user
+    asked for (`requests`: labels, prompt, size, ...). A restart with other settings is refused."""
+    autocast = autocast_dtype(device, plan.precision)
+    return {"model_sha256": state_digest(model), "tokenizer": type(tokenizer).__name__,
+            "vae_fingerprint": getattr(tokenizer, "fingerprint", None), "modality": modality,
+            "num_samples": plan.num_samples, "chunk_size": chunk_size, "sampler": plan.solver, "steps": plan.steps,
+            "solver_options": plan.solver_options, "cfg_scale": plan.cfg_scale,
+            "guidance_interval": list(plan.guidance_interval), "shift": plan.shift,
+            "autocast": "bf16" if autocast is torch.bfloat16 else "fp32", "seed": plan.seed,
+            "strength": plan.strength if plan.init is not None else None, **requests}
+
+
+def state_digest(module: torch.nn.Module) -> str:
+    """sha256 of a model's tensors (names, dtypes, shapes, bytes): which weights sample, wherever the file lies."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().data if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def stored_form(io: ModalityIO, samples: Tensor) -> np.ndarray:
+    """Decoded samples as a chunk keeps them: images as their uint8 pixels [B, C, H, W] (what every image file and
+    samples.npz hold), other modalities as float32."""
+    return writers.quantize(samples).cpu().numpy() if io.arrays else samples.float().cpu().numpy()
+
+
+def decoded_form(io: ModalityIO, stored: np.ndarray) -> Tensor:
+    """A chunk's samples as the writers and metrics take them: float, images in [0, 1]."""
+    samples = torch.from_numpy(stored)
+    return samples.float() / 255 if io.arrays else samples
+
+
+def sample_chunks(model, plan: SamplingPlan, store: ChunkStore, chunks: list[int], writer: SampleWriter,
+                  on_evaluation: Callable[[], None] | None = None) -> int:
+    """Sample the given chunks batch by batch (per-sample files as each batch comes), then write each chunk's file;
+    returns the model forward passes taken."""
+    model_calls = 0
+    for chunk in chunks:
+        indices = store.ranges[chunk]
+        parts = [range(indices.start + b.start, indices.start + b.stop)
+                 for b in batches(len(indices), plan.batch_size)]
+        stored = []
+        for part, decoded, out in generate_batches(model, plan, on_evaluation, parts):
+            writer.add(decoded, part)
+            stored.append(stored_form(writer.io, decoded))
+            model_calls += out.model_calls
+        store.write(chunk, plan.condition.labels[indices.start:indices.stop], np.concatenate(stored))
+    return model_calls
+
+
 class SampleWriter:
-    """Writes each decoded batch as it comes: per-sample files, then a preview picture and (images) samples.npz."""
+    """Per-sample files as each batch comes (unless `per_sample_files` is off), then, from the job's chunk files, a
+    preview picture and (images) samples.npz."""
 
     def __init__(self, modality: str, tokenizer: Tokenizer, out_dir: Path, upscale: int = 1, grid_upscale: int = 4,
-                 grid_max: int = 100):
+                 grid_max: int = 100, per_sample_files: bool = True):
         self.io, self.tokenizer, self.out_dir = modality_io(modality), tokenizer, Path(out_dir)
         self.upscale, self.grid_upscale, self.grid_max = upscale, grid_upscale, grid_max
-        self.pixels: list[np.ndarray] = []
-        self.preview: list[Tensor] = []
-        self.files: dict[str, list[Path]] = {}
+        self.per_sample_files = per_sample_files
 
     def add(self, samples: Tensor, indices: range) -> None:
-        room = max(0, self.grid_max - sum(len(p) for p in self.preview))
-        if room:
-            self.preview.append(samples[:room].cpu())
-        if self.io.arrays:
-            self.pixels.append(writers.to_uint8(samples))
-        names = [f"{i:06d}" for i in indices]
-        written = self.io.write(samples, self.out_dir / self.io.folder, names, self.tokenizer, self.upscale)
-        for key, paths in written.items():
-            self.files.setdefault(key, []).extend(paths)
+        if self.per_sample_files:
+            self.io.write(samples, self.out_dir / self.io.folder, [f"{i:06d}" for i in indices], self.tokenizer,
+                          self.upscale)
 
-    def finish(self, labels: Tensor, nrow: int | None) -> dict[str, list[Path]]:
-        if self.io.preview_name is not None:
-            preview = self.io.preview(torch.cat(self.preview), self.out_dir / self.io.preview_name, self.tokenizer,
-                                      nrow=nrow, upscale=self.grid_upscale)
-            self.files[Path(self.io.preview_name).stem] = [preview]
+    def finish(self, store: ChunkStore, labels: Tensor, nrow: int | None,
+               visit: Callable[[Tensor, Tensor], None] | None = None) -> dict[str, Path]:
+        """Read the chunks in index order, one at a time: the first `grid_max` samples make the preview, images
+        stream into samples.npz (uint8 [N, H, W, 3] under arr_0, and labels), and `visit(samples, labels)` sees
+        every chunk (metrics). Returns the files written, by kind."""
+        dtype = np.dtype(np.uint8 if self.io.arrays else np.float32)
+        sample_shape = tuple(store.sample_header(0).shape[1:])
+        preview: list[Tensor] = []
+
+        def chunks() -> Iterator[np.ndarray]:
+            for chunk, indices in enumerate(store.ranges):
+                chunk_labels, stored = store.read(chunk, sample_shape, dtype)
+                if chunk_labels.tolist() != labels[indices.start:indices.stop].tolist():
+                    raise ValueError(f"{store.path(chunk)} holds other labels than this job's; delete it and run the "
+                                     f"job again to resample it")
+                samples = decoded_form(self.io, stored)
+                room = self.grid_max - sum(len(p) for p in preview)
+                if room > 0:
+                    preview.append(samples[:room])
+                if visit is not None:
+                    visit(samples, torch.from_numpy(chunk_labels))
+                yield stored
+
+        files: dict[str, Path] = {}
         if self.io.arrays:
-            self.files["npz"] = [writers.save_npz(np.concatenate(self.pixels), self.out_dir / "samples.npz", labels)]
-        return self.files
+            _, height, width = sample_shape
+            pixels = (writers.rgb_rows(stored) for stored in chunks())
+            files["npz"] = writers.write_npz_streamed(self.out_dir / "samples.npz", pixels,
+                                                      (len(labels), height, width, 3), np.dtype(np.uint8),
+                                                      {"labels": labels.cpu().numpy().astype(np.int64)})
+        else:
+            for _ in chunks():
+                pass
+        if self.per_sample_files:
+            files[self.io.folder] = self.out_dir / self.io.folder
+        if self.io.preview_name is not None:
+            files[Path(self.io.preview_name).stem] = self.io.preview(
+                torch.cat(preview), self.out_dir / self.io.preview_name, self.tokenizer, nrow=nrow,
+                upscale=self.grid_upscale)
+        return files
