@@ -15,8 +15,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from selfflow.cli.config_help import register_config_keys_resolver
 from selfflow.cli.errors import check_overrides, fail, friendly_errors
 from selfflow.training.run_folder import launching_process, lock_run_folder
+from selfflow.training.run_name import register_run_name_resolver
 
 # the single-modality experiment to pair with a modality's own data, plain and captioned
 EXPERIMENT_OF_MODALITY = {"image": "digits", "video": "video_digits", "audio": "audio_digits"}
@@ -57,6 +59,8 @@ def given_run_dir(args: list[str]) -> str | None:
 def main() -> None:
     """Bad overrides (unknown keys or options) stop here with one line, and so does a run folder that is in use
     or read-only (locked here, before Hydra writes its files into it); then Hydra composes and runs."""
+    register_config_keys_resolver()  # --help's key list
+    register_run_name_resolver()  # sweep folders named by their overrides (hydra.sweep.subdir)
     cfg = check_overrides("selfflow-train", "train", sys.argv[1:])
     if cfg is not None:
         check_data_fits_experiment(cfg, sys.argv[1:])
