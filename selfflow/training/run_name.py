@@ -18,7 +18,7 @@ MODES = ("subdir", "name", "group")
 
 
 def override_name(overrides: Sequence[str], leave_out: Sequence[str] = ()) -> str:
-    """`key=value` of each override joined by commas, keys shortened to their last part where that stays unique
+    """`key=value` of each override joined by commas in key order, keys shortened to their last part where that stays unique
     (objective.gamma=0 -> gamma=0), without NOT_NAMED, hydra.* and `leave_out` keys; path separators become "-"."""
     from selfflow.training.callbacks import file_stem
 
@@ -28,6 +28,7 @@ def override_name(overrides: Sequence[str], leave_out: Sequence[str] = ()) -> st
         key = key.lstrip("+~")
         if sep and not key.startswith("hydra.") and key not in (*NOT_NAMED, *leave_out):
             items.append((key, value))
+    items.sort()  # the same name whatever the order on the command line
     last_parts = [key.rsplit(".", 1)[-1] for key, _ in items]
     parts = [f"{short if last_parts.count(short) == 1 else key}={value}"
              for (key, value), short in zip(items, last_parts)]
