@@ -94,6 +94,7 @@ class SelfFlowModule(L.LightningModule):
         self.log("train/loss_flow", out.loss_flow, batch_size=batch_size)
         if out.loss_rep is not None:
             self.log("train/loss_rep", out.loss_rep, prog_bar=True, batch_size=batch_size)
+        if self.objective.gamma_schedule.kind != "constant":  # a constant gamma is in the hyperparameters
             self.log("train/gamma", out.gamma, batch_size=batch_size)
         self.bucket_sums += out.flow_bucket_sums
         self.bucket_counts += out.flow_bucket_counts

@@ -18,14 +18,17 @@ MODES = ("subdir", "name", "group")
 
 
 def override_name(overrides: Sequence[str], leave_out: Sequence[str] = ()) -> str:
-    """`key=value` of each override joined by commas in key order, keys shortened to their last part where that stays unique
-    (objective.gamma=0 -> gamma=0), without NOT_NAMED, hydra.* and `leave_out` keys; path separators become "-"."""
+    """`key=value` of each override joined by commas in key order, keys shortened to their last part where that
+    stays unique (objective.gamma=0 -> gamma=0), without deletions (~key), NOT_NAMED, hydra.* and `leave_out` keys;
+    path separators become "-"."""
     from selfflow.training.callbacks import file_stem
 
     items = []
     for text in overrides:
         key, sep, value = text.partition("=")
-        key = key.lstrip("+~")
+        if key.startswith("~"):  # a deletion (~callbacks.probe, written ~callbacks.probe=null in a sweep)
+            continue
+        key = key.lstrip("+")
         if sep and not key.startswith("hydra.") and key not in (*NOT_NAMED, *leave_out):
             items.append((key, value))
     items.sort()  # the same name whatever the order on the command line
