@@ -116,17 +116,25 @@ def test_a_run_shorter_than_the_logging_interval_still_logs_its_last_step(tiny_t
 
 # --- extra sampling EMAs ------------------------------------------------------------------------------------------
 
-def test_an_extra_sampling_ema_differs_from_the_teacher_and_is_sampled_and_probed_from(tiny_train_cfg, tmp_path):
-    from selfflow.cli.sample import sample
+EXTRA_EMA = ["objective.sampling_ema_decays=[0.1]", "trainer.max_steps=3", "optimizer.lr=0.01", "lr_warmup_steps=0",
+             "~callbacks.samples", "~callbacks.probe"]
+
+
+@pytest.fixture(scope="module")
+def extra_ema_run(tmp_path_factory):
+    """A tiny run keeping an extra EMA of decay 0.1 (far from the teacher's), and its last checkpoint."""
+    run_dir = tmp_path_factory.mktemp("extra_ema")
+    return fit(compose_train(EXTRA_EMA, run_dir)), run_dir / "checkpoints" / "last.ckpt"
+
+
+def test_an_extra_sampling_ema_follows_the_student_is_checkpointed_and_unknown_ones_are_named(extra_ema_run):
     from selfflow.interop.checkpoint import load_checkpoint
 
-    run = fit(tiny_train_cfg("objective.sampling_ema_decays=[0.1]", "trainer.max_steps=3", "optimizer.lr=0.01",
-                             "lr_warmup_steps=0", "~callbacks.samples", "~callbacks.probe"))
+    run, ckpt = extra_ema_run
     extra = run.module.objective.sampling_emas["ema_0_1"]
     assert int(extra.num_updates) == 3 and extra.decay == 0.1
     trainable = {id(p) for group in run.trainer.optimizers[0].param_groups for p in group["params"]}
     assert not any(id(p) in trainable for p in extra.parameters())  # not optimised
-    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     loaded = load_checkpoint(ckpt, weights="ema_0.1")
     for a, b in zip(loaded.model.parameters(), extra.module.parameters()):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
@@ -136,13 +144,44 @@ def test_an_extra_sampling_ema_differs_from_the_teacher_and_is_sampled_and_probe
                                          r"ema_0.1$"):
         load_checkpoint(ckpt, weights="ema_0.5")
 
+
+def test_selfflow_sample_reads_an_extra_ema_and_shows_no_progress_without_a_terminal(extra_ema_run, tmp_path,
+                                                                                    capsys):
+    from selfflow.cli.sample import sample
+
     arrays = {}
     for weights in ("ema", "ema_0.1"):
-        summary = sample(compose_sample(f"ckpt={ckpt}", f"out_dir={tmp_path / weights}", f"weights={weights}",
-                                        "num_samples=4", "steps=2"))
+        summary = sample(compose_sample(f"ckpt={extra_ema_run[1]}", f"out_dir={tmp_path / weights}",
+                                        f"weights={weights}", "num_samples=4", "steps=2", "progress=true"))
         assert summary["weights"] == weights
         arrays[weights] = np.load(tmp_path / weights / "samples.npz")["arr_0"]
     assert not np.array_equal(arrays["ema"], arrays["ema_0.1"])  # the samples come from the extra EMA's weights
+    captured = capsys.readouterr()  # pytest's capture is not a terminal, like a batch job's log
+    assert "sampling (" not in captured.out + captured.err
+
+
+def test_the_probe_reads_an_extra_ema_and_keeps_its_bars_out_of_a_log(extra_ema_run, tmp_path, capsys, monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    import selfflow.interop.checkpoint
+    from selfflow.cli.probe import probe
+
+    run, ckpt = extra_ema_run
+    probed = []
+    load = selfflow.interop.checkpoint.load_checkpoint
+    monkeypatch.setattr(selfflow.interop.checkpoint, "load_checkpoint",
+                        lambda *args, **kwargs: probed.append(load(*args, **kwargs)) or probed[-1])
+    with initialize_config_module("selfflow.conf", version_base="1.3"):
+        cfg = compose("probe", overrides=[f"ckpt={ckpt}", f"out_dir={tmp_path}", "cache_dir=null", "weights=ema_0.1",
+                                          "layers=[1]", "head.epochs=2", "head.learning_rates=[0.1]",
+                                          "head.weight_decays=[0.0]", "progress=true"])
+    ((path, document),) = probe(cfg).values()
+    (model,) = [p.model for p in probed]
+    for a, b in zip(model.parameters(), run.module.objective.sampling_emas["ema_0_1"].module.parameters()):
+        torch.testing.assert_close(a.cpu(), b, rtol=0, atol=0)  # the features came from the extra EMA
+    assert path.is_file() and document["results"]
+    captured = capsys.readouterr()
+    assert "\r" not in captured.err + captured.out  # no tqdm bar redrawn into a log file
 
 
 # --- loggers: hyperparameters, scalars, media ---------------------------------------------------------------------
