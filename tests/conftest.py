@@ -14,7 +14,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # re-exported: older test modules import them from here
-from tests.helpers.configs import SMALL_JOINT, TINY, compose_train  # noqa: E402,F401
+from tests.helpers.configs import SMALL_JOINT, TINY, compose_train  # noqa: F401
 
 
 @pytest.fixture

@@ -13,8 +13,8 @@ from selfflow.flow.timesteps import TimestepDistribution
 from selfflow.models.attention import GroupMask
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
-from selfflow.objectives.gamma_schedule import GammaSchedule
 from selfflow.objectives.flow_loss import bucket_sums, masked_mean, own_channels, token_squared_error
+from selfflow.objectives.gamma_schedule import GammaSchedule
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
 from selfflow.tokens import Condition, PackedTokens, Tokens, as_segments
 

@@ -16,8 +16,8 @@ from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.hyperparameters import FinalMetricsInHparams, command_line_overrides, run_hyperparameters
 from selfflow.training.mixture import MixtureDataModule, check_pack_length
-from selfflow.training.run_name import register_run_name_resolver
 from selfflow.training.module import SelfFlowModule
+from selfflow.training.run_name import register_run_name_resolver
 
 
 def _register_resolvers() -> None:
