@@ -30,6 +30,7 @@ STORED_TARGETS = frozenset({
     # the model and the objective around it
     "selfflow.models.transformer.SelfFlowTransformer",
     "selfflow.objectives.selfflow.SelfFlowObjective",
+    "selfflow.objectives.gamma_schedule.GammaSchedule",
     "selfflow.flow.timesteps.Uniform",
     "selfflow.flow.timesteps.LogitNormal",
     "selfflow.flow.timesteps.ModeSampling",

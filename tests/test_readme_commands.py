@@ -6,6 +6,7 @@ flags. Placeholders such as DIR or /path/to/... are fine as values; nothing is r
 README links and the configs' comments cite exist."""
 import argparse
 import ast
+import itertools
 import re
 import shlex
 import sys
@@ -21,6 +22,7 @@ CONFIG_OF = {"selfflow-train": "train", "selfflow-sample": "sample", "selfflow-p
              "selfflow-cache": "cache", "selfflow.cli.train": "train", "selfflow.cli.sample": "sample",
              "selfflow.cli.probe": "probe", "selfflow.cli.cache": "cache"}
 HYDRA_FLAGS = {"--help"}
+MULTIRUN_FLAGS = {"-m", "--multirun"}
 COMMAND_START = r"(?:selfflow-[a-z-]+(?![:\w-])|python -m tools\.)"
 
 
@@ -61,15 +63,28 @@ def shell_commands(line: str) -> list[list[str]]:
 
 
 def compose_overrides(config: str, overrides: list[str]):
-    """Hydra composes `config` with the overrides, hydra.* ones included, or raises naming the bad one."""
+    """Hydra composes `config` with the overrides, hydra.* ones included, or raises naming the bad one; a multirun
+    (`-m`) composes each of its jobs."""
     flags = [o for o in overrides if o.startswith("-")]
-    assert set(flags) <= HYDRA_FLAGS, f"unknown flags {flags}"
+    assert set(flags) <= HYDRA_FLAGS | MULTIRUN_FLAGS, f"unknown flags {flags}"
     overrides = [o for o in overrides if not o.startswith("-")]
-    with initialize_config_module("selfflow.conf", version_base="1.3"):
-        cfg = compose(config, overrides=overrides, return_hydra_config=True)
-    if config == "train":
-        tokenizer_configs(cfg)  # the data's modalities have tokenizers (the start-up check, before any data is read)
+    jobs = sweep_jobs(overrides) if set(flags) & MULTIRUN_FLAGS else [overrides]
+    for job in jobs:
+        with initialize_config_module("selfflow.conf", version_base="1.3"):
+            cfg = compose(config, overrides=job, return_hydra_config=True)
+        if config == "train":
+            tokenizer_configs(cfg)  # the data's modalities have tokenizers (the start-up check)
     return cfg
+
+
+def sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """The overrides of each job of a multirun, as Hydra's basic sweeper splits `key=a,b` values."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
+               else [o.input_line] for o in parsed]
+    return [list(job) for job in itertools.product(*choices)]
 
 
 class Parsed(Exception):

@@ -231,7 +231,8 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
     ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
     ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0 is out of range: use an integer in \[1, inf\)"),
     ("optimizer.lr=-0.1", "optimizer: Invalid learning rate: -0.1"),
-    ("lr_warmup_steps=-1", "lr_warmup_steps=-1 must be an integer >= 0"),
+    ("lr_warmup_steps=-1", r"lr_schedule.warmup_steps=-1 must be an integer >= 0 \(lr_warmup_steps sets it too\)"),
+    ("lr_schedule=cosine lr_warmup_steps=0 lr_schedule.min_lr=1", r"lr_schedule.min_lr=1.0 is above optimizer.lr=0.001"),
     ("max_nonfinite_in_a_row=0", "max_nonfinite_in_a_row=0 must be >= 1"),
     ("callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint: Invalid value for save_top_k=-2. Must be >= -1"),
     ("objective.mask_mode=random", r"objective.mask_mode='random' is unknown; choose one of: exact, bernoulli"),
@@ -248,7 +249,7 @@ def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(tiny_trai
         raise AssertionError("data was read before the config was checked")
 
     monkeypatch.setattr(DigitImages, "__init__", no_data)
-    cfg = tiny_train_cfg(override)
+    cfg = tiny_train_cfg(*override.split())  # one or more overrides
     with pytest.raises(ConfigError, match=message) as error:
         validate_config(cfg)
     assert "\n" not in str(error.value)

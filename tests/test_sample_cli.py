@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from selfflow.cli.sample import sample
+from tests.helpers.configs import compose_sample
 from selfflow.sampling.job import resolve_labels
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling import writers
@@ -36,13 +37,6 @@ def tiny_ckpt_path(run_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory) -> Path:
     return tiny_ckpt_path(tmp_path_factory.mktemp("run"))
-
-
-def compose_sample(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("selfflow.conf", version_base="1.3"):
-        return compose("sample", overrides=["progress=false", *overrides])
 
 
 def run_sample(ckpt, out_dir, *overrides):

@@ -15,8 +15,10 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from selfflow.cli.config_help import register_config_keys_resolver
 from selfflow.cli.errors import check_overrides, friendly_errors
 from selfflow.training.run_folder import launching_process, lock_run_folder
+from selfflow.training.run_name import register_run_name_resolver
 
 
 @hydra.main(config_path="pkg://selfflow.conf", config_name="train", version_base="1.3")
@@ -38,6 +40,8 @@ def given_run_dir(args: list[str]) -> str | None:
 def main() -> None:
     """Bad overrides (unknown keys or options) stop here with one line, and so does a run folder that is in use
     or read-only (locked here, before Hydra writes its files into it); then Hydra composes and runs."""
+    register_config_keys_resolver()  # --help's key list
+    register_run_name_resolver()  # sweep folders named by their overrides (hydra.sweep.subdir)
     check_overrides("selfflow-train", "train", sys.argv[1:])
     run_dir = given_run_dir(sys.argv[1:])
     if run_dir is not None and launching_process():

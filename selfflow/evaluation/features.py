@@ -115,7 +115,7 @@ def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, lo
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(loader, desc=description, unit="batch", leave=False)
+        batches = tqdm(loader, desc=description, unit="batch", leave=False, disable=None)  # off without a terminal
     for batch in batches:
         if batch is None:  # every file of the batch was unreadable
             continue

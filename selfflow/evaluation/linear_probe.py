@@ -148,7 +148,7 @@ def fit_linear_probe(train: Features, test: Features, num_classes: int,
     if progress:
         from tqdm.auto import tqdm
 
-        epoch_range = tqdm(epoch_range, desc=description, unit="epoch", leave=False)
+        epoch_range = tqdm(epoch_range, desc=description, unit="epoch", leave=False, disable=None)  # off in log files
     step = 0
     for _ in epoch_range:
         order = torch.randperm(len(fit_y), generator=generator)

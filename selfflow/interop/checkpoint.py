@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.objectives.selfflow import sampling_ema_key
 from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.data.vae_folder import check_fingerprint, point_vae_keys
@@ -18,7 +19,9 @@ from selfflow.interop.state_check import check_state_fits
 
 CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads
 
-WEIGHTS = ("ema", "online")
+WEIGHTS = ("ema", "online")  # and ema_<decay> for each of a run's objective.sampling_ema_decays
+WEIGHT_PREFIXES = {"ema": "objective.teacher.module.", "online": "objective.model."}
+SAMPLING_EMAS = "objective.sampling_emas."
 
 
 @dataclass
@@ -94,22 +97,33 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
     return model.eval(), tokenizers
 
 
+def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
+    """Where the `weights` (ema, online, or ema_<decay> of an extra sampling EMA) are in a checkpoint's state."""
+    if weights in WEIGHT_PREFIXES:
+        return WEIGHT_PREFIXES[weights]
+    keys = {k.split(".")[2] for k in state if isinstance(k, str) and k.startswith(SAMPLING_EMAS) and k.count(".") > 3}
+    if isinstance(weights, str) and weights.startswith("ema_") and sampling_ema_key(weights) in keys:
+        return f"{SAMPLING_EMAS}{sampling_ema_key(weights)}.module."
+    extra = sorted("ema_" + key.removeprefix("ema_").replace("_", ".") for key in keys)
+    hint = "" if extra else " (an extra EMA is kept when the run sets objective.sampling_ema_decays, e.g. [0.9999])"
+    raise ValueError(f"weights={weights!r} is not in {source}; choose one of: {', '.join([*WEIGHTS, *extra])}{hint}")
+
+
 def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | None = None) -> LoadedCheckpoint:
-    """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema or online.
+    """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema (the teacher),
+    online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
 
     `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
     vae: where the run's VAE is now, when it moved (checked by fingerprint).
     """
-    if weights not in WEIGHTS:
-        raise ValueError(f"weights={weights!r} is unknown; choose one of {WEIGHTS}")
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":
         from selfflow.interop.export import load_exported
 
         folder = path if path.is_dir() else path.parent
         if weights != "ema":
-            raise ValueError(f"weights={weights} asks for the online weights, but {folder} is an export, which holds "
-                             f"the EMA weights only; use weights=ema, or the run's .ckpt file for the online weights")
+            raise ValueError(f"weights={weights} asks for other weights, but {folder} is an export, which holds the "
+                             f"EMA weights only; use weights=ema, or the run's .ckpt file for the {weights} weights")
         return load_exported(folder, vae)
     checkpoint = read_checkpoint(path)
     source = f"checkpoint {path}"
@@ -117,7 +131,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | No
     stored = checkpoint.get("state_dict")
     if not isinstance(stored, Mapping):
         raise ValueError(f"{path} has no state_dict; it is not a complete selfflow training checkpoint")
-    prefix = "objective.teacher.module." if weights == "ema" else "objective.model."
+    prefix = weights_prefix(weights, stored, source)
     state = {k[len(prefix):]: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
     model, tokenizers = model_from_state(config, state, f"{source} ({weights} weights)", vae)
     return LoadedCheckpoint(model, tokenizers, config, int(checkpoint.get("global_step", 0)), path, path)

@@ -290,15 +290,17 @@ def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weigh
 
 
 def initialize_from_official(objective, path: str | os.PathLike, patch_size: int, latent_channels: int) -> None:
-    """Fine-tuning from the released checkpoint: the student, a fresh EMA teacher equal to it, and the projection
-    head (when the objective has one) take the released weights. The model must follow the released conventions."""
+    """Fine-tuning from the released checkpoint: the student, a fresh EMA teacher (and sampling EMAs) equal to it, and
+    the projection head (when the objective has one) take the released weights. The model must follow the released
+    conventions."""
     model = objective.model
     check_released_conventions(model, "init=official:")
     official = load_official(path, heads=model.heads, patch_size=patch_size, latent_channels=latent_channels)
     source = f"init=official:{path}"
     check_state_fits(model.state_dict(), official.model.state_dict(), source)
     model.load_state_dict(official.model.state_dict())
-    objective.teacher.module.load_state_dict(official.model.state_dict())
+    for ema in (objective.teacher, *objective.sampling_emas.values()):  # every EMA starts equal to the released model
+        ema.module.load_state_dict(official.model.state_dict())
     if objective.head is not None and official.projector is not None:
         check_state_fits(objective.head.state_dict(), official.projector.state_dict(), f"{source} (projector)")
         objective.head.load_state_dict(official.projector.state_dict())

@@ -12,12 +12,13 @@ class EMA(nn.Module):
 
     decay: the target decay (0.9999 at full scale over millions of steps; shorter runs need a shorter horizon).
     warmup: use min(decay, (1 + n) / (10 + n)) at update n, so early updates move the copy quickly.
+    key: the config key that sets `decay` (named in errors).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, key: str = "objective.ema_decay"):
         super().__init__()
         if not 0.0 <= decay < 1.0:
-            raise ValueError(f"objective.ema_decay={decay} must be in [0, 1)")
+            raise ValueError(f"{key}={decay} must be in [0, 1)")
         self.decay, self.warmup = decay, warmup
         self.module = copy.deepcopy(model).requires_grad_(False).eval()
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.long))

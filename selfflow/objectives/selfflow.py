@@ -14,8 +14,19 @@ from selfflow.models.attention import GroupMask
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
 from selfflow.objectives.flow_loss import bucket_sums, masked_mean, own_channels, token_squared_error
+from selfflow.objectives.gamma_schedule import GammaSchedule
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
 from selfflow.tokens import Condition, PackedTokens, Tokens, as_segments
+
+
+def sampling_weights_name(decay: float) -> str:
+    """`ema_<decay>`: how `weights=` names an extra sampling EMA (e.g. ema_0.9999)."""
+    return f"ema_{float(decay)!r}"
+
+
+def sampling_ema_key(name: str) -> str:
+    """The module key of a sampling EMA named `name` (module names cannot hold dots): ema_0.9999 -> ema_0_9999."""
+    return name.replace(".", "_")
 
 
 def default_layers(depth: int) -> tuple[int, int]:
@@ -30,6 +41,7 @@ class ObjectiveOutput:
     loss: Tensor  # scalar: loss_flow + gamma * loss_rep
     loss_flow: Tensor
     loss_rep: Tensor | None  # None when gamma == 0 (no teacher forward)
+    gamma: float  # the representation loss weight at this step (objective.gamma times its schedule)
     flow_bucket_sums: Tensor  # [buckets] flow error summed per noise-level range
     flow_bucket_counts: Tensor  # [buckets]
     levels: DualLevels = field(repr=False)
@@ -48,6 +60,10 @@ class SelfFlowObjective(nn.Module):
     loss_weights: {modality: weight} on the per-token losses (joint training; default 1).
     caption_dropout: probability of replacing a caption with the null text (classifier-free guidance), shared by
     student and teacher like the label dropout. Text tokens are never noised and the losses cover data tokens only.
+    gamma_schedule: gamma over training (a factor of it per optimizer step; None: constant).
+    sampling_ema_decays: extra EMAs of the student, one full model copy each (no gradient, no optimizer state),
+    updated with the teacher and read as `weights=ema_<decay>` by selfflow-sample and selfflow-probe: a slower EMA
+    to sample from than the teacher the method needs.
     """
 
     def __init__(
@@ -66,6 +82,8 @@ class SelfFlowObjective(nn.Module):
         loss_buckets: int = 4,
         loss_weights: dict[str, float] | None = None,
         caption_dropout: float = 0.1,
+        gamma_schedule: GammaSchedule | None = None,
+        sampling_ema_decays: tuple[float, ...] | list[float] = (),
     ):
         super().__init__()
         if gamma < 0:
@@ -101,6 +119,13 @@ class SelfFlowObjective(nn.Module):
             raise ValueError(f"objective.loss_weights must be >= 0, got {negative}")
         self.model = model
         self.teacher = EMA(model, ema_decay, ema_warmup)
+        names = [sampling_weights_name(d) for d in sampling_ema_decays]
+        if len(set(names)) < len(names):
+            raise ValueError(f"objective.sampling_ema_decays={list(sampling_ema_decays)} repeats a decay; list each once")
+        self.sampling_emas = nn.ModuleDict({
+            sampling_ema_key(name): EMA(model, float(d), ema_warmup, key="objective.sampling_ema_decays")
+            for name, d in zip(names, sampling_ema_decays)})
+        self.gamma_schedule = gamma_schedule or GammaSchedule()
         self.head = ProjectionHead(model.width) if gamma > 0 else None
         self.gamma, self.class_dropout = float(gamma), float(class_dropout)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
@@ -139,9 +164,15 @@ class SelfFlowObjective(nn.Module):
         per_sample = None if labels is None else labels[:, None]
         return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality, None
 
-    def forward(self, tokens: Tokens | PackedTokens, condition: Condition | None = None) -> ObjectiveOutput:
+    def gamma_at(self, step: int | None) -> float:
+        """The representation loss weight at optimizer step `step` (None: objective.gamma, unscheduled)."""
+        return self.gamma if step is None else self.gamma * self.gamma_schedule(step)
+
+    def forward(self, tokens: Tokens | PackedTokens, condition: Condition | None = None,
+                step: int | None = None) -> ObjectiveOutput:
         """tokens: a padded batch of one modality or packed rows; condition: the batch's labels ([B]; packed rows
-        carry theirs inside the packing), captions and size conditioning (None: unconditional)."""
+        carry theirs inside the packing), captions and size conditioning (None: unconditional); step: the optimizer
+        step, for the gamma schedule."""
         condition = condition or Condition()
         x0 = tokens.x  # [R, N, C]
         packed = isinstance(tokens, PackedTokens)
@@ -174,7 +205,7 @@ class SelfFlowObjective(nn.Module):
         sums, counts = bucket_sums(flow_error.detach(), student_t, self.loss_buckets, valid)
 
         loss_rep, rep_error = None, None
-        loss = loss_flow
+        loss, gamma = loss_flow, self.gamma_at(step)
         if want_rep:
             with torch.no_grad():
                 teacher_t = dual.teacher_per_token  # [R, N]: min(t, s) of each token's sample, the cleaner view
@@ -185,10 +216,10 @@ class SelfFlowObjective(nn.Module):
                 ).hidden[self.teacher_layer]
             rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
             loss_rep = masked_mean(rep_error * weights, valid)
-            loss = loss_flow + self.gamma * loss_rep
+            loss = loss_flow + gamma * loss_rep
         per_modality = self._per_modality(flow_error.detach(), None if rep_error is None else rep_error.detach(),
                                           modality, valid)
-        return ObjectiveOutput(loss, loss_flow, loss_rep, sums, counts, dual, per_modality)
+        return ObjectiveOutput(loss, loss_flow, loss_rep, gamma, sums, counts, dual, per_modality)
 
     @staticmethod
     def _per_modality(flow_error: Tensor, rep_error: Tensor | None, modality, valid: Tensor | None) -> dict:
@@ -204,5 +235,6 @@ class SelfFlowObjective(nn.Module):
         return out
 
     def update_teacher(self) -> None:
-        """Call after every optimizer step."""
-        self.teacher.update(self.model)
+        """Call after every optimizer step: the teacher and the sampling EMAs follow the student."""
+        for ema in (self.teacher, *self.sampling_emas.values()):
+            ema.update(self.model)

@@ -14,14 +14,17 @@ from selfflow.data.vae_folder import point_vae_keys
 from selfflow.tokens import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule, has_captions, sample_geometry
+from selfflow.training.hyperparameters import FinalMetricsInHparams, command_line_overrides, run_hyperparameters
 from selfflow.training.mixture import MixtureDataModule, check_pack_length
 from selfflow.training.module import SelfFlowModule
+from selfflow.training.run_name import register_run_name_resolver
 from selfflow.training.validate import built, target_parameters
 
 
 def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("auto_precision"):
         OmegaConf.register_new_resolver("auto_precision", auto_precision)
+    register_run_name_resolver()
 
 
 def auto_precision() -> str:
@@ -94,10 +97,12 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
         if getattr(tokenizer, "fingerprint", None):
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
             point_vae_keys(config, tokenizer.vae_path)
-    return SelfFlowModule(
-        objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
+    module = SelfFlowModule(
+        objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_schedule=instantiate(cfg.lr_schedule),
         config=config, max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
     )
+    module.save_hyperparameters(run_hyperparameters(config, command_line_overrides()))  # Lightning logs them
+    return module
 
 
 def initialize_from(init: str, objective, tokenizers: dict) -> None:
@@ -131,6 +136,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     """The Lightning Trainer with the run's callbacks and loggers (their own checks, e.g. trainer.max_steps, run
     here, before any data is read)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(FinalMetricsInHparams())  # TensorBoard's hparams get the run's final metrics
     loggers: Any = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
     # checkpoints are written atomically and read weights-only; the datamodule shards the data over ranks itself
     # (with a resumable order), so Lightning must not swap in its own sampler

@@ -15,6 +15,7 @@ from selfflow.sampling.prompted import prompted_condition
 from selfflow.tokens import TEXT, Condition
 from selfflow.training.checkpoint_callback import save_end_of_run
 from selfflow.training.distributed import callback_forward_context, sharded_over_ranks
+from selfflow.training.logged_media import log_sample_files
 
 log = logging.getLogger("selfflow")
 
@@ -39,13 +40,14 @@ class SampleGrid(L.Callback):
     video: a PNG strip (one row of frames per clip) and one MP4 per clip in a folder of the same name;
     audio: a PNG of the spectrograms and one WAV per clip in a folder of the same name.
     The noise is fixed, so samples of successive steps are comparable. prompts: with a text tokenizer, one row
-    of `samples_per_class` samples per prompt instead of per class.
+    of `samples_per_class` samples per prompt instead of per class. Each picture, and the first `logged_clips`
+    clips or recordings, also go to the wandb and TensorBoard loggers at the step (`samples/<modality>`).
     """
 
     def __init__(self, every_n_steps: int = 500, samples_per_class: int = 8, max_classes: int = 10,
                  num_unconditional: int = 64, steps: int = 50, cfg_scale: float = 1.0, upscale: int = 4,
-                 seed: int = 0, dirname: str = "samples", prompts: list[str] | None = None):
-        self.prompts = list(prompts or [])
+                 seed: int = 0, dirname: str = "samples", prompts: list[str] | None = None, logged_clips: int = 8):
+        self.prompts, self.logged_clips = list(prompts or []), logged_clips
         self.every_n_steps, self.samples_per_class, self.max_classes = every_n_steps, samples_per_class, max_classes
         self.num_unconditional, self.steps, self.cfg_scale = num_unconditional, steps, cfg_scale
         self.upscale, self.seed, self.dirname = upscale, seed, dirname
@@ -74,11 +76,14 @@ class SampleGrid(L.Callback):
             folder = Path(trainer.default_root_dir) / self.dirname / modality
             io, stems = modality_io(modality), self.file_stems(trainer, module, condition.labels)
             nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
-            paths.append(io.preview(samples, folder / f"{name}.png", tokenizer, nrow=nrow, upscale=self.upscale,
-                                    titles=stems))
+            files = [io.preview(samples, folder / f"{name}.png", tokenizer, nrow=nrow, upscale=self.upscale,
+                                titles=stems)]
             if io.playable:  # a picture cannot show motion or sound: a file per clip, the preview shows the rest
-                for files in io.write(samples, folder / name, stems, tokenizer, self.upscale, pictures=False).values():
-                    paths += files
+                for written in io.write(samples, folder / name, stems, tokenizer, self.upscale, pictures=False).values():
+                    files += written
+            log_sample_files(trainer.loggers, f"{self.dirname}/{modality}", trainer.global_step, files,
+                             self.logged_clips)
+            paths += files
         self.written += paths
         return paths
 

@@ -19,6 +19,7 @@ from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
 from selfflow.training.nonfinite import NonFiniteGuard
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
+from selfflow.training.schedules import LRSchedule
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
 from selfflow.interop.state_check import check_state_fits
 
@@ -28,7 +29,8 @@ STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_n
 
 class SelfFlowModule(L.LightningModule):
     """optimizer: a partial optimizer (e.g. `functools.partial(torch.optim.AdamW, lr=3e-4)`) completed with the
-    trainable parameters; lr_warmup_steps: linear warm-up, then constant. config: the resolved run config, stored
+    trainable parameters; lr_schedule: the learning rate per optimizer step (None: constant, no warm-up).
+    config: the resolved run config, stored
     in every checkpoint so that sampling and probing can rebuild the model. max_nonfinite_in_a_row: a NaN/inf
     loss or gradient in any micro-batch of an optimizer step (on any rank) skips that update (no optimizer step,
     no EMA update); this many skipped updates in a row stop the run.
@@ -38,14 +40,12 @@ class SelfFlowModule(L.LightningModule):
     STEP_METRICS = STEP_METRICS
 
     def __init__(self, objective: SelfFlowObjective, tokenizers: dict[str, Tokenizer],
-                 optimizer: Callable[..., torch.optim.Optimizer], lr_warmup_steps: int = 0,
+                 optimizer: Callable[..., torch.optim.Optimizer], lr_schedule: LRSchedule | None = None,
                  config: dict[str, Any] | None = None, max_nonfinite_in_a_row: int = 5):
         super().__init__()
         self.objective = objective
         self.tokenizers = nn.ModuleDict(tokenizers)
-        if isinstance(lr_warmup_steps, bool) or not isinstance(lr_warmup_steps, int) or lr_warmup_steps < 0:
-            raise ValueError(f"lr_warmup_steps={lr_warmup_steps!r} must be an integer >= 0 (0: no warm-up)")
-        self.optimizer_factory, self.lr_warmup_steps = optimizer, lr_warmup_steps
+        self.optimizer_factory, self.lr_schedule = optimizer, lr_schedule or LRSchedule()
         self.config = config or {}
         buckets = objective.loss_buckets
         self.register_buffer("bucket_sums", torch.zeros(buckets), persistent=False)
@@ -80,7 +80,7 @@ class SelfFlowModule(L.LightningModule):
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
         tokens = self.tokenize(batch)
-        out = self.objective(tokens, self.condition(batch))
+        out = self.objective(tokens, self.condition(batch), step=self.global_step)
         batch_size = tokens.batch_size
         token_counts = modality_token_counts(tokens)
         present = [m for m, count in token_counts.items() if count]
@@ -94,6 +94,8 @@ class SelfFlowModule(L.LightningModule):
         self.log("train/loss_flow", out.loss_flow, batch_size=batch_size)
         if out.loss_rep is not None:
             self.log("train/loss_rep", out.loss_rep, prog_bar=True, batch_size=batch_size)
+        if self.objective.gamma_schedule.kind != "constant":  # a constant gamma is in the hyperparameters
+            self.log("train/gamma", out.gamma, batch_size=batch_size)
         self.bucket_sums += out.flow_bucket_sums
         self.bucket_counts += out.flow_bucket_counts
         if len(self.data_modalities) > 1:  # joint training: each modality's losses on its own
@@ -126,8 +128,17 @@ class SelfFlowModule(L.LightningModule):
                 for name, count in self._tokens_by_modality.items():
                     self.log(f"train/{name}/tokens_per_s", count / elapsed)
         self._last_batch_end = now
-        if self.trainer is not None and (self.global_step % max(1, self.trainer.log_every_n_steps) == 0):
+        if self.trainer is None:
+            return
+        if self._at_last_step():  # Lightning logs every log_every_n_steps steps, or when the run stops: stop here
+            self.trainer.should_stop = True
+        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.should_stop:
             self._log_buckets()
+
+    def _at_last_step(self) -> bool:
+        """The batch that completed the run's last optimizer step (trainer.max_steps): its metrics are always
+        logged, so a run shorter than log_every_n_steps still writes them."""
+        return 0 < self.trainer.max_steps <= self.global_step  # global_step counts completed optimizer steps
 
     def _log_buckets(self) -> None:
         counts = self.bucket_counts.clamp_min(1)
@@ -176,8 +187,13 @@ class SelfFlowModule(L.LightningModule):
     def configure_optimizers(self):
         params = [p for p in self.objective.parameters() if p.requires_grad]
         optimizer = self.optimizer_factory(params)
-        warmup = self.lr_warmup_steps
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        base_lrs = [group["lr"] for group in optimizer.param_groups]
+        for base_lr in base_lrs:
+            self.lr_schedule.check_base_lr(base_lr)
+        # closures (not the schedule object), so that LambdaLR's state holds the step only: a resumed run follows the
+        # schedule of its config at that step
+        factors = [lambda step, base=base: self.lr_schedule.factor(step, base) for base in base_lrs]
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

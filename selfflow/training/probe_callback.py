@@ -84,6 +84,7 @@ class LinearProbe(L.Callback):
             metrics.update({f"probe/top1_{m}": v for m, v in per_modality.items()})
         for logger in trainer.loggers:  # straight to the loggers: one row at this step, also from on_train_end
             logger.log_metrics(metrics, step=step)
+        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # the latest, for hparams
         log.info("probe: student layer %d top-1 %s at step %d", module.objective.student_layer,
                  ", ".join(f"{m} {100 * v:.1f}%" for m, v in per_modality.items()), step)
 

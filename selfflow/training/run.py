@@ -44,9 +44,20 @@ def train(cfg: DictConfig) -> Run:
             keep_metric_history(run.trainer.loggers, int(resumed.get("global_step", 0)),
                                 resumed.get("selfflow_step_metrics"))
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
+        finish_wandb_runs(run.trainer.loggers)
     if run.trainer.is_global_zero:
         print(describe_outputs(run.run_dir))
     return run
+
+
+def finish_wandb_runs(loggers) -> None:
+    """End the wandb run of each WandbLogger (Lightning leaves it open), so that the next job of a multirun, in the
+    same process, starts its own run instead of writing into this one."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):  # other ranks get a no-op stand-in
+            logger.experiment.finish()
 
 
 def describe_outputs(run_dir: Path) -> str:

@@ -160,10 +160,13 @@ def build_on_meta(cfg: DictConfig) -> None:
         model = built("model", lambda: instantiate(cfg.model)(token_channels={m: 1 for m in modalities},
                                                                num_classes=1))
         objective = built("objective", lambda: instantiate(cfg.objective)(model=model))
+        lr_schedule = built("lr_schedule", lambda: instantiate(cfg.lr_schedule))
         module = built(None, lambda: SelfFlowModule(
-            objective, {}, optimizer=instantiate(cfg.optimizer), lr_warmup_steps=cfg.lr_warmup_steps,
+            objective, {}, optimizer=instantiate(cfg.optimizer), lr_schedule=lr_schedule,
             max_nonfinite_in_a_row=cfg.get("max_nonfinite_in_a_row", 5)))
-        built("optimizer", lambda: module.optimizer_factory(list(objective.parameters())))
+        optimizer = built("optimizer", lambda: module.optimizer_factory(list(objective.parameters())))
+        for group in optimizer.param_groups:
+            built(None, lambda lr=group["lr"]: lr_schedule.check_base_lr(lr))
 
 
 def validate_config(cfg: DictConfig) -> None:
