@@ -3,14 +3,13 @@ import csv
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import SMALL_JOINT, TINY, compose_train
+from tests.helpers.configs import SMALL_JOINT, TINY, compose_train
 
 ROOT = Path(__file__).resolve().parents[1]
 
