@@ -1,6 +1,7 @@
 """The layout's rules hold: dependencies point one way, the core imports no Lightning or Hydra, nothing edits
-sys.path (docs/architecture.md)."""
+sys.path, test modules share code through tests/helpers only (docs/architecture.md)."""
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,3 +55,26 @@ def test_nothing_edits_sys_path():
     edits = [str(p.relative_to(ROOT)) for folder in ("selfflow", "tools", "tests")
              for p in (ROOT / folder).rglob("*.py") if "sys.path." in p.read_text() and p.name != Path(__file__).name]
     assert not edits, f"sys.path edits in {edits}"
+
+
+def imported_modules(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every import in the file, at any depth; `from a import b` counts as a and a.b (b may be a
+    module); relative imports are resolved against the file's package."""
+    package = path.relative_to(ROOT).parent.parts
+    found = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            stem = list(package[: len(package) + 1 - node.level]) if node.level else []
+            base = ".".join(stem + ([node.module] if node.module else []))
+            found += [(node.lineno, base), *((node.lineno, f"{base}.{a.name}") for a in node.names)]
+    return found
+
+
+def test_test_modules_share_code_through_tests_helpers_only():
+    """No file under tests/ imports a test module or conftest: pytest imports those itself, and what several test
+    modules share lives in tests/helpers."""
+    violations = {f"{path.relative_to(ROOT)}:{line}": module for path in sorted((ROOT / "tests").rglob("*.py"))
+                  for line, module in imported_modules(path) if re.match(r"tests\.(conftest|test_\w+)(\.|$)", module)}
+    assert not violations, "\n".join(f"{where} imports {module}" for where, module in violations.items())

@@ -8,7 +8,7 @@ import torch
 
 from selfflow.models import attention as attention_module
 from selfflow.models.attention import Attention, GroupMask, choose_kernel
-from tests.test_model import inputs, randomize_zero_init, tiny_model
+from tests.helpers.models import inputs, randomize_zero_init, tiny_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*flex_attention called without torch.compile.*")
 

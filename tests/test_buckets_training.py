@@ -23,7 +23,7 @@ from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.training.datamodule import ResumableBucketBatchSampler, SelfFlowDataModule, check_size_conditioning
 from selfflow.training.rng_state import mix_seed
-from tests.conftest import TINY
+from tests.helpers.configs import TINY
 
 # (height, width) of the images written: aspects w/h from 0.4 to 2.5
 SHAPES = [(48, 24), (40, 24), (30, 30), (24, 40), (20, 50)]

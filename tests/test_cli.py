@@ -3,11 +3,10 @@ import csv
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import TINY
+from tests.helpers.configs import TINY
 
 
 def run_cli(args, cwd, timeout=300):

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from selfflow.training.build import build_module, build_run, tokenizer_configs
 from selfflow.training.datamodule import has_captions, sample_geometry
 from selfflow.training.validate import ConfigError, validate_config
-from tests.conftest import TINY_SIZES, compose_train
-from tests.test_data_image import write_folder
+from tests.helpers.configs import TINY_SIZES, compose_plain, compose_train
+from tests.helpers.files import write_folder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -24,14 +24,6 @@ def options(group: str) -> list[str]:
 def test_every_group_has_its_options():
     for group in ("data", "tokenizer", "model", "objective", "trainer", "logger", "callbacks", "experiment"):
         assert options(group), f"conf/{group} is empty"
-
-
-def compose_plain(overrides: list[str], run_dir: Path):
-    """The config as a user gets it, without the test's tiny sizes."""
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("selfflow.conf", version_base="1.3"):
-        return compose("train", overrides=[*overrides, f"run_dir={run_dir}"])
 
 
 def test_the_default_is_the_joint_setup_and_one_modality_is_one_override_away(tmp_path):
@@ -161,8 +153,7 @@ def test_image_folder_data_and_objective_options_build(tmp_path):
 def test_captioned_video_and_audio_folder_configs_build_a_text_run(tmp_path, experiment, data):
     import soundfile
 
-    from tests.test_data_audio import tone
-    from tests.test_data_video import write_video_folder
+    from tests.helpers.files import tone, write_video_folder
 
     root = tmp_path / "files"
     if data == "captioned_video_folder":

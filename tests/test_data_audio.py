@@ -11,11 +11,8 @@ from selfflow.data.audio_folder import AudioFolder
 from selfflow.data.bad_files import BadFileError
 from selfflow.data.collate import collate_samples
 from selfflow.data.spoken_digits import SpokenDigits
-from tests.conftest import shared_dataset
-
-
-def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
-    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+from tests.helpers.configs import shared_dataset
+from tests.helpers.files import tone
 
 
 def peak_frequency(wave: torch.Tensor, rate: int) -> float:

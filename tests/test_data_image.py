@@ -1,13 +1,12 @@
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from selfflow.data.bad_files import BadFileError
 from selfflow.data.collate import collate_samples
 from selfflow.data.digits import DigitImages
 from selfflow.data.image_folder import ImageFolder
-from tests.conftest import shared_dataset
+from tests.helpers.configs import shared_dataset
+from tests.helpers.files import write_folder
 
 
 def test_builtin_digits_are_real_labelled_images_with_disjoint_splits():
@@ -21,14 +20,6 @@ def test_builtin_digits_are_real_labelled_images_with_disjoint_splits():
     overlap = sum(tuple(x.flatten().tolist()) in flat_train for x in test.images[:, :, ::2, ::2])
     assert overlap < 5  # the original set holds a handful of exact duplicates
     assert DigitImages("train", image_size=8, channels=3)[0][0].shape == (3, 8, 8)
-
-
-def write_folder(root, classes=("cat", "dog"), per_class=3, size=(20, 12)):
-    for c, name in enumerate(classes):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            pixels = np.full((size[1], size[0], 3), 40 * c + 10 * i, dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.png")
 
 
 def test_image_folder_labels_resizes_and_crops(tmp_path):

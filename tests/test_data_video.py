@@ -13,18 +13,7 @@ from selfflow.data.collate import collate_samples
 from selfflow.data.moving_digits import DIRECTIONS, MovingDigits
 from selfflow.data.video_folder import VideoFolder
 from selfflow.data.video_io import clip_frames_available, decord_available, read_clip, write_mp4
-
-
-def ramp_video(num_frames: int, size: int = 32, offset: int = 0) -> np.ndarray:
-    """Grey frames whose value is offset + 8 * t: uint8 [T, size, size, 3]."""
-    values = offset + 8 * np.arange(num_frames, dtype=np.uint8)
-    return np.broadcast_to(values[:, None, None, None], (num_frames, size, size, 3)).copy()
-
-
-def write_video_folder(root, classes=("walk", "wave"), per_class=3, num_frames=20, size=32, fps=10):
-    for c, name in enumerate(classes):
-        for i in range(per_class):
-            write_mp4(ramp_video(num_frames, size, offset=40 * c), root / name / f"{i}.mp4", fps, crf=0)
+from tests.helpers.files import ramp_video, write_video_folder
 
 
 def grey_levels(clip: torch.Tensor) -> list[int]:

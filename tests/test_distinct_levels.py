@@ -4,7 +4,7 @@ import torch
 
 from selfflow.interop.official import load_official
 from selfflow.models.distinct_levels import distinct_levels
-from tests.test_interop import GRID, HEADS, inputs, reference_forward, released_state_dict
+from tests.helpers.released import GRID, HEADS, inputs, reference_forward, released_state_dict
 
 
 def levels_with_one_two_and_many_distinct() -> torch.Tensor:

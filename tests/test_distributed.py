@@ -1,30 +1,16 @@
 """Multi-process training on CPU (gloo), through the real CLI in a subprocess as Lightning launches it."""
 import csv
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from hydra.utils import instantiate
 
-from tests.conftest import SMALL_JOINT, TINY, compose_train
+from tests.helpers.configs import SMALL_JOINT, compose_train
+from tests.helpers.runs import train_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
-def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
-    run_dir = tmp_path / name
-    exe = shutil.which("selfflow-train") or "selfflow-train"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    args = [*TINY, "trainer.max_steps=4", "callbacks.samples.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=4",
-            f"hydra.run.dir={run_dir}", f"+callbacks.dump._target_=tests.ddp_helpers.DumpRankState",
-            f"+callbacks.dump.out_dir={run_dir / 'dump'}", *overrides]
-    result = subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
-    assert result.returncode == 0, result.stderr[-4000:]
-    return run_dir
 
 
 def first_losses(run_dir: Path) -> dict[str, float]:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.helpers.eval_files import smooth_images
+from tests.helpers.runs import run_sample, train_cli
 
 pytest.importorskip("torch_fidelity")
 
@@ -32,7 +33,6 @@ def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the
     from selfflow.evaluation import eval_sets, inception
     from selfflow.training.build import build_run
     from selfflow.training.fid_callback import FIDCallback
-    from tests.test_sample_cli import run_sample
 
     np.savez(tmp_path / "ref.npz", arr_0=smooth_images(6, size=(16, 16)))
     fid = ["callbacks.fid.every_n_steps=2", f"callbacks.fid.ref={tmp_path / 'ref.npz'}",
@@ -103,8 +103,6 @@ def test_a_reference_with_adm_statistics_gives_them_without_running_its_images(t
 
 @pytest.mark.slow
 def test_on_two_ddp_processes_each_samples_its_block_and_val_fid_is_that_of_all_samples(tmp_path, inception_file):
-    from tests.test_distributed import train_cli
-    from tests.test_sample_cli import run_sample
 
     np.savez(tmp_path / "ref.npz", arr_0=smooth_images(6, size=(16, 16)))
     run_dir = train_cli(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", "callbacks.fid.every_n_steps=4",

@@ -15,23 +15,13 @@ import torch
 from omegaconf import OmegaConf
 
 from selfflow.safe_config import NEVER_REBUILT, STORED_TARGETS, StoredConfigError, instantiate_stored
-from selfflow.training.build import build_run
 from selfflow.interop.checkpoint import load_checkpoint
 from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
 from selfflow.training.run import train
 from selfflow.training.run_folder import RunFolderError, lock_run_folder, release_run_folder, run_folder_lock
-from tests.conftest import TINY, compose_train
+from tests.helpers.configs import TINY, compose_train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    """The last checkpoint of a 2-step tiny digits run (no sample grids)."""
-    run_dir = tmp_path_factory.mktemp("run")
-    run = build_run(compose_train(["trainer.max_steps=2", "~callbacks.samples", "~callbacks.probe"], run_dir))
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    return run_dir / "checkpoints" / "last.ckpt"
 
 
 def crafted(source: Path, path: Path, edit) -> Path:
@@ -115,7 +105,7 @@ def test_a_stored_object_store_is_refused_naming_why():
     ("list", "tokenizer.image.image_size[0]._target_"),  # inside a list
 ])
 @pytest.mark.parametrize("payload", ["open", "system"])
-def test_a_stored_target_outside_the_allow_list_is_refused_before_anything_runs(checkpoint, tmp_path, place, key,
+def test_a_stored_target_outside_the_allow_list_is_refused_before_anything_runs(tiny_checkpoint, tmp_path, place, key,
                                                                               payload):
     marker = tmp_path / "pwned"
     evil = payloads(marker)[payload]
@@ -128,7 +118,7 @@ def test_a_stored_target_outside_the_allow_list_is_refused_before_anything_runs(
         else:
             config["tokenizer"]["image"]["image_size"] = [evil]
 
-    path = crafted(checkpoint, tmp_path / "evil.ckpt", edit)
+    path = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", edit)
     with pytest.raises(StoredConfigError) as error:
         load_checkpoint(path)
     assert f"{key}={evil['_target_']} is not a selfflow class; refusing to build it" in one_line(error.value)
@@ -147,16 +137,16 @@ def test_an_unsafe_pickle_is_refused_in_one_line(tmp_path):
     assert not marker.exists()
 
 
-def test_an_interpolation_in_a_stored_config_is_refused(checkpoint, tmp_path):
-    path = crafted(checkpoint, tmp_path / "evil.ckpt",
+def test_an_interpolation_in_a_stored_config_is_refused(tiny_checkpoint, tmp_path):
+    path = crafted(tiny_checkpoint, tmp_path / "evil.ckpt",
                    lambda config: config["tokenizer"]["image"].update(patch_size="${oc.env:HOME}"))
     with pytest.raises(StoredConfigError, match=r"tokenizer.image.patch_size='\$\{oc.env:HOME\}' is an "
                                                 r"interpolation"):
         load_checkpoint(path)
 
 
-def test_stored_arguments_an_allowed_class_rejects_give_one_line(checkpoint, tmp_path):
-    path = crafted(checkpoint, tmp_path / "odd.ckpt", lambda config: config["tokenizer"]["image"].update(evil=1))
+def test_stored_arguments_an_allowed_class_rejects_give_one_line(tiny_checkpoint, tmp_path):
+    path = crafted(tiny_checkpoint, tmp_path / "odd.ckpt", lambda config: config["tokenizer"]["image"].update(evil=1))
     with pytest.raises(StoredConfigError, match=r"cannot build tokenizer.image from its stored arguments: .*"
                                                 r"unexpected keyword argument 'evil'") as error:
         load_checkpoint(path)
@@ -171,7 +161,8 @@ def test_instantiate_stored_builds_allowed_classes_and_never_chooses_a_write_loc
     assert not (tmp_path / "elsewhere").exists()
 
 
-def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_probe_and_metrics(checkpoint, tmp_path):
+def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_probe_and_metrics(tiny_checkpoint,
+                                                                                              tmp_path):
     from hydra import compose, initialize_config_module
 
     from selfflow.cli.probe import probe
@@ -180,7 +171,7 @@ def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_prob
 
     marker = tmp_path / "pwned"
     evil = payloads(marker)["open"]
-    path = crafted(checkpoint, tmp_path / "evil.ckpt", lambda config: config["data"].update(dataset=evil))
+    path = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", lambda config: config["data"].update(dataset=evil))
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         cfg = compose("probe", overrides=[f"ckpt={path}", f"out_dir={tmp_path / 'out'}", "cache_dir=null"])
     with pytest.raises(StoredConfigError, match=r"data.dataset._target_=builtins.open is not a selfflow class"):
@@ -194,9 +185,9 @@ def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_prob
     assert not marker.exists()
 
 
-def test_an_export_whose_config_names_another_callable_is_refused(checkpoint, tmp_path):
+def test_an_export_whose_config_names_another_callable_is_refused(tiny_checkpoint, tmp_path):
     marker = tmp_path / "pwned"
-    folder = export_weights(checkpoint, tmp_path / "export")
+    folder = export_weights(tiny_checkpoint, tmp_path / "export")
     meta = json.loads((folder / EXPORT_CONFIG).read_text())
     meta["config"]["tokenizer"]["image"] = payloads(marker)["system"]
     (folder / EXPORT_CONFIG).write_text(json.dumps(meta))
@@ -209,9 +200,9 @@ def test_an_export_whose_config_names_another_callable_is_refused(checkpoint, tm
 
 
 @pytest.mark.slow
-def test_sample_cli_refuses_a_crafted_checkpoint_and_export_with_one_line(checkpoint, tmp_path):
+def test_sample_cli_refuses_a_crafted_checkpoint_and_export_with_one_line(tiny_checkpoint, tmp_path):
     marker = tmp_path / "pwned"
-    path = crafted(checkpoint, tmp_path / "evil.ckpt",
+    path = crafted(tiny_checkpoint, tmp_path / "evil.ckpt",
                    lambda config: config["tokenizer"].update(image=payloads(marker)["system"]))
     result = run_cli("selfflow.cli.sample", [f"ckpt={path}", f"out_dir={tmp_path / 'out'}"], tmp_path)
     assert_one_line_exit_2(result, "selfflow-sample", "tokenizer.image._target_=selfflow.training.run_folder.os."
@@ -223,30 +214,30 @@ def test_sample_cli_refuses_a_crafted_checkpoint_and_export_with_one_line(checkp
 
 # --- exports: refused onto existing files, and refused when tampered or truncated -------------------------------
 
-def test_export_refuses_to_overwrite_unless_told(checkpoint, tmp_path):
-    folder = export_weights(checkpoint, tmp_path / "export")
+def test_export_refuses_to_overwrite_unless_told(tiny_checkpoint, tmp_path):
+    folder = export_weights(tiny_checkpoint, tmp_path / "export")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
     with pytest.raises(FileExistsError, match="already exists and is not empty; .*--overwrite"):
-        export_weights(checkpoint, folder)
+        export_weights(tiny_checkpoint, folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     with pytest.raises(FileExistsError, match="exists and is not a folder"):
-        export_weights(checkpoint, a_file, overwrite=True)
+        export_weights(tiny_checkpoint, a_file, overwrite=True)
     assert a_file.read_text() == "mine"
-    export_weights(checkpoint, folder, overwrite=True)
+    export_weights(tiny_checkpoint, folder, overwrite=True)
     assert sorted(p.name for p in folder.iterdir()) == [EXPORT_CONFIG, EXPORT_WEIGHTS]
 
 
 @pytest.mark.slow
-def test_export_cli_writes_a_loadable_pair_and_refuses_an_existing_folder_with_one_line(checkpoint, tmp_path):
+def test_export_cli_writes_a_loadable_pair_and_refuses_an_existing_folder_with_one_line(tiny_checkpoint, tmp_path):
     out = tmp_path / "export"
-    result = subprocess.run(["selfflow-export", str(checkpoint), str(out)], capture_output=True, text=True,
+    result = subprocess.run(["selfflow-export", str(tiny_checkpoint), str(out)], capture_output=True, text=True,
                             timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["files"] == [EXPORT_WEIGHTS, EXPORT_CONFIG]
     weights = (out / EXPORT_WEIGHTS).read_bytes()
-    again = subprocess.run(["selfflow-export", str(checkpoint), str(out)], capture_output=True, text=True,
+    again = subprocess.run(["selfflow-export", str(tiny_checkpoint), str(out)], capture_output=True, text=True,
                            timeout=300, cwd=tmp_path)
     assert_one_line_exit_2(again, "selfflow-export", f"{out} already exists and is not empty")
     assert (out / EXPORT_WEIGHTS).read_bytes() == weights
@@ -303,20 +294,20 @@ def edit_meta(folder: Path, edit) -> None:
      r"model._partial_ must be true"),
     (lambda f: edit_meta(f, lambda m: m.update(selfflow_format="9")), r"has format '9', which is not a format version"),
 ])
-def test_a_tampered_or_truncated_export_is_refused_with_one_line(checkpoint, tmp_path, tamper, message):
-    folder = export_weights(checkpoint, tmp_path / "export")
+def test_a_tampered_or_truncated_export_is_refused_with_one_line(tiny_checkpoint, tmp_path, tamper, message):
+    folder = export_weights(tiny_checkpoint, tmp_path / "export")
     tamper(folder)
     with pytest.raises(ValueError, match=message) as error:
         load_checkpoint(folder)
     one_line(error.value)
 
 
-def test_sample_and_probe_work_from_an_export_and_online_weights_are_refused(checkpoint, tmp_path):
+def test_sample_and_probe_work_from_an_export_and_online_weights_are_refused(tiny_checkpoint, tmp_path):
     from hydra import compose, initialize_config_module
 
     from selfflow.cli.probe import probe
 
-    folder = export_weights(checkpoint, tmp_path / "export")
+    folder = export_weights(tiny_checkpoint, tmp_path / "export")
     with pytest.raises(ValueError, match=r"weights=online .* is an export, which holds the EMA weights only") as error:
         load_checkpoint(folder, weights="online")
     one_line(error.value)

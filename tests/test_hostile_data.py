@@ -25,8 +25,9 @@ from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.image_folder import ImageFolder
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
-from tests.conftest import compose_train
-from tests.test_shards import exit_status, png_bytes, write_images, write_tar
+from tests.helpers.configs import compose_train
+from tests.helpers.files import png_bytes, write_images, write_tar
+from tests.helpers.runs import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
 HEADROOM_MB = 300

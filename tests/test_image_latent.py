@@ -8,7 +8,7 @@ from einops import rearrange
 
 from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 from selfflow.data.vae_folder import vae_fingerprint
-from tests.conftest import write_tiny_vae
+from tests.helpers.files import write_tiny_vae
 
 
 def test_tokens_are_the_scaled_posterior_in_c_p_q_patches(tiny_vae):
@@ -31,7 +31,7 @@ def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path
     from hydra.utils import instantiate
 
     from selfflow.training.build import tokenizer_configs
-    from tests.test_configs import compose_plain
+    from tests.helpers.configs import compose_plain
 
     folder = write_tiny_vae(tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
     cfg = compose_plain(["experiment=imagenet256", "tokenizer=image_flux_vae", f"tokenizer.image.vae={folder}",

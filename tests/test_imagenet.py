@@ -14,9 +14,8 @@ from selfflow.tokens import Condition
 from selfflow.interop.official import RELEASED, export_official
 from selfflow.objectives.selfflow import default_layers
 from selfflow.training.build import tokenizer_configs
-from tests.conftest import TINY
-from tests.test_configs import compose_plain
-from tests.test_interop import ReleasedDiT
+from tests.helpers.configs import TINY, compose_plain
+from tests.helpers.released import ReleasedDiT
 
 
 def test_the_experiment_is_the_paper_setting_in_the_released_layout(tmp_path):
@@ -61,8 +60,8 @@ def test_two_steps_on_cpu_with_a_tiny_width_and_the_export_loads_into_the_releas
 
 def test_global_batch_size_is_split_over_processes_and_accumulation(tmp_path):
     from selfflow.training.build import build_run
-    from tests.conftest import compose_train
-    from tests.test_data_image import write_folder
+    from tests.helpers.configs import compose_train
+    from tests.helpers.files import write_folder
 
     write_folder(tmp_path / "images", per_class=4, size=(32, 32))
     ddp = ["data=image_folder", f"data.root={tmp_path / 'images'}", "trainer=ddp", "trainer.accelerator=cpu",

@@ -16,7 +16,7 @@ from selfflow.data.image_folder import ImageFolder
 from selfflow.data.latent_cache import LatentCache
 from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 from selfflow.training.rng_state import seeded_rng
-from tests.conftest import write_tiny_vae
+from tests.helpers.files import write_tiny_vae
 
 
 def cache_overrides(images, vae, out, *extra):
@@ -103,7 +103,7 @@ def latent_run_args(cache, vae):
 def test_resuming_a_run_on_the_cache_repeats_the_losses(cache, tiny_vae, tiny_train_cfg, tmp_path):
     from selfflow.interop.checkpoint import load_checkpoint
     from selfflow.training.run import train
-    from tests.test_resume import losses
+    from tests.helpers.runs import losses
 
     args = [*latent_run_args(cache, tiny_vae), "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=2",
             "callbacks.checkpoint.save_top_k=-1"]

@@ -12,7 +12,7 @@ from PIL import Image
 from selfflow.sampling.media import save_audio, save_frame_strip, save_spectrogram, save_video
 from selfflow.tokenizers.audio import PEAK_LIMIT
 from selfflow.training.build import build_run
-from tests.conftest import compose_train
+from tests.helpers.configs import compose_train
 
 
 def read_mp4(path: Path) -> tuple[np.ndarray, float]:

@@ -86,19 +86,18 @@ class MeanPixels:
         return torch.stack([images.mean((1, 2, 3)), images.std((1, 2, 3)), images[:, :, :8].mean((1, 2, 3))], -1)
 
 
-def test_sample_cli_writes_metrics_json_with_both_numbers(digits_classifier, tmp_path):
-    from tests.test_sample_cli import run_sample, tiny_ckpt_path
+def test_sample_cli_writes_metrics_json_with_both_numbers(digits_classifier, tiny_checkpoint, tmp_path):
+    from tests.helpers.runs import run_sample
 
-    ckpt = tiny_ckpt_path(tmp_path / "run")
     digits_classifier[0].save(tmp_path / "ref")
-    summary = run_sample(ckpt, tmp_path / "out", "num_samples=12", "steps=3", "metrics=true",
+    summary = run_sample(tiny_checkpoint, tmp_path / "out", "num_samples=12", "steps=3", "metrics=true",
                          f"reference={tmp_path / 'ref'}")
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics == summary["metrics"]
     assert metrics["frechet_distance"] > 0 and 0 <= metrics["classifier_accuracy"] <= 1
     assert metrics["num_samples"] == 12 and metrics["num_labelled_samples"] == 12
     assert metrics["num_real"] == len(DigitImages("test")) and metrics["real_classifier_accuracy"] > 0.7
-    run_sample(ckpt, tmp_path / "plug", "num_samples=4", "steps=2", "metrics=true",
+    run_sample(tiny_checkpoint, tmp_path / "plug", "num_samples=4", "steps=2", "metrics=true",
                "+feature_extractor._target_=tests.test_metrics.MeanPixels")
     plugged = json.loads((tmp_path / "plug" / "metrics.json").read_text())
     assert plugged["classifier_accuracy"] is None and plugged["frechet_distance"] > 0
@@ -160,10 +159,10 @@ def test_audio_reference_classifier_reads_log_mel_images_and_tells_tones_apart(t
     torch.testing.assert_close(loaded.features(waves[:, None]), model.features(waves))  # [B, 1, S] too
 
 
-def test_sample_metrics_refuse_a_reference_of_the_other_modality(tmp_path):
-    from tests.test_sample_cli import run_sample, tiny_ckpt_path
+def test_sample_metrics_refuse_a_reference_of_the_other_modality(tiny_checkpoint, tmp_path):
+    from tests.helpers.runs import run_sample
 
-    ckpt = tiny_ckpt_path(tmp_path / "run")
     ReferenceCNN(2, 1, 16, 4, audio={"sample_rate": 8000, "num_samples": 2000}).save(tmp_path / "ref")
     with pytest.raises(ValueError, match="judges audio, but this run samples image"):
-        run_sample(ckpt, tmp_path / "out", "num_samples=2", "steps=1", "metrics=true", f"reference={tmp_path / 'ref'}")
+        run_sample(tiny_checkpoint, tmp_path / "out", "num_samples=2", "steps=1", "metrics=true",
+                   f"reference={tmp_path / 'ref'}")

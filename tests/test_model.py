@@ -1,36 +1,12 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from selfflow.models.attention import flash_available
 from selfflow.models.embeddings import MultiAxisRoPE, apply_rope, default_rope_axes, sincos_2d
 from selfflow.models.layers import gather_tokens
-from selfflow.models.transformer import SelfFlowTransformer
-from selfflow.tokens import Condition
-from tests.helpers.models import count_calls
+from tests.helpers.models import count_calls, inputs, randomize_zero_init, tiny_model
 from selfflow.tokenizers.image import ImagePatchTokenizer
-
-
-def tiny_model(**kwargs) -> SelfFlowTransformer:
-    torch.manual_seed(0)
-    args = dict(token_channels={"image": 12}, width=32, depth=3, heads=2, num_classes=10)
-    return SelfFlowTransformer(**{**args, **kwargs})
-
-
-def randomize_zero_init(model: nn.Module) -> None:
-    """adaLN-Zero starts the modulations and outputs at zero; give them values so comparisons mean something."""
-    torch.manual_seed(1)
-    for name, p in model.named_parameters():
-        if "adaLN_modulation" in name or "final_layers" in name:
-            nn.init.normal_(p, std=0.2)
-
-
-def inputs(batch=3, grid=4):
-    tokenizer = ImagePatchTokenizer(patch_size=2, channels=3, image_size=2 * grid)
-    tokens = tokenizer.encode(torch.rand(batch, 3, 2 * grid, 2 * grid))
-    labels = torch.tensor([1, 5, 10])[:batch]  # 10 is the null label
-    return tokens, Condition(labels)
 
 
 def test_output_is_exactly_zero_at_initialisation():

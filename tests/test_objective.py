@@ -7,7 +7,7 @@ from selfflow.objectives.representation import cosine_distance
 from selfflow.objectives.selfflow import SelfFlowObjective, default_layers
 from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.tokens import Condition
-from tests.test_model import randomize_zero_init
+from tests.helpers.models import randomize_zero_init
 
 
 def make_objective(**kwargs) -> SelfFlowObjective:

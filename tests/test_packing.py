@@ -6,7 +6,7 @@ from selfflow.data.packing import pack, plan_rows, unpack
 from selfflow.tokens import Condition, Tokens
 from selfflow.models.transformer import ModelOutput, SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
-from tests.test_model import randomize_zero_init
+from tests.helpers.models import randomize_zero_init
 
 CHANNELS = {"image": 12, "audio": 8, "video": 6}
 

@@ -2,7 +2,6 @@
 padding-aware pooling, the feature cache, clear errors, and the training callback."""
 import copy
 import csv
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,27 +12,10 @@ from PIL import Image
 
 from selfflow.cli.probe import probe
 from selfflow.models.transformer import SelfFlowTransformer
-from tests.conftest import SMALL_JOINT, compose_train
+from tests.helpers.configs import SMALL_JOINT, compose_probe, compose_train
 
 ROW_TYPES = {"layer": int, "noise_level": float, "pool": str, "top1": float, "baseline_random_init_top1": float,
              "baseline_input_top1": float}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    from selfflow.training.build import build_run
-
-    run_dir = tmp_path_factory.mktemp("run")
-    run = build_run(compose_train(["trainer.max_steps=2", "~callbacks.samples"], run_dir))
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
-def compose_probe(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    with initialize_config_module("selfflow.conf", version_base="1.3"):
-        return compose("probe", overrides=list(overrides))
 
 
 def probe_document(cfg) -> dict:
@@ -61,12 +44,12 @@ def forwards(monkeypatch):
     return calls
 
 
-def test_probe_writes_the_report_and_a_second_run_does_no_forward(checkpoint, tmp_path, forwards):
-    document = probe_document(fast(checkpoint, tmp_path, "noise_levels=[0.0,0.5]"))
+def test_probe_writes_the_report_and_a_second_run_does_no_forward(tiny_checkpoint, tmp_path, forwards):
+    document = probe_document(fast(tiny_checkpoint, tmp_path, "noise_levels=[0.0,0.5]"))
     written = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert written == document
     assert set(written) == {"checkpoint", "dataset", "results", "best"}
-    assert written["checkpoint"] == str(checkpoint.resolve()) and written["dataset"] == "DigitImages"
+    assert written["checkpoint"] == str(tiny_checkpoint.resolve()) and written["dataset"] == "DigitImages"
     # depth 2: quarters {1, 2} plus the student layer 1; two levels
     assert [(r["layer"], r["noise_level"]) for r in written["results"]] == [(1, 0.0), (2, 0.0), (1, 0.5), (2, 0.5)]
     for row in [*written["results"], written["best"]]:
@@ -79,16 +62,16 @@ def test_probe_writes_the_report_and_a_second_run_does_no_forward(checkpoint, tm
     first = len(forwards)
     assert first > 0
 
-    again = probe_document(fast(checkpoint, tmp_path, "noise_levels=[0.0,0.5]", f"out_dir={tmp_path / 'again'}"))
+    again = probe_document(fast(tiny_checkpoint, tmp_path, "noise_levels=[0.0,0.5]", f"out_dir={tmp_path / 'again'}"))
     assert len(forwards) == first  # every feature came from the cache
     assert again == document  # and the numbers are the same: seeded all the way
 
-    probe(fast(checkpoint, tmp_path, "noise_levels=[0.0]", "weights=online", f"out_dir={tmp_path / 'online'}"))
+    probe(fast(tiny_checkpoint, tmp_path, "noise_levels=[0.0]", "weights=online", f"out_dir={tmp_path / 'online'}"))
     assert len(forwards) > first  # other weights, other features; the random-init baseline stays cached
 
 
-def test_probe_attentive_pooling_and_chosen_layers(checkpoint, tmp_path):
-    document = probe_document(fast(checkpoint, tmp_path, "pool=attentive", "layers=[2]", "cache_dir=null"))
+def test_probe_attentive_pooling_and_chosen_layers(tiny_checkpoint, tmp_path):
+    document = probe_document(fast(tiny_checkpoint, tmp_path, "pool=attentive", "layers=[2]", "cache_dir=null"))
     assert [(r["layer"], r["pool"]) for r in document["results"]] == [(2, "attentive")]
     assert not (tmp_path / "cache").exists()
 
@@ -99,24 +82,24 @@ def test_probe_attentive_pooling_and_chosen_layers(checkpoint, tmp_path):
     ("noise_levels=[1.5]", r"noise_levels=\[1.5\] must be"),
     ("weights=student", "weights='student' is unknown"),
 ])
-def test_probe_option_errors_name_the_key(checkpoint, tmp_path, override, message):
+def test_probe_option_errors_name_the_key(tiny_checkpoint, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
-        probe(fast(checkpoint, tmp_path, override))
+        probe(fast(tiny_checkpoint, tmp_path, override))
 
 
-def test_probe_refuses_a_dataset_without_labels(checkpoint, tmp_path):
+def test_probe_refuses_a_dataset_without_labels(tiny_checkpoint, tmp_path):
     root = tmp_path / "unlabelled"
     root.mkdir()
     for i in range(6):  # images directly in the folder: no class sub-folders, no labels
         Image.fromarray(np.full((16, 16), 20 * i, dtype=np.uint8)).save(root / f"{i}.png")
-    cfg = fast(checkpoint, tmp_path, "data=image_folder", f"data.root={root}", "data.num_workers=0",
+    cfg = fast(tiny_checkpoint, tmp_path, "data=image_folder", f"data.root={root}", "data.num_workers=0",
                "data.dataset.image_size=16", "data.dataset.channels=1")
     with pytest.raises(ValueError, match="needs labelled data"):
         probe(cfg)
 
 
-def test_probe_refuses_a_checkpoint_that_does_not_fit_its_configured_model(checkpoint, tmp_path):
-    state = torch.load(checkpoint, weights_only=False)
+def test_probe_refuses_a_checkpoint_that_does_not_fit_its_configured_model(tiny_checkpoint, tmp_path):
+    state = torch.load(tiny_checkpoint, weights_only=False)
     state["selfflow_config"]["model"]["width"] = 64
     bad = tmp_path / "bad.ckpt"
     torch.save(state, bad)
@@ -131,9 +114,9 @@ def run_cli(args, cwd):
 
 
 @pytest.mark.slow
-def test_probe_cli_prints_a_table_and_writes_probe_json(checkpoint, tmp_path):
+def test_probe_cli_prints_a_table_and_writes_probe_json(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    result = run_cli([f"ckpt={checkpoint}", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "head.epochs=5",
+    result = run_cli([f"ckpt={tiny_checkpoint}", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "head.epochs=5",
                       "layers=[2]"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "random-init" in result.stdout and "input" in result.stdout
@@ -144,8 +127,8 @@ def test_probe_cli_prints_a_table_and_writes_probe_json(checkpoint, tmp_path):
 
 
 @pytest.mark.slow
-def test_probe_cli_errors_are_one_line(checkpoint, tmp_path):
-    result = run_cli([f"ckpt={checkpoint}", f"out_dir={tmp_path / 'out'}", "layers=[0]"], cwd=tmp_path)
+def test_probe_cli_errors_are_one_line(tiny_checkpoint, tmp_path):
+    result = run_cli([f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path / 'out'}", "layers=[0]"], cwd=tmp_path)
     assert result.returncode == 2
     assert "selfflow-probe: error: layers=[0] out of range" in result.stderr
     assert "Traceback" not in result.stderr

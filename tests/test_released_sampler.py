@@ -14,7 +14,8 @@ from selfflow.cli.sample import sample
 from selfflow.sampling.job import SamplingModel
 from selfflow.sampling import generate
 from selfflow.sampling.generate import NoiseSource, sample_generators
-from tests.test_sample_cli import TOKENIZER, compose_sample, random_model
+from tests.helpers.configs import compose_sample
+from tests.helpers.models import TOKENIZER, random_model
 
 NUM_SAMPLES, SEED = 4, 3
 

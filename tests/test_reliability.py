@@ -19,7 +19,7 @@ from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.resume import newest_valid_checkpoint
 from selfflow.training.run import train
 from selfflow.training.validate import ConfigError, validate_config
-from tests.conftest import SMALL_JOINT, TINY
+from tests.helpers.configs import SMALL_JOINT, TINY
 from tests.helpers.hostile import hostile_checkpoint
 
 

@@ -6,13 +6,12 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 from PIL import Image
 
 from selfflow.data.collate import collate_samples
 from selfflow.data.image_folder import ImageFolder, load_image
-from tests.conftest import shared_dataset
+from tests.helpers.configs import shared_dataset
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:

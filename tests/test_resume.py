@@ -1,36 +1,16 @@
 """Exact resume: a run killed with SIGKILL (at a checkpoint, or in the middle of writing one) and continued with
 resume=auto produces the same per-step losses and final weights as a run that was never interrupted."""
-import csv
-import os
 import random
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
 from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.resume import newest_valid_checkpoint
-from tests.conftest import SMALL_JOINT, TINY
-
-MAX_STEPS = 40
-EVERY = 4
-
-
-def write_noise_images(root: Path, per_class: int = 11) -> Path:
-    """Two classes of random 12x12 RGB images: 19 training images, 2 batches of 8 per epoch (many epochs)."""
-    rng = np.random.default_rng(0)
-    for name in ("a", "b"):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
-    return root
+from tests.helpers.configs import SMALL_JOINT, TINY
+from tests.helpers.files import write_noise_images
+from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, losses, start
 
 
 def train_args(images: Path, run_dir: Path, workers: int, *extra: str) -> list[str]:
@@ -38,45 +18,6 @@ def train_args(images: Path, run_dir: Path, workers: int, *extra: str) -> list[s
             "tokenizer.image.patch_size=2", f"data.num_workers={workers}", f"trainer.max_steps={MAX_STEPS}",
             f"callbacks.checkpoint.every_n_train_steps={EVERY}", "callbacks.samples.every_n_steps=0", "seed=7",
             f"hydra.run.dir={run_dir}", *extra]
-
-
-def start(args: list[str], cwd: Path, script: str | None = None) -> subprocess.Popen:
-    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "selfflow.cli.train", *args]
-    return subprocess.Popen(command, cwd=cwd, env={**os.environ, "WANDB_MODE": "offline"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> None:
-    out, err = process.communicate(timeout=timeout)
-    assert process.returncode == 0, err[-3000:]
-
-
-def kill_when(process: subprocess.Popen, path: Path, timeout: float = 300) -> None:
-    """SIGKILL the process as soon as `path` exists (polled every few milliseconds)."""
-    deadline = time.monotonic() + timeout
-    while not path.exists():
-        assert process.poll() is None, f"the run ended before {path.name} appeared: {process.stderr.read()[-3000:]}"
-        assert time.monotonic() < deadline, f"{path} never appeared"
-        time.sleep(0.003)
-    process.send_signal(signal.SIGKILL)
-    process.communicate(timeout=60)
-    assert process.returncode == -signal.SIGKILL
-
-
-def losses(run_dir: Path) -> dict[int, str]:
-    with open(run_dir / "metrics.csv", newline="") as f:
-        return {int(r["step"]): r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")}
-
-
-def assert_same_run(reference: Path, resumed: Path, max_steps: int = MAX_STEPS) -> None:
-    expected, got = losses(reference), losses(resumed)
-    assert sorted(expected) == list(range(max_steps))
-    assert got == expected  # every step, bit for bit (the CSV holds the exact float)
-    a = read_checkpoint(reference / "checkpoints" / "last.ckpt")
-    b = read_checkpoint(resumed / "checkpoints" / "last.ckpt")
-    assert a["global_step"] == b["global_step"] == max_steps
-    for key, value in a["state_dict"].items():
-        assert torch.equal(value, b["state_dict"][key]), key
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,4 @@
 """selfflow-sample: outputs, NFE, guidance, seeds across batch sizes, labels, errors, the released-checkpoint path."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -13,51 +12,18 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.cli.sample import sample
-from tests.helpers.configs import compose_sample
 from selfflow.sampling.job import resolve_labels
 from selfflow.models.transformer import SelfFlowTransformer
-from selfflow.sampling import writers
 from selfflow.tokens import Condition
 from selfflow.sampling.generate import (GuidedVelocity, NoiseSource, generate, sample_generators, sample_tokens)
-from selfflow.tokenizers.image import ImagePatchTokenizer
-from tests.conftest import compose_train
-
-
-def tiny_ckpt_path(run_dir: Path) -> Path:
-    """Train a 2-step tiny digits run (16x16 grey, patch 4: 16 tokens); its last checkpoint."""
-    from selfflow.training.build import build_run
-
-    run = build_run(compose_train(["trainer.max_steps=2", "tokenizer.image.patch_size=4", "~callbacks.samples",
-                                   "lr_warmup_steps=0", "optimizer.lr=0.01"], run_dir))  # visibly trained weights
-    run.trainer.fit(run.module, datamodule=run.datamodule)
-    return run_dir / "checkpoints" / "last.ckpt"
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    return tiny_ckpt_path(tmp_path_factory.mktemp("run"))
-
-
-def run_sample(ckpt, out_dir, *overrides):
-    return sample(compose_sample(f"ckpt={ckpt}", f"out_dir={out_dir}", *overrides))
-
-
-def random_model(num_classes=10, seed=0) -> SelfFlowTransformer:
-    """A tiny model whose adaLN and output layers are non-zero (adaLN-Zero would make every velocity 0)."""
-    torch.manual_seed(seed)
-    model = SelfFlowTransformer({"image": 16}, width=32, depth=2, heads=2, num_classes=num_classes)
-    for p in model.parameters():
-        torch.nn.init.normal_(p, std=0.1)
-    return model.eval()
-
-
-TOKENIZER = ImagePatchTokenizer(patch_size=4, channels=1, image_size=16)
+from tests.helpers.models import TOKENIZER, random_model
+from tests.helpers.runs import run_sample
 
 
 @pytest.mark.parametrize("sampler, steps", [("euler", 4), ("heun", 5), ("sde", 4)])
-def test_image_outputs_npz_and_nfe(tiny_ckpt, tmp_path, sampler, steps, capsys):
-    summary = run_sample(tiny_ckpt, tmp_path, "num_samples=7", "batch_size=3", f"sampler={sampler}", f"steps={steps}")
+def test_image_outputs_npz_and_nfe(tiny_checkpoint, tmp_path, sampler, steps, capsys):
+    summary = run_sample(tiny_checkpoint, tmp_path, "num_samples=7", "batch_size=3", f"sampler={sampler}",
+                         f"steps={steps}")
     assert summary["nfe"] == steps and summary["sampler"] == sampler
     assert f"NFE={steps}" in capsys.readouterr().out
     pngs = sorted((tmp_path / "images").glob("*.png"))
@@ -72,11 +38,11 @@ def test_image_outputs_npz_and_nfe(tiny_ckpt, tmp_path, sampler, steps, capsys):
     assert recorded["nfe"] == steps and recorded["labels"] == list(range(7))
 
 
-def test_same_seed_same_samples_for_any_batch_size(tiny_ckpt, tmp_path):
+def test_same_seed_same_samples_for_any_batch_size(tiny_checkpoint, tmp_path):
     arrays = {}
     for name, overrides in {"b1": ["batch_size=1"], "b4": ["batch_size=4"], "b4_sde": ["batch_size=4", "sampler=sde"],
                             "b2_sde": ["batch_size=2", "sampler=sde"], "seed1": ["batch_size=4", "seed=1"]}.items():
-        run_sample(tiny_ckpt, tmp_path / name, "num_samples=5", "steps=4", *overrides)
+        run_sample(tiny_checkpoint, tmp_path / name, "num_samples=5", "steps=4", *overrides)
         with np.load(tmp_path / name / "samples.npz") as npz:
             arrays[name] = npz["arr_0"]
     np.testing.assert_array_equal(arrays["b1"], arrays["b4"])
@@ -165,22 +131,22 @@ def test_labels_round_robin_list_and_unconditional():
         resolve_labels([12], 2, 10, 10)
 
 
-def test_user_errors_name_the_key(tiny_ckpt, tmp_path):
+def test_user_errors_name_the_key(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="sampler='rk4' is unknown"):
-        run_sample(tiny_ckpt, tmp_path, "sampler=rk4", "num_samples=2")
+        run_sample(tiny_checkpoint, tmp_path, "sampler=rk4", "num_samples=2")
     with pytest.raises(ValueError, match="modality=audio"):
-        run_sample(tiny_ckpt, tmp_path, "modality=audio", "num_samples=2")
+        run_sample(tiny_checkpoint, tmp_path, "modality=audio", "num_samples=2")
     with pytest.raises(ValueError, match="guidance_interval"):
-        run_sample(tiny_ckpt, tmp_path, "guidance_interval=[0.8,0.2]", "num_samples=2", "cfg_scale=2")
+        run_sample(tiny_checkpoint, tmp_path, "guidance_interval=[0.8,0.2]", "num_samples=2", "cfg_scale=2")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_sample(tmp_path / "missing.ckpt", tmp_path)
     with pytest.raises(ValueError, match="metrics=true needs reference"):
-        run_sample(tiny_ckpt, tmp_path, "metrics=true", "num_samples=2")
+        run_sample(tiny_checkpoint, tmp_path, "metrics=true", "num_samples=2")
 
 
-def test_online_weights_differ_from_ema(tiny_ckpt, tmp_path):
-    run_sample(tiny_ckpt, tmp_path / "ema", "num_samples=2", "steps=2")
-    run_sample(tiny_ckpt, tmp_path / "online", "num_samples=2", "steps=2", "weights=online")
+def test_online_weights_differ_from_ema(tiny_checkpoint, tmp_path):
+    run_sample(tiny_checkpoint, tmp_path / "ema", "num_samples=2", "steps=2")
+    run_sample(tiny_checkpoint, tmp_path / "online", "num_samples=2", "steps=2", "weights=online")
     with np.load(tmp_path / "ema" / "samples.npz") as a, np.load(tmp_path / "online" / "samples.npz") as b:
         assert not np.array_equal(a["arr_0"], b["arr_0"])
 
@@ -211,7 +177,7 @@ def save_tiny_vae(folder: Path):
 
 
 def test_released_checkpoint_cli_path_decodes_with_a_local_vae(tmp_path, capsys):
-    from tests.test_interop import released_state_dict
+    from tests.helpers.released import released_state_dict
 
     save_tiny_vae(tmp_path / "vae")
     ckpt = tmp_path / "selfflow_imagenet256.pt"
@@ -232,8 +198,8 @@ def run_cli(args, cwd, timeout=300):
 
 
 @pytest.mark.slow
-def test_sample_cli_as_a_user_runs_it(tiny_ckpt, tmp_path):
-    result = run_cli([f"ckpt={tiny_ckpt}", "num_samples=4", "steps=3", "sampler=heun", "cfg_scale=2",
+def test_sample_cli_as_a_user_runs_it(tiny_checkpoint, tmp_path):
+    result = run_cli([f"ckpt={tiny_checkpoint}", "num_samples=4", "steps=3", "sampler=heun", "cfg_scale=2",
                       "guidance_interval=[0.2,0.9]", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NFE=3" in result.stdout and (tmp_path / "out" / "samples.npz").is_file()

@@ -18,7 +18,8 @@ from selfflow.data import shards as shards_module
 from selfflow.data.shard_index import MAX_INDEX_BYTES, index_location
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
-from tests.test_shards import exit_status, png_bytes, write_images, write_tar
+from tests.helpers.files import png_bytes, write_images, write_tar
+from tests.helpers.runs import exit_status
 
 
 def noise_png(seed: int, side: int = 64) -> bytes:

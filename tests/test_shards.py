@@ -1,21 +1,15 @@
 """WebDataset tar shards: folder -> selfflow-shards write -> shard datasets give the folder datasets' items, for
 image, audio and video; shard lists and brace patterns; random access; corrupt shards and members."""
-import io
 import json
 import os
 import subprocess
 import sys
 import tarfile
-from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile
 import torch
 from hydra.utils import instantiate
-from PIL import Image
 
-from selfflow.cli.shards import main as shards_cli
 from selfflow.cli.shards import parse_bytes
 from selfflow.data import shard_writer
 from selfflow.data.audio_folder import AudioFolder
@@ -26,41 +20,9 @@ from selfflow.data.shard_index import sample_key
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import AudioShards, ImageShards, VideoShards, expand_braces, resolve_shards
 from selfflow.data.video_folder import VideoFolder
-from selfflow.data.video_io import write_mp4
-from tests.conftest import TINY, compose_train
-
-
-def write_images(root: Path, per_class: int = 4) -> None:
-    """Random RGB images of different sizes and formats in two class folders (crop and resize both matter)."""
-    rng = np.random.default_rng(0)
-    for c, name in enumerate(("cat", "dog")):
-        (root / name).mkdir(parents=True)
-        for i in range(per_class):
-            height, width = 12 + 3 * i, 20 - 2 * i
-            pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(root / name / f"{i}.{'png' if i % 2 else 'jpg'}")
-
-
-def tone(freq: float, seconds: float, rate: int) -> np.ndarray:
-    return (0.5 * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
-
-
-def write_recordings(root: Path) -> None:
-    """WAV, FLAC (stereo) and OGG at three rates, longer and shorter than the clip."""
-    for c, name in enumerate(("high", "low")):
-        (root / name).mkdir(parents=True)
-        soundfile.write(root / name / "a.wav", tone(300 + 500 * c, 1.7, 8000), 8000)
-        stereo = np.stack([tone(700, 2.0, 16000), tone(900 + c, 2.0, 16000)], axis=1)
-        soundfile.write(root / name / "b.flac", stereo, 16000)
-        soundfile.write(root / name / "c.ogg", tone(1000 - 300 * c, 0.6, 22050), 22050)
-
-
-def write_videos(root: Path, per_class: int = 2) -> None:
-    rng = np.random.default_rng(1)
-    for c, name in enumerate(("walk", "wave")):
-        for i in range(per_class):
-            frames = rng.integers(0, 256, (10, 32, 40, 3), dtype=np.uint8)
-            write_mp4(frames, root / name / f"{i}.mp4", fps=10)
+from tests.helpers.configs import TINY, compose_train
+from tests.helpers.files import png_bytes, write_images, write_recordings, write_tar, write_videos
+from tests.helpers.runs import exit_status
 
 
 def same_items(shards, folder, seeded: bool) -> None:
@@ -185,22 +147,6 @@ def test_shards_resume_mid_epoch_with_the_same_batches(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(continued, uninterrupted[2:]))
 
 
-def write_tar(path: Path, members: dict[str, bytes]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tarfile.open(path, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-    return path
-
-
-def png_bytes(value: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(np.full((8, 8, 3), value, dtype=np.uint8)).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def test_truncated_or_corrupt_shard_stops_at_start_up_naming_it(tmp_path):
     good = write_tar(tmp_path / "good" / "train-000000.tar",
                      {f"{k:06d}.{ext}": data for k in range(3) for ext, data in (("png", png_bytes(9 * k)),
@@ -268,14 +214,6 @@ def test_clear_errors_for_missing_shards_missing_data_and_the_wrong_modality(tmp
         ImageShards(str(tmp_path / "audio"), "train")
     val = write_tar(tmp_path / "valsplit" / "val-000000.tar", {"000000.png": png_bytes(1)})
     assert ImageShards(str(val.parent), "test", image_size=4).shards == [val]  # no test-*.tar: val-*.tar
-
-
-def exit_status(argv: list[str]) -> int:
-    """selfflow-shards' exit status for `argv` (user errors end in SystemExit(2))."""
-    try:
-        return shards_cli(argv)
-    except SystemExit as stop:
-        return stop.code
 
 
 def test_writer_is_atomic_refuses_to_overwrite_and_replaces_stale_shards(tmp_path, capsys):

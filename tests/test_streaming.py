@@ -17,9 +17,9 @@ from selfflow.data.shard_sources import ObjectStore, ObjectStoreError
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
 from selfflow.training.datamodule import SelfFlowDataModule
-from tests.conftest import TINY, compose_train
-from tests.test_resume import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, start, write_noise_images
-from tests.test_shards import write_images, write_recordings, write_videos
+from tests.helpers.configs import TINY, compose_train
+from tests.helpers.files import write_images, write_noise_images, write_recordings, write_videos
+from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, start
 
 BUCKET = "selfflow-test"
 

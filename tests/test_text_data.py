@@ -11,9 +11,7 @@ from selfflow.data.captions import (AUDIO_TEMPLATES, CaptionedAudioFolder, Capti
                                     CaptionedMovingDigits, CaptionedSpokenDigits, CaptionedVideoFolder, ClassCaptions,
                                     class_words)
 from selfflow.data.collate import collate_samples
-from tests.test_data_audio import tone
-from tests.test_data_image import write_folder
-from tests.test_data_video import write_video_folder
+from tests.helpers.files import tone, write_folder, write_video_folder
 
 
 def test_built_in_digits_are_captioned_by_their_class():

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from tests.conftest import SHARED_DATA
+from tests.helpers.configs import SHARED_DATA
 
 from selfflow.tokenizers.audio import PEAK_LIMIT, AudioMelTokenizer
 from selfflow.tokenizers.latent import AudioLatentTokenizer

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from selfflow.data.latent_cache import write_json
-from selfflow.evaluation.npz_arrays import ArrayHeader, npz_header, npz_keys
+from selfflow.data.npz_arrays import ArrayHeader, npz_header, npz_keys
 
 JOB_FILE = "job.json"
 PARTS = "parts"
