@@ -106,7 +106,8 @@ def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
         return f"{SAMPLING_EMAS}{sampling_ema_key(weights)}.module."
     extra = sorted("ema_" + key.removeprefix("ema_").replace("_", ".") for key in keys)
     hint = "" if extra else " (an extra EMA is kept when the run sets objective.sampling_ema_decays, e.g. [0.9999])"
-    raise ValueError(f"weights={weights!r} is not in {source}; choose one of: {', '.join([*WEIGHTS, *extra])}{hint}")
+    missing = "is not in" if isinstance(weights, str) and weights.startswith("ema_") else "is unknown; it is not in"
+    raise ValueError(f"weights={weights!r} {missing} {source}; choose one of: {', '.join([*WEIGHTS, *extra])}{hint}")
 
 
 def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | None = None) -> LoadedCheckpoint:
