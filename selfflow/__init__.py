@@ -7,6 +7,7 @@ The public API, importable from the package root without Lightning or Hydra:
 
 Names are imported on first use, so that `import selfflow` (and the command-line help) stays fast.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -16,18 +17,25 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     # core types
-    "Tokens": "selfflow.tokens", "PackedTokens": "selfflow.tokens", "TextTokens": "selfflow.tokens",
+    "Tokens": "selfflow.tokens",
+    "PackedTokens": "selfflow.tokens",
+    "TextTokens": "selfflow.tokens",
     "Condition": "selfflow.tokens",
     # the model and the objective
-    "SelfFlowTransformer": "selfflow.models.transformer", "SelfFlowObjective": "selfflow.objectives.selfflow",
+    "SelfFlowTransformer": "selfflow.models.transformer",
+    "SelfFlowObjective": "selfflow.objectives.selfflow",
     # tokenizers
-    "ImagePatchTokenizer": "selfflow.tokenizers.image", "VideoTubeletTokenizer": "selfflow.tokenizers.video",
-    "AudioMelTokenizer": "selfflow.tokenizers.audio", "TextTokenizer": "selfflow.tokenizers.text",
+    "ImagePatchTokenizer": "selfflow.tokenizers.image",
+    "VideoTubeletTokenizer": "selfflow.tokenizers.video",
+    "AudioMelTokenizer": "selfflow.tokenizers.audio",
+    "TextTokenizer": "selfflow.tokenizers.text",
     # sampling
-    "sample_tokens": "selfflow.sampling.generate", "generate": "selfflow.sampling.generate",
+    "sample_tokens": "selfflow.sampling.generate",
+    "generate": "selfflow.sampling.generate",
     "NoiseSource": "selfflow.sampling.generate",
     # checkpoints: selfflow's own, its exports, and the released Self-Flow model
-    "load_checkpoint": "selfflow.interop.checkpoint", "load_official": "selfflow.interop.official",
+    "load_checkpoint": "selfflow.interop.checkpoint",
+    "load_official": "selfflow.interop.official",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -6,6 +6,7 @@ writes a file), and an interpolation (`${...}`) would run a resolver. `instantia
 first and refuses, in one line naming the key, anything that is not plainly selfflow's; only then is Hydra's
 instantiate called. Plain PyTorch and omegaconf: no Lightning here.
 """
+
 from __future__ import annotations
 
 import logging
@@ -18,50 +19,52 @@ log = logging.getLogger("selfflow")
 
 # exact names (never a prefix test: `selfflow.x.os.system` is not selfflow's); tests/test_hostile_checkpoints.py
 # composes every config of conf/ and checks that each `_target_` it can store is listed here
-STORED_TARGETS = frozenset({
-    # tokenizers
-    "selfflow.tokenizers.image.ImagePatchTokenizer",
-    "selfflow.tokenizers.video.VideoTubeletTokenizer",
-    "selfflow.tokenizers.audio.AudioMelTokenizer",
-    "selfflow.tokenizers.text.TextTokenizer",
-    "selfflow.tokenizers.latent.VideoLatentTokenizer",
-    "selfflow.tokenizers.latent.AudioLatentTokenizer",
-    "selfflow.tokenizers.image_latent.ImageLatentTokenizer",
-    # the model and the objective around it
-    "selfflow.models.transformer.SelfFlowTransformer",
-    "selfflow.objectives.selfflow.SelfFlowObjective",
-    "selfflow.objectives.gamma_schedule.GammaSchedule",
-    "selfflow.flow.timesteps.Uniform",
-    "selfflow.flow.timesteps.LogitNormal",
-    "selfflow.flow.timesteps.ModeSampling",
-    # data modules, datasets and captions
-    "selfflow.training.datamodule.SelfFlowDataModule",
-    "selfflow.training.mixture.MixtureDataModule",
-    "selfflow.data.digits.DigitImages",
-    "selfflow.data.moving_digits.MovingDigits",
-    "selfflow.data.spoken_digits.SpokenDigits",
-    "selfflow.data.image_folder.ImageFolder",
-    "selfflow.data.video_folder.VideoFolder",
-    "selfflow.data.audio_folder.AudioFolder",
-    "selfflow.data.shards.ImageShards",
-    "selfflow.data.shards.VideoShards",
-    "selfflow.data.shards.AudioShards",
-    "selfflow.data.latent_cache.LatentCache",
-    "selfflow.data.captions.ClassCaptions",
-    "selfflow.data.captions.CaptionedDigits",
-    "selfflow.data.captions.CaptionedMovingDigits",
-    "selfflow.data.captions.CaptionedSpokenDigits",
-    "selfflow.data.captions.CaptionedImageFolder",
-    "selfflow.data.captions.CaptionedVideoFolder",
-    "selfflow.data.captions.CaptionedAudioFolder",
-    # the torch classes selfflow's configs name
-    "torch.optim.AdamW",
-})
+STORED_TARGETS = frozenset(
+    {
+        # tokenizers
+        "selfflow.tokenizers.image.ImagePatchTokenizer",
+        "selfflow.tokenizers.video.VideoTubeletTokenizer",
+        "selfflow.tokenizers.audio.AudioMelTokenizer",
+        "selfflow.tokenizers.text.TextTokenizer",
+        "selfflow.tokenizers.latent.VideoLatentTokenizer",
+        "selfflow.tokenizers.latent.AudioLatentTokenizer",
+        "selfflow.tokenizers.image_latent.ImageLatentTokenizer",
+        # the model and the objective around it
+        "selfflow.models.transformer.SelfFlowTransformer",
+        "selfflow.objectives.selfflow.SelfFlowObjective",
+        "selfflow.objectives.gamma_schedule.GammaSchedule",
+        "selfflow.flow.timesteps.Uniform",
+        "selfflow.flow.timesteps.LogitNormal",
+        "selfflow.flow.timesteps.ModeSampling",
+        # data modules, datasets and captions
+        "selfflow.training.datamodule.SelfFlowDataModule",
+        "selfflow.training.mixture.MixtureDataModule",
+        "selfflow.data.digits.DigitImages",
+        "selfflow.data.moving_digits.MovingDigits",
+        "selfflow.data.spoken_digits.SpokenDigits",
+        "selfflow.data.image_folder.ImageFolder",
+        "selfflow.data.video_folder.VideoFolder",
+        "selfflow.data.audio_folder.AudioFolder",
+        "selfflow.data.shards.ImageShards",
+        "selfflow.data.shards.VideoShards",
+        "selfflow.data.shards.AudioShards",
+        "selfflow.data.latent_cache.LatentCache",
+        "selfflow.data.captions.ClassCaptions",
+        "selfflow.data.captions.CaptionedDigits",
+        "selfflow.data.captions.CaptionedMovingDigits",
+        "selfflow.data.captions.CaptionedSpokenDigits",
+        "selfflow.data.captions.CaptionedImageFolder",
+        "selfflow.data.captions.CaptionedVideoFolder",
+        "selfflow.data.captions.CaptionedAudioFolder",
+        # the torch classes selfflow's configs name
+        "torch.optim.AdamW",
+    }
+)
 
 # selfflow's own classes that a stored config may still not build, and why (named in the refusal)
 NEVER_REBUILT = {
     "selfflow.data.shard_sources.ObjectStore": "it would choose which network endpoint selfflow contacts with your "
-                                               "credentials; give data=... for the data to probe or measure",
+    "credentials; give data=... for the data to probe or measure",
 }
 
 # arguments that choose where files are written: a stored config never does; the default location is used instead
@@ -121,8 +124,13 @@ def without_write_locations(value: Any, where: str, key: str = "") -> Any:
         for name, item in value.items():
             path = f"{key}.{name}" if key else str(name)
             if name in WRITE_LOCATION_KEYS and item is not None:
-                log.info("%s: %s=%s ignored (a stored config does not choose where files are written); the "
-                         "default location is used", where, path, item)
+                log.info(
+                    "%s: %s=%s ignored (a stored config does not choose where files are written); the "
+                    "default location is used",
+                    where,
+                    path,
+                    item,
+                )
                 item = None
             out[name] = without_write_locations(item, where, path)
         return out
@@ -143,9 +151,10 @@ def instantiate_stored(node: Any, where: str, key: str = "") -> Any:
         raise _refuse(where, key, " has no _target_ (nothing to build)")
     try:
         return instantiate(without_write_locations(container, where, key))
-    except Exception as error:  # noqa: BLE001 - whatever the stored arguments make the class raise, in one line
+    except Exception as error:
         cause = error
         while cause.__cause__ is not None:  # Hydra wraps the class's own error
             cause = cause.__cause__
-        raise StoredConfigError(f"{where}: cannot build {key or 'the stored config'} from its stored arguments: "
-                                f"{first_line(cause)}") from error
+        raise StoredConfigError(
+            f"{where}: cannot build {key or 'the stored config'} from its stored arguments: {first_line(cause)}"
+        ) from error

@@ -5,6 +5,7 @@ besides its noise level (class labels, text, size conditioning).
 Plain PyTorch and dataclasses, imported by every layer (data, tokenizers, models, objectives, sampling, training) and
 importing none of them.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
@@ -100,8 +101,11 @@ class TextTokens:
     def drop(self, rows: Tensor) -> TextTokens:
         """rows: [B] bool -> the same batch with those rows replaced by the null text."""
         keep = ~rows.to(self.valid.device)
-        return TextTokens(self.x * keep[:, None, None].to(self.x.dtype), self.valid & keep[:, None],
-                          self.pooled * keep[:, None].to(self.pooled.dtype))
+        return TextTokens(
+            self.x * keep[:, None, None].to(self.x.dtype),
+            self.valid & keep[:, None],
+            self.pooled * keep[:, None].to(self.pooled.dtype),
+        )
 
     def null(self) -> TextTokens:
         return self.drop(torch.ones(self.batch_size, dtype=torch.bool, device=self.valid.device))
@@ -142,8 +146,11 @@ class Condition:
     @property
     def batch_size(self) -> int | None:
         present = [v for v in (self.labels, self.text, self.sizes) if v is not None]
-        return None if not present else (present[0].batch_size if isinstance(present[0], TextTokens)
-                                          else present[0].shape[0])
+        return (
+            None
+            if not present
+            else (present[0].batch_size if isinstance(present[0], TextTokens) else present[0].shape[0])
+        )
 
     def drop(self, rows: Tensor, only: str | None = None) -> Condition:
         """rows: bool, [B] (or [B, S] for per-sample labels) -> those rows' signals replaced by their null; `only`
@@ -166,8 +173,11 @@ class Condition:
         size = self.batch_size
         if size is None:
             return self
-        device = next(v.valid.device if isinstance(v, TextTokens) else v.device
-                      for v in (self.labels, self.text, self.sizes) if v is not None)
+        device = next(
+            v.valid.device if isinstance(v, TextTokens) else v.device
+            for v in (self.labels, self.text, self.sizes)
+            if v is not None
+        )
         return self.drop(torch.ones(size, dtype=torch.bool, device=device))
 
     def map(self, tensor_fn, text_fn) -> Condition:

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny configs composed from the real conf/ tree, real shared data where present, one tiny trained
 checkpoint. What the fixtures are built from lives in tests/helpers."""
+
 from __future__ import annotations
 
 import hashlib
@@ -27,8 +28,11 @@ def tiny_train_cfg(tmp_path):
 
 def folder_digest(folder: Path) -> dict[str, str]:
     """Every file under `folder` (relative path -> sha256 of its bytes)."""
-    return {str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
+    return {
+        str(path.relative_to(folder)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,6 @@
 """Test-only callback: each rank writes its weights, a fingerprint of its first noise draw and, step by step, what
 it trained on and a digest of its weights after the step."""
+
 import hashlib
 from pathlib import Path
 
@@ -24,8 +25,9 @@ def batch_contents(batch: dict) -> dict[str, tuple[int, float]]:
 def optimizer_steps(trainer, module) -> dict[str, int]:
     """{modality: the steps the optimizer took on its input projection} (absent from a step: not stepped)."""
     state = trainer.optimizers[0].state
-    return {m: int(state[proj.weight]["step"]) if proj.weight in state else 0
-            for m, proj in module.model.input_proj.items()}
+    return {
+        m: int(state[proj.weight]["step"]) if proj.weight in state else 0 for m, proj in module.model.input_proj.items()
+    }
 
 
 class DumpRankState(L.Callback):
@@ -45,7 +47,15 @@ class DumpRankState(L.Callback):
 
     def on_train_end(self, trainer, module):
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        torch.save({"model": module.model.state_dict(), "ema": module.ema_model.state_dict(),
-                    "first_draw": self.first_draw, "step": trainer.global_step, "world_size": trainer.world_size,
-                    "steps": self.steps, "optimizer_steps": optimizer_steps(trainer, module)},
-                   self.out_dir / f"rank{trainer.global_rank}.pt")
+        torch.save(
+            {
+                "model": module.model.state_dict(),
+                "ema": module.ema_model.state_dict(),
+                "first_draw": self.first_draw,
+                "step": trainer.global_step,
+                "world_size": trainer.world_size,
+                "steps": self.steps,
+                "optimizer_steps": optimizer_steps(trainer, module),
+            },
+            self.out_dir / f"rank{trainer.global_rank}.pt",
+        )

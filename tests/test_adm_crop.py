@@ -1,4 +1,5 @@
 """The ADM centre crop (data.dataset.crop=adm): box halvings, a bicubic resize to the size, the centre square."""
+
 import numpy as np
 import pytest
 import torch
@@ -47,15 +48,16 @@ def test_image_folder_crop_adm_loads_the_adm_crop(tmp_path):
 
 
 def test_image_shards_crop_adm_like_the_folder(tmp_path):
-    from selfflow.data.shards import ImageShards
     from selfflow.cli.shards import main as shards_main
+    from selfflow.data.shards import ImageShards
 
     pixels = np.stack([blocky_image(32, 64, seed=2)] * 3, -1)
     (tmp_path / "images" / "a").mkdir(parents=True)
     for name in ("0.png", "1.png"):  # one goes to the test split
         Image.fromarray(pixels).save(tmp_path / "images" / "a" / name)
-    shards_main(["write", str(tmp_path / "images"), str(tmp_path / "shards"), "--modality", "image",
-                                    "--splits", "train"])
+    shards_main(
+        ["write", str(tmp_path / "images"), str(tmp_path / "shards"), "--modality", "image", "--splits", "train"]
+    )
     folder = ImageFolder(str(tmp_path / "images"), "train", image_size=8, crop="adm")
     shards = ImageShards(str(tmp_path / "shards"), "train", image_size=8, crop="adm")
     torch.testing.assert_close(shards[0][0], folder[0][0])

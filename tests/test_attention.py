@@ -3,6 +3,7 @@
 FlexAttention has no backward on CPU in PyTorch 2.11, so CPU tests compare forwards; the gradient comparison is
 GPU-marked.
 """
+
 import pytest
 import torch
 
@@ -49,9 +50,16 @@ def valid_queries(mask) -> torch.Tensor:
     return mask.groups >= 0 if isinstance(mask, GroupMask) else torch.ones(mask.shape[0], N, dtype=torch.bool)
 
 
-@pytest.mark.parametrize("mask", [GroupMask(packed_groups(), contiguous=True), GroupMask(separation_groups()),
-                                  text_like_mask(), GroupMask(packed_groups()).dense],
-                         ids=["packed_rows", "separation_ablation", "shared_text_tokens", "dense_tensor"])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        GroupMask(packed_groups(), contiguous=True),
+        GroupMask(separation_groups()),
+        text_like_mask(),
+        GroupMask(packed_groups()).dense,
+    ],
+    ids=["packed_rows", "separation_ablation", "shared_text_tokens", "dense_tensor"],
+)
 def test_flex_attention_equals_sdpa_with_the_dense_mask(mask):
     flex, sdpa = attention_pair()
     x = torch.randn(2, N, WIDTH, generator=torch.Generator().manual_seed(1))
@@ -99,8 +107,9 @@ def test_model_forward_with_flex_equals_sdpa_and_builds_one_block_mask_per_mask(
             model = tiny_model(attention=backend, width=32, depth=3)
             randomize_zero_init(model)
             with torch.no_grad():
-                outs.append(model(tokens.x, levels, index, tokens.pos, labels, "image",
-                                  attn_mask=GroupMask(groups)).velocity)
+                outs.append(
+                    model(tokens.x, levels, index, tokens.pos, labels, "image", attn_mask=GroupMask(groups)).velocity
+                )
         valid = groups >= 0
         torch.testing.assert_close(outs[0][valid], outs[1][valid], rtol=1e-5, atol=1e-5)
     assert len(built) == 2  # one block mask per mask object, reused by the model's 3 blocks

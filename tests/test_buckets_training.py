@@ -1,5 +1,6 @@
 """Multi-aspect training wired end to end: bucketed image folders, one-bucket batches that resume exactly, the
 size-conditioning start-up check, `selfflow-train` with buckets and `selfflow-sample size=[H,W]`."""
+
 import csv
 import json
 import os
@@ -47,8 +48,9 @@ def write_images(root: Path, per_shape: int = 4, captions: bool = False) -> Path
 
 
 def bucketed(root: Path, buckets=BUCKETS, **kwargs) -> ImageFolder:
-    return ImageFolder(str(root), "train", image_size=16, channels=3, test_fraction=0.1, buckets=buckets,
-                       bucket_multiple=4, **kwargs)
+    return ImageFolder(
+        str(root), "train", image_size=16, channels=3, test_fraction=0.1, buckets=buckets, bucket_multiple=4, **kwargs
+    )
 
 
 def file_shape(path) -> tuple[int, int]:
@@ -81,7 +83,7 @@ def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_
     assert originals == expected and sum(expected.values()) == 2 * len(data.train_batches)
     # the sample in its bucket is the right file; a plain index still gives the square image
     i = train.bucket_ids.index(buckets.sizes.index((12, 20)))
-    image, label, extra = train[BucketIndex(i)]
+    image, _label, extra = train[BucketIndex(i)]
     assert image.shape == (3, 12, 20) and extra["sizes"][:2].tolist() == list(file_shape(train.paths[i]))
     red = 5 * int(train.paths[i].stem) / 255
     assert torch.allclose(image[0], torch.full((12, 20), red), atol=1 / 255) and image[1:].abs().max() == 0
@@ -144,12 +146,17 @@ def test_the_datamodule_resumes_bucketed_data_exactly(tmp_path):
 
 def test_captioned_folder_with_buckets_carries_sizes_and_captions(tmp_path):
     root = write_images(tmp_path / "images", captions=True)
-    train = CaptionedImageFolder(str(root), "train", image_size=16, channels=3, buckets=[[12, 20], [20, 12]],
-                                 bucket_multiple=4)
+    train = CaptionedImageFolder(
+        str(root), "train", image_size=16, channels=3, buckets=[[12, 20], [20, 12]], bucket_multiple=4
+    )
     wide, tall = train.bucketing.buckets.sizes.index((12, 20)), train.bucketing.buckets.sizes.index((20, 12))
     i = train.bucket_ids.index(wide)
-    image, label, extra, caption = train[BucketIndex(i)]
-    assert image.shape == (3, 12, 20) and extra["sizes"].shape == (6,) and caption["caption"] == f"image {int(train.paths[i].stem)}"
+    image, _label, extra, caption = train[BucketIndex(i)]
+    assert (
+        image.shape == (3, 12, 20)
+        and extra["sizes"].shape == (6,)
+        and caption["caption"] == f"image {int(train.paths[i].stem)}"
+    )
     same_bucket = [BucketIndex(j) for j, b in enumerate(train.bucket_ids) if b == wide][:3]
     batch = collate_samples("image")([train[j] for j in same_bucket])
     assert batch["data"].shape == (3, 3, 12, 20) and batch["sizes"].shape == (3, 6) and len(batch["caption"]) == 3
@@ -163,10 +170,15 @@ def test_bucket_settings_are_checked():
     assert len({w / h for h, w in sizes}) == len(sizes)  # one size per aspect
     assert parse_buckets([[12, 20], [16, 16]], 4, 16).buckets.sizes == [(16, 16), (12, 20)]
     assert parse_buckets({"sizes": [[8, 8]], "random_crop": True}, 4, 16).random_crop
-    for value, message in [([[12, 18]], "not a multiple of the patch size 4"), ({"base": 16}, "unknown keys"),
-                           ([[8, 8], [16, 16]], "same aspect ratio"), ("wide", "not a bucket setting"),
-                           ([[12]], "pair"), ({"max_aspect": 0.5}, "max_aspect=0.5 must be >= 1"),
-                           ({"base_size": 18}, "base_size=18 must be a multiple")]:
+    for value, message in [
+        ([[12, 18]], "not a multiple of the patch size 4"),
+        ({"base": 16}, "unknown keys"),
+        ([[8, 8], [16, 16]], "same aspect ratio"),
+        ("wide", "not a bucket setting"),
+        ([[12]], "pair"),
+        ({"max_aspect": 0.5}, "max_aspect=0.5 must be >= 1"),
+        ({"base_size": 18}, "base_size=18 must be a multiple"),
+    ]:
         with pytest.raises(ValueError, match=message):
             parse_buckets(value, 4, 16)
 
@@ -220,12 +232,30 @@ def bucketed_checkpoint(tmp_path_factory) -> Path:
     """A 2-step `selfflow-train` run with buckets and size conditioning; its last checkpoint."""
     tmp = tmp_path_factory.mktemp("buckets")
     images, run_dir = write_images(tmp / "images"), tmp / "run"
-    args = [*TINY, "data=image_folder", f"data.root={images}", "data.dataset.image_size=16", "data.batch_size=2",
-            "tokenizer.image.patch_size=4", "data.dataset.buckets={max_aspect: 2.0}", "model.size_conditioning=true",
-            "trainer.max_steps=2", "callbacks.probe.every_n_steps=2", "callbacks.probe.train_samples=8",
-            "callbacks.probe.test_samples=4", "callbacks.probe.epochs=2", f"hydra.run.dir={run_dir}"]
-    result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *args], capture_output=True, text=True,
-                            timeout=120, cwd=tmp, env={**os.environ, "WANDB_MODE": "offline"})
+    args = [
+        *TINY,
+        "data=image_folder",
+        f"data.root={images}",
+        "data.dataset.image_size=16",
+        "data.batch_size=2",
+        "tokenizer.image.patch_size=4",
+        "data.dataset.buckets={max_aspect: 2.0}",
+        "model.size_conditioning=true",
+        "trainer.max_steps=2",
+        "callbacks.probe.every_n_steps=2",
+        "callbacks.probe.train_samples=8",
+        "callbacks.probe.test_samples=4",
+        "callbacks.probe.epochs=2",
+        f"hydra.run.dir={run_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.train", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir / "checkpoints" / "last.ckpt"
 
@@ -252,8 +282,17 @@ def test_sampling_at_two_bucket_sizes_gives_images_of_those_sizes(bucketed_check
 
     def run(*overrides):
         with initialize_config_module("selfflow.conf", version_base="1.3"):
-            cfg = compose("sample", overrides=["progress=false", f"ckpt={bucketed_checkpoint}", "num_samples=3",
-                                               "steps=2", "device=cpu", *overrides])
+            cfg = compose(
+                "sample",
+                overrides=[
+                    "progress=false",
+                    f"ckpt={bucketed_checkpoint}",
+                    "num_samples=3",
+                    "steps=2",
+                    "device=cpu",
+                    *overrides,
+                ],
+            )
         return sample(cfg)
 
     for h, w in [(12, 20), (24, 12)]:

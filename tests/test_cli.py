@@ -1,4 +1,5 @@
 """selfflow-train as a user runs it: a real subprocess, from another folder."""
+
 import csv
 import os
 import subprocess
@@ -11,8 +12,14 @@ from tests.helpers.configs import TINY
 
 def run_cli(args, cwd, timeout=300):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "selfflow.cli.train", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.train", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 @pytest.mark.slow
@@ -39,11 +46,14 @@ def test_train_cli_help_lists_the_config_groups(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, message", [
-    ("objective.mask_ratio=0.7", "objective.mask_ratio=0.7 is out of range"),
-    ("data=image_folder", "data.root"),
-    ("objective.teacher_layer=1", "objective.teacher_layer=1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective.mask_ratio=0.7", "objective.mask_ratio=0.7 is out of range"),
+        ("data=image_folder", "data.root"),
+        ("objective.teacher_layer=1", "objective.teacher_layer=1"),
+    ],
+)
 def test_train_cli_bad_config_fails_with_a_one_line_message(tmp_path, override, message):
     result = run_cli([*TINY, override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)
     assert result.returncode != 0
@@ -65,7 +75,16 @@ def test_the_progress_bar_counts_optimizer_steps_not_epochs():
             super().on_train_batch_end(trainer, *args, **kwargs)
             labels.append(self.progress.tasks[self.train_progress_bar_id].description)
 
-    trainer = L.Trainer(max_steps=3, max_epochs=-1, limit_train_batches=2, limit_val_batches=0, callbacks=[Spy()],
-                        logger=False, enable_checkpointing=False, enable_model_summary=False, accelerator="cpu")
+    trainer = L.Trainer(
+        max_steps=3,
+        max_epochs=-1,
+        limit_train_batches=2,
+        limit_val_batches=0,
+        callbacks=[Spy()],
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(BoringModel())
     assert labels == ["step 1/3 (epoch 0)", "step 2/3 (epoch 0)", "step 3/3 (epoch 1)"]  # not "Epoch 1/-2"

@@ -1,4 +1,5 @@
 """Every config in conf/ composes and builds; a few real training steps run; a checkpoint resumes."""
+
 import csv
 from pathlib import Path
 
@@ -31,9 +32,11 @@ def test_the_default_is_the_joint_setup_and_one_modality_is_one_override_away(tm
     assert set(default.data.sources) == set(default.tokenizer) == {"image", "video", "audio"}
     assert default.objective.mask_ratio == {"image": 0.25, "video": 0.10, "audio": 0.50}
     assert compose_plain(["experiment=multimodal_digits"], tmp_path) == default  # still a valid name for it
-    for overrides, modality in ((["data=image_folder", "data.root=DIR"], "image"),
-                                (["data=audio_folder", "data.root=DIR"], "audio"),
-                                (["experiment=video_digits"], "video")):
+    for overrides, modality in (
+        (["data=image_folder", "data.root=DIR"], "image"),
+        (["data=audio_folder", "data.root=DIR"], "audio"),
+        (["experiment=video_digits"], "video"),
+    ):
         cfg = compose_plain(overrides, tmp_path)
         assert list(tokenizer_configs(cfg)) == [modality]  # the other configured tokenizers are not built
 
@@ -42,15 +45,22 @@ def test_image_folder_data_alone_trains_images_only(cifar_classes, tmp_path):
     from selfflow.interop.checkpoint import load_checkpoint
     from selfflow.training.run import train
 
-    cfg = compose_train(["data=image_folder", f"data.root={cifar_classes}", "trainer.max_steps=2"], tmp_path / "run",
-                        tiny=TINY_SIZES)  # no experiment: the root defaults with the data swapped
+    cfg = compose_train(
+        ["data=image_folder", f"data.root={cifar_classes}", "trainer.max_steps=2"], tmp_path / "run", tiny=TINY_SIZES
+    )  # no experiment: the root defaults with the data swapped
     run = train(cfg)
     assert list(run.module.tokenizers) == ["image"] and run.module.model.token_channels == {"image": 3 * 4 * 4}
     assert run.trainer.global_step == 2 and run.datamodule.num_classes == 3
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["image"]
     stored = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt").config.tokenizer
-    assert OmegaConf.to_container(stored) == {"image": {  # every argument: sampling rebuilds it without the data
-        "_target_": "selfflow.tokenizers.image.ImagePatchTokenizer", "patch_size": 4, "channels": 3, "image_size": 32}}
+    assert OmegaConf.to_container(stored) == {
+        "image": {  # every argument: sampling rebuilds it without the data
+            "_target_": "selfflow.tokenizers.image.ImagePatchTokenizer",
+            "patch_size": 4,
+            "channels": 3,
+            "image_size": 32,
+        }
+    }
 
 
 @pytest.mark.parametrize("name", [n for n in options("model") if n != "base"])
@@ -65,7 +75,8 @@ def test_model_presets_build(name, tmp_path):
         assert 600e6 < sum(p.numel() for p in model.blocks.parameters()) < 700e6
     size, base = (OmegaConf.to_container(c.model) for c in (cfg, compose_plain(["model=base"], tmp_path)))
     assert {k: v for k, v in size.items() if k not in ("depth", "width", "heads")} == {  # the rest is base.yaml's
-        k: v for k, v in base.items() if k not in ("depth", "width", "heads")}
+        k: v for k, v in base.items() if k not in ("depth", "width", "heads")
+    }
 
 
 def test_model_base_takes_any_size_and_names_the_missing_ones(tiny_train_cfg, tmp_path):
@@ -86,22 +97,31 @@ def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
     for _ in range(3):  # a fill may need another: latent_cache -> an SD-VAE tokenizer -> its folder
         cfg = compose_train([*overrides, *extra], tmp_path / "compose", tiny=TINY_SIZES)
         wanted = []
-        if "root" in cfg.data.keys() and OmegaConf.is_missing(cfg.data, "root"):
+        if "root" in cfg.data and OmegaConf.is_missing(cfg.data, "root"):
             wanted.append(f"data.root={tmp_path / 'nothing'}")
         if has_captions(cfg.data) and "text" not in cfg.tokenizer:
             wanted.append("tokenizer=[image_pixels,video_tubelets,audio_mel,text_minilm]")
         if "LatentCache" in str(OmegaConf.select(cfg, "data.dataset._target_")) and "vae" not in cfg.tokenizer.image:
             wanted.append("tokenizer=image_sdvae")
         for modality, spec in cfg.tokenizer.items():
-            wanted += [f"tokenizer.{modality}.{key}={tmp_path / 'none'}" for key in ("vae", "autoencoder_path")
-                       if key in spec.keys() and OmegaConf.is_missing(spec, key)]
+            wanted += [
+                f"tokenizer.{modality}.{key}={tmp_path / 'none'}"
+                for key in ("vae", "autoencoder_path")
+                if key in spec and OmegaConf.is_missing(spec, key)
+            ]
         extra += [w for w in wanted if w not in extra]
     return extra
 
 
-@pytest.mark.parametrize("group, option", [(g, o) for g in ("data", "tokenizer", "model", "objective", "trainer",
-                                                               "logger", "callbacks", "paths", "experiment")
-                                           for o in options(g) if (g, o) != ("model", "base")])
+@pytest.mark.parametrize(
+    "group, option",
+    [
+        (g, o)
+        for g in ("data", "tokenizer", "model", "objective", "trainer", "logger", "callbacks", "paths", "experiment")
+        for o in options(g)
+        if (g, o) != ("model", "base")
+    ],
+)
 def test_every_config_option_passes_start_up(group, option, tmp_path):
     """Each option of each group composes with tiny sizes, and its data module, model, objective, training module,
     optimizer and callbacks build (on the meta device: no data is read) through the start-up checks."""
@@ -140,16 +160,26 @@ def test_experiments_build(name, tmp_path, request):
 
 def test_image_folder_data_and_objective_options_build(tmp_path):
     write_folder(tmp_path / "images", per_class=4, size=(32, 32))
-    cfg = compose_train(["data=image_folder", f"data.root={tmp_path / 'images'}", "data.dataset.image_size=16",
-                         "objective.mask_mode=bernoulli", "objective.attention_separation=true",
-                         "objective.timesteps._target_=selfflow.flow.timesteps.LogitNormal"], tmp_path / "run")
+    cfg = compose_train(
+        [
+            "data=image_folder",
+            f"data.root={tmp_path / 'images'}",
+            "data.dataset.image_size=16",
+            "objective.mask_mode=bernoulli",
+            "objective.attention_separation=true",
+            "objective.timesteps._target_=selfflow.flow.timesteps.LogitNormal",
+        ],
+        tmp_path / "run",
+    )
     run = build_run(cfg)
     assert run.datamodule.num_classes == 2
     assert run.module.objective.attention_separation
 
 
-@pytest.mark.parametrize("experiment, data", [("text_video_digits", "captioned_video_folder"),
-                                              ("text_audio_digits", "captioned_audio_folder")])
+@pytest.mark.parametrize(
+    "experiment, data",
+    [("text_video_digits", "captioned_video_folder"), ("text_audio_digits", "captioned_audio_folder")],
+)
 def test_captioned_video_and_audio_folder_configs_build_a_text_run(tmp_path, experiment, data):
     import soundfile
 
@@ -174,8 +204,10 @@ def test_captioned_video_and_audio_folder_configs_build_a_text_run(tmp_path, exp
     run = build_run(cfg)
     assert run.datamodule.train_set.has_captions and "text" in run.module.tokenizers
     batch = next(iter(run.datamodule.train_dataloader()))
-    assert all(caption in ("something low", "something high", "something walk", "something wave")
-               for caption in batch["caption"])
+    assert all(
+        caption in ("something low", "something high", "something walk", "something wave")
+        for caption in batch["caption"]
+    )
 
 
 def read_metrics(path: Path) -> list[dict[str, str]]:
@@ -196,8 +228,15 @@ def test_a_few_training_steps_write_checkpoints_metrics_and_samples(tiny_train_c
     assert (run_dir / "checkpoints" / "step_0000002.ckpt").is_file()
     rows = read_metrics(run_dir / "metrics.csv")
     columns = set(rows[0])
-    for name in ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm", "train/samples_per_s",
-                 "train/tokens_per_s", "lr-AdamW"):
+    for name in (
+        "train/loss",
+        "train/loss_flow",
+        "train/loss_rep",
+        "train/grad_norm",
+        "train/samples_per_s",
+        "train/tokens_per_s",
+        "lr-AdamW",
+    ):
         assert name in columns, name
     assert any(c.startswith("train/loss_flow_t") for c in columns)
     losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]

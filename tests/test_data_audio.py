@@ -1,5 +1,6 @@
 """Audio data on real files: WAV/FLAC/OGG written here with soundfile, the real FSDD recordings, the built-in
 spoken digits; every bad-input case."""
+
 import sys
 
 import numpy as np
@@ -56,10 +57,12 @@ def test_training_crops_start_at_random_points(tmp_path):
 
 def test_labels_from_file_names_on_real_fsdd_recordings():
     root = shared_dataset("fsdd")
-    digits = AudioFolder(str(root / "recordings"), "train", name_pattern="{digit}_{speaker}_{index}",
-                         label_field="digit")
-    speakers = AudioFolder(str(root / "recordings"), "test", name_pattern="{digit}_{speaker}_{index}",
-                           label_field="speaker")
+    digits = AudioFolder(
+        str(root / "recordings"), "train", name_pattern="{digit}_{speaker}_{index}", label_field="digit"
+    )
+    speakers = AudioFolder(
+        str(root / "recordings"), "test", name_pattern="{digit}_{speaker}_{index}", label_field="speaker"
+    )
     assert digits.class_names == [str(d) for d in range(10)]
     assert "george" in speakers.class_names and "jackson" in speakers.class_names
     for i in range(0, len(digits), 400):
@@ -85,8 +88,15 @@ def write_bad_recordings(folder):
     soundfile.write(folder / "silent.wav", np.zeros(8000, np.float32), 8000)
     soundfile.write(folder / "nan.wav", np.full(8000, np.nan, np.float32), 8000, subtype="FLOAT")
     soundfile.write(folder / "wrong_rate.wav", tone(440, 1.0, 44100), 44100)
-    return {"empty.wav": "empty file (0 bytes)", "corrupt.flac": "LibsndfileError", "truncated.wav": "truncated",
-            "header_only.wav": "", "silent.wav": "silent", "nan.wav": "NaN", "wrong_rate.wav": "44100 Hz"}
+    return {
+        "empty.wav": "empty file (0 bytes)",
+        "corrupt.flac": "LibsndfileError",
+        "truncated.wav": "truncated",
+        "header_only.wav": "",
+        "silent.wav": "silent",
+        "nan.wav": "NaN",
+        "wrong_rate.wav": "44100 Hz",
+    }
 
 
 def test_broken_recordings_are_skipped_with_a_reason_and_recorded(tmp_path):
@@ -132,7 +142,7 @@ def test_on_bad_file_error_and_startup_errors(tmp_path):
 
 def test_spoken_digits_are_synthesised_once_with_digit_and_voice_labels(tmp_path):
     pytest.importorskip("espeakng_loader")
-    sizes = dict(voices=["en+m1", "en+f3"], takes=3, test_takes=1, cache_dir=str(tmp_path / "cache"))
+    sizes = {"voices": ["en+m1", "en+f3"], "takes": 3, "test_takes": 1, "cache_dir": str(tmp_path / "cache")}
     digits = SpokenDigits("train", label="digit", **sizes)
     voices = SpokenDigits("test", label="voice", **sizes)
     assert len(digits) == 2 * 10 * 2 and len(voices) == 2 * 10 * 1
@@ -194,7 +204,12 @@ def test_duration_buckets_crop_each_recording_to_the_longest_bucket_it_fills(tmp
     assert AudioFolder(str(tmp_path), "test", durations=[2.0, 0.5, 1.0]).bucket_ids is None  # the test split: 1 s
     by_name = {p.name: i for i, p in enumerate(data.paths)}
     assert {name: data.bucket_ids[i] for name, i in by_name.items()} == {
-        "0.wav": 0, "1.wav": 0, "2.wav": 1, "3.wav": 2, "4.wav": 1}  # 0.3 s: the shortest bucket, padded
+        "0.wav": 0,
+        "1.wav": 0,
+        "2.wav": 1,
+        "3.wav": 2,
+        "4.wav": 1,
+    }  # 0.3 s: the shortest bucket, padded
     lengths = {name: data[BucketIndex(i)][0].shape[-1] for name, i in by_name.items()}
     assert lengths == {"0.wav": 4000, "1.wav": 4000, "2.wav": 8000, "3.wav": 16000, "4.wav": 8000}
     assert data[by_name["3.wav"]][0].shape == (1, 8000)  # a plain index: the fixed duration
@@ -209,8 +224,15 @@ def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train
 
     for name in ("low", "high"):
         write_lengths(tmp_path / "data" / name, [0.6, 0.7, 1.1, 1.3, 1.6, 0.55])
-    overrides = ["experiment=audio_digits", "data=audio_folder", f"data.root={tmp_path / 'data'}",
-                 "data.batch_size=2", "trainer.max_steps=4", "callbacks.samples.every_n_steps=0", "~callbacks.probe"]
+    overrides = [
+        "experiment=audio_digits",
+        "data=audio_folder",
+        f"data.root={tmp_path / 'data'}",
+        "data.batch_size=2",
+        "trainer.max_steps=4",
+        "callbacks.samples.every_n_steps=0",
+        "~callbacks.probe",
+    ]
     run = build_run(tiny_train_cfg(*overrides, "data.dataset.durations=[0.5,1.0]"))
     lengths = []
     run.module.on_train_batch_start = lambda batch, i: lengths.append(batch["data"].shape[-1])

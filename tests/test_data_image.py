@@ -12,8 +12,8 @@ from tests.helpers.files import write_folder
 def test_builtin_digits_are_real_labelled_images_with_disjoint_splits():
     train, test = DigitImages("train", image_size=16), DigitImages("test", image_size=16)
     assert len(train) + len(test) == 1797
-    image, label = train[0]
-    assert image.shape == (1, 16, 16) and 0 <= image.min() and image.max() <= 1
+    image, _label = train[0]
+    assert image.shape == (1, 16, 16) and image.min() >= 0 and image.max() <= 1
     assert set(train.labels.tolist()) == set(range(10))
     # no test image also appears in train
     flat_train = {tuple(x.flatten().tolist()) for x in train.images[:, :, ::2, ::2]}
@@ -40,7 +40,7 @@ def test_image_folder_skips_a_corrupt_file_and_records_it(tmp_path):
     record = tmp_path / "skipped.tsv"
     dataset = ImageFolder(str(tmp_path / "d"), "train", image_size=8, test_fraction=0.1)
     dataset.bad_files.record_path = record
-    broken = [i for i, p in enumerate(dataset.paths) if p.name == "broken.png"][0]
+    broken = next(i for i, p in enumerate(dataset.paths) if p.name == "broken.png")
     assert dataset[broken] is None
     batch = collate_samples("image")([dataset[i] for i in range(len(dataset))])
     assert batch["data"].shape[0] == len(dataset) - 1

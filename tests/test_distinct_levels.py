@@ -1,5 +1,6 @@
 """Per-token levels reduced to each sample's distinct levels: exact round trip, and the released interface's
 per-token forward running its modulation MLPs on those few levels with unchanged outputs."""
+
 import torch
 
 from selfflow.interop.official import load_official

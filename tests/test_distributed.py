@@ -1,4 +1,5 @@
 """Multi-process training on CPU (gloo), through the real CLI in a subprocess as Lightning launches it."""
+
 import csv
 from pathlib import Path
 
@@ -8,9 +9,6 @@ from hydra.utils import instantiate
 
 from tests.helpers.configs import SMALL_JOINT, compose_train
 from tests.helpers.runs import train_cli
-
-
-
 
 
 def first_losses(run_dir: Path) -> dict[str, float]:
@@ -47,8 +45,17 @@ def test_joint_training_on_two_processes_keeps_the_ranks_identical_after_every_s
     bit-identical on both ranks after every step, with no unused-parameter search in DDP."""
     pytest.importorskip("espeakng_loader")
     steps = 6
-    run = train_cli(tmp_path, mode, "trainer=ddp", "trainer.devices=2", *SMALL_JOINT, f"data.mode={mode}",
-                    "data.batch_size=4", f"trainer.max_steps={steps}", "~callbacks.probe")
+    run = train_cli(
+        tmp_path,
+        mode,
+        "trainer=ddp",
+        "trainer.devices=2",
+        *SMALL_JOINT,
+        f"data.mode={mode}",
+        "data.batch_size=4",
+        f"trainer.max_steps={steps}",
+        "~callbacks.probe",
+    )
     dumps = [torch.load(run / "dump" / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     rank0, rank1 = (dump["steps"] for dump in dumps)
     assert len(rank0) == len(rank1) == steps
@@ -92,7 +99,8 @@ def test_callbacks_stand_down_when_the_model_is_sharded_over_ranks(caplog):
         assert sharded_over_ranks(many, "sample grids")
         assert sharded_over_ranks(many, "sample grids")  # warned once
     assert [r.getMessage() for r in caplog.records].count(
-        "sample grids are off under FSDP on 2 ranks; run selfflow-sample / selfflow-probe on a checkpoint") == 1
+        "sample grids are off under FSDP on 2 ranks; run selfflow-sample / selfflow-probe on a checkpoint"
+    ) == 1
     assert not sharded_over_ranks(SimpleNamespace(strategy=fsdp, world_size=1, is_global_zero=True), "probes")
     assert not sharded_over_ranks(SimpleNamespace(strategy=single, world_size=2, is_global_zero=True), "probes")
     with callback_forward_context(SimpleNamespace(strategy=single)):  # no autocast outside FSDP
@@ -105,8 +113,8 @@ def test_an_absent_modality_has_gradients_for_ddp_and_none_for_the_optimizer():
     from types import SimpleNamespace
 
     from selfflow.models.transformer import SelfFlowTransformer
-    from selfflow.training.distributed import ModalityParameters
     from selfflow.tokens import Condition
+    from selfflow.training.distributed import ModalityParameters
 
     model = SelfFlowTransformer({"image": 4, "audio": 8}, width=16, depth=1, heads=2, num_classes=3)
     parameters = ModalityParameters(model)
@@ -119,10 +127,10 @@ def test_an_absent_modality_has_gradients_for_ddp_and_none_for_the_optimizer():
     audio, image = parameters.by_modality["audio"], parameters.by_modality["image"]
     assert all(torch.count_nonzero(p.grad) == 0 for p in audio)
     gradients = [p.grad.clone() for p in audio]
-    audio_on_another_rank = SimpleNamespace(root_device=torch.device("cpu"),
-                                            reduce=lambda flags, reduce_op: flags + torch.tensor([1.0, 0.0]))
+    audio_on_another_rank = SimpleNamespace(
+        root_device=torch.device("cpu"), reduce=lambda flags, reduce_op: flags + torch.tensor([1.0, 0.0])
+    )
     parameters.drop_absent(["image"], audio_on_another_rank)  # flags in name order: audio, image
     assert all(torch.equal(p.grad, g) for p, g in zip(audio, gradients))
     parameters.drop_absent(["image"])
     assert all(p.grad is None for p in audio) and all(p.grad is not None for p in image)
-

@@ -4,6 +4,7 @@ The real 2015-12-05 weights cannot be used here: a randomly initialised network 
 pytorch-fid's layout, stands in. What a real run depends on is checked against torch-fidelity's own forward and
 maths, and against the metrics' definitions.
 """
+
 import io
 import json
 import os
@@ -17,10 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
+from selfflow.data.adm_crop import adm_center_crop
 from selfflow.data.image_folder import MAX_PIXELS
 from selfflow.evaluation.eval_sets import load_eval_set
-from selfflow.data.adm_crop import adm_center_crop
-from tests.helpers.hostile import CreatesAFile
 from selfflow.evaluation.image_batches import folder_images, npz_images
 from selfflow.evaluation.inception import SPATIAL_DIM, WEIGHTS_FILE, load_inception, read_weights
 from selfflow.evaluation.standard_metrics import (
@@ -32,6 +32,7 @@ from selfflow.evaluation.standard_metrics import (
     standard_metrics,
 )
 from tests.helpers.eval_files import random_inception_state, smooth_images
+from tests.helpers.hostile import CreatesAFile
 
 pytest.importorskip("torch_fidelity")
 
@@ -50,14 +51,15 @@ def corrupt(images: np.ndarray, strength: float, seed: int = 1) -> np.ndarray:
 def library_network(inception_file):
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    return FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                       feature_extractor_weights_path=str(inception_file))
+    return FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(inception_file)
+    )
 
 
 # ---------------------------------------------------------------------------------------------- features, statistics
 
-def test_features_and_statistics_equal_torch_fidelity_for_the_same_file_and_images(inception_file, extractor,
-                                                                                   tmp_path):
+
+def test_features_and_statistics_equal_torch_fidelity_for_the_same_file_and_images(inception_file, extractor, tmp_path):
     from torch_fidelity.metric_fid import fid_features_to_statistics
 
     images = smooth_images(3, size=(40, 48))  # neither square nor 299: the library's TF1 resize is exercised
@@ -92,7 +94,8 @@ def test_the_network_runs_in_true_float32(extractor):
     """TF32 (on by default for cuDNN convolutions) would round the features of Ampere and later GPUs to 10 bits."""
     seen = []
     hook = extractor.network.Mixed_7c.register_forward_hook(
-        lambda module, inputs, output: seen.append(torch.backends.cudnn.conv.fp32_precision))
+        lambda module, inputs, output: seen.append(torch.backends.cudnn.conv.fp32_precision)
+    )
     before = torch.backends.cudnn.conv.fp32_precision
     try:
         extractor(smooth_images(1))
@@ -113,8 +116,10 @@ def test_fid_of_a_set_with_itself_is_zero_and_grows_as_images_are_corrupted(extr
 
 # ------------------------------------------------------------------------------------------- metric definitions
 
+
 def definition_precision_recall(samples: np.ndarray, ref: np.ndarray, k: int = 3) -> tuple[float, float]:
     """Kynkaanniemi et al. as ADM computes it, by brute force: radius = distance to the k-th nearest other point."""
+
     def radii(points):
         return np.sort(np.linalg.norm(points[:, None] - points[None], axis=-1), axis=1)[:, k]
 
@@ -148,7 +153,7 @@ def test_inception_score_averages_adm_splits_of_5000_consecutive_samples():
     p = torch.softmax(logits.double(), dim=1).numpy()
     scores = []
     for start in range(0, len(p), 5000):  # ADM's compute_inception_score
-        part = p[start:start + 5000]
+        part = p[start : start + 5000]
         scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(part.mean(0, keepdims=True))), 1))))
     assert scores == pytest.approx([10, 2, 5], rel=0.01)
     assert inception_score(logits) == pytest.approx(np.mean(scores), rel=1e-9)
@@ -157,8 +162,14 @@ def test_inception_score_averages_adm_splits_of_5000_consecutive_samples():
 def test_metrics_that_need_images_are_null_with_a_note_when_a_side_holds_statistics_only():
     rng = np.random.default_rng(0)
     features = [torch.tensor(rng.normal(0, 1, (20, 8)), dtype=torch.float32) for _ in range(2)]
-    samples = EvalSet("samples.npz", GaussianStats.of(features[0]), GaussianStats.of(features[0]), features[0],
-                      torch.zeros(20, 1008), 20)
+    samples = EvalSet(
+        "samples.npz",
+        GaussianStats.of(features[0]),
+        GaussianStats.of(features[0]),
+        features[0],
+        torch.zeros(20, 1008),
+        20,
+    )
     ref = EvalSet("ref.npz", GaussianStats.of(features[1]), None)
     metrics = standard_metrics(samples, ref)
     assert metrics["fid"] == pytest.approx(frechet_distance(samples.pool_stats, ref.pool_stats))
@@ -170,10 +181,15 @@ def test_metrics_that_need_images_are_null_with_a_note_when_a_side_holds_statist
 
 # -------------------------------------------------------------------------------------------------- input files
 
+
 def adm_statistics(seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"mu": rng.normal(size=2048), "sigma": np.eye(2048) * 2.0, "mu_s": rng.normal(size=2023),
-            "sigma_s": np.eye(2023) * 3.0}
+    return {
+        "mu": rng.normal(size=2048),
+        "sigma": np.eye(2048) * 2.0,
+        "mu_s": rng.normal(size=2023),
+        "sigma_s": np.eye(2023) * 3.0,
+    }
 
 
 def test_an_adm_layout_reference_file_is_read_and_its_statistics_take_precedence(extractor, tmp_path):
@@ -197,12 +213,15 @@ def test_an_adm_layout_reference_file_is_read_and_its_statistics_take_precedence
     assert load_eval_set(tmp_path / "pytorch_fid.npz", extractor).spatial_stats is None
 
 
-@pytest.mark.parametrize("arrays, message", [
-    ({"mu": np.zeros(1000), "sigma": np.eye(1000)}, "the ADM layout needs float [2048]"),
-    ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "images must be uint8 [N, H, W, 3]"),
-    ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, "images must be uint8 [N, H, W, 3]"),
-    ({"labels": np.arange(3)}, "holds neither images"),
-])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"mu": np.zeros(1000), "sigma": np.eye(1000)}, "the ADM layout needs float [2048]"),
+        ({"arr_0": np.zeros((2, 8, 8, 3), np.float32)}, "images must be uint8 [N, H, W, 3]"),
+        ({"arr_0": np.zeros((2, 8, 8), np.uint8)}, "images must be uint8 [N, H, W, 3]"),
+        ({"labels": np.arange(3)}, "holds neither images"),
+    ],
+)
 def test_unusable_npz_files_are_named_in_one_line(extractor, tmp_path, arrays, message):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises((ValueError, KeyError), match=message.replace("[", r"\[")) as error:
@@ -263,11 +282,16 @@ def test_a_folder_is_read_recursively_sorted_with_adm_centre_crop_to_the_evaluat
 
 # -------------------------------------------------------------------------------------------------- weights file
 
+
 def test_missing_wrong_or_unsafe_weights_files_are_refused_in_one_line_naming_the_expected_file(tmp_path):
     state = random_inception_state()
-    cases = {"missing.pth": None, "resnet.pth": {"conv1.weight": torch.zeros(64, 3, 7, 7)},
-             "wrong_shape.pth": {**state, "fc.weight": torch.zeros(1000, 2048)},
-             "not_weights.pth": [1, 2, 3], "unsafe.pth": CreatesAFile(tmp_path / "pwned")}
+    cases = {
+        "missing.pth": None,
+        "resnet.pth": {"conv1.weight": torch.zeros(64, 3, 7, 7)},
+        "wrong_shape.pth": {**state, "fc.weight": torch.zeros(1000, 2048)},
+        "not_weights.pth": [1, 2, 3],
+        "unsafe.pth": CreatesAFile(tmp_path / "pwned"),
+    }
     for name, content in cases.items():
         if content is not None:
             torch.save(content, tmp_path / name)
@@ -294,6 +318,7 @@ def test_the_weights_are_unpickled_with_weights_only(tmp_path, monkeypatch):
 
 # ------------------------------------------------------------------------------------------------------------ CLI
 
+
 def compose_eval(*overrides: str):
     from hydra import compose, initialize_config_module
 
@@ -316,8 +341,15 @@ def test_inputs_are_checked_before_any_work(tmp_path):
 
 
 def run_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "selfflow.cli.eval", *args, "progress=false"], check=False, cwd=cwd,
-                          capture_output=True, text=True, timeout=900, env={**os.environ})
+    return subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.eval", *args, "progress=false"],
+        check=False,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ},
+    )
 
 
 def test_samples_and_reference_images_of_different_sizes_are_warned_about():
@@ -325,9 +357,11 @@ def test_samples_and_reference_images_of_different_sizes_are_warned_about():
 
     stats = GaussianStats(np.zeros(2), np.eye(2))
     at = {size: EvalSet("x", stats, stats, image_size=size) for size in ((32, 32), (256, 256), None)}
-    assert size_mismatch(at[(32, 32)], at[(256, 256)]) == ("samples are 32x32 pixels, the reference images 256x256; "
-                                                           "both are resized to 299x299, but published numbers "
-                                                           "compare images of one resolution")
+    assert size_mismatch(at[(32, 32)], at[(256, 256)]) == (
+        "samples are 32x32 pixels, the reference images 256x256; "
+        "both are resized to 299x299, but published numbers "
+        "compare images of one resolution"
+    )
     assert size_mismatch(at[(32, 32)], at[(32, 32)]) is None and size_mismatch(at[(32, 32)], at[None]) is None
 
 
@@ -338,12 +372,22 @@ def test_cli_end_to_end_with_a_folder_reference_whose_statistics_are_reused(ince
     (tmp_path / "train").mkdir()
     for i, image in enumerate(np.concatenate([samples[:4], smooth_images(4, seed=2)])):
         Image.fromarray(image).save(tmp_path / "train" / f"{i:02d}.png")
-    first = run_eval("samples=samples.npz", "ref=train", f"inception={inception_file}", "out=eval/metrics.json",
-                     cwd=tmp_path)
+    first = run_eval(
+        "samples=samples.npz", "ref=train", f"inception={inception_file}", "out=eval/metrics.json", cwd=tmp_path
+    )
     assert first.returncode == 0, first.stderr[-3000:]
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
-    assert list(metrics)[:9] == ["fid", "sfid", "inception_score", "precision", "recall", "num_samples", "num_ref",
-                                 "inception", "library"]
+    assert list(metrics)[:9] == [
+        "fid",
+        "sfid",
+        "inception_score",
+        "precision",
+        "recall",
+        "num_samples",
+        "num_ref",
+        "inception",
+        "library",
+    ]
     assert metrics["library"].startswith("torch-fidelity ") and metrics["inception"] == str(inception_file)
     assert (metrics["num_samples"], metrics["num_ref"]) == (8, 8)
     assert all(np.isfinite(metrics[k]) for k in ("fid", "sfid", "inception_score", "precision", "recall"))
@@ -354,8 +398,9 @@ def test_cli_end_to_end_with_a_folder_reference_whose_statistics_are_reused(ince
     assert metrics["ref_stats"] == str(Path("eval") / "train_inception_stats.npz") and stats.is_file()
     assert not list(tmp_path.glob("*.log")) and not (tmp_path / ".hydra").exists()
 
-    again = run_eval("samples=samples.npz", f"ref={stats}", f"inception={inception_file}", "out=again.json",
-                     cwd=tmp_path)
+    again = run_eval(
+        "samples=samples.npz", f"ref={stats}", f"inception={inception_file}", "out=again.json", cwd=tmp_path
+    )
     assert again.returncode == 0, again.stderr[-3000:]
     reused = json.loads((tmp_path / "again.json").read_text())
     for key in ("fid", "sfid", "precision", "recall"):

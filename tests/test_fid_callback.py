@@ -1,5 +1,6 @@
 """In-training FID (`callbacks.fid`): `val/fid` of EMA samples at the configured steps, equal to selfflow-sample's
 metrics=fid on the checkpoint of that step; off by default."""
+
 import csv
 
 import numpy as np
@@ -25,9 +26,9 @@ def counted(monkeypatch, module, name: str) -> list[int]:
 
 
 @pytest.mark.slow
-def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the_checkpoint(tiny_train_cfg, tmp_path,
-                                                                                           inception_file,
-                                                                                           monkeypatch):
+def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the_checkpoint(
+    tiny_train_cfg, tmp_path, inception_file, monkeypatch
+):
     import lightning as L
 
     from selfflow.evaluation import eval_sets, inception
@@ -35,19 +36,27 @@ def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the
     from selfflow.training.fid_callback import FIDCallback
 
     np.savez(tmp_path / "ref.npz", arr_0=smooth_images(6, size=(16, 16)))
-    fid = ["callbacks.fid.every_n_steps=2", f"callbacks.fid.ref={tmp_path / 'ref.npz'}",
-           f"callbacks.fid.inception={inception_file}", "callbacks.fid.num_samples=4", "callbacks.fid.batch_size=3",
-           "callbacks.fid.steps=2"]
+    fid = [
+        "callbacks.fid.every_n_steps=2",
+        f"callbacks.fid.ref={tmp_path / 'ref.npz'}",
+        f"callbacks.fid.inception={inception_file}",
+        "callbacks.fid.num_samples=4",
+        "callbacks.fid.batch_size=3",
+        "callbacks.fid.steps=2",
+    ]
 
     def train(run_dir, *overrides):
         L.seed_everything(0)
-        run = build_run(tiny_train_cfg("trainer.max_steps=4", "~callbacks.samples", "~callbacks.probe", *overrides,
-                                       run_dir=run_dir))
+        run = build_run(
+            tiny_train_cfg("trainer.max_steps=4", "~callbacks.samples", "~callbacks.probe", *overrides, run_dir=run_dir)
+        )
         run.trainer.fit(run.module, datamodule=run.datamodule)
         return run
 
-    loads, ref_stats = counted(monkeypatch, inception, "load_inception"), counted(monkeypatch, eval_sets,
-                                                                                  "reference_pool_stats")
+    loads, ref_stats = (
+        counted(monkeypatch, inception, "load_inception"),
+        counted(monkeypatch, eval_sets, "reference_pool_stats"),
+    )
     run = train(tmp_path / "a", *fid)
     assert len(loads) == 1 and len(ref_stats) == 1  # once per run, reused at every evaluation
     callback = next(c for c in run.trainer.callbacks if isinstance(c, FIDCallback))
@@ -57,9 +66,17 @@ def test_val_fid_is_logged_at_the_configured_steps_and_equals_metrics_fid_of_the
     assert logged[4] == pytest.approx(callback.history[-1][1]) and logged[4] > 0
 
     # the same samples and reference through selfflow-sample metrics=fid, from the checkpoint of step 4
-    summary = run_sample(tmp_path / "a" / "checkpoints" / "last.ckpt", tmp_path / "sampled", "num_samples=4",
-                         "steps=2", "sampler=euler", "metrics=fid", f"fid_ref={tmp_path / 'ref.npz'}",
-                         f"inception={inception_file}", "per_sample_files=false")
+    summary = run_sample(
+        tmp_path / "a" / "checkpoints" / "last.ckpt",
+        tmp_path / "sampled",
+        "num_samples=4",
+        "steps=2",
+        "sampler=euler",
+        "metrics=fid",
+        f"fid_ref={tmp_path / 'ref.npz'}",
+        f"inception={inception_file}",
+        "per_sample_files=false",
+    )
     assert summary["metrics"]["fid"] == pytest.approx(logged[4], rel=1e-5)
 
     loads.clear()
@@ -105,14 +122,31 @@ def test_a_reference_with_adm_statistics_gives_them_without_running_its_images(t
 def test_on_two_ddp_processes_each_samples_its_block_and_val_fid_is_that_of_all_samples(tmp_path, inception_file):
 
     np.savez(tmp_path / "ref.npz", arr_0=smooth_images(6, size=(16, 16)))
-    run_dir = train_cli(tmp_path, "ddp", "trainer=ddp", "trainer.devices=2", "callbacks.fid.every_n_steps=4",
-                        f"callbacks.fid.ref={tmp_path / 'ref.npz'}", f"callbacks.fid.inception={inception_file}",
-                        "callbacks.fid.num_samples=5", "callbacks.fid.batch_size=2", "callbacks.fid.steps=2")
+    run_dir = train_cli(
+        tmp_path,
+        "ddp",
+        "trainer=ddp",
+        "trainer.devices=2",
+        "callbacks.fid.every_n_steps=4",
+        f"callbacks.fid.ref={tmp_path / 'ref.npz'}",
+        f"callbacks.fid.inception={inception_file}",
+        "callbacks.fid.num_samples=5",
+        "callbacks.fid.batch_size=2",
+        "callbacks.fid.steps=2",
+    )
     with open(run_dir / "metrics.csv") as f:
         logged = {int(r["step"]): float(r["val/fid"]) for r in csv.DictReader(f) if r.get("val/fid")}
     assert sorted(logged) == [4]  # once, by rank 0
     # blocks of 2 and 3 samples, gathered in index order: the FID of the 5 samples of the step-4 checkpoint
-    summary = run_sample(run_dir / "checkpoints" / "last.ckpt", tmp_path / "sampled", "num_samples=5", "steps=2",
-                         "sampler=euler", "metrics=fid", f"fid_ref={tmp_path / 'ref.npz'}",
-                         f"inception={inception_file}", "per_sample_files=false")
+    summary = run_sample(
+        run_dir / "checkpoints" / "last.ckpt",
+        tmp_path / "sampled",
+        "num_samples=5",
+        "steps=2",
+        "sampler=euler",
+        "metrics=fid",
+        f"fid_ref={tmp_path / 'ref.npz'}",
+        f"inception={inception_file}",
+        "per_sample_files=false",
+    )
     assert summary["metrics"]["fid"] == pytest.approx(logged[4], rel=1e-5)

@@ -1,5 +1,6 @@
 """GPU-only checks of the scale switches (skipped without CUDA): FSDP with the EMA teacher, bf16 through the CLI,
 the joint default in bf16 (per-step and packed)."""
+
 import csv
 import math
 import os
@@ -19,9 +20,17 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def train_on_gpu(tmp_path: Path, *overrides: str) -> Path:
     run_dir = tmp_path / "run"
     exe = shutil.which("selfflow-train") or "selfflow-train"
-    args = [*TINY, "trainer.accelerator=gpu", "trainer.devices=1", "trainer.max_steps=6",
-            "callbacks.samples.every_n_steps=0", "~callbacks.probe", "callbacks.checkpoint.every_n_train_steps=6",
-            f"hydra.run.dir={run_dir}", *overrides]
+    args = [
+        *TINY,
+        "trainer.accelerator=gpu",
+        "trainer.devices=1",
+        "trainer.max_steps=6",
+        "callbacks.samples.every_n_steps=0",
+        "~callbacks.probe",
+        "callbacks.checkpoint.every_n_train_steps=6",
+        f"hydra.run.dir={run_dir}",
+        *overrides,
+    ]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline"}
     result = subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
@@ -50,8 +59,13 @@ def test_bf16_training_on_gpu_keeps_an_ema_teacher_and_a_loadable_checkpoint(tmp
 
 @pytest.mark.parametrize("mode", ["per_step", "packed"])
 def test_the_joint_default_trains_in_bf16_on_gpu_and_samples_every_modality(tmp_path, mode):
-    run_dir = train_on_gpu(tmp_path, "experiment=multimodal_digits", f"data.mode={mode}", "data.batch_size=16",
-                           "trainer.precision=bf16-mixed")
+    run_dir = train_on_gpu(
+        tmp_path,
+        "experiment=multimodal_digits",
+        f"data.mode={mode}",
+        "data.batch_size=16",
+        "trainer.precision=bf16-mixed",
+    )
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     losses = [float(r["train/loss_flow"]) for r in rows if r.get("train/loss_flow")]

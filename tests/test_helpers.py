@@ -1,4 +1,5 @@
 """The crafted files the safety tests use are really hostile: an unsafe load does run their code."""
+
 import torch
 
 from tests.helpers.hostile import CreatesAFile, hostile_checkpoint

@@ -3,6 +3,7 @@ tiny hostile shards, recordings and videos are refused (naming the file and the 
 
 Memory bounds are checked in a fresh Python whose address space may grow only a few hundred MB past what it holds
 once the decoders are imported (`run_bounded`): a loader that allocates what a file claims dies there."""
+
 import csv
 import io
 import json
@@ -58,8 +59,15 @@ def run_bounded(code: str, headroom_mb: int = HEADROOM_MB) -> str:
         resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
         """)
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", prelude + textwrap.dedent(code)], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300, check=False)
+    result = subprocess.run(
+        [sys.executable, "-c", prelude + textwrap.dedent(code)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     return output
@@ -96,8 +104,9 @@ def test_write_shards_never_copies_a_file_from_outside_the_source_folder(tmp_pat
     assert summary["splits"]["train"]["samples"] == 6 - 1  # the good images (dog/0.jpg lost its caption)
 
     # manifest rows that climb out of the folder or name an absolute path
-    (source / "labels.csv").write_text(f"path,label,split\ntrain/cat/1.png,cat,train\n../secret.png,cat,train\n"
-                                       f"{tmp_path / 'secret.png'},dog,train\n")
+    (source / "labels.csv").write_text(
+        f"path,label,split\ntrain/cat/1.png,cat,train\n../secret.png,cat,train\n{tmp_path / 'secret.png'},dog,train\n"
+    )
     summary = write_shards(source, tmp_path / "manifest", "image", splits=("train",), manifest="labels.csv")
     skipped = summary["splits"]["train"]["skipped"]
     assert len(skipped) == 2 and all("outside the source folder" in s["reason"] for s in skipped)
@@ -114,8 +123,23 @@ def test_write_shards_decodes_every_file_and_ships_nothing_undecodable(tmp_path,
     Image.new("L", (5000, 5000)).save(source / "train" / "dog" / "huge.png")  # above the loaders' max_pixels
     Image.new("RGB", (200, 200)).save(source / "train" / "dog" / "big_file.bmp")  # 120 KB: above 100K below
     out = tmp_path / "shards"
-    assert exit_status(["write", str(source), str(out), "--modality", "image", "--splits", "train",
-                        "--max-member-bytes", "100K", "--no-progress"]) == 0
+    assert (
+        exit_status(
+            [
+                "write",
+                str(source),
+                str(out),
+                "--modality",
+                "image",
+                "--splits",
+                "train",
+                "--max-member-bytes",
+                "100K",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     summary = json.loads(capsys.readouterr().out)
     reasons = {Path(s["path"]).name: s["reason"] for s in summary["splits"]["train"]["skipped"]}
     assert sorted(reasons) == ["big_file.bmp", "cut.png", "huge.png", "notes.png"]
@@ -124,8 +148,23 @@ def test_write_shards_decodes_every_file_and_ships_nothing_undecodable(tmp_path,
     assert "more than --max-member-bytes=102400" in reasons["big_file.bmp"]
     shards = ImageShards(str(out), "train", image_size=8)
     assert len(shards) == 4 and all(shards[i] is not None for i in range(len(shards)))  # every shipped file decodes
-    assert exit_status(["write", str(source), str(tmp_path / "raised"), "--modality", "image", "--splits", "train",
-                        "--max-pixels", "25000000", "--no-progress"]) == 0
+    assert (
+        exit_status(
+            [
+                "write",
+                str(source),
+                str(tmp_path / "raised"),
+                "--modality",
+                "image",
+                "--splits",
+                "train",
+                "--max-pixels",
+                "25000000",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "huge.png" not in capsys.readouterr().out  # the limit is the writer's option too
 
 
@@ -200,9 +239,15 @@ def test_tar_member_names_cannot_exhaust_memory(tmp_path):
 
 
 def test_class_counts_and_class_lists_from_a_shard_are_bounded(tmp_path):
-    write_tar(tmp_path / "big_index" / "train-000000.tar", {
-        "000000.png": png_bytes(1), "000000.cls": b"999999999",  # 9 bytes: a billion class names if believed
-        "000001.png": png_bytes(2), "000001.cls": b"1"})
+    write_tar(
+        tmp_path / "big_index" / "train-000000.tar",
+        {
+            "000000.png": png_bytes(1),
+            "000000.cls": b"999999999",  # 9 bytes: a billion class names if believed
+            "000001.png": png_bytes(2),
+            "000001.cls": b"1",
+        },
+    )
     many = tmp_path / "many"  # 3M names, more bytes than a class list needs
     write_tar(many / "train-000000.tar", {"000000.png": png_bytes(1), "000000.cls": b"0"})
     (many / "classes.json").write_text(json.dumps({"class_names": [str(i) for i in range(3_000_000)]}))
@@ -224,12 +269,19 @@ def test_class_counts_and_class_lists_from_a_shard_are_bounded(tmp_path):
     assert "names 1200000 classes, more than data.dataset.max_classes=100000" in found["too many"]
     assert "MemoryError" not in output
 
-    shapes = {"string": {"class_names": "cats and dogs"}, "list": ["cat", "dog"], "nested": {"class_names": [["a"]]},
-              "missing": {"names": ["cat"]}}
+    shapes = {
+        "string": {"class_names": "cats and dogs"},
+        "list": ["cat", "dog"],
+        "nested": {"class_names": [["a"]]},
+        "missing": {"names": ["cat"]},
+    }
     for content in shapes.values():
         (many / "classes.json").write_text(json.dumps(content))
-        with pytest.raises(ValueError, match=r"classes\.json is not a class list \(\"class_names\" must be a list "
-                                             r"of names\); it must be JSON like"):
+        with pytest.raises(
+            ValueError,
+            match=r"classes\.json is not a class list \(\"class_names\" must be a list "
+            r"of names\); it must be JSON like",
+        ):
             ImageShards(str(many), "train")
     (many / "classes.json").write_text(json.dumps({"class_names": ["a" * 300]}))
     with pytest.raises(ValueError, match="a class name of 300 characters, more than 256"):
@@ -241,7 +293,7 @@ def test_a_huge_member_is_refused_before_it_is_read(tmp_path):
     write_tar(shard, {"000000.png": png_bytes(3)})
     with tarfile.open(shard) as tar:
         tar.getmembers()
-        head = shard.read_bytes()[:tar.offset]  # without the end-of-archive blocks
+        head = shard.read_bytes()[: tar.offset]  # without the end-of-archive blocks
     info = tarfile.TarInfo("000001.png")
     info.size = 1 << 30
     with open(shard, "wb") as f:  # a sparse file: 1 GB long, a few KB on disk
@@ -268,8 +320,10 @@ def test_link_members_are_skipped_and_listed_not_a_start_up_stop(tmp_path):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
-        for key, kind, target in (("000001", tarfile.SYMTYPE, "/etc/passwd"), ("000002", tarfile.LNKTYPE,
-                                                                                "000000.png")):
+        for key, kind, target in (
+            ("000001", tarfile.SYMTYPE, "/etc/passwd"),
+            ("000002", tarfile.LNKTYPE, "000000.png"),
+        ):
             link = tarfile.TarInfo(f"{key}.png")
             link.type, link.linkname = kind, target
             tar.addfile(link)
@@ -280,7 +334,8 @@ def test_link_members_are_skipped_and_listed_not_a_start_up_stop(tmp_path):
     dataset = ImageShards(str(shard.parent), "train", image_size=4)
     dataset.bad_files.record_path = record
     assert len(dataset) == 3 and dataset[0] is not None and dataset[1] is None and dataset[2] is None
-    rows = dict(csv.reader(open(record, newline="", encoding="utf-8"), dialect="excel-tab"))
+    with open(record, newline="", encoding="utf-8") as tsv:
+        rows = dict(csv.reader(tsv, dialect="excel-tab"))
     assert "is a symbolic link, not file data" in rows[f"{shard}/000001.png"]
     assert "is a hard link, not file data" in rows[f"{shard}/000002.png"]
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["s", "skipped_files.tsv", "train-000000.tar"]
@@ -296,12 +351,18 @@ def append_members(shard: Path, members: list[tuple[str, bytes]]) -> None:
 
 
 def test_duplicated_keys_are_skipped_not_merged(tmp_path):
-    shard = write_tar(tmp_path / "s" / "train-000000.tar", {
-        "000000.png": png_bytes(10), "000000.cls": b"0",
-        "000001.png": png_bytes(20), "000001.cls": b"1",
-        "000002.cls": b"0",  # the group of 000002 ...
-        "000003.png": png_bytes(30), "000003.cls": b"1",
-    })
+    shard = write_tar(
+        tmp_path / "s" / "train-000000.tar",
+        {
+            "000000.png": png_bytes(10),
+            "000000.cls": b"0",
+            "000001.png": png_bytes(20),
+            "000001.cls": b"1",
+            "000002.cls": b"0",  # the group of 000002 ...
+            "000003.png": png_bytes(30),
+            "000003.cls": b"1",
+        },
+    )
     append_members(shard, [("000002.png", png_bytes(40))])  # ... and 000002 again, after another key
     record = tmp_path / "skipped_files.tsv"
     dataset = ImageShards(str(shard.parent), "train", image_size=4)
@@ -309,7 +370,8 @@ def test_duplicated_keys_are_skipped_not_merged(tmp_path):
     assert len(dataset) == 5
     assert [dataset[i] is None for i in range(5)] == [False, False, True, False, True]
     assert dataset[3][1] == 1 and torch.allclose(dataset[3][0], torch.full((3, 4, 4), 30 / 255))
-    rows = dict(csv.reader(open(record, newline="", encoding="utf-8"), dialect="excel-tab"))
+    with open(record, newline="", encoding="utf-8") as tsv:
+        rows = dict(csv.reader(tsv, dialect="excel-tab"))
     assert len(rows) == 2 and all("appears more than once in the shard" in reason for reason in rows.values())
 
     twice = write_tar(tmp_path / "t" / "train-000000.tar", {"000000.png": png_bytes(10), "000000.cls": b"0"})
@@ -348,8 +410,9 @@ def test_odd_sample_rates_resample_through_a_bounded_filter(tmp_path):
         """)
     found = lines_of(output)
     assert found["44099"] == found["767999"] == "(1, 2000) peak at 440 Hz"
-    assert found["absurd"] == ("its header claims 2147483647 Hz, above the 768000 Hz that any recording uses (a "
-                               "broken or hostile header)")
+    assert found["absurd"] == (
+        "its header claims 2147483647 Hz, above the 768000 Hz that any recording uses (a broken or hostile header)"
+    )
 
 
 def test_audio_is_read_a_block_at_a_time_whatever_the_channel_count(tmp_path, monkeypatch):
@@ -394,8 +457,10 @@ def test_huge_video_frames_are_refused_before_decoding(tmp_path):
     assert video.stat().st_size < 100_000  # 8 frames of 4096x4096: 400 MB as uint8, 1.6 GB as float
     write_blank_video(tmp_path / "v" / "train" / "a" / "small.mp4", 8, 64, 48)
     member = tmp_path / "s" / "train-000000.tar"
-    write_tar(member, {"000000.mp4": (tmp_path / "v" / "train" / "a" / "small.mp4").read_bytes(),
-                       "000001.mp4": video.read_bytes()})
+    write_tar(
+        member,
+        {"000000.mp4": (tmp_path / "v" / "train" / "a" / "small.mp4").read_bytes(), "000001.mp4": video.read_bytes()},
+    )
     output = run_bounded(f"""
         import numpy as np
         from selfflow.data.video_folder import VideoFolder
@@ -427,12 +492,15 @@ def test_pyav_keeps_only_the_frames_of_the_clip(tmp_path, container):
     """A clip spanning a long video (first and last frame): PyAV decodes it all but keeps two frames, whether the
     container knows its frame count (MP4) or not (MKV: counted in a first pass)."""
     video = write_blank_video(tmp_path / f"long.{container}", 160, 1280, 720)  # 160 x 2.8 MB as RGB
-    output = run_bounded(f"""
+    output = run_bounded(
+        f"""
         from selfflow.data.video_io import read_clip
         clips = []
         print("clip:", refusal(lambda: clips.append(read_clip({str(video)!r}, 2, frame_stride=159, backend="pyav"))))
         print("shape:", clips[0].shape if clips else None)
-        """, headroom_mb=200)
+        """,
+        headroom_mb=200,
+    )
     found = lines_of(output)
     assert found["clip"] == "loaded" and found["shape"] == "(2, 720, 1280, 3)"
 
@@ -456,8 +524,9 @@ def test_the_image_pixel_limit_is_a_config_key_counted_as_decoded(tmp_path):
     assert items["scan.png"] is None and items["small.png"] is not None
     assert "5000x5000 pixels is more than data.dataset.max_pixels=16777216; raise it" in record.read_text()
 
-    cfg = compose_train(["data=image_folder", f"data.root={tmp_path / 'images'}", "data.dataset.max_pixels=1000"],
-                        tmp_path / "run")
+    cfg = compose_train(
+        ["data=image_folder", f"data.root={tmp_path / 'images'}", "data.dataset.max_pixels=1000"], tmp_path / "run"
+    )
     limited = instantiate(cfg.data.dataset)(split="train")
     limited.bad_files.record_path = tmp_path / "limited.tsv"
     assert all(limited[i] is None for i in range(len(limited)))

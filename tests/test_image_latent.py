@@ -1,13 +1,14 @@
 """Image-latent tokenizers (tokenizer=image_sdvae / image_flux_vae): tokens of the VAE posterior, the VAE never in a
 checkpoint (its folder and fingerprint are), another VAE refused wherever a checkpoint is loaded."""
+
 import shutil
 
 import pytest
 import torch
 from einops import rearrange
 
-from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 from selfflow.data.vae_folder import vae_fingerprint
+from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 from tests.helpers.files import write_tiny_vae
 
 
@@ -34,16 +35,28 @@ def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path
     from tests.helpers.configs import compose_plain
 
     folder = write_tiny_vae(tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
-    cfg = compose_plain(["experiment=imagenet256", "tokenizer=image_flux_vae", f"tokenizer.image.vae={folder}",
-                         "data.dataset.image_size=32", "data.root=unused"], tmp_path)
+    cfg = compose_plain(
+        [
+            "experiment=imagenet256",
+            "tokenizer=image_flux_vae",
+            f"tokenizer.image.vae={folder}",
+            "data.dataset.image_size=32",
+            "data.root=unused",
+        ],
+        tmp_path,
+    )
     tokenizer = instantiate(tokenizer_configs(cfg)["image"]).eval()  # image_size from the data
     assert (tokenizer.scale, tokenizer.shift, tokenizer.token_channels) == (0.3611, 0.1159, 64)
     images = torch.rand(2, 3, 32, 32)
     mean, _ = tokenizer.posterior(images)
     z = rearrange(tokenizer.encode(images).x, "b (h w) (c p q) -> b c (h p) (w q)", h=2, p=2, q=2)
     torch.testing.assert_close(z, (mean - 0.1159) * 0.3611)
-    torch.testing.assert_close(tokenizer.decode(tokenizer.encode(images).x),
-                               ((tokenizer.vae.decode(mean).sample + 1) / 2).clamp(0, 1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        tokenizer.decode(tokenizer.encode(images).x),
+        ((tokenizer.vae.decode(mean).sample + 1) / 2).clamp(0, 1),
+        atol=1e-5,
+        rtol=0,
+    )
     overridden = ImageLatentTokenizer(folder, image_size=32, scale=1.0, shift=0.0)
     assert (overridden.scale, overridden.shift) == (1.0, 0.0)
     with pytest.raises(ValueError, match="16 latent channels, not tokenizer.image.latent_channels=4"):
@@ -53,8 +66,9 @@ def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path
 def test_cached_latents_and_images_are_told_apart_by_shape(tiny_vae):
     tokenizer = ImageLatentTokenizer(tiny_vae, image_size=32).eval()
     z = torch.randn(2, 4, 4, 4)
-    torch.testing.assert_close(tokenizer.encode(z).x, rearrange(z * 0.18215, "b c (h p) (w q) -> b (h w) (c p q)",
-                                                                p=2, q=2))
+    torch.testing.assert_close(
+        tokenizer.encode(z).x, rearrange(z * 0.18215, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2)
+    )
     with pytest.raises(ValueError, match=r"takes images \[B, 3, 32, 32\] or cached latents \[B, 4, 4, 4\]"):
         tokenizer.encode(torch.rand(2, 3, 64, 64))
 
@@ -78,12 +92,19 @@ def test_the_fingerprint_follows_the_content_not_the_folder(tiny_vae, tmp_path):
 
 
 def latent_run_args(cifar_classes, vae) -> list[str]:
-    return ["data=image_folder", f"data.root={cifar_classes}", "tokenizer=image_sdvae", f"tokenizer.image.vae={vae}",
-            "data.dataset.image_size=32", "callbacks.samples.every_n_steps=2"]
+    return [
+        "data=image_folder",
+        f"data.root={cifar_classes}",
+        "tokenizer=image_sdvae",
+        f"tokenizer.image.vae={vae}",
+        "data.dataset.image_size=32",
+        "callbacks.samples.every_n_steps=2",
+    ]
 
 
-def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(tiny_train_cfg, tiny_vae,
-                                                                               cifar_classes, tmp_path, monkeypatch):
+def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(
+    tiny_train_cfg, tiny_vae, cifar_classes, tmp_path, monkeypatch
+):
     from selfflow.interop.checkpoint import load_checkpoint, read_checkpoint
     from selfflow.training.run import train
 
@@ -100,11 +121,15 @@ def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(tin
     assert not loaded.tokenizers["image"].training  # sampling and probing read the posterior mean
 
     moved = shutil.copytree(tiny_vae, tmp_path / "moved-vae")
-    assert load_checkpoint(run.run_dir / "checkpoints" / "last.ckpt", vae=str(moved)).tokenizers["image"].vae_path \
-        == str(moved)
+    assert load_checkpoint(run.run_dir / "checkpoints" / "last.ckpt", vae=str(moved)).tokenizers[
+        "image"
+    ].vae_path == str(moved)
     other = write_tiny_vae(tmp_path / "other-vae", seed=2)
     with pytest.raises(ValueError, match="vae=.*other-vae holds another VAE .* than the one this model was trained"):
         load_checkpoint(run.run_dir / "checkpoints" / "last.ckpt", vae=str(other))
     with pytest.raises(ValueError, match="trained with another VAE"):  # resuming with another VAE
-        train(tiny_train_cfg(*latent_run_args(cifar_classes, other), "trainer.max_steps=4", "resume=auto",
-                             run_dir=run.run_dir))
+        train(
+            tiny_train_cfg(
+                *latent_run_args(cifar_classes, other), "trainer.max_steps=4", "resume=auto", run_dir=run.run_dir
+            )
+        )

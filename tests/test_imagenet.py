@@ -1,4 +1,5 @@
 """experiment=imagenet256: the paper's setting in the released model's layout, runnable end to end on a stand-in."""
+
 import json
 import os
 import subprocess
@@ -9,18 +10,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from selfflow.tokens import Condition
-
 from selfflow.interop.official import RELEASED, export_official
 from selfflow.objectives.selfflow import default_layers
+from selfflow.tokens import Condition
 from selfflow.training.build import tokenizer_configs
 from tests.helpers.configs import TINY, compose_plain
 from tests.helpers.released import ReleasedDiT
 
 
 def test_the_experiment_is_the_paper_setting_in_the_released_layout(tmp_path):
-    cfg = compose_plain(["experiment=imagenet256", "data.root=/data/imagenet", "tokenizer.image.vae=/models/vae"],
-                        tmp_path)
+    cfg = compose_plain(
+        ["experiment=imagenet256", "data.root=/data/imagenet", "tokenizer.image.vae=/models/vae"], tmp_path
+    )
     model, objective, tokenizer = cfg.model, cfg.objective, OmegaConf.create(tokenizer_configs(cfg)["image"])
     assert (model.depth, model.width, model.heads) == (RELEASED["depth"], RELEASED["width"], RELEASED["heads"])
     assert (model.pos_embed, model.time_scale, model.mlp_ratio, model.qk_norm) == ("sincos", 1.0, 4.0, False)
@@ -34,17 +35,32 @@ def test_the_experiment_is_the_paper_setting_in_the_released_layout(tmp_path):
     assert cfg.lr_warmup_steps == 0 and cfg.global_batch_size == 256 and cfg.trainer.gradient_clip_val == 1.0
     assert cfg.callbacks.checkpoint.every_n_train_steps == cfg.callbacks.samples.every_n_steps == 50000
     smaller = compose_plain(["experiment=imagenet256", "model=B", "data.root=x", "tokenizer.image.vae=y"], tmp_path)
-    assert (smaller.model.depth, smaller.model.width, smaller.model.pos_embed, smaller.model.time_scale) == \
-        (12, 768, "sincos", 1.0)
+    assert (smaller.model.depth, smaller.model.width, smaller.model.pos_embed, smaller.model.time_scale) == (
+        12,
+        768,
+        "sincos",
+        1.0,
+    )
 
 
-def test_two_steps_on_cpu_with_a_tiny_width_and_the_export_loads_into_the_released_layout(tiny_train_cfg, tiny_vae,
-                                                                                         cifar_classes):
+def test_two_steps_on_cpu_with_a_tiny_width_and_the_export_loads_into_the_released_layout(
+    tiny_train_cfg, tiny_vae, cifar_classes
+):
     from selfflow.training.run import train
 
-    run = train(tiny_train_cfg("experiment=imagenet256", f"data.root={cifar_classes}", "data.dataset.image_size=32",
-                               f"tokenizer.image.vae={tiny_vae}", "model.width=32", "model.depth=2", "model.heads=2",
-                               "global_batch_size=8", "trainer.max_steps=2"))
+    run = train(
+        tiny_train_cfg(
+            "experiment=imagenet256",
+            f"data.root={cifar_classes}",
+            "data.dataset.image_size=32",
+            f"tokenizer.image.vae={tiny_vae}",
+            "model.width=32",
+            "model.depth=2",
+            "model.heads=2",
+            "global_batch_size=8",
+            "trainer.max_steps=2",
+        )
+    )
     assert run.trainer.global_step == 2 and run.datamodule.batch_size == 8
     assert (run.run_dir / "checkpoints" / "last.ckpt").is_file()
     exported = export_official(run.run_dir / "checkpoints" / "last.ckpt", run.run_dir / "released-layout.pt")
@@ -54,8 +70,9 @@ def test_two_steps_on_cpu_with_a_tiny_width_and_the_export_loads_into_the_releas
     x, t, y = torch.randn(2, 4, 16), torch.tensor([0.2, 0.7]), torch.tensor([1, 3])
     pos = run.module.tokenizers["image"].positions(2)
     with torch.no_grad():
-        torch.testing.assert_close(released(x, t, y), run.module.ema_model.velocity(x, t, pos, Condition(y), "image"),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            released(x, t, y), run.module.ema_model.velocity(x, t, pos, Condition(y), "image"), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_global_batch_size_is_split_over_processes_and_accumulation(tmp_path):
@@ -64,12 +81,20 @@ def test_global_batch_size_is_split_over_processes_and_accumulation(tmp_path):
     from tests.helpers.files import write_folder
 
     write_folder(tmp_path / "images", per_class=4, size=(32, 32))
-    ddp = ["data=image_folder", f"data.root={tmp_path / 'images'}", "trainer=ddp", "trainer.accelerator=cpu",
-           "trainer.devices=4", "trainer.accumulate_grad_batches=2"]
+    ddp = [
+        "data=image_folder",
+        f"data.root={tmp_path / 'images'}",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=4",
+        "trainer.accumulate_grad_batches=2",
+    ]
     run = build_run(compose_train([*ddp, "global_batch_size=16"], tmp_path / "run"))
     assert run.datamodule.batch_size == 2  # 16 = 2 per process x 4 processes x 2 accumulated batches
-    with pytest.raises(ValueError, match="global_batch_size=12 must be a multiple of the 4 processes x "
-                                         "trainer.accumulate_grad_batches=2"):
+    with pytest.raises(
+        ValueError,
+        match="global_batch_size=12 must be a multiple of the 4 processes x trainer.accumulate_grad_batches=2",
+    ):
         build_run(compose_train([*ddp, "global_batch_size=12"], tmp_path / "run"))
     assert TINY[0] == "experiment=digits"  # these tiny runs keep data.batch_size when global_batch_size is null
     assert build_run(compose_train(ddp, tmp_path / "run")).datamodule.batch_size == 8
@@ -83,10 +108,19 @@ def test_the_stand_in_commands_of_docs_imagenet_run_as_printed(cifar_classes, tm
     block = docs.read_text().split("<!-- stand-in")[1].split("```bash\n")[1].split("```")[0]
     first, *commands = block.strip().splitlines()
     assert first == "DATA=../shared/data/cifar10-small"
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "WANDB_MODE": "offline"}
-    result = subprocess.run(["bash", "-c", "\n".join(["set -e", f"DATA={cifar_classes}", *commands])], cwd=tmp_path,
-                            env=env, capture_output=True, text=True, timeout=1800)
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        "WANDB_MODE": "offline",
+    }
+    result = subprocess.run(
+        ["bash", "-c", "\n".join(["set -e", f"DATA={cifar_classes}", *commands])],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "cifar-latents" / "manifest.json").read_text())["splits"] == {"train": 24, "test": 9}
     assert (tmp_path / "runs" / "standin" / "samples" / "image" / "step_0000100.png").is_file()

@@ -1,15 +1,26 @@
 """The released Self-Flow checkpoint converter against an independent reference forward written from the facts of
 the released layout (SiT-XL/2 style DiT with per-token adaLN, learn_sigma, (p q c) output, 1 - t, negated output).
 """
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from selfflow.tokens import Condition
 from selfflow.interop.official import load_official, output_rows, time_flip_matrix
 from selfflow.models.embeddings import sinusoidal_embedding
-from tests.helpers.released import (DEPTH, GRID, HEADS, LATENT, PATCH, WIDTH, ReleasedDiT, inputs, reference_forward,
-                                    released_state_dict)
+from selfflow.tokens import Condition
+from tests.helpers.released import (
+    DEPTH,
+    GRID,
+    HEADS,
+    LATENT,
+    PATCH,
+    WIDTH,
+    ReleasedDiT,
+    inputs,
+    reference_forward,
+    released_state_dict,
+)
 
 
 def test_converted_model_matches_the_reference_forward_per_sample_levels():
@@ -34,8 +45,9 @@ def test_converted_model_matches_the_reference_forward_per_token_levels():
 def test_time_flip_matrix_maps_features_of_t_to_features_of_one_minus_t():
     t = torch.rand(50, dtype=torch.float64)
     flip = time_flip_matrix(256)
-    torch.testing.assert_close(sinusoidal_embedding(t, 256).double() @ flip.T,
-                               sinusoidal_embedding(1 - t, 256).double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        sinusoidal_embedding(t, 256).double() @ flip.T, sinusoidal_embedding(1 - t, 256).double(), atol=1e-6, rtol=0
+    )
 
 
 def test_output_rows_keep_the_first_channels_in_c_p_q_order():
@@ -64,8 +76,12 @@ def test_converted_weights_are_a_plain_selfflow_model_in_our_convention():
     x, t, y = inputs()
     pos = official.patches.positions(3)
     with torch.no_grad():
-        torch.testing.assert_close(official.model.velocity(x, t, pos, Condition(y), "image"), reference_forward(state, x, t, y),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            official.model.velocity(x, t, pos, Condition(y), "image"),
+            reference_forward(state, x, t, y),
+            atol=2e-5,
+            rtol=1e-5,
+        )
     assert official.model.pos_embed == "sincos" and official.model.t_embedder.scale == 1.0
 
 
@@ -87,8 +103,15 @@ def selfflow_model(seed=0, **overrides):
     included (save_official folds it into the input bias)."""
     from selfflow.models.transformer import SelfFlowTransformer
 
-    options = {"width": WIDTH, "depth": DEPTH, "heads": HEADS, "num_classes": 1000, "pos_embed": "sincos",
-               "time_scale": 1.0, **overrides}
+    options = {
+        "width": WIDTH,
+        "depth": DEPTH,
+        "heads": HEADS,
+        "num_classes": 1000,
+        "pos_embed": "sincos",
+        "time_scale": 1.0,
+        **overrides,
+    }
     model = SelfFlowTransformer({"image": LATENT * PATCH * PATCH}, **options)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -119,10 +142,12 @@ def test_save_official_loads_strictly_into_the_released_layout_and_computes_the_
         assert ours.abs().mean() > 0.1
         torch.testing.assert_close(released(x, t, y), ours, atol=2e-5, rtol=1e-5)
         index = torch.arange(GRID * GRID).expand(3, -1)
-        torch.testing.assert_close(released(x, levels, y), model(x, levels, index, pos, Condition(y), "image").velocity,
-                                   atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(released.projector.linear2(F.silu(released.projector.linear1(x.new_ones(WIDTH)))),
-                                   head(x.new_ones(WIDTH)))
+        torch.testing.assert_close(
+            released(x, levels, y), model(x, levels, index, pos, Condition(y), "image").velocity, atol=2e-5, rtol=1e-5
+        )
+        torch.testing.assert_close(
+            released.projector.linear2(F.silu(released.projector.linear1(x.new_ones(WIDTH)))), head(x.new_ones(WIDTH))
+        )
 
 
 def test_load_official_and_save_official_are_inverse_both_ways():
@@ -132,8 +157,12 @@ def test_load_official_and_save_official_are_inverse_both_ways():
     official = load_official(save_official(model, head, grid=GRID), heads=HEADS)
     x, t, y = inputs()
     with torch.no_grad():
-        torch.testing.assert_close(official(x, t, y), model.velocity(x, t, official.patches.positions(3), Condition(y), "image"),
-                                   atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            official(x, t, y),
+            model.velocity(x, t, official.patches.positions(3), Condition(y), "image"),
+            atol=2e-5,
+            rtol=1e-5,
+        )
     state = released_state_dict(seed=5)
     back = save_official(load_official(state, heads=HEADS))
     assert set(back) == set(state)
@@ -157,25 +186,41 @@ def test_save_official_refuses_a_model_outside_the_released_conventions():
         save_official(selfflow_model(qk_norm=True))
 
 
-def test_init_official_starts_student_teacher_and_head_from_the_released_weights(tiny_train_cfg, tiny_vae,
-                                                                                 cifar_classes, tmp_path):
+def test_init_official_starts_student_teacher_and_head_from_the_released_weights(
+    tiny_train_cfg, tiny_vae, cifar_classes, tmp_path
+):
     from selfflow.training.build import build_run
 
     state = released_state_dict(grid=2, classes=3, seed=6)  # 32 px -> 4x4 latents -> 2x2 patches; 3 classes
     path = tmp_path / "released.pt"
     torch.save({"ema": state}, path)
-    run = build_run(tiny_train_cfg(
-        "experiment=imagenet256", f"data.root={cifar_classes}", "data.dataset.image_size=32",
-        f"tokenizer.image.vae={tiny_vae}", f"model.width={WIDTH}", f"model.depth={DEPTH}", f"model.heads={HEADS}",
-        "global_batch_size=6", "data.num_workers=0", f"init=official:{path}", "trainer.max_steps=2"))
+    run = build_run(
+        tiny_train_cfg(
+            "experiment=imagenet256",
+            f"data.root={cifar_classes}",
+            "data.dataset.image_size=32",
+            f"tokenizer.image.vae={tiny_vae}",
+            f"model.width={WIDTH}",
+            f"model.depth={DEPTH}",
+            f"model.heads={HEADS}",
+            "global_batch_size=6",
+            "data.num_workers=0",
+            f"init=official:{path}",
+            "trainer.max_steps=2",
+        )
+    )
     objective = run.module.objective
     x = torch.randn(3, 4, 16, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 2, 3])
     pos = run.module.tokenizers["image"].positions(3)
     with torch.no_grad():
         for model in (objective.model, objective.teacher.module):  # a fresh EMA equal to the released weights
-            torch.testing.assert_close(model.velocity(x, t, pos, Condition(y), "image"), reference_forward(state, x, t, y),
-                                       atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                model.velocity(x, t, pos, Condition(y), "image"),
+                reference_forward(state, x, t, y),
+                atol=2e-5,
+                rtol=1e-5,
+            )
     torch.testing.assert_close(objective.head.linear1.weight, state["projector.linear1.weight"])
     assert int(objective.teacher.num_updates) == 0 and objective.teacher.current_decay() == 0.9999
     run.trainer.fit(run.module, datamodule=run.datamodule)  # and it trains (fine-tuning)
@@ -187,9 +232,16 @@ def test_init_official_names_what_does_not_fit(tiny_train_cfg, tiny_vae, cifar_c
 
     path = tmp_path / "released.pt"
     torch.save(released_state_dict(grid=2, classes=1000), path)
-    common = ["experiment=imagenet256", f"data.root={cifar_classes}", "data.dataset.image_size=32",
-              f"tokenizer.image.vae={tiny_vae}", f"model.width={WIDTH}", f"model.depth={DEPTH}",
-              f"model.heads={HEADS}", "global_batch_size=6"]
+    common = [
+        "experiment=imagenet256",
+        f"data.root={cifar_classes}",
+        "data.dataset.image_size=32",
+        f"tokenizer.image.vae={tiny_vae}",
+        f"model.width={WIDTH}",
+        f"model.depth={DEPTH}",
+        f"model.heads={HEADS}",
+        "global_batch_size=6",
+    ]
     with pytest.raises(ValueError, match="y_embedder.embedding_table.weight.*\\(1001, 32\\).*\\(4, 32\\)"):
         build_run(tiny_train_cfg(*common, f"init=official:{path}"))  # 1000 classes, the data has 3
     with pytest.raises(ValueError, match="model.pos_embed=sincos"):

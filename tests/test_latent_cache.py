@@ -1,5 +1,6 @@
 """The latent cache (selfflow-cache, data=latent_cache): both flips' posteriors stored, drawn per step like on-the-fly
 encoding, exact resume, and a cache of other settings or with a damaged index never read."""
+
 import json
 import os
 import re
@@ -20,9 +21,19 @@ from tests.helpers.files import write_tiny_vae
 
 
 def cache_overrides(images, vae, out, *extra):
-    return ["experiment=imagenet256", f"data.root={images}", "data.dataset.image_size=32", f"tokenizer.image.vae={vae}",
-            f"out_dir={out}", "accelerator=cpu", "data.num_workers=0", "batch_size=5", "records_per_shard=7",
-            "progress=false", *extra]
+    return [
+        "experiment=imagenet256",
+        f"data.root={images}",
+        "data.dataset.image_size=32",
+        f"tokenizer.image.vae={vae}",
+        f"out_dir={out}",
+        "accelerator=cpu",
+        "data.num_workers=0",
+        "batch_size=5",
+        "records_per_shard=7",
+        "progress=false",
+        *extra,
+    ]
 
 
 def build_cache(*overrides):
@@ -94,9 +105,19 @@ def test_cached_latents_give_the_tokens_of_on_the_fly_encoding_in_distribution(c
 
 
 def latent_run_args(cache, vae):
-    return ["experiment=imagenet256", "data=latent_cache", f"data.root={cache}", "data.dataset.image_size=32",
-            f"tokenizer.image.vae={vae}", "model.width=32", "model.depth=2", "model.heads=2", "global_batch_size=8",
-            "data.num_workers=0", "callbacks.samples.every_n_steps=0"]
+    return [
+        "experiment=imagenet256",
+        "data=latent_cache",
+        f"data.root={cache}",
+        "data.dataset.image_size=32",
+        f"tokenizer.image.vae={vae}",
+        "model.width=32",
+        "model.depth=2",
+        "model.heads=2",
+        "global_batch_size=8",
+        "data.num_workers=0",
+        "callbacks.samples.every_n_steps=0",
+    ]
 
 
 @pytest.mark.slow
@@ -105,8 +126,12 @@ def test_resuming_a_run_on_the_cache_repeats_the_losses(cache, tiny_vae, tiny_tr
     from selfflow.training.run import train
     from tests.helpers.runs import losses
 
-    args = [*latent_run_args(cache, tiny_vae), "trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=2",
-            "callbacks.checkpoint.save_top_k=-1"]
+    args = [
+        *latent_run_args(cache, tiny_vae),
+        "trainer.max_steps=5",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.checkpoint.save_top_k=-1",
+    ]
     first = train(tiny_train_cfg(*args, run_dir=tmp_path / "a"))
     assert isinstance(first.datamodule.train_set, LatentCache) and first.datamodule.batch_size == 8
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)  # step 2: the middle of the first epoch (3 batches)
@@ -120,8 +145,9 @@ def test_resuming_a_run_on_the_cache_repeats_the_losses(cache, tiny_vae, tiny_tr
     assert loaded.config.data.dataset.vae == str(moved)
 
 
-def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(cache, tiny_vae, tiny_train_cfg,
-                                                                              tmp_path):
+def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(
+    cache, tiny_vae, tiny_train_cfg, tmp_path
+):
     from selfflow.training.build import build_run
 
     other = write_tiny_vae(tmp_path / "other-vae", seed=3)
@@ -136,12 +162,15 @@ def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(ca
         LatentCache(tmp_path, vae=str(tiny_vae), image_size=32)
 
 
-@pytest.mark.parametrize("damage, message", [
-    (lambda m, i: i.update(offset=[10**12] * len(i["offset"])), "points outside its shards"),
-    (lambda m, i: i["shards"].__setitem__(0, "../outside.tar"), "which is not a .tar file in"),
-    (lambda m, i: i.update(label=[7] * len(i["label"])), "labels outside the 3 classes"),
-    (lambda m, i: m.update(latent_channels=10**9), "not a selfflow latent cache manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda m, i: i.update(offset=[10**12] * len(i["offset"])), "points outside its shards"),
+        (lambda m, i: i["shards"].__setitem__(0, "../outside.tar"), "which is not a .tar file in"),
+        (lambda m, i: i.update(label=[7] * len(i["label"])), "labels outside the 3 classes"),
+        (lambda m, i: m.update(latent_channels=10**9), "not a selfflow latent cache manifest"),
+    ],
+)
 def test_a_damaged_or_hostile_index_is_refused_before_anything_is_read(cache, tiny_vae, tmp_path, damage, message):
     copy = shutil.copytree(cache, tmp_path / "copy")
     shutil.copy(cache / "train-r000-000000.tar", tmp_path / "outside.tar")  # a real shard, outside the cache folder
@@ -153,8 +182,9 @@ def test_a_damaged_or_hostile_index_is_refused_before_anything_is_read(cache, ti
         open_cache(copy, tiny_vae)
 
 
-def test_selfflow_cache_keeps_a_finished_cache_and_never_writes_into_another_folder(cache, tiny_vae, cifar_classes,
-                                                                                  tmp_path, capsys):
+def test_selfflow_cache_keeps_a_finished_cache_and_never_writes_into_another_folder(
+    cache, tiny_vae, cifar_classes, tmp_path, capsys
+):
     before = {p.name: p.stat().st_mtime_ns for p in cache.iterdir()}
     assert build_cache(*cache_overrides(cifar_classes, tiny_vae, cache)) == cache
     assert "already holds this cache" in capsys.readouterr().out
@@ -174,9 +204,14 @@ def test_selfflow_cache_keeps_a_finished_cache_and_never_writes_into_another_fol
 @pytest.mark.slow
 def test_two_processes_write_the_cache_one_process_writes(cache, tiny_vae, cifar_classes, tmp_path):
     out = tmp_path / "two"
-    result = subprocess.run([sys.executable, "-m", "selfflow.cli.cache",
-                             *cache_overrides(cifar_classes, tiny_vae, out, "devices=2")],
-                            cwd=tmp_path, env={**os.environ}, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.cache", *cache_overrides(cifar_classes, tiny_vae, out, "devices=2")],
+        cwd=tmp_path,
+        env={**os.environ},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "(2 processes)" in result.stdout
     for split in ("train", "test"):
@@ -188,8 +223,9 @@ def test_two_processes_write_the_cache_one_process_writes(cache, tiny_vae, cifar
             torch.testing.assert_close(b.moments(i), a.moments(i), atol=2e-3, rtol=2e-3)
 
 
-def test_a_cache_from_tar_shards_holds_the_records_of_the_cache_from_the_folder(cache, tiny_vae, cifar_classes,
-                                                                               tmp_path):
+def test_a_cache_from_tar_shards_holds_the_records_of_the_cache_from_the_folder(
+    cache, tiny_vae, cifar_classes, tmp_path
+):
     from selfflow.cli.shards import main as shards_main
 
     assert shards_main(["write", str(cifar_classes), str(tmp_path / "shards"), "--modality", "image"]) == 0

@@ -1,5 +1,6 @@
 """Media writers (MP4, frame strip, WAV, spectrogram) read back from disk, and the sample callback writing them
 during a tiny video_digits / audio_digits run."""
+
 from pathlib import Path
 
 import av
@@ -67,8 +68,11 @@ def test_save_audio_and_spectrogram(tmp_path):
     png = Image.open(save_spectrogram(wave, tmp_path / "spec.png", 8000)).convert("RGB")
     assert png.width > 200 and png.height > 150
     assert len(np.unique(np.asarray(png).reshape(-1, 3), axis=0)) > 20  # a real plot, not a blank image
-    panels = Image.open(save_spectrogram(torch.stack([wave, wave.roll(100)] * 3), tmp_path / "six.png", 8000,
-                                         titles=[f"clip {i}" for i in range(6)]))
+    panels = Image.open(
+        save_spectrogram(
+            torch.stack([wave, wave.roll(100)] * 3), tmp_path / "six.png", 8000, titles=[f"clip {i}" for i in range(6)]
+        )
+    )
     assert panels.width > png.width and panels.height > png.height  # 4 columns, 2 rows
 
 
@@ -77,26 +81,32 @@ def test_a_loud_clip_does_not_black_out_the_other_spectrograms(tmp_path):
     neighbour is a quiet clip or full-scale noise, and the quiet tone is visible."""
     t = torch.arange(8000) / 8000
     quiet = 0.05 * torch.sin(2 * torch.pi * 440 * t)
-    with_loud = np.asarray(Image.open(save_spectrogram(torch.stack([quiet, torch.randn(8000) * 1e8]),
-                                                       tmp_path / "loud.png", 8000)).convert("RGB"))
-    with_quiet = np.asarray(Image.open(save_spectrogram(torch.stack([quiet, quiet]), tmp_path / "quiet.png",
-                                                        8000)).convert("RGB"))
+    with_loud = np.asarray(
+        Image.open(
+            save_spectrogram(torch.stack([quiet, torch.randn(8000) * 1e8]), tmp_path / "loud.png", 8000)
+        ).convert("RGB")
+    )
+    with_quiet = np.asarray(
+        Image.open(save_spectrogram(torch.stack([quiet, quiet]), tmp_path / "quiet.png", 8000)).convert("RGB")
+    )
     left = with_loud.shape[1] // 2  # the first of the two panels
     assert np.array_equal(with_loud[:, :left], with_quiet[:, :left])
     assert len(np.unique(with_quiet[:, :left].reshape(-1, 3), axis=0)) > 20
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment, overrides", [
-    ("video_digits", ["data.dataset.clips_train=24", "data.dataset.clips_test=4"]),
-    ("audio_digits", ["data.dataset.voices=[en+m1]", "data.dataset.takes=3", "data.dataset.test_takes=1"]),
-])
+@pytest.mark.parametrize(
+    "experiment, overrides",
+    [
+        ("video_digits", ["data.dataset.clips_train=24", "data.dataset.clips_test=4"]),
+        ("audio_digits", ["data.dataset.voices=[en+m1]", "data.dataset.takes=3", "data.dataset.test_takes=1"]),
+    ],
+)
 def test_sample_callback_writes_playable_media_in_a_tiny_run(experiment, overrides, tmp_path, monkeypatch):
     if experiment == "audio_digits":
         pytest.importorskip("espeakng_loader")
     monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
-    cfg = compose_train([f"experiment={experiment}", *overrides, "+callbacks.samples.max_classes=3"],
-                        tmp_path / "run")
+    cfg = compose_train([f"experiment={experiment}", *overrides, "+callbacks.samples.max_classes=3"], tmp_path / "run")
     run = build_run(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     folder = tmp_path / "run" / "samples" / ("video" if experiment == "video_digits" else "audio")

@@ -1,13 +1,14 @@
 """Joint training data: modality mixtures per step and packed, resumable, with the checks named by key."""
+
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch.utils.data import Dataset
 
+from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.mixture import MixtureDataModule, check_pack_length, pack_groups
-from selfflow.tokenizers.image import ImagePatchTokenizer
 
 
 class Constant(Dataset):
@@ -38,8 +39,7 @@ def batches(data, count):
 
 
 def test_per_step_mode_draws_one_modality_per_batch_by_weight():
-    data = MixtureDataModule(sources(), {"image": 0.75, "audio": 0.25}, {"image": 4, "audio": 2},
-                             batches_per_epoch=400)
+    data = MixtureDataModule(sources(), {"image": 0.75, "audio": 0.25}, {"image": 4, "audio": 2}, batches_per_epoch=400)
     drawn = batches(data, 400)
     modalities = [b["modality"] for b in drawn]
     assert set(modalities) == {"image", "audio"}
@@ -69,11 +69,14 @@ def test_every_rank_draws_the_same_modalities_from_its_own_samples(mode, batch_s
         data.trainer = SimpleNamespace(world_size=2, global_rank=rank)
         ranks.append(batches(data, 30))
     for a, b in zip(*ranks):
-        counts = [{m: len(g["label"]) for m, g in (x["groups"] if "groups" in x else {x["modality"]: x}).items()}
-                  for x in (a, b)]
+        counts = [
+            {m: len(g["label"]) for m, g in (x["groups"] if "groups" in x else {x["modality"]: x}).items()}
+            for x in (a, b)
+        ]
         assert counts[0] == counts[1]
     per_step_modalities = {b["modality"] for b in ranks[0]}
     assert per_step_modalities >= ({"image", "audio"} if mode == "per_step" else {"mixed"})
+
     def images(batch):  # the image samples' indices (their data is the index)
         group = batch["groups"].get("image") if "groups" in batch else batch if batch["modality"] == "image" else None
         return [] if group is None else group["data"][:, 0, 0, 0].long().tolist()
@@ -83,8 +86,7 @@ def test_every_rank_draws_the_same_modalities_from_its_own_samples(mode, batch_s
 
 
 def test_packed_mode_mixes_modalities_and_packs_them_into_rows():
-    data = MixtureDataModule(sources(), {"image": 1, "audio": 1}, 8, mode="packed", pack_length=32,
-                             batches_per_epoch=5)
+    data = MixtureDataModule(sources(), {"image": 1, "audio": 1}, 8, mode="packed", pack_length=32, batches_per_epoch=5)
     batch = next(b for b in batches(data, 5) if b["modality"] == "mixed")
     assert set(batch["groups"]) == {"image", "audio"} and batch["pack_length"] == 32
     tokenizers = {"image": ImagePatchTokenizer(2, 1, 4), "audio": ImagePatchTokenizer(2, 1, (2, 8))}

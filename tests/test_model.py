@@ -5,8 +5,8 @@ import torch
 from selfflow.models.attention import flash_available
 from selfflow.models.embeddings import MultiAxisRoPE, apply_rope, default_rope_axes, sincos_2d
 from selfflow.models.layers import gather_tokens
-from tests.helpers.models import count_calls, inputs, randomize_zero_init, tiny_model
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from tests.helpers.models import count_calls, inputs, randomize_zero_init, tiny_model
 
 
 def test_output_is_exactly_zero_at_initialisation():
@@ -32,8 +32,9 @@ def test_gathered_adaln_equals_naive_per_token_adaln():
     block = model.blocks[0]
     cond = model.conditioning(levels, labels.labels)  # [B, 2, D]
     cond_per_token = model.conditioning(per_token_levels, labels.labels[:, None].expand(-1, 16))  # [B, N, D]
-    torch.testing.assert_close(gather_tokens(block.adaLN_modulation(cond), index),
-                               block.adaLN_modulation(cond_per_token), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        gather_tokens(block.adaLN_modulation(cond), index), block.adaLN_modulation(cond_per_token), rtol=1e-5, atol=1e-6
+    )
 
 
 def test_per_token_conditioning_with_equal_levels_matches_scalar_conditioning():
@@ -125,12 +126,22 @@ def test_unknown_options_are_named():
             tiny_model(attention="flash")
 
 
-@pytest.mark.parametrize("channels, named", [({"video": 12}, "video"), ({"audio": 8}, "audio"),
-                                             ({"image": 12, "audio": 8}, "audio"), ({"image": 12, "text": 16}, "text")])
+@pytest.mark.parametrize(
+    "channels, named",
+    [
+        ({"video": 12}, "video"),
+        ({"audio": 8}, "audio"),
+        ({"image": 12, "audio": 8}, "audio"),
+        ({"image": 12, "text": 16}, "text"),
+    ],
+)
 def test_sincos_positions_are_refused_where_they_would_drop_an_axis(channels, named):
     """The fixed sin-cos embedding encodes (h, w) only: video frames, audio time and text positions would be lost."""
-    with pytest.raises(ValueError, match=rf"model.pos_embed=sincos encodes the \(h, w\) grid of images only.*'{named}'"
-                                         r".*use model.pos_embed=rope"):
+    with pytest.raises(
+        ValueError,
+        match=rf"model.pos_embed=sincos encodes the \(h, w\) grid of images only.*'{named}'"
+        r".*use model.pos_embed=rope",
+    ):
         tiny_model(token_channels=channels, pos_embed="sincos")
     assert tiny_model(pos_embed="sincos").pos_embed == "sincos"  # images (the released ImageNet model) keep it
 
@@ -144,8 +155,14 @@ def test_activation_checkpointing_recomputes_each_block_in_backward_with_the_sam
         model.train()
         calls = []
         count_calls(model.blocks[0].mlp, calls)
-        out = model(tokens.x, torch.rand(3, 2, generator=torch.Generator().manual_seed(0)),
-                    torch.ones(3, 16, dtype=torch.long), tokens.pos, labels, "image")
+        out = model(
+            tokens.x,
+            torch.rand(3, 2, generator=torch.Generator().manual_seed(0)),
+            torch.ones(3, 16, dtype=torch.long),
+            tokens.pos,
+            labels,
+            "image",
+        )
         out.velocity.square().mean().backward()
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
         forwards.append(len(calls))
@@ -164,8 +181,7 @@ def test_flash_attention_matches_sdpa_on_gpu():
         randomize_zero_init(model)
         model.cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs.append(model.velocity(tokens.x.cuda(), t, tokens.pos.cuda(),
-                                       labels.to("cuda"), "image").float())
+            outs.append(model.velocity(tokens.x.cuda(), t, tokens.pos.cuda(), labels.to("cuda"), "image").float())
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
 
 
@@ -179,6 +195,6 @@ def test_gathered_conditioning_has_the_gradient_of_a_plain_gather():
     weights = torch.randn(3, 9, 6, dtype=torch.float64)
     plain = torch.gather(table, 1, index[..., None].expand(-1, -1, 6))
     torch.testing.assert_close(gather_tokens(table, index), plain, rtol=0, atol=0)
-    ours, = torch.autograd.grad((gather_tokens(table, index) * weights).sum(), table)
-    reference, = torch.autograd.grad((plain * weights).sum(), table)
+    (ours,) = torch.autograd.grad((gather_tokens(table, index) * weights).sum(), table)
+    (reference,) = torch.autograd.grad((plain * weights).sum(), table)
     torch.testing.assert_close(ours, reference)

@@ -1,11 +1,12 @@
 """Sequence packing: samples of several modalities in one row behave exactly as if run alone."""
+
 import pytest
 import torch
 
 from selfflow.data.packing import pack, plan_rows, unpack
-from selfflow.tokens import Condition, Tokens
 from selfflow.models.transformer import ModelOutput, SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
+from selfflow.tokens import Condition, Tokens
 from tests.helpers.models import randomize_zero_init
 
 CHANNELS = {"image": 12, "audio": 8, "video": 6}
@@ -62,27 +63,47 @@ def test_packed_forward_equals_each_sample_alone():
     seg = packed.segment
     attn = (seg[:, :, None] == seg[:, None, :])[:, None]
     with torch.no_grad():
-        out = net(packed.x, levels, index, packed.pos, Condition(packed.segment_labels),
-                  packed.modality_masks, attn_mask=attn, hidden_layers=(2,))
+        out = net(
+            packed.x,
+            levels,
+            index,
+            packed.pos,
+            Condition(packed.segment_labels),
+            packed.modality_masks,
+            attn_mask=attn,
+            hidden_layers=(2,),
+        )
     per_sample = unpack(out.velocity, packed)
     hidden = unpack(out.hidden[2], packed)
     for r, members in enumerate(packed.order):
         for k, i in enumerate(members):
             s = samples[i]
             tokens = packed.segment[r] == k
-            own_levels = levels[r, 2 * k: 2 * k + 2][None]
+            own_levels = levels[r, 2 * k : 2 * k + 2][None]
             own_index = masked[r][tokens][None].long()
             with torch.no_grad():
-                alone = net(s.x, own_levels, own_index, s.pos, Condition(torch.tensor([labels[i]])), s.modality,
-                            hidden_layers=(2,))
+                alone = net(
+                    s.x,
+                    own_levels,
+                    own_index,
+                    s.pos,
+                    Condition(torch.tensor([labels[i]])),
+                    s.modality,
+                    hidden_layers=(2,),
+                )
             torch.testing.assert_close(per_sample[i], alone.velocity[0], rtol=1e-4, atol=1e-5)
             torch.testing.assert_close(hidden[i], alone.hidden[2][0], rtol=1e-4, atol=1e-5)
 
 
 def test_objective_on_packed_rows_keeps_every_invariant_per_sample():
     net = model().train()
-    objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5}, gamma=0.8,
-                                  ema_decay=0.9, loss_weights={"audio": 2.0})
+    objective = SelfFlowObjective(
+        net,
+        mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5},
+        gamma=0.8,
+        ema_decay=0.9,
+        loss_weights={"audio": 2.0},
+    )
     samples, labels = mixed_samples()
     packed = pack(samples, labels, row_length=32, null_label=net.null_class)
     out = objective(packed)
@@ -127,26 +148,26 @@ def test_packed_flow_loss_is_the_mean_over_each_tokens_own_channels(error):
     net = model().double()
     objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5}, gamma=0.0)
     samples, labels = mixed_samples()
-    packed = pack([Tokens(s.x.double(), s.pos, s.modality) for s in samples], labels, row_length=32,
-                  null_label=net.null_class)
+    packed = pack(
+        [Tokens(s.x.double(), s.pos, s.modality) for s in samples], labels, row_length=32, null_label=net.null_class
+    )
     own = own_channel_mask(packed)
     net.forward = perfect_predictor(packed.x, own, error)
     torch.manual_seed(0)
     out = objective(packed)
-    expected = torch.tensor(error ** 2)
+    expected = torch.tensor(error**2)
     torch.testing.assert_close(out.loss, expected.float(), rtol=1e-6, atol=1e-10)
     torch.testing.assert_close(out.loss_flow, expected.float(), rtol=1e-6, atol=1e-10)
     assert set(out.per_modality) == {"image", "audio", "video"}
     for modality, losses in out.per_modality.items():
         torch.testing.assert_close(losses["loss_flow"], expected.float(), rtol=1e-6, atol=1e-10, msg=modality)
     assert out.flow_bucket_counts.sum() == packed.num_tokens
-    torch.testing.assert_close(out.flow_bucket_sums, out.flow_bucket_counts * error ** 2, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(out.flow_bucket_sums, out.flow_bucket_counts * error**2, rtol=1e-6, atol=1e-8)
 
 
 def test_packed_noise_stays_off_the_padded_channels_for_student_and_teacher():
     net = model().train()
-    objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5}, gamma=0.8,
-                                  ema_decay=0.9)
+    objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5}, gamma=0.8, ema_decay=0.9)
     samples, labels = mixed_samples()
     packed = pack(samples, labels, row_length=32, null_label=net.null_class)
     inputs = []
@@ -191,6 +212,6 @@ def test_packed_attention_on_flash_varlen_matches_dense_sdpa():
     assert varlen.kernel_for(x, mask) == "flash" and sdpa.kernel_for(x, mask) == "sdpa"
     out_varlen, out_dense = varlen(x, mask=mask), sdpa(x, mask=mask)
     torch.testing.assert_close(out_varlen.float(), out_dense.float(), rtol=2e-2, atol=2e-2)
-    grad_varlen, = torch.autograd.grad(out_varlen.float().square().sum(), x)
-    grad_dense, = torch.autograd.grad(out_dense.float().square().sum(), x)
+    (grad_varlen,) = torch.autograd.grad(out_varlen.float().square().sum(), x)
+    (grad_dense,) = torch.autograd.grad(out_dense.float().square().sum(), x)
     torch.testing.assert_close(grad_varlen.float(), grad_dense.float(), rtol=5e-2, atol=5e-2)

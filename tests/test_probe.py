@@ -1,5 +1,6 @@
 """Linear probes: the head grid on features with known structure, agreement with scikit-learn, seeded extraction,
 padding-aware pooling, the feature cache, clear errors, and the training callback."""
+
 import copy
 import csv
 
@@ -7,16 +8,25 @@ import pytest
 import torch
 
 from selfflow.data.digits import DigitImages
-from selfflow.evaluation.features import (INPUT_LAYER, FeatureCache, Features, cached_features, check_layers,
-                                          default_probe_layers, extract_features, mean_pool, probe_loader)
+from selfflow.evaluation.features import (
+    INPUT_LAYER,
+    FeatureCache,
+    Features,
+    cached_features,
+    check_layers,
+    default_probe_layers,
+    extract_features,
+    mean_pool,
+    probe_loader,
+)
 from selfflow.evaluation.linear_probe import check_labels, fit_linear_probe
 from selfflow.evaluation.probe import ProbeRow, best_row, random_init_like, report
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokens import Tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.tokens import Tokens
 
-FAST = dict(epochs=30, learning_rates=(0.03, 0.3), weight_decays=(0.0, 1e-3))
+FAST = {"epochs": 30, "learning_rates": (0.03, 0.3), "weight_decays": (0.0, 1e-3)}
 
 
 def linear_classes(num: int, dim: int = 16, classes: int = 4, seed: int = 0) -> Features:
@@ -51,6 +61,7 @@ def test_probe_is_deterministic_under_its_seed():
 
 def test_attentive_pooling_finds_the_one_informative_token():
     """Class signal in one token at a random position among noise tokens: a learned query attends to it."""
+
     def tokens(num, seed):
         g = torch.Generator().manual_seed(seed)
         labels = torch.randint(0, 3, (num,), generator=g)
@@ -188,8 +199,9 @@ def test_probe_agrees_with_scikit_learn_on_the_same_cached_features(tmp_path):
         features[split] = cache.load({"split": split, "layer": 2, "level": 0.0, "pool": "mean", "seed": 0})
     ours = fit_linear_probe(features["train"], features["test"], 10, epochs=40)
     scaler = StandardScaler().fit(features["train"].x.numpy())
-    sklearn = LogisticRegression(max_iter=3000).fit(scaler.transform(features["train"].x.numpy()),
-                                                    features["train"].labels.numpy())
+    sklearn = LogisticRegression(max_iter=3000).fit(
+        scaler.transform(features["train"].x.numpy()), features["train"].labels.numpy()
+    )
     theirs = sklearn.score(scaler.transform(features["test"].x.numpy()), features["test"].labels.numpy())
     assert theirs > 0.5  # the features carry real signal, so agreement means something
     assert abs(ours.top1 - theirs) <= 0.03, (ours.top1, theirs)
@@ -224,13 +236,25 @@ def test_random_init_baseline_is_a_random_network_whose_blocks_are_not_the_ident
 
 
 def test_report_has_the_issue_keys_and_picks_the_best_row():
-    rows = [ProbeRow(1, 0.0, "mean", 0.5, 0.2, 0.3), ProbeRow(2, 0.0, "mean", 0.7, 0.2, 0.3),
-            ProbeRow(3, 0.0, "mean", 0.7, 0.2, 0.3)]
+    rows = [
+        ProbeRow(1, 0.0, "mean", 0.5, 0.2, 0.3),
+        ProbeRow(2, 0.0, "mean", 0.7, 0.2, 0.3),
+        ProbeRow(3, 0.0, "mean", 0.7, 0.2, 0.3),
+    ]
     document = report("a.ckpt", "DigitImages", rows)
     assert set(document) == {"checkpoint", "dataset", "results", "best"}
-    assert document["best"] == document["results"][1] == {
-        "layer": 2, "noise_level": 0.0, "pool": "mean", "top1": 0.7, "baseline_random_init_top1": 0.2,
-        "baseline_input_top1": 0.3}
+    assert (
+        document["best"]
+        == document["results"][1]
+        == {
+            "layer": 2,
+            "noise_level": 0.0,
+            "pool": "mean",
+            "top1": 0.7,
+            "baseline_random_init_top1": 0.2,
+            "baseline_input_top1": 0.3,
+        }
+    )
     assert best_row(rows) is rows[1]
 
 

@@ -1,4 +1,5 @@
 """selfflow-probe end to end on a checkpoint of a tiny run: probe.json, the cache across runs, and the errors."""
+
 import json
 import os
 import subprocess
@@ -14,8 +15,14 @@ from selfflow.cli.probe import probe
 from selfflow.models.transformer import SelfFlowTransformer
 from tests.helpers.configs import SMALL_JOINT, compose_probe, compose_train
 
-ROW_TYPES = {"layer": int, "noise_level": float, "pool": str, "top1": float, "baseline_random_init_top1": float,
-             "baseline_input_top1": float}
+ROW_TYPES = {
+    "layer": int,
+    "noise_level": float,
+    "pool": str,
+    "top1": float,
+    "baseline_random_init_top1": float,
+    "baseline_input_top1": float,
+}
 
 
 def probe_document(cfg) -> dict:
@@ -25,9 +32,16 @@ def probe_document(cfg) -> dict:
 
 
 def fast(checkpoint: Path, tmp_path: Path, *overrides: str):
-    return compose_probe(f"ckpt={checkpoint}", f"out_dir={tmp_path / 'out'}", f"cache_dir={tmp_path / 'cache'}",
-                         "head.epochs=5", "head.learning_rates=[0.1]", "head.weight_decays=[0.0,0.001]",
-                         "progress=false", *overrides)
+    return compose_probe(
+        f"ckpt={checkpoint}",
+        f"out_dir={tmp_path / 'out'}",
+        f"cache_dir={tmp_path / 'cache'}",
+        "head.epochs=5",
+        "head.learning_rates=[0.1]",
+        "head.weight_decays=[0.0,0.001]",
+        "progress=false",
+        *overrides,
+    )
 
 
 @pytest.fixture
@@ -76,12 +90,15 @@ def test_probe_attentive_pooling_and_chosen_layers(tiny_checkpoint, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
-@pytest.mark.parametrize("override, message", [
-    ("layers=[3]", r"layers=\[3\] out of range: this model has blocks 1..2"),
-    ("pool=max", "pool='max' is unknown"),
-    ("noise_levels=[1.5]", r"noise_levels=\[1.5\] must be"),
-    ("weights=student", "weights='student' is unknown"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("layers=[3]", r"layers=\[3\] out of range: this model has blocks 1..2"),
+        ("pool=max", "pool='max' is unknown"),
+        ("noise_levels=[1.5]", r"noise_levels=\[1.5\] must be"),
+        ("weights=student", "weights='student' is unknown"),
+    ],
+)
 def test_probe_option_errors_name_the_key(tiny_checkpoint, tmp_path, override, message):
     with pytest.raises(ValueError, match=message):
         probe(fast(tiny_checkpoint, tmp_path, override))
@@ -92,8 +109,15 @@ def test_probe_refuses_a_dataset_without_labels(tiny_checkpoint, tmp_path):
     root.mkdir()
     for i in range(6):  # images directly in the folder: no class sub-folders, no labels
         Image.fromarray(np.full((16, 16), 20 * i, dtype=np.uint8)).save(root / f"{i}.png")
-    cfg = fast(tiny_checkpoint, tmp_path, "data=image_folder", f"data.root={root}", "data.num_workers=0",
-               "data.dataset.image_size=16", "data.dataset.channels=1")
+    cfg = fast(
+        tiny_checkpoint,
+        tmp_path,
+        "data=image_folder",
+        f"data.root={root}",
+        "data.num_workers=0",
+        "data.dataset.image_size=16",
+        "data.dataset.channels=1",
+    )
     with pytest.raises(ValueError, match="needs labelled data"):
         probe(cfg)
 
@@ -109,15 +133,23 @@ def test_probe_refuses_a_checkpoint_that_does_not_fit_its_configured_model(tiny_
 
 def run_cli(args, cwd):
     env = {**os.environ, "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, "-m", "selfflow.cli.probe", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.probe", *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.slow
 def test_probe_cli_prints_a_table_and_writes_probe_json(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
-    result = run_cli([f"ckpt={tiny_checkpoint}", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "head.epochs=5",
-                      "layers=[2]"], cwd=tmp_path)
+    result = run_cli(
+        [f"ckpt={tiny_checkpoint}", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "head.epochs=5", "layers=[2]"],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "random-init" in result.stdout and "input" in result.stdout
     assert f"wrote {out.resolve() / 'probe.json'}" in result.stdout
@@ -153,8 +185,12 @@ def test_modality_choice_in_multimodal_data():
 def test_a_joint_checkpoint_is_probed_on_every_modality_or_the_one_named(tmp_path):
     from selfflow.training.build import build_run
 
-    run = build_run(compose_train([*SMALL_JOINT, "trainer.max_steps=2", "~callbacks.samples", "~callbacks.probe",
-                                   "data.batch_size=8"], tmp_path / "run"))
+    run = build_run(
+        compose_train(
+            [*SMALL_JOINT, "trainer.max_steps=2", "~callbacks.samples", "~callbacks.probe", "data.batch_size=8"],
+            tmp_path / "run",
+        )
+    )
     run.trainer.fit(run.module, datamodule=run.datamodule)
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
     every = probe(fast(ckpt, tmp_path, "layers=[1]"))

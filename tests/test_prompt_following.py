@@ -1,4 +1,5 @@
 """selfflow-prompt-following: prompts judged by a reference classifier, on a tiny text-conditioned run."""
+
 import json
 from pathlib import Path
 
@@ -29,20 +30,35 @@ def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class()
         assert set(tool.SEEN_TEMPLATES[modality]) <= set(training)
         assert not set(tool.UNSEEN_TEMPLATES[modality]) & set(training)
     summary = tool.summary([{"accuracy": 1.0, "seen_phrasing": True}, {"accuracy": 0.0, "seen_phrasing": False}], 10)
-    assert summary == {"accuracy": 0.5, "chance": 0.1, "accuracy_seen_phrasings": 1.0,
-                       "accuracy_unseen_phrasings": 0.0}
+    assert summary == {"accuracy": 0.5, "chance": 0.1, "accuracy_seen_phrasings": 1.0, "accuracy_unseen_phrasings": 0.0}
 
 
 @pytest.mark.slow
 def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     from selfflow.evaluation.reference_classifier import ReferenceCNN
 
-    ckpt = _trained_checkpoint(tiny_train_cfg, "experiment=text_digits", "data.batch_size=4",
-                               "callbacks.samples.prompts=[seven]")
+    ckpt = _trained_checkpoint(
+        tiny_train_cfg, "experiment=text_digits", "data.batch_size=4", "callbacks.samples.prompts=[seven]"
+    )
     ReferenceCNN(10, channels=1, image_size=16, width=4).save(tmp_path / "ref")
-    report = run_cli(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out", str(tmp_path / "out"),
-                        "--prompt", "a handwritten four=4", "--prompt", "the digit 7=7", "--per-prompt", "3",
-                        "--steps", "2"])
+    report = run_cli(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--reference",
+            str(tmp_path / "ref"),
+            "--out",
+            str(tmp_path / "out"),
+            "--prompt",
+            "a handwritten four=4",
+            "--prompt",
+            "the digit 7=7",
+            "--per-prompt",
+            "3",
+            "--steps",
+            "2",
+        ]
+    )
     saved = json.loads((tmp_path / "out" / "prompt_following.json").read_text())
     assert saved == report and [p["prompt"] for p in saved["prompts"]] == ["a handwritten four", "the digit 7"]
     for row in saved["prompts"]:
@@ -50,8 +66,15 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     assert saved["chance"] == 0.1 and saved["accuracy_seen_phrasings"] is None
     assert Image.open(tmp_path / "out" / "prompt_grid.png").size == (2 * (2 + 3 * 18), 2 * (2 + 2 * 18))
     with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
-        tool.judge(_trained_checkpoint(tiny_train_cfg, run_dir=tmp_path / "plain"), ReferenceCNN(10, 1, 16, 4),
-                   [("four", 4, None)], 1, 1, 1.0, 0)
+        tool.judge(
+            _trained_checkpoint(tiny_train_cfg, run_dir=tmp_path / "plain"),
+            ReferenceCNN(10, 1, 16, 4),
+            [("four", 4, None)],
+            1,
+            1,
+            1.0,
+            0,
+        )
 
 
 def _trained_checkpoint(tiny_train_cfg, *overrides: str, run_dir: Path | None = None) -> Path:
@@ -68,12 +91,26 @@ def _trained_checkpoint(tiny_train_cfg, *overrides: str, run_dir: Path | None = 
 def test_a_text_to_audio_run_is_judged_by_an_audio_reference(tiny_train_cfg, tmp_path):
     from selfflow.evaluation.reference_classifier import ReferenceCNN
 
-    ckpt = _trained_checkpoint(tiny_train_cfg, "experiment=text_audio_digits", "data.batch_size=4",
-                               "callbacks.samples.prompts=[seven]")
+    ckpt = _trained_checkpoint(
+        tiny_train_cfg, "experiment=text_audio_digits", "data.batch_size=4", "callbacks.samples.prompts=[seven]"
+    )
     ReferenceCNN(10, channels=1, image_size=16, width=4, audio={"sample_rate": 8000, "num_samples": 8000}).save(
-        tmp_path / "ref")
-    report = run_cli(["--ckpt", str(ckpt), "--reference", str(tmp_path / "ref"), "--out",
-                               str(tmp_path / "out"), "--per-prompt", "2", "--steps", "2"])
+        tmp_path / "ref"
+    )
+    report = run_cli(
+        [
+            "--ckpt",
+            str(ckpt),
+            "--reference",
+            str(tmp_path / "ref"),
+            "--out",
+            str(tmp_path / "out"),
+            "--per-prompt",
+            "2",
+            "--steps",
+            "2",
+        ]
+    )
     assert len(report["prompts"]) == 40 and report["prompts"][0]["prompt"] == "a voice saying zero"
     assert all(len(row["predicted"]) == 2 for row in report["prompts"])
     assert Image.open(tmp_path / "out" / "prompt_grid.png").size[0] > 400  # one spectrogram per prompt

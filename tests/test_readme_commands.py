@@ -4,6 +4,7 @@ POSIX shell splits it, then parsed as the program would parse it (tests/helpers/
 overrides of selfflow-train, -sample and -probe (an unknown key, option or a value Hydra cannot parse fails), the
 tools' argparse accepts their flags. Placeholders such as DIR or /path/to/... are fine as values; nothing is run.
 The project files that the README links and the configs' comments cite exist."""
+
 import re
 
 import pytest
@@ -23,8 +24,13 @@ def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(mo
     assert "selfflow-train" in [words[0] for line in lines for words in shell_commands(line)]
     # unquoted braces reach Hydra without the quotes the shell removed: a parse error, not a pattern
     with pytest.raises(Exception, match="no viable alternative at input '{digit}'"):
-        check_command(shell_commands("selfflow-train experiment=audio_digits data=audio_folder data.root=DIR "
-                                     "data.dataset.name_pattern='{digit}_{speaker}'")[0], monkeypatch)
+        check_command(
+            shell_commands(
+                "selfflow-train experiment=audio_digits data=audio_folder data.root=DIR "
+                "data.dataset.name_pattern='{digit}_{speaker}'"
+            )[0],
+            monkeypatch,
+        )
     with pytest.raises(Exception, match="feature_extractor"):  # a key missing from the config needs +
         check_command(["selfflow-sample", "ckpt=x", "feature_extractor._target_=a.B"], monkeypatch)
     with pytest.raises(SystemExit):  # a flag the tool does not know

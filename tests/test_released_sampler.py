@@ -5,15 +5,15 @@ the "sigma" form, a last "Mean" step of size 0.04, 250 steps, classifier-free gu
 It runs in SiT's time convention (tau = 0 noise, tau = 1 data: x = tau * data + (1 - tau) * noise, velocity
 u = dx/dtau = -v); the interval is compared with the noise level 1 - tau, and the model is called at that level.
 """
+
 import pytest
 import torch
 
-from selfflow.tokens import Condition
-
 from selfflow.cli.sample import sample
-from selfflow.sampling.job import SamplingModel
 from selfflow.sampling import generate
 from selfflow.sampling.generate import NoiseSource, sample_generators
+from selfflow.sampling.job import SamplingModel
+from selfflow.tokens import Condition
 from tests.helpers.configs import compose_sample
 from tests.helpers.models import TOKENIZER, random_model
 
@@ -64,8 +64,10 @@ def released_velocity(model, labels, cfg_scale: float, guidance_low: float, guid
 def sample_as_the_cli(monkeypatch, tmp_path, *overrides):
     """selfflow-sample on a random tiny model; returns (the generated float tokens [N, 16, 16], config, model)."""
     model = random_model()
-    monkeypatch.setattr("selfflow.sampling.job.load_sampling_model",
-                        lambda *args: SamplingModel(model, {"image": TOKENIZER}, None, "model"))
+    monkeypatch.setattr(
+        "selfflow.sampling.job.load_sampling_model",
+        lambda *args: SamplingModel(model, {"image": TOKENIZER}, None, "model"),
+    )
     generated = []
     real_sample_tokens = generate.sample_tokens
 
@@ -75,31 +77,47 @@ def sample_as_the_cli(monkeypatch, tmp_path, *overrides):
         return out
 
     monkeypatch.setattr("selfflow.sampling.job.sample_tokens", recording)
-    cfg = compose_sample("ckpt=random", f"out_dir={tmp_path}", f"num_samples={NUM_SAMPLES}", "batch_size=2",
-                         f"seed={SEED}", "device=cpu", "precision=fp32", *overrides)
+    cfg = compose_sample(
+        "ckpt=random",
+        f"out_dir={tmp_path}",
+        f"num_samples={NUM_SAMPLES}",
+        "batch_size=2",
+        f"seed={SEED}",
+        "device=cpu",
+        "precision=fp32",
+        *overrides,
+    )
     summary = sample(cfg)
     return torch.cat(generated), summary, model
 
 
-@pytest.mark.parametrize("steps, cfg_scale, interval", [(250, 1.0, (0.0, 1.0)), (250, 2.5, (0.1, 0.7)),
-                                                         (40, 3.0, (0.0, 0.5))])
+@pytest.mark.parametrize(
+    "steps, cfg_scale, interval", [(250, 1.0, (0.0, 1.0)), (250, 2.5, (0.1, 0.7)), (40, 3.0, (0.0, 0.5))]
+)
 def test_selfflow_sample_sde_reproduces_the_released_loop(monkeypatch, tmp_path, steps, cfg_scale, interval):
     tokens, summary, model = sample_as_the_cli(
-        monkeypatch, tmp_path, "sampler=sde", f"steps={steps}", f"cfg_scale={cfg_scale}",
-        f"guidance_interval=[{interval[0]},{interval[1]}]")
+        monkeypatch,
+        tmp_path,
+        "sampler=sde",
+        f"steps={steps}",
+        f"cfg_scale={cfg_scale}",
+        f"guidance_interval=[{interval[0]},{interval[1]}]",
+    )
     assert summary["nfe"] == steps and summary["sde_last_step"] == 0.04 and summary["sde_last_step_mode"] == "mean"
     labels = torch.tensor(summary["labels"])
     replay = NoiseSource(generators=sample_generators(SEED, range(NUM_SAMPLES)))  # the same per-sample draws
     shape = (NUM_SAMPLES, TOKENIZER.positions(1).shape[1], TOKENIZER.token_channels)
-    released = released_sde_loop(released_velocity(model, labels, cfg_scale, *interval),
-                                 lambda: replay(shape, "cpu"), steps)
+    released = released_sde_loop(
+        released_velocity(model, labels, cfg_scale, *interval), lambda: replay(shape, "cpu"), steps
+    )
     assert released.abs().max() > 0.5  # a real trajectory, not a vanishing one
     torch.testing.assert_close(tokens, released, rtol=1e-5, atol=1e-5)
 
 
 def test_the_euler_last_step_is_kept_under_its_own_name(monkeypatch, tmp_path):
     mean, _, _ = sample_as_the_cli(monkeypatch, tmp_path / "mean", "sampler=sde", "steps=10")
-    euler, summary, _ = sample_as_the_cli(monkeypatch, tmp_path / "euler", "sampler=sde", "steps=10",
-                                          "sde_last_step_mode=euler")
+    euler, summary, _ = sample_as_the_cli(
+        monkeypatch, tmp_path / "euler", "sampler=sde", "steps=10", "sde_last_step_mode=euler"
+    )
     assert summary["sde_last_step_mode"] == "euler"
     assert (mean - euler).abs().max() > 1e-3

@@ -1,4 +1,5 @@
 """Crash-safe and safe checkpoints, non-finite losses, config validation: each promise of docs/reliability.md."""
+
 import dataclasses
 import errno
 import hashlib
@@ -12,8 +13,8 @@ import pytest
 import torch
 
 from selfflow.data.digits import DigitImages
-from selfflow.training.build import build_run
 from selfflow.interop.checkpoint import read_checkpoint
+from selfflow.training.build import build_run
 from selfflow.training.checkpoint_io import CheckpointWriteError, atomic_save
 from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.resume import newest_valid_checkpoint
@@ -29,6 +30,7 @@ def digest(path: Path) -> str:
 
 # --- crash-safe writes -------------------------------------------------------------------------------------------
 
+
 def test_atomic_save_replaces_the_file_only_when_the_write_succeeded(tmp_path, monkeypatch):
     path = tmp_path / "last.ckpt"
     atomic_save({"step": torch.tensor(1)}, path)
@@ -39,16 +41,20 @@ def test_atomic_save_replaces_the_file_only_when_the_write_succeeded(tmp_path, m
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(CheckpointWriteError, match=r"cannot write checkpoint .*last.ckpt: No space left on device.*"
-                                                   r"intact.*resume=auto"):
+    with pytest.raises(
+        CheckpointWriteError,
+        match=r"cannot write checkpoint .*last.ckpt: No space left on device.*"
+        r"intact.*resume=auto",
+    ):
         atomic_save({"step": torch.tensor(2)}, path)
     assert digest(path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
     assert int(torch.load(path, weights_only=True)["step"]) == 1
 
 
-def test_full_disk_during_training_stops_with_one_clear_error_and_keeps_the_last_checkpoint(tiny_train_cfg,
-                                                                                            tmp_path, monkeypatch):
+def test_full_disk_during_training_stops_with_one_clear_error_and_keeps_the_last_checkpoint(
+    tiny_train_cfg, tmp_path, monkeypatch
+):
     run = build_run(tiny_train_cfg("trainer.max_steps=6", "callbacks.samples.every_n_steps=0"))
     real_save = torch.save
 
@@ -82,6 +88,7 @@ def test_resume_auto_passes_over_truncated_temporary_and_unsafe_files(tiny_train
 
 # --- safe loading ------------------------------------------------------------------------------------------------
 
+
 def test_resume_loads_weights_only_and_never_runs_a_malicious_pickle(tiny_train_cfg, tmp_path):
     marker = tmp_path / "pwned"
     evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
@@ -97,9 +104,14 @@ def test_resume_loads_weights_only_and_never_runs_a_malicious_pickle(tiny_train_
 def test_cli_refuses_a_malicious_checkpoint_with_one_line(tmp_path):
     marker = tmp_path / "pwned"
     evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
-    result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *TINY, f"ckpt_path={evil}",
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    result = subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.train", *TINY, f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert result.returncode == 2
     assert "selfflow-train: error: cannot load checkpoint" in result.stderr and "Traceback" not in result.stderr
     assert not marker.exists()
@@ -107,16 +119,21 @@ def test_cli_refuses_a_malicious_checkpoint_with_one_line(tmp_path):
 
 
 def test_resuming_into_another_architecture_names_the_first_mismatched_key(tiny_train_cfg, tmp_path):
-    first = build_run(tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0",
-                                     run_dir=tmp_path / "a"))
+    first = build_run(
+        tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0", run_dir=tmp_path / "a")
+    )
     first.trainer.fit(first.module, datamodule=first.datamodule)
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    with pytest.raises(ValueError, match=r"does not fit this model: '.*' has shape \(.*32.*\) in the checkpoint "
-                                         r"but \(.*64.*\) in the model"):
+    with pytest.raises(
+        ValueError,
+        match=r"does not fit this model: '.*' has shape \(.*32.*\) in the checkpoint "
+        r"but \(.*64.*\) in the model",
+    ):
         train(tiny_train_cfg("model.width=64", f"ckpt_path={ckpt}", run_dir=tmp_path / "b"))
 
 
 # --- non-finite losses -------------------------------------------------------------------------------------------
+
 
 class PoisonBatches(L.Callback):
     """Puts NaN into the input data of the micro-batches with the given indices."""
@@ -135,8 +152,10 @@ def weights_after_each_step(trainer) -> dict[int, tuple[list[torch.Tensor], list
 
     class Capture(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            after[trainer.global_step] = ([p.detach().clone() for p in module.model.parameters()],
-                                          [p.detach().clone() for p in module.ema_model.parameters()])
+            after[trainer.global_step] = (
+                [p.detach().clone() for p in module.model.parameters()],
+                [p.detach().clone() for p in module.ema_model.parameters()],
+            )
 
     trainer.callbacks.append(Capture())
     return after
@@ -174,11 +193,15 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_train_cfg):
 
 
 def test_too_many_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_train_cfg):
-    run = build_run(tiny_train_cfg("trainer.max_steps=20", "max_nonfinite_in_a_row=3",
-                                   "callbacks.samples.every_n_steps=0"))
+    run = build_run(
+        tiny_train_cfg("trainer.max_steps=20", "max_nonfinite_in_a_row=3", "callbacks.samples.every_n_steps=0")
+    )
     inject_nan(run.module, set(range(3, 20)))
-    with pytest.raises(NonFiniteLossError, match=r"the loss was nan for 3 steps in a row .*learning rate.*"
-                                                 r"precision.*resume=auto"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"the loss was nan for 3 steps in a row .*learning rate.*"
+        r"precision.*resume=auto",
+    ):
         run.trainer.fit(run.module, datamodule=run.datamodule)
     folder = Path(run.run_dir) / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_0000002.ckpt"]
@@ -200,8 +223,9 @@ def test_a_non_finite_gradient_is_skipped_like_a_non_finite_loss(tiny_train_cfg)
 def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_cfg, poisoned):
     """Two micro-batches per optimizer step; a NaN in either of step 1's (batches 2 and 3) skips step 1 whole: no
     optimizer step with the other micro-batch's gradients, no EMA update, one skip counted."""
-    run = build_run(tiny_train_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2",
-                                   "callbacks.samples.every_n_steps=0"))
+    run = build_run(
+        tiny_train_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "callbacks.samples.every_n_steps=0")
+    )
     run.trainer.callbacks.append(PoisonBatches({poisoned}))
     after = weights_after_each_step(run.trainer)
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -217,34 +241,49 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
 
 # --- config validation -------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ("objective.mask_ratio=0.6", "objective.mask_ratio=0.6 is out of range"),
-    ("objective.mask_ratio.image=0.7", "objective.mask_ratio.image=0.7 is out of range"),
-    ("objective.student_layer=2", r"objective.student_layer=2 and objective.teacher_layer=2 must satisfy 1 <= "
-                                  r"student_layer < teacher_layer <= model depth \(2\)"),
-    ("objective.teacher_layer=3", r"objective.teacher_layer=3 must satisfy .* <= model depth \(2\)"),
-    ("objective.gamma=-0.5", r"objective.gamma=-0.5 must be >= 0"),
-    ("objective.ema_decay=1.0", r"objective.ema_decay=1.0 must be in \[0, 1\)"),
-    ("objective.loss_buckets=0", "objective.loss_buckets=0 must be an integer >= 1"),
-    ("model.heads=3", "model.width=32 must be a multiple of model.heads=3"),
-    ("data.batch_size=-8", "data.batch_size=-8 must be an integer >= 1"),
-    ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
-    ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0 is out of range: use an integer in \[1, inf\)"),
-    ("optimizer.lr=-0.1", "optimizer: Invalid learning rate: -0.1"),
-    ("lr_warmup_steps=-1", r"lr_schedule.warmup_steps=-1 must be an integer >= 0 \(lr_warmup_steps sets it too\)"),
-    ("lr_schedule=cosine lr_warmup_steps=0 lr_schedule.min_lr=1", r"lr_schedule.min_lr=1.0 is above optimizer.lr=0.001"),
-    ("max_nonfinite_in_a_row=0", "max_nonfinite_in_a_row=0 must be >= 1"),
-    ("callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint: Invalid value for save_top_k=-2. Must be >= -1"),
-    ("objective.mask_mode=random", r"objective.mask_mode='random' is unknown; choose one of: exact, bernoulli"),
-    ("resume=sometimes", "resume='sometimes' is unknown; choose one of: null, auto"),
-    ("+objective.mask_ration=0.3", "objective.mask_ration is not an option of SelfFlowObjective; did you mean "
-                                   "objective.mask_ratio"),
-    ("data=image_folder", r"data.root must be set"),
-    ("+tokenizer.image.image_size=32", "tokenizer.image.image_size is set, but the tokenizer takes image_size from "
-                                      "the data"),
-])
-def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(tiny_train_cfg, tmp_path, override, message,
-                                                                     monkeypatch):
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("objective.mask_ratio=0.6", "objective.mask_ratio=0.6 is out of range"),
+        ("objective.mask_ratio.image=0.7", "objective.mask_ratio.image=0.7 is out of range"),
+        (
+            "objective.student_layer=2",
+            r"objective.student_layer=2 and objective.teacher_layer=2 must satisfy 1 <= "
+            r"student_layer < teacher_layer <= model depth \(2\)",
+        ),
+        ("objective.teacher_layer=3", r"objective.teacher_layer=3 must satisfy .* <= model depth \(2\)"),
+        ("objective.gamma=-0.5", r"objective.gamma=-0.5 must be >= 0"),
+        ("objective.ema_decay=1.0", r"objective.ema_decay=1.0 must be in \[0, 1\)"),
+        ("objective.loss_buckets=0", "objective.loss_buckets=0 must be an integer >= 1"),
+        ("model.heads=3", "model.width=32 must be a multiple of model.heads=3"),
+        ("data.batch_size=-8", "data.batch_size=-8 must be an integer >= 1"),
+        ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
+        ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0 is out of range: use an integer in \[1, inf\)"),
+        ("optimizer.lr=-0.1", "optimizer: Invalid learning rate: -0.1"),
+        ("lr_warmup_steps=-1", r"lr_schedule.warmup_steps=-1 must be an integer >= 0 \(lr_warmup_steps sets it too\)"),
+        (
+            "lr_schedule=cosine lr_warmup_steps=0 lr_schedule.min_lr=1",
+            r"lr_schedule.min_lr=1.0 is above optimizer.lr=0.001",
+        ),
+        ("max_nonfinite_in_a_row=0", "max_nonfinite_in_a_row=0 must be >= 1"),
+        ("callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint: Invalid value for save_top_k=-2. Must be >= -1"),
+        ("objective.mask_mode=random", r"objective.mask_mode='random' is unknown; choose one of: exact, bernoulli"),
+        ("resume=sometimes", "resume='sometimes' is unknown; choose one of: null, auto"),
+        (
+            "+objective.mask_ration=0.3",
+            "objective.mask_ration is not an option of SelfFlowObjective; did you mean objective.mask_ratio",
+        ),
+        ("data=image_folder", r"data.root must be set"),
+        (
+            "+tokenizer.image.image_size=32",
+            "tokenizer.image.image_size is set, but the tokenizer takes image_size from the data",
+        ),
+    ],
+)
+def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(
+    tiny_train_cfg, tmp_path, override, message, monkeypatch
+):
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the config was checked")
 
@@ -283,16 +322,26 @@ def test_a_range_lightning_checks_stops_the_run_before_any_data_is_read(tiny_tra
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("override, message", [
-    ("objective.mask_ration=0.3", "objective.mask_ration is not a config key (typo?); did you mean "
-                                  "objective.mask_ratio?"),
-    ("model=XXL", "model=XXL is not an option; choose one of: B, L, S, XL, base, tiny"),
-    ("data.batch_size=-1", "data.batch_size=-1 must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "objective.mask_ration=0.3",
+            "objective.mask_ration is not a config key (typo?); did you mean objective.mask_ratio?",
+        ),
+        ("model=XXL", "model=XXL is not an option; choose one of: B, L, S, XL, base, tiny"),
+        ("data.batch_size=-1", "data.batch_size=-1 must be an integer >= 1"),
+    ],
+)
 def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override, message):
-    result = subprocess.run([sys.executable, "-m", "selfflow.cli.train", *TINY, override,
-                             f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "WANDB_MODE": "offline"})
+    result = subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.train", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "WANDB_MODE": "offline"},
+    )
     assert result.returncode == 2
     first = result.stderr.strip().splitlines()[0]
     assert first.startswith("selfflow-train: error: ") and message in first, result.stderr
@@ -302,6 +351,7 @@ def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override,
 
 # --- sharing weights without pickles ----------------------------------------------------------------------------
 
+
 def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny_train_cfg, tmp_path):
     import json
 
@@ -310,8 +360,13 @@ def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny
     run = build_run(tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0"))
     run.trainer.fit(run.module, datamodule=run.datamodule)
     ckpt = Path(run.run_dir) / "checkpoints" / "last.ckpt"
-    result = subprocess.run([sys.executable, "-m", "selfflow.cli.export", str(ckpt), str(tmp_path / "export")],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.export", str(ckpt), str(tmp_path / "export")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads(result.stdout)["files"] == ["model.safetensors", "config.json"]
     config = json.loads((tmp_path / "export" / "config.json").read_text())

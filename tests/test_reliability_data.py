@@ -1,5 +1,6 @@
 """Hostile image files mixed into a real folder: each is decoded correctly or skipped and reported, never a crash,
 a hang or a memory blow-up."""
+
 import os
 import struct
 import zlib
@@ -16,12 +17,14 @@ from tests.helpers.configs import shared_dataset
 
 def png_header_only(path: Path, width: int, height: int) -> None:
     """A tiny PNG whose header claims width x height pixels (a decompression bomb if anything believed it)."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-                     + chunk(b"IEND", b""))
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def hostile_folder(root: Path) -> dict[str, str]:
@@ -35,30 +38,47 @@ def hostile_folder(root: Path) -> dict[str, str]:
     odd.mkdir()
     expected = {"plain.png": "ok", "photo.jpg": "ok"}
     # decoded correctly
-    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(odd / "palette.png"); expected["palette.png"] = "ok"
+    Image.fromarray(rgb).convert("P", palette=Image.ADAPTIVE).save(odd / "palette.png")
+    expected["palette.png"] = "ok"
     grey16 = np.full((16, 16), 40000, dtype=np.uint16)
-    Image.fromarray(grey16).save(odd / "grey16.png"); expected["grey16.png"] = "ok"
+    Image.fromarray(grey16).save(odd / "grey16.png")
+    expected["grey16.png"] = "ok"
     rgba = np.zeros((16, 16, 4), dtype=np.uint8)  # fully transparent
-    Image.fromarray(rgba, "RGBA").save(odd / "alpha.png"); expected["alpha.png"] = "ok"
-    Image.fromarray(rgb).convert("CMYK").save(odd / "cmyk.jpg"); expected["cmyk.jpg"] = "ok"
-    Image.fromarray(rgb).save(odd / "really_a_png.jpg", format="PNG"); expected["really_a_png.jpg"] = "ok"
-    Image.fromarray(rgb).convert("1").save(odd / "bilevel.bmp"); expected["bilevel.bmp"] = "ok"
-    Image.fromarray(rgb[:1].repeat(1, 0)).save(odd / "one_row.png"); expected["one_row.png"] = "ok"
+    Image.fromarray(rgba, "RGBA").save(odd / "alpha.png")
+    expected["alpha.png"] = "ok"
+    Image.fromarray(rgb).convert("CMYK").save(odd / "cmyk.jpg")
+    expected["cmyk.jpg"] = "ok"
+    Image.fromarray(rgb).save(odd / "really_a_png.jpg", format="PNG")
+    expected["really_a_png.jpg"] = "ok"
+    Image.fromarray(rgb).convert("1").save(odd / "bilevel.bmp")
+    expected["bilevel.bmp"] = "ok"
+    Image.fromarray(rgb[:1].repeat(1, 0)).save(odd / "one_row.png")
+    expected["one_row.png"] = "ok"
     non_utf8 = os.fsdecode(b"caf\xe9.png")  # a Latin-1 name, not valid UTF-8
-    Image.fromarray(rgb).save(odd / non_utf8); expected[non_utf8] = "ok"
+    Image.fromarray(rgb).save(odd / non_utf8)
+    expected[non_utf8] = "ok"
     # skipped and reported
     full = (good / "plain.png").read_bytes()
-    (odd / "truncated.png").write_bytes(full[: len(full) // 2]); expected["truncated.png"] = "truncated"
+    (odd / "truncated.png").write_bytes(full[: len(full) // 2])
+    expected["truncated.png"] = "truncated"
     jpeg = (good / "photo.jpg").read_bytes()
-    (odd / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3]); expected["truncated.jpg"] = "truncated"
-    (odd / "empty.png").write_bytes(b""); expected["empty.png"] = "empty file"
-    (odd / "notes.png").write_text("this is text"); expected["notes.png"] = "cannot identify"
-    png_header_only(odd / "bomb.png", 100_000, 100_000); expected["bomb.png"] = "ecompression"
-    png_header_only(odd / "big.png", 9_000, 9_000); expected["big.png"] = "max_pixels"
-    os.symlink(odd / "loop_b.png", odd / "loop_a.png"); os.symlink(odd / "loop_a.png", odd / "loop_b.png")
+    (odd / "truncated.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    expected["truncated.jpg"] = "truncated"
+    (odd / "empty.png").write_bytes(b"")
+    expected["empty.png"] = "empty file"
+    (odd / "notes.png").write_text("this is text")
+    expected["notes.png"] = "cannot identify"
+    png_header_only(odd / "bomb.png", 100_000, 100_000)
+    expected["bomb.png"] = "ecompression"
+    png_header_only(odd / "big.png", 9_000, 9_000)
+    expected["big.png"] = "max_pixels"
+    os.symlink(odd / "loop_b.png", odd / "loop_a.png")
+    os.symlink(odd / "loop_a.png", odd / "loop_b.png")
     expected["loop_a.png"] = expected["loop_b.png"] = "symbolic links"
-    os.symlink(odd / "missing.png", odd / "dangling.png"); expected["dangling.png"] = "No such file"
-    os.mkfifo(odd / "pipe.png"); expected["pipe.png"] = "not a regular file"  # opening it would block forever
+    os.symlink(odd / "missing.png", odd / "dangling.png")
+    expected["dangling.png"] = "No such file"
+    os.mkfifo(odd / "pipe.png")
+    expected["pipe.png"] = "not a regular file"  # opening it would block forever
     (odd / "folder.png").mkdir()  # a folder with an image's name: not a file, not listed
     os.symlink(odd, odd / "cycle")  # a directory symlink loop: never followed
     return expected
@@ -77,9 +97,9 @@ def test_every_hostile_image_kind_is_decoded_or_skipped_and_reported(tmp_path):
         item = dataset[index]
         if expected[name] == "ok":
             assert item is not None, name
-            image, label = item
+            image, _label = item
             assert image.shape == (3, 8, 8) and image.dtype == torch.float32, name
-            assert 0 <= image.min() and image.max() <= 1 and torch.isfinite(image).all(), name
+            assert image.min() >= 0 and image.max() <= 1 and torch.isfinite(image).all(), name
         else:
             assert item is None, name
     lines = record.read_text(encoding="utf-8").splitlines()
@@ -119,10 +139,18 @@ def test_hostile_files_mixed_into_real_photos_train_without_a_crash(tmp_path, ti
         (root / class_dir.name).mkdir(parents=True)
         for path in sorted(class_dir.iterdir())[:12]:
             (root / class_dir.name / path.name).symlink_to(path)
-    expected = hostile_folder(root / "zz_hostile")
-    run = build_run(tiny_train_cfg("data=image_folder", f"data.root={root}", "data.dataset.image_size=8",
-                                   "tokenizer.image.patch_size=4", "trainer.max_steps=6", "data.num_workers=2",
-                                   "callbacks.samples.every_n_steps=0"))
+    hostile_folder(root / "zz_hostile")
+    run = build_run(
+        tiny_train_cfg(
+            "data=image_folder",
+            f"data.root={root}",
+            "data.dataset.image_size=8",
+            "tokenizer.image.patch_size=4",
+            "trainer.max_steps=6",
+            "data.num_workers=2",
+            "callbacks.samples.every_n_steps=0",
+        )
+    )
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 6
     skipped = (Path(run.run_dir) / "skipped_files.tsv").read_text(encoding="utf-8")

@@ -1,5 +1,6 @@
 """Exact resume: a run killed with SIGKILL (at a checkpoint, or in the middle of writing one) and continued with
 resume=auto produces the same per-step losses and final weights as a run that was never interrupted."""
+
 import random
 import shutil
 from pathlib import Path
@@ -14,10 +15,21 @@ from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_w
 
 
 def train_args(images: Path, run_dir: Path, workers: int, *extra: str) -> list[str]:
-    return [*TINY, "data=image_folder", f"data.root={images}", "data.dataset.image_size=8", "data.dataset.hflip=true",
-            "tokenizer.image.patch_size=2", f"data.num_workers={workers}", f"trainer.max_steps={MAX_STEPS}",
-            f"callbacks.checkpoint.every_n_train_steps={EVERY}", "callbacks.samples.every_n_steps=0", "seed=7",
-            f"hydra.run.dir={run_dir}", *extra]
+    return [
+        *TINY,
+        "data=image_folder",
+        f"data.root={images}",
+        "data.dataset.image_size=8",
+        "data.dataset.hflip=true",
+        "tokenizer.image.patch_size=2",
+        f"data.num_workers={workers}",
+        f"trainer.max_steps={MAX_STEPS}",
+        f"callbacks.checkpoint.every_n_train_steps={EVERY}",
+        "callbacks.samples.every_n_steps=0",
+        "seed=7",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -36,8 +48,10 @@ def test_sigkill_at_random_checkpoints_then_resume_auto_gives_the_same_losses(re
     first, second = sorted(random.sample(range(EVERY, MAX_STEPS - EVERY, EVERY), 2))
     # killed twice, with DataLoader workers this time (the data order and augmentation must not depend on them)
     kill_when(start(train_args(images, run_dir, 2), tmp_path), run_dir / "checkpoints" / f"step_{first:07d}.ckpt")
-    kill_when(start(train_args(images, run_dir, 2, "resume=auto"), tmp_path),
-              run_dir / "checkpoints" / f"step_{second:07d}.ckpt")
+    kill_when(
+        start(train_args(images, run_dir, 2, "resume=auto"), tmp_path),
+        run_dir / "checkpoints" / f"step_{second:07d}.ckpt",
+    )
     finish(start(train_args(images, run_dir, 2, "resume=auto"), tmp_path))
     assert_same_run(reference_run, run_dir)
 
@@ -79,9 +93,17 @@ def test_in_process_resume_from_a_mid_epoch_checkpoint_repeats_the_losses(tiny_t
     from selfflow.training.run import train
 
     images = write_noise_images(tmp_path / "images")
-    args = ["data=image_folder", f"data.root={images}", "data.dataset.image_size=8", "data.dataset.hflip=true",
-            "tokenizer.image.patch_size=2", "trainer.max_steps=7", "callbacks.checkpoint.every_n_train_steps=3",
-            "callbacks.samples.every_n_steps=0", "callbacks.checkpoint.save_top_k=-1"]
+    args = [
+        "data=image_folder",
+        f"data.root={images}",
+        "data.dataset.image_size=8",
+        "data.dataset.hflip=true",
+        "tokenizer.image.patch_size=2",
+        "trainer.max_steps=7",
+        "callbacks.checkpoint.every_n_train_steps=3",
+        "callbacks.samples.every_n_steps=0",
+        "callbacks.checkpoint.save_top_k=-1",
+    ]
     train(tiny_train_cfg(*args, run_dir=tmp_path / "a"))
     (tmp_path / "b" / "checkpoints").mkdir(parents=True)  # step 3 = the middle of the second epoch
     shutil.copy(tmp_path / "a" / "checkpoints" / "step_0000003.ckpt", tmp_path / "b" / "checkpoints")
@@ -96,10 +118,20 @@ JOINT_EPOCH, JOINT_STEPS = 4, 10  # the joint default, made small, in epochs of 
 
 
 def joint_args(run_dir: Path, mode: str, workers: int, *extra: str) -> list[str]:
-    return [*TINY, *SMALL_JOINT, f"data.mode={mode}", f"data.num_workers={workers}",
-            f"data.batches_per_epoch={JOINT_EPOCH}", f"trainer.max_steps={JOINT_STEPS}",
-            f"callbacks.checkpoint.every_n_train_steps={JOINT_EPOCH}", "~callbacks.samples", "~callbacks.probe",
-            "seed=7", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        *TINY,
+        *SMALL_JOINT,
+        f"data.mode={mode}",
+        f"data.num_workers={workers}",
+        f"data.batches_per_epoch={JOINT_EPOCH}",
+        f"trainer.max_steps={JOINT_STEPS}",
+        f"callbacks.checkpoint.every_n_train_steps={JOINT_EPOCH}",
+        "~callbacks.samples",
+        "~callbacks.probe",
+        "seed=7",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -110,7 +142,8 @@ def test_joint_run_killed_at_the_last_batch_of_an_epoch_resumes_exactly(mode, wo
     pytest.importorskip("espeakng_loader")
     finish(start(joint_args(tmp_path / "reference", mode, workers), tmp_path))
     run_dir = tmp_path / "run"
-    kill_when(start(joint_args(run_dir, mode, workers), tmp_path),
-              run_dir / "checkpoints" / f"step_{JOINT_EPOCH:07d}.ckpt")
+    kill_when(
+        start(joint_args(run_dir, mode, workers), tmp_path), run_dir / "checkpoints" / f"step_{JOINT_EPOCH:07d}.ckpt"
+    )
     finish(start(joint_args(run_dir, mode, workers, "resume=auto"), tmp_path))
     assert_same_run(tmp_path / "reference", run_dir, JOINT_STEPS)

@@ -1,10 +1,10 @@
 """selfflow-sample: outputs, NFE, guidance, seeds across batch sizes, labels, errors, the released-checkpoint path."""
+
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,18 +12,19 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.sampling.job import resolve_labels
 from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.sampling.generate import GuidedVelocity, NoiseSource, generate, sample_generators, sample_tokens
+from selfflow.sampling.job import resolve_labels
 from selfflow.tokens import Condition
-from selfflow.sampling.generate import (GuidedVelocity, NoiseSource, generate, sample_generators, sample_tokens)
 from tests.helpers.models import TOKENIZER, random_model
 from tests.helpers.runs import run_sample
 
 
 @pytest.mark.parametrize("sampler, steps", [("euler", 4), ("heun", 5), ("sde", 4)])
 def test_image_outputs_npz_and_nfe(tiny_checkpoint, tmp_path, sampler, steps, capsys):
-    summary = run_sample(tiny_checkpoint, tmp_path, "num_samples=7", "batch_size=3", f"sampler={sampler}",
-                         f"steps={steps}")
+    summary = run_sample(
+        tiny_checkpoint, tmp_path, "num_samples=7", "batch_size=3", f"sampler={sampler}", f"steps={steps}"
+    )
     assert summary["nfe"] == steps and summary["sampler"] == sampler
     assert f"NFE={steps}" in capsys.readouterr().out
     pngs = sorted((tmp_path / "images").glob("*.png"))
@@ -40,8 +41,13 @@ def test_image_outputs_npz_and_nfe(tiny_checkpoint, tmp_path, sampler, steps, ca
 
 def test_same_seed_same_samples_for_any_batch_size(tiny_checkpoint, tmp_path):
     arrays = {}
-    for name, overrides in {"b1": ["batch_size=1"], "b4": ["batch_size=4"], "b4_sde": ["batch_size=4", "sampler=sde"],
-                            "b2_sde": ["batch_size=2", "sampler=sde"], "seed1": ["batch_size=4", "seed=1"]}.items():
+    for name, overrides in {
+        "b1": ["batch_size=1"],
+        "b4": ["batch_size=4"],
+        "b4_sde": ["batch_size=4", "sampler=sde"],
+        "b2_sde": ["batch_size=2", "sampler=sde"],
+        "seed1": ["batch_size=4", "seed=1"],
+    }.items():
         run_sample(tiny_checkpoint, tmp_path / name, "num_samples=5", "steps=4", *overrides)
         with np.load(tmp_path / name / "samples.npz") as npz:
             arrays[name] = npz["arr_0"]
@@ -91,7 +97,12 @@ def test_fp32_sampling_keeps_a_callers_autocast_and_bf16_adds_its_own():
         return original(*args, **kwargs)
 
     model.velocity = spy
-    pos, labels, x, t = TOKENIZER.positions(2), Condition(torch.tensor([1, 2])), torch.randn(2, 16, 16), torch.full((2,), 0.5)
+    pos, labels, x, t = (
+        TOKENIZER.positions(2),
+        Condition(torch.tensor([1, 2])),
+        torch.randn(2, 16, 16),
+        torch.full((2,), 0.5),
+    )
     with torch.no_grad():
         GuidedVelocity(model, pos, labels, "image")(x, t)
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -157,8 +168,9 @@ def test_video_and_audio_samples_are_written(tmp_path):
     clips = torch.rand(2, 4, 3, 16, 16)
     videos = MODALITIES["video"].write(clips, tmp_path / "videos", ["a", "b"], SimpleNamespace(fps=4))["videos"]
     assert [p.name for p in videos] == ["a.mp4", "b.mp4"] and all(p.stat().st_size > 0 for p in videos)
-    files = MODALITIES["audio"].write(torch.rand(2, 8000) * 2 - 1, tmp_path / "audio", ["a", "b"],
-                                      SimpleNamespace(sample_rate=8000))
+    files = MODALITIES["audio"].write(
+        torch.rand(2, 8000) * 2 - 1, tmp_path / "audio", ["a", "b"], SimpleNamespace(sample_rate=8000)
+    )
     import soundfile
 
     wave, rate = soundfile.read(files["audio"][0])
@@ -169,9 +181,16 @@ def test_video_and_audio_samples_are_written(tmp_path):
 def save_tiny_vae(folder: Path):
     diffusers = pytest.importorskip("diffusers", reason="the [vae] extra (diffusers) is not installed")
     torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, norm_num_groups=4, layers_per_block=1)
+    vae = diffusers.AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=4,
+        block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        norm_num_groups=4,
+        layers_per_block=1,
+    )
     vae.save_pretrained(folder)
     return vae
 
@@ -182,8 +201,9 @@ def test_released_checkpoint_cli_path_decodes_with_a_local_vae(tmp_path, capsys)
     save_tiny_vae(tmp_path / "vae")
     ckpt = tmp_path / "selfflow_imagenet256.pt"
     torch.save(released_state_dict(width=64, grid=4), ckpt)  # heads: the released 16
-    summary = run_sample(f"official:{ckpt}", tmp_path / "out", f"vae={tmp_path / 'vae'}", "num_samples=3",
-                         "steps=3", "labels=[1,1000]")
+    summary = run_sample(
+        f"official:{ckpt}", tmp_path / "out", f"vae={tmp_path / 'vae'}", "num_samples=3", "steps=3", "labels=[1,1000]"
+    )
     assert summary["sampler"] == "sde" and summary["nfe"] == 3  # the released recipe's sampler by default
     with np.load(tmp_path / "out" / "samples.npz") as npz:
         assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8  # 8x8 latents, VAE x2
@@ -193,14 +213,30 @@ def test_released_checkpoint_cli_path_decodes_with_a_local_vae(tmp_path, capsys)
 
 
 def run_cli(args, cwd, timeout=300):
-    return subprocess.run([sys.executable, "-m", "selfflow.cli.sample", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ})
+    return subprocess.run(
+        [sys.executable, "-m", "selfflow.cli.sample", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ},
+    )
 
 
 @pytest.mark.slow
 def test_sample_cli_as_a_user_runs_it(tiny_checkpoint, tmp_path):
-    result = run_cli([f"ckpt={tiny_checkpoint}", "num_samples=4", "steps=3", "sampler=heun", "cfg_scale=2",
-                      "guidance_interval=[0.2,0.9]", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    result = run_cli(
+        [
+            f"ckpt={tiny_checkpoint}",
+            "num_samples=4",
+            "steps=3",
+            "sampler=heun",
+            "cfg_scale=2",
+            "guidance_interval=[0.2,0.9]",
+            f"out_dir={tmp_path / 'out'}",
+        ],
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NFE=3" in result.stdout and (tmp_path / "out" / "samples.npz").is_file()
     bad = run_cli([f"ckpt={tmp_path / 'nope.ckpt'}", f"out_dir={tmp_path / 'bad'}"], cwd=tmp_path)
@@ -223,8 +259,7 @@ def test_sample_writer_dispatches_video_and_audio(tmp_path):
     assert Image.open(files["contact_sheet"]).height > 3 * 8
     audio = SampleWriter("audio", SimpleNamespace(sample_rate=8000), tmp_path / "a", grid_upscale=1)
     files = write(audio, ChunkStore(tmp_path / "a", 2, 2), [torch.rand(2, 4000) - 0.5])
-    assert sorted(p.name for p in files["audio"].iterdir()) == ["000000.png", "000000.wav", "000001.png",
-                                                               "000001.wav"]
+    assert sorted(p.name for p in files["audio"].iterdir()) == ["000000.png", "000000.wav", "000001.png", "000001.wav"]
     assert "npz" not in files and not (tmp_path / "a" / "samples.npz").exists()
 
 
@@ -234,9 +269,12 @@ def test_bf16_autocast_is_close_to_fp32_and_auto_means_fp32_on_cpu():
     assert autocast_dtype(torch.device("cpu"), "auto") is None
     assert autocast_dtype(torch.device("cpu"), "bf16") is torch.bfloat16
     model, labels = random_model(), Condition(torch.tensor([0, 1]))
-    runs = {p: sample_tokens(model, TOKENIZER, labels, steps=4, precision=p,
-                             noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
-            for p in ("fp32", "bf16")}
+    runs = {
+        p: sample_tokens(
+            model, TOKENIZER, labels, steps=4, precision=p, noise=NoiseSource(generators=sample_generators(0, range(2)))
+        ).tokens
+        for p in ("fp32", "bf16")
+    }
     assert runs["bf16"].dtype == torch.float32
     assert not torch.equal(runs["fp32"], runs["bf16"])
     torch.testing.assert_close(runs["bf16"], runs["fp32"], atol=0.1, rtol=0.05)
@@ -246,8 +284,20 @@ def test_bf16_autocast_is_close_to_fp32_and_auto_means_fp32_on_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_sampling_matches_cpu_noise_and_uses_bf16_where_supported():
     model, labels = random_model(), Condition(torch.tensor([0, 1]))
-    cpu = sample_tokens(model, TOKENIZER, labels, steps=4, precision="fp32",
-                        noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
-    gpu = sample_tokens(model.cuda(), TOKENIZER, labels, steps=4, precision="auto",
-                        noise=NoiseSource(generators=sample_generators(0, range(2)))).tokens
+    cpu = sample_tokens(
+        model,
+        TOKENIZER,
+        labels,
+        steps=4,
+        precision="fp32",
+        noise=NoiseSource(generators=sample_generators(0, range(2))),
+    ).tokens
+    gpu = sample_tokens(
+        model.cuda(),
+        TOKENIZER,
+        labels,
+        steps=4,
+        precision="auto",
+        noise=NoiseSource(generators=sample_generators(0, range(2))),
+    ).tokens
     torch.testing.assert_close(gpu.cpu(), cpu, atol=0.1, rtol=0.05)  # same per-sample noise on any device

@@ -1,5 +1,6 @@
 """selfflow-sample at scale: chunks on disk shared out over the processes of a launch, the same samples for any
 number of processes, resume after a kill, settings pinned per out_dir, launcher ranks."""
+
 import json
 import os
 import re
@@ -33,10 +34,27 @@ def one_process(tiny_checkpoint, tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_sample_disjoint_chunks_into_the_same_samples_as_one(tiny_checkpoint, one_process, tmp_path):
     out_dir = tmp_path / "two"
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "selfflow.cli.sample", f"ckpt={tiny_checkpoint}", f"out_dir={out_dir}", "progress=false",
-                             "device=cpu", *JOB], cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "selfflow.cli.sample",
+            f"ckpt={tiny_checkpoint}",
+            f"out_dir={out_dir}",
+            "progress=false",
+            "device=cpu",
+            *JOB,
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out_dir / "sampling.json").read_text())
     # 4 chunks sampled in all, none twice (each process's count is added up), by 2 processes
@@ -46,8 +64,9 @@ def test_two_processes_sample_disjoint_chunks_into_the_same_samples_as_one(tiny_
     np.testing.assert_array_equal(labels, one_process[1])
 
 
-def test_a_killed_job_resumes_with_the_missing_chunks_only_and_ends_with_the_same_samples(tiny_checkpoint, one_process,
-                                                                                         tmp_path, monkeypatch):
+def test_a_killed_job_resumes_with_the_missing_chunks_only_and_ends_with_the_same_samples(
+    tiny_checkpoint, one_process, tmp_path, monkeypatch
+):
     out_dir = tmp_path / "killed"
     written, original = [], ChunkStore.write
 
@@ -61,8 +80,7 @@ def test_a_killed_job_resumes_with_the_missing_chunks_only_and_ends_with_the_sam
     with pytest.raises(KeyboardInterrupt):
         run_sample(tiny_checkpoint, out_dir, *JOB)
     monkeypatch.setattr(ChunkStore, "write", original)
-    assert sorted(p.name for p in (out_dir / "parts").glob("chunk_*.npz")) == ["chunk_000000.npz",
-                                                                               "chunk_000001.npz"]
+    assert sorted(p.name for p in (out_dir / "parts").glob("chunk_*.npz")) == ["chunk_000000.npz", "chunk_000001.npz"]
     assert not (out_dir / "samples.npz").exists()
     (out_dir / "parts" / "chunk_000003.npz").write_bytes(b"PK\x03\x04 cut short")  # a file cut short is redone
 
@@ -94,7 +112,9 @@ def test_ranks_come_from_torchrun_or_slurm_and_a_slurm_node_gets_a_rendezvous():
     slurm = launcher_ranks({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_LOCALID": "1"})
     assert slurm == Ranks(1, 2, 1, "SLURM")
     assert rendezvous_environment(slurm, {"SLURM_JOB_ID": "123456", "SLURM_NNODES": "1"}) == {
-        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(15000 + 3456)}
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(15000 + 3456),
+    }
     with pytest.raises(ValueError, match="needs MASTER_ADDR"):
         rendezvous_environment(slurm, {"SLURM_NNODES": "2"})
     with pytest.raises(ValueError, match="RANK=4 outside 0..WORLD_SIZE-1=1"):

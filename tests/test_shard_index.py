@@ -1,6 +1,7 @@
 """Shard indexes: written with the shards (or for existing ones by `selfflow-shards index`), read at start-up instead
 of the tar headers, refused when stale, and treated as data from others: bounded, validated against the shard, and
 checked member by member against the tar headers they point at."""
+
 import io
 import json
 import logging
@@ -33,8 +34,10 @@ def noise_png(seed: int, side: int = 64) -> bytes:
 def big_shard(folder: Path, samples: int = 30, order: list[int] | None = None) -> Path:
     """One shard of `samples` noise images with labels (members in `order` of the samples, keys by sample)."""
     order = list(range(samples)) if order is None else order
-    return write_tar(folder / "train-000000.tar", {f"{k:06d}.{ext}": data for k in order for ext, data in
-                                                   (("png", noise_png(k)), ("cls", str(k % 2).encode()))})
+    return write_tar(
+        folder / "train-000000.tar",
+        {f"{k:06d}.{ext}": data for k in order for ext, data in (("png", noise_png(k)), ("cls", str(k % 2).encode()))},
+    )
 
 
 def same_dataset(a: ImageShards, b: ImageShards) -> None:
@@ -44,8 +47,7 @@ def same_dataset(a: ImageShards, b: ImageShards) -> None:
     assert a.problems == b.problems and a.class_names == b.class_names
 
 
-def test_the_writer_indexes_every_shard_and_start_up_reads_the_indexes_not_the_headers(tmp_path, monkeypatch,
-                                                                                        caplog):
+def test_the_writer_indexes_every_shard_and_start_up_reads_the_indexes_not_the_headers(tmp_path, monkeypatch, caplog):
     write_images(tmp_path / "src", per_class=5)
     write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.3, max_samples_per_shard=3)
     tars = sorted((tmp_path / "shards").glob("*.tar"))
@@ -70,9 +72,18 @@ def test_the_writer_indexes_every_shard_and_start_up_reads_the_indexes_not_the_h
 
 
 def test_selfflow_shards_index_indexes_existing_shards_and_rewrites_only_stale_ones(tmp_path, capsys):
-    shard = write_tar(tmp_path / "s" / "train-000000.tar", {
-        "000000.png": png_bytes(10), "000000.cls": b"1", "000001.png": png_bytes(20), "000001.cls": b"0",
-        "000002.cls": b"0", "000003.png": png_bytes(30), "000003.cls": b"1"})
+    shard = write_tar(
+        tmp_path / "s" / "train-000000.tar",
+        {
+            "000000.png": png_bytes(10),
+            "000000.cls": b"1",
+            "000001.png": png_bytes(20),
+            "000001.cls": b"0",
+            "000002.cls": b"0",
+            "000003.png": png_bytes(30),
+            "000003.cls": b"1",
+        },
+    )
     with tarfile.open(shard, "a") as tar:  # a key twice and a link member: the index keeps the scan's verdicts
         for name, data in (("000002.png", png_bytes(40)), ("000004.cls", b"0")):
             info = tarfile.TarInfo(name)
@@ -84,8 +95,11 @@ def test_selfflow_shards_index_indexes_existing_shards_and_rewrites_only_stale_o
     other = write_tar(tmp_path / "s" / "test-000000.tar", {"000000.png": png_bytes(50), "000000.cls": b"0"})
     scanned = ImageShards(str(tmp_path / "s"), "train", image_size=4)
     assert exit_status(["index", str(tmp_path / "s")]) == 0
-    assert json.loads(capsys.readouterr().out) == {"shards": 2, "fresh": 0, "written": {str(other): "missing",
-                                                                                         str(shard): "missing"}}
+    assert json.loads(capsys.readouterr().out) == {
+        "shards": 2,
+        "fresh": 0,
+        "written": {str(other): "missing", str(shard): "missing"},
+    }
     indexed = ImageShards(str(tmp_path / "s"), "train", image_size=4)
     same_dataset(indexed, scanned)
     assert sorted(indexed.problems) == [2, 4, 5]  # both groups of 000002, and the link
@@ -120,15 +134,21 @@ def test_a_stale_index_is_refused_at_start_up_and_a_copy_stays_valid(tmp_path):
         changed[at] ^= 0xFF
         return bytes(changed)
 
-    cases = {"grown": original + bytes(1024), "first samples": flipped(2000),
-             "last samples": flipped(len(original) - 3000),
-             "rewritten": big_shard(tmp_path / "other", order=[1, 0, *range(2, 30)]).read_bytes()}
+    cases = {
+        "grown": original + bytes(1024),
+        "first samples": flipped(2000),
+        "last samples": flipped(len(original) - 3000),
+        "rewritten": big_shard(tmp_path / "other", order=[1, 0, *range(2, 30)]).read_bytes(),
+    }
     assert len(cases["rewritten"]) == len(original)  # the same members in another order: same size
-    for name, content in cases.items():
+    for _name, content in cases.items():
         shard.write_bytes(content)
         index_location(shard).write_bytes(index)
-        with pytest.raises(ValueError, match=r"the index .*train-000000\.tar\.index\.json describes another version "
-                                             r"of .*train-000000\.tar .*selfflow-shards index FOLDER"):
+        with pytest.raises(
+            ValueError,
+            match=r"the index .*train-000000\.tar\.index\.json describes another version "
+            r"of .*train-000000\.tar .*selfflow-shards index FOLDER",
+        ):
             ImageShards(str(shard.parent), "train", image_size=4)
     shard.write_bytes(original)
     assert len(ImageShards(str(shard.parent), "train", image_size=4)) == 30
@@ -155,8 +175,10 @@ def write_index(shard: Path, document: dict, **changes) -> None:
 
 
 def test_a_hostile_index_is_bounded_and_checked_against_its_shard(tmp_path):
-    shard = write_tar(tmp_path / "s" / "train-000000.tar", {
-        "000000.png": png_bytes(10), "000000.cls": b"0", "000001.png": png_bytes(20), "000001.cls": b"1"})
+    shard = write_tar(
+        tmp_path / "s" / "train-000000.tar",
+        {"000000.png": png_bytes(10), "000000.cls": b"0", "000001.png": png_bytes(20), "000001.cls": b"1"},
+    )
     link = tarfile.TarInfo("000002.png")
     link.type, link.linkname = tarfile.SYMTYPE, "/etc/passwd"
     with tarfile.open(shard, "a") as tar:
@@ -181,10 +203,13 @@ def test_a_hostile_index_is_bounded_and_checked_against_its_shard(tmp_path):
         "a long key": {"keys": ["k" * 2000, *good["keys"][1:]]},
         "problems": {"problems": [[0, "x" * 5000]]},
     }
-    for case, change in malformed.items():
+    for _case, change in malformed.items():
         write_index(shard, good, **change)
-        with pytest.raises(ValueError, match=r"shard index .*train-000000\.tar\.index\.json is malformed .*"
-                                             r"selfflow-shards index FOLDER"):
+        with pytest.raises(
+            ValueError,
+            match=r"shard index .*train-000000\.tar\.index\.json is malformed .*"
+            r"selfflow-shards index FOLDER",
+        ):
             ImageShards(str(shard.parent), "train", image_size=4)
     for text in ("[" * 100_000, "not json", json.dumps({**good, "format": "wids"})):
         index_location(shard).write_text(text)
@@ -202,14 +227,20 @@ def test_a_hostile_index_is_bounded_and_checked_against_its_shard(tmp_path):
     dataset = ImageShards(str(shard.parent), "train", image_size=4)
     dataset.bad_files.record_path = tmp_path / "skipped.tsv"
     assert dataset[0] is not None and dataset[2] is None
-    assert "000002.png\tits data member does not match the shard's index: its tar header is not a regular file's" in \
-        (tmp_path / "skipped.tsv").read_text()
-    label_offsets = {row: members[row + 2] for row in range(0, len(members), 4)
-                     if good["extensions"][members[row + 1]] == "cls"}  # row of sample 0's label, of sample 1's
+    assert (
+        "000002.png\tits data member does not match the shard's index: its tar header is not a regular file's"
+        in (tmp_path / "skipped.tsv").read_text()
+    )
+    label_offsets = {
+        row: members[row + 2] for row in range(0, len(members), 4) if good["extensions"][members[row + 1]] == "cls"
+    }  # row of sample 0's label, of sample 1's
     lying = list(members)
     for row, other in zip(label_offsets, reversed(label_offsets.values())):
         lying[row + 2] = other
     write_index(shard, good, members=lying)
-    with pytest.raises(ValueError, match=r"none of the 3 samples .* its \.cls member does not match the shard's "
-                                         r"index: its tar header names '000001\.cls'"):
+    with pytest.raises(
+        ValueError,
+        match=r"none of the 3 samples .* its \.cls member does not match the shard's "
+        r"index: its tar header names '000001\.cls'",
+    ):
         ImageShards(str(shard.parent), "train", image_size=4)

@@ -1,5 +1,6 @@
 """WebDataset tar shards: folder -> selfflow-shards write -> shard datasets give the folder datasets' items, for
 image, audio and video; shard lists and brace patterns; random access; corrupt shards and members."""
+
 import json
 import os
 import subprocess
@@ -42,13 +43,20 @@ def same_items(shards, folder, seeded: bool) -> None:
 
 def test_image_shards_round_trip_equals_the_folder_item_by_item(tmp_path):
     write_images(tmp_path / "src", per_class=5)
-    summary = write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.3,
-                           max_samples_per_shard=3)
-    assert summary["splits"]["train"] == {"samples": 7, "shards": 3, "bytes": summary["splits"]["train"]["bytes"],
-                                          "skipped": []}
+    summary = write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.3, max_samples_per_shard=3)
+    assert summary["splits"]["train"] == {
+        "samples": 7,
+        "shards": 3,
+        "bytes": summary["splits"]["train"]["bytes"],
+        "skipped": [],
+    }
     assert summary["splits"]["test"]["samples"] == 3
     assert sorted(p.name for p in (tmp_path / "shards").glob("*.tar")) == [
-        "test-000000.tar", "train-000000.tar", "train-000001.tar", "train-000002.tar"]
+        "test-000000.tar",
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+    ]
     assert (tmp_path / "shards" / "classes.json").is_file()
     info = json.loads((tmp_path / "shards" / "classes.json").read_text())
     assert info["class_names"] == ["cat", "dog"] and info["modality"] == "image"
@@ -74,10 +82,18 @@ def test_video_shards_round_trip_equals_the_folder_item_by_item(tmp_path):
     write_videos(tmp_path / "src")
     write_shards(tmp_path / "src", tmp_path / "shards", "video", test_fraction=0.25)
     for split, backend in (("train", "auto"), ("test", "auto"), ("test", "pyav")):
-        folder = VideoFolder(str(tmp_path / "src"), split, num_frames=4, frame_stride=2, image_size=16,
-                             test_fraction=0.25, backend=backend)
-        shards = VideoShards(str(tmp_path / "shards"), split, num_frames=4, frame_stride=2, image_size=16,
-                             backend=backend)
+        folder = VideoFolder(
+            str(tmp_path / "src"),
+            split,
+            num_frames=4,
+            frame_stride=2,
+            image_size=16,
+            test_fraction=0.25,
+            backend=backend,
+        )
+        shards = VideoShards(
+            str(tmp_path / "shards"), split, num_frames=4, frame_stride=2, image_size=16, backend=backend
+        )
         same_items(shards, folder, seeded=True)
         assert shards[0][0].shape == (4, 3, 16, 16)
 
@@ -122,7 +138,7 @@ def test_length_and_random_access_read_only_the_wanted_member(tmp_path):
     original = path.read_bytes()
     blanked = bytearray(len(original))
     for _, offset, size in (shards.data_members[3], shards.label_members[3]):
-        blanked[offset - 512:offset + size] = original[offset - 512:offset + size]
+        blanked[offset - 512 : offset + size] = original[offset - 512 : offset + size]
     blanked[-1024:] = original[-1024:]
     path.write_bytes(bytes(blanked))
     assert torch.equal(shards[3][0], in_order[3][0]) and shards[3][1] == in_order[3][1]
@@ -148,13 +164,18 @@ def test_shards_resume_mid_epoch_with_the_same_batches(tmp_path):
 
 
 def test_truncated_or_corrupt_shard_stops_at_start_up_naming_it(tmp_path):
-    good = write_tar(tmp_path / "good" / "train-000000.tar",
-                     {f"{k:06d}.{ext}": data for k in range(3) for ext, data in (("png", png_bytes(9 * k)),
-                                                                                  ("cls", b"0"))})
+    good = write_tar(
+        tmp_path / "good" / "train-000000.tar",
+        {f"{k:06d}.{ext}": data for k in range(3) for ext, data in (("png", png_bytes(9 * k)), ("cls", b"0"))},
+    )
     data = good.read_bytes()
     member_end = 512 + 512 + 512 + 512  # after the first sample's png (<=512 bytes) and cls members
-    cases = {"inside-data": data[:700], "at-a-member-boundary": data[:member_end],
-             "garbage": b"this is not a tar archive" * 40, "empty": b""}
+    cases = {
+        "inside-data": data[:700],
+        "at-a-member-boundary": data[:member_end],
+        "garbage": b"this is not a tar archive" * 40,
+        "empty": b"",
+    }
     for name, content in cases.items():
         bad = tmp_path / name / "train-000000.tar"
         bad.parent.mkdir()
@@ -162,7 +183,7 @@ def test_truncated_or_corrupt_shard_stops_at_start_up_naming_it(tmp_path):
         with pytest.raises(ValueError, match=rf"shard .*{name}/train-000000\.tar is truncated or corrupt"):
             ImageShards(str(bad.parent), "train", image_size=8)
     corrupt_header = bytearray(data)
-    corrupt_header[member_end:member_end + 100] = b"\xff" * 100  # the second sample's header
+    corrupt_header[member_end : member_end + 100] = b"\xff" * 100  # the second sample's header
     (tmp_path / "header").mkdir()
     (tmp_path / "header" / "train-000000.tar").write_bytes(bytes(corrupt_header))
     with pytest.raises(ValueError, match="header/train-000000.tar is truncated or corrupt"):
@@ -171,12 +192,19 @@ def test_truncated_or_corrupt_shard_stops_at_start_up_naming_it(tmp_path):
 
 
 def test_corrupt_member_is_skipped_and_listed_or_fatal_by_policy(tmp_path):
-    shard = write_tar(tmp_path / "s" / "train-000000.tar", {
-        "000000.png": png_bytes(10), "000000.cls": b"1",
-        "000001.png": b"not a png at all", "000001.cls": b"0",
-        "000002.png": png_bytes(30), "000002.cls": b"zero",
-        "000003.png": png_bytes(40), "000003.cls": b"7",
-    })
+    shard = write_tar(
+        tmp_path / "s" / "train-000000.tar",
+        {
+            "000000.png": png_bytes(10),
+            "000000.cls": b"1",
+            "000001.png": b"not a png at all",
+            "000001.cls": b"0",
+            "000002.png": png_bytes(30),
+            "000002.cls": b"zero",
+            "000003.png": png_bytes(40),
+            "000003.cls": b"7",
+        },
+    )
     (tmp_path / "s" / "classes.json").write_text(json.dumps({"class_names": ["a", "b"], "modality": "image"}))
     record = tmp_path / "skipped.tsv"
     dataset = ImageShards(str(tmp_path / "s"), "train", image_size=4)
@@ -203,10 +231,15 @@ def test_clear_errors_for_missing_shards_missing_data_and_the_wrong_modality(tmp
     write_tar(tmp_path / "other" / "part-0.tar", {"000000.png": png_bytes(1)})
     with pytest.raises(FileNotFoundError, match=r"none named test-\*\.tar"):
         ImageShards(str(tmp_path / "other"), "test")
-    write_tar(tmp_path / "nodata" / "train-000000.tar", {"000000.png": png_bytes(1), "000001.cls": b"0",
-                                                         "000001.txt": b"caption only"})
-    with pytest.raises(ValueError, match=r"sample 000001 of shard .*train-000000\.tar has no image member "
-                                         r"\(it holds \['cls', 'txt'\]"):
+    write_tar(
+        tmp_path / "nodata" / "train-000000.tar",
+        {"000000.png": png_bytes(1), "000001.cls": b"0", "000001.txt": b"caption only"},
+    )
+    with pytest.raises(
+        ValueError,
+        match=r"sample 000001 of shard .*train-000000\.tar has no image member "
+        r"\(it holds \['cls', 'txt'\]",
+    ):
         ImageShards(str(tmp_path / "nodata"), "train")
     write_recordings(tmp_path / "rec")
     write_shards(tmp_path / "rec", tmp_path / "audio", "audio", test_fraction=0.34)
@@ -220,8 +253,18 @@ def test_writer_is_atomic_refuses_to_overwrite_and_replaces_stale_shards(tmp_pat
     write_images(tmp_path / "src", per_class=4)
     (tmp_path / "src" / "cat" / "0.txt").write_text("a small cat\n")
     out = tmp_path / "shards"
-    argv = ["write", str(tmp_path / "src"), str(out), "--modality", "image", "--test-fraction", "0.25",
-            "--max-samples-per-shard", "1", "--no-progress"]
+    argv = [
+        "write",
+        str(tmp_path / "src"),
+        str(out),
+        "--modality",
+        "image",
+        "--test-fraction",
+        "0.25",
+        "--max-samples-per-shard",
+        "1",
+        "--no-progress",
+    ]
     assert exit_status(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["splits"]["train"]["shards"] == 6 and summary["classes"] == 2
@@ -230,8 +273,13 @@ def test_writer_is_atomic_refuses_to_overwrite_and_replaces_stale_shards(tmp_pat
     assert "already holds shards (test-000000.tar, ... 8 files); pass --overwrite" in error
     assert exit_status([*argv[:-3], "--max-samples-per-shard", "100", "--no-progress", "--overwrite"]) == 0
     capsys.readouterr()
-    assert sorted(p.name for p in out.iterdir()) == ["classes.json", "test-000000.tar", "test-000000.tar.index.json",
-                                                     "train-000000.tar", "train-000000.tar.index.json"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "classes.json",
+        "test-000000.tar",
+        "test-000000.tar.index.json",
+        "train-000000.tar",
+        "train-000000.tar.index.json",
+    ]
     shards = ImageShards(str(out), "train", image_size=8)
     captions = [shards.caption(i) for i in range(len(shards))]
     assert captions.count("a small cat") == 1 and captions.count(None) == len(shards) - 1
@@ -254,25 +302,40 @@ def test_writer_leaves_no_partial_shard_when_interrupted(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_shards(tmp_path / "src", tmp_path / "out", "image", test_fraction=0.25, max_samples_per_shard=2)
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-000000.tar", "train-000000.tar.index.json"]
-    assert len(tarfile.open(tmp_path / "out" / "train-000000.tar").getnames()) == 4
+    with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
+        assert len(tar.getnames()) == 4
 
 
-@pytest.mark.parametrize("name, tokenizer", [("image_shards", "image_pixels"), ("audio_shards", "audio_mel"),
-                                             ("video_shards", "video_tubelets")])
+@pytest.mark.parametrize(
+    "name, tokenizer",
+    [("image_shards", "image_pixels"), ("audio_shards", "audio_mel"), ("video_shards", "video_tubelets")],
+)
 def test_shard_data_configs_build_and_batch(name, tokenizer, tmp_path):
     modality = name.split("_")[0]
     {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](tmp_path / "src")
     write_shards(tmp_path / "src", tmp_path / "shards", modality, test_fraction=0.34)
-    sizes = {"image": ["data.dataset.image_size=8"], "audio": [],
-             "video": ["data.dataset.num_frames=4", "data.dataset.image_size=16"]}[modality]
-    cfg = compose_train([f"data={name}", f"tokenizer={tokenizer}", f"data.root={tmp_path / 'shards'}",
-                         "data.batch_size=2", *sizes], tmp_path / "run")
+    sizes = {
+        "image": ["data.dataset.image_size=8"],
+        "audio": [],
+        "video": ["data.dataset.num_frames=4", "data.dataset.image_size=16"],
+    }[modality]
+    cfg = compose_train(
+        [f"data={name}", f"tokenizer={tokenizer}", f"data.root={tmp_path / 'shards'}", "data.batch_size=2", *sizes],
+        tmp_path / "run",
+    )
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == 2 and datamodule.modality == modality
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["data"].shape[0] == 2 and batch["label"].tolist()[0] in (0, 1)
-    pattern = compose_train([f"data={name}", f"tokenizer={tokenizer}", *sizes,
-                             f"data.root='{tmp_path / 'shards'}/{{split}}-{{000000..000000}}.tar'"], tmp_path / "r2")
+    pattern = compose_train(
+        [
+            f"data={name}",
+            f"tokenizer={tokenizer}",
+            *sizes,
+            f"data.root='{tmp_path / 'shards'}/{{split}}-{{000000..000000}}.tar'",
+        ],
+        tmp_path / "r2",
+    )
     assert len(instantiate(pattern.data.dataset)(split="test")) == len(datamodule.test_set)
 
 
@@ -283,9 +346,24 @@ def test_train_cli_on_image_shards_writes_a_checkpoint(tmp_path):
     run_dir = tmp_path / "run"
     env = {**os.environ, "WANDB_MODE": "offline"}
     result = subprocess.run(
-        [sys.executable, "-m", "selfflow.cli.train", *TINY, "data=image_shards", f"data.root={tmp_path / 'shards'}",
-         "data.batch_size=4", "data.dataset.image_size=8", "tokenizer.image.patch_size=2", "trainer.max_steps=2",
-         f"hydra.run.dir={run_dir}"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "selfflow.cli.train",
+            *TINY,
+            "data=image_shards",
+            f"data.root={tmp_path / 'shards'}",
+            "data.batch_size=4",
+            "data.dataset.image_size=8",
+            "tokenizer.image.patch_size=2",
+            "trainer.max_steps=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

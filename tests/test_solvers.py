@@ -3,6 +3,7 @@
 On the path x_t = (1 - t) x0 + t x1 the velocity field of Gaussian data is affine in x, and the ODE from t = 1 to
 t = 0 maps the noise x1 to exactly m + s x1 (the standardised coordinate is preserved).
 """
+
 import math
 
 import pytest
@@ -18,9 +19,9 @@ def gaussian_velocity(mean=MEAN, std=STD):
 
     def velocity(x, t):
         t = t.reshape(-1, *([1] * (x.dim() - 1)))
-        var = (1 - t) ** 2 * std ** 2 + t ** 2
+        var = (1 - t) ** 2 * std**2 + t**2
         centred = x - (1 - t) * mean
-        x0 = mean + (1 - t) * std ** 2 / var * centred
+        x0 = mean + (1 - t) * std**2 / var * centred
         x1 = t / var * centred
         return x1 - x0
 
@@ -90,7 +91,7 @@ def test_shifted_grid_keeps_the_endpoints_and_still_converges():
 def test_score_from_velocity_matches_the_gaussian_score():
     x = noise(64, 3)
     t = torch.full((64,), 0.3, dtype=torch.float64)
-    var = (1 - 0.3) ** 2 * STD ** 2 + 0.3 ** 2
+    var = (1 - 0.3) ** 2 * STD**2 + 0.3**2
     expected = -(x - (1 - 0.3) * MEAN) / var
     torch.testing.assert_close(score_from_velocity(gaussian_velocity()(x, t), x, t), expected)
 
@@ -98,8 +99,9 @@ def test_score_from_velocity_matches_the_gaussian_score():
 def test_sde_reaches_the_data_distribution():
     generator = torch.Generator().manual_seed(1)
     x1 = torch.randn(4000, 8, generator=generator, dtype=torch.float64)
-    samples = euler_maruyama(gaussian_velocity(), x1, steps=250,
-                             noise=lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype))
+    samples = euler_maruyama(
+        gaussian_velocity(), x1, steps=250, noise=lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype)
+    )
     assert abs(samples.mean().item() - MEAN) < 0.01
     assert abs(samples.std().item() - STD) < 0.01
     # it is stochastic: the samples are not the deterministic ODE map of their noise

@@ -1,4 +1,5 @@
 """Each memory/speed switch is a config key that trains and does what it says."""
+
 import csv
 from pathlib import Path
 
@@ -6,7 +7,6 @@ import pytest
 import torch
 
 from selfflow.tokens import Condition
-
 from selfflow.training.build import build_run
 
 
@@ -38,8 +38,14 @@ def test_gradient_accumulation_updates_the_ema_and_logs_the_learning_rate_once_p
 
 @pytest.mark.parametrize("switch, forwards_per_step", [("false", 1), ("true", 2)])
 def test_activation_checkpointing_switch_recomputes_the_blocks_in_training(tiny_train_cfg, switch, forwards_per_step):
-    run = build_run(tiny_train_cfg(f"model.activation_checkpointing={switch}", "trainer.max_steps=2",
-                                   "callbacks.samples.every_n_steps=0", "~callbacks.probe"))
+    run = build_run(
+        tiny_train_cfg(
+            f"model.activation_checkpointing={switch}",
+            "trainer.max_steps=2",
+            "callbacks.samples.every_n_steps=0",
+            "~callbacks.probe",
+        )
+    )
     from tests.helpers.models import count_calls
 
     calls = []
@@ -49,8 +55,9 @@ def test_activation_checkpointing_switch_recomputes_the_blocks_in_training(tiny_
 
 
 def test_teacher_forward_stops_at_its_layer(tiny_train_cfg):
-    run = build_run(tiny_train_cfg("model.depth=4", "objective.student_layer=1", "objective.teacher_layer=3",
-                                   "trainer.max_steps=1"))
+    run = build_run(
+        tiny_train_cfg("model.depth=4", "objective.student_layer=1", "objective.teacher_layer=3", "trainer.max_steps=1")
+    )
     calls = {"teacher": [], "student": []}
     for name, model in (("teacher", run.module.ema_model), ("student", run.module.model)):
         for number, block in enumerate(model.blocks, start=1):
@@ -80,8 +87,9 @@ def test_compile_switch_gives_the_same_outputs_and_state_dict_keys(tiny_train_cf
     from torch._dynamo.utils import counters
 
     counters.clear()
-    torch.testing.assert_close(compiled.velocity(x, t, pos, labels, "image"), eager.velocity(x, t, pos, labels, "image"),
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        compiled.velocity(x, t, pos, labels, "image"), eager.velocity(x, t, pos, labels, "image"), rtol=1e-4, atol=1e-5
+    )
     assert counters["stats"]["unique_graphs"] >= 1  # the blocks really ran as compiled graphs
     run = fit(tiny_train_cfg("model.compile=true", "trainer.max_steps=2", "callbacks.samples.every_n_steps=0"))
     assert run.trainer.global_step == 2

@@ -2,6 +2,7 @@
 by the tests themselves; shards written and uploaded as they are; ranged reads through the indexes give the local
 items, one request per sample; ranks fetch disjoint samples; errors name the setting to fix; a run killed with
 SIGKILL and resumed gives the losses of an uninterrupted run."""
+
 import logging
 import socket
 import threading
@@ -107,8 +108,11 @@ def test_two_ranks_fetch_disjoint_samples_that_cover_the_epoch(endpoint, image_s
         batches = list(datamodule.train_dataloader())
         assert len(batches) == 2 and all(len(batch["label"]) == 2 for batch in batches)
         starts = {(url.rsplit("/", 1)[-1], int(range_[6:].split("-")[0])) for url, range_ in gets}
-        fetched[rank] = {i for i in range(len(train)) if (Path(train.shards[train.data_members[i, 0]]).name,
-                                                           int(train.data_members[i, 1]) - 512) in starts}
+        fetched[rank] = {
+            i
+            for i in range(len(train))
+            if (Path(train.shards[train.data_members[i, 0]]).name, int(train.data_members[i, 1]) - 512) in starts
+        }
         assert len(fetched[rank]) == len(gets) == 4  # only this rank's samples, each fetched once
     assert not fetched[0] & fetched[1]
 
@@ -134,16 +138,29 @@ def test_a_batch_has_its_reads_in_flight_at_once_and_the_items_of_a_loop(endpoin
     assert all(torch.equal(a[0], b[0]) for a, b in zip(loaded, one_by_one))  # the same flips, in the same order
 
 
-@pytest.mark.parametrize("modality, tokenizer", [("image", "image_pixels"), ("audio", "audio_mel"),
-                                                 ("video", "video_tubelets")])
+@pytest.mark.parametrize(
+    "modality, tokenizer", [("image", "image_pixels"), ("audio", "audio_mel"), ("video", "video_tubelets")]
+)
 def test_stream_data_configs_build_and_batch(endpoint, modality, tokenizer, tmp_path):
     {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](tmp_path / "src")
     write_shards(tmp_path / "src", tmp_path / "shards", modality, test_fraction=0.34)
     folder = upload(endpoint, tmp_path / "shards", f"config-{modality}")
-    sizes = {"image": ["data.dataset.image_size=8"], "audio": [],
-             "video": ["data.dataset.num_frames=4", "data.dataset.image_size=16"]}[modality]
-    cfg = compose_train([f"data={modality}_stream", f"tokenizer={tokenizer}", f"data.root={folder}",
-                         f"data.dataset.store.endpoint_url={endpoint}", "data.batch_size=2", *sizes], tmp_path / "run")
+    sizes = {
+        "image": ["data.dataset.image_size=8"],
+        "audio": [],
+        "video": ["data.dataset.num_frames=4", "data.dataset.image_size=16"],
+    }[modality]
+    cfg = compose_train(
+        [
+            f"data={modality}_stream",
+            f"tokenizer={tokenizer}",
+            f"data.root={folder}",
+            f"data.dataset.store.endpoint_url={endpoint}",
+            "data.batch_size=2",
+            *sizes,
+        ],
+        tmp_path / "run",
+    )
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == 2 and datamodule.modality == modality
     assert datamodule.test_set.shards[0].startswith("s3://") and datamodule.test_set.source.endpoint_url == endpoint
@@ -164,8 +181,11 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
     with pytest.raises(FileNotFoundError, match=r"bucket nowhere does not exist at http://127\.0\.0\.1"):
         ImageShards("s3://nowhere/x", "train", store=store)
     client.delete_object(Bucket=BUCKET, Key="errors/train-000001.tar.index.json")
-    with pytest.raises(FileNotFoundError, match=r"train-000001\.tar has no index .* run selfflow-shards index FOLDER "
-                                                r"where the shards were written and upload the \.index\.json files"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=r"train-000001\.tar has no index .* run selfflow-shards index FOLDER "
+        r"where the shards were written and upload the \.index\.json files",
+    ):
         ImageShards(folder, "train", store=store)
     client.delete_object(Bucket=BUCKET, Key="errors/classes.json")
     with pytest.raises(FileNotFoundError, match=r"no classes\.json next to s3://.*/errors/test-000000\.tar"):
@@ -186,8 +206,9 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
     import botocore.utils
 
     asked = []
-    monkeypatch.setattr(botocore.utils.InstanceMetadataFetcher, "retrieve_iam_role_credentials",
-                        lambda self: asked.append(self) or {})
+    monkeypatch.setattr(
+        botocore.utils.InstanceMetadataFetcher, "retrieve_iam_role_credentials", lambda self: asked.append(self) or {}
+    )
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(image_shards / "none"))
@@ -196,19 +217,34 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
         ImageShards(f"s3://{BUCKET}/equal", "train", store=ObjectStore(endpoint_url=endpoint))
     assert asked == []  # the instance-metadata service is never asked unless instance_credentials=true
     with pytest.raises(ObjectStoreError, match="no credentials"):
-        ImageShards(f"s3://{BUCKET}/equal", "train", store=ObjectStore(endpoint_url=endpoint,
-                                                                        instance_credentials=True))
+        ImageShards(
+            f"s3://{BUCKET}/equal", "train", store=ObjectStore(endpoint_url=endpoint, instance_credentials=True)
+        )
     assert asked  # asked only when allowed
 
 
 def shard_run_args(root: str, run_dir: Path, workers: int, *extra: str, endpoint: str | None = None) -> list[str]:
     """tests/test_resume.py's run on shards: local ones, or streamed from `endpoint`."""
-    data = ["data=image_shards"] if endpoint is None else ["data=image_stream",
-                                                           f"data.dataset.store.endpoint_url={endpoint}"]
-    return [*TINY, *data, f"data.root={root}", "data.dataset.image_size=8", "data.dataset.hflip=true",
-            "tokenizer.image.patch_size=2", f"data.num_workers={workers}", f"trainer.max_steps={MAX_STEPS}",
-            f"callbacks.checkpoint.every_n_train_steps={EVERY}", "callbacks.samples.every_n_steps=0", "seed=7",
-            f"hydra.run.dir={run_dir}", *extra]
+    data = (
+        ["data=image_shards"]
+        if endpoint is None
+        else ["data=image_stream", f"data.dataset.store.endpoint_url={endpoint}"]
+    )
+    return [
+        *TINY,
+        *data,
+        f"data.root={root}",
+        "data.dataset.image_size=8",
+        "data.dataset.hflip=true",
+        "tokenizer.image.patch_size=2",
+        f"data.num_workers={workers}",
+        f"trainer.max_steps={MAX_STEPS}",
+        f"callbacks.checkpoint.every_n_train_steps={EVERY}",
+        "callbacks.samples.every_n_steps=0",
+        "seed=7",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 @pytest.mark.slow
@@ -220,7 +256,9 @@ def test_sigkill_while_streaming_then_resume_auto_gives_the_losses_of_a_local_ru
     finish(start(shard_run_args(str(tmp_path / "shards"), reference, 0), tmp_path))
     run_dir = tmp_path / "streamed"
     step = int(np.random.default_rng().choice(range(EVERY, MAX_STEPS - EVERY, EVERY)))
-    kill_when(start(shard_run_args(folder, run_dir, 2, endpoint=endpoint), tmp_path),
-              run_dir / "checkpoints" / f"step_{step:07d}.ckpt")
+    kill_when(
+        start(shard_run_args(folder, run_dir, 2, endpoint=endpoint), tmp_path),
+        run_dir / "checkpoints" / f"step_{step:07d}.ckpt",
+    )
     finish(start(shard_run_args(folder, run_dir, 2, "resume=auto", endpoint=endpoint), tmp_path))
     assert_same_run(reference, run_dir)

@@ -1,4 +1,5 @@
 """Text conditioning: local frozen encoders, joint attention, caption dropout, QK-norm, timestep shifts, refinement."""
+
 from __future__ import annotations
 
 import pytest
@@ -26,20 +27,37 @@ def save_tiny_encoder(folder, kind: str, width: int = 16):
     vocab = {w: i for i, w in enumerate(WORDS)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]") \
-        .save_pretrained(folder)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]"
+    ).save_pretrained(folder)
     torch.manual_seed(0)
     if kind == "t5":
-        model = transformers.T5EncoderModel(transformers.T5Config(
-            vocab_size=len(WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2))
+        model = transformers.T5EncoderModel(
+            transformers.T5Config(vocab_size=len(WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+        )
     elif kind == "clip":
-        model = transformers.CLIPTextModel(transformers.CLIPTextConfig(
-            vocab_size=len(WORDS), hidden_size=width, intermediate_size=32, num_hidden_layers=1,
-            num_attention_heads=2, max_position_embeddings=32, eos_token_id=1))
+        model = transformers.CLIPTextModel(
+            transformers.CLIPTextConfig(
+                vocab_size=len(WORDS),
+                hidden_size=width,
+                intermediate_size=32,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                max_position_embeddings=32,
+                eos_token_id=1,
+            )
+        )
     else:
-        model = transformers.BertModel(transformers.BertConfig(
-            vocab_size=len(WORDS), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
-            intermediate_size=32, max_position_embeddings=32))
+        model = transformers.BertModel(
+            transformers.BertConfig(
+                vocab_size=len(WORDS),
+                hidden_size=width,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                intermediate_size=32,
+                max_position_embeddings=32,
+            )
+        )
     model.save_pretrained(folder)
     return folder
 
@@ -98,8 +116,9 @@ def test_caption_features_are_cached_in_memory_and_on_disk(encoders, tmp_path, m
 
 def tiny_text_model(text_channels=16, **kwargs) -> SelfFlowTransformer:
     torch.manual_seed(0)
-    model = SelfFlowTransformer({"image": 12, "text": text_channels}, width=32, depth=3, heads=2, num_classes=0,
-                                **kwargs)
+    model = SelfFlowTransformer(
+        {"image": 12, "text": text_channels}, width=32, depth=3, heads=2, num_classes=0, **kwargs
+    )
     torch.manual_seed(1)
     for name, p in model.named_parameters():  # leave adaLN-Zero so that outputs depend on everything
         if "adaLN_modulation" in name or "final_layers" in name or "pooled_proj" in name:
@@ -132,8 +151,14 @@ def test_without_text_the_model_is_the_text_free_model_bit_for_bit():
         nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
     with_text.load_state_dict(plain.state_dict(), strict=False)
     tokens = image_tokens(3)
-    args = (tokens.x, torch.rand(3, 2), torch.randint(0, 2, (3, 16)), tokens.pos,
-            Condition(labels=torch.tensor([1, 5, 10])), "image")
+    args = (
+        tokens.x,
+        torch.rand(3, 2),
+        torch.randint(0, 2, (3, 16)),
+        tokens.pos,
+        Condition(labels=torch.tensor([1, 5, 10])),
+        "image",
+    )
     assert torch.equal(plain(*args).velocity, with_text(*args).velocity)
 
 
@@ -181,8 +206,9 @@ def test_attention_separation_with_text_keeps_the_two_noise_groups_apart():
     """Each noise group attends to its own view of the text, so nothing crosses between the groups through it:
     changing the masked group's tokens leaves every output of the other group as it was."""
     model = tiny_text_model(text_stream_blocks=1)
-    objective = SelfFlowObjective(model, mask_ratio=0.5, gamma=0.0, class_dropout=0.0, caption_dropout=0.0,
-                                  attention_separation=True)
+    objective = SelfFlowObjective(
+        model, mask_ratio=0.5, gamma=0.0, class_dropout=0.0, caption_dropout=0.0, attention_separation=True
+    )
     velocities = []
     model.final_layers["image"].register_forward_hook(lambda m, i, o: velocities.append(o))
     tokens, text = image_tokens(), random_text()
@@ -201,7 +227,9 @@ def test_two_stream_blocks_keep_separate_text_weights_that_learn():
     model = tiny_text_model(text_stream_blocks=2)
     assert len(model.text_stream.text_blocks) == 2 and len(model.blocks) == 3
     tokens, text = image_tokens(), random_text()
-    out = model(tokens.x, torch.rand(2, 1), None, tokens.pos, Condition(torch.zeros(2, dtype=torch.long), text), "image")
+    out = model(
+        tokens.x, torch.rand(2, 1), None, tokens.pos, Condition(torch.zeros(2, dtype=torch.long), text), "image"
+    )
     out.velocity.square().mean().backward()
     assert model.text_stream.text_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.text_stream.token_proj.weight.grad.abs().sum() > 0
@@ -213,8 +241,14 @@ def test_qk_norm_makes_attention_invariant_to_the_scale_of_queries_and_keys():
     tokens, text = image_tokens(), random_text()
 
     def run(model):
-        return model(tokens.x, torch.full((2, 1), 0.5), None, tokens.pos, Condition(torch.zeros(2, dtype=torch.long), text),
-                     "image").velocity
+        return model(
+            tokens.x,
+            torch.full((2, 1), 0.5),
+            None,
+            tokens.pos,
+            Condition(torch.zeros(2, dtype=torch.long), text),
+            "image",
+        ).velocity
 
     for qk_norm in (True, False):
         model = tiny_text_model(qk_norm=qk_norm)
@@ -240,8 +274,9 @@ def spy_forwards(module: nn.Module, store: list):
 
 def test_caption_dropout_gives_student_and_teacher_the_same_null_text_and_text_is_never_noised():
     model = tiny_text_model()
-    objective = SelfFlowObjective(model, mask_ratio=0.25, gamma=0.8, student_layer=1, teacher_layer=2,
-                                  caption_dropout=0.5)
+    objective = SelfFlowObjective(
+        model, mask_ratio=0.25, gamma=0.8, student_layer=1, teacher_layer=2, caption_dropout=0.5
+    )
     student, teacher = [], []
     spy_forwards(objective.model, student)
     spy_forwards(objective.teacher.module, teacher)
@@ -260,11 +295,15 @@ def test_caption_dropout_gives_student_and_teacher_the_same_null_text_and_text_i
         torch.testing.assert_close(seen, s.x)
     assert out.loss_rep is not None and torch.isfinite(out.loss)
     assert out.levels.per_token.shape == (8, 16)  # noise levels exist for the 16 data tokens only
-    all_dropped = SelfFlowObjective(model, caption_dropout=1.0, student_layer=1, teacher_layer=2).drop_condition(
-        Condition(text=text), (8, 1), "cpu").text
+    all_dropped = (
+        SelfFlowObjective(model, caption_dropout=1.0, student_layer=1, teacher_layer=2)
+        .drop_condition(Condition(text=text), (8, 1), "cpu")
+        .text
+    )
     assert not all_dropped.valid.any()
     kept = SelfFlowObjective(model, caption_dropout=0.0, student_layer=1, teacher_layer=2).drop_condition(
-        Condition(text=text), (8, 1), "cpu")
+        Condition(text=text), (8, 1), "cpu"
+    )
     assert kept.text is text
 
 
@@ -306,7 +345,7 @@ def test_mode_sampling_is_uniform_at_scale_zero_and_favours_the_middle_above():
     u = Uniform().sample(1000, torch.Generator().manual_seed(0))
     torch.testing.assert_close(ModeSampling(scale=0.0).sample(1000, torch.Generator().manual_seed(0)), 1 - u)
     t = ModeSampling(scale=1.29).sample(20000, torch.Generator().manual_seed(0))
-    assert 0 <= float(t.min()) and float(t.max()) <= 1
+    assert float(t.min()) >= 0 and float(t.max()) <= 1
     assert float(((t > 0.25) & (t < 0.75)).float().mean()) > 0.6  # uniform: 0.5
     with pytest.raises(ValueError, match="scale=3"):
         ModeSampling(scale=3)
@@ -357,8 +396,9 @@ def test_guided_prompt_sampling_pairs_each_caption_with_its_null_text():
     guided = GuidedVelocity(model, image_tokens().pos, Condition(labels, text), "image", cfg_scale=2.0)
     seen = []
     original = model.velocity
-    model.velocity = lambda x, t, pos, condition, modality: seen.append(condition) or original(x, t, pos, condition,
-                                                                                             modality)
+    model.velocity = lambda x, t, pos, condition, modality: (
+        seen.append(condition) or original(x, t, pos, condition, modality)
+    )
     guided(image_tokens().x, torch.full((2,), 0.5))
     (both,) = seen
     assert torch.equal(both.labels, torch.tensor([0, 0, NO_LABEL, NO_LABEL]))

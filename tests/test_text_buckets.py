@@ -1,5 +1,9 @@
 """Multi-aspect training: buckets, the bucket batch sampler, size/crop conditioning, sampling at a bucket's size."""
+
 from __future__ import annotations
+
+import functools
+import operator
 
 import numpy as np
 import pytest
@@ -18,7 +22,7 @@ def test_buckets_have_patch_multiple_sides_and_about_the_same_area():
     assert (32, 32) in sizes and len(sizes) >= 5
     for h, w in sizes:
         assert h % 4 == 0 and w % 4 == 0 and 0.5 <= w / h <= 2.0
-        assert 0.75 <= h * w / 32 ** 2 <= 1.25
+        assert 0.75 <= h * w / 32**2 <= 1.25
     with pytest.raises(ValueError, match="multiple of patch_size"):
         make_buckets(30, 4)
 
@@ -42,7 +46,9 @@ def test_bucketing_keeps_every_sample_aspect_within_its_bucket():
     full = BucketBatchSampler(ids, 8, seed=1, drop_last=True)
     assert all(len(b) == 8 for b in full)
     ranks = [list(BucketBatchSampler(ids, 8, seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) and not set(sum(ranks[0], [])) & set(sum(ranks[1], []))
+    assert len(ranks[0]) == len(ranks[1]) and not set(functools.reduce(operator.iadd, ranks[0], [])) & set(
+        functools.reduce(operator.iadd, ranks[1], [])
+    )
 
 
 def test_bucket_crop_covers_the_bucket_and_reports_size_and_crop():
@@ -64,13 +70,28 @@ def test_a_size_conditioned_model_samples_at_any_bucket_size():
     for h, w in [(8, 16), (16, 8)]:
         tokenizer = ImagePatchTokenizer(patch_size=2, channels=1, image_size=(h, w))
         sizes = torch.tensor([[h, w, 0, 0, h, w], [2 * h, 2 * w, 1, 3, h, w]], dtype=torch.float32)
-        out = sample_tokens(model, tokenizer, Condition(labels, sizes=sizes), steps=3,
-                            noise=NoiseSource(torch.Generator().manual_seed(0)))
+        out = sample_tokens(
+            model,
+            tokenizer,
+            Condition(labels, sizes=sizes),
+            steps=3,
+            noise=NoiseSource(torch.Generator().manual_seed(0)),
+        )
         assert tokenizer.decode(out.tokens).shape == (2, 1, h, w)
-        same = sample_tokens(model, tokenizer, Condition(labels, sizes=sizes[:1].repeat(2, 1)), steps=3,
-                             noise=NoiseSource(torch.Generator().manual_seed(0)))
+        same = sample_tokens(
+            model,
+            tokenizer,
+            Condition(labels, sizes=sizes[:1].repeat(2, 1)),
+            steps=3,
+            noise=NoiseSource(torch.Generator().manual_seed(0)),
+        )
         assert torch.equal(out.tokens[0], same.tokens[0]) and not torch.allclose(out.tokens[1], same.tokens[1])
     with pytest.raises(ValueError, match="size_conditioning=true"):
         SelfFlowTransformer({"image": 4}, width=32, depth=2, heads=2)(
-            torch.zeros(1, 4, 4), torch.zeros(1, 1), None, torch.zeros(1, 4, 4, dtype=torch.long),
-            Condition(torch.zeros(1, dtype=torch.long), sizes=torch.zeros(1, 6)), "image")
+            torch.zeros(1, 4, 4),
+            torch.zeros(1, 1),
+            None,
+            torch.zeros(1, 4, 4, dtype=torch.long),
+            Condition(torch.zeros(1, dtype=torch.long), sizes=torch.zeros(1, 6)),
+            "image",
+        )

@@ -1,4 +1,5 @@
 """Captioned data and the text experiment: captions from classes, caption files and manifests, a few real steps."""
+
 from __future__ import annotations
 
 import json
@@ -7,9 +8,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.data.captions import (AUDIO_TEMPLATES, CaptionedAudioFolder, CaptionedDigits, CaptionedImageFolder,
-                                    CaptionedMovingDigits, CaptionedSpokenDigits, CaptionedVideoFolder, ClassCaptions,
-                                    class_words)
+from selfflow.data.captions import (
+    AUDIO_TEMPLATES,
+    CaptionedAudioFolder,
+    CaptionedDigits,
+    CaptionedImageFolder,
+    CaptionedMovingDigits,
+    CaptionedSpokenDigits,
+    CaptionedVideoFolder,
+    ClassCaptions,
+    class_words,
+)
 from selfflow.data.collate import collate_samples
 from tests.helpers.files import tone, write_folder, write_video_folder
 
@@ -34,7 +43,9 @@ def test_captioned_folder_reads_caption_files_next_to_images(tmp_path):
     images = sorted(tmp_path.rglob("*.png"))
     for path in images[:-1]:  # the last one has no caption and is left out
         path.with_suffix(".txt").write_text(f"a picture of {path.parent.name}\n")
-    both = len(CaptionedImageFolder(str(tmp_path), "train", 8, 3)) + len(CaptionedImageFolder(str(tmp_path), "test", 8, 3))
+    both = len(CaptionedImageFolder(str(tmp_path), "train", 8, 3)) + len(
+        CaptionedImageFolder(str(tmp_path), "test", 8, 3)
+    )
     assert both == len(images) - 1
     data = CaptionedImageFolder(str(tmp_path), "train", image_size=8, channels=3)
     image, label, extra = data[0]
@@ -48,15 +59,18 @@ def test_captioned_folder_reads_caption_files_next_to_images(tmp_path):
 def test_captioned_folder_reads_a_jsonl_or_csv_manifest(tmp_path):
     write_folder(tmp_path, per_class=3, size=(8, 8))
     images = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.png"))
-    rows = [{"path": str(p), "caption": f"caption {i}", "split": "test" if i == 0 else "train"}
-            for i, p in enumerate(images)]
+    rows = [
+        {"path": str(p), "caption": f"caption {i}", "split": "test" if i == 0 else "train"}
+        for i, p in enumerate(images)
+    ]
     (tmp_path / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     train = CaptionedImageFolder(str(tmp_path), "train", 8, 3, manifest="captions.jsonl")
     test = CaptionedImageFolder(str(tmp_path), "test", 8, 3, manifest="captions.jsonl")
     assert len(train) == len(images) - 1 and [test[0][2]["caption"]] == ["caption 0"]
     assert test[0][1] == -1 and train.num_classes == 0  # no label column: unlabelled
-    (tmp_path / "captions.csv").write_text("path,caption,label\n" + "".join(f"{p},a {p.parent.name},{p.parent.name}\n"
-                                                                           for p in images))
+    (tmp_path / "captions.csv").write_text(
+        "path,caption,label\n" + "".join(f"{p},a {p.parent.name},{p.parent.name}\n" for p in images)
+    )
     csv_train = CaptionedImageFolder(str(tmp_path), "train", 8, 3, manifest="captions.csv")
     assert csv_train.num_classes == 2 and csv_train[0][2]["caption"].startswith("a ")
     (tmp_path / "bad.csv").write_text("path,label\nx.png,1\n")
@@ -65,8 +79,9 @@ def test_captioned_folder_reads_a_jsonl_or_csv_manifest(tmp_path):
 
 
 def test_built_in_clips_and_recordings_are_captioned_from_their_file_names(tmp_path):
-    videos = CaptionedMovingDigits("train", num_frames=4, image_size=8, clips_train=12, clips_test=4,
-                                   cache_dir=str(tmp_path))
+    videos = CaptionedMovingDigits(
+        "train", num_frames=4, image_size=8, clips_train=12, clips_test=4, cache_dir=str(tmp_path)
+    )
     for i in range(len(videos)):
         clip, label, extra = videos[i]
         digit, direction, _ = videos.paths[i].stem.split("_")
@@ -75,8 +90,7 @@ def test_built_in_clips_and_recordings_are_captioned_from_their_file_names(tmp_p
         words = f"{vertical} and to the {horizontal}" if horizontal else direction
         assert extra["caption"].endswith(f" moving {words}") or extra["caption"].endswith(f" sliding {words}")
         assert class_words(digit)["word"] in extra["caption"] or f" {digit} " in extra["caption"]
-    audio = CaptionedSpokenDigits("test", voices=["en+m1", "en+f1"], takes=2, test_takes=1,
-                                  cache_dir=str(tmp_path))
+    audio = CaptionedSpokenDigits("test", voices=["en+m1", "en+f1"], takes=2, test_takes=1, cache_dir=str(tmp_path))
     captions = [audio[i][2]["caption"] for i in range(len(audio))]
     assert captions == [audio[i][2]["caption"] for i in range(len(audio))]  # test captions are fixed
     for i, caption in enumerate(captions):  # test split: template i % 5, filled from the file name
@@ -84,15 +98,23 @@ def test_built_in_clips_and_recordings_are_captioned_from_their_file_names(tmp_p
         speaker = "a woman" if "-f1_" in audio.paths[i].name else "a man"
         assert caption == AUDIO_TEMPLATES[i % len(AUDIO_TEMPLATES)].format(word=word, speaker=speaker)
     assert any(c.startswith("a woman") for c in captions) and any(c.startswith("a man") for c in captions)
-    by_direction = CaptionedMovingDigits("test", label="direction", num_frames=4, image_size=8, clips_train=12,
-                                         clips_test=4, cache_dir=str(tmp_path))
+    by_direction = CaptionedMovingDigits(
+        "test", label="direction", num_frames=4, image_size=8, clips_train=12, clips_test=4, cache_dir=str(tmp_path)
+    )
     for i in range(len(by_direction)):  # labels are directions now; the caption still names the digit
         digit = by_direction.paths[i].stem.split("_")[0]
         caption = by_direction[i][2]["caption"]
         assert class_words(digit)["word"] in caption.split() or digit in caption.split(), caption
     with pytest.raises(ValueError, match=r"unknown field 'colour'.*\{direction\}"):
-        CaptionedMovingDigits("test", templates=["a {colour} clip"], num_frames=4, image_size=8, clips_train=12,
-                              clips_test=4, cache_dir=str(tmp_path))
+        CaptionedMovingDigits(
+            "test",
+            templates=["a {colour} clip"],
+            num_frames=4,
+            image_size=8,
+            clips_train=12,
+            clips_test=4,
+            cache_dir=str(tmp_path),
+        )
 
 
 def test_captioned_video_and_audio_folders_read_caption_files_or_a_manifest(tmp_path):
@@ -102,24 +124,32 @@ def test_captioned_video_and_audio_folders_read_caption_files_or_a_manifest(tmp_
     clips = sorted((tmp_path / "clips").rglob("*.mp4"))
     for path in clips[:-1]:
         path.with_suffix(".txt").write_text(f"someone doing a {path.parent.name} ")
-    both = [CaptionedVideoFolder(str(tmp_path / "clips"), split, num_frames=4, image_size=8, channels=1,
-                                 test_fraction=0.25) for split in ("train", "test")]
+    both = [
+        CaptionedVideoFolder(str(tmp_path / "clips"), split, num_frames=4, image_size=8, channels=1, test_fraction=0.25)
+        for split in ("train", "test")
+    ]
     assert sum(map(len, both)) == len(clips) - 1  # the clip without a caption is left out
     clip, label, extra = both[0][0]
     assert clip.shape == (4, 1, 8, 8) and extra == {"caption": f"someone doing a {both[0].class_names[label]}"}
-    rows = [{"path": str(p.relative_to(tmp_path / "clips")), "caption": f"clip {i}", "split": "test" if i else "train"}
-            for i, p in enumerate(clips)]
+    rows = [
+        {"path": str(p.relative_to(tmp_path / "clips")), "caption": f"clip {i}", "split": "test" if i else "train"}
+        for i, p in enumerate(clips)
+    ]
     (tmp_path / "clips" / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    from_manifest = CaptionedVideoFolder(str(tmp_path / "clips"), "train", manifest="captions.jsonl", num_frames=4,
-                                         image_size=8, channels=1)
+    from_manifest = CaptionedVideoFolder(
+        str(tmp_path / "clips"), "train", manifest="captions.jsonl", num_frames=4, image_size=8, channels=1
+    )
     assert len(from_manifest) == 1 and from_manifest[0][1:] == (-1, {"caption": "clip 0"})
 
     (tmp_path / "sounds").mkdir()
     for i, freq in enumerate((300, 500, 700, 900)):
         soundfile.write(tmp_path / "sounds" / f"s{i}.wav", tone(freq, 1.0, 8000), 8000)
     (tmp_path / "sounds" / "captions.csv").write_text(
-        "path,caption,label\n" + "".join(f"s{i}.wav,a {f} hertz tone,{'low' if f < 600 else 'high'}\n"
-                                         for i, f in enumerate((300, 500, 700, 900))))
+        "path,caption,label\n"
+        + "".join(
+            f"s{i}.wav,a {f} hertz tone,{'low' if f < 600 else 'high'}\n" for i, f in enumerate((300, 500, 700, 900))
+        )
+    )
     train = CaptionedAudioFolder(str(tmp_path / "sounds"), "train", manifest="captions.csv", test_fraction=0.25)
     test = CaptionedAudioFolder(str(tmp_path / "sounds"), "test", manifest="captions.csv", test_fraction=0.25)
     assert (len(train), len(test), train.class_names) == (3, 1, ["high", "low"])
@@ -144,11 +174,15 @@ def test_text_experiment_trains_samples_prompts_and_reloads(tiny_train_cfg, tmp_
     from PIL import Image
 
     from selfflow.cli.sample import sample
-    from selfflow.training.build import build_run
     from selfflow.interop.checkpoint import load_checkpoint
+    from selfflow.training.build import build_run
 
-    cfg = tiny_train_cfg("experiment=text_digits", "trainer.max_steps=2", "data.batch_size=4",
-                         "callbacks.samples.prompts=[a handwritten one,the digit 7]")
+    cfg = tiny_train_cfg(
+        "experiment=text_digits",
+        "trainer.max_steps=2",
+        "data.batch_size=4",
+        "callbacks.samples.prompts=[a handwritten one,the digit 7]",
+    )
     run = build_run(cfg)
     assert run.module.model.text_stream is not None and run.module.model.blocks[0].attn.q_norm is not None
     run.trainer.fit(run.module, datamodule=run.datamodule)
@@ -166,31 +200,60 @@ def test_text_experiment_trains_samples_prompts_and_reloads(tiny_train_cfg, tmp_
     init = tmp_path / "init.png"
     Image.fromarray((torch.rand(16, 16) * 255).byte().numpy()).save(init)
     with initialize_config_module("selfflow.conf", version_base="1.3"):
-        sample_cfg = compose("sample", overrides=[f"ckpt={ckpt}", "num_samples=2", "steps=2", "progress=false",
-                                                   f"out_dir={tmp_path / 'out'}", "prompt=a handwritten four",
-                                                   f"init={init}", "strength=0.5", "cfg_scale=2"])
+        sample_cfg = compose(
+            "sample",
+            overrides=[
+                f"ckpt={ckpt}",
+                "num_samples=2",
+                "steps=2",
+                "progress=false",
+                f"out_dir={tmp_path / 'out'}",
+                "prompt=a handwritten four",
+                f"init={init}",
+                "strength=0.5",
+                "cfg_scale=2",
+            ],
+        )
     summary = sample(sample_cfg)
     assert summary["prompt"] == "a handwritten four" and summary["strength"] == 0.5 and summary["nfe"] == 2
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 2
     with initialize_config_module("selfflow.conf", version_base="1.3"):
-        plain_ckpt_cfg = compose("sample", overrides=[f"ckpt={ckpt}", "num_samples=1", "steps=1", "progress=false",
-                                                       f"out_dir={tmp_path / 'out2'}", "strength=2", f"init={init}"])
+        plain_ckpt_cfg = compose(
+            "sample",
+            overrides=[
+                f"ckpt={ckpt}",
+                "num_samples=1",
+                "steps=1",
+                "progress=false",
+                f"out_dir={tmp_path / 'out2'}",
+                "strength=2",
+                f"init={init}",
+            ],
+        )
     with pytest.raises(ValueError, match="strength=2"):
         sample(plain_ckpt_cfg)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("experiment, modality, suffix", [("text_audio_digits", "audio", "wav"),
-                                                          ("text_video_digits", "video", "mp4")])
+@pytest.mark.parametrize(
+    "experiment, modality, suffix", [("text_audio_digits", "audio", "wav"), ("text_video_digits", "video", "mp4")]
+)
 def test_text_to_audio_and_video_train_and_name_their_samples_by_prompt(tiny_train_cfg, experiment, modality, suffix):
     from selfflow.training.build import build_run
 
-    cfg = tiny_train_cfg(f"experiment={experiment}", "trainer.max_steps=2", "data.batch_size=4",
-                         "callbacks.samples.every_n_steps=0",
-                         "callbacks.samples.prompts=[a man saying one,'Seven!',seven]")
+    cfg = tiny_train_cfg(
+        f"experiment={experiment}",
+        "trainer.max_steps=2",
+        "data.batch_size=4",
+        "callbacks.samples.every_n_steps=0",
+        "callbacks.samples.prompts=[a man saying one,'Seven!',seven]",
+    )
     run = build_run(cfg)
     assert run.datamodule.train_set.has_captions and run.module.model.text_stream is not None
     run.trainer.fit(run.module, datamodule=run.datamodule)
     folder = Path(cfg.run_dir) / "samples" / modality / "final"
-    assert sorted(p.name for p in folder.iterdir()) == [f"a-man-saying-one_0.{suffix}", f"seven-2_0.{suffix}",
-                                                        f"seven_0.{suffix}"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        f"a-man-saying-one_0.{suffix}",
+        f"seven-2_0.{suffix}",
+        f"seven_0.{suffix}",
+    ]

@@ -1,15 +1,15 @@
 """Log-mel audio tokenizer: shapes, (t, h, 0, 0) ids, close round trips through Griffin-Lim (tolerances stated
 below), and the latent variant with a tiny TorchScript autoencoder saved here."""
+
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from tests.helpers.configs import SHARED_DATA
-
 from selfflow.tokenizers.audio import PEAK_LIMIT, AudioMelTokenizer
 from selfflow.tokenizers.latent import AudioLatentTokenizer
+from tests.helpers.configs import SHARED_DATA
 
 
 def tone(freq: float, rate: int = 8000, seconds: float = 1.0) -> torch.Tensor:
@@ -42,7 +42,7 @@ def test_default_tokens_and_position_ids():
     assert tokens.pos[0, -1].tolist() == [7, 7, 0, 0]
     silence = tokenizer.encode(torch.zeros(1, 8000))
     torch.testing.assert_close(silence.x, torch.full_like(silence.x, -1.0))
-    assert -1 <= tokens.x.min() and tokens.x.max() < 1.2
+    assert tokens.x.min() >= -1 and tokens.x.max() < 1.2
 
 
 def test_a_tone_lands_in_its_mel_band():
@@ -107,8 +107,11 @@ def test_clips_of_other_durations_tokenize_to_their_own_length():
     half = tokenizer.at_duration(0.5)
     assert (half.num_samples, half.grid) == (4000, (4, 8)) and half.positions(1).shape == (1, 32, 4)
     assert half.mel is tokenizer.mel  # the transforms are shared, not copied
-    with pytest.raises(ValueError, match=r"8100 samples .* not a whole number of tokenizer.audio time patches "
-                                         r"\(1000 samples = 0.125 s"):
+    with pytest.raises(
+        ValueError,
+        match=r"8100 samples .* not a whole number of tokenizer.audio time patches "
+        r"\(1000 samples = 0.125 s",
+    ):
         tokenizer.encode(torch.zeros(1, 8100))
     with pytest.raises(ValueError, match="not whole time patches"):
         tokenizer.decode(torch.zeros(1, 60, 32))

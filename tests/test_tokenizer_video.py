@@ -1,5 +1,6 @@
 """Video tubelet tokenizer (exact round trip, channel order, (t, h, w, 0) ids) and the latent variant with a tiny
 TorchScript autoencoder saved here."""
+
 import pytest
 import torch
 from torch import nn
@@ -13,7 +14,7 @@ def test_round_trip_is_exact_and_scaled_to_unit_range():
     video = torch.rand(2, 6, 3, 8, 8)
     tokens = tokenizer.encode(video)
     assert tokens.x.shape == (2, 3 * 2 * 2, 3 * 2 * 4 * 4) and tokenizer.token_channels == 96
-    assert tokens.modality == "video" and -1 <= tokens.x.min() and tokens.x.max() <= 1
+    assert tokens.modality == "video" and tokens.x.min() >= -1 and tokens.x.max() <= 1
     torch.testing.assert_close(tokenizer.decode(tokens.x), video)
 
 
@@ -32,8 +33,11 @@ def test_wrong_shapes_are_explained():
     with pytest.raises(ValueError, match="tubelets of 3 frames x 4 x 4 do not divide .* 8 frames x 16 x 16"):
         VideoTubeletTokenizer(tubelet_frames=3, patch_size=4, num_frames=8, image_size=16)
     tokenizer = VideoTubeletTokenizer(tubelet_frames=2, patch_size=4, channels=1, num_frames=8, image_size=16)
-    with pytest.raises(ValueError, match=r"expects \[B, T, 1, 16, 16\] \(B, T, C, H, W; T = 8 or another whole "
-                                         r"number of tubelets\), got \[2, 1, 16, 16\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"expects \[B, T, 1, 16, 16\] \(B, T, C, H, W; T = 8 or another whole "
+        r"number of tubelets\), got \[2, 1, 16, 16\]",
+    ):
         tokenizer.encode(torch.rand(2, 1, 16, 16))
     with pytest.raises(ValueError, match="a clip of 7 frames is not a whole number of tokenizer.video tubelets"):
         tokenizer.encode(torch.rand(2, 7, 1, 16, 16))
@@ -76,8 +80,9 @@ class PixelShuffleVideoAE(nn.Module):
 def test_latent_tokenizer_loads_a_local_torchscript_and_round_trips(tmp_path):
     path = tmp_path / "ae.pt"
     torch.jit.save(torch.jit.script(PixelShuffleVideoAE()), str(path))
-    tokenizer = VideoLatentTokenizer(str(path), tubelet_frames=2, patch_size=2, channels=1, num_frames=4,
-                                     image_size=8, scale=0.5)
+    tokenizer = VideoLatentTokenizer(
+        str(path), tubelet_frames=2, patch_size=2, channels=1, num_frames=4, image_size=8, scale=0.5
+    )
     # latents [B, 4, 4, 4, 4] in tubelets of 2 x 2 x 2: grid 2 x 2 x 2, 4 * 8 channels
     assert tokenizer.grid == (2, 2, 2) and tokenizer.token_channels == 32
     video = torch.rand(3, 4, 1, 8, 8)

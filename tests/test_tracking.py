@@ -1,6 +1,7 @@
 """Experiment tracking and training controls: hyperparameters and sample media in wandb and TensorBoard, sweep
 folders and run names from the overrides, text progress without a terminal, the last step always logged, learning-rate
 and gamma schedules (exact after a resume), extra sampling EMAs, debug=fast and the per-key --help."""
+
 import csv
 import math
 import os
@@ -16,8 +17,14 @@ from tests.helpers.configs import SMALL_JOINT, compose_sample, compose_train
 from tests.helpers.wandb_files import wandb_run
 
 # the joint default made small, with one set of samples at the end: an image grid, video clips, audio clips
-JOINT_MEDIA = [*SMALL_JOINT, "callbacks.samples.every_n_steps=0", "callbacks.samples.max_classes=2",
-               "callbacks.samples.logged_clips=2", "data.batch_size=4", "~callbacks.probe"]
+JOINT_MEDIA = [
+    *SMALL_JOINT,
+    "callbacks.samples.every_n_steps=0",
+    "callbacks.samples.max_classes=2",
+    "callbacks.samples.logged_clips=2",
+    "data.batch_size=4",
+    "~callbacks.probe",
+]
 
 
 def read_rows(path: Path) -> list[dict[str, str]]:
@@ -37,6 +44,7 @@ def fit(cfg):
 
 
 # --- schedules ----------------------------------------------------------------------------------------------------
+
 
 def test_learning_rate_schedules_at_known_steps():
     from selfflow.training.schedules import LRSchedule
@@ -75,10 +83,18 @@ def test_gamma_schedules_at_known_steps():
         GammaSchedule("warmup", 0)
 
 
-SCHEDULED = ["lr_schedule=cosine", "lr_warmup_steps=1", "lr_schedule.min_lr=1.0e-4", "trainer.max_steps=6",
-             "objective.gamma_schedule.kind=warmup", "objective.gamma_schedule.steps=4",
-             "objective.sampling_ema_decays=[0.1]", "callbacks.checkpoint.every_n_train_steps=2",
-             "callbacks.samples.every_n_steps=0", "~callbacks.probe"]
+SCHEDULED = [
+    "lr_schedule=cosine",
+    "lr_warmup_steps=1",
+    "lr_schedule.min_lr=1.0e-4",
+    "trainer.max_steps=6",
+    "objective.gamma_schedule.kind=warmup",
+    "objective.gamma_schedule.steps=4",
+    "objective.sampling_ema_decays=[0.1]",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "callbacks.samples.every_n_steps=0",
+    "~callbacks.probe",
+]
 
 
 def test_lr_and_gamma_follow_their_schedules_and_a_resumed_run_continues_them_exactly(tmp_path):
@@ -94,19 +110,30 @@ def test_lr_and_gamma_follow_their_schedules_and_a_resumed_run_continues_them_ex
     assert lr[5] < lr[3] < lr[1] and gamma[0] == 0.0 and gamma[5] == pytest.approx(0.8)
 
     # a run killed after step 2 (its checkpoint) and continued: the same lr, gamma and loss at every later step
-    resumed = fit(compose_train([*SCHEDULED, f"ckpt_path={tmp_path / 'whole' / 'checkpoints' / 'step_0000002.ckpt'}"],
-                                tmp_path / "resumed"))
+    resumed = fit(
+        compose_train(
+            [*SCHEDULED, f"ckpt_path={tmp_path / 'whole' / 'checkpoints' / 'step_0000002.ckpt'}"], tmp_path / "resumed"
+        )
+    )
     again = read_rows(tmp_path / "resumed" / "metrics.csv")
     for column in ("lr-AdamW", "train/gamma", "train/loss"):
         later = {s: v for s, v in per_step(rows, column).items() if s >= 2}
         assert per_step(again, column) == later, column
-    for a, b in zip(whole.module.objective.sampling_emas.parameters(), resumed.module.objective.sampling_emas.parameters()):
+    for a, b in zip(
+        whole.module.objective.sampling_emas.parameters(), resumed.module.objective.sampling_emas.parameters()
+    ):
         torch.testing.assert_close(a, b, rtol=0, atol=0)  # the extra EMA is checkpointed and resumed too
 
 
 def test_a_run_shorter_than_the_logging_interval_still_logs_its_last_step(tiny_train_cfg, tmp_path):
-    fit(tiny_train_cfg("trainer.max_steps=3", "trainer.log_every_n_steps=25", "callbacks.samples.every_n_steps=0",
-                       "~callbacks.probe"))
+    fit(
+        tiny_train_cfg(
+            "trainer.max_steps=3",
+            "trainer.log_every_n_steps=25",
+            "callbacks.samples.every_n_steps=0",
+            "~callbacks.probe",
+        )
+    )
     rows = read_rows(tmp_path / "run" / "metrics.csv")
     assert set(per_step(rows, "train/loss")) == {2}  # the last step (Lightning's step numbers start at 0)
     assert set(per_step(rows, "lr-AdamW")) == {2}
@@ -115,8 +142,14 @@ def test_a_run_shorter_than_the_logging_interval_still_logs_its_last_step(tiny_t
 
 # --- extra sampling EMAs ------------------------------------------------------------------------------------------
 
-EXTRA_EMA = ["objective.sampling_ema_decays=[0.1]", "trainer.max_steps=3", "optimizer.lr=0.01", "lr_warmup_steps=0",
-             "~callbacks.samples", "~callbacks.probe"]
+EXTRA_EMA = [
+    "objective.sampling_ema_decays=[0.1]",
+    "trainer.max_steps=3",
+    "optimizer.lr=0.01",
+    "lr_warmup_steps=0",
+    "~callbacks.samples",
+    "~callbacks.probe",
+]
 
 
 @pytest.fixture(scope="module")
@@ -139,19 +172,29 @@ def test_an_extra_sampling_ema_follows_the_student_is_checkpointed_and_unknown_o
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     teacher = load_checkpoint(ckpt, weights="ema").model
     assert not torch.equal(teacher.blocks[0].attn.qkv.weight, loaded.model.blocks[0].attn.qkv.weight)
-    with pytest.raises(ValueError, match=r"weights='ema_0.5' is not in checkpoint .*choose one of: ema, online, "
-                                         r"ema_0.1$"):
+    with pytest.raises(
+        ValueError,
+        match=r"weights='ema_0.5' is not in checkpoint .*choose one of: ema, online, "
+        r"ema_0.1$",
+    ):
         load_checkpoint(ckpt, weights="ema_0.5")
 
 
-def test_selfflow_sample_reads_an_extra_ema_and_shows_no_progress_without_a_terminal(extra_ema_run, tmp_path,
-                                                                                    capsys):
+def test_selfflow_sample_reads_an_extra_ema_and_shows_no_progress_without_a_terminal(extra_ema_run, tmp_path, capsys):
     from selfflow.cli.sample import sample
 
     arrays = {}
     for weights in ("ema", "ema_0.1"):
-        summary = sample(compose_sample(f"ckpt={extra_ema_run[1]}", f"out_dir={tmp_path / weights}",
-                                        f"weights={weights}", "num_samples=4", "steps=2", "progress=true"))
+        summary = sample(
+            compose_sample(
+                f"ckpt={extra_ema_run[1]}",
+                f"out_dir={tmp_path / weights}",
+                f"weights={weights}",
+                "num_samples=4",
+                "steps=2",
+                "progress=true",
+            )
+        )
         assert summary["weights"] == weights
         arrays[weights] = np.load(tmp_path / weights / "samples.npz")["arr_0"]
     assert not np.array_equal(arrays["ema"], arrays["ema_0.1"])  # the samples come from the extra EMA's weights
@@ -168,12 +211,26 @@ def test_the_probe_reads_an_extra_ema_and_keeps_its_bars_out_of_a_log(extra_ema_
     run, ckpt = extra_ema_run
     probed = []
     load = selfflow.interop.checkpoint.load_checkpoint
-    monkeypatch.setattr(selfflow.interop.checkpoint, "load_checkpoint",
-                        lambda *args, **kwargs: probed.append(load(*args, **kwargs)) or probed[-1])
+    monkeypatch.setattr(
+        selfflow.interop.checkpoint,
+        "load_checkpoint",
+        lambda *args, **kwargs: probed.append(load(*args, **kwargs)) or probed[-1],
+    )
     with initialize_config_module("selfflow.conf", version_base="1.3"):
-        cfg = compose("probe", overrides=[f"ckpt={ckpt}", f"out_dir={tmp_path}", "cache_dir=null", "weights=ema_0.1",
-                                          "layers=[1]", "head.epochs=2", "head.learning_rates=[0.1]",
-                                          "head.weight_decays=[0.0]", "progress=true"])
+        cfg = compose(
+            "probe",
+            overrides=[
+                f"ckpt={ckpt}",
+                f"out_dir={tmp_path}",
+                "cache_dir=null",
+                "weights=ema_0.1",
+                "layers=[1]",
+                "head.epochs=2",
+                "head.learning_rates=[0.1]",
+                "head.weight_decays=[0.0]",
+                "progress=true",
+            ],
+        )
     ((path, document),) = probe(cfg).values()
     (model,) = [p.model for p in probed]
     for a, b in zip(model.parameters(), run.module.objective.sampling_emas["ema_0_1"].module.parameters()):
@@ -184,6 +241,7 @@ def test_the_probe_reads_an_extra_ema_and_keeps_its_bars_out_of_a_log(extra_ema_
 
 
 # --- loggers: hyperparameters, scalars, media ---------------------------------------------------------------------
+
 
 def test_an_offline_wandb_run_holds_the_config_the_scalars_and_the_sample_media(tmp_path):
     fit(compose_train([*JOINT_MEDIA, "logger=wandb", "trainer.log_every_n_steps=25"], tmp_path / "run"))
@@ -217,8 +275,12 @@ def tensorboard_hparams(folder: Path) -> tuple[dict, list[str]]:
                     continue
                 data = plugin_data_pb2.HParamsPluginData.FromString(value.metadata.plugin_data.content)
                 if data.WhichOneof("data") == "session_start_info":
-                    hparams.update({k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
-                                    for k, v in data.session_start_info.hparams.items()})
+                    hparams.update(
+                        {
+                            k: v.WhichOneof("kind") and getattr(v, v.WhichOneof("kind"))
+                            for k, v in data.session_start_info.hparams.items()
+                        }
+                    )
                 elif data.WhichOneof("data") == "experiment":
                     metrics += [m.name.tag for m in data.experiment.metric_infos]
     return hparams, metrics
@@ -249,48 +311,83 @@ def test_a_tensorboard_run_holds_the_hparams_with_final_metrics_the_scalars_and_
 
 # --- sweeps, names, progress without a terminal -------------------------------------------------------------------
 
+
 def test_run_names_come_from_the_overrides():
     from selfflow.training.run_name import override_name
 
     assert override_name(["objective.gamma=0"]) == "gamma=0"
-    assert override_name(["seed=1", "objective.gamma=0.8", "hydra.run.dir=x", "run_dir=y", "resume=auto",
-                          "logger=wandb", "debug=fast", "~callbacks.probe", "~callbacks.samples=null"]) == (
-        "gamma=0.8,seed=1")  # where and how a run is kept or shown, and deletions, are left out
+    assert override_name(
+        [
+            "seed=1",
+            "objective.gamma=0.8",
+            "hydra.run.dir=x",
+            "run_dir=y",
+            "resume=auto",
+            "logger=wandb",
+            "debug=fast",
+            "~callbacks.probe",
+            "~callbacks.samples=null",
+        ]
+    ) == ("gamma=0.8,seed=1")  # where and how a run is kept or shown, and deletions, are left out
     assert override_name(["seed=1", "objective.gamma=0.8"], leave_out=("seed",)) == "gamma=0.8"  # wandb's group
     assert override_name(["data.sources.image.batch_size=4", "data.sources.video.batch_size=2", "model=S"]) == (
-        "data.sources.image.batch_size=4,data.sources.video.batch_size=2,model=S")  # ambiguous: keys stay whole
+        "data.sources.image.batch_size=4,data.sources.video.batch_size=2,model=S"
+    )  # ambiguous: keys stay whole
     assert override_name(["data.root=/data/images"]) == "root=-data-images"  # one folder, never a path
     assert override_name([]) == ""
 
 
-def test_without_a_terminal_the_progress_is_a_text_line_with_losses_throughput_and_eta(tiny_train_cfg, caplog,
-                                                                                       monkeypatch):
+def test_without_a_terminal_the_progress_is_a_text_line_with_losses_throughput_and_eta(
+    tiny_train_cfg, caplog, monkeypatch
+):
     from hydra.utils import instantiate
 
     from selfflow.training.progress import StepProgressBar, TextProgress, step_progress
 
     monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
-    cfg = tiny_train_cfg("trainer.max_steps=4", "trainer.log_every_n_steps=3", "trainer.enable_progress_bar=true",
-                         "+callbacks.progress={_target_:selfflow.training.progress.step_progress}",
-                         "callbacks.samples.every_n_steps=0", "~callbacks.probe")
+    cfg = tiny_train_cfg(
+        "trainer.max_steps=4",
+        "trainer.log_every_n_steps=3",
+        "trainer.enable_progress_bar=true",
+        "+callbacks.progress={_target_:selfflow.training.progress.step_progress}",
+        "callbacks.samples.every_n_steps=0",
+        "~callbacks.probe",
+    )
     assert isinstance(instantiate(cfg.callbacks.progress), TextProgress)
     assert isinstance(step_progress(terminal=True), StepProgressBar)
     with caplog.at_level("INFO", logger="selfflow"):
         fit(cfg)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step ")]
     assert [line.split(" |")[0] for line in lines] == ["step 3/4 (75.0%)", "step 4/4 (100.0%)"]  # every 3, the last
-    assert all(" | loss " in line and " | loss_flow " in line and " | loss_rep " in line and " tokens/s | ETA "
-               in line for line in lines), lines
+    assert all(
+        " | loss " in line and " | loss_flow " in line and " | loss_rep " in line and " tokens/s | ETA " in line
+        for line in lines
+    ), lines
 
 
 @pytest.mark.slow
 def test_a_multirun_names_its_folders_and_wandb_runs_by_the_overrides_and_logs_text_progress(tmp_path):
     sweep = tmp_path / "sweep"
     result = subprocess.run(
-        [sys.executable, "-m", "selfflow.cli.train", "-m", "objective.gamma=0,0.8", "debug=fast", "experiment=digits",
-         "logger=wandb", "~callbacks.probe", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, env={**os.environ, "WANDB_MODE": "offline"}, capture_output=True, text=True, timeout=600,
-        check=False)
+        [
+            sys.executable,
+            "-m",
+            "selfflow.cli.train",
+            "-m",
+            "objective.gamma=0,0.8",
+            "debug=fast",
+            "experiment=digits",
+            "logger=wandb",
+            "~callbacks.probe",
+            f"hydra.sweep.dir={sweep}",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     names = {"experiment=digits,gamma=0": 0.0, "experiment=digits,gamma=0.8": 0.8}
     assert {p.name for p in sweep.iterdir() if p.is_dir()} == set(names)
@@ -304,6 +401,7 @@ def test_a_multirun_names_its_folders_and_wandb_runs_by_the_overrides_and_logs_t
 
 
 # --- debug=fast, --help --------------------------------------------------------------------------------------------
+
 
 def test_debug_fast_runs_every_part_of_a_run_and_resumes(tmp_path):
     from hydra import compose, initialize_config_module
@@ -330,7 +428,11 @@ def test_help_lists_each_key_of_the_main_groups_with_its_comment():
     from selfflow.cli.config_help import key_comments, keys_help
 
     assert key_comments("a: 1  # one\n# two\n# lines\nb:\n  c: 'x # y'   # three\nd: 2\n") == [
-        ("a", "one"), ("b", "two lines"), ("b.c", "three"), ("d", "")]
+        ("a", "one"),
+        ("b", "two lines"),
+        ("b.c", "three"),
+        ("d", ""),
+    ]
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         cfg = compose("train", overrides=["lr_schedule=cosine", "objective.gamma=0.5"], return_hydra_config=True)
     text = keys_help(cfg, dict(cfg.hydra.runtime.choices))

@@ -10,6 +10,7 @@ Each case runs in its own subprocess so that its peak memory is its own. On CPU,
 process's resident set over its size before the case (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
 Records: {"name", "config", "step_s_median", "tokens_per_s", "peak_mem_mb", "device", ...extra fields}.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,8 @@ from selfflow.interop.official import OfficialSelfFlow
 from selfflow.models.layers import TransformerBlock, modulate
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective, default_layers
-from selfflow.tokens import Condition, Tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.tokens import Condition, Tokens
 
 # ---------------------------------------------------------------- measurement helpers
 
@@ -117,8 +118,15 @@ def count_flops(fn) -> int:
 
 def record(name, config, times, tokens, peak_mb, device, **extra) -> dict:
     step = statistics.median(times)
-    return {"name": name, "config": config, "step_s_median": step, "tokens_per_s": tokens / step,
-            "peak_mem_mb": round(peak_mb, 1), "device": device_name(device), **extra}
+    return {
+        "name": name,
+        "config": config,
+        "step_s_median": step,
+        "tokens_per_s": tokens / step,
+        "peak_mem_mb": round(peak_mb, 1),
+        "device": device_name(device),
+        **extra,
+    }
 
 
 def device_name(device: str) -> str:
@@ -157,10 +165,19 @@ def train_step_fn(objective: SelfFlowObjective, tokens: Tokens, labels, dtype):
 def case_training_step(args, variant: str) -> dict:
     """One optimizer step of Self-Flow (teacher + head + masks) or of vanilla flow matching, same model."""
     torch.manual_seed(0)
-    model = SelfFlowTransformer({"image": args.channels}, width=args.width, depth=args.depth, heads=args.heads,
-                                num_classes=10, activation_checkpointing=variant == "selfflow_checkpointed")
-    settings = {"selfflow": dict(mask_ratio=0.25, gamma=0.8), "selfflow_checkpointed": dict(mask_ratio=0.25, gamma=0.8),
-                "vanilla": dict(mask_ratio=0.0, gamma=0.0)}[variant]
+    model = SelfFlowTransformer(
+        {"image": args.channels},
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        num_classes=10,
+        activation_checkpointing=variant == "selfflow_checkpointed",
+    )
+    settings = {
+        "selfflow": {"mask_ratio": 0.25, "gamma": 0.8},
+        "selfflow_checkpointed": {"mask_ratio": 0.25, "gamma": 0.8},
+        "vanilla": {"mask_ratio": 0.0, "gamma": 0.0},
+    }[variant]
     objective = SelfFlowObjective(model, ema_decay=0.9999, **settings).to(args.device)
     tokens, labels = make_batch(args.batch, args.grid, args.channels, args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -169,11 +186,28 @@ def case_training_step(args, variant: str) -> dict:
         times = time_calls(step, args.device, args.warmup, args.iters)
     flops = count_flops(step)
     student, teacher = default_layers(args.depth)
-    config = dict(width=args.width, depth=args.depth, heads=args.heads, batch=args.batch, tokens=args.grid**2,
-                  dtype=args.dtype, student_layer=student, teacher_layer=teacher, **settings)
+    config = dict(
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        batch=args.batch,
+        tokens=args.grid**2,
+        dtype=args.dtype,
+        student_layer=student,
+        teacher_layer=teacher,
+        **settings,
+    )
     achieved = flops / statistics.median(times)
-    return record(f"train_step/{variant}", config, times, args.batch * args.grid**2, memory.mb, args.device,
-                  flops_per_step=flops, achieved_flops_per_s=achieved)
+    return record(
+        f"train_step/{variant}",
+        config,
+        times,
+        args.batch * args.grid**2,
+        memory.mb,
+        args.device,
+        flops_per_step=flops,
+        achieved_flops_per_s=achieved,
+    )
 
 
 class NaiveAdaLNBlock(nn.Module):
@@ -220,9 +254,17 @@ def case_adaln(args, width: int, variant: str) -> dict:
     with PeakMemory(args.device) as memory:
         times = time_calls(step, args.device, args.warmup, args.iters)
     flops = count_flops(step)
-    config = dict(width=width, heads=heads, batch=args.adaln_batch, tokens=tokens, dtype=args.dtype)
-    return record(f"adaln/{variant}/w{width}", config, times, args.adaln_batch * tokens, memory.mb, args.device,
-                  flops_per_step=flops, max_abs_difference_to_naive=difference)
+    config = {"width": width, "heads": heads, "batch": args.adaln_batch, "tokens": tokens, "dtype": args.dtype}
+    return record(
+        f"adaln/{variant}/w{width}",
+        config,
+        times,
+        args.adaln_batch * tokens,
+        memory.mb,
+        args.device,
+        flops_per_step=flops,
+        max_abs_difference_to_naive=difference,
+    )
 
 
 PACKING_LENGTHS = [16] * 8 + [64] * 4 + [32] * 6 + [128] * 2 + [24] * 4 + [96] * 2  # images, clips, audio
@@ -233,22 +275,44 @@ def case_packing(args, variant: str) -> dict:
     from selfflow.data.packing import pack
 
     torch.manual_seed(0)
-    model = SelfFlowTransformer({"image": args.channels}, width=args.width, depth=args.depth, heads=args.heads,
-                                num_classes=10, attention=args.attention)
+    model = SelfFlowTransformer(
+        {"image": args.channels},
+        width=args.width,
+        depth=args.depth,
+        heads=args.heads,
+        num_classes=10,
+        attention=args.attention,
+    )
     objective = SelfFlowObjective(model, mask_ratio=0.25, gamma=0.8).to(args.device)
     lengths = [n * args.packing_scale for n in PACKING_LENGTHS]
     labels = torch.randint(0, 10, (len(lengths),))
     if variant == "padded":
         longest = max(lengths)
         valid = torch.arange(longest)[None] < torch.tensor(lengths)[:, None]
-        pos = torch.stack([torch.zeros(longest), torch.arange(longest) // 16, torch.arange(longest) % 16,
-                           torch.zeros(longest)], -1).long().expand(len(lengths), -1, -1)
-        batch = Tokens(torch.randn(len(lengths), longest, args.channels).to(args.device), pos.to(args.device),
-                       "image", valid.to(args.device))
+        pos = (
+            torch.stack(
+                [torch.zeros(longest), torch.arange(longest) // 16, torch.arange(longest) % 16, torch.zeros(longest)],
+                -1,
+            )
+            .long()
+            .expand(len(lengths), -1, -1)
+        )
+        batch = Tokens(
+            torch.randn(len(lengths), longest, args.channels).to(args.device),
+            pos.to(args.device),
+            "image",
+            valid.to(args.device),
+        )
         step_labels = labels.to(args.device)
     else:
-        samples = [Tokens(torch.randn(1, n, args.channels, device=args.device),
-                          torch.randint(0, 16, (1, n, 4), device=args.device), "image") for n in lengths]
+        samples = [
+            Tokens(
+                torch.randn(1, n, args.channels, device=args.device),
+                torch.randint(0, 16, (1, n, 4), device=args.device),
+                "image",
+            )
+            for n in lengths
+        ]
         batch = pack(samples, labels.tolist(), row_length=max(lengths), null_label=model.null_class)
         step_labels = None
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -259,11 +323,26 @@ def case_packing(args, variant: str) -> dict:
     with PeakMemory(args.device) as memory:
         times = time_calls(step, args.device, args.warmup, args.iters)
     rows = batch.x.shape[0]
-    config = dict(width=args.width, depth=args.depth, samples=len(lengths), useful_tokens=sum(lengths),
-                  rows=rows, row_length=batch.x.shape[1], dtype=args.dtype, attention=args.attention,
-                  packing_pass=args.packing_pass)
-    return record(f"packing/{variant}", config, times, sum(lengths), memory.mb, args.device,
-                  computed_tokens=rows * batch.x.shape[1])
+    config = {
+        "width": args.width,
+        "depth": args.depth,
+        "samples": len(lengths),
+        "useful_tokens": sum(lengths),
+        "rows": rows,
+        "row_length": batch.x.shape[1],
+        "dtype": args.dtype,
+        "attention": args.attention,
+        "packing_pass": args.packing_pass,
+    }
+    return record(
+        f"packing/{variant}",
+        config,
+        times,
+        sum(lengths),
+        memory.mb,
+        args.device,
+        computed_tokens=rows * batch.x.shape[1],
+    )
 
 
 def case_attention(args) -> list[dict]:
@@ -278,7 +357,9 @@ def case_attention(args) -> list[dict]:
     samples = [Tokens(torch.zeros(1, n, 1), torch.zeros(1, n, 4, dtype=torch.long), "image") for n in lengths]
     segment = pack(samples, [0] * len(lengths), row_length=max(lengths), null_label=0).segment.to(args.device)
     torch.manual_seed(0)
-    layers = {backend: Attention(args.width, args.heads, backend=backend).to(args.device) for backend in ("sdpa", "flex")}
+    layers = {
+        backend: Attention(args.width, args.heads, backend=backend).to(args.device) for backend in ("sdpa", "flex")
+    }
     layers["flex"].load_state_dict(layers["sdpa"].state_dict())
     if args.compile:  # both layers compiled: on CPU too, FlexAttention then runs fused kernels
         for layer in layers.values():
@@ -300,11 +381,20 @@ def case_attention(args) -> list[dict]:
     steps = {backend: step_of(layer) for backend, layer in layers.items()}
     memory = peak_memory_of(steps, args.device)
     times = time_alternating(steps, args.device, args.warmup, args.iters)
-    config = {"width": args.width, "heads": args.heads, "rows": segment.shape[0], "row_length": segment.shape[1],
-              "useful_tokens": sum(lengths), "dtype": args.dtype, "compile": args.compile,
-              "pass": "forward + backward" if on_gpu else "forward, no gradients"}
-    return [record(f"attention/{backend}", config, times[backend], sum(lengths), memory[backend], args.device)
-            for backend in steps]
+    config = {
+        "width": args.width,
+        "heads": args.heads,
+        "rows": segment.shape[0],
+        "row_length": segment.shape[1],
+        "useful_tokens": sum(lengths),
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "pass": "forward + backward" if on_gpu else "forward, no gradients",
+    }
+    return [
+        record(f"attention/{backend}", config, times[backend], sum(lengths), memory[backend], args.device)
+        for backend in steps
+    ]
 
 
 OFFICIAL_GRID, OFFICIAL_CHANNELS, OFFICIAL_CLASSES = 16, 16, 1000  # 256 tokens of 4 x 2 x 2 SD-VAE latents
@@ -314,9 +404,15 @@ def official_model(args) -> SelfFlowTransformer:
     """selfflow's XL/2 as `load_official` builds it (sincos positions, time scale 1, 1000 classes), adaLN and
     output layers random so that the per-token and distinct-level paths compute something to compare."""
     torch.manual_seed(0)
-    model = SelfFlowTransformer({"image": OFFICIAL_CHANNELS}, width=args.official_width, depth=args.official_depth,
-                                heads=args.official_heads, num_classes=OFFICIAL_CLASSES, pos_embed="sincos",
-                                time_scale=1.0)
+    model = SelfFlowTransformer(
+        {"image": OFFICIAL_CHANNELS},
+        width=args.official_width,
+        depth=args.official_depth,
+        heads=args.official_heads,
+        num_classes=OFFICIAL_CLASSES,
+        pos_embed="sincos",
+        time_scale=1.0,
+    )
     for name, p in model.named_parameters():
         if "adaLN_modulation" in name or "final_layers" in name:
             nn.init.normal_(p, std=0.02)
@@ -366,7 +462,9 @@ def case_official(args, with_grad: bool) -> list[dict]:
 
     def selfflow(rows: slice = slice(None)):
         if with_grad:
-            return model(x[rows], levels[rows], index[rows], pos[rows], Condition(labels=labels[rows]), "image").velocity
+            return model(
+                x[rows], levels[rows], index[rows], pos[rows], Condition(labels=labels[rows]), "image"
+            ).velocity
         return official(x[rows], per_token[rows], labels[rows])
 
     with torch.no_grad():  # the same function: compared on the first sample, eager, in fp32
@@ -392,17 +490,33 @@ def case_official(args, with_grad: bool) -> list[dict]:
     steps = {"selfflow": step_of(selfflow), "released": step_of(released)}  # selfflow first: CPU peaks are coarse
     memory = peak_memory_of(steps, args.device)
     times = time_alternating(steps, args.device, args.warmup, args.iters)
-    config = {"width": args.official_width, "depth": args.official_depth, "heads": args.official_heads,
-              "batch": batch, "tokens": n, "dtype": args.dtype, "compile": args.compile,
-              "pass": "forward + backward" if with_grad else "forward, no gradients"}
+    config = {
+        "width": args.official_width,
+        "depth": args.official_depth,
+        "heads": args.official_heads,
+        "batch": batch,
+        "tokens": n,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "pass": "forward + backward" if with_grad else "forward, no gradients",
+    }
     out = []
     for variant, step in steps.items():
         with torch.compiler.set_stance("force_eager"):
             flops = count_flops(step)
         levels_of = {"selfflow": "distinct per sample (2)", "released": "per token"}[variant]
-        out.append(record(f"official{'' if with_grad else '_forward'}/{variant}", {**config, "levels": levels_of},
-                          times[variant], batch * n, memory[variant], args.device, flops_per_step=flops,
-                          achieved_flops_per_s=flops / statistics.median(times[variant])))
+        out.append(
+            record(
+                f"official{'' if with_grad else '_forward'}/{variant}",
+                {**config, "levels": levels_of},
+                times[variant],
+                batch * n,
+                memory[variant],
+                args.device,
+                flops_per_step=flops,
+                achieved_flops_per_s=flops / statistics.median(times[variant]),
+            )
+        )
         if variant == "selfflow":
             out[-1]["max_abs_difference_to_released"] = difference
         if args.profile:
@@ -456,27 +570,44 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
     parser.add_argument("--quick", action="store_true", help="fewer iterations and smaller sizes")
-    parser.add_argument("--only", choices=[*CASES, *EXTRA_CASES], action="append",
-                        help="run only these cases (attention: one layer, SDPA against FlexAttention on packed "
-                             "rows; official, official_forward: XL/2 against the released code path; these three "
-                             "are not part of the default suite)")
+    parser.add_argument(
+        "--only",
+        choices=[*CASES, *EXTRA_CASES],
+        action="append",
+        help="run only these cases (attention: one layer, SDPA against FlexAttention on packed "
+        "rows; official, official_forward: XL/2 against the released code path; these three "
+        "are not part of the default suite)",
+    )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--width", type=int, help="model width (default: 384 on GPU, 256 on CPU; official: 1152)")
     parser.add_argument("--depth", type=int, help="model depth (default: 12 on GPU, 10 on CPU; official: 28)")
     parser.add_argument("--heads", type=int, help="attention heads (default: width / 64; official: 16)")
-    parser.add_argument("--batch", type=int, help="batch size (default: 64 on GPU, 16 on CPU; official: 32 on GPU, "
-                                                  "2 on CPU)")
-    parser.add_argument("--compile", action="store_true", help="official cases: model.compile=true (every block "
-                                                               "compiled, the released path's too); attention case: "
-                                                               "both layers compiled")
+    parser.add_argument(
+        "--batch", type=int, help="batch size (default: 64 on GPU, 16 on CPU; official: 32 on GPU, 2 on CPU)"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="official cases: model.compile=true (every block "
+        "compiled, the released path's too); attention case: "
+        "both layers compiled",
+    )
     parser.add_argument("--profile", action="store_true", help="official cases: add a profiler table of the step")
     parser.add_argument("--packing-scale", type=int, default=1, help="multiply the packing case's sample lengths")
-    parser.add_argument("--packing-pass", choices=["train", "forward"], default="train",
-                        help="packing case: a training step, or student and teacher forwards without gradients")
-    parser.add_argument("--attention", choices=["auto", "sdpa", "flex"], default="auto",
-                        help="packing case: model.attention (auto: flash-attn's variable-length kernel when "
-                             "installed, else FlexAttention on CUDA and the dense block mask on CPU; sdpa: always "
-                             "the dense mask; flex: always FlexAttention)")
+    parser.add_argument(
+        "--packing-pass",
+        choices=["train", "forward"],
+        default="train",
+        help="packing case: a training step, or student and teacher forwards without gradients",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["auto", "sdpa", "flex"],
+        default="auto",
+        help="packing case: model.attention (auto: flash-attn's variable-length kernel when "
+        "installed, else FlexAttention on CUDA and the dense block mask on CPU; sdpa: always "
+        "the dense mask; flex: always FlexAttention)",
+    )
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     on_gpu = args.device.startswith("cuda")
@@ -518,28 +649,40 @@ def main(argv=None) -> list[dict]:
         if "achieved_flops_per_s" in r:
             r["matmul_ceiling_flops_per_s"] = ceiling
             r["mfu"] = r["achieved_flops_per_s"] / ceiling
-    summary = {"name": "summary", "config": {"dtype": args.dtype}, "step_s_median": None, "tokens_per_s": None,
-               "peak_mem_mb": None, "device": device_name(args.device), "matmul_ceiling_flops_per_s": ceiling}
+    summary = {
+        "name": "summary",
+        "config": {"dtype": args.dtype},
+        "step_s_median": None,
+        "tokens_per_s": None,
+        "peak_mem_mb": None,
+        "device": device_name(args.device),
+        "matmul_ceiling_flops_per_s": ceiling,
+    }
     if "train" in cases:
         summary["selfflow_over_vanilla_step"] = ratio(by_name, "train_step/selfflow", "train_step/vanilla")
         summary["checkpointing_time_cost"] = ratio(by_name, "train_step/selfflow_checkpointed", "train_step/selfflow")
-        summary["checkpointing_memory_saving"] = 1 - (by_name["train_step/selfflow_checkpointed"]["peak_mem_mb"]
-                                                     / max(by_name["train_step/selfflow"]["peak_mem_mb"], 1e-9))
+        summary["checkpointing_memory_saving"] = 1 - (
+            by_name["train_step/selfflow_checkpointed"]["peak_mem_mb"]
+            / max(by_name["train_step/selfflow"]["peak_mem_mb"], 1e-9)
+        )
     if "adaln" in cases:
         for w in (384, 1152):
             summary[f"adaln_distinct_speedup_w{w}"] = ratio(by_name, f"adaln/naive/w{w}", f"adaln/distinct/w{w}")
     if "packing" in cases:
-        summary["packed_over_padded_useful_tokens_per_s"] = (by_name["packing/packed"]["tokens_per_s"]
-                                                            / by_name["packing/padded"]["tokens_per_s"])
-        summary["packed_over_padded_peak_memory"] = (by_name["packing/packed"]["peak_mem_mb"]
-                                                     / max(by_name["packing/padded"]["peak_mem_mb"], 1e-9))
+        summary["packed_over_padded_useful_tokens_per_s"] = (
+            by_name["packing/packed"]["tokens_per_s"] / by_name["packing/padded"]["tokens_per_s"]
+        )
+        summary["packed_over_padded_peak_memory"] = by_name["packing/packed"]["peak_mem_mb"] / max(
+            by_name["packing/padded"]["peak_mem_mb"], 1e-9
+        )
     if "attention" in cases:
         summary["attention_flex_over_sdpa_time"] = ratio(by_name, "attention/flex", "attention/sdpa")
     if "official" in cases:  # target: <= 0.8 on a GPU
         summary["official_selfflow_over_released_step"] = ratio(by_name, "official/selfflow", "official/released")
     if "official_forward" in cases:  # target: >= 1.25
-        summary["official_forward_released_over_selfflow"] = ratio(by_name, "official_forward/released",
-                                                                   "official_forward/selfflow")
+        summary["official_forward_released_over_selfflow"] = ratio(
+            by_name, "official_forward/released", "official_forward/selfflow"
+        )
     records.append(summary)
     print_table(records)
     for r in records:
@@ -559,8 +702,14 @@ def print_table(records: list[dict]) -> None:
     for column in ("name", "step ms", "tokens/s", "peak MB", "GFLOP/step", "MFU"):
         table.add_column(column, justify="right" if column != "name" else "left")
     for r in records[:-1]:
-        table.add_row(r["name"], f"{1000 * r['step_s_median']:.1f}", f"{r['tokens_per_s']:.0f}", f"{r['peak_mem_mb']:.0f}",
-                      f"{r.get('flops_per_step', 0) / 1e9:.2f}", f"{r['mfu']:.1%}" if "mfu" in r else "")
+        table.add_row(
+            r["name"],
+            f"{1000 * r['step_s_median']:.1f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['peak_mem_mb']:.0f}",
+            f"{r.get('flops_per_step', 0) / 1e9:.2f}",
+            f"{r['mfu']:.1%}" if "mfu" in r else "",
+        )
     console = Console()
     console.print(table)
     for key, value in records[-1].items():

@@ -25,6 +25,7 @@ own, and clips/s that one optimizer step of the experiment's model consumes (tok
 + AdamW + EMA update); `loader_over_step` > 1 means the loader keeps up. Built-in data is generated into
 $SELFFLOW_CACHE first if needed (not timed).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,9 @@ def upload(url: str, folder: Path) -> str:
 def samples_per_s(train, workers: int, batch_size: int, batches: int) -> float:
     """Samples per second of the training DataLoader after one warm-up batch (which starts the workers)."""
     test = train  # the test split is not read here
-    loader = SelfFlowDataModule.from_splits(train, test, "image", batch_size=batch_size,
-                                            num_workers=workers).train_dataloader()
+    loader = SelfFlowDataModule.from_splits(
+        train, test, "image", batch_size=batch_size, num_workers=workers
+    ).train_dataloader()
     iterator = iter(loader)
     next(iterator)
     count, start = 0, time.perf_counter()
@@ -129,14 +131,20 @@ def bench_storage(args) -> list[dict]:
     with tempfile.TemporaryDirectory() as folder:
         folder = Path(folder)
         image_kb = write_photos(folder / "photos", args.images)
-        write_shards(folder / "photos", folder / "shards", "image", splits=("train",),
-                     max_samples_per_shard=args.samples_per_shard)
+        write_shards(
+            folder / "photos",
+            folder / "shards",
+            "image",
+            splits=("train",),
+            max_samples_per_shard=args.samples_per_shard,
+        )
         server, url = start_store()
         try:
             remote = upload(url, folder / "shards")
             options = {"split": "train", "image_size": IMAGE_SIZE, "hflip": True}
-            store = DelayedStore(args.latency_ms, endpoint_url=url) if args.latency_ms else ObjectStore(
-                endpoint_url=url)
+            store = (
+                DelayedStore(args.latency_ms, endpoint_url=url) if args.latency_ms else ObjectStore(endpoint_url=url)
+            )
             builders = {
                 "folder": lambda: ImageFolder(str(folder / "photos"), **options),
                 "local_shards": lambda: ImageShards(str(folder / "shards"), **options),
@@ -147,17 +155,32 @@ def bench_storage(args) -> list[dict]:
                 rates = {}
                 for workers in args.workers:
                     rates[workers] = samples_per_s(dataset, workers, args.batch_size, args.batches)
-                    records.append({"name": "loader/samples_per_s", "storage": storage, "workers": workers,
-                                    "samples_per_s": round(rates[workers], 1), "batch_size": args.batch_size,
-                                    "images": len(dataset), "image_kb": round(image_kb, 1),
-                                    "latency_ms": args.latency_ms if storage == "streamed" else 0, "device": device})
+                    records.append(
+                        {
+                            "name": "loader/samples_per_s",
+                            "storage": storage,
+                            "workers": workers,
+                            "samples_per_s": round(rates[workers], 1),
+                            "batch_size": args.batch_size,
+                            "images": len(dataset),
+                            "image_kb": round(image_kb, 1),
+                            "latency_ms": args.latency_ms if storage == "streamed" else 0,
+                            "device": device,
+                        }
+                    )
                 per_worker = rates.get(1) or max((rate / w for w, rate in rates.items() if w), default=float("nan"))
-                records.append({"name": "loader/keep_one_gpu_fed", "storage": storage,
-                                "step_seconds": args.step_seconds, "step_batch": args.step_batch,
-                                "consumption_samples_per_s": round(consumption, 1),
-                                "samples_per_s_one_worker": round(per_worker, 1),
-                                "workers_needed": math.ceil(consumption / per_worker) if per_worker > 0 else None,
-                                "device": device})
+                records.append(
+                    {
+                        "name": "loader/keep_one_gpu_fed",
+                        "storage": storage,
+                        "step_seconds": args.step_seconds,
+                        "step_batch": args.step_batch,
+                        "consumption_samples_per_s": round(consumption, 1),
+                        "samples_per_s_one_worker": round(per_worker, 1),
+                        "workers_needed": math.ceil(consumption / per_worker) if per_worker > 0 else None,
+                        "device": device,
+                    }
+                )
         finally:
             server.stop()
     return records
@@ -184,21 +207,39 @@ def bench_start_up(args) -> list[dict]:
         server, url = start_store()
         try:
             remote = upload(url, folder)
-            opened = {"local_shards": lambda: ImageShards(str(folder), image_size=8),
-                      "streamed": lambda: ImageShards(remote, image_size=8, store=ObjectStore(endpoint_url=url))}
+            opened = {
+                "local_shards": lambda: ImageShards(str(folder), image_size=8),
+                "streamed": lambda: ImageShards(remote, image_size=8, store=ObjectStore(endpoint_url=url)),
+            }
             for storage, open_shards in opened.items():
                 start = time.perf_counter()
                 open_shards()
-                records.append({"name": "loader/start_up", "storage": storage, "index": True,
-                                "seconds": round(time.perf_counter() - start, 3), "samples": args.start_up_samples,
-                                "shards": len(shards), "device": device})
+                records.append(
+                    {
+                        "name": "loader/start_up",
+                        "storage": storage,
+                        "index": True,
+                        "seconds": round(time.perf_counter() - start, 3),
+                        "samples": args.start_up_samples,
+                        "shards": len(shards),
+                        "device": device,
+                    }
+                )
             for shard in shards:
                 index_location(shard).unlink()
             start = time.perf_counter()
             opened["local_shards"]()
-            records.append({"name": "loader/start_up", "storage": "local_shards", "index": False,
-                            "seconds": round(time.perf_counter() - start, 3), "samples": args.start_up_samples,
-                            "shards": len(shards), "device": device})
+            records.append(
+                {
+                    "name": "loader/start_up",
+                    "storage": "local_shards",
+                    "index": False,
+                    "seconds": round(time.perf_counter() - start, 3),
+                    "samples": args.start_up_samples,
+                    "shards": len(shards),
+                    "device": device,
+                }
+            )
         finally:
             server.stop()
     return records
@@ -263,15 +304,21 @@ def step_rate(cfg, datamodule, steps: int) -> float:
 def bench_experiment(name: str, workers: list[int], batches: int, steps: int, overrides: list[str]) -> dict:
     cfg = compose_experiment(name, overrides)
     datamodule = instantiate(cfg.data)
-    result: dict = {"name": "loader/experiment", "experiment": name, "modality": datamodule.modality,
-                    "batch_size": datamodule.batch_size, "configured_workers": int(cfg.data.num_workers)}
+    result: dict = {
+        "name": "loader/experiment",
+        "experiment": name,
+        "modality": datamodule.modality,
+        "batch_size": datamodule.batch_size,
+        "configured_workers": int(cfg.data.num_workers),
+    }
     for count in workers:
         result[f"loader_clips_per_s_workers{count}"] = round(loader_rate(datamodule, count, batches), 1)
     if datamodule.modality == "audio":
         seconds = datamodule.train_set.num_samples / datamodule.train_set.sample_rate
         for count in workers:
-            result[f"loader_audio_s_per_s_workers{count}"] = round(result[f"loader_clips_per_s_workers{count}"]
-                                                                   * seconds, 1)
+            result[f"loader_audio_s_per_s_workers{count}"] = round(
+                result[f"loader_clips_per_s_workers{count}"] * seconds, 1
+            )
     if datamodule.modality == "video":
         from selfflow.data.video_io import decord_available
 
@@ -292,10 +339,19 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=256, help="storage: synthetic photos written")
     parser.add_argument("--batch-size", type=int, default=32, help="storage: DataLoader batch size")
     parser.add_argument("--samples-per-shard", type=int, default=64, help="storage: shard size in samples")
-    parser.add_argument("--latency-ms", type=float, default=0.0,
-                        help="storage: wait this long before every read from the store (a remote store)")
-    parser.add_argument("--step-seconds", type=float, default=0.19, help="storage: one XL/2 optimizer step on one GPU "
-                        "(default: an estimate scaled from docs/performance.md, see above)")
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=0.0,
+        help="storage: wait this long before every read from the store (a remote store)",
+    )
+    parser.add_argument(
+        "--step-seconds",
+        type=float,
+        default=0.19,
+        help="storage: one XL/2 optimizer step on one GPU "
+        "(default: an estimate scaled from docs/performance.md, see above)",
+    )
     parser.add_argument("--step-batch", type=int, default=32, help="storage: samples per GPU in that step")
     parser.add_argument("--start-up-samples", type=int, default=50_000, help="start_up: samples in the shards")
     parser.add_argument("--experiments", nargs="+", default=["video_digits", "audio_digits"])
@@ -306,10 +362,20 @@ def main() -> None:
     records = bench_start_up(args) if "start_up" in parts else []
     records += bench_storage(args) if "storage" in parts else []
     if "experiments" in parts:
-        records += [bench_experiment(name, args.workers, args.batches, args.steps, args.overrides)
-                    for name in args.experiments]
-    print(json.dumps({"torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                      "load_average_1min": round(os.getloadavg()[0], 2), "records": records}, indent=2))
+        records += [
+            bench_experiment(name, args.workers, args.batches, args.steps, args.overrides) for name in args.experiments
+        ]
+    print(
+        json.dumps(
+            {
+                "torch_threads": torch.get_num_threads(),
+                "cpus": os.cpu_count(),
+                "load_average_1min": round(os.getloadavg()[0], 2),
+                "records": records,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ split, layer by layer (`selfflow-probe ... modality=M`), and the page compares t
 is a plain `selfflow-train` / `selfflow-probe` command (printed as it starts); a finished one is skipped when the
 script is run again.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,8 +24,11 @@ from tools.reproduce import ROOT, exe, run, wall_time
 
 JOINT = "multimodal_digits"
 SINGLE = {"image": "digits", "video": "video_digits", "audio": "audio_digits"}
-NAMES = {"image": "handwritten digit images (16x16)", "video": "moving-digit clips (8 frames, 16x16)",
-         "audio": "spoken digits (1 s at 8 kHz)"}
+NAMES = {
+    "image": "handwritten digit images (16x16)",
+    "video": "moving-digit clips (8 frames, 16x16)",
+    "audio": "spoken digits (1 s at 8 kHz)",
+}
 WEIGHTS = {"image": 0.57, "video": 0.30, "audio": 0.13}  # the paper's mixture (the default's), set explicitly
 BLOCKS = (1, 2, 3, 4)  # every block of the tiny model
 LAYERS = "[" + ",".join(map(str, BLOCKS)) + "]"
@@ -33,26 +37,53 @@ LAYERS = "[" + ",".join(map(str, BLOCKS)) + "]"
 def train(run_dir: Path, experiment: str, steps: int, seed: int) -> Path:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        mixture = ["data.weights={" + ", ".join(f"{m}: {w}" for m, w in WEIGHTS.items()) + "}"] \
-            if experiment == JOINT else []
-        run([exe("selfflow-train"), f"experiment={experiment}", *mixture, f"trainer.max_steps={steps}",
-             f"seed={seed}", "callbacks.samples.every_n_steps=0", "~callbacks.probe", "trainer.log_every_n_steps=25",
-             f"callbacks.checkpoint.every_n_train_steps={steps}", f"hydra.run.dir={run_dir}"],
-            run_dir.with_suffix(".train.log"))
+        mixture = (
+            ["data.weights={" + ", ".join(f"{m}: {w}" for m, w in WEIGHTS.items()) + "}"] if experiment == JOINT else []
+        )
+        run(
+            [
+                exe("selfflow-train"),
+                f"experiment={experiment}",
+                *mixture,
+                f"trainer.max_steps={steps}",
+                f"seed={seed}",
+                "callbacks.samples.every_n_steps=0",
+                "~callbacks.probe",
+                "trainer.log_every_n_steps=25",
+                f"callbacks.checkpoint.every_n_train_steps={steps}",
+                f"hydra.run.dir={run_dir}",
+            ],
+            run_dir.with_suffix(".train.log"),
+        )
     return ckpt
 
 
 def probe(ckpt: Path, modality: str, out: Path, seed: int) -> dict:
     if not (out / "probe.json").is_file():
-        run([exe("selfflow-probe"), f"ckpt={ckpt}", f"out_dir={out}", f"layers={LAYERS}", f"seed={seed}",
-             f"modality={modality}", "progress=false"], out.with_suffix(".log"))
+        run(
+            [
+                exe("selfflow-probe"),
+                f"ckpt={ckpt}",
+                f"out_dir={out}",
+                f"layers={LAYERS}",
+                f"seed={seed}",
+                f"modality={modality}",
+                "progress=false",
+            ],
+            out.with_suffix(".log"),
+        )
     return json.loads((out / "probe.json").read_text())
 
 
 def summary(document: dict) -> dict:
     best = document["best"]
-    return {"best": best["top1"], "layer": best["layer"], "random_init": best["baseline_random_init_top1"],
-            "input": best["baseline_input_top1"], "by_layer": {r["layer"]: r["top1"] for r in document["results"]}}
+    return {
+        "best": best["top1"],
+        "layer": best["layer"],
+        "random_init": best["baseline_random_init_top1"],
+        "input": best["baseline_input_top1"],
+        "by_layer": {r["layer"]: r["top1"] for r in document["results"]},
+    }
 
 
 def modality_steps(steps: int) -> dict[str, int]:
@@ -66,8 +97,9 @@ def planned_runs(work: Path, steps: int) -> list[tuple[str, Path, str, int, list
     runs = [("joint", work / "joint", JOINT, steps, list(SINGLE))]
     for modality, experiment in SINGLE.items():
         runs.append(("single_equal_steps", work / f"{modality}_{steps}", experiment, steps, [modality]))
-        runs.append(("single_modality_steps", work / f"{modality}_{share[modality]}", experiment, share[modality],
-                     [modality]))
+        runs.append(
+            ("single_modality_steps", work / f"{modality}_{share[modality]}", experiment, share[modality], [modality])
+        )
     return runs
 
 
@@ -115,13 +147,19 @@ def write_report(results: dict, steps: int, seed: int, out: Path, elapsed: float
     for modality, columns in results.items():
         joint = columns.get("joint")
         baseline = joint or columns.get("single_equal_steps") or {}
-        lines.append(f"| {modality}: {NAMES[modality]} | {percent(joint)} | "
-                     f"{percent(columns.get('single_equal_steps'))} | {percent(columns.get('single_modality_steps'))}"
-                     f" | {100 * baseline.get('random_init', float('nan')):.1f}% | "
-                     f"{100 * baseline.get('input', float('nan')):.1f}% |")
-    lines += ["", "By layer (joint / single at equal steps):", "",
-              "| modality | " + " | ".join(f"block {b}" for b in BLOCKS) + " |",
-              "|---|" + "---|" * len(BLOCKS)]
+        lines.append(
+            f"| {modality}: {NAMES[modality]} | {percent(joint)} | "
+            f"{percent(columns.get('single_equal_steps'))} | {percent(columns.get('single_modality_steps'))}"
+            f" | {100 * baseline.get('random_init', float('nan')):.1f}% | "
+            f"{100 * baseline.get('input', float('nan')):.1f}% |"
+        )
+    lines += [
+        "",
+        "By layer (joint / single at equal steps):",
+        "",
+        "| modality | " + " | ".join(f"block {b}" for b in BLOCKS) + " |",
+        "|---|" + "---|" * len(BLOCKS),
+    ]
     for modality, columns in results.items():
         joint, single = columns.get("joint"), columns.get("single_equal_steps")
         cells = []
@@ -133,27 +171,38 @@ def write_report(results: dict, steps: int, seed: int, out: Path, elapsed: float
     for modality, columns in results.items():
         joint, equal, own = (columns.get(k) for k in ("joint", "single_equal_steps", "single_modality_steps"))
         if joint and equal and own:
-            lines.append(f"- {modality}: joint {100 * joint['best']:.1f}% vs {100 * equal['best']:.1f}% for its own "
-                         f"model at equal steps ({100 * (joint['best'] - equal['best']):+.1f} points) and "
-                         f"{100 * own['best']:.1f}% at equal {modality} steps "
-                         f"({100 * (joint['best'] - own['best']):+.1f} points).")
-    complete = {m: c for m, c in results.items() if all(k in c for k in ("joint", "single_equal_steps",
-                                                                          "single_modality_steps"))}
+            lines.append(
+                f"- {modality}: joint {100 * joint['best']:.1f}% vs {100 * equal['best']:.1f}% for its own "
+                f"model at equal steps ({100 * (joint['best'] - equal['best']):+.1f} points) and "
+                f"{100 * own['best']:.1f}% at equal {modality} steps "
+                f"({100 * (joint['best'] - own['best']):+.1f} points)."
+            )
+    complete = {
+        m: c
+        for m, c in results.items()
+        if all(k in c for k in ("joint", "single_equal_steps", "single_modality_steps"))
+    }
     if complete:
         ahead_own = [m for m, c in complete.items() if c["joint"]["best"] >= c["single_modality_steps"]["best"]]
         ahead_all = [m for m, c in complete.items() if c["joint"]["best"] >= c["single_equal_steps"]["best"]]
-        lines += ["", f"In short: given the same steps of its modality, the joint model's features match or beat "
-                  f"the single-modality model's on {len(ahead_own)} of {len(complete)} modalities"
-                  f"{' (' + ', '.join(ahead_own) + ')' if ahead_own else ''}; given the same total steps, on "
-                  f"{len(ahead_all)}{' (' + ', '.join(ahead_all) + ')' if ahead_all else ''}. At this scale, "
-                  f"sharing one backbone does not make up for the steps a modality gives to the others."
-                  if len(ahead_own) < len(complete) else
-                  f"In short: given the same steps of its modality, the joint model's features match or beat the "
-                  f"single-modality model's on every modality; given the same total steps, on {len(ahead_all)} of "
-                  f"{len(complete)}."]
-    lines += ["", "One seed per run: differences of a point or two may be within what another seed would change "
-              "(docs/results.md measured seed spreads of 0.1-0.2 points for a CIFAR-10 image probe and up to 6 "
-              "points for a spoken-digit probe)."]
+        lines += [
+            "",
+            f"In short: given the same steps of its modality, the joint model's features match or beat "
+            f"the single-modality model's on {len(ahead_own)} of {len(complete)} modalities"
+            f"{' (' + ', '.join(ahead_own) + ')' if ahead_own else ''}; given the same total steps, on "
+            f"{len(ahead_all)}{' (' + ', '.join(ahead_all) + ')' if ahead_all else ''}. At this scale, "
+            f"sharing one backbone does not make up for the steps a modality gives to the others."
+            if len(ahead_own) < len(complete)
+            else f"In short: given the same steps of its modality, the joint model's features match or beat the "
+            f"single-modality model's on every modality; given the same total steps, on {len(ahead_all)} of "
+            f"{len(complete)}.",
+        ]
+    lines += [
+        "",
+        "One seed per run: differences of a point or two may be within what another seed would change "
+        "(docs/results.md measured seed spreads of 0.1-0.2 points for a CIFAR-10 image probe and up to 6 "
+        "points for a spoken-digit probe).",
+    ]
     if missing:
         lines += ["", "Not run: " + "; ".join(missing) + "."]
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -168,8 +217,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "joint_vs_single")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "joint_training.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the page from the runs under --work that have finished")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the page from the runs under --work that have finished",
+    )
     args = parser.parse_args(argv)
     if args.steps < 10:
         parser.error(f"--steps {args.steps} is too short for a probe to mean anything; use at least 10")

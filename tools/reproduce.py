@@ -14,6 +14,7 @@ Self-Flow with attention blocked between the two noise groups. Images: CIFAR-10 
 Every run is a plain `selfflow-train` / `selfflow-probe` / `selfflow-sample` command (printed as it starts), and a
 finished step is skipped when the script is run again, so an interrupted reproduction continues where it stopped.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,26 +36,59 @@ VARIANTS = {
     "selfflow": [],
     "selfflow_attn_sep": ["objective.attention_separation=true"],
 }
-LABELS = {"vanilla": "vanilla flow matching", "dual_timestep": "dual-timestep only", "selfflow": "Self-Flow",
-          "selfflow_attn_sep": "Self-Flow, attention separated"}
+LABELS = {
+    "vanilla": "vanilla flow matching",
+    "dual_timestep": "dual-timestep only",
+    "selfflow": "Self-Flow",
+    "selfflow_attn_sep": "Self-Flow, attention separated",
+}
 
 
 def datasets(steps: int) -> dict[str, dict]:
     """The training overrides of each modality's experiment, real data where the shared folder has it."""
-    common = [f"trainer.max_steps={steps}", "data.batch_size=32", "callbacks.samples.every_n_steps=0",
-              "~callbacks.probe",
-              f"callbacks.checkpoint.every_n_train_steps={steps}", "trainer.log_every_n_steps=10",
-              "model.depth=6", "objective.ema_decay=0.999"]
+    common = [
+        f"trainer.max_steps={steps}",
+        "data.batch_size=32",
+        "callbacks.samples.every_n_steps=0",
+        "~callbacks.probe",
+        f"callbacks.checkpoint.every_n_train_steps={steps}",
+        "trainer.log_every_n_steps=10",
+        "model.depth=6",
+        "objective.ema_decay=0.999",
+    ]
     cifar, fsdd = SHARED / "cifar10-small", SHARED / "fsdd" / "recordings"
-    image = (["experiment=cifar10", f"data.root={cifar}", "model=tiny", "tokenizer.image.patch_size=4",
-              "data.num_workers=2"], "CIFAR-10 photos (32x32)") if cifar.is_dir() else \
-        (["experiment=digits"], "built-in handwritten digits (16x16)")
-    audio = (["experiment=audio_digits", "data=audio_folder", f"data.root={fsdd}",
-              "data.dataset.name_pattern='{digit}_{speaker}_{index}'", "data.dataset.label_field=digit"],
-             "Free Spoken Digit recordings (1 s, 8 kHz)") if fsdd.is_dir() else \
-        (["experiment=audio_digits"], "built-in spoken digits (espeak-ng)")
-    return {"image": {"train": image[0] + common, "name": image[1], "data": image[0]},
-            "audio": {"train": audio[0] + common, "name": audio[1], "data": audio[0]}}
+    image = (
+        (
+            [
+                "experiment=cifar10",
+                f"data.root={cifar}",
+                "model=tiny",
+                "tokenizer.image.patch_size=4",
+                "data.num_workers=2",
+            ],
+            "CIFAR-10 photos (32x32)",
+        )
+        if cifar.is_dir()
+        else (["experiment=digits"], "built-in handwritten digits (16x16)")
+    )
+    audio = (
+        (
+            [
+                "experiment=audio_digits",
+                "data=audio_folder",
+                f"data.root={fsdd}",
+                "data.dataset.name_pattern='{digit}_{speaker}_{index}'",
+                "data.dataset.label_field=digit",
+            ],
+            "Free Spoken Digit recordings (1 s, 8 kHz)",
+        )
+        if fsdd.is_dir()
+        else (["experiment=audio_digits"], "built-in spoken digits (espeak-ng)")
+    )
+    return {
+        "image": {"train": image[0] + common, "name": image[1], "data": image[0]},
+        "audio": {"train": audio[0] + common, "name": audio[1], "data": audio[0]},
+    }
 
 
 def run(command: list[str], log: Path) -> None:
@@ -62,8 +96,9 @@ def run(command: list[str], log: Path) -> None:
     print("$", " ".join(command), flush=True)
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
-        result = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env={**os.environ, "WANDB_MODE": "offline"})
+        result = subprocess.run(
+            command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}
+        )
     if result.returncode != 0:
         tail = log.read_text()[-3000:]
         raise SystemExit(f"failed ({result.returncode}): {' '.join(command)}\n{tail}")
@@ -83,23 +118,51 @@ def train_probe_sample(work: Path, modality: str, spec: dict, variant: str, seed
     run_dir = work / modality / f"{variant}_seed{seed}"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
-        run([exe("selfflow-train"), *spec["train"], *VARIANTS[variant], f"seed={seed}", f"hydra.run.dir={run_dir}"],
-            run_dir.with_suffix(".train.log"))
+        run(
+            [exe("selfflow-train"), *spec["train"], *VARIANTS[variant], f"seed={seed}", f"hydra.run.dir={run_dir}"],
+            run_dir.with_suffix(".train.log"),
+        )
     if not (run_dir / "probe" / "probe.json").is_file():
-        run([exe("selfflow-probe"), f"ckpt={ckpt}", f"out_dir={run_dir / 'probe'}", "layers=[1,2,3,4,5,6]",
-             f"seed={seed}", "progress=false"], run_dir.with_suffix(".probe.log"))
+        run(
+            [
+                exe("selfflow-probe"),
+                f"ckpt={ckpt}",
+                f"out_dir={run_dir / 'probe'}",
+                "layers=[1,2,3,4,5,6]",
+                f"seed={seed}",
+                "progress=false",
+            ],
+            run_dir.with_suffix(".probe.log"),
+        )
     if reference is not None and not (run_dir / "samples" / "metrics.json").is_file():
-        run([exe("selfflow-sample"), f"ckpt={ckpt}", f"out_dir={run_dir / 'samples'}", "num_samples=500",
-             "sampler=heun", "steps=20", "cfg_scale=1.5", f"seed={seed}", "metrics=true", f"reference={reference}",
-             "progress=false"], run_dir.with_suffix(".sample.log"))
+        run(
+            [
+                exe("selfflow-sample"),
+                f"ckpt={ckpt}",
+                f"out_dir={run_dir / 'samples'}",
+                "num_samples=500",
+                "sampler=heun",
+                "steps=20",
+                "cfg_scale=1.5",
+                f"seed={seed}",
+                "metrics=true",
+                f"reference={reference}",
+                "progress=false",
+            ],
+            run_dir.with_suffix(".sample.log"),
+        )
     return run_dir
 
 
 def read_results(run_dir: Path) -> dict:
     probe = json.loads((run_dir / "probe" / "probe.json").read_text())
-    out = {"probe_by_layer": {r["layer"]: r["top1"] for r in probe["results"]}, "probe_best": probe["best"]["top1"],
-           "best_layer": probe["best"]["layer"], "random_init": probe["best"]["baseline_random_init_top1"],
-           "input": probe["best"]["baseline_input_top1"]}
+    out = {
+        "probe_by_layer": {r["layer"]: r["top1"] for r in probe["results"]},
+        "probe_best": probe["best"]["top1"],
+        "best_layer": probe["best"]["layer"],
+        "random_init": probe["best"]["baseline_random_init_top1"],
+        "input": probe["best"]["baseline_input_top1"],
+    }
     metrics = run_dir / "samples" / "metrics.json"
     if metrics.is_file():
         m = json.loads(metrics.read_text())
@@ -210,48 +273,64 @@ def reading(results: dict) -> list[str]:
     return lines
 
 
-def write_report(results: dict, names: dict, args, out: Path, figures: list[Path], elapsed: float,
-                 missing: list[str]) -> None:
-    lines = ["# Self-Flow at small scale: does it do what the paper says?", "",
-             f"Written by `python -m tools.reproduce {' '.join(sys.argv[1:])}`; the runs took {elapsed / 60:.0f} "
-             f"minutes of wall time (first to last output file) on this machine ({os.cpu_count()} CPU cores). "
-             f"Each variant trained for {args.steps} steps with the same "
-             f"data, model (6 blocks, width 128) and seeds {args.seeds}; numbers are mean ± standard deviation over "
-             "seeds. Probes: a linear classifier on mean-pooled EMA features of clean inputs (`selfflow-probe`), "
-             "best layer and head chosen on a validation split of train, top-1 on the test split. Samples: 500 "
-             "class-conditional samples (Heun, 20 evaluations, guidance 1.5) scored in the feature space of a "
-             "small reference CNN trained on the same data (`selfflow-reference`; for audio it "
-             "reads log-mel images of the recordings); the real test split's own accuracy under that CNN is in "
-             "each run's samples/metrics.json.", ""]
+def write_report(
+    results: dict, names: dict, args, out: Path, figures: list[Path], elapsed: float, missing: list[str]
+) -> None:
+    lines = [
+        "# Self-Flow at small scale: does it do what the paper says?",
+        "",
+        f"Written by `python -m tools.reproduce {' '.join(sys.argv[1:])}`; the runs took {elapsed / 60:.0f} "
+        f"minutes of wall time (first to last output file) on this machine ({os.cpu_count()} CPU cores). "
+        f"Each variant trained for {args.steps} steps with the same "
+        f"data, model (6 blocks, width 128) and seeds {args.seeds}; numbers are mean ± standard deviation over "
+        "seeds. Probes: a linear classifier on mean-pooled EMA features of clean inputs (`selfflow-probe`), "
+        "best layer and head chosen on a validation split of train, top-1 on the test split. Samples: 500 "
+        "class-conditional samples (Heun, 20 evaluations, guidance 1.5) scored in the feature space of a "
+        "small reference CNN trained on the same data (`selfflow-reference`; for audio it "
+        "reads log-mel images of the recordings); the real test split's own accuracy under that CNN is in "
+        "each run's samples/metrics.json.",
+        "",
+    ]
     for modality, by_variant in results.items():
         real = [r.get("real_accuracy") for runs in by_variant.values() for r in runs if r.get("real_accuracy")]
         lines += [f"## {modality}: {names[modality]}", ""]
         if real:
-            lines += [f"The reference classifier recognises {real[0]:.1%} of the real test split (the ceiling for "
-                      f"\"sample accuracy\"; chance is 10%).", ""]
+            lines += [
+                f"The reference classifier recognises {real[0]:.1%} of the real test split (the ceiling for "
+                f'"sample accuracy"; chance is 10%).',
+                "",
+            ]
         lines += [
-                  "| variant | best probe top-1 | best layer | random-init model | raw input | sample FD | sample accuracy |",
-                  "| --- | --- | --- | --- | --- | --- | --- |"]
+            "| variant | best probe top-1 | best layer | random-init model | raw input | sample FD | sample accuracy |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for variant, runs in by_variant.items():
             lines.append(
                 f"| {LABELS[variant]} | {mean_spread([r['probe_best'] for r in runs])} | "
                 f"{', '.join(str(r['best_layer']) for r in runs)} | {mean_spread([r['random_init'] for r in runs])} | "
                 f"{mean_spread([r['input'] for r in runs])} | {mean_spread([r.get('fd') for r in runs])} | "
-                f"{mean_spread([r.get('accuracy') for r in runs])} |")
+                f"{mean_spread([r.get('accuracy') for r in runs])} |"
+            )
         lines.append("")
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out.parent).as_posix()})" for p in figures] + [""]
-    lines += ["## Choices that differ from the paper's full-scale recipe, and why", "",
-              "- Scale: a 6-block, width-128 transformer for a few hundred to a few thousand steps on pixels (images) "
-              "or log-mel patches (audio), instead of SiT-XL/2 on SD-VAE latents for millions of steps: the CPU "
-              "budget of this machine.",
-              "- EMA decay 0.999 with warm-up instead of 0.9999: the teacher must follow a student that changes "
-              "a lot within a few thousand steps (0.9999 would keep it near initialisation for the whole run).",
-              "- Student/teacher layers 2 and 4 of 6 (about 0.3 and 0.7 of the depth, as 8 and 20 of 28).",
-              "- Mask ratios as the paper: 0.25 for images, 0.5 for audio; gamma 0.8.", "",
-              "## Reading the numbers honestly", "",
-              "Each line compares a variant with vanilla flow matching on the same seeds. A gap counts as a result "
-              "only where it is larger than the spread over seeds (the larger standard deviation of the two); with "
-              "one seed there is no spread, and no gap counts.", ""]
+    lines += [
+        "## Choices that differ from the paper's full-scale recipe, and why",
+        "",
+        "- Scale: a 6-block, width-128 transformer for a few hundred to a few thousand steps on pixels (images) "
+        "or log-mel patches (audio), instead of SiT-XL/2 on SD-VAE latents for millions of steps: the CPU "
+        "budget of this machine.",
+        "- EMA decay 0.999 with warm-up instead of 0.9999: the teacher must follow a student that changes "
+        "a lot within a few thousand steps (0.9999 would keep it near initialisation for the whole run).",
+        "- Student/teacher layers 2 and 4 of 6 (about 0.3 and 0.7 of the depth, as 8 and 20 of 28).",
+        "- Mask ratios as the paper: 0.25 for images, 0.5 for audio; gamma 0.8.",
+        "",
+        "## Reading the numbers honestly",
+        "",
+        "Each line compares a variant with vanilla flow matching on the same seeds. A gap counts as a result "
+        "only where it is larger than the spread over seeds (the larger standard deviation of the two); with "
+        "one seed there is no spread, and no gap counts.",
+        "",
+    ]
     lines += reading(results)
     if missing:
         lines += ["", "Not finished when this page was written (left out of the tables): " + ", ".join(missing) + "."]
@@ -268,8 +347,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference-epochs", type=int, default=15, help="epochs of the reference classifier")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
-    parser.add_argument("--report-only", action="store_true",
-                        help="train nothing: write the report from the runs under --work that have finished")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="train nothing: write the report from the runs under --work that have finished",
+    )
     args = parser.parse_args(argv)
     specs = datasets(args.steps)
     results: dict = {}
@@ -281,8 +363,19 @@ def main(argv: list[str] | None = None) -> None:
         # one reference classifier per modality (audio: on log-mel images), trained on the same data
         reference = args.work / ("reference_classifier" if modality == "image" else f"reference_classifier_{modality}")
         if not args.report_only and not (reference / "config.json").is_file():
-            run([sys.executable, "-m", "selfflow.cli.reference", "--out", str(reference),
-                 "--epochs", str(args.reference_epochs), *spec["data"]], reference.with_suffix(".log"))
+            run(
+                [
+                    sys.executable,
+                    "-m",
+                    "selfflow.cli.reference",
+                    "--out",
+                    str(reference),
+                    "--epochs",
+                    str(args.reference_epochs),
+                    *spec["data"],
+                ],
+                reference.with_suffix(".log"),
+            )
         results[modality] = {}
         for variant in args.variants:
             runs = []
@@ -299,7 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     elapsed = wall_time(args.work)
     results = {modality: by_variant for modality, by_variant in results.items() if by_variant}
     figures = plots(results, figures_dir)
-    strip = sample_strip(args.work, "image", args.variants, args.seeds[0], figures_dir) if "image" in args.only else None
+    strip = (
+        sample_strip(args.work, "image", args.variants, args.seeds[0], figures_dir) if "image" in args.only else None
+    )
     figures += [strip] if strip else []
     write_report(results, {m: specs[m]["name"] for m in specs}, args, args.out, figures, elapsed, missing)
 

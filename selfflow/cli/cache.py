@@ -5,6 +5,7 @@ mirror image) for `selfflow-train ... data=latent_cache data.root=OUT`. Takes th
       out_dir=/data/imagenet256-sdvae devices=8
   torchrun --nproc-per-node=8 -m selfflow.cli.cache experiment=imagenet256 ... devices=8   # the same, by torchrun
 """
+
 from __future__ import annotations
 
 import sys

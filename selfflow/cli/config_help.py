@@ -3,6 +3,7 @@ and the one-line description its YAML comment gives (the comment after the key, 
 
 The `config_keys` resolver puts the list into Hydra's help template (conf/train.yaml, hydra.help.template).
 """
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,7 @@ def _inline_comment(rest: str) -> str:
         if char in "'\"" and quote in (None, char):
             quote = None if quote else char
         elif char == "#" and quote is None and (i == 0 or rest[i - 1].isspace()):
-            return rest[i + 1:].strip()
+            return rest[i + 1 :].strip()
     return ""
 
 

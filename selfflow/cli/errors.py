@@ -1,4 +1,5 @@
 """Turn the errors a user can cause into one clear line and a non-zero exit, instead of a deep traceback."""
+
 from __future__ import annotations
 
 import contextlib
@@ -15,8 +16,19 @@ from selfflow.training.checkpoint_io import CheckpointWriteError
 from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.run_folder import RunFolderError
 
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, KeyError, BadFileError,
-               OmegaConfBaseException, ModuleNotFoundError, CheckpointWriteError, NonFiniteLossError, RunFolderError)
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    NotADirectoryError,
+    KeyError,
+    BadFileError,
+    OmegaConfBaseException,
+    ModuleNotFoundError,
+    CheckpointWriteError,
+    NonFiniteLossError,
+    RunFolderError,
+)
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -33,7 +45,7 @@ def friendly_errors(command: str):
     """Exit with status 2 and `command: error: message` for user errors; SELFFLOW_TRACEBACK=1 shows the traceback."""
     try:
         yield
-    except Exception as error:  # noqa: BLE001 - classified below
+    except Exception as error:
         cause = root_cause(error)
         if os.environ.get("SELFFLOW_TRACEBACK") or not isinstance(cause, USER_ERRORS):
             raise
@@ -53,14 +65,14 @@ def _keys_near(config_name: str, overrides: list[str], full_key: str) -> str:
     try:
         with initialize_config_module("selfflow.conf", version_base="1.3"):
             node = OmegaConf.select(compose(config_name, overrides=usable), parent) if parent else None
-    except Exception:  # noqa: BLE001 - another override is broken too; say what we know
+    except Exception:
         return ""
     if node is None and parent:
         return ""
     if node is None:
         with initialize_config_module("selfflow.conf", version_base="1.3"):
             node = compose(config_name, overrides=usable)
-    keys = sorted(str(k) for k in node.keys() if k != "hydra") if hasattr(node, "keys") else []
+    keys = sorted(str(k) for k in node if k != "hydra") if hasattr(node, "keys") else []
     near = difflib.get_close_matches(name, keys, n=1)
     hint = f"did you mean {parent + '.' if parent else ''}{near[0]}? " if near else ""
     return f"{hint}keys{' of ' + parent if parent else ''}: {', '.join(keys)}"
@@ -103,7 +115,7 @@ def check_overrides(command: str, config_name: str, args: list[str]):
     try:
         with initialize_config_module("selfflow.conf", version_base="1.3"):
             return compose(config_name, overrides=overrides)
-    except Exception as error:  # noqa: BLE001 - described below, or left for Hydra to report
+    except Exception as error:
         if os.environ.get("SELFFLOW_TRACEBACK"):
             return None
         message = describe_override_error(error, config_name, overrides)

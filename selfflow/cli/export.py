@@ -1,9 +1,10 @@
 """selfflow-export: the EMA weights of a checkpoint as model.safetensors + config.json, to share without pickles.
 
-  selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model
-  selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --overwrite   # replace an earlier export
-  selfflow-sample ckpt=exported/my_model num_samples=16      # sample (or selfflow-probe ckpt=...) from the export
+selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model
+selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --overwrite   # replace an earlier export
+selfflow-sample ckpt=exported/my_model num_samples=16      # sample (or selfflow-probe ckpt=...) from the export
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,8 +14,9 @@ from selfflow.cli.errors import friendly_errors
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="selfflow-export", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="selfflow-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="a .ckpt file written by selfflow-train (or an export folder)")
     parser.add_argument("out", help="a new folder to write model.safetensors and config.json into")
     parser.add_argument("--overwrite", action="store_true", help="replace the export files of an existing folder")

@@ -1,11 +1,12 @@
 """selfflow-probe: linear-probe evaluation of a checkpoint's features, with baselines, as probe.json and a table.
 
-  selfflow-probe ckpt=runs/.../checkpoints/last.ckpt out_dir=probes/run1      # the data the run trained on
-  selfflow-probe ckpt=... data=image_folder data.root=DIR layers=[1,3] noise_levels=[0,0.25]
-  selfflow-probe ckpt=... weights=online pool=attentive cache_dir=null
-  selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt out_dir=probes/joint   # every modality: <modality>/probe.json
-  selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt modality=audio         # one modality: out_dir/probe.json
+selfflow-probe ckpt=runs/.../checkpoints/last.ckpt out_dir=probes/run1      # the data the run trained on
+selfflow-probe ckpt=... data=image_folder data.root=DIR layers=[1,3] noise_levels=[0,0.25]
+selfflow-probe ckpt=... weights=online pool=attentive cache_dir=null
+selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt out_dir=probes/joint   # every modality: <modality>/probe.json
+selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt modality=audio         # one modality: out_dir/probe.json
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,6 +15,7 @@ import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from selfflow.cli.errors import friendly_errors
+
 
 def print_table(document: dict) -> None:
     from rich.console import Console
@@ -25,8 +27,14 @@ def print_table(document: dict) -> None:
         table.add_column(column, justify="right")
     for row in document["results"]:
         mark = " *" if row == best else ""
-        table.add_row(str(row["layer"]), f"{row['noise_level']:g}", row["pool"], f"{100 * row['top1']:.1f}{mark}",
-                      f"{100 * row['baseline_random_init_top1']:.1f}", f"{100 * row['baseline_input_top1']:.1f}")
+        table.add_row(
+            str(row["layer"]),
+            f"{row['noise_level']:g}",
+            row["pool"],
+            f"{100 * row['top1']:.1f}{mark}",
+            f"{100 * row['baseline_random_init_top1']:.1f}",
+            f"{100 * row['baseline_input_top1']:.1f}",
+        )
     Console().print(table)
 
 
@@ -49,13 +57,23 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
         data = instantiate_stored(data_cfg, f"checkpoint {ckpt}", "data")
     head = cfg.head
     options = ProbeOptions(
-        layers=list(cfg.layers) if cfg.layers is not None else None, noise_levels=list(cfg.noise_levels),
-        pool=cfg.pool, seed=cfg.seed, cache_dir=cfg.cache_dir, device=resolve_device(cfg.device),
-        heads=HeadOptions(list(head.learning_rates), list(head.weight_decays), head.epochs, head.batch_size,
-                          head.val_fraction),
-        batch_size=cfg.batch_size, num_workers=cfg.num_workers, progress=cfg.progress, weights=cfg.weights)
-    return probe_checkpoint(loaded, data, OmegaConf.to_container(data_cfg, resolve=True), Path(cfg.out_dir), options,
-                            cfg.modality)
+        layers=list(cfg.layers) if cfg.layers is not None else None,
+        noise_levels=list(cfg.noise_levels),
+        pool=cfg.pool,
+        seed=cfg.seed,
+        cache_dir=cfg.cache_dir,
+        device=resolve_device(cfg.device),
+        heads=HeadOptions(
+            list(head.learning_rates), list(head.weight_decays), head.epochs, head.batch_size, head.val_fraction
+        ),
+        batch_size=cfg.batch_size,
+        num_workers=cfg.num_workers,
+        progress=cfg.progress,
+        weights=cfg.weights,
+    )
+    return probe_checkpoint(
+        loaded, data, OmegaConf.to_container(data_cfg, resolve=True), Path(cfg.out_dir), options, cfg.modality
+    )
 
 
 @hydra.main(config_path="pkg://selfflow.conf", config_name="probe", version_base="1.3")

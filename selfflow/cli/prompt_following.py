@@ -11,6 +11,7 @@ By default every digit gets prompts in phrasings the training captions used and 
 Writes `prompt_following.json` (per-prompt and overall accuracy, chance level) and `prompt_grid.png` under --out, and
 prints the table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,8 +22,9 @@ from selfflow.cli.errors import friendly_errors
 
 
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="selfflow-prompt-following", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="selfflow-prompt-following", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     top.add_argument("--ckpt", type=Path, required=True, help="a text-conditioned run's checkpoint")
     top.add_argument("--reference", type=Path, required=True, help="a folder written by selfflow-reference")
     top.add_argument("--out", type=Path, required=True, help="folder for prompt_following.json and the grid")
@@ -42,18 +44,29 @@ def main(argv: list[str] | None = None) -> dict:
 
         classifier = load_reference_classifier(args.reference)
         class_names = classifier.class_names
-        prompts = ([parse_prompt(p, class_names) for p in args.prompt]
-                   or default_prompts(class_names, classifier.modality))
-        results, samples = judge(args.ckpt, classifier, prompts, args.per_prompt, args.steps, args.cfg_scale,
-                                 args.seed)
-        report = {"ckpt": str(args.ckpt), "reference": str(args.reference), "per_prompt": args.per_prompt,
-                  "sampler": "heun", "steps": args.steps, "cfg_scale": args.cfg_scale, "seed": args.seed,
-                  **summary(results, len(class_names)), "prompts": results}
+        prompts = [parse_prompt(p, class_names) for p in args.prompt] or default_prompts(
+            class_names, classifier.modality
+        )
+        results, samples = judge(args.ckpt, classifier, prompts, args.per_prompt, args.steps, args.cfg_scale, args.seed)
+        report = {
+            "ckpt": str(args.ckpt),
+            "reference": str(args.reference),
+            "per_prompt": args.per_prompt,
+            "sampler": "heun",
+            "steps": args.steps,
+            "cfg_scale": args.cfg_scale,
+            "seed": args.seed,
+            **summary(results, len(class_names)),
+            "prompts": results,
+        }
         write_report(args.out, report, samples, classifier, args.per_prompt)
         for row in results:
             print(f"{row['accuracy']:6.1%}  {row['class']:>6}  {row['prompt']}")
-        print(json.dumps({k: report[k] for k in ("accuracy", "chance", "accuracy_seen_phrasings",
-                                                  "accuracy_unseen_phrasings")}))
+        print(
+            json.dumps(
+                {k: report[k] for k in ("accuracy", "chance", "accuracy_seen_phrasings", "accuracy_unseen_phrasings")}
+            )
+        )
         return report
 
 

@@ -10,6 +10,7 @@ Trailing arguments are overrides of the training config (conf/train.yaml), so `d
 means for selfflow-train, and the classifier sees the samples at the size the generator is trained on.
 Prints one JSON line with the test accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,16 +32,19 @@ def compose_data_config(overrides: list[str]):
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         data = compose("train", overrides=[*overrides, "run_dir=."]).data
     if "sources" in data:
-        raise ValueError("the reference classifier learns one modality; use experiment=digits (images) or "
-                         "experiment=audio_digits (audio), not a multi-modal mixture")
+        raise ValueError(
+            "the reference classifier learns one modality; use experiment=digits (images) or "
+            "experiment=audio_digits (audio), not a multi-modal mixture"
+        )
     return data
 
 
 def parser() -> argparse.ArgumentParser:
     import torch
 
-    top = argparse.ArgumentParser(prog="selfflow-reference", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="selfflow-reference", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     top.add_argument("--out", required=True, help="folder to write model.safetensors and config.json into")
     top.add_argument("--epochs", type=int, default=15)
     top.add_argument("--width", type=int, default=16, help="channels of the first stage (features: 4 x width)")
@@ -63,12 +67,27 @@ def main(argv: list[str] | None = None) -> dict:
         train_set, test_set = data.train_set, data.test_set
         started = time.perf_counter()
         model, test_accuracy = train_reference_classifier(
-            train_set, test_set, data.num_classes, width=args.width, epochs=args.epochs, batch_size=args.batch_size,
-            lr=args.lr, seed=args.seed, device=args.device, class_names=data.class_names or None,
-            log=lambda line: print(line, file=sys.stderr), **reference_input(train_set, data.modality))
-        record = {"out": str(Path(args.out).resolve()), "test_accuracy": test_accuracy, "num_train": len(train_set),
-                  "num_test": len(test_set), "seconds": round(time.perf_counter() - started, 1),
-                  "data": " ".join(args.overrides) or "digits"}
+            train_set,
+            test_set,
+            data.num_classes,
+            width=args.width,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            class_names=data.class_names or None,
+            log=lambda line: print(line, file=sys.stderr),
+            **reference_input(train_set, data.modality),
+        )
+        record = {
+            "out": str(Path(args.out).resolve()),
+            "test_accuracy": test_accuracy,
+            "num_train": len(train_set),
+            "num_test": len(test_set),
+            "seconds": round(time.perf_counter() - started, 1),
+            "data": " ".join(args.overrides) or "digits",
+        }
         model.save(args.out, test_accuracy=test_accuracy, data=record["data"], num_train=len(train_set))
         print(json.dumps(record))
         return record

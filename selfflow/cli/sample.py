@@ -12,6 +12,7 @@ Writes into out_dir: per-sample files (images/*.png, videos/*.mp4 + contact_shee
 grid.png and samples.npz (uint8 [N, H, W, 3] under arr_0) for images, sampling.json (settings, NFE, timing),
 and metrics.json with metrics=true. The work is in selfflow.sampling.job; this parses, builds and calls.
 """
+
 from __future__ import annotations
 
 import json
@@ -30,11 +31,12 @@ METRICS = {False: None, None: None, True: "reference", "reference": "reference",
 
 def metrics_kind(value) -> str | None:
     """metrics=false, true (= reference: a local reference classifier's space) or fid (selfflow-eval)."""
-    if isinstance(value, (bool, str)) or value is None:
-        if value in METRICS:
-            return METRICS[value]
-    raise ValueError(f"metrics={value!r} is unknown; choose false, true (= reference: Frechet distance and accuracy "
-                     f"of a reference classifier) or fid (FID, sFID, IS, precision, recall with selfflow-eval)")
+    if (isinstance(value, (bool, str)) or value is None) and value in METRICS:
+        return METRICS[value]
+    raise ValueError(
+        f"metrics={value!r} is unknown; choose false, true (= reference: Frechet distance and accuracy "
+        f"of a reference classifier) or fid (FID, sFID, IS, precision, recall with selfflow-eval)"
+    )
 
 
 def build_metrics(cfg: DictConfig, loaded, device, modality: str):
@@ -51,8 +53,16 @@ def build_metrics(cfg: DictConfig, loaded, device, modality: str):
         raise ValueError(f"metrics=true is for {' and '.join(judged)}; this run samples {modality}")
     extractor = instantiate(cfg.feature_extractor) if cfg.feature_extractor is not None else None  # typed by the user
     real_set = instantiate(cfg.metrics_data) if cfg.metrics_data is not None else None
-    return reference_metrics(modality, device, cfg.reference, extractor, real_set, loaded.data_config,
-                             f"checkpoint {cfg.ckpt}", cfg.metrics_max_real)
+    return reference_metrics(
+        modality,
+        device,
+        cfg.reference,
+        extractor,
+        real_set,
+        loaded.data_config,
+        f"checkpoint {cfg.ckpt}",
+        cfg.metrics_max_real,
+    )
 
 
 def fid_config(cfg: DictConfig, out_dir: Path, device) -> DictConfig:
@@ -65,14 +75,24 @@ def fid_config(cfg: DictConfig, out_dir: Path, device) -> DictConfig:
 
     for key in ("fid_ref", "inception"):
         if cfg.get(key) is None:
-            raise ValueError(f"metrics=fid needs {key}=...: fid_ref=REF.npz|FOLDER (e.g. the ADM reference batch) "
-                             f"inception=pt_inception-2015-12-05-6726825d.pth (see docs/evaluation.md)")
+            raise ValueError(
+                f"metrics=fid needs {key}=...: fid_ref=REF.npz|FOLDER (e.g. the ADM reference batch) "
+                f"inception=pt_inception-2015-12-05-6726825d.pth (see docs/evaluation.md)"
+            )
     eval_cfg = OmegaConf.load(files("selfflow.conf").joinpath("eval.yaml"))
     for key in ("defaults", "hydra"):
         eval_cfg.pop(key)
-    eval_cfg = OmegaConf.merge(eval_cfg, {"samples": str(out_dir / "samples.npz"), "ref": str(cfg.fid_ref),
-                                "inception": str(cfg.inception), "out": str(out_dir / "metrics.json"),
-                               "device": str(device), "progress": cfg.progress})
+    eval_cfg = OmegaConf.merge(
+        eval_cfg,
+        {
+            "samples": str(out_dir / "samples.npz"),
+            "ref": str(cfg.fid_ref),
+            "inception": str(cfg.inception),
+            "out": str(out_dir / "metrics.json"),
+            "device": str(device),
+            "progress": cfg.progress,
+        },
+    )
     try:
         import torch_fidelity  # noqa: F401
     except ImportError as error:
@@ -99,9 +119,18 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     from selfflow.data.cache import file_digest
     from selfflow.evaluation.sample_metrics import FeatureAccumulator, sample_metrics
     from selfflow.sampling.chunks import ChunkStore
-    from selfflow.sampling.job import (DEFAULT_SOLVERS, SampleWriter, SamplingPlan, batches, job_settings,
-                                       load_sampling_model, pick_modality, sample_chunks, sampling_condition,
-                                       solver_options)
+    from selfflow.sampling.job import (
+        DEFAULT_SOLVERS,
+        SampleWriter,
+        SamplingPlan,
+        batches,
+        job_settings,
+        load_sampling_model,
+        pick_modality,
+        sample_chunks,
+        sampling_condition,
+        solver_options,
+    )
     from selfflow.sampling.modalities import load_init, modality_io, tokenizer_at_length
 
     out_dir = Path(cfg.out_dir)
@@ -114,18 +143,36 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     modality = pick_modality(cfg.modality, loaded.tokenizers)
     if kind == "fid" and not modality_io(modality).arrays:
         raise ValueError(f"metrics=fid measures images; this checkpoint samples {modality}")
-    lengths = {key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg.get(key)) else cfg.get(key)
-               for key in LENGTH_OPTIONS}
+    lengths = {
+        key: OmegaConf.to_object(cfg[key]) if OmegaConf.is_config(cfg.get(key)) else cfg.get(key)
+        for key in LENGTH_OPTIONS
+    }
     tokenizer = tokenizer_at_length(loaded.tokenizers[modality], modality, lengths).to(device)
     labels = OmegaConf.to_object(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels
     prompt = OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.get("prompt")) else cfg.get("prompt")
     condition = sampling_condition(loaded.model, tokenizer, loaded.tokenizers, labels, cfg.num_samples, prompt)
     options = solver_options(sampler, cfg.sde_last_step, cfg.sde_last_step_mode)
-    plan = SamplingPlan(tokenizer, condition, sampler, steps, cfg.cfg_scale, tuple(cfg.guidance_interval), cfg.shift,
-                        options, cfg.precision, cfg.seed, cfg.batch_size,
-                        load_init(cfg.init, tokenizer).to(device) if cfg.get("init") else None, cfg.strength)
-    requests = {"labels": labels, "prompt": prompt, **lengths,
-                "init_sha256": file_digest(Path(cfg.init).expanduser()) if cfg.get("init") else None}
+    plan = SamplingPlan(
+        tokenizer,
+        condition,
+        sampler,
+        steps,
+        cfg.cfg_scale,
+        tuple(cfg.guidance_interval),
+        cfg.shift,
+        options,
+        cfg.precision,
+        cfg.seed,
+        cfg.batch_size,
+        load_init(cfg.init, tokenizer).to(device) if cfg.get("init") else None,
+        cfg.strength,
+    )
+    requests = {
+        "labels": labels,
+        "prompt": prompt,
+        **lengths,
+        "init_sha256": file_digest(Path(cfg.init).expanduser()) if cfg.get("init") else None,
+    }
     settings = job_settings(loaded.model, tokenizer, modality, plan, device, cfg.chunk_size, requests)
     model = loaded.model.to(device).eval()
     extractor, real = build_metrics(cfg, loaded, device, modality) if ranks.is_main else (None, None)
@@ -135,9 +182,10 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
         store.write_settings(settings, {"ckpt": str(cfg.ckpt), "weights": cfg.weights})
     todo = store.missing()
     group.barrier()  # every process has listed the chunks on disk before any is written
-    mine = todo[ranks.rank::ranks.world]
-    writer = SampleWriter(modality, tokenizer, out_dir, cfg.upscale, cfg.grid_upscale, cfg.grid_max,
-                          cfg.per_sample_files)
+    mine = todo[ranks.rank :: ranks.world]
+    writer = SampleWriter(
+        modality, tokenizer, out_dir, cfg.upscale, cfg.grid_upscale, cfg.grid_max, cfg.per_sample_files
+    )
     started = time.perf_counter()
     with Progress(disable=not (cfg.progress and ranks.is_main), transient=True) as progress:
         evaluations = sum(len(batches(len(store.ranges[k]), plan.batch_size)) for k in mine) * plan.nfe
@@ -146,40 +194,72 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     seconds = time.perf_counter() - started
     model_calls, sampled = group.sum([model_calls, len(mine)])  # returns once every process has written its chunks
     summary = {
-        "ckpt": str(cfg.ckpt), "weights": cfg.weights, "modality": modality, "num_samples": cfg.num_samples,
-        "sampler": sampler, **{f"sde_{k}": v for k, v in options.items()}, "steps": steps, "nfe": plan.nfe,
-        "model_forward_passes": model_calls, "cfg_scale": cfg.cfg_scale,
-        "guidance_interval": list(cfg.guidance_interval), "shift": cfg.shift, "seed": cfg.seed,
-        "batch_size": cfg.batch_size, "chunk_size": cfg.chunk_size, "chunks": len(store.ranges),
-        "chunks_sampled": sampled, "processes": ranks.world, "device": str(device), "seconds": round(seconds, 3),
-        "labels": condition.labels.tolist(), "prompt": prompt,
+        "ckpt": str(cfg.ckpt),
+        "weights": cfg.weights,
+        "modality": modality,
+        "num_samples": cfg.num_samples,
+        "sampler": sampler,
+        **{f"sde_{k}": v for k, v in options.items()},
+        "steps": steps,
+        "nfe": plan.nfe,
+        "model_forward_passes": model_calls,
+        "cfg_scale": cfg.cfg_scale,
+        "guidance_interval": list(cfg.guidance_interval),
+        "shift": cfg.shift,
+        "seed": cfg.seed,
+        "batch_size": cfg.batch_size,
+        "chunk_size": cfg.chunk_size,
+        "chunks": len(store.ranges),
+        "chunks_sampled": sampled,
+        "processes": ranks.world,
+        "device": str(device),
+        "seconds": round(seconds, 3),
+        "labels": condition.labels.tolist(),
+        "prompt": prompt,
         "size": list(tokenizer.image_size) if modality == "image" and hasattr(tokenizer, "image_size") else None,
-        "init": cfg.get("init"), "strength": cfg.get("strength") if cfg.get("init") else None,
+        "init": cfg.get("init"),
+        "strength": cfg.get("strength") if cfg.get("init") else None,
     }
     if not ranks.is_main:
         return summary
     features = FeatureAccumulator(extractor) if extractor is not None else None
     guided = model.num_classes > 0 and cfg.labels is None
-    files = writer.finish(store, condition.labels, nrow=min(model.num_classes, 10) if guided else None,
-                          visit=None if features is None else lambda s, y: features.add(s.to(device), y))
+    files = writer.finish(
+        store,
+        condition.labels,
+        nrow=min(model.num_classes, 10) if guided else None,
+        visit=None if features is None else lambda s, y: features.add(s.to(device), y),
+    )
     summary["files"] = {k: str(v) for k, v in files.items()}
     if not cfg.keep_parts:
         store.remove()
     else:
         store.remove_temporary()
     (out_dir / "sampling.json").write_text(json.dumps(summary, indent=2))
-    resumed = f", {len(store.ranges) - sampled} of {len(store.ranges)} chunks were on disk" if sampled < len(
-        store.ranges) else ""
-    print(f"selfflow-sample: {cfg.num_samples} {modality} samples, sampler={sampler}, NFE={plan.nfe} per sample "
-          f"({model_calls} model forward passes, {ranks.world} process{'es' if ranks.world > 1 else ''}"
-          f"{resumed}), {seconds:.1f} s; outputs in {out_dir.resolve()}")
+    resumed = (
+        f", {len(store.ranges) - sampled} of {len(store.ranges)} chunks were on disk"
+        if sampled < len(store.ranges)
+        else ""
+    )
+    print(
+        f"selfflow-sample: {cfg.num_samples} {modality} samples, sampler={sampler}, NFE={plan.nfe} per sample "
+        f"({model_calls} model forward passes, {ranks.world} process{'es' if ranks.world > 1 else ''}"
+        f"{resumed}), {seconds:.1f} s; outputs in {out_dir.resolve()}"
+    )
     if features is not None:
-        metrics = {**sample_metrics(features, real), "sampler": sampler, "nfe": plan.nfe, "cfg_scale": cfg.cfg_scale,
-                   "reference": str(cfg.reference) if cfg.feature_extractor is None else "feature_extractor"}
+        metrics = {
+            **sample_metrics(features, real),
+            "sampler": sampler,
+            "nfe": plan.nfe,
+            "cfg_scale": cfg.cfg_scale,
+            "reference": str(cfg.reference) if cfg.feature_extractor is None else "feature_extractor",
+        }
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         accuracy = metrics["classifier_accuracy"]
-        print(f"selfflow-sample: Frechet distance {metrics['frechet_distance']:.3f}, classifier accuracy "
-              f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} -> {out_dir / 'metrics.json'}")
+        print(
+            f"selfflow-sample: Frechet distance {metrics['frechet_distance']:.3f}, classifier accuracy "
+            f"{'n/a' if accuracy is None else f'{accuracy:.3f}'} -> {out_dir / 'metrics.json'}"
+        )
         summary["metrics"] = metrics
     if eval_cfg is not None:
         from selfflow.cli.eval import evaluate

@@ -8,6 +8,7 @@
 wrote and why (missing, stale: the shard changed, unreadable). A run reads the index beside each shard instead of
 scanning every tar header at start-up; shards in an object store are read only through their indexes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,10 +58,23 @@ def shard_paths(items: list[str]) -> list[Path]:
 def write(args: argparse.Namespace) -> dict:
     from selfflow.data.shard_writer import write_shards
 
-    return write_shards(args.source, args.out, args.modality, tuple(args.splits), args.test_fraction, args.seed,
-                        args.manifest, args.name_pattern, args.label_field, args.max_samples_per_shard,
-                        args.max_shard_bytes, args.overwrite, progress=not args.no_progress and sys.stderr.isatty(),
-                        max_pixels=args.max_pixels, max_member_bytes=args.max_member_bytes)
+    return write_shards(
+        args.source,
+        args.out,
+        args.modality,
+        tuple(args.splits),
+        args.test_fraction,
+        args.seed,
+        args.manifest,
+        args.name_pattern,
+        args.label_field,
+        args.max_samples_per_shard,
+        args.max_shard_bytes,
+        args.overwrite,
+        progress=not args.no_progress and sys.stderr.isatty(),
+        max_pixels=args.max_pixels,
+        max_member_bytes=args.max_member_bytes,
+    )
 
 
 def index(args: argparse.Namespace) -> dict:
@@ -75,26 +89,39 @@ def parser() -> argparse.ArgumentParser:
     from selfflow.data.shard_writer import MODALITY_EXTENSIONS
     from selfflow.data.shards import MAX_MEMBER_BYTES
 
-    top = argparse.ArgumentParser(prog="selfflow-shards", description=__doc__,
-                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    top = argparse.ArgumentParser(
+        prog="selfflow-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = top.add_subparsers(dest="command", required=True)
     writer = commands.add_parser("write", help="a folder of labelled files as shards with their indexes")
     writer.add_argument("source", help="folder of labelled files (as data.root of the folder dataset)")
     writer.add_argument("out", help="folder for the shards, their indexes and classes.json")
     writer.add_argument("--modality", required=True, choices=list(MODALITY_EXTENSIONS))
     writer.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])
-    writer.add_argument("--test-fraction", type=float, default=0.1,
-                        help="held out for test when the folder has no train/ and test/ (as the folder dataset)")
+    writer.add_argument(
+        "--test-fraction",
+        type=float,
+        default=0.1,
+        help="held out for test when the folder has no train/ and test/ (as the folder dataset)",
+    )
     writer.add_argument("--seed", type=int, default=0, help="seed of that fixed split (as the folder dataset)")
     writer.add_argument("--manifest", help="CSV of path,label[,split] relative to the source folder")
     writer.add_argument("--name-pattern", help="labels from file names, e.g. '{digit}_{speaker}_{index}'")
     writer.add_argument("--label-field", help="the field of --name-pattern that is the label")
     writer.add_argument("--max-samples-per-shard", type=int, default=10_000)
     writer.add_argument("--max-shard-bytes", type=parse_bytes, default=parse_bytes("1G"), help="e.g. 500M, 1G")
-    writer.add_argument("--max-pixels", type=int, help="largest image or video frame written, in pixels (default: "
-                        "the loaders' default, data.dataset.max_pixels / max_frame_pixels)")
-    writer.add_argument("--max-member-bytes", type=parse_bytes, default=MAX_MEMBER_BYTES,
-                        help="largest file written (default: the loaders' data.dataset.max_member_bytes), e.g. 1G")
+    writer.add_argument(
+        "--max-pixels",
+        type=int,
+        help="largest image or video frame written, in pixels (default: "
+        "the loaders' default, data.dataset.max_pixels / max_frame_pixels)",
+    )
+    writer.add_argument(
+        "--max-member-bytes",
+        type=parse_bytes,
+        default=MAX_MEMBER_BYTES,
+        help="largest file written (default: the loaders' data.dataset.max_member_bytes), e.g. 1G",
+    )
     writer.add_argument("--overwrite", action="store_true", help="replace existing shards of these splits")
     writer.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal)")
     writer.set_defaults(run=write)

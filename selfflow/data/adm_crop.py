@@ -1,5 +1,6 @@
 """Square crops of a decoded image: the largest centre square resized (`center`, the default), or the ADM centre crop
 (`adm`) that ADM, DiT, SiT and REPA use for ImageNet, so that a model is trained on the same pixels as theirs."""
+
 from __future__ import annotations
 
 from PIL import Image

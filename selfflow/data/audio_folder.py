@@ -1,10 +1,12 @@
 """Audio folder dataset: mono clips [1, S] at one sample rate, of one length or in duration buckets, labelled like
 any sample files."""
+
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 import soundfile
 from torch import Tensor
@@ -28,14 +30,25 @@ class AudioFolder(LabelledFileDataset):
 
     length_bucket_key = "durations"  # the bucket lengths' config key, in the tokenizer's `at_length` unit
 
-    def __init__(self, root: str, split: str = "train", sample_rate: int = 8000, duration: float = 1.0,
-                 resample: bool = True, min_peak: float = 1e-4, test_fraction: float = 0.1, seed: int = 0,
-                 on_bad_file: str = "skip", manifest: str | None = None, name_pattern: str | None = None,
-                 label_field: str | None = None, durations: Sequence[float] | None = None):
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        sample_rate: int = 8000,
+        duration: float = 1.0,
+        resample: bool = True,
+        min_peak: float = 1e-4,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        on_bad_file: str = "skip",
+        manifest: str | None = None,
+        name_pattern: str | None = None,
+        label_field: str | None = None,
+        durations: Sequence[float] | None = None,
+    ):
         if sample_rate <= 0 or duration <= 0:
             raise ValueError(f"data.dataset.sample_rate={sample_rate} and duration={duration} must be positive")
-        files = self.find_files(root, split, AUDIO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
-                                label_field)
+        files = self.find_files(root, split, AUDIO_EXTENSIONS, test_fraction, seed, manifest, name_pattern, label_field)
         super().__init__(files, on_bad_file)
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.resample, self.min_peak = resample, min_peak
@@ -48,7 +61,7 @@ class AudioFolder(LabelledFileDataset):
         """Seconds, from the header."""
         try:
             return float(soundfile.info(os.fspath(path)).duration)
-        except Exception:  # noqa: BLE001 - a bad file is reported when it is loaded
+        except Exception:
             return 0.0
 
     def load_at_length(self, path: Path | BinaryIO, length: float) -> Tensor:

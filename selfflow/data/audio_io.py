@@ -1,4 +1,5 @@
 """Reading fixed-length mono clips from audio files (soundfile + torchaudio resampling) and writing WAV files."""
+
 from __future__ import annotations
 
 import functools
@@ -52,12 +53,18 @@ def fit_length(wave: Tensor, num_samples: int, random_offset: bool) -> Tensor:
     excess = wave.shape[-1] - num_samples
     offset = int(torch.randint(0, abs(excess) + 1, ())) if random_offset else abs(excess) // 2
     if excess >= 0:
-        return wave[..., offset:offset + num_samples]
+        return wave[..., offset : offset + num_samples]
     return F.pad(wave, (offset, -excess - offset))
 
 
-def read_audio(source: str | os.PathLike | BinaryIO, sample_rate: int, num_samples: int, random_crop: bool = False,
-               resample: bool = True, min_peak: float = 1e-4) -> Tensor:
+def read_audio(
+    source: str | os.PathLike | BinaryIO,
+    sample_rate: int,
+    num_samples: int,
+    random_crop: bool = False,
+    resample: bool = True,
+    min_peak: float = 1e-4,
+) -> Tensor:
     """A clip of `num_samples` samples at `sample_rate`, mixed to mono: [1, S] float.
 
     `source` is a path or an open binary file (e.g. a tar shard member's bytes in a BytesIO). Only the part of
@@ -72,11 +79,14 @@ def read_audio(source: str | os.PathLike | BinaryIO, sample_rate: int, num_sampl
             raise UnusableSample("file is truncated: its header promises more audio than the file holds")
         source_rate = f.samplerate
         if source_rate > MAX_SAMPLE_RATE:
-            raise UnusableSample(f"its header claims {source_rate} Hz, above the {MAX_SAMPLE_RATE} Hz that any "
-                                 f"recording uses (a broken or hostile header)")
+            raise UnusableSample(
+                f"its header claims {source_rate} Hz, above the {MAX_SAMPLE_RATE} Hz that any "
+                f"recording uses (a broken or hostile header)"
+            )
         if source_rate != sample_rate and not resample:
-            raise UnusableSample(f"recorded at {source_rate} Hz, not {sample_rate} Hz "
-                                 f"(set data.dataset.resample=true to resample)")
+            raise UnusableSample(
+                f"recorded at {source_rate} Hz, not {sample_rate} Hz (set data.dataset.resample=true to resample)"
+            )
         needed = math.ceil(num_samples * source_rate / sample_rate)
         room = max(0, f.frames - needed)
         start = int(torch.randint(0, room + 1, ())) if random_crop else room // 2

@@ -1,4 +1,5 @@
 """What a dataset does with a file it cannot read: skip it with one warning line and a record, or stop."""
+
 from __future__ import annotations
 
 import csv
@@ -56,8 +57,9 @@ class BadFilePolicy:
     def handle(self, path: str | os.PathLike, reason: str) -> None:
         key = printable_path(path)  # non-UTF-8 names must not break the log or the record
         if self.on_bad_file == "error":
-            raise BadFileError(f"cannot read {one_line(key)}: {one_line(reason)} (set data.on_bad_file=skip to skip "
-                               f"such files)")
+            raise BadFileError(
+                f"cannot read {one_line(key)}: {one_line(reason)} (set data.on_bad_file=skip to skip such files)"
+            )
         if key in self._seen:
             return
         self._seen.add(key)
@@ -76,7 +78,7 @@ def require_one_readable(count: int, load, name_of, policy: BadFilePolicy, what:
         try:
             load(i)
             return
-        except Exception as error:  # noqa: BLE001 - classified by the policy
+        except Exception as error:
             if policy.on_bad_file == "error":
                 policy.handle(name_of(i), failure_reason(error))
             first_failure = first_failure or (name_of(i), failure_reason(error))

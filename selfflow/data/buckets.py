@@ -6,12 +6,14 @@ the bucket nearest to it in log aspect ratio, so its aspect lies between the mid
 Audio and video bucket on length instead (`length_bucket`): a recording or video goes to the longest bucket it
 fills (seconds, or clip frames), cropped to it, so that no batch needs padding.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -112,8 +114,10 @@ def parse_buckets(value: Any, multiple: int, base_size: int, name: str = "data.d
     with `sizes` (such a list) or `base_size` (default: the dataset's image size) and `max_aspect` (default 2.0) for
     `make_buckets`, and `random_crop` (default false). Every side must be a multiple of `multiple` (the patch size).
     """
-    hint = (f"use e.g. {name}={{base_size: 32, max_aspect: 2.0}} or {name}=[[32, 32], [24, 40], [40, 24]] "
-            f"(or null for square images only)")
+    hint = (
+        f"use e.g. {name}={{base_size: 32, max_aspect: 2.0}} or {name}=[[32, 32], [24, 40], [40, 24]] "
+        f"(or null for square images only)"
+    )
     random_crop = False
     if isinstance(value, Mapping):
         unknown = sorted(set(map(str, value)) - set(BUCKET_KEYS))
@@ -138,19 +142,27 @@ def parse_buckets(value: Any, multiple: int, base_size: int, name: str = "data.d
         raise ValueError(f"{name}={value!r} is not a bucket setting; {hint}")
     pairs = []
     for size in sizes:
-        if (isinstance(size, (str, bytes)) or not isinstance(size, Sequence) or len(size) != 2
-                or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)):
+        if (
+            isinstance(size, (str, bytes))
+            or not isinstance(size, Sequence)
+            or len(size) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in size)
+        ):
             raise ValueError(f"{name} size {size!r} is not a pair [h, w] of positive integers; {hint}")
         if size[0] % multiple or size[1] % multiple:
-            raise ValueError(f"{name} size [{size[0]}, {size[1]}] has a side that is not a multiple of the patch size "
-                             f"{multiple}; round it to a multiple (tokenizer.image.patch_size)")
+            raise ValueError(
+                f"{name} size [{size[0]}, {size[1]}] has a side that is not a multiple of the patch size "
+                f"{multiple}; round it to a multiple (tokenizer.image.patch_size)"
+            )
         pairs.append((int(size[0]), int(size[1])))
     if not pairs:
         raise ValueError(f"{name} lists no bucket sizes; {hint}")
     aspects = sorted(w / h for h, w in set(pairs))
-    if any(math.isclose(a, b) for a, b in zip(aspects, aspects[1:])):
-        raise ValueError(f"{name} has two sizes of the same aspect ratio ({sorted(set(pairs))}); a bucket is an "
-                         f"aspect ratio, so keep one size per aspect")
+    if any(math.isclose(a, b) for a, b in itertools.pairwise(aspects)):
+        raise ValueError(
+            f"{name} has two sizes of the same aspect ratio ({sorted(set(pairs))}); a bucket is an "
+            f"aspect ratio, so keep one size per aspect"
+        )
     return BucketOptions(AspectBuckets(pairs), random_crop)
 
 
@@ -159,8 +171,15 @@ class BucketBatchSampler(Sampler[list[int]]):
     and the order of all batches is shuffled, both from (seed, epoch) alone. `drop_last` drops a bucket's partial
     batch. `rank`/`num_replicas` give each process every num_replicas-th batch."""
 
-    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int = 0, drop_last: bool = True,
-                 num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        bucket_ids: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         self.bucket_ids = np.asarray(bucket_ids)
@@ -176,12 +195,12 @@ class BucketBatchSampler(Sampler[list[int]]):
         for bucket in np.unique(self.bucket_ids):
             members = rng.permutation(np.flatnonzero(self.bucket_ids == bucket))
             for start in range(0, len(members), self.batch_size):
-                batch = members[start:start + self.batch_size].tolist()
+                batch = members[start : start + self.batch_size].tolist()
                 if len(batch) == self.batch_size or not self.drop_last:
                     batches.append(batch)
         order = rng.permutation(len(batches))
         usable = len(batches) - len(batches) % self.num_replicas  # every rank gets the same number of batches
-        return [batches[i] for i in order[:usable]][self.rank::self.num_replicas]
+        return [batches[i] for i in order[:usable]][self.rank :: self.num_replicas]
 
     def num_batches(self) -> int:
         """This rank's batches per epoch (the same in every epoch: only the order changes)."""

@@ -1,4 +1,5 @@
 """A cache of generated data sets, outside the repository, keyed by their generation parameters."""
+
 from __future__ import annotations
 
 import hashlib
@@ -6,8 +7,9 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("selfflow.data")
 
@@ -30,8 +32,9 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path(cache_dir or os.environ.get("SELFFLOW_CACHE") or DEFAULT_CACHE).expanduser()
 
 
-def cached_folder(name: str, parameters: dict[str, Any], build: Callable[[Path], None],
-                  cache_dir: str | os.PathLike | None = None) -> Path:
+def cached_folder(
+    name: str, parameters: dict[str, Any], build: Callable[[Path], None], cache_dir: str | os.PathLike | None = None
+) -> Path:
     """`<cache>/<name>/<hash of parameters>`, made by `build(folder)` the first time only.
 
     Changed parameters give another folder, so a stale set is never reused. The folder is built under a

@@ -9,6 +9,7 @@
   each (`cat.png` + `cat.txt`), or a CSV/JSONL manifest with `path` and `caption` columns (optionally `label` and
   `split`).
 """
+
 from __future__ import annotations
 
 import csv
@@ -30,12 +31,29 @@ from selfflow.data.video_folder import VideoFolder
 log = logging.getLogger("selfflow.data")
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGIT_TEMPLATES = ("a handwritten {word}", "the digit {word}", "a handwritten digit {digit}", "the number {word}",
-                   "{word}", "a drawing of the number {digit}", "a {word} written by hand", "the handwritten digit {word}")
-VIDEO_TEMPLATES = ("the digit {word} moving {direction}", "a handwritten {word} moving {direction}",
-                   "a {word} sliding {direction}", "the number {digit} moving {direction}")
-AUDIO_TEMPLATES = ("a voice saying {word}", "{speaker} saying {word}", "someone says {word}",
-                   "the spoken digit {word}", "{speaker} says the number {word}")
+DIGIT_TEMPLATES = (
+    "a handwritten {word}",
+    "the digit {word}",
+    "a handwritten digit {digit}",
+    "the number {word}",
+    "{word}",
+    "a drawing of the number {digit}",
+    "a {word} written by hand",
+    "the handwritten digit {word}",
+)
+VIDEO_TEMPLATES = (
+    "the digit {word} moving {direction}",
+    "a handwritten {word} moving {direction}",
+    "a {word} sliding {direction}",
+    "the number {digit} moving {direction}",
+)
+AUDIO_TEMPLATES = (
+    "a voice saying {word}",
+    "{speaker} saying {word}",
+    "someone says {word}",
+    "the spoken digit {word}",
+    "{speaker} says the number {word}",
+)
 CAPTION_FILE_SUFFIX = ".txt"
 
 
@@ -76,14 +94,21 @@ class ClassCaptions(Dataset):
 
     has_captions = True
 
-    def __init__(self, dataset: Dataset, templates: list[str] | tuple[str, ...], fixed: bool = False,
-                 name_pattern: str | None = None):
+    def __init__(
+        self,
+        dataset: Dataset,
+        templates: list[str] | tuple[str, ...],
+        fixed: bool = False,
+        name_pattern: str | None = None,
+    ):
         if not templates:
             raise ValueError("caption templates are empty; give at least one, e.g. 'a handwritten {word}'")
         names = list(getattr(dataset, "class_names", []))
         if not names:
-            raise ValueError(f"{type(dataset).__name__} has no class names to caption from; use a dataset with "
-                             f"classes or caption files (CaptionedImageFolder)")
+            raise ValueError(
+                f"{type(dataset).__name__} has no class names to caption from; use a dataset with "
+                f"classes or caption files (CaptionedImageFolder)"
+            )
         self.dataset, self.templates, self.fixed = dataset, tuple(templates), fixed
         self.name_regex = None if name_pattern is None else name_pattern_regex(name_pattern)
         self.class_names = names
@@ -93,8 +118,10 @@ class ClassCaptions(Dataset):
             try:
                 template.format(**example)
             except (KeyError, IndexError) as error:
-                raise ValueError(f"caption template {template!r} uses an unknown field {error}; the fields are "
-                                 f"{', '.join('{' + f + '}' for f in example)}") from error
+                raise ValueError(
+                    f"caption template {template!r} uses an unknown field {error}; the fields are "
+                    f"{', '.join('{' + f + '}' for f in example)}"
+                ) from error
 
     def __getattr__(self, name: str):  # sizes, rates, bad-file policy... of the wrapped dataset
         if name == "dataset":
@@ -126,10 +153,18 @@ class ClassCaptions(Dataset):
 class CaptionedDigits(ClassCaptions):
     """The built-in digits (`DigitImages`) captioned from their class: "a handwritten seven", "the digit 7", ..."""
 
-    def __init__(self, split: str = "train", image_size: int = 16, channels: int = 1,
-                 templates: list[str] | tuple[str, ...] = DIGIT_TEMPLATES, test_fraction: float = 0.15, seed: int = 0):
-        super().__init__(DigitImages(split, image_size, channels, test_fraction, seed), templates,
-                         fixed=split != "train")
+    def __init__(
+        self,
+        split: str = "train",
+        image_size: int = 16,
+        channels: int = 1,
+        templates: list[str] | tuple[str, ...] = DIGIT_TEMPLATES,
+        test_fraction: float = 0.15,
+        seed: int = 0,
+    ):
+        super().__init__(
+            DigitImages(split, image_size, channels, test_fraction, seed), templates, fixed=split != "train"
+        )
 
 
 class CaptionedMovingDigits(ClassCaptions):
@@ -137,8 +172,12 @@ class CaptionedMovingDigits(ClassCaptions):
     in the file name: "the digit three moving left", "a handwritten seven moving up and to the right", ..."""
 
     def __init__(self, split: str = "train", templates: list[str] | tuple[str, ...] = VIDEO_TEMPLATES, **options):
-        super().__init__(moving_digits.MovingDigits(split, **options), templates, fixed=split != "train",
-                         name_pattern=moving_digits.NAME_PATTERN)
+        super().__init__(
+            moving_digits.MovingDigits(split, **options),
+            templates,
+            fixed=split != "train",
+            name_pattern=moving_digits.NAME_PATTERN,
+        )
 
 
 class CaptionedSpokenDigits(ClassCaptions):
@@ -146,8 +185,12 @@ class CaptionedSpokenDigits(ClassCaptions):
     "a voice saying five", "a woman saying five", ..."""
 
     def __init__(self, split: str = "train", templates: list[str] | tuple[str, ...] = AUDIO_TEMPLATES, **options):
-        super().__init__(spoken_digits.SpokenDigits(split, **options), templates, fixed=split != "train",
-                         name_pattern=spoken_digits.NAME_PATTERN)
+        super().__init__(
+            spoken_digits.SpokenDigits(split, **options),
+            templates,
+            fixed=split != "train",
+            name_pattern=spoken_digits.NAME_PATTERN,
+        )
 
 
 def read_caption_manifest(root: Path, manifest: str | os.PathLike) -> list[dict[str, str]]:
@@ -155,31 +198,39 @@ def read_caption_manifest(root: Path, manifest: str | os.PathLike) -> list[dict[
     path = Path(manifest).expanduser()
     path = path if path.is_absolute() else root / path
     if not path.is_file():
-        raise FileNotFoundError(f"caption manifest {path} does not exist; point data.dataset.manifest at a CSV or "
-                                f"JSONL file with path and caption columns")
+        raise FileNotFoundError(
+            f"caption manifest {path} does not exist; point data.dataset.manifest at a CSV or "
+            f"JSONL file with path and caption columns"
+        )
     with open(path, newline="", encoding="utf-8") as f:
         if path.suffix.lower() in (".jsonl", ".json"):
             try:
                 rows = [json.loads(line) for line in f if line.strip()]
             except json.JSONDecodeError as error:
-                raise ValueError(f"caption manifest {path} is not valid JSONL (one object per line): {error}") from error
+                raise ValueError(
+                    f"caption manifest {path} is not valid JSONL (one object per line): {error}"
+                ) from error
         else:
             rows = list(csv.DictReader(f))
     if not rows or not all(isinstance(r, dict) and {"path", "caption"} <= set(r) for r in rows):
-        raise ValueError(f"caption manifest {path} needs path and caption in every row "
-                         f"(optionally label and split: train/test/val)")
+        raise ValueError(
+            f"caption manifest {path} needs path and caption in every row (optionally label and split: train/test/val)"
+        )
     return rows
 
 
-def files_from_caption_manifest(root: Path, manifest: str | os.PathLike, split: str, extensions: tuple[str, ...],
-                                test_fraction: float, seed: int) -> tuple[LabelledFiles, list[str]]:
+def files_from_caption_manifest(
+    root: Path, manifest: str | os.PathLike, split: str, extensions: tuple[str, ...], test_fraction: float, seed: int
+) -> tuple[LabelledFiles, list[str]]:
     """One split's files, labels (the optional label column; -1 without) and captions from a caption manifest;
     its split column picks the split, or a fixed random `test_fraction` is held out."""
     rows = read_caption_manifest(root, manifest)
     for row in rows:
         if not str(row["path"]).lower().endswith(extensions):
-            raise ValueError(f"caption manifest {manifest} lists {row['path']}, whose type is not supported here; "
-                             f"use files ending in {list(extensions)}")
+            raise ValueError(
+                f"caption manifest {manifest} lists {row['path']}, whose type is not supported here; "
+                f"use files ending in {list(extensions)}"
+            )
     class_names = sorted({str(r["label"]) for r in rows if r.get("label") not in (None, "")})
     if "split" in rows[0]:
         wanted = {split, "val"} if split == "test" else {split}
@@ -202,10 +253,15 @@ def keep_captioned(files: LabelledFiles, root: str) -> tuple[LabelledFiles, list
         raise FileNotFoundError(
             f"no file under {root} (this split) has a caption file next to it; add e.g. "
             f"{example.with_suffix(CAPTION_FILE_SUFFIX).name} beside {example.name}, or set data.dataset.manifest "
-            f"to a CSV/JSONL of path,caption")
+            f"to a CSV/JSONL of path,caption"
+        )
     if len(captioned) < len(files.paths):
-        log.warning("%d of %d files under %s have no caption file and are left out",
-                    len(files.paths) - len(captioned), len(files.paths), root)
+        log.warning(
+            "%d of %d files under %s have no caption file and are left out",
+            len(files.paths) - len(captioned),
+            len(files.paths),
+            root,
+        )
     paths = [files.paths[i] for i in captioned]
     captions = [p.with_suffix(CAPTION_FILE_SUFFIX).read_text(encoding="utf-8").strip() for p in paths]
     return LabelledFiles(paths, [files.labels[i] for i in captioned], files.class_names), captions
@@ -223,14 +279,17 @@ class CaptionFiles:
         self.caption_manifest = manifest  # read by find_files, which the folder's __init__ calls
         super().__init__(root, split, **options)
 
-    def find_files(self, root, split, extensions, test_fraction=0.1, seed=0, manifest=None, name_pattern=None,
-                   label_field=None) -> LabelledFiles:
+    def find_files(
+        self, root, split, extensions, test_fraction=0.1, seed=0, manifest=None, name_pattern=None, label_field=None
+    ) -> LabelledFiles:
         if self.caption_manifest is not None:
-            files, self.captions = files_from_caption_manifest(Path(root).expanduser(), self.caption_manifest,
-                                                                split, extensions, test_fraction, seed)
+            files, self.captions = files_from_caption_manifest(
+                Path(root).expanduser(), self.caption_manifest, split, extensions, test_fraction, seed
+            )
         else:
-            files = super().find_files(root, split, extensions, test_fraction, seed, manifest, name_pattern,
-                                       label_field)
+            files = super().find_files(
+                root, split, extensions, test_fraction, seed, manifest, name_pattern, label_field
+            )
             files, self.captions = keep_captioned(files, root)
         return files
 
@@ -248,12 +307,34 @@ class CaptionedImageFolder(CaptionFiles, ImageFolder):
     carry `{"sizes": [6]}`).
     """
 
-    def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
-                 manifest: str | None = None, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
-                 buckets=None, bucket_multiple: int = 1, max_pixels: int = MAX_PIXELS):
-        super().__init__(root, split, manifest, image_size=image_size, channels=channels, hflip=False,
-                         test_fraction=test_fraction, seed=seed, on_bad_file=on_bad_file, buckets=buckets,
-                         bucket_multiple=bucket_multiple, max_pixels=max_pixels)
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        image_size: int = 32,
+        channels: int = 3,
+        manifest: str | None = None,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        on_bad_file: str = "skip",
+        buckets=None,
+        bucket_multiple: int = 1,
+        max_pixels: int = MAX_PIXELS,
+    ):
+        super().__init__(
+            root,
+            split,
+            manifest,
+            image_size=image_size,
+            channels=channels,
+            hflip=False,
+            test_fraction=test_fraction,
+            seed=seed,
+            on_bad_file=on_bad_file,
+            buckets=buckets,
+            bucket_multiple=bucket_multiple,
+            max_pixels=max_pixels,
+        )
 
 
 class CaptionedVideoFolder(CaptionFiles, VideoFolder):

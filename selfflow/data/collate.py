@@ -3,9 +3,11 @@
 Samples may carry further items, dicts of extra conditioning (e.g. `{"caption": str}`, `{"sizes": [6]}` of
 multi-aspect data), collated per key into the batch (strings into lists, tensors stacked: `sizes` -> [B, 6]).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.utils.data import default_collate
@@ -20,9 +22,11 @@ def collate_samples(modality: str) -> Callable[[list[Any]], dict[str, Any] | Non
             return None
         shapes = {tuple(s[0].shape) for s in kept if isinstance(s[0], torch.Tensor)}
         if len(shapes) > 1:
-            raise ValueError(f"the {modality} samples of one batch have different shapes {sorted(shapes)}; "
-                             f"multi-aspect data (buckets) needs the bucket batch sampler of SelfFlowDataModule, "
-                             f"whose batches each hold one bucket")
+            raise ValueError(
+                f"the {modality} samples of one batch have different shapes {sorted(shapes)}; "
+                f"multi-aspect data (buckets) needs the bucket batch sampler of SelfFlowDataModule, "
+                f"whose batches each hold one bucket"
+            )
         data, labels, *extra = default_collate(kept)
         batch = {"modality": modality, "data": data, "label": torch.as_tensor(labels, dtype=torch.long)}
         for conditioning in extra:

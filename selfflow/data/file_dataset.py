@@ -1,4 +1,5 @@
 """A dataset of labelled sample files whose unreadable files are skipped (or fatal) through a BadFilePolicy."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -43,8 +44,14 @@ class LabelledFileDataset(Dataset):
 
     def check_readable(self) -> None:
         """Fail at start-up when no file of this split can be read (an empty split: the DataModule names it)."""
-        require_one_readable(len(self.paths), lambda i: self.read(self.paths[i]), lambda i: self.paths[i],
-                             self.bad_files, "files of this split", "check data.root and the file types")
+        require_one_readable(
+            len(self.paths),
+            lambda i: self.read(self.paths[i]),
+            lambda i: self.paths[i],
+            self.bad_files,
+            "files of this split",
+            "check data.root and the file types",
+        )
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -85,7 +92,7 @@ class LabelledFileDataset(Dataset):
         path = self.paths[i]
         try:
             data = self.load_item(i)
-        except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
+        except Exception as error:
             self.bad_files.handle(path, failure_reason(error))
             return None
         return data, self.labels[i]

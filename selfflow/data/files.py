@@ -1,4 +1,5 @@
 """Finding labelled sample files on disk: class sub-folders, CSV manifests or file-name patterns; fixed splits."""
+
 from __future__ import annotations
 
 import csv
@@ -23,7 +24,7 @@ def split_indices(n: int, split: str, test_fraction: float, seed: int) -> np.nda
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction={test_fraction} must be in (0, 1)")
     order = np.random.default_rng(seed).permutation(n)
-    n_test = max(1, int(round(n * test_fraction)))
+    n_test = max(1, round(n * test_fraction))
     return np.sort(order[:n_test] if split == "test" else order[n_test:])
 
 
@@ -61,19 +62,24 @@ def name_pattern_regex(pattern: str) -> re.Pattern:
     parts = re.split(r"\{(\w+)\}", pattern)
     fields = parts[1::2]
     if not fields or len(set(fields)) != len(fields):
-        raise ValueError(f"name_pattern={pattern!r} needs distinct {{field}} names, e.g. '{{digit}}_{{speaker}}_{{index}}'")
+        raise ValueError(
+            f"name_pattern={pattern!r} needs distinct {{field}} names, e.g. '{{digit}}_{{speaker}}_{{index}}'"
+        )
     regex = "".join(re.escape(part) if i % 2 == 0 else f"(?P<{part}>.+?)" for i, part in enumerate(parts))
     return re.compile(regex)
 
 
-def _labels_from_names(paths: list[Path], class_paths: list[Path], name_pattern: str, label_field: str | None,
-                       source: Path) -> tuple[list[Path], list[str], list[str]]:
+def _labels_from_names(
+    paths: list[Path], class_paths: list[Path], name_pattern: str, label_field: str | None, source: Path
+) -> tuple[list[Path], list[str], list[str]]:
     """Keep the files whose stem matches the pattern; label names are the `label_field` part of the stem."""
     regex = name_pattern_regex(name_pattern)
     field = label_field or next(iter(regex.groupindex))
     if field not in regex.groupindex:
-        raise ValueError(f"label_field={label_field!r} is not a field of name_pattern={name_pattern!r}; "
-                         f"choose one of {list(regex.groupindex)}")
+        raise ValueError(
+            f"label_field={label_field!r} is not a field of name_pattern={name_pattern!r}; "
+            f"choose one of {list(regex.groupindex)}"
+        )
 
     def label(path: Path) -> str | None:
         match = regex.fullmatch(path.stem)
@@ -81,17 +87,25 @@ def _labels_from_names(paths: list[Path], class_paths: list[Path], name_pattern:
 
     kept = [(p, label(p)) for p in paths if label(p) is not None]
     if not kept:
-        raise FileNotFoundError(f"no file name under {source} matches name_pattern={name_pattern!r} "
-                                f"(e.g. {paths[0].name}); fix data.dataset.name_pattern")
+        raise FileNotFoundError(
+            f"no file name under {source} matches name_pattern={name_pattern!r} "
+            f"(e.g. {paths[0].name}); fix data.dataset.name_pattern"
+        )
     if len(kept) < len(paths):
-        log.warning("%d files under %s do not match name_pattern=%r and are left out (e.g. %s)",
-                    len(paths) - len(kept), source, name_pattern, next(p for p in paths if label(p) is None).name)
+        log.warning(
+            "%d files under %s do not match name_pattern=%r and are left out (e.g. %s)",
+            len(paths) - len(kept),
+            source,
+            name_pattern,
+            next(p for p in paths if label(p) is None).name,
+        )
     class_names = sorted({name for name in map(label, class_paths) if name is not None})
     return [p for p, _ in kept], [name for _, name in kept], class_names
 
 
-def read_manifest(root: Path, manifest: str | os.PathLike, split: str,
-                  extensions: tuple[str, ...]) -> tuple[list[Path], list[str], list[str], bool]:
+def read_manifest(
+    root: Path, manifest: str | os.PathLike, split: str, extensions: tuple[str, ...]
+) -> tuple[list[Path], list[str], list[str], bool]:
     """A CSV with columns `path,label` (and optionally `split`: train/test/val); paths relative to root.
 
     Returns the split's paths and label names, all class names, and whether the CSV named the splits.
@@ -106,8 +120,10 @@ def read_manifest(root: Path, manifest: str | os.PathLike, split: str,
         raise ValueError(f"manifest {path} needs a header row with the columns path,label (and optionally split)")
     for row in rows:
         if not row["path"].lower().endswith(extensions):
-            raise ValueError(f"manifest {path} lists {row['path']}, whose type is not supported; "
-                             f"use files ending in {list(extensions)}")
+            raise ValueError(
+                f"manifest {path} lists {row['path']}, whose type is not supported; "
+                f"use files ending in {list(extensions)}"
+            )
     class_names = sorted({row["label"] for row in rows})
     has_splits = "split" in rows[0]
     if has_splits:
@@ -119,9 +135,16 @@ def read_manifest(root: Path, manifest: str | os.PathLike, split: str,
     return paths, [row["label"] for row in rows], class_names, has_splits
 
 
-def find_labelled_files(root: str | os.PathLike, split: str, extensions: tuple[str, ...],
-                        test_fraction: float = 0.1, seed: int = 0, manifest: str | os.PathLike | None = None,
-                        name_pattern: str | None = None, label_field: str | None = None) -> LabelledFiles:
+def find_labelled_files(
+    root: str | os.PathLike,
+    split: str,
+    extensions: tuple[str, ...],
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    manifest: str | os.PathLike | None = None,
+    name_pattern: str | None = None,
+    label_field: str | None = None,
+) -> LabelledFiles:
     """Files of one split under `root` with their labels.
 
     Labels come from class sub-folder names by default; from a CSV `manifest` of path,label[,split]; or from
@@ -153,8 +176,7 @@ def find_labelled_files(root: str | os.PathLike, split: str, extensions: tuple[s
             paths, names, class_names = _labels_from_names(paths, class_paths, name_pattern, label_field, folder)
         else:
             class_names = sorted(d.name for d in base.iterdir() if d.is_dir() and _files_below(d, extensions))
-            names = [p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None
-                     for p in paths]
+            names = [p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None for p in paths]
     index = {name: i for i, name in enumerate(class_names)}
     labels = [index.get(name, -1) for name in names]
     if carve:

@@ -1,10 +1,12 @@
 """Image folder dataset: class sub-folders of image files, decoded with PIL."""
+
 from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import BinaryIO, Iterator
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -57,9 +59,11 @@ def draft_within(image: Image.Image, channels: int, size: tuple[int, int] | None
     if size is not None:
         image.draft("RGB" if channels == 3 else "L", size)
     if image.width * image.height > max_pixels:
-        raise ValueError(f"{image.width}x{image.height} pixels is more than data.dataset.max_pixels={max_pixels}; "
-                         f"raise it to read such images (a decompression bomb, or an image far larger than "
-                         f"training needs)")
+        raise ValueError(
+            f"{image.width}x{image.height} pixels is more than data.dataset.max_pixels={max_pixels}; "
+            f"raise it to read such images (a decompression bomb, or an image far larger than "
+            f"training needs)"
+        )
 
 
 def image_to_tensor(image: Image.Image) -> torch.Tensor:
@@ -70,8 +74,13 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
-def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: int,
-               max_pixels: int = MAX_PIXELS, crop: str = "center") -> torch.Tensor:
+def load_image(
+    source: str | os.PathLike | BinaryIO,
+    image_size: int,
+    channels: int,
+    max_pixels: int = MAX_PIXELS,
+    crop: str = "center",
+) -> torch.Tensor:
     """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1]
     (`crop="adm"`: the ADM centre crop of ImageNet training instead, see `adm_center_crop`).
 
@@ -86,8 +95,9 @@ def load_image(source: str | os.PathLike | BinaryIO, image_size: int, channels: 
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         # crop and resize in one step: an extreme aspect ratio never blows up into a huge intermediate
-        return image_to_tensor(image.resize((image_size, image_size), Image.BICUBIC,
-                                            box=(left, top, left + side, top + side)))
+        return image_to_tensor(
+            image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
+        )
 
 
 def read_image_size(path) -> tuple[int, int]:
@@ -98,8 +108,9 @@ def read_image_size(path) -> tuple[int, int]:
             return image.height, image.width
 
 
-def load_image_in_bucket(path, size: tuple[int, int], channels: int, random_crop: bool = False,
-                         max_pixels: int = MAX_PIXELS) -> tuple[torch.Tensor, torch.Tensor]:
+def load_image_in_bucket(
+    path, size: tuple[int, int], channels: int, random_crop: bool = False, max_pixels: int = MAX_PIXELS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode like `load_image`, resize to cover the bucket `size` (h, w) and crop (`bucket_crop`):
     ([C, h, w] in [0, 1], sizes [6] = original h, w, crop top, left, target h, w)."""
     with opened_image(path) as image:
@@ -134,9 +145,21 @@ class ImageFolder(Dataset):
 
     find_files = staticmethod(find_labelled_files)  # captioned folders extend it
 
-    def __init__(self, root: str, split: str = "train", image_size: int = 32, channels: int = 3,
-                 hflip: bool = False, test_fraction: float = 0.1, seed: int = 0, on_bad_file: str = "skip",
-                 buckets=None, bucket_multiple: int = 1, max_pixels: int = MAX_PIXELS, crop: str = "center"):
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        image_size: int = 32,
+        channels: int = 3,
+        hflip: bool = False,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        on_bad_file: str = "skip",
+        buckets=None,
+        bucket_multiple: int = 1,
+        max_pixels: int = MAX_PIXELS,
+        crop: str = "center",
+    ):
         check_image_options(channels, max_pixels)
         files = self.find_files(root, split, IMAGE_EXTENSIONS, test_fraction, seed)
         self.paths, self.labels, self.class_names = files.paths, files.labels, files.class_names
@@ -148,8 +171,9 @@ class ImageFolder(Dataset):
 
     def use_buckets(self, buckets, multiple: int = 1) -> None:
         """Turn multi-aspect bucketing on (a `buckets:` setting) or off (None)."""
-        self.bucketing: BucketOptions | None = None if buckets is None else parse_buckets(
-            buckets, multiple, self.image_size)
+        self.bucketing: BucketOptions | None = (
+            None if buckets is None else parse_buckets(buckets, multiple, self.image_size)
+        )
         self._bucket_ids: list[int] | None = None
 
     @property
@@ -164,7 +188,7 @@ class ImageFolder(Dataset):
             for path in self.paths:
                 try:
                     ids.append(buckets.assign(*read_image_size(path)))
-                except Exception:  # noqa: BLE001 - the loader reports the file when the sample is drawn
+                except Exception:
                     ids.append(buckets.assign(1, 1))
             self._bucket_ids = ids
         return self._bucket_ids
@@ -187,7 +211,7 @@ class ImageFolder(Dataset):
                 image, sizes = self._load_in_bucket(i)
             else:
                 image = load_image(path, self.image_size, self.channels, self.max_pixels, self.crop)
-        except Exception as error:  # noqa: BLE001 - any decoder failure makes the file unusable
+        except Exception as error:
             self.bad_files.handle(path, f"{type(error).__name__}: {error}")
             return None
         if self.hflip and torch.rand(()) < 0.5:

@@ -10,6 +10,7 @@ Layout of a cache folder:
 Training draws a flip and a posterior sample `mean + std * noise` per step (as REPA) from the batch's seed, so a
 resumed run draws the same latents. Every number read from these files is bounded before it sizes anything.
 """
+
 from __future__ import annotations
 
 import io
@@ -65,21 +66,30 @@ def write_json(path: Path, value: Any) -> None:
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     """The manifest of a finished cache, its fields checked (types and bounds)."""
     path = Path(root).expanduser() / MANIFEST
-    manifest = read_json(path, "data.root must be a folder written by selfflow-cache (an interrupted cache has no "
-                               "manifest; run selfflow-cache again)")
+    manifest = read_json(
+        path,
+        "data.root must be a folder written by selfflow-cache (an interrupted cache has no "
+        "manifest; run selfflow-cache again)",
+    )
     try:
-        ok = (manifest["format"] == FORMAT and manifest["dtype"] == "float16"
-              and 1 <= int(manifest["latent_channels"]) <= MAX_LATENT_CHANNELS
-              and all(1 <= int(s) <= MAX_LATENT_SIDE for s in manifest["latent_size"])
-              and len(manifest["latent_size"]) == 2
-              and isinstance(manifest["vae_fingerprint"], str) and isinstance(manifest["crop"], str)
-              and isinstance(manifest["image_size"], int) and isinstance(manifest["class_names"], list)
-              and len(manifest["class_names"]) <= MAX_CLASSES)
+        ok = (
+            manifest["format"] == FORMAT
+            and manifest["dtype"] == "float16"
+            and 1 <= int(manifest["latent_channels"]) <= MAX_LATENT_CHANNELS
+            and all(1 <= int(s) <= MAX_LATENT_SIDE for s in manifest["latent_size"])
+            and len(manifest["latent_size"]) == 2
+            and isinstance(manifest["vae_fingerprint"], str)
+            and isinstance(manifest["crop"], str)
+            and isinstance(manifest["image_size"], int)
+            and isinstance(manifest["class_names"], list)
+            and len(manifest["class_names"]) <= MAX_CLASSES
+        )
     except (KeyError, TypeError, ValueError):
         ok = False
     if not ok:
-        raise ValueError(f"{path} is not a selfflow latent cache manifest of format {FORMAT}; cache again with "
-                         f"selfflow-cache")
+        raise ValueError(
+            f"{path} is not a selfflow latent cache manifest of format {FORMAT}; cache again with selfflow-cache"
+        )
     return manifest
 
 
@@ -87,14 +97,18 @@ def check_manifest(manifest: dict[str, Any], root: str, vae: str | os.PathLike, 
     """A cache made with another VAE, crop or image size than the run's is refused, naming the difference."""
     for key, wanted in (("crop", crop), ("image_size", image_size)):
         if manifest[key] != wanted:
-            raise ValueError(f"the latent cache data.root={root} was made with {key}={manifest[key]}, but this run "
-                             f"asks for data.dataset.{key}={wanted}; set data.dataset.{key}={manifest[key]} or cache "
-                             f"again with selfflow-cache")
+            raise ValueError(
+                f"the latent cache data.root={root} was made with {key}={manifest[key]}, but this run "
+                f"asks for data.dataset.{key}={wanted}; set data.dataset.{key}={manifest[key]} or cache "
+                f"again with selfflow-cache"
+            )
     fingerprint = vae_fingerprint(vae, "tokenizer.image.vae")
     if manifest["vae_fingerprint"] != fingerprint:
-        raise ValueError(f"the latent cache data.root={root} was made with another VAE (fingerprint "
-                         f"{manifest['vae_fingerprint'][:16]}, {manifest.get('vae')}) than tokenizer.image.vae={vae} "
-                         f"({fingerprint[:16]}); point tokenizer.image.vae at that VAE or cache again")
+        raise ValueError(
+            f"the latent cache data.root={root} was made with another VAE (fingerprint "
+            f"{manifest['vae_fingerprint'][:16]}, {manifest.get('vae')}) than tokenizer.image.vae={vae} "
+            f"({fingerprint[:16]}); point tokenizer.image.vae at that VAE or cache again"
+        )
 
 
 class ShardWriter:
@@ -125,7 +139,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
         self._shard_name = f"{self.split}-r{self.rank:03d}-{self._shards:06d}.tar"
-        self._tar = tarfile.open(self.folder / self._shard_name, "w", format=tarfile.USTAR_FORMAT)
+        self._tar = tarfile.open(self.folder / self._shard_name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - open until the shard is full
         self._shards, self._in_shard = self._shards + 1, 0
 
     def close(self) -> None:
@@ -141,9 +155,16 @@ def merge_index(folder: Path, split: str, world_size: int) -> int:
     records = sorted((r for part in parts for r in read_json(part, "a rank did not finish")), key=lambda r: r[0])
     shards = sorted({r[2] for r in records})
     shard_ids = {name: i for i, name in enumerate(shards)}
-    write_json(folder / index_name(split), {
-        "shards": shards, "key": [r[1] for r in records], "shard": [shard_ids[r[2]] for r in records],
-        "offset": [r[3] for r in records], "label": [r[4] for r in records]})
+    write_json(
+        folder / index_name(split),
+        {
+            "shards": shards,
+            "key": [r[1] for r in records],
+            "shard": [shard_ids[r[2]] for r in records],
+            "offset": [r[3] for r in records],
+            "label": [r[4] for r in records],
+        },
+    )
     for part in parts:
         part.unlink()
     return len(records)
@@ -158,8 +179,16 @@ class LatentCache(Dataset):
     vae / image_size / crop: the run's; a cache made with another VAE, crop or size is refused.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", vae: str | os.PathLike = "",
-                 image_size: int = 256, crop: str = "adm", random_flip: bool = True, sample_posterior: bool = True):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        split: str = "train",
+        vae: str | os.PathLike = "",
+        image_size: int = 256,
+        crop: str = "adm",
+        random_flip: bool = True,
+        sample_posterior: bool = True,
+    ):
         if split not in SPLITS:
             raise ValueError(f"latent cache split={split!r} is unknown; choose one of {SPLITS}")
         self.root = Path(root).expanduser()
@@ -194,8 +223,12 @@ class LatentCache(Dataset):
         lengths = {len(shard_ids), len(offsets), len(labels)}
         if len(lengths) != 1 or not len(labels):
             raise ValueError(f"{path} has no records or lists of different lengths; cache again")
-        if (shard_ids.min() < 0 or shard_ids.max() >= len(shards) or offsets.min() < 0
-                or (offsets + self.record_bytes > sizes[shard_ids]).any()):
+        if (
+            shard_ids.min() < 0
+            or shard_ids.max() >= len(shards)
+            or offsets.min() < 0
+            or (offsets + self.record_bytes > sizes[shard_ids]).any()
+        ):
             raise ValueError(f"{path} points outside its shards (truncated or foreign files); cache again")
         if labels.min() < 0 or labels.max() >= max(1, len(self.class_names)):
             raise ValueError(f"{path} has labels outside the {len(self.class_names)} classes of the manifest")

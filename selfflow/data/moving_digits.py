@@ -1,5 +1,6 @@
 """Built-in video data: handwritten digits moving across a black canvas in one of several directions, written
 once as MP4 files into a cache folder and read back through VideoFolder."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,8 +13,16 @@ from selfflow.data.video_folder import VideoFolder
 from selfflow.data.video_io import write_mp4
 
 # (name, (dy, dx)) in pixels per frame and speed unit; names hold no '_', which separates file-name fields
-DIRECTIONS = (("right", (0, 1)), ("left", (0, -1)), ("down", (1, 0)), ("up", (-1, 0)),
-              ("down-right", (1, 1)), ("down-left", (1, -1)), ("up-right", (-1, 1)), ("up-left", (-1, -1)))
+DIRECTIONS = (
+    ("right", (0, 1)),
+    ("left", (0, -1)),
+    ("down", (1, 0)),
+    ("up", (-1, 0)),
+    ("down-right", (1, 1)),
+    ("down-left", (1, -1)),
+    ("up-right", (-1, 1)),
+    ("up-left", (-1, -1)),
+)
 LABELS = ("digit", "direction")
 NAME_PATTERN = "{digit}_{direction}_{index}"
 
@@ -27,23 +36,40 @@ def start_range(velocity: int, travel: int, room: int) -> tuple[int, int]:
     return 0, room
 
 
-def render_clip(digits: list[np.ndarray], moves: list[tuple[int, int]], num_frames: int, canvas: int, speed: int,
-                rng: np.random.Generator) -> np.ndarray:
+def render_clip(
+    digits: list[np.ndarray],
+    moves: list[tuple[int, int]],
+    num_frames: int,
+    canvas: int,
+    speed: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """Digits [D, D] in [0, 1] moving by `speed * move` per frame (brightest pixel wins): uint8 [T, canvas, canvas]."""
     size = digits[0].shape[0]
     room, travel = canvas - size, speed * (num_frames - 1)
     frames = np.zeros((num_frames, canvas, canvas), np.float32)
     for digit, (dy, dx) in zip(digits, moves):
-        y0, x0 = (int(rng.integers(lo, hi + 1)) for lo, hi in (start_range(dy, travel, room),
-                                                               start_range(dx, travel, room)))
+        y0, x0 = (
+            int(rng.integers(lo, hi + 1)) for lo, hi in (start_range(dy, travel, room), start_range(dx, travel, room))
+        )
         for t in range(num_frames):
             y, x = y0 + dy * speed * t, x0 + dx * speed * t
-            np.maximum(frames[t, y:y + size, x:x + size], digit, out=frames[t, y:y + size, x:x + size])
+            np.maximum(frames[t, y : y + size, x : x + size], digit, out=frames[t, y : y + size, x : x + size])
     return (frames * 255).round().astype(np.uint8)
 
 
-def make_moving_digits(folder: Path, clips: dict[str, int], num_frames: int, canvas: int, digit_size: int,
-                       speed: int, directions: int, second_digit: bool, fps: float, seed: int) -> None:
+def make_moving_digits(
+    folder: Path,
+    clips: dict[str, int],
+    num_frames: int,
+    canvas: int,
+    digit_size: int,
+    speed: int,
+    directions: int,
+    second_digit: bool,
+    fps: float,
+    seed: int,
+) -> None:
     """`clips[split]` MP4s per split, named `{digit}_{direction}_{index}.mp4`; test clips use test digits only."""
     for split, count in clips.items():
         source = DigitImages(split, image_size=digit_size, channels=1, seed=seed)
@@ -67,25 +93,64 @@ class MovingDigits(VideoFolder):
     Made on first use into `<cache_dir>/moving_digits/<parameters hash>` (a few seconds for thousands of clips).
     """
 
-    def __init__(self, split: str = "train", label: str = "digit", num_frames: int = 8, image_size: int = 16,
-                 channels: int = 1, clips_train: int = 2000, clips_test: int = 400, canvas_size: int = 32,
-                 digit_size: int = 16, speed: int = 2, directions: int = 8, second_digit: bool = False,
-                 fps: float = 8.0, seed: int = 0, cache_dir: str | None = None, on_bad_file: str = "skip",
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        split: str = "train",
+        label: str = "digit",
+        num_frames: int = 8,
+        image_size: int = 16,
+        channels: int = 1,
+        clips_train: int = 2000,
+        clips_test: int = 400,
+        canvas_size: int = 32,
+        digit_size: int = 16,
+        speed: int = 2,
+        directions: int = 8,
+        second_digit: bool = False,
+        fps: float = 8.0,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        on_bad_file: str = "skip",
+        backend: str = "auto",
+    ):
         if label not in LABELS:
             raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
         if directions not in (4, 8):
             raise ValueError(f"data.dataset.directions={directions} must be 4 (axes) or 8 (axes and diagonals)")
         if digit_size + speed * (num_frames - 1) > canvas_size:
-            raise ValueError(f"a {digit_size}-pixel digit moving {speed} pixels a frame for {num_frames} frames "
-                             f"leaves a {canvas_size}-pixel canvas; lower speed or digit_size, or raise canvas_size")
+            raise ValueError(
+                f"a {digit_size}-pixel digit moving {speed} pixels a frame for {num_frames} frames "
+                f"leaves a {canvas_size}-pixel canvas; lower speed or digit_size, or raise canvas_size"
+            )
         clips = {"train": clips_train, "test": clips_test}
-        parameters = {"version": 1, "clips": clips, "num_frames": num_frames, "canvas": canvas_size,
-                      "digit_size": digit_size, "speed": speed, "directions": directions,
-                      "second_digit": second_digit, "fps": fps, "seed": seed}
-        root = cached_folder("moving_digits", parameters,
-                             lambda folder: make_moving_digits(folder, clips, num_frames, canvas_size, digit_size,
-                                                               speed, directions, second_digit, fps, seed),
-                             cache_dir)
-        super().__init__(str(root), split, num_frames=num_frames, image_size=image_size, channels=channels,
-                         on_bad_file=on_bad_file, name_pattern=NAME_PATTERN, label_field=label, backend=backend)
+        parameters = {
+            "version": 1,
+            "clips": clips,
+            "num_frames": num_frames,
+            "canvas": canvas_size,
+            "digit_size": digit_size,
+            "speed": speed,
+            "directions": directions,
+            "second_digit": second_digit,
+            "fps": fps,
+            "seed": seed,
+        }
+        root = cached_folder(
+            "moving_digits",
+            parameters,
+            lambda folder: make_moving_digits(
+                folder, clips, num_frames, canvas_size, digit_size, speed, directions, second_digit, fps, seed
+            ),
+            cache_dir,
+        )
+        super().__init__(
+            str(root),
+            split,
+            num_frames=num_frames,
+            image_size=image_size,
+            channels=channels,
+            on_bad_file=on_bad_file,
+            name_pattern=NAME_PATTERN,
+            label_field=label,
+            backend=backend,
+        )

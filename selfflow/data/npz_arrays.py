@@ -4,6 +4,7 @@ allocated, and image arrays stream in batches (50,000 ImageNet samples at 256x25
 An .npz is a zip of .npy members; each member starts with a small header (format version, dtype, shape), then
 the raw C-ordered data, which is read here row block by row block.
 """
+
 from __future__ import annotations
 
 import os
@@ -68,8 +69,9 @@ def read_small_array(path: str | os.PathLike, key: str, shape: tuple[int, ...]) 
     any other shape or a non-float dtype is refused before its data is read."""
     header = npz_header(path, key)
     if header.shape != shape or header.dtype.kind != "f":
-        raise ValueError(f"{path}[{key}] is {header.dtype} {list(header.shape)}; the ADM layout needs float "
-                         f"{list(shape)}")
+        raise ValueError(
+            f"{path}[{key}] is {header.dtype} {list(header.shape)}; the ADM layout needs float {list(shape)}"
+        )
     with _open_member(path, key) as member:
         return np.lib.format.read_array(member, allow_pickle=False).astype(np.float64)
 
@@ -80,8 +82,10 @@ def iter_rows(path: str | os.PathLike, key: str, batch_size: int, header: ArrayH
     `header` is the member's header as the caller checked it (shape bounds, dtype) before any block is allocated.
     """
     if header.fortran_order or header.dtype.hasobject:
-        raise ValueError(f"{path}[{key}] is stored in Fortran order or as Python objects; save it as a plain "
-                         f"C-ordered array with numpy.savez")
+        raise ValueError(
+            f"{path}[{key}] is stored in Fortran order or as Python objects; save it as a plain "
+            f"C-ordered array with numpy.savez"
+        )
     row_bytes = int(np.prod(header.shape[1:], dtype=np.int64)) * header.dtype.itemsize
     with _open_member(path, key) as member:
         _read_header(member, f"{path}[{key}]")
@@ -89,6 +93,8 @@ def iter_rows(path: str | os.PathLike, key: str, batch_size: int, header: ArrayH
             rows = min(batch_size, header.shape[0] - start)
             data = member.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
-                raise ValueError(f"{path}[{key}] is truncated: its header promises {header.shape[0]} rows, the data "
-                                 f"ends after {start + len(data) // max(row_bytes, 1)}")
+                raise ValueError(
+                    f"{path}[{key}] is truncated: its header promises {header.shape[0]} rows, the data "
+                    f"ends after {start + len(data) // max(row_bytes, 1)}"
+                )
             yield np.frombuffer(data, dtype=header.dtype).reshape(rows, *header.shape[1:])

@@ -1,4 +1,5 @@
 """Sequence packing: samples of any modality and length placed into fixed-length rows (first-fit decreasing)."""
+
 from __future__ import annotations
 
 import torch
@@ -49,10 +50,10 @@ def pack(samples: list[Tokens], labels: list[int], row_length: int, null_label: 
         segment_modality.append([])
         for k, i in enumerate(members):
             s, n = samples[i], lengths[i]
-            x[r, start:start + n, : s.x.shape[-1]] = s.x[0]
-            pos[r, start:start + n] = s.pos[0]
-            segment[r, start:start + n] = k
-            masks[s.modality][r, start:start + n] = True
+            x[r, start : start + n, : s.x.shape[-1]] = s.x[0]
+            pos[r, start : start + n] = s.pos[0]
+            segment[r, start : start + n] = k
+            masks[s.modality][r, start : start + n] = True
             segment_labels[r, k] = labels[i]
             segment_modality[r].append(s.modality)
             start += n

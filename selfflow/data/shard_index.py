@@ -16,6 +16,7 @@ named for its sample), so an index never hands out bytes of another member.
 An index from a stranger is data too: its size is bounded before it is read, every offset and size must lie inside
 the shard, on tar's 512-byte blocks, and every name within the scan's limits, or the index is refused.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -102,10 +103,18 @@ class _ReadsWithinFile:
         return self.file.tell()
 
 
-_MEMBER_KINDS = {tarfile.SYMTYPE: "a symbolic link", tarfile.LNKTYPE: "a hard link", tarfile.CHRTYPE: "a device",
-                 tarfile.BLKTYPE: "a device", tarfile.FIFOTYPE: "a named pipe", tarfile.GNUTYPE_SPARSE: "a sparse file"}
-DUPLICATE_KEY = ("its key appears more than once in the shard (members are grouped by key), so which data goes with "
-                 "which label is unknown; write the shard again with one group of members per key")
+_MEMBER_KINDS = {
+    tarfile.SYMTYPE: "a symbolic link",
+    tarfile.LNKTYPE: "a hard link",
+    tarfile.CHRTYPE: "a device",
+    tarfile.BLKTYPE: "a device",
+    tarfile.FIFOTYPE: "a named pipe",
+    tarfile.GNUTYPE_SPARSE: "a sparse file",
+}
+DUPLICATE_KEY = (
+    "its key appears more than once in the shard (members are grouped by key), so which data goes with "
+    "which label is unknown; write the shard again with one group of members per key"
+)
 
 
 def scan_shard(path: Path) -> ShardTable:
@@ -134,8 +143,10 @@ def scan_shard(path: Path) -> ShardTable:
                     raise tarfile.ReadError(f"member {shortened(member.name)} runs past the end of the file")
                 if len(member.name) > MAX_KEY_CHARS:
                     keys.append(shortened(member.name))
-                    problems[len(keys) - 1] = (f"its member name has {len(member.name)} characters, more than "
-                                               f"{MAX_KEY_CHARS}; name samples with short keys such as 000123")
+                    problems[len(keys) - 1] = (
+                        f"its member name has {len(member.name)} characters, more than "
+                        f"{MAX_KEY_CHARS}; name samples with short keys such as 000123"
+                    )
                     grouping = False
                     continue
                 key, extension = sample_key(member.name)
@@ -150,18 +161,24 @@ def scan_shard(path: Path) -> ShardTable:
                     problems[sample] = DUPLICATE_KEY
                 rows[sample, column] = (member.offset_data, member.size) if regular else (0, -1)
                 if not regular:
-                    problems.setdefault(sample, f"its member {shortened(member.name)} is "
-                                                f"{_MEMBER_KINDS.get(member.type, 'no regular file')}, not file "
-                                                f"data; shards hold regular files only")
+                    problems.setdefault(
+                        sample,
+                        f"its member {shortened(member.name)} is "
+                        f"{_MEMBER_KINDS.get(member.type, 'no regular file')}, not file "
+                        f"data; shards hold regular files only",
+                    )
             end = tar.offset
         with open(path, "rb") as f:
             f.seek(end)
             if f.read(TAR_BLOCK) != bytes(TAR_BLOCK):
-                raise tarfile.ReadError(f"no end-of-archive block at byte {end}: the file is truncated or a header "
-                                        f"there is corrupt")
+                raise tarfile.ReadError(
+                    f"no end-of-archive block at byte {end}: the file is truncated or a header there is corrupt"
+                )
     except (tarfile.TarError, EOFError, ValueError, OverflowError, RecursionError) as error:
-        raise ValueError(f"shard {path} is truncated or corrupt ({str(error)[:200]}); write it again "
-                         f"(selfflow-shards write --overwrite) or leave it out of data.root") from None
+        raise ValueError(
+            f"shard {path} is truncated or corrupt ({str(error)[:200]}); write it again "
+            f"(selfflow-shards write --overwrite) or leave it out of data.root"
+        ) from None
     members = np.asarray([(s, e, o, n) for (s, e), (o, n) in rows.items()], dtype=np.int64).reshape(-1, 4)
     return ShardTable(keys, list(extensions), members, problems, size, shard_fingerprint(LocalFiles(), path, size))
 
@@ -185,10 +202,16 @@ def temporary_path(path: Path) -> Path:
 
 def index_document(table: ShardTable) -> dict:
     """The index file's content: JSON with the member rows as one flat list of integers (compact, quick to read)."""
-    return {"format": INDEX_FORMAT, "version": INDEX_VERSION, "size": table.size,
-            "sha256_first_last_64k": table.fingerprint, "keys": table.keys, "extensions": table.extensions,
-            "members": table.members.reshape(-1).tolist(),
-            "problems": [[sample, reason] for sample, reason in sorted(table.problems.items())]}
+    return {
+        "format": INDEX_FORMAT,
+        "version": INDEX_VERSION,
+        "size": table.size,
+        "sha256_first_last_64k": table.fingerprint,
+        "keys": table.keys,
+        "extensions": table.extensions,
+        "members": table.members.reshape(-1).tolist(),
+        "problems": [[sample, reason] for sample, reason in sorted(table.problems.items())],
+    }
 
 
 def write_index(shard: Path, table: ShardTable) -> Path:
@@ -226,20 +249,27 @@ def read_index(source: ByteSource, shard, shard_size: int) -> ShardTable | None:
     except FileNotFoundError:
         return None
     if len(text) > MAX_INDEX_BYTES:
-        raise ValueError(f"shard index {location} is larger than {MAX_INDEX_BYTES} bytes, far more than an index "
-                         f"needs; {INDEX_HINT}")
+        raise ValueError(
+            f"shard index {location} is larger than {MAX_INDEX_BYTES} bytes, far more than an index needs; {INDEX_HINT}"
+        )
     try:
         document = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as error:
-        raise ValueError(f"shard index {location} is not JSON ({type(error).__name__}: {str(error)[:120]}); "
-                         f"{INDEX_HINT}") from None
-    if not isinstance(document, dict) or document.get("format") != INDEX_FORMAT or document.get("version") != \
-            INDEX_VERSION:
+        raise ValueError(
+            f"shard index {location} is not JSON ({type(error).__name__}: {str(error)[:120]}); {INDEX_HINT}"
+        ) from None
+    if (
+        not isinstance(document, dict)
+        or document.get("format") != INDEX_FORMAT
+        or document.get("version") != INDEX_VERSION
+    ):
         raise ValueError(f"{location} is not a version-{INDEX_VERSION} {INDEX_FORMAT} file; {INDEX_HINT}")
     size, fingerprint = document.get("size"), document.get("sha256_first_last_64k")
     if size != shard_size or fingerprint != shard_fingerprint(source, shard, shard_size):
-        raise StaleIndex(f"the index {location} describes another version of {shard} (its size or the hash of its "
-                         f"first and last 64 KiB differ: the shard changed after it was indexed); {INDEX_HINT}")
+        raise StaleIndex(
+            f"the index {location} describes another version of {shard} (its size or the hash of its "
+            f"first and last 64 KiB differ: the shard changed after it was indexed); {INDEX_HINT}"
+        )
     try:
         return _checked_table(document, shard_size)
     except (TypeError, ValueError, OverflowError) as error:
@@ -265,22 +295,38 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
     members = np.asarray(flat, dtype=np.int64).reshape(-1, 4)  # [M, 4]
     samples, columns, offsets, sizes = members.T
     data = sizes >= 0
-    if members.size and (samples.min() < 0 or samples.max() >= len(keys) or columns.min() < 0
-                         or columns.max() >= len(extensions) or sizes.min() < -1):
+    if members.size and (
+        samples.min() < 0
+        or samples.max() >= len(keys)
+        or columns.min() < 0
+        or columns.max() >= len(extensions)
+        or sizes.min() < -1
+    ):
         raise ValueError("a member names a sample or extension that does not exist, or has a negative size")
-    if np.any(offsets[data] < TAR_BLOCK) or np.any(offsets[data] % TAR_BLOCK) or \
-            np.any(offsets[data] + sizes[data] > shard_size - TAR_BLOCK):
+    if (
+        np.any(offsets[data] < TAR_BLOCK)
+        or np.any(offsets[data] % TAR_BLOCK)
+        or np.any(offsets[data] + sizes[data] > shard_size - TAR_BLOCK)
+    ):
         raise ValueError("a member's data does not lie on tar blocks inside the shard")
     if len(np.unique(samples * max(len(extensions), 1) + columns)) != len(members):
         raise ValueError("a sample lists one extension twice")
     problems = document.get("problems")
     if not isinstance(problems, list) or not all(
-            isinstance(p, list) and len(p) == 2 and type(p[0]) is int and 0 <= p[0] < len(keys)
-            and isinstance(p[1], str) and len(p[1]) <= MAX_REASON_CHARS for p in problems):
-        raise ValueError(f"problems must be a list of [sample, reason] pairs (reasons of at most {MAX_REASON_CHARS} "
-                         f"characters)")
-    return ShardTable(keys, extensions, members, {p[0]: p[1] for p in problems}, shard_size,
-                      document["sha256_first_last_64k"])
+        isinstance(p, list)
+        and len(p) == 2
+        and type(p[0]) is int
+        and 0 <= p[0] < len(keys)
+        and isinstance(p[1], str)
+        and len(p[1]) <= MAX_REASON_CHARS
+        for p in problems
+    ):
+        raise ValueError(
+            f"problems must be a list of [sample, reason] pairs (reasons of at most {MAX_REASON_CHARS} characters)"
+        )
+    return ShardTable(
+        keys, extensions, members, {p[0]: p[1] for p in problems}, shard_size, document["sha256_first_last_64k"]
+    )
 
 
 def check_member_header(block: bytes, key: str, extension: str, size: int) -> str | None:

@@ -7,6 +7,7 @@ AWS SDK's core; `pip install 'selfflow[stream]'`): one ranged GET per sample, re
 from the usual chain (environment, profile, config files) and never from the instance-metadata service unless
 `instance_credentials=true`, so nothing but the configured endpoint is ever contacted.
 """
+
 from __future__ import annotations
 
 import fnmatch
@@ -67,7 +68,7 @@ class ObjectStoreError(ValueError):
 
 def split_url(url: str) -> tuple[str, str]:
     """`s3://bucket/a/b.tar` -> ("bucket", "a/b.tar")."""
-    bucket, _, key = url[len(URL_SCHEME):].partition("/")
+    bucket, _, key = url[len(URL_SCHEME) :].partition("/")
     if not bucket:
         raise ValueError(f"{url!r} names no bucket; write s3://BUCKET/PATH")
     return bucket, key
@@ -88,15 +89,27 @@ class ObjectStore:
     A client is made lazily in each process (DataLoader workers get their own: a client must not cross a fork).
     """
 
-    def __init__(self, endpoint_url: str | None = None, region: str | None = None, profile: str | None = None,
-                 addressing_style: str = "auto", instance_credentials: bool = False, max_connections: int = 16,
-                 retries: int = 5, timeout_s: float = 60.0):
+    def __init__(
+        self,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        profile: str | None = None,
+        addressing_style: str = "auto",
+        instance_credentials: bool = False,
+        max_connections: int = 16,
+        retries: int = 5,
+        timeout_s: float = 60.0,
+    ):
         if addressing_style not in ADDRESSING_STYLES:
-            raise ValueError(f"data.dataset.store.addressing_style={addressing_style!r} is unknown; choose one of "
-                             f"{ADDRESSING_STYLES}")
+            raise ValueError(
+                f"data.dataset.store.addressing_style={addressing_style!r} is unknown; choose one of "
+                f"{ADDRESSING_STYLES}"
+            )
         if max_connections < 1 or retries < 1 or timeout_s <= 0:
-            raise ValueError(f"data.dataset.store.max_connections={max_connections}, retries={retries} and "
-                             f"timeout_s={timeout_s} must be positive")
+            raise ValueError(
+                f"data.dataset.store.max_connections={max_connections}, retries={retries} and "
+                f"timeout_s={timeout_s} must be positive"
+            )
         self.endpoint_url, self.region, self.profile = endpoint_url, region, profile
         self.addressing_style, self.instance_credentials = addressing_style, instance_credentials
         self.max_connections, self.retries, self.timeout_s = max_connections, retries, timeout_s
@@ -125,14 +138,19 @@ class ObjectStore:
             import botocore.session
             from botocore.config import Config
         except ImportError:
-            raise ModuleNotFoundError("reading shards from s3:// needs botocore: pip install 'selfflow[stream]'") \
-                from None
+            raise ModuleNotFoundError(
+                "reading shards from s3:// needs botocore: pip install 'selfflow[stream]'"
+            ) from None
         session = botocore.session.Session(profile=self.profile)
         if not self.instance_credentials:  # no request to the instance-metadata address, ever
             session.get_component("credential_provider").remove("iam-role")
-        config = Config(s3={"addressing_style": self.addressing_style}, max_pool_connections=self.max_connections,
-                        retries={"max_attempts": self.retries, "mode": "standard"},
-                        connect_timeout=self.timeout_s, read_timeout=self.timeout_s)
+        config = Config(
+            s3={"addressing_style": self.addressing_style},
+            max_pool_connections=self.max_connections,
+            retries={"max_attempts": self.retries, "mode": "standard"},
+            connect_timeout=self.timeout_s,
+            read_timeout=self.timeout_s,
+        )
         region = self.region or session.get_config_variable("region") or "us-east-1"
         return session.create_client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
 
@@ -152,16 +170,22 @@ class ObjectStore:
                 raise FileNotFoundError(f"bucket {bucket} does not exist at {self.where()} ({url})") from None
             if code == "InvalidRange":
                 return None
-            raise ObjectStoreError(f"{url}: {code or 'error'} from {self.where()} ({str(error)[:200]}); check the "
-                                   f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and "
-                                   f"data.dataset.store") from None
+            raise ObjectStoreError(
+                f"{url}: {code or 'error'} from {self.where()} ({str(error)[:200]}); check the "
+                f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and "
+                f"data.dataset.store"
+            ) from None
         except NoCredentialsError:
-            raise ObjectStoreError(f"no credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                                   f"or AWS_PROFILE (data.dataset.store.profile); on a cloud VM with a role, "
-                                   f"data.dataset.store.instance_credentials=true") from None
+            raise ObjectStoreError(
+                f"no credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                f"or AWS_PROFILE (data.dataset.store.profile); on a cloud VM with a role, "
+                f"data.dataset.store.instance_credentials=true"
+            ) from None
         except BotoCoreError as error:
-            raise ObjectStoreError(f"cannot read {url} from {self.where()} ({str(error)[:200]}); check "
-                                   f"data.dataset.store.endpoint_url (or AWS_ENDPOINT_URL) and the network") from None
+            raise ObjectStoreError(
+                f"cannot read {url} from {self.where()} ({str(error)[:200]}); check "
+                f"data.dataset.store.endpoint_url (or AWS_ENDPOINT_URL) and the network"
+            ) from None
 
     def size(self, location: str) -> int:
         return int(self._call("head_object", location, Key=split_url(location)[1])["ContentLength"])
@@ -174,8 +198,9 @@ class ObjectStore:
             return b""
         attempt = 1
         while True:
-            response = self._call("get_object", location, Key=split_url(location)[1],
-                                  Range=f"bytes={offset}-{offset + size - 1}")
+            response = self._call(
+                "get_object", location, Key=split_url(location)[1], Range=f"bytes={offset}-{offset + size - 1}"
+            )
             if response is None:  # the range starts past the end
                 return b""
             length = min(size, int(response.get("ContentLength", size)))  # allocate what was asked for at most
@@ -184,8 +209,10 @@ class ObjectStore:
                     return body.read(length)
             except (BotoCoreError, OSError) as error:
                 if attempt >= self.retries:
-                    raise ObjectStoreError(f"reading {location} from {self.where()} broke off {attempt} times "
-                                           f"({str(error)[:200]}); check the network") from None
+                    raise ObjectStoreError(
+                        f"reading {location} from {self.where()} broke off {attempt} times "
+                        f"({str(error)[:200]}); check the network"
+                    ) from None
                 attempt += 1
 
     def glob(self, folder: str, pattern: str) -> list[str]:
@@ -193,10 +220,18 @@ class ObjectStore:
         bucket, prefix = split_url(folder.rstrip("/") + "/")
         found, token = [], None
         while True:
-            page = self._call("list_objects_v2", folder, Prefix=prefix, Delimiter="/",
-                              **({"ContinuationToken": token} if token else {}))
-            found += [item["Key"] for item in page.get("Contents", [])
-                      if fnmatch.fnmatchcase(item["Key"][len(prefix):], pattern)]
+            page = self._call(
+                "list_objects_v2",
+                folder,
+                Prefix=prefix,
+                Delimiter="/",
+                **({"ContinuationToken": token} if token else {}),
+            )
+            found += [
+                item["Key"]
+                for item in page.get("Contents", [])
+                if fnmatch.fnmatchcase(item["Key"][len(prefix) :], pattern)
+            ]
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
                 return sorted(f"{URL_SCHEME}{bucket}/{key}" for key in found)

@@ -13,6 +13,7 @@ links resolved, lies outside it (a symlink, a manifest path with `..` or an abso
 file that does not decode, once, through the datasets' own decode functions at their default limits (`max_pixels`,
 `max_member_bytes` raise them). Skipped files are listed in the summary with the reason.
 """
+
 from __future__ import annotations
 
 import io
@@ -28,8 +29,14 @@ from selfflow.data.bad_files import failure_reason, one_line
 from selfflow.data.captions import CAPTION_FILE_SUFFIX
 from selfflow.data.files import check_readable_file, find_labelled_files, printable_path
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, load_image
-from selfflow.data.shard_index import (TAR_BLOCK, index_location, scan_shard, temporary_path, write_atomically,
-                                       write_index)
+from selfflow.data.shard_index import (
+    TAR_BLOCK,
+    index_location,
+    scan_shard,
+    temporary_path,
+    write_atomically,
+    write_index,
+)
 from selfflow.data.shards import CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, MAX_CAPTION_BYTES, MAX_MEMBER_BYTES
 from selfflow.data.video_io import MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
@@ -68,8 +75,9 @@ class ShardWriter:
         if self._samples and (self._samples >= self.max_samples or self._bytes + size > self.max_bytes):
             self._finish_shard()
         if self._tar is None:
-            self._file = open(temporary_path(self._path()), "wb")
-            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)
+            # both stay open until the shard is full (closed by _finish_shard)
+            self._file = open(temporary_path(self._path()), "wb")  # noqa: SIM115
+            self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         for extension, data in members.items():
             info = tarfile.TarInfo(f"{key}.{extension}")  # mtime 0, no owner: the same files give the same shard
             info.size, info.mode = len(data), 0o644
@@ -112,8 +120,9 @@ def check_decoder(modality: str, max_pixels: int | None = None) -> Callable[[byt
         return lambda data: load_image(io.BytesIO(data), PROBE_SIZE, 3, max_pixels)
     if modality == "audio":
         return lambda data: read_audio(io.BytesIO(data), PROBE_RATE, PROBE_RATE, min_peak=0.0)
-    return lambda data: frames_to_tensor(read_clip(io.BytesIO(data), 1, max_frame_pixels=max_pixels,
-                                                   max_clip_pixels=max_pixels), PROBE_SIZE, 3)
+    return lambda data: frames_to_tensor(
+        read_clip(io.BytesIO(data), 1, max_frame_pixels=max_pixels, max_clip_pixels=max_pixels), PROBE_SIZE, 3
+    )
 
 
 def read_inside(path: Path, root: Path, max_bytes: int) -> bytes:
@@ -121,16 +130,19 @@ def read_inside(path: Path, root: Path, max_bytes: int) -> bytes:
     it is a non-empty regular file (a pipe would block the read forever) and it holds at most `max_bytes`."""
     real = Path(os.path.realpath(path))
     if not real.is_relative_to(root):
-        raise ValueError(f"its real path lies outside the source folder {printable_path(root)} (a link or a path "
-                         f"with '..'); shards hold only the folder's own files: copy the file in to write it")
+        raise ValueError(
+            f"its real path lies outside the source folder {printable_path(root)} (a link or a path "
+            f"with '..'); shards hold only the folder's own files: copy the file in to write it"
+        )
     check_readable_file(real)
     if real.stat().st_size > max_bytes:
         raise ValueError(f"it holds {real.stat().st_size} bytes, more than --max-member-bytes={max_bytes}")
     return real.read_bytes()
 
 
-def _sample_members(path: Path, label: int, root: Path, decodes: Callable[[bytes], None],
-                    max_member_bytes: int) -> dict[str, bytes]:
+def _sample_members(
+    path: Path, label: int, root: Path, decodes: Callable[[bytes], None], max_member_bytes: int
+) -> dict[str, bytes]:
     data = read_inside(path, root, max_member_bytes)
     decodes(data)  # the bytes written are the bytes decoded: nothing undecodable is shipped
     members = {path.suffix.lower().lstrip("."): data}
@@ -155,12 +167,23 @@ def _progress(enabled: bool):
     return Progress(transient=True)
 
 
-def write_shards(source: str | os.PathLike, out: str | os.PathLike, modality: str,
-                 splits: tuple[str, ...] = ("train", "test"), test_fraction: float = 0.1, seed: int = 0,
-                 manifest: str | None = None, name_pattern: str | None = None, label_field: str | None = None,
-                 max_samples_per_shard: int = 10_000, max_shard_bytes: int = 1 << 30, overwrite: bool = False,
-                 progress: bool = False, max_pixels: int | None = None,
-                 max_member_bytes: int = MAX_MEMBER_BYTES) -> dict:
+def write_shards(
+    source: str | os.PathLike,
+    out: str | os.PathLike,
+    modality: str,
+    splits: tuple[str, ...] = ("train", "test"),
+    test_fraction: float = 0.1,
+    seed: int = 0,
+    manifest: str | None = None,
+    name_pattern: str | None = None,
+    label_field: str | None = None,
+    max_samples_per_shard: int = 10_000,
+    max_shard_bytes: int = 1 << 30,
+    overwrite: bool = False,
+    progress: bool = False,
+    max_pixels: int | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
+) -> dict:
     """Write the shards of each split and classes.json; returns the summary (samples, shards, bytes, skipped:
     [{"path", "reason"}, ...])."""
     if modality not in MODALITY_EXTENSIONS:
@@ -168,16 +191,21 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, modality: st
     root = Path(os.path.realpath(Path(source).expanduser()))
     decodes = check_decoder(modality, max_pixels)
     out = Path(out).expanduser()
-    listings = {split: find_labelled_files(source, split, MODALITY_EXTENSIONS[modality], test_fraction, seed,
-                                           manifest, name_pattern, label_field) for split in splits}
+    listings = {
+        split: find_labelled_files(
+            source, split, MODALITY_EXTENSIONS[modality], test_fraction, seed, manifest, name_pattern, label_field
+        )
+        for split in splits
+    }
     existing = sorted(p for split in splits for p in out.glob(f"{split}-*.tar"))
     if existing and not overwrite:
-        raise FileExistsError(f"{out} already holds shards ({existing[0].name}, ... {len(existing)} files); pass "
-                              f"--overwrite to replace them or choose another output folder")
+        raise FileExistsError(
+            f"{out} already holds shards ({existing[0].name}, ... {len(existing)} files); pass "
+            f"--overwrite to replace them or choose another output folder"
+        )
     class_names = listings[splits[0]].class_names
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"source": str(source), "out": str(out), "modality": modality, "classes": len(class_names),
-               "splits": {}}
+    summary = {"source": str(source), "out": str(out), "modality": modality, "classes": len(class_names), "splits": {}}
     bar = _progress(progress)
     if bar is not None:
         bar.start()
@@ -190,7 +218,7 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, modality: st
                 for path, label in zip(files.paths, files.labels):
                     try:
                         members = _sample_members(path, label, root, decodes, max_member_bytes)
-                    except Exception as error:  # noqa: BLE001 - unreadable or undecodable: the file is not written
+                    except Exception as error:
                         skipped.append({"path": printable_path(path), "reason": failure_reason(error)})
                         log.warning("skipping %s: %s", one_line(printable_path(path)), one_line(failure_reason(error)))
                     else:
@@ -205,13 +233,21 @@ def write_shards(source: str | os.PathLike, out: str | os.PathLike, modality: st
             for stale in sorted(set(out.glob(f"{split}-*.tar")) - set(shards)):  # from an earlier, larger write
                 stale.unlink()
                 index_location(stale).unlink(missing_ok=True)
-            summary["splits"][split] = {"samples": samples, "shards": len(shards), "bytes": writer.total_bytes,
-                                        "skipped": skipped}
+            summary["splits"][split] = {
+                "samples": samples,
+                "shards": len(shards),
+                "bytes": writer.total_bytes,
+                "skipped": skipped,
+            }
     finally:
         if bar is not None:
             bar.stop()
-    classes = {"modality": modality, "class_names": class_names,
-               "splits": {split: {k: v for k, v in info.items() if k != "skipped"}
-                          for split, info in summary["splits"].items()}}
+    classes = {
+        "modality": modality,
+        "class_names": class_names,
+        "splits": {
+            split: {k: v for k, v in info.items() if k != "skipped"} for split, info in summary["splits"].items()
+        },
+    }
     write_atomically(out / CLASSES_FILE, json.dumps(classes, indent=2).encode() + b"\n")
     return summary

@@ -15,6 +15,7 @@ Shards are data from others: every size, count and name read from them is bounde
 that appears twice, a member too large, a member whose tar header disagrees with the index) is skipped and listed
 like an unreadable file, never a start-up stop.
 """
+
 from __future__ import annotations
 
 import io
@@ -36,8 +37,20 @@ from selfflow.data.adm_crop import check_crop
 from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
 from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, check_image_options, load_image
-from selfflow.data.shard_index import (EXTENSION, INDEX_HINT, OFFSET, SAMPLE, SIZE, TAR_BLOCK, ShardTable,
-                                       check_member_header, index_location, read_index, scan_shard, shortened)
+from selfflow.data.shard_index import (
+    EXTENSION,
+    INDEX_HINT,
+    OFFSET,
+    SAMPLE,
+    SIZE,
+    TAR_BLOCK,
+    ShardTable,
+    check_member_header,
+    index_location,
+    read_index,
+    scan_shard,
+    shortened,
+)
 from selfflow.data.shard_sources import ByteSource, ObjectStore, ObjectStoreError, child, is_url, parent, source_for
 from selfflow.data.video_folder import check_clip_options
 from selfflow.data.video_io import MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
@@ -66,10 +79,11 @@ def expand_braces(pattern: str) -> list[str]:
     match = _BRACE.search(pattern)
     if match is None:
         if "{" in pattern or "}" in pattern:
-            raise ValueError(f"shard pattern {pattern!r} has an unbalanced brace; write e.g. "
-                             f"'dir/train-{{000000..000009}}.tar'")
+            raise ValueError(
+                f"shard pattern {pattern!r} has an unbalanced brace; write e.g. 'dir/train-{{000000..000009}}.tar'"
+            )
         return [pattern]
-    body, head, tail = match[1], pattern[:match.start()], pattern[match.end():]
+    body, head, tail = match[1], pattern[: match.start()], pattern[match.end() :]
     numbers = _RANGE.match(body)
     if numbers:
         first, last = int(numbers[1]), int(numbers[2])
@@ -80,8 +94,9 @@ def expand_braces(pattern: str) -> list[str]:
     elif "," in body:
         choices = body.split(",")
     else:
-        raise ValueError(f"shard pattern {pattern!r}: {{{body}}} is neither a range {{000000..000009}} nor a list "
-                         f"{{a,b}}")
+        raise ValueError(
+            f"shard pattern {pattern!r}: {{{body}}} is neither a range {{000000..000009}} nor a list {{a,b}}"
+        )
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
 
@@ -92,9 +107,11 @@ def _split_files(source: ByteSource, folder, split: str) -> list:
             return found
     others = source.glob(folder, "*.tar")
     if others:
-        raise FileNotFoundError(f"{folder} holds shards ({others[0]}, ...) but none named {split}-*.tar for "
-                                f"split={split!r}; name them <split>-NNNNNN.tar or give data.root as a list or a "
-                                f"pattern like 'dir/{{split}}-{{000000..000009}}.tar' ({{split}}: each split's name)")
+        raise FileNotFoundError(
+            f"{folder} holds shards ({others[0]}, ...) but none named {split}-*.tar for "
+            f"split={split!r}; name them <split>-NNNNNN.tar or give data.root as a list or a "
+            f"pattern like 'dir/{{split}}-{{000000..000009}}.tar' ({{split}}: each split's name)"
+        )
     raise FileNotFoundError(f"no {split}-*.tar shards in {folder}; {WRITE_HINT}")
 
 
@@ -137,23 +154,27 @@ def read_class_names(source: ByteSource, folder, modality: str, max_classes: int
         return None
     example = 'it must be JSON like {"class_names": ["cat", "dog"], "modality": "image"}'
     if len(text) > MAX_CLASSES_FILE_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_CLASSES_FILE_BYTES} bytes, far more than a class list needs; "
-                         f"{example}")
+        raise ValueError(
+            f"{path} is larger than {MAX_CLASSES_FILE_BYTES} bytes, far more than a class list needs; {example}"
+        )
     try:
         info = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as error:
         raise ValueError(f"{path} is not JSON ({type(error).__name__}: {str(error)[:120]}); {example}") from None
     names = info.get("class_names") if isinstance(info, dict) else None
     if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
-        raise ValueError(f"{path} is not a class list (\"class_names\" must be a list of names); {example}")
+        raise ValueError(f'{path} is not a class list ("class_names" must be a list of names); {example}')
     if len(names) > max_classes:
-        raise ValueError(f"{path} names {len(names)} classes, more than data.dataset.max_classes={max_classes}; raise "
-                         f"it if the shards really hold that many classes")
+        raise ValueError(
+            f"{path} names {len(names)} classes, more than data.dataset.max_classes={max_classes}; raise "
+            f"it if the shards really hold that many classes"
+        )
     names = [str(name) for name in names]
     longest = max(names, key=len, default="")
     if len(longest) > MAX_CLASS_NAME_CHARS:
-        raise ValueError(f"{path} holds a class name of {len(longest)} characters, more than "
-                         f"{MAX_CLASS_NAME_CHARS}; shorten it")
+        raise ValueError(
+            f"{path} holds a class name of {len(longest)} characters, more than {MAX_CLASS_NAME_CHARS}; shorten it"
+        )
     written_for = info.get("modality")
     if written_for not in (None, modality):
         shown = shortened(str(written_for), 20)
@@ -176,7 +197,7 @@ class PackedStrings:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return self.data[self.offsets[i]:self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
 
 
 def member_columns(table: ShardTable, extensions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -205,12 +226,19 @@ class ShardDataset(Dataset):
     modality = ""
     extensions: tuple[str, ...] = ()
 
-    def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", on_bad_file: str = "skip",
-                 max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES,
-                 store: ObjectStore | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike | Sequence,
+        split: str = "train",
+        on_bad_file: str = "skip",
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_classes: int = MAX_CLASSES,
+        store: ObjectStore | None = None,
+    ):
         if max_member_bytes < 1 or max_classes < 1:
-            raise ValueError(f"data.dataset.max_member_bytes={max_member_bytes} and max_classes={max_classes} must be "
-                             f"positive")
+            raise ValueError(
+                f"data.dataset.max_member_bytes={max_member_bytes} and max_classes={max_classes} must be positive"
+            )
         self.bad_files = BadFilePolicy(on_bad_file)
         self.split, self.max_member_bytes, self.max_classes = split, max_member_bytes, max_classes
         self.shards = resolve_shards(root, split, store)
@@ -218,8 +246,10 @@ class ShardDataset(Dataset):
         # before the tables: names a wrong modality
         names = read_class_names(self.source, parent(self.shards[0]), self.modality, max_classes)
         if names is None and is_url(self.shards[0]):
-            raise FileNotFoundError(f"no {CLASSES_FILE} next to {self.shards[0]}: shards in an object store need "
-                                    f"it (selfflow-shards write writes it; upload it with the shards)")
+            raise FileNotFoundError(
+                f"no {CLASSES_FILE} next to {self.shards[0]}: shards in an object store need "
+                f"it (selfflow-shards write writes it; upload it with the shards)"
+            )
         self.data_extensions = tuple(e.lstrip(".") for e in self.extensions)
         started = time.perf_counter()
         tables = self.source.map(self._table, self.shards)
@@ -233,9 +263,11 @@ class ShardDataset(Dataset):
             if missing:
                 sample = missing[0]
                 held = sorted(table.extensions[e] for e in table.members[table.members[:, SAMPLE] == sample, EXTENSION])
-                raise ValueError(f"sample {table.keys[sample]} of shard {shard} has no {self.modality} member (it "
-                                 f"holds {held}; expected one of {list(self.data_extensions)}); check "
-                                 f"data=<modality>_shards or write the shards again")
+                raise ValueError(
+                    f"sample {table.keys[sample]} of shard {shard} has no {self.modality} member (it "
+                    f"holds {held}; expected one of {list(self.data_extensions)}); check "
+                    f"data=<modality>_shards or write the shards again"
+                )
             self.problems.update({len(keys) + sample: reason for sample, reason in table.problems.items()})
             column = np.full((len(table.keys), 1), shard_index, dtype=np.int64)
             keys += table.keys
@@ -244,8 +276,10 @@ class ShardDataset(Dataset):
             labels.append(np.hstack([column, member_columns(table, (LABEL_EXTENSION,))[1]]))
             captions.append(np.hstack([column, member_columns(table, (CAPTION_EXTENSION,))[1]]))
         if not keys:
-            raise ValueError(f"the {len(self.shards)} shards of split={split!r} ({self.shards[0]}, ...) hold no "
-                             f"samples; {WRITE_HINT}")
+            raise ValueError(
+                f"the {len(self.shards)} shards of split={split!r} ({self.shards[0]}, ...) hold no "
+                f"samples; {WRITE_HINT}"
+            )
         self.keys = PackedStrings(keys)  # [N]
         self.data_ext = np.concatenate(data_ext).astype(np.int8)  # [N] index into data_extensions; -1: none
         self.data_members = np.concatenate(data)  # [N, 3]: shard, offset, size; size -1: no data
@@ -260,17 +294,23 @@ class ShardDataset(Dataset):
         if table is not None:
             return table
         if is_url(shard):
-            raise FileNotFoundError(f"{shard} has no index ({index_location(shard)}); shards in an object store "
-                                    f"are read through their indexes: run selfflow-shards index FOLDER where the "
-                                    f"shards were written and upload the .index.json files with them")
+            raise FileNotFoundError(
+                f"{shard} has no index ({index_location(shard)}); shards in an object store "
+                f"are read through their indexes: run selfflow-shards index FOLDER where the "
+                f"shards were written and upload the .index.json files with them"
+            )
         return scan_shard(shard)
 
     def _suggest_indexes(self, seconds: float) -> None:
         unindexed = [s for s in self.shards if not is_url(s) and not index_location(s).is_file()]
         if unindexed and seconds > SLOW_SCAN_SECONDS:
-            log.warning("reading the tar headers of %d shards took %.0f s; `selfflow-shards index %s` writes an "
-                        "index beside each shard, read instead at every start", len(unindexed), seconds,
-                        unindexed[0].parent)
+            log.warning(
+                "reading the tar headers of %d shards took %.0f s; `selfflow-shards index %s` writes an "
+                "index beside each shard, read instead at every start",
+                len(unindexed),
+                seconds,
+                unindexed[0].parent,
+            )
 
     @property
     def num_classes(self) -> int:
@@ -301,7 +341,7 @@ class ShardDataset(Dataset):
         start, end = min(s for s, _ in spans), max(e for _, e in spans)
         if end - start <= sum(e - s for s, e in spans) + COALESCE_BYTES:
             block = self.source.read(location, start, end - start)
-            pieces = [block[s - start:e - start] for s, e in spans]
+            pieces = [block[s - start : e - start] for s, e in spans]
         else:
             pieces = [self.source.read(location, s, e - s) for s, e in spans]
         for piece, (s, e), (_, _, what, extension) in zip(pieces, spans, wanted):
@@ -309,8 +349,10 @@ class ShardDataset(Dataset):
                 raise UnusableSample(f"shard {location} is shorter than at start-up (changed while in use?)")
             problem = check_member_header(piece[:TAR_BLOCK], self.keys[i], extension, e - s - TAR_BLOCK)
             if problem is not None:
-                raise UnusableSample(f"its {what} member does not match the shard's index: {problem} (the shard "
-                                     f"changed after it was indexed or scanned?); {INDEX_HINT}")
+                raise UnusableSample(
+                    f"its {what} member does not match the shard's index: {problem} (the shard "
+                    f"changed after it was indexed or scanned?); {INDEX_HINT}"
+                )
         return [piece[TAR_BLOCK:] for piece in pieces]
 
     def _label_member(self, i: int) -> tuple[np.ndarray, int, str, str]:
@@ -322,11 +364,14 @@ class ShardDataset(Dataset):
             raise UnusableSample(f"its .{LABEL_EXTENSION} member holds {text[:40]!r}, not a class index")
         label = int(text)
         if label >= self.max_classes:
-            raise UnusableSample(f"class index {label} is not below data.dataset.max_classes={self.max_classes}; "
-                                 f"raise it if the shards really hold that many classes")
+            raise UnusableSample(
+                f"class index {label} is not below data.dataset.max_classes={self.max_classes}; "
+                f"raise it if the shards really hold that many classes"
+            )
         if label < -1 or (self.class_names and label >= self.num_classes):
-            raise UnusableSample(f"class index {label} is out of range for the {self.num_classes} classes of "
-                                 f"{CLASSES_FILE}")
+            raise UnusableSample(
+                f"class index {label} is out of range for the {self.num_classes} classes of {CLASSES_FILE}"
+            )
         return label
 
     def label(self, i: int) -> int:
@@ -368,18 +413,28 @@ class ShardDataset(Dataset):
         for i in np.flatnonzero(self.label_members[:, 2] >= 0):
             try:
                 top = max(top, self.label(int(i)))
-            except Exception:  # noqa: BLE001 - an unreadable label makes its sample bad when it is read
+            except Exception:
                 continue
         if top < 0:
             return []
-        log.warning("no %s next to %s: the %d classes are named by index; selfflow-shards write writes the names",
-                    CLASSES_FILE, self.shards[0], top + 1)
+        log.warning(
+            "no %s next to %s: the %d classes are named by index; selfflow-shards write writes the names",
+            CLASSES_FILE,
+            self.shards[0],
+            top + 1,
+        )
         return [str(i) for i in range(top + 1)]
 
     def check_readable(self) -> None:
         """Fail at start-up when no sample can be read."""
-        require_one_readable(len(self), self.load, self.member_name, self.bad_files,
-                             f"samples of split={self.split!r}", "check data.root and data=<modality>_shards")
+        require_one_readable(
+            len(self),
+            self.load,
+            self.member_name,
+            self.bad_files,
+            f"samples of split={self.split!r}",
+            "check data.root and data=<modality>_shards",
+        )
 
     def _item(self, i: int, load: Callable[[], tuple[Tensor, int]]):
         """`load()`, or None (listed as a bad file) when it fails; an unreachable store stops the run instead
@@ -388,7 +443,7 @@ class ShardDataset(Dataset):
             return load()
         except ObjectStoreError:
             raise
-        except Exception as error:  # noqa: BLE001 - any read or decode failure makes the sample unusable
+        except Exception as error:
             self.bad_files.handle(self.member_name(i), failure_reason(error))
             return None
 
@@ -402,7 +457,7 @@ class ShardDataset(Dataset):
         def fetch(i: int):
             try:
                 return self.fetch(i)
-            except Exception as error:  # noqa: BLE001 - raised again below, in the sample's turn
+            except Exception as error:
                 return error
 
         fetched = self.source.map(fetch, indices)
@@ -424,10 +479,20 @@ class ImageShards(ShardDataset):
     modality = "image"
     extensions = IMAGE_EXTENSIONS
 
-    def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", image_size: int = 32,
-                 channels: int = 3, hflip: bool = False, on_bad_file: str = "skip", max_pixels: int = MAX_PIXELS,
-                 max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES,
-                 store: ObjectStore | None = None, crop: str = "center"):
+    def __init__(
+        self,
+        root: str | os.PathLike | Sequence,
+        split: str = "train",
+        image_size: int = 32,
+        channels: int = 3,
+        hflip: bool = False,
+        on_bad_file: str = "skip",
+        max_pixels: int = MAX_PIXELS,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_classes: int = MAX_CLASSES,
+        store: ObjectStore | None = None,
+        crop: str = "center",
+    ):
         check_image_options(channels, max_pixels)
         self.image_size, self.channels, self.max_pixels = image_size, channels, max_pixels
         self.crop = check_crop(crop)
@@ -451,10 +516,19 @@ class AudioShards(ShardDataset):
     modality = "audio"
     extensions = AUDIO_EXTENSIONS
 
-    def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", sample_rate: int = 8000,
-                 duration: float = 1.0, resample: bool = True, min_peak: float = 1e-4, on_bad_file: str = "skip",
-                 max_member_bytes: int = MAX_MEMBER_BYTES, max_classes: int = MAX_CLASSES,
-                 store: ObjectStore | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike | Sequence,
+        split: str = "train",
+        sample_rate: int = 8000,
+        duration: float = 1.0,
+        resample: bool = True,
+        min_peak: float = 1e-4,
+        on_bad_file: str = "skip",
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_classes: int = MAX_CLASSES,
+        store: ObjectStore | None = None,
+    ):
         if sample_rate <= 0 or duration <= 0:
             raise ValueError(f"data.dataset.sample_rate={sample_rate} and duration={duration} must be positive")
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
@@ -473,11 +547,23 @@ class VideoShards(ShardDataset):
     modality = "video"
     extensions = VIDEO_EXTENSIONS
 
-    def __init__(self, root: str | os.PathLike | Sequence, split: str = "train", num_frames: int = 8,
-                 frame_stride: int = 1, fps: float | None = None, image_size: int = 32, channels: int = 3,
-                 backend: str = "auto", on_bad_file: str = "skip", max_frame_pixels: int = MAX_FRAME_PIXELS,
-                 max_clip_pixels: int = MAX_CLIP_PIXELS, max_member_bytes: int = MAX_MEMBER_BYTES,
-                 max_classes: int = MAX_CLASSES, store: ObjectStore | None = None):
+    def __init__(
+        self,
+        root: str | os.PathLike | Sequence,
+        split: str = "train",
+        num_frames: int = 8,
+        frame_stride: int = 1,
+        fps: float | None = None,
+        image_size: int = 32,
+        channels: int = 3,
+        backend: str = "auto",
+        on_bad_file: str = "skip",
+        max_frame_pixels: int = MAX_FRAME_PIXELS,
+        max_clip_pixels: int = MAX_CLIP_PIXELS,
+        max_member_bytes: int = MAX_MEMBER_BYTES,
+        max_classes: int = MAX_CLASSES,
+        store: ObjectStore | None = None,
+    ):
         check_clip_options(num_frames, frame_stride, fps, channels, backend, max_frame_pixels, max_clip_pixels)
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
@@ -487,6 +573,14 @@ class VideoShards(ShardDataset):
 
     def decode(self, source: BinaryIO) -> Tensor:
         """frames: [T, C, S, S]"""
-        frames = read_clip(source, self.num_frames, self.frame_stride, self.fps, self.random_start, self.backend,
-                           self.max_frame_pixels, self.max_clip_pixels)
+        frames = read_clip(
+            source,
+            self.num_frames,
+            self.frame_stride,
+            self.fps,
+            self.random_start,
+            self.backend,
+            self.max_frame_pixels,
+            self.max_clip_pixels,
+        )
         return frames_to_tensor(frames, self.image_size, self.channels)

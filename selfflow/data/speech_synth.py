@@ -1,12 +1,15 @@
 """Speech synthesis with espeak-ng, bundled by the `espeakng-loader` wheel and called through ctypes."""
+
 from __future__ import annotations
 
 import ctypes
 
 import numpy as np
 
-MISSING = ("the built-in spoken digits need the espeak-ng speech synthesiser, which the espeakng-loader package "
-           "bundles: pip install espeakng-loader (or use data=audio_folder data.root=PATH with your own recordings)")
+MISSING = (
+    "the built-in spoken digits need the espeak-ng speech synthesiser, which the espeakng-loader package "
+    "bundles: pip install espeakng-loader (or use data=audio_folder data.root=PATH with your own recordings)"
+)
 
 AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
 PARAMETER = {"rate": 1, "volume": 2, "pitch": 3, "range": 4}  # espeak_PARAMETER values
@@ -26,10 +29,19 @@ class Espeak:
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
         self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
         self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
-        self.lib.espeak_Synth.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int,
-                                          ctypes.c_uint, ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
-        self.sample_rate = self.lib.espeak_Initialize(AUDIO_OUTPUT_SYNCHRONOUS, 0,
-                                                      espeakng_loader.get_data_path().encode(), 0)
+        self.lib.espeak_Synth.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_uint,
+            ctypes.c_int,
+            ctypes.c_uint,
+            ctypes.c_uint,
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+        ]
+        self.sample_rate = self.lib.espeak_Initialize(
+            AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
+        )
         if self.sample_rate <= 0:
             raise RuntimeError(f"espeak-ng failed to initialise from {espeakng_loader.get_data_path()}")
         self._chunks: list[np.ndarray] = []

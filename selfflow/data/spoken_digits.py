@@ -1,5 +1,6 @@
 """Built-in audio data: the words "zero" to "nine" spoken by espeak-ng in several voices, speeds and pitches,
 synthesised once into a cache folder as WAV files at the configured rate and read back through AudioFolder."""
+
 from __future__ import annotations
 
 import math
@@ -24,8 +25,9 @@ def voice_name(voice: str) -> str:
     return voice.replace("+", "-").replace("_", "-")
 
 
-def synthesise_spoken_digits(folder: Path, voices: list[str], takes: int, test_takes: int, sample_rate: int,
-                             seed: int) -> None:
+def synthesise_spoken_digits(
+    folder: Path, voices: list[str], takes: int, test_takes: int, sample_rate: int, seed: int
+) -> None:
     """`takes` utterances per (digit, voice) at random speed and pitch, written at `sample_rate` (resampled in
     one batch: torchaudio resamples a batch far faster than clip by clip); the last `test_takes` go to test/."""
     from selfflow.data.speech_synth import Espeak
@@ -54,18 +56,44 @@ class SpokenDigits(AudioFolder):
     needs the espeakng-loader package only then.
     """
 
-    def __init__(self, split: str = "train", label: str = "digit", sample_rate: int = 8000, duration: float = 1.0,
-                 voices: list[str] | tuple[str, ...] = VOICES, takes: int = 12, test_takes: int = 2, seed: int = 0,
-                 cache_dir: str | None = None, on_bad_file: str = "skip"):
+    def __init__(
+        self,
+        split: str = "train",
+        label: str = "digit",
+        sample_rate: int = 8000,
+        duration: float = 1.0,
+        voices: list[str] | tuple[str, ...] = VOICES,
+        takes: int = 12,
+        test_takes: int = 2,
+        seed: int = 0,
+        cache_dir: str | None = None,
+        on_bad_file: str = "skip",
+    ):
         if label not in LABELS:
             raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
         if not 0 < test_takes < takes:
             raise ValueError(f"data.dataset.test_takes={test_takes} must be between 1 and takes - 1 = {takes - 1}")
         voices = list(voices)
-        parameters = {"version": 1, "voices": voices, "takes": takes, "test_takes": test_takes,
-                      "sample_rate": sample_rate, "seed": seed}
+        parameters = {
+            "version": 1,
+            "voices": voices,
+            "takes": takes,
+            "test_takes": test_takes,
+            "sample_rate": sample_rate,
+            "seed": seed,
+        }
         root = cached_folder(
-            "spoken_digits", parameters,
-            lambda folder: synthesise_spoken_digits(folder, voices, takes, test_takes, sample_rate, seed), cache_dir)
-        super().__init__(str(root), split, sample_rate=sample_rate, duration=duration, on_bad_file=on_bad_file,
-                         name_pattern=NAME_PATTERN, label_field=label)
+            "spoken_digits",
+            parameters,
+            lambda folder: synthesise_spoken_digits(folder, voices, takes, test_takes, sample_rate, seed),
+            cache_dir,
+        )
+        super().__init__(
+            str(root),
+            split,
+            sample_rate=sample_rate,
+            duration=duration,
+            on_bad_file=on_bad_file,
+            name_pattern=NAME_PATTERN,
+            label_field=label,
+        )

@@ -6,6 +6,7 @@ other content is refused by name, while the same VAE in another folder is accept
 
 Needs the optional extra: pip install 'selfflow[vae]'.
 """
+
 from __future__ import annotations
 
 import functools
@@ -25,9 +26,11 @@ def vae_folder(folder: str | os.PathLike, key: str = "vae") -> Path:
     """The resolved folder, refused in one line (naming the config `key`) unless it holds a diffusers VAE."""
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{key}={path} is not a diffusers AutoencoderKL folder (no config.json); save one "
-                                f"with AutoencoderKL.save_pretrained(folder) and pass that folder (nothing is "
-                                f"downloaded)")
+        raise FileNotFoundError(
+            f"{key}={path} is not a diffusers AutoencoderKL folder (no config.json); save one "
+            f"with AutoencoderKL.save_pretrained(folder) and pass that folder (nothing is "
+            f"downloaded)"
+        )
     if (path / "config.json").stat().st_size > MAX_CONFIG_BYTES:
         raise ValueError(f"{key}={path}: config.json is larger than {MAX_CONFIG_BYTES} bytes; not a VAE config")
     return path.resolve()
@@ -57,8 +60,10 @@ def check_fingerprint(folder: str | os.PathLike, expected: str | None, key: str 
     """The folder's fingerprint; a different one than `expected` (when given) is refused in one line."""
     found = vae_fingerprint(folder, key)
     if expected is not None and found != expected:
-        raise ValueError(f"{key}={folder} holds another VAE (fingerprint {found[:16]}) than the one this model was "
-                         f"trained with ({str(expected)[:16]}); point {key} at that VAE's folder")
+        raise ValueError(
+            f"{key}={folder} holds another VAE (fingerprint {found[:16]}) than the one this model was "
+            f"trained with ({str(expected)[:16]}); point {key} at that VAE's folder"
+        )
     return found
 
 
@@ -72,8 +77,10 @@ def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):
     try:
         vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, KeyError) as error:
-        raise ValueError(f"{key}={path}: cannot load a diffusers AutoencoderKL ({type(error).__name__}: "
-                         f"{str(error).splitlines()[0] if str(error) else ''})") from error
+        raise ValueError(
+            f"{key}={path}: cannot load a diffusers AutoencoderKL ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
     return vae.eval().requires_grad_(False)
 
 
@@ -85,8 +92,9 @@ def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
         blocks = json.loads(path.read_text())["block_out_channels"]
         return 2 ** (len(blocks) - 1)
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"{key}={folder}: {path} has no list block_out_channels ({error}); not an AutoencoderKL "
-                         f"config") from error
+        raise ValueError(
+            f"{key}={folder}: {path} has no list block_out_channels ({error}); not an AutoencoderKL config"
+        ) from error
 
 
 def point_vae_keys(config, folder: str | os.PathLike) -> None:
@@ -105,6 +113,8 @@ def check_stored_fingerprints(tokenizers: dict[str, Any], stored_config: dict[st
         ours = getattr(tokenizer, "fingerprint", None)
         theirs = (stored.get(modality) or {}).get("fingerprint")
         if ours and theirs and ours != theirs:
-            raise ValueError(f"{source} was trained with another VAE (fingerprint {theirs[:16]}) than "
-                             f"tokenizer.{modality}.vae={tokenizer.vae_path} ({ours[:16]}); point "
-                             f"tokenizer.{modality}.vae at the VAE the run was trained with")
+            raise ValueError(
+                f"{source} was trained with another VAE (fingerprint {theirs[:16]}) than "
+                f"tokenizer.{modality}.vae={tokenizer.vae_path} ({ours[:16]}); point "
+                f"tokenizer.{modality}.vae at the VAE the run was trained with"
+            )

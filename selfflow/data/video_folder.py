@@ -1,30 +1,48 @@
 """Video folder dataset: clips of `num_frames` frames as [T, C, S, S] in [0, 1], labelled like any sample files."""
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO, Sequence
+from typing import BinaryIO
 
 from torch import Tensor
 
 from selfflow.data.buckets import parse_lengths
 from selfflow.data.file_dataset import LabelledFileDataset
-from selfflow.data.video_io import (MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_BACKENDS, VIDEO_EXTENSIONS,
-                                     clip_frames_available, frames_to_tensor, read_clip)
+from selfflow.data.video_io import (
+    MAX_CLIP_PIXELS,
+    MAX_FRAME_PIXELS,
+    VIDEO_BACKENDS,
+    VIDEO_EXTENSIONS,
+    clip_frames_available,
+    frames_to_tensor,
+    read_clip,
+)
 
 
-def check_clip_options(num_frames: int, frame_stride: int, fps: float | None, channels: int, backend: str,
-                       max_frame_pixels: int = MAX_FRAME_PIXELS, max_clip_pixels: int = MAX_CLIP_PIXELS) -> None:
+def check_clip_options(
+    num_frames: int,
+    frame_stride: int,
+    fps: float | None,
+    channels: int,
+    backend: str,
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
+    max_clip_pixels: int = MAX_CLIP_PIXELS,
+) -> None:
     """Start-up errors for a video dataset's clip options, naming the key."""
     if channels not in (1, 3):
         raise ValueError(f"data.dataset.channels={channels} must be 1 (grey) or 3 (RGB)")
     if num_frames < 1 or frame_stride < 1 or (fps is not None and fps <= 0):
-        raise ValueError(f"data.dataset.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be "
-                         f"positive")
+        raise ValueError(
+            f"data.dataset.num_frames={num_frames}, frame_stride={frame_stride} and fps={fps} must be positive"
+        )
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"data.dataset.backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
     if max_frame_pixels < 1 or max_clip_pixels < 1:
-        raise ValueError(f"data.dataset.max_frame_pixels={max_frame_pixels} and max_clip_pixels={max_clip_pixels} "
-                         f"must be positive")
+        raise ValueError(
+            f"data.dataset.max_frame_pixels={max_frame_pixels} and max_clip_pixels={max_clip_pixels} must be positive"
+        )
 
 
 class VideoFolder(LabelledFileDataset):
@@ -43,20 +61,33 @@ class VideoFolder(LabelledFileDataset):
 
     length_bucket_key = "frame_counts"  # the bucket lengths' config key, in the tokenizer's `at_length` unit
 
-    def __init__(self, root: str, split: str = "train", num_frames: int = 8, frame_stride: int = 1,
-                 fps: float | None = None, image_size: int = 32, channels: int = 3, test_fraction: float = 0.1,
-                 seed: int = 0, on_bad_file: str = "skip", manifest: str | None = None,
-                 name_pattern: str | None = None, label_field: str | None = None, backend: str = "auto",
-                 frame_counts: Sequence[int] | None = None, max_frame_pixels: int = MAX_FRAME_PIXELS,
-                 max_clip_pixels: int = MAX_CLIP_PIXELS):
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        num_frames: int = 8,
+        frame_stride: int = 1,
+        fps: float | None = None,
+        image_size: int = 32,
+        channels: int = 3,
+        test_fraction: float = 0.1,
+        seed: int = 0,
+        on_bad_file: str = "skip",
+        manifest: str | None = None,
+        name_pattern: str | None = None,
+        label_field: str | None = None,
+        backend: str = "auto",
+        frame_counts: Sequence[int] | None = None,
+        max_frame_pixels: int = MAX_FRAME_PIXELS,
+        max_clip_pixels: int = MAX_CLIP_PIXELS,
+    ):
         check_clip_options(num_frames, frame_stride, fps, channels, backend, max_frame_pixels, max_clip_pixels)
         counts = parse_lengths(frame_counts, self.length_bucket_key)
         if counts and any(count != int(count) for count in counts):
             raise ValueError(f"data.dataset.frame_counts={list(frame_counts)} must be whole numbers of frames")
         # the test split stays `num_frames` frames
         self.frame_counts = [int(count) for count in counts] if counts and split == "train" else None
-        files = self.find_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern,
-                                label_field)
+        files = self.find_files(root, split, VIDEO_EXTENSIONS, test_fraction, seed, manifest, name_pattern, label_field)
         super().__init__(files, on_bad_file)
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
@@ -70,8 +101,16 @@ class VideoFolder(LabelledFileDataset):
 
     def load_at_length(self, path: Path | BinaryIO, length: float) -> Tensor:
         """frames: [T = length, C, S, S] in [0, 1]"""
-        frames = read_clip(path, int(length), self.frame_stride, self.fps, self.random_start, self.backend,
-                           self.max_frame_pixels, self.max_clip_pixels)
+        frames = read_clip(
+            path,
+            int(length),
+            self.frame_stride,
+            self.fps,
+            self.random_start,
+            self.backend,
+            self.max_frame_pixels,
+            self.max_clip_pixels,
+        )
         return frames_to_tensor(frames, self.image_size, self.channels)
 
     def load(self, path: Path | BinaryIO) -> Tensor:

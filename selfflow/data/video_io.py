@@ -1,4 +1,5 @@
 """Reading clips from video files (decord, PyAV as the fallback) and writing H.264 MP4 files (PyAV)."""
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,10 @@ def clip_indices(total: int, num_frames: int, step: float, random_start: bool) -
     (training) or centred in the video (evaluation)."""
     needed = math.floor((num_frames - 1) * step) + 1
     if total < needed:
-        raise UnusableSample(f"video has {total} frames; a clip of {num_frames} frames {step:g} apart needs {needed}"
-                             f" (lower data.dataset.num_frames or the frame stride)")
+        raise UnusableSample(
+            f"video has {total} frames; a clip of {num_frames} frames {step:g} apart needs {needed}"
+            f" (lower data.dataset.num_frames or the frame stride)"
+        )
     room = total - needed
     first = float(torch.randint(0, room + 1, ())) if random_start else room / 2
     return np.minimum(np.floor(first + np.arange(num_frames) * step + 1e-6).astype(np.int64), total - 1)
@@ -59,11 +62,15 @@ def check_frame_size(width: int, height: int, num_frames: int, max_frame_pixels:
     if width <= 0 or height <= 0:
         raise UnusableSample("its video stream gives no frame size")
     if width * height > max_frame_pixels:
-        raise UnusableSample(f"frames of {width}x{height} pixels are more than data.dataset.max_frame_pixels="
-                             f"{max_frame_pixels}; raise it to read such videos")
+        raise UnusableSample(
+            f"frames of {width}x{height} pixels are more than data.dataset.max_frame_pixels="
+            f"{max_frame_pixels}; raise it to read such videos"
+        )
     if num_frames * width * height > max_clip_pixels:
-        raise UnusableSample(f"a clip of {num_frames} frames of {width}x{height} pixels is more than "
-                             f"data.dataset.max_clip_pixels={max_clip_pixels}; raise it or lower num_frames")
+        raise UnusableSample(
+            f"a clip of {num_frames} frames of {width}x{height} pixels is more than "
+            f"data.dataset.max_clip_pixels={max_clip_pixels}; raise it or lower num_frames"
+        )
 
 
 def _checked_stream(container, num_frames: int, max_frame_pixels: int, max_clip_pixels: int):
@@ -71,8 +78,9 @@ def _checked_stream(container, num_frames: int, max_frame_pixels: int, max_clip_
     if not container.streams.video:
         raise UnusableSample("file has no video stream")
     stream = container.streams.video[0]
-    check_frame_size(stream.codec_context.width, stream.codec_context.height, num_frames, max_frame_pixels,
-                     max_clip_pixels)
+    check_frame_size(
+        stream.codec_context.width, stream.codec_context.height, num_frames, max_frame_pixels, max_clip_pixels
+    )
     return stream
 
 
@@ -85,13 +93,13 @@ def _check_header(source: Path | BinaryIO, num_frames: int, max_frame_pixels: in
             _checked_stream(container, num_frames, max_frame_pixels, max_clip_pixels)
     except UnusableSample:
         raise
-    except Exception as error:  # noqa: BLE001 - an unreadable header makes the file unusable
-        raise UnusableSample(f"cannot read its container header ({type(error).__name__}: {str(error)[:120]})"
-                             ) from None
+    except Exception as error:
+        raise UnusableSample(f"cannot read its container header ({type(error).__name__}: {str(error)[:120]})") from None
 
 
-def _read_decord(source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None,
-                 random_start: bool) -> np.ndarray:
+def _read_decord(
+    source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None, random_start: bool
+) -> np.ndarray:
     import decord
 
     reader = decord.VideoReader(_rewound(source), num_threads=1)
@@ -100,8 +108,15 @@ def _read_decord(source: Path | BinaryIO, num_frames: int, frame_stride: int, fp
     return reader.get_batch(indices.tolist()).asnumpy()  # [T, H, W, 3] uint8
 
 
-def _read_pyav(source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None,
-               random_start: bool, max_frame_pixels: int, max_clip_pixels: int) -> np.ndarray:
+def _read_pyav(
+    source: Path | BinaryIO,
+    num_frames: int,
+    frame_stride: int,
+    fps: float | None,
+    random_start: bool,
+    max_frame_pixels: int,
+    max_clip_pixels: int,
+) -> np.ndarray:
     """Decode up to the clip's last frame, keeping only the clip's frames (memory does not grow with the video's
     length); a container without a frame count is decoded once to count them, keeping none."""
     import av
@@ -144,7 +159,7 @@ def clip_frames_available(path: str | os.PathLike, frame_stride: int = 1, fps: f
             if total <= 0 and container.duration:  # containers without a frame count (e.g. WebM): from duration
                 total = int(container.duration / 1_000_000 * rate)
             step = frame_step(rate, frame_stride, fps)
-    except Exception:  # noqa: BLE001 - unreadable, no video stream, no rate: the loader says why
+    except Exception:
         return 0
     return math.floor((total - 1) / step) + 1 if total > 0 else 0
 
@@ -163,9 +178,16 @@ def _byte_size(source: Path | BinaryIO) -> int:
     return source.seek(0, os.SEEK_END)
 
 
-def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_stride: int = 1, fps: float | None = None,
-              random_start: bool = False, backend: str = "auto", max_frame_pixels: int = MAX_FRAME_PIXELS,
-              max_clip_pixels: int = MAX_CLIP_PIXELS) -> np.ndarray:
+def read_clip(
+    source: str | os.PathLike | BinaryIO,
+    num_frames: int,
+    frame_stride: int = 1,
+    fps: float | None = None,
+    random_start: bool = False,
+    backend: str = "auto",
+    max_frame_pixels: int = MAX_FRAME_PIXELS,
+    max_clip_pixels: int = MAX_CLIP_PIXELS,
+) -> np.ndarray:
     """One clip of a video file as uint8 RGB frames [T, H, W, 3].
 
     `source` is a path or a seekable binary file (e.g. a tar shard member's bytes in a BytesIO), decoded in memory.
@@ -187,7 +209,7 @@ def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_strid
         return _read_decord(*args)
     except UnusableSample:
         raise
-    except Exception as decord_error:  # noqa: BLE001 - any decord failure: PyAV may still read the file
+    except Exception as decord_error:
         if backend == "decord" and isinstance(source, Path):
             raise
         if backend == "decord":  # decord's message on in-memory input quotes the input bytes: keep it short
@@ -196,9 +218,11 @@ def read_clip(source: str | os.PathLike | BinaryIO, num_frames: int, frame_strid
             return _read_pyav(*args, *limits)
         except UnusableSample:
             raise
-        except Exception as pyav_error:  # noqa: BLE001
-            raise UnusableSample(f"neither decord ({type(decord_error).__name__}: {str(decord_error)[:120]}) nor "
-                                 f"PyAV ({type(pyav_error).__name__}: {pyav_error}) can decode it") from pyav_error
+        except Exception as pyav_error:
+            raise UnusableSample(
+                f"neither decord ({type(decord_error).__name__}: {str(decord_error)[:120]}) nor "
+                f"PyAV ({type(pyav_error).__name__}: {pyav_error}) can decode it"
+            ) from pyav_error
 
 
 def frames_to_tensor(frames: np.ndarray, image_size: int, channels: int) -> Tensor:
@@ -218,7 +242,7 @@ def _frame_to_tensor(frame: np.ndarray, image_size: int, channels: int) -> Tenso
     if size != (h, w):
         image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
     top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
-    return image[0, :, top:top + image_size, left:left + image_size].clamp(0, 1)
+    return image[0, :, top : top + image_size, left : left + image_size].clamp(0, 1)
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, crf: int = 12) -> Path:
@@ -235,8 +259,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, crf: int 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with av.open(str(path), mode="w") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001),
-                                      options={"crf": str(crf)})
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": str(crf)})
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for frame in frames:

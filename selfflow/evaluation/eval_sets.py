@@ -5,6 +5,7 @@ As in ADM's evaluator, statistics stored in a file take precedence over those of
 the per-image features for precision, recall and the Inception Score. A statistics file written here also holds the
 pool_3 features (`pool_features` [N, 2048], 8 KB per image), so that reusing it keeps precision and recall.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,19 +14,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from selfflow.data.npz_arrays import iter_rows, npz_header, npz_keys, read_small_array
 from selfflow.evaluation.image_batches import IMAGES_KEY, MAX_IMAGES, ImageSource, folder_images, npz_images
 from selfflow.evaluation.inception import POOL_DIM, SPATIAL_DIM, InceptionExtractor, InceptionFeatures
-from selfflow.data.npz_arrays import iter_rows, npz_header, npz_keys, read_small_array
 from selfflow.evaluation.standard_metrics import EvalSet, GaussianStats
 
 POOL_STATS_KEYS, SPATIAL_STATS_KEYS = ("mu", "sigma"), ("mu_s", "sigma_s")
-SHAPES = {"mu": (POOL_DIM,), "sigma": (POOL_DIM, POOL_DIM), "mu_s": (SPATIAL_DIM,),
-          "sigma_s": (SPATIAL_DIM, SPATIAL_DIM)}
+SHAPES = {
+    "mu": (POOL_DIM,),
+    "sigma": (POOL_DIM, POOL_DIM),
+    "mu_s": (SPATIAL_DIM,),
+    "sigma_s": (SPATIAL_DIM, SPATIAL_DIM),
+}
 POOL_FEATURES_KEY = "pool_features"
 
 
-def extract_features(source: ImageSource, extractor: InceptionExtractor, batch_size: int,
-                     progress: bool = False) -> InceptionFeatures:
+def extract_features(
+    source: ImageSource, extractor: InceptionExtractor, batch_size: int, progress: bool = False
+) -> InceptionFeatures:
     from rich.progress import Progress
 
     parts = []
@@ -48,24 +54,43 @@ def _stored_pool_features(path: Path, keys: set[str]) -> torch.Tensor | None:
         return None
     header = npz_header(path, POOL_FEATURES_KEY)
     if len(header.shape) != 2 or header.shape[1] != POOL_DIM or not 1 <= header.shape[0] <= MAX_IMAGES:
-        raise ValueError(f"{path}[{POOL_FEATURES_KEY}] is {list(header.shape)}; it must be [N <= {MAX_IMAGES}, "
-                         f"{POOL_DIM}] pool_3 features")
+        raise ValueError(
+            f"{path}[{POOL_FEATURES_KEY}] is {list(header.shape)}; it must be [N <= {MAX_IMAGES}, "
+            f"{POOL_DIM}] pool_3 features"
+        )
     if header.dtype != np.float32:
         raise ValueError(f"{path}[{POOL_FEATURES_KEY}] is {header.dtype}; it must be float32")
     return torch.from_numpy(np.concatenate(list(iter_rows(path, POOL_FEATURES_KEY, 10000, header))))
 
 
-def of_images(source: ImageSource, extractor: InceptionExtractor, batch_size: int, progress: bool = False,
-              pool_stats: GaussianStats | None = None, spatial_stats: GaussianStats | None = None) -> EvalSet:
+def of_images(
+    source: ImageSource,
+    extractor: InceptionExtractor,
+    batch_size: int,
+    progress: bool = False,
+    pool_stats: GaussianStats | None = None,
+    spatial_stats: GaussianStats | None = None,
+) -> EvalSet:
     """The features of every image, and their statistics unless stored ones are given."""
     features = extract_features(source, extractor, batch_size, progress)
-    return EvalSet(source.name, pool_stats or GaussianStats.of(features.pool),
-                   spatial_stats or GaussianStats.of(features.spatial), features.pool, features.logits,
-                   len(features), source.size)
+    return EvalSet(
+        source.name,
+        pool_stats or GaussianStats.of(features.pool),
+        spatial_stats or GaussianStats.of(features.spatial),
+        features.pool,
+        features.logits,
+        len(features),
+        source.size,
+    )
 
 
-def load_eval_set(path: str | os.PathLike, extractor: InceptionExtractor, batch_size: int = 64,
-                  size: tuple[int, int] | None = None, progress: bool = False) -> EvalSet:
+def load_eval_set(
+    path: str | os.PathLike,
+    extractor: InceptionExtractor,
+    batch_size: int = 64,
+    size: tuple[int, int] | None = None,
+    progress: bool = False,
+) -> EvalSet:
     """An .npz (images, statistics, or both) or a folder of images (at `size`, see `folder_images`)."""
     path = Path(path).expanduser()
     if path.is_dir():
@@ -78,8 +103,10 @@ def load_eval_set(path: str | os.PathLike, extractor: InceptionExtractor, batch_
     if IMAGES_KEY in keys:
         return of_images(npz_images(path), extractor, batch_size, progress, pool_stats, spatial_stats)
     if pool_stats is None:
-        raise ValueError(f"{path} holds neither images ({IMAGES_KEY}: uint8 [N, H, W, 3]) nor statistics (mu, "
-                         f"sigma[, mu_s, sigma_s]); its arrays: {sorted(keys)}")
+        raise ValueError(
+            f"{path} holds neither images ({IMAGES_KEY}: uint8 [N, H, W, 3]) nor statistics (mu, "
+            f"sigma[, mu_s, sigma_s]); its arrays: {sorted(keys)}"
+        )
     pool = _stored_pool_features(path, keys)
     return EvalSet(str(path), pool_stats, spatial_stats, pool=pool, count=None if pool is None else len(pool))
 
@@ -100,8 +127,12 @@ def write_stats(eval_set: EvalSet, path: str | os.PathLike) -> Path:
     path = Path(path).expanduser()
     if path.suffix != ".npz":
         raise ValueError(f"ref_stats_out={path} must end in .npz")
-    arrays = {"mu": eval_set.pool_stats.mu, "sigma": eval_set.pool_stats.sigma,
-              "mu_s": eval_set.spatial_stats.mu, "sigma_s": eval_set.spatial_stats.sigma}
+    arrays = {
+        "mu": eval_set.pool_stats.mu,
+        "sigma": eval_set.pool_stats.sigma,
+        "mu_s": eval_set.spatial_stats.mu,
+        "sigma_s": eval_set.spatial_stats.sigma,
+    }
     if eval_set.pool is not None:
         arrays[POOL_FEATURES_KEY] = eval_set.pool.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)

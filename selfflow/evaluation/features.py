@@ -3,6 +3,7 @@ over each sample's valid tokens, with an on-disk cache so that a second probe on
 
 Layer 0 stands for the tokenizer's own output (pixels, frames, mel patches): the input baseline of a probe.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -21,7 +22,6 @@ from selfflow.data.collate import collate_samples
 from selfflow.flow.path import interpolate
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import default_layers
-
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import Condition
 
@@ -52,8 +52,10 @@ def check_layers(layers: Iterable[int], depth: int) -> list[int]:
     layers = sorted({int(layer) for layer in layers})
     bad = [layer for layer in layers if not 1 <= layer <= depth]
     if bad or not layers:
-        raise ValueError(f"layers={bad or layers} out of range: this model has blocks 1..{depth} "
-                         f"(1-based); pass layers=[...] within that range or leave it null for the defaults")
+        raise ValueError(
+            f"layers={bad or layers} out of range: this model has blocks 1..{depth} "
+            f"(1-based); pass layers=[...] within that range or leave it null for the defaults"
+        )
     return layers
 
 
@@ -80,8 +82,9 @@ def padding_mask(valid: Tensor | None) -> Tensor | None:
 
 def probe_loader(dataset: Dataset, modality: str, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
     """A fixed-order loader: the same samples in the same order every time, so the seeded noise repeats."""
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_samples(modality))
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples(modality)
+    )
 
 
 def _stack(parts: list[Tensor], valids: list[Tensor]) -> tuple[Tensor, Tensor]:
@@ -93,9 +96,17 @@ def _stack(parts: list[Tensor], valids: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, loader: Iterable,
-                     layers: Sequence[int], levels: Sequence[float], pool: str = "mean", seed: int = 0,
-                     progress: bool = False, description: str = "features") -> dict[tuple[int, float], Features]:
+def extract_features(
+    model: SelfFlowTransformer | None,
+    tokenizer: Tokenizer,
+    loader: Iterable,
+    layers: Sequence[int],
+    levels: Sequence[float],
+    pool: str = "mean",
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "features",
+) -> dict[tuple[int, float], Features]:
     """Features at every (layer, level): one backbone forward per batch and level covers all layers.
 
     The noise is drawn once per batch from a generator seeded with `seed` (the same for every level and run),
@@ -121,8 +132,9 @@ def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, lo
             continue
         tokens = tokenizer.encode(batch["data"].to(device))
         x0 = tokens.x.float()  # [B, N, C]
-        valid = tokens.valid if tokens.valid is not None else torch.ones(x0.shape[:2], dtype=torch.bool,
-                                                                         device=x0.device)
+        valid = (
+            tokens.valid if tokens.valid is not None else torch.ones(x0.shape[:2], dtype=torch.bool, device=x0.device)
+        )
         noise = torch.randn(x0.shape, generator=generator).to(device)
         batch_size = x0.shape[0]
         for level in levels:
@@ -130,9 +142,19 @@ def extract_features(model: SelfFlowTransformer | None, tokenizer: Tokenizer, lo
             x_t = interpolate(x0, noise, t)
             hidden = {INPUT_LAYER: x_t}
             if blocks:
-                hidden.update(model(x_t, t[:, None], None, tokens.pos, Condition(), tokens.modality,
-                                    attn_mask=padding_mask(tokens.valid),
-                                    hidden_layers=blocks, stop_after=max(blocks)).hidden)
+                hidden.update(
+                    model(
+                        x_t,
+                        t[:, None],
+                        None,
+                        tokens.pos,
+                        Condition(),
+                        tokens.modality,
+                        attn_mask=padding_mask(tokens.valid),
+                        hidden_layers=blocks,
+                        stop_after=max(blocks),
+                    ).hidden
+                )
             for layer in layers:
                 h = hidden[layer].float()  # [B, N, D]
                 parts[(layer, float(level))].append((mean_pool(h, valid) if pool == "mean" else h).cpu())
@@ -171,7 +193,7 @@ class FeatureCache:
             return None
         try:
             stored = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001 - a truncated or foreign file is recomputed, not trusted
+        except Exception:
             self.misses += 1
             return None
         if stored.get("key") != json.dumps(key, sort_keys=True, default=str):
@@ -184,21 +206,38 @@ class FeatureCache:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".tmp")
-        torch.save({"key": json.dumps(key, sort_keys=True, default=str), "x": features.x,
-                    "labels": features.labels, "valid": features.valid}, partial)
+        torch.save(
+            {
+                "key": json.dumps(key, sort_keys=True, default=str),
+                "x": features.x,
+                "labels": features.labels,
+                "valid": features.valid,
+            },
+            partial,
+        )
         os.replace(partial, path)  # readers never see half a file
         return path
 
 
-def cached_features(cache: FeatureCache | None, source: dict, model: SelfFlowTransformer | None,
-                    tokenizer: Tokenizer, loader: Iterable, layers: Sequence[int], levels: Sequence[float],
-                    pool: str = "mean", seed: int = 0, progress: bool = False,
-                    description: str = "features") -> dict[tuple[int, float], Features]:
+def cached_features(
+    cache: FeatureCache | None,
+    source: dict,
+    model: SelfFlowTransformer | None,
+    tokenizer: Tokenizer,
+    loader: Iterable,
+    layers: Sequence[int],
+    levels: Sequence[float],
+    pool: str = "mean",
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "features",
+) -> dict[tuple[int, float], Features]:
     """`extract_features` through the cache: only the levels with a missing (layer, level) run a forward.
 
     source: what identifies the features besides layer, level and pool (checkpoint digest, weights, dataset
     config, split, seed); without a cache everything is extracted.
     """
+
     def key(layer: int, level: float) -> dict:
         return {**source, "layer": int(layer), "level": float(level), "pool": pool, "seed": seed}
 

@@ -3,6 +3,7 @@
 FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), computed in float64 through symmetric
 eigen-decompositions (no scipy, no complex matrix square roots).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ class FeatureStats:
     count: int
 
     @classmethod
-    def of(cls, features: Tensor) -> "FeatureStats":
+    def of(cls, features: Tensor) -> FeatureStats:
         """features: [N, D] with N >= 2."""
         if features.dim() != 2 or features.shape[0] < 2:
-            raise ValueError(f"feature statistics need [N >= 2, D] features, got {list(features.shape)}; "
-                             f"generate more samples (num_samples)")
+            raise ValueError(
+                f"feature statistics need [N >= 2, D] features, got {list(features.shape)}; "
+                f"generate more samples (num_samples)"
+            )
         x = features.detach().double().cpu()
         return cls(x.mean(0), torch.cov(x.T).reshape(x.shape[1], x.shape[1]), x.shape[0])
 
@@ -39,8 +42,10 @@ def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -
     """Frechet distance between N(mean1, cov1) and N(mean2, cov2)."""
     mean1, cov1, mean2, cov2 = (t.double().cpu() for t in (mean1, cov1, mean2, cov2))
     if mean1.shape != mean2.shape or cov1.shape != cov2.shape:
-        raise ValueError(f"feature sizes differ: {tuple(mean1.shape)} vs {tuple(mean2.shape)}; compare features "
-                         f"from the same extractor")
+        raise ValueError(
+            f"feature sizes differ: {tuple(mean1.shape)} vs {tuple(mean2.shape)}; compare features "
+            f"from the same extractor"
+        )
     root1 = _sqrt_psd(cov1)
     cross = torch.linalg.eigvalsh(root1 @ cov2 @ root1).clamp_min(0).sqrt().sum()
     value = (mean1 - mean2).square().sum() + cov1.trace() + cov2.trace() - 2 * cross

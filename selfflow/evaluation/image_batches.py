@@ -5,6 +5,7 @@ A folder's images are taken as they are when they have the evaluation size; any 
 to that size (guided-diffusion `center_crop_arr`, with which its ImageNet reference batches were made): box-filter
 halving while the short side is at least twice the size, bicubic resize of the short side to the size, centre crop.
 """
+
 from __future__ import annotations
 
 import os
@@ -13,10 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from selfflow.data.files import _files_below
 from selfflow.data.adm_crop import adm_center_crop
+from selfflow.data.files import _files_below
 from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8bit
 from selfflow.data.npz_arrays import ArrayHeader, iter_rows, npz_header
 
@@ -38,18 +38,26 @@ def check_images_header(path: str | os.PathLike, header: ArrayHeader) -> ArrayHe
     """arr_0 must be uint8 [N, H, W, 3] with sizes in bounds, checked before any pixel is read."""
     shape = header.shape
     if len(shape) != 4 or shape[3] != 3 or header.dtype != np.uint8:
-        raise ValueError(f"{path}[{IMAGES_KEY}] is {header.dtype} {list(shape)}; images must be uint8 [N, H, W, 3] "
-                         f"(RGB, 0..255), as selfflow-sample's samples.npz and the ADM reference batches store them")
+        raise ValueError(
+            f"{path}[{IMAGES_KEY}] is {header.dtype} {list(shape)}; images must be uint8 [N, H, W, 3] "
+            f"(RGB, 0..255), as selfflow-sample's samples.npz and the ADM reference batches store them"
+        )
     if not 1 <= shape[0] <= MAX_IMAGES or shape[1] * shape[2] > MAX_PIXELS or min(shape[1:3]) < 1:
-        raise ValueError(f"{path}[{IMAGES_KEY}] claims {shape[0]} images of {shape[1]}x{shape[2]} pixels; "
-                         f"between 1 and {MAX_IMAGES} images of at most {MAX_PIXELS} pixels are accepted")
+        raise ValueError(
+            f"{path}[{IMAGES_KEY}] claims {shape[0]} images of {shape[1]}x{shape[2]} pixels; "
+            f"between 1 and {MAX_IMAGES} images of at most {MAX_PIXELS} pixels are accepted"
+        )
     return header
 
 
 def npz_images(path: str | os.PathLike) -> ImageSource:
     header = check_images_header(path, npz_header(path, IMAGES_KEY))
-    return ImageSource(str(path), header.shape[0], header.shape[1:3],
-                       lambda batch_size: iter_rows(path, IMAGES_KEY, batch_size, header))
+    return ImageSource(
+        str(path),
+        header.shape[0],
+        header.shape[1:3],
+        lambda batch_size: iter_rows(path, IMAGES_KEY, batch_size, header),
+    )
 
 
 def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
@@ -60,8 +68,10 @@ def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
             if (image.height, image.width) == size:
                 return np.asarray(image)
             if size[0] != size[1]:
-                raise ValueError(f"it is {image.height}x{image.width}, and ADM's centre crop makes square images only: "
-                                 f"resize the folder to {size[0]}x{size[1]} first")
+                raise ValueError(
+                    f"it is {image.height}x{image.width}, and ADM's centre crop makes square images only: "
+                    f"resize the folder to {size[0]}x{size[1]} first"
+                )
             return np.asarray(adm_center_crop(image, size[0]))
     except (OSError, ValueError) as error:
         raise ValueError(f"reference image {path} cannot be used: {error}") from None
@@ -81,6 +91,6 @@ def folder_images(root: str | os.PathLike, size: tuple[int, int] | None) -> Imag
 
     def batches(batch_size: int) -> Iterator[np.ndarray]:
         for start in range(0, len(paths), batch_size):
-            yield np.stack([read_rgb(path, size) for path in paths[start:start + batch_size]])
+            yield np.stack([read_rgb(path, size) for path in paths[start : start + batch_size]])
 
     return ImageSource(str(root), len(paths), size, batches)

@@ -5,6 +5,7 @@ The network, its TensorFlow-1-exact bilinear resize to 299x299 and its input sca
 torch-fidelity's (`FeatureExtractorInceptionV3`); this module loads the weights safely and taps the spatial map.
 Nothing is ever downloaded: the library's download path needs a `None` weights path, which is never passed.
 """
+
 from __future__ import annotations
 
 import io
@@ -26,8 +27,10 @@ WEIGHTS_SHA256_PREFIX = "6726825d"  # the hash in the file names (torch hub's <n
 SPATIAL_MODULE = "Mixed_6d.branch1x1"
 SPATIAL_CHANNELS = 7
 POOL_DIM, SPATIAL_DIM, LOGITS_DIM = 2048, SPATIAL_CHANNELS * 17 * 17, 1008
-WEIGHTS_HINT = (f"it must be the FID Inception weights {WEIGHTS_FILE} (pytorch-fid's file; torch-fidelity's "
-                f"weights-inception-2015-12-05-6726825d.pth also works); see docs/evaluation.md to get it")
+WEIGHTS_HINT = (
+    f"it must be the FID Inception weights {WEIGHTS_FILE} (pytorch-fid's file; torch-fidelity's "
+    f"weights-inception-2015-12-05-6726825d.pth also works); see docs/evaluation.md to get it"
+)
 
 
 @dataclass
@@ -92,10 +95,11 @@ def read_weights(path: str | os.PathLike) -> dict[str, Tensor]:
         raise FileNotFoundError(f"inception={path}: no such file; {WEIGHTS_HINT}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable or unsafe file gets the same one line
+    except Exception as error:
         reason = " ".join(str(error).split())[:120]
-        raise ValueError(f"inception={path} is not a safe PyTorch weights file ({type(error).__name__}: "
-                         f"{reason}); {WEIGHTS_HINT}") from None
+        raise ValueError(
+            f"inception={path} is not a safe PyTorch weights file ({type(error).__name__}: {reason}); {WEIGHTS_HINT}"
+        ) from None
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"inception={path} holds no state dict of tensors; {WEIGHTS_HINT}")
     return state
@@ -119,8 +123,9 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
     torch.save(state, buffer)
     buffer.seek(0)
     try:
-        network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                              feature_extractor_weights_path=buffer)
+        network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=buffer
+        )
     except RuntimeError as error:  # load_state_dict: missing or unexpected keys, wrong shapes
         reason = " ".join(str(error).split())[:200]
         raise ValueError(f"inception={path} does not fit the FID InceptionV3 ({reason}...); {WEIGHTS_HINT}") from None

@@ -5,6 +5,7 @@ Heads are stacked into one tensor and updated with a hand-written SGD (momentum,
 decay), so twenty heads cost one batched matmul per step. With `pool="attentive"` features every head also learns
 one query that attention-pools the sample's tokens before its linear map (the query starts at zero: a mean).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,8 +35,10 @@ class ProbeFit:
 def check_num_classes(num_classes: int, what: str) -> None:
     """Unlabelled data (no classes at all) cannot be probed: stop before any feature is extracted."""
     if num_classes < 2:
-        raise ValueError(f"{what} has {num_classes} classes: a linear probe needs labelled data with at least 2 "
-                         f"classes (an image/audio/video folder with one sub-folder per class)")
+        raise ValueError(
+            f"{what} has {num_classes} classes: a linear probe needs labelled data with at least 2 "
+            f"classes (an image/audio/video folder with one sub-folder per class)"
+        )
 
 
 def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
@@ -43,8 +46,10 @@ def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
     check_num_classes(num_classes, what)
     unlabelled = int((labels < 0).sum())
     if unlabelled:
-        raise ValueError(f"{what} has {unlabelled} of {len(labels)} samples without a label (-1): a linear probe "
-                         f"needs every sample in a class sub-folder")
+        raise ValueError(
+            f"{what} has {unlabelled} of {len(labels)} samples without a label (-1): a linear probe "
+            f"needs every sample in a class sub-folder"
+        )
     if int(labels.max()) >= num_classes:
         raise ValueError(f"{what} has label {int(labels.max())} but only {num_classes} classes")
 
@@ -105,10 +110,20 @@ class HeadGrid:
         return correct / max(1, len(labels))
 
 
-def fit_linear_probe(train: Features, test: Features, num_classes: int,
-                     learning_rates: Sequence[float] = LEARNING_RATES, weight_decays: Sequence[float] = WEIGHT_DECAYS,
-                     epochs: int = 100, batch_size: int = 256, momentum: float = 0.9, val_fraction: float = 0.1,
-                     seed: int = 0, progress: bool = False, description: str = "probe") -> ProbeFit:
+def fit_linear_probe(
+    train: Features,
+    test: Features,
+    num_classes: int,
+    learning_rates: Sequence[float] = LEARNING_RATES,
+    weight_decays: Sequence[float] = WEIGHT_DECAYS,
+    epochs: int = 100,
+    batch_size: int = 256,
+    momentum: float = 0.9,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = False,
+    description: str = "probe",
+) -> ProbeFit:
     """Train the len(learning_rates) x len(weight_decays) grid at once and report the best head's test top-1.
 
     Deterministic under `seed` (validation split, batch order). Weight decay acts on the linear weights only.
@@ -118,8 +133,9 @@ def fit_linear_probe(train: Features, test: Features, num_classes: int,
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
     fit_index, val_index = validation_split(len(train.labels), val_fraction, seed)
-    fitting = Features(train.x[fit_index], train.labels[fit_index],
-                       None if train.valid is None else train.valid[fit_index])
+    fitting = Features(
+        train.x[fit_index], train.labels[fit_index], None if train.valid is None else train.valid[fit_index]
+    )
     standardize = Standardizer(fitting)
 
     def prepared(features: Features, index: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
@@ -153,11 +169,12 @@ def fit_linear_probe(train: Features, test: Features, num_classes: int,
     for _ in epoch_range:
         order = torch.randperm(len(fit_y), generator=generator)
         for start in range(0, len(order), batch_size):
-            index = order[start:start + batch_size]
+            index = order[start : start + batch_size]
             logits = heads.logits(fit_x[index], None if fit_valid is None else fit_valid[index])  # [H, B, K]
             # each head's mean cross-entropy; summed, so every head gets exactly its own gradient
-            loss = F.cross_entropy(rearrange(logits, "h b k -> (h b) k"), fit_y[index].repeat(len(grid)),
-                                   reduction="sum") / len(index)
+            loss = F.cross_entropy(
+                rearrange(logits, "h b k -> (h b) k"), fit_y[index].repeat(len(grid)), reduction="sum"
+            ) / len(index)
             grads = torch.autograd.grad(loss, heads.params)
             scale = lrs * 0.5 * (1 + math.cos(math.pi * step / total))  # [H] cosine-decayed rates
             with torch.no_grad():

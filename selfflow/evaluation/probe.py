@@ -2,6 +2,7 @@
 and the two baselines beside every number (a randomly initialised model of the same architecture, the pooled
 tokenizer input), so that a score is never read alone.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,8 +13,14 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from selfflow.evaluation.features import (INPUT_LAYER, FeatureCache, cached_features, check_layers, check_pool,
-                                          probe_loader)
+from selfflow.evaluation.features import (
+    INPUT_LAYER,
+    FeatureCache,
+    cached_features,
+    check_layers,
+    check_pool,
+    probe_loader,
+)
 from selfflow.evaluation.linear_probe import LEARNING_RATES, WEIGHT_DECAYS, check_num_classes, fit_linear_probe
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
@@ -82,39 +89,81 @@ def best_row(rows: Sequence[ProbeRow]) -> ProbeRow:
 
 def report(checkpoint: str, dataset: str, rows: Sequence[ProbeRow]) -> dict:
     """The probe.json document."""
-    return {"checkpoint": checkpoint, "dataset": dataset, "results": [asdict(r) for r in rows],
-            "best": asdict(best_row(rows))}
+    return {
+        "checkpoint": checkpoint,
+        "dataset": dataset,
+        "results": [asdict(r) for r in rows],
+        "best": asdict(best_row(rows)),
+    }
 
 
-def probe_representations(model: SelfFlowTransformer, tokenizer: Tokenizer, train_set: Dataset, test_set: Dataset,
-                          num_classes: int, layers: Sequence[int], noise_levels: Sequence[float],
-                          pool: str = "mean", *, seed: int = 0, heads: HeadOptions | None = None,
-                          cache: FeatureCache | None = None, sources: FeatureSources | None = None,
-                          feature_batch_size: int = 256, num_workers: int = 0, progress: bool = False,
-                          ) -> list[ProbeRow]:
+def probe_representations(
+    model: SelfFlowTransformer,
+    tokenizer: Tokenizer,
+    train_set: Dataset,
+    test_set: Dataset,
+    num_classes: int,
+    layers: Sequence[int],
+    noise_levels: Sequence[float],
+    pool: str = "mean",
+    *,
+    seed: int = 0,
+    heads: HeadOptions | None = None,
+    cache: FeatureCache | None = None,
+    sources: FeatureSources | None = None,
+    feature_batch_size: int = 256,
+    num_workers: int = 0,
+    progress: bool = False,
+) -> list[ProbeRow]:
     """Probe `model` at every (layer, level) with both baselines; the train split fits, the test split scores."""
     check_pool(pool)
     check_num_classes(num_classes, "the dataset")
     layers = check_layers(layers, model.depth)
     if not noise_levels or any(not 0.0 <= float(t) <= 1.0 for t in noise_levels):
-        raise ValueError(f"noise_levels={list(noise_levels)} must be a non-empty list of levels in [0, 1] "
-                         f"(0 = clean data, 1 = pure noise)")
+        raise ValueError(
+            f"noise_levels={list(noise_levels)} must be a non-empty list of levels in [0, 1] "
+            f"(0 = clean data, 1 = pure noise)"
+        )
     levels = [float(t) for t in noise_levels]
     heads = heads or HeadOptions()
     sources = sources or FeatureSources()
-    loaders = {split: probe_loader(dataset, tokenizer.modality, feature_batch_size, num_workers)
-               for split, dataset in (("train", train_set), ("test", test_set))}
+    loaders = {
+        split: probe_loader(dataset, tokenizer.modality, feature_batch_size, num_workers)
+        for split, dataset in (("train", train_set), ("test", test_set))
+    }
 
     def features(name: str, backbone, source: dict, wanted: Sequence[int]) -> dict[str, dict]:
-        return {split: cached_features(cache, {**source, "data": sources.data, "split": split}, backbone,
-                                       tokenizer, loader, wanted, levels, pool, seed, progress,
-                                       f"{name} features ({split})")
-                for split, loader in loaders.items()}
+        return {
+            split: cached_features(
+                cache,
+                {**source, "data": sources.data, "split": split},
+                backbone,
+                tokenizer,
+                loader,
+                wanted,
+                levels,
+                pool,
+                seed,
+                progress,
+                f"{name} features ({split})",
+            )
+            for split, loader in loaders.items()
+        }
 
     def score(per_split: dict[str, dict], key: tuple[int, float], name: str) -> float:
-        fit = fit_linear_probe(per_split["train"][key], per_split["test"][key], num_classes,
-                               heads.learning_rates, heads.weight_decays, heads.epochs, heads.batch_size,
-                               val_fraction=heads.val_fraction, seed=seed, progress=progress, description=name)
+        fit = fit_linear_probe(
+            per_split["train"][key],
+            per_split["test"][key],
+            num_classes,
+            heads.learning_rates,
+            heads.weight_decays,
+            heads.epochs,
+            heads.batch_size,
+            val_fraction=heads.val_fraction,
+            seed=seed,
+            progress=progress,
+            description=name,
+        )
         return fit.top1
 
     trained = features("model", model, {"source": "model", **sources.model}, [INPUT_LAYER, *layers])
@@ -125,7 +174,14 @@ def probe_representations(model: SelfFlowTransformer, tokenizer: Tokenizer, trai
         input_top1 = score(trained, (INPUT_LAYER, level), f"input t={level:g}")
         for layer in layers:
             key = (layer, level)
-            rows.append(ProbeRow(layer, level, pool, score(trained, key, f"layer {layer} t={level:g}"),
-                                 score(random, key, f"random-init layer {layer} t={level:g}"), input_top1))
+            rows.append(
+                ProbeRow(
+                    layer,
+                    level,
+                    pool,
+                    score(trained, key, f"layer {layer} t={level:g}"),
+                    score(random, key, f"random-init layer {layer} t={level:g}"),
+                    input_top1,
+                )
+            )
     return rows
-

@@ -1,5 +1,6 @@
 """Probing a checkpoint: its features on a data module (every modality of a joint run, or one), layer by layer,
 with the two baselines, written as probe.json. `selfflow-probe` builds the inputs and calls `probe_checkpoint`."""
+
 from __future__ import annotations
 
 import json
@@ -49,16 +50,19 @@ def pick_modalities(by_modality: dict, modality: str | None) -> dict:
     return {modality: by_modality[modality]}
 
 
-def probe_checkpoint(loaded: LoadedCheckpoint, data, data_config: dict, out_dir: Path, options: ProbeOptions,
-                     modality: str | None = None) -> dict[str, tuple[Path, dict]]:
+def probe_checkpoint(
+    loaded: LoadedCheckpoint, data, data_config: dict, out_dir: Path, options: ProbeOptions, modality: str | None = None
+) -> dict[str, tuple[Path, dict]]:
     """Probe `loaded` on the data module `data` (built from `data_config`, a plain dict that keys the feature cache)
     and write probe.json: {modality: (its path, the document)}. One modality (a single-modality run, or `modality`
     given): `out_dir/probe.json`; every modality of a joint run: `out_dir/<modality>/probe.json`."""
     chosen = pick_modalities(modality_sources(data), modality)
     for datamodule in chosen.values():
         if datamodule.modality not in loaded.tokenizers:
-            raise ValueError(f"data gives {datamodule.modality!r} samples but checkpoint {loaded.path} has tokenizers "
-                             f"for {sorted(loaded.tokenizers)} only; probe it on data of a modality it was trained on")
+            raise ValueError(
+                f"data gives {datamodule.modality!r} samples but checkpoint {loaded.path} has tokenizers "
+                f"for {sorted(loaded.tokenizers)} only; probe it on data of a modality it was trained on"
+            )
     results = {}
     for name, datamodule in chosen.items():
         path = (out_dir if len(chosen) == 1 else out_dir / name) / "probe.json"
@@ -80,17 +84,35 @@ def probe_data_module(loaded: LoadedCheckpoint, data_config: dict, datamodule, o
     data_key["modality"] = datamodule.modality
     stored_tokenizer = OmegaConf.to_container(loaded.config.tokenizer, resolve=True)
     sources = FeatureSources(
-        model={"checkpoint_sha256": file_digest(loaded.weights_file), "weights": options.weights,
-               "tokenizer": stored_tokenizer},
-        random_init={"architecture": OmegaConf.to_container(loaded.config.model, resolve=True),
-                     "token_channels": model.token_channels, "num_classes": model.num_classes,
-                     "tokenizer": stored_tokenizer},
+        model={
+            "checkpoint_sha256": file_digest(loaded.weights_file),
+            "weights": options.weights,
+            "tokenizer": stored_tokenizer,
+        },
+        random_init={
+            "architecture": OmegaConf.to_container(loaded.config.model, resolve=True),
+            "token_channels": model.token_channels,
+            "num_classes": model.num_classes,
+            "tokenizer": stored_tokenizer,
+        },
         data=data_key,
     )
     cache = FeatureCache(options.cache_dir) if options.cache_dir else None
-    rows = probe_representations(model, tokenizer, datamodule.train_set, datamodule.test_set,
-                                 datamodule.num_classes, layers, list(options.noise_levels), options.pool,
-                                 seed=options.seed, heads=options.heads, cache=cache, sources=sources,
-                                 feature_batch_size=options.batch_size, num_workers=options.num_workers,
-                                 progress=options.progress)
+    rows = probe_representations(
+        model,
+        tokenizer,
+        datamodule.train_set,
+        datamodule.test_set,
+        datamodule.num_classes,
+        layers,
+        list(options.noise_levels),
+        options.pool,
+        seed=options.seed,
+        heads=options.heads,
+        cache=cache,
+        sources=sources,
+        feature_batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        progress=options.progress,
+    )
     return report(str(Path(loaded.path).resolve()), describe_dataset(datamodule), rows)

@@ -2,6 +2,7 @@
 4); samples drawn for it are judged by a local reference classifier, and a prompt is followed when the classifier's
 answer is the prompt's class. `selfflow-prompt-following` runs it from the command line.
 """
+
 from __future__ import annotations
 
 import json
@@ -10,10 +11,14 @@ from pathlib import Path
 import torch
 
 # per modality: phrasings among the built-in captions' templates, and phrasings never in the training captions
-SEEN_TEMPLATES = {"image": ("a handwritten {word}", "the digit {word}"),
-                  "audio": ("a voice saying {word}", "someone says {word}")}
-UNSEEN_TEMPLATES = {"image": ("a picture of a {word}", "the digit {digit}", "number {digit} written with a pen"),
-                    "audio": ("a recording of the word {word}", "{word}, spoken out loud")}
+SEEN_TEMPLATES = {
+    "image": ("a handwritten {word}", "the digit {word}"),
+    "audio": ("a voice saying {word}", "someone says {word}"),
+}
+UNSEEN_TEMPLATES = {
+    "image": ("a picture of a {word}", "the digit {digit}", "number {digit} written with a pen"),
+    "audio": ("a recording of the word {word}", "{word}, spoken out loud"),
+}
 
 
 def default_prompts(class_names: list[str], modality: str = "image") -> list[tuple[str, int, bool]]:
@@ -21,8 +26,11 @@ def default_prompts(class_names: list[str], modality: str = "image") -> list[tup
     from selfflow.data.captions import class_words
 
     seen, unseen = SEEN_TEMPLATES[modality], UNSEEN_TEMPLATES[modality]
-    return [(template.format(**class_words(name)), label, template in seen)
-            for label, name in enumerate(class_names) for template in seen + unseen]
+    return [
+        (template.format(**class_words(name)), label, template in seen)
+        for label, name in enumerate(class_names)
+        for template in seen + unseen
+    ]
 
 
 def parse_prompt(spec: str, class_names: list[str]) -> tuple[str, int, None]:
@@ -39,33 +47,51 @@ def parse_prompt(spec: str, class_names: list[str]) -> tuple[str, int, None]:
 
 
 @torch.no_grad()
-def judge(ckpt: Path, classifier, prompts: list[tuple[str, int, bool | None]], per_prompt: int, steps: int,
-          cfg_scale: float, seed: int) -> tuple[list[dict], torch.Tensor]:
+def judge(
+    ckpt: Path,
+    classifier,
+    prompts: list[tuple[str, int, bool | None]],
+    per_prompt: int,
+    steps: int,
+    cfg_scale: float,
+    seed: int,
+) -> tuple[list[dict], torch.Tensor]:
     """Per-prompt results and the samples ([P * per_prompt, C, H, W] images or [P * per_prompt, 1, S] waves) of
     the reference classifier's modality; classifier: a loaded reference classifier."""
+    from selfflow.interop.checkpoint import load_checkpoint
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
     from selfflow.sampling.prompted import prompted_condition
     from selfflow.tokens import TEXT
-    from selfflow.interop.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt)
     modality = classifier.modality
     if TEXT not in loaded.tokenizers or modality not in loaded.tokenizers:
         experiment = {"image": "text_digits", "audio": "text_audio_digits"}[modality]
-        raise ValueError(f"{ckpt} is not a text-to-{modality} checkpoint, as the {modality} reference classifier "
-                         f"needs (its tokenizers: {sorted(loaded.tokenizers)}); train one with selfflow-train "
-                         f"experiment={experiment}, or give a reference of its modality")
+        raise ValueError(
+            f"{ckpt} is not a text-to-{modality} checkpoint, as the {modality} reference classifier "
+            f"needs (its tokenizers: {sorted(loaded.tokenizers)}); train one with selfflow-train "
+            f"experiment={experiment}, or give a reference of its modality"
+        )
     condition = prompted_condition(loaded.tokenizers[TEXT], [p for p, _, _ in prompts], per_prompt)
     noise = NoiseSource(generators=sample_generators(seed, range(condition.batch_size)))
     tokenizer = loaded.tokenizers[modality]
-    samples = tokenizer.decode(sample_tokens(loaded.model, tokenizer, condition, steps=steps, solver="heun",
-                                             cfg_scale=cfg_scale, noise=noise).tokens)
+    samples = tokenizer.decode(
+        sample_tokens(
+            loaded.model, tokenizer, condition, steps=steps, solver="heun", cfg_scale=cfg_scale, noise=noise
+        ).tokens
+    )
     predicted = classifier.logits(samples).argmax(dim=1).view(len(prompts), per_prompt)
     results = []
     for (prompt, target, seen), row in zip(prompts, predicted):
-        results.append({"prompt": prompt, "class": classifier.class_names[target], "seen_phrasing": seen,
-                        "accuracy": float((row == target).float().mean()),
-                        "predicted": [classifier.class_names[i] for i in row.tolist()]})
+        results.append(
+            {
+                "prompt": prompt,
+                "class": classifier.class_names[target],
+                "seen_phrasing": seen,
+                "accuracy": float((row == target).float().mean()),
+                "predicted": [classifier.class_names[i] for i in row.tolist()],
+            }
+        )
     return results, samples
 
 
@@ -73,9 +99,12 @@ def summary(results: list[dict], num_classes: int) -> dict:
     def mean(rows):
         return sum(r["accuracy"] for r in rows) / len(rows) if rows else None
 
-    return {"accuracy": mean(results), "chance": 1.0 / num_classes,
-            "accuracy_seen_phrasings": mean([r for r in results if r["seen_phrasing"] is True]),
-            "accuracy_unseen_phrasings": mean([r for r in results if r["seen_phrasing"] is False])}
+    return {
+        "accuracy": mean(results),
+        "chance": 1.0 / num_classes,
+        "accuracy_seen_phrasings": mean([r for r in results if r["seen_phrasing"] is True]),
+        "accuracy_unseen_phrasings": mean([r for r in results if r["seen_phrasing"] is False]),
+    }
 
 
 def write_report(out: Path, report: dict, samples: torch.Tensor, classifier, per_prompt: int) -> None:

@@ -3,9 +3,10 @@
 Trained once per labelled dataset (`selfflow-reference`) and saved as `model.safetensors` +
 `config.json`, so that Frechet distance and classifier accuracy of class-conditional samples need no downloaded
 network. For audio the same CNN reads a fixed log-mel image of each waveform (`MelImage`), so generated
-recordings are judged like generated images. Any other local extractor with `features(images) -> [B, D]` (and optionally `logits(images)`) plugs
-into `selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
+recordings are judged like generated images. Any other local extractor with `features(images) -> [B, D]` (and
+optionally `logits(images)`) plugs into `selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
 """
+
 from __future__ import annotations
 
 import json
@@ -23,8 +24,9 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
 def conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(channels_in, channels_out, 3, padding=1),
-                         nn.GroupNorm(min(8, channels_out), channels_out), nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.GroupNorm(min(8, channels_out), channels_out), nn.ReLU()
+    )
 
 
 def match_images(images: Tensor, channels: int, image_size: int) -> Tensor:
@@ -37,8 +39,9 @@ def match_images(images: Tensor, channels: int, image_size: int) -> Tensor:
         else:
             raise ValueError(f"the reference classifier takes {channels}-channel images, got {images.shape[1]}")
     if images.shape[-2:] != (image_size, image_size):
-        images = F.interpolate(images.float(), size=(image_size, image_size), mode="bilinear", antialias=True,
-                               align_corners=False)
+        images = F.interpolate(
+            images.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+        )
     return images
 
 
@@ -54,22 +57,29 @@ class MelImage(nn.Module):
 
         self.sample_rate, self.num_samples, self.n_mels, self.frames = sample_rate, num_samples, n_mels, frames
         hop = max(1, num_samples // frames)
-        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=max(64, 4 * hop), hop_length=hop,
-                                                        n_mels=n_mels, power=1.0)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate, n_fft=max(64, 4 * hop), hop_length=hop, n_mels=n_mels, power=1.0
+        )
 
     def forward(self, waves: Tensor) -> Tensor:
         if waves.ndim == 3:
             waves = waves[:, 0]
         if waves.ndim != 2 or waves.shape[1] != self.num_samples:
-            raise ValueError(f"the audio reference classifier takes waves [B, {self.num_samples}] "
-                             f"({self.num_samples / self.sample_rate:g} s at {self.sample_rate} Hz), got "
-                             f"{list(waves.shape)}")
-        log_mel = torch.log(self.mel(waves.float()) + 1e-4)[:, None, :, :self.frames]  # [B, 1, n_mels, frames]
+            raise ValueError(
+                f"the audio reference classifier takes waves [B, {self.num_samples}] "
+                f"({self.num_samples / self.sample_rate:g} s at {self.sample_rate} Hz), got "
+                f"{list(waves.shape)}"
+            )
+        log_mel = torch.log(self.mel(waves.float()) + 1e-4)[:, None, :, : self.frames]  # [B, 1, n_mels, frames]
         return ((log_mel - self.LOG_FLOOR) / (self.LOG_CEILING - self.LOG_FLOOR)).clamp(0, 1)
 
     def config(self) -> dict[str, Any]:
-        return {"sample_rate": self.sample_rate, "num_samples": self.num_samples, "n_mels": self.n_mels,
-                "frames": self.frames}
+        return {
+            "sample_rate": self.sample_rate,
+            "num_samples": self.num_samples,
+            "n_mels": self.n_mels,
+            "frames": self.frames,
+        }
 
 
 class ReferenceCNN(nn.Module):
@@ -77,8 +87,15 @@ class ReferenceCNN(nn.Module):
     linear classifier. Takes [B, C, H, W] in [0, 1]; other sizes and grey/RGB are adapted on the way in.
     """
 
-    def __init__(self, num_classes: int, channels: int = 1, image_size: int = 16, width: int = 16,
-                 class_names: list[str] | None = None, audio: dict[str, int] | None = None):
+    def __init__(
+        self,
+        num_classes: int,
+        channels: int = 1,
+        image_size: int = 16,
+        width: int = 16,
+        class_names: list[str] | None = None,
+        audio: dict[str, int] | None = None,
+    ):
         super().__init__()
         self.front = MelImage(**audio) if audio else None  # waves in, instead of images
         self.modality = "audio" if audio else "image"
@@ -87,9 +104,15 @@ class ReferenceCNN(nn.Module):
         self.num_classes, self.channels, self.image_size, self.width = num_classes, channels, image_size, width
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])
         self.body = nn.Sequential(
-            conv_block(channels, width), conv_block(width, width), nn.AvgPool2d(2),
-            conv_block(width, 2 * width), conv_block(2 * width, 2 * width), nn.AvgPool2d(2),
-            conv_block(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            conv_block(channels, width),
+            conv_block(width, width),
+            nn.AvgPool2d(2),
+            conv_block(width, 2 * width),
+            conv_block(2 * width, 2 * width),
+            nn.AvgPool2d(2),
+            conv_block(2 * width, 4 * width),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
         )
         self.head = nn.Linear(4 * width, num_classes)
 
@@ -117,9 +140,16 @@ class ReferenceCNN(nn.Module):
     forward = logits
 
     def config(self) -> dict[str, Any]:
-        return {"architecture": "ReferenceCNN", "num_classes": self.num_classes, "channels": self.channels,
-                "image_size": self.image_size, "width": self.width, "class_names": self.class_names,
-                "modality": self.modality, "audio": self.front.config() if self.front is not None else None}
+        return {
+            "architecture": "ReferenceCNN",
+            "num_classes": self.num_classes,
+            "channels": self.channels,
+            "image_size": self.image_size,
+            "width": self.width,
+            "class_names": self.class_names,
+            "modality": self.modality,
+            "audio": self.front.config() if self.front is not None else None,
+        }
 
     def save(self, folder: str | os.PathLike, **info: Any) -> Path:
         """`folder/model.safetensors` + `folder/config.json` (the architecture plus any `info`)."""
@@ -138,14 +168,24 @@ def load_reference_classifier(path: str | os.PathLike, device: str | torch.devic
 
     folder = Path(path).expanduser()
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-        raise FileNotFoundError(f"reference={folder} is not a reference classifier folder (needs {CONFIG_FILE} and "
-                                f"{WEIGHTS_FILE}); make one with selfflow-reference --out {folder}")
+        raise FileNotFoundError(
+            f"reference={folder} is not a reference classifier folder (needs {CONFIG_FILE} and "
+            f"{WEIGHTS_FILE}); make one with selfflow-reference --out {folder}"
+        )
     config = json.loads((folder / CONFIG_FILE).read_text())
     if config.get("architecture") != "ReferenceCNN":
-        raise ValueError(f"{folder / CONFIG_FILE} describes architecture {config.get('architecture')!r}, not "
-                         f"ReferenceCNN; plug other extractors in with feature_extractor._target_")
-    model = ReferenceCNN(config["num_classes"], config["channels"], config["image_size"], config["width"],
-                         config.get("class_names"), config.get("audio"))
+        raise ValueError(
+            f"{folder / CONFIG_FILE} describes architecture {config.get('architecture')!r}, not "
+            f"ReferenceCNN; plug other extractors in with feature_extractor._target_"
+        )
+    model = ReferenceCNN(
+        config["num_classes"],
+        config["channels"],
+        config["image_size"],
+        config["width"],
+        config.get("class_names"),
+        config.get("audio"),
+    )
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except RuntimeError as error:
@@ -160,7 +200,7 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
     dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
     padded = F.pad(images, (max_shift,) * 4, mode="replicate")
     h, w = images.shape[-2:]
-    return padded[..., max_shift + dy: max_shift + dy + h, max_shift + dx: max_shift + dx + w]
+    return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
 
 
 @torch.no_grad()
@@ -173,11 +213,23 @@ def accuracy(model: ReferenceCNN, dataset: Dataset, batch_size: int = 256) -> fl
     return correct / max(total, 1)
 
 
-def train_reference_classifier(train_set: Dataset, test_set: Dataset | None, num_classes: int, channels: int,
-                               image_size: int, width: int = 16, epochs: int = 15, batch_size: int = 32,
-                               lr: float = 2e-3, max_shift: int = 1, seed: int = 0, device: str = "cpu",
-                               class_names: list[str] | None = None, log=print,
-                               audio: dict[str, int] | None = None) -> tuple[ReferenceCNN, float | None]:
+def train_reference_classifier(
+    train_set: Dataset,
+    test_set: Dataset | None,
+    num_classes: int,
+    channels: int,
+    image_size: int,
+    width: int = 16,
+    epochs: int = 15,
+    batch_size: int = 32,
+    lr: float = 2e-3,
+    max_shift: int = 1,
+    seed: int = 0,
+    device: str = "cpu",
+    class_names: list[str] | None = None,
+    log=print,
+    audio: dict[str, int] | None = None,
+) -> tuple[ReferenceCNN, float | None]:
     """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its test accuracy.
 
     audio: `MelImage` settings when the datasets give waves (then `channels` is 1 and `image_size` the square the
@@ -185,8 +237,9 @@ def train_reference_classifier(train_set: Dataset, test_set: Dataset | None, num
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = ReferenceCNN(num_classes, channels, image_size, width, class_names, audio).to(device)
-    loader = DataLoader(train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size,
-                        generator=generator)
+    loader = DataLoader(
+        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size, generator=generator
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
     for epoch in range(epochs):
@@ -210,7 +263,12 @@ def reference_input(dataset: Dataset, modality: str) -> dict[str, Any]:
     if modality == "image":
         return {"channels": int(dataset.channels), "image_size": int(dataset.image_size), "audio": None}
     if modality == "audio":
-        return {"channels": 1, "image_size": 32,
-                "audio": {"sample_rate": int(dataset.sample_rate), "num_samples": int(dataset.num_samples)}}
-    raise ValueError(f"the reference classifier judges images or audio; this data gives {modality!r} samples "
-                     f"(for a multi-modal run pick one: experiment=digits or experiment=audio_digits)")
+        return {
+            "channels": 1,
+            "image_size": 32,
+            "audio": {"sample_rate": int(dataset.sample_rate), "num_samples": int(dataset.num_samples)},
+        }
+    raise ValueError(
+        f"the reference classifier judges images or audio; this data gives {modality!r} samples "
+        f"(for a multi-modal run pick one: experiment=digits or experiment=audio_digits)"
+    )

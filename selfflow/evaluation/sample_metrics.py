@@ -4,6 +4,7 @@ accuracy with which the extractor (a classifier) recognises the class each sampl
 An extractor is any object with `features(images: [B, C, H, W] in [0, 1]) -> [B, D]`; if it also has
 `logits(images) -> [B, K]`, class-conditional samples get an accuracy.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,8 +46,9 @@ class FeatureAccumulator:
         return FeatureStats.of(torch.cat(self.features))
 
 
-def dataset_features(extractor: Any, dataset: Dataset, batch_size: int = 256,
-                     limit: int | None = None) -> FeatureAccumulator:
+def dataset_features(
+    extractor: Any, dataset: Dataset, batch_size: int = 256, limit: int | None = None
+) -> FeatureAccumulator:
     """Features and classifier accuracy of a labelled dataset of `(image, label)` (e.g. a run's test split)."""
     accumulator = FeatureAccumulator(extractor)
     seen = 0
@@ -70,9 +72,16 @@ def sample_metrics(samples: FeatureAccumulator, real: FeatureAccumulator) -> dic
     }
 
 
-def reference_metrics(modality: str, device, reference: str | None = None, extractor: Any = None,
-                      real_set: Dataset | None = None, stored_data: Any = None, source: str = "the checkpoint",
-                      max_real: int | None = None) -> tuple[Any, FeatureAccumulator]:
+def reference_metrics(
+    modality: str,
+    device,
+    reference: str | None = None,
+    extractor: Any = None,
+    real_set: Dataset | None = None,
+    stored_data: Any = None,
+    source: str = "the checkpoint",
+    max_real: int | None = None,
+) -> tuple[Any, FeatureAccumulator]:
     """(extractor, features of the real data) for `selfflow-sample metrics=true`: the extractor is the reference
     classifier in `reference` (a `selfflow-reference` folder) unless one is given; the real data is `real_set`, else
     the test split of the checkpoint's stored data config (`stored_data`, built through the allow-list)."""
@@ -81,15 +90,21 @@ def reference_metrics(modality: str, device, reference: str | None = None, extra
 
     if extractor is None:
         if reference is None:
-            raise ValueError("metrics=true needs reference=PATH (a folder written by selfflow-reference) or "
-                             "feature_extractor={_target_: ...}")
+            raise ValueError(
+                "metrics=true needs reference=PATH (a folder written by selfflow-reference) or "
+                "feature_extractor={_target_: ...}"
+            )
         extractor = load_reference_classifier(reference, device)
         if extractor.modality != modality:
-            raise ValueError(f"reference={reference} judges {extractor.modality}, but this run samples {modality}; "
-                             f"train one on the run's data: selfflow-reference --out DIR <the run's data overrides>")
+            raise ValueError(
+                f"reference={reference} judges {extractor.modality}, but this run samples {modality}; "
+                f"train one on the run's data: selfflow-reference --out DIR <the run's data overrides>"
+            )
     if real_set is None:
         if stored_data is None or "dataset" not in stored_data:
-            raise ValueError("metrics=true cannot find real samples: this checkpoint stores no data config; pass "
-                             "metrics_data={_target_: ...} (a dataset of (sample, label))")
+            raise ValueError(
+                "metrics=true cannot find real samples: this checkpoint stores no data config; pass "
+                "metrics_data={_target_: ...} (a dataset of (sample, label))"
+            )
         real_set = instantiate_stored(stored_data.dataset, source, "data.dataset")(split="test")
     return extractor, dataset_features(extractor, real_set, limit=max_real)

@@ -9,6 +9,7 @@
   the k-th nearest neighbour (itself excluded) of some point of that set; precision is the share of samples on the
   reference manifold, recall the share of reference images on the sample manifold; pool_3 features.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -53,22 +54,28 @@ def inception_score(logits: Tensor, split_size: int = IS_SPLIT_SIZE) -> float:
     """logits: [N, 1008] -> the mean of the per-split scores, splits of `split_size` consecutive samples."""
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 
-    scores = [isc_features_to_metric(split, splits=1, shuffle=False)[KEY_METRIC_ISC_MEAN]
-              for split in logits.split(split_size)]
+    scores = [
+        isc_features_to_metric(split, splits=1, shuffle=False)[KEY_METRIC_ISC_MEAN]
+        for split in logits.split(split_size)
+    ]
     return float(np.mean(scores))
 
 
-def precision_recall(samples: Tensor, ref: Tensor, neighbours: int = NEIGHBOURS,
-                     batch_size: int = 10000) -> tuple[float, float]:
+def precision_recall(
+    samples: Tensor, ref: Tensor, neighbours: int = NEIGHBOURS, batch_size: int = 10000
+) -> tuple[float, float]:
     """samples: [N, D], ref: [M, D] pool_3 features (on the device that computes the distances, in blocks of
     `batch_size` rows) -> (precision, recall)."""
     from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
     if min(len(samples), len(ref)) <= neighbours:
-        raise ValueError(f"precision/recall with k={neighbours} need more than {neighbours} images on each side, "
-                         f"got {len(samples)} samples and {len(ref)} reference images")
-    out = prc_features_to_metric(samples, ref, prc_neighborhood=neighbours, prc_batch_size=batch_size,
-                                 save_cpu_ram=True, verbose=False)
+        raise ValueError(
+            f"precision/recall with k={neighbours} need more than {neighbours} images on each side, "
+            f"got {len(samples)} samples and {len(ref)} reference images"
+        )
+    out = prc_features_to_metric(
+        samples, ref, prc_neighborhood=neighbours, prc_batch_size=batch_size, save_cpu_ram=True, verbose=False
+    )
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
 
 
@@ -86,8 +93,9 @@ class EvalSet:
     image_size: tuple[int, int] | None = None  # (h, w) of its images
 
 
-def standard_metrics(samples: EvalSet, ref: EvalSet, device: str | torch.device = "cpu",
-                     distance_batch_size: int = 10000) -> dict[str, Any]:
+def standard_metrics(
+    samples: EvalSet, ref: EvalSet, device: str | torch.device = "cpu", distance_batch_size: int = 10000
+) -> dict[str, Any]:
     """The numbers of metrics.json; a metric whose inputs one side lacks is None, with a note saying why."""
     from selfflow.evaluation.inception import full_float32
 
@@ -106,12 +114,22 @@ def standard_metrics(samples: EvalSet, ref: EvalSet, device: str | torch.device 
     precision = recall = None
     if samples.pool is not None and ref.pool is not None:
         with full_float32():
-            precision, recall = precision_recall(samples.pool.to(device), ref.pool.to(device),
-                                                 batch_size=distance_batch_size)
+            precision, recall = precision_recall(
+                samples.pool.to(device), ref.pool.to(device), batch_size=distance_batch_size
+            )
     else:
         lacking = samples if samples.pool is None else ref
-        notes.append(f"precision, recall: {lacking.name} holds statistics only; they need images (arr_0) or "
-                     f"pool features on both sides")
-    return {"fid": frechet_distance(samples.pool_stats, ref.pool_stats), "sfid": sfid,
-            "inception_score": inception, "precision": precision, "recall": recall,
-            "num_samples": samples.count, "num_ref": ref.count, "notes": notes}
+        notes.append(
+            f"precision, recall: {lacking.name} holds statistics only; they need images (arr_0) or "
+            f"pool features on both sides"
+        )
+    return {
+        "fid": frechet_distance(samples.pool_stats, ref.pool_stats),
+        "sfid": sfid,
+        "inception_score": inception,
+        "precision": precision,
+        "recall": recall,
+        "num_samples": samples.count,
+        "num_ref": ref.count,
+        "notes": notes,
+    }

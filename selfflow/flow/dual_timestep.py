@@ -2,6 +2,7 @@
 
 A "sample" is a segment of a row: an unpacked batch has one per row, a packed batch several.
 """
+
 from __future__ import annotations
 
 import numbers
@@ -93,8 +94,13 @@ class DualTimestepScheduler:
         rows, device = segment.shape[0], segment.device
         if ratios is None:
             ratios = torch.full((rows, num_segments), self.mask_ratio, device=device)
-        lengths = torch.zeros(rows, num_segments, device=device).scatter_add_(  # [R, S] tokens per sample
-            1, segment.clamp_min(0), (segment >= 0).float()).flatten()
+        lengths = (
+            torch.zeros(rows, num_segments, device=device)
+            .scatter_add_(  # [R, S] tokens per sample
+                1, segment.clamp_min(0), (segment >= 0).float()
+            )
+            .flatten()
+        )
         t = self.timesteps.sample(rows * num_segments, device=device, lengths=lengths).view(rows, num_segments)
         s = self.timesteps.sample(rows * num_segments, device=device, lengths=lengths).view(rows, num_segments)
         levels = torch.stack([t, s], dim=-1).flatten(1)  # [R, 2S] -- deliberately not sorted
@@ -102,8 +108,9 @@ class DualTimestepScheduler:
             mask = self.draw_mask(segment, num_segments, ratios)
         else:
             mask = torch.zeros(segment.shape, dtype=torch.bool, device=device)
-        has_mask = torch.zeros(rows, num_segments, device=device).scatter_add_(
-            1, segment.clamp_min(0), mask.float()) > 0
+        has_mask = (
+            torch.zeros(rows, num_segments, device=device).scatter_add_(1, segment.clamp_min(0), mask.float()) > 0
+        )
         teacher = torch.where(has_mask, torch.minimum(t, s), t)
         index = 2 * segment.clamp_min(0) + mask.long()
         return DualLevels(levels=levels, index=index, mask=mask, teacher_levels=teacher, segment=segment)

@@ -1,4 +1,5 @@
 """Rectified-flow path in the paper's convention: t = 0 is data, t = 1 is pure noise."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -37,4 +38,3 @@ def clean_estimate(x_t: Tensor, velocity: Tensor, t: Tensor) -> Tensor:
     while t.dim() < x_t.dim():
         t = t.unsqueeze(-1)
     return x_t - t * velocity
-

@@ -9,10 +9,12 @@ A velocity function is `v(x: [B, ...], t: [B]) -> [B, ...]` (d x_t / d t). Every
   proportional to the noise level, last step "Mean"): `steps - 1` stochastic steps on levels from 1 down to
   `last_step`, then one step from `last_step` to 0 along the SDE's drift without noise.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -40,7 +42,7 @@ def euler(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> T
     """Explicit Euler: one model evaluation per step (NFE = steps)."""
     grid = time_grid(steps, shift, x1.device)
     x = x1
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    for t_cur, t_next in itertools.pairwise(grid):
         x = x + float(t_next - t_cur) * velocity(x, _levels(t_cur, x))
     return x
 
@@ -52,7 +54,7 @@ def heun(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> Te
     intervals = math.ceil(steps / 2)
     grid = time_grid(intervals, shift, x1.device)
     x = x1
-    for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
+    for i, (t_cur, t_next) in enumerate(itertools.pairwise(grid)):
         h = float(t_next - t_cur)
         v_cur = velocity(x, _levels(t_cur, x))
         x_euler = x + h * v_cur
@@ -72,8 +74,16 @@ def score_from_velocity(velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
     return -(x + (1 - t) * velocity) / t
 
 
-def euler_maruyama(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0, noise: NoiseFn | None = None,
-                   last_step: float = 0.04, diffusion_norm: float = 1.0, last_step_mode: str = "mean") -> Tensor:
+def euler_maruyama(
+    velocity: VelocityFn,
+    x1: Tensor,
+    steps: int,
+    shift: float = 1.0,
+    noise: NoiseFn | None = None,
+    last_step: float = 0.04,
+    diffusion_norm: float = 1.0,
+    last_step_mode: str = "mean",
+) -> Tensor:
     """Euler-Maruyama on the reverse SDE with the ODE's marginals (the released sampler, NFE = steps).
 
     Going from level t to t - h: x <- x - h (v - w s) + sqrt(2 w h) z, with s the score from the velocity and
@@ -97,7 +107,7 @@ def euler_maruyama(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 
         return v - diffusion_norm * float(t_cur) * score_from_velocity(v, x, t) if with_score else v
 
     x = x1
-    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+    for t_cur, t_next in itertools.pairwise(grid):
         h, w = float(t_cur - t_next), diffusion_norm * float(t_cur)
         x = x - h * drift(x, t_cur) + math.sqrt(2 * w * h) * noise(x)
     t_last = grid[-1]

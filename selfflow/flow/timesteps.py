@@ -1,4 +1,5 @@
 """Timestep distributions p(t) on [0, 1] (0 = data, 1 = noise) and the resolution shift."""
+
 from __future__ import annotations
 
 import math
@@ -33,14 +34,17 @@ class TimestepDistribution:
         if shift <= 0:
             raise ValueError(f"timestep shift must be > 0, got {shift}")
         if shift_base_tokens is not None and shift_base_tokens < 1:
-            raise ValueError(f"timesteps.shift_base_tokens={shift_base_tokens} must be >= 1 (or null for a fixed shift)")
+            raise ValueError(
+                f"timesteps.shift_base_tokens={shift_base_tokens} must be >= 1 (or null for a fixed shift)"
+            )
         self.shift, self.shift_base_tokens = shift, shift_base_tokens
 
     def _draw(self, n: int, generator: torch.Generator | None, device) -> Tensor:
         raise NotImplementedError
 
-    def sample(self, n: int, generator: torch.Generator | None = None, device=None,
-               lengths: Tensor | None = None) -> Tensor:
+    def sample(
+        self, n: int, generator: torch.Generator | None = None, device=None, lengths: Tensor | None = None
+    ) -> Tensor:
         """Returns [n] levels in [0, 1]; lengths: [n] token counts of the samples (used by the per-sample shift)."""
         shift = self.shift
         if self.shift_base_tokens is not None:

@@ -1,4 +1,5 @@
 """Loading a training checkpoint back into plain PyTorch objects for sampling, probing or fine-tuning."""
+
 from __future__ import annotations
 
 import os
@@ -10,12 +11,12 @@ from typing import Any
 
 import torch
 
+from selfflow.data.vae_folder import check_fingerprint, point_vae_keys
+from selfflow.interop.state_check import check_state_fits
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import sampling_ema_key
 from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.data.vae_folder import check_fingerprint, point_vae_keys
-from selfflow.interop.state_check import check_state_fits
 
 CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads
 
@@ -41,13 +42,15 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass the path of a .ckpt file from a run's "
-                                f"checkpoints/")
+        raise FileNotFoundError(
+            f"checkpoint {path} does not exist; pass the path of a .ckpt file from a run's checkpoints/"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
-    except Exception as error:  # noqa: BLE001 - corrupt or unsafe files end here
-        raise ValueError(f"cannot load checkpoint {path} safely: {type(error).__name__}: "
-                         f"{first_line(error)}") from error
+    except Exception as error:
+        raise ValueError(
+            f"cannot load checkpoint {path} safely: {type(error).__name__}: {first_line(error)}"
+        ) from error
     if not isinstance(checkpoint, dict) or "selfflow_config" not in checkpoint:
         raise ValueError(f"{path} is not a selfflow training checkpoint (it has no stored selfflow config)")
     check_format(checkpoint.get("selfflow_format", 0), str(path))
@@ -57,11 +60,13 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
 def check_format(version: Any, source: str) -> None:
     """A stored format version must be a whole number this selfflow can read."""
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ValueError(f"{source} has format {version!r}, which is not a format version; the file is damaged or "
-                         f"not selfflow's")
+        raise ValueError(
+            f"{source} has format {version!r}, which is not a format version; the file is damaged or not selfflow's"
+        )
     if version > CHECKPOINT_FORMAT:
-        raise ValueError(f"{source} has format {version}, newer than this selfflow ({CHECKPOINT_FORMAT}); upgrade "
-                         f"selfflow")
+        raise ValueError(
+            f"{source} has format {version}, newer than this selfflow ({CHECKPOINT_FORMAT}); upgrade selfflow"
+        )
 
 
 def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
@@ -84,8 +89,10 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
             check_fingerprint(spec.vae, spec.get("fingerprint"), "vae")
     tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}").eval() for m, spec in config.tokenizer.items()}
     if config.model.get("_partial_") is not True:
-        raise StoredConfigError(f"{source}: model._partial_ must be true (the model is completed with the token "
-                                f"channels and class count); refusing to build it")
+        raise StoredConfigError(
+            f"{source}: model._partial_ must be true (the model is completed with the token "
+            f"channels and class count); refusing to build it"
+        )
     build = instantiate_stored(config.model, source, "model")
     label_rows = state.get("y_embedder.embedding_table.weight")
     num_classes = label_rows.shape[0] - 1 if isinstance(label_rows, torch.Tensor) and label_rows.ndim == 2 else 0
@@ -123,8 +130,10 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | No
 
         folder = path if path.is_dir() else path.parent
         if weights != "ema":
-            raise ValueError(f"weights={weights} asks for other weights, but {folder} is an export, which holds the "
-                             f"EMA weights only; use weights=ema, or the run's .ckpt file for the {weights} weights")
+            raise ValueError(
+                f"weights={weights} asks for other weights, but {folder} is an export, which holds the "
+                f"EMA weights only; use weights=ema, or the run's .ckpt file for the {weights} weights"
+            )
         return load_exported(folder, vae)
     checkpoint = read_checkpoint(path)
     source = f"checkpoint {path}"
@@ -133,6 +142,6 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | No
     if not isinstance(stored, Mapping):
         raise ValueError(f"{path} has no state_dict; it is not a complete selfflow training checkpoint")
     prefix = weights_prefix(weights, stored, source)
-    state = {k[len(prefix):]: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
     model, tokenizers = model_from_state(config, state, f"{source} ({weights} weights)", vae)
     return LoadedCheckpoint(model, tokenizers, config, int(checkpoint.get("global_step", 0)), path, path)

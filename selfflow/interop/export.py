@@ -3,6 +3,7 @@ and loading such a folder back (safetensors: no code runs while reading; the con
 
 config.json stores the sha256 of the weights file, so that a truncated or changed file is refused by name.
 """
+
 from __future__ import annotations
 
 import json
@@ -12,9 +13,14 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from selfflow.data.cache import file_digest
+from selfflow.interop.checkpoint import (
+    CHECKPOINT_FORMAT,
+    LoadedCheckpoint,
+    check_format,
+    load_checkpoint,
+    model_from_state,
+)
 from selfflow.safe_config import first_line, stored_config
-from selfflow.interop.checkpoint import (CHECKPOINT_FORMAT, LoadedCheckpoint, check_format, load_checkpoint,
-                                          model_from_state)
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
 MAX_CONFIG_BYTES = 16 << 20  # an export's config.json is a few KB; a larger one is not read
@@ -25,8 +31,10 @@ def check_export_target(folder: Path, overwrite: bool) -> None:
     if folder.exists() and not folder.is_dir():
         raise FileExistsError(f"{folder} exists and is not a folder; choose a new folder for the export")
     if not overwrite and folder.is_dir() and any(folder.iterdir()):
-        raise FileExistsError(f"{folder} already exists and is not empty; choose a new folder, or pass --overwrite "
-                              f"to replace its {EXPORT_WEIGHTS} and {EXPORT_CONFIG}")
+        raise FileExistsError(
+            f"{folder} already exists and is not empty; choose a new folder, or pass --overwrite "
+            f"to replace its {EXPORT_WEIGHTS} and {EXPORT_CONFIG}"
+        )
 
 
 def replace_file(path: Path, write) -> None:
@@ -50,10 +58,16 @@ def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()}
     weights = folder / EXPORT_WEIGHTS
-    replace_file(weights, lambda temp: save_file(state, str(temp), metadata={"weights": "ema",
-                                                                              "step": str(loaded.step)}))
-    meta = {"selfflow_format": CHECKPOINT_FORMAT, "step": loaded.step, "weights": "ema",
-            "weights_sha256": file_digest(weights), "config": OmegaConf.to_container(loaded.config, resolve=True)}
+    replace_file(
+        weights, lambda temp: save_file(state, str(temp), metadata={"weights": "ema", "step": str(loaded.step)})
+    )
+    meta = {
+        "selfflow_format": CHECKPOINT_FORMAT,
+        "step": loaded.step,
+        "weights": "ema",
+        "weights_sha256": file_digest(weights),
+        "config": OmegaConf.to_container(loaded.config, resolve=True),
+    }
     replace_file(folder / EXPORT_CONFIG, lambda temp: temp.write_text(json.dumps(meta, indent=2) + "\n"))
     return folder
 
@@ -62,13 +76,16 @@ def read_export_config(path: Path) -> dict:
     """config.json of an export, bounded in size and checked to be a JSON object with a stored config."""
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{path} is {size} bytes; an export's config is a few KB, so this is not one (refusing to "
-                         f"read it)")
+        raise ValueError(
+            f"{path} is {size} bytes; an export's config is a few KB, so this is not one (refusing to read it)"
+        )
     try:
         meta = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({first_line(error)}); the export is truncated or damaged: "
-                         f"export it again with selfflow-export") from error
+        raise ValueError(
+            f"{path} is not valid JSON ({first_line(error)}); the export is truncated or damaged: "
+            f"export it again with selfflow-export"
+        ) from error
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise ValueError(f"{path} holds no stored run config; it is not a selfflow export")
     check_format(meta.get("selfflow_format", 0), str(path))
@@ -82,18 +99,22 @@ def load_exported(folder: str | os.PathLike, vae: str | None = None) -> LoadedCh
     folder = Path(folder).expanduser()
     weights, meta_path = folder / EXPORT_WEIGHTS, folder / EXPORT_CONFIG
     if not weights.is_file() or not meta_path.is_file():
-        raise FileNotFoundError(f"{folder} is not an exported model: it needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG} "
-                                f"(write them with selfflow-export CKPT {folder})")
+        raise FileNotFoundError(
+            f"{folder} is not an exported model: it needs {EXPORT_WEIGHTS} and {EXPORT_CONFIG} "
+            f"(write them with selfflow-export CKPT {folder})"
+        )
     meta = read_export_config(meta_path)
     source = f"exported model {folder}"
     expected = meta.get("weights_sha256")
     if expected is not None and file_digest(weights) != expected:
-        raise ValueError(f"{weights} does not match the sha256 in {meta_path}: it was truncated or changed after "
-                         f"the export; get the export again")
+        raise ValueError(
+            f"{weights} does not match the sha256 in {meta_path}: it was truncated or changed after "
+            f"the export; get the export again"
+        )
     config = stored_config(meta["config"], source)
     try:
         state = load_file(str(weights))
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for damaged files
+    except Exception as error:
         raise ValueError(f"cannot read {weights}: {first_line(error)}; the file is truncated or damaged") from error
     step = meta.get("step", 0)
     model, tokenizers = model_from_state(config, state, source, vae)

@@ -17,6 +17,7 @@ dict that the released model code loads with `strict=True` (`pos_embed` buffer, 
 projector from the objective's head), and `initialize_from_official` starts training from the released weights
 (`selfflow-train init=official:PATH`).
 """
+
 from __future__ import annotations
 
 import math
@@ -28,20 +29,32 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from selfflow.interop.state_check import check_state_fits
 from selfflow.models.distinct_levels import distinct_levels
 from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.representation import ProjectionHead
 from selfflow.tokenizers.image import ImagePatchTokenizer
-from selfflow.interop.state_check import check_state_fits
 from selfflow.tokens import Condition
 
-RELEASED = {"depth": 28, "width": 1152, "heads": 16, "patch_size": 2, "latent_channels": 4, "num_classes": 1000,
-            "grid": 16}
+RELEASED = {
+    "depth": 28,
+    "width": 1152,
+    "heads": 16,
+    "patch_size": 2,
+    "latent_channels": 4,
+    "num_classes": 1000,
+    "grid": 16,
+}
 SD_VAE_SCALE = 0.18215  # the released model's latent space: SD-VAE latents times this
 # (selfflow, released) names of each block's linear layers
-BLOCK_LINEARS = (("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"),
-                 ("adaLN_modulation.1", "adaLN_modulation.1"))
+BLOCK_LINEARS = (
+    ("attn.qkv", "attn.qkv"),
+    ("attn.proj", "attn.proj"),
+    ("mlp.0", "mlp.fc1"),
+    ("mlp.2", "mlp.fc2"),
+    ("adaLN_modulation.1", "adaLN_modulation.1"),
+)
 FREQUENCY_DIM = 256  # sinusoidal timestep features of the released t_embedder
 WRAPPER_KEYS = ("ema", "model", "state_dict")  # where training scripts nest the weights
 OFFICIAL_PREFIX = "official:"  # ckpt=official:PATH (selfflow-sample), init=official:PATH (selfflow-train)
@@ -54,8 +67,10 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | dict[str, Tensor]) -
     else:
         path = Path(path_or_state_dict).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"released checkpoint {path} does not exist; pass the path of the downloaded "
-                                    f"Self-Flow .pt file (ckpt=official:PATH)")
+            raise FileNotFoundError(
+                f"released checkpoint {path} does not exist; pass the path of the downloaded "
+                f"Self-Flow .pt file (ckpt=official:PATH)"
+            )
         try:
             if path.suffix == ".safetensors":
                 from safetensors.torch import load_file
@@ -63,15 +78,17 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | dict[str, Tensor]) -
                 state = load_file(str(path))
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - corrupt or unsafe files end here
+        except Exception as error:
             raise ValueError(f"cannot load {path} safely: {type(error).__name__}: {error}") from error
     for key in WRAPPER_KEYS:
         if isinstance(state.get(key), dict) and "x_embedder.proj.weight" not in state:
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if "x_embedder.proj.weight" not in state:
-        raise ValueError("this state dict is not in the released Self-Flow layout (no 'x_embedder.proj.weight'); "
-                         "for selfflow's own checkpoints use ckpt=PATH without official:")
+        raise ValueError(
+            "this state dict is not in the released Self-Flow layout (no 'x_embedder.proj.weight'); "
+            "for selfflow's own checkpoints use ckpt=PATH without official:"
+        )
     return state
 
 
@@ -94,25 +111,36 @@ def output_rows(patch_size: int, out_channels: int, keep_channels: int) -> Tenso
 def describe_layout(state: dict[str, Tensor], patch_size: int, latent_channels: int) -> dict[str, int]:
     """Sizes read off the weights (heads cannot be, so they are an argument of `load_official`)."""
     width, token_channels = state["x_embedder.proj.weight"].shape
-    if token_channels != latent_channels * patch_size ** 2:
-        raise ValueError(f"x_embedder.proj takes {token_channels} channels per token, not latent_channels * "
-                         f"patch_size^2 = {latent_channels * patch_size ** 2}; pass the checkpoint's patch_size and "
-                         f"latent_channels")
-    out = state["final_layer.linear.weight"].shape[0] // patch_size ** 2
+    if token_channels != latent_channels * patch_size**2:
+        raise ValueError(
+            f"x_embedder.proj takes {token_channels} channels per token, not latent_channels * "
+            f"patch_size^2 = {latent_channels * patch_size**2}; pass the checkpoint's patch_size and "
+            f"latent_channels"
+        )
+    out = state["final_layer.linear.weight"].shape[0] // patch_size**2
     if out not in (latent_channels, 2 * latent_channels):
-        raise ValueError(f"final_layer.linear emits {out} channels per position; expected {latent_channels} or "
-                         f"{2 * latent_channels} (learn_sigma)")
+        raise ValueError(
+            f"final_layer.linear emits {out} channels per position; expected {latent_channels} or "
+            f"{2 * latent_channels} (learn_sigma)"
+        )
     depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
     num_tokens = state["pos_embed"].shape[-2]
     grid = math.isqrt(num_tokens)
     if grid * grid != num_tokens:
         raise ValueError(f"pos_embed has {num_tokens} positions, not a square grid")
-    return {"width": width, "depth": depth, "out_channels": out, "grid": grid,
-            "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1, "token_channels": token_channels}
+    return {
+        "width": width,
+        "depth": depth,
+        "out_channels": out,
+        "grid": grid,
+        "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1,
+        "token_channels": token_channels,
+    }
 
 
-def convert_state_dict(state: dict[str, Tensor], layout: dict[str, int], patch_size: int,
-                       latent_channels: int) -> dict[str, Tensor]:
+def convert_state_dict(
+    state: dict[str, Tensor], layout: dict[str, int], patch_size: int, latent_channels: int
+) -> dict[str, Tensor]:
     """Released keys -> `SelfFlowTransformer` keys (modality "image"), flip and sign folded in (float64 math)."""
     rows = output_rows(patch_size, layout["out_channels"], latent_channels)
     flip = time_flip_matrix(state["t_embedder.mlp.0.weight"].shape[1])
@@ -141,8 +169,14 @@ class OfficialSelfFlow(nn.Module):
     self-distillation `projector`. `forward(x, t, y)` is the released model's forward in the paper's convention.
     """
 
-    def __init__(self, model: SelfFlowTransformer, projector: ProjectionHead | None, grid: int, patch_size: int,
-                 latent_channels: int):
+    def __init__(
+        self,
+        model: SelfFlowTransformer,
+        projector: ProjectionHead | None,
+        grid: int,
+        patch_size: int,
+        latent_channels: int,
+    ):
         super().__init__()
         self.model, self.projector = model, projector
         self.grid, self.patch_size, self.latent_channels = grid, patch_size, latent_channels
@@ -161,8 +195,8 @@ class OfficialSelfFlow(nn.Module):
         """x: [B, N, C p p] tokens in (c p q) order; t: [B] or [B, N] levels (0 data, 1 noise); y: [B] labels
         (1000 = null) -> velocity x1 - x0, [B, N, C p p]."""
         b, n, _ = x.shape
-        if n != self.grid ** 2:
-            raise ValueError(f"the released model takes {self.grid ** 2} tokens ({self.grid}x{self.grid}), got {n}")
+        if n != self.grid**2:
+            raise ValueError(f"the released model takes {self.grid**2} tokens ({self.grid}x{self.grid}), got {n}")
         pos = self.patches.positions(b, x.device)
         if t.dim() == 1:
             return self.model.velocity(x, t, pos, Condition(labels=y), "image")
@@ -174,23 +208,36 @@ class OfficialSelfFlow(nn.Module):
         return self.model.velocity(x, t, pos, condition, "image")
 
 
-def load_official(path_or_state_dict: str | os.PathLike | dict[str, Tensor], heads: int = RELEASED["heads"],
-                  patch_size: int = RELEASED["patch_size"], latent_channels: int = RELEASED["latent_channels"],
-                  attention: str = "auto") -> OfficialSelfFlow:
+def load_official(
+    path_or_state_dict: str | os.PathLike | dict[str, Tensor],
+    heads: int = RELEASED["heads"],
+    patch_size: int = RELEASED["patch_size"],
+    latent_channels: int = RELEASED["latent_channels"],
+    attention: str = "auto",
+) -> OfficialSelfFlow:
     """The released Self-Flow checkpoint (a path or a state dict in its layout) as an `OfficialSelfFlow`, eval mode."""
     state = read_state_dict(path_or_state_dict)
     layout = describe_layout(state, patch_size, latent_channels)
     if layout["width"] % heads:
         raise ValueError(f"width {layout['width']} is not divisible by heads={heads}; pass the checkpoint's heads")
-    model = SelfFlowTransformer({"image": layout["token_channels"]}, width=layout["width"], depth=layout["depth"],
-                                heads=heads, num_classes=layout["num_classes"], pos_embed="sincos", time_scale=1.0,
-                                attention=attention)
+    model = SelfFlowTransformer(
+        {"image": layout["token_channels"]},
+        width=layout["width"],
+        depth=layout["depth"],
+        heads=heads,
+        num_classes=layout["num_classes"],
+        pos_embed="sincos",
+        time_scale=1.0,
+        attention=attention,
+    )
     pos = ImagePatchTokenizer(patch_size, latent_channels, layout["grid"] * patch_size).positions(1)
     expected = sincos_2d(pos, layout["width"])[0]
     stored = state["pos_embed"].reshape(-1, layout["width"]).float()
     if not torch.allclose(stored, expected, atol=1e-4):
-        raise ValueError("pos_embed of this checkpoint is not the fixed 2D sin-cos grid the released model uses "
-                         f"(max difference {(stored - expected).abs().max():.3g}); it cannot be converted exactly")
+        raise ValueError(
+            "pos_embed of this checkpoint is not the fixed 2D sin-cos grid the released model uses "
+            f"(max difference {(stored - expected).abs().max():.3g}); it cannot be converted exactly"
+        )
     try:
         model.load_state_dict(convert_state_dict(state, layout, patch_size, latent_channels))
     except (KeyError, RuntimeError) as error:
@@ -199,25 +246,35 @@ def load_official(path_or_state_dict: str | os.PathLike | dict[str, Tensor], hea
     if "projector.linear1.weight" in state:
         hidden = state["projector.linear1.weight"].shape[0]
         projector = ProjectionHead(layout["width"], hidden // layout["width"])
-        projector.load_state_dict({k.removeprefix("projector."): v.float() for k, v in state.items()
-                                   if k.startswith("projector.")})
+        projector.load_state_dict(
+            {k.removeprefix("projector."): v.float() for k, v in state.items() if k.startswith("projector.")}
+        )
     return OfficialSelfFlow(model, projector, layout["grid"], patch_size, latent_channels).eval()
 
 
 def check_released_conventions(model: SelfFlowTransformer, what: str) -> None:
     """The released model embeds `1 - t` (time_scale 1) of 256 sinusoidal features and adds a sin-cos grid."""
     if model.pos_embed != "sincos" or model.t_embedder.scale != 1.0 or model.t_embedder.frequency_dim != FREQUENCY_DIM:
-        raise ValueError(f"{what} needs the released model's conventions: model.pos_embed=sincos and "
-                         f"model.time_scale=1 (experiment=imagenet256 sets them); this model has "
-                         f"pos_embed={model.pos_embed}, time_scale={model.t_embedder.scale:g}")
+        raise ValueError(
+            f"{what} needs the released model's conventions: model.pos_embed=sincos and "
+            f"model.time_scale=1 (experiment=imagenet256 sets them); this model has "
+            f"pos_embed={model.pos_embed}, time_scale={model.t_embedder.scale:g}"
+        )
     if list(model.token_channels) != ["image"] or model.num_classes < 1:
-        raise ValueError(f"{what} needs a class-conditional image-only model (the released layout); this one "
-                         f"generates {sorted(model.token_channels)} with {model.num_classes} classes")
+        raise ValueError(
+            f"{what} needs a class-conditional image-only model (the released layout); this one "
+            f"generates {sorted(model.token_channels)} with {model.num_classes} classes"
+        )
 
 
-def save_official(model: SelfFlowTransformer | OfficialSelfFlow, projector: ProjectionHead | None = None,
-                  grid: int = RELEASED["grid"], patch_size: int = RELEASED["patch_size"],
-                  latent_channels: int = RELEASED["latent_channels"], learn_sigma: bool = True) -> dict[str, Tensor]:
+def save_official(
+    model: SelfFlowTransformer | OfficialSelfFlow,
+    projector: ProjectionHead | None = None,
+    grid: int = RELEASED["grid"],
+    patch_size: int = RELEASED["patch_size"],
+    latent_channels: int = RELEASED["latent_channels"],
+    learn_sigma: bool = True,
+) -> dict[str, Tensor]:
     """A selfflow model as a state dict in the released layout (the inverse of `convert_state_dict`): the released
     model code (`SelfFlowPerTokenDiT`, learn_sigma) loads it with `strict=True` and computes the same velocity.
 
@@ -228,15 +285,17 @@ def save_official(model: SelfFlowTransformer | OfficialSelfFlow, projector: Proj
         grid, patch_size, latent_channels = model.grid, model.patch_size, model.latent_channels
         model, projector = model.model, projector if projector is not None else model.projector
     check_released_conventions(model, "save_official")
-    if model.token_channels["image"] != latent_channels * patch_size ** 2:
-        raise ValueError(f"the model takes {model.token_channels['image']} channels per token, not latent_channels "
-                         f"* patch_size^2 = {latent_channels * patch_size ** 2}; pass the tokenizer's patch_size "
-                         f"and latent_channels")
+    if model.token_channels["image"] != latent_channels * patch_size**2:
+        raise ValueError(
+            f"the model takes {model.token_channels['image']} channels per token, not latent_channels "
+            f"* patch_size^2 = {latent_channels * patch_size**2}; pass the tokenizer's patch_size "
+            f"and latent_channels"
+        )
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     out_channels = 2 * latent_channels if learn_sigma else latent_channels
     rows = output_rows(patch_size, out_channels, latent_channels)
-    final_weight = torch.zeros(patch_size ** 2 * out_channels, model.width)
-    final_bias = torch.zeros(patch_size ** 2 * out_channels)
+    final_weight = torch.zeros(patch_size**2 * out_channels, model.width)
+    final_bias = torch.zeros(patch_size**2 * out_channels)
     final_weight[rows] = -state.pop("final_layers.image.linear.weight")  # the released forward negates
     final_bias[rows] = -state.pop("final_layers.image.linear.bias")
     flip = time_flip_matrix(FREQUENCY_DIM)  # an involution: features(1 - (1 - t)) = features(t)
@@ -247,10 +306,18 @@ def save_official(model: SelfFlowTransformer | OfficialSelfFlow, projector: Proj
         "x_embedder.proj.bias": state.pop("input_proj.image.bias") + state.pop("modality_embed.image"),
         "pos_embed": sincos_2d(pos, model.width),  # [1, grid^2, width]
         "t_embedder.mlp.0.weight": (state.pop("t_embedder.mlp.0.weight").double() @ flip).float(),
-        "final_layer.linear.weight": final_weight, "final_layer.linear.bias": final_bias,
+        "final_layer.linear.weight": final_weight,
+        "final_layer.linear.bias": final_bias,
     }
-    renames = {key: key for key in ("t_embedder.mlp.0.bias", "t_embedder.mlp.2.weight", "t_embedder.mlp.2.bias",
-                                    "y_embedder.embedding_table.weight")}
+    renames = {
+        key: key
+        for key in (
+            "t_embedder.mlp.0.bias",
+            "t_embedder.mlp.2.weight",
+            "t_embedder.mlp.2.bias",
+            "y_embedder.embedding_table.weight",
+        )
+    }
     for kind in ("weight", "bias"):
         renames[f"final_layers.image.adaLN_modulation.1.{kind}"] = f"final_layer.adaLN_modulation.1.{kind}"
         for i in range(model.depth):
@@ -258,8 +325,10 @@ def save_official(model: SelfFlowTransformer | OfficialSelfFlow, projector: Proj
                 renames[f"blocks.{i}.{ours}.{kind}"] = f"blocks.{i}.{theirs}.{kind}"
     released.update({theirs: state.pop(ours) for ours, theirs in renames.items()})
     if state:
-        raise ValueError(f"the model has weights the released layout has no place for: {sorted(state)[:3]} (text "
-                         f"stream, size conditioning or QK-norm); save_official takes a plain image model")
+        raise ValueError(
+            f"the model has weights the released layout has no place for: {sorted(state)[:3]} (text "
+            f"stream, size conditioning or QK-norm); save_official takes a plain image model"
+        )
     if projector is not None:
         released.update({f"projector.{k}": v.detach().float().cpu() for k, v in projector.state_dict().items()})
     return released
@@ -273,16 +342,26 @@ def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weigh
     loaded = load_checkpoint(checkpoint, weights)
     tokenizer = loaded.tokenizers.get("image")
     if tokenizer is None or not hasattr(tokenizer, "latent_shape"):
-        raise ValueError(f"{checkpoint} is not a VAE-latent image run; the released layout is SD-VAE latents "
-                         f"(experiment=imagenet256)")
+        raise ValueError(
+            f"{checkpoint} is not a VAE-latent image run; the released layout is SD-VAE latents "
+            f"(experiment=imagenet256)"
+        )
     projector = None
-    head = {k.removeprefix("objective.head."): v for k, v in read_checkpoint(checkpoint)["state_dict"].items()
-            if k.startswith("objective.head.")}
+    head = {
+        k.removeprefix("objective.head."): v
+        for k, v in read_checkpoint(checkpoint)["state_dict"].items()
+        if k.startswith("objective.head.")
+    }
     if head:
         projector = ProjectionHead(loaded.model.width)
         projector.load_state_dict(head)
-    state = save_official(loaded.model, projector, grid=tokenizer.grid[0], patch_size=tokenizer.patch_size,
-                          latent_channels=tokenizer.latent_shape[0])
+    state = save_official(
+        loaded.model,
+        projector,
+        grid=tokenizer.grid[0],
+        patch_size=tokenizer.patch_size,
+        latent_channels=tokenizer.latent_shape[0],
+    )
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(state, out)
@@ -309,13 +388,20 @@ def initialize_from_official(objective, path: str | os.PathLike, patch_size: int
 def load_official_for_sampling(path: str, vae: str | None) -> tuple[OfficialSelfFlow, dict[str, Any]]:
     """The released model and an SD-VAE latent tokenizer (from a local diffusers folder) for selfflow-sample."""
     if vae is None:
-        raise ValueError("the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
-                         "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained")
-    from selfflow.tokenizers.image_latent import ImageLatentTokenizer
+        raise ValueError(
+            "the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
+            "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained"
+        )
     from selfflow.data.vae_folder import downsampling
+    from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 
     model = load_official(path)
-    tokenizer = ImageLatentTokenizer(vae, image_size=model.grid * model.patch_size * downsampling(vae),
-                                     patch_size=model.patch_size, latent_channels=model.latent_channels,
-                                     scale=SD_VAE_SCALE, shift=0.0).eval()
+    tokenizer = ImageLatentTokenizer(
+        vae,
+        image_size=model.grid * model.patch_size * downsampling(vae),
+        patch_size=model.patch_size,
+        latent_channels=model.latent_channels,
+        scale=SD_VAE_SCALE,
+        shift=0.0,
+    ).eval()
     return model, {"image": tokenizer}

@@ -5,6 +5,7 @@
   and blocks of padding cost nothing (compiled once per process on CUDA; on CPU the unfused reference, forward only);
 - sdpa: PyTorch SDPA with a dense [B, 1, N, N] mask, which does the work of the whole N x N square.
 """
+
 from __future__ import annotations
 
 import functools
@@ -21,7 +22,7 @@ from selfflow.models.embeddings import apply_rope
 
 try:  # optional, GPU only
     from flash_attn import flash_attn_func, flash_attn_varlen_func
-except Exception:  # noqa: BLE001 - any import failure means "not available"
+except Exception:
     flash_attn_func = flash_attn_varlen_func = None
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
@@ -103,9 +104,10 @@ def flash_available() -> bool:
     return flash_attn_func is not None and torch.cuda.is_available()
 
 
-def choose_kernel(backend: str, device_type: str, dtype: torch.dtype, mask: Tensor | GroupMask | None,
-                  flash_installed: bool) -> str:
-    """"flash", "flex" or "sdpa" for one call.
+def choose_kernel(
+    backend: str, device_type: str, dtype: torch.dtype, mask: Tensor | GroupMask | None, flash_installed: bool
+) -> str:
+    """ "flash", "flex" or "sdpa" for one call.
 
     auto takes flash-attn where it applies (CUDA, half precision, unmasked or contiguous groups), else FlexAttention
     for masked attention on CUDA (block-sparse), else SDPA. It never picks flex on CPU, where FlexAttention is the
@@ -130,8 +132,10 @@ def compiled_flex_attention():
 def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask) -> Tensor:
     """q, k, v: [B, H, N, Dh] -> [B, H, N, Dh] with FlexAttention; compiled on CUDA unless already being compiled."""
     if not q.is_cuda and q.requires_grad:
-        raise ValueError("model.attention=flex cannot train on CPU (PyTorch's FlexAttention has no CPU backward); "
-                         "use model.attention=auto or sdpa there")
+        raise ValueError(
+            "model.attention=flex cannot train on CPU (PyTorch's FlexAttention has no CPU backward); "
+            "use model.attention=auto or sdpa there"
+        )
     block_mask = mask.block_mask if isinstance(mask, GroupMask) else dense_block_mask(mask)
     kernel = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
     return kernel(q, k, v, block_mask=block_mask)
@@ -185,8 +189,9 @@ class Attention(nn.Module):
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         return self.q_norm(q), self.k_norm(k), v
 
-    def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None,
-                mask: Tensor | GroupMask | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | GroupMask | None = None
+    ) -> Tensor:
         """x: [B, N, D]; mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None."""
         q, k, v = self.heads_of(x)
         if rope is not None:

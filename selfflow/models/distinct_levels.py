@@ -3,6 +3,7 @@
 The model runs its adaLN modulation MLPs on the table (`levels: [B, L]`) and gathers the result per token
 (`level_index: [B, N]`), so a caller holding only per-token levels gets the cost of its few distinct ones.
 """
+
 from __future__ import annotations
 
 import torch

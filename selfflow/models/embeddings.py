@@ -1,4 +1,5 @@
 """Embeddings: noise level, class label, multi-axis rotary positions and fixed 2D sin-cos positions."""
+
 from __future__ import annotations
 
 import math
@@ -58,7 +59,8 @@ def default_rope_axes(head_dim: int, num_axes: int = 4) -> list[int]:
 
 
 class MultiAxisRoPE(nn.Module):
-    """Rotary embedding over integer position ids [B, N, A]: one rotary block per axis, sizes summing to the head width."""
+    """Rotary embedding over integer position ids [B, N, A]: one rotary block per axis, sizes summing to the head
+    width."""
 
     def __init__(self, head_dim: int, axes_dim: list[int] | None = None, theta: float = 10000.0):
         super().__init__()

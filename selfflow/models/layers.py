@@ -1,5 +1,6 @@
 """The layers every block type shares: per-token modulation gathered from a few distinct conditioning vectors, the
 DiT block, and the final adaLN layer. Imported by the transformer and by the text stream (no import cycle)."""
+
 from __future__ import annotations
 
 import torch

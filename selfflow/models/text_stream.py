@@ -9,6 +9,7 @@ it; padding (data or text) is never attended to. The pooled text vector is added
 first `two_stream_blocks` blocks keep separate weights for the text stream (the two-stream design, attention still
 joint); the blocks after them are single-stream.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,14 +41,22 @@ def text_view_groups(text_valid: Tensor, views: int) -> Tensor:
 class TextStream(nn.Module):
     """The text side of the model: token and pooled projections, and the text weights of the two-stream blocks."""
 
-    def __init__(self, text_channels: int, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False,
-                 two_stream_blocks: int = 0):
+    def __init__(
+        self,
+        text_channels: int,
+        width: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        qk_norm: bool = False,
+        two_stream_blocks: int = 0,
+    ):
         super().__init__()
         self.token_proj = nn.Linear(text_channels, width)
         self.pooled_proj = nn.Sequential(nn.Linear(text_channels, width), nn.SiLU(), nn.Linear(width, width))
         self.text_blocks = nn.ModuleList(
             TransformerBlock(width, heads, mlp_ratio, qk_norm=qk_norm, attention="sdpa")
-            for _ in range(two_stream_blocks))
+            for _ in range(two_stream_blocks)
+        )
 
     def zero_init(self) -> None:
         """adaLN-Zero for the text weights, and a pooled projection that starts at zero."""
@@ -57,8 +66,17 @@ class TextStream(nn.Module):
         nn.init.zeros_(self.pooled_proj[-1].weight)
         nn.init.zeros_(self.pooled_proj[-1].bias)
 
-    def join(self, model, h: Tensor, pos: Tensor, cond: Tensor, level_index: Tensor, attn_mask: GroupMask | None,
-             labels: Tensor, text: TextTokens) -> Joined:
+    def join(
+        self,
+        model,
+        h: Tensor,
+        pos: Tensor,
+        cond: Tensor,
+        level_index: Tensor,
+        attn_mask: GroupMask | None,
+        labels: Tensor,
+        text: TextTokens,
+    ) -> Joined:
         """Append one view of the text per attention group of the data (G views, G = 1 unless the data is split
         into groups): h: [B, N, D] -> [B, N + G T, D], with positions, conditioning table [B, L + 1, D] (last
         entry: the clean text level), per-token indices [B, N + G T] and the joint mask (None: nothing masked)."""
@@ -77,8 +95,13 @@ class TextStream(nn.Module):
         mask = None
         if attn_mask is not None or not bool(valid.all()):
             mask = GroupMask(torch.cat([groups, text_view_groups(valid, views)], dim=1))
-        return (torch.cat([h, text_h], dim=1), torch.cat([pos, text.pos.to(pos.device).repeat(1, views, 1)], dim=1),
-                table, torch.cat([level_index, text_index], dim=1), mask)
+        return (
+            torch.cat([h, text_h], dim=1),
+            torch.cat([pos, text.pos.to(pos.device).repeat(1, views, 1)], dim=1),
+            table,
+            torch.cat([level_index, text_index], dim=1),
+            mask,
+        )
 
     def block(self, number: int, block: nn.Module, num_data: int):
         """The callable for 1-based block `number`: the two-stream form for the first blocks, else `block` itself."""
@@ -92,12 +115,22 @@ class TextStream(nn.Module):
         return two_stream
 
 
-def two_stream_forward(data_block: nn.Module, text_block: nn.Module, x: Tensor, cond: Tensor, cond_index: Tensor,
-                       rope, mask: GroupMask | Tensor | None, num_data: int) -> Tensor:
+def two_stream_forward(
+    data_block: nn.Module,
+    text_block: nn.Module,
+    x: Tensor,
+    cond: Tensor,
+    cond_index: Tensor,
+    rope,
+    mask: GroupMask | Tensor | None,
+    num_data: int,
+) -> Tensor:
     """A DiT block with separate weights per stream (data: x[:, :N], text: x[:, N:]) and one joint attention."""
     parts = []
-    for block, xs, index in ((data_block, x[:, :num_data], cond_index[:, :num_data]),
-                             (text_block, x[:, num_data:], cond_index[:, num_data:])):
+    for block, xs, index in (
+        (data_block, x[:, :num_data], cond_index[:, :num_data]),
+        (text_block, x[:, num_data:], cond_index[:, num_data:]),
+    ):
         mod = gather_tokens(block.adaLN_modulation(cond), index).chunk(6, dim=-1)
         parts.append((block, xs, mod, *block.attn.heads_of(modulate(block.norm1(xs), mod[0], mod[1]))))
     q, k, v = (torch.cat([p[i] for p in parts], dim=2) for i in (3, 4, 5))  # [B, H, N + T, Dh]

@@ -5,6 +5,7 @@ levels (`levels: [B, L]`, L = 1 at inference, 2 in Self-Flow training) and each 
 (`level_index: [B, N]`). The modulation MLPs run on the [B, L] table and the result is gathered per token,
 so the outputs equal those of running the MLPs on every token at close to plain-DiT cost.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -72,8 +73,10 @@ class SelfFlowTransformer(nn.Module):
             raise ValueError("token_channels is empty: the model needs at least one modality's tokenizer")
         without_grid = sorted(set(token_channels) - {"image"}) + ([TEXT] if text_channels else [])
         if pos_embed == "sincos" and without_grid:
-            raise ValueError(f"model.pos_embed=sincos encodes the (h, w) grid of images only, not the time axis or "
-                             f"the text positions of {without_grid}; use model.pos_embed=rope for this model")
+            raise ValueError(
+                f"model.pos_embed=sincos encodes the (h, w) grid of images only, not the time axis or "
+                f"the text positions of {without_grid}; use model.pos_embed=rope for this model"
+            )
         self.width, self.depth, self.heads = width, depth, heads
         self.num_classes, self.pos_embed = num_classes, pos_embed
         self.token_channels = dict(token_channels)
@@ -89,8 +92,9 @@ class SelfFlowTransformer(nn.Module):
         self.final_layers = nn.ModuleDict({m: FinalLayer(width, c) for m, c in token_channels.items()})
         if not 0 <= text_stream_blocks <= depth:
             raise ValueError(f"model.text_stream_blocks={text_stream_blocks} must be in 0..{depth} (the depth)")
-        self.text_stream = (TextStream(text_channels, width, heads, mlp_ratio, qk_norm, text_stream_blocks)
-                            if text_channels else None)
+        self.text_stream = (
+            TextStream(text_channels, width, heads, mlp_ratio, qk_norm, text_stream_blocks) if text_channels else None
+        )
         self.size_embedder = SizeEmbedder(width) if size_conditioning else None
         self.initialize_weights()
         if compile:  # torch.compile per block: one graph serves every block, and early stops need no recompile
@@ -198,8 +202,9 @@ class SelfFlowTransformer(nn.Module):
         if text is not None:  # joint attention: clean text tokens appended after the data tokens
             if self.text_stream is None:
                 raise ValueError("text given to a model built without text conditioning (no 'text' token channels)")
-            h, pos, cond, level_index, attn_mask = self.text_stream.join(self, h, pos, cond, level_index, attn_mask,
-                                                                         labels, text)
+            h, pos, cond, level_index, attn_mask = self.text_stream.join(
+                self, h, pos, cond, level_index, attn_mask, labels, text
+            )
         if sizes is not None:
             if self.size_embedder is None:
                 raise ValueError("sizes given to a model built without model.size_conditioning=true")

@@ -1,4 +1,5 @@
 """Exponential moving average of a model: the Self-Flow teacher and the weights used for inference."""
+
 from __future__ import annotations
 
 import copy

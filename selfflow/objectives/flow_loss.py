@@ -1,5 +1,8 @@
 """Flow-matching loss and its breakdown by noise level."""
+
 from __future__ import annotations
+
+import itertools
 
 import torch
 from torch import Tensor
@@ -39,7 +42,9 @@ def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | No
     """
     which = torch.clamp((levels.float() * buckets).long(), 0, buckets - 1).flatten()
     weights = valid.flatten().to(values.dtype) if valid is not None else torch.ones_like(which, dtype=values.dtype)
-    sums = torch.zeros(buckets, device=values.device, dtype=values.dtype).index_add_(0, which, values.flatten() * weights)
+    sums = torch.zeros(buckets, device=values.device, dtype=values.dtype).index_add_(
+        0, which, values.flatten() * weights
+    )
     counts = torch.zeros(buckets, device=values.device, dtype=values.dtype).index_add_(0, which, weights)
     return sums, counts
 
@@ -47,4 +52,4 @@ def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | No
 def bucket_names(buckets: int) -> list[str]:
     """Names of the level ranges, e.g. ["0.00-0.25", ..., "0.75-1.00"]."""
     edges = [i / buckets for i in range(buckets + 1)]
-    return [f"{lo:.2f}-{hi:.2f}" for lo, hi in zip(edges[:-1], edges[1:])]
+    return [f"{lo:.2f}-{hi:.2f}" for lo, hi in itertools.pairwise(edges)]

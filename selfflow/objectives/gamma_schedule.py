@@ -1,5 +1,6 @@
 """The weight of the representation loss over training (`objective.gamma_schedule`): a pure function of the
 optimizer step, so that a resumed run continues with exactly the weights an uninterrupted run would have had."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -20,8 +21,10 @@ class GammaSchedule:
         if kind not in KINDS:
             raise ValueError(f"objective.gamma_schedule.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or (kind != "constant" and steps < 1):
-            raise ValueError(f"objective.gamma_schedule.steps={steps!r} must be an integer >= 1 with "
-                             f"kind={kind} (the step where the warm-up ends or the cut-off begins)")
+            raise ValueError(
+                f"objective.gamma_schedule.steps={steps!r} must be an integer >= 1 with "
+                f"kind={kind} (the step where the warm-up ends or the cut-off begins)"
+            )
         self.kind, self.steps = kind, steps
 
     def __call__(self, step: int) -> float:

@@ -1,4 +1,5 @@
 """Self-Flow representation loss: projected student features against the EMA teacher's features."""
+
 from __future__ import annotations
 
 import torch.nn.functional as F

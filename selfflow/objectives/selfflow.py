@@ -1,4 +1,5 @@
 """The Self-Flow objective: dual-timestep flow matching plus EMA self-distillation of features."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -104,7 +105,7 @@ class SelfFlowObjective(nn.Module):
                 f"1 <= student_layer < teacher_layer <= model depth ({model.depth})"
             )
         per_modality = isinstance(mask_ratio, Mapping)
-        ratios = dict(mask_ratio) if per_modality else {m: mask_ratio for m in model.token_channels}
+        ratios = dict(mask_ratio) if per_modality else dict.fromkeys(model.token_channels, mask_ratio)
         missing = set(model.token_channels) - set(ratios)
         if missing:
             raise ValueError(f"objective.mask_ratio has no value for modalities {sorted(missing)}")
@@ -121,10 +122,15 @@ class SelfFlowObjective(nn.Module):
         self.teacher = EMA(model, ema_decay, ema_warmup)
         names = [sampling_weights_name(d) for d in sampling_ema_decays]
         if len(set(names)) < len(names):
-            raise ValueError(f"objective.sampling_ema_decays={list(sampling_ema_decays)} repeats a decay; list each once")
-        self.sampling_emas = nn.ModuleDict({
-            sampling_ema_key(name): EMA(model, float(d), ema_warmup, key="objective.sampling_ema_decays")
-            for name, d in zip(names, sampling_ema_decays)})
+            raise ValueError(
+                f"objective.sampling_ema_decays={list(sampling_ema_decays)} repeats a decay; list each once"
+            )
+        self.sampling_emas = nn.ModuleDict(
+            {
+                sampling_ema_key(name): EMA(model, float(d), ema_warmup, key="objective.sampling_ema_decays")
+                for name, d in zip(names, sampling_ema_decays)
+            }
+        )
         self.gamma_schedule = gamma_schedule or GammaSchedule()
         self.head = ProjectionHead(model.width) if gamma > 0 else None
         self.gamma, self.class_dropout = float(gamma), float(class_dropout)
@@ -154,8 +160,13 @@ class SelfFlowObjective(nn.Module):
         modality (or masks) and the per-token channel counts [R, N] of a batch (None when every token has all C
         channels)."""
         if isinstance(tokens, PackedTokens):
-            ratios = torch.tensor([[self.mask_ratios[m] for m in row] + [0.0] * (tokens.num_segments - len(row))
-                                   for row in tokens.segment_modality], device=tokens.x.device)
+            ratios = torch.tensor(
+                [
+                    [self.mask_ratios[m] for m in row] + [0.0] * (tokens.num_segments - len(row))
+                    for row in tokens.segment_modality
+                ],
+                device=tokens.x.device,
+            )
             weights = sum(sel * self.loss_weights.get(m, 1.0) for m, sel in tokens.modality_masks.items())
             channels = sum(sel * tokens.channels[m] for m, sel in tokens.modality_masks.items())  # 0 on padding
             return tokens.segment, tokens.segment_labels, ratios, weights, tokens.modality_masks, channels
@@ -168,8 +179,9 @@ class SelfFlowObjective(nn.Module):
         """The representation loss weight at optimizer step `step` (None: objective.gamma, unscheduled)."""
         return self.gamma if step is None else self.gamma * self.gamma_schedule(step)
 
-    def forward(self, tokens: Tokens | PackedTokens, condition: Condition | None = None,
-                step: int | None = None) -> ObjectiveOutput:
+    def forward(
+        self, tokens: Tokens | PackedTokens, condition: Condition | None = None, step: int | None = None
+    ) -> ObjectiveOutput:
         """tokens: a padded batch of one modality or packed rows; condition: the batch's labels ([B]; packed rows
         carry theirs inside the packing), captions and size conditioning (None: unconditional); step: the optimizer
         step, for the gamma schedule."""
@@ -197,8 +209,14 @@ class SelfFlowObjective(nn.Module):
             groups = self.attention_mask(torch.where(segment >= 0, dual.index, -1), contiguous=False)
         want_rep = self.gamma > 0
         student = self.model(
-            interpolate(x0, x1, student_t), dual.levels, dual.index, tokens.pos, condition, modality,
-            attn_mask=groups, hidden_layers=(self.student_layer,) if want_rep else (),
+            interpolate(x0, x1, student_t),
+            dual.levels,
+            dual.index,
+            tokens.pos,
+            condition,
+            modality,
+            attn_mask=groups,
+            hidden_layers=(self.student_layer,) if want_rep else (),
         )
         flow_error = token_squared_error(student.velocity, velocity_target(x0, x1), channels)  # [R, N]
         loss_flow = masked_mean(flow_error * weights, valid)
@@ -210,15 +228,22 @@ class SelfFlowObjective(nn.Module):
             with torch.no_grad():
                 teacher_t = dual.teacher_per_token  # [R, N]: min(t, s) of each token's sample, the cleaner view
                 target = self.teacher.module(
-                    interpolate(x0, x1, teacher_t), dual.teacher_levels, segment.clamp_min(0) if packed else None,
-                    tokens.pos, condition, modality, attn_mask=sample_groups,
-                    hidden_layers=(self.teacher_layer,), stop_after=self.teacher_layer,
+                    interpolate(x0, x1, teacher_t),
+                    dual.teacher_levels,
+                    segment.clamp_min(0) if packed else None,
+                    tokens.pos,
+                    condition,
+                    modality,
+                    attn_mask=sample_groups,
+                    hidden_layers=(self.teacher_layer,),
+                    stop_after=self.teacher_layer,
                 ).hidden[self.teacher_layer]
             rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
             loss_rep = masked_mean(rep_error * weights, valid)
             loss = loss_flow + gamma * loss_rep
-        per_modality = self._per_modality(flow_error.detach(), None if rep_error is None else rep_error.detach(),
-                                          modality, valid)
+        per_modality = self._per_modality(
+            flow_error.detach(), None if rep_error is None else rep_error.detach(), modality, valid
+        )
         return ObjectiveOutput(loss, loss_flow, loss_rep, gamma, sums, counts, dual, per_modality)
 
     @staticmethod

@@ -8,6 +8,7 @@ started again with the same settings samples only the chunks not on disk yet, wh
 `out_dir/job.json` records the settings that decide the samples (weights, sampler, seed, ...), written before the
 first chunk: a job with other settings into the same out_dir is refused instead of mixing samples.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,13 +75,17 @@ class ChunkStore:
         stored = self.read_settings()
         if stored is None:
             if any(self.parts.glob("chunk_*.npz")):
-                raise ValueError(f"{self.parts} holds chunks but {self.out_dir / JOB_FILE} is missing, so their "
-                                 f"settings are unknown; delete {self.parts} or choose another out_dir")
+                raise ValueError(
+                    f"{self.parts} holds chunks but {self.out_dir / JOB_FILE} is missing, so their "
+                    f"settings are unknown; delete {self.parts} or choose another out_dir"
+                )
             return True
         if stored != settings:
-            raise ValueError(f"out_dir={self.out_dir} holds samples of other settings "
-                             f"({'; '.join(differences(stored, settings))}); choose another out_dir, or delete it to "
-                             f"sample again")
+            raise ValueError(
+                f"out_dir={self.out_dir} holds samples of other settings "
+                f"({'; '.join(differences(stored, settings))}); choose another out_dir, or delete it to "
+                f"sample again"
+            )
         return False
 
     def write_settings(self, settings: dict[str, Any], about: dict[str, Any]) -> None:
@@ -107,8 +112,10 @@ class ChunkStore:
         """Chunk `chunk`'s labels [B] and samples [B, ...], synced to disk and renamed into place."""
         indices = np.asarray(self.ranges[chunk], dtype=np.int64)
         if len(samples) != len(indices) or len(labels) != len(indices):
-            raise ValueError(f"chunk {chunk} holds samples {indices[0]}..{indices[-1]}: got {len(samples)} samples "
-                             f"and {len(labels)} labels")
+            raise ValueError(
+                f"chunk {chunk} holds samples {indices[0]}..{indices[-1]}: got {len(samples)} samples "
+                f"and {len(labels)} labels"
+            )
         self.parts.mkdir(parents=True, exist_ok=True)
         path = self.path(chunk)
         temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -126,18 +133,25 @@ class ChunkStore:
         """(labels [B], samples [B, *sample_shape]) of a chunk; every member's header is checked (the job's shapes
         and dtypes) before its data is read, and the indices must be the chunk's, in order."""
         path, rows = self.path(chunk), len(self.ranges[chunk])
-        expected = {"indices": ((rows,), np.dtype(np.int64)), "labels": ((rows,), np.dtype(np.int64)),
-                    "samples": ((rows, *sample_shape), np.dtype(dtype))}
+        expected = {
+            "indices": ((rows,), np.dtype(np.int64)),
+            "labels": ((rows,), np.dtype(np.int64)),
+            "samples": ((rows, *sample_shape), np.dtype(dtype)),
+        }
         for key, (shape, wanted) in expected.items():
             header = npz_header(path, key)
             if header.shape != shape or header.dtype != wanted:
-                raise ValueError(f"{path}[{key}] is {header.dtype} {list(header.shape)}; this job's is {wanted} "
-                                 f"{list(shape)}: delete the file and run the job again to resample it")
+                raise ValueError(
+                    f"{path}[{key}] is {header.dtype} {list(header.shape)}; this job's is {wanted} "
+                    f"{list(shape)}: delete the file and run the job again to resample it"
+                )
         with np.load(path, allow_pickle=False) as members:
             indices, labels, samples = (members[key] for key in MEMBERS)
         if indices.tolist() != list(self.ranges[chunk]):
-            raise ValueError(f"{path} holds other sample indices than chunk {chunk}'s: delete it and run the job "
-                             f"again to resample it")
+            raise ValueError(
+                f"{path} holds other sample indices than chunk {chunk}'s: delete it and run the job "
+                f"again to resample it"
+            )
         return labels, samples
 
     def remove_temporary(self) -> None:

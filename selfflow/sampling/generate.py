@@ -4,11 +4,12 @@ The model is anything with `velocity(x: [B, N, C], t: [B], pos: [B, N, 4], condi
 [B, N, C]` (a `SelfFlowTransformer`, or the released checkpoint's wrapper in `selfflow.interop`); what the samples
 are conditioned on (labels, text, sizes) travels as one `Condition`, whose `null()` is guidance's unconditional half.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -81,9 +82,17 @@ class GuidedVelocity:
     conditional input only. Counts `evaluations` (the solver's NFE) and `model_calls` (forward passes).
     """
 
-    def __init__(self, model, pos: Tensor, condition: Condition, modality: str, cfg_scale: float = 1.0,
-                 guidance_interval: Sequence[float] = (0.0, 1.0), autocast: torch.dtype | None = None,
-                 on_evaluation: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        model,
+        pos: Tensor,
+        condition: Condition,
+        modality: str,
+        cfg_scale: float = 1.0,
+        guidance_interval: Sequence[float] = (0.0, 1.0),
+        autocast: torch.dtype | None = None,
+        on_evaluation: Callable[[], None] | None = None,
+    ):
         lo, hi = (float(v) for v in guidance_interval)
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"guidance_interval=[{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1 (noise levels)")
@@ -109,8 +118,9 @@ class GuidedVelocity:
             self.on_evaluation()
         if not self.guided_at(float(t[0])):
             return self._call_model(x, t, self.pos, self.condition)
-        both = self._call_model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.pos, self.pos]),
-                                self.guided_condition)
+        both = self._call_model(
+            torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.pos, self.pos]), self.guided_condition
+        )
         cond, uncond = both.chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
 
@@ -127,10 +137,20 @@ def model_device(model) -> torch.device:
 
 
 @torch.no_grad()
-def sample_tokens(model, tokenizer: Tokenizer, condition: Condition, steps: int = 50, solver: str = "euler",
-                  cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
-                  noise: NoiseSource | None = None, shift: float = 1.0, precision: str = "fp32",
-                  on_evaluation: Callable[[], None] | None = None, **solver_options) -> Generation:
+def sample_tokens(
+    model,
+    tokenizer: Tokenizer,
+    condition: Condition,
+    steps: int = 50,
+    solver: str = "euler",
+    cfg_scale: float = 1.0,
+    guidance_interval: Sequence[float] = (0.0, 1.0),
+    noise: NoiseSource | None = None,
+    shift: float = 1.0,
+    precision: str = "fp32",
+    on_evaluation: Callable[[], None] | None = None,
+    **solver_options,
+) -> Generation:
     """Generated tokens for the B samples of `condition` (labels [B]: NO_LABEL for unconditional samples), from
     `noise` draws."""
     if solver not in SOLVERS:
@@ -141,8 +161,16 @@ def sample_tokens(model, tokenizer: Tokenizer, condition: Condition, steps: int 
     count = condition.batch_size
     pos = tokenizer.positions(count, device)
     x1 = noise((count, pos.shape[1], tokenizer.token_channels), device)
-    velocity = GuidedVelocity(model, pos, condition, tokenizer.modality, cfg_scale, guidance_interval,
-                              autocast_dtype(device, precision), on_evaluation)
+    velocity = GuidedVelocity(
+        model,
+        pos,
+        condition,
+        tokenizer.modality,
+        cfg_scale,
+        guidance_interval,
+        autocast_dtype(device, precision),
+        on_evaluation,
+    )
     if solver in solvers.STOCHASTIC:
         solver_options["noise"] = lambda x: noise(x.shape, x.device, x.dtype)
     x0 = SOLVERS[solver](velocity, x1, steps, shift=shift, **solver_options)
@@ -150,10 +178,18 @@ def sample_tokens(model, tokenizer: Tokenizer, condition: Condition, steps: int 
 
 
 @torch.no_grad()
-def generate(model, tokenizer: Tokenizer, condition: Condition, steps: int = 50, solver: str = "euler",
-             cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
-             generator: torch.Generator | None = None, shift: float = 1.0,
-             generators: list[torch.Generator] | None = None) -> Tensor:
+def generate(
+    model,
+    tokenizer: Tokenizer,
+    condition: Condition,
+    steps: int = 50,
+    solver: str = "euler",
+    cfg_scale: float = 1.0,
+    guidance_interval: Sequence[float] = (0.0, 1.0),
+    generator: torch.Generator | None = None,
+    shift: float = 1.0,
+    generators: list[torch.Generator] | None = None,
+) -> Tensor:
     """Decoded samples of `condition`'s B rows; noise from one `generator`, or per sample from `generators`."""
     noise = NoiseSource(generator, generators)
     out = sample_tokens(model, tokenizer, condition, steps, solver, cfg_scale, guidance_interval, noise, shift)

@@ -5,6 +5,7 @@ generate (conditions, solver, guidance, seed); `generate_batches` runs it batch 
 each batch's files as it comes (see `selfflow.sampling.modalities` for what each modality writes). Sample `i`'s
 noise depends on (seed, i) only, so the same seed gives the same samples for any batch size.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -20,8 +21,8 @@ from torch import Tensor
 
 from selfflow.interop.official import OFFICIAL_PREFIX
 from selfflow.sampling import writers
-from selfflow.sampling.generate import Generation, NoiseSource, autocast_dtype, sample_generators, sample_tokens
 from selfflow.sampling.chunks import ChunkStore
+from selfflow.sampling.generate import Generation, NoiseSource, autocast_dtype, sample_generators, sample_tokens
 from selfflow.sampling.modalities import ModalityIO, modality_io
 from selfflow.sampling.prompted import prompt_text
 from selfflow.sampling.refine import refine_tokens
@@ -44,7 +45,7 @@ def load_sampling_model(ckpt: str, weights: str = "ema", vae: str | None = None)
     if ckpt.startswith(OFFICIAL_PREFIX):
         from selfflow.interop.official import load_official_for_sampling
 
-        model, tokenizers = load_official_for_sampling(ckpt[len(OFFICIAL_PREFIX):], vae)
+        model, tokenizers = load_official_for_sampling(ckpt[len(OFFICIAL_PREFIX) :], vae)
         return SamplingModel(model, tokenizers, None, "official")
     from selfflow.interop.checkpoint import load_checkpoint
 
@@ -71,8 +72,10 @@ def resolve_labels(labels, num_samples: int, num_classes: int, null_class: int) 
     labels = [int(v) for v in (labels if isinstance(labels, Sequence) and not isinstance(labels, str) else [labels])]
     bad = [v for v in labels if not (0 <= v < num_classes or v == null_class)]
     if not labels or bad:
-        raise ValueError(f"labels={labels} must be class ids in 0..{num_classes - 1} (or {null_class}, the null "
-                         f"label); leave labels=null for all classes round-robin")
+        raise ValueError(
+            f"labels={labels} must be class ids in 0..{num_classes - 1} (or {null_class}, the null "
+            f"label); leave labels=null for all classes round-robin"
+        )
     return torch.tensor(labels, dtype=torch.long).repeat(math.ceil(num_samples / len(labels)))[:num_samples]
 
 
@@ -85,8 +88,9 @@ def size_rows(model, tokenizer, count: int) -> Tensor | None:
     return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(count, 1)
 
 
-def sampling_condition(model, tokenizer, tokenizers: dict[str, Tokenizer], labels, num_samples: int,
-                       prompt=None) -> Condition:
+def sampling_condition(
+    model, tokenizer, tokenizers: dict[str, Tokenizer], labels, num_samples: int, prompt=None
+) -> Condition:
     """The N samples' condition: class labels (given ids cycled, else every class round-robin), the prompt for a
     text model (its label then conditions on nothing unless labels are given), size conditioning for a multi-aspect
     model."""
@@ -136,36 +140,70 @@ class SamplingPlan:
         return 0 if self.init is not None and self.strength == 0 else self.steps
 
 
-def generate_batches(model, plan: SamplingPlan, on_evaluation: Callable[[], None] | None = None,
-                     parts: list[range] | None = None) -> Iterator[tuple[range, Tensor, Generation]]:
+def generate_batches(
+    model, plan: SamplingPlan, on_evaluation: Callable[[], None] | None = None, parts: list[range] | None = None
+) -> Iterator[tuple[range, Tensor, Generation]]:
     """(indices, decoded samples, generation) of each batch of the plan (or of `parts`, a subset of its indices)."""
     for part in parts if parts is not None else batches(plan.num_samples, plan.batch_size):
         condition = plan.condition.select(slice(part.start, part.stop))
         noise = NoiseSource(generators=sample_generators(plan.seed, part))
-        options = {"cfg_scale": plan.cfg_scale, "guidance_interval": plan.guidance_interval, "noise": noise,
-                   "shift": plan.shift, "precision": plan.precision, "on_evaluation": on_evaluation}
+        options = {
+            "cfg_scale": plan.cfg_scale,
+            "guidance_interval": plan.guidance_interval,
+            "noise": noise,
+            "shift": plan.shift,
+            "precision": plan.precision,
+            "on_evaluation": on_evaluation,
+        }
         if plan.init is None:
-            out = sample_tokens(model, plan.tokenizer, condition, plan.steps, plan.solver, **options,
-                                **plan.solver_options)
+            out = sample_tokens(
+                model, plan.tokenizer, condition, plan.steps, plan.solver, **options, **plan.solver_options
+            )
         else:  # refinement: start from the init sample noised to level `strength`
-            out = refine_tokens(model, plan.tokenizer, plan.init.expand(len(part), *plan.init.shape), plan.strength,
-                                condition, plan.steps, plan.solver, **options)
+            out = refine_tokens(
+                model,
+                plan.tokenizer,
+                plan.init.expand(len(part), *plan.init.shape),
+                plan.strength,
+                condition,
+                plan.steps,
+                plan.solver,
+                **options,
+            )
         yield part, plan.tokenizer.decode(out.tokens).float(), out
 
 
-def job_settings(model, tokenizer: Tokenizer, modality: str, plan: SamplingPlan, device: torch.device,
-                 chunk_size: int, requests: dict[str, Any]) -> dict[str, Any]:
+def job_settings(
+    model,
+    tokenizer: Tokenizer,
+    modality: str,
+    plan: SamplingPlan,
+    device: torch.device,
+    chunk_size: int,
+    requests: dict[str, Any],
+) -> dict[str, Any]:
     """What decides a job's samples, as job.json keeps it: the weights (by content), the tokenizer (a VAE by its
     fingerprint), the solver, guidance, precision as resolved on `device`, seed, count and chunking, and what the user
     asked for (`requests`: labels, prompt, size, ...). A restart with other settings is refused."""
     autocast = autocast_dtype(device, plan.precision)
-    return {"model_sha256": state_digest(model), "tokenizer": type(tokenizer).__name__,
-            "vae_fingerprint": getattr(tokenizer, "fingerprint", None), "modality": modality,
-            "num_samples": plan.num_samples, "chunk_size": chunk_size, "sampler": plan.solver, "steps": plan.steps,
-            "solver_options": plan.solver_options, "cfg_scale": plan.cfg_scale,
-            "guidance_interval": list(plan.guidance_interval), "shift": plan.shift,
-            "autocast": "bf16" if autocast is torch.bfloat16 else "fp32", "seed": plan.seed,
-            "strength": plan.strength if plan.init is not None else None, **requests}
+    return {
+        "model_sha256": state_digest(model),
+        "tokenizer": type(tokenizer).__name__,
+        "vae_fingerprint": getattr(tokenizer, "fingerprint", None),
+        "modality": modality,
+        "num_samples": plan.num_samples,
+        "chunk_size": chunk_size,
+        "sampler": plan.solver,
+        "steps": plan.steps,
+        "solver_options": plan.solver_options,
+        "cfg_scale": plan.cfg_scale,
+        "guidance_interval": list(plan.guidance_interval),
+        "shift": plan.shift,
+        "autocast": "bf16" if autocast is torch.bfloat16 else "fp32",
+        "seed": plan.seed,
+        "strength": plan.strength if plan.init is not None else None,
+        **requests,
+    }
 
 
 def state_digest(module: torch.nn.Module) -> str:
@@ -190,21 +228,26 @@ def decoded_form(io: ModalityIO, stored: np.ndarray) -> Tensor:
     return samples.float() / 255 if io.arrays else samples
 
 
-def sample_chunks(model, plan: SamplingPlan, store: ChunkStore, chunks: list[int], writer: SampleWriter,
-                  on_evaluation: Callable[[], None] | None = None) -> int:
+def sample_chunks(
+    model,
+    plan: SamplingPlan,
+    store: ChunkStore,
+    chunks: list[int],
+    writer: SampleWriter,
+    on_evaluation: Callable[[], None] | None = None,
+) -> int:
     """Sample the given chunks batch by batch (per-sample files as each batch comes), then write each chunk's file;
     returns the model forward passes taken."""
     model_calls = 0
     for chunk in chunks:
         indices = store.ranges[chunk]
-        parts = [range(indices.start + b.start, indices.start + b.stop)
-                 for b in batches(len(indices), plan.batch_size)]
+        parts = [range(indices.start + b.start, indices.start + b.stop) for b in batches(len(indices), plan.batch_size)]
         stored = []
         for part, decoded, out in generate_batches(model, plan, on_evaluation, parts):
             writer.add(decoded, part)
             stored.append(stored_form(writer.io, decoded))
             model_calls += out.model_calls
-        store.write(chunk, plan.condition.labels[indices.start:indices.stop], np.concatenate(stored))
+        store.write(chunk, plan.condition.labels[indices.start : indices.stop], np.concatenate(stored))
     return model_calls
 
 
@@ -212,19 +255,29 @@ class SampleWriter:
     """Per-sample files as each batch comes (unless `per_sample_files` is off), then, from the job's chunk files, a
     preview picture and (images) samples.npz."""
 
-    def __init__(self, modality: str, tokenizer: Tokenizer, out_dir: Path, upscale: int = 1, grid_upscale: int = 4,
-                 grid_max: int = 100, per_sample_files: bool = True):
+    def __init__(
+        self,
+        modality: str,
+        tokenizer: Tokenizer,
+        out_dir: Path,
+        upscale: int = 1,
+        grid_upscale: int = 4,
+        grid_max: int = 100,
+        per_sample_files: bool = True,
+    ):
         self.io, self.tokenizer, self.out_dir = modality_io(modality), tokenizer, Path(out_dir)
         self.upscale, self.grid_upscale, self.grid_max = upscale, grid_upscale, grid_max
         self.per_sample_files = per_sample_files
 
     def add(self, samples: Tensor, indices: range) -> None:
         if self.per_sample_files:
-            self.io.write(samples, self.out_dir / self.io.folder, [f"{i:06d}" for i in indices], self.tokenizer,
-                          self.upscale)
+            self.io.write(
+                samples, self.out_dir / self.io.folder, [f"{i:06d}" for i in indices], self.tokenizer, self.upscale
+            )
 
-    def finish(self, store: ChunkStore, labels: Tensor, nrow: int | None,
-               visit: Callable[[Tensor, Tensor], None] | None = None) -> dict[str, Path]:
+    def finish(
+        self, store: ChunkStore, labels: Tensor, nrow: int | None, visit: Callable[[Tensor, Tensor], None] | None = None
+    ) -> dict[str, Path]:
         """Read the chunks in index order, one at a time: the first `grid_max` samples make the preview, images
         stream into samples.npz (uint8 [N, H, W, 3] under arr_0, and labels), and `visit(samples, labels)` sees
         every chunk (metrics). Returns the files written, by kind."""
@@ -235,9 +288,11 @@ class SampleWriter:
         def chunks() -> Iterator[np.ndarray]:
             for chunk, indices in enumerate(store.ranges):
                 chunk_labels, stored = store.read(chunk, sample_shape, dtype)
-                if chunk_labels.tolist() != labels[indices.start:indices.stop].tolist():
-                    raise ValueError(f"{store.path(chunk)} holds other labels than this job's; delete it and run the "
-                                     f"job again to resample it")
+                if chunk_labels.tolist() != labels[indices.start : indices.stop].tolist():
+                    raise ValueError(
+                        f"{store.path(chunk)} holds other labels than this job's; delete it and run the "
+                        f"job again to resample it"
+                    )
                 samples = decoded_form(self.io, stored)
                 room = self.grid_max - sum(len(p) for p in preview)
                 if room > 0:
@@ -250,9 +305,13 @@ class SampleWriter:
         if self.io.arrays:
             _, height, width = sample_shape
             pixels = (writers.rgb_rows(stored) for stored in chunks())
-            files["npz"] = writers.write_npz_streamed(self.out_dir / "samples.npz", pixels,
-                                                      (len(labels), height, width, 3), np.dtype(np.uint8),
-                                                      {"labels": labels.cpu().numpy().astype(np.int64)})
+            files["npz"] = writers.write_npz_streamed(
+                self.out_dir / "samples.npz",
+                pixels,
+                (len(labels), height, width, 3),
+                np.dtype(np.uint8),
+                {"labels": labels.cpu().numpy().astype(np.int64)},
+            )
         else:
             for _ in chunks():
                 pass
@@ -260,6 +319,10 @@ class SampleWriter:
             files[self.io.folder] = self.out_dir / self.io.folder
         if self.io.preview_name is not None:
             files[Path(self.io.preview_name).stem] = self.io.preview(
-                torch.cat(preview), self.out_dir / self.io.preview_name, self.tokenizer, nrow=nrow,
-                upscale=self.grid_upscale)
+                torch.cat(preview),
+                self.out_dir / self.io.preview_name,
+                self.tokenizer,
+                nrow=nrow,
+                upscale=self.grid_upscale,
+            )
         return files

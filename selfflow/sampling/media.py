@@ -1,4 +1,5 @@
 """Writing video and audio samples to files a person can open: MP4 clips, frame strips, WAV files, spectrograms."""
+
 from __future__ import annotations
 
 import os
@@ -56,8 +57,7 @@ def log_spectrogram(wave: Tensor, sample_rate: int) -> np.ndarray:
     return (20 * torch.log10((spec.abs() / full_scale).clamp_min(1e-6))).numpy()
 
 
-def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int,
-                     titles: list[str] | None = None) -> Path:
+def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int, titles: list[str] | None = None) -> Path:
     """wave: [S] (one panel) or [B, S] (one panel per clip, titled by `titles`) -> a PNG of the log
     spectrogram(s), time in seconds and frequency in Hz, every panel on the same fixed SPECTROGRAM_DB range, so a
     loud clip cannot darken the others and levels compare across panels and files."""
@@ -75,8 +75,15 @@ def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int,
     low, high = SPECTROGRAM_DB
     for i, one in enumerate(waves):
         axes = figure.add_subplot(rows, columns, i + 1)
-        axes.imshow(log_spectrogram(one, sample_rate), origin="lower", aspect="auto", cmap="magma", vmin=low,
-                    vmax=high, extent=(0, seconds, 0, sample_rate / 2))
+        axes.imshow(
+            log_spectrogram(one, sample_rate),
+            origin="lower",
+            aspect="auto",
+            cmap="magma",
+            vmin=low,
+            vmax=high,
+            extent=(0, seconds, 0, sample_rate / 2),
+        )
         axes.set_xlabel("time (s)", fontsize=7)
         axes.set_ylabel("Hz", fontsize=7)
         axes.tick_params(labelsize=6)

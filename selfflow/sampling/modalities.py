@@ -4,6 +4,7 @@ can open, previewed in one picture, loaded back from a file (refinement), and as
 `MODALITIES[name]` is what selfflow-sample, the training sample callback and the prompt-following judge use instead of
 branching on modality names. A new modality is one entry here (and its tokenizer).
 """
+
 from __future__ import annotations
 
 import os
@@ -50,8 +51,11 @@ def _write_images(samples: Tensor, folder: Path, names: list[str], tokenizer, up
 
 def _write_videos(samples: Tensor, folder: Path, names: list[str], tokenizer, upscale: int = 1, pictures: bool = True):
     folder.mkdir(parents=True, exist_ok=True)
-    return {"videos": [media.save_video(clip, folder / f"{name}.mp4", tokenizer.fps, upscale)
-                       for clip, name in zip(samples, names)]}
+    return {
+        "videos": [
+            media.save_video(clip, folder / f"{name}.mp4", tokenizer.fps, upscale) for clip, name in zip(samples, names)
+        ]
+    }
 
 
 def _write_audio(samples: Tensor, folder: Path, names: list[str], tokenizer, upscale: int = 1, pictures: bool = True):
@@ -59,23 +63,27 @@ def _write_audio(samples: Tensor, folder: Path, names: list[str], tokenizer, ups
     rate = tokenizer.sample_rate
     files = {"audio": [media.save_audio(wave, folder / f"{name}.wav", rate) for wave, name in zip(samples, names)]}
     if pictures:
-        files["spectrograms"] = [media.save_spectrogram(wave, folder / f"{name}.png", rate)
-                                 for wave, name in zip(samples, names)]
+        files["spectrograms"] = [
+            media.save_spectrogram(wave, folder / f"{name}.png", rate) for wave, name in zip(samples, names)
+        ]
     return files
 
 
-def _preview_images(samples: Tensor, path: Path, tokenizer, nrow: int | None = None, upscale: int = 1,
-                    titles: list[str] | None = None) -> Path:
+def _preview_images(
+    samples: Tensor, path: Path, tokenizer, nrow: int | None = None, upscale: int = 1, titles: list[str] | None = None
+) -> Path:
     return writers.save_image_grid(samples, path, nrow=nrow, upscale=upscale)
 
 
-def _preview_videos(samples: Tensor, path: Path, tokenizer, nrow: int | None = None, upscale: int = 1,
-                    titles: list[str] | None = None) -> Path:
+def _preview_videos(
+    samples: Tensor, path: Path, tokenizer, nrow: int | None = None, upscale: int = 1, titles: list[str] | None = None
+) -> Path:
     return media.save_frame_strip(samples, path, upscale=upscale)  # one row of frames per clip
 
 
-def _preview_audio(samples: Tensor, path: Path, tokenizer, nrow: int | None = None, upscale: int = 1,
-                   titles: list[str] | None = None) -> Path:
+def _preview_audio(
+    samples: Tensor, path: Path, tokenizer, nrow: int | None = None, upscale: int = 1, titles: list[str] | None = None
+) -> Path:
     return media.save_spectrogram(samples, path, tokenizer.sample_rate, titles=titles)
 
 
@@ -91,8 +99,9 @@ def _load_image(path: Path, tokenizer) -> Tensor:
 def _load_video(path: Path, tokenizer) -> Tensor:
     from selfflow.data.video_io import frames_to_tensor, read_clip
 
-    return frames_to_tensor(read_clip(path, tokenizer.num_frames, fps=tokenizer.fps), tokenizer.image_size,
-                            tokenizer.channels)  # [T, C, S, S]
+    return frames_to_tensor(
+        read_clip(path, tokenizer.num_frames, fps=tokenizer.fps), tokenizer.image_size, tokenizer.channels
+    )  # [T, C, S, S]
 
 
 def _load_audio(path: Path, tokenizer) -> Tensor:
@@ -102,12 +111,31 @@ def _load_audio(path: Path, tokenizer) -> Tensor:
 
 
 MODALITIES: dict[str, ModalityIO] = {
-    "image": ModalityIO(_write_images, _preview_images, _load_image, "images", "grid.png", "size", playable=False,
-                        arrays=True, judged=True),
-    "video": ModalityIO(_write_videos, _preview_videos, _load_video, "videos", "contact_sheet.png", "frames",
-                        playable=True, arrays=False, judged=False),
-    "audio": ModalityIO(_write_audio, _preview_audio, _load_audio, "audio", None, "duration", playable=True,
-                        arrays=False, judged=True),
+    "image": ModalityIO(
+        _write_images,
+        _preview_images,
+        _load_image,
+        "images",
+        "grid.png",
+        "size",
+        playable=False,
+        arrays=True,
+        judged=True,
+    ),
+    "video": ModalityIO(
+        _write_videos,
+        _preview_videos,
+        _load_video,
+        "videos",
+        "contact_sheet.png",
+        "frames",
+        playable=True,
+        arrays=False,
+        judged=False,
+    ),
+    "audio": ModalityIO(
+        _write_audio, _preview_audio, _load_audio, "audio", None, "duration", playable=True, arrays=False, judged=True
+    ),
 }
 
 
@@ -131,16 +159,21 @@ def image_tokenizer_at_size(tokenizer, size) -> Any:
 
     values = list(size) if isinstance(size, (list, tuple)) else [size, size]
     if len(values) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
-        raise ValueError(f"size={values if len(values) != 2 else size} must be [height, width] in pixels, "
-                         f"e.g. size=[24,40]")
+        raise ValueError(
+            f"size={values if len(values) != 2 else size} must be [height, width] in pixels, e.g. size=[24,40]"
+        )
     if type(tokenizer) is not ImagePatchTokenizer:
-        raise ValueError(f"size= is for pixel-space image checkpoints; this one samples images with "
-                         f"{type(tokenizer).__name__}, at its trained size only")
+        raise ValueError(
+            f"size= is for pixel-space image checkpoints; this one samples images with "
+            f"{type(tokenizer).__name__}, at its trained size only"
+        )
     (height, width), patch = values, tokenizer.patch_size
     if height % patch or width % patch:
         near = [-(-v // patch) * patch for v in (height, width)]  # rounded up
-        raise ValueError(f"size=[{height}, {width}] must be whole patches: multiples of the checkpoint's "
-                         f"tokenizer.image.patch_size={patch}, e.g. size=[{near[0]},{near[1]}]")
+        raise ValueError(
+            f"size=[{height}, {width}] must be whole patches: multiples of the checkpoint's "
+            f"tokenizer.image.patch_size={patch}, e.g. size=[{near[0]},{near[1]}]"
+        )
     return ImagePatchTokenizer(patch, tokenizer.channels, (height, width))
 
 
@@ -162,8 +195,10 @@ def tokenizer_at_length(tokenizer, modality: str, options: dict[str, Any]) -> An
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
             raise ValueError(f"{option}={value!r} must be a positive number of {LENGTH_UNITS[option]}")
         if not hasattr(tokenizer, "at_length"):
-            raise ValueError(f"{option}= is for {wanted} checkpoints with a pixel or log-mel tokenizer; this one "
-                             f"samples {modality} with {type(tokenizer).__name__}, at its trained length only")
+            raise ValueError(
+                f"{option}= is for {wanted} checkpoints with a pixel or log-mel tokenizer; this one "
+                f"samples {modality} with {type(tokenizer).__name__}, at its trained length only"
+            )
         try:
             return tokenizer.at_length(value)
         except ValueError as error:

@@ -1,7 +1,8 @@
 """Text prompts as sampling conditions: captions encoded once and carried by a `Condition`."""
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -10,8 +11,9 @@ from selfflow.tokenizers.text import TextTokenizer
 from selfflow.tokens import NO_LABEL, TEXT, Condition, TextTokens
 
 
-def prompted_condition(text_tokenizer: TextTokenizer, prompts: Sequence[str], per_prompt: int = 1,
-                       labels: Tensor | None = None) -> Condition:
+def prompted_condition(
+    text_tokenizer: TextTokenizer, prompts: Sequence[str], per_prompt: int = 1, labels: Tensor | None = None
+) -> Condition:
     """Each prompt `per_prompt` times, rows in prompt order; labels: class labels per row (default: none, for
     text-only models)."""
     if isinstance(prompts, str):
@@ -31,8 +33,10 @@ def prompt_text(tokenizers: dict, prompt, num_samples: int) -> TextTokens | None
     text_tokenizer = tokenizers.get(TEXT)
     if text_tokenizer is None:
         if prompts:
-            raise ValueError("prompt=... needs a checkpoint trained with text conditioning (a tokenizer.text, e.g. "
-                             "experiment=text_digits); this checkpoint has none")
+            raise ValueError(
+                "prompt=... needs a checkpoint trained with text conditioning (a tokenizer.text, e.g. "
+                "experiment=text_digits); this checkpoint has none"
+            )
         return None
     if not prompts:
         return text_tokenizer.encode([""] * num_samples).null()

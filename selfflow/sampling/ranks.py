@@ -5,6 +5,7 @@ Sampling needs no gradient synchronisation, so no Lightning strategy is involved
 chunks (see `selfflow.sampling.chunks`), and torch.distributed (gloo on CPUs, NCCL on GPUs) only provides the
 barriers around them.
 """
+
 from __future__ import annotations
 
 import os
@@ -18,8 +19,10 @@ import torch
 from selfflow.sampling.generate import resolve_device
 
 # (launcher, rank, world size, local rank) variables, the first launcher whose rank variable is set wins
-LAUNCHERS = (("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
-             ("SLURM", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"))
+LAUNCHERS = (
+    ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("SLURM", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
 # the barrier after sampling waits for the slowest process (up to a chunk behind the others); loading a large
 # checkpoint from a shared disk before the first one can take minutes too
 BARRIER_TIMEOUT = timedelta(hours=1)
@@ -47,8 +50,10 @@ def launcher_ranks(env: Mapping[str, str] = os.environ) -> Ranks:
             try:
                 ranks = Ranks(int(env[rank]), int(env.get(world, "1")), int(env.get(local, "0")), launcher)
             except ValueError:
-                raise ValueError(f"{launcher} set {rank}={env.get(rank)!r}, {world}={env.get(world)!r}, "
-                                 f"{local}={env.get(local)!r}: these must be integers") from None
+                raise ValueError(
+                    f"{launcher} set {rank}={env.get(rank)!r}, {world}={env.get(world)!r}, "
+                    f"{local}={env.get(local)!r}: these must be integers"
+                ) from None
             if not 0 <= ranks.rank < ranks.world:
                 raise ValueError(f"{launcher} set {rank}={ranks.rank} outside 0..{world}-1={ranks.world - 1}")
             return ranks
@@ -61,11 +66,15 @@ def process_device(ranks: Ranks, requested: str) -> torch.device:
     if ranks.world == 1 or device.type != "cuda":
         return device
     if device.index is not None and requested != "auto":
-        raise ValueError(f"device={requested} with {ranks.world} processes: leave device=auto (each process takes "
-                         f"cuda:LOCAL_RANK) or device=cpu")
+        raise ValueError(
+            f"device={requested} with {ranks.world} processes: leave device=auto (each process takes "
+            f"cuda:LOCAL_RANK) or device=cpu"
+        )
     if ranks.local_rank >= torch.cuda.device_count():
-        raise ValueError(f"local rank {ranks.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
-                         f"start at most that many processes per node")
+        raise ValueError(
+            f"local rank {ranks.local_rank} has no GPU: this node has {torch.cuda.device_count()}; "
+            f"start at most that many processes per node"
+        )
     return torch.device("cuda", ranks.local_rank)
 
 
@@ -104,9 +113,11 @@ class ProcessGroup:
         values: list[str | None] = [None] * self.ranks.world
         dist.all_gather_object(values, value)
         if len(set(values)) > 1:
-            raise ValueError(f"the {self.ranks.world} processes got different {key} ({values[0]!r} on rank 0, "
-                             f"{value!r} on rank {self.ranks.rank}); pass {key}=... explicitly (a default with the "
-                             f"time in it differs between processes started seconds apart)")
+            raise ValueError(
+                f"the {self.ranks.world} processes got different {key} ({values[0]!r} on rank 0, "
+                f"{value!r} on rank {self.ranks.rank}); pass {key}=... explicitly (a default with the "
+                f"time in it differs between processes started seconds apart)"
+            )
 
 
 def rendezvous_environment(ranks: Ranks, env: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -115,13 +126,17 @@ def rendezvous_environment(ranks: Ranks, env: Mapping[str, str] = os.environ) ->
     if "MASTER_ADDR" in env and "MASTER_PORT" in env:
         return {}
     if ranks.launcher != "SLURM":
-        raise ValueError(f"{ranks.launcher} started {ranks.world} processes without MASTER_ADDR and MASTER_PORT; "
-                         f"start them with torchrun (which sets both)")
+        raise ValueError(
+            f"{ranks.launcher} started {ranks.world} processes without MASTER_ADDR and MASTER_PORT; "
+            f"start them with torchrun (which sets both)"
+        )
     found = {}
     if "MASTER_ADDR" not in env:
         if env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")) != "1":
-            raise ValueError("a SLURM job on several nodes needs MASTER_ADDR: export MASTER_ADDR=$(scontrol show "
-                             "hostnames $SLURM_JOB_NODELIST | head -n 1) before srun")
+            raise ValueError(
+                "a SLURM job on several nodes needs MASTER_ADDR: export MASTER_ADDR=$(scontrol show "
+                "hostnames $SLURM_JOB_NODELIST | head -n 1) before srun"
+            )
         found["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:
         found["MASTER_PORT"] = str(15000 + int(env.get("SLURM_JOB_ID", "0")[-4:] or 0))
@@ -140,8 +155,13 @@ def process_group(ranks: Ranks, device: torch.device) -> Iterator[ProcessGroup]:
     os.environ.update(rendezvous_environment(ranks))
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=ranks.rank, world_size=ranks.world,
-                            timeout=BARRIER_TIMEOUT, device_id=device if device.type == "cuda" else None)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo",
+        rank=ranks.rank,
+        world_size=ranks.world,
+        timeout=BARRIER_TIMEOUT,
+        device_id=device if device.type == "cuda" else None,
+    )
     try:
         yield group
     finally:

@@ -5,11 +5,10 @@ down to 0: s = 0 returns the input untouched, s = 1 starts from pure noise and i
 the same noise). The solvers integrate from 1 to 0, so they run on the rescaled time tau = t / s, where the
 velocity is s * v(x, s tau): every ODE solver of `selfflow.flow.solvers` works unchanged.
 """
+
 from __future__ import annotations
 
-import os
-from pathlib import Path
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,18 +26,30 @@ def check_strength(strength: float) -> float:
 
 
 @torch.no_grad()
-def refine_tokens(model, tokenizer: Tokenizer, init: Tensor, strength: float, condition: Condition, steps: int = 50,
-                  solver: str = "euler", cfg_scale: float = 1.0, guidance_interval: Sequence[float] = (0.0, 1.0),
-                  noise: NoiseSource | None = None, shift: float = 1.0, precision: str = "fp32",
-                  on_evaluation: Callable[[], None] | None = None) -> Generation:
+def refine_tokens(
+    model,
+    tokenizer: Tokenizer,
+    init: Tensor,
+    strength: float,
+    condition: Condition,
+    steps: int = 50,
+    solver: str = "euler",
+    cfg_scale: float = 1.0,
+    guidance_interval: Sequence[float] = (0.0, 1.0),
+    noise: NoiseSource | None = None,
+    shift: float = 1.0,
+    precision: str = "fp32",
+    on_evaluation: Callable[[], None] | None = None,
+) -> Generation:
     """Refined tokens for raw samples `init` (what `tokenizer.encode` takes, B of them) and their `condition`.
 
     `steps` model evaluations cover the part of the path from `strength` to 0.
     """
     strength = check_strength(strength)
     if solver in solvers.STOCHASTIC or solver not in solvers.SOLVERS:
-        raise ValueError(f"refinement runs an ODE from the chosen level: sampler={solver!r} cannot be used; "
-                         f"choose euler or heun")
+        raise ValueError(
+            f"refinement runs an ODE from the chosen level: sampler={solver!r} cannot be used; choose euler or heun"
+        )
     device = model_device(model)
     x0 = tokenizer.encode(init.to(device)).x.float()  # [B, N, C]
     if strength == 0.0:
@@ -47,8 +58,16 @@ def refine_tokens(model, tokenizer: Tokenizer, init: Tensor, strength: float, co
     x1 = noise(tuple(x0.shape), device)
     start = (1 - strength) * x0 + strength * x1
     pos = tokenizer.positions(x0.shape[0], device)
-    velocity = GuidedVelocity(model, pos, condition.to(device), tokenizer.modality, cfg_scale, guidance_interval,
-                              autocast_dtype(device, precision), on_evaluation)
+    velocity = GuidedVelocity(
+        model,
+        pos,
+        condition.to(device),
+        tokenizer.modality,
+        cfg_scale,
+        guidance_interval,
+        autocast_dtype(device, precision),
+        on_evaluation,
+    )
 
     def rescaled(x: Tensor, tau: Tensor) -> Tensor:  # d x / d tau at level t = strength * tau
         return strength * velocity(x, strength * tau)

@@ -1,4 +1,5 @@
 """Writing samples to files a person can open, and to the arrays metric suites read."""
+
 from __future__ import annotations
 
 import math
@@ -12,6 +13,7 @@ import torch
 from einops import rearrange
 from PIL import Image
 from torch import Tensor
+
 
 def quantize(samples: Tensor) -> Tensor:
     """Samples in [0, 1] (images [B, C, H, W], any layout) -> uint8 0..255, rounded: what every image file holds."""
@@ -40,7 +42,7 @@ def image_grid(images: Tensor, nrow: int | None = None, upscale: int = 1, pad: i
     canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, image in enumerate(pixels):
         r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad): pad + r * (h + pad) + h, pad + c * (w + pad): pad + c * (w + pad) + w] = image
+        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
     grid = Image.fromarray(canvas)
     if upscale > 1:
         grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
@@ -68,8 +70,13 @@ def save_image_files(images: Tensor, folder: str | os.PathLike, names: list[str]
     return paths
 
 
-def write_npz_streamed(path: str | os.PathLike, blocks: Iterable[np.ndarray], shape: tuple[int, ...],
-                       dtype: np.dtype, small: dict[str, np.ndarray]) -> Path:
+def write_npz_streamed(
+    path: str | os.PathLike,
+    blocks: Iterable[np.ndarray],
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    small: dict[str, np.ndarray],
+) -> Path:
     """An .npz whose `arr_0` (of `shape`) is written block by block from `blocks` (row blocks in order), then the
     `small` arrays: what `np.savez(path, arr_0=..., **small)` writes (uncompressed zip of .npy members, zip64), with
     one block in memory at a time instead of the whole array (50,000 ImageNet samples are 9.8 GB). Written under a
@@ -84,8 +91,9 @@ def write_npz_streamed(path: str | os.PathLike, blocks: Iterable[np.ndarray], sh
             np.lib.format.write_array_header_1_0(member, header)
             for block in blocks:
                 if block.dtype != dtype or block.shape[1:] != tuple(shape[1:]):
-                    raise ValueError(f"a block of {block.dtype} {list(block.shape)} for {path}[arr_0] of {dtype} "
-                                     f"{list(shape)}")
+                    raise ValueError(
+                        f"a block of {block.dtype} {list(block.shape)} for {path}[arr_0] of {dtype} {list(shape)}"
+                    )
                 member.write(np.ascontiguousarray(block).data)
                 rows += len(block)
         if rows != shape[0]:

@@ -1,5 +1,6 @@
 """Audio tokenizer: patches of a log-mel spectrogram (time x frequency) with (t, h, 0, 0) position ids, decoded
 back to a waveform by mel inversion and Griffin-Lim so that samples can be heard."""
+
 from __future__ import annotations
 
 import copy
@@ -11,8 +12,8 @@ from einops import rearrange
 from torch import Tensor
 
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokens import Tokens
 from selfflow.tokenizers.video import grid_positions
+from selfflow.tokens import Tokens
 
 PEAK_LIMIT = 10 ** (-1 / 20)  # -1 dBFS: decoded and written audio never comes closer to full scale than this
 
@@ -50,10 +51,21 @@ class AudioMelTokenizer(Tokenizer):
 
     modality = "audio"
 
-    def __init__(self, sample_rate: int = 8000, duration: float = 1.0, n_fft: int = 512, hop_length: int = 125,
-                 n_mels: int = 32, patch_frames: int = 8, patch_mels: int = 4, f_min: float = 0.0,
-                 f_max: float | None = None, floor: float = 1e-4, ceiling: float = 100.0,
-                 griffin_lim_iters: int = 32):
+    def __init__(
+        self,
+        sample_rate: int = 8000,
+        duration: float = 1.0,
+        n_fft: int = 512,
+        hop_length: int = 125,
+        n_mels: int = 32,
+        patch_frames: int = 8,
+        patch_mels: int = 4,
+        f_min: float = 0.0,
+        f_max: float | None = None,
+        floor: float = 1e-4,
+        ceiling: float = 100.0,
+        griffin_lim_iters: int = 32,
+    ):
         super().__init__()
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.hop_length, self.n_mels = hop_length, n_mels
@@ -71,33 +83,37 @@ class AudioMelTokenizer(Tokenizer):
         self.token_channels = patch_frames * patch_mels
         self.log_floor, self.log_ceiling = math.log(floor), math.log(ceiling)
         self.floor = floor
-        self.mel = torchaudio.transforms.MelSpectrogram(sample_rate, n_fft=n_fft, hop_length=hop_length,
-                                                        f_min=f_min, f_max=f_max, n_mels=n_mels, power=1.0)
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max, n_mels=n_mels, power=1.0
+        )
         self.inverse_mel = torchaudio.transforms.InverseMelScale(n_fft // 2 + 1, n_mels, sample_rate, f_min, f_max)
-        self.griffin_lim = torchaudio.transforms.GriffinLim(n_fft, griffin_lim_iters, hop_length=hop_length,
-                                                            power=1.0, length=self.num_samples, rand_init=False)
+        self.griffin_lim = torchaudio.transforms.GriffinLim(
+            n_fft, griffin_lim_iters, hop_length=hop_length, power=1.0, length=self.num_samples, rand_init=False
+        )
 
     @property
     def samples_per_patch(self) -> int:
         """Wave samples per time patch: clip lengths are whole multiples of it."""
         return self.hop_length * self.patch_frames
 
-    def at_samples(self, num_samples: int) -> "AudioMelTokenizer":
+    def at_samples(self, num_samples: int) -> AudioMelTokenizer:
         """The same tokenizer for clips of `num_samples` samples (another duration), sharing its transforms."""
         if num_samples == self.num_samples:
             return self
         if num_samples < self.samples_per_patch or num_samples % self.samples_per_patch:
             seconds = self.samples_per_patch / self.sample_rate
-            raise ValueError(f"an audio clip of {num_samples} samples ({num_samples / self.sample_rate:g} s) is not "
-                             f"a whole number of tokenizer.audio time patches ({self.samples_per_patch} samples = "
-                             f"{seconds:g} s at {self.sample_rate} Hz); use durations that are multiples of {seconds:g} s")
+            raise ValueError(
+                f"an audio clip of {num_samples} samples ({num_samples / self.sample_rate:g} s) is not "
+                f"a whole number of tokenizer.audio time patches ({self.samples_per_patch} samples = "
+                f"{seconds:g} s at {self.sample_rate} Hz); use durations that are multiples of {seconds:g} s"
+            )
         other = copy.copy(self)  # shallow: the mel, inverse-mel and Griffin-Lim modules are shared
         other.num_samples = num_samples
         other.frames = num_samples // self.hop_length
         other.grid = (other.frames // self.patch_frames, self.grid[1])
         return other
 
-    def at_duration(self, seconds: float) -> "AudioMelTokenizer":
+    def at_duration(self, seconds: float) -> AudioMelTokenizer:
         """The same tokenizer for clips of `seconds` (e.g. to sample another duration)."""
         return self.at_samples(round(seconds * self.sample_rate))
 
@@ -139,9 +155,20 @@ class AudioMelTokenizer(Tokenizer):
             if tokenizer.num_samples == self.griffin_lim.length:
                 return limit_peak(self.griffin_lim(magnitude))
             g = self.griffin_lim
-            return limit_peak(torchaudio.functional.griffinlim(magnitude, g.window, g.n_fft, g.hop_length,
-                                                               g.win_length, g.power, g.n_iter, g.momentum,
-                                                               tokenizer.num_samples, g.rand_init))
+            return limit_peak(
+                torchaudio.functional.griffinlim(
+                    magnitude,
+                    g.window,
+                    g.n_fft,
+                    g.hop_length,
+                    g.win_length,
+                    g.power,
+                    g.n_iter,
+                    g.momentum,
+                    tokenizer.num_samples,
+                    g.rand_init,
+                )
+            )
 
     def positions(self, batch_size: int, device=None) -> Tensor:
         """ids (t, h, 0, 0): t = time patch, h = frequency patch."""

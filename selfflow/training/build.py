@@ -1,4 +1,5 @@
 """Build the data, model, objective, Lightning module and trainer of a run from its (Hydra) config."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -54,18 +55,24 @@ def tokenizer_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
     configured = cfg.get("tokenizer") or {}
     for modality in geometry:
         if modality not in configured:
-            raise ValueError(f"data gives {modality!r} samples but tokenizer.{modality} is not configured "
-                             f"(configured: {sorted(configured)}); choose a matching tokenizer=...")
+            raise ValueError(
+                f"data gives {modality!r} samples but tokenizer.{modality} is not configured "
+                f"(configured: {sorted(configured)}); choose a matching tokenizer=..."
+            )
     captioned = has_captions(cfg.data)
     if TEXT in configured and not captioned:
-        raise ValueError("tokenizer.text is configured but the data has no captions; use captioned data "
-                         "(data=text_digits, text_moving_digits, text_spoken_digits, or captioned_image_folder, "
-                         "captioned_video_folder, captioned_audio_folder for your files) or leave the text "
-                         "tokenizer out")
+        raise ValueError(
+            "tokenizer.text is configured but the data has no captions; use captioned data "
+            "(data=text_digits, text_moving_digits, text_spoken_digits, or captioned_image_folder, "
+            "captioned_video_folder, captioned_audio_folder for your files) or leave the text "
+            "tokenizer out"
+        )
     if captioned and TEXT not in configured:
-        raise ValueError("the data has captions but no text tokenizer is configured; add text_minilm to the "
-                         "tokenizers (e.g. tokenizer=[image_pixels,text_minilm] for images) or train with "
-                         "experiment=text_digits, text_video_digits or text_audio_digits")
+        raise ValueError(
+            "the data has captions but no text tokenizer is configured; add text_minilm to the "
+            "tokenizers (e.g. tokenizer=[image_pixels,text_minilm] for images) or train with "
+            "experiment=text_digits, text_video_digits or text_audio_digits"
+        )
     specs = {}
     for modality, spec in configured.items():  # in the configured order: the model's modules follow it
         if modality in geometry or modality == TEXT:
@@ -98,8 +105,12 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
             point_vae_keys(config, tokenizer.vae_path)
     module = SelfFlowModule(
-        objective, tokenizers, optimizer=instantiate(cfg.optimizer), lr_schedule=instantiate(cfg.lr_schedule),
-        config=config, max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
+        objective,
+        tokenizers,
+        optimizer=instantiate(cfg.optimizer),
+        lr_schedule=instantiate(cfg.lr_schedule),
+        config=config,
+        max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
     )
     module.save_hyperparameters(run_hyperparameters(config, command_line_overrides()))  # Lightning logs them
     return module
@@ -111,11 +122,13 @@ def initialize_from(init: str, objective, tokenizers: dict) -> None:
 
     path = init.removeprefix(OFFICIAL_PREFIX)
     if path == init or "image" not in tokenizers:
-        raise ValueError(f"init={init} is not supported: use init=official:PATH (the released Self-Flow ImageNet "
-                         f"checkpoint, with experiment=imagenet256); continue a selfflow run with ckpt_path= or "
-                         f"resume=auto")
+        raise ValueError(
+            f"init={init} is not supported: use init=official:PATH (the released Self-Flow ImageNet "
+            f"checkpoint, with experiment=imagenet256); continue a selfflow run with ckpt_path= or "
+            f"resume=auto"
+        )
     tokenizer = tokenizers["image"]
-    channels = tokenizer.token_channels // tokenizer.patch_size ** 2
+    channels = tokenizer.token_channels // tokenizer.patch_size**2
     initialize_from_official(objective, path, tokenizer.patch_size, channels)
 
 
@@ -126,9 +139,11 @@ def set_global_batch_size(cfg: DictConfig, datamodule, trainer: L.Trainer) -> No
         return
     shares = trainer.world_size * trainer.accumulate_grad_batches
     if not isinstance(datamodule, SelfFlowDataModule) or int(total) % shares:
-        raise ValueError(f"global_batch_size={total} must be a multiple of the {trainer.world_size} processes x "
-                         f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} (single-modality data); "
-                         f"change it or set global_batch_size=null and data.batch_size per process")
+        raise ValueError(
+            f"global_batch_size={total} must be a multiple of the {trainer.world_size} processes x "
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} (single-modality data); "
+            f"change it or set global_batch_size=null and data.batch_size per process"
+        )
     datamodule.batch_size = int(total) // shares
 
 
@@ -141,9 +156,17 @@ def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
     # checkpoints are written atomically and read weights-only; the datamodule shards the data over ranks itself
     # (with a resumable order), so Lightning must not swap in its own sampler
     extra = {} if "use_distributed_sampler" in cfg.trainer else {"use_distributed_sampler": False}
-    return built("trainer", lambda: instantiate(cfg.trainer, callbacks=callbacks, logger=loggers,
-                                                default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()],
-                                                **extra))
+    return built(
+        "trainer",
+        lambda: instantiate(
+            cfg.trainer,
+            callbacks=callbacks,
+            logger=loggers,
+            default_root_dir=str(run_dir),
+            plugins=[AtomicCheckpointIO()],
+            **extra,
+        ),
+    )
 
 
 def build_run(cfg: DictConfig) -> Run:

@@ -1,4 +1,5 @@
 """Training callbacks: samples from the EMA weights (PNG grids, MP4 clips with frame strips, WAVs with spectrograms)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -29,7 +30,7 @@ def file_stem(text: str, max_bytes: int = MAX_STEM_BYTES) -> str:
     if len(stem.encode()) <= max_bytes:
         return stem
     digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-    cut = stem.encode()[:max_bytes - len(digest) - 1].decode(errors="ignore")
+    cut = stem.encode()[: max_bytes - len(digest) - 1].decode(errors="ignore")
     return f"{cut}-{digest}"
 
 
@@ -44,9 +45,20 @@ class SampleGrid(L.Callback):
     clips or recordings, also go to the wandb and TensorBoard loggers at the step (`samples/<modality>`).
     """
 
-    def __init__(self, every_n_steps: int = 500, samples_per_class: int = 8, max_classes: int = 10,
-                 num_unconditional: int = 64, steps: int = 50, cfg_scale: float = 1.0, upscale: int = 4,
-                 seed: int = 0, dirname: str = "samples", prompts: list[str] | None = None, logged_clips: int = 8):
+    def __init__(
+        self,
+        every_n_steps: int = 500,
+        samples_per_class: int = 8,
+        max_classes: int = 10,
+        num_unconditional: int = 64,
+        steps: int = 50,
+        cfg_scale: float = 1.0,
+        upscale: int = 4,
+        seed: int = 0,
+        dirname: str = "samples",
+        prompts: list[str] | None = None,
+        logged_clips: int = 8,
+    ):
         self.prompts, self.logged_clips = list(prompts or []), logged_clips
         self.every_n_steps, self.samples_per_class, self.max_classes = every_n_steps, samples_per_class, max_classes
         self.num_unconditional, self.steps, self.cfg_scale = num_unconditional, steps, cfg_scale
@@ -71,18 +83,28 @@ class SampleGrid(L.Callback):
             generator = torch.Generator(device=module.device).manual_seed(self.seed)
             condition = self.condition(module)
             with callback_forward_context(trainer):
-                samples = generate(module.ema_model, tokenizer, condition, steps=self.steps, cfg_scale=self.cfg_scale,
-                                   generator=generator)
+                samples = generate(
+                    module.ema_model,
+                    tokenizer,
+                    condition,
+                    steps=self.steps,
+                    cfg_scale=self.cfg_scale,
+                    generator=generator,
+                )
             folder = Path(trainer.default_root_dir) / self.dirname / modality
             io, stems = modality_io(modality), self.file_stems(trainer, module, condition.labels)
             nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
-            files = [io.preview(samples, folder / f"{name}.png", tokenizer, nrow=nrow, upscale=self.upscale,
-                                titles=stems)]
+            files = [
+                io.preview(samples, folder / f"{name}.png", tokenizer, nrow=nrow, upscale=self.upscale, titles=stems)
+            ]
             if io.playable:  # a picture cannot show motion or sound: a file per clip, the preview shows the rest
-                for written in io.write(samples, folder / name, stems, tokenizer, self.upscale, pictures=False).values():
+                for written in io.write(
+                    samples, folder / name, stems, tokenizer, self.upscale, pictures=False
+                ).values():
                     files += written
-            log_sample_files(trainer.loggers, f"{self.dirname}/{modality}", trainer.global_step, files,
-                             self.logged_clips)
+            log_sample_files(
+                trainer.loggers, f"{self.dirname}/{modality}", trainer.global_step, files, self.logged_clips
+            )
             paths += files
         self.written += paths
         return paths

@@ -1,6 +1,7 @@
 """When checkpoints are written: Lightning's ModelCheckpoint, plus a save at the end of training (before the
 end-of-run samples) and a flush of the loggers with every save, so that a resumed run has the full metric history
 up to its checkpoint. The file paths a resumed checkpoint names are checked before Lightning may delete them."""
+
 from __future__ import annotations
 
 import logging
@@ -87,10 +88,14 @@ class SelfFlowCheckpoint(ModelCheckpoint):
         if not foreign and all(isinstance(s, torch.Tensor) for s in self.best_k_models.values()):
             return
         if foreign:
-            log.warning("the resumed checkpoint names files outside %s (%s); they are forgotten, never deleted",
-                        self.dirpath, ", ".join(foreign[:3]))
-        self.best_k_models = {p: s for p, s in self.best_k_models.items() if self.holds(p)
-                              and isinstance(s, torch.Tensor)}
+            log.warning(
+                "the resumed checkpoint names files outside %s (%s); they are forgotten, never deleted",
+                self.dirpath,
+                ", ".join(foreign[:3]),
+            )
+        self.best_k_models = {
+            p: s for p, s in self.best_k_models.items() if self.holds(p) and isinstance(s, torch.Tensor)
+        }
         if not self.holds(self.last_model_path):  # the run's own last.ckpt, if any, is overwritten in place
             own_last = str(Path(self.dirpath or "") / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
             self.last_model_path = own_last if self.holds(own_last) else ""

@@ -4,6 +4,7 @@ A kill or a full disk during a save leaves at most a `*.tmp` file behind; the pr
 is never truncated. Loading goes through `read_checkpoint` (weights_only=True): nothing is unpickled that could
 run code.
 """
+
 from __future__ import annotations
 
 import os

@@ -5,9 +5,11 @@ epoch part-way through; `SeededSamples` runs each batch's loading under a seed d
 (seed, epoch, batch), so random augmentation gives the same result whether or not the run was interrupted, with
 or without DataLoader workers.
 """
+
 from __future__ import annotations
 
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -24,8 +26,16 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     `len()` is always the full epoch.
     """
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int = 0, shuffle: bool = True,
-                 drop_last: bool = True, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = True,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         if batch_size < 1:
             raise ValueError(f"data.batch_size={batch_size} must be >= 1")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
@@ -58,35 +68,44 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         else:
             order = torch.arange(self.num_samples)
         per_rank = self.num_samples // self.num_replicas
-        return order[self.rank::self.num_replicas][:per_rank]
+        return order[self.rank :: self.num_replicas][:per_rank]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, skip, self._skip = self.epoch, self._skip, 0
         self.epoch = epoch + 1  # the next iteration is the next epoch, however this one ends
         indices = self.order(epoch).tolist()
         for b in range(skip, len(self)):
-            batch = indices[b * self.batch_size:(b + 1) * self.batch_size]
+            batch = indices[b * self.batch_size : (b + 1) * self.batch_size]
             seed = mix_seed(self.seed, epoch, b, self.rank)
             yield [(i, seed) for i in batch]
 
 
-def resumable_loader(dataset: Dataset, batch_sampler: Sampler, collate_fn, seed: int, num_workers: int = 0,
-                     pin_memory: bool = False) -> DataLoader:
+def resumable_loader(
+    dataset: Dataset, batch_sampler: Sampler, collate_fn, seed: int, num_workers: int = 0, pin_memory: bool = False
+) -> DataLoader:
     """The training loader over `batch_sampler`'s `(index, batch seed)` batches, with its own generator: without
     one, every new iterator (each epoch, without persistent workers) draws its workers' base seed from the global
     RNG, between the checkpoint at an epoch's last batch and the next step, so a run resumed from that checkpoint
     would draw other noise than the run that went on."""
-    return DataLoader(SeededSamples(dataset), batch_sampler=batch_sampler, num_workers=num_workers,
-                      pin_memory=pin_memory, persistent_workers=num_workers > 0, collate_fn=collate_fn,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        SeededSamples(dataset),
+        batch_sampler=batch_sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        persistent_workers=num_workers > 0,
+        collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def trained_position(trainer) -> dict[str, int]:
     """Where training is in the data: the epoch and how many of its batches the trainer took. Counted by the
     trainer's loop, not read from the sampler, which the loader (and its workers) may have run ahead of it: at an
     epoch's last batch the sampler has often moved on to the next epoch already."""
-    return {"epoch": int(trainer.current_epoch),
-            "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready)}
+    return {
+        "epoch": int(trainer.current_epoch),
+        "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
+    }
 
 
 class SeededSamples(Dataset):

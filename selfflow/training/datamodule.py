@@ -5,10 +5,11 @@ give every sample's bucket as `bucket_ids`; their training batches then each hol
 padding), in an order that resumes exactly like the plain one, and ask for each sample in its bucket (`BucketIndex`
 keys).
 """
+
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
@@ -25,12 +26,13 @@ class ResumableBucketBatchSampler(ResumableBatchSampler):
     batches each hold one bucket, in `BucketBatchSampler`'s order: a pure function of (seed, epoch), sharded over
     ranks. A bucket's partial batch is dropped, unless no bucket fills a batch at all."""
 
-    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0):
-        super().__init__(len(bucket_ids), batch_size, seed=seed, shuffle=True, drop_last=True,
-                         num_replicas=num_replicas, rank=rank)
-        self.buckets = BucketBatchSampler(bucket_ids, batch_size, seed=seed, drop_last=True,
-                                          num_replicas=num_replicas, rank=rank)
+    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(
+            len(bucket_ids), batch_size, seed=seed, shuffle=True, drop_last=True, num_replicas=num_replicas, rank=rank
+        )
+        self.buckets = BucketBatchSampler(
+            bucket_ids, batch_size, seed=seed, drop_last=True, num_replicas=num_replicas, rank=rank
+        )
         if self.buckets.num_batches() == 0:  # keep partial batches rather than yielding nothing
             self.buckets.drop_last = False
         self.drop_last = self.buckets.drop_last
@@ -52,8 +54,7 @@ def check_loader_options(batch_size: int, num_workers: int, key: str = "data.bat
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{key}={batch_size!r} must be an integer >= 1")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the training "
-                         f"process)")
+        raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the training process)")
 
 
 def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> None:
@@ -65,19 +66,25 @@ def check_size_conditioning(dataset: Dataset, modality: str, module: Any) -> Non
     bucketing = getattr(dataset, "bucketing", None)
     conditioned = model.size_embedder is not None
     if bucketing is not None and not conditioned:
-        raise ValueError("data.dataset.buckets is set (multi-aspect training) but the model has no size conditioning; "
-                         "add model.size_conditioning=true, or set data.dataset.buckets=null for square images")
+        raise ValueError(
+            "data.dataset.buckets is set (multi-aspect training) but the model has no size conditioning; "
+            "add model.size_conditioning=true, or set data.dataset.buckets=null for square images"
+        )
     if bucketing is None and conditioned:
-        raise ValueError("model.size_conditioning=true but the training data has no buckets (data.dataset.buckets is "
-                         "null), so the size embedder would never see a size; set data.dataset.buckets (e.g. "
-                         "data.dataset.buckets={max_aspect: 2.0}) or model.size_conditioning=false")
+        raise ValueError(
+            "model.size_conditioning=true but the training data has no buckets (data.dataset.buckets is "
+            "null), so the size embedder would never see a size; set data.dataset.buckets (e.g. "
+            "data.dataset.buckets={max_aspect: 2.0}) or model.size_conditioning=false"
+        )
     tokenizers = getattr(module, "tokenizers", {})
     patch = getattr(tokenizers[modality], "patch_size", None) if modality in tokenizers else None
     if bucketing is not None and patch:
         bad = [list(size) for size in bucketing.buckets.sizes if size[0] % patch or size[1] % patch]
         if bad:
-            raise ValueError(f"data.dataset.buckets sizes {bad} are not multiples of tokenizer.{modality}.patch_size="
-                             f"{patch}; set data.dataset.bucket_multiple={patch} or round the sizes")
+            raise ValueError(
+                f"data.dataset.buckets sizes {bad} are not multiples of tokenizer.{modality}.patch_size="
+                f"{patch}; set data.dataset.bucket_multiple={patch} or round the sizes"
+            )
 
 
 def check_length_buckets(dataset: Dataset, modality: str, module: Any) -> None:
@@ -89,9 +96,11 @@ def check_length_buckets(dataset: Dataset, modality: str, module: Any) -> None:
         return
     tokenizer = tokenizers[modality]
     if not hasattr(tokenizer, "at_length"):
-        raise ValueError(f"data.dataset.{key}={lengths} needs a tokenizer that takes clips of several lengths "
-                         f"(tokenizer.{modality}: {type(tokenizer).__name__} takes one); use a pixel or log-mel "
-                         f"tokenizer (video_tubelets, audio_mel) or set data.dataset.{key}=null")
+        raise ValueError(
+            f"data.dataset.{key}={lengths} needs a tokenizer that takes clips of several lengths "
+            f"(tokenizer.{modality}: {type(tokenizer).__name__} takes one); use a pixel or log-mel "
+            f"tokenizer (video_tubelets, audio_mel) or set data.dataset.{key}=null"
+        )
     for length in lengths:
         try:
             tokenizer.at_length(length)
@@ -110,8 +119,10 @@ def sample_geometry(data: Mapping) -> dict[str, dict[str, Any]]:
     """{modality: {geometry key: value}} of a data config (one modality, or a mixture's `sources`), from the
     options of its `dataset` config: what both splits' samples look like."""
     sources = data.get("sources") or {data["modality"]: data}
-    return {modality: {key: source["dataset"][key] for key in GEOMETRY_KEYS if key in source["dataset"]}
-            for modality, source in sources.items()}
+    return {
+        modality: {key: source["dataset"][key] for key in GEOMETRY_KEYS if key in source["dataset"]}
+        for modality, source in sources.items()
+    }
 
 
 def has_captions(data: Mapping) -> bool:
@@ -134,8 +145,17 @@ class SelfFlowDataModule(L.LightningDataModule):
     The training position (epoch, batches done) is saved in every checkpoint and restored on resume.
     """
 
-    def __init__(self, dataset: Callable[..., Dataset], modality: str, batch_size: int = 64, num_workers: int = 0,
-                 pin_memory: bool = False, root: str | None = None, seed: int = 0, on_bad_file: str = "skip"):
+    def __init__(
+        self,
+        dataset: Callable[..., Dataset],
+        modality: str,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        root: str | None = None,
+        seed: int = 0,
+        on_bad_file: str = "skip",
+    ):
         super().__init__()
         BadFilePolicy(on_bad_file)  # validates; the dataset takes it through its config
         check_loader_options(batch_size, num_workers)
@@ -147,7 +167,7 @@ class SelfFlowDataModule(L.LightningDataModule):
         self._splits: dict[str, Dataset] | None = None
 
     @classmethod
-    def from_splits(cls, train: Dataset, test: Dataset, modality: str, **options) -> "SelfFlowDataModule":
+    def from_splits(cls, train: Dataset, test: Dataset, modality: str, **options) -> SelfFlowDataModule:
         """A data module over two datasets built already (a notebook, a test)."""
         return cls(lambda split: {"train": train, "test": test}[split], modality, **options)
 
@@ -197,8 +217,13 @@ class SelfFlowDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset, shuffle: bool, drop_last: bool) -> DataLoader:
         return DataLoader(
-            dataset, batch_size=self.batch_size, shuffle=shuffle, drop_last=drop_last and len(dataset) > self.batch_size,
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0,
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            drop_last=drop_last and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
             collate_fn=collate_samples(self.modality),
         )
 
@@ -209,14 +234,21 @@ class SelfFlowDataModule(L.LightningDataModule):
         if bucket_ids is not None:
             self.train_batches = ResumableBucketBatchSampler(bucket_ids, self.batch_size, seed=self.seed, **ranks)
         else:
-            self.train_batches = ResumableBatchSampler(len(self.train_set), self.batch_size, seed=self.seed,
-                                                       shuffle=True, drop_last=True, **ranks)
+            self.train_batches = ResumableBatchSampler(
+                len(self.train_set), self.batch_size, seed=self.seed, shuffle=True, drop_last=True, **ranks
+            )
         if self._position_to_load:
             self.train_batches.set_epoch(self._position_to_load["epoch"])
             self.train_batches.skip_batches(self._position_to_load["batches_done"])
             self._position_to_load = None
-        return resumable_loader(self.train_set, self.train_batches, collate_samples(self.modality), self.seed,
-                                self.num_workers, self.pin_memory)
+        return resumable_loader(
+            self.train_set,
+            self.train_batches,
+            collate_samples(self.modality),
+            self.seed,
+            self.num_workers,
+            self.pin_memory,
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the data: the epoch and how many of its batches were trained on."""

@@ -1,5 +1,6 @@
 """Distributed training pieces Lightning leaves to the user: per-rank randomness, the FSDP wrapping policy, and
 modality-specific parameters that DDP can synchronise without searching for unused ones."""
+
 from __future__ import annotations
 
 import logging
@@ -29,13 +30,17 @@ class RankSeed(L.Callback):
             torch.manual_seed(torch.initial_seed() + trainer.global_rank)
 
 
-def fsdp_strategy(sharding_strategy: str = "FULL_SHARD", activation_checkpointing: bool = False,
-                  **kwargs) -> FSDPStrategy:
+def fsdp_strategy(
+    sharding_strategy: str = "FULL_SHARD", activation_checkpointing: bool = False, **kwargs
+) -> FSDPStrategy:
     """FSDP with one unit per transformer block (student and EMA teacher alike)."""
     policy = {TransformerBlock}
     return FSDPStrategy(
-        auto_wrap_policy=policy, sharding_strategy=sharding_strategy, use_orig_params=True,
-        activation_checkpointing_policy=policy if activation_checkpointing else None, **kwargs,
+        auto_wrap_policy=policy,
+        sharding_strategy=sharding_strategy,
+        use_orig_params=True,
+        activation_checkpointing_policy=policy if activation_checkpointing else None,
+        **kwargs,
     )
 
 
@@ -53,8 +58,11 @@ def sharded_over_ranks(trainer: L.Trainer, what: str) -> bool:
     if not (is_sharded(trainer) and trainer.world_size > 1):
         return False
     if what not in _SKIP_WARNED and trainer.is_global_zero:
-        log.warning("%s are off under FSDP on %d ranks; run selfflow-sample / selfflow-probe on a checkpoint",
-                    what, trainer.world_size)
+        log.warning(
+            "%s are off under FSDP on %d ranks; run selfflow-sample / selfflow-probe on a checkpoint",
+            what,
+            trainer.world_size,
+        )
     _SKIP_WARNED.add(what)
     return True
 

@@ -4,6 +4,7 @@ mirror image, in parallel over the processes of a Lightning Fabric launch (or to
 Rank r of w encodes samples r, r + w, r + 2w, ... of each split and writes its own shards; after a barrier, rank 0
 writes the index (in sample order, so the cache is the same for any number of processes) and the manifest last.
 """
+
 from __future__ import annotations
 
 import logging
@@ -52,11 +53,21 @@ def source_key(dataset: Dataset, i: int) -> str:
 
 def manifest_of(cfg: DictConfig, tokenizer: ImageLatentTokenizer, class_names: list[str]) -> dict[str, Any]:
     c, h, w = tokenizer.latent_shape
-    return {"format": FORMAT, "vae_fingerprint": tokenizer.fingerprint, "vae": tokenizer.vae_path,
-            "image_size": int(cfg.data.dataset.image_size), "crop": str(cfg.data.dataset.get("crop", "center")),
-            "latent_channels": c, "latent_size": [h, w], "scale": tokenizer.scale, "shift": tokenizer.shift,
-            "dtype": "float16", "record": "[flip (1: mirrored), (posterior mean, posterior std), C, h, w]",
-            "class_names": list(class_names), "source": str(cfg.data.get("root"))}
+    return {
+        "format": FORMAT,
+        "vae_fingerprint": tokenizer.fingerprint,
+        "vae": tokenizer.vae_path,
+        "image_size": int(cfg.data.dataset.image_size),
+        "crop": str(cfg.data.dataset.get("crop", "center")),
+        "latent_channels": c,
+        "latent_size": [h, w],
+        "scale": tokenizer.scale,
+        "shift": tokenizer.shift,
+        "dtype": "float16",
+        "record": "[flip (1: mirrored), (posterior mean, posterior std), C, h, w]",
+        "class_names": list(class_names),
+        "source": str(cfg.data.get("root")),
+    }
 
 
 def same_cache(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
@@ -64,12 +75,21 @@ def same_cache(existing: dict[str, Any], wanted: dict[str, Any]) -> bool:
     return all(existing.get(k) == wanted[k] for k in keys)
 
 
-def encode_split(dataset: Dataset, tokenizer: ImageLatentTokenizer, writer: ShardWriter, rank: int, world: int,
-                 batch_size: int, num_workers: int, progress) -> None:
+def encode_split(
+    dataset: Dataset,
+    tokenizer: ImageLatentTokenizer,
+    writer: ShardWriter,
+    rank: int,
+    world: int,
+    batch_size: int,
+    num_workers: int,
+    progress,
+) -> None:
     """This rank's share of `dataset`: posterior (mean, std) of each image and its mirror, float16."""
     share = list(range(rank, len(dataset), world))
-    loader = DataLoader(IndexedImages(dataset), batch_size=batch_size, sampler=share, num_workers=num_workers,
-                        collate_fn=keep_readable)
+    loader = DataLoader(
+        IndexedImages(dataset), batch_size=batch_size, sampler=share, num_workers=num_workers, collate_fn=keep_readable
+    )
     task = progress.add_task(f"encoding {writer.split}", total=len(loader))
     for batch in loader:
         if batch is not None:
@@ -88,17 +108,22 @@ def build_latent_cache(cfg: DictConfig) -> Path:
     from rich.progress import Progress
 
     if "dataset" not in cfg.data or "Latent" in str(cfg.data.dataset.get("_target_", "")):
-        raise ValueError("selfflow-cache reads images: use an image data config (data=imagenet, image_folder or "
-                         "image_shards) with data.root=... and the run's experiment")
+        raise ValueError(
+            "selfflow-cache reads images: use an image data config (data=imagenet, image_folder or "
+            "image_shards) with data.root=... and the run's experiment"
+        )
     out = Path(cfg.out_dir).expanduser()
     single = cfg.devices == 1 and cfg.num_nodes == 1
-    fabric = Fabric(accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes,
-                    strategy="auto" if single else "ddp")
+    fabric = Fabric(
+        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy="auto" if single else "ddp"
+    )
     fabric.launch()
     tokenizer = instantiate(tokenizer_configs(cfg)["image"])
     if not isinstance(tokenizer, ImageLatentTokenizer):
-        raise ValueError("selfflow-cache caches VAE latents: choose tokenizer=image_sdvae or tokenizer=image_flux_vae "
-                         "and tokenizer.image.vae=DIR")
+        raise ValueError(
+            "selfflow-cache caches VAE latents: choose tokenizer=image_sdvae or tokenizer=image_flux_vae "
+            "and tokenizer.image.vae=DIR"
+        )
     tokenizer = tokenizer.to(fabric.device).eval()
     dataset = instantiate(cfg.data.dataset, hflip=False)  # both flips are encoded
     datasets = {split: dataset(split=split) for split in SPLITS}
@@ -116,8 +141,16 @@ def build_latent_cache(cfg: DictConfig) -> Path:
     with Progress(disable=not (cfg.progress and fabric.is_global_zero)) as progress:
         for split, dataset in datasets.items():
             writer = ShardWriter(out, split, fabric.global_rank, cfg.records_per_shard)
-            encode_split(dataset, tokenizer, writer, fabric.global_rank, fabric.world_size, cfg.batch_size,
-                         cfg.data.num_workers, progress)
+            encode_split(
+                dataset,
+                tokenizer,
+                writer,
+                fabric.global_rank,
+                fabric.world_size,
+                cfg.batch_size,
+                cfg.data.num_workers,
+                progress,
+            )
     fabric.barrier()
     if fabric.is_global_zero:
         counts = {split: merge_index(out, split, fabric.world_size) for split in SPLITS}

@@ -5,6 +5,7 @@ The samples are the same at every evaluation (sample i's noise depends on (seed,
 the ranks of a DDP run in contiguous blocks; their Inception features are gathered and rank 0 computes the FID.
 The standard Inception network (a local weights file) is loaded once, the reference statistics computed once.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,23 +35,38 @@ class FIDCallback(L.Callback):
     `cfg_scale`; classes round-robin) against `ref` (an .npz with ADM-layout statistics or images, or an image
     folder), features from the FID Inception weights in `inception`."""
 
-    def __init__(self, every_n_steps: int = 0, ref: str | None = None, inception: str | None = None,
-                 num_samples: int = 5000, batch_size: int = 50, sampler: str = "euler", steps: int = 50,
-                 cfg_scale: float = 1.0, seed: int = 0, inception_batch_size: int = 64):
+    def __init__(
+        self,
+        every_n_steps: int = 0,
+        ref: str | None = None,
+        inception: str | None = None,
+        num_samples: int = 5000,
+        batch_size: int = 50,
+        sampler: str = "euler",
+        steps: int = 50,
+        cfg_scale: float = 1.0,
+        seed: int = 0,
+        inception_batch_size: int = 64,
+    ):
         if every_n_steps < 0 or num_samples < 2 or batch_size < 1:
-            raise ValueError(f"callbacks.fid: every_n_steps={every_n_steps} must be >= 0 (0: off), num_samples="
-                             f"{num_samples} >= 2, batch_size={batch_size} >= 1")
+            raise ValueError(
+                f"callbacks.fid: every_n_steps={every_n_steps} must be >= 0 (0: off), num_samples="
+                f"{num_samples} >= 2, batch_size={batch_size} >= 1"
+            )
         if every_n_steps > 0:
             try:
                 import torch_fidelity  # noqa: F401
             except ImportError as error:
-                raise ModuleNotFoundError(f"callbacks.fid needs torch-fidelity: pip install -e '.[eval]' ({error})"
-                                          ) from None
+                raise ModuleNotFoundError(
+                    f"callbacks.fid needs torch-fidelity: pip install -e '.[eval]' ({error})"
+                ) from None
             for key, path in (("ref", ref), ("inception", inception)):
                 if path is None or not Path(path).expanduser().exists():
-                    raise ValueError(f"callbacks.fid.{key}={path}: no such file or folder; val/fid needs "
-                                     f"callbacks.fid.ref=REF.npz|FOLDER and callbacks.fid.inception=WEIGHTS.pth "
-                                     f"(docs/evaluation.md)")
+                    raise ValueError(
+                        f"callbacks.fid.{key}={path}: no such file or folder; val/fid needs "
+                        f"callbacks.fid.ref=REF.npz|FOLDER and callbacks.fid.inception=WEIGHTS.pth "
+                        f"(docs/evaluation.md)"
+                    )
         self.every_n_steps, self.ref, self.inception = every_n_steps, ref, inception
         self.num_samples, self.batch_size, self.sampler, self.steps = num_samples, batch_size, sampler, steps
         self.cfg_scale, self.seed, self.inception_batch_size = cfg_scale, seed, inception_batch_size
@@ -62,8 +78,10 @@ class FIDCallback(L.Callback):
         if self.every_n_steps == 0:
             return
         if MODALITY not in module.tokenizers:
-            raise ValueError(f"callbacks.fid measures images; this run trains {sorted(module.tokenizers)}: leave "
-                             f"callbacks.fid.every_n_steps=0")
+            raise ValueError(
+                f"callbacks.fid measures images; this run trains {sorted(module.tokenizers)}: leave "
+                f"callbacks.fid.every_n_steps=0"
+            )
         from selfflow.evaluation.eval_sets import reference_pool_stats
         from selfflow.evaluation.inception import load_inception
 
@@ -79,8 +97,16 @@ class FIDCallback(L.Callback):
         start = self.num_samples * trainer.global_rank // trainer.world_size
         stop = self.num_samples * (trainer.global_rank + 1) // trainer.world_size
         condition = sampling_condition(model, tokenizer, dict(module.tokenizers), None, self.num_samples)
-        plan = SamplingPlan(tokenizer, condition, self.sampler, self.steps, self.cfg_scale, precision="auto",
-                            seed=self.seed, batch_size=self.batch_size)
+        plan = SamplingPlan(
+            tokenizer,
+            condition,
+            self.sampler,
+            self.steps,
+            self.cfg_scale,
+            precision="auto",
+            seed=self.seed,
+            batch_size=self.batch_size,
+        )
         parts = [range(start + b.start, start + b.stop) for b in batches(stop - start, self.batch_size)]
         features = [torch.zeros(0, POOL_DIM)]
         with callback_forward_context(trainer):
@@ -94,10 +120,12 @@ class FIDCallback(L.Callback):
             return features
         rows = -(-self.num_samples // trainer.world_size)
         padded = torch.zeros(rows, features.shape[1], device=device)
-        padded[:len(features)] = features.to(device)
+        padded[: len(features)] = features.to(device)
         every = trainer.strategy.all_gather(padded).cpu()  # [world, rows, 2048]
-        sizes = [self.num_samples * (r + 1) // trainer.world_size - self.num_samples * r // trainer.world_size
-                 for r in range(trainer.world_size)]
+        sizes = [
+            self.num_samples * (r + 1) // trainer.world_size - self.num_samples * r // trainer.world_size
+            for r in range(trainer.world_size)
+        ]
         return torch.cat([block[:size] for block, size in zip(every, sizes)])
 
     def fid(self, trainer: L.Trainer, module) -> float | None:
@@ -122,5 +150,11 @@ class FIDCallback(L.Callback):
         self.history.append((step, fid))
         for logger in trainer.loggers:  # straight to the loggers: one row at this step
             logger.log_metrics({"val/fid": fid}, step=step)
-        log.info("FID of %d EMA samples (%s, %d steps): %.3f at step %d", self.num_samples, self.sampler, self.steps,
-                 fid, step)
+        log.info(
+            "FID of %d EMA samples (%s, %d steps): %.3f at step %d",
+            self.num_samples,
+            self.sampler,
+            self.steps,
+            fid,
+            step,
+        )

@@ -1,6 +1,7 @@
 """The run's hyperparameters for every logger: the composed config flattened to dotted keys plus the command-line
 overrides as one entry (wandb's run config, TensorBoard's hparams, CSV's hparams.yaml), and TensorBoard's hparams
 view given the final metrics at the end of the run."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping

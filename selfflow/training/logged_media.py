@@ -2,6 +2,7 @@
 the active loggers at the training step it was made at, by file type (one table, whatever the modality):
 wandb as `Image` / `Video` / `Audio`, TensorBoard as `add_image` / an animated GIF (what `add_video` writes, made with
 Pillow since `add_video` needs moviepy) / `add_audio`. CSV logs no media."""
+
 from __future__ import annotations
 
 import io
@@ -35,8 +36,9 @@ def _tensorboard_video(writer, tag: str, path: Path, step: int) -> None:
         frames = [Image.fromarray(frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
     gif = io.BytesIO()
     frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
-    image = Summary.Image(height=frames[0].height, width=frames[0].width, colorspace=3,
-                          encoded_image_string=gif.getvalue())
+    image = Summary.Image(
+        height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=gif.getvalue()
+    )
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 

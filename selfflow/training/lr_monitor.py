@@ -1,4 +1,5 @@
 """The learning rate in metrics.csv once per optimizer step."""
+
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import LearningRateMonitor

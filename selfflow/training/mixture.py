@@ -3,11 +3,12 @@ or samples of every modality packed into rows (`data.mode=packed`).
 
 Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a resumed run sees the same data.
 """
+
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import cached_property
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -37,7 +38,7 @@ class ModalityStreams:
         key, order = self._orders.get(modality, (None, []))
         if key != (epoch, cycle):
             generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, hash_name(modality), cycle))
-            order = torch.randperm(self.sizes[modality], generator=generator)[self.rank::self.num_replicas].tolist()
+            order = torch.randperm(self.sizes[modality], generator=generator)[self.rank :: self.num_replicas].tolist()
             self._orders[modality] = ((epoch, cycle), order)
         return order
 
@@ -66,8 +67,15 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
     of samples of each modality (equal work per rank). The samples themselves and the batch seeds are per rank.
     """
 
-    def __init__(self, streams: ModalityStreams, weights: dict[str, float], batch_size: dict[str, int] | int,
-                 batches_per_epoch: int, mode: str, seed: int):
+    def __init__(
+        self,
+        streams: ModalityStreams,
+        weights: dict[str, float],
+        batch_size: dict[str, int] | int,
+        batches_per_epoch: int,
+        mode: str,
+        seed: int,
+    ):
         self.streams, self.mode, self.seed = streams, mode, seed
         self.names = sorted(weights)
         self.weights = torch.tensor([float(weights[m]) for m in self.names])
@@ -96,9 +104,9 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epoch = epoch + 1  # the next iteration is the next epoch, however this one ends
         per_batch = 1 if self.mode == "per_step" else int(self.batch_size)
         choices = self._choices(epoch, len(self) * per_batch)
-        used = {m: 0 for m in self.names}
+        used = dict.fromkeys(self.names, 0)
         for b in range(len(self)):
-            picks = choices[b * per_batch:(b + 1) * per_batch]
+            picks = choices[b * per_batch : (b + 1) * per_batch]
             counts = {m: picks.count(m) * (self.batch_size[m] if self.mode == "per_step" else 1) for m in set(picks)}
             indices = []
             for m in sorted(counts):
@@ -147,7 +155,7 @@ def collate_groups(samples: list[Any], pack_length: int) -> dict[str, Any] | Non
         data, labels = default_collate(items)
         out[modality] = {"data": data, "label": torch.as_tensor(labels, dtype=torch.long)}
     if len(out) == 1:  # one modality: the plain batch layout every other code path reads
-        (modality, batch), = out.items()
+        ((modality, batch),) = out.items()
         return {"modality": modality, **batch}
     return {"modality": "mixed", "groups": out, "pack_length": pack_length}
 
@@ -161,22 +169,32 @@ class MixtureDataModule(L.LightningDataModule):
     built-in digit sets); `num_classes` is the largest of the sources'.
     """
 
-    def __init__(self, sources: dict[str, L.LightningDataModule], weights: dict[str, float],
-                 batch_size: dict[str, int] | int, mode: str = "per_step", pack_length: int = 512,
-                 num_workers: int = 0, seed: int = 0, batches_per_epoch: int | None = None):
+    def __init__(
+        self,
+        sources: dict[str, L.LightningDataModule],
+        weights: dict[str, float],
+        batch_size: dict[str, int] | int,
+        mode: str = "per_step",
+        pack_length: int = 512,
+        num_workers: int = 0,
+        seed: int = 0,
+        batches_per_epoch: int | None = None,
+    ):
         super().__init__()
         if mode not in MODES:
             raise ValueError(f"data.mode={mode!r} is unknown; choose one of {MODES}")
         weights = {m: float(w) for m, w in weights.items()}
         missing = set(weights) - set(sources)
         if missing:
-            raise ValueError(f"data.weights names {sorted(missing)} but data.sources has no dataset for them "
-                             f"(sources: {sorted(sources)})")
+            raise ValueError(
+                f"data.weights names {sorted(missing)} but data.sources has no dataset for them "
+                f"(sources: {sorted(sources)})"
+            )
         if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
             raise ValueError(f"data.weights={weights} must be >= 0 and sum to a positive value")
         weights = {m: w for m, w in weights.items() if w > 0}
         if mode == "per_step":
-            sizes = dict(batch_size) if isinstance(batch_size, Mapping) else {m: batch_size for m in weights}
+            sizes = dict(batch_size) if isinstance(batch_size, Mapping) else dict.fromkeys(weights, batch_size)
             if set(weights) - set(sizes):
                 raise ValueError(f"data.batch_size has no value for {sorted(set(weights) - set(sizes))}")
             for m in weights:
@@ -187,8 +205,10 @@ class MixtureDataModule(L.LightningDataModule):
         else:
             check_loader_options(batch_size, num_workers)
         if batches_per_epoch is not None and batches_per_epoch < 1:
-            raise ValueError(f"data.batches_per_epoch={batches_per_epoch} must be >= 1 (or null: the samples of all "
-                             f"sources / the mean batch size)")
+            raise ValueError(
+                f"data.batches_per_epoch={batches_per_epoch} must be >= 1 (or null: the samples of all "
+                f"sources / the mean batch size)"
+            )
         self.sources, self.weights, self.batch_size, self.mode = dict(sources), weights, batch_size, mode
         self.pack_length, self.num_workers, self.seed = pack_length, num_workers, seed
         self.modality = "mixed"
@@ -242,18 +262,25 @@ class MixtureDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         world, rank = (trainer.world_size, trainer.global_rank) if trainer else (1, 0)
         streams = ModalityStreams(self.sizes, self.offsets, self.seed, world, rank)
-        self.train_batches = MixtureBatchSampler(streams, self.weights, self.batch_size, self.batches_per_epoch,
-                                                 self.mode, self.seed)
+        self.train_batches = MixtureBatchSampler(
+            streams, self.weights, self.batch_size, self.batches_per_epoch, self.mode, self.seed
+        )
         if self._position_to_load:
             self.train_batches.set_epoch(self._position_to_load["epoch"])
             self.train_batches.skip_batches(self._position_to_load["batches_done"])
             self._position_to_load = None
-        return resumable_loader(self.train_set, self.train_batches, GroupCollate(self.pack_length), self.seed,
-                                self.num_workers)
+        return resumable_loader(
+            self.train_set, self.train_batches, GroupCollate(self.pack_length), self.seed, self.num_workers
+        )
 
     def test_dataloader(self) -> DataLoader:
-        return DataLoader(self.test_set, batch_size=32, shuffle=False, num_workers=self.num_workers,
-                          collate_fn=GroupCollate(self.pack_length))
+        return DataLoader(
+            self.test_set,
+            batch_size=32,
+            shuffle=False,
+            num_workers=self.num_workers,
+            collate_fn=GroupCollate(self.pack_length),
+        )
 
     def state_dict(self) -> dict[str, Any]:
         """Where training is in the data (the trainer's count, however far the loader has read ahead)."""
@@ -271,7 +298,7 @@ def pack_groups(groups: dict[str, dict[str, Tensor]], tokenizers, pack_length: i
     for modality, group in groups.items():
         tokens = tokenizers[modality].encode(group["data"])
         for b in range(tokens.batch_size):
-            samples.append(Tokens(tokens.x[b:b + 1], tokens.pos[b:b + 1], modality))
+            samples.append(Tokens(tokens.x[b : b + 1], tokens.pos[b : b + 1], modality))
         labels += group["label"].tolist()
     labels = [null_label if label < 0 else label for label in labels]
     return pack(samples, labels, pack_length, null_label)
@@ -282,5 +309,7 @@ def check_pack_length(pack_length: int, tokenizers) -> None:
     longest = {m: t.positions(1).shape[1] for m, t in tokenizers.items()}
     name, tokens = max(longest.items(), key=lambda kv: kv[1])
     if tokens > pack_length:
-        raise ValueError(f"data.pack_length={pack_length} is shorter than a {name} sample ({tokens} tokens); "
-                         f"set data.pack_length >= {tokens}")
+        raise ValueError(
+            f"data.pack_length={pack_length} is shorter than a {name} sample ({tokens} tokens); "
+            f"set data.pack_length >= {tokens}"
+        )

@@ -1,27 +1,28 @@
 """LightningModule: tokenize a batch, apply the Self-Flow objective, optimise, keep the EMA teacher current."""
+
 from __future__ import annotations
 
 import math
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import lightning as L
 import torch
 from torch import nn
 
-from selfflow.tokens import PackedTokens, Tokens
+from selfflow.data.vae_folder import check_stored_fingerprints
+from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
+from selfflow.interop.state_check import check_state_fits
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
-from selfflow.data.vae_folder import check_stored_fingerprints
-from selfflow.tokens import TEXT, Condition
+from selfflow.tokens import TEXT, Condition, PackedTokens, Tokens
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
 from selfflow.training.nonfinite import NonFiniteGuard
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.schedules import LRSchedule
-from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
-from selfflow.interop.state_check import check_state_fits
 
 # metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
 STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm")
@@ -39,9 +40,15 @@ class SelfFlowModule(L.LightningModule):
 
     STEP_METRICS = STEP_METRICS
 
-    def __init__(self, objective: SelfFlowObjective, tokenizers: dict[str, Tokenizer],
-                 optimizer: Callable[..., torch.optim.Optimizer], lr_schedule: LRSchedule | None = None,
-                 config: dict[str, Any] | None = None, max_nonfinite_in_a_row: int = 5):
+    def __init__(
+        self,
+        objective: SelfFlowObjective,
+        tokenizers: dict[str, Tokenizer],
+        optimizer: Callable[..., torch.optim.Optimizer],
+        lr_schedule: LRSchedule | None = None,
+        config: dict[str, Any] | None = None,
+        max_nonfinite_in_a_row: int = 5,
+    ):
         super().__init__()
         self.objective = objective
         self.tokenizers = nn.ModuleDict(tokenizers)
@@ -71,7 +78,9 @@ class SelfFlowModule(L.LightningModule):
     def condition(self, batch: dict[str, Any]) -> Condition:
         """What the batch is conditioned on: its labels, its captions encoded by the text tokenizer, its size/crop
         values (packed rows carry their labels inside the packing)."""
-        text = self.tokenizers[TEXT].encode(batch["caption"]) if "caption" in batch and TEXT in self.tokenizers else None
+        text = (
+            self.tokenizers[TEXT].encode(batch["caption"]) if "caption" in batch and TEXT in self.tokenizers else None
+        )
         return Condition(labels=batch.get("label"), text=text, sizes=batch.get("sizes"))
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int):
@@ -202,7 +211,8 @@ class SelfFlowModule(L.LightningModule):
         checkpoint["selfflow_rng"] = capture_rng_state()
         checkpoint["selfflow_training"] = {
             "nonfinite": self.nonfinite.state_dict(),
-            "bucket_sums": self.bucket_sums.cpu(), "bucket_counts": self.bucket_counts.cpu(),
+            "bucket_sums": self.bucket_sums.cpu(),
+            "bucket_counts": self.bucket_counts.cpu(),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,4 +1,5 @@
 """Counting NaN/inf losses and gradients: each one skips its update; too many in a row stops the run."""
+
 from __future__ import annotations
 
 import math

@@ -1,6 +1,7 @@
 """A cheap linear probe during training: the EMA model's student layer on fixed subsets of the train and test
 splits, logged as `probe/top1`, so that the representation can be watched improving step by step.
 """
+
 from __future__ import annotations
 
 import logging
@@ -33,9 +34,19 @@ class LinearProbe(L.Callback):
     Runs inside its own RNG scope, so training draws the same random numbers with or without it.
     """
 
-    def __init__(self, every_n_steps: int = 1000, train_samples: int = 1024, test_samples: int = 512,
-                 noise_level: float = 0.0, epochs: int = 30, learning_rates=(0.03, 0.1, 0.3, 1.0),
-                 weight_decays=(0.0, 1e-3), batch_size: int = 256, seed: int = 0, at_end: bool = True):
+    def __init__(
+        self,
+        every_n_steps: int = 1000,
+        train_samples: int = 1024,
+        test_samples: int = 512,
+        noise_level: float = 0.0,
+        epochs: int = 30,
+        learning_rates=(0.03, 0.1, 0.3, 1.0),
+        weight_decays=(0.0, 1e-3),
+        batch_size: int = 256,
+        seed: int = 0,
+        at_end: bool = True,
+    ):
         self.every_n_steps, self.train_samples, self.test_samples = every_n_steps, train_samples, test_samples
         self.noise_level, self.epochs, self.batch_size, self.seed = noise_level, epochs, batch_size, seed
         self.learning_rates, self.weight_decays, self.at_end = tuple(learning_rates), tuple(weight_decays), at_end
@@ -58,16 +69,26 @@ class LinearProbe(L.Callback):
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for modality, datamodule in modality_sources(trainer.datamodule).items():
                 features = {}
-                for split, dataset, size in (("train", datamodule.train_set, self.train_samples),
-                                             ("test", datamodule.test_set, self.test_samples)):
+                for split, dataset, size in (
+                    ("train", datamodule.train_set, self.train_samples),
+                    ("test", datamodule.test_set, self.test_samples),
+                ):
                     loader = probe_loader(fixed_subset(dataset, size, self.seed), modality, self.batch_size)
                     with callback_forward_context(trainer):
-                        features[split] = extract_features(module.ema_model, module.tokenizers[modality], loader,
-                                                           [layer], [level], seed=self.seed)[(layer, level)]
+                        features[split] = extract_features(
+                            module.ema_model, module.tokenizers[modality], loader, [layer], [level], seed=self.seed
+                        )[(layer, level)]
                 with torch.enable_grad(), torch.inference_mode(False):
-                    top1[modality] = fit_linear_probe(features["train"], features["test"], datamodule.num_classes,
-                                                      self.learning_rates, self.weight_decays, self.epochs,
-                                                      self.batch_size, seed=self.seed).top1
+                    top1[modality] = fit_linear_probe(
+                        features["train"],
+                        features["test"],
+                        datamodule.num_classes,
+                        self.learning_rates,
+                        self.weight_decays,
+                        self.epochs,
+                        self.batch_size,
+                        seed=self.seed,
+                    ).top1
         return top1
 
     def _run(self, trainer, module) -> None:
@@ -85,8 +106,12 @@ class LinearProbe(L.Callback):
         for logger in trainer.loggers:  # straight to the loggers: one row at this step, also from on_train_end
             logger.log_metrics(metrics, step=step)
         trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # the latest, for hparams
-        log.info("probe: student layer %d top-1 %s at step %d", module.objective.student_layer,
-                 ", ".join(f"{m} {100 * v:.1f}%" for m, v in per_modality.items()), step)
+        log.info(
+            "probe: student layer %d top-1 %s at step %d",
+            module.objective.student_layer,
+            ", ".join(f"{m} {100 * v:.1f}%" for m, v in per_modality.items()),
+            step,
+        )
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step

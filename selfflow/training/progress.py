@@ -1,6 +1,7 @@
 """Training progress: on a terminal Lightning's rich bar, labelled by optimizer step ("step 1300/3000"), since every
 selfflow run is step-based (Lightning's own label would read "Epoch 130/-2" with max_epochs=-1); without one (a batch
 job, a SLURM log, a pipe) a text line every N steps, which a log file can hold and a person can read."""
+
 from __future__ import annotations
 
 import datetime
@@ -47,10 +48,13 @@ class TextProgress(ProgressBar):
 
     def __init__(self, every_n_steps: int | None = None):
         super().__init__()
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ValueError(f"callbacks.progress.every_n_steps={every_n_steps!r} must be an integer >= 1 (or null: "
-                             f"trainer.log_every_n_steps)")
+        if every_n_steps is not None and (
+            isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int) or every_n_steps < 1
+        ):
+            raise ValueError(
+                f"callbacks.progress.every_n_steps={every_n_steps!r} must be an integer >= 1 (or null: "
+                f"trainer.log_every_n_steps)"
+            )
         self.every_n_steps = every_n_steps
         self._enabled = True
         self._start: tuple[int, float] | None = None  # (step, time) when this process began training

@@ -1,4 +1,5 @@
 """Resuming a run: which checkpoint to continue from, and keeping the metric history written before it."""
+
 from __future__ import annotations
 
 import csv
@@ -16,13 +17,27 @@ log = logging.getLogger("selfflow")
 RESUME_MODES = ("auto",)
 # keys that may change when a run is continued (where it runs, how long, how it loads and logs): a difference in
 # any other key means the checkpoint of the run folder belongs to another run (patterns over dotted keys)
-RESUMABLE_CHANGES = ("run_dir", "ckpt_path", "resume", "resume_allow_changes", "cache_dir",
-                     "trainer.max_steps", "trainer.max_epochs", "trainer.log_every_n_steps",
-                     "trainer.enable_progress_bar", "trainer.enable_model_summary",
-                     "data.num_workers", "data.pin_memory", "data.sources.*.num_workers", "data.sources.*.pin_memory",
-                     "logger", "callbacks",
-                     # a VAE's identity is its fingerprint, checked when the checkpoint loads: it may move folders
-                     "*.vae", "*.fingerprint")
+RESUMABLE_CHANGES = (
+    "run_dir",
+    "ckpt_path",
+    "resume",
+    "resume_allow_changes",
+    "cache_dir",
+    "trainer.max_steps",
+    "trainer.max_epochs",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.sources.*.num_workers",
+    "data.sources.*.pin_memory",
+    "logger",
+    "callbacks",
+    # a VAE's identity is its fingerprint, checked when the checkpoint loads: it may move folders
+    "*.vae",
+    "*.fingerprint",
+)
 SHOWN_DIFFERENCES = 4
 ABSENT = "<absent>"
 
@@ -51,8 +66,10 @@ def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, resume: st
     if resume in (None, "", "none", "never"):
         return ckpt_path
     if resume not in RESUME_MODES:
-        raise ValueError(f"resume={resume!r} is unknown; choose auto (the newest valid checkpoint of the run "
-                         f"directory) or null, or give ckpt_path=PATH")
+        raise ValueError(
+            f"resume={resume!r} is unknown; choose auto (the newest valid checkpoint of the run "
+            f"directory) or null, or give ckpt_path=PATH"
+        )
     if ckpt_path:
         raise ValueError(f"ckpt_path={ckpt_path} and resume={resume} both choose a checkpoint; give only one")
     found = newest_valid_checkpoint(Path(run_dir) / "checkpoints")
@@ -80,8 +97,11 @@ def config_differences(stored: Mapping, current: Mapping) -> list[tuple[str, Any
     def resumable(key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}.*") for p in RESUMABLE_CHANGES)
 
-    return [(key, old.get(key, ABSENT), new.get(key, ABSENT)) for key in sorted(set(old) | set(new))
-            if not resumable(key) and old.get(key, ABSENT) != new.get(key, ABSENT)]
+    return [
+        (key, old.get(key, ABSENT), new.get(key, ABSENT))
+        for key in sorted(set(old) | set(new))
+        if not resumable(key) and old.get(key, ABSENT) != new.get(key, ABSENT)
+    ]
 
 
 def check_same_run(stored: Mapping, current: Mapping, checkpoint: str | os.PathLike) -> None:
@@ -90,12 +110,15 @@ def check_same_run(stored: Mapping, current: Mapping, checkpoint: str | os.PathL
     differences = config_differences(stored, current)
     if not differences:
         return
-    shown = "; ".join(f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in
-                      differences[:SHOWN_DIFFERENCES])
+    shown = "; ".join(
+        f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences[:SHOWN_DIFFERENCES]
+    )
     more = f" (and {len(differences) - SHOWN_DIFFERENCES} more)" if len(differences) > SHOWN_DIFFERENCES else ""
-    raise ValueError(f"resume=auto: {checkpoint} was written by another run ({shown}{more}); start this run in "
-                     f"another folder (hydra.run.dir=...), or continue that run with these changes: "
-                     f"resume_allow_changes=true")
+    raise ValueError(
+        f"resume=auto: {checkpoint} was written by another run ({shown}{more}); start this run in "
+        f"another folder (hydra.run.dir=...), or continue that run with these changes: "
+        f"resume_allow_changes=true"
+    )
 
 
 def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None) -> None:
@@ -113,8 +136,11 @@ def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None
         with open(path, newline="") as f:
             rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) < before_step]
         kept = [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in rows]
-        if saved_row and saved_row["step"] < before_step and not any(
-                "train/loss" in row and row["step"] == saved_row["step"] for row in kept):
+        if (
+            saved_row
+            and saved_row["step"] < before_step
+            and not any("train/loss" in row and row["step"] == saved_row["step"] for row in kept)
+        ):
             kept.append(dict(saved_row))
         logger.experiment.metrics[:0] = kept  # the writer (created here) removed the file; it rewrites these first
 

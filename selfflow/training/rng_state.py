@@ -2,11 +2,13 @@
 
 States are stored as tensors, ints and tuples only, so that checkpoints still load with `weights_only=True`.
 """
+
 from __future__ import annotations
 
 import contextlib
 import random
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch

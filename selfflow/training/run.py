@@ -1,4 +1,5 @@
 """`selfflow-train` without the command line: seed, build, fit, and say where the outputs are."""
+
 from __future__ import annotations
 
 import logging
@@ -8,8 +9,8 @@ from pathlib import Path
 import lightning as L
 from omegaconf import DictConfig
 
-from selfflow.training.build import Run, build_run, run_config
 from selfflow.interop.checkpoint import read_checkpoint
+from selfflow.training.build import Run, build_run, run_config
 from selfflow.training.resume import check_same_run, keep_metric_history, resolve_resume
 from selfflow.training.run_folder import run_folder_lock
 from selfflow.training.validate import validate_config
@@ -41,8 +42,9 @@ def train(cfg: DictConfig) -> Run:
         L.seed_everything(cfg.seed, workers=True)
         run = build_run(cfg)
         if resumed is not None and run.trainer.is_global_zero:
-            keep_metric_history(run.trainer.loggers, int(resumed.get("global_step", 0)),
-                                resumed.get("selfflow_step_metrics"))
+            keep_metric_history(
+                run.trainer.loggers, int(resumed.get("global_step", 0)), resumed.get("selfflow_step_metrics")
+            )
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=ckpt_path)
         finish_wandb_runs(run.trainer.loggers)
     if run.trainer.is_global_zero:
@@ -62,8 +64,12 @@ def finish_wandb_runs(loggers) -> None:
 
 def describe_outputs(run_dir: Path) -> str:
     lines = [f"selfflow: run finished; outputs in {run_dir.resolve()}"]
-    for label, pattern in (("checkpoint", "checkpoints/last.ckpt"), ("metrics", "metrics.csv"),
-                           ("samples", "samples/*/final.png"), ("skipped files", "skipped_files.tsv")):
+    for label, pattern in (
+        ("checkpoint", "checkpoints/last.ckpt"),
+        ("metrics", "metrics.csv"),
+        ("samples", "samples/*/final.png"),
+        ("skipped files", "skipped_files.tsv"),
+    ):
         for path in sorted(run_dir.glob(pattern)):
             lines.append(f"  {label:>13}: {path.resolve()}")
     return "\n".join(lines)

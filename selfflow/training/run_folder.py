@@ -5,6 +5,7 @@ checkpoints and metrics with the first; a folder that cannot be written is named
 Only the launching process locks: the processes a launcher starts for the other ranks (Lightning's ddp sets
 LOCAL_RANK, torchrun RANK, SLURM SLURM_PROCID) write into the folder of the run that holds it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,11 +50,14 @@ def check_writable(folder: Path) -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise RunFolderError(f"run folder {folder} cannot be made: {existing} is not a folder; choose another "
-                             f"hydra.run.dir")
+        raise RunFolderError(
+            f"run folder {folder} cannot be made: {existing} is not a folder; choose another hydra.run.dir"
+        )
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise RunFolderError(f"run folder {folder} is not writable ({existing} is read-only for this user); choose "
-                             f"a writable hydra.run.dir, or fix the folder's permissions")
+        raise RunFolderError(
+            f"run folder {folder} is not writable ({existing} is read-only for this user); choose "
+            f"a writable hydra.run.dir, or fix the folder's permissions"
+        )
 
 
 def lock_run_folder(run_dir: str | os.PathLike) -> bool:
@@ -70,22 +74,27 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as error:
-        raise RunFolderError(f"cannot write into run folder {folder}: {error.strerror or error}; choose a writable "
-                             f"hydra.run.dir") from error
+        raise RunFolderError(
+            f"cannot write into run folder {folder}: {error.strerror or error}; choose a writable hydra.run.dir"
+        ) from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = os.pread(fd, 512, 0).decode(errors="replace").strip() or "another process"
         os.close(fd)
-        raise RunFolderError(f"run folder {folder} is in use by another run ({holder}); wait for it to end, or "
-                             f"start this run in another folder (hydra.run.dir=...)") from None
+        raise RunFolderError(
+            f"run folder {folder} is in use by another run ({holder}); wait for it to end, or "
+            f"start this run in another folder (hydra.run.dir=...)"
+        ) from None
     except OSError as error:  # a filesystem without locks (some network mounts): run, but say so
         if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             os.close(fd)
             raise
         log.warning("cannot lock run folder %s (%s); make sure no other run writes into it", folder, error.strerror)
-    holder = f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: " \
-             f"{' '.join(sys.argv)[:300]}"
+    holder = (
+        f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+        f"{' '.join(sys.argv)[:300]}"
+    )
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode() + b"\n", 0)
     _held[folder] = fd

@@ -5,6 +5,7 @@ runs named so, grouped by the same overrides without the seed (so the seeds of o
 The `run_name` resolver: `${run_name:subdir}` (the name, or the job number when there are no overrides),
 `${run_name:name}` and `${run_name:group}` (None when there are none, or outside a Hydra job).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -33,8 +34,9 @@ def override_name(overrides: Sequence[str], leave_out: Sequence[str] = ()) -> st
             items.append((key, value))
     items.sort()  # the same name whatever the order on the command line
     last_parts = [key.rsplit(".", 1)[-1] for key, _ in items]
-    parts = [f"{short if last_parts.count(short) == 1 else key}={value}"
-             for (key, value), short in zip(items, last_parts)]
+    parts = [
+        f"{short if last_parts.count(short) == 1 else key}={value}" for (key, value), short in zip(items, last_parts)
+    ]
     return file_stem(",".join(parts)) if parts else ""
 
 

@@ -1,5 +1,6 @@
 """Learning-rate schedules (`lr_schedule=constant|cosine|linear`): a pure function of the optimizer step, so that a
 resumed run continues with exactly the learning rate an uninterrupted run would have had."""
+
 from __future__ import annotations
 
 import math
@@ -21,19 +22,23 @@ class LRSchedule:
     warm-up included; the run's trainer.max_steps in the configs), min_lr after that.
     """
 
-    def __init__(self, shape: str = "constant", warmup_steps: int = 0, min_lr: float = 0.0,
-                 decay_steps: int | None = None):
+    def __init__(
+        self, shape: str = "constant", warmup_steps: int = 0, min_lr: float = 0.0, decay_steps: int | None = None
+    ):
         if shape not in DECAYS:
             raise ValueError(f"lr_schedule.shape={shape!r} is unknown; choose one of: {', '.join(DECAYS)}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
-            raise ValueError(f"lr_schedule.warmup_steps={warmup_steps!r} must be an integer >= 0 (lr_warmup_steps "
-                             f"sets it too)")
+            raise ValueError(
+                f"lr_schedule.warmup_steps={warmup_steps!r} must be an integer >= 0 (lr_warmup_steps sets it too)"
+            )
         if isinstance(min_lr, bool) or not isinstance(min_lr, (int, float)) or min_lr < 0:
             raise ValueError(f"lr_schedule.min_lr={min_lr!r} must be a number >= 0")
         if shape != "constant" and (decay_steps is None or decay_steps <= warmup_steps):
-            raise ValueError(f"lr_schedule={shape} decays until lr_schedule.decay_steps={decay_steps}, which must be "
-                             f"above lr_schedule.warmup_steps={warmup_steps}; set trainer.max_steps (the default) or "
-                             f"lr_schedule.decay_steps")
+            raise ValueError(
+                f"lr_schedule={shape} decays until lr_schedule.decay_steps={decay_steps}, which must be "
+                f"above lr_schedule.warmup_steps={warmup_steps}; set trainer.max_steps (the default) or "
+                f"lr_schedule.decay_steps"
+            )
         self.shape, self.warmup_steps, self.min_lr, self.decay_steps = shape, warmup_steps, float(min_lr), decay_steps
 
     def factor(self, step: int, base_lr: float) -> float:
@@ -48,5 +53,7 @@ class LRSchedule:
 
     def check_base_lr(self, base_lr: float) -> None:
         if self.shape != "constant" and self.min_lr > base_lr:
-            raise ValueError(f"lr_schedule.min_lr={self.min_lr} is above optimizer.lr={base_lr}; a decay ends below "
-                             f"the lr it starts from: lower lr_schedule.min_lr")
+            raise ValueError(
+                f"lr_schedule.min_lr={self.min_lr} is above optimizer.lr={base_lr}; a decay ends below "
+                f"the lr it starts from: lower lr_schedule.min_lr"
+            )

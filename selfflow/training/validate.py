@@ -7,6 +7,7 @@ on the meta device (no memory, no initialisation cost at any size), and turns a 
 ConfigError. What no constructor sees is checked here: typos (`check_keys`), the checks across groups, and the
 ranges of run and trainer keys that neither selfflow nor Lightning checks.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -31,8 +32,9 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
     return OmegaConf.select(cfg, key, default=default, throw_on_missing=False)
 
 
-def _number(cfg, key: str, low: float | None = None, high: float | None = None, *, integer: bool = False,
-            low_open: bool = False) -> Any:
+def _number(
+    cfg, key: str, low: float | None = None, high: float | None = None, *, integer: bool = False, low_open: bool = False
+) -> Any:
     value = _get(cfg, key)
     if value is None:
         return value
@@ -72,9 +74,11 @@ def target_parameters(target: str) -> set[str] | None:
 
     try:
         obj = get_object(target)
-    except Exception as error:  # noqa: BLE001 - an unimportable target is a config mistake
-        raise ConfigError(f"_target_={target} cannot be imported ({type(error).__name__}: {error}); check the "
-                          f"spelling of the class or function") from None
+    except Exception as error:
+        raise ConfigError(
+            f"_target_={target} cannot be imported ({type(error).__name__}: {error}); check the "
+            f"spelling of the class or function"
+        ) from None
     try:
         signature = inspect.signature(obj)
     except (TypeError, ValueError):
@@ -92,7 +96,7 @@ def check_keys(node: Any, path: str = "") -> None:
         return
     if not isinstance(node, DictConfig):
         return
-    keys = [k for k in node.keys() if not (path == "" and k == "hydra")]
+    keys = [k for k in node if not (path == "" and k == "hydra")]
     target = node.get("_target_") if "_target_" in node else None
     if isinstance(target, str):
         accepted = target_parameters(target)
@@ -101,8 +105,10 @@ def check_keys(node: Any, path: str = "") -> None:
                 if key not in accepted and key not in HYDRA_KEYS:
                     near = difflib.get_close_matches(str(key), sorted(accepted), n=1)
                     hint = f"did you mean {path}.{near[0]}? " if near else ""
-                    raise ConfigError(f"{path}.{key} is not an option of {target.rsplit('.', 1)[-1]}; {hint}"
-                                      f"allowed: {', '.join(sorted(accepted))}")
+                    raise ConfigError(
+                        f"{path}.{key} is not an option of {target.rsplit('.', 1)[-1]}; {hint}"
+                        f"allowed: {', '.join(sorted(accepted))}"
+                    )
     for key in keys:
         full = f"{path}.{key}" if path else str(key)
         if OmegaConf.is_missing(node, key):
@@ -117,10 +123,12 @@ def check_tokenizers_take_geometry_from_the_data(cfg: DictConfig) -> None:
 
     for modality, spec in (cfg.get("tokenizer") or {}).items():
         for key in GEOMETRY_KEYS:
-            if key in spec.keys():
-                raise ConfigError(f"tokenizer.{modality}.{key} is set, but the tokenizer takes {key} from the data: "
-                                  f"remove it and set data.dataset.{key} (a mixture: data.sources.<modality>."
-                                  f"dataset.{key})")
+            if key in spec:
+                raise ConfigError(
+                    f"tokenizer.{modality}.{key} is set, but the tokenizer takes {key} from the data: "
+                    f"remove it and set data.dataset.{key} (a mixture: data.sources.<modality>."
+                    f"dataset.{key})"
+                )
 
 
 def built(group: str | None, build: Callable[[], Any]) -> Any:
@@ -128,14 +136,15 @@ def built(group: str | None, build: Callable[[], Any]) -> Any:
     prefixed with the config group unless the message starts with it (or the group is None: top-level keys)."""
     try:
         return build()
-    except Exception as error:  # noqa: BLE001 - classified below
+    except Exception as error:
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         chain = [error]
         while chain[-1].__cause__ is not None:  # Hydra wraps the constructor's own error
             chain.append(chain[-1].__cause__)
-        cause = next((e for e in reversed(chain)
-                      if isinstance(e, (ValueError, TypeError, MisconfigurationException))), None)
+        cause = next(
+            (e for e in reversed(chain) if isinstance(e, (ValueError, TypeError, MisconfigurationException))), None
+        )
         if cause is None:
             raise
         message = first_line(cause)
@@ -155,15 +164,23 @@ def build_on_meta(cfg: DictConfig) -> None:
     modalities = built(None, lambda: list(tokenizer_configs(cfg)))  # its messages name the groups they join
     for name, callback in (cfg.get("callbacks") or {}).items():
         if callback is not None:
-            built(f"callbacks.{name}", lambda: instantiate(callback))
+            built(f"callbacks.{name}", lambda callback=callback: instantiate(callback))
     with torch.device("meta"):
-        model = built("model", lambda: instantiate(cfg.model)(token_channels={m: 1 for m in modalities},
-                                                               num_classes=1))
+        model = built(
+            "model", lambda: instantiate(cfg.model)(token_channels=dict.fromkeys(modalities, 1), num_classes=1)
+        )
         objective = built("objective", lambda: instantiate(cfg.objective)(model=model))
         lr_schedule = built("lr_schedule", lambda: instantiate(cfg.lr_schedule))
-        module = built(None, lambda: SelfFlowModule(
-            objective, {}, optimizer=instantiate(cfg.optimizer), lr_schedule=lr_schedule,
-            max_nonfinite_in_a_row=cfg.get("max_nonfinite_in_a_row", 5)))
+        module = built(
+            None,
+            lambda: SelfFlowModule(
+                objective,
+                {},
+                optimizer=instantiate(cfg.optimizer),
+                lr_schedule=lr_schedule,
+                max_nonfinite_in_a_row=cfg.get("max_nonfinite_in_a_row", 5),
+            ),
+        )
         optimizer = built("optimizer", lambda: module.optimizer_factory(list(objective.parameters())))
         for group in optimizer.param_groups:
             built(None, lambda lr=group["lr"]: lr_schedule.check_base_lr(lr))

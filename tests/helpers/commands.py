@@ -1,6 +1,7 @@
 """The README command checker: command lines found in Markdown bash blocks and tool docstrings, split as a POSIX
 shell splits them, then parsed as each program would parse them (Hydra composes selfflow-train/-sample/-probe
 overrides, argparse parses the other console scripts and `python -m tools.X`); nothing is run."""
+
 import argparse
 import ast
 import itertools
@@ -15,9 +16,17 @@ from hydra import compose, initialize_config_module
 from selfflow.training.build import tokenizer_configs
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG_OF = {"selfflow-train": "train", "selfflow-sample": "sample", "selfflow-probe": "probe", "selfflow-eval": "eval",
-             "selfflow-cache": "cache", "selfflow.cli.train": "train", "selfflow.cli.sample": "sample",
-             "selfflow.cli.probe": "probe", "selfflow.cli.cache": "cache"}
+CONFIG_OF = {
+    "selfflow-train": "train",
+    "selfflow-sample": "sample",
+    "selfflow-probe": "probe",
+    "selfflow-eval": "eval",
+    "selfflow-cache": "cache",
+    "selfflow.cli.train": "train",
+    "selfflow.cli.sample": "sample",
+    "selfflow.cli.probe": "probe",
+    "selfflow.cli.cache": "cache",
+}
 HYDRA_FLAGS = {"--help"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 COMMAND_START = r"(?:selfflow-[a-z-]+(?![:\w-])|python -m tools\.)"
@@ -79,8 +88,10 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parsed = OverridesParser.create().parse_overrides(overrides)
-    choices = [[f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override()
-               else [o.input_line] for o in parsed]
+    choices = [
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        for o in parsed
+    ]
     return [list(job) for job in itertools.product(*choices)]
 
 
@@ -92,8 +103,11 @@ def console_scripts() -> dict:
     """selfflow's argparse console scripts (the Hydra ones are in CONFIG_OF): name -> entry point."""
     from importlib.metadata import entry_points
 
-    return {e.name: e for e in entry_points(group="console_scripts")
-            if e.name.startswith("selfflow-") and e.name not in CONFIG_OF}
+    return {
+        e.name: e
+        for e in entry_points(group="console_scripts")
+        if e.name.startswith("selfflow-") and e.name not in CONFIG_OF
+    }
 
 
 def parse_only(monkeypatch, argv: list[str], entry) -> None:
@@ -132,10 +146,10 @@ def check_command(words: list[str], monkeypatch) -> None:
         return check_command(words[1:], monkeypatch)
     if program == "torchrun":
         module = words.index("-m") + 1
-        return compose_overrides(CONFIG_OF[words[module]], words[module + 1:])
+        return compose_overrides(CONFIG_OF[words[module]], words[module + 1 :])
     if program in CONFIG_OF:
         return compose_overrides(CONFIG_OF[program], words[1:])
-    if words[:2] == ["python", "-m"] and words[2] == "pytest" or words[:2] == ["pip", "install"] or program == "ruff":
+    if (words[:2] == ["python", "-m"] and words[2] == "pytest") or words[:2] == ["pip", "install"] or program == "ruff":
         return None
     if words[:2] == ["python", "-m"] and words[2].startswith("tools."):
         return parse_tool(words, monkeypatch)

@@ -1,4 +1,5 @@
 """Configs composed from the real conf/ tree: the tests' tiny sizes, the train/sample/probe configs, the shared data."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,21 +10,36 @@ SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 # sizes that make any train config run in seconds on a CPU (one-number batch size: single-modality data)
 TINY_SIZES = [
-    "model.depth=2", "model.width=32", "model.heads=2",
-    "data.batch_size=8", "data.num_workers=0",
-    "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
-    "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "~callbacks.progress", "callbacks.samples.steps=2", "callbacks.samples.samples_per_class=1",
-    "callbacks.samples.every_n_steps=2", "callbacks.checkpoint.every_n_train_steps=2",
-    "objective.student_layer=1", "objective.teacher_layer=2",
+    "model.depth=2",
+    "model.width=32",
+    "model.heads=2",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "trainer.max_steps=3",
+    "trainer.log_every_n_steps=1",
+    "trainer.accelerator=cpu",
+    "trainer.enable_progress_bar=false",
+    "trainer.enable_model_summary=false",
+    "~callbacks.progress",
+    "callbacks.samples.steps=2",
+    "callbacks.samples.samples_per_class=1",
+    "callbacks.samples.every_n_steps=2",
+    "callbacks.checkpoint.every_n_train_steps=2",
+    "objective.student_layer=1",
+    "objective.teacher_layer=2",
 ]
 # the tiny overrides of the tests: the built-in digit images, unless a later experiment=... or data=... says
 TINY = ["experiment=digits", *TINY_SIZES]
 
 # the joint default made small: tiny built-in video and audio sets (generated once into the cache)
-SMALL_JOINT = ["experiment=multimodal_digits", "data.sources.video.dataset.clips_train=40",
-               "data.sources.video.dataset.clips_test=20", "data.sources.audio.dataset.voices=[en+m1,en+f1]",
-               "data.sources.audio.dataset.takes=3", "data.sources.audio.dataset.test_takes=1"]
+SMALL_JOINT = [
+    "experiment=multimodal_digits",
+    "data.sources.video.dataset.clips_train=40",
+    "data.sources.video.dataset.clips_test=20",
+    "data.sources.audio.dataset.voices=[en+m1,en+f1]",
+    "data.sources.audio.dataset.takes=3",
+    "data.sources.audio.dataset.test_takes=1",
+]
 
 
 def compose(config: str, overrides: list[str]):

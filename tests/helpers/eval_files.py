@@ -1,5 +1,6 @@
 """Stand-ins for the evaluation's input files (the real Inception weights cannot be downloaded here) and images
 with some structure, shared by the FID tests."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -15,8 +16,7 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        network = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008,
-                                                  init_weights=False)
+        network = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
         for module in network.modules():
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")

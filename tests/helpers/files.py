@@ -1,4 +1,5 @@
 """Files written for tests: image, audio and video class folders, tar shards, encoded images, a tiny VAE folder."""
+
 from __future__ import annotations
 
 import io
@@ -17,7 +18,7 @@ from selfflow.data.video_io import write_mp4
 def write_images(root: Path, per_class: int = 4) -> None:
     """Random RGB images of different sizes and formats in two class folders (crop and resize both matter)."""
     rng = np.random.default_rng(0)
-    for c, name in enumerate(("cat", "dog")):
+    for _c, name in enumerate(("cat", "dog")):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
             height, width = 12 + 3 * i, 20 - 2 * i
@@ -69,7 +70,7 @@ def write_recordings(root: Path) -> None:
 def write_videos(root: Path, per_class: int = 2) -> None:
     """Random-noise MP4s (10 frames, 40x32) in two class folders."""
     rng = np.random.default_rng(1)
-    for c, name in enumerate(("walk", "wave")):
+    for _c, name in enumerate(("walk", "wave")):
         for i in range(per_class):
             frames = rng.integers(0, 256, (10, 32, 40, 3), dtype=np.uint8)
             write_mp4(frames, root / name / f"{i}.mp4", fps=10)
@@ -105,9 +106,14 @@ def write_tiny_vae(folder: Path, seed: int = 0, latent_channels: int = 4, **conf
     diffusers = pytest.importorskip("diffusers")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        vae = diffusers.AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4,
-                                      up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 8, 8, 8),
-                                      norm_num_groups=4, latent_channels=latent_channels, **config)
+        vae = diffusers.AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 8, 8, 8),
+            norm_num_groups=4,
+            latent_channels=latent_channels,
+            **config,
+        )
     with torch.no_grad():  # posterior std about 0.2, so that the two flips of an image stay apart in a sample
         vae.quant_conv.bias[latent_channels:] = -3.0
     vae.save_pretrained(folder)

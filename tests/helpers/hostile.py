@@ -1,4 +1,5 @@
 """Crafted files that would run code if anything unpickled them unsafely."""
+
 from __future__ import annotations
 
 from pathlib import Path

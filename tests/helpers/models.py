@@ -1,4 +1,5 @@
 """Tiny models, their inputs, and what tests observe in them."""
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,7 @@ def count_calls(module: torch.nn.Module, calls: list) -> None:
 
 def tiny_model(**kwargs) -> SelfFlowTransformer:
     torch.manual_seed(0)
-    args = dict(token_channels={"image": 12}, width=32, depth=3, heads=2, num_classes=10)
+    args = {"token_channels": {"image": 12}, "width": 32, "depth": 3, "heads": 2, "num_classes": 10}
     return SelfFlowTransformer(**{**args, **kwargs})
 
 

@@ -1,5 +1,6 @@
 """The released Self-Flow architecture re-stated from the facts of its layout (SiT-XL/2 style DiT with per-token
 adaLN, learn_sigma, (p q c) output, 1 - t, negated output): random weights in its layout and an independent forward."""
+
 from __future__ import annotations
 
 import math
@@ -42,12 +43,18 @@ class ReleasedDiT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid * grid, width), requires_grad=False)
         self.t_embedder = namespace(mlp=nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width)))
         self.y_embedder = namespace(embedding_table=nn.Embedding(classes + 1, width))
-        self.blocks = nn.ModuleList(namespace(
-            attn=namespace(qkv=nn.Linear(width, 3 * width), proj=nn.Linear(width, width)),
-            mlp=namespace(fc1=nn.Linear(width, 4 * width), fc2=nn.Linear(4 * width, width)),
-            adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))) for _ in range(depth))
-        self.final_layer = namespace(linear=nn.Linear(width, 2 * latent * patch * patch),
-                                     adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)))
+        self.blocks = nn.ModuleList(
+            namespace(
+                attn=namespace(qkv=nn.Linear(width, 3 * width), proj=nn.Linear(width, width)),
+                mlp=namespace(fc1=nn.Linear(width, 4 * width), fc2=nn.Linear(4 * width, width)),
+                adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width)),
+            )
+            for _ in range(depth)
+        )
+        self.final_layer = namespace(
+            linear=nn.Linear(width, 2 * latent * patch * patch),
+            adaLN_modulation=nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width)),
+        )
         self.projector = namespace(linear1=nn.Linear(width, 2 * width), linear2=nn.Linear(2 * width, width))
 
     def forward(self, x, t, y):
@@ -72,8 +79,11 @@ def reference_forward(state, x, t, y, heads=HEADS, patch=PATCH, latent=LATENT):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = levels[..., None] * freqs
     t_freq = torch.cat([torch.cos(args), torch.sin(args)], -1)
-    t_emb = F.linear(F.silu(F.linear(t_freq, state["t_embedder.mlp.0.weight"], state["t_embedder.mlp.0.bias"])),
-                     state["t_embedder.mlp.2.weight"], state["t_embedder.mlp.2.bias"])
+    t_emb = F.linear(
+        F.silu(F.linear(t_freq, state["t_embedder.mlp.0.weight"], state["t_embedder.mlp.0.bias"])),
+        state["t_embedder.mlp.2.weight"],
+        state["t_embedder.mlp.2.bias"],
+    )
     c = t_emb + state["y_embedder.embedding_table.weight"][y][:, None, :]
     h = F.linear(x, state["x_embedder.proj.weight"], state["x_embedder.proj.bias"]) + state["pos_embed"]
 
@@ -91,11 +101,15 @@ def reference_forward(state, x, t, y, heads=HEADS, patch=PATCH, latent=LATENT):
         attn = (weights @ v).transpose(1, 2).reshape(b, n, width)
         h = h + ga * F.linear(attn, state[p + "attn.proj.weight"], state[p + "attn.proj.bias"])
         m = norm(h) * (1 + cm) + sm
-        m = F.linear(F.gelu(F.linear(m, state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"]), approximate="tanh"),
-                     state[p + "mlp.fc2.weight"], state[p + "mlp.fc2.bias"])
+        m = F.linear(
+            F.gelu(F.linear(m, state[p + "mlp.fc1.weight"], state[p + "mlp.fc1.bias"]), approximate="tanh"),
+            state[p + "mlp.fc2.weight"],
+            state[p + "mlp.fc2.bias"],
+        )
         h = h + gm * m
-    shift, scale = F.linear(F.silu(c), state["final_layer.adaLN_modulation.1.weight"],
-                            state["final_layer.adaLN_modulation.1.bias"]).chunk(2, -1)
+    shift, scale = F.linear(
+        F.silu(c), state["final_layer.adaLN_modulation.1.weight"], state["final_layer.adaLN_modulation.1.bias"]
+    ).chunk(2, -1)
     out = F.linear(norm(h) * (1 + scale) + shift, state["final_layer.linear.weight"], state["final_layer.linear.bias"])
     out = out.reshape(b, n, patch, patch, 2 * latent).permute(0, 1, 4, 2, 3).reshape(b, n, -1)  # (p q c) -> (c p q)
     return -out[..., : latent * patch * patch]  # learn_sigma: the first half; the released forward negates

@@ -1,5 +1,6 @@
 """Runs of selfflow in tests: the tiny trained checkpoint, sampling and shard writing in-process, and training
 subprocesses killed and restarted (exact-resume checks)."""
+
 from __future__ import annotations
 
 import csv
@@ -30,9 +31,19 @@ def train_tiny_checkpoint(run_dir: Path) -> Path:
     last checkpoint."""
     from selfflow.training.build import build_run
 
-    run = build_run(compose_train(["trainer.max_steps=2", "tokenizer.image.patch_size=4", "~callbacks.samples",
-                                   "~callbacks.probe", "lr_warmup_steps=0", "optimizer.lr=0.01"],  # visibly trained
-                                  run_dir))
+    run = build_run(
+        compose_train(
+            [
+                "trainer.max_steps=2",
+                "tokenizer.image.patch_size=4",
+                "~callbacks.samples",
+                "~callbacks.probe",
+                "lr_warmup_steps=0",
+                "optimizer.lr=0.01",
+            ],  # visibly trained
+            run_dir,
+        )
+    )
     run.trainer.fit(run.module, datamodule=run.datamodule)
     return run_dir / "checkpoints" / "last.ckpt"
 
@@ -53,12 +64,18 @@ def exit_status(argv: list[str]) -> int:
 def start(args: list[str], cwd: Path, script: str | None = None) -> subprocess.Popen:
     """selfflow-train (or the Python `script`) with `args` in a subprocess."""
     command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "selfflow.cli.train", *args]
-    return subprocess.Popen(command, cwd=cwd, env={**os.environ, "WANDB_MODE": "offline"},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command,
+        cwd=cwd,
+        env={**os.environ, "WANDB_MODE": "offline"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> None:
-    out, err = process.communicate(timeout=timeout)
+    _out, err = process.communicate(timeout=timeout)
     assert process.returncode == 0, err[-3000:]
 
 
@@ -90,14 +107,23 @@ def assert_same_run(reference: Path, resumed: Path, max_steps: int = MAX_STEPS) 
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
 
+
 def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
-    """selfflow-train in a subprocess (tiny digits, 4 steps; each rank's state dumped under <run>/dump); its run folder."""
+    """selfflow-train in a subprocess (tiny digits, 4 steps; each rank's state dumped under <run>/dump); its run
+    folder."""
     run_dir = tmp_path / name
     exe = shutil.which("selfflow-train") or "selfflow-train"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    args = [*TINY, "trainer.max_steps=4", "callbacks.samples.every_n_steps=0", "callbacks.checkpoint.every_n_train_steps=4",
-            f"hydra.run.dir={run_dir}", f"+callbacks.dump._target_=tests.ddp_helpers.DumpRankState",
-            f"+callbacks.dump.out_dir={run_dir / 'dump'}", *overrides]
+    args = [
+        *TINY,
+        "trainer.max_steps=4",
+        "callbacks.samples.every_n_steps=0",
+        "callbacks.checkpoint.every_n_train_steps=4",
+        f"hydra.run.dir={run_dir}",
+        "+callbacks.dump._target_=tests.ddp_helpers.DumpRankState",
+        f"+callbacks.dump.out_dir={run_dir / 'dump'}",
+        *overrides,
+    ]
     result = subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir

@@ -1,5 +1,6 @@
 """Reading an offline wandb run's records (run-<id>.wandb: W&B's LevelDB-style log of protobuf records), since wandb
 has no public reader for it any more: tests check what a run sent to wandb from its own files."""
+
 from __future__ import annotations
 
 import json
@@ -21,8 +22,8 @@ def wandb_records(path: Path) -> list:
         if BLOCK - index % BLOCK < HEADER:  # the rest of a block is padding
             index += BLOCK - index % BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[index:index + HEADER])
-        chunk, index = data[index + HEADER:index + HEADER + length], index + HEADER + length
+        _, length, kind = struct.unpack("<IHB", data[index : index + HEADER])
+        chunk, index = data[index + HEADER : index + HEADER + length], index + HEADER + length
         if kind == 0 and length == 0:  # zero fill at the end of the file
             break
         parts = chunk if kind in (FULL, FIRST) else parts + chunk
@@ -46,6 +47,7 @@ def wandb_run(run_dir: Path) -> dict:
         elif kind == "config":
             run["config"].update({item.key: json.loads(item.value_json) for item in record.config.update})
         elif kind == "history":
-            run["history"].append({item.key or ".".join(item.nested_key): json.loads(item.value_json)
-                                   for item in record.history.item})
+            run["history"].append(
+                {item.key or ".".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+            )
     return run
