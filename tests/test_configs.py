@@ -97,7 +97,7 @@ def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
     for _ in range(3):  # a fill may need another: latent_cache -> an SD-VAE tokenizer -> its folder
         cfg = compose_train([*overrides, *extra], tmp_path / "compose", tiny=TINY_SIZES)
         wanted = []
-        if "root" in cfg.data and OmegaConf.is_missing(cfg.data, "root"):
+        if "root" in cfg.data.keys() and OmegaConf.is_missing(cfg.data, "root"):  # noqa: SIM118 - ??? is not `in`
             wanted.append(f"data.root={tmp_path / 'nothing'}")
         if has_captions(cfg.data) and "text" not in cfg.tokenizer:
             wanted.append("tokenizer=[image_pixels,video_tubelets,audio_mel,text_minilm]")
@@ -107,7 +107,7 @@ def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
             wanted += [
                 f"tokenizer.{modality}.{key}={tmp_path / 'none'}"
                 for key in ("vae", "autoencoder_path")
-                if key in spec and OmegaConf.is_missing(spec, key)
+                if key in spec.keys() and OmegaConf.is_missing(spec, key)  # noqa: SIM118 - ??? is not `in`
             ]
         extra += [w for w in wanted if w not in extra]
     return extra

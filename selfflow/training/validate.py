@@ -123,7 +123,7 @@ def check_tokenizers_take_geometry_from_the_data(cfg: DictConfig) -> None:
 
     for modality, spec in (cfg.get("tokenizer") or {}).items():
         for key in GEOMETRY_KEYS:
-            if key in spec:
+            if key in spec.keys():  # noqa: SIM118 - `in` on a DictConfig is False for a ??? value
                 raise ConfigError(
                     f"tokenizer.{modality}.{key} is set, but the tokenizer takes {key} from the data: "
                     f"remove it and set data.dataset.{key} (a mixture: data.sources.<modality>."
