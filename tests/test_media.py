@@ -106,7 +106,7 @@ def test_sample_callback_writes_playable_media_in_a_tiny_run(experiment, overrid
     if experiment == "audio_digits":
         pytest.importorskip("espeakng_loader")
     monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
-    cfg = compose_train([f"experiment={experiment}", *overrides, "+callbacks.samples.max_classes=3"], tmp_path / "run")
+    cfg = compose_train([f"experiment={experiment}", *overrides, "callbacks.samples.max_classes=3"], tmp_path / "run")
     run = build_run(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     folder = tmp_path / "run" / "samples" / ("video" if experiment == "video_digits" else "audio")

@@ -101,7 +101,7 @@ def point_vae_keys(config, folder: str | os.PathLike) -> None:
     """Every node of a run config (dict or DictConfig) that names the run's VAE, the latent tokenizers and the
     latent-cache data, points at `folder`."""
     data = config.get("data") or {}
-    for spec in [*(config.get("tokenizer") or {}).values(), *(data.get(split) for split in ("train", "test"))]:
+    for spec in [*(config.get("tokenizer") or {}).values(), data.get("dataset")]:
         if spec is not None and "vae" in spec:
             spec["vae"] = str(folder)
 
