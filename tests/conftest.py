@@ -19,7 +19,7 @@ TINY_SIZES = [
     "data.batch_size=8", "data.num_workers=0",
     "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.accelerator=cpu",
     "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
-    "~callbacks.progress", "callbacks.samples.steps=2", "callbacks.samples.samples_per_class=1",
+    "~callbacks.progress", "~callbacks.recognition", "callbacks.samples.steps=2", "callbacks.samples.samples_per_class=1",
     "callbacks.samples.every_n_steps=2", "callbacks.checkpoint.every_n_train_steps=2",
     "objective.student_layer=1", "objective.teacher_layer=2",
 ]
