@@ -11,9 +11,19 @@ import torch
 
 from selfflow.data.moving_digits import MovingDigits
 from selfflow.data.spoken_digits import SpokenDigits
-from selfflow.evaluation.recognition import (clear_share, format_recognition, in_memory, judge, recognised_share,
-                                             reference_key, train_reference)
-from selfflow.evaluation.reference_classifier import ReferenceCNN, load_reference_classifier
+from selfflow.evaluation.recognition import (
+    clear_share,
+    format_recognition,
+    in_memory,
+    judge,
+    recognised_share,
+    reference_key,
+    train_reference,
+)
+from selfflow.evaluation.reference_classifier import (
+    ReferenceCNN,
+    load_reference_classifier,
+)
 
 
 class Answers:
@@ -76,7 +86,7 @@ def test_video_reference_classifier_takes_clips_and_round_trips(tmp_path):
 
 @pytest.mark.slow
 def test_video_reference_classifier_learns_directions_from_a_small_set(tmp_path):
-    sizes = dict(clips_train=160, clips_test=80, cache_dir=str(tmp_path / "cache"))
+    sizes = {"clips_train": 160, "clips_test": 80, "cache_dir": str(tmp_path / "cache")}
     train, test = MovingDigits("train", label="direction", **sizes), MovingDigits("test", label="direction", **sizes)
     model, accuracy = train_reference(train, test, "video")
     assert accuracy > 0.5  # chance is 1/8: the classifier sees the motion, not just one frame
@@ -87,7 +97,7 @@ def test_video_reference_classifier_learns_directions_from_a_small_set(tmp_path)
 def test_built_in_spoken_digits_hold_whole_words_with_silence_at_both_edges(tmp_path):
     pytest.importorskip("espeakng_loader")
     torch.manual_seed(0)
-    sizes = dict(voices=["en+m1", "en+f3"], takes=3, test_takes=1, cache_dir=str(tmp_path / "cache"))
+    sizes = {"voices": ["en+m1", "en+f3"], "takes": 3, "test_takes": 1, "cache_dir": str(tmp_path / "cache")}
     words = SpokenDigits("train", **sizes)
     edge = 400  # 50 ms at 8 kHz
     for i, path in enumerate(words.paths):

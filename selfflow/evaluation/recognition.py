@@ -9,6 +9,7 @@ direction in a digit-conditioned run) gives a `clear` share (the classifier's to
 """
 from __future__ import annotations
 
+import importlib
 import json
 import math
 from collections.abc import Callable
@@ -26,6 +27,8 @@ from selfflow.evaluation.reference_classifier import (
     reference_input,
     train_reference_classifier,
 )
+from selfflow.sampling.generate import generate
+from selfflow.tokens import TEXT, Condition
 
 # the built-in data sets whose reference classifiers train in seconds, and the labels their samples are judged on
 JUDGED_LABELS = {
@@ -33,6 +36,7 @@ JUDGED_LABELS = {
     "selfflow.data.moving_digits.MovingDigits": ("digit", "direction"),
     "selfflow.data.spoken_digits.SpokenDigits": ("digit",),
 }
+DATASET_CLASSES = {target: target.rsplit(".", 1) for target in JUDGED_LABELS}  # the only classes ever built here
 CLEAR_PROBABILITY = 0.5
 CLASSIFIER_SETTINGS = {"version": 1, "width": 16, "epochs": 15, "batch_size": 32, "lr": 2e-3, "seed": 0}
 NOT_DATA_SETTINGS = ("_target_", "_partial_", "cache_dir", "on_bad_file", "split", "label")
@@ -101,6 +105,72 @@ def judge(classifiers: dict[str, Any], conditioned_on: str, samples: Tensor, lab
         else:
             entry[f"{label}_clear"] = clear_share(probs)
     return entry
+
+
+def dataset_configs(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """{modality: dataset config} of a run's resolved data config: each source of a mixture, or the one dataset."""
+    if "sources" in data:
+        return {modality: source["dataset"] for modality, source in data["sources"].items() if "dataset" in source}
+    return {data["modality"]: data["dataset"]} if "dataset" in data and "modality" in data else {}
+
+
+def judged_sets(data: dict[str, Any], modalities) -> dict[str, dict[str, Any]]:
+    """{modality: dataset config} of the built-in digit sets among a run's data, for the generated `modalities`."""
+    return {m: c for m, c in dataset_configs(data).items()
+            if m in modalities and isinstance(c, dict) and c.get("_target_") in JUDGED_LABELS}
+
+
+def built_in_dataset(dataset_config: dict[str, Any], split: str, label: str) -> Dataset:
+    """One split of a built-in digit set (a `JUDGED_LABELS` class, nothing else), labelled by `label`."""
+    module_name, class_name = DATASET_CLASSES[dataset_config["_target_"]]
+    options = {k: v for k, v in dataset_config.items() if k not in ("_target_", "_partial_", "split", "label")}
+    if "label" in dataset_config:
+        options["label"] = label
+    return getattr(importlib.import_module(module_name), class_name)(split=split, **options)
+
+
+def reference_classifiers(modality: str, dataset_config: dict[str, Any], cache_dir: str | None,
+                          log: Callable[[str], None] = print) -> tuple[dict[str, ReferenceCNN], dict[str, Any]]:
+    """({label: reference classifier}, {label: its test accuracy}) for one built-in set, trained the first time."""
+    classifiers, accuracies = {}, {}
+    for label in JUDGED_LABELS[dataset_config["_target_"]]:
+        def train(label=label):
+            log(f"recognition: training the {modality} reference classifier for {label} (once; cached)")
+            return train_reference(built_in_dataset(dataset_config, "train", label),
+                                   built_in_dataset(dataset_config, "test", label), modality)
+
+        with torch.random.fork_rng(devices=[]):
+            classifiers[label], accuracies[label] = cached_reference(reference_key(dataset_config, label), train,
+                                                                     cache_dir)
+    return classifiers, accuracies
+
+
+@torch.no_grad()
+def class_samples(model, tokenizer, labels: Tensor, steps: int, cfg_scale: float, seed: int,
+                  batch_size: int = 100) -> Tensor:
+    """Decoded samples [B, ...] of `labels` [B] (Euler ODE), `batch_size` at a time, noise fixed by `seed`."""
+    device = next(model.parameters()).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    parts = [generate(model, tokenizer, Condition(labels=part), steps=steps, cfg_scale=cfg_scale,
+                      generator=generator) for part in labels.split(batch_size)]
+    return torch.cat([part.float().cpu() for part in parts])
+
+
+def measure_recognition(model, tokenizers: dict[str, Any], data: dict[str, Any], samples_per_class: int = 10,
+                        steps: int = 50, cfg_scale: float = 1.0, seed: int = 1, cache_dir: str | None = None,
+                        batch_size: int = 100, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """recognition.json: per judged modality of a class-conditional model, its shares (`judge`) over
+    `samples_per_class` samples of every class, the reference classifiers' test accuracies and the sampler."""
+    report = {}
+    if model.num_classes == 0 or TEXT in tokenizers:
+        return report
+    for modality, dataset_config in judged_sets(data, tokenizers).items():
+        classifiers, accuracies = reference_classifiers(modality, dataset_config, cache_dir, log)
+        labels = torch.arange(model.num_classes).repeat_interleave(samples_per_class)
+        samples = class_samples(model, tokenizers[modality], labels, steps, cfg_scale, seed, batch_size)
+        report[modality] = {**judge(classifiers, dataset_config.get("label", "digit"), samples, labels),
+                            "reference_test_accuracy": accuracies, "steps": steps, "cfg_scale": cfg_scale}
+    return report
 
 
 def percent(share: float) -> str:
