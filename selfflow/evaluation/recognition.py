@@ -120,12 +120,15 @@ def judged_sets(data: dict[str, Any], modalities) -> dict[str, dict[str, Any]]:
             if m in modalities and isinstance(c, dict) and c.get("_target_") in JUDGED_LABELS}
 
 
-def built_in_dataset(dataset_config: dict[str, Any], split: str, label: str) -> Dataset:
-    """One split of a built-in digit set (a `JUDGED_LABELS` class, nothing else), labelled by `label`."""
+def built_in_dataset(dataset_config: dict[str, Any], split: str, label: str, cache_dir: str | None) -> Dataset:
+    """One split of a built-in digit set (a `JUDGED_LABELS` class, nothing else), labelled by `label`, made in
+    `cache_dir` (the caller's, never a path from the config)."""
     module_name, class_name = DATASET_CLASSES[dataset_config["_target_"]]
-    options = {k: v for k, v in dataset_config.items() if k not in ("_target_", "_partial_", "split", "label")}
+    options = {k: v for k, v in dataset_config.items() if k not in NOT_DATA_SETTINGS}
     if "label" in dataset_config:
         options["label"] = label
+    if "cache_dir" in dataset_config:
+        options["cache_dir"] = cache_dir
     return getattr(importlib.import_module(module_name), class_name)(split=split, **options)
 
 
@@ -136,8 +139,8 @@ def reference_classifiers(modality: str, dataset_config: dict[str, Any], cache_d
     for label in JUDGED_LABELS[dataset_config["_target_"]]:
         def train(label=label):
             log(f"recognition: training the {modality} reference classifier for {label} (once; cached)")
-            return train_reference(built_in_dataset(dataset_config, "train", label),
-                                   built_in_dataset(dataset_config, "test", label), modality)
+            return train_reference(built_in_dataset(dataset_config, "train", label, cache_dir),
+                                   built_in_dataset(dataset_config, "test", label, cache_dir), modality)
 
         with torch.random.fork_rng(devices=[]):
             classifiers[label], accuracies[label] = cached_reference(reference_key(dataset_config, label), train,
