@@ -48,11 +48,13 @@ def copy_outputs(run_dir: Path, out: Path, timing: dict | None) -> None:
 def judge_checkpoint(ckpt: Path, cfg_scales: list[float], steps: list[int], samples_per_class: int) -> None:
     """Print the recognition shares of `ckpt`'s EMA samples for every (steps, cfg_scale): for your own runs (the
     built-in data sets are made with the sizes the checkpoint's config gives, into $SELFFLOW_CACHE)."""
+    from omegaconf import OmegaConf
+
     from selfflow.evaluation.recognition import format_recognition, measure_recognition
     from selfflow.interop.checkpoint import load_checkpoint
 
     loaded = load_checkpoint(ckpt)
-    data = loaded.config.get("data")
+    data = OmegaConf.to_container(loaded.config.data)
     for count in steps:
         for scale in cfg_scales:
             report = measure_recognition(loaded.model, loaded.tokenizers, data, samples_per_class, count, scale)
