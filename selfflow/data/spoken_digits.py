@@ -17,6 +17,7 @@ from selfflow.data.cache import cached_folder
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VOICES = ("en+m1", "en+m3", "en+m7", "en+f1", "en+f3", "en+f4", "en-us+m2", "en-us+f2")
 LABELS = ("digit", "voice")
+PLACEMENTS = ("centre", "random")
 NAME_PATTERN = "{digit}_{voice}_{index}"
 
 
@@ -54,6 +55,10 @@ class SpokenDigits(AudioFolder):
 
     Made on first use (well under a second per thousand words) into `<cache_dir>/spoken_digits/<parameters hash>`;
     needs the espeakng-loader package only then.
+
+    placement: where a word shorter than the clip sits in it, in every split: `centre` (each clip holds the whole
+    word with silence at both edges, so a generator learns one word per clip) or `random` (training clips at a
+    random offset, a word may touch an edge). A word longer than the clip is cropped either way.
     """
 
     def __init__(
@@ -68,11 +73,14 @@ class SpokenDigits(AudioFolder):
         seed: int = 0,
         cache_dir: str | None = None,
         on_bad_file: str = "skip",
+        placement: str = "centre",
     ):
         if label not in LABELS:
             raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
         if not 0 < test_takes < takes:
             raise ValueError(f"data.dataset.test_takes={test_takes} must be between 1 and takes - 1 = {takes - 1}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"data.dataset.placement={placement!r} is unknown; choose one of {PLACEMENTS}")
         voices = list(voices)
         parameters = {
             "version": 1,
@@ -97,3 +105,4 @@ class SpokenDigits(AudioFolder):
             name_pattern=NAME_PATTERN,
             label_field=label,
         )
+        self.random_crop = self.random_crop and placement == "random"

@@ -2,8 +2,9 @@
 
 Trained once per labelled dataset (`selfflow-reference`) and saved as `model.safetensors` +
 `config.json`, so that Frechet distance and classifier accuracy of class-conditional samples need no downloaded
-network. For audio the same CNN reads a fixed log-mel image of each waveform (`MelImage`), so generated
-recordings are judged like generated images. Any other local extractor with `features(images) -> [B, D]` (and
+network. For audio the same CNN reads a fixed log-mel image of each waveform (`MelImage`), and for video the
+frames stacked as channels (`FrameStack`, so the first convolution sees the motion), so generated recordings and
+clips are judged like generated images. Any other local extractor with `features(images) -> [B, D]` (and
 optionally `logits(images)`) plugs into `selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
 """
 
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -82,9 +84,29 @@ class MelImage(nn.Module):
         }
 
 
+class FrameStack(nn.Module):
+    """Clips [B, T, C, H, W] -> images [B, T C, H, W]: the frames as channels (a fixed transform, no weights)."""
+
+    def __init__(self, num_frames: int):
+        super().__init__()
+        self.num_frames = num_frames
+
+    def forward(self, clips: Tensor) -> Tensor:
+        if clips.ndim != 5 or clips.shape[1] != self.num_frames:
+            raise ValueError(
+                f"the video reference classifier takes clips [B, {self.num_frames}, C, H, W], got {list(clips.shape)}"
+            )
+        return rearrange(clips, "b t c h w -> b (t c) h w")
+
+    def config(self) -> dict[str, Any]:
+        return {"num_frames": self.num_frames}
+
+
 class ReferenceCNN(nn.Module):
     """Compact CNN: three conv stages (width, 2 width, 4 width), global average pool -> features [B, 4 width] ->
     linear classifier. Takes [B, C, H, W] in [0, 1]; other sizes and grey/RGB are adapted on the way in.
+    audio: `MelImage` settings (waves in, instead of images); video: `FrameStack` settings (clips in; then
+    `channels` is frames x clip channels).
     """
 
     def __init__(
@@ -95,10 +117,13 @@ class ReferenceCNN(nn.Module):
         width: int = 16,
         class_names: list[str] | None = None,
         audio: dict[str, int] | None = None,
+        video: dict[str, int] | None = None,
     ):
         super().__init__()
-        self.front = MelImage(**audio) if audio else None  # waves in, instead of images
-        self.modality = "audio" if audio else "image"
+        if audio and video:
+            raise ValueError("a reference classifier reads waves (audio) or clips (video), not both")
+        self.front = MelImage(**audio) if audio else FrameStack(**video) if video else None
+        self.modality = "audio" if audio else "video" if video else "image"
         if num_classes < 2:
             raise ValueError(f"a reference classifier needs a labelled dataset with >= 2 classes, got {num_classes}")
         self.num_classes, self.channels, self.image_size, self.width = num_classes, channels, image_size, width
@@ -121,7 +146,8 @@ class ReferenceCNN(nn.Module):
         return 4 * self.width
 
     def prepare(self, inputs: Tensor) -> Tensor:
-        """Images [B, C, H, W] in [0, 1] (or waves [B, (1,) S] for audio) -> [B, channels, S, S] in [0, 1]."""
+        """Images [B, C, H, W] in [0, 1] (waves [B, (1,) S] for audio, clips [B, T, C, H, W] for video) ->
+        [B, channels, S, S] in [0, 1]."""
         inputs = inputs.to(self.head.weight.device, torch.float32)
         if self.front is not None:
             inputs = self.front(inputs)
@@ -131,7 +157,7 @@ class ReferenceCNN(nn.Module):
         return self.body(images * 2 - 1)
 
     def features(self, inputs: Tensor) -> Tensor:
-        """Images [B, C, H, W] in [0, 1] (waves for audio) -> [B, 4 width]."""
+        """Images [B, C, H, W] in [0, 1] (waves for audio, clips for video) -> [B, 4 width]."""
         return self.features_of_prepared(self.prepare(inputs))
 
     def logits(self, images: Tensor) -> Tensor:
@@ -148,7 +174,7 @@ class ReferenceCNN(nn.Module):
             "width": self.width,
             "class_names": self.class_names,
             "modality": self.modality,
-            "audio": self.front.config() if self.front is not None else None,
+            **{kind: self.front.config() if self.modality == kind else None for kind in ("audio", "video")},
         }
 
     def save(self, folder: str | os.PathLike, **info: Any) -> Path:
@@ -185,6 +211,7 @@ def load_reference_classifier(path: str | os.PathLike, device: str | torch.devic
         config["width"],
         config.get("class_names"),
         config.get("audio"),
+        config.get("video"),
     )
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
@@ -229,14 +256,15 @@ def train_reference_classifier(
     class_names: list[str] | None = None,
     log=print,
     audio: dict[str, int] | None = None,
+    video: dict[str, int] | None = None,
 ) -> tuple[ReferenceCNN, float | None]:
     """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its test accuracy.
 
     audio: `MelImage` settings when the datasets give waves (then `channels` is 1 and `image_size` the square the
-    log-mel image is resized to)."""
+    log-mel image is resized to); video: `FrameStack` settings when they give clips."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = ReferenceCNN(num_classes, channels, image_size, width, class_names, audio).to(device)
+    model = ReferenceCNN(num_classes, channels, image_size, width, class_names, audio, video).to(device)
     loader = DataLoader(
         train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size, generator=generator
     )
@@ -259,16 +287,23 @@ def train_reference_classifier(
 
 def reference_input(dataset: Dataset, modality: str) -> dict[str, Any]:
     """What the classifier reads, from the dataset's own geometry: images as they are ([C, S, S]); recordings as a
-    fixed 32 x 32 log-mel image of `num_samples` at `sample_rate` (`MelImage`)."""
+    fixed 32 x 32 log-mel image of `num_samples` at `sample_rate` (`MelImage`); clips with their frames stacked as
+    channels ([T C, S, S], `FrameStack`)."""
     if modality == "image":
-        return {"channels": int(dataset.channels), "image_size": int(dataset.image_size), "audio": None}
+        return {"channels": int(dataset.channels), "image_size": int(dataset.image_size)}
     if modality == "audio":
         return {
             "channels": 1,
             "image_size": 32,
             "audio": {"sample_rate": int(dataset.sample_rate), "num_samples": int(dataset.num_samples)},
         }
+    if modality == "video":
+        return {
+            "channels": int(dataset.num_frames) * int(dataset.channels),
+            "image_size": int(dataset.image_size),
+            "video": {"num_frames": int(dataset.num_frames)},
+        }
     raise ValueError(
-        f"the reference classifier judges images or audio; this data gives {modality!r} samples "
-        f"(for a multi-modal run pick one: experiment=digits or experiment=audio_digits)"
+        f"the reference classifier judges images, video or audio; this data gives {modality!r} samples "
+        f"(for a multi-modal run pick one: experiment=digits, video_digits or audio_digits)"
     )

@@ -21,6 +21,7 @@ TINY_SIZES = [
     "trainer.enable_progress_bar=false",
     "trainer.enable_model_summary=false",
     "~callbacks.progress",
+    "~callbacks.recognition",
     "callbacks.samples.steps=2",
     "callbacks.samples.samples_per_class=1",
     "callbacks.samples.every_n_steps=2",
