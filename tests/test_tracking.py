@@ -439,4 +439,4 @@ def test_help_lists_each_key_of_the_main_groups_with_its_comment():
     lines = {line.split()[0]: line for line in text.splitlines()}
     assert "weight of the representation loss" in lines["objective.gamma=0.5"]  # the composed value, the comment
     assert "the lr reached at decay_steps" in lines["lr_schedule.min_lr=0.0"]  # the chosen option's own keys
-    assert "every random draw" in lines["seed=0"] and "callbacks.samples.cfg_scale=2.0" in lines
+    assert "every random draw" in lines["seed=0"] and "callbacks.samples.cfg_scale=6.0" in lines
