@@ -11,25 +11,11 @@ from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.resume import newest_valid_checkpoint
 from tests.helpers.configs import SMALL_JOINT, TINY
 from tests.helpers.files import write_noise_images
-from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, losses, start
+from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, losses, resume_run_args, start
 
 
 def train_args(images: Path, run_dir: Path, workers: int, *extra: str) -> list[str]:
-    return [
-        *TINY,
-        "data=image_folder",
-        f"data.root={images}",
-        "data.dataset.image_size=8",
-        "data.dataset.hflip=true",
-        "tokenizer.image.patch_size=2",
-        f"data.num_workers={workers}",
-        f"trainer.max_steps={MAX_STEPS}",
-        f"callbacks.checkpoint.every_n_train_steps={EVERY}",
-        "callbacks.samples.every_n_steps=0",
-        "seed=7",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return resume_run_args(["data=image_folder"], images, run_dir, workers, *extra)
 
 
 @pytest.fixture(scope="module")

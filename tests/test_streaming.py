@@ -18,9 +18,9 @@ from selfflow.data.shard_sources import ObjectStore, ObjectStoreError
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
 from selfflow.training.datamodule import SelfFlowDataModule
-from tests.helpers.configs import TINY, compose_train
+from tests.helpers.configs import compose_train
 from tests.helpers.files import write_images, write_noise_images, write_recordings, write_videos
-from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, start
+from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, resume_run_args, start
 
 BUCKET = "selfflow-test"
 
@@ -230,21 +230,7 @@ def shard_run_args(root: str, run_dir: Path, workers: int, *extra: str, endpoint
         if endpoint is None
         else ["data=image_stream", f"data.dataset.store.endpoint_url={endpoint}"]
     )
-    return [
-        *TINY,
-        *data,
-        f"data.root={root}",
-        "data.dataset.image_size=8",
-        "data.dataset.hflip=true",
-        "tokenizer.image.patch_size=2",
-        f"data.num_workers={workers}",
-        f"trainer.max_steps={MAX_STEPS}",
-        f"callbacks.checkpoint.every_n_train_steps={EVERY}",
-        "callbacks.samples.every_n_steps=0",
-        "seed=7",
-        f"hydra.run.dir={run_dir}",
-        *extra,
-    ]
+    return resume_run_args(data, root, run_dir, workers, *extra)
 
 
 @pytest.mark.slow

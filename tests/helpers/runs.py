@@ -127,3 +127,22 @@ def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
     result = subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
+
+
+def resume_run_args(data: list[str], root, run_dir: Path, workers: int, *extra: str) -> list[str]:
+    """The exact-resume run (8x8 images with flips, MAX_STEPS steps, a checkpoint every EVERY) on `data` at `root`."""
+    return [
+        *TINY,
+        *data,
+        f"data.root={root}",
+        "data.dataset.image_size=8",
+        "data.dataset.hflip=true",
+        "tokenizer.image.patch_size=2",
+        f"data.num_workers={workers}",
+        f"trainer.max_steps={MAX_STEPS}",
+        f"callbacks.checkpoint.every_n_train_steps={EVERY}",
+        "callbacks.samples.every_n_steps=0",
+        "seed=7",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
