@@ -218,6 +218,24 @@ def test_moving_digits_are_real_mp4s_with_digit_and_direction_labels(tmp_path):
     assert np.sign(round(float(ys[-1] - ys[0]))) == dy and np.sign(round(float(xs[-1] - xs[0]))) == dx
 
 
+def test_moving_digits_are_decoded_once_and_served_from_memory(tmp_path, monkeypatch):
+    from selfflow.data import moving_digits
+
+    sizes = {"clips_train": 6, "clips_test": 2, "cache_dir": str(tmp_path / "cache")}
+    read_each_time = MovingDigits("train", preload=False, **sizes)
+    preloaded = MovingDigits("train", **sizes)
+    assert preloaded.clips.shape == (6, 8, 1, 16, 16)
+    for path in preloaded.paths:
+        path.write_bytes(b"")  # the files are no longer read: every clip is in memory
+    for i in range(6):
+        clip, label = preloaded[i]
+        assert torch.equal(clip, preloaded.clips[i]) and label == preloaded.labels[i]
+    assert read_each_time[0] is None  # (the same emptied file, read again: skipped)
+    monkeypatch.setattr(moving_digits, "PRELOAD_BYTES", 5 * 8 * 16 * 16 * 4)  # 5 clips' worth: 6 are too many
+    too_many = MovingDigits("train", **{**sizes, "cache_dir": str(tmp_path / "other")})
+    assert too_many.clips is None and torch.equal(too_many[0][0], preloaded.clips[0])  # read from its file
+
+
 def test_moving_digits_cache_is_written_once_and_keyed_by_parameters(tmp_path):
     sizes = {"clips_train": 6, "clips_test": 2, "cache_dir": str(tmp_path / "cache")}
     first = MovingDigits("train", **sizes)

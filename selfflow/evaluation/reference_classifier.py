@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
+from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -75,6 +75,9 @@ class MelImage(nn.Module):
         log_mel = torch.log(self.mel(waves.float()) + 1e-4)[:, None, :, : self.frames]  # [B, 1, n_mels, frames]
         return ((log_mel - self.LOG_FLOOR) / (self.LOG_CEILING - self.LOG_FLOOR)).clamp(0, 1)
 
+    def pool(self, features: Tensor) -> Tensor:
+        return features
+
     def config(self) -> dict[str, Any]:
         return {
             "sample_rate": self.sample_rate,
@@ -85,28 +88,60 @@ class MelImage(nn.Module):
 
 
 class FrameStack(nn.Module):
-    """Clips [B, T, C, H, W] -> images [B, T C, H, W]: the frames as channels (a fixed transform, no weights)."""
+    """Clips [B, T, C, H, W] -> images [B, T C, H, W]: the frames as channels (a fixed transform, no weights), so
+    the first convolution sees the motion. `pool` leaves the features as they are."""
 
     def __init__(self, num_frames: int):
         super().__init__()
         self.num_frames = num_frames
 
-    def forward(self, clips: Tensor) -> Tensor:
+    def check(self, clips: Tensor) -> None:
         if clips.ndim != 5 or clips.shape[1] != self.num_frames:
             raise ValueError(
                 f"the video reference classifier takes clips [B, {self.num_frames}, C, H, W], got {list(clips.shape)}"
             )
+
+    def forward(self, clips: Tensor) -> Tensor:
+        self.check(clips)
         return rearrange(clips, "b t c h w -> b (t c) h w")
+
+    def pool(self, features: Tensor) -> Tensor:
+        return features
 
     def config(self) -> dict[str, Any]:
         return {"num_frames": self.num_frames}
 
 
+class EachFrame(FrameStack):
+    """Clips [B, T, C, H, W] -> images [B T, C, H, W]: every frame read alone, and `pool` averages the frames'
+    features [B T, D] -> [B, D], so a clip is judged by what all its frames show (what it depicts, not how it
+    moves)."""
+
+    def forward(self, clips: Tensor) -> Tensor:
+        self.check(clips)
+        return rearrange(clips, "b t c h w -> (b t) c h w")
+
+    def pool(self, features: Tensor) -> Tensor:
+        return reduce(features, "(b t) d -> b d", "mean", t=self.num_frames)
+
+    def config(self) -> dict[str, Any]:
+        return {"num_frames": self.num_frames, "frames": "each"}
+
+
+VIDEO_FRONTS = {"stacked": FrameStack, "each": EachFrame}  # video={"frames": ...}: how a clip's frames are read
+
+
+def video_front(num_frames: int, frames: str = "stacked") -> FrameStack:
+    if frames not in VIDEO_FRONTS:
+        raise ValueError(f"video frames={frames!r} is unknown; choose one of {sorted(VIDEO_FRONTS)}")
+    return VIDEO_FRONTS[frames](num_frames)
+
+
 class ReferenceCNN(nn.Module):
     """Compact CNN: three conv stages (width, 2 width, 4 width), global average pool -> features [B, 4 width] ->
     linear classifier. Takes [B, C, H, W] in [0, 1]; other sizes and grey/RGB are adapted on the way in.
-    audio: `MelImage` settings (waves in, instead of images); video: `FrameStack` settings (clips in; then
-    `channels` is frames x clip channels).
+    audio: `MelImage` settings (waves in, instead of images); video: `video_front` settings (clips in): frames
+    "stacked" as channels (then `channels` is frames x clip channels) or "each" read alone and pooled.
     """
 
     def __init__(
@@ -117,12 +152,12 @@ class ReferenceCNN(nn.Module):
         width: int = 16,
         class_names: list[str] | None = None,
         audio: dict[str, int] | None = None,
-        video: dict[str, int] | None = None,
+        video: dict[str, Any] | None = None,
     ):
         super().__init__()
         if audio and video:
             raise ValueError("a reference classifier reads waves (audio) or clips (video), not both")
-        self.front = MelImage(**audio) if audio else FrameStack(**video) if video else None
+        self.front = MelImage(**audio) if audio else video_front(**video) if video else None
         self.modality = "audio" if audio else "video" if video else "image"
         if num_classes < 2:
             raise ValueError(f"a reference classifier needs a labelled dataset with >= 2 classes, got {num_classes}")
@@ -147,14 +182,19 @@ class ReferenceCNN(nn.Module):
 
     def prepare(self, inputs: Tensor) -> Tensor:
         """Images [B, C, H, W] in [0, 1] (waves [B, (1,) S] for audio, clips [B, T, C, H, W] for video) ->
-        [B, channels, S, S] in [0, 1]."""
+        [B', channels, S, S] in [0, 1] (B' = B T for frames read each alone)."""
         inputs = inputs.to(self.head.weight.device, torch.float32)
-        if self.front is not None:
-            inputs = self.front(inputs)
-        return match_images(inputs, self.channels, self.image_size)
+        return self.prepare_images(self.front(inputs) if self.front is not None else inputs)
+
+    def prepare_images(self, images: Tensor) -> Tensor:
+        """Images [B, C, H, W] as the front gives them (or single frames) -> [B, channels, S, S]."""
+        return match_images(images.to(self.head.weight.device, torch.float32), self.channels, self.image_size)
 
     def features_of_prepared(self, images: Tensor) -> Tensor:
-        return self.body(images * 2 - 1)
+        """images: [B', channels, S, S] as `prepare` gives them -> features [B, 4 width] (a clip's frames read
+        alone are pooled into one)."""
+        features = self.body(images * 2 - 1)
+        return features if self.front is None else self.front.pool(features)
 
     def features(self, inputs: Tensor) -> Tensor:
         """Images [B, C, H, W] in [0, 1] (waves for audio, clips for video) -> [B, 4 width]."""
@@ -230,6 +270,21 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
     return padded[..., max_shift + dy : max_shift + dy + h, max_shift + dx : max_shift + dx + w]
 
 
+class FramesOf(Dataset):
+    """The frames of a clip dataset as samples of their own: item i is frame i % T of clip i // T ([C, H, W]),
+    labelled as its clip."""
+
+    def __init__(self, clips: Dataset, num_frames: int):
+        self.clips, self.num_frames = clips, num_frames
+
+    def __len__(self) -> int:
+        return len(self.clips) * self.num_frames
+
+    def __getitem__(self, i: int):
+        clip, label = self.clips[i // self.num_frames]
+        return clip[i % self.num_frames], label
+
+
 @torch.no_grad()
 def accuracy(model: ReferenceCNN, dataset: Dataset, batch_size: int = 256) -> float:
     model.eval()
@@ -261,10 +316,15 @@ def train_reference_classifier(
     """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its test accuracy.
 
     audio: `MelImage` settings when the datasets give waves (then `channels` is 1 and `image_size` the square the
-    log-mel image is resized to); video: `FrameStack` settings when they give clips."""
+    log-mel image is resized to); video: `video_front` settings when they give clips (frames read "each" alone
+    are learnt as samples of their own: then `batch_size` counts frames)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = ReferenceCNN(num_classes, channels, image_size, width, class_names, audio, video).to(device)
+    prepare = model.prepare
+    if isinstance(model.front, EachFrame):  # learn from frames of many clips per batch (a batch of a few clips'
+        train_set = FramesOf(train_set, model.front.num_frames)  # frames barely learns), judge whole clips
+        prepare = model.prepare_images
     loader = DataLoader(
         train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size, generator=generator
     )
@@ -273,8 +333,8 @@ def train_reference_classifier(
     for epoch in range(epochs):
         model.train()
         for images, labels in loader:
-            images = random_shift(model.prepare(images), max_shift, generator)
-            logits = model.head(model.features_of_prepared(images))
+            images = random_shift(prepare(images), max_shift, generator)
+            logits = model.head(model.body(images * 2 - 1))
             loss = F.cross_entropy(logits, torch.as_tensor(labels, device=device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -285,10 +345,11 @@ def train_reference_classifier(
     return model.eval(), test_accuracy
 
 
-def reference_input(dataset: Dataset, modality: str) -> dict[str, Any]:
+def reference_input(dataset: Dataset, modality: str, video_frames: str = "stacked") -> dict[str, Any]:
     """What the classifier reads, from the dataset's own geometry: images as they are ([C, S, S]); recordings as a
     fixed 32 x 32 log-mel image of `num_samples` at `sample_rate` (`MelImage`); clips with their frames stacked as
-    channels ([T C, S, S], `FrameStack`)."""
+    channels ([T C, S, S], `FrameStack`: motion) or, video_frames="each", every frame alone ([C, S, S],
+    `EachFrame`: what the frames show)."""
     if modality == "image":
         return {"channels": int(dataset.channels), "image_size": int(dataset.image_size)}
     if modality == "audio":
@@ -298,10 +359,12 @@ def reference_input(dataset: Dataset, modality: str) -> dict[str, Any]:
             "audio": {"sample_rate": int(dataset.sample_rate), "num_samples": int(dataset.num_samples)},
         }
     if modality == "video":
+        front = video_front(int(dataset.num_frames), video_frames)
+        frames_in_channels = 1 if isinstance(front, EachFrame) else int(dataset.num_frames)
         return {
-            "channels": int(dataset.num_frames) * int(dataset.channels),
+            "channels": frames_in_channels * int(dataset.channels),
             "image_size": int(dataset.image_size),
-            "video": {"num_frames": int(dataset.num_frames)},
+            "video": front.config(),
         }
     raise ValueError(
         f"the reference classifier judges images, video or audio; this data gives {modality!r} samples "
