@@ -123,3 +123,29 @@ def test_sample_callback_writes_playable_media_in_a_tiny_run(experiment, overrid
         samples, rate = soundfile.read(waves[0])
         assert rate == 8000 and samples.shape == (8000,) and np.isfinite(samples).all()
     assert list((tmp_path / "cache").iterdir())  # the built-in data went to the cache, not the repository
+
+
+def test_the_end_samples_are_the_last_steps_copied_when_that_step_just_made_them(tmp_path, monkeypatch):
+    from selfflow.training import callbacks
+
+    calls = []
+    sample = callbacks.generate
+    monkeypatch.setattr(callbacks, "generate", lambda *args, **kwargs: calls.append(1) or sample(*args, **kwargs))
+    monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
+    cfg = compose_train(
+        [
+            "experiment=video_digits",
+            "data.dataset.clips_train=24",
+            "data.dataset.clips_test=4",
+            "trainer.max_steps=2",
+            "callbacks.samples.max_classes=2",
+        ],
+        tmp_path / "run",
+    )
+    run = build_run(cfg)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    folder = tmp_path / "run" / "samples" / "video"
+    assert len(calls) == 1  # step 2 was sampled, the end was not sampled again
+    assert (folder / "final.png").read_bytes() == (folder / "step_0000002.png").read_bytes()
+    clips = sorted(p.name for p in (folder / "final").iterdir())
+    assert clips == ["0_0.mp4", "1_0.mp4"] == sorted(p.name for p in (folder / "step_0000002").iterdir())

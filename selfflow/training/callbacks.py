@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
+import shutil
 from pathlib import Path
 
 import lightning as L
@@ -36,7 +37,8 @@ def file_stem(text: str, max_bytes: int = MAX_STEM_BYTES) -> str:
 
 class SampleGrid(L.Callback):
     """Every `every_n_steps` optimizer steps (and at the end), sample from the EMA model with an Euler ODE and
-    save them under `<run_dir>/samples/<modality>/`, named `step_XXXXXXX` (or `final`):
+    save them under `<run_dir>/samples/<modality>/`, named `step_XXXXXXX` (or `final`: a copy of the last step's
+    when they were just made):
     image: a PNG grid, one row per class when the model is class-conditional;
     video: a PNG strip (one row of frames per clip) and one MP4 per clip in a folder of the same name;
     audio: a PNG of the spectrograms and one WAV per clip in a folder of the same name.
@@ -147,5 +149,26 @@ class SampleGrid(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         save_end_of_run(trainer)  # the final checkpoint first: a failure while sampling must not lose it
         if trainer.is_global_zero and not sharded_over_ranks(trainer, "sample grids"):
-            for path in self.write(trainer, module, "final"):
+            if self._last_step == trainer.global_step:  # the same weights and noise: the same samples
+                paths = self.copy_as(self.written_at_last_step, f"step_{self._last_step:07d}", "final")
+            else:
+                paths = self.write(trainer, module, "final")
+            for path in paths:
                 log.info("samples: %s", path)
+
+    @property
+    def written_at_last_step(self) -> list[Path]:
+        name = f"step_{self._last_step:07d}"
+        return [p for p in self.written if name in (p.stem, p.parent.name)]
+
+    def copy_as(self, paths: list[Path], name: str, new_name: str) -> list[Path]:
+        """Copies of the files `paths` named `name` (a picture `<name>.png`, or a file in the folder `<name>/`)
+        under `new_name`."""
+        copies = []
+        for path in paths:
+            copy = path.with_stem(new_name) if path.stem == name else path.parent.with_name(new_name) / path.name
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, copy)
+            copies.append(copy)
+        self.written += copies
+        return copies
