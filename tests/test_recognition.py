@@ -159,3 +159,19 @@ def test_a_small_joint_run_reports_all_three_shares(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "samples recognised by the reference classifiers" in printed and "  audio: " in printed
     assert len(list((tmp_path / "cache" / "reference_classifiers").glob("*/model.safetensors"))) == 4
+
+
+def test_a_built_in_set_larger_than_the_limits_is_refused_before_anything_is_made(tmp_path):
+    from selfflow.evaluation.recognition import built_in_dataset
+
+    for target, sizes in (
+        ("selfflow.data.moving_digits.MovingDigits", {"clips_train": 10**9}),
+        ("selfflow.data.spoken_digits.SpokenDigits", {"voices": ["en+m1"] * 1000}),
+        ("selfflow.data.digits.DigitImages", {"image_size": 10**6}),
+    ):
+        key = next(iter(sizes))
+        with pytest.raises(ValueError, match=f"built-in set with {key}="):
+            built_in_dataset({"_target_": target, **sizes}, "train", "digit", str(tmp_path / "cache"))
+    assert not (tmp_path / "cache").exists()
+    small = built_in_dataset({"_target_": "selfflow.data.digits.DigitImages", "image_size": 8}, "test", "digit", None)
+    assert small[0][0].shape == (1, 8, 8)

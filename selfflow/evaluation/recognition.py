@@ -44,6 +44,20 @@ JUDGED_LABELS = {
 }
 DATASET_CLASSES = {target: target.rsplit(".", 1) for target in JUDGED_LABELS}  # the only classes ever built here
 CLEAR_PROBABILITY = 0.5
+# the largest built-in sets built here (each far above its default): a checkpoint's config cannot make the shares
+# generate or allocate without bound
+SIZE_LIMITS = {
+    "clips_train": 20_000,
+    "clips_test": 5_000,
+    "num_frames": 64,
+    "image_size": 128,
+    "canvas_size": 256,
+    "digit_size": 256,
+    "voices": 32,
+    "takes": 100,
+    "sample_rate": 48_000,
+    "duration": 10.0,
+}
 CLASSIFIER_SETTINGS = {"version": 2, "width": 16, "epochs": 15, "batch_size": 32, "lr": 2e-3, "seed": 0}
 NOT_DATA_SETTINGS = ("_target_", "_partial_", "cache_dir", "on_bad_file", "split", "label", "preload")
 
@@ -151,11 +165,25 @@ def judged_sets(data: dict[str, Any], modalities) -> dict[str, dict[str, Any]]:
     }
 
 
+def check_size_limits(options: dict[str, Any]) -> None:
+    """A ValueError for a built-in set larger than SIZE_LIMITS (numbers, or the length of a list)."""
+    for key, limit in SIZE_LIMITS.items():
+        value = options.get(key)
+        size = len(value) if isinstance(value, (list, tuple)) else value
+        if isinstance(size, (int, float)) and size > limit:
+            raise ValueError(
+                f"the data config asks for a built-in set with {key}={size}; recognition shares build at most "
+                f"{limit} (SIZE_LIMITS in selfflow/evaluation/recognition.py)"
+            )
+
+
 def built_in_dataset(dataset_config: dict[str, Any], split: str, label: str, cache_dir: str | None) -> Dataset:
-    """One split of a built-in digit set (a `JUDGED_LABELS` class, nothing else), labelled by `label`, made in
-    `cache_dir` (the caller's, never a path from the config)."""
+    """One split of a built-in digit set (a `JUDGED_LABELS` class, nothing else, no larger than SIZE_LIMITS: the
+    config may come from someone else's checkpoint), labelled by `label`, made in `cache_dir` (the caller's, never
+    a path from the config)."""
     module_name, class_name = DATASET_CLASSES[dataset_config["_target_"]]
     options = {k: v for k, v in dataset_config.items() if k not in NOT_DATA_SETTINGS}
+    check_size_limits(options)
     if "label" in dataset_config:
         options["label"] = label
     if "cache_dir" in dataset_config:
