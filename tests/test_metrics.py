@@ -127,6 +127,19 @@ def test_selfflow_reference_writes_a_loadable_classifier(tmp_path):
     assert isinstance(model, ReferenceCNN) and model.image_size == 8 and model.feature_dim == 16
 
 
+@pytest.mark.slow
+def test_selfflow_reference_reads_each_frame_of_a_clip_when_asked(tmp_path):
+    from selfflow.cli.reference import main
+    from selfflow.evaluation.reference_classifier import EachFrame
+
+    sizes = ["data.dataset.clips_train=16", "data.dataset.clips_test=8", f"paths.cache_dir={tmp_path / 'cache'}"]
+    main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "--video-frames", "each",
+          "experiment=video_digits", *sizes])  # fmt: skip
+    model = load_reference_classifier(tmp_path / "ref")
+    assert isinstance(model.front, EachFrame) and model.channels == 1 and model.modality == "video"
+    assert model.logits(torch.rand(2, 8, 1, 16, 16)).shape == (2, model.num_classes)
+
+
 class Tones(torch.utils.data.Dataset):
     """Two classes of 0.25 s recordings at 8 kHz: a low or a high tone, random phase and loudness."""
 

@@ -4,6 +4,7 @@ dataset built from selfflow's own data configs, and save it as model.safetensors
   selfflow-reference --out refs/digits                                  # built-in digits (16x16)
   selfflow-reference --out refs/cifar experiment=digits data=image_folder data.root=DIR data.dataset.image_size=32
   selfflow-reference --out refs/speech experiment=audio_digits          # audio: log-mel images
+  selfflow-reference --out refs/moving experiment=video_digits --video-frames each --epochs 4 --batch-size 64
   selfflow-sample ckpt=runs/.../last.ckpt metrics=true reference=refs/digits
 
 Trailing arguments are overrides of the training config (conf/train.yaml), so `data=...` means exactly what it
@@ -51,6 +52,13 @@ def parser() -> argparse.ArgumentParser:
     top.add_argument("--batch-size", type=int, default=32)
     top.add_argument("--lr", type=float, default=2e-3)
     top.add_argument("--seed", type=int, default=0)
+    top.add_argument(
+        "--video-frames",
+        choices=["stacked", "each"],
+        default="stacked",
+        help="video: frames stacked as channels (sees motion), or each read alone and averaged (sees what the "
+        "frames show; then --batch-size counts frames)",
+    )
     top.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     top.add_argument("overrides", nargs="*", help="training-config overrides, e.g. data=image_folder data.root=DIR")
     return top
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
             device=args.device,
             class_names=data.class_names or None,
             log=lambda line: print(line, file=sys.stderr),
-            **reference_input(train_set, data.modality),
+            **reference_input(train_set, data.modality, args.video_frames),
         )
         record = {
             "out": str(Path(args.out).resolve()),
