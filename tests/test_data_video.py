@@ -225,6 +225,8 @@ def test_moving_digits_are_decoded_once_and_served_from_memory(tmp_path, monkeyp
     read_each_time = MovingDigits("train", preload=False, **sizes)
     preloaded = MovingDigits("train", **sizes)
     assert preloaded.clips.shape == (6, 8, 1, 16, 16)
+    by_direction = MovingDigits("train", label="direction", **sizes)
+    assert by_direction.clips is preloaded.clips  # decoded once per process, whatever the label
     for path in preloaded.paths:
         path.write_bytes(b"")  # the files are no longer read: every clip is in memory
     for i in range(6):

@@ -27,6 +27,8 @@ DIRECTIONS = (
 )
 LABELS = ("digit", "direction")
 PRELOAD_BYTES = 256 * 2**20  # the most decoded clips a split keeps in memory (the default train split: 16 MB)
+DECODED_SPLITS = 4  # the decoded splits a process keeps (oldest dropped first)
+DECODED: dict[tuple, Tensor] = {}
 NAME_PATTERN = "{digit}_{direction}_{index}"
 
 
@@ -163,12 +165,19 @@ class MovingDigits(VideoFolder):
             backend=backend,
         )
         clip_bytes = num_frames * channels * image_size**2 * torch.finfo(torch.float32).bits // 8
-        self.clips = self.decode_all() if preload and len(self) * clip_bytes <= PRELOAD_BYTES else None
+        self.clips = self.decoded() if preload and len(self) * clip_bytes <= PRELOAD_BYTES else None
 
-    def decode_all(self) -> Tensor:
-        """Every clip of the split, decoded: [N, T, C, S, S] float32 in [0, 1] (a clip that cannot be read is an
-        error: the files are this class's own)."""
-        return torch.stack([super(MovingDigits, self).load_item(i) for i in range(len(self))])
+    def decoded(self) -> Tensor:
+        """Every clip of the split: [N, T, C, S, S] float32 in [0, 1], decoded once per process (the training data,
+        its probe and the reference classifiers of both labels share it; a clip that cannot be read is an error: the
+        files are this class's own)."""
+        key = (str(self.paths[0].parent), tuple(p.name for p in self.paths), self.num_frames, self.image_size,
+               self.channels, self.backend)  # fmt: skip
+        if key not in DECODED:
+            while len(DECODED) >= DECODED_SPLITS:
+                DECODED.pop(next(iter(DECODED)))
+            DECODED[key] = torch.stack([super(MovingDigits, self).load_item(i) for i in range(len(self))])
+        return DECODED[key]
 
     def load_item(self, i: int) -> Tensor:
         return super().load_item(i) if self.clips is None else self.clips[i]
