@@ -164,7 +164,7 @@ class MovingDigits(VideoFolder):
             label_field=label,
             backend=backend,
         )
-        clip_bytes = num_frames * channels * image_size**2 * torch.finfo(torch.float32).bits // 8
+        clip_bytes = num_frames * channels * image_size**2 * 4  # float32
         self.clips = self.decoded() if preload and len(self) * clip_bytes <= PRELOAD_BYTES else None
 
     def decoded(self) -> Tensor:
