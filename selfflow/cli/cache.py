@@ -13,6 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
+from selfflow.cli.config_help import register_train_resolvers
 from selfflow.cli.errors import check_overrides, friendly_errors
 
 
@@ -26,6 +27,7 @@ def run_from_config(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Bad overrides stop here with one line; then Hydra composes and runs."""
+    register_train_resolvers()  # cache.yaml builds on train.yaml (its --help template, its sweep folders)
     check_overrides("selfflow-cache", "cache", sys.argv[1:])
     run_from_config()
 

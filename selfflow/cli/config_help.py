@@ -93,3 +93,12 @@ def config_keys(*, _root_: DictConfig) -> str:
 def register_config_keys_resolver() -> None:
     if not OmegaConf.has_resolver("config_keys"):
         OmegaConf.register_new_resolver("config_keys", config_keys)
+
+
+def register_train_resolvers() -> None:
+    """The resolvers that train.yaml uses, for every command whose config builds on it (selfflow-train,
+    selfflow-cache): `config_keys` for --help, `run_name` for sweep folders."""
+    from selfflow.training.run_name import register_run_name_resolver
+
+    register_config_keys_resolver()
+    register_run_name_resolver()

@@ -12,6 +12,7 @@ from typing import NoReturn
 from omegaconf.errors import OmegaConfBaseException
 
 from selfflow.data.bad_files import BadFileError
+from selfflow.dependencies import explain_import_failure
 from selfflow.training.checkpoint_io import CheckpointWriteError
 from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.run_folder import RunFolderError
@@ -47,9 +48,10 @@ def friendly_errors(command: str):
         yield
     except Exception as error:
         cause = root_cause(error)
-        if os.environ.get("SELFFLOW_TRACEBACK") or not isinstance(cause, USER_ERRORS):
+        broken_dependency = explain_import_failure(error)
+        if os.environ.get("SELFFLOW_TRACEBACK") or not (broken_dependency or isinstance(cause, USER_ERRORS)):
             raise
-        message = str(cause).strip().strip('"') or type(cause).__name__
+        message = broken_dependency or str(cause).strip().strip('"') or type(cause).__name__
         print(f"{command}: error: {message}", file=sys.stderr)
         print(f"{command}: (set SELFFLOW_TRACEBACK=1 to see the full traceback)", file=sys.stderr)
         raise SystemExit(2) from None

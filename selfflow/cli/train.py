@@ -16,10 +16,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from selfflow.cli.config_help import register_config_keys_resolver
+from selfflow.cli.config_help import register_train_resolvers
 from selfflow.cli.errors import check_overrides, friendly_errors
-from selfflow.training.run_folder import launching_process, lock_run_folder
-from selfflow.training.run_name import register_run_name_resolver
+from selfflow.training.run_folder import launching_process, lock_run_folder, remove_if_unused
 
 
 @hydra.main(config_path="pkg://selfflow.conf", config_name="train", version_base="1.3")
@@ -27,7 +26,11 @@ def run_from_config(cfg: DictConfig) -> None:
     with friendly_errors("selfflow-train"):
         from selfflow.training.run import train  # imported here so that --help stays fast
 
-        train(cfg)
+        try:
+            train(cfg)
+        except Exception:
+            remove_if_unused(cfg.run_dir)  # a run that stopped at start-up leaves no empty run folder
+            raise
 
 
 def given_run_dir(args: list[str]) -> str | None:
@@ -41,8 +44,7 @@ def given_run_dir(args: list[str]) -> str | None:
 def main() -> None:
     """Bad overrides (unknown keys or options) stop here with one line, and so does a run folder that is in use
     or read-only (locked here, before Hydra writes its files into it); then Hydra composes and runs."""
-    register_config_keys_resolver()  # --help's key list
-    register_run_name_resolver()  # sweep folders named by their overrides (hydra.sweep.subdir)
+    register_train_resolvers()  # --help's key list, sweep folders named by their overrides
     check_overrides("selfflow-train", "train", sys.argv[1:])
     run_dir = given_run_dir(sys.argv[1:])
     if run_dir is not None and launching_process():

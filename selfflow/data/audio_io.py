@@ -14,7 +14,6 @@ import numpy as np
 import soundfile
 import torch
 import torch.nn.functional as F
-import torchaudio
 from torch import Tensor
 
 from selfflow.data.bad_files import UnusableSample
@@ -43,8 +42,10 @@ def resampling_rates(source_rate: int, target_rate: int) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
-def resampler(source_rate: int, target_rate: int) -> torchaudio.transforms.Resample:
+def resampler(source_rate: int, target_rate: int) -> torch.nn.Module:
     """A cached resampler (its filter is built once per rate pair), of bounded size (`resampling_rates`)."""
+    import torchaudio  # here, not at import: image and video runs work without its native library
+
     return torchaudio.transforms.Resample(*resampling_rates(source_rate, target_rate))
 
 

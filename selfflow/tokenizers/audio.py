@@ -7,7 +7,6 @@ import copy
 import math
 
 import torch
-import torchaudio
 from einops import rearrange
 from torch import Tensor
 
@@ -36,6 +35,13 @@ def as_mono_batch(wave: Tensor, num_samples: int, what: str) -> Tensor:
             f"the tokenizer was built for the data's data.dataset.sample_rate and duration"
         )
     return wave.float()
+
+
+def import_torchaudio():
+    """torchaudio, imported on first use: image and video runs work without its native library."""
+    import torchaudio
+
+    return torchaudio
 
 
 class AudioMelTokenizer(Tokenizer):
@@ -83,6 +89,7 @@ class AudioMelTokenizer(Tokenizer):
         self.token_channels = patch_frames * patch_mels
         self.log_floor, self.log_ceiling = math.log(floor), math.log(ceiling)
         self.floor = floor
+        torchaudio = import_torchaudio()
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate, n_fft=n_fft, hop_length=hop_length, f_min=f_min, f_max=f_max, n_mels=n_mels, power=1.0
         )
@@ -156,7 +163,7 @@ class AudioMelTokenizer(Tokenizer):
                 return limit_peak(self.griffin_lim(magnitude))
             g = self.griffin_lim
             return limit_peak(
-                torchaudio.functional.griffinlim(
+                import_torchaudio().functional.griffinlim(
                     magnitude,
                     g.window,
                     g.n_fft,

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.build import Run, build_run, run_config
+from selfflow.training.console import keep_library_banners_off_the_console
 from selfflow.training.resume import check_same_run, keep_metric_history, resolve_resume
 from selfflow.training.run_folder import run_folder_lock
 from selfflow.training.validate import validate_config
@@ -33,6 +34,7 @@ def train(cfg: DictConfig) -> Run:
     """Validate the config, lock the run folder, pick the checkpoint to resume from (checked before any data is
     read; with resume=auto it must be this run's), build, fit."""
     quiet_known_warnings()
+    keep_library_banners_off_the_console()
     validate_config(cfg)
     with run_folder_lock(cfg.run_dir):
         ckpt_path = resolve_resume(cfg.run_dir, cfg.get("ckpt_path"), cfg.get("resume"))

@@ -117,3 +117,27 @@ def run_folder_lock(run_dir: str | os.PathLike):
     finally:
         if taken:
             release_run_folder(run_dir)
+
+
+# what Hydra and the lock put into a run folder before the run starts: a run that stops at start-up leaves only these
+START_UP_FILES = {"train.log", LOCK_NAME, ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+
+
+def remove_if_unused(run_dir: str | os.PathLike) -> bool:
+    """Remove `run_dir` when it holds nothing but the files written at start-up (a run that stopped at start-up
+    leaves no empty run folder behind); a folder with anything else in it, or with links, is left as it is.
+    Returns whether it was removed."""
+    folder = Path(run_dir)
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    entries = list(folder.rglob("*"))
+    files = {str(p.relative_to(folder)) for p in entries if p.is_file() and not p.is_symlink()}
+    folders = {p for p in entries if p.is_dir() and not p.is_symlink()}
+    if len(files) + len(folders) != len(entries) or not files <= START_UP_FILES or folders - {folder / ".hydra"}:
+        return False
+    for name in files:
+        (folder / name).unlink()
+    for sub in (folder / ".hydra", folder):
+        with contextlib.suppress(FileNotFoundError):
+            sub.rmdir()
+    return True

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from selfflow.dependencies import explain_import_failure
 from selfflow.safe_config import first_line
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -75,6 +76,9 @@ def target_parameters(target: str) -> set[str] | None:
     try:
         obj = get_object(target)
     except Exception as error:
+        broken_dependency = explain_import_failure(error)
+        if broken_dependency is not None:
+            raise ConfigError(f"_target_={target} cannot be imported: {broken_dependency}") from None
         raise ConfigError(
             f"_target_={target} cannot be imported ({type(error).__name__}: {error}); check the "
             f"spelling of the class or function"
