@@ -136,3 +136,14 @@ def test_a_run_folder_holding_only_start_up_files_is_removed_and_any_other_is_ke
     linked = start_up_files(tmp_path / "linked")
     (linked / "checkpoints").symlink_to(tmp_path / "used")
     assert not remove_if_unused(linked) and (tmp_path / "used" / "metrics.csv").is_file()
+
+
+def test_help_joins_a_comment_continued_on_the_lines_below_and_lists_required_keys():
+    from selfflow.cli.config_help import key_comments, keys_help
+    from tests.helpers.configs import compose
+
+    text = "a: 1        # one\n            # more\n# above b\nb: 2\n"
+    assert key_comments(text) == [("a", "one more"), ("b", "above b")]
+    lines = keys_help(compose("eval", []), {}, "eval").splitlines()
+    assert any(line.split()[0] == "samples=???" for line in lines)  # a required key is listed
+    assert any("holds the same tensors" in line for line in lines if line.split()[0] == "inception=???")

@@ -9,7 +9,14 @@ import re
 
 import pytest
 
-from tests.helpers.commands import ROOT, check_command, readme_commands, shell_commands, tool_usage_lines
+from tests.helpers.commands import (
+    ROOT,
+    check_command,
+    documents,
+    readme_commands,
+    shell_commands,
+    tool_usage_lines,
+)
 
 
 @pytest.mark.parametrize("line", readme_commands() + tool_usage_lines())
@@ -38,8 +45,13 @@ def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(mo
 
 
 def cited_files() -> list[str]:
-    """Project files linked from the README and cited in the comments of conf/**/*.yaml."""
-    cited = [link for link in re.findall(r"\]\(([^)#]+)\)", (ROOT / "README.md").read_text()) if "://" not in link]
+    """Project files linked from the README, CONTRIBUTING.md and docs/ (relative to the page that links them), and
+    cited in the comments of conf/**/*.yaml."""
+    cited = []
+    for page in documents():
+        for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" not in link:
+                cited.append(str((page.parent / link).resolve().relative_to(ROOT)))
     citation = r"\b((?:selfflow|tools|docs|tests|conf)/[\w./-]*\w|[A-Z][A-Za-z_]*\.md)\b"
     for path in sorted((ROOT / "conf").rglob("*.yaml")):
         comments = "\n".join(line.partition("#")[2] for line in path.read_text().splitlines())
@@ -47,9 +59,10 @@ def cited_files() -> list[str]:
     return sorted(set(cited))
 
 
-def test_the_files_the_readme_and_the_configs_cite_exist():
+def test_the_files_the_docs_and_the_configs_cite_exist():
     cited = cited_files()
-    assert {"docs/reliability.md", "selfflow/tokenizers/latent.py", "tests/test_distributed.py"} <= set(cited)
+    expected = {"docs/reliability.md", "selfflow/tokenizers/latent.py", "tests/test_distributed.py", "LICENSE"}
+    assert expected <= set(cited)
     assert [path for path in cited if not (ROOT / path).exists()] == []
 
 
@@ -73,10 +86,10 @@ def test_every_command_the_package_names_exists():
 
 
 def readme_python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", (ROOT / "README.md").read_text(), re.S)
+    return [block for page in documents() for block in re.findall(r"```python\n(.*?)```", page.read_text(), re.S)]
 
 
 @pytest.mark.parametrize("block", readme_python_blocks())
 def test_the_readme_python_examples_run_as_printed(block):
-    """Each ```python block of the README runs in a fresh namespace (the public API as the README shows it)."""
-    exec(compile(block, "README.md", "exec"), {})
+    """Each ```python block of the README and the docs runs in a fresh namespace (the public API as shown)."""
+    exec(compile(block, "docs", "exec"), {})

@@ -19,6 +19,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from selfflow.cli.config_help import register_config_keys_resolver
 from selfflow.cli.errors import check_overrides, friendly_errors
 
 COMMAND = "selfflow-eval"
@@ -124,6 +125,7 @@ def run_from_config(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Bad overrides (unknown keys) stop here with one line; then Hydra composes and runs."""
+    register_config_keys_resolver()  # --help's key list
     check_overrides(COMMAND, "eval", sys.argv[1:])
     run_from_config()
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from selfflow.cli.config_help import register_config_keys_resolver
 from selfflow.cli.errors import friendly_errors
 
 
@@ -77,11 +78,17 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
 
 
 @hydra.main(config_path="pkg://selfflow.conf", config_name="probe", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_from_config(cfg: DictConfig) -> None:
     with friendly_errors("selfflow-probe"):
         for path, document in probe(cfg).values():
             print_table(document)
             print(f"selfflow-probe: wrote {path.resolve()}")
+
+
+def main() -> None:
+    """Registers the --help resolver, then Hydra composes and runs."""
+    register_config_keys_resolver()
+    run_from_config()
 
 
 if __name__ == "__main__":

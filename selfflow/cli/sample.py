@@ -23,6 +23,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from selfflow.cli.config_help import register_config_keys_resolver
 from selfflow.cli.errors import friendly_errors
 
 LENGTH_OPTIONS = ("size", "duration", "frames")
@@ -269,9 +270,15 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
 
 
 @hydra.main(config_path="pkg://selfflow.conf", config_name="sample", version_base="1.3")
-def main(cfg: DictConfig) -> None:
+def run_from_config(cfg: DictConfig) -> None:
     with friendly_errors("selfflow-sample"):
         sample(cfg)
+
+
+def main() -> None:
+    """Registers the --help resolver, then Hydra composes and runs."""
+    register_config_keys_resolver()
+    run_from_config()
 
 
 if __name__ == "__main__":

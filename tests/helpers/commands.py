@@ -28,6 +28,7 @@ CONFIG_OF = {
     "selfflow.cli.cache": "cache",
 }
 HYDRA_FLAGS = {"--help"}
+SHELL_TOOLS = {"mkdir", "cd", "cp", "ls", "curl", "wget", "sha256sum", "rsync", "export", "tensorboard", "wandb"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 COMMAND_START = r"(?:selfflow-[a-z-]+(?![:\w-])|python -m tools\.)"
 
@@ -37,10 +38,20 @@ def logical_lines(block: str) -> list[str]:
     return [line for line in block.replace("\\\n", " ").splitlines() if line.strip()]
 
 
-def readme_commands() -> list[str]:
-    text = (ROOT / "README.md").read_text()
-    commands = [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in logical_lines(block)]
-    commands += re.findall(rf"(?<!`)`({COMMAND_START}[^`]*)`", text)
+def documents() -> list[Path]:
+    """The pages a user reads commands from: the README, CONTRIBUTING.md and every page of docs/."""
+    return [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def readme_commands(pages: list[Path] | None = None) -> list[str]:
+    """Each command line of the ```bash blocks of `pages` (default: all), and each inline `selfflow-...` command
+    of the README (the other pages name commands inline in prose too)."""
+    commands = []
+    for page in pages or documents():
+        text = page.read_text()
+        commands += [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in logical_lines(block)]
+        if page.name == "README.md" and page.parent == ROOT:
+            commands += re.findall(rf"(?<!`)`({COMMAND_START}[^`]*)`", text)
     return commands
 
 
@@ -151,6 +162,8 @@ def check_command(words: list[str], monkeypatch) -> None:
         return compose_overrides(CONFIG_OF[program], words[1:])
     if (words[:2] == ["python", "-m"] and words[2] == "pytest") or words[:2] == ["pip", "install"] or program == "ruff":
         return None
+    if program in SHELL_TOOLS or words[:2] == ["python", "-c"] or re.fullmatch(r"[A-Z_]+=\S*", program):
+        return None  # the shell's own tools, set-up steps and variables of the docs' scripts
     if words[:2] == ["python", "-m"] and words[2].startswith("tools."):
         return parse_tool(words, monkeypatch)
     if program in console_scripts():
