@@ -1,6 +1,6 @@
 """FlexAttention (block-sparse) against SDPA with the dense mask, the kernel choice, and the block-mask cache.
 
-FlexAttention has no backward on CPU in PyTorch 2.11, so CPU tests compare forwards; the gradient comparison is
+FlexAttention has no backward on CPU (PyTorch 2.11 to 2.14), so CPU tests compare forwards; the gradient comparison is
 GPU-marked.
 """
 
