@@ -24,8 +24,11 @@ COVERED_MODULES = (
     "selfflow.models.transformer",
     "selfflow.objectives.representation",
     "selfflow.objectives.ema",
+    "selfflow.objectives.flow_loss",
     "selfflow.sampling.generate",
+    "selfflow.sampling.job",
     "selfflow.evaluation.linear_probe",
+    "selfflow.evaluation.probe",
     "selfflow.evaluation.frechet",
     "selfflow.interop.checkpoint",
 )
