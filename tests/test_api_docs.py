@@ -34,6 +34,7 @@ COVERED_MODULES = (
     "selfflow.sampling.job",
     "selfflow.evaluation.linear_probe",
     "selfflow.evaluation.probe",
+    "selfflow.evaluation.features",
     "selfflow.evaluation.frechet",
     "selfflow.interop.checkpoint",
 )
