@@ -20,7 +20,14 @@ NO_LABEL = -1  # a label that conditions on nothing: the model embeds its null c
 
 @dataclass
 class Tokens:
-    """A batch of token sequences of one modality."""
+    """A batch of token sequences of one modality.
+
+    Attributes:
+        x: [B, N, C] token features.
+        pos: [B, N, 4] long position ids over (t, h, w, l).
+        modality: The modality's name (`image`, `video`, `audio`).
+        valid: [B, N] bool, False on padding; None when every token is valid.
+    """
 
     x: Tensor  # [B, N, C] token features
     pos: Tensor  # [B, N, 4] long position ids over (t, h, w, l)
@@ -42,6 +49,16 @@ class PackedTokens:
 
     Token n of row r belongs to sample `segment[r, n]` of that row (-1 on padding). Channels differ per modality:
     `x` holds each token's own channels first and zeros after them.
+
+    Attributes:
+        x: [R, N, C_max] token features, each token's own channels first and zeros after them.
+        pos: [R, N, 4] long position ids over (t, h, w, l).
+        segment: [R, N] long, the sample of its row each token belongs to; -1 on padding.
+        modality_masks: Modality -> [R, N] bool, True on that modality's tokens.
+        segment_labels: [R, S] long class labels per sample slot (the null label on empty slots).
+        segment_modality: Row -> the modality of each of its samples.
+        channels: Modality -> its token channels.
+        order: Row -> indices of its samples in the packed input.
     """
 
     x: Tensor  # [R, N, C_max]
@@ -72,7 +89,14 @@ class PackedTokens:
 
 
 def as_segments(tokens: Tokens) -> Tensor:
-    """[B, N] segment ids of an unpacked batch: every row is one sample (0), padding is -1."""
+    """[B, N] segment ids of an unpacked batch: every row is one sample (0), padding is -1.
+
+    Args:
+        tokens: The unpacked batch.
+
+    Returns:
+        [B, N] long: 0 on valid tokens, -1 on padding.
+    """
     if tokens.valid is None:
         return torch.zeros(tokens.x.shape[:2], dtype=torch.long, device=tokens.x.device)
     return torch.where(tokens.valid, 0, -1)
@@ -80,7 +104,13 @@ def as_segments(tokens: Tokens) -> Tensor:
 
 @dataclass
 class TextTokens:
-    """A batch of encoded captions; rows with no valid token (and a zero pooled vector) are the null text."""
+    """A batch of encoded captions; rows with no valid token (and a zero pooled vector) are the null text.
+
+    Attributes:
+        x: [B, T, C] features of the frozen text encoder.
+        valid: [B, T] bool, False on padding.
+        pooled: [B, C] one vector per caption.
+    """
 
     x: Tensor  # [B, T, C] frozen encoder features
     valid: Tensor  # [B, T] bool, False on padding
@@ -99,7 +129,14 @@ class TextTokens:
         return pos
 
     def drop(self, rows: Tensor) -> TextTokens:
-        """rows: [B] bool -> the same batch with those rows replaced by the null text."""
+        """The same batch with some rows replaced by the null text (classifier-free guidance).
+
+        Args:
+            rows: [B] bool, True on the rows to drop.
+
+        Returns:
+            The batch with those rows' features, validity and pooled vectors zeroed.
+        """
         keep = ~rows.to(self.valid.device)
         return TextTokens(
             self.x * keep[:, None, None].to(self.x.dtype),
@@ -108,19 +145,56 @@ class TextTokens:
         )
 
     def null(self) -> TextTokens:
+        """Every row replaced by the null text.
+
+        Returns:
+            A batch of the same shape with no valid token.
+        """
         return self.drop(torch.ones(self.batch_size, dtype=torch.bool, device=self.valid.device))
 
     def repeat(self, times: int) -> TextTokens:
+        """The batch stacked `times` times along the batch axis.
+
+        Args:
+            times: How many copies.
+
+        Returns:
+            [times * B, ...] captions.
+        """
         return TextTokens(self.x.repeat(times, 1, 1), self.valid.repeat(times, 1), self.pooled.repeat(times, 1))
 
     def select(self, rows) -> TextTokens:
+        """Some rows of the batch.
+
+        Args:
+            rows (slice | Tensor): Any index of the batch axis (slice, indices or [B] bool mask).
+
+        Returns:
+            The captions of those rows.
+        """
         return TextTokens(self.x[rows], self.valid[rows], self.pooled[rows])
 
     def to(self, device) -> TextTokens:
+        """The batch on another device.
+
+        Args:
+            device (torch.device | str): Where the tensors go.
+
+        Returns:
+            The same captions on `device`.
+        """
         return TextTokens(self.x.to(device), self.valid.to(device), self.pooled.to(device))
 
     @staticmethod
     def cat(batches: list[TextTokens]) -> TextTokens:
+        """Batches of captions one after another.
+
+        Args:
+            batches: Caption batches of equal length T and channels C.
+
+        Returns:
+            One batch with the rows of all of them.
+        """
         return TextTokens(*(torch.cat([getattr(b, name) for b in batches]) for name in ("x", "valid", "pooled")))
 
 
@@ -135,6 +209,11 @@ class Condition:
     `drop(rows)` replaces the droppable signals of some rows by their null (classifier-free guidance and its training
     dropout), `null()` does it for every row, `repeat(k)` stacks the batch k times. A new conditioning signal is one
     new field here (listed in DROPPABLE if guidance drops it) and its use in the model.
+
+    Attributes:
+        labels: [B] class ids, or [B, S] one per sample of a packed row; NO_LABEL (-1) is no class.
+        text: The batch's encoded captions.
+        sizes: [B, 6] size and crop conditioning of multi-aspect models.
     """
 
     labels: Tensor | None = None
@@ -153,8 +232,18 @@ class Condition:
         )
 
     def drop(self, rows: Tensor, only: str | None = None) -> Condition:
-        """rows: bool, [B] (or [B, S] for per-sample labels) -> those rows' signals replaced by their null; `only`
-        names one field of DROPPABLE to drop (the others are kept)."""
+        """Some rows' droppable signals replaced by their null (guidance and its training dropout).
+
+        Args:
+            rows: bool, [B] (or [B, S] for per-sample labels), True where the signals are dropped.
+            only: One field of DROPPABLE to drop, keeping the others; None drops them all.
+
+        Returns:
+            The condition with those rows' labels set to NO_LABEL and their text to the null text.
+
+        Raises:
+            ValueError: `only` names a field that is not in DROPPABLE.
+        """
         names = self.DROPPABLE if only is None else (only,)
         if only is not None and only not in self.DROPPABLE:
             raise ValueError(f"Condition.drop(only={only!r}): droppable signals are {self.DROPPABLE}")
@@ -169,7 +258,11 @@ class Condition:
         return replace(self, **changes)
 
     def null(self) -> Condition:
-        """Every row conditioned on nothing droppable (the unconditional half of guidance)."""
+        """Every row conditioned on nothing droppable (the unconditional half of guidance).
+
+        Returns:
+            The condition with every row's droppable signals dropped (sizes kept).
+        """
         size = self.batch_size
         if size is None:
             return self
@@ -181,7 +274,15 @@ class Condition:
         return self.drop(torch.ones(size, dtype=torch.bool, device=device))
 
     def map(self, tensor_fn, text_fn) -> Condition:
-        """Each present field through `tensor_fn` (tensors) or `text_fn` (TextTokens)."""
+        """Each present field through `tensor_fn` (tensors) or `text_fn` (TextTokens).
+
+        Args:
+            tensor_fn (Callable[[Tensor], Tensor]): Applied to each tensor field (labels, sizes).
+            text_fn (Callable[[TextTokens], TextTokens]): Applied to the captions.
+
+        Returns:
+            A new condition of the results; absent fields stay None.
+        """
 
         def apply(value):
             if value is None:
@@ -191,17 +292,51 @@ class Condition:
         return Condition(*(apply(getattr(self, f.name)) for f in fields(self)))
 
     def repeat(self, times: int) -> Condition:
+        """The batch stacked `times` times along the batch axis.
+
+        Args:
+            times: How many copies.
+
+        Returns:
+            A condition of batch size `times * B`.
+        """
         return self.map(lambda t: t.repeat(times, *([1] * (t.dim() - 1))), lambda t: t.repeat(times))
 
     def select(self, rows) -> Condition:
+        """Some rows of the batch.
+
+        Args:
+            rows (slice | Tensor): Any index of the batch axis (slice, indices or [B] bool mask).
+
+        Returns:
+            The condition of those rows.
+        """
         return self.map(lambda t: t[rows], lambda t: t.select(rows))
 
     def to(self, device) -> Condition:
+        """The condition on another device.
+
+        Args:
+            device (torch.device | str): Where the tensors go.
+
+        Returns:
+            The same condition on `device`.
+        """
         return self.map(lambda t: t.to(device), lambda t: t.to(device))
 
     @staticmethod
     def cat(conditions: list[Condition]) -> Condition:
-        """The batches one after another (every condition must have the same fields present)."""
+        """The batches one after another (every condition must have the same fields present).
+
+        Args:
+            conditions: Conditions with the same fields present.
+
+        Returns:
+            One condition with the rows of all of them.
+
+        Raises:
+            ValueError: A field is present in some conditions only.
+        """
         first = conditions[0]
         out = {}
         for f in fields(first):

@@ -34,6 +34,11 @@ class Features:
     """Features of one split at one (layer, level).
 
     x: [M, D] mean-pooled, or [M, N, D] token features for attentive pooling (then `valid: [M, N]`).
+
+    Attributes:
+        x: [M, D] mean-pooled features, or [M, N, D] token features for attentive pooling.
+        labels: [M] long class ids.
+        valid: [M, N] bool, False on padding (token features only); None for pooled features.
     """
 
     x: Tensor
@@ -42,13 +47,33 @@ class Features:
 
 
 def default_probe_layers(depth: int, student_layer: int | None = None) -> list[int]:
-    """Every quarter of the depth plus the student layer (the run's, or the method's default)."""
+    """Every quarter of the depth plus the student layer (the run's, or the method's default).
+
+    Args:
+        depth: The model's blocks.
+        student_layer: The run's student layer; None for the method's default.
+
+    Returns:
+        Sorted 1-based blocks, each once.
+    """
     quarters = {max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)}
     student = student_layer if student_layer is not None else default_layers(depth)[0]
     return sorted(quarters | {student})
 
 
 def check_layers(layers: Iterable[int], depth: int) -> list[int]:
+    """The `layers` to probe, sorted and each once, all within the model's blocks.
+
+    Args:
+        layers: 1-based blocks.
+        depth: The model's blocks.
+
+    Returns:
+        The sorted distinct layers.
+
+    Raises:
+        ValueError: No layer, or a layer outside 1..depth.
+    """
     layers = sorted({int(layer) for layer in layers})
     bad = [layer for layer in layers if not 1 <= layer <= depth]
     if bad or not layers:
@@ -60,13 +85,32 @@ def check_layers(layers: Iterable[int], depth: int) -> list[int]:
 
 
 def check_pool(pool: str) -> str:
+    """A pooling of the tokens this module knows.
+
+    Args:
+        pool: `mean` or `attentive`.
+
+    Returns:
+        The pool, unchanged.
+
+    Raises:
+        ValueError: An unknown pool.
+    """
     if pool not in POOLS:
         raise ValueError(f"pool={pool!r} is unknown; choose one of {POOLS}")
     return pool
 
 
 def mean_pool(h: Tensor, valid: Tensor | None) -> Tensor:
-    """h: [B, N, D] -> [B, D], the mean over each sample's valid tokens."""
+    """h: [B, N, D] -> [B, D], the mean over each sample's valid tokens.
+
+    Args:
+        h: [B, N, D] token features.
+        valid: [B, N] bool, False on padding; None when every token counts.
+
+    Returns:
+        [B, D] the mean features.
+    """
     if valid is None:
         return h.mean(dim=1)
     weights = valid.to(h.dtype)[..., None]  # [B, N, 1]
@@ -74,14 +118,31 @@ def mean_pool(h: Tensor, valid: Tensor | None) -> Tensor:
 
 
 def padding_mask(valid: Tensor | None) -> Tensor | None:
-    """valid: [B, N] -> [B, 1, N, N] bool: every token attends to the sample's valid tokens only."""
+    """valid: [B, N] -> [B, 1, N, N] bool: every token attends to the sample's valid tokens only.
+
+    Args:
+        valid: [B, N] bool, False on padding; None when every token is valid.
+
+    Returns:
+        [B, 1, N, N] bool attention mask, or None for full attention.
+    """
     if valid is None:
         return None
     return valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)
 
 
 def probe_loader(dataset: Dataset, modality: str, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
-    """A fixed-order loader: the same samples in the same order every time, so the seeded noise repeats."""
+    """A fixed-order loader: the same samples in the same order every time, so the seeded noise repeats.
+
+    Args:
+        dataset: Labelled samples of one modality.
+        modality: Their modality (how they are collated).
+        batch_size: Samples per batch.
+        num_workers: Loader worker processes.
+
+    Returns:
+        An unshuffled loader.
+    """
     return DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples(modality)
     )
@@ -112,6 +173,23 @@ def extract_features(
     The noise is drawn once per batch from a generator seeded with `seed` (the same for every level and run),
     and the condition is the null label so that the features never see the answer. Layer 0 (the pooled
     tokenizer output at that level) needs no model; `model=None` is allowed when only layer 0 is asked for.
+
+    Args:
+        model: The frozen backbone; None when only layer 0 is asked for.
+        tokenizer: Encodes the loader's samples.
+        loader: Batches with `data` and `label` (None for a batch of unreadable files).
+        layers: Blocks to read, 1-based; 0 is the tokenizer output (the input baseline).
+        levels: Noise levels in [0, 1] the clean tokens are noised to.
+        pool: `mean` ([M, D] features) or `attentive` ([M, N, D] token features).
+        seed: Seeds the noise.
+        progress: Show a progress bar.
+        description: The progress bar's label.
+
+    Returns:
+        (layer, level) -> the features of every sample.
+
+    Raises:
+        ValueError: An unknown pool, layers >= 1 without a model, or no readable sample.
     """
     check_pool(pool)
     blocks = tuple(layer for layer in layers if layer != INPUT_LAYER)
@@ -176,6 +254,9 @@ def extract_features(
 class FeatureCache:
     """Features on disk, one file per key; a key is any JSON-able dict (source, weights, layer, level, pool,
     dataset config, split), hashed into the file name and stored beside the features to guard against collisions.
+
+    Args:
+        root: The cache folder (`~` expanded).
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -183,10 +264,26 @@ class FeatureCache:
         self.hits = self.misses = 0
 
     def path(self, key: dict) -> Path:
+        """The file of a key.
+
+        Args:
+            key: What identifies the features (JSON-able).
+
+        Returns:
+            `root/<sha256 of the key>.pt`.
+        """
         text = json.dumps(key, sort_keys=True, default=str)
         return self.root / f"{hashlib.sha256(text.encode()).hexdigest()[:32]}.pt"
 
     def load(self, key: dict) -> Features | None:
+        """The cached features of a key; a missing, unreadable or colliding file is a miss.
+
+        Args:
+            key: What identifies the features (JSON-able).
+
+        Returns:
+            The features, or None on a miss.
+        """
         path = self.path(key)
         if not path.is_file():
             self.misses += 1
@@ -203,6 +300,15 @@ class FeatureCache:
         return Features(stored["x"], stored["labels"], stored.get("valid"))
 
     def save(self, key: dict, features: Features) -> Path:
+        """Store features under a key, with the key beside them.
+
+        Args:
+            key: What identifies the features (JSON-able).
+            features: The features to keep.
+
+        Returns:
+            The file written.
+        """
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         partial = path.with_suffix(".tmp")
@@ -236,6 +342,22 @@ def cached_features(
 
     source: what identifies the features besides layer, level and pool (checkpoint digest, weights, dataset
     config, split, seed); without a cache everything is extracted.
+
+    Args:
+        cache: Where features are kept; None extracts everything.
+        source: What identifies the features besides layer, level and pool.
+        model: The frozen backbone; None when only layer 0 is asked for.
+        tokenizer: Encodes the loader's samples.
+        loader: Batches with `data` and `label`, in a fixed order.
+        layers: Blocks to read, 1-based; 0 is the tokenizer output (the input baseline).
+        levels: Noise levels in [0, 1].
+        pool: `mean` or `attentive`.
+        seed: Seeds the noise (part of the cache key).
+        progress: Show a progress bar.
+        description: The progress bar's label.
+
+    Returns:
+        (layer, level) -> the features of every sample, from the cache where it has them.
     """
 
     def key(layer: int, level: float) -> dict:

@@ -14,7 +14,13 @@ from torch import Tensor
 
 @dataclass
 class FeatureStats:
-    """Mean [D] and covariance [D, D] of N feature vectors, in float64."""
+    """Mean [D] and covariance [D, D] of N feature vectors, in float64.
+
+    Attributes:
+        mean: [D] the mean feature.
+        cov: [D, D] the (unbiased) covariance.
+        count: N, the feature vectors summarised.
+    """
 
     mean: Tensor
     cov: Tensor
@@ -22,7 +28,17 @@ class FeatureStats:
 
     @classmethod
     def of(cls, features: Tensor) -> FeatureStats:
-        """features: [N, D] with N >= 2."""
+        """features: [N, D] with N >= 2.
+
+        Args:
+            features: [N, D] feature vectors, N >= 2.
+
+        Returns:
+            Their float64 mean, covariance and count, on the CPU.
+
+        Raises:
+            ValueError: The features are not [N, D] with N >= 2.
+        """
         if features.dim() != 2 or features.shape[0] < 2:
             raise ValueError(
                 f"feature statistics need [N >= 2, D] features, got {list(features.shape)}; "
@@ -39,7 +55,20 @@ def _sqrt_psd(matrix: Tensor) -> Tensor:
 
 
 def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -> float:
-    """Frechet distance between N(mean1, cov1) and N(mean2, cov2)."""
+    """Frechet distance between N(mean1, cov1) and N(mean2, cov2).
+
+    Args:
+        mean1: [D] the first distribution's mean.
+        cov1: [D, D] its covariance.
+        mean2: [D] the second distribution's mean.
+        cov2: [D, D] its covariance.
+
+    Returns:
+        The distance, >= 0 (round-off below zero clipped).
+
+    Raises:
+        ValueError: The two have different feature sizes.
+    """
     mean1, cov1, mean2, cov2 = (t.double().cpu() for t in (mean1, cov1, mean2, cov2))
     if mean1.shape != mean2.shape or cov1.shape != cov2.shape:
         raise ValueError(
@@ -53,4 +82,13 @@ def frechet_distance(mean1: Tensor, cov1: Tensor, mean2: Tensor, cov2: Tensor) -
 
 
 def frechet_distance_of(a: FeatureStats, b: FeatureStats) -> float:
+    """Frechet distance between two summarised feature sets (e.g. generated and reference).
+
+    Args:
+        a: One set's statistics.
+        b: The other set's statistics, from the same feature extractor.
+
+    Returns:
+        The distance, >= 0.
+    """
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)

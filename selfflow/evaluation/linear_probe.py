@@ -25,6 +25,16 @@ WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 @dataclass
 class ProbeFit:
+    """The result of a probe: the best head on validation and its test accuracy.
+
+    Attributes:
+        top1: Test accuracy of the head best on validation, in [0, 1].
+        val_top1: That head's validation accuracy.
+        learning_rate: That head's learning rate.
+        weight_decay: That head's weight decay.
+        head_val_top1: The validation accuracy of every head of the grid, learning rates major.
+    """
+
     top1: float  # test accuracy of the head best on validation, in [0, 1]
     val_top1: float
     learning_rate: float
@@ -33,7 +43,15 @@ class ProbeFit:
 
 
 def check_num_classes(num_classes: int, what: str) -> None:
-    """Unlabelled data (no classes at all) cannot be probed: stop before any feature is extracted."""
+    """Unlabelled data (no classes at all) cannot be probed: stop before any feature is extracted.
+
+    Args:
+        num_classes: The classes the data set has.
+        what: The data's name in the error message (`the training split`).
+
+    Raises:
+        ValueError: Fewer than 2 classes.
+    """
     if num_classes < 2:
         raise ValueError(
             f"{what} has {num_classes} classes: a linear probe needs labelled data with at least 2 "
@@ -42,7 +60,16 @@ def check_num_classes(num_classes: int, what: str) -> None:
 
 
 def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
-    """A probe needs a class for every sample; unlabelled samples (label -1) stop here."""
+    """A probe needs a class for every sample; unlabelled samples (label -1) stop here.
+
+    Args:
+        labels: [M] class ids of the samples.
+        num_classes: The classes the data set has.
+        what: The data's name in the error message (`the training split`).
+
+    Raises:
+        ValueError: Fewer than 2 classes, a sample without a label, or a label past `num_classes`.
+    """
     check_num_classes(num_classes, what)
     unlabelled = int((labels < 0).sum())
     if unlabelled:
@@ -55,7 +82,19 @@ def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
 
 
 def validation_split(num: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
-    """A fixed (fit, validation) partition of range(num)."""
+    """A fixed (fit, validation) partition of range(num).
+
+    Args:
+        num: Samples in the training split.
+        fraction: The share of them held out for validation, in (0, 1); at least one each side.
+        seed: Seeds the permutation, so that the split is the same on every run.
+
+    Returns:
+        (fit indices, validation indices), disjoint and covering range(num).
+
+    Raises:
+        ValueError: `fraction` outside (0, 1) or fewer than 2 samples.
+    """
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction={fraction} must be in (0, 1)")
     if num < 2:
@@ -66,7 +105,12 @@ def validation_split(num: int, fraction: float, seed: int) -> tuple[Tensor, Tens
 
 
 class Standardizer:
-    """Per-channel mean and std of the fitting features (over valid tokens for token features)."""
+    """Per-channel mean and std of the fitting features (over valid tokens for token features).
+
+    Args:
+        features: The features the probes fit on; calling the standardizer maps x to (x - mean) /
+            std.
+    """
 
     def __init__(self, features: Features):
         x = features.x if features.valid is None else features.x[features.valid]  # [M(, N), D] -> [*, D]
@@ -78,7 +122,14 @@ class Standardizer:
 
 
 class HeadGrid:
-    """H heads (linear, optionally preceded by an attentive pooling query) evaluated in one batched pass."""
+    """H heads (linear, optionally preceded by an attentive pooling query) evaluated in one batched pass.
+
+    Args:
+        heads: H, the number of heads (one per learning rate and weight decay).
+        dim: D, the feature width.
+        num_classes: K, the classes.
+        attentive: Give every head a query that attention-pools token features (starts as the mean).
+    """
 
     def __init__(self, heads: int, dim: int, num_classes: int, attentive: bool):
         self.weight = torch.zeros(heads, dim, num_classes, requires_grad=True)
@@ -90,7 +141,15 @@ class HeadGrid:
         return [p for p in (self.weight, self.bias, self.query) if p is not None]
 
     def logits(self, x: Tensor, valid: Tensor | None) -> Tensor:
-        """x: [B, D] or tokens [B, N, D] with valid [B, N] -> logits [H, B, K]."""
+        """x: [B, D] or tokens [B, N, D] with valid [B, N] -> logits [H, B, K].
+
+        Args:
+            x: [B, D] pooled features, or [B, N, D] token features for attentive heads.
+            valid: [B, N] bool, False on padding tokens; None when every token counts.
+
+        Returns:
+            [H, B, K] every head's logits.
+        """
         if self.query is None:
             return torch.einsum("bd,hdk->hbk", x, self.weight) + self.bias[:, None]
         scores = torch.einsum("hd,bnd->hbn", self.query, x) / math.sqrt(x.shape[-1])
@@ -101,7 +160,17 @@ class HeadGrid:
 
     @torch.no_grad()
     def accuracy(self, x: Tensor, valid: Tensor | None, labels: Tensor, batch_size: int = 1024) -> Tensor:
-        """[H] top-1 of every head."""
+        """[H] top-1 of every head.
+
+        Args:
+            x: [M, D] or [M, N, D] standardised features.
+            valid: [M, N] bool for token features, or None.
+            labels: [M] class ids.
+            batch_size: Samples per evaluation batch.
+
+        Returns:
+            [H] the accuracy of every head, in [0, 1].
+        """
         correct = torch.zeros(self.weight.shape[0])
         for start in range(0, len(labels), batch_size):
             end = start + batch_size
@@ -127,6 +196,27 @@ def fit_linear_probe(
     """Train the len(learning_rates) x len(weight_decays) grid at once and report the best head's test top-1.
 
     Deterministic under `seed` (validation split, batch order). Weight decay acts on the linear weights only.
+
+    Args:
+        train: Training-split features (a validation share is carved from them).
+        test: Test-split features.
+        num_classes: K, the classes.
+        learning_rates: The grid's learning rates.
+        weight_decays: The grid's weight decays.
+        epochs: Passes over the fitting features.
+        batch_size: Samples per SGD step.
+        momentum: SGD momentum.
+        val_fraction: The share of `train` held out to pick the best head.
+        seed: Seeds the validation split and the batch order.
+        progress: Show a progress bar over the epochs.
+        description: The progress bar's label.
+
+    Returns:
+        The best head's test and validation top-1, its learning rate and weight decay, and every
+        head's validation top-1.
+
+    Raises:
+        ValueError: Unlabelled data, labels past `num_classes`, or `epochs` or `batch_size` < 1.
     """
     check_labels(train.labels, num_classes, "the training split")
     check_labels(test.labels, num_classes, "the test split")

@@ -28,7 +28,17 @@ from selfflow.tokenizers.base import Tokenizer
 
 @dataclass
 class ProbeRow:
-    """One line of the report (the keys of probe.json's `results`)."""
+    """One line of the report (the keys of probe.json's `results`).
+
+    Attributes:
+        layer: The 1-based block whose output was probed.
+        noise_level: The level the clean tokens were noised to before the forward.
+        pool: How tokens were pooled: `mean` or `attentive`.
+        top1: Test top-1 of the best head on validation, in [0, 1].
+        baseline_random_init_top1: The same probe on a randomly initialised model of the
+            architecture.
+        baseline_input_top1: The same probe on the pooled tokenizer input.
+    """
 
     layer: int
     noise_level: float
@@ -40,7 +50,15 @@ class ProbeRow:
 
 @dataclass
 class HeadOptions:
-    """How every head grid is trained (see `fit_linear_probe`)."""
+    """How every head grid is trained (see `fit_linear_probe`).
+
+    Attributes:
+        learning_rates: The grid's learning rates.
+        weight_decays: The grid's weight decays.
+        epochs: Passes over the fitting features.
+        batch_size: Samples per SGD step.
+        val_fraction: The share of the training split held out to pick the best head.
+    """
 
     learning_rates: Sequence[float] = LEARNING_RATES
     weight_decays: Sequence[float] = WEIGHT_DECAYS
@@ -51,7 +69,13 @@ class HeadOptions:
 
 @dataclass
 class FeatureSources:
-    """What identifies each feature set in the cache besides layer, level, pool and split."""
+    """What identifies each feature set in the cache besides layer, level, pool and split.
+
+    Attributes:
+        model: The probed model's identity (e.g. checkpoint digest and weights).
+        random_init: The random baseline's identity (e.g. the architecture's config).
+        data: The dataset config.
+    """
 
     model: dict = field(default_factory=dict)  # e.g. checkpoint digest and weights
     random_init: dict = field(default_factory=dict)  # e.g. the architecture's config
@@ -63,6 +87,13 @@ def random_init_like(model: SelfFlowTransformer, seed: int = 0) -> SelfFlowTrans
     initialisation would not do: every block starts as the identity there, so its features would be a linear map
     of the input tokens, the input baseline again. So the blocks' modulation layers are drawn like the other
     linears (Xavier) and their gates start at 1: each block is a random pre-norm transformer block.
+
+    Args:
+        model: The trained model whose architecture is copied (its weights are not touched).
+        seed: Seeds the random weights; the global random state is left as it was.
+
+    Returns:
+        A copy with random weights, in eval mode.
     """
     fresh = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]), torch.no_grad():
@@ -77,18 +108,41 @@ def random_init_like(model: SelfFlowTransformer, seed: int = 0) -> SelfFlowTrans
 
 
 def modality_sources(datamodule) -> dict:
-    """{modality: single-modality data module}: the data module itself, or the sources of a multi-modal mixture."""
+    """{modality: single-modality data module}: the data module itself, or the sources of a multi-modal mixture.
+
+    Args:
+        datamodule (LightningDataModule): A single-modality data module or a mixture with `sources`.
+
+    Returns:
+        dict[str, LightningDataModule]: Modality -> its data module.
+    """
     sources = getattr(datamodule, "sources", None)
     return dict(sources) if sources else {datamodule.modality: datamodule}
 
 
 def best_row(rows: Sequence[ProbeRow]) -> ProbeRow:
-    """The highest test top-1 (the first of equals, so the report is deterministic)."""
+    """The highest test top-1 (the first of equals, so the report is deterministic).
+
+    Args:
+        rows: The report's rows, at least one.
+
+    Returns:
+        The row with the highest `top1`.
+    """
     return max(rows, key=lambda row: row.top1)
 
 
 def report(checkpoint: str, dataset: str, rows: Sequence[ProbeRow]) -> dict:
-    """The probe.json document."""
+    """The probe.json document.
+
+    Args:
+        checkpoint: The probed checkpoint's path.
+        dataset: The dataset's name.
+        rows: Every (layer, level) row.
+
+    Returns:
+        {checkpoint, dataset, results: every row, best: the best row}, JSON-able.
+    """
     return {
         "checkpoint": checkpoint,
         "dataset": dataset,
@@ -115,7 +169,32 @@ def probe_representations(
     num_workers: int = 0,
     progress: bool = False,
 ) -> list[ProbeRow]:
-    """Probe `model` at every (layer, level) with both baselines; the train split fits, the test split scores."""
+    """Probe `model` at every (layer, level) with both baselines; the train split fits, the test split scores.
+
+    Args:
+        model: The frozen model (EMA weights) whose features are probed.
+        tokenizer: Turns the datasets' samples into the model's tokens.
+        train_set: Labelled samples the heads fit on (a validation share is carved from them).
+        test_set: Labelled samples the heads are scored on.
+        num_classes: The classes of the datasets, at least 2.
+        layers: 1-based blocks to probe.
+        noise_levels: Levels in [0, 1] the clean tokens are noised to before the forward.
+        pool: `mean` or `attentive` pooling of the tokens.
+        seed: Seeds the noise, the random baseline, the validation split and the batch order.
+        heads: How the head grids are trained; None for the defaults.
+        cache: Where features are kept between runs; None computes them every time.
+        sources: What identifies each feature set in the cache.
+        feature_batch_size: Samples per feature-extraction batch.
+        num_workers: Data-loader workers.
+        progress: Show progress bars.
+
+    Returns:
+        One row per (level, layer), levels major.
+
+    Raises:
+        ValueError: An unknown pool, fewer than 2 classes, layers outside the model, or levels
+            outside [0, 1].
+    """
     check_pool(pool)
     check_num_classes(num_classes, "the dataset")
     layers = check_layers(layers, model.depth)

@@ -20,6 +20,15 @@ MASK_MODES = ("exact", "bernoulli")
 class DualLevels:
     """Per-sample levels and how they map onto tokens (R rows, S samples per row, N tokens).
 
+    Attributes:
+        levels: [R, 2S] (t, s) of each sample, unsorted: `levels[r, 2k]` = t, `levels[r, 2k + 1]` =
+            s.
+        index: [R, N] long, 2 * sample + (1 if masked): where each token's student level is in
+            `levels`.
+        mask: [R, N] bool, the masked set M (tokens at level s).
+        teacher_levels: [R, S] each sample's teacher level, the cleaner of its two.
+        segment: [R, N] long, the sample of each token in its row; -1 on padding.
+
     The student sees token n of row r at `levels[r, index[r, n]]`, where `levels` holds (t, s) of each sample:
     `levels[r, 2k]` = t and `levels[r, 2k + 1]` = s of sample k. The teacher sees every token of sample k at
     `teacher_levels[r, k]`: min(t, s), the cleaner of the two (t itself for a sample with no masked token).
@@ -43,6 +52,18 @@ class DualLevels:
 
 
 def check_mask_ratio(ratio: float, name: str = "objective.mask_ratio") -> float:
+    """A mask ratio is a number in [0, 0.5]: the masked group is the smaller one.
+
+    Args:
+        ratio: The ratio to check.
+        name: The config key that set it (named in the error).
+
+    Returns:
+        The ratio as a float.
+
+    Raises:
+        ValueError: The ratio is not a number in [0, 0.5].
+    """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 0.5:
         raise ValueError(
             f"{name}={ratio!r} is out of range: the masked group must be the smaller one, so use a value in "
@@ -52,7 +73,16 @@ def check_mask_ratio(ratio: float, name: str = "objective.mask_ratio") -> float:
 
 
 def rank_within_segments(scores: Tensor, segment: Tensor, num_segments: int) -> Tensor:
-    """[R, N] rank of each token's score among the tokens of its own segment (padding ranks last)."""
+    """[R, N] rank of each token's score among the tokens of its own segment (padding ranks last).
+
+    Args:
+        scores: [R, N] scores in [0, 1) (random draws).
+        segment: [R, N] long, the sample of each token; -1 on padding.
+        num_segments: S, the sample slots per row.
+
+    Returns:
+        [R, N] long, 0 for the lowest score of each segment.
+    """
     seg = torch.where(segment < 0, num_segments, segment)
     order = (seg.to(scores.dtype) * 2 + scores).argsort(dim=1)  # grouped by segment, by score inside
     sizes = torch.zeros(seg.shape[0], num_segments + 1, dtype=torch.long, device=seg.device)
@@ -68,6 +98,14 @@ class DualTimestepScheduler:
 
     mask_mode="exact": exactly round(r * n_tokens) masked tokens per sample via a random permutation;
     mask_mode="bernoulli": each token independently with probability r.
+
+    Args:
+        mask_ratio: r in [0, 0.5], the share of tokens at level s (0 = vanilla flow matching).
+        timesteps: The distribution p(t) both levels are drawn from; None for uniform.
+        mask_mode: `exact` or `bernoulli`.
+
+    Raises:
+        ValueError: `mask_ratio` outside [0, 0.5] or an unknown `mask_mode`.
     """
 
     def __init__(self, mask_ratio: float, timesteps: TimestepDistribution | None = None, mask_mode: str = "exact"):
@@ -78,7 +116,16 @@ class DualTimestepScheduler:
         self.timesteps = timesteps or Uniform()
 
     def draw_mask(self, segment: Tensor, num_segments: int, ratios: Tensor) -> Tensor:
-        """[R, N] bool mask; ratios: [R, S] per sample. Padding (segment -1) is never masked."""
+        """[R, N] bool mask; ratios: [R, S] per sample. Padding (segment -1) is never masked.
+
+        Args:
+            segment: [R, N] long, the sample of each token; -1 on padding.
+            num_segments: S, the sample slots per row.
+            ratios: [R, S] each sample's mask ratio.
+
+        Returns:
+            [R, N] bool, True on the masked tokens.
+        """
         valid = segment >= 0
         token_ratio = torch.gather(ratios, 1, segment.clamp_min(0))  # [R, N]
         scores = torch.rand(segment.shape, device=segment.device)
@@ -90,7 +137,17 @@ class DualTimestepScheduler:
         return (ranks < torch.gather(counts, 1, segment.clamp_min(0))) & valid
 
     def for_segments(self, segment: Tensor, num_segments: int, ratios: Tensor | None = None) -> DualLevels:
-        """segment: [R, N] sample of each token (-1 padding); ratios: [R, S] (default: this scheduler's ratio)."""
+        """segment: [R, N] sample of each token (-1 padding); ratios: [R, S] (default: this scheduler's ratio).
+
+        Args:
+            segment: [R, N] long, the sample of each token; -1 on padding.
+            num_segments: S, the sample slots per row.
+            ratios: [R, S] each sample's mask ratio; None for this scheduler's ratio everywhere.
+
+        Returns:
+            Both levels of every sample, the mask, and the student's and teacher's level of each
+                token.
+        """
         rows, device = segment.shape[0], segment.device
         if ratios is None:
             ratios = torch.full((rows, num_segments), self.mask_ratio, device=device)
@@ -116,7 +173,18 @@ class DualTimestepScheduler:
         return DualLevels(levels=levels, index=index, mask=mask, teacher_levels=teacher, segment=segment)
 
     def __call__(self, batch: int, tokens: int, valid: Tensor | None = None, device=None) -> DualLevels:
-        """One sample per row; valid: [B, N] bool, False on padding (never masked, not counted)."""
+        """One sample per row; valid: [B, N] bool, False on padding (never masked, not counted).
+
+        Args:
+            batch: B, the rows.
+            tokens: N, the tokens per row.
+            valid: [B, N] bool, False on padding; None when every token is valid.
+            device (torch.device | str | None): Where the levels are made; None for the default
+                device.
+
+        Returns:
+            The levels of an unpacked batch (S = 1).
+        """
         if valid is None:
             segment = torch.zeros(batch, tokens, dtype=torch.long, device=device)
         else:

@@ -27,7 +27,19 @@ SDE_LAST_STEPS = ("mean", "euler")  # the SDE's drift (the released sampler), or
 
 
 def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
-    """[steps + 1] levels from 1 down to 0, optionally warped toward noise by `shift`."""
+    """[steps + 1] levels from 1 down to 0, optionally warped toward noise by `shift`.
+
+    Args:
+        steps: Intervals of the grid (>= 1).
+        shift: Warps the levels toward noise for shift > 1 (1 leaves them evenly spaced).
+        device (torch.device | str | None): Where the grid is made; None for the default device.
+
+    Returns:
+        [steps + 1] float64 levels, 1 first and 0 last.
+
+    Raises:
+        ValueError: `steps` < 1.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     return shift_levels(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
@@ -39,7 +51,17 @@ def _levels(t: Tensor, x: Tensor) -> Tensor:
 
 
 def euler(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> Tensor:
-    """Explicit Euler: one model evaluation per step (NFE = steps)."""
+    """Explicit Euler: one model evaluation per step (NFE = steps).
+
+    Args:
+        velocity: The model as `v(x: [B, ...], t: [B]) -> [B, ...]`, the velocity d x_t / d t.
+        x1: [B, ...] pure noise, the start at t = 1.
+        steps: Model evaluations (NFE).
+        shift: Warps the levels toward noise for shift > 1 (1 leaves them evenly spaced).
+
+    Returns:
+        [B, ...] the sample at t = 0.
+    """
     grid = time_grid(steps, shift, x1.device)
     x = x1
     for t_cur, t_next in itertools.pairwise(grid):
@@ -48,7 +70,20 @@ def euler(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> T
 
 
 def heun(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> Tensor:
-    """Heun's second-order method with NFE = steps: ceil(steps / 2) intervals, the first one Euler if steps is odd."""
+    """Heun's second-order method with NFE = steps: ceil(steps / 2) intervals, the first one Euler if steps is odd.
+
+    Args:
+        velocity: The model as `v(x: [B, ...], t: [B]) -> [B, ...]`, the velocity d x_t / d t.
+        x1: [B, ...] pure noise, the start at t = 1.
+        steps: Model evaluations (NFE).
+        shift: Warps the levels toward noise for shift > 1 (1 leaves them evenly spaced).
+
+    Returns:
+        [B, ...] the sample at t = 0.
+
+    Raises:
+        ValueError: `steps` < 1.
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     intervals = math.ceil(steps / 2)
@@ -69,6 +104,14 @@ def score_from_velocity(velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
     """Score grad log p_t(x) implied by the velocity on the linear path: -(x + (1 - t) v) / t.
 
     From x = (1 - t) x0 + t x1 and v = x1 - x0: E[x1 | x] = x + (1 - t) v, and the score is -E[x1 | x] / t.
+
+    Args:
+        velocity: [B, ...] the velocity at (x, t).
+        x: [B, ...] the point at level t.
+        t: [B] noise levels, > 0.
+
+    Returns:
+        [B, ...] the score at (x, t).
     """
     t = t.reshape(-1, *([1] * (x.dim() - 1)))
     return -(x + (1 - t) * velocity) / t
@@ -90,6 +133,22 @@ def euler_maruyama(
     diffusion w = diffusion_norm * t (proportional to the noise level). The levels run from 1 to `last_step` in
     `steps - 1` stochastic steps; the final step goes from `last_step` to 0 without noise, along the same drift
     v - w s (last_step_mode="mean", the released sampler's "Mean" step) or along the velocity alone ("euler").
+
+    Args:
+        velocity: The model as `v(x: [B, ...], t: [B]) -> [B, ...]`, the velocity d x_t / d t.
+        x1: [B, ...] pure noise, the start at t = 1.
+        steps: Model evaluations (NFE, >= 2): `steps - 1` stochastic steps and the last step.
+        shift: Warps the levels toward noise for shift > 1 (1 leaves them evenly spaced).
+        noise: `x -> z`, standard normal noise shaped like x; None for `torch.randn_like`.
+        last_step: The level in (0, 1) where the stochastic steps end.
+        diffusion_norm: Scales the diffusion w = diffusion_norm * t.
+        last_step_mode: `mean` (the SDE's drift, as the released sampler) or `euler` (the velocity).
+
+    Returns:
+        [B, ...] the sample at t = 0.
+
+    Raises:
+        ValueError: `steps` < 2, `last_step` outside (0, 1) or an unknown `last_step_mode`.
     """
     if steps < 2:
         raise ValueError(f"the sde sampler needs steps >= 2 (steps - 1 stochastic steps and a last step), got {steps}")

@@ -27,6 +27,17 @@ SAMPLING_EMAS = "objective.sampling_emas."
 
 @dataclass
 class LoadedCheckpoint:
+    """A run's model and tokenizers rebuilt from its checkpoint, with where they came from.
+
+    Attributes:
+        model: The transformer with the chosen weights, in eval mode, on CPU.
+        tokenizers: Modality -> the run's tokenizer, in eval mode.
+        config: The run's resolved config (an OmegaConf DictConfig).
+        step: The training step the checkpoint was written at.
+        path: What was loaded: a .ckpt file or an export folder.
+        weights_file: The file holding the weights (its digest identifies them).
+    """
+
     model: SelfFlowTransformer  # in eval mode, on CPU
     tokenizers: dict[str, Tokenizer]
     config: Any  # the run's resolved config (an OmegaConf DictConfig)
@@ -39,6 +50,18 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused, never executed.
 
     mmap: map the tensors instead of reading them (a cheap validity check of a large file).
+
+    Args:
+        path: The .ckpt file of a run.
+        mmap: Map the tensors instead of reading them.
+
+    Returns:
+        The checkpoint's dictionary (state_dict, selfflow_config, global_step, ...).
+
+    Raises:
+        FileNotFoundError: `path` is not a file.
+        ValueError: The file cannot be loaded without arbitrary unpickling, is not a selfflow
+            checkpoint, or has a format this selfflow cannot read.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -58,7 +81,15 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
 
 
 def check_format(version: Any, source: str) -> None:
-    """A stored format version must be a whole number this selfflow can read."""
+    """A stored format version must be a whole number this selfflow can read.
+
+    Args:
+        version: The `selfflow_format` value read from the file.
+        source: The file's name in the error message.
+
+    Raises:
+        ValueError: The version is not a whole number >= 0, or newer than CHECKPOINT_FORMAT.
+    """
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
         raise ValueError(
             f"{source} has format {version!r}, which is not a format version; the file is damaged or not selfflow's"
@@ -70,7 +101,13 @@ def check_format(version: Any, source: str) -> None:
 
 
 def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that names the first missing, unexpected or mismatched key (shapes, dtypes)."""
+    """load_state_dict that names the first missing, unexpected or mismatched key (shapes, dtypes).
+
+    Args:
+        module: The module to load into.
+        state: The weights read from a file.
+        source: The file's name in the error message.
+    """
     check_state_fits(module.state_dict(), state, source)
     module.load_state_dict(state)
 
@@ -81,7 +118,21 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
 
     `config` came from a file: its tokenizers and model are built through the allow-list (`instantiate_stored`),
     and the model is first built on the meta device, so that a config whose sizes do not fit the stored weights is
-    refused before any memory is allocated for it."""
+    refused before any memory is allocated for it.
+
+    Args:
+        config (DictConfig): The run's stored config.
+        state: The model's weights, keys without the checkpoint's prefix.
+        source: The file's name in error messages.
+        vae: A folder replacing the stored VAE of a latent tokenizer; None keeps the stored one.
+
+    Returns:
+        tuple[SelfFlowTransformer, dict[str, Tokenizer]]: The model in eval mode and the tokenizers
+            by modality.
+
+    Raises:
+        StoredConfigError: The stored model config is not a partial one.
+    """
     if vae is not None:  # the VAE moved: every config node that names it (tokenizer, latent-cache data) follows
         point_vae_keys(config, vae)
     for spec in config.tokenizer.values():
@@ -105,7 +156,20 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
 
 
 def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
-    """Where the `weights` (ema, online, or ema_<decay> of an extra sampling EMA) are in a checkpoint's state."""
+    """Where the `weights` (ema, online, or ema_<decay> of an extra sampling EMA) are in a checkpoint's state.
+
+    Args:
+        weights: `ema`, `online` or `ema_<decay>`.
+        state: The checkpoint's state_dict.
+        source: The file's name in the error message.
+
+    Returns:
+        The key prefix of those weights in `state`.
+
+    Raises:
+        ValueError: The weights are unknown or not in this checkpoint (the message lists those that
+            are).
+    """
     if weights in WEIGHT_PREFIXES:
         return WEIGHT_PREFIXES[weights]
     keys = {k.split(".")[2] for k in state if isinstance(k, str) and k.startswith(SAMPLING_EMAS) and k.count(".") > 3}
@@ -123,6 +187,20 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | No
 
     `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
     vae: where the run's VAE is now, when it moved (checked by fingerprint).
+
+    Args:
+        path: A run's .ckpt file, an export folder, or an export's model.safetensors.
+        weights: `ema` (the teacher), `online` (the student) or `ema_<decay>`; exports hold `ema`
+            only.
+        vae: Where the run's VAE is now, when it moved; None keeps the stored path.
+
+    Returns:
+        The model, tokenizers, config and step of the run.
+
+    Raises:
+        FileNotFoundError: `path` does not exist.
+        ValueError: Other weights than `ema` from an export, or a file that is not a complete
+            checkpoint.
     """
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":

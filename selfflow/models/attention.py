@@ -35,6 +35,11 @@ class GroupMask:
     `contiguous` groups (packing, trailing padding) can run on flash-attn's variable-length kernel; any grouping
     runs on FlexAttention as a block mask or on SDPA as a dense boolean mask. `shared` tokens ([B, N] bool, e.g.
     joined text) belong to every group of their row: they attend to and are attended by every non-padding token.
+
+    Attributes:
+        groups: [B, N] long group of each token; -1 on padding.
+        contiguous: Whether each group is one run of consecutive tokens (packing, trailing padding).
+        shared: [B, N] bool, tokens of every group of their row (joined text); None for none.
     """
 
     groups: Tensor  # [B, N] long
@@ -91,16 +96,38 @@ class GroupMask:
 
 
 def block_mask_for(mask_mod, rows: int, n: int, device: torch.device) -> BlockMask:
-    """A FlexAttention block mask over `rows` rows of n tokens, one for every head."""
+    """A FlexAttention block mask over `rows` rows of n tokens, one for every head.
+
+    Args:
+        mask_mod (Callable): `(b, h, q, k) -> bool tensor`, True where query q may attend to key k.
+        rows: B, the rows.
+        n: N, the tokens per row.
+        device: Where the mask is built.
+
+    Returns:
+        The block mask.
+    """
     return create_block_mask(mask_mod, rows, None, n, n, device=device)
 
 
 def dense_block_mask(dense: Tensor) -> BlockMask:
-    """The block mask of a dense [B, 1, N, N] bool mask (masks that come without a group description)."""
+    """The block mask of a dense [B, 1, N, N] bool mask (masks that come without a group description).
+
+    Args:
+        dense: [B, 1, N, N] bool, True where attention is allowed.
+
+    Returns:
+        The same mask as FlexAttention blocks.
+    """
     return block_mask_for(lambda b, h, q, k: dense[b, 0, q, k], dense.shape[0], dense.shape[-1], dense.device)
 
 
 def flash_available() -> bool:
+    """Whether flash-attn is installed and a CUDA device is there to run it.
+
+    Returns:
+        True when the flash kernel can run.
+    """
     return flash_attn_func is not None and torch.cuda.is_available()
 
 
@@ -113,6 +140,16 @@ def choose_kernel(
     for masked attention on CUDA (block-sparse), else SDPA. It never picks flex on CPU, where FlexAttention is the
     unfused reference (slower than SDPA, docs/performance.md) and has no backward. backend=flex forces
     FlexAttention for every masked call; unmasked attention has no block to skip and stays on SDPA.
+
+    Args:
+        backend: The `model.attention` setting: `auto`, `sdpa`, `flash` or `flex`.
+        device_type: `cuda`, `cpu`, ... of the call's tensors.
+        dtype: The queries' dtype (autocast included).
+        mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None for full attention.
+        flash_installed: Whether flash-attn imports.
+
+    Returns:
+        `flash`, `flex` or `sdpa`.
     """
     on_cuda = device_type == "cuda"
     flash_runs = backend != "sdpa" and flash_installed and on_cuda and dtype in (torch.float16, torch.bfloat16)
@@ -130,7 +167,20 @@ def compiled_flex_attention():
 
 
 def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask) -> Tensor:
-    """q, k, v: [B, H, N, Dh] -> [B, H, N, Dh] with FlexAttention; compiled on CUDA unless already being compiled."""
+    """q, k, v: [B, H, N, Dh] -> [B, H, N, Dh] with FlexAttention; compiled on CUDA unless already being compiled.
+
+    Args:
+        q: [B, H, N, Dh] queries.
+        k: [B, H, N, Dh] keys.
+        v: [B, H, N, Dh] values.
+        mask: [B, 1, N, N] bool (True = may attend) or a GroupMask.
+
+    Returns:
+        [B, H, N, Dh] the attention output.
+
+    Raises:
+        ValueError: Training on CPU, where FlexAttention has no backward.
+    """
     if not q.is_cuda and q.requires_grad:
         raise ValueError(
             "model.attention=flex cannot train on CPU (PyTorch's FlexAttention has no CPU backward); "
@@ -144,7 +194,18 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask) -> Tenso
 def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None = None, backend: str = "auto") -> Tensor:
     """Multi-head attention on the kernel `choose_kernel` picks for this call (q's dtype, so autocast counts), the one
     function every block type calls. q, k, v: [B, H, N, Dh] -> [B, N, H * Dh]; mask: [B, 1, N, N] bool (True = may
-    attend), a GroupMask, or None."""
+    attend), a GroupMask, or None.
+
+    Args:
+        q: [B, H, N, Dh] queries.
+        k: [B, H, N, Dh] keys.
+        v: [B, H, N, Dh] values.
+        mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None for full attention.
+        backend: The `model.attention` setting: `auto`, `sdpa`, `flash` or `flex`.
+
+    Returns:
+        [B, N, H * Dh] the attention output, heads concatenated.
+    """
     kernel = choose_kernel(backend, q.device.type, q.dtype, mask, flash_attn_func is not None)
     if kernel == "flex":
         return rearrange(run_flex(q, k, v, mask), "b h n d -> b n (h d)")
@@ -163,7 +224,18 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None =
 
 
 class Attention(nn.Module):
-    """Self-attention weights (qkv, output projection, optional QK-norm) around the `attention` function."""
+    """Self-attention weights (qkv, output projection, optional QK-norm) around the `attention` function.
+
+    Args:
+        width: D, the model width.
+        heads: H, divides `width`.
+        qk_norm: RMS-normalise queries and keys per head.
+        backend: The attention kernel: `auto`, `sdpa`, `flash` or `flex`.
+
+    Raises:
+        ValueError: `width` not divisible by `heads`, an unknown backend, or `flash` without
+            flash-attn.
+    """
 
     def __init__(self, width: int, heads: int, qk_norm: bool = False, backend: str = "auto"):
         super().__init__()
@@ -181,18 +253,42 @@ class Attention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
 
     def kernel_for(self, q: Tensor, mask: Tensor | GroupMask | None) -> str:
-        """The kernel this module runs q and mask on (see `choose_kernel`)."""
+        """The kernel this module runs q and mask on (see `choose_kernel`).
+
+        Args:
+            q: [B, H, N, Dh] queries (their device and dtype count).
+            mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None for full attention.
+
+        Returns:
+            `flash`, `flex` or `sdpa`.
+        """
         return choose_kernel(self.backend, q.device.type, q.dtype, mask, flash_attn_func is not None)
 
     def heads_of(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """x: [B, N, D] -> q, k, v: [B, H, N, Dh], QK-normed (before rotary positions)."""
+        """x: [B, N, D] -> q, k, v: [B, H, N, Dh], QK-normed (before rotary positions).
+
+        Args:
+            x: [B, N, D] tokens.
+
+        Returns:
+            (q, k, v), each [B, H, N, Dh].
+        """
         q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=self.heads)
         return self.q_norm(q), self.k_norm(k), v
 
     def forward(
         self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | GroupMask | None = None
     ) -> Tensor:
-        """x: [B, N, D]; mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None."""
+        """x: [B, N, D]; mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None.
+
+        Args:
+            x: [B, N, D] tokens.
+            rope: (cos, sin) of the rotary embedding; None for none.
+            mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None for full attention.
+
+        Returns:
+            [B, N, D] the attention output after the output projection.
+        """
         q, k, v = self.heads_of(x)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)

@@ -20,30 +20,75 @@ class GatherRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, table: Tensor, index: Tensor) -> Tensor:
+        """Gather one row of `table` per token.
+
+        Args:
+            ctx (FunctionCtx): The autograd context.
+            table: [B, L, K] the distinct rows.
+            index: [B, N] long, the row of each token.
+
+        Returns:
+            [B, N, K] each token's row.
+        """
         ctx.save_for_backward(index)
         ctx.rows = table.shape[1]
         return torch.gather(table, 1, index[..., None].expand(-1, -1, table.shape[-1]))
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        """Sum the tokens' gradients into their rows with one batched matrix product.
+
+        Args:
+            ctx (FunctionCtx): The autograd context.
+            grad: [B, N, K] the gradient of each token's row.
+
+        Returns:
+            ([B, L, K] the gradient of the table, None for the index).
+        """
         (index,) = ctx.saved_tensors
         one_hot = F.one_hot(index, ctx.rows).to(grad.dtype)  # [B, N, L]
         return torch.bmm(one_hot.transpose(1, 2), grad), None  # [B, L, K]
 
 
 def gather_tokens(table: Tensor, index: Tensor) -> Tensor:
-    """table: [B, L, K], index: [B, N] -> [B, N, K]; a broadcast view when L == 1."""
+    """table: [B, L, K], index: [B, N] -> [B, N, K]; a broadcast view when L == 1.
+
+    Args:
+        table: [B, L, K] the distinct rows (e.g. modulations of the distinct conditioning vectors).
+        index: [B, N] long, the row of each token.
+
+    Returns:
+        [B, N, K] each token's row.
+    """
     if table.shape[1] == 1:
         return table.expand(-1, index.shape[1], -1)
     return GatherRows.apply(table, index)
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """adaLN modulation: x * (1 + scale) + shift.
+
+    Args:
+        x: [B, N, D] normalised tokens.
+        shift: [B, N, D] per-token shift.
+        scale: [B, N, D] per-token scale.
+
+    Returns:
+        [B, N, D] the modulated tokens.
+    """
     return x * (1 + scale) + shift
 
 
 class TransformerBlock(nn.Module):
-    """DiT block: LN -> modulate -> attention -> gated residual, LN -> modulate -> MLP -> gated residual."""
+    """DiT block: LN -> modulate -> attention -> gated residual, LN -> modulate -> MLP -> gated residual.
+
+    Args:
+        width: D, the model width.
+        heads: Attention heads.
+        mlp_ratio: The MLP's hidden width as a multiple of D.
+        qk_norm: Normalise queries and keys.
+        attention: The attention kernel: `auto`, `sdpa`, `flash` or `flex`.
+    """
 
     def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0, qk_norm: bool = False, attention: str = "auto"):
         super().__init__()
@@ -55,7 +100,18 @@ class TransformerBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
 
     def forward(self, x: Tensor, cond: Tensor, cond_index: Tensor, rope=None, mask: Tensor | None = None) -> Tensor:
-        """x: [B, N, D]; cond: [B, L, D] distinct conditioning vectors; cond_index: [B, N] into L."""
+        """x: [B, N, D]; cond: [B, L, D] distinct conditioning vectors; cond_index: [B, N] into L.
+
+        Args:
+            x: [B, N, D] tokens.
+            cond: [B, L, D] the distinct conditioning vectors.
+            cond_index: [B, N] long, which of them each token uses.
+            rope (tuple[Tensor, Tensor] | None): (cos, sin) of the rotary embedding; None for none.
+            mask: The attention mask (a GroupMask or [B, 1, N, N] bool); None for full attention.
+
+        Returns:
+            [B, N, D] the block's output.
+        """
         mod = gather_tokens(self.adaLN_modulation(cond), cond_index)  # [B, N, 6D]
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mod.chunk(6, dim=-1)
         x = x + gate_a * self.attn(modulate(self.norm1(x), shift_a, scale_a), rope, mask)
@@ -63,7 +119,12 @@ class TransformerBlock(nn.Module):
 
 
 class FinalLayer(nn.Module):
-    """Per-token adaLN then a linear map to the modality's token channels."""
+    """Per-token adaLN then a linear map to the modality's token channels.
+
+    Args:
+        width: D, the model width.
+        out_channels: C, the modality's token channels.
+    """
 
     def __init__(self, width: int, out_channels: int):
         super().__init__()
@@ -72,5 +133,15 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
     def forward(self, x: Tensor, cond: Tensor, cond_index: Tensor) -> Tensor:
+        """Map the last block's tokens to the modality's velocity.
+
+        Args:
+            x: [B, N, D] tokens.
+            cond: [B, L, D] the distinct conditioning vectors.
+            cond_index: [B, N] long, which of them each token uses.
+
+        Returns:
+            [B, N, C] the velocity.
+        """
         shift, scale = gather_tokens(self.adaLN_modulation(cond), cond_index).chunk(2, dim=-1)
         return self.linear(modulate(self.norm(x), shift, scale))

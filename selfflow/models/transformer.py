@@ -26,6 +26,14 @@ POSITION_EMBEDDINGS = ("rope", "sincos")  # sincos: the fixed 2D grid of the rel
 
 @dataclass
 class ModelOutput:
+    """What a forward returns: the velocity and the hidden states asked for.
+
+    Attributes:
+        velocity: [B, N, C] the predicted velocity of the data tokens; None when the forward stopped
+            early.
+        hidden: Block number (1-based) -> [B, N, D] that block's output on the data tokens.
+    """
+
     velocity: Tensor | None  # [B, N, C]; None when the forward stopped early
     hidden: dict[int, Tensor] = field(default_factory=dict)  # block number (1-based) -> [B, N, D]
 
@@ -33,11 +41,34 @@ class ModelOutput:
 class SelfFlowTransformer(nn.Module):
     """Shared transformer with per-modality input projections and output heads.
 
-    token_channels: channels of one token per modality, e.g. {"image": 12}; a "text" entry (the text encoder's
-    feature width) adds joint attention with text tokens (`selfflow.models.text_stream`).
-    num_classes: class labels (0 = unconditional); label `num_classes` is the null label.
-    text_stream_blocks: with text, how many first blocks keep separate text weights (two-stream), single after.
-    size_conditioning: embed (original size, crop offsets, target size) into the conditioning (multi-aspect).
+    Args:
+        token_channels: Channels of one token per modality, e.g. {"image": 12}; a "text" entry (the
+            text encoder's feature width) adds joint attention with text tokens
+            (`selfflow.models.text_stream`).
+        width: D, the hidden width of every block.
+        depth: The number of transformer blocks.
+        heads: Attention heads; divides `width`.
+        mlp_ratio: Hidden width of a block's MLP, as a multiple of `width`.
+        num_classes: Class labels (0 = unconditional); label `num_classes` is the null label.
+        pos_embed: `rope` (multi-axis rotary over (t, h, w, l)) or `sincos` (the released ImageNet
+            model's fixed 2D grid, images only).
+        rope_axes: Rotary sizes per axis (t, h, w, l), even and summing to the head width; None
+            splits it.
+        rope_theta: The rotary base frequency.
+        qk_norm: Normalise queries and keys before attention.
+        attention: The attention kernel: `auto`, `sdpa`, `flash` or `flex`.
+        time_scale: Noise levels are multiplied by it before their sinusoidal embedding.
+        activation_checkpointing: Recompute each block in the backward pass to save memory.
+        compile: `torch.compile` each block.
+        text_stream_blocks: With text, how many first blocks keep separate text weights
+            (two-stream); the blocks after them are single-stream.
+        size_conditioning: Embed (original size, crop offsets, target size) into the conditioning
+            (multi-aspect training).
+
+    Raises:
+        ValueError: A size is not a positive integer, `width` is not a multiple of `heads`, an
+            unknown `pos_embed`, `sincos` with non-image modalities or text, no modality, or
+            `text_stream_blocks` outside 0..depth.
     """
 
     def __init__(
@@ -127,7 +158,15 @@ class SelfFlowTransformer(nn.Module):
 
     def label_ids(self, labels: Tensor | None, levels: Tensor) -> Tensor:
         """Labels [B] or [B, S] (one per sample; each sample's levels are consecutive in `levels` [B, L]) -> [B, L]
-        embedding ids, the null class where there is no label (None, NO_LABEL, or an unconditional model)."""
+        embedding ids, the null class where there is no label (None, NO_LABEL, or an unconditional model).
+
+        Args:
+            labels: [B] or [B, S] class ids (NO_LABEL for none), or None for no labels at all.
+            levels: [B, L] the distinct noise levels the ids pair with.
+
+        Returns:
+            [B, L] long label-embedding ids.
+        """
         if labels is None:
             return torch.full(levels.shape, self.null_class, dtype=torch.long, device=levels.device)
         labels = labels[:, None] if labels.dim() == 1 else labels
@@ -136,11 +175,31 @@ class SelfFlowTransformer(nn.Module):
         return torch.where(labels <= NO_LABEL, self.null_class, labels)
 
     def conditioning(self, levels: Tensor, labels: Tensor | None) -> Tensor:
-        """levels: [B, L], labels: see `label_ids` -> distinct conditioning vectors [B, L, D]."""
+        """levels: [B, L], labels: see `label_ids` -> distinct conditioning vectors [B, L, D].
+
+        Args:
+            levels: [B, L] the distinct noise levels of each sample.
+            labels: [B] or [B, S] class ids, or None (see `label_ids`).
+
+        Returns:
+            [B, L, D] the timestep embedding plus the label embedding of each distinct level.
+        """
         return self.t_embedder(levels) + self.y_embedder(self.label_ids(labels, levels))
 
     def embed_tokens(self, x: Tensor, pos: Tensor, modality: str | dict[str, Tensor]) -> Tensor:
-        """x: [B, N, C] -> [B, N, D]. modality: a name, or {name: [B, N] bool} for rows mixing modalities."""
+        """x: [B, N, C] -> [B, N, D]. modality: a name, or {name: [B, N] bool} for rows mixing modalities.
+
+        Args:
+            x: [B, N, C] tokens (mixed rows: each token's own channels first).
+            pos: [B, N, 4] position ids, used by the `sincos` embedding.
+            modality: The tokens' modality, or {name: [B, N] bool} for packed rows.
+
+        Returns:
+            [B, N, D] the embedded tokens with their modality embedding.
+
+        Raises:
+            KeyError: A modality the model has no input projection for.
+        """
         if isinstance(modality, str):
             h = self._project_in(x, modality)
         else:
@@ -155,7 +214,17 @@ class SelfFlowTransformer(nn.Module):
         return self.input_proj[modality](x[..., : self.token_channels[modality]]) + self.modality_embed[modality]
 
     def project_out(self, h: Tensor, cond: Tensor, cond_index: Tensor, modality: str | dict[str, Tensor]) -> Tensor:
-        """Output heads: [B, N, D] -> [B, N, C] (mixed rows: each token's own channels first, zeros after)."""
+        """Output heads: [B, N, D] -> [B, N, C] (mixed rows: each token's own channels first, zeros after).
+
+        Args:
+            h: [B, N, D] the last block's output on the data tokens.
+            cond: [B, L, D] the distinct conditioning vectors.
+            cond_index: [B, N] long, which of the L vectors each token uses.
+            modality: The tokens' modality, or {name: [B, N] bool} for packed rows.
+
+        Returns:
+            [B, N, C] velocities (C_max for mixed rows).
+        """
         if isinstance(modality, str):
             return self.final_layers[modality](h, cond, cond_index)
         width = max(self.token_channels[m] for m in modality)
@@ -187,6 +256,27 @@ class SelfFlowTransformer(nn.Module):
         groups (a GroupMask, the form text needs), a [B, 1, N, N] bool mask, or None. hidden_layers: 1-based block
         numbers whose outputs to return. stop_after: run only the first k blocks and skip the output head (the
         teacher's forward).
+
+        Args:
+            x: [B, N, C] noised data tokens.
+            levels: [B, L] the distinct noise levels of each sample.
+            level_index: [B, N] long, which of the L levels each token has; None when L == 1.
+            pos: [B, N, 4] position ids over (t, h, w, l).
+            condition: Labels ([B], or [B, S] per sample of a packed row), text (captions to attend
+                to: never noised) and sizes ([B, 6] size and crop conditioning).
+            modality: The tokens' modality, or {name: [B, N] bool} for packed rows.
+            attn_mask: The tokens' attention groups (a GroupMask, the form text needs), a [B, 1, N,
+                N] bool mask, or None for full attention.
+            hidden_layers: 1-based block numbers whose outputs to return.
+            stop_after: Run only the first k blocks and skip the output head; None runs them all.
+
+        Returns:
+            The velocity [B, N, C] of the data tokens (None after `stop_after`) and the hidden
+            states asked for, each [B, N, D] on the data tokens.
+
+        Raises:
+            ValueError: L > 1 without `level_index`, `stop_after` outside 0..depth, or text or sizes
+                given to a model built without them.
         """
         if level_index is None:
             if levels.shape[1] != 1:
@@ -226,5 +316,16 @@ class SelfFlowTransformer(nn.Module):
         return ModelOutput(velocity=velocity, hidden=hidden)
 
     def velocity(self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition, modality: str) -> Tensor:
-        """Plain flow-matching inference: one level per sample, t: [B]."""
+        """Plain flow-matching inference: one level per sample, t: [B].
+
+        Args:
+            x: [B, N, C] tokens at level t.
+            t: [B] one noise level per sample.
+            pos: [B, N, 4] position ids.
+            condition: What the samples are generated from (labels, text, sizes).
+            modality: The tokens' modality.
+
+        Returns:
+            [B, N, C] the predicted velocity x1 - x0.
+        """
         return self.forward(x, t[:, None], None, pos, condition, modality).velocity

@@ -9,7 +9,15 @@ from torch import Tensor
 
 
 def masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
-    """Mean of values: [B, N] over the tokens where valid: [B, N] is True (all when None)."""
+    """Mean of values: [B, N] over the tokens where valid: [B, N] is True (all when None).
+
+    Args:
+        values: [B, N] per-token values.
+        valid: [B, N] bool, False on padding; None when every token counts.
+
+    Returns:
+        The scalar mean over the valid tokens (0 when there are none).
+    """
     if valid is None:
         return values.mean()
     weights = valid.to(values.dtype)
@@ -18,7 +26,15 @@ def masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
 
 def own_channels(channels: Tensor, width: int) -> Tensor:
     """[B, N, C] bool: True on the first `channels[b, n]` of `width` channels, a token's own (packed rows of mixed
-    modalities zero-pad the narrower tokens to the widest)."""
+    modalities zero-pad the narrower tokens to the widest).
+
+    Args:
+        channels: [B, N] long, how many leading channels belong to each token.
+        width: C, the channels of the packed tensor.
+
+    Returns:
+        [B, N, C] bool, True on each token's own channels.
+    """
     return torch.arange(width, device=channels.device) < channels[..., None]
 
 
@@ -27,6 +43,14 @@ def token_squared_error(prediction: Tensor, target: Tensor, channels: Tensor | N
 
     channels: [B, N] how many leading channels belong to each token (None: all C), so that a token's error does not
     depend on the width of the other modalities it is packed with; a token with none (padding) gets 0.
+
+    Args:
+        prediction: [B, N, C] the predicted velocity.
+        target: [B, N, C] the velocity target x1 - x0.
+        channels: [B, N] how many leading channels belong to each token; None when all C do.
+
+    Returns:
+        [B, N] float32 per-token mean squared error.
     """
     squared = (prediction.float() - target.float()).pow(2)
     if channels is None:
@@ -39,6 +63,15 @@ def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | No
     """Sum and count of per-token values: [B, N] in `buckets` equal ranges of their level: [B, N].
 
     Returns (sums, counts), each [buckets]; no host sync, so it is cheap to compute every step.
+
+    Args:
+        values: [B, N] per-token values (e.g. the flow loss).
+        levels: [B, N] each token's noise level in [0, 1].
+        buckets: How many equal ranges [0, 1] is cut into.
+        valid: [B, N] bool, False on padding; None when every token counts.
+
+    Returns:
+        (sums, counts), each [buckets], on the values' device.
     """
     which = torch.clamp((levels.float() * buckets).long(), 0, buckets - 1).flatten()
     weights = valid.flatten().to(values.dtype) if valid is not None else torch.ones_like(which, dtype=values.dtype)
@@ -50,6 +83,13 @@ def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | No
 
 
 def bucket_names(buckets: int) -> list[str]:
-    """Names of the level ranges, e.g. ["0.00-0.25", ..., "0.75-1.00"]."""
+    """Names of the level ranges, e.g. ["0.00-0.25", ..., "0.75-1.00"].
+
+    Args:
+        buckets: How many equal ranges [0, 1] is cut into.
+
+    Returns:
+        One `lo-hi` name per range, lowest first.
+    """
     edges = [i / buckets for i in range(buckets + 1)]
     return [f"{lo:.2f}-{hi:.2f}" for lo, hi in itertools.pairwise(edges)]

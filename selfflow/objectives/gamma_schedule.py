@@ -15,7 +15,17 @@ KINDS: dict[str, Callable[[int, int], float]] = {
 
 class GammaSchedule:
     """kind: constant (gamma throughout), warmup (rising linearly from 0 at step 0 to gamma at `steps`) or cutoff
-    (gamma before `steps`, 0 from then on: the representation loss is still computed and logged, with weight 0)."""
+    (gamma before `steps`, 0 from then on: the representation loss is still computed and logged, with weight 0).
+
+    Calling the schedule with an optimizer step gives the factor of gamma there.
+
+    Args:
+        kind: `constant`, `warmup` or `cutoff`.
+        steps: Where the warm-up ends or the cut-off begins (>= 1 unless constant).
+
+    Raises:
+        ValueError: An unknown kind, or `steps` not a whole number >= 1 for warmup and cutoff.
+    """
 
     def __init__(self, kind: str = "constant", steps: int = 0):
         if kind not in KINDS:
@@ -28,5 +38,12 @@ class GammaSchedule:
         self.kind, self.steps = kind, steps
 
     def __call__(self, step: int) -> float:
-        """The factor of gamma at optimizer step `step` (0-based)."""
+        """The factor of gamma at optimizer step `step` (0-based).
+
+        Args:
+            step: The optimizer step.
+
+        Returns:
+            The factor in [0, 1].
+        """
         return KINDS[self.kind](step, self.steps)

@@ -21,17 +21,38 @@ from selfflow.tokens import Condition, PackedTokens, Tokens, as_segments
 
 
 def sampling_weights_name(decay: float) -> str:
-    """`ema_<decay>`: how `weights=` names an extra sampling EMA (e.g. ema_0.9999)."""
+    """`ema_<decay>`: how `weights=` names an extra sampling EMA (e.g. ema_0.9999).
+
+    Args:
+        decay: The EMA's decay.
+
+    Returns:
+        The name `weights=` takes.
+    """
     return f"ema_{float(decay)!r}"
 
 
 def sampling_ema_key(name: str) -> str:
-    """The module key of a sampling EMA named `name` (module names cannot hold dots): ema_0.9999 -> ema_0_9999."""
+    """The module key of a sampling EMA named `name` (module names cannot hold dots): ema_0.9999 -> ema_0_9999.
+
+    Args:
+        name: The EMA's name, `ema_<decay>`.
+
+    Returns:
+        The name with its dots replaced by underscores.
+    """
     return name.replace(".", "_")
 
 
 def default_layers(depth: int) -> tuple[int, int]:
-    """Student and teacher layers at about 0.3 and 0.7 of the depth (8 and 20 of 28)."""
+    """Student and teacher layers at about 0.3 and 0.7 of the depth (8 and 20 of 28).
+
+    Args:
+        depth: The model's blocks.
+
+    Returns:
+        (student layer, teacher layer), 1-based, the student's before the teacher's.
+    """
     student = max(1, round(0.3 * depth))
     teacher = min(depth, max(student + 1, round(0.7 * depth)))
     return student, teacher
@@ -39,6 +60,19 @@ def default_layers(depth: int) -> tuple[int, int]:
 
 @dataclass
 class ObjectiveOutput:
+    """The losses of one training step and what the logs show of it.
+
+    Attributes:
+        loss: The scalar to minimise, loss_flow + gamma * loss_rep.
+        loss_flow: The flow-matching loss over the data tokens.
+        loss_rep: The representation loss; None when gamma == 0 (no teacher forward).
+        gamma: The representation loss weight at this step (objective.gamma times its schedule).
+        flow_bucket_sums: [buckets] flow error summed per noise-level range.
+        flow_bucket_counts: [buckets] tokens per noise-level range.
+        levels: The step's dual-timestep levels and mask.
+        per_modality: Modality -> its detached losses, for logging.
+    """
+
     loss: Tensor  # scalar: loss_flow + gamma * loss_rep
     loss_flow: Tensor
     loss_rep: Tensor | None  # None when gamma == 0 (no teacher forward)
@@ -86,6 +120,32 @@ class SelfFlowObjective(nn.Module):
         gamma_schedule: GammaSchedule | None = None,
         sampling_ema_decays: tuple[float, ...] | list[float] = (),
     ):
+        """Build the teacher, the head and the scheduler around `model`.
+
+        Args:
+            model: The student.
+            mask_ratio: One ratio in [0, 0.5], or one per modality.
+            gamma: Weight of the representation loss (>= 0).
+            student_layer: 1-based block whose output the head projects; None for about 0.3 of the
+                depth.
+            teacher_layer: 1-based teacher block it is compared with; None for about 0.7 of the
+                depth.
+            ema_decay: The teacher's EMA decay.
+            ema_warmup: Warm the decay up over the first updates.
+            timesteps: The distribution p(t) both levels are drawn from; None for uniform.
+            mask_mode: `exact` or `bernoulli` masking.
+            class_dropout: Probability of dropping a label (classifier-free guidance).
+            attention_separation: Block attention between the two noise groups (ablation).
+            loss_buckets: Noise-level ranges the flow loss is logged in.
+            loss_weights: Modality -> weight of its per-token losses; None for 1 each.
+            caption_dropout: Probability of dropping a caption.
+            gamma_schedule: Gamma over training; None for constant.
+            sampling_ema_decays: Decays of extra EMAs of the student to sample from.
+
+        Raises:
+            ValueError: A value out of range, layers not 1 <= student < teacher <= depth, a modality
+                without a mask ratio, or a repeated sampling EMA decay.
+        """
         super().__init__()
         if gamma < 0:
             raise ValueError(f"objective.gamma={gamma} must be >= 0 (0 turns the representation loss off)")
@@ -140,7 +200,16 @@ class SelfFlowObjective(nn.Module):
     def drop_condition(self, condition: Condition, samples: tuple[int, int], device) -> Condition:
         """Classifier-free guidance dropout, drawn once and shared by the student and the teacher: each sample's label
         ([R, S] samples) with probability class_dropout (all of them for an unconditional model), each caption with
-        probability caption_dropout."""
+        probability caption_dropout.
+
+        Args:
+            condition: The batch's condition, labels per sample [R, S].
+            samples: (R, S), the shape of the label draw.
+            device (torch.device | str): Where the draw is made.
+
+        Returns:
+            The condition with the dropped labels and captions replaced by their null.
+        """
         if condition.labels is None or self.model.num_classes == 0:
             condition = replace(condition, labels=None)  # the model's null class
         else:
@@ -152,7 +221,16 @@ class SelfFlowObjective(nn.Module):
 
     @staticmethod
     def attention_mask(groups: Tensor | None, contiguous: bool = True) -> GroupMask | None:
-        """groups: [B, N] long, -1 on padding: tokens attend within their own group only (None: no blocking)."""
+        """groups: [B, N] long, -1 on padding: tokens attend within their own group only (None: no blocking).
+
+        Args:
+            groups: [B, N] long group of each token, -1 on padding; None for full attention.
+            contiguous: Whether each group's tokens are consecutive (lets flash-attn's varlen kernel
+                run).
+
+        Returns:
+            The attention mask, or None.
+        """
         return None if groups is None else GroupMask(groups, contiguous)
 
     def _layout(self, tokens: Tokens | PackedTokens, labels: Tensor | None):
@@ -176,7 +254,14 @@ class SelfFlowObjective(nn.Module):
         return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality, None
 
     def gamma_at(self, step: int | None) -> float:
-        """The representation loss weight at optimizer step `step` (None: objective.gamma, unscheduled)."""
+        """The representation loss weight at optimizer step `step` (None: objective.gamma, unscheduled).
+
+        Args:
+            step: The optimizer step; None for the unscheduled gamma.
+
+        Returns:
+            objective.gamma times its schedule at `step`.
+        """
         return self.gamma if step is None else self.gamma * self.gamma_schedule(step)
 
     def forward(

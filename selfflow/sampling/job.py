@@ -34,6 +34,15 @@ DEFAULT_SOLVERS = {"model": ("euler", 50), "official": ("sde", 250)}  # sampler 
 
 @dataclass
 class SamplingModel:
+    """A model ready to sample and what comes with it.
+
+    Attributes:
+        model: Has `velocity(x, t, pos, condition, modality)`, `num_classes` and `null_class`.
+        tokenizers: Modality -> its tokenizer (and `text` for a text model).
+        data_config: The run's data config (the metrics' real split); None for the released model.
+        kind: `model` (a selfflow checkpoint or export) or `official` (the released checkpoint).
+    """
+
     model: Any  # velocity(x, t, pos, condition, modality), num_classes, null_class
     tokenizers: dict[str, Tokenizer]
     data_config: Any  # the run's data config (the metrics' real split), None for the released model
@@ -41,7 +50,16 @@ class SamplingModel:
 
 
 def load_sampling_model(ckpt: str, weights: str = "ema", vae: str | None = None) -> SamplingModel:
-    """A selfflow checkpoint or export, or `official:PATH` for the released Self-Flow checkpoint (with `vae`)."""
+    """A selfflow checkpoint or export, or `official:PATH` for the released Self-Flow checkpoint (with `vae`).
+
+    Args:
+        ckpt: A .ckpt file, an export folder, or `official:PATH`.
+        weights: `ema`, `online` or `ema_<decay>` (selfflow checkpoints only).
+        vae: The VAE folder: required by the released checkpoint, or where a run's VAE moved.
+
+    Returns:
+        The model in eval mode with its tokenizers, data config and kind.
+    """
     if ckpt.startswith(OFFICIAL_PREFIX):
         from selfflow.interop.official import load_official_for_sampling
 
@@ -54,6 +72,18 @@ def load_sampling_model(ckpt: str, weights: str = "ema", vae: str | None = None)
 
 
 def pick_modality(requested: str | None, tokenizers: dict[str, Any]) -> str:
+    """The modality to sample: the one asked for, or the checkpoint's first.
+
+    Args:
+        requested: The `modality` key; None for the checkpoint's first modality.
+        tokenizers: The checkpoint's tokenizers by modality.
+
+    Returns:
+        A modality the checkpoint has.
+
+    Raises:
+        ValueError: The checkpoint has no such modality.
+    """
     if requested is None:
         return next(iter(tokenizers))
     if requested not in tokenizers:
@@ -62,7 +92,21 @@ def pick_modality(requested: str | None, tokenizers: dict[str, Any]) -> str:
 
 
 def resolve_labels(labels, num_samples: int, num_classes: int, null_class: int) -> Tensor:
-    """Given class ids cycled to num_samples, or all classes round-robin, or the null label if unconditional."""
+    """Given class ids cycled to num_samples, or all classes round-robin, or the null label if unconditional.
+
+    Args:
+        labels (int | Sequence[int] | None): The `labels` key: class ids (or the null label); None
+            for every class round-robin.
+        num_samples: N, the samples to generate.
+        num_classes: The model's classes (0 for an unconditional model).
+        null_class: The model's null label.
+
+    Returns:
+        [N] long class ids.
+
+    Raises:
+        ValueError: `num_samples` < 1, or a label that is not a class id nor the null label.
+    """
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     if labels is None:
@@ -81,7 +125,16 @@ def resolve_labels(labels, num_samples: int, num_classes: int, null_class: int) 
 
 def size_rows(model, tokenizer, count: int) -> Tensor | None:
     """[count, 6] size conditioning of a multi-aspect model: an uncropped image of the size generated (None for a
-    model without size conditioning)."""
+    model without size conditioning).
+
+    Args:
+        model (nn.Module): The sampling model; size conditioning when it has a `size_embedder`.
+        tokenizer (Tokenizer): The image tokenizer, whose `image_size` is generated.
+        count: The rows.
+
+    Returns:
+        [count, 6] (height, width, crop top, crop left, height, width), or None.
+    """
     if getattr(model, "size_embedder", None) is None:
         return None
     height, width = tokenizer.image_size
@@ -93,7 +146,20 @@ def sampling_condition(
 ) -> Condition:
     """The N samples' condition: class labels (given ids cycled, else every class round-robin), the prompt for a
     text model (its label then conditions on nothing unless labels are given), size conditioning for a multi-aspect
-    model."""
+    model.
+
+    Args:
+        model (nn.Module): The sampling model (`num_classes`, `null_class`).
+        tokenizer (Tokenizer): The generated modality's tokenizer.
+        tokenizers: Every tokenizer of the checkpoint (`text` for a text model).
+        labels (int | Sequence[int] | None): Class ids cycled over the samples; None for every class
+            round-robin (or none for a text model).
+        num_samples: N, the samples to generate.
+        prompt (str | Sequence[str] | None): The caption, or captions cycled over the samples.
+
+    Returns:
+        The condition of the N samples.
+    """
     text = prompt_text(tokenizers, prompt, num_samples)
     ids = resolve_labels(labels, num_samples, model.num_classes, model.null_class)
     if text is not None and labels is None:  # text models: the caption is the condition
@@ -102,11 +168,32 @@ def sampling_condition(
 
 
 def solver_options(sampler: str, sde_last_step: float, sde_last_step_mode: str) -> dict[str, Any]:
-    """The solver's own settings: the sde sampler's last step (level and form)."""
+    """The solver's own settings: the sde sampler's last step (level and form).
+
+    Args:
+        sampler: The solver's name.
+        sde_last_step: The level where the SDE's stochastic steps end.
+        sde_last_step_mode: `mean` or `euler`, the SDE's last step.
+
+    Returns:
+        Keyword arguments for the solver (empty for the ODE solvers).
+    """
     return {"last_step": sde_last_step, "last_step_mode": sde_last_step_mode} if sampler == "sde" else {}
 
 
 def batches(count: int, size: int) -> list[range]:
+    """Consecutive index ranges of at most `size` covering range(count).
+
+    Args:
+        count: The indices to cover.
+        size: The batch size.
+
+    Returns:
+        The ranges in order; the last may be shorter.
+
+    Raises:
+        ValueError: `size` < 1.
+    """
     if size < 1:
         raise ValueError(f"batch_size={size} must be >= 1")
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
@@ -114,7 +201,24 @@ def batches(count: int, size: int) -> list[range]:
 
 @dataclass
 class SamplingPlan:
-    """What to generate: the samples' condition (N rows), the solver and guidance, the noise seed."""
+    """What to generate: the samples' condition (N rows), the solver and guidance, the noise seed.
+
+    Attributes:
+        tokenizer: The generated modality's tokenizer (positions, channels, decoding).
+        condition: The N samples' condition; its batch size is the number of samples.
+        solver: `euler`, `heun` or `sde`.
+        steps: Velocity evaluations per sample (NFE).
+        cfg_scale: The guidance scale; 1 is no guidance.
+        guidance_interval: (lo, hi) the noise levels where guidance applies.
+        shift: Warps the solver's levels toward noise for shift > 1.
+        solver_options: The solver's own settings (see `solver_options`).
+        precision: `auto`, `bf16` or `fp32` autocast of the model calls.
+        seed: Sample i's noise depends on (seed, i) only.
+        batch_size: Samples per model batch.
+        init: A raw sample to refine (noised to `strength`) instead of starting from noise; None for
+            none.
+        strength: The level `init` is noised to.
+    """
 
     tokenizer: Tokenizer
     condition: Condition
@@ -143,7 +247,18 @@ class SamplingPlan:
 def generate_batches(
     model, plan: SamplingPlan, on_evaluation: Callable[[], None] | None = None, parts: list[range] | None = None
 ) -> Iterator[tuple[range, Tensor, Generation]]:
-    """(indices, decoded samples, generation) of each batch of the plan (or of `parts`, a subset of its indices)."""
+    """(indices, decoded samples, generation) of each batch of the plan (or of `parts`, a subset of its indices).
+
+    Args:
+        model (nn.Module): The sampling model: `velocity(x, t, pos, condition, modality)`,
+            `num_classes`, `null_class`.
+        plan: What to generate.
+        on_evaluation: Called once per velocity evaluation (progress reporting).
+        parts: Index ranges to generate; None for every batch of the plan.
+
+    Yields:
+        (indices, decoded float samples, the batch's generation) per batch.
+    """
     for part in parts if parts is not None else batches(plan.num_samples, plan.batch_size):
         condition = plan.condition.select(slice(part.start, part.stop))
         noise = NoiseSource(generators=sample_generators(plan.seed, part))
@@ -184,7 +299,21 @@ def job_settings(
 ) -> dict[str, Any]:
     """What decides a job's samples, as job.json keeps it: the weights (by content), the tokenizer (a VAE by its
     fingerprint), the solver, guidance, precision as resolved on `device`, seed, count and chunking, and what the user
-    asked for (`requests`: labels, prompt, size, ...). A restart with other settings is refused."""
+    asked for (`requests`: labels, prompt, size, ...). A restart with other settings is refused.
+
+    Args:
+        model (nn.Module): The sampling model: `velocity(x, t, pos, condition, modality)`,
+            `num_classes`, `null_class`.
+        tokenizer: The generated modality's tokenizer.
+        modality: The generated modality.
+        plan: What is generated.
+        device: Where the model runs (resolves the precision).
+        chunk_size: Samples per chunk file.
+        requests: What the user asked for (labels, prompt, size, ...), kept as given.
+
+    Returns:
+        The settings, JSON-able.
+    """
     autocast = autocast_dtype(device, plan.precision)
     return {
         "model_sha256": state_digest(model),
@@ -207,7 +336,14 @@ def job_settings(
 
 
 def state_digest(module: torch.nn.Module) -> str:
-    """sha256 of a model's tensors (names, dtypes, shapes, bytes): which weights sample, wherever the file lies."""
+    """sha256 of a model's tensors (names, dtypes, shapes, bytes): which weights sample, wherever the file lies.
+
+    Args:
+        module: The model.
+
+    Returns:
+        The hex digest of its state_dict.
+    """
     digest = hashlib.sha256()
     for name, tensor in module.state_dict().items():
         tensor = tensor.detach().cpu().contiguous()
@@ -218,12 +354,28 @@ def state_digest(module: torch.nn.Module) -> str:
 
 def stored_form(io: ModalityIO, samples: Tensor) -> np.ndarray:
     """Decoded samples as a chunk keeps them: images as their uint8 pixels [B, C, H, W] (what every image file and
-    samples.npz hold), other modalities as float32."""
+    samples.npz hold), other modalities as float32.
+
+    Args:
+        io: The modality's file handling (`arrays`: stored as uint8 pixels).
+        samples: Decoded samples, images in [0, 1].
+
+    Returns:
+        The samples as the chunk file keeps them.
+    """
     return writers.quantize(samples).cpu().numpy() if io.arrays else samples.float().cpu().numpy()
 
 
 def decoded_form(io: ModalityIO, stored: np.ndarray) -> Tensor:
-    """A chunk's samples as the writers and metrics take them: float, images in [0, 1]."""
+    """A chunk's samples as the writers and metrics take them: float, images in [0, 1].
+
+    Args:
+        io: The modality's file handling.
+        stored: The samples as a chunk file keeps them.
+
+    Returns:
+        Float samples, images in [0, 1].
+    """
     samples = torch.from_numpy(stored)
     return samples.float() / 255 if io.arrays else samples
 
@@ -237,7 +389,20 @@ def sample_chunks(
     on_evaluation: Callable[[], None] | None = None,
 ) -> int:
     """Sample the given chunks batch by batch (per-sample files as each batch comes), then write each chunk's file;
-    returns the model forward passes taken."""
+    returns the model forward passes taken.
+
+    Args:
+        model (nn.Module): The sampling model: `velocity(x, t, pos, condition, modality)`,
+            `num_classes`, `null_class`.
+        plan: What the job generates.
+        store: The job's chunk files.
+        chunks: The chunk numbers to sample (those not written yet).
+        writer: Writes the per-sample files.
+        on_evaluation: Called once per velocity evaluation (progress reporting).
+
+    Returns:
+        The model forward passes taken.
+    """
     model_calls = 0
     for chunk in chunks:
         indices = store.ranges[chunk]
@@ -253,7 +418,17 @@ def sample_chunks(
 
 class SampleWriter:
     """Per-sample files as each batch comes (unless `per_sample_files` is off), then, from the job's chunk files, a
-    preview picture and (images) samples.npz."""
+    preview picture and (images) samples.npz.
+
+    Args:
+        modality: The generated modality.
+        tokenizer: Its tokenizer (decoding details the writers need, e.g. the sample rate).
+        out_dir: The job's folder.
+        upscale: Pixel repeat of the per-sample pictures.
+        grid_upscale: Pixel repeat of the preview picture.
+        grid_max: The most samples in the preview.
+        per_sample_files: Write one file per sample.
+    """
 
     def __init__(
         self,
@@ -270,6 +445,12 @@ class SampleWriter:
         self.per_sample_files = per_sample_files
 
     def add(self, samples: Tensor, indices: range) -> None:
+        """Write one batch's per-sample files, named by their index (000042).
+
+        Args:
+            samples: The batch's decoded samples.
+            indices: Their indices in the job.
+        """
         if self.per_sample_files:
             self.io.write(
                 samples, self.out_dir / self.io.folder, [f"{i:06d}" for i in indices], self.tokenizer, self.upscale
@@ -280,7 +461,20 @@ class SampleWriter:
     ) -> dict[str, Path]:
         """Read the chunks in index order, one at a time: the first `grid_max` samples make the preview, images
         stream into samples.npz (uint8 [N, H, W, 3] under arr_0, and labels), and `visit(samples, labels)` sees
-        every chunk (metrics). Returns the files written, by kind."""
+        every chunk (metrics). Returns the files written, by kind.
+
+        Args:
+            store: The job's chunk files, all written.
+            labels: [N] the job's labels, checked against each chunk's.
+            nrow: Samples per row of the preview; None for a square-ish grid.
+            visit: Called with (samples, labels) of every chunk; None for nothing.
+
+        Returns:
+            Kind (`npz`, the per-sample folder, the preview) -> its path.
+
+        Raises:
+            ValueError: A chunk holds other labels than the job's.
+        """
         dtype = np.dtype(np.uint8 if self.io.arrays else np.float32)
         sample_shape = tuple(store.sample_header(0).shape[1:])
         preview: list[Tensor] = []

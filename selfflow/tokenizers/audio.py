@@ -19,14 +19,34 @@ PEAK_LIMIT = 10 ** (-1 / 20)  # -1 dBFS: decoded and written audio never comes c
 
 def limit_peak(wave: Tensor, limit: float = PEAK_LIMIT) -> Tensor:
     """wave: [..., S] -> the same, each clip whose peak exceeds `limit` scaled down to peak there (quieter clips
-    keep their level) and NaN/inf samples silenced, so that no decoded sample reaches a speaker at full scale."""
+    keep their level) and NaN/inf samples silenced, so that no decoded sample reaches a speaker at full scale.
+
+    Args:
+        wave: [..., S] waves in [-1, 1] full scale.
+        limit: The highest peak a clip may keep (PEAK_LIMIT = -1 dBFS).
+
+    Returns:
+        [..., S] waves with finite samples and peaks at most `limit`.
+    """
     wave = torch.nan_to_num(wave, nan=0.0, posinf=0.0, neginf=0.0)
     peak = wave.abs().amax(dim=-1, keepdim=True)
     return wave * (limit / peak.clamp_min(limit))
 
 
 def as_mono_batch(wave: Tensor, num_samples: int, what: str) -> Tensor:
-    """[B, S] or [B, 1, S] -> [B, S] float32, or a ValueError naming the expected length."""
+    """[B, S] or [B, 1, S] -> [B, S] float32, or a ValueError naming the expected length.
+
+    Args:
+        wave: [B, S] or [B, 1, S] mono waves.
+        num_samples: S, the length the caller expects.
+        what: Who expects it, for the error message.
+
+    Returns:
+        [B, S] float32 waves.
+
+    Raises:
+        ValueError: The waves are not mono or not `num_samples` long.
+    """
     if wave.ndim == 3 and wave.shape[1] == 1:
         wave = wave[:, 0]
     if wave.ndim != 2 or wave.shape[1] != num_samples:
@@ -53,6 +73,23 @@ class AudioMelTokenizer(Tokenizer):
     start), returning waves [B, S]; round trips are close, not exact (see tests/test_tokenizer_audio.py). Tokens
     are clamped to the tokenizer's range [-1, 1] (silence to `ceiling`) before inversion and the waves limited to
     PEAK_LIMIT (-1 dBFS), so that an untrained or unstable model's samples stay bounded.
+
+    Args:
+        sample_rate: Samples per second of the waves.
+        duration: Seconds of a clip generation starts from.
+        n_fft: FFT size of the short-time Fourier transform.
+        hop_length: Wave samples between spectrogram frames.
+        n_mels: Mel bins of the spectrogram.
+        patch_frames: pf, spectrogram frames per patch; divides the frame count.
+        patch_mels: pm, mel bins per patch; divides `n_mels`.
+        f_min: Lowest frequency of the mel filterbank, in Hz.
+        f_max: Highest frequency of the mel filterbank, in Hz; None for half the sample rate.
+        floor: Mel magnitude mapped to -1 (silence); added before the log.
+        ceiling: Mel magnitude mapped to +1.
+        griffin_lim_iters: Griffin-Lim iterations of `decode`.
+
+    Raises:
+        ValueError: The patches do not divide the spectrogram, or not 0 < floor < ceiling.
     """
 
     modality = "audio"
@@ -104,7 +141,17 @@ class AudioMelTokenizer(Tokenizer):
         return self.hop_length * self.patch_frames
 
     def at_samples(self, num_samples: int) -> AudioMelTokenizer:
-        """The same tokenizer for clips of `num_samples` samples (another duration), sharing its transforms."""
+        """The same tokenizer for clips of `num_samples` samples (another duration), sharing its transforms.
+
+        Args:
+            num_samples: The new clip length, a whole number of `samples_per_patch`.
+
+        Returns:
+            This tokenizer when the length is unchanged, otherwise a shallow copy at the new length.
+
+        Raises:
+            ValueError: `num_samples` is not a positive multiple of `samples_per_patch`.
+        """
         if num_samples == self.num_samples:
             return self
         if num_samples < self.samples_per_patch or num_samples % self.samples_per_patch:
@@ -121,13 +168,27 @@ class AudioMelTokenizer(Tokenizer):
         return other
 
     def at_duration(self, seconds: float) -> AudioMelTokenizer:
-        """The same tokenizer for clips of `seconds` (e.g. to sample another duration)."""
+        """The same tokenizer for clips of `seconds` (e.g. to sample another duration).
+
+        Args:
+            seconds: The new clip duration, a whole number of time patches.
+
+        Returns:
+            The tokenizer of `at_samples` for that many samples.
+        """
         return self.at_samples(round(seconds * self.sample_rate))
 
     at_length = at_duration  # length buckets are in seconds for audio (data.dataset.durations)
 
     def log_mel(self, wave: Tensor) -> Tensor:
-        """wave: [B, 1, S] or [B, S] -> normalised log-mel [B, n_mels, frames] (silence -1, loud about +1)."""
+        """wave: [B, 1, S] or [B, S] -> normalised log-mel [B, n_mels, frames] (silence -1, loud about +1).
+
+        Args:
+            wave: [B, 1, S] or [B, S] mono waves of this tokenizer's length.
+
+        Returns:
+            [B, n_mels, frames] log-mel spectrogram in about [-1, 1], computed in float32.
+        """
         wave = as_mono_batch(wave, self.num_samples, "audio tokenizer")
         with torch.autocast(wave.device.type, enabled=False):
             mel = self.mel(wave)[..., : self.frames]  # centred STFT frames, the last one (past the end) dropped
@@ -135,20 +196,44 @@ class AudioMelTokenizer(Tokenizer):
 
     def encode(self, wave: Tensor) -> Tokens:
         """wave: [B, 1, S] or [B, S]; S may differ from the configured duration (duration buckets) when it is a
-        whole number of time patches: the token count follows it."""
+        whole number of time patches: the token count follows it.
+
+        Args:
+            wave: [B, 1, S] or [B, S] mono waves.
+
+        Returns:
+            Tokens with x: [B, (frames/pf)(n_mels/pm), pf pm] and ids (t, h, 0, 0).
+        """
         tokenizer = self.at_samples(wave.shape[-1])
         spec = tokenizer.log_mel(wave)
         x = rearrange(spec, "b (h q) (t p) -> b (t h) (p q)", p=self.patch_frames, q=self.patch_mels)
         return Tokens(x=x, pos=tokenizer.positions(spec.shape[0], spec.device), modality=self.modality)
 
     def tokens_to_log_mel(self, x: Tensor) -> Tensor:
-        """x: [B, N, pf pm] -> normalised log-mel [B, n_mels, frames]."""
+        """x: [B, N, pf pm] -> normalised log-mel [B, n_mels, frames].
+
+        Args:
+            x: [B, N, pf pm] tokens of this tokenizer's duration.
+
+        Returns:
+            [B, n_mels, frames] normalised log-mel spectrogram.
+        """
         t, h = self.grid
         return rearrange(x, "b (t h) (p q) -> b (h q) (t p)", t=t, h=h, p=self.patch_frames, q=self.patch_mels)
 
     def decode(self, x: Tensor) -> Tensor:
         """x: [B, N, pf pm] -> waves [B, S] with peaks <= PEAK_LIMIT (mel inversion + Griffin-Lim); S follows N
-        (duration buckets)."""
+        (duration buckets).
+
+        Args:
+            x: [B, N, pf pm] tokens, N a whole number of time patches.
+
+        Returns:
+            [B, S] waves, S = the time patches times `samples_per_patch`.
+
+        Raises:
+            ValueError: N is not a whole number of time patches.
+        """
         time_patches, bands = divmod(x.shape[1], self.grid[1])
         if bands or not time_patches:
             raise ValueError(f"{x.shape[1]} audio tokens are not whole time patches of {self.grid[1]} tokens")
@@ -178,5 +263,13 @@ class AudioMelTokenizer(Tokenizer):
             )
 
     def positions(self, batch_size: int, device=None) -> Tensor:
-        """ids (t, h, 0, 0): t = time patch, h = frequency patch."""
+        """ids (t, h, 0, 0): t = time patch, h = frequency patch.
+
+        Args:
+            batch_size: B, the number of samples.
+            device (torch.device | str | None): Where the ids are made; None for the default device.
+
+        Returns:
+            [B, N, 4] long ids, row-major over (time patch, frequency patch).
+        """
         return grid_positions(*self.grid, 1, batch_size, device)

@@ -15,6 +15,14 @@ class ImagePatchTokenizer(Tokenizer):
 
     `decode` is the exact inverse (back to [0, 1], clamped). `image_size` is the size generation starts from;
     `encode` takes any size whose sides are whole patches (multi-aspect batches), with ids from the actual grid.
+
+    Args:
+        patch_size: p, the side of a square patch in pixels.
+        channels: C, the image channels (3 for RGB, or an autoencoder's latent channels).
+        image_size: The size generation starts from, one side or (H, W), divisible by `patch_size`.
+
+    Raises:
+        ValueError: `patch_size` does not divide the image size.
     """
 
     modality = "image"
@@ -32,6 +40,17 @@ class ImagePatchTokenizer(Tokenizer):
         self.token_channels = channels * patch_size * patch_size
 
     def encode(self, images: Tensor) -> Tokens:
+        """Images -> patch tokens, with ids from the images' own grid (any multiple of the patch).
+
+        Args:
+            images: [B, C, H, W] in [0, 1], H and W multiples of `patch_size`.
+
+        Returns:
+            Tokens with x: [B, (H/p)(W/p), C p p] in [-1, 1] and ids (0, h, w, 0).
+
+        Raises:
+            ValueError: The channels differ from `channels` or a side is not whole patches.
+        """
         b, c, h, w = images.shape
         p = self.patch_size
         if c != self.channels or h % p or w % p:
@@ -44,14 +63,30 @@ class ImagePatchTokenizer(Tokenizer):
         return Tokens(x=x, pos=self.positions(b, images.device, grid=(h // p, w // p)), modality=self.modality)
 
     def decode(self, x: Tensor) -> Tensor:
-        """x: [B, N, C p p] -> images [B, C, H, W] in [0, 1]."""
+        """x: [B, N, C p p] -> images [B, C, H, W] in [0, 1].
+
+        Args:
+            x: [B, N, C p p] tokens of an `image_size` image.
+
+        Returns:
+            [B, C, H, W] images in [0, 1] (clamped).
+        """
         gh, gw = self.grid
         p = self.patch_size
         images = rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=gh, w=gw, p=p, q=p)
         return ((images + 1) / 2).clamp(0, 1)
 
     def positions(self, batch_size: int, device=None, grid: tuple[int, int] | None = None) -> Tensor:
-        """[B, gh gw, 4] ids (0, h, w, 0) of a `grid` of patches (default: that of `image_size`)."""
+        """[B, gh gw, 4] ids (0, h, w, 0) of a `grid` of patches (default: that of `image_size`).
+
+        Args:
+            batch_size: B, the number of samples.
+            device (torch.device | str | None): Where the ids are made; None for the default device.
+            grid: (gh, gw) patches per side; None for the grid of `image_size`.
+
+        Returns:
+            [B, gh gw, 4] long ids, row-major over the grid.
+        """
         gh, gw = grid or self.grid
         h, w = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
         zeros = torch.zeros_like(h)
