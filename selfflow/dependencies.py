@@ -36,6 +36,8 @@ class Dependency:
         """The pip command that installs this package as selfflow declares it."""
         if self.package in ("torch", "torchaudio"):
             return f"pip install {TORCH_SET}"
+        if self.package == "torchvision":
+            return f"pip install {TORCH_SET} 'torchvision>=0.28,<0.30' (in one command: they must match)"
         if self.extra is None:
             return f"pip install --force-reinstall '{self.package}' (or pip install -e . again)"
         return f"pip install 'selfflow[{self.extra}]'"
@@ -59,6 +61,9 @@ DEPENDENCIES = (
     Dependency("flash_attn", "flash-attn", "flash", "flash-attn kernels on NVIDIA GPUs"),
 )
 BY_MODULE = {dependency.module: dependency for dependency in DEPENDENCIES}
+# what a package that does not load raises: a missing module or symbol, a native library that does not open, a
+# compiled extension that does not register (torchvision's "operator torchvision::nms does not exist")
+LOAD_ERRORS = (ImportError, OSError, RuntimeError)
 SITE_PACKAGE = re.compile(r"(?:site|dist)-packages/([A-Za-z0-9_]+)")
 
 
@@ -75,8 +80,8 @@ def failing_dependency(error: BaseException) -> Dependency | None:
     library path in the message (a native library that does not load), or by the package whose code raised it.
     Hydra's own loader errors (a misspelt `_target_`) name no dependency."""
     for link in _chain(error):
-        if not isinstance(link, (ImportError, OSError)):
-            continue
+        if not (isinstance(link, ImportError) or (isinstance(link, LOAD_ERRORS) and _raised_by_import(link))):
+            continue  # an OSError or RuntimeError at run time is the code's, not a broken install
         names = [(getattr(link, "name", None) or "").partition(".")[0]]
         names += SITE_PACKAGE.findall(str(link))
         innermost = traceback.extract_tb(link.__traceback__)[-1:]
@@ -87,13 +92,19 @@ def failing_dependency(error: BaseException) -> Dependency | None:
     return None
 
 
+def _raised_by_import(error: BaseException) -> bool:
+    """Whether `error` was raised while a module was being imported: by a module's top-level code, below the
+    frame that caught it (Python leaves importlib's own frames out of tracebacks)."""
+    return any(frame.name == "<module>" for frame in traceback.extract_tb(error.__traceback__)[1:])
+
+
 def explain_import_failure(error: BaseException) -> str | None:
     """One line for a dependency that fails to import: the package, the installed versions of it and of torch, what
     went wrong and the fix. None when `error` is not a dependency's import failure."""
     dependency = failing_dependency(error)
     if dependency is None:
         return None
-    cause = next(e for e in _chain(error) if isinstance(e, (ImportError, OSError)))
+    cause = next(e for e in _chain(error) if isinstance(e, LOAD_ERRORS))
     version = installed_version(dependency.package)
     if version is None:
         what = f"{dependency.package} is not installed"

@@ -43,11 +43,35 @@ NATIVE_FAILURE = (
 )
 
 
-def test_a_native_library_that_does_not_load_is_named_with_the_versions_and_the_fix():
-    message = explain_import_failure(OSError(NATIVE_FAILURE))
+def import_failing_with(error: str, tmp_path, monkeypatch) -> BaseException:
+    """What importing a module whose top-level code raises `error` (e.g. a native library that does not open)
+    raises."""
+    (tmp_path / "broken_native.py").write_text(f"raise {error}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(Exception) as raised:
+        import broken_native  # noqa: F401
+    return raised.value
+
+
+def test_a_native_library_that_does_not_load_is_named_with_the_versions_and_the_fix(tmp_path, monkeypatch):
+    message = explain_import_failure(import_failing_with(f"OSError({NATIVE_FAILURE!r})", tmp_path, monkeypatch))
     assert message.startswith("torchaudio ") and "does not load beside torch " in message
     assert "undefined symbol" in message and "/venv/" not in message
     assert "pip install 'torch>=2.13,<2.15' 'torchaudio>=2.11.1,<2.12'" in message
+
+
+def test_an_extension_that_does_not_register_names_the_matching_install(tmp_path, monkeypatch):
+    failure = "RuntimeError('operator torchvision::nms does not exist: /v/site-packages/torchvision/_meta.py')"
+    message = explain_import_failure(import_failing_with(failure, tmp_path, monkeypatch))
+    assert message.startswith("torchvision ") and "'torchvision>=0.28,<0.30' (in one command" in message
+
+
+def test_an_error_of_a_library_at_run_time_is_not_blamed_on_the_install(tmp_path):
+    import torch
+
+    with pytest.raises(OSError) as missing:  # raised inside torch's code, not while importing it
+        torch.load(tmp_path / "missing.pt")
+    assert explain_import_failure(missing.value) is None
 
 
 def test_a_missing_extra_is_named_with_its_pip_command(monkeypatch):
