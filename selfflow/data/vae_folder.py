@@ -84,17 +84,22 @@ def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):
     return vae.eval().requires_grad_(False)
 
 
-def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
-    """Pixels per latent position along a side, from the VAE's config.json: 2 per down block after the first (8 for
-    SD-VAE and FLUX)."""
+def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, int]:
+    """(latent channels, pixels per latent position along a side) from the VAE's config.json: the factor is 2 per
+    down block after the first (8 for SD-VAE and FLUX)."""
     path = vae_folder(folder, key) / "config.json"
     try:
-        blocks = json.loads(path.read_text())["block_out_channels"]
-        return 2 ** (len(blocks) - 1)
-    except (ValueError, KeyError, TypeError) as error:
+        config = json.loads(path.read_text())
+        return int(config.get("latent_channels", 4)), 2 ** (len(config["block_out_channels"]) - 1)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(
             f"{key}={folder}: {path} has no list block_out_channels ({error}); not an AutoencoderKL config"
         ) from error
+
+
+def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
+    """Pixels per latent position along a side (`latent_geometry`)."""
+    return latent_geometry(folder, key)[1]
 
 
 def point_vae_keys(config, folder: str | os.PathLike) -> None:
