@@ -378,12 +378,15 @@ def save_official(
     return released
 
 
-def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weights: str = "ema") -> Path:
+def export_official(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, weights: str = "ema", vae: str | None = None
+) -> Path:
     """A `selfflow-train` checkpoint of a released-layout run (experiment=imagenet256) as a .pt file of plain tensors
-    that the released model code loads with strict=True: the EMA (or online) weights and the projection head."""
+    that the released model code loads with strict=True: the EMA (or online) weights and the projection head.
+    vae: the run's VAE folder (a path a checkpoint stores is never loaded)."""
     from selfflow.interop.checkpoint import load_checkpoint, read_checkpoint
 
-    loaded = load_checkpoint(checkpoint, weights)
+    loaded = load_checkpoint(checkpoint, weights, vae)
     tokenizer = loaded.tokenizers.get("image")
     if tokenizer is None or not hasattr(tokenizer, "latent_shape"):
         raise ValueError(
