@@ -52,7 +52,7 @@ def bounded_bytes(shape: Sequence[Any], itemsize: int, bound: int, what: str) ->
     Returns:
         The total in bytes.
     """
-    sizes = [bounded_size(n, bound, f"{what} (a size of {list(shape)})", minimum=0) for n in shape]
+    sizes = [bounded_size(n, 1 << 63, f"{what} (a size of {list(shape)})", minimum=0) for n in shape]
     total = math.prod(sizes) * itemsize
     if total > bound:
         raise FileSizeError(
