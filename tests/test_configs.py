@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from selfflow.training.build import build_module, build_run, tokenizer_configs
 from selfflow.training.datamodule import has_captions, sample_geometry
 from selfflow.training.validate import ConfigError, validate_config
-from tests.helpers.configs import TINY_SIZES, compose_plain, compose_train
+from tests.helpers.configs import TINY, TINY_SIZES, compose_plain, compose_train
 from tests.helpers.files import write_folder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -339,3 +339,19 @@ def test_data_on_bad_file_is_one_key_for_both_splits(name, tmp_path):
     assert OmegaConf.to_container(cfg.data, resolve=True)["dataset"]["on_bad_file"] == "error"
     with pytest.raises(ValueError, match="data.on_bad_file='sometimes'"):
         SelfFlowDataModule.from_splits([1], [1], "image", on_bad_file="sometimes")
+
+
+def callback_names() -> list[str]:
+    import yaml
+
+    return sorted(yaml.safe_load((CONF / "callbacks" / "default.yaml").read_text()))
+
+
+@pytest.mark.parametrize("name", callback_names())
+def test_removing_any_one_callback_leaves_the_others_building(name, tmp_path):
+    """`~callbacks.<name>` alone: no other callback interpolates from it (the full default set, tiny sizes)."""
+    every_callback = [o for o in TINY if not o.startswith("~callbacks.")]
+    cfg = compose_train([f"~callbacks.{name}"], tmp_path / "run", tiny=every_callback)
+    OmegaConf.resolve(cfg)  # an interpolation into the removed callback fails here
+    assert name not in cfg.callbacks and len(cfg.callbacks) == len(callback_names()) - 1
+    validate_config(cfg)  # and every remaining callback builds
