@@ -355,3 +355,83 @@ def test_removing_any_one_callback_leaves_the_others_building(name, tmp_path):
     OmegaConf.resolve(cfg)  # an interpolation into the removed callback fails here
     assert name not in cfg.callbacks and len(cfg.callbacks) == len(callback_names()) - 1
     validate_config(cfg)  # and every remaining callback builds
+
+
+FILE_SUFFIXES = {"json", "safetensors", "pt", "pth", "ckpt", "npz", "npy", "yaml", "py", "csv", "tsv", "txt", "png"}
+
+
+def config_key_paths() -> dict[str, str | None]:
+    """Every key path (and each prefix) that conf/ can put in a composed config, with the `_target_` of its node:
+    the top-level configs, each group option under its group (at the top for `# @package _global_` files) and the
+    options a defaults list places elsewhere (`digits@sources.image`), read as plain YAML."""
+    import yaml
+
+    paths: dict[str, str | None] = {}
+
+    def walk(node, prefix: str, group: str) -> None:
+        if prefix:
+            paths[prefix] = node.get("_target_") if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return
+        for item in node.get("defaults") or []:
+            if isinstance(item, str) and "@" in item:  # option@package: that option's keys under the package
+                option, package = item.split("@")
+                walk(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()), f"{prefix}.{package}", group)
+        for key, value in node.items():
+            if key != "defaults":
+                walk(value, f"{prefix}.{key}" if prefix else str(key), group)
+
+    for path in CONF.rglob("*.yaml"):
+        text = path.read_text()
+        group = path.parent.relative_to(CONF).as_posix()
+        top = group == "." or text.startswith("# @package _global_")
+        walk(yaml.safe_load(text) or {}, "" if top else group, group)
+    for path in list(paths):  # the nodes between (data.sources of data.sources.image)
+        while "." in path:
+            path = path.rsplit(".", 1)[0]
+            paths.setdefault(path, None)
+    return paths
+
+
+def is_config_key(key: str, paths: dict[str, str | None]) -> bool:
+    """In conf/, or an argument of the class its parent node builds (settable with `+key=...`)."""
+    from selfflow.training.validate import target_parameters
+
+    parent, _, name = key.rpartition(".")
+    target = paths.get(parent)
+    return key in paths or (isinstance(target, str) and name in (target_parameters(target) or set()))
+
+
+def keys_named_in_error_messages() -> dict[str, str]:
+    """Dotted config keys (`data.dataset.image_size`) written in the string literals of every `raise` in selfflow/,
+    with where each is; the part of an f-string before a `{...}` counts up to its last whole name."""
+    import ast
+    import re
+
+    groups = {p.split(".")[0] for p in config_key_paths() if "." in p}
+    pattern = re.compile(rf"(?<![\w./-])((?:{'|'.join(sorted(groups))})(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(\.?)")
+    found: dict[str, str] = {}
+    for source in sorted((CONF.parent / "selfflow").rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            for string in ast.walk(node.exc):
+                parts = string.values if isinstance(string, ast.JoinedStr) else [string]
+                for index, part in enumerate(parts):
+                    if not (isinstance(part, ast.Constant) and isinstance(part.value, str)):
+                        continue
+                    for match in pattern.finditer(part.value):
+                        key = match.group(1)
+                        cut = match.end() == len(part.value) and index + 1 < len(parts) and not match.group(2)
+                        key = key.rsplit(".", 1)[0] if cut else key  # "x.y{z}": y may be half a name
+                        if key.rsplit(".", 1)[-1] not in FILE_SUFFIXES:
+                            found.setdefault(key, f"{source.relative_to(CONF.parent)}:{node.lineno}")
+    return found
+
+
+def test_every_config_key_an_error_message_names_exists():
+    known = config_key_paths()
+    named = keys_named_in_error_messages()
+    assert "data.dataset.image_size" in named and "trainer.max_steps" in named  # the walk sees f-strings too
+    missing = {key: where for key, where in named.items() if not is_config_key(key, known)}
+    assert not missing, f"error messages name config keys that conf/ does not have: {missing}"

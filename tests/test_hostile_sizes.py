@@ -188,3 +188,24 @@ def test_an_npz_header_declaring_more_than_its_member_holds_is_refused_under_a_m
     assert "declares [64, 4096, 4096, 3] (3,221,225,472 bytes)" in outcome["huge"], output
     assert "declares [64, 4096, 4096, 3]" in outcome["bomb"], output  # deflate bounds what 64 MB can expand to
     assert outcome["real"] == outcome["packed"] == "loaded", output
+
+
+# --- a checkpoint's data position is data like any other ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("state", ["ab", ["epoch"], {"epoch": 1}, {"epoch": -1, "batches_done": 0}, {"epoch": 1.5}])
+def test_a_crafted_data_position_in_a_checkpoint_is_refused_in_one_line(state):
+    from selfflow.training.data_order import stored_position
+    from selfflow.training.mixture import MixtureDataModule
+
+    with pytest.raises(ValueError) as refused:
+        stored_position(state)
+    assert "the checkpoint's data position" in one_line(refused.value)
+    assert "resume from a checkpoint selfflow wrote" in str(refused.value)
+    mixture = MixtureDataModule.__new__(MixtureDataModule)  # the load path of both data modules
+    with pytest.raises(ValueError, match="the checkpoint's data position"):
+        mixture.load_state_dict(state)
+    assert stored_position({}) is None and stored_position({"epoch": 2, "batches_done": 5}) == {
+        "epoch": 2,
+        "batches_done": 5,
+    }

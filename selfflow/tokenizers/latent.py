@@ -88,7 +88,8 @@ class VideoLatentTokenizer(Tokenizer):
         if tuple(video.shape[1:]) != self.sample_shape:
             raise ValueError(
                 f"video latent tokenizer expects [B, {', '.join(map(str, self.sample_shape))}], got "
-                f"{list(video.shape)}; set tokenizer.video.num_frames/channels/image_size to match the data"
+                f"{list(video.shape)}; the tokenizer takes num_frames, channels and image_size from "
+                f"data.dataset (a mixture: data.sources.video.dataset)"
             )
         with torch.no_grad():
             latent = self.autoencoder.encode(video * 2 - 1)
