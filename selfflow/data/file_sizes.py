@@ -31,7 +31,9 @@ def bounded_size(value: Any, bound: int, what: str, minimum: int = 1) -> int:
     """
     if isinstance(value, bool) or not isinstance(value, int):
         if not (isinstance(value, float) and value.is_integer()):
-            raise FileSizeError(f"{what} is {value!r:.60}, not a whole number; the file is damaged or foreign")
+            raise FileSizeError(
+                f"{what} is {value!r:.60}, not a whole number; the file is damaged or foreign"
+            )
         value = int(value)
     if not minimum <= value <= bound:
         raise FileSizeError(
@@ -52,7 +54,9 @@ def bounded_bytes(shape: Sequence[Any], itemsize: int, bound: int, what: str) ->
     Returns:
         The total in bytes.
     """
-    sizes = [bounded_size(n, 1 << 63, f"{what} (a size of {list(shape)})", minimum=0) for n in shape]
+    sizes = [
+        bounded_size(n, 1 << 63, f"{what} (a size of {list(shape)})", minimum=0) for n in shape
+    ]
     total = math.prod(sizes) * itemsize
     if total > bound:
         raise FileSizeError(

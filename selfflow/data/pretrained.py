@@ -25,7 +25,9 @@ from selfflow.data.vae_folder import vae_fingerprint
 
 
 @functools.lru_cache(maxsize=16)
-def _file_fingerprint(path: Path, stat: tuple) -> str:  # stat: part of the cache key, so an edited file rehashes
+def _file_fingerprint(
+    path: Path, stat: tuple
+) -> str:  # stat: part of the cache key, so an edited file rehashes
     digest = hashlib.sha256()
     file_digest(path, digest)
     return digest.hexdigest()
@@ -35,7 +37,9 @@ def file_fingerprint(path: str | os.PathLike, key: str) -> str:
     """sha256 of one file (a TorchScript autoencoder), refused in one line naming `key` when it is not a file."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"{key}={path} does not exist; point it at a TorchScript autoencoder (torch.jit.save)")
+        raise FileNotFoundError(
+            f"{key}={path} does not exist; point it at a TorchScript autoencoder (torch.jit.save)"
+        )
     stat = path.stat()
     return _file_fingerprint(path.resolve(), (stat.st_size, stat.st_mtime_ns))
 
@@ -83,7 +87,9 @@ def check_part(path: str | os.PathLike, expected: str | None, argument: str, key
     return found
 
 
-def parts_given(given: str | os.PathLike | Mapping[str, str] | None, modalities: list[str], source: str) -> dict:
+def parts_given(
+    given: str | os.PathLike | Mapping[str, str] | None, modalities: list[str], source: str
+) -> dict:
     """The user's `vae=` as {modality: path}: one path serves a model with one pretrained part; several parts need
     a mapping by modality."""
     if given is None:
@@ -108,7 +114,11 @@ def point_parts(config, given: str | os.PathLike | Mapping[str, str] | None, sou
         given: the user's `vae=`: a path, a {modality: path} mapping, or None.
         source: the checkpoint or export, named in refusals.
     """
-    named = {m: part_named_by(spec) for m, spec in config.tokenizer.items() if part_named_by(spec) is not None}
+    named = {
+        m: part_named_by(spec)
+        for m, spec in config.tokenizer.items()
+        if part_named_by(spec) is not None
+    }
     paths = parts_given(given, sorted(named), source)
     for modality, part in named.items():
         spec = config.tokenizer[modality]
@@ -121,17 +131,25 @@ def point_parts(config, given: str | os.PathLike | Mapping[str, str] | None, sou
         check_part(paths[modality], spec.get("fingerprint"), part.argument, "vae")
         spec[part.argument] = paths[modality]
     dataset = (config.get("data") or {}).get("dataset")
-    if dataset is not None and "vae" in dataset and "image" in paths:  # a latent cache follows the image VAE
+    if (
+        dataset is not None and "vae" in dataset and "image" in paths
+    ):  # a latent cache follows the image VAE
         dataset["vae"] = paths["image"]
 
 
-def check_stored_fingerprints(tokenizers: Mapping[str, Any], stored_config: Mapping[str, Any], source: str) -> None:
+def check_stored_fingerprints(
+    tokenizers: Mapping[str, Any], stored_config: Mapping[str, Any], source: str
+) -> None:
     """Resuming: each pretrained part the user's config names must be the one the checkpoint's run used (by
     fingerprint), whatever folder or file it is in now."""
     stored = (stored_config or {}).get("tokenizer") or {}
     for modality, tokenizer in tokenizers.items():
         spec = stored.get(modality) or {}
-        ours, theirs, part = getattr(tokenizer, "fingerprint", None), spec.get("fingerprint"), part_named_by(spec)
+        ours, theirs, part = (
+            getattr(tokenizer, "fingerprint", None),
+            spec.get("fingerprint"),
+            part_named_by(spec),
+        )
         if ours and theirs and part is not None and ours != theirs:
             key = f"tokenizer.{modality}.{part.argument}"
             raise ValueError(
