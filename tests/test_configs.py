@@ -349,7 +349,8 @@ def callback_names() -> list[str]:
 
 @pytest.mark.parametrize("name", callback_names())
 def test_removing_any_one_callback_leaves_the_others_building(name, tmp_path):
-    """`~callbacks.<name>` alone: no other callback interpolates from it (the full default set, tiny sizes)."""
+    """`~callbacks.<name>` alone: no other callback interpolates from it (the full default set, tiny
+    sizes)."""
     every_callback = [o for o in TINY if not o.startswith("~callbacks.")]
     cfg = compose_train([f"~callbacks.{name}"], tmp_path / "run", tiny=every_callback)
     OmegaConf.resolve(cfg)  # an interpolation into the removed callback fails here
@@ -361,9 +362,10 @@ FILE_SUFFIXES = {"json", "safetensors", "pt", "pth", "ckpt", "npz", "npy", "yaml
 
 
 def config_key_paths() -> dict[str, str | None]:
-    """Every key path (and each prefix) that conf/ can put in a composed config, with the `_target_` of its node:
-    the top-level configs, each group option under its group (at the top for `# @package _global_` files) and the
-    options a defaults list places elsewhere (`digits@sources.image`), read as plain YAML."""
+    """Every key path (and each prefix) that conf/ can put in a composed config, with the `_target_`
+    of its node: the top-level configs, each group option under its group (at the top for `#
+    @package _global_` files) and the options a defaults list places elsewhere
+    (`digits@sources.image`), read as plain YAML."""
     import yaml
 
     paths: dict[str, str | None] = {}
@@ -403,8 +405,9 @@ def is_config_key(key: str, paths: dict[str, str | None]) -> bool:
 
 
 def keys_named_in_error_messages() -> dict[str, str]:
-    """Dotted config keys (`data.dataset.image_size`) written in the string literals of every `raise` in selfflow/,
-    with where each is; the part of an f-string before a `{...}` counts up to its last whole name."""
+    """Dotted config keys (`data.dataset.image_size`) written in the string literals of every
+    `raise` in selfflow/, with where each is; the part of an f-string before a `{...}` counts up to
+    its last whole name."""
     import ast
     import re
 

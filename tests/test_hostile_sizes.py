@@ -1,7 +1,7 @@
-"""Files from others, second round: code named by a shared file (a TorchScript autoencoder path in a stored config)
-and sizes read from a file (a released checkpoint's depth and width, an .npz header). Each hostile file is built
-here; each test asserts a one-line refusal and that nothing else happened (no marker file, no allocation past a
-memory limit)."""
+"""Files from others, second round: code named by a shared file (a TorchScript autoencoder path in a
+stored config) and sizes read from a file (a released checkpoint's depth and width, an .npz header).
+Each hostile file is built here; each test asserts a one-line refusal and that nothing else happened
+(no marker file, no allocation past a memory limit)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,8 @@ def sha256(path: Path) -> str:
 
 
 def naming_an_autoencoder(kind: str, path: Path, fingerprint: str | None = None):
-    """An edit of a stored config: its image tokenizer becomes a latent tokenizer naming the file `path`."""
+    """An edit of a stored config: its image tokenizer becomes a latent tokenizer naming the file
+    `path`."""
     spec = {**LATENT_TOKENIZERS[kind], "autoencoder_path": str(path)}
     if fingerprint is not None:
         spec["fingerprint"] = fingerprint
@@ -56,18 +57,14 @@ def exported_with(tiny_checkpoint: Path, folder: Path, edit) -> Path:
     return folder
 
 
-# --- code named by a file: stored autoencoder paths are never loaded ---------------------------------------------
+# --- code named by a file: stored autoencoder paths are never loaded ------------------------------
 
 
 @pytest.mark.parametrize("kind", sorted(LATENT_TOKENIZERS))
-def test_a_stored_autoencoder_path_is_never_loaded_from_a_checkpoint_or_an_export(
-    tiny_checkpoint, tmp_path, kind
-):
+def test_a_stored_autoencoder_path_is_never_loaded_from_a_checkpoint_or_an_export(tiny_checkpoint, tmp_path, kind):
     marker = tmp_path / "pwned"
     evil = autoencoder_writing_on_load(tmp_path / "autoencoder.pt", marker)
-    edit = naming_an_autoencoder(
-        kind, evil, sha256(evil)
-    )  # even with its own fingerprint stored beside it
+    edit = naming_an_autoencoder(kind, evil, sha256(evil))  # even with its own fingerprint stored beside it
     checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", edit)
     export = exported_with(tiny_checkpoint, tmp_path / "export", edit)
     for source in (checkpoint, export):
@@ -85,14 +82,10 @@ def test_an_autoencoder_the_user_names_is_refused_before_it_loads_when_its_finge
     marker = tmp_path / "pwned"
     evil = autoencoder_writing_on_load(tmp_path / "autoencoder.pt", marker)
     trained_with = "0" * 64
-    checkpoint = crafted(
-        tiny_checkpoint, tmp_path / "evil.ckpt", naming_an_autoencoder(kind, evil, trained_with)
-    )
+    checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", naming_an_autoencoder(kind, evil, trained_with))
     with pytest.raises(ValueError) as refused:
         load_checkpoint(checkpoint, vae=str(evil))
-    assert f"vae={evil} holds another autoencoder (fingerprint {sha256(evil)[:16]})" in one_line(
-        refused.value
-    )
+    assert f"vae={evil} holds another autoencoder (fingerprint {sha256(evil)[:16]})" in one_line(refused.value)
     # the tokenizer itself checks before torch.jit.load, whoever builds it
     with pytest.raises(ValueError, match="holds another autoencoder"):
         AudioLatentTokenizer(str(evil), fingerprint=trained_with)
@@ -114,17 +107,13 @@ def test_an_autoencoder_fingerprint_is_the_sha256_of_its_file_taken_at_construct
 def test_sample_cli_refuses_a_stored_autoencoder_path_in_one_line(tiny_checkpoint, tmp_path):
     marker = tmp_path / "pwned"
     evil = autoencoder_writing_on_load(tmp_path / "autoencoder.pt", marker)
-    checkpoint = crafted(
-        tiny_checkpoint, tmp_path / "evil.ckpt", naming_an_autoencoder("audio", evil)
-    )
-    result = run_cli(
-        "selfflow.cli.sample", [f"ckpt={checkpoint}", f"out_dir={tmp_path / 'out'}"], tmp_path
-    )
+    checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", naming_an_autoencoder("audio", evil))
+    result = run_cli("selfflow.cli.sample", [f"ckpt={checkpoint}", f"out_dir={tmp_path / 'out'}"], tmp_path)
     assert_one_line_exit_2(result, "selfflow-sample", "a stored path is never loaded")
     assert not marker.exists()
 
 
-# --- sizes read from a file: one bound helper --------------------------------------------------------------------
+# --- sizes read from a file: one bound helper -----------------------------------------------------
 
 
 def test_sizes_read_from_a_file_are_whole_numbers_within_their_bound_and_products_never_wrap():
@@ -137,15 +126,13 @@ def test_sizes_read_from_a_file_are_whole_numbers_within_their_bound_and_product
         with pytest.raises(FileSizeError, match=f"f n is .*{message}"):
             bounded_size(value, 4, "f n")
     assert bounded_bytes([2, 3], 4, 24, "f x") == 24
-    with pytest.raises(
-        FileSizeError, match="declares \\[64, 4096, 4096, 3\\] \\(3,221,225,472 bytes\\)"
-    ):
+    with pytest.raises(FileSizeError, match="declares \\[64, 4096, 4096, 3\\] \\(3,221,225,472 bytes\\)"):
         bounded_bytes([64, 4096, 4096, 3], 1, 1 << 30, "f x")
     with pytest.raises(FileSizeError):  # 2**64 elements: a product in int64 would wrap to 0
         bounded_bytes([2**32, 2**32], 1, 1 << 40, "f x")
 
 
-# --- released checkpoints: sizes bounded, keys checked, the model built on meta first -----------------------------
+# --- released checkpoints: sizes bounded, keys checked, the model built on meta first -------------
 
 
 def test_a_released_checkpoint_naming_block_99999_is_refused_under_a_memory_limit(tmp_path):
@@ -161,15 +148,12 @@ def test_a_released_checkpoint_naming_block_99999_is_refused_under_a_memory_limi
     output = run_bounded(f"""
         from selfflow.interop.official import load_official
         for name in ("huge-depth", "huge-width"):
-            print(name + ":", refusal(lambda: load_official("{tmp_path}/" + name + ".pt", heads=2)))
+            load = lambda: load_official("{tmp_path}/" + name + ".pt", heads=2)
+            print(name + ":", refusal(load))
         """)
     outcome = lines_of(output)
-    assert "huge-depth.pt: the block count is 100000, outside [1, 512]" in outcome["huge-depth"], (
-        output
-    )
-    assert "does not fit this model" in outcome["huge-width"], (
-        output
-    )  # checked on meta: nothing allocated
+    assert "huge-depth.pt: the block count is 100000, outside [1, 512]" in outcome["huge-depth"], output
+    assert "does not fit this model" in outcome["huge-width"], output  # checked on meta: nothing allocated
 
 
 def test_a_partial_released_checkpoint_names_the_missing_entry():
@@ -183,23 +167,17 @@ def test_a_partial_released_checkpoint_names_the_missing_entry():
     assert "has no tensor 'final_layer.linear.weight'" in one_line(refused.value)
     state = released_state_dict()
     del state["blocks.1.mlp.fc2.bias"]
-    with pytest.raises(
-        ValueError, match="no tensor 'blocks.1.mlp.fc2.bias' \\(1 of the 32 entries"
-    ):
+    with pytest.raises(ValueError, match="no tensor 'blocks.1.mlp.fc2.bias' \\(1 of the 32 entries"):
         load_official(state, heads=2)
 
 
-# --- .npz headers: the declared bytes must fit in what the member holds --------------------------------------------
+# --- .npz headers: the declared bytes must fit in what the member holds ---------------------------
 
 
-def npz_with_header(
-    path: Path, shape: tuple[int, ...], data: bytes = b"", compress: int = zipfile.ZIP_STORED
-) -> Path:
+def npz_with_header(path: Path, shape: tuple[int, ...], data: bytes = b"", compress: int = zipfile.ZIP_STORED) -> Path:
     """An .npz whose arr_0 header declares uint8 `shape`, followed by `data` only."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(
-        header, {"descr": "|u1", "fortran_order": False, "shape": shape}
-    )
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
     with zipfile.ZipFile(path, "w", compression=compress) as archive:
         archive.writestr("arr_0.npy", header.getvalue() + data)
     return path
@@ -209,31 +187,25 @@ def test_an_npz_header_declaring_more_than_its_member_holds_is_refused_under_a_m
     tmp_path,
 ):
     npz_with_header(tmp_path / "huge.npz", (64, 4096, 4096, 3), b"\0" * 1000)
-    npz_with_header(
-        tmp_path / "bomb.npz", (64, 4096, 4096, 3), b"\0" * (64 << 20), zipfile.ZIP_DEFLATED
-    )
+    npz_with_header(tmp_path / "bomb.npz", (64, 4096, 4096, 3), b"\0" * (64 << 20), zipfile.ZIP_DEFLATED)
     np.savez(tmp_path / "real.npz", np.zeros((3, 8, 8, 3), np.uint8))
     np.savez_compressed(tmp_path / "packed.npz", np.zeros((3, 8, 8, 3), np.uint8))
     output = run_bounded(f"""
         from selfflow.evaluation.image_batches import npz_images
         for name in ("huge", "bomb", "real", "packed"):
-            source = lambda: sum(len(b) for b in npz_images("{tmp_path}/" + name + ".npz").batches(64))
-            print(name + ":", refusal(source))
+            path = "{tmp_path}/" + name + ".npz"
+            print(name + ":", refusal(lambda: sum(len(b) for b in npz_images(path).batches(64))))
         """)
     outcome = lines_of(output)
     assert "declares [64, 4096, 4096, 3] (3,221,225,472 bytes)" in outcome["huge"], output
-    assert "declares [64, 4096, 4096, 3]" in outcome["bomb"], (
-        output
-    )  # deflate bounds what 64 MB can expand to
+    assert "declares [64, 4096, 4096, 3]" in outcome["bomb"], output  # deflate bounds what 64 MB can expand to
     assert outcome["real"] == outcome["packed"] == "loaded", output
 
 
-# --- a checkpoint's data position is data like any other ---------------------------------------------------------
+# --- a checkpoint's data position is data like any other ------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "state", ["ab", ["epoch"], {"epoch": 1}, {"epoch": -1, "batches_done": 0}, {"epoch": 1.5}]
-)
+@pytest.mark.parametrize("state", ["ab", ["epoch"], {"epoch": 1}, {"epoch": -1, "batches_done": 0}, {"epoch": 1.5}])
 def test_a_crafted_data_position_in_a_checkpoint_is_refused_in_one_line(state):
     from selfflow.training.data_order import stored_position
     from selfflow.training.mixture import MixtureDataModule

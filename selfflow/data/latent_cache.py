@@ -91,7 +91,8 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     bounded_size(manifest["latent_channels"], MAX_LATENT_CHANNELS, f"{path} latent_channels")
     for side in manifest["latent_size"]:
         bounded_size(side, MAX_LATENT_SIDE, f"{path} latent_size")
-    bounded_size(len(manifest["class_names"]), MAX_CLASSES, f"{path} class_names (count)", minimum=0)
+    classes = len(manifest["class_names"])
+    bounded_size(classes, MAX_CLASSES, f"{path} class_names (count)", minimum=0)
     return manifest
 
 
@@ -115,9 +116,10 @@ def check_manifest(manifest: dict[str, Any], root: str, vae: str | os.PathLike, 
     wanted = [channels, [image_size // factor, image_size // factor]]
     if [manifest["latent_channels"], list(manifest["latent_size"])] != wanted:
         raise ValueError(
-            f"the latent cache data.root={root} declares latents of {manifest['latent_channels']} channels "
-            f"and size {manifest['latent_size']}, but tokenizer.image.vae={vae} at data.dataset.image_size="
-            f"{image_size} makes {wanted[0]} x {wanted[1]}; cache again with selfflow-cache"
+            f"the latent cache data.root={root} declares latents of "
+            f"{manifest['latent_channels']} channels and size {manifest['latent_size']}, but "
+            f"tokenizer.image.vae={vae} at data.dataset.image_size={image_size} makes "
+            f"{wanted[0]} x {wanted[1]}; cache again with selfflow-cache"
         )
 
 
@@ -181,8 +183,8 @@ def merge_index(folder: Path, split: str, world_size: int) -> int:
 
 
 def overlapping(shard_ids: np.ndarray, offsets: np.ndarray, record_bytes: int) -> bool:
-    """Whether two records share bytes: distinct records bound the count by the shards' real size on disk, so an
-    index cannot make a batch of records larger than the files that hold them."""
+    """Whether two records share bytes: distinct records bound the count by the shards' real size on
+    disk, so an index cannot make a batch of records larger than the files that hold them."""
     order = np.lexsort((offsets, shard_ids))
     same_shard = shard_ids[order][1:] == shard_ids[order][:-1]
     return bool((same_shard & (np.diff(offsets[order]) < record_bytes)).any())
@@ -215,7 +217,8 @@ class LatentCache(Dataset):
         self.class_names = [str(name) for name in manifest["class_names"]]
         height, width = (int(s) for s in manifest["latent_size"])
         self.record_shape = record_shape(int(manifest["latent_channels"]), height, width)
-        self.record_bytes = bounded_bytes(self.record_shape, 2, MAX_RECORD_BYTES, f"{self.root / MANIFEST} records")
+        where = f"{self.root / MANIFEST} records"
+        self.record_bytes = bounded_bytes(self.record_shape, 2, MAX_RECORD_BYTES, where)
         # the test split (probes) reads the posterior mean of each image as it is
         training = split == "train"
         self.random_flip, self.sample_posterior = random_flip and training, sample_posterior and training
@@ -247,7 +250,7 @@ class LatentCache(Dataset):
         ):
             raise ValueError(f"{path} points outside its shards (truncated or foreign files); cache again")
         if overlapping(shard_ids, offsets, self.record_bytes):
-            raise ValueError(f"{path} lists records that overlap in their shards (a crafted index); cache again")
+            raise ValueError(f"{path} lists records that overlap in their shards; cache again")
         if labels.min() < 0 or labels.max() >= max(1, len(self.class_names)):
             raise ValueError(f"{path} has labels outside the {len(self.class_names)} classes of the manifest")
         return shards, shard_ids, offsets, labels

@@ -1,9 +1,10 @@
 """Arrays of an .npz file read header first: the shape and dtype of a member are checked before anything is
 allocated, and image arrays stream in blocks (50,000 ImageNet samples at 256x256 are 9.8 GB).
 
-The bytes a header declares (count x pixels x channels, one product) must fit in what the member really holds:
-its size in the zip directory, believed only as far as the bytes on disk (a stored member) or deflate's largest
-ratio (a compressed one) allow; a block of rows read at once is bounded by MAX_BLOCK_BYTES.
+The bytes a header declares (count x pixels x channels, one product) must fit in what the member
+really holds: its size in the zip directory, believed only as far as the bytes on disk (a stored
+member) or deflate's largest ratio (a compressed one) allow; a block of rows read at once is bounded
+by MAX_BLOCK_BYTES.
 
 An .npz is a zip of .npy members; each member starts with a small header (format version, dtype, shape), then
 the raw C-ordered data, which is read here row block by row block.
@@ -70,8 +71,9 @@ def npz_keys(path: str | os.PathLike) -> set[str]:
 
 
 def member_capacity(path: str | os.PathLike, key: str) -> int:
-    """The most bytes member `key` can hold once decompressed: its size in the zip directory, believed only as far
-    as the archive's bytes on disk allow (1x for a stored member, MAX_DEFLATE_RATIO for a compressed one)."""
+    """The most bytes member `key` can hold once decompressed: its size in the zip directory,
+    believed only as far as the archive's bytes on disk allow (1x for a stored member,
+    MAX_DEFLATE_RATIO for a compressed one)."""
     with zipfile.ZipFile(path) as archive:
         info = archive.getinfo(f"{key}.npy")
     on_disk = min(info.compress_size, os.path.getsize(path))
@@ -80,12 +82,17 @@ def member_capacity(path: str | os.PathLike, key: str) -> int:
 
 
 def npz_header(path: str | os.PathLike, key: str) -> ArrayHeader:
-    """The member's header, refused when the data it declares (shape x item size) exceeds what the member holds."""
+    """The member's header as declared; `iter_rows` checks it against what the member holds."""
     with _open_member(path, key) as member:
-        header = _read_header(member, f"{path}[{key}]")
-        data_start = member.tell()
-    bounded_bytes(header.shape, header.dtype.itemsize, member_capacity(path, key) - data_start, f"{path}[{key}]")
-    return header
+        return _read_header(member, f"{path}[{key}]")
+
+
+def check_member_holds(path: str | os.PathLike, key: str, header: ArrayHeader, start: int) -> None:
+    """The bytes `header` declares (shape x item size, one product) must fit in what the member
+    holds from byte `start` on (`member_capacity`): a forged or truncated member is refused before
+    its data is read."""
+    what = f"{path}[{key}] (truncated or forged)"
+    bounded_bytes(header.shape, header.dtype.itemsize, member_capacity(path, key) - start, what)
 
 
 def read_small_array(path: str | os.PathLike, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -101,8 +108,8 @@ def read_small_array(path: str | os.PathLike, key: str, shape: tuple[int, ...]) 
 
 
 def iter_rows(path: str | os.PathLike, key: str, batch_size: int, header: ArrayHeader) -> Iterator[np.ndarray]:
-    """The member `key` in blocks of up to `batch_size` rows (fewer where they would exceed MAX_BLOCK_BYTES):
-    [b, *header.shape[1:]] each, C order.
+    """The member `key` in blocks of up to `batch_size` rows (fewer where they would exceed
+    MAX_BLOCK_BYTES): [b, *header.shape[1:]] each, C order.
 
     `header` is the member's header as the caller checked it (shape bounds, dtype) before any block is allocated.
     """
@@ -115,6 +122,7 @@ def iter_rows(path: str | os.PathLike, key: str, batch_size: int, header: ArrayH
     block = max(1, min(batch_size, MAX_BLOCK_BYTES // max(row_bytes, 1)))
     with _open_member(path, key) as member:
         _read_header(member, f"{path}[{key}]")
+        check_member_holds(path, key, header, member.tell())
         for start in range(0, header.shape[0], block):
             rows = min(block, header.shape[0] - start)
             data = member.read(rows * row_bytes)

@@ -73,8 +73,8 @@ def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):
 
 
 def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, int]:
-    """(latent channels, pixels per latent position along a side) from the VAE's config.json: the factor is 2 per
-    down block after the first (8 for SD-VAE and FLUX)."""
+    """(latent channels, pixels per latent position along a side) from the VAE's config.json: the
+    factor is 2 per down block after the first (8 for SD-VAE and FLUX)."""
     path = vae_folder(folder, key) / "config.json"
     try:
         config = json.loads(path.read_text())

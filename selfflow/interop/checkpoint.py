@@ -76,14 +76,15 @@ def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor
 
 
 def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae=None):
-    """The run's tokenizers (in eval mode) and its model with `state` loaded (the class count read from the label
-    table). vae: where the user says the run's VAE or autoencoder is (a path, or {modality: path} for several); a
-    stored path is never loaded, and the part must have the stored fingerprint (`point_parts`).
+    """The run's tokenizers (in eval mode) and its model with `state` loaded (the class count read
+    from the label table). vae: where the user says the run's VAE or autoencoder is (a path, or
+    {modality: path} for several); a stored path is never loaded, and the part must have the stored
+    fingerprint (`point_parts`).
 
     `config` came from a file: its tokenizers and model are built through the allow-list (`instantiate_stored`),
     and the model is first built on the meta device, so that a config whose sizes do not fit the stored weights is
     refused before any memory is allocated for it."""
-    point_parts(config, vae, source)  # VAEs and autoencoders: the user's paths, the stored fingerprints
+    point_parts(config, vae, source)  # VAEs, autoencoders: the user's paths, stored fingerprints
     tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}").eval() for m, spec in config.tokenizer.items()}
     if config.model.get("_partial_") is not True:
         raise StoredConfigError(
@@ -119,8 +120,8 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae=None) -> 
     online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
 
     `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
-    vae: the run's VAE or autoencoder, named by the user (a path, or {modality: path}); required when the run
-    used one, since the path its config stores is never loaded (checked by fingerprint).
+    vae: the run's VAE or autoencoder, named by the user (a path, or {modality: path}); required
+    when the run used one, since the path its config stores is never loaded (checked by fingerprint).
     """
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":

@@ -50,8 +50,9 @@ def replace_file(path: Path, write) -> None:
 def export_weights(
     checkpoint_path: str | os.PathLike, folder: str | os.PathLike, overwrite: bool = False, vae=None
 ) -> Path:
-    """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the weights' sha256)
-    as `folder/config.json`; load it back with `load_checkpoint(folder)`. vae: as `load_checkpoint`'s."""
+    """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the
+    weights' sha256) as `folder/config.json`; load it back with `load_checkpoint(folder)`. vae: as
+    `load_checkpoint`'s."""
     from safetensors.torch import save_file
 
     folder = Path(folder).expanduser()

@@ -112,35 +112,40 @@ def output_rows(patch_size: int, out_channels: int, keep_channels: int) -> Tenso
 
 def released_keys(depth: int) -> list[str]:
     """The entries a released checkpoint of `depth` blocks must hold (the projector is optional)."""
-    keys = ["x_embedder.proj.weight", "x_embedder.proj.bias", "pos_embed", "y_embedder.embedding_table.weight"]
-    keys += [f"t_embedder.mlp.{i}.{kind}" for i in (0, 2) for kind in ("weight", "bias")]
-    keys += [f"final_layer.{name}.{kind}" for name in ("linear", "adaLN_modulation.1") for kind in ("weight", "bias")]
-    names = [theirs for _, theirs in BLOCK_LINEARS]
-    return keys + [f"blocks.{i}.{name}.{kind}" for i in range(depth) for name in names for kind in ("weight", "bias")]
+    linears = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.linear"]
+    linears += ["final_layer.adaLN_modulation.1"]
+    linears += [f"blocks.{i}.{theirs}" for i in range(depth) for _, theirs in BLOCK_LINEARS]
+    keys = [f"{name}.{kind}" for name in linears for kind in ("weight", "bias")]
+    return ["pos_embed", "y_embedder.embedding_table.weight", *keys]
 
 
 def released_depth(state: dict[str, Tensor], source: str) -> int:
-    """The block count read off the key names, bounded (a key `blocks.99999.` must not size a model), with every
-    entry of every block present as a tensor."""
-    indices = {k.split(".")[1] for k in state if isinstance(k, str) and k.startswith("blocks.") and k.count(".") > 1}
+    """The block count read off the key names, bounded (a key `blocks.99999.` must not size a
+    model), with every entry of every block present as a tensor."""
+    blocks = [k for k in state if isinstance(k, str) and k.startswith("blocks.")]
+    indices = {k.split(".")[1] for k in blocks if k.count(".") > 1}
     if not indices or not all(index.isdigit() and len(index) < 12 for index in indices):
-        raise ValueError(f"{source} has no blocks.<number>.* entries; it is not a released Self-Flow checkpoint")
-    depth = bounded_size(1 + max(map(int, indices)), MAX_RELEASED_DEPTH, f"{source}: the block count")
+        raise ValueError(f"{source} has no blocks.<n>.* entries; not a released checkpoint")
+    depth = 1 + max(map(int, indices))
+    bounded_size(depth, MAX_RELEASED_DEPTH, f"{source}: the block count")
     missing = [key for key in released_keys(depth) if not isinstance(state.get(key), Tensor)]
     if missing:
         raise ValueError(
             f"{source} is incomplete: it has no tensor {missing[0]!r} ({len(missing)} of the "
-            f"{len(released_keys(depth))} entries of a {depth}-block model are missing); download the "
-            f"released .pt file again"
+            f"{len(released_keys(depth))} entries of a {depth}-block model are missing); "
+            "download the released .pt file again"
         )
     return depth
 
 
 def describe_layout(
-    state: dict[str, Tensor], patch_size: int, latent_channels: int, source: str = "the released checkpoint"
+    state: dict[str, Tensor],
+    patch_size: int,
+    latent_channels: int,
+    source: str = "the released checkpoint",
 ) -> dict[str, int]:
-    """Sizes read off the weights (heads cannot be, so they are an argument of `load_official`), each bounded and
-    every required entry present before anything is built."""
+    """Sizes read off the weights (heads cannot be, so they are an argument of `load_official`),
+    each bounded and every required entry present before anything is built."""
     depth = released_depth(state, source)
     width, token_channels = state["x_embedder.proj.weight"].shape
     bounded_size(width, MAX_RELEASED_WIDTH, f"{source}: the width of x_embedder.proj.weight")
@@ -159,7 +164,8 @@ def describe_layout(
     num_tokens = state["pos_embed"].shape[-2] if state["pos_embed"].ndim >= 2 else 0
     grid = math.isqrt(num_tokens)
     if grid * grid != num_tokens or state["pos_embed"].numel() != num_tokens * width:
-        raise ValueError(f"{source}: pos_embed {list(state['pos_embed'].shape)} is not a square grid of width {width}")
+        shape = list(state["pos_embed"].shape)
+        raise ValueError(f"{source}: pos_embed {shape} is not a square grid of width {width}")
     return {
         "width": width,
         "depth": depth,
@@ -170,9 +176,12 @@ def describe_layout(
     }
 
 
-def released_transformer(layout: dict[str, int], converted: dict[str, Tensor], heads: int, attention: str, source: str):
-    """The `SelfFlowTransformer` of `layout` holding `converted`: built on the meta device and checked against every
-    key and shape first, so that sizes read from the file allocate nothing until the file's own tensors fill them."""
+def released_transformer(
+    layout: dict[str, int], converted: dict[str, Tensor], heads: int, attention: str, source: str
+) -> SelfFlowTransformer:
+    """The `SelfFlowTransformer` of `layout` holding `converted`: built on the meta device and
+    checked against every key and shape first, so that sizes read from the file allocate nothing
+    until the file's own tensors fill them."""
     arguments = {
         "token_channels": {"image": layout["token_channels"]},
         "width": layout["width"],
@@ -269,7 +278,9 @@ def load_official(
 ) -> OfficialSelfFlow:
     """The released Self-Flow checkpoint (a path or a state dict in its layout) as an `OfficialSelfFlow`, eval mode."""
     state = read_state_dict(path_or_state_dict)
-    source = "the released state dict" if isinstance(path_or_state_dict, dict) else f"{path_or_state_dict}"
+    source = "the released state dict"
+    if not isinstance(path_or_state_dict, dict):
+        source = str(path_or_state_dict)
     layout = describe_layout(state, patch_size, latent_channels, source)
     if layout["width"] % heads:
         raise ValueError(f"width {layout['width']} is not divisible by heads={heads}; pass the checkpoint's heads")
@@ -284,7 +295,7 @@ def load_official(
     try:
         converted = convert_state_dict(state, layout, patch_size, latent_channels)
     except (KeyError, RuntimeError, IndexError) as error:
-        raise ValueError(f"{source} has unexpected shapes for the released layout: {error}") from error
+        raise ValueError(f"{source}: shapes unlike the released layout's ({error})") from None
     model = released_transformer(layout, converted, heads, attention, source)
     projector = None
     if "projector.linear1.weight" in state:
@@ -379,10 +390,14 @@ def save_official(
 
 
 def export_official(
-    checkpoint: str | os.PathLike, out: str | os.PathLike, weights: str = "ema", vae: str | None = None
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    weights: str = "ema",
+    vae: str | None = None,
 ) -> Path:
-    """A `selfflow-train` checkpoint of a released-layout run (experiment=imagenet256) as a .pt file of plain tensors
-    that the released model code loads with strict=True: the EMA (or online) weights and the projection head.
+    """A `selfflow-train` checkpoint of a released-layout run (experiment=imagenet256) as a .pt file
+    of plain tensors that the released model code loads with strict=True: the EMA (or online)
+    weights and the projection head.
     vae: the run's VAE folder (a path a checkpoint stores is never loaded)."""
     from selfflow.interop.checkpoint import load_checkpoint, read_checkpoint
 

@@ -89,8 +89,8 @@ class SelfFlowObjective(nn.Module):
         super().__init__()
         if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
             raise ValueError(
-                f"objective.gamma={gamma} must be one number >= 0 (0 turns the representation loss off; "
-                f"to change it over training set objective.gamma_schedule.kind)"
+                f"objective.gamma={gamma} must be one number >= 0 (0 turns the representation "
+                "loss off; to change it over training set objective.gamma_schedule.kind)"
             )
         if not 0.0 <= class_dropout <= 1.0:
             raise ValueError(f"objective.class_dropout={class_dropout} must be in [0, 1]")

@@ -37,7 +37,8 @@ class ImagePatchTokenizer(Tokenizer):
         if c != self.channels or h % p or w % p:
             raise ValueError(
                 f"image tokenizer expects [B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}] (or any "
-                f"H, W that are multiples of patch_size={p}), got {list(images.shape)}; the tokenizer takes "
+                f"H, W that are multiples of patch_size={p}), got {list(images.shape)}; the "
+                "tokenizer takes "
                 f"channels and image_size from data.dataset (a mixture: data.sources.image.dataset)"
             )
         x = rearrange(images * 2 - 1, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)

@@ -45,7 +45,7 @@ class ImageLatentTokenizer(Tokenizer):
         decode_batch_size: int = 16,
     ):
         super().__init__()
-        self.fingerprint = check_part(vae, fingerprint, "vae", KEY)  # before anything of it is loaded
+        self.fingerprint = check_part(vae, fingerprint, "vae", KEY)  # before it is loaded
         self.vae_path = str(vae_folder(vae, KEY))  # resolved: checkpoints name it from any working folder
         autoencoder = load_autoencoder(vae, KEY)
         self._vae = [autoencoder]  # a list: not a submodule, so never in state_dict() or parameters()

@@ -5,8 +5,9 @@ The autoencoder file is a `torch.jit.save`d module with two methods (nothing is 
   audio: `encode(wave: [B, S]) -> z: [B, C', L]`, `decode(z) -> wave: [B, S] or [B, 1, S]`.
 Latents are normalised as `(z - shift) * scale` before they become tokens.
 
-The file's fingerprint (sha256) is computed before it is loaded: a checkpoint stores it, and a model rebuilt from a
-checkpoint loads only a file the user names whose fingerprint is the stored one (`selfflow.data.pretrained`).
+The file's fingerprint (sha256) is computed before it is loaded: a checkpoint stores it, and a model
+rebuilt from a checkpoint loads only a file the user names whose fingerprint is the stored one
+(`selfflow.data.pretrained`).
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from selfflow.tokens import Tokens
 def load_autoencoder(
     path: str | os.PathLike, key: str, fingerprint: str | None = None
 ) -> tuple[torch.jit.ScriptModule, str]:
-    """A frozen TorchScript autoencoder from a local file and its fingerprint, checked against `fingerprint` (when
-    given) before the file is loaded; errors name the file and the config key `key`."""
+    """A frozen TorchScript autoencoder from a local file and its fingerprint, checked against
+    `fingerprint` (when given) before the file is loaded; errors name the file and the config key
+    `key`."""
     path = Path(path).expanduser()
     found = check_part(path, fingerprint, "autoencoder_path", key)
     try:
@@ -48,9 +50,11 @@ def load_autoencoder(
 
 
 class VideoLatentTokenizer(Tokenizer):
-    """Clips [B, T, C, H, W] in [0, 1] -> autoencoder latents [B, T', C', H', W'] -> tubelets of the latent with
-    ids (t, h, w, 0). The latent shape is read off one encode of a blank clip at construction.
-    fingerprint: the autoencoder a checkpoint was trained with; another file is refused before it loads."""
+    """Clips [B, T, C, H, W] in [0, 1] -> autoencoder latents [B, T', C', H', W'] -> tubelets of the
+    latent with ids (t, h, w, 0). The latent shape is read off one encode of a blank clip at
+    construction.
+    fingerprint: the autoencoder a checkpoint was trained with; another file is refused before
+    it loads."""
 
     modality = "video"
 
@@ -88,8 +92,8 @@ class VideoLatentTokenizer(Tokenizer):
         if tuple(video.shape[1:]) != self.sample_shape:
             raise ValueError(
                 f"video latent tokenizer expects [B, {', '.join(map(str, self.sample_shape))}], got "
-                f"{list(video.shape)}; the tokenizer takes num_frames, channels and image_size from "
-                f"data.dataset (a mixture: data.sources.video.dataset)"
+                f"{list(video.shape)}; the tokenizer takes num_frames, channels and image_size "
+                "from data.dataset (a mixture: data.sources.video.dataset)"
             )
         with torch.no_grad():
             latent = self.autoencoder.encode(video * 2 - 1)
@@ -106,8 +110,10 @@ class VideoLatentTokenizer(Tokenizer):
 
 
 class AudioLatentTokenizer(Tokenizer):
-    """Waves [B, 1, S] -> autoencoder latents [B, C', L] -> tokens of `patch_frames` latent frames, ids (t, 0, 0, 0).
-    fingerprint: the autoencoder a checkpoint was trained with; another file is refused before it loads."""
+    """Waves [B, 1, S] -> autoencoder latents [B, C', L] -> tokens of `patch_frames` latent frames,
+    ids (t, 0, 0, 0).
+    fingerprint: the autoencoder a checkpoint was trained with; another file is refused before
+    it loads."""
 
     modality = "audio"
 

@@ -112,8 +112,9 @@ POSITION_KEYS = ("epoch", "batches_done")
 
 
 def stored_position(state: Any) -> dict[str, int] | None:
-    """A data position read from a checkpoint (`trained_position`'s dict; empty: none), or ValueError in one line:
-    a checkpoint is a file from someone else, and its data state is data like any other."""
+    """A data position read from a checkpoint (`trained_position`'s dict; empty: none), or
+    ValueError in one line: a checkpoint is a file from someone else, and its data state is data
+    like any other."""
     if not state:
         return None
     whole = isinstance(state, Mapping) and all(
@@ -122,9 +123,9 @@ def stored_position(state: Any) -> dict[str, int] | None:
     )
     if not whole:
         raise ValueError(
-            f"the checkpoint's data position {state!r:.80} is not {{epoch: N, batches_done: N}}: the "
-            f"checkpoint is damaged or not selfflow's; resume from a checkpoint selfflow wrote, or start a "
-            f"new run (another run_dir)"
+            f"the checkpoint's data position {state!r:.80} is not {{epoch: N, batches_done: N}}: "
+            "the checkpoint is damaged or not selfflow's; resume from a checkpoint selfflow "
+            "wrote, or start a new run (another run_dir)"
         )
     return {key: int(state[key]) for key in POSITION_KEYS}
 

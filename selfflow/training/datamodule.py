@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.buckets import BucketBatchSampler, BucketIndex
 from selfflow.data.collate import collate_samples
-from selfflow.training.data_order import ResumableBatchSampler, resumable_loader, stored_position, trained_position
+from selfflow.training.data_order import (
+    ResumableBatchSampler,
+    resumable_loader,
+    stored_position,
+    trained_position,
+)
 from selfflow.training.rng_state import mix_seed
 
 

@@ -26,7 +26,8 @@ def hostile_checkpoint(path: Path, marker: Path, **fields) -> Path:
 
 
 class WritesOnLoad(torch.nn.Module):
-    """A TorchScript autoencoder whose `__setstate__` (run by torch.jit.load) creates the file `marker`: TorchScript
+    """A TorchScript autoencoder whose `__setstate__` (run by torch.jit.load) creates the file
+    `marker`: TorchScript
     can write files, so loading one is running code."""
 
     def __init__(self, marker: str):
@@ -53,7 +54,8 @@ class WritesOnLoad(torch.nn.Module):
 
 
 def autoencoder_writing_on_load(path: Path, marker: Path) -> Path:
-    """A TorchScript file that creates `marker` when anything loads it (saving it creates nothing)."""
+    """A TorchScript file that creates `marker` when anything loads it (saving it creates
+    nothing)."""
     torch.jit.save(torch.jit.script(WritesOnLoad(str(marker))), str(path))
     assert not marker.exists()
     return path
