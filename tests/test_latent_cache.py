@@ -176,7 +176,7 @@ def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(
         (lambda m, i: m.update(latent_channels=8), "declares latents of 8 channels"),
         # every record pointing at the same bytes: a batch of them is no longer bounded by the
         # shards' size
-        (lambda m, i: i.update(offset=[i["offset"][0]] * len(i["offset"]), shard=[0] * len(i["shard"])), "overlap"),
+        (lambda m, i: i.update(offset=[i["offset"][0]] * len(i["offset"])), "overlap"),
     ],
 )
 def test_a_damaged_or_hostile_index_is_refused_before_anything_is_read(cache, tiny_vae, tmp_path, damage, message):

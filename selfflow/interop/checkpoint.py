@@ -121,7 +121,8 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae=None) -> 
 
     `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
     vae: the run's VAE or autoencoder, named by the user (a path, or {modality: path}); required
-    when the run used one, since the path its config stores is never loaded (checked by fingerprint).
+    when the run used one, since the path its config stores is never loaded (checked by
+    fingerprint).
     """
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":

@@ -42,7 +42,8 @@ class WritesOnLoad(torch.nn.Module):
     @torch.jit.export
     def __setstate__(self, state: list[str]) -> None:
         self.marker, self.training = state[0], False
-        self.mapped = torch.from_file(state[0], True, 1, dtype=torch.float32)  # shared=True creates the file
+        # shared=True creates the file
+        self.mapped = torch.from_file(state[0], True, 1, dtype=torch.float32)
 
     @torch.jit.export
     def encode(self, wave: torch.Tensor) -> torch.Tensor:  # [B, S] -> [B, 1, S]
