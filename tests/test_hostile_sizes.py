@@ -21,9 +21,16 @@ from selfflow.data.pretrained import check_part
 from selfflow.interop.checkpoint import load_checkpoint
 from selfflow.interop.export import EXPORT_CONFIG, export_weights
 from selfflow.tokenizers.latent import AudioLatentTokenizer
-from tests.helpers.hostile import autoencoder_writing_on_load
-from tests.test_hostile_checkpoints import assert_one_line_exit_2, crafted, one_line, run_cli
-from tests.test_hostile_data import lines_of, run_bounded
+from tests.helpers.hostile import (
+    PlainAutoencoder,
+    assert_one_line_exit_2,
+    autoencoder_writing_on_load,
+    crafted,
+    lines_of,
+    one_line,
+    run_bounded,
+    run_cli,
+)
 
 LATENT_TOKENIZERS = {
     "audio": {"_target_": "selfflow.tokenizers.latent.AudioLatentTokenizer", "sample_rate": 8000},
@@ -100,10 +107,8 @@ def test_an_autoencoder_the_user_names_is_refused_before_it_loads_when_its_finge
 
 
 def test_an_autoencoder_fingerprint_is_the_sha256_of_its_file_taken_at_construction(tmp_path):
-    from tests.test_tokenizer_audio import FrameAE
-
-    path = tmp_path / "frames.pt"
-    torch.jit.save(torch.jit.script(FrameAE()), str(path))
+    path = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(PlainAutoencoder()), str(path))
     tokenizer = AudioLatentTokenizer(str(path), fingerprint=sha256(path))
     assert tokenizer.fingerprint == sha256(path)
     moved = shutil.copy(path, tmp_path / "moved.pt")  # the same file elsewhere is the same part
