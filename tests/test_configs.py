@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from selfflow.training.build import build_module, build_run, tokenizer_configs
 from selfflow.training.datamodule import has_captions, sample_geometry
 from selfflow.training.validate import ConfigError, validate_config
-from tests.helpers.configs import TINY_SIZES, compose_plain, compose_train
+from tests.helpers.configs import TINY, TINY_SIZES, compose_plain, compose_train
 from tests.helpers.files import write_folder
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -339,3 +339,107 @@ def test_data_on_bad_file_is_one_key_for_both_splits(name, tmp_path):
     assert OmegaConf.to_container(cfg.data, resolve=True)["dataset"]["on_bad_file"] == "error"
     with pytest.raises(ValueError, match="data.on_bad_file='sometimes'"):
         SelfFlowDataModule.from_splits([1], [1], "image", on_bad_file="sometimes")
+
+
+def callback_names() -> list[str]:
+    import yaml
+
+    return sorted(yaml.safe_load((CONF / "callbacks" / "default.yaml").read_text()))
+
+
+@pytest.mark.parametrize("name", callback_names())
+def test_removing_any_one_callback_leaves_the_others_building(name, tmp_path):
+    """`~callbacks.<name>` alone: no other callback interpolates from it (the full default set, tiny
+    sizes)."""
+    every_callback = [o for o in TINY if not o.startswith("~callbacks.")]
+    cfg = compose_train([f"~callbacks.{name}"], tmp_path / "run", tiny=every_callback)
+    OmegaConf.resolve(cfg)  # an interpolation into the removed callback fails here
+    assert name not in cfg.callbacks and len(cfg.callbacks) == len(callback_names()) - 1
+    validate_config(cfg)  # and every remaining callback builds
+
+
+FILE_SUFFIXES = {"json", "safetensors", "pt", "pth", "ckpt", "npz", "npy", "yaml", "py", "csv"}
+
+
+def config_key_paths() -> dict[str, str | None]:
+    """Every key path (and each prefix) that conf/ can put in a composed config, with the `_target_`
+    of its node: the top-level configs, each group option under its group (at the top for `#
+    @package _global_` files) and the options a defaults list places elsewhere
+    (`digits@sources.image`), read as plain YAML."""
+    import yaml
+
+    paths: dict[str, str | None] = {}
+
+    def walk(node, prefix: str, group: str) -> None:
+        if prefix:
+            paths[prefix] = node.get("_target_") if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return
+        for item in node.get("defaults") or []:
+            if isinstance(item, str) and "@" in item:  # option@package: its keys under the package
+                option, package = item.split("@")
+                placed = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+                walk(placed, f"{prefix}.{package}", group)
+        for key, value in node.items():
+            if key != "defaults":
+                walk(value, f"{prefix}.{key}" if prefix else str(key), group)
+
+    for path in CONF.rglob("*.yaml"):
+        text = path.read_text()
+        group = path.parent.relative_to(CONF).as_posix()
+        top = group == "." or text.startswith("# @package _global_")
+        walk(yaml.safe_load(text) or {}, "" if top else group, group)
+    for path in list(paths):  # the nodes between (data.sources of data.sources.image)
+        while "." in path:
+            path = path.rsplit(".", 1)[0]
+            paths.setdefault(path, None)
+    return paths
+
+
+def is_config_key(key: str, paths: dict[str, str | None]) -> bool:
+    """In conf/, or an argument of the class its parent node builds (settable with `+key=...`)."""
+    from selfflow.training.validate import target_parameters
+
+    parent, _, name = key.rpartition(".")
+    target = paths.get(parent)
+    arguments = target_parameters(target) or set() if isinstance(target, str) else set()
+    return key in paths or name in arguments
+
+
+def keys_named_in_error_messages() -> dict[str, str]:
+    """Dotted config keys (`data.dataset.image_size`) written in the string literals of every
+    `raise` in selfflow/, with where each is; the part of an f-string before a `{...}` counts up to
+    its last whole name."""
+    import ast
+    import re
+
+    groups = {p.split(".")[0] for p in config_key_paths() if "." in p}
+    names = "|".join(sorted(groups))
+    pattern = re.compile(rf"(?<![\w./-])((?:{names})(?:\.[A-Za-z_][A-Za-z0-9_]*)+)(\.?)")
+    found: dict[str, str] = {}
+    for source in sorted((CONF.parent / "selfflow").rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if not isinstance(node, ast.Raise) or node.exc is None:
+                continue
+            for string in ast.walk(node.exc):
+                parts = string.values if isinstance(string, ast.JoinedStr) else [string]
+                for index, part in enumerate(parts):
+                    if not (isinstance(part, ast.Constant) and isinstance(part.value, str)):
+                        continue
+                    for match in pattern.finditer(part.value):
+                        key = match.group(1)
+                        at_end = match.end() == len(part.value) and index + 1 < len(parts)
+                        cut = at_end and not match.group(2)  # "x.y{z}": y may be half a name
+                        key = key.rsplit(".", 1)[0] if cut else key
+                        if key.rsplit(".", 1)[-1] not in FILE_SUFFIXES:
+                            where = f"{source.relative_to(CONF.parent)}:{node.lineno}"
+                            found.setdefault(key, where)
+    return found
+
+
+def test_every_config_key_an_error_message_names_exists():
+    known = config_key_paths()
+    named = keys_named_in_error_messages()
+    assert "data.dataset.image_size" in named and "trainer.max_steps" in named  # f-strings too
+    missing = {key: where for key, where in named.items() if not is_config_key(key, known)}
+    assert not missing, f"error messages name config keys that conf/ does not have: {missing}"

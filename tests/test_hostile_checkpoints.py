@@ -21,17 +21,9 @@ from selfflow.safe_config import NEVER_REBUILT, STORED_TARGETS, StoredConfigErro
 from selfflow.training.run import train
 from selfflow.training.run_folder import RunFolderError, lock_run_folder, release_run_folder, run_folder_lock
 from tests.helpers.configs import TINY, compose_train
+from tests.helpers.hostile import assert_one_line_exit_2, crafted, one_line, run_cli
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def crafted(source: Path, path: Path, edit) -> Path:
-    """A copy of checkpoint `source` whose stored config `edit(config)` changed; it still loads with weights_only."""
-    raw = torch.load(source, map_location="cpu", weights_only=True)
-    edit(raw["selfflow_config"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(raw, path)
-    return path
 
 
 def payloads(marker: Path) -> dict[str, dict]:
@@ -41,32 +33,6 @@ def payloads(marker: Path) -> dict[str, dict]:
         # importable through a selfflow module that imports os: a prefix test would let it pass
         "system": {"_target_": "selfflow.training.run_folder.os.system", "_args_": [f"touch {marker}"]},
     }
-
-
-def one_line(error: BaseException) -> str:
-    text = str(error)
-    assert "\n" not in text, text
-    return text
-
-
-def run_cli(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "WANDB_MODE": "offline"},
-    )
-
-
-def assert_one_line_exit_2(result: subprocess.CompletedProcess, command: str, *expected: str) -> None:
-    assert result.returncode == 2, result.stderr[-2000:]
-    first = result.stderr.strip().splitlines()[0]
-    assert first.startswith(f"{command}: error: "), result.stderr
-    for text in expected:
-        assert text in first, result.stderr
-    assert "Traceback" not in result.stderr
 
 
 # --- stored configs are built through the allow-list -------------------------------------------------------------

@@ -7,11 +7,7 @@ once the decoders are imported (`run_bounded`): a loader that allocates what a f
 import csv
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
-import textwrap
 from pathlib import Path
 
 import av
@@ -28,54 +24,10 @@ from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
 from tests.helpers.configs import compose_train
 from tests.helpers.files import png_bytes, write_images, write_tar
+from tests.helpers.hostile import lines_of, run_bounded
 from tests.helpers.runs import exit_status
 
 REPO = Path(__file__).resolve().parents[1]
-HEADROOM_MB = 300
-
-
-def run_bounded(code: str, headroom_mb: int = HEADROOM_MB) -> str:
-    """Run `code` where the address space may grow `headroom_mb` at most; returns its output (stdout + stderr).
-    `refusal(load)` there gives what a load raised, as the one line a skipped file gets, or "loaded"."""
-    prelude = textwrap.dedent(f"""
-        import resource
-        import torch, torchaudio, av, soundfile, PIL.Image
-        import selfflow.data.shards
-        from selfflow.data.bad_files import failure_reason
-        from selfflow.data.video_io import decord_available
-        if decord_available():
-            import decord
-        torch.set_num_threads(1)
-
-        def refusal(load):
-            try:
-                load()
-            except Exception as error:
-                return failure_reason(error).splitlines()[0]
-            return "loaded"
-
-        status = open("/proc/self/status").read()
-        limit = int(status.split("VmSize:")[1].split()[0]) * 1024 + ({headroom_mb} << 20)
-        resource.setrlimit(resource.RLIMIT_AS, (limit, resource.getrlimit(resource.RLIMIT_AS)[1]))
-        """)
-    env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", prelude + textwrap.dedent(code)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-3000:]
-    return output
-
-
-def lines_of(output: str) -> dict[str, str]:
-    """`case: outcome` lines printed by a bounded run."""
-    return dict(line.split(": ", 1) for line in output.splitlines() if ": " in line)
 
 
 # --- selfflow-shards write -------------------------------------------------------------------------------------------

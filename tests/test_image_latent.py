@@ -117,7 +117,9 @@ def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(
     stored = checkpoint["selfflow_config"]["tokenizer"]["image"]
     assert stored["vae"] == str(tiny_vae) and stored["fingerprint"] == vae_fingerprint(tiny_vae)
     assert (run.run_dir / "samples" / "image" / "step_0000002.png").is_file()  # decoded by the VAE
-    loaded = load_checkpoint(run.run_dir / "checkpoints" / "last.ckpt")
+    with pytest.raises(ValueError, match="a stored path is never loaded: pass vae=PATH"):
+        load_checkpoint(run.run_dir / "checkpoints" / "last.ckpt")  # the user names the VAE
+    loaded = load_checkpoint(run.run_dir / "checkpoints" / "last.ckpt", vae=str(tiny_vae))
     assert not loaded.tokenizers["image"].training  # sampling and probing read the posterior mean
 
     moved = shutil.copytree(tiny_vae, tmp_path / "moved-vae")

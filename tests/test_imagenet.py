@@ -63,7 +63,8 @@ def test_two_steps_on_cpu_with_a_tiny_width_and_the_export_loads_into_the_releas
     )
     assert run.trainer.global_step == 2 and run.datamodule.batch_size == 8
     assert (run.run_dir / "checkpoints" / "last.ckpt").is_file()
-    exported = export_official(run.run_dir / "checkpoints" / "last.ckpt", run.run_dir / "released-layout.pt")
+    last = run.run_dir / "checkpoints" / "last.ckpt"
+    exported = export_official(last, run.run_dir / "released-layout.pt", vae=str(tiny_vae))
     released = ReleasedDiT(width=32, depth=2, grid=2, classes=3)
     released.load_state_dict(torch.load(exported, weights_only=True), strict=True)
     torch.testing.assert_close(released.projector.linear1.weight, run.module.objective.head.linear1.weight)

@@ -168,7 +168,15 @@ def test_a_cache_of_another_vae_crop_or_size_is_refused_naming_the_difference(
         (lambda m, i: i.update(offset=[10**12] * len(i["offset"])), "points outside its shards"),
         (lambda m, i: i["shards"].__setitem__(0, "../outside.tar"), "which is not a .tar file in"),
         (lambda m, i: i.update(label=[7] * len(i["label"])), "labels outside the 3 classes"),
-        (lambda m, i: m.update(latent_channels=10**9), "not a selfflow latent cache manifest"),
+        (lambda m, i: m.update(latent_channels=10**9), "latent_channels is 1000000000, outside"),
+        (lambda m, i: m.update(latent_channels=2.5), "latent_channels is 2.5, not a whole number"),
+        # in bounds, but not what the run's VAE makes: compared with the VAE before any record is
+        # sized
+        (lambda m, i: m.update(latent_size=[4096, 4096]), "makes 4 x \\[4, 4\\]"),
+        (lambda m, i: m.update(latent_channels=8), "declares latents of 8 channels"),
+        # every record pointing at the same bytes: a batch of them is no longer bounded by the
+        # shards' size
+        (lambda m, i: i.update(offset=[i["offset"][0]] * len(i["offset"])), "overlap"),
     ],
 )
 def test_a_damaged_or_hostile_index_is_refused_before_anything_is_read(cache, tiny_vae, tmp_path, damage, message):

@@ -253,13 +253,18 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
             r"student_layer < teacher_layer <= model depth \(2\)",
         ),
         ("objective.teacher_layer=3", r"objective.teacher_layer=3 must satisfy .* <= model depth \(2\)"),
-        ("objective.gamma=-0.5", r"objective.gamma=-0.5 must be >= 0"),
+        ("objective.gamma=-0.5", r"objective.gamma=-0.5 must be one number >= 0"),
+        ("objective.gamma=[0.8,0.2]", r"objective.gamma=\[0.8, 0.2\] must be one number >= 0 "),
         ("objective.ema_decay=1.0", r"objective.ema_decay=1.0 must be in \[0, 1\)"),
         ("objective.loss_buckets=0", "objective.loss_buckets=0 must be an integer >= 1"),
         ("model.heads=3", "model.width=32 must be a multiple of model.heads=3"),
         ("data.batch_size=-8", "data.batch_size=-8 must be an integer >= 1"),
         ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
         ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0 is out of range: use an integer in \[1, inf\)"),
+        # Lightning trains 2 steps for 1.5 and none for 0, without a word
+        ("trainer.max_steps=1.5", r"^trainer.max_steps=1.5 is not a limit the run can reach: use"),
+        ("trainer.max_steps=0", r"^trainer.max_steps=0 is not a limit .* \(or -1 for no limit\)$"),
+        ("trainer.max_epochs=0", r"^trainer.max_epochs=0 is not a limit the run can reach"),
         ("optimizer.lr=-0.1", "optimizer: Invalid learning rate: -0.1"),
         ("lr_warmup_steps=-1", r"lr_schedule.warmup_steps=-1 must be an integer >= 0 \(lr_warmup_steps sets it too\)"),
         (
@@ -317,8 +322,8 @@ def test_a_range_lightning_checks_stops_the_run_before_any_data_is_read(tiny_tra
         raise AssertionError("data was read before the trainer was built")
 
     monkeypatch.setattr(DigitImages, "__init__", no_data)
-    with pytest.raises(ConfigError, match=r"trainer: `max_steps` must be a non-negative integer or -1"):
-        train(tiny_train_cfg("trainer.max_steps=-5"))
+    with pytest.raises(ConfigError, match=r"trainer: .*invalid value -1 for limit_train_batches"):
+        train(tiny_train_cfg("+trainer.limit_train_batches=-1"))
 
 
 @pytest.mark.slow

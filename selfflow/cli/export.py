@@ -3,6 +3,7 @@
 selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model
 selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --overwrite   # replace an earlier export
 selfflow-sample ckpt=exported/my_model num_samples=16      # sample (or selfflow-probe ckpt=...) from the export
+selfflow-export runs/latent/checkpoints/last.ckpt exported/latent --vae /models/sd-vae  # a VAE run
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint", help="a .ckpt file written by selfflow-train (or an export folder)")
     parser.add_argument("out", help="a new folder to write model.safetensors and config.json into")
     parser.add_argument("--overwrite", action="store_true", help="replace the export files of an existing folder")
+    vae_help = "the run's VAE folder or autoencoder file (a stored path is never loaded)"
+    parser.add_argument("--vae", help=vae_help)
     args = parser.parse_args(argv)
     with friendly_errors("selfflow-export"):
         from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
 
-        folder = export_weights(args.checkpoint, args.out, overwrite=args.overwrite)
+        folder = export_weights(args.checkpoint, args.out, overwrite=args.overwrite, vae=args.vae)
         print(json.dumps({"folder": str(folder.resolve()), "files": [EXPORT_WEIGHTS, EXPORT_CONFIG]}))
 
 

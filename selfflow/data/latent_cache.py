@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.data.vae_folder import vae_fingerprint
+from selfflow.data.file_sizes import bounded_bytes, bounded_size
+from selfflow.data.vae_folder import latent_geometry, vae_fingerprint
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -75,14 +76,11 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         ok = (
             manifest["format"] == FORMAT
             and manifest["dtype"] == "float16"
-            and 1 <= int(manifest["latent_channels"]) <= MAX_LATENT_CHANNELS
-            and all(1 <= int(s) <= MAX_LATENT_SIDE for s in manifest["latent_size"])
             and len(manifest["latent_size"]) == 2
             and isinstance(manifest["vae_fingerprint"], str)
             and isinstance(manifest["crop"], str)
             and isinstance(manifest["image_size"], int)
             and isinstance(manifest["class_names"], list)
-            and len(manifest["class_names"]) <= MAX_CLASSES
         )
     except (KeyError, TypeError, ValueError):
         ok = False
@@ -90,6 +88,11 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(
             f"{path} is not a selfflow latent cache manifest of format {FORMAT}; cache again with selfflow-cache"
         )
+    bounded_size(manifest["latent_channels"], MAX_LATENT_CHANNELS, f"{path} latent_channels")
+    for side in manifest["latent_size"]:
+        bounded_size(side, MAX_LATENT_SIDE, f"{path} latent_size")
+    classes = len(manifest["class_names"])
+    bounded_size(classes, MAX_CLASSES, f"{path} class_names (count)", minimum=0)
     return manifest
 
 
@@ -108,6 +111,15 @@ def check_manifest(manifest: dict[str, Any], root: str, vae: str | os.PathLike, 
             f"the latent cache data.root={root} was made with another VAE (fingerprint "
             f"{manifest['vae_fingerprint'][:16]}, {manifest.get('vae')}) than tokenizer.image.vae={vae} "
             f"({fingerprint[:16]}); point tokenizer.image.vae at that VAE or cache again"
+        )
+    channels, factor = latent_geometry(vae, "tokenizer.image.vae")
+    wanted = [channels, [image_size // factor, image_size // factor]]
+    if [manifest["latent_channels"], list(manifest["latent_size"])] != wanted:
+        raise ValueError(
+            f"the latent cache data.root={root} declares latents of "
+            f"{manifest['latent_channels']} channels and size {manifest['latent_size']}, but "
+            f"tokenizer.image.vae={vae} at data.dataset.image_size={image_size} makes "
+            f"{wanted[0]} x {wanted[1]}; cache again with selfflow-cache"
         )
 
 
@@ -170,6 +182,14 @@ def merge_index(folder: Path, split: str, world_size: int) -> int:
     return len(records)
 
 
+def overlapping(shard_ids: np.ndarray, offsets: np.ndarray, record_bytes: int) -> bool:
+    """Whether two records share bytes: distinct records bound the count by the shards' real size on
+    disk, so an index cannot make a batch of records larger than the files that hold them."""
+    order = np.lexsort((offsets, shard_ids))
+    same_shard = shard_ids[order][1:] == shard_ids[order][:-1]
+    return bool((same_shard & (np.diff(offsets[order]) < record_bytes)).any())
+
+
 class LatentCache(Dataset):
     """Items `(z [C, h, w] float32, label)` of a `selfflow-cache` folder, by random access through the index.
 
@@ -197,9 +217,8 @@ class LatentCache(Dataset):
         self.class_names = [str(name) for name in manifest["class_names"]]
         height, width = (int(s) for s in manifest["latent_size"])
         self.record_shape = record_shape(int(manifest["latent_channels"]), height, width)
-        self.record_bytes = 2 * int(np.prod(self.record_shape))
-        if self.record_bytes > MAX_RECORD_BYTES:
-            raise ValueError(f"{self.root / MANIFEST}: records of {self.record_shape} exceed {MAX_RECORD_BYTES} bytes")
+        where = f"{self.root / MANIFEST} records"
+        self.record_bytes = bounded_bytes(self.record_shape, 2, MAX_RECORD_BYTES, where)
         # the test split (probes) reads the posterior mean of each image as it is
         training = split == "train"
         self.random_flip, self.sample_posterior = random_flip and training, sample_posterior and training
@@ -230,6 +249,8 @@ class LatentCache(Dataset):
             or (offsets + self.record_bytes > sizes[shard_ids]).any()
         ):
             raise ValueError(f"{path} points outside its shards (truncated or foreign files); cache again")
+        if overlapping(shard_ids, offsets, self.record_bytes):
+            raise ValueError(f"{path} lists records that overlap in their shards; cache again")
         if labels.min() < 0 or labels.max() >= max(1, len(self.class_names)):
             raise ValueError(f"{path} has labels outside the {len(self.class_names)} classes of the manifest")
         return shards, shard_ids, offsets, labels

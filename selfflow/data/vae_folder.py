@@ -14,7 +14,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 from selfflow.data.cache import file_digest
 
@@ -56,17 +55,6 @@ def vae_fingerprint(folder: str | os.PathLike, key: str = "vae") -> str:
     return _fingerprint(path, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
 
 
-def check_fingerprint(folder: str | os.PathLike, expected: str | None, key: str = "vae") -> str:
-    """The folder's fingerprint; a different one than `expected` (when given) is refused in one line."""
-    found = vae_fingerprint(folder, key)
-    if expected is not None and found != expected:
-        raise ValueError(
-            f"{key}={folder} holds another VAE (fingerprint {found[:16]}) than the one this model was "
-            f"trained with ({str(expected)[:16]}); point {key} at that VAE's folder"
-        )
-    return found
-
-
 def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):
     """A diffusers AutoencoderKL from a local folder (config.json + weights), in eval mode and frozen."""
     try:
@@ -84,17 +72,22 @@ def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):
     return vae.eval().requires_grad_(False)
 
 
-def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
-    """Pixels per latent position along a side, from the VAE's config.json: 2 per down block after the first (8 for
-    SD-VAE and FLUX)."""
+def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, int]:
+    """(latent channels, pixels per latent position along a side) from the VAE's config.json: the
+    factor is 2 per down block after the first (8 for SD-VAE and FLUX)."""
     path = vae_folder(folder, key) / "config.json"
     try:
-        blocks = json.loads(path.read_text())["block_out_channels"]
-        return 2 ** (len(blocks) - 1)
-    except (ValueError, KeyError, TypeError) as error:
+        config = json.loads(path.read_text())
+        return int(config.get("latent_channels", 4)), 2 ** (len(config["block_out_channels"]) - 1)
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(
             f"{key}={folder}: {path} has no list block_out_channels ({error}); not an AutoencoderKL config"
         ) from error
+
+
+def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
+    """Pixels per latent position along a side (`latent_geometry`)."""
+    return latent_geometry(folder, key)[1]
 
 
 def point_vae_keys(config, folder: str | os.PathLike) -> None:
@@ -104,17 +97,3 @@ def point_vae_keys(config, folder: str | os.PathLike) -> None:
     for spec in [*(config.get("tokenizer") or {}).values(), data.get("dataset")]:
         if spec is not None and "vae" in spec:
             spec["vae"] = str(folder)
-
-
-def check_stored_fingerprints(tokenizers: dict[str, Any], stored_config: dict[str, Any], source: str) -> None:
-    """Resuming: each latent tokenizer's VAE must be the one the checkpoint's run used (by fingerprint)."""
-    stored = (stored_config or {}).get("tokenizer") or {}
-    for modality, tokenizer in tokenizers.items():
-        ours = getattr(tokenizer, "fingerprint", None)
-        theirs = (stored.get(modality) or {}).get("fingerprint")
-        if ours and theirs and ours != theirs:
-            raise ValueError(
-                f"{source} was trained with another VAE (fingerprint {theirs[:16]}) than "
-                f"tokenizer.{modality}.vae={tokenizer.vae_path} ({ours[:16]}); point "
-                f"tokenizer.{modality}.vae at the VAE the run was trained with"
-            )

@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from selfflow.data.vae_folder import check_fingerprint, point_vae_keys
+from selfflow.data.pretrained import point_parts
 from selfflow.interop.state_check import check_state_fits
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import sampling_ema_key
@@ -112,9 +112,11 @@ def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor
     module.load_state_dict(state)
 
 
-def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae: str | None = None):
-    """The run's tokenizers (in eval mode) and its model with `state` loaded (the class count read from the label
-    table). vae: a folder replacing the stored one of a latent tokenizer (its fingerprint must still match).
+def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae=None):
+    """The run's tokenizers (in eval mode) and its model with `state` loaded (the class count read
+    from the label table). vae: where the user says the run's VAE or autoencoder is (a path, or
+    {modality: path} for several); a stored path is never loaded, and the part must have the stored
+    fingerprint (`point_parts`).
 
     `config` came from a file: its tokenizers and model are built through the allow-list (`instantiate_stored`),
     and the model is first built on the meta device, so that a config whose sizes do not fit the stored weights is
@@ -124,7 +126,8 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
         config (DictConfig): The run's stored config.
         state: The model's weights, keys without the checkpoint's prefix.
         source: The file's name in error messages.
-        vae: A folder replacing the stored VAE of a latent tokenizer; None keeps the stored one.
+        vae: The run's VAE or autoencoder, named by the user (a path, or {modality: path}); the
+            path the stored config names is never loaded.
 
     Returns:
         tuple[SelfFlowTransformer, dict[str, Tokenizer]]: The model in eval mode and the tokenizers
@@ -133,11 +136,7 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
     Raises:
         StoredConfigError: The stored model config is not a partial one.
     """
-    if vae is not None:  # the VAE moved: every config node that names it (tokenizer, latent-cache data) follows
-        point_vae_keys(config, vae)
-    for spec in config.tokenizer.values():
-        if "vae" in spec:  # a latent tokenizer: its VAE must be the one the run trained with
-            check_fingerprint(spec.vae, spec.get("fingerprint"), "vae")
+    point_parts(config, vae, source)  # VAEs, autoencoders: the user's paths, stored fingerprints
     tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}").eval() for m, spec in config.tokenizer.items()}
     if config.model.get("_partial_") is not True:
         raise StoredConfigError(
@@ -181,18 +180,19 @@ def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
     raise ValueError(f"weights={weights!r} {missing} {source}; choose one of: {', '.join([*WEIGHTS, *extra])}{hint}")
 
 
-def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | None = None) -> LoadedCheckpoint:
+def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae=None) -> LoadedCheckpoint:
     """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema (the teacher),
     online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
 
     `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
-    vae: where the run's VAE is now, when it moved (checked by fingerprint).
 
     Args:
         path: A run's .ckpt file, an export folder, or an export's model.safetensors.
         weights: `ema` (the teacher), `online` (the student) or `ema_<decay>`; exports hold `ema`
             only.
-        vae: Where the run's VAE is now, when it moved; None keeps the stored path.
+        vae: The run's VAE or autoencoder, named by the user (a path, or {modality: path});
+            required when the run used one, since the path its config stores is never loaded
+            (checked by fingerprint).
 
     Returns:
         The model, tokenizers, config and step of the run.

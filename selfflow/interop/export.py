@@ -47,14 +47,17 @@ def replace_file(path: Path, write) -> None:
         temp.unlink(missing_ok=True)
 
 
-def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the weights' sha256)
-    as `folder/config.json`; load it back with `load_checkpoint(folder)`."""
+def export_weights(
+    checkpoint_path: str | os.PathLike, folder: str | os.PathLike, overwrite: bool = False, vae=None
+) -> Path:
+    """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the
+    weights' sha256) as `folder/config.json`; load it back with `load_checkpoint(folder)`. vae: as
+    `load_checkpoint`'s."""
     from safetensors.torch import save_file
 
     folder = Path(folder).expanduser()
     check_export_target(folder, overwrite)
-    loaded = load_checkpoint(checkpoint_path, weights="ema")
+    loaded = load_checkpoint(checkpoint_path, weights="ema", vae=vae)
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()}
     weights = folder / EXPORT_WEIGHTS
@@ -92,7 +95,7 @@ def read_export_config(path: Path) -> dict:
     return meta
 
 
-def load_exported(folder: str | os.PathLike, vae: str | None = None) -> LoadedCheckpoint:
+def load_exported(folder: str | os.PathLike, vae=None) -> LoadedCheckpoint:
     """The model of a `selfflow-export` folder; a truncated, changed or mismatched file is refused in one line."""
     from safetensors.torch import load_file
 

@@ -29,6 +29,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
+from selfflow.data.file_sizes import bounded_size
 from selfflow.interop.state_check import check_state_fits
 from selfflow.models.distinct_levels import distinct_levels
 from selfflow.models.embeddings import sincos_2d
@@ -57,6 +58,7 @@ BLOCK_LINEARS = (
 )
 FREQUENCY_DIM = 256  # sinusoidal timestep features of the released t_embedder
 WRAPPER_KEYS = ("ema", "model", "state_dict")  # where training scripts nest the weights
+MAX_RELEASED_DEPTH, MAX_RELEASED_WIDTH = 512, 16384  # the released model: 28 blocks of width 1152
 OFFICIAL_PREFIX = "official:"  # ckpt=official:PATH (selfflow-sample), init=official:PATH (selfflow-train)
 
 
@@ -108,9 +110,45 @@ def output_rows(patch_size: int, out_channels: int, keep_channels: int) -> Tenso
     return rearrange(index[:keep_channels], "c p q -> (c p q)")
 
 
-def describe_layout(state: dict[str, Tensor], patch_size: int, latent_channels: int) -> dict[str, int]:
-    """Sizes read off the weights (heads cannot be, so they are an argument of `load_official`)."""
+def released_keys(depth: int) -> list[str]:
+    """The entries a released checkpoint of `depth` blocks must hold (the projector is optional)."""
+    linears = ["x_embedder.proj", "t_embedder.mlp.0", "t_embedder.mlp.2", "final_layer.linear"]
+    linears += ["final_layer.adaLN_modulation.1"]
+    linears += [f"blocks.{i}.{theirs}" for i in range(depth) for _, theirs in BLOCK_LINEARS]
+    keys = [f"{name}.{kind}" for name in linears for kind in ("weight", "bias")]
+    return ["pos_embed", "y_embedder.embedding_table.weight", *keys]
+
+
+def released_depth(state: dict[str, Tensor], source: str) -> int:
+    """The block count read off the key names, bounded (a key `blocks.99999.` must not size a
+    model), with every entry of every block present as a tensor."""
+    blocks = [k for k in state if isinstance(k, str) and k.startswith("blocks.")]
+    indices = {k.split(".")[1] for k in blocks if k.count(".") > 1}
+    if not indices or not all(index.isdigit() and len(index) < 12 for index in indices):
+        raise ValueError(f"{source} has no blocks.<n>.* entries; not a released checkpoint")
+    depth = 1 + max(map(int, indices))
+    bounded_size(depth, MAX_RELEASED_DEPTH, f"{source}: the block count")
+    missing = [key for key in released_keys(depth) if not isinstance(state.get(key), Tensor)]
+    if missing:
+        raise ValueError(
+            f"{source} is incomplete: it has no tensor {missing[0]!r} ({len(missing)} of the "
+            f"{len(released_keys(depth))} entries of a {depth}-block model are missing); "
+            "download the released .pt file again"
+        )
+    return depth
+
+
+def describe_layout(
+    state: dict[str, Tensor],
+    patch_size: int,
+    latent_channels: int,
+    source: str = "the released checkpoint",
+) -> dict[str, int]:
+    """Sizes read off the weights (heads cannot be, so they are an argument of `load_official`),
+    each bounded and every required entry present before anything is built."""
+    depth = released_depth(state, source)
     width, token_channels = state["x_embedder.proj.weight"].shape
+    bounded_size(width, MAX_RELEASED_WIDTH, f"{source}: the width of x_embedder.proj.weight")
     if token_channels != latent_channels * patch_size**2:
         raise ValueError(
             f"x_embedder.proj takes {token_channels} channels per token, not latent_channels * "
@@ -123,11 +161,11 @@ def describe_layout(state: dict[str, Tensor], patch_size: int, latent_channels: 
             f"final_layer.linear emits {out} channels per position; expected {latent_channels} or "
             f"{2 * latent_channels} (learn_sigma)"
         )
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    num_tokens = state["pos_embed"].shape[-2]
+    num_tokens = state["pos_embed"].shape[-2] if state["pos_embed"].ndim >= 2 else 0
     grid = math.isqrt(num_tokens)
-    if grid * grid != num_tokens:
-        raise ValueError(f"pos_embed has {num_tokens} positions, not a square grid")
+    if grid * grid != num_tokens or state["pos_embed"].numel() != num_tokens * width:
+        shape = list(state["pos_embed"].shape)
+        raise ValueError(f"{source}: pos_embed {shape} is not a square grid of width {width}")
     return {
         "width": width,
         "depth": depth,
@@ -136,6 +174,29 @@ def describe_layout(state: dict[str, Tensor], patch_size: int, latent_channels: 
         "num_classes": state["y_embedder.embedding_table.weight"].shape[0] - 1,
         "token_channels": token_channels,
     }
+
+
+def released_transformer(
+    layout: dict[str, int], converted: dict[str, Tensor], heads: int, attention: str, source: str
+) -> SelfFlowTransformer:
+    """The `SelfFlowTransformer` of `layout` holding `converted`: built on the meta device and
+    checked against every key and shape first, so that sizes read from the file allocate nothing
+    until the file's own tensors fill them."""
+    arguments = {
+        "token_channels": {"image": layout["token_channels"]},
+        "width": layout["width"],
+        "depth": layout["depth"],
+        "heads": heads,
+        "num_classes": layout["num_classes"],
+        "pos_embed": "sincos",
+        "time_scale": 1.0,
+        "attention": attention,
+    }
+    with torch.device("meta"):
+        check_state_fits(SelfFlowTransformer(**arguments).state_dict(), converted, source)
+    model = SelfFlowTransformer(**arguments)
+    model.load_state_dict(converted)
+    return model
 
 
 def convert_state_dict(
@@ -217,19 +278,12 @@ def load_official(
 ) -> OfficialSelfFlow:
     """The released Self-Flow checkpoint (a path or a state dict in its layout) as an `OfficialSelfFlow`, eval mode."""
     state = read_state_dict(path_or_state_dict)
-    layout = describe_layout(state, patch_size, latent_channels)
+    source = "the released state dict"
+    if not isinstance(path_or_state_dict, dict):
+        source = str(path_or_state_dict)
+    layout = describe_layout(state, patch_size, latent_channels, source)
     if layout["width"] % heads:
         raise ValueError(f"width {layout['width']} is not divisible by heads={heads}; pass the checkpoint's heads")
-    model = SelfFlowTransformer(
-        {"image": layout["token_channels"]},
-        width=layout["width"],
-        depth=layout["depth"],
-        heads=heads,
-        num_classes=layout["num_classes"],
-        pos_embed="sincos",
-        time_scale=1.0,
-        attention=attention,
-    )
     pos = ImagePatchTokenizer(patch_size, latent_channels, layout["grid"] * patch_size).positions(1)
     expected = sincos_2d(pos, layout["width"])[0]
     stored = state["pos_embed"].reshape(-1, layout["width"]).float()
@@ -239,9 +293,10 @@ def load_official(
             f"(max difference {(stored - expected).abs().max():.3g}); it cannot be converted exactly"
         )
     try:
-        model.load_state_dict(convert_state_dict(state, layout, patch_size, latent_channels))
-    except (KeyError, RuntimeError) as error:
-        raise ValueError(f"the released checkpoint is incomplete or has unexpected shapes: {error}") from error
+        converted = convert_state_dict(state, layout, patch_size, latent_channels)
+    except (KeyError, RuntimeError, IndexError) as error:
+        raise ValueError(f"{source}: shapes unlike the released layout's ({error})") from None
+    model = released_transformer(layout, converted, heads, attention, source)
     projector = None
     if "projector.linear1.weight" in state:
         hidden = state["projector.linear1.weight"].shape[0]
@@ -334,12 +389,19 @@ def save_official(
     return released
 
 
-def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weights: str = "ema") -> Path:
-    """A `selfflow-train` checkpoint of a released-layout run (experiment=imagenet256) as a .pt file of plain tensors
-    that the released model code loads with strict=True: the EMA (or online) weights and the projection head."""
+def export_official(
+    checkpoint: str | os.PathLike,
+    out: str | os.PathLike,
+    weights: str = "ema",
+    vae: str | None = None,
+) -> Path:
+    """A `selfflow-train` checkpoint of a released-layout run (experiment=imagenet256) as a .pt file
+    of plain tensors that the released model code loads with strict=True: the EMA (or online)
+    weights and the projection head.
+    vae: the run's VAE folder (a path a checkpoint stores is never loaded)."""
     from selfflow.interop.checkpoint import load_checkpoint, read_checkpoint
 
-    loaded = load_checkpoint(checkpoint, weights)
+    loaded = load_checkpoint(checkpoint, weights, vae)
     tokenizer = loaded.tokenizers.get("image")
     if tokenizer is None or not hasattr(tokenizer, "latent_shape"):
         raise ValueError(

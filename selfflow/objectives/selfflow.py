@@ -147,8 +147,11 @@ class SelfFlowObjective(nn.Module):
                 without a mask ratio, or a repeated sampling EMA decay.
         """
         super().__init__()
-        if gamma < 0:
-            raise ValueError(f"objective.gamma={gamma} must be >= 0 (0 turns the representation loss off)")
+        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
+            raise ValueError(
+                f"objective.gamma={gamma} must be one number >= 0 (0 turns the representation "
+                "loss off; to change it over training set objective.gamma_schedule.kind)"
+            )
         if not 0.0 <= class_dropout <= 1.0:
             raise ValueError(f"objective.class_dropout={class_dropout} must be in [0, 1]")
         if not 0.0 <= caption_dropout <= 1.0:

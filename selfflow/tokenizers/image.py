@@ -33,7 +33,7 @@ class ImagePatchTokenizer(Tokenizer):
         if patch_size < 1 or h % patch_size or w % patch_size:
             raise ValueError(
                 f"tokenizer.image.patch_size={patch_size} must divide the image size {h}x{w}; "
-                f"pick a patch size that divides both sides or change data.image_size"
+                f"pick a patch size that divides both sides or change data.dataset.image_size"
             )
         self.patch_size, self.channels, self.image_size = patch_size, channels, (h, w)
         self.grid = (h // patch_size, w // patch_size)
@@ -56,8 +56,9 @@ class ImagePatchTokenizer(Tokenizer):
         if c != self.channels or h % p or w % p:
             raise ValueError(
                 f"image tokenizer expects [B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}] (or any "
-                f"H, W that are multiples of patch_size={p}), got {list(images.shape)}; set "
-                f"tokenizer.image.channels/image_size to match the data"
+                f"H, W that are multiples of patch_size={p}), got {list(images.shape)}; the "
+                "tokenizer takes "
+                f"channels and image_size from data.dataset (a mixture: data.sources.image.dataset)"
             )
         x = rearrange(images * 2 - 1, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
         return Tokens(x=x, pos=self.positions(b, images.device, grid=(h // p, w // p)), modality=self.modality)

@@ -11,7 +11,8 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.data.vae_folder import check_fingerprint, downsampling, load_autoencoder, vae_folder
+from selfflow.data.pretrained import check_part
+from selfflow.data.vae_folder import downsampling, load_autoencoder, vae_folder
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.tokens import Tokens
@@ -44,7 +45,7 @@ class ImageLatentTokenizer(Tokenizer):
         decode_batch_size: int = 16,
     ):
         super().__init__()
-        self.fingerprint = check_fingerprint(vae, fingerprint, KEY)
+        self.fingerprint = check_part(vae, fingerprint, "vae", KEY)  # before it is loaded
         self.vae_path = str(vae_folder(vae, KEY))  # resolved: checkpoints name it from any working folder
         autoencoder = load_autoencoder(vae, KEY)
         self._vae = [autoencoder]  # a list: not a submodule, so never in state_dict() or parameters()

@@ -4,6 +4,10 @@ The autoencoder file is a `torch.jit.save`d module with two methods (nothing is 
   video: `encode(x: [B, T, C, H, W] in [-1, 1]) -> z: [B, T', C', H', W']`, `decode(z) -> x`;
   audio: `encode(wave: [B, S]) -> z: [B, C', L]`, `decode(z) -> wave: [B, S] or [B, 1, S]`.
 Latents are normalised as `(z - shift) * scale` before they become tokens.
+
+The file's fingerprint (sha256) is computed before it is loaded: a checkpoint stores it, and a model
+rebuilt from a checkpoint loads only a file the user names whose fingerprint is the stored one
+(`selfflow.data.pretrained`).
 """
 
 from __future__ import annotations
@@ -15,17 +19,21 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
+from selfflow.data.pretrained import check_part
 from selfflow.tokenizers.audio import as_mono_batch, limit_peak
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokenizers.video import from_tubelets, grid_positions, to_tubelets, tubelet_grid
 from selfflow.tokens import Tokens
 
 
-def load_autoencoder(path: str | os.PathLike, key: str) -> torch.jit.ScriptModule:
-    """A frozen TorchScript autoencoder from a local file; errors name the file and the config key `key`."""
+def load_autoencoder(
+    path: str | os.PathLike, key: str, fingerprint: str | None = None
+) -> tuple[torch.jit.ScriptModule, str]:
+    """A frozen TorchScript autoencoder from a local file and its fingerprint, checked against
+    `fingerprint` (when given) before the file is loaded; errors name the file and the config key
+    `key`."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"{key}={path} does not exist; point it at a TorchScript autoencoder (torch.jit.save)")
+    found = check_part(path, fingerprint, "autoencoder_path", key)
     try:
         module = torch.jit.load(str(path), map_location="cpu")
     except Exception as error:
@@ -38,12 +46,15 @@ def load_autoencoder(path: str | os.PathLike, key: str) -> torch.jit.ScriptModul
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
-    return module
+    return module, found
 
 
 class VideoLatentTokenizer(Tokenizer):
-    """Clips [B, T, C, H, W] in [0, 1] -> autoencoder latents [B, T', C', H', W'] -> tubelets of the latent with
-    ids (t, h, w, 0). The latent shape is read off one encode of a blank clip at construction."""
+    """Clips [B, T, C, H, W] in [0, 1] -> autoencoder latents [B, T', C', H', W'] -> tubelets of the
+    latent with ids (t, h, w, 0). The latent shape is read off one encode of a blank clip at
+    construction.
+    fingerprint: the autoencoder a checkpoint was trained with; another file is refused before
+    it loads."""
 
     modality = "video"
 
@@ -58,9 +69,11 @@ class VideoLatentTokenizer(Tokenizer):
         fps: float = 8.0,
         scale: float = 1.0,
         shift: float = 0.0,
+        fingerprint: str | None = None,
     ):
         super().__init__()
-        self.autoencoder = load_autoencoder(autoencoder_path, "tokenizer.video.autoencoder_path")
+        key = "tokenizer.video.autoencoder_path"
+        self.autoencoder, self.fingerprint = load_autoencoder(autoencoder_path, key, fingerprint)
         self.tubelet_frames, self.patch_size, self.fps = tubelet_frames, patch_size, fps
         self.sample_shape = (num_frames, channels, image_size, image_size)
         self.scale, self.shift = scale, shift
@@ -79,7 +92,8 @@ class VideoLatentTokenizer(Tokenizer):
         if tuple(video.shape[1:]) != self.sample_shape:
             raise ValueError(
                 f"video latent tokenizer expects [B, {', '.join(map(str, self.sample_shape))}], got "
-                f"{list(video.shape)}; set tokenizer.video.num_frames/channels/image_size to match the data"
+                f"{list(video.shape)}; the tokenizer takes num_frames, channels and image_size "
+                "from data.dataset (a mixture: data.sources.video.dataset)"
             )
         with torch.no_grad():
             latent = self.autoencoder.encode(video * 2 - 1)
@@ -96,7 +110,10 @@ class VideoLatentTokenizer(Tokenizer):
 
 
 class AudioLatentTokenizer(Tokenizer):
-    """Waves [B, 1, S] -> autoencoder latents [B, C', L] -> tokens of `patch_frames` latent frames, ids (t, 0, 0, 0)."""
+    """Waves [B, 1, S] -> autoencoder latents [B, C', L] -> tokens of `patch_frames` latent frames,
+    ids (t, 0, 0, 0).
+    fingerprint: the autoencoder a checkpoint was trained with; another file is refused before
+    it loads."""
 
     modality = "audio"
 
@@ -108,9 +125,11 @@ class AudioLatentTokenizer(Tokenizer):
         patch_frames: int = 1,
         scale: float = 1.0,
         shift: float = 0.0,
+        fingerprint: str | None = None,
     ):
         super().__init__()
-        self.autoencoder = load_autoencoder(autoencoder_path, "tokenizer.audio.autoencoder_path")
+        key = "tokenizer.audio.autoencoder_path"
+        self.autoencoder, self.fingerprint = load_autoencoder(autoencoder_path, key, fingerprint)
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.patch_frames, self.scale, self.shift = patch_frames, scale, shift
         with torch.no_grad():

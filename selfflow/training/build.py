@@ -100,9 +100,11 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
     objective = instantiate(cfg.objective)(model=model)
     if cfg.get("init"):
         initialize_from(str(cfg.init), objective, tokenizers)
-    for modality, tokenizer in tokenizers.items():  # a VAE is stored as its folder and the fingerprint of its files
+    # a VAE or autoencoder is stored with the fingerprint of its files
+    for modality, tokenizer in tokenizers.items():
         if getattr(tokenizer, "fingerprint", None):
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
+        if getattr(tokenizer, "vae_path", None):
             point_vae_keys(config, tokenizer.vae_path)
     module = SelfFlowModule(
         objective,

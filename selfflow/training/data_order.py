@@ -8,7 +8,7 @@ or without DataLoader workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -106,6 +106,28 @@ def trained_position(trainer) -> dict[str, int]:
         "epoch": int(trainer.current_epoch),
         "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
     }
+
+
+POSITION_KEYS = ("epoch", "batches_done")
+
+
+def stored_position(state: Any) -> dict[str, int] | None:
+    """A data position read from a checkpoint (`trained_position`'s dict; empty: none), or
+    ValueError in one line: a checkpoint is a file from someone else, and its data state is data
+    like any other."""
+    if not state:
+        return None
+    whole = isinstance(state, Mapping) and all(
+        isinstance(state.get(key), int) and not isinstance(state[key], bool) and state[key] >= 0
+        for key in POSITION_KEYS
+    )
+    if not whole:
+        raise ValueError(
+            f"the checkpoint's data position {state!r:.80} is not {{epoch: N, batches_done: N}}: "
+            "the checkpoint is damaged or not selfflow's; resume from a checkpoint selfflow "
+            "wrote, or start a new run (another run_dir)"
+        )
+    return {key: int(state[key]) for key in POSITION_KEYS}
 
 
 class SeededSamples(Dataset):

@@ -17,7 +17,12 @@ from torch.utils.data import DataLoader, Dataset
 from selfflow.data.bad_files import BadFilePolicy
 from selfflow.data.buckets import BucketBatchSampler, BucketIndex
 from selfflow.data.collate import collate_samples
-from selfflow.training.data_order import ResumableBatchSampler, resumable_loader, trained_position
+from selfflow.training.data_order import (
+    ResumableBatchSampler,
+    resumable_loader,
+    stored_position,
+    trained_position,
+)
 from selfflow.training.rng_state import mix_seed
 
 
@@ -256,7 +261,7 @@ class SelfFlowDataModule(L.LightningDataModule):
         return {} if self.train_batches is None or trainer is None else trained_position(trainer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._position_to_load = dict(state) if state else None
+        self._position_to_load = stored_position(state)
 
     def test_dataloader(self) -> DataLoader:
         return self._loader(self.test_set, shuffle=False, drop_last=False)

@@ -17,7 +17,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, defaul
 
 from selfflow.data.packing import pack
 from selfflow.tokens import PackedTokens, Tokens
-from selfflow.training.data_order import resumable_loader, trained_position
+from selfflow.training.data_order import resumable_loader, stored_position, trained_position
 from selfflow.training.datamodule import check_loader_options
 from selfflow.training.rng_state import mix_seed
 
@@ -288,7 +288,7 @@ class MixtureDataModule(L.LightningDataModule):
         return {} if self.train_batches is None or trainer is None else trained_position(trainer)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._position_to_load = dict(state) if state else None
+        self._position_to_load = stored_position(state)
 
 
 def pack_groups(groups: dict[str, dict[str, Tensor]], tokenizers, pack_length: int, null_label: int) -> PackedTokens:

@@ -11,7 +11,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from selfflow.data.vae_folder import check_stored_fingerprints
+from selfflow.data.pretrained import check_stored_fingerprints
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
 from selfflow.interop.state_check import check_state_fits
 from selfflow.objectives.flow_loss import bucket_names

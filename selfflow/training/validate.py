@@ -57,9 +57,23 @@ def _choice(cfg, key: str, choices: tuple) -> None:
         raise ConfigError(f"{key}={value!r} is unknown; choose one of: {names}")
 
 
+STEP_LIMITS = "a whole number >= 1 (or -1 for no limit)"
+
+
+def _step_limit(cfg, key: str) -> None:
+    """A step or epoch limit: a whole number >= 1, or -1 for none (Lightning takes 0 and 1.5 without
+    a word)."""
+    value = _get(cfg, key)
+    whole = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if value is not None and not (whole and (value >= 1 or value == -1)):
+        raise ConfigError(f"{key}={value!r} is not a limit the run can reach: use {STEP_LIMITS}")
+
+
 def check_unowned_ranges(cfg: DictConfig) -> None:
-    """Ranges of the keys no constructor checks: the run's own keys and the trainer keys Lightning takes as given
-    (it checks max_steps and max_epochs itself, when the trainer is built)."""
+    """Ranges of the keys no constructor checks: the run's own keys and the trainer keys Lightning
+    takes as given (its own checks let max_steps=0 finish at once and max_steps=1.5 round up)."""
+    _step_limit(cfg, "trainer.max_steps")
+    _step_limit(cfg, "trainer.max_epochs")
     _number(cfg, "seed", 0, 2**32 - 1, integer=True)
     _choice(cfg, "resume", (None, "auto"))
     _number(cfg, "global_batch_size", 1, integer=True)
