@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from selfflow.data.vae_folder import vae_fingerprint
+from selfflow.io.safe_files import FILE_MODE, private_folder_for, resolve_inside, write_json_atomically
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -57,10 +59,9 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Written under a temporary name and renamed, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value) + "\n")
-    os.replace(temporary, path)
+    """Strict JSON written in a private folder and renamed: a reader never sees half a file, and a link planted
+    under the name is replaced, never written through (`replace_atomically`)."""
+    write_json_atomically(path, value, indent=None)
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -121,6 +122,7 @@ class ShardWriter:
         self.folder, self.split, self.rank, self.records_per_shard = folder, split, rank, records_per_shard
         self.records: list[list[Any]] = []  # [sample index, key, shard name, data offset, label]
         self._tar: tarfile.TarFile | None = None
+        self._temporary: Path | None = None  # the open shard, in a private folder until it is complete
         self._shard_name, self._in_shard, self._shards = "", 0, 0
 
     def add(self, index: int, key: str, label: int, record: Tensor) -> None:
@@ -136,15 +138,24 @@ class ShardWriter:
         self._in_shard += 1
 
     def _next_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
+        self._finish_shard()
         self._shard_name = f"{self.split}-r{self.rank:03d}-{self._shards:06d}.tar"
-        self._tar = tarfile.open(self.folder / self._shard_name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - open until the shard is full
+        self._temporary = private_folder_for(self.folder / self._shard_name) / self._shard_name
+        self._tar = tarfile.open(self._temporary, "x", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - open until the shard is full
         self._shards, self._in_shard = self._shards + 1, 0
 
+    def _finish_shard(self) -> None:
+        """Close the open shard and rename it into the cache folder (replacing, never following, a planted link)."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        os.chmod(self._temporary, FILE_MODE)
+        os.replace(self._temporary, self.folder / self._shard_name)
+        shutil.rmtree(self._temporary.parent, ignore_errors=True)
+        self._tar = self._temporary = None
+
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
+        self._finish_shard()
         write_json(self.folder / f"part-{self.split}-r{self.rank:03d}.json", self.records)
 
 
@@ -215,10 +226,10 @@ class LatentCache(Dataset):
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ValueError(f"{path} is not a latent cache index ({error}); cache again") from error
         shards = []
-        for name in names:  # plain file names inside the cache folder, nothing else
+        for name in names:  # plain file names inside the cache folder (links resolved), nothing else
             if Path(name).name != name or not name.endswith(".tar") or not (self.root / name).is_file():
                 raise ValueError(f"{path} names shard {name!r}, which is not a .tar file in {self.root}")
-            shards.append(self.root / name)
+            shards.append(resolve_inside(self.root, name))
         sizes = np.asarray([p.stat().st_size for p in shards] or [0], dtype=np.int64)
         lengths = {len(shard_ids), len(offsets), len(labels)}
         if len(lengths) != 1 or not len(labels):

@@ -30,6 +30,7 @@ from typing import BinaryIO
 import numpy as np
 
 from selfflow.data.shard_sources import ByteSource, LocalFiles
+from selfflow.io.safe_files import write_bytes_atomically
 
 TAR_BLOCK = 512
 MAX_KEY_CHARS = 1024  # a sample key (a member's name up to its first dot): real keys are short ("000123")
@@ -184,20 +185,9 @@ def scan_shard(path: Path) -> ShardTable:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write a temporary file next to `path`, then rename it to `path`: readers never see a partial file."""
-    temporary = temporary_path(path)
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: no <split>-*.tar pattern matches it
+    """`data` as `path`, written in a private folder and renamed: readers never see a partial file, and a link
+    planted in a shared shard folder is replaced, never written through (`replace_atomically`)."""
+    write_bytes_atomically(path, data, sync=True)
 
 
 def index_document(table: ShardTable) -> dict:

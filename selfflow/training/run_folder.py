@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from selfflow.io.safe_files import UnsafeFileError, open_no_follow
+
 log = logging.getLogger("selfflow")
 
 LOCK_NAME = ".lock"
@@ -72,7 +74,9 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         check_writable(part)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_no_follow(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT)  # a planted link is refused, not written
+    except UnsafeFileError as error:
+        raise RunFolderError(f"cannot lock run folder {folder}: {error}") from None
     except OSError as error:
         raise RunFolderError(
             f"cannot write into run folder {folder}: {error.strerror or error}; choose a writable hydra.run.dir"
