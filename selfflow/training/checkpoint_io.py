@@ -19,7 +19,6 @@ from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.io.safe_files import replace_atomically
 
 
-
 class CheckpointWriteError(OSError):
     """A checkpoint could not be written (e.g. the disk is full); the earlier checkpoints are intact."""
 
