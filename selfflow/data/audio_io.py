@@ -18,6 +18,7 @@ import torchaudio
 from torch import Tensor
 
 from selfflow.data.bad_files import UnusableSample
+from selfflow.io.safe_files import replace_atomically
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 TRUNCATED = re.compile(r"^data\s*:\s*\d+ \(should be", re.MULTILINE)  # libsndfile's note on a short WAV data chunk
@@ -125,5 +126,6 @@ def write_wav(wave: np.ndarray | Tensor, path: str | os.PathLike, sample_rate: i
         raise ValueError(f"write_wav expects mono samples [S], got shape {list(samples.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(path), np.clip(samples, -1.0, 1.0), int(sample_rate), subtype="PCM_16")
+    with replace_atomically(path) as temporary:
+        soundfile.write(str(temporary), np.clip(samples, -1.0, 1.0), int(sample_rate), subtype="PCM_16")
     return path

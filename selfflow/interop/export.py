@@ -20,6 +20,7 @@ from selfflow.interop.checkpoint import (
     load_checkpoint,
     model_from_state,
 )
+from selfflow.io.safe_files import replace_atomically, write_json_atomically
 from selfflow.safe_config import first_line, stored_config
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
@@ -38,13 +39,10 @@ def check_export_target(folder: Path, overwrite: bool) -> None:
 
 
 def replace_file(path: Path, write) -> None:
-    """write(temporary path), then rename it over `path`: a failed export never leaves half a file by that name."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    """write(temporary path), then rename it over `path`: a failed export never leaves half a file by that name,
+    and a link planted under the name is replaced, never written through (`replace_atomically`)."""
+    with replace_atomically(path, sync=True) as temporary:
+        write(temporary)
 
 
 def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike, overwrite: bool = False) -> Path:
@@ -68,7 +66,7 @@ def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike
         "weights_sha256": file_digest(weights),
         "config": OmegaConf.to_container(loaded.config, resolve=True),
     }
-    replace_file(folder / EXPORT_CONFIG, lambda temp: temp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json_atomically(folder / EXPORT_CONFIG, meta, sync=True)
     return folder
 
 

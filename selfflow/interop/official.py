@@ -30,6 +30,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from selfflow.interop.state_check import check_state_fits
+from selfflow.io.safe_files import replace_atomically
 from selfflow.models.distinct_levels import distinct_levels
 from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer
@@ -364,7 +365,8 @@ def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weigh
     )
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    with replace_atomically(out) as temporary:
+        torch.save(state, temporary)
     return out
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import stat
@@ -88,8 +89,24 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes, sync: bool = Fa
     return Path(path)
 
 
+def non_finite_key(value: Any, prefix: str = "") -> str | None:
+    """The dotted key of the first NaN or infinite float in nested dicts and lists, None if there is none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return prefix or "the value"
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = non_finite_key(item, f"{prefix}.{key}" if prefix else str(key))
+        if found is not None:
+            return found
+    return None
+
+
 def strict_json(value: Any, indent: int | None = 2) -> str:
-    """JSON text of `value`, refusing NaN and infinities (they are no JSON: strict readers reject the file)."""
+    """JSON text of `value`; NaN and infinities are refused (they are no JSON: strict readers reject the file),
+    with a ValueError naming the key."""
+    key = non_finite_key(value)
+    if key is not None:
+        raise ValueError(f"{key} is not a finite number; JSON cannot hold it (a metric computed from broken inputs?)")
     return json.dumps(value, indent=indent, allow_nan=False)
 
 

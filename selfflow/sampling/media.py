@@ -12,6 +12,7 @@ from torch import Tensor
 
 from selfflow.data.audio_io import write_wav
 from selfflow.data.video_io import write_mp4
+from selfflow.io.safe_files import replace_atomically
 from selfflow.sampling.writers import image_grid, to_uint8
 from selfflow.tokenizers.audio import limit_peak
 
@@ -36,7 +37,8 @@ def save_frame_strip(frames: Tensor, path: str | os.PathLike, upscale: int = 1) 
     clips = frames[None] if frames.ndim == 4 else frames
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rearrange(clips, "b t c h w -> (b t) c h w"), nrow=clips.shape[1], upscale=upscale).save(path)
+    with replace_atomically(path) as temporary:
+        image_grid(rearrange(clips, "b t c h w -> (b t) c h w"), nrow=clips.shape[1], upscale=upscale).save(temporary)
     return path
 
 
@@ -91,5 +93,6 @@ def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int, ti
             axes.set_title(titles[i], fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with replace_atomically(path) as temporary:
+        figure.savefig(temporary)
     return path
