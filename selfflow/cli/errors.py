@@ -12,6 +12,7 @@ from typing import NoReturn
 from omegaconf.errors import OmegaConfBaseException
 
 from selfflow.data.bad_files import BadFileError
+from selfflow.io.safe_files import UnsafeFileError
 from selfflow.training.checkpoint_io import CheckpointWriteError
 from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.run_folder import RunFolderError
@@ -28,6 +29,7 @@ USER_ERRORS = (
     CheckpointWriteError,
     NonFiniteLossError,
     RunFolderError,
+    UnsafeFileError,
 )
 
 
