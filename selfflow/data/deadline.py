@@ -18,6 +18,11 @@ R = TypeVar("R")
 MIN_BYTES_PER_SECOND = 1 << 20  # a body must arrive at least this fast on average (after the first timeout_s)
 
 
+def _close_quietly(thing) -> None:
+    with contextlib.suppress(Exception):
+        thing.close()
+
+
 def request_deadline(timeout_s: float, size: int = 0) -> float:
     """Seconds a request of `size` body bytes may take: `timeout_s` plus the time at MIN_BYTES_PER_SECOND."""
     return timeout_s + size / MIN_BYTES_PER_SECOND
@@ -48,9 +53,8 @@ def within_deadline(request: Callable[[list], R], seconds: float, what: str) -> 
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
-        for thing in opened:  # closing from another thread is best effort; the thread is abandoned anyway
-            with contextlib.suppress(Exception):
-                thing.close()
+        for thing in opened:  # close waits for the blocked read (a buffered stream's lock): in its own thread
+            threading.Thread(target=_close_quietly, args=(thing,), name="selfflow-close", daemon=True).start()
         raise TimeoutError(f"{what} did not finish within its deadline of {seconds:.0f} s")
     if "error" in outcome:
         raise outcome["error"]
