@@ -329,15 +329,20 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
 
 
 def _checked_headers(flat, members: np.ndarray) -> np.ndarray:
-    """headers [M]: one per member, on tar blocks, each data member's at most MAX_HEADER_BYTES before its data."""
+    """headers [M]: one per member, on tar blocks. Where one does not lie within MAX_HEADER_BYTES before its data,
+    the member's own block alone is checked (`header_start`): a wrong offset only makes the check stricter."""
     if not isinstance(flat, list) or len(flat) != len(members) or not all(type(v) is int for v in flat):
         raise ValueError("headers must be a list of integers, one per member")
     headers = np.asarray(flat, dtype=np.int64).reshape(-1)  # [M]
-    data = members[:, SIZE] >= 0
-    before = members[data, OFFSET] - headers[data]
-    if np.any(headers < 0) or np.any(headers % TAR_BLOCK) or np.any((before < TAR_BLOCK) | (before > MAX_HEADER_BYTES)):
-        raise ValueError(f"a member's headers are not on tar blocks within {MAX_HEADER_BYTES} bytes before its data")
+    if np.any(headers < 0) or np.any(headers % TAR_BLOCK):
+        raise ValueError("a member's header offset is not on tar blocks")
     return headers
+
+
+def header_start(header: int, offset: int) -> int:
+    """Where to read a member's tar headers from: its first header's offset when that lies at most
+    MAX_HEADER_BYTES before its data, else its own block right before the data."""
+    return header if TAR_BLOCK <= offset - header <= MAX_HEADER_BYTES else offset - TAR_BLOCK
 
 
 def _member_of_headers(chain: bytes) -> tarfile.TarInfo | None:

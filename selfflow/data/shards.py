@@ -45,6 +45,7 @@ from selfflow.data.shard_index import (
     SIZE,
     ShardTable,
     check_member_header,
+    header_start,
     index_location,
     read_index,
     scan_shard,
@@ -346,6 +347,7 @@ class ShardDataset(Dataset):
             shard, offset, size, header = (int(v) for v in member)
             if size > limit:
                 raise UnusableSample(f"its {what} member has {size} bytes, more than {limit}")
+            header = header_start(header, offset)
             spans.append((header, offset + size))  # the member's header blocks and its data
             headers.append(offset - header)
         location = self.shards[shard]
