@@ -136,6 +136,21 @@ def test_the_run_folder_lock_refuses_a_planted_link_or_hard_link_with_one_line(t
     assert victim.read_bytes() == VICTIM
 
 
+def test_a_run_folder_with_a_planted_link_to_a_file_is_refused_before_anything_is_written(tmp_path, victim):
+    from selfflow.training.run_folder import RunFolderError, lock_run_folder, release_run_folder
+
+    run_dir = tmp_path / "shared-run"
+    (run_dir / "elsewhere-disk").mkdir(parents=True)
+    (run_dir / "checkpoints").symlink_to(run_dir / "elsewhere-disk")  # a folder on another disk: kept
+    assert lock_run_folder(run_dir)
+    release_run_folder(run_dir)
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").symlink_to(victim)  # Hydra and Lightning write by name
+    with pytest.raises(RunFolderError, match=r"holds a symbolic link .*config\.yaml to a file") as refused:
+        lock_run_folder(run_dir)
+    assert "\n" not in str(refused.value) and victim.read_bytes() == VICTIM
+
+
 def test_skipped_files_tsv_is_never_written_through_a_planted_link(tmp_path, victim):
     from selfflow.data.bad_files import BadFilePolicy
 

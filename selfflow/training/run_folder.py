@@ -62,6 +62,27 @@ def check_writable(folder: Path) -> None:
         )
 
 
+def check_no_planted_links(folder: Path, depth: int = 2, most: int = 100_000) -> None:
+    """RunFolderError naming the first symbolic link to a file (or to nothing) in `folder` and its sub-folders down to
+    `depth`: Lightning, Hydra and the loggers open their files (metrics.csv, hparams.yaml, .hydra/...) by name and
+    would write through it. A link to a folder (checkpoints/ on another disk) is kept."""
+    pending, seen = [(folder, depth)], 0
+    while pending:
+        current, left = pending.pop()
+        with contextlib.suppress(OSError), os.scandir(current) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > most:
+                    return
+                if entry.is_symlink() and not entry.is_dir():
+                    raise RunFolderError(
+                        f"run folder {folder} holds a symbolic link {entry.path} to a file; selfflow writes no "
+                        f"file through a link in a run folder: remove it, or choose another hydra.run.dir"
+                    )
+                if left > 1 and entry.is_dir(follow_symlinks=False):
+                    pending.append((Path(entry.path), left - 1))
+
+
 def lock_run_folder(run_dir: str | os.PathLike) -> bool:
     """Lock `run_dir` for this process: True when taken now, False when this process already held it.
 
@@ -99,6 +120,11 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
         f"{' '.join(sys.argv)[:300]}"
     )
+    try:
+        check_no_planted_links(folder)
+    except RunFolderError:
+        os.close(fd)
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode() + b"\n", 0)
     _held[folder] = fd
