@@ -1,7 +1,7 @@
-"""Files from others, second round (docs/reliability.md): no write through a link planted in a shared folder, no
-read that leaves the folder the user pointed at, no foreign or broken part accepted, no network request without a
-deadline, and a run folder that belongs to one run. Each test builds the hostile folder and checks that nothing
-outside it changed."""
+"""Files from others, second round (docs/reliability.md): no write through a link planted in a
+shared folder, no read that leaves the folder the user pointed at, no foreign or broken part
+accepted, no network request without a deadline, and a run folder that belongs to one run. Each test
+builds the hostile folder and checks that nothing outside it changed."""
 
 import io
 import json
@@ -67,7 +67,8 @@ def write_samples_npz(path: Path) -> None:
     from selfflow.sampling.writers import write_npz_streamed
 
     blocks = [np.zeros((2, 4, 4, 3), np.uint8)]
-    write_npz_streamed(path, blocks, (2, 4, 4, 3), np.dtype(np.uint8), {"labels": np.zeros(2, np.int64)})
+    labels = {"labels": np.zeros(2, np.int64)}
+    write_npz_streamed(path, blocks, (2, 4, 4, 3), np.dtype(np.uint8), labels)
 
 
 def write_png(path: Path) -> None:
@@ -109,7 +110,11 @@ WRITERS = {
 
 
 @pytest.mark.parametrize("what", sorted(WRITERS))
-def test_a_write_into_a_shared_folder_replaces_planted_links_and_never_writes_through_them(what, tmp_path, victim):
+def test_a_write_into_a_shared_folder_replaces_planted_links_never_writing_through(
+    what,
+    tmp_path,
+    victim,
+):
     name, write = WRITERS[what]
     path = tmp_path / "shared" / name
     plant_links(path.parent, path.name, victim)
@@ -125,7 +130,8 @@ def test_the_run_folder_lock_refuses_a_planted_link_or_hard_link_with_one_line(t
     linked = tmp_path / "linked"
     linked.mkdir()
     (linked / ".lock").symlink_to(victim)
-    with pytest.raises(RunFolderError, match=r"cannot lock run folder .*\.lock is a symbolic link") as refused:
+    planted = r"cannot lock run folder .*\.lock is a symbolic link"
+    with pytest.raises(RunFolderError, match=planted) as refused:
         lock_run_folder(linked)
     assert "\n" not in str(refused.value)
     hard = tmp_path / "hard"
@@ -136,17 +142,18 @@ def test_the_run_folder_lock_refuses_a_planted_link_or_hard_link_with_one_line(t
     assert victim.read_bytes() == VICTIM
 
 
-def test_a_run_folder_with_a_planted_link_to_a_file_is_refused_before_anything_is_written(tmp_path, victim):
+def test_a_run_folder_with_a_planted_link_to_a_file_is_refused_before_any_write(tmp_path, victim):
     from selfflow.training.run_folder import RunFolderError, lock_run_folder, release_run_folder
 
     run_dir = tmp_path / "shared-run"
     (run_dir / "elsewhere-disk").mkdir(parents=True)
-    (run_dir / "checkpoints").symlink_to(run_dir / "elsewhere-disk")  # a folder on another disk: kept
+    (run_dir / "checkpoints").symlink_to(run_dir / "elsewhere-disk")  # a folder elsewhere: kept
     assert lock_run_folder(run_dir)
     release_run_folder(run_dir)
     (run_dir / ".hydra").mkdir()
     (run_dir / ".hydra" / "config.yaml").symlink_to(victim)  # Hydra and Lightning write by name
-    with pytest.raises(RunFolderError, match=r"holds a symbolic link .*config\.yaml to a file") as refused:
+    planted = r"holds a symbolic link .*config\.yaml to a file"
+    with pytest.raises(RunFolderError, match=planted) as refused:
         lock_run_folder(run_dir)
     assert "\n" not in str(refused.value) and victim.read_bytes() == VICTIM
 
@@ -171,8 +178,9 @@ def test_skipped_files_tsv_lists_a_bad_file_once_whatever_the_number_of_worker_p
 
     policy = BadFilePolicy("skip", tmp_path / "skipped_files.tsv")
     paths = [str(tmp_path / f"bad{k}.png") for k in range(5)]
-    context = multiprocessing.get_context("fork")  # as DataLoader workers: each has its own copy of the policy
-    workers = [context.Process(target=_handle_all, args=(policy, paths[k:] + paths[:k])) for k in range(3)]
+    context = multiprocessing.get_context("fork")  # as DataLoader workers: a policy copy each
+    orders = [paths[k:] + paths[:k] for k in range(3)]
+    workers = [context.Process(target=_handle_all, args=(policy, order)) for order in orders]
     for worker in workers:
         worker.start()
     for worker in workers:
@@ -188,7 +196,7 @@ def test_open_no_follow_accepts_a_regular_file_and_refuses_a_folder(tmp_path):
         open_no_follow(tmp_path, os.O_RDONLY)
 
 
-# --- reads that leave the folder ----------------------------------------------------------------------------------
+# --- reads that leave the folder ------------------------------------------------------------------
 
 
 def test_a_member_resolves_inside_its_folder_or_is_refused_naming_it(tmp_path, victim):
@@ -199,7 +207,8 @@ def test_a_member_resolves_inside_its_folder_or_is_refused_naming_it(tmp_path, v
     (folder / "outside.tar").symlink_to(victim)
     assert resolve_inside(folder, "also-inside.tar") == (folder / "inside.tar").resolve()
     for member in ("outside.tar", "../elsewhere/victim.txt"):
-        with pytest.raises(UnsafeFileError, match=rf"{member.split('/')[-1]} resolves to .*, outside") as refused:
+        outside = rf"{member.split('/')[-1]} resolves to .*, outside"
+        with pytest.raises(UnsafeFileError, match=outside) as refused:
             resolve_inside(folder, member)
         assert "\n" not in str(refused.value)
 
@@ -207,16 +216,18 @@ def test_a_member_resolves_inside_its_folder_or_is_refused_naming_it(tmp_path, v
 def test_a_shard_that_links_to_a_file_outside_its_folder_is_refused(tmp_path):
     from selfflow.data.shards import ImageShards
 
-    elsewhere = write_tar(tmp_path / "elsewhere" / "data.tar", {"000000.png": png_bytes(10), "000000.cls": b"0"})
+    sample = {"000000.png": png_bytes(10), "000000.cls": b"0"}
+    elsewhere = write_tar(tmp_path / "elsewhere" / "data.tar", sample)
     folder = tmp_path / "shards"
     write_tar(folder / "train-000000.tar", {"000000.png": png_bytes(20), "000000.cls": b"0"})
     assert len(ImageShards(str(folder), image_size=4)) == 1
     (folder / "train-000001.tar").symlink_to(elsewhere)
-    with pytest.raises(UnsafeFileError, match=r"train-000001\.tar resolves to .*data\.tar, outside"):
+    outside = r"train-000001\.tar resolves to .*data\.tar, outside"
+    with pytest.raises(UnsafeFileError, match=outside):
         ImageShards(str(folder), image_size=4)
 
 
-# --- parts bound to their job ---------------------------------------------------------------------------------
+# --- parts bound to their job ---------------------------------------------------------------------
 
 
 def sampling_store(out_dir: Path, settings: dict):
@@ -234,7 +245,7 @@ def test_a_chunk_planted_in_a_killed_jobs_parts_is_never_merged_into_samples_npz
     labels = torch.tensor([0, 1, 0, 1])
     store.write(0, labels[:2], np.full((2, 3, 4, 4), 10, np.uint8))
     assert store.missing() == [1]  # killed before chunk 1
-    other = sampling_store(tmp_path / "other", {"seed": 1})  # a chunk of another job: sampled again, not used
+    other = sampling_store(tmp_path / "other", {"seed": 1})  # another job's chunk: sampled again
     other.write(1, labels[2:], np.zeros((2, 3, 4, 4), np.uint8))
     os.replace(other.path(1), store.path(1))
     assert store.missing() == [1]
@@ -246,7 +257,8 @@ def test_a_chunk_planted_in_a_killed_jobs_parts_is_never_merged_into_samples_npz
         np.savez(f, **members)
     assert store.missing() == []  # it looks complete by its headers ...
     writer = SampleWriter("image", SimpleNamespace(), tmp_path / "job", grid_upscale=1)
-    with pytest.raises(ValueError, match=r"chunk_000001\.npz was not written by this sampling job") as refused:
+    foreign = r"chunk_000001\.npz was not written by this sampling job"
+    with pytest.raises(ValueError, match=foreign) as refused:
         writer.finish(store, labels, nrow=None)
     assert "\n" not in str(refused.value) and not (tmp_path / "job" / "samples.npz").exists()
 
@@ -274,7 +286,7 @@ def reference_stats(path: Path, mu: np.ndarray, sigma: np.ndarray) -> Path:
         ("negative variance", "is not a covariance"),
     ],
 )
-def test_reference_statistics_that_are_not_finite_or_no_covariance_are_refused(tmp_path, damage, problem):
+def test_reference_statistics_not_finite_or_no_covariance_are_refused(tmp_path, damage, problem):
     from selfflow.evaluation.eval_sets import load_eval_set, reference_pool_stats
 
     mu, sigma = np.zeros(2048), np.eye(2048)
@@ -297,14 +309,16 @@ def test_written_json_is_strict_and_names_a_non_finite_metric(tmp_path):
         write_json_atomically(path, {"metrics": {"fid": math.nan, "is": 3.0}})
     assert not path.exists()
     write_json_atomically(path, {"metrics": {"fid": 1.5}})
-    assert json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c)) == {"metrics": {"fid": 1.5}}
+    strict = json.loads(path.read_text(), parse_constant=lambda c: pytest.fail(c))
+    assert strict == {"metrics": {"fid": 1.5}}
 
 
-# --- keys of any characters -------------------------------------------------------------------------------------
+# --- keys of any characters -----------------------------------------------------------------------
 
 
 def non_ascii_shard(folder: Path, tar_format: int) -> Path:
-    """Samples with non-ASCII and long keys: a pax or GNU tar holds their names in extended headers."""
+    """Samples with non-ASCII and long keys: a pax or GNU tar holds their names in extended
+    headers."""
     from selfflow.data.shard_index import scan_shard, write_index
 
     shard = folder / "train-000000.tar"
@@ -329,9 +343,12 @@ def test_an_index_cannot_swap_samples_between_keys_whatever_their_characters(tmp
     assert [honest.keys[i] for i in range(3)] == ["ké", "kü", "k" * 120 + "é"]
     assert [honest[i][1] for i in range(3)] == [0, 1, 2]  # each key's own label
     document = json.loads(index_location(shard).read_text())
-    members, headers = np.asarray(document["members"]).reshape(-1, 4), np.asarray(document["headers"])
-    first, second = [row for row in range(len(members)) if document["extensions"][members[row, 1]] == "png"][:2]
-    members[[first, second], 2:] = members[[second, first], 2:]  # the data of ké and kü swapped, headers and all
+    members = np.asarray(document["members"]).reshape(-1, 4)  # [M, 4]
+    headers = np.asarray(document["headers"])  # [M]
+    png = document["extensions"].index("png")
+    first, second = np.flatnonzero(members[:, 1] == png)[:2]
+    # the data of ké and kü swapped, headers and all
+    members[[first, second], 2:] = members[[second, first], 2:]
     headers[[first, second]] = headers[[second, first]]
     document.update(members=members.reshape(-1).tolist(), headers=headers.tolist())
     index_location(shard).write_text(json.dumps(document))
@@ -341,18 +358,19 @@ def test_an_index_cannot_swap_samples_between_keys_whatever_their_characters(tmp
     assert "its tar header names 'kü.png'" in (tmp_path / "skipped.tsv").read_text()
 
 
-# --- deadlines ----------------------------------------------------------------------------------------------------
+# --- deadlines ------------------------------------------------------------------------------------
 
 
 class TricklingEndpoint:
-    """An HTTP endpoint on 127.0.0.1 that answers every request one byte at a time, `gap` seconds apart (headers
-    then a body of `body` bytes); it stops by itself after `lifetime` seconds."""
+    """An HTTP endpoint on 127.0.0.1 that answers every request one byte at a time, `gap` seconds
+    apart (headers then a body of `body` bytes); it stops by itself after `lifetime` seconds."""
 
-    def __init__(self, headers_first: bool, gap: float = 0.3, body: int = 4096, lifetime: float = 30.0):
+    def __init__(self, headers_first: bool, gap=0.3, body=4096, lifetime=30.0):
         self.server = socket.create_server(("127.0.0.1", 0))
         self.server.settimeout(0.5)
         self.port = self.server.getsockname()[1]
-        self.headers_first, self.gap, self.body, self.until = headers_first, gap, body, time.monotonic() + lifetime
+        self.headers_first, self.gap, self.body = headers_first, gap, body
+        self.until = time.monotonic() + lifetime
         threading.Thread(target=self.serve, daemon=True).start()
 
     def serve(self) -> None:
@@ -365,8 +383,14 @@ class TricklingEndpoint:
         self.server.close()
 
     def answer(self, connection: socket.socket) -> None:
-        head = f"HTTP/1.1 200 OK\r\nContent-Length: {self.body}\r\nContent-Range: bytes 0-{self.body - 1}/{self.body}"
-        head = (head + '\r\nETag: "x"\r\nLast-Modified: Thu, 01 Jan 2026 00:00:00 GMT\r\n\r\n').encode()
+        fields = [
+            "HTTP/1.1 200 OK",
+            f"Content-Length: {self.body}",
+            f"Content-Range: bytes 0-{self.body - 1}/{self.body}",
+            'ETag: "x"',
+            "Last-Modified: Thu, 01 Jan 2026 00:00:00 GMT",
+        ]
+        head = ("\r\n".join(fields) + "\r\n\r\n").encode()
         with connection:
             connection.recv(65536)
             try:
@@ -375,7 +399,8 @@ class TricklingEndpoint:
                 for k in range(len(head) + self.body if not self.headers_first else self.body):
                     if time.monotonic() > self.until:
                         return
-                    connection.sendall(head[k : k + 1] if not self.headers_first and k < len(head) else b"x")
+                    trickled = not self.headers_first and k < len(head)
+                    connection.sendall(head[k : k + 1] if trickled else b"x")
                     time.sleep(self.gap)
             except OSError:
                 return
@@ -386,17 +411,19 @@ def test_an_object_store_that_trickles_its_answer_stops_at_the_deadline(trickles
     pytest.importorskip("botocore")
     from selfflow.data.shard_sources import ObjectStore, ObjectStoreError
 
-    for name, value in (("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"), ("AWS_PROFILE", None)):
-        monkeypatch.delenv(name, raising=False) if value is None else monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
     endpoint = TricklingEndpoint(headers_first=trickles == "the body")
-    store = ObjectStore(f"http://127.0.0.1:{endpoint.port}", addressing_style="path", retries=1, timeout_s=1.0)
+    url = f"http://127.0.0.1:{endpoint.port}"
+    store = ObjectStore(url, addressing_style="path", retries=1, timeout_s=1.0)
     started = time.monotonic()
     with pytest.raises(ObjectStoreError, match=r"did not finish within its deadline") as stopped:
         if trickles == "the headers":
             store.size("s3://bucket/train-000000.tar")
         else:
             store.read("s3://bucket/train-000000.tar", 0, 4096)
-    assert time.monotonic() - started < 10  # 1 s and the body's time at 1 MiB/s; the endpoint would go on 30 s
+    assert time.monotonic() - started < 10  # 1 s and the body at 1 MiB/s; the endpoint goes on 30 s
     assert "\n" not in str(stopped.value)
 
 
@@ -408,23 +435,25 @@ def test_a_request_within_its_deadline_returns_its_answer_and_its_error():
         within_deadline(lambda opened: {}["missing"], 5, "a request")
 
 
-# --- a run folder belongs to one run ---------------------------------------------------------------------------
+# --- a run folder belongs to one run --------------------------------------------------------------
 
 
-def test_another_run_in_a_used_run_folder_is_refused_and_the_same_run_resumes(tiny_train_cfg, tmp_path):
+def test_another_run_in_a_used_run_folder_is_refused_and_the_same_run_resumes(
+    tiny_train_cfg,
+    tmp_path,
+):
     from selfflow.training.run import train
 
     args = ["trainer.max_steps=2", "callbacks.samples.every_n_steps=0"]
     train(tiny_train_cfg(*args, run_dir=tmp_path / "run"))
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     for other in (["seed=1"], []):  # another run, or this one again without resume=auto
-        with pytest.raises(ValueError, match=r"already holds the checkpoints of a run .*resume=auto") as refused:
+        used = r"already holds the checkpoints of a run .*resume=auto"
+        with pytest.raises(ValueError, match=used) as refused:
             train(tiny_train_cfg(*args, *other, run_dir=tmp_path / "run"))
         assert "\n" not in str(refused.value)
-    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == checkpoints  # no last-v1.ckpt
-    train(
-        tiny_train_cfg(
-            "trainer.max_steps=3", "callbacks.samples.every_n_steps=0", "resume=auto", run_dir=tmp_path / "run"
-        )
-    )
+    after = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert after == checkpoints  # no last-v1.ckpt
+    same = ["trainer.max_steps=3", "callbacks.samples.every_n_steps=0", "resume=auto"]
+    train(tiny_train_cfg(*same, run_dir=tmp_path / "run"))
     assert "last-v1.ckpt" not in {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}

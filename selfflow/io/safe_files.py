@@ -1,17 +1,19 @@
 """Writing into folders that others may have shared, without following the links they planted there.
 
-A folder someone else made (a run folder, a shard folder, a latent cache, a sampling job) may hold a symbolic link
-under the very name selfflow is about to write (`.lock`, a temporary file, `skipped_files.tsv`): opened the usual
-way, the write lands in the file the link points at. Every write inside such a folder goes through one of these:
+A folder someone else made (a run folder, a shard folder, a latent cache, a sampling job) may hold a
+symbolic link under the very name selfflow is about to write (`.lock`, a temporary file,
+`skipped_files.tsv`): opened the usual way, the write lands in the file the link points at. Every
+write inside such a folder goes through one of these:
 
-- `replace_atomically(path)`: the new file is written in a fresh private folder made beside `path` (created
-  exclusively, mode 0700: nobody can plant anything in it), then renamed over `path`. A rename replaces a link
-  instead of following it, and readers never see half a file. Works with any library that writes by file name.
-- `open_no_follow(path, flags)`: opens an existing or new file without following a link, and refuses anything
-  but a regular file with one name (a link, a folder, a pipe, a hard link to another file): lock files and
-  append-only records.
-- `resolve_inside(folder, member)`: the read side: a member of a folder of shards, caches or chunks must resolve
-  inside that folder, or it is refused with one line naming it.
+- `replace_atomically(path)`: the new file is written in a fresh private folder made beside `path`
+  (created exclusively, mode 0700: nobody can plant anything in it), then renamed over `path`. A
+  rename replaces a link instead of following it, and readers never see half a file. Works with any
+  library that writes by file name.
+- `open_no_follow(path, flags)`: opens an existing or new file without following a link, and refuses
+  anything but a regular file with one name (a link, a folder, a pipe, a hard link to another file):
+  lock files and append-only records.
+- `resolve_inside(folder, member)`: the read side: a member of a folder of shards, caches or chunks
+  must resolve inside that folder, or it is refused with one line naming it.
 """
 
 from __future__ import annotations
@@ -32,16 +34,19 @@ FILE_MODE = 0o644  # what a plain open() gives under the usual umask
 
 
 class UnsafeFileError(OSError):
-    """A file selfflow was to write or read is a link, not a regular file, or lies outside its folder."""
+    """A file selfflow was to write or read is a link, not a regular file, or lies outside its
+    folder."""
 
 
 def private_folder_for(path: Path) -> Path:
-    """A fresh folder beside `path`, made exclusively (mkdir never follows or reuses anything) with mode 0700."""
+    """A fresh folder beside `path`, made exclusively (mkdir never follows or reuses anything) with
+    mode 0700."""
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PRIVATE_SUFFIX, dir=path.parent))
 
 
 def sync_folder(folder: Path) -> None:
-    """fsync a folder, so that a rename into it survives a power cut (a no-op where folders cannot be synced)."""
+    """fsync a folder, so that a rename into it survives a power cut (a no-op where folders cannot
+    be synced)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
         try:
@@ -52,13 +57,15 @@ def sync_folder(folder: Path) -> None:
 
 @contextlib.contextmanager
 def replace_atomically(path: str | os.PathLike, sync: bool = False) -> Iterator[Path]:
-    """Yield a temporary file name for the new content of `path`; when the block ends without an error, the file
-    is renamed over `path` (a link planted under that name is replaced, never followed). On an error `path` is
-    left as it was. The temporary name lies in a fresh private folder beside `path`, which is removed afterwards.
+    """Yield a temporary file name for the new content of `path`; when the block ends without an
+    error, the file is renamed over `path` (a link planted under that name is replaced, never
+    followed). On an error `path` is left as it was. The temporary name lies in a fresh private
+    folder beside `path`, which is removed afterwards.
 
     Args:
         path: the file to write; its folder must exist.
-        sync: fsync the file before the rename and the folder after it (checkpoints, chunks of a job).
+        sync: fsync the file before the rename and the folder after it (checkpoints, chunks of a
+            job).
 
     Returns:
         A context manager giving the temporary Path to write.
@@ -90,10 +97,15 @@ def write_bytes_atomically(path: str | os.PathLike, data: bytes, sync: bool = Fa
 
 
 def non_finite_key(value: Any, prefix: str = "") -> str | None:
-    """The dotted key of the first NaN or infinite float in nested dicts and lists, None if there is none."""
+    """The dotted key of the first NaN or infinite float in nested dicts and lists, None if there is
+    none."""
     if isinstance(value, float) and not math.isfinite(value):
         return prefix or "the value"
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    items = ()
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
     for key, item in items:
         found = non_finite_key(item, f"{prefix}.{key}" if prefix else str(key))
         if found is not None:
@@ -102,21 +114,29 @@ def non_finite_key(value: Any, prefix: str = "") -> str | None:
 
 
 def strict_json(value: Any, indent: int | None = 2) -> str:
-    """JSON text of `value`; NaN and infinities are refused (they are no JSON: strict readers reject the file),
-    with a ValueError naming the key."""
+    """JSON text of `value`; NaN and infinities are refused (they are no JSON: strict readers reject
+    the file), with a ValueError naming the key."""
     key = non_finite_key(value)
     if key is not None:
-        raise ValueError(f"{key} is not a finite number; JSON cannot hold it (a metric computed from broken inputs?)")
+        cause = "a metric computed from broken inputs?"
+        raise ValueError(f"{key} is not a finite number; JSON cannot hold it ({cause})")
     return json.dumps(value, indent=indent, allow_nan=False)
 
 
-def write_json_atomically(path: str | os.PathLike, value: Any, indent: int | None = 2, sync: bool = False) -> Path:
-    """Write `value` as strict JSON (`strict_json`) to `path` through `replace_atomically`; returns the path."""
+def write_json_atomically(
+    path: str | os.PathLike,
+    value: Any,
+    indent: int | None = 2,
+    sync: bool = False,
+) -> Path:
+    """Write `value` as strict JSON (`strict_json`) to `path` through `replace_atomically`; returns
+    the path."""
     return write_bytes_atomically(path, (strict_json(value, indent) + "\n").encode(), sync=sync)
 
 
 def open_no_follow(path: str | os.PathLike, flags: int, mode: int = FILE_MODE) -> int:
-    """os.open(path, flags) that never follows a link at `path` and accepts only a regular file with one name.
+    """os.open(path, flags) that never follows a link at `path` and accepts only a regular file with
+    one name.
 
     Args:
         path: the file (created when flags has os.O_CREAT).
@@ -127,26 +147,31 @@ def open_no_follow(path: str | os.PathLike, flags: int, mode: int = FILE_MODE) -
         The open file descriptor (the caller closes it).
     """
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0), mode)
+        no_follow = os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NONBLOCK", 0)
+        fd = os.open(path, flags | no_follow, mode)
     except OSError as error:
         if os.path.islink(path):
             raise UnsafeFileError(
-                f"{path} is a symbolic link; selfflow writes no file through a link in a folder it may not have "
+                f"{path} is a symbolic link; selfflow writes no file through a link in a folder "
+                f"it may not have "
                 f"made. Remove the link (or choose another folder)"
             ) from error
         raise
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
         os.close(fd)
-        what = "a file with another name too (a hard link)" if stat.S_ISREG(info.st_mode) else "no regular file"
+        what = "no regular file"
+        if stat.S_ISREG(info.st_mode):
+            what = "a file with another name too (a hard link)"
         raise UnsafeFileError(f"{path} is {what}; remove it (or choose another folder)")
     os.set_blocking(fd, True)
     return fd
 
 
 def resolve_inside(folder: str | os.PathLike, member: str | os.PathLike) -> Path:
-    """`member` (a name in `folder`, or a path) resolved with every link followed, refused unless it lies inside
-    `folder` (also resolved): a shard, cache record or chunk that is a link to a file elsewhere is no member.
+    """`member` (a name in `folder`, or a path) resolved with every link followed, refused unless it
+    lies inside `folder` (also resolved): a shard, cache record or chunk that is a link to a file
+    elsewhere is no member.
 
     Args:
         folder: the folder the user pointed at.
@@ -159,7 +184,8 @@ def resolve_inside(folder: str | os.PathLike, member: str | os.PathLike) -> Path
     resolved = Path(os.path.realpath(Path(folder) / member))
     if resolved != root and root not in resolved.parents:
         raise UnsafeFileError(
-            f"{Path(folder) / member} resolves to {resolved}, outside {root}; the members of a folder of shards, "
-            f"caches or chunks must lie inside it (copy the file in, or point at the folder that holds it)"
+            f"{Path(folder) / member} resolves to {resolved}, outside {root}; the members of a "
+            f"folder of shards, caches or chunks must lie inside it (copy the file in, or point at "
+            f"the folder that holds it)"
         )
     return resolved
