@@ -127,5 +127,6 @@ def write_wav(wave: np.ndarray | Tensor, path: str | os.PathLike, sample_rate: i
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(path) as temporary:
-        soundfile.write(str(temporary), np.clip(samples, -1.0, 1.0), int(sample_rate), subtype="PCM_16")
+        clipped = np.clip(samples, -1.0, 1.0)
+        soundfile.write(str(temporary), clipped, int(sample_rate), subtype="PCM_16")
     return path

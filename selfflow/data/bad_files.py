@@ -77,13 +77,15 @@ def recorded_paths(text: str) -> set[str]:
 
 
 def append_once(record: Path, key: str, row: str) -> None:
-    """Append `row` to `record` unless a row for `key` is there: every DataLoader worker has its own `_seen`, so
-    the file itself (read under an exclusive lock) says what is listed. Opened without following links
-    (`open_no_follow`): a link planted in a shared run folder is refused, not written through."""
+    """Append `row` to `record` unless a row for `key` is there: every DataLoader worker has its own
+    `_seen`, so the file itself (read under an exclusive lock) says what is listed. Opened without
+    following links (`open_no_follow`): a link planted in a shared run folder is refused, not
+    written through."""
     fd = open_no_follow(record, os.O_RDWR | os.O_APPEND | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        with os.fdopen(fd, "r+", encoding="utf-8", errors="backslashreplace", newline="", closefd=False) as f:
+        text = {"encoding": "utf-8", "errors": "backslashreplace", "newline": ""}
+        with os.fdopen(fd, "r+", closefd=False, **text) as f:
             f.seek(0)
             if key not in recorded_paths(f.read()):
                 f.write(row)  # one write: rows from several worker processes do not mix

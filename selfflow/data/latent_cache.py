@@ -27,7 +27,12 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from selfflow.data.vae_folder import vae_fingerprint
-from selfflow.io.safe_files import FILE_MODE, private_folder_for, resolve_inside, write_json_atomically
+from selfflow.io.safe_files import (
+    FILE_MODE,
+    private_folder_for,
+    resolve_inside,
+    write_json_atomically,
+)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -59,8 +64,8 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Strict JSON written in a private folder and renamed: a reader never sees half a file, and a link planted
-    under the name is replaced, never written through (`replace_atomically`)."""
+    """Strict JSON written in a private folder and renamed: a reader never sees half a file, and a
+    link planted under the name is replaced, never written through (`replace_atomically`)."""
     write_json_atomically(path, value, indent=None)
 
 
@@ -122,7 +127,7 @@ class ShardWriter:
         self.folder, self.split, self.rank, self.records_per_shard = folder, split, rank, records_per_shard
         self.records: list[list[Any]] = []  # [sample index, key, shard name, data offset, label]
         self._tar: tarfile.TarFile | None = None
-        self._temporary: Path | None = None  # the open shard, in a private folder until it is complete
+        self._temporary: Path | None = None  # the open shard, in a private folder until complete
         self._shard_name, self._in_shard, self._shards = "", 0, 0
 
     def add(self, index: int, key: str, label: int, record: Tensor) -> None:
@@ -141,11 +146,13 @@ class ShardWriter:
         self._finish_shard()
         self._shard_name = f"{self.split}-r{self.rank:03d}-{self._shards:06d}.tar"
         self._temporary = private_folder_for(self.folder / self._shard_name) / self._shard_name
-        self._tar = tarfile.open(self._temporary, "x", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - open until the shard is full
+        # open until the shard is full
+        self._tar = tarfile.open(self._temporary, "x", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         self._shards, self._in_shard = self._shards + 1, 0
 
     def _finish_shard(self) -> None:
-        """Close the open shard and rename it into the cache folder (replacing, never following, a planted link)."""
+        """Close the open shard and rename it into the cache folder (replacing, never following, a
+        planted link)."""
         if self._tar is None:
             return
         self._tar.close()
@@ -226,7 +233,7 @@ class LatentCache(Dataset):
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ValueError(f"{path} is not a latent cache index ({error}); cache again") from error
         shards = []
-        for name in names:  # plain file names inside the cache folder (links resolved), nothing else
+        for name in names:  # plain file names inside the cache folder (links resolved), no more
             if Path(name).name != name or not name.endswith(".tar") or not (self.root / name).is_file():
                 raise ValueError(f"{path} names shard {name!r}, which is not a .tar file in {self.root}")
             shards.append(resolve_inside(self.root, name))

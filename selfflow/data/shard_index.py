@@ -37,27 +37,28 @@ TAR_BLOCK = 512
 MAX_KEY_CHARS = 1024  # a sample key (a member's name up to its first dot): real keys are short ("000123")
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "selfflow-shard-index"
-INDEX_VERSION = 2  # 2: each member's first header offset ("headers"), so that its full name is checked
+INDEX_VERSION = 2  # 2: each member's first header offset ("headers"): its full name is checked
 FINGERPRINT_BYTES = 64 << 10  # hashed at each end of a shard
 MAX_INDEX_BYTES = 16 << 20  # ~500k members, 25x a shard of the writer's default 10,000 samples; ~100 MB parsed
 MAX_REASON_CHARS = 1024
-MAX_HEADER_BYTES = 64 << 10  # a member's tar headers (extended headers with a long name and its own block)
+MAX_HEADER_BYTES = 64 << 10  # a member's tar headers: extended ones (a long name) and its own block
 INDEX_HINT = "write it again with: selfflow-shards index FOLDER"
 
 # member rows: [M, 4] = (sample, extension, data offset, size); size -1: the member is not file data (a link, ...)
 SAMPLE, EXTENSION, OFFSET, SIZE = range(4)
-# headers: [M] where each member's first tar header block starts: extended headers (a pax or GNU long name, the
-# only place a long or non-ASCII name is whole) come before the member's own block, which holds it mangled
+# headers: [M] where each member's first tar header block starts: extended headers (a pax or GNU
+# long name, the only place a long or non-ASCII name is whole) come before the member's own block,
+# which holds it mangled
 
 
 @dataclass
 class ShardTable:
     """The samples of one shard in tar order, and where their members lie.
 
-    keys: [S] sample keys; extensions: [E] the member extensions seen; members: [M, 4] rows (sample, extension,
-    offset, size), one per (sample, extension); headers: [M] the offset of each member's first tar header;
-    problems: sample -> why it cannot be used (read as a bad file). size, fingerprint: of the shard the table
-    describes (`shard_fingerprint`)."""
+    keys: [S] sample keys; extensions: [E] the member extensions seen; members: [M, 4] rows (sample,
+    extension, offset, size), one per (sample, extension); headers: [M] the offset of each member's
+    first tar header; problems: sample -> why it cannot be used (read as a bad file). size,
+    fingerprint: of the shard the table describes (`shard_fingerprint`)."""
 
     keys: list[str]
     extensions: list[str]
@@ -135,7 +136,8 @@ def scan_shard(path: Path) -> ShardTable:
     size = path.stat().st_size
     keys: list[str] = []
     extensions: dict[str, int] = {}
-    rows: dict[tuple[int, int], tuple[int, int, int]] = {}  # (sample, extension) -> (offset, size, header)
+    # (sample, extension) -> (offset, size, first header), in tar order
+    rows: dict[tuple[int, int], tuple[int, int, int]] = {}
     problems: dict[int, str] = {}
     first_of_key: dict[str, int] = {}
     grouping = True  # False after a sample made of one over-long name: the next member starts a new sample
@@ -166,7 +168,8 @@ def scan_shard(path: Path) -> ShardTable:
                 sample, column = len(keys) - 1, extensions.setdefault(extension, len(extensions))
                 if (sample, column) in rows:
                     problems[sample] = DUPLICATE_KEY
-                rows[sample, column] = (member.offset_data, member.size, member.offset) if regular else (0, -1, 0)
+                where = (member.offset_data, member.size, member.offset)
+                rows[sample, column] = where if regular else (0, -1, 0)
                 if not regular:
                     problems.setdefault(
                         sample,
@@ -186,15 +189,17 @@ def scan_shard(path: Path) -> ShardTable:
             f"shard {path} is truncated or corrupt ({str(error)[:200]}); write it again "
             f"(selfflow-shards write --overwrite) or leave it out of data.root"
         ) from None
-    members = np.asarray([(s, e, o, n) for (s, e), (o, n, _) in rows.items()], dtype=np.int64).reshape(-1, 4)
+    members = np.asarray([(s, e, o, n) for (s, e), (o, n, _) in rows.items()], dtype=np.int64)
+    members = members.reshape(-1, 4)  # [M, 4]
     headers = np.asarray([h for _, _, h in rows.values()], dtype=np.int64)
     fingerprint = shard_fingerprint(LocalFiles(), path, size)
     return ShardTable(keys, list(extensions), members, headers, problems, size, fingerprint)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """`data` as `path`, written in a private folder and renamed: readers never see a partial file, and a link
-    planted in a shared shard folder is replaced, never written through (`replace_atomically`)."""
+    """`data` as `path`, written in a private folder and renamed: readers never see a partial file,
+    and a link planted in a shared shard folder is replaced, never written through
+    (`replace_atomically`)."""
     write_bytes_atomically(path, data, sync=True)
 
 
@@ -325,13 +330,17 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
             f"problems must be a list of [sample, reason] pairs (reasons of at most {MAX_REASON_CHARS} characters)"
         )
     problems = {p[0]: p[1] for p in problems}
-    return ShardTable(keys, extensions, members, headers, problems, shard_size, document["sha256_first_last_64k"])
+    fingerprint = document["sha256_first_last_64k"]
+    return ShardTable(keys, extensions, members, headers, problems, shard_size, fingerprint)
 
 
 def _checked_headers(flat, members: np.ndarray) -> np.ndarray:
-    """headers [M]: one per member, on tar blocks. Where one does not lie within MAX_HEADER_BYTES before its data,
-    the member's own block alone is checked (`header_start`): a wrong offset only makes the check stricter."""
-    if not isinstance(flat, list) or len(flat) != len(members) or not all(type(v) is int for v in flat):
+    """headers [M]: one per member, on tar blocks. Where one does not lie within MAX_HEADER_BYTES
+    before its data, the member's own block alone is checked (`header_start`): a wrong offset only
+    makes the check stricter."""
+    if not isinstance(flat, list) or len(flat) != len(members):
+        raise ValueError("headers must be a list of integers, one per member")
+    if not all(type(v) is int for v in flat):
         raise ValueError("headers must be a list of integers, one per member")
     headers = np.asarray(flat, dtype=np.int64).reshape(-1)  # [M]
     if np.any(headers < 0) or np.any(headers % TAR_BLOCK):
@@ -346,8 +355,8 @@ def header_start(header: int, offset: int) -> int:
 
 
 def _member_of_headers(chain: bytes) -> tarfile.TarInfo | None:
-    """The member that the tar headers `chain` describe, as a tar reader sees it (extended headers applied), or
-    None unless they parse and end exactly where its data begins."""
+    """The member that the tar headers `chain` describe, as a tar reader sees it (extended headers
+    applied), or None unless they parse and end exactly where its data begins."""
     try:
         with tarfile.open(fileobj=io.BytesIO(chain), mode="r:") as tar:
             info = tar.firstmember
@@ -357,10 +366,11 @@ def _member_of_headers(chain: bytes) -> tarfile.TarInfo | None:
 
 
 def check_member_header(chain: bytes, key: str, extension: str, size: int) -> str | None:
-    """Why the tar headers `chain` (from a member's first header block up to its data: its own block, after any
-    extended headers that hold a long or non-ASCII name) do not belong to member `key.extension` of `size` bytes,
-    or None when they do. The full name is compared whatever its characters: a name the member's own block holds
-    only mangled is read from the extended headers before it, as every tar reader does."""
+    """Why the tar headers `chain` (from a member's first header block up to its data: its own
+    block, after any extended headers that hold a long or non-ASCII name) do not belong to member
+    `key.extension` of `size` bytes, or None when they do. The full name is compared whatever its
+    characters: a name the member's own block holds only mangled is read from the extended headers
+    before it, as every tar reader does."""
     try:
         block = tarfile.TarInfo.frombuf(chain[-TAR_BLOCK:], "utf-8", "surrogateescape")
     except tarfile.HeaderError:

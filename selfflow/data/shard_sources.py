@@ -23,8 +23,8 @@ T = TypeVar("T")
 R = TypeVar("R")
 URL_SCHEME = "s3://"
 STALLED_HINT = (
-    "the endpoint stalls or answers very slowly; check data.dataset.store.endpoint_url and the network "
-    "(data.dataset.store.timeout_s bounds every request)"
+    "the endpoint stalls or answers very slowly; check data.dataset.store.endpoint_url and the "
+    "network (data.dataset.store.timeout_s bounds every request)"
 )
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 
@@ -83,15 +83,17 @@ def split_url(url: str) -> tuple[str, str]:
 class ObjectStore:
     """Shards in an S3-compatible object store (AWS S3, MinIO, Ceph, R2, ...), read by ranged GETs.
 
-    endpoint_url: e.g. http://127.0.0.1:9000 for a local MinIO; None: botocore's own resolution (AWS_ENDPOINT_URL_S3,
-    AWS_ENDPOINT_URL, the profile's config, else AWS S3). region, profile: None means botocore's resolution
-    (AWS_REGION, AWS_PROFILE, ~/.aws/config; us-east-1 when nothing is set). Credentials are never configured here:
-    botocore reads them from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the profile or the credentials file;
-    instance_credentials=true also asks the instance-metadata service (on a cloud VM with a role).
-    addressing_style: path for most self-hosted stores. max_connections: parallel requests at start-up (indexes) and
-    the connection pool; retries: attempts per request (botocore's standard retry mode); timeout_s: per connection
-    and read, and the deadline of a whole request (`deadline.py`: plus the time its body takes at 1 MiB/s), so an
-    endpoint that trickles its answer stops the run with one line instead of stalling it.
+    endpoint_url: e.g. http://127.0.0.1:9000 for a local MinIO; None: botocore's own resolution
+    (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's config, else AWS S3). region, profile:
+    None means botocore's resolution (AWS_REGION, AWS_PROFILE, ~/.aws/config; us-east-1 when nothing
+    is set). Credentials are never configured here: botocore reads them from AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY, the profile or the credentials file; instance_credentials=true also asks
+    the instance-metadata service (on a cloud VM with a role). addressing_style: path for most
+    self-hosted stores. max_connections: parallel requests at start-up (indexes) and the connection
+    pool; retries: attempts per request (botocore's standard retry mode); timeout_s: per connection
+    and read, and the deadline of a whole request (`deadline.py`: plus the time its body takes at 1
+    MiB/s), so an endpoint that trickles its answer stops the run with one line instead of stalling
+    it.
 
     A client is made lazily in each process (DataLoader workers get their own: a client must not cross a fork).
     """
@@ -219,7 +221,8 @@ class ObjectStore:
                 return b""
             length = min(size, int(response.get("ContentLength", size)))  # allocate what was asked for at most
             try:
-                return read_body(response["Body"], length, request_deadline(self.timeout_s, length), location)
+                seconds = request_deadline(self.timeout_s, length)
+                return read_body(response["Body"], length, seconds, location)
             except (BotoCoreError, OSError) as error:  # a TimeoutError of the deadline too
                 if attempt >= self.retries:
                     raise ObjectStoreError(
@@ -258,8 +261,8 @@ class ObjectStore:
 
 
 def read_body(body, length: int, seconds: float, location: str) -> bytes:
-    """Up to `length` bytes of a response `body` (file-like with read and close), within `seconds` in all: a
-    body that trickles in is given up (TimeoutError) instead of holding the run."""
+    """Up to `length` bytes of a response `body` (file-like with read and close), within `seconds`
+    in all: a body that trickles in is given up (TimeoutError) instead of holding the run."""
 
     def read(opened: list) -> bytes:
         opened.append(body)

@@ -66,7 +66,7 @@ class ShardWriter:
         self.written: list[Path] = []
         self.total_bytes = 0
         self._file = self._tar = None
-        self._temporary: Path | None = None  # the shard being written, in a private folder beside its final name
+        self._temporary: Path | None = None  # the shard being written, in a private folder
         self._bytes = self._samples = 0
 
     def _path(self) -> Path:
@@ -96,7 +96,7 @@ class ShardWriter:
         self._file.close()
         table = scan_shard(self._temporary)  # the index describes exactly the bytes written
         os.chmod(self._temporary, FILE_MODE)
-        os.replace(self._temporary, path)  # a link planted under the shard's name is replaced, not followed
+        os.replace(self._temporary, path)  # a link planted under the name is replaced, not followed
         self._drop_temporary()
         write_index(path, table)
         self.written.append(path)

@@ -124,8 +124,9 @@ def _root_names(root: str | os.PathLike | Sequence, split: str) -> list[str]:
 
 
 def _members_inside(folder: Path, shards: list[Path]) -> list[Path]:
-    """`shards` of a local folder, each with its index and the folder's classes.json resolving inside the folder
-    (`resolve_inside`): a member that is a link to a file elsewhere is refused, never read as data."""
+    """`shards` of a local folder, each with its index and the folder's classes.json resolving
+    inside the folder (`resolve_inside`): a member that is a link to a file elsewhere is refused,
+    never read as data."""
     for name in [CLASSES_FILE] + [n for s in shards for n in (s.name, index_location(s).name)]:
         if os.path.lexists(folder / name):
             resolve_inside(folder, name)
@@ -211,11 +212,12 @@ class PackedStrings:
 
 
 def member_columns(table: ShardTable, extensions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample of `table`, which of `extensions` it has first (in tar order) and that member's (offset, size,
-    first header offset): choice: [S] index into `extensions`, -1 for none; members: [S, 3], size -1 for none."""
+    """Per sample of `table`, which of `extensions` it has first (in tar order) and that member's
+    (offset, size, first header offset): choice: [S] index into `extensions`, -1 for none; members:
+    [S, 3], size -1 for none."""
     rank = np.array([extensions.index(e) if e in extensions else -1 for e in table.extensions] + [-1])  # [E + 1]
     chosen = rank[table.members[:, EXTENSION]] >= 0  # [M]: members of one of `extensions`
-    rows = np.hstack([table.members, table.headers[:, None]])[chosen]  # [R, 5]: the row and its header offset
+    rows = np.hstack([table.members, table.headers[:, None]])[chosen]  # [R, 5]: row, first header
     first = np.unique(rows[:, SAMPLE], return_index=True)[1]  # first row of each sample that has one
     choice = np.full(len(table.keys), -1, dtype=np.int64)
     members = np.tile(np.array([0, -1, 0], dtype=np.int64), (len(table.keys), 1))
@@ -293,7 +295,8 @@ class ShardDataset(Dataset):
             )
         self.keys = PackedStrings(keys)  # [N]
         self.data_ext = np.concatenate(data_ext).astype(np.int8)  # [N] index into data_extensions; -1: none
-        self.data_members = np.concatenate(data)  # [N, 4]: shard, offset, size, first header; size -1: no data
+        # [N, 4]: shard, offset, size, first header; size -1: no data
+        self.data_members = np.concatenate(data)
         self.label_members = np.concatenate(labels)  # [N, 4]; size -1: no label
         self.caption_members = np.concatenate(captions)  # [N, 4]; size -1: no caption
         self.class_names = names if names is not None else self._class_names_from_labels()
@@ -339,9 +342,10 @@ class ShardDataset(Dataset):
         return name if self.data_ext[i] < 0 else f"{name}.{self.data_extensions[self.data_ext[i]]}"
 
     def _read(self, i: int, wanted: list[tuple[np.ndarray, int, str, str]]) -> list[bytes]:
-        """The bytes of members of sample `i`, each given as (member [4], limit, what, extension): refused when
-        larger than `limit` (a member is read whole), checked against its own tar headers (its full name too), all
-        in one read when they lie close together (one request to an object store)."""
+        """The bytes of members of sample `i`, each given as (member [4], limit, what, extension):
+        refused when larger than `limit` (a member is read whole), checked against its own tar
+        headers (its full name too), all in one read when they lie close together (one request to an
+        object store)."""
         spans, headers = [], []
         for member, limit, what, _ in wanted:
             shard, offset, size, header = (int(v) for v in member)

@@ -45,8 +45,9 @@ def extract_features(
 
 
 def _stored_stats(path: Path, keys: set[str], names: tuple[str, str]) -> GaussianStats | None:
-    """Stored (mean, covariance), refused unless finite with a symmetric covariance of non-negative variances:
-    broken statistics would give a NaN FID (no JSON) or a negative sFID instead of an error."""
+    """Stored (mean, covariance), refused unless finite with a symmetric covariance of non-negative
+    variances: broken statistics would give a NaN FID (no JSON) or a negative sFID instead of an
+    error."""
     if not set(names) <= keys:
         return None
     mean, cov = (read_small_array(path, name, SHAPES[name]) for name in names)
@@ -59,8 +60,9 @@ def _stored_stats(path: Path, keys: set[str], names: tuple[str, str]) -> Gaussia
     )
     if problem is not None:
         raise ValueError(
-            f"{path}[{names[0]}, {names[1]}] {problem}: no distance can be computed from these statistics; "
-            f"compute them again (selfflow-eval ref=IMAGE_FOLDER writes them) or use another reference"
+            f"{path}[{names[0]}, {names[1]}] {problem}: no distance can be computed from these "
+            f"statistics; compute them again (selfflow-eval ref=IMAGE_FOLDER writes them) or use "
+            f"another reference"
         )
     return GaussianStats(mean, cov)
 

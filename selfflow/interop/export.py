@@ -39,8 +39,9 @@ def check_export_target(folder: Path, overwrite: bool) -> None:
 
 
 def replace_file(path: Path, write) -> None:
-    """write(temporary path), then rename it over `path`: a failed export never leaves half a file by that name,
-    and a link planted under the name is replaced, never written through (`replace_atomically`)."""
+    """write(temporary path), then rename it over `path`: a failed export never leaves half a file
+    by that name, and a link planted under the name is replaced, never written through
+    (`replace_atomically`)."""
     with replace_atomically(path, sync=True) as temporary:
         write(temporary)
 

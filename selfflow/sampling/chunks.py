@@ -8,10 +8,11 @@ started again with the same settings samples only the chunks not on disk yet, wh
 `out_dir/job.json` records the settings that decide the samples (weights, sampler, seed, ...), written before the
 first chunk: a job with other settings into the same out_dir is refused instead of mixing samples.
 
-A chunk is bound to the job that wrote it: it carries the SHA-256 of the job's settings (`job`) and of its own
-content (`digest`: the job digest, indices, labels and samples). A chunk of another job is sampled again, and one
-whose content digest is broken (edited, or planted in `parts/` by hand) is refused when the samples are merged. A
-chunk is written in a private folder and renamed into `parts/` (`replace_atomically`), never through a planted link.
+A chunk is bound to the job that wrote it: it carries the SHA-256 of the job's settings (`job`) and
+of its own content (`digest`: the job digest, indices, labels and samples). A chunk of another job
+is sampled again, and one whose content digest is broken (edited, or planted in `parts/` by hand) is
+refused when the samples are merged. A chunk is written in a private folder and renamed into
+`parts/` (`replace_atomically`), never through a planted link.
 """
 
 from __future__ import annotations
@@ -119,22 +120,24 @@ class ChunkStore:
         write_json(self.out_dir / JOB_FILE, {"settings": settings, **about})
 
     def is_complete(self, chunk: int) -> bool:
-        """The chunk's file is there with all its members, the right number of rows and this job's digest (read
-        from headers and the small `job` member only)."""
+        """The chunk's file is there with all its members, the right number of rows and this job's
+        digest (read from headers and the small `job` member only)."""
         path = self.path(chunk)
         if not path.is_file():
             return False
         try:
             if not set(MEMBERS + BINDING) <= npz_keys(path):
                 return False
-            rows = all(npz_header(path, key).shape[:1] == (len(self.ranges[chunk]),) for key in MEMBERS)
+            count = (len(self.ranges[chunk]),)
+            rows = all(npz_header(path, key).shape[:1] == count for key in MEMBERS)
             return rows and self._binding(path, "job") == self.job_digest
         except (ValueError, KeyError, OSError):
             return False
 
     @staticmethod
     def _binding(path: Path, key: str) -> str:
-        """The `job` or `digest` member of a chunk: a hex string, its header checked before it is read."""
+        """The `job` or `digest` member of a chunk: a hex string, its header checked before it is
+        read."""
         header = npz_header(path, key)
         if header.shape != () or header.dtype != np.dtype(f"<U{DIGEST_CHARS}"):
             raise ValueError(f"{path}[{key}] is {header.dtype} {list(header.shape)}, not a digest")
@@ -157,7 +160,8 @@ class ChunkStore:
         labels = labels.cpu().numpy().astype(np.int64)
         digest = content_digest(self.job_digest, indices, labels, samples)
         with replace_atomically(path, sync=True) as temporary, open(temporary, "xb") as f:
-            np.savez(f, indices=indices, labels=labels, samples=samples, job=self.job_digest, digest=digest)
+            arrays = {"indices": indices, "labels": labels, "samples": samples}
+            np.savez(f, **arrays, job=self.job_digest, digest=digest)
         return path
 
     def sample_header(self, chunk: int) -> ArrayHeader:
@@ -179,15 +183,16 @@ class ChunkStore:
                     f"{path}[{key}] is {header.dtype} {list(header.shape)}; this job's is {wanted} "
                     f"{list(shape)}: delete the file and run the job again to resample it"
                 )
-        resolve_inside(self.parts, path.name)  # a chunk that is a link to a file elsewhere is no chunk of this job
+        resolve_inside(self.parts, path.name)  # a link to a file elsewhere is no chunk of this job
         with np.load(path, allow_pickle=False) as members:
             indices, labels, samples = (members[key] for key in MEMBERS)
-        if self._binding(path, "job") != self.job_digest or self._binding(path, "digest") != content_digest(
-            self.job_digest, indices, labels, samples
-        ):
+        content = content_digest(self.job_digest, indices, labels, samples)
+        bound = (self._binding(path, "job"), self._binding(path, "digest"))
+        if bound != (self.job_digest, content):
             raise ValueError(
-                f"{path} was not written by this sampling job (its job or content digest differs: another "
-                f"job's chunk, edited or planted); delete it and run the job again to resample it"
+                f"{path} was not written by this sampling job (its job or content digest "
+                f"differs: another job's chunk, edited or planted); delete it and run the job "
+                f"again to resample it"
             )
         if indices.tolist() != list(self.ranges[chunk]):
             raise ValueError(
@@ -197,7 +202,8 @@ class ChunkStore:
         return labels, samples
 
     def remove_temporary(self) -> None:
-        """The private folders of chunks that killed processes left half-written (`.chunk_*.tmp`)."""
+        """The private folders of chunks that killed processes left half-written
+        (`.chunk_*.tmp`)."""
         for path in self.parts.glob(f".chunk_*.npz.*{PRIVATE_SUFFIX}"):
             if path.is_dir() and not path.is_symlink():
                 shutil.rmtree(path, ignore_errors=True)

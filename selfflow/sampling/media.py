@@ -38,7 +38,8 @@ def save_frame_strip(frames: Tensor, path: str | os.PathLike, upscale: int = 1) 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(path) as temporary:
-        image_grid(rearrange(clips, "b t c h w -> (b t) c h w"), nrow=clips.shape[1], upscale=upscale).save(temporary)
+        frames = rearrange(clips, "b t c h w -> (b t) c h w")
+        image_grid(frames, nrow=clips.shape[1], upscale=upscale).save(temporary)
     return path
 
 

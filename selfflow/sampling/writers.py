@@ -81,10 +81,11 @@ def write_npz_streamed(
     dtype: np.dtype,
     small: dict[str, np.ndarray],
 ) -> Path:
-    """An .npz whose `arr_0` (of `shape`) is written block by block from `blocks` (row blocks in order), then the
-    `small` arrays: what `np.savez(path, arr_0=..., **small)` writes (uncompressed zip of .npy members, zip64), with
-    one block in memory at a time instead of the whole array (50,000 ImageNet samples are 9.8 GB). Written in a
-    private folder and renamed (`replace_atomically`)."""
+    """An .npz whose `arr_0` (of `shape`) is written block by block from `blocks` (row blocks in
+    order), then the `small` arrays: what `np.savez(path, arr_0=..., **small)` writes (uncompressed
+    zip of .npy members, zip64), with one block in memory at a time instead of the whole array
+    (50,000 ImageNet samples are 9.8 GB). Written in a private folder and renamed
+    (`replace_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}

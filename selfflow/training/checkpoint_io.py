@@ -1,8 +1,8 @@
 """Crash-safe checkpoint files: written beside the target, synced, then renamed into place; loaded safely.
 
-A kill or a full disk during a save leaves at most a `.<name>.*.tmp` folder behind; the previous checkpoint of that name
-is never truncated. Loading goes through `read_checkpoint` (weights_only=True): nothing is unpickled that could
-run code.
+A kill or a full disk during a save leaves at most a `.<name>.*.tmp` folder behind; the previous
+checkpoint of that name is never truncated. Loading goes through `read_checkpoint`
+(weights_only=True): nothing is unpickled that could run code.
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def write_failure_line(error: BaseException) -> str:
 
 
 def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save into a fresh private folder beside `path`, fsync, rename over `path`, fsync the folder
-    (`replace_atomically`: a link planted under the checkpoint's name is replaced, never written through)."""
+    """torch.save into a fresh private folder beside `path`, fsync, rename over `path`, fsync the
+    folder (`replace_atomically`: a link planted under the checkpoint's name is replaced, never
+    written through)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

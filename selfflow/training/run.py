@@ -11,7 +11,12 @@ from omegaconf import DictConfig
 
 from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.build import Run, build_run, run_config
-from selfflow.training.resume import check_folder_of_this_run, check_same_run, keep_metric_history, resolve_resume
+from selfflow.training.resume import (
+    check_folder_of_this_run,
+    check_same_run,
+    keep_metric_history,
+    resolve_resume,
+)
 from selfflow.training.run_folder import run_folder_lock
 from selfflow.training.validate import validate_config
 

@@ -63,9 +63,10 @@ def check_writable(folder: Path) -> None:
 
 
 def check_no_planted_links(folder: Path, depth: int = 2, most: int = 100_000) -> None:
-    """RunFolderError naming the first symbolic link to a file (or to nothing) in `folder` and its sub-folders down to
-    `depth`: Lightning, Hydra and the loggers open their files (metrics.csv, hparams.yaml, .hydra/...) by name and
-    would write through it. A link to a folder (checkpoints/ on another disk) is kept."""
+    """RunFolderError naming the first symbolic link to a file (or to nothing) in `folder` and its
+    sub-folders down to `depth`: Lightning, Hydra and the loggers open their files (metrics.csv,
+    hparams.yaml, .hydra/...) by name and would write through it. A link to a folder (checkpoints/
+    on another disk) is kept."""
     pending, seen = [(folder, depth)], 0
     while pending:
         current, left = pending.pop()
@@ -76,8 +77,9 @@ def check_no_planted_links(folder: Path, depth: int = 2, most: int = 100_000) ->
                     return
                 if entry.is_symlink() and not entry.is_dir():
                     raise RunFolderError(
-                        f"run folder {folder} holds a symbolic link {entry.path} to a file; selfflow writes no "
-                        f"file through a link in a run folder: remove it, or choose another hydra.run.dir"
+                        f"run folder {folder} holds a symbolic link {entry.path} to a file; "
+                        f"selfflow writes no file through a link in a run folder: remove it, "
+                        f"or choose another hydra.run.dir"
                     )
                 if left > 1 and entry.is_dir(follow_symlinks=False):
                     pending.append((Path(entry.path), left - 1))
@@ -95,7 +97,8 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         check_writable(part)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = open_no_follow(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT)  # a planted link is refused, not written
+        # a planted link is refused, never written through
+        fd = open_no_follow(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT)
     except UnsafeFileError as error:
         raise RunFolderError(f"cannot lock run folder {folder}: {error}") from None
     except OSError as error:
