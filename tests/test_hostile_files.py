@@ -9,6 +9,7 @@ import math
 import multiprocessing
 import os
 import socket
+import sys
 import tarfile
 import threading
 import time
@@ -438,11 +439,16 @@ def test_a_request_within_its_deadline_returns_its_answer_and_its_error():
 # --- a run folder belongs to one run --------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_another_run_in_a_used_run_folder_is_refused_and_the_same_run_resumes(
     tiny_train_cfg,
     tmp_path,
+    monkeypatch,
+    capsys,
 ):
+    from selfflow.cli import train as train_cli
     from selfflow.training.run import train
+    from selfflow.training.run_folder import release_run_folder
 
     args = ["trainer.max_steps=2", "callbacks.samples.every_n_steps=0"]
     train(tiny_train_cfg(*args, run_dir=tmp_path / "run"))
@@ -454,6 +460,14 @@ def test_another_run_in_a_used_run_folder_is_refused_and_the_same_run_resumes(
         assert "\n" not in str(refused.value)
     after = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert after == checkpoints  # no last-v1.ckpt
+    first_config = (tmp_path / "run" / "checkpoints" / checkpoints[0]).read_bytes()
+    monkeypatch.setattr(sys, "argv", ["selfflow-train", f"hydra.run.dir={tmp_path / 'run'}"])
+    with pytest.raises(SystemExit) as stopped:
+        train_cli.main()  # from the command line: before Hydra writes its files into the folder
+    release_run_folder(tmp_path / "run")
+    assert stopped.value.code == 2 and "already holds the checkpoints" in capsys.readouterr().err
+    assert not (tmp_path / "run" / ".hydra").exists()
+    assert (tmp_path / "run" / "checkpoints" / checkpoints[0]).read_bytes() == first_config
     same = ["trainer.max_steps=3", "callbacks.samples.every_n_steps=0", "resume=auto"]
     train(tiny_train_cfg(*same, run_dir=tmp_path / "run"))
     assert "last-v1.ckpt" not in {p.name for p in (tmp_path / "run" / "checkpoints").iterdir()}
