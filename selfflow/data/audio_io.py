@@ -126,7 +126,7 @@ def write_wav(wave: np.ndarray | Tensor, path: str | os.PathLike, sample_rate: i
         raise ValueError(f"write_wav expects mono samples [S], got shape {list(samples.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replace_atomically(path) as temporary:
+    with replace_atomically(path) as file:
         clipped = np.clip(samples, -1.0, 1.0)
-        soundfile.write(str(temporary), clipped, int(sample_rate), subtype="PCM_16")
+        soundfile.write(file, clipped, int(sample_rate), subtype="PCM_16", format="WAV")
     return path

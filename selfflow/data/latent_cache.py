@@ -16,7 +16,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -28,8 +27,8 @@ from torch.utils.data import Dataset
 
 from selfflow.data.vae_folder import vae_fingerprint
 from selfflow.io.safe_files import (
-    FILE_MODE,
-    private_folder_for,
+    create_temporary,
+    finish_temporary,
     resolve_inside,
     write_json_atomically,
 )
@@ -64,8 +63,8 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Strict JSON written in a private folder and renamed: a reader never sees half a file, and a
-    link planted under the name is replaced, never written through (`replace_atomically`)."""
+    """Strict JSON written to a new temporary file and renamed: a reader never sees half a file,
+    and a link planted under the name is replaced, never written through (`replace_atomically`)."""
     write_json_atomically(path, value, indent=None)
 
 
@@ -127,7 +126,7 @@ class ShardWriter:
         self.folder, self.split, self.rank, self.records_per_shard = folder, split, rank, records_per_shard
         self.records: list[list[Any]] = []  # [sample index, key, shard name, data offset, label]
         self._tar: tarfile.TarFile | None = None
-        self._temporary: Path | None = None  # the open shard, in a private folder until complete
+        self._file = self._temporary = None  # the open shard, under a temporary name until complete
         self._shard_name, self._in_shard, self._shards = "", 0, 0
 
     def add(self, index: int, key: str, label: int, record: Tensor) -> None:
@@ -145,9 +144,10 @@ class ShardWriter:
     def _next_shard(self) -> None:
         self._finish_shard()
         self._shard_name = f"{self.split}-r{self.rank:03d}-{self._shards:06d}.tar"
-        self._temporary = private_folder_for(self.folder / self._shard_name) / self._shard_name
+        self._file, self._temporary = create_temporary(self.folder / self._shard_name)
         # open until the shard is full
-        self._tar = tarfile.open(self._temporary, "x", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
+        ustar = tarfile.USTAR_FORMAT
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=ustar)  # noqa: SIM115
         self._shards, self._in_shard = self._shards + 1, 0
 
     def _finish_shard(self) -> None:
@@ -156,10 +156,8 @@ class ShardWriter:
         if self._tar is None:
             return
         self._tar.close()
-        os.chmod(self._temporary, FILE_MODE)
-        os.replace(self._temporary, self.folder / self._shard_name)
-        shutil.rmtree(self._temporary.parent, ignore_errors=True)
-        self._tar = self._temporary = None
+        finish_temporary(self._file, self._temporary, self.folder / self._shard_name)
+        self._tar = self._file = self._temporary = None
 
     def close(self) -> None:
         self._finish_shard()

@@ -197,8 +197,8 @@ def scan_shard(path: Path) -> ShardTable:
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """`data` as `path`, written in a private folder and renamed: readers never see a partial file,
-    and a link planted in a shared shard folder is replaced, never written through
+    """`data` as `path`, written to a new temporary file and renamed: readers never see a partial
+    file, and a link planted in a shared shard folder is replaced, never written through
     (`replace_atomically`)."""
     write_bytes_atomically(path, data, sync=True)
 

@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import shutil
 import tarfile
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +38,7 @@ from selfflow.data.shard_index import (
 )
 from selfflow.data.shards import CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, MAX_CAPTION_BYTES, MAX_MEMBER_BYTES
 from selfflow.data.video_io import MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
-from selfflow.io.safe_files import FILE_MODE, private_folder_for
+from selfflow.io.safe_files import create_temporary, finish_temporary
 
 log = logging.getLogger("selfflow.data")
 
@@ -66,7 +65,7 @@ class ShardWriter:
         self.written: list[Path] = []
         self.total_bytes = 0
         self._file = self._tar = None
-        self._temporary: Path | None = None  # the shard being written, in a private folder
+        self._temporary: Path | None = None  # the shard being written, under a temporary name
         self._bytes = self._samples = 0
 
     def _path(self) -> Path:
@@ -78,8 +77,7 @@ class ShardWriter:
             self._finish_shard()
         if self._tar is None:
             # both stay open until the shard is full (closed by _finish_shard)
-            self._temporary = private_folder_for(self._path()) / self._path().name
-            self._file = open(self._temporary, "xb")  # noqa: SIM115
+            self._file, self._temporary = create_temporary(self._path())
             self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         for extension, data in members.items():
             info = tarfile.TarInfo(f"{key}.{extension}")  # mtime 0, no owner: the same files give the same shard
@@ -92,12 +90,10 @@ class ShardWriter:
         path = self._path()
         self._tar.close()
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
         table = scan_shard(self._temporary)  # the index describes exactly the bytes written
-        os.chmod(self._temporary, FILE_MODE)
-        os.replace(self._temporary, path)  # a link planted under the name is replaced, not followed
-        self._drop_temporary()
+        # a link planted under the shard's name is replaced, not followed
+        finish_temporary(self._file, self._temporary, path, sync=True)
+        self._temporary = None
         write_index(path, table)
         self.written.append(path)
         self.total_bytes += path.stat().st_size
@@ -118,7 +114,7 @@ class ShardWriter:
 
     def _drop_temporary(self) -> None:
         if self._temporary is not None:
-            shutil.rmtree(self._temporary.parent, ignore_errors=True)
+            self._temporary.unlink(missing_ok=True)
             self._temporary = None
 
 

@@ -154,6 +154,6 @@ def write_stats(eval_set: EvalSet, path: str | os.PathLike) -> Path:
     if eval_set.pool is not None:
         arrays[POOL_FEATURES_KEY] = eval_set.pool.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replace_atomically(path) as temporary, open(temporary, "xb") as f:
-        np.savez(f, **arrays)
+    with replace_atomically(path) as file:
+        np.savez(file, **arrays)
     return path

@@ -212,8 +212,8 @@ class FeatureCache:
             "labels": features.labels,
             "valid": features.valid,
         }
-        with replace_atomically(path) as temporary:  # readers never see half a file
-            torch.save(stored, temporary)
+        with replace_atomically(path) as file:  # readers never see half a file
+            torch.save(stored, file)
         return path
 
 

@@ -221,13 +221,13 @@ class ReferenceCNN(nn.Module):
 
     def save(self, folder: str | os.PathLike, **info: Any) -> Path:
         """`folder/model.safetensors` + `folder/config.json` (the architecture plus any `info`)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
-        with replace_atomically(folder / WEIGHTS_FILE) as temporary:
-            save_file(state, str(temporary))
+        with replace_atomically(folder / WEIGHTS_FILE) as file:
+            file.write(save(state))
         write_json_atomically(folder / CONFIG_FILE, {**self.config(), **info})
         return folder
 

@@ -39,17 +39,17 @@ def check_export_target(folder: Path, overwrite: bool) -> None:
 
 
 def replace_file(path: Path, write) -> None:
-    """write(temporary path), then rename it over `path`: a failed export never leaves half a file
+    """write(temporary file), then rename it over `path`: a failed export never leaves half a file
     by that name, and a link planted under the name is replaced, never written through
     (`replace_atomically`)."""
-    with replace_atomically(path, sync=True) as temporary:
-        write(temporary)
+    with replace_atomically(path, sync=True) as file:
+        write(file)
 
 
 def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike, overwrite: bool = False) -> Path:
     """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the weights' sha256)
     as `folder/config.json`; load it back with `load_checkpoint(folder)`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder).expanduser()
     check_export_target(folder, overwrite)
@@ -57,9 +57,8 @@ def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()}
     weights = folder / EXPORT_WEIGHTS
-    replace_file(
-        weights, lambda temp: save_file(state, str(temp), metadata={"weights": "ema", "step": str(loaded.step)})
-    )
+    metadata = {"weights": "ema", "step": str(loaded.step)}
+    replace_file(weights, lambda file: file.write(save(state, metadata=metadata)))
     meta = {
         "selfflow_format": CHECKPOINT_FORMAT,
         "step": loaded.step,

@@ -365,8 +365,8 @@ def export_official(checkpoint: str | os.PathLike, out: str | os.PathLike, weigh
     )
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    with replace_atomically(out) as temporary:
-        torch.save(state, temporary)
+    with replace_atomically(out) as file:
+        torch.save(state, file)
     return out
 
 

@@ -5,10 +5,10 @@ symbolic link under the very name selfflow is about to write (`.lock`, a tempora
 `skipped_files.tsv`): opened the usual way, the write lands in the file the link points at. Every
 write inside such a folder goes through one of these:
 
-- `replace_atomically(path)`: the new file is written in a fresh private folder made beside `path`
-  (created exclusively, mode 0700: nobody can plant anything in it), then renamed over `path`. A
-  rename replaces a link instead of following it, and readers never see half a file. Works with any
-  library that writes by file name.
+- `replace_atomically(path)`: the new content goes to a temporary file created exclusively beside
+  `path` (a random name, O_CREAT | O_EXCL | O_NOFOLLOW: never an existing file or link) and written
+  through the descriptor that created it (never reopened by name), then renamed over `path`. A
+  rename replaces a link instead of following it, and readers never see half a file.
 - `open_no_follow(path, flags)`: opens an existing or new file without following a link, and refuses
   anything but a regular file with one name (a link, a folder, a pipe, a hard link to another file):
   lock files and append-only records.
@@ -22,14 +22,13 @@ import contextlib
 import json
 import math
 import os
-import shutil
 import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-PRIVATE_SUFFIX = ".tmp"  # the private folders of unfinished writes: `.<name>.<random>.tmp`
+TEMPORARY_SUFFIX = ".tmp"  # unfinished writes: `.<name>.<random>.tmp` beside the file
 FILE_MODE = 0o644  # what a plain open() gives under the usual umask
 
 
@@ -38,10 +37,30 @@ class UnsafeFileError(OSError):
     folder."""
 
 
-def private_folder_for(path: Path) -> Path:
-    """A fresh folder beside `path`, made exclusively (mkdir never follows or reuses anything) with
-    mode 0700."""
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=PRIVATE_SUFFIX, dir=path.parent))
+def create_temporary(path: Path) -> tuple[BinaryIO, Path]:
+    """A new file beside `path` under a random name `.<name>.<random>.tmp`, created exclusively
+    without following links (`tempfile.mkstemp`), open for writing.
+
+    Args:
+        path: the file the temporary one will become; its folder must exist.
+
+    Returns:
+        (the open binary file, its path).
+    """
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
+    return os.fdopen(fd, "w+b"), Path(name)
+
+
+def finish_temporary(file: BinaryIO, temporary: Path, path: Path, sync: bool = False) -> None:
+    """Close `file` (the temporary one of `create_temporary`) and rename it over `path`."""
+    file.flush()
+    os.fchmod(file.fileno(), FILE_MODE)
+    if sync:
+        os.fsync(file.fileno())
+    file.close()
+    os.replace(temporary, path)
+    if sync:
+        sync_folder(path.parent)
 
 
 def sync_folder(folder: Path) -> None:
@@ -56,11 +75,10 @@ def sync_folder(folder: Path) -> None:
 
 
 @contextlib.contextmanager
-def replace_atomically(path: str | os.PathLike, sync: bool = False) -> Iterator[Path]:
-    """Yield a temporary file name for the new content of `path`; when the block ends without an
-    error, the file is renamed over `path` (a link planted under that name is replaced, never
-    followed). On an error `path` is left as it was. The temporary name lies in a fresh private
-    folder beside `path`, which is removed afterwards.
+def replace_atomically(path: str | os.PathLike, sync: bool = False) -> Iterator[BinaryIO]:
+    """Yield a binary file for the new content of `path`; when the block ends without an error, it
+    is renamed over `path` (a link planted under that name is replaced, never followed). On an error
+    `path` is left as it was and the temporary file is removed.
 
     Args:
         path: the file to write; its folder must exist.
@@ -68,30 +86,22 @@ def replace_atomically(path: str | os.PathLike, sync: bool = False) -> Iterator[
             job).
 
     Returns:
-        A context manager giving the temporary Path to write.
+        A context manager giving the open binary file to write (seekable).
     """
     path = Path(path)
-    private = private_folder_for(path)
-    temporary = private / path.name
+    file, temporary = create_temporary(path)
     try:
-        yield temporary
-        if sync:
-            fd = os.open(temporary, os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.chmod(temporary, FILE_MODE, follow_symlinks=False)
-        os.replace(temporary, path)
-        if sync:
-            sync_folder(path.parent)
-    finally:
-        shutil.rmtree(private, ignore_errors=True)
+        yield file
+        finish_temporary(file, temporary, path, sync)
+    except BaseException:
+        file.close()
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 def write_bytes_atomically(path: str | os.PathLike, data: bytes, sync: bool = False) -> Path:
     """Write `data` as `path` through `replace_atomically`; returns the path."""
-    with replace_atomically(path, sync=sync) as temporary, open(temporary, "xb") as f:
+    with replace_atomically(path, sync=sync) as f:
         f.write(data)
     return Path(path)
 

@@ -11,7 +11,7 @@ first chunk: a job with other settings into the same out_dir is refused instead 
 A chunk is bound to the job that wrote it: it carries the SHA-256 of the job's settings (`job`) and
 of its own content (`digest`: the job digest, indices, labels and samples). A chunk of another job
 is sampled again, and one whose content digest is broken (edited, or planted in `parts/` by hand) is
-refused when the samples are merged. A chunk is written in a private folder and renamed into
+refused when the samples are merged. A chunk is written to a new temporary file and renamed into
 `parts/` (`replace_atomically`), never through a planted link.
 """
 
@@ -29,7 +29,7 @@ import torch
 
 from selfflow.data.latent_cache import write_json
 from selfflow.data.npz_arrays import ArrayHeader, npz_header, npz_keys
-from selfflow.io.safe_files import PRIVATE_SUFFIX, replace_atomically, resolve_inside
+from selfflow.io.safe_files import TEMPORARY_SUFFIX, replace_atomically, resolve_inside
 
 JOB_FILE = "job.json"
 PARTS = "parts"
@@ -159,7 +159,7 @@ class ChunkStore:
         path = self.path(chunk)
         labels = labels.cpu().numpy().astype(np.int64)
         digest = content_digest(self.job_digest, indices, labels, samples)
-        with replace_atomically(path, sync=True) as temporary, open(temporary, "xb") as f:
+        with replace_atomically(path, sync=True) as f:
             arrays = {"indices": indices, "labels": labels, "samples": samples}
             np.savez(f, **arrays, job=self.job_digest, digest=digest)
         return path
@@ -202,11 +202,9 @@ class ChunkStore:
         return labels, samples
 
     def remove_temporary(self) -> None:
-        """The private folders of chunks that killed processes left half-written
-        (`.chunk_*.tmp`)."""
-        for path in self.parts.glob(f".chunk_*.npz.*{PRIVATE_SUFFIX}"):
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path, ignore_errors=True)
+        """Half-written chunks of killed processes (`.chunk_*.tmp`)."""
+        for path in self.parts.glob(f".chunk_*.npz.*{TEMPORARY_SUFFIX}"):
+            path.unlink(missing_ok=True)
 
     def remove(self) -> None:
         shutil.rmtree(self.parts, ignore_errors=True)

@@ -51,11 +51,16 @@ def image_grid(images: Tensor, nrow: int | None = None, upscale: int = 1, pad: i
     return grid
 
 
+def image_format(path: Path) -> str:
+    """PIL's format name for a file name's extension (`grid.png` -> PNG)."""
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
+
+
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replace_atomically(path) as temporary:
-        image_grid(images, nrow, upscale).save(temporary)
+    with replace_atomically(path) as file:
+        image_grid(images, nrow, upscale).save(file, format=image_format(path))
     return path
 
 
@@ -68,8 +73,8 @@ def save_image_files(images: Tensor, folder: str | os.PathLike, names: list[str]
         image = Image.fromarray(pixels)
         if upscale > 1:
             image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-        with replace_atomically(folder / f"{name}.png") as temporary:
-            image.save(temporary)
+        with replace_atomically(folder / f"{name}.png") as file:
+            image.save(file, format="PNG")
         paths.append(folder / f"{name}.png")
     return paths
 
@@ -84,15 +89,15 @@ def write_npz_streamed(
     """An .npz whose `arr_0` (of `shape`) is written block by block from `blocks` (row blocks in
     order), then the `small` arrays: what `np.savez(path, arr_0=..., **small)` writes (uncompressed
     zip of .npy members, zip64), with one block in memory at a time instead of the whole array
-    (50,000 ImageNet samples are 9.8 GB). Written in a private folder and renamed
+    (50,000 ImageNet samples are 9.8 GB). Written to a new temporary file and renamed
     (`replace_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
     rows = 0
     with (
-        replace_atomically(path) as temporary,
-        zipfile.ZipFile(temporary, "x", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+        replace_atomically(path) as file,
+        zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
     ):
         with archive.open("arr_0.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(member, header)

@@ -125,8 +125,8 @@ class TextFeatureCache:
         self._remember(key, (tokens, pooled))
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            with replace_atomically(self.folder / f"{key}.pt") as temporary:
-                torch.save({"tokens": tokens, "pooled": pooled}, temporary)
+            with replace_atomically(self.folder / f"{key}.pt") as file:
+                torch.save({"tokens": tokens, "pooled": pooled}, file)
 
     def _remember(self, key: str, value: tuple[Tensor, Tensor]) -> None:
         if len(self.memory) < self.max_items:

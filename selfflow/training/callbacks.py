@@ -169,8 +169,8 @@ class SampleGrid(L.Callback):
         for path in paths:
             copy = path.with_stem(new_name) if path.stem == name else path.parent.with_name(new_name) / path.name
             copy.parent.mkdir(parents=True, exist_ok=True)
-            with replace_atomically(copy) as temporary:
-                shutil.copyfile(path, temporary)
+            with open(path, "rb") as source, replace_atomically(copy) as file:
+                shutil.copyfileobj(source, file)
             copies.append(copy)
         self.written += copies
         return copies

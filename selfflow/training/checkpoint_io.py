@@ -39,14 +39,14 @@ def write_failure_line(error: BaseException) -> str:
 
 
 def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save into a fresh private folder beside `path`, fsync, rename over `path`, fsync the
-    folder (`replace_atomically`: a link planted under the checkpoint's name is replaced, never
-    written through)."""
+    """torch.save into a temporary file created exclusively beside `path`, fsync, rename over
+    `path`, fsync the folder (`replace_atomically`: a link planted under the checkpoint's name is
+    replaced, never written through)."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with replace_atomically(path, sync=True) as temp, open(temp, "xb") as f:
-            torch.save(checkpoint, f)
+        with replace_atomically(path, sync=True) as file:
+            torch.save(checkpoint, file)
     except (OSError, RuntimeError) as error:
         if isinstance(error, OSError):
             cause = error.strerror or str(error)
