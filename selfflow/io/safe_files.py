@@ -48,7 +48,9 @@ def create_temporary(path: Path) -> tuple[BinaryIO, Path]:
         (the open binary file, its path).
     """
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    return os.fdopen(fd, "w+b"), Path(name)
+    file = os.fdopen(fd, "w+b")
+    file.raw.name = name  # what the file is called in messages (a descriptor's number otherwise)
+    return file, Path(name)
 
 
 def finish_temporary(file: BinaryIO, temporary: Path, path: Path, sync: bool = False) -> None:
