@@ -54,13 +54,13 @@ def within_deadline(request: Callable[[list], R], seconds: float, what: str) -> 
         except BaseException as error:  # handed to the caller's thread
             outcome["error"] = error
 
-    thread = threading.Thread(target=run, name="selfflow-request", daemon=True)
+    thread = threading.Thread(target=run, name="deadline-request", daemon=True)
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
         # close() waits for the blocked read (a buffered stream's lock): it gets a thread of its own
         for thing in opened:
-            closer = threading.Thread(target=_close_quietly, args=(thing,), name="selfflow-close")
+            closer = threading.Thread(target=_close_quietly, args=(thing,), name="deadline-close")
             closer.daemon = True
             closer.start()
         raise TimeoutError(f"{what} did not finish within its deadline of {seconds:.0f} s")
