@@ -10,6 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 # lower layers first; a module may import its own layer and the ones below it
 LAYERS = {
+    "io": 0,
     "tokens": 0,
     "safe_config": 0,
     "data": 1,
@@ -24,6 +25,7 @@ LAYERS = {
     "cli": 8,
 }
 CORE = (
+    "io",
     "tokens",
     "safe_config",
     "data",

@@ -190,6 +190,24 @@ def test_a_damaged_or_hostile_index_is_refused_before_anything_is_read(cache, ti
         open_cache(copy, tiny_vae)
 
 
+def test_a_cache_shard_that_links_to_a_file_outside_the_cache_folder_is_refused(
+    cache,
+    tiny_vae,
+    tmp_path,
+):
+    from selfflow.io.safe_files import UnsafeFileError
+
+    copy = shutil.copytree(cache, tmp_path / "copy")
+    # the same size: the index's offsets fit
+    outside = shutil.copy(cache / "train-r000-000001.tar", tmp_path / "outside.tar")
+    (copy / "train-r000-000001.tar").unlink()
+    (copy / "train-r000-000001.tar").symlink_to(outside)
+    linked = r"train-r000-000001\.tar resolves to .*outside\.tar, outside"
+    with pytest.raises(UnsafeFileError, match=linked) as refused:
+        open_cache(copy, tiny_vae)
+    assert "\n" not in str(refused.value)
+
+
 def test_selfflow_cache_keeps_a_finished_cache_and_never_writes_into_another_folder(
     cache, tiny_vae, cifar_classes, tmp_path, capsys
 ):

@@ -68,7 +68,8 @@ def test_sigkill_while_writing_a_checkpoint_leaves_the_previous_one_intact(refer
     kill_when(start(train_args(images, run_dir, 0), tmp_path, script=script), marker)
     folder = run_dir / "checkpoints"
     assert not (folder / f"step_{step:07d}.ckpt").exists()
-    assert list(folder.glob(f"step_{step:07d}.ckpt.*.tmp"))  # the half-written file never took the real name
+    # the half-written file never took the real name
+    assert list(folder.glob(f".step_{step:07d}.ckpt.*.tmp"))
     assert read_checkpoint(folder / "last.ckpt")["global_step"] == step - EVERY  # the previous one, intact
     assert newest_valid_checkpoint(folder)[1] == step - EVERY
     finish(start(train_args(images, run_dir, 0, "resume=auto"), tmp_path))

@@ -137,7 +137,7 @@ def test_length_and_random_access_read_only_the_wanted_member(tmp_path):
     path = shards.shards[int(shards.data_members[3, 0])]
     original = path.read_bytes()
     blanked = bytearray(len(original))
-    for _, offset, size in (shards.data_members[3], shards.label_members[3]):
+    for _, offset, size, _ in (shards.data_members[3], shards.label_members[3]):
         blanked[offset - 512 : offset + size] = original[offset - 512 : offset + size]
     blanked[-1024:] = original[-1024:]
     path.write_bytes(bytes(blanked))

@@ -13,6 +13,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from selfflow.data.bad_files import BadFileError
 from selfflow.dependencies import explain_import_failure
+from selfflow.io.safe_files import UnsafeFileError
 from selfflow.training.checkpoint_io import CheckpointWriteError
 from selfflow.training.nonfinite import NonFiniteLossError
 from selfflow.training.run_folder import RunFolderError
@@ -29,6 +30,7 @@ USER_ERRORS = (
     CheckpointWriteError,
     NonFiniteLossError,
     RunFolderError,
+    UnsafeFileError,
 )
 
 

@@ -11,7 +11,6 @@ with a note), num_samples, num_ref, the weights file and its sha256, and the lib
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfflow.cli.config_help import register_config_keys_resolver
 from selfflow.cli.errors import check_overrides, friendly_errors
+from selfflow.io.safe_files import write_json_atomically
 
 COMMAND = "selfflow-eval"
 
@@ -97,7 +97,7 @@ def evaluate(cfg: DictConfig) -> dict[str, Any]:
     }
     out = Path(str(cfg.out)).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=2) + "\n")
+    write_json_atomically(out, document)
     shown = ", ".join(
         f"{name} {'n/a' if document[key] is None else format(document[key], '.4g')}"
         for name, key in (

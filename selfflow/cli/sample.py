@@ -15,7 +15,6 @@ and metrics.json with metrics=true. The work is in selfflow.sampling.job; this p
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from selfflow.cli.config_help import register_config_keys_resolver
 from selfflow.cli.errors import friendly_errors
+from selfflow.io.safe_files import write_json_atomically
 
 LENGTH_OPTIONS = ("size", "duration", "frames")
 METRICS = {False: None, None: None, True: "reference", "reference": "reference", "fid": "fid"}
@@ -236,7 +236,7 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
         store.remove()
     else:
         store.remove_temporary()
-    (out_dir / "sampling.json").write_text(json.dumps(summary, indent=2))
+    write_json_atomically(out_dir / "sampling.json", summary)
     resumed = (
         f", {len(store.ranges) - sampled} of {len(store.ranges)} chunks were on disk"
         if sampled < len(store.ranges)
@@ -255,7 +255,7 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
             "cfg_scale": cfg.cfg_scale,
             "reference": str(cfg.reference) if cfg.feature_extractor is None else "feature_extractor",
         }
-        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        write_json_atomically(out_dir / "metrics.json", metrics)
         accuracy = metrics["classifier_accuracy"]
         print(
             f"selfflow-sample: Frechet distance {metrics['frechet_distance']:.3f}, classifier accuracy "

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from selfflow.cli.config_help import register_train_resolvers
 from selfflow.cli.errors import check_overrides, friendly_errors
+from selfflow.training.resume import check_folder_of_this_run
 from selfflow.training.run_folder import launching_process, lock_run_folder, remove_if_unused
 
 
@@ -41,15 +42,25 @@ def given_run_dir(args: list[str]) -> str | None:
     return given[-1] if given and "${" not in given[-1] else None
 
 
+def starts_afresh(args: list[str]) -> bool:
+    """No override continues a run (resume=auto, or ckpt_path=PATH)."""
+    given = dict(a.lstrip("+").split("=", 1) for a in args if "=" in a)
+    fresh = ("null", "none", "")
+    return given.get("resume", "null") in fresh and given.get("ckpt_path", "null") in fresh
+
+
 def main() -> None:
-    """Bad overrides (unknown keys or options) stop here with one line, and so does a run folder that is in use
-    or read-only (locked here, before Hydra writes its files into it); then Hydra composes and runs."""
+    """Bad overrides (unknown keys or options) stop here with one line, and so does a run folder
+    that is in use, read-only, or holds another run's checkpoints while this run starts afresh
+    (checked here, before Hydra writes its files into it); then Hydra composes and runs."""
     register_train_resolvers()  # --help's key list, sweep folders named by their overrides
     check_overrides("selfflow-train", "train", sys.argv[1:])
     run_dir = given_run_dir(sys.argv[1:])
     if run_dir is not None and launching_process():
         with friendly_errors("selfflow-train"):
             lock_run_folder(run_dir)  # held until this process ends
+            if starts_afresh(sys.argv[1:]):
+                check_folder_of_this_run(run_dir, None)
     run_from_config()
 
 

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from selfflow.data.bad_files import UnusableSample
+from selfflow.io.safe_files import replace_atomically
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")
 TRUNCATED = re.compile(r"^data\s*:\s*\d+ \(should be", re.MULTILINE)  # libsndfile's note on a short WAV data chunk
@@ -126,5 +127,7 @@ def write_wav(wave: np.ndarray | Tensor, path: str | os.PathLike, sample_rate: i
         raise ValueError(f"write_wav expects mono samples [S], got shape {list(samples.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    soundfile.write(str(path), np.clip(samples, -1.0, 1.0), int(sample_rate), subtype="PCM_16")
+    with replace_atomically(path) as file:
+        clipped = np.clip(samples, -1.0, 1.0)
+        soundfile.write(file, clipped, int(sample_rate), subtype="PCM_16", format="WAV")
     return path

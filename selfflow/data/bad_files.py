@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import fcntl
 import io
 import logging
 import os
@@ -10,6 +11,7 @@ import re
 from pathlib import Path
 
 from selfflow.data.files import printable_path
+from selfflow.io.safe_files import open_no_follow
 
 log = logging.getLogger("selfflow.data")
 
@@ -66,8 +68,29 @@ class BadFilePolicy:
         log.warning("skipping %s: %s", one_line(key), one_line(reason))
         if self.record_path is not None:
             self.record_path.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.record_path, "a", encoding="utf-8", errors="backslashreplace") as f:
-                f.write(record_row(key, reason))  # one write: rows from several worker processes do not mix
+            append_once(self.record_path, key, record_row(key, reason))
+
+
+def recorded_paths(text: str) -> set[str]:
+    """The paths (first fields) of the rows of a skipped-files TSV."""
+    return {row[0] for row in csv.reader(io.StringIO(text), dialect="excel-tab") if row}
+
+
+def append_once(record: Path, key: str, row: str) -> None:
+    """Append `row` to `record` unless a row for `key` is there: every DataLoader worker has its own
+    `_seen`, so the file itself (read under an exclusive lock) says what is listed. Opened without
+    following links (`open_no_follow`): a link planted in a shared run folder is refused, not
+    written through."""
+    fd = open_no_follow(record, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        text = {"encoding": "utf-8", "errors": "backslashreplace", "newline": ""}
+        with os.fdopen(fd, "r+", closefd=False, **text) as f:
+            f.seek(0)
+            if key not in recorded_paths(f.read()):
+                f.write(row)  # one write: rows from several worker processes do not mix
+    finally:
+        os.close(fd)  # ends the lock
 
 
 def require_one_readable(count: int, load, name_of, policy: BadFilePolicy, what: str, hint: str) -> None:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from selfflow.io.safe_files import write_bytes_atomically
+
 log = logging.getLogger("selfflow.data")
 
 DEFAULT_CACHE = "~/.cache/selfflow"
@@ -50,7 +52,7 @@ def cached_folder(
     log.info("generating %s into %s (once; later runs reuse it)", name, folder)
     try:
         build(partial)
-        (partial / MARKER).write_text(text + "\n")
+        write_bytes_atomically(partial / MARKER, (text + "\n").encode())
         partial.rename(folder)
     except OSError:
         if not (folder / MARKER).is_file():  # not a concurrent build that finished first

@@ -27,6 +27,12 @@ from torch.utils.data import Dataset
 
 from selfflow.data.file_sizes import bounded_bytes, bounded_size
 from selfflow.data.vae_folder import latent_geometry, vae_fingerprint
+from selfflow.io.safe_files import (
+    create_temporary,
+    finish_temporary,
+    resolve_inside,
+    write_json_atomically,
+)
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -58,10 +64,9 @@ def read_json(path: Path, what: str) -> Any:
 
 
 def write_json(path: Path, value: Any) -> None:
-    """Written under a temporary name and renamed, so a reader never sees half a file."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(value) + "\n")
-    os.replace(temporary, path)
+    """Strict JSON written to a new temporary file and renamed: a reader never sees half a file,
+    and a link planted under the name is replaced, never written through (`replace_atomically`)."""
+    write_json_atomically(path, value, indent=None)
 
 
 def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
@@ -133,6 +138,7 @@ class ShardWriter:
         self.folder, self.split, self.rank, self.records_per_shard = folder, split, rank, records_per_shard
         self.records: list[list[Any]] = []  # [sample index, key, shard name, data offset, label]
         self._tar: tarfile.TarFile | None = None
+        self._file = self._temporary = None  # the open shard, under a temporary name until complete
         self._shard_name, self._in_shard, self._shards = "", 0, 0
 
     def add(self, index: int, key: str, label: int, record: Tensor) -> None:
@@ -148,15 +154,25 @@ class ShardWriter:
         self._in_shard += 1
 
     def _next_shard(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
+        self._finish_shard()
         self._shard_name = f"{self.split}-r{self.rank:03d}-{self._shards:06d}.tar"
-        self._tar = tarfile.open(self.folder / self._shard_name, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 - open until the shard is full
+        self._file, self._temporary = create_temporary(self.folder / self._shard_name)
+        # open until the shard is full
+        ustar = tarfile.USTAR_FORMAT
+        self._tar = tarfile.open(fileobj=self._file, mode="w", format=ustar)  # noqa: SIM115
         self._shards, self._in_shard = self._shards + 1, 0
 
+    def _finish_shard(self) -> None:
+        """Close the open shard and rename it into the cache folder (replacing, never following, a
+        planted link)."""
+        if self._tar is None:
+            return
+        self._tar.close()
+        finish_temporary(self._file, self._temporary, self.folder / self._shard_name)
+        self._tar = self._file = self._temporary = None
+
     def close(self) -> None:
-        if self._tar is not None:
-            self._tar.close()
+        self._finish_shard()
         write_json(self.folder / f"part-{self.split}-r{self.rank:03d}.json", self.records)
 
 
@@ -234,10 +250,10 @@ class LatentCache(Dataset):
         except (KeyError, TypeError, ValueError, OverflowError) as error:
             raise ValueError(f"{path} is not a latent cache index ({error}); cache again") from error
         shards = []
-        for name in names:  # plain file names inside the cache folder, nothing else
+        for name in names:  # plain file names inside the cache folder (links resolved), no more
             if Path(name).name != name or not name.endswith(".tar") or not (self.root / name).is_file():
                 raise ValueError(f"{path} names shard {name!r}, which is not a .tar file in {self.root}")
-            shards.append(self.root / name)
+            shards.append(resolve_inside(self.root, name))
         sizes = np.asarray([p.stat().st_size for p in shards] or [0], dtype=np.int64)
         lengths = {len(shard_ids), len(offsets), len(labels)}
         if len(lengths) != 1 or not len(labels):

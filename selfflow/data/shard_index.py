@@ -20,6 +20,7 @@ the shard, on tar's 512-byte blocks, and every name within the scan's limits, or
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tarfile
@@ -30,32 +31,39 @@ from typing import BinaryIO
 import numpy as np
 
 from selfflow.data.shard_sources import ByteSource, LocalFiles
+from selfflow.io.safe_files import write_bytes_atomically
 
 TAR_BLOCK = 512
 MAX_KEY_CHARS = 1024  # a sample key (a member's name up to its first dot): real keys are short ("000123")
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "selfflow-shard-index"
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: each member's first header offset ("headers"): its full name is checked
 FINGERPRINT_BYTES = 64 << 10  # hashed at each end of a shard
 MAX_INDEX_BYTES = 16 << 20  # ~500k members, 25x a shard of the writer's default 10,000 samples; ~100 MB parsed
 MAX_REASON_CHARS = 1024
+MAX_HEADER_BYTES = 64 << 10  # a member's tar headers: extended ones (a long name) and its own block
 INDEX_HINT = "write it again with: selfflow-shards index FOLDER"
 
 # member rows: [M, 4] = (sample, extension, data offset, size); size -1: the member is not file data (a link, ...)
 SAMPLE, EXTENSION, OFFSET, SIZE = range(4)
+# headers: [M] where each member's first tar header block starts: extended headers (a pax or GNU
+# long name, the only place a long or non-ASCII name is whole) come before the member's own block,
+# which holds it mangled
 
 
 @dataclass
 class ShardTable:
     """The samples of one shard in tar order, and where their members lie.
 
-    keys: [S] sample keys; extensions: [E] the member extensions seen; members: [M, 4] rows (sample, extension,
-    offset, size), one per (sample, extension); problems: sample -> why it cannot be used (read as a bad file).
-    size, fingerprint: of the shard the table describes (`shard_fingerprint`)."""
+    keys: [S] sample keys; extensions: [E] the member extensions seen; members: [M, 4] rows (sample,
+    extension, offset, size), one per (sample, extension); headers: [M] the offset of each member's
+    first tar header; problems: sample -> why it cannot be used (read as a bad file). size,
+    fingerprint: of the shard the table describes (`shard_fingerprint`)."""
 
     keys: list[str]
     extensions: list[str]
     members: np.ndarray
+    headers: np.ndarray
     problems: dict[int, str] = field(default_factory=dict)
     size: int = 0
     fingerprint: str = ""
@@ -128,7 +136,8 @@ def scan_shard(path: Path) -> ShardTable:
     size = path.stat().st_size
     keys: list[str] = []
     extensions: dict[str, int] = {}
-    rows: dict[tuple[int, int], tuple[int, int]] = {}  # (sample, extension) -> (offset, size), in tar order
+    # (sample, extension) -> (offset, size, first header), in tar order
+    rows: dict[tuple[int, int], tuple[int, int, int]] = {}
     problems: dict[int, str] = {}
     first_of_key: dict[str, int] = {}
     grouping = True  # False after a sample made of one over-long name: the next member starts a new sample
@@ -159,7 +168,8 @@ def scan_shard(path: Path) -> ShardTable:
                 sample, column = len(keys) - 1, extensions.setdefault(extension, len(extensions))
                 if (sample, column) in rows:
                     problems[sample] = DUPLICATE_KEY
-                rows[sample, column] = (member.offset_data, member.size) if regular else (0, -1)
+                where = (member.offset_data, member.size, member.offset)
+                rows[sample, column] = where if regular else (0, -1, 0)
                 if not regular:
                     problems.setdefault(
                         sample,
@@ -179,25 +189,18 @@ def scan_shard(path: Path) -> ShardTable:
             f"shard {path} is truncated or corrupt ({str(error)[:200]}); write it again "
             f"(selfflow-shards write --overwrite) or leave it out of data.root"
         ) from None
-    members = np.asarray([(s, e, o, n) for (s, e), (o, n) in rows.items()], dtype=np.int64).reshape(-1, 4)
-    return ShardTable(keys, list(extensions), members, problems, size, shard_fingerprint(LocalFiles(), path, size))
+    members = np.asarray([(s, e, o, n) for (s, e), (o, n, _) in rows.items()], dtype=np.int64)
+    members = members.reshape(-1, 4)  # [M, 4]
+    headers = np.asarray([h for _, _, h in rows.values()], dtype=np.int64)
+    fingerprint = shard_fingerprint(LocalFiles(), path, size)
+    return ShardTable(keys, list(extensions), members, headers, problems, size, fingerprint)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
-    """Write a temporary file next to `path`, then rename it to `path`: readers never see a partial file."""
-    temporary = temporary_path(path)
-    try:
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def temporary_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}.tmp")  # hidden: no <split>-*.tar pattern matches it
+    """`data` as `path`, written to a new temporary file and renamed: readers never see a partial
+    file, and a link planted in a shared shard folder is replaced, never written through
+    (`replace_atomically`)."""
+    write_bytes_atomically(path, data, sync=True)
 
 
 def index_document(table: ShardTable) -> dict:
@@ -210,6 +213,7 @@ def index_document(table: ShardTable) -> dict:
         "keys": table.keys,
         "extensions": table.extensions,
         "members": table.members.reshape(-1).tolist(),
+        "headers": table.headers.tolist(),
         "problems": [[sample, reason] for sample, reason in sorted(table.problems.items())],
     }
 
@@ -311,6 +315,7 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
         raise ValueError("a member's data does not lie on tar blocks inside the shard")
     if len(np.unique(samples * max(len(extensions), 1) + columns)) != len(members):
         raise ValueError("a sample lists one extension twice")
+    headers = _checked_headers(document.get("headers"), members)
     problems = document.get("problems")
     if not isinstance(problems, list) or not all(
         isinstance(p, list)
@@ -324,24 +329,60 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
         raise ValueError(
             f"problems must be a list of [sample, reason] pairs (reasons of at most {MAX_REASON_CHARS} characters)"
         )
-    return ShardTable(
-        keys, extensions, members, {p[0]: p[1] for p in problems}, shard_size, document["sha256_first_last_64k"]
-    )
+    problems = {p[0]: p[1] for p in problems}
+    fingerprint = document["sha256_first_last_64k"]
+    return ShardTable(keys, extensions, members, headers, problems, shard_size, fingerprint)
 
 
-def check_member_header(block: bytes, key: str, extension: str, size: int) -> str | None:
-    """Why the tar header `block` (the 512 bytes before a member's data) does not belong to member `key.extension`
-    of `size` bytes, or None when it does. Names are compared where the header holds them whole (ASCII, under 100
-    characters): longer or non-ASCII names live in extended headers before it."""
+def _checked_headers(flat, members: np.ndarray) -> np.ndarray:
+    """headers [M]: one per member, on tar blocks. Where one does not lie within MAX_HEADER_BYTES
+    before its data, the member's own block alone is checked (`header_start`): a wrong offset only
+    makes the check stricter."""
+    if not isinstance(flat, list) or len(flat) != len(members):
+        raise ValueError("headers must be a list of integers, one per member")
+    if not all(type(v) is int for v in flat):
+        raise ValueError("headers must be a list of integers, one per member")
+    headers = np.asarray(flat, dtype=np.int64).reshape(-1)  # [M]
+    if np.any(headers < 0) or np.any(headers % TAR_BLOCK):
+        raise ValueError("a member's header offset is not on tar blocks")
+    return headers
+
+
+def header_start(header: int, offset: int) -> int:
+    """Where to read a member's tar headers from: its first header's offset when that lies at most
+    MAX_HEADER_BYTES before its data, else its own block right before the data."""
+    return header if TAR_BLOCK <= offset - header <= MAX_HEADER_BYTES else offset - TAR_BLOCK
+
+
+def _member_of_headers(chain: bytes) -> tarfile.TarInfo | None:
+    """The member that the tar headers `chain` describe, as a tar reader sees it (extended headers
+    applied), or None unless they parse and end exactly where its data begins."""
     try:
-        info = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+        with tarfile.open(fileobj=io.BytesIO(chain), mode="r:") as tar:
+            info = tar.firstmember
+    except (tarfile.TarError, EOFError, ValueError, OverflowError):
+        return None
+    return info if info is not None and info.offset_data == len(chain) else None
+
+
+def check_member_header(chain: bytes, key: str, extension: str, size: int) -> str | None:
+    """Why the tar headers `chain` (from a member's first header block up to its data: its own
+    block, after any extended headers that hold a long or non-ASCII name) do not belong to member
+    `key.extension` of `size` bytes, or None when they do. The full name is compared whatever its
+    characters: a name the member's own block holds only mangled is read from the extended headers
+    before it, as every tar reader does."""
+    try:
+        block = tarfile.TarInfo.frombuf(chain[-TAR_BLOCK:], "utf-8", "surrogateescape")
     except tarfile.HeaderError:
         return "no valid tar header precedes it"
-    if not info.isfile() or info.issparse():
+    if not block.isfile() or block.issparse():
         return "its tar header is not a regular file's"
-    name = f"{key}.{extension}"
-    if name.isascii() and len(name) < 100 and sample_key(info.name) != (key, extension):
+    info = block if len(chain) == TAR_BLOCK else _member_of_headers(chain)
+    if info is None and sample_key(block.name) == (key, extension):
+        return "its extended tar headers do not lead to its data"
+    info = info or block
+    if sample_key(info.name) != (key, extension):
         return f"its tar header names {shortened(info.name)!r}"
-    if info.size != size:
+    if info.size != size or not info.isfile():
         return f"its tar header gives {info.size} bytes, not {size}"
     return None

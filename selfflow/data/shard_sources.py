@@ -17,9 +17,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
 
+from selfflow.data.deadline import request_deadline, within_deadline
+
 T = TypeVar("T")
 R = TypeVar("R")
 URL_SCHEME = "s3://"
+STALLED_HINT = (
+    "the endpoint stalls or answers very slowly; check data.dataset.store.endpoint_url and the "
+    "network (data.dataset.store.timeout_s bounds every request)"
+)
 ADDRESSING_STYLES = ("auto", "path", "virtual")
 
 
@@ -77,14 +83,17 @@ def split_url(url: str) -> tuple[str, str]:
 class ObjectStore:
     """Shards in an S3-compatible object store (AWS S3, MinIO, Ceph, R2, ...), read by ranged GETs.
 
-    endpoint_url: e.g. http://127.0.0.1:9000 for a local MinIO; None: botocore's own resolution (AWS_ENDPOINT_URL_S3,
-    AWS_ENDPOINT_URL, the profile's config, else AWS S3). region, profile: None means botocore's resolution
-    (AWS_REGION, AWS_PROFILE, ~/.aws/config; us-east-1 when nothing is set). Credentials are never configured here:
-    botocore reads them from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, the profile or the credentials file;
-    instance_credentials=true also asks the instance-metadata service (on a cloud VM with a role).
-    addressing_style: path for most self-hosted stores. max_connections: parallel requests at start-up (indexes) and
-    the connection pool; retries: attempts per request (botocore's standard retry mode); timeout_s: per connection
-    and read.
+    endpoint_url: e.g. http://127.0.0.1:9000 for a local MinIO; None: botocore's own resolution
+    (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's config, else AWS S3). region, profile:
+    None means botocore's resolution (AWS_REGION, AWS_PROFILE, ~/.aws/config; us-east-1 when nothing
+    is set). Credentials are never configured here: botocore reads them from AWS_ACCESS_KEY_ID /
+    AWS_SECRET_ACCESS_KEY, the profile or the credentials file; instance_credentials=true also asks
+    the instance-metadata service (on a cloud VM with a role). addressing_style: path for most
+    self-hosted stores. max_connections: parallel requests at start-up (indexes) and the connection
+    pool; retries: attempts per request (botocore's standard retry mode); timeout_s: per connection
+    and read, and the deadline of a whole request (`deadline.py`: plus the time its body takes at 1
+    MiB/s), so an endpoint that trickles its answer stops the run with one line instead of stalling
+    it.
 
     A client is made lazily in each process (DataLoader workers get their own: a client must not cross a fork).
     """
@@ -160,8 +169,15 @@ class ObjectStore:
         from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
         bucket = split_url(url)[0]
+        client = self.client()
         try:
-            return getattr(self.client(), operation)(Bucket=bucket, **arguments)
+            return within_deadline(
+                lambda opened: getattr(client, operation)(Bucket=bucket, **arguments),
+                request_deadline(self.timeout_s),
+                f"{operation} {url}",
+            )
+        except TimeoutError as error:
+            raise ObjectStoreError(f"{error} at {self.where()}; {STALLED_HINT}") from None
         except ClientError as error:
             code = str(error.response.get("Error", {}).get("Code", ""))
             if code in ("NoSuchKey", "404", "NotFound"):
@@ -205,9 +221,9 @@ class ObjectStore:
                 return b""
             length = min(size, int(response.get("ContentLength", size)))  # allocate what was asked for at most
             try:
-                with response["Body"] as body:
-                    return body.read(length)
-            except (BotoCoreError, OSError) as error:
+                seconds = request_deadline(self.timeout_s, length)
+                return read_body(response["Body"], length, seconds, location)
+            except (BotoCoreError, OSError) as error:  # a TimeoutError of the deadline too
                 if attempt >= self.retries:
                     raise ObjectStoreError(
                         f"reading {location} from {self.where()} broke off {attempt} times "
@@ -242,6 +258,18 @@ class ObjectStore:
         if self._threads is None:
             self._threads = ThreadPoolExecutor(self.max_connections, thread_name_prefix="selfflow-store")
         return list(self._threads.map(function, items))
+
+
+def read_body(body, length: int, seconds: float, location: str) -> bytes:
+    """Up to `length` bytes of a response `body` (file-like with read and close), within `seconds`
+    in all: a body that trickles in is given up (TimeoutError) instead of holding the run."""
+
+    def read(opened: list) -> bytes:
+        opened.append(body)
+        with body:
+            return body.read(length)
+
+    return within_deadline(read, seconds, f"GET {location}")
 
 
 def source_for(locations: Iterable, store: ObjectStore | None) -> ByteSource:

@@ -33,12 +33,12 @@ from selfflow.data.shard_index import (
     TAR_BLOCK,
     index_location,
     scan_shard,
-    temporary_path,
     write_atomically,
     write_index,
 )
 from selfflow.data.shards import CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, MAX_CAPTION_BYTES, MAX_MEMBER_BYTES
 from selfflow.data.video_io import MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.io.safe_files import create_temporary, finish_temporary
 
 log = logging.getLogger("selfflow.data")
 
@@ -65,6 +65,7 @@ class ShardWriter:
         self.written: list[Path] = []
         self.total_bytes = 0
         self._file = self._tar = None
+        self._temporary: Path | None = None  # the shard being written, under a temporary name
         self._bytes = self._samples = 0
 
     def _path(self) -> Path:
@@ -76,7 +77,7 @@ class ShardWriter:
             self._finish_shard()
         if self._tar is None:
             # both stay open until the shard is full (closed by _finish_shard)
-            self._file = open(temporary_path(self._path()), "wb")  # noqa: SIM115
+            self._file, self._temporary = create_temporary(self._path())
             self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115
         for extension, data in members.items():
             info = tarfile.TarInfo(f"{key}.{extension}")  # mtime 0, no owner: the same files give the same shard
@@ -89,10 +90,10 @@ class ShardWriter:
         path = self._path()
         self._tar.close()
         self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        table = scan_shard(temporary_path(path))  # the index describes exactly the bytes written
-        os.replace(temporary_path(path), path)
+        table = scan_shard(self._temporary)  # the index describes exactly the bytes written
+        # a link planted under the shard's name is replaced, not followed
+        finish_temporary(self._file, self._temporary, path, sync=True)
+        self._temporary = None
         write_index(path, table)
         self.written.append(path)
         self.total_bytes += path.stat().st_size
@@ -108,8 +109,13 @@ class ShardWriter:
         """Drop the shard being written (after an error): no partial shard is left behind."""
         if self._file is not None:
             self._file.close()
-            temporary_path(self._path()).unlink(missing_ok=True)
             self._file = self._tar = None
+        self._drop_temporary()
+
+    def _drop_temporary(self) -> None:
+        if self._temporary is not None:
+            self._temporary.unlink(missing_ok=True)
+            self._temporary = None
 
 
 def check_decoder(modality: str, max_pixels: int | None = None) -> Callable[[bytes], None]:

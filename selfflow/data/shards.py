@@ -43,9 +43,9 @@ from selfflow.data.shard_index import (
     OFFSET,
     SAMPLE,
     SIZE,
-    TAR_BLOCK,
     ShardTable,
     check_member_header,
+    header_start,
     index_location,
     read_index,
     scan_shard,
@@ -54,6 +54,7 @@ from selfflow.data.shard_index import (
 from selfflow.data.shard_sources import ByteSource, ObjectStore, ObjectStoreError, child, is_url, parent, source_for
 from selfflow.data.video_folder import check_clip_options
 from selfflow.data.video_io import MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.io.safe_files import resolve_inside
 
 log = logging.getLogger("selfflow.data")
 
@@ -122,6 +123,16 @@ def _root_names(root: str | os.PathLike | Sequence, split: str) -> list[str]:
     return [name for item in items for name in expand_braces(os.fspath(item).replace("{split}", split))]
 
 
+def _members_inside(folder: Path, shards: list[Path]) -> list[Path]:
+    """`shards` of a local folder, each with its index and the folder's classes.json resolving
+    inside the folder (`resolve_inside`): a member that is a link to a file elsewhere is refused,
+    never read as data."""
+    for name in [CLASSES_FILE] + [n for s in shards for n in (s.name, index_location(s).name)]:
+        if os.path.lexists(folder / name):
+            resolve_inside(folder, name)
+    return shards
+
+
 def resolve_shards(root: str | os.PathLike | Sequence, split: str, store: ObjectStore | None = None) -> list:
     """The shard files of one split: `root` is a folder (its `<split>-*.tar`, `val-*.tar` for test when there is
     no `test-*.tar`), a tar file, a brace pattern, or a list of those. `{split}` in a path is the split's name.
@@ -136,7 +147,7 @@ def resolve_shards(root: str | os.PathLike | Sequence, split: str, store: Object
             continue
         path = Path(name).expanduser()
         if path.is_dir():
-            shards += _split_files(source, path, split)
+            shards += _members_inside(path, _split_files(source, path, split))
         elif path.is_file():
             shards.append(path)
         else:
@@ -201,15 +212,17 @@ class PackedStrings:
 
 
 def member_columns(table: ShardTable, extensions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Per sample of `table`, which of `extensions` it has first (in tar order) and that member's (offset, size):
-    choice: [S] index into `extensions`, -1 for none; members: [S, 2], size -1 for none."""
+    """Per sample of `table`, which of `extensions` it has first (in tar order) and that member's
+    (offset, size, first header offset): choice: [S] index into `extensions`, -1 for none; members:
+    [S, 3], size -1 for none."""
     rank = np.array([extensions.index(e) if e in extensions else -1 for e in table.extensions] + [-1])  # [E + 1]
-    rows = table.members[rank[table.members[:, EXTENSION]] >= 0]  # [R, 4]: members of one of `extensions`
+    chosen = rank[table.members[:, EXTENSION]] >= 0  # [M]: members of one of `extensions`
+    rows = np.hstack([table.members, table.headers[:, None]])[chosen]  # [R, 5]: row, first header
     first = np.unique(rows[:, SAMPLE], return_index=True)[1]  # first row of each sample that has one
     choice = np.full(len(table.keys), -1, dtype=np.int64)
-    members = np.tile(np.array([0, -1], dtype=np.int64), (len(table.keys), 1))
+    members = np.tile(np.array([0, -1, 0], dtype=np.int64), (len(table.keys), 1))
     choice[rows[first, SAMPLE]] = rank[rows[first, EXTENSION]]
-    members[rows[first, SAMPLE]] = rows[first][:, [OFFSET, SIZE]]
+    members[rows[first, SAMPLE]] = rows[first][:, [OFFSET, SIZE, 4]]
     return choice, members
 
 
@@ -282,9 +295,10 @@ class ShardDataset(Dataset):
             )
         self.keys = PackedStrings(keys)  # [N]
         self.data_ext = np.concatenate(data_ext).astype(np.int8)  # [N] index into data_extensions; -1: none
-        self.data_members = np.concatenate(data)  # [N, 3]: shard, offset, size; size -1: no data
-        self.label_members = np.concatenate(labels)  # [N, 3]; size -1: no label
-        self.caption_members = np.concatenate(captions)  # [N, 3]; size -1: no caption
+        # [N, 4]: shard, offset, size, first header; size -1: no data
+        self.data_members = np.concatenate(data)
+        self.label_members = np.concatenate(labels)  # [N, 4]; size -1: no label
+        self.caption_members = np.concatenate(captions)  # [N, 4]; size -1: no caption
         self.class_names = names if names is not None else self._class_names_from_labels()
         self.check_readable()
 
@@ -328,15 +342,18 @@ class ShardDataset(Dataset):
         return name if self.data_ext[i] < 0 else f"{name}.{self.data_extensions[self.data_ext[i]]}"
 
     def _read(self, i: int, wanted: list[tuple[np.ndarray, int, str, str]]) -> list[bytes]:
-        """The bytes of members of sample `i`, each given as (member [3], limit, what, extension): refused when
-        larger than `limit` (a member is read whole), checked against its own tar header, all in one read when they
-        lie close together (one request to an object store)."""
-        spans = []
+        """The bytes of members of sample `i`, each given as (member [4], limit, what, extension):
+        refused when larger than `limit` (a member is read whole), checked against its own tar
+        headers (its full name too), all in one read when they lie close together (one request to an
+        object store)."""
+        spans, headers = [], []
         for member, limit, what, _ in wanted:
-            shard, offset, size = (int(v) for v in member)
+            shard, offset, size, header = (int(v) for v in member)
             if size > limit:
                 raise UnusableSample(f"its {what} member has {size} bytes, more than {limit}")
-            spans.append((offset - TAR_BLOCK, offset + size))  # the member's header block and its data
+            header = header_start(header, offset)
+            spans.append((header, offset + size))  # the member's header blocks and its data
+            headers.append(offset - header)
         location = self.shards[shard]
         start, end = min(s for s, _ in spans), max(e for _, e in spans)
         if end - start <= sum(e - s for s, e in spans) + COALESCE_BYTES:
@@ -344,16 +361,16 @@ class ShardDataset(Dataset):
             pieces = [block[s - start : e - start] for s, e in spans]
         else:
             pieces = [self.source.read(location, s, e - s) for s, e in spans]
-        for piece, (s, e), (_, _, what, extension) in zip(pieces, spans, wanted):
+        for piece, (s, e), length, (_, _, what, extension) in zip(pieces, spans, headers, wanted):
             if len(piece) != e - s:
                 raise UnusableSample(f"shard {location} is shorter than at start-up (changed while in use?)")
-            problem = check_member_header(piece[:TAR_BLOCK], self.keys[i], extension, e - s - TAR_BLOCK)
+            problem = check_member_header(piece[:length], self.keys[i], extension, e - s - length)
             if problem is not None:
                 raise UnusableSample(
                     f"its {what} member does not match the shard's index: {problem} (the shard "
                     f"changed after it was indexed or scanned?); {INDEX_HINT}"
                 )
-        return [piece[TAR_BLOCK:] for piece in pieces]
+        return [piece[length:] for piece, length in zip(pieces, headers)]
 
     def _label_member(self, i: int) -> tuple[np.ndarray, int, str, str]:
         return self.label_members[i], MAX_LABEL_BYTES, f".{LABEL_EXTENSION}", LABEL_EXTENSION

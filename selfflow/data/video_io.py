@@ -15,6 +15,7 @@ from einops import rearrange
 from torch import Tensor
 
 from selfflow.data.bad_files import UnusableSample
+from selfflow.io.safe_files import replace_atomically
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 VIDEO_BACKENDS = ("auto", "decord", "pyav")
@@ -258,7 +259,7 @@ def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, crf: int 
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with replace_atomically(path) as file, av.open(file, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": str(crf)})
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"

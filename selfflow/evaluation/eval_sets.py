@@ -18,6 +18,7 @@ from selfflow.data.npz_arrays import iter_rows, npz_header, npz_keys, read_small
 from selfflow.evaluation.image_batches import IMAGES_KEY, MAX_IMAGES, ImageSource, folder_images, npz_images
 from selfflow.evaluation.inception import POOL_DIM, SPATIAL_DIM, InceptionExtractor, InceptionFeatures
 from selfflow.evaluation.standard_metrics import EvalSet, GaussianStats
+from selfflow.io.safe_files import replace_atomically
 
 POOL_STATS_KEYS, SPATIAL_STATS_KEYS = ("mu", "sigma"), ("mu_s", "sigma_s")
 SHAPES = {
@@ -44,9 +45,26 @@ def extract_features(
 
 
 def _stored_stats(path: Path, keys: set[str], names: tuple[str, str]) -> GaussianStats | None:
+    """Stored (mean, covariance), refused unless finite with a symmetric covariance of non-negative
+    variances: broken statistics would give a NaN FID (no JSON) or a negative sFID instead of an
+    error."""
     if not set(names) <= keys:
         return None
-    return GaussianStats(*(read_small_array(path, name, SHAPES[name]) for name in names))
+    mean, cov = (read_small_array(path, name, SHAPES[name]) for name in names)
+    problem = (
+        "holds NaN or infinite values"
+        if not (np.isfinite(mean).all() and np.isfinite(cov).all())
+        else "is not a covariance (not symmetric, or a negative variance)"
+        if not np.allclose(cov, cov.T, rtol=1e-5, atol=1e-8) or (np.diag(cov) < 0).any()
+        else None
+    )
+    if problem is not None:
+        raise ValueError(
+            f"{path}[{names[0]}, {names[1]}] {problem}: no distance can be computed from these "
+            f"statistics; compute them again (selfflow-eval ref=IMAGE_FOLDER writes them) or use "
+            f"another reference"
+        )
+    return GaussianStats(mean, cov)
 
 
 def _stored_pool_features(path: Path, keys: set[str]) -> torch.Tensor | None:
@@ -136,8 +154,6 @@ def write_stats(eval_set: EvalSet, path: str | os.PathLike) -> Path:
     if eval_set.pool is not None:
         arrays[POOL_FEATURES_KEY] = eval_set.pool.numpy()
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(partial, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(partial, path)
+    with replace_atomically(path) as file:
+        np.savez(file, **arrays)
     return path

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from selfflow.data.collate import collate_samples
 from selfflow.flow.path import interpolate
+from selfflow.io.safe_files import replace_atomically
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import default_layers
 from selfflow.tokenizers.base import Tokenizer
@@ -311,17 +312,14 @@ class FeatureCache:
         """
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".tmp")
-        torch.save(
-            {
-                "key": json.dumps(key, sort_keys=True, default=str),
-                "x": features.x,
-                "labels": features.labels,
-                "valid": features.valid,
-            },
-            partial,
-        )
-        os.replace(partial, path)  # readers never see half a file
+        stored = {
+            "key": json.dumps(key, sort_keys=True, default=str),
+            "x": features.x,
+            "labels": features.labels,
+            "valid": features.valid,
+        }
+        with replace_atomically(path) as file:  # readers never see half a file
+            torch.save(stored, file)
         return path
 
 

@@ -3,7 +3,6 @@ with the two baselines, written as probe.json. `selfflow-probe` builds the input
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ from selfflow.data.cache import file_digest
 from selfflow.evaluation.features import FeatureCache, default_probe_layers
 from selfflow.evaluation.probe import FeatureSources, HeadOptions, modality_sources, probe_representations, report
 from selfflow.interop.checkpoint import LoadedCheckpoint
+from selfflow.io.safe_files import write_json_atomically
 
 IGNORED_DATA_KEYS = ("batch_size", "num_workers", "pin_memory")  # loader settings: the features do not depend on them
 
@@ -68,7 +68,7 @@ def probe_checkpoint(
         path = (out_dir if len(chosen) == 1 else out_dir / name) / "probe.json"
         document = probe_data_module(loaded, data_config, datamodule, options)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(document, indent=2) + "\n")
+        write_json_atomically(path, document)
         results[name] = (path, document)
     return results
 

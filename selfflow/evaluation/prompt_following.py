@@ -5,10 +5,11 @@ answer is the prompt's class. `selfflow-prompt-following` runs it from the comma
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
+
+from selfflow.io.safe_files import write_json_atomically
 
 # per modality: phrasings among the built-in captions' templates, and phrasings never in the training captions
 SEEN_TEMPLATES = {
@@ -113,7 +114,7 @@ def write_report(out: Path, report: dict, samples: torch.Tensor, classifier, per
     from selfflow.sampling.modalities import modality_io
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "prompt_following.json").write_text(json.dumps(report, indent=2))
+    write_json_atomically(out / "prompt_following.json", report)
     prompts = [row["prompt"] for row in report["prompts"]]
     io = modality_io(classifier.modality)
     shown = samples if not io.playable else samples.view(len(prompts), per_prompt, *samples.shape[1:])[:, 0]

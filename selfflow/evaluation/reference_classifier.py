@@ -22,6 +22,8 @@ from einops import rearrange, reduce
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from selfflow.io.safe_files import replace_atomically, write_json_atomically
+
 WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 
@@ -219,12 +221,14 @@ class ReferenceCNN(nn.Module):
 
     def save(self, folder: str | os.PathLike, **info: Any) -> Path:
         """`folder/model.safetensors` + `folder/config.json` (the architecture plus any `info`)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous().cpu() for k, v in self.state_dict().items()}, str(folder / WEIGHTS_FILE))
-        (folder / CONFIG_FILE).write_text(json.dumps({**self.config(), **info}, indent=2))
+        state = {k: v.contiguous().cpu() for k, v in self.state_dict().items()}
+        with replace_atomically(folder / WEIGHTS_FILE) as file:
+            file.write(save(state))
+        write_json_atomically(folder / CONFIG_FILE, {**self.config(), **info})
         return folder
 
 

@@ -20,6 +20,7 @@ from selfflow.interop.checkpoint import (
     load_checkpoint,
     model_from_state,
 )
+from selfflow.io.safe_files import replace_atomically, write_json_atomically
 from selfflow.safe_config import first_line, stored_config
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
@@ -38,13 +39,11 @@ def check_export_target(folder: Path, overwrite: bool) -> None:
 
 
 def replace_file(path: Path, write) -> None:
-    """write(temporary path), then rename it over `path`: a failed export never leaves half a file by that name."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(temp)
-        os.replace(temp, path)
-    finally:
-        temp.unlink(missing_ok=True)
+    """write(temporary file), then rename it over `path`: a failed export never leaves half a file
+    by that name, and a link planted under the name is replaced, never written through
+    (`replace_atomically`)."""
+    with replace_atomically(path, sync=True) as file:
+        write(file)
 
 
 def export_weights(
@@ -53,7 +52,7 @@ def export_weights(
     """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the
     weights' sha256) as `folder/config.json`; load it back with `load_checkpoint(folder)`. vae: as
     `load_checkpoint`'s."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     folder = Path(folder).expanduser()
     check_export_target(folder, overwrite)
@@ -61,9 +60,8 @@ def export_weights(
     folder.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().contiguous() for k, v in loaded.model.state_dict().items()}
     weights = folder / EXPORT_WEIGHTS
-    replace_file(
-        weights, lambda temp: save_file(state, str(temp), metadata={"weights": "ema", "step": str(loaded.step)})
-    )
+    metadata = {"weights": "ema", "step": str(loaded.step)}
+    replace_file(weights, lambda file: file.write(save(state, metadata=metadata)))
     meta = {
         "selfflow_format": CHECKPOINT_FORMAT,
         "step": loaded.step,
@@ -71,7 +69,7 @@ def export_weights(
         "weights_sha256": file_digest(weights),
         "config": OmegaConf.to_container(loaded.config, resolve=True),
     }
-    replace_file(folder / EXPORT_CONFIG, lambda temp: temp.write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json_atomically(folder / EXPORT_CONFIG, meta, sync=True)
     return folder
 
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from selfflow.data.file_sizes import bounded_size
 from selfflow.interop.state_check import check_state_fits
+from selfflow.io.safe_files import replace_atomically
 from selfflow.models.distinct_levels import distinct_levels
 from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer
@@ -426,7 +427,8 @@ def export_official(
     )
     out = Path(out).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(state, out)
+    with replace_atomically(out) as file:
+        torch.save(state, file)
     return out
 
 

@@ -7,10 +7,17 @@ started again with the same settings samples only the chunks not on disk yet, wh
 
 `out_dir/job.json` records the settings that decide the samples (weights, sampler, seed, ...), written before the
 first chunk: a job with other settings into the same out_dir is refused instead of mixing samples.
+
+A chunk is bound to the job that wrote it: it carries the SHA-256 of the job's settings (`job`) and
+of its own content (`digest`: the job digest, indices, labels and samples). A chunk of another job
+is sampled again, and one whose content digest is broken (edited, or planted in `parts/` by hand) is
+refused when the samples are merged. A chunk is written to a new temporary file and renamed into
+`parts/` (`replace_atomically`), never through a planted link.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,10 +29,13 @@ import torch
 
 from selfflow.data.latent_cache import write_json
 from selfflow.data.npz_arrays import ArrayHeader, npz_header, npz_keys
+from selfflow.io.safe_files import TEMPORARY_SUFFIX, replace_atomically, resolve_inside
 
 JOB_FILE = "job.json"
 PARTS = "parts"
 MEMBERS = ("indices", "labels", "samples")
+BINDING = ("job", "digest")  # the job's settings digest and the chunk's content digest, hex strings
+DIGEST_CHARS = 64
 MAX_JOB_FILE_BYTES = 1 << 20
 
 
@@ -34,6 +44,20 @@ def chunk_ranges(num_samples: int, chunk_size: int) -> list[range]:
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
     return [range(start, min(start + chunk_size, num_samples)) for start in range(0, num_samples, chunk_size)]
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """SHA-256 of the settings as canonical JSON (sorted keys): the identity of a job's samples."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def content_digest(job: str, indices: np.ndarray, labels: np.ndarray, samples: np.ndarray) -> str:
+    """SHA-256 of a chunk's job digest and arrays (their dtypes, shapes and bytes)."""
+    digest = hashlib.sha256(job.encode())
+    for array in (indices, labels, samples):
+        digest.update(f"{array.dtype.str}{list(array.shape)}".encode())
+        digest.update(np.ascontiguousarray(array).data)
+    return digest.hexdigest()
 
 
 def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
@@ -50,6 +74,7 @@ class ChunkStore:
         self.out_dir = Path(out_dir)
         self.parts = self.out_dir / PARTS
         self.ranges = chunk_ranges(num_samples, chunk_size)
+        self.job_digest = settings_digest({})  # set by check_settings
 
     def path(self, chunk: int) -> Path:
         return self.parts / f"chunk_{chunk:06d}.npz"
@@ -72,6 +97,7 @@ class ChunkStore:
     def check_settings(self, settings: dict[str, Any]) -> bool:
         """Whether job.json is to be written (none yet); other settings on disk are refused in one line."""
         settings = json.loads(json.dumps(settings))  # as read back: lists, not tuples
+        self.job_digest = settings_digest(settings)
         stored = self.read_settings()
         if stored is None:
             if any(self.parts.glob("chunk_*.npz")):
@@ -94,16 +120,29 @@ class ChunkStore:
         write_json(self.out_dir / JOB_FILE, {"settings": settings, **about})
 
     def is_complete(self, chunk: int) -> bool:
-        """The chunk's file is there with all its members and the right number of rows (read from headers only)."""
+        """The chunk's file is there with all its members, the right number of rows and this job's
+        digest (read from headers and the small `job` member only)."""
         path = self.path(chunk)
         if not path.is_file():
             return False
         try:
-            if not set(MEMBERS) <= npz_keys(path):
+            if not set(MEMBERS + BINDING) <= npz_keys(path):
                 return False
-            return all(npz_header(path, key).shape[:1] == (len(self.ranges[chunk]),) for key in MEMBERS)
-        except (ValueError, KeyError):
+            count = (len(self.ranges[chunk]),)
+            rows = all(npz_header(path, key).shape[:1] == count for key in MEMBERS)
+            return rows and self._binding(path, "job") == self.job_digest
+        except (ValueError, KeyError, OSError):
             return False
+
+    @staticmethod
+    def _binding(path: Path, key: str) -> str:
+        """The `job` or `digest` member of a chunk: a hex string, its header checked before it is
+        read."""
+        header = npz_header(path, key)
+        if header.shape != () or header.dtype != np.dtype(f"<U{DIGEST_CHARS}"):
+            raise ValueError(f"{path}[{key}] is {header.dtype} {list(header.shape)}, not a digest")
+        with np.load(path, allow_pickle=False) as members:
+            return str(members[key])
 
     def missing(self) -> list[int]:
         return [k for k in range(len(self.ranges)) if not self.is_complete(k)]
@@ -118,12 +157,11 @@ class ChunkStore:
             )
         self.parts.mkdir(parents=True, exist_ok=True)
         path = self.path(chunk)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(temporary, "wb") as f:
-            np.savez(f, indices=indices, labels=labels.cpu().numpy().astype(np.int64), samples=samples)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
+        labels = labels.cpu().numpy().astype(np.int64)
+        digest = content_digest(self.job_digest, indices, labels, samples)
+        with replace_atomically(path, sync=True) as f:
+            arrays = {"indices": indices, "labels": labels, "samples": samples}
+            np.savez(f, **arrays, job=self.job_digest, digest=digest)
         return path
 
     def sample_header(self, chunk: int) -> ArrayHeader:
@@ -145,8 +183,17 @@ class ChunkStore:
                     f"{path}[{key}] is {header.dtype} {list(header.shape)}; this job's is {wanted} "
                     f"{list(shape)}: delete the file and run the job again to resample it"
                 )
+        resolve_inside(self.parts, path.name)  # a link to a file elsewhere is no chunk of this job
         with np.load(path, allow_pickle=False) as members:
             indices, labels, samples = (members[key] for key in MEMBERS)
+        content = content_digest(self.job_digest, indices, labels, samples)
+        bound = (self._binding(path, "job"), self._binding(path, "digest"))
+        if bound != (self.job_digest, content):
+            raise ValueError(
+                f"{path} was not written by this sampling job (its job or content digest "
+                f"differs: another job's chunk, edited or planted); delete it and run the job "
+                f"again to resample it"
+            )
         if indices.tolist() != list(self.ranges[chunk]):
             raise ValueError(
                 f"{path} holds other sample indices than chunk {chunk}'s: delete it and run the job "
@@ -156,7 +203,7 @@ class ChunkStore:
 
     def remove_temporary(self) -> None:
         """Half-written chunks of killed processes (`.chunk_*.tmp`)."""
-        for path in self.parts.glob(".chunk_*.npz.*.tmp"):
+        for path in self.parts.glob(f".chunk_*.npz.*{TEMPORARY_SUFFIX}"):
             path.unlink(missing_ok=True)
 
     def remove(self) -> None:

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from selfflow.data.audio_io import write_wav
 from selfflow.data.video_io import write_mp4
-from selfflow.sampling.writers import image_grid, to_uint8
+from selfflow.io.safe_files import replace_atomically
+from selfflow.sampling.writers import image_format, image_grid, to_uint8
 from selfflow.tokenizers.audio import limit_peak
 
 SPECTROGRAM_DB = (-80.0, 0.0)  # every panel's colour range in dBFS (0 dB: a full-scale sine), fixed so panels compare
@@ -36,7 +37,10 @@ def save_frame_strip(frames: Tensor, path: str | os.PathLike, upscale: int = 1) 
     clips = frames[None] if frames.ndim == 4 else frames
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(rearrange(clips, "b t c h w -> (b t) c h w"), nrow=clips.shape[1], upscale=upscale).save(path)
+    with replace_atomically(path) as file:
+        frames = rearrange(clips, "b t c h w -> (b t) c h w")
+        grid = image_grid(frames, nrow=clips.shape[1], upscale=upscale)
+        grid.save(file, format=image_format(path))
     return path
 
 
@@ -91,5 +95,6 @@ def save_spectrogram(wave: Tensor, path: str | os.PathLike, sample_rate: int, ti
             axes.set_title(titles[i], fontsize=8)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    with replace_atomically(path) as file:
+        figure.savefig(file, format=path.suffix.lstrip(".") or "png")
     return path

@@ -14,6 +14,8 @@ from einops import rearrange
 from PIL import Image
 from torch import Tensor
 
+from selfflow.io.safe_files import replace_atomically
+
 
 def quantize(samples: Tensor) -> Tensor:
     """Samples in [0, 1] (images [B, C, H, W], any layout) -> uint8 0..255, rounded: what every image file holds."""
@@ -49,10 +51,16 @@ def image_grid(images: Tensor, nrow: int | None = None, upscale: int = 1, pad: i
     return grid
 
 
+def image_format(path: Path) -> str:
+    """PIL's format name for a file name's extension (`grid.png` -> PNG)."""
+    return Image.registered_extensions().get(path.suffix.lower(), "PNG")
+
+
 def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, nrow, upscale).save(path)
+    with replace_atomically(path) as file:
+        image_grid(images, nrow, upscale).save(file, format=image_format(path))
     return path
 
 
@@ -65,7 +73,8 @@ def save_image_files(images: Tensor, folder: str | os.PathLike, names: list[str]
         image = Image.fromarray(pixels)
         if upscale > 1:
             image = image.resize((image.width * upscale, image.height * upscale), Image.NEAREST)
-        image.save(folder / f"{name}.png")
+        with replace_atomically(folder / f"{name}.png") as file:
+            image.save(file, format="PNG")
         paths.append(folder / f"{name}.png")
     return paths
 
@@ -77,16 +86,19 @@ def write_npz_streamed(
     dtype: np.dtype,
     small: dict[str, np.ndarray],
 ) -> Path:
-    """An .npz whose `arr_0` (of `shape`) is written block by block from `blocks` (row blocks in order), then the
-    `small` arrays: what `np.savez(path, arr_0=..., **small)` writes (uncompressed zip of .npy members, zip64), with
-    one block in memory at a time instead of the whole array (50,000 ImageNet samples are 9.8 GB). Written under a
-    temporary name and renamed."""
+    """An .npz whose `arr_0` (of `shape`) is written block by block from `blocks` (row blocks in
+    order), then the `small` arrays: what `np.savez(path, arr_0=..., **small)` writes (uncompressed
+    zip of .npy members, zip64), with one block in memory at a time instead of the whole array
+    (50,000 ImageNet samples are 9.8 GB). Written to a new temporary file and renamed
+    (`replace_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
     rows = 0
-    with zipfile.ZipFile(temporary, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    with (
+        replace_atomically(path) as file,
+        zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive,
+    ):
         with archive.open("arr_0.npy", "w", force_zip64=True) as member:
             np.lib.format.write_array_header_1_0(member, header)
             for block in blocks:
@@ -101,5 +113,4 @@ def write_npz_streamed(
         for key, array in small.items():
             with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
                 np.lib.format.write_array(member, np.asanyarray(array), allow_pickle=False)
-    os.replace(temporary, path)
     return path

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from selfflow.io.safe_files import replace_atomically
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import TEXT, TextTokens
 
@@ -124,9 +125,8 @@ class TextFeatureCache:
         self._remember(key, (tokens, pooled))
         if self.folder is not None:
             self.folder.mkdir(parents=True, exist_ok=True)
-            temporary = self.folder / f"{key}.pt.{os.getpid()}.tmp"
-            torch.save({"tokens": tokens, "pooled": pooled}, temporary)
-            os.replace(temporary, self.folder / f"{key}.pt")
+            with replace_atomically(self.folder / f"{key}.pt") as file:
+                torch.save({"tokens": tokens, "pooled": pooled}, file)
 
     def _remember(self, key: str, value: tuple[Tensor, Tensor]) -> None:
         if len(self.memory) < self.max_items:

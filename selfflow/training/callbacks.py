@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from selfflow.io.safe_files import replace_atomically
 from selfflow.sampling.generate import generate
 from selfflow.sampling.modalities import modality_io
 from selfflow.sampling.prompted import prompted_condition
@@ -168,7 +169,8 @@ class SampleGrid(L.Callback):
         for path in paths:
             copy = path.with_stem(new_name) if path.stem == name else path.parent.with_name(new_name) / path.name
             copy.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(path, copy)
+            with open(path, "rb") as source, replace_atomically(copy) as file:
+                shutil.copyfileobj(source, file)
             copies.append(copy)
         self.written += copies
         return copies

@@ -1,8 +1,8 @@
 """Crash-safe checkpoint files: written beside the target, synced, then renamed into place; loaded safely.
 
-A kill or a full disk during a save leaves at most a `*.tmp` file behind; the previous checkpoint of that name
-is never truncated. Loading goes through `read_checkpoint` (weights_only=True): nothing is unpickled that could
-run code.
+A kill or a full disk during a save leaves at most a `.<name>.*.tmp` folder behind; the previous
+checkpoint of that name is never truncated. Loading goes through `read_checkpoint`
+(weights_only=True): nothing is unpickled that could run code.
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from selfflow.interop.checkpoint import read_checkpoint
-
-TEMP_SUFFIX = ".tmp"
+from selfflow.io.safe_files import replace_atomically
 
 
 class CheckpointWriteError(OSError):
@@ -40,18 +39,15 @@ def write_failure_line(error: BaseException) -> str:
 
 
 def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
-    """torch.save to `<path>.<pid>.tmp`, fsync, rename over `path`, fsync the folder."""
+    """torch.save into a temporary file created exclusively beside `path`, fsync, rename over
+    `path`, fsync the folder (`replace_atomically`: a link planted under the checkpoint's name is
+    replaced, never written through)."""
     path = Path(path)
-    temp = path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(temp, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, path)
+        with replace_atomically(path, sync=True) as file:
+            torch.save(checkpoint, file)
     except (OSError, RuntimeError) as error:
-        temp.unlink(missing_ok=True)
         if isinstance(error, OSError):
             cause = error.strerror or str(error)
         elif is_write_failure(error):
@@ -62,17 +58,6 @@ def atomic_save(checkpoint: dict[str, Any], path: str | os.PathLike) -> None:
             f"cannot write checkpoint {path}: {cause}; the checkpoints written before are "
             f"intact. Free space in {path.parent} (or fix its permissions) and resume with resume=auto"
         ) from error
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    try:
-        folder = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(folder)
-        finally:
-            os.close(folder)
-    except OSError:  # some filesystems cannot sync a directory; the rename itself is done
-        pass
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

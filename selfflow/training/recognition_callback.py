@@ -4,13 +4,13 @@ grids' sampler) that local reference classifiers recognise as their class, print
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import lightning as L
 
 from selfflow.evaluation.recognition import format_recognition, measure_recognition
+from selfflow.io.safe_files import write_json_atomically
 from selfflow.training.distributed import callback_forward_context, sharded_over_ranks
 
 log = logging.getLogger("selfflow")
@@ -60,5 +60,5 @@ class Recognition(L.Callback):
         if not self.report:
             return
         path = Path(trainer.default_root_dir) / REPORT_FILE
-        path.write_text(json.dumps(self.report, indent=2))
+        write_json_atomically(path, self.report)
         print(f"selfflow: samples recognised by the reference classifiers ({path}):\n{format_recognition(self.report)}")

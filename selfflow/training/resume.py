@@ -80,6 +80,21 @@ def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, resume: st
     return str(found[0])
 
 
+def check_folder_of_this_run(run_dir: str | os.PathLike, ckpt_path: str | None) -> None:
+    """A run folder belongs to one run: a run that does not continue from a checkpoint of the folder
+    itself is refused when the folder already holds checkpoints (its own would land beside them as
+    last-v1.ckpt, and a later resume=auto would find the other run's)."""
+    folder = Path(run_dir) / "checkpoints"
+    existing = sorted(folder.glob("*.ckpt")) if folder.is_dir() else []
+    if not existing or (ckpt_path and Path(ckpt_path).resolve().parent == folder.resolve()):
+        return
+    raise ValueError(
+        f"run folder {run_dir} already holds the checkpoints of a run ({existing[0].name}, "
+        f"...); start this run in a new folder (hydra.run.dir=...), or continue that run with "
+        f"resume=auto"
+    )
+
+
 def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
     """{dotted key: value} of a config's leaves (a list is one leaf)."""
     if not isinstance(node, Mapping):

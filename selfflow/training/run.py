@@ -12,7 +12,12 @@ from omegaconf import DictConfig
 from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.build import Run, build_run, run_config
 from selfflow.training.console import keep_library_banners_off_the_console
-from selfflow.training.resume import check_same_run, keep_metric_history, resolve_resume
+from selfflow.training.resume import (
+    check_folder_of_this_run,
+    check_same_run,
+    keep_metric_history,
+    resolve_resume,
+)
 from selfflow.training.run_folder import run_folder_lock
 from selfflow.training.validate import validate_config
 
@@ -38,6 +43,7 @@ def train(cfg: DictConfig) -> Run:
     validate_config(cfg)
     with run_folder_lock(cfg.run_dir):
         ckpt_path = resolve_resume(cfg.run_dir, cfg.get("ckpt_path"), cfg.get("resume"))
+        check_folder_of_this_run(cfg.run_dir, ckpt_path)
         resumed = read_checkpoint(ckpt_path, mmap=True) if ckpt_path else None  # refused here if unsafe or corrupt
         if resumed is not None and cfg.get("resume") == "auto" and not cfg.get("resume_allow_changes"):
             check_same_run(resumed["selfflow_config"], run_config(cfg), ckpt_path)

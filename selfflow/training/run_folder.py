@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from selfflow.io.safe_files import UnsafeFileError, open_no_follow
+
 log = logging.getLogger("selfflow")
 
 LOCK_NAME = ".lock"
@@ -60,6 +62,29 @@ def check_writable(folder: Path) -> None:
         )
 
 
+def check_no_planted_links(folder: Path, depth: int = 2, most: int = 100_000) -> None:
+    """RunFolderError naming the first symbolic link to a file (or to nothing) in `folder` and its
+    sub-folders down to `depth`: Lightning, Hydra and the loggers open their files (metrics.csv,
+    hparams.yaml, .hydra/...) by name and would write through it. A link to a folder (checkpoints/
+    on another disk) is kept."""
+    pending, seen = [(folder, depth)], 0
+    while pending:
+        current, left = pending.pop()
+        with contextlib.suppress(OSError), os.scandir(current) as entries:
+            for entry in entries:
+                seen += 1
+                if seen > most:
+                    return
+                if entry.is_symlink() and not entry.is_dir():
+                    raise RunFolderError(
+                        f"run folder {folder} holds a symbolic link {entry.path} to a file; "
+                        f"selfflow writes no file through a link in a run folder: remove it, "
+                        f"or choose another hydra.run.dir"
+                    )
+                if left > 1 and entry.is_dir(follow_symlinks=False):
+                    pending.append((Path(entry.path), left - 1))
+
+
 def lock_run_folder(run_dir: str | os.PathLike) -> bool:
     """Lock `run_dir` for this process: True when taken now, False when this process already held it.
 
@@ -72,7 +97,10 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         check_writable(part)
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        # a planted link is refused, never written through
+        fd = open_no_follow(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    except UnsafeFileError as error:
+        raise RunFolderError(f"cannot lock run folder {folder}: {error}") from None
     except OSError as error:
         raise RunFolderError(
             f"cannot write into run folder {folder}: {error.strerror or error}; choose a writable hydra.run.dir"
@@ -95,6 +123,11 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
         f"{' '.join(sys.argv)[:300]}"
     )
+    try:
+        check_no_planted_links(folder)
+    except RunFolderError:
+        os.close(fd)
+        raise
     os.ftruncate(fd, 0)
     os.pwrite(fd, holder.encode() + b"\n", 0)
     _held[folder] = fd

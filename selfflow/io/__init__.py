@@ -1,0 +1,1 @@
+"""File formats and safe file operations; imports nothing of selfflow."""
