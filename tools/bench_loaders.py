@@ -5,6 +5,7 @@ XL/2 training step consumes, and the built-in video and audio experiments agains
   python -m tools.bench_loaders --only start_up --start-up-samples 100000
   python -m tools.bench_loaders --only storage --images 256 --workers 0 1 2 --step-seconds 0.19 --step-batch 32
   python -m tools.bench_loaders --only storage --latency-ms 20      # as if the store were 20 ms away
+  python -m tools.bench_loaders --only decode --decode-clips 10  # each video backend on 360p and 720p H.264
   python -m tools.bench_loaders --only experiments --experiments video_digits --batches 20 --steps 10
 
 start_up: seconds to open `--start-up-samples` samples in shards of 10,000 (tiny members: the headers are the
@@ -19,6 +20,9 @@ fed: ceil(consumption / samples/s of one worker), consumption = step_batch / ste
 GPU.
 The default step (0.19 s for 32 samples) is an estimate: the H200 step measured in docs/performance.md (width 768,
 12 blocks, batch 128: 145 ms) scaled by FLOPs to XL/2 (width 1152, 28 blocks) at 32 samples; pass a measured one.
+
+decode: clips/s that each video backend reads from one synthetic H.264 MP4 per size (360p, 720p), a random
+16-frame clip at stride 2 each time, from the file's path and from its bytes in memory (as shard members are read).
 
 experiments: clips/s (and seconds of audio/s) of the train DataLoader of each experiment, the video decoders on their
 own, and clips/s that one optimizer step of the experiment's model consumes (tokenize + Self-Flow forward/backward
@@ -54,7 +58,8 @@ from selfflow.training.datamodule import SelfFlowDataModule
 BUCKET = "selfflow-bench"
 PHOTO_SIZE = (500, 375)  # width, height: about the mean ImageNet image
 IMAGE_SIZE = 256  # what an XL/2 run on ImageNet trains on (before its autoencoder)
-PARTS = ["start_up", "storage", "experiments"]
+PARTS = ["start_up", "storage", "decode", "experiments"]
+DECODE_SIZES = {"360p": (640, 360), "720p": (1280, 720)}  # width, height of the synthetic H.264 videos
 
 
 # ---------------------------------------------------------------- storage: folder, local shards, streamed
@@ -245,6 +250,60 @@ def bench_start_up(args) -> list[dict]:
     return records
 
 
+# ---------------------------------------------------------------- decode: one video file, each backend
+
+
+def write_test_video(path: Path, width: int, height: int, frames: int) -> Path:
+    """An H.264 MP4 of moving colour gradients with noise (compressing like camera footage), 25 fps."""
+    from selfflow.data.video_io import write_mp4
+
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    clip = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        field = (x + y * 0.5 + 4 * t + np.array([0, 85, 170])) % 256
+        clip[t] = np.clip(field + rng.normal(0, 8, (height, width, 1)), 0, 255).astype(np.uint8)
+    return write_mp4(clip, path, fps=25, crf=23)
+
+
+def bench_decode(args) -> list[dict]:
+    """Clips per second that each video backend reads from one MP4 (a random 16-frame clip, stride 2), in this
+    process, from a path and from in-memory bytes (as a shard member is read)."""
+    from selfflow.data.video_io import VIDEO_BACKENDS, read_clip
+
+    records = []
+    device = f"cpu ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
+    with tempfile.TemporaryDirectory() as folder:
+        for size, (width, height) in DECODE_SIZES.items():
+            path = write_test_video(Path(folder) / f"{size}.mp4", width, height, args.decode_frames)
+            data = path.read_bytes()
+            for backend in [b for b in VIDEO_BACKENDS if b != "auto"]:
+                for origin in ("path", "memory"):
+
+                    def one_clip(path=path, data=data, origin=origin, backend=backend):
+                        source = path if origin == "path" else io.BytesIO(data)
+                        return read_clip(source, 16, 2, random_start=True, backend=backend)
+
+                    one_clip()  # warm-up
+                    start = time.perf_counter()
+                    for _ in range(args.decode_clips):
+                        one_clip()
+                    seconds = time.perf_counter() - start
+                    records.append(
+                        {
+                            "name": "loader/decode_clips_per_s",
+                            "backend": backend,
+                            "source": origin,
+                            "video": f"{width}x{height}, {args.decode_frames} frames, H.264",
+                            "clip": "16 frames, stride 2, random start",
+                            "clips_per_s": round(args.decode_clips / seconds, 2),
+                            "device": device,
+                        }
+                    )
+    return records
+
+
 # ---------------------------------------------------------------- experiments: built-in video and audio
 
 
@@ -322,9 +381,7 @@ def bench_experiment(name: str, workers: list[int], batches: int, steps: int, ov
                 result[f"loader_clips_per_s_workers{count}"] * seconds, 1
             )
     if datamodule.modality == "video":
-        from selfflow.data.video_io import decord_available
-
-        for backend in ("decord", "pyav") if decord_available() else ("pyav",):
+        for backend in ("pyav",):
             result[f"decode_clips_per_s_{backend}"] = round(decoder_rate(datamodule.train_set, backend, batches * 8), 1)
     result["step_clips_per_s"] = round(step_rate(cfg, datamodule, steps), 1)
     configured = result.get(f"loader_clips_per_s_workers{cfg.data.num_workers}")
@@ -356,6 +413,8 @@ def main() -> None:
     )
     parser.add_argument("--step-batch", type=int, default=32, help="storage: samples per GPU in that step")
     parser.add_argument("--start-up-samples", type=int, default=50_000, help="start_up: samples in the shards")
+    parser.add_argument("--decode-clips", type=int, default=10, help="decode: clips timed per backend and size")
+    parser.add_argument("--decode-frames", type=int, default=120, help="decode: frames in each test video")
     parser.add_argument("--experiments", nargs="+", default=["video_digits", "audio_digits"])
     parser.add_argument("--steps", type=int, default=10, help="experiments: optimizer steps timed")
     parser.add_argument("overrides", nargs="*", help="experiments: Hydra overrides applied to every experiment")
@@ -363,6 +422,7 @@ def main() -> None:
     parts = args.only or PARTS
     records = bench_start_up(args) if "start_up" in parts else []
     records += bench_storage(args) if "storage" in parts else []
+    records += bench_decode(args) if "decode" in parts else []
     if "experiments" in parts:
         records += [
             bench_experiment(name, args.workers, args.batches, args.steps, args.overrides) for name in args.experiments
