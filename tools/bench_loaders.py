@@ -103,14 +103,14 @@ def start_store() -> tuple[object, str]:
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    ObjectStore(endpoint_url=url).client().create_bucket(Bucket=BUCKET)
+    ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}").call_s3("create_bucket", Bucket=BUCKET)
     return server, url
 
 
 def upload(url: str, folder: Path) -> str:
-    client = ObjectStore(endpoint_url=url).client()
+    fs = ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}")
     for path in sorted(folder.iterdir()):
-        client.put_object(Bucket=BUCKET, Key=f"shards/{path.name}", Body=path.read_bytes())
+        fs.pipe_file(f"s3://{BUCKET}/shards/{path.name}", path.read_bytes())
     return f"s3://{BUCKET}/shards"
 
 
