@@ -85,6 +85,12 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
     if vae is not None:  # the VAE moved: every config node that names it (tokenizer, latent-cache data) follows
         point_vae_keys(config, vae)
     for spec in config.tokenizer.values():
+        if "vae" in spec and spec.vae is None:  # an export names no folder of the machine it came from
+            raise ValueError(
+                f"{source} was trained on the latents of a VAE (fingerprint {str(spec.get('fingerprint'))[:16]}); "
+                f"name that VAE's local folder: vae=FOLDER (selfflow-sample, selfflow-probe) or "
+                f"from_pretrained(..., vae=FOLDER)"
+            )
         if "vae" in spec:  # a latent tokenizer: its VAE must be the one the run trained with
             check_fingerprint(spec.vae, spec.get("fingerprint"), "vae")
     tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}").eval() for m, spec in config.tokenizer.items()}
@@ -122,8 +128,13 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | No
     online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
 
     `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
-    vae: where the run's VAE is now, when it moved (checked by fingerprint).
+    vae: where the run's VAE is now, when it moved (checked by fingerprint). `hf://OWNER/NAME` is an export in
+    huggingface_hub's local cache.
     """
+    if str(path).startswith("hf://"):
+        from selfflow.interop.hub import resolve_pretrained
+
+        path = resolve_pretrained(str(path))
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":
         from selfflow.interop.export import load_exported

@@ -1,7 +1,9 @@
-"""Exports: the EMA weights of a checkpoint as `model.safetensors` plus `config.json`, a pickle-free pair to share,
-and loading such a folder back (safetensors: no code runs while reading; the config goes through the allow-list).
+"""Exports: the EMA weights of a checkpoint as `model.safetensors` plus `config.json` and a `README.md` model card,
+a pickle-free folder a model hub accepts, and loading such a folder back (safetensors: no code runs while reading;
+the config goes through the allow-list).
 
-config.json stores the sha256 of the weights file, so that a truncated or changed file is refused by name.
+config.json stores the sha256 of the weights file, so that a truncated or changed file is refused by name, and no
+path of the machine that exported it (`hub.without_machine_paths`).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def check_export_target(folder: Path, overwrite: bool) -> None:
     if not overwrite and folder.is_dir() and any(folder.iterdir()):
         raise FileExistsError(
             f"{folder} already exists and is not empty; choose a new folder, or pass --overwrite "
-            f"to replace its {EXPORT_WEIGHTS} and {EXPORT_CONFIG}"
+            f"to replace its {EXPORT_WEIGHTS}, {EXPORT_CONFIG} and README.md"
         )
 
 
@@ -47,10 +49,27 @@ def replace_file(path: Path, write) -> None:
         temp.unlink(missing_ok=True)
 
 
-def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike, overwrite: bool = False) -> Path:
-    """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the weights' sha256)
-    as `folder/config.json`; load it back with `load_checkpoint(folder)`."""
+def export_weights(
+    checkpoint_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    overwrite: bool = False,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """Write an export folder a model hub accepts; load it back with `selfflow.from_pretrained(folder)`.
+
+    Args:
+        checkpoint_path: a .ckpt written by selfflow-train (or an export folder).
+        folder: a new (or empty) folder.
+        overwrite: replace the export files of a folder that holds some.
+        metrics: measured results for the model card (e.g. {"fid50k": 2.3}).
+
+    Returns:
+        The folder, holding model.safetensors (EMA weights), config.json (the run config without machine paths,
+        the weights' sha256) and README.md (the model card).
+    """
     from safetensors.torch import save_file
+
+    from selfflow.interop.hub import MODEL_CARD, model_card, without_machine_paths
 
     folder = Path(folder).expanduser()
     check_export_target(folder, overwrite)
@@ -66,9 +85,10 @@ def export_weights(checkpoint_path: str | os.PathLike, folder: str | os.PathLike
         "step": loaded.step,
         "weights": "ema",
         "weights_sha256": file_digest(weights),
-        "config": OmegaConf.to_container(loaded.config, resolve=True),
+        "config": without_machine_paths(OmegaConf.to_container(loaded.config, resolve=True)),
     }
     replace_file(folder / EXPORT_CONFIG, lambda temp: temp.write_text(json.dumps(meta, indent=2) + "\n"))
+    replace_file(folder / MODEL_CARD, lambda temp: temp.write_text(model_card(meta, metrics)))
     return folder
 
 
