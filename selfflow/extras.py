@@ -1,5 +1,6 @@
-"""Optional packages: the extra of setup.cfg that installs each, and one line naming it when a config needs a
-package that is missing (`pip install -e .` brings neither transformers nor wandb)."""
+"""Optional packages: the extra of setup.cfg that installs each, and one line naming it when a
+config needs a package that is missing (`pip install -e .` brings neither transformers nor wandb).
+"""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ TARGET_NEEDS = {
 
 
 def missing(module: str, feature: str) -> ModuleNotFoundError:
-    """The error for a feature whose optional `module` is not installed, naming the extra to install."""
-    return ModuleNotFoundError(f"{feature} needs {module}: pip install 'selfflow[{EXTRAS[module]}]'")
+    """The error for a feature whose optional `module` is not installed, naming the extra to
+    install."""
+    install = f"pip install 'selfflow[{EXTRAS[module]}]'"
+    return ModuleNotFoundError(f"{feature} needs {module}: {install}")
 
 
 def require(module: str, feature: str) -> ModuleType:
@@ -55,8 +58,9 @@ def installed(module: str) -> bool:
 
 
 def check_config_extras(node: Any, path: str = "") -> None:
-    """Every `_target_` of a config (nested dicts/lists, e.g. an OmegaConf container) whose class needs an optional
-    package that is missing: ModuleNotFoundError naming the config key and the extra, before anything is built."""
+    """Every `_target_` of a config (nested dicts/lists, e.g. an OmegaConf container) whose class
+    needs an optional package that is missing: ModuleNotFoundError naming the config key and the
+    extra, before anything is built."""
     if isinstance(node, dict) or hasattr(node, "items"):
         target = node.get("_target_")
         if isinstance(target, str):
@@ -66,6 +70,6 @@ def check_config_extras(node: Any, path: str = "") -> None:
                     raise missing(absent[0], f"{path or 'the config'} ({target})")
         for key, value in node.items():
             check_config_extras(value, f"{path}.{key}" if path else str(key))
-    elif isinstance(node, (list, tuple)) or (hasattr(node, "__iter__") and not isinstance(node, (str, bytes))):
+    elif isinstance(node, (list, tuple)):
         for index, value in enumerate(node):
             check_config_extras(value, f"{path}[{index}]")

@@ -1,5 +1,6 @@
-"""SLURM launch through Hydra's submitit launcher: the train and sample launcher configs compose, and the sbatch
-file submitit would submit asks for one task per GPU on the nodes named (no SLURM here: nothing is submitted)."""
+"""SLURM launch through Hydra's submitit launcher: the train and sample launcher configs compose,
+and the sbatch file submitit would submit asks for one task per GPU on the nodes named (no SLURM
+here: nothing is submitted)."""
 
 import os
 from pathlib import Path
@@ -23,7 +24,8 @@ def launcher_config(config: str, overrides: list[str]):
 
 
 def sbatch_text(launcher, folder: Path) -> str:
-    """The sbatch file submitit writes for these launcher settings (mapped as the Hydra plugin maps them)."""
+    """The sbatch file submitit writes for these launcher settings (mapped as the Hydra plugin maps
+    them)."""
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
 
     params = OmegaConf.to_container(launcher, resolve=False)

@@ -1,5 +1,6 @@
-"""`pip install -e .` brings neither transformers nor wandb: every selfflow module imports without them, and a
-config that needs one stops before anything is built with one line naming the extra to install."""
+"""`pip install -e .` brings neither transformers nor wandb: every selfflow module imports without
+them, and a config that needs one stops before anything is built with one line naming the extra to
+install."""
 
 import subprocess
 import sys

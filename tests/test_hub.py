@@ -1,6 +1,7 @@
-"""Hub-style models: `selfflow-export` writes a folder a model hub accepts (model.safetensors, config.json without
-machine paths, a README.md model card); `selfflow.from_pretrained` loads it by path and, offline, by repo id from
-huggingface_hub's local cache; `init=pretrained:` fine-tunes from it."""
+"""Hub-style models: `selfflow-export` writes a folder a model hub accepts (model.safetensors,
+config.json without machine paths, a README.md model card); `selfflow.from_pretrained` loads it by
+path and, offline, by repo id from huggingface_hub's local cache; `init=pretrained:` fine-tunes from
+it."""
 
 import json
 import os
@@ -46,7 +47,8 @@ def test_the_export_has_no_machine_paths_and_a_model_card(export, tiny_checkpoin
 
 
 def put_in_hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
-    """The layout huggingface_hub's cache gives a downloaded model repo (refs/main -> snapshots/<commit>/)."""
+    """The layout huggingface_hub's cache gives a downloaded model repo (refs/main ->
+    snapshots/<commit>/)."""
     repo = cache / f"models--{repo_id.replace('/', '--')}"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text(COMMIT)

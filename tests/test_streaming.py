@@ -1,8 +1,9 @@
-"""Shards streamed from object stores through fsspec: a real S3 server (moto's, through s3fs) on the loopback
-interface, started by the tests themselves, and fsspec's in-memory store as a second protocol; shards written and
-uploaded as they are; ranged reads through the indexes give the local items, one request per sample; ranks fetch
-disjoint samples; errors name the setting to fix; every request has a deadline; a run killed with SIGKILL and
-resumed gives the losses of an uninterrupted run and writes no credential anywhere."""
+"""Shards streamed from object stores through fsspec: a real S3 server (moto's, through s3fs) on the
+loopback interface, started by the tests themselves, and fsspec's in-memory store as a second
+protocol; shards written and uploaded as they are; ranged reads through the indexes give the local
+items, one request per sample; ranks fetch disjoint samples; errors name the setting to fix; every
+request has a deadline; a run killed with SIGKILL and resumed gives the losses of an uninterrupted
+run and writes no credential anywhere."""
 
 import logging
 import socket
@@ -271,7 +272,8 @@ def test_a_second_protocol_reaches_the_same_reader_by_ranged_reads(image_shards,
 
 
 def test_every_request_has_a_deadline_on_the_whole_read(monkeypatch):
-    """A server that answers byte by byte never trips a per-read timeout; the deadline ends the whole request."""
+    """A server that answers byte by byte never trips a per-read timeout; the deadline ends the
+    whole request."""
     import fsspec
 
     listener = socket.socket()

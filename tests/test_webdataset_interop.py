@@ -1,6 +1,7 @@
-"""WebDataset interchange both ways: shards written by the `webdataset` library with the member names img2dataset
-and video2dataset use (image: jpg/png/webp + cls or json label + txt caption; video: mp4; audio: wav/flac) train
-here after `selfflow-shards index`, and a shard `selfflow-shards write` wrote iterates in `webdataset`."""
+"""WebDataset interchange both ways: shards written by the `webdataset` library with the member
+names img2dataset and video2dataset use (image: jpg/png/webp + cls or json label + txt caption;
+video: mp4; audio: wav/flac) train here after `selfflow-shards index`, and a shard `selfflow-shards
+write` wrote iterates in `webdataset`."""
 
 import io
 import json
@@ -40,7 +41,8 @@ def mp4_bytes(folder: Path, offset: int) -> bytes:
 
 
 def img2dataset_sample(i: int, label_in: str) -> dict:
-    """An img2dataset-style sample: image, caption and metadata; the class in .cls or in the .json metadata."""
+    """An img2dataset-style sample: image, caption and metadata; the class in .cls or in the .json
+    metadata."""
     extension = list(IMAGE_FORMATS)[i % 3]
     metadata = {"key": f"{i:09d}", "caption": f"a photo {i}", "status": "success", "width": 24, "height": 20}
     sample = {"__key__": f"{i:09d}", extension: image_bytes(extension, 40 * i), "txt": f"a photo {i}".encode()}

@@ -1,33 +1,40 @@
-"""Loader throughput: where images come from (a folder, local tar shards, an S3-compatible store) against what an
-XL/2 training step consumes, and the built-in video and audio experiments against their own training step.
+"""Loader throughput: where images come from (a folder, local tar shards, an S3-compatible store)
+against what an XL/2 training step consumes, and the built-in video and audio experiments against
+their own training step.
 
-  python -m tools.bench_loaders                                     # every part; JSON records on stdout
+  python -m tools.bench_loaders # every part; JSON records on stdout
   python -m tools.bench_loaders --only start_up --start-up-samples 100000
-  python -m tools.bench_loaders --only storage --images 256 --workers 0 1 2 --step-seconds 0.19 --step-batch 32
-  python -m tools.bench_loaders --only storage --latency-ms 20      # as if the store were 20 ms away
-  python -m tools.bench_loaders --only decode --decode-clips 10  # each video backend on 360p and 720p H.264
-  python -m tools.bench_loaders --only experiments --experiments video_digits --batches 20 --steps 10
+  python -m tools.bench_loaders --only storage --images 256 --workers 0 1 2 --step-seconds 0.19
+      --step-batch 32
+  python -m tools.bench_loaders --only storage --latency-ms 20 # as if the store were 20 ms away
+  python -m tools.bench_loaders --only decode --decode-clips 10 # each video backend on 360p and
+      720p H.264
+  python -m tools.bench_loaders --only experiments --experiments video_digits --batches 20 --steps
+      10
 
-start_up: seconds to open `--start-up-samples` samples in shards of 10,000 (tiny members: the headers are the
-work) through their indexes (local and streamed) and by scanning every tar header (local, indexes removed).
+start_up: seconds to open `--start-up-samples` samples in shards of 10,000 (tiny members: the
+headers are the work) through their indexes (local and streamed) and by scanning every tar header
+(local, indexes removed).
 
-storage: `--images` synthetic photos (JPEG, 500x375 like an average ImageNet image) in two class folders, written
-as shards by `selfflow-shards write` (with their indexes) and uploaded to a moto S3 server on 127.0.0.1 started
-here (moto is in the test extra); the same items (256x256 centre crops, flips) are then loaded through the training
-DataLoader (`SelfFlowDataModule`: the resumable sampler, a batch's reads in flight at once) from each storage, at
-each worker count. Records: samples/s per storage and worker count, and per storage the workers that keep one GPU
-fed: ceil(consumption / samples/s of one worker), consumption = step_batch / step_seconds of one XL/2 step on one
-GPU.
-The default step (0.19 s for 32 samples) is an estimate: the H200 step measured in docs/performance.md (width 768,
-12 blocks, batch 128: 145 ms) scaled by FLOPs to XL/2 (width 1152, 28 blocks) at 32 samples; pass a measured one.
+storage: `--images` synthetic photos (JPEG, 500x375 like an average ImageNet image) in two class
+folders, written as shards by `selfflow-shards write` (with their indexes) and uploaded to a moto S3
+server on 127.0.0.1 started here (moto is in the test extra); the same items (256x256 centre crops,
+flips) are then loaded through the training DataLoader (`SelfFlowDataModule`: the resumable sampler,
+a batch's reads in flight at once) from each storage, at each worker count. Records: samples/s per
+storage and worker count, and per storage the workers that keep one GPU fed: ceil(consumption /
+samples/s of one worker), consumption = step_batch / step_seconds of one XL/2 step on one GPU. The
+default step (0.19 s for 32 samples) is an estimate: the H200 step measured in docs/performance.md
+(width 768, 12 blocks, batch 128: 145 ms) scaled by FLOPs to XL/2 (width 1152, 28 blocks) at 32
+samples; pass a measured one.
 
-decode: clips/s that each video backend reads from one synthetic H.264 MP4 per size (360p, 720p), a random
-16-frame clip at stride 2 each time, from the file's path and from its bytes in memory (as shard members are read).
+decode: clips/s that each video backend reads from one synthetic H.264 MP4 per size (360p, 720p), a
+random 16-frame clip at stride 2 each time, from the file's path and from its bytes in memory (as
+shard members are read).
 
-experiments: clips/s (and seconds of audio/s) of the train DataLoader of each experiment, the video decoders on their
-own, and clips/s that one optimizer step of the experiment's model consumes (tokenize + Self-Flow forward/backward
-+ AdamW + EMA update); `loader_over_step` > 1 means the loader keeps up. Built-in data is generated into
-$SELFFLOW_CACHE first if needed (not timed).
+experiments: clips/s (and seconds of audio/s) of the train DataLoader of each experiment, the video
+decoders on their own, and clips/s that one optimizer step of the experiment's model consumes
+(tokenize + Self-Flow forward/backward + AdamW + EMA update); `loader_over_step` > 1 means the
+loader keeps up. Built-in data is generated into $SELFFLOW_CACHE first if needed (not timed).
 """
 
 from __future__ import annotations
@@ -59,7 +66,8 @@ BUCKET = "selfflow-bench"
 PHOTO_SIZE = (500, 375)  # width, height: about the mean ImageNet image
 IMAGE_SIZE = 256  # what an XL/2 run on ImageNet trains on (before its autoencoder)
 PARTS = ["start_up", "storage", "decode", "experiments"]
-DECODE_SIZES = {"360p": (640, 360), "720p": (1280, 720)}  # width, height of the synthetic H.264 videos
+# width, height of the synthetic H.264 videos
+DECODE_SIZES = {"360p": (640, 360), "720p": (1280, 720)}
 
 
 # ---------------------------------------------------------------- storage: folder, local shards, streamed
@@ -103,7 +111,8 @@ def start_store() -> tuple[object, str]:
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}").call_s3("create_bucket", Bucket=BUCKET)
+    fs = ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}")
+    fs.call_s3("create_bucket", Bucket=BUCKET)
     return server, url
 
 
@@ -250,11 +259,13 @@ def bench_start_up(args) -> list[dict]:
     return records
 
 
-# ---------------------------------------------------------------- decode: one video file, each backend
+# ---------------------------------------------------------------- decode: one video file, each
+# backend
 
 
 def write_test_video(path: Path, width: int, height: int, frames: int) -> Path:
-    """An H.264 MP4 of moving colour gradients with noise (compressing like camera footage), 25 fps."""
+    """An H.264 MP4 of moving colour gradients with noise (compressing like camera footage),
+    25 fps."""
     from selfflow.data.video_io import write_mp4
 
     rng = np.random.default_rng(0)
@@ -268,8 +279,8 @@ def write_test_video(path: Path, width: int, height: int, frames: int) -> Path:
 
 
 def bench_decode(args) -> list[dict]:
-    """Clips per second that each video backend reads from one MP4 (a random 16-frame clip, stride 2), in this
-    process, from a path and from in-memory bytes (as a shard member is read)."""
+    """Clips per second that each video backend reads from one MP4 (a random 16-frame clip, stride
+    2), in this process, from a path and from in-memory bytes (as a shard member is read)."""
     from selfflow.data.video_io import VIDEO_BACKENDS, read_clip
 
     records = []
@@ -413,8 +424,10 @@ def main() -> None:
     )
     parser.add_argument("--step-batch", type=int, default=32, help="storage: samples per GPU in that step")
     parser.add_argument("--start-up-samples", type=int, default=50_000, help="start_up: samples in the shards")
-    parser.add_argument("--decode-clips", type=int, default=10, help="decode: clips timed per backend and size")
-    parser.add_argument("--decode-frames", type=int, default=120, help="decode: frames in each test video")
+    decode_clips = "decode: clips timed per backend and size"
+    parser.add_argument("--decode-clips", type=int, default=10, help=decode_clips)
+    decode_frames = "decode: frames in each test video"
+    parser.add_argument("--decode-frames", type=int, default=120, help=decode_frames)
     parser.add_argument("--experiments", nargs="+", default=["video_digits", "audio_digits"])
     parser.add_argument("--steps", type=int, default=10, help="experiments: optimizer steps timed")
     parser.add_argument("overrides", nargs="*", help="experiments: Hydra overrides applied to every experiment")

@@ -1,11 +1,13 @@
-"""selfflow-export: the EMA weights of a checkpoint as a folder a model hub accepts (model.safetensors, config.json
-without machine paths, a README.md model card), to share without pickles.
+"""selfflow-export: the EMA weights of a checkpoint as a folder a model hub accepts
+(model.safetensors, config.json without machine paths, a README.md model card), to share without
+pickles.
 
-selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model
-selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --metric fid50k=2.31   # listed in the card
-selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --overwrite   # replace an earlier export
-selfflow-sample ckpt=exported/my_model num_samples=16      # sample (or selfflow-probe ckpt=...) from the export
-python -c "import selfflow; selfflow.push_to_hub('exported/my_model', 'OWNER/NAME')"   # HF_TOKEN or hf auth login
+selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model selfflow-export
+runs/my_run/checkpoints/last.ckpt exported/my_model --metric fid50k=2.31 # listed in the card
+selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --overwrite # replace an earlier
+export selfflow-sample ckpt=exported/my_model num_samples=16 # sample (or selfflow-probe ckpt=...)
+from the export python -c "import selfflow; selfflow.push_to_hub('exported/my_model', 'OWNER/NAME')"
+# HF_TOKEN or hf auth login
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", help="a new folder to write model.safetensors and config.json into")
     parser.add_argument("--overwrite", action="store_true", help="replace the export files of an existing folder")
     parser.add_argument(
-        "--metric", action="append", default=[], metavar="NAME=VALUE", help="a measured result for the model card"
+        "--metric",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a measured result for the model card",
     )
     args = parser.parse_args(argv)
     metrics = {}
@@ -37,7 +43,12 @@ def main(argv: list[str] | None = None) -> None:
     with friendly_errors("selfflow-export"):
         from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
 
-        folder = export_weights(args.checkpoint, args.out, overwrite=args.overwrite, metrics=metrics or None)
+        folder = export_weights(
+            args.checkpoint,
+            args.out,
+            overwrite=args.overwrite,
+            metrics=metrics or None,
+        )
         files = [EXPORT_WEIGHTS, EXPORT_CONFIG, "README.md"]
         print(json.dumps({"folder": str(folder.resolve()), "files": files}))
 

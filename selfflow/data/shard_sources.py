@@ -1,13 +1,16 @@
-"""Where shard bytes come from: local files, or any object store fsspec reaches, read by byte ranges.
+"""Where shard bytes come from: local files, or any object store fsspec reaches, read by byte
+ranges.
 
-The shard datasets ask a source for a shard's size and for byte ranges (an index, a member with its tar header), so
-the same map-style datasets, with the same exact-resume sampler and per-rank split, read shards from a disk or from
-a store: `s3://` (s3fs), `gs://` (gcsfs), `az://` (adlfs), `https://` (an HTTP server that answers Range requests),
-`hf://datasets/...` (the Hugging Face hub), `memory://` (fsspec's in-process store). `ObjectStore` opens the
-filesystem of each protocol lazily in each process, with a deadline on every request (`read_range`). Credentials
-come only from the environment or the store's own configuration files (AWS_*, GOOGLE_APPLICATION_CREDENTIALS,
-AZURE_STORAGE_*, HF_TOKEN, ...): nothing in a selfflow config holds one, so none reaches a checkpoint, hparams or a
-run folder, and for s3:// the instance-metadata service is never asked unless `instance_credentials=true`.
+The shard datasets ask a source for a shard's size and for byte ranges (an index, a member with its
+tar header), so the same map-style datasets, with the same exact-resume sampler and per-rank split,
+read shards from a disk or from a store: `s3://` (s3fs), `gs://` (gcsfs), `az://` (adlfs),
+`https://` (an HTTP server that answers Range requests), `hf://datasets/...` (the Hugging Face hub),
+`memory://` (fsspec's in-process store). `ObjectStore` opens the filesystem of each protocol lazily
+in each process, with a deadline on every request (`read_range`). Credentials come only from the
+environment or the store's own configuration files (AWS_*, GOOGLE_APPLICATION_CREDENTIALS,
+AZURE_STORAGE_*, HF_TOKEN, ...): nothing in a selfflow config holds one, so none reaches a
+checkpoint, hparams or a run folder, and for s3:// the instance-metadata service is never asked
+unless `instance_credentials=true`.
 """
 
 from __future__ import annotations
@@ -26,14 +29,21 @@ T = TypeVar("T")
 R = TypeVar("R")
 URL_PATTERN = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 ADDRESSING_STYLES = ("auto", "path", "virtual")
-GOOGLE = ("gcsfs", "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`")
-AZURE = ("adlfs", "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN")
+GOOGLE = (
+    "gcsfs",
+    "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
+)
+AZURE = (
+    "adlfs",
+    "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN",
+)
 WEB = ("aiohttp", "the server decides who may read")
 # protocol -> (the package that reads it, where its credentials come from)
 PROTOCOLS = {
     "s3": (
         "s3fs",
-        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE (data.dataset.store.profile); "
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+        "(data.dataset.store.profile); "
         "on a cloud VM with a role, data.dataset.store.instance_credentials=true",
     ),
     "gs": GOOGLE,
@@ -92,8 +102,12 @@ class LocalFiles:
 
 
 class ObjectStoreError(ValueError):
-    """The store cannot be read (unreachable, no credentials, access refused, too slow): a setting the user fixes,
-    so the CLIs print it as one line. Never taken for a bad sample: a run stops rather than skip every sample."""
+    """The store cannot be read (unreachable, no credentials, access refused, too slow): a setting
+    the user fixes, so the CLIs print it as one line. Never taken for a bad sample: a run stops
+    rather than skip every sample."""
+
+
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
 
 
 class RequestDeadline(TimeoutError):
@@ -101,7 +115,8 @@ class RequestDeadline(TimeoutError):
 
 
 def _in_thread(call: Callable[[], R], deadline_s: float) -> R:
-    """`call()` on a helper thread, given up after `deadline_s` seconds (for filesystems without an event loop)."""
+    """`call()` on a helper thread, given up after `deadline_s` seconds (for filesystems without an
+    event loop)."""
     outcome: dict = {}
 
     def run():
@@ -121,9 +136,9 @@ def _in_thread(call: Callable[[], R], deadline_s: float) -> R:
 
 
 def within_deadline(fs, method: str, deadline_s: float, *args, **kwargs):
-    """`fs.<method>(*args, **kwargs)`, the whole request (connect, send, receive every byte) cancelled after
-    `deadline_s` seconds: on the filesystem's event loop for async ones (s3fs, gcsfs, adlfs, HTTP), else on a
-    helper thread.
+    """`fs.<method>(*args, **kwargs)`, the whole request (connect, send, receive every byte)
+    cancelled after `deadline_s` seconds: on the filesystem's event loop for async ones (s3fs,
+    gcsfs, adlfs, HTTP), else on a helper thread.
 
     Raises:
         RequestDeadline: the request took longer.
@@ -139,7 +154,8 @@ def within_deadline(fs, method: str, deadline_s: float, *args, **kwargs):
 
 
 def read_range(fs, url: str, start: int, end: int, deadline_s: float) -> bytes:
-    """Bytes [start, end) of the object at `url` (fewer at its end), all of them within `deadline_s` seconds.
+    """Bytes [start, end) of the object at `url` (fewer at its end), all of them within `deadline_s`
+    seconds.
 
     Args:
         fs: an fsspec filesystem that reads `url`.
@@ -155,30 +171,38 @@ def read_range(fs, url: str, start: int, end: int, deadline_s: float) -> bytes:
     try:
         data = within_deadline(fs, "cat_file", deadline_s, url, start=start, end=end)
     except OSError as error:
-        if error.errno == errno.EINVAL and not isinstance(error, FileNotFoundError):  # S3's InvalidRange
+        past_the_end = error.errno == errno.EINVAL  # S3's InvalidRange
+        if past_the_end and not isinstance(error, FileNotFoundError):
             return b""
         raise
     if len(data) > end - start:
         raise ObjectStoreError(
-            f"{url}: the server sent {len(data)} bytes for a range of {end - start}: it ignores Range requests; "
-            f"serve the shards from a server that answers them (object stores and most web servers do)"
+            f"{url}: the server sent {len(data)} bytes for a range of {end - start}: it "
+            f"ignores Range requests; serve the shards from a server that answers them "
+            f"(object stores and most web servers do)"
         )
     return data
 
 
 class ObjectStore:
-    """Shards in an object store that fsspec reaches (see the module docstring), read by ranged requests.
+    """Shards in an object store that fsspec reaches (see the module docstring), read by ranged
+    requests.
 
-    The S3 settings (for s3://, through s3fs): endpoint_url, e.g. http://127.0.0.1:9000 for a local MinIO (None:
-    AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's config, else AWS S3); region, profile (None: AWS_REGION,
-    AWS_PROFILE, ~/.aws/config; us-east-1 when nothing is set); addressing_style (path for most self-hosted stores);
-    instance_credentials (true also asks a cloud VM's instance-metadata service). Other protocols take their
-    settings from their own environment variables and configuration files.
+    The S3 settings (for s3://, through s3fs): endpoint_url, e.g. http://127.0.0.1:9000 for a local
+        MinIO (None:
+    AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's config, else AWS S3); region, profile
+    (None: AWS_REGION, AWS_PROFILE, ~/.aws/config; us-east-1 when nothing is set); addressing_style
+    (path for most self-hosted stores); instance_credentials (true also asks a cloud VM's
+    instance-metadata service). Other protocols take their settings from their own environment
+    variables and configuration files.
 
-    For every protocol: max_connections: parallel requests at start-up (indexes) and the connection pool; retries:
-    attempts per request; timeout_s: the most seconds one request may take in all, connecting and receiving.
+    For every protocol: max_connections: parallel requests at start-up (indexes) and the connection
+        pool; retries:
+    attempts per request; timeout_s: the most seconds one request may take in all, connecting and
+    receiving.
 
-    A filesystem is made lazily in each process (DataLoader workers get their own: one must not cross a fork).
+    A filesystem is made lazily in each process (DataLoader workers get their own: one must not
+    cross a fork).
     """
 
     def __init__(
@@ -219,7 +243,8 @@ class ObjectStore:
 
     def where(self, url: str) -> str:
         if protocol_of(url) == "s3":
-            return self.endpoint_url or "the endpoint of the AWS settings (AWS_ENDPOINT_URL or AWS S3)"
+            default = "the endpoint of the AWS settings (AWS_ENDPOINT_URL or AWS S3)"
+            return self.endpoint_url or default
         return f"{protocol_of(url)}://"
 
     def filesystem(self, url: str):
@@ -246,15 +271,16 @@ class ObjectStore:
             ) from None
         except ValueError:
             raise ValueError(
-                f"{url}: no filesystem reads {protocol}://; check data.root (s3://, gs://, az://, https://, "
-                f"hf://datasets/..., memory:// or a local path)"
+                f"{url}: no filesystem reads {protocol}://; check data.root (s3://, gs://, "
+                f"az://, https://, hf://datasets/..., memory:// or a local path)"
             ) from None
         options = STORE_OPTIONS.get(protocol, lambda store: {})(self)
         return cls(skip_instance_cache=True, **options)
 
     def _call(self, method: str, url: str, *args, **kwargs):
-        """One request, given up after timeout_s and tried `retries` times; errors as FileNotFoundError (missing)
-        or ObjectStoreError (anything the user fixes: credentials, endpoint, network)."""
+        """One request, given up after timeout_s and tried `retries` times; errors as
+        FileNotFoundError (missing) or ObjectStoreError (anything the user fixes: credentials,
+        endpoint, network)."""
         fs = self.filesystem(url)
         for attempt in range(1, self.retries + 1):
             try:
@@ -267,35 +293,48 @@ class ObjectStore:
                 if attempt < self.retries:
                     continue
                 raise ObjectStoreError(
-                    f"reading {url} from {self.where(url)} took longer than data.dataset.store.timeout_s="
-                    f"{self.timeout_s:g} s, {attempt} times; check the network or raise the timeout"
+                    f"reading {url} from {self.where(url)} took longer than "
+                    f"data.dataset.store.timeout_s={self.timeout_s:g} s, {attempt} times; check "
+                    f"the network or raise the timeout"
                 ) from None
             except Exception as error:
                 raise self._explained(url, error) from None
         raise AssertionError("unreachable")
 
     def _explained(self, url: str, error: Exception) -> ObjectStoreError:
-        """The one-line error a user acts on, naming the setting; never the credentials themselves."""
+        """The one-line error a user acts on, naming the setting; never the credentials
+        themselves."""
         hint = PROTOCOLS.get(protocol_of(url), ("", "check the store's settings"))[1]
-        if type(error).__name__ in ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError"):
+        if type(error).__name__ in NO_CREDENTIALS:
             return ObjectStoreError(f"no credentials to read {url}: {hint}")
         if isinstance(error, PermissionError):
-            return ObjectStoreError(f"{url}: access refused by {self.where(url)} ({str(error)[:200]}); {hint}")
-        endpoint = "data.dataset.store.endpoint_url (or AWS_ENDPOINT_URL)" if protocol_of(url) == "s3" else "data.root"
+            refused = f"access refused by {self.where(url)} ({str(error)[:200]})"
+            return ObjectStoreError(f"{url}: {refused}; {hint}")
+        endpoint = "data.root"
+        if protocol_of(url) == "s3":
+            endpoint = "data.dataset.store.endpoint_url (or AWS_ENDPOINT_URL)"
         return ObjectStoreError(
-            f"cannot read {url} from {self.where(url)} ({type(error).__name__}: {str(error)[:200]}); check "
-            f"{endpoint} and the network"
+            f"cannot read {url} from {self.where(url)} ({type(error).__name__}: "
+            f"{str(error)[:200]}); check {endpoint} and the network"
         )
 
     def size(self, location: str) -> int:
-        return int(self._call(lambda fs, url: within_deadline(fs, "size", self.timeout_s, url), location))
+        def size(fs, url):
+            return within_deadline(fs, "size", self.timeout_s, url)
+
+        return int(self._call(size, location))
 
     def read(self, location: str, offset: int, size: int) -> bytes:
         """One ranged request for bytes [offset, offset + size) (fewer at the end)."""
-        return self._call(lambda fs, url: read_range(fs, url, offset, offset + size, self.timeout_s), location)
+
+        def ranged(fs, url):
+            return read_range(fs, url, offset, offset + size, self.timeout_s)
+
+        return self._call(ranged, location)
 
     def glob(self, folder: str, pattern: str) -> list[str]:
-        """The objects directly in `folder` whose names match the glob `pattern`, sorted (as `folder/NAME`)."""
+        """The objects directly in `folder` whose names match the glob `pattern`, sorted (as
+        `folder/NAME`)."""
         folder = folder.rstrip("/")
 
         def listing(fs, url):
@@ -305,20 +344,25 @@ class ObjectStore:
             entries = self._call(listing, folder)
         except FileNotFoundError:
             return []
-        names = {entry["name"].rstrip("/").rsplit("/", 1)[-1] for entry in entries if entry.get("type") == "file"}
+        files = [entry["name"].rstrip("/") for entry in entries if entry.get("type") == "file"]
+        names = {name.rsplit("/", 1)[-1] for name in files}
         return sorted(f"{folder}/{name}" for name in names if fnmatch.fnmatchcase(name, pattern))
 
     def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """`function` over `items` on max_connections threads (requests wait on the network, not the CPU)."""
         self._this_process()
         if self._threads is None:
-            self._threads = ThreadPoolExecutor(self.max_connections, thread_name_prefix="selfflow-store")
+            self._threads = ThreadPoolExecutor(
+                self.max_connections,
+                thread_name_prefix="selfflow-store",
+            )
         return list(self._threads.map(function, items))
 
 
 def s3_options(store: ObjectStore) -> dict:
-    """s3fs's arguments: botocore's retries, pool and timeouts; a session without the instance-metadata provider
-    unless allowed. Credentials stay with the session's own chain (environment, profile, config files)."""
+    """s3fs's arguments: botocore's retries, pool and timeouts; a session without the
+    instance-metadata provider unless allowed. Credentials stay with the session's own chain
+    (environment, profile, config files)."""
     from aiobotocore.session import AioSession
 
     session = AioSession(profile=store.profile)
@@ -346,7 +390,8 @@ def http_options(store: ObjectStore) -> dict:
     """aiohttp's timeouts per request (the deadline in `read_range` bounds the whole)."""
     import aiohttp
 
-    timeout = aiohttp.ClientTimeout(total=store.timeout_s, sock_connect=store.timeout_s, sock_read=store.timeout_s)
+    seconds = store.timeout_s
+    timeout = aiohttp.ClientTimeout(total=seconds, sock_connect=seconds, sock_read=seconds)
     return {"client_kwargs": {"timeout": timeout}}
 
 
@@ -362,7 +407,9 @@ def source_for(locations: Iterable, store: ObjectStore | None) -> ByteSource:
     """The object store for URLs, local files for paths; one split's shards live in one place."""
     kinds = {is_url(location) for location in locations}
     if kinds == {True, False}:
-        raise ValueError("a split's shards must be all local or all in an object store (s3://, ...), not both")
+        raise ValueError(
+            "a split's shards must be all local or all in an object store (s3://, ...), not both",
+        )
     if True in kinds:
         return store if store is not None else ObjectStore()
     return LocalFiles()

@@ -1,4 +1,5 @@
-"""Reading clips from video files and writing H.264 MP4 files, both with PyAV (FFmpeg, bundled in its wheels)."""
+"""Reading clips from video files and writing H.264 MP4 files, both with PyAV (FFmpeg, bundled in
+its wheels)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ from selfflow.data.bad_files import UnusableSample
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
 VIDEO_BACKENDS = ("auto", "pyav")  # data.dataset.backend: both name PyAV
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey
-# defaults of data.dataset.max_frame_pixels / max_clip_pixels: 4K UHD frames; 32M pixels a clip (16 frames of 1080p)
-# hold about 100 MB of decoded uint8 frames per DataLoader worker
+# defaults of data.dataset.max_frame_pixels / max_clip_pixels: 4K UHD frames; 32M pixels a clip (16
+# frames of 1080p) hold about 100 MB of decoded uint8 frames per DataLoader worker
 MAX_FRAME_PIXELS = 3840 * 2160
 MAX_CLIP_PIXELS = 32 * 1024 * 1024
 
@@ -49,7 +50,8 @@ def frame_step(source_fps: float, frame_stride: int, fps: float | None) -> float
 
 
 def _rewound(source: Path | BinaryIO) -> str | BinaryIO:
-    """What PyAV opens: the path as text, or the in-memory file from its start (a second pass reads it again)."""
+    """What PyAV opens: the path as text, or the in-memory file from its start (a second pass reads
+    it again)."""
     if isinstance(source, Path):
         return str(source)
     source.seek(0)
@@ -84,21 +86,29 @@ def _checked_stream(container, num_frames: int, max_frame_pixels: int, max_clip_
     return stream
 
 
-def _decode_clip(container, indices: np.ndarray, total: int, limits: tuple[int, int, int]) -> np.ndarray:
-    """Decode up to the clip's last frame, converting only the clip's frames to RGB (memory does not grow with the
-    video's length)."""
+def _decode_clip(
+    container,
+    indices: np.ndarray,
+    total: int,
+    limits: tuple[int, int, int],
+) -> np.ndarray:
+    """Decode up to the clip's last frame, converting only the clip's frames to RGB (memory does not
+    grow with the video's length)."""
     wanted = set(indices.tolist())
     kept: dict[int, np.ndarray] = {}
     decoded = 0
     for index, frame in enumerate(container.decode(_checked_stream(container, *limits))):
-        check_frame_size(frame.width, frame.height, *limits)  # the header may lie, or the size change
+        # the header may lie, or the size change
+        check_frame_size(frame.width, frame.height, *limits)
         if index in wanted:
             kept[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
         decoded = index + 1
         if decoded > indices[-1]:
             break
     if decoded <= indices[-1]:
-        raise UnusableSample(f"video is truncated: the header promises {total} frames, only {decoded} decode")
+        raise UnusableSample(
+            f"video is truncated: the header promises {total} frames, only {decoded} decode",
+        )
     return np.stack([kept[i] for i in indices])
 
 
@@ -111,8 +121,8 @@ def _read_pyav(
     max_frame_pixels: int,
     max_clip_pixels: int,
 ) -> np.ndarray:
-    """One clip through one open container when its header counts the frames; a container without a frame count
-    is decoded once to count them (keeping none), then opened again for the clip."""
+    """One clip through one open container when its header counts the frames; a container without a
+    frame count is decoded once to count them (keeping none), then opened again for the clip."""
     import av
 
     limits = (num_frames, max_frame_pixels, max_clip_pixels)
@@ -121,7 +131,8 @@ def _read_pyav(
         step = frame_step(float(stream.average_rate or stream.guessed_rate or 0), frame_stride, fps)
         total = int(stream.frames)
         if total > 0:
-            return _decode_clip(container, clip_indices(total, num_frames, step, random_start), total, limits)
+            indices = clip_indices(total, num_frames, step, random_start)
+            return _decode_clip(container, indices, total, limits)
         total = sum(1 for _ in container.decode(stream))
     indices = clip_indices(total, num_frames, step, random_start)
     with av.open(_rewound(source)) as container:
@@ -172,7 +183,8 @@ def read_clip(
         fps: resample to this frame rate instead (None: use `frame_stride`).
         random_start: a random first frame (training) instead of the centred clip (evaluation).
         backend: `auto` or `pyav` (the same: PyAV is the one video library).
-        max_frame_pixels, max_clip_pixels: a video whose frames (or clip) have more pixels is refused before it
+        max_frame_pixels, max_clip_pixels: a video whose frames (or clip) have more pixels is
+            refused before it
             is decoded.
 
     Returns:
@@ -183,7 +195,8 @@ def read_clip(
     source = source if hasattr(source, "read") else Path(source)
     if _byte_size(source) == 0:
         raise UnusableSample("file is empty")
-    return _read_pyav(source, num_frames, frame_stride, fps, random_start, max_frame_pixels, max_clip_pixels)
+    limits = (max_frame_pixels, max_clip_pixels)
+    return _read_pyav(source, num_frames, frame_stride, fps, random_start, *limits)
 
 
 def frames_to_tensor(frames: np.ndarray, image_size: int, channels: int) -> Tensor:

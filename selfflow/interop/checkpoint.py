@@ -85,9 +85,10 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
     if vae is not None:  # the VAE moved: every config node that names it (tokenizer, latent-cache data) follows
         point_vae_keys(config, vae)
     for spec in config.tokenizer.values():
-        if "vae" in spec and spec.vae is None:  # an export names no folder of the machine it came from
+        if "vae" in spec and spec.vae is None:  # exports name no folder of the exporting machine
             raise ValueError(
-                f"{source} was trained on the latents of a VAE (fingerprint {str(spec.get('fingerprint'))[:16]}); "
+                f"{source} was trained on the latents of a VAE (fingerprint "
+                f"{str(spec.get('fingerprint'))[:16]}); "
                 f"name that VAE's local folder: vae=FOLDER (selfflow-sample, selfflow-probe) or "
                 f"from_pretrained(..., vae=FOLDER)"
             )
@@ -124,12 +125,13 @@ def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
 
 
 def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae: str | None = None) -> LoadedCheckpoint:
-    """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema (the teacher),
-    online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
+    """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema
+    (the teacher), online (the student) or ema_<decay> (an extra sampling EMA of
+    objective.sampling_ema_decays).
 
-    `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
-    vae: where the run's VAE is now, when it moved (checked by fingerprint). `hf://OWNER/NAME` is an export in
-    huggingface_hub's local cache.
+    `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights
+    only. vae: where the run's VAE is now, when it moved (checked by fingerprint). `hf://OWNER/NAME`
+    is an export in huggingface_hub's local cache.
     """
     if str(path).startswith("hf://"):
         from selfflow.interop.hub import resolve_pretrained

@@ -1,9 +1,9 @@
-"""Exports: the EMA weights of a checkpoint as `model.safetensors` plus `config.json` and a `README.md` model card,
-a pickle-free folder a model hub accepts, and loading such a folder back (safetensors: no code runs while reading;
-the config goes through the allow-list).
+"""Exports: the EMA weights of a checkpoint as `model.safetensors` plus `config.json` and a
+`README.md` model card, a pickle-free folder a model hub accepts, and loading such a folder back
+(safetensors: no code runs while reading; the config goes through the allow-list).
 
-config.json stores the sha256 of the weights file, so that a truncated or changed file is refused by name, and no
-path of the machine that exported it (`hub.without_machine_paths`).
+config.json stores the sha256 of the weights file, so that a truncated or changed file is refused by
+name, and no path of the machine that exported it (`hub.without_machine_paths`).
 """
 
 from __future__ import annotations
@@ -55,7 +55,8 @@ def export_weights(
     overwrite: bool = False,
     metrics: dict[str, float] | None = None,
 ) -> Path:
-    """Write an export folder a model hub accepts; load it back with `selfflow.from_pretrained(folder)`.
+    """Write an export folder a model hub accepts; load it back with
+    `selfflow.from_pretrained(folder)`.
 
     Args:
         checkpoint_path: a .ckpt written by selfflow-train (or an export folder).
@@ -64,7 +65,8 @@ def export_weights(
         metrics: measured results for the model card (e.g. {"fid50k": 2.3}).
 
     Returns:
-        The folder, holding model.safetensors (EMA weights), config.json (the run config without machine paths,
+        The folder, holding model.safetensors (EMA weights), config.json (the run config without
+            machine paths,
         the weights' sha256) and README.md (the model card).
     """
     from safetensors.torch import save_file

@@ -1,8 +1,10 @@
-"""Hub-style models: an export folder a model hub accepts (model.safetensors, config.json without machine paths, a
-README.md model card), loaded back by path or by hub repo id from huggingface_hub's local cache.
+"""Hub-style models: an export folder a model hub accepts (model.safetensors, config.json without
+machine paths, a README.md model card), loaded back by path or by hub repo id from huggingface_hub's
+local cache.
 
-Nothing is downloaded unless asked: `from_pretrained("OWNER/NAME")` resolves the repo in the local cache
-(`hf download OWNER/NAME` or `download=True` puts it there), so an offline machine loads what it has.
+Nothing is downloaded unless asked: `from_pretrained("OWNER/NAME")` resolves the repo in the local
+cache (`hf download OWNER/NAME` or `download=True` puts it there), so an offline machine loads what
+it has.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ from typing import Any
 HUB_PREFIX = "hf://"
 PRETRAINED_PREFIX = "pretrained:"  # init=pretrained:NAME (selfflow-train): fine-tune from an export
 MODEL_CARD = "README.md"
+CARD_TAGS = ("selfflow", "self-flow", "flow-matching")
+CARD_DATA_KEYS = ("image_size", "num_frames", "sample_rate")  # the data settings a card lists
 REPO_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
-# a value that names a place on this machine: an absolute or home path, alone or after a prefix (official:/...)
+# a value that names a place on this machine: an absolute or home path, alone or after a prefix
+# (official:/...)
 MACHINE_PATH = re.compile(r"(^|[:=,\s])(/|~|[A-Za-z]:[\\/])")
 CITATION = """@article{selfflow2026,
   title   = {Self-Flow},
@@ -28,13 +33,15 @@ CITATION = """@article{selfflow2026,
 
 
 def without_machine_paths(value: Any) -> Any:
-    """`value` (plain containers) with every string that names a place on this machine replaced by None.
+    """`value` (plain containers) with every string that names a place on this machine replaced by
+    None.
 
     Args:
         value: a resolved run config as plain dicts, lists and scalars.
 
     Returns:
-        The same structure; a VAE folder, data root or run folder given as an absolute path becomes None (whoever
+        The same structure; a VAE folder, data root or run folder given as an absolute path becomes
+            None (whoever
         loads the model names their own: `from_pretrained(..., vae=FOLDER)`).
     """
     if isinstance(value, dict):
@@ -46,30 +53,40 @@ def without_machine_paths(value: Any) -> Any:
     return value
 
 
+def plain_values(node: Any, kinds: tuple[type, ...]) -> dict[str, Any]:
+    """The entries of a config node whose values are of `kinds` (what a card table shows)."""
+    return {k: v for k, v in (node or {}).items() if isinstance(v, kinds)}
+
+
 def _rows(table: dict[str, Any]) -> str:
     return "\n".join(f"| {key} | {value} |" for key, value in table.items())
 
 
 def model_card(meta: dict, metrics: dict[str, float] | None = None) -> str:
-    """README.md of an export: what the model is, how it was trained, how to load it, and the paper to cite.
+    """README.md of an export: what the model is, how it was trained, how to load it, and the paper
+    to cite.
 
     Args:
         meta: the export's config.json document (step, weights, portable run config).
-        metrics: measured results to list (e.g. {"fid50k": 2.3}); None: the card says none were given.
+        metrics: measured results to list (e.g. {"fid50k": 2.3}); None: the card says none were
+            given.
 
     Returns:
         The card as Markdown with the hub's YAML front matter.
     """
     config = meta.get("config") or {}
     modalities = sorted((config.get("tokenizer") or {}).keys())
-    model = {k: v for k, v in (config.get("model") or {}).items() if isinstance(v, (int, float, str, bool))}
-    objective = {k: v for k, v in (config.get("objective") or {}).items() if isinstance(v, (int, float, bool))}
+    model = plain_values(config.get("model"), (int, float, str, bool))
+    objective = plain_values(config.get("objective"), (int, float, bool))
     data = config.get("data") or {}
     dataset = data.get("dataset") or {}
-    data_rows = {"modality": data.get("modality", ", ".join(modalities)), "dataset": dataset.get("_target_")}
-    data_rows.update({k: v for k, v in dataset.items() if k in ("image_size", "num_frames", "sample_rate")})
+    data_rows = {
+        "modality": data.get("modality", ", ".join(modalities)),
+        "dataset": dataset.get("_target_"),
+    }
+    data_rows.update({k: v for k, v in dataset.items() if k in CARD_DATA_KEYS})
     measured = _rows(metrics) if metrics else "| (none given at export) | |"
-    tags = "\n".join(f"  - {tag}" for tag in ["selfflow", "self-flow", "flow-matching", *modalities])
+    tags = "\n".join(f"  - {tag}" for tag in [*CARD_TAGS, *modalities])
     return f"""---
 library_name: selfflow
 tags:
@@ -79,7 +96,8 @@ tags:
 # Self-Flow model ({", ".join(modalities)})
 
 A flow-matching transformer trained with selfflow (dual-timestep scheduling and EMA
-self-distillation, the Self-Flow method). These are the EMA weights after {meta.get("step", 0)} optimizer steps.
+self-distillation, the Self-Flow method). These are the EMA weights after {meta.get("step", 0)}
+optimizer steps.
 
 ## Use
 
@@ -127,14 +145,19 @@ The full training config is in `config.json` (local paths removed).
 """
 
 
-def resolve_pretrained(name: str | os.PathLike, revision: str | None = None, download: bool = False) -> Path:
-    """The local folder of an export: `name` itself when it is a folder, else the hub repo `name` (OWNER/NAME or
-    hf://OWNER/NAME) from huggingface_hub's cache.
+def resolve_pretrained(
+    name: str | os.PathLike,
+    revision: str | None = None,
+    download: bool = False,
+) -> Path:
+    """The local folder of an export: `name` itself when it is a folder, else the hub repo `name`
+    (OWNER/NAME or hf://OWNER/NAME) from huggingface_hub's cache.
 
     Args:
         name: a folder, or a hub repo id.
         revision: a branch, tag or commit of the repo (None: main).
-        download: fetch the repo when it is not in the cache (False: the cache only; nothing is downloaded).
+        download: fetch the repo when it is not in the cache (False: the cache only; nothing is
+            downloaded).
 
     Returns:
         The folder holding model.safetensors and config.json.
@@ -144,7 +167,9 @@ def resolve_pretrained(name: str | os.PathLike, revision: str | None = None, dow
         return path
     repo_id = str(name).removeprefix(HUB_PREFIX).strip("/")
     if not REPO_ID.match(repo_id):
-        raise FileNotFoundError(f"{name} is neither a folder nor a hub repo id (OWNER/NAME or hf://OWNER/NAME)")
+        raise FileNotFoundError(
+            f"{name} is neither a folder nor a hub repo id (OWNER/NAME or hf://OWNER/NAME)",
+        )
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -160,21 +185,31 @@ def resolve_pretrained(name: str | os.PathLike, revision: str | None = None, dow
             local_files_only=not download,
         )
     except Exception as error:
-        fetch = f"fetch it first: hf download {repo_id}" if not download else "check the repo id and the network"
+        fetch = f"fetch it first: hf download {repo_id}"
+        if download:
+            fetch = "check the repo id and the network"
         raise FileNotFoundError(
-            f"{name} is not a local folder, and the hub repo {repo_id} is not in the local hub cache "
-            f"({type(error).__name__}); {fetch}"
+            f"{name} is not a local folder, and the hub repo {repo_id} is not in the local hub "
+            f"cache ({type(error).__name__}); {fetch}"
         ) from None
     return Path(folder)
 
 
-def from_pretrained(name: str | os.PathLike, vae: str | None = None, revision: str | None = None, download=False):
-    """The model of a `selfflow-export` folder or hub repo, ready to sample (`selfflow.sample_tokens`) or to
-    fine-tune (`loaded.model` is a plain `SelfFlowTransformer`; `selfflow-train init=pretrained:NAME`).
+def from_pretrained(
+    name: str | os.PathLike,
+    vae: str | None = None,
+    revision: str | None = None,
+    download: bool = False,
+):
+    """The model of a `selfflow-export` folder or hub repo, ready to sample
+    (`selfflow.sample_tokens`) or to fine-tune (`loaded.model` is a plain `SelfFlowTransformer`;
+    `selfflow-train init=pretrained:NAME`).
 
     Args:
-        name: a folder, or a hub repo id (OWNER/NAME, hf://OWNER/NAME) in huggingface_hub's local cache.
-        vae: the folder of the VAE a latent model was trained with (checked by fingerprint); exports store none.
+        name: a folder, or a hub repo id (OWNER/NAME, hf://OWNER/NAME) in huggingface_hub's local
+            cache.
+        vae: the folder of the VAE a latent model was trained with (checked by fingerprint); exports
+            store none.
         revision: a branch, tag or commit of the repo.
         download: fetch a repo missing from the cache (default: never download).
 
@@ -187,8 +222,9 @@ def from_pretrained(name: str | os.PathLike, vae: str | None = None, revision: s
 
 
 def initialize_from_pretrained(objective, name: str, tokenizers: dict) -> None:
-    """Fine-tuning from an export: the student and a fresh EMA teacher (and sampling EMAs) equal to its weights;
-    a latent model's VAE is the run's own (`tokenizer.*.vae`), checked against the export's fingerprint.
+    """Fine-tuning from an export: the student and a fresh EMA teacher (and sampling EMAs) equal to
+    its weights; a latent model's VAE is the run's own (`tokenizer.*.vae`), checked against the
+    export's fingerprint.
 
     Args:
         objective: the run's SelfFlowObjective (its model built from the run's config).
@@ -206,8 +242,9 @@ def initialize_from_pretrained(objective, name: str, tokenizers: dict) -> None:
 
 
 def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True) -> str:
-    """Upload an export folder (its model.safetensors, config.json and README.md) to the hub repo `repo_id`,
-    creating the repo when needed; the token comes from HF_TOKEN or `hf auth login`, never from selfflow.
+    """Upload an export folder (its model.safetensors, config.json and README.md) to the hub repo
+    `repo_id`, creating the repo when needed; the token comes from HF_TOKEN or `hf auth login`,
+    never from selfflow.
 
     Args:
         folder: a folder written by `selfflow-export`.
@@ -225,6 +262,8 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True) -
     api = HfApi()
     api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     commit = api.upload_folder(
-        folder_path=str(folder), repo_id=repo_id, allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD]
+        folder_path=str(folder),
+        repo_id=repo_id,
+        allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD],
     )
     return str(getattr(commit, "commit_url", commit))

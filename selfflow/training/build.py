@@ -117,8 +117,9 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
 
 
 def initialize_from(init: str, objective, tokenizers: dict) -> None:
-    """`init=official:PATH`: the student, the EMA teacher and the projection head start from the released weights;
-    `init=pretrained:NAME`: the student and the EMA teacher from a selfflow export (a folder or hub repo id)."""
+    """`init=official:PATH`: the student, the EMA teacher and the projection head start from the
+    released weights; `init=pretrained:NAME`: the student and the EMA teacher from a selfflow export
+    (a folder or hub repo id)."""
     from selfflow.interop.hub import PRETRAINED_PREFIX, initialize_from_pretrained
     from selfflow.interop.official import OFFICIAL_PREFIX, initialize_from_official
 
@@ -129,7 +130,8 @@ def initialize_from(init: str, objective, tokenizers: dict) -> None:
     if path == init or "image" not in tokenizers:
         raise ValueError(
             f"init={init} is not supported: use init=official:PATH (the released Self-Flow ImageNet "
-            f"checkpoint, with experiment=imagenet256) or init=pretrained:EXPORT (a selfflow export); "
+            f"checkpoint, with experiment=imagenet256) or init=pretrained:EXPORT (a selfflow "
+            f"export); "
             f"continue a selfflow run with ckpt_path= or resume=auto"
         )
     tokenizer = tokenizers["image"]

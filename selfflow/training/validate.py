@@ -188,8 +188,9 @@ def build_on_meta(cfg: DictConfig) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """All start-up checks; raises ConfigError with one line on the first problem (ModuleNotFoundError naming the
-    extra when the config needs an optional package that is missing)."""
+    """All start-up checks; raises ConfigError with one line on the first problem
+    (ModuleNotFoundError naming the extra when the config needs an optional package that is
+    missing)."""
     check_config_extras(OmegaConf.to_container(cfg, resolve=False))
     check_keys(cfg)
     check_unowned_ranges(cfg)
