@@ -2,15 +2,14 @@
 against what an XL/2 training step consumes, and the built-in video and audio experiments against
 their own training step.
 
-  python -m tools.bench_loaders # every part; JSON records on stdout
+  python -m tools.bench_loaders                     # every part; JSON records on stdout
   python -m tools.bench_loaders --only start_up --start-up-samples 100000
-  python -m tools.bench_loaders --only storage --images 256 --workers 0 1 2 --step-seconds 0.19
-      --step-batch 32
-  python -m tools.bench_loaders --only storage --latency-ms 20 # as if the store were 20 ms away
-  python -m tools.bench_loaders --only decode --decode-clips 10 # each video backend on 360p and
-      720p H.264
-  python -m tools.bench_loaders --only experiments --experiments video_digits --batches 20 --steps
-      10
+  python -m tools.bench_loaders --only storage --images 256 --workers 0 1 2 \
+      --step-seconds 0.19 --step-batch 32
+  python -m tools.bench_loaders --only storage --latency-ms 20   # as if the store were 20 ms away
+  python -m tools.bench_loaders --only decode --decode-clips 10  # each video backend, 360p and 720p
+  python -m tools.bench_loaders --only experiments --experiments video_digits --batches 20 \
+      --steps 10
 
 start_up: seconds to open `--start-up-samples` samples in shards of 10,000 (tiny members: the
 headers are the work) through their indexes (local and streamed) and by scanning every tar header

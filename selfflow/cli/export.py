@@ -2,12 +2,11 @@
 (model.safetensors, config.json without machine paths, a README.md model card), to share without
 pickles.
 
-selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model selfflow-export
-runs/my_run/checkpoints/last.ckpt exported/my_model --metric fid50k=2.31 # listed in the card
-selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --overwrite # replace an earlier
-export selfflow-sample ckpt=exported/my_model num_samples=16 # sample (or selfflow-probe ckpt=...)
-from the export python -c "import selfflow; selfflow.push_to_hub('exported/my_model', 'OWNER/NAME')"
-# HF_TOKEN or hf auth login
+selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model
+selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --metric fid50k=2.31  # card
+selfflow-export runs/my_run/checkpoints/last.ckpt exported/my_model --overwrite   # replace it
+selfflow-sample ckpt=exported/my_model num_samples=16    # sample (or selfflow-probe) from it
+python -c "import selfflow; selfflow.push_to_hub('exported/my_model', 'OWNER/NAME')"   # HF_TOKEN
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ def _in_thread(call: Callable[[], R], deadline_s: float) -> R:
         except BaseException as error:  # handed to the caller
             outcome["error"] = error
 
-    worker = threading.Thread(target=run, name="selfflow-store-request", daemon=True)
+    worker = threading.Thread(target=run, name="store_request", daemon=True)
     worker.start()
     worker.join(deadline_s)
     if worker.is_alive():

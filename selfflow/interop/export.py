@@ -65,9 +65,8 @@ def export_weights(
         metrics: measured results for the model card (e.g. {"fid50k": 2.3}).
 
     Returns:
-        The folder, holding model.safetensors (EMA weights), config.json (the run config without
-            machine paths,
-        the weights' sha256) and README.md (the model card).
+        The folder, holding model.safetensors (EMA weights), config.json (the run config
+        without machine paths, the weights' sha256) and README.md (the model card).
     """
     from safetensors.torch import save_file
 

@@ -40,9 +40,8 @@ def without_machine_paths(value: Any) -> Any:
         value: a resolved run config as plain dicts, lists and scalars.
 
     Returns:
-        The same structure; a VAE folder, data root or run folder given as an absolute path becomes
-            None (whoever
-        loads the model names their own: `from_pretrained(..., vae=FOLDER)`).
+        The same structure; a VAE folder, data root or run folder given as an absolute path
+        becomes None (whoever loads the model names their own: `from_pretrained(..., vae=FOLDER)`).
     """
     if isinstance(value, dict):
         return {key: without_machine_paths(item) for key, item in value.items()}
