@@ -35,7 +35,8 @@ def sbatch_text(launcher, folder: Path) -> str:
     executor = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=timeouts)
     shared = set(OmegaConf.structured(BaseQueueConf).keys())
     params["name"] = "selfflow"
-    executor.update_parameters(**{key if key in shared else f"slurm_{key}": value for key, value in params.items()})
+    named = {key if key in shared else f"slurm_{key}": value for key, value in params.items()}
+    executor.update_parameters(**named)
     return executor._executor._make_submission_file_text("python -m submitit.core._submit", "job0")
 
 
@@ -46,8 +47,15 @@ def sbatch_text(launcher, folder: Path) -> str:
         ("sample", "slurm_sample", ["ckpt=runs/x/checkpoints/last.ckpt", "num_samples=50000"]),
     ],
 )
-def test_slurm_launcher_configs_compose_with_one_task_per_gpu(config, launcher, extra, tmp_path, monkeypatch):
-    fake = tmp_path / "bin" / "srun"  # submitit looks for srun before it writes anything; it never runs here
+def test_slurm_launcher_configs_compose_with_one_task_per_gpu(
+    config,
+    launcher,
+    extra,
+    tmp_path,
+    monkeypatch,
+):
+    # submitit looks for srun before it writes anything; it never runs here
+    fake = tmp_path / "bin" / "srun"
     fake.parent.mkdir()
     fake.write_text("#!/bin/sh\nexit 1\n")
     fake.chmod(0o755)
@@ -65,7 +73,13 @@ def test_slurm_launcher_configs_compose_with_one_task_per_gpu(config, launcher, 
     assert settings._target_ == LAUNCHER
     assert (settings.nodes, settings.gpus_per_node, settings.tasks_per_node) == (2, 4, 4)
     text = sbatch_text(settings, tmp_path)
-    for line in ("--nodes=2", "--ntasks-per-node=4", "--gpus-per-node=4", "--partition=gpu", "--time=90"):
+    for line in (
+        "--nodes=2",
+        "--ntasks-per-node=4",
+        "--gpus-per-node=4",
+        "--partition=gpu",
+        "--time=90",
+    ):
         assert f"#SBATCH {line}" in text, text
     assert "srun" in text
     plain = compose(config, extra)  # the launcher changes nothing of the run's own config

@@ -66,11 +66,14 @@ def test_target_fps_resamples_the_frame_rate(tmp_path):
 def test_one_video_library_reads_paths_and_bytes_alike_at_any_frame_width(tmp_path):
     path = write_mp4(ramp_video(12), tmp_path / "clip.mp4", fps=10, crf=0)
     from_path = read_clip(path, 5, 2, backend="auto")
-    np.testing.assert_array_equal(from_path, read_clip(io.BytesIO(path.read_bytes()), 5, 2, backend="pyav"))
-    assert [round(float(f.mean()) / 8) for f in from_path] == [1, 3, 5, 7, 9]  # the centred clip: frames 1..9
+    from_bytes = read_clip(io.BytesIO(path.read_bytes()), 5, 2, backend="pyav")
+    np.testing.assert_array_equal(from_path, from_bytes)
+    # the centred clip: frames 1..9
+    assert [round(float(f.mean()) / 8) for f in from_path] == [1, 3, 5, 7, 9]
     narrow = write_mp4(ramp_video(12, size=16), tmp_path / "narrow.mp4", fps=10, crf=0)
     assert read_clip(narrow, 5, 2).shape == (5, 16, 16, 3)  # widths decord 0.6 refused
-    with pytest.raises(ValueError, match=r"backend='decord' is unknown; choose one of \('auto', 'pyav'\)"):
+    unknown = r"backend='decord' is unknown; choose one of \('auto', 'pyav'\)"
+    with pytest.raises(ValueError, match=unknown):
         read_clip(path, 5, 2, backend="decord")
 
 

@@ -17,7 +17,8 @@ def test_every_module_imports_without_transformers_and_wandb():
     code = textwrap.dedent("""
         import importlib, importlib.abc, importlib.metadata, pkgutil, sys
 
-        BLOCKED = {"transformers", "wandb"}  # what an install without the [text] and [wandb] extras lacks
+        # what an install without the [text] and [wandb] extras lacks
+        BLOCKED = {"transformers", "wandb"}
 
         class NotInstalled(importlib.abc.MetaPathFinder):
             def find_spec(self, name, path=None, target=None):
@@ -37,15 +38,24 @@ def test_every_module_imports_without_transformers_and_wandb():
         assert not BLOCKED & set(sys.modules)
         print("imported")
         """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False)
+    command = [sys.executable, "-c", code]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
     assert result.returncode == 0 and result.stdout.strip() == "imported", result.stderr[-3000:]
 
 
 @pytest.mark.parametrize(
     "module, overrides, message",
     [
-        ("wandb", ["logger=wandb"], r"logger\.wandb \(lightning\.pytorch\.loggers\.WandbLogger\) needs wandb: "),
-        ("transformers", ["experiment=text_digits"], r"tokenizer\.text \(selfflow\.tokenizers\.text\.TextTokenizer\) "),
+        (
+            "wandb",
+            ["logger=wandb"],
+            r"logger\.wandb \(lightning\.pytorch\.loggers\.WandbLogger\) needs wandb: ",
+        ),
+        (
+            "transformers",
+            ["experiment=text_digits"],
+            r"tokenizer\.text \(selfflow\.tokenizers\.text\.TextTokenizer\) ",
+        ),
     ],
 )
 def test_a_config_needing_a_missing_extra_stops_with_one_line_naming_it(
@@ -58,7 +68,8 @@ def test_a_config_needing_a_missing_extra_stops_with_one_line_naming_it(
         validate_config(cfg)
     assert stop.value.code == 2
     first = capsys.readouterr().err.splitlines()[0]
-    assert first.startswith("selfflow-train: error: ") and f"pip install 'selfflow[{extra}]'" in first
+    assert first.startswith("selfflow-train: error: ")
+    assert f"pip install 'selfflow[{extra}]'" in first
     assert __import__("re").search(message, first), first
 
 
@@ -67,6 +78,7 @@ def test_the_text_encoder_names_the_extra_when_transformers_is_missing(monkeypat
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(
-        ModuleNotFoundError, match=r"text conditioning .* needs transformers: pip install 'selfflow\[text\]'"
+        ModuleNotFoundError,
+        match=r"text conditioning .* needs transformers: pip install 'selfflow\[text\]'",
     ):
         FrozenTextEncoder(None)

@@ -30,7 +30,8 @@ def strings(value):
 
 @pytest.fixture(scope="module")
 def export(tiny_checkpoint, tmp_path_factory) -> Path:
-    return export_weights(tiny_checkpoint, tmp_path_factory.mktemp("hub") / "export", metrics={"fid50k": 12.5})
+    folder = tmp_path_factory.mktemp("hub") / "export"
+    return export_weights(tiny_checkpoint, folder, metrics={"fid50k": 12.5})
 
 
 def test_the_export_has_no_machine_paths_and_a_model_card(export, tiny_checkpoint):
@@ -41,7 +42,8 @@ def test_the_export_has_no_machine_paths_and_a_model_card(export, tiny_checkpoin
     assert not [s for s in strings(stored) if MACHINE_PATH.search(s)]
     assert stored["model"]["depth"] == 2  # the config itself is kept
     card = (export / MODEL_CARD).read_text()
-    assert card.startswith("---\nlibrary_name: selfflow\n") and "arXiv:2603.06507" in card and "Chefer" in card
+    assert card.startswith("---\nlibrary_name: selfflow\n")
+    assert "arXiv:2603.06507" in card and "Chefer" in card
     assert "| fid50k | 12.5 |" in card and "| steps | 2 |" in card and "depth" in card
     assert str(tiny_checkpoint.parents[2]) not in card
 
@@ -56,7 +58,8 @@ def put_in_hub_cache(folder: Path, cache: Path, repo_id: str) -> None:
 
 
 def same_weights(a, b) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    pairs = zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    return all(torch.equal(x, y) for x, y in pairs)
 
 
 def test_from_pretrained_loads_by_path_and_by_repo_id_from_the_local_cache_offline(
@@ -71,10 +74,17 @@ def test_from_pretrained_loads_by_path_and_by_repo_id_from_the_local_cache_offli
     reference = load_checkpoint(tiny_checkpoint).model
     by_path = selfflow.from_pretrained(export)
     by_id = selfflow.from_pretrained(REPO_ID)
-    assert by_id.path == tmp_path / "cache" / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / COMMIT
-    for loaded in (by_path, by_id, selfflow.from_pretrained(f"hf://{REPO_ID}"), load_checkpoint(f"hf://{REPO_ID}")):
+    repo = tmp_path / "cache" / f"models--{REPO_ID.replace('/', '--')}"
+    assert by_id.path == repo / "snapshots" / COMMIT
+    for loaded in (
+        by_path,
+        by_id,
+        selfflow.from_pretrained(f"hf://{REPO_ID}"),
+        load_checkpoint(f"hf://{REPO_ID}"),
+    ):
         assert same_weights(loaded.model, reference) and loaded.step == 2
-    with pytest.raises(FileNotFoundError, match=r"not in the local hub cache .*hf download someone/missing"):
+    missing = r"not in the local hub cache .*hf download someone/missing"
+    with pytest.raises(FileNotFoundError, match=missing):
         selfflow.from_pretrained("someone/missing")
     with pytest.raises(FileNotFoundError, match="neither a folder nor a hub repo id"):
         selfflow.from_pretrained(str(tmp_path / "nowhere" / "x"))
@@ -84,12 +94,13 @@ def test_init_pretrained_fine_tunes_from_the_export(export, tiny_train_cfg, tmp_
     from selfflow.training.build import build_run
 
     cfg = tiny_train_cfg(
-        "trainer.max_steps=2", "tokenizer.image.patch_size=4", "~callbacks.samples", "~callbacks.probe",
-        f"init=pretrained:{export}",
+        "trainer.max_steps=2", "tokenizer.image.patch_size=4",
+        "~callbacks.samples", "~callbacks.probe", f"init=pretrained:{export}",
     )  # fmt: skip
     run = build_run(cfg)
     exported = selfflow.from_pretrained(export).model
     objective = run.module.objective
-    assert same_weights(objective.model, exported) and same_weights(objective.teacher.module, exported)
+    assert same_weights(objective.model, exported)
+    assert same_weights(objective.teacher.module, exported)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 2 and not same_weights(objective.model, exported)

@@ -21,12 +21,14 @@ from tests.helpers.runs import exit_status
 
 wds = pytest.importorskip("webdataset")
 
+AUDIO_FORMATS = ("flac", "wav")
 IMAGE_FORMATS = {"jpg": "JPEG", "png": "PNG", "webp": "WEBP"}
 
 
 def image_bytes(extension: str, value: int) -> bytes:
     buffer = io.BytesIO()
-    Image.fromarray(np.full((20, 24, 3), value, np.uint8)).save(buffer, format=IMAGE_FORMATS[extension])
+    pixels = np.full((20, 24, 3), value, np.uint8)
+    Image.fromarray(pixels).save(buffer, format=IMAGE_FORMATS[extension])
     return buffer.getvalue()
 
 
@@ -37,15 +39,26 @@ def wav_bytes(extension: str, freq: float) -> bytes:
 
 
 def mp4_bytes(folder: Path, offset: int) -> bytes:
-    return write_mp4(ramp_video(12, size=16, offset=offset), folder / f"{offset}.mp4", fps=10, crf=0).read_bytes()
+    frames = ramp_video(12, size=16, offset=offset)
+    return write_mp4(frames, folder / f"{offset}.mp4", fps=10, crf=0).read_bytes()
 
 
 def img2dataset_sample(i: int, label_in: str) -> dict:
     """An img2dataset-style sample: image, caption and metadata; the class in .cls or in the .json
     metadata."""
     extension = list(IMAGE_FORMATS)[i % 3]
-    metadata = {"key": f"{i:09d}", "caption": f"a photo {i}", "status": "success", "width": 24, "height": 20}
-    sample = {"__key__": f"{i:09d}", extension: image_bytes(extension, 40 * i), "txt": f"a photo {i}".encode()}
+    metadata = {
+        "key": f"{i:09d}",
+        "caption": f"a photo {i}",
+        "status": "success",
+        "width": 24,
+        "height": 20,
+    }
+    sample = {
+        "__key__": f"{i:09d}",
+        extension: image_bytes(extension, 40 * i),
+        "txt": f"a photo {i}".encode(),
+    }
     if label_in == "cls":
         sample["cls"] = str(i % 2).encode()
     else:
@@ -64,8 +77,12 @@ def write_with_webdataset(folder: Path, samples: list[dict], split: str = "train
 
 
 @pytest.mark.parametrize("label_in", ["cls", "json"])
-def test_an_img2dataset_shard_written_by_webdataset_reads_with_labels_and_captions(tmp_path, label_in):
-    folder = write_with_webdataset(tmp_path / "shards", [img2dataset_sample(i, label_in) for i in range(6)])
+def test_an_img2dataset_shard_written_by_webdataset_reads_with_labels_and_captions(
+    tmp_path,
+    label_in,
+):
+    samples = [img2dataset_sample(i, label_in) for i in range(6)]
+    folder = write_with_webdataset(tmp_path / "shards", samples)
     dataset = ImageShards(str(folder), "train", image_size=8, hflip=False)
     assert len(dataset) == 6 and dataset.class_names == ["0", "1"]
     assert [dataset[i][1] for i in range(6)] == [0, 1, 0, 1, 0, 1]
@@ -74,9 +91,12 @@ def test_an_img2dataset_shard_written_by_webdataset_reads_with_labels_and_captio
     assert all(abs(level - 40 * i) < 3 for i, level in enumerate(levels)), levels
 
 
-def test_json_metadata_without_a_label_is_an_unlabelled_sample_and_a_bad_label_a_bad_sample(tmp_path):
+def test_json_metadata_without_a_label_is_an_unlabelled_sample_and_a_bad_label_a_bad_sample(
+    tmp_path,
+):
     samples = [img2dataset_sample(i, "json") for i in range(4)]
-    samples[1]["json"] = json.dumps({"key": "x", "status": "success"}).encode()  # img2dataset's own: no class
+    # img2dataset's own metadata: no class
+    samples[1]["json"] = json.dumps({"key": "x", "status": "success"}).encode()
     samples[2]["json"] = json.dumps({"label": [1, 2]}).encode()
     folder = write_with_webdataset(tmp_path / "shards", samples)
     dataset = ImageShards(str(folder), "train", image_size=8)
@@ -84,15 +104,21 @@ def test_json_metadata_without_a_label_is_an_unlabelled_sample_and_a_bad_label_a
 
 
 def webdataset_media_samples(tmp_path: Path) -> dict[str, list[dict]]:
-    """video2dataset-style mp4 samples and audio samples (wav and flac), labelled by .cls or .json."""
+    """video2dataset-style mp4 samples and audio samples (wav and flac), labelled by .cls or
+    .json."""
     video = [
-        {"__key__": f"v{i:04d}", "mp4": mp4_bytes(tmp_path, 40 * (i % 2)), "txt": b"a clip", "cls": b"%d" % (i % 2)}
+        {
+            "__key__": f"v{i:04d}",
+            "mp4": mp4_bytes(tmp_path, 40 * (i % 2)),
+            "txt": b"a clip",
+            "cls": b"%d" % (i % 2),
+        }
         for i in range(4)
     ]
     audio = [
         {
             "__key__": f"a{i:04d}",
-            ("wav" if i % 2 else "flac"): wav_bytes("wav" if i % 2 else "flac", 300 + 400 * (i % 2)),
+            AUDIO_FORMATS[i % 2]: wav_bytes(AUDIO_FORMATS[i % 2], 300 + 400 * (i % 2)),
             "json": json.dumps({"label": i % 2}).encode(),
         }
         for i in range(4)
@@ -111,18 +137,27 @@ MEDIA = {
 def test_webdataset_written_shards_train_in_the_shard_data_configs(tmp_path, modality):
     from selfflow.training.build import build_run
 
-    samples = {"image": [img2dataset_sample(i, "cls") for i in range(6)], **webdataset_media_samples(tmp_path)}
+    samples = {
+        "image": [img2dataset_sample(i, "cls") for i in range(6)],
+        **webdataset_media_samples(tmp_path),
+    }
     folder = tmp_path / "shards"
     for split in ("train", "test"):
         write_with_webdataset(folder, samples[modality], split)
     tokenizer, sizes = MEDIA[modality]
-    overrides = [f"data={modality}_shards", f"tokenizer={tokenizer}", f"data.root={folder}", "data.batch_size=2"]
+    overrides = [
+        f"data={modality}_shards",
+        f"tokenizer={tokenizer}",
+        f"data.root={folder}",
+        "data.batch_size=2",
+    ]
     overrides += [*sizes, "trainer.max_steps=2", "~callbacks.samples", "~callbacks.probe"]
     run = build_run(compose_train(overrides, tmp_path / "run"))
     kinds = {AudioShards: "audio", VideoShards: "video", ImageShards: "image"}
     assert kinds[type(run.datamodule.train_set)] == modality
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    assert run.trainer.global_step == 2 and (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    assert run.trainer.global_step == 2
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
 
 
 def test_a_selfflow_shard_iterates_in_webdataset(tmp_path):
@@ -138,5 +173,6 @@ def test_a_selfflow_shard_iterates_in_webdataset(tmp_path):
         data = sample.get("png", sample.get("jpg"))
         assert sample["__key__"] == ours.keys[i] and int(sample["cls"]) == ours[i][1]
         assert sources[data] == names[int(sample["cls"])]  # the file's own bytes, under its class
-    decoded = next(iter(wds.WebDataset(shards, shardshuffle=False).decode("torchrgb").to_tuple("png;jpg", "cls")))
+    pipeline = wds.WebDataset(shards, shardshuffle=False).decode("torchrgb")
+    decoded = next(iter(pipeline.to_tuple("png;jpg", "cls")))
     assert decoded[0].shape[0] == 3 and decoded[1] == ours[0][1]
