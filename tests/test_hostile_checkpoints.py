@@ -248,7 +248,7 @@ def test_export_refuses_to_overwrite_unless_told(tiny_checkpoint, tmp_path):
         export_weights(tiny_checkpoint, a_file, overwrite=True)
     assert a_file.read_text() == "mine"
     export_weights(tiny_checkpoint, folder, overwrite=True)
-    assert sorted(p.name for p in folder.iterdir()) == [EXPORT_CONFIG, EXPORT_WEIGHTS]
+    assert sorted(p.name for p in folder.iterdir()) == ["README.md", EXPORT_CONFIG, EXPORT_WEIGHTS]
 
 
 @pytest.mark.slow
@@ -258,7 +258,7 @@ def test_export_cli_writes_a_loadable_pair_and_refuses_an_existing_folder_with_o
         ["selfflow-export", str(tiny_checkpoint), str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["files"] == [EXPORT_WEIGHTS, EXPORT_CONFIG]
+    assert json.loads(result.stdout)["files"] == [EXPORT_WEIGHTS, EXPORT_CONFIG, "README.md"]
     weights = (out / EXPORT_WEIGHTS).read_bytes()
     again = subprocess.run(
         ["selfflow-export", str(tiny_checkpoint), str(out)], capture_output=True, text=True, timeout=300, cwd=tmp_path

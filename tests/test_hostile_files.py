@@ -410,7 +410,7 @@ class TricklingEndpoint:
 
 @pytest.mark.parametrize("trickles", ["the headers", "the body"])
 def test_an_object_store_that_trickles_its_answer_stops_at_the_deadline(trickles, monkeypatch):
-    pytest.importorskip("botocore")
+    pytest.importorskip("s3fs")
     from selfflow.data.shard_sources import ObjectStore, ObjectStoreError
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
@@ -420,21 +420,14 @@ def test_an_object_store_that_trickles_its_answer_stops_at_the_deadline(trickles
     url = f"http://127.0.0.1:{endpoint.port}"
     store = ObjectStore(url, addressing_style="path", retries=1, timeout_s=1.0)
     started = time.monotonic()
-    with pytest.raises(ObjectStoreError, match=r"did not finish within its deadline") as stopped:
+    deadline = r"took longer than data\.dataset\.store\.timeout_s=1 s"
+    with pytest.raises(ObjectStoreError, match=deadline) as stopped:
         if trickles == "the headers":
             store.size("s3://bucket/train-000000.tar")
         else:
             store.read("s3://bucket/train-000000.tar", 0, 4096)
-    assert time.monotonic() - started < 10  # 1 s and the body at 1 MiB/s; the endpoint goes on 30 s
+    assert time.monotonic() - started < 10  # the endpoint goes on 30 s
     assert "\n" not in str(stopped.value)
-
-
-def test_a_request_within_its_deadline_returns_its_answer_and_its_error():
-    from selfflow.data.deadline import within_deadline
-
-    assert within_deadline(lambda opened: 42, 5, "a request") == 42
-    with pytest.raises(KeyError):
-        within_deadline(lambda opened: {}["missing"], 5, "a request")
 
 
 # --- a run folder belongs to one run --------------------------------------------------------------

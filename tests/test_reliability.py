@@ -373,7 +373,7 @@ def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    assert json.loads(result.stdout)["files"] == ["model.safetensors", "config.json"]
+    assert json.loads(result.stdout)["files"] == ["model.safetensors", "config.json", "README.md"]
     config = json.loads((tmp_path / "export" / "config.json").read_text())
     assert config["step"] == 2 and config["config"]["model"]["width"] == 32
     exported = load_checkpoint(tmp_path / "export")

@@ -1,11 +1,14 @@
-"""Shards streamed from an S3-compatible object store: a real S3 server (moto's) on the loopback interface, started
-by the tests themselves; shards written and uploaded as they are; ranged reads through the indexes give the local
-items, one request per sample; ranks fetch disjoint samples; errors name the setting to fix; a run killed with
-SIGKILL and resumed gives the losses of an uninterrupted run."""
+"""Shards streamed from object stores through fsspec: a real S3 server (moto's, through s3fs) on the
+loopback interface, started by the tests themselves, and fsspec's in-memory store as a second
+protocol; shards written and uploaded as they are; ranged reads through the indexes give the local
+items, one request per sample; ranks fetch disjoint samples; errors name the setting to fix; every
+request has a deadline; a run killed with SIGKILL and resumed gives the losses of an uninterrupted
+run and writes no credential anywhere."""
 
 import logging
 import socket
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +17,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from selfflow.data.shard_sources import ObjectStore, ObjectStoreError
+from selfflow.data.shard_sources import ObjectStore, ObjectStoreError, RequestDeadline, read_range
 from selfflow.data.shard_writer import write_shards
 from selfflow.data.shards import ImageShards
 from selfflow.training.datamodule import SelfFlowDataModule
@@ -40,16 +43,17 @@ def endpoint():
         server.start()
         host, port = server.get_host_and_port()
         url = f"http://{host}:{port}"
-        ObjectStore(endpoint_url=url).client().create_bucket(Bucket=BUCKET)
+        fs = ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}")
+        fs.call_s3("create_bucket", Bucket=BUCKET)
         yield url
         server.stop()
 
 
 def upload(url: str, folder: Path, prefix: str) -> str:
     """Every file `selfflow-shards write` wrote (shards, indexes, classes.json), unchanged; returns the s3:// folder."""
-    client = ObjectStore(endpoint_url=url).client()
+    fs = ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}")
     for path in sorted(folder.iterdir()):
-        client.put_object(Bucket=BUCKET, Key=f"{prefix}/{path.name}", Body=path.read_bytes())
+        fs.pipe_file(f"s3://{BUCKET}/{prefix}/{path.name}", path.read_bytes())
     return f"s3://{BUCKET}/{prefix}"
 
 
@@ -61,7 +65,9 @@ def record_gets(store: ObjectStore) -> list[tuple[str, str]]:
         range_ = request.headers.get("Range")
         sent.append((request.url, range_.decode() if isinstance(range_, bytes) else range_))
 
-    store.client().meta.events.register("before-send.s3.GetObject", record)
+    fs = store.filesystem(f"s3://{BUCKET}")
+    fs.connect()  # the client exists from here on
+    fs.s3.meta.events.register("before-send.s3.GetObject", record)
     return sent
 
 
@@ -177,17 +183,17 @@ def free_port() -> int:
 def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(endpoint, image_shards, monkeypatch):
     folder = upload(endpoint, image_shards, "errors")
     store = ObjectStore(endpoint_url=endpoint, retries=1)
-    client = store.client()
-    with pytest.raises(FileNotFoundError, match=r"bucket nowhere does not exist at http://127\.0\.0\.1"):
+    fs = store.filesystem(folder)
+    with pytest.raises(FileNotFoundError, match=r"no train-\*\.tar shards in s3://nowhere/x"):
         ImageShards("s3://nowhere/x", "train", store=store)
-    client.delete_object(Bucket=BUCKET, Key="errors/train-000001.tar.index.json")
+    fs.rm_file(f"{folder}/train-000001.tar.index.json")
     with pytest.raises(
         FileNotFoundError,
         match=r"train-000001\.tar has no index .* run selfflow-shards index FOLDER "
         r"where the shards were written and upload the \.index\.json files",
     ):
         ImageShards(folder, "train", store=store)
-    client.delete_object(Bucket=BUCKET, Key="errors/classes.json")
+    fs.rm_file(f"{folder}/classes.json")
     with pytest.raises(FileNotFoundError, match=r"no classes\.json next to s3://.*/errors/test-000000\.tar"):
         ImageShards(folder, "test", store=store)
 
@@ -197,18 +203,21 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
 
     streamed = ImageShards(f"{upload(endpoint, image_shards, 'outage')}", "train", image_size=8, store=store)
     assert streamed[0] is not None
-    store.endpoint_url, store._client = dead.endpoint_url, None  # the store goes away mid-run
+    store.endpoint_url, store._filesystems = dead.endpoint_url, {}  # the store goes away mid-run
     with pytest.raises(ObjectStoreError, match="cannot read"):
         streamed[1]  # a stop (resume=auto continues exactly), not a skipped sample
     with pytest.raises(ObjectStoreError, match="cannot read"):
         streamed.load_batch([1, 2])
 
-    import botocore.utils
+    from aiobotocore.utils import AioInstanceMetadataFetcher
 
     asked = []
-    monkeypatch.setattr(
-        botocore.utils.InstanceMetadataFetcher, "retrieve_iam_role_credentials", lambda self: asked.append(self) or {}
-    )
+
+    async def no_role(self):
+        asked.append(self)
+        return {}
+
+    monkeypatch.setattr(AioInstanceMetadataFetcher, "retrieve_iam_role_credentials", no_role)
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(image_shards / "none"))
@@ -223,6 +232,99 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
     assert asked  # asked only when allowed
 
 
+def upload_to_memory(folder: Path, prefix: str) -> str:
+    """Every file of `folder` into fsspec's in-memory store (seen by forked DataLoader workers
+    too)."""
+    fs = ObjectStore().filesystem("memory://")
+    for path in sorted(folder.iterdir()):
+        fs.pipe_file(f"memory://{prefix}/{path.name}", path.read_bytes())
+    return f"memory://{prefix}"
+
+
+def test_a_second_protocol_reaches_the_same_reader_by_ranged_reads(
+    image_shards,
+    monkeypatch,
+    tmp_path,
+):
+    folder = upload_to_memory(image_shards, "selfflow-test/equal")
+    local = ImageShards(str(image_shards), "train", image_size=8)
+    streamed = ImageShards(folder, "train", image_size=8)
+    assert streamed.shards == [f"{folder}/train-{n:06d}.tar" for n in range(3)]
+    assert len(streamed) == 9
+    fs = streamed.source.filesystem(folder)
+    ranges = []
+    cat_file = type(fs).cat_file
+    monkeypatch.setattr(
+        type(fs),
+        "cat_file",
+        lambda self, path, start=None, end=None, **kw: (
+            ranges.append((start, end)) or cat_file(self, path, start=start, end=end, **kw)
+        ),
+    )
+    for i in range(len(local)):
+        torch.manual_seed(i)
+        expected = local[i]
+        torch.manual_seed(i)
+        got = streamed[i]
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    sizes = {(image_shards / Path(s).name).stat().st_size for s in streamed.shards}
+    assert len(ranges) == len(local) and all(end - start < min(sizes) for start, end in ranges)
+    cfg = compose_train(
+        [
+            "data=image_stream",
+            f"data.root={folder}",
+            "data.dataset.image_size=8",
+            "data.batch_size=2",
+        ],
+        tmp_path / "run",
+    )
+    datamodule = instantiate(cfg.data)
+    batch = next(iter(datamodule.train_dataloader()))  # forked workers read the store too
+    assert batch["data"].shape[0] == 2 and datamodule.train_set.shards[0].startswith("memory://")
+
+
+def test_every_request_has_a_deadline_on_the_whole_read(monkeypatch):
+    """A server that answers byte by byte never trips a per-read timeout; the deadline ends the
+    whole request."""
+    import fsspec
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def trickle():
+        connection, _ = listener.accept()
+        connection.recv(65536)
+        connection.sendall(b"HTTP/1.1 206 Partial Content\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):
+            time.sleep(0.05)
+            try:
+                connection.sendall(b"x")
+            except OSError:
+                break
+        connection.close()
+
+    threading.Thread(target=trickle, daemon=True).start()
+    fs = fsspec.filesystem("http", skip_instance_cache=True)  # aiohttp's own timeouts: minutes
+    start = time.perf_counter()
+    with pytest.raises(RequestDeadline):
+        read_range(fs, f"http://127.0.0.1:{port}/train-000000.tar", 0, 1000, deadline_s=1)
+    assert time.perf_counter() - start < 5
+    listener.close()
+
+    memory = fsspec.filesystem("memory", skip_instance_cache=True)
+    memory.pipe_file("memory://slow/a.tar", b"abc")
+    # a filesystem without an event loop
+    monkeypatch.setattr(type(memory), "cat_file", lambda *a, **k: time.sleep(3))
+    with pytest.raises(RequestDeadline):
+        read_range(memory, "memory://slow/a.tar", 0, 3, deadline_s=0.5)
+    store = ObjectStore(retries=2, timeout_s=0.5)
+    slow = r"took longer than data\.dataset\.store\.timeout_s=0\.5 s, 2 times"
+    with pytest.raises(ObjectStoreError, match=slow):
+        store.read("memory://slow/a.tar", 0, 3)
+
+
 def shard_run_args(root: str, run_dir: Path, workers: int, *extra: str, endpoint: str | None = None) -> list[str]:
     """tests/test_resume.py's run on shards: local ones, or streamed from `endpoint`."""
     data = (
@@ -234,10 +336,16 @@ def shard_run_args(root: str, run_dir: Path, workers: int, *extra: str, endpoint
 
 
 @pytest.mark.slow
-def test_sigkill_while_streaming_then_resume_auto_gives_the_losses_of_a_local_run(endpoint, tmp_path):
+def test_sigkill_while_streaming_then_resume_auto_gives_the_losses_of_a_local_run(
+    endpoint,
+    tmp_path,
+    monkeypatch,
+):
     images = write_noise_images(tmp_path / "images")
     write_shards(images, tmp_path / "shards", "image", max_samples_per_shard=5)
     folder = upload(endpoint, tmp_path / "shards", "resume")
+    secret = f"never-stored-{np.random.default_rng().integers(1 << 60)}"
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)  # moto takes any; the runs inherit it
     reference = tmp_path / "local"
     finish(start(shard_run_args(str(tmp_path / "shards"), reference, 0), tmp_path))
     run_dir = tmp_path / "streamed"
@@ -248,3 +356,24 @@ def test_sigkill_while_streaming_then_resume_auto_gives_the_losses_of_a_local_ru
     )
     finish(start(shard_run_args(folder, run_dir, 2, "resume=auto", endpoint=endpoint), tmp_path))
     assert_same_run(reference, run_dir)
+    files = [path for path in run_dir.rglob("*") if path.is_file()]
+    stored = [path for path in files if secret.encode() in path.read_bytes()]
+    assert not stored  # no checkpoint, hparams, config or log holds the credential
+
+
+def test_each_protocol_reaches_its_filesystem_or_names_the_package_to_install():
+    import fsspec
+
+    store = ObjectStore(timeout_s=7)
+    assert type(store.filesystem("hf://datasets/user/name/shards")).__name__ == "HfFileSystem"
+    web = store.filesystem("https://example.invalid/shards")
+    assert web.client_kwargs["timeout"].total == 7  # the request deadline reaches aiohttp too
+    for protocol, package in (("gs", "gcsfs"), ("az", "adlfs")):
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ImportError:
+            missing = rf"reading shards from {protocol}://.* pip install {package}"
+            with pytest.raises(ModuleNotFoundError, match=missing):
+                store.filesystem(f"{protocol}://bucket/shards")
+    with pytest.raises(ValueError, match=r"no filesystem reads s4://; check data\.root"):
+        ImageShards("s4://bucket/shards", "train", store=store)

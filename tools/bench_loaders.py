@@ -1,29 +1,39 @@
-"""Loader throughput: where images come from (a folder, local tar shards, an S3-compatible store) against what an
-XL/2 training step consumes, and the built-in video and audio experiments against their own training step.
+"""Loader throughput: where images come from (a folder, local tar shards, an S3-compatible store)
+against what an XL/2 training step consumes, and the built-in video and audio experiments against
+their own training step.
 
-  python -m tools.bench_loaders                                     # every part; JSON records on stdout
+  python -m tools.bench_loaders                     # every part; JSON records on stdout
   python -m tools.bench_loaders --only start_up --start-up-samples 100000
-  python -m tools.bench_loaders --only storage --images 256 --workers 0 1 2 --step-seconds 0.19 --step-batch 32
-  python -m tools.bench_loaders --only storage --latency-ms 20      # as if the store were 20 ms away
-  python -m tools.bench_loaders --only experiments --experiments video_digits --batches 20 --steps 10
+  python -m tools.bench_loaders --only storage --images 256 --workers 0 1 2 \
+      --step-seconds 0.19 --step-batch 32
+  python -m tools.bench_loaders --only storage --latency-ms 20   # as if the store were 20 ms away
+  python -m tools.bench_loaders --only decode --decode-clips 10  # each video backend, 360p and 720p
+  python -m tools.bench_loaders --only experiments --experiments video_digits --batches 20 \
+      --steps 10
 
-start_up: seconds to open `--start-up-samples` samples in shards of 10,000 (tiny members: the headers are the
-work) through their indexes (local and streamed) and by scanning every tar header (local, indexes removed).
+start_up: seconds to open `--start-up-samples` samples in shards of 10,000 (tiny members: the
+headers are the work) through their indexes (local and streamed) and by scanning every tar header
+(local, indexes removed).
 
-storage: `--images` synthetic photos (JPEG, 500x375 like an average ImageNet image) in two class folders, written
-as shards by `selfflow-shards write` (with their indexes) and uploaded to a moto S3 server on 127.0.0.1 started
-here (moto is in the test extra); the same items (256x256 centre crops, flips) are then loaded through the training
-DataLoader (`SelfFlowDataModule`: the resumable sampler, a batch's reads in flight at once) from each storage, at
-each worker count. Records: samples/s per storage and worker count, and per storage the workers that keep one GPU
-fed: ceil(consumption / samples/s of one worker), consumption = step_batch / step_seconds of one XL/2 step on one
-GPU.
-The default step (0.19 s for 32 samples) is an estimate: the H200 step measured in docs/performance.md (width 768,
-12 blocks, batch 128: 145 ms) scaled by FLOPs to XL/2 (width 1152, 28 blocks) at 32 samples; pass a measured one.
+storage: `--images` synthetic photos (JPEG, 500x375 like an average ImageNet image) in two class
+folders, written as shards by `selfflow-shards write` (with their indexes) and uploaded to a moto S3
+server on 127.0.0.1 started here (moto is in the test extra); the same items (256x256 centre crops,
+flips) are then loaded through the training DataLoader (`SelfFlowDataModule`: the resumable sampler,
+a batch's reads in flight at once) from each storage, at each worker count. Records: samples/s per
+storage and worker count, and per storage the workers that keep one GPU fed: ceil(consumption /
+samples/s of one worker), consumption = step_batch / step_seconds of one XL/2 step on one GPU. The
+default step (0.19 s for 32 samples) is an estimate: the H200 step measured in docs/performance.md
+(width 768, 12 blocks, batch 128: 145 ms) scaled by FLOPs to XL/2 (width 1152, 28 blocks) at 32
+samples; pass a measured one.
 
-experiments: clips/s (and seconds of audio/s) of the train DataLoader of each experiment, the video decoders on their
-own, and clips/s that one optimizer step of the experiment's model consumes (tokenize + Self-Flow forward/backward
-+ AdamW + EMA update); `loader_over_step` > 1 means the loader keeps up. Built-in data is generated into
-$SELFFLOW_CACHE first if needed (not timed).
+decode: clips/s that each video backend reads from one synthetic H.264 MP4 per size (360p, 720p), a
+random 16-frame clip at stride 2 each time, from the file's path and from its bytes in memory (as
+shard members are read).
+
+experiments: clips/s (and seconds of audio/s) of the train DataLoader of each experiment, the video
+decoders on their own, and clips/s that one optimizer step of the experiment's model consumes
+(tokenize + Self-Flow forward/backward + AdamW + EMA update); `loader_over_step` > 1 means the
+loader keeps up. Built-in data is generated into $SELFFLOW_CACHE first if needed (not timed).
 """
 
 from __future__ import annotations
@@ -54,7 +64,9 @@ from selfflow.training.datamodule import SelfFlowDataModule
 BUCKET = "selfflow-bench"
 PHOTO_SIZE = (500, 375)  # width, height: about the mean ImageNet image
 IMAGE_SIZE = 256  # what an XL/2 run on ImageNet trains on (before its autoencoder)
-PARTS = ["start_up", "storage", "experiments"]
+PARTS = ["start_up", "storage", "decode", "experiments"]
+# width, height of the synthetic H.264 videos
+DECODE_SIZES = {"360p": (640, 360), "720p": (1280, 720)}
 
 
 # ---------------------------------------------------------------- storage: folder, local shards, streamed
@@ -98,14 +110,15 @@ def start_store() -> tuple[object, str]:
     server.start()
     host, port = server.get_host_and_port()
     url = f"http://{host}:{port}"
-    ObjectStore(endpoint_url=url).client().create_bucket(Bucket=BUCKET)
+    fs = ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}")
+    fs.call_s3("create_bucket", Bucket=BUCKET)
     return server, url
 
 
 def upload(url: str, folder: Path) -> str:
-    client = ObjectStore(endpoint_url=url).client()
+    fs = ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}")
     for path in sorted(folder.iterdir()):
-        client.put_object(Bucket=BUCKET, Key=f"shards/{path.name}", Body=path.read_bytes())
+        fs.pipe_file(f"s3://{BUCKET}/shards/{path.name}", path.read_bytes())
     return f"s3://{BUCKET}/shards"
 
 
@@ -245,6 +258,62 @@ def bench_start_up(args) -> list[dict]:
     return records
 
 
+# ---------------------------------------------------------------- decode: one video file, each
+# backend
+
+
+def write_test_video(path: Path, width: int, height: int, frames: int) -> Path:
+    """An H.264 MP4 of moving colour gradients with noise (compressing like camera footage),
+    25 fps."""
+    from selfflow.data.video_io import write_mp4
+
+    rng = np.random.default_rng(0)
+    x = np.linspace(0, 255, width)[None, :, None]
+    y = np.linspace(0, 255, height)[:, None, None]
+    clip = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        field = (x + y * 0.5 + 4 * t + np.array([0, 85, 170])) % 256
+        clip[t] = np.clip(field + rng.normal(0, 8, (height, width, 1)), 0, 255).astype(np.uint8)
+    return write_mp4(clip, path, fps=25, crf=23)
+
+
+def bench_decode(args) -> list[dict]:
+    """Clips per second that each video backend reads from one MP4 (a random 16-frame clip, stride
+    2), in this process, from a path and from in-memory bytes (as a shard member is read)."""
+    from selfflow.data.video_io import VIDEO_BACKENDS, read_clip
+
+    records = []
+    device = f"cpu ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
+    with tempfile.TemporaryDirectory() as folder:
+        for size, (width, height) in DECODE_SIZES.items():
+            path = write_test_video(Path(folder) / f"{size}.mp4", width, height, args.decode_frames)
+            data = path.read_bytes()
+            for backend in [b for b in VIDEO_BACKENDS if b != "auto"]:
+                for origin in ("path", "memory"):
+
+                    def one_clip(path=path, data=data, origin=origin, backend=backend):
+                        source = path if origin == "path" else io.BytesIO(data)
+                        return read_clip(source, 16, 2, random_start=True, backend=backend)
+
+                    one_clip()  # warm-up
+                    start = time.perf_counter()
+                    for _ in range(args.decode_clips):
+                        one_clip()
+                    seconds = time.perf_counter() - start
+                    records.append(
+                        {
+                            "name": "loader/decode_clips_per_s",
+                            "backend": backend,
+                            "source": origin,
+                            "video": f"{width}x{height}, {args.decode_frames} frames, H.264",
+                            "clip": "16 frames, stride 2, random start",
+                            "clips_per_s": round(args.decode_clips / seconds, 2),
+                            "device": device,
+                        }
+                    )
+    return records
+
+
 # ---------------------------------------------------------------- experiments: built-in video and audio
 
 
@@ -322,9 +391,7 @@ def bench_experiment(name: str, workers: list[int], batches: int, steps: int, ov
                 result[f"loader_clips_per_s_workers{count}"] * seconds, 1
             )
     if datamodule.modality == "video":
-        from selfflow.data.video_io import decord_available
-
-        for backend in ("decord", "pyav") if decord_available() else ("pyav",):
+        for backend in ("pyav",):
             result[f"decode_clips_per_s_{backend}"] = round(decoder_rate(datamodule.train_set, backend, batches * 8), 1)
     result["step_clips_per_s"] = round(step_rate(cfg, datamodule, steps), 1)
     configured = result.get(f"loader_clips_per_s_workers{cfg.data.num_workers}")
@@ -356,6 +423,10 @@ def main() -> None:
     )
     parser.add_argument("--step-batch", type=int, default=32, help="storage: samples per GPU in that step")
     parser.add_argument("--start-up-samples", type=int, default=50_000, help="start_up: samples in the shards")
+    decode_clips = "decode: clips timed per backend and size"
+    parser.add_argument("--decode-clips", type=int, default=10, help=decode_clips)
+    decode_frames = "decode: frames in each test video"
+    parser.add_argument("--decode-frames", type=int, default=120, help=decode_frames)
     parser.add_argument("--experiments", nargs="+", default=["video_digits", "audio_digits"])
     parser.add_argument("--steps", type=int, default=10, help="experiments: optimizer steps timed")
     parser.add_argument("overrides", nargs="*", help="experiments: Hydra overrides applied to every experiment")
@@ -363,6 +434,7 @@ def main() -> None:
     parts = args.only or PARTS
     records = bench_start_up(args) if "start_up" in parts else []
     records += bench_storage(args) if "storage" in parts else []
+    records += bench_decode(args) if "decode" in parts else []
     if "experiments" in parts:
         records += [
             bench_experiment(name, args.workers, args.batches, args.steps, args.overrides) for name in args.experiments

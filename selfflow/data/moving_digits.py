@@ -91,15 +91,18 @@ def make_moving_digits(
 
 
 class MovingDigits(VideoFolder):
-    """Clips [T, C, S, S] of a moving handwritten digit, labelled by `label`: `digit` (10 classes) or `direction`
-    (`directions` = 4 or 8 classes), optionally with a second digit moving another way as a distractor.
+    """Clips [T, C, S, S] of a moving handwritten digit, labelled by `label`: `digit` (10 classes)
+    or `direction` (`directions` = 4 or 8 classes), optionally with a second digit moving another
+    way as a distractor.
 
-    Rendered at `canvas_size` (default 32: H.264 and decord prefer it to 16) and resized to `image_size` when read.
-    Made on first use into `<cache_dir>/moving_digits/<parameters hash>` (a few seconds for thousands of clips).
+    Rendered at `canvas_size` (default 32: H.264 prefers it to 16) and resized to `image_size` when
+    read. Made on first use into `<cache_dir>/moving_digits/<parameters hash>` (a few seconds for
+    thousands of clips).
 
-    preload: decode every clip once when the split is opened and serve it from memory (at most PRELOAD_BYTES;
-    larger splits are read clip by clip): the clips hold exactly `num_frames` frames, so a read is always the same,
-    and training then spends no time decoding (a few seconds once, instead of a decode per clip per epoch).
+    preload: decode every clip once when the split is opened and serve it from memory (at most
+    PRELOAD_BYTES; larger splits are read clip by clip): the clips hold exactly `num_frames` frames,
+    so a read is always the same, and training then spends no time decoding (a few seconds once,
+    instead of a decode per clip per epoch).
     """
 
     def __init__(

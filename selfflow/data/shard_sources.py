@@ -1,32 +1,60 @@
-"""Where shard bytes come from: local files, or an S3-compatible object store read by byte ranges.
+"""Where shard bytes come from: local files, or any object store fsspec reaches, read by byte
+ranges.
 
-The shard datasets ask a source for a shard's size and for byte ranges (an index, a member with its tar header), so
-the same map-style datasets, with the same exact-resume sampler and per-rank split, read shards from a disk or from
-a bucket. `ObjectStore` talks to the endpoint the config or the standard AWS settings name, through botocore (the
-AWS SDK's core; `pip install 'selfflow[stream]'`): one ranged GET per sample, retried by botocore, with credentials
-from the usual chain (environment, profile, config files) and never from the instance-metadata service unless
-`instance_credentials=true`, so nothing but the configured endpoint is ever contacted.
+The shard datasets ask a source for a shard's size and for byte ranges (an index, a member with its
+tar header), so the same map-style datasets, with the same exact-resume sampler and per-rank split,
+read shards from a disk or from a store: `s3://` (s3fs), `gs://` (gcsfs), `az://` (adlfs),
+`https://` (an HTTP server that answers Range requests), `hf://datasets/...` (the Hugging Face hub),
+`memory://` (fsspec's in-process store). `ObjectStore` opens the filesystem of each protocol lazily
+in each process, with a deadline on every request (`read_range`). Credentials come only from the
+environment or the store's own configuration files (AWS_*, GOOGLE_APPLICATION_CREDENTIALS,
+AZURE_STORAGE_*, HF_TOKEN, ...): nothing in a selfflow config holds one, so none reaches a
+checkpoint, hparams or a run folder, and for s3:// the instance-metadata service is never asked
+unless `instance_credentials=true`.
 """
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
+import re
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from selfflow.data.deadline import request_deadline, within_deadline
-
 T = TypeVar("T")
 R = TypeVar("R")
-URL_SCHEME = "s3://"
-STALLED_HINT = (
-    "the endpoint stalls or answers very slowly; check data.dataset.store.endpoint_url and the "
-    "network (data.dataset.store.timeout_s bounds every request)"
-)
+URL_PATTERN = re.compile(r"^([a-z][a-z0-9+.-]*)://")
 ADDRESSING_STYLES = ("auto", "path", "virtual")
+GOOGLE = (
+    "gcsfs",
+    "set GOOGLE_APPLICATION_CREDENTIALS or run `gcloud auth application-default login`",
+)
+AZURE = (
+    "adlfs",
+    "set AZURE_STORAGE_ACCOUNT_NAME with AZURE_STORAGE_ACCOUNT_KEY or AZURE_STORAGE_SAS_TOKEN",
+)
+WEB = ("aiohttp", "the server decides who may read")
+# protocol -> (the package that reads it, where its credentials come from)
+PROTOCOLS = {
+    "s3": (
+        "s3fs",
+        "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+        "(data.dataset.store.profile); "
+        "on a cloud VM with a role, data.dataset.store.instance_credentials=true",
+    ),
+    "gs": GOOGLE,
+    "gcs": GOOGLE,
+    "az": AZURE,
+    "abfs": AZURE,
+    "http": WEB,
+    "https": WEB,
+    "hf": ("huggingface_hub", "set HF_TOKEN or run `hf auth login`"),
+    "memory": ("fsspec", "none are needed"),
+}
 
 
 class ByteSource(Protocol):
@@ -44,8 +72,14 @@ class ByteSource(Protocol):
         """`[function(item) for item in items]`, concurrently where that helps (network requests)."""
 
 
+def protocol_of(location) -> str | None:
+    """`s3://bucket/a.tar` -> "s3"; None for a local path."""
+    match = URL_PATTERN.match(location) if isinstance(location, str) else None
+    return match.group(1) if match else None
+
+
 def is_url(location) -> bool:
-    return isinstance(location, str) and location.startswith(URL_SCHEME)
+    return protocol_of(location) is not None
 
 
 class LocalFiles:
@@ -68,34 +102,107 @@ class LocalFiles:
 
 
 class ObjectStoreError(ValueError):
-    """The store cannot be read (unreachable, no credentials, access refused): a setting the user fixes, so the
-    CLIs print it as one line. Never taken for a bad sample: a run stops rather than skip every sample."""
+    """The store cannot be read (unreachable, no credentials, access refused, too slow): a setting
+    the user fixes, so the CLIs print it as one line. Never taken for a bad sample: a run stops
+    rather than skip every sample."""
 
 
-def split_url(url: str) -> tuple[str, str]:
-    """`s3://bucket/a/b.tar` -> ("bucket", "a/b.tar")."""
-    bucket, _, key = url[len(URL_SCHEME) :].partition("/")
-    if not bucket:
-        raise ValueError(f"{url!r} names no bucket; write s3://BUCKET/PATH")
-    return bucket, key
+NO_CREDENTIALS = ("NoCredentialsError", "PartialCredentialsError", "DefaultCredentialsError")
+
+
+class RequestDeadline(TimeoutError):
+    """A request to a store took longer than its deadline in all."""
+
+
+def _in_thread(call: Callable[[], R], deadline_s: float) -> R:
+    """`call()` on a helper thread, given up after `deadline_s` seconds (for filesystems without an
+    event loop)."""
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as error:  # handed to the caller
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="store_request", daemon=True)
+    worker.start()
+    worker.join(deadline_s)
+    if worker.is_alive():
+        raise RequestDeadline(f"no answer within {deadline_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def within_deadline(fs, method: str, deadline_s: float, *args, **kwargs):
+    """`fs.<method>(*args, **kwargs)`, the whole request (connect, send, receive every byte)
+    cancelled after `deadline_s` seconds: on the filesystem's event loop for async ones (s3fs,
+    gcsfs, adlfs, HTTP), else on a helper thread.
+
+    Raises:
+        RequestDeadline: the request took longer.
+    """
+    if getattr(fs, "async_impl", False):
+        from fsspec.asyn import FSTimeoutError, sync
+
+        try:
+            return sync(fs.loop, getattr(fs, f"_{method}"), *args, timeout=deadline_s, **kwargs)
+        except FSTimeoutError:
+            raise RequestDeadline(f"no answer within {deadline_s:g} s") from None
+    return _in_thread(lambda: getattr(fs, method)(*args, **kwargs), deadline_s)
+
+
+def read_range(fs, url: str, start: int, end: int, deadline_s: float) -> bytes:
+    """Bytes [start, end) of the object at `url` (fewer at its end), all of them within `deadline_s`
+    seconds.
+
+    Args:
+        fs: an fsspec filesystem that reads `url`.
+        url: the object.
+        start, end: the byte range, end exclusive.
+        deadline_s: the most seconds the request may take in all.
+
+    Returns:
+        At most `end - start` bytes; b"" for a range that starts past the end.
+    """
+    if end <= start:
+        return b""
+    try:
+        data = within_deadline(fs, "cat_file", deadline_s, url, start=start, end=end)
+    except OSError as error:
+        past_the_end = error.errno == errno.EINVAL  # S3's InvalidRange
+        if past_the_end and not isinstance(error, FileNotFoundError):
+            return b""
+        raise
+    if len(data) > end - start:
+        raise ObjectStoreError(
+            f"{url}: the server sent {len(data)} bytes for a range of {end - start}: it "
+            f"ignores Range requests; serve the shards from a server that answers them "
+            f"(object stores and most web servers do)"
+        )
+    return data
 
 
 class ObjectStore:
-    """Shards in an S3-compatible object store (AWS S3, MinIO, Ceph, R2, ...), read by ranged GETs.
+    """Shards in an object store that fsspec reaches (see the module docstring), read by ranged
+    requests.
 
-    endpoint_url: e.g. http://127.0.0.1:9000 for a local MinIO; None: botocore's own resolution
-    (AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's config, else AWS S3). region, profile:
-    None means botocore's resolution (AWS_REGION, AWS_PROFILE, ~/.aws/config; us-east-1 when nothing
-    is set). Credentials are never configured here: botocore reads them from AWS_ACCESS_KEY_ID /
-    AWS_SECRET_ACCESS_KEY, the profile or the credentials file; instance_credentials=true also asks
-    the instance-metadata service (on a cloud VM with a role). addressing_style: path for most
-    self-hosted stores. max_connections: parallel requests at start-up (indexes) and the connection
-    pool; retries: attempts per request (botocore's standard retry mode); timeout_s: per connection
-    and read, and the deadline of a whole request (`deadline.py`: plus the time its body takes at 1
-    MiB/s), so an endpoint that trickles its answer stops the run with one line instead of stalling
-    it.
+    The S3 settings (for s3://, through s3fs): endpoint_url, e.g. http://127.0.0.1:9000 for a local
+        MinIO (None:
+    AWS_ENDPOINT_URL_S3, AWS_ENDPOINT_URL, the profile's config, else AWS S3); region, profile
+    (None: AWS_REGION, AWS_PROFILE, ~/.aws/config; us-east-1 when nothing is set); addressing_style
+    (path for most self-hosted stores); instance_credentials (true also asks a cloud VM's
+    instance-metadata service). Other protocols take their settings from their own environment
+    variables and configuration files.
 
-    A client is made lazily in each process (DataLoader workers get their own: a client must not cross a fork).
+    For every protocol: max_connections: parallel requests at start-up (indexes) and the connection
+        pool; retries:
+    attempts per request; timeout_s: the most seconds one request may take in all, connecting and
+    receiving.
+
+    A filesystem is made lazily in each process (DataLoader workers get their own: one must not
+    cross a fork).
     """
 
     def __init__(
@@ -122,161 +229,187 @@ class ObjectStore:
         self.endpoint_url, self.region, self.profile = endpoint_url, region, profile
         self.addressing_style, self.instance_credentials = addressing_style, instance_credentials
         self.max_connections, self.retries, self.timeout_s = max_connections, retries, timeout_s
-        self._client = self._threads = self._pid = None
+        self._filesystems: dict = {}
+        self._threads = self._pid = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_client": None, "_threads": None, "_pid": None}
+        return {**self.__dict__, "_filesystems": {}, "_threads": None, "_pid": None}
 
     def _this_process(self) -> None:
-        """Forget the client and threads of the process this one was forked from."""
+        """Forget the filesystems and threads of the process this one was forked from."""
         if self._pid != os.getpid():
-            self._client = self._threads = None
+            self._filesystems, self._threads = {}, None
             self._pid = os.getpid()
 
-    def where(self) -> str:
-        return self.endpoint_url or "the endpoint of the AWS settings (AWS_ENDPOINT_URL or AWS S3)"
+    def where(self, url: str) -> str:
+        if protocol_of(url) == "s3":
+            default = "the endpoint of the AWS settings (AWS_ENDPOINT_URL or AWS S3)"
+            return self.endpoint_url or default
+        return f"{protocol_of(url)}://"
 
-    def client(self):
+    def filesystem(self, url: str):
+        """The fsspec filesystem that reads `url`, made once per protocol and process."""
         self._this_process()
-        if self._client is None:
-            self._client = self._new_client()
-        return self._client
+        protocol = protocol_of(url)
+        if protocol not in self._filesystems:
+            self._filesystems[protocol] = self._new_filesystem(protocol, url)
+        return self._filesystems[protocol]
 
-    def _new_client(self):
+    def _new_filesystem(self, protocol: str, url: str):
         try:
-            import botocore.session
-            from botocore.config import Config
+            import fsspec
         except ImportError:
             raise ModuleNotFoundError(
-                "reading shards from s3:// needs botocore: pip install 'selfflow[stream]'"
+                f"reading shards from {url} needs fsspec: pip install 'selfflow[stream]'"
             ) from None
-        session = botocore.session.Session(profile=self.profile)
-        if not self.instance_credentials:  # no request to the instance-metadata address, ever
-            session.get_component("credential_provider").remove("iam-role")
-        config = Config(
-            s3={"addressing_style": self.addressing_style},
-            max_pool_connections=self.max_connections,
-            retries={"max_attempts": self.retries, "mode": "standard"},
-            connect_timeout=self.timeout_s,
-            read_timeout=self.timeout_s,
-        )
-        region = self.region or session.get_config_variable("region") or "us-east-1"
-        return session.create_client("s3", endpoint_url=self.endpoint_url, region_name=region, config=config)
-
-    def _call(self, operation: str, url: str, **arguments):
-        """One request; its errors as FileNotFoundError (missing), ObjectStoreError (anything else), or None for a
-        range that starts past the end of the object."""
-        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
-
-        bucket = split_url(url)[0]
-        client = self.client()
+        package = PROTOCOLS.get(protocol, ("",))[0]
         try:
-            return within_deadline(
-                lambda opened: getattr(client, operation)(Bucket=bucket, **arguments),
-                request_deadline(self.timeout_s),
-                f"{operation} {url}",
-            )
-        except TimeoutError as error:
-            raise ObjectStoreError(f"{error} at {self.where()}; {STALLED_HINT}") from None
-        except ClientError as error:
-            code = str(error.response.get("Error", {}).get("Code", ""))
-            if code in ("NoSuchKey", "404", "NotFound"):
-                raise FileNotFoundError(f"{url} does not exist at {self.where()}") from None
-            if code == "NoSuchBucket":
-                raise FileNotFoundError(f"bucket {bucket} does not exist at {self.where()} ({url})") from None
-            if code == "InvalidRange":
-                return None
-            raise ObjectStoreError(
-                f"{url}: {code or 'error'} from {self.where()} ({str(error)[:200]}); check the "
-                f"credentials (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and "
-                f"data.dataset.store"
+            cls = fsspec.get_filesystem_class(protocol)
+        except ImportError:
+            raise ModuleNotFoundError(
+                f"reading shards from {protocol}:// ({url}) needs {package}: pip install {package}"
             ) from None
-        except NoCredentialsError:
-            raise ObjectStoreError(
-                f"no credentials to read {url}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
-                f"or AWS_PROFILE (data.dataset.store.profile); on a cloud VM with a role, "
-                f"data.dataset.store.instance_credentials=true"
+        except ValueError:
+            raise ValueError(
+                f"{url}: no filesystem reads {protocol}://; check data.root (s3://, gs://, "
+                f"az://, https://, hf://datasets/..., memory:// or a local path)"
             ) from None
-        except BotoCoreError as error:
-            raise ObjectStoreError(
-                f"cannot read {url} from {self.where()} ({str(error)[:200]}); check "
-                f"data.dataset.store.endpoint_url (or AWS_ENDPOINT_URL) and the network"
-            ) from None
+        options = STORE_OPTIONS.get(protocol, lambda store: {})(self)
+        return cls(skip_instance_cache=True, **options)
+
+    def _call(self, method: str, url: str, *args, **kwargs):
+        """One request, given up after timeout_s and tried `retries` times; errors as
+        FileNotFoundError (missing) or ObjectStoreError (anything the user fixes: credentials,
+        endpoint, network)."""
+        fs = self.filesystem(url)
+        for attempt in range(1, self.retries + 1):
+            try:
+                return method(fs, url, *args, **kwargs)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"{url} does not exist at {self.where(url)}") from None
+            except ObjectStoreError:
+                raise
+            except RequestDeadline:
+                if attempt < self.retries:
+                    continue
+                raise ObjectStoreError(
+                    f"reading {url} from {self.where(url)} took longer than "
+                    f"data.dataset.store.timeout_s={self.timeout_s:g} s, {attempt} times; check "
+                    f"the network or raise the timeout"
+                ) from None
+            except Exception as error:
+                raise self._explained(url, error) from None
+        raise AssertionError("unreachable")
+
+    def _explained(self, url: str, error: Exception) -> ObjectStoreError:
+        """The one-line error a user acts on, naming the setting; never the credentials
+        themselves."""
+        hint = PROTOCOLS.get(protocol_of(url), ("", "check the store's settings"))[1]
+        if type(error).__name__ in NO_CREDENTIALS:
+            return ObjectStoreError(f"no credentials to read {url}: {hint}")
+        if isinstance(error, PermissionError):
+            refused = f"access refused by {self.where(url)} ({str(error)[:200]})"
+            return ObjectStoreError(f"{url}: {refused}; {hint}")
+        endpoint = "data.root"
+        if protocol_of(url) == "s3":
+            endpoint = "data.dataset.store.endpoint_url (or AWS_ENDPOINT_URL)"
+        return ObjectStoreError(
+            f"cannot read {url} from {self.where(url)} ({type(error).__name__}: "
+            f"{str(error)[:200]}); check {endpoint} and the network"
+        )
 
     def size(self, location: str) -> int:
-        return int(self._call("head_object", location, Key=split_url(location)[1])["ContentLength"])
+        def size(fs, url):
+            return within_deadline(fs, "size", self.timeout_s, url)
+
+        return int(self._call(size, location))
 
     def read(self, location: str, offset: int, size: int) -> bytes:
-        """One ranged GET; a connection that breaks while the body streams is retried like a failed request."""
-        from botocore.exceptions import BotoCoreError
+        """One ranged request for bytes [offset, offset + size) (fewer at the end)."""
 
-        if size <= 0:
-            return b""
-        attempt = 1
-        while True:
-            response = self._call(
-                "get_object", location, Key=split_url(location)[1], Range=f"bytes={offset}-{offset + size - 1}"
-            )
-            if response is None:  # the range starts past the end
-                return b""
-            length = min(size, int(response.get("ContentLength", size)))  # allocate what was asked for at most
-            try:
-                seconds = request_deadline(self.timeout_s, length)
-                return read_body(response["Body"], length, seconds, location)
-            except (BotoCoreError, OSError) as error:  # a TimeoutError of the deadline too
-                if attempt >= self.retries:
-                    raise ObjectStoreError(
-                        f"reading {location} from {self.where()} broke off {attempt} times "
-                        f"({str(error)[:200]}); check the network"
-                    ) from None
-                attempt += 1
+        def ranged(fs, url):
+            return read_range(fs, url, offset, offset + size, self.timeout_s)
+
+        return self._call(ranged, location)
 
     def glob(self, folder: str, pattern: str) -> list[str]:
-        """The objects directly in `folder` whose names match the glob `pattern`, sorted."""
-        bucket, prefix = split_url(folder.rstrip("/") + "/")
-        found, token = [], None
-        while True:
-            page = self._call(
-                "list_objects_v2",
-                folder,
-                Prefix=prefix,
-                Delimiter="/",
-                **({"ContinuationToken": token} if token else {}),
-            )
-            found += [
-                item["Key"]
-                for item in page.get("Contents", [])
-                if fnmatch.fnmatchcase(item["Key"][len(prefix) :], pattern)
-            ]
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return sorted(f"{URL_SCHEME}{bucket}/{key}" for key in found)
+        """The objects directly in `folder` whose names match the glob `pattern`, sorted (as
+        `folder/NAME`)."""
+        folder = folder.rstrip("/")
+
+        def listing(fs, url):
+            return within_deadline(fs, "ls", self.timeout_s, url, detail=True)
+
+        try:
+            entries = self._call(listing, folder)
+        except FileNotFoundError:
+            return []
+        files = [entry["name"].rstrip("/") for entry in entries if entry.get("type") == "file"]
+        names = {name.rsplit("/", 1)[-1] for name in files}
+        return sorted(f"{folder}/{name}" for name in names if fnmatch.fnmatchcase(name, pattern))
 
     def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
         """`function` over `items` on max_connections threads (requests wait on the network, not the CPU)."""
         self._this_process()
         if self._threads is None:
-            self._threads = ThreadPoolExecutor(self.max_connections, thread_name_prefix="selfflow-store")
+            self._threads = ThreadPoolExecutor(
+                self.max_connections,
+                thread_name_prefix="selfflow-store",
+            )
         return list(self._threads.map(function, items))
 
 
-def read_body(body, length: int, seconds: float, location: str) -> bytes:
-    """Up to `length` bytes of a response `body` (file-like with read and close), within `seconds`
-    in all: a body that trickles in is given up (TimeoutError) instead of holding the run."""
+def s3_options(store: ObjectStore) -> dict:
+    """s3fs's arguments: botocore's retries, pool and timeouts; a session without the
+    instance-metadata provider unless allowed. Credentials stay with the session's own chain
+    (environment, profile, config files)."""
+    from aiobotocore.session import AioSession
 
-    def read(opened: list) -> bytes:
-        opened.append(body)
-        with body:
-            return body.read(length)
+    session = AioSession(profile=store.profile)
+    if not store.instance_credentials:  # no request to the instance-metadata address, ever
+        session.get_component("credential_provider").remove("iam-role")
+    region = store.region or session.get_config_variable("region") or "us-east-1"
+    config = {
+        "s3": {"addressing_style": store.addressing_style},
+        "max_pool_connections": store.max_connections,
+        "retries": {"max_attempts": store.retries, "mode": "standard"},
+        "connect_timeout": store.timeout_s,
+        "read_timeout": store.timeout_s,
+    }
+    client = {"region_name": region}
+    return {
+        "session": session,
+        "endpoint_url": store.endpoint_url,
+        "client_kwargs": client,
+        "config_kwargs": config,
+        "retries": store.retries,
+    }
 
-    return within_deadline(read, seconds, f"GET {location}")
+
+def http_options(store: ObjectStore) -> dict:
+    """aiohttp's timeouts per request (the deadline in `read_range` bounds the whole)."""
+    import aiohttp
+
+    seconds = store.timeout_s
+    timeout = aiohttp.ClientTimeout(total=seconds, sock_connect=seconds, sock_read=seconds)
+    return {"client_kwargs": {"timeout": timeout}}
+
+
+# protocol -> the filesystem's arguments from the store's settings (others: their own configuration)
+STORE_OPTIONS: dict[str, Callable[[ObjectStore], dict]] = {
+    "s3": s3_options,
+    "http": http_options,
+    "https": http_options,
+}
 
 
 def source_for(locations: Iterable, store: ObjectStore | None) -> ByteSource:
-    """The object store for s3:// locations, local files for paths; one split's shards live in one place."""
+    """The object store for URLs, local files for paths; one split's shards live in one place."""
     kinds = {is_url(location) for location in locations}
     if kinds == {True, False}:
-        raise ValueError("a split's shards must be all local or all in the object store (s3://...), not both")
+        raise ValueError(
+            "a split's shards must be all local or all in an object store (s3://, ...), not both",
+        )
     if True in kinds:
         return store if store is not None else ObjectStore()
     return LocalFiles()

@@ -1,19 +1,21 @@
-"""WebDataset tar shards, on a disk or in an S3-compatible object store, as map-style datasets of images, audio
-clips or video clips.
+"""WebDataset tar shards, on a disk or in any object store fsspec reaches, as map-style datasets of
+images, audio clips or video clips.
 
-A shard is an uncompressed tar whose members are grouped into samples by key, the member name up to the first dot
-of its file name: `000123.jpg` (the data), `000123.cls` (the class index as text, optional), `000123.txt` (a
-caption, optional). `classes.json` next to the shards names the classes. `selfflow-shards write` writes this layout
-from a folder, with an index beside each shard (`shard_index.py`). Where the samples lie comes from the index, or
-from a scan of the tar headers (local shards without one); an item is then one read of its members, so the datasets
-have a length and random access, and the exact-resume sampler and its per-rank split work unchanged: from an object
-store too (`data.root=s3://bucket/prefix`, `shard_sources.py`), one ranged GET per sample.
-Decoding goes through the same functions as the folder datasets: a shard item equals the folder item of its file.
+A shard is an uncompressed tar whose members are grouped into samples by key, the member name up to
+the first dot of its file name: `000123.jpg` (the data), `000123.cls` (the class index as text,
+optional), `000123.txt` (a caption, optional). `classes.json` next to the shards names the classes.
+`selfflow-shards write` writes this layout from a folder, with an index beside each shard
+(`shard_index.py`). Where the samples lie comes from the index, or from a scan of the tar headers
+(local shards without one); an item is then one read of its members, so the datasets have a length
+and random access, and the exact-resume sampler and its per-rank split work unchanged: from an
+object store too (`data.root=s3://bucket/prefix`, gs://, az://, https://, hf://,
+`shard_sources.py`), one ranged read per sample. Decoding goes through the same functions as the
+folder datasets: a shard item equals the folder item of its file.
 
-Shards are data from others: every size, count and name read from them is bounded before memory is allocated
-(`MAX_*` below and the `max_*` options), and a sample that breaks a rule (a link member, a name too long, a key
-that appears twice, a member too large, a member whose tar header disagrees with the index) is skipped and listed
-like an unreadable file, never a start-up stop.
+Shards are data from others: every size, count and name read from them is bounded before memory is
+allocated (`MAX_*` below and the `max_*` options), and a sample that breaks a rule (a link member, a
+name too long, a key that appears twice, a member too large, a member whose tar header disagrees
+with the index) is skipped and listed like an unreadable file, never a start-up stop.
 """
 
 from __future__ import annotations
@@ -61,6 +63,11 @@ log = logging.getLogger("selfflow.data")
 CLASSES_FILE = "classes.json"
 LABEL_EXTENSION = "cls"
 CAPTION_EXTENSION = "txt"
+# img2dataset/video2dataset metadata: the label where there is no .cls member, from the first of
+# these fields that it has
+JSON_EXTENSION = "json"
+JSON_LABEL_FIELDS = ("cls", "label")
+MAX_JSON_BYTES = 64 << 10  # a .json member read for its label
 WRITE_HINT = "write shards from a folder with: selfflow-shards write SOURCE_FOLDER SHARD_FOLDER --modality M"
 MAX_LABEL_BYTES = 32  # a .cls member: one class index as text
 MAX_CAPTION_BYTES = 64 << 10  # a .txt member
@@ -134,10 +141,10 @@ def _members_inside(folder: Path, shards: list[Path]) -> list[Path]:
 
 
 def resolve_shards(root: str | os.PathLike | Sequence, split: str, store: ObjectStore | None = None) -> list:
-    """The shard files of one split: `root` is a folder (its `<split>-*.tar`, `val-*.tar` for test when there is
-    no `test-*.tar`), a tar file, a brace pattern, or a list of those. `{split}` in a path is the split's name.
-    Local shards come as Paths; shards in an object store as `s3://bucket/...` URLs (a URL not ending in .tar is a
-    folder)."""
+    """The shard files of one split: `root` is a folder (its `<split>-*.tar`, `val-*.tar` for test
+    when there is no `test-*.tar`), a tar file, a brace pattern, or a list of those. `{split}` in a
+    path is the split's name. Local shards come as Paths; shards in an object store as URLs
+    (`s3://bucket/...`) (a URL not ending in .tar is a folder)."""
     names = _root_names(root, split)
     source = source_for(names, store)
     shards: list = []
@@ -227,13 +234,14 @@ def member_columns(table: ShardTable, extensions: Sequence[str]) -> tuple[np.nda
 
 
 class ShardDataset(Dataset):
-    """Items `(decode(data member), label)` from tar shards; an item whose member cannot be read or decoded is None
-    (see `collate_samples`) or, with on_bad_file=error, stops the run. Subclasses set `modality`, `extensions`
-    and `decode`.
+    """Items `(decode(data member), label)` from tar shards; an item whose member cannot be read or
+    decoded is None (see `collate_samples`) or, with on_bad_file=error, stops the run. Subclasses
+    set `modality`, `extensions` and `decode`.
 
-    max_member_bytes: a data member is read whole into memory, so larger ones are skipped; max_classes: more
-    classes in classes.json stop the start-up, a larger class index makes its sample bad. store: where s3:// roots
-    are read from (`ObjectStore`: endpoint, region, ...); None reads them with the standard AWS settings.
+    max_member_bytes: a data member is read whole into memory, so larger ones are skipped;
+    max_classes: more classes in classes.json stop the start-up, a larger class index makes its
+    sample bad. store: where URL roots are read from (`ObjectStore`: endpoint, region, deadline,
+    ...); None reads them with the store's own settings.
     """
 
     modality = ""
@@ -267,7 +275,7 @@ class ShardDataset(Dataset):
         started = time.perf_counter()
         tables = self.source.map(self._table, self.shards)
         self._suggest_indexes(time.perf_counter() - started)
-        keys, data_ext, data, labels, captions = [], [], [], [], []
+        keys, data_ext, data, labels, label_json, captions = [], [], [], [], [], []
         self.problems: dict[int, str] = {}  # sample index -> why it cannot be used (see ShardTable)
         for shard_index, (shard, table) in enumerate(zip(self.shards, tables)):
             choice, data_members = member_columns(table, self.data_extensions)
@@ -286,7 +294,11 @@ class ShardDataset(Dataset):
             keys += table.keys
             data_ext.append(choice)
             data.append(np.hstack([column, data_members]))
-            labels.append(np.hstack([column, member_columns(table, (LABEL_EXTENSION,))[1]]))
+            by_cls = member_columns(table, (LABEL_EXTENSION,))[1]  # [S, 3]
+            by_json = member_columns(table, (JSON_EXTENSION,))[1]  # [S, 3]
+            use_json = (by_cls[:, 1] < 0) & (by_json[:, 1] >= 0)  # [S]: .cls wins over .json
+            labels.append(np.hstack([column, np.where(use_json[:, None], by_json, by_cls)]))
+            label_json.append(use_json)
             captions.append(np.hstack([column, member_columns(table, (CAPTION_EXTENSION,))[1]]))
         if not keys:
             raise ValueError(
@@ -298,6 +310,7 @@ class ShardDataset(Dataset):
         # [N, 4]: shard, offset, size, first header; size -1: no data
         self.data_members = np.concatenate(data)
         self.label_members = np.concatenate(labels)  # [N, 4]; size -1: no label
+        self.label_in_json = np.concatenate(label_json)  # [N]: the label member is .json
         self.caption_members = np.concatenate(captions)  # [N, 4]; size -1: no caption
         self.class_names = names if names is not None else self._class_names_from_labels()
         self.check_readable()
@@ -373,12 +386,35 @@ class ShardDataset(Dataset):
         return [piece[length:] for piece, length in zip(pieces, headers)]
 
     def _label_member(self, i: int) -> tuple[np.ndarray, int, str, str]:
+        if self.label_in_json[i]:
+            return self.label_members[i], MAX_JSON_BYTES, f".{JSON_EXTENSION}", JSON_EXTENSION
         return self.label_members[i], MAX_LABEL_BYTES, f".{LABEL_EXTENSION}", LABEL_EXTENSION
 
-    def _parse_label(self, data: bytes) -> int:
-        text = data.decode("utf-8", errors="replace").strip()
+    def _json_label(self, data: bytes) -> str:
+        """The class index in a .json member's first JSON_LABEL_FIELDS field, as text; "-1" without
+        one."""
+        try:
+            document = json.loads(data.decode("utf-8"))
+        except (ValueError, RecursionError) as error:
+            kind = type(error).__name__
+            raise UnusableSample(f"its .{JSON_EXTENSION} member is not JSON ({kind})") from None
+        document = document if isinstance(document, dict) else {}
+        fields = [document[f] for f in JSON_LABEL_FIELDS if f in document]
+        if not fields:
+            return "-1"  # metadata without a label (img2dataset's): an unlabelled sample
+        if isinstance(fields[0], bool) or not isinstance(fields[0], (int, str)):
+            shown = str(fields[0])[:40]
+            raise UnusableSample(f"its .{JSON_EXTENSION} label {shown!r} is not a class index")
+        return str(fields[0])
+
+    def _parse_label(self, data: bytes, from_json: bool = False) -> int:
+        if from_json:
+            text = self._json_label(data)
+        else:
+            text = data.decode("utf-8", errors="replace").strip()
         if not re.fullmatch(r"-?\d+", text):
-            raise UnusableSample(f"its .{LABEL_EXTENSION} member holds {text[:40]!r}, not a class index")
+            extension = JSON_EXTENSION if from_json else LABEL_EXTENSION
+            raise UnusableSample(f"its .{extension} member holds {text[:40]!r}, not a class index")
         label = int(text)
         if label >= self.max_classes:
             raise UnusableSample(
@@ -392,10 +428,12 @@ class ShardDataset(Dataset):
         return label
 
     def label(self, i: int) -> int:
-        """The `.cls` member as an int; -1 without one."""
+        """The `.cls` member (else the label field of the `.json` member) as an int; -1 without
+        one."""
         if self.label_members[i, 2] < 0:
             return -1
-        return self._parse_label(self._read(i, [self._label_member(i)])[0])
+        data = self._read(i, [self._label_member(i)])[0]
+        return self._parse_label(data, bool(self.label_in_json[i]))
 
     def caption(self, i: int) -> str | None:
         """The `.txt` member, None without one."""
@@ -417,7 +455,7 @@ class ShardDataset(Dataset):
         """`(decoded data, label)` from what `fetch(i)` returned."""
         data, *label = fetched
         decoded = self.decode(io.BytesIO(data))
-        return decoded, self._parse_label(label[0]) if label else -1
+        return decoded, self._parse_label(label[0], bool(self.label_in_json[i])) if label else -1
 
     def load(self, i: int) -> tuple[Tensor, int]:
         return self.finish(i, self.fetch(i))

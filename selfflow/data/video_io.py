@@ -1,4 +1,5 @@
-"""Reading clips from video files (decord, PyAV as the fallback) and writing H.264 MP4 files (PyAV)."""
+"""Reading clips from video files and writing H.264 MP4 files, both with PyAV (FFmpeg, bundled in
+its wheels)."""
 
 from __future__ import annotations
 
@@ -18,10 +19,10 @@ from selfflow.data.bad_files import UnusableSample
 from selfflow.io.safe_files import replace_atomically
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")
-VIDEO_BACKENDS = ("auto", "decord", "pyav")
+VIDEO_BACKENDS = ("auto", "pyav")  # data.dataset.backend: both name PyAV
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights for RGB -> grey
-# defaults of data.dataset.max_frame_pixels / max_clip_pixels: 4K UHD frames; 32M pixels a clip (16 frames of 1080p)
-# hold about 100 MB of decoded uint8 frames, twice that while decord hands them over, per DataLoader worker
+# defaults of data.dataset.max_frame_pixels / max_clip_pixels: 4K UHD frames; 32M pixels a clip (16
+# frames of 1080p) hold about 100 MB of decoded uint8 frames per DataLoader worker
 MAX_FRAME_PIXELS = 3840 * 2160
 MAX_CLIP_PIXELS = 32 * 1024 * 1024
 
@@ -50,7 +51,8 @@ def frame_step(source_fps: float, frame_stride: int, fps: float | None) -> float
 
 
 def _rewound(source: Path | BinaryIO) -> str | BinaryIO:
-    """What a decoder opens: the path as text, or the in-memory file from its start (a fallback reads it again)."""
+    """What PyAV opens: the path as text, or the in-memory file from its start (a second pass reads
+    it again)."""
     if isinstance(source, Path):
         return str(source)
     source.seek(0)
@@ -85,28 +87,30 @@ def _checked_stream(container, num_frames: int, max_frame_pixels: int, max_clip_
     return stream
 
 
-def _check_header(source: Path | BinaryIO, num_frames: int, max_frame_pixels: int, max_clip_pixels: int) -> None:
-    """`check_frame_size` from the container header, before decord decodes (decord shows no size until then)."""
-    import av
-
-    try:
-        with av.open(_rewound(source)) as container:
-            _checked_stream(container, num_frames, max_frame_pixels, max_clip_pixels)
-    except UnusableSample:
-        raise
-    except Exception as error:
-        raise UnusableSample(f"cannot read its container header ({type(error).__name__}: {str(error)[:120]})") from None
-
-
-def _read_decord(
-    source: Path | BinaryIO, num_frames: int, frame_stride: int, fps: float | None, random_start: bool
+def _decode_clip(
+    container,
+    indices: np.ndarray,
+    total: int,
+    limits: tuple[int, int, int],
 ) -> np.ndarray:
-    import decord
-
-    reader = decord.VideoReader(_rewound(source), num_threads=1)
-    step = frame_step(reader.get_avg_fps(), frame_stride, fps)
-    indices = clip_indices(len(reader), num_frames, step, random_start)
-    return reader.get_batch(indices.tolist()).asnumpy()  # [T, H, W, 3] uint8
+    """Decode up to the clip's last frame, converting only the clip's frames to RGB (memory does not
+    grow with the video's length)."""
+    wanted = set(indices.tolist())
+    kept: dict[int, np.ndarray] = {}
+    decoded = 0
+    for index, frame in enumerate(container.decode(_checked_stream(container, *limits))):
+        # the header may lie, or the size change
+        check_frame_size(frame.width, frame.height, *limits)
+        if index in wanted:
+            kept[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+        decoded = index + 1
+        if decoded > indices[-1]:
+            break
+    if decoded <= indices[-1]:
+        raise UnusableSample(
+            f"video is truncated: the header promises {total} frames, only {decoded} decode",
+        )
+    return np.stack([kept[i] for i in indices])
 
 
 def _read_pyav(
@@ -118,8 +122,8 @@ def _read_pyav(
     max_frame_pixels: int,
     max_clip_pixels: int,
 ) -> np.ndarray:
-    """Decode up to the clip's last frame, keeping only the clip's frames (memory does not grow with the video's
-    length); a container without a frame count is decoded once to count them, keeping none."""
+    """One clip through one open container when its header counts the frames; a container without a
+    frame count is decoded once to count them (keeping none), then opened again for the clip."""
     import av
 
     limits = (num_frames, max_frame_pixels, max_clip_pixels)
@@ -127,23 +131,13 @@ def _read_pyav(
         stream = _checked_stream(container, *limits)
         step = frame_step(float(stream.average_rate or stream.guessed_rate or 0), frame_stride, fps)
         total = int(stream.frames)
-        if total <= 0:
-            total = sum(1 for _ in container.decode(stream))
+        if total > 0:
+            indices = clip_indices(total, num_frames, step, random_start)
+            return _decode_clip(container, indices, total, limits)
+        total = sum(1 for _ in container.decode(stream))
     indices = clip_indices(total, num_frames, step, random_start)
-    wanted = set(indices.tolist())
-    kept: dict[int, np.ndarray] = {}
-    decoded = 0
     with av.open(_rewound(source)) as container:
-        for index, frame in enumerate(container.decode(_checked_stream(container, *limits))):
-            check_frame_size(frame.width, frame.height, *limits)  # the header may lie, or the size change
-            if index in wanted:
-                kept[index] = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
-            decoded = index + 1
-            if decoded > indices[-1]:
-                break
-    if decoded <= indices[-1]:
-        raise UnusableSample(f"video is truncated: the header promises {total} frames, only {decoded} decode")
-    return np.stack([kept[i] for i in indices])
+        return _decode_clip(container, indices, total, limits)
 
 
 def clip_frames_available(path: str | os.PathLike, frame_stride: int = 1, fps: float | None = None) -> int:
@@ -165,14 +159,6 @@ def clip_frames_available(path: str | os.PathLike, frame_stride: int = 1, fps: f
     return math.floor((total - 1) / step) + 1 if total > 0 else 0
 
 
-def decord_available() -> bool:
-    try:
-        import decord  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _byte_size(source: Path | BinaryIO) -> int:
     if isinstance(source, Path):
         return source.stat().st_size
@@ -189,41 +175,29 @@ def read_clip(
     max_frame_pixels: int = MAX_FRAME_PIXELS,
     max_clip_pixels: int = MAX_CLIP_PIXELS,
 ) -> np.ndarray:
-    """One clip of a video file as uint8 RGB frames [T, H, W, 3].
+    """One clip of a video file as uint8 RGB frames [T, H, W, 3], decoded by PyAV (FFmpeg).
 
-    `source` is a path or a seekable binary file (e.g. a tar shard member's bytes in a BytesIO), decoded in memory.
-    backend `auto` reads with decord and falls back to PyAV when decord is missing or fails on the file
-    (decord 0.6 rejects some frame widths, e.g. 16 or 48 pixels, that PyAV decodes fine). A video whose frames
-    (or clip) have more pixels than `max_frame_pixels` (`max_clip_pixels`) is refused before decoding.
+    Args:
+        source: a path or a seekable binary file (e.g. a tar shard member's bytes in a BytesIO).
+        num_frames: frames in the clip.
+        frame_stride: source frames between two clip frames (when `fps` is None).
+        fps: resample to this frame rate instead (None: use `frame_stride`).
+        random_start: a random first frame (training) instead of the centred clip (evaluation).
+        backend: `auto` or `pyav` (the same: PyAV is the one video library).
+        max_frame_pixels, max_clip_pixels: a video whose frames (or clip) have more pixels is
+            refused before it
+            is decoded.
+
+    Returns:
+        uint8 array [T, H, W, 3].
     """
     if backend not in VIDEO_BACKENDS:
         raise ValueError(f"video backend={backend!r} is unknown; choose one of {VIDEO_BACKENDS}")
     source = source if hasattr(source, "read") else Path(source)
     if _byte_size(source) == 0:
         raise UnusableSample("file is empty")
-    args = (source, num_frames, frame_stride, fps, random_start)
     limits = (max_frame_pixels, max_clip_pixels)
-    if backend == "pyav" or (backend == "auto" and not decord_available()):
-        return _read_pyav(*args, *limits)
-    _check_header(source, num_frames, *limits)
-    try:
-        return _read_decord(*args)
-    except UnusableSample:
-        raise
-    except Exception as decord_error:
-        if backend == "decord" and isinstance(source, Path):
-            raise
-        if backend == "decord":  # decord's message on in-memory input quotes the input bytes: keep it short
-            raise RuntimeError(f"decord cannot decode it: {str(decord_error)[:120]}") from None
-        try:
-            return _read_pyav(*args, *limits)
-        except UnusableSample:
-            raise
-        except Exception as pyav_error:
-            raise UnusableSample(
-                f"neither decord ({type(decord_error).__name__}: {str(decord_error)[:120]}) nor "
-                f"PyAV ({type(pyav_error).__name__}: {pyav_error}) can decode it"
-            ) from pyav_error
+    return _read_pyav(source, num_frames, frame_stride, fps, random_start, *limits)
 
 
 def frames_to_tensor(frames: np.ndarray, image_size: int, channels: int) -> Tensor:

@@ -184,7 +184,8 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae=None) -> 
     """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema (the teacher),
     online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
 
-    `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only.
+    `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only;
+    `hf://OWNER/NAME` is an export in huggingface_hub's local cache.
 
     Args:
         path: A run's .ckpt file, an export folder, or an export's model.safetensors.
@@ -202,6 +203,10 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae=None) -> 
         ValueError: Other weights than `ema` from an export, or a file that is not a complete
             checkpoint.
     """
+    if str(path).startswith("hf://"):
+        from selfflow.interop.hub import resolve_pretrained
+
+        path = resolve_pretrained(str(path))
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":
         from selfflow.interop.export import load_exported

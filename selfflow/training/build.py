@@ -119,15 +119,22 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
 
 
 def initialize_from(init: str, objective, tokenizers: dict) -> None:
-    """`init=official:PATH`: the student, the EMA teacher and the projection head start from the released weights."""
+    """`init=official:PATH`: the student, the EMA teacher and the projection head start from the
+    released weights; `init=pretrained:NAME`: the student and the EMA teacher from a selfflow export
+    (a folder or hub repo id)."""
+    from selfflow.interop.hub import PRETRAINED_PREFIX, initialize_from_pretrained
     from selfflow.interop.official import OFFICIAL_PREFIX, initialize_from_official
 
+    if init.startswith(PRETRAINED_PREFIX):
+        initialize_from_pretrained(objective, init.removeprefix(PRETRAINED_PREFIX), tokenizers)
+        return
     path = init.removeprefix(OFFICIAL_PREFIX)
     if path == init or "image" not in tokenizers:
         raise ValueError(
             f"init={init} is not supported: use init=official:PATH (the released Self-Flow ImageNet "
-            f"checkpoint, with experiment=imagenet256); continue a selfflow run with ckpt_path= or "
-            f"resume=auto"
+            f"checkpoint, with experiment=imagenet256) or init=pretrained:EXPORT (a selfflow "
+            f"export); "
+            f"continue a selfflow run with ckpt_path= or resume=auto"
         )
     tokenizer = tokenizers["image"]
     channels = tokenizer.token_channels // tokenizer.patch_size**2

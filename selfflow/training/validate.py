@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from selfflow.dependencies import explain_import_failure
+from selfflow.dependencies import check_config_extras, explain_import_failure
 from selfflow.safe_config import first_line
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
@@ -205,7 +205,10 @@ def build_on_meta(cfg: DictConfig) -> None:
 
 
 def validate_config(cfg: DictConfig) -> None:
-    """All start-up checks; raises ConfigError with one line on the first problem."""
+    """All start-up checks; raises ConfigError with one line on the first problem
+    (ModuleNotFoundError naming the extra when the config needs an optional package that is
+    missing)."""
+    check_config_extras(OmegaConf.to_container(cfg, resolve=False))
     check_keys(cfg)
     check_unowned_ranges(cfg)
     check_tokenizers_take_geometry_from_the_data(cfg)

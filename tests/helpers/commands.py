@@ -28,7 +28,8 @@ CONFIG_OF = {
     "selfflow.cli.cache": "cache",
 }
 HYDRA_FLAGS = {"--help"}
-SHELL_TOOLS = {"mkdir", "cd", "cp", "ls", "curl", "wget", "sha256sum", "rsync", "export", "tensorboard", "wandb"}
+SHELL_TOOLS = {"mkdir", "cd", "cp", "mv", "ls", "for", "curl", "wget", "sha256sum", "rsync", "export"}
+SHELL_TOOLS |= {"tensorboard", "wandb"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 COMMAND_START = r"(?:selfflow-[a-z-]+(?![:\w-])|python -m tools\.)"
 

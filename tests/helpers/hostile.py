@@ -134,9 +134,6 @@ def run_bounded(code: str, headroom_mb: int = HEADROOM_MB) -> str:
         import torch, torchaudio, av, soundfile, PIL.Image
         import selfflow.data.shards
         from selfflow.data.bad_files import failure_reason
-        from selfflow.data.video_io import decord_available
-        if decord_available():
-            import decord
         torch.set_num_threads(1)
 
         def refusal(load):

@@ -1,0 +1,268 @@
+"""Hub-style models: an export folder a model hub accepts (model.safetensors, config.json without
+machine paths, a README.md model card), loaded back by path or by hub repo id from huggingface_hub's
+local cache.
+
+Nothing is downloaded unless asked: `from_pretrained("OWNER/NAME")` resolves the repo in the local
+cache (`hf download OWNER/NAME` or `download=True` puts it there), so an offline machine loads what
+it has.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+HUB_PREFIX = "hf://"
+PRETRAINED_PREFIX = "pretrained:"  # init=pretrained:NAME (selfflow-train): fine-tune from an export
+MODEL_CARD = "README.md"
+CARD_TAGS = ("selfflow", "self-flow", "flow-matching")
+CARD_DATA_KEYS = ("image_size", "num_frames", "sample_rate")  # the data settings a card lists
+REPO_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
+# a value that names a place on this machine: an absolute or home path, alone or after a prefix
+# (official:/...)
+MACHINE_PATH = re.compile(r"(^|[:=,\s])(/|~|[A-Za-z]:[\\/])")
+CITATION = """@article{selfflow2026,
+  title   = {Self-Flow},
+  author  = {Chefer, Hila and Esser, Patrick and others},
+  journal = {arXiv preprint arXiv:2603.06507},
+  note    = {Black Forest Labs},
+  year    = {2026}
+}"""
+
+
+def without_machine_paths(value: Any) -> Any:
+    """`value` (plain containers) with every string that names a place on this machine replaced by
+    None.
+
+    Args:
+        value: a resolved run config as plain dicts, lists and scalars.
+
+    Returns:
+        The same structure; a VAE folder, data root or run folder given as an absolute path
+        becomes None (whoever loads the model names their own: `from_pretrained(..., vae=FOLDER)`).
+    """
+    if isinstance(value, dict):
+        return {key: without_machine_paths(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [without_machine_paths(item) for item in value]
+    if isinstance(value, str) and MACHINE_PATH.search(value):
+        return None
+    return value
+
+
+def plain_values(node: Any, kinds: tuple[type, ...]) -> dict[str, Any]:
+    """The entries of a config node whose values are of `kinds` (what a card table shows)."""
+    return {k: v for k, v in (node or {}).items() if isinstance(v, kinds)}
+
+
+def _rows(table: dict[str, Any]) -> str:
+    return "\n".join(f"| {key} | {value} |" for key, value in table.items())
+
+
+def model_card(meta: dict, metrics: dict[str, float] | None = None) -> str:
+    """README.md of an export: what the model is, how it was trained, how to load it, and the paper
+    to cite.
+
+    Args:
+        meta: the export's config.json document (step, weights, portable run config).
+        metrics: measured results to list (e.g. {"fid50k": 2.3}); None: the card says none were
+            given.
+
+    Returns:
+        The card as Markdown with the hub's YAML front matter.
+    """
+    config = meta.get("config") or {}
+    modalities = sorted((config.get("tokenizer") or {}).keys())
+    model = plain_values(config.get("model"), (int, float, str, bool))
+    objective = plain_values(config.get("objective"), (int, float, bool))
+    data = config.get("data") or {}
+    dataset = data.get("dataset") or {}
+    data_rows = {
+        "modality": data.get("modality", ", ".join(modalities)),
+        "dataset": dataset.get("_target_"),
+    }
+    data_rows.update({k: v for k, v in dataset.items() if k in CARD_DATA_KEYS})
+    measured = _rows(metrics) if metrics else "| (none given at export) | |"
+    tags = "\n".join(f"  - {tag}" for tag in [*CARD_TAGS, *modalities])
+    return f"""---
+library_name: selfflow
+tags:
+{tags}
+---
+
+# Self-Flow model ({", ".join(modalities)})
+
+A flow-matching transformer trained with selfflow (dual-timestep scheduling and EMA
+self-distillation, the Self-Flow method). These are the EMA weights after {meta.get("step", 0)}
+optimizer steps.
+
+## Use
+
+```python
+import selfflow
+loaded = selfflow.from_pretrained("OWNER/NAME")   # or a local folder; vae=FOLDER for a latent model
+```
+
+```bash
+selfflow-sample ckpt=hf://OWNER/NAME num_samples=16          # from the local hub cache
+selfflow-train init=pretrained:hf://OWNER/NAME ...           # fine-tune from these weights
+```
+
+## Training
+
+| setting | value |
+|---|---|
+{_rows({"steps": meta.get("step", 0), "weights": meta.get("weights", "ema"), **data_rows})}
+
+Model:
+
+| key | value |
+|---|---|
+{_rows(model)}
+
+Objective:
+
+| key | value |
+|---|---|
+{_rows(objective)}
+
+The full training config is in `config.json` (local paths removed).
+
+## Metrics
+
+| metric | value |
+|---|---|
+{measured}
+
+## Citation
+
+```bibtex
+{CITATION}
+```
+"""
+
+
+def resolve_pretrained(
+    name: str | os.PathLike,
+    revision: str | None = None,
+    download: bool = False,
+) -> Path:
+    """The local folder of an export: `name` itself when it is a folder, else the hub repo `name`
+    (OWNER/NAME or hf://OWNER/NAME) from huggingface_hub's cache.
+
+    Args:
+        name: a folder, or a hub repo id.
+        revision: a branch, tag or commit of the repo (None: main).
+        download: fetch the repo when it is not in the cache (False: the cache only; nothing is
+            downloaded).
+
+    Returns:
+        The folder holding model.safetensors and config.json.
+    """
+    path = Path(name).expanduser()
+    if path.exists():
+        return path
+    repo_id = str(name).removeprefix(HUB_PREFIX).strip("/")
+    if not REPO_ID.match(repo_id):
+        raise FileNotFoundError(
+            f"{name} is neither a folder nor a hub repo id (OWNER/NAME or hf://OWNER/NAME)",
+        )
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        needs = "needs huggingface_hub: pip install 'selfflow[hub]'"
+        raise ModuleNotFoundError(f"loading {name} by repo id {needs}") from None
+    from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS
+
+    try:
+        folder = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD],
+            local_files_only=not download,
+        )
+    except Exception as error:
+        fetch = f"fetch it first: hf download {repo_id}"
+        if download:
+            fetch = "check the repo id and the network"
+        raise FileNotFoundError(
+            f"{name} is not a local folder, and the hub repo {repo_id} is not in the local hub "
+            f"cache ({type(error).__name__}); {fetch}"
+        ) from None
+    return Path(folder)
+
+
+def from_pretrained(
+    name: str | os.PathLike,
+    vae: str | None = None,
+    revision: str | None = None,
+    download: bool = False,
+):
+    """The model of a `selfflow-export` folder or hub repo, ready to sample
+    (`selfflow.sample_tokens`) or to fine-tune (`loaded.model` is a plain `SelfFlowTransformer`;
+    `selfflow-train init=pretrained:NAME`).
+
+    Args:
+        name: a folder, or a hub repo id (OWNER/NAME, hf://OWNER/NAME) in huggingface_hub's local
+            cache.
+        vae: the folder of the VAE a latent model was trained with (checked by fingerprint); exports
+            store none.
+        revision: a branch, tag or commit of the repo.
+        download: fetch a repo missing from the cache (default: never download).
+
+    Returns:
+        `LoadedCheckpoint` (model, tokenizers, config, step).
+    """
+    from selfflow.interop.export import load_exported
+
+    return load_exported(resolve_pretrained(name, revision, download), vae)
+
+
+def initialize_from_pretrained(objective, name: str, tokenizers: dict) -> None:
+    """Fine-tuning from an export: the student and a fresh EMA teacher (and sampling EMAs) equal to
+    its weights; a latent model's VAE is the run's own (`tokenizer.*.vae`), checked against the
+    export's fingerprint.
+
+    Args:
+        objective: the run's SelfFlowObjective (its model built from the run's config).
+        name: a folder or hub repo id (see `from_pretrained`).
+        tokenizers: the run's tokenizers, by modality.
+    """
+    from selfflow.interop.state_check import check_state_fits
+
+    vae = next((t.vae_path for t in tokenizers.values() if getattr(t, "vae_path", None)), None)
+    state = from_pretrained(name, vae=None if vae is None else str(vae)).model.state_dict()
+    check_state_fits(objective.model.state_dict(), state, f"init={PRETRAINED_PREFIX}{name}")
+    objective.model.load_state_dict(state)
+    for ema in (objective.teacher, *objective.sampling_emas.values()):
+        ema.module.load_state_dict(state)
+
+
+def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True) -> str:
+    """Upload an export folder (its model.safetensors, config.json and README.md) to the hub repo
+    `repo_id`, creating the repo when needed; the token comes from HF_TOKEN or `hf auth login`,
+    never from selfflow.
+
+    Args:
+        folder: a folder written by `selfflow-export`.
+        repo_id: OWNER/NAME.
+        private: create the repo private.
+
+    Returns:
+        The URL of the commit.
+    """
+    from huggingface_hub import HfApi
+
+    from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, read_export_config
+
+    read_export_config(Path(folder) / EXPORT_CONFIG)  # an export, not any folder
+    api = HfApi()
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    commit = api.upload_folder(
+        folder_path=str(folder),
+        repo_id=repo_id,
+        allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD],
+    )
+    return str(getattr(commit, "commit_url", commit))
