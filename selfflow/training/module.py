@@ -20,7 +20,7 @@ from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import TEXT, Condition, PackedTokens, Tokens
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
-from selfflow.training.nonfinite import NonFiniteGuard
+from selfflow.training.nonfinite import NonFiniteGuard, uncount_skipped_step
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.schedules import LRSchedule
 
@@ -191,7 +191,14 @@ class SelfFlowModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)  # runs training_step and backward through the closure
         if not self._update_skipped:
             self.objective.update_teacher()
+        elif self.trainer is not None:  # a skipped update is no step: global_step and the LR stay
+            uncount_skipped_step(self.trainer)
         self._step_nonfinite, self._step_modalities = None, set()
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """The schedule follows completed updates: a skipped one leaves the learning rate where it was."""
+        if not self._update_skipped:
+            super().lr_scheduler_step(scheduler, metric)
 
     def configure_optimizers(self):
         params = [p for p in self.objective.parameters() if p.requires_grad]
