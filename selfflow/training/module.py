@@ -15,6 +15,7 @@ from selfflow.data.vae_folder import check_stored_fingerprints
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
 from selfflow.interop.state_check import check_state_fits
 from selfflow.objectives.flow_loss import bucket_names
+from selfflow.objectives.repa import check_stored_encoder, clean_images
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import TEXT, Condition, PackedTokens, Tokens
@@ -25,7 +26,7 @@ from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.schedules import LRSchedule
 
 # metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
-STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm")
+STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/loss_align", "train/grad_norm")
 
 
 class SelfFlowModule(L.LightningModule):
@@ -89,7 +90,8 @@ class SelfFlowModule(L.LightningModule):
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
         tokens = self.tokenize(batch)
-        out = self.objective(tokens, self.condition(batch), step=self.global_step)
+        images = self.alignment_images(batch, tokens)
+        out = self.objective(tokens, self.condition(batch), step=self.global_step, images=images)
         batch_size = tokens.batch_size
         token_counts = modality_token_counts(tokens)
         present = [m for m, count in token_counts.items() if count]
@@ -103,6 +105,8 @@ class SelfFlowModule(L.LightningModule):
         self.log("train/loss_flow", out.loss_flow, batch_size=batch_size)
         if out.loss_rep is not None:
             self.log("train/loss_rep", out.loss_rep, prog_bar=True, batch_size=batch_size)
+        if out.loss_align is not None:
+            self.log("train/loss_align", out.loss_align, prog_bar=True, batch_size=batch_size)
         if self.objective.gamma_schedule.kind != "constant":  # a constant gamma is in the hyperparameters
             self.log("train/gamma", out.gamma, batch_size=batch_size)
         self.bucket_sums += out.flow_bucket_sums
@@ -114,6 +118,12 @@ class SelfFlowModule(L.LightningModule):
         self._tokens_by_modality = token_counts
         self._samples_in_batch = batch_size
         return loss
+
+    def alignment_images(self, batch: dict[str, Any], tokens) -> torch.Tensor | None:
+        """The clean images REPA's encoder sees (objective=repa), None for the other objectives."""
+        if self.objective.alignment is None or "data" not in batch or "image" not in self.tokenizers:
+            return None
+        return clean_images(batch["data"], tokens, self.tokenizers["image"])
 
     @property
     def data_modalities(self) -> list[str]:
@@ -227,6 +237,7 @@ class SelfFlowModule(L.LightningModule):
         source = "the checkpoint to resume from"
         check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), source)
         check_stored_fingerprints(dict(self.tokenizers), checkpoint.get("selfflow_config"), source)
+        check_stored_encoder(self.objective.alignment, checkpoint.get("selfflow_config"), source)
         self._rng_to_restore = checkpoint.get("selfflow_rng")
         training = checkpoint.get("selfflow_training") or {}
         self.nonfinite.load_state_dict(training.get("nonfinite", {}))
