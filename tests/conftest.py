@@ -55,7 +55,8 @@ def tiny_vae(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_dinov2(tmp_path_factory) -> Path:
-    """REPA's encoder in the tests: a tiny randomly initialised DINOv2 (tests.helpers.files.write_tiny_dinov2)."""
+    """REPA's encoder in the tests: a tiny randomly initialised DINOv2
+    (tests.helpers.files.write_tiny_dinov2)."""
     from tests.helpers.files import write_tiny_dinov2
 
     return write_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny-dinov2")

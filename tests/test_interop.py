@@ -91,7 +91,7 @@ def test_converted_weights_are_a_plain_selfflow_model_in_our_convention():
     assert official.model.pos_embed == "sincos" and official.model.t_embedder.scale == 1.0
 
 
-def test_a_file_with_model_and_ema_loads_model_like_the_released_sampler_and_ema_on_request(tmp_path):
+def test_a_file_with_model_and_ema_loads_model_like_the_released_sampler_or_ema(tmp_path):
     online, ema = released_state_dict(seed=7), released_state_dict(seed=8)
     path = tmp_path / "both.pt"
     torch.save({"ema": ema, "model": online}, path)
@@ -250,7 +250,8 @@ def test_init_official_starts_student_teacher_and_head_from_the_released_weights
     assert trainable == released - {"modality_embed.image"}
     run.trainer.fit(run.module, datamodule=run.datamodule)  # and it trains (fine-tuning)
     assert run.trainer.global_step == 2
-    assert not objective.model.modality_embed["image"].any()  # zero and frozen: the released function
+    # zero and frozen: the released function
+    assert not objective.model.modality_embed["image"].any()
 
 
 def test_init_official_names_what_does_not_fit(tiny_train_cfg, tiny_vae, cifar_classes, tmp_path):

@@ -170,13 +170,15 @@ def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 def inject_nan(module, batches: set[int]) -> None:
-    """Make the objective's loss NaN at the given training batches (0-based calls of the objective)."""
+    """Make the objective's loss NaN at the given training batches (0-based calls of the
+    objective)."""
     forward = module.objective.forward
     calls = iter(range(10**6))
 
     def nan_at_batches(*args, **kwargs):
         out = forward(*args, **kwargs)
-        return dataclasses.replace(out, loss=out.loss * float("nan")) if next(calls) in batches else out
+        poisoned = next(calls) in batches
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if poisoned else out
 
     module.objective.forward = nan_at_batches
 
@@ -189,7 +191,8 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_train_cfg):
     assert same(after[1]["student"], after[2]["student"])  # no optimizer update at the NaN batch
     assert same(after[1]["ema"], after[2]["ema"])  # no EMA update either
     assert not same(after[2]["student"], after[3]["student"])  # and training goes on afterwards
-    assert len(after) == 6 and run.trainer.global_step == 5  # the skipped batch is no step of max_steps
+    # the skipped batch is no step of max_steps
+    assert len(after) == 6 and run.trainer.global_step == 5
     assert int(run.module.objective.teacher.num_updates) == 5
     assert run.module.nonfinite.skipped == 1
     import csv
@@ -203,7 +206,8 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_train_cfg):
 
 
 def test_a_skipped_update_advances_neither_the_step_nor_the_learning_rate(tiny_train_cfg):
-    """During the warm-up the learning rate grows every step; a skipped update keeps both where they were."""
+    """During the warm-up the learning rate grows every step; a skipped update keeps both where they
+    were."""
     overrides = ("trainer.max_steps=4", "lr_warmup_steps=10", "callbacks.samples.every_n_steps=0")
     run = build_run(tiny_train_cfg(*overrides))
     inject_nan(run.module, {2})
@@ -261,7 +265,8 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
     assert run.module.nonfinite.skipped == 1
     assert int(run.module.objective.teacher.num_updates) == 3
     optimizer = run.trainer.optimizers[0]
-    assert {int(state["step"]) for state in optimizer.state.values()} == {3}  # the skipped step left Adam alone
+    # the skipped step left Adam alone
+    assert {int(state["step"]) for state in optimizer.state.values()} == {3}
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
 
 

@@ -136,8 +136,9 @@ def test_guidance_applies_inside_the_interval_only():
 
 
 def test_unset_labels_are_drawn_uniformly_from_the_seed_like_the_released_sampler():
-    """labels=null: every sample's class drawn at random (the released protocol: 50,000 samples of 1000 classes
-    give uneven counts), fixed by the seed; labels=balanced keeps exactly N / classes per class."""
+    """labels=null: every sample's class drawn at random (the released protocol: 50,000 samples of
+    1000 classes give uneven counts), fixed by the seed; labels=balanced keeps exactly N / classes
+    per class."""
     drawn = resolve_labels(None, 50_000, 1000, 1000, seed=0)
     counts = torch.bincount(drawn, minlength=1000)
     assert counts.min() < 50 < counts.max() and counts.sum() == 50_000
@@ -316,15 +317,25 @@ def test_cuda_sampling_matches_cpu_noise_and_uses_bf16_where_supported():
 
 
 def test_fid_jobs_default_to_the_released_protocol(tiny_checkpoint, tmp_path, monkeypatch):
-    """metrics=fid with nothing else said: SDE, 250 steps, guidance only at noise levels <= 0.7 (the released
-    sampler's interval); a quick look keeps Euler 50 over [0, 1]; what the user sets wins."""
+    """metrics=fid with nothing else said: SDE, 250 steps, guidance only at noise levels <= 0.7 (the
+    released sampler's interval); a quick look keeps Euler 50 over [0, 1]; what the user sets
+    wins."""
     import selfflow.cli.sample as sample_cli
 
-    monkeypatch.setattr(sample_cli, "fid_config", lambda cfg, out_dir, device: None)  # no Inception file here
-    fid = run_sample(tiny_checkpoint, tmp_path / "fid", "metrics=fid", "num_samples=1", "cfg_scale=2")
+    # no Inception file here
+    monkeypatch.setattr(sample_cli, "fid_config", lambda cfg, out_dir, device: None)
+    fid_options = ("metrics=fid", "num_samples=1", "cfg_scale=2")
+    fid = run_sample(tiny_checkpoint, tmp_path / "fid", *fid_options)
     assert (fid["sampler"], fid["steps"], fid["guidance_interval"]) == ("sde", 250, [0.0, 0.7])
-    plain = run_sample(tiny_checkpoint, tmp_path / "plain", "num_samples=1", "cfg_scale=2", "steps=2")
+    quick = ("num_samples=1", "cfg_scale=2", "steps=2")
+    plain = run_sample(tiny_checkpoint, tmp_path / "plain", *quick)
     assert (plain["sampler"], plain["guidance_interval"]) == ("euler", [0.0, 1.0])
-    told_options = ("metrics=fid", "num_samples=1", "sampler=heun", "steps=4", "guidance_interval=[0.1,0.9]")
+    told_options = (
+        "metrics=fid",
+        "num_samples=1",
+        "sampler=heun",
+        "steps=4",
+        "guidance_interval=[0.1,0.9]",
+    )
     told = run_sample(tiny_checkpoint, tmp_path / "told", *told_options)
     assert (told["sampler"], told["steps"], told["guidance_interval"]) == ("heun", 4, [0.1, 0.9])

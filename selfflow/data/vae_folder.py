@@ -50,8 +50,8 @@ def _fingerprint(folder: Path, stats: tuple) -> str:  # stats: part of the cache
 
 
 def folder_fingerprint(path: Path) -> str:
-    """sha256 of a model folder's config.json and weight files, by name and content (computed once per
-    process and file state). Used for VAEs and for external encoders alike.
+    """sha256 of a model folder's config.json and weight files, by name and content (computed once
+    per process and file state). Used for VAEs and for external encoders alike.
 
     Args:
         path: a resolved folder holding config.json.

@@ -57,7 +57,8 @@ BLOCK_LINEARS = (
 )
 FREQUENCY_DIM = 256  # sinusoidal timestep features of the released t_embedder
 WRAPPER_KEYS = ("model", "ema", "state_dict")  # where training scripts nest the weights
-# which of a file's nested weights to load (official_weights=...): `model`, as the released sampler does, or `ema`
+# which of a file's nested weights to load (official_weights=...): `model`, as the released sampler
+# does, or `ema`
 OFFICIAL_WEIGHTS = ("model", "ema")
 OFFICIAL_PREFIX = "official:"  # ckpt=official:PATH (selfflow-sample), init=official:PATH (selfflow-train)
 
@@ -65,13 +66,12 @@ OFFICIAL_PREFIX = "official:"  # ckpt=official:PATH (selfflow-sample), init=offi
 def read_state_dict(
     path_or_state_dict: str | os.PathLike | dict[str, Tensor], weights: str = "model"
 ) -> dict[str, Tensor]:
-    """The released weights as a flat dict: loaded safely (weights only), unwrapped, `module.` prefixes dropped.
-    weights: the nested entry to take from a file holding several (`model`, as the released sampler does, or `ema`);
-    a file with only one takes that one."""
+    """The released weights as a flat dict: loaded safely (weights only), unwrapped, `module.`
+    prefixes dropped. weights: the nested entry to take from a file holding several (`model`, as the
+    released sampler does, or `ema`); a file with only one takes that one."""
     if weights not in OFFICIAL_WEIGHTS:
-        raise ValueError(
-            f"official_weights={weights!r} is unknown; choose model (the released sampler's choice) or ema"
-        )
+        choices = "model (the released sampler's choice) or ema"
+        raise ValueError(f"official_weights={weights!r} is unknown; choose {choices}")
     if isinstance(path_or_state_dict, dict):
         state = path_or_state_dict
     else:
@@ -226,8 +226,9 @@ def load_official(
     attention: str = "auto",
     weights: str = "model",
 ) -> OfficialSelfFlow:
-    """The released Self-Flow checkpoint (a path or a state dict in its layout) as an `OfficialSelfFlow`, eval mode.
-    weights: `model` (the released sampler's choice) or `ema`, for a file that nests both."""
+    """The released Self-Flow checkpoint (a path or a state dict in its layout) as an
+    `OfficialSelfFlow`, eval mode. weights: `model` (the released sampler's choice) or `ema`, for a
+    file that nests both."""
     state = read_state_dict(path_or_state_dict, weights)
     layout = describe_layout(state, patch_size, latent_channels)
     if layout["width"] % heads:
@@ -405,8 +406,8 @@ def initialize_from_official(objective, path: str | os.PathLike, patch_size: int
 def load_official_for_sampling(
     path: str, vae: str | None, weights: str = "model"
 ) -> tuple[OfficialSelfFlow, dict[str, Any]]:
-    """The released model (`weights`: model or ema) and an SD-VAE latent tokenizer (from a local diffusers
-    folder) for selfflow-sample."""
+    """The released model (`weights`: model or ema) and an SD-VAE latent tokenizer (from a local
+    diffusers folder) for selfflow-sample."""
     if vae is None:
         raise ValueError(
             "the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "

@@ -38,8 +38,9 @@ class SelfFlowTransformer(nn.Module):
     num_classes: class labels (0 = unconditional); label `num_classes` is the null label.
     text_stream_blocks: with text, how many first blocks keep separate text weights (two-stream), single after.
     size_conditioning: embed (original size, crop offsets, target size) into the conditioning (multi-aspect).
-    modality_embedding: learn an embedding per modality added after its input projection; False keeps it zero and
-    frozen (the released layout has none, so a model in it has exactly the released parameters).
+    modality_embedding: learn an embedding per modality added after its input projection; False
+    keeps it zero and frozen (the released layout has none, so a model in it has exactly the
+    released parameters).
     """
 
     def __init__(
@@ -85,9 +86,10 @@ class SelfFlowTransformer(nn.Module):
         self.token_channels = dict(token_channels)
         self.activation_checkpointing = activation_checkpointing
         self.input_proj = nn.ModuleDict({m: nn.Linear(c, width) for m, c in token_channels.items()})
-        self.modality_embed = nn.ParameterDict(
-            {m: nn.Parameter(torch.zeros(width), requires_grad=modality_embedding) for m in token_channels}
-        )
+        embeds = {m: nn.Parameter(torch.zeros(width)) for m in token_channels}
+        for embed in embeds.values():
+            embed.requires_grad_(modality_embedding)
+        self.modality_embed = nn.ParameterDict(embeds)
         self.t_embedder = TimestepEmbedder(width, scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.rope = MultiAxisRoPE(width // heads, rope_axes, rope_theta) if pos_embed == "rope" else None

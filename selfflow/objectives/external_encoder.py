@@ -1,8 +1,9 @@
-"""A frozen external image encoder (DINOv2 through `transformers`) from a local folder, for REPA's alignment.
+"""A frozen external image encoder (DINOv2 through `transformers`) from a local folder, for REPA.
 
-The encoder is never part of a checkpoint: it is held outside the module tree (no parameters, no state_dict
-entries) and recorded by the fingerprint of its files, as a VAE is (`selfflow.data.vae_folder`), so that a resume
-with another encoder is refused by name while the same encoder in another folder is accepted.
+The encoder is never part of a checkpoint: it is held outside the module tree (no parameters, no
+state_dict entries) and recorded by the fingerprint of its files, as a VAE is
+(`selfflow.data.vae_folder`), so that a resume with another encoder is refused by name while the
+same encoder in another folder is accepted.
 
 Needs the optional extra: pip install 'selfflow[text]' (transformers).
 """
@@ -26,7 +27,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def encoder_folder(folder: str | os.PathLike, key: str = KEY) -> Path:
-    """The resolved folder, refused in one line (naming `key`) unless it holds a saved `transformers` model."""
+    """The resolved folder, refused in one line (naming `key`) unless it holds a saved
+    `transformers` model."""
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
@@ -39,17 +41,20 @@ def encoder_folder(folder: str | os.PathLike, key: str = KEY) -> Path:
 
 
 def load_dinov2(folder: Path, key: str = KEY) -> nn.Module:
-    """A `transformers` Dinov2Model from a local folder (nothing is downloaded), eval mode, frozen."""
+    """A `transformers` Dinov2Model from a local folder (nothing is downloaded), eval mode,
+    frozen."""
     try:
         from transformers import Dinov2Model
     except ImportError:
-        raise ModuleNotFoundError(f"{key}=... needs transformers: pip install 'selfflow[text]'") from None
+        needs = f"{key}=... needs transformers: pip install 'selfflow[text]'"
+        raise ModuleNotFoundError(needs) from None
     try:  # real weights also while start-up checks build the run on the meta device
         with torch.device("cpu"):
             model = Dinov2Model.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as error:
         first = str(error).splitlines()[0] if str(error) else ""
-        raise ValueError(f"{key}={folder}: cannot load a DINOv2 model ({type(error).__name__}: {first})") from error
+        why = f"{type(error).__name__}: {first}"
+        raise ValueError(f"{key}={folder}: cannot load a DINOv2 model ({why})") from error
     return model.eval().requires_grad_(False)
 
 
@@ -60,18 +65,25 @@ class ExternalEncoder(nn.Module):
         folder: a local folder with a `transformers` Dinov2Model (config.json and weights).
         fingerprint: the encoder a checkpoint was trained with; another one in `folder` is refused
             (None: computed).
-        resolution: the encoder's input side in pixels (None: patch size x the student's grid, so that its
-            patches match the student's tokens one to one: 224 for a 16 x 16 grid at patch 14, as REPA).
+        resolution: the encoder's input side in pixels (None: patch size x the student's grid, so
+            that its patches match the student's tokens one to one: 224 for a 16 x 16 grid at
+            patch 14, as REPA).
     """
 
-    def __init__(self, folder: str | os.PathLike, fingerprint: str | None = None, resolution: int | None = None):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        fingerprint: str | None = None,
+        resolution: int | None = None,
+    ):
         super().__init__()
         path = encoder_folder(folder)
         found = folder_fingerprint(path)
         if fingerprint is not None and found != fingerprint:
             raise ValueError(
-                f"{KEY}={folder} holds another encoder (fingerprint {found[:16]}) than the one this "
-                f"run was trained with ({str(fingerprint)[:16]}); point {KEY} at that encoder's folder"
+                f"{KEY}={folder} holds another encoder (fingerprint {found[:16]}) than the one "
+                f"this run was trained with ({str(fingerprint)[:16]}); point {KEY} at that "
+                f"encoder's folder"
             )
         self.fingerprint, self.path = found, str(path)
         self._encoder = [load_dinov2(path)]  # a list: not a submodule, never in state_dict()
@@ -98,10 +110,12 @@ class ExternalEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: Tensor, grid: tuple[int, int]) -> Tensor:
-        """images: [B, C, H, W] in [0, 1] (C = 1 or 3) -> patch features [B, gh * gw, z_dim], float32.
+        """images: [B, C, H, W] in [0, 1] (C = 1 or 3) -> patch features [B, gh * gw, z_dim],
+        float32.
 
-        Resized (bicubic) to the encoder's input size and normalised as DINOv2 expects; its normalised patch
-        tokens (CLS left out) are interpolated to the student's grid when their grid differs.
+        Resized (bicubic) to the encoder's input size and normalised as DINOv2 expects; its
+        normalised patch tokens (CLS left out) are interpolated to the student's grid when their
+        grid differs.
         """
         x = images.float().expand(-1, 3, -1, -1) if images.shape[1] == 1 else images.float()
         height, width = self.input_size(grid)

@@ -1,14 +1,14 @@
 """REPA: representation alignment of a student layer to a frozen external encoder's patch features.
 
-REPA (Yu et al.) adds to flow matching `lambda * mean(-cos(projector(h_l), z))` over tokens, where `h_l` is the
-output of student block l (8 of 28 for SiT-XL), the projector an MLP D -> 2048 -> 2048 -> z_dim with SiLU, `z`
-the frozen encoder's patch features of the clean image at the matching resolution, and lambda 0.5. Here it is a
-part of `SelfFlowObjective` (`objective=repa`: one noise level per sample, no self-distillation), so that REPA,
-Self-Flow and vanilla flow matching share model, data, schedules, EMA, sampler and evaluation.
+REPA (Yu et al.) adds to flow matching `lambda * mean(-cos(projector(h_l), z))` over tokens, where
+`h_l` is the output of student block l (8 of 28 for SiT-XL), the projector an MLP D -> 2048 -> 2048
+-> z_dim with SiLU, `z` the frozen encoder's patch features of the clean image at the matching
+resolution, and lambda 0.5. Here it is a part of `SelfFlowObjective` (`objective=repa`: one noise
+level per sample, no self-distillation), so that REPA, Self-Flow and vanilla flow matching share
+model, data, schedules, EMA, sampler and evaluation.
 
-Images only: the encoder sees pixels (the batch's own, or the clean latents decoded by the VAE for a latent
-cache). The encoder is never stored in checkpoints; the run records its fingerprint.
-"""
+Images only: the encoder sees pixels (the batch's own, or the clean latents decoded by the VAE for a
+latent cache). The encoder is never stored in checkpoints; the run records its fingerprint."""
 
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ def default_alignment_layer(depth: int) -> int:
 
 
 def repa_projector(width: int, hidden: int, out: int) -> nn.Sequential:
-    """REPA's projector: Linear D -> hidden, SiLU, Linear hidden -> hidden, SiLU, Linear hidden -> z_dim."""
+    """REPA's projector: Linear D -> hidden, SiLU, Linear hidden -> hidden, SiLU,
+    Linear hidden -> z_dim."""
     return nn.Sequential(
         nn.Linear(width, hidden),
         nn.SiLU(),
@@ -48,11 +49,13 @@ class REPAAlignment(nn.Module):
         width: the student's hidden size D.
         depth: the student's blocks (for the default layer).
         encoder: a local folder with a `transformers` Dinov2Model.
-        fingerprint: the encoder a checkpoint was trained with (None: computed; another one is refused).
+        fingerprint: the encoder a checkpoint was trained with (None: computed; another one is
+            refused).
         weight: lambda, the loss weight (REPA: 0.5).
         layer: the 1-based student block whose output is aligned (None: 8 of 28, scaled by depth).
         projector_dim: the projector's hidden width (REPA: 2048).
-        encoder_resolution: the encoder's input side in pixels (None: its patch size x the student's grid).
+        encoder_resolution: the encoder's input side in pixels (None: its patch size x the
+            student's grid).
     """
 
     def __init__(
@@ -71,7 +74,9 @@ class REPAAlignment(nn.Module):
             raise ValueError(f"objective.alignment.weight={weight} must be >= 0")
         self.layer = default_alignment_layer(depth) if layer is None else int(layer)
         if not 1 <= self.layer <= depth:
-            raise ValueError(f"objective.alignment.layer={layer} must be in 1..{depth} (the model depth)")
+            raise ValueError(
+                f"objective.alignment.layer={layer} must be in 1..{depth} (the model depth)",
+            )
         self.weight = float(weight)
         self.encoder = ExternalEncoder(encoder, fingerprint, encoder_resolution)
         self.projector = repa_projector(width, projector_dim, self.encoder.feature_dim)
@@ -96,7 +101,8 @@ def token_grid(tokens: Tokens) -> tuple[int, int]:
 
 
 def clean_images(data: Tensor, tokens: Tokens, tokenizer) -> Tensor:
-    """[B, C, H, W] in [0, 1]: the batch's own pixels, or (a latent cache batch) its clean latents decoded.
+    """[B, C, H, W] in [0, 1]: the batch's own pixels, or (a latent cache batch) its clean latents
+    decoded.
 
     Args:
         data: the batch's `data` (images, or cached latents).
@@ -112,8 +118,13 @@ def clean_images(data: Tensor, tokens: Tokens, tokenizer) -> Tensor:
     return tokenizer.decode(tokens.x)
 
 
-def check_stored_encoder(alignment: REPAAlignment | None, stored: Mapping[str, Any] | None, source: str):
-    """Resuming: the run's encoder must be the one the checkpoint's run aligned to (by fingerprint)."""
+def check_stored_encoder(
+    alignment: REPAAlignment | None,
+    stored: Mapping[str, Any] | None,
+    source: str,
+) -> None:
+    """Resuming: the run's encoder must be the one the checkpoint's run aligned to (by
+    fingerprint)."""
     theirs = (((stored or {}).get("objective") or {}).get("alignment") or {}).get("fingerprint")
     if alignment is None or not theirs or theirs == alignment.encoder.fingerprint:
         return

@@ -7,8 +7,8 @@ from torch import Tensor, nn
 
 
 class ProjectionHead(nn.Module):
-    """Linear D -> 2D, SiLU, Linear 2D -> D, applied per token; initialised as the released model's projector
-    (xavier-uniform weights, zero biases)."""
+    """Linear D -> 2D, SiLU, Linear 2D -> D, applied per token; initialised as the released model's
+    projector (xavier-uniform weights, zero biases)."""
 
     def __init__(self, width: int, hidden_mult: int = 2):
         super().__init__()

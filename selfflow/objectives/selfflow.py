@@ -67,10 +67,11 @@ class SelfFlowObjective(nn.Module):
     sampling_ema_decays: extra EMAs of the student, one full model copy each (no gradient, no optimizer state),
     updated with the teacher and read as `weights=ema_<decay>` by selfflow-sample and selfflow-probe: a slower EMA
     to sample from than the teacher the method needs.
-    alignment: REPA's alignment to an external encoder (`selfflow.objectives.repa.REPAAlignment`, built with
-    the model's width and depth and `encoder`); `forward` then needs the batch's clean images (objective=repa).
-    encoder: the local folder of REPA's encoder (read only with `alignment`, so that one sweep over the
-    objectives can name it for all).
+    alignment: REPA's alignment to an external encoder (`selfflow.objectives.repa.REPAAlignment`,
+    built with the model's width and depth and `encoder`); `forward` then needs the batch's clean
+    images (objective=repa).
+    encoder: the local folder of REPA's encoder (read only with `alignment`, so that one sweep over
+    the objectives can name it for all).
     """
 
     def __init__(
@@ -148,8 +149,8 @@ class SelfFlowObjective(nn.Module):
         if alignment is not None:
             if not encoder:
                 raise ValueError(
-                    "objective=repa needs objective.encoder=DIR: a local folder with a transformers "
-                    "Dinov2Model (save_pretrained); nothing is downloaded"
+                    "objective=repa needs objective.encoder=DIR: a local folder with a "
+                    "transformers Dinov2Model (save_pretrained); nothing is downloaded"
                 )
             self.alignment = alignment(width=model.width, depth=model.depth, encoder=encoder)
 
@@ -204,7 +205,8 @@ class SelfFlowObjective(nn.Module):
     ) -> ObjectiveOutput:
         """tokens: a padded batch of one modality or packed rows; condition: the batch's labels ([B]; packed rows
         carry theirs inside the packing), captions and size conditioning (None: unconditional); step: the optimizer
-        step, for the gamma schedule; images: the clean images [B, C, H, W] in [0, 1] (REPA's alignment)."""
+        step, for the gamma schedule; images: the clean images [B, C, H, W] in [0, 1] (REPA's
+        alignment)."""
         condition = condition or Condition()
         x0 = tokens.x  # [R, N, C]
         packed = isinstance(tokens, PackedTokens)
@@ -267,7 +269,8 @@ class SelfFlowObjective(nn.Module):
         per_modality = self._per_modality(
             flow_error.detach(), None if rep_error is None else rep_error.detach(), modality, valid
         )
-        return ObjectiveOutput(loss, loss_flow, loss_rep, gamma, sums, counts, dual, per_modality, loss_align)
+        parts = (loss, loss_flow, loss_rep, gamma, sums, counts, dual, per_modality, loss_align)
+        return ObjectiveOutput(*parts)
 
     def _hidden_layers(self, want_rep: bool) -> tuple[int, ...]:
         """The student blocks whose outputs the losses read: Self-Flow's and REPA's layers."""
@@ -280,13 +283,16 @@ class SelfFlowObjective(nn.Module):
         """REPA's loss, mean over tokens and samples (None without objective.alignment)."""
         if self.alignment is None:
             return None
-        if isinstance(tokens, PackedTokens) or tokens.modality != "image" or tokens.valid is not None:
+        packed = isinstance(tokens, PackedTokens)
+        if packed or tokens.modality != "image" or tokens.valid is not None:
             raise ValueError(
                 "objective=repa aligns image tokens of unpacked batches; train on image data "
                 "without packing or buckets (REPA for video and audio: docs/results.md)"
             )
         if images is None:
-            raise ValueError("objective=repa needs the batch's clean images: pass images=[B, C, H, W]")
+            raise ValueError(
+                "objective=repa needs the batch's clean images: pass images=[B, C, H, W]",
+            )
         return self.alignment(hidden[self.alignment.layer], images, token_grid(tokens)).mean()
 
     @staticmethod

@@ -30,8 +30,8 @@ from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import NO_LABEL, Condition
 
 RELEASED_GUIDANCE_INTERVAL = (0.0, 0.7)  # the released sampler guides at noise levels t <= 0.7 only
-# sampler, steps and guidance interval when left unset: a selfflow checkpoint's quick look, and the released
-# protocol for the released checkpoint and for every FID job (metrics=fid)
+# sampler, steps and guidance interval when left unset: a selfflow checkpoint's quick look, and the
+# released protocol for the released checkpoint and for every FID job (metrics=fid)
 SAMPLING_DEFAULTS = {
     "model": ("euler", 50, (0.0, 1.0)),
     "official": ("sde", 250, RELEASED_GUIDANCE_INTERVAL),
@@ -40,7 +40,10 @@ SAMPLING_DEFAULTS = {
 DEFAULT_SOLVERS = {kind: defaults[:2] for kind, defaults in SAMPLING_DEFAULTS.items()}
 
 
-def sampling_defaults(checkpoint_kind: str, metrics: str | None) -> tuple[str, int, tuple[float, float]]:
+def sampling_defaults(
+    checkpoint_kind: str,
+    metrics: str | None,
+) -> tuple[str, int, tuple[float, float]]:
     """(sampler, steps, guidance interval) for what the user left unset.
 
     Args:
@@ -64,8 +67,8 @@ class SamplingModel:
 def load_sampling_model(
     ckpt: str, weights: str = "ema", vae: str | None = None, official_weights: str = "model"
 ) -> SamplingModel:
-    """A selfflow checkpoint or export, or `official:PATH` for the released Self-Flow checkpoint (with `vae`;
-    `official_weights`: its `model` entry, as the released sampler loads, or `ema`)."""
+    """A selfflow checkpoint or export, or `official:PATH` for the released Self-Flow checkpoint
+    (with `vae`; `official_weights`: its `model` entry, as the released sampler loads, or `ema`)."""
     if ckpt.startswith(OFFICIAL_PREFIX):
         from selfflow.interop.official import load_official_for_sampling
 
@@ -91,8 +94,8 @@ LABEL_SEED_OFFSET = 7919  # the label draw's stream, apart from the noise stream
 
 
 def drawn_labels(num_samples: int, num_classes: int, seed: int) -> Tensor:
-    """[N] class ids drawn uniformly at random, as the released sampler does, fixed by `seed` alone (the same
-    labels for any batch size or number of processes).
+    """[N] class ids drawn uniformly at random, as the released sampler does, fixed by `seed` alone
+    (the same labels for any batch size or number of processes).
 
     Args:
         num_samples: N.
@@ -106,9 +109,16 @@ def drawn_labels(num_samples: int, num_classes: int, seed: int) -> Tensor:
     return torch.randint(num_classes, (num_samples,), generator=generator)
 
 
-def resolve_labels(labels, num_samples: int, num_classes: int, null_class: int, seed: int = 0) -> Tensor:
-    """The N samples' class ids: given ids cycled to N; None: drawn uniformly at random from `seed` (the released
-    protocol); "balanced": every class in turn; the null label for an unconditional model."""
+def resolve_labels(
+    labels,
+    num_samples: int,
+    num_classes: int,
+    null_class: int,
+    seed: int = 0,
+) -> Tensor:
+    """The N samples' class ids: given ids cycled to N; None: drawn uniformly at random from `seed`
+    (the released protocol); "balanced": every class in turn; the null label for an unconditional
+    model."""
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
     if num_classes == 0 and (labels is None or labels == BALANCED_LABELS):
@@ -137,7 +147,13 @@ def size_rows(model, tokenizer, count: int) -> Tensor | None:
 
 
 def sampling_condition(
-    model, tokenizer, tokenizers: dict[str, Tokenizer], labels, num_samples: int, prompt=None, seed: int = 0
+    model,
+    tokenizer,
+    tokenizers: dict[str, Tokenizer],
+    labels,
+    num_samples: int,
+    prompt=None,
+    seed: int = 0,
 ) -> Condition:
     """The N samples' condition: class labels (`resolve_labels`: given ids cycled, else drawn from
     `seed`), the prompt for a text model (its label then conditions on nothing unless labels are

@@ -104,7 +104,7 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
         if getattr(tokenizer, "fingerprint", None):
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
             point_vae_keys(config, tokenizer.vae_path)
-    if objective.alignment is not None:  # REPA's encoder: stored as its folder and fingerprint, never weights
+    if objective.alignment is not None:  # REPA's encoder: its folder and fingerprint, never weights
         encoder = objective.alignment.encoder
         config["objective"]["encoder"] = encoder.path
         config["objective"]["alignment"]["fingerprint"] = encoder.fingerprint

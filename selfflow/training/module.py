@@ -26,7 +26,13 @@ from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.schedules import LRSchedule
 
 # metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
-STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/loss_align", "train/grad_norm")
+STEP_METRICS = (
+    "train/loss",
+    "train/loss_flow",
+    "train/loss_rep",
+    "train/loss_align",
+    "train/grad_norm",
+)
 
 
 class SelfFlowModule(L.LightningModule):
@@ -121,7 +127,8 @@ class SelfFlowModule(L.LightningModule):
 
     def alignment_images(self, batch: dict[str, Any], tokens) -> torch.Tensor | None:
         """The clean images REPA's encoder sees (objective=repa), None for the other objectives."""
-        if self.objective.alignment is None or "data" not in batch or "image" not in self.tokenizers:
+        wanted = self.objective.alignment is not None and "image" in self.tokenizers
+        if not wanted or "data" not in batch:
             return None
         return clean_images(batch["data"], tokens, self.tokenizers["image"])
 
@@ -206,7 +213,8 @@ class SelfFlowModule(L.LightningModule):
         self._step_nonfinite, self._step_modalities = None, set()
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
-        """The schedule follows completed updates: a skipped one leaves the learning rate where it was."""
+        """The schedule follows completed updates: a skipped one leaves the learning rate where it
+        was."""
         if not self._update_skipped:
             super().lr_scheduler_step(scheduler, metric)
 

@@ -48,11 +48,13 @@ class NonFiniteGuard:
 
 
 def uncount_skipped_step(trainer) -> None:
-    """Take back the optimizer step Lightning is about to count for a skipped update, so that a skipped update
-    advances neither `global_step` (the run's length, checkpoint names, the schedules) nor the learning rate.
+    """Take back the optimizer step Lightning is about to count for a skipped update, so that a
+    skipped update advances neither `global_step` (the run's length, checkpoint names, the
+    schedules) nor the learning rate.
 
-    Call it inside `optimizer_step` of an update that was skipped: Lightning marks the step ready before that
-    hook and completed after it; both are taken back here, so the completed count stays where it was.
+    Call it inside `optimizer_step` of an update that was skipped: Lightning marks the step ready
+    before that hook and completed after it; both are taken back here, so the completed count stays
+    where it was.
 
     Args:
         trainer: the Lightning trainer running automatic optimization.

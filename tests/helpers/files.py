@@ -121,8 +121,8 @@ def write_tiny_vae(folder: Path, seed: int = 0, latent_channels: int = 4, **conf
 
 
 def write_tiny_dinov2(folder: Path, seed: int = 0, hidden_size: int = 16) -> Path:
-    """A randomly initialised DINOv2 of the real architecture (transformers Dinov2Model) at tiny sizes, saved with
-    save_pretrained: REPA's encoder in the tests (patch 14, 2 layers)."""
+    """A randomly initialised DINOv2 of the real architecture (transformers Dinov2Model) at tiny
+    sizes, saved with save_pretrained: REPA's encoder in the tests (patch 14, 2 layers)."""
     transformers = pytest.importorskip("transformers")
     config = transformers.Dinov2Config(
         hidden_size=hidden_size,
