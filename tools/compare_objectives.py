@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import re
 import shutil
 import statistics
 import time
@@ -119,7 +120,7 @@ def read_run(run_dir: Path, batch_size: int) -> dict:
     }
 
 
-def markdown(results: dict, args) -> str:
+def markdown(results: dict) -> str:
     """The table: one row per objective."""
     layers = sorted({k for r in results.values() for k in r["probe_by_layer"]})
     head = ["objective", *(f"probe L{k}" for k in layers), "best", "FID"]
@@ -157,6 +158,40 @@ def plot(results: dict, path: Path) -> Path:
     return path
 
 
+SECTION = "compare_objectives"
+
+
+def results_section(report: dict, png: str) -> str:
+    """The page section: what was run, the table, the plot (between markers that tools.reproduce
+    keeps when it rewrites the page)."""
+    s = report["settings"]
+    how = " ".join(
+        [
+            "Written by `python -m tools.compare_objectives`",
+            f"({report['seconds'] / 60:.1f} minutes on this machine):",
+            f"model `{s['model']}` (depth {s['depth']}), patch {s['patch_size']},",
+            f"{s['steps']} steps of batch {s['batch_size']}, seed {s['seed']},",
+            f"{s['train_per_class']} training and {s['test_per_class']} held-out images per class;",
+            "probe: `selfflow-probe` at every block; FID: `selfflow-sample metrics=fid`",
+            f"({s['fid_samples']} samples, the released protocol) against the held-out images.",
+        ]
+    )
+    title = "## Self-Flow, REPA and vanilla flow matching in the same code"
+    lines = [f"<!-- begin {SECTION} -->", title]
+    note = [f"> {s['note']}", ""] if s.get("note") else []
+    lines += ["", *note, how, "", markdown(report["results"]).rstrip(), ""]
+    lines += [f"![probe accuracy by layer]({png})", f"<!-- end {SECTION} -->"]
+    return "\n".join(lines)
+
+
+def write_section(page: Path, section: str) -> None:
+    """Put `section` on `page`, in place of its earlier version (or at the end)."""
+    text = page.read_text() if page.is_file() else ""
+    pattern = re.compile(rf"<!-- begin {SECTION} -->.*?<!-- end {SECTION} -->", flags=re.S)
+    text = pattern.sub(lambda _: section, text) if pattern.search(text) else text + "\n" + section
+    page.write_text(text.rstrip() + "\n")
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
@@ -175,6 +210,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--objectives", nargs="+", default=list(OBJECTIVES), choices=list(OBJECTIVES))
     add("--work", type=Path, default=ROOT / "runs" / "compare_objectives")
     add("--out", type=Path, default=ROOT / "docs" / "results" / "compare_objectives")
+    add("--results-page", type=Path, default=None, help="a page for the table (docs/results.md)")
+    add("--note", default=None, help="a sentence put above the table on the results page")
     return parser.parse_args(argv)
 
 
@@ -194,9 +231,12 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"settings": settings, "results": results, "seconds": time.perf_counter() - started}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(report, indent=2))
-    args.out.with_suffix(".md").write_text(markdown(results, args))
+    args.out.with_suffix(".md").write_text(markdown(results))
     plot(results, args.out.with_suffix(".png"))
-    print(markdown(results, args))
+    if args.results_page is not None:
+        png = args.out.with_suffix(".png").resolve().relative_to(args.results_page.resolve().parent)
+        write_section(args.results_page, results_section(report, str(png)))
+    print(markdown(results))
     return report
 
 
