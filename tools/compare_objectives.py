@@ -10,9 +10,8 @@ time per step.
 Data: CIFAR-10 photos from ../shared/data/cifar10-small (or --data-root: class folders under train/
 and test/), copied into <work>/data with the given counts per class; the test images are the FID
 reference (selfflow-eval). Writes <out>.json (every number), <out>.md (the table) and <out>.png
-(probe accuracy by layer, a line per objective). Every run is a plain selfflow-train /
-selfflow-probe / selfflow-sample command, printed as it starts; a finished step is skipped when the
-tool is run again.
+(probe accuracy by layer, a line per objective). Every run is a plain command (selfflow-train,
+-probe, -sample), printed as it starts; a finished step is skipped when the tool is run again.
 """
 
 from __future__ import annotations
