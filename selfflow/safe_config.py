@@ -33,6 +33,7 @@ STORED_TARGETS = frozenset(
         "selfflow.models.transformer.SelfFlowTransformer",
         "selfflow.objectives.selfflow.SelfFlowObjective",
         "selfflow.objectives.gamma_schedule.GammaSchedule",
+        "selfflow.objectives.repa.REPAAlignment",
         "selfflow.flow.timesteps.Uniform",
         "selfflow.flow.timesteps.LogitNormal",
         "selfflow.flow.timesteps.ModeSampling",

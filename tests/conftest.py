@@ -54,6 +54,15 @@ def tiny_vae(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    """REPA's encoder in the tests: a tiny randomly initialised DINOv2
+    (tests.helpers.files.write_tiny_dinov2)."""
+    from tests.helpers.files import write_tiny_dinov2
+
+    return write_tiny_dinov2(tmp_path_factory.mktemp("dinov2") / "tiny-dinov2")
+
+
+@pytest.fixture(scope="session")
 def cifar_classes(tmp_path_factory) -> Path:
     """A small class-folder set (train/ and test/, 3 classes) of real CIFAR-10 photos from the shared data."""
     import shutil

@@ -13,7 +13,7 @@ from selfflow.training.build import build_module, build_run, tokenizer_configs
 from selfflow.training.datamodule import has_captions, sample_geometry
 from selfflow.training.validate import ConfigError, validate_config
 from tests.helpers.configs import TINY, TINY_SIZES, compose_plain, compose_train
-from tests.helpers.files import write_folder
+from tests.helpers.files import write_folder, write_tiny_dinov2
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -109,6 +109,8 @@ def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
                 for key in ("vae", "autoencoder_path")
                 if key in spec.keys() and OmegaConf.is_missing(spec, key)  # noqa: SIM118 - ??? is not `in`
             ]
+        if cfg.objective.get("alignment") is not None and not cfg.objective.get("encoder"):
+            wanted.append(f"objective.encoder={write_tiny_dinov2(tmp_path / 'dinov2')}")
         extra += [w for w in wanted if w not in extra]
     return extra
 
@@ -371,8 +373,9 @@ def config_key_paths() -> dict[str, str | None]:
     paths: dict[str, str | None] = {}
 
     def walk(node, prefix: str, group: str) -> None:
-        if prefix:
-            paths[prefix] = node.get("_target_") if isinstance(node, dict) else None
+        if prefix:  # an option that only extends another (defaults: [selfflow]) keeps its target
+            target = node.get("_target_") if isinstance(node, dict) else None
+            paths[prefix] = target or paths.get(prefix)
         if not isinstance(node, dict):
             return
         for item in node.get("defaults") or []:

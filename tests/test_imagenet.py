@@ -28,7 +28,7 @@ def test_the_experiment_is_the_paper_setting_in_the_released_layout(tmp_path):
     assert tokenizer._target_.endswith("ImageLatentTokenizer") and tokenizer.patch_size == RELEASED["patch_size"]
     assert tokenizer.latent_channels == RELEASED["latent_channels"] and tokenizer.image_size == 256
     assert (cfg.data.dataset.crop, cfg.data.dataset.image_size, cfg.data.dataset.hflip) == ("adm", 256, True)
-    assert (objective.mask_ratio, objective.gamma, objective.class_dropout) == (0.25, 0.8, 0.1)
+    assert (objective.mask_ratio.image, objective.gamma, objective.class_dropout) == (0.25, 0.8, 0.1)
     assert default_layers(model.depth) == (8, 20) and objective.student_layer is None
     assert (objective.ema_decay, objective.ema_warmup) == (0.9999, False)
     assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.optimizer.weight_decay) == (1e-4, [0.9, 0.999], 0.0)

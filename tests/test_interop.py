@@ -6,7 +6,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from selfflow.interop.official import load_official, output_rows, time_flip_matrix
+from selfflow.interop.official import (
+    convert_state_dict,
+    describe_layout,
+    load_official,
+    output_rows,
+    time_flip_matrix,
+)
 from selfflow.models.embeddings import sinusoidal_embedding
 from selfflow.tokens import Condition
 from tests.helpers.released import (
@@ -83,6 +89,21 @@ def test_converted_weights_are_a_plain_selfflow_model_in_our_convention():
             rtol=1e-5,
         )
     assert official.model.pos_embed == "sincos" and official.model.t_embedder.scale == 1.0
+
+
+def test_a_file_with_model_and_ema_loads_model_like_the_released_sampler_or_ema(tmp_path):
+    online, ema = released_state_dict(seed=7), released_state_dict(seed=8)
+    path = tmp_path / "both.pt"
+    torch.save({"ema": ema, "model": online}, path)
+    x, t, y = inputs()
+    with torch.no_grad():
+        for weights, state in ((None, online), ("model", online), ("ema", ema)):
+            options = {} if weights is None else {"weights": weights}
+            model = load_official(path, heads=HEADS, **options)
+            expected = reference_forward(state, x, t, y)
+            torch.testing.assert_close(model(x, t, y), expected, atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="official_weights='online' is unknown"):
+        load_official(path, heads=HEADS, weights="online")
 
 
 def test_bad_files_and_layouts_fail_with_clear_messages(tmp_path):
@@ -223,8 +244,14 @@ def test_init_official_starts_student_teacher_and_head_from_the_released_weights
             )
     torch.testing.assert_close(objective.head.linear1.weight, state["projector.linear1.weight"])
     assert int(objective.teacher.num_updates) == 0 and objective.teacher.current_decay() == 0.9999
+    # exactly the released parameter set is trained: no per-modality embedding of selfflow's own
+    trainable = {name for name, p in objective.model.named_parameters() if p.requires_grad}
+    released = set(convert_state_dict(state, describe_layout(state, 2, 4), 2, 4))
+    assert trainable == released - {"modality_embed.image"}
     run.trainer.fit(run.module, datamodule=run.datamodule)  # and it trains (fine-tuning)
     assert run.trainer.global_step == 2
+    # zero and frozen: the released function
+    assert not objective.model.modality_embed["image"].any()
 
 
 def test_init_official_names_what_does_not_fit(tiny_train_cfg, tiny_vae, cifar_classes, tmp_path):

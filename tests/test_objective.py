@@ -129,3 +129,18 @@ def test_invalid_objective_settings_name_the_key():
         make_objective(mask_ratio={"audio": 0.5})
     with pytest.raises(ValueError, match="ema_decay"):
         make_objective(ema_decay=1.0)
+
+
+def test_projection_head_starts_like_the_released_projector():
+    """xavier-uniform weights and zero biases (PyTorch's default would give non-zero biases)."""
+    import math
+
+    from selfflow.objectives.representation import ProjectionHead
+
+    torch.manual_seed(0)
+    head = ProjectionHead(64)
+    for linear in (head.linear1, head.linear2):
+        assert not linear.bias.any()
+        fan_out, fan_in = linear.weight.shape
+        bound = math.sqrt(6.0 / (fan_in + fan_out))
+        assert linear.weight.abs().max() <= bound and linear.weight.abs().max() > 0.9 * bound

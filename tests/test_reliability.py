@@ -146,41 +146,54 @@ class PoisonBatches(L.Callback):
             batch["data"].fill_(float("nan"))
 
 
-def weights_after_each_step(trainer) -> dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]]:
-    """{global step: (student weights, EMA weights)} after each optimizer step, filled while `trainer` fits."""
-    after = {}
+def after_each_batch(trainer) -> list[dict]:
+    """Per training batch, at its end: global_step, the learning rate, student and EMA weights."""
+    after = []
 
     class Capture(L.Callback):
         def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-            after[trainer.global_step] = (
-                [p.detach().clone() for p in module.model.parameters()],
-                [p.detach().clone() for p in module.ema_model.parameters()],
+            after.append(
+                {
+                    "step": trainer.global_step,
+                    "lr": trainer.optimizers[0].param_groups[0]["lr"],
+                    "student": [p.detach().clone() for p in module.model.parameters()],
+                    "ema": [p.detach().clone() for p in module.ema_model.parameters()],
+                }
             )
 
     trainer.callbacks.append(Capture())
     return after
 
 
-def inject_nan(module, steps: set[int]) -> None:
-    """Make the objective's loss NaN at the given optimizer steps."""
+def same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def inject_nan(module, batches: set[int]) -> None:
+    """Make the objective's loss NaN at the given training batches (0-based calls of the
+    objective)."""
     forward = module.objective.forward
+    calls = iter(range(10**6))
 
-    def nan_at_steps(*args, **kwargs):
+    def nan_at_batches(*args, **kwargs):
         out = forward(*args, **kwargs)
-        return dataclasses.replace(out, loss=out.loss * float("nan")) if module.global_step in steps else out
+        poisoned = next(calls) in batches
+        return dataclasses.replace(out, loss=out.loss * float("nan")) if poisoned else out
 
-    module.objective.forward = nan_at_steps
+    module.objective.forward = nan_at_batches
 
 
 def test_a_nan_loss_skips_the_update_and_is_counted(tiny_train_cfg):
     run = build_run(tiny_train_cfg("trainer.max_steps=5", "callbacks.samples.every_n_steps=0"))
     inject_nan(run.module, {2})
-    after = weights_after_each_step(run.trainer)
+    after = after_each_batch(run.trainer)
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    assert all(torch.equal(a, b) for a, b in zip(after[2][0], after[3][0]))  # no optimizer update at the NaN step
-    assert all(torch.equal(a, b) for a, b in zip(after[2][1], after[3][1]))  # no EMA update either
-    assert not all(torch.equal(a, b) for a, b in zip(after[3][0], after[4][0]))  # and training goes on afterwards
-    assert int(run.module.objective.teacher.num_updates) == 4
+    assert same(after[1]["student"], after[2]["student"])  # no optimizer update at the NaN batch
+    assert same(after[1]["ema"], after[2]["ema"])  # no EMA update either
+    assert not same(after[2]["student"], after[3]["student"])  # and training goes on afterwards
+    # the skipped batch is no step of max_steps
+    assert len(after) == 6 and run.trainer.global_step == 5
+    assert int(run.module.objective.teacher.num_updates) == 5
     assert run.module.nonfinite.skipped == 1
     import csv
 
@@ -188,8 +201,23 @@ def test_a_nan_loss_skips_the_update_and_is_counted(tiny_train_cfg):
         rows = [r for r in csv.DictReader(f) if r.get("train/nonfinite_skipped")]
     counts = [(int(r["step"]), float(r["train/nonfinite_skipped"])) for r in rows]
     assert all(count == 0.0 for step, count in counts if step < 2)
-    assert counts[-1] == (4, 1.0)
+    assert counts[-1][1] == 1.0
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
+
+
+def test_a_skipped_update_advances_neither_the_step_nor_the_learning_rate(tiny_train_cfg):
+    """During the warm-up the learning rate grows every step; a skipped update keeps both where they
+    were."""
+    overrides = ("trainer.max_steps=4", "lr_warmup_steps=10", "callbacks.samples.every_n_steps=0")
+    run = build_run(tiny_train_cfg(*overrides))
+    inject_nan(run.module, {2})
+    after = after_each_batch(run.trainer)
+    run.trainer.fit(run.module, datamodule=run.datamodule)
+    assert [a["step"] for a in after] == [1, 2, 2, 3, 4]
+    lrs = [a["lr"] for a in after]
+    assert lrs[2] == lrs[1] and lrs[3] > lrs[2]
+    scheduler = run.trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 4  # one schedule step per completed update
 
 
 def test_too_many_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_train_cfg):
@@ -211,11 +239,12 @@ def test_too_many_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkp
 def test_a_non_finite_gradient_is_skipped_like_a_non_finite_loss(tiny_train_cfg):
     run = build_run(tiny_train_cfg("trainer.max_steps=3", "callbacks.samples.every_n_steps=0"))
     weight = run.module.model.blocks[0].attn.qkv.weight
-    hook = weight.register_hook(lambda grad: grad * float("inf") if run.module.global_step == 1 else grad)
+    poisoned = iter(range(10**6))
+    hook = weight.register_hook(lambda grad: grad * float("inf") if next(poisoned) == 1 else grad)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     hook.remove()
     assert run.module.nonfinite.skipped == 1
-    assert int(run.module.objective.teacher.num_updates) == 2
+    assert int(run.module.objective.teacher.num_updates) == 3 and run.trainer.global_step == 3
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
 
 
@@ -227,15 +256,17 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
         tiny_train_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "callbacks.samples.every_n_steps=0")
     )
     run.trainer.callbacks.append(PoisonBatches({poisoned}))
-    after = weights_after_each_step(run.trainer)
+    after = after_each_batch(run.trainer)
     run.trainer.fit(run.module, datamodule=run.datamodule)
-    for before, skipped in zip(after[1], after[2]):  # student, then EMA
-        assert all(torch.equal(a, b) for a, b in zip(before, skipped))
-    assert not all(torch.equal(a, b) for a, b in zip(after[2][0], after[3][0]))  # training goes on afterwards
+    for kind in ("student", "ema"):  # batches 1 (step 1 done) and 3 (step 1's skipped update)
+        assert same(after[1][kind], after[3][kind])
+    assert not same(after[3]["student"], after[5]["student"])  # training goes on afterwards
+    assert [a["step"] for a in after] == [0, 1, 1, 1, 1, 2, 2, 3]
     assert run.module.nonfinite.skipped == 1
-    assert int(run.module.objective.teacher.num_updates) == 2
+    assert int(run.module.objective.teacher.num_updates) == 3
     optimizer = run.trainer.optimizers[0]
-    assert {int(state["step"]) for state in optimizer.state.values()} == {2}  # the skipped step left Adam alone
+    # the skipped step left Adam alone
+    assert {int(state["step"]) for state in optimizer.state.values()} == {3}
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
 
 

@@ -14,7 +14,7 @@ from PIL import Image
 
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling.generate import GuidedVelocity, NoiseSource, generate, sample_generators, sample_tokens
-from selfflow.sampling.job import resolve_labels
+from selfflow.sampling.job import drawn_labels, resolve_labels
 from selfflow.tokens import Condition
 from tests.helpers.models import TOKENIZER, random_model
 from tests.helpers.runs import run_sample
@@ -33,10 +33,11 @@ def test_image_outputs_npz_and_nfe(tiny_checkpoint, tmp_path, sampler, steps, ca
     assert Image.open(tmp_path / "grid.png").width > 16
     with np.load(tmp_path / "samples.npz") as npz:
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (7, 16, 16, 3)
-        assert npz["labels"].tolist() == [0, 1, 2, 3, 4, 5, 6]
+        labels = npz["labels"].tolist()
+        assert labels == drawn_labels(7, 10, 0).tolist()
         np.testing.assert_array_equal(npz["arr_0"][2], np.asarray(Image.open(pngs[2]).convert("RGB")))
     recorded = json.loads((tmp_path / "sampling.json").read_text())
-    assert recorded["nfe"] == steps and recorded["labels"] == list(range(7))
+    assert recorded["nfe"] == steps and recorded["labels"] == labels
 
 
 def test_same_seed_same_samples_for_any_batch_size(tiny_checkpoint, tmp_path):
@@ -134,8 +135,20 @@ def test_guidance_applies_inside_the_interval_only():
     assert out.nfe == 10 and out.model_calls == 10 and sorted(calls) == [2] * 5 + [4] * 5
 
 
-def test_labels_round_robin_list_and_unconditional():
-    assert resolve_labels(None, 5, 3, 3).tolist() == [0, 1, 2, 0, 1]
+def test_unset_labels_are_drawn_uniformly_from_the_seed_like_the_released_sampler():
+    """labels=null: every sample's class drawn at random (the released protocol: 50,000 samples of
+    1000 classes give uneven counts), fixed by the seed; labels=balanced keeps exactly N / classes
+    per class."""
+    drawn = resolve_labels(None, 50_000, 1000, 1000, seed=0)
+    counts = torch.bincount(drawn, minlength=1000)
+    assert counts.min() < 50 < counts.max() and counts.sum() == 50_000
+    assert torch.equal(drawn, resolve_labels(None, 50_000, 1000, 1000, seed=0))
+    assert not torch.equal(drawn, resolve_labels(None, 50_000, 1000, 1000, seed=1))
+    assert resolve_labels("balanced", 5, 3, 3).tolist() == [0, 1, 2, 0, 1]
+    assert torch.bincount(resolve_labels("balanced", 50_000, 1000, 1000)).tolist() == [50] * 1000
+
+
+def test_labels_list_and_unconditional():
     assert resolve_labels([7, 2], 5, 10, 10).tolist() == [7, 2, 7, 2, 7]
     assert resolve_labels(None, 3, 0, 0).tolist() == [0, 0, 0]
     with pytest.raises(ValueError, match="labels=.*class ids in 0..9"):
@@ -301,3 +314,28 @@ def test_cuda_sampling_matches_cpu_noise_and_uses_bf16_where_supported():
         noise=NoiseSource(generators=sample_generators(0, range(2))),
     ).tokens
     torch.testing.assert_close(gpu.cpu(), cpu, atol=0.1, rtol=0.05)  # same per-sample noise on any device
+
+
+def test_fid_jobs_default_to_the_released_protocol(tiny_checkpoint, tmp_path, monkeypatch):
+    """metrics=fid with nothing else said: SDE, 250 steps, guidance only at noise levels <= 0.7 (the
+    released sampler's interval); a quick look keeps Euler 50 over [0, 1]; what the user sets
+    wins."""
+    import selfflow.cli.sample as sample_cli
+
+    # no Inception file here
+    monkeypatch.setattr(sample_cli, "fid_config", lambda cfg, out_dir, device: None)
+    fid_options = ("metrics=fid", "num_samples=1", "cfg_scale=2")
+    fid = run_sample(tiny_checkpoint, tmp_path / "fid", *fid_options)
+    assert (fid["sampler"], fid["steps"], fid["guidance_interval"]) == ("sde", 250, [0.0, 0.7])
+    quick = ("num_samples=1", "cfg_scale=2", "steps=2")
+    plain = run_sample(tiny_checkpoint, tmp_path / "plain", *quick)
+    assert (plain["sampler"], plain["guidance_interval"]) == ("euler", [0.0, 1.0])
+    told_options = (
+        "metrics=fid",
+        "num_samples=1",
+        "sampler=heun",
+        "steps=4",
+        "guidance_interval=[0.1,0.9]",
+    )
+    told = run_sample(tiny_checkpoint, tmp_path / "told", *told_options)
+    assert (told["sampler"], told["steps"], told["guidance_interval"]) == ("heun", 4, [0.1, 0.9])

@@ -21,6 +21,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -334,8 +335,17 @@ def write_report(
     lines += reading(results)
     if missing:
         lines += ["", "Not finished when this page was written (left out of the tables): " + ", ".join(missing) + "."]
+    lines += kept_sections(out)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
+
+
+def kept_sections(page: Path) -> list[str]:
+    """Sections other tools own on the page (between `<!-- begin NAME -->` and `<!-- end NAME -->`,
+    e.g. tools.compare_objectives'), kept when the page is rewritten."""
+    text = page.read_text() if page.is_file() else ""
+    blocks = re.findall(r"<!-- begin [\w-]+ -->.*?<!-- end [\w-]+ -->", text, flags=re.S)
+    return [line for block in blocks for line in ["", *block.splitlines()]]
 
 
 def main(argv: list[str] | None = None) -> None:

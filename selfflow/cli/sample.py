@@ -121,7 +121,6 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     from selfflow.evaluation.sample_metrics import FeatureAccumulator, sample_metrics
     from selfflow.sampling.chunks import ChunkStore
     from selfflow.sampling.job import (
-        DEFAULT_SOLVERS,
         SampleWriter,
         SamplingPlan,
         batches,
@@ -130,6 +129,7 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
         pick_modality,
         sample_chunks,
         sampling_condition,
+        sampling_defaults,
         solver_options,
     )
     from selfflow.sampling.modalities import load_init, modality_io, tokenizer_at_length
@@ -138,9 +138,12 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     group.check_same(str(out_dir.resolve()), "out_dir")
     kind = metrics_kind(cfg.metrics)
     eval_cfg = fid_config(cfg, out_dir, device) if kind == "fid" else None
-    loaded = load_sampling_model(str(cfg.ckpt), cfg.weights, cfg.vae)
-    default_sampler, default_steps = DEFAULT_SOLVERS[loaded.kind]
+    official_weights = cfg.get("official_weights") or "model"
+    loaded = load_sampling_model(str(cfg.ckpt), cfg.weights, cfg.vae, official_weights)
+    default_sampler, default_steps, default_interval = sampling_defaults(loaded.kind, kind)
     sampler, steps = cfg.sampler or default_sampler, int(cfg.steps or default_steps)
+    asked = cfg.guidance_interval
+    interval = tuple(asked) if asked is not None else default_interval
     modality = pick_modality(cfg.modality, loaded.tokenizers)
     if kind == "fid" and not modality_io(modality).arrays:
         raise ValueError(f"metrics=fid measures images; this checkpoint samples {modality}")
@@ -151,7 +154,9 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     tokenizer = tokenizer_at_length(loaded.tokenizers[modality], modality, lengths).to(device)
     labels = OmegaConf.to_object(cfg.labels) if OmegaConf.is_config(cfg.labels) else cfg.labels
     prompt = OmegaConf.to_object(cfg.prompt) if OmegaConf.is_config(cfg.get("prompt")) else cfg.get("prompt")
-    condition = sampling_condition(loaded.model, tokenizer, loaded.tokenizers, labels, cfg.num_samples, prompt)
+    condition = sampling_condition(
+        loaded.model, tokenizer, loaded.tokenizers, labels, cfg.num_samples, prompt, cfg.seed
+    )
     options = solver_options(sampler, cfg.sde_last_step, cfg.sde_last_step_mode)
     plan = SamplingPlan(
         tokenizer,
@@ -159,7 +164,7 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
         sampler,
         steps,
         cfg.cfg_scale,
-        tuple(cfg.guidance_interval),
+        interval,
         cfg.shift,
         options,
         cfg.precision,
@@ -197,6 +202,7 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     summary = {
         "ckpt": str(cfg.ckpt),
         "weights": cfg.weights,
+        "official_weights": official_weights if loaded.kind == "official" else None,
         "modality": modality,
         "num_samples": cfg.num_samples,
         "sampler": sampler,
@@ -205,7 +211,7 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
         "nfe": plan.nfe,
         "model_forward_passes": model_calls,
         "cfg_scale": cfg.cfg_scale,
-        "guidance_interval": list(cfg.guidance_interval),
+        "guidance_interval": list(interval),
         "shift": cfg.shift,
         "seed": cfg.seed,
         "batch_size": cfg.batch_size,
@@ -224,7 +230,7 @@ def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     if not ranks.is_main:
         return summary
     features = FeatureAccumulator(extractor) if extractor is not None else None
-    guided = model.num_classes > 0 and cfg.labels is None
+    guided = model.num_classes > 0 and cfg.labels == "balanced"  # a grid row per class
     files = writer.finish(
         store,
         condition.labels,

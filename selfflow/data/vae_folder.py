@@ -48,11 +48,23 @@ def _fingerprint(folder: Path, stats: tuple) -> str:  # stats: part of the cache
     return digest.hexdigest()
 
 
-def vae_fingerprint(folder: str | os.PathLike, key: str = "vae") -> str:
-    """sha256 of config.json and the weight files (computed once per process and file state)."""
-    path = vae_folder(folder, key)
+def folder_fingerprint(path: Path) -> str:
+    """sha256 of a model folder's config.json and weight files, by name and content (computed once
+    per process and file state). Used for VAEs and for external encoders alike.
+
+    Args:
+        path: a resolved folder holding config.json.
+
+    Returns:
+        The hex digest.
+    """
     files = [path / "config.json", *_weight_files(path)]
     return _fingerprint(path, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+def vae_fingerprint(folder: str | os.PathLike, key: str = "vae") -> str:
+    """sha256 of config.json and the weight files (computed once per process and file state)."""
+    return folder_fingerprint(vae_folder(folder, key))
 
 
 def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):

@@ -31,7 +31,8 @@ class DualLevels:
 
     The student sees token n of row r at `levels[r, index[r, n]]`, where `levels` holds (t, s) of each sample:
     `levels[r, 2k]` = t and `levels[r, 2k + 1]` = s of sample k. The teacher sees every token of sample k at
-    `teacher_levels[r, k]`: min(t, s), the cleaner of the two (t itself for a sample with no masked token).
+    `teacher_levels[r, k]`: min(t, s), the cleaner of the two, whatever its mask drew (t itself for
+    a sample with mask ratio 0, which has no second level).
     """
 
     levels: Tensor  # [R, 2S], unsorted pairs
@@ -165,10 +166,10 @@ class DualTimestepScheduler:
             mask = self.draw_mask(segment, num_segments, ratios)
         else:
             mask = torch.zeros(segment.shape, dtype=torch.bool, device=device)
-        has_mask = (
-            torch.zeros(rows, num_segments, device=device).scatter_add_(1, segment.clamp_min(0), mask.float()) > 0
-        )
-        teacher = torch.where(has_mask, torch.minimum(t, s), t)
+        # every sample with a second level (ratio > 0) gives its teacher min(t, s), also when its
+        # draw masked no token (Bernoulli masks, or a sample too short for one); a sample with ratio
+        # 0 has t alone
+        teacher = torch.where(ratios > 0, torch.minimum(t, s), t)
         index = 2 * segment.clamp_min(0) + mask.long()
         return DualLevels(levels=levels, index=index, mask=mask, teacher_levels=teacher, segment=segment)
 

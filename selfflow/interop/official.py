@@ -58,13 +58,23 @@ BLOCK_LINEARS = (
     ("adaLN_modulation.1", "adaLN_modulation.1"),
 )
 FREQUENCY_DIM = 256  # sinusoidal timestep features of the released t_embedder
-WRAPPER_KEYS = ("ema", "model", "state_dict")  # where training scripts nest the weights
+WRAPPER_KEYS = ("model", "ema", "state_dict")  # where training scripts nest the weights
 MAX_RELEASED_DEPTH, MAX_RELEASED_WIDTH = 512, 16384  # the released model: 28 blocks of width 1152
+# which of a file's nested weights to load (official_weights=...): `model`, as the released sampler
+# does, or `ema`
+OFFICIAL_WEIGHTS = ("model", "ema")
 OFFICIAL_PREFIX = "official:"  # ckpt=official:PATH (selfflow-sample), init=official:PATH (selfflow-train)
 
 
-def read_state_dict(path_or_state_dict: str | os.PathLike | dict[str, Tensor]) -> dict[str, Tensor]:
-    """The released weights as a flat dict: loaded safely (weights only), unwrapped, `module.` prefixes dropped."""
+def read_state_dict(
+    path_or_state_dict: str | os.PathLike | dict[str, Tensor], weights: str = "model"
+) -> dict[str, Tensor]:
+    """The released weights as a flat dict: loaded safely (weights only), unwrapped, `module.`
+    prefixes dropped. weights: the nested entry to take from a file holding several (`model`, as the
+    released sampler does, or `ema`); a file with only one takes that one."""
+    if weights not in OFFICIAL_WEIGHTS:
+        choices = "model (the released sampler's choice) or ema"
+        raise ValueError(f"official_weights={weights!r} is unknown; choose {choices}")
     if isinstance(path_or_state_dict, dict):
         state = path_or_state_dict
     else:
@@ -83,7 +93,7 @@ def read_state_dict(path_or_state_dict: str | os.PathLike | dict[str, Tensor]) -
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise ValueError(f"cannot load {path} safely: {type(error).__name__}: {error}") from error
-    for key in WRAPPER_KEYS:
+    for key in (weights, *WRAPPER_KEYS):
         if isinstance(state.get(key), dict) and "x_embedder.proj.weight" not in state:
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
@@ -192,6 +202,7 @@ def released_transformer(
         "pos_embed": "sincos",
         "time_scale": 1.0,
         "attention": attention,
+        "modality_embedding": False,  # the released layout has none: zero and frozen here
     }
     with torch.device("meta"):
         check_state_fits(SelfFlowTransformer(**arguments).state_dict(), converted, source)
@@ -276,9 +287,12 @@ def load_official(
     patch_size: int = RELEASED["patch_size"],
     latent_channels: int = RELEASED["latent_channels"],
     attention: str = "auto",
+    weights: str = "model",
 ) -> OfficialSelfFlow:
-    """The released Self-Flow checkpoint (a path or a state dict in its layout) as an `OfficialSelfFlow`, eval mode."""
-    state = read_state_dict(path_or_state_dict)
+    """The released Self-Flow checkpoint (a path or a state dict in its layout) as an
+    `OfficialSelfFlow`, eval mode. weights: `model` (the released sampler's choice) or `ema`, for a
+    file that nests both."""
+    state = read_state_dict(path_or_state_dict, weights)
     source = "the released state dict"
     if not isinstance(path_or_state_dict, dict):
         source = str(path_or_state_dict)
@@ -438,6 +452,11 @@ def initialize_from_official(objective, path: str | os.PathLike, patch_size: int
     conventions."""
     model = objective.model
     check_released_conventions(model, "init=official:")
+    if any(p.requires_grad for p in model.modality_embed.values()):
+        raise ValueError(
+            "init=official: needs the released parameter set: set model.modality_embedding=false "
+            "(experiment=imagenet256 does), the released layout has no per-modality embedding"
+        )
     official = load_official(path, heads=model.heads, patch_size=patch_size, latent_channels=latent_channels)
     source = f"init=official:{path}"
     check_state_fits(model.state_dict(), official.model.state_dict(), source)
@@ -449,8 +468,11 @@ def initialize_from_official(objective, path: str | os.PathLike, patch_size: int
         objective.head.load_state_dict(official.projector.state_dict())
 
 
-def load_official_for_sampling(path: str, vae: str | None) -> tuple[OfficialSelfFlow, dict[str, Any]]:
-    """The released model and an SD-VAE latent tokenizer (from a local diffusers folder) for selfflow-sample."""
+def load_official_for_sampling(
+    path: str, vae: str | None, weights: str = "model"
+) -> tuple[OfficialSelfFlow, dict[str, Any]]:
+    """The released model (`weights`: model or ema) and an SD-VAE latent tokenizer (from a local
+    diffusers folder) for selfflow-sample."""
     if vae is None:
         raise ValueError(
             "the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
@@ -459,7 +481,7 @@ def load_official_for_sampling(path: str, vae: str | None) -> tuple[OfficialSelf
     from selfflow.data.vae_folder import downsampling
     from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 
-    model = load_official(path)
+    model = load_official(path, weights=weights)
     tokenizer = ImageLatentTokenizer(
         vae,
         image_size=model.grid * model.patch_size * downsampling(vae),

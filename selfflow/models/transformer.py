@@ -64,6 +64,9 @@ class SelfFlowTransformer(nn.Module):
             (two-stream); the blocks after them are single-stream.
         size_conditioning: Embed (original size, crop offsets, target size) into the conditioning
             (multi-aspect training).
+        modality_embedding: Learn an embedding per modality added after its input projection;
+            False keeps it zero and frozen (the released layout has none, so a model in it has
+            exactly the released parameters).
 
     Raises:
         ValueError: A size is not a positive integer, `width` is not a multiple of `heads`, an
@@ -89,6 +92,7 @@ class SelfFlowTransformer(nn.Module):
         compile: bool = False,
         text_stream_blocks: int = 0,
         size_conditioning: bool = False,
+        modality_embedding: bool = True,
     ):
         super().__init__()
         text_channels = token_channels.get(TEXT)  # text conditions the model; it is not a modality it generates
@@ -113,7 +117,10 @@ class SelfFlowTransformer(nn.Module):
         self.token_channels = dict(token_channels)
         self.activation_checkpointing = activation_checkpointing
         self.input_proj = nn.ModuleDict({m: nn.Linear(c, width) for m, c in token_channels.items()})
-        self.modality_embed = nn.ParameterDict({m: nn.Parameter(torch.zeros(width)) for m in token_channels})
+        embeds = {m: nn.Parameter(torch.zeros(width)) for m in token_channels}
+        for embed in embeds.values():
+            embed.requires_grad_(modality_embedding)
+        self.modality_embed = nn.ParameterDict(embeds)
         self.t_embedder = TimestepEmbedder(width, scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.rope = MultiAxisRoPE(width // heads, rope_axes, rope_theta) if pos_embed == "rope" else None

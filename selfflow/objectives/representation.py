@@ -7,7 +7,8 @@ from torch import Tensor, nn
 
 
 class ProjectionHead(nn.Module):
-    """Linear D -> 2D, SiLU, Linear 2D -> D, applied per token.
+    """Linear D -> 2D, SiLU, Linear 2D -> D, applied per token; initialised as the released model's
+    projector (xavier-uniform weights, zero biases).
 
     Args:
         width: D, the student's hidden width.
@@ -19,6 +20,9 @@ class ProjectionHead(nn.Module):
         self.linear1 = nn.Linear(width, hidden_mult * width)
         self.act = nn.SiLU()
         self.linear2 = nn.Linear(hidden_mult * width, width)
+        for linear in (self.linear1, self.linear2):
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.zeros_(linear.bias)
 
     def forward(self, h: Tensor) -> Tensor:
         """Project student features into the teacher's feature space.

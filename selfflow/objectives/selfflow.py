@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -16,6 +16,7 @@ from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
 from selfflow.objectives.flow_loss import bucket_sums, masked_mean, own_channels, token_squared_error
 from selfflow.objectives.gamma_schedule import GammaSchedule
+from selfflow.objectives.repa import token_grid
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
 from selfflow.tokens import Condition, PackedTokens, Tokens, as_segments
 
@@ -81,6 +82,7 @@ class ObjectiveOutput:
     flow_bucket_counts: Tensor  # [buckets]
     levels: DualLevels = field(repr=False)
     per_modality: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # detached, for logging
+    loss_align: Tensor | None = None  # REPA's alignment loss (objective.alignment), None without it
 
 
 class SelfFlowObjective(nn.Module):
@@ -99,6 +101,11 @@ class SelfFlowObjective(nn.Module):
     sampling_ema_decays: extra EMAs of the student, one full model copy each (no gradient, no optimizer state),
     updated with the teacher and read as `weights=ema_<decay>` by selfflow-sample and selfflow-probe: a slower EMA
     to sample from than the teacher the method needs.
+    alignment: REPA's alignment to an external encoder (`selfflow.objectives.repa.REPAAlignment`,
+    built with the model's width and depth and `encoder`); `forward` then needs the batch's clean
+    images (objective=repa).
+    encoder: the local folder of REPA's encoder (read only with `alignment`, so that one sweep over
+    the objectives can name it for all).
     """
 
     def __init__(
@@ -119,6 +126,8 @@ class SelfFlowObjective(nn.Module):
         caption_dropout: float = 0.1,
         gamma_schedule: GammaSchedule | None = None,
         sampling_ema_decays: tuple[float, ...] | list[float] = (),
+        alignment: Callable[..., nn.Module] | None = None,
+        encoder: str | None = None,
     ):
         """Build the teacher, the head and the scheduler around `model`.
 
@@ -199,6 +208,14 @@ class SelfFlowObjective(nn.Module):
         self.gamma, self.class_dropout = float(gamma), float(class_dropout)
         self.student_layer, self.teacher_layer = student_layer, teacher_layer
         self.attention_separation, self.loss_buckets = attention_separation, loss_buckets
+        self.alignment = None
+        if alignment is not None:
+            if not encoder:
+                raise ValueError(
+                    "objective=repa needs objective.encoder=DIR: a local folder with a "
+                    "transformers Dinov2Model (save_pretrained); nothing is downloaded"
+                )
+            self.alignment = alignment(width=model.width, depth=model.depth, encoder=encoder)
 
     def drop_condition(self, condition: Condition, samples: tuple[int, int], device) -> Condition:
         """Classifier-free guidance dropout, drawn once and shared by the student and the teacher: each sample's label
@@ -268,11 +285,16 @@ class SelfFlowObjective(nn.Module):
         return self.gamma if step is None else self.gamma * self.gamma_schedule(step)
 
     def forward(
-        self, tokens: Tokens | PackedTokens, condition: Condition | None = None, step: int | None = None
+        self,
+        tokens: Tokens | PackedTokens,
+        condition: Condition | None = None,
+        step: int | None = None,
+        images: Tensor | None = None,
     ) -> ObjectiveOutput:
         """tokens: a padded batch of one modality or packed rows; condition: the batch's labels ([B]; packed rows
         carry theirs inside the packing), captions and size conditioning (None: unconditional); step: the optimizer
-        step, for the gamma schedule."""
+        step, for the gamma schedule; images: the clean images [B, C, H, W] in [0, 1] (REPA's
+        alignment)."""
         condition = condition or Condition()
         x0 = tokens.x  # [R, N, C]
         packed = isinstance(tokens, PackedTokens)
@@ -304,7 +326,7 @@ class SelfFlowObjective(nn.Module):
             condition,
             modality,
             attn_mask=groups,
-            hidden_layers=(self.student_layer,) if want_rep else (),
+            hidden_layers=self._hidden_layers(want_rep),
         )
         flow_error = token_squared_error(student.velocity, velocity_target(x0, x1), channels)  # [R, N]
         loss_flow = masked_mean(flow_error * weights, valid)
@@ -329,10 +351,37 @@ class SelfFlowObjective(nn.Module):
             rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
             loss_rep = masked_mean(rep_error * weights, valid)
             loss = loss_flow + gamma * loss_rep
+        loss_align = self._alignment_loss(student.hidden, tokens, images)
+        if loss_align is not None:
+            loss = loss + self.alignment.weight * loss_align
         per_modality = self._per_modality(
             flow_error.detach(), None if rep_error is None else rep_error.detach(), modality, valid
         )
-        return ObjectiveOutput(loss, loss_flow, loss_rep, gamma, sums, counts, dual, per_modality)
+        parts = (loss, loss_flow, loss_rep, gamma, sums, counts, dual, per_modality, loss_align)
+        return ObjectiveOutput(*parts)
+
+    def _hidden_layers(self, want_rep: bool) -> tuple[int, ...]:
+        """The student blocks whose outputs the losses read: Self-Flow's and REPA's layers."""
+        layers = (self.student_layer,) if want_rep else ()
+        if self.alignment is not None and self.alignment.layer not in layers:
+            layers = (*layers, self.alignment.layer)
+        return layers
+
+    def _alignment_loss(self, hidden: dict, tokens, images: Tensor | None) -> Tensor | None:
+        """REPA's loss, mean over tokens and samples (None without objective.alignment)."""
+        if self.alignment is None:
+            return None
+        packed = isinstance(tokens, PackedTokens)
+        if packed or tokens.modality != "image" or tokens.valid is not None:
+            raise ValueError(
+                "objective=repa aligns image tokens of unpacked batches; train on image data "
+                "without packing or buckets (REPA for video and audio: docs/results.md)"
+            )
+        if images is None:
+            raise ValueError(
+                "objective=repa needs the batch's clean images: pass images=[B, C, H, W]",
+            )
+        return self.alignment(hidden[self.alignment.layer], images, token_grid(tokens)).mean()
 
     @staticmethod
     def _per_modality(flow_error: Tensor, rep_error: Tensor | None, modality, valid: Tensor | None) -> dict:

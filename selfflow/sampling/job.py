@@ -29,7 +29,31 @@ from selfflow.sampling.refine import refine_tokens
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import NO_LABEL, Condition
 
-DEFAULT_SOLVERS = {"model": ("euler", 50), "official": ("sde", 250)}  # sampler and steps when left unset
+RELEASED_GUIDANCE_INTERVAL = (0.0, 0.7)  # the released sampler guides at noise levels t <= 0.7 only
+# sampler, steps and guidance interval when left unset: a selfflow checkpoint's quick look, and the
+# released protocol for the released checkpoint and for every FID job (metrics=fid)
+SAMPLING_DEFAULTS = {
+    "model": ("euler", 50, (0.0, 1.0)),
+    "official": ("sde", 250, RELEASED_GUIDANCE_INTERVAL),
+    "fid": ("sde", 250, RELEASED_GUIDANCE_INTERVAL),
+}
+DEFAULT_SOLVERS = {kind: defaults[:2] for kind, defaults in SAMPLING_DEFAULTS.items()}
+
+
+def sampling_defaults(
+    checkpoint_kind: str,
+    metrics: str | None,
+) -> tuple[str, int, tuple[float, float]]:
+    """(sampler, steps, guidance interval) for what the user left unset.
+
+    Args:
+        checkpoint_kind: "model" (a selfflow checkpoint) or "official" (the released one).
+        metrics: the job's metrics kind; "fid" takes the released protocol whatever the checkpoint.
+
+    Returns:
+        The row of `SAMPLING_DEFAULTS` that applies.
+    """
+    return SAMPLING_DEFAULTS["fid" if metrics == "fid" else checkpoint_kind]
 
 
 @dataclass
@@ -49,13 +73,17 @@ class SamplingModel:
     kind: str  # "model" or "official"
 
 
-def load_sampling_model(ckpt: str, weights: str = "ema", vae: str | None = None) -> SamplingModel:
-    """A selfflow checkpoint or export, or `official:PATH` for the released Self-Flow checkpoint (with `vae`).
+def load_sampling_model(
+    ckpt: str, weights: str = "ema", vae: str | None = None, official_weights: str = "model"
+) -> SamplingModel:
+    """A selfflow checkpoint or export, or `official:PATH` for the released Self-Flow checkpoint.
 
     Args:
         ckpt: A .ckpt file, an export folder, or `official:PATH`.
         weights: `ema`, `online` or `ema_<decay>` (selfflow checkpoints only).
-        vae: The VAE folder: required by the released checkpoint, or where a run's VAE moved.
+        vae: The VAE folder: required by the released checkpoint and by a latent model.
+        official_weights: The released file's `model` entry (as the released sampler loads it) or
+            `ema`.
 
     Returns:
         The model in eval mode with its tokenizers, data config and kind.
@@ -63,7 +91,8 @@ def load_sampling_model(ckpt: str, weights: str = "ema", vae: str | None = None)
     if ckpt.startswith(OFFICIAL_PREFIX):
         from selfflow.interop.official import load_official_for_sampling
 
-        model, tokenizers = load_official_for_sampling(ckpt[len(OFFICIAL_PREFIX) :], vae)
+        path = ckpt[len(OFFICIAL_PREFIX) :]
+        model, tokenizers = load_official_for_sampling(path, vae, official_weights)
         return SamplingModel(model, tokenizers, None, "official")
     from selfflow.interop.checkpoint import load_checkpoint
 
@@ -91,15 +120,44 @@ def pick_modality(requested: str | None, tokenizers: dict[str, Any]) -> str:
     return requested
 
 
-def resolve_labels(labels, num_samples: int, num_classes: int, null_class: int) -> Tensor:
-    """Given class ids cycled to num_samples, or all classes round-robin, or the null label if unconditional.
+BALANCED_LABELS = "balanced"  # labels=balanced: every class in turn (exactly N / classes each)
+LABEL_SEED_OFFSET = 7919  # the label draw's stream, apart from the noise streams of the same seed
+
+
+def drawn_labels(num_samples: int, num_classes: int, seed: int) -> Tensor:
+    """[N] class ids drawn uniformly at random, as the released sampler does, fixed by `seed` alone
+    (the same labels for any batch size or number of processes).
 
     Args:
-        labels (int | Sequence[int] | None): The `labels` key: class ids (or the null label); None
-            for every class round-robin.
+        num_samples: N.
+        num_classes: ids are drawn from 0..num_classes - 1.
+        seed: the job's seed.
+
+    Returns:
+        [N] long tensor.
+    """
+    generator = torch.Generator().manual_seed(int(seed) + LABEL_SEED_OFFSET)
+    return torch.randint(num_classes, (num_samples,), generator=generator)
+
+
+def resolve_labels(
+    labels,
+    num_samples: int,
+    num_classes: int,
+    null_class: int,
+    seed: int = 0,
+) -> Tensor:
+    """The N samples' class ids: given ids cycled to N; None: drawn uniformly at random from `seed`
+    (the released protocol); "balanced": every class in turn; the null label for an unconditional
+    model.
+
+    Args:
+        labels (int | str | Sequence[int] | None): The `labels` key: class ids (or the null label),
+            None, or "balanced".
         num_samples: N, the samples to generate.
         num_classes: The model's classes (0 for an unconditional model).
         null_class: The model's null label.
+        seed: The job's seed (the label draw).
 
     Returns:
         [N] long class ids.
@@ -109,16 +167,18 @@ def resolve_labels(labels, num_samples: int, num_classes: int, null_class: int) 
     """
     if num_samples < 1:
         raise ValueError(f"num_samples={num_samples} must be >= 1")
+    if num_classes == 0 and (labels is None or labels == BALANCED_LABELS):
+        return torch.full((num_samples,), null_class, dtype=torch.long)
     if labels is None:
-        if num_classes == 0:
-            return torch.full((num_samples,), null_class, dtype=torch.long)
+        return drawn_labels(num_samples, num_classes, seed)
+    if labels == BALANCED_LABELS:
         return torch.arange(num_samples) % num_classes
     labels = [int(v) for v in (labels if isinstance(labels, Sequence) and not isinstance(labels, str) else [labels])]
     bad = [v for v in labels if not (0 <= v < num_classes or v == null_class)]
     if not labels or bad:
         raise ValueError(
             f"labels={labels} must be class ids in 0..{num_classes - 1} (or {null_class}, the null "
-            f"label); leave labels=null for all classes round-robin"
+            f"label); leave labels=null for uniformly drawn classes, or labels=balanced"
         )
     return torch.tensor(labels, dtype=torch.long).repeat(math.ceil(num_samples / len(labels)))[:num_samples]
 
@@ -142,26 +202,33 @@ def size_rows(model, tokenizer, count: int) -> Tensor | None:
 
 
 def sampling_condition(
-    model, tokenizer, tokenizers: dict[str, Tokenizer], labels, num_samples: int, prompt=None
+    model,
+    tokenizer,
+    tokenizers: dict[str, Tokenizer],
+    labels,
+    num_samples: int,
+    prompt=None,
+    seed: int = 0,
 ) -> Condition:
-    """The N samples' condition: class labels (given ids cycled, else every class round-robin), the prompt for a
-    text model (its label then conditions on nothing unless labels are given), size conditioning for a multi-aspect
-    model.
+    """The N samples' condition: class labels (`resolve_labels`: given ids cycled, else drawn from
+    `seed`), the prompt for a text model (its label then conditions on nothing unless labels are
+    given), size conditioning for a multi-aspect model.
 
     Args:
         model (nn.Module): The sampling model (`num_classes`, `null_class`).
         tokenizer (Tokenizer): The generated modality's tokenizer.
         tokenizers: Every tokenizer of the checkpoint (`text` for a text model).
-        labels (int | Sequence[int] | None): Class ids cycled over the samples; None for every class
-            round-robin (or none for a text model).
+        labels (int | str | Sequence[int] | None): Class ids cycled over the samples; None: drawn
+            at random from `seed`; "balanced": every class in turn (or none for a text model).
         num_samples: N, the samples to generate.
         prompt (str | Sequence[str] | None): The caption, or captions cycled over the samples.
+        seed: The job's seed (the label draw).
 
     Returns:
         The condition of the N samples.
     """
     text = prompt_text(tokenizers, prompt, num_samples)
-    ids = resolve_labels(labels, num_samples, model.num_classes, model.null_class)
+    ids = resolve_labels(labels, num_samples, model.num_classes, model.null_class, seed)
     if text is not None and labels is None:  # text models: the caption is the condition
         ids = torch.full_like(ids, NO_LABEL)
     return Condition(labels=ids, text=text, sizes=size_rows(model, tokenizer, num_samples))

@@ -106,6 +106,10 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
         if getattr(tokenizer, "vae_path", None):
             point_vae_keys(config, tokenizer.vae_path)
+    if objective.alignment is not None:  # REPA's encoder: its folder and fingerprint, never weights
+        encoder = objective.alignment.encoder
+        config["objective"]["encoder"] = encoder.path
+        config["objective"]["alignment"]["fingerprint"] = encoder.fingerprint
     module = SelfFlowModule(
         objective,
         tokenizers,

@@ -15,17 +15,24 @@ from selfflow.data.pretrained import check_stored_fingerprints
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
 from selfflow.interop.state_check import check_state_fits
 from selfflow.objectives.flow_loss import bucket_names
+from selfflow.objectives.repa import check_stored_encoder, clean_images
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import TEXT, Condition, PackedTokens, Tokens
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.mixture import pack_groups
-from selfflow.training.nonfinite import NonFiniteGuard
+from selfflow.training.nonfinite import NonFiniteGuard, uncount_skipped_step
 from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.schedules import LRSchedule
 
 # metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
-STEP_METRICS = ("train/loss", "train/loss_flow", "train/loss_rep", "train/grad_norm")
+STEP_METRICS = (
+    "train/loss",
+    "train/loss_flow",
+    "train/loss_rep",
+    "train/loss_align",
+    "train/grad_norm",
+)
 
 
 class SelfFlowModule(L.LightningModule):
@@ -89,7 +96,8 @@ class SelfFlowModule(L.LightningModule):
         if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
             return None
         tokens = self.tokenize(batch)
-        out = self.objective(tokens, self.condition(batch), step=self.global_step)
+        images = self.alignment_images(batch, tokens)
+        out = self.objective(tokens, self.condition(batch), step=self.global_step, images=images)
         batch_size = tokens.batch_size
         token_counts = modality_token_counts(tokens)
         present = [m for m, count in token_counts.items() if count]
@@ -103,6 +111,8 @@ class SelfFlowModule(L.LightningModule):
         self.log("train/loss_flow", out.loss_flow, batch_size=batch_size)
         if out.loss_rep is not None:
             self.log("train/loss_rep", out.loss_rep, prog_bar=True, batch_size=batch_size)
+        if out.loss_align is not None:
+            self.log("train/loss_align", out.loss_align, prog_bar=True, batch_size=batch_size)
         if self.objective.gamma_schedule.kind != "constant":  # a constant gamma is in the hyperparameters
             self.log("train/gamma", out.gamma, batch_size=batch_size)
         self.bucket_sums += out.flow_bucket_sums
@@ -114,6 +124,13 @@ class SelfFlowModule(L.LightningModule):
         self._tokens_by_modality = token_counts
         self._samples_in_batch = batch_size
         return loss
+
+    def alignment_images(self, batch: dict[str, Any], tokens) -> torch.Tensor | None:
+        """The clean images REPA's encoder sees (objective=repa), None for the other objectives."""
+        wanted = self.objective.alignment is not None and "image" in self.tokenizers
+        if not wanted or "data" not in batch:
+            return None
+        return clean_images(batch["data"], tokens, self.tokenizers["image"])
 
     @property
     def data_modalities(self) -> list[str]:
@@ -191,7 +208,15 @@ class SelfFlowModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)  # runs training_step and backward through the closure
         if not self._update_skipped:
             self.objective.update_teacher()
+        elif self.trainer is not None:  # a skipped update is no step: global_step and the LR stay
+            uncount_skipped_step(self.trainer)
         self._step_nonfinite, self._step_modalities = None, set()
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        """The schedule follows completed updates: a skipped one leaves the learning rate where it
+        was."""
+        if not self._update_skipped:
+            super().lr_scheduler_step(scheduler, metric)
 
     def configure_optimizers(self):
         params = [p for p in self.objective.parameters() if p.requires_grad]
@@ -220,6 +245,7 @@ class SelfFlowModule(L.LightningModule):
         source = "the checkpoint to resume from"
         check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), source)
         check_stored_fingerprints(dict(self.tokenizers), checkpoint.get("selfflow_config"), source)
+        check_stored_encoder(self.objective.alignment, checkpoint.get("selfflow_config"), source)
         self._rng_to_restore = checkpoint.get("selfflow_rng")
         training = checkpoint.get("selfflow_training") or {}
         self.nonfinite.load_state_dict(training.get("nonfinite", {}))

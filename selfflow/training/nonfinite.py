@@ -45,3 +45,21 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.in_a_row, self.skipped = int(state.get("in_a_row", 0)), int(state.get("skipped", 0))
+
+
+def uncount_skipped_step(trainer) -> None:
+    """Take back the optimizer step Lightning is about to count for a skipped update, so that a
+    skipped update advances neither `global_step` (the run's length, checkpoint names, the
+    schedules) nor the learning rate.
+
+    Call it inside `optimizer_step` of an update that was skipped: Lightning marks the step ready
+    before that hook and completed after it; both are taken back here, so the completed count stays
+    where it was.
+
+    Args:
+        trainer: the Lightning trainer running automatic optimization.
+    """
+    progress = trainer.fit_loop.epoch_loop.automatic_optimization.optim_progress.optimizer.step
+    for tracker in (progress.total, progress.current):
+        tracker.ready -= 1
+        tracker.completed -= 1

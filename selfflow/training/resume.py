@@ -37,6 +37,7 @@ RESUMABLE_CHANGES = (
     # a VAE's identity is its fingerprint, checked when the checkpoint loads: it may move folders
     "*.vae",
     "*.fingerprint",
+    "objective.encoder",  # REPA's encoder: checked by its fingerprint, it may move folders
 )
 SHOWN_DIFFERENCES = 4
 ABSENT = "<absent>"

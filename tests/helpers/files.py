@@ -118,3 +118,21 @@ def write_tiny_vae(folder: Path, seed: int = 0, latent_channels: int = 4, **conf
         vae.quant_conv.bias[latent_channels:] = -3.0
     vae.save_pretrained(folder)
     return folder
+
+
+def write_tiny_dinov2(folder: Path, seed: int = 0, hidden_size: int = 16) -> Path:
+    """A randomly initialised DINOv2 of the real architecture (transformers Dinov2Model) at tiny
+    sizes, saved with save_pretrained: REPA's encoder in the tests (patch 14, 2 layers)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Dinov2Config(
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=2 * hidden_size,
+        patch_size=14,
+        image_size=56,
+    )
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        transformers.Dinov2Model(config).save_pretrained(folder)
+    return folder
