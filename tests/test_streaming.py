@@ -79,6 +79,16 @@ def image_shards(tmp_path_factory):
     return base / "shards"
 
 
+def assert_same_items(local, streamed) -> None:
+    """Each item of `streamed` equals `local`'s, augmentation draws included (same seed per item)."""
+    for i in range(len(local)):
+        torch.manual_seed(i)
+        expected = local[i]
+        torch.manual_seed(i)
+        got = streamed[i]
+        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+
+
 def test_streamed_shards_equal_the_local_ones_with_one_request_per_sample(endpoint, image_shards):
     folder = upload(endpoint, image_shards, "equal")
     store = ObjectStore(endpoint_url=endpoint)
@@ -86,12 +96,7 @@ def test_streamed_shards_equal_the_local_ones_with_one_request_per_sample(endpoi
     streamed = ImageShards(folder, "train", image_size=8, store=store)
     assert streamed.shards == [f"{folder}/train-{n:06d}.tar" for n in range(3)] and len(streamed) == len(local) == 9
     gets = record_gets(store)
-    for i in range(len(local)):
-        torch.manual_seed(i)
-        expected = local[i]
-        torch.manual_seed(i)
-        got = streamed[i]
-        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    assert_same_items(local, streamed)
     assert len(gets) == len(local)  # the data and label members of a sample come in one ranged GET
     assert all(range_.startswith("bytes=") for _, range_ in gets)
     assert streamed.class_names == local.class_names == ["cat", "dog"]
@@ -261,12 +266,7 @@ def test_a_second_protocol_reaches_the_same_reader_by_ranged_reads(
             ranges.append((start, end)) or cat_file(self, path, start=start, end=end, **kw)
         ),
     )
-    for i in range(len(local)):
-        torch.manual_seed(i)
-        expected = local[i]
-        torch.manual_seed(i)
-        got = streamed[i]
-        assert torch.equal(got[0], expected[0]) and got[1] == expected[1]
+    assert_same_items(local, streamed)
     sizes = {(image_shards / Path(s).name).stat().st_size for s in streamed.shards}
     assert len(ranges) == len(local) and all(end - start < min(sizes) for start, end in ranges)
     cfg = compose_train(

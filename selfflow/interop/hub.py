@@ -23,13 +23,76 @@ REPO_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
 # a value that names a place on this machine: an absolute or home path, alone or after a prefix
 # (official:/...)
 MACHINE_PATH = re.compile(r"(^|[:=,\s])(/|~|[A-Za-z]:[\\/])")
-CITATION = """@article{selfflow2026,
-  title   = {Self-Flow},
-  author  = {Chefer, Hila and Esser, Patrick and others},
-  journal = {arXiv preprint arXiv:2603.06507},
-  note    = {Black Forest Labs},
-  year    = {2026}
+CITATION = """@inproceedings{chefer2026selfflow,
+  title     = {Self-Supervised Flow Matching for Scalable Multi-Modal Synthesis},
+  author    = {Chefer, Hila and Esser, Patrick and Lorenz, Dominik and Podell, Dustin and Raja, Vikash and
+               Tong, Vinh and Torralba, Antonio and Rombach, Robin},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2026},
+  eprint    = {2603.06507},
+  archivePrefix = {arXiv}
 }"""
+
+# the model card of an export (README.md): the hub's YAML front matter, then the model in a page
+CARD = """---
+library_name: selfflow
+tags:
+{tags}
+---
+
+# Self-Flow model ({modalities})
+
+A flow-matching transformer trained with selfflow (dual-timestep scheduling and EMA
+self-distillation, the Self-Flow method). These are the EMA weights after {step}
+optimizer steps.
+
+## Use
+
+```python
+import selfflow
+loaded = selfflow.from_pretrained("OWNER/NAME")   # or a local folder; vae=FOLDER for a latent model
+```
+
+```bash
+selfflow-sample ckpt=hf://OWNER/NAME num_samples=16          # from the local hub cache
+selfflow-train init=pretrained:hf://OWNER/NAME ...           # fine-tune from these weights
+```
+
+## Training
+
+| setting | value |
+|---|---|
+{training}
+
+Model:
+
+| key | value |
+|---|---|
+{model}
+
+Objective:
+
+| key | value |
+|---|---|
+{objective}
+
+The full training config is in `config.json` (local paths removed).
+
+## Metrics
+
+| metric | value |
+|---|---|
+{measured}
+
+## Citation
+
+Self-Supervised Flow Matching for Scalable Multi-Modal Synthesis (Chefer, Esser et al., Black Forest
+Labs, ICML 2026), [arXiv:2603.06507](https://arxiv.org/abs/2603.06507):
+
+```bibtex
+{citation}
+```
+"""
 
 
 def without_machine_paths(value: Any) -> Any:
@@ -86,62 +149,16 @@ def model_card(meta: dict, metrics: dict[str, float] | None = None) -> str:
     data_rows.update({k: v for k, v in dataset.items() if k in CARD_DATA_KEYS})
     measured = _rows(metrics) if metrics else "| (none given at export) | |"
     tags = "\n".join(f"  - {tag}" for tag in [*CARD_TAGS, *modalities])
-    return f"""---
-library_name: selfflow
-tags:
-{tags}
----
-
-# Self-Flow model ({", ".join(modalities)})
-
-A flow-matching transformer trained with selfflow (dual-timestep scheduling and EMA
-self-distillation, the Self-Flow method). These are the EMA weights after {meta.get("step", 0)}
-optimizer steps.
-
-## Use
-
-```python
-import selfflow
-loaded = selfflow.from_pretrained("OWNER/NAME")   # or a local folder; vae=FOLDER for a latent model
-```
-
-```bash
-selfflow-sample ckpt=hf://OWNER/NAME num_samples=16          # from the local hub cache
-selfflow-train init=pretrained:hf://OWNER/NAME ...           # fine-tune from these weights
-```
-
-## Training
-
-| setting | value |
-|---|---|
-{_rows({"steps": meta.get("step", 0), "weights": meta.get("weights", "ema"), **data_rows})}
-
-Model:
-
-| key | value |
-|---|---|
-{_rows(model)}
-
-Objective:
-
-| key | value |
-|---|---|
-{_rows(objective)}
-
-The full training config is in `config.json` (local paths removed).
-
-## Metrics
-
-| metric | value |
-|---|---|
-{measured}
-
-## Citation
-
-```bibtex
-{CITATION}
-```
-"""
+    return CARD.format(
+        tags=tags,
+        modalities=", ".join(modalities),
+        step=meta.get("step", 0),
+        training=_rows({"steps": meta.get("step", 0), "weights": meta.get("weights", "ema"), **data_rows}),
+        model=_rows(model),
+        objective=_rows(objective),
+        measured=measured,
+        citation=CITATION,
+    )
 
 
 def resolve_pretrained(
