@@ -180,7 +180,9 @@ def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
     raise ValueError(f"weights={weights!r} {missing} {source}; choose one of: {', '.join([*WEIGHTS, *extra])}{hint}")
 
 
-def load_checkpoint(path: str | os.PathLike, weights: str = "ema", vae=None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | os.PathLike, weights: str = "ema", vae: str | os.PathLike | dict | None = None
+) -> LoadedCheckpoint:
     """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema (the teacher),
     online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
 
