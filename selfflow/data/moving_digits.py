@@ -3,6 +3,8 @@ once as MP4 files into a cache folder and read back through VideoFolder."""
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,8 @@ from selfflow.data.cache import cached_folder
 from selfflow.data.digits import DigitImages
 from selfflow.data.video_folder import VideoFolder
 from selfflow.data.video_io import write_mp4
+
+DECODE_THREADS = min(4, os.cpu_count() or 1)  # clips encoded and decoded at once when made and preloaded
 
 # (name, (dy, dx)) in pixels per frame and speed unit; names hold no '_', which separates file-name fields
 DIRECTIONS = (
@@ -76,6 +80,7 @@ def make_moving_digits(
     seed: int,
 ) -> None:
     """`clips[split]` MP4s per split, named `{digit}_{direction}_{index}.mp4`; test clips use test digits only."""
+    rendered = []  # (frames, path): drawn in order from each split's generator, then encoded in parallel
     for split, count in clips.items():
         source = DigitImages(split, image_size=digit_size, channels=1, seed=seed)
         rng = np.random.default_rng([seed, split == "test"])
@@ -87,7 +92,9 @@ def make_moving_digits(
             moves = [DIRECTIONS[w][1] for w in ways[:count_digits]]
             frames = render_clip(digits, moves, num_frames, canvas, speed, rng)
             name = f"{int(source.labels[picks[0]])}_{DIRECTIONS[ways[0]][0]}_{index:05d}.mp4"
-            write_mp4(np.repeat(frames[..., None], 3, axis=-1), folder / split / name, fps, crf=8)
+            rendered.append((np.repeat(frames[..., None], 3, axis=-1), folder / split / name))
+    with ThreadPoolExecutor(DECODE_THREADS) as pool:  # PyAV encodes without the GIL
+        list(pool.map(lambda clip: write_mp4(*clip, fps, crf=8), rendered))
 
 
 class MovingDigits(VideoFolder):
@@ -179,7 +186,9 @@ class MovingDigits(VideoFolder):
         if key not in DECODED:
             while len(DECODED) >= DECODED_SPLITS:
                 DECODED.pop(next(iter(DECODED)))
-            DECODED[key] = torch.stack([super(MovingDigits, self).load_item(i) for i in range(len(self))])
+            read = super().load_item
+            with ThreadPoolExecutor(DECODE_THREADS) as pool:  # PyAV decodes without the GIL
+                DECODED[key] = torch.stack(list(pool.map(read, range(len(self)))))
         return DECODED[key]
 
     def load_item(self, i: int) -> Tensor:
