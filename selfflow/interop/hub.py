@@ -2,9 +2,8 @@
 machine paths, a README.md model card), loaded back by path or by hub repo id from huggingface_hub's
 local cache.
 
-Nothing is downloaded unless asked: `from_pretrained("OWNER/NAME")` resolves the repo in the local
-cache (`hf download OWNER/NAME` or `download=True` puts it there), so an offline machine loads what
-it has.
+Nothing is ever downloaded: `from_pretrained("OWNER/NAME")` resolves the repo in the local cache
+only (`hf download OWNER/NAME`, run by you beforehand, puts it there).
 """
 
 from __future__ import annotations
@@ -164,7 +163,6 @@ def model_card(meta: dict, metrics: dict[str, float] | None = None) -> str:
 def resolve_pretrained(
     name: str | os.PathLike,
     revision: str | None = None,
-    download: bool = False,
 ) -> Path:
     """The local folder of an export: `name` itself when it is a folder, else the hub repo `name`
     (OWNER/NAME or hf://OWNER/NAME) from huggingface_hub's cache.
@@ -172,8 +170,6 @@ def resolve_pretrained(
     Args:
         name: a folder, or a hub repo id.
         revision: a branch, tag or commit of the repo (None: main).
-        download: fetch the repo when it is not in the cache (False: the cache only; nothing is
-            downloaded).
 
     Returns:
         The folder holding model.safetensors and config.json.
@@ -187,35 +183,26 @@ def resolve_pretrained(
             f"{name} is neither a folder nor a hub repo id (OWNER/NAME or hf://OWNER/NAME)",
         )
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import try_to_load_from_cache
     except ImportError:
         needs = "needs huggingface_hub: pip install 'selfflow[hub]'"
         raise ModuleNotFoundError(f"loading {name} by repo id {needs}") from None
     from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS
 
-    try:
-        folder = snapshot_download(
-            repo_id,
-            revision=revision,
-            allow_patterns=[EXPORT_WEIGHTS, EXPORT_CONFIG, MODEL_CARD],
-            local_files_only=not download,
-        )
-    except Exception as error:
-        fetch = f"fetch it first: hf download {repo_id}"
-        if download:
-            fetch = "check the repo id and the network"
+    # the local cache only (no network call exists on this path): selfflow never downloads
+    cached = [try_to_load_from_cache(repo_id, f, revision=revision) for f in (EXPORT_WEIGHTS, EXPORT_CONFIG)]
+    if not all(isinstance(found, str) for found in cached):
         raise FileNotFoundError(
             f"{name} is not a local folder, and the hub repo {repo_id} is not in the local hub "
-            f"cache ({type(error).__name__}); {fetch}"
-        ) from None
-    return Path(folder)
+            f"cache (nothing is downloaded); fetch it first: hf download {repo_id}"
+        )
+    return Path(cached[0]).parent
 
 
 def from_pretrained(
     name: str | os.PathLike,
     vae: str | None = None,
     revision: str | None = None,
-    download: bool = False,
 ):
     """The model of a `selfflow-export` folder or hub repo, ready to sample
     (`selfflow.sample_tokens`) or to fine-tune (`loaded.model` is a plain `SelfFlowTransformer`;
@@ -227,14 +214,13 @@ def from_pretrained(
         vae: the folder of the VAE a latent model was trained with (checked by fingerprint); exports
             store none.
         revision: a branch, tag or commit of the repo.
-        download: fetch a repo missing from the cache (default: never download).
 
     Returns:
         `LoadedCheckpoint` (model, tokenizers, config, step).
     """
     from selfflow.interop.export import load_exported
 
-    return load_exported(resolve_pretrained(name, revision, download), vae)
+    return load_exported(resolve_pretrained(name, revision), vae)
 
 
 def initialize_from_pretrained(objective, name: str, tokenizers: dict) -> None:
