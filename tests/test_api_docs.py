@@ -37,6 +37,7 @@ COVERED_MODULES = (
     "selfflow.evaluation.features",
     "selfflow.evaluation.frechet",
     "selfflow.interop.checkpoint",
+    "selfflow.interop.stored_model",
 )
 SELF_NAMES = {"self", "cls"}
 FUNCTIONS = (ast.FunctionDef, ast.AsyncFunctionDef)

@@ -1,49 +1,46 @@
-"""Loading a training checkpoint back into plain PyTorch objects for sampling, probing or fine-tuning."""
+"""Loading a training checkpoint back into plain PyTorch objects for sampling, probing or fine-tuning.
+
+`load_checkpoint` also takes an export folder (`export_folder`) or a hub repo id (`hub`); the model
+itself is rebuilt by `stored_model`, which both kinds of file share.
+"""
 
 from __future__ import annotations
 
 import os
 import zipfile
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from selfflow.data.pretrained import point_parts
-from selfflow.interop.state_check import check_state_fits
-from selfflow.models.transformer import SelfFlowTransformer
+from selfflow.interop.export_folder import load_exported
+from selfflow.interop.hub import HUB_PREFIX, resolve_pretrained
+from selfflow.interop.stored_model import (
+    CHECKPOINT_FORMAT,
+    LoadedCheckpoint,
+    check_format,
+    load_state_checked,
+    model_from_state,
+)
 from selfflow.objectives.selfflow import sampling_ema_key
-from selfflow.safe_config import StoredConfigError, first_line, instantiate_stored, stored_config
-from selfflow.tokenizers.base import Tokenizer
+from selfflow.safe_config import first_line, stored_config
 
-CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads
+# the stored-model names are re-exported: callers load checkpoints from this module
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "LoadedCheckpoint",
+    "check_format",
+    "load_checkpoint",
+    "load_state_checked",
+    "model_from_state",
+    "read_checkpoint",
+    "weights_prefix",
+]
 
 WEIGHTS = ("ema", "online")  # and ema_<decay> for each of a run's objective.sampling_ema_decays
 WEIGHT_PREFIXES = {"ema": "objective.teacher.module.", "online": "objective.model."}
 SAMPLING_EMAS = "objective.sampling_emas."
-
-
-@dataclass
-class LoadedCheckpoint:
-    """A run's model and tokenizers rebuilt from its checkpoint, with where they came from.
-
-    Attributes:
-        model: The transformer with the chosen weights, in eval mode, on CPU.
-        tokenizers: Modality -> the run's tokenizer, in eval mode.
-        config: The run's resolved config (an OmegaConf DictConfig).
-        step: The training step the checkpoint was written at.
-        path: What was loaded: a .ckpt file or an export folder.
-        weights_file: The file holding the weights (its digest identifies them).
-    """
-
-    model: SelfFlowTransformer  # in eval mode, on CPU
-    tokenizers: dict[str, Tokenizer]
-    config: Any  # the run's resolved config (an OmegaConf DictConfig)
-    step: int
-    path: Path  # what was loaded: a .ckpt file or an export folder
-    weights_file: Path  # the file holding the weights (its digest identifies them)
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
@@ -78,80 +75,6 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
         raise ValueError(f"{path} is not a selfflow training checkpoint (it has no stored selfflow config)")
     check_format(checkpoint.get("selfflow_format", 0), str(path))
     return checkpoint
-
-
-def check_format(version: Any, source: str) -> None:
-    """A stored format version must be a whole number this selfflow can read.
-
-    Args:
-        version: The `selfflow_format` value read from the file.
-        source: The file's name in the error message.
-
-    Raises:
-        ValueError: The version is not a whole number >= 0, or newer than CHECKPOINT_FORMAT.
-    """
-    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ValueError(
-            f"{source} has format {version!r}, which is not a format version; the file is damaged or not selfflow's"
-        )
-    if version > CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{source} has format {version}, newer than this selfflow ({CHECKPOINT_FORMAT}); upgrade selfflow"
-        )
-
-
-def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that names the first missing, unexpected or mismatched key (shapes, dtypes).
-
-    Args:
-        module: The module to load into.
-        state: The weights read from a file.
-        source: The file's name in the error message.
-    """
-    check_state_fits(module.state_dict(), state, source)
-    module.load_state_dict(state)
-
-
-def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae=None):
-    """The run's tokenizers (in eval mode) and its model with `state` loaded (the class count read
-    from the label table). vae: where the user says the run's VAE or autoencoder is (a path, or
-    {modality: path} for several); a stored path is never loaded, and the part must have the stored
-    fingerprint (`point_parts`).
-
-    `config` came from a file: its tokenizers and model are built through the allow-list (`instantiate_stored`),
-    and the model is first built on the meta device, so that a config whose sizes do not fit the stored weights is
-    refused before any memory is allocated for it.
-
-    Args:
-        config (DictConfig): The run's stored config.
-        state: The model's weights, keys without the checkpoint's prefix.
-        source: The file's name in error messages.
-        vae: The run's VAE or autoencoder, named by the user (a path, or {modality: path}); the
-            path the stored config names is never loaded.
-
-    Returns:
-        tuple[SelfFlowTransformer, dict[str, Tokenizer]]: The model in eval mode and the tokenizers
-            by modality.
-
-    Raises:
-        StoredConfigError: The stored model config is not a partial one.
-    """
-    point_parts(config, vae, source)  # VAEs, autoencoders: the user's paths, stored fingerprints
-    tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}").eval() for m, spec in config.tokenizer.items()}
-    if config.model.get("_partial_") is not True:
-        raise StoredConfigError(
-            f"{source}: model._partial_ must be true (the model is completed with the token "
-            f"channels and class count); refusing to build it"
-        )
-    build = instantiate_stored(config.model, source, "model")
-    label_rows = state.get("y_embedder.embedding_table.weight")
-    num_classes = label_rows.shape[0] - 1 if isinstance(label_rows, torch.Tensor) and label_rows.ndim == 2 else 0
-    sizes = {"token_channels": {m: t.token_channels for m, t in tokenizers.items()}, "num_classes": num_classes}
-    with torch.device("meta"):
-        check_state_fits(build(**sizes).state_dict(), state, source)
-    model = build(**sizes)
-    load_state_checked(model, state, source)
-    return model.eval(), tokenizers
 
 
 def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
@@ -205,14 +128,10 @@ def load_checkpoint(
         ValueError: Other weights than `ema` from an export, or a file that is not a complete
             checkpoint.
     """
-    if str(path).startswith("hf://"):
-        from selfflow.interop.hub import resolve_pretrained
-
+    if str(path).startswith(HUB_PREFIX):
         path = resolve_pretrained(str(path))
     path = Path(path).expanduser()
     if path.is_dir() or path.suffix == ".safetensors":
-        from selfflow.interop.export import load_exported
-
         folder = path if path.is_dir() else path.parent
         if weights != "ema":
             raise ValueError(

@@ -13,6 +13,13 @@ import re
 from pathlib import Path
 from typing import Any
 
+from selfflow.interop.export_folder import (
+    EXPORT_CONFIG,
+    EXPORT_WEIGHTS,
+    load_exported,
+    read_export_config,
+)
+
 HUB_PREFIX = "hf://"
 PRETRAINED_PREFIX = "pretrained:"  # init=pretrained:NAME (selfflow-train): fine-tune from an export
 MODEL_CARD = "README.md"
@@ -187,8 +194,6 @@ def resolve_pretrained(
     except ImportError:
         needs = "needs huggingface_hub: pip install 'selfflow[hub]'"
         raise ModuleNotFoundError(f"loading {name} by repo id {needs}") from None
-    from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS
-
     # the local cache only (no network call exists on this path): selfflow never downloads
     cached = [try_to_load_from_cache(repo_id, f, revision=revision) for f in (EXPORT_WEIGHTS, EXPORT_CONFIG)]
     if not all(isinstance(found, str) for found in cached):
@@ -218,8 +223,6 @@ def from_pretrained(
     Returns:
         `LoadedCheckpoint` (model, tokenizers, config, step).
     """
-    from selfflow.interop.export import load_exported
-
     return load_exported(resolve_pretrained(name, revision), vae)
 
 
@@ -257,8 +260,6 @@ def push_to_hub(folder: str | os.PathLike, repo_id: str, private: bool = True) -
         The URL of the commit.
     """
     from huggingface_hub import HfApi
-
-    from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, read_export_config
 
     read_export_config(Path(folder) / EXPORT_CONFIG)  # an export, not any folder
     api = HfApi()
