@@ -163,14 +163,14 @@ def test_metrics_that_need_images_are_null_with_a_note_when_a_side_holds_statist
     rng = np.random.default_rng(0)
     features = [torch.tensor(rng.normal(0, 1, (20, 8)), dtype=torch.float32) for _ in range(2)]
     samples = EvalSet(
-        "samples.npz",
-        GaussianStats.of(features[0]),
-        GaussianStats.of(features[0]),
-        features[0],
-        torch.zeros(20, 1008),
-        20,
+        name="samples.npz",
+        pool_stats=GaussianStats.of(features[0]),
+        spatial_stats=GaussianStats.of(features[0]),
+        pool=features[0],
+        logits=torch.zeros(20, 1008),
+        count=20,
     )
-    ref = EvalSet("ref.npz", GaussianStats.of(features[1]), None)
+    ref = EvalSet(name="ref.npz", pool_stats=GaussianStats.of(features[1]), spatial_stats=None)
     metrics = standard_metrics(samples, ref)
     assert metrics["fid"] == pytest.approx(frechet_distance(samples.pool_stats, ref.pool_stats))
     assert metrics["fid"] > 0 and metrics["inception_score"] == pytest.approx(1.0)
@@ -353,10 +353,13 @@ def run_eval(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 def test_samples_and_reference_images_of_different_sizes_are_warned_about():
-    from selfflow.cli.eval import size_mismatch
+    from selfflow.evaluation.fid_job import size_mismatch
 
     stats = GaussianStats(np.zeros(2), np.eye(2))
-    at = {size: EvalSet("x", stats, stats, image_size=size) for size in ((32, 32), (256, 256), None)}
+    at = {
+        size: EvalSet(name="x", pool_stats=stats, spatial_stats=stats, image_size=size)
+        for size in ((32, 32), (256, 256), None)
+    }
     assert size_mismatch(at[(32, 32)], at[(256, 256)]) == (
         "samples are 32x32 pixels, the reference images 256x256; "
         "both are resized to 299x299, but published numbers "

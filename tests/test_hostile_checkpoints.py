@@ -177,23 +177,21 @@ def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_prob
     with pytest.raises(StoredConfigError, match=r"data.dataset._target_=builtins.open is not a selfflow class"):
         probe(cfg)
     loaded = load_checkpoint(path)
-    metrics = OmegaConf.create(
-        {
-            "metrics": True,
-            "feature_extractor": {"_target_": "torch.nn.Identity"},
-            "reference": None,
-            "metrics_data": None,
-            "metrics_max_real": 4,
-            "ckpt": str(path),
-        }
-    )
-    with pytest.raises(StoredConfigError, match=r"data.dataset._target_=builtins.open is not a selfflow class"):
-        build_metrics(
-            metrics,
-            SamplingModel(loaded.model, loaded.tokenizers, loaded.config.data, "model"),
-            torch.device("cpu"),
-            "image",
+    metrics = build_metrics(
+        OmegaConf.create(
+            {
+                "metrics": True,
+                "feature_extractor": {"_target_": "torch.nn.Identity"},
+                "reference": None,
+                "metrics_data": None,
+                "metrics_max_real": 4,
+                "ckpt": str(path),
+            }
         )
+    )
+    model = SamplingModel(loaded.model, loaded.tokenizers, loaded.config.data, "model")
+    with pytest.raises(StoredConfigError, match=r"data.dataset._target_=builtins.open is not a selfflow class"):
+        metrics.prepare(model, "image", torch.device("cpu"))
     assert not marker.exists()
 
 

@@ -236,10 +236,10 @@ def test_random_init_baseline_is_a_random_network_whose_blocks_are_not_the_ident
 
 
 def test_report_has_the_issue_keys_and_picks_the_best_row():
+    baselines = {"baseline_random_init_top1": 0.2, "baseline_input_top1": 0.3}
     rows = [
-        ProbeRow(1, 0.0, "mean", 0.5, 0.2, 0.3),
-        ProbeRow(2, 0.0, "mean", 0.7, 0.2, 0.3),
-        ProbeRow(3, 0.0, "mean", 0.7, 0.2, 0.3),
+        ProbeRow(layer=layer, noise_level=0.0, pool="mean", top1=top1, **baselines)
+        for layer, top1 in ((1, 0.5), (2, 0.7), (3, 0.7))
     ]
     document = report("a.ckpt", "DigitImages", rows)
     assert set(document) == {"checkpoint", "dataset", "results", "best"}

@@ -320,10 +320,11 @@ def test_fid_jobs_default_to_the_released_protocol(tiny_checkpoint, tmp_path, mo
     """metrics=fid with nothing else said: SDE, 250 steps, guidance only at noise levels <= 0.7 (the
     released sampler's interval); a quick look keeps Euler 50 over [0, 1]; what the user sets
     wins."""
-    import selfflow.cli.sample as sample_cli
+    from selfflow.evaluation.fid_job import FidJobMetrics
 
-    # no Inception file here
-    monkeypatch.setattr(sample_cli, "fid_config", lambda cfg, out_dir, device: None)
+    # no Inception file here: neither the inputs' check nor selfflow-eval runs
+    monkeypatch.setattr(FidJobMetrics, "before_loading", lambda self, out_dir, device: None)
+    monkeypatch.setattr(FidJobMetrics, "finish", lambda self, out_dir, summary: {})
     fid_options = ("metrics=fid", "num_samples=1", "cfg_scale=2")
     fid = run_sample(tiny_checkpoint, tmp_path / "fid", *fid_options)
     assert (fid["sampler"], fid["steps"], fid["guidance_interval"]) == ("sde", 250, [0.0, 0.7])

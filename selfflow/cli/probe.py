@@ -65,7 +65,11 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
         cache_dir=cfg.cache_dir,
         device=resolve_device(cfg.device),
         heads=HeadOptions(
-            list(head.learning_rates), list(head.weight_decays), head.epochs, head.batch_size, head.val_fraction
+            learning_rates=list(head.learning_rates),
+            weight_decays=list(head.weight_decays),
+            epochs=head.epochs,
+            batch_size=head.batch_size,
+            val_fraction=head.val_fraction,
         ),
         batch_size=cfg.batch_size,
         num_workers=cfg.num_workers,

@@ -92,13 +92,13 @@ def of_images(
     """The features of every image, and their statistics unless stored ones are given."""
     features = extract_features(source, extractor, batch_size, progress)
     return EvalSet(
-        source.name,
-        pool_stats or GaussianStats.of(features.pool),
-        spatial_stats or GaussianStats.of(features.spatial),
-        features.pool,
-        features.logits,
-        len(features),
-        source.size,
+        name=source.name,
+        pool_stats=pool_stats or GaussianStats.of(features.pool),
+        spatial_stats=spatial_stats or GaussianStats.of(features.spatial),
+        pool=features.pool,
+        logits=features.logits,
+        count=len(features),
+        image_size=source.size,
     )
 
 
@@ -126,7 +126,13 @@ def load_eval_set(
             f"sigma[, mu_s, sigma_s]); its arrays: {sorted(keys)}"
         )
     pool = _stored_pool_features(path, keys)
-    return EvalSet(str(path), pool_stats, spatial_stats, pool=pool, count=None if pool is None else len(pool))
+    return EvalSet(
+        name=str(path),
+        pool_stats=pool_stats,
+        spatial_stats=spatial_stats,
+        pool=pool,
+        count=None if pool is None else len(pool),
+    )
 
 
 def reference_pool_stats(path: str | os.PathLike, extractor: InceptionExtractor, batch_size: int = 64) -> GaussianStats:

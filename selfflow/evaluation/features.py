@@ -171,9 +171,8 @@ def extract_features(
 ) -> dict[tuple[int, float], Features]:
     """Features at every (layer, level): one backbone forward per batch and level covers all layers.
 
-    The noise is drawn once per batch from a generator seeded with `seed` (the same for every level and run),
-    and the condition is the null label so that the features never see the answer. Layer 0 (the pooled
-    tokenizer output at that level) needs no model; `model=None` is allowed when only layer 0 is asked for.
+    The noise is drawn once per batch from a generator seeded with `seed` (the same for every level
+    and run); the condition is the null label, so that the features never see the answer.
 
     Args:
         model: The frozen backbone; None when only layer 0 is asked for.
@@ -199,41 +198,18 @@ def extract_features(
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
     parts: dict[tuple[int, float], list[Tensor]] = {(layer, float(t)): [] for layer in layers for t in levels}
-    valids: list[Tensor] = []
-    labels: list[Tensor] = []
-    batches = loader
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(loader, desc=description, unit="batch", leave=False, disable=None)  # off without a terminal
-    for batch in batches:
+    valids, labels = [], []  # per batch: [B, N] padding masks, [B] labels
+    for batch in shown_batches(loader, progress, description):
         if batch is None:  # every file of the batch was unreadable
             continue
         tokens = tokenizer.encode(batch["data"].to(device))
         x0 = tokens.x.float()  # [B, N, C]
-        valid = (
-            tokens.valid if tokens.valid is not None else torch.ones(x0.shape[:2], dtype=torch.bool, device=x0.device)
-        )
+        ones = torch.ones(x0.shape[:2], dtype=torch.bool, device=x0.device)
+        valid = tokens.valid if tokens.valid is not None else ones
         noise = torch.randn(x0.shape, generator=generator).to(device)
-        batch_size = x0.shape[0]
         for level in levels:
-            t = torch.full((batch_size,), float(level), device=device)
-            x_t = interpolate(x0, noise, t)
-            hidden = {INPUT_LAYER: x_t}
-            if blocks:
-                hidden.update(
-                    model(
-                        x_t,
-                        t[:, None],
-                        None,
-                        tokens.pos,
-                        Condition(),
-                        tokens.modality,
-                        attn_mask=padding_mask(tokens.valid),
-                        hidden_layers=blocks,
-                        stop_after=max(blocks),
-                    ).hidden
-                )
+            t = torch.full((x0.shape[0],), float(level), device=device)
+            hidden = hidden_states(model, tokens, interpolate(x0, noise, t), t, blocks)
             for layer in layers:
                 h = hidden[layer].float()  # [B, N, D]
                 parts[(layer, float(level))].append((mean_pool(h, valid) if pool == "mean" else h).cpu())
@@ -241,14 +217,90 @@ def extract_features(
         labels.append(batch["label"].cpu())
     if not labels:
         raise ValueError("no readable samples to extract features from; check the dataset")
-    all_labels = torch.cat(labels)
+    return gathered(parts, valids, torch.cat(labels), pool)
+
+
+def shown_batches(loader: Iterable, progress: bool, description: str) -> Iterable:
+    """The loader, under a progress bar when asked (none without a terminal: tqdm's
+    disable=None).
+
+    Args:
+        loader: The batches.
+        progress: Show a bar.
+        description: The bar's label.
+
+    Returns:
+        The batches to iterate.
+    """
+    if not progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=description, unit="batch", leave=False, disable=None)
+
+
+def hidden_states(
+    model: SelfFlowTransformer | None,
+    tokens,
+    x_t: Tensor,
+    t: Tensor,
+    blocks: tuple[int, ...],
+) -> dict[int, Tensor]:
+    """The noised input and the outputs of `blocks` in one forward that stops after the last of
+    them, conditioned on nothing (the null label).
+
+    Args:
+        model: The backbone; None when no block is asked for.
+        tokens (Tokens): The clean tokens (positions, padding, modality).
+        x_t: [B, N, C] the tokens noised to `t`.
+        t: [B] the level.
+        blocks: 1-based blocks to read.
+
+    Returns:
+        Layer -> [B, N, D] hidden state (INPUT_LAYER: `x_t`).
+    """
+    hidden = {INPUT_LAYER: x_t}
+    if blocks:
+        out = model(
+            x_t,
+            t[:, None],
+            None,
+            tokens.pos,
+            Condition(),
+            tokens.modality,
+            attn_mask=padding_mask(tokens.valid),
+            hidden_layers=blocks,
+            stop_after=max(blocks),
+        )
+        hidden.update(out.hidden)
+    return hidden
+
+
+def gathered(
+    parts: dict[tuple[int, float], list[Tensor]],
+    valids: list[Tensor],
+    labels: Tensor,
+    pool: str,
+) -> dict[tuple[int, float], Features]:
+    """Each key's per-batch features joined into one `Features` (token features padded to the
+    longest sample).
+
+    Args:
+        parts: (layer, level) -> the batches' features.
+        valids: The batches' [B, N] padding masks.
+        labels: [M] every sample's label.
+        pool: `mean` or `attentive`.
+
+    Returns:
+        (layer, level) -> the features of every sample.
+    """
     out = {}
     for key, chunks in parts.items():
         if pool == "mean":
-            out[key] = Features(torch.cat(chunks), all_labels)
+            out[key] = Features(torch.cat(chunks), labels)
         else:
             x, valid = _stack(chunks, valids)
-            out[key] = Features(x, all_labels, valid)
+            out[key] = Features(x, labels, valid)
     return out
 
 

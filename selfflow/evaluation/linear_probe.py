@@ -9,7 +9,7 @@ one query that attention-pools the sample's tokens before its linear map (the qu
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -23,7 +23,7 @@ LEARNING_RATES = (0.01, 0.03, 0.1, 0.3, 1.0)
 WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProbeFit:
     """The result of a probe: the best head on validation and its test accuracy.
 
@@ -193,9 +193,8 @@ def fit_linear_probe(
     progress: bool = False,
     description: str = "probe",
 ) -> ProbeFit:
-    """Train the len(learning_rates) x len(weight_decays) grid at once and report the best head's test top-1.
-
-    Deterministic under `seed` (validation split, batch order). Weight decay acts on the linear weights only.
+    """Train the len(learning_rates) x len(weight_decays) grid at once and report the best head's
+    test top-1; deterministic under `seed` (validation split, batch order).
 
     Args:
         train: Training-split features (a validation share is carved from them).
@@ -222,13 +221,47 @@ def fit_linear_probe(
     check_labels(test.labels, num_classes, "the test split")
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs={epochs} and batch_size={batch_size} must be >= 1")
+    fit, val, tested = standardized_splits(train, test, val_fraction, seed)
+    grid = [(lr, wd) for lr in learning_rates for wd in weight_decays]
+    heads = HeadGrid(len(grid), fit.x.shape[-1], num_classes, attentive=fit.valid is not None)
+    total_steps = epochs * math.ceil(len(fit.labels) / batch_size)
+    schedule = SGDSchedule.of_grid(grid, momentum, total_steps)
+    train_heads(heads, fit, schedule, shown_epochs(epochs, progress, description), batch_size, seed)
+    val_top1 = heads.accuracy(val.x, val.valid, val.labels)
+    best = int(torch.argmax(val_top1))  # the first of equals: deterministic
+    test_top1 = heads.accuracy(tested.x, tested.valid, tested.labels)
+    lr, wd = grid[best]
+    return ProbeFit(
+        top1=float(test_top1[best]),
+        val_top1=float(val_top1[best]),
+        learning_rate=lr,
+        weight_decay=wd,
+        head_val_top1=[float(v) for v in val_top1],
+    )
+
+
+def standardized_splits(
+    train: Features, test: Features, val_fraction: float, seed: int
+) -> tuple[Features, Features, Features]:
+    """The fitting share of `train`, its validation share and `test`, standardised with the
+    fitting share's statistics (padding tokens stay zero).
+
+    Args:
+        train: Training-split features.
+        test: Test-split features.
+        val_fraction: The share of `train` held out for validation.
+        seed: Seeds the validation split.
+
+    Returns:
+        (fit, validation, test) features, float.
+    """
     fit_index, val_index = validation_split(len(train.labels), val_fraction, seed)
     fitting = Features(
         train.x[fit_index], train.labels[fit_index], None if train.valid is None else train.valid[fit_index]
     )
     standardize = Standardizer(fitting)
 
-    def prepared(features: Features, index: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+    def prepared(features: Features, index: Tensor | None = None) -> Features:
         x, valid, labels = features.x, features.valid, features.labels
         if index is not None:
             x, labels = x[index], labels[index]
@@ -236,46 +269,107 @@ def fit_linear_probe(
         x = standardize(x.float())
         if valid is not None:
             x = x * valid[..., None]  # padding stays zero
-        return x, valid, labels
+        return Features(x, labels, valid)
 
-    fit_x, fit_valid, fit_y = prepared(train, fit_index)
-    val_x, val_valid, val_y = prepared(train, val_index)
-    test_x, test_valid, test_y = prepared(test)
+    return prepared(train, fit_index), prepared(train, val_index), prepared(test)
 
-    grid = [(lr, wd) for lr in learning_rates for wd in weight_decays]
-    lrs = torch.tensor([lr for lr, _ in grid])  # [H]
-    wds = torch.tensor([wd for _, wd in grid])
-    heads = HeadGrid(len(grid), fit_x.shape[-1], num_classes, attentive=fit_valid is not None)
+
+@dataclass(kw_only=True)
+class SGDSchedule:
+    """The heads' SGD: per-head rates decayed on a cosine over all steps, momentum, and weight
+    decay on the linear weights only.
+
+    Attributes:
+        learning_rates: [H] every head's peak rate.
+        weight_decays: [H] every head's weight decay.
+        momentum: SGD momentum.
+        total_steps: The steps of the whole fit (the cosine's length).
+    """
+
+    learning_rates: Tensor
+    weight_decays: Tensor
+    momentum: float
+    total_steps: int
+
+    @classmethod
+    def of_grid(cls, grid: list[tuple[float, float]], momentum: float, total_steps: int) -> SGDSchedule:
+        """The schedule of a grid of (learning rate, weight decay) heads.
+
+        Args:
+            grid: Every head's (learning rate, weight decay).
+            momentum: SGD momentum.
+            total_steps: The steps of the whole fit.
+
+        Returns:
+            The schedule.
+        """
+        return cls(
+            learning_rates=torch.tensor([lr for lr, _ in grid]),  # [H]
+            weight_decays=torch.tensor([wd for _, wd in grid]),
+            momentum=momentum,
+            total_steps=total_steps,
+        )
+
+    def rates(self, step: int) -> Tensor:
+        """[H] every head's rate at `step`."""
+        return self.learning_rates * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
+
+
+def shown_epochs(epochs: int, progress: bool, description: str) -> Iterable[int]:
+    """range(epochs), under a progress bar when asked (none in log files: tqdm's disable=None).
+
+    Args:
+        epochs: The epochs.
+        progress: Show a bar.
+        description: The bar's label.
+
+    Returns:
+        The epochs to iterate.
+    """
+    if not progress:
+        return range(epochs)
+    from tqdm.auto import tqdm
+
+    return tqdm(range(epochs), desc=description, unit="epoch", leave=False, disable=None)
+
+
+def train_heads(
+    heads: HeadGrid,
+    fit: Features,
+    schedule: SGDSchedule,
+    epoch_range: Iterable[int],
+    batch_size: int,
+    seed: int,
+) -> None:
+    """Train every head at once with its own rate and decay, the batch order seeded.
+
+    Args:
+        heads: The grid, trained in place.
+        fit: Standardised fitting features.
+        schedule: The rates, decays and momentum.
+        epoch_range: The epochs (a progress bar may wrap them).
+        batch_size: Samples per step.
+        seed: Seeds the batch order.
+    """
     buffers = [torch.zeros_like(p) for p in heads.params]
-    steps_per_epoch = math.ceil(len(fit_y) / batch_size)
-    total = epochs * steps_per_epoch
     generator = torch.Generator().manual_seed(seed + 1)
-    epoch_range = range(epochs)
-    if progress:
-        from tqdm.auto import tqdm
-
-        epoch_range = tqdm(epoch_range, desc=description, unit="epoch", leave=False, disable=None)  # off in log files
-    step = 0
+    count, step = len(fit.labels), 0
     for _ in epoch_range:
-        order = torch.randperm(len(fit_y), generator=generator)
+        order = torch.randperm(count, generator=generator)
         for start in range(0, len(order), batch_size):
             index = order[start : start + batch_size]
-            logits = heads.logits(fit_x[index], None if fit_valid is None else fit_valid[index])  # [H, B, K]
+            valid = None if fit.valid is None else fit.valid[index]
+            logits = heads.logits(fit.x[index], valid)  # [H, B, K]
             # each head's mean cross-entropy; summed, so every head gets exactly its own gradient
-            loss = F.cross_entropy(
-                rearrange(logits, "h b k -> (h b) k"), fit_y[index].repeat(len(grid)), reduction="sum"
-            ) / len(index)
+            targets = fit.labels[index].repeat(len(logits))
+            flat = rearrange(logits, "h b k -> (h b) k")
+            loss = F.cross_entropy(flat, targets, reduction="sum") / len(index)
             grads = torch.autograd.grad(loss, heads.params)
-            scale = lrs * 0.5 * (1 + math.cos(math.pi * step / total))  # [H] cosine-decayed rates
+            scale = schedule.rates(step)  # [H] cosine-decayed rates
             with torch.no_grad():
                 for param, grad, buffer in zip(heads.params, grads, buffers):
                     if param is heads.weight:
-                        grad = grad + wds[:, None, None] * param
-                    buffer.mul_(momentum).add_(grad)
+                        grad = grad + schedule.weight_decays[:, None, None] * param
+                    buffer.mul_(schedule.momentum).add_(grad)
                     param.sub_(scale.view(-1, *[1] * (param.dim() - 1)) * buffer)
             step += 1
-    val_top1 = heads.accuracy(val_x, val_valid, val_y)
-    best = int(torch.argmax(val_top1))  # the first of equals: deterministic
-    test_top1 = heads.accuracy(test_x, test_valid, test_y)
-    lr, wd = grid[best]
-    return ProbeFit(float(test_top1[best]), float(val_top1[best]), lr, wd, [float(v) for v in val_top1])

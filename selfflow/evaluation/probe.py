@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
 
 from selfflow.evaluation.features import (
     INPUT_LAYER,
@@ -26,7 +26,7 @@ from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProbeRow:
     """One line of the report (the keys of probe.json's `results`).
 
@@ -48,7 +48,7 @@ class ProbeRow:
     baseline_input_top1: float
 
 
-@dataclass
+@dataclass(kw_only=True)
 class HeadOptions:
     """How every head grid is trained (see `fit_linear_probe`).
 
@@ -192,75 +192,179 @@ def probe_representations(
         One row per (level, layer), levels major.
 
     Raises:
-        ValueError: An unknown pool, fewer than 2 classes, layers outside the model, or levels
-            outside [0, 1].
+        ValueError: An unknown pool, < 2 classes, layers outside the model, levels outside [0, 1].
     """
-    check_pool(pool)
-    check_num_classes(num_classes, "the dataset")
     layers = check_layers(layers, model.depth)
+    splits = {"train": train_set, "test": test_set}
+    grid = ProbeGrid(
+        tokenizer=tokenizer,
+        loaders=split_loaders(splits, tokenizer.modality, feature_batch_size, num_workers),
+        levels=check_levels(noise_levels),
+        pool=pool,
+        num_classes=num_classes,
+        heads=heads or HeadOptions(),
+        cache=cache,
+        sources=sources or FeatureSources(),
+        seed=seed,
+        progress=progress,
+    )
+    trained = grid.features("model", model, "model", [INPUT_LAYER, *layers])
+    random = grid.features("random-init", random_init_like(model, seed), "random_init", layers)
+    return grid.rows(trained, random, layers)
+
+
+def split_loaders(splits: dict[str, Dataset], modality: str, batch_size: int, num_workers: int):
+    """Split name -> the feature-extraction loader of its dataset (`probe_loader`).
+
+    Args:
+        splits: Split name -> labelled dataset.
+        modality: The datasets' modality.
+        batch_size: Samples per batch.
+        num_workers: Data-loader workers.
+
+    Returns:
+        dict[str, DataLoader]: Split name -> its loader.
+    """
+    loaders = {}
+    for split, dataset in splits.items():
+        loaders[split] = probe_loader(dataset, modality, batch_size, num_workers)
+    return loaders
+
+
+def check_levels(noise_levels: Sequence[float]) -> list[float]:
+    """The probe's noise levels as floats, each in [0, 1].
+
+    Args:
+        noise_levels: The `noise_levels` asked for.
+
+    Returns:
+        The levels.
+
+    Raises:
+        ValueError: No level, or one outside [0, 1].
+    """
     if not noise_levels or any(not 0.0 <= float(t) <= 1.0 for t in noise_levels):
         raise ValueError(
             f"noise_levels={list(noise_levels)} must be a non-empty list of levels in [0, 1] "
             f"(0 = clean data, 1 = pure noise)"
         )
-    levels = [float(t) for t in noise_levels]
-    heads = heads or HeadOptions()
-    sources = sources or FeatureSources()
-    loaders = {
-        split: probe_loader(dataset, tokenizer.modality, feature_batch_size, num_workers)
-        for split, dataset in (("train", train_set), ("test", test_set))
-    }
+    return [float(t) for t in noise_levels]
 
-    def features(name: str, backbone, source: dict, wanted: Sequence[int]) -> dict[str, dict]:
+
+@dataclass(kw_only=True)
+class ProbeGrid:
+    """What every feature set and head grid of one probe evaluation shares: the data, the levels
+    and pool, how heads train, the cache, the seed.
+
+    Attributes:
+        tokenizer: Turns the samples into the model's tokens.
+        loaders: `train` and `test` -> the split's data loader.
+        levels: The noise levels probed.
+        pool: `mean` or `attentive`.
+        num_classes: The datasets' classes.
+        heads: How the head grids are trained.
+        cache: Where features are kept between runs; None for none.
+        sources: What identifies each feature set in the cache.
+        seed: Seeds the noise, the validation split and the batch order.
+        progress: Show progress bars.
+    """
+
+    tokenizer: Tokenizer
+    loaders: dict[str, DataLoader]
+    levels: list[float]
+    pool: str
+    num_classes: int
+    heads: HeadOptions
+    cache: FeatureCache | None
+    sources: FeatureSources
+    seed: int
+    progress: bool
+
+    def __post_init__(self):
+        check_pool(self.pool)
+        check_num_classes(self.num_classes, "the dataset")
+
+    def features(self, name: str, backbone, source: str, wanted: Sequence[int]) -> dict[str, dict]:
+        """Features of `backbone` at the `wanted` layers and every level, per split.
+
+        Args:
+            name: The model's name in progress bars.
+            backbone (SelfFlowTransformer): The model whose features are taken.
+            source: `model` or `random_init`: which of `sources` identifies it in the cache.
+            wanted: The layers (INPUT_LAYER for the tokenizer input).
+
+        Returns:
+            Split -> {(layer, level): features}.
+        """
+        identity = {"source": source, **getattr(self.sources, source), "data": self.sources.data}
         return {
             split: cached_features(
-                cache,
-                {**source, "data": sources.data, "split": split},
+                self.cache,
+                {**identity, "split": split},
                 backbone,
-                tokenizer,
+                self.tokenizer,
                 loader,
                 wanted,
-                levels,
-                pool,
-                seed,
-                progress,
+                self.levels,
+                self.pool,
+                self.seed,
+                self.progress,
                 f"{name} features ({split})",
             )
-            for split, loader in loaders.items()
+            for split, loader in self.loaders.items()
         }
 
-    def score(per_split: dict[str, dict], key: tuple[int, float], name: str) -> float:
+    def score(self, per_split: dict[str, dict], key: tuple[int, float], name: str) -> float:
+        """Test top-1 of the head grid fit on one feature set (the head best on validation).
+
+        Args:
+            per_split: Split -> {(layer, level): features}.
+            key: The (layer, level) probed.
+            name: The probe's name in progress bars.
+
+        Returns:
+            The test top-1.
+        """
+        heads = self.heads
         fit = fit_linear_probe(
             per_split["train"][key],
             per_split["test"][key],
-            num_classes,
+            self.num_classes,
             heads.learning_rates,
             heads.weight_decays,
             heads.epochs,
             heads.batch_size,
             val_fraction=heads.val_fraction,
-            seed=seed,
-            progress=progress,
+            seed=self.seed,
+            progress=self.progress,
             description=name,
         )
         return fit.top1
 
-    trained = features("model", model, {"source": "model", **sources.model}, [INPUT_LAYER, *layers])
-    random_model = random_init_like(model, seed)
-    random = features("random-init", random_model, {"source": "random_init", **sources.random_init}, layers)
-    rows = []
-    for level in levels:
-        input_top1 = score(trained, (INPUT_LAYER, level), f"input t={level:g}")
-        for layer in layers:
-            key = (layer, level)
-            rows.append(
-                ProbeRow(
-                    layer,
-                    level,
-                    pool,
-                    score(trained, key, f"layer {layer} t={level:g}"),
-                    score(random, key, f"random-init layer {layer} t={level:g}"),
-                    input_top1,
+    def rows(self, trained: dict, random: dict, layers: Sequence[int]) -> list[ProbeRow]:
+        """The report's rows, levels major: each layer of the trained model beside the same probe
+        on the random-init model and on the input.
+
+        Args:
+            trained: The trained model's features (the input's included).
+            random: The random-init model's features.
+            layers: The probed layers.
+
+        Returns:
+            One row per (level, layer).
+        """
+        rows = []
+        for level in self.levels:
+            input_top1 = self.score(trained, (INPUT_LAYER, level), f"input t={level:g}")
+            for layer in layers:
+                key, where = (layer, level), f"layer {layer} t={level:g}"
+                row = ProbeRow(
+                    layer=layer,
+                    noise_level=level,
+                    pool=self.pool,
+                    top1=self.score(trained, key, where),
+                    baseline_random_init_top1=self.score(random, key, f"random-init {where}"),
+                    baseline_input_top1=input_top1,
                 )
-            )
-    return rows
+                rows.append(row)
+        return rows

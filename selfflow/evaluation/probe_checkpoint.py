@@ -16,7 +16,7 @@ from selfflow.io.safe_files import write_json_atomically
 IGNORED_DATA_KEYS = ("batch_size", "num_workers", "pin_memory")  # loader settings: the features do not depend on them
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ProbeOptions:
     """How to probe: which layers (None: every quarter of the depth plus the run's student layer), at which noise
     levels, pooled how; the heads; where features are cached (None: not cached)."""

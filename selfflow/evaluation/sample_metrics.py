@@ -7,6 +7,8 @@ An extractor is any object with `features(images: [B, C, H, W] in [0, 1]) -> [B,
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -108,3 +110,102 @@ def reference_metrics(
             )
         real_set = instantiate_stored(stored_data.dataset, source, "data.dataset")(split="test")
     return extractor, dataset_features(extractor, real_set, limit=max_real)
+
+
+class ReferenceJobMetrics:
+    """`selfflow-sample metrics=true`: the samples' Frechet distance to real data and their class
+    accuracy in a reference classifier's (or a given extractor's) feature space, as metrics.json.
+
+    Args:
+        reference: A `selfflow-reference` folder; used when no extractor is given.
+        build_extractor: Builds the user's extractor (a `feature_extractor` config); None for the
+            reference classifier.
+        build_real_set: Builds the user's real data (a `metrics_data` config); None for the
+            checkpoint's test split.
+        source: The checkpoint's name in error messages.
+        max_real: The most real samples measured.
+    """
+
+    def __init__(
+        self,
+        *,
+        reference: str | None,
+        build_extractor: Callable[[], Any] | None,
+        build_real_set: Callable[[], Dataset] | None,
+        source: str,
+        max_real: int | None,
+    ):
+        self.reference, self.source, self.max_real = reference, source, max_real
+        self.build_extractor, self.build_real_set = build_extractor, build_real_set
+        self.device: torch.device | None = None
+        self.samples: FeatureAccumulator | None = None
+        self.real: FeatureAccumulator | None = None
+
+    def before_loading(self, out_dir: Path, device: torch.device) -> None:
+        """Nothing to check before the checkpoint loads."""
+
+    def check_modality(self, modality: str) -> None:
+        """Only modalities a reference classifier can judge.
+
+        Args:
+            modality: The generated modality.
+        """
+        from selfflow.sampling.modalities import MODALITIES, modality_io
+
+        if not modality_io(modality).judged:
+            judged = " and ".join(m for m, io in MODALITIES.items() if io.judged)
+            raise ValueError(f"metrics=true is for {judged}; this run samples {modality}")
+
+    def prepare(self, loaded, modality: str, device: torch.device) -> None:
+        """Build the extractor and measure the real data, before sampling.
+
+        Args:
+            loaded (SamplingModel): The checkpoint (its stored data config).
+            modality: The generated modality.
+            device: Where the extractor runs.
+        """
+        extractor = self.build_extractor() if self.build_extractor is not None else None
+        real_set = self.build_real_set() if self.build_real_set is not None else None
+        extractor, self.real = reference_metrics(
+            modality,
+            device,
+            self.reference,
+            extractor,
+            real_set,
+            loaded.data_config,
+            self.source,
+            self.max_real,
+        )
+        self.device, self.samples = device, FeatureAccumulator(extractor)
+
+    def visit(self, samples: Tensor, labels: Tensor) -> None:
+        """Features of one chunk of decoded samples."""
+        self.samples.add(samples.to(self.device), labels)
+
+    def finish(self, out_dir: Path, summary: dict[str, Any]) -> dict[str, Any]:
+        """Write metrics.json and print its two numbers.
+
+        Args:
+            out_dir: The job's folder.
+            summary: The job's summary (sampler, NFE, guidance scale).
+
+        Returns:
+            The metrics written.
+        """
+        from selfflow.io.safe_files import write_json_atomically
+
+        metrics = {
+            **sample_metrics(self.samples, self.real),
+            "sampler": summary["sampler"],
+            "nfe": summary["nfe"],
+            "cfg_scale": summary["cfg_scale"],
+            "reference": "feature_extractor" if self.build_extractor else str(self.reference),
+        }
+        write_json_atomically(out_dir / "metrics.json", metrics)
+        accuracy = metrics["classifier_accuracy"]
+        shown = "n/a" if accuracy is None else f"{accuracy:.3f}"
+        print(
+            f"selfflow-sample: Frechet distance {metrics['frechet_distance']:.3f}, classifier "
+            f"accuracy {shown} -> {out_dir / 'metrics.json'}"
+        )
+        return metrics

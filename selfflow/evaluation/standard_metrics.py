@@ -79,7 +79,7 @@ def precision_recall(
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalSet:
     """One side of the comparison: its statistics, and the per-image features the other metrics need where the
     side has them (a statistics-only reference has none)."""

@@ -148,4 +148,11 @@ def load_checkpoint(
     prefix = weights_prefix(weights, stored, source)
     state = {k[len(prefix) :]: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
     model, tokenizers = model_from_state(config, state, f"{source} ({weights} weights)", vae)
-    return LoadedCheckpoint(model, tokenizers, config, int(checkpoint.get("global_step", 0)), path, path)
+    return LoadedCheckpoint(
+        model=model,
+        tokenizers=tokenizers,
+        config=config,
+        step=int(checkpoint.get("global_step", 0)),
+        path=path,
+        weights_file=path,
+    )

@@ -65,4 +65,11 @@ def load_exported(folder: str | os.PathLike, vae=None) -> LoadedCheckpoint:
         raise ValueError(f"cannot read {weights}: {first_line(error)}; the file is truncated or damaged") from error
     step = meta.get("step", 0)
     model, tokenizers = model_from_state(config, state, source, vae)
-    return LoadedCheckpoint(model, tokenizers, config, step if isinstance(step, int) else 0, folder, weights)
+    return LoadedCheckpoint(
+        model=model,
+        tokenizers=tokenizers,
+        config=config,
+        step=step if isinstance(step, int) else 0,
+        path=folder,
+        weights_file=weights,
+    )

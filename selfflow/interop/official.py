@@ -362,12 +362,7 @@ def save_official(
             f"and latent_channels"
         )
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    out_channels = 2 * latent_channels if learn_sigma else latent_channels
-    rows = output_rows(patch_size, out_channels, latent_channels)
-    final_weight = torch.zeros(patch_size**2 * out_channels, model.width)
-    final_bias = torch.zeros(patch_size**2 * out_channels)
-    final_weight[rows] = -state.pop("final_layers.image.linear.weight")  # the released forward negates
-    final_bias[rows] = -state.pop("final_layers.image.linear.bias")
+    final_weight, final_bias = released_final_linear(state, model.width, patch_size, latent_channels, learn_sigma)
     flip = time_flip_matrix(FREQUENCY_DIM)  # an involution: features(1 - (1 - t)) = features(t)
     pos = ImagePatchTokenizer(patch_size, latent_channels, grid * patch_size).positions(1)
     released = {
@@ -379,21 +374,7 @@ def save_official(
         "final_layer.linear.weight": final_weight,
         "final_layer.linear.bias": final_bias,
     }
-    renames = {
-        key: key
-        for key in (
-            "t_embedder.mlp.0.bias",
-            "t_embedder.mlp.2.weight",
-            "t_embedder.mlp.2.bias",
-            "y_embedder.embedding_table.weight",
-        )
-    }
-    for kind in ("weight", "bias"):
-        renames[f"final_layers.image.adaLN_modulation.1.{kind}"] = f"final_layer.adaLN_modulation.1.{kind}"
-        for i in range(model.depth):
-            for ours, theirs in BLOCK_LINEARS:
-                renames[f"blocks.{i}.{ours}.{kind}"] = f"blocks.{i}.{theirs}.{kind}"
-    released.update({theirs: state.pop(ours) for ours, theirs in renames.items()})
+    released.update({theirs: state.pop(ours) for ours, theirs in released_renames(model.depth).items()})
     if state:
         raise ValueError(
             f"the model has weights the released layout has no place for: {sorted(state)[:3]} (text "
@@ -402,6 +383,60 @@ def save_official(
     if projector is not None:
         released.update({f"projector.{k}": v.detach().float().cpu() for k, v in projector.state_dict().items()})
     return released
+
+
+def released_final_linear(
+    state: dict[str, Tensor],
+    width: int,
+    patch_size: int,
+    latent_channels: int,
+    learn_sigma: bool,
+) -> tuple[Tensor, Tensor]:
+    """The released final linear layer (weight, bias), taken out of `state`: our velocity rows
+    negated (the released forward negates its output) and zero rows for the learned sigma.
+
+    Args:
+        state: Our image model's state dict; its final linear entries are removed.
+        width: The model width.
+        patch_size: Latent patch side.
+        latent_channels: Latent channels.
+        learn_sigma: The released layout's extra sigma channels.
+
+    Returns:
+        (weight [P^2 * out, width], bias [P^2 * out]), out = 2 * latent_channels with sigma.
+    """
+    out_channels = 2 * latent_channels if learn_sigma else latent_channels
+    rows = output_rows(patch_size, out_channels, latent_channels)
+    weight = torch.zeros(patch_size**2 * out_channels, width)
+    bias = torch.zeros(patch_size**2 * out_channels)
+    weight[rows] = -state.pop("final_layers.image.linear.weight")  # the released forward negates
+    bias[rows] = -state.pop("final_layers.image.linear.bias")
+    return weight, bias
+
+
+def released_renames(depth: int) -> dict[str, str]:
+    """Our state-dict key -> the released one, for every tensor that moves over unchanged.
+
+    Args:
+        depth: The model's blocks.
+
+    Returns:
+        The key map.
+    """
+    unchanged = (
+        "t_embedder.mlp.0.bias",
+        "t_embedder.mlp.2.weight",
+        "t_embedder.mlp.2.bias",
+        "y_embedder.embedding_table.weight",
+    )
+    renames = {key: key for key in unchanged}
+    for kind in ("weight", "bias"):
+        final = f"adaLN_modulation.1.{kind}"
+        renames[f"final_layers.image.{final}"] = f"final_layer.{final}"
+        for i in range(depth):
+            for ours, theirs in BLOCK_LINEARS:
+                renames[f"blocks.{i}.{ours}.{kind}"] = f"blocks.{i}.{theirs}.{kind}"
+    return renames
 
 
 def export_official(

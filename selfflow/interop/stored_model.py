@@ -23,7 +23,7 @@ from selfflow.tokenizers.base import Tokenizer
 CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoadedCheckpoint:
     """A run's model and tokenizers rebuilt from its checkpoint, with where they came from.
 

@@ -253,14 +253,12 @@ def sample_tokens(
     on_evaluation: Callable[[], None] | None = None,
     **solver_options,
 ) -> Generation:
-    """Generated tokens for the B samples of `condition` (labels [B]: NO_LABEL for unconditional samples), from
-    `noise` draws.
+    """Generated tokens for the B samples of `condition`, from `noise` draws.
 
     Args:
         model (nn.Module): Anything with `velocity(x, t, pos, condition, modality)` and parameters.
         tokenizer: Gives the generated tokens' positions, channels and modality.
-        condition: What the B samples are generated from (labels [B]: NO_LABEL for unconditional
-            samples).
+        condition: What the B samples are generated from (label NO_LABEL: unconditional).
         steps: Velocity evaluations per sample (NFE).
         solver: `euler`, `heun` or `sde` (see `selfflow.flow.solvers`).
         cfg_scale: The guidance scale; 1 is no guidance.

@@ -266,7 +266,7 @@ def batches(count: int, size: int) -> list[range]:
     return [range(start, min(start + size, count)) for start in range(0, count, size)]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SamplingPlan:
     """What to generate: the samples' condition (N rows), the solver and guidance, the noise seed.
 
@@ -542,39 +542,21 @@ class SampleWriter:
         Raises:
             ValueError: A chunk holds other labels than the job's.
         """
-        dtype = np.dtype(np.uint8 if self.io.arrays else np.float32)
         sample_shape = tuple(store.sample_header(0).shape[1:])
         preview: list[Tensor] = []
-
-        def chunks() -> Iterator[np.ndarray]:
-            for chunk, indices in enumerate(store.ranges):
-                chunk_labels, stored = store.read(chunk, sample_shape, dtype)
-                if chunk_labels.tolist() != labels[indices.start : indices.stop].tolist():
-                    raise ValueError(
-                        f"{store.path(chunk)} holds other labels than this job's; delete it and run the "
-                        f"job again to resample it"
-                    )
-                samples = decoded_form(self.io, stored)
-                room = self.grid_max - sum(len(p) for p in preview)
-                if room > 0:
-                    preview.append(samples[:room])
-                if visit is not None:
-                    visit(samples, torch.from_numpy(chunk_labels))
-                yield stored
-
+        chunks = self.read_chunks(store, labels, sample_shape, preview, visit)
         files: dict[str, Path] = {}
         if self.io.arrays:
             _, height, width = sample_shape
-            pixels = (writers.rgb_rows(stored) for stored in chunks())
             files["npz"] = writers.write_npz_streamed(
                 self.out_dir / "samples.npz",
-                pixels,
+                (writers.rgb_rows(stored) for stored in chunks),
                 (len(labels), height, width, 3),
                 np.dtype(np.uint8),
                 {"labels": labels.cpu().numpy().astype(np.int64)},
             )
         else:
-            for _ in chunks():
+            for _ in chunks:
                 pass
         if self.per_sample_files:
             files[self.io.folder] = self.out_dir / self.io.folder
@@ -587,3 +569,40 @@ class SampleWriter:
                 upscale=self.grid_upscale,
             )
         return files
+
+    def read_chunks(
+        self,
+        store: ChunkStore,
+        labels: Tensor,
+        sample_shape: tuple[int, ...],
+        preview: list[Tensor],
+        visit: Callable[[Tensor, Tensor], None] | None,
+    ) -> Iterator[np.ndarray]:
+        """Each chunk's stored samples in index order, its labels checked against the job's; the
+        first `grid_max` samples are appended to `preview` and `visit` sees every chunk on the way.
+
+        Args:
+            store: The job's chunk files.
+            labels: [N] the job's labels.
+            sample_shape: One stored sample's shape.
+            preview: Collects the preview's samples.
+            visit: Called with (samples, labels) of every chunk; None for nothing.
+
+        Yields:
+            Each chunk's samples as stored.
+        """
+        dtype = np.dtype(np.uint8 if self.io.arrays else np.float32)
+        for chunk, indices in enumerate(store.ranges):
+            chunk_labels, stored = store.read(chunk, sample_shape, dtype)
+            if chunk_labels.tolist() != labels[indices.start : indices.stop].tolist():
+                raise ValueError(
+                    f"{store.path(chunk)} holds other labels than this job's; delete it and run the "
+                    f"job again to resample it"
+                )
+            samples = decoded_form(self.io, stored)
+            room = self.grid_max - sum(len(p) for p in preview)
+            if room > 0:
+                preview.append(samples[:room])
+            if visit is not None:
+                visit(samples, torch.from_numpy(chunk_labels))
+            yield stored

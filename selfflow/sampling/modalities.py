@@ -19,7 +19,7 @@ from selfflow.sampling import media, writers
 from selfflow.tokenizers.base import Tokenizer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class ModalityIO:
     """What the code around the model does with one modality's decoded samples.
 
@@ -112,29 +112,37 @@ def _load_audio(path: Path, tokenizer) -> Tensor:
 
 MODALITIES: dict[str, ModalityIO] = {
     "image": ModalityIO(
-        _write_images,
-        _preview_images,
-        _load_image,
-        "images",
-        "grid.png",
-        "size",
+        write=_write_images,
+        preview=_preview_images,
+        load=_load_image,
+        folder="images",
+        preview_name="grid.png",
+        length_option="size",
         playable=False,
         arrays=True,
         judged=True,
     ),
     "video": ModalityIO(
-        _write_videos,
-        _preview_videos,
-        _load_video,
-        "videos",
-        "contact_sheet.png",
-        "frames",
+        write=_write_videos,
+        preview=_preview_videos,
+        load=_load_video,
+        folder="videos",
+        preview_name="contact_sheet.png",
+        length_option="frames",
         playable=True,
         arrays=False,
         judged=False,
     ),
     "audio": ModalityIO(
-        _write_audio, _preview_audio, _load_audio, "audio", None, "duration", playable=True, arrays=False, judged=True
+        write=_write_audio,
+        preview=_preview_audio,
+        load=_load_audio,
+        folder="audio",
+        preview_name=None,
+        length_option="duration",
+        playable=True,
+        arrays=False,
+        judged=True,
     ),
 }
 

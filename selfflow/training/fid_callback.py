@@ -98,11 +98,11 @@ class FIDCallback(L.Callback):
         stop = self.num_samples * (trainer.global_rank + 1) // trainer.world_size
         condition = sampling_condition(model, tokenizer, dict(module.tokenizers), None, self.num_samples)
         plan = SamplingPlan(
-            tokenizer,
-            condition,
-            self.sampler,
-            self.steps,
-            self.cfg_scale,
+            tokenizer=tokenizer,
+            condition=condition,
+            solver=self.sampler,
+            steps=self.steps,
+            cfg_scale=self.cfg_scale,
             precision="auto",
             seed=self.seed,
             batch_size=self.batch_size,
