@@ -113,3 +113,73 @@ def test_test_modules_share_code_through_tests_helpers_only():
         if re.match(r"tests\.(conftest|test_\w+)(\.|$)", module)
     }
     assert not violations, "\n".join(f"{where} imports {module}" for where, module in violations.items())
+
+
+# every package but training/, whose build/validate circle is broken by its own change (issue 29)
+ACYCLIC = tuple(name for name in LAYERS if name != "training")
+CLI_SHARED = {"selfflow.cli", "selfflow.cli.errors", "selfflow.cli.config_help"}  # what commands share
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    """selfflow module -> the selfflow modules it imports, at any depth (`from a import b` counts b
+    where b is a module)."""
+    paths = {module_name(p): p for p in sorted((ROOT / "selfflow").rglob("*.py"))}
+    return {
+        name: {target for _, target in imported_modules(path) if target in paths and target != name}
+        for name, path in paths.items()
+    }
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan's algorithm)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph[node]:
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while not component or component[-1] != node:
+                component.append(stack.pop())
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_circles():
+    """No module imports itself back through others, lazy imports inside functions included."""
+    graph = import_graph()
+    inside = {m: t for m, t in graph.items() if m.split(".")[1:2] and m.split(".")[1] in ACYCLIC}
+    found = circles({m: {t for t in targets if t in inside} for m, targets in inside.items()})
+    assert not found, "import circles:\n" + "\n".join(" -> ".join(c) for c in found)
+
+
+def test_no_command_imports_another_command():
+    """What two commands share lives in a lower layer (or in cli/errors.py, cli/config_help.py)."""
+    graph = import_graph()
+    commands = [m for m in graph if m.startswith("selfflow.cli.") and m not in CLI_SHARED]
+    found = [
+        f"{m} -> {t}"
+        for m in commands
+        for t in sorted(graph[m])
+        if t.startswith("selfflow.cli.") and t not in CLI_SHARED
+    ]
+    assert not found, "commands importing commands:\n" + "\n".join(found)
