@@ -117,8 +117,8 @@ def sample(cfg: DictConfig) -> dict[str, Any]:
 def sample_in_group(cfg: DictConfig, ranks, device, group) -> dict[str, Any]:
     from rich.progress import Progress
 
-    from selfflow.data.cache import file_digest
     from selfflow.evaluation.sample_metrics import FeatureAccumulator, sample_metrics
+    from selfflow.io.digests import file_digest
     from selfflow.sampling.chunks import ChunkStore
     from selfflow.sampling.job import (
         SampleWriter,

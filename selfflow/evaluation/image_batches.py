@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow.data.adm_crop import adm_center_crop
-from selfflow.data.files import _files_below
-from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8bit
-from selfflow.data.npz_arrays import ArrayHeader, iter_rows, npz_header
+from selfflow.data.folders.adm_crop import adm_center_crop
+from selfflow.data.folders.files import _files_below
+from selfflow.io.images import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8bit
+from selfflow.io.npz import ArrayHeader, iter_rows, npz_header
 
 IMAGES_KEY = "arr_0"
 MAX_IMAGES = 1_000_000  # far above the 50,000 of FID-50K; bounds what a file's header may make us allocate

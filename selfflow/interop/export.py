@@ -14,7 +14,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from selfflow.data.cache import file_digest
 from selfflow.interop.checkpoint import (
     CHECKPOINT_FORMAT,
     LoadedCheckpoint,
@@ -22,6 +21,7 @@ from selfflow.interop.checkpoint import (
     load_checkpoint,
     model_from_state,
 )
+from selfflow.io.digests import file_digest
 from selfflow.io.safe_files import replace_atomically, write_bytes_atomically, write_json_atomically
 from selfflow.safe_config import first_line, stored_config
 

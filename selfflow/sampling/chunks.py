@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfflow.data.latent_cache import write_json
-from selfflow.data.npz_arrays import ArrayHeader, npz_header, npz_keys
+from selfflow.data.shards.latent_cache import write_json
+from selfflow.io.npz import ArrayHeader, npz_header, npz_keys
 from selfflow.io.safe_files import TEMPORARY_SUFFIX, replace_atomically, resolve_inside
 
 JOB_FILE = "job.json"
