@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from selfflow.data.folders.adm_crop import adm_center_crop
-from selfflow.data.folders.files import _files_below
+from selfflow.data.folders.files import files_below
 from selfflow.io.images import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8bit
 from selfflow.io.npz import ArrayHeader, iter_rows, npz_header
 
@@ -80,7 +80,7 @@ def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
 def folder_images(root: str | os.PathLike, size: tuple[int, int] | None) -> ImageSource:
     """The images below `root` (recursively, sorted by path) at `size` (h, w); None = the first image's size."""
     root = Path(root).expanduser()
-    paths = _files_below(root, IMAGE_EXTENSIONS)
+    paths = files_below(root, IMAGE_EXTENSIONS)
     if not paths:
         raise ValueError(f"ref={root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     if len(paths) > MAX_IMAGES:
