@@ -35,6 +35,8 @@ class LabelledFiles:
 
 
 def files_below(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """The files under `folder` whose names end in one of `extensions` (any case), sorted; links to folders
+    are not followed."""
     found = []
     for dirpath, _dirs, names in os.walk(folder, followlinks=False):
         found += [Path(dirpath) / n for n in names if n.lower().endswith(extensions)]
