@@ -201,3 +201,39 @@ def test_no_command_imports_another_command():
     graph = module_graph()
     crossings = sorted(f"{c} imports {t}" for c in commands for t in graph[c] if t in commands)
     assert not crossings, "\n".join(crossings)
+
+
+def many_field_dataclasses() -> dict[str, str]:
+    """{class name: file} of selfflow's dataclasses with more than four fields."""
+    found = {}
+    for path in (ROOT / "selfflow").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            decorators = [ast.unparse(d) for d in getattr(node, "decorator_list", [])]
+            dataclass = any(d.startswith("dataclass") for d in decorators)
+            if dataclass and sum(isinstance(s, ast.AnnAssign) for s in node.body) > 4:
+                found[node.name] = str(path.relative_to(ROOT))
+    return found
+
+
+def test_dataclasses_with_many_fields_are_built_by_keyword():
+    """A reordered field of a dataclass built from many positional values would swap them silently."""
+    classes = many_field_dataclasses()
+    assert "ShardTable" in classes  # the finder sees dataclasses
+    positional = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.func)}(...)"
+        for path in (ROOT / "selfflow").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.Call) and node.args and ast.unparse(node.func).split(".")[-1] in classes
+    ]
+    assert not positional, "\n".join(sorted(positional))
+
+
+def test_functions_fit_on_a_screen():
+    """No function in selfflow/ is longer than 60 lines, its docstring included."""
+    long = [
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in (ROOT / "selfflow").rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60
+    ]
+    assert not long, "\n".join(sorted(long))

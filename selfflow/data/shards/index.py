@@ -51,7 +51,7 @@ SAMPLE, EXTENSION, OFFSET, SIZE = range(4)
 # which holds it mangled
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShardTable:
     """The samples of one shard in tar order, and where their members lie.
 
@@ -177,8 +177,15 @@ class _MemberGroups:
         members = members.reshape(-1, 4)  # [M, 4]
         headers = np.asarray([h for _, _, h in rows.values()], dtype=np.int64)
         fingerprint = shard_fingerprint(LocalFiles(), path, self.size)
-        extensions = list(self.extensions)
-        return ShardTable(self.keys, extensions, members, headers, self.problems, self.size, fingerprint)
+        return ShardTable(
+            keys=self.keys,
+            extensions=list(self.extensions),
+            members=members,
+            headers=headers,
+            problems=self.problems,
+            size=self.size,
+            fingerprint=fingerprint,
+        )
 
 
 def scan_shard(path: Path) -> ShardTable:
@@ -347,7 +354,15 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
         )
     problems = {p[0]: p[1] for p in problems}
     fingerprint = document["sha256_first_last_64k"]
-    return ShardTable(keys, extensions, members, headers, problems, shard_size, fingerprint)
+    return ShardTable(
+        keys=keys,
+        extensions=extensions,
+        members=members,
+        headers=headers,
+        problems=problems,
+        size=shard_size,
+        fingerprint=fingerprint,
+    )
 
 
 def _checked_headers(flat, members: np.ndarray) -> np.ndarray:
