@@ -40,31 +40,52 @@ STORED_TARGETS = frozenset(
         # data modules, datasets and captions
         "selfflow.training.datamodule.SelfFlowDataModule",
         "selfflow.training.mixture.MixtureDataModule",
-        "selfflow.data.digits.DigitImages",
-        "selfflow.data.moving_digits.MovingDigits",
-        "selfflow.data.spoken_digits.SpokenDigits",
-        "selfflow.data.image_folder.ImageFolder",
-        "selfflow.data.video_folder.VideoFolder",
-        "selfflow.data.audio_folder.AudioFolder",
-        "selfflow.data.shards.ImageShards",
-        "selfflow.data.shards.VideoShards",
-        "selfflow.data.shards.AudioShards",
-        "selfflow.data.latent_cache.LatentCache",
-        "selfflow.data.captions.ClassCaptions",
-        "selfflow.data.captions.CaptionedDigits",
-        "selfflow.data.captions.CaptionedMovingDigits",
-        "selfflow.data.captions.CaptionedSpokenDigits",
-        "selfflow.data.captions.CaptionedImageFolder",
-        "selfflow.data.captions.CaptionedVideoFolder",
-        "selfflow.data.captions.CaptionedAudioFolder",
+        "selfflow.data.builtin.digits.DigitImages",
+        "selfflow.data.builtin.moving_digits.MovingDigits",
+        "selfflow.data.builtin.spoken_digits.SpokenDigits",
+        "selfflow.data.folders.image_folder.ImageFolder",
+        "selfflow.data.folders.video_folder.VideoFolder",
+        "selfflow.data.folders.audio_folder.AudioFolder",
+        "selfflow.data.shards.dataset.ImageShards",
+        "selfflow.data.shards.dataset.VideoShards",
+        "selfflow.data.shards.dataset.AudioShards",
+        "selfflow.data.shards.latent_cache.LatentCache",
+        "selfflow.data.folders.captions.ClassCaptions",
+        "selfflow.data.builtin.captioned.CaptionedDigits",
+        "selfflow.data.builtin.captioned.CaptionedMovingDigits",
+        "selfflow.data.builtin.captioned.CaptionedSpokenDigits",
+        "selfflow.data.folders.captions.CaptionedImageFolder",
+        "selfflow.data.folders.captions.CaptionedVideoFolder",
+        "selfflow.data.folders.captions.CaptionedAudioFolder",
         # the torch classes selfflow's configs name
         "torch.optim.AdamW",
     }
 )
 
+# where classes named by configs stored before the data layer was split into stages now live: a checkpoint
+# written then resumes, samples and probes as before
+MOVED_TARGETS = {
+    f"selfflow.data.{old}.{name}": f"selfflow.data.{new}.{name}"
+    for old, new, names in (
+        ("digits", "builtin.digits", ["DigitImages"]),
+        ("moving_digits", "builtin.moving_digits", ["MovingDigits"]),
+        ("spoken_digits", "builtin.spoken_digits", ["SpokenDigits"]),
+        ("image_folder", "folders.image_folder", ["ImageFolder"]),
+        ("video_folder", "folders.video_folder", ["VideoFolder"]),
+        ("audio_folder", "folders.audio_folder", ["AudioFolder"]),
+        ("shards", "shards.dataset", ["ImageShards", "VideoShards", "AudioShards"]),
+        ("latent_cache", "shards.latent_cache", ["LatentCache"]),
+        ("captions", "folders.captions", ["ClassCaptions", "CaptionedImageFolder"]),
+        ("captions", "folders.captions", ["CaptionedVideoFolder", "CaptionedAudioFolder"]),
+        ("captions", "builtin.captioned", ["CaptionedDigits", "CaptionedMovingDigits"]),
+        ("captions", "builtin.captioned", ["CaptionedSpokenDigits"]),
+    )
+    for name in names
+}
+
 # selfflow's own classes that a stored config may still not build, and why (named in the refusal)
 NEVER_REBUILT = {
-    "selfflow.data.shard_sources.ObjectStore": "it would choose which network endpoint selfflow contacts with your "
+    "selfflow.data.shards.sources.ObjectStore": "it would choose which network endpoint selfflow contacts with your "
     "credentials; give data=... for the data to probe or measure",
 }
 
@@ -110,12 +131,32 @@ def check_plain(value: Any, where: str, key: str = "", targets: bool = False) ->
         raise _refuse(where, key, f"={value!r:.120} is an interpolation (stored configs hold plain values)")
 
 
+def with_current_targets(value: Any) -> Any:
+    """`value` with every `_target_` that names a class's former place (MOVED_TARGETS) naming its place now.
+
+    Args:
+        value: a plain stored config (mappings, lists, plain values).
+
+    Returns:
+        The same structure, rebuilt where a `_target_` moved.
+    """
+    if isinstance(value, Mapping):
+        return {
+            name: MOVED_TARGETS.get(item, item) if name == "_target_" else with_current_targets(item)
+            for name, item in value.items()
+        }
+    if isinstance(value, (list, tuple)):
+        return [with_current_targets(item) for item in value]
+    return value
+
+
 def stored_config(raw: Any, where: str) -> DictConfig:
-    """The config a checkpoint or export stores, as a DictConfig, once it is known to be plain data."""
+    """The config a checkpoint or export stores, as a DictConfig, once it is known to be plain data; classes
+    that moved since it was written are named where they are now."""
     if not isinstance(raw, Mapping):
         raise StoredConfigError(f"{where}: the stored config is a {type(raw).__name__}, not a mapping; refusing it")
     check_plain(raw, where)
-    return OmegaConf.create(dict(raw))
+    return OmegaConf.create(with_current_targets(dict(raw)))
 
 
 def without_write_locations(value: Any, where: str, key: str = "") -> Any:
@@ -147,6 +188,7 @@ def instantiate_stored(node: Any, where: str, key: str = "") -> Any:
     from hydra.utils import instantiate
 
     container = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    container = with_current_targets(container)
     check_plain(container, where, key, targets=True)
     if not isinstance(container, Mapping) or "_target_" not in container:
         raise _refuse(where, key, " has no _target_ (nothing to build)")

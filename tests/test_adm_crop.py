@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.data.adm_crop import adm_center_crop
-from selfflow.data.image_folder import ImageFolder, load_image
+from selfflow.data.folders.adm_crop import adm_center_crop
+from selfflow.data.folders.image_folder import ImageFolder, load_image
 
 
 def blocky_image(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -49,7 +49,7 @@ def test_image_folder_crop_adm_loads_the_adm_crop(tmp_path):
 
 def test_image_shards_crop_adm_like_the_folder(tmp_path):
     from selfflow.cli.shards import main as shards_main
-    from selfflow.data.shards import ImageShards
+    from selfflow.data.shards.dataset import ImageShards
 
     pixels = np.stack([blocky_image(32, 64, seed=2)] * 3, -1)
     (tmp_path / "images" / "a").mkdir(parents=True)

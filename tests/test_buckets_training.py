@@ -15,15 +15,16 @@ import pytest
 import torch
 from PIL import Image
 
-import selfflow.data.image_folder as image_folder
-from selfflow.data.buckets import BucketIndex, bucket_crop, make_buckets, parse_buckets
-from selfflow.data.captions import CaptionedImageFolder
-from selfflow.data.collate import collate_samples
-from selfflow.data.image_folder import ImageFolder
+import selfflow.data.folders.image_folder as image_folder
+from selfflow.data.batching.buckets import BucketIndex, bucket_crop, make_buckets, parse_buckets
+from selfflow.data.batching.collate import collate_samples
+from selfflow.data.batching.order import ResumableBucketBatchSampler
+from selfflow.data.batching.rng_state import mix_seed
+from selfflow.data.folders.captions import CaptionedImageFolder
+from selfflow.data.folders.image_folder import ImageFolder
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.image import ImagePatchTokenizer
-from selfflow.training.datamodule import ResumableBucketBatchSampler, SelfFlowDataModule, check_size_conditioning
-from selfflow.training.rng_state import mix_seed
+from selfflow.training.datamodule import SelfFlowDataModule, check_size_conditioning
 from tests.helpers.configs import TINY
 
 # (height, width) of the images written: aspects w/h from 0.4 to 2.5

@@ -9,9 +9,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from selfflow.training.build import build_module, build_run, tokenizer_configs
+from selfflow.training.build import build_module, build_run
 from selfflow.training.datamodule import has_captions, sample_geometry
-from selfflow.training.validate import ConfigError, validate_config
+from selfflow.training.validate import ConfigError, tokenizer_configs, validate_config
 from tests.helpers.configs import TINY, TINY_SIZES, compose_plain, compose_train
 from tests.helpers.files import write_folder, write_tiny_dinov2
 

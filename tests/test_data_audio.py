@@ -8,10 +8,10 @@ import pytest
 import soundfile
 import torch
 
-from selfflow.data.audio_folder import AudioFolder
-from selfflow.data.bad_files import BadFileError
-from selfflow.data.collate import collate_samples
-from selfflow.data.spoken_digits import SpokenDigits
+from selfflow.data.batching.collate import collate_samples
+from selfflow.data.builtin.spoken_digits import SpokenDigits
+from selfflow.data.folders.audio_folder import AudioFolder
+from selfflow.io.bad_files import BadFileError
 from tests.helpers.configs import shared_dataset
 from tests.helpers.files import tone
 
@@ -167,7 +167,7 @@ def test_spoken_digits_are_synthesised_once_with_digit_and_voice_labels(tmp_path
 
 
 def test_missing_synthesiser_names_the_package_to_install(tmp_path, monkeypatch):
-    from selfflow.data.speech_synth import Espeak
+    from selfflow.data.builtin.speech_synth import Espeak
 
     monkeypatch.setitem(sys.modules, "espeakng_loader", None)
     monkeypatch.setattr(Espeak, "_instance", None)
@@ -195,7 +195,7 @@ def write_lengths(folder, seconds: list[float], rate: int = 8000):
 
 
 def test_duration_buckets_crop_each_recording_to_the_longest_bucket_it_fills(tmp_path):
-    from selfflow.data.buckets import BucketIndex
+    from selfflow.data.batching.buckets import BucketIndex
 
     for split in ("train", "test"):
         write_lengths(tmp_path / split / "a", [0.3, 0.6, 1.2, 2.5, 1.0])

@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from selfflow.data.bad_files import BadFileError
-from selfflow.data.collate import collate_samples
-from selfflow.data.digits import DigitImages
-from selfflow.data.image_folder import ImageFolder
+from selfflow.data.batching.collate import collate_samples
+from selfflow.data.builtin.digits import DigitImages
+from selfflow.data.folders.image_folder import ImageFolder
+from selfflow.io.bad_files import BadFileError
 from tests.helpers.configs import shared_dataset
 from tests.helpers.files import write_folder
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow.data.bad_files import BadFileError
-from selfflow.data.collate import collate_samples
-from selfflow.data.moving_digits import DIRECTIONS, MovingDigits
-from selfflow.data.video_folder import VideoFolder
-from selfflow.data.video_io import clip_frames_available, read_clip, write_mp4
+from selfflow.data.batching.collate import collate_samples
+from selfflow.data.builtin.moving_digits import DIRECTIONS, MovingDigits
+from selfflow.data.folders.video_folder import VideoFolder
+from selfflow.io.bad_files import BadFileError
+from selfflow.io.video import clip_frames_available, read_clip, write_mp4
 from tests.helpers.files import ramp_video, write_video_folder
 
 
@@ -224,7 +224,7 @@ def test_moving_digits_are_real_mp4s_with_digit_and_direction_labels(tmp_path):
 
 
 def test_moving_digits_are_decoded_once_and_served_from_memory(tmp_path, monkeypatch):
-    from selfflow.data import moving_digits
+    from selfflow.data.builtin import moving_digits
 
     sizes = {"clips_train": 6, "clips_test": 2, "cache_dir": str(tmp_path / "cache")}
     read_each_time = MovingDigits("train", preload=False, **sizes)
@@ -260,7 +260,7 @@ def test_moving_digits_cache_is_written_once_and_keyed_by_parameters(tmp_path):
 
 
 def test_frame_count_buckets_read_each_video_at_the_longest_clip_it_holds(tmp_path, tiny_train_cfg):
-    from selfflow.data.buckets import BucketIndex
+    from selfflow.data.batching.buckets import BucketIndex
     from selfflow.training.build import build_run
 
     for c, name in enumerate(("walk", "wave")):

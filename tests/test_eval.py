@@ -18,8 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.data.adm_crop import adm_center_crop
-from selfflow.data.image_folder import MAX_PIXELS
+from selfflow.data.folders.adm_crop import adm_center_crop
 from selfflow.evaluation.eval_sets import load_eval_set
 from selfflow.evaluation.image_batches import folder_images, npz_images
 from selfflow.evaluation.inception import SPATIAL_DIM, WEIGHTS_FILE, load_inception, read_weights
@@ -31,6 +30,7 @@ from selfflow.evaluation.standard_metrics import (
     precision_recall,
     standard_metrics,
 )
+from selfflow.io.images import MAX_PIXELS
 from tests.helpers.eval_files import random_inception_state, smooth_images
 from tests.helpers.hostile import CreatesAFile
 

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from selfflow.interop.checkpoint import load_checkpoint
 from selfflow.interop.export import EXPORT_CONFIG, EXPORT_WEIGHTS, export_weights
-from selfflow.safe_config import NEVER_REBUILT, STORED_TARGETS, StoredConfigError, instantiate_stored
+from selfflow.safe_config import MOVED_TARGETS, NEVER_REBUILT, STORED_TARGETS, StoredConfigError, instantiate_stored
 from selfflow.training.run import train
 from selfflow.training.run_folder import RunFolderError, lock_run_folder, release_run_folder, run_folder_lock
 from tests.helpers.configs import TINY, compose_train
@@ -64,8 +64,8 @@ def test_every_target_selfflows_own_configs_can_store_is_allowed():
     assert {
         "selfflow.models.transformer.SelfFlowTransformer",
         "selfflow.tokenizers.audio.AudioMelTokenizer",
-        "selfflow.data.captions.CaptionedImageFolder",
-        "selfflow.data.shards.VideoShards",
+        "selfflow.data.folders.captions.CaptionedImageFolder",
+        "selfflow.data.shards.dataset.VideoShards",
     } <= found
     allowed = STORED_TARGETS | set(NEVER_REBUILT)  # the latter refused on purpose, with a reason (next test)
     assert found <= allowed, f"stored by conf/ but not allowed: {sorted(found - allowed)}"
@@ -73,9 +73,9 @@ def test_every_target_selfflows_own_configs_can_store_is_allowed():
 
 def test_a_stored_object_store_is_refused_naming_why():
     stored = {
-        "_target_": "selfflow.data.shards.ImageShards",
+        "_target_": "selfflow.data.shards.dataset.ImageShards",
         "root": "s3://bucket/shards",
-        "store": {"_target_": "selfflow.data.shard_sources.ObjectStore", "endpoint_url": "http://127.0.0.1:9"},
+        "store": {"_target_": "selfflow.data.shards.sources.ObjectStore", "endpoint_url": "http://127.0.0.1:9"},
     }
     with pytest.raises(
         StoredConfigError,
@@ -158,6 +158,15 @@ def test_instantiate_stored_builds_allowed_classes_and_never_chooses_a_write_loc
     assert tokenizer.cache.folder is None  # captions are cached in memory only
     tokenizer.encode(["a handwritten seven"])
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_class_stored_under_its_former_module_builds_from_where_it_is_now():
+    """Checkpoints written before the data layer's split name `selfflow.data.digits.DigitImages`; they still
+    build (the allow-list holds only current names, MOVED_TARGETS maps the former ones)."""
+    stored = {"_target_": "selfflow.data.digits.DigitImages", "split": "test", "image_size": 8}
+    assert stored["_target_"] not in STORED_TARGETS
+    assert type(instantiate_stored(stored, "old.ckpt", "data.dataset")).__name__ == "DigitImages"
+    assert set(MOVED_TARGETS.values()) <= STORED_TARGETS
 
 
 def test_the_data_config_of_a_checkpoint_is_built_through_the_allow_list_by_probe_and_metrics(
@@ -270,7 +279,7 @@ def rewrite_weights(folder: Path, change) -> None:
     """Replace the export's tensors by `change(state)` and record their sha256 (as a tamperer would)."""
     from safetensors.torch import load_file, save_file
 
-    from selfflow.data.cache import file_digest
+    from selfflow.io.digests import file_digest
 
     save_file(change(load_file(str(folder / EXPORT_WEIGHTS))), str(folder / EXPORT_WEIGHTS))
     meta = json.loads((folder / EXPORT_CONFIG).read_text())

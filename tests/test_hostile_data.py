@@ -17,11 +17,11 @@ import soundfile
 import torch
 from PIL import Image
 
-from selfflow.data.audio_io import READ_BLOCK_VALUES, read_audio, resampling_rates
-from selfflow.data.bad_files import BadFilePolicy
-from selfflow.data.image_folder import ImageFolder
-from selfflow.data.shard_writer import write_shards
-from selfflow.data.shards import ImageShards
+from selfflow.data.folders.image_folder import ImageFolder
+from selfflow.data.shards.dataset import ImageShards
+from selfflow.data.shards.writer import write_shards
+from selfflow.io.audio import READ_BLOCK_VALUES, read_audio, resampling_rates
+from selfflow.io.bad_files import BadFilePolicy
 from tests.helpers.configs import compose_train
 from tests.helpers.files import png_bytes, write_images, write_tar
 from tests.helpers.hostile import lines_of, run_bounded
@@ -168,7 +168,7 @@ def test_tar_member_names_cannot_exhaust_memory(tmp_path):
     (tmp_path / "claim").mkdir()
     (tmp_path / "claim" / "train-000000.tar").write_bytes(long_name_header_claiming(6 << 30))
     output = run_bounded(f"""
-        from selfflow.data.shards import ImageShards
+        from selfflow.data.shards.dataset import ImageShards
         shards = ImageShards({str(long_name)!r}, "train", image_size=4)
         print("samples:", len(shards))
         print("long name:", shards.member_name(len(shards) - 1), "|", refusal(lambda: shards.load(2001)))
@@ -207,7 +207,7 @@ def test_class_counts_and_class_lists_from_a_shard_are_bounded(tmp_path):
     write_tar(too_many / "train-000000.tar", {"000000.png": png_bytes(1), "000000.cls": b"0"})
     (too_many / "classes.json").write_text(json.dumps({"class_names": ["ab"] * 1_200_000}))
     output = run_bounded(f"""
-        from selfflow.data.shards import ImageShards
+        from selfflow.data.shards.dataset import ImageShards
         shards = ImageShards({str(tmp_path / "big_index")!r}, "train", image_size=4)
         print("names:", shards.class_names)
         print("index:", refusal(lambda: shards.load(0)))
@@ -253,7 +253,7 @@ def test_a_huge_member_is_refused_before_it_is_read(tmp_path):
         f.seek(f.tell() + info.size)
         f.write(bytes(1024))
     output = run_bounded(f"""
-        from selfflow.data.shards import ImageShards
+        from selfflow.data.shards.dataset import ImageShards
         shards = ImageShards({str(shard.parent)!r}, "train", image_size=4)
         print("huge:", refusal(lambda: shards.load(1)))
         print("first:", refusal(lambda: shards.load(0)))
@@ -351,7 +351,7 @@ def test_odd_sample_rates_resample_through_a_bounded_filter(tmp_path):
     (tmp_path / "absurd.wav").write_bytes(bytes(absurd))
     output = run_bounded(f"""
         import numpy as np
-        from selfflow.data.audio_io import read_audio
+        from selfflow.io.audio import read_audio
         for name in ("44099", "767999", "absurd"):
             waves = []
             outcome = refusal(lambda: waves.append(read_audio({str(tmp_path)!r} + f"/{{name}}.wav", 8000, 2000)))
@@ -415,9 +415,9 @@ def test_huge_video_frames_are_refused_before_decoding(tmp_path):
     )
     output = run_bounded(f"""
         import numpy as np
-        from selfflow.data.video_folder import VideoFolder
-        from selfflow.data.shards import VideoShards
-        from selfflow.data.video_io import frames_to_tensor
+        from selfflow.data.folders.video_folder import VideoFolder
+        from selfflow.data.shards.dataset import VideoShards
+        from selfflow.io.video import frames_to_tensor
         for backend in ("auto", "pyav"):
             folder = VideoFolder({str(tmp_path / "v")!r}, "train", num_frames=8, backend=backend)
             huge = folder.paths.index(folder.paths[0].parent / "huge.mp4")
@@ -446,7 +446,7 @@ def test_pyav_keeps_only_the_frames_of_the_clip(tmp_path, container):
     video = write_blank_video(tmp_path / f"long.{container}", 160, 1280, 720)  # 160 x 2.8 MB as RGB
     output = run_bounded(
         f"""
-        from selfflow.data.video_io import read_clip
+        from selfflow.io.video import read_clip
         clips = []
         print("clip:", refusal(lambda: clips.append(read_clip({str(video)!r}, 2, frame_stride=159, backend="pyav"))))
         print("shape:", clips[0].shape if clips else None)

@@ -53,13 +53,13 @@ def write_checkpoint(path: Path) -> None:
 
 
 def write_shard_index(path: Path) -> None:
-    from selfflow.data.shard_index import write_atomically
+    from selfflow.data.shards.index import write_atomically
 
     write_atomically(path, b"{}\n")
 
 
 def write_cache_json(path: Path) -> None:
-    from selfflow.data.latent_cache import write_json
+    from selfflow.data.shards.latent_cache import write_json
 
     write_json(path, {"format": 1})
 
@@ -79,7 +79,7 @@ def write_png(path: Path) -> None:
 
 
 def write_wav_file(path: Path) -> None:
-    from selfflow.data.audio_io import write_wav
+    from selfflow.io.audio import write_wav
 
     write_wav(np.zeros(800, np.float32), path, 8000)
 
@@ -161,7 +161,7 @@ def test_a_run_folder_with_a_planted_link_to_a_file_is_refused_before_any_write(
 
 
 def test_skipped_files_tsv_is_never_written_through_a_planted_link(tmp_path, victim):
-    from selfflow.data.bad_files import BadFilePolicy
+    from selfflow.io.bad_files import BadFilePolicy
 
     (tmp_path / "skipped_files.tsv").symlink_to(victim)
     policy = BadFilePolicy("skip", tmp_path / "skipped_files.tsv")
@@ -176,7 +176,7 @@ def _handle_all(policy, paths) -> None:
 
 
 def test_skipped_files_tsv_lists_a_bad_file_once_whatever_the_number_of_worker_processes(tmp_path):
-    from selfflow.data.bad_files import BadFilePolicy
+    from selfflow.io.bad_files import BadFilePolicy
 
     policy = BadFilePolicy("skip", tmp_path / "skipped_files.tsv")
     paths = [str(tmp_path / f"bad{k}.png") for k in range(5)]
@@ -216,7 +216,7 @@ def test_a_member_resolves_inside_its_folder_or_is_refused_naming_it(tmp_path, v
 
 
 def test_a_shard_that_links_to_a_file_outside_its_folder_is_refused(tmp_path):
-    from selfflow.data.shards import ImageShards
+    from selfflow.data.shards.dataset import ImageShards
 
     sample = {"000000.png": png_bytes(10), "000000.cls": b"0"}
     elsewhere = write_tar(tmp_path / "elsewhere" / "data.tar", sample)
@@ -321,7 +321,7 @@ def test_written_json_is_strict_and_names_a_non_finite_metric(tmp_path):
 def non_ascii_shard(folder: Path, tar_format: int) -> Path:
     """Samples with non-ASCII and long keys: a pax or GNU tar holds their names in extended
     headers."""
-    from selfflow.data.shard_index import scan_shard, write_index
+    from selfflow.data.shards.index import scan_shard, write_index
 
     shard = folder / "train-000000.tar"
     folder.mkdir(parents=True)
@@ -337,8 +337,8 @@ def non_ascii_shard(folder: Path, tar_format: int) -> Path:
 
 @pytest.mark.parametrize("tar_format", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
 def test_an_index_cannot_swap_samples_between_keys_whatever_their_characters(tmp_path, tar_format):
-    from selfflow.data.shard_index import index_location
-    from selfflow.data.shards import ImageShards
+    from selfflow.data.shards.dataset import ImageShards
+    from selfflow.data.shards.index import index_location
 
     shard = non_ascii_shard(tmp_path / "s", tar_format)
     honest = ImageShards(str(shard.parent), image_size=4)
@@ -411,7 +411,7 @@ class TricklingEndpoint:
 @pytest.mark.parametrize("trickles", ["the headers", "the body"])
 def test_an_object_store_that_trickles_its_answer_stops_at_the_deadline(trickles, monkeypatch):
     pytest.importorskip("s3fs")
-    from selfflow.data.shard_sources import ObjectStore, ObjectStoreError
+    from selfflow.data.shards.sources import ObjectStore, ObjectStoreError
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "test")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "test")

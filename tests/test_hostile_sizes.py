@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow.data.file_sizes import FileSizeError, bounded_bytes, bounded_size
 from selfflow.data.pretrained import check_part
 from selfflow.interop.checkpoint import load_checkpoint
 from selfflow.interop.export import EXPORT_CONFIG, export_weights
+from selfflow.io.sizes import FileSizeError, bounded_bytes, bounded_size
 from selfflow.tokenizers.latent import AudioLatentTokenizer
 from tests.helpers.hostile import (
     PlainAutoencoder,
@@ -235,7 +235,7 @@ CRAFTED_POSITIONS = ["ab", ["epoch"], {"epoch": 1}, {"epoch": -1, "batches_done"
 
 @pytest.mark.parametrize("state", CRAFTED_POSITIONS)
 def test_a_crafted_data_position_in_a_checkpoint_is_refused_in_one_line(state):
-    from selfflow.training.data_order import stored_position
+    from selfflow.data.batching.order import stored_position
     from selfflow.training.mixture import MixtureDataModule
 
     with pytest.raises(ValueError) as refused:

@@ -31,7 +31,7 @@ def test_tokens_are_the_scaled_posterior_in_c_p_q_patches(tiny_vae):
 def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path):
     from hydra.utils import instantiate
 
-    from selfflow.training.build import tokenizer_configs
+    from selfflow.training.validate import tokenizer_configs
     from tests.helpers.configs import compose_plain
 
     folder = write_tiny_vae(tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from selfflow.interop.official import RELEASED, export_official
 from selfflow.objectives.selfflow import default_layers
 from selfflow.tokens import Condition
-from selfflow.training.build import tokenizer_configs
+from selfflow.training.validate import tokenizer_configs
 from tests.helpers.configs import TINY, compose_plain
 from tests.helpers.released import ReleasedDiT
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from selfflow.cli.errors import root_cause
-from selfflow.data.image_folder import ImageFolder
-from selfflow.data.latent_cache import LatentCache
+from selfflow.data.batching.rng_state import seeded_rng
+from selfflow.data.folders.image_folder import ImageFolder
+from selfflow.data.shards.latent_cache import LatentCache
 from selfflow.tokenizers.image_latent import ImageLatentTokenizer
-from selfflow.training.rng_state import seeded_rng
 from tests.helpers.files import write_tiny_vae
 
 

@@ -8,7 +8,7 @@ import scipy.linalg
 import torch
 from torch.utils.data import TensorDataset
 
-from selfflow.data.digits import DigitImages
+from selfflow.data.builtin.digits import DigitImages
 from selfflow.evaluation.frechet import FeatureStats, frechet_distance, frechet_distance_of
 from selfflow.evaluation.reference_classifier import ReferenceCNN, load_reference_classifier, train_reference_classifier
 from selfflow.evaluation.sample_metrics import FeatureAccumulator, dataset_features, sample_metrics

@@ -6,9 +6,10 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from selfflow.data.batching.mixture import check_pack_length, pack_groups
 from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.training.datamodule import SelfFlowDataModule
-from selfflow.training.mixture import MixtureDataModule, check_pack_length, pack_groups
+from selfflow.training.mixture import MixtureDataModule
 
 
 class Constant(Dataset):

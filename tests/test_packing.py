@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from selfflow.data.packing import pack, plan_rows, unpack
+from selfflow.data.batching.packing import pack, plan_rows, unpack
 from selfflow.models.transformer import ModelOutput, SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokens import Condition, Tokens

@@ -7,7 +7,7 @@ import csv
 import pytest
 import torch
 
-from selfflow.data.digits import DigitImages
+from selfflow.data.builtin.digits import DigitImages
 from selfflow.evaluation.features import (
     INPUT_LAYER,
     FeatureCache,

@@ -24,7 +24,7 @@ def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class()
     spoken = tool.default_prompts(names, "audio")
     assert ("a voice saying four", 4, True) in spoken and ("four, spoken out loud", 4, False) in spoken
     assert len(spoken) == 40
-    from selfflow.data.captions import AUDIO_TEMPLATES, DIGIT_TEMPLATES
+    from selfflow.data.builtin.captioned import AUDIO_TEMPLATES, DIGIT_TEMPLATES
 
     for modality, training in (("image", DIGIT_TEMPLATES), ("audio", AUDIO_TEMPLATES)):  # "seen" means seen
         assert set(tool.SEEN_TEMPLATES[modality]) <= set(training)

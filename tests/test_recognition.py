@@ -10,8 +10,8 @@ import pytest
 import soundfile
 import torch
 
-from selfflow.data.moving_digits import MovingDigits
-from selfflow.data.spoken_digits import SpokenDigits
+from selfflow.data.builtin.moving_digits import MovingDigits
+from selfflow.data.builtin.spoken_digits import SpokenDigits
 from selfflow.evaluation.recognition import (
     classifier_settings,
     clear_share,
@@ -73,7 +73,7 @@ def test_recognition_is_printed_in_percent_per_modality():
 
 def test_a_cached_reference_is_keyed_by_data_settings_not_by_cache_place():
     config = {
-        "_target_": "selfflow.data.moving_digits.MovingDigits",
+        "_target_": "selfflow.data.builtin.moving_digits.MovingDigits",
         "_partial_": True,
         "label": "digit",
         "clips_train": 40,
@@ -113,7 +113,7 @@ def test_video_reference_classifiers_learn_digits_frame_by_frame_and_directions_
     accuracies = {}
     for label in ("digit", "direction"):
         train, test = MovingDigits("train", label=label, **sizes), MovingDigits("test", label=label, **sizes)
-        settings = classifier_settings("selfflow.data.moving_digits.MovingDigits", label)
+        settings = classifier_settings("selfflow.data.builtin.moving_digits.MovingDigits", label)
         settings["epochs"] *= 6  # the default run's number of updates from a sixth of its clips
         model, accuracies[label] = train_reference(train, test, "video", settings)
         clips, labels = in_memory(test).tensors
@@ -165,13 +165,15 @@ def test_a_built_in_set_larger_than_the_limits_is_refused_before_anything_is_mad
     from selfflow.evaluation.recognition import built_in_dataset
 
     for target, sizes in (
-        ("selfflow.data.moving_digits.MovingDigits", {"clips_train": 10**9}),
-        ("selfflow.data.spoken_digits.SpokenDigits", {"voices": ["en+m1"] * 1000}),
-        ("selfflow.data.digits.DigitImages", {"image_size": 10**6}),
+        ("selfflow.data.builtin.moving_digits.MovingDigits", {"clips_train": 10**9}),
+        ("selfflow.data.builtin.spoken_digits.SpokenDigits", {"voices": ["en+m1"] * 1000}),
+        ("selfflow.data.builtin.digits.DigitImages", {"image_size": 10**6}),
     ):
         key = next(iter(sizes))
         with pytest.raises(ValueError, match=f"built-in set with {key}="):
             built_in_dataset({"_target_": target, **sizes}, "train", "digit", str(tmp_path / "cache"))
     assert not (tmp_path / "cache").exists()
-    small = built_in_dataset({"_target_": "selfflow.data.digits.DigitImages", "image_size": 8}, "test", "digit", None)
+    small = built_in_dataset(
+        {"_target_": "selfflow.data.builtin.digits.DigitImages", "image_size": 8}, "test", "digit", None
+    )
     assert small[0][0].shape == (1, 8, 8)

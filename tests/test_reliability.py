@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from selfflow.data.digits import DigitImages
+from selfflow.data.builtin.digits import DigitImages
 from selfflow.interop.checkpoint import read_checkpoint
 from selfflow.training.build import build_run
 from selfflow.training.checkpoint_io import CheckpointWriteError, atomic_save
@@ -334,8 +334,8 @@ def test_bad_configs_fail_before_any_work_with_one_line_naming_the_key(
 
 
 def test_a_bad_joint_option_stops_before_any_source_is_read(tiny_train_cfg, monkeypatch, tmp_path):
-    from selfflow.data.moving_digits import MovingDigits
-    from selfflow.data.spoken_digits import SpokenDigits
+    from selfflow.data.builtin.moving_digits import MovingDigits
+    from selfflow.data.builtin.spoken_digits import SpokenDigits
 
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the config was checked")

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from selfflow.data.collate import collate_samples
-from selfflow.data.image_folder import ImageFolder, load_image
+from selfflow.data.batching.collate import collate_samples
+from selfflow.data.folders.image_folder import ImageFolder, load_image
 from tests.helpers.configs import shared_dataset
 
 

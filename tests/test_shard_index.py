@@ -15,10 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from selfflow.data import shards as shards_module
-from selfflow.data.shard_index import MAX_INDEX_BYTES, index_location
-from selfflow.data.shard_writer import write_shards
-from selfflow.data.shards import ImageShards
+from selfflow.data.shards import dataset as shards_module
+from selfflow.data.shards.dataset import ImageShards
+from selfflow.data.shards.index import MAX_INDEX_BYTES, index_location
+from selfflow.data.shards.writer import write_shards
 from tests.helpers.files import png_bytes, write_images, write_tar
 from tests.helpers.runs import exit_status
 

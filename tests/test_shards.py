@@ -12,15 +12,15 @@ import torch
 from hydra.utils import instantiate
 
 from selfflow.cli.shards import parse_bytes
-from selfflow.data import shard_writer
-from selfflow.data.audio_folder import AudioFolder
-from selfflow.data.bad_files import BadFileError
-from selfflow.data.collate import collate_samples
-from selfflow.data.image_folder import ImageFolder
-from selfflow.data.shard_index import sample_key
-from selfflow.data.shard_writer import write_shards
-from selfflow.data.shards import AudioShards, ImageShards, VideoShards, expand_braces, resolve_shards
-from selfflow.data.video_folder import VideoFolder
+from selfflow.data.batching.collate import collate_samples
+from selfflow.data.folders.audio_folder import AudioFolder
+from selfflow.data.folders.image_folder import ImageFolder
+from selfflow.data.folders.video_folder import VideoFolder
+from selfflow.data.shards import writer as shard_writer
+from selfflow.data.shards.dataset import AudioShards, ImageShards, VideoShards, expand_braces, resolve_shards
+from selfflow.data.shards.index import sample_key
+from selfflow.data.shards.writer import write_shards
+from selfflow.io.bad_files import BadFileError
 from tests.helpers.configs import TINY, compose_train
 from tests.helpers.files import png_bytes, write_images, write_recordings, write_tar, write_videos
 from tests.helpers.runs import exit_status

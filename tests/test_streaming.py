@@ -17,9 +17,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from selfflow.data.shard_sources import ObjectStore, ObjectStoreError, RequestDeadline, read_range
-from selfflow.data.shard_writer import write_shards
-from selfflow.data.shards import ImageShards
+from selfflow.data.shards.dataset import ImageShards
+from selfflow.data.shards.sources import ObjectStore, ObjectStoreError, RequestDeadline, read_range
+from selfflow.data.shards.writer import write_shards
 from selfflow.training.datamodule import SelfFlowDataModule
 from tests.helpers.configs import compose_train
 from tests.helpers.files import write_images, write_noise_images, write_recordings, write_videos

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from selfflow.data.buckets import AspectBuckets, BucketBatchSampler, bucket_crop, make_buckets
+from selfflow.data.batching.buckets import AspectBuckets, BucketBatchSampler, bucket_crop, make_buckets
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling.generate import NoiseSource, sample_tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer

@@ -8,18 +8,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from selfflow.data.captions import (
+from selfflow.data.batching.collate import collate_samples
+from selfflow.data.builtin.captioned import (
     AUDIO_TEMPLATES,
-    CaptionedAudioFolder,
     CaptionedDigits,
-    CaptionedImageFolder,
     CaptionedMovingDigits,
     CaptionedSpokenDigits,
+)
+from selfflow.data.folders.captions import (
+    CaptionedAudioFolder,
+    CaptionedImageFolder,
     CaptionedVideoFolder,
     ClassCaptions,
     class_words,
 )
-from selfflow.data.collate import collate_samples
 from tests.helpers.files import tone, write_folder, write_video_folder
 
 

@@ -20,8 +20,8 @@ def speech_batch() -> torch.Tensor:
     """[3, 1, 8000] real speech: two words from espeak-ng and, where the shared data is present, an FSDD recording."""
     import torchaudio
 
-    from selfflow.data.audio_io import fit_length, read_audio
-    from selfflow.data.speech_synth import Espeak
+    from selfflow.data.builtin.speech_synth import Espeak
+    from selfflow.io.audio import fit_length, read_audio
 
     engine = Espeak.get()
     waves = []

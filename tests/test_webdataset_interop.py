@@ -12,9 +12,9 @@ import pytest
 import soundfile
 from PIL import Image
 
-from selfflow.data.shard_writer import write_shards
-from selfflow.data.shards import AudioShards, ImageShards, VideoShards
-from selfflow.data.video_io import write_mp4
+from selfflow.data.shards.dataset import AudioShards, ImageShards, VideoShards
+from selfflow.data.shards.writer import write_shards
+from selfflow.io.video import write_mp4
 from tests.helpers.configs import compose_train
 from tests.helpers.files import ramp_video, tone, write_images
 from tests.helpers.runs import exit_status

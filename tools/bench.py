@@ -272,7 +272,7 @@ PACKING_LENGTHS = [16] * 8 + [64] * 4 + [32] * 6 + [128] * 2 + [24] * 4 + [96] *
 
 def case_packing(args, variant: str) -> dict:
     """One training step on a realistic length mix, padded to the longest sample or packed into rows."""
-    from selfflow.data.packing import pack
+    from selfflow.data.batching.packing import pack
 
     torch.manual_seed(0)
     model = SelfFlowTransformer(
@@ -349,7 +349,7 @@ def case_attention(args) -> list[dict]:
     """One attention layer on the packing case's rows (width and heads of the training-step model): SDPA with the
     dense block mask against FlexAttention's block mask, timed in alternation. Forward + backward on CUDA (flex
     compiled); forward only on CPU, where FlexAttention is the unfused reference and has no backward."""
-    from selfflow.data.packing import pack
+    from selfflow.data.batching.packing import pack
     from selfflow.models.attention import Attention, GroupMask
 
     on_gpu = args.device.startswith("cuda")

@@ -54,11 +54,11 @@ from hydra import compose, initialize_config_module
 from hydra.utils import instantiate
 from PIL import Image
 
-from selfflow.data.image_folder import ImageFolder
-from selfflow.data.shard_index import index_location
-from selfflow.data.shard_sources import ObjectStore
-from selfflow.data.shard_writer import ShardWriter, write_shards
-from selfflow.data.shards import CLASSES_FILE, ImageShards
+from selfflow.data.folders.image_folder import ImageFolder
+from selfflow.data.shards.dataset import CLASSES_FILE, ImageShards
+from selfflow.data.shards.index import index_location
+from selfflow.data.shards.sources import ObjectStore
+from selfflow.data.shards.writer import ShardWriter, write_shards
 from selfflow.training.datamodule import SelfFlowDataModule
 
 BUCKET = "selfflow-bench"
@@ -265,7 +265,7 @@ def bench_start_up(args) -> list[dict]:
 def write_test_video(path: Path, width: int, height: int, frames: int) -> Path:
     """An H.264 MP4 of moving colour gradients with noise (compressing like camera footage),
     25 fps."""
-    from selfflow.data.video_io import write_mp4
+    from selfflow.io.video import write_mp4
 
     rng = np.random.default_rng(0)
     x = np.linspace(0, 255, width)[None, :, None]
@@ -280,7 +280,7 @@ def write_test_video(path: Path, width: int, height: int, frames: int) -> Path:
 def bench_decode(args) -> list[dict]:
     """Clips per second that each video backend reads from one MP4 (a random 16-frame clip, stride
     2), in this process, from a path and from in-memory bytes (as a shard member is read)."""
-    from selfflow.data.video_io import VIDEO_BACKENDS, read_clip
+    from selfflow.io.video import VIDEO_BACKENDS, read_clip
 
     records = []
     device = f"cpu ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"

@@ -11,8 +11,8 @@ from typing import NoReturn
 
 from omegaconf.errors import OmegaConfBaseException
 
-from selfflow.data.bad_files import BadFileError
 from selfflow.dependencies import explain_import_failure
+from selfflow.io.bad_files import BadFileError
 from selfflow.io.safe_files import UnsafeFileError
 from selfflow.training.checkpoint_io import CheckpointWriteError
 from selfflow.training.nonfinite import NonFiniteLossError

@@ -37,7 +37,7 @@ def parse_bytes(text: str) -> int:
 
 def shard_paths(items: list[str]) -> list[Path]:
     """Local shards named by folders (every *.tar directly in them), tar files and brace patterns."""
-    from selfflow.data.shards import expand_braces
+    from selfflow.data.shards.dataset import expand_braces
 
     shards: list[Path] = []
     for item in items:
@@ -56,7 +56,7 @@ def shard_paths(items: list[str]) -> list[Path]:
 
 
 def write(args: argparse.Namespace) -> dict:
-    from selfflow.data.shard_writer import write_shards
+    from selfflow.data.shards.writer import write_shards
 
     return write_shards(
         args.source,
@@ -78,7 +78,7 @@ def write(args: argparse.Namespace) -> dict:
 
 
 def index(args: argparse.Namespace) -> dict:
-    from selfflow.data.shard_index import refresh_index
+    from selfflow.data.shards.index import refresh_index
 
     shards = shard_paths(args.shards)
     written = {str(shard): reason for shard in shards if (reason := refresh_index(shard)) is not None}
@@ -86,8 +86,8 @@ def index(args: argparse.Namespace) -> dict:
 
 
 def parser() -> argparse.ArgumentParser:
-    from selfflow.data.shard_writer import MODALITY_EXTENSIONS
-    from selfflow.data.shards import MAX_MEMBER_BYTES
+    from selfflow.data.shards.dataset import MAX_MEMBER_BYTES
+    from selfflow.data.shards.writer import MODALITY_EXTENSIONS
 
     top = argparse.ArgumentParser(
         prog="selfflow-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

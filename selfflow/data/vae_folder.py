@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from selfflow.data.cache import file_digest
+from selfflow.io.digests import file_digest
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json is a few kB

@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfflow.data.npz_arrays import iter_rows, npz_header, npz_keys, read_small_array
 from selfflow.evaluation.image_batches import IMAGES_KEY, MAX_IMAGES, ImageSource, folder_images, npz_images
 from selfflow.evaluation.inception import POOL_DIM, SPATIAL_DIM, InceptionExtractor, InceptionFeatures
 from selfflow.evaluation.standard_metrics import EvalSet, GaussianStats
+from selfflow.io.npz import iter_rows, npz_header, npz_keys, read_small_array
 from selfflow.io.safe_files import replace_atomically
 
 POOL_STATS_KEYS, SPATIAL_STATS_KEYS = ("mu", "sigma"), ("mu_s", "sigma_s")

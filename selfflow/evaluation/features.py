@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from selfflow.data.collate import collate_samples
+from selfflow.data.batching.collate import collate_samples
 from selfflow.flow.path import interpolate
 from selfflow.io.safe_files import replace_atomically
 from selfflow.models.transformer import SelfFlowTransformer

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from selfflow.data.adm_crop import adm_center_crop
-from selfflow.data.files import _files_below
-from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8bit
-from selfflow.data.npz_arrays import ArrayHeader, iter_rows, npz_header
+from selfflow.data.folders.adm_crop import adm_center_crop
+from selfflow.data.folders.files import files_below
+from selfflow.io.images import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8bit
+from selfflow.io.npz import ArrayHeader, iter_rows, npz_header
 
 IMAGES_KEY = "arr_0"
 MAX_IMAGES = 1_000_000  # far above the 50,000 of FID-50K; bounds what a file's header may make us allocate
@@ -80,7 +80,7 @@ def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
 def folder_images(root: str | os.PathLike, size: tuple[int, int] | None) -> ImageSource:
     """The images below `root` (recursively, sorted by path) at `size` (h, w); None = the first image's size."""
     root = Path(root).expanduser()
-    paths = _files_below(root, IMAGE_EXTENSIONS)
+    paths = files_below(root, IMAGE_EXTENSIONS)
     if not paths:
         raise ValueError(f"ref={root} holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     if len(paths) > MAX_IMAGES:

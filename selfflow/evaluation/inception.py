@@ -113,7 +113,7 @@ def load_inception(path: str | os.PathLike, device: str | torch.device = "cpu") 
     """
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    from selfflow.data.cache import file_digest
+    from selfflow.io.digests import file_digest
 
     path = Path(path).expanduser()
     state = read_weights(path)

@@ -311,7 +311,14 @@ class SGDSchedule:
         )
 
     def rates(self, step: int) -> Tensor:
-        """[H] every head's rate at `step`."""
+        """Every head's rate at one step of the cosine.
+
+        Args:
+            step: The optimizer step, from 0.
+
+        Returns:
+            [H] the rates.
+        """
         return self.learning_rates * 0.5 * (1 + math.cos(math.pi * step / self.total_steps))
 
 

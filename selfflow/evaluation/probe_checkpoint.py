@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from selfflow.data.cache import file_digest
 from selfflow.evaluation.features import FeatureCache, default_probe_layers
 from selfflow.evaluation.probe import FeatureSources, HeadOptions, modality_sources, probe_representations, report
 from selfflow.interop.checkpoint import LoadedCheckpoint
+from selfflow.io.digests import file_digest
 from selfflow.io.safe_files import write_json_atomically
 
 IGNORED_DATA_KEYS = ("batch_size", "num_workers", "pin_memory")  # loader settings: the features do not depend on them

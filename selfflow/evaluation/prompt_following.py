@@ -24,7 +24,7 @@ UNSEEN_TEMPLATES = {
 
 def default_prompts(class_names: list[str], modality: str = "image") -> list[tuple[str, int, bool]]:
     """(prompt, class, seen phrasing) for every class, in both seen and unseen phrasings."""
-    from selfflow.data.captions import class_words
+    from selfflow.data.folders.captions import class_words
 
     seen, unseen = SEEN_TEMPLATES[modality], UNSEEN_TEMPLATES[modality]
     return [

@@ -20,7 +20,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from selfflow.data.cache import cached_folder
 from selfflow.evaluation.reference_classifier import (
     CONFIG_FILE,
     ReferenceCNN,
@@ -28,6 +27,7 @@ from selfflow.evaluation.reference_classifier import (
     reference_input,
     train_reference_classifier,
 )
+from selfflow.io.cache_folders import cached_folder
 from selfflow.sampling.generate import generate
 from selfflow.tokens import TEXT, Condition
 
@@ -35,12 +35,14 @@ from selfflow.tokens import TEXT, Condition
 # each label's classifier settings beyond CLASSIFIER_SETTINGS: a moving digit is named from its frames read one by
 # one (98-99% of real test clips; from the frames stacked as channels, 80-84%), its direction from the stacked frames
 JUDGED_LABELS = {
-    "selfflow.data.digits.DigitImages": {"digit": {}},
-    "selfflow.data.moving_digits.MovingDigits": {
+    "selfflow.data.builtin.digits.DigitImages": {"digit": {}},
+    "selfflow.data.builtin.moving_digits.MovingDigits": {
         "digit": {"video_frames": "each", "epochs": 4, "batch_size": 64},
         "direction": {"video_frames": "stacked", "epochs": 5},
     },
-    "selfflow.data.spoken_digits.SpokenDigits": {"digit": {"epochs": 30}},  # 15: 62-94% of real test clips by seed
+    "selfflow.data.builtin.spoken_digits.SpokenDigits": {
+        "digit": {"epochs": 30}
+    },  # 15: 62-94% of real test clips by seed
 }
 DATASET_CLASSES = {target: target.rsplit(".", 1) for target in JUDGED_LABELS}  # the only classes ever built here
 CLEAR_PROBABILITY = 0.5

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from selfflow.data.cache import file_digest
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT, load_checkpoint
 from selfflow.interop.export_folder import (
     EXPORT_CONFIG,
@@ -23,6 +22,7 @@ from selfflow.interop.export_folder import (
     read_export_config,
 )
 from selfflow.interop.hub import MODEL_CARD, model_card, without_machine_paths
+from selfflow.io.digests import file_digest
 from selfflow.io.safe_files import replace_atomically, write_bytes_atomically, write_json_atomically
 
 # the export folder's names are re-exported: exports are written and read through this module

@@ -11,8 +11,8 @@ import json
 import os
 from pathlib import Path
 
-from selfflow.data.cache import file_digest
 from selfflow.interop.stored_model import LoadedCheckpoint, check_format, model_from_state
+from selfflow.io.digests import file_digest
 from selfflow.safe_config import first_line, stored_config
 
 EXPORT_WEIGHTS, EXPORT_CONFIG = "model.safetensors", "config.json"

@@ -29,9 +29,9 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from selfflow.data.file_sizes import bounded_size
 from selfflow.interop.state_check import check_state_fits
 from selfflow.io.safe_files import replace_atomically
+from selfflow.io.sizes import bounded_size
 from selfflow.models.distinct_levels import distinct_levels
 from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer

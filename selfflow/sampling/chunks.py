@@ -27,9 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from selfflow.data.latent_cache import write_json
-from selfflow.data.npz_arrays import ArrayHeader, npz_header, npz_keys
-from selfflow.io.safe_files import TEMPORARY_SUFFIX, replace_atomically, resolve_inside
+from selfflow.io.npz import ArrayHeader, npz_header, npz_keys
+from selfflow.io.safe_files import TEMPORARY_SUFFIX, replace_atomically, resolve_inside, write_json_atomically
 
 JOB_FILE = "job.json"
 PARTS = "parts"
@@ -117,7 +116,7 @@ class ChunkStore:
     def write_settings(self, settings: dict[str, Any], about: dict[str, Any]) -> None:
         """job.json: `settings` (compared on every start) and `about` (for people: paths, not compared)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json(self.out_dir / JOB_FILE, {"settings": settings, **about})
+        write_json_atomically(self.out_dir / JOB_FILE, {"settings": settings, **about}, indent=None)
 
     def is_complete(self, chunk: int) -> bool:
         """The chunk's file is there with all its members, the right number of rows and this job's

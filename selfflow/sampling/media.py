@@ -10,9 +10,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.data.audio_io import write_wav
-from selfflow.data.video_io import write_mp4
+from selfflow.io.audio import write_wav
 from selfflow.io.safe_files import replace_atomically
+from selfflow.io.video import write_mp4
 from selfflow.sampling.writers import image_format, image_grid, to_uint8
 from selfflow.tokenizers.audio import limit_peak
 

@@ -88,7 +88,7 @@ def _preview_audio(
 
 
 def _load_image(path: Path, tokenizer) -> Tensor:
-    from selfflow.data.image_folder import load_image
+    from selfflow.data.folders.image_folder import load_image
 
     height, width = tokenizer.image_size
     if height != width:
@@ -97,7 +97,7 @@ def _load_image(path: Path, tokenizer) -> Tensor:
 
 
 def _load_video(path: Path, tokenizer) -> Tensor:
-    from selfflow.data.video_io import frames_to_tensor, read_clip
+    from selfflow.io.video import frames_to_tensor, read_clip
 
     return frames_to_tensor(
         read_clip(path, tokenizer.num_frames, fps=tokenizer.fps), tokenizer.image_size, tokenizer.channels
@@ -105,7 +105,7 @@ def _load_video(path: Path, tokenizer) -> Tensor:
 
 
 def _load_audio(path: Path, tokenizer) -> Tensor:
-    from selfflow.data.audio_io import read_audio
+    from selfflow.io.audio import read_audio
 
     return read_audio(path, tokenizer.sample_rate, tokenizer.num_samples)  # [1, S]
 

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from selfflow.data.cache import file_digest
+from selfflow.io.digests import file_digest
 from selfflow.io.safe_files import write_json_atomically
 from selfflow.sampling.chunks import ChunkStore
 from selfflow.sampling.job import (

@@ -11,15 +11,15 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from selfflow.data.batching.mixture import check_pack_length
 from selfflow.data.vae_folder import point_vae_keys
-from selfflow.tokens import TEXT
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
-from selfflow.training.datamodule import SelfFlowDataModule, has_captions, sample_geometry
+from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.hyperparameters import FinalMetricsInHparams, command_line_overrides, run_hyperparameters
-from selfflow.training.mixture import MixtureDataModule, check_pack_length
+from selfflow.training.mixture import MixtureDataModule
 from selfflow.training.module import SelfFlowModule
 from selfflow.training.run_name import register_run_name_resolver
-from selfflow.training.validate import built, target_parameters
+from selfflow.training.validate import built, tokenizer_configs
 
 
 def _register_resolvers() -> None:
@@ -44,42 +44,6 @@ class Run:
     module: SelfFlowModule
     trainer: L.Trainer
     run_dir: Path
-
-
-def tokenizer_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """The tokenizers a run builds, with every argument (as checkpoints store them): one per modality of the data,
-    completed with that modality's sample geometry from the data config (channels, image_size, num_frames, fps,
-    sample_rate, duration: the arguments of its class that are `GEOMETRY_KEYS`), and the text tokenizer when one is
-    configured. Tokenizers of other modalities are configured but not built (the root default lists three)."""
-    geometry = sample_geometry(cfg.data)
-    configured = cfg.get("tokenizer") or {}
-    for modality in geometry:
-        if modality not in configured:
-            raise ValueError(
-                f"data gives {modality!r} samples but tokenizer.{modality} is not configured "
-                f"(configured: {sorted(configured)}); choose a matching tokenizer=..."
-            )
-    captioned = has_captions(cfg.data)
-    if TEXT in configured and not captioned:
-        raise ValueError(
-            "tokenizer.text is configured but the data has no captions; use captioned data "
-            "(data=text_digits, text_moving_digits, text_spoken_digits, or captioned_image_folder, "
-            "captioned_video_folder, captioned_audio_folder for your files) or leave the text "
-            "tokenizer out"
-        )
-    if captioned and TEXT not in configured:
-        raise ValueError(
-            "the data has captions but no text tokenizer is configured; add text_minilm to the "
-            "tokenizers (e.g. tokenizer=[image_pixels,text_minilm] for images) or train with "
-            "experiment=text_digits, text_video_digits or text_audio_digits"
-        )
-    specs = {}
-    for modality, spec in configured.items():  # in the configured order: the model's modules follow it
-        if modality in geometry or modality == TEXT:
-            spec = OmegaConf.to_container(spec, resolve=True)
-            accepted = target_parameters(spec["_target_"]) or set()
-            specs[modality] = {**spec, **{k: v for k, v in geometry.get(modality, {}).items() if k in accepted}}
-    return specs
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:

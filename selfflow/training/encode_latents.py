@@ -17,9 +17,17 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
-from selfflow.data.latent_cache import FORMAT, MANIFEST, SPLITS, ShardWriter, merge_index, read_manifest, write_json
+from selfflow.data.shards.latent_cache import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    ShardWriter,
+    merge_index,
+    read_manifest,
+    write_json,
+)
 from selfflow.tokenizers.image_latent import ImageLatentTokenizer
-from selfflow.training.build import tokenizer_configs
+from selfflow.training.validate import tokenizer_configs
 
 log = logging.getLogger("selfflow")
 

@@ -11,6 +11,8 @@ import lightning as L
 import torch
 from torch import nn
 
+from selfflow.data.batching.mixture import pack_groups
+from selfflow.data.batching.rng_state import capture_rng_state, restore_rng_state
 from selfflow.data.pretrained import check_stored_fingerprints
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
 from selfflow.interop.state_check import check_state_fits
@@ -20,9 +22,7 @@ from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import TEXT, Condition, PackedTokens, Tokens
 from selfflow.training.distributed import ModalityParameters, is_sharded
-from selfflow.training.mixture import pack_groups
 from selfflow.training.nonfinite import NonFiniteGuard, uncount_skipped_step
-from selfflow.training.rng_state import capture_rng_state, restore_rng_state
 from selfflow.training.schedules import LRSchedule
 
 # metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written

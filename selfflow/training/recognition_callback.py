@@ -18,9 +18,9 @@ REPORT_FILE = "recognition.json"
 
 
 class Recognition(L.Callback):
-    """After training, `samples_per_class` samples of every class per built-in digit modality, judged by reference
-    classifiers trained once per data setting into `cache_dir` (about 40 s on a 2-core CPU; later runs reuse
-    them). Runs on other data, text-conditioned or unconditional runs are left alone."""
+    """After training, `samples_per_class` samples of every class per built-in digit modality, judged by
+    reference classifiers trained once per data setting into `cache_dir` (later runs reuse them). Runs on
+    other data, text-conditioned or unconditional runs are left alone."""
 
     def __init__(
         self,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from selfflow.interop.checkpoint import read_checkpoint
+from selfflow.safe_config import with_current_targets
 
 log = logging.getLogger("selfflow")
 
@@ -108,7 +109,7 @@ def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
 
 def config_differences(stored: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
     """(key, stored value, current value) of every key that differs, leaving out RESUMABLE_CHANGES."""
-    old, new = flat_config(stored), flat_config(current)
+    old, new = flat_config(with_current_targets(stored)), flat_config(current)
 
     def resumable(key: str) -> bool:
         return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}.*") for p in RESUMABLE_CHANGES)

@@ -21,6 +21,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from selfflow.dependencies import check_config_extras, explain_import_failure
 from selfflow.safe_config import first_line
+from selfflow.tokens import TEXT
+from selfflow.training.datamodule import GEOMETRY_KEYS, has_captions, sample_geometry
 
 HYDRA_KEYS = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_"}
 
@@ -83,29 +85,6 @@ def check_unowned_ranges(cfg: DictConfig) -> None:
     _number(cfg, "callbacks.samples.every_n_steps", 0, integer=True)
 
 
-def target_parameters(target: str) -> set[str] | None:
-    """Keyword names `target` accepts; None when it takes **kwargs or cannot be inspected."""
-    from hydra.utils import get_object
-
-    try:
-        obj = get_object(target)
-    except Exception as error:
-        broken_dependency = explain_import_failure(error)
-        if broken_dependency is not None:
-            raise ConfigError(f"_target_={target} cannot be imported: {broken_dependency}") from None
-        raise ConfigError(
-            f"_target_={target} cannot be imported ({type(error).__name__}: {error}); check the "
-            f"spelling of the class or function"
-        ) from None
-    try:
-        signature = inspect.signature(obj)
-    except (TypeError, ValueError):
-        return None
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
-        return None
-    return {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
-
-
 def check_keys(node: Any, path: str = "") -> None:
     """Every key of a `_target_` node is a parameter of its target (typos such as mask_ration are caught here)."""
     if isinstance(node, ListConfig):
@@ -137,7 +116,6 @@ def check_keys(node: Any, path: str = "") -> None:
 def check_tokenizers_take_geometry_from_the_data(cfg: DictConfig) -> None:
     """The sample geometry (image size, channels, frames, ...) is the data's: a tokenizer config that sets it
     would disagree with the data sooner or later."""
-    from selfflow.training.datamodule import GEOMETRY_KEYS
 
     for modality, spec in (cfg.get("tokenizer") or {}).items():
         for key in GEOMETRY_KEYS:
@@ -175,7 +153,6 @@ def build_on_meta(cfg: DictConfig) -> None:
     class), objective, training module and optimizer on the meta device."""
     from hydra.utils import instantiate
 
-    from selfflow.training.build import tokenizer_configs
     from selfflow.training.module import SelfFlowModule
 
     built("data", lambda: instantiate(cfg.data))
@@ -213,3 +190,62 @@ def validate_config(cfg: DictConfig) -> None:
     check_unowned_ranges(cfg)
     check_tokenizers_take_geometry_from_the_data(cfg)
     build_on_meta(cfg)
+
+
+def tokenizer_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
+    """The tokenizers a run builds, with every argument (as checkpoints store them): one per modality of the data,
+    completed with that modality's sample geometry from the data config (channels, image_size, num_frames, fps,
+    sample_rate, duration: the arguments of its class that are `GEOMETRY_KEYS`), and the text tokenizer when one is
+    configured. Tokenizers of other modalities are configured but not built (the root default lists three)."""
+    geometry = sample_geometry(cfg.data)
+    configured = cfg.get("tokenizer") or {}
+    for modality in geometry:
+        if modality not in configured:
+            raise ValueError(
+                f"data gives {modality!r} samples but tokenizer.{modality} is not configured "
+                f"(configured: {sorted(configured)}); choose a matching tokenizer=..."
+            )
+    captioned = has_captions(cfg.data)
+    if TEXT in configured and not captioned:
+        raise ValueError(
+            "tokenizer.text is configured but the data has no captions; use captioned data "
+            "(data=text_digits, text_moving_digits, text_spoken_digits, or captioned_image_folder, "
+            "captioned_video_folder, captioned_audio_folder for your files) or leave the text "
+            "tokenizer out"
+        )
+    if captioned and TEXT not in configured:
+        raise ValueError(
+            "the data has captions but no text tokenizer is configured; add text_minilm to the "
+            "tokenizers (e.g. tokenizer=[image_pixels,text_minilm] for images) or train with "
+            "experiment=text_digits, text_video_digits or text_audio_digits"
+        )
+    specs = {}
+    for modality, spec in configured.items():  # in the configured order: the model's modules follow it
+        if modality in geometry or modality == TEXT:
+            spec = OmegaConf.to_container(spec, resolve=True)
+            accepted = target_parameters(spec["_target_"]) or set()
+            specs[modality] = {**spec, **{k: v for k, v in geometry.get(modality, {}).items() if k in accepted}}
+    return specs
+
+
+def target_parameters(target: str) -> set[str] | None:
+    """Keyword names `target` accepts; None when it takes **kwargs or cannot be inspected."""
+    from hydra.utils import get_object
+
+    try:
+        obj = get_object(target)
+    except Exception as error:
+        broken_dependency = explain_import_failure(error)
+        if broken_dependency is not None:
+            raise ConfigError(f"_target_={target} cannot be imported: {broken_dependency}") from None
+        raise ConfigError(
+            f"_target_={target} cannot be imported ({type(error).__name__}: {error}); check the "
+            f"spelling of the class or function"
+        ) from None
+    try:
+        signature = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
+        return None
+    return {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
-from selfflow.training.build import tokenizer_configs
+from selfflow.training.validate import tokenizer_configs
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG_OF = {

@@ -12,7 +12,7 @@ import soundfile
 import torch
 from PIL import Image
 
-from selfflow.data.video_io import write_mp4
+from selfflow.io.video import write_mp4
 
 
 def write_images(root: Path, per_class: int = 4) -> None:

@@ -132,8 +132,8 @@ def run_bounded(code: str, headroom_mb: int = HEADROOM_MB) -> str:
     prelude = textwrap.dedent(f"""
         import resource
         import torch, torchaudio, av, soundfile, PIL.Image
-        import selfflow.data.shards
-        from selfflow.data.bad_files import failure_reason
+        import selfflow.data.shards.dataset
+        from selfflow.io.bad_files import failure_reason
         torch.set_num_threads(1)
 
         def refusal(load):

@@ -30,7 +30,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from selfflow.data.shard_sources import ByteSource, LocalFiles
+from selfflow.data.shards.sources import ByteSource, LocalFiles
 from selfflow.io.safe_files import write_bytes_atomically
 
 TAR_BLOCK = 512
@@ -51,7 +51,7 @@ SAMPLE, EXTENSION, OFFSET, SIZE = range(4)
 # which holds it mangled
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ShardTable:
     """The samples of one shard in tar order, and where their members lie.
 
@@ -125,6 +125,69 @@ DUPLICATE_KEY = (
 )
 
 
+class _MemberGroups:
+    """Tar members grouped into samples by key as they are read (WebDataset's rule: consecutive members with
+    one key are one sample), with each sample's problem."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.keys: list[str] = []
+        self.extensions: dict[str, int] = {}
+        # (sample, extension) -> (offset, size, first header), in tar order
+        self.rows: dict[tuple[int, int], tuple[int, int, int]] = {}
+        self.problems: dict[int, str] = {}
+        self.first_of_key: dict[str, int] = {}
+        self.grouping = True  # False after a sample of one over-long name: the next member starts a sample
+
+    def add(self, member: tarfile.TarInfo) -> None:
+        regular = member.isfile() and not member.issparse()
+        if regular and member.offset_data + member.size > self.size:
+            raise tarfile.ReadError(f"member {shortened(member.name)} runs past the end of the file")
+        if len(member.name) > MAX_KEY_CHARS:
+            self.keys.append(shortened(member.name))
+            self.problems[len(self.keys) - 1] = (
+                f"its member name has {len(member.name)} characters, more than "
+                f"{MAX_KEY_CHARS}; name samples with short keys such as 000123"
+            )
+            self.grouping = False
+            return
+        key, extension = sample_key(member.name)
+        if not self.grouping or not self.keys or self.keys[-1] != key:  # a new group of members
+            self.keys.append(key)
+            self.grouping = True
+            if key in self.first_of_key:
+                self.problems[self.first_of_key[key]] = self.problems[len(self.keys) - 1] = DUPLICATE_KEY
+            self.first_of_key.setdefault(key, len(self.keys) - 1)
+        sample = len(self.keys) - 1
+        column = self.extensions.setdefault(extension, len(self.extensions))
+        if (sample, column) in self.rows:
+            self.problems[sample] = DUPLICATE_KEY
+        where = (member.offset_data, member.size, member.offset)
+        self.rows[sample, column] = where if regular else (0, -1, 0)
+        if not regular:
+            kind = _MEMBER_KINDS.get(member.type, "no regular file")
+            self.problems.setdefault(
+                sample,
+                f"its member {shortened(member.name)} is {kind}, not file data; shards hold regular files only",
+            )
+
+    def table(self, path: Path) -> ShardTable:
+        rows = self.rows
+        members = np.asarray([(s, e, o, n) for (s, e), (o, n, _) in rows.items()], dtype=np.int64)
+        members = members.reshape(-1, 4)  # [M, 4]
+        headers = np.asarray([h for _, _, h in rows.values()], dtype=np.int64)
+        fingerprint = shard_fingerprint(LocalFiles(), path, self.size)
+        return ShardTable(
+            keys=self.keys,
+            extensions=list(self.extensions),
+            members=members,
+            headers=headers,
+            problems=self.problems,
+            size=self.size,
+            fingerprint=fingerprint,
+        )
+
+
 def scan_shard(path: Path) -> ShardTable:
     """The samples of a local shard in tar order (WebDataset groups consecutive members by key); directories are
     passed over. A member that is not file data (a link, device, pipe), a name longer than MAX_KEY_CHARS, a key that
@@ -134,49 +197,13 @@ def scan_shard(path: Path) -> ShardTable:
     A truncated or corrupt shard raises: besides tarfile's own checks, every member's data must lie inside the file
     and the archive must end with tar's zero block (tarfile stops silently at a broken header after the first)."""
     size = path.stat().st_size
-    keys: list[str] = []
-    extensions: dict[str, int] = {}
-    # (sample, extension) -> (offset, size, first header), in tar order
-    rows: dict[tuple[int, int], tuple[int, int, int]] = {}
-    problems: dict[int, str] = {}
-    first_of_key: dict[str, int] = {}
-    grouping = True  # False after a sample made of one over-long name: the next member starts a new sample
+    groups = _MemberGroups(size)
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=_ReadsWithinFile(raw, size), mode="r:") as tar:
             while (member := tar.next()) is not None:
                 tar.members.clear()  # tarfile keeps every header it reads; nothing here looks one up again
-                if member.isdir():
-                    continue
-                regular = member.isfile() and not member.issparse()
-                if regular and member.offset_data + member.size > size:
-                    raise tarfile.ReadError(f"member {shortened(member.name)} runs past the end of the file")
-                if len(member.name) > MAX_KEY_CHARS:
-                    keys.append(shortened(member.name))
-                    problems[len(keys) - 1] = (
-                        f"its member name has {len(member.name)} characters, more than "
-                        f"{MAX_KEY_CHARS}; name samples with short keys such as 000123"
-                    )
-                    grouping = False
-                    continue
-                key, extension = sample_key(member.name)
-                if not grouping or not keys or keys[-1] != key:  # a new group of members
-                    keys.append(key)
-                    grouping = True
-                    if key in first_of_key:
-                        problems[first_of_key[key]] = problems[len(keys) - 1] = DUPLICATE_KEY
-                    first_of_key.setdefault(key, len(keys) - 1)
-                sample, column = len(keys) - 1, extensions.setdefault(extension, len(extensions))
-                if (sample, column) in rows:
-                    problems[sample] = DUPLICATE_KEY
-                where = (member.offset_data, member.size, member.offset)
-                rows[sample, column] = where if regular else (0, -1, 0)
-                if not regular:
-                    problems.setdefault(
-                        sample,
-                        f"its member {shortened(member.name)} is "
-                        f"{_MEMBER_KINDS.get(member.type, 'no regular file')}, not file "
-                        f"data; shards hold regular files only",
-                    )
+                if not member.isdir():
+                    groups.add(member)
             end = tar.offset
         with open(path, "rb") as f:
             f.seek(end)
@@ -189,11 +216,7 @@ def scan_shard(path: Path) -> ShardTable:
             f"shard {path} is truncated or corrupt ({str(error)[:200]}); write it again "
             f"(selfflow-shards write --overwrite) or leave it out of data.root"
         ) from None
-    members = np.asarray([(s, e, o, n) for (s, e), (o, n, _) in rows.items()], dtype=np.int64)
-    members = members.reshape(-1, 4)  # [M, 4]
-    headers = np.asarray([h for _, _, h in rows.values()], dtype=np.int64)
-    fingerprint = shard_fingerprint(LocalFiles(), path, size)
-    return ShardTable(keys, list(extensions), members, headers, problems, size, fingerprint)
+    return groups.table(path)
 
 
 def write_atomically(path: Path, data: bytes) -> None:
@@ -331,7 +354,15 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
         )
     problems = {p[0]: p[1] for p in problems}
     fingerprint = document["sha256_first_last_64k"]
-    return ShardTable(keys, extensions, members, headers, problems, shard_size, fingerprint)
+    return ShardTable(
+        keys=keys,
+        extensions=extensions,
+        members=members,
+        headers=headers,
+        problems=problems,
+        size=shard_size,
+        fingerprint=fingerprint,
+    )
 
 
 def _checked_headers(flat, members: np.ndarray) -> np.ndarray:

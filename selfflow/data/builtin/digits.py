@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from selfflow.data.files import split_indices
+from selfflow.data.folders.files import split_indices
 
 
 class DigitImages(Dataset):

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.data.file_sizes import bounded_bytes, bounded_size
 from selfflow.data.vae_folder import latent_geometry, vae_fingerprint
 from selfflow.io.safe_files import (
     create_temporary,
@@ -33,6 +32,7 @@ from selfflow.io.safe_files import (
     resolve_inside,
     write_json_atomically,
 )
+from selfflow.io.sizes import bounded_bytes, bounded_size
 
 FORMAT = 1
 MANIFEST = "manifest.json"

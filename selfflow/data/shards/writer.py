@@ -24,21 +24,29 @@ import tarfile
 from collections.abc import Callable
 from pathlib import Path
 
-from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
-from selfflow.data.bad_files import failure_reason, one_line
-from selfflow.data.captions import CAPTION_FILE_SUFFIX
-from selfflow.data.files import check_readable_file, find_labelled_files, printable_path
-from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, load_image
-from selfflow.data.shard_index import (
+from selfflow.data.folders.captions import CAPTION_FILE_SUFFIX
+from selfflow.data.folders.files import find_labelled_files
+from selfflow.data.folders.image_folder import load_image
+from selfflow.data.shards.dataset import (
+    CAPTION_EXTENSION,
+    CLASSES_FILE,
+    LABEL_EXTENSION,
+    MAX_CAPTION_BYTES,
+    MAX_MEMBER_BYTES,
+)
+from selfflow.data.shards.index import (
     TAR_BLOCK,
     index_location,
     scan_shard,
     write_atomically,
     write_index,
 )
-from selfflow.data.shards import CAPTION_EXTENSION, CLASSES_FILE, LABEL_EXTENSION, MAX_CAPTION_BYTES, MAX_MEMBER_BYTES
-from selfflow.data.video_io import MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.io.audio import AUDIO_EXTENSIONS, read_audio
+from selfflow.io.bad_files import failure_reason, one_line
+from selfflow.io.images import IMAGE_EXTENSIONS, MAX_PIXELS
+from selfflow.io.paths import check_readable_file, printable_path
 from selfflow.io.safe_files import create_temporary, finish_temporary
+from selfflow.io.video import MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 log = logging.getLogger("selfflow.data")
 
@@ -173,6 +181,42 @@ def _progress(enabled: bool):
     return Progress(transient=True)
 
 
+def _refuse_existing(out: Path, splits: tuple[str, ...], overwrite: bool) -> None:
+    existing = sorted(p for split in splits for p in out.glob(f"{split}-*.tar"))
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"{out} already holds shards ({existing[0].name}, ... {len(existing)} files); pass "
+            f"--overwrite to replace them or choose another output folder"
+        )
+
+
+def _write_split(out: Path, split: str, files, add_sample, writer: ShardWriter, bar) -> dict:
+    """One split's files through `add_sample(path, label) -> members` into `writer`; its summary. Shards of
+    an earlier, larger write of the split are removed."""
+    task = bar.add_task(f"{split} shards", total=len(files.paths)) if bar is not None else None
+    skipped, samples = [], 0
+    try:
+        for path, label in zip(files.paths, files.labels):
+            try:
+                members = add_sample(path, label)
+            except Exception as error:
+                skipped.append({"path": printable_path(path), "reason": failure_reason(error)})
+                log.warning("skipping %s: %s", one_line(printable_path(path)), one_line(failure_reason(error)))
+            else:
+                writer.add(f"{samples:06d}", members)
+                samples += 1
+            if bar is not None:
+                bar.advance(task)
+        shards = writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    for stale in sorted(set(out.glob(f"{split}-*.tar")) - set(shards)):
+        stale.unlink()
+        index_location(stale).unlink(missing_ok=True)
+    return {"samples": samples, "shards": len(shards), "bytes": writer.total_bytes, "skipped": skipped}
+
+
 def write_shards(
     source: str | os.PathLike,
     out: str | os.PathLike,
@@ -197,63 +241,31 @@ def write_shards(
     root = Path(os.path.realpath(Path(source).expanduser()))
     decodes = check_decoder(modality, max_pixels)
     out = Path(out).expanduser()
+    extensions = MODALITY_EXTENSIONS[modality]
     listings = {
-        split: find_labelled_files(
-            source, split, MODALITY_EXTENSIONS[modality], test_fraction, seed, manifest, name_pattern, label_field
-        )
+        split: find_labelled_files(source, split, extensions, test_fraction, seed, manifest, name_pattern, label_field)
         for split in splits
     }
-    existing = sorted(p for split in splits for p in out.glob(f"{split}-*.tar"))
-    if existing and not overwrite:
-        raise FileExistsError(
-            f"{out} already holds shards ({existing[0].name}, ... {len(existing)} files); pass "
-            f"--overwrite to replace them or choose another output folder"
-        )
+    _refuse_existing(out, splits, overwrite)
     class_names = listings[splits[0]].class_names
     out.mkdir(parents=True, exist_ok=True)
-    summary = {"source": str(source), "out": str(out), "modality": modality, "classes": len(class_names), "splits": {}}
+    summary = {"source": str(source), "out": str(out), "modality": modality, "classes": len(class_names)}
+    summary["splits"] = {}
+
+    def add_sample(path, label):
+        return _sample_members(path, label, root, decodes, max_member_bytes)
+
     bar = _progress(progress)
     if bar is not None:
         bar.start()
     try:
         for split, files in listings.items():
             writer = ShardWriter(out, split, max_samples_per_shard, max_shard_bytes)
-            task = bar.add_task(f"{split} shards", total=len(files.paths)) if bar is not None else None
-            skipped, samples = [], 0
-            try:
-                for path, label in zip(files.paths, files.labels):
-                    try:
-                        members = _sample_members(path, label, root, decodes, max_member_bytes)
-                    except Exception as error:
-                        skipped.append({"path": printable_path(path), "reason": failure_reason(error)})
-                        log.warning("skipping %s: %s", one_line(printable_path(path)), one_line(failure_reason(error)))
-                    else:
-                        writer.add(f"{samples:06d}", members)
-                        samples += 1
-                    if bar is not None:
-                        bar.advance(task)
-                shards = writer.close()
-            except BaseException:
-                writer.abort()
-                raise
-            for stale in sorted(set(out.glob(f"{split}-*.tar")) - set(shards)):  # from an earlier, larger write
-                stale.unlink()
-                index_location(stale).unlink(missing_ok=True)
-            summary["splits"][split] = {
-                "samples": samples,
-                "shards": len(shards),
-                "bytes": writer.total_bytes,
-                "skipped": skipped,
-            }
+            summary["splits"][split] = _write_split(out, split, files, add_sample, writer, bar)
     finally:
         if bar is not None:
             bar.stop()
-    classes = {
-        "modality": modality,
-        "class_names": class_names,
-        "splits": {
-            split: {k: v for k, v in info.items() if k != "skipped"} for split, info in summary["splits"].items()
-        },
-    }
+    counts = {split: {k: v for k, v in info.items() if k != "skipped"} for split, info in summary["splits"].items()}
+    classes = {"modality": modality, "class_names": class_names, "splits": counts}
     write_atomically(out / CLASSES_FILE, json.dumps(classes, indent=2).encode() + b"\n")
     return summary

@@ -7,9 +7,10 @@ from pathlib import Path
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.data.bad_files import BadFilePolicy, failure_reason, require_one_readable
-from selfflow.data.buckets import BucketIndex, length_bucket
-from selfflow.data.files import LabelledFiles, check_readable_file, find_labelled_files
+from selfflow.data.batching.buckets import BucketIndex, length_bucket
+from selfflow.data.folders.files import LabelledFiles, find_labelled_files
+from selfflow.io.bad_files import BadFilePolicy, failure_reason, require_one_readable
+from selfflow.io.paths import check_readable_file
 
 
 class LabelledFileDataset(Dataset):

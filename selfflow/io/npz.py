@@ -21,7 +21,7 @@ from typing import IO
 
 import numpy as np
 
-from selfflow.data.file_sizes import bounded_bytes
+from selfflow.io.sizes import bounded_bytes
 
 HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
 

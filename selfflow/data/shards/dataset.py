@@ -35,11 +35,10 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.data.adm_crop import check_crop
-from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
-from selfflow.data.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
-from selfflow.data.image_folder import IMAGE_EXTENSIONS, MAX_PIXELS, check_image_options, load_image
-from selfflow.data.shard_index import (
+from selfflow.data.folders.adm_crop import check_crop
+from selfflow.data.folders.image_folder import check_image_options, load_image
+from selfflow.data.folders.video_folder import check_clip_options
+from selfflow.data.shards.index import (
     EXTENSION,
     INDEX_HINT,
     OFFSET,
@@ -53,10 +52,12 @@ from selfflow.data.shard_index import (
     scan_shard,
     shortened,
 )
-from selfflow.data.shard_sources import ByteSource, ObjectStore, ObjectStoreError, child, is_url, parent, source_for
-from selfflow.data.video_folder import check_clip_options
-from selfflow.data.video_io import MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.data.shards.sources import ByteSource, ObjectStore, ObjectStoreError, child, is_url, parent, source_for
+from selfflow.io.audio import AUDIO_EXTENSIONS, read_audio
+from selfflow.io.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
+from selfflow.io.images import IMAGE_EXTENSIONS, MAX_PIXELS
 from selfflow.io.safe_files import resolve_inside
+from selfflow.io.video import MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
 
 log = logging.getLogger("selfflow.data")
 
@@ -275,20 +276,18 @@ class ShardDataset(Dataset):
         started = time.perf_counter()
         tables = self.source.map(self._table, self.shards)
         self._suggest_indexes(time.perf_counter() - started)
+        self._member_columns(tables)
+        self.class_names = names if names is not None else self._class_names_from_labels()
+        self.check_readable()
+
+    def _member_columns(self, tables: list[ShardTable]) -> None:
+        """The members of every sample of every shard as flat arrays: keys, data, label and caption members
+        (each row: shard, offset, size, first header), and the samples that cannot be used."""
         keys, data_ext, data, labels, label_json, captions = [], [], [], [], [], []
         self.problems: dict[int, str] = {}  # sample index -> why it cannot be used (see ShardTable)
         for shard_index, (shard, table) in enumerate(zip(self.shards, tables)):
             choice, data_members = member_columns(table, self.data_extensions)
-            missing = np.flatnonzero(choice < 0)
-            missing = [int(s) for s in missing if int(s) not in table.problems]
-            if missing:
-                sample = missing[0]
-                held = sorted(table.extensions[e] for e in table.members[table.members[:, SAMPLE] == sample, EXTENSION])
-                raise ValueError(
-                    f"sample {table.keys[sample]} of shard {shard} has no {self.modality} member (it "
-                    f"holds {held}; expected one of {list(self.data_extensions)}); check "
-                    f"data=<modality>_shards or write the shards again"
-                )
+            self._check_data_members(shard, table, choice)
             self.problems.update({len(keys) + sample: reason for sample, reason in table.problems.items()})
             column = np.full((len(table.keys), 1), shard_index, dtype=np.int64)
             keys += table.keys
@@ -302,7 +301,7 @@ class ShardDataset(Dataset):
             captions.append(np.hstack([column, member_columns(table, (CAPTION_EXTENSION,))[1]]))
         if not keys:
             raise ValueError(
-                f"the {len(self.shards)} shards of split={split!r} ({self.shards[0]}, ...) hold no "
+                f"the {len(self.shards)} shards of split={self.split!r} ({self.shards[0]}, ...) hold no "
                 f"samples; {WRITE_HINT}"
             )
         self.keys = PackedStrings(keys)  # [N]
@@ -312,8 +311,18 @@ class ShardDataset(Dataset):
         self.label_members = np.concatenate(labels)  # [N, 4]; size -1: no label
         self.label_in_json = np.concatenate(label_json)  # [N]: the label member is .json
         self.caption_members = np.concatenate(captions)  # [N, 4]; size -1: no caption
-        self.class_names = names if names is not None else self._class_names_from_labels()
-        self.check_readable()
+
+    def _check_data_members(self, shard, table: ShardTable, choice: np.ndarray) -> None:
+        """A sample with no member of this modality (and no other problem) means the wrong data config."""
+        missing = [int(s) for s in np.flatnonzero(choice < 0) if int(s) not in table.problems]
+        if missing:
+            sample = missing[0]
+            held = sorted(table.extensions[e] for e in table.members[table.members[:, SAMPLE] == sample, EXTENSION])
+            raise ValueError(
+                f"sample {table.keys[sample]} of shard {shard} has no {self.modality} member (it "
+                f"holds {held}; expected one of {list(self.data_extensions)}); check "
+                f"data=<modality>_shards or write the shards again"
+            )
 
     def _table(self, shard) -> ShardTable:
         """The shard's table from its index; a local shard without one is scanned."""

@@ -10,7 +10,7 @@ import os
 import re
 from pathlib import Path
 
-from selfflow.data.files import printable_path
+from selfflow.io.paths import printable_path
 from selfflow.io.safe_files import open_no_follow
 
 log = logging.getLogger("selfflow.data")

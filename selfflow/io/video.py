@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.data.bad_files import UnusableSample
+from selfflow.io.bad_files import UnusableSample
 from selfflow.io.safe_files import replace_atomically
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".webm", ".mov")

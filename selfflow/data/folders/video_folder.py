@@ -8,9 +8,9 @@ from typing import BinaryIO
 
 from torch import Tensor
 
-from selfflow.data.buckets import parse_lengths
-from selfflow.data.file_dataset import LabelledFileDataset
-from selfflow.data.video_io import (
+from selfflow.data.batching.buckets import parse_lengths
+from selfflow.data.folders.file_dataset import LabelledFileDataset
+from selfflow.io.video import (
     MAX_CLIP_PIXELS,
     MAX_FRAME_PIXELS,
     VIDEO_BACKENDS,

@@ -8,13 +8,14 @@ or without DataLoader workers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from selfflow.training.rng_state import mix_seed, seeded_rng
+from selfflow.data.batching.buckets import BucketBatchSampler, BucketIndex
+from selfflow.data.batching.rng_state import mix_seed, seeded_rng
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -153,3 +154,39 @@ class SeededSamples(Dataset):
             if hasattr(type(self.dataset), "load_batch"):
                 return self.dataset.load_batch(indices)
             return [self.dataset[index] for index in indices]
+
+
+class ResumableBucketBatchSampler(ResumableBatchSampler):
+    """`ResumableBatchSampler` (same `(index, batch seed)` batches, `set_epoch` / `skip_batches` resume) whose
+    batches each hold one bucket, in `BucketBatchSampler`'s order: a pure function of (seed, epoch), sharded over
+    ranks. A bucket's partial batch is dropped, unless no bucket fills a batch at all."""
+
+    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+        super().__init__(
+            len(bucket_ids), batch_size, seed=seed, shuffle=True, drop_last=True, num_replicas=num_replicas, rank=rank
+        )
+        self.buckets = BucketBatchSampler(
+            bucket_ids, batch_size, seed=seed, drop_last=True, num_replicas=num_replicas, rank=rank
+        )
+        if self.buckets.num_batches() == 0:  # keep partial batches rather than yielding nothing
+            self.buckets.drop_last = False
+        self.drop_last = self.buckets.drop_last
+
+    def __len__(self) -> int:
+        return self.buckets.num_batches()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        epoch, skip, self._skip = self.epoch, self._skip, 0
+        self.epoch = epoch + 1  # the next iteration is the next epoch, however this one ends
+        batches = self.buckets.batches(epoch)
+        for b in range(skip, len(batches)):
+            seed = mix_seed(self.seed, epoch, b, self.rank)
+            yield [(BucketIndex(i), seed) for i in batches[b]]
+
+
+def check_loader_options(batch_size: int, num_workers: int, key: str = "data.batch_size") -> None:
+    """Batch size (samples per step) and loader worker count of a data module."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"{key}={batch_size!r} must be an integer >= 1")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the training process)")

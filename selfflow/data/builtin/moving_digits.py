@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from selfflow.data.cache import cached_folder
-from selfflow.data.digits import DigitImages
-from selfflow.data.video_folder import VideoFolder
-from selfflow.data.video_io import write_mp4
+from selfflow.data.builtin.digits import DigitImages
+from selfflow.data.folders.video_folder import VideoFolder
+from selfflow.io.cache_folders import cached_folder
+from selfflow.io.video import write_mp4
 
 DECODE_THREADS = min(4, os.cpu_count() or 1)  # clips encoded and decoded at once when made and preloaded
 
@@ -97,6 +97,19 @@ def make_moving_digits(
         list(pool.map(lambda clip: write_mp4(*clip, fps, crf=8), rendered))
 
 
+def check_motion(label: str, directions: int, digit_size: int, speed: int, num_frames: int, canvas: int) -> None:
+    """Start-up errors of the moving digits' options, naming the key."""
+    if label not in LABELS:
+        raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
+    if directions not in (4, 8):
+        raise ValueError(f"data.dataset.directions={directions} must be 4 (axes) or 8 (axes and diagonals)")
+    if digit_size + speed * (num_frames - 1) > canvas:
+        raise ValueError(
+            f"a {digit_size}-pixel digit moving {speed} pixels a frame for {num_frames} frames "
+            f"leaves a {canvas}-pixel canvas; lower speed or digit_size, or raise canvas_size"
+        )
+
+
 class MovingDigits(VideoFolder):
     """Clips [T, C, S, S] of a moving handwritten digit, labelled by `label`: `digit` (10 classes)
     or `direction` (`directions` = 4 or 8 classes), optionally with a second digit moving another
@@ -133,15 +146,7 @@ class MovingDigits(VideoFolder):
         backend: str = "auto",
         preload: bool = True,
     ):
-        if label not in LABELS:
-            raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
-        if directions not in (4, 8):
-            raise ValueError(f"data.dataset.directions={directions} must be 4 (axes) or 8 (axes and diagonals)")
-        if digit_size + speed * (num_frames - 1) > canvas_size:
-            raise ValueError(
-                f"a {digit_size}-pixel digit moving {speed} pixels a frame for {num_frames} frames "
-                f"leaves a {canvas_size}-pixel canvas; lower speed or digit_size, or raise canvas_size"
-            )
+        check_motion(label, directions, digit_size, speed, num_frames, canvas_size)
         clips = {"train": clips_train, "test": clips_test}
         parameters = {
             "version": 1,

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from selfflow.data.bad_files import UnusableSample
+from selfflow.io.bad_files import UnusableSample
 from selfflow.io.safe_files import replace_atomically
 
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg")

@@ -11,9 +11,9 @@ from typing import BinaryIO
 import soundfile
 from torch import Tensor
 
-from selfflow.data.audio_io import AUDIO_EXTENSIONS, read_audio
-from selfflow.data.buckets import parse_lengths
-from selfflow.data.file_dataset import LabelledFileDataset
+from selfflow.data.batching.buckets import parse_lengths
+from selfflow.data.folders.file_dataset import LabelledFileDataset
+from selfflow.io.audio import AUDIO_EXTENSIONS, read_audio
 
 
 class AudioFolder(LabelledFileDataset):

@@ -58,7 +58,7 @@ class AspectBuckets:
         return float(np.exp(edges[bucket])), float(np.exp(edges[bucket + 1]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class BucketCrop:
     """How an image of `original` (h, w) goes into a bucket of `target` (h, w): resized to `resized` (h, w), the
     smallest size that covers the target at the image's aspect, then cropped at (top, left) of the resized image."""
@@ -86,7 +86,13 @@ def bucket_crop(height: int, width: int, size: Sequence[int], random_crop: bool 
         left = int(torch.randint(resized_w - target_w + 1, ()))
     else:
         top, left = (resized_h - target_h) // 2, (resized_w - target_w) // 2
-    return BucketCrop((int(height), int(width)), (resized_h, resized_w), top, left, (target_h, target_w))
+    return BucketCrop(
+        original=(int(height), int(width)),
+        resized=(resized_h, resized_w),
+        top=top,
+        left=left,
+        target=(target_h, target_w),
+    )
 
 
 class BucketIndex(int):

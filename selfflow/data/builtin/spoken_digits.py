@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torchaudio
 
-from selfflow.data.audio_folder import AudioFolder
-from selfflow.data.audio_io import write_wav
-from selfflow.data.cache import cached_folder
+from selfflow.data.folders.audio_folder import AudioFolder
+from selfflow.io.audio import write_wav
+from selfflow.io.cache_folders import cached_folder
 
 WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 VOICES = ("en+m1", "en+m3", "en+m7", "en+f1", "en+f3", "en+f4", "en-us+m2", "en-us+f2")
@@ -31,7 +31,7 @@ def synthesise_spoken_digits(
 ) -> None:
     """`takes` utterances per (digit, voice) at random speed and pitch, written at `sample_rate` (resampled in
     one batch: torchaudio resamples a batch far faster than clip by clip); the last `test_takes` go to test/."""
-    from selfflow.data.speech_synth import Espeak
+    from selfflow.data.builtin.speech_synth import Espeak
 
     engine = Espeak.get()
     rng = np.random.default_rng(seed)

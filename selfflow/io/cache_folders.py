@@ -19,16 +19,6 @@ DEFAULT_CACHE = "~/.cache/selfflow"
 MARKER = "parameters.json"
 
 
-def file_digest(path: str | os.PathLike, digest=None, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's content, read in chunks (a file's identity whatever its name or location); `digest`: a
-    hashlib object to feed instead (several files into one fingerprint), whose hex digest is returned."""
-    digest = digest if digest is not None else hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     """`cache_dir`, else $SELFFLOW_CACHE, else ~/.cache/selfflow."""
     return Path(cache_dir or os.environ.get("SELFFLOW_CACHE") or DEFAULT_CACHE).expanduser()

@@ -6,7 +6,6 @@ import csv
 import logging
 import os
 import re
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,22 +34,9 @@ class LabelledFiles:
     class_names: list[str]
 
 
-def check_readable_file(path: str | os.PathLike) -> None:
-    """Raise with a clear reason unless `path` is a non-empty regular file: a pipe or device would block a decoder
-    forever, and a symlink loop or dangling link fails here (os.stat follows links) rather than deep inside it."""
-    info = os.stat(path)
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError("not a regular file (a folder, pipe or device)")
-    if info.st_size == 0:
-        raise ValueError("empty file (0 bytes)")
-
-
-def printable_path(path: str | os.PathLike) -> str:
-    """The path as text that any log or file can hold: undecodable bytes of non-UTF-8 names become \\xNN."""
-    return os.fsencode(path).decode("utf-8", errors="backslashreplace")
-
-
-def _files_below(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+def files_below(folder: Path, extensions: tuple[str, ...]) -> list[Path]:
+    """The files under `folder` whose names end in one of `extensions` (any case), sorted; links to folders
+    are not followed."""
     found = []
     for dirpath, _dirs, names in os.walk(folder, followlinks=False):
         found += [Path(dirpath) / n for n in names if n.lower().endswith(extensions)]
@@ -166,16 +152,16 @@ def find_labelled_files(
         folder = root if carve else split_dirs.get(split) or split_dirs.get("val" if split == "test" else split)
         if folder is None:
             raise FileNotFoundError(f"{root} has a train/ folder but no {split}/ (or val/) folder for split={split!r}")
-        paths = _files_below(folder, extensions)
+        paths = files_below(folder, extensions)
         if not paths:
             raise FileNotFoundError(
                 f"no files with extensions {list(extensions)} under {folder}; check data.root and the file types"
             )
         if name_pattern:
-            class_paths = paths if base == folder else _files_below(base, extensions)
+            class_paths = paths if base == folder else files_below(base, extensions)
             paths, names, class_names = _labels_from_names(paths, class_paths, name_pattern, label_field, folder)
         else:
-            class_names = sorted(d.name for d in base.iterdir() if d.is_dir() and _files_below(d, extensions))
+            class_names = sorted(d.name for d in base.iterdir() if d.is_dir() and files_below(d, extensions))
             names = [p.relative_to(folder).parts[0] if len(p.relative_to(folder).parts) > 1 else None for p in paths]
     index = {name: i for i, name in enumerate(class_names)}
     labels = [index.get(name, -1) for name in names]
