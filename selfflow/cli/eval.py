@@ -1,12 +1,15 @@
-"""selfflow-eval: FID, sFID, Inception Score, precision and recall of image samples against a reference, as the ADM
-evaluation suite defines them, with the standard FID InceptionV3 loaded from a local file.
+"""selfflow-eval: FID, sFID, Inception Score, precision and recall of image samples against a
+reference, as the ADM evaluation suite defines them, with the standard FID InceptionV3 loaded from
+a local file.
 
   selfflow-eval samples=samples/run/samples.npz ref=VIRTUAL_imagenet256_labeled.npz \
     inception=pt_inception-2015-12-05-6726825d.pth out=metrics.json
-  selfflow-eval samples=... ref=/data/train_images inception=...   # a folder: statistics kept for ref=<them> next time
+  selfflow-eval samples=... ref=/data/train_images inception=...   # a folder: its statistics are
+                                                                    # kept for ref=<them> next time
 
-Writes `out` (metrics.json): fid, sfid, inception_score, precision, recall (null where a side holds statistics only,
-with a note), num_samples, num_ref, the weights file and its sha256, and the library that computed them.
+Writes `out` (metrics.json): fid, sfid, inception_score, precision, recall (null where a side holds
+statistics only, with a note), num_samples, num_ref, the weights file and its sha256, and the
+library that computed them. The work is in selfflow.evaluation.fid_job; this parses and calls.
 """
 
 from __future__ import annotations

@@ -1,17 +1,18 @@
-"""selfflow-sample: generate from a checkpoint with an ODE or SDE solver, guidance, and a fixed seed.
+"""selfflow-sample: generate from a checkpoint with an ODE or SDE solver, guidance, and a fixed
+seed.
 
-  selfflow-sample ckpt=runs/.../checkpoints/last.ckpt num_samples=64 sampler=heun steps=50 cfg_scale=2
+  selfflow-sample ckpt=runs/.../last.ckpt num_samples=64 sampler=heun steps=50 cfg_scale=2
   selfflow-sample ckpt=... labels=[3,3,7] guidance_interval=[0.1,0.8] seed=1 out_dir=samples/run1
-  selfflow-sample ckpt=... metrics=true reference=refs/digits    # metrics.json: FD and classifier accuracy
-  selfflow-sample ckpt=official:selfflow_imagenet256.pt vae=sd-vae-ft-ema num_samples=8   # the released model
-  selfflow-sample ckpt=... size=[24,40]     # a multi-aspect (size-conditioned) model at any bucket's size
+  selfflow-sample ckpt=... metrics=true reference=refs/digits  # metrics.json: FD, accuracy
+  selfflow-sample ckpt=official:selfflow_imagenet256.pt vae=sd-vae-ft-ema num_samples=8  # released
+  selfflow-sample ckpt=... size=[24,40]     # a multi-aspect model at any bucket's size
   selfflow-sample ckpt=... duration=2.0     # audio clips of another length (whole time patches)
   selfflow-sample ckpt=... frames=16        # video clips of another frame count (whole tubelets)
 
-Writes into out_dir: per-sample files (images/*.png, videos/*.mp4 + contact_sheet.png, audio/*.wav + *.png),
-grid.png and samples.npz (uint8 [N, H, W, 3] under arr_0) for images, sampling.json (settings, NFE, timing),
-and metrics.json with metrics=true. The work is in selfflow.sampling.run_job; this parses, builds
-and calls.
+Writes into out_dir: per-sample files (images/*.png, videos/*.mp4 + contact_sheet.png,
+audio/*.wav + *.png), grid.png and samples.npz (uint8 [N, H, W, 3] under arr_0) for images,
+sampling.json (settings, NFE, timing), and metrics.json with metrics=true or fid. The work is in
+selfflow.sampling.run_job; this parses, builds and calls.
 """
 
 from __future__ import annotations

@@ -292,7 +292,12 @@ class SGDSchedule:
     total_steps: int
 
     @classmethod
-    def of_grid(cls, grid: list[tuple[float, float]], momentum: float, total_steps: int) -> SGDSchedule:
+    def of_grid(
+        cls,
+        grid: list[tuple[float, float]],
+        momentum: float,
+        total_steps: int,
+    ) -> SGDSchedule:
         """The schedule of a grid of (learning rate, weight decay) heads.
 
         Args:

@@ -1,4 +1,5 @@
-"""Loading a training checkpoint back into plain PyTorch objects for sampling, probing or fine-tuning.
+"""Loading a training checkpoint back into plain PyTorch objects for sampling, probing or
+fine-tuning.
 
 `load_checkpoint` also takes an export folder (`export_folder`) or a hub repo id (`hub`); the model
 itself is rebuilt by `stored_model`, which both kinds of file share.
@@ -44,13 +45,12 @@ SAMPLING_EMAS = "objective.sampling_emas."
 
 
 def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, Any]:
-    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused, never executed.
-
-    mmap: map the tensors instead of reading them (a cheap validity check of a large file).
+    """torch.load with weights_only=True: a file that needs arbitrary unpickling is refused, never
+    executed.
 
     Args:
         path: The .ckpt file of a run.
-        mmap: Map the tensors instead of reading them.
+        mmap: Map the tensors instead of reading them (a cheap validity check of a large file).
 
     Returns:
         The checkpoint's dictionary (state_dict, selfflow_config, global_step, ...).
@@ -62,23 +62,25 @@ def read_checkpoint(path: str | os.PathLike, mmap: bool = False) -> dict[str, An
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(
-            f"checkpoint {path} does not exist; pass the path of a .ckpt file from a run's checkpoints/"
-        )
+        what = f"checkpoint {path} does not exist"
+        raise FileNotFoundError(f"{what}; pass the path of a .ckpt file from a run's checkpoints/")
+    mapped = mmap and zipfile.is_zipfile(path)
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
     except Exception as error:
         raise ValueError(
             f"cannot load checkpoint {path} safely: {type(error).__name__}: {first_line(error)}"
         ) from error
     if not isinstance(checkpoint, dict) or "selfflow_config" not in checkpoint:
-        raise ValueError(f"{path} is not a selfflow training checkpoint (it has no stored selfflow config)")
+        what = f"{path} is not a selfflow training checkpoint"
+        raise ValueError(f"{what} (it has no stored selfflow config)")
     check_format(checkpoint.get("selfflow_format", 0), str(path))
     return checkpoint
 
 
 def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
-    """Where the `weights` (ema, online, or ema_<decay> of an extra sampling EMA) are in a checkpoint's state.
+    """Where the `weights` (ema, online, or ema_<decay> of an extra sampling EMA) are in a
+    checkpoint's state.
 
     Args:
         weights: `ema`, `online` or `ema_<decay>`.
@@ -94,23 +96,28 @@ def weights_prefix(weights: str, state: Mapping[str, Any], source: str) -> str:
     """
     if weights in WEIGHT_PREFIXES:
         return WEIGHT_PREFIXES[weights]
-    keys = {k.split(".")[2] for k in state if isinstance(k, str) and k.startswith(SAMPLING_EMAS) and k.count(".") > 3}
-    if isinstance(weights, str) and weights.startswith("ema_") and sampling_ema_key(weights) in keys:
+    emas = [k for k in state if isinstance(k, str) and k.startswith(SAMPLING_EMAS)]
+    keys = {k.split(".")[2] for k in emas if k.count(".") > 3}
+    extra_ema = isinstance(weights, str) and weights.startswith("ema_")
+    if extra_ema and sampling_ema_key(weights) in keys:
         return f"{SAMPLING_EMAS}{sampling_ema_key(weights)}.module."
     extra = sorted("ema_" + key.removeprefix("ema_").replace("_", ".") for key in keys)
-    hint = "" if extra else " (an extra EMA is kept when the run sets objective.sampling_ema_decays, e.g. [0.9999])"
-    missing = "is not in" if isinstance(weights, str) and weights.startswith("ema_") else "is unknown; it is not in"
-    raise ValueError(f"weights={weights!r} {missing} {source}; choose one of: {', '.join([*WEIGHTS, *extra])}{hint}")
+    setting = "objective.sampling_ema_decays, e.g. [0.9999]"
+    hint = "" if extra else f" (an extra EMA is kept when the run sets {setting})"
+    missing = "is not in" if extra_ema else "is unknown; it is not in"
+    choices = ", ".join([*WEIGHTS, *extra])
+    raise ValueError(f"weights={weights!r} {missing} {source}; choose one of: {choices}{hint}")
 
 
 def load_checkpoint(
     path: str | os.PathLike, weights: str = "ema", vae: str | os.PathLike | dict | None = None
 ) -> LoadedCheckpoint:
-    """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema (the teacher),
-    online (the student) or ema_<decay> (an extra sampling EMA of objective.sampling_ema_decays).
+    """Rebuild the model and tokenizers a run trained, from its checkpoint alone; `weights`: ema
+    (the teacher), online (the student) or ema_<decay> (an extra sampling EMA of
+    objective.sampling_ema_decays).
 
-    `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights only;
-    `hf://OWNER/NAME` is an export in huggingface_hub's local cache.
+    `path` may also be a folder written by `selfflow-export` (or its model.safetensors): EMA weights
+    only; `hf://OWNER/NAME` is an export in huggingface_hub's local cache.
 
     Args:
         path: A run's .ckpt file, an export folder, or an export's model.safetensors.
@@ -134,19 +141,20 @@ def load_checkpoint(
     if path.is_dir() or path.suffix == ".safetensors":
         folder = path if path.is_dir() else path.parent
         if weights != "ema":
-            raise ValueError(
-                f"weights={weights} asks for other weights, but {folder} is an export, which holds the "
-                f"EMA weights only; use weights=ema, or the run's .ckpt file for the {weights} weights"
-            )
+            asked = f"weights={weights} asks for other weights, but {folder} is an export"
+            fix = f"use weights=ema, or the run's .ckpt file for the {weights} weights"
+            raise ValueError(f"{asked}, which holds the EMA weights only; {fix}")
         return load_exported(folder, vae)
     checkpoint = read_checkpoint(path)
     source = f"checkpoint {path}"
     config = stored_config(checkpoint["selfflow_config"], source)
     stored = checkpoint.get("state_dict")
     if not isinstance(stored, Mapping):
-        raise ValueError(f"{path} has no state_dict; it is not a complete selfflow training checkpoint")
+        what = f"{path} has no state_dict"
+        raise ValueError(f"{what}; it is not a complete selfflow training checkpoint")
     prefix = weights_prefix(weights, stored, source)
-    state = {k[len(prefix) :]: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
+    ours = {k: v for k, v in stored.items() if isinstance(k, str) and k.startswith(prefix)}
+    state = {k[len(prefix) :]: v for k, v in ours.items()}
     model, tokenizers = model_from_state(config, state, f"{source} ({weights} weights)", vae)
     return LoadedCheckpoint(
         model=model,

@@ -20,12 +20,22 @@ MAX_CONFIG_BYTES = 16 << 20  # an export's config.json is a few KB; a larger one
 
 
 def read_export_config(path: Path) -> dict:
-    """config.json of an export, bounded in size and checked to be a JSON object with a stored config."""
+    """config.json of an export, bounded in size and checked to be a JSON object with a stored
+    config.
+
+    Args:
+        path: The export's config.json.
+
+    Returns:
+        The document.
+
+    Raises:
+        ValueError: Too large, not JSON, no stored config, or an unreadable format version.
+    """
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise ValueError(
-            f"{path} is {size} bytes; an export's config is a few KB, so this is not one (refusing to read it)"
-        )
+        what = f"{path} is {size} bytes; an export's config is a few KB"
+        raise ValueError(f"{what}, so this is not one (refusing to read it)")
     try:
         meta = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as error:
@@ -40,7 +50,16 @@ def read_export_config(path: Path) -> dict:
 
 
 def load_exported(folder: str | os.PathLike, vae=None) -> LoadedCheckpoint:
-    """The model of a `selfflow-export` folder; a truncated, changed or mismatched file is refused in one line."""
+    """The model of a `selfflow-export` folder; a truncated, changed or mismatched file is refused
+    in one line.
+
+    Args:
+        folder: The export folder.
+        vae: The run's VAE or autoencoder, named by the user (see `model_from_state`).
+
+    Returns:
+        LoadedCheckpoint: The model (EMA weights), tokenizers, config and step.
+    """
     from safetensors.torch import load_file
 
     folder = Path(folder).expanduser()
@@ -55,14 +74,15 @@ def load_exported(folder: str | os.PathLike, vae=None) -> LoadedCheckpoint:
     expected = meta.get("weights_sha256")
     if expected is not None and file_digest(weights) != expected:
         raise ValueError(
-            f"{weights} does not match the sha256 in {meta_path}: it was truncated or changed after "
-            f"the export; get the export again"
+            f"{weights} does not match the sha256 in {meta_path}: it was truncated or changed "
+            f"after the export; get the export again"
         )
     config = stored_config(meta["config"], source)
     try:
         state = load_file(str(weights))
     except Exception as error:
-        raise ValueError(f"cannot read {weights}: {first_line(error)}; the file is truncated or damaged") from error
+        damaged = f"cannot read {weights}: {first_line(error)}; the file is truncated or damaged"
+        raise ValueError(damaged) from error
     step = meta.get("step", 0)
     model, tokenizers = model_from_state(config, state, source, vae)
     return LoadedCheckpoint(

@@ -362,7 +362,13 @@ def save_official(
             f"and latent_channels"
         )
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
-    final_weight, final_bias = released_final_linear(state, model.width, patch_size, latent_channels, learn_sigma)
+    final_weight, final_bias = released_final_linear(
+        state,
+        model.width,
+        patch_size,
+        latent_channels,
+        learn_sigma,
+    )
     flip = time_flip_matrix(FREQUENCY_DIM)  # an involution: features(1 - (1 - t)) = features(t)
     pos = ImagePatchTokenizer(patch_size, latent_channels, grid * patch_size).positions(1)
     released = {
@@ -374,7 +380,8 @@ def save_official(
         "final_layer.linear.weight": final_weight,
         "final_layer.linear.bias": final_bias,
     }
-    released.update({theirs: state.pop(ours) for ours, theirs in released_renames(model.depth).items()})
+    renames = released_renames(model.depth)
+    released.update({theirs: state.pop(ours) for ours, theirs in renames.items()})
     if state:
         raise ValueError(
             f"the model has weights the released layout has no place for: {sorted(state)[:3]} (text "

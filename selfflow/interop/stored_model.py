@@ -55,16 +55,18 @@ def check_format(version: Any, source: str) -> None:
         ValueError: The version is not a whole number >= 0, or newer than CHECKPOINT_FORMAT.
     """
     if not isinstance(version, int) or isinstance(version, bool) or version < 0:
-        raise ValueError(
-            f"{source} has format {version!r}, which is not a format version; the file is damaged or not selfflow's"
-        )
+        what = f"{source} has format {version!r}, which is not a format version"
+        raise ValueError(f"{what}; the file is damaged or not selfflow's")
     if version > CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{source} has format {version}, newer than this selfflow ({CHECKPOINT_FORMAT}); upgrade selfflow"
-        )
+        what = f"{source} has format {version}, newer than this selfflow ({CHECKPOINT_FORMAT})"
+        raise ValueError(f"{what}; upgrade selfflow")
 
 
-def load_state_checked(module: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+def load_state_checked(
+    module: torch.nn.Module,
+    state: Mapping[str, torch.Tensor],
+    source: str,
+) -> None:
     """load_state_dict that names the first missing, unexpected or mismatched key (shapes, dtypes).
 
     Args:
@@ -82,9 +84,9 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
     {modality: path} for several); a stored path is never loaded, and the part must have the stored
     fingerprint (`point_parts`).
 
-    `config` came from a file: its tokenizers and model are built through the allow-list (`instantiate_stored`),
-    and the model is first built on the meta device, so that a config whose sizes do not fit the stored weights is
-    refused before any memory is allocated for it.
+    `config` came from a file: its tokenizers and model are built through the allow-list
+    (`instantiate_stored`), and the model is first built on the meta device, so that a config whose
+    sizes do not fit the stored weights is refused before any memory is allocated for it.
 
     Args:
         config (DictConfig): The run's stored config.
@@ -101,7 +103,9 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
         StoredConfigError: The stored model config is not a partial one.
     """
     point_parts(config, vae, source)  # VAEs, autoencoders: the user's paths, stored fingerprints
-    tokenizers = {m: instantiate_stored(spec, source, f"tokenizer.{m}").eval() for m, spec in config.tokenizer.items()}
+    tokenizers = {}
+    for modality, spec in config.tokenizer.items():
+        tokenizers[modality] = instantiate_stored(spec, source, f"tokenizer.{modality}").eval()
     if config.model.get("_partial_") is not True:
         raise StoredConfigError(
             f"{source}: model._partial_ must be true (the model is completed with the token "
@@ -109,7 +113,8 @@ def model_from_state(config, state: Mapping[str, torch.Tensor], source: str, vae
         )
     build = instantiate_stored(config.model, source, "model")
     label_rows = state.get("y_embedder.embedding_table.weight")
-    num_classes = label_rows.shape[0] - 1 if isinstance(label_rows, torch.Tensor) and label_rows.ndim == 2 else 0
+    has_labels = isinstance(label_rows, torch.Tensor) and label_rows.ndim == 2
+    num_classes = label_rows.shape[0] - 1 if has_labels else 0
     sizes = {
         "token_channels": {m: t.token_channels for m, t in tokenizers.items()},
         "num_classes": num_classes,

@@ -596,8 +596,8 @@ class SampleWriter:
             chunk_labels, stored = store.read(chunk, sample_shape, dtype)
             if chunk_labels.tolist() != labels[indices.start : indices.stop].tolist():
                 raise ValueError(
-                    f"{store.path(chunk)} holds other labels than this job's; delete it and run the "
-                    f"job again to resample it"
+                    f"{store.path(chunk)} holds other labels than this job's; delete it and run "
+                    f"the job again to resample it"
                 )
             samples = decoded_form(self.io, stored)
             room = self.grid_max - sum(len(p) for p in preview)
