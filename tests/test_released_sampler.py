@@ -65,7 +65,7 @@ def sample_as_the_cli(monkeypatch, tmp_path, *overrides):
     """selfflow-sample on a random tiny model; returns (the generated float tokens [N, 16, 16], config, model)."""
     model = random_model()
     monkeypatch.setattr(
-        "selfflow.sampling.job.load_sampling_model",
+        "selfflow.sampling.run_job.load_sampling_model",  # where the sample job looks it up
         lambda *args: SamplingModel(model, {"image": TOKENIZER}, None, "model"),
     )
     generated = []
