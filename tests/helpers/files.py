@@ -136,3 +136,47 @@ def write_tiny_dinov2(folder: Path, seed: int = 0, hidden_size: int = 16) -> Pat
         torch.manual_seed(seed)
         transformers.Dinov2Model(config).save_pretrained(folder)
     return folder
+
+
+def write_tiny_video_vae(folder: Path, seed: int = 0, **config) -> Path:
+    """A randomly initialised diffusers AutoencoderKLWan (the Wan 2.1 VAE's class) with 4x time and
+    4x space compression (5 frames of 16x16 -> 2 latent frames of 4x4, 4 channels) and about 50k
+    weights, per-channel latents_mean / latents_std in its config, saved with save_pretrained."""
+    diffusers = pytest.importorskip("diffusers")
+    options = {
+        "base_dim": 8,
+        "z_dim": 4,
+        "dim_mult": [1, 1, 1],
+        "num_res_blocks": 1,
+        "temperal_downsample": [True, True],
+        "latents_mean": [0.1, -0.2, 0.3, 0.0],
+        "latents_std": [0.5, 1.0, 2.0, 4.0],
+        "scale_factor_temporal": 4,
+        "scale_factor_spatial": 4,
+        **config,
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        diffusers.AutoencoderKLWan(**options).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_audio_vae(folder: Path, seed: int = 0, **config) -> Path:
+    """A randomly initialised diffusers AutoencoderOobleck (the Stable Audio VAE's class), mono at
+    8 kHz, 8 samples a latent frame (1 s -> 1000 frames of 4 channels), a few thousand weights,
+    saved with save_pretrained."""
+    diffusers = pytest.importorskip("diffusers")
+    options = {
+        "encoder_hidden_size": 8,
+        "downsampling_ratios": [2, 4],
+        "channel_multiples": [1, 2],
+        "decoder_channels": 4,
+        "decoder_input_channels": 4,
+        "audio_channels": 1,
+        "sampling_rate": 8000,
+        **config,
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        diffusers.AutoencoderOobleck(**options).save_pretrained(folder)
+    return folder
