@@ -31,6 +31,8 @@ class LatentGeometry:
     space: pixels per latent position along a side (1 for audio). causal: the first frame is encoded
     alone, so 1 + time * k frames give 1 + k latent frames (else time * k give k).
     data_channels: the channels the autoencoder takes (RGB 3, stereo 2). sample_rate: audio only.
+    odd_latents: only an odd count of latent frames decodes back to the frames it was encoded from
+    (CogVideoX decodes an even count into `time` frames each).
     """
 
     channels: int
@@ -39,21 +41,30 @@ class LatentGeometry:
     causal: bool
     data_channels: int
     sample_rate: int | None = None
+    odd_latents: bool = False
 
     def latent_steps(self, steps: int) -> int | None:
-        """Latent steps of `steps` frames, None when the autoencoder cannot encode that many."""
+        """Latent steps of `steps` frames, None when the autoencoder cannot encode (and decode)
+        that many."""
         rest = steps - 1 if self.causal else steps
         if rest < 0 or rest % self.time or (not self.causal and not rest):
             return None
-        return rest // self.time + (1 if self.causal else 0)
+        latent = rest // self.time + (1 if self.causal else 0)
+        return None if self.odd_latents and latent % 2 == 0 else latent
 
     def steps(self, latent_steps: int) -> int:
         """Frames decoded from `latent_steps` latent frames (the inverse of `latent_steps`)."""
         return 1 + self.time * (latent_steps - 1) if self.causal else self.time * latent_steps
 
+    def rule(self) -> str:
+        """The frame counts this autoencoder encodes, as a formula ("1 + 4k")."""
+        period = self.time * (2 if self.odd_latents else 1)
+        return f"1 + {period}k" if self.causal else f"{period}k"
+
     def valid_steps(self, count: int = 4) -> list[int]:
         """The first `count` frame counts this autoencoder encodes (for error messages)."""
-        return [self.steps(k) for k in range(1, count + 1)]
+        latents = range(1, 2 * count + 1, 2) if self.odd_latents else range(1, count + 1)
+        return [self.steps(k) for k in latents]
 
 
 Normalisation = tuple[Sequence[float] | float, Sequence[float] | float]  # (shift, scale)
@@ -92,6 +103,7 @@ def _cogvideox(config: dict) -> LatentGeometry:
         space=2 ** (len(config.get("block_out_channels", [0] * 4)) - 1),
         causal=True,
         data_channels=int(config.get("in_channels", 3)),
+        odd_latents=True,
     )
 
 

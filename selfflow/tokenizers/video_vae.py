@@ -102,10 +102,9 @@ class VideoVaeTokenizer(Tokenizer):
         geometry = self.frozen.geometry
         latent_frames = geometry.latent_steps(int(num_frames))
         if latent_frames is None or num_frames != int(num_frames):
-            rule = f"1 + {geometry.time}k" if geometry.causal else f"{geometry.time}k"
             raise ValueError(
                 f"data.dataset.num_frames={num_frames}: {KEY} ({self.frozen.class_name}) encodes "
-                f"{rule} frames; set data.dataset.num_frames to one of "
+                f"{geometry.rule()} frames; set data.dataset.num_frames to one of "
                 f"{', '.join(map(str, geometry.valid_steps()))}, ..."
             )
         side = self.image_size // geometry.space
