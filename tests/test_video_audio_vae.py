@@ -89,7 +89,8 @@ def test_video_tokens_are_tubelets_of_the_normalised_latent_in_latent_time(video
 
 
 def test_a_clip_the_video_vae_cannot_encode_is_refused_naming_the_key(video_vae):
-    with pytest.raises(ValueError, match=r"data.dataset.num_frames=8: .*1 \+ 4k frames.* 1, 5, 9, 13"):
+    frames = r"data.dataset.num_frames=8: .*1 \+ 4k frames.* 1, 5, 9, 13"
+    with pytest.raises(ValueError, match=frames):
         video_tokenizer(video_vae, num_frames=8)
     with pytest.raises(ValueError, match="data.dataset.image_size=18 must be a multiple of 4"):
         video_tokenizer(video_vae, image_size=18)
@@ -142,7 +143,8 @@ def test_audio_tokens_are_latent_frames_in_latent_time_and_decode_to_the_clip(au
     assert tokenizer.decode(tokens.x).shape == (2, 8000)
     torch.testing.assert_close(tokenizer.encode(mean).x, tokens.x)  # cached latents
     short = AudioVaeTokenizer(audio_vae, sample_rate=8000, duration=0.999)  # padded: 7992 -> 1000
-    assert short.latent_shape == (4, 999) and short.decode(short.encode(waves[..., :7992]).x).shape[1] == 7992
+    assert short.latent_shape == (4, 999)
+    assert short.decode(short.encode(waves[..., :7992]).x).shape[1] == 7992
     with pytest.raises(ValueError, match="data.dataset.sample_rate=16000: .* works at 8000 Hz"):
         AudioVaeTokenizer(audio_vae, sample_rate=16000)
     with pytest.raises(ValueError, match="tokenizer.audio.patch_frames=3 must divide the 1000"):
@@ -156,7 +158,11 @@ def test_the_vaes_are_held_outside_the_module_state_and_move_with_it(video_vae, 
         assert tokenizer.vae.dtype == torch.float64
 
 
-def test_a_changed_folder_is_refused_by_fingerprint_before_anything_loads(video_vae, tmp_path, monkeypatch):
+def test_a_changed_folder_is_refused_by_fingerprint_before_anything_loads(
+    video_vae,
+    tmp_path,
+    monkeypatch,
+):
     import selfflow.tokenizers.autoencoders as autoencoders
 
     folder = shutil.copytree(video_vae, tmp_path / "vae")
@@ -171,16 +177,16 @@ def test_a_changed_folder_is_refused_by_fingerprint_before_anything_loads(video_
     image_vae = tmp_path / "image-vae"  # a folder of another class is refused by its config alone
     image_vae.mkdir()
     (image_vae / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
-    with pytest.raises(ValueError, match="holds a diffusers AutoencoderKL; the video VAE tokenizer loads"):
+    other_class = "holds a diffusers AutoencoderKL; the video VAE tokenizer loads"
+    with pytest.raises(ValueError, match=other_class):
         video_tokenizer(image_vae)
 
 
 def test_a_stored_vae_path_is_never_loaded(video_vae, audio_vae, tmp_path):
+    video = {"vae": str(tmp_path / "stored-video"), "fingerprint": vae_fingerprint(video_vae)}
+    audio = {"vae": str(tmp_path / "stored-audio"), "fingerprint": vae_fingerprint(audio_vae)}
     stored = {
-        "tokenizer": {
-            "video": {"vae": str(tmp_path / "stored-video"), "fingerprint": vae_fingerprint(video_vae)},
-            "audio": {"vae": str(tmp_path / "stored-audio"), "fingerprint": vae_fingerprint(audio_vae)},
-        },
+        "tokenizer": {"video": video, "audio": audio},
         "data": {"modality": "video", "dataset": {"vae": str(tmp_path / "stored-video")}},
     }
     with pytest.raises(ValueError, match="pass one path each: vae=\\{audio: PATH, video: PATH\\}"):
@@ -190,10 +196,11 @@ def test_a_stored_vae_path_is_never_loaded(video_vae, audio_vae, tmp_path):
         point_parts(video_only, None, "run.ckpt")
     config = OmegaConf.create(stored)
     point_parts(config, {"video": str(video_vae), "audio": str(audio_vae)}, "run.ckpt")
-    assert config.tokenizer.video.vae == str(video_vae) and config.tokenizer.audio.vae == str(audio_vae)
+    assert config.tokenizer.video.vae == str(video_vae)
+    assert config.tokenizer.audio.vae == str(audio_vae)
     assert config.data.dataset.vae == str(video_vae)  # the video latent cache follows the video VAE
     with pytest.raises(ValueError, match="vae=.*tiny-oobleck holds another VAE"):
-        point_parts(OmegaConf.create(stored), {"video": str(audio_vae), "audio": str(audio_vae)}, "x")
+        point_parts(OmegaConf.create(stored), dict.fromkeys(["video", "audio"], audio_vae), "x")
 
 
 def build_cache(*overrides):
@@ -205,16 +212,27 @@ def build_cache(*overrides):
         return build_latent_cache(compose("cache", overrides=list(overrides)))
 
 
-CACHE_OPTIONS = ["accelerator=cpu", "data.num_workers=0", "batch_size=5", "records_per_shard=7", "progress=false"]
+CACHE_OPTIONS = [
+    "accelerator=cpu",
+    "data.num_workers=0",
+    "batch_size=5",
+    "records_per_shard=7",
+    "progress=false",
+]
 
 
 @pytest.mark.slow
-def test_the_video_cache_holds_the_posterior_of_each_clip_and_refuses_other_options(video_vae, tmp_path):
+def test_the_video_cache_holds_the_posterior_of_each_clip_and_refuses_other_options(
+    video_vae,
+    tmp_path,
+):
     from selfflow.data.moving_digits import MovingDigits
 
-    out = build_cache(*VIDEO_DATA, f"tokenizer.video.vae={video_vae}", f"out_dir={tmp_path / 'c'}", *CACHE_OPTIONS)
+    vae = f"tokenizer.video.vae={video_vae}"
+    out = build_cache(*VIDEO_DATA, vae, f"out_dir={tmp_path / 'c'}", *CACHE_OPTIONS)
     manifest = json.loads((out / "manifest.json").read_text())
-    assert (manifest["modality"], manifest["flips"], manifest["latent_size"]) == ("video", 1, [2, 4, 4])
+    layout = (manifest["modality"], manifest["flips"], manifest["latent_size"])
+    assert layout == ("video", 1, [2, 4, 4])
     assert manifest["splits"] == {"train": 40, "test": 8} and manifest["num_frames"] == 5
     options = {"num_frames": 5, "image_size": 16, "channels": 1, "fps": 8.0}
     cache = LatentCache(out, "test", vae=str(video_vae), modality="video", **options)
@@ -222,13 +240,17 @@ def test_the_video_cache_holds_the_posterior_of_each_clip_and_refuses_other_opti
     tokenizer = video_tokenizer(video_vae).eval()
     for i in (0, 7):
         mean, std = tokenizer.posterior(clips[i][0][None])
-        torch.testing.assert_close(cache.moments(i), torch.stack([mean, std], 1), atol=2e-3, rtol=2e-3)
+        moments = torch.stack([mean, std], 1)  # [1 flip, (mean, std), C, T', h, w]
+        torch.testing.assert_close(cache.moments(i), moments, atol=2e-3, rtol=2e-3)
     assert cache[3][0].shape == (4, 2, 4, 4)
-    with pytest.raises(ValueError, match="made with num_frames=5, but this run asks for data.dataset.num_frames=9"):
+    other = "made with num_frames=5, but this run asks for data.dataset.num_frames=9"
+    with pytest.raises(ValueError, match=other):
         LatentCache(out, vae=str(video_vae), modality="video", **{**options, "num_frames": 9})
-    with pytest.raises(ValueError, match="holds video latents, not image; train it with data=video_latent_cache"):
+    other = "holds video latents, not image; train it with data=video_latent_cache"
+    with pytest.raises(ValueError, match=other):
         LatentCache(out, vae=str(video_vae), image_size=16)
-    with pytest.raises(ValueError, match="selfflow-cache caches VAE latents: choose tokenizer=video_vae"):
+    other = "selfflow-cache caches VAE latents: choose tokenizer=video_vae"
+    with pytest.raises(ValueError, match=other):
         build_cache("experiment=video_digits", f"out_dir={tmp_path / 'd'}", *CACHE_OPTIONS)
 
 
@@ -236,14 +258,15 @@ def run(script: str, args: list[str], cwd) -> str:
     """A selfflow console script in a subprocess (the installed entry point); its stdout."""
     exe = shutil.which(script) or script
     env = {**os.environ, "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([exe, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    command = [exe, *args]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return result.stdout
 
 
 def train_cache_sample(tmp_path, vae, data: list[str], cached_data: list[str], modality: str):
-    """selfflow-train (2 steps), selfflow-cache, selfflow-train on the cache (`cached_data`, 2 steps)
-    and selfflow-sample of that run's checkpoint; the run folders and the samples folder."""
+    """selfflow-train (2 steps), selfflow-cache, selfflow-train on the cache (`cached_data`, 2
+    steps) and selfflow-sample of that run's checkpoint; the run folders and the samples folder."""
     from tests.helpers.configs import TINY_SIZES
 
     key = f"tokenizer.{modality}.vae={vae}"
@@ -251,8 +274,8 @@ def train_cache_sample(tmp_path, vae, data: list[str], cached_data: list[str], m
     run("selfflow-train", [*data, key, *tiny, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     cache = tmp_path / "cache"
     run("selfflow-cache", [*data, key, f"out_dir={cache}", *CACHE_OPTIONS], tmp_path)
-    cached = [*cached_data, f"data.root={cache}", key, *tiny, f"hydra.run.dir={tmp_path / 'cached'}"]
-    run("selfflow-train", cached, tmp_path)
+    cached = [*cached_data, f"data.root={cache}", key, *tiny]
+    run("selfflow-train", [*cached, f"hydra.run.dir={tmp_path / 'cached'}"], tmp_path)
     checkpoint = tmp_path / "cached" / "checkpoints" / "last.ckpt"
     sample = [f"ckpt={checkpoint}", f"vae={vae}", "num_samples=2", "steps=2", "device=cpu"]
     run("selfflow-sample", [*sample, f"out_dir={tmp_path / 'samples'}", "progress=false"], tmp_path)

@@ -188,7 +188,7 @@ TINY_VIDEO_VAES = {
 }
 
 
-def write_tiny_video_vae(folder: Path, seed: int = 0, kind: str = "AutoencoderKLWan", **config) -> Path:
+def write_tiny_video_vae(folder: Path, seed: int = 0, kind: str = "AutoencoderKLWan", **config):
     """A randomly initialised diffusers video VAE of class `kind` at the tiny sizes of
     TINY_VIDEO_VAES (by default the Wan 2.1 VAE's class: 5 frames of 16x16 -> 2 latent frames of
     4x4, 4 channels, per-channel latents_mean / latents_std in its config), saved with
