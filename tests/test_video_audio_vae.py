@@ -118,6 +118,9 @@ def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(video_va
         video_tokenizer(video_vae, scale=[1.0, 2.0])
     cog = write_tiny_video_vae(tmp_path / "cog", kind="AutoencoderKLCogVideoX", scaling_factor=0.7)
     assert video_tokenizer(cog, num_frames=9).scale == [0.7] * 4  # CogVideoX: its scaling_factor
+    # 5 frames encode into 2 latent frames, which CogVideoX decodes into 8: refused
+    with pytest.raises(ValueError, match=r"encodes 1 \+ 8k frames; .* one of 1, 9, 17, 25"):
+        video_tokenizer(cog, num_frames=5)
 
 
 @pytest.mark.parametrize("kind", sorted(TINY_VIDEO_VAES))
@@ -142,9 +145,9 @@ def test_audio_tokens_are_latent_frames_in_latent_time_and_decode_to_the_clip(au
     assert tokens.pos[0, :, 0].tolist() == list(range(50)) and not tokens.pos[..., 1:].any()
     assert tokenizer.decode(tokens.x).shape == (2, 8000)
     torch.testing.assert_close(tokenizer.encode(mean).x, tokens.x)  # cached latents
-    short = AudioVaeTokenizer(audio_vae, sample_rate=8000, duration=0.999)  # padded: 7992 -> 1000
-    assert short.latent_shape == (4, 999)
-    assert short.decode(short.encode(waves[..., :7992]).x).shape[1] == 7992
+    short = AudioVaeTokenizer(audio_vae, sample_rate=8000, duration=0.9995)  # 7996 samples
+    assert short.latent_shape == (4, 1000)  # padded with silence to whole latent frames
+    assert short.decode(short.encode(waves[..., :7996]).x).shape[1] == 7996  # cut back
     with pytest.raises(ValueError, match="data.dataset.sample_rate=16000: .* works at 8000 Hz"):
         AudioVaeTokenizer(audio_vae, sample_rate=16000)
     with pytest.raises(ValueError, match="tokenizer.audio.patch_frames=3 must divide the 1000"):
