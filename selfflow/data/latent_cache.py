@@ -141,6 +141,11 @@ def plain(value: Any) -> bool:
     return value is None or (isinstance(value, (int, float, str)) and not isinstance(value, bool))
 
 
+def as_override(value: Any) -> str:
+    """A data option as a command line sets it (null for None)."""
+    return "null" if value is None else str(value)
+
+
 def check_manifest(
     manifest: dict[str, Any],
     root: str,
@@ -161,11 +166,11 @@ def check_manifest(
         )
     options = {"image_size": image_size, "crop": crop, **options}
     for key in CACHED[modality].keys:
-        wanted = options.get(key)
-        if manifest[key] != wanted:
+        if manifest[key] != options.get(key):  # 8 == 8.0: YAML or a command line
+            made, wanted = as_override(manifest[key]), as_override(options.get(key))
             raise ValueError(
-                f"the latent cache data.root={root} was made with {key}={manifest[key]}, but this run "
-                f"asks for data.dataset.{key}={wanted}; set data.dataset.{key}={manifest[key]} or cache "
+                f"the latent cache data.root={root} was made with {key}={made}, but this run "
+                f"asks for data.dataset.{key}={wanted}; set data.dataset.{key}={made} or cache "
                 f"again with selfflow-cache"
             )
     key = f"tokenizer.{modality}.vae"
