@@ -110,7 +110,10 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         "manifest; run selfflow-cache again)",
     )
     try:
-        kind = CACHED[manifest.get("modality", "image")]
+        modality = manifest.get("modality", "image")
+        kind = CACHED[modality]
+        crop, size = (manifest.get(key) for key in ("crop", "image_size"))
+        image = modality != "image" or (isinstance(crop, str) and isinstance(size, int))
         ok = (
             manifest["format"] == FORMAT
             and manifest["dtype"] == "float16"
@@ -118,8 +121,7 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
             and len(manifest["latent_size"]) == kind.sides
             and isinstance(manifest["vae_fingerprint"], str)
             and all(plain(manifest[key]) for key in kind.keys)
-            and (kind.flips == 1 or isinstance(manifest["crop"], str))
-            and (kind.flips == 1 or isinstance(manifest["image_size"], int))
+            and image
             and isinstance(manifest["class_names"], list)
         )
     except (KeyError, TypeError, ValueError, AttributeError):
