@@ -101,8 +101,10 @@ def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
             wanted.append(f"data.root={tmp_path / 'nothing'}")
         if has_captions(cfg.data) and "text" not in cfg.tokenizer:
             wanted.append("tokenizer=[image_pixels,video_tubelets,audio_mel,text_minilm]")
-        if "LatentCache" in str(OmegaConf.select(cfg, "data.dataset._target_")) and "vae" not in cfg.tokenizer.image:
-            wanted.append("tokenizer=image_sdvae")
+        cached = cfg.data.get("modality")  # a latent cache needs the VAE tokenizer of its modality
+        latent = "LatentCache" in str(OmegaConf.select(cfg, "data.dataset._target_"))
+        if latent and "vae" not in cfg.tokenizer[cached]:
+            wanted.append("tokenizer=" + {"image": "image_sdvae"}.get(cached, f"{cached}_vae"))
         for modality, spec in cfg.tokenizer.items():
             wanted += [
                 f"tokenizer.{modality}.{key}={tmp_path / 'none'}"

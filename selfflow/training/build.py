@@ -69,7 +69,7 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
         if getattr(tokenizer, "fingerprint", None):
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
         if getattr(tokenizer, "vae_path", None):
-            point_vae_keys(config, tokenizer.vae_path)
+            point_vae_keys(config, tokenizer.vae_path, modality)
     if objective.alignment is not None:  # REPA's encoder: its folder and fingerprint, never weights
         encoder = objective.alignment.encoder
         config["objective"]["encoder"] = encoder.path
