@@ -14,11 +14,11 @@ import torch
 from einops import rearrange
 from omegaconf import OmegaConf
 
-from selfflow.data.pretrained import point_parts
 from selfflow.data.shards.latent_cache import LatentCache
-from selfflow.data.vae_folder import vae_fingerprint
+from selfflow.io.model_folders import vae_fingerprint
 from selfflow.tokenizers.audio_vae import AudioVaeTokenizer
 from selfflow.tokenizers.autoencoders import AUTOENCODERS
+from selfflow.tokenizers.pretrained import point_parts
 from selfflow.tokenizers.video_vae import VideoVaeTokenizer
 from tests.helpers.files import TINY_VIDEO_VAES, write_tiny_audio_vae, write_tiny_video_vae
 

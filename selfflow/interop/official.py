@@ -478,7 +478,7 @@ def load_official_for_sampling(
             "the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
             "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained"
         )
-    from selfflow.data.vae_folder import downsampling
+    from selfflow.io.model_folders import downsampling
     from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 
     model = load_official(path, weights=weights)

@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from selfflow.data.pretrained import check_part
-from selfflow.data.vae_folder import load_autoencoder, read_vae_config, vae_folder
+from selfflow.io.model_folders import read_vae_config, vae_folder
+from selfflow.tokenizers.pretrained import check_part
 
 
 @dataclass(frozen=True)
@@ -272,3 +272,62 @@ class FrozenVae(torch.nn.Module):
         with torch.autocast(device_type=device.type, enabled=False):
             parts = [self.vae.decode(p.to(device, self.vae.dtype)) for p in z.split(batch_size)]
         return torch.cat([part.sample.float() for part in parts]).to(z.device)
+
+
+def load_autoencoder(
+    folder: str | os.PathLike,
+    key: str = "vae",
+    classes: tuple[str, ...] = ("AutoencoderKL",),
+):
+    """A diffusers autoencoder from a local folder (config.json + weights), in eval mode and frozen.
+
+    Args:
+        folder: the VAE folder the user named.
+        key: the config key named in refusals.
+        classes: the diffusers classes the caller accepts; the folder's `_class_name` picks one (a
+            folder without one is taken as the first).
+
+    Returns:
+        The loaded autoencoder (a diffusers ModelMixin), parameters frozen.
+    """
+    kind = " or ".join(classes)
+    name = read_vae_config(folder, key, kind).get("_class_name", classes[0])
+    if name not in classes:
+        raise ValueError(
+            f"{key}={folder} holds a diffusers {name}, not a {kind}; pick the tokenizer of that "
+            f"kind of autoencoder (docs/data.md lists which class each tokenizer loads)"
+        )
+    try:
+        import diffusers
+    except ImportError as error:
+        raise ValueError(f"{key}=... needs diffusers: pip install 'selfflow[vae]' ({error})") from error
+    path = vae_folder(folder, key, kind)
+    try:
+        loader = getattr(diffusers, name)  # a name of `classes`, never one the file alone chose
+        vae = loader.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
+    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
+        raise ValueError(
+            f"{key}={path}: cannot load a diffusers {name} ({type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
+    return vae.eval().requires_grad_(False)
+
+
+def point_vae_keys(config, folder: str | os.PathLike, modality: str | None = None) -> None:
+    """The nodes of a run config (dict or DictConfig) that name the VAE of `modality` (its
+    tokenizer, and a latent cache of that modality) point at `folder`; None: every node that names
+    a VAE.
+
+    Args:
+        config: the run config; its `tokenizer.<modality>` and `data.dataset` nodes change.
+        folder: the VAE folder, resolved.
+        modality: whose VAE this is (a run may have an image VAE and a video VAE).
+    """
+    data = config.get("data") or {}
+    tokenizers = config.get("tokenizer") or {}
+    specs = [spec for name, spec in tokenizers.items() if modality in (None, name)]
+    if modality in (None, data.get("modality", "image")):
+        specs.append(data.get("dataset"))
+    for spec in specs:
+        if spec is not None and "vae" in spec:
+            spec["vae"] = str(folder)

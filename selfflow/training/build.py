@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from selfflow.data.batching.mixture import check_pack_length
-from selfflow.data.vae_folder import point_vae_keys
+from selfflow.tokenizers.autoencoders import point_vae_keys
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.hyperparameters import FinalMetricsInHparams, command_line_overrides, run_hyperparameters

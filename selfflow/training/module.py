@@ -13,13 +13,13 @@ from torch import nn
 
 from selfflow.data.batching.mixture import pack_groups
 from selfflow.data.batching.rng_state import capture_rng_state, restore_rng_state
-from selfflow.data.pretrained import check_stored_fingerprints
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
 from selfflow.interop.state_check import check_state_fits
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.repa import check_stored_encoder, clean_images
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.pretrained import check_stored_fingerprints
 from selfflow.tokens import TEXT, Condition, PackedTokens, Tokens
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.nonfinite import NonFiniteGuard, uncount_skipped_step

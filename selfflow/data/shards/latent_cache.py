@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.data.vae_folder import latent_geometry, vae_fingerprint
+from selfflow.io.model_folders import latent_geometry, vae_fingerprint
 from selfflow.io.safe_files import (
     create_temporary,
     finish_temporary,

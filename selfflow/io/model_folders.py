@@ -1,15 +1,11 @@
-"""A frozen diffusers autoencoder from a local folder (never downloaded), and the fingerprint of its
-files.
-
-The image tokenizers load an `AutoencoderKL`; the video and audio tokenizers load one of the classes
-their table names (`AutoencoderKLWan`, `AutoencoderOobleck`, ...), picked by the `_class_name` that
-`save_pretrained` writes into config.json and accepted only from that table.
+"""Model folders as `save_pretrained` writes them (config.json + weight files), read without loading a
+network: the folder checked, its config read within a size bound, the latent geometry a VAE's config
+declares, and the fingerprint of its files. Loading the network is the tokenizers' job
+(`selfflow.tokenizers.autoencoders`).
 
 The fingerprint (sha256 over config.json and the weight files, by name and content) is what a checkpoint and a
 latent cache record instead of the weights: a run, a resume, `selfflow-sample` or `selfflow-probe` with a VAE of
 other content is refused by name, while the same VAE in another folder is accepted.
-
-Needs the optional extra: pip install 'selfflow[vae]'.
 """
 
 from __future__ import annotations
@@ -99,45 +95,6 @@ def vae_fingerprint(folder: str | os.PathLike, key: str = "vae") -> str:
     return folder_fingerprint(vae_folder(folder, key))
 
 
-def load_autoencoder(
-    folder: str | os.PathLike,
-    key: str = "vae",
-    classes: tuple[str, ...] = ("AutoencoderKL",),
-):
-    """A diffusers autoencoder from a local folder (config.json + weights), in eval mode and frozen.
-
-    Args:
-        folder: the VAE folder the user named.
-        key: the config key named in refusals.
-        classes: the diffusers classes the caller accepts; the folder's `_class_name` picks one (a
-            folder without one is taken as the first).
-
-    Returns:
-        The loaded autoencoder (a diffusers ModelMixin), parameters frozen.
-    """
-    kind = " or ".join(classes)
-    name = read_vae_config(folder, key, kind).get("_class_name", classes[0])
-    if name not in classes:
-        raise ValueError(
-            f"{key}={folder} holds a diffusers {name}, not a {kind}; pick the tokenizer of that "
-            f"kind of autoencoder (docs/data.md lists which class each tokenizer loads)"
-        )
-    try:
-        import diffusers
-    except ImportError as error:
-        raise ValueError(f"{key}=... needs diffusers: pip install 'selfflow[vae]' ({error})") from error
-    path = vae_folder(folder, key, kind)
-    try:
-        loader = getattr(diffusers, name)  # a name of `classes`, never one the file alone chose
-        vae = loader.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, KeyError, AttributeError, TypeError) as error:
-        raise ValueError(
-            f"{key}={path}: cannot load a diffusers {name} ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
-        ) from error
-    return vae.eval().requires_grad_(False)
-
-
 def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, int]:
     """(latent channels, pixels per latent position along a side) from the VAE's config.json: the
     factor is 2 per down block after the first (8 for SD-VAE and FLUX)."""
@@ -154,23 +111,3 @@ def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, i
 def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
     """Pixels per latent position along a side (`latent_geometry`)."""
     return latent_geometry(folder, key)[1]
-
-
-def point_vae_keys(config, folder: str | os.PathLike, modality: str | None = None) -> None:
-    """The nodes of a run config (dict or DictConfig) that name the VAE of `modality` (its
-    tokenizer, and a latent cache of that modality) point at `folder`; None: every node that names
-    a VAE.
-
-    Args:
-        config: the run config; its `tokenizer.<modality>` and `data.dataset` nodes change.
-        folder: the VAE folder, resolved.
-        modality: whose VAE this is (a run may have an image VAE and a video VAE).
-    """
-    data = config.get("data") or {}
-    tokenizers = config.get("tokenizer") or {}
-    specs = [spec for name, spec in tokenizers.items() if modality in (None, name)]
-    if modality in (None, data.get("modality", "image")):
-        specs.append(data.get("dataset"))
-    for spec in specs:
-        if spec is not None and "vae" in spec:
-            spec["vae"] = str(folder)

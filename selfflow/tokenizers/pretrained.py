@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfflow.data.vae_folder import vae_fingerprint
 from selfflow.io.digests import file_digest
+from selfflow.io.model_folders import vae_fingerprint
 
 
 @functools.lru_cache(maxsize=16)
