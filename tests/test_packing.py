@@ -64,12 +64,10 @@ def test_packed_forward_equals_each_sample_alone():
     attn = (seg[:, :, None] == seg[:, None, :])[:, None]
     with torch.no_grad():
         out = net(
-            packed.x,
+            packed,
             levels,
             index,
-            packed.pos,
             Condition(packed.segment_labels),
-            packed.modality_masks,
             attn_mask=attn,
             hidden_layers=(2,),
         )
@@ -83,12 +81,10 @@ def test_packed_forward_equals_each_sample_alone():
             own_index = masked[r][tokens][None].long()
             with torch.no_grad():
                 alone = net(
-                    s.x,
+                    s,
                     own_levels,
                     own_index,
-                    s.pos,
                     Condition(torch.tensor([labels[i]])),
-                    s.modality,
                     hidden_layers=(2,),
                 )
             torch.testing.assert_close(per_sample[i], alone.velocity[0], rtol=1e-4, atol=1e-5)
@@ -132,7 +128,8 @@ def perfect_predictor(x0: torch.Tensor, own: torch.Tensor, error: float = 0.0):
     """A student forward that returns the exact target x1 - x0 (plus `error` on every own channel), with zeros on the
     padded channels as the real output heads give; x1 is read back from the noised input x_t = (1 - t) x0 + t x1."""
 
-    def forward(x_t, levels, level_index, *args, **kwargs):
+    def forward(noised, levels, level_index, *args, **kwargs):
+        x_t = noised.x
         t = torch.gather(levels, 1, level_index)[..., None].to(x_t.dtype)  # [R, N, 1] each token's level
         x1 = (x_t - (1 - t) * x0) / t
         return ModelOutput(velocity=torch.where(own, x1 - x0 + error, 0.0), hidden={})
@@ -172,7 +169,7 @@ def test_packed_noise_stays_off_the_padded_channels_for_student_and_teacher():
     packed = pack(samples, labels, row_length=32, null_label=net.null_class)
     inputs = []
     for module in (objective.model, objective.teacher.module):
-        module.register_forward_pre_hook(lambda m, args: inputs.append(args[0]))
+        module.register_forward_pre_hook(lambda m, args: inputs.append(args[0].x))
     objective(packed)
     own = own_channel_mask(packed)
     assert len(inputs) == 2

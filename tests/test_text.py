@@ -14,7 +14,7 @@ from selfflow.sampling.generate import GuidedVelocity, NoiseSource, sample_token
 from selfflow.sampling.refine import refine_tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.tokenizers.text import FrozenTextEncoder, TextTokenizer
-from selfflow.tokens import NO_LABEL, Condition, TextTokens
+from selfflow.tokens import NO_LABEL, Condition, TextTokens, Tokens
 
 WORDS = ["[PAD]", "[UNK]", "a", "handwritten", "digit", "the", "number", "seven", "four", "one", "two", "three"]
 
@@ -152,12 +152,10 @@ def test_without_text_the_model_is_the_text_free_model_bit_for_bit():
     with_text.load_state_dict(plain.state_dict(), strict=False)
     tokens = image_tokens(3)
     args = (
-        tokens.x,
+        tokens,
         torch.rand(3, 2),
         torch.randint(0, 2, (3, 16)),
-        tokens.pos,
         Condition(labels=torch.tensor([1, 5, 10])),
-        "image",
     )
     assert torch.equal(plain(*args).velocity, with_text(*args).velocity)
 
@@ -167,13 +165,13 @@ def test_text_tokens_join_attention_but_only_data_tokens_come_out():
     tokens, text = image_tokens(), random_text()
     levels, index = torch.rand(2, 2), torch.randint(0, 2, (2, 16))
     labels = torch.zeros(2, dtype=torch.long)
-    out = model(tokens.x, levels, index, tokens.pos, Condition(labels, text), "image", hidden_layers=(1, 2))
+    out = model(tokens, levels, index, Condition(labels, text), hidden_layers=(1, 2))
     assert out.velocity.shape == (2, 16, 12) and out.hidden[2].shape == (2, 16, 32)
-    null = model(tokens.x, levels, index, tokens.pos, Condition(labels, text.null()), "image")
+    null = model(tokens, levels, index, Condition(labels, text.null()))
     assert not torch.allclose(out.velocity, null.velocity)  # the caption changes the data tokens' output
     padded = TextTokens(text.x.clone(), text.valid, text.pooled)
     padded.x[0, 3:] = 100.0  # features behind the padding mask
-    again = model(tokens.x, levels, index, tokens.pos, Condition(labels, padded), "image")
+    again = model(tokens, levels, index, Condition(labels, padded))
     torch.testing.assert_close(again.velocity, out.velocity)
 
 
@@ -189,7 +187,8 @@ def test_padding_is_never_attended_to(with_text):
 
     def run(x, text):
         condition = Condition(torch.zeros(2, dtype=torch.long), text if with_text else None)
-        return model(x, levels, index, tokens.pos, condition, "image", attn_mask=mask, hidden_layers=(1, 2, 3))
+        noised = Tokens(x, tokens.pos, "image")
+        return model(noised, levels, index, condition, attn_mask=mask, hidden_layers=(1, 2, 3))
 
     base = run(tokens.x, text)
     x = tokens.x.clone()
@@ -227,9 +226,8 @@ def test_two_stream_blocks_keep_separate_text_weights_that_learn():
     model = tiny_text_model(text_stream_blocks=2)
     assert len(model.text_stream.text_blocks) == 2 and len(model.blocks) == 3
     tokens, text = image_tokens(), random_text()
-    out = model(
-        tokens.x, torch.rand(2, 1), None, tokens.pos, Condition(torch.zeros(2, dtype=torch.long), text), "image"
-    )
+    condition = Condition(torch.zeros(2, dtype=torch.long), text)
+    out = model(tokens, torch.rand(2, 1), None, condition)
     out.velocity.square().mean().backward()
     assert model.text_stream.text_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.text_stream.token_proj.weight.grad.abs().sum() > 0
@@ -242,12 +240,10 @@ def test_qk_norm_makes_attention_invariant_to_the_scale_of_queries_and_keys():
 
     def run(model):
         return model(
-            tokens.x,
+            tokens,
             torch.full((2, 1), 0.5),
             None,
-            tokens.pos,
             Condition(torch.zeros(2, dtype=torch.long), text),
-            "image",
         ).velocity
 
     for qk_norm in (True, False):
@@ -266,7 +262,7 @@ def spy_forwards(module: nn.Module, store: list):
     original = module.forward
 
     def forward(*args, **kwargs):
-        store.append(args[4].text)  # the Condition
+        store.append(args[3].text)  # the Condition
         return original(*args, **kwargs)
 
     module.forward = forward
