@@ -6,7 +6,7 @@ import torch
 from selfflow.data.packing import pack, plan_rows, unpack
 from selfflow.models.transformer import ModelOutput, SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
-from selfflow.tokens import Condition, Tokens
+from selfflow.tokens import Condition, PackedTokens, TokenModalities, Tokens
 from tests.helpers.models import randomize_zero_init
 
 CHANNELS = {"image": 12, "audio": 8, "video": 6}
@@ -212,3 +212,22 @@ def test_packed_attention_on_flash_varlen_matches_dense_sdpa():
     (grad_varlen,) = torch.autograd.grad(out_varlen.float().square().sum(), x)
     (grad_dense,) = torch.autograd.grad(out_dense.float().square().sum(), x)
     torch.testing.assert_close(grad_varlen.float(), grad_dense.float(), rtol=5e-2, atol=5e-2)
+
+
+def test_the_model_the_loss_and_the_logs_share_the_batchs_modality_answer(monkeypatch):
+    """The model's projections and heads, the loss weights and the per-modality logs all ask the
+    batch which modality each token is: a batch that answers 'image only' turns the other
+    modalities' tokens off everywhere at once."""
+    net = model().train()
+    objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5})
+    samples, labels = mixed_samples()
+    packed = pack(samples, labels, row_length=32, null_label=net.null_class)
+    image_only = TokenModalities(single=None, masks={"image": packed.modality_masks["image"]})
+    monkeypatch.setattr(PackedTokens, "modalities", property(lambda self: image_only))
+    velocities = []
+    net.register_forward_hook(lambda m, args, out: velocities.append(out.velocity))
+    out = objective(packed)
+    assert set(out.per_modality) == {"image"}
+    others = packed.valid & ~packed.modality_masks["image"]
+    assert others.any() and torch.count_nonzero(velocities[0][others]) == 0  # no head ran there
+    assert torch.count_nonzero(velocities[0][packed.modality_masks["image"]]) > 0

@@ -8,6 +8,7 @@ from torch import nn
 
 from selfflow.flow.dual_timestep import DualTimestepScheduler
 from selfflow.flow.timesteps import LogitNormal, ModeSampling, Uniform, shift_levels
+from selfflow.models.layers import TransformerBlock
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.sampling.generate import GuidedVelocity, NoiseSource, sample_tokens
@@ -401,3 +402,27 @@ def test_guided_prompt_sampling_pairs_each_caption_with_its_null_text():
     assert torch.equal(both.text.valid[:2], text.valid) and not both.text.valid[2:].any()
     torch.testing.assert_close(both.text.x[:2], text.x)
     assert torch.count_nonzero(both.text.pooled[2:]) == 0
+
+
+def test_a_change_to_the_block_reaches_two_stream_text_models(monkeypatch):
+    """Two-stream blocks run `TransformerBlock.forward` itself (the text block's weights given as
+    its second stream): make that forward the identity and the caption tokens no longer reach the
+    data tokens, in every block."""
+    model = tiny_text_model(text_stream_blocks=3)  # every block two-stream
+    tokens, text = image_tokens(), random_text()
+    other = TextTokens(text.x + 3.0 * text.valid[..., None], text.valid, text.pooled)  # same pooled
+
+    def run(captions):
+        condition = Condition(torch.zeros(2, dtype=torch.long), captions)
+        return model(tokens, torch.full((2, 1), 0.5), None, condition).velocity
+
+    assert not torch.allclose(run(text), run(other))  # the caption tokens matter
+    calls = []
+
+    def identity(self, x, *args, **kwargs):
+        calls.append(kwargs.get("second"))
+        return x
+
+    monkeypatch.setattr(TransformerBlock, "forward", identity)
+    assert torch.equal(run(text), run(other))  # every block, two-stream ones too, followed
+    assert len(calls) == 2 * 3 and all(second is not None for second in calls)

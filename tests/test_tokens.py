@@ -4,7 +4,7 @@ same way, so that guidance, dropout and batching need no per-signal code."""
 import pytest
 import torch
 
-from selfflow.tokens import NO_LABEL, Condition, TextTokens
+from selfflow.tokens import NO_LABEL, Condition, PackedTokens, TextTokens, Tokens
 
 
 def captions(batch: int = 3, length: int = 4, channels: int = 5) -> TextTokens:
@@ -58,3 +58,31 @@ def test_null_repeat_select_and_cat_treat_every_field_alike():
     assert both.labels.tolist() == [3, 1, 4, *[NO_LABEL] * 3] and both.text.batch_size == 6
     with pytest.raises(ValueError, match="text is present in some conditions only"):
         Condition.cat([condition, Condition(labels=torch.tensor([0]), sizes=torch.zeros(1, 6))])
+
+
+def test_every_batch_says_which_modality_each_token_is():
+    """One modality names itself once (padding included); packed rows answer with a mask per
+    modality, and per-token values follow it with zeros on the padding."""
+    valid = torch.tensor([[True, True, False]])
+    padded = Tokens(torch.zeros(1, 3, 4), torch.zeros(1, 3, 4, dtype=torch.long), "audio", valid)
+    assert padded.modalities.single == "audio" and padded.modalities.masks["audio"] is valid
+    assert padded.modalities.per_token({"audio": 2.0}.__getitem__) == 2.0
+    assert padded.segment.tolist() == [[0, 0, -1]] and padded.sample_modalities == [["audio"]]
+    assert padded.channel_counts is None and padded.num_segments == 1
+    image = torch.tensor([[True, True, False, False]])
+    audio = torch.tensor([[False, False, True, False]])  # the last token is padding
+    packed = PackedTokens(
+        x=torch.zeros(1, 4, 12),
+        pos=torch.zeros(1, 4, 4, dtype=torch.long),
+        segment=torch.tensor([[0, 0, 1, -1]]),
+        modality_masks={"image": image, "audio": audio},
+        segment_labels=torch.tensor([[3, 5]]),
+        segment_modality=[["image", "audio"]],
+        channels={"image": 12, "audio": 8},
+    )
+    assert packed.modalities.single is None and packed.modalities.masks["audio"] is audio
+    weights = packed.modalities.per_token({"image": 1.0, "audio": 0.5}.__getitem__)
+    assert weights.tolist() == [[1.0, 1.0, 0.5, 0.0]]
+    assert packed.channel_counts.tolist() == [[12, 12, 8, 0]]
+    rows = packed.modalities.per_token(lambda m: torch.full((1, 4, 2), float(len(m))))  # [R, N, 2]
+    assert rows[0, :, 0].tolist() == [5.0, 5.0, 5.0, 0.0]
