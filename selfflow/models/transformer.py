@@ -153,10 +153,10 @@ class SelfFlowTransformer(nn.Module):
         self.token_channels = dict(token_channels)
         self.activation_checkpointing = activation_checkpointing
         self.input_proj = nn.ModuleDict({m: nn.Linear(c, width) for m, c in token_channels.items()})
-        embeds = {m: nn.Parameter(torch.zeros(width)) for m in token_channels}
-        for embed in embeds.values():
-            embed.requires_grad_(modality_embedding)
-        self.modality_embed = nn.ParameterDict(embeds)
+        learn = modality_embedding  # False: zero and frozen
+        self.modality_embed = nn.ParameterDict(
+            {m: nn.Parameter(torch.zeros(width), requires_grad=learn) for m in token_channels},
+        )
         self.t_embedder = TimestepEmbedder(width, scale=time_scale)
         self.y_embedder = LabelEmbedder(num_classes, width)
         self.rope = None
@@ -169,16 +169,8 @@ class SelfFlowTransformer(nn.Module):
         self.final_layers = nn.ModuleDict(
             {m: FinalLayer(width, c) for m, c in token_channels.items()},
         )
-        self.text_stream = None
-        if text_channels:
-            self.text_stream = TextStream(
-                text_channels,
-                width,
-                heads,
-                mlp_ratio,
-                qk_norm,
-                text_stream_blocks,
-            )
+        text_args = (width, heads, mlp_ratio, qk_norm, text_stream_blocks)
+        self.text_stream = TextStream(text_channels, *text_args) if text_channels else None
         self.size_embedder = SizeEmbedder(width) if size_conditioning else None
         self.initialize_weights()
         if compile:  # per block: one graph serves every block, and early stops need no recompile
@@ -309,9 +301,6 @@ class SelfFlowTransformer(nn.Module):
     ) -> ModelOutput:
         """Velocity of the noised tokens at per-token levels `levels[b, level_index[b, n]]`.
 
-        Text captions in `condition` are attended to (never noised); the velocity and the hidden
-        states cover the data tokens only.
-
         Args:
             tokens: The noised batch: x [B, N, C], pos [B, N, 4], and which modality each token is
                 (one modality, or packed rows with a block-diagonal `attn_mask`).
@@ -333,39 +322,21 @@ class SelfFlowTransformer(nn.Module):
             ValueError: L > 1 without `level_index`, `stop_after` outside 0..depth, or text or sizes
                 given to a model built without them.
         """
-        if level_index is None:
-            if levels.shape[1] != 1:
-                raise ValueError("level_index is required when a sample has more than one level")
-            level_index = torch.zeros(tokens.x.shape[:2], dtype=torch.long, device=tokens.x.device)
-        last = self.depth if stop_after is None else stop_after
-        if not 0 <= last <= self.depth:
-            raise ValueError(
-                f"stop_after={stop_after} is outside the model's 1..{self.depth} blocks",
-            )
+        level_index = self._checked_index(tokens, levels, level_index)
+        last = self._blocks_to_run(stop_after)
         cond = self.conditioning(levels, condition.labels)  # [B, L, D]
         h = self.embed_tokens(tokens)  # [B, N, D]
-        num_data, pos = h.shape[1], tokens.pos
-        if condition.text is not None:  # joint attention: clean text tokens after the data tokens
-            h, pos, cond, level_index, attn_mask = self._join_text(
-                h,
-                pos,
-                cond,
-                level_index,
-                attn_mask,
-                condition,
-            )
-        if condition.sizes is not None:
-            if self.size_embedder is None:
-                raise ValueError(
-                    "sizes given to a model built without model.size_conditioning=true",
-                )
-            cond = cond + self.size_embedder(condition.sizes)[:, None]
+        num_data, pos, text = h.shape[1], tokens.pos, condition.text
+        if text is not None:  # joint attention: clean text tokens after the data tokens
+            joined = self._join_text(h, pos, cond, level_index, attn_mask, condition)
+            h, pos, cond, level_index, attn_mask = joined
+        if condition.sizes is not None:  # onto every entry of the table, the text's too
+            cond = cond + self._size_embedding(condition.sizes)
         rope = self.rope(pos) if self.rope is not None else None
         hidden: dict[int, Tensor] = {}
         for number, block in enumerate(self.blocks[:last], start=1):
-            second = None
-            if condition.text is not None:  # two-stream blocks: text tokens on the text weights
-                second = self.text_stream.second_stream(number, num_data)
+            # two-stream blocks run the text tokens on the text weights
+            second = None if text is None else self.text_stream.second_stream(number, num_data)
             h = self._run_block(block, h, cond, level_index, rope, attn_mask, second)
             if number in hidden_layers:
                 hidden[number] = h[:, :num_data]
@@ -374,6 +345,30 @@ class SelfFlowTransformer(nn.Module):
         data_index = level_index[:, :num_data]
         velocity = self.project_out(h[:, :num_data], cond, data_index, tokens.modalities)
         return ModelOutput(velocity=velocity, hidden=hidden)
+
+    @staticmethod
+    def _checked_index(tokens: Tokens | PackedTokens, levels: Tensor, level_index: Tensor | None):
+        """[B, N] long level of each token; None stands for every token at the one level."""
+        if level_index is not None:
+            return level_index
+        if levels.shape[1] != 1:
+            raise ValueError("level_index is required when a sample has more than one level")
+        return torch.zeros(tokens.x.shape[:2], dtype=torch.long, device=tokens.x.device)
+
+    def _blocks_to_run(self, stop_after: int | None) -> int:
+        """How many first blocks a forward runs: all, or `stop_after`."""
+        last = self.depth if stop_after is None else stop_after
+        if not 0 <= last <= self.depth:
+            raise ValueError(
+                f"stop_after={stop_after} is outside the model's 1..{self.depth} blocks",
+            )
+        return last
+
+    def _size_embedding(self, sizes: Tensor) -> Tensor:
+        """[B, 6] size and crop conditioning -> [B, 1, D]."""
+        if self.size_embedder is None:
+            raise ValueError("sizes given to a model built without model.size_conditioning=true")
+        return self.size_embedder(sizes)[:, None]
 
     def _join_text(
         self,

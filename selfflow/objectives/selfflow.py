@@ -225,29 +225,42 @@ class ObjectiveOutput:
 
 class SelfFlowObjective(nn.Module):
     """Owns the student (`model`), its EMA teacher and the projection head; computes the training
-    loss.
+    loss. Text tokens are never noised and the losses cover data tokens only.
 
-    mask_ratio: float, or {modality: float} (method defaults: image 0.25, video 0.10, audio 0.50).
-    gamma: weight of the representation loss (0 = dual-timestep only; with mask_ratio 0: vanilla
-    flow matching). student_layer / teacher_layer: 1-based blocks (None = about 0.3 and 0.7 of the
-    depth).
-    class_dropout: probability of replacing a label with the null label, shared by student and
-    teacher.
-    attention_separation: block attention between the two noise groups in the student (ablation);
-    with text, each group attends to its own copy of the text tokens.
-    loss_weights: {modality: weight} on the per-token losses (joint training; default 1).
-    caption_dropout: probability of replacing a caption with the null text (classifier-free
-    guidance), shared by student and teacher like the label dropout. Text tokens are never noised
-    and the losses cover data tokens only.
-    gamma_schedule: gamma over training (a factor of it per optimizer step; None: constant).
-    sampling_ema_decays: extra EMAs of the student, one full model copy each (no gradient, no
-    optimizer state), updated with the teacher and read as `weights=ema_<decay>` by selfflow-sample
-    and selfflow-probe: a slower EMA to sample from than the teacher the method needs.
-    alignment: REPA's alignment to an external encoder (`selfflow.objectives.repa.REPAAlignment`,
-    built with the model's width and depth and `encoder`); `forward` then needs the batch's clean
-    images (objective=repa).
-    encoder: the local folder of REPA's encoder (read only with `alignment`, so that one sweep over
-    the objectives can name it for all).
+    Args:
+        model: The student.
+        mask_ratio: One ratio in [0, 0.5], or one per modality (method defaults: image 0.25, video
+            0.10, audio 0.50).
+        gamma: Weight of the representation loss (0 = dual-timestep only; with mask_ratio 0:
+            vanilla flow matching).
+        student_layer: 1-based block whose output the head projects; None for about 0.3 of the
+            depth.
+        teacher_layer: 1-based teacher block it is compared with; None for about 0.7 of the depth.
+        ema_decay: The teacher's EMA decay.
+        ema_warmup: Warm the decay up over the first updates.
+        timesteps: The distribution p(t) both levels are drawn from; None for uniform.
+        mask_mode: `exact` or `bernoulli` masking.
+        class_dropout: Probability of replacing a label with the null label, shared by student and
+            teacher.
+        attention_separation: Block attention between the two noise groups in the student
+            (ablation); with text, each group attends to its own copy of the text tokens.
+        loss_buckets: Noise-level ranges the flow loss is logged in.
+        loss_weights: Modality -> weight of its per-token losses (joint training); None for 1 each.
+        caption_dropout: Probability of replacing a caption with the null text (classifier-free
+            guidance), shared by student and teacher like the label dropout.
+        gamma_schedule: Gamma over training (a factor of it per optimizer step); None for constant.
+        sampling_ema_decays: Extra EMAs of the student, one full model copy each (no gradient, no
+            optimizer state), updated with the teacher and read as `weights=ema_<decay>` by
+            selfflow-sample and selfflow-probe: a slower EMA to sample from than the teacher.
+        alignment: REPA's alignment to an external encoder (`repa.REPAAlignment`, built with the
+            model's width and depth and `encoder`); `forward` then needs the batch's clean images
+            (objective=repa).
+        encoder: The local folder of REPA's encoder (read only with `alignment`, so that one sweep
+            over the objectives can name it for all).
+
+    Raises:
+        ValueError: A value out of range, layers not 1 <= student < teacher <= depth, a modality
+            without a mask ratio, a repeated sampling EMA decay, or `alignment` without `encoder`.
     """
 
     def __init__(
@@ -271,32 +284,6 @@ class SelfFlowObjective(nn.Module):
         alignment: Callable[..., nn.Module] | None = None,
         encoder: str | None = None,
     ):
-        """Build the teacher, the head and the scheduler around `model`.
-
-        Args:
-            model: The student.
-            mask_ratio: One ratio in [0, 0.5], or one per modality.
-            gamma: Weight of the representation loss (>= 0).
-            student_layer: 1-based block whose output the head projects; None for about 0.3 of the
-                depth.
-            teacher_layer: 1-based teacher block it is compared with; None for about 0.7 of the
-                depth.
-            ema_decay: The teacher's EMA decay.
-            ema_warmup: Warm the decay up over the first updates.
-            timesteps: The distribution p(t) both levels are drawn from; None for uniform.
-            mask_mode: `exact` or `bernoulli` masking.
-            class_dropout: Probability of dropping a label (classifier-free guidance).
-            attention_separation: Block attention between the two noise groups (ablation).
-            loss_buckets: Noise-level ranges the flow loss is logged in.
-            loss_weights: Modality -> weight of its per-token losses; None for 1 each.
-            caption_dropout: Probability of dropping a caption.
-            gamma_schedule: Gamma over training; None for constant.
-            sampling_ema_decays: Decays of extra EMAs of the student to sample from.
-
-        Raises:
-            ValueError: A value out of range, layers not 1 <= student < teacher <= depth, a modality
-                without a mask ratio, or a repeated sampling EMA decay.
-        """
         super().__init__()
         check_loss_settings(gamma, class_dropout, caption_dropout, loss_buckets)
         self.caption_dropout = float(caption_dropout)
@@ -397,19 +384,11 @@ class SelfFlowObjective(nn.Module):
         Raises:
             ValueError: Text or size conditioning with packed rows.
         """
-        condition = condition or Condition()
-        extras = (condition.text, condition.sizes)
-        if isinstance(tokens, PackedTokens) and any(e is not None for e in extras):
-            raise ValueError(
-                "text and size conditioning work with padded batches; turn data packing off",
-            )
+        condition = self.checked_condition(tokens, condition)
         x0, segment, valid = tokens.x, tokens.segment, tokens.valid  # [R, N, C], [R, N], [R, N]
         ratios = self.sample_mask_ratios(tokens)  # [R, S]
         dual = self.scheduler.for_segments(segment, ratios.shape[1], ratios)
-        x1 = torch.randn_like(x0)  # one shared noise draw for student and teacher
-        channels = tokens.channel_counts  # packed rows: noise on each token's own channels only
-        if channels is not None:
-            x1 = torch.where(own_channels(channels, x0.shape[-1]), x1, 0.0)
+        x1 = self.shared_noise(tokens)  # one noise draw for student and teacher
         # labels per sample [R, S]; dropped once, shared by student and teacher
         labels = replace(condition, labels=self.sample_labels(tokens, condition.labels))
         condition = self.drop_condition(labels, tuple(ratios.shape), x0.device)
@@ -423,22 +402,37 @@ class SelfFlowObjective(nn.Module):
             attn_mask=groups,
             hidden_layers=self._hidden_layers(want_rep),
         )
-        flow_error = token_squared_error(student.velocity, velocity_target(x0, x1), channels)
+        velocity = velocity_target(x0, x1)
+        channels = tokens.channel_counts  # [R, N] on packed rows, else None
+        flow_error = token_squared_error(student.velocity, velocity, channels)  # [R, N]
         weights = tokens.modalities.per_token(lambda name: self.loss_weights.get(name, 1.0))
-        loss_flow = masked_mean(flow_error * weights, valid)  # flow_error: [R, N]
-        sums, counts = bucket_sums(flow_error.detach(), dual.per_token, self.loss_buckets, valid)
+        loss_flow = masked_mean(flow_error * weights, valid)
         loss_rep, rep_error = None, None
-        loss, gamma = loss_flow, self.gamma_at(step)
         if want_rep:
             target = self.teacher_features(tokens, x0, x1, dual, condition, sample_groups)
             rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)
             loss_rep = masked_mean(rep_error * weights, valid)  # rep_error: [R, N]
-            loss = loss_flow + gamma * loss_rep
         loss_align = self._alignment_loss(student.hidden, tokens, images)
+        errors = (flow_error.detach(), None if rep_error is None else rep_error.detach())
+        gamma = self.gamma_at(step)
+        return self._output(tokens, dual, loss_flow, loss_rep, gamma, loss_align, errors)
+
+    def _output(
+        self,
+        tokens: Tokens | PackedTokens,
+        dual: DualLevels,
+        loss_flow: Tensor,
+        loss_rep: Tensor | None,
+        gamma: float,
+        loss_align: Tensor | None,
+        errors: tuple[Tensor, Tensor | None],
+    ) -> ObjectiveOutput:
+        """The total loss and what the logs show: level buckets and per-modality losses."""
+        loss = loss_flow if loss_rep is None else loss_flow + gamma * loss_rep
         if loss_align is not None:
             loss = loss + self.alignment.weight * loss_align
-        rep_logged = None if rep_error is None else rep_error.detach()
-        per_modality = self._per_modality(flow_error.detach(), rep_logged, tokens.modalities)
+        flow_error, rep_error = errors  # detached, [R, N] each
+        sums, counts = bucket_sums(flow_error, dual.per_token, self.loss_buckets, tokens.valid)
         return ObjectiveOutput(
             loss=loss,
             loss_flow=loss_flow,
@@ -447,9 +441,48 @@ class SelfFlowObjective(nn.Module):
             flow_bucket_sums=sums,
             flow_bucket_counts=counts,
             levels=dual,
-            per_modality=per_modality,
+            per_modality=self._per_modality(flow_error, rep_error, tokens.modalities),
             loss_align=loss_align,
         )
+
+    @staticmethod
+    def checked_condition(tokens: Tokens | PackedTokens, condition: Condition | None) -> Condition:
+        """The batch's condition (None: unconditional), refused where packing cannot carry it.
+
+        Args:
+            tokens: The batch.
+            condition: Its condition, or None.
+
+        Returns:
+            The condition.
+
+        Raises:
+            ValueError: Text or size conditioning with packed rows.
+        """
+        condition = condition or Condition()
+        extras = (condition.text, condition.sizes)
+        if isinstance(tokens, PackedTokens) and any(e is not None for e in extras):
+            raise ValueError(
+                "text and size conditioning work with padded batches; turn data packing off",
+            )
+        return condition
+
+    @staticmethod
+    def shared_noise(tokens: Tokens | PackedTokens) -> Tensor:
+        """x1 ~ N(0, I) like the tokens; on packed rows only each token's own channels are noised,
+        so the zero padding of narrower modalities stays zero.
+
+        Args:
+            tokens: The batch.
+
+        Returns:
+            [R, N, C] the noise.
+        """
+        x1 = torch.randn_like(tokens.x)
+        channels = tokens.channel_counts
+        if channels is not None:
+            x1 = torch.where(own_channels(channels, tokens.x.shape[-1]), x1, 0.0)
+        return x1
 
     def sample_mask_ratios(self, tokens: Tokens | PackedTokens) -> Tensor:
         """[R, S] mask ratio of each sample's modality (0 on empty sample slots).
