@@ -32,9 +32,15 @@ def test_gathered_adaln_equals_naive_per_token_adaln():
     # and at the block level, against the modulation MLP applied to every token's own vector
     block = model.blocks[0]
     cond = model.conditioning(levels, labels.labels)  # [B, 2, D]
-    cond_per_token = model.conditioning(per_token_levels, labels.labels[:, None].expand(-1, 16))  # [B, N, D]
+    cond_per_token = model.conditioning(
+        per_token_levels,
+        labels.labels[:, None].expand(-1, 16),
+    )  # [B, N, D]
     torch.testing.assert_close(
-        gather_tokens(block.adaLN_modulation(cond), index), block.adaLN_modulation(cond_per_token), rtol=1e-5, atol=1e-6
+        gather_tokens(block.adaLN_modulation(cond), index),
+        block.adaLN_modulation(cond_per_token),
+        rtol=1e-5,
+        atol=1e-6,
     )
 
 
@@ -80,7 +86,10 @@ def test_rope_scores_depend_only_on_position_differences():
         return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum()
 
     base = score([0, 1, 2, 0], [0, 3, 1, 0])
-    torch.testing.assert_close(score([5, 4, 9, 2], [5, 6, 8, 2]), base)  # same offsets on every axis
+    torch.testing.assert_close(
+        score([5, 4, 9, 2], [5, 6, 8, 2]),
+        base,
+    )  # same offsets on every axis
     assert (score([0, 1, 2, 0], [0, 4, 1, 0]) - base).abs() > 1e-4  # a different offset changes it
     assert sum(default_rope_axes(64)) == 64 and all(a % 2 == 0 for a in default_rope_axes(72))
     with pytest.raises(ValueError, match="rope_axes"):
@@ -98,7 +107,10 @@ def test_sincos_matches_the_mae_grid_layout():
     gw, gh = np.meshgrid(np.arange(grid, dtype=np.float32), np.arange(grid, dtype=np.float32))
     reference = np.concatenate([one_axis(width // 2, gw), one_axis(width // 2, gh)], axis=1)
     pos = ImagePatchTokenizer(patch_size=1, channels=1, image_size=grid).positions(1)
-    torch.testing.assert_close(sincos_2d(pos, width)[0], torch.tensor(reference, dtype=torch.float32))
+    torch.testing.assert_close(
+        sincos_2d(pos, width)[0],
+        torch.tensor(reference, dtype=torch.float32),
+    )
 
 
 def test_blocked_attention_keeps_groups_independent():
@@ -138,14 +150,16 @@ def test_unknown_options_are_named():
     ],
 )
 def test_sincos_positions_are_refused_where_they_would_drop_an_axis(channels, named):
-    """The fixed sin-cos embedding encodes (h, w) only: video frames, audio time and text positions would be lost."""
+    """The fixed sin-cos embedding encodes (h, w) only: video frames, audio time and text positions
+    would be lost."""
     with pytest.raises(
         ValueError,
         match=rf"model.pos_embed=sincos encodes the \(h, w\) grid of images only.*'{named}'"
         r".*use model.pos_embed=rope",
     ):
         tiny_model(token_channels=channels, pos_embed="sincos")
-    assert tiny_model(pos_embed="sincos").pos_embed == "sincos"  # images (the released ImageNet model) keep it
+    # images (the released ImageNet model) keep it
+    assert tiny_model(pos_embed="sincos").pos_embed == "sincos"
 
 
 def test_activation_checkpointing_recomputes_each_block_in_backward_with_the_same_gradients():
@@ -167,7 +181,10 @@ def test_activation_checkpointing_recomputes_each_block_in_backward_with_the_sam
         grads.append(model.blocks[0].attn.qkv.weight.grad.clone())
         forwards.append(len(calls))
     torch.testing.assert_close(grads[0], grads[1])
-    assert forwards == [1, 2]  # checkpointed: the block's activations were dropped and recomputed in backward
+    assert forwards == [
+        1,
+        2,
+    ]  # checkpointed: the block's activations were dropped and recomputed in backward
 
 
 @pytest.mark.gpu
@@ -181,12 +198,21 @@ def test_flash_attention_matches_sdpa_on_gpu():
         randomize_zero_init(model)
         model.cuda()
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            outs.append(model.velocity(tokens.x.cuda(), t, tokens.pos.cuda(), labels.to("cuda"), "image").float())
+            outs.append(
+                model.velocity(
+                    tokens.x.cuda(),
+                    t,
+                    tokens.pos.cuda(),
+                    labels.to("cuda"),
+                    "image",
+                ).float(),
+            )
     torch.testing.assert_close(outs[0], outs[1], rtol=2e-2, atol=2e-2)
 
 
 def test_gathered_conditioning_has_the_gradient_of_a_plain_gather():
-    """gather_tokens' backward is a one-hot product (no atomic scatter-add on GPUs): same values and gradients."""
+    """gather_tokens' backward is a one-hot product (no atomic scatter-add on GPUs): same values and
+    gradients."""
     from selfflow.models.layers import gather_tokens
 
     table = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)

@@ -1,5 +1,5 @@
-"""The one conditioning object: Condition drops, nulls, repeats, selects and concatenates every signal it holds the
-same way, so that guidance, dropout and batching need no per-signal code."""
+"""The one conditioning object: Condition drops, nulls, repeats, selects and concatenates every
+signal it holds the same way, so that guidance, dropout and batching need no per-signal code."""
 
 import pytest
 import torch
@@ -8,13 +8,18 @@ from selfflow.tokens import NO_LABEL, Condition, PackedTokens, TextTokens, Token
 
 
 def captions(batch: int = 3, length: int = 4, channels: int = 5) -> TextTokens:
-    x = torch.arange(batch * length * channels, dtype=torch.float32).reshape(batch, length, channels) + 1
+    numbers = torch.arange(batch * length * channels, dtype=torch.float32)
+    x = numbers.reshape(batch, length, channels) + 1
     valid = torch.ones(batch, length, dtype=torch.bool)
     return TextTokens(x, valid, x.mean(dim=1))
 
 
 def full_condition() -> Condition:
-    return Condition(labels=torch.tensor([3, 1, 4]), text=captions(), sizes=torch.arange(18.0).reshape(3, 6))
+    return Condition(
+        labels=torch.tensor([3, 1, 4]),
+        text=captions(),
+        sizes=torch.arange(18.0).reshape(3, 6),
+    )
 
 
 def test_drop_nulls_the_droppable_signals_of_the_chosen_rows_and_keeps_sizes():
@@ -24,7 +29,10 @@ def test_drop_nulls_the_droppable_signals_of_the_chosen_rows_and_keeps_sizes():
     assert dropped.text.valid.tolist() == [[True] * 4, [False] * 4, [True] * 4]
     assert dropped.text.x[1].abs().sum() == 0 and dropped.text.pooled[1].abs().sum() == 0
     assert torch.equal(dropped.text.x[[0, 2]], condition.text.x[[0, 2]])
-    assert torch.equal(dropped.sizes, condition.sizes)  # a property of the sample: guidance never drops it
+    assert torch.equal(
+        dropped.sizes,
+        condition.sizes,
+    )  # a property of the sample: guidance never drops it
     assert condition.labels.tolist() == [3, 1, 4]  # the original is unchanged
 
 
@@ -35,8 +43,14 @@ def test_drop_only_one_signal_and_per_sample_labels_of_packed_rows():
     with pytest.raises(ValueError, match="droppable signals are"):
         condition.drop(torch.tensor([True, False, False]), only="sizes")
     packed = Condition(labels=torch.tensor([[1, 2], [3, 4]]))  # [rows, samples of a row]
-    assert packed.drop(torch.tensor([[True, False], [False, True]])).labels.tolist() == [[NO_LABEL, 2], [3, NO_LABEL]]
-    assert packed.drop(torch.tensor([True, False])).labels.tolist() == [[NO_LABEL, NO_LABEL], [3, 4]]
+    assert packed.drop(torch.tensor([[True, False], [False, True]])).labels.tolist() == [
+        [NO_LABEL, 2],
+        [3, NO_LABEL],
+    ]
+    assert packed.drop(torch.tensor([True, False])).labels.tolist() == [
+        [NO_LABEL, NO_LABEL],
+        [3, 4],
+    ]
 
 
 def test_null_repeat_select_and_cat_treat_every_field_alike():
@@ -48,7 +62,10 @@ def test_null_repeat_select_and_cat_treat_every_field_alike():
 
     twice = condition.repeat(2)
     assert twice.batch_size == 6 and twice.labels.tolist() == [3, 1, 4, 3, 1, 4]
-    assert torch.equal(twice.text.x[3:], condition.text.x) and torch.equal(twice.sizes[3:], condition.sizes)
+    assert torch.equal(twice.text.x[3:], condition.text.x) and torch.equal(
+        twice.sizes[3:],
+        condition.sizes,
+    )
 
     picked = condition.select(torch.tensor([2, 0]))
     assert picked.labels.tolist() == [4, 3] and torch.equal(picked.text.x[0], condition.text.x[2])
