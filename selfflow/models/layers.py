@@ -83,6 +83,19 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return x * (1 + scale) + shift
 
 
+def split_streams(tokens: Tensor, sizes: list[int]) -> tuple[Tensor, ...]:
+    """[B, N, ...] -> one view per stream along the token axis (the tensor itself for one stream).
+
+    Args:
+        tokens: [B, N, ...] values of the joined sequence.
+        sizes: The tokens of each stream, summing to N.
+
+    Returns:
+        [B, n_i, ...] per stream.
+    """
+    return (tokens,) if len(sizes) == 1 else tokens.split(sizes, dim=1)
+
+
 @dataclass(frozen=True)
 class SecondStream:
     """The tail of a joined sequence that runs on another block's weights (two-stream text).
@@ -157,24 +170,17 @@ class TransformerBlock(nn.Module):
         Returns:
             [B, N, D] the block's output.
         """
-        cut = x.shape[1] if second is None else second.start
-        streams = [(self, x[:, :cut], cond_index[:, :cut])]
-        if second is not None:
-            streams.append((second.block, x[:, cut:], cond_index[:, cut:]))
+        sizes = [x.shape[1]] if second is None else [second.start, x.shape[1] - second.start]
+        blocks = [self] if second is None else [self, second.block]
+        streams = list(zip(blocks, split_streams(x, sizes), split_streams(cond_index, sizes)))
         mods = [block.modulation(cond, index) for block, _, index in streams]  # 6 x [B, n, D] each
         heads = []  # per stream: q, k, v, each [B, H, n, Dh]
         for (block, xs, _), mod in zip(streams, mods):
             heads.append(block.attn.heads_of(modulate(block.norm1(xs), mod[0], mod[1])))
         q, k, v = (torch.cat(parts, dim=2) if len(parts) > 1 else parts[0] for parts in zip(*heads))
-        attended = self.attn.attend(
-            q,
-            k,
-            v,
-            rope,
-            mask,
-        )  # [B, N, D]: one attention over all streams
+        attended = self.attn.attend(q, k, v, rope, mask)  # [B, N, D]: one attention, all streams
         out = []
-        for (block, xs, _), mod, a in zip(streams, mods, (attended[:, :cut], attended[:, cut:])):
+        for (block, xs, _), mod, a in zip(streams, mods, split_streams(attended, sizes)):
             xs = xs + mod[2] * block.attn.proj(a)
             out.append(xs + mod[5] * block.mlp(modulate(block.norm2(xs), mod[3], mod[4])))
         return out[0] if len(out) == 1 else torch.cat(out, dim=1)
