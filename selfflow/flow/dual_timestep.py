@@ -148,11 +148,8 @@ class DualTimestepScheduler:
         scores = torch.rand(segment.shape, device=segment.device)
         if self.mask_mode == "bernoulli":
             return (scores < token_ratio) & valid
-        lengths = torch.zeros_like(ratios).scatter_add_(
-            1,
-            segment.clamp_min(0),
-            valid.to(ratios.dtype),
-        )
+        sample = segment.clamp_min(0)
+        lengths = torch.zeros_like(ratios).scatter_add_(1, sample, valid.to(ratios.dtype))
         counts = torch.round(lengths * ratios)  # [R, S]
         ranks = rank_within_segments(scores, segment, num_segments)
         return (ranks < torch.gather(counts, 1, segment.clamp_min(0))) & valid

@@ -76,11 +76,8 @@ class GroupMask:
             allowed = same_group(b, h, q, k) | either_shared
             return allowed & (groups[b, q] >= 0) & (groups[b, k] >= 0)
 
-        return block_mask_for(
-            same_group if shared is None else same_group_or_shared,
-            *groups.shape,
-            groups.device,
-        )
+        mask_mod = same_group if shared is None else same_group_or_shared
+        return block_mask_for(mask_mod, *groups.shape, groups.device)
 
     @cached_property
     def one_run_per_group(self) -> bool:
@@ -136,12 +133,8 @@ def dense_block_mask(dense: Tensor) -> BlockMask:
     Returns:
         The same mask as FlexAttention blocks.
     """
-    return block_mask_for(
-        lambda b, h, q, k: dense[b, 0, q, k],
-        dense.shape[0],
-        dense.shape[-1],
-        dense.device,
-    )
+    rows, n = dense.shape[0], dense.shape[-1]
+    return block_mask_for(lambda b, h, q, k: dense[b, 0, q, k], rows, n, dense.device)
 
 
 def flash_available() -> bool:
@@ -306,13 +299,8 @@ class Attention(nn.Module):
         Returns:
             `flash`, `flex` or `sdpa`.
         """
-        return choose_kernel(
-            self.backend,
-            q.device.type,
-            q.dtype,
-            mask,
-            flash_attn_func is not None,
-        )
+        installed = flash_attn_func is not None
+        return choose_kernel(self.backend, q.device.type, q.dtype, mask, installed)
 
     def heads_of(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, N, D] -> q, k, v: [B, H, N, Dh], QK-normed (before rotary positions).

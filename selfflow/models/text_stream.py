@@ -158,12 +158,8 @@ class TextStream(nn.Module):
         valid = text.valid.to(h.device)
         groups = data_groups(attn_mask, b, n, h.device)  # [B, N]
         views = int(groups.max().clamp_min(0)) + 1
-        text_index = torch.full(
-            (b, views * valid.shape[1]),
-            text_level,
-            dtype=torch.long,
-            device=h.device,
-        )
+        shape = (b, views * valid.shape[1])  # [B, G T]
+        text_index = torch.full(shape, text_level, dtype=torch.long, device=h.device)
         text_h = self.token_proj(text.x.to(h.device)).to(h.dtype).repeat(1, views, 1)  # [B, G T, D]
         mask = None
         if attn_mask is not None or not bool(valid.all()):

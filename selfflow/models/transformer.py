@@ -384,14 +384,8 @@ class SelfFlowTransformer(nn.Module):
             raise ValueError(
                 "text given to a model built without text conditioning (no 'text' token channels)",
             )
-        joined = self.text_stream.join(
-            h,
-            pos,
-            level_index,
-            attn_mask,
-            condition.text,
-            text_level=cond.shape[1],
-        )
+        text_level = cond.shape[1]  # the clean text entry is appended last
+        joined = self.text_stream.join(h, pos, level_index, attn_mask, condition.text, text_level)
         labels = condition.labels
         first_labels = None if labels is None else labels if labels.dim() == 1 else labels[:, 0]
         zero = torch.zeros(h.shape[0], 1, device=h.device)
