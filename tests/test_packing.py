@@ -7,6 +7,7 @@ from selfflow.data.packing import pack, plan_rows, unpack
 from selfflow.models.transformer import ModelOutput, SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokens import Condition, PackedTokens, TokenModalities, Tokens
+from selfflow.training.module import modality_token_counts
 from tests.helpers.models import randomize_zero_init
 
 CHANNELS = {"image": 12, "audio": 8, "video": 6}
@@ -247,9 +248,9 @@ def test_packed_attention_on_flash_varlen_matches_dense_sdpa():
 
 
 def test_the_model_the_loss_and_the_logs_share_the_batchs_modality_answer(monkeypatch):
-    """The model's projections and heads, the loss weights and the per-modality logs all ask the
-    batch which modality each token is: a batch that answers 'image only' turns the other
-    modalities' tokens off everywhere at once."""
+    """The model's projections and heads, the loss weights, the per-modality logs and the token
+    counts of training all ask the batch which modality each token is: a batch that answers 'image
+    only' turns the other modalities' tokens off everywhere at once."""
     net = model().train()
     objective = SelfFlowObjective(net, mask_ratio={"image": 0.25, "video": 0.1, "audio": 0.5})
     samples, labels = mixed_samples()
@@ -260,6 +261,8 @@ def test_the_model_the_loss_and_the_logs_share_the_batchs_modality_answer(monkey
     net.register_forward_hook(lambda m, args, out: velocities.append(out.velocity))
     out = objective(packed)
     assert set(out.per_modality) == {"image"}
+    image_tokens = int(packed.modality_masks["image"].sum())
+    assert modality_token_counts(packed) == {"image": image_tokens}  # the training logs too
     others = packed.valid & ~packed.modality_masks["image"]
     assert others.any() and torch.count_nonzero(velocities[0][others]) == 0  # no head ran there
     assert torch.count_nonzero(velocities[0][packed.modality_masks["image"]]) > 0
