@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -223,12 +223,10 @@ def extract_features(
             if blocks:
                 hidden.update(
                     model(
-                        x_t,
+                        replace(tokens, x=x_t),
                         t[:, None],
                         None,
-                        tokens.pos,
                         Condition(),
-                        tokens.modality,
                         attn_mask=padding_mask(tokens.valid),
                         hidden_layers=blocks,
                         stop_after=max(blocks),

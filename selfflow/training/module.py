@@ -262,8 +262,7 @@ class SelfFlowModule(L.LightningModule):
 
 
 def modality_token_counts(tokens: Tokens | PackedTokens) -> dict[str, int]:
-    """Data tokens of each modality in a batch (padding not counted)."""
-    if isinstance(tokens, PackedTokens):
-        return {m: int(sel.sum()) for m, sel in tokens.modality_masks.items()}
-    count = tokens.x.shape[0] * tokens.x.shape[1] if tokens.valid is None else int(tokens.valid.sum())
-    return {tokens.modality: count}
+    """Data tokens of each modality in a batch (padding not counted), as the batch answers."""
+    every = tokens.x.shape[0] * tokens.x.shape[1]  # a mask of None: every token of the batch
+    masks = tokens.modalities.masks.items()
+    return {m: every if sel is None else int(sel.sum()) for m, sel in masks}
