@@ -112,7 +112,7 @@ def _widened(sel: Tensor, value: Tensor | float) -> Tensor:
     return sel.view(*sel.shape, *[1] * extra)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PackedTokens:
     """Samples of possibly different modalities and lengths packed into R rows of N tokens.
 
