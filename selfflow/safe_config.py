@@ -29,6 +29,8 @@ STORED_TARGETS = frozenset(
         "selfflow.tokenizers.latent.VideoLatentTokenizer",
         "selfflow.tokenizers.latent.AudioLatentTokenizer",
         "selfflow.tokenizers.image_latent.ImageLatentTokenizer",
+        "selfflow.tokenizers.video_vae.VideoVaeTokenizer",
+        "selfflow.tokenizers.audio_vae.AudioVaeTokenizer",
         # the model and the objective around it
         "selfflow.models.transformer.SelfFlowTransformer",
         "selfflow.objectives.selfflow.SelfFlowObjective",

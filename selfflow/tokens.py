@@ -1,20 +1,22 @@
-"""The core types every stage shares: token batches of one modality (`Tokens`) or packed across modalities
-(`PackedTokens`), encoded captions (`TextTokens`), and the `Condition` that carries what a sample is generated from
-besides its noise level (class labels, text, size conditioning).
+"""The core types every stage shares: token batches of one modality (`Tokens`) or packed across
+modalities (`PackedTokens`), encoded captions (`TextTokens`), and the `Condition` that carries what
+a sample is generated from besides its noise level (class labels, text, size conditioning).
 
-Plain PyTorch and dataclasses, imported by every layer (data, tokenizers, models, objectives, sampling, training) and
-importing none of them.
+Plain PyTorch and dataclasses, imported by every layer (data, tokenizers, models, objectives,
+sampling, training) and importing none of them.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 
 import torch
 from torch import Tensor
 
 POSITION_AXES = ("t", "h", "w", "l")
-TEXT = "text"  # the modality name of caption tokens: they condition the model, they are never generated
+# the modality name of caption tokens: they condition the model, they are never generated
+TEXT = "text"
 NO_LABEL = -1  # a label that conditions on nothing: the model embeds its null class for it
 
 
@@ -42,13 +44,80 @@ class Tokens:
     def num_tokens(self) -> int:
         return self.x.shape[1]
 
+    @property
+    def modalities(self) -> TokenModalities:
+        """Which modality each token is: `modality`, every token of the batch."""
+        return TokenModalities(single=self.modality, masks={self.modality: self.valid})
 
-@dataclass
+    @property
+    def segment(self) -> Tensor:
+        """[B, N] long sample of each token in its row: 0, or -1 on padding (one sample a row)."""
+        return as_segments(self)
+
+    @property
+    def num_segments(self) -> int:
+        """S, the sample slots per row: one."""
+        return 1
+
+    @property
+    def sample_modalities(self) -> list[list[str]]:
+        """Row -> the modality of each of its samples: one sample a row."""
+        return [[self.modality]] * self.batch_size
+
+    @property
+    def channel_counts(self) -> None:
+        """Every token has all C channels (one modality): None, as in `PackedTokens`."""
+        return None
+
+
+@dataclass(frozen=True)
+class TokenModalities:
+    """Which modality each token of a batch is: the one answer that the model's input projections
+    and output heads, the objective's mask ratios, loss weights and channels, and the per-modality
+    logs share. A batch of one modality names it once; packed rows carry a mask per modality.
+
+    Attributes:
+        single: The modality of every token (padding included) of a one-modality batch; None for
+            packed rows.
+        masks: Modality -> [B, N] bool, True on its tokens, padding excluded; None in place of a
+            mask where that modality has every token of the batch (a one-modality batch without
+            padding).
+    """
+
+    single: str | None
+    masks: dict[str, Tensor | None]
+
+    def per_token(self, value: Callable[[str], Tensor | float]) -> Tensor | float:
+        """Each token's value of its own modality (zero on the padding of packed rows).
+
+        Args:
+            value: Modality -> its value: a number, or a [B, N, ...] tensor of which each token
+                takes its own row.
+
+        Returns:
+            `value(single)` for a one-modality batch; else [B, N, ...] with each token's value.
+        """
+        if self.single is not None:
+            return value(self.single)
+        total = 0
+        for name, sel in self.masks.items():
+            own = value(name)
+            total = total + torch.where(_widened(sel, own), own, 0)
+        return total
+
+
+def _widened(sel: Tensor, value: Tensor | float) -> Tensor:
+    """[B, N] bool with trailing axes to broadcast against `value`."""
+    extra = value.dim() - sel.dim() if isinstance(value, Tensor) else 0
+    return sel.view(*sel.shape, *[1] * extra)
+
+
+@dataclass(kw_only=True)
 class PackedTokens:
     """Samples of possibly different modalities and lengths packed into R rows of N tokens.
 
-    Token n of row r belongs to sample `segment[r, n]` of that row (-1 on padding). Channels differ per modality:
-    `x` holds each token's own channels first and zeros after them.
+    Token n of row r belongs to sample `segment[r, n]` of that row (-1 on padding). Channels differ
+    per modality: `x` holds each token's own channels first and zeros after them.
 
     Attributes:
         x: [R, N, C_max] token features, each token's own channels first and zeros after them.
@@ -68,7 +137,8 @@ class PackedTokens:
     segment_labels: Tensor  # [R, S] long (the null label on empty segment slots)
     segment_modality: list[list[str]]  # row -> the modality of each of its samples
     channels: dict[str, int]  # modality -> its token channels
-    order: list[list[int]] = field(default_factory=list)  # row -> indices of its samples in the packed input
+    # row -> indices of its samples in the packed input
+    order: list[list[int]] = field(default_factory=list)
 
     @property
     def valid(self) -> Tensor:
@@ -87,6 +157,21 @@ class PackedTokens:
     def num_tokens(self) -> int:
         return int(self.valid.sum())
 
+    @property
+    def modalities(self) -> TokenModalities:
+        """Which modality each token is: a mask per modality."""
+        return TokenModalities(single=None, masks=self.modality_masks)
+
+    @property
+    def sample_modalities(self) -> list[list[str]]:
+        """Row -> the modality of each of its samples."""
+        return self.segment_modality
+
+    @property
+    def channel_counts(self) -> Tensor:
+        """[R, N] long channels of each token's own modality (0 on padding)."""
+        return self.modalities.per_token(lambda name: self.channels[name])
+
 
 def as_segments(tokens: Tokens) -> Tensor:
     """[B, N] segment ids of an unpacked batch: every row is one sample (0), padding is -1.
@@ -104,7 +189,8 @@ def as_segments(tokens: Tokens) -> Tensor:
 
 @dataclass
 class TextTokens:
-    """A batch of encoded captions; rows with no valid token (and a zero pooled vector) are the null text.
+    """A batch of encoded captions; rows with no valid token (and a zero pooled vector) are the null
+    text.
 
     Attributes:
         x: [B, T, C] features of the frozen text encoder.
@@ -161,7 +247,11 @@ class TextTokens:
         Returns:
             [times * B, ...] captions.
         """
-        return TextTokens(self.x.repeat(times, 1, 1), self.valid.repeat(times, 1), self.pooled.repeat(times, 1))
+        return TextTokens(
+            self.x.repeat(times, 1, 1),
+            self.valid.repeat(times, 1),
+            self.pooled.repeat(times, 1),
+        )
 
     def select(self, rows) -> TextTokens:
         """Some rows of the batch.
@@ -195,20 +285,25 @@ class TextTokens:
         Returns:
             One batch with the rows of all of them.
         """
-        return TextTokens(*(torch.cat([getattr(b, name) for b in batches]) for name in ("x", "valid", "pooled")))
+        return TextTokens(
+            *(torch.cat([getattr(b, name) for b in batches]) for name in ("x", "valid", "pooled")),
+        )
 
 
 @dataclass
 class Condition:
-    """What a batch is conditioned on besides its noise level: one field per signal, None where absent.
+    """What a batch is conditioned on besides its noise level: one field per signal, None where
+    absent.
 
-    labels: [B] class ids, or [B, S] one per sample of a packed row; NO_LABEL (-1) conditions on nothing (the
-    model embeds its null class). text: the batch's encoded captions. sizes: [B, 6] size and crop conditioning of
-    multi-aspect models, a property of the sample that guidance never drops.
+    labels: [B] class ids, or [B, S] one per sample of a packed row; NO_LABEL (-1) conditions on
+    nothing (the model embeds its null class). text: the batch's encoded captions. sizes: [B, 6]
+    size and crop conditioning of multi-aspect models, a property of the sample that guidance never
+    drops.
 
-    `drop(rows)` replaces the droppable signals of some rows by their null (classifier-free guidance and its training
-    dropout), `null()` does it for every row, `repeat(k)` stacks the batch k times. A new conditioning signal is one
-    new field here (listed in DROPPABLE if guidance drops it) and its use in the model.
+    `drop(rows)` replaces the droppable signals of some rows by their null (classifier-free guidance
+    and its training dropout), `null()` does it for every row, `repeat(k)` stacks the batch k times.
+    A new conditioning signal is one new field here (listed in DROPPABLE if guidance drops it) and
+    its use in the model.
 
     Attributes:
         labels: [B] class ids, or [B, S] one per sample of a packed row; NO_LABEL (-1) is no class.
@@ -225,11 +320,10 @@ class Condition:
     @property
     def batch_size(self) -> int | None:
         present = [v for v in (self.labels, self.text, self.sizes) if v is not None]
-        return (
-            None
-            if not present
-            else (present[0].batch_size if isinstance(present[0], TextTokens) else present[0].shape[0])
-        )
+        if not present:
+            return None
+        first = present[0]
+        return first.batch_size if isinstance(first, TextTokens) else first.shape[0]
 
     def drop(self, rows: Tensor, only: str | None = None) -> Condition:
         """Some rows' droppable signals replaced by their null (guidance and its training dropout).
@@ -246,13 +340,19 @@ class Condition:
         """
         names = self.DROPPABLE if only is None else (only,)
         if only is not None and only not in self.DROPPABLE:
-            raise ValueError(f"Condition.drop(only={only!r}): droppable signals are {self.DROPPABLE}")
+            raise ValueError(
+                f"Condition.drop(only={only!r}): droppable signals are {self.DROPPABLE}",
+            )
         changes = {}
         if "labels" in names and self.labels is not None:
             rows_here = rows.to(self.labels.device)
             if rows_here.dim() < self.labels.dim():
                 rows_here = rows_here[:, None]
-            changes["labels"] = torch.where(rows_here, torch.full_like(self.labels, NO_LABEL), self.labels)
+            changes["labels"] = torch.where(
+                rows_here,
+                torch.full_like(self.labels, NO_LABEL),
+                self.labels,
+            )
         if "text" in names and self.text is not None:
             changes["text"] = self.text.drop(rows if rows.dim() == 1 else rows.any(dim=1))
         return replace(self, **changes)
@@ -300,7 +400,10 @@ class Condition:
         Returns:
             A condition of batch size `times * B`.
         """
-        return self.map(lambda t: t.repeat(times, *([1] * (t.dim() - 1))), lambda t: t.repeat(times))
+        return self.map(
+            lambda t: t.repeat(times, *([1] * (t.dim() - 1))),
+            lambda t: t.repeat(times),
+        )
 
     def select(self, rows) -> Condition:
         """Some rows of the batch.
@@ -346,5 +449,6 @@ class Condition:
             elif any(v is None for v in values):
                 raise ValueError(f"Condition.cat: {f.name} is present in some conditions only")
             else:
-                out[f.name] = TextTokens.cat(values) if isinstance(values[0], TextTokens) else torch.cat(values)
+                is_text = isinstance(values[0], TextTokens)
+                out[f.name] = TextTokens.cat(values) if is_text else torch.cat(values)
         return Condition(**out)

@@ -1,7 +1,8 @@
-"""FlexAttention (block-sparse) against SDPA with the dense mask, the kernel choice, and the block-mask cache.
+"""FlexAttention (block-sparse) against SDPA with the dense mask, the kernel choice, and the
+block-mask cache.
 
-FlexAttention has no backward on CPU (PyTorch 2.11 to 2.14), so CPU tests compare forwards; the gradient comparison is
-GPU-marked.
+FlexAttention has no backward on CPU (PyTorch 2.11 to 2.14), so CPU tests compare forwards; the
+gradient comparison is GPU-marked.
 """
 
 import pytest
@@ -22,14 +23,16 @@ def packed_groups() -> torch.Tensor:
 
 
 def separation_groups() -> torch.Tensor:
-    """The attention-separation ablation: each token in its noise group (0 or 1, scattered), padding at the end."""
+    """The attention-separation ablation: each token in its noise group (0 or 1, scattered), padding
+    at the end."""
     groups = (torch.rand(2, N, generator=torch.Generator().manual_seed(3)) < 0.25).long()
     groups[0, 90:] = -1
     return groups
 
 
 def text_like_mask() -> GroupMask:
-    """Data tokens in two packed samples, then text tokens shared by every group; padding in both parts."""
+    """Data tokens in two packed samples, then text tokens shared by every group; padding in both
+    parts."""
     groups = torch.cat([packed_groups()[:, :80], torch.zeros(2, 20, dtype=torch.long)], dim=1)
     groups[0, 95:] = -1  # text padding
     shared = torch.zeros(2, N, dtype=torch.bool)
@@ -47,7 +50,9 @@ def attention_pair() -> tuple[Attention, Attention]:
 
 def valid_queries(mask) -> torch.Tensor:
     """[B, N] bool: queries whose output means something (a query on padding is irrelevant)."""
-    return mask.groups >= 0 if isinstance(mask, GroupMask) else torch.ones(mask.shape[0], N, dtype=torch.bool)
+    if isinstance(mask, GroupMask):
+        return mask.groups >= 0
+    return torch.ones(mask.shape[0], N, dtype=torch.bool)
 
 
 @pytest.mark.parametrize(
@@ -86,30 +91,59 @@ def test_padding_is_never_a_key_and_a_padding_query_gets_a_finite_output():
 
 
 def test_group_mask_dense_form_of_shared_tokens():
-    groups = torch.tensor([[0, 0, 1, -1, 7, -1]])  # two groups, data padding, a text token, text padding
+    groups = torch.tensor(
+        [[0, 0, 1, -1, 7, -1]],
+    )  # two groups, data padding, a text token, text padding
     shared = torch.tensor([[False, False, False, False, True, True]])
     dense = GroupMask(groups, shared=shared).dense[0, 0]
-    assert dense[0].tolist() == [True, True, False, False, True, False]  # own group and the valid text token
-    assert dense[4].tolist() == [True, True, True, False, True, False]  # text sees every valid token
-    assert dense[3].tolist() == [False, False, False, True, False, True]  # padding sees padding only
+    assert dense[0].tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        False,
+    ]  # own group and the valid text token
+    assert dense[4].tolist() == [
+        True,
+        True,
+        True,
+        False,
+        True,
+        False,
+    ]  # text sees every valid token
+    assert dense[3].tolist() == [
+        False,
+        False,
+        False,
+        True,
+        False,
+        True,
+    ]  # padding sees padding only
     assert not GroupMask(groups, contiguous=True, shared=shared).fits_varlen
 
 
 def test_model_forward_with_flex_equals_sdpa_and_builds_one_block_mask_per_mask(monkeypatch):
     built = []
     create = attention_module.create_block_mask
-    monkeypatch.setattr(attention_module, "create_block_mask", lambda *a, **kw: built.append(1) or create(*a, **kw))
+    monkeypatch.setattr(
+        attention_module,
+        "create_block_mask",
+        lambda *a, **kw: built.append(1) or create(*a, **kw),
+    )
     tokens, labels = inputs(batch=2)
     levels, index = torch.rand(2, 2), (torch.rand(2, 16) < 0.25).long()
-    for groups in (torch.tensor([[0] * 6 + [1] * 7 + [-1] * 3, [0] * 16]), torch.where(index.bool(), 1, 0)):
+    for groups in (
+        torch.tensor([[0] * 6 + [1] * 7 + [-1] * 3, [0] * 16]),
+        torch.where(index.bool(), 1, 0),
+    ):
         outs = []
         for backend in ("flex", "sdpa"):
             model = tiny_model(attention=backend, width=32, depth=3)
             randomize_zero_init(model)
             with torch.no_grad():
-                outs.append(
-                    model(tokens.x, levels, index, tokens.pos, labels, "image", attn_mask=GroupMask(groups)).velocity
-                )
+                out = model(tokens, levels, index, labels, attn_mask=GroupMask(groups))
+                outs.append(out.velocity)
         valid = groups >= 0
         torch.testing.assert_close(outs[0][valid], outs[1][valid], rtol=1e-5, atol=1e-5)
     assert len(built) == 2  # one block mask per mask object, reused by the model's 3 blocks
@@ -123,7 +157,8 @@ def test_auto_picks_flex_for_masked_attention_on_cuda_only():
     assert choose_kernel("auto", "cuda", bf16, dense, flash_installed=False) == "flex"
     assert choose_kernel("auto", "cuda", bf16, None, flash_installed=False) == "sdpa"
     assert choose_kernel("auto", "cuda", bf16, packed, flash_installed=True) == "flash"
-    assert choose_kernel("auto", "cuda", bf16, GroupMask(separation_groups()), flash_installed=True) == "flex"
+    separation = GroupMask(separation_groups())
+    assert choose_kernel("auto", "cuda", bf16, separation, flash_installed=True) == "flex"
     assert choose_kernel("sdpa", "cuda", bf16, packed, flash_installed=False) == "sdpa"
     assert choose_kernel("flex", "cpu", torch.float32, packed, flash_installed=False) == "flex"
     assert choose_kernel("flex", "cpu", torch.float32, None, flash_installed=False) == "sdpa"
@@ -138,7 +173,11 @@ def test_flex_on_cpu_refuses_training_with_a_message_naming_the_option():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("groups", [packed_groups(), separation_groups()], ids=["packed_rows", "separation_ablation"])
+@pytest.mark.parametrize(
+    "groups",
+    [packed_groups(), separation_groups()],
+    ids=["packed_rows", "separation_ablation"],
+)
 def test_compiled_flex_attention_matches_sdpa_forward_and_gradients_on_gpu(groups):
     flex, sdpa = (module.cuda() for module in attention_pair())
     mask = GroupMask(groups.cuda())

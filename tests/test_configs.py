@@ -85,6 +85,23 @@ def test_model_base_takes_any_size_and_names_the_missing_ones(tiny_train_cfg, tm
     validate_config(tiny_train_cfg("model=base", "model.depth=3", "model.width=48", "model.heads=3"))
 
 
+def test_the_data_configs_share_one_base_that_is_not_a_data_option():
+    """The data module wrapper and the bad-file key are written once (conf/data_base), not in each
+    data config."""
+    texts = {path: path.read_text() for path in CONF.rglob("*.yaml")}
+    wrapper = "_target_: selfflow.training.datamodule.SelfFlowDataModule"
+    wrappers = [p.name for p, text in texts.items() if wrapper in text]
+    policies = [p.name for p, text in texts.items() if "on_bad_file: ${..on_bad_file}" in text]
+    assert wrappers == ["module.yaml"] and policies == ["files.yaml"]
+    assert "module" not in options("data") and "files" not in options("data")
+    composed = [compose_plain([f"data={name}"], Path("/run")).data for name in options("data")]
+    targets = {data._target_ for data in composed}
+    assert targets == {  # every data config builds one through its base, the mixture aside
+        "selfflow.training.datamodule.SelfFlowDataModule",
+        "selfflow.training.mixture.MixtureDataModule",
+    }
+
+
 def test_no_data_config_mirrors_a_train_split():
     for path in sorted((CONF / "data").glob("*.yaml")):
         text = path.read_text()
@@ -101,8 +118,10 @@ def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
             wanted.append(f"data.root={tmp_path / 'nothing'}")
         if has_captions(cfg.data) and "text" not in cfg.tokenizer:
             wanted.append("tokenizer=[image_pixels,video_tubelets,audio_mel,text_minilm]")
-        if "LatentCache" in str(OmegaConf.select(cfg, "data.dataset._target_")) and "vae" not in cfg.tokenizer.image:
-            wanted.append("tokenizer=image_sdvae")
+        cached = cfg.data.get("modality")  # a latent cache needs the VAE tokenizer of its modality
+        latent = "LatentCache" in str(OmegaConf.select(cfg, "data.dataset._target_"))
+        if latent and "vae" not in cfg.tokenizer[cached]:
+            wanted.append("tokenizer=" + {"image": "image_sdvae"}.get(cached, f"{cached}_vae"))
         for modality, spec in cfg.tokenizer.items():
             wanted += [
                 f"tokenizer.{modality}.{key}={tmp_path / 'none'}"
@@ -381,8 +400,10 @@ def config_key_paths() -> dict[str, str | None]:
         for item in node.get("defaults") or []:
             if isinstance(item, str) and "@" in item:  # option@package: its keys under the package
                 option, package = item.split("@")
-                placed = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
-                walk(placed, f"{prefix}.{package}", group)
+                where = CONF / (option[1:] if option.startswith("/") else f"{group}/{option}")
+                placed = yaml.safe_load(where.with_suffix(".yaml").read_text())
+                here = prefix if package == "_here_" else f"{prefix}.{package}"  # _here_: this node
+                walk(placed, here, where.parent.relative_to(CONF).as_posix())
         for key, value in node.items():
             if key != "defaults":
                 walk(value, f"{prefix}.{key}" if prefix else str(key), group)

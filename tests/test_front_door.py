@@ -33,6 +33,38 @@ def test_every_console_script_prints_its_help(script, tmp_path):
     assert list(tmp_path.iterdir()) == []  # --help writes nothing
 
 
+FILE_TOOLS = {"selfflow-export", "selfflow-shards", "selfflow-doctor"}  # flags; the rest: Hydra key=value
+
+
+def test_every_command_is_a_hydra_job_or_a_file_tool_that_takes_flags():
+    """The rule of docs/architecture.md ("Command style"): job commands are Hydra apps with their
+    own conf/<name>.yaml; only the file tools parse flags."""
+    import re
+    from pathlib import Path
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    for entry in entry_points(group="console_scripts"):
+        if not entry.name.startswith("selfflow-"):
+            continue
+        source = Path(sys.modules[entry.load().__module__].__file__).read_text()
+        config = re.search(r'config_name="(\w+)"', source)
+        if entry.name in FILE_TOOLS:
+            assert "import argparse" in source and config is None, entry.name
+        else:
+            assert "argparse" not in source and config and (conf / f"{config[1]}.yaml").is_file(), entry.name
+
+
+@pytest.mark.parametrize("config", ["reference", "prompt_following"])
+def test_a_job_command_comments_every_key_of_its_config(config):
+    from pathlib import Path
+
+    from selfflow.cli.config_help import key_comments
+
+    text = (Path(__file__).resolve().parents[1] / "conf" / f"{config}.yaml").read_text()
+    own = [(key, what) for key, what in key_comments(text) if "." not in key]
+    assert len(own) >= 8 and [key for key, what in own if not what] == []
+
+
 def test_the_console_scripts_include_the_doctor_and_the_cache():
     assert {"selfflow-doctor", "selfflow-cache", "selfflow-train", "selfflow-sample"} <= set(SCRIPTS)
 

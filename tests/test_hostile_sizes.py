@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-from selfflow.data.pretrained import check_part
 from selfflow.interop.checkpoint import load_checkpoint
 from selfflow.interop.export import EXPORT_CONFIG, export_weights
 from selfflow.io.sizes import FileSizeError, bounded_bytes, bounded_size
 from selfflow.tokenizers.latent import AudioLatentTokenizer
+from selfflow.tokenizers.pretrained import check_part
 from tests.helpers.hostile import (
     PlainAutoencoder,
     assert_one_line_exit_2,

@@ -7,7 +7,7 @@ import pytest
 import torch
 from einops import rearrange
 
-from selfflow.data.vae_folder import vae_fingerprint
+from selfflow.io.model_folders import vae_fingerprint
 from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 from tests.helpers.files import write_tiny_vae
 

@@ -14,7 +14,7 @@ from selfflow.interop.official import (
     time_flip_matrix,
 )
 from selfflow.models.embeddings import sinusoidal_embedding
-from selfflow.tokens import Condition
+from selfflow.tokens import Condition, Tokens
 from tests.helpers.released import (
     DEPTH,
     GRID,
@@ -163,9 +163,8 @@ def test_save_official_loads_strictly_into_the_released_layout_and_computes_the_
         assert ours.abs().mean() > 0.1
         torch.testing.assert_close(released(x, t, y), ours, atol=2e-5, rtol=1e-5)
         index = torch.arange(GRID * GRID).expand(3, -1)
-        torch.testing.assert_close(
-            released(x, levels, y), model(x, levels, index, pos, Condition(y), "image").velocity, atol=2e-5, rtol=1e-5
-        )
+        ours = model(Tokens(x, pos, "image"), levels, index, Condition(y)).velocity
+        torch.testing.assert_close(released(x, levels, y), ours, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(
             released.projector.linear2(F.silu(released.projector.linear1(x.new_ones(WIDTH)))), head(x.new_ones(WIDTH))
         )

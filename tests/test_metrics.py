@@ -117,11 +117,46 @@ def test_feature_accumulator_ignores_labels_outside_the_classifier(digits_classi
     assert accumulator.labelled == 1 and accumulator.stats().mean.shape == (32,)
 
 
+def reference_config(*overrides: str):
+    """conf/reference.yaml composed with `overrides`, as selfflow-reference composes it."""
+    from tests.helpers.configs import compose
+
+    return compose("reference", list(overrides))
+
+
+def test_the_reference_config_builds_on_the_training_data_and_keeps_its_own_keys_apart():
+    from selfflow.cli.reference import single_modality_data, training_overrides
+
+    default = reference_config("out=ref")
+    digits = "selfflow.data.builtin.digits.DigitImages"
+    assert single_modality_data(default).dataset._target_ == digits  # experiment=digits
+    assert (default.epochs, default.width, default.batch_size, default.lr) == (15, 16, 32, 2e-3)
+    assert default.seed == 0
+    assert (default.video_frames, default.device) == ("stacked", "auto")
+    audio = reference_config("out=ref", "experiment=audio_digits", "data.dataset.takes=3")
+    assert audio.data.modality == "audio" and audio.data.dataset.takes == 3
+    folder = reference_config("out=ref", "data=image_folder", "data.root=DIR", "data.batch_size=9")
+    assert folder.data.root == "DIR" and folder.data.batch_size == 9
+    assert folder.data.modality == "image"
+    line = ["out=ref", "epochs=2", "experiment=video_digits", "video_frames=each", "data.seed=1"]
+    assert training_overrides(line) == ["experiment=video_digits", "data.seed=1"]
+    with pytest.raises(ValueError, match="one modality"):
+        single_modality_data(reference_config("out=ref", "experiment=multimodal_digits"))
+
+
+def test_selfflow_reference_needs_out_before_it_reads_any_data():
+    from selfflow.cli.reference import train_reference
+
+    with pytest.raises(ValueError, match=r"out=\.\.\. is required"):
+        train_reference(reference_config("data=image_folder", "data.root=/nonexistent"), [])
+
+
 @pytest.mark.slow
 def test_selfflow_reference_writes_a_loadable_classifier(tmp_path):
-    from selfflow.cli.reference import main
+    from selfflow.cli.reference import train_reference
 
-    record = main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "data.dataset.image_size=8"])
+    keys = [f"out={tmp_path / 'ref'}", "epochs=1", "width=4"]
+    record = train_reference(reference_config(*keys, "data.dataset.image_size=8"), [])
     assert 0 <= record["test_accuracy"] <= 1 and record["num_test"] == 270
     model = load_reference_classifier(tmp_path / "ref")
     assert isinstance(model, ReferenceCNN) and model.image_size == 8 and model.feature_dim == 16
@@ -129,15 +164,39 @@ def test_selfflow_reference_writes_a_loadable_classifier(tmp_path):
 
 @pytest.mark.slow
 def test_selfflow_reference_reads_each_frame_of_a_clip_when_asked(tmp_path):
-    from selfflow.cli.reference import main
+    from selfflow.cli.reference import train_reference
     from selfflow.evaluation.reference_classifier import EachFrame
 
     sizes = ["data.dataset.clips_train=16", "data.dataset.clips_test=8", f"paths.cache_dir={tmp_path / 'cache'}"]
-    main(["--out", str(tmp_path / "ref"), "--epochs", "1", "--width", "4", "--video-frames", "each",
-          "experiment=video_digits", *sizes])  # fmt: skip
+    keys = [f"out={tmp_path / 'ref'}", "epochs=1", "width=4", "video_frames=each"]
+    train_reference(reference_config(*keys, "experiment=video_digits", *sizes), [])
     model = load_reference_classifier(tmp_path / "ref")
     assert isinstance(model.front, EachFrame) and model.channels == 1 and model.modality == "video"
     assert model.logits(torch.rand(2, 8, 1, 16, 16)).shape == (2, model.num_classes)
+
+
+@pytest.mark.slow
+def test_the_selfflow_reference_command_takes_key_value_overrides_and_writes_only_out(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    script = os.path.join(os.path.dirname(sys.executable), "selfflow-reference")
+    line = ["out=ref", "epochs=1", "width=4", "data.dataset.image_size=8"]
+
+    def run(*args: str):
+        return subprocess.run([script, *args], cwd=tmp_path, capture_output=True, text=True)
+
+    result = run(*line)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = json.loads(result.stdout.splitlines()[-1])
+    assert record["out"] == str((tmp_path / "ref").resolve())
+    assert record["data"] == "data.dataset.image_size=8"  # the training overrides, not the keys
+    assert json.loads((tmp_path / "ref" / "config.json").read_text())["data"] == record["data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref"]  # no .hydra/, no log file
+    bad = run("out=ref", "epoch=1")
+    assert bad.returncode == 2
+    assert "epoch is not a config key (typo?); did you mean epochs?" in bad.stderr
 
 
 class Tones(torch.utils.data.Dataset):

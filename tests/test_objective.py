@@ -27,7 +27,10 @@ class Recorder:
 
     def __init__(self, module):
         self.calls = []
-        module.register_forward_pre_hook(lambda m, args, kwargs: self.calls.append((args, kwargs)), with_kwargs=True)
+        module.register_forward_pre_hook(
+            lambda m, args, kwargs: self.calls.append((args, kwargs)),
+            with_kwargs=True,
+        )
 
 
 def test_default_layers_match_the_paper_at_xl_depth():
@@ -42,14 +45,20 @@ def test_vanilla_settings_give_plain_flow_matching():
     out = objective(tokens, labels)
     assert out.loss_rep is None and objective.head is None
     assert len(student.calls) == 1 and len(teacher.calls) == 0  # no teacher forward at all
-    (x_t, levels, index, pos, condition, modality), _ = student.calls[0]
+    (noised, levels, index, condition), _ = student.calls[0]
+    x_t = noised.x
     per_token = torch.gather(levels, 1, index)
     assert torch.all(per_token == per_token[:, :1])  # one level per sample
     t = per_token[..., None]
     x1 = (x_t - (1 - t) * tokens.x) / t  # recover the noise from the student's input
     with torch.no_grad():
-        velocity = objective.model(x_t, levels, index, pos, condition, modality).velocity
-    torch.testing.assert_close(out.loss, ((velocity - (x1 - tokens.x)) ** 2).mean(), rtol=1e-4, atol=1e-5)
+        velocity = objective.model(noised, levels, index, condition).velocity
+    torch.testing.assert_close(
+        out.loss,
+        ((velocity - (x1 - tokens.x)) ** 2).mean(),
+        rtol=1e-4,
+        atol=1e-5,
+    )
     torch.testing.assert_close(out.loss, out.loss_flow)
 
 
@@ -58,11 +67,13 @@ def test_teacher_sees_the_cleaner_view_of_the_same_sample_and_noise():
     student, teacher = Recorder(objective.model), Recorder(objective.teacher.module)
     tokens, labels = batch(16)
     out = objective(tokens, labels)
-    (x_t, levels, index, _, student_condition, _), _ = student.calls[0]
-    (teacher_x, teacher_levels, teacher_index, _, teacher_condition, _), teacher_kwargs = teacher.calls[0]
+    (student_tokens, levels, index, student_condition), _ = student.calls[0]
+    teacher_args, teacher_kwargs = teacher.calls[0]
+    teacher_tokens, teacher_levels, teacher_index, teacher_condition = teacher_args
+    x_t, teacher_x = student_tokens.x, teacher_tokens.x
     per_token = torch.gather(levels, 1, index)  # [B, N]
     assert torch.all(index.sum(dim=1) == 4)  # 25% of 16 tokens
-    assert teacher_index is None and teacher_levels.shape == (16, 1)
+    assert torch.all(teacher_index == 0) and teacher_levels.shape == (16, 1)  # one level a sample
     assert torch.all(teacher_levels <= per_token)  # never noisier than the student on any token
     torch.testing.assert_close(teacher_levels[:, 0], levels.min(dim=1).values)
     # one shared noise draw: the teacher input lies on the same straight path as the student's
@@ -70,12 +81,14 @@ def test_teacher_sees_the_cleaner_view_of_the_same_sample_and_noise():
     x1 = (x_t - (1 - t) * tokens.x) / t
     tt = teacher_levels[..., None]
     torch.testing.assert_close(teacher_x, (1 - tt) * tokens.x + tt * x1, rtol=1e-4, atol=1e-4)
-    # the same condition (labels per sample, one dropout draw) for both views, expanded to each view's levels
+    # the same condition (labels per sample, one dropout draw) for both views, expanded to each
+    # view's levels
     assert student_condition is teacher_condition and student_condition.labels.shape == (16, 1)
     student_ids = objective.model.label_ids(student_condition.labels, levels)
     teacher_ids = objective.model.label_ids(teacher_condition.labels, teacher_levels)
     assert student_ids.shape == (16, 1) and torch.equal(student_ids[:, 0], teacher_ids[:, 0])
-    assert (student_ids == 10).any() and (student_ids != 10).any()  # some labels dropped to the null class
+    dropped = student_ids == 10  # some labels dropped to the null class, not all
+    assert dropped.any() and not dropped.all()
     assert teacher_kwargs["stop_after"] == objective.teacher_layer == 3
     torch.testing.assert_close(out.loss, out.loss_flow + 0.8 * out.loss_rep)
     assert 0 <= out.loss_rep <= 2

@@ -6,8 +6,14 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from selfflow.cli.prompt_following import main as run_cli
+from selfflow.cli.prompt_following import prompt_following, prompt_specs
 from selfflow.evaluation import prompt_following as tool
+from tests.helpers.configs import compose
+
+
+def run_cli(*overrides: str) -> dict:
+    """selfflow-prompt-following with these key=value overrides (conf/prompt_following.yaml)."""
+    return prompt_following(compose("prompt_following", list(overrides)))
 
 
 def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class():
@@ -33,6 +39,37 @@ def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class()
     assert summary == {"accuracy": 0.5, "chance": 0.1, "accuracy_seen_phrasings": 1.0, "accuracy_unseen_phrasings": 0.0}
 
 
+def test_the_config_takes_one_prompt_or_a_list_and_names_what_is_missing():
+    assert prompt_specs(compose("prompt_following", []).prompt) == []  # null: the default prompts
+    one = compose("prompt_following", ["prompt='a handwritten four=4'"])
+    assert prompt_specs(one.prompt) == ["a handwritten four=4"]
+    many = compose("prompt_following", ["prompt=['a handwritten four=4','the digit 7=7']"])
+    assert prompt_specs(many.prompt) == ["a handwritten four=4", "the digit 7=7"]
+    defaults = compose("prompt_following", [])
+    assert (defaults.per_prompt, defaults.steps, defaults.cfg_scale) == (16, 25, 3.0)
+    with pytest.raises(ValueError, match=r"reference=\.\.\. is required"):
+        prompt_following(compose("prompt_following", ["ckpt=run.ckpt", "out=out"]))
+
+
+def test_the_vae_key_reaches_the_checkpoint_loader(tmp_path, monkeypatch):
+    """vae= names a latent model's VAE as for selfflow-sample (the path a checkpoint stores is never
+    loaded)."""
+    import selfflow.interop.checkpoint as checkpoint
+    from selfflow.evaluation.reference_classifier import ReferenceCNN
+
+    seen = {}
+
+    def loader(path, weights="ema", vae=None):
+        seen.update(path=path, vae=vae)
+        raise LookupError("loaded")
+
+    monkeypatch.setattr(checkpoint, "load_checkpoint", loader)
+    ReferenceCNN(10, channels=1, image_size=16, width=4).save(tmp_path / "ref")
+    with pytest.raises(LookupError, match="loaded"):
+        run_cli("ckpt=run.ckpt", f"reference={tmp_path / 'ref'}", "out=o", "vae={image: /vae}")
+    assert seen == {"path": Path("run.ckpt"), "vae": {"image": "/vae"}}
+
+
 @pytest.mark.slow
 def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     from selfflow.evaluation.reference_classifier import ReferenceCNN
@@ -42,22 +79,12 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     )
     ReferenceCNN(10, channels=1, image_size=16, width=4).save(tmp_path / "ref")
     report = run_cli(
-        [
-            "--ckpt",
-            str(ckpt),
-            "--reference",
-            str(tmp_path / "ref"),
-            "--out",
-            str(tmp_path / "out"),
-            "--prompt",
-            "a handwritten four=4",
-            "--prompt",
-            "the digit 7=7",
-            "--per-prompt",
-            "3",
-            "--steps",
-            "2",
-        ]
+        f"ckpt={ckpt}",
+        f"reference={tmp_path / 'ref'}",
+        f"out={tmp_path / 'out'}",
+        "prompt=['a handwritten four=4','the digit 7=7']",
+        "per_prompt=3",
+        "steps=2",
     )
     saved = json.loads((tmp_path / "out" / "prompt_following.json").read_text())
     assert saved == report and [p["prompt"] for p in saved["prompts"]] == ["a handwritten four", "the digit 7"]
@@ -97,20 +124,8 @@ def test_a_text_to_audio_run_is_judged_by_an_audio_reference(tiny_train_cfg, tmp
     ReferenceCNN(10, channels=1, image_size=16, width=4, audio={"sample_rate": 8000, "num_samples": 8000}).save(
         tmp_path / "ref"
     )
-    report = run_cli(
-        [
-            "--ckpt",
-            str(ckpt),
-            "--reference",
-            str(tmp_path / "ref"),
-            "--out",
-            str(tmp_path / "out"),
-            "--per-prompt",
-            "2",
-            "--steps",
-            "2",
-        ]
-    )
+    files = [f"ckpt={ckpt}", f"reference={tmp_path / 'ref'}", f"out={tmp_path / 'out'}"]
+    report = run_cli(*files, "per_prompt=2", "steps=2")
     assert len(report["prompts"]) == 40 and report["prompts"][0]["prompt"] == "a voice saying zero"
     assert all(len(row["predicted"]) == 2 for row in report["prompts"])
     assert Image.open(tmp_path / "out" / "prompt_grid.png").size[0] > 400  # one spectrogram per prompt

@@ -1,4 +1,5 @@
-"""Text conditioning: local frozen encoders, joint attention, caption dropout, QK-norm, timestep shifts, refinement."""
+"""Text conditioning: local frozen encoders, joint attention, caption dropout, QK-norm, timestep
+shifts, refinement."""
 
 from __future__ import annotations
 
@@ -8,19 +9,22 @@ from torch import nn
 
 from selfflow.flow.dual_timestep import DualTimestepScheduler
 from selfflow.flow.timesteps import LogitNormal, ModeSampling, Uniform, shift_levels
+from selfflow.models.layers import TransformerBlock
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.sampling.generate import GuidedVelocity, NoiseSource, sample_tokens
 from selfflow.sampling.refine import refine_tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
 from selfflow.tokenizers.text import FrozenTextEncoder, TextTokenizer
-from selfflow.tokens import NO_LABEL, Condition, TextTokens
+from selfflow.tokens import NO_LABEL, Condition, TextTokens, Tokens
 
-WORDS = ["[PAD]", "[UNK]", "a", "handwritten", "digit", "the", "number", "seven", "four", "one", "two", "three"]
+WORDS = ["[PAD]", "[UNK]", "a", "handwritten", "digit", "the", "number"]
+WORDS += ["seven", "four", "one", "two", "three"]
 
 
 def save_tiny_encoder(folder, kind: str, width: int = 16):
-    """A randomly initialised T5 encoder, CLIP text model or BERT with a word-level vocabulary, saved locally."""
+    """A randomly initialised T5 encoder, CLIP text model or BERT with a word-level vocabulary,
+    saved locally."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -33,7 +37,14 @@ def save_tiny_encoder(folder, kind: str, width: int = 16):
     torch.manual_seed(0)
     if kind == "t5":
         model = transformers.T5EncoderModel(
-            transformers.T5Config(vocab_size=len(WORDS), d_model=width, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
+            transformers.T5Config(
+                vocab_size=len(WORDS),
+                d_model=width,
+                d_kv=8,
+                d_ff=32,
+                num_layers=1,
+                num_heads=2,
+            )
         )
     elif kind == "clip":
         model = transformers.CLIPTextModel(
@@ -76,8 +87,10 @@ def test_any_local_encoder_gives_token_features_a_mask_and_a_pooled_vector(encod
     assert text.x.shape == (2, 3, 16) and text.pooled.shape == (2, 16)
     assert text.valid.tolist() == [[True, True, True], [True, False, False]]
     assert torch.count_nonzero(text.x[1, 1:]) == 0  # padding rows are zero
-    assert text.pos[0, :, 3].tolist() == [0, 1, 2] and text.pos[..., :3].abs().sum() == 0  # ids (0, 0, 0, l)
-    assert list(tokenizer.state_dict()) == [] and list(tokenizer.parameters()) == []  # frozen, not checkpointed
+    assert text.pos[0, :, 3].tolist() == [0, 1, 2]  # ids (0, 0, 0, l)
+    assert text.pos[..., :3].abs().sum() == 0
+    # frozen, not checkpointed
+    assert list(tokenizer.state_dict()) == [] and list(tokenizer.parameters()) == []
     if kind != "clip":  # sentence vector = masked mean of the token features
         torch.testing.assert_close(text.pooled[0], text.x[0].mean(0))
 
@@ -92,7 +105,10 @@ def test_two_encoders_are_concatenated_along_channels(encoders):
 
 
 def test_a_missing_encoder_folder_is_named_and_never_downloaded(tmp_path):
-    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'nope'} does not exist.*tokenizer.text.path"):
+    with pytest.raises(
+        FileNotFoundError,
+        match=rf"{tmp_path / 'nope'} does not exist.*tokenizer.text.path",
+    ):
         TextTokenizer(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="has no config.json"):
@@ -120,7 +136,10 @@ def tiny_text_model(text_channels=16, **kwargs) -> SelfFlowTransformer:
         {"image": 12, "text": text_channels}, width=32, depth=3, heads=2, num_classes=0, **kwargs
     )
     torch.manual_seed(1)
-    for name, p in model.named_parameters():  # leave adaLN-Zero so that outputs depend on everything
+    for (
+        name,
+        p,
+    ) in model.named_parameters():  # leave adaLN-Zero so that outputs depend on everything
         if "adaLN_modulation" in name or "final_layers" in name or "pooled_proj" in name:
             nn.init.normal_(p, std=0.2)
     return model
@@ -134,7 +153,11 @@ def image_tokens(batch=2):
 def random_text(batch=2, length=5, channels=16, lengths=(3, 5)) -> TextTokens:
     torch.manual_seed(2)
     valid = torch.arange(length)[None] < torch.tensor(lengths)[:, None]
-    return TextTokens(torch.randn(batch, length, channels) * valid[..., None], valid, torch.randn(batch, channels))
+    return TextTokens(
+        torch.randn(batch, length, channels) * valid[..., None],
+        valid,
+        torch.randn(batch, channels),
+    )
 
 
 def test_without_text_the_model_is_the_text_free_model_bit_for_bit():
@@ -145,19 +168,23 @@ def test_without_text_the_model_is_the_text_free_model_bit_for_bit():
     assert not any("text" in k or "size" in k for k in plain.state_dict())
     for a, b in zip(plain.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
-    with_text = SelfFlowTransformer({"image": 12, "text": 16}, width=32, depth=3, heads=2, num_classes=10)
+    with_text = SelfFlowTransformer(
+        {"image": 12, "text": 16},
+        width=32,
+        depth=3,
+        heads=2,
+        num_classes=10,
+    )
     with_text.load_state_dict(plain.state_dict(), strict=False)
     for p in plain.parameters():
         nn.init.normal_(p, std=0.1) if p.dim() > 1 else None
     with_text.load_state_dict(plain.state_dict(), strict=False)
     tokens = image_tokens(3)
     args = (
-        tokens.x,
+        tokens,
         torch.rand(3, 2),
         torch.randint(0, 2, (3, 16)),
-        tokens.pos,
         Condition(labels=torch.tensor([1, 5, 10])),
-        "image",
     )
     assert torch.equal(plain(*args).velocity, with_text(*args).velocity)
 
@@ -167,19 +194,23 @@ def test_text_tokens_join_attention_but_only_data_tokens_come_out():
     tokens, text = image_tokens(), random_text()
     levels, index = torch.rand(2, 2), torch.randint(0, 2, (2, 16))
     labels = torch.zeros(2, dtype=torch.long)
-    out = model(tokens.x, levels, index, tokens.pos, Condition(labels, text), "image", hidden_layers=(1, 2))
+    out = model(tokens, levels, index, Condition(labels, text), hidden_layers=(1, 2))
     assert out.velocity.shape == (2, 16, 12) and out.hidden[2].shape == (2, 16, 32)
-    null = model(tokens.x, levels, index, tokens.pos, Condition(labels, text.null()), "image")
-    assert not torch.allclose(out.velocity, null.velocity)  # the caption changes the data tokens' output
+    null = model(tokens, levels, index, Condition(labels, text.null()))
+    assert not torch.allclose(
+        out.velocity,
+        null.velocity,
+    )  # the caption changes the data tokens' output
     padded = TextTokens(text.x.clone(), text.valid, text.pooled)
     padded.x[0, 3:] = 100.0  # features behind the padding mask
-    again = model(tokens.x, levels, index, tokens.pos, Condition(labels, padded), "image")
+    again = model(tokens, levels, index, Condition(labels, padded))
     torch.testing.assert_close(again.velocity, out.velocity)
 
 
 @pytest.mark.parametrize("with_text", [True, False])
 def test_padding_is_never_attended_to(with_text):
-    """Padded data tokens (and padded text tokens) can hold anything: every valid output stays the same."""
+    """Padded data tokens (and padded text tokens) can hold anything: every valid output stays the
+    same."""
     model = tiny_text_model(text_stream_blocks=1)
     tokens, text = image_tokens(), random_text()
     valid = torch.ones(2, 16, dtype=torch.bool)
@@ -189,7 +220,8 @@ def test_padding_is_never_attended_to(with_text):
 
     def run(x, text):
         condition = Condition(torch.zeros(2, dtype=torch.long), text if with_text else None)
-        return model(x, levels, index, tokens.pos, condition, "image", attn_mask=mask, hidden_layers=(1, 2, 3))
+        noised = Tokens(x, tokens.pos, "image")
+        return model(noised, levels, index, condition, attn_mask=mask, hidden_layers=(1, 2, 3))
 
     base = run(tokens.x, text)
     x = tokens.x.clone()
@@ -203,17 +235,26 @@ def test_padding_is_never_attended_to(with_text):
 
 
 def test_attention_separation_with_text_keeps_the_two_noise_groups_apart():
-    """Each noise group attends to its own view of the text, so nothing crosses between the groups through it:
-    changing the masked group's tokens leaves every output of the other group as it was."""
+    """Each noise group attends to its own view of the text, so nothing crosses between the groups
+    through it: changing the masked group's tokens leaves every output of the other group as it
+    was."""
     model = tiny_text_model(text_stream_blocks=1)
     objective = SelfFlowObjective(
-        model, mask_ratio=0.5, gamma=0.0, class_dropout=0.0, caption_dropout=0.0, attention_separation=True
+        model,
+        mask_ratio=0.5,
+        gamma=0.0,
+        class_dropout=0.0,
+        caption_dropout=0.0,
+        attention_separation=True,
     )
     velocities = []
     model.final_layers["image"].register_forward_hook(lambda m, i, o: velocities.append(o))
     tokens, text = image_tokens(), random_text()
     torch.manual_seed(5)
-    masked = objective(tokens, Condition(text=text)).levels.mask  # [2, 16]: the tokens at the second level
+    masked = objective(
+        tokens,
+        Condition(text=text),
+    ).levels.mask  # [2, 16]: the tokens at the second level
     assert masked.any() and (~masked).any()
     changed = type(tokens)(tokens.x + 3.0 * masked[..., None], tokens.pos, tokens.modality)
     torch.manual_seed(5)
@@ -227,9 +268,8 @@ def test_two_stream_blocks_keep_separate_text_weights_that_learn():
     model = tiny_text_model(text_stream_blocks=2)
     assert len(model.text_stream.text_blocks) == 2 and len(model.blocks) == 3
     tokens, text = image_tokens(), random_text()
-    out = model(
-        tokens.x, torch.rand(2, 1), None, tokens.pos, Condition(torch.zeros(2, dtype=torch.long), text), "image"
-    )
+    condition = Condition(torch.zeros(2, dtype=torch.long), text)
+    out = model(tokens, torch.rand(2, 1), None, condition)
     out.velocity.square().mean().backward()
     assert model.text_stream.text_blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     assert model.text_stream.token_proj.weight.grad.abs().sum() > 0
@@ -242,12 +282,10 @@ def test_qk_norm_makes_attention_invariant_to_the_scale_of_queries_and_keys():
 
     def run(model):
         return model(
-            tokens.x,
+            tokens,
             torch.full((2, 1), 0.5),
             None,
-            tokens.pos,
             Condition(torch.zeros(2, dtype=torch.long), text),
-            "image",
         ).velocity
 
     for qk_norm in (True, False):
@@ -266,7 +304,7 @@ def spy_forwards(module: nn.Module, store: list):
     original = module.forward
 
     def forward(*args, **kwargs):
-        store.append(args[4].text)  # the Condition
+        store.append(args[3].text)  # the Condition
         return original(*args, **kwargs)
 
     module.forward = forward
@@ -301,9 +339,12 @@ def test_caption_dropout_gives_student_and_teacher_the_same_null_text_and_text_i
         .text
     )
     assert not all_dropped.valid.any()
-    kept = SelfFlowObjective(model, caption_dropout=0.0, student_layer=1, teacher_layer=2).drop_condition(
-        Condition(text=text), (8, 1), "cpu"
-    )
+    kept = SelfFlowObjective(
+        model,
+        caption_dropout=0.0,
+        student_layer=1,
+        teacher_layer=2,
+    ).drop_condition(Condition(text=text), (8, 1), "cpu")
     assert kept.text is text
 
 
@@ -316,7 +357,10 @@ def test_flow_loss_covers_data_tokens_only():
     torch.manual_seed(4)
     out = objective(tokens, Condition(text=text))
     torch.manual_seed(4)
-    objective.scheduler.for_segments(torch.zeros(2, 16, dtype=torch.long), 1)  # the same draws as inside
+    objective.scheduler.for_segments(
+        torch.zeros(2, 16, dtype=torch.long),
+        1,
+    )  # the same draws as inside
     x1 = torch.randn_like(tokens.x)
     expected = (captured["v"] - (x1 - tokens.x)).square().mean()
     torch.testing.assert_close(out.loss_flow, expected)
@@ -338,12 +382,18 @@ def test_the_shift_is_computed_per_sample_from_its_own_length():
     torch.manual_seed(5)
     raw = torch.rand(2), torch.rand(2)
     for column, draw in enumerate(raw):
-        torch.testing.assert_close(dual.levels[:, column], shift_levels(draw, torch.tensor([1.0, 2.0])))
+        torch.testing.assert_close(
+            dual.levels[:, column],
+            shift_levels(draw, torch.tensor([1.0, 2.0])),
+        )
 
 
 def test_mode_sampling_is_uniform_at_scale_zero_and_favours_the_middle_above():
     u = Uniform().sample(1000, torch.Generator().manual_seed(0))
-    torch.testing.assert_close(ModeSampling(scale=0.0).sample(1000, torch.Generator().manual_seed(0)), 1 - u)
+    torch.testing.assert_close(
+        ModeSampling(scale=0.0).sample(1000, torch.Generator().manual_seed(0)),
+        1 - u,
+    )
     t = ModeSampling(scale=1.29).sample(20000, torch.Generator().manual_seed(0))
     assert float(t.min()) >= 0 and float(t.max()) <= 1
     assert float(((t > 0.25) & (t < 0.75)).float().mean()) > 0.6  # uniform: 0.5
@@ -389,11 +439,18 @@ def test_refinement_at_strength_0_returns_the_input_and_at_1_ignores_it():
 
 
 def test_guided_prompt_sampling_pairs_each_caption_with_its_null_text():
-    """Guidance's doubled batch: the prompted rows, then the same rows with the null text and no label."""
+    """Guidance's doubled batch: the prompted rows, then the same rows with the null text and no
+    label."""
     model = tiny_text_model()
     text = random_text()
     labels = torch.tensor([0, 0])
-    guided = GuidedVelocity(model, image_tokens().pos, Condition(labels, text), "image", cfg_scale=2.0)
+    guided = GuidedVelocity(
+        model,
+        image_tokens().pos,
+        Condition(labels, text),
+        "image",
+        cfg_scale=2.0,
+    )
     seen = []
     original = model.velocity
     model.velocity = lambda x, t, pos, condition, modality: (
@@ -405,3 +462,27 @@ def test_guided_prompt_sampling_pairs_each_caption_with_its_null_text():
     assert torch.equal(both.text.valid[:2], text.valid) and not both.text.valid[2:].any()
     torch.testing.assert_close(both.text.x[:2], text.x)
     assert torch.count_nonzero(both.text.pooled[2:]) == 0
+
+
+def test_a_change_to_the_block_reaches_two_stream_text_models(monkeypatch):
+    """Two-stream blocks run `TransformerBlock.forward` itself (the text block's weights given as
+    its second stream): make that forward the identity and the caption tokens no longer reach the
+    data tokens, in every block."""
+    model = tiny_text_model(text_stream_blocks=3)  # every block two-stream
+    tokens, text = image_tokens(), random_text()
+    other = TextTokens(text.x + 3.0 * text.valid[..., None], text.valid, text.pooled)  # same pooled
+
+    def run(captions):
+        condition = Condition(torch.zeros(2, dtype=torch.long), captions)
+        return model(tokens, torch.full((2, 1), 0.5), None, condition).velocity
+
+    assert not torch.allclose(run(text), run(other))  # the caption tokens matter
+    calls = []
+
+    def identity(self, x, *args, **kwargs):
+        calls.append(kwargs.get("second"))
+        return x
+
+    monkeypatch.setattr(TransformerBlock, "forward", identity)
+    assert torch.equal(run(text), run(other))  # every block, two-stream ones too, followed
+    assert len(calls) == 2 * 3 and all(second is not None for second in calls)

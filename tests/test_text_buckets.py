@@ -14,7 +14,7 @@ from selfflow.data.batching.buckets import AspectBuckets, BucketBatchSampler, bu
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling.generate import NoiseSource, sample_tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
-from selfflow.tokens import Condition
+from selfflow.tokens import Condition, Tokens
 
 
 def test_buckets_have_patch_multiple_sides_and_about_the_same_area():
@@ -88,10 +88,8 @@ def test_a_size_conditioned_model_samples_at_any_bucket_size():
         assert torch.equal(out.tokens[0], same.tokens[0]) and not torch.allclose(out.tokens[1], same.tokens[1])
     with pytest.raises(ValueError, match="size_conditioning=true"):
         SelfFlowTransformer({"image": 4}, width=32, depth=2, heads=2)(
-            torch.zeros(1, 4, 4),
+            Tokens(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), "image"),
             torch.zeros(1, 1),
             None,
-            torch.zeros(1, 4, 4, dtype=torch.long),
             Condition(torch.zeros(1, dtype=torch.long), sizes=torch.zeros(1, 6)),
-            "image",
         )

@@ -424,7 +424,7 @@ def released_per_token_forward(model: SelfFlowTransformer, blocks: list[nn.Modul
     vector (t: [B, N]), so the timestep MLP and every adaLN MLP run on N vectors per sample. blocks: the model's
     blocks wrapped as `NaiveAdaLNBlock`s (compiled with --compile)."""
     cond = model.conditioning(t, labels)  # [B, N, D]
-    h = model.embed_tokens(x, pos, "image")
+    h = model.embed_tokens(Tokens(x, pos, "image"))
     for block in blocks:
         h = block(h, cond)
     final = model.final_layers["image"]
@@ -462,9 +462,8 @@ def case_official(args, with_grad: bool) -> list[dict]:
 
     def selfflow(rows: slice = slice(None)):
         if with_grad:
-            return model(
-                x[rows], levels[rows], index[rows], pos[rows], Condition(labels=labels[rows]), "image"
-            ).velocity
+            noised = Tokens(x[rows], pos[rows], "image")
+            return model(noised, levels[rows], index[rows], Condition(labels=labels[rows])).velocity
         return official(x[rows], per_token[rows], labels[rows])
 
     with torch.no_grad():  # the same function: compared on the first sample, eager, in fp32

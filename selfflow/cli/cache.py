@@ -1,5 +1,7 @@
 """selfflow-cache: encode an image dataset once into VAE latents (posterior mean and std of each image and of its
 mirror image) for `selfflow-train ... data=latent_cache data.root=OUT`. Takes the overrides of the training run.
+Clips and waves of a video or audio VAE tokenizer (tokenizer=video_vae / audio_vae) are cached the
+same way, for data=video_latent_cache / audio_latent_cache.
 
   selfflow-cache experiment=imagenet256 data.root=/data/imagenet tokenizer.image.vae=/models/sd-vae-ft-ema \
       out_dir=/data/imagenet256-sdvae devices=8

@@ -13,7 +13,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-BUILDS_ON_TRAIN = ("cache",)  # configs whose defaults start from train.yaml
+BUILDS_ON_TRAIN = ("cache",)  # on train.yaml, and --help lists its keys (reference: its own only)
 MAIN_GROUPS = ("objective", "lr_schedule", "model", "trainer", "callbacks", "logger")
 HIDDEN_KEYS = ("_target_", "_partial_", "defaults", "hydra")  # how a node is built, not what a user sets
 KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w]*)\s*:(?P<rest>.*)$")
@@ -91,7 +91,7 @@ def keys_help(cfg: DictConfig, choices: dict[str, str], config_name: str = "trai
     Args:
         cfg: the composed config whose values are shown.
         choices: the option chosen for each config group.
-        config_name: the command's config (train, sample, probe, eval, cache).
+        config_name: the command's config (train, sample, probe, eval, cache, reference, ...).
 
     Returns:
         The lines, one per key, joined by newlines.

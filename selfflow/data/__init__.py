@@ -5,5 +5,4 @@ Stages, lowest first (a stage imports only the ones before it, and `selfflow.io`
   folders/   labelled files in folders or manifests: image, video, audio and captioned datasets, crops
   shards/    WebDataset tar shards on disk or in an object store, their index and writer, the latent cache
   builtin/   the built-in sets generated on first use (digits, moving digits, spoken digits)
-`pretrained.py` and `vae_folder.py` name and fingerprint the pretrained parts a tokenizer loads.
 """

@@ -10,7 +10,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -262,12 +262,10 @@ def hidden_states(
     hidden = {INPUT_LAYER: x_t}
     if blocks:
         out = model(
-            x_t,
+            replace(tokens, x=x_t),
             t[:, None],
             None,
-            tokens.pos,
             Condition(),
-            tokens.modality,
             attn_mask=padding_mask(tokens.valid),
             hidden_layers=blocks,
             stop_after=max(blocks),

@@ -38,13 +38,14 @@ def parse_prompt(spec: str, class_names: list[str]) -> tuple[str, int, None]:
     """'TEXT=CLASS' with CLASS a class name or index of the reference classifier."""
     text, sep, target = spec.rpartition("=")
     if not sep or not text.strip():
-        raise ValueError(f"--prompt {spec!r} must be 'TEXT=CLASS', e.g. --prompt 'a handwritten four=4'")
+        raise ValueError(f"prompt={spec!r} must be 'TEXT=CLASS', e.g. 'a handwritten four=4'")
     target = target.strip()
     if target in class_names:
         return text.strip(), class_names.index(target), None
     if target.isdigit() and int(target) < len(class_names):
         return text.strip(), int(target), None
-    raise ValueError(f"--prompt {spec!r}: class {target!r} is not one of the reference classifier's {class_names}")
+    known = f"the reference classifier's {class_names}"
+    raise ValueError(f"prompt={spec!r}: class {target!r} is not one of {known}")
 
 
 @torch.no_grad()
@@ -56,15 +57,17 @@ def judge(
     steps: int,
     cfg_scale: float,
     seed: int,
+    vae=None,
 ) -> tuple[list[dict], torch.Tensor]:
     """Per-prompt results and the samples ([P * per_prompt, C, H, W] images or [P * per_prompt, 1, S] waves) of
-    the reference classifier's modality; classifier: a loaded reference classifier."""
+    the reference classifier's modality; classifier: a loaded reference classifier; vae: a latent
+    model's VAE or autoencoder, named by the user (a path, or {modality: path})."""
     from selfflow.interop.checkpoint import load_checkpoint
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
     from selfflow.sampling.prompted import prompted_condition
     from selfflow.tokens import TEXT
 
-    loaded = load_checkpoint(ckpt)
+    loaded = load_checkpoint(ckpt, vae=vae)
     modality = classifier.modality
     if TEXT not in loaded.tokenizers or modality not in loaded.tokenizers:
         experiment = {"image": "text_digits", "audio": "text_audio_digits"}[modality]

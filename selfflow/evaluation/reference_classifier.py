@@ -240,7 +240,7 @@ def load_reference_classifier(path: str | os.PathLike, device: str | torch.devic
     if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
         raise FileNotFoundError(
             f"reference={folder} is not a reference classifier folder (needs {CONFIG_FILE} and "
-            f"{WEIGHTS_FILE}); make one with selfflow-reference --out {folder}"
+            f"{WEIGHTS_FILE}); make one with selfflow-reference out={folder}"
         )
     config = json.loads((folder / CONFIG_FILE).read_text())
     if config.get("architecture") != "ReferenceCNN":

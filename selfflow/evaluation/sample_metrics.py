@@ -100,7 +100,7 @@ def reference_metrics(
         if extractor.modality != modality:
             raise ValueError(
                 f"reference={reference} judges {extractor.modality}, but this run samples {modality}; "
-                f"train one on the run's data: selfflow-reference --out DIR <the run's data overrides>"
+                f"train one on the run's data: selfflow-reference out=DIR <its data overrides>"
             )
     if real_set is None:
         if stored_data is None or "dataset" not in stored_data:

@@ -29,10 +29,10 @@ class DualLevels:
         teacher_levels: [R, S] each sample's teacher level, the cleaner of its two.
         segment: [R, N] long, the sample of each token in its row; -1 on padding.
 
-    The student sees token n of row r at `levels[r, index[r, n]]`, where `levels` holds (t, s) of each sample:
-    `levels[r, 2k]` = t and `levels[r, 2k + 1]` = s of sample k. The teacher sees every token of sample k at
-    `teacher_levels[r, k]`: min(t, s), the cleaner of the two, whatever its mask drew (t itself for
-    a sample with mask ratio 0, which has no second level).
+    The student sees token n of row r at `levels[r, index[r, n]]`, where `levels` holds (t, s) of
+    each sample: `levels[r, 2k]` = t and `levels[r, 2k + 1]` = s of sample k. The teacher sees every
+    token of sample k at `teacher_levels[r, k]`: min(t, s), the cleaner of the two, whatever its
+    mask drew (t itself for a sample with mask ratio 0, which has no second level).
     """
 
     levels: Tensor  # [R, 2S], unsorted pairs
@@ -47,9 +47,14 @@ class DualLevels:
         return torch.gather(self.levels, 1, self.index)
 
     @property
+    def teacher_index(self) -> Tensor:
+        """[R, N] long, where each token's teacher level is in `teacher_levels` (its sample)."""
+        return self.segment.clamp_min(0)
+
+    @property
     def teacher_per_token(self) -> Tensor:
         """[R, N] teacher level of every token."""
-        return torch.gather(self.teacher_levels, 1, self.segment.clamp_min(0))
+        return torch.gather(self.teacher_levels, 1, self.teacher_index)
 
 
 def check_mask_ratio(ratio: float, name: str = "objective.mask_ratio") -> float:
@@ -67,8 +72,9 @@ def check_mask_ratio(ratio: float, name: str = "objective.mask_ratio") -> float:
     """
     if isinstance(ratio, bool) or not isinstance(ratio, numbers.Real) or not 0.0 <= ratio <= 0.5:
         raise ValueError(
-            f"{name}={ratio!r} is out of range: the masked group must be the smaller one, so use a value in "
-            f"[0, 0.5] (0 = vanilla flow matching; method defaults: image 0.25, video 0.10, audio 0.50)"
+            f"{name}={ratio!r} is out of range: the masked group must be the smaller one, so use "
+            "a value in [0, 0.5] (0 = vanilla flow matching; method defaults: image 0.25, "
+            "video 0.10, audio 0.50)"
         )
     return float(ratio)
 
@@ -85,20 +91,22 @@ def rank_within_segments(scores: Tensor, segment: Tensor, num_segments: int) -> 
         [R, N] long, 0 for the lowest score of each segment.
     """
     seg = torch.where(segment < 0, num_segments, segment)
-    order = (seg.to(scores.dtype) * 2 + scores).argsort(dim=1)  # grouped by segment, by score inside
+    keys = seg.to(scores.dtype) * 2 + scores  # grouped by segment, by score inside
+    order = keys.argsort(dim=1)
     sizes = torch.zeros(seg.shape[0], num_segments + 1, dtype=torch.long, device=seg.device)
     sizes.scatter_add_(1, seg, torch.ones_like(seg))
     starts = sizes.cumsum(dim=1) - sizes  # [R, S + 1] first sorted position of each segment
     sorted_seg = torch.gather(seg, 1, order)
-    rank_sorted = torch.arange(seg.shape[1], device=seg.device) - torch.gather(starts, 1, sorted_seg)
+    first = torch.gather(starts, 1, sorted_seg)
+    rank_sorted = torch.arange(seg.shape[1], device=seg.device) - first
     return torch.empty_like(rank_sorted).scatter_(1, order, rank_sorted)
 
 
 class DualTimestepScheduler:
     """Draws (t, s) iid from p(t), never sorted, and a token mask of ratio r <= 0.5 per sample.
 
-    mask_mode="exact": exactly round(r * n_tokens) masked tokens per sample via a random permutation;
-    mask_mode="bernoulli": each token independently with probability r.
+    mask_mode="exact": exactly round(r * n_tokens) masked tokens per sample via a random
+    permutation; mask_mode="bernoulli": each token independently with probability r.
 
     Args:
         mask_ratio: r in [0, 0.5], the share of tokens at level s (0 = vanilla flow matching).
@@ -109,10 +117,18 @@ class DualTimestepScheduler:
         ValueError: `mask_ratio` outside [0, 0.5] or an unknown `mask_mode`.
     """
 
-    def __init__(self, mask_ratio: float, timesteps: TimestepDistribution | None = None, mask_mode: str = "exact"):
+    def __init__(
+        self,
+        mask_ratio: float,
+        timesteps: TimestepDistribution | None = None,
+        mask_mode: str = "exact",
+    ):
         self.mask_ratio = check_mask_ratio(mask_ratio)
         if mask_mode not in MASK_MODES:
-            raise ValueError(f"objective.mask_mode={mask_mode!r} is unknown; choose one of: {', '.join(MASK_MODES)}")
+            choices = ", ".join(MASK_MODES)
+            raise ValueError(
+                f"objective.mask_mode={mask_mode!r} is unknown; choose one of: {choices}",
+            )
         self.mask_mode = mask_mode
         self.timesteps = timesteps or Uniform()
 
@@ -132,13 +148,20 @@ class DualTimestepScheduler:
         scores = torch.rand(segment.shape, device=segment.device)
         if self.mask_mode == "bernoulli":
             return (scores < token_ratio) & valid
-        lengths = torch.zeros_like(ratios).scatter_add_(1, segment.clamp_min(0), valid.to(ratios.dtype))
+        sample = segment.clamp_min(0)
+        lengths = torch.zeros_like(ratios).scatter_add_(1, sample, valid.to(ratios.dtype))
         counts = torch.round(lengths * ratios)  # [R, S]
         ranks = rank_within_segments(scores, segment, num_segments)
         return (ranks < torch.gather(counts, 1, segment.clamp_min(0))) & valid
 
-    def for_segments(self, segment: Tensor, num_segments: int, ratios: Tensor | None = None) -> DualLevels:
-        """segment: [R, N] sample of each token (-1 padding); ratios: [R, S] (default: this scheduler's ratio).
+    def for_segments(
+        self,
+        segment: Tensor,
+        num_segments: int,
+        ratios: Tensor | None = None,
+    ) -> DualLevels:
+        """segment: [R, N] sample of each token (-1 padding); ratios: [R, S] (default: this
+        scheduler's ratio).
 
         Args:
             segment: [R, N] long, the sample of each token; -1 on padding.
@@ -152,15 +175,12 @@ class DualTimestepScheduler:
         rows, device = segment.shape[0], segment.device
         if ratios is None:
             ratios = torch.full((rows, num_segments), self.mask_ratio, device=device)
-        lengths = (
-            torch.zeros(rows, num_segments, device=device)
-            .scatter_add_(  # [R, S] tokens per sample
-                1, segment.clamp_min(0), (segment >= 0).float()
-            )
-            .flatten()
-        )
-        t = self.timesteps.sample(rows * num_segments, device=device, lengths=lengths).view(rows, num_segments)
-        s = self.timesteps.sample(rows * num_segments, device=device, lengths=lengths).view(rows, num_segments)
+        per_sample = torch.zeros(rows, num_segments, device=device)
+        valid = (segment >= 0).float()
+        lengths = per_sample.scatter_add_(1, segment.clamp_min(0), valid).flatten()  # [R S] tokens
+        draws = rows * num_segments
+        t = self.timesteps.sample(draws, device=device, lengths=lengths).view(rows, num_segments)
+        s = self.timesteps.sample(draws, device=device, lengths=lengths).view(rows, num_segments)
         levels = torch.stack([t, s], dim=-1).flatten(1)  # [R, 2S] -- deliberately not sorted
         if float(ratios.max()) > 0:
             mask = self.draw_mask(segment, num_segments, ratios)
@@ -171,9 +191,21 @@ class DualTimestepScheduler:
         # 0 has t alone
         teacher = torch.where(ratios > 0, torch.minimum(t, s), t)
         index = 2 * segment.clamp_min(0) + mask.long()
-        return DualLevels(levels=levels, index=index, mask=mask, teacher_levels=teacher, segment=segment)
+        return DualLevels(
+            levels=levels,
+            index=index,
+            mask=mask,
+            teacher_levels=teacher,
+            segment=segment,
+        )
 
-    def __call__(self, batch: int, tokens: int, valid: Tensor | None = None, device=None) -> DualLevels:
+    def __call__(
+        self,
+        batch: int,
+        tokens: int,
+        valid: Tensor | None = None,
+        device=None,
+    ) -> DualLevels:
         """One sample per row; valid: [B, N] bool, False on padding (never masked, not counted).
 
         Args:

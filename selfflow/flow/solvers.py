@@ -1,13 +1,15 @@
 """Solvers from noise (t = 1) to data (t = 0) in the paper's convention, x_t = (1 - t) x0 + t x1.
 
-A velocity function is `v(x: [B, ...], t: [B]) -> [B, ...]` (d x_t / d t). Every solver calls it exactly
-`steps` times, so that samplers compare at equal cost (NFE = steps):
+A velocity function is `v(x: [B, ...], t: [B]) -> [B, ...]` (d x_t / d t). Every solver calls it
+exactly `steps` times, so that samplers compare at equal cost (NFE = steps):
 - `euler`: `steps` Euler steps.
-- `heun`: ceil(steps / 2) intervals of Heun's method (2 evaluations each); when `steps` is odd the first
-  interval (at the noise end, where paths are straightest) is a plain Euler step (1 evaluation).
-- `euler_maruyama`: the SDE of the released Self-Flow sampler (SiT's transport sampler: Euler-Maruyama, diffusion
-  proportional to the noise level, last step "Mean"): `steps - 1` stochastic steps on levels from 1 down to
-  `last_step`, then one step from `last_step` to 0 along the SDE's drift without noise.
+- `heun`: ceil(steps / 2) intervals of Heun's method (2 evaluations each); when `steps` is odd the
+  first interval (at the noise end, where paths are straightest) is a plain Euler step (1
+  evaluation).
+- `euler_maruyama`: the SDE of the released Self-Flow sampler (SiT's transport sampler:
+  Euler-Maruyama, diffusion proportional to the noise level, last step "Mean"): `steps - 1`
+  stochastic steps on levels from 1 down to `last_step`, then one step from `last_step` to 0 along
+  the SDE's drift without noise.
 """
 
 from __future__ import annotations
@@ -42,7 +44,10 @@ def time_grid(steps: int, shift: float = 1.0, device=None) -> Tensor:
     """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    return shift_levels(torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64), shift)
+    return shift_levels(
+        torch.linspace(1.0, 0.0, steps + 1, device=device, dtype=torch.float64),
+        shift,
+    )
 
 
 def _levels(t: Tensor, x: Tensor) -> Tensor:
@@ -70,7 +75,8 @@ def euler(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> T
 
 
 def heun(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> Tensor:
-    """Heun's second-order method with NFE = steps: ceil(steps / 2) intervals, the first one Euler if steps is odd.
+    """Heun's second-order method with NFE = steps: ceil(steps / 2) intervals, the first one Euler
+    if steps is odd.
 
     Args:
         velocity: The model as `v(x: [B, ...], t: [B]) -> [B, ...]`, the velocity d x_t / d t.
@@ -103,7 +109,8 @@ def heun(velocity: VelocityFn, x1: Tensor, steps: int, shift: float = 1.0) -> Te
 def score_from_velocity(velocity: Tensor, x: Tensor, t: Tensor) -> Tensor:
     """Score grad log p_t(x) implied by the velocity on the linear path: -(x + (1 - t) v) / t.
 
-    From x = (1 - t) x0 + t x1 and v = x1 - x0: E[x1 | x] = x + (1 - t) v, and the score is -E[x1 | x] / t.
+    From x = (1 - t) x0 + t x1 and v = x1 - x0: E[x1 | x] = x + (1 - t) v, and the score is -E[x1 |
+    x] / t.
 
     Args:
         velocity: [B, ...] the velocity at (x, t).
@@ -127,12 +134,14 @@ def euler_maruyama(
     diffusion_norm: float = 1.0,
     last_step_mode: str = "mean",
 ) -> Tensor:
-    """Euler-Maruyama on the reverse SDE with the ODE's marginals (the released sampler, NFE = steps).
+    """Euler-Maruyama on the reverse SDE with the ODE's marginals (the released sampler, NFE =
+    steps).
 
-    Going from level t to t - h: x <- x - h (v - w s) + sqrt(2 w h) z, with s the score from the velocity and
-    diffusion w = diffusion_norm * t (proportional to the noise level). The levels run from 1 to `last_step` in
-    `steps - 1` stochastic steps; the final step goes from `last_step` to 0 without noise, along the same drift
-    v - w s (last_step_mode="mean", the released sampler's "Mean" step) or along the velocity alone ("euler").
+    Going from level t to t - h: x <- x - h (v - w s) + sqrt(2 w h) z, with s the score from the
+    velocity and diffusion w = diffusion_norm * t (proportional to the noise level). The levels run
+    from 1 to `last_step` in `steps - 1` stochastic steps; the final step goes from `last_step` to 0
+    without noise, along the same drift v - w s (last_step_mode="mean", the released sampler's
+    "Mean" step) or along the velocity alone ("euler").
 
     Args:
         velocity: The model as `v(x: [B, ...], t: [B]) -> [B, ...]`, the velocity d x_t / d t.
@@ -151,13 +160,17 @@ def euler_maruyama(
         ValueError: `steps` < 2, `last_step` outside (0, 1) or an unknown `last_step_mode`.
     """
     if steps < 2:
-        raise ValueError(f"the sde sampler needs steps >= 2 (steps - 1 stochastic steps and a last step), got {steps}")
+        detail = "steps - 1 stochastic steps and a last step"
+        raise ValueError(f"the sde sampler needs steps >= 2 ({detail}), got {steps}")
     if not 0.0 < last_step < 1.0:
         raise ValueError(f"sde last_step={last_step} must be in (0, 1)")
     if last_step_mode not in SDE_LAST_STEPS:
-        raise ValueError(f"sde_last_step_mode={last_step_mode!r} is unknown; choose one of {SDE_LAST_STEPS}")
+        raise ValueError(
+            f"sde_last_step_mode={last_step_mode!r} is unknown; choose one of {SDE_LAST_STEPS}",
+        )
     noise = noise or torch.randn_like
-    grid = shift_levels(torch.linspace(1.0, last_step, steps, device=x1.device, dtype=torch.float64), shift)
+    levels = torch.linspace(1.0, last_step, steps, device=x1.device, dtype=torch.float64)
+    grid = shift_levels(levels, shift)
 
     def drift(x: Tensor, t_cur: Tensor, with_score: bool = True) -> Tensor:
         """d x / d t of the reverse SDE at level t_cur (the steps go toward smaller t)."""

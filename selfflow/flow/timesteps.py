@@ -9,7 +9,8 @@ from torch import Tensor
 
 
 def shift_levels(t: Tensor, shift: float | Tensor) -> Tensor:
-    """Warp levels toward noise for shift > 1: t' = shift t / (1 + (shift - 1) t). Keeps 0 and 1 fixed.
+    """Warp levels toward noise for shift > 1: t' = shift t / (1 + (shift - 1) t). Keeps 0 and 1
+    fixed.
 
     Args:
         t: Noise levels in [0, 1], any shape.
@@ -23,8 +24,13 @@ def shift_levels(t: Tensor, shift: float | Tensor) -> Tensor:
     return shift * t / (1 + (shift - 1) * t)
 
 
-def resolution_shift(num_tokens: int | Tensor, base_tokens: int = 256, base_shift: float = 1.0) -> float | Tensor:
-    """Shift that grows with sequence length: sqrt(N / N_base) * base_shift (more tokens need more noise).
+def resolution_shift(
+    num_tokens: int | Tensor,
+    base_tokens: int = 256,
+    base_shift: float = 1.0,
+) -> float | Tensor:
+    """Shift that grows with sequence length: sqrt(N / N_base) * base_shift (more tokens need more
+    noise).
 
     Args:
         num_tokens: N, the token count of a sample (or a tensor of them, one per sample).
@@ -42,9 +48,10 @@ def resolution_shift(num_tokens: int | Tensor, base_tokens: int = 256, base_shif
 class TimestepDistribution:
     """Base: draws levels in [0, 1], then applies the configured shift.
 
-    shift_base_tokens: when set, the shift is per sample and grows with the sample's own token count N:
-    `resolution_shift(N, shift_base_tokens, shift)`, i.e. `shift` at N = shift_base_tokens (images, clips and
-    recordings of one batch differ a lot in length). None: the same `shift` for every sample.
+    shift_base_tokens: when set, the shift is per sample and grows with the sample's own token count
+    N: `resolution_shift(N, shift_base_tokens, shift)`, i.e. `shift` at N = shift_base_tokens
+    (images, clips and recordings of one batch differ a lot in length). None: the same `shift` for
+    every sample.
 
     Args:
         shift: The timestep shift (> 0); above 1 moves levels toward noise.
@@ -58,8 +65,9 @@ class TimestepDistribution:
         if shift <= 0:
             raise ValueError(f"timestep shift must be > 0, got {shift}")
         if shift_base_tokens is not None and shift_base_tokens < 1:
+            value = shift_base_tokens
             raise ValueError(
-                f"timesteps.shift_base_tokens={shift_base_tokens} must be >= 1 (or null for a fixed shift)"
+                f"timesteps.shift_base_tokens={value} must be >= 1 (or null for a fixed shift)",
             )
         self.shift, self.shift_base_tokens = shift, shift_base_tokens
 
@@ -67,9 +75,14 @@ class TimestepDistribution:
         raise NotImplementedError
 
     def sample(
-        self, n: int, generator: torch.Generator | None = None, device=None, lengths: Tensor | None = None
+        self,
+        n: int,
+        generator: torch.Generator | None = None,
+        device=None,
+        lengths: Tensor | None = None,
     ) -> Tensor:
-        """Returns [n] levels in [0, 1]; lengths: [n] token counts of the samples (used by the per-sample shift).
+        """Returns [n] levels in [0, 1]; lengths: [n] token counts of the samples (used by the
+        per-sample shift).
 
         Args:
             n: How many levels (one per sample).
@@ -86,7 +99,9 @@ class TimestepDistribution:
         shift = self.shift
         if self.shift_base_tokens is not None:
             if lengths is None:
-                raise ValueError("a length-dependent timestep shift needs each sample's token count (lengths)")
+                raise ValueError(
+                    "a length-dependent timestep shift needs each sample's token count (lengths)",
+                )
             shift = resolution_shift(lengths.to(device), self.shift_base_tokens, self.shift)
         return shift_levels(self._draw(n, generator, device), shift)
 
@@ -115,7 +130,13 @@ class LogitNormal(TimestepDistribution):
         ValueError: `std` <= 0 (or a bad shift).
     """
 
-    def __init__(self, mean: float = 0.0, std: float = 1.0, shift: float = 1.0, shift_base_tokens: int | None = None):
+    def __init__(
+        self,
+        mean: float = 0.0,
+        std: float = 1.0,
+        shift: float = 1.0,
+        shift_base_tokens: int | None = None,
+    ):
         super().__init__(shift, shift_base_tokens)
         if std <= 0:
             raise ValueError(f"logit-normal std must be > 0, got {std}")
@@ -129,8 +150,8 @@ class LogitNormal(TimestepDistribution):
 class ModeSampling(TimestepDistribution):
     """Mode sampling with heavy tails: t = 1 - u - scale (cos^2(pi u / 2) - 1 + u), u ~ U(0, 1).
 
-    scale = 0 is uniform; scale > 0 puts more mass on the middle levels while keeping both ends reachable
-    (valid for -1 <= scale <= 2 / (pi - 2), where the map stays monotone).
+    scale = 0 is uniform; scale > 0 puts more mass on the middle levels while keeping both ends
+    reachable (valid for -1 <= scale <= 2 / (pi - 2), where the map stays monotone).
 
     Args:
         scale: How much mass moves to the middle levels, in [-1, 2 / (pi - 2)].
@@ -141,10 +162,17 @@ class ModeSampling(TimestepDistribution):
         ValueError: `scale` outside [-1, 2 / (pi - 2)] (or a bad shift).
     """
 
-    def __init__(self, scale: float = 1.29, shift: float = 1.0, shift_base_tokens: int | None = None):
+    def __init__(
+        self,
+        scale: float = 1.29,
+        shift: float = 1.0,
+        shift_base_tokens: int | None = None,
+    ):
         super().__init__(shift, shift_base_tokens)
         if not -1.0 <= scale <= 2.0 / (math.pi - 2.0):
-            raise ValueError(f"mode-sampling scale={scale} must be in [-1, {2.0 / (math.pi - 2.0):.3f}]")
+            raise ValueError(
+                f"mode-sampling scale={scale} must be in [-1, {2.0 / (math.pi - 2.0):.3f}]",
+            )
         self.scale = scale
 
     def _draw(self, n, generator, device):

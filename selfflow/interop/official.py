@@ -37,7 +37,7 @@ from selfflow.models.embeddings import sincos_2d
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.representation import ProjectionHead
 from selfflow.tokenizers.image import ImagePatchTokenizer
-from selfflow.tokens import Condition
+from selfflow.tokens import Condition, Tokens
 
 RELEASED = {
     "depth": 28,
@@ -274,7 +274,7 @@ class OfficialSelfFlow(nn.Module):
         if t.dim() == 1:
             return self.model.velocity(x, t, pos, Condition(labels=y), "image")
         levels, index = distinct_levels(t)  # the modulation MLPs run on each sample's few distinct levels, not on N
-        return self.model(x, levels, index, pos, Condition(labels=y), "image").velocity
+        return self.model(Tokens(x, pos, "image"), levels, index, Condition(labels=y)).velocity
 
     def velocity(self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition, modality: str = "image") -> Tensor:
         """The interface `selfflow.sampling.generate` calls (one level per sample)."""
@@ -520,7 +520,7 @@ def load_official_for_sampling(
             "the released checkpoint generates SD-VAE latents: pass vae=LOCAL_DIR, a folder with a "
             "diffusers AutoencoderKL (e.g. sd-vae-ft-ema) saved by save_pretrained"
         )
-    from selfflow.data.vae_folder import downsampling
+    from selfflow.io.model_folders import downsampling
     from selfflow.tokenizers.image_latent import ImageLatentTokenizer
 
     model = load_official(path, weights=weights)

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from selfflow.data.pretrained import point_parts
 from selfflow.interop.state_check import check_state_fits
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.safe_config import StoredConfigError, instantiate_stored
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.pretrained import point_parts
 
 CHECKPOINT_FORMAT = 1  # selfflow_format of the checkpoints this version writes and reads
 

@@ -1,8 +1,11 @@
-"""Multi-head self-attention with rotary positions, optional QK-norm, and one attention kernel chosen per call.
+"""Multi-head self-attention with rotary positions, optional QK-norm, and one attention kernel
+chosen per call.
 
-- flash: flash-attn (a GPU with it installed), unmasked or with contiguous groups as variable-length sequences;
-- flex: PyTorch's FlexAttention with a block mask built from the groups, so that blocks between different samples
-  and blocks of padding cost nothing (compiled once per process on CUDA; on CPU the unfused reference, forward only);
+- flash: flash-attn (a GPU with it installed), unmasked or with contiguous groups as variable-length
+  sequences;
+- flex: PyTorch's FlexAttention with a block mask built from the groups, so that blocks between
+  different samples and blocks of padding cost nothing (compiled once per process on CUDA; on CPU
+  the unfused reference, forward only);
 - sdpa: PyTorch SDPA with a dense [B, 1, N, N] mask, which does the work of the whole N x N square.
 """
 
@@ -30,11 +33,13 @@ ATTENTION_BACKENDS = ("auto", "sdpa", "flash", "flex")
 
 @dataclass
 class GroupMask:
-    """Tokens attend only within their own group: a sample of a packed row, a noise group, or padding (-1).
+    """Tokens attend only within their own group: a sample of a packed row, a noise group, or
+    padding (-1).
 
-    `contiguous` groups (packing, trailing padding) can run on flash-attn's variable-length kernel; any grouping
-    runs on FlexAttention as a block mask or on SDPA as a dense boolean mask. `shared` tokens ([B, N] bool, e.g.
-    joined text) belong to every group of their row: they attend to and are attended by every non-padding token.
+    `contiguous` groups (packing, trailing padding) can run on flash-attn's variable-length kernel;
+    any grouping runs on FlexAttention as a block mask or on SDPA as a dense boolean mask. `shared`
+    tokens ([B, N] bool, e.g. joined text) belong to every group of their row: they attend to and
+    are attended by every non-padding token.
 
     Attributes:
         groups: [B, N] long group of each token; -1 on padding.
@@ -48,7 +53,8 @@ class GroupMask:
 
     @cached_property
     def dense(self) -> Tensor:
-        """[B, 1, N, N] bool, True where attention is allowed (padding sees padding only, so no row is empty)."""
+        """[B, 1, N, N] bool, True where attention is allowed (padding sees padding only, so no row
+        is empty)."""
         q, k = self.groups[:, :, None], self.groups[:, None, :]
         allowed = q == k
         if self.shared is not None:
@@ -58,8 +64,8 @@ class GroupMask:
 
     @cached_property
     def block_mask(self) -> BlockMask:
-        """FlexAttention's block mask, built once per mask object (a batch reuses it in every block). Padding is
-        never a key; a padding query sees nothing and gets a zero output."""
+        """FlexAttention's block mask, built once per mask object (a batch reuses it in every
+        block). Padding is never a key; a padding query sees nothing and gets a zero output."""
         groups, shared = self.groups, self.shared
 
         def same_group(b, h, q, k):
@@ -67,25 +73,32 @@ class GroupMask:
 
         def same_group_or_shared(b, h, q, k):
             either_shared = shared[b, q] | shared[b, k]
-            return (same_group(b, h, q, k) | either_shared) & (groups[b, q] >= 0) & (groups[b, k] >= 0)
+            allowed = same_group(b, h, q, k) | either_shared
+            return allowed & (groups[b, q] >= 0) & (groups[b, k] >= 0)
 
-        return block_mask_for(same_group if shared is None else same_group_or_shared, *groups.shape, groups.device)
+        mask_mod = same_group if shared is None else same_group_or_shared
+        return block_mask_for(mask_mod, *groups.shape, groups.device)
 
     @cached_property
     def one_run_per_group(self) -> bool:
-        """True when every group is one contiguous run in its row (what the variable-length kernel needs)."""
+        """True when every group is one contiguous run in its row (what the variable-length kernel
+        needs)."""
         changes = (self.groups[:, 1:] != self.groups[:, :-1]).sum(dim=1) + 1  # runs per row
-        distinct = torch.stack([row.unique().numel() * torch.ones((), device=row.device) for row in self.groups])
+        distinct = torch.stack(
+            [row.unique().numel() * torch.ones((), device=row.device) for row in self.groups],
+        )
         return bool((changes == distinct).all())
 
     @property
     def fits_varlen(self) -> bool:
-        """Whether flash-attn's variable-length kernel can run this mask: one contiguous run per group, no shared."""
+        """Whether flash-attn's variable-length kernel can run this mask: one contiguous run per
+        group, no shared."""
         return self.contiguous and self.shared is None and self.one_run_per_group
 
     @cached_property
     def varlen(self) -> tuple[Tensor, int]:
-        """(cu_seqlens [S + 1] int32, max_seqlen) over the flattened rows: a sequence per contiguous group run."""
+        """(cu_seqlens [S + 1] int32, max_seqlen) over the flattened rows: a sequence per contiguous
+        group run."""
         rows, n = self.groups.shape
         flat = self.groups.flatten()
         starts = torch.ones_like(flat, dtype=torch.bool)
@@ -111,7 +124,8 @@ def block_mask_for(mask_mod, rows: int, n: int, device: torch.device) -> BlockMa
 
 
 def dense_block_mask(dense: Tensor) -> BlockMask:
-    """The block mask of a dense [B, 1, N, N] bool mask (masks that come without a group description).
+    """The block mask of a dense [B, 1, N, N] bool mask (masks that come without a group
+    description).
 
     Args:
         dense: [B, 1, N, N] bool, True where attention is allowed.
@@ -119,7 +133,8 @@ def dense_block_mask(dense: Tensor) -> BlockMask:
     Returns:
         The same mask as FlexAttention blocks.
     """
-    return block_mask_for(lambda b, h, q, k: dense[b, 0, q, k], dense.shape[0], dense.shape[-1], dense.device)
+    rows, n = dense.shape[0], dense.shape[-1]
+    return block_mask_for(lambda b, h, q, k: dense[b, 0, q, k], rows, n, dense.device)
 
 
 def flash_available() -> bool:
@@ -132,14 +147,19 @@ def flash_available() -> bool:
 
 
 def choose_kernel(
-    backend: str, device_type: str, dtype: torch.dtype, mask: Tensor | GroupMask | None, flash_installed: bool
+    backend: str,
+    device_type: str,
+    dtype: torch.dtype,
+    mask: Tensor | GroupMask | None,
+    flash_installed: bool,
 ) -> str:
     """ "flash", "flex" or "sdpa" for one call.
 
-    auto takes flash-attn where it applies (CUDA, half precision, unmasked or contiguous groups), else FlexAttention
-    for masked attention on CUDA (block-sparse), else SDPA. It never picks flex on CPU, where FlexAttention is the
-    unfused reference (slower than SDPA, docs/performance.md) and has no backward. backend=flex forces
-    FlexAttention for every masked call; unmasked attention has no block to skip and stays on SDPA.
+    auto takes flash-attn where it applies (CUDA, half precision, unmasked or contiguous groups),
+    else FlexAttention for masked attention on CUDA (block-sparse), else SDPA. It never picks flex
+    on CPU, where FlexAttention is the unfused reference (slower than SDPA, docs/performance.md) and
+    has no backward. backend=flex forces FlexAttention for every masked call; unmasked attention has
+    no block to skip and stays on SDPA.
 
     Args:
         backend: The `model.attention` setting: `auto`, `sdpa`, `flash` or `flex`.
@@ -152,7 +172,8 @@ def choose_kernel(
         `flash`, `flex` or `sdpa`.
     """
     on_cuda = device_type == "cuda"
-    flash_runs = backend != "sdpa" and flash_installed and on_cuda and dtype in (torch.float16, torch.bfloat16)
+    half = dtype in (torch.float16, torch.bfloat16)
+    flash_runs = backend != "sdpa" and flash_installed and on_cuda and half
     if flash_runs and (mask is None or (isinstance(mask, GroupMask) and mask.fits_varlen)):
         return "flash"
     if mask is not None and (backend == "flex" or (backend != "sdpa" and on_cuda)):
@@ -162,12 +183,14 @@ def choose_kernel(
 
 @functools.cache
 def compiled_flex_attention():
-    """flex_attention compiled once per process: the fused kernels (eager FlexAttention is the unfused reference)."""
+    """flex_attention compiled once per process: the fused kernels (eager FlexAttention is the
+    unfused reference)."""
     return torch.compile(flex_attention)
 
 
 def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask) -> Tensor:
-    """q, k, v: [B, H, N, Dh] -> [B, H, N, Dh] with FlexAttention; compiled on CUDA unless already being compiled.
+    """q, k, v: [B, H, N, Dh] -> [B, H, N, Dh] with FlexAttention; compiled on CUDA unless already
+    being compiled.
 
     Args:
         q: [B, H, N, Dh] queries.
@@ -183,18 +206,25 @@ def run_flex(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask) -> Tenso
     """
     if not q.is_cuda and q.requires_grad:
         raise ValueError(
-            "model.attention=flex cannot train on CPU (PyTorch's FlexAttention has no CPU backward); "
-            "use model.attention=auto or sdpa there"
+            "model.attention=flex cannot train on CPU (PyTorch's FlexAttention has no CPU "
+            "backward); use model.attention=auto or sdpa there"
         )
     block_mask = mask.block_mask if isinstance(mask, GroupMask) else dense_block_mask(mask)
-    kernel = compiled_flex_attention() if q.is_cuda and not torch.compiler.is_compiling() else flex_attention
+    eager = not q.is_cuda or torch.compiler.is_compiling()
+    kernel = flex_attention if eager else compiled_flex_attention()
     return kernel(q, k, v, block_mask=block_mask)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None = None, backend: str = "auto") -> Tensor:
-    """Multi-head attention on the kernel `choose_kernel` picks for this call (q's dtype, so autocast counts), the one
-    function every block type calls. q, k, v: [B, H, N, Dh] -> [B, N, H * Dh]; mask: [B, 1, N, N] bool (True = may
-    attend), a GroupMask, or None.
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | GroupMask | None = None,
+    backend: str = "auto",
+) -> Tensor:
+    """Multi-head attention on the kernel `choose_kernel` picks for this call (q's dtype, so
+    autocast counts), the one function every block type calls. q, k, v: [B, H, N, Dh] -> [B, N, H *
+    Dh]; mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None.
 
     Args:
         q: [B, H, N, Dh] queries.
@@ -211,11 +241,14 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None =
         return rearrange(run_flex(q, k, v, mask), "b h n d -> b n (h d)")
     if kernel == "sdpa":
         dense = mask.dense if isinstance(mask, GroupMask) else mask
-        return rearrange(F.scaled_dot_product_attention(q, k, v, attn_mask=dense), "b h n d -> b n (h d)")
+        return rearrange(
+            F.scaled_dot_product_attention(q, k, v, attn_mask=dense),
+            "b h n d -> b n (h d)",
+        )
     q, k, v = (rearrange(a, "b h n d -> b n h d") for a in (q, k, v))
     if mask is None:
         out = flash_attn_func(q, k, v)
-    else:  # packed rows: one variable-length sequence per sample, no compute on other samples or padding
+    else:  # packed rows: one variable-length sequence per sample, none on other samples or padding
         cu_seqlens, max_len = mask.varlen
         flat = [rearrange(a, "b n h d -> (b n) h d") for a in (q, k, v)]
         out = flash_attn_varlen_func(*flat, cu_seqlens, cu_seqlens, max_len, max_len)
@@ -224,7 +257,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | GroupMask | None =
 
 
 class Attention(nn.Module):
-    """Self-attention weights (qkv, output projection, optional QK-norm) around the `attention` function.
+    """Self-attention weights (qkv, output projection, optional QK-norm) around the `attention`
+    function.
 
     Args:
         width: D, the model width.
@@ -242,9 +276,12 @@ class Attention(nn.Module):
         if width % heads:
             raise ValueError(f"model.width={width} must be divisible by model.heads={heads}")
         if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"model.attention={backend!r} is unknown; choose one of {ATTENTION_BACKENDS}")
+            raise ValueError(
+                f"model.attention={backend!r} is unknown; choose one of {ATTENTION_BACKENDS}",
+            )
         if backend == "flash" and flash_attn_func is None:
-            raise ValueError("model.attention=flash needs flash-attn: pip install 'selfflow[flash]' on a CUDA machine")
+            install = "pip install 'selfflow[flash]' on a CUDA machine"
+            raise ValueError(f"model.attention=flash needs flash-attn: {install}")
         self.heads, self.backend = heads, backend
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
@@ -262,7 +299,8 @@ class Attention(nn.Module):
         Returns:
             `flash`, `flex` or `sdpa`.
         """
-        return choose_kernel(self.backend, q.device.type, q.dtype, mask, flash_attn_func is not None)
+        installed = flash_attn_func is not None
+        return choose_kernel(self.backend, q.device.type, q.dtype, mask, installed)
 
     def heads_of(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """x: [B, N, D] -> q, k, v: [B, H, N, Dh], QK-normed (before rotary positions).
@@ -277,7 +315,10 @@ class Attention(nn.Module):
         return self.q_norm(q), self.k_norm(k), v
 
     def forward(
-        self, x: Tensor, rope: tuple[Tensor, Tensor] | None = None, mask: Tensor | GroupMask | None = None
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | GroupMask | None = None,
     ) -> Tensor:
         """x: [B, N, D]; mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None.
 
@@ -289,7 +330,28 @@ class Attention(nn.Module):
         Returns:
             [B, N, D] the attention output after the output projection.
         """
-        q, k, v = self.heads_of(x)
+        return self.proj(self.attend(*self.heads_of(x), rope, mask))
+
+    def attend(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        rope: tuple[Tensor, Tensor] | None = None,
+        mask: Tensor | GroupMask | None = None,
+    ) -> Tensor:
+        """Rotary positions, then attention on this module's kernel, before the output projection.
+
+        Args:
+            q: [B, H, N, Dh] queries (of one stream, or of joined streams).
+            k: [B, H, N, Dh] keys.
+            v: [B, H, N, Dh] values.
+            rope: (cos, sin) of the rotary embedding over the N tokens; None for none.
+            mask: [B, 1, N, N] bool (True = may attend), a GroupMask, or None for full attention.
+
+        Returns:
+            [B, N, H * Dh] the attention output, heads concatenated.
+        """
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        return self.proj(attention(q, k, v, mask, self.backend))
+        return attention(q, k, v, mask, self.backend)

@@ -1,4 +1,5 @@
-"""Embeddings: noise level, class label, multi-axis rotary positions and fixed 2D sin-cos positions."""
+"""Embeddings: noise level, class label, multi-axis rotary positions and fixed 2D sin-cos
+positions."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def sinusoidal_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Te
         [..., dim] float32 features.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    steps = torch.arange(half, device=t.device, dtype=torch.float32)
+    freqs = torch.exp(-math.log(max_period) * steps / half)
     args = t.float()[..., None] * freqs
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -41,7 +43,11 @@ class TimestepEmbedder(nn.Module):
     def __init__(self, width: int, frequency_dim: int = 256, scale: float = 1000.0):
         super().__init__()
         self.frequency_dim, self.scale = frequency_dim, scale
-        self.mlp = nn.Sequential(nn.Linear(frequency_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, width),
+            nn.SiLU(),
+            nn.Linear(width, width),
+        )
 
     def forward(self, t: Tensor) -> Tensor:  # t: [...] -> [..., D]
         """Embed noise levels.
@@ -103,8 +109,8 @@ def default_rope_axes(head_dim: int, num_axes: int = 4) -> list[int]:
 
 
 class MultiAxisRoPE(nn.Module):
-    """Rotary embedding over integer position ids [B, N, A]: one rotary block per axis, sizes summing to the head
-    width.
+    """Rotary embedding over integer position ids [B, N, A]: one rotary block per axis, sizes
+    summing to the head width.
 
     Args:
         head_dim: The attention head width.
@@ -120,8 +126,8 @@ class MultiAxisRoPE(nn.Module):
         axes_dim = list(axes_dim) if axes_dim is not None else default_rope_axes(head_dim)
         if sum(axes_dim) != head_dim or any(d % 2 for d in axes_dim):
             raise ValueError(
-                f"model.rope_axes={axes_dim} must be even sizes summing to the head width {head_dim}; "
-                f"leave it null for an automatic split"
+                f"model.rope_axes={axes_dim} must be even sizes summing to the head width "
+                f"{head_dim}; leave it null for an automatic split",
             )
         self.axes_dim, self.theta = axes_dim, theta
 
@@ -138,14 +144,16 @@ class MultiAxisRoPE(nn.Module):
         for axis, dim in enumerate(self.axes_dim):
             if dim == 0:
                 continue
-            freqs = 1.0 / self.theta ** (torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64) / dim)
+            even = torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64)
+            freqs = 1.0 / self.theta ** (even / dim)
             angles.append(pos[..., axis, None].double() * freqs)  # [B, N, dim/2]
         angle = torch.cat(angles, dim=-1).float()[:, None]
         return angle.cos(), angle.sin()
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive channel pairs of x: [B, H, N, Dh] by the given angles, computed in float32.
+    """Rotate consecutive channel pairs of x: [B, H, N, Dh] by the given angles, computed in
+    float32.
 
     Args:
         x: [B, H, N, Dh] queries or keys.
@@ -164,8 +172,9 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 def sincos_2d(pos: Tensor, width: int) -> Tensor:
     """Fixed 2D sin-cos embedding from (h, w) ids of pos: [B, N, 4] -> [B, N, width].
 
-    First half encodes the column (w), second half the row (h), each as (sin, cos): the layout of the
-    MAE/DiT grid embedding, so models trained with it (the released ImageNet model) get identical inputs.
+    First half encodes the column (w), second half the row (h), each as (sin, cos): the layout of
+    the MAE/DiT grid embedding, so models trained with it (the released ImageNet model) get
+    identical inputs.
 
     Args:
         pos: [B, N, 4] position ids; the h and w columns are used.

@@ -1,4 +1,5 @@
-"""Exponential moving average of a model: the Self-Flow teacher and the weights used for inference."""
+"""Exponential moving average of a model: the Self-Flow teacher and the weights used for
+inference."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from torch import nn
 
 
 class EMA(nn.Module):
-    """Holds `module`, an EMA copy of a model, updated with `update(model)` after every optimizer step.
+    """Holds `module`, an EMA copy of a model, updated with `update(model)` after every optimizer
+    step.
 
     Args:
         model: The model to copy; the copy is frozen and kept in eval mode.
@@ -23,7 +25,13 @@ class EMA(nn.Module):
         ValueError: `decay` outside [0, 1).
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True, key: str = "objective.ema_decay"):
+    def __init__(
+        self,
+        model: nn.Module,
+        decay: float = 0.9999,
+        warmup: bool = True,
+        key: str = "objective.ema_decay",
+    ):
         super().__init__()
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"{key}={decay} must be in [0, 1)")

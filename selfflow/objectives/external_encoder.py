@@ -2,7 +2,7 @@
 
 The encoder is never part of a checkpoint: it is held outside the module tree (no parameters, no
 state_dict entries) and recorded by the fingerprint of its files, as a VAE is
-(`selfflow.data.vae_folder`), so that a resume with another encoder is refused by name while the
+(`selfflow.io.model_folders`), so that a resume with another encoder is refused by name while the
 same encoder in another folder is accepted.
 
 Needs the optional extra: pip install 'selfflow[text]' (transformers).
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from selfflow.data.vae_folder import MAX_CONFIG_BYTES, folder_fingerprint
+from selfflow.io.model_folders import MAX_CONFIG_BYTES, folder_fingerprint
 
 KEY = "objective.encoder"
 # the normalisation DINOv2 (and REPA's preprocessing of its inputs) uses

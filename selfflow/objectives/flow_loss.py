@@ -25,8 +25,8 @@ def masked_mean(values: Tensor, valid: Tensor | None) -> Tensor:
 
 
 def own_channels(channels: Tensor, width: int) -> Tensor:
-    """[B, N, C] bool: True on the first `channels[b, n]` of `width` channels, a token's own (packed rows of mixed
-    modalities zero-pad the narrower tokens to the widest).
+    """[B, N, C] bool: True on the first `channels[b, n]` of `width` channels, a token's own (packed
+    rows of mixed modalities zero-pad the narrower tokens to the widest).
 
     Args:
         channels: [B, N] long, how many leading channels belong to each token.
@@ -38,11 +38,16 @@ def own_channels(channels: Tensor, width: int) -> Tensor:
     return torch.arange(width, device=channels.device) < channels[..., None]
 
 
-def token_squared_error(prediction: Tensor, target: Tensor, channels: Tensor | None = None) -> Tensor:
+def token_squared_error(
+    prediction: Tensor,
+    target: Tensor,
+    channels: Tensor | None = None,
+) -> Tensor:
     """Mean squared error over each token's own channels: [B, N, C] -> [B, N], in float32.
 
-    channels: [B, N] how many leading channels belong to each token (None: all C), so that a token's error does not
-    depend on the width of the other modalities it is packed with; a token with none (padding) gets 0.
+    channels: [B, N] how many leading channels belong to each token (None: all C), so that a token's
+    error does not depend on the width of the other modalities it is packed with; a token with none
+    (padding) gets 0.
 
     Args:
         prediction: [B, N, C] the predicted velocity.
@@ -59,7 +64,12 @@ def token_squared_error(prediction: Tensor, target: Tensor, channels: Tensor | N
     return torch.where(own, squared, 0.0).sum(dim=-1) / channels.clamp_min(1).to(squared.dtype)
 
 
-def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def bucket_sums(
+    values: Tensor,
+    levels: Tensor,
+    buckets: int,
+    valid: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """Sum and count of per-token values: [B, N] in `buckets` equal ranges of their level: [B, N].
 
     Returns (sums, counts), each [buckets]; no host sync, so it is cheap to compute every step.
@@ -74,11 +84,13 @@ def bucket_sums(values: Tensor, levels: Tensor, buckets: int, valid: Tensor | No
         (sums, counts), each [buckets], on the values' device.
     """
     which = torch.clamp((levels.float() * buckets).long(), 0, buckets - 1).flatten()
-    weights = valid.flatten().to(values.dtype) if valid is not None else torch.ones_like(which, dtype=values.dtype)
-    sums = torch.zeros(buckets, device=values.device, dtype=values.dtype).index_add_(
-        0, which, values.flatten() * weights
-    )
-    counts = torch.zeros(buckets, device=values.device, dtype=values.dtype).index_add_(0, which, weights)
+    if valid is not None:
+        weights = valid.flatten().to(values.dtype)
+    else:
+        weights = torch.ones_like(which, dtype=values.dtype)
+    zeros = torch.zeros(buckets, device=values.device, dtype=values.dtype)
+    sums = zeros.clone().index_add_(0, which, values.flatten() * weights)
+    counts = zeros.index_add_(0, which, weights)
     return sums, counts
 
 

@@ -1,5 +1,6 @@
-"""The weight of the representation loss over training (`objective.gamma_schedule`): a pure function of the
-optimizer step, so that a resumed run continues with exactly the weights an uninterrupted run would have had."""
+"""The weight of the representation loss over training (`objective.gamma_schedule`): a pure function
+of the optimizer step, so that a resumed run continues with exactly the weights an uninterrupted run
+would have had."""
 
 from __future__ import annotations
 
@@ -8,14 +9,17 @@ from collections.abc import Callable
 # the factor of objective.gamma at optimizer step `step`, given the schedule's `steps`
 KINDS: dict[str, Callable[[int, int], float]] = {
     "constant": lambda step, steps: 1.0,
-    "warmup": lambda step, steps: min(1.0, step / steps),  # 0 at step 0, the full gamma from `steps` on
-    "cutoff": lambda step, steps: 1.0 if step < steps else 0.0,  # the full gamma, then 0 from `steps` on
+    # 0 at step 0, the full gamma from `steps` on
+    "warmup": lambda step, steps: min(1.0, step / steps),
+    # the full gamma, then 0 from `steps` on
+    "cutoff": lambda step, steps: 1.0 if step < steps else 0.0,
 }
 
 
 class GammaSchedule:
-    """kind: constant (gamma throughout), warmup (rising linearly from 0 at step 0 to gamma at `steps`) or cutoff
-    (gamma before `steps`, 0 from then on: the representation loss is still computed and logged, with weight 0).
+    """kind: constant (gamma throughout), warmup (rising linearly from 0 at step 0 to gamma at
+    `steps`) or cutoff (gamma before `steps`, 0 from then on: the representation loss is still
+    computed and logged, with weight 0).
 
     Calling the schedule with an optimizer step gives the factor of gamma there.
 
@@ -29,8 +33,12 @@ class GammaSchedule:
 
     def __init__(self, kind: str = "constant", steps: int = 0):
         if kind not in KINDS:
-            raise ValueError(f"objective.gamma_schedule.kind={kind!r} is unknown; choose one of: {', '.join(KINDS)}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0 or (kind != "constant" and steps < 1):
+            choices = ", ".join(KINDS)
+            raise ValueError(
+                f"objective.gamma_schedule.kind={kind!r} is unknown; choose one of: {choices}",
+            )
+        whole = not isinstance(steps, bool) and isinstance(steps, int) and steps >= 0
+        if not whole or (kind != "constant" and steps < 1):
             raise ValueError(
                 f"objective.gamma_schedule.steps={steps!r} must be an integer >= 1 with "
                 f"kind={kind} (the step where the warm-up ends or the cut-off begins)"

@@ -14,11 +14,16 @@ from selfflow.flow.timesteps import TimestepDistribution
 from selfflow.models.attention import GroupMask
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.objectives.ema import EMA
-from selfflow.objectives.flow_loss import bucket_sums, masked_mean, own_channels, token_squared_error
+from selfflow.objectives.flow_loss import (
+    bucket_sums,
+    masked_mean,
+    own_channels,
+    token_squared_error,
+)
 from selfflow.objectives.gamma_schedule import GammaSchedule
 from selfflow.objectives.repa import token_grid
 from selfflow.objectives.representation import ProjectionHead, cosine_distance
-from selfflow.tokens import Condition, PackedTokens, Tokens, as_segments
+from selfflow.tokens import Condition, PackedTokens, TokenModalities, Tokens
 
 
 def sampling_weights_name(decay: float) -> str:
@@ -34,7 +39,8 @@ def sampling_weights_name(decay: float) -> str:
 
 
 def sampling_ema_key(name: str) -> str:
-    """The module key of a sampling EMA named `name` (module names cannot hold dots): ema_0.9999 -> ema_0_9999.
+    """The module key of a sampling EMA named `name` (module names cannot hold dots): ema_0.9999 ->
+    ema_0_9999.
 
     Args:
         name: The EMA's name, `ema_<decay>`.
@@ -59,6 +65,137 @@ def default_layers(depth: int) -> tuple[int, int]:
     return student, teacher
 
 
+def check_loss_settings(
+    gamma: float,
+    class_dropout: float,
+    caption_dropout: float,
+    loss_buckets: int,
+) -> None:
+    """The ranges of the objective's plain numbers, each error naming its config key.
+
+    Args:
+        gamma: Weight of the representation loss.
+        class_dropout: Probability of dropping a label.
+        caption_dropout: Probability of dropping a caption.
+        loss_buckets: Noise-level ranges the flow loss is logged in.
+
+    Raises:
+        ValueError: The first value out of range.
+    """
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
+        raise ValueError(
+            f"objective.gamma={gamma} must be one number >= 0 (0 turns the representation "
+            "loss off; to change it over training set objective.gamma_schedule.kind)"
+        )
+    for key, value in (("class_dropout", class_dropout), ("caption_dropout", caption_dropout)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"objective.{key}={value} must be in [0, 1]")
+    if isinstance(loss_buckets, bool) or not isinstance(loss_buckets, int) or loss_buckets < 1:
+        raise ValueError(f"objective.loss_buckets={loss_buckets!r} must be an integer >= 1")
+
+
+def resolve_layers(depth: int, student: int | None, teacher: int | None) -> tuple[int, int]:
+    """The student and teacher layers, None taking `default_layers`.
+
+    Args:
+        depth: The model's blocks.
+        student: 1-based student block, or None.
+        teacher: 1-based teacher block, or None.
+
+    Returns:
+        (student layer, teacher layer).
+
+    Raises:
+        ValueError: Not 1 <= student < teacher <= depth.
+    """
+    auto_student, auto_teacher = default_layers(depth)
+    student = auto_student if student is None else student
+    teacher = auto_teacher if teacher is None else teacher
+    if not 1 <= student < teacher <= depth:
+        raise ValueError(
+            f"objective.student_layer={student} and objective.teacher_layer={teacher} must "
+            f"satisfy 1 <= student_layer < teacher_layer <= model depth ({depth})"
+        )
+    return student, teacher
+
+
+def resolve_mask_ratios(
+    mask_ratio: float | Mapping[str, float],
+    modalities: list[str],
+) -> dict[str, float]:
+    """One checked mask ratio per modality.
+
+    Args:
+        mask_ratio: One ratio in [0, 0.5] for all, or one per modality.
+        modalities: The model's modalities.
+
+    Returns:
+        Modality -> its ratio.
+
+    Raises:
+        ValueError: A ratio out of range, or a modality without one.
+    """
+    per_modality = isinstance(mask_ratio, Mapping)
+    ratios = dict(mask_ratio) if per_modality else dict.fromkeys(modalities, mask_ratio)
+    missing = set(modalities) - set(ratios)
+    if missing:
+        raise ValueError(f"objective.mask_ratio has no value for modalities {sorted(missing)}")
+    key = "objective.mask_ratio"
+    keys = {m: f"{key}.{m}" if per_modality else key for m in ratios}
+    return {m: check_mask_ratio(r, keys[m]) for m, r in ratios.items()}
+
+
+def check_loss_weights(loss_weights: dict[str, float] | None) -> dict[str, float]:
+    """Modality -> its non-negative loss weight (missing modalities weigh 1).
+
+    Args:
+        loss_weights: The configured weights, or None.
+
+    Returns:
+        The weights as floats.
+
+    Raises:
+        ValueError: A negative weight.
+    """
+    weights = {m: float(w) for m, w in (loss_weights or {}).items()}
+    negative = {m: w for m, w in weights.items() if w < 0}
+    if negative:
+        raise ValueError(f"objective.loss_weights must be >= 0, got {negative}")
+    return weights
+
+
+def sampling_emas(model: nn.Module, decays, warmup: bool) -> nn.ModuleDict:
+    """The extra EMAs of the student to sample from, keyed by `sampling_ema_key`.
+
+    Args:
+        model: The student.
+        decays (Sequence[float]): One decay per EMA.
+        warmup: Warm each decay up over the first updates.
+
+    Returns:
+        Key -> EMA.
+
+    Raises:
+        ValueError: A decay listed twice.
+    """
+    names = [sampling_weights_name(d) for d in decays]
+    if len(set(names)) < len(names):
+        raise ValueError(
+            f"objective.sampling_ema_decays={list(decays)} repeats a decay; list each once",
+        )
+    return nn.ModuleDict(
+        {
+            sampling_ema_key(name): EMA(
+                model,
+                float(d),
+                warmup,
+                key="objective.sampling_ema_decays",
+            )
+            for name, d in zip(names, decays)
+        }
+    )
+
+
 @dataclass
 class ObjectiveOutput:
     """The losses of one training step and what the logs show of it.
@@ -81,31 +218,49 @@ class ObjectiveOutput:
     flow_bucket_sums: Tensor  # [buckets] flow error summed per noise-level range
     flow_bucket_counts: Tensor  # [buckets]
     levels: DualLevels = field(repr=False)
-    per_modality: dict[str, dict[str, Tensor]] = field(default_factory=dict)  # detached, for logging
+    # modality -> its detached losses, for logging
+    per_modality: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     loss_align: Tensor | None = None  # REPA's alignment loss (objective.alignment), None without it
 
 
 class SelfFlowObjective(nn.Module):
-    """Owns the student (`model`), its EMA teacher and the projection head; computes the training loss.
+    """Owns the student (`model`), its EMA teacher and the projection head; computes the training
+    loss. Text tokens are never noised and the losses cover data tokens only.
 
-    mask_ratio: float, or {modality: float} (method defaults: image 0.25, video 0.10, audio 0.50).
-    gamma: weight of the representation loss (0 = dual-timestep only; with mask_ratio 0: vanilla flow matching).
-    student_layer / teacher_layer: 1-based blocks (None = about 0.3 and 0.7 of the depth).
-    class_dropout: probability of replacing a label with the null label, shared by student and teacher.
-    attention_separation: block attention between the two noise groups in the student (ablation); with text, each
-    group attends to its own copy of the text tokens.
-    loss_weights: {modality: weight} on the per-token losses (joint training; default 1).
-    caption_dropout: probability of replacing a caption with the null text (classifier-free guidance), shared by
-    student and teacher like the label dropout. Text tokens are never noised and the losses cover data tokens only.
-    gamma_schedule: gamma over training (a factor of it per optimizer step; None: constant).
-    sampling_ema_decays: extra EMAs of the student, one full model copy each (no gradient, no optimizer state),
-    updated with the teacher and read as `weights=ema_<decay>` by selfflow-sample and selfflow-probe: a slower EMA
-    to sample from than the teacher the method needs.
-    alignment: REPA's alignment to an external encoder (`selfflow.objectives.repa.REPAAlignment`,
-    built with the model's width and depth and `encoder`); `forward` then needs the batch's clean
-    images (objective=repa).
-    encoder: the local folder of REPA's encoder (read only with `alignment`, so that one sweep over
-    the objectives can name it for all).
+    Args:
+        model: The student.
+        mask_ratio: One ratio in [0, 0.5], or one per modality (method defaults: image 0.25, video
+            0.10, audio 0.50).
+        gamma: Weight of the representation loss (0 = dual-timestep only; with mask_ratio 0:
+            vanilla flow matching).
+        student_layer: 1-based block whose output the head projects; None for about 0.3 of the
+            depth.
+        teacher_layer: 1-based teacher block it is compared with; None for about 0.7 of the depth.
+        ema_decay: The teacher's EMA decay.
+        ema_warmup: Warm the decay up over the first updates.
+        timesteps: The distribution p(t) both levels are drawn from; None for uniform.
+        mask_mode: `exact` or `bernoulli` masking.
+        class_dropout: Probability of replacing a label with the null label, shared by student and
+            teacher.
+        attention_separation: Block attention between the two noise groups in the student
+            (ablation); with text, each group attends to its own copy of the text tokens.
+        loss_buckets: Noise-level ranges the flow loss is logged in.
+        loss_weights: Modality -> weight of its per-token losses (joint training); None for 1 each.
+        caption_dropout: Probability of replacing a caption with the null text (classifier-free
+            guidance), shared by student and teacher like the label dropout.
+        gamma_schedule: Gamma over training (a factor of it per optimizer step); None for constant.
+        sampling_ema_decays: Extra EMAs of the student, one full model copy each (no gradient, no
+            optimizer state), updated with the teacher and read as `weights=ema_<decay>` by
+            selfflow-sample and selfflow-probe: a slower EMA to sample from than the teacher.
+        alignment: REPA's alignment to an external encoder (`repa.REPAAlignment`, built with the
+            model's width and depth and `encoder`); `forward` then needs the batch's clean images
+            (objective=repa).
+        encoder: The local folder of REPA's encoder (read only with `alignment`, so that one sweep
+            over the objectives can name it for all).
+
+    Raises:
+        ValueError: A value out of range, layers not 1 <= student < teacher <= depth, a modality
+            without a mask ratio, a repeated sampling EMA decay, or `alignment` without `encoder`.
     """
 
     def __init__(
@@ -129,80 +284,17 @@ class SelfFlowObjective(nn.Module):
         alignment: Callable[..., nn.Module] | None = None,
         encoder: str | None = None,
     ):
-        """Build the teacher, the head and the scheduler around `model`.
-
-        Args:
-            model: The student.
-            mask_ratio: One ratio in [0, 0.5], or one per modality.
-            gamma: Weight of the representation loss (>= 0).
-            student_layer: 1-based block whose output the head projects; None for about 0.3 of the
-                depth.
-            teacher_layer: 1-based teacher block it is compared with; None for about 0.7 of the
-                depth.
-            ema_decay: The teacher's EMA decay.
-            ema_warmup: Warm the decay up over the first updates.
-            timesteps: The distribution p(t) both levels are drawn from; None for uniform.
-            mask_mode: `exact` or `bernoulli` masking.
-            class_dropout: Probability of dropping a label (classifier-free guidance).
-            attention_separation: Block attention between the two noise groups (ablation).
-            loss_buckets: Noise-level ranges the flow loss is logged in.
-            loss_weights: Modality -> weight of its per-token losses; None for 1 each.
-            caption_dropout: Probability of dropping a caption.
-            gamma_schedule: Gamma over training; None for constant.
-            sampling_ema_decays: Decays of extra EMAs of the student to sample from.
-
-        Raises:
-            ValueError: A value out of range, layers not 1 <= student < teacher <= depth, a modality
-                without a mask ratio, or a repeated sampling EMA decay.
-        """
         super().__init__()
-        if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or gamma < 0:
-            raise ValueError(
-                f"objective.gamma={gamma} must be one number >= 0 (0 turns the representation "
-                "loss off; to change it over training set objective.gamma_schedule.kind)"
-            )
-        if not 0.0 <= class_dropout <= 1.0:
-            raise ValueError(f"objective.class_dropout={class_dropout} must be in [0, 1]")
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"objective.caption_dropout={caption_dropout} must be in [0, 1]")
-        if isinstance(loss_buckets, bool) or not isinstance(loss_buckets, int) or loss_buckets < 1:
-            raise ValueError(f"objective.loss_buckets={loss_buckets!r} must be an integer >= 1")
+        check_loss_settings(gamma, class_dropout, caption_dropout, loss_buckets)
         self.caption_dropout = float(caption_dropout)
-        auto_student, auto_teacher = default_layers(model.depth)
-        student_layer = auto_student if student_layer is None else student_layer
-        teacher_layer = auto_teacher if teacher_layer is None else teacher_layer
-        if not 1 <= student_layer < teacher_layer <= model.depth:
-            raise ValueError(
-                f"objective.student_layer={student_layer} and objective.teacher_layer={teacher_layer} must satisfy "
-                f"1 <= student_layer < teacher_layer <= model depth ({model.depth})"
-            )
-        per_modality = isinstance(mask_ratio, Mapping)
-        ratios = dict(mask_ratio) if per_modality else dict.fromkeys(model.token_channels, mask_ratio)
-        missing = set(model.token_channels) - set(ratios)
-        if missing:
-            raise ValueError(f"objective.mask_ratio has no value for modalities {sorted(missing)}")
-        self.mask_ratios = {
-            m: check_mask_ratio(r, f"objective.mask_ratio.{m}" if per_modality else "objective.mask_ratio")
-            for m, r in ratios.items()
-        }
-        self.scheduler = DualTimestepScheduler(max(self.mask_ratios.values()), timesteps, mask_mode)
-        self.loss_weights = {m: float(w) for m, w in (loss_weights or {}).items()}
-        negative = {m: w for m, w in self.loss_weights.items() if w < 0}
-        if negative:
-            raise ValueError(f"objective.loss_weights must be >= 0, got {negative}")
+        student_layer, teacher_layer = resolve_layers(model.depth, student_layer, teacher_layer)
+        self.mask_ratios = resolve_mask_ratios(mask_ratio, list(model.token_channels))
+        ratio = max(self.mask_ratios.values())
+        self.scheduler = DualTimestepScheduler(ratio, timesteps, mask_mode)
+        self.loss_weights = check_loss_weights(loss_weights)
         self.model = model
         self.teacher = EMA(model, ema_decay, ema_warmup)
-        names = [sampling_weights_name(d) for d in sampling_ema_decays]
-        if len(set(names)) < len(names):
-            raise ValueError(
-                f"objective.sampling_ema_decays={list(sampling_ema_decays)} repeats a decay; list each once"
-            )
-        self.sampling_emas = nn.ModuleDict(
-            {
-                sampling_ema_key(name): EMA(model, float(d), ema_warmup, key="objective.sampling_ema_decays")
-                for name, d in zip(names, sampling_ema_decays)
-            }
-        )
+        self.sampling_emas = sampling_emas(model, sampling_ema_decays, ema_warmup)
         self.gamma_schedule = gamma_schedule or GammaSchedule()
         self.head = ProjectionHead(model.width) if gamma > 0 else None
         self.gamma, self.class_dropout = float(gamma), float(class_dropout)
@@ -218,9 +310,9 @@ class SelfFlowObjective(nn.Module):
             self.alignment = alignment(width=model.width, depth=model.depth, encoder=encoder)
 
     def drop_condition(self, condition: Condition, samples: tuple[int, int], device) -> Condition:
-        """Classifier-free guidance dropout, drawn once and shared by the student and the teacher: each sample's label
-        ([R, S] samples) with probability class_dropout (all of them for an unconditional model), each caption with
-        probability caption_dropout.
+        """Classifier-free guidance dropout, drawn once and shared by the student and the teacher:
+        each sample's label ([R, S] samples) with probability class_dropout (all of them for an
+        unconditional model), each caption with probability caption_dropout.
 
         Args:
             condition: The batch's condition, labels per sample [R, S].
@@ -233,15 +325,20 @@ class SelfFlowObjective(nn.Module):
         if condition.labels is None or self.model.num_classes == 0:
             condition = replace(condition, labels=None)  # the model's null class
         else:
-            condition = condition.drop(torch.rand(samples, device=device) < self.class_dropout, only="labels")
+            condition = condition.drop(
+                torch.rand(samples, device=device) < self.class_dropout,
+                only="labels",
+            )
         if condition.text is not None and self.caption_dropout > 0:
-            rows = torch.rand(condition.text.batch_size, device=condition.text.valid.device) < self.caption_dropout
+            draw = torch.rand(condition.text.batch_size, device=condition.text.valid.device)
+            rows = draw < self.caption_dropout
             condition = condition.drop(rows, only="text")
         return condition
 
     @staticmethod
     def attention_mask(groups: Tensor | None, contiguous: bool = True) -> GroupMask | None:
-        """groups: [B, N] long, -1 on padding: tokens attend within their own group only (None: no blocking).
+        """groups: [B, N] long, -1 on padding: tokens attend within their own group only (None: no
+        blocking).
 
         Args:
             groups: [B, N] long group of each token, -1 on padding; None for full attention.
@@ -253,28 +350,9 @@ class SelfFlowObjective(nn.Module):
         """
         return None if groups is None else GroupMask(groups, contiguous)
 
-    def _layout(self, tokens: Tokens | PackedTokens, labels: Tensor | None):
-        """Segments, per-sample labels [R, S] (None: unlabelled), mask ratios [R, S], per-token loss weights, the
-        modality (or masks) and the per-token channel counts [R, N] of a batch (None when every token has all C
-        channels)."""
-        if isinstance(tokens, PackedTokens):
-            ratios = torch.tensor(
-                [
-                    [self.mask_ratios[m] for m in row] + [0.0] * (tokens.num_segments - len(row))
-                    for row in tokens.segment_modality
-                ],
-                device=tokens.x.device,
-            )
-            weights = sum(sel * self.loss_weights.get(m, 1.0) for m, sel in tokens.modality_masks.items())
-            channels = sum(sel * tokens.channels[m] for m, sel in tokens.modality_masks.items())  # 0 on padding
-            return tokens.segment, tokens.segment_labels, ratios, weights, tokens.modality_masks, channels
-        segment = as_segments(tokens)
-        ratios = torch.full((segment.shape[0], 1), self.mask_ratios[tokens.modality], device=tokens.x.device)
-        per_sample = None if labels is None else labels[:, None]
-        return segment, per_sample, ratios, self.loss_weights.get(tokens.modality, 1.0), tokens.modality, None
-
     def gamma_at(self, step: int | None) -> float:
-        """The representation loss weight at optimizer step `step` (None: objective.gamma, unscheduled).
+        """The representation loss weight at optimizer step `step` (None: objective.gamma,
+        unscheduled).
 
         Args:
             step: The optimizer step; None for the unscheduled gamma.
@@ -291,74 +369,204 @@ class SelfFlowObjective(nn.Module):
         step: int | None = None,
         images: Tensor | None = None,
     ) -> ObjectiveOutput:
-        """tokens: a padded batch of one modality or packed rows; condition: the batch's labels ([B]; packed rows
-        carry theirs inside the packing), captions and size conditioning (None: unconditional); step: the optimizer
-        step, for the gamma schedule; images: the clean images [B, C, H, W] in [0, 1] (REPA's
-        alignment)."""
-        condition = condition or Condition()
-        x0 = tokens.x  # [R, N, C]
-        packed = isinstance(tokens, PackedTokens)
-        if packed and (condition.text is not None or condition.sizes is not None):
-            raise ValueError("text and size conditioning work with padded batches; turn data packing off")
-        segment, sample_labels, ratios, weights, modality, channels = self._layout(tokens, condition.labels)
-        valid = segment >= 0 if (packed or tokens.valid is not None) else None
-        num_samples = ratios.shape[1]
-        dual = self.scheduler.for_segments(segment, num_samples, ratios)
-        x1 = torch.randn_like(x0)  # one shared noise draw for student and teacher
-        if channels is not None:  # packed rows: noise on each token's own channels only, the zero padding stays zero
-            x1 = torch.where(own_channels(channels, x0.shape[-1]), x1, 0.0)
-        student_t = dual.per_token  # [R, N]
-        # labels per sample [R, S]; dropped once, shared by student and teacher
-        condition = self.drop_condition(replace(condition, labels=sample_labels), tuple(ratios.shape), x0.device)
+        """The losses of one training step.
 
-        # attention stays within a sample (packed rows), within a noise group (the separation ablation), and away
-        # from padding; None when nothing needs blocking
-        sample_groups = self.attention_mask(segment if valid is not None else None)
-        groups = sample_groups
-        if self.attention_separation and float(ratios.max()) > 0:
-            groups = self.attention_mask(torch.where(segment >= 0, dual.index, -1), contiguous=False)
+        Args:
+            tokens: A padded batch of one modality, or packed rows.
+            condition: The batch's labels ([B]; packed rows carry theirs inside the packing),
+                captions and size conditioning; None for unconditional.
+            step: The optimizer step, for the gamma schedule.
+            images: The clean images [B, C, H, W] in [0, 1] (REPA's alignment).
+
+        Returns:
+            The losses, the step's levels and the per-modality logs.
+
+        Raises:
+            ValueError: Text or size conditioning with packed rows.
+        """
+        condition = self.checked_condition(tokens, condition)
+        x0, segment, valid = tokens.x, tokens.segment, tokens.valid  # [R, N, C], [R, N], [R, N]
+        ratios = self.sample_mask_ratios(tokens)  # [R, S]
+        dual = self.scheduler.for_segments(segment, ratios.shape[1], ratios)
+        x1 = self.shared_noise(tokens)  # one noise draw for student and teacher
+        # labels per sample [R, S]; dropped once, shared by student and teacher
+        labels = replace(condition, labels=self.sample_labels(tokens, condition.labels))
+        condition = self.drop_condition(labels, tuple(ratios.shape), x0.device)
+        sample_groups, groups = self.attention_groups(segment, valid, dual, ratios)
         want_rep = self.gamma > 0
         student = self.model(
-            interpolate(x0, x1, student_t),
+            replace(tokens, x=interpolate(x0, x1, dual.per_token)),
             dual.levels,
             dual.index,
-            tokens.pos,
             condition,
-            modality,
             attn_mask=groups,
             hidden_layers=self._hidden_layers(want_rep),
         )
-        flow_error = token_squared_error(student.velocity, velocity_target(x0, x1), channels)  # [R, N]
+        velocity = velocity_target(x0, x1)
+        channels = tokens.channel_counts  # [R, N] on packed rows, else None
+        flow_error = token_squared_error(student.velocity, velocity, channels)  # [R, N]
+        weights = tokens.modalities.per_token(lambda name: self.loss_weights.get(name, 1.0))
         loss_flow = masked_mean(flow_error * weights, valid)
-        sums, counts = bucket_sums(flow_error.detach(), student_t, self.loss_buckets, valid)
-
         loss_rep, rep_error = None, None
-        loss, gamma = loss_flow, self.gamma_at(step)
         if want_rep:
-            with torch.no_grad():
-                teacher_t = dual.teacher_per_token  # [R, N]: min(t, s) of each token's sample, the cleaner view
-                target = self.teacher.module(
-                    interpolate(x0, x1, teacher_t),
-                    dual.teacher_levels,
-                    segment.clamp_min(0) if packed else None,
-                    tokens.pos,
-                    condition,
-                    modality,
-                    attn_mask=sample_groups,
-                    hidden_layers=(self.teacher_layer,),
-                    stop_after=self.teacher_layer,
-                ).hidden[self.teacher_layer]
-            rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)  # [R, N]
-            loss_rep = masked_mean(rep_error * weights, valid)
-            loss = loss_flow + gamma * loss_rep
+            target = self.teacher_features(tokens, x0, x1, dual, condition, sample_groups)
+            rep_error = cosine_distance(self.head(student.hidden[self.student_layer]), target)
+            loss_rep = masked_mean(rep_error * weights, valid)  # rep_error: [R, N]
         loss_align = self._alignment_loss(student.hidden, tokens, images)
+        errors = (flow_error.detach(), None if rep_error is None else rep_error.detach())
+        gamma = self.gamma_at(step)
+        return self._output(tokens, dual, loss_flow, loss_rep, gamma, loss_align, errors)
+
+    def _output(
+        self,
+        tokens: Tokens | PackedTokens,
+        dual: DualLevels,
+        loss_flow: Tensor,
+        loss_rep: Tensor | None,
+        gamma: float,
+        loss_align: Tensor | None,
+        errors: tuple[Tensor, Tensor | None],
+    ) -> ObjectiveOutput:
+        """The total loss and what the logs show: level buckets and per-modality losses."""
+        loss = loss_flow if loss_rep is None else loss_flow + gamma * loss_rep
         if loss_align is not None:
             loss = loss + self.alignment.weight * loss_align
-        per_modality = self._per_modality(
-            flow_error.detach(), None if rep_error is None else rep_error.detach(), modality, valid
+        flow_error, rep_error = errors  # detached, [R, N] each
+        sums, counts = bucket_sums(flow_error, dual.per_token, self.loss_buckets, tokens.valid)
+        return ObjectiveOutput(
+            loss=loss,
+            loss_flow=loss_flow,
+            loss_rep=loss_rep,
+            gamma=gamma,
+            flow_bucket_sums=sums,
+            flow_bucket_counts=counts,
+            levels=dual,
+            per_modality=self._per_modality(flow_error, rep_error, tokens.modalities),
+            loss_align=loss_align,
         )
-        parts = (loss, loss_flow, loss_rep, gamma, sums, counts, dual, per_modality, loss_align)
-        return ObjectiveOutput(*parts)
+
+    @staticmethod
+    def checked_condition(tokens: Tokens | PackedTokens, condition: Condition | None) -> Condition:
+        """The batch's condition (None: unconditional), refused where packing cannot carry it.
+
+        Args:
+            tokens: The batch.
+            condition: Its condition, or None.
+
+        Returns:
+            The condition.
+
+        Raises:
+            ValueError: Text or size conditioning with packed rows.
+        """
+        condition = condition or Condition()
+        extras = (condition.text, condition.sizes)
+        if isinstance(tokens, PackedTokens) and any(e is not None for e in extras):
+            raise ValueError(
+                "text and size conditioning work with padded batches; turn data packing off",
+            )
+        return condition
+
+    @staticmethod
+    def shared_noise(tokens: Tokens | PackedTokens) -> Tensor:
+        """x1 ~ N(0, I) like the tokens; on packed rows only each token's own channels are noised,
+        so the zero padding of narrower modalities stays zero.
+
+        Args:
+            tokens: The batch.
+
+        Returns:
+            [R, N, C] the noise.
+        """
+        x1 = torch.randn_like(tokens.x)
+        channels = tokens.channel_counts
+        if channels is not None:
+            x1 = torch.where(own_channels(channels, tokens.x.shape[-1]), x1, 0.0)
+        return x1
+
+    def sample_mask_ratios(self, tokens: Tokens | PackedTokens) -> Tensor:
+        """[R, S] mask ratio of each sample's modality (0 on empty sample slots).
+
+        Args:
+            tokens: The batch.
+
+        Returns:
+            [R, S] float ratios on the tokens' device.
+        """
+        slots, rows = tokens.num_segments, []
+        for row in tokens.sample_modalities:
+            rows.append([self.mask_ratios[m] for m in row] + [0.0] * (slots - len(row)))
+        return torch.tensor(rows, device=tokens.x.device)
+
+    @staticmethod
+    def sample_labels(tokens: Tokens | PackedTokens, labels: Tensor | None) -> Tensor | None:
+        """[R, S] class label of each sample: packed rows carry theirs, a padded batch's are given.
+
+        Args:
+            tokens: The batch.
+            labels: [B] the labels of a padded batch, or None.
+
+        Returns:
+            [R, S] long labels, or None for an unlabelled padded batch.
+        """
+        if isinstance(tokens, PackedTokens):
+            return tokens.segment_labels
+        return None if labels is None else labels[:, None]
+
+    def attention_groups(
+        self, segment: Tensor, valid: Tensor | None, dual: DualLevels, ratios: Tensor
+    ) -> tuple[GroupMask | None, GroupMask | None]:
+        """Attention stays within a sample (packed rows), within a noise group (the separation
+        ablation), and away from padding.
+
+        Args:
+            segment: [R, N] long sample of each token, -1 on padding.
+            valid: [R, N] bool, False on padding; None when every token is valid.
+            dual: The step's levels (its index splits the noise groups).
+            ratios: [R, S] the samples' mask ratios.
+
+        Returns:
+            (the teacher's groups: samples, the student's: samples or noise groups); None where
+            nothing needs blocking.
+        """
+        sample_groups = self.attention_mask(segment if valid is not None else None)
+        if self.attention_separation and float(ratios.max()) > 0:
+            noise_groups = torch.where(segment >= 0, dual.index, -1)
+            return sample_groups, self.attention_mask(noise_groups, contiguous=False)
+        return sample_groups, sample_groups
+
+    @torch.no_grad()
+    def teacher_features(
+        self,
+        tokens: Tokens | PackedTokens,
+        x0: Tensor,
+        x1: Tensor,
+        dual: DualLevels,
+        condition: Condition,
+        groups: GroupMask | None,
+    ) -> Tensor:
+        """The EMA teacher's block `teacher_layer` output on the cleaner view, min(t, s) per sample.
+
+        Args:
+            tokens: The batch.
+            x0: [R, N, C] the clean tokens.
+            x1: [R, N, C] the noise shared with the student.
+            dual: The step's levels.
+            condition: The condition after dropout, shared with the student.
+            groups: The samples' attention groups.
+
+        Returns:
+            [R, N, D] the teacher's features, without gradient.
+        """
+        return self.teacher.module(
+            replace(tokens, x=interpolate(x0, x1, dual.teacher_per_token)),
+            dual.teacher_levels,
+            dual.teacher_index,
+            condition,
+            attn_mask=groups,
+            hidden_layers=(self.teacher_layer,),
+            stop_after=self.teacher_layer,
+        ).hidden[self.teacher_layer]
 
     def _hidden_layers(self, want_rep: bool) -> tuple[int, ...]:
         """The student blocks whose outputs the losses read: Self-Flow's and REPA's layers."""
@@ -371,8 +579,7 @@ class SelfFlowObjective(nn.Module):
         """REPA's loss, mean over tokens and samples (None without objective.alignment)."""
         if self.alignment is None:
             return None
-        packed = isinstance(tokens, PackedTokens)
-        if packed or tokens.modality != "image" or tokens.valid is not None:
+        if tokens.modalities.single != "image" or tokens.valid is not None:
             raise ValueError(
                 "objective=repa aligns image tokens of unpacked batches; train on image data "
                 "without packing or buckets (REPA for video and audio: docs/results.md)"
@@ -384,11 +591,14 @@ class SelfFlowObjective(nn.Module):
         return self.alignment(hidden[self.alignment.layer], images, token_grid(tokens)).mean()
 
     @staticmethod
-    def _per_modality(flow_error: Tensor, rep_error: Tensor | None, modality, valid: Tensor | None) -> dict:
+    def _per_modality(
+        flow_error: Tensor,
+        rep_error: Tensor | None,
+        modalities: TokenModalities,
+    ) -> dict:
         """{modality: {"loss_flow": ..., "loss_rep": ...}} over each modality's tokens."""
-        selections = {modality: valid} if isinstance(modality, str) else modality
         out = {}
-        for name, sel in selections.items():
+        for name, sel in modalities.masks.items():
             if sel is not None and not bool(sel.any()):
                 continue
             out[name] = {"loss_flow": masked_mean(flow_error, sel)}

@@ -11,10 +11,11 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.data.pretrained import check_part
-from selfflow.data.vae_folder import downsampling, load_autoencoder, vae_folder
+from selfflow.io.model_folders import downsampling, vae_folder
+from selfflow.tokenizers.autoencoders import load_autoencoder
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokenizers.image import ImagePatchTokenizer
+from selfflow.tokenizers.pretrained import check_part
 from selfflow.tokens import Tokens
 
 KEY = "tokenizer.image.vae"

@@ -7,7 +7,7 @@ Latents are normalised as `(z - shift) * scale` before they become tokens.
 
 The file's fingerprint (sha256) is computed before it is loaded: a checkpoint stores it, and a model
 rebuilt from a checkpoint loads only a file the user names whose fingerprint is the stored one
-(`selfflow.data.pretrained`).
+(`selfflow.tokenizers.pretrained`).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from selfflow.data.pretrained import check_part
 from selfflow.tokenizers.audio import as_mono_batch, limit_peak
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.pretrained import check_part
 from selfflow.tokenizers.video import from_tubelets, grid_positions, to_tubelets, tubelet_grid
 from selfflow.tokens import Tokens
 

@@ -12,7 +12,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from selfflow.data.batching.mixture import check_pack_length
-from selfflow.data.vae_folder import point_vae_keys
+from selfflow.tokenizers.autoencoders import point_vae_keys
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
 from selfflow.training.hyperparameters import FinalMetricsInHparams, command_line_overrides, run_hyperparameters
@@ -69,7 +69,7 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
         if getattr(tokenizer, "fingerprint", None):
             config["tokenizer"][modality]["fingerprint"] = tokenizer.fingerprint
         if getattr(tokenizer, "vae_path", None):
-            point_vae_keys(config, tokenizer.vae_path)
+            point_vae_keys(config, tokenizer.vae_path, modality)
     if objective.alignment is not None:  # REPA's encoder: its folder and fingerprint, never weights
         encoder = objective.alignment.encoder
         config["objective"]["encoder"] = encoder.path

@@ -13,13 +13,13 @@ from torch import nn
 
 from selfflow.data.batching.mixture import pack_groups
 from selfflow.data.batching.rng_state import capture_rng_state, restore_rng_state
-from selfflow.data.pretrained import check_stored_fingerprints
 from selfflow.interop.checkpoint import CHECKPOINT_FORMAT
 from selfflow.interop.state_check import check_state_fits
 from selfflow.objectives.flow_loss import bucket_names
 from selfflow.objectives.repa import check_stored_encoder, clean_images
 from selfflow.objectives.selfflow import SelfFlowObjective
 from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.pretrained import check_stored_fingerprints
 from selfflow.tokens import TEXT, Condition, PackedTokens, Tokens
 from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.nonfinite import NonFiniteGuard, uncount_skipped_step
@@ -262,8 +262,7 @@ class SelfFlowModule(L.LightningModule):
 
 
 def modality_token_counts(tokens: Tokens | PackedTokens) -> dict[str, int]:
-    """Data tokens of each modality in a batch (padding not counted)."""
-    if isinstance(tokens, PackedTokens):
-        return {m: int(sel.sum()) for m, sel in tokens.modality_masks.items()}
-    count = tokens.x.shape[0] * tokens.x.shape[1] if tokens.valid is None else int(tokens.valid.sum())
-    return {tokens.modality: count}
+    """Data tokens of each modality in a batch (padding not counted), as the batch answers."""
+    every = tokens.x.shape[0] * tokens.x.shape[1]  # a mask of None: every token of the batch
+    masks = tokens.modalities.masks.items()
+    return {m: every if sel is None else int(sel.sum()) for m, sel in masks}

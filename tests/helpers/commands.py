@@ -1,6 +1,7 @@
 """The README command checker: command lines found in Markdown bash blocks and tool docstrings, split as a POSIX
-shell splits them, then parsed as each program would parse them (Hydra composes selfflow-train/-sample/-probe
-overrides, argparse parses the other console scripts and `python -m tools.X`); nothing is run."""
+shell splits them, then parsed as each program would parse them (Hydra composes the overrides of
+the commands in CONFIG_OF, argparse parses the other console scripts and `python -m tools.X`);
+nothing is run."""
 
 import argparse
 import ast
@@ -22,10 +23,13 @@ CONFIG_OF = {
     "selfflow-probe": "probe",
     "selfflow-eval": "eval",
     "selfflow-cache": "cache",
+    "selfflow-reference": "reference",
+    "selfflow-prompt-following": "prompt_following",
     "selfflow.cli.train": "train",
     "selfflow.cli.sample": "sample",
     "selfflow.cli.probe": "probe",
     "selfflow.cli.cache": "cache",
+    "selfflow.cli.reference": "reference",
 }
 HYDRA_FLAGS = {"--help"}
 SHELL_TOOLS = {"mkdir", "cd", "cp", "mv", "ls", "for", "curl", "wget", "sha256sum", "rsync", "export"}
@@ -123,8 +127,7 @@ def console_scripts() -> dict:
 
 
 def parse_only(monkeypatch, argv: list[str], entry) -> None:
-    """Run `entry` with `argv` until its argparse has parsed (nothing else runs); training overrides it passes on
-    (selfflow-reference's) are composed as the program composes them."""
+    """Run `entry` with `argv` until its argparse has parsed (nothing else runs)."""
     original = argparse.ArgumentParser.parse_args
 
     def parse(self, args=None, namespace=None):
@@ -132,11 +135,8 @@ def parse_only(monkeypatch, argv: list[str], entry) -> None:
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse)
     monkeypatch.setattr(sys, "argv", argv)
-    with pytest.raises(Parsed) as parsed:
+    with pytest.raises(Parsed):
         entry()
-    overrides = getattr(parsed.value.args[0], "overrides", None)
-    if overrides:
-        sys.modules[entry.__module__].compose_data_config(overrides)
 
 
 def parse_console_script(program: str, args: list[str], monkeypatch) -> None:

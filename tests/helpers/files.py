@@ -136,3 +136,86 @@ def write_tiny_dinov2(folder: Path, seed: int = 0, hidden_size: int = 16) -> Pat
         torch.manual_seed(seed)
         transformers.Dinov2Model(config).save_pretrained(folder)
     return folder
+
+
+# tiny configs of the published video VAE classes (4x space; Wan, CogVideoX, HunyuanVideo 4x time,
+# LTX-Video 2x), a few thousand to 50k weights each
+TINY_VIDEO_VAES = {
+    "AutoencoderKLWan": {
+        "base_dim": 8,
+        "z_dim": 4,
+        "dim_mult": [1, 1, 1],
+        "num_res_blocks": 1,
+        "temperal_downsample": [True, True],
+        "latents_mean": [0.1, -0.2, 0.3, 0.0],
+        "latents_std": [0.5, 1.0, 2.0, 4.0],
+        "scale_factor_temporal": 4,
+        "scale_factor_spatial": 4,
+    },
+    "AutoencoderKLCogVideoX": {
+        "block_out_channels": (8, 8, 8),
+        "down_block_types": ("CogVideoXDownBlock3D",) * 3,
+        "up_block_types": ("CogVideoXUpBlock3D",) * 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+    },
+    "AutoencoderKLHunyuanVideo": {
+        "block_out_channels": (8, 8, 8),
+        "down_block_types": ("HunyuanVideoDownBlock3D",) * 3,
+        "up_block_types": ("HunyuanVideoUpBlock3D",) * 3,
+        "latent_channels": 4,
+        "layers_per_block": 1,
+        "norm_num_groups": 4,
+        "spatial_compression_ratio": 4,
+        "mid_block_add_attention": False,
+    },
+    "AutoencoderKLLTXVideo": {
+        "block_out_channels": (8, 8),
+        "decoder_block_out_channels": (8, 8),
+        "down_block_types": ("LTXVideoDownBlock3D",) * 2,
+        "latent_channels": 4,
+        "layers_per_block": (1, 1, 1),
+        "decoder_layers_per_block": (1, 1, 1),
+        "spatio_temporal_scaling": (True, False),
+        "decoder_spatio_temporal_scaling": (True, False),
+        "decoder_inject_noise": (False,) * 3,
+        "upsample_residual": (False,) * 2,
+        "upsample_factor": (1, 1),
+        "downsample_type": ("conv", "conv"),
+        "patch_size": 2,
+    },
+}
+
+
+def write_tiny_video_vae(folder: Path, seed: int = 0, kind: str = "AutoencoderKLWan", **config):
+    """A randomly initialised diffusers video VAE of class `kind` at the tiny sizes of
+    TINY_VIDEO_VAES (by default the Wan 2.1 VAE's class: 5 frames of 16x16 -> 2 latent frames of
+    4x4, 4 channels, per-channel latents_mean / latents_std in its config), saved with
+    save_pretrained like a published VAE folder."""
+    diffusers = pytest.importorskip("diffusers")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        getattr(diffusers, kind)(**{**TINY_VIDEO_VAES[kind], **config}).save_pretrained(folder)
+    return folder
+
+
+def write_tiny_audio_vae(folder: Path, seed: int = 0, **config) -> Path:
+    """A randomly initialised diffusers AutoencoderOobleck (the Stable Audio VAE's class), mono at
+    8 kHz, 8 samples a latent frame (1 s -> 1000 frames of 4 channels), a few thousand weights,
+    saved with save_pretrained."""
+    diffusers = pytest.importorskip("diffusers")
+    options = {
+        "encoder_hidden_size": 8,
+        "downsampling_ratios": [2, 4],
+        "channel_multiples": [1, 2],
+        "decoder_channels": 4,
+        "decoder_input_channels": 4,
+        "audio_channels": 1,
+        "sampling_rate": 8000,
+        **config,
+    }
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        diffusers.AutoencoderOobleck(**options).save_pretrained(folder)
+    return folder

@@ -57,7 +57,16 @@ def pack(samples: list[Tokens], labels: list[int], row_length: int, null_label: 
             segment_labels[r, k] = labels[i]
             segment_modality[r].append(s.modality)
             start += n
-    return PackedTokens(x, pos, segment, masks, segment_labels, segment_modality, channels, order=rows)
+    return PackedTokens(
+        x=x,
+        pos=pos,
+        segment=segment,
+        modality_masks=masks,
+        segment_labels=segment_labels,
+        segment_modality=segment_modality,
+        channels=channels,
+        order=rows,
+    )
 
 
 def unpack(values: Tensor, packed: PackedTokens) -> list[Tensor]:

@@ -1,14 +1,23 @@
-"""A cache of VAE posteriors for training from latents (written by `selfflow-cache`, read by `data=latent_cache`).
+"""A cache of VAE posteriors for training from latents (written by `selfflow-cache`, read by
+`data=latent_cache`, `video_latent_cache` and `audio_latent_cache`).
 
 Layout of a cache folder:
-  manifest.json            what the latents depend on (VAE fingerprint, crop, image size), the record layout, the
-                           class names and the sample count of each split; written last, so it marks a whole cache
-  index-<split>.json       per record: the source key (its file), shard, byte offset in the shard, label
-  <split>-rNNN-NNNNNN.tar  tar shards written by rank NNN; member `<sample index>.latent` is one record:
-                           float16 [2 flips, (posterior mean, posterior std), C, h, w], flip 1 = the mirrored image
+  manifest.json            what the latents depend on (modality, VAE fingerprint and the data
+                           options of `CACHED[modality].keys`: crop and image size for images), the
+                           record layout, the class names and the sample count of each split;
+                           written last, so it marks a whole cache
+  index-<split>.json       per record: the source key (its file), shard, byte offset in the shard,
+                           label
+  <split>-rNNN-NNNNNN.tar  tar shards written by rank NNN; member `<sample index>.latent` is one
+                           record: float16 [flips, (posterior mean, posterior std), C, *latent
+                           size]: images 2 flips (flip 1 = the mirrored image) of [C, h, w]; clips
+                           1 of [C, T', h, w] (T' latent frames); waves 1 of [C, L] (L latent
+                           frames)
 
-Training draws a flip and a posterior sample `mean + std * noise` per step (as REPA) from the batch's seed, so a
-resumed run draws the same latents. Every number read from these files is bounded before it sizes anything.
+Training draws a flip and a posterior sample `mean + std * noise` per step (as REPA) from the batch
+seed, so a resumed run draws the same latents. Every number read from these files is bounded before
+it sizes anything. A manifest without `modality` (written before video and audio were cached) is an
+image cache.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import io
 import json
 import os
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from selfflow.data.vae_folder import latent_geometry, vae_fingerprint
+from selfflow.io.model_folders import latent_geometry, vae_fingerprint
 from selfflow.io.safe_files import (
     create_temporary,
     finish_temporary,
@@ -40,16 +50,38 @@ SPLITS = ("train", "test")
 RECORD_SUFFIX = ".latent"
 MAX_JSON_BYTES = 1 << 31  # an index of ~1.3M ImageNet records is ~60 MB
 MAX_RECORD_BYTES = 1 << 28
-MAX_LATENT_CHANNELS, MAX_LATENT_SIDE, MAX_CLASSES = 256, 4096, 1_000_000
+# a side bounds the L latent frames of long waves too
+MAX_LATENT_CHANNELS, MAX_LATENT_SIDE, MAX_CLASSES = 256, 1 << 16, 1_000_000
+
+
+@dataclass(frozen=True)
+class CachedModality:
+    """What a cache of one modality's latents holds.
+
+    keys: the data.dataset options the latents depend on (stored in the manifest, compared with the
+    run's when the cache is read). flips: 2 for an image and its mirror, 1 for a sample as read.
+    sides: the latent axes after the channels (h w; T' h w; L).
+    """
+
+    keys: tuple[str, ...]
+    flips: int
+    sides: int
+
+
+CACHED = {
+    "image": CachedModality(("image_size", "crop"), flips=2, sides=2),
+    "video": CachedModality(("num_frames", "image_size", "channels", "fps"), flips=1, sides=3),
+    "audio": CachedModality(("sample_rate", "duration"), flips=1, sides=1),
+}
 
 
 def index_name(split: str) -> str:
     return f"index-{split}.json"
 
 
-def record_shape(channels: int, height: int, width: int) -> tuple[int, ...]:
-    """[flip, (mean, std), C, h, w]"""
-    return (2, 2, channels, height, width)
+def record_shape(channels: int, *sides: int, flips: int = 2) -> tuple[int, ...]:
+    """[flip, (mean, std), C, *sides]"""
+    return (flips, 2, channels, *sides)
 
 
 def read_json(path: Path, what: str) -> Any:
@@ -78,16 +110,21 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         "manifest; run selfflow-cache again)",
     )
     try:
+        modality = manifest.get("modality", "image")
+        kind = CACHED[modality]
+        crop, size = (manifest.get(key) for key in ("crop", "image_size"))
+        image = modality != "image" or (isinstance(crop, str) and isinstance(size, int))
         ok = (
             manifest["format"] == FORMAT
             and manifest["dtype"] == "float16"
-            and len(manifest["latent_size"]) == 2
+            and manifest.get("flips", 2) == kind.flips
+            and len(manifest["latent_size"]) == kind.sides
             and isinstance(manifest["vae_fingerprint"], str)
-            and isinstance(manifest["crop"], str)
-            and isinstance(manifest["image_size"], int)
+            and all(plain(manifest[key]) for key in kind.keys)
+            and image
             and isinstance(manifest["class_names"], list)
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, AttributeError):
         ok = False
     if not ok:
         raise ValueError(
@@ -101,22 +138,53 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
     return manifest
 
 
-def check_manifest(manifest: dict[str, Any], root: str, vae: str | os.PathLike, image_size: int, crop: str) -> None:
-    """A cache made with another VAE, crop or image size than the run's is refused, naming the difference."""
-    for key, wanted in (("crop", crop), ("image_size", image_size)):
-        if manifest[key] != wanted:
+def plain(value: Any) -> bool:
+    """A data option as a manifest may hold it: a number, a string or null."""
+    return value is None or (isinstance(value, (int, float, str)) and not isinstance(value, bool))
+
+
+def as_override(value: Any) -> str:
+    """A data option as a command line sets it (null for None)."""
+    return "null" if value is None else str(value)
+
+
+def check_manifest(
+    manifest: dict[str, Any],
+    root: str,
+    vae: str | os.PathLike,
+    image_size: int,
+    crop: str,
+    **options,
+) -> None:
+    """A cache made with another modality, VAE or data options (crop, image size, frames, ...) than
+    the run's is refused, naming the difference. `options`: the run's values of the modality's other
+    `CACHED` keys."""
+    modality = manifest.get("modality", "image")
+    wanted_modality = options.pop("modality", "image")
+    if modality != wanted_modality:
+        raise ValueError(
+            f"the latent cache data.root={root} holds {modality} latents, not {wanted_modality}; "
+            f"train it with data={'' if modality == 'image' else modality + '_'}latent_cache"
+        )
+    options = {"image_size": image_size, "crop": crop, **options}
+    for key in CACHED[modality].keys:
+        if manifest[key] != options.get(key):  # 8 == 8.0: YAML or a command line
+            made, wanted = as_override(manifest[key]), as_override(options.get(key))
             raise ValueError(
-                f"the latent cache data.root={root} was made with {key}={manifest[key]}, but this run "
-                f"asks for data.dataset.{key}={wanted}; set data.dataset.{key}={manifest[key]} or cache "
+                f"the latent cache data.root={root} was made with {key}={made}, but this run "
+                f"asks for data.dataset.{key}={wanted}; set data.dataset.{key}={made} or cache "
                 f"again with selfflow-cache"
             )
-    fingerprint = vae_fingerprint(vae, "tokenizer.image.vae")
+    key = f"tokenizer.{modality}.vae"
+    fingerprint = vae_fingerprint(vae, key)
     if manifest["vae_fingerprint"] != fingerprint:
         raise ValueError(
             f"the latent cache data.root={root} was made with another VAE (fingerprint "
-            f"{manifest['vae_fingerprint'][:16]}, {manifest.get('vae')}) than tokenizer.image.vae={vae} "
-            f"({fingerprint[:16]}); point tokenizer.image.vae at that VAE or cache again"
+            f"{manifest['vae_fingerprint'][:16]}, {manifest.get('vae')}) than {key}={vae} "
+            f"({fingerprint[:16]}); point {key} at that VAE or cache again"
         )
+    if modality != "image":  # the tokenizer refuses latents of another shape than its VAE makes
+        return
     channels, factor = latent_geometry(vae, "tokenizer.image.vae")
     wanted = [channels, [image_size // factor, image_size // factor]]
     if [manifest["latent_channels"], list(manifest["latent_size"])] != wanted:
@@ -142,7 +210,8 @@ class ShardWriter:
         self._shard_name, self._in_shard, self._shards = "", 0, 0
 
     def add(self, index: int, key: str, label: int, record: Tensor) -> None:
-        """record: float16 [2, 2, C, h, w] of sample `index` (its position in the split's dataset)."""
+        """record: float16 [flips, 2, C, *latent_size] of sample `index` (its position in the
+        split's dataset)."""
         if self._tar is None or self._in_shard == self.records_per_shard:
             self._next_shard()
         data = record.to(torch.float16).contiguous().numpy().tobytes()
@@ -207,12 +276,16 @@ def overlapping(shard_ids: np.ndarray, offsets: np.ndarray, record_bytes: int) -
 
 
 class LatentCache(Dataset):
-    """Items `(z [C, h, w] float32, label)` of a `selfflow-cache` folder, by random access through the index.
+    """Items `(z [C, *latent_size] float32, label)` of a `selfflow-cache` folder, by random access
+    through the index.
 
-    random_flip: draw one of the two stored flips per item (else the image as read); sample_posterior: z =
-    mean + std * noise (else the mean); both for split train only. Both draws use the global RNG, which the training
-    loader seeds per batch.
-    vae / image_size / crop: the run's; a cache made with another VAE, crop or size is refused.
+    random_flip: draw one of the two stored flips per item (else the image as read; caches of clips
+    and waves hold one); sample_posterior: z = mean + std * noise (else the mean); both for split
+    train only. Both draws use the global RNG, which the training loader seeds per batch.
+    modality: what the cache holds (image, video, audio).
+    vae / image_size / crop (images), num_frames / image_size / channels / fps (clips),
+    sample_rate / duration (waves): the run's; a cache made with another VAE or other options is
+    refused.
     """
 
     def __init__(
@@ -224,20 +297,29 @@ class LatentCache(Dataset):
         crop: str = "adm",
         random_flip: bool = True,
         sample_posterior: bool = True,
+        modality: str = "image",
+        **options,
     ):
         if split not in SPLITS:
             raise ValueError(f"latent cache split={split!r} is unknown; choose one of {SPLITS}")
+        if modality not in CACHED or set(options) - set(CACHED[modality].keys):
+            raise ValueError(
+                f"data.dataset: a latent cache of modality={modality!r} takes "
+                f"{', '.join(CACHED.get(modality, CACHED['image']).keys)}, not {sorted(options)}"
+            )
         self.root = Path(root).expanduser()
         manifest = read_manifest(self.root)
-        check_manifest(manifest, str(root), vae, image_size, crop)
+        check_manifest(manifest, str(root), vae, image_size, crop, modality=modality, **options)
         self.class_names = [str(name) for name in manifest["class_names"]]
-        height, width = (int(s) for s in manifest["latent_size"])
-        self.record_shape = record_shape(int(manifest["latent_channels"]), height, width)
+        sides = [int(s) for s in manifest["latent_size"]]
+        flips = CACHED[modality].flips
+        self.record_shape = record_shape(int(manifest["latent_channels"]), *sides, flips=flips)
         where = f"{self.root / MANIFEST} records"
         self.record_bytes = bounded_bytes(self.record_shape, 2, MAX_RECORD_BYTES, where)
         # the test split (probes) reads the posterior mean of each image as it is
         training = split == "train"
-        self.random_flip, self.sample_posterior = random_flip and training, sample_posterior and training
+        self.random_flip = random_flip and training and flips == 2
+        self.sample_posterior = sample_posterior and training
         self.shards, self.shard_ids, self.offsets, self.labels = self._read_index(split)
         self._fds: dict[int, int] = {}
 
@@ -282,7 +364,7 @@ class LatentCache(Dataset):
         return {**self.__dict__, "_fds": {}}
 
     def moments(self, i: int) -> Tensor:
-        """The stored record of item i: [2 flips, (mean, std), C, h, w] float32."""
+        """The stored record of item i: [flips, (mean, std), C, *latent_size] float32."""
         shard = int(self.shard_ids[i])
         if shard not in self._fds:
             self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
@@ -293,6 +375,6 @@ class LatentCache(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         moments = self.moments(i)
-        mean, std = moments[int(torch.randint(2, ())) if self.random_flip else 0]  # [C, h, w] each
+        mean, std = moments[int(torch.randint(2, ())) if self.random_flip else 0]  # [C, ...] each
         z = mean + std * torch.randn(mean.shape) if self.sample_posterior else mean
         return z, int(self.labels[i])

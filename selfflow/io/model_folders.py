@@ -1,10 +1,11 @@
-"""A frozen diffusers `AutoencoderKL` from a local folder (never downloaded), and the fingerprint of its files.
+"""Model folders as `save_pretrained` writes them (config.json + weight files), read without loading a
+network: the folder checked, its config read within a size bound, the latent geometry a VAE's config
+declares, and the fingerprint of its files. Loading the network is the tokenizers' job
+(`selfflow.tokenizers.autoencoders`).
 
 The fingerprint (sha256 over config.json and the weight files, by name and content) is what a checkpoint and a
 latent cache record instead of the weights: a run, a resume, `selfflow-sample` or `selfflow-probe` with a VAE of
 other content is refused by name, while the same VAE in another folder is accepted.
-
-Needs the optional extra: pip install 'selfflow[vae]'.
 """
 
 from __future__ import annotations
@@ -21,18 +22,45 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 MAX_CONFIG_BYTES = 1 << 20  # a diffusers config.json is a few kB
 
 
-def vae_folder(folder: str | os.PathLike, key: str = "vae") -> Path:
-    """The resolved folder, refused in one line (naming the config `key`) unless it holds a diffusers VAE."""
+def vae_folder(folder: str | os.PathLike, key: str = "vae", kind: str = "AutoencoderKL") -> Path:
+    """The resolved folder, refused in one line (naming the config `key`) unless it holds a
+    diffusers autoencoder (`kind`: the class named in the message)."""
     path = Path(folder).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
-            f"{key}={path} is not a diffusers AutoencoderKL folder (no config.json); save one "
-            f"with AutoencoderKL.save_pretrained(folder) and pass that folder (nothing is "
+            f"{key}={path} is not a diffusers {kind} folder (no config.json); save one "
+            f"with {kind.split(' ')[0]}.save_pretrained(folder) and pass that folder (nothing is "
             f"downloaded)"
         )
     if (path / "config.json").stat().st_size > MAX_CONFIG_BYTES:
         raise ValueError(f"{key}={path}: config.json is larger than {MAX_CONFIG_BYTES} bytes; not a VAE config")
     return path.resolve()
+
+
+def read_vae_config(
+    folder: str | os.PathLike,
+    key: str = "vae",
+    kind: str = "AutoencoderKL",
+) -> dict:
+    """The VAE's config.json as a dict (bounded in size), read without loading any weights.
+
+    Args:
+        folder: the VAE folder the user named.
+        key: the config key named in refusals.
+        kind: the classes the caller accepts, named in refusals.
+
+    Returns:
+        The parsed config (diffusers writes the class into `_class_name`).
+    """
+    path = vae_folder(folder, key, kind) / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        message = f"{key}={folder}: {path} is not valid JSON ({error}); save the VAE again"
+        raise ValueError(message) from error
+    if not isinstance(config, dict):
+        raise ValueError(f"{key}={folder}: {path} is not a JSON object; not a diffusers config")
+    return config
 
 
 def _weight_files(folder: Path) -> list[Path]:
@@ -67,23 +95,6 @@ def vae_fingerprint(folder: str | os.PathLike, key: str = "vae") -> str:
     return folder_fingerprint(vae_folder(folder, key))
 
 
-def load_autoencoder(folder: str | os.PathLike, key: str = "vae"):
-    """A diffusers AutoencoderKL from a local folder (config.json + weights), in eval mode and frozen."""
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as error:
-        raise ValueError(f"{key}=... needs diffusers: pip install 'selfflow[vae]' ({error})") from error
-    path = vae_folder(folder, key)
-    try:
-        vae = AutoencoderKL.from_pretrained(str(path), local_files_only=True, low_cpu_mem_usage=False)
-    except (OSError, ValueError, KeyError) as error:
-        raise ValueError(
-            f"{key}={path}: cannot load a diffusers AutoencoderKL ({type(error).__name__}: "
-            f"{str(error).splitlines()[0] if str(error) else ''})"
-        ) from error
-    return vae.eval().requires_grad_(False)
-
-
 def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, int]:
     """(latent channels, pixels per latent position along a side) from the VAE's config.json: the
     factor is 2 per down block after the first (8 for SD-VAE and FLUX)."""
@@ -100,12 +111,3 @@ def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, i
 def downsampling(folder: str | os.PathLike, key: str = "vae") -> int:
     """Pixels per latent position along a side (`latent_geometry`)."""
     return latent_geometry(folder, key)[1]
-
-
-def point_vae_keys(config, folder: str | os.PathLike) -> None:
-    """Every node of a run config (dict or DictConfig) that names the run's VAE, the latent tokenizers and the
-    latent-cache data, points at `folder`."""
-    data = config.get("data") or {}
-    for spec in [*(config.get("tokenizer") or {}).values(), data.get("dataset")]:
-        if spec is not None and "vae" in spec:
-            spec["vae"] = str(folder)

@@ -1,5 +1,5 @@
-"""Pretrained parts named by a path (a diffusers VAE folder, a TorchScript autoencoder file): the
-user names them, fingerprints decide.
+"""Pretrained parts named by a path (a diffusers VAE folder: image, video or audio; a TorchScript
+autoencoder file): the user names them, fingerprints decide.
 
 Loading such a part runs or reads what it holds (TorchScript code can write files), so the file that
 chooses it must be the user's: a config stored in a checkpoint or export keeps the path and the
@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from selfflow.data.vae_folder import vae_fingerprint
 from selfflow.io.digests import file_digest
+from selfflow.io.model_folders import vae_fingerprint
 
 
 @functools.lru_cache(maxsize=16)
@@ -55,6 +55,8 @@ class PretrainedPart:
 
 
 PRETRAINED_PARTS = (
+    # any diffusers VAE folder: AutoencoderKL (image), and the video and audio classes of
+    # selfflow.tokenizers.autoencoders (AutoencoderKLWan, AutoencoderOobleck, ...)
     PretrainedPart("vae", vae_fingerprint, "VAE"),
     PretrainedPart("autoencoder_path", file_fingerprint, "autoencoder"),
 )
@@ -134,10 +136,11 @@ def point_parts(config, given: str | os.PathLike | Mapping[str, str] | None, sou
             )
         check_part(paths[modality], spec.get("fingerprint"), part.argument, "vae")
         spec[part.argument] = paths[modality]
-    dataset = (config.get("data") or {}).get("dataset")
-    # a latent cache follows the image VAE
-    if dataset is not None and "vae" in dataset and "image" in paths:
-        dataset["vae"] = paths["image"]
+    data = config.get("data") or {}
+    dataset, modality = data.get("dataset"), data.get("modality", "image")
+    # a latent cache follows the VAE of its modality
+    if dataset is not None and "vae" in dataset and modality in paths:
+        dataset["vae"] = paths[modality]
 
 
 def check_stored_fingerprints(tokenizers: Mapping, stored_config: Mapping, source: str) -> None:
