@@ -1,4 +1,5 @@
-"""selfflow: training Self-Flow models (flow matching with dual-timestep scheduling and EMA self-distillation).
+"""selfflow: training Self-Flow models (flow matching with dual-timestep scheduling and EMA
+self-distillation).
 
 The public API, importable from the package root without Lightning or Hydra:
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-# torchaudio 2.11.1, the newest, needs a symbol that torch's ABI has from 2.13 on; 2.14 is the newest tested
+# torchaudio 2.11.1, the newest, needs a symbol that torch's ABI has from 2.13 on; 2.14 is the
+# newest tested
 TORCH_SET = "'torch>=2.13,<2.15' 'torchaudio>=2.11.1,<2.12'"
 
 
@@ -28,7 +29,8 @@ class Dependency:
     Args:
         module: its import name.
         package: its name for pip.
-        extra: the selfflow extra that installs it (`pip install 'selfflow[extra]'`); None: always installed.
+        extra: the selfflow extra that installs it (`pip install 'selfflow[extra]'`); None:
+            always installed.
         needed_for: what selfflow does with it, for messages and `selfflow-doctor`.
     """
 
@@ -42,7 +44,10 @@ class Dependency:
         if self.package in ("torch", "torchaudio"):
             return f"pip install {TORCH_SET}"
         if self.package == "torchvision":
-            return f"pip install {TORCH_SET} 'torchvision>=0.28,<0.30' (in one command: they must match)"
+            return (
+                f"pip install {TORCH_SET} 'torchvision>=0.28,<0.30' (in one "
+                f"command: they must match)"
+            )
         if self.extra is None:
             return f"pip install --force-reinstall '{self.package}' (or pip install -e . again)"
         return f"pip install 'selfflow[{self.extra}]'"
@@ -50,7 +55,9 @@ class Dependency:
 
 DEPENDENCIES = (
     Dependency("torch", "torch", None, "tensors, models, training"),
-    Dependency("torchaudio", "torchaudio", None, "audio: mel spectrograms, resampling, mel inversion"),
+    Dependency(
+        "torchaudio", "torchaudio", None, "audio: mel spectrograms, resampling, mel inversion"
+    ),
     Dependency("lightning", "lightning", None, "the training loop, checkpoints, DDP/FSDP"),
     Dependency("hydra", "hydra-core", None, "the command-line configs"),
     Dependency("av", "av", None, "video reading and MP4 writing (PyAV)"),
@@ -65,7 +72,9 @@ DEPENDENCIES = (
     Dependency("torch_fidelity", "torch-fidelity", "eval", "FID, IS, precision/recall"),
     Dependency("fsspec", "fsspec", "stream", "shards in an object store"),
     Dependency("s3fs", "s3fs", "stream", "shards in an S3-compatible store"),
-    Dependency("huggingface_hub", "huggingface-hub", "hub", "from_pretrained by repo id, push_to_hub"),
+    Dependency(
+        "huggingface_hub", "huggingface-hub", "hub", "from_pretrained by repo id, push_to_hub"
+    ),
     Dependency("submitit", "submitit", "slurm", "hydra/launcher=slurm_train, slurm_sample"),
     Dependency("flash_attn", "flash-attn", "flash", "flash-attn kernels on NVIDIA GPUs"),
 )
@@ -77,8 +86,9 @@ TARGET_NEEDS = {
     "selfflow.tokenizers.video_vae.": ("diffusers",),
     "selfflow.tokenizers.audio_vae.": ("diffusers",),
 }
-# what a package that does not load raises: a missing module or symbol, a native library that does not open, a
-# compiled extension that does not register (torchvision's "operator torchvision::nms does not exist")
+# what a package that does not load raises: a missing module or symbol, a native library that does
+# not open, a compiled extension that does not register (torchvision's "operator torchvision::nms
+# does not exist")
 LOAD_ERRORS = (ImportError, OSError, RuntimeError)
 SITE_PACKAGE = re.compile(r"(?:site|dist)-packages/([A-Za-z0-9_]+)")
 
@@ -92,11 +102,15 @@ def installed_version(package: str) -> str | None:
 
 
 def failing_dependency(error: BaseException) -> Dependency | None:
-    """The dependency whose import raised `error` (or an error in its chain): by the missing module's name, by a
-    library path in the message (a native library that does not load), or by the package whose code raised it.
-    Hydra's own loader errors (a misspelt `_target_`) name no dependency."""
+    """The dependency whose import raised `error` (or an error in its chain): by the missing
+    module's name, by a library path in the message (a native library that does not load), or
+    by the package whose code raised it. Hydra's own loader errors (a misspelt `_target_`) name
+    no dependency."""
     for link in _chain(error):
-        if not (isinstance(link, ImportError) or (isinstance(link, LOAD_ERRORS) and _raised_by_import(link))):
+        if not (
+            isinstance(link, ImportError)
+            or (isinstance(link, LOAD_ERRORS) and _raised_by_import(link))
+        ):
             continue  # an OSError or RuntimeError at run time is the code's, not a broken install
         names = [(getattr(link, "name", None) or "").partition(".")[0]]
         names += SITE_PACKAGE.findall(str(link))
@@ -109,14 +123,15 @@ def failing_dependency(error: BaseException) -> Dependency | None:
 
 
 def _raised_by_import(error: BaseException) -> bool:
-    """Whether `error` was raised while a module was being imported: by a module's top-level code, below the
-    frame that caught it (Python leaves importlib's own frames out of tracebacks)."""
+    """Whether `error` was raised while a module was being imported: by a module's top-level code,
+    below the frame that caught it (Python leaves importlib's own frames out of tracebacks)."""
     return any(frame.name == "<module>" for frame in traceback.extract_tb(error.__traceback__)[1:])
 
 
 def explain_import_failure(error: BaseException) -> str | None:
-    """One line for a dependency that fails to import: the package, the installed versions of it and of torch, what
-    went wrong and the fix. None when `error` is not a dependency's import failure."""
+    """One line for a dependency that fails to import: the package, the installed versions of
+    it and of torch, what went wrong and the fix. None when `error` is not a dependency's
+    import failure."""
     dependency = failing_dependency(error)
     if dependency is None:
         return None

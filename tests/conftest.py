@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny configs composed from the real conf/ tree, real shared data where present, one tiny trained
-checkpoint. What the fixtures are built from lives in tests/helpers."""
+"""Shared fixtures: tiny configs composed from the real conf/ tree, real shared data where present,
+one tiny trained checkpoint. What the fixtures are built from lives in tests/helpers."""
 
 from __future__ import annotations
 
@@ -37,15 +37,20 @@ def folder_digest(folder: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
-    """The last checkpoint of a 2-step tiny digits run, shared by the whole session: a test that changes a checkpoint
-    copies it first. Its run folder is checked unchanged at the end of the session."""
-    from tests.helpers.runs import train_tiny_checkpoint  # after the environment above: it imports huggingface_hub
+    """The last checkpoint of a 2-step tiny digits run, shared by the whole session: a test
+    that changes a checkpoint copies it first. Its run folder is checked unchanged at the end
+    of the session."""
+    from tests.helpers.runs import (
+        train_tiny_checkpoint,
+    )  # after the environment above: it imports huggingface_hub
 
     run_dir = tmp_path_factory.mktemp("tiny-run")
     checkpoint = train_tiny_checkpoint(run_dir)
     before = folder_digest(run_dir)
     yield checkpoint
-    assert folder_digest(run_dir) == before, f"a test changed the shared tiny run {run_dir}; copy it first"
+    assert folder_digest(run_dir) == before, (
+        f"a test changed the shared tiny run {run_dir}; copy it first"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -64,7 +69,8 @@ def tiny_dinov2(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cifar_classes(tmp_path_factory) -> Path:
-    """A small class-folder set (train/ and test/, 3 classes) of real CIFAR-10 photos from the shared data."""
+    """A small class-folder set (train/ and test/, 3 classes) of real CIFAR-10 photos from the
+    shared data."""
     import shutil
 
     source = shared_dataset("cifar10-small")
@@ -79,7 +85,8 @@ def cifar_classes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def inception_file(tmp_path_factory) -> Path:
-    """A stand-in for the FID Inception weights file (tests.helpers.eval_files.write_inception_file)."""
+    """A stand-in for the FID Inception weights file
+    (tests.helpers.eval_files.write_inception_file)."""
     pytest.importorskip("torch_fidelity")
     from tests.helpers.eval_files import write_inception_file
 

@@ -1,5 +1,5 @@
-"""Test-only callback: each rank writes its weights, a fingerprint of its first noise draw and, step by step, what
-it trained on and a digest of its weights after the step."""
+"""Test-only callback: each rank writes its weights, a fingerprint of its first noise draw and, step
+by step, what it trained on and a digest of its weights after the step."""
 
 import hashlib
 from pathlib import Path
@@ -19,14 +19,18 @@ def digest(module: torch.nn.Module) -> str:
 def batch_contents(batch: dict) -> dict[str, tuple[int, float]]:
     """{modality: (samples, sum of their data)} of a single-modality or a mixed batch."""
     groups = batch["groups"] if "groups" in batch else {batch["modality"]: batch}
-    return {m: (len(g["label"]), float(g["data"].double().sum())) for m, g in sorted(groups.items())}
+    return {
+        m: (len(g["label"]), float(g["data"].double().sum())) for m, g in sorted(groups.items())
+    }
 
 
 def optimizer_steps(trainer, module) -> dict[str, int]:
-    """{modality: the steps the optimizer took on its input projection} (absent from a step: not stepped)."""
+    """{modality: the steps the optimizer took on its input projection} (absent from a step:
+    not stepped)."""
     state = trainer.optimizers[0].state
     return {
-        m: int(state[proj.weight]["step"]) if proj.weight in state else 0 for m, proj in module.model.input_proj.items()
+        m: int(state[proj.weight]["step"]) if proj.weight in state else 0
+        for m, proj in module.model.input_proj.items()
     }
 
 
@@ -43,7 +47,13 @@ class DumpRankState(L.Callback):
         self.contents = batch_contents(batch)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
-        self.steps.append({"contents": self.contents, "model": digest(module.model), "ema": digest(module.ema_model)})
+        self.steps.append(
+            {
+                "contents": self.contents,
+                "model": digest(module.model),
+                "ema": digest(module.ema_model),
+            }
+        )
 
     def on_train_end(self, trainer, module):
         self.out_dir.mkdir(parents=True, exist_ok=True)

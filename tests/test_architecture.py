@@ -1,5 +1,6 @@
-"""The layout's rules hold: dependencies point one way, the core imports no Lightning or Hydra, nothing edits
-sys.path, test modules share code through tests/helpers only (docs/architecture.md)."""
+"""The layout's rules hold: dependencies point one way, the core imports no Lightning or Hydra,
+nothing edits sys.path, test modules share code through tests/helpers only
+(docs/architecture.md)."""
 
 import ast
 import re
@@ -8,8 +9,9 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# lower layers first; a module may import its own layer and the ones below it. A dotted key is a stage inside a
-# package (the longest matching key decides): data's stages read files, then batch them.
+# lower layers first; a module may import its own layer and the ones below it. A dotted key is a
+# stage inside a package (the longest matching key decides): data's stages read files, then
+# batch them.
 LAYERS = {
     "io": 0,
     "tokens": 0,
@@ -46,14 +48,16 @@ CORE = (
 
 
 def layer_of(module: str) -> str | None:
-    """The LAYERS key of a dotted selfflow module name (`selfflow.data.shards.index` -> `data.shards`)."""
+    """The LAYERS key of a dotted selfflow module name (`selfflow.data.shards.index`
+    -> `data.shards`)."""
     parts = module.split(".")[1:]
     keys = [".".join(parts[:n]) for n in range(len(parts), 0, -1)]
     return next((key for key in keys if key in LAYERS), None)
 
 
 def imported_selfflow_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every selfflow import in the file, at any depth (lazy imports inside functions too)."""
+    """(line, module) of every selfflow import in the file, at any depth (lazy imports inside
+    functions too)."""
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("selfflow."):
@@ -76,25 +80,32 @@ def test_no_layer_imports_a_higher_one():
 
 def test_every_package_is_placed_in_a_layer():
     """A new package or stage gets its place in LAYERS (and its rule in docs/architecture.md)."""
-    packages = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "selfflow").rglob("__init__.py")}
+    packages = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "selfflow").rglob("__init__.py")
+    }
     unplaced = sorted(p for p in packages - {"selfflow", "selfflow.conf"} if layer_of(p) is None)
     assert not unplaced, f"packages with no layer: {unplaced}"
-    undocumented = sorted(p for p in packages if not (ROOT / p.replace(".", "/") / "__init__.py").read_text().strip())
+    undocumented = sorted(
+        p for p in packages if not (ROOT / p.replace(".", "/") / "__init__.py").read_text().strip()
+    )
     assert not undocumented, f"packages whose __init__ does not say what they hold: {undocumented}"
 
 
 def test_the_core_imports_neither_lightning_nor_hydra():
-    """Every module below training/ imports (checkpoint loading for sampling and probing included) without pulling
-    in Lightning or Hydra: the core is plain PyTorch, usable from a notebook."""
+    """Every module below training/ imports (checkpoint loading for sampling and probing included)
+    without pulling in Lightning or Hydra: the core is plain PyTorch, usable from a notebook."""
     code = (
         "import importlib, pkgutil, sys\n"
         f"for name in {['selfflow.' + c for c in CORE]!r}:\n"
         "    module = importlib.import_module(name)\n"
         "    for info in pkgutil.iter_modules(getattr(module, '__path__', []), name + '.'):\n"
         "        importlib.import_module(info.name)\n"
-        "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'hydra') if m in sys.modules))\n"
+        "print(sorted(m for m in ('lightning', 'pytorch_lightning', "
+        "'hydra') if m in sys.modules))\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
 
@@ -110,8 +121,8 @@ def test_nothing_edits_sys_path():
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every import in the file, at any depth; `from a import b` counts as a and a.b (b may be a
-    module); relative imports are resolved against the file's package."""
+    """(line, module) of every import in the file, at any depth; `from a import b` counts as a and
+    a.b (b may be a module); relative imports are resolved against the file's package."""
     package = path.relative_to(ROOT).parent.parts
     found = []
     for node in ast.walk(ast.parse(path.read_text())):
@@ -125,20 +136,22 @@ def imported_modules(path: Path) -> list[tuple[int, str]]:
 
 
 def test_test_modules_share_code_through_tests_helpers_only():
-    """No file under tests/ imports a test module or conftest: pytest imports those itself, and what several test
-    modules share lives in tests/helpers."""
+    """No file under tests/ imports a test module or conftest: pytest imports those itself, and what
+    several test modules share lives in tests/helpers."""
     violations = {
         f"{path.relative_to(ROOT)}:{line}": module
         for path in sorted((ROOT / "tests").rglob("*.py"))
         for line, module in imported_modules(path)
         if re.match(r"tests\.(conftest|test_\w+)(\.|$)", module)
     }
-    assert not violations, "\n".join(f"{where} imports {module}" for where, module in violations.items())
+    assert not violations, "\n".join(
+        f"{where} imports {module}" for where, module in violations.items()
+    )
 
 
 def module_graph() -> dict[str, set[str]]:
-    """{module: the selfflow modules it imports}, imports inside functions included; `from a import b` is an
-    edge to a.b where b is a module, else to a."""
+    """{module: the selfflow modules it imports}, imports inside functions included; `from a import
+    b` is an edge to a.b where b is a module, else to a."""
     modules = {
         ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
         for p in (ROOT / "selfflow").rglob("*.py")
@@ -216,14 +229,17 @@ def many_field_dataclasses() -> dict[str, str]:
 
 
 def test_dataclasses_with_many_fields_are_built_by_keyword():
-    """A reordered field of a dataclass built from many positional values would swap them silently."""
+    """A reordered field of a dataclass built from many positional values would swap
+    them silently."""
     classes = many_field_dataclasses()
     assert "ShardTable" in classes  # the finder sees dataclasses
     positional = [
         f"{path.relative_to(ROOT)}:{node.lineno} {ast.unparse(node.func)}(...)"
         for path in (ROOT / "selfflow").rglob("*.py")
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, ast.Call) and node.args and ast.unparse(node.func).split(".")[-1] in classes
+        if isinstance(node, ast.Call)
+        and node.args
+        and ast.unparse(node.func).split(".")[-1] in classes
     ]
     assert not positional, "\n".join(sorted(positional))
 
@@ -231,9 +247,11 @@ def test_dataclasses_with_many_fields_are_built_by_keyword():
 def test_functions_fit_on_a_screen():
     """No function in selfflow/ is longer than 60 lines, its docstring included."""
     long = [
-        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        f"{path.relative_to(ROOT)}:{node.lineno} {node.name} "
+        f"({node.end_lineno - node.lineno + 1} lines)"
         for path in (ROOT / "selfflow").rglob("*.py")
         for node in ast.walk(ast.parse(path.read_text()))
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.end_lineno - node.lineno >= 60
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno >= 60
     ]
     assert not long, "\n".join(sorted(long))

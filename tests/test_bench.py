@@ -1,5 +1,6 @@
-"""tools/bench.py's XL/2 comparison compares like with like: its re-created released path computes selfflow's
-function, and selfflow's side of it does the work of each sample's distinct levels only (no timing asserted)."""
+"""tools/bench.py's XL/2 comparison compares like with like: its re-created released path computes
+selfflow's function, and selfflow's side of it does the work of each sample's distinct levels only
+(no timing asserted)."""
 
 from argparse import Namespace
 
@@ -21,7 +22,10 @@ def test_official_cases_compare_the_same_function_and_selfflow_does_fewer_flops(
         iters=1,
     )
     for with_grad in (True, False):
-        records = {r["name"].split("/")[1]: r for r in bench.case_official(args, with_grad=with_grad)}
+        records = {
+            r["name"].split("/")[1]: r for r in bench.case_official(args, with_grad=with_grad)
+        }
         assert records["selfflow"]["max_abs_difference_to_released"] < 1e-5
-        # the released path runs the timestep and adaLN MLPs on 256 tokens per sample, selfflow on 2 levels
+        # the released path runs the timestep and adaLN MLPs on 256 tokens per sample, selfflow on
+        # 2 levels
         assert records["released"]["flops_per_step"] > 1.3 * records["selfflow"]["flops_per_step"]

@@ -1,5 +1,6 @@
-"""Multi-aspect training wired end to end: bucketed image folders, one-bucket batches that resume exactly, the
-size-conditioning start-up check, `selfflow-train` with buckets and `selfflow-sample size=[H,W]`."""
+"""Multi-aspect training wired end to end: bucketed image folders, one-bucket batches that
+resume exactly, the size-conditioning start-up check, `selfflow-train` with buckets and
+`selfflow-sample size=[H,W]`."""
 
 import csv
 import json
@@ -29,7 +30,9 @@ from tests.helpers.configs import TINY
 
 # (height, width) of the images written: aspects w/h from 0.4 to 2.5
 SHAPES = [(48, 24), (40, 24), (30, 30), (24, 40), (20, 50)]
-BUCKETS = {"max_aspect": 2.0}  # with image_size 16 and patch 4: (24, 12), (20, 12), (16, 16), (12, 20), (12, 24)
+BUCKETS = {
+    "max_aspect": 2.0
+}  # with image_size 16 and patch 4: (24, 12), (20, 12), (16, 16), (12, 20), (12, 24)
 
 
 def write_images(root: Path, per_shape: int = 4, captions: bool = False) -> Path:
@@ -50,7 +53,14 @@ def write_images(root: Path, per_shape: int = 4, captions: bool = False) -> Path
 
 def bucketed(root: Path, buckets=BUCKETS, **kwargs) -> ImageFolder:
     return ImageFolder(
-        str(root), "train", image_size=16, channels=3, test_fraction=0.1, buckets=buckets, bucket_multiple=4, **kwargs
+        str(root),
+        "train",
+        image_size=16,
+        channels=3,
+        test_fraction=0.1,
+        buckets=buckets,
+        bucket_multiple=4,
+        **kwargs,
     )
 
 
@@ -63,12 +73,20 @@ def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_
     train = bucketed(write_images(tmp_path / "images"))
     buckets = train.bucketing.buckets
     assert buckets.sizes == [(24, 12), (20, 12), (16, 16), (12, 20), (12, 24)]
-    test = ImageFolder(str(tmp_path / "images"), "test", image_size=16, test_fraction=0.1, buckets=BUCKETS)
-    assert test.bucket_ids is None and test[0][0].shape == (3, 16, 16)  # the test split stays square
+    test = ImageFolder(
+        str(tmp_path / "images"), "test", image_size=16, test_fraction=0.1, buckets=BUCKETS
+    )
+    assert test.bucket_ids is None and test[0][0].shape == (
+        3,
+        16,
+        16,
+    )  # the test split stays square
     data = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2, seed=3)
     data.setup("fit")
     loader = data.train_dataloader()
-    expected = Counter(file_shape(train.paths[i]) for batch in data.train_batches.buckets.batches(0) for i in batch)
+    expected = Counter(
+        file_shape(train.paths[i]) for batch in data.train_batches.buckets.batches(0) for i in batch
+    )
     originals = Counter()
     for batch in loader:
         b, c, h, w = batch["data"].shape
@@ -77,7 +95,9 @@ def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_
         low, high = buckets.aspect_range(buckets.sizes.index((h, w)))
         for row in sizes.tolist():
             orig_h, orig_w, top, left, target_h, target_w = map(int, row)
-            assert low <= orig_w / orig_h <= high  # the sample's aspect lies within its bucket's range
+            assert (
+                low <= orig_w / orig_h <= high
+            )  # the sample's aspect lies within its bucket's range
             crop = bucket_crop(orig_h, orig_w, (h, w))
             assert (target_h, target_w) == (h, w) and (top, left) == (crop.top, crop.left)
             originals[(orig_h, orig_w)] += 1
@@ -85,9 +105,14 @@ def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_
     # the sample in its bucket is the right file; a plain index still gives the square image
     i = train.bucket_ids.index(buckets.sizes.index((12, 20)))
     image, _label, extra = train[BucketIndex(i)]
-    assert image.shape == (3, 12, 20) and extra["sizes"][:2].tolist() == list(file_shape(train.paths[i]))
+    assert image.shape == (3, 12, 20) and extra["sizes"][:2].tolist() == list(
+        file_shape(train.paths[i])
+    )
     red = 5 * int(train.paths[i].stem) / 255
-    assert torch.allclose(image[0], torch.full((12, 20), red), atol=1 / 255) and image[1:].abs().max() == 0
+    assert (
+        torch.allclose(image[0], torch.full((12, 20), red), atol=1 / 255)
+        and image[1:].abs().max() == 0
+    )
     square = train[i]
     assert len(square) == 2 and square[0].shape == (3, 16, 16)
 
@@ -95,8 +120,12 @@ def test_every_batch_holds_one_bucket_and_every_sample_its_aspect_and_sizes(tmp_
 def test_sizes_are_read_once_from_the_file_headers(tmp_path, monkeypatch):
     calls = []
     original = image_folder.read_image_size
-    monkeypatch.setattr(image_folder, "read_image_size", lambda path: calls.append(path) or original(path))
-    monkeypatch.setattr(image_folder, "load_image_in_bucket", lambda *a, **k: pytest.fail("decoded at setup"))
+    monkeypatch.setattr(
+        image_folder, "read_image_size", lambda path: calls.append(path) or original(path)
+    )
+    monkeypatch.setattr(
+        image_folder, "load_image_in_bucket", lambda *a, **k: pytest.fail("decoded at setup")
+    )
     train = bucketed(write_images(tmp_path / "images"))
     data = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2)
     data.setup("fit")
@@ -104,7 +133,9 @@ def test_sizes_are_read_once_from_the_file_headers(tmp_path, monkeypatch):
     data.train_dataloader()
     assert sorted(calls) == sorted(train.paths)  # once per file, no pixel decoded
     monkeypatch.undo()
-    train.paths[0].write_bytes(b"not an image")  # an unreadable header: the squarest bucket, skipped when drawn
+    train.paths[0].write_bytes(
+        b"not an image"
+    )  # an unreadable header: the squarest bucket, skipped when drawn
     broken = bucketed(tmp_path / "images", on_bad_file="skip")
     assert broken.bucket_ids[0] == 2 and broken[BucketIndex(0)] is None
 
@@ -125,16 +156,22 @@ def test_bucket_sampler_resumes_mid_epoch_with_the_same_batches_and_seeds():
     at_end = ResumableBucketBatchSampler(ids, 3, seed=5)
     at_end.skip_batches(len(at_end))  # an end-of-epoch position starts the next epoch
     assert list(at_end) == epoch1
-    ranks = [list(ResumableBucketBatchSampler(ids, 3, seed=5, num_replicas=2, rank=r)) for r in (0, 1)]
+    ranks = [
+        list(ResumableBucketBatchSampler(ids, 3, seed=5, num_replicas=2, rank=r)) for r in (0, 1)
+    ]
     assert len(ranks[0]) == len(ranks[1]) > 0
     assert not {i for b in ranks[0] for i, _ in b} & {i for b in ranks[1] for i, _ in b}
-    few = ResumableBucketBatchSampler([0, 1, 2], 4)  # no bucket fills a batch: partial batches are kept
+    few = ResumableBucketBatchSampler(
+        [0, 1, 2], 4
+    )  # no bucket fills a batch: partial batches are kept
     assert sorted(i for b in few for i, _ in b) == [0, 1, 2]
 
 
 def test_the_datamodule_resumes_bucketed_data_exactly(tmp_path):
     # random crops and flips: the augmentation must replay too
-    train = bucketed(write_images(tmp_path / "images", per_shape=6), {**BUCKETS, "random_crop": True}, hflip=True)
+    train = bucketed(
+        write_images(tmp_path / "images", per_shape=6), {**BUCKETS, "random_crop": True}, hflip=True
+    )
     data = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2, seed=9)
     whole = [(b["data"], b["sizes"]) for b in data.train_dataloader()]
     again = SelfFlowDataModule.from_splits(train, train, "image", batch_size=2, seed=9)
@@ -148,9 +185,17 @@ def test_the_datamodule_resumes_bucketed_data_exactly(tmp_path):
 def test_captioned_folder_with_buckets_carries_sizes_and_captions(tmp_path):
     root = write_images(tmp_path / "images", captions=True)
     train = CaptionedImageFolder(
-        str(root), "train", image_size=16, channels=3, buckets=[[12, 20], [20, 12]], bucket_multiple=4
+        str(root),
+        "train",
+        image_size=16,
+        channels=3,
+        buckets=[[12, 20], [20, 12]],
+        bucket_multiple=4,
     )
-    wide, tall = train.bucketing.buckets.sizes.index((12, 20)), train.bucketing.buckets.sizes.index((20, 12))
+    wide, tall = (
+        train.bucketing.buckets.sizes.index((12, 20)),
+        train.bucketing.buckets.sizes.index((20, 12)),
+    )
     i = train.bucket_ids.index(wide)
     image, _label, extra, caption = train[BucketIndex(i)]
     assert (
@@ -160,9 +205,15 @@ def test_captioned_folder_with_buckets_carries_sizes_and_captions(tmp_path):
     )
     same_bucket = [BucketIndex(j) for j, b in enumerate(train.bucket_ids) if b == wide][:3]
     batch = collate_samples("image")([train[j] for j in same_bucket])
-    assert batch["data"].shape == (3, 3, 12, 20) and batch["sizes"].shape == (3, 6) and len(batch["caption"]) == 3
+    assert (
+        batch["data"].shape == (3, 3, 12, 20)
+        and batch["sizes"].shape == (3, 6)
+        and len(batch["caption"]) == 3
+    )
     with pytest.raises(ValueError, match="different shapes .* bucket batch sampler"):
-        collate_samples("image")([train[BucketIndex(i)], train[BucketIndex(train.bucket_ids.index(tall))]])
+        collate_samples("image")(
+            [train[BucketIndex(i)], train[BucketIndex(train.bucket_ids.index(tall))]]
+        )
 
 
 def test_bucket_settings_are_checked():
@@ -190,17 +241,25 @@ def test_size_conditioning_must_match_the_buckets_at_start_up(tmp_path):
     tokenizers = {"image": ImagePatchTokenizer(4, 3, 16)}
 
     def module(conditioned: bool):
-        model = SelfFlowTransformer({"image": 48}, width=32, depth=2, heads=2, size_conditioning=conditioned)
+        model = SelfFlowTransformer(
+            {"image": 48}, width=32, depth=2, heads=2, size_conditioning=conditioned
+        )
         return SimpleNamespace(model=model, tokenizers=tokenizers)
 
     check_size_conditioning(bucketed(root), "image", module(True))
     check_size_conditioning(square, "image", module(False))
-    with pytest.raises(ValueError, match=r"data.dataset.buckets is set .* model.size_conditioning=true"):
+    with pytest.raises(
+        ValueError, match=r"data.dataset.buckets is set .* model.size_conditioning=true"
+    ):
         check_size_conditioning(bucketed(root), "image", module(False))
-    with pytest.raises(ValueError, match=r"model.size_conditioning=true but .*\(data.dataset.buckets is null\)"):
+    with pytest.raises(
+        ValueError, match=r"model.size_conditioning=true but .*\(data.dataset.buckets is null\)"
+    ):
         check_size_conditioning(square, "image", module(True))
     odd = ImageFolder(str(root), "train", image_size=16, buckets=[[18, 30], [16, 16]])
-    with pytest.raises(ValueError, match=r"\[\[18, 30\]\] are not multiples of tokenizer.image.patch_size=4"):
+    with pytest.raises(
+        ValueError, match=r"\[\[18, 30\]\] are not multiples of tokenizer.image.patch_size=4"
+    ):
         check_size_conditioning(odd, "image", module(True))
 
 
@@ -220,7 +279,10 @@ def test_sample_size_must_be_whole_patches_of_a_pixel_checkpoint():
     tokenizer = ImagePatchTokenizer(4, 1, 16)
     assert tokenizer_at_length(tokenizer, "image", {"size": None}) is tokenizer
     assert tokenizer_at_length(tokenizer, "image", {"size": [12, 20]}).image_size == (12, 20)
-    with pytest.raises(ValueError, match=r"size=\[12, 18\] must be whole patches: .*patch_size=4, e.g. size=\[12,20\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"size=\[12, 18\] must be whole patches: .*patch_size=4, e.g. size=\[12,20\]",
+    ):
         tokenizer_at_length(tokenizer, "image", {"size": [12, 18]})
     with pytest.raises(ValueError, match=r"must be \[height, width\]"):
         tokenizer_at_length(tokenizer, "image", {"size": [12, 20, 4]})
@@ -268,10 +330,17 @@ def test_selfflow_train_with_buckets_writes_a_size_conditioned_checkpoint(bucket
     checkpoint = read_checkpoint(bucketed_checkpoint)
     assert checkpoint["global_step"] == 2
     assert any(k.startswith("objective.model.size_embedder.") for k in checkpoint["state_dict"])
-    # the size embedder was trained (it starts at zero): the bucketed batches reached the model with their sizes
-    last = [v for k, v in checkpoint["state_dict"].items() if k == "objective.model.size_embedder.mlp.2.weight"]
+    # the size embedder was trained (it starts at zero): the bucketed batches reached the model with
+    # their sizes
+    last = [
+        v
+        for k, v in checkpoint["state_dict"].items()
+        if k == "objective.model.size_embedder.mlp.2.weight"
+    ]
     assert last and last[0].abs().sum() > 0
-    with open(bucketed_checkpoint.parent.parent / "metrics.csv") as f:  # the probe batches square images freely
+    with open(
+        bucketed_checkpoint.parent.parent / "metrics.csv"
+    ) as f:  # the probe batches square images freely
         assert any(row.get("probe/top1") for row in csv.DictReader(f))
 
 

@@ -28,14 +28,21 @@ def test_train_cli_from_another_folder_writes_the_promised_outputs(tmp_path):
     result = run_cli([*TINY, "trainer.max_steps=4", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"outputs in {run_dir.resolve()}" in result.stdout
-    for banner in ("GPU available", "TPU available", "Tip:", "`Trainer.fit` stopped"):  # Lightning's, not ours
+    for banner in (
+        "GPU available",
+        "TPU available",
+        "Tip:",
+        "`Trainer.fit` stopped",
+    ):  # Lightning's, not ours
         assert banner not in result.stdout + result.stderr
     assert str(run_dir / "checkpoints" / "last.ckpt") in result.stdout
     assert (run_dir / "samples" / "image" / "final.png").is_file()
     with open(run_dir / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [0, 1, 2, 3]
-    assert (run_dir / ".hydra" / "config.yaml").is_file()  # the composed config is kept with the run
+    assert (
+        run_dir / ".hydra" / "config.yaml"
+    ).is_file()  # the composed config is kept with the run
 
 
 @pytest.mark.slow
@@ -57,11 +64,15 @@ def test_train_cli_help_lists_the_config_groups(tmp_path):
     ],
 )
 def test_train_cli_bad_config_fails_with_a_one_line_message(tmp_path, override, message):
-    result = run_cli([*TINY, override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120)
+    result = run_cli(
+        [*TINY, override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path, timeout=120
+    )
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
-    assert not (tmp_path / "run").exists()  # a run that stops at start-up leaves no empty run folder
+    assert not (
+        tmp_path / "run"
+    ).exists()  # a run that stops at start-up leaves no empty run folder
 
 
 def test_the_progress_bar_counts_optimizer_steps_not_epochs():
@@ -89,4 +100,8 @@ def test_the_progress_bar_counts_optimizer_steps_not_epochs():
         accelerator="cpu",
     )
     trainer.fit(BoringModel())
-    assert labels == ["step 1/3 (epoch 0)", "step 2/3 (epoch 0)", "step 3/3 (epoch 1)"]  # not "Epoch 1/-2"
+    assert labels == [
+        "step 1/3 (epoch 0)",
+        "step 2/3 (epoch 0)",
+        "step 3/3 (epoch 1)",
+    ]  # not "Epoch 1/-2"

@@ -41,7 +41,9 @@ def test_table_plot_and_numbers_from_the_runs(tmp_path):
     png = tool.plot(results, tmp_path / "probe.png")
     assert Image.open(png).size[0] > 100
     settings = vars(tool.parse(["--encoder", "DIR", "--steps", "60", "--note", "A stand-in."]))
-    section = tool.results_section({"settings": settings, "results": results, "seconds": 90}, "p.png")
+    section = tool.results_section(
+        {"settings": settings, "results": results, "seconds": 90}, "p.png"
+    )
     assert "60 steps of batch 32" in section and "| REPA | 35.0%" in section
     assert "> A stand-in." in section
     assert section.endswith("![probe accuracy by layer](p.png)\n<!-- end compare_objectives -->")

@@ -1,4 +1,5 @@
-"""Every config in conf/ composes and builds; a few real training steps run; a checkpoint resumes."""
+"""Every config in conf/ composes and builds; a few real training steps run; a
+checkpoint resumes."""
 
 import csv
 from pathlib import Path
@@ -23,7 +24,16 @@ def options(group: str) -> list[str]:
 
 
 def test_every_group_has_its_options():
-    for group in ("data", "tokenizer", "model", "objective", "trainer", "logger", "callbacks", "experiment"):
+    for group in (
+        "data",
+        "tokenizer",
+        "model",
+        "objective",
+        "trainer",
+        "logger",
+        "callbacks",
+        "experiment",
+    ):
         assert options(group), f"conf/{group} is empty"
 
 
@@ -31,14 +41,18 @@ def test_the_default_is_the_joint_setup_and_one_modality_is_one_override_away(tm
     default = compose_plain([], tmp_path)
     assert set(default.data.sources) == set(default.tokenizer) == {"image", "video", "audio"}
     assert default.objective.mask_ratio == {"image": 0.25, "video": 0.10, "audio": 0.50}
-    assert compose_plain(["experiment=multimodal_digits"], tmp_path) == default  # still a valid name for it
+    assert (
+        compose_plain(["experiment=multimodal_digits"], tmp_path) == default
+    )  # still a valid name for it
     for overrides, modality in (
         (["data=image_folder", "data.root=DIR"], "image"),
         (["data=audio_folder", "data.root=DIR"], "audio"),
         (["experiment=video_digits"], "video"),
     ):
         cfg = compose_plain(overrides, tmp_path)
-        assert list(tokenizer_configs(cfg)) == [modality]  # the other configured tokenizers are not built
+        assert list(tokenizer_configs(cfg)) == [
+            modality
+        ]  # the other configured tokenizers are not built
 
 
 def test_image_folder_data_alone_trains_images_only(cifar_classes, tmp_path):
@@ -46,10 +60,14 @@ def test_image_folder_data_alone_trains_images_only(cifar_classes, tmp_path):
     from selfflow.training.run import train
 
     cfg = compose_train(
-        ["data=image_folder", f"data.root={cifar_classes}", "trainer.max_steps=2"], tmp_path / "run", tiny=TINY_SIZES
+        ["data=image_folder", f"data.root={cifar_classes}", "trainer.max_steps=2"],
+        tmp_path / "run",
+        tiny=TINY_SIZES,
     )  # no experiment: the root defaults with the data swapped
     run = train(cfg)
-    assert list(run.module.tokenizers) == ["image"] and run.module.model.token_channels == {"image": 3 * 4 * 4}
+    assert list(run.module.tokenizers) == ["image"] and run.module.model.token_channels == {
+        "image": 3 * 4 * 4
+    }
     assert run.trainer.global_step == 2 and run.datamodule.num_classes == 3
     assert sorted(p.name for p in (tmp_path / "run" / "samples").iterdir()) == ["image"]
     stored = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt").config.tokenizer
@@ -68,13 +86,23 @@ def test_model_presets_build(name, tmp_path):
     cfg = compose_plain([f"model={name}"], tmp_path)
     with torch.device("meta"):  # no memory, no init cost: the shapes are what is checked
         model = instantiate(cfg.model)(token_channels={"image": 16}, num_classes=1000)
-    expected = {"tiny": (4, 128, 4), "S": (12, 384, 6), "B": (12, 768, 12), "L": (24, 1024, 16), "XL": (28, 1152, 16)}
+    expected = {
+        "tiny": (4, 128, 4),
+        "S": (12, 384, 6),
+        "B": (12, 768, 12),
+        "L": (24, 1024, 16),
+        "XL": (28, 1152, 16),
+    }
     assert (model.depth, model.width, model.heads) == expected[name]
     assert len(model.blocks) == model.depth
     if name == "XL":  # the SiT-XL/2 transformer is about 675M parameters
         assert 600e6 < sum(p.numel() for p in model.blocks.parameters()) < 700e6
-    size, base = (OmegaConf.to_container(c.model) for c in (cfg, compose_plain(["model=base"], tmp_path)))
-    assert {k: v for k, v in size.items() if k not in ("depth", "width", "heads")} == {  # the rest is base.yaml's
+    size, base = (
+        OmegaConf.to_container(c.model) for c in (cfg, compose_plain(["model=base"], tmp_path))
+    )
+    assert {
+        k: v for k, v in size.items() if k not in ("depth", "width", "heads")
+    } == {  # the rest is base.yaml's
         k: v for k, v in base.items() if k not in ("depth", "width", "heads")
     }
 
@@ -82,7 +110,9 @@ def test_model_presets_build(name, tmp_path):
 def test_model_base_takes_any_size_and_names_the_missing_ones(tiny_train_cfg, tmp_path):
     with pytest.raises(ConfigError, match=r"model.depth must be set \(model.depth=...\)"):
         validate_config(compose_plain(["model=base"], tmp_path))
-    validate_config(tiny_train_cfg("model=base", "model.depth=3", "model.width=48", "model.heads=3"))
+    validate_config(
+        tiny_train_cfg("model=base", "model.depth=3", "model.width=48", "model.heads=3")
+    )
 
 
 def test_the_data_configs_share_one_base_that_is_not_a_data_option():
@@ -105,11 +135,14 @@ def test_the_data_configs_share_one_base_that_is_not_a_data_option():
 def test_no_data_config_mirrors_a_train_split():
     for path in sorted((CONF / "data").glob("*.yaml")):
         text = path.read_text()
-        assert "${..train." not in text and "\ntrain:" not in text and "\ntest:" not in text, path.name
+        assert "${..train." not in text and "\ntrain:" not in text and "\ntest:" not in text, (
+            path.name
+        )
 
 
 def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
-    """What `overrides` still need to pass start-up (folders that need not exist: nothing is read)."""
+    """What `overrides` still need to pass start-up (folders that need not exist: nothing
+    is read)."""
     extra: list[str] = []
     for _ in range(3):  # a fill may need another: latent_cache -> an SD-VAE tokenizer -> its folder
         cfg = compose_train([*overrides, *extra], tmp_path / "compose", tiny=TINY_SIZES)
@@ -138,20 +171,38 @@ def fill_for(overrides: list[str], tmp_path: Path) -> list[str]:
     "group, option",
     [
         (g, o)
-        for g in ("data", "tokenizer", "model", "objective", "trainer", "logger", "callbacks", "paths", "experiment")
+        for g in (
+            "data",
+            "tokenizer",
+            "model",
+            "objective",
+            "trainer",
+            "logger",
+            "callbacks",
+            "paths",
+            "experiment",
+        )
         for o in options(g)
         if (g, o) != ("model", "base")
     ],
 )
 def test_every_config_option_passes_start_up(group, option, tmp_path):
-    """Each option of each group composes with tiny sizes, and its data module, model, objective, training module,
-    optimizer and callbacks build (on the meta device: no data is read) through the start-up checks."""
+    """Each option of each group composes with tiny sizes, and its data module, model, objective,
+    training module, optimizer and callbacks build (on the meta device: no data is read) through the
+    start-up checks."""
     overrides = [f"{group}={option}"]
     if group == "tokenizer":  # data of the tokenizer's modality (text: captioned digit images)
-        experiment = {"image": "digits", "video": "video_digits", "audio": "audio_digits", "text": "text_digits"}
+        experiment = {
+            "image": "digits",
+            "video": "video_digits",
+            "audio": "audio_digits",
+            "text": "text_digits",
+        }
         tokenizers = "[image_pixels,text_minilm]" if option == "text_minilm" else option
         overrides = [f"experiment={experiment[option.split('_')[0]]}", f"tokenizer={tokenizers}"]
-    cfg = compose_train([*overrides, *fill_for(overrides, tmp_path)], tmp_path / "run", tiny=TINY_SIZES)
+    cfg = compose_train(
+        [*overrides, *fill_for(overrides, tmp_path)], tmp_path / "run", tiny=TINY_SIZES
+    )
     validate_config(cfg)
     assert set(tokenizer_configs(cfg)) >= set(sample_geometry(cfg.data))
 
@@ -168,7 +219,10 @@ def test_experiments_build(name, tmp_path, request):
     write_folder(tmp_path / "images", per_class=4, size=(32, 32))
     extra = []
     if name == "imagenet256":  # SD-VAE latents: a tiny VAE, 32 px images
-        extra = [f"tokenizer.image.vae={request.getfixturevalue('tiny_vae')}", "data.dataset.image_size=32"]
+        extra = [
+            f"tokenizer.image.vae={request.getfixturevalue('tiny_vae')}",
+            "data.dataset.image_size=32",
+        ]
     cfg = compose_train([f"experiment={name}", *extra], tmp_path / "run")
     if "root" in list(cfg.data.keys()) and OmegaConf.is_missing(cfg.data, "root"):
         cfg.data.root = str(tmp_path / "images")
@@ -199,7 +253,10 @@ def test_image_folder_data_and_objective_options_build(tmp_path):
 
 @pytest.mark.parametrize(
     "experiment, data",
-    [("text_video_digits", "captioned_video_folder"), ("text_audio_digits", "captioned_audio_folder")],
+    [
+        ("text_video_digits", "captioned_video_folder"),
+        ("text_audio_digits", "captioned_audio_folder"),
+    ],
 )
 def test_captioned_video_and_audio_folder_configs_build_a_text_run(tmp_path, experiment, data):
     import soundfile
@@ -273,7 +330,9 @@ def test_a_few_training_steps_write_checkpoints_metrics_and_samples(tiny_train_c
 
 
 def test_vanilla_baseline_trains_without_a_teacher_forward(tiny_train_cfg):
-    run = build_run(tiny_train_cfg("objective.mask_ratio=0", "objective.gamma=0", "trainer.max_steps=2"))
+    run = build_run(
+        tiny_train_cfg("objective.mask_ratio=0", "objective.gamma=0", "trainer.max_steps=2")
+    )
     run.trainer.fit(run.module, datamodule=run.datamodule)
     rows = read_metrics(Path(run.run_dir) / "metrics.csv")
     assert "train/loss_rep" not in rows[0]
@@ -287,7 +346,9 @@ class CaptureStart(L.Callback):
         self.exp_avg = [s["exp_avg"].clone() for s in trainer.optimizers[0].state.values()]
 
 
-def test_resume_continues_from_the_saved_step_with_ema_and_optimizer_state(tiny_train_cfg, tmp_path):
+def test_resume_continues_from_the_saved_step_with_ema_and_optimizer_state(
+    tiny_train_cfg, tmp_path
+):
     first = build_run(tiny_train_cfg("trainer.max_steps=4", run_dir=tmp_path / "a"))
     first.trainer.fit(first.module, datamodule=first.datamodule)
     ckpt_path = tmp_path / "a" / "checkpoints" / "step_0000002.ckpt"
@@ -311,13 +372,19 @@ def test_resume_continues_from_the_saved_step_with_ema_and_optimizer_state(tiny_
 
 def test_data_without_its_tokenizer_or_captions_without_text_stop_at_start_up(tiny_train_cfg):
     cfg = tiny_train_cfg("tokenizer=video_tubelets")
-    with pytest.raises(ConfigError, match="data gives 'image' samples but tokenizer.image is not configured"):
+    with pytest.raises(
+        ConfigError, match="data gives 'image' samples but tokenizer.image is not configured"
+    ):
         validate_config(cfg)
     with pytest.raises(ValueError, match="tokenizer.image is not configured"):
         build_module(cfg, instantiate(cfg.data))
-    with pytest.raises(ConfigError, match="the data has captions but no text tokenizer is configured"):
+    with pytest.raises(
+        ConfigError, match="the data has captions but no text tokenizer is configured"
+    ):
         validate_config(tiny_train_cfg("data=text_digits"))
-    with pytest.raises(ConfigError, match="tokenizer.text is configured but the data has no captions"):
+    with pytest.raises(
+        ConfigError, match="tokenizer.text is configured but the data has no captions"
+    ):
         validate_config(tiny_train_cfg("tokenizer=[image_pixels,text_minilm]"))
 
 
@@ -330,10 +397,16 @@ def test_checkpoint_loads_back_for_inference_with_ema_or_online_weights(tiny_tra
     ema = load_checkpoint(path, weights="ema")
     online = load_checkpoint(path, weights="online")
     assert ema.step == 2 and list(ema.tokenizers) == ["image"]
-    for (name, a), b in zip(ema.model.state_dict().items(), run.module.ema_model.state_dict().values()):
+    for (name, a), b in zip(
+        ema.model.state_dict().items(), run.module.ema_model.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, msg=name)
-    torch.testing.assert_close(online.model.blocks[0].attn.qkv.weight, run.module.model.blocks[0].attn.qkv.weight)
-    assert not torch.equal(ema.model.blocks[0].attn.qkv.weight, online.model.blocks[0].attn.qkv.weight)
+    torch.testing.assert_close(
+        online.model.blocks[0].attn.qkv.weight, run.module.model.blocks[0].attn.qkv.weight
+    )
+    assert not torch.equal(
+        ema.model.blocks[0].attn.qkv.weight, online.model.blocks[0].attn.qkv.weight
+    )
 
 
 def test_checkpoint_errors_are_clear_and_unsafe_files_are_not_executed(tiny_train_cfg, tmp_path):
@@ -348,7 +421,9 @@ def test_checkpoint_errors_are_clear_and_unsafe_files_are_not_executed(tiny_trai
         load_checkpoint(evil)
     assert not marker.exists()
     model = torch.nn.Linear(3, 4)
-    with pytest.raises(ValueError, match=r"'weight' has shape \(4, 5\) in the checkpoint but \(4, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"'weight' has shape \(4, 5\) in the checkpoint but \(4, 3\)"
+    ):
         load_state_checked(model, {"weight": torch.zeros(4, 5), "bias": torch.zeros(4)}, "test")
 
 
@@ -356,7 +431,9 @@ def test_checkpoint_errors_are_clear_and_unsafe_files_are_not_executed(tiny_trai
 def test_data_on_bad_file_is_one_key_for_both_splits(name, tmp_path):
     from selfflow.training.datamodule import SelfFlowDataModule
 
-    cfg = compose_train([f"data={name}", f"data.root={tmp_path}", "data.on_bad_file=error"], tmp_path / "run")
+    cfg = compose_train(
+        [f"data={name}", f"data.root={tmp_path}", "data.on_bad_file=error"], tmp_path / "run"
+    )
     assert OmegaConf.to_container(cfg.data, resolve=True)["dataset"]["on_bad_file"] == "error"
     with pytest.raises(ValueError, match="data.on_bad_file='sometimes'"):
         SelfFlowDataModule.from_splits([1], [1], "image", on_bad_file="sometimes")

@@ -1,5 +1,5 @@
-"""Audio data on real files: WAV/FLAC/OGG written here with soundfile, the real FSDD recordings, the built-in
-spoken digits; every bad-input case."""
+"""Audio data on real files: WAV/FLAC/OGG written here with soundfile, the real FSDD recordings, the
+built-in spoken digits; every bad-input case."""
 
 import sys
 
@@ -45,7 +45,9 @@ def test_audio_folder_resamples_mixes_to_mono_and_centres_short_clips(tmp_path):
 
 def test_training_crops_start_at_random_points(tmp_path):
     (tmp_path / "a").mkdir()
-    ramp = np.linspace(-0.9, 0.9, 32000, dtype=np.float32)  # 4 s at 8 kHz; each crop reveals its start
+    ramp = np.linspace(
+        -0.9, 0.9, 32000, dtype=np.float32
+    )  # 4 s at 8 kHz; each crop reveals its start
     for i in range(2):
         soundfile.write(tmp_path / "a" / f"{i}.wav", ramp, 8000, subtype="FLOAT")
     train = AudioFolder(str(tmp_path), "train", sample_rate=8000, duration=0.5, test_fraction=0.5)
@@ -58,10 +60,16 @@ def test_training_crops_start_at_random_points(tmp_path):
 def test_labels_from_file_names_on_real_fsdd_recordings():
     root = shared_dataset("fsdd")
     digits = AudioFolder(
-        str(root / "recordings"), "train", name_pattern="{digit}_{speaker}_{index}", label_field="digit"
+        str(root / "recordings"),
+        "train",
+        name_pattern="{digit}_{speaker}_{index}",
+        label_field="digit",
     )
     speakers = AudioFolder(
-        str(root / "recordings"), "test", name_pattern="{digit}_{speaker}_{index}", label_field="speaker"
+        str(root / "recordings"),
+        "test",
+        name_pattern="{digit}_{speaker}_{index}",
+        label_field="speaker",
     )
     assert digits.class_names == [str(d) for d in range(10)]
     assert "george" in speakers.class_names and "jackson" in speakers.class_names
@@ -76,7 +84,8 @@ def test_labels_from_file_names_on_real_fsdd_recordings():
 
 
 def write_bad_recordings(folder):
-    """Good files plus one of each broken kind; returns {file name: words expected in the reason}."""
+    """Good files plus one of each broken kind; returns {file name: words expected in
+    the reason}."""
     folder.mkdir(parents=True)
     soundfile.write(folder / "good0.wav", tone(440, 1.0, 8000), 8000)
     soundfile.write(folder / "good1.wav", tone(660, 1.0, 8000), 8000)
@@ -107,7 +116,10 @@ def test_broken_recordings_are_skipped_with_a_reason_and_recorded(tmp_path):
     dataset = AudioFolder(str(tmp_path / "d"), "train", resample=False)
     dataset.bad_files.record_path = record
     items = [dataset[i] for i in range(len(dataset))]
-    assert sorted(p.name for p, item in zip(dataset.paths, items) if item is not None) == ["good0.wav", "good1.wav"]
+    assert sorted(p.name for p, item in zip(dataset.paths, items) if item is not None) == [
+        "good0.wav",
+        "good1.wav",
+    ]
     assert collate_samples("audio")(items)["data"].shape == (2, 1, 8000)
     lines = dict(line.split("\t") for line in record.read_text().splitlines())
     assert sorted(lines) == sorted(str(tmp_path / "d" / "train" / "a" / name) for name in expected)
@@ -131,22 +143,34 @@ def test_on_bad_file_error_and_startup_errors(tmp_path):
         AudioFolder(str(tmp_path / "missing"))
     (tmp_path / "mp3s").mkdir()
     (tmp_path / "mp3s" / "a.mp3").write_bytes(b"ID3")
-    with pytest.raises(FileNotFoundError, match=r"no files with extensions \['.wav', '.flac', '.ogg'\]"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no files with extensions \['.wav', '.flac', '.ogg'\]"
+    ):
         AudioFolder(str(tmp_path / "mp3s"))
     (tmp_path / "dead").mkdir()
     for i in range(3):
         soundfile.write(tmp_path / "dead" / f"{i}.wav", np.zeros(800, np.float32), 8000)
-    with pytest.raises(ValueError, match=r"none of the \d+ files .* can be read .*dead/\d.wav: recording is silent"):
+    with pytest.raises(
+        ValueError, match=r"none of the \d+ files .* can be read .*dead/\d.wav: recording is silent"
+    ):
         AudioFolder(str(tmp_path / "dead"))
 
 
 def test_spoken_digits_are_synthesised_once_with_digit_and_voice_labels(tmp_path):
     pytest.importorskip("espeakng_loader")
-    sizes = {"voices": ["en+m1", "en+f3"], "takes": 3, "test_takes": 1, "cache_dir": str(tmp_path / "cache")}
+    sizes = {
+        "voices": ["en+m1", "en+f3"],
+        "takes": 3,
+        "test_takes": 1,
+        "cache_dir": str(tmp_path / "cache"),
+    }
     digits = SpokenDigits("train", label="digit", **sizes)
     voices = SpokenDigits("test", label="voice", **sizes)
     assert len(digits) == 2 * 10 * 2 and len(voices) == 2 * 10 * 1
-    assert digits.class_names == [str(d) for d in range(10)] and voices.class_names == ["en-f3", "en-m1"]
+    assert digits.class_names == [str(d) for d in range(10)] and voices.class_names == [
+        "en-f3",
+        "en-m1",
+    ]
     folder = digits.paths[0].parents[1]
     assert folder.parent == tmp_path / "cache" / "spoken_digits"
     assert soundfile.info(str(digits.paths[0])).samplerate == 8000
@@ -173,7 +197,9 @@ def test_missing_synthesiser_names_the_package_to_install(tmp_path, monkeypatch)
     monkeypatch.setattr(Espeak, "_instance", None)
     with pytest.raises(ModuleNotFoundError, match="pip install espeakng-loader"):
         SpokenDigits("train", takes=2, test_takes=1, cache_dir=str(tmp_path / "cache"))
-    assert not list((tmp_path / "cache" / "spoken_digits").glob("*/parameters.json"))  # no half-made set left
+    assert not list(
+        (tmp_path / "cache" / "spoken_digits").glob("*/parameters.json")
+    )  # no half-made set left
 
 
 def test_a_named_pipe_posing_as_audio_is_skipped_without_hanging(tmp_path):
@@ -201,7 +227,9 @@ def test_duration_buckets_crop_each_recording_to_the_longest_bucket_it_fills(tmp
         write_lengths(tmp_path / split / "a", [0.3, 0.6, 1.2, 2.5, 1.0])
     data = AudioFolder(str(tmp_path), "train", durations=[2.0, 0.5, 1.0])
     assert data.durations == [0.5, 1.0, 2.0]
-    assert AudioFolder(str(tmp_path), "test", durations=[2.0, 0.5, 1.0]).bucket_ids is None  # the test split: 1 s
+    assert (
+        AudioFolder(str(tmp_path), "test", durations=[2.0, 0.5, 1.0]).bucket_ids is None
+    )  # the test split: 1 s
     by_name = {p.name: i for i, p in enumerate(data.paths)}
     assert {name: data.bucket_ids[i] for name, i in by_name.items()} == {
         "0.wav": 0,
@@ -214,7 +242,9 @@ def test_duration_buckets_crop_each_recording_to_the_longest_bucket_it_fills(tmp
     assert lengths == {"0.wav": 4000, "1.wav": 4000, "2.wav": 8000, "3.wav": 16000, "4.wav": 8000}
     assert data[by_name["3.wav"]][0].shape == (1, 8000)  # a plain index: the fixed duration
     assert AudioFolder(str(tmp_path), "train").bucket_ids is None
-    with pytest.raises(ValueError, match=r"data.dataset.durations=\[1.0, 1.0\] must be distinct positive"):
+    with pytest.raises(
+        ValueError, match=r"data.dataset.durations=\[1.0, 1.0\] must be distinct positive"
+    ):
         AudioFolder(str(tmp_path), "train", durations=[1.0, 1.0])
 
 
@@ -238,7 +268,10 @@ def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train
     run.module.on_train_batch_start = lambda batch, i: lengths.append(batch["data"].shape[-1])
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 4 and set(lengths) <= {4000, 8000} and len(lengths) == 4
-    assert set(run.datamodule.train_set.bucket_ids) == {0, 1}  # both lengths in the data; a batch holds one
+    assert set(run.datamodule.train_set.bucket_ids) == {
+        0,
+        1,
+    }  # both lengths in the data; a batch holds one
     tokenizer = run.module.tokenizers["audio"]
     half = tokenizer_at_length(tokenizer, "audio", {"duration": 0.5})
     assert half.decode(torch.zeros(1, 32, 32)).shape == (1, 4000)
@@ -246,6 +279,10 @@ def test_training_with_duration_buckets_and_sampling_another_duration(tiny_train
         tokenizer_at_length(tokenizer, "audio", {"duration": 0.3})
     with pytest.raises(ValueError, match=r"frames= is for video checkpoints"):
         tokenizer_at_length(tokenizer, "audio", {"frames": 16})
-    bad = build_run(tiny_train_cfg(*overrides, "data.dataset.durations=[0.3]", run_dir=tmp_path / "bad"))
-    with pytest.raises(ValueError, match=r"data.dataset.durations=\[0.3\]: an audio clip of 2400 samples"):
+    bad = build_run(
+        tiny_train_cfg(*overrides, "data.dataset.durations=[0.3]", run_dir=tmp_path / "bad")
+    )
+    with pytest.raises(
+        ValueError, match=r"data.dataset.durations=\[0.3\]: an audio clip of 2400 samples"
+    ):
         bad.trainer.fit(bad.module, datamodule=bad.datamodule)

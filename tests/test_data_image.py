@@ -45,7 +45,9 @@ def test_image_folder_skips_a_corrupt_file_and_records_it(tmp_path):
     batch = collate_samples("image")([dataset[i] for i in range(len(dataset))])
     assert batch["data"].shape[0] == len(dataset) - 1
     assert "broken.png" in record.read_text() and "UnidentifiedImageError" in record.read_text()
-    strict = ImageFolder(str(tmp_path / "d"), "train", image_size=8, test_fraction=0.1, on_bad_file="error")
+    strict = ImageFolder(
+        str(tmp_path / "d"), "train", image_size=8, test_fraction=0.1, on_bad_file="error"
+    )
     with pytest.raises(BadFileError, match="broken.png"):
         strict[broken]
 

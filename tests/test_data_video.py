@@ -1,5 +1,5 @@
-"""Video data on real files: MP4/MKV written here with PyAV, read back through VideoFolder; built-in moving digits;
-every bad-input case."""
+"""Video data on real files: MP4/MKV written here with PyAV, read back through VideoFolder; built-in
+moving digits; every bad-input case."""
 
 import csv
 import io
@@ -26,26 +26,50 @@ def grey_levels(clip: torch.Tensor) -> list[int]:
 def test_video_folder_reads_labelled_clips_centred_in_test(tmp_path):
     write_video_folder(tmp_path / "v")
     test = VideoFolder(
-        str(tmp_path / "v"), "test", num_frames=4, frame_stride=2, image_size=16, channels=1, test_fraction=0.34
+        str(tmp_path / "v"),
+        "test",
+        num_frames=4,
+        frame_stride=2,
+        image_size=16,
+        channels=1,
+        test_fraction=0.34,
     )
     train = VideoFolder(
-        str(tmp_path / "v"), "train", num_frames=4, frame_stride=2, image_size=16, channels=1, test_fraction=0.34
+        str(tmp_path / "v"),
+        "train",
+        num_frames=4,
+        frame_stride=2,
+        image_size=16,
+        channels=1,
+        test_fraction=0.34,
     )
     assert test.class_names == ["walk", "wave"] and test.num_classes == 2
     assert len(train) + len(test) == 6 and set(train.paths).isdisjoint(test.paths)
     clip, label = test[0]
     assert clip.shape == (4, 1, 16, 16) and clip.min() >= 0 and clip.max() <= 1
-    # 20 frames, a clip spans 7: the centred start is frame 6, so frames 6, 8, 10, 12 (value 8 t + 40 label)
+    # 20 frames, a clip spans 7: the centred start is frame 6, so frames 6, 8, 10, 12 (value 8 t +
+    # 40 label)
     expected = [8 * t + 40 * label for t in (6, 8, 10, 12)]
-    assert all(abs(a - b) <= 2 for a, b in zip(grey_levels(clip), expected)), (grey_levels(clip), expected)
-    rgb = VideoFolder(str(tmp_path / "v"), "test", num_frames=4, image_size=8, channels=3, test_fraction=0.34)[0][0]
+    assert all(abs(a - b) <= 2 for a, b in zip(grey_levels(clip), expected)), (
+        grey_levels(clip),
+        expected,
+    )
+    rgb = VideoFolder(
+        str(tmp_path / "v"), "test", num_frames=4, image_size=8, channels=3, test_fraction=0.34
+    )[0][0]
     assert rgb.shape == (4, 3, 8, 8)
 
 
 def test_training_clips_start_at_random_frames_with_the_asked_stride(tmp_path):
     write_video_folder(tmp_path / "v", classes=("a",), per_class=2)
     train = VideoFolder(
-        str(tmp_path / "v"), "train", num_frames=3, frame_stride=3, image_size=8, channels=1, test_fraction=0.5
+        str(tmp_path / "v"),
+        "train",
+        num_frames=3,
+        frame_stride=3,
+        image_size=8,
+        channels=1,
+        test_fraction=0.5,
     )
     starts = set()
     for _ in range(20):
@@ -86,10 +110,14 @@ def test_other_containers_and_codecs_are_read(tmp_path):
         for frame in ramp_video(10):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())
-    dataset = VideoFolder(str(tmp_path), "test", num_frames=4, image_size=32, channels=1, test_fraction=0.5)
+    dataset = VideoFolder(
+        str(tmp_path), "test", num_frames=4, image_size=32, channels=1, test_fraction=0.5
+    )
     assert dataset[0][0].shape == (4, 1, 32, 32)
     with av.open(str(path)) as container:
-        assert container.streams.video[0].frames == 0  # Matroska keeps no frame count: length from the duration
+        assert (
+            container.streams.video[0].frames == 0
+        )  # Matroska keeps no frame count: length from the duration
     assert (clip_frames_available(path), clip_frames_available(path, frame_stride=2)) == (10, 5)
 
 
@@ -98,7 +126,13 @@ def test_labels_from_a_csv_manifest_or_a_file_name_pattern(tmp_path):
     for i in range(6):
         label = "jump" if i % 2 else "sit"
         write_mp4(ramp_video(10), tmp_path / "clips" / f"{label}-{i}_x.mp4", 10)
-        rows.append({"path": f"clips/{label}-{i}_x.mp4", "label": label, "split": "test" if i < 2 else "train"})
+        rows.append(
+            {
+                "path": f"clips/{label}-{i}_x.mp4",
+                "label": label,
+                "split": "test" if i < 2 else "train",
+            }
+        )
     with open(tmp_path / "labels.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, ["path", "label", "split"])
         writer.writeheader()
@@ -106,7 +140,9 @@ def test_labels_from_a_csv_manifest_or_a_file_name_pattern(tmp_path):
     train = VideoFolder(str(tmp_path), "train", num_frames=2, image_size=8, manifest="labels.csv")
     test = VideoFolder(str(tmp_path), "test", num_frames=2, image_size=8, manifest="labels.csv")
     assert train.class_names == ["jump", "sit"] and len(train) == 4 and len(test) == 2
-    assert [train.class_names[y] for y in train.labels] == [p.name.split("-")[0] for p in train.paths]
+    assert [train.class_names[y] for y in train.labels] == [
+        p.name.split("-")[0] for p in train.paths
+    ]
     named = VideoFolder(
         str(tmp_path / "clips"),
         "train",
@@ -117,7 +153,9 @@ def test_labels_from_a_csv_manifest_or_a_file_name_pattern(tmp_path):
         label_field="action",
     )
     assert named.class_names == ["jump", "sit"]
-    assert [named.class_names[y] for y in named.labels] == [p.name.split("-")[0] for p in named.paths]
+    assert [named.class_names[y] for y in named.labels] == [
+        p.name.split("-")[0] for p in named.paths
+    ]
     with pytest.raises(ValueError, match="label_field='speed' is not a field"):
         VideoFolder(str(tmp_path / "clips"), name_pattern="{action}-{index}_x", label_field="speed")
     with open(tmp_path / "bad.csv", "w") as f:
@@ -127,16 +165,21 @@ def test_labels_from_a_csv_manifest_or_a_file_name_pattern(tmp_path):
 
 
 def write_bad_videos(folder, num_frames=12):
-    """One file of every broken kind next to good ones; returns {file name: expected words in the reason}."""
+    """One file of every broken kind next to good ones; returns {file name: expected words in
+    the reason}."""
     good = write_mp4(ramp_video(num_frames), folder / "good0.mp4", 10)
     write_mp4(ramp_video(num_frames), folder / "good1.mp4", 10)
     (folder / "empty.mp4").write_bytes(b"")
     (folder / "corrupt.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
     (folder / "truncated.mp4").write_bytes(good.read_bytes()[:400])
     write_mp4(ramp_video(3), folder / "short.mp4", 10)
-    with av.open(str(folder / "no_video.mkv"), "w") as container:  # a codec/stream the reader cannot use
+    with av.open(
+        str(folder / "no_video.mkv"), "w"
+    ) as container:  # a codec/stream the reader cannot use
         stream = container.add_stream("pcm_s16le", rate=8000)
-        frame = av.AudioFrame.from_ndarray(np.zeros((1, 800), np.int16), format="s16", layout="mono")
+        frame = av.AudioFrame.from_ndarray(
+            np.zeros((1, 800), np.int16), format="s16", layout="mono"
+        )
         frame.sample_rate = 8000
         container.mux(stream.encode(frame))
         container.mux(stream.encode())
@@ -169,7 +212,9 @@ def test_broken_videos_are_skipped_with_a_reason_and_recorded(tmp_path):
 
 def test_on_bad_file_error_stops_at_the_first_bad_file(tmp_path):
     write_bad_videos(tmp_path / "d" / "a")
-    with pytest.raises(BadFileError, match="cannot read .*: "):  # at start-up if the first file is bad
+    with pytest.raises(
+        BadFileError, match="cannot read .*: "
+    ):  # at start-up if the first file is bad
         VideoFolder(
             str(tmp_path / "d"),
             "train",
@@ -180,7 +225,9 @@ def test_on_bad_file_error_stops_at_the_first_bad_file(tmp_path):
             name_pattern="{kind}",
             label_field="kind",
         )
-    dataset = VideoFolder(str(tmp_path / "d"), "train", num_frames=8, image_size=16, test_fraction=0.1)
+    dataset = VideoFolder(
+        str(tmp_path / "d"), "train", num_frames=8, image_size=16, test_fraction=0.1
+    )
     dataset.bad_files.on_bad_file = "error"
     short = next(i for i, p in enumerate(dataset.paths) if p.name == "short.mp4")
     with pytest.raises(BadFileError, match="short.mp4: video has 3 frames"):
@@ -198,7 +245,9 @@ def test_startup_errors_name_the_path(tmp_path):
     (tmp_path / "broken" / "a" / "x.mp4").write_bytes(b"")
     (tmp_path / "broken" / "a" / "y.mp4").write_bytes(b"junk" * 100)
     (tmp_path / "broken" / "a" / "z.mp4").write_bytes(b"")
-    with pytest.raises(ValueError, match=r"none of the 2 files .* can be read \(the first, .*broken/a/[xyz].mp4: "):
+    with pytest.raises(
+        ValueError, match=r"none of the 2 files .* can be read \(the first, .*broken/a/[xyz].mp4: "
+    ):
         VideoFolder(str(tmp_path / "broken"), "train", test_fraction=0.1)
 
 
@@ -208,7 +257,10 @@ def test_moving_digits_are_real_mp4s_with_digit_and_direction_labels(tmp_path):
     directions = MovingDigits("test", label="direction", **sizes)
     folder = digits.paths[0].parents[1]
     assert folder.parent == tmp_path / "cache" / "moving_digits"
-    assert len(list((folder / "train").glob("*.mp4"))) == 24 and len(list((folder / "test").glob("*.mp4"))) == 8
+    assert (
+        len(list((folder / "train").glob("*.mp4"))) == 24
+        and len(list((folder / "test").glob("*.mp4"))) == 8
+    )
     assert digits.class_names == [str(d) for d in range(10)]
     assert directions.class_names == sorted(name for name, _ in DIRECTIONS)
     clip, label = digits[0]
@@ -220,7 +272,9 @@ def test_moving_digits_are_real_mp4s_with_digit_and_direction_labels(tmp_path):
     grid = torch.arange(16.0)
     ys = [(f[0].sum(1) * grid).sum() / f.sum() for f in clip]
     xs = [(f[0].sum(0) * grid).sum() / f.sum() for f in clip]
-    assert np.sign(round(float(ys[-1] - ys[0]))) == dy and np.sign(round(float(xs[-1] - xs[0]))) == dx
+    assert (
+        np.sign(round(float(ys[-1] - ys[0]))) == dy and np.sign(round(float(xs[-1] - xs[0]))) == dx
+    )
 
 
 def test_moving_digits_are_decoded_once_and_served_from_memory(tmp_path, monkeypatch):
@@ -238,7 +292,9 @@ def test_moving_digits_are_decoded_once_and_served_from_memory(tmp_path, monkeyp
         clip, label = preloaded[i]
         assert torch.equal(clip, preloaded.clips[i]) and label == preloaded.labels[i]
     assert read_each_time[0] is None  # (the same emptied file, read again: skipped)
-    monkeypatch.setattr(moving_digits, "PRELOAD_BYTES", 5 * 8 * 16 * 16 * 4)  # 5 clips' worth: 6 are too many
+    monkeypatch.setattr(
+        moving_digits, "PRELOAD_BYTES", 5 * 8 * 16 * 16 * 4
+    )  # 5 clips' worth: 6 are too many
     other = {**sizes, "cache_dir": str(tmp_path / "other")}  # a cache of its own: encoded anew
     too_many = MovingDigits("train", **other)
     from_file = MovingDigits("train", preload=False, **other)[0][0]
@@ -265,7 +321,12 @@ def test_frame_count_buckets_read_each_video_at_the_longest_clip_it_holds(tmp_pa
 
     for c, name in enumerate(("walk", "wave")):
         for i, total in enumerate((6, 10, 17, 20)):
-            write_mp4(ramp_video(total, 32, offset=40 * c), tmp_path / "clips" / name / f"{i}.mp4", 10, crf=0)
+            write_mp4(
+                ramp_video(total, 32, offset=40 * c),
+                tmp_path / "clips" / name / f"{i}.mp4",
+                10,
+                crf=0,
+            )
     data = VideoFolder(
         str(tmp_path / "clips"),
         "train",
@@ -288,7 +349,9 @@ def test_frame_count_buckets_read_each_video_at_the_longest_clip_it_holds(tmp_pa
         ).bucket_ids
         is None
     )  # the test split: num_frames
-    for i, path in enumerate(data.paths):  # stride 1: 6 frames hold a 4-frame clip, 10 and more an 8-frame one
+    for i, path in enumerate(
+        data.paths
+    ):  # stride 1: 6 frames hold a 4-frame clip, 10 and more an 8-frame one
         expected = 0 if path.stem == "0" else 1
         assert data.bucket_ids[i] == expected, path
         assert data[BucketIndex(i)][0].shape == ((4, 8)[expected], 1, 8, 8)
@@ -303,9 +366,16 @@ def test_frame_count_buckets_read_each_video_at_the_longest_clip_it_holds(tmp_pa
         test_fraction=0.01,
         frame_counts=[4, 8],
     )
-    assert {p.stem: strided.bucket_ids[i] for i, p in enumerate(strided.paths)} == {"0": 0, "1": 0, "2": 1, "3": 1}
+    assert {p.stem: strided.bucket_ids[i] for i, p in enumerate(strided.paths)} == {
+        "0": 0,
+        "1": 0,
+        "2": 1,
+        "3": 1,
+    }
     with pytest.raises(ValueError, match="must be whole numbers of frames"):
-        VideoFolder(str(tmp_path / "clips"), "test", num_frames=4, test_fraction=0.99, frame_counts=[2.5])
+        VideoFolder(
+            str(tmp_path / "clips"), "test", num_frames=4, test_fraction=0.99, frame_counts=[2.5]
+        )
 
     overrides = [
         "experiment=video_digits",
@@ -324,7 +394,9 @@ def test_frame_count_buckets_read_each_video_at_the_longest_clip_it_holds(tmp_pa
     run = build_run(tiny_train_cfg(*overrides, "data.dataset.frame_counts=[4,8]"))
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 3 and set(run.datamodule.train_set.bucket_ids) == {0, 1}
-    bad = build_run(tiny_train_cfg(*overrides, "data.dataset.frame_counts=[3]", run_dir=tmp_path / "bad"))
+    bad = build_run(
+        tiny_train_cfg(*overrides, "data.dataset.frame_counts=[3]", run_dir=tmp_path / "bad")
+    )
     with pytest.raises(
         ValueError,
         match=r"data.dataset.frame_counts=\[3\]: a clip of 3 frames is not a whole "

@@ -1,4 +1,5 @@
-"""Multi-process training on CPU (gloo), through the real CLI in a subprocess as Lightning launches it."""
+"""Multi-process training on CPU (gloo), through the real CLI in a subprocess as Lightning
+launches it."""
 
 import csv
 from pathlib import Path
@@ -29,9 +30,12 @@ def test_two_process_ddp_keeps_ranks_identical_with_their_own_noise(tmp_path):
             torch.testing.assert_close(value, rank1[part][key], rtol=0, atol=0, msg=f"{part}.{key}")
     # the weights moved, and each rank drew its own masks and noise
     assert not torch.equal(rank0["first_draw"], rank1["first_draw"])
-    # at initialisation the output is zero, so the flow loss is E|x1 - x0|^2 over the batch: a rank's half of the
-    # global batch must give the same value as the one-process run's full batch, up to sampling noise
-    assert first_losses(ddp)["train/loss_flow"] == pytest.approx(first_losses(single)["train/loss_flow"], rel=0.1)
+    # at initialisation the output is zero, so the flow loss is E|x1 - x0|^2 over the batch: a
+    # rank's half of the global batch must give the same value as the one-process run's full batch,
+    # up to sampling noise
+    assert first_losses(ddp)["train/loss_flow"] == pytest.approx(
+        first_losses(single)["train/loss_flow"], rel=0.1
+    )
 
 
 JOINT_MODALITIES = ("audio", "image", "video")
@@ -40,9 +44,10 @@ JOINT_MODALITIES = ("audio", "image", "video")
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["per_step", "packed"])
 def test_joint_training_on_two_processes_keeps_the_ranks_identical_after_every_step(tmp_path, mode):
-    """The joint default on 2 processes: every rank trains the same modalities at a step (per_step: one modality per
-    global batch; packed: the same count of each), on its own samples, and the weights (student and EMA) are
-    bit-identical on both ranks after every step, with no unused-parameter search in DDP."""
+    """The joint default on 2 processes: every rank trains the same modalities at a step (per_step:
+    one modality per global batch; packed: the same count of each), on its own samples, and the
+    weights (student and EMA) are bit-identical on both ranks after every step, with no
+    unused-parameter search in DDP."""
     pytest.importorskip("espeakng_loader")
     steps = 6
     run = train_cli(
@@ -60,13 +65,20 @@ def test_joint_training_on_two_processes_keeps_the_ranks_identical_after_every_s
     rank0, rank1 = (dump["steps"] for dump in dumps)
     assert len(rank0) == len(rank1) == steps
     for step, (a, b) in enumerate(zip(rank0, rank1)):
-        assert (a["model"], a["ema"]) == (b["model"], b["ema"]), f"the ranks' weights differ after step {step}"
-        assert {m: n for m, (n, _) in a["contents"].items()} == {m: n for m, (n, _) in b["contents"].items()}
+        assert (a["model"], a["ema"]) == (b["model"], b["ema"]), (
+            f"the ranks' weights differ after step {step}"
+        )
+        assert {m: n for m, (n, _) in a["contents"].items()} == {
+            m: n for m, (n, _) in b["contents"].items()
+        }
         assert a["contents"] != b["contents"]  # each rank its own samples
     assert rank0[0]["model"] != rank0[-1]["model"] and rank0[0]["ema"] != rank0[-1]["ema"]
     drawn = [tuple(step["contents"]) for step in rank0]
-    # the optimizer stepped each modality's own parameters only at the steps holding that modality, as on one process
-    assert dumps[0]["optimizer_steps"] == {m: sum(m in modalities for modalities in drawn) for m in JOINT_MODALITIES}
+    # the optimizer stepped each modality's own parameters only at the steps holding that modality,
+    # as on one process
+    assert dumps[0]["optimizer_steps"] == {
+        m: sum(m in modalities for modalities in drawn) for m in JOINT_MODALITIES
+    }
     if mode == "per_step":  # one modality a step, and the draw moves between modalities
         assert all(len(modalities) == 1 for modalities in drawn) and len(set(drawn)) > 1
     else:  # some step lacks a modality: its head must still be in step on both ranks
@@ -91,7 +103,11 @@ def test_callbacks_stand_down_when_the_model_is_sharded_over_ranks(caplog):
 
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    from selfflow.training.distributed import callback_forward_context, fsdp_strategy, sharded_over_ranks
+    from selfflow.training.distributed import (
+        callback_forward_context,
+        fsdp_strategy,
+        sharded_over_ranks,
+    )
 
     fsdp, single = fsdp_strategy(), SingleDeviceStrategy("cpu")
     many = SimpleNamespace(strategy=fsdp, world_size=2, is_global_zero=True)
@@ -99,17 +115,23 @@ def test_callbacks_stand_down_when_the_model_is_sharded_over_ranks(caplog):
         assert sharded_over_ranks(many, "sample grids")
         assert sharded_over_ranks(many, "sample grids")  # warned once
     assert [r.getMessage() for r in caplog.records].count(
-        "sample grids are off under FSDP on 2 ranks; run selfflow-sample / selfflow-probe on a checkpoint"
+        "sample grids are off under FSDP on 2 ranks; run selfflow-sample / "
+        "selfflow-probe on a checkpoint"
     ) == 1
-    assert not sharded_over_ranks(SimpleNamespace(strategy=fsdp, world_size=1, is_global_zero=True), "probes")
-    assert not sharded_over_ranks(SimpleNamespace(strategy=single, world_size=2, is_global_zero=True), "probes")
+    assert not sharded_over_ranks(
+        SimpleNamespace(strategy=fsdp, world_size=1, is_global_zero=True), "probes"
+    )
+    assert not sharded_over_ranks(
+        SimpleNamespace(strategy=single, world_size=2, is_global_zero=True), "probes"
+    )
     with callback_forward_context(SimpleNamespace(strategy=single)):  # no autocast outside FSDP
         assert not torch.is_autocast_enabled("cpu")
 
 
 def test_an_absent_modality_has_gradients_for_ddp_and_none_for_the_optimizer():
-    """A step without audio still reaches the audio parameters (zero gradients, so DDP needs no search), and they
-    lose those gradients again before the optimizer step unless another rank's batch held audio."""
+    """A step without audio still reaches the audio parameters (zero gradients, so DDP needs no
+    search), and they lose those gradients again before the optimizer step unless another rank's
+    batch held audio."""
     from types import SimpleNamespace
 
     from selfflow.models.transformer import SelfFlowTransformer
@@ -119,7 +141,11 @@ def test_an_absent_modality_has_gradients_for_ddp_and_none_for_the_optimizer():
     model = SelfFlowTransformer({"image": 4, "audio": 8}, width=16, depth=1, heads=2, num_classes=3)
     parameters = ModalityParameters(model)
     x, pos = torch.randn(2, 5, 4), torch.zeros(2, 5, 4, dtype=torch.long)
-    loss = model.velocity(x, torch.rand(2), pos, Condition(torch.tensor([0, 1])), "image").square().mean()
+    loss = (
+        model.velocity(x, torch.rand(2), pos, Condition(torch.tensor([0, 1])), "image")
+        .square()
+        .mean()
+    )
     tied = parameters.in_graph(loss, ["image"])
     assert tied.item() == loss.item()
     tied.backward()
@@ -128,7 +154,8 @@ def test_an_absent_modality_has_gradients_for_ddp_and_none_for_the_optimizer():
     assert all(torch.count_nonzero(p.grad) == 0 for p in audio)
     gradients = [p.grad.clone() for p in audio]
     audio_on_another_rank = SimpleNamespace(
-        root_device=torch.device("cpu"), reduce=lambda flags, reduce_op: flags + torch.tensor([1.0, 0.0])
+        root_device=torch.device("cpu"),
+        reduce=lambda flags, reduce_op: flags + torch.tensor([1.0, 0.0]),
     )
     parameters.drop_absent(["image"], audio_on_another_rank)  # flags in name order: audio, image
     assert all(torch.equal(p.grad, g) for p, g in zip(audio, gradients))

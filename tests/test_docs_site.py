@@ -1,4 +1,5 @@
-"""The documentation site builds with warnings as errors, and its API reference is built from the docstrings."""
+"""The documentation site builds with warnings as errors, and its API reference is built from
+the docstrings."""
 
 import os
 import subprocess

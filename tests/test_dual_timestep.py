@@ -66,7 +66,9 @@ def test_zero_ratio_is_vanilla_one_level_per_sample():
 
 def test_packed_rows_get_levels_and_exact_counts_per_sample():
     torch.manual_seed(3)
-    segment = torch.tensor([[0] * 8 + [1] * 4 + [2] * 2 + [-1] * 2, [0] * 12 + [1] * 4])  # [R=2, N=16]
+    segment = torch.tensor(
+        [[0] * 8 + [1] * 4 + [2] * 2 + [-1] * 2, [0] * 12 + [1] * 4]
+    )  # [R=2, N=16]
     ratios = torch.tensor([[0.25, 0.5, 0.5], [0.5, 0.25, 0.0]])
     levels = DualTimestepScheduler(mask_ratio=0.25).for_segments(segment, 3, ratios)
     counts = [[int((levels.mask[r] & (segment[r] == k)).sum()) for k in range(3)] for r in range(2)]

@@ -54,7 +54,8 @@ def test_time_grid_runs_from_noise_to_data():
 
 
 def test_euler_integrates_a_linear_flow_exactly():
-    # a straight path x_t = (1 - t) a + t x1 has constant velocity x1 - a: Euler is exact at any step count
+    # a straight path x_t = (1 - t) a + t x1 has constant velocity x1 - a: Euler is exact at any
+    # step count
     a = torch.tensor([[2.0, -1.0]], dtype=torch.float64)
     x1 = torch.tensor([[0.3, 0.7]], dtype=torch.float64)
     x0 = euler(lambda x, t: x1 - a, x1, steps=3)
@@ -65,6 +66,8 @@ def test_euler_converges_on_a_curved_flow_with_known_answer():
     # dx/dt = x  ->  x(0) = x(1) * exp(-1)
     x1 = torch.tensor([[1.5, -2.0]], dtype=torch.float64)
     exact = x1 * math.exp(-1)
-    errors = [(euler(lambda x, t: x, x1, steps=n) - exact).abs().max().item() for n in (10, 100, 1000)]
+    errors = [
+        (euler(lambda x, t: x, x1, steps=n) - exact).abs().max().item() for n in (10, 100, 1000)
+    ]
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 1e-3

@@ -1,5 +1,6 @@
-"""What a new user meets first: every console script's --help, selfflow-doctor, a dependency that fails to import
-named with its fix, debug=fast without the slow judges, a quiet console, no empty run folder after a failed start."""
+"""What a new user meets first: every console script's --help, selfflow-doctor, a dependency that
+fails to import named with its fix, debug=fast without the slow judges, a quiet console, no empty
+run folder after a failed start."""
 
 import json
 import logging
@@ -15,7 +16,9 @@ from selfflow.training.console import LibraryBanners, keep_library_banners_off_t
 from selfflow.training.run_folder import remove_if_unused
 from tests.helpers.configs import compose_train
 
-SCRIPTS = sorted(e.name for e in entry_points(group="console_scripts") if e.name.startswith("selfflow-"))
+SCRIPTS = sorted(
+    e.name for e in entry_points(group="console_scripts") if e.name.startswith("selfflow-")
+)
 
 
 @pytest.mark.slow
@@ -33,7 +36,11 @@ def test_every_console_script_prints_its_help(script, tmp_path):
     assert list(tmp_path.iterdir()) == []  # --help writes nothing
 
 
-FILE_TOOLS = {"selfflow-export", "selfflow-shards", "selfflow-doctor"}  # flags; the rest: Hydra key=value
+FILE_TOOLS = {
+    "selfflow-export",
+    "selfflow-shards",
+    "selfflow-doctor",
+}  # flags; the rest: Hydra key=value
 
 
 def test_every_command_is_a_hydra_job_or_a_file_tool_that_takes_flags():
@@ -51,7 +58,9 @@ def test_every_command_is_a_hydra_job_or_a_file_tool_that_takes_flags():
         if entry.name in FILE_TOOLS:
             assert "import argparse" in source and config is None, entry.name
         else:
-            assert "argparse" not in source and config and (conf / f"{config[1]}.yaml").is_file(), entry.name
+            assert "argparse" not in source and config and (conf / f"{config[1]}.yaml").is_file(), (
+                entry.name
+            )
 
 
 @pytest.mark.parametrize("config", ["reference", "prompt_following"])
@@ -66,7 +75,9 @@ def test_a_job_command_comments_every_key_of_its_config(config):
 
 
 def test_the_console_scripts_include_the_doctor_and_the_cache():
-    assert {"selfflow-doctor", "selfflow-cache", "selfflow-train", "selfflow-sample"} <= set(SCRIPTS)
+    assert {"selfflow-doctor", "selfflow-cache", "selfflow-train", "selfflow-sample"} <= set(
+        SCRIPTS
+    )
 
 
 NATIVE_FAILURE = (
@@ -76,8 +87,8 @@ NATIVE_FAILURE = (
 
 
 def import_failing_with(error: str, tmp_path, monkeypatch) -> BaseException:
-    """What importing a module whose top-level code raises `error` (e.g. a native library that does not open)
-    raises."""
+    """What importing a module whose top-level code raises `error` (e.g. a native library that does
+    not open) raises."""
     (tmp_path / "broken_native.py").write_text(f"raise {error}\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(Exception) as raised:
@@ -85,17 +96,27 @@ def import_failing_with(error: str, tmp_path, monkeypatch) -> BaseException:
     return raised.value
 
 
-def test_a_native_library_that_does_not_load_is_named_with_the_versions_and_the_fix(tmp_path, monkeypatch):
-    message = explain_import_failure(import_failing_with(f"OSError({NATIVE_FAILURE!r})", tmp_path, monkeypatch))
+def test_a_native_library_that_does_not_load_is_named_with_the_versions_and_the_fix(
+    tmp_path, monkeypatch
+):
+    message = explain_import_failure(
+        import_failing_with(f"OSError({NATIVE_FAILURE!r})", tmp_path, monkeypatch)
+    )
     assert message.startswith("torchaudio ") and "does not load beside torch " in message
     assert "undefined symbol" in message and "/venv/" not in message
     assert "pip install 'torch>=2.13,<2.15' 'torchaudio>=2.11.1,<2.12'" in message
 
 
 def test_an_extension_that_does_not_register_names_the_matching_install(tmp_path, monkeypatch):
-    failure = "RuntimeError('operator torchvision::nms does not exist: /v/site-packages/torchvision/_meta.py')"
+    failure = (
+        "RuntimeError('operator torchvision::nms does not exist: "
+        "/v/site-packages/torchvision/_meta.py')"
+    )
     message = explain_import_failure(import_failing_with(failure, tmp_path, monkeypatch))
-    assert message.startswith("torchvision ") and "'torchvision>=0.28,<0.30' (in one command" in message
+    assert (
+        message.startswith("torchvision ")
+        and "'torchvision>=0.28,<0.30' (in one command" in message
+    )
 
 
 def test_an_error_of_a_library_at_run_time_is_not_blamed_on_the_install(tmp_path):
@@ -129,10 +150,14 @@ def test_a_target_whose_dependency_is_broken_is_reported_as_such(tmp_path, monke
     monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ConfigError) as error:
         target_parameters("needs_wandb.build")
-    assert "pip install 'selfflow[wandb]'" in str(error.value) and "spelling" not in str(error.value)
+    assert "pip install 'selfflow[wandb]'" in str(error.value) and "spelling" not in str(
+        error.value
+    )
 
 
-def test_the_doctor_reports_every_package_and_fails_when_a_required_one_is_broken(monkeypatch, capsys):
+def test_the_doctor_reports_every_package_and_fails_when_a_required_one_is_broken(
+    monkeypatch, capsys
+):
     from selfflow.cli.doctor import main
 
     assert main(["--json"]) == 0
@@ -160,8 +185,12 @@ def test_debug_fast_leaves_the_recognition_judges_out(tmp_path):
 def test_library_banners_stay_off_the_console_and_warnings_reach_it():
     keep = LibraryBanners().filter
     record = logging.makeLogRecord
-    assert not keep(record({"name": "lightning.pytorch.utilities.rank_zero", "levelno": logging.INFO}))
-    assert keep(record({"name": "lightning.pytorch.utilities.rank_zero", "levelno": logging.WARNING}))
+    assert not keep(
+        record({"name": "lightning.pytorch.utilities.rank_zero", "levelno": logging.INFO})
+    )
+    assert keep(
+        record({"name": "lightning.pytorch.utilities.rank_zero", "levelno": logging.WARNING})
+    )
     assert keep(record({"name": "selfflow", "levelno": logging.INFO}))
 
 
@@ -186,7 +215,9 @@ def test_a_run_folder_holding_only_start_up_files_is_removed_and_any_other_is_ke
             (folder / name).write_text("x")
         return folder
 
-    assert remove_if_unused(start_up_files(tmp_path / "failed")) and not (tmp_path / "failed").exists()
+    assert (
+        remove_if_unused(start_up_files(tmp_path / "failed")) and not (tmp_path / "failed").exists()
+    )
     kept = start_up_files(tmp_path / "used", "metrics.csv")
     assert not remove_if_unused(kept) and (kept / "metrics.csv").is_file()
     linked = start_up_files(tmp_path / "linked")
@@ -202,4 +233,6 @@ def test_help_joins_a_comment_continued_on_the_lines_below_and_lists_required_ke
     assert key_comments(text) == [("a", "one more"), ("b", "above b")]
     lines = keys_help(compose("eval", []), {}, "eval").splitlines()
     assert any(line.split()[0] == "samples=???" for line in lines)  # a required key is listed
-    assert any("holds the same tensors" in line for line in lines if line.split()[0] == "inception=???")
+    assert any(
+        "holds the same tensors" in line for line in lines if line.split()[0] == "inception=???"
+    )

@@ -1,5 +1,5 @@
-"""GPU-only checks of the scale switches (skipped without CUDA): FSDP with the EMA teacher, bf16 through the CLI,
-the joint default in bf16 (per-step and packed)."""
+"""GPU-only checks of the scale switches (skipped without CUDA): FSDP with the EMA teacher, bf16
+through the CLI, the joint default in bf16 (per-step and packed)."""
 
 import csv
 import math
@@ -14,7 +14,10 @@ import torch
 from tests.helpers.configs import TINY
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
 
 
 def train_on_gpu(tmp_path: Path, *overrides: str) -> Path:
@@ -33,7 +36,9 @@ def train_on_gpu(tmp_path: Path, *overrides: str) -> Path:
     ]
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "PYTHONPATH": path, "WANDB_MODE": "offline"}
-    result = subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
 
@@ -44,7 +49,9 @@ def test_bf16_training_on_gpu_keeps_an_ema_teacher_and_a_loadable_checkpoint(tmp
 
     run_dir = train_on_gpu(tmp_path, f"trainer={strategy}", "trainer.precision=bf16-mixed")
     with open(run_dir / "metrics.csv") as f:
-        losses = [float(r["train/loss_flow"]) for r in csv.DictReader(f) if r.get("train/loss_flow")]
+        losses = [
+            float(r["train/loss_flow"]) for r in csv.DictReader(f) if r.get("train/loss_flow")
+        ]
     assert losses and all(math.isfinite(v) for v in losses)
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     state = read_checkpoint(ckpt)["state_dict"]
@@ -53,7 +60,9 @@ def test_bf16_training_on_gpu_keeps_an_ema_teacher_and_a_loadable_checkpoint(tmp
     # full (unsharded) weights in the file: every tensor has the shape of a freshly built model's
     for (name, a), (_, b) in zip(ema.state_dict().items(), online.state_dict().items()):
         assert a.shape == b.shape and torch.isfinite(a).all(), name
-    moved = [name for name, p in online.named_parameters() if not torch.equal(p, ema.get_parameter(name))]
+    moved = [
+        name for name, p in online.named_parameters() if not torch.equal(p, ema.get_parameter(name))
+    ]
     assert moved, "the EMA teacher should lag the online weights"
 
 

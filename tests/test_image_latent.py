@@ -1,5 +1,6 @@
-"""Image-latent tokenizers (tokenizer=image_sdvae / image_flux_vae): tokens of the VAE posterior, the VAE never in a
-checkpoint (its folder and fingerprint are), another VAE refused wherever a checkpoint is loaded."""
+"""Image-latent tokenizers (tokenizer=image_sdvae / image_flux_vae): tokens of the VAE posterior,
+the VAE never in a checkpoint (its folder and fingerprint are), another VAE refused wherever a
+checkpoint is loaded."""
 
 import shutil
 
@@ -22,7 +23,9 @@ def test_tokens_are_the_scaled_posterior_in_c_p_q_patches(tiny_vae):
     assert tokens.pos[0, :, 1:3].tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
     assert tokenizer.token_channels == 16 and tokenizer.decode(tokens.x).shape == (3, 3, 32, 32)
     tokenizer.train()  # training draws from the posterior: mean + std * noise
-    draws = rearrange(tokenizer.encode(images.repeat(200, 1, 1, 1)).x, "(k b) n c -> k b n c", k=200)
+    draws = rearrange(
+        tokenizer.encode(images.repeat(200, 1, 1, 1)).x, "(k b) n c -> k b n c", k=200
+    )
     torch.testing.assert_close(draws.mean(0), expected, atol=0.02, rtol=0)
     spread = rearrange(std * 0.18215, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2)
     torch.testing.assert_close(draws.std(0), spread, atol=0.01, rtol=0.15)
@@ -34,7 +37,9 @@ def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path
     from selfflow.training.validate import tokenizer_configs
     from tests.helpers.configs import compose_plain
 
-    folder = write_tiny_vae(tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
+    folder = write_tiny_vae(
+        tmp_path / "flux-like", latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159
+    )
     cfg = compose_plain(
         [
             "experiment=imagenet256",
@@ -59,7 +64,9 @@ def test_scale_and_shift_come_from_the_vae_config_and_can_be_overridden(tmp_path
     )
     overridden = ImageLatentTokenizer(folder, image_size=32, scale=1.0, shift=0.0)
     assert (overridden.scale, overridden.shift) == (1.0, 0.0)
-    with pytest.raises(ValueError, match="16 latent channels, not tokenizer.image.latent_channels=4"):
+    with pytest.raises(
+        ValueError, match="16 latent channels, not tokenizer.image.latent_channels=4"
+    ):
         ImageLatentTokenizer(folder, image_size=32, latent_channels=4)
 
 
@@ -67,9 +74,12 @@ def test_cached_latents_and_images_are_told_apart_by_shape(tiny_vae):
     tokenizer = ImageLatentTokenizer(tiny_vae, image_size=32).eval()
     z = torch.randn(2, 4, 4, 4)
     torch.testing.assert_close(
-        tokenizer.encode(z).x, rearrange(z * 0.18215, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2)
+        tokenizer.encode(z).x,
+        rearrange(z * 0.18215, "b c (h p) (w q) -> b (h w) (c p q)", p=2, q=2),
     )
-    with pytest.raises(ValueError, match=r"takes images \[B, 3, 32, 32\] or cached latents \[B, 4, 4, 4\]"):
+    with pytest.raises(
+        ValueError, match=r"takes images \[B, 3, 32, 32\] or cached latents \[B, 4, 4, 4\]"
+    ):
         tokenizer.encode(torch.rand(2, 3, 64, 64))
 
 
@@ -87,7 +97,9 @@ def test_the_fingerprint_follows_the_content_not_the_folder(tiny_vae, tmp_path):
     assert vae_fingerprint(other) != vae_fingerprint(tiny_vae)
     with pytest.raises(ValueError, match="holds another VAE"):
         ImageLatentTokenizer(other, image_size=32, fingerprint=vae_fingerprint(tiny_vae))
-    with pytest.raises(FileNotFoundError, match="tokenizer.image.vae=.* is not a diffusers AutoencoderKL folder"):
+    with pytest.raises(
+        FileNotFoundError, match="tokenizer.image.vae=.* is not a diffusers AutoencoderKL folder"
+    ):
         ImageLatentTokenizer(tmp_path / "nothing", image_size=32)
 
 
@@ -108,11 +120,17 @@ def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(
     from selfflow.interop.checkpoint import load_checkpoint, read_checkpoint
     from selfflow.training.run import train
 
-    monkeypatch.chdir(tiny_vae.parent)  # a relative tokenizer.image.vae is stored as the absolute folder
-    run = train(tiny_train_cfg(*latent_run_args(cifar_classes, tiny_vae.name), "trainer.max_steps=2"))
+    monkeypatch.chdir(
+        tiny_vae.parent
+    )  # a relative tokenizer.image.vae is stored as the absolute folder
+    run = train(
+        tiny_train_cfg(*latent_run_args(cifar_classes, tiny_vae.name), "trainer.max_steps=2")
+    )
     monkeypatch.chdir(tmp_path)
     checkpoint = read_checkpoint(run.run_dir / "checkpoints" / "last.ckpt")
-    assert not [k for k in checkpoint["state_dict"] if "vae" in k or "encoder" in k or "decoder" in k]
+    assert not [
+        k for k in checkpoint["state_dict"] if "vae" in k or "encoder" in k or "decoder" in k
+    ]
     assert all(k.startswith("objective.") for k in checkpoint["state_dict"])
     stored = checkpoint["selfflow_config"]["tokenizer"]["image"]
     assert stored["vae"] == str(tiny_vae) and stored["fingerprint"] == vae_fingerprint(tiny_vae)
@@ -127,11 +145,16 @@ def test_a_checkpoint_keeps_the_vae_folder_and_fingerprint_never_its_weights(
         "image"
     ].vae_path == str(moved)
     other = write_tiny_vae(tmp_path / "other-vae", seed=2)
-    with pytest.raises(ValueError, match="vae=.*other-vae holds another VAE .* than the one this model was trained"):
+    with pytest.raises(
+        ValueError, match="vae=.*other-vae holds another VAE .* than the one this model was trained"
+    ):
         load_checkpoint(run.run_dir / "checkpoints" / "last.ckpt", vae=str(other))
     with pytest.raises(ValueError, match="trained with another VAE"):  # resuming with another VAE
         train(
             tiny_train_cfg(
-                *latent_run_args(cifar_classes, other), "trainer.max_steps=4", "resume=auto", run_dir=run.run_dir
+                *latent_run_args(cifar_classes, other),
+                "trainer.max_steps=4",
+                "resume=auto",
+                run_dir=run.run_dir,
             )
         )

@@ -1,5 +1,6 @@
-"""The released Self-Flow checkpoint converter against an independent reference forward written from the facts of
-the released layout (SiT-XL/2 style DiT with per-token adaLN, learn_sigma, (p q c) output, 1 - t, negated output).
+"""The released Self-Flow checkpoint converter against an independent reference forward written from
+the facts of the released layout (SiT-XL/2 style DiT with per-token adaLN, learn_sigma, (p q c)
+output, 1 - t, negated output).
 """
 
 import pytest
@@ -45,14 +46,19 @@ def test_converted_model_matches_the_reference_forward_per_token_levels():
     x, _, y = inputs()
     t = torch.rand(3, GRID * GRID, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), reference_forward(state, x, t, y), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(x, t, y), reference_forward(state, x, t, y), atol=2e-5, rtol=1e-5
+        )
 
 
 def test_time_flip_matrix_maps_features_of_t_to_features_of_one_minus_t():
     t = torch.rand(50, dtype=torch.float64)
     flip = time_flip_matrix(256)
     torch.testing.assert_close(
-        sinusoidal_embedding(t, 256).double() @ flip.T, sinusoidal_embedding(1 - t, 256).double(), atol=1e-6, rtol=0
+        sinusoidal_embedding(t, 256).double() @ flip.T,
+        sinusoidal_embedding(1 - t, 256).double(),
+        atol=1e-6,
+        rtol=0,
     )
 
 
@@ -70,13 +76,16 @@ def test_loads_from_a_file_with_wrappers_and_module_prefixes_and_keeps_the_proje
     model = load_official(path, heads=HEADS)
     x, t, y = inputs()
     with torch.no_grad():
-        torch.testing.assert_close(model(x, t, y), reference_forward(state, x, t, y), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            model(x, t, y), reference_forward(state, x, t, y), atol=2e-5, rtol=1e-5
+        )
     assert model.num_classes == 1000 and model.null_class == 1000
     torch.testing.assert_close(model.projector.linear1.weight, state["projector.linear1.weight"])
 
 
 def test_converted_weights_are_a_plain_selfflow_model_in_our_convention():
-    """The inner SelfFlowTransformer needs no wrapper: its velocity is the released model's at the same t."""
+    """The inner SelfFlowTransformer needs no wrapper: its velocity is the released model's at the
+    same t."""
     state = released_state_dict(seed=4)
     official = load_official(state, heads=HEADS)
     x, t, y = inputs()
@@ -120,8 +129,8 @@ def test_bad_files_and_layouts_fail_with_clear_messages(tmp_path):
 
 
 def selfflow_model(seed=0, **overrides):
-    """A selfflow model in the released conventions with every weight random (no adaLN-Zero), modality embedding
-    included (save_official folds it into the input bias)."""
+    """A selfflow model in the released conventions with every weight random (no adaLN-Zero),
+    modality embedding included (save_official folds it into the input bias)."""
     from selfflow.models.transformer import SelfFlowTransformer
 
     options = {
@@ -157,7 +166,9 @@ def test_save_official_loads_strictly_into_the_released_layout_and_computes_the_
     released.load_state_dict(save_official(model, head, grid=GRID), strict=True)
     x, t, y = inputs()
     pos = load_official(released_state_dict(), heads=HEADS).patches.positions(3)
-    levels = torch.rand(3, GRID * GRID, generator=torch.Generator().manual_seed(7))  # per-token levels
+    levels = torch.rand(
+        3, GRID * GRID, generator=torch.Generator().manual_seed(7)
+    )  # per-token levels
     with torch.no_grad():
         ours = model.velocity(x, t, pos, Condition(y), "image")
         assert ours.abs().mean() > 0.1
@@ -166,7 +177,8 @@ def test_save_official_loads_strictly_into_the_released_layout_and_computes_the_
         ours = model(Tokens(x, pos, "image"), levels, index, Condition(y)).velocity
         torch.testing.assert_close(released(x, levels, y), ours, atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(
-            released.projector.linear2(F.silu(released.projector.linear1(x.new_ones(WIDTH)))), head(x.new_ones(WIDTH))
+            released.projector.linear2(F.silu(released.projector.linear1(x.new_ones(WIDTH)))),
+            head(x.new_ones(WIDTH)),
         )
 
 
@@ -188,7 +200,9 @@ def test_load_official_and_save_official_are_inverse_both_ways():
     assert set(back) == set(state)
     used = output_rows(PATCH, 2 * LATENT, LATENT)
     for key, value in state.items():
-        if key.startswith("final_layer.linear."):  # learn_sigma rows are not part of the velocity: zeros
+        if key.startswith(
+            "final_layer.linear."
+        ):  # learn_sigma rows are not part of the velocity: zeros
             torch.testing.assert_close(back[key][used], value[used], atol=1e-5, rtol=0)
             assert not back[key][sorted(set(range(len(value))) - set(used.tolist()))].any()
         else:
@@ -211,7 +225,9 @@ def test_init_official_starts_student_teacher_and_head_from_the_released_weights
 ):
     from selfflow.training.build import build_run
 
-    state = released_state_dict(grid=2, classes=3, seed=6)  # 32 px -> 4x4 latents -> 2x2 patches; 3 classes
+    state = released_state_dict(
+        grid=2, classes=3, seed=6
+    )  # 32 px -> 4x4 latents -> 2x2 patches; 3 classes
     path = tmp_path / "released.pt"
     torch.save({"ema": state}, path)
     run = build_run(
@@ -234,7 +250,10 @@ def test_init_official_starts_student_teacher_and_head_from_the_released_weights
     t, y = torch.tensor([0.1, 0.5, 0.9]), torch.tensor([0, 2, 3])
     pos = run.module.tokenizers["image"].positions(3)
     with torch.no_grad():
-        for model in (objective.model, objective.teacher.module):  # a fresh EMA equal to the released weights
+        for model in (
+            objective.model,
+            objective.teacher.module,
+        ):  # a fresh EMA equal to the released weights
             torch.testing.assert_close(
                 model.velocity(x, t, pos, Condition(y), "image"),
                 reference_forward(state, x, t, y),
@@ -268,7 +287,9 @@ def test_init_official_names_what_does_not_fit(tiny_train_cfg, tiny_vae, cifar_c
         f"model.heads={HEADS}",
         "global_batch_size=6",
     ]
-    with pytest.raises(ValueError, match="y_embedder.embedding_table.weight.*\\(1001, 32\\).*\\(4, 32\\)"):
+    with pytest.raises(
+        ValueError, match="y_embedder.embedding_table.weight.*\\(1001, 32\\).*\\(4, 32\\)"
+    ):
         build_run(tiny_train_cfg(*common, f"init=official:{path}"))  # 1000 classes, the data has 3
     with pytest.raises(ValueError, match="model.pos_embed=sincos"):
         build_run(tiny_train_cfg(*common, "model.pos_embed=rope", f"init=official:{path}"))

@@ -1,5 +1,5 @@
-"""Media writers (MP4, frame strip, WAV, spectrogram) read back from disk, and the sample callback writing them
-during a tiny video_digits / audio_digits run."""
+"""Media writers (MP4, frame strip, WAV, spectrogram) read back from disk, and the sample callback
+writing them during a tiny video_digits / audio_digits run."""
 
 from pathlib import Path
 
@@ -33,7 +33,9 @@ def test_save_video_writes_an_h264_mp4_that_decodes_to_the_frames(tmp_path):
     np.testing.assert_allclose(decoded.mean(axis=(1, 2, 3)) / 255, levels.numpy(), atol=0.02)
     with av.open(str(path)) as container:
         assert container.streams.video[0].codec_context.name == "h264"
-    grey = save_video(torch.rand(4, 1, 7, 9), tmp_path / "odd.mp4", fps=8, upscale=2)  # odd sides are padded
+    grey = save_video(
+        torch.rand(4, 1, 7, 9), tmp_path / "odd.mp4", fps=8, upscale=2
+    )  # odd sides are padded
     assert read_mp4(grey)[0].shape == (4, 14, 18, 3)
     with pytest.raises(ValueError, match=r"expects frames \[T, C, H, W\]"):
         save_video(torch.rand(2, 4, 1, 8, 8), tmp_path / "x.mp4", fps=8)
@@ -56,38 +58,56 @@ def test_save_audio_and_spectrogram(tmp_path):
     wave = 0.5 * torch.sin(2 * torch.pi * 440 * t)
     path = save_audio(wave, tmp_path / "a" / "tone.wav", sample_rate=8000)
     samples, rate = soundfile.read(path, dtype="float32")
-    assert rate == 8000 and samples.shape == (8000,) and soundfile.info(str(path)).subtype == "PCM_16"
+    assert (
+        rate == 8000 and samples.shape == (8000,) and soundfile.info(str(path)).subtype == "PCM_16"
+    )
     np.testing.assert_allclose(samples, wave.numpy(), atol=1 / 32767)
-    for gain in (4, 1e8):  # too loud: scaled down to peak at -1 dBFS, never clipped into a square wave
-        loud = soundfile.read(save_audio(wave * gain, tmp_path / "loud.wav", 8000), dtype="float32")[0]
+    for gain in (
+        4,
+        1e8,
+    ):  # too loud: scaled down to peak at -1 dBFS, never clipped into a square wave
+        loud = soundfile.read(
+            save_audio(wave * gain, tmp_path / "loud.wav", 8000), dtype="float32"
+        )[0]
         np.testing.assert_allclose(loud, wave.numpy() * PEAK_LIMIT / 0.5, atol=1 / 32767)
     broken = wave.clone()
     broken[:100] = float("nan")
     written = soundfile.read(save_audio(broken, tmp_path / "nan.wav", 8000), dtype="float32")[0]
-    assert (written[:100] == 0).all() and np.allclose(written[100:], wave.numpy()[100:], atol=1 / 32767)
+    assert (written[:100] == 0).all() and np.allclose(
+        written[100:], wave.numpy()[100:], atol=1 / 32767
+    )
     png = Image.open(save_spectrogram(wave, tmp_path / "spec.png", 8000)).convert("RGB")
     assert png.width > 200 and png.height > 150
-    assert len(np.unique(np.asarray(png).reshape(-1, 3), axis=0)) > 20  # a real plot, not a blank image
+    assert (
+        len(np.unique(np.asarray(png).reshape(-1, 3), axis=0)) > 20
+    )  # a real plot, not a blank image
     panels = Image.open(
         save_spectrogram(
-            torch.stack([wave, wave.roll(100)] * 3), tmp_path / "six.png", 8000, titles=[f"clip {i}" for i in range(6)]
+            torch.stack([wave, wave.roll(100)] * 3),
+            tmp_path / "six.png",
+            8000,
+            titles=[f"clip {i}" for i in range(6)],
         )
     )
     assert panels.width > png.width and panels.height > png.height  # 4 columns, 2 rows
 
 
 def test_a_loud_clip_does_not_black_out_the_other_spectrograms(tmp_path):
-    """Every panel is drawn on the same fixed dBFS range: a quiet clip's panel is the same image whether its
-    neighbour is a quiet clip or full-scale noise, and the quiet tone is visible."""
+    """Every panel is drawn on the same fixed dBFS range: a quiet clip's panel is the same image
+    whether its neighbour is a quiet clip or full-scale noise, and the quiet tone is visible."""
     t = torch.arange(8000) / 8000
     quiet = 0.05 * torch.sin(2 * torch.pi * 440 * t)
     with_loud = np.asarray(
         Image.open(
-            save_spectrogram(torch.stack([quiet, torch.randn(8000) * 1e8]), tmp_path / "loud.png", 8000)
+            save_spectrogram(
+                torch.stack([quiet, torch.randn(8000) * 1e8]), tmp_path / "loud.png", 8000
+            )
         ).convert("RGB")
     )
     with_quiet = np.asarray(
-        Image.open(save_spectrogram(torch.stack([quiet, quiet]), tmp_path / "quiet.png", 8000)).convert("RGB")
+        Image.open(
+            save_spectrogram(torch.stack([quiet, quiet]), tmp_path / "quiet.png", 8000)
+        ).convert("RGB")
     )
     left = with_loud.shape[1] // 2  # the first of the two panels
     assert np.array_equal(with_loud[:, :left], with_quiet[:, :left])
@@ -99,14 +119,22 @@ def test_a_loud_clip_does_not_black_out_the_other_spectrograms(tmp_path):
     "experiment, overrides",
     [
         ("video_digits", ["data.dataset.clips_train=24", "data.dataset.clips_test=4"]),
-        ("audio_digits", ["data.dataset.voices=[en+m1]", "data.dataset.takes=3", "data.dataset.test_takes=1"]),
+        (
+            "audio_digits",
+            ["data.dataset.voices=[en+m1]", "data.dataset.takes=3", "data.dataset.test_takes=1"],
+        ),
     ],
 )
-def test_sample_callback_writes_playable_media_in_a_tiny_run(experiment, overrides, tmp_path, monkeypatch):
+def test_sample_callback_writes_playable_media_in_a_tiny_run(
+    experiment, overrides, tmp_path, monkeypatch
+):
     if experiment == "audio_digits":
         pytest.importorskip("espeakng_loader")
     monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
-    cfg = compose_train([f"experiment={experiment}", *overrides, "callbacks.samples.max_classes=3"], tmp_path / "run")
+    cfg = compose_train(
+        [f"experiment={experiment}", *overrides, "callbacks.samples.max_classes=3"],
+        tmp_path / "run",
+    )
     run = build_run(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     folder = tmp_path / "run" / "samples" / ("video" if experiment == "video_digits" else "audio")
@@ -122,15 +150,21 @@ def test_sample_callback_writes_playable_media_in_a_tiny_run(experiment, overrid
         assert [p.name for p in waves] == ["0_0.wav", "1_0.wav", "2_0.wav"]
         samples, rate = soundfile.read(waves[0])
         assert rate == 8000 and samples.shape == (8000,) and np.isfinite(samples).all()
-    assert list((tmp_path / "cache").iterdir())  # the built-in data went to the cache, not the repository
+    assert list(
+        (tmp_path / "cache").iterdir()
+    )  # the built-in data went to the cache, not the repository
 
 
-def test_the_end_samples_are_the_last_steps_copied_when_that_step_just_made_them(tmp_path, monkeypatch):
+def test_the_end_samples_are_the_last_steps_copied_when_that_step_just_made_them(
+    tmp_path, monkeypatch
+):
     from selfflow.training import callbacks
 
     calls = []
     sample = callbacks.generate
-    monkeypatch.setattr(callbacks, "generate", lambda *args, **kwargs: calls.append(1) or sample(*args, **kwargs))
+    monkeypatch.setattr(
+        callbacks, "generate", lambda *args, **kwargs: calls.append(1) or sample(*args, **kwargs)
+    )
     monkeypatch.setenv("SELFFLOW_CACHE", str(tmp_path / "cache"))
     cfg = compose_train(
         [
@@ -148,4 +182,8 @@ def test_the_end_samples_are_the_last_steps_copied_when_that_step_just_made_them
     assert len(calls) == 1  # step 2 was sampled, the end was not sampled again
     assert (folder / "final.png").read_bytes() == (folder / "step_0000002.png").read_bytes()
     clips = sorted(p.name for p in (folder / "final").iterdir())
-    assert clips == ["0_0.mp4", "1_0.mp4"] == sorted(p.name for p in (folder / "step_0000002").iterdir())
+    assert (
+        clips
+        == ["0_0.mp4", "1_0.mp4"]
+        == sorted(p.name for p in (folder / "step_0000002").iterdir())
+    )

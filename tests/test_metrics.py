@@ -1,4 +1,5 @@
-"""Frechet distance against closed forms; the reference classifier tells real digits from noise; metrics.json."""
+"""Frechet distance against closed forms; the reference classifier tells real digits from
+noise; metrics.json."""
 
 import json
 
@@ -10,7 +11,11 @@ from torch.utils.data import TensorDataset
 
 from selfflow.data.builtin.digits import DigitImages
 from selfflow.evaluation.frechet import FeatureStats, frechet_distance, frechet_distance_of
-from selfflow.evaluation.reference_classifier import ReferenceCNN, load_reference_classifier, train_reference_classifier
+from selfflow.evaluation.reference_classifier import (
+    ReferenceCNN,
+    load_reference_classifier,
+    train_reference_classifier,
+)
 from selfflow.evaluation.sample_metrics import FeatureAccumulator, dataset_features, sample_metrics
 
 
@@ -22,8 +27,12 @@ def random_cov(dim, seed):
 def test_frechet_distance_of_two_diagonal_gaussians_is_the_closed_form():
     m1, m2 = torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 1.0, -1.0])
     v1, v2 = torch.tensor([1.0, 4.0, 0.25]), torch.tensor([9.0, 1.0, 0.25])
-    expected = (m1 - m2).square().sum() + (v1.sqrt() - v2.sqrt()).square().sum()  # 1 + 9 + 4 + 1 + 0
-    assert frechet_distance(m1, torch.diag(v1), m2, torch.diag(v2)) == pytest.approx(float(expected), rel=1e-10)
+    expected = (m1 - m2).square().sum() + (
+        v1.sqrt() - v2.sqrt()
+    ).square().sum()  # 1 + 9 + 4 + 1 + 0
+    assert frechet_distance(m1, torch.diag(v1), m2, torch.diag(v2)) == pytest.approx(
+        float(expected), rel=1e-10
+    )
     assert frechet_distance(m1, torch.diag(v1), m1, torch.diag(v1)) == pytest.approx(0.0, abs=1e-9)
 
 
@@ -40,7 +49,9 @@ def test_frechet_distance_from_samples_approaches_the_gaussian_value():
     a = torch.randn(20000, 4, generator=g, dtype=torch.float64)
     b = 2 * torch.randn(20000, 4, generator=g, dtype=torch.float64) + 1
     # N(0, I) vs N(1, 4I) in 4 dims: 4 * 1 + 4 * (1 - 2)^2 = 8
-    assert frechet_distance_of(FeatureStats.of(a), FeatureStats.of(b)) == pytest.approx(8.0, rel=0.03)
+    assert frechet_distance_of(FeatureStats.of(a), FeatureStats.of(b)) == pytest.approx(
+        8.0, rel=0.03
+    )
     with pytest.raises(ValueError, match="N >= 2"):
         FeatureStats.of(a[:1])
 
@@ -49,7 +60,16 @@ def test_frechet_distance_from_samples_approaches_the_gaussian_value():
 def digits_classifier():
     train, test = DigitImages("train", image_size=16), DigitImages("test", image_size=16)
     model, accuracy = train_reference_classifier(
-        train, test, 10, channels=1, image_size=16, width=8, epochs=3, batch_size=32, lr=5e-3, log=lambda line: None
+        train,
+        test,
+        10,
+        channels=1,
+        image_size=16,
+        width=8,
+        epochs=3,
+        batch_size=32,
+        lr=5e-3,
+        log=lambda line: None,
     )
     return model, accuracy, train, test
 
@@ -60,7 +80,9 @@ def test_reference_classifier_scores_real_digits_far_better_than_noise(digits_cl
     real_train = dataset_features(model, train)
     real_test = dataset_features(model, test)
     g = torch.Generator().manual_seed(0)
-    noise = TensorDataset(torch.rand(len(test), 1, 16, 16, generator=g), torch.arange(len(test)) % 10)
+    noise = TensorDataset(
+        torch.rand(len(test), 1, 16, 16, generator=g), torch.arange(len(test)) % 10
+    )
     fake = dataset_features(model, noise)
     good = sample_metrics(real_test, real_train)
     bad = sample_metrics(fake, real_train)
@@ -69,7 +91,9 @@ def test_reference_classifier_scores_real_digits_far_better_than_noise(digits_cl
     assert good["frechet_distance"] * 5 < bad["frechet_distance"]
 
 
-def test_reference_classifier_saves_and_loads_back_with_the_same_features(digits_classifier, tmp_path):
+def test_reference_classifier_saves_and_loads_back_with_the_same_features(
+    digits_classifier, tmp_path
+):
     model = digits_classifier[0]
     model.save(tmp_path / "ref", test_accuracy=0.9)
     loaded = load_reference_classifier(tmp_path / "ref")
@@ -81,24 +105,37 @@ def test_reference_classifier_saves_and_loads_back_with_the_same_features(digits
 
 
 class MeanPixels:
-    """A stand-in local feature extractor for the `feature_extractor._target_` path (no logits: no accuracy)."""
+    """A stand-in local feature extractor for the `feature_extractor._target_` path (no logits:
+    no accuracy)."""
 
     def features(self, images):
-        return torch.stack([images.mean((1, 2, 3)), images.std((1, 2, 3)), images[:, :, :8].mean((1, 2, 3))], -1)
+        return torch.stack(
+            [images.mean((1, 2, 3)), images.std((1, 2, 3)), images[:, :, :8].mean((1, 2, 3))], -1
+        )
 
 
-def test_sample_cli_writes_metrics_json_with_both_numbers(digits_classifier, tiny_checkpoint, tmp_path):
+def test_sample_cli_writes_metrics_json_with_both_numbers(
+    digits_classifier, tiny_checkpoint, tmp_path
+):
     from tests.helpers.runs import run_sample
 
     digits_classifier[0].save(tmp_path / "ref")
     summary = run_sample(
-        tiny_checkpoint, tmp_path / "out", "num_samples=12", "steps=3", "metrics=true", f"reference={tmp_path / 'ref'}"
+        tiny_checkpoint,
+        tmp_path / "out",
+        "num_samples=12",
+        "steps=3",
+        "metrics=true",
+        f"reference={tmp_path / 'ref'}",
     )
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics == summary["metrics"]
     assert metrics["frechet_distance"] > 0 and 0 <= metrics["classifier_accuracy"] <= 1
     assert metrics["num_samples"] == 12 and metrics["num_labelled_samples"] == 12
-    assert metrics["num_real"] == len(DigitImages("test")) and metrics["real_classifier_accuracy"] > 0.7
+    assert (
+        metrics["num_real"] == len(DigitImages("test"))
+        and metrics["real_classifier_accuracy"] > 0.7
+    )
     run_sample(
         tiny_checkpoint,
         tmp_path / "plug",
@@ -167,7 +204,11 @@ def test_selfflow_reference_reads_each_frame_of_a_clip_when_asked(tmp_path):
     from selfflow.cli.reference import train_reference
     from selfflow.evaluation.reference_classifier import EachFrame
 
-    sizes = ["data.dataset.clips_train=16", "data.dataset.clips_test=8", f"paths.cache_dir={tmp_path / 'cache'}"]
+    sizes = [
+        "data.dataset.clips_train=16",
+        "data.dataset.clips_test=8",
+        f"paths.cache_dir={tmp_path / 'cache'}",
+    ]
     keys = [f"out={tmp_path / 'ref'}", "epochs=1", "width=4", "video_frames=each"]
     train_reference(reference_config(*keys, "experiment=video_digits", *sizes), [])
     model = load_reference_classifier(tmp_path / "ref")
@@ -200,7 +241,8 @@ def test_the_selfflow_reference_command_takes_key_value_overrides_and_writes_onl
 
 
 class Tones(torch.utils.data.Dataset):
-    """Two classes of 0.25 s recordings at 8 kHz: a low or a high tone, random phase and loudness."""
+    """Two classes of 0.25 s recordings at 8 kHz: a low or a high tone, random phase
+    and loudness."""
 
     def __init__(self, count: int, seed: int):
         generator = torch.Generator().manual_seed(seed)
@@ -245,13 +287,17 @@ def test_audio_reference_classifier_reads_log_mel_images_and_tells_tones_apart(t
     waves = Tones(4, 2).waves
     assert loaded.modality == "audio"
     torch.testing.assert_close(loaded.features(waves), model.features(waves))
-    torch.testing.assert_close(loaded.features(waves[:, None]), model.features(waves))  # [B, 1, S] too
+    torch.testing.assert_close(
+        loaded.features(waves[:, None]), model.features(waves)
+    )  # [B, 1, S] too
 
 
 def test_sample_metrics_refuse_a_reference_of_the_other_modality(tiny_checkpoint, tmp_path):
     from tests.helpers.runs import run_sample
 
-    ReferenceCNN(2, 1, 16, 4, audio={"sample_rate": 8000, "num_samples": 2000}).save(tmp_path / "ref")
+    ReferenceCNN(2, 1, 16, 4, audio={"sample_rate": 8000, "num_samples": 2000}).save(
+        tmp_path / "ref"
+    )
     with pytest.raises(ValueError, match="judges audio, but this run samples image"):
         run_sample(
             tiny_checkpoint,

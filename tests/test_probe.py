@@ -1,5 +1,6 @@
-"""Linear probes: the head grid on features with known structure, agreement with scikit-learn, seeded extraction,
-padding-aware pooling, the feature cache, clear errors, and the training callback."""
+"""Linear probes: the head grid on features with known structure, agreement with
+scikit-learn, seeded extraction, padding-aware pooling, the feature cache, clear errors, and
+the training callback."""
 
 import copy
 import csv
@@ -30,10 +31,13 @@ FAST = {"epochs": 30, "learning_rates": (0.03, 0.3), "weight_decays": (0.0, 1e-3
 
 
 def linear_classes(num: int, dim: int = 16, classes: int = 4, seed: int = 0) -> Features:
-    """Gaussian features labelled by the argmax of a fixed linear map: linearly separable by construction."""
+    """Gaussian features labelled by the argmax of a fixed linear map: linearly separable
+    by construction."""
     g = torch.Generator().manual_seed(seed)
     weights = torch.randn(dim, classes, generator=torch.Generator().manual_seed(123))
-    x = torch.randn(num, dim, generator=g) * 3 + 5  # off-centre and scaled: the probe must standardise
+    x = (
+        torch.randn(num, dim, generator=g) * 3 + 5
+    )  # off-centre and scaled: the probe must standardise
     return Features(x, (x @ weights - 5 * weights.sum(0)).argmax(-1))
 
 
@@ -41,12 +45,16 @@ def test_known_linear_structure_is_found_almost_perfectly():
     fit = fit_linear_probe(linear_classes(800), linear_classes(400, seed=1), 4, **FAST)
     assert fit.top1 >= 0.93
     assert 0 <= fit.val_top1 <= 1 and len(fit.head_val_top1) == 4
-    assert (fit.learning_rate, fit.weight_decay) in [(lr, wd) for lr in (0.03, 0.3) for wd in (0.0, 1e-3)]
+    assert (fit.learning_rate, fit.weight_decay) in [
+        (lr, wd) for lr in (0.03, 0.3) for wd in (0.0, 1e-3)
+    ]
 
 
 def test_shuffled_labels_stay_at_chance():
     train, test = linear_classes(800), linear_classes(1000, seed=1)
-    shuffled = Features(train.x, train.labels[torch.randperm(800, generator=torch.Generator().manual_seed(0))])
+    shuffled = Features(
+        train.x, train.labels[torch.randperm(800, generator=torch.Generator().manual_seed(0))]
+    )
     fit = fit_linear_probe(shuffled, test, 4, **FAST)
     chance = torch.bincount(test.labels).max().item() / len(test.labels)  # the majority class
     assert fit.top1 <= chance + 0.06
@@ -60,7 +68,8 @@ def test_probe_is_deterministic_under_its_seed():
 
 
 def test_attentive_pooling_finds_the_one_informative_token():
-    """Class signal in one token at a random position among noise tokens: a learned query attends to it."""
+    """Class signal in one token at a random position among noise tokens: a learned query attends
+    to it."""
 
     def tokens(num, seed):
         g = torch.Generator().manual_seed(seed)
@@ -84,7 +93,13 @@ def test_mean_pool_ignores_padding():
 
 def test_default_layers_and_layer_errors():
     assert default_probe_layers(4, 1) == [1, 2, 3, 4]
-    assert default_probe_layers(12) == [3, 4, 6, 9, 12]  # quarters plus the method's student layer round(0.3 * 12)
+    assert default_probe_layers(12) == [
+        3,
+        4,
+        6,
+        9,
+        12,
+    ]  # quarters plus the method's student layer round(0.3 * 12)
     assert default_probe_layers(28, 8) == [7, 8, 14, 21, 28]
     with pytest.raises(ValueError, match=r"layers=\[9\] out of range: this model has blocks 1..4"):
         check_layers([1, 9], 4)
@@ -97,10 +112,14 @@ def test_unlabelled_data_is_refused_with_a_clear_message():
         check_labels(torch.tensor([0, -1, 1, -1]), 2, "the training split")
 
 
-def tiny_model(depth: int = 2, width: int = 32, channels: int = 16, seed: int = 0) -> SelfFlowTransformer:
+def tiny_model(
+    depth: int = 2, width: int = 32, channels: int = 16, seed: int = 0
+) -> SelfFlowTransformer:
     """A tiny backbone whose blocks compute something (adaLN-Zero would leave them identities)."""
     torch.manual_seed(seed)
-    model = SelfFlowTransformer({"image": channels}, width=width, depth=depth, heads=2, num_classes=10)
+    model = SelfFlowTransformer(
+        {"image": channels}, width=width, depth=depth, heads=2, num_classes=10
+    )
     for block in model.blocks:
         torch.nn.init.normal_(block.adaLN_modulation[-1].weight, std=0.3)
         torch.nn.init.normal_(block.adaLN_modulation[-1].bias, std=0.3)
@@ -133,11 +152,14 @@ def test_extraction_is_seeded_and_one_forward_per_batch_and_level_covers_all_lay
     assert torch.equal(a[(2, 0.5)].x, b[(2, 0.5)].x)
     assert not torch.allclose(b[(2, 0.5)].x, c[(2, 0.5)].x)
     assert not torch.allclose(a[(2, 0.0)].x, a[(2, 0.5)].x)
-    assert torch.equal(a[(2, 0.0)].labels, torch.tensor([int(digits("train", 40)[i][1]) for i in range(40)]))
+    assert torch.equal(
+        a[(2, 0.0)].labels, torch.tensor([int(digits("train", 40)[i][1]) for i in range(40)])
+    )
 
 
 class PaddedTokenizer(Tokenizer):
-    """Wraps a tokenizer and appends garbage tokens marked invalid, like a variable-length modality's padding."""
+    """Wraps a tokenizer and appends garbage tokens marked invalid, like a variable-length
+    modality's padding."""
 
     def __init__(self, inner: Tokenizer, extra: int):
         super().__init__()
@@ -149,7 +171,9 @@ class PaddedTokenizer(Tokenizer):
         b, n, c = tokens.x.shape
         x = torch.cat([tokens.x, torch.full((b, self.extra, c), 50.0)], dim=1)
         pos = torch.cat([tokens.pos, tokens.pos[:, : self.extra] + 7], dim=1)
-        valid = torch.cat([torch.ones(b, n, dtype=torch.bool), torch.zeros(b, self.extra, dtype=torch.bool)], 1)
+        valid = torch.cat(
+            [torch.ones(b, n, dtype=torch.bool), torch.zeros(b, self.extra, dtype=torch.bool)], 1
+        )
         return Tokens(x, pos, tokens.modality, valid)
 
 
@@ -158,7 +182,9 @@ def test_padding_tokens_change_no_feature(pool):
     model, tokenizer = tiny_model(), ImagePatchTokenizer(4, 1, 16)
     loader = probe_loader(digits("test", 12), "image", batch_size=6)
     plain = extract_features(model, tokenizer, loader, [2], [0.0], pool=pool)[(2, 0.0)]
-    padded = extract_features(model, PaddedTokenizer(tokenizer, 5), loader, [2], [0.0], pool=pool)[(2, 0.0)]
+    padded = extract_features(model, PaddedTokenizer(tokenizer, 5), loader, [2], [0.0], pool=pool)[
+        (2, 0.0)
+    ]
     if pool == "mean":
         torch.testing.assert_close(plain.x, padded.x, atol=1e-5, rtol=1e-5)
     else:
@@ -173,11 +199,17 @@ def test_feature_cache_is_hit_on_the_second_run_and_keyed_by_what_changes_featur
     cache = FeatureCache(tmp_path / "cache")
     source = {"checkpoint_sha256": "abc", "weights": "ema", "split": "train"}
     first = cached_features(cache, source, model, tokenizer, loader, [1, 2], [0.0, 0.25])
-    assert counter.calls == 2 and cache.misses == 4 and len(list((tmp_path / "cache").glob("*.pt"))) == 4
+    assert (
+        counter.calls == 2
+        and cache.misses == 4
+        and len(list((tmp_path / "cache").glob("*.pt"))) == 4
+    )
     second = cached_features(cache, source, model, tokenizer, loader, [1, 2], [0.0, 0.25])
     assert counter.calls == 2 and cache.hits == 4  # no forward at all
     for key in first:
-        assert torch.equal(first[key].x, second[key].x) and torch.equal(first[key].labels, second[key].labels)
+        assert torch.equal(first[key].x, second[key].x) and torch.equal(
+            first[key].labels, second[key].labels
+        )
     cached_features(cache, source, model, tokenizer, loader, [2], [0.5])  # a new level: one forward
     assert counter.calls == 3
     cached_features(cache, {**source, "weights": "online"}, model, tokenizer, loader, [2], [0.0])
@@ -196,19 +228,24 @@ def test_probe_agrees_with_scikit_learn_on_the_same_cached_features(tmp_path):
     for split in ("train", "test"):
         loader = probe_loader(digits(split), "image")
         cached_features(cache, {"split": split}, model, tokenizer, loader, [2], [0.0])
-        features[split] = cache.load({"split": split, "layer": 2, "level": 0.0, "pool": "mean", "seed": 0})
+        features[split] = cache.load(
+            {"split": split, "layer": 2, "level": 0.0, "pool": "mean", "seed": 0}
+        )
     ours = fit_linear_probe(features["train"], features["test"], 10, epochs=40)
     scaler = StandardScaler().fit(features["train"].x.numpy())
     sklearn = LogisticRegression(max_iter=3000).fit(
         scaler.transform(features["train"].x.numpy()), features["train"].labels.numpy()
     )
-    theirs = sklearn.score(scaler.transform(features["test"].x.numpy()), features["test"].labels.numpy())
+    theirs = sklearn.score(
+        scaler.transform(features["test"].x.numpy()), features["test"].labels.numpy()
+    )
     assert theirs > 0.5  # the features carry real signal, so agreement means something
     assert abs(ours.top1 - theirs) <= 0.03, (ours.top1, theirs)
 
 
 def affine_residual(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
-    """Share of `outputs`' variance that no affine map of `inputs` explains (0: outputs are affine in inputs)."""
+    """Share of `outputs`' variance that no affine map of `inputs` explains (0: outputs are affine
+    in inputs)."""
     design = torch.cat([inputs, torch.ones(len(inputs), 1)], dim=1).double()
     target = outputs.double() - outputs.double().mean(0)
     fit = design @ (torch.linalg.pinv(design) @ target)
@@ -216,15 +253,17 @@ def affine_residual(inputs: torch.Tensor, outputs: torch.Tensor) -> float:
 
 
 def test_random_init_baseline_is_a_random_network_whose_blocks_are_not_the_identity():
-    """With adaLN-Zero, random blocks are identities and the features an affine map of the pooled input (the input
-    baseline again); the baseline's blocks must compute something of their own."""
+    """With adaLN-Zero, random blocks are identities and the features an affine map of the pooled
+    input (the input baseline again); the baseline's blocks must compute something of their own."""
     model = tiny_model()
     fresh = random_init_like(model, seed=0)
     assert fresh is not model and fresh.depth == model.depth
     assert all(torch.count_nonzero(b.adaLN_modulation[-1].weight) > 0 for b in fresh.blocks)
     again = random_init_like(model, seed=0)
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), again.parameters()))  # seeded
-    assert not torch.equal(fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight)  # the original untouched
+    assert not torch.equal(
+        fresh.blocks[0].attn.qkv.weight, model.blocks[0].attn.qkv.weight
+    )  # the original untouched
     tokenizer = ImagePatchTokenizer(4, 1, 16)
     loader = probe_loader(digits("train", 200), "image", batch_size=100)
     features = extract_features(fresh, tokenizer, loader, [INPUT_LAYER, 2], [0.0])
@@ -232,7 +271,9 @@ def test_random_init_baseline_is_a_random_network_whose_blocks_are_not_the_ident
     identity_blocks = copy.deepcopy(fresh)
     identity_blocks.initialize_weights()
     features = extract_features(identity_blocks, tokenizer, loader, [INPUT_LAYER, 2], [0.0])
-    assert affine_residual(features[(INPUT_LAYER, 0.0)].x, features[(2, 0.0)].x) < 1e-6  # what the test rules out
+    assert (
+        affine_residual(features[(INPUT_LAYER, 0.0)].x, features[(2, 0.0)].x) < 1e-6
+    )  # what the test rules out
 
 
 def test_report_has_the_issue_keys_and_picks_the_best_row():
@@ -266,7 +307,9 @@ def test_training_callback_logs_probe_top1_without_changing_training(tiny_train_
 
     def train(run_dir, with_probe):
         L.seed_everything(0)
-        run = build_run(tiny_train_cfg("trainer.max_steps=4", "~callbacks.samples", run_dir=run_dir))
+        run = build_run(
+            tiny_train_cfg("trainer.max_steps=4", "~callbacks.samples", run_dir=run_dir)
+        )
         probe = LinearProbe(every_n_steps=2, train_samples=64, test_samples=32, epochs=5)
         if with_probe:
             run.trainer.callbacks.append(probe)
@@ -278,7 +321,9 @@ def test_training_callback_logs_probe_top1_without_changing_training(tiny_train_
     assert [step for step, _ in probe.history] == [2, 4]
     assert all(0.0 <= top1 <= 1.0 for _, top1 in probe.history)
     with open(tmp_path / "a" / "metrics.csv") as f:
-        logged = {int(r["step"]): float(r["probe/top1"]) for r in csv.DictReader(f) if r.get("probe/top1")}
+        logged = {
+            int(r["step"]): float(r["probe/top1"]) for r in csv.DictReader(f) if r.get("probe/top1")
+        }
     assert sorted(logged) == [2, 4] and logged[4] == pytest.approx(probe.history[-1][1])
     for a, b in zip(run.module.objective.parameters(), plain.module.objective.parameters()):
         assert torch.equal(a, b)  # the probe draws from its own RNG scope
@@ -286,7 +331,8 @@ def test_training_callback_logs_probe_top1_without_changing_training(tiny_train_
 
 @pytest.mark.parametrize("modality", ["video", "audio"])
 def test_extraction_works_for_every_modality_its_tokenizer_gives(modality):
-    """Nothing image-specific: video tubelets (pooled over time and space) and mel patches go the same way."""
+    """Nothing image-specific: video tubelets (pooled over time and space) and mel patches go the
+    same way."""
     if modality == "video":
         from selfflow.tokenizers.video import VideoTubeletTokenizer
 
@@ -294,12 +340,21 @@ def test_extraction_works_for_every_modality_its_tokenizer_gives(modality):
     else:
         from selfflow.tokenizers.audio import AudioMelTokenizer
 
-        tokenizer = AudioMelTokenizer(sample_rate=4000, duration=0.5, hop_length=125, n_mels=16, patch_frames=4)
+        tokenizer = AudioMelTokenizer(
+            sample_rate=4000, duration=0.5, hop_length=125, n_mels=16, patch_frames=4
+        )
         samples = torch.randn(6, 1, 2000) * 0.1
-    model = SelfFlowTransformer({modality: tokenizer.token_channels}, width=32, depth=2, heads=2, num_classes=3)
+    model = SelfFlowTransformer(
+        {modality: tokenizer.token_channels}, width=32, depth=2, heads=2, num_classes=3
+    )
     dataset = [(sample, i % 3) for i, sample in enumerate(samples)]
-    features = extract_features(model.eval(), tokenizer, probe_loader(dataset, modality, batch_size=4), [0, 2], [0.1])
-    assert features[(2, 0.1)].x.shape == (6, 32) and features[(0, 0.1)].x.shape == (6, tokenizer.token_channels)
+    features = extract_features(
+        model.eval(), tokenizer, probe_loader(dataset, modality, batch_size=4), [0, 2], [0.1]
+    )
+    assert features[(2, 0.1)].x.shape == (6, 32) and features[(0, 0.1)].x.shape == (
+        6,
+        tokenizer.token_channels,
+    )
     assert features[(2, 0.1)].labels.tolist() == [0, 1, 2, 0, 1, 2]
     assert torch.isfinite(features[(2, 0.1)].x).all()
 

@@ -1,4 +1,5 @@
-"""selfflow-probe end to end on a checkpoint of a tiny run: probe.json, the cache across runs, and the errors."""
+"""selfflow-probe end to end on a checkpoint of a tiny run: probe.json, the cache across runs, and
+the errors."""
 
 import json
 import os
@@ -58,34 +59,63 @@ def forwards(monkeypatch):
     return calls
 
 
-def test_probe_writes_the_report_and_a_second_run_does_no_forward(tiny_checkpoint, tmp_path, forwards):
+def test_probe_writes_the_report_and_a_second_run_does_no_forward(
+    tiny_checkpoint, tmp_path, forwards
+):
     document = probe_document(fast(tiny_checkpoint, tmp_path, "noise_levels=[0.0,0.5]"))
     written = json.loads((tmp_path / "out" / "probe.json").read_text())
     assert written == document
     assert set(written) == {"checkpoint", "dataset", "results", "best"}
-    assert written["checkpoint"] == str(tiny_checkpoint.resolve()) and written["dataset"] == "DigitImages"
+    assert (
+        written["checkpoint"] == str(tiny_checkpoint.resolve())
+        and written["dataset"] == "DigitImages"
+    )
     # depth 2: quarters {1, 2} plus the student layer 1; two levels
-    assert [(r["layer"], r["noise_level"]) for r in written["results"]] == [(1, 0.0), (2, 0.0), (1, 0.5), (2, 0.5)]
+    assert [(r["layer"], r["noise_level"]) for r in written["results"]] == [
+        (1, 0.0),
+        (2, 0.0),
+        (1, 0.5),
+        (2, 0.5),
+    ]
     for row in [*written["results"], written["best"]]:
         assert set(row) == set(ROW_TYPES)
         assert all(isinstance(row[k], t) for k, t in ROW_TYPES.items()), row
         assert row["pool"] == "mean"
-        assert all(0.0 <= row[k] <= 1.0 for k in ("top1", "baseline_random_init_top1", "baseline_input_top1"))
+        assert all(
+            0.0 <= row[k] <= 1.0
+            for k in ("top1", "baseline_random_init_top1", "baseline_input_top1")
+        )
     assert written["best"]["top1"] == max(r["top1"] for r in written["results"])
-    assert written["results"][0]["baseline_input_top1"] == written["results"][1]["baseline_input_top1"]
+    assert (
+        written["results"][0]["baseline_input_top1"] == written["results"][1]["baseline_input_top1"]
+    )
     first = len(forwards)
     assert first > 0
 
-    again = probe_document(fast(tiny_checkpoint, tmp_path, "noise_levels=[0.0,0.5]", f"out_dir={tmp_path / 'again'}"))
+    again = probe_document(
+        fast(tiny_checkpoint, tmp_path, "noise_levels=[0.0,0.5]", f"out_dir={tmp_path / 'again'}")
+    )
     assert len(forwards) == first  # every feature came from the cache
     assert again == document  # and the numbers are the same: seeded all the way
 
-    probe(fast(tiny_checkpoint, tmp_path, "noise_levels=[0.0]", "weights=online", f"out_dir={tmp_path / 'online'}"))
-    assert len(forwards) > first  # other weights, other features; the random-init baseline stays cached
+    probe(
+        fast(
+            tiny_checkpoint,
+            tmp_path,
+            "noise_levels=[0.0]",
+            "weights=online",
+            f"out_dir={tmp_path / 'online'}",
+        )
+    )
+    assert (
+        len(forwards) > first
+    )  # other weights, other features; the random-init baseline stays cached
 
 
 def test_probe_attentive_pooling_and_chosen_layers(tiny_checkpoint, tmp_path):
-    document = probe_document(fast(tiny_checkpoint, tmp_path, "pool=attentive", "layers=[2]", "cache_dir=null"))
+    document = probe_document(
+        fast(tiny_checkpoint, tmp_path, "pool=attentive", "layers=[2]", "cache_dir=null")
+    )
     assert [(r["layer"], r["pool"]) for r in document["results"]] == [(2, "attentive")]
     assert not (tmp_path / "cache").exists()
 
@@ -122,7 +152,9 @@ def test_probe_refuses_a_dataset_without_labels(tiny_checkpoint, tmp_path):
         probe(cfg)
 
 
-def test_probe_refuses_a_checkpoint_that_does_not_fit_its_configured_model(tiny_checkpoint, tmp_path):
+def test_probe_refuses_a_checkpoint_that_does_not_fit_its_configured_model(
+    tiny_checkpoint, tmp_path
+):
     state = torch.load(tiny_checkpoint, weights_only=False)
     state["selfflow_config"]["model"]["width"] = 64
     bad = tmp_path / "bad.ckpt"
@@ -147,7 +179,13 @@ def run_cli(args, cwd):
 def test_probe_cli_prints_a_table_and_writes_probe_json(tiny_checkpoint, tmp_path):
     out = tmp_path / "out"
     result = run_cli(
-        [f"ckpt={tiny_checkpoint}", f"out_dir={out}", f"cache_dir={tmp_path / 'cache'}", "head.epochs=5", "layers=[2]"],
+        [
+            f"ckpt={tiny_checkpoint}",
+            f"out_dir={out}",
+            f"cache_dir={tmp_path / 'cache'}",
+            "head.epochs=5",
+            "layers=[2]",
+        ],
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -160,11 +198,15 @@ def test_probe_cli_prints_a_table_and_writes_probe_json(tiny_checkpoint, tmp_pat
 
 @pytest.mark.slow
 def test_probe_cli_errors_are_one_line(tiny_checkpoint, tmp_path):
-    result = run_cli([f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path / 'out'}", "layers=[0]"], cwd=tmp_path)
+    result = run_cli(
+        [f"ckpt={tiny_checkpoint}", f"out_dir={tmp_path / 'out'}", "layers=[0]"], cwd=tmp_path
+    )
     assert result.returncode == 2
     assert "selfflow-probe: error: layers=[0] out of range" in result.stderr
     assert "Traceback" not in result.stderr
-    result = run_cli([f"ckpt={tmp_path / 'missing.ckpt'}", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path)
+    result = run_cli(
+        [f"ckpt={tmp_path / 'missing.ckpt'}", f"out_dir={tmp_path / 'out'}"], cwd=tmp_path
+    )
     assert result.returncode == 2 and "does not exist" in result.stderr
 
 
@@ -176,7 +218,10 @@ def test_modality_choice_in_multimodal_data():
     image, audio = SimpleNamespace(modality="image"), SimpleNamespace(modality="audio")
     assert pick_modalities({"image": image}, None) == {"image": image}
     assert pick_modalities({"image": image, "audio": audio}, "audio") == {"audio": audio}
-    assert pick_modalities({"image": image, "audio": audio}, None) == {"image": image, "audio": audio}
+    assert pick_modalities({"image": image, "audio": audio}, None) == {
+        "image": image,
+        "audio": audio,
+    }
     with pytest.raises(ValueError, match="modality='video' is not in the data"):
         pick_modalities({"image": image}, "video")
 
@@ -187,7 +232,13 @@ def test_a_joint_checkpoint_is_probed_on_every_modality_or_the_one_named(tmp_pat
 
     run = build_run(
         compose_train(
-            [*SMALL_JOINT, "trainer.max_steps=2", "~callbacks.samples", "~callbacks.probe", "data.batch_size=8"],
+            [
+                *SMALL_JOINT,
+                "trainer.max_steps=2",
+                "~callbacks.samples",
+                "~callbacks.probe",
+                "data.batch_size=8",
+            ],
             tmp_path / "run",
         )
     )
@@ -197,7 +248,16 @@ def test_a_joint_checkpoint_is_probed_on_every_modality_or_the_one_named(tmp_pat
     assert sorted(every) == ["audio", "image", "video"]
     for modality, (path, document) in every.items():
         assert path == tmp_path / "out" / modality / "probe.json"
-        assert json.loads(path.read_text()) == document and [r["layer"] for r in document["results"]] == [1]
-    assert every["video"][1]["dataset"] == "MovingDigits" and every["audio"][1]["dataset"] == "SpokenDigits"
-    one = probe(fast(ckpt, tmp_path, "layers=[1]", "modality=audio", f"out_dir={tmp_path / 'audio'}"))
-    assert one == {"audio": (tmp_path / "audio" / "probe.json", every["audio"][1])}  # same seed, same numbers
+        assert json.loads(path.read_text()) == document and [
+            r["layer"] for r in document["results"]
+        ] == [1]
+    assert (
+        every["video"][1]["dataset"] == "MovingDigits"
+        and every["audio"][1]["dataset"] == "SpokenDigits"
+    )
+    one = probe(
+        fast(ckpt, tmp_path, "layers=[1]", "modality=audio", f"out_dir={tmp_path / 'audio'}")
+    )
+    assert one == {
+        "audio": (tmp_path / "audio" / "probe.json", every["audio"][1])
+    }  # same seed, same numbers

@@ -1,4 +1,5 @@
-"""selfflow-prompt-following: prompts judged by a reference classifier, on a tiny text-conditioned run."""
+"""selfflow-prompt-following: prompts judged by a reference classifier, on a tiny
+text-conditioned run."""
 
 import json
 from pathlib import Path
@@ -19,24 +20,46 @@ def run_cli(*overrides: str) -> dict:
 def test_prompts_parse_to_the_reference_classes_and_defaults_cover_every_class():
     names = [str(i) for i in range(10)]
     assert tool.parse_prompt("a handwritten four=4", names) == ("a handwritten four", 4, None)
-    assert tool.parse_prompt("x = y=7", names) == ("x = y", 7, None)  # the last '=' separates the class
+    assert tool.parse_prompt("x = y=7", names) == (
+        "x = y",
+        7,
+        None,
+    )  # the last '=' separates the class
     with pytest.raises(ValueError, match="TEXT=CLASS"):
         tool.parse_prompt("a handwritten four", names)
     with pytest.raises(ValueError, match="not one of"):
         tool.parse_prompt("a cat=cat", names)
     prompts = tool.default_prompts(names)
     assert {label for _, label, _ in prompts} == set(range(10))
-    assert ("a handwritten four", 4, True) in prompts and ("a picture of a four", 4, False) in prompts
+    assert ("a handwritten four", 4, True) in prompts and (
+        "a picture of a four",
+        4,
+        False,
+    ) in prompts
     spoken = tool.default_prompts(names, "audio")
-    assert ("a voice saying four", 4, True) in spoken and ("four, spoken out loud", 4, False) in spoken
+    assert ("a voice saying four", 4, True) in spoken and (
+        "four, spoken out loud",
+        4,
+        False,
+    ) in spoken
     assert len(spoken) == 40
     from selfflow.data.builtin.captioned import AUDIO_TEMPLATES, DIGIT_TEMPLATES
 
-    for modality, training in (("image", DIGIT_TEMPLATES), ("audio", AUDIO_TEMPLATES)):  # "seen" means seen
+    for modality, training in (
+        ("image", DIGIT_TEMPLATES),
+        ("audio", AUDIO_TEMPLATES),
+    ):  # "seen" means seen
         assert set(tool.SEEN_TEMPLATES[modality]) <= set(training)
         assert not set(tool.UNSEEN_TEMPLATES[modality]) & set(training)
-    summary = tool.summary([{"accuracy": 1.0, "seen_phrasing": True}, {"accuracy": 0.0, "seen_phrasing": False}], 10)
-    assert summary == {"accuracy": 0.5, "chance": 0.1, "accuracy_seen_phrasings": 1.0, "accuracy_unseen_phrasings": 0.0}
+    summary = tool.summary(
+        [{"accuracy": 1.0, "seen_phrasing": True}, {"accuracy": 0.0, "seen_phrasing": False}], 10
+    )
+    assert summary == {
+        "accuracy": 0.5,
+        "chance": 0.1,
+        "accuracy_seen_phrasings": 1.0,
+        "accuracy_unseen_phrasings": 0.0,
+    }
 
 
 def test_the_config_takes_one_prompt_or_a_list_and_names_what_is_missing():
@@ -75,7 +98,10 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
     from selfflow.evaluation.reference_classifier import ReferenceCNN
 
     ckpt = _trained_checkpoint(
-        tiny_train_cfg, "experiment=text_digits", "data.batch_size=4", "callbacks.samples.prompts=[seven]"
+        tiny_train_cfg,
+        "experiment=text_digits",
+        "data.batch_size=4",
+        "callbacks.samples.prompts=[seven]",
     )
     ReferenceCNN(10, channels=1, image_size=16, width=4).save(tmp_path / "ref")
     report = run_cli(
@@ -87,11 +113,20 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
         "steps=2",
     )
     saved = json.loads((tmp_path / "out" / "prompt_following.json").read_text())
-    assert saved == report and [p["prompt"] for p in saved["prompts"]] == ["a handwritten four", "the digit 7"]
+    assert saved == report and [p["prompt"] for p in saved["prompts"]] == [
+        "a handwritten four",
+        "the digit 7",
+    ]
     for row in saved["prompts"]:
-        assert len(row["predicted"]) == 3 and row["accuracy"] == sum(p == row["class"] for p in row["predicted"]) / 3
+        assert (
+            len(row["predicted"]) == 3
+            and row["accuracy"] == sum(p == row["class"] for p in row["predicted"]) / 3
+        )
     assert saved["chance"] == 0.1 and saved["accuracy_seen_phrasings"] is None
-    assert Image.open(tmp_path / "out" / "prompt_grid.png").size == (2 * (2 + 3 * 18), 2 * (2 + 2 * 18))
+    assert Image.open(tmp_path / "out" / "prompt_grid.png").size == (
+        2 * (2 + 3 * 18),
+        2 * (2 + 2 * 18),
+    )
     with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
         tool.judge(
             _trained_checkpoint(tiny_train_cfg, run_dir=tmp_path / "plain"),
@@ -105,10 +140,13 @@ def test_a_text_run_is_judged_per_prompt_with_a_grid(tiny_train_cfg, tmp_path):
 
 
 def _trained_checkpoint(tiny_train_cfg, *overrides: str, run_dir: Path | None = None) -> Path:
-    """The last checkpoint of a 2-step tiny run with these overrides (the digit images by default)."""
+    """The last checkpoint of a 2-step tiny run with these overrides (the digit images
+    by default)."""
     from selfflow.training.build import build_run
 
-    cfg = tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0", *overrides, run_dir=run_dir)
+    cfg = tiny_train_cfg(
+        "trainer.max_steps=2", "callbacks.samples.every_n_steps=0", *overrides, run_dir=run_dir
+    )
     run = build_run(cfg)
     run.trainer.fit(run.module, datamodule=run.datamodule)
     return Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
@@ -119,15 +157,20 @@ def test_a_text_to_audio_run_is_judged_by_an_audio_reference(tiny_train_cfg, tmp
     from selfflow.evaluation.reference_classifier import ReferenceCNN
 
     ckpt = _trained_checkpoint(
-        tiny_train_cfg, "experiment=text_audio_digits", "data.batch_size=4", "callbacks.samples.prompts=[seven]"
+        tiny_train_cfg,
+        "experiment=text_audio_digits",
+        "data.batch_size=4",
+        "callbacks.samples.prompts=[seven]",
     )
-    ReferenceCNN(10, channels=1, image_size=16, width=4, audio={"sample_rate": 8000, "num_samples": 8000}).save(
-        tmp_path / "ref"
-    )
+    ReferenceCNN(
+        10, channels=1, image_size=16, width=4, audio={"sample_rate": 8000, "num_samples": 8000}
+    ).save(tmp_path / "ref")
     files = [f"ckpt={ckpt}", f"reference={tmp_path / 'ref'}", f"out={tmp_path / 'out'}"]
     report = run_cli(*files, "per_prompt=2", "steps=2")
     assert len(report["prompts"]) == 40 and report["prompts"][0]["prompt"] == "a voice saying zero"
     assert all(len(row["predicted"]) == 2 for row in report["prompts"])
-    assert Image.open(tmp_path / "out" / "prompt_grid.png").size[0] > 400  # one spectrogram per prompt
+    assert (
+        Image.open(tmp_path / "out" / "prompt_grid.png").size[0] > 400
+    )  # one spectrogram per prompt
     with pytest.raises(ValueError, match="not a text-to-image checkpoint"):
         tool.judge(ckpt, ReferenceCNN(10, 1, 16, 4), [("four", 4, None)], 1, 1, 1.0, 0)

@@ -1,9 +1,10 @@
 """Every command the README prints runs as printed: each line of its ```bash blocks (and each inline
-`selfflow-...` / `python -m tools...` command, and the usage lines of the tools' docstrings) is split into words as a
-POSIX shell splits it, then parsed as the program would parse it (tests/helpers/commands.py): Hydra composes the
-overrides of selfflow-train, -sample and -probe (an unknown key, option or a value Hydra cannot parse fails), the
-tools' argparse accepts their flags. Placeholders such as DIR or /path/to/... are fine as values; nothing is run.
-The project files that the README links and the configs' comments cite exist."""
+`selfflow-...` / `python -m tools...` command, and the usage lines of the tools' docstrings) is
+split into words as a POSIX shell splits it, then parsed as the program would
+parse it (tests/helpers/commands.py): Hydra composes the overrides of selfflow-train, -sample and
+-probe (an unknown key, option or a value Hydra cannot parse fails), the tools' argparse accepts
+their flags. Placeholders such as DIR or /path/to/... are fine as values; nothing is run. The
+project files that the README links and the configs' comments cite exist."""
 
 import re
 
@@ -38,15 +39,17 @@ def test_the_checker_finds_the_commands_and_catches_what_a_shell_does_to_them(mo
             )[0],
             monkeypatch,
         )
-    with pytest.raises(Exception, match="feature_extractor"):  # a key missing from the config needs +
+    with pytest.raises(
+        Exception, match="feature_extractor"
+    ):  # a key missing from the config needs +
         check_command(["selfflow-sample", "ckpt=x", "feature_extractor._target_=a.B"], monkeypatch)
     with pytest.raises(SystemExit):  # a flag the tool does not know
         check_command(["selfflow-export", "CKPT", "OUT", "--fast"], monkeypatch)
 
 
 def cited_files() -> list[str]:
-    """Project files linked from the README, CONTRIBUTING.md and docs/ (relative to the page that links them), and
-    cited in the comments of conf/**/*.yaml."""
+    """Project files linked from the README, CONTRIBUTING.md and docs/ (relative to the page that
+    links them), and cited in the comments of conf/**/*.yaml."""
     cited = []
     for page in documents():
         for link in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
@@ -61,7 +64,12 @@ def cited_files() -> list[str]:
 
 def test_the_files_the_docs_and_the_configs_cite_exist():
     cited = cited_files()
-    expected = {"docs/reliability.md", "selfflow/tokenizers/latent.py", "tests/test_distributed.py", "LICENSE"}
+    expected = {
+        "docs/reliability.md",
+        "selfflow/tokenizers/latent.py",
+        "tests/test_distributed.py",
+        "LICENSE",
+    }
     assert expected <= set(cited)
     assert [path for path in cited if not (ROOT / path).exists()] == []
 
@@ -70,22 +78,32 @@ NOT_COMMANDS = {"selfflow-shard-index", "selfflow-store"}  # a file format's nam
 
 
 def test_every_command_the_package_names_exists():
-    """Error messages, help texts and config comments name only console scripts that are installed with selfflow
-    (no stale `tools/...py` script either)."""
+    """Error messages, help texts and config comments name only console scripts that are installed
+    with selfflow (no stale `tools/...py` script either)."""
     named: dict[str, str] = {}
     for path in [*(ROOT / "selfflow").rglob("*.py"), *(ROOT / "conf").rglob("*.yaml")]:
         text = path.read_text()
         for name in re.findall(r"\bselfflow-[a-z]+(?:-[a-z]+)*", text):
             named.setdefault(name, str(path.relative_to(ROOT)))
         for script in re.findall(r"tools/[a-z_]+\.py", text):
-            assert (ROOT / script).is_file(), f"{path.relative_to(ROOT)} names {script}, which does not exist"
-    installed = {e.name for e in __import__("importlib.metadata").metadata.entry_points(group="console_scripts")}
+            assert (ROOT / script).is_file(), (
+                f"{path.relative_to(ROOT)} names {script}, which does not exist"
+            )
+    installed = {
+        e.name
+        for e in __import__("importlib.metadata").metadata.entry_points(group="console_scripts")
+    }
     missing = {name: where for name, where in named.items() if name not in installed | NOT_COMMANDS}
     assert not missing, f"commands named but not installed: {missing}"
-    assert {"selfflow-train", "selfflow-export", "selfflow-shards", "selfflow-reference"} <= set(named)
+    assert {"selfflow-train", "selfflow-export", "selfflow-shards", "selfflow-reference"} <= set(
+        named
+    )
 
 
-RUN_AS_PRINTED = ("README.md", "architecture.md")  # pages whose Python examples need no data of yours
+RUN_AS_PRINTED = (
+    "README.md",
+    "architecture.md",
+)  # pages whose Python examples need no data of yours
 
 
 def python_blocks(run: bool) -> list[str]:

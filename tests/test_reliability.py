@@ -1,4 +1,5 @@
-"""Crash-safe and safe checkpoints, non-finite losses, config validation: each promise of docs/reliability.md."""
+"""Crash-safe and safe checkpoints, non-finite losses, config validation: each promise of
+docs/reliability.md."""
 
 import dataclasses
 import errno
@@ -28,7 +29,7 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# --- crash-safe writes -------------------------------------------------------------------------------------------
+# --- crash-safe writes ----------------------------------------------------------------------------
 
 
 def test_atomic_save_replaces_the_file_only_when_the_write_succeeded(tmp_path, monkeypatch):
@@ -48,7 +49,9 @@ def test_atomic_save_replaces_the_file_only_when_the_write_succeeded(tmp_path, m
     ):
         atomic_save({"step": torch.tensor(2)}, path)
     assert digest(path) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]  # no temporary file left behind
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.ckpt"
+    ]  # no temporary file left behind
     assert int(torch.load(path, weights_only=True)["step"]) == 1
 
 
@@ -78,7 +81,9 @@ def test_resume_auto_passes_over_truncated_temporary_and_unsafe_files(tiny_train
     run.trainer.fit(run.module, datamodule=run.datamodule)
     folder = Path(run.run_dir) / "checkpoints"
     good = folder / "step_0000004.ckpt"
-    (folder / "step_0000009.ckpt").write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # truncated
+    (folder / "step_0000009.ckpt").write_bytes(
+        good.read_bytes()[: good.stat().st_size // 2]
+    )  # truncated
     (folder / "step_0000010.ckpt.123.tmp").write_bytes(good.read_bytes())  # an unfinished save
     hostile_checkpoint(folder / "step_0000011.ckpt", tmp_path / "pwned")
     path, step = newest_valid_checkpoint(folder)
@@ -86,7 +91,7 @@ def test_resume_auto_passes_over_truncated_temporary_and_unsafe_files(tiny_train
     assert not (tmp_path / "pwned").exists()
 
 
-# --- safe loading ------------------------------------------------------------------------------------------------
+# --- safe loading ---------------------------------------------------------------------------------
 
 
 def test_resume_loads_weights_only_and_never_runs_a_malicious_pickle(tiny_train_cfg, tmp_path):
@@ -94,7 +99,9 @@ def test_resume_loads_weights_only_and_never_runs_a_malicious_pickle(tiny_train_
     evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     with pytest.raises(ValueError, match="cannot load checkpoint .*evil.ckpt safely"):
         train(tiny_train_cfg(f"ckpt_path={evil}"))
-    run = build_run(tiny_train_cfg())  # Lightning's own loading path goes through the same safe reader
+    run = build_run(
+        tiny_train_cfg()
+    )  # Lightning's own loading path goes through the same safe reader
     with pytest.raises(ValueError, match="safely"):
         run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=str(evil))
     assert not marker.exists()
@@ -105,7 +112,14 @@ def test_cli_refuses_a_malicious_checkpoint_with_one_line(tmp_path):
     marker = tmp_path / "pwned"
     evil = hostile_checkpoint(tmp_path / "evil.ckpt", marker)
     result = subprocess.run(
-        [sys.executable, "-m", "selfflow.cli.train", *TINY, f"ckpt_path={evil}", f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            sys.executable,
+            "-m",
+            "selfflow.cli.train",
+            *TINY,
+            f"ckpt_path={evil}",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -113,14 +127,21 @@ def test_cli_refuses_a_malicious_checkpoint_with_one_line(tmp_path):
         env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert result.returncode == 2
-    assert "selfflow-train: error: cannot load checkpoint" in result.stderr and "Traceback" not in result.stderr
+    assert (
+        "selfflow-train: error: cannot load checkpoint" in result.stderr
+        and "Traceback" not in result.stderr
+    )
     assert not marker.exists()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-def test_resuming_into_another_architecture_names_the_first_mismatched_key(tiny_train_cfg, tmp_path):
+def test_resuming_into_another_architecture_names_the_first_mismatched_key(
+    tiny_train_cfg, tmp_path
+):
     first = build_run(
-        tiny_train_cfg("trainer.max_steps=2", "callbacks.samples.every_n_steps=0", run_dir=tmp_path / "a")
+        tiny_train_cfg(
+            "trainer.max_steps=2", "callbacks.samples.every_n_steps=0", run_dir=tmp_path / "a"
+        )
     )
     first.trainer.fit(first.module, datamodule=first.datamodule)
     ckpt = tmp_path / "a" / "checkpoints" / "last.ckpt"
@@ -132,7 +153,7 @@ def test_resuming_into_another_architecture_names_the_first_mismatched_key(tiny_
         train(tiny_train_cfg("model.width=64", f"ckpt_path={ckpt}", run_dir=tmp_path / "b"))
 
 
-# --- non-finite losses -------------------------------------------------------------------------------------------
+# --- non-finite losses ----------------------------------------------------------------------------
 
 
 class PoisonBatches(L.Callback):
@@ -220,9 +241,13 @@ def test_a_skipped_update_advances_neither_the_step_nor_the_learning_rate(tiny_t
     assert scheduler.last_epoch == 4  # one schedule step per completed update
 
 
-def test_too_many_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(tiny_train_cfg):
+def test_too_many_nan_losses_in_a_row_stop_the_run_and_keep_the_last_good_checkpoint(
+    tiny_train_cfg,
+):
     run = build_run(
-        tiny_train_cfg("trainer.max_steps=20", "max_nonfinite_in_a_row=3", "callbacks.samples.every_n_steps=0")
+        tiny_train_cfg(
+            "trainer.max_steps=20", "max_nonfinite_in_a_row=3", "callbacks.samples.every_n_steps=0"
+        )
     )
     inject_nan(run.module, set(range(3, 20)))
     with pytest.raises(
@@ -250,10 +275,15 @@ def test_a_non_finite_gradient_is_skipped_like_a_non_finite_loss(tiny_train_cfg)
 
 @pytest.mark.parametrize("poisoned", [2, 3], ids=["first-micro-batch", "second-micro-batch"])
 def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_cfg, poisoned):
-    """Two micro-batches per optimizer step; a NaN in either of step 1's (batches 2 and 3) skips step 1 whole: no
-    optimizer step with the other micro-batch's gradients, no EMA update, one skip counted."""
+    """Two micro-batches per optimizer step; a NaN in either of step 1's (batches 2 and 3) skips
+    step 1 whole: no optimizer step with the other micro-batch's gradients, no EMA update, one
+    skip counted."""
     run = build_run(
-        tiny_train_cfg("trainer.max_steps=3", "trainer.accumulate_grad_batches=2", "callbacks.samples.every_n_steps=0")
+        tiny_train_cfg(
+            "trainer.max_steps=3",
+            "trainer.accumulate_grad_batches=2",
+            "callbacks.samples.every_n_steps=0",
+        )
     )
     run.trainer.callbacks.append(PoisonBatches({poisoned}))
     after = after_each_batch(run.trainer)
@@ -270,7 +300,7 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
     assert all(torch.isfinite(p).all() for p in run.module.parameters())
 
 
-# --- config validation -------------------------------------------------------------------------------------------
+# --- config validation ----------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -283,7 +313,10 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
             r"objective.student_layer=2 and objective.teacher_layer=2 must satisfy 1 <= "
             r"student_layer < teacher_layer <= model depth \(2\)",
         ),
-        ("objective.teacher_layer=3", r"objective.teacher_layer=3 must satisfy .* <= model depth \(2\)"),
+        (
+            "objective.teacher_layer=3",
+            r"objective.teacher_layer=3 must satisfy .* <= model depth \(2\)",
+        ),
         ("objective.gamma=-0.5", r"objective.gamma=-0.5 must be one number >= 0"),
         ("objective.gamma=[0.8,0.2]", r"objective.gamma=\[0.8, 0.2\] must be one number >= 0 "),
         ("objective.ema_decay=1.0", r"objective.ema_decay=1.0 must be in \[0, 1\)"),
@@ -291,24 +324,37 @@ def test_a_nan_in_any_micro_batch_skips_the_whole_accumulated_update(tiny_train_
         ("model.heads=3", "model.width=32 must be a multiple of model.heads=3"),
         ("data.batch_size=-8", "data.batch_size=-8 must be an integer >= 1"),
         ("data.num_workers=-1", "data.num_workers=-1 must be an integer >= 0"),
-        ("trainer.log_every_n_steps=0", r"trainer.log_every_n_steps=0 is out of range: use an integer in \[1, inf\)"),
+        (
+            "trainer.log_every_n_steps=0",
+            r"trainer.log_every_n_steps=0 is out of range: use an integer in \[1, inf\)",
+        ),
         # Lightning trains 2 steps for 1.5 and none for 0, without a word
         ("trainer.max_steps=1.5", r"^trainer.max_steps=1.5 is not a limit the run can reach: use"),
         ("trainer.max_steps=0", r"^trainer.max_steps=0 is not a limit .* \(or -1 for no limit\)$"),
         ("trainer.max_epochs=0", r"^trainer.max_epochs=0 is not a limit the run can reach"),
         ("optimizer.lr=-0.1", "optimizer: Invalid learning rate: -0.1"),
-        ("lr_warmup_steps=-1", r"lr_schedule.warmup_steps=-1 must be an integer >= 0 \(lr_warmup_steps sets it too\)"),
+        (
+            "lr_warmup_steps=-1",
+            r"lr_schedule.warmup_steps=-1 must be an integer >= 0 \(lr_warmup_steps sets it too\)",
+        ),
         (
             "lr_schedule=cosine lr_warmup_steps=0 lr_schedule.min_lr=1",
             r"lr_schedule.min_lr=1.0 is above optimizer.lr=0.001",
         ),
         ("max_nonfinite_in_a_row=0", "max_nonfinite_in_a_row=0 must be >= 1"),
-        ("callbacks.checkpoint.save_top_k=-2", "callbacks.checkpoint: Invalid value for save_top_k=-2. Must be >= -1"),
-        ("objective.mask_mode=random", r"objective.mask_mode='random' is unknown; choose one of: exact, bernoulli"),
+        (
+            "callbacks.checkpoint.save_top_k=-2",
+            "callbacks.checkpoint: Invalid value for save_top_k=-2. Must be >= -1",
+        ),
+        (
+            "objective.mask_mode=random",
+            r"objective.mask_mode='random' is unknown; choose one of: exact, bernoulli",
+        ),
         ("resume=sometimes", "resume='sometimes' is unknown; choose one of: null, auto"),
         (
             "+objective.mask_ration=0.3",
-            "objective.mask_ration is not an option of SelfFlowObjective; did you mean objective.mask_ratio",
+            "objective.mask_ration is not an option of SelfFlowObjective; did you "
+            "mean objective.mask_ratio",
         ),
         ("data=image_folder", r"data.root must be set"),
         (
@@ -348,7 +394,9 @@ def test_a_bad_joint_option_stops_before_any_source_is_read(tiny_train_cfg, monk
     assert not (tmp_path / "run").exists()
 
 
-def test_a_range_lightning_checks_stops_the_run_before_any_data_is_read(tiny_train_cfg, monkeypatch):
+def test_a_range_lightning_checks_stops_the_run_before_any_data_is_read(
+    tiny_train_cfg, monkeypatch
+):
     def no_data(*args, **kwargs):
         raise AssertionError("data was read before the trainer was built")
 
@@ -371,7 +419,14 @@ def test_a_range_lightning_checks_stops_the_run_before_any_data_is_read(tiny_tra
 )
 def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override, message):
     result = subprocess.run(
-        [sys.executable, "-m", "selfflow.cli.train", *TINY, override, f"hydra.run.dir={tmp_path / 'run'}"],
+        [
+            sys.executable,
+            "-m",
+            "selfflow.cli.train",
+            *TINY,
+            override,
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -385,10 +440,12 @@ def test_cli_bad_overrides_end_in_one_line_and_exit_status_2(tmp_path, override,
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
-# --- sharing weights without pickles ----------------------------------------------------------------------------
+# --- sharing weights without pickles --------------------------------------------------------------
 
 
-def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny_train_cfg, tmp_path):
+def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(
+    tiny_train_cfg, tmp_path
+):
     import json
 
     from selfflow.interop.checkpoint import load_checkpoint
@@ -409,7 +466,9 @@ def test_export_writes_safetensors_and_json_that_load_back_to_the_ema_model(tiny
     assert config["step"] == 2 and config["config"]["model"]["width"] == 32
     exported = load_checkpoint(tmp_path / "export")
     assert exported.step == 2 and list(exported.tokenizers) == ["image"]
-    for (name, a), b in zip(exported.model.state_dict().items(), run.module.ema_model.state_dict().values()):
+    for (name, a), b in zip(
+        exported.model.state_dict().items(), run.module.ema_model.state_dict().values()
+    ):
         torch.testing.assert_close(a, b, msg=name)
     with pytest.raises(FileNotFoundError, match="not an exported model"):
         load_checkpoint(tmp_path)

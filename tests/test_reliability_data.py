@@ -1,5 +1,5 @@
-"""Hostile image files mixed into a real folder: each is decoded correctly or skipped and reported, never a crash,
-a hang or a memory blow-up."""
+"""Hostile image files mixed into a real folder: each is decoded correctly or skipped and reported,
+never a crash, a hang or a memory blow-up."""
 
 import os
 import struct
@@ -16,19 +16,26 @@ from tests.helpers.configs import shared_dataset
 
 
 def png_header_only(path: Path, width: int, height: int) -> None:
-    """A tiny PNG whose header claims width x height pixels (a decompression bomb if anything believed it)."""
+    """A tiny PNG whose header claims width x height pixels (a decompression bomb if anything
+    believed it)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     path.write_bytes(
-        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+        + chunk(b"IEND", b"")
     )
 
 
 def hostile_folder(root: Path) -> dict[str, str]:
-    """Good images plus one of each hostile kind; returns {file name: expected outcome ('ok' or a reason part)}."""
+    """Good images plus one of each hostile kind; returns {file name: expected outcome ('ok' or a
+    reason part)}."""
     good = root / "good"
     good.mkdir(parents=True)
     rgb = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
@@ -88,11 +95,15 @@ def test_every_hostile_image_kind_is_decoded_or_skipped_and_reported(tmp_path):
     expected = hostile_folder(tmp_path / "images")
     record = tmp_path / "skipped.tsv"
     dataset = ImageFolder(str(tmp_path / "images"), "train", image_size=8, test_fraction=0.01)
-    dataset.paths += ImageFolder(str(tmp_path / "images"), "test", image_size=8, test_fraction=0.01).paths
+    dataset.paths += ImageFolder(
+        str(tmp_path / "images"), "test", image_size=8, test_fraction=0.01
+    ).paths
     dataset.labels += [0]
     dataset.bad_files.record_path = record
     names = [p.name for p in dataset.paths]
-    assert sorted(names) == sorted(expected)  # every file is seen once (the symlinked folder loop is not walked)
+    assert sorted(names) == sorted(
+        expected
+    )  # every file is seen once (the symlinked folder loop is not walked)
     for index, name in enumerate(names):
         item = dataset[index]
         if expected[name] == "ok":
@@ -119,15 +130,23 @@ def test_odd_modes_decode_to_the_right_values(tmp_path):
     Image.fromarray(np.zeros((8, 8, 4), dtype=np.uint8), "RGBA").save(tmp_path / "clear.png")
     Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(tmp_path / "white_cmyk.jpg", quality=100)
     assert torch.allclose(load_image(tmp_path / "white16.png", 4, 1), torch.ones(1, 4, 4))
-    assert torch.allclose(load_image(tmp_path / "mid16.png", 4, 1), torch.full((1, 4, 4), 128 / 255), atol=1e-6)
-    assert torch.allclose(load_image(tmp_path / "clear.png", 4, 3), torch.ones(3, 4, 4))  # transparent -> white
+    assert torch.allclose(
+        load_image(tmp_path / "mid16.png", 4, 1), torch.full((1, 4, 4), 128 / 255), atol=1e-6
+    )
+    assert torch.allclose(
+        load_image(tmp_path / "clear.png", 4, 3), torch.ones(3, 4, 4)
+    )  # transparent -> white
     assert load_image(tmp_path / "white_cmyk.jpg", 4, 3).min() > 0.95
 
 
 def test_an_extreme_aspect_ratio_is_cropped_before_resizing(tmp_path):
-    Image.new("L", (20_000, 1), 200).save(tmp_path / "line.png")  # resizing the short side first would need 2e10 px
+    Image.new("L", (20_000, 1), 200).save(
+        tmp_path / "line.png"
+    )  # resizing the short side first would need 2e10 px
     image = load_image(tmp_path / "line.png", 32, 1)
-    assert image.shape == (1, 32, 32) and torch.allclose(image, torch.full_like(image, 200 / 255), atol=1 / 255)
+    assert image.shape == (1, 32, 32) and torch.allclose(
+        image, torch.full_like(image, 200 / 255), atol=1 / 255
+    )
 
 
 def test_hostile_files_mixed_into_real_photos_train_without_a_crash(tmp_path, tiny_train_cfg):

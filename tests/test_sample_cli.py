@@ -1,4 +1,5 @@
-"""selfflow-sample: outputs, NFE, guidance, seeds across batch sizes, labels, errors, the released-checkpoint path."""
+"""selfflow-sample: outputs, NFE, guidance, seeds across batch sizes, labels, errors, the
+released-checkpoint path."""
 
 import json
 import os
@@ -13,7 +14,13 @@ import torch
 from PIL import Image
 
 from selfflow.models.transformer import SelfFlowTransformer
-from selfflow.sampling.generate import GuidedVelocity, NoiseSource, generate, sample_generators, sample_tokens
+from selfflow.sampling.generate import (
+    GuidedVelocity,
+    NoiseSource,
+    generate,
+    sample_generators,
+    sample_tokens,
+)
 from selfflow.sampling.job import drawn_labels, resolve_labels
 from selfflow.tokens import Condition
 from tests.helpers.models import TOKENIZER, random_model
@@ -23,7 +30,12 @@ from tests.helpers.runs import run_sample
 @pytest.mark.parametrize("sampler, steps", [("euler", 4), ("heun", 5), ("sde", 4)])
 def test_image_outputs_npz_and_nfe(tiny_checkpoint, tmp_path, sampler, steps, capsys):
     summary = run_sample(
-        tiny_checkpoint, tmp_path, "num_samples=7", "batch_size=3", f"sampler={sampler}", f"steps={steps}"
+        tiny_checkpoint,
+        tmp_path,
+        "num_samples=7",
+        "batch_size=3",
+        f"sampler={sampler}",
+        f"steps={steps}",
     )
     assert summary["nfe"] == steps and summary["sampler"] == sampler
     assert f"NFE={steps}" in capsys.readouterr().out
@@ -35,7 +47,9 @@ def test_image_outputs_npz_and_nfe(tiny_checkpoint, tmp_path, sampler, steps, ca
         assert npz["arr_0"].dtype == np.uint8 and npz["arr_0"].shape == (7, 16, 16, 3)
         labels = npz["labels"].tolist()
         assert labels == drawn_labels(7, 10, 0).tolist()
-        np.testing.assert_array_equal(npz["arr_0"][2], np.asarray(Image.open(pngs[2]).convert("RGB")))
+        np.testing.assert_array_equal(
+            npz["arr_0"][2], np.asarray(Image.open(pngs[2]).convert("RGB"))
+        )
     recorded = json.loads((tmp_path / "sampling.json").read_text())
     assert recorded["nfe"] == steps and recorded["labels"] == labels
 
@@ -82,13 +96,16 @@ def test_guidance_scale_one_equals_no_guidance_and_costs_one_call_per_step():
     labels = Condition(torch.tensor([1, 2, 3]))
     plain = generate(model, TOKENIZER, labels, steps=6, generator=torch.Generator().manual_seed(0))
     calls = counting(model)
-    guided = generate(model, TOKENIZER, labels, steps=6, cfg_scale=1.0, generator=torch.Generator().manual_seed(0))
+    guided = generate(
+        model, TOKENIZER, labels, steps=6, cfg_scale=1.0, generator=torch.Generator().manual_seed(0)
+    )
     torch.testing.assert_close(plain, guided)
     assert calls == [3] * 6
 
 
 def test_fp32_sampling_keeps_a_callers_autocast_and_bf16_adds_its_own():
-    """Under FSDP mixed precision the parameters are bf16 and the caller's autocast must reach the model."""
+    """Under FSDP mixed precision the parameters are bf16 and the caller's autocast must reach
+    the model."""
     model = random_model()
     seen = []
     original = model.velocity
@@ -116,7 +133,9 @@ def test_guidance_applies_inside_the_interval_only():
     model = random_model()
     labels = Condition(torch.tensor([1, 2]))
     pos = TOKENIZER.positions(2)
-    velocity = GuidedVelocity(model, pos, labels, "image", cfg_scale=3.0, guidance_interval=(0.3, 0.7))
+    velocity = GuidedVelocity(
+        model, pos, labels, "image", cfg_scale=3.0, guidance_interval=(0.3, 0.7)
+    )
     x = torch.randn(2, 16, 16)
     calls = counting(model)
     with torch.no_grad():
@@ -125,13 +144,17 @@ def test_guidance_applies_inside_the_interval_only():
     assert calls == [2, 4]  # once on the conditional batch outside; once on [cond; null] inside
     with torch.no_grad():
         c = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.5), pos, labels, "image")
-        u = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.5), pos, Condition(torch.full((2,), 10)), "image")
+        u = SelfFlowTransformer.velocity(
+            model, x, torch.full((2,), 0.5), pos, Condition(torch.full((2,), 10)), "image"
+        )
         plain = SelfFlowTransformer.velocity(model, x, torch.full((2,), 0.9), pos, labels, "image")
     torch.testing.assert_close(inside, u + 3.0 * (c - u))
     torch.testing.assert_close(outside, plain)
     # a full run: 10 Euler steps, levels 1.0, 0.9, ..., 0.1; guided at 0.7 .. 0.3 (5 steps)
     calls.clear()
-    out = sample_tokens(model, TOKENIZER, labels, steps=10, cfg_scale=3.0, guidance_interval=(0.3, 0.7))
+    out = sample_tokens(
+        model, TOKENIZER, labels, steps=10, cfg_scale=3.0, guidance_interval=(0.3, 0.7)
+    )
     assert out.nfe == 10 and out.model_calls == 10 and sorted(calls) == [2] * 5 + [4] * 5
 
 
@@ -161,7 +184,9 @@ def test_user_errors_name_the_key(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="modality=audio"):
         run_sample(tiny_checkpoint, tmp_path, "modality=audio", "num_samples=2")
     with pytest.raises(ValueError, match="guidance_interval"):
-        run_sample(tiny_checkpoint, tmp_path, "guidance_interval=[0.8,0.2]", "num_samples=2", "cfg_scale=2")
+        run_sample(
+            tiny_checkpoint, tmp_path, "guidance_interval=[0.8,0.2]", "num_samples=2", "cfg_scale=2"
+        )
     with pytest.raises(FileNotFoundError, match="does not exist"):
         run_sample(tmp_path / "missing.ckpt", tmp_path)
     with pytest.raises(ValueError, match="metrics=true needs reference"):
@@ -171,7 +196,10 @@ def test_user_errors_name_the_key(tiny_checkpoint, tmp_path):
 def test_online_weights_differ_from_ema(tiny_checkpoint, tmp_path):
     run_sample(tiny_checkpoint, tmp_path / "ema", "num_samples=2", "steps=2")
     run_sample(tiny_checkpoint, tmp_path / "online", "num_samples=2", "steps=2", "weights=online")
-    with np.load(tmp_path / "ema" / "samples.npz") as a, np.load(tmp_path / "online" / "samples.npz") as b:
+    with (
+        np.load(tmp_path / "ema" / "samples.npz") as a,
+        np.load(tmp_path / "online" / "samples.npz") as b,
+    ):
         assert not np.array_equal(a["arr_0"], b["arr_0"])
 
 
@@ -179,10 +207,17 @@ def test_video_and_audio_samples_are_written(tmp_path):
     from selfflow.sampling.modalities import MODALITIES
 
     clips = torch.rand(2, 4, 3, 16, 16)
-    videos = MODALITIES["video"].write(clips, tmp_path / "videos", ["a", "b"], SimpleNamespace(fps=4))["videos"]
-    assert [p.name for p in videos] == ["a.mp4", "b.mp4"] and all(p.stat().st_size > 0 for p in videos)
+    videos = MODALITIES["video"].write(
+        clips, tmp_path / "videos", ["a", "b"], SimpleNamespace(fps=4)
+    )["videos"]
+    assert [p.name for p in videos] == ["a.mp4", "b.mp4"] and all(
+        p.stat().st_size > 0 for p in videos
+    )
     files = MODALITIES["audio"].write(
-        torch.rand(2, 8000) * 2 - 1, tmp_path / "audio", ["a", "b"], SimpleNamespace(sample_rate=8000)
+        torch.rand(2, 8000) * 2 - 1,
+        tmp_path / "audio",
+        ["a", "b"],
+        SimpleNamespace(sample_rate=8000),
     )
     import soundfile
 
@@ -192,7 +227,9 @@ def test_video_and_audio_samples_are_written(tmp_path):
 
 
 def save_tiny_vae(folder: Path):
-    diffusers = pytest.importorskip("diffusers", reason="the [vae] extra (diffusers) is not installed")
+    diffusers = pytest.importorskip(
+        "diffusers", reason="the [vae] extra (diffusers) is not installed"
+    )
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(
         in_channels=3,
@@ -215,11 +252,20 @@ def test_released_checkpoint_cli_path_decodes_with_a_local_vae(tmp_path, capsys)
     ckpt = tmp_path / "selfflow_imagenet256.pt"
     torch.save(released_state_dict(width=64, grid=4), ckpt)  # heads: the released 16
     summary = run_sample(
-        f"official:{ckpt}", tmp_path / "out", f"vae={tmp_path / 'vae'}", "num_samples=3", "steps=3", "labels=[1,1000]"
+        f"official:{ckpt}",
+        tmp_path / "out",
+        f"vae={tmp_path / 'vae'}",
+        "num_samples=3",
+        "steps=3",
+        "labels=[1,1000]",
     )
-    assert summary["sampler"] == "sde" and summary["nfe"] == 3  # the released recipe's sampler by default
+    assert (
+        summary["sampler"] == "sde" and summary["nfe"] == 3
+    )  # the released recipe's sampler by default
     with np.load(tmp_path / "out" / "samples.npz") as npz:
-        assert npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8  # 8x8 latents, VAE x2
+        assert (
+            npz["arr_0"].shape == (3, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+        )  # 8x8 latents, VAE x2
         assert npz["labels"].tolist() == [1, 1000, 1]
     with pytest.raises(ValueError, match="pass vae=LOCAL_DIR"):
         run_sample(f"official:{ckpt}", tmp_path / "out2", "num_samples=1")
@@ -253,7 +299,11 @@ def test_sample_cli_as_a_user_runs_it(tiny_checkpoint, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "NFE=3" in result.stdout and (tmp_path / "out" / "samples.npz").is_file()
     bad = run_cli([f"ckpt={tmp_path / 'nope.ckpt'}", f"out_dir={tmp_path / 'bad'}"], cwd=tmp_path)
-    assert bad.returncode == 2 and "selfflow-sample: error:" in bad.stderr and "Traceback" not in bad.stderr
+    assert (
+        bad.returncode == 2
+        and "selfflow-sample: error:" in bad.stderr
+        and "Traceback" not in bad.stderr
+    )
 
 
 def test_sample_writer_dispatches_video_and_audio(tmp_path):
@@ -263,16 +313,31 @@ def test_sample_writer_dispatches_video_and_audio(tmp_path):
     def write(writer, store, chunks):
         for chunk, samples in enumerate(chunks):
             writer.add(samples, store.ranges[chunk])
-            store.write(chunk, torch.zeros(len(samples), dtype=torch.long), stored_form(writer.io, samples))
+            store.write(
+                chunk, torch.zeros(len(samples), dtype=torch.long), stored_form(writer.io, samples)
+            )
         return writer.finish(store, torch.zeros(store.ranges[-1].stop, dtype=torch.long), nrow=None)
 
     video = SampleWriter("video", SimpleNamespace(fps=4), tmp_path / "v", grid_upscale=1)
-    files = write(video, ChunkStore(tmp_path / "v", 3, 2), [torch.rand(2, 4, 3, 8, 8), torch.rand(1, 4, 3, 8, 8)])
-    assert sorted(p.name for p in files["videos"].iterdir()) == ["000000.mp4", "000001.mp4", "000002.mp4"]
+    files = write(
+        video,
+        ChunkStore(tmp_path / "v", 3, 2),
+        [torch.rand(2, 4, 3, 8, 8), torch.rand(1, 4, 3, 8, 8)],
+    )
+    assert sorted(p.name for p in files["videos"].iterdir()) == [
+        "000000.mp4",
+        "000001.mp4",
+        "000002.mp4",
+    ]
     assert Image.open(files["contact_sheet"]).height > 3 * 8
     audio = SampleWriter("audio", SimpleNamespace(sample_rate=8000), tmp_path / "a", grid_upscale=1)
     files = write(audio, ChunkStore(tmp_path / "a", 2, 2), [torch.rand(2, 4000) - 0.5])
-    assert sorted(p.name for p in files["audio"].iterdir()) == ["000000.png", "000000.wav", "000001.png", "000001.wav"]
+    assert sorted(p.name for p in files["audio"].iterdir()) == [
+        "000000.png",
+        "000000.wav",
+        "000001.png",
+        "000001.wav",
+    ]
     assert "npz" not in files and not (tmp_path / "a" / "samples.npz").exists()
 
 
@@ -284,7 +349,12 @@ def test_bf16_autocast_is_close_to_fp32_and_auto_means_fp32_on_cpu():
     model, labels = random_model(), Condition(torch.tensor([0, 1]))
     runs = {
         p: sample_tokens(
-            model, TOKENIZER, labels, steps=4, precision=p, noise=NoiseSource(generators=sample_generators(0, range(2)))
+            model,
+            TOKENIZER,
+            labels,
+            steps=4,
+            precision=p,
+            noise=NoiseSource(generators=sample_generators(0, range(2))),
         ).tokens
         for p in ("fp32", "bf16")
     }
@@ -313,7 +383,9 @@ def test_cuda_sampling_matches_cpu_noise_and_uses_bf16_where_supported():
         precision="auto",
         noise=NoiseSource(generators=sample_generators(0, range(2))),
     ).tokens
-    torch.testing.assert_close(gpu.cpu(), cpu, atol=0.1, rtol=0.05)  # same per-sample noise on any device
+    torch.testing.assert_close(
+        gpu.cpu(), cpu, atol=0.1, rtol=0.05
+    )  # same per-sample noise on any device
 
 
 def test_fid_jobs_default_to_the_released_protocol(tiny_checkpoint, tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
-"""WebDataset tar shards: folder -> selfflow-shards write -> shard datasets give the folder datasets' items, for
-image, audio and video; shard lists and brace patterns; random access; corrupt shards and members."""
+"""WebDataset tar shards: folder -> selfflow-shards write -> shard datasets give the folder
+datasets' items, for image, audio and video; shard lists and brace patterns; random access; corrupt
+shards and members."""
 
 import json
 import os
@@ -17,7 +18,13 @@ from selfflow.data.folders.audio_folder import AudioFolder
 from selfflow.data.folders.image_folder import ImageFolder
 from selfflow.data.folders.video_folder import VideoFolder
 from selfflow.data.shards import writer as shard_writer
-from selfflow.data.shards.dataset import AudioShards, ImageShards, VideoShards, expand_braces, resolve_shards
+from selfflow.data.shards.dataset import (
+    AudioShards,
+    ImageShards,
+    VideoShards,
+    expand_braces,
+    resolve_shards,
+)
 from selfflow.data.shards.index import sample_key
 from selfflow.data.shards.writer import write_shards
 from selfflow.io.bad_files import BadFileError
@@ -27,7 +34,8 @@ from tests.helpers.runs import exit_status
 
 
 def same_items(shards, folder, seeded: bool) -> None:
-    """Item by item, identical tensors and labels; `seeded`: the same random crop/flip draws for both."""
+    """Item by item, identical tensors and labels; `seeded`: the same random crop/flip draws
+    for both."""
     assert len(shards) == len(folder) > 0
     assert shards.class_names == folder.class_names
     for i in range(len(folder)):
@@ -38,12 +46,16 @@ def same_items(shards, folder, seeded: bool) -> None:
             torch.manual_seed(i)
         data, label = shards[i]
         assert label == expected_label
-        assert data.shape == expected_data.shape and torch.equal(data, expected_data), f"item {i} differs"
+        assert data.shape == expected_data.shape and torch.equal(data, expected_data), (
+            f"item {i} differs"
+        )
 
 
 def test_image_shards_round_trip_equals_the_folder_item_by_item(tmp_path):
     write_images(tmp_path / "src", per_class=5)
-    summary = write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.3, max_samples_per_shard=3)
+    summary = write_shards(
+        tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.3, max_samples_per_shard=3
+    )
     assert summary["splits"]["train"] == {
         "samples": 7,
         "shards": 3,
@@ -61,7 +73,9 @@ def test_image_shards_round_trip_equals_the_folder_item_by_item(tmp_path):
     info = json.loads((tmp_path / "shards" / "classes.json").read_text())
     assert info["class_names"] == ["cat", "dog"] and info["modality"] == "image"
     for split in ("train", "test"):
-        folder = ImageFolder(str(tmp_path / "src"), split, image_size=8, hflip=True, test_fraction=0.3)
+        folder = ImageFolder(
+            str(tmp_path / "src"), split, image_size=8, hflip=True, test_fraction=0.3
+        )
         shards = ImageShards(str(tmp_path / "shards"), split, image_size=8, hflip=True)
         same_items(shards, folder, seeded=True)
     grey = ImageShards(str(tmp_path / "shards"), "test", image_size=6, channels=1)
@@ -72,7 +86,9 @@ def test_audio_shards_round_trip_equals_the_folder_item_by_item(tmp_path):
     write_recordings(tmp_path / "src")
     write_shards(tmp_path / "src", tmp_path / "shards", "audio", test_fraction=0.34)
     for split in ("train", "test"):  # train crops at random points: seeded the same for both
-        folder = AudioFolder(str(tmp_path / "src"), split, sample_rate=8000, duration=1.0, test_fraction=0.34)
+        folder = AudioFolder(
+            str(tmp_path / "src"), split, sample_rate=8000, duration=1.0, test_fraction=0.34
+        )
         shards = AudioShards(str(tmp_path / "shards"), split, sample_rate=8000, duration=1.0)
         same_items(shards, folder, seeded=True)
         assert shards[0][0].shape == (1, 8000)
@@ -92,14 +108,21 @@ def test_video_shards_round_trip_equals_the_folder_item_by_item(tmp_path):
             backend=backend,
         )
         shards = VideoShards(
-            str(tmp_path / "shards"), split, num_frames=4, frame_stride=2, image_size=16, backend=backend
+            str(tmp_path / "shards"),
+            split,
+            num_frames=4,
+            frame_stride=2,
+            image_size=16,
+            backend=backend,
         )
         same_items(shards, folder, seeded=True)
         assert shards[0][0].shape == (4, 3, 16, 16)
 
 
 def test_brace_patterns_lists_and_the_split_placeholder(tmp_path):
-    assert expand_braces("d/train-{000008..000011}.tar") == [f"d/train-{n:06d}.tar" for n in range(8, 12)]
+    assert expand_braces("d/train-{000008..000011}.tar") == [
+        f"d/train-{n:06d}.tar" for n in range(8, 12)
+    ]
     assert expand_braces("{a,b}-{0..1}.tar") == ["a-0.tar", "a-1.tar", "b-0.tar", "b-1.tar"]
     assert sample_key("dir/000123.seg.PNG") == ("dir/000123", "seg.png")
     with pytest.raises(ValueError, match="unbalanced brace"):
@@ -114,26 +137,34 @@ def test_brace_patterns_lists_and_the_split_placeholder(tmp_path):
     assert len(by_folder.shards) == 4
     pattern = ImageShards(f"{out}/train-{{000000..000003}}.tar", "train", image_size=8)
     placeholder = ImageShards(f"{out}/{{split}}-{{000000..000003}}.tar", "train", image_size=8)
-    listed = ImageShards([str(out / "train-000002.tar"), str(out / "train-000003.tar")], "train", image_size=8)
+    listed = ImageShards(
+        [str(out / "train-000002.tar"), str(out / "train-000003.tar")], "train", image_size=8
+    )
     assert pattern.shards == placeholder.shards == by_folder.shards
     assert len(pattern) == len(by_folder) == 7 and len(listed) == 3
     for i in range(len(listed)):
-        assert torch.equal(listed[i][0], by_folder[4 + i][0]) and listed[i][1] == by_folder[4 + i][1]
-    with pytest.raises(FileNotFoundError, match=r"train-000004\.tar does not exist.*selfflow-shards write"):
+        assert (
+            torch.equal(listed[i][0], by_folder[4 + i][0]) and listed[i][1] == by_folder[4 + i][1]
+        )
+    with pytest.raises(
+        FileNotFoundError, match=r"train-000004\.tar does not exist.*selfflow-shards write"
+    ):
         resolve_shards(f"{out}/train-{{000000..000004}}.tar", "train")
 
 
 def test_length_and_random_access_read_only_the_wanted_member(tmp_path):
     write_images(tmp_path / "src", per_class=6)
-    write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.2, max_shard_bytes=3000)
+    write_shards(
+        tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.2, max_shard_bytes=3000
+    )
     shards = ImageShards(str(tmp_path / "shards"), "train", image_size=8)
     assert len(shards.shards) > 2  # the byte limit split the set
     in_order = [shards[i] for i in range(len(shards))]
     order = torch.randperm(len(shards), generator=torch.Generator().manual_seed(0)).tolist()
     for i in order:  # any order, any shard: the same items
         assert torch.equal(shards[i][0], in_order[i][0]) and shards[i][1] == in_order[i][1]
-    # an item is read at its offset: zeroing every other member (but the end of the archive, read for the index's
-    # fingerprint) does not change it; each member's own header is read with it
+    # an item is read at its offset: zeroing every other member (but the end of the archive, read
+    # for the index's fingerprint) does not change it; each member's own header is read with it
     path = shards.shards[int(shards.data_members[3, 0])]
     original = path.read_bytes()
     blanked = bytearray(len(original))
@@ -148,10 +179,14 @@ def test_shards_resume_mid_epoch_with_the_same_batches(tmp_path):
     from selfflow.training.datamodule import SelfFlowDataModule
 
     write_images(tmp_path / "src", per_class=6)
-    write_shards(tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.2, max_samples_per_shard=3)
+    write_shards(
+        tmp_path / "src", tmp_path / "shards", "image", test_fraction=0.2, max_samples_per_shard=3
+    )
 
     def datamodule():
-        train = ImageShards(str(tmp_path / "shards"), "train", image_size=8, hflip=True)  # random flips too
+        train = ImageShards(
+            str(tmp_path / "shards"), "train", image_size=8, hflip=True
+        )  # random flips too
         test = ImageShards(str(tmp_path / "shards"), "test", image_size=8)
         return SelfFlowDataModule.from_splits(train, test, "image", batch_size=2, seed=3)
 
@@ -166,7 +201,11 @@ def test_shards_resume_mid_epoch_with_the_same_batches(tmp_path):
 def test_truncated_or_corrupt_shard_stops_at_start_up_naming_it(tmp_path):
     good = write_tar(
         tmp_path / "good" / "train-000000.tar",
-        {f"{k:06d}.{ext}": data for k in range(3) for ext, data in (("png", png_bytes(9 * k)), ("cls", b"0"))},
+        {
+            f"{k:06d}.{ext}": data
+            for k in range(3)
+            for ext, data in (("png", png_bytes(9 * k)), ("cls", b"0"))
+        },
     )
     data = good.read_bytes()
     member_end = 512 + 512 + 512 + 512  # after the first sample's png (<=512 bytes) and cls members
@@ -180,7 +219,9 @@ def test_truncated_or_corrupt_shard_stops_at_start_up_naming_it(tmp_path):
         bad = tmp_path / name / "train-000000.tar"
         bad.parent.mkdir()
         bad.write_bytes(content)
-        with pytest.raises(ValueError, match=rf"shard .*{name}/train-000000\.tar is truncated or corrupt"):
+        with pytest.raises(
+            ValueError, match=rf"shard .*{name}/train-000000\.tar is truncated or corrupt"
+        ):
             ImageShards(str(bad.parent), "train", image_size=8)
     corrupt_header = bytearray(data)
     corrupt_header[member_end : member_end + 100] = b"\xff" * 100  # the second sample's header
@@ -205,7 +246,9 @@ def test_corrupt_member_is_skipped_and_listed_or_fatal_by_policy(tmp_path):
             "000003.cls": b"7",
         },
     )
-    (tmp_path / "s" / "classes.json").write_text(json.dumps({"class_names": ["a", "b"], "modality": "image"}))
+    (tmp_path / "s" / "classes.json").write_text(
+        json.dumps({"class_names": ["a", "b"], "modality": "image"})
+    )
     record = tmp_path / "skipped.tsv"
     dataset = ImageShards(str(tmp_path / "s"), "train", image_size=4)
     dataset.bad_files.record_path = record
@@ -223,10 +266,14 @@ def test_corrupt_member_is_skipped_and_listed_or_fatal_by_policy(tmp_path):
 
 
 def test_clear_errors_for_missing_shards_missing_data_and_the_wrong_modality(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"shard .*nowhere does not exist.*selfflow-shards write"):
+    with pytest.raises(
+        FileNotFoundError, match=r"shard .*nowhere does not exist.*selfflow-shards write"
+    ):
         ImageShards(str(tmp_path / "nowhere"), "train")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"no train-\*\.tar shards in .*empty; write shards"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no train-\*\.tar shards in .*empty; write shards"
+    ):
         ImageShards(str(tmp_path / "empty"), "train")
     write_tar(tmp_path / "other" / "part-0.tar", {"000000.png": png_bytes(1)})
     with pytest.raises(FileNotFoundError, match=r"none named test-\*\.tar"):
@@ -246,7 +293,9 @@ def test_clear_errors_for_missing_shards_missing_data_and_the_wrong_modality(tmp
     with pytest.raises(ValueError, match="hold audio samples, not image; use data=audio_shards"):
         ImageShards(str(tmp_path / "audio"), "train")
     val = write_tar(tmp_path / "valsplit" / "val-000000.tar", {"000000.png": png_bytes(1)})
-    assert ImageShards(str(val.parent), "test", image_size=4).shards == [val]  # no test-*.tar: val-*.tar
+    assert ImageShards(str(val.parent), "test", image_size=4).shards == [
+        val
+    ]  # no test-*.tar: val-*.tar
 
 
 def test_writer_is_atomic_refuses_to_overwrite_and_replaces_stale_shards(tmp_path, capsys):
@@ -271,7 +320,10 @@ def test_writer_is_atomic_refuses_to_overwrite_and_replaces_stale_shards(tmp_pat
     assert exit_status(argv) == 2
     error = capsys.readouterr().err
     assert "already holds shards (test-000000.tar, ... 8 files); pass --overwrite" in error
-    assert exit_status([*argv[:-3], "--max-samples-per-shard", "100", "--no-progress", "--overwrite"]) == 0
+    assert (
+        exit_status([*argv[:-3], "--max-samples-per-shard", "100", "--no-progress", "--overwrite"])
+        == 0
+    )
     capsys.readouterr()
     assert sorted(p.name for p in out.iterdir()) == [
         "classes.json",
@@ -300,19 +352,30 @@ def test_writer_leaves_no_partial_shard_when_interrupted(tmp_path, monkeypatch):
 
     monkeypatch.setattr(shard_writer.ShardWriter, "add", failing_add)
     with pytest.raises(KeyboardInterrupt):
-        write_shards(tmp_path / "src", tmp_path / "out", "image", test_fraction=0.25, max_samples_per_shard=2)
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["train-000000.tar", "train-000000.tar.index.json"]
+        write_shards(
+            tmp_path / "src", tmp_path / "out", "image", test_fraction=0.25, max_samples_per_shard=2
+        )
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "train-000000.tar",
+        "train-000000.tar.index.json",
+    ]
     with tarfile.open(tmp_path / "out" / "train-000000.tar") as tar:
         assert len(tar.getnames()) == 4
 
 
 @pytest.mark.parametrize(
     "name, tokenizer",
-    [("image_shards", "image_pixels"), ("audio_shards", "audio_mel"), ("video_shards", "video_tubelets")],
+    [
+        ("image_shards", "image_pixels"),
+        ("audio_shards", "audio_mel"),
+        ("video_shards", "video_tubelets"),
+    ],
 )
 def test_shard_data_configs_build_and_batch(name, tokenizer, tmp_path):
     modality = name.split("_")[0]
-    {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](tmp_path / "src")
+    {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](
+        tmp_path / "src"
+    )
     write_shards(tmp_path / "src", tmp_path / "shards", modality, test_fraction=0.34)
     sizes = {
         "image": ["data.dataset.image_size=8"],
@@ -320,7 +383,13 @@ def test_shard_data_configs_build_and_batch(name, tokenizer, tmp_path):
         "video": ["data.dataset.num_frames=4", "data.dataset.image_size=16"],
     }[modality]
     cfg = compose_train(
-        [f"data={name}", f"tokenizer={tokenizer}", f"data.root={tmp_path / 'shards'}", "data.batch_size=2", *sizes],
+        [
+            f"data={name}",
+            f"tokenizer={tokenizer}",
+            f"data.root={tmp_path / 'shards'}",
+            "data.batch_size=2",
+            *sizes,
+        ],
         tmp_path / "run",
     )
     datamodule = instantiate(cfg.data)

@@ -1,7 +1,9 @@
-"""Solvers against flows with a closed-form answer, in float64: Gaussian data N(m, s^2) per dimension.
+"""Solvers against flows with a closed-form answer, in float64: Gaussian data N(m, s^2)
+per dimension.
 
-On the path x_t = (1 - t) x0 + t x1 the velocity field of Gaussian data is affine in x, and the ODE from t = 1 to
-t = 0 maps the noise x1 to exactly m + s x1 (the standardised coordinate is preserved).
+On the path x_t = (1 - t) x0 + t x1 the velocity field of Gaussian data is affine in x, and
+the ODE from t = 1 to t = 0 maps the noise x1 to exactly m + s x1 (the standardised coordinate
+is preserved).
 """
 
 import math
@@ -9,7 +11,14 @@ import math
 import pytest
 import torch
 
-from selfflow.flow.solvers import SOLVERS, euler, euler_maruyama, heun, score_from_velocity, time_grid
+from selfflow.flow.solvers import (
+    SOLVERS,
+    euler,
+    euler_maruyama,
+    heun,
+    score_from_velocity,
+    time_grid,
+)
 
 MEAN, STD = 1.5, 0.4
 
@@ -64,7 +73,10 @@ def test_every_solver_calls_the_model_exactly_steps_times(name, steps):
 def test_heun_beats_euler_at_equal_nfe(nfe):
     x1 = noise()
     exact = MEAN + STD * x1
-    error = {s.__name__: (s(gaussian_velocity(), x1, nfe) - exact).abs().max().item() for s in (euler, heun)}
+    error = {
+        s.__name__: (s(gaussian_velocity(), x1, nfe) - exact).abs().max().item()
+        for s in (euler, heun)
+    }
     assert error["heun"] < 0.5 * error["euler"], error
 
 
@@ -85,7 +97,9 @@ def test_shifted_grid_keeps_the_endpoints_and_still_converges():
     grid = time_grid(10, shift=3.0)
     assert grid[0] == 1.0 and grid[-1] == 0.0 and torch.all(grid[1:] < grid[:-1])
     x1 = noise()
-    torch.testing.assert_close(heun(gaussian_velocity(), x1, 100, shift=3.0), MEAN + STD * x1, atol=2e-3, rtol=0)
+    torch.testing.assert_close(
+        heun(gaussian_velocity(), x1, 100, shift=3.0), MEAN + STD * x1, atol=2e-3, rtol=0
+    )
 
 
 def test_score_from_velocity_matches_the_gaussian_score():
@@ -100,7 +114,10 @@ def test_sde_reaches_the_data_distribution():
     generator = torch.Generator().manual_seed(1)
     x1 = torch.randn(4000, 8, generator=generator, dtype=torch.float64)
     samples = euler_maruyama(
-        gaussian_velocity(), x1, steps=250, noise=lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype)
+        gaussian_velocity(),
+        x1,
+        steps=250,
+        noise=lambda x: torch.randn(x.shape, generator=generator, dtype=x.dtype),
     )
     assert abs(samples.mean().item() - MEAN) < 0.01
     assert abs(samples.std().item() - STD) < 0.01
@@ -110,8 +127,12 @@ def test_sde_reaches_the_data_distribution():
 
 def test_sde_without_diffusion_is_the_deterministic_ode():
     x1 = noise()
-    a = euler_maruyama(gaussian_velocity(), x1, steps=400, diffusion_norm=0.0, noise=torch.randn_like)
-    b = euler_maruyama(gaussian_velocity(), x1, steps=400, diffusion_norm=0.0, noise=torch.randn_like)
+    a = euler_maruyama(
+        gaussian_velocity(), x1, steps=400, diffusion_norm=0.0, noise=torch.randn_like
+    )
+    b = euler_maruyama(
+        gaussian_velocity(), x1, steps=400, diffusion_norm=0.0, noise=torch.randn_like
+    )
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     # Euler with a last step of 0.04: first-order close to the exact map
     torch.testing.assert_close(a, MEAN + STD * x1, atol=2e-2, rtol=0)
@@ -119,8 +140,9 @@ def test_sde_without_diffusion_is_the_deterministic_ode():
 
 @pytest.mark.parametrize("mode", ["mean", "euler"])
 def test_sde_last_step_follows_the_drift_or_the_velocity_alone(mode):
-    """steps=2 without noise: one step from 1 to 0.04 along v - t s, then the last step from 0.04 to 0 along the same
-    drift v - 0.04 s ("mean", the released sampler's) or along v alone ("euler")."""
+    """steps=2 without noise: one step from 1 to 0.04 along v - t s, then the last step from
+    0.04 to 0 along the same drift v - 0.04 s ("mean", the released sampler's) or along v
+    alone ("euler")."""
     v, x1 = gaussian_velocity(), noise(8)
 
     def level(t):

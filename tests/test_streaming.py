@@ -23,14 +23,23 @@ from selfflow.data.shards.writer import write_shards
 from selfflow.training.datamodule import SelfFlowDataModule
 from tests.helpers.configs import compose_train
 from tests.helpers.files import write_images, write_noise_images, write_recordings, write_videos
-from tests.helpers.runs import EVERY, MAX_STEPS, assert_same_run, finish, kill_when, resume_run_args, start
+from tests.helpers.runs import (
+    EVERY,
+    MAX_STEPS,
+    assert_same_run,
+    finish,
+    kill_when,
+    resume_run_args,
+    start,
+)
 
 BUCKET = "selfflow-test"
 
 
 @pytest.fixture(scope="module")
 def endpoint():
-    """A moto S3 server on 127.0.0.1 (a free port), with throw-away credentials in the environment."""
+    """A moto S3 server on 127.0.0.1 (a free port), with throw-away credentials in
+    the environment."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # no line per request
@@ -50,7 +59,8 @@ def endpoint():
 
 
 def upload(url: str, folder: Path, prefix: str) -> str:
-    """Every file `selfflow-shards write` wrote (shards, indexes, classes.json), unchanged; returns the s3:// folder."""
+    """Every file `selfflow-shards write` wrote (shards, indexes, classes.json), unchanged; returns
+    the s3:// folder."""
     fs = ObjectStore(endpoint_url=url).filesystem(f"s3://{BUCKET}")
     for path in sorted(folder.iterdir()):
         fs.pipe_file(f"s3://{BUCKET}/{prefix}/{path.name}", path.read_bytes())
@@ -58,7 +68,8 @@ def upload(url: str, folder: Path, prefix: str) -> str:
 
 
 def record_gets(store: ObjectStore) -> list[tuple[str, str]]:
-    """(object URL, Range header) of every GET the store's client sends from now on (this process)."""
+    """(object URL, Range header) of every GET the store's client sends from now on
+    (this process)."""
     sent = []
 
     def record(request, **_):
@@ -75,12 +86,15 @@ def record_gets(store: ObjectStore) -> list[tuple[str, str]]:
 def image_shards(tmp_path_factory):
     base = tmp_path_factory.mktemp("shards")
     write_images(base / "src", per_class=6)
-    write_shards(base / "src", base / "shards", "image", test_fraction=0.25, max_samples_per_shard=3)
+    write_shards(
+        base / "src", base / "shards", "image", test_fraction=0.25, max_samples_per_shard=3
+    )
     return base / "shards"
 
 
 def assert_same_items(local, streamed) -> None:
-    """Each item of `streamed` equals `local`'s, augmentation draws included (same seed per item)."""
+    """Each item of `streamed` equals `local`'s, augmentation draws included (same seed
+    per item)."""
     for i in range(len(local)):
         torch.manual_seed(i)
         expected = local[i]
@@ -94,16 +108,23 @@ def test_streamed_shards_equal_the_local_ones_with_one_request_per_sample(endpoi
     store = ObjectStore(endpoint_url=endpoint)
     local = ImageShards(str(image_shards), "train", image_size=8)
     streamed = ImageShards(folder, "train", image_size=8, store=store)
-    assert streamed.shards == [f"{folder}/train-{n:06d}.tar" for n in range(3)] and len(streamed) == len(local) == 9
+    assert (
+        streamed.shards == [f"{folder}/train-{n:06d}.tar" for n in range(3)]
+        and len(streamed) == len(local) == 9
+    )
     gets = record_gets(store)
     assert_same_items(local, streamed)
     assert len(gets) == len(local)  # the data and label members of a sample come in one ranged GET
     assert all(range_.startswith("bytes=") for _, range_ in gets)
     assert streamed.class_names == local.class_names == ["cat", "dog"]
-    pattern = ImageShards(f"{folder}/{{split}}-{{000000..000002}}.tar", "train", image_size=8, store=store)
+    pattern = ImageShards(
+        f"{folder}/{{split}}-{{000000..000002}}.tar", "train", image_size=8, store=store
+    )
     listed = ImageShards([f"{folder}/train-000002.tar"], "train", image_size=8, store=store)
     assert pattern.shards == streamed.shards and len(listed) == 3
-    assert len(ImageShards(folder, "test", image_size=8, store=store)) == len(ImageShards(str(image_shards), "test"))
+    assert len(ImageShards(folder, "test", image_size=8, store=store)) == len(
+        ImageShards(str(image_shards), "test")
+    )
 
 
 def test_two_ranks_fetch_disjoint_samples_that_cover_the_epoch(endpoint, image_shards):
@@ -114,7 +135,9 @@ def test_two_ranks_fetch_disjoint_samples_that_cover_the_epoch(endpoint, image_s
         train = ImageShards(folder, "train", image_size=8, store=store)
         test = ImageShards(folder, "test", image_size=8, store=store)
         datamodule = SelfFlowDataModule.from_splits(train, test, "image", batch_size=2, seed=5)
-        datamodule.trainer = SimpleNamespace(world_size=2, global_rank=rank)  # what DDP gives each rank
+        datamodule.trainer = SimpleNamespace(
+            world_size=2, global_rank=rank
+        )  # what DDP gives each rank
         gets = record_gets(store)
         batches = list(datamodule.train_dataloader())
         assert len(batches) == 2 and all(len(batch["label"]) == 2 for batch in batches)
@@ -122,20 +145,28 @@ def test_two_ranks_fetch_disjoint_samples_that_cover_the_epoch(endpoint, image_s
         fetched[rank] = {
             i
             for i in range(len(train))
-            if (Path(train.shards[train.data_members[i, 0]]).name, int(train.data_members[i, 1]) - 512) in starts
+            if (
+                Path(train.shards[train.data_members[i, 0]]).name,
+                int(train.data_members[i, 1]) - 512,
+            )
+            in starts
         }
         assert len(fetched[rank]) == len(gets) == 4  # only this rank's samples, each fetched once
     assert not fetched[0] & fetched[1]
 
 
-def test_a_batch_has_its_reads_in_flight_at_once_and_the_items_of_a_loop(endpoint, image_shards, monkeypatch):
+def test_a_batch_has_its_reads_in_flight_at_once_and_the_items_of_a_loop(
+    endpoint, image_shards, monkeypatch
+):
     folder = upload(endpoint, image_shards, "batch")
     store = ObjectStore(endpoint_url=endpoint, max_connections=4)
     streamed = ImageShards(folder, "train", image_size=8, hflip=True, store=store)
     batch = [7, 0, 4, 2]
     torch.manual_seed(3)
     one_by_one = [streamed[i] for i in batch]
-    together = threading.Barrier(len(batch), timeout=60)  # breaks unless all four reads wait here at once
+    together = threading.Barrier(
+        len(batch), timeout=60
+    )  # breaks unless all four reads wait here at once
     read = store.read
 
     def read_together(location, offset, size):
@@ -146,14 +177,19 @@ def test_a_batch_has_its_reads_in_flight_at_once_and_the_items_of_a_loop(endpoin
     torch.manual_seed(3)
     loaded = streamed.load_batch(batch)
     assert [label for _, label in loaded] == [label for _, label in one_by_one]
-    assert all(torch.equal(a[0], b[0]) for a, b in zip(loaded, one_by_one))  # the same flips, in the same order
+    assert all(
+        torch.equal(a[0], b[0]) for a, b in zip(loaded, one_by_one)
+    )  # the same flips, in the same order
 
 
 @pytest.mark.parametrize(
-    "modality, tokenizer", [("image", "image_pixels"), ("audio", "audio_mel"), ("video", "video_tubelets")]
+    "modality, tokenizer",
+    [("image", "image_pixels"), ("audio", "audio_mel"), ("video", "video_tubelets")],
 )
 def test_stream_data_configs_build_and_batch(endpoint, modality, tokenizer, tmp_path):
-    {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](tmp_path / "src")
+    {"image": write_images, "audio": write_recordings, "video": write_videos}[modality](
+        tmp_path / "src"
+    )
     write_shards(tmp_path / "src", tmp_path / "shards", modality, test_fraction=0.34)
     folder = upload(endpoint, tmp_path / "shards", f"config-{modality}")
     sizes = {
@@ -174,7 +210,10 @@ def test_stream_data_configs_build_and_batch(endpoint, modality, tokenizer, tmp_
     )
     datamodule = instantiate(cfg.data)
     assert datamodule.num_classes == 2 and datamodule.modality == modality
-    assert datamodule.test_set.shards[0].startswith("s3://") and datamodule.test_set.source.endpoint_url == endpoint
+    assert (
+        datamodule.test_set.shards[0].startswith("s3://")
+        and datamodule.test_set.source.endpoint_url == endpoint
+    )
     batch = next(iter(datamodule.train_dataloader()))
     assert batch["data"].shape[0] == 2 and batch["label"].tolist()[0] in (0, 1)
 
@@ -185,7 +224,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(endpoint, image_shards, monkeypatch):
+def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(
+    endpoint, image_shards, monkeypatch
+):
     folder = upload(endpoint, image_shards, "errors")
     store = ObjectStore(endpoint_url=endpoint, retries=1)
     fs = store.filesystem(folder)
@@ -199,14 +240,20 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
     ):
         ImageShards(folder, "train", store=store)
     fs.rm_file(f"{folder}/classes.json")
-    with pytest.raises(FileNotFoundError, match=r"no classes\.json next to s3://.*/errors/test-000000\.tar"):
+    with pytest.raises(
+        FileNotFoundError, match=r"no classes\.json next to s3://.*/errors/test-000000\.tar"
+    ):
         ImageShards(folder, "test", store=store)
 
     dead = ObjectStore(endpoint_url=f"http://127.0.0.1:{free_port()}", retries=1, timeout_s=5)
-    with pytest.raises(ObjectStoreError, match=r"cannot read s3://.* check data\.dataset\.store\.endpoint_url"):
+    with pytest.raises(
+        ObjectStoreError, match=r"cannot read s3://.* check data\.dataset\.store\.endpoint_url"
+    ):
         ImageShards(f"s3://{BUCKET}/equal", "train", store=dead)
 
-    streamed = ImageShards(f"{upload(endpoint, image_shards, 'outage')}", "train", image_size=8, store=store)
+    streamed = ImageShards(
+        f"{upload(endpoint, image_shards, 'outage')}", "train", image_size=8, store=store
+    )
     assert streamed[0] is not None
     store.endpoint_url, store._filesystems = dead.endpoint_url, {}  # the store goes away mid-run
     with pytest.raises(ObjectStoreError, match="cannot read"):
@@ -227,12 +274,18 @@ def test_store_errors_name_the_setting_and_an_outage_stops_instead_of_skipping(e
         monkeypatch.delenv(name)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(image_shards / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(image_shards / "none"))
-    with pytest.raises(ObjectStoreError, match="no credentials to read s3://.*set AWS_ACCESS_KEY_ID"):
+    with pytest.raises(
+        ObjectStoreError, match="no credentials to read s3://.*set AWS_ACCESS_KEY_ID"
+    ):
         ImageShards(f"s3://{BUCKET}/equal", "train", store=ObjectStore(endpoint_url=endpoint))
-    assert asked == []  # the instance-metadata service is never asked unless instance_credentials=true
+    assert (
+        asked == []
+    )  # the instance-metadata service is never asked unless instance_credentials=true
     with pytest.raises(ObjectStoreError, match="no credentials"):
         ImageShards(
-            f"s3://{BUCKET}/equal", "train", store=ObjectStore(endpoint_url=endpoint, instance_credentials=True)
+            f"s3://{BUCKET}/equal",
+            "train",
+            store=ObjectStore(endpoint_url=endpoint, instance_credentials=True),
         )
     assert asked  # asked only when allowed
 
@@ -325,7 +378,9 @@ def test_every_request_has_a_deadline_on_the_whole_read(monkeypatch):
         store.read("memory://slow/a.tar", 0, 3)
 
 
-def shard_run_args(root: str, run_dir: Path, workers: int, *extra: str, endpoint: str | None = None) -> list[str]:
+def shard_run_args(
+    root: str, run_dir: Path, workers: int, *extra: str, endpoint: str | None = None
+) -> list[str]:
     """tests/test_resume.py's run on shards: local ones, or streamed from `endpoint`."""
     data = (
         ["data=image_shards"]

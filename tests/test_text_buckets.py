@@ -1,4 +1,5 @@
-"""Multi-aspect training: buckets, the bucket batch sampler, size/crop conditioning, sampling at a bucket's size."""
+"""Multi-aspect training: buckets, the bucket batch sampler, size/crop conditioning, sampling at a
+bucket's size."""
 
 from __future__ import annotations
 
@@ -10,7 +11,12 @@ import pytest
 import torch
 from torch import nn
 
-from selfflow.data.batching.buckets import AspectBuckets, BucketBatchSampler, bucket_crop, make_buckets
+from selfflow.data.batching.buckets import (
+    AspectBuckets,
+    BucketBatchSampler,
+    bucket_crop,
+    make_buckets,
+)
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.sampling.generate import NoiseSource, sample_tokens
 from selfflow.tokenizers.image import ImagePatchTokenizer
@@ -40,21 +46,33 @@ def test_bucketing_keeps_every_sample_aspect_within_its_bucket():
         assert all(low <= shapes[i][1] / shapes[i][0] <= high for i in batch)
         seen += batch
     assert sorted(seen) == list(range(300))  # every sample once per epoch
-    assert list(sampler) == list(BucketBatchSampler(ids, 8, seed=1, drop_last=False))  # a pure function of the seed
+    assert list(sampler) == list(
+        BucketBatchSampler(ids, 8, seed=1, drop_last=False)
+    )  # a pure function of the seed
     sampler.set_epoch(1)
     assert list(sampler) != list(BucketBatchSampler(ids, 8, seed=1, drop_last=False))
     full = BucketBatchSampler(ids, 8, seed=1, drop_last=True)
     assert all(len(b) == 8 for b in full)
     ranks = [list(BucketBatchSampler(ids, 8, seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) and not set(functools.reduce(operator.iadd, ranks[0], [])) & set(
-        functools.reduce(operator.iadd, ranks[1], [])
-    )
+    assert len(ranks[0]) == len(ranks[1]) and not set(
+        functools.reduce(operator.iadd, ranks[0], [])
+    ) & set(functools.reduce(operator.iadd, ranks[1], []))
 
 
 def test_bucket_crop_covers_the_bucket_and_reports_size_and_crop():
     crop = bucket_crop(40, 100, (16, 32))
-    assert crop.resized == (16, 40) and crop.target == (16, 32)  # the smallest cover at the image's aspect
-    assert crop.sizes.tolist() == [40, 100, 0, 4, 16, 32]  # centre crop of 32 of the 40 columns starts at 4
+    assert crop.resized == (16, 40) and crop.target == (
+        16,
+        32,
+    )  # the smallest cover at the image's aspect
+    assert crop.sizes.tolist() == [
+        40,
+        100,
+        0,
+        4,
+        16,
+        32,
+    ]  # centre crop of 32 of the 40 columns starts at 4
     torch.manual_seed(0)
     lefts = {bucket_crop(40, 100, (16, 32), random_crop=True).left for _ in range(50)}
     assert lefts <= set(range(9)) and len(lefts) > 1
@@ -85,7 +103,9 @@ def test_a_size_conditioned_model_samples_at_any_bucket_size():
             steps=3,
             noise=NoiseSource(torch.Generator().manual_seed(0)),
         )
-        assert torch.equal(out.tokens[0], same.tokens[0]) and not torch.allclose(out.tokens[1], same.tokens[1])
+        assert torch.equal(out.tokens[0], same.tokens[0]) and not torch.allclose(
+            out.tokens[1], same.tokens[1]
+        )
     with pytest.raises(ValueError, match="size_conditioning=true"):
         SelfFlowTransformer({"image": 4}, width=32, depth=2, heads=2)(
             Tokens(torch.zeros(1, 4, 4), torch.zeros(1, 4, 4, dtype=torch.long), "image"),

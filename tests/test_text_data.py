@@ -1,4 +1,5 @@
-"""Captioned data and the text experiment: captions from classes, caption files and manifests, a few real steps."""
+"""Captioned data and the text experiment: captions from classes, caption files and manifests, a few
+real steps."""
 
 from __future__ import annotations
 
@@ -32,9 +33,15 @@ def test_built_in_digits_are_captioned_by_their_class():
     words = class_words(str(label))
     assert words["word"] in extra["caption"] or words["digit"] in extra["caption"].split()
     test = CaptionedDigits("test", image_size=8)
-    assert [test[i][2] for i in range(3)] == [test[i][2] for i in range(3)]  # fixed captions for the test split
+    assert [test[i][2] for i in range(3)] == [
+        test[i][2] for i in range(3)
+    ]  # fixed captions for the test split
     batch = collate_samples("image")([train[0], train[1]])
-    assert batch["data"].shape == (2, 1, 8, 8) and len(batch["caption"]) == 2 and isinstance(batch["caption"][0], str)
+    assert (
+        batch["data"].shape == (2, 1, 8, 8)
+        and len(batch["caption"]) == 2
+        and isinstance(batch["caption"][0], str)
+    )
     assert class_words("7") == {"name": "7", "digit": "7", "word": "seven"}
     with pytest.raises(ValueError, match=r"unknown field 'colour'"):
         ClassCaptions(train.dataset, ["a {colour} digit"])
@@ -51,7 +58,9 @@ def test_captioned_folder_reads_caption_files_next_to_images(tmp_path):
     assert both == len(images) - 1
     data = CaptionedImageFolder(str(tmp_path), "train", image_size=8, channels=3)
     image, label, extra = data[0]
-    assert image.shape == (3, 8, 8) and extra["caption"] == f"a picture of {data.class_names[label]}"
+    assert (
+        image.shape == (3, 8, 8) and extra["caption"] == f"a picture of {data.class_names[label]}"
+    )
     for path in images:
         path.with_suffix(".txt").unlink(missing_ok=True)
     with pytest.raises(FileNotFoundError, match="has a caption file next to it"):
@@ -90,20 +99,38 @@ def test_built_in_clips_and_recordings_are_captioned_from_their_file_names(tmp_p
         assert clip.shape == (4, 1, 8, 8) and videos.class_names[label] == digit
         vertical, _, horizontal = direction.partition("-")
         words = f"{vertical} and to the {horizontal}" if horizontal else direction
-        assert extra["caption"].endswith(f" moving {words}") or extra["caption"].endswith(f" sliding {words}")
+        assert extra["caption"].endswith(f" moving {words}") or extra["caption"].endswith(
+            f" sliding {words}"
+        )
         assert class_words(digit)["word"] in extra["caption"] or f" {digit} " in extra["caption"]
-    audio = CaptionedSpokenDigits("test", voices=["en+m1", "en+f1"], takes=2, test_takes=1, cache_dir=str(tmp_path))
+    audio = CaptionedSpokenDigits(
+        "test", voices=["en+m1", "en+f1"], takes=2, test_takes=1, cache_dir=str(tmp_path)
+    )
     captions = [audio[i][2]["caption"] for i in range(len(audio))]
-    assert captions == [audio[i][2]["caption"] for i in range(len(audio))]  # test captions are fixed
+    assert captions == [
+        audio[i][2]["caption"] for i in range(len(audio))
+    ]  # test captions are fixed
     for i, caption in enumerate(captions):  # test split: template i % 5, filled from the file name
         word = class_words(audio.paths[i].stem.split("_")[0])["word"]
         speaker = "a woman" if "-f1_" in audio.paths[i].name else "a man"
-        assert caption == AUDIO_TEMPLATES[i % len(AUDIO_TEMPLATES)].format(word=word, speaker=speaker)
-    assert any(c.startswith("a woman") for c in captions) and any(c.startswith("a man") for c in captions)
-    by_direction = CaptionedMovingDigits(
-        "test", label="direction", num_frames=4, image_size=8, clips_train=12, clips_test=4, cache_dir=str(tmp_path)
+        assert caption == AUDIO_TEMPLATES[i % len(AUDIO_TEMPLATES)].format(
+            word=word, speaker=speaker
+        )
+    assert any(c.startswith("a woman") for c in captions) and any(
+        c.startswith("a man") for c in captions
     )
-    for i in range(len(by_direction)):  # labels are directions now; the caption still names the digit
+    by_direction = CaptionedMovingDigits(
+        "test",
+        label="direction",
+        num_frames=4,
+        image_size=8,
+        clips_train=12,
+        clips_test=4,
+        cache_dir=str(tmp_path),
+    )
+    for i in range(
+        len(by_direction)
+    ):  # labels are directions now; the caption still names the digit
         digit = by_direction.paths[i].stem.split("_")[0]
         caption = by_direction[i][2]["caption"]
         assert class_words(digit)["word"] in caption.split() or digit in caption.split(), caption
@@ -127,19 +154,37 @@ def test_captioned_video_and_audio_folders_read_caption_files_or_a_manifest(tmp_
     for path in clips[:-1]:
         path.with_suffix(".txt").write_text(f"someone doing a {path.parent.name} ")
     both = [
-        CaptionedVideoFolder(str(tmp_path / "clips"), split, num_frames=4, image_size=8, channels=1, test_fraction=0.25)
+        CaptionedVideoFolder(
+            str(tmp_path / "clips"),
+            split,
+            num_frames=4,
+            image_size=8,
+            channels=1,
+            test_fraction=0.25,
+        )
         for split in ("train", "test")
     ]
     assert sum(map(len, both)) == len(clips) - 1  # the clip without a caption is left out
     clip, label, extra = both[0][0]
-    assert clip.shape == (4, 1, 8, 8) and extra == {"caption": f"someone doing a {both[0].class_names[label]}"}
+    assert clip.shape == (4, 1, 8, 8) and extra == {
+        "caption": f"someone doing a {both[0].class_names[label]}"
+    }
     rows = [
-        {"path": str(p.relative_to(tmp_path / "clips")), "caption": f"clip {i}", "split": "test" if i else "train"}
+        {
+            "path": str(p.relative_to(tmp_path / "clips")),
+            "caption": f"clip {i}",
+            "split": "test" if i else "train",
+        }
         for i, p in enumerate(clips)
     ]
     (tmp_path / "clips" / "captions.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     from_manifest = CaptionedVideoFolder(
-        str(tmp_path / "clips"), "train", manifest="captions.jsonl", num_frames=4, image_size=8, channels=1
+        str(tmp_path / "clips"),
+        "train",
+        manifest="captions.jsonl",
+        num_frames=4,
+        image_size=8,
+        channels=1,
     )
     assert len(from_manifest) == 1 and from_manifest[0][1:] == (-1, {"caption": "clip 0"})
 
@@ -149,11 +194,16 @@ def test_captioned_video_and_audio_folders_read_caption_files_or_a_manifest(tmp_
     (tmp_path / "sounds" / "captions.csv").write_text(
         "path,caption,label\n"
         + "".join(
-            f"s{i}.wav,a {f} hertz tone,{'low' if f < 600 else 'high'}\n" for i, f in enumerate((300, 500, 700, 900))
+            f"s{i}.wav,a {f} hertz tone,{'low' if f < 600 else 'high'}\n"
+            for i, f in enumerate((300, 500, 700, 900))
         )
     )
-    train = CaptionedAudioFolder(str(tmp_path / "sounds"), "train", manifest="captions.csv", test_fraction=0.25)
-    test = CaptionedAudioFolder(str(tmp_path / "sounds"), "test", manifest="captions.csv", test_fraction=0.25)
+    train = CaptionedAudioFolder(
+        str(tmp_path / "sounds"), "train", manifest="captions.csv", test_fraction=0.25
+    )
+    test = CaptionedAudioFolder(
+        str(tmp_path / "sounds"), "test", manifest="captions.csv", test_fraction=0.25
+    )
     assert (len(train), len(test), train.class_names) == (3, 1, ["high", "low"])
     wave, label, extra = test[0]
     assert wave.shape == (1, 8000) and extra["caption"].endswith("hertz tone")
@@ -167,7 +217,9 @@ def test_captioned_video_and_audio_folders_read_caption_files_or_a_manifest(tmp_
 def test_a_text_tokenizer_without_captioned_data_is_refused(tiny_train_cfg):
     from selfflow.training.build import build_run
 
-    with pytest.raises(ValueError, match="tokenizer.text is configured but the data has no captions"):
+    with pytest.raises(
+        ValueError, match="tokenizer.text is configured but the data has no captions"
+    ):
         build_run(tiny_train_cfg("tokenizer=[image_pixels,text_minilm]"))
 
 
@@ -186,14 +238,22 @@ def test_text_experiment_trains_samples_prompts_and_reloads(tiny_train_cfg, tmp_
         "callbacks.samples.prompts=[a handwritten one,the digit 7]",
     )
     run = build_run(cfg)
-    assert run.module.model.text_stream is not None and run.module.model.blocks[0].attn.q_norm is not None
+    assert (
+        run.module.model.text_stream is not None
+        and run.module.model.blocks[0].attn.q_norm is not None
+    )
     run.trainer.fit(run.module, datamodule=run.datamodule)
     assert run.trainer.global_step == 2
     grid = Image.open(Path(cfg.run_dir) / "samples" / "image" / "final.png")
-    assert grid.size == (4 * (2 + 18), 4 * (2 + 2 * 18))  # one row per prompt, one 16-pixel sample each, 4x upscaled
+    assert grid.size == (
+        4 * (2 + 18),
+        4 * (2 + 2 * 18),
+    )  # one row per prompt, one 16-pixel sample each, 4x upscaled
     ckpt = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, weights_only=False)["state_dict"]
-    assert not any(k.startswith("tokenizers.") for k in saved)  # the frozen encoder is not in the checkpoint
+    assert not any(
+        k.startswith("tokenizers.") for k in saved
+    )  # the frozen encoder is not in the checkpoint
     loaded = load_checkpoint(ckpt)
     assert "text" in loaded.tokenizers and loaded.model.text_stream is not None
 
@@ -217,7 +277,11 @@ def test_text_experiment_trains_samples_prompts_and_reloads(tiny_train_cfg, tmp_
             ],
         )
     summary = sample(sample_cfg)
-    assert summary["prompt"] == "a handwritten four" and summary["strength"] == 0.5 and summary["nfe"] == 2
+    assert (
+        summary["prompt"] == "a handwritten four"
+        and summary["strength"] == 0.5
+        and summary["nfe"] == 2
+    )
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 2
     with initialize_config_module("selfflow.conf", version_base="1.3"):
         plain_ckpt_cfg = compose(
@@ -238,9 +302,12 @@ def test_text_experiment_trains_samples_prompts_and_reloads(tiny_train_cfg, tmp_
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "experiment, modality, suffix", [("text_audio_digits", "audio", "wav"), ("text_video_digits", "video", "mp4")]
+    "experiment, modality, suffix",
+    [("text_audio_digits", "audio", "wav"), ("text_video_digits", "video", "mp4")],
 )
-def test_text_to_audio_and_video_train_and_name_their_samples_by_prompt(tiny_train_cfg, experiment, modality, suffix):
+def test_text_to_audio_and_video_train_and_name_their_samples_by_prompt(
+    tiny_train_cfg, experiment, modality, suffix
+):
     from selfflow.training.build import build_run
 
     cfg = tiny_train_cfg(

@@ -17,8 +17,12 @@ def test_token_channels_follow_c_p_q_order_and_positions_are_row_major():
     tokenizer = ImagePatchTokenizer(patch_size=2, channels=2, image_size=4)
     images = torch.arange(2 * 4 * 4, dtype=torch.float32).reshape(1, 2, 4, 4) / 31
     tokens = tokenizer.encode(images)
-    # token 1 is the patch at row 0, column 1: channel 0 pixels (0,2),(0,3),(1,2),(1,3), then channel 1's
-    expected = torch.stack([images[0, c, r, col] for c in range(2) for r in (0, 1) for col in (2, 3)]) * 2 - 1
+    # token 1 is the patch at row 0, column 1: channel 0 pixels (0,2),(0,3),(1,2),(1,3), then
+    # channel 1's
+    expected = (
+        torch.stack([images[0, c, r, col] for c in range(2) for r in (0, 1) for col in (2, 3)]) * 2
+        - 1
+    )
     torch.testing.assert_close(tokens.x[0, 1], expected)
     assert tokens.pos[0].tolist() == [[0, 0, 0, 0], [0, 0, 1, 0], [0, 1, 0, 0], [0, 1, 1, 0]]
 

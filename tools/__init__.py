@@ -1,1 +1,2 @@
-"""Benchmarks and the reproduction: run from the project root as `python -m tools.<name>` (selfflow installed)."""
+"""Benchmarks and the reproduction: run from the project root as `python -m tools.<name>`
+(selfflow installed)."""

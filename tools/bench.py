@@ -1,14 +1,17 @@
 #!/usr/bin/env python
-"""selfflow benchmark suite: step times, method overheads as ratios, memory, FLOPs and MFU; prints a table and JSON.
+"""selfflow benchmark suite: step times, method overheads as ratios, memory, FLOPs and MFU; prints a
+table and JSON.
 
-    python -m tools.bench --out bench.json            # the full suite on this machine's default device
-    python -m tools.bench --quick --only adaln        # a smaller, faster subset
-    python -m tools.bench --only official             # XL/2 training step: selfflow against the released code path
+    python -m tools.bench --out bench.json       # the full suite on this machine's default device
+    python -m tools.bench --quick --only adaln   # a smaller, faster subset
+    python -m tools.bench --only official        # XL/2 step: selfflow against the released code
 
-Every comparison is measured in the same run (this machine is shared and noisy: read ratios, not absolutes).
-Each case runs in its own subprocess so that its peak memory is its own. On CPU, peak memory is the growth of the
-process's resident set over its size before the case (ru_maxrss); on CUDA, torch.cuda.max_memory_allocated.
-Records: {"name", "config", "step_s_median", "tokens_per_s", "peak_mem_mb", "device", ...extra fields}.
+Every comparison is measured in the same run (this machine is shared and noisy: read ratios, not
+absolutes). Each case runs in its own subprocess so that its peak memory is its own. On CPU, peak
+memory is the growth of the process's resident set over its size before the case (ru_maxrss); on
+CUDA, torch.cuda.max_memory_allocated.
+Records: {"name", "config", "step_s_median", "tokens_per_s", "peak_mem_mb",
+"device", ...extra fields}.
 """
 
 from __future__ import annotations
@@ -53,7 +56,8 @@ def time_calls(fn, device: str, warmup: int, iters: int) -> list[float]:
 
 
 def time_alternating(fns: dict, device: str, warmup: int, iters: int) -> dict[str, list[float]]:
-    """time_calls for several functions, one call of each in turn: load on a shared machine hits them alike."""
+    """time_calls for several functions, one call of each in turn: load on a shared machine hits
+    them alike."""
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -87,11 +91,14 @@ class PeakMemory:
         if self.device.startswith("cuda"):
             self.mb = (torch.cuda.max_memory_allocated() - self.start) / 2**20
         else:
-            self.mb = max(0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.start)
+            self.mb = max(
+                0.0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - self.start
+            )
 
 
 def peak_memory_of(steps: dict, device: str) -> dict[str, float]:
-    """Peak memory (MB) of one call of each step, in order (on CPU the resident-set peak only grows: coarse)."""
+    """Peak memory (MB) of one call of each step, in order (on CPU the resident-set peak
+    only grows: coarse)."""
     peaks = {}
     for name, step in steps.items():
         with PeakMemory(device) as memory:
@@ -140,9 +147,15 @@ def device_name(device: str) -> str:
 
 def make_batch(batch: int, grid: int, channels: int, device: str) -> tuple[Tokens, torch.Tensor]:
     h, w = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
-    pos = torch.stack([torch.zeros_like(h), h, w, torch.zeros_like(h)], -1).reshape(1, -1, 4).expand(batch, -1, -1)
+    pos = (
+        torch.stack([torch.zeros_like(h), h, w, torch.zeros_like(h)], -1)
+        .reshape(1, -1, 4)
+        .expand(batch, -1, -1)
+    )
     x = torch.randn(batch, grid * grid, channels)
-    return Tokens(x.to(device), pos.to(device), "image"), torch.randint(0, 10, (batch,), device=device)
+    return Tokens(x.to(device), pos.to(device), "image"), torch.randint(
+        0, 10, (batch,), device=device
+    )
 
 
 def train_step_fn(objective: SelfFlowObjective, tokens: Tokens, labels, dtype):
@@ -163,7 +176,8 @@ def train_step_fn(objective: SelfFlowObjective, tokens: Tokens, labels, dtype):
 
 
 def case_training_step(args, variant: str) -> dict:
-    """One optimizer step of Self-Flow (teacher + head + masks) or of vanilla flow matching, same model."""
+    """One optimizer step of Self-Flow (teacher + head + masks) or of vanilla flow matching,
+    same model."""
     torch.manual_seed(0)
     model = SelfFlowTransformer(
         {"image": args.channels},
@@ -211,7 +225,8 @@ def case_training_step(args, variant: str) -> dict:
 
 
 class NaiveAdaLNBlock(nn.Module):
-    """Reference only: the released model's way, the modulation MLP run on every token's own vector."""
+    """Reference only: the released model's way, the modulation MLP run on every token's
+    own vector."""
 
     def __init__(self, block: TransformerBlock):
         super().__init__()
@@ -219,13 +234,16 @@ class NaiveAdaLNBlock(nn.Module):
 
     def forward(self, x, cond_per_token):
         b = self.block
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = b.adaLN_modulation(cond_per_token).chunk(6, dim=-1)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = b.adaLN_modulation(
+            cond_per_token
+        ).chunk(6, dim=-1)
         x = x + gate_a * b.attn(modulate(b.norm1(x), shift_a, scale_a))
         return x + gate_m * b.mlp(modulate(b.norm2(x), shift_m, scale_m))
 
 
 def case_adaln(args, width: int, variant: str) -> dict:
-    """Forward + backward of one transformer block with per-token conditioning: distinct vectors vs naive."""
+    """Forward + backward of one transformer block with per-token conditioning: distinct vectors
+    vs naive."""
     torch.manual_seed(0)
     heads = max(1, width // 64)
     block = TransformerBlock(width, heads).to(args.device)
@@ -233,7 +251,9 @@ def case_adaln(args, width: int, variant: str) -> dict:
         nn.init.normal_(p, std=0.02)
     tokens = args.adaln_tokens
     x = torch.randn(args.adaln_batch, tokens, width, device=args.device, requires_grad=True)
-    cond = torch.randn(args.adaln_batch, 2, width, device=args.device, requires_grad=True)  # (t, s) per sample
+    cond = torch.randn(
+        args.adaln_batch, 2, width, device=args.device, requires_grad=True
+    )  # (t, s) per sample
     index = (torch.rand(args.adaln_batch, tokens, device=args.device) < 0.25).long()
     naive = NaiveAdaLNBlock(block)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -254,7 +274,13 @@ def case_adaln(args, width: int, variant: str) -> dict:
     with PeakMemory(args.device) as memory:
         times = time_calls(step, args.device, args.warmup, args.iters)
     flops = count_flops(step)
-    config = {"width": width, "heads": heads, "batch": args.adaln_batch, "tokens": tokens, "dtype": args.dtype}
+    config = {
+        "width": width,
+        "heads": heads,
+        "batch": args.adaln_batch,
+        "tokens": tokens,
+        "dtype": args.dtype,
+    }
     return record(
         f"adaln/{variant}/w{width}",
         config,
@@ -267,11 +293,14 @@ def case_adaln(args, width: int, variant: str) -> dict:
     )
 
 
-PACKING_LENGTHS = [16] * 8 + [64] * 4 + [32] * 6 + [128] * 2 + [24] * 4 + [96] * 2  # images, clips, audio
+PACKING_LENGTHS = (
+    [16] * 8 + [64] * 4 + [32] * 6 + [128] * 2 + [24] * 4 + [96] * 2
+)  # images, clips, audio
 
 
 def case_packing(args, variant: str) -> dict:
-    """One training step on a realistic length mix, padded to the longest sample or packed into rows."""
+    """One training step on a realistic length mix, padded to the longest sample or packed
+    into rows."""
     from selfflow.data.batching.packing import pack
 
     torch.manual_seed(0)
@@ -291,7 +320,12 @@ def case_packing(args, variant: str) -> dict:
         valid = torch.arange(longest)[None] < torch.tensor(lengths)[:, None]
         pos = (
             torch.stack(
-                [torch.zeros(longest), torch.arange(longest) // 16, torch.arange(longest) % 16, torch.zeros(longest)],
+                [
+                    torch.zeros(longest),
+                    torch.arange(longest) // 16,
+                    torch.arange(longest) % 16,
+                    torch.zeros(longest),
+                ],
                 -1,
             )
             .long()
@@ -346,32 +380,43 @@ def case_packing(args, variant: str) -> dict:
 
 
 def case_attention(args) -> list[dict]:
-    """One attention layer on the packing case's rows (width and heads of the training-step model): SDPA with the
-    dense block mask against FlexAttention's block mask, timed in alternation. Forward + backward on CUDA (flex
-    compiled); forward only on CPU, where FlexAttention is the unfused reference and has no backward."""
+    """One attention layer on the packing case's rows (width and heads of the training-step model):
+    SDPA with the dense block mask against FlexAttention's block mask, timed in alternation.
+    Forward + backward on CUDA (flex compiled); forward only on CPU, where FlexAttention is the
+    unfused reference and has no backward."""
     from selfflow.data.batching.packing import pack
     from selfflow.models.attention import Attention, GroupMask
 
     on_gpu = args.device.startswith("cuda")
     lengths = [n * args.packing_scale for n in PACKING_LENGTHS]
-    samples = [Tokens(torch.zeros(1, n, 1), torch.zeros(1, n, 4, dtype=torch.long), "image") for n in lengths]
-    segment = pack(samples, [0] * len(lengths), row_length=max(lengths), null_label=0).segment.to(args.device)
+    samples = [
+        Tokens(torch.zeros(1, n, 1), torch.zeros(1, n, 4, dtype=torch.long), "image")
+        for n in lengths
+    ]
+    segment = pack(samples, [0] * len(lengths), row_length=max(lengths), null_label=0).segment.to(
+        args.device
+    )
     torch.manual_seed(0)
     layers = {
-        backend: Attention(args.width, args.heads, backend=backend).to(args.device) for backend in ("sdpa", "flex")
+        backend: Attention(args.width, args.heads, backend=backend).to(args.device)
+        for backend in ("sdpa", "flex")
     }
     layers["flex"].load_state_dict(layers["sdpa"].state_dict())
     if args.compile:  # both layers compiled: on CPU too, FlexAttention then runs fused kernels
         for layer in layers.values():
             layer.compile()
     x = torch.randn(*segment.shape, args.width, device=args.device, requires_grad=on_gpu)
-    mask = GroupMask(segment, contiguous=True)  # one mask object for every call: its block mask is built once
+    mask = GroupMask(
+        segment, contiguous=True
+    )  # one mask object for every call: its block mask is built once
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
 
     def step_of(layer):
         @torch.set_grad_enabled(on_gpu)
         def step():
-            with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            with torch.autocast(
+                args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32
+            ):
                 out = layer(x, mask=mask)
             if on_gpu:
                 out.float().square().mean().backward()
@@ -392,17 +437,29 @@ def case_attention(args) -> list[dict]:
         "pass": "forward + backward" if on_gpu else "forward, no gradients",
     }
     return [
-        record(f"attention/{backend}", config, times[backend], sum(lengths), memory[backend], args.device)
+        record(
+            f"attention/{backend}",
+            config,
+            times[backend],
+            sum(lengths),
+            memory[backend],
+            args.device,
+        )
         for backend in steps
     ]
 
 
-OFFICIAL_GRID, OFFICIAL_CHANNELS, OFFICIAL_CLASSES = 16, 16, 1000  # 256 tokens of 4 x 2 x 2 SD-VAE latents
+OFFICIAL_GRID, OFFICIAL_CHANNELS, OFFICIAL_CLASSES = (
+    16,
+    16,
+    1000,
+)  # 256 tokens of 4 x 2 x 2 SD-VAE latents
 
 
 def official_model(args) -> SelfFlowTransformer:
-    """selfflow's XL/2 as `load_official` builds it (sincos positions, time scale 1, 1000 classes), adaLN and
-    output layers random so that the per-token and distinct-level paths compute something to compare."""
+    """selfflow's XL/2 as `load_official` builds it (sincos positions, time scale 1, 1000 classes),
+    adaLN and output layers random so that the per-token and distinct-level paths compute something
+    to compare."""
     torch.manual_seed(0)
     model = SelfFlowTransformer(
         {"image": OFFICIAL_CHANNELS},
@@ -419,10 +476,12 @@ def official_model(args) -> SelfFlowTransformer:
     return model.to(args.device)
 
 
-def released_per_token_forward(model: SelfFlowTransformer, blocks: list[nn.Module], x, t, pos, labels):
-    """The released SelfFlowPerTokenDiT's code path on `model`'s weights: every token is its own conditioning
-    vector (t: [B, N]), so the timestep MLP and every adaLN MLP run on N vectors per sample. blocks: the model's
-    blocks wrapped as `NaiveAdaLNBlock`s (compiled with --compile)."""
+def released_per_token_forward(
+    model: SelfFlowTransformer, blocks: list[nn.Module], x, t, pos, labels
+):
+    """The released SelfFlowPerTokenDiT's code path on `model`'s weights: every token is its own
+    conditioning vector (t: [B, N]), so the timestep MLP and every adaLN MLP run on N vectors per
+    sample. blocks: the model's blocks wrapped as `NaiveAdaLNBlock`s (compiled with --compile)."""
     cond = model.conditioning(t, labels)  # [B, N, D]
     h = model.embed_tokens(Tokens(x, pos, "image"))
     for block in blocks:
@@ -432,8 +491,11 @@ def released_per_token_forward(model: SelfFlowTransformer, blocks: list[nn.Modul
     return final.linear(modulate(final.norm(h), shift, scale))
 
 
-def two_levels_per_sample(batch: int, n: int, device: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A Self-Flow training batch's levels: (levels [B, 2], index [B, N], per-token levels [B, N])."""
+def two_levels_per_sample(
+    batch: int, n: int, device: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Self-Flow training batch's levels: (levels [B, 2], index [B, N], per-token levels
+    [B, N])."""
     generator = torch.Generator().manual_seed(1)
     levels = torch.rand(batch, 2, generator=generator)
     index = (torch.rand(batch, n, generator=generator) < 0.25).long()
@@ -441,16 +503,19 @@ def two_levels_per_sample(batch: int, n: int, device: str) -> tuple[torch.Tensor
 
 
 def case_official(args, with_grad: bool) -> list[dict]:
-    """XL/2 at 256 tokens, one model: the released per-token path against selfflow's (adaLN on each sample's
-    distinct levels), timed in alternation so that a noisy machine slows both alike.
+    """XL/2 at 256 tokens, one model: the released per-token path against selfflow's (adaLN on each
+    sample's distinct levels), timed in alternation so that a noisy machine slows both alike.
 
-    with_grad: a training step's forward + backward (selfflow's model called with its level table, as training
-    does); else a forward without gradients (selfflow through `OfficialSelfFlow.forward` with per-token levels)."""
+    with_grad: a training step's forward + backward (selfflow's model called with its level table,
+    as training does); else a forward without gradients (selfflow through `OfficialSelfFlow.forward`
+    with per-token levels)."""
     model = official_model(args)
     naive = [NaiveAdaLNBlock(block) for block in model.blocks]
     n, batch = OFFICIAL_GRID**2, args.official_batch
     official = OfficialSelfFlow(model, None, OFFICIAL_GRID, 2, OFFICIAL_CHANNELS // 4)
-    pos = ImagePatchTokenizer(2, OFFICIAL_CHANNELS // 4, 2 * OFFICIAL_GRID).positions(batch, args.device)
+    pos = ImagePatchTokenizer(2, OFFICIAL_CHANNELS // 4, 2 * OFFICIAL_GRID).positions(
+        batch, args.device
+    )
     generator = torch.Generator().manual_seed(2)
     x = torch.randn(batch, n, OFFICIAL_CHANNELS, generator=generator).to(args.device)
     target = torch.randn(batch, n, OFFICIAL_CHANNELS, generator=generator).to(args.device)
@@ -458,7 +523,9 @@ def case_official(args, with_grad: bool) -> list[dict]:
     levels, index, per_token = two_levels_per_sample(batch, n, args.device)
 
     def released(rows: slice = slice(None)):
-        return released_per_token_forward(model, naive, x[rows], per_token[rows], pos[rows], labels[rows])
+        return released_per_token_forward(
+            model, naive, x[rows], per_token[rows], pos[rows], labels[rows]
+        )
 
     def selfflow(rows: slice = slice(None)):
         if with_grad:
@@ -486,7 +553,10 @@ def case_official(args, with_grad: bool) -> list[dict]:
 
         return step
 
-    steps = {"selfflow": step_of(selfflow), "released": step_of(released)}  # selfflow first: CPU peaks are coarse
+    steps = {
+        "selfflow": step_of(selfflow),
+        "released": step_of(released),
+    }  # selfflow first: CPU peaks are coarse
     memory = peak_memory_of(steps, args.device)
     times = time_alternating(steps, args.device, args.warmup, args.iters)
     config = {
@@ -524,10 +594,13 @@ def case_official(args, with_grad: bool) -> list[dict]:
 
 
 def profile_table(step, device: str, steps: int = 3, rows: int = 15) -> str:
-    """Where a step's time goes: the torch.profiler table of its most expensive operators (self time)."""
+    """Where a step's time goes: the torch.profiler table of its most expensive operators
+    (self time)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    activities = [ProfilerActivity.CPU] + (
+        [ProfilerActivity.CUDA] if device.startswith("cuda") else []
+    )
     with profile(activities=activities) as profiler:
         for _ in range(steps):
             step()
@@ -564,10 +637,14 @@ def ratio(records: dict, slower: str, faster: str) -> float:
 
 
 def main(argv=None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", help="write the JSON records here")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on CUDA, fp32 on CPU"
+    )
     parser.add_argument("--quick", action="store_true", help="fewer iterations and smaller sizes")
     parser.add_argument(
         "--only",
@@ -578,11 +655,19 @@ def main(argv=None) -> list[dict]:
         "are not part of the default suite)",
     )
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--width", type=int, help="model width (default: 384 on GPU, 256 on CPU; official: 1152)")
-    parser.add_argument("--depth", type=int, help="model depth (default: 12 on GPU, 10 on CPU; official: 28)")
-    parser.add_argument("--heads", type=int, help="attention heads (default: width / 64; official: 16)")
     parser.add_argument(
-        "--batch", type=int, help="batch size (default: 64 on GPU, 16 on CPU; official: 32 on GPU, 2 on CPU)"
+        "--width", type=int, help="model width (default: 384 on GPU, 256 on CPU; official: 1152)"
+    )
+    parser.add_argument(
+        "--depth", type=int, help="model depth (default: 12 on GPU, 10 on CPU; official: 28)"
+    )
+    parser.add_argument(
+        "--heads", type=int, help="attention heads (default: width / 64; official: 16)"
+    )
+    parser.add_argument(
+        "--batch",
+        type=int,
+        help="batch size (default: 64 on GPU, 16 on CPU; official: 32 on GPU, 2 on CPU)",
     )
     parser.add_argument(
         "--compile",
@@ -591,8 +676,12 @@ def main(argv=None) -> list[dict]:
         "compiled, the released path's too); attention case: "
         "both layers compiled",
     )
-    parser.add_argument("--profile", action="store_true", help="official cases: add a profiler table of the step")
-    parser.add_argument("--packing-scale", type=int, default=1, help="multiply the packing case's sample lengths")
+    parser.add_argument(
+        "--profile", action="store_true", help="official cases: add a profiler table of the step"
+    )
+    parser.add_argument(
+        "--packing-scale", type=int, default=1, help="multiply the packing case's sample lengths"
+    )
     parser.add_argument(
         "--packing-pass",
         choices=["train", "forward"],
@@ -610,10 +699,12 @@ def main(argv=None) -> list[dict]:
     args = parser.parse_args(argv)
     args.dtype = args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")
     on_gpu = args.device.startswith("cuda")
-    # the released model's size (SiT-XL/2) for the official cases, unless --width/--depth/--heads/--batch say otherwise
+    # the released model's size (SiT-XL/2) for the official cases, unless
+    # --width/--depth/--heads/--batch say otherwise
     args.official_width, args.official_depth = args.width or 1152, args.depth or 28
     args.official_heads, args.official_batch = args.heads or 16, args.batch or (32 if on_gpu else 2)
-    # the training-step model: DiT-S-like on GPU, a small one on CPU, unless --width/--depth/--batch say otherwise
+    # the training-step model: DiT-S-like on GPU, a small one on CPU, unless --width/--depth/--batch
+    # say otherwise
     width, depth, heads = (384, 12, 6) if on_gpu else (256, 10, 4)
     args.heads = args.heads or (max(1, args.width // 64) if args.width else heads)
     args.width = args.width or width
@@ -622,12 +713,16 @@ def main(argv=None) -> list[dict]:
     args.grid, args.channels = (16, 16) if on_gpu else (8, 12)
     args.adaln_tokens = 256  # SiT-XL/2 on 256px images: 16x16 latent patches
     args.adaln_batch = 32 if on_gpu else 4
-    args.warmup, args.iters = (2, 5) if args.quick else ((10, 30) if on_gpu else (3, 15))  # GPU: clocks ramp up
+    args.warmup, args.iters = (
+        (2, 5) if args.quick else ((10, 30) if on_gpu else (3, 15))
+    )  # GPU: clocks ramp up
     cases = args.only or list(CASES)
 
     payloads = []
     if "train" in cases:
-        payloads += [("train", args, (v,)) for v in ("vanilla", "selfflow", "selfflow_checkpointed")]
+        payloads += [
+            ("train", args, (v,)) for v in ("vanilla", "selfflow", "selfflow_checkpointed")
+        ]
     if "adaln" in cases:
         widths = (384, 1152)
         payloads += [("adaln", args, (w, v)) for w in widths for v in ("naive", "distinct")]
@@ -658,15 +753,21 @@ def main(argv=None) -> list[dict]:
         "matmul_ceiling_flops_per_s": ceiling,
     }
     if "train" in cases:
-        summary["selfflow_over_vanilla_step"] = ratio(by_name, "train_step/selfflow", "train_step/vanilla")
-        summary["checkpointing_time_cost"] = ratio(by_name, "train_step/selfflow_checkpointed", "train_step/selfflow")
+        summary["selfflow_over_vanilla_step"] = ratio(
+            by_name, "train_step/selfflow", "train_step/vanilla"
+        )
+        summary["checkpointing_time_cost"] = ratio(
+            by_name, "train_step/selfflow_checkpointed", "train_step/selfflow"
+        )
         summary["checkpointing_memory_saving"] = 1 - (
             by_name["train_step/selfflow_checkpointed"]["peak_mem_mb"]
             / max(by_name["train_step/selfflow"]["peak_mem_mb"], 1e-9)
         )
     if "adaln" in cases:
         for w in (384, 1152):
-            summary[f"adaln_distinct_speedup_w{w}"] = ratio(by_name, f"adaln/naive/w{w}", f"adaln/distinct/w{w}")
+            summary[f"adaln_distinct_speedup_w{w}"] = ratio(
+                by_name, f"adaln/naive/w{w}", f"adaln/distinct/w{w}"
+            )
     if "packing" in cases:
         summary["packed_over_padded_useful_tokens_per_s"] = (
             by_name["packing/packed"]["tokens_per_s"] / by_name["packing/padded"]["tokens_per_s"]
@@ -675,9 +776,13 @@ def main(argv=None) -> list[dict]:
             by_name["packing/padded"]["peak_mem_mb"], 1e-9
         )
     if "attention" in cases:
-        summary["attention_flex_over_sdpa_time"] = ratio(by_name, "attention/flex", "attention/sdpa")
+        summary["attention_flex_over_sdpa_time"] = ratio(
+            by_name, "attention/flex", "attention/sdpa"
+        )
     if "official" in cases:  # target: <= 0.8 on a GPU
-        summary["official_selfflow_over_released_step"] = ratio(by_name, "official/selfflow", "official/released")
+        summary["official_selfflow_over_released_step"] = ratio(
+            by_name, "official/selfflow", "official/released"
+        )
     if "official_forward" in cases:  # target: >= 1.25
         summary["official_forward_released_over_selfflow"] = ratio(
             by_name, "official_forward/released", "official_forward/selfflow"
@@ -714,7 +819,9 @@ def print_table(records: list[dict]) -> None:
     for key, value in records[-1].items():
         if isinstance(value, float) and key != "matmul_ceiling_flops_per_s":
             console.print(f"  {key}: {value:.3f}")
-    console.print(f"  matmul ceiling: {records[-1]['matmul_ceiling_flops_per_s'] / 1e9:.0f} GFLOP/s")
+    console.print(
+        f"  matmul ceiling: {records[-1]['matmul_ceiling_flops_per_s'] / 1e9:.0f} GFLOP/s"
+    )
 
 
 if __name__ == "__main__":

@@ -69,27 +69,33 @@ PARTS = ["start_up", "storage", "decode", "experiments"]
 DECODE_SIZES = {"360p": (640, 360), "720p": (1280, 720)}
 
 
-# ---------------------------------------------------------------- storage: folder, local shards, streamed
+# ---------------------------------------------------------- storage: folder, local shards, streamed
 
 
 def write_photos(root: Path, count: int) -> float:
-    """`count` JPEGs of smooth colour fields with noise (compressing like photos) in two class folders; mean KB."""
+    """`count` JPEGs of smooth colour fields with noise (compressing like photos) in two class
+    folders; mean KB."""
     rng = np.random.default_rng(0)
     width, height = PHOTO_SIZE
-    ramp = np.linspace(0, 1, width)[None, :, None] * np.linspace(0, 1, height)[:, None, None]  # [H, W, 1]
+    ramp = (
+        np.linspace(0, 1, width)[None, :, None] * np.linspace(0, 1, height)[:, None, None]
+    )  # [H, W, 1]
     sizes = []
     for i in range(count):
         path = root / f"class{i % 2}" / f"{i:06d}.jpg"
         path.parent.mkdir(parents=True, exist_ok=True)
         colour = rng.uniform(0, 255, (1, 1, 3))
-        pixels = np.clip(colour * ramp + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(np.uint8)
+        pixels = np.clip(colour * ramp + rng.normal(0, 12, (height, width, 3)), 0, 255).astype(
+            np.uint8
+        )
         Image.fromarray(pixels).save(path, quality=90)
         sizes.append(path.stat().st_size)
     return float(np.mean(sizes)) / 1024
 
 
 class DelayedStore(ObjectStore):
-    """An object store `latency_ms` away: each read waits that long first (a remote store's time to first byte)."""
+    """An object store `latency_ms` away: each read waits that long first (a remote store's time to
+    first byte)."""
 
     def __init__(self, latency_ms: float, **kwargs):
         super().__init__(**kwargs)
@@ -101,7 +107,8 @@ class DelayedStore(ObjectStore):
 
 
 def start_store() -> tuple[object, str]:
-    """A moto S3 server on 127.0.0.1 with a bucket; throw-away credentials in this process's environment."""
+    """A moto S3 server on 127.0.0.1 with a bucket; throw-away credentials in this
+    process's environment."""
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
@@ -123,7 +130,8 @@ def upload(url: str, folder: Path) -> str:
 
 
 def samples_per_s(train, workers: int, batch_size: int, batches: int) -> float:
-    """Samples per second of the training DataLoader after one warm-up batch (which starts the workers)."""
+    """Samples per second of the training DataLoader after one warm-up batch (which starts
+    the workers)."""
     test = train  # the test split is not read here
     loader = SelfFlowDataModule.from_splits(
         train, test, "image", batch_size=batch_size, num_workers=workers
@@ -156,7 +164,9 @@ def bench_storage(args) -> list[dict]:
             remote = upload(url, folder / "shards")
             options = {"split": "train", "image_size": IMAGE_SIZE, "hflip": True}
             store = (
-                DelayedStore(args.latency_ms, endpoint_url=url) if args.latency_ms else ObjectStore(endpoint_url=url)
+                DelayedStore(args.latency_ms, endpoint_url=url)
+                if args.latency_ms
+                else ObjectStore(endpoint_url=url)
             )
             builders = {
                 "folder": lambda: ImageFolder(str(folder / "photos"), **options),
@@ -181,7 +191,9 @@ def bench_storage(args) -> list[dict]:
                             "device": device,
                         }
                     )
-                per_worker = rates.get(1) or max((rate / w for w, rate in rates.items() if w), default=float("nan"))
+                per_worker = rates.get(1) or max(
+                    (rate / w for w, rate in rates.items() if w), default=float("nan")
+                )
                 records.append(
                     {
                         "name": "loader/keep_one_gpu_fed",
@@ -190,7 +202,9 @@ def bench_storage(args) -> list[dict]:
                         "step_batch": args.step_batch,
                         "consumption_samples_per_s": round(consumption, 1),
                         "samples_per_s_one_worker": round(per_worker, 1),
-                        "workers_needed": math.ceil(consumption / per_worker) if per_worker > 0 else None,
+                        "workers_needed": math.ceil(consumption / per_worker)
+                        if per_worker > 0
+                        else None,
                         "device": device,
                     }
                 )
@@ -206,8 +220,9 @@ def tiny_png() -> bytes:
 
 
 def bench_start_up(args) -> list[dict]:
-    """Seconds to open `--start-up-samples` samples (tiny PNGs, so that the headers are the work) in shards of
-    10,000: through the indexes, from local disk and from the store, and by scanning every tar header."""
+    """Seconds to open `--start-up-samples` samples (tiny PNGs, so that the headers are the work) in
+    shards of 10,000: through the indexes, from local disk and from the store, and by scanning every
+    tar header."""
     records = []
     device = f"cpu ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
     with tempfile.TemporaryDirectory() as folder:
@@ -216,13 +231,17 @@ def bench_start_up(args) -> list[dict]:
         for k in range(args.start_up_samples):
             writer.add(f"{k:07d}", {"png": data, "cls": str(k % 2).encode()})
         shards = writer.close()
-        (folder / CLASSES_FILE).write_text(json.dumps({"class_names": ["even", "odd"], "modality": "image"}))
+        (folder / CLASSES_FILE).write_text(
+            json.dumps({"class_names": ["even", "odd"], "modality": "image"})
+        )
         server, url = start_store()
         try:
             remote = upload(url, folder)
             opened = {
                 "local_shards": lambda: ImageShards(str(folder), image_size=8),
-                "streamed": lambda: ImageShards(remote, image_size=8, store=ObjectStore(endpoint_url=url)),
+                "streamed": lambda: ImageShards(
+                    remote, image_size=8, store=ObjectStore(endpoint_url=url)
+                ),
             }
             for storage, open_shards in opened.items():
                 start = time.perf_counter()
@@ -314,18 +333,21 @@ def bench_decode(args) -> list[dict]:
     return records
 
 
-# ---------------------------------------------------------------- experiments: built-in video and audio
+# ------------------------------------------------------------ experiments: built-in video and audio
 
 
 def compose_experiment(name: str, overrides: list[str]):
     import selfflow.training.build  # noqa: F401 - registers the config resolvers
 
     with initialize_config_module("selfflow.conf", version_base="1.3"):
-        return compose("train", overrides=[f"experiment={name}", "run_dir=/tmp/selfflow-bench", *overrides])
+        return compose(
+            "train", overrides=[f"experiment={name}", "run_dir=/tmp/selfflow-bench", *overrides]
+        )
 
 
 def loader_rate(datamodule, workers: int, batches: int) -> float:
-    """Clips per second delivered by the train DataLoader (after one warm-up batch, which starts the workers)."""
+    """Clips per second delivered by the train DataLoader (after one warm-up batch, which starts
+    the workers)."""
     datamodule.num_workers = workers
     iterator = iter(datamodule.train_dataloader())
     next(iterator)
@@ -337,8 +359,8 @@ def loader_rate(datamodule, workers: int, batches: int) -> float:
 
 
 def decoder_rate(dataset, backend: str, clips: int) -> float:
-    """Clips per second of one video backend reading the dataset's files in the main process (the built-in moving
-    digits' clips preloaded in memory set aside)."""
+    """Clips per second of one video backend reading the dataset's files in the main process (the
+    built-in moving digits' clips preloaded in memory set aside)."""
     previous, dataset.backend = dataset.backend, backend
     preloaded, dataset.clips = getattr(dataset, "clips", None), None
     start = time.perf_counter()
@@ -349,7 +371,8 @@ def decoder_rate(dataset, backend: str, clips: int) -> float:
 
 
 def step_rate(cfg, datamodule, steps: int) -> float:
-    """Clips per second consumed by full optimizer steps of the experiment's model on a fixed batch."""
+    """Clips per second consumed by full optimizer steps of the experiment's model on a
+    fixed batch."""
     from selfflow.training.build import build_module
 
     module = build_module(cfg, datamodule)
@@ -372,7 +395,9 @@ def step_rate(cfg, datamodule, steps: int) -> float:
     return steps * len(batch["label"]) / (time.perf_counter() - start)
 
 
-def bench_experiment(name: str, workers: list[int], batches: int, steps: int, overrides: list[str]) -> dict:
+def bench_experiment(
+    name: str, workers: list[int], batches: int, steps: int, overrides: list[str]
+) -> dict:
     cfg = compose_experiment(name, overrides)
     datamodule = instantiate(cfg.data)
     result: dict = {
@@ -383,7 +408,9 @@ def bench_experiment(name: str, workers: list[int], batches: int, steps: int, ov
         "configured_workers": int(cfg.data.num_workers),
     }
     for count in workers:
-        result[f"loader_clips_per_s_workers{count}"] = round(loader_rate(datamodule, count, batches), 1)
+        result[f"loader_clips_per_s_workers{count}"] = round(
+            loader_rate(datamodule, count, batches), 1
+        )
     if datamodule.modality == "audio":
         seconds = datamodule.train_set.num_samples / datamodule.train_set.sample_rate
         for count in workers:
@@ -392,7 +419,9 @@ def bench_experiment(name: str, workers: list[int], batches: int, steps: int, ov
             )
     if datamodule.modality == "video":
         for backend in ("pyav",):
-            result[f"decode_clips_per_s_{backend}"] = round(decoder_rate(datamodule.train_set, backend, batches * 8), 1)
+            result[f"decode_clips_per_s_{backend}"] = round(
+                decoder_rate(datamodule.train_set, backend, batches * 8), 1
+            )
     result["step_clips_per_s"] = round(step_rate(cfg, datamodule, steps), 1)
     configured = result.get(f"loader_clips_per_s_workers{cfg.data.num_workers}")
     if configured is not None:
@@ -401,13 +430,21 @@ def bench_experiment(name: str, workers: list[int], batches: int, steps: int, ov
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=PARTS, action="append", help="one part (repeatable); default: all")
-    parser.add_argument("--workers", nargs="+", type=int, default=[0, 1, 2], help="DataLoader worker counts")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--only", choices=PARTS, action="append", help="one part (repeatable); default: all"
+    )
+    parser.add_argument(
+        "--workers", nargs="+", type=int, default=[0, 1, 2], help="DataLoader worker counts"
+    )
     parser.add_argument("--batches", type=int, default=8, help="batches timed per loader setting")
     parser.add_argument("--images", type=int, default=256, help="storage: synthetic photos written")
     parser.add_argument("--batch-size", type=int, default=32, help="storage: DataLoader batch size")
-    parser.add_argument("--samples-per-shard", type=int, default=64, help="storage: shard size in samples")
+    parser.add_argument(
+        "--samples-per-shard", type=int, default=64, help="storage: shard size in samples"
+    )
     parser.add_argument(
         "--latency-ms",
         type=float,
@@ -421,15 +458,21 @@ def main() -> None:
         help="storage: one XL/2 optimizer step on one GPU "
         "(default: an estimate scaled from docs/performance.md, see above)",
     )
-    parser.add_argument("--step-batch", type=int, default=32, help="storage: samples per GPU in that step")
-    parser.add_argument("--start-up-samples", type=int, default=50_000, help="start_up: samples in the shards")
+    parser.add_argument(
+        "--step-batch", type=int, default=32, help="storage: samples per GPU in that step"
+    )
+    parser.add_argument(
+        "--start-up-samples", type=int, default=50_000, help="start_up: samples in the shards"
+    )
     decode_clips = "decode: clips timed per backend and size"
     parser.add_argument("--decode-clips", type=int, default=10, help=decode_clips)
     decode_frames = "decode: frames in each test video"
     parser.add_argument("--decode-frames", type=int, default=120, help=decode_frames)
     parser.add_argument("--experiments", nargs="+", default=["video_digits", "audio_digits"])
     parser.add_argument("--steps", type=int, default=10, help="experiments: optimizer steps timed")
-    parser.add_argument("overrides", nargs="*", help="experiments: Hydra overrides applied to every experiment")
+    parser.add_argument(
+        "overrides", nargs="*", help="experiments: Hydra overrides applied to every experiment"
+    )
     args = parser.parse_args()
     parts = args.only or PARTS
     records = bench_start_up(args) if "start_up" in parts else []
@@ -437,7 +480,8 @@ def main() -> None:
     records += bench_decode(args) if "decode" in parts else []
     if "experiments" in parts:
         records += [
-            bench_experiment(name, args.workers, args.batches, args.steps, args.overrides) for name in args.experiments
+            bench_experiment(name, args.workers, args.batches, args.steps, args.overrides)
+            for name in args.experiments
         ]
     print(
         json.dumps(

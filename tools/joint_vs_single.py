@@ -1,17 +1,18 @@
 #!/usr/bin/env python
-"""Does one model trained on images, videos and audio learn features as good as three single-modality models?
+"""Does one model trained on images, videos and audio learn features as good as three
+single-modality models?
 
-    python -m tools.joint_vs_single                       # 3,000 steps, writes docs/joint_training.md (~40 CPU min)
-    python -m tools.joint_vs_single --steps 600 --out /tmp/joint.md --work /tmp/joint   # quicker
-    python -m tools.joint_vs_single --report-only         # the page from the runs that have finished
+    python -m tools.joint_vs_single                # 3,000 steps, writes docs/joint_training.md
+    python -m tools.joint_vs_single --steps 600 --out /tmp/joint.md --work /tmp/joint  # quicker
+    python -m tools.joint_vs_single --report-only  # the page from the runs that have finished
 
-Trains `experiment=multimodal_digits` for --steps steps, and each single-modality experiment (digits,
-video_digits, audio_digits) twice: for the same number of steps (the same optimizer steps, so about the same
-compute: "equal steps"), and for the steps that modality got inside the joint run (its mixture weight times
---steps: "equal modality steps"). Every checkpoint's EMA weights are then linearly probed on each modality's test
-split, layer by layer (`selfflow-probe ... modality=M`), and the page compares the best layer of each. Each step
-is a plain `selfflow-train` / `selfflow-probe` command (printed as it starts); a finished one is skipped when the
-script is run again.
+Trains `experiment=multimodal_digits` for --steps steps, and each single-modality experiment
+(digits, video_digits, audio_digits) twice: for the same number of steps (the same optimizer steps,
+so about the same compute: "equal steps"), and for the steps that modality got inside the joint run
+(its mixture weight times --steps: "equal modality steps"). Every checkpoint's EMA weights are then
+linearly probed on each modality's test split, layer by layer (`selfflow-probe ... modality=M`), and
+the page compares the best layer of each. Each step is a plain `selfflow-train` / `selfflow-probe`
+command (printed as it starts); a finished one is skipped when the script is run again.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ NAMES = {
     "video": "moving-digit clips (8 frames, 16x16)",
     "audio": "spoken digits (1 s at 8 kHz)",
 }
-WEIGHTS = {"image": 0.57, "video": 0.30, "audio": 0.13}  # the paper's mixture (the default's), set explicitly
+WEIGHTS = {
+    "image": 0.57,
+    "video": 0.30,
+    "audio": 0.13,
+}  # the paper's mixture (the default's), set explicitly
 BLOCKS = (1, 2, 3, 4)  # every block of the tiny model
 LAYERS = "[" + ",".join(map(str, BLOCKS)) + "]"
 
@@ -38,7 +43,9 @@ def train(run_dir: Path, experiment: str, steps: int, seed: int) -> Path:
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         mixture = (
-            ["data.weights={" + ", ".join(f"{m}: {w}" for m, w in WEIGHTS.items()) + "}"] if experiment == JOINT else []
+            ["data.weights={" + ", ".join(f"{m}: {w}" for m, w in WEIGHTS.items()) + "}"]
+            if experiment == JOINT
+            else []
         )
         run(
             [
@@ -92,22 +99,36 @@ def modality_steps(steps: int) -> dict[str, int]:
 
 
 def planned_runs(work: Path, steps: int) -> list[tuple[str, Path, str, int, list[str]]]:
-    """(report column, run folder, experiment, steps, modalities probed) of every run the comparison needs."""
+    """(report column, run folder, experiment, steps, modalities probed) of every run the
+    comparison needs."""
     share = modality_steps(steps)
     runs = [("joint", work / "joint", JOINT, steps, list(SINGLE))]
     for modality, experiment in SINGLE.items():
-        runs.append(("single_equal_steps", work / f"{modality}_{steps}", experiment, steps, [modality]))
         runs.append(
-            ("single_modality_steps", work / f"{modality}_{share[modality]}", experiment, share[modality], [modality])
+            ("single_equal_steps", work / f"{modality}_{steps}", experiment, steps, [modality])
+        )
+        runs.append(
+            (
+                "single_modality_steps",
+                work / f"{modality}_{share[modality]}",
+                experiment,
+                share[modality],
+                [modality],
+            )
         )
     return runs
 
 
 def collect(work: Path, steps: int, seed: int, train_missing: bool) -> tuple[dict, list[str]]:
-    """{modality: {joint, single_equal_steps, single_modality_steps}: probe summary}, and what is missing."""
+    """{modality: {joint, single_equal_steps, single_modality_steps}: probe summary}, and what
+    is missing."""
     results, missing = {m: {} for m in SINGLE}, []
     for column, run_dir, experiment, run_steps, modalities in planned_runs(work, steps):
-        ckpt = train(run_dir, experiment, run_steps, seed) if train_missing else run_dir / "checkpoints" / "last.ckpt"
+        ckpt = (
+            train(run_dir, experiment, run_steps, seed)
+            if train_missing
+            else run_dir / "checkpoints" / "last.ckpt"
+        )
         if not ckpt.is_file():
             missing.append(f"{experiment} ({run_steps} steps)")
             continue
@@ -116,7 +137,10 @@ def collect(work: Path, steps: int, seed: int, train_missing: bool) -> tuple[dic
             if not train_missing and not (out / "probe.json").is_file():
                 missing.append(f"probe of {experiment} on {modality}")
                 continue
-            results[modality][column] = {**summary(probe(ckpt, modality, out, seed)), "steps": run_steps}
+            results[modality][column] = {
+                **summary(probe(ckpt, modality, out, seed)),
+                "steps": run_steps,
+            }
     return results, missing
 
 
@@ -124,24 +148,30 @@ def percent(entry: dict | None) -> str:
     return f"{100 * entry['best']:.1f}% (layer {entry['layer']})" if entry else "not run"
 
 
-def write_report(results: dict, steps: int, seed: int, out: Path, elapsed: float, missing: list[str]) -> None:
+def write_report(
+    results: dict, steps: int, seed: int, out: Path, elapsed: float, missing: list[str]
+) -> None:
     share = modality_steps(steps)
     lines = [
         "# Joint training: one model for images, videos and audio against one model per modality",
         "",
-        f"Written by `python -m tools.joint_vs_single --steps {steps}` (seed {seed}; about {elapsed / 60:.0f} "
-        f"minutes of wall time on this machine, probes included). Every number is the linear-probe test top-1 of "
-        f"the EMA weights at the best of the {len(BLOCKS)} blocks (mean-pooled clean inputs, "
-        f"`selfflow-probe`), on the built-in digit sets, 10 classes (chance 10%).",
+        f"Written by `python -m tools.joint_vs_single --steps {steps}` (seed {seed}; about "
+        f"{elapsed / 60:.0f} minutes of wall time on this machine, probes included). Every number "
+        f"is the linear-probe test top-1 of the EMA weights at the best of the {len(BLOCKS)} "
+        f"blocks (mean-pooled clean inputs, `selfflow-probe`), on the built-in digit "
+        f"sets, 10 classes (chance 10%).",
         "",
-        f"- **joint**: `selfflow-train experiment=multimodal_digits`, {steps} steps, one modality per step drawn "
-        f"with weights {WEIGHTS} (expected steps: " + ", ".join(f"{m} {n}" for m, n in share.items()) + ").",
-        f"- **single, equal steps**: the modality's own experiment for the same {steps} steps (same number of "
-        f"optimizer steps).",
-        "- **single, equal modality steps**: the modality's own experiment for the steps that modality got "
-        "inside the joint run.",
+        f"- **joint**: `selfflow-train experiment=multimodal_digits`, {steps} steps, one modality "
+        f"per step drawn with weights {WEIGHTS} (expected steps: "
+        + ", ".join(f"{m} {n}" for m, n in share.items())
+        + ").",
+        f"- **single, equal steps**: the modality's own experiment for the same {steps} steps "
+        f"(same number of optimizer steps).",
+        "- **single, equal modality steps**: the modality's own experiment for the steps that "
+        "modality got inside the joint run.",
         "",
-        "| modality | joint | single, equal steps | single, equal modality steps | random init | input tokens |",
+        "| modality | joint | single, equal steps | single, equal modality steps | "
+        "random init | input tokens |",
         "|---|---|---|---|---|---|",
     ]
     for modality, columns in results.items():
@@ -149,8 +179,9 @@ def write_report(results: dict, steps: int, seed: int, out: Path, elapsed: float
         baseline = joint or columns.get("single_equal_steps") or {}
         lines.append(
             f"| {modality}: {NAMES[modality]} | {percent(joint)} | "
-            f"{percent(columns.get('single_equal_steps'))} | {percent(columns.get('single_modality_steps'))}"
-            f" | {100 * baseline.get('random_init', float('nan')):.1f}% | "
+            f"{percent(columns.get('single_equal_steps'))} | "
+            f"{percent(columns.get('single_modality_steps'))} | "
+            f"{100 * baseline.get('random_init', float('nan')):.1f}% | "
             f"{100 * baseline.get('input', float('nan')):.1f}% |"
         )
     lines += [
@@ -169,12 +200,14 @@ def write_report(results: dict, steps: int, seed: int, out: Path, elapsed: float
         lines.append(f"| {modality} | " + " | ".join(cells) + " |")
     lines += ["", "## Reading", ""]
     for modality, columns in results.items():
-        joint, equal, own = (columns.get(k) for k in ("joint", "single_equal_steps", "single_modality_steps"))
+        joint, equal, own = (
+            columns.get(k) for k in ("joint", "single_equal_steps", "single_modality_steps")
+        )
         if joint and equal and own:
             lines.append(
-                f"- {modality}: joint {100 * joint['best']:.1f}% vs {100 * equal['best']:.1f}% for its own "
-                f"model at equal steps ({100 * (joint['best'] - equal['best']):+.1f} points) and "
-                f"{100 * own['best']:.1f}% at equal {modality} steps "
+                f"- {modality}: joint {100 * joint['best']:.1f}% vs {100 * equal['best']:.1f}% for "
+                f"its own model at equal steps ({100 * (joint['best'] - equal['best']):+.1f} "
+                f"points) and {100 * own['best']:.1f}% at equal {modality} steps "
                 f"({100 * (joint['best'] - own['best']):+.1f} points)."
             )
     complete = {
@@ -183,36 +216,49 @@ def write_report(results: dict, steps: int, seed: int, out: Path, elapsed: float
         if all(k in c for k in ("joint", "single_equal_steps", "single_modality_steps"))
     }
     if complete:
-        ahead_own = [m for m, c in complete.items() if c["joint"]["best"] >= c["single_modality_steps"]["best"]]
-        ahead_all = [m for m, c in complete.items() if c["joint"]["best"] >= c["single_equal_steps"]["best"]]
+        ahead_own = [
+            m
+            for m, c in complete.items()
+            if c["joint"]["best"] >= c["single_modality_steps"]["best"]
+        ]
+        ahead_all = [
+            m for m, c in complete.items() if c["joint"]["best"] >= c["single_equal_steps"]["best"]
+        ]
         lines += [
             "",
-            f"In short: given the same steps of its modality, the joint model's features match or beat "
-            f"the single-modality model's on {len(ahead_own)} of {len(complete)} modalities"
-            f"{' (' + ', '.join(ahead_own) + ')' if ahead_own else ''}; given the same total steps, on "
-            f"{len(ahead_all)}{' (' + ', '.join(ahead_all) + ')' if ahead_all else ''}. At this scale, "
-            f"sharing one backbone does not make up for the steps a modality gives to the others."
+            f"In short: given the same steps of its modality, the joint model's features match or "
+            f"beat the single-modality model's on {len(ahead_own)} of {len(complete)} modalities"
+            f"{' (' + ', '.join(ahead_own) + ')' if ahead_own else ''}; given the same total "
+            f"steps, on {len(ahead_all)}{' (' + ', '.join(ahead_all) + ')' if ahead_all else ''}. "
+            f"At this scale, sharing one backbone does not make up for the steps a "
+            f"modality gives to the others."
             if len(ahead_own) < len(complete)
-            else f"In short: given the same steps of its modality, the joint model's features match or beat the "
-            f"single-modality model's on every modality; given the same total steps, on {len(ahead_all)} of "
-            f"{len(complete)}.",
+            else (
+                f"In short: given the same steps of its modality, the joint model's features match "
+                f"or beat the single-modality model's on every modality; given the same total "
+                f"steps, on {len(ahead_all)} of {len(complete)}."
+            ),
         ]
     lines += [
         "",
-        "One seed per run: differences of a point or two may be within what another seed would change "
-        "(docs/results.md measured seed spreads of 0.1-0.2 points for a CIFAR-10 image probe and up to 6 "
-        "points for a spoken-digit probe).",
+        "One seed per run: differences of a point or two may be within what another seed would "
+        "change (docs/results.md measured seed spreads of 0.1-0.2 points for a CIFAR-10 image "
+        "probe and up to 6 points for a spoken-digit probe).",
     ]
     if missing:
         lines += ["", "Not run: " + "; ".join(missing) + "."]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
-    out.with_suffix(".json").write_text(json.dumps({"steps": steps, "seed": seed, "results": results}, indent=1))
+    out.with_suffix(".json").write_text(
+        json.dumps({"steps": steps, "seed": seed, "results": results}, indent=1)
+    )
     print("\n".join(lines))
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "joint_vs_single")
@@ -224,7 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = parser.parse_args(argv)
     if args.steps < 10:
-        parser.error(f"--steps {args.steps} is too short for a probe to mean anything; use at least 10")
+        parser.error(
+            f"--steps {args.steps} is too short for a probe to mean anything; use at least 10"
+        )
     results, missing = collect(args.work, args.steps, args.seed, not args.report_only)
     write_report(results, args.steps, args.seed, args.out, wall_time(args.work), missing)
 

@@ -1,18 +1,20 @@
 #!/usr/bin/env python
-"""Small-scale reproduction of Self-Flow's claims: four variants trained with the same data and compute, judged on
-representations (linear probes by layer) and on samples (reference-classifier Frechet distance and accuracy).
+"""Small-scale reproduction of Self-Flow's claims: four variants trained with the same data and
+compute, judged on representations (linear probes by layer) and on samples (reference-classifier
+Frechet distance and accuracy).
 
-    python -m tools.reproduce                         # images + audio, 2 seeds, writes docs/results.md (~1.5 h)
+    python -m tools.reproduce                         # images + audio, 2 seeds: docs/results.md
     python -m tools.reproduce --report-only           # the page from whatever runs have finished
     python -m tools.reproduce --steps 600 --seeds 0   # quicker
     python -m tools.reproduce --only image --variants vanilla selfflow
 
-Variants: vanilla flow matching (mask_ratio=0, gamma=0), dual-timestep only (gamma=0), Self-Flow (defaults), and
-Self-Flow with attention blocked between the two noise groups. Images: CIFAR-10 photos from
-../shared/data/cifar10-small (32x32 RGB, 4x4 patches); audio: the Free Spoken Digit recordings from
-../shared/data/fsdd/recordings (1 s at 8 kHz, log-mel patches); the built-in digit sets where those are absent.
-Every run is a plain `selfflow-train` / `selfflow-probe` / `selfflow-sample` command (printed as it starts), and a
-finished step is skipped when the script is run again, so an interrupted reproduction continues where it stopped.
+Variants: vanilla flow matching (mask_ratio=0, gamma=0), dual-timestep only (gamma=0), Self-Flow
+(defaults), and Self-Flow with attention blocked between the two noise groups. Images: CIFAR-10
+photos from ../shared/data/cifar10-small (32x32 RGB, 4x4 patches); audio: the Free Spoken Digit
+recordings from ../shared/data/fsdd/recordings (1 s at 8 kHz, log-mel patches); the built-in digit
+sets where those are absent. Every run is a plain `selfflow-train` / `selfflow-probe` /
+`selfflow-sample` command (printed as it starts), and a finished step is skipped when the script is
+run again, so an interrupted reproduction continues where it stopped.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ LABELS = {
 
 
 def datasets(steps: int) -> dict[str, dict]:
-    """The training overrides of each modality's experiment, real data where the shared folder has it."""
+    """The training overrides of each modality's experiment, real data where the shared folder
+    has it."""
     common = [
         f"trainer.max_steps={steps}",
         "data.batch_size=32",
@@ -98,7 +101,11 @@ def run(command: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         result = subprocess.run(
-            command, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "WANDB_MODE": "offline"}
+            command,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "WANDB_MODE": "offline"},
         )
     if result.returncode != 0:
         tail = log.read_text()[-3000:]
@@ -110,17 +117,26 @@ def exe(name: str) -> str:
 
 
 def wall_time(work: Path) -> float:
-    """Seconds from the first to the last file written under `work` (the runs' wall time, pauses included)."""
+    """Seconds from the first to the last file written under `work` (the runs' wall time,
+    pauses included)."""
     times = [f.stat().st_mtime for f in work.rglob("*") if f.is_file()]
     return max(times) - min(times) if times else 0.0
 
 
-def train_probe_sample(work: Path, modality: str, spec: dict, variant: str, seed: int, reference: Path | None):
+def train_probe_sample(
+    work: Path, modality: str, spec: dict, variant: str, seed: int, reference: Path | None
+):
     run_dir = work / modality / f"{variant}_seed{seed}"
     ckpt = run_dir / "checkpoints" / "last.ckpt"
     if not ckpt.is_file():
         run(
-            [exe("selfflow-train"), *spec["train"], *VARIANTS[variant], f"seed={seed}", f"hydra.run.dir={run_dir}"],
+            [
+                exe("selfflow-train"),
+                *spec["train"],
+                *VARIANTS[variant],
+                f"seed={seed}",
+                f"hydra.run.dir={run_dir}",
+            ],
             run_dir.with_suffix(".train.log"),
         )
     if not (run_dir / "probe" / "probe.json").is_file():
@@ -199,10 +215,19 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
             means = [statistics.mean(r["probe_by_layer"][layer] for r in runs) for layer in layers]
             left.plot(layers, means, marker="o", label=LABELS[variant])
             steps = [s for s, _ in runs[0]["curve"]]
-            losses = [statistics.mean(r["curve"][i][1] for r in runs if len(r["curve"]) > i) for i in range(len(steps))]
+            losses = [
+                statistics.mean(r["curve"][i][1] for r in runs if len(r["curve"]) > i)
+                for i in range(len(steps))
+            ]
             right.plot(steps, losses, label=LABELS[variant])
-        left.set(xlabel="layer", ylabel="linear probe top-1", title=f"{modality}: probe accuracy by layer")
-        right.set(xlabel="step", ylabel="flow loss", title=f"{modality}: training flow loss", yscale="log")
+        left.set(
+            xlabel="layer",
+            ylabel="linear probe top-1",
+            title=f"{modality}: probe accuracy by layer",
+        )
+        right.set(
+            xlabel="step", ylabel="flow loss", title=f"{modality}: training flow loss", yscale="log"
+        )
         left.legend(fontsize=8)
         right.legend(fontsize=8)
         fig.tight_layout()
@@ -213,7 +238,9 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
     return paths
 
 
-def sample_strip(work: Path, modality: str, variants: list[str], seed: int, out_dir: Path) -> Path | None:
+def sample_strip(
+    work: Path, modality: str, variants: list[str], seed: int, out_dir: Path
+) -> Path | None:
     """The variants' sample grids side by side (images only)."""
     from PIL import Image
 
@@ -223,7 +250,9 @@ def sample_strip(work: Path, modality: str, variants: list[str], seed: int, out_
         return None
     images = [Image.open(g).convert("RGB") for g in grids]
     height = max(i.height for i in images)
-    canvas = Image.new("RGB", (sum(i.width for i in images) + 10 * (len(images) - 1), height), "white")
+    canvas = Image.new(
+        "RGB", (sum(i.width for i in images) + 10 * (len(images) - 1), height), "white"
+    )
     x = 0
     for image in images:
         canvas.paste(image, (x, 0))
@@ -233,11 +262,16 @@ def sample_strip(work: Path, modality: str, variants: list[str], seed: int, out_
     return path
 
 
-METRICS = (("probe_best", "best probe top-1", 1), ("fd", "sample FD", -1), ("accuracy", "sample accuracy", 1))
+METRICS = (
+    ("probe_best", "best probe top-1", 1),
+    ("fd", "sample FD", -1),
+    ("accuracy", "sample accuracy", 1),
+)
 
 
 def compare(runs: list[dict], baseline: list[dict], key: str) -> tuple[float, float | None] | None:
-    """(mean difference runs - baseline, the larger seed standard deviation or None) of one metric."""
+    """(mean difference runs - baseline, the larger seed standard deviation or None) of
+    one metric."""
     a, b = [r.get(key) for r in runs], [r.get(key) for r in baseline]
     a, b = [v for v in a if v is not None], [v for v in b if v is not None]
     if not a or not b:
@@ -247,7 +281,8 @@ def compare(runs: list[dict], baseline: list[dict], key: str) -> tuple[float, fl
 
 
 def reading(results: dict) -> list[str]:
-    """One line per modality and variant: each metric's gap to vanilla and whether it exceeds the seed spread."""
+    """One line per modality and variant: each metric's gap to vanilla and whether it exceeds the
+    seed spread."""
     lines = []
     for modality, by_variant in results.items():
         baseline = by_variant.get("vanilla")
@@ -275,66 +310,93 @@ def reading(results: dict) -> list[str]:
 
 
 def write_report(
-    results: dict, names: dict, args, out: Path, figures: list[Path], elapsed: float, missing: list[str]
+    results: dict,
+    names: dict,
+    args,
+    out: Path,
+    figures: list[Path],
+    elapsed: float,
+    missing: list[str],
 ) -> None:
     lines = [
         "# Self-Flow at small scale: does it do what the paper says?",
         "",
-        f"Written by `python -m tools.reproduce {' '.join(sys.argv[1:])}`; the runs took {elapsed / 60:.0f} "
-        f"minutes of wall time (first to last output file) on this machine ({os.cpu_count()} CPU cores). "
-        f"Each variant trained for {args.steps} steps with the same "
-        f"data, model (6 blocks, width 128) and seeds {args.seeds}; numbers are mean ± standard deviation over "
-        "seeds. Probes: a linear classifier on mean-pooled EMA features of clean inputs (`selfflow-probe`), "
-        "best layer and head chosen on a validation split of train, top-1 on the test split. Samples: 500 "
-        "class-conditional samples (Heun, 20 evaluations, guidance 1.5) scored in the feature space of a "
-        "small reference CNN trained on the same data (`selfflow-reference`; for audio it "
-        "reads log-mel images of the recordings); the real test split's own accuracy under that CNN is in "
-        "each run's samples/metrics.json.",
+        f"Written by `python -m tools.reproduce {' '.join(sys.argv[1:])}`; the runs took "
+        f"{elapsed / 60:.0f} minutes of wall time (first to last output file) on this machine "
+        f"({os.cpu_count()} CPU cores). Each variant trained for {args.steps} steps with the same "
+        f"data, model (6 blocks, width 128) and seeds {args.seeds}; numbers are mean "
+        f"± standard deviation over "
+        "seeds. Probes: a linear classifier on mean-pooled EMA features of clean inputs "
+        "(`selfflow-probe`), best layer and head chosen on a validation split of train, top-1 on "
+        "the test split. Samples: 500 class-conditional samples (Heun, 20 evaluations, guidance "
+        "1.5) scored in the feature space of a small reference CNN trained on the same data "
+        "(`selfflow-reference`; for audio it reads log-mel images of the recordings); the real "
+        "test split's own accuracy under that CNN is in each run's samples/metrics.json.",
         "",
     ]
     for modality, by_variant in results.items():
-        real = [r.get("real_accuracy") for runs in by_variant.values() for r in runs if r.get("real_accuracy")]
+        real = [
+            r.get("real_accuracy")
+            for runs in by_variant.values()
+            for r in runs
+            if r.get("real_accuracy")
+        ]
         lines += [f"## {modality}: {names[modality]}", ""]
         if real:
             lines += [
-                f"The reference classifier recognises {real[0]:.1%} of the real test split (the ceiling for "
+                f"The reference classifier recognises {real[0]:.1%} of the real "
+                f"test split (the ceiling for "
                 f'"sample accuracy"; chance is 10%).',
                 "",
             ]
         lines += [
-            "| variant | best probe top-1 | best layer | random-init model | raw input | sample FD | sample accuracy |",
+            "| variant | best probe top-1 | best layer | random-init model | raw input | "
+            "sample FD | sample accuracy |",
             "| --- | --- | --- | --- | --- | --- | --- |",
         ]
         for variant, runs in by_variant.items():
             lines.append(
                 f"| {LABELS[variant]} | {mean_spread([r['probe_best'] for r in runs])} | "
-                f"{', '.join(str(r['best_layer']) for r in runs)} | {mean_spread([r['random_init'] for r in runs])} | "
-                f"{mean_spread([r['input'] for r in runs])} | {mean_spread([r.get('fd') for r in runs])} | "
+                f"{', '.join(str(r['best_layer']) for r in runs)} | "
+                f"{mean_spread([r['random_init'] for r in runs])} | "
+                f"{mean_spread([r['input'] for r in runs])} | "
+                f"{mean_spread([r.get('fd') for r in runs])} | "
                 f"{mean_spread([r.get('accuracy') for r in runs])} |"
             )
         lines.append("")
-    lines += ["## Figures", ""] + [f"![{p.stem}]({p.relative_to(out.parent).as_posix()})" for p in figures] + [""]
+    lines += (
+        ["## Figures", ""]
+        + [f"![{p.stem}]({p.relative_to(out.parent).as_posix()})" for p in figures]
+        + [""]
+    )
     lines += [
         "## Choices that differ from the paper's full-scale recipe, and why",
         "",
-        "- Scale: a 6-block, width-128 transformer for a few hundred to a few thousand steps on pixels (images) "
-        "or log-mel patches (audio), instead of SiT-XL/2 on SD-VAE latents for millions of steps: the CPU "
-        "budget of this machine.",
-        "- EMA decay 0.999 with warm-up instead of 0.9999: the teacher must follow a student that changes "
-        "a lot within a few thousand steps (0.9999 would keep it near initialisation for the whole run).",
-        "- Student/teacher layers 2 and 4 of 6 (about 0.3 and 0.7 of the depth, as 8 and 20 of 28).",
+        "- Scale: a 6-block, width-128 transformer for a few hundred to a few thousand steps on "
+        "pixels (images) or log-mel patches (audio), instead of SiT-XL/2 on SD-VAE latents for "
+        "millions of steps: the CPU budget of this machine.",
+        "- EMA decay 0.999 with warm-up instead of 0.9999: the teacher must follow a student that "
+        "changes a lot within a few thousand steps (0.9999 would keep it near "
+        "initialisation for the whole run).",
+        "- Student/teacher layers 2 and 4 of 6 (about 0.3 and 0.7 of the "
+        "depth, as 8 and 20 of 28).",
         "- Mask ratios as the paper: 0.25 for images, 0.5 for audio; gamma 0.8.",
         "",
         "## Reading the numbers honestly",
         "",
-        "Each line compares a variant with vanilla flow matching on the same seeds. A gap counts as a result "
-        "only where it is larger than the spread over seeds (the larger standard deviation of the two); with "
-        "one seed there is no spread, and no gap counts.",
+        "Each line compares a variant with vanilla flow matching on the same seeds. A gap counts "
+        "as a result only where it is larger than the spread over seeds (the larger standard "
+        "deviation of the two); with one seed there is no spread, and no gap counts.",
         "",
     ]
     lines += reading(results)
     if missing:
-        lines += ["", "Not finished when this page was written (left out of the tables): " + ", ".join(missing) + "."]
+        lines += [
+            "",
+            "Not finished when this page was written (left out of the tables): "
+            + ", ".join(missing)
+            + ".",
+        ]
     lines += kept_sections(out)
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
@@ -349,12 +411,16 @@ def kept_sections(page: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--only", choices=["image", "audio"], nargs="+", default=["image", "audio"])
     parser.add_argument("--variants", choices=list(VARIANTS), nargs="+", default=list(VARIANTS))
-    parser.add_argument("--reference-epochs", type=int, default=15, help="epochs of the reference classifier")
+    parser.add_argument(
+        "--reference-epochs", type=int, default=15, help="epochs of the reference classifier"
+    )
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "reproduce")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument(
@@ -371,7 +437,9 @@ def main(argv: list[str] | None = None) -> None:
     for modality in args.only:
         spec = specs[modality]
         # one reference classifier per modality (audio: on log-mel images), trained on the same data
-        reference = args.work / ("reference_classifier" if modality == "image" else f"reference_classifier_{modality}")
+        reference = args.work / (
+            "reference_classifier" if modality == "image" else f"reference_classifier_{modality}"
+        )
         if not args.report_only and not (reference / "config.json").is_file():
             run(
                 [
@@ -401,10 +469,14 @@ def main(argv: list[str] | None = None) -> None:
     results = {modality: by_variant for modality, by_variant in results.items() if by_variant}
     figures = plots(results, figures_dir)
     strip = (
-        sample_strip(args.work, "image", args.variants, args.seeds[0], figures_dir) if "image" in args.only else None
+        sample_strip(args.work, "image", args.variants, args.seeds[0], figures_dir)
+        if "image" in args.only
+        else None
     )
     figures += [strip] if strip else []
-    write_report(results, {m: specs[m]["name"] for m in specs}, args, args.out, figures, elapsed, missing)
+    write_report(
+        results, {m: specs[m]["name"] for m in specs}, args, args.out, figures, elapsed, missing
+    )
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
-"""selfflow-cache: encode an image dataset once into VAE latents (posterior mean and std of each image and of its
-mirror image) for `selfflow-train ... data=latent_cache data.root=OUT`. Takes the overrides of the training run.
-Clips and waves of a video or audio VAE tokenizer (tokenizer=video_vae / audio_vae) are cached the
-same way, for data=video_latent_cache / audio_latent_cache.
+"""selfflow-cache: encode an image dataset once into VAE latents (posterior mean and std of each
+image and of its mirror image) for `selfflow-train ... data=latent_cache data.root=OUT`. Takes the
+overrides of the training run. Clips and waves of a video or audio VAE tokenizer
+(tokenizer=video_vae / audio_vae) are cached the same way, for data=video_latent_cache /
+audio_latent_cache.
 
-  selfflow-cache experiment=imagenet256 data.root=/data/imagenet tokenizer.image.vae=/models/sd-vae-ft-ema \
-      out_dir=/data/imagenet256-sdvae devices=8
-  torchrun --nproc-per-node=8 -m selfflow.cli.cache experiment=imagenet256 ... devices=8   # the same, by torchrun
+  selfflow-cache experiment=imagenet256 data.root=/data/imagenet \
+      tokenizer.image.vae=/models/sd-vae-ft-ema out_dir=/data/imagenet256-sdvae devices=8
+  # the same, launched by torchrun:
+  torchrun --nproc-per-node=8 -m selfflow.cli.cache experiment=imagenet256 ... devices=8
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ def run_from_config(cfg: DictConfig) -> None:
 
 def main() -> None:
     """Bad overrides stop here with one line; then Hydra composes and runs."""
-    register_train_resolvers()  # cache.yaml builds on train.yaml (its --help template, its sweep folders)
+    # cache.yaml builds on train.yaml (its --help template, its sweep folders)
+    register_train_resolvers()
     check_overrides("selfflow-cache", "cache", sys.argv[1:])
     run_from_config()
 

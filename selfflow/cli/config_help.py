@@ -1,7 +1,9 @@
-"""`selfflow-train --help`: every key of the run config and of the chosen option of each main group, with its value
-and the one-line description its YAML comment gives (the comment after the key, or the comment lines right above it).
+"""`selfflow-train --help`: every key of the run config and of the chosen option of each main group,
+with its value and the one-line description its YAML comment gives (the comment after the key, or
+the comment lines right above it).
 
-The `config_keys` resolver puts the list into Hydra's help template (conf/train.yaml, hydra.help.template).
+The `config_keys` resolver puts the list into Hydra's help template (conf/train.yaml,
+hydra.help.template).
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ from omegaconf import DictConfig, OmegaConf
 
 BUILDS_ON_TRAIN = ("cache",)  # on train.yaml, and --help lists its keys (reference: its own only)
 MAIN_GROUPS = ("objective", "lr_schedule", "model", "trainer", "callbacks", "logger")
-HIDDEN_KEYS = ("_target_", "_partial_", "defaults", "hydra")  # how a node is built, not what a user sets
+HIDDEN_KEYS = (
+    "_target_",
+    "_partial_",
+    "defaults",
+    "hydra",
+)  # how a node is built, not what a user sets
 KEY_LINE = re.compile(r"^(?P<indent>\s*)(?P<key>[A-Za-z_][\w]*)\s*:(?P<rest>.*)$")
 VALUE_COLUMN = 36  # where the descriptions start (longer key=value entries push theirs further)
 
@@ -32,12 +39,15 @@ def _inline_comment(rest: str) -> str:
 
 
 def key_comments(text: str) -> list[tuple[str, str]]:
-    """(dotted key, description) of every key of a YAML config file, in file order; the description is the key's
-    inline comment, else the comment lines directly above it, joined ("" when it has none)."""
+    """(dotted key, description) of every key of a YAML config file, in file order; the
+    description is the key's inline comment, else the comment lines directly above it, joined (""
+    when it has none)."""
     found: list[tuple[str, str]] = []
     parents: list[tuple[int, str]] = []  # (indent, key) of the enclosing mappings
     above: list[str] = []
-    inline_at = None  # the column of the previous key's inline comment: deeper comment lines continue it
+    inline_at = (
+        None  # the column of the previous key's inline comment: deeper comment lines continue it
+    )
     for line in text.splitlines():
         stripped = line.strip()
         if stripped.startswith("#"):
@@ -73,20 +83,26 @@ def _shown(value: Any) -> str:
 
 
 def help_sources(config_name: str, choices: dict[str, str]) -> list[tuple[str, Any]]:
-    """(package, YAML file) of the keys `--help` lists: the command's own config, train.yaml for the configs that
-    build on it (selfflow-cache), and the chosen option of each main group of a training config."""
+    """(package, YAML file) of the keys `--help` lists: the command's own config, train.yaml for the
+    configs that build on it (selfflow-cache), and the chosen option of each main group of a
+    training config."""
     conf = resources.files("selfflow.conf")
     sources = [("", conf / f"{config_name}.yaml")]
     if config_name in BUILDS_ON_TRAIN:
         sources.append(("", conf / "train.yaml"))
     if config_name == "train" or config_name in BUILDS_ON_TRAIN:
-        sources += [(group, conf / group / f"{choices[group]}.yaml") for group in MAIN_GROUPS if choices.get(group)]
+        sources += [
+            (group, conf / group / f"{choices[group]}.yaml")
+            for group in MAIN_GROUPS
+            if choices.get(group)
+        ]
     return sources
 
 
 def keys_help(cfg: DictConfig, choices: dict[str, str], config_name: str = "train") -> str:
-    """One line per key: `key=value  description`, for the command's own keys and those of each main group's
-    chosen option (`choices`: group -> option), with the values of the composed `cfg` (uninterpolated).
+    """One line per key: `key=value  description`, for the command's own keys and those of each main
+    group's chosen option (`choices`: group -> option), with the values of the composed `cfg`
+    (uninterpolated).
 
     Args:
         cfg: the composed config whose values are shown.
@@ -101,7 +117,9 @@ def keys_help(cfg: DictConfig, choices: dict[str, str], config_name: str = "trai
         for key, description in key_comments(source.read_text()):
             full = f"{package}.{key}" if package else key
             parent, _, name = full.rpartition(".")
-            node = OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+            node = (
+                OmegaConf.select(cfg, parent, throw_on_resolution_failure=False) if parent else cfg
+            )
             if not isinstance(node, DictConfig) or name not in node.keys():  # noqa: SIM118 (??? values)
                 continue  # left out by the composed config (an experiment removed it)
             value = OmegaConf.to_container(node, resolve=False)[name]
@@ -111,7 +129,8 @@ def keys_help(cfg: DictConfig, choices: dict[str, str], config_name: str = "trai
 
 
 def config_keys(*, _root_: DictConfig) -> str:
-    """The resolver: keys_help of the config being described, for Hydra's help template ('$' escaped for it)."""
+    """The resolver: keys_help of the config being described, for Hydra's help template ('$' escaped
+    for it)."""
     from hydra.core.hydra_config import HydraConfig
 
     if not HydraConfig.initialized():
@@ -126,7 +145,8 @@ def register_config_keys_resolver() -> None:
 
 
 def register_train_resolvers() -> None:
-    """The resolvers of the commands' configs: `config_keys` for --help, `run_name` for sweep folders."""
+    """The resolvers of the commands' configs: `config_keys` for --help, `run_name` for
+    sweep folders."""
     from selfflow.training.run_name import register_run_name_resolver
 
     register_config_keys_resolver()

@@ -1,6 +1,6 @@
-"""selfflow-doctor: what works on this machine: package versions, CUDA, attention kernels, torchaudio's native
-library, PyAV's codecs and the local weights and caches selfflow finds. Exit status 1 when a package that every
-run needs does not work.
+"""selfflow-doctor: what works on this machine: package versions, CUDA, attention kernels,
+torchaudio's native library, PyAV's codecs and the local weights and caches selfflow finds. Exit
+status 1 when a package that every run needs does not work.
 
   selfflow-doctor
   selfflow-doctor --json     # the same as one JSON object
@@ -26,7 +26,12 @@ def package_rows() -> list[dict]:
         version = installed_version(dependency.package)
         problem = import_problem(dependency.module) if version else None
         status = "ok" if version and not problem else "missing" if not version else "broken"
-        row = {"name": dependency.package, "version": version, "status": status, "for": dependency.needed_for}
+        row = {
+            "name": dependency.package,
+            "version": version,
+            "status": status,
+            "for": dependency.needed_for,
+        }
         if status != "ok":
             row["fix"] = problem if problem else dependency.install_hint()
         row["required"] = dependency.extra is None
@@ -53,7 +58,9 @@ def _mel_spectrogram() -> str:
     import torch
     import torchaudio
 
-    mel = torchaudio.transforms.MelSpectrogram(sample_rate=8000, n_fft=256, n_mels=32)(torch.randn(8000))
+    mel = torchaudio.transforms.MelSpectrogram(sample_rate=8000, n_fft=256, n_mels=32)(
+        torch.randn(8000)
+    )
     return f"native library loads; a mel spectrogram computes {tuple(mel.shape)}"
 
 
@@ -89,7 +96,9 @@ def run_checks() -> dict[str, str]:
         try:
             found[name] = check()
         except Exception as error:
-            found[name] = f"FAILS: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            found[name] = (
+                f"FAILS: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            )
     return found
 
 
@@ -104,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         "packages": package_rows(),
         "checks": run_checks(),
     }
-    broken = [row["name"] for row in report["packages"] if row["required"] and row["status"] != "ok"]
+    broken = [
+        row["name"] for row in report["packages"] if row["required"] and row["status"] != "ok"
+    ]
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -1,4 +1,5 @@
-"""Turn the errors a user can cause into one clear line and a non-zero exit, instead of a deep traceback."""
+"""Turn the errors a user can cause into one clear line and a non-zero exit, instead of a
+deep traceback."""
 
 from __future__ import annotations
 
@@ -35,8 +36,9 @@ USER_ERRORS = (
 
 
 def root_cause(error: BaseException) -> BaseException:
-    """Hydra's instantiate wraps the real error: the outermost user error of the chain is the one worth showing
-    (a user error raised `from` a library error explains it better than the library error does)."""
+    """Hydra's instantiate wraps the real error: the outermost user error of the chain is the one
+    worth showing (a user error raised `from` a library error explains it better than the library
+    error does)."""
     chain = [error]
     while chain[-1].__cause__ is not None:
         chain.append(chain[-1].__cause__)
@@ -45,13 +47,16 @@ def root_cause(error: BaseException) -> BaseException:
 
 @contextlib.contextmanager
 def friendly_errors(command: str):
-    """Exit with status 2 and `command: error: message` for user errors; SELFFLOW_TRACEBACK=1 shows the traceback."""
+    """Exit with status 2 and `command: error: message` for user errors; SELFFLOW_TRACEBACK=1 shows
+    the traceback."""
     try:
         yield
     except Exception as error:
         cause = root_cause(error)
         broken_dependency = explain_import_failure(error)
-        if os.environ.get("SELFFLOW_TRACEBACK") or not (broken_dependency or isinstance(cause, USER_ERRORS)):
+        if os.environ.get("SELFFLOW_TRACEBACK") or not (
+            broken_dependency or isinstance(cause, USER_ERRORS)
+        ):
             raise
         message = broken_dependency or str(cause).strip().strip('"') or type(cause).__name__
         print(f"{command}: error: {message}", file=sys.stderr)
@@ -68,7 +73,9 @@ def _keys_near(config_name: str, overrides: list[str], full_key: str) -> str:
     usable = [o for o in overrides if not o.lstrip("+~").startswith(full_key)]
     try:
         with initialize_config_module("selfflow.conf", version_base="1.3"):
-            node = OmegaConf.select(compose(config_name, overrides=usable), parent) if parent else None
+            node = (
+                OmegaConf.select(compose(config_name, overrides=usable), parent) if parent else None
+            )
     except Exception:
         return ""
     if node is None and parent:
@@ -83,18 +90,24 @@ def _keys_near(config_name: str, overrides: list[str], full_key: str) -> str:
 
 
 def describe_override_error(error: Exception, config_name: str, overrides: list[str]) -> str | None:
-    """One line for a command-line override Hydra cannot apply (unknown key, unknown option, bad syntax)."""
+    """One line for a command-line override Hydra cannot apply (unknown key, unknown option,
+    bad syntax)."""
     from hydra.errors import MissingConfigException, OverrideParseException
 
     if isinstance(error, MissingConfigException) and error.options is not None:
         group = error.missing_cfg_file.rpartition("/")[0]
         option = error.missing_cfg_file.rpartition("/")[2]
-        return f"{group}={option} is not an option; choose one of: {', '.join(sorted(error.options))}"
+        return (
+            f"{group}={option} is not an option; choose one of: {', '.join(sorted(error.options))}"
+        )
     if isinstance(error, OverrideParseException):
         return f"cannot parse the override {error.override!r}: {error.message.splitlines()[0]}"
     full_key = getattr(error.__cause__, "full_key", None)
     if full_key:
-        return f"{full_key} is not a config key (typo?); {_keys_near(config_name, overrides, full_key)}".rstrip("; ")
+        return (
+            f"{full_key} is not a config key (typo?); "
+            f"{_keys_near(config_name, overrides, full_key)}"
+        ).rstrip("; ")
     deleted = re.search(r"'([^']+)' does not exist", str(error))
     if deleted:
         return f"cannot delete {deleted[1]}: it is not in the config"
@@ -108,9 +121,10 @@ def fail(command: str, message: str) -> NoReturn:
 
 
 def check_overrides(command: str, config_name: str, args: list[str]):
-    """Compose the config once before Hydra does, so that a bad override ends in one line and exit status 2
-    (Hydra's own report spans several lines). Flags (--help, -m, ...) and hydra.* overrides are left to Hydra.
-    Returns the composed (unresolved) config, or None where it was left to Hydra."""
+    """Compose the config once before Hydra does, so that a bad override ends in one line and exit
+    status 2 (Hydra's own report spans several lines). Flags (--help, -m, ...) and hydra.*
+    overrides are left to Hydra. Returns the composed (unresolved) config, or None where it was
+    left to Hydra."""
     if any(a.startswith("-") for a in args):
         return None
     overrides = [a for a in args if not a.lstrip("+~").startswith("hydra")]

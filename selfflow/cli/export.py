@@ -20,11 +20,17 @@ from selfflow.cli.errors import friendly_errors
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog="selfflow-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="selfflow-export",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("checkpoint", help="a .ckpt file written by selfflow-train (or an export folder)")
+    parser.add_argument(
+        "checkpoint", help="a .ckpt file written by selfflow-train (or an export folder)"
+    )
     parser.add_argument("out", help="a new folder to write model.safetensors and config.json into")
-    parser.add_argument("--overwrite", action="store_true", help="replace the export files of an existing folder")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace the export files of an existing folder"
+    )
     vae_help = "the run's VAE folder or autoencoder file (a stored path is never loaded)"
     parser.add_argument("--vae", help=vae_help)
     parser.add_argument(

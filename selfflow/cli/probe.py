@@ -1,10 +1,12 @@
-"""selfflow-probe: linear-probe evaluation of a checkpoint's features, with baselines, as probe.json and a table.
+"""selfflow-probe: linear-probe evaluation of a checkpoint's features, with baselines, as probe.json
+and a table.
 
-selfflow-probe ckpt=runs/.../checkpoints/last.ckpt out_dir=probes/run1      # the data the run trained on
+selfflow-probe ckpt=runs/.../checkpoints/last.ckpt out_dir=probes/run1  # the run's own data
 selfflow-probe ckpt=... data=image_folder data.root=DIR layers=[1,3] noise_levels=[0,0.25]
 selfflow-probe ckpt=... weights=online pool=attentive cache_dir=null
-selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt out_dir=probes/joint   # every modality: <modality>/probe.json
-selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt modality=audio         # one modality: out_dir/probe.json
+# a joint run: every modality (<modality>/probe.json), or one modality (out_dir/probe.json)
+selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt out_dir=probes/joint
+selfflow-probe ckpt=runs/joint/checkpoints/last.ckpt modality=audio
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ def print_table(document: dict) -> None:
 
 
 def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
-    """Load, build the data and the options, probe: {modality: (path of its probe.json, the document)}."""
+    """Load, build the data and the options, probe: {modality: (path of its probe.json,
+    the document)}."""
     from hydra.utils import instantiate
 
     from selfflow.evaluation.probe import HeadOptions
@@ -77,7 +80,12 @@ def probe(cfg: DictConfig) -> dict[str, tuple[Path, dict]]:
         weights=cfg.weights,
     )
     return probe_checkpoint(
-        loaded, data, OmegaConf.to_container(data_cfg, resolve=True), Path(cfg.out_dir), options, cfg.modality
+        loaded,
+        data,
+        OmegaConf.to_container(data_cfg, resolve=True),
+        Path(cfg.out_dir),
+        options,
+        cfg.modality,
     )
 
 

@@ -1,12 +1,14 @@
-"""selfflow-shards: write a folder as WebDataset tar shards with their indexes, or index existing shards.
+"""selfflow-shards: write a folder as WebDataset tar shards with their indexes, or index
+existing shards.
 
-  selfflow-shards write /path/to/images /data/shards --modality image --max-shard-bytes 1G   # or audio, video
-  selfflow-shards index /data/shards                       # every *.tar in the folder without a fresh index
+  selfflow-shards write /path/to/images /data/shards --modality image --max-shard-bytes 1G
+  selfflow-shards index /data/shards   # every *.tar in the folder without a fresh index
   selfflow-shards index '/data/shards/train-{000000..000099}.tar' /data/more/test-000000.tar
 
-`write` prints a JSON summary (samples, shards, bytes and skipped files per split); `index` prints which indexes it
-wrote and why (missing, stale: the shard changed, unreadable). A run reads the index beside each shard instead of
-scanning every tar header at start-up; shards in an object store are read only through their indexes.
+`write` prints a JSON summary (samples, shards, bytes and skipped files per split); `index` prints
+which indexes it wrote and why (missing, stale: the shard changed, unreadable). A run reads the
+index beside each shard instead of scanning every tar header at start-up; shards in an object store
+are read only through their indexes.
 """
 
 from __future__ import annotations
@@ -36,7 +38,8 @@ def parse_bytes(text: str) -> int:
 
 
 def shard_paths(items: list[str]) -> list[Path]:
-    """Local shards named by folders (every *.tar directly in them), tar files and brace patterns."""
+    """Local shards named by folders (every *.tar directly in them), tar files and
+    brace patterns."""
     from selfflow.data.shards.dataset import expand_braces
 
     shards: list[Path] = []
@@ -81,20 +84,20 @@ def index(args: argparse.Namespace) -> dict:
     from selfflow.data.shards.index import refresh_index
 
     shards = shard_paths(args.shards)
-    written = {str(shard): reason for shard in shards if (reason := refresh_index(shard)) is not None}
+    written = {
+        str(shard): reason for shard in shards if (reason := refresh_index(shard)) is not None
+    }
     return {"shards": len(shards), "fresh": len(shards) - len(written), "written": written}
 
 
-def parser() -> argparse.ArgumentParser:
+def add_write_arguments(writer: argparse.ArgumentParser) -> None:
+    """The arguments of `selfflow-shards write`."""
     from selfflow.data.shards.dataset import MAX_MEMBER_BYTES
     from selfflow.data.shards.writer import MODALITY_EXTENSIONS
 
-    top = argparse.ArgumentParser(
-        prog="selfflow-shards", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    writer.add_argument(
+        "source", help="folder of labelled files (as data.root of the folder dataset)"
     )
-    commands = top.add_subparsers(dest="command", required=True)
-    writer = commands.add_parser("write", help="a folder of labelled files as shards with their indexes")
-    writer.add_argument("source", help="folder of labelled files (as data.root of the folder dataset)")
     writer.add_argument("out", help="folder for the shards, their indexes and classes.json")
     writer.add_argument("--modality", required=True, choices=list(MODALITY_EXTENSIONS))
     writer.add_argument("--splits", nargs="+", default=["train", "test"], choices=["train", "test"])
@@ -104,12 +107,20 @@ def parser() -> argparse.ArgumentParser:
         default=0.1,
         help="held out for test when the folder has no train/ and test/ (as the folder dataset)",
     )
-    writer.add_argument("--seed", type=int, default=0, help="seed of that fixed split (as the folder dataset)")
-    writer.add_argument("--manifest", help="CSV of path,label[,split] relative to the source folder")
-    writer.add_argument("--name-pattern", help="labels from file names, e.g. '{digit}_{speaker}_{index}'")
+    writer.add_argument(
+        "--seed", type=int, default=0, help="seed of that fixed split (as the folder dataset)"
+    )
+    writer.add_argument(
+        "--manifest", help="CSV of path,label[,split] relative to the source folder"
+    )
+    writer.add_argument(
+        "--name-pattern", help="labels from file names, e.g. '{digit}_{speaker}_{index}'"
+    )
     writer.add_argument("--label-field", help="the field of --name-pattern that is the label")
     writer.add_argument("--max-samples-per-shard", type=int, default=10_000)
-    writer.add_argument("--max-shard-bytes", type=parse_bytes, default=parse_bytes("1G"), help="e.g. 500M, 1G")
+    writer.add_argument(
+        "--max-shard-bytes", type=parse_bytes, default=parse_bytes("1G"), help="e.g. 500M, 1G"
+    )
     writer.add_argument(
         "--max-pixels",
         type=int,
@@ -122,11 +133,32 @@ def parser() -> argparse.ArgumentParser:
         default=MAX_MEMBER_BYTES,
         help="largest file written (default: the loaders' data.dataset.max_member_bytes), e.g. 1G",
     )
-    writer.add_argument("--overwrite", action="store_true", help="replace existing shards of these splits")
-    writer.add_argument("--no-progress", action="store_true", help="no progress bar (shown on a terminal)")
+    writer.add_argument(
+        "--overwrite", action="store_true", help="replace existing shards of these splits"
+    )
+    writer.add_argument(
+        "--no-progress", action="store_true", help="no progress bar (shown on a terminal)"
+    )
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="selfflow-shards",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = top.add_subparsers(dest="command", required=True)
+    writer = commands.add_parser(
+        "write", help="a folder of labelled files as shards with their indexes"
+    )
+    add_write_arguments(writer)
     writer.set_defaults(run=write)
-    indexer = commands.add_parser("index", help="write the index of existing shards that lack a fresh one")
-    indexer.add_argument("shards", nargs="+", help="folders (every *.tar in them), tar files or brace patterns")
+    indexer = commands.add_parser(
+        "index", help="write the index of existing shards that lack a fresh one"
+    )
+    indexer.add_argument(
+        "shards", nargs="+", help="folders (every *.tar in them), tar files or brace patterns"
+    )
     indexer.set_defaults(run=index)
     return top
 

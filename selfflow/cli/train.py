@@ -1,12 +1,12 @@
 """selfflow-train: Self-Flow pretraining from the Hydra configs in conf/.
 
-selfflow-train                                   # one model on built-in digit images, videos and audio
-selfflow-train experiment=digits                 # images only (video_digits, audio_digits: other modalities)
-selfflow-train data=image_folder data.root=DIR   # your images (class sub-folders)
-selfflow-train objective.mask_ratio=0 objective.gamma=0   # vanilla flow-matching baseline
-selfflow-train ckpt_path=runs/.../checkpoints/last.ckpt   # resume from a checkpoint
-selfflow-train hydra.run.dir=runs/my_run resume=auto     # continue a run from its newest valid checkpoint
-selfflow-train --help                            # every config group and key
+selfflow-train                                  # one model on built-in digit images, videos, audio
+selfflow-train experiment=digits                # images only (video_digits, audio_digits: others)
+selfflow-train data=image_folder data.root=DIR  # your images (class sub-folders)
+selfflow-train objective.mask_ratio=0 objective.gamma=0  # vanilla flow-matching baseline
+selfflow-train ckpt_path=runs/.../checkpoints/last.ckpt  # resume from a checkpoint
+selfflow-train hydra.run.dir=runs/my_run resume=auto     # continue from the newest valid checkpoint
+selfflow-train --help                           # every config group and key
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ def run_from_config(cfg: DictConfig) -> None:
         try:
             train(cfg)
         except Exception:
-            remove_if_unused(cfg.run_dir)  # a run that stopped at start-up leaves no empty run folder
+            remove_if_unused(
+                cfg.run_dir
+            )  # a run that stopped at start-up leaves no empty run folder
             raise
 
 

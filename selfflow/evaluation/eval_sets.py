@@ -1,9 +1,11 @@
-"""The two sides of selfflow-eval read from disk: an .npz with images (`arr_0`) and/or statistics in the ADM layout
-(`mu`, `sigma`, `mu_s`, `sigma_s`), or a folder of images; and the statistics file a folder's are kept in for reuse.
+"""The two sides of selfflow-eval read from disk: an .npz with images (`arr_0`) and/or statistics in
+the ADM layout (`mu`, `sigma`, `mu_s`, `sigma_s`), or a folder of images; and the statistics file a
+folder's are kept in for reuse.
 
-As in ADM's evaluator, statistics stored in a file take precedence over those of its images; its images still give
-the per-image features for precision, recall and the Inception Score. A statistics file written here also holds the
-pool_3 features (`pool_features` [N, 2048], 8 KB per image), so that reusing it keeps precision and recall.
+As in ADM's evaluator, statistics stored in a file take precedence over those of its images; its
+images still give the per-image features for precision, recall and the Inception Score. A statistics
+file written here also holds the pool_3 features (`pool_features` [N, 2048], 8 KB per image), so
+that reusing it keeps precision and recall.
 """
 
 from __future__ import annotations
@@ -14,8 +16,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from selfflow.evaluation.image_batches import IMAGES_KEY, MAX_IMAGES, ImageSource, folder_images, npz_images
-from selfflow.evaluation.inception import POOL_DIM, SPATIAL_DIM, InceptionExtractor, InceptionFeatures
+from selfflow.evaluation.image_batches import (
+    IMAGES_KEY,
+    MAX_IMAGES,
+    ImageSource,
+    folder_images,
+    npz_images,
+)
+from selfflow.evaluation.inception import (
+    POOL_DIM,
+    SPATIAL_DIM,
+    InceptionExtractor,
+    InceptionFeatures,
+)
 from selfflow.evaluation.standard_metrics import EvalSet, GaussianStats
 from selfflow.io.npz import iter_rows, npz_header, npz_keys, read_small_array
 from selfflow.io.safe_files import replace_atomically
@@ -71,7 +84,11 @@ def _stored_pool_features(path: Path, keys: set[str]) -> torch.Tensor | None:
     if POOL_FEATURES_KEY not in keys:
         return None
     header = npz_header(path, POOL_FEATURES_KEY)
-    if len(header.shape) != 2 or header.shape[1] != POOL_DIM or not 1 <= header.shape[0] <= MAX_IMAGES:
+    if (
+        len(header.shape) != 2
+        or header.shape[1] != POOL_DIM
+        or not 1 <= header.shape[0] <= MAX_IMAGES
+    ):
         raise ValueError(
             f"{path}[{POOL_FEATURES_KEY}] is {list(header.shape)}; it must be [N <= {MAX_IMAGES}, "
             f"{POOL_DIM}] pool_3 features"
@@ -109,7 +126,8 @@ def load_eval_set(
     size: tuple[int, int] | None = None,
     progress: bool = False,
 ) -> EvalSet:
-    """An .npz (images, statistics, or both) or a folder of images (at `size`, see `folder_images`)."""
+    """An .npz (images, statistics, or both) or a folder of images (at `size`, see
+    `folder_images`)."""
     path = Path(path).expanduser()
     if path.is_dir():
         return of_images(folder_images(path, size), extractor, batch_size, progress)
@@ -119,7 +137,9 @@ def load_eval_set(
     pool_stats = _stored_stats(path, keys, POOL_STATS_KEYS)
     spatial_stats = _stored_stats(path, keys, SPATIAL_STATS_KEYS)
     if IMAGES_KEY in keys:
-        return of_images(npz_images(path), extractor, batch_size, progress, pool_stats, spatial_stats)
+        return of_images(
+            npz_images(path), extractor, batch_size, progress, pool_stats, spatial_stats
+        )
     if pool_stats is None:
         raise ValueError(
             f"{path} holds neither images ({IMAGES_KEY}: uint8 [N, H, W, 3]) nor statistics (mu, "
@@ -135,9 +155,11 @@ def load_eval_set(
     )
 
 
-def reference_pool_stats(path: str | os.PathLike, extractor: InceptionExtractor, batch_size: int = 64) -> GaussianStats:
-    """A reference's pool_3 statistics for FID alone: stored `mu, sigma` of an .npz (which take precedence, as in
-    load_eval_set), else those of its images or of a folder's images."""
+def reference_pool_stats(
+    path: str | os.PathLike, extractor: InceptionExtractor, batch_size: int = 64
+) -> GaussianStats:
+    """A reference's pool_3 statistics for FID alone: stored `mu, sigma` of an .npz (which take
+    precedence, as in load_eval_set), else those of its images or of a folder's images."""
     path = Path(path).expanduser()
     if path.is_file():
         stored = _stored_stats(path, npz_keys(path), POOL_STATS_KEYS)
@@ -147,7 +169,8 @@ def reference_pool_stats(path: str | os.PathLike, extractor: InceptionExtractor,
 
 
 def write_stats(eval_set: EvalSet, path: str | os.PathLike) -> Path:
-    """mu, sigma, mu_s, sigma_s (the ADM layout) and pool_features, written atomically: reusable as ref=PATH."""
+    """mu, sigma, mu_s, sigma_s (the ADM layout) and pool_features, written atomically: reusable
+    as ref=PATH."""
     path = Path(path).expanduser()
     if path.suffix != ".npz":
         raise ValueError(f"ref_stats_out={path} must end in .npz")

@@ -1,7 +1,9 @@
-"""Frozen-backbone features for probing: noised inputs at fixed levels, hidden states at chosen blocks, pooled
-over each sample's valid tokens, with an on-disk cache so that a second probe on the same features costs no forward.
+"""Frozen-backbone features for probing: noised inputs at fixed levels, hidden states at chosen
+blocks, pooled over each sample's valid tokens, with an on-disk cache so that a second probe on the
+same features costs no forward.
 
-Layer 0 stands for the tokenizer's own output (pixels, frames, mel patches): the input baseline of a probe.
+Layer 0 stands for the tokenizer's own output (pixels, frames, mel patches): the input baseline of
+a probe.
 """
 
 from __future__ import annotations
@@ -132,8 +134,11 @@ def padding_mask(valid: Tensor | None) -> Tensor | None:
     return valid[:, None, None, :].expand(-1, 1, valid.shape[1], -1)
 
 
-def probe_loader(dataset: Dataset, modality: str, batch_size: int = 256, num_workers: int = 0) -> DataLoader:
-    """A fixed-order loader: the same samples in the same order every time, so the seeded noise repeats.
+def probe_loader(
+    dataset: Dataset, modality: str, batch_size: int = 256, num_workers: int = 0
+) -> DataLoader:
+    """A fixed-order loader: the same samples in the same order every time, so the seeded
+    noise repeats.
 
     Args:
         dataset: Labelled samples of one modality.
@@ -145,12 +150,17 @@ def probe_loader(dataset: Dataset, modality: str, batch_size: int = 256, num_wor
         An unshuffled loader.
     """
     return DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_samples(modality)
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        collate_fn=collate_samples(modality),
     )
 
 
 def _stack(parts: list[Tensor], valids: list[Tensor]) -> tuple[Tensor, Tensor]:
-    """Token features of batches with different token counts, padded to the longest: [M, N, D], [M, N]."""
+    """Token features of batches with different token counts, padded to the longest: [M, N, D],
+    [M, N]."""
     longest = max(p.shape[1] for p in parts)
     x = torch.cat([F.pad(p, (0, 0, 0, longest - p.shape[1])) for p in parts])
     valid = torch.cat([F.pad(v, (0, longest - v.shape[1]), value=False) for v in valids])
@@ -158,6 +168,21 @@ def _stack(parts: list[Tensor], valids: list[Tensor]) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
+def _level_features(
+    model, tokens, noise: Tensor, level: float, layers: Sequence[int], valid: Tensor, pool: str
+) -> dict[int, Tensor]:
+    """Layer -> the batch's features (pooled with `pool`, on the CPU) at noise level `level`."""
+    x0 = tokens.x.float()  # [B, N, C]
+    t = torch.full((x0.shape[0],), level, device=x0.device)
+    blocks = tuple(layer for layer in layers if layer != INPUT_LAYER)
+    hidden = hidden_states(model, tokens, interpolate(x0, noise, t), t, blocks)
+    pooled = {}
+    for layer in layers:
+        h = hidden[layer].float()  # [B, N, D]
+        pooled[layer] = (mean_pool(h, valid) if pool == "mean" else h).cpu()
+    return pooled
+
+
 def extract_features(
     model: SelfFlowTransformer | None,
     tokenizer: Tokenizer,
@@ -197,7 +222,9 @@ def extract_features(
         raise ValueError("a model is needed for features of layers >= 1")
     device = next(model.parameters()).device if model is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(seed)
-    parts: dict[tuple[int, float], list[Tensor]] = {(layer, float(t)): [] for layer in layers for t in levels}
+    parts: dict[tuple[int, float], list[Tensor]] = {
+        (layer, float(t)): [] for layer in layers for t in levels
+    }
     valids, labels = [], []  # per batch: [B, N] padding masks, [B] labels
     for batch in shown_batches(loader, progress, description):
         if batch is None:  # every file of the batch was unreadable
@@ -208,11 +235,9 @@ def extract_features(
         valid = tokens.valid if tokens.valid is not None else ones
         noise = torch.randn(x0.shape, generator=generator).to(device)
         for level in levels:
-            t = torch.full((x0.shape[0],), float(level), device=device)
-            hidden = hidden_states(model, tokens, interpolate(x0, noise, t), t, blocks)
-            for layer in layers:
-                h = hidden[layer].float()  # [B, N, D]
-                parts[(layer, float(level))].append((mean_pool(h, valid) if pool == "mean" else h).cpu())
+            features = _level_features(model, tokens, noise, float(level), layers, valid, pool)
+            for layer, value in features.items():
+                parts[(layer, float(level))].append(value)
         valids.append(valid.cpu())
         labels.append(batch["label"].cpu())
     if not labels:
@@ -303,8 +328,9 @@ def gathered(
 
 
 class FeatureCache:
-    """Features on disk, one file per key; a key is any JSON-able dict (source, weights, layer, level, pool,
-    dataset config, split), hashed into the file name and stored beside the features to guard against collisions.
+    """Features on disk, one file per key; a key is any JSON-able dict (source, weights, layer,
+    level, pool, dataset config, split), hashed into the file name and stored beside the features to
+    guard against collisions.
 
     Args:
         root: The cache folder (`~` expanded).
@@ -386,10 +412,11 @@ def cached_features(
     progress: bool = False,
     description: str = "features",
 ) -> dict[tuple[int, float], Features]:
-    """`extract_features` through the cache: only the levels with a missing (layer, level) run a forward.
+    """`extract_features` through the cache: only the levels with a missing (layer, level) run
+    a forward.
 
-    source: what identifies the features besides layer, level and pool (checkpoint digest, weights, dataset
-    config, split, seed); without a cache everything is extracted.
+    source: what identifies the features besides layer, level and pool (checkpoint digest, weights,
+    dataset config, split, seed); without a cache everything is extracted.
 
     Args:
         cache: Where features are kept; None extracts everything.
@@ -420,7 +447,9 @@ def cached_features(
                     found[(layer, float(level))] = hit
     missing_levels = [t for t in levels if any((layer, float(t)) not in found for layer in layers)]
     if missing_levels:
-        fresh = extract_features(model, tokenizer, loader, layers, missing_levels, pool, seed, progress, description)
+        fresh = extract_features(
+            model, tokenizer, loader, layers, missing_levels, pool, seed, progress, description
+        )
         for (layer, level), features in fresh.items():
             if (layer, level) not in found:
                 found[(layer, level)] = features

@@ -1,7 +1,8 @@
-"""Frechet distance between two feature distributions, each summarised by its mean and covariance (FID-style).
+"""Frechet distance between two feature distributions, each summarised by its mean and
+covariance (FID-style).
 
-FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), computed in float64 through symmetric
-eigen-decompositions (no scipy, no complex matrix square roots).
+FD = |mu1 - mu2|^2 + tr(S1) + tr(S2) - 2 tr((S1^1/2 S2 S1^1/2)^1/2), computed in float64 through
+symmetric eigen-decompositions (no scipy, no complex matrix square roots).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ class FeatureStats:
 
 
 def _sqrt_psd(matrix: Tensor) -> Tensor:
-    """Square root of a symmetric positive semi-definite matrix (negative round-off eigenvalues clipped)."""
+    """Square root of a symmetric positive semi-definite matrix (negative round-off
+    eigenvalues clipped)."""
     values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
     return (vectors * values.clamp_min(0).sqrt()) @ vectors.T
 

@@ -1,9 +1,10 @@
-"""Image batches for the standard metrics, uint8 [B, H, W, 3]: streamed from an .npz (`arr_0`, the ADM suite's and
-selfflow-sample's format) or read from a folder of image files.
+"""Image batches for the standard metrics, uint8 [B, H, W, 3]: streamed from an .npz (`arr_0`, the
+ADM suite's and selfflow-sample's format) or read from a folder of image files.
 
-A folder's images are taken as they are when they have the evaluation size; any other image gets ADM's centre crop
-to that size (guided-diffusion `center_crop_arr`, with which its ImageNet reference batches were made): box-filter
-halving while the short side is at least twice the size, bicubic resize of the short side to the size, centre crop.
+A folder's images are taken as they are when they have the evaluation size; any other image gets
+ADM's centre crop to that size (guided-diffusion `center_crop_arr`, with which its ImageNet
+reference batches were made): box-filter halving while the short side is at least twice the size,
+bicubic resize of the short side to the size, centre crop.
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ from selfflow.io.images import IMAGE_EXTENSIONS, MAX_PIXELS, opened_image, to_8b
 from selfflow.io.npz import ArrayHeader, iter_rows, npz_header
 
 IMAGES_KEY = "arr_0"
-MAX_IMAGES = 1_000_000  # far above the 50,000 of FID-50K; bounds what a file's header may make us allocate
+MAX_IMAGES = (
+    1_000_000  # far above the 50,000 of FID-50K; bounds what a file's header may make us allocate
+)
 
 
 @dataclass
@@ -39,8 +42,9 @@ def check_images_header(path: str | os.PathLike, header: ArrayHeader) -> ArrayHe
     shape = header.shape
     if len(shape) != 4 or shape[3] != 3 or header.dtype != np.uint8:
         raise ValueError(
-            f"{path}[{IMAGES_KEY}] is {header.dtype} {list(shape)}; images must be uint8 [N, H, W, 3] "
-            f"(RGB, 0..255), as selfflow-sample's samples.npz and the ADM reference batches store them"
+            f"{path}[{IMAGES_KEY}] is {header.dtype} {list(shape)}; images must be uint8 [N, H, W, "
+            f"3] (RGB, 0..255), as selfflow-sample's samples.npz and the ADM "
+            f"reference batches store them"
         )
     if not 1 <= shape[0] <= MAX_IMAGES or shape[1] * shape[2] > MAX_PIXELS or min(shape[1:3]) < 1:
         raise ValueError(
@@ -61,7 +65,8 @@ def npz_images(path: str | os.PathLike) -> ImageSource:
 
 
 def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
-    """One file as uint8 [h, w, 3]: as it is at that size, else ADM's centre crop to it (square sizes only)."""
+    """One file as uint8 [h, w, 3]: as it is at that size, else ADM's centre crop to it (square
+    sizes only)."""
     try:
         with opened_image(path) as image:
             image = to_8bit(image, 3)
@@ -69,8 +74,8 @@ def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
                 return np.asarray(image)
             if size[0] != size[1]:
                 raise ValueError(
-                    f"it is {image.height}x{image.width}, and ADM's centre crop makes square images only: "
-                    f"resize the folder to {size[0]}x{size[1]} first"
+                    f"it is {image.height}x{image.width}, and ADM's centre crop makes square "
+                    f"images only: resize the folder to {size[0]}x{size[1]} first"
                 )
             return np.asarray(adm_center_crop(image, size[0]))
     except (OSError, ValueError) as error:
@@ -78,7 +83,8 @@ def read_rgb(path: Path, size: tuple[int, int]) -> np.ndarray:
 
 
 def folder_images(root: str | os.PathLike, size: tuple[int, int] | None) -> ImageSource:
-    """The images below `root` (recursively, sorted by path) at `size` (h, w); None = the first image's size."""
+    """The images below `root` (recursively, sorted by path) at `size` (h, w); None = the first
+    image's size."""
     root = Path(root).expanduser()
     paths = files_below(root, IMAGE_EXTENSIONS)
     if not paths:

@@ -1,9 +1,11 @@
-"""Linear probes on frozen features: a grid of heads (learning rate x weight decay) trained in one pass over
-standardised features, the best picked on a validation split carved from train, top-1 reported on test.
+"""Linear probes on frozen features: a grid of heads (learning rate x weight decay) trained in one
+pass over standardised features, the best picked on a validation split carved from train, top-1
+reported on test.
 
-Heads are stacked into one tensor and updated with a hand-written SGD (momentum, cosine decay, per-head rate and
-decay), so twenty heads cost one batched matmul per step. With `pool="attentive"` features every head also learns
-one query that attention-pools the sample's tokens before its linear map (the query starts at zero: a mean).
+Heads are stacked into one tensor and updated with a hand-written SGD (momentum, cosine decay,
+per-head rate and decay), so twenty heads cost one batched matmul per step. With `pool="attentive"`
+features every head also learns one query that attention-pools the sample's tokens before its linear
+map (the query starts at zero: a mean).
 """
 
 from __future__ import annotations
@@ -74,8 +76,8 @@ def check_labels(labels: Tensor, num_classes: int, what: str) -> None:
     unlabelled = int((labels < 0).sum())
     if unlabelled:
         raise ValueError(
-            f"{what} has {unlabelled} of {len(labels)} samples without a label (-1): a linear probe "
-            f"needs every sample in a class sub-folder"
+            f"{what} has {unlabelled} of {len(labels)} samples without a label (-1): a linear "
+            f"probe needs every sample in a class sub-folder"
         )
     if int(labels.max()) >= num_classes:
         raise ValueError(f"{what} has label {int(labels.max())} but only {num_classes} classes")
@@ -98,7 +100,9 @@ def validation_split(num: int, fraction: float, seed: int) -> tuple[Tensor, Tens
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"val_fraction={fraction} must be in (0, 1)")
     if num < 2:
-        raise ValueError(f"the training split has {num} sample(s); a probe needs at least 2 (fit and validation)")
+        raise ValueError(
+            f"the training split has {num} sample(s); a probe needs at least 2 (fit and validation)"
+        )
     order = torch.randperm(num, generator=torch.Generator().manual_seed(seed))
     n_val = min(num - 1, max(1, round(num * fraction)))
     return order[n_val:], order[:n_val]
@@ -113,7 +117,9 @@ class Standardizer:
     """
 
     def __init__(self, features: Features):
-        x = features.x if features.valid is None else features.x[features.valid]  # [M(, N), D] -> [*, D]
+        x = (
+            features.x if features.valid is None else features.x[features.valid]
+        )  # [M(, N), D] -> [*, D]
         x = x.reshape(-1, x.shape[-1]).double()
         self.mean, self.std = x.mean(0).float(), x.std(0).float().clamp_min(1e-6)
 
@@ -122,7 +128,8 @@ class Standardizer:
 
 
 class HeadGrid:
-    """H heads (linear, optionally preceded by an attentive pooling query) evaluated in one batched pass.
+    """H heads (linear, optionally preceded by an attentive pooling query) evaluated in one
+    batched pass.
 
     Args:
         heads: H, the number of heads (one per learning rate and weight decay).
@@ -159,7 +166,9 @@ class HeadGrid:
         return torch.einsum("hbd,hdk->hbk", pooled, self.weight) + self.bias[:, None]
 
     @torch.no_grad()
-    def accuracy(self, x: Tensor, valid: Tensor | None, labels: Tensor, batch_size: int = 1024) -> Tensor:
+    def accuracy(
+        self, x: Tensor, valid: Tensor | None, labels: Tensor, batch_size: int = 1024
+    ) -> Tensor:
         """[H] top-1 of every head.
 
         Args:
@@ -257,7 +266,9 @@ def standardized_splits(
     """
     fit_index, val_index = validation_split(len(train.labels), val_fraction, seed)
     fitting = Features(
-        train.x[fit_index], train.labels[fit_index], None if train.valid is None else train.valid[fit_index]
+        train.x[fit_index],
+        train.labels[fit_index],
+        None if train.valid is None else train.valid[fit_index],
     )
     standardize = Standardizer(fitting)
 

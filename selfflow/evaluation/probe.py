@@ -1,6 +1,6 @@
-"""A whole probe evaluation: features of a frozen model at every (layer, level), one head grid per feature set,
-and the two baselines beside every number (a randomly initialised model of the same architecture, the pooled
-tokenizer input), so that a score is never read alone.
+"""A whole probe evaluation: features of a frozen model at every (layer, level), one head grid per
+feature set, and the two baselines beside every number (a randomly initialised model of the same
+architecture, the pooled tokenizer input), so that a score is never read alone.
 """
 
 from __future__ import annotations
@@ -21,7 +21,12 @@ from selfflow.evaluation.features import (
     check_pool,
     probe_loader,
 )
-from selfflow.evaluation.linear_probe import LEARNING_RATES, WEIGHT_DECAYS, check_num_classes, fit_linear_probe
+from selfflow.evaluation.linear_probe import (
+    LEARNING_RATES,
+    WEIGHT_DECAYS,
+    check_num_classes,
+    fit_linear_probe,
+)
 from selfflow.models.transformer import SelfFlowTransformer
 from selfflow.tokenizers.base import Tokenizer
 
@@ -83,10 +88,11 @@ class FeatureSources:
 
 
 def random_init_like(model: SelfFlowTransformer, seed: int = 0) -> SelfFlowTransformer:
-    """The same architecture with random weights, seeded: what the architecture alone gives. Its own (adaLN-Zero)
-    initialisation would not do: every block starts as the identity there, so its features would be a linear map
-    of the input tokens, the input baseline again. So the blocks' modulation layers are drawn like the other
-    linears (Xavier) and their gates start at 1: each block is a random pre-norm transformer block.
+    """The same architecture with random weights, seeded: what the architecture alone gives. Its own
+    (adaLN-Zero) initialisation would not do: every block starts as the identity there, so its
+    features would be a linear map of the input tokens, the input baseline again. So the blocks'
+    modulation layers are drawn like the other linears (Xavier) and their gates start at 1: each
+    block is a random pre-norm transformer block.
 
     Args:
         model: The trained model whose architecture is copied (its weights are not touched).
@@ -103,12 +109,15 @@ def random_init_like(model: SelfFlowTransformer, seed: int = 0) -> SelfFlowTrans
             modulation = block.adaLN_modulation[-1]
             nn.init.xavier_uniform_(modulation.weight)
             modulation.bias.zero_()
-            modulation.bias.view(6, -1)[2::3] = 1.0  # shift, scale, gate for attention, then for the MLP
+            modulation.bias.view(6, -1)[2::3] = (
+                1.0  # shift, scale, gate for attention, then for the MLP
+            )
     return fresh.eval()
 
 
 def modality_sources(datamodule) -> dict:
-    """{modality: single-modality data module}: the data module itself, or the sources of a multi-modal mixture.
+    """{modality: single-modality data module}: the data module itself, or the sources of a
+    multi-modal mixture.
 
     Args:
         datamodule (LightningDataModule): A single-modality data module or a mixture with `sources`.
@@ -169,7 +178,7 @@ def probe_representations(
     num_workers: int = 0,
     progress: bool = False,
 ) -> list[ProbeRow]:
-    """Probe `model` at every (layer, level) with both baselines; the train split fits, the test split scores.
+    """Probe `model` at every (layer, level) with both baselines (train fits, test scores).
 
     Args:
         model: The frozen model (EMA weights) whose features are probed.

@@ -1,6 +1,7 @@
-"""Do a text-conditioned model's samples follow their prompts? Each prompt names one class ("a handwritten four" ->
-4); samples drawn for it are judged by a local reference classifier, and a prompt is followed when the classifier's
-answer is the prompt's class. `selfflow-prompt-following` runs it from the command line.
+"""Do a text-conditioned model's samples follow their prompts? Each prompt names one class ("a
+handwritten four" -> 4); samples drawn for it are judged by a local reference classifier, and a
+prompt is followed when the classifier's answer is the prompt's class. `selfflow-prompt-following`
+runs it from the command line.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import torch
 
 from selfflow.io.safe_files import write_json_atomically
 
-# per modality: phrasings among the built-in captions' templates, and phrasings never in the training captions
+# per modality: phrasings among the built-in captions' templates, and phrasings never in the
+# training captions
 SEEN_TEMPLATES = {
     "image": ("a handwritten {word}", "the digit {word}"),
     "audio": ("a voice saying {word}", "someone says {word}"),
@@ -59,9 +61,10 @@ def judge(
     seed: int,
     vae=None,
 ) -> tuple[list[dict], torch.Tensor]:
-    """Per-prompt results and the samples ([P * per_prompt, C, H, W] images or [P * per_prompt, 1, S] waves) of
-    the reference classifier's modality; classifier: a loaded reference classifier; vae: a latent
-    model's VAE or autoencoder, named by the user (a path, or {modality: path})."""
+    """Per-prompt results and the samples ([P * per_prompt, C, H, W] images or [P * per_prompt,
+    1, S] waves) of the reference classifier's modality; classifier: a loaded reference
+    classifier; vae: a latent model's VAE or autoencoder, named by the user (a path,
+    or {modality: path})."""
     from selfflow.interop.checkpoint import load_checkpoint
     from selfflow.sampling.generate import NoiseSource, sample_generators, sample_tokens
     from selfflow.sampling.prompted import prompted_condition
@@ -72,16 +75,22 @@ def judge(
     if TEXT not in loaded.tokenizers or modality not in loaded.tokenizers:
         experiment = {"image": "text_digits", "audio": "text_audio_digits"}[modality]
         raise ValueError(
-            f"{ckpt} is not a text-to-{modality} checkpoint, as the {modality} reference classifier "
-            f"needs (its tokenizers: {sorted(loaded.tokenizers)}); train one with selfflow-train "
-            f"experiment={experiment}, or give a reference of its modality"
+            f"{ckpt} is not a text-to-{modality} checkpoint, as the {modality} reference "
+            f"classifier needs (its tokenizers: {sorted(loaded.tokenizers)}); train one with "
+            f"selfflow-train experiment={experiment}, or give a reference of its modality"
         )
     condition = prompted_condition(loaded.tokenizers[TEXT], [p for p, _, _ in prompts], per_prompt)
     noise = NoiseSource(generators=sample_generators(seed, range(condition.batch_size)))
     tokenizer = loaded.tokenizers[modality]
     samples = tokenizer.decode(
         sample_tokens(
-            loaded.model, tokenizer, condition, steps=steps, solver="heun", cfg_scale=cfg_scale, noise=noise
+            loaded.model,
+            tokenizer,
+            condition,
+            steps=steps,
+            solver="heun",
+            cfg_scale=cfg_scale,
+            noise=noise,
         ).tokens
     )
     predicted = classifier.logits(samples).argmax(dim=1).view(len(prompts), per_prompt)
@@ -111,15 +120,25 @@ def summary(results: list[dict], num_classes: int) -> dict:
     }
 
 
-def write_report(out: Path, report: dict, samples: torch.Tensor, classifier, per_prompt: int) -> None:
-    """prompt_following.json, and prompt_grid.png: the modality's preview of every prompt's samples (a row each for
-    images; the first sample of each prompt, titled by it, for audio)."""
+def write_report(
+    out: Path, report: dict, samples: torch.Tensor, classifier, per_prompt: int
+) -> None:
+    """prompt_following.json, and prompt_grid.png: the modality's preview of every prompt's samples
+    (a row each for images; the first sample of each prompt, titled by it, for audio)."""
     from selfflow.sampling.modalities import modality_io
 
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomically(out / "prompt_following.json", report)
     prompts = [row["prompt"] for row in report["prompts"]]
     io = modality_io(classifier.modality)
-    shown = samples if not io.playable else samples.view(len(prompts), per_prompt, *samples.shape[1:])[:, 0]
-    tokenizer = getattr(classifier, "front", None)  # audio: the classifier's mel front knows the sample rate
-    io.preview(shown, out / "prompt_grid.png", tokenizer, nrow=per_prompt, upscale=2, titles=prompts)
+    shown = (
+        samples
+        if not io.playable
+        else samples.view(len(prompts), per_prompt, *samples.shape[1:])[:, 0]
+    )
+    tokenizer = getattr(
+        classifier, "front", None
+    )  # audio: the classifier's mel front knows the sample rate
+    io.preview(
+        shown, out / "prompt_grid.png", tokenizer, nrow=per_prompt, upscale=2, titles=prompts
+    )

@@ -1,11 +1,12 @@
-"""Recognition shares: how many class-conditional samples a local reference classifier names as the class they were
-conditioned on, with the classifiers for the built-in digit sets trained on the spot once and cached by their data
-settings (nothing is downloaded).
+"""Recognition shares: how many class-conditional samples a local reference classifier names as the
+class they were conditioned on, with the classifiers for the built-in digit sets trained on the spot
+once and cached by their data settings (nothing is downloaded).
 
-A built-in set is judged on each label it knows (`JUDGED_LABELS`): the label the run is conditioned on gives the
-`recognised` share (the classifier's top class is the conditioned one); any other label (the moving digits'
-direction in a digit-conditioned run) gives a `clear` share (the classifier's top class has probability >=
-`CLEAR_PROBABILITY`: the clip shows one direction plainly, whichever it is).
+A built-in set is judged on each label it knows (`JUDGED_LABELS`): the label the run is conditioned
+on gives the `recognised` share (the classifier's top class is the conditioned one); any other
+label (the moving digits' direction in a digit-conditioned run) gives a `clear` share (the
+classifier's top class has probability >= `CLEAR_PROBABILITY`: the clip shows one direction
+plainly, whichever it is).
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from selfflow.io.cache_folders import cached_folder
 from selfflow.sampling.generate import generate
 from selfflow.tokens import TEXT, Condition
 
-# the built-in data sets whose reference classifiers train in seconds, the labels their samples are judged on, and
-# each label's classifier settings beyond CLASSIFIER_SETTINGS: a moving digit is named from its frames read one by
-# one (98-99% of real test clips; from the frames stacked as channels, 80-84%), its direction from the stacked frames
+# the built-in data sets whose reference classifiers train in seconds, the labels their samples are
+# judged on, and each label's classifier settings beyond CLASSIFIER_SETTINGS: a moving digit is
+# named from its frames read one by one (98-99% of real test clips; from the frames stacked as
+# channels, 80-84%), its direction from the stacked frames
 JUDGED_LABELS = {
     "selfflow.data.builtin.digits.DigitImages": {"digit": {}},
     "selfflow.data.builtin.moving_digits.MovingDigits": {
@@ -44,10 +46,12 @@ JUDGED_LABELS = {
         "digit": {"epochs": 30}
     },  # 15: 62-94% of real test clips by seed
 }
-DATASET_CLASSES = {target: target.rsplit(".", 1) for target in JUDGED_LABELS}  # the only classes ever built here
+DATASET_CLASSES = {
+    target: target.rsplit(".", 1) for target in JUDGED_LABELS
+}  # the only classes ever built here
 CLEAR_PROBABILITY = 0.5
-# the largest built-in sets built here (each far above its default): a checkpoint's config cannot make the shares
-# generate or allocate without bound
+# the largest built-in sets built here (each far above its default): a checkpoint's config cannot
+# make the shares generate or allocate without bound
 SIZE_LIMITS = {
     "clips_train": 20_000,
     "clips_test": 5_000,
@@ -60,18 +64,35 @@ SIZE_LIMITS = {
     "sample_rate": 48_000,
     "duration": 10.0,
 }
-CLASSIFIER_SETTINGS = {"version": 2, "width": 16, "epochs": 15, "batch_size": 32, "lr": 2e-3, "seed": 0}
-NOT_DATA_SETTINGS = ("_target_", "_partial_", "cache_dir", "on_bad_file", "split", "label", "preload")
+CLASSIFIER_SETTINGS = {
+    "version": 2,
+    "width": 16,
+    "epochs": 15,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "seed": 0,
+}
+NOT_DATA_SETTINGS = (
+    "_target_",
+    "_partial_",
+    "cache_dir",
+    "on_bad_file",
+    "split",
+    "label",
+    "preload",
+)
 
 
 def classifier_settings(dataset_target: str, label: str) -> dict[str, Any]:
-    """The reference classifier's settings for one label of a built-in set: CLASSIFIER_SETTINGS and the label's own."""
+    """The reference classifier's settings for one label of a built-in set: CLASSIFIER_SETTINGS and
+    the label's own."""
     return {**CLASSIFIER_SETTINGS, **JUDGED_LABELS[dataset_target][label]}
 
 
 def reference_key(dataset_config: dict[str, Any], label: str) -> dict[str, Any]:
-    """What a cached reference classifier depends on: the data set's class and generation/reading settings, the
-    label it learns and the classifier's own settings (not where the data is cached or how bad files are handled)."""
+    """What a cached reference classifier depends on: the data set's class and generation/reading
+    settings, the label it learns and the classifier's own settings (not where the data is cached or
+    how bad files are handled)."""
     settings = {k: v for k, v in dataset_config.items() if k not in NOT_DATA_SETTINGS}
     return {
         "dataset": dataset_config["_target_"],
@@ -82,16 +103,22 @@ def reference_key(dataset_config: dict[str, Any], label: str) -> dict[str, Any]:
 
 
 def in_memory(dataset: Dataset, batch_size: int = 256) -> TensorDataset:
-    """Every (sample, label) of `dataset` decoded once into tensors: 15 epochs then cost no decoding."""
-    samples, labels = zip(*((x, torch.as_tensor(y)) for x, y in DataLoader(dataset, batch_size=batch_size)))
+    """Every (sample, label) of `dataset` decoded once into tensors: 15 epochs then cost
+    no decoding."""
+    samples, labels = zip(
+        *((x, torch.as_tensor(y)) for x, y in DataLoader(dataset, batch_size=batch_size))
+    )
     return TensorDataset(torch.cat(samples), torch.cat(labels))
 
 
 def train_reference(
-    train_set: Dataset, test_set: Dataset, modality: str, settings: dict[str, Any] = CLASSIFIER_SETTINGS
+    train_set: Dataset,
+    test_set: Dataset,
+    modality: str,
+    settings: dict[str, Any] = CLASSIFIER_SETTINGS,
 ) -> tuple[ReferenceCNN, float | None]:
-    """A `ReferenceCNN` for `modality` on the labelled sets (their `num_classes` and `class_names`) with `settings`
-    (`classifier_settings`), and its test accuracy."""
+    """A `ReferenceCNN` for `modality` on the labelled sets (their `num_classes` and `class_names`)
+    with `settings` (`classifier_settings`), and its test accuracy."""
     options = {k: v for k, v in settings.items() if k not in ("version", "video_frames")}
     return train_reference_classifier(
         in_memory(train_set),
@@ -110,8 +137,8 @@ def cached_reference(
     cache_dir: str | None,
     device: torch.device | str = "cpu",
 ) -> tuple[ReferenceCNN, float | None]:
-    """(classifier, its test accuracy) stored under `<cache>/reference_classifiers/<hash of key>`, trained by
-    `train()` the first time only."""
+    """(classifier, its test accuracy) stored under `<cache>/reference_classifiers/<hash of key>`,
+    trained by `train()` the first time only."""
 
     def build(folder) -> None:
         model, test_accuracy = train()
@@ -125,7 +152,9 @@ def cached_reference(
 @torch.no_grad()
 def probabilities(classifier: Any, samples: Tensor, batch_size: int = 256) -> Tensor:
     """samples: [B, ...] as the classifier reads them -> class probabilities [B, K]."""
-    return torch.cat([classifier.logits(part).float().softmax(-1).cpu() for part in samples.split(batch_size)])
+    return torch.cat(
+        [classifier.logits(part).float().softmax(-1).cpu() for part in samples.split(batch_size)]
+    )
 
 
 def recognised_share(probs: Tensor, labels: Tensor) -> float:
@@ -138,9 +167,12 @@ def clear_share(probs: Tensor, threshold: float = CLEAR_PROBABILITY) -> float:
     return float((probs.max(-1).values >= threshold).float().mean())
 
 
-def judge(classifiers: dict[str, Any], conditioned_on: str, samples: Tensor, labels: Tensor) -> dict[str, Any]:
-    """One modality's shares: `recognised` by the classifier of the conditioned label, `<label>_clear` by each
-    other label's classifier. classifiers: {label: classifier}; samples: [B, ...]; labels: [B]."""
+def judge(
+    classifiers: dict[str, Any], conditioned_on: str, samples: Tensor, labels: Tensor
+) -> dict[str, Any]:
+    """One modality's shares: `recognised` by the classifier of the conditioned label,
+    `<label>_clear` by each other label's classifier. classifiers: {label: classifier}; samples:
+    [B, ...]; labels: [B]."""
     entry: dict[str, Any] = {"num_samples": len(labels)}
     for label, classifier in classifiers.items():
         probs = probabilities(classifier, samples)
@@ -152,14 +184,20 @@ def judge(classifiers: dict[str, Any], conditioned_on: str, samples: Tensor, lab
 
 
 def dataset_configs(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """{modality: dataset config} of a run's resolved data config: each source of a mixture, or the one dataset."""
+    """{modality: dataset config} of a run's resolved data config: each source of a mixture, or the
+    one dataset."""
     if "sources" in data:
-        return {modality: source["dataset"] for modality, source in data["sources"].items() if "dataset" in source}
+        return {
+            modality: source["dataset"]
+            for modality, source in data["sources"].items()
+            if "dataset" in source
+        }
     return {data["modality"]: data["dataset"]} if "dataset" in data and "modality" in data else {}
 
 
 def judged_sets(data: dict[str, Any], modalities) -> dict[str, dict[str, Any]]:
-    """{modality: dataset config} of the built-in digit sets among a run's data, for the generated `modalities`."""
+    """{modality: dataset config} of the built-in digit sets among a run's data, for the
+    generated `modalities`."""
     return {
         m: c
         for m, c in dataset_configs(data).items()
@@ -168,21 +206,24 @@ def judged_sets(data: dict[str, Any], modalities) -> dict[str, dict[str, Any]]:
 
 
 def check_size_limits(options: dict[str, Any]) -> None:
-    """A ValueError for a built-in set larger than SIZE_LIMITS (numbers, or the length of a list)."""
+    """A ValueError for a built-in set larger than SIZE_LIMITS (numbers, or the length of
+    a list)."""
     for key, limit in SIZE_LIMITS.items():
         value = options.get(key)
         size = len(value) if isinstance(value, (list, tuple)) else value
         if isinstance(size, (int, float)) and size > limit:
             raise ValueError(
-                f"the data config asks for a built-in set with {key}={size}; recognition shares build at most "
-                f"{limit} (SIZE_LIMITS in selfflow/evaluation/recognition.py)"
+                f"the data config asks for a built-in set with {key}={size}; recognition shares "
+                f"build at most {limit} (SIZE_LIMITS in selfflow/evaluation/recognition.py)"
             )
 
 
-def built_in_dataset(dataset_config: dict[str, Any], split: str, label: str, cache_dir: str | None) -> Dataset:
-    """One split of a built-in digit set (a `JUDGED_LABELS` class, nothing else, no larger than SIZE_LIMITS: the
-    config may come from someone else's checkpoint), labelled by `label`, made in `cache_dir` (the caller's, never
-    a path from the config)."""
+def built_in_dataset(
+    dataset_config: dict[str, Any], split: str, label: str, cache_dir: str | None
+) -> Dataset:
+    """One split of a built-in digit set (a `JUDGED_LABELS` class, nothing else, no larger
+    than SIZE_LIMITS: the config may come from someone else's checkpoint), labelled by `label`, made
+    in `cache_dir` (the caller's, never a path from the config)."""
     module_name, class_name = DATASET_CLASSES[dataset_config["_target_"]]
     options = {k: v for k, v in dataset_config.items() if k not in NOT_DATA_SETTINGS}
     check_size_limits(options)
@@ -194,14 +235,21 @@ def built_in_dataset(dataset_config: dict[str, Any], split: str, label: str, cac
 
 
 def reference_classifiers(
-    modality: str, dataset_config: dict[str, Any], cache_dir: str | None, log: Callable[[str], None] = print
+    modality: str,
+    dataset_config: dict[str, Any],
+    cache_dir: str | None,
+    log: Callable[[str], None] = print,
 ) -> tuple[dict[str, ReferenceCNN], dict[str, Any]]:
-    """({label: reference classifier}, {label: its test accuracy}) for one built-in set, trained the first time."""
+    """({label: reference classifier}, {label: its test accuracy}) for one built-in set, trained the
+    first time."""
     classifiers, accuracies = {}, {}
     for label in JUDGED_LABELS[dataset_config["_target_"]]:
 
         def train(label=label):
-            log(f"recognition: training the {modality} reference classifier for {label} (once; cached)")
+            log(
+                f"recognition: training the {modality} reference classifier "
+                f"for {label} (once; cached)"
+            )
             return train_reference(
                 built_in_dataset(dataset_config, "train", label, cache_dir),
                 built_in_dataset(dataset_config, "test", label, cache_dir),
@@ -220,11 +268,19 @@ def reference_classifiers(
 def class_samples(
     model, tokenizer, labels: Tensor, steps: int, cfg_scale: float, seed: int, batch_size: int = 100
 ) -> Tensor:
-    """Decoded samples [B, ...] of `labels` [B] (Euler ODE), `batch_size` at a time, noise fixed by `seed`."""
+    """Decoded samples [B, ...] of `labels` [B] (Euler ODE), `batch_size` at a time, noise fixed
+    by `seed`."""
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     parts = [
-        generate(model, tokenizer, Condition(labels=part), steps=steps, cfg_scale=cfg_scale, generator=generator)
+        generate(
+            model,
+            tokenizer,
+            Condition(labels=part),
+            steps=steps,
+            cfg_scale=cfg_scale,
+            generator=generator,
+        )
         for part in labels.split(batch_size)
     ]
     return torch.cat([part.float().cpu() for part in parts])
@@ -242,15 +298,18 @@ def measure_recognition(
     batch_size: int = 100,
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[str, Any]]:
-    """recognition.json: per judged modality of a class-conditional model, its shares (`judge`) over
-    `samples_per_class` samples of every class, the reference classifiers' test accuracies and the sampler."""
+    """recognition.json: per judged modality of a class-conditional model, its shares (`judge`)
+    over `samples_per_class` samples of every class, the reference classifiers' test accuracies and
+    the sampler."""
     report = {}
     if model.num_classes == 0 or TEXT in tokenizers:
         return report
     for modality, dataset_config in judged_sets(data, tokenizers).items():
         classifiers, accuracies = reference_classifiers(modality, dataset_config, cache_dir, log)
         labels = torch.arange(model.num_classes).repeat_interleave(samples_per_class)
-        samples = class_samples(model, tokenizers[modality], labels, steps, cfg_scale, seed, batch_size)
+        samples = class_samples(
+            model, tokenizers[modality], labels, steps, cfg_scale, seed, batch_size
+        )
         report[modality] = {
             **judge(classifiers, dataset_config.get("label", "digit"), samples, labels),
             "reference_test_accuracy": accuracies,
@@ -265,8 +324,8 @@ def percent(share: float) -> str:
 
 
 def format_recognition(report: dict[str, dict[str, Any]]) -> str:
-    """One line per judged modality, e.g. `  video: 72% of 100 samples recognised as their class (direction clear
-    in 81%)`."""
+    """One line per judged modality, e.g. `  video: 72% of 100 samples recognised as their class
+    (direction clear in 81%)`."""
     lines = []
     for modality, entry in report.items():
         clear = [
@@ -276,7 +335,7 @@ def format_recognition(report: dict[str, dict[str, Any]]) -> str:
         ]
         extra = f" ({', '.join(clear)})" if clear else ""
         lines.append(
-            f"  {modality}: {percent(entry['recognised'])} of {entry['num_samples']} samples recognised "
-            f"as their class{extra}"
+            f"  {modality}: {percent(entry['recognised'])} of {entry['num_samples']} samples "
+            f"recognised as their class{extra}"
         )
     return "\n".join(lines)

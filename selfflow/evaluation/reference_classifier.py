@@ -1,11 +1,13 @@
-"""A small local reference classifier whose penultimate features define the space for sample metrics.
+"""A small local reference classifier whose penultimate features define the space for
+sample metrics.
 
 Trained once per labelled dataset (`selfflow-reference`) and saved as `model.safetensors` +
-`config.json`, so that Frechet distance and classifier accuracy of class-conditional samples need no downloaded
-network. For audio the same CNN reads a fixed log-mel image of each waveform (`MelImage`), and for video the
-frames stacked as channels (`FrameStack`, so the first convolution sees the motion), so generated recordings and
-clips are judged like generated images. Any other local extractor with `features(images) -> [B, D]` (and
-optionally `logits(images)`) plugs into `selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
+`config.json`, so that Frechet distance and classifier accuracy of class-conditional samples need no
+downloaded network. For audio the same CNN reads a fixed log-mel image of each waveform
+(`MelImage`), and for video the frames stacked as channels (`FrameStack`, so the first convolution
+sees the motion), so generated recordings and clips are judged like generated images. Any other
+local extractor with `features(images) -> [B, D]` (and optionally `logits(images)`) plugs into
+`selfflow.evaluation.sample_metrics` by a Hydra `_target_`.
 """
 
 from __future__ import annotations
@@ -29,29 +31,39 @@ WEIGHTS_FILE, CONFIG_FILE = "model.safetensors", "config.json"
 
 def conv_block(channels_in: int, channels_out: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(channels_in, channels_out, 3, padding=1), nn.GroupNorm(min(8, channels_out), channels_out), nn.ReLU()
+        nn.Conv2d(channels_in, channels_out, 3, padding=1),
+        nn.GroupNorm(min(8, channels_out), channels_out),
+        nn.ReLU(),
     )
 
 
 def match_images(images: Tensor, channels: int, image_size: int) -> Tensor:
-    """images: [B, C, H, W] in [0, 1] -> [B, channels, image_size, image_size] (grey <-> RGB, bilinear resize)."""
+    """images: [B, C, H, W] in [0, 1] -> [B, channels, image_size, image_size] (grey <-> RGB,
+    bilinear resize)."""
     if images.shape[1] != channels:
         if images.shape[1] == 1:
             images = images.expand(-1, channels, -1, -1)
         elif channels == 1:
             images = images.mean(1, keepdim=True)
         else:
-            raise ValueError(f"the reference classifier takes {channels}-channel images, got {images.shape[1]}")
+            raise ValueError(
+                f"the reference classifier takes {channels}-channel images, got {images.shape[1]}"
+            )
     if images.shape[-2:] != (image_size, image_size):
         images = F.interpolate(
-            images.float(), size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+            images.float(),
+            size=(image_size, image_size),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
         )
     return images
 
 
 class MelImage(nn.Module):
-    """Waves [B, S] or [B, 1, S] -> log-mel images [B, 1, n_mels, frames] in [0, 1] (a fixed transform, no weights):
-    magnitudes mapped by log(mel + 1e-4), with log(1e-4) -> 0 and log(100) -> 1, clamped."""
+    """Waves [B, S] or [B, 1, S] -> log-mel images [B, 1, n_mels, frames] in [0, 1] (a fixed
+    transform, no weights): magnitudes mapped by log(mel + 1e-4), with log(1e-4) -> 0 and log(100)
+    -> 1, clamped."""
 
     LOG_FLOOR, LOG_CEILING = math.log(1e-4), math.log(100.0)
 
@@ -59,7 +71,12 @@ class MelImage(nn.Module):
         super().__init__()
         import torchaudio
 
-        self.sample_rate, self.num_samples, self.n_mels, self.frames = sample_rate, num_samples, n_mels, frames
+        self.sample_rate, self.num_samples, self.n_mels, self.frames = (
+            sample_rate,
+            num_samples,
+            n_mels,
+            frames,
+        )
         hop = max(1, num_samples // frames)
         self.mel = torchaudio.transforms.MelSpectrogram(
             sample_rate, n_fft=max(64, 4 * hop), hop_length=hop, n_mels=n_mels, power=1.0
@@ -74,7 +91,9 @@ class MelImage(nn.Module):
                 f"({self.num_samples / self.sample_rate:g} s at {self.sample_rate} Hz), got "
                 f"{list(waves.shape)}"
             )
-        log_mel = torch.log(self.mel(waves.float()) + 1e-4)[:, None, :, : self.frames]  # [B, 1, n_mels, frames]
+        log_mel = torch.log(self.mel(waves.float()) + 1e-4)[
+            :, None, :, : self.frames
+        ]  # [B, 1, n_mels, frames]
         return ((log_mel - self.LOG_FLOOR) / (self.LOG_CEILING - self.LOG_FLOOR)).clamp(0, 1)
 
     def pool(self, features: Tensor) -> Tensor:
@@ -90,8 +109,8 @@ class MelImage(nn.Module):
 
 
 class FrameStack(nn.Module):
-    """Clips [B, T, C, H, W] -> images [B, T C, H, W]: the frames as channels (a fixed transform, no weights), so
-    the first convolution sees the motion. `pool` leaves the features as they are."""
+    """Clips [B, T, C, H, W] -> images [B, T C, H, W]: the frames as channels (a fixed transform, no
+    weights), so the first convolution sees the motion. `pool` leaves the features as they are."""
 
     def __init__(self, num_frames: int):
         super().__init__()
@@ -100,7 +119,8 @@ class FrameStack(nn.Module):
     def check(self, clips: Tensor) -> None:
         if clips.ndim != 5 or clips.shape[1] != self.num_frames:
             raise ValueError(
-                f"the video reference classifier takes clips [B, {self.num_frames}, C, H, W], got {list(clips.shape)}"
+                f"the video reference classifier takes clips [B, {self.num_frames}, C, H, "
+                f"W], got {list(clips.shape)}"
             )
 
     def forward(self, clips: Tensor) -> Tensor:
@@ -115,9 +135,9 @@ class FrameStack(nn.Module):
 
 
 class EachFrame(FrameStack):
-    """Clips [B, T, C, H, W] -> images [B T, C, H, W]: every frame read alone, and `pool` averages the frames'
-    features [B T, D] -> [B, D], so a clip is judged by what all its frames show (what it depicts, not how it
-    moves)."""
+    """Clips [B, T, C, H, W] -> images [B T, C, H, W]: every frame read alone, and `pool` averages
+    the frames' features [B T, D] -> [B, D], so a clip is judged by what all its frames show (what
+    it depicts, not how it moves)."""
 
     def forward(self, clips: Tensor) -> Tensor:
         self.check(clips)
@@ -130,20 +150,26 @@ class EachFrame(FrameStack):
         return {"num_frames": self.num_frames, "frames": "each"}
 
 
-VIDEO_FRONTS = {"stacked": FrameStack, "each": EachFrame}  # video={"frames": ...}: how a clip's frames are read
+VIDEO_FRONTS = {
+    "stacked": FrameStack,
+    "each": EachFrame,
+}  # video={"frames": ...}: how a clip's frames are read
 
 
 def video_front(num_frames: int, frames: str = "stacked") -> FrameStack:
     if frames not in VIDEO_FRONTS:
-        raise ValueError(f"video frames={frames!r} is unknown; choose one of {sorted(VIDEO_FRONTS)}")
+        raise ValueError(
+            f"video frames={frames!r} is unknown; choose one of {sorted(VIDEO_FRONTS)}"
+        )
     return VIDEO_FRONTS[frames](num_frames)
 
 
 class ReferenceCNN(nn.Module):
-    """Compact CNN: three conv stages (width, 2 width, 4 width), global average pool -> features [B, 4 width] ->
-    linear classifier. Takes [B, C, H, W] in [0, 1]; other sizes and grey/RGB are adapted on the way in.
-    audio: `MelImage` settings (waves in, instead of images); video: `video_front` settings (clips in): frames
-    "stacked" as channels (then `channels` is frames x clip channels) or "each" read alone and pooled.
+    """Compact CNN: three conv stages (width, 2 width, 4 width), global average pool -> features [B,
+    4 width] -> linear classifier. Takes [B, C, H, W] in [0, 1]; other sizes and grey/RGB are
+    adapted on the way in. audio: `MelImage` settings (waves in, instead of images); video:
+    `video_front` settings (clips in): frames "stacked" as channels (then `channels` is frames x
+    clip channels) or "each" read alone and pooled.
     """
 
     def __init__(
@@ -158,12 +184,22 @@ class ReferenceCNN(nn.Module):
     ):
         super().__init__()
         if audio and video:
-            raise ValueError("a reference classifier reads waves (audio) or clips (video), not both")
+            raise ValueError(
+                "a reference classifier reads waves (audio) or clips (video), not both"
+            )
         self.front = MelImage(**audio) if audio else video_front(**video) if video else None
         self.modality = "audio" if audio else "video" if video else "image"
         if num_classes < 2:
-            raise ValueError(f"a reference classifier needs a labelled dataset with >= 2 classes, got {num_classes}")
-        self.num_classes, self.channels, self.image_size, self.width = num_classes, channels, image_size, width
+            raise ValueError(
+                f"a reference classifier needs a labelled dataset with >= 2 "
+                f"classes, got {num_classes}"
+            )
+        self.num_classes, self.channels, self.image_size, self.width = (
+            num_classes,
+            channels,
+            image_size,
+            width,
+        )
         self.class_names = list(class_names or [str(i) for i in range(num_classes)])
         self.body = nn.Sequential(
             conv_block(channels, width),
@@ -183,18 +219,20 @@ class ReferenceCNN(nn.Module):
         return 4 * self.width
 
     def prepare(self, inputs: Tensor) -> Tensor:
-        """Images [B, C, H, W] in [0, 1] (waves [B, (1,) S] for audio, clips [B, T, C, H, W] for video) ->
-        [B', channels, S, S] in [0, 1] (B' = B T for frames read each alone)."""
+        """Images [B, C, H, W] in [0, 1] (waves [B, (1,) S] for audio, clips [B, T, C, H, W] for
+        video) -> [B', channels, S, S] in [0, 1] (B' = B T for frames read each alone)."""
         inputs = inputs.to(self.head.weight.device, torch.float32)
         return self.prepare_images(self.front(inputs) if self.front is not None else inputs)
 
     def prepare_images(self, images: Tensor) -> Tensor:
         """Images [B, C, H, W] as the front gives them (or single frames) -> [B, channels, S, S]."""
-        return match_images(images.to(self.head.weight.device, torch.float32), self.channels, self.image_size)
+        return match_images(
+            images.to(self.head.weight.device, torch.float32), self.channels, self.image_size
+        )
 
     def features_of_prepared(self, images: Tensor) -> Tensor:
-        """images: [B', channels, S, S] as `prepare` gives them -> features [B, 4 width] (a clip's frames read
-        alone are pooled into one)."""
+        """images: [B', channels, S, S] as `prepare` gives them -> features [B, 4 width] (a clip's
+        frames read alone are pooled into one)."""
         features = self.body(images * 2 - 1)
         return features if self.front is None else self.front.pool(features)
 
@@ -216,7 +254,10 @@ class ReferenceCNN(nn.Module):
             "width": self.width,
             "class_names": self.class_names,
             "modality": self.modality,
-            **{kind: self.front.config() if self.modality == kind else None for kind in ("audio", "video")},
+            **{
+                kind: self.front.config() if self.modality == kind else None
+                for kind in ("audio", "video")
+            },
         }
 
     def save(self, folder: str | os.PathLike, **info: Any) -> Path:
@@ -232,8 +273,11 @@ class ReferenceCNN(nn.Module):
         return folder
 
 
-def load_reference_classifier(path: str | os.PathLike, device: str | torch.device = "cpu") -> ReferenceCNN:
-    """The classifier saved by `ReferenceCNN.save` (a folder with model.safetensors and config.json), in eval mode."""
+def load_reference_classifier(
+    path: str | os.PathLike, device: str | torch.device = "cpu"
+) -> ReferenceCNN:
+    """The classifier saved by `ReferenceCNN.save` (a folder with model.safetensors and
+    config.json), in eval mode."""
     from safetensors.torch import load_file
 
     folder = Path(path).expanduser()
@@ -260,12 +304,15 @@ def load_reference_classifier(path: str | os.PathLike, device: str | torch.devic
     try:
         model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     except RuntimeError as error:
-        raise ValueError(f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE}: {error}") from error
+        raise ValueError(
+            f"{folder / WEIGHTS_FILE} does not fit the architecture in {CONFIG_FILE}: {error}"
+        ) from error
     return model.to(device).eval()
 
 
 def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> Tensor:
-    """Translate a batch by up to `max_shift` pixels (edge padding): cheap augmentation against overfitting."""
+    """Translate a batch by up to `max_shift` pixels (edge padding): cheap augmentation
+    against overfitting."""
     if max_shift == 0:
         return images
     dy, dx = (int(v) for v in torch.randint(-max_shift, max_shift + 1, (2,), generator=generator))
@@ -275,8 +322,8 @@ def random_shift(images: Tensor, max_shift: int, generator: torch.Generator) -> 
 
 
 class FramesOf(Dataset):
-    """The frames of a clip dataset as samples of their own: item i is frame i % T of clip i // T ([C, H, W]),
-    labelled as its clip."""
+    """The frames of a clip dataset as samples of their own: item i is frame i % T of clip i // T
+    ([C, H, W]), labelled as its clip."""
 
     def __init__(self, clips: Dataset, num_frames: int):
         self.clips, self.num_frames = clips, num_frames
@@ -317,20 +364,32 @@ def train_reference_classifier(
     audio: dict[str, int] | None = None,
     video: dict[str, int] | None = None,
 ) -> tuple[ReferenceCNN, float | None]:
-    """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its test accuracy.
+    """Train a `ReferenceCNN` with AdamW and a cosine schedule; returns it (eval mode) and its
+    test accuracy.
 
-    audio: `MelImage` settings when the datasets give waves (then `channels` is 1 and `image_size` the square the
-    log-mel image is resized to); video: `video_front` settings when they give clips (frames read "each" alone
-    are learnt as samples of their own: then `batch_size` counts frames)."""
+    audio: `MelImage` settings when the datasets give waves (then `channels` is 1 and
+    `image_size` the square the log-mel image is resized to); video: `video_front` settings when
+    they give clips (frames read "each" alone are learnt as samples of their own: then
+    `batch_size` counts frames)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    model = ReferenceCNN(num_classes, channels, image_size, width, class_names, audio, video).to(device)
+    model = ReferenceCNN(num_classes, channels, image_size, width, class_names, audio, video).to(
+        device
+    )
     prepare = model.prepare
-    if isinstance(model.front, EachFrame):  # learn from frames of many clips per batch (a batch of a few clips'
-        train_set = FramesOf(train_set, model.front.num_frames)  # frames barely learns), judge whole clips
+    if isinstance(
+        model.front, EachFrame
+    ):  # learn from frames of many clips per batch (a batch of a few clips'
+        train_set = FramesOf(
+            train_set, model.front.num_frames
+        )  # frames barely learns), judge whole clips
         prepare = model.prepare_images
     loader = DataLoader(
-        train_set, batch_size=batch_size, shuffle=True, drop_last=len(train_set) > batch_size, generator=generator
+        train_set,
+        batch_size=batch_size,
+        shuffle=True,
+        drop_last=len(train_set) > batch_size,
+        generator=generator,
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, epochs * len(loader)))
@@ -349,18 +408,23 @@ def train_reference_classifier(
     return model.eval(), test_accuracy
 
 
-def reference_input(dataset: Dataset, modality: str, video_frames: str = "stacked") -> dict[str, Any]:
-    """What the classifier reads, from the dataset's own geometry: images as they are ([C, S, S]); recordings as a
-    fixed 32 x 32 log-mel image of `num_samples` at `sample_rate` (`MelImage`); clips with their frames stacked as
-    channels ([T C, S, S], `FrameStack`: motion) or, video_frames="each", every frame alone ([C, S, S],
-    `EachFrame`: what the frames show)."""
+def reference_input(
+    dataset: Dataset, modality: str, video_frames: str = "stacked"
+) -> dict[str, Any]:
+    """What the classifier reads, from the dataset's own geometry: images as they are ([C, S, S]);
+    recordings as a fixed 32 x 32 log-mel image of `num_samples` at `sample_rate` (`MelImage`);
+    clips with their frames stacked as channels ([T C, S, S], `FrameStack`: motion) or,
+    video_frames="each", every frame alone ([C, S, S], `EachFrame`: what the frames show)."""
     if modality == "image":
         return {"channels": int(dataset.channels), "image_size": int(dataset.image_size)}
     if modality == "audio":
         return {
             "channels": 1,
             "image_size": 32,
-            "audio": {"sample_rate": int(dataset.sample_rate), "num_samples": int(dataset.num_samples)},
+            "audio": {
+                "sample_rate": int(dataset.sample_rate),
+                "num_samples": int(dataset.num_samples),
+            },
         }
     if modality == "video":
         front = video_front(int(dataset.num_frames), video_frames)
@@ -371,6 +435,6 @@ def reference_input(dataset: Dataset, modality: str, video_frames: str = "stacke
             "video": front.config(),
         }
     raise ValueError(
-        f"the reference classifier judges images, video or audio; this data gives {modality!r} samples "
-        f"(for a multi-modal run pick one: experiment=digits, video_digits or audio_digits)"
+        f"the reference classifier judges images, video or audio; this data gives {modality!r} "
+        f"samples (for a multi-modal run pick one: experiment=digits, video_digits or audio_digits)"
     )

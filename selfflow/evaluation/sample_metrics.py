@@ -1,5 +1,6 @@
-"""Metrics of generated images in a local extractor's feature space: Frechet distance to real data, and the
-accuracy with which the extractor (a classifier) recognises the class each sample was conditioned on.
+"""Metrics of generated images in a local extractor's feature space: Frechet distance to real data,
+and the accuracy with which the extractor (a classifier) recognises the class each sample was
+conditioned on.
 
 An extractor is any object with `features(images: [B, C, H, W] in [0, 1]) -> [B, D]`; if it also has
 `logits(images) -> [B, K]`, class-conditional samples get an accuracy.
@@ -28,7 +29,8 @@ class FeatureAccumulator:
 
     @torch.no_grad()
     def add(self, images: Tensor, labels: Tensor | None = None) -> None:
-        """images: [B, C, H, W] in [0, 1]; labels: [B], where labels outside the classifier's classes are ignored."""
+        """images: [B, C, H, W] in [0, 1]; labels: [B], where labels outside the classifier's
+        classes are ignored."""
         self.features.append(self.extractor.features(images).float().cpu())
         logits = getattr(self.extractor, "logits", None)
         if labels is None or logits is None:
@@ -51,7 +53,8 @@ class FeatureAccumulator:
 def dataset_features(
     extractor: Any, dataset: Dataset, batch_size: int = 256, limit: int | None = None
 ) -> FeatureAccumulator:
-    """Features and classifier accuracy of a labelled dataset of `(image, label)` (e.g. a run's test split)."""
+    """Features and classifier accuracy of a labelled dataset of `(image, label)` (e.g. a run's
+    test split)."""
     accumulator = FeatureAccumulator(extractor)
     seen = 0
     for images, labels in DataLoader(dataset, batch_size=batch_size):
@@ -63,7 +66,8 @@ def dataset_features(
 
 
 def sample_metrics(samples: FeatureAccumulator, real: FeatureAccumulator) -> dict[str, Any]:
-    """The numbers for metrics.json: FD of samples to real data, both accuracies, and the counts behind them."""
+    """The numbers for metrics.json: FD of samples to real data, both accuracies, and the counts
+    behind them."""
     return {
         "frechet_distance": frechet_distance_of(samples.stats(), real.stats()),
         "classifier_accuracy": samples.accuracy,
@@ -84,9 +88,10 @@ def reference_metrics(
     source: str = "the checkpoint",
     max_real: int | None = None,
 ) -> tuple[Any, FeatureAccumulator]:
-    """(extractor, features of the real data) for `selfflow-sample metrics=true`: the extractor is the reference
-    classifier in `reference` (a `selfflow-reference` folder) unless one is given; the real data is `real_set`, else
-    the test split of the checkpoint's stored data config (`stored_data`, built through the allow-list)."""
+    """(extractor, features of the real data) for `selfflow-sample metrics=true`: the extractor is
+    the reference classifier in `reference` (a `selfflow-reference` folder) unless one is given; the
+    real data is `real_set`, else the test split of the checkpoint's stored data config
+    (`stored_data`, built through the allow-list)."""
     from selfflow.evaluation.reference_classifier import load_reference_classifier
     from selfflow.safe_config import instantiate_stored
 
@@ -99,14 +104,15 @@ def reference_metrics(
         extractor = load_reference_classifier(reference, device)
         if extractor.modality != modality:
             raise ValueError(
-                f"reference={reference} judges {extractor.modality}, but this run samples {modality}; "
-                f"train one on the run's data: selfflow-reference out=DIR <its data overrides>"
+                f"reference={reference} judges {extractor.modality}, but this run samples "
+                f"{modality}; train one on the run's data: selfflow-reference "
+                f"out=DIR <its data overrides>"
             )
     if real_set is None:
         if stored_data is None or "dataset" not in stored_data:
             raise ValueError(
-                "metrics=true cannot find real samples: this checkpoint stores no data config; pass "
-                "metrics_data={_target_: ...} (a dataset of (sample, label))"
+                "metrics=true cannot find real samples: this checkpoint stores no data config; "
+                "pass metrics_data={_target_: ...} (a dataset of (sample, label))"
             )
         real_set = instantiate_stored(stored_data.dataset, source, "data.dataset")(split="test")
     return extractor, dataset_features(extractor, real_set, limit=max_real)

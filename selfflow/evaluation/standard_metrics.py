@@ -1,13 +1,15 @@
-"""FID, sFID, Inception Score, precision and recall as the ADM evaluation suite defines them (openai/guided-diffusion
-`evaluations/evaluator.py`, the numbers DiT, SiT, REPA and Self-Flow report), with torch-fidelity's maths.
+"""FID, sFID, Inception Score, precision and recall as the ADM evaluation suite defines them
+(openai/guided-diffusion `evaluations/evaluator.py`, the numbers DiT, SiT, REPA and Self-Flow
+report), with torch-fidelity's maths.
 
 - FID: Frechet distance of the Gaussians (mean, covariance) of the pool_3 features [N, 2048].
 - sFID: the same on the spatial features mixed_6/conv[..., :7] [N, 2023].
-- Inception Score: softmax of the bias-free logits, exp(mean KL(p(y|x) || p(y))) in consecutive splits of 5,000
-  samples (the last split may be shorter), averaged over the splits; samples only.
-- Precision / recall (Kynkaanniemi et al., k = 3): a point is on a set's manifold if it lies within the distance to
-  the k-th nearest neighbour (itself excluded) of some point of that set; precision is the share of samples on the
-  reference manifold, recall the share of reference images on the sample manifold; pool_3 features.
+- Inception Score: softmax of the bias-free logits, exp(mean KL(p(y|x) || p(y))) in consecutive
+  splits of 5,000 samples (the last split may be shorter), averaged over the splits; samples only.
+- Precision / recall (Kynkaanniemi et al., k = 3): a point is on a set's manifold if it lies within
+  the distance to the k-th nearest neighbour (itself excluded) of some point of that set; precision
+  is the share of samples on the reference manifold, recall the share of reference images on the
+  sample manifold; pool_3 features.
 """
 
 from __future__ import annotations
@@ -46,12 +48,15 @@ def frechet_distance(a: GaussianStats, b: GaussianStats) -> float:
 
     if a.mu.shape != b.mu.shape:
         raise ValueError(f"statistics of different features: {a.mu.shape} vs {b.mu.shape}")
-    as_float64 = [{"mu": s.mu.astype(np.float64), "sigma": s.sigma.astype(np.float64)} for s in (a, b)]
+    as_float64 = [
+        {"mu": s.mu.astype(np.float64), "sigma": s.sigma.astype(np.float64)} for s in (a, b)
+    ]
     return float(fid_statistics_to_metric(*as_float64, verbose=False)[KEY_METRIC_FID])
 
 
 def inception_score(logits: Tensor, split_size: int = IS_SPLIT_SIZE) -> float:
-    """logits: [N, 1008] -> the mean of the per-split scores, splits of `split_size` consecutive samples."""
+    """logits: [N, 1008] -> the mean of the per-split scores, splits of `split_size`
+    consecutive samples."""
     from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, isc_features_to_metric
 
     scores = [
@@ -64,25 +69,34 @@ def inception_score(logits: Tensor, split_size: int = IS_SPLIT_SIZE) -> float:
 def precision_recall(
     samples: Tensor, ref: Tensor, neighbours: int = NEIGHBOURS, batch_size: int = 10000
 ) -> tuple[float, float]:
-    """samples: [N, D], ref: [M, D] pool_3 features (on the device that computes the distances, in blocks of
-    `batch_size` rows) -> (precision, recall)."""
-    from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+    """samples: [N, D], ref: [M, D] pool_3 features (on the device that computes the distances, in
+    blocks of `batch_size` rows) -> (precision, recall)."""
+    from torch_fidelity.metric_prc import (
+        KEY_METRIC_PRECISION,
+        KEY_METRIC_RECALL,
+        prc_features_to_metric,
+    )
 
     if min(len(samples), len(ref)) <= neighbours:
         raise ValueError(
-            f"precision/recall with k={neighbours} need more than {neighbours} images on each side, "
-            f"got {len(samples)} samples and {len(ref)} reference images"
+            f"precision/recall with k={neighbours} need more than {neighbours} images on each "
+            f"side, got {len(samples)} samples and {len(ref)} reference images"
         )
     out = prc_features_to_metric(
-        samples, ref, prc_neighborhood=neighbours, prc_batch_size=batch_size, save_cpu_ram=True, verbose=False
+        samples,
+        ref,
+        prc_neighborhood=neighbours,
+        prc_batch_size=batch_size,
+        save_cpu_ram=True,
+        verbose=False,
     )
     return float(out[KEY_METRIC_PRECISION]), float(out[KEY_METRIC_RECALL])
 
 
 @dataclass(kw_only=True)
 class EvalSet:
-    """One side of the comparison: its statistics, and the per-image features the other metrics need where the
-    side has them (a statistics-only reference has none)."""
+    """One side of the comparison: its statistics, and the per-image features the other metrics need
+    where the side has them (a statistics-only reference has none)."""
 
     name: str
     pool_stats: GaussianStats
@@ -94,9 +108,13 @@ class EvalSet:
 
 
 def standard_metrics(
-    samples: EvalSet, ref: EvalSet, device: str | torch.device = "cpu", distance_batch_size: int = 10000
+    samples: EvalSet,
+    ref: EvalSet,
+    device: str | torch.device = "cpu",
+    distance_batch_size: int = 10000,
 ) -> dict[str, Any]:
-    """The numbers of metrics.json; a metric whose inputs one side lacks is None, with a note saying why."""
+    """The numbers of metrics.json; a metric whose inputs one side lacks is None, with a note
+    saying why."""
     from selfflow.evaluation.inception import full_float32
 
     notes = []
@@ -110,7 +128,9 @@ def standard_metrics(
     if samples.logits is not None:
         inception = inception_score(samples.logits)
     else:
-        notes.append(f"inception_score: {samples.name} holds statistics only; it needs the sample images")
+        notes.append(
+            f"inception_score: {samples.name} holds statistics only; it needs the sample images"
+        )
     precision = recall = None
     if samples.pool is not None and ref.pool is not None:
         with full_float32():

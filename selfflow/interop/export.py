@@ -39,9 +39,12 @@ __all__ = [
 
 
 def check_export_target(folder: Path, overwrite: bool) -> None:
-    """Refuse to write onto a file, or into a folder that already holds something, unless `overwrite`."""
+    """Refuse to write onto a file, or into a folder that already holds something,
+    unless `overwrite`."""
     if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} exists and is not a folder; choose a new folder for the export")
+        raise FileExistsError(
+            f"{folder} exists and is not a folder; choose a new folder for the export"
+        )
     if not overwrite and folder.is_dir() and any(folder.iterdir()):
         raise FileExistsError(
             f"{folder} already exists and is not empty; choose a new folder, or pass --overwrite "

@@ -31,8 +31,8 @@ REPO_ID = re.compile(r"^[\w][\w.-]*/[\w][\w.-]*$")
 MACHINE_PATH = re.compile(r"(^|[:=,\s])(/|~|[A-Za-z]:[\\/])")
 CITATION = """@inproceedings{chefer2026selfflow,
   title     = {Self-Supervised Flow Matching for Scalable Multi-Modal Synthesis},
-  author    = {Chefer, Hila and Esser, Patrick and Lorenz, Dominik and Podell, Dustin and Raja, Vikash and
-               Tong, Vinh and Torralba, Antonio and Rombach, Robin},
+  author    = {Chefer, Hila and Esser, Patrick and Lorenz, Dominik and Podell, Dustin and
+               Raja, Vikash and Tong, Vinh and Torralba, Antonio and Rombach, Robin},
   booktitle = {International Conference on Machine Learning (ICML)},
   year      = {2026},
   eprint    = {2603.06507},
@@ -159,7 +159,9 @@ def model_card(meta: dict, metrics: dict[str, float] | None = None) -> str:
         tags=tags,
         modalities=", ".join(modalities),
         step=meta.get("step", 0),
-        training=_rows({"steps": meta.get("step", 0), "weights": meta.get("weights", "ema"), **data_rows}),
+        training=_rows(
+            {"steps": meta.get("step", 0), "weights": meta.get("weights", "ema"), **data_rows}
+        ),
         model=_rows(model),
         objective=_rows(objective),
         measured=measured,
@@ -195,7 +197,10 @@ def resolve_pretrained(
         needs = "needs huggingface_hub: pip install 'selfflow[hub]'"
         raise ModuleNotFoundError(f"loading {name} by repo id {needs}") from None
     # the local cache only (no network call exists on this path): selfflow never downloads
-    cached = [try_to_load_from_cache(repo_id, f, revision=revision) for f in (EXPORT_WEIGHTS, EXPORT_CONFIG)]
+    cached = [
+        try_to_load_from_cache(repo_id, f, revision=revision)
+        for f in (EXPORT_WEIGHTS, EXPORT_CONFIG)
+    ]
     if not all(isinstance(found, str) for found in cached):
         raise FileNotFoundError(
             f"{name} is not a local folder, and the hub repo {repo_id} is not in the local hub "

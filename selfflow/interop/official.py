@@ -1,21 +1,22 @@
-"""Import of the released Self-Flow ImageNet checkpoint (SiT-XL/2 layout, per-token timesteps) into selfflow.
+"""Import of the released Self-Flow ImageNet checkpoint (SiT-XL/2 layout, per-token timesteps)
+into selfflow.
 
-The released model takes pre-patchified latent tokens `x: [B, 256, 16]` in (c p1 p2) order (4 SD-VAE channels,
-patch 2, a 16 x 16 grid), embeds `1 - t` where t is the paper's level (0 data, 1 noise) and returns the *negated*
-network output, whose 8 channels per patch position come in (p q c) order with only c < 4 used (learn_sigma).
-Its velocity is therefore the paper's `x1 - x0`.
+The released model takes pre-patchified latent tokens `x: [B, 256, 16]` in (c p1 p2) order (4 SD-VAE
+channels, patch 2, a 16 x 16 grid), embeds `1 - t` where t is the paper's level (0 data, 1 noise)
+and returns the *negated* network output, whose 8 channels per patch position come in (p q c) order
+with only c < 4 used (learn_sigma). Its velocity is therefore the paper's `x1 - x0`.
 
-The conversion makes a plain `SelfFlowTransformer` (pos_embed=sincos, time_scale=1, 1000 classes + null class
-1000) that computes exactly that velocity in selfflow's own convention, so that sampling, probing and fine-tuning
-need no special case:
+The conversion makes a plain `SelfFlowTransformer` (pos_embed=sincos, time_scale=1, 1000 classes +
+null class 1000) that computes exactly that velocity in selfflow's own convention, so that sampling,
+probing and fine-tuning need no special case:
 - the final linear keeps the rows of c < 4, reordered to (c p q), and negated (the sign);
-- the time flip is folded into the first timestep-MLP weight: the sin/cos features of `1 - t` are a fixed linear
-  map (a rotation per frequency) of those of `t`, computed in float64.
+- the time flip is folded into the first timestep-MLP weight: the sin/cos features of `1 - t` are a
+  fixed linear map (a rotation per frequency) of those of `t`, computed in float64.
 
-`save_official` is the inverse: a selfflow model in those conventions (`experiment=imagenet256`) becomes a state
-dict that the released model code loads with `strict=True` (`pos_embed` buffer, zero learn_sigma rows, the
-projector from the objective's head), and `initialize_from_official` starts training from the released weights
-(`selfflow-train init=official:PATH`).
+`save_official` is the inverse: a selfflow model in those conventions (`experiment=imagenet256`)
+becomes a state dict that the released model code loads with `strict=True` (`pos_embed` buffer, zero
+learn_sigma rows, the projector from the objective's head), and `initialize_from_official` starts
+training from the released weights (`selfflow-train init=official:PATH`).
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ MAX_RELEASED_DEPTH, MAX_RELEASED_WIDTH = 512, 16384  # the released model: 28 bl
 # which of a file's nested weights to load (official_weights=...): `model`, as the released sampler
 # does, or `ema`
 OFFICIAL_WEIGHTS = ("model", "ema")
-OFFICIAL_PREFIX = "official:"  # ckpt=official:PATH (selfflow-sample), init=official:PATH (selfflow-train)
+OFFICIAL_PREFIX = (
+    "official:"  # ckpt=official:PATH (selfflow-sample), init=official:PATH (selfflow-train)
+)
 
 
 def read_state_dict(
@@ -92,21 +95,25 @@ def read_state_dict(
             else:
                 state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise ValueError(f"cannot load {path} safely: {type(error).__name__}: {error}") from error
+            raise ValueError(
+                f"cannot load {path} safely: {type(error).__name__}: {error}"
+            ) from error
     for key in (weights, *WRAPPER_KEYS):
         if isinstance(state.get(key), dict) and "x_embedder.proj.weight" not in state:
             state = state[key]
     state = {k.removeprefix("module."): v for k, v in state.items()}
     if "x_embedder.proj.weight" not in state:
         raise ValueError(
-            "this state dict is not in the released Self-Flow layout (no 'x_embedder.proj.weight'); "
-            "for selfflow's own checkpoints use ckpt=PATH without official:"
+            "this state dict is not in the released Self-Flow layout (no "
+            "'x_embedder.proj.weight'); for selfflow's own checkpoints use "
+            "ckpt=PATH without official:"
         )
     return state
 
 
 def time_flip_matrix(frequency_dim: int = FREQUENCY_DIM, max_period: float = 10000.0) -> Tensor:
-    """A [F, F] float64 matrix with features(1 - t) = A @ features(t) for the (cos, sin) timestep features."""
+    """A [F, F] float64 matrix with features(1 - t) = A @ features(t) for the (cos, sin)
+    timestep features."""
     half = frequency_dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float64) / half)
     cos, sin = torch.diag(freqs.cos()), torch.diag(freqs.sin())
@@ -115,7 +122,8 @@ def time_flip_matrix(frequency_dim: int = FREQUENCY_DIM, max_period: float = 100
 
 
 def output_rows(patch_size: int, out_channels: int, keep_channels: int) -> Tensor:
-    """Indices of the released final-layer rows, (p q c) order, that give our (c p q) rows for c < keep_channels."""
+    """Indices of the released final-layer rows, (p q c) order, that give our (c p q) rows for c
+    < keep_channels."""
     index = torch.arange(patch_size * patch_size * out_channels)
     index = rearrange(index, "(p q c) -> c p q", p=patch_size, q=patch_size, c=out_channels)
     return rearrange(index[:keep_channels], "c p q -> (c p q)")
@@ -163,8 +171,8 @@ def describe_layout(
     if token_channels != latent_channels * patch_size**2:
         raise ValueError(
             f"x_embedder.proj takes {token_channels} channels per token, not latent_channels * "
-            f"patch_size^2 = {latent_channels * patch_size**2}; pass the checkpoint's patch_size and "
-            f"latent_channels"
+            f"patch_size^2 = {latent_channels * patch_size**2}; pass the checkpoint's patch_size "
+            f"and latent_channels"
         )
     out = state["final_layer.linear.weight"].shape[0] // patch_size**2
     if out not in (latent_channels, 2 * latent_channels):
@@ -214,7 +222,8 @@ def released_transformer(
 def convert_state_dict(
     state: dict[str, Tensor], layout: dict[str, int], patch_size: int, latent_channels: int
 ) -> dict[str, Tensor]:
-    """Released keys -> `SelfFlowTransformer` keys (modality "image"), flip and sign folded in (float64 math)."""
+    """Released keys -> `SelfFlowTransformer` keys (modality "image"), flip and sign folded in
+    (float64 math)."""
     rows = output_rows(patch_size, layout["out_channels"], latent_channels)
     flip = time_flip_matrix(state["t_embedder.mlp.0.weight"].shape[1])
     converted = {
@@ -230,7 +239,9 @@ def convert_state_dict(
         "final_layers.image.linear.bias": -state["final_layer.linear.bias"][rows],
     }
     for kind in ("weight", "bias"):
-        converted[f"final_layers.image.adaLN_modulation.1.{kind}"] = state[f"final_layer.adaLN_modulation.1.{kind}"]
+        converted[f"final_layers.image.adaLN_modulation.1.{kind}"] = state[
+            f"final_layer.adaLN_modulation.1.{kind}"
+        ]
         for i in range(layout["depth"]):
             for ours, theirs in BLOCK_LINEARS:
                 converted[f"blocks.{i}.{ours}.{kind}"] = state[f"blocks.{i}.{theirs}.{kind}"]
@@ -238,8 +249,9 @@ def convert_state_dict(
 
 
 class OfficialSelfFlow(nn.Module):
-    """The released model as selfflow modules: `model` (a SelfFlowTransformer in selfflow's convention) and the
-    self-distillation `projector`. `forward(x, t, y)` is the released model's forward in the paper's convention.
+    """The released model as selfflow modules: `model` (a SelfFlowTransformer in selfflow's
+    convention) and the self-distillation `projector`. `forward(x, t, y)` is the released model's
+    forward in the paper's convention.
     """
 
     def __init__(
@@ -253,7 +265,8 @@ class OfficialSelfFlow(nn.Module):
         super().__init__()
         self.model, self.projector = model, projector
         self.grid, self.patch_size, self.latent_channels = grid, patch_size, latent_channels
-        # the released tokens are (c p q) patches of the latent grid in row-major order: our image patch layout
+        # the released tokens are (c p q) patches of the latent grid in row-major order: our image
+        # patch layout
         self.patches = ImagePatchTokenizer(patch_size, latent_channels, grid * patch_size)
 
     @property
@@ -265,18 +278,24 @@ class OfficialSelfFlow(nn.Module):
         return self.model.null_class
 
     def forward(self, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-        """x: [B, N, C p p] tokens in (c p q) order; t: [B] or [B, N] levels (0 data, 1 noise); y: [B] labels
-        (1000 = null) -> velocity x1 - x0, [B, N, C p p]."""
+        """x: [B, N, C p p] tokens in (c p q) order; t: [B] or [B, N] levels (0 data, 1 noise); y:
+        [B] labels (1000 = null) -> velocity x1 - x0, [B, N, C p p]."""
         b, n, _ = x.shape
         if n != self.grid**2:
-            raise ValueError(f"the released model takes {self.grid**2} tokens ({self.grid}x{self.grid}), got {n}")
+            raise ValueError(
+                f"the released model takes {self.grid**2} tokens ({self.grid}x{self.grid}), got {n}"
+            )
         pos = self.patches.positions(b, x.device)
         if t.dim() == 1:
             return self.model.velocity(x, t, pos, Condition(labels=y), "image")
-        levels, index = distinct_levels(t)  # the modulation MLPs run on each sample's few distinct levels, not on N
+        levels, index = distinct_levels(
+            t
+        )  # the modulation MLPs run on each sample's few distinct levels, not on N
         return self.model(Tokens(x, pos, "image"), levels, index, Condition(labels=y)).velocity
 
-    def velocity(self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition, modality: str = "image") -> Tensor:
+    def velocity(
+        self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition, modality: str = "image"
+    ) -> Tensor:
         """The interface `selfflow.sampling.generate` calls (one level per sample)."""
         return self.model.velocity(x, t, pos, condition, "image")
 
@@ -298,14 +317,18 @@ def load_official(
         source = str(path_or_state_dict)
     layout = describe_layout(state, patch_size, latent_channels, source)
     if layout["width"] % heads:
-        raise ValueError(f"width {layout['width']} is not divisible by heads={heads}; pass the checkpoint's heads")
+        raise ValueError(
+            f"width {layout['width']} is not divisible by heads={heads}; "
+            f"pass the checkpoint's heads"
+        )
     pos = ImagePatchTokenizer(patch_size, latent_channels, layout["grid"] * patch_size).positions(1)
     expected = sincos_2d(pos, layout["width"])[0]
     stored = state["pos_embed"].reshape(-1, layout["width"]).float()
     if not torch.allclose(stored, expected, atol=1e-4):
         raise ValueError(
             "pos_embed of this checkpoint is not the fixed 2D sin-cos grid the released model uses "
-            f"(max difference {(stored - expected).abs().max():.3g}); it cannot be converted exactly"
+            f"(max difference {(stored - expected).abs().max():.3g}); it "
+            f"cannot be converted exactly"
         )
     try:
         converted = convert_state_dict(state, layout, patch_size, latent_channels)
@@ -317,14 +340,23 @@ def load_official(
         hidden = state["projector.linear1.weight"].shape[0]
         projector = ProjectionHead(layout["width"], hidden // layout["width"])
         projector.load_state_dict(
-            {k.removeprefix("projector."): v.float() for k, v in state.items() if k.startswith("projector.")}
+            {
+                k.removeprefix("projector."): v.float()
+                for k, v in state.items()
+                if k.startswith("projector.")
+            }
         )
     return OfficialSelfFlow(model, projector, layout["grid"], patch_size, latent_channels).eval()
 
 
 def check_released_conventions(model: SelfFlowTransformer, what: str) -> None:
-    """The released model embeds `1 - t` (time_scale 1) of 256 sinusoidal features and adds a sin-cos grid."""
-    if model.pos_embed != "sincos" or model.t_embedder.scale != 1.0 or model.t_embedder.frequency_dim != FREQUENCY_DIM:
+    """The released model embeds `1 - t` (time_scale 1) of 256 sinusoidal features and adds a
+    sin-cos grid."""
+    if (
+        model.pos_embed != "sincos"
+        or model.t_embedder.scale != 1.0
+        or model.t_embedder.frequency_dim != FREQUENCY_DIM
+    ):
         raise ValueError(
             f"{what} needs the released model's conventions: model.pos_embed=sincos and "
             f"model.time_scale=1 (experiment=imagenet256 sets them); this model has "
@@ -345,11 +377,13 @@ def save_official(
     latent_channels: int = RELEASED["latent_channels"],
     learn_sigma: bool = True,
 ) -> dict[str, Tensor]:
-    """A selfflow model as a state dict in the released layout (the inverse of `convert_state_dict`): the released
-    model code (`SelfFlowPerTokenDiT`, learn_sigma) loads it with `strict=True` and computes the same velocity.
+    """A selfflow model as a state dict in the released layout (the inverse
+    of `convert_state_dict`): the released model code (`SelfFlowPerTokenDiT`, learn_sigma) loads it
+    with `strict=True` and computes the same velocity.
 
-    projector: the objective's projection head (`objective.head`), saved as `projector.*` (the released model
-    has one; without it the key is left out). grid: latent patches per side (16 for 256 px with SD-VAE, patch 2).
+    projector: the objective's projection head (`objective.head`), saved as `projector.*` (the
+    released model has one; without it the key is left out). grid: latent patches per side (16 for
+    256 px with SD-VAE, patch 2).
     """
     if isinstance(model, OfficialSelfFlow):
         grid, patch_size, latent_channels = model.grid, model.patch_size, model.latent_channels
@@ -357,9 +391,9 @@ def save_official(
     check_released_conventions(model, "save_official")
     if model.token_channels["image"] != latent_channels * patch_size**2:
         raise ValueError(
-            f"the model takes {model.token_channels['image']} channels per token, not latent_channels "
-            f"* patch_size^2 = {latent_channels * patch_size**2}; pass the tokenizer's patch_size "
-            f"and latent_channels"
+            f"the model takes {model.token_channels['image']} channels per token, not "
+            f"latent_channels * patch_size^2 = {latent_channels * patch_size**2}; pass the "
+            f"tokenizer's patch_size and latent_channels"
         )
     state = {k: v.detach().float().cpu() for k, v in model.state_dict().items()}
     final_weight, final_bias = released_final_linear(
@@ -374,7 +408,8 @@ def save_official(
     released = {
         "x_embedder.proj.weight": state.pop("input_proj.image.weight"),
         # the modality embedding is a constant added after the projection: folded into its bias
-        "x_embedder.proj.bias": state.pop("input_proj.image.bias") + state.pop("modality_embed.image"),
+        "x_embedder.proj.bias": state.pop("input_proj.image.bias")
+        + state.pop("modality_embed.image"),
         "pos_embed": sincos_2d(pos, model.width),  # [1, grid^2, width]
         "t_embedder.mlp.0.weight": (state.pop("t_embedder.mlp.0.weight").double() @ flip).float(),
         "final_layer.linear.weight": final_weight,
@@ -384,11 +419,13 @@ def save_official(
     released.update({theirs: state.pop(ours) for ours, theirs in renames.items()})
     if state:
         raise ValueError(
-            f"the model has weights the released layout has no place for: {sorted(state)[:3]} (text "
-            f"stream, size conditioning or QK-norm); save_official takes a plain image model"
+            f"the model has weights the released layout has no place for: {sorted(state)[:3]} "
+            f"(text stream, size conditioning or QK-norm); save_official takes a plain image model"
         )
     if projector is not None:
-        released.update({f"projector.{k}": v.detach().float().cpu() for k, v in projector.state_dict().items()})
+        released.update(
+            {f"projector.{k}": v.detach().float().cpu() for k, v in projector.state_dict().items()}
+        )
     return released
 
 
@@ -488,10 +525,12 @@ def export_official(
     return out
 
 
-def initialize_from_official(objective, path: str | os.PathLike, patch_size: int, latent_channels: int) -> None:
-    """Fine-tuning from the released checkpoint: the student, a fresh EMA teacher (and sampling EMAs) equal to it, and
-    the projection head (when the objective has one) take the released weights. The model must follow the released
-    conventions."""
+def initialize_from_official(
+    objective, path: str | os.PathLike, patch_size: int, latent_channels: int
+) -> None:
+    """Fine-tuning from the released checkpoint: the student, a fresh EMA teacher (and sampling
+    EMAs) equal to it, and the projection head (when the objective has one) take the released
+    weights. The model must follow the released conventions."""
     model = objective.model
     check_released_conventions(model, "init=official:")
     if any(p.requires_grad for p in model.modality_embed.values()):
@@ -499,14 +538,21 @@ def initialize_from_official(objective, path: str | os.PathLike, patch_size: int
             "init=official: needs the released parameter set: set model.modality_embedding=false "
             "(experiment=imagenet256 does), the released layout has no per-modality embedding"
         )
-    official = load_official(path, heads=model.heads, patch_size=patch_size, latent_channels=latent_channels)
+    official = load_official(
+        path, heads=model.heads, patch_size=patch_size, latent_channels=latent_channels
+    )
     source = f"init=official:{path}"
     check_state_fits(model.state_dict(), official.model.state_dict(), source)
     model.load_state_dict(official.model.state_dict())
-    for ema in (objective.teacher, *objective.sampling_emas.values()):  # every EMA starts equal to the released model
+    for ema in (
+        objective.teacher,
+        *objective.sampling_emas.values(),
+    ):  # every EMA starts equal to the released model
         ema.module.load_state_dict(official.model.state_dict())
     if objective.head is not None and official.projector is not None:
-        check_state_fits(objective.head.state_dict(), official.projector.state_dict(), f"{source} (projector)")
+        check_state_fits(
+            objective.head.state_dict(), official.projector.state_dict(), f"{source} (projector)"
+        )
         objective.head.load_state_dict(official.projector.state_dict())
 
 

@@ -1,4 +1,5 @@
-"""What a dataset does with a file it cannot read: skip it with one warning line and a record, or stop."""
+"""What a dataset does with a file it cannot read: skip it with one warning line and a record,
+or stop."""
 
 from __future__ import annotations
 
@@ -24,34 +25,40 @@ class BadFileError(RuntimeError):
 
 
 class UnusableSample(Exception):
-    """A file that decodes but cannot be used as a sample (too short, silent, wrong rate); the message says why."""
+    """A file that decodes but cannot be used as a sample (too short, silent, wrong rate); the
+    message says why."""
 
 
 def failure_reason(error: Exception) -> str:
-    """The reason given for a skipped file: the message of an UnusableSample, else the error's type and message."""
+    """The reason given for a skipped file: the message of an UnusableSample, else the error's type
+    and message."""
     return str(error) if isinstance(error, UnusableSample) else f"{type(error).__name__}: {error}"
 
 
 def one_line(text: str) -> str:
-    """`text` with its control characters written as escapes (a tab as \\t): a log line stays one line."""
+    """`text` with its control characters written as escapes (a tab as \\t): a log line stays
+    one line."""
     return _CONTROL.sub(lambda match: repr(match[0])[1:-1], text)
 
 
 def record_row(path: str, reason: str) -> str:
-    """One row of a skipped-files TSV: fields holding a tab, a newline or a quote are quoted (csv's excel-tab
-    dialect), so `csv.reader(f, dialect="excel-tab")` reads back exactly the rows that were written."""
+    """One row of a skipped-files TSV: fields holding a tab, a newline or a quote are quoted (csv's
+    excel-tab dialect), so `csv.reader(f, dialect="excel-tab")` reads back exactly the rows that
+    were written."""
     row = io.StringIO()
     csv.writer(row, dialect="excel-tab", lineterminator="\n").writerow([path, reason])
     return row.getvalue()
 
 
 class BadFilePolicy:
-    """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` row per skipped file
-    (`record_row`: a tab or newline in a file name cannot forge a row)."""
+    """Shared by a dataset's samples. `record_path`, when set, gets one `path<TAB>reason` row per
+    skipped file (`record_row`: a tab or newline in a file name cannot forge a row)."""
 
     def __init__(self, on_bad_file: str = "skip", record_path: str | os.PathLike | None = None):
         if on_bad_file not in BAD_FILE_POLICIES:
-            raise ValueError(f"data.on_bad_file={on_bad_file!r} is unknown; choose one of {BAD_FILE_POLICIES}")
+            raise ValueError(
+                f"data.on_bad_file={on_bad_file!r} is unknown; choose one of {BAD_FILE_POLICIES}"
+            )
         self.on_bad_file = on_bad_file
         self.record_path = Path(record_path) if record_path else None
         self._seen: set[str] = set()
@@ -60,7 +67,8 @@ class BadFilePolicy:
         key = printable_path(path)  # non-UTF-8 names must not break the log or the record
         if self.on_bad_file == "error":
             raise BadFileError(
-                f"cannot read {one_line(key)}: {one_line(reason)} (set data.on_bad_file=skip to skip such files)"
+                f"cannot read {one_line(key)}: {one_line(reason)} (set "
+                f"data.on_bad_file=skip to skip such files)"
             )
         if key in self._seen:
             return
@@ -93,9 +101,12 @@ def append_once(record: Path, key: str, row: str) -> None:
         os.close(fd)  # ends the lock
 
 
-def require_one_readable(count: int, load, name_of, policy: BadFilePolicy, what: str, hint: str) -> None:
-    """Fail at start-up when none of `count` items can be loaded: try `load(i)` in order until one works (usually
-    the first). With on_bad_file=error the first failure stops the run through the policy."""
+def require_one_readable(
+    count: int, load, name_of, policy: BadFilePolicy, what: str, hint: str
+) -> None:
+    """Fail at start-up when none of `count` items can be loaded: try `load(i)` in order until
+    one works (usually the first). With on_bad_file=error the first failure stops the run through
+    the policy."""
     first_failure = None
     for i in range(count):
         try:
@@ -108,4 +119,6 @@ def require_one_readable(count: int, load, name_of, policy: BadFilePolicy, what:
     if first_failure is None:
         return  # nothing to read: the caller names an empty split
     name, reason = first_failure
-    raise ValueError(f"none of the {count} {what} can be read (the first, {name}: {reason}); {hint}")
+    raise ValueError(
+        f"none of the {count} {what} can be read (the first, {name}: {reason}); {hint}"
+    )

@@ -25,12 +25,16 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
 
 
 def cached_folder(
-    name: str, parameters: dict[str, Any], build: Callable[[Path], None], cache_dir: str | os.PathLike | None = None
+    name: str,
+    parameters: dict[str, Any],
+    build: Callable[[Path], None],
+    cache_dir: str | os.PathLike | None = None,
 ) -> Path:
     """`<cache>/<name>/<hash of parameters>`, made by `build(folder)` the first time only.
 
-    Changed parameters give another folder, so a stale set is never reused. The folder is built under a
-    temporary name and renamed when complete, so an interrupted or concurrent build never leaves half a set.
+    Changed parameters give another folder, so a stale set is never reused. The folder is built
+    under a temporary name and renamed when complete, so an interrupted or concurrent build never
+    leaves half a set.
     """
     text = json.dumps(parameters, sort_keys=True)
     folder = cache_root(cache_dir) / name / hashlib.sha1(text.encode()).hexdigest()[:12]

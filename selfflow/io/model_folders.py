@@ -1,11 +1,12 @@
-"""Model folders as `save_pretrained` writes them (config.json + weight files), read without loading a
-network: the folder checked, its config read within a size bound, the latent geometry a VAE's config
-declares, and the fingerprint of its files. Loading the network is the tokenizers' job
+"""Model folders as `save_pretrained` writes them (config.json + weight files), read without loading
+a network: the folder checked, its config read within a size bound, the latent geometry a VAE's
+config declares, and the fingerprint of its files. Loading the network is the tokenizers' job
 (`selfflow.tokenizers.autoencoders`).
 
-The fingerprint (sha256 over config.json and the weight files, by name and content) is what a checkpoint and a
-latent cache record instead of the weights: a run, a resume, `selfflow-sample` or `selfflow-probe` with a VAE of
-other content is refused by name, while the same VAE in another folder is accepted.
+The fingerprint (sha256 over config.json and the weight files, by name and content) is what a
+checkpoint and a latent cache record instead of the weights: a run, a resume, `selfflow-sample` or
+`selfflow-probe` with a VAE of other content is refused by name, while the same VAE in another
+folder is accepted.
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ def vae_folder(folder: str | os.PathLike, key: str = "vae", kind: str = "Autoenc
             f"downloaded)"
         )
     if (path / "config.json").stat().st_size > MAX_CONFIG_BYTES:
-        raise ValueError(f"{key}={path}: config.json is larger than {MAX_CONFIG_BYTES} bytes; not a VAE config")
+        raise ValueError(
+            f"{key}={path}: config.json is larger than {MAX_CONFIG_BYTES} bytes; not a VAE config"
+        )
     return path.resolve()
 
 
@@ -68,7 +71,9 @@ def _weight_files(folder: Path) -> list[Path]:
 
 
 @functools.lru_cache(maxsize=16)
-def _fingerprint(folder: Path, stats: tuple) -> str:  # stats: part of the cache key, so edited files rehash
+def _fingerprint(
+    folder: Path, stats: tuple
+) -> str:  # stats: part of the cache key, so edited files rehash
     digest = hashlib.sha256()
     for path in [folder / "config.json", *_weight_files(folder)]:
         digest.update(path.name.encode() + b"\0")
@@ -87,7 +92,9 @@ def folder_fingerprint(path: Path) -> str:
         The hex digest.
     """
     files = [path / "config.json", *_weight_files(path)]
-    return _fingerprint(path, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    return _fingerprint(
+        path, tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    )
 
 
 def vae_fingerprint(folder: str | os.PathLike, key: str = "vae") -> str:
@@ -104,7 +111,8 @@ def latent_geometry(folder: str | os.PathLike, key: str = "vae") -> tuple[int, i
         return int(config.get("latent_channels", 4)), 2 ** (len(config["block_out_channels"]) - 1)
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise ValueError(
-            f"{key}={folder}: {path} has no list block_out_channels ({error}); not an AutoencoderKL config"
+            f"{key}={folder}: {path} has no list block_out_channels ({error}); "
+            f"not an AutoencoderKL config"
         ) from error
 
 

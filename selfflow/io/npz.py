@@ -1,13 +1,14 @@
-"""Arrays of an .npz file read header first: the shape and dtype of a member are checked before anything is
-allocated, and image arrays stream in blocks (50,000 ImageNet samples at 256x256 are 9.8 GB).
+"""Arrays of an .npz file read header first: the shape and dtype of a member are checked before
+anything is allocated, and image arrays stream in blocks (50,000 ImageNet samples at 256x256 are
+9.8 GB).
 
 The bytes a header declares (count x pixels x channels, one product) must fit in what the member
 really holds: its size in the zip directory, believed only as far as the bytes on disk (a stored
 member) or deflate's largest ratio (a compressed one) allow; a block of rows read at once is bounded
 by MAX_BLOCK_BYTES.
 
-An .npz is a zip of .npy members; each member starts with a small header (format version, dtype, shape), then
-the raw C-ordered data, which is read here row block by row block.
+An .npz is a zip of .npy members; each member starts with a small header (format version, dtype,
+shape), then the raw C-ordered data, which is read here row block by row block.
 """
 
 from __future__ import annotations
@@ -23,7 +24,10 @@ import numpy as np
 
 from selfflow.io.sizes import bounded_bytes
 
-HEADER_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+HEADER_READERS = {
+    (1, 0): np.lib.format.read_array_header_1_0,
+    (2, 0): np.lib.format.read_array_header_2_0,
+}
 
 
 @dataclass(frozen=True)
@@ -44,7 +48,9 @@ def _read_header(member: IO[bytes], where: str) -> ArrayHeader:
             raise ValueError(f"unsupported .npy format version {version}")
         shape, fortran_order, dtype = HEADER_READERS[version](member)
     except ValueError as error:
-        raise ValueError(f"{where} has no readable .npy header ({error}); re-save it with numpy.savez") from None
+        raise ValueError(
+            f"{where} has no readable .npy header ({error}); re-save it with numpy.savez"
+        ) from None
     return ArrayHeader(tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran_order))
 
 
@@ -96,22 +102,26 @@ def check_member_holds(path: str | os.PathLike, key: str, header: ArrayHeader, s
 
 
 def read_small_array(path: str | os.PathLike, key: str, shape: tuple[int, ...]) -> np.ndarray:
-    """One member whose shape must be `shape` (a statistic such as mu [2048] or sigma [2048, 2048]) as float64;
-    any other shape or a non-float dtype is refused before its data is read."""
+    """One member whose shape must be `shape` (a statistic such as mu [2048] or sigma [2048, 2048])
+    as float64; any other shape or a non-float dtype is refused before its data is read."""
     header = npz_header(path, key)
     if header.shape != shape or header.dtype.kind != "f":
         raise ValueError(
-            f"{path}[{key}] is {header.dtype} {list(header.shape)}; the ADM layout needs float {list(shape)}"
+            f"{path}[{key}] is {header.dtype} {list(header.shape)}; the ADM layout "
+            f"needs float {list(shape)}"
         )
     with _open_member(path, key) as member:
         return np.lib.format.read_array(member, allow_pickle=False).astype(np.float64)
 
 
-def iter_rows(path: str | os.PathLike, key: str, batch_size: int, header: ArrayHeader) -> Iterator[np.ndarray]:
+def iter_rows(
+    path: str | os.PathLike, key: str, batch_size: int, header: ArrayHeader
+) -> Iterator[np.ndarray]:
     """The member `key` in blocks of up to `batch_size` rows (fewer where they would exceed
     MAX_BLOCK_BYTES): [b, *header.shape[1:]] each, C order.
 
-    `header` is the member's header as the caller checked it (shape bounds, dtype) before any block is allocated.
+    `header` is the member's header as the caller checked it (shape bounds, dtype) before any block
+    is allocated.
     """
     if header.fortran_order or header.dtype.hasobject:
         raise ValueError(
@@ -128,7 +138,7 @@ def iter_rows(path: str | os.PathLike, key: str, batch_size: int, header: ArrayH
             data = member.read(rows * row_bytes)
             if len(data) != rows * row_bytes:
                 raise ValueError(
-                    f"{path}[{key}] is truncated: its header promises {header.shape[0]} rows, the data "
-                    f"ends after {start + len(data) // max(row_bytes, 1)}"
+                    f"{path}[{key}] is truncated: its header promises {header.shape[0]} rows, the "
+                    f"data ends after {start + len(data) // max(row_bytes, 1)}"
                 )
             yield np.frombuffer(data, dtype=header.dtype).reshape(rows, *header.shape[1:])

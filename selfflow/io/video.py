@@ -28,8 +28,8 @@ MAX_CLIP_PIXELS = 32 * 1024 * 1024
 
 
 def clip_indices(total: int, num_frames: int, step: float, random_start: bool) -> np.ndarray:
-    """Frame indices of one clip: `num_frames` frames `step` source frames apart, starting at a random frame
-    (training) or centred in the video (evaluation)."""
+    """Frame indices of one clip: `num_frames` frames `step` source frames apart, starting at a
+    random frame (training) or centred in the video (evaluation)."""
     needed = math.floor((num_frames - 1) * step) + 1
     if total < needed:
         raise UnusableSample(
@@ -38,15 +38,20 @@ def clip_indices(total: int, num_frames: int, step: float, random_start: bool) -
         )
     room = total - needed
     first = float(torch.randint(0, room + 1, ())) if random_start else room / 2
-    return np.minimum(np.floor(first + np.arange(num_frames) * step + 1e-6).astype(np.int64), total - 1)
+    return np.minimum(
+        np.floor(first + np.arange(num_frames) * step + 1e-6).astype(np.int64), total - 1
+    )
 
 
 def frame_step(source_fps: float, frame_stride: int, fps: float | None) -> float:
-    """Source frames between two clip frames: `frame_stride`, or the ratio of the source rate to a target `fps`."""
+    """Source frames between two clip frames: `frame_stride`, or the ratio of the source rate to a
+    target `fps`."""
     if fps is None:
         return float(frame_stride)
     if not source_fps or source_fps <= 0:
-        raise UnusableSample("video has no frame rate; set data.dataset.fps=null and use frame_stride")
+        raise UnusableSample(
+            "video has no frame rate; set data.dataset.fps=null and use frame_stride"
+        )
     return source_fps / fps
 
 
@@ -59,9 +64,11 @@ def _rewound(source: Path | BinaryIO) -> str | BinaryIO:
     return source
 
 
-def check_frame_size(width: int, height: int, num_frames: int, max_frame_pixels: int, max_clip_pixels: int) -> None:
-    """Refuse frames or a clip with more pixels than the limits, before they are decoded (a tiny file can hold a
-    few huge frames: 8 frames of 4096x4096 in 49 KB would take 2 GB)."""
+def check_frame_size(
+    width: int, height: int, num_frames: int, max_frame_pixels: int, max_clip_pixels: int
+) -> None:
+    """Refuse frames or a clip with more pixels than the limits, before they are decoded (a tiny
+    file can hold a few huge frames: 8 frames of 4096x4096 in 49 KB would take 2 GB)."""
     if width <= 0 or height <= 0:
         raise UnusableSample("its video stream gives no frame size")
     if width * height > max_frame_pixels:
@@ -82,7 +89,11 @@ def _checked_stream(container, num_frames: int, max_frame_pixels: int, max_clip_
         raise UnusableSample("file has no video stream")
     stream = container.streams.video[0]
     check_frame_size(
-        stream.codec_context.width, stream.codec_context.height, num_frames, max_frame_pixels, max_clip_pixels
+        stream.codec_context.width,
+        stream.codec_context.height,
+        num_frames,
+        max_frame_pixels,
+        max_clip_pixels,
     )
     return stream
 
@@ -140,10 +151,12 @@ def _read_pyav(
         return _decode_clip(container, indices, total, limits)
 
 
-def clip_frames_available(path: str | os.PathLike, frame_stride: int = 1, fps: float | None = None) -> int:
-    """How many clip frames a video holds at this stride or target rate, from its container header (PyAV, no
-    decoding: the frame count, else duration x rate); 0 where the header does not say (the loader reports a bad
-    file when it is drawn)."""
+def clip_frames_available(
+    path: str | os.PathLike, frame_stride: int = 1, fps: float | None = None
+) -> int:
+    """How many clip frames a video holds at this stride or target rate, from its container header
+    (PyAV, no decoding: the frame count, else duration x rate); 0 where the header does not say (the
+    loader reports a bad file when it is drawn)."""
     import av
 
     try:
@@ -151,7 +164,9 @@ def clip_frames_available(path: str | os.PathLike, frame_stride: int = 1, fps: f
             stream = container.streams.video[0]
             rate = float(stream.average_rate or stream.guessed_rate or 0)
             total = int(stream.frames)
-            if total <= 0 and container.duration:  # containers without a frame count (e.g. WebM): from duration
+            if (
+                total <= 0 and container.duration
+            ):  # containers without a frame count (e.g. WebM): from duration
                 total = int(container.duration / 1_000_000 * rate)
             step = frame_step(rate, frame_stride, fps)
     except Exception:
@@ -201,8 +216,9 @@ def read_clip(
 
 
 def frames_to_tensor(frames: np.ndarray, image_size: int, channels: int) -> Tensor:
-    """uint8 [T, H, W, 3] -> float [T, channels, S, S] in [0, 1]: grey or RGB, shorter side resized to S
-    (antialiased), centre-cropped. Frame by frame: a float copy exists of one full-size frame at a time."""
+    """uint8 [T, H, W, 3] -> float [T, channels, S, S] in [0, 1]: grey or RGB, shorter side resized
+    to S (antialiased), centre-cropped. Frame by frame: a float copy exists of one full-size frame
+    at a time."""
     return torch.stack([_frame_to_tensor(frame, image_size, channels) for frame in frames])
 
 
@@ -215,29 +231,40 @@ def _frame_to_tensor(frame: np.ndarray, image_size: int, channels: int) -> Tenso
     scale = image_size / min(h, w)
     size = (max(image_size, round(h * scale)), max(image_size, round(w * scale)))
     if size != (h, w):
-        image = F.interpolate(image, size=size, mode="bilinear", antialias=True, align_corners=False)
+        image = F.interpolate(
+            image, size=size, mode="bilinear", antialias=True, align_corners=False
+        )
     top, left = (size[0] - image_size) // 2, (size[1] - image_size) // 2
     return image[0, :, top : top + image_size, left : left + image_size].clamp(0, 1)
 
 
 def write_mp4(frames: np.ndarray, path: str | os.PathLike, fps: float, crf: int = 12) -> Path:
-    """uint8 RGB frames [T, H, W, 3] -> an H.264 MP4 (yuv420p; odd sides are padded by one edge pixel).
+    """uint8 RGB frames [T, H, W, 3] -> an H.264 MP4 (yuv420p; odd sides are padded by one
+    edge pixel).
 
     crf: x264 quality, 0 lossless, 12 near-transparent, 23 the x264 default.
     """
     import av
 
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"write_mp4 expects uint8 frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        raise ValueError(
+            f"write_mp4 expects uint8 frames [T, H, W, 3], got {frames.dtype} {list(frames.shape)}"
+        )
     h, w = frames.shape[1:3]
     frames = np.pad(frames, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)), mode="edge")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(path) as file, av.open(file, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": str(crf)})
+        stream = container.add_stream(
+            "libx264", rate=Fraction(fps).limit_denominator(1001), options={"crf": str(crf)}
+        )
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         for frame in frames:
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+            container.mux(
+                stream.encode(
+                    av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+                )
+            )
         container.mux(stream.encode())
     return path

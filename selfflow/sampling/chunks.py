@@ -1,12 +1,15 @@
-"""A sampling job on disk, chunk by chunk, so that it can be spread over processes and resumed after a kill.
+"""A sampling job on disk, chunk by chunk, so that it can be spread over processes and resumed after
+a kill.
 
-Samples 0..N-1 are cut into chunks of `chunk_size` consecutive indices. Each finished chunk is one small file,
-`out_dir/parts/chunk_000123.npz` (indices, labels and the samples: images as uint8 [B, C, H, W], other modalities
-as float32), written under a temporary name and renamed, so a file under its final name is always complete. A job
-started again with the same settings samples only the chunks not on disk yet, whatever its number of processes.
+Samples 0..N-1 are cut into chunks of `chunk_size` consecutive indices. Each finished chunk is one
+small file, `out_dir/parts/chunk_000123.npz` (indices, labels and the samples: images as uint8 [B,
+C, H, W], other modalities as float32), written under a temporary name and renamed, so a file under
+its final name is always complete. A job started again with the same settings samples only the
+chunks not on disk yet, whatever its number of processes.
 
-`out_dir/job.json` records the settings that decide the samples (weights, sampler, seed, ...), written before the
-first chunk: a job with other settings into the same out_dir is refused instead of mixing samples.
+`out_dir/job.json` records the settings that decide the samples (weights, sampler, seed, ...),
+written before the first chunk: a job with other settings into the same out_dir is refused instead
+of mixing samples.
 
 A chunk is bound to the job that wrote it: it carries the SHA-256 of the job's settings (`job`) and
 of its own content (`digest`: the job digest, indices, labels and samples). A chunk of another job
@@ -28,7 +31,12 @@ import numpy as np
 import torch
 
 from selfflow.io.npz import ArrayHeader, npz_header, npz_keys
-from selfflow.io.safe_files import TEMPORARY_SUFFIX, replace_atomically, resolve_inside, write_json_atomically
+from selfflow.io.safe_files import (
+    TEMPORARY_SUFFIX,
+    replace_atomically,
+    resolve_inside,
+    write_json_atomically,
+)
 
 JOB_FILE = "job.json"
 PARTS = "parts"
@@ -42,7 +50,10 @@ def chunk_ranges(num_samples: int, chunk_size: int) -> list[range]:
     """The indices of each chunk: [k * chunk_size, (k + 1) * chunk_size), the last one shorter."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1")
-    return [range(start, min(start + chunk_size, num_samples)) for start in range(0, num_samples, chunk_size)]
+    return [
+        range(start, min(start + chunk_size, num_samples))
+        for start in range(0, num_samples, chunk_size)
+    ]
 
 
 def settings_digest(settings: dict[str, Any]) -> str:
@@ -62,12 +73,16 @@ def content_digest(job: str, indices: np.ndarray, labels: np.ndarray, samples: n
 def differences(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     """'key: stored -> wanted' for every setting that differs (at most 3 listed, then a count)."""
     keys = [k for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
-    shown = [f"{k}: {json.dumps(stored.get(k))[:60]} -> {json.dumps(wanted.get(k))[:60]}" for k in keys[:3]]
+    shown = [
+        f"{k}: {json.dumps(stored.get(k))[:60]} -> {json.dumps(wanted.get(k))[:60]}"
+        for k in keys[:3]
+    ]
     return shown + ([f"and {len(keys) - 3} more"] if len(keys) > 3 else [])
 
 
 class ChunkStore:
-    """The chunk files of one job in `out_dir/parts` and the job's settings in `out_dir/job.json`."""
+    """The chunk files of one job in `out_dir/parts` and the job's settings in
+    `out_dir/job.json`."""
 
     def __init__(self, out_dir: str | os.PathLike, num_samples: int, chunk_size: int):
         self.out_dir = Path(out_dir)
@@ -90,11 +105,14 @@ class ChunkStore:
             if not isinstance(settings, dict):
                 raise ValueError("no settings")
         except (ValueError, KeyError, TypeError, OSError) as error:
-            raise ValueError(f"{path} is not a sampling job file ({error}); choose another out_dir") from None
+            raise ValueError(
+                f"{path} is not a sampling job file ({error}); choose another out_dir"
+            ) from None
         return settings
 
     def check_settings(self, settings: dict[str, Any]) -> bool:
-        """Whether job.json is to be written (none yet); other settings on disk are refused in one line."""
+        """Whether job.json is to be written (none yet); other settings on disk are refused in
+        one line."""
         settings = json.loads(json.dumps(settings))  # as read back: lists, not tuples
         self.job_digest = settings_digest(settings)
         stored = self.read_settings()
@@ -108,13 +126,14 @@ class ChunkStore:
         if stored != settings:
             raise ValueError(
                 f"out_dir={self.out_dir} holds samples of other settings "
-                f"({'; '.join(differences(stored, settings))}); choose another out_dir, or delete it to "
-                f"sample again"
+                f"({'; '.join(differences(stored, settings))}); choose another out_dir, or delete "
+                f"it to sample again"
             )
         return False
 
     def write_settings(self, settings: dict[str, Any], about: dict[str, Any]) -> None:
-        """job.json: `settings` (compared on every start) and `about` (for people: paths, not compared)."""
+        """job.json: `settings` (compared on every start) and `about` (for people: paths,
+        not compared)."""
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomically(self.out_dir / JOB_FILE, {"settings": settings, **about}, indent=None)
 
@@ -147,12 +166,13 @@ class ChunkStore:
         return [k for k in range(len(self.ranges)) if not self.is_complete(k)]
 
     def write(self, chunk: int, labels: torch.Tensor, samples: np.ndarray) -> Path:
-        """Chunk `chunk`'s labels [B] and samples [B, ...], synced to disk and renamed into place."""
+        """Chunk `chunk`'s labels [B] and samples [B, ...], synced to disk and renamed
+        into place."""
         indices = np.asarray(self.ranges[chunk], dtype=np.int64)
         if len(samples) != len(indices) or len(labels) != len(indices):
             raise ValueError(
-                f"chunk {chunk} holds samples {indices[0]}..{indices[-1]}: got {len(samples)} samples "
-                f"and {len(labels)} labels"
+                f"chunk {chunk} holds samples {indices[0]}..{indices[-1]}: got {len(samples)} "
+                f"samples and {len(labels)} labels"
             )
         self.parts.mkdir(parents=True, exist_ok=True)
         path = self.path(chunk)
@@ -166,9 +186,12 @@ class ChunkStore:
     def sample_header(self, chunk: int) -> ArrayHeader:
         return npz_header(self.path(chunk), "samples")
 
-    def read(self, chunk: int, sample_shape: tuple[int, ...], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
-        """(labels [B], samples [B, *sample_shape]) of a chunk; every member's header is checked (the job's shapes
-        and dtypes) before its data is read, and the indices must be the chunk's, in order."""
+    def read(
+        self, chunk: int, sample_shape: tuple[int, ...], dtype: np.dtype
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """(labels [B], samples [B, *sample_shape]) of a chunk; every member's header is checked
+        (the job's shapes and dtypes) before its data is read, and the indices must be the chunk's,
+        in order."""
         path, rows = self.path(chunk), len(self.ranges[chunk])
         expected = {
             "indices": ((rows,), np.dtype(np.int64)),
@@ -195,8 +218,8 @@ class ChunkStore:
             )
         if indices.tolist() != list(self.ranges[chunk]):
             raise ValueError(
-                f"{path} holds other sample indices than chunk {chunk}'s: delete it and run the job "
-                f"again to resample it"
+                f"{path} holds other sample indices than chunk {chunk}'s: delete it and run the "
+                f"job again to resample it"
             )
         return labels, samples
 

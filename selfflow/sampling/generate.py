@@ -1,8 +1,10 @@
-"""Generation: noise tokens -> solver over the model's velocity (with optional guidance) -> decoded samples.
+"""Generation: noise tokens -> solver over the model's velocity (with optional guidance) ->
+decoded samples.
 
-The model is anything with `velocity(x: [B, N, C], t: [B], pos: [B, N, 4], condition: Condition, modality) ->
-[B, N, C]` (a `SelfFlowTransformer`, or the released checkpoint's wrapper in `selfflow.interop`); what the samples
-are conditioned on (labels, text, sizes) travels as one `Condition`, whose `null()` is guidance's unconditional half.
+The model is anything with `velocity(x: [B, N, C], t: [B], pos: [B, N, 4], condition: Condition,
+modality) -> [B, N, C]` (a `SelfFlowTransformer`, or the released checkpoint's wrapper in
+`selfflow.interop`); what the samples are conditioned on (labels, text, sizes) travels as one
+`Condition`, whose `null()` is guidance's unconditional half.
 """
 
 from __future__ import annotations
@@ -33,11 +35,14 @@ def sample_seed(seed: int, index: int) -> int:
     Returns:
         A non-negative seed that depends on (seed, index) only.
     """
-    return int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+    return int(
+        np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> np.uint64(1)
+    )
 
 
 def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator]:
-    """One CPU generator per sample, so that sample i's noise depends on (seed, i) only, never on the batch size.
+    """One CPU generator per sample, so that sample i's noise depends on (seed, i) only, never on
+    the batch size.
 
     Args:
         seed: The run's seed.
@@ -50,7 +55,8 @@ def sample_generators(seed: int, indices: Sequence[int]) -> list[torch.Generator
 
 
 class NoiseSource:
-    """Standard normal draws for a batch: from one shared generator, or from one generator per sample (row).
+    """Standard normal draws for a batch: from one shared generator, or from one generator per
+    sample (row).
 
     Args:
         generator: One generator for the whole batch; None (and no `generators`) uses the global CPU
@@ -58,7 +64,11 @@ class NoiseSource:
         generators: One generator per row, so that a sample's noise does not depend on its batch.
     """
 
-    def __init__(self, generator: torch.Generator | None = None, generators: list[torch.Generator] | None = None):
+    def __init__(
+        self,
+        generator: torch.Generator | None = None,
+        generators: list[torch.Generator] | None = None,
+    ):
         self.generator, self.generators = generator, generators
 
     def __call__(self, shape: Sequence[int], device, dtype=torch.float32) -> Tensor:
@@ -77,15 +87,22 @@ class NoiseSource:
         """
         if self.generators is not None:
             if len(self.generators) != shape[0]:
-                raise ValueError(f"{len(self.generators)} per-sample generators for a batch of {shape[0]}")
-            rows = [torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in self.generators]
+                raise ValueError(
+                    f"{len(self.generators)} per-sample generators for a batch of {shape[0]}"
+                )
+            rows = [
+                torch.randn(tuple(shape[1:]), generator=g, device=g.device) for g in self.generators
+            ]
             return torch.stack(rows).to(device=device, dtype=dtype)
         source = "cpu" if self.generator is None else self.generator.device
-        return torch.randn(tuple(shape), generator=self.generator, device=source).to(device=device, dtype=dtype)
+        return torch.randn(tuple(shape), generator=self.generator, device=source).to(
+            device=device, dtype=dtype
+        )
 
 
 def resolve_device(name: str) -> torch.device:
-    """auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...; a CUDA device that is not there is refused.
+    """auto (CUDA when available, else CPU), cpu, cuda, cuda:1, ...; a CUDA device that is not there
+    is refused.
 
     Args:
         name: The `device` key: `auto`, `cpu`, `cuda` or `cuda:N`.
@@ -103,7 +120,9 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ValueError(f"device={name!r} is unknown; choose auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={name} but no CUDA device is available; use device=cpu or device=auto")
+        raise ValueError(
+            f"device={name} but no CUDA device is available; use device=cpu or device=auto"
+        )
     return device
 
 
@@ -131,11 +150,13 @@ def autocast_dtype(device: torch.device, precision: str = "auto") -> torch.dtype
 
 
 class GuidedVelocity:
-    """A velocity function v(x, t) for the solvers, with classifier-free guidance inside the level interval.
+    """A velocity function v(x, t) for the solvers, with classifier-free guidance inside the
+    level interval.
 
-    Inside [lo, hi] (and at scale != 1) one batched call evaluates the conditional and null-label inputs and
-    returns uncond + scale (cond - uncond); outside it, or at scale 1, the model is called once on the
-    conditional input only. Counts `evaluations` (the solver's NFE) and `model_calls` (forward passes).
+    Inside [lo, hi] (and at scale != 1) one batched call evaluates the conditional and null-label
+    inputs and returns uncond + scale (cond - uncond); outside it, or at scale 1, the model is
+    called once on the conditional input only. Counts `evaluations` (the solver's NFE) and
+    `model_calls` (forward passes).
 
     Args:
         model (nn.Module): Anything with `velocity(x, t, pos, condition, modality)` and parameters.
@@ -164,9 +185,13 @@ class GuidedVelocity:
     ):
         lo, hi = (float(v) for v in guidance_interval)
         if not 0.0 <= lo <= hi <= 1.0:
-            raise ValueError(f"guidance_interval=[{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1 (noise levels)")
+            raise ValueError(
+                f"guidance_interval=[{lo}, {hi}] must satisfy 0 <= lo <= hi <= 1 (noise levels)"
+            )
         self.model, self.pos, self.condition, self.modality = model, pos, condition, modality
-        self.guided_condition = Condition.cat([condition, condition.null()])  # conditional rows, then unconditional
+        self.guided_condition = Condition.cat(
+            [condition, condition.null()]
+        )  # conditional rows, then unconditional
         self.cfg_scale, self.interval, self.autocast = float(cfg_scale), (lo, hi), autocast
         self.on_evaluation = on_evaluation
         self.evaluations = self.model_calls = 0
@@ -184,8 +209,13 @@ class GuidedVelocity:
 
     def _call_model(self, x: Tensor, t: Tensor, pos: Tensor, condition: Condition) -> Tensor:
         self.model_calls += 1
-        # no autocast of its own at fp32, so that a caller's (FSDP mixed precision's) stays in effect
-        precision = nullcontext() if self.autocast is None else torch.autocast(x.device.type, dtype=self.autocast)
+        # no autocast of its own at fp32, so that a caller's (FSDP mixed precision's) stays
+        # in effect
+        precision = (
+            nullcontext()
+            if self.autocast is None
+            else torch.autocast(x.device.type, dtype=self.autocast)
+        )
         with precision:
             return self.model.velocity(x, t, pos, condition, self.modality).to(x.dtype)
 
@@ -205,7 +235,10 @@ class GuidedVelocity:
         if not self.guided_at(float(t[0])):
             return self._call_model(x, t, self.pos, self.condition)
         both = self._call_model(
-            torch.cat([x, x]), torch.cat([t, t]), torch.cat([self.pos, self.pos]), self.guided_condition
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            torch.cat([self.pos, self.pos]),
+            self.guided_condition,
         )
         cond, uncond = both.chunk(2)
         return uncond + self.cfg_scale * (cond - uncond)
@@ -313,7 +346,8 @@ def generate(
     shift: float = 1.0,
     generators: list[torch.Generator] | None = None,
 ) -> Tensor:
-    """Decoded samples of `condition`'s B rows; noise from one `generator`, or per sample from `generators`.
+    """Decoded samples of `condition`'s B rows; noise from one `generator`, or per sample
+    from `generators`.
 
     Args:
         model (nn.Module): Anything with `velocity(x, t, pos, condition, modality)` and parameters.
@@ -331,5 +365,7 @@ def generate(
         The decoded samples, in the layout the tokenizer's `encode` takes (images: [B, C, H, W]).
     """
     noise = NoiseSource(generator, generators)
-    out = sample_tokens(model, tokenizer, condition, steps, solver, cfg_scale, guidance_interval, noise, shift)
+    out = sample_tokens(
+        model, tokenizer, condition, steps, solver, cfg_scale, guidance_interval, noise, shift
+    )
     return tokenizer.decode(out.tokens)

@@ -1,9 +1,11 @@
-"""A sampling job: N samples of a checkpoint, their conditions and noise fixed by a seed, written to a folder.
+"""A sampling job: N samples of a checkpoint, their conditions and noise fixed by a seed, written to
+a folder.
 
-`load_sampling_model` reads a selfflow checkpoint, an export or the released checkpoint; `SamplingPlan` says what to
-generate (conditions, solver, guidance, seed); `generate_batches` runs it batch by batch and `SampleWriter` writes
-each batch's files as it comes (see `selfflow.sampling.modalities` for what each modality writes). Sample `i`'s
-noise depends on (seed, i) only, so the same seed gives the same samples for any batch size.
+`load_sampling_model` reads a selfflow checkpoint, an export or the released checkpoint;
+`SamplingPlan` says what to generate (conditions, solver, guidance, seed); `generate_batches` runs
+it batch by batch and `SampleWriter` writes each batch's files as it comes (see
+`selfflow.sampling.modalities` for what each modality writes). Sample `i`'s noise depends on (seed,
+i) only, so the same seed gives the same samples for any batch size.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from torch import Tensor
 from selfflow.interop.official import OFFICIAL_PREFIX
 from selfflow.sampling import writers
 from selfflow.sampling.chunks import ChunkStore
-from selfflow.sampling.generate import Generation, NoiseSource, autocast_dtype, sample_generators, sample_tokens
+from selfflow.sampling.generate import (
+    Generation,
+    NoiseSource,
+    autocast_dtype,
+    sample_generators,
+    sample_tokens,
+)
 from selfflow.sampling.modalities import ModalityIO, modality_io
 from selfflow.sampling.prompted import prompt_text
 from selfflow.sampling.refine import refine_tokens
@@ -116,7 +124,9 @@ def pick_modality(requested: str | None, tokenizers: dict[str, Any]) -> str:
     if requested is None:
         return next(iter(tokenizers))
     if requested not in tokenizers:
-        raise ValueError(f"modality={requested} is not in this checkpoint; it has {sorted(tokenizers)}")
+        raise ValueError(
+            f"modality={requested} is not in this checkpoint; it has {sorted(tokenizers)}"
+        )
     return requested
 
 
@@ -173,19 +183,26 @@ def resolve_labels(
         return drawn_labels(num_samples, num_classes, seed)
     if labels == BALANCED_LABELS:
         return torch.arange(num_samples) % num_classes
-    labels = [int(v) for v in (labels if isinstance(labels, Sequence) and not isinstance(labels, str) else [labels])]
+    labels = [
+        int(v)
+        for v in (
+            labels if isinstance(labels, Sequence) and not isinstance(labels, str) else [labels]
+        )
+    ]
     bad = [v for v in labels if not (0 <= v < num_classes or v == null_class)]
     if not labels or bad:
         raise ValueError(
             f"labels={labels} must be class ids in 0..{num_classes - 1} (or {null_class}, the null "
             f"label); leave labels=null for uniformly drawn classes, or labels=balanced"
         )
-    return torch.tensor(labels, dtype=torch.long).repeat(math.ceil(num_samples / len(labels)))[:num_samples]
+    return torch.tensor(labels, dtype=torch.long).repeat(math.ceil(num_samples / len(labels)))[
+        :num_samples
+    ]
 
 
 def size_rows(model, tokenizer, count: int) -> Tensor | None:
-    """[count, 6] size conditioning of a multi-aspect model: an uncropped image of the size generated (None for a
-    model without size conditioning).
+    """[count, 6] size conditioning of a multi-aspect model: an uncropped image of the size
+    generated (None for a model without size conditioning).
 
     Args:
         model (nn.Module): The sampling model; size conditioning when it has a `size_embedder`.
@@ -198,7 +215,9 @@ def size_rows(model, tokenizer, count: int) -> Tensor | None:
     if getattr(model, "size_embedder", None) is None:
         return None
     height, width = tokenizer.image_size
-    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(count, 1)
+    return torch.tensor([[height, width, 0, 0, height, width]], dtype=torch.float32).repeat(
+        count, 1
+    )
 
 
 def sampling_condition(
@@ -245,7 +264,11 @@ def solver_options(sampler: str, sde_last_step: float, sde_last_step_mode: str) 
     Returns:
         Keyword arguments for the solver (empty for the ODE solvers).
     """
-    return {"last_step": sde_last_step, "last_step_mode": sde_last_step_mode} if sampler == "sde" else {}
+    return (
+        {"last_step": sde_last_step, "last_step_mode": sde_last_step_mode}
+        if sampler == "sde"
+        else {}
+    )
 
 
 def batches(count: int, size: int) -> list[range]:
@@ -298,7 +321,9 @@ class SamplingPlan:
     precision: str = "fp32"
     seed: int = 0
     batch_size: int = 32
-    init: Tensor | None = None  # refine this raw sample (noised to `strength`) instead of starting from noise
+    init: Tensor | None = (
+        None  # refine this raw sample (noised to `strength`) instead of starting from noise
+    )
     strength: float = 0.3
 
     @property
@@ -312,9 +337,13 @@ class SamplingPlan:
 
 
 def generate_batches(
-    model, plan: SamplingPlan, on_evaluation: Callable[[], None] | None = None, parts: list[range] | None = None
+    model,
+    plan: SamplingPlan,
+    on_evaluation: Callable[[], None] | None = None,
+    parts: list[range] | None = None,
 ) -> Iterator[tuple[range, Tensor, Generation]]:
-    """(indices, decoded samples, generation) of each batch of the plan (or of `parts`, a subset of its indices).
+    """(indices, decoded samples, generation) of each batch of the plan (or of `parts`, a subset of
+    its indices).
 
     Args:
         model (nn.Module): The sampling model: `velocity(x, t, pos, condition, modality)`,
@@ -339,7 +368,13 @@ def generate_batches(
         }
         if plan.init is None:
             out = sample_tokens(
-                model, plan.tokenizer, condition, plan.steps, plan.solver, **options, **plan.solver_options
+                model,
+                plan.tokenizer,
+                condition,
+                plan.steps,
+                plan.solver,
+                **options,
+                **plan.solver_options,
             )
         else:  # refinement: start from the init sample noised to level `strength`
             out = refine_tokens(
@@ -364,9 +399,10 @@ def job_settings(
     chunk_size: int,
     requests: dict[str, Any],
 ) -> dict[str, Any]:
-    """What decides a job's samples, as job.json keeps it: the weights (by content), the tokenizer (a VAE by its
-    fingerprint), the solver, guidance, precision as resolved on `device`, seed, count and chunking, and what the user
-    asked for (`requests`: labels, prompt, size, ...). A restart with other settings is refused.
+    """What decides a job's samples, as job.json keeps it: the weights (by content), the tokenizer
+    (a VAE by its fingerprint), the solver, guidance, precision as resolved on `device`, seed, count
+    and chunking, and what the user asked for (`requests`: labels, prompt, size, ...). A restart
+    with other settings is refused.
 
     Args:
         model (nn.Module): The sampling model: `velocity(x, t, pos, condition, modality)`,
@@ -403,7 +439,8 @@ def job_settings(
 
 
 def state_digest(module: torch.nn.Module) -> str:
-    """sha256 of a model's tensors (names, dtypes, shapes, bytes): which weights sample, wherever the file lies.
+    """sha256 of a model's tensors (names, dtypes, shapes, bytes): which weights sample, wherever
+    the file lies.
 
     Args:
         module: The model.
@@ -420,8 +457,8 @@ def state_digest(module: torch.nn.Module) -> str:
 
 
 def stored_form(io: ModalityIO, samples: Tensor) -> np.ndarray:
-    """Decoded samples as a chunk keeps them: images as their uint8 pixels [B, C, H, W] (what every image file and
-    samples.npz hold), other modalities as float32.
+    """Decoded samples as a chunk keeps them: images as their uint8 pixels [B, C, H, W] (what every
+    image file and samples.npz hold), other modalities as float32.
 
     Args:
         io: The modality's file handling (`arrays`: stored as uint8 pixels).
@@ -455,8 +492,8 @@ def sample_chunks(
     writer: SampleWriter,
     on_evaluation: Callable[[], None] | None = None,
 ) -> int:
-    """Sample the given chunks batch by batch (per-sample files as each batch comes), then write each chunk's file;
-    returns the model forward passes taken.
+    """Sample the given chunks batch by batch (per-sample files as each batch comes), then write
+    each chunk's file; returns the model forward passes taken.
 
     Args:
         model (nn.Module): The sampling model: `velocity(x, t, pos, condition, modality)`,
@@ -473,19 +510,24 @@ def sample_chunks(
     model_calls = 0
     for chunk in chunks:
         indices = store.ranges[chunk]
-        parts = [range(indices.start + b.start, indices.start + b.stop) for b in batches(len(indices), plan.batch_size)]
+        parts = [
+            range(indices.start + b.start, indices.start + b.stop)
+            for b in batches(len(indices), plan.batch_size)
+        ]
         stored = []
         for part, decoded, out in generate_batches(model, plan, on_evaluation, parts):
             writer.add(decoded, part)
             stored.append(stored_form(writer.io, decoded))
             model_calls += out.model_calls
-        store.write(chunk, plan.condition.labels[indices.start : indices.stop], np.concatenate(stored))
+        store.write(
+            chunk, plan.condition.labels[indices.start : indices.stop], np.concatenate(stored)
+        )
     return model_calls
 
 
 class SampleWriter:
-    """Per-sample files as each batch comes (unless `per_sample_files` is off), then, from the job's chunk files, a
-    preview picture and (images) samples.npz.
+    """Per-sample files as each batch comes (unless `per_sample_files` is off), then, from the job's
+    chunk files, a preview picture and (images) samples.npz.
 
     Args:
         modality: The generated modality.
@@ -520,15 +562,23 @@ class SampleWriter:
         """
         if self.per_sample_files:
             self.io.write(
-                samples, self.out_dir / self.io.folder, [f"{i:06d}" for i in indices], self.tokenizer, self.upscale
+                samples,
+                self.out_dir / self.io.folder,
+                [f"{i:06d}" for i in indices],
+                self.tokenizer,
+                self.upscale,
             )
 
     def finish(
-        self, store: ChunkStore, labels: Tensor, nrow: int | None, visit: Callable[[Tensor, Tensor], None] | None = None
+        self,
+        store: ChunkStore,
+        labels: Tensor,
+        nrow: int | None,
+        visit: Callable[[Tensor, Tensor], None] | None = None,
     ) -> dict[str, Path]:
-        """Read the chunks in index order, one at a time: the first `grid_max` samples make the preview, images
-        stream into samples.npz (uint8 [N, H, W, 3] under arr_0, and labels), and `visit(samples, labels)` sees
-        every chunk (metrics). Returns the files written, by kind.
+        """Read the chunks in index order, one at a time: the first `grid_max` samples make the
+        preview, images stream into samples.npz (uint8 [N, H, W, 3] under arr_0, and labels), and
+        `visit(samples, labels)` sees every chunk (metrics). Returns the files written, by kind.
 
         Args:
             store: The job's chunk files, all written.

@@ -12,14 +12,19 @@ from selfflow.tokens import NO_LABEL, TEXT, Condition, TextTokens
 
 
 def prompted_condition(
-    text_tokenizer: TextTokenizer, prompts: Sequence[str], per_prompt: int = 1, labels: Tensor | None = None
+    text_tokenizer: TextTokenizer,
+    prompts: Sequence[str],
+    per_prompt: int = 1,
+    labels: Tensor | None = None,
 ) -> Condition:
-    """Each prompt `per_prompt` times, rows in prompt order; labels: class labels per row (default: none, for
-    text-only models)."""
+    """Each prompt `per_prompt` times, rows in prompt order; labels: class labels per row (default:
+    none, for text-only models)."""
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
-        raise ValueError("no prompt given: pass at least one caption, e.g. prompt='a handwritten four'")
+        raise ValueError(
+            "no prompt given: pass at least one caption, e.g. prompt='a handwritten four'"
+        )
     captions = [p for p in prompts for _ in range(per_prompt)]
     if labels is None:
         labels = torch.full((len(captions),), NO_LABEL, dtype=torch.long)
@@ -27,15 +32,18 @@ def prompted_condition(
 
 
 def prompt_text(tokenizers: dict, prompt, num_samples: int) -> TextTokens | None:
-    """Captions for `num_samples` rows: the prompt (a string, or a list cycled over the rows); the null text for a
-    text model given no prompt (unconditional samples); None for a model without text conditioning."""
-    prompts = [] if prompt is None else [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+    """Captions for `num_samples` rows: the prompt (a string, or a list cycled over the rows); the
+    null text for a text model given no prompt (unconditional samples); None for a model without
+    text conditioning."""
+    prompts = (
+        [] if prompt is None else [prompt] if isinstance(prompt, str) else [str(p) for p in prompt]
+    )
     text_tokenizer = tokenizers.get(TEXT)
     if text_tokenizer is None:
         if prompts:
             raise ValueError(
-                "prompt=... needs a checkpoint trained with text conditioning (a tokenizer.text, e.g. "
-                "experiment=text_digits); this checkpoint has none"
+                "prompt=... needs a checkpoint trained with text conditioning (a tokenizer.text, "
+                "e.g. experiment=text_digits); this checkpoint has none"
             )
         return None
     if not prompts:

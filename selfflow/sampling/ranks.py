@@ -1,9 +1,10 @@
-"""The processes of a sampling job: rank and world size as the launcher set them (torchrun, SLURM, or neither: one
-process), each process's device, and a process group used only to wait for the others and to add up a few counts.
+"""The processes of a sampling job: rank and world size as the launcher set them (torchrun, SLURM,
+or neither: one process), each process's device, and a process group used only to wait for the
+others and to add up a few counts.
 
-Sampling needs no gradient synchronisation, so no Lightning strategy is involved: each process samples its own
-chunks (see `selfflow.sampling.chunks`), and torch.distributed (gloo on CPUs, NCCL on GPUs) only provides the
-barriers around them.
+Sampling needs no gradient synchronisation, so no Lightning strategy is involved: each process
+samples its own chunks (see `selfflow.sampling.chunks`), and torch.distributed (gloo on CPUs, NCCL
+on GPUs) only provides the barriers around them.
 """
 
 from __future__ import annotations
@@ -18,13 +19,14 @@ import torch
 
 from selfflow.sampling.generate import resolve_device
 
-# (launcher, rank, world size, local rank) variables, the first launcher whose rank variable is set wins
+# (launcher, rank, world size, local rank) variables, the first launcher whose rank variable is
+# set wins
 LAUNCHERS = (
     ("torchrun", "RANK", "WORLD_SIZE", "LOCAL_RANK"),
     ("SLURM", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
 )
-# the barrier after sampling waits for the slowest process (up to a chunk behind the others); loading a large
-# checkpoint from a shared disk before the first one can take minutes too
+# the barrier after sampling waits for the slowest process (up to a chunk behind the others);
+# loading a large checkpoint from a shared disk before the first one can take minutes too
 BARRIER_TIMEOUT = timedelta(hours=1)
 
 
@@ -43,32 +45,37 @@ class Ranks:
 
 
 def launcher_ranks(env: Mapping[str, str] = os.environ) -> Ranks:
-    """The ranks torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) gave
-    this process; one process when neither did."""
+    """The ranks torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or SLURM (SLURM_PROCID, SLURM_NTASKS,
+    SLURM_LOCALID) gave this process; one process when neither did."""
     for launcher, rank, world, local in LAUNCHERS:
         if env.get(rank, "") != "":
             try:
-                ranks = Ranks(int(env[rank]), int(env.get(world, "1")), int(env.get(local, "0")), launcher)
+                ranks = Ranks(
+                    int(env[rank]), int(env.get(world, "1")), int(env.get(local, "0")), launcher
+                )
             except ValueError:
                 raise ValueError(
                     f"{launcher} set {rank}={env.get(rank)!r}, {world}={env.get(world)!r}, "
                     f"{local}={env.get(local)!r}: these must be integers"
                 ) from None
             if not 0 <= ranks.rank < ranks.world:
-                raise ValueError(f"{launcher} set {rank}={ranks.rank} outside 0..{world}-1={ranks.world - 1}")
+                raise ValueError(
+                    f"{launcher} set {rank}={ranks.rank} outside 0..{world}-1={ranks.world - 1}"
+                )
             return ranks
     return Ranks()
 
 
 def process_device(ranks: Ranks, requested: str) -> torch.device:
-    """`device=` for this process: with several processes, `auto`/`cuda` mean cuda:LOCAL_RANK (one GPU each)."""
+    """`device=` for this process: with several processes, `auto`/`cuda` mean cuda:LOCAL_RANK (one
+    GPU each)."""
     device = resolve_device(requested)
     if ranks.world == 1 or device.type != "cuda":
         return device
     if device.index is not None and requested != "auto":
         raise ValueError(
-            f"device={requested} with {ranks.world} processes: leave device=auto (each process takes "
-            f"cuda:LOCAL_RANK) or device=cpu"
+            f"device={requested} with {ranks.world} processes: leave device=auto (each process "
+            f"takes cuda:LOCAL_RANK) or device=cpu"
         )
     if ranks.local_rank >= torch.cuda.device_count():
         raise ValueError(
@@ -115,27 +122,28 @@ class ProcessGroup:
         if len(set(values)) > 1:
             raise ValueError(
                 f"the {self.ranks.world} processes got different {key} ({values[0]!r} on rank 0, "
-                f"{value!r} on rank {self.ranks.rank}); pass {key}=... explicitly (a default with the "
-                f"time in it differs between processes started seconds apart)"
+                f"{value!r} on rank {self.ranks.rank}); pass {key}=... explicitly (a default with "
+                f"the time in it differs between processes started seconds apart)"
             )
 
 
 def rendezvous_environment(ranks: Ranks, env: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """MASTER_ADDR and MASTER_PORT for torch.distributed: torchrun sets them; under SLURM a one-node job gets
-    127.0.0.1 and a port from the job id (so that two jobs on a node differ), a multi-node job must export them."""
+    """MASTER_ADDR and MASTER_PORT for torch.distributed: torchrun sets them; under SLURM a one-node
+    job gets 127.0.0.1 and a port from the job id (so that two jobs on a node differ), a multi-node
+    job must export them."""
     if "MASTER_ADDR" in env and "MASTER_PORT" in env:
         return {}
     if ranks.launcher != "SLURM":
         raise ValueError(
-            f"{ranks.launcher} started {ranks.world} processes without MASTER_ADDR and MASTER_PORT; "
-            f"start them with torchrun (which sets both)"
+            f"{ranks.launcher} started {ranks.world} processes without MASTER_ADDR and "
+            f"MASTER_PORT; start them with torchrun (which sets both)"
         )
     found = {}
     if "MASTER_ADDR" not in env:
         if env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", "1")) != "1":
             raise ValueError(
-                "a SLURM job on several nodes needs MASTER_ADDR: export MASTER_ADDR=$(scontrol show "
-                "hostnames $SLURM_JOB_NODELIST | head -n 1) before srun"
+                "a SLURM job on several nodes needs MASTER_ADDR: export MASTER_ADDR=$(scontrol "
+                "show hostnames $SLURM_JOB_NODELIST | head -n 1) before srun"
             )
         found["MASTER_ADDR"] = "127.0.0.1"
     if "MASTER_PORT" not in env:

@@ -1,9 +1,11 @@
-"""Refinement (image-to-image and the like): sampling that starts from an existing sample noised to a level.
+"""Refinement (image-to-image and the like): sampling that starts from an existing sample noised to
+a level.
 
-With `strength` s in [0, 1], the sample's tokens x0 become x_s = (1 - s) x0 + s x1 and the ODE runs from level s
-down to 0: s = 0 returns the input untouched, s = 1 starts from pure noise and ignores it (plain generation from
-the same noise). The solvers integrate from 1 to 0, so they run on the rescaled time tau = t / s, where the
-velocity is s * v(x, s tau): every ODE solver of `selfflow.flow.solvers` works unchanged.
+With `strength` s in [0, 1], the sample's tokens x0 become x_s = (1 - s) x0 + s x1 and the ODE runs
+from level s down to 0: s = 0 returns the input untouched, s = 1 starts from pure noise and ignores
+it (plain generation from the same noise). The solvers integrate from 1 to 0, so they run on the
+rescaled time tau = t / s, where the velocity is s * v(x, s tau): every ODE solver of
+`selfflow.flow.solvers` works unchanged.
 """
 
 from __future__ import annotations
@@ -14,7 +16,13 @@ import torch
 from torch import Tensor
 
 from selfflow.flow import solvers
-from selfflow.sampling.generate import Generation, GuidedVelocity, NoiseSource, autocast_dtype, model_device
+from selfflow.sampling.generate import (
+    Generation,
+    GuidedVelocity,
+    NoiseSource,
+    autocast_dtype,
+    model_device,
+)
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import Condition
 
@@ -41,14 +49,16 @@ def refine_tokens(
     precision: str = "fp32",
     on_evaluation: Callable[[], None] | None = None,
 ) -> Generation:
-    """Refined tokens for raw samples `init` (what `tokenizer.encode` takes, B of them) and their `condition`.
+    """Refined tokens for raw samples `init` (what `tokenizer.encode` takes, B of them) and
+    their `condition`.
 
     `steps` model evaluations cover the part of the path from `strength` to 0.
     """
     strength = check_strength(strength)
     if solver in solvers.STOCHASTIC or solver not in solvers.SOLVERS:
         raise ValueError(
-            f"refinement runs an ODE from the chosen level: sampler={solver!r} cannot be used; choose euler or heun"
+            f"refinement runs an ODE from the chosen level: sampler={solver!r} cannot be "
+            f"used; choose euler or heun"
         )
     device = model_device(model)
     x0 = tokenizer.encode(init.to(device)).x.float()  # [B, N, C]

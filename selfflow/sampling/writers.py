@@ -18,7 +18,8 @@ from selfflow.io.safe_files import replace_atomically
 
 
 def quantize(samples: Tensor) -> Tensor:
-    """Samples in [0, 1] (images [B, C, H, W], any layout) -> uint8 0..255, rounded: what every image file holds."""
+    """Samples in [0, 1] (images [B, C, H, W], any layout) -> uint8 0..255, rounded: what every
+    image file holds."""
     return (samples.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
 
 
@@ -35,8 +36,11 @@ def to_uint8(images: Tensor) -> np.ndarray:
     return rgb_rows(quantize(images))
 
 
-def image_grid(images: Tensor, nrow: int | None = None, upscale: int = 1, pad: int = 2) -> Image.Image:
-    """A grid of images [B, C, H, W] in [0, 1], upscaled by nearest neighbour so small samples are visible."""
+def image_grid(
+    images: Tensor, nrow: int | None = None, upscale: int = 1, pad: int = 2
+) -> Image.Image:
+    """A grid of images [B, C, H, W] in [0, 1], upscaled by nearest neighbour so small samples
+    are visible."""
     pixels = to_uint8(images)
     b, h, w, _ = pixels.shape
     nrow = nrow or math.ceil(math.sqrt(b))
@@ -44,7 +48,10 @@ def image_grid(images: Tensor, nrow: int | None = None, upscale: int = 1, pad: i
     canvas = np.full((ncol * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, dtype=np.uint8)
     for i, image in enumerate(pixels):
         r, c = divmod(i, nrow)
-        canvas[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + c * (w + pad) : pad + c * (w + pad) + w] = image
+        canvas[
+            pad + r * (h + pad) : pad + r * (h + pad) + h,
+            pad + c * (w + pad) : pad + c * (w + pad) + w,
+        ] = image
     grid = Image.fromarray(canvas)
     if upscale > 1:
         grid = grid.resize((grid.width * upscale, grid.height * upscale), Image.NEAREST)
@@ -56,7 +63,9 @@ def image_format(path: Path) -> str:
     return Image.registered_extensions().get(path.suffix.lower(), "PNG")
 
 
-def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1) -> Path:
+def save_image_grid(
+    images: Tensor, path: str | os.PathLike, nrow: int | None = None, upscale: int = 1
+) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replace_atomically(path) as file:
@@ -64,7 +73,9 @@ def save_image_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = 
     return path
 
 
-def save_image_files(images: Tensor, folder: str | os.PathLike, names: list[str], upscale: int = 1) -> list[Path]:
+def save_image_files(
+    images: Tensor, folder: str | os.PathLike, names: list[str], upscale: int = 1
+) -> list[Path]:
     """One PNG per image [B, C, H, W] in [0, 1], named `names[i].png`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -93,7 +104,11 @@ def write_npz_streamed(
     (`replace_atomically`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    header = {
+        "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+        "fortran_order": False,
+        "shape": tuple(shape),
+    }
     rows = 0
     with (
         replace_atomically(path) as file,
@@ -104,7 +119,8 @@ def write_npz_streamed(
             for block in blocks:
                 if block.dtype != dtype or block.shape[1:] != tuple(shape[1:]):
                     raise ValueError(
-                        f"a block of {block.dtype} {list(block.shape)} for {path}[arr_0] of {dtype} {list(shape)}"
+                        f"a block of {block.dtype} {list(block.shape)} for "
+                        f"{path}[arr_0] of {dtype} {list(shape)}"
                     )
                 member.write(np.ascontiguousarray(block).data)
                 rows += len(block)

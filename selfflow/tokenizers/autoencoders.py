@@ -300,7 +300,9 @@ def load_autoencoder(
     try:
         import diffusers
     except ImportError as error:
-        raise ValueError(f"{key}=... needs diffusers: pip install 'selfflow[vae]' ({error})") from error
+        raise ValueError(
+            f"{key}=... needs diffusers: pip install 'selfflow[vae]' ({error})"
+        ) from error
     path = vae_folder(folder, key, kind)
     try:
         loader = getattr(diffusers, name)  # a name of `classes`, never one the file alone chose

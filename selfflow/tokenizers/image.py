@@ -11,10 +11,12 @@ from selfflow.tokens import Tokens
 
 
 class ImagePatchTokenizer(Tokenizer):
-    """Images [B, C, H, W] in [0, 1] -> tokens [B, (H/p)(W/p), C p p] in [-1, 1], channel order (c p q).
+    """Images [B, C, H, W] in [0, 1] -> tokens [B, (H/p)(W/p), C p p] in [-1, 1], channel order (c
+    p q).
 
-    `decode` is the exact inverse (back to [0, 1], clamped). `image_size` is the size generation starts from;
-    `encode` takes any size whose sides are whole patches (multi-aspect batches), with ids from the actual grid.
+    `decode` is the exact inverse (back to [0, 1], clamped). `image_size` is the size generation
+    starts from; `encode` takes any size whose sides are whole patches (multi-aspect batches), with
+    ids from the actual grid.
 
     Args:
         patch_size: p, the side of a square patch in pixels.
@@ -27,7 +29,9 @@ class ImagePatchTokenizer(Tokenizer):
 
     modality = "image"
 
-    def __init__(self, patch_size: int = 2, channels: int = 3, image_size: int | tuple[int, int] = 32):
+    def __init__(
+        self, patch_size: int = 2, channels: int = 3, image_size: int | tuple[int, int] = 32
+    ):
         super().__init__()
         h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         if patch_size < 1 or h % patch_size or w % patch_size:
@@ -55,13 +59,16 @@ class ImagePatchTokenizer(Tokenizer):
         p = self.patch_size
         if c != self.channels or h % p or w % p:
             raise ValueError(
-                f"image tokenizer expects [B, {self.channels}, {self.image_size[0]}, {self.image_size[1]}] (or any "
-                f"H, W that are multiples of patch_size={p}), got {list(images.shape)}; the "
+                f"image tokenizer expects [B, {self.channels}, {self.image_size[0]}, "
+                f"{self.image_size[1]}] (or any H, W that are multiples of patch_size={p}), got "
+                f"{list(images.shape)}; the "
                 "tokenizer takes "
                 f"channels and image_size from data.dataset (a mixture: data.sources.image.dataset)"
             )
         x = rearrange(images * 2 - 1, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
-        return Tokens(x=x, pos=self.positions(b, images.device, grid=(h // p, w // p)), modality=self.modality)
+        return Tokens(
+            x=x, pos=self.positions(b, images.device, grid=(h // p, w // p)), modality=self.modality
+        )
 
     def decode(self, x: Tensor) -> Tensor:
         """x: [B, N, C p p] -> images [B, C, H, W] in [0, 1].
@@ -77,7 +84,9 @@ class ImagePatchTokenizer(Tokenizer):
         images = rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=gh, w=gw, p=p, q=p)
         return ((images + 1) / 2).clamp(0, 1)
 
-    def positions(self, batch_size: int, device=None, grid: tuple[int, int] | None = None) -> Tensor:
+    def positions(
+        self, batch_size: int, device=None, grid: tuple[int, int] | None = None
+    ) -> Tensor:
         """[B, gh gw, 4] ids (0, h, w, 0) of a `grid` of patches (default: that of `image_size`).
 
         Args:
@@ -89,7 +98,9 @@ class ImagePatchTokenizer(Tokenizer):
             [B, gh gw, 4] long ids, row-major over the grid.
         """
         gh, gw = grid or self.grid
-        h, w = torch.meshgrid(torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij")
+        h, w = torch.meshgrid(
+            torch.arange(gh, device=device), torch.arange(gw, device=device), indexing="ij"
+        )
         zeros = torch.zeros_like(h)
         pos = torch.stack([zeros, h, w, zeros], dim=-1)  # [gh, gw, 4]
         return rearrange(pos, "h w a -> (h w) a").expand(batch_size, -1, -1)

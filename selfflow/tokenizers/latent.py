@@ -1,4 +1,5 @@
-"""Latent tokenizers: a frozen autoencoder loaded from a local TorchScript file, with tokens cut from its latents.
+"""Latent tokenizers: a frozen autoencoder loaded from a local TorchScript file, with tokens cut
+from its latents.
 
 The autoencoder file is a `torch.jit.save`d module with two methods (nothing is downloaded):
   video: `encode(x: [B, T, C, H, W] in [-1, 1]) -> z: [B, T', C', H', W']`, `decode(z) -> x`;
@@ -42,7 +43,9 @@ def load_autoencoder(
         ) from error
     for method in ("encode", "decode"):
         if not hasattr(module, method):
-            raise ValueError(f"{key}={path} has no {method}() method; export a module with encode() and decode()")
+            raise ValueError(
+                f"{key}={path} has no {method}() method; export a module with encode() and decode()"
+            )
     module.eval()
     for parameter in module.parameters():
         parameter.requires_grad_(False)
@@ -81,8 +84,8 @@ class VideoLatentTokenizer(Tokenizer):
             latent = self.autoencoder.encode(torch.zeros(1, *self.sample_shape))
         if latent.ndim != 5:
             raise ValueError(
-                f"tokenizer.video.autoencoder_path: encode() gave latents of shape {list(latent.shape)}; "
-                f"a video autoencoder must give [B, T', C', H', W']"
+                f"tokenizer.video.autoencoder_path: encode() gave latents of shape "
+                f"{list(latent.shape)}; a video autoencoder must give [B, T', C', H', W']"
             )
         t, c, h, w = latent.shape[1:]
         self.grid = tubelet_grid((t, h, w), tubelet_frames, patch_size, "autoencoder latents")
@@ -91,8 +94,8 @@ class VideoLatentTokenizer(Tokenizer):
     def encode(self, video: Tensor) -> Tokens:
         if tuple(video.shape[1:]) != self.sample_shape:
             raise ValueError(
-                f"video latent tokenizer expects [B, {', '.join(map(str, self.sample_shape))}], got "
-                f"{list(video.shape)}; the tokenizer takes num_frames, channels and image_size "
+                f"video latent tokenizer expects [B, {', '.join(map(str, self.sample_shape))}], "
+                f"got {list(video.shape)}; the tokenizer takes num_frames, channels and image_size "
                 "from data.dataset (a mixture: data.sources.video.dataset)"
             )
         with torch.no_grad():
@@ -102,7 +105,10 @@ class VideoLatentTokenizer(Tokenizer):
 
     def decode(self, x: Tensor) -> Tensor:
         """x: [B, N, C' pt p p] -> clips [B, T, C, H, W] in [0, 1]."""
-        latent = from_tubelets(x, self.grid, self.tubelet_frames, self.patch_size) / self.scale + self.shift
+        latent = (
+            from_tubelets(x, self.grid, self.tubelet_frames, self.patch_size) / self.scale
+            + self.shift
+        )
         return ((self.autoencoder.decode(latent) + 1) / 2).clamp(0, 1)
 
     def positions(self, batch_size: int, device=None) -> Tensor:
@@ -136,8 +142,8 @@ class AudioLatentTokenizer(Tokenizer):
             latent = self.autoencoder.encode(torch.zeros(1, self.num_samples))
         if latent.ndim != 3 or patch_frames < 1 or latent.shape[-1] % patch_frames:
             raise ValueError(
-                f"tokenizer.audio: the autoencoder's latents {list(latent.shape)} must be [B, C', L] "
-                f"with L divisible by patch_frames={patch_frames}"
+                f"tokenizer.audio: the autoencoder's latents {list(latent.shape)} must be [B, C', "
+                f"L] with L divisible by patch_frames={patch_frames}"
             )
         self.latent_frames = latent.shape[-1]
         self.token_channels = latent.shape[1] * patch_frames
@@ -146,12 +152,16 @@ class AudioLatentTokenizer(Tokenizer):
         wave = as_mono_batch(wave, self.num_samples, "audio latent tokenizer")
         with torch.no_grad():
             latent = self.autoencoder.encode(wave)
-        x = rearrange((latent - self.shift) * self.scale, "b c (t p) -> b t (c p)", p=self.patch_frames)
+        x = rearrange(
+            (latent - self.shift) * self.scale, "b c (t p) -> b t (c p)", p=self.patch_frames
+        )
         return Tokens(x=x, pos=self.positions(wave.shape[0], wave.device), modality=self.modality)
 
     def decode(self, x: Tensor) -> Tensor:
         """x: [B, L / pf, C' pf] -> waves [B, S], peaks limited to -1 dBFS (`limit_peak`)."""
-        latent = rearrange(x, "b t (c p) -> b c (t p)", p=self.patch_frames) / self.scale + self.shift
+        latent = (
+            rearrange(x, "b t (c p) -> b c (t p)", p=self.patch_frames) / self.scale + self.shift
+        )
         wave = self.autoencoder.decode(latent)
         return limit_peak(wave.reshape(wave.shape[0], -1))
 

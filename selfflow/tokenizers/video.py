@@ -1,4 +1,5 @@
-"""Video tokenizer: non-overlapping tubelets of pt frames x p x p pixels with (t, h, w, 0) position ids."""
+"""Video tokenizer: non-overlapping tubelets of pt frames x p x p pixels with (t, h, w, 0)
+position ids."""
 
 from __future__ import annotations
 
@@ -26,7 +27,10 @@ def grid_positions(t: int, h: int, w: int, batch_size: int, device=None) -> Tens
         [B, t*h*w, 4] long ids, the same for every sample.
     """
     axes = torch.meshgrid(
-        torch.arange(t, device=device), torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+        torch.arange(t, device=device),
+        torch.arange(h, device=device),
+        torch.arange(w, device=device),
+        indexing="ij",
     )
     pos = torch.stack([*axes, torch.zeros_like(axes[0])], dim=-1)  # [t, h, w, 4]
     return rearrange(pos, "t h w a -> (t h w) a").expand(batch_size, -1, -1)
@@ -44,10 +48,14 @@ def to_tubelets(video: Tensor, tubelet_frames: int, patch_size: int) -> Tensor:
         [B, (T/pt)(H/p)(W/p), C pt p p] tokens, row-major over (t, h, w).
     """
     p = patch_size
-    return rearrange(video, "b (t u) c (h p) (w q) -> b (t h w) (c u p q)", u=tubelet_frames, p=p, q=p)
+    return rearrange(
+        video, "b (t u) c (h p) (w q) -> b (t h w) (c u p q)", u=tubelet_frames, p=p, q=p
+    )
 
 
-def from_tubelets(x: Tensor, grid: tuple[int, int, int], tubelet_frames: int, patch_size: int) -> Tensor:
+def from_tubelets(
+    x: Tensor, grid: tuple[int, int, int], tubelet_frames: int, patch_size: int
+) -> Tensor:
     """The inverse of `to_tubelets`: [B, N, C pt p p] -> [B, T, C, H, W].
 
     Args:
@@ -61,11 +69,16 @@ def from_tubelets(x: Tensor, grid: tuple[int, int, int], tubelet_frames: int, pa
     """
     t, h, w = grid
     p = patch_size
-    return rearrange(x, "b (t h w) (c u p q) -> b (t u) c (h p) (w q)", t=t, h=h, w=w, u=tubelet_frames, p=p, q=p)
+    return rearrange(
+        x, "b (t h w) (c u p q) -> b (t u) c (h p) (w q)", t=t, h=h, w=w, u=tubelet_frames, p=p, q=p
+    )
 
 
-def tubelet_grid(shape: tuple[int, int, int], tubelet_frames: int, patch_size: int, what: str) -> tuple[int, int, int]:
-    """(T, H, W) -> the token grid (T/pt, H/p, W/p), or a ValueError naming the sizes that do not divide.
+def tubelet_grid(
+    shape: tuple[int, int, int], tubelet_frames: int, patch_size: int, what: str
+) -> tuple[int, int, int]:
+    """(T, H, W) -> the token grid (T/pt, H/p, W/p), or a ValueError naming the sizes that do
+    not divide.
 
     Args:
         shape: (T, H, W) frames, height and width of the clips.
@@ -80,11 +93,18 @@ def tubelet_grid(shape: tuple[int, int, int], tubelet_frames: int, patch_size: i
         ValueError: A tubelet size does not divide its axis.
     """
     t, h, w = shape
-    if tubelet_frames < 1 or patch_size < 1 or t % tubelet_frames or h % patch_size or w % patch_size:
+    if (
+        tubelet_frames < 1
+        or patch_size < 1
+        or t % tubelet_frames
+        or h % patch_size
+        or w % patch_size
+    ):
         raise ValueError(
-            f"tokenizer.video tubelets of {tubelet_frames} frames x {patch_size} x {patch_size} do not divide the "
-            f"{what} of {t} frames x {h} x {w}; pick tubelet_frames dividing the frame count and patch_size "
-            f"dividing the size (or change data.dataset.num_frames/image_size)"
+            f"tokenizer.video tubelets of {tubelet_frames} frames x {patch_size} x {patch_size} do "
+            f"not divide the {what} of {t} frames x {h} x {w}; pick tubelet_frames dividing the "
+            f"frame count and patch_size dividing the size (or change "
+            f"data.dataset.num_frames/image_size)"
         )
     return t // tubelet_frames, h // patch_size, w // patch_size
 
@@ -92,7 +112,8 @@ def tubelet_grid(shape: tuple[int, int, int], tubelet_frames: int, patch_size: i
 class VideoTubeletTokenizer(Tokenizer):
     """Clips [B, T, C, H, W] in [0, 1] -> tokens [B, (T/pt)(H/p)(W/p), C pt p p] in [-1, 1].
 
-    `decode` is the exact inverse (back to [0, 1], clamped). `fps` is the rate samples are written at.
+    `decode` is the exact inverse (back to [0, 1], clamped). `fps` is the rate samples are
+    written at.
 
     Args:
         tubelet_frames: pt, the frames of one tubelet; divides `num_frames`.
@@ -119,13 +140,21 @@ class VideoTubeletTokenizer(Tokenizer):
     ):
         super().__init__()
         self.tubelet_frames, self.patch_size, self.channels = tubelet_frames, patch_size, channels
-        # the rate samples are written at; null (data read at a frame stride, not a rate) writes 8 fps
-        self.num_frames, self.image_size, self.fps = num_frames, image_size, float(fps) if fps else 8.0
-        self.grid = tubelet_grid((num_frames, image_size, image_size), tubelet_frames, patch_size, "clips")
+        # the rate samples are written at; null (data read at a frame stride, not a rate) writes
+        # 8 fps
+        self.num_frames, self.image_size, self.fps = (
+            num_frames,
+            image_size,
+            float(fps) if fps else 8.0,
+        )
+        self.grid = tubelet_grid(
+            (num_frames, image_size, image_size), tubelet_frames, patch_size, "clips"
+        )
         self.token_channels = channels * tubelet_frames * patch_size * patch_size
 
     def at_frames(self, num_frames: int) -> VideoTubeletTokenizer:
-        """The same tokenizer for clips of `num_frames` frames (frame-count buckets, or sampling another length).
+        """The same tokenizer for clips of `num_frames` frames (frame-count buckets, or sampling
+        another length).
 
         Args:
             num_frames: The new clip length, a whole number of tubelets.
@@ -138,10 +167,14 @@ class VideoTubeletTokenizer(Tokenizer):
         """
         if num_frames == self.num_frames:
             return self
-        if num_frames != int(num_frames) or num_frames < self.tubelet_frames or num_frames % self.tubelet_frames:
+        if (
+            num_frames != int(num_frames)
+            or num_frames < self.tubelet_frames
+            or num_frames % self.tubelet_frames
+        ):
             raise ValueError(
-                f"a clip of {num_frames} frames is not a whole number of tokenizer.video tubelets of "
-                f"{self.tubelet_frames} frames; use frame counts that are multiples of "
+                f"a clip of {num_frames} frames is not a whole number of tokenizer.video tubelets "
+                f"of {self.tubelet_frames} frames; use frame counts that are multiples of "
                 f"{self.tubelet_frames}"
             )
         other = copy.copy(self)
@@ -152,7 +185,8 @@ class VideoTubeletTokenizer(Tokenizer):
     at_length = at_frames  # length buckets are frame counts for video (data.dataset.frame_counts)
 
     def encode(self, video: Tensor) -> Tokens:
-        """video: [B, T, C, H, W]; T may differ from `num_frames` (frame-count buckets) when it is whole tubelets.
+        """video: [B, T, C, H, W]; T may differ from `num_frames` (frame-count buckets) when it is
+        whole tubelets.
 
         Args:
             video: [B, T, C, H, W] clips in [0, 1].
@@ -166,16 +200,19 @@ class VideoTubeletTokenizer(Tokenizer):
         expected = ("T", self.channels, self.image_size, self.image_size)
         if video.ndim != 5 or tuple(video.shape[2:]) != expected[1:]:
             raise ValueError(
-                f"video tokenizer expects [B, {', '.join(map(str, expected))}] (B, T, C, H, W; T = {self.num_frames} "
-                f"or another whole number of tubelets), got {list(video.shape)}; set "
-                f"tokenizer.video.num_frames/channels/image_size to match the data"
+                f"video tokenizer expects [B, {', '.join(map(str, expected))}] (B, T, C, H, W; T = "
+                f"{self.num_frames} or another whole number of tubelets), got {list(video.shape)}; "
+                f"set tokenizer.video.num_frames/channels/image_size to match the data"
             )
         tokenizer = self.at_frames(video.shape[1])
         x = to_tubelets(video * 2 - 1, self.tubelet_frames, self.patch_size)
-        return Tokens(x=x, pos=tokenizer.positions(video.shape[0], video.device), modality=self.modality)
+        return Tokens(
+            x=x, pos=tokenizer.positions(video.shape[0], video.device), modality=self.modality
+        )
 
     def decode(self, x: Tensor) -> Tensor:
-        """x: [B, N, C pt p p] -> clips [B, T, C, H, W] in [0, 1]; T follows N (frame-count buckets).
+        """x: [B, N, C pt p p] -> clips [B, T, C, H, W] in [0, 1]; T follows N
+        (frame-count buckets).
 
         Args:
             x: [B, N, C pt p p] tokens, N a whole number of tubelet frames of the tokenizer's size.
@@ -189,7 +226,9 @@ class VideoTubeletTokenizer(Tokenizer):
         per_tubelet = self.grid[1] * self.grid[2]
         tubelets, rest = divmod(x.shape[1], per_tubelet)
         if rest or not tubelets:
-            raise ValueError(f"{x.shape[1]} video tokens are not whole tubelet frames of {per_tubelet} tokens")
+            raise ValueError(
+                f"{x.shape[1]} video tokens are not whole tubelet frames of {per_tubelet} tokens"
+            )
         grid = (tubelets, *self.grid[1:])
         video = from_tubelets(x, grid, self.tubelet_frames, self.patch_size)
         return ((video + 1) / 2).clamp(0, 1)

@@ -1,5 +1,6 @@
-"""Lightning glue: the LightningModule, the DataModules over data/'s datasets and samplers, callbacks,
-checkpoints that resume exactly, the start-up checks and the build of a run from its Hydra config.
+"""Lightning glue: the LightningModule, the DataModules over data/'s datasets and samplers,
+callbacks, checkpoints that resume exactly, the start-up checks and the build of a run from its
+Hydra config.
 
 May import every layer below cli/.
 """

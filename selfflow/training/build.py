@@ -1,4 +1,5 @@
-"""Build the data, model, objective, Lightning module and trainer of a run from its (Hydra) config."""
+"""Build the data, model, objective, Lightning module and trainer of a run from its
+(Hydra) config."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ from selfflow.data.batching.mixture import check_pack_length
 from selfflow.tokenizers.autoencoders import point_vae_keys
 from selfflow.training.checkpoint_io import AtomicCheckpointIO
 from selfflow.training.datamodule import SelfFlowDataModule
-from selfflow.training.hyperparameters import FinalMetricsInHparams, command_line_overrides, run_hyperparameters
+from selfflow.training.hyperparameters import (
+    FinalMetricsInHparams,
+    command_line_overrides,
+    run_hyperparameters,
+)
 from selfflow.training.mixture import MixtureDataModule
 from selfflow.training.module import SelfFlowModule
 from selfflow.training.run_name import register_run_name_resolver
@@ -29,7 +34,8 @@ def _register_resolvers() -> None:
 
 
 def auto_precision() -> str:
-    """bf16 mixed precision where the accelerator supports it, float32 otherwise (the CPU default)."""
+    """bf16 mixed precision where the accelerator supports it, float32 otherwise (the
+    CPU default)."""
     if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16-mixed"
     return "32-true"
@@ -47,19 +53,22 @@ class Run:
 
 
 def run_config(cfg: DictConfig) -> dict[str, Any]:
-    """The resolved config that checkpoints store (and that resume=auto compares): the tokenizer group holds the
-    tokenizers the run builds, each with every argument, so that sampling and probing rebuild them without data."""
+    """The resolved config that checkpoints store (and that resume=auto compares): the tokenizer
+    group holds the tokenizers the run builds, each with every argument, so that sampling and
+    probing rebuild them without data."""
     config = OmegaConf.to_container(cfg, resolve=True)
     config["tokenizer"] = tokenizer_configs(cfg)
     return config
 
 
 def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
-    """Tokenizers, model, objective and optimizer, sized from the data (classes) and tokenizers (channels)."""
+    """Tokenizers, model, objective and optimizer, sized from the data (classes) and
+    tokenizers (channels)."""
     config = run_config(cfg)
     tokenizers = {modality: instantiate(spec) for modality, spec in config["tokenizer"].items()}
     model = instantiate(cfg.model)(
-        token_channels={m: t.token_channels for m, t in tokenizers.items()}, num_classes=datamodule.num_classes
+        token_channels={m: t.token_channels for m, t in tokenizers.items()},
+        num_classes=datamodule.num_classes,
     )
     objective = instantiate(cfg.objective)(model=model)
     if cfg.get("init"):
@@ -82,7 +91,9 @@ def build_module(cfg: DictConfig, datamodule) -> SelfFlowModule:
         config=config,
         max_nonfinite_in_a_row=int(cfg.get("max_nonfinite_in_a_row", 5)),
     )
-    module.save_hyperparameters(run_hyperparameters(config, command_line_overrides()))  # Lightning logs them
+    module.save_hyperparameters(
+        run_hyperparameters(config, command_line_overrides())
+    )  # Lightning logs them
     return module
 
 
@@ -99,9 +110,9 @@ def initialize_from(init: str, objective, tokenizers: dict) -> None:
     path = init.removeprefix(OFFICIAL_PREFIX)
     if path == init or "image" not in tokenizers:
         raise ValueError(
-            f"init={init} is not supported: use init=official:PATH (the released Self-Flow ImageNet "
-            f"checkpoint, with experiment=imagenet256) or init=pretrained:EXPORT (a selfflow "
-            f"export); "
+            f"init={init} is not supported: use init=official:PATH (the released Self-Flow "
+            f"ImageNet checkpoint, with experiment=imagenet256) or init=pretrained:EXPORT (a "
+            f"selfflow export); "
             f"continue a selfflow run with ckpt_path= or resume=auto"
         )
     tokenizer = tokenizers["image"]
@@ -110,7 +121,8 @@ def initialize_from(init: str, objective, tokenizers: dict) -> None:
 
 
 def set_global_batch_size(cfg: DictConfig, datamodule, trainer: L.Trainer) -> None:
-    """data.batch_size per process from `global_batch_size` (one optimizer step over all processes)."""
+    """data.batch_size per process from `global_batch_size` (one optimizer step over
+    all processes)."""
     total = cfg.get("global_batch_size")
     if total is None:
         return
@@ -118,20 +130,22 @@ def set_global_batch_size(cfg: DictConfig, datamodule, trainer: L.Trainer) -> No
     if not isinstance(datamodule, SelfFlowDataModule) or int(total) % shares:
         raise ValueError(
             f"global_batch_size={total} must be a multiple of the {trainer.world_size} processes x "
-            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} (single-modality data); "
-            f"change it or set global_batch_size=null and data.batch_size per process"
+            f"trainer.accumulate_grad_batches={trainer.accumulate_grad_batches} (single-modality "
+            f"data); change it or set global_batch_size=null and data.batch_size per process"
         )
     datamodule.batch_size = int(total) // shares
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path) -> L.Trainer:
-    """The Lightning Trainer with the run's callbacks and loggers (their own checks, e.g. trainer.max_steps, run
-    here, before any data is read)."""
+    """The Lightning Trainer with the run's callbacks and loggers (their own checks, e.g.
+    trainer.max_steps, run here, before any data is read)."""
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     callbacks.append(FinalMetricsInHparams())  # TensorBoard's hparams get the run's final metrics
-    loggers: Any = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
-    # checkpoints are written atomically and read weights-only; the datamodule shards the data over ranks itself
-    # (with a resumable order), so Lightning must not swap in its own sampler
+    loggers: Any = [
+        instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None
+    ] or False
+    # checkpoints are written atomically and read weights-only; the datamodule shards the data over
+    # ranks itself (with a resumable order), so Lightning must not swap in its own sampler
     extra = {} if "use_distributed_sampler" in cfg.trainer else {"use_distributed_sampler": False}
     return built(
         "trainer",
@@ -155,6 +169,8 @@ def build_run(cfg: DictConfig) -> Run:
         datamodule.seed = int(cfg.seed)
     module = build_module(cfg, datamodule)
     if isinstance(datamodule, MixtureDataModule) and datamodule.mode == "packed":
-        check_pack_length(datamodule.pack_length, {m: module.tokenizers[m] for m in datamodule.modalities})
+        check_pack_length(
+            datamodule.pack_length, {m: module.tokenizers[m] for m in datamodule.modalities}
+        )
     set_global_batch_size(cfg, datamodule, trainer)
     return Run(datamodule, module, trainer, run_dir)

@@ -1,4 +1,5 @@
-"""Training callbacks: samples from the EMA weights (PNG grids, MP4 clips with frame strips, WAVs with spectrograms)."""
+"""Training callbacks: samples from the EMA weights (PNG grids, MP4 clips with frame strips, WAVs
+with spectrograms)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ MAX_STEM_BYTES = 120  # file names stay far below the usual 255-byte limit, with
 
 
 def file_stem(text: str, max_bytes: int = MAX_STEM_BYTES) -> str:
-    """`text` as one file-name part: path separators and control characters become "-", and a name longer than
-    `max_bytes` (UTF-8) is cut and given a digest of the whole name, so that two long names stay distinct."""
+    """`text` as one file-name part: path separators and control characters become "-", and a name
+    longer than `max_bytes` (UTF-8) is cut and given a digest of the whole name, so that two long
+    names stay distinct."""
     stem = re.sub(r"[/\\\x00-\x1f\x7f]", "-", text) or "-"
     if len(stem.encode()) <= max_bytes:
         return stem
@@ -37,15 +39,15 @@ def file_stem(text: str, max_bytes: int = MAX_STEM_BYTES) -> str:
 
 
 class SampleGrid(L.Callback):
-    """Every `every_n_steps` optimizer steps (and at the end), sample from the EMA model with an Euler ODE and
-    save them under `<run_dir>/samples/<modality>/`, named `step_XXXXXXX` (or `final`: a copy of the last step's
-    when they were just made):
-    image: a PNG grid, one row per class when the model is class-conditional;
-    video: a PNG strip (one row of frames per clip) and one MP4 per clip in a folder of the same name;
-    audio: a PNG of the spectrograms and one WAV per clip in a folder of the same name.
-    The noise is fixed, so samples of successive steps are comparable. prompts: with a text tokenizer, one row
-    of `samples_per_class` samples per prompt instead of per class. Each picture, and the first `logged_clips`
-    clips or recordings, also go to the wandb and TensorBoard loggers at the step (`samples/<modality>`).
+    """Every `every_n_steps` optimizer steps (and at the end), sample from the EMA model with an
+    Euler ODE and save them under `<run_dir>/samples/<modality>/`, named `step_XXXXXXX` (or `final`:
+    a copy of the last step's when they were just made): image: a PNG grid, one row per class when
+    the model is class-conditional; video: a PNG strip (one row of frames per clip) and one MP4 per
+    clip in a folder of the same name; audio: a PNG of the spectrograms and one WAV per clip in a
+    folder of the same name. The noise is fixed, so samples of successive steps are
+    comparable. prompts: with a text tokenizer, one row of `samples_per_class` samples per prompt
+    instead of per class. Each picture, and the first `logged_clips` clips or recordings, also go to
+    the wandb and TensorBoard loggers at the step (`samples/<modality>`).
     """
 
     def __init__(
@@ -63,7 +65,11 @@ class SampleGrid(L.Callback):
         logged_clips: int = 8,
     ):
         self.prompts, self.logged_clips = list(prompts or []), logged_clips
-        self.every_n_steps, self.samples_per_class, self.max_classes = every_n_steps, samples_per_class, max_classes
+        self.every_n_steps, self.samples_per_class, self.max_classes = (
+            every_n_steps,
+            samples_per_class,
+            max_classes,
+        )
         self.num_unconditional, self.steps, self.cfg_scale = num_unconditional, steps, cfg_scale
         self.upscale, self.seed, self.dirname = upscale, seed, dirname
         self.written: list[Path] = []
@@ -98,33 +104,48 @@ class SampleGrid(L.Callback):
             io, stems = modality_io(modality), self.file_stems(trainer, module, condition.labels)
             nrow = self.samples_per_class if module.ema_model.num_classes or self.prompts else None
             files = [
-                io.preview(samples, folder / f"{name}.png", tokenizer, nrow=nrow, upscale=self.upscale, titles=stems)
+                io.preview(
+                    samples,
+                    folder / f"{name}.png",
+                    tokenizer,
+                    nrow=nrow,
+                    upscale=self.upscale,
+                    titles=stems,
+                )
             ]
-            if io.playable:  # a picture cannot show motion or sound: a file per clip, the preview shows the rest
+            if (
+                io.playable
+            ):  # a picture cannot show motion or sound: a file per clip, the preview shows the rest
                 for written in io.write(
                     samples, folder / name, stems, tokenizer, self.upscale, pictures=False
                 ).values():
                     files += written
             log_sample_files(
-                trainer.loggers, f"{self.dirname}/{modality}", trainer.global_step, files, self.logged_clips
+                trainer.loggers,
+                f"{self.dirname}/{modality}",
+                trainer.global_step,
+                files,
+                self.logged_clips,
             )
             paths += files
         self.written += paths
         return paths
 
     def condition(self, module) -> Condition:
-        """What the samples are conditioned on: each prompt when prompts and a text tokenizer are given, else the
-        classes (or nothing, for an unconditional model)."""
+        """What the samples are conditioned on: each prompt when prompts and a text tokenizer are
+        given, else the classes (or nothing, for an unconditional model)."""
         if self.prompts and TEXT in module.tokenizers:
             return prompted_condition(module.tokenizers[TEXT], self.prompts, self.samples_per_class)
         return Condition(labels=self.labels(module))
 
     def file_stems(self, trainer: L.Trainer, module, labels: torch.Tensor) -> list[str]:
-        """`<class name>_<k>` per sample (`uncond_<k>` for the null label; `<prompt words>_<k>` when sampling
-        prompts), for file names and panel titles."""
+        """`<class name>_<k>` per sample (`uncond_<k>` for the null label; `<prompt words>_<k>` when
+        sampling prompts), for file names and panel titles."""
         if self.prompts and TEXT in module.tokenizers:
             slugs: list[str] = []
-            for prompt in self.prompts:  # file-name safe; a repeated slug ("Seven!", "seven") gets its position
+            for prompt in (
+                self.prompts
+            ):  # file-name safe; a repeated slug ("Seven!", "seven") gets its position
                 slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:60] or "prompt"
                 slugs.append(f"{slug}-{len(slugs)}" if slug in slugs else slug)
             return [f"{slug}_{k}" for slug in slugs for k in range(self.samples_per_class)]
@@ -142,16 +163,27 @@ class SampleGrid(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step
+        due = (
+            self.every_n_steps > 0
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self._last_step
+        )
         if due and trainer.is_global_zero and not sharded_over_ranks(trainer, "sample grids"):
             self._last_step = step
             self.write(trainer, module, f"step_{step:07d}")
 
     def on_train_end(self, trainer, module) -> None:
-        save_end_of_run(trainer)  # the final checkpoint first: a failure while sampling must not lose it
+        save_end_of_run(
+            trainer
+        )  # the final checkpoint first: a failure while sampling must not lose it
         if trainer.is_global_zero and not sharded_over_ranks(trainer, "sample grids"):
-            if self._last_step == trainer.global_step:  # the same weights and noise: the same samples
-                paths = self.copy_as(self.written_at_last_step, f"step_{self._last_step:07d}", "final")
+            if (
+                self._last_step == trainer.global_step
+            ):  # the same weights and noise: the same samples
+                paths = self.copy_as(
+                    self.written_at_last_step, f"step_{self._last_step:07d}", "final"
+                )
             else:
                 paths = self.write(trainer, module, "final")
             for path in paths:
@@ -163,11 +195,15 @@ class SampleGrid(L.Callback):
         return [p for p in self.written if name in (p.stem, p.parent.name)]
 
     def copy_as(self, paths: list[Path], name: str, new_name: str) -> list[Path]:
-        """Copies of the files `paths` named `name` (a picture `<name>.png`, or a file in the folder `<name>/`)
-        under `new_name`."""
+        """Copies of the files `paths` named `name` (a picture `<name>.png`, or a file in the folder
+        `<name>/`) under `new_name`."""
         copies = []
         for path in paths:
-            copy = path.with_stem(new_name) if path.stem == name else path.parent.with_name(new_name) / path.name
+            copy = (
+                path.with_stem(new_name)
+                if path.stem == name
+                else path.parent.with_name(new_name) / path.name
+            )
             copy.parent.mkdir(parents=True, exist_ok=True)
             with open(path, "rb") as source, replace_atomically(copy) as file:
                 shutil.copyfileobj(source, file)

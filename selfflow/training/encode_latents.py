@@ -2,8 +2,9 @@
 and of its mirror image, of every clip (video VAE) or of every wave (audio VAE), in parallel over
 the processes of a Lightning Fabric launch (or torchrun).
 
-Rank r of w encodes samples r, r + w, r + 2w, ... of each split and writes its own shards; after a barrier, rank 0
-writes the index (in sample order, so the cache is the same for any number of processes) and the manifest last.
+Rank r of w encodes samples r, r + w, r + 2w, ... of each split and writes its own shards; after a
+barrier, rank 0 writes the index (in sample order, so the cache is the same for any number of
+processes) and the manifest last.
 """
 
 from __future__ import annotations
@@ -65,7 +66,11 @@ def keep_readable(items: list) -> tuple[list[int], torch.Tensor, list[int]] | No
     kept = [item for item in items if item is not None]
     if not kept:
         return None
-    return [i for i, _, _ in kept], torch.stack([image for _, image, _ in kept]), [int(y) for _, _, y in kept]
+    return (
+        [i for i, _, _ in kept],
+        torch.stack([image for _, image, _ in kept]),
+        [int(y) for _, _, y in kept],
+    )
 
 
 def source_key(dataset: Dataset, i: int) -> str:
@@ -130,7 +135,11 @@ def encode_split(
     mirror), float16."""
     share = list(range(rank, len(dataset), world))
     loader = DataLoader(
-        IndexedImages(dataset), batch_size=batch_size, sampler=share, num_workers=num_workers, collate_fn=keep_readable
+        IndexedImages(dataset),
+        batch_size=batch_size,
+        sampler=share,
+        num_workers=num_workers,
+        collate_fn=keep_readable,
     )
     task = progress.add_task(f"encoding {writer.split}", total=len(loader))
     for batch in loader:
@@ -166,14 +175,18 @@ def cache_tokenizer(cfg: DictConfig):
 
 
 def build_latent_cache(cfg: DictConfig) -> Path:
-    """Run `selfflow-cache` from its composed config (the train config plus out_dir, devices, ...)."""
+    """Run `selfflow-cache` from its composed config (the train config plus out_dir,
+    devices, ...)."""
     from lightning.fabric import Fabric
     from rich.progress import Progress
 
     out = Path(cfg.out_dir).expanduser()
     single = cfg.devices == 1 and cfg.num_nodes == 1
     fabric = Fabric(
-        accelerator=cfg.accelerator, devices=cfg.devices, num_nodes=cfg.num_nodes, strategy="auto" if single else "ddp"
+        accelerator=cfg.accelerator,
+        devices=cfg.devices,
+        num_nodes=cfg.num_nodes,
+        strategy="auto" if single else "ddp",
     )
     fabric.launch()
     tokenizer = cache_tokenizer(cfg).to(fabric.device).eval()
@@ -188,9 +201,14 @@ def build_latent_cache(cfg: DictConfig) -> Path:
             if fabric.is_global_zero:
                 print(f"selfflow-cache: {out} already holds this cache; nothing to do")
             return out
-        raise ValueError(f"out_dir={out} holds a latent cache of other settings; choose another out_dir")
+        raise ValueError(
+            f"out_dir={out} holds a latent cache of other settings; choose another out_dir"
+        )
     if out.exists() and any(out.iterdir()):
-        raise ValueError(f"out_dir={out} is not empty (an interrupted cache?); delete it or choose another out_dir")
+        raise ValueError(
+            f"out_dir={out} is not empty (an interrupted cache?); delete it "
+            f"or choose another out_dir"
+        )
     fabric.barrier()  # every rank has looked at an empty folder before any writes into it
     out.mkdir(parents=True, exist_ok=True)
     with Progress(disable=not (cfg.progress and fabric.is_global_zero)) as progress:

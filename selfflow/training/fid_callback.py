@@ -1,9 +1,11 @@
-"""FID during training: every `every_n_steps` optimizer steps, the FID of `num_samples` images from the EMA model
-against a reference's statistics, logged as `val/fid`, so that sample quality can be watched step by step.
+"""FID during training: every `every_n_steps` optimizer steps, the FID of `num_samples` images from
+the EMA model against a reference's statistics, logged as `val/fid`, so that sample quality can be
+watched step by step.
 
-The samples are the same at every evaluation (sample i's noise depends on (seed, i) only) and are shared out over
-the ranks of a DDP run in contiguous blocks; their Inception features are gathered and rank 0 computes the FID.
-The standard Inception network (a local weights file) is loaded once, the reference statistics computed once.
+The samples are the same at every evaluation (sample i's noise depends on (seed, i) only) and are
+shared out over the ranks of a DDP run in contiguous blocks; their Inception features are gathered
+and rank 0 computes the FID. The standard Inception network (a local weights file) is loaded once,
+the reference statistics computed once.
 """
 
 from __future__ import annotations
@@ -25,15 +27,16 @@ MODALITY = "image"
 
 
 def own_random_state(device: torch.device) -> AbstractContextManager:
-    """The global RNGs (CPU, and `device`'s if a GPU) put back after the block as they were before it: whatever the
-    callback draws leaves training's random stream untouched."""
+    """The global RNGs (CPU, and `device`'s if a GPU) put back after the block as they were
+    before it: whatever the callback draws leaves training's random stream untouched."""
     return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
 
 
 class FIDCallback(L.Callback):
-    """`val/fid` every `every_n_steps` optimizer steps (0: off): `num_samples` EMA samples (`sampler`, `steps`,
-    `cfg_scale`; classes round-robin) against `ref` (an .npz with ADM-layout statistics or images, or an image
-    folder), features from the FID Inception weights in `inception`."""
+    """`val/fid` every `every_n_steps` optimizer steps (0: off): `num_samples` EMA samples
+    (`sampler`, `steps`, `cfg_scale`; classes round-robin) against `ref` (an .npz with
+    ADM-layout statistics or images, or an image folder), features from the FID Inception
+    weights in `inception`."""
 
     def __init__(
         self,
@@ -68,7 +71,12 @@ class FIDCallback(L.Callback):
                         f"(docs/evaluation.md)"
                     )
         self.every_n_steps, self.ref, self.inception = every_n_steps, ref, inception
-        self.num_samples, self.batch_size, self.sampler, self.steps = num_samples, batch_size, sampler, steps
+        self.num_samples, self.batch_size, self.sampler, self.steps = (
+            num_samples,
+            batch_size,
+            sampler,
+            steps,
+        )
         self.cfg_scale, self.seed, self.inception_batch_size = cfg_scale, seed, inception_batch_size
         self.history: list[tuple[int, float]] = []  # (step, fid) of every evaluation
         self._extractor = self._ref_stats = None
@@ -79,16 +87,20 @@ class FIDCallback(L.Callback):
             return
         if MODALITY not in module.tokenizers:
             raise ValueError(
-                f"callbacks.fid measures images; this run trains {sorted(module.tokenizers)}: leave "
-                f"callbacks.fid.every_n_steps=0"
+                f"callbacks.fid measures images; this run trains {sorted(module.tokenizers)}: "
+                f"leave callbacks.fid.every_n_steps=0"
             )
         from selfflow.evaluation.eval_sets import reference_pool_stats
         from selfflow.evaluation.inception import load_inception
 
-        with own_random_state(module.device):  # building the network draws its (replaced) initial weights
+        with own_random_state(
+            module.device
+        ):  # building the network draws its (replaced) initial weights
             self._extractor = load_inception(self.inception, module.device)
             if trainer.is_global_zero:
-                self._ref_stats = reference_pool_stats(self.ref, self._extractor, self.inception_batch_size)
+                self._ref_stats = reference_pool_stats(
+                    self.ref, self._extractor, self.inception_batch_size
+                )
 
     @torch.no_grad()
     def pool_features(self, trainer: L.Trainer, module) -> torch.Tensor:
@@ -96,7 +108,9 @@ class FIDCallback(L.Callback):
         model, tokenizer = module.ema_model, module.tokenizers[MODALITY]
         start = self.num_samples * trainer.global_rank // trainer.world_size
         stop = self.num_samples * (trainer.global_rank + 1) // trainer.world_size
-        condition = sampling_condition(model, tokenizer, dict(module.tokenizers), None, self.num_samples)
+        condition = sampling_condition(
+            model, tokenizer, dict(module.tokenizers), None, self.num_samples
+        )
         plan = SamplingPlan(
             tokenizer=tokenizer,
             condition=condition,
@@ -107,15 +121,20 @@ class FIDCallback(L.Callback):
             seed=self.seed,
             batch_size=self.batch_size,
         )
-        parts = [range(start + b.start, start + b.stop) for b in batches(stop - start, self.batch_size)]
+        parts = [
+            range(start + b.start, start + b.stop) for b in batches(stop - start, self.batch_size)
+        ]
         features = [torch.zeros(0, POOL_DIM)]
         with callback_forward_context(trainer):
             for _, images, _ in generate_batches(model, plan, parts=parts):
                 features.append(self._extractor(writers.to_uint8(images)).pool)
         return torch.cat(features)
 
-    def gathered(self, trainer: L.Trainer, features: torch.Tensor, device: torch.device) -> torch.Tensor:
-        """Every rank's features in sample order [num_samples, POOL_DIM] (blocks padded to one size for the gather)."""
+    def gathered(
+        self, trainer: L.Trainer, features: torch.Tensor, device: torch.device
+    ) -> torch.Tensor:
+        """Every rank's features in sample order [num_samples, POOL_DIM] (blocks padded to one size
+        for the gather)."""
         if trainer.world_size == 1:
             return features
         rows = -(-self.num_samples // trainer.world_size)
@@ -123,7 +142,8 @@ class FIDCallback(L.Callback):
         padded[: len(features)] = features.to(device)
         every = trainer.strategy.all_gather(padded).cpu()  # [world, rows, 2048]
         sizes = [
-            self.num_samples * (r + 1) // trainer.world_size - self.num_samples * r // trainer.world_size
+            self.num_samples * (r + 1) // trainer.world_size
+            - self.num_samples * r // trainer.world_size
             for r in range(trainer.world_size)
         ]
         return torch.cat([block[:size] for block, size in zip(every, sizes)])
@@ -140,7 +160,12 @@ class FIDCallback(L.Callback):
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
-        due = self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step
+        due = (
+            self.every_n_steps > 0
+            and step > 0
+            and step % self.every_n_steps == 0
+            and step != self._last_step
+        )
         if not due or sharded_over_ranks(trainer, "FID callbacks"):
             return
         self._last_step = step

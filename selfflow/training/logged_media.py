@@ -1,7 +1,8 @@
-"""Sample files to the experiment trackers: every picture, clip and recording the sample callback writes also goes to
-the active loggers at the training step it was made at, by file type (one table, whatever the modality):
-wandb as `Image` / `Video` / `Audio`, TensorBoard as `add_image` / an animated GIF (what `add_video` writes, made with
-Pillow since `add_video` needs moviepy) / `add_audio`. CSV logs no media."""
+"""Sample files to the experiment trackers: every picture, clip and recording the sample callback
+writes also goes to the active loggers at the training step it was made at, by file type (one table,
+whatever the modality): wandb as `Image` / `Video` / `Audio`, TensorBoard as `add_image` / an
+animated GIF (what `add_video` writes, made with Pillow since `add_video` needs moviepy) /
+`add_audio`. CSV logs no media."""
 
 from __future__ import annotations
 
@@ -33,13 +34,27 @@ def _tensorboard_video(writer, tag: str, path: Path, step: int) -> None:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or 8)
-        frames = [Image.fromarray(frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)]
+        frames = [
+            Image.fromarray(frame.to_ndarray(format="rgb24")) for frame in container.decode(stream)
+        ]
     gif = io.BytesIO()
-    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:], duration=round(1000 / fps), loop=0)
-    image = Summary.Image(
-        height=frames[0].height, width=frames[0].width, colorspace=3, encoded_image_string=gif.getvalue()
+    frames[0].save(
+        gif,
+        format="GIF",
+        save_all=True,
+        append_images=frames[1:],
+        duration=round(1000 / fps),
+        loop=0,
     )
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+    image = Summary.Image(
+        height=frames[0].height,
+        width=frames[0].width,
+        colorspace=3,
+        encoded_image_string=gif.getvalue(),
+    )
+    writer._get_file_writer().add_summary(
+        Summary(value=[Summary.Value(tag=tag, image=image)]), step
+    )
 
 
 def _tensorboard_audio(writer, tag: str, path: Path, step: int) -> None:
@@ -51,7 +66,8 @@ def _tensorboard_audio(writer, tag: str, path: Path, step: int) -> None:
 
 @dataclass(frozen=True)
 class MediaKind:
-    """How one file type is shown: the wandb class (`wandb.<name>(path)`) and TensorBoard's writer of it."""
+    """How one file type is shown: the wandb class (`wandb.<name>(path)`) and TensorBoard's writer
+    of it."""
 
     wandb_class: str
     tensorboard: Callable[..., None]
@@ -65,13 +81,18 @@ MEDIA_KINDS = {
 }
 
 
-def log_sample_files(loggers: Sequence[Logger], key: str, step: int, files: Sequence[Path], max_clips: int = 8) -> None:
-    """Send `files` (a preview picture and the clips of one modality) to every wandb and TensorBoard logger under
-    `key` (e.g. samples/audio) at `step`: pictures all, per-sample clips the first `max_clips` of each type."""
+def log_sample_files(
+    loggers: Sequence[Logger], key: str, step: int, files: Sequence[Path], max_clips: int = 8
+) -> None:
+    """Send `files` (a preview picture and the clips of one modality) to every wandb and TensorBoard
+    logger under `key` (e.g. samples/audio) at `step`: pictures all, per-sample clips the first
+    `max_clips` of each type."""
     chosen: dict[str, list[Path]] = {}
     for path in map(Path, files):
         kind = MEDIA_KINDS.get(path.suffix.lower())
-        if kind is not None and (not kind.clip or len(chosen.get(path.suffix.lower(), [])) < max_clips):
+        if kind is not None and (
+            not kind.clip or len(chosen.get(path.suffix.lower(), [])) < max_clips
+        ):
             chosen.setdefault(path.suffix.lower(), []).append(path)
     for logger in loggers:
         for suffix, paths in chosen.items():
@@ -84,4 +105,9 @@ def log_sample_files(loggers: Sequence[Logger], key: str, step: int, files: Sequ
                 logger.log_metrics({tag: media}, step=step)
             elif isinstance(logger, TensorBoardLogger):
                 for path in paths:
-                    kind.tensorboard(logger.experiment, f"{tag}/{path.stem}" if len(paths) > 1 else tag, path, step)
+                    kind.tensorboard(
+                        logger.experiment,
+                        f"{tag}/{path.stem}" if len(paths) > 1 else tag,
+                        path,
+                        step,
+                    )

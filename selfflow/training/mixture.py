@@ -1,7 +1,8 @@
-"""Joint training data: several modalities' datasets in one run, either one modality per step (drawn by weight)
-or samples of every modality packed into rows (`data.mode=packed`).
+"""Joint training data: several modalities' datasets in one run, either one modality per step (drawn
+by weight) or samples of every modality packed into rows (`data.mode=packed`).
 
-Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a resumed run sees the same data.
+Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a resumed run sees the
+same data.
 """
 
 from __future__ import annotations
@@ -13,8 +14,18 @@ from typing import Any
 import lightning as L
 from torch.utils.data import ConcatDataset, DataLoader
 
-from selfflow.data.batching.mixture import GroupCollate, MixtureBatchSampler, ModalityStreams, TaggedDataset
-from selfflow.data.batching.order import check_loader_options, resumable_loader, stored_position, trained_position
+from selfflow.data.batching.mixture import (
+    GroupCollate,
+    MixtureBatchSampler,
+    ModalityStreams,
+    TaggedDataset,
+)
+from selfflow.data.batching.order import (
+    check_loader_options,
+    resumable_loader,
+    stored_position,
+    trained_position,
+)
 
 MODES = ("per_step", "packed")
 
@@ -22,10 +33,11 @@ MODES = ("per_step", "packed")
 class MixtureDataModule(L.LightningDataModule):
     """Several single-modality data modules (`sources`) trained together.
 
-    mode: per_step (each step one modality, drawn by `weights`, with its own batch size from `batch_size`) or
-    packed (each step `batch_size` samples of mixed modalities, packed by the training step into rows of
-    `pack_length` tokens). Labels share one class space across modalities (class k means the same in each, as in the
-    built-in digit sets); `num_classes` is the largest of the sources'.
+    mode: per_step (each step one modality, drawn by `weights`, with its own batch size from
+    `batch_size`) or packed (each step `batch_size` samples of mixed modalities, packed by the
+    training step into rows of `pack_length` tokens). Labels share one class space across modalities
+    (class k means the same in each, as in the built-in digit sets); `num_classes` is the largest of
+    the sources'.
     """
 
     def __init__(
@@ -53,22 +65,35 @@ class MixtureDataModule(L.LightningDataModule):
             raise ValueError(f"data.weights={weights} must be >= 0 and sum to a positive value")
         weights = {m: w for m, w in weights.items() if w > 0}
         if mode == "per_step":
-            sizes = dict(batch_size) if isinstance(batch_size, Mapping) else dict.fromkeys(weights, batch_size)
+            sizes = (
+                dict(batch_size)
+                if isinstance(batch_size, Mapping)
+                else dict.fromkeys(weights, batch_size)
+            )
             if set(weights) - set(sizes):
-                raise ValueError(f"data.batch_size has no value for {sorted(set(weights) - set(sizes))}")
+                raise ValueError(
+                    f"data.batch_size has no value for {sorted(set(weights) - set(sizes))}"
+                )
             for m in weights:
                 check_loader_options(sizes[m], num_workers, f"data.batch_size.{m}")
             batch_size = {m: int(sizes[m]) for m in weights}
         elif isinstance(batch_size, Mapping):
-            raise ValueError("data.batch_size must be one number (samples per step) with data.mode=packed")
+            raise ValueError(
+                "data.batch_size must be one number (samples per step) with data.mode=packed"
+            )
         else:
             check_loader_options(batch_size, num_workers)
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(
-                f"data.batches_per_epoch={batches_per_epoch} must be >= 1 (or null: the samples of all "
-                f"sources / the mean batch size)"
+                f"data.batches_per_epoch={batches_per_epoch} must be >= 1 (or null: the samples of "
+                f"all sources / the mean batch size)"
             )
-        self.sources, self.weights, self.batch_size, self.mode = dict(sources), weights, batch_size, mode
+        self.sources, self.weights, self.batch_size, self.mode = (
+            dict(sources),
+            weights,
+            batch_size,
+            mode,
+        )
         self.pack_length, self.num_workers, self.seed = pack_length, num_workers, seed
         self.modality = "mixed"
         self.modalities = sorted(weights)
@@ -78,8 +103,8 @@ class MixtureDataModule(L.LightningDataModule):
 
     @cached_property
     def train_set(self) -> ConcatDataset:
-        """Every source's training split, tagged with its modality, in the order of `modalities` (built on first
-        use: constructing the module reads no data)."""
+        """Every source's training split, tagged with its modality, in the order of `modalities`
+        (built on first use: constructing the module reads no data)."""
         return ConcatDataset([TaggedDataset(self.sources[m].train_set, m) for m in self.modalities])
 
     @cached_property
@@ -129,7 +154,11 @@ class MixtureDataModule(L.LightningDataModule):
             self.train_batches.skip_batches(self._position_to_load["batches_done"])
             self._position_to_load = None
         return resumable_loader(
-            self.train_set, self.train_batches, GroupCollate(self.pack_length), self.seed, self.num_workers
+            self.train_set,
+            self.train_batches,
+            GroupCollate(self.pack_length),
+            self.seed,
+            self.num_workers,
         )
 
     def test_dataloader(self) -> DataLoader:
@@ -142,7 +171,8 @@ class MixtureDataModule(L.LightningDataModule):
         )
 
     def state_dict(self) -> dict[str, Any]:
-        """Where training is in the data (the trainer's count, however far the loader has read ahead)."""
+        """Where training is in the data (the trainer's count, however far the loader has
+        read ahead)."""
         trainer = getattr(self, "trainer", None)
         return {} if self.train_batches is None or trainer is None else trained_position(trainer)
 

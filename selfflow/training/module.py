@@ -1,4 +1,5 @@
-"""LightningModule: tokenize a batch, apply the Self-Flow objective, optimise, keep the EMA teacher current."""
+"""LightningModule: tokenize a batch, apply the Self-Flow objective, optimise, keep the EMA
+teacher current."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ from selfflow.training.distributed import ModalityParameters, is_sharded
 from selfflow.training.nonfinite import NonFiniteGuard, uncount_skipped_step
 from selfflow.training.schedules import LRSchedule
 
-# metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step is written
+# metrics logged by training_step / on_before_optimizer_step, i.e. before a checkpoint of that step
+# is written
 STEP_METRICS = (
     "train/loss",
     "train/loss_flow",
@@ -36,13 +38,13 @@ STEP_METRICS = (
 
 
 class SelfFlowModule(L.LightningModule):
-    """optimizer: a partial optimizer (e.g. `functools.partial(torch.optim.AdamW, lr=3e-4)`) completed with the
-    trainable parameters; lr_schedule: the learning rate per optimizer step (None: constant, no warm-up).
-    config: the resolved run config, stored
-    in every checkpoint so that sampling and probing can rebuild the model. max_nonfinite_in_a_row: a NaN/inf
-    loss or gradient in any micro-batch of an optimizer step (on any rank) skips that update (no optimizer step,
-    no EMA update); this many skipped updates in a row stop the run.
-    Checkpoints also carry every RNG state, restored before the first step after a resume (exact resume).
+    """optimizer: a partial optimizer (e.g. `functools.partial(torch.optim.AdamW, lr=3e-4)`)
+    completed with the trainable parameters; lr_schedule: the learning rate per optimizer
+    step (None: constant, no warm-up). config: the resolved run config, stored in every checkpoint
+    so that sampling and probing can rebuild the model. max_nonfinite_in_a_row: a NaN/inf loss or
+    gradient in any micro-batch of an optimizer step (on any rank) skips that update (no optimizer
+    step, no EMA update); this many skipped updates in a row stop the run. Checkpoints also carry
+    every RNG state, restored before the first step after a resume (exact resume).
     """
 
     STEP_METRICS = STEP_METRICS
@@ -69,7 +71,8 @@ class SelfFlowModule(L.LightningModule):
         self.nonfinite = NonFiniteGuard(max_nonfinite_in_a_row)
         self.modality_parameters = ModalityParameters(objective.model)
         self._update_skipped = False
-        # the optimizer step being accumulated: its first non-finite loss (value, what) and the modalities it holds
+        # the optimizer step being accumulated: its first non-finite loss (value, what) and the
+        # modalities it holds
         self._step_nonfinite: tuple[float, str] | None = None
         self._step_modalities: set[str] = set()
         self._rng_to_restore: dict[str, Any] | None = None
@@ -83,17 +86,22 @@ class SelfFlowModule(L.LightningModule):
         return self.objective.teacher.module
 
     def condition(self, batch: dict[str, Any]) -> Condition:
-        """What the batch is conditioned on: its labels, its captions encoded by the text tokenizer, its size/crop
-        values (packed rows carry their labels inside the packing)."""
+        """What the batch is conditioned on: its labels, its captions encoded by the text tokenizer,
+        its size/crop values (packed rows carry their labels inside the packing)."""
         text = (
-            self.tokenizers[TEXT].encode(batch["caption"]) if "caption" in batch and TEXT in self.tokenizers else None
+            self.tokenizers[TEXT].encode(batch["caption"])
+            if "caption" in batch and TEXT in self.tokenizers
+            else None
         )
         return Condition(labels=batch.get("label"), text=text, sizes=batch.get("sizes"))
 
     def training_step(self, batch: dict[str, Any] | None, batch_idx: int):
-        """The loss of one (micro-)batch. A non-finite loss is still returned, so that every rank runs its backward;
-        `on_before_optimizer_step` then skips the whole optimizer step it belongs to."""
-        if batch is None:  # every file of the batch was unreadable (already reported by the dataset)
+        """The loss of one (micro-)batch. A non-finite loss is still returned, so that every rank
+        runs its backward; `on_before_optimizer_step` then skips the whole optimizer step it
+        belongs to."""
+        if (
+            batch is None
+        ):  # every file of the batch was unreadable (already reported by the dataset)
             return None
         tokens = self.tokenize(batch)
         images = self.alignment_images(batch, tokens)
@@ -113,7 +121,9 @@ class SelfFlowModule(L.LightningModule):
             self.log("train/loss_rep", out.loss_rep, prog_bar=True, batch_size=batch_size)
         if out.loss_align is not None:
             self.log("train/loss_align", out.loss_align, prog_bar=True, batch_size=batch_size)
-        if self.objective.gamma_schedule.kind != "constant":  # a constant gamma is in the hyperparameters
+        if (
+            self.objective.gamma_schedule.kind != "constant"
+        ):  # a constant gamma is in the hyperparameters
             self.log("train/gamma", out.gamma, batch_size=batch_size)
         self.bucket_sums += out.flow_bucket_sums
         self.bucket_counts += out.flow_bucket_counts
@@ -139,7 +149,9 @@ class SelfFlowModule(L.LightningModule):
     def tokenize(self, batch: dict[str, Any]) -> Tokens | PackedTokens:
         """Raw samples (or cached latents) -> tokens: packed rows for a mixed batch."""
         if "groups" in batch:
-            return pack_groups(batch["groups"], self.tokenizers, batch["pack_length"], self.model.null_class)
+            return pack_groups(
+                batch["groups"], self.tokenizers, batch["pack_length"], self.model.null_class
+            )
         return self.tokenizers[batch["modality"]].encode(batch["data"])
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
@@ -156,15 +168,22 @@ class SelfFlowModule(L.LightningModule):
         self._last_batch_end = now
         if self.trainer is None:
             return
-        if self._at_last_step():  # Lightning logs every log_every_n_steps steps, or when the run stops: stop here
+        if (
+            self._at_last_step()
+        ):  # Lightning logs every log_every_n_steps steps, or when the run stops: stop here
             self.trainer.should_stop = True
-        if self.global_step % max(1, self.trainer.log_every_n_steps) == 0 or self.trainer.should_stop:
+        if (
+            self.global_step % max(1, self.trainer.log_every_n_steps) == 0
+            or self.trainer.should_stop
+        ):
             self._log_buckets()
 
     def _at_last_step(self) -> bool:
-        """The batch that completed the run's last optimizer step (trainer.max_steps): its metrics are always
-        logged, so a run shorter than log_every_n_steps still writes them."""
-        return 0 < self.trainer.max_steps <= self.global_step  # global_step counts completed optimizer steps
+        """The batch that completed the run's last optimizer step (trainer.max_steps): its metrics
+        are always logged, so a run shorter than log_every_n_steps still writes them."""
+        return (
+            0 < self.trainer.max_steps <= self.global_step
+        )  # global_step counts completed optimizer steps
 
     def _log_buckets(self) -> None:
         counts = self.bucket_counts.clamp_min(1)
@@ -183,29 +202,43 @@ class SelfFlowModule(L.LightningModule):
         return self.nonfinite.check(value if finite else math.nan, self.global_step, what)
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        """Decide the optimizer step, once for all its micro-batches: it goes ahead only if every loss and the
-        gradient norm were finite on every rank."""
-        strategy = self.trainer.strategy if self.trainer is not None and self.trainer.world_size > 1 else None
+        """Decide the optimizer step, once for all its micro-batches: it goes ahead only if every
+        loss and the gradient norm were finite on every rank."""
+        strategy = (
+            self.trainer.strategy
+            if self.trainer is not None and self.trainer.world_size > 1
+            else None
+        )
         self.modality_parameters.drop_absent(self._step_modalities, strategy)
         params = [p for p in self.objective.parameters() if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params]) if params else None
-        value, what = self._step_nonfinite or (0.0 if norm is None else float(norm), "gradient norm")
+        value, what = self._step_nonfinite or (
+            0.0 if norm is None else float(norm),
+            "gradient norm",
+        )
         self._update_skipped = not self._usable(value, what) or norm is None
         if self._update_skipped:
-            for p in params:  # no gradient: the optimizer leaves these parameters (and its state) alone
+            for (
+                p
+            ) in params:  # no gradient: the optimizer leaves these parameters (and its state) alone
                 p.grad = None
             return
         self.log("train/grad_norm", norm)
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Lightning's norm clipping refuses FSDP; there the wrapped model clips by the norm over all shards."""
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Lightning's norm clipping refuses FSDP; there the wrapped model clips by the norm over
+        all shards."""
         if gradient_clip_val and is_sharded(self.trainer):
             self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def optimizer_step(self, *args, **kwargs) -> None:
-        super().optimizer_step(*args, **kwargs)  # runs training_step and backward through the closure
+        super().optimizer_step(
+            *args, **kwargs
+        )  # runs training_step and backward through the closure
         if not self._update_skipped:
             self.objective.update_teacher()
         elif self.trainer is not None:  # a skipped update is no step: global_step and the LR stay
@@ -224,8 +257,8 @@ class SelfFlowModule(L.LightningModule):
         base_lrs = [group["lr"] for group in optimizer.param_groups]
         for base_lr in base_lrs:
             self.lr_schedule.check_base_lr(base_lr)
-        # closures (not the schedule object), so that LambdaLR's state holds the step only: a resumed run follows the
-        # schedule of its config at that step
+        # closures (not the schedule object), so that LambdaLR's state holds the step only: a
+        # resumed run follows the schedule of its config at that step
         factors = [lambda step, base=base: self.lr_schedule.factor(step, base) for base in base_lrs]
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -241,7 +274,8 @@ class SelfFlowModule(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture by name; keep its RNG states for the first resumed step."""
+        """Refuse a checkpoint of another architecture by name; keep its RNG states for the first
+        resumed step."""
         source = "the checkpoint to resume from"
         check_state_fits(self.state_dict(), checkpoint.get("state_dict", {}), source)
         check_stored_fingerprints(dict(self.tokenizers), checkpoint.get("selfflow_config"), source)
@@ -257,7 +291,9 @@ class SelfFlowModule(L.LightningModule):
         if self._rng_to_restore is not None:
             restore_rng_state(self._rng_to_restore)
             self._rng_to_restore = None
-            if self.trainer.world_size > 1:  # only rank 0's states were saved: give each rank its own stream again
+            if (
+                self.trainer.world_size > 1
+            ):  # only rank 0's states were saved: give each rank its own stream again
                 torch.manual_seed(int(torch.randint(2**62, ())) + self.trainer.global_rank)
 
 

@@ -1,4 +1,5 @@
-"""Counting NaN/inf losses and gradients: each one skips its update; too many in a row stops the run."""
+"""Counting NaN/inf losses and gradients: each one skips its update; too many in a row stops
+the run."""
 
 from __future__ import annotations
 
@@ -10,14 +11,15 @@ class NonFiniteLossError(RuntimeError):
 
 
 USUAL_CAUSES = (
-    "the usual causes: a learning rate too high for this model (lower optimizer.lr or raise lr_warmup_steps), "
-    "float16 overflow (use trainer.precision=bf16-mixed or 32-true), or input data containing NaN/inf values"
+    "the usual causes: a learning rate too high for this model (lower optimizer.lr or raise "
+    "lr_warmup_steps), float16 overflow (use trainer.precision=bf16-mixed or 32-true), or input "
+    "data containing NaN/inf values"
 )
 
 
 class NonFiniteGuard:
-    """`check(value, step)` -> whether the update may go ahead; raises NonFiniteLossError after `max_in_a_row`
-    non-finite values in a row. `skipped` counts every skipped update of the run."""
+    """`check(value, step)` -> whether the update may go ahead; raises NonFiniteLossError after
+    `max_in_a_row` non-finite values in a row. `skipped` counts every skipped update of the run."""
 
     def __init__(self, max_in_a_row: int = 5):
         if max_in_a_row < 1:
@@ -34,9 +36,10 @@ class NonFiniteGuard:
         self.skipped += 1
         if self.in_a_row >= self.max_in_a_row:
             raise NonFiniteLossError(
-                f"the {what} was {value} for {self.in_a_row} steps in a row (up to step {step}); training stopped "
-                f"and the checkpoints written so far are untouched. Check {USUAL_CAUSES}; then resume with "
-                f"resume=auto (max_nonfinite_in_a_row={self.max_in_a_row} sets the limit)"
+                f"the {what} was {value} for {self.in_a_row} steps in a row (up to step {step}); "
+                f"training stopped and the checkpoints written so far are untouched. Check "
+                f"{USUAL_CAUSES}; then resume with resume=auto "
+                f"(max_nonfinite_in_a_row={self.max_in_a_row} sets the limit)"
             )
         return False
 

@@ -1,5 +1,6 @@
-"""A cheap linear probe during training: the EMA model's student layer on fixed subsets of the train and test
-splits, logged as `probe/top1`, so that the representation can be watched improving step by step.
+"""A cheap linear probe during training: the EMA model's student layer on fixed subsets of the
+train and test splits, logged as `probe/top1`, so that the representation can be watched improving
+step by step.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ log = logging.getLogger("selfflow")
 
 
 def fixed_subset(dataset, size: int, seed: int):
-    """At most `size` samples, the same ones at every call (seeded), so successive probes are comparable."""
+    """At most `size` samples, the same ones at every call (seeded), so successive probes
+    are comparable."""
     if size <= 0 or size >= len(dataset):
         return dataset
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))
@@ -27,9 +29,10 @@ def fixed_subset(dataset, size: int, seed: int):
 
 
 class LinearProbe(L.Callback):
-    """Every `every_n_steps` optimizer steps (and at the end), probe block `objective.student_layer` of the EMA
-    model at `noise_level`: heads fit on `train_samples` train samples, top-1 on `test_samples` test samples.
-    Multi-modal data is probed per modality (`probe/top1_<modality>`), `probe/top1` being their mean.
+    """Every `every_n_steps` optimizer steps (and at the end), probe block `objective.student_layer`
+    of the EMA model at `noise_level`: heads fit on `train_samples` train samples, top-1 on
+    `test_samples` test samples. Multi-modal data is probed per modality (`probe/top1_<modality>`),
+    `probe/top1` being their mean.
 
     Runs inside its own RNG scope, so training draws the same random numbers with or without it.
     """
@@ -47,9 +50,22 @@ class LinearProbe(L.Callback):
         seed: int = 0,
         at_end: bool = True,
     ):
-        self.every_n_steps, self.train_samples, self.test_samples = every_n_steps, train_samples, test_samples
-        self.noise_level, self.epochs, self.batch_size, self.seed = noise_level, epochs, batch_size, seed
-        self.learning_rates, self.weight_decays, self.at_end = tuple(learning_rates), tuple(weight_decays), at_end
+        self.every_n_steps, self.train_samples, self.test_samples = (
+            every_n_steps,
+            train_samples,
+            test_samples,
+        )
+        self.noise_level, self.epochs, self.batch_size, self.seed = (
+            noise_level,
+            epochs,
+            batch_size,
+            seed,
+        )
+        self.learning_rates, self.weight_decays, self.at_end = (
+            tuple(learning_rates),
+            tuple(weight_decays),
+            at_end,
+        )
         self.history: list[tuple[int, float]] = []  # (step, top1) of every probe run
         self._last_step = -1
         self._disabled = False
@@ -58,13 +74,21 @@ class LinearProbe(L.Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None or int(getattr(datamodule, "num_classes", 0)) < 2:
             if not self._disabled:
-                log.warning("probe callback: the data has no class labels (or no datamodule); probe/top1 is off")
+                log.warning(
+                    "probe callback: the data has no class labels (or no "
+                    "datamodule); probe/top1 is off"
+                )
             self._disabled = True
         return not self._disabled
 
     def probe(self, trainer: L.Trainer, module) -> dict[str, float]:
-        """Run one probe now: top-1 in [0, 1] per modality of the data (one entry unless it is a mixture)."""
-        layer, level, device = module.objective.student_layer, float(self.noise_level), module.device
+        """Run one probe now: top-1 in [0, 1] per modality of the data (one entry unless it is
+        a mixture)."""
+        layer, level, device = (
+            module.objective.student_layer,
+            float(self.noise_level),
+            module.device,
+        )
         top1 = {}
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             for modality, datamodule in modality_sources(trainer.datamodule).items():
@@ -73,10 +97,17 @@ class LinearProbe(L.Callback):
                     ("train", datamodule.train_set, self.train_samples),
                     ("test", datamodule.test_set, self.test_samples),
                 ):
-                    loader = probe_loader(fixed_subset(dataset, size, self.seed), modality, self.batch_size)
+                    loader = probe_loader(
+                        fixed_subset(dataset, size, self.seed), modality, self.batch_size
+                    )
                     with callback_forward_context(trainer):
                         features[split] = extract_features(
-                            module.ema_model, module.tokenizers[modality], loader, [layer], [level], seed=self.seed
+                            module.ema_model,
+                            module.tokenizers[modality],
+                            loader,
+                            [layer],
+                            [level],
+                            seed=self.seed,
                         )[(layer, level)]
                 with torch.enable_grad(), torch.inference_mode(False):
                     top1[modality] = fit_linear_probe(
@@ -92,9 +123,14 @@ class LinearProbe(L.Callback):
         return top1
 
     def _run(self, trainer, module) -> None:
-        """Probe once per step at most and log `probe/top1` at the step; nothing when the data has no labels."""
+        """Probe once per step at most and log `probe/top1` at the step; nothing when the data has
+        no labels."""
         step = trainer.global_step
-        if step == self._last_step or not self._usable(trainer) or sharded_over_ranks(trainer, "probe callbacks"):
+        if (
+            step == self._last_step
+            or not self._usable(trainer)
+            or sharded_over_ranks(trainer, "probe callbacks")
+        ):
             return
         self._last_step = step
         per_modality = self.probe(trainer, module)
@@ -103,9 +139,13 @@ class LinearProbe(L.Callback):
         metrics = {"probe/top1": top1}
         if len(per_modality) > 1:
             metrics.update({f"probe/top1_{m}": v for m, v in per_modality.items()})
-        for logger in trainer.loggers:  # straight to the loggers: one row at this step, also from on_train_end
+        for logger in (
+            trainer.loggers
+        ):  # straight to the loggers: one row at this step, also from on_train_end
             logger.log_metrics(metrics, step=step)
-        trainer.callback_metrics.update({k: torch.tensor(v) for k, v in metrics.items()})  # the latest, for hparams
+        trainer.callback_metrics.update(
+            {k: torch.tensor(v) for k, v in metrics.items()}
+        )  # the latest, for hparams
         log.info(
             "probe: student layer %d top-1 %s at step %d",
             module.objective.student_layer,

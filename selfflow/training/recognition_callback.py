@@ -1,6 +1,6 @@
-"""At the end of a run on built-in digit data: the share of class-conditional samples (EMA weights, the sample
-grids' sampler) that local reference classifiers recognise as their class, printed and written to
-`<run_dir>/recognition.json` (`selfflow.evaluation.recognition`)."""
+"""At the end of a run on built-in digit data: the share of class-conditional samples (EMA weights,
+the sample grids' sampler) that local reference classifiers recognise as their class, printed and
+written to `<run_dir>/recognition.json` (`selfflow.evaluation.recognition`)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ REPORT_FILE = "recognition.json"
 
 
 class Recognition(L.Callback):
-    """After training, `samples_per_class` samples of every class per built-in digit modality, judged by
-    reference classifiers trained once per data setting into `cache_dir` (later runs reuse them). Runs on
-    other data, text-conditioned or unconditional runs are left alone."""
+    """After training, `samples_per_class` samples of every class per built-in digit modality,
+    judged by reference classifiers trained once per data setting into `cache_dir` (later runs reuse
+    them). Runs on other data, text-conditioned or unconditional runs are left alone."""
 
     def __init__(
         self,
@@ -61,4 +61,7 @@ class Recognition(L.Callback):
             return
         path = Path(trainer.default_root_dir) / REPORT_FILE
         write_json_atomically(path, self.report)
-        print(f"selfflow: samples recognised by the reference classifiers ({path}):\n{format_recognition(self.report)}")
+        print(
+            f"selfflow: samples recognised by the reference classifiers ({path}):\n"
+            f"{format_recognition(self.report)}"
+        )

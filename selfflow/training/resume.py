@@ -1,4 +1,5 @@
-"""Resuming a run: which checkpoint to continue from, and keeping the metric history written before it."""
+"""Resuming a run: which checkpoint to continue from, and keeping the metric history written
+before it."""
 
 from __future__ import annotations
 
@@ -16,8 +17,9 @@ from selfflow.safe_config import with_current_targets
 log = logging.getLogger("selfflow")
 
 RESUME_MODES = ("auto",)
-# keys that may change when a run is continued (where it runs, how long, how it loads and logs): a difference in
-# any other key means the checkpoint of the run folder belongs to another run (patterns over dotted keys)
+# keys that may change when a run is continued (where it runs, how long, how it loads and logs): a
+# difference in any other key means the checkpoint of the run folder belongs to another run
+# (patterns over dotted keys)
 RESUMABLE_CHANGES = (
     "run_dir",
     "ckpt_path",
@@ -45,10 +47,14 @@ ABSENT = "<absent>"
 
 
 def newest_valid_checkpoint(folder: str | os.PathLike) -> tuple[Path, int] | None:
-    """The `*.ckpt` file under `folder` with the highest step that loads safely (temporary, truncated or foreign
-    files are passed over with a warning); None if there is none."""
+    """The `*.ckpt` file under `folder` with the highest step that loads safely (temporary,
+    truncated or foreign files are passed over with a warning); None if there is none."""
     folder = Path(folder)
-    candidates = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True) if folder.is_dir() else []
+    candidates = (
+        sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True)
+        if folder.is_dir()
+        else []
+    )
     best: tuple[int, float, Path] | None = None
     for path in candidates:
         try:
@@ -62,9 +68,11 @@ def newest_valid_checkpoint(folder: str | os.PathLike) -> tuple[Path, int] | Non
     return (best[2], best[0]) if best else None
 
 
-def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, resume: str | None) -> str | None:
-    """The checkpoint to resume from: `ckpt_path` as given, or with resume=auto the newest valid one in the run
-    directory's checkpoints/ (None: start afresh)."""
+def resolve_resume(
+    run_dir: str | os.PathLike, ckpt_path: str | None, resume: str | None
+) -> str | None:
+    """The checkpoint to resume from: `ckpt_path` as given, or with resume=auto the newest valid one
+    in the run directory's checkpoints/ (None: start afresh)."""
     if resume in (None, "", "none", "never"):
         return ckpt_path
     if resume not in RESUME_MODES:
@@ -73,7 +81,9 @@ def resolve_resume(run_dir: str | os.PathLike, ckpt_path: str | None, resume: st
             f"directory) or null, or give ckpt_path=PATH"
         )
     if ckpt_path:
-        raise ValueError(f"ckpt_path={ckpt_path} and resume={resume} both choose a checkpoint; give only one")
+        raise ValueError(
+            f"ckpt_path={ckpt_path} and resume={resume} both choose a checkpoint; give only one"
+        )
     found = newest_valid_checkpoint(Path(run_dir) / "checkpoints")
     if found is None:
         log.info("resume=auto: no valid checkpoint in %s/checkpoints; starting a new run", run_dir)
@@ -108,11 +118,15 @@ def flat_config(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def config_differences(stored: Mapping, current: Mapping) -> list[tuple[str, Any, Any]]:
-    """(key, stored value, current value) of every key that differs, leaving out RESUMABLE_CHANGES."""
+    """(key, stored value, current value) of every key that differs, leaving out
+    RESUMABLE_CHANGES."""
     old, new = flat_config(with_current_targets(stored)), flat_config(current)
 
     def resumable(key: str) -> bool:
-        return any(fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}.*") for p in RESUMABLE_CHANGES)
+        return any(
+            fnmatch.fnmatchcase(key, p) or fnmatch.fnmatchcase(key, f"{p}.*")
+            for p in RESUMABLE_CHANGES
+        )
 
     return [
         (key, old.get(key, ABSENT), new.get(key, ABSENT))
@@ -122,15 +136,21 @@ def config_differences(stored: Mapping, current: Mapping) -> list[tuple[str, Any
 
 
 def check_same_run(stored: Mapping, current: Mapping, checkpoint: str | os.PathLike) -> None:
-    """resume=auto must continue this run, not another run that used the same folder: refuse (one line with the
-    first differing keys and both values) when the configs differ beyond RESUMABLE_CHANGES."""
+    """resume=auto must continue this run, not another run that used the same folder: refuse (one
+    line with the first differing keys and both values) when the configs differ beyond
+    RESUMABLE_CHANGES."""
     differences = config_differences(stored, current)
     if not differences:
         return
     shown = "; ".join(
-        f"{key}: {old!r} in the checkpoint, {new!r} now" for key, old, new in differences[:SHOWN_DIFFERENCES]
+        f"{key}: {old!r} in the checkpoint, {new!r} now"
+        for key, old, new in differences[:SHOWN_DIFFERENCES]
     )
-    more = f" (and {len(differences) - SHOWN_DIFFERENCES} more)" if len(differences) > SHOWN_DIFFERENCES else ""
+    more = (
+        f" (and {len(differences) - SHOWN_DIFFERENCES} more)"
+        if len(differences) > SHOWN_DIFFERENCES
+        else ""
+    )
     raise ValueError(
         f"resume=auto: {checkpoint} was written by another run ({shown}{more}); start this run in "
         f"another folder (hydra.run.dir=...), or continue that run with these changes: "
@@ -139,9 +159,9 @@ def check_same_run(stored: Mapping, current: Mapping, checkpoint: str | os.PathL
 
 
 def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None) -> None:
-    """CSVLogger deletes an existing metrics.csv when it starts; put back its rows of steps before the resumed
-    step (and `saved_row`, the checkpointed step's own row, if the file never got it), so that the file of a
-    resumed run reads as if the run had never stopped."""
+    """CSVLogger deletes an existing metrics.csv when it starts; put back its rows of steps before
+    the resumed step (and `saved_row`, the checkpointed step's own row, if the file never got it),
+    so that the file of a resumed run reads as if the run had never stopped."""
     from lightning.pytorch.loggers import CSVLogger
 
     for logger in loggers:
@@ -151,7 +171,11 @@ def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None
         if not path.is_file():
             continue
         with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("step", "").isdigit() and int(r["step"]) < before_step]
+            rows = [
+                r
+                for r in csv.DictReader(f)
+                if r.get("step", "").isdigit() and int(r["step"]) < before_step
+            ]
         kept = [{k: _number(v) for k, v in row.items() if v not in ("", None)} for row in rows]
         if (
             saved_row
@@ -159,7 +183,9 @@ def keep_metric_history(loggers, before_step: int, saved_row: dict | None = None
             and not any("train/loss" in row and row["step"] == saved_row["step"] for row in kept)
         ):
             kept.append(dict(saved_row))
-        logger.experiment.metrics[:0] = kept  # the writer (created here) removed the file; it rewrites these first
+        logger.experiment.metrics[:0] = (
+            kept  # the writer (created here) removed the file; it rewrites these first
+        )
 
 
 def _number(text: str):

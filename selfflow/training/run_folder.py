@@ -1,9 +1,11 @@
-"""One run per run folder: the launching process holds an exclusive lock on `<run_dir>/.lock`, taken before anything
-is written, so that a second run started into the same folder stops with one line instead of interleaving its
-checkpoints and metrics with the first; a folder that cannot be written is named at start-up the same way.
+"""One run per run folder: the launching process holds an exclusive lock on `<run_dir>/.lock`, taken
+before anything is written, so that a second run started into the same folder stops with one line
+instead of interleaving its checkpoints and metrics with the first; a folder that cannot be written
+is named at start-up the same way.
 
-Only the launching process locks: the processes a launcher starts for the other ranks (Lightning's ddp sets
-LOCAL_RANK, torchrun RANK, SLURM SLURM_PROCID) write into the folder of the run that holds it.
+Only the launching process locks: the processes a launcher starts for the other ranks (Lightning's
+ddp sets LOCAL_RANK, torchrun RANK, SLURM SLURM_PROCID) write into the folder of the run that
+holds it.
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ class RunFolderError(RuntimeError):
 
 
 def _forget_locks_in_child() -> None:
-    """A forked child (a DataLoader worker) closes its copies: the lock stays the parent's and ends with it."""
+    """A forked child (a DataLoader worker) closes its copies: the lock stays the parent's and ends
+    with it."""
     for fd in _held.values():
         os.close(fd)
     _held.clear()
@@ -47,13 +50,15 @@ def launching_process() -> bool:
 
 
 def check_writable(folder: Path) -> None:
-    """RunFolderError unless `folder` (or, where it does not exist yet, its nearest existing parent) is writable."""
+    """RunFolderError unless `folder` (or, where it does not exist yet, its nearest existing parent)
+    is writable."""
     existing = folder
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
         raise RunFolderError(
-            f"run folder {folder} cannot be made: {existing} is not a folder; choose another hydra.run.dir"
+            f"run folder {folder} cannot be made: {existing} is not a folder; "
+            f"choose another hydra.run.dir"
         )
     if not os.access(existing, os.W_OK | os.X_OK):
         raise RunFolderError(
@@ -86,10 +91,11 @@ def check_no_planted_links(folder: Path, depth: int = 2, most: int = 100_000) ->
 
 
 def lock_run_folder(run_dir: str | os.PathLike) -> bool:
-    """Lock `run_dir` for this process: True when taken now, False when this process already held it.
+    """Lock `run_dir` for this process: True when taken now, False when this process already
+    held it.
 
-    RunFolderError (one line naming the folder and the other process) when another process holds it, or when
-    the folder cannot be written."""
+    RunFolderError (one line naming the folder and the other process) when another process holds it,
+    or when the folder cannot be written."""
     folder = Path(run_dir).expanduser().resolve()
     if folder in _held:
         return False
@@ -103,7 +109,8 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         raise RunFolderError(f"cannot lock run folder {folder}: {error}") from None
     except OSError as error:
         raise RunFolderError(
-            f"cannot write into run folder {folder}: {error.strerror or error}; choose a writable hydra.run.dir"
+            f"cannot write into run folder {folder}: {error.strerror or error}; "
+            f"choose a writable hydra.run.dir"
         ) from error
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -118,10 +125,14 @@ def lock_run_folder(run_dir: str | os.PathLike) -> bool:
         if error.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             os.close(fd)
             raise
-        log.warning("cannot lock run folder %s (%s); make sure no other run writes into it", folder, error.strerror)
+        log.warning(
+            "cannot lock run folder %s (%s); make sure no other run writes into it",
+            folder,
+            error.strerror,
+        )
     holder = (
-        f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}: "
-        f"{' '.join(sys.argv)[:300]}"
+        f"pid {os.getpid()} on {socket.gethostname()}, started "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')}: {' '.join(sys.argv)[:300]}"
     )
     try:
         check_no_planted_links(folder)
@@ -142,8 +153,8 @@ def release_run_folder(run_dir: str | os.PathLike) -> None:
 
 @contextlib.contextmanager
 def run_folder_lock(run_dir: str | os.PathLike):
-    """Hold the run folder's lock for the block (launching process only); a lock this process took earlier (the
-    command line takes it before Hydra writes its files) is kept after the block."""
+    """Hold the run folder's lock for the block (launching process only); a lock this process took
+    earlier (the command line takes it before Hydra writes its files) is kept after the block."""
     taken = launching_process() and lock_run_folder(run_dir)
     try:
         yield
@@ -152,21 +163,32 @@ def run_folder_lock(run_dir: str | os.PathLike):
             release_run_folder(run_dir)
 
 
-# what Hydra and the lock put into a run folder before the run starts: a run that stops at start-up leaves only these
-START_UP_FILES = {"train.log", LOCK_NAME, ".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml"}
+# what Hydra and the lock put into a run folder before the run starts: a run that stops at start-up
+# leaves only these
+START_UP_FILES = {
+    "train.log",
+    LOCK_NAME,
+    ".hydra/config.yaml",
+    ".hydra/hydra.yaml",
+    ".hydra/overrides.yaml",
+}
 
 
 def remove_if_unused(run_dir: str | os.PathLike) -> bool:
-    """Remove `run_dir` when it holds nothing but the files written at start-up (a run that stopped at start-up
-    leaves no empty run folder behind); a folder with anything else in it, or with links, is left as it is.
-    Returns whether it was removed."""
+    """Remove `run_dir` when it holds nothing but the files written at start-up (a run that stopped
+    at start-up leaves no empty run folder behind); a folder with anything else in it, or with
+    links, is left as it is. Returns whether it was removed."""
     folder = Path(run_dir)
     if folder.is_symlink() or not folder.is_dir():
         return False
     entries = list(folder.rglob("*"))
     files = {str(p.relative_to(folder)) for p in entries if p.is_file() and not p.is_symlink()}
     folders = {p for p in entries if p.is_dir() and not p.is_symlink()}
-    if len(files) + len(folders) != len(entries) or not files <= START_UP_FILES or folders - {folder / ".hydra"}:
+    if (
+        len(files) + len(folders) != len(entries)
+        or not files <= START_UP_FILES
+        or folders - {folder / ".hydra"}
+    ):
         return False
     for name in files:
         (folder / name).unlink()

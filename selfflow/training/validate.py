@@ -1,11 +1,12 @@
-"""Start-up checks of a run config: every user mistake found here stops the run with one line naming the key and
-what is allowed, before any data is read or any checkpoint is touched.
+"""Start-up checks of a run config: every user mistake found here stops the run with one line naming
+the key and what is allowed, before any data is read or any checkpoint is touched.
 
-Ranges have one source, the constructor of the object that takes the value: start-up builds the data module (which
-reads no data until its splits are used), the callbacks, and the model, objective, training module and optimizer
-on the meta device (no memory, no initialisation cost at any size), and turns a constructor's error into a
-ConfigError. What no constructor sees is checked here: typos (`check_keys`), the checks across groups, and the
-ranges of run and trainer keys that neither selfflow nor Lightning checks.
+Ranges have one source, the constructor of the object that takes the value: start-up builds the data
+module (which reads no data until its splits are used), the callbacks, and the model, objective,
+training module and optimizer on the meta device (no memory, no initialisation cost at any size),
+and turns a constructor's error into a ConfigError. What no constructor sees is checked here: typos
+(`check_keys`), the checks across groups, and the ranges of run and trainer keys that neither
+selfflow nor Lightning checks.
 """
 
 from __future__ import annotations
@@ -36,13 +37,21 @@ def _get(cfg: DictConfig, key: str, default: Any = None) -> Any:
 
 
 def _number(
-    cfg, key: str, low: float | None = None, high: float | None = None, *, integer: bool = False, low_open: bool = False
+    cfg,
+    key: str,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    low_open: bool = False,
 ) -> Any:
     value = _get(cfg, key)
     if value is None:
         return value
     kind = "an integer" if integer else "a number"
-    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(value, bool)
+    ok_type = isinstance(value, numbers.Integral if integer else numbers.Real) and not isinstance(
+        value, bool
+    )
     below = low is not None and (value <= low if low_open else value < low) if ok_type else False
     above = high is not None and value > high if ok_type else False
     if not ok_type or below or above:
@@ -86,7 +95,8 @@ def check_unowned_ranges(cfg: DictConfig) -> None:
 
 
 def check_keys(node: Any, path: str = "") -> None:
-    """Every key of a `_target_` node is a parameter of its target (typos such as mask_ration are caught here)."""
+    """Every key of a `_target_` node is a parameter of its target (typos such as mask_ration are
+    caught here)."""
     if isinstance(node, ListConfig):
         for i, item in enumerate(node):
             check_keys(item, f"{path}[{i}]")
@@ -114,22 +124,23 @@ def check_keys(node: Any, path: str = "") -> None:
 
 
 def check_tokenizers_take_geometry_from_the_data(cfg: DictConfig) -> None:
-    """The sample geometry (image size, channels, frames, ...) is the data's: a tokenizer config that sets it
-    would disagree with the data sooner or later."""
+    """The sample geometry (image size, channels, frames, ...) is the data's: a tokenizer config
+    that sets it would disagree with the data sooner or later."""
 
     for modality, spec in (cfg.get("tokenizer") or {}).items():
         for key in GEOMETRY_KEYS:
             if key in spec.keys():  # noqa: SIM118 - `in` on a DictConfig is False for a ??? value
                 raise ConfigError(
-                    f"tokenizer.{modality}.{key} is set, but the tokenizer takes {key} from the data: "
-                    f"remove it and set data.dataset.{key} (a mixture: data.sources.<modality>."
-                    f"dataset.{key})"
+                    f"tokenizer.{modality}.{key} is set, but the tokenizer takes {key} from the "
+                    f"data: remove it and set data.dataset.{key} (a mixture: "
+                    f"data.sources.<modality>.dataset.{key})"
                 )
 
 
 def built(group: str | None, build: Callable[[], Any]) -> Any:
-    """`build()`, whose constructor errors (a value out of range, of the wrong type) become one ConfigError line,
-    prefixed with the config group unless the message starts with it (or the group is None: top-level keys)."""
+    """`build()`, whose constructor errors (a value out of range, of the wrong type) become one
+    ConfigError line, prefixed with the config group unless the message starts with it (or the group
+    is None: top-level keys)."""
     try:
         return build()
     except Exception as error:
@@ -139,30 +150,43 @@ def built(group: str | None, build: Callable[[], Any]) -> Any:
         while chain[-1].__cause__ is not None:  # Hydra wraps the constructor's own error
             chain.append(chain[-1].__cause__)
         cause = next(
-            (e for e in reversed(chain) if isinstance(e, (ValueError, TypeError, MisconfigurationException))), None
+            (
+                e
+                for e in reversed(chain)
+                if isinstance(e, (ValueError, TypeError, MisconfigurationException))
+            ),
+            None,
         )
         if cause is None:
             raise
         message = first_line(cause)
-        raise ConfigError(message if group is None or message.startswith(group) else f"{group}: {message}") from error
+        raise ConfigError(
+            message if group is None or message.startswith(group) else f"{group}: {message}"
+        ) from error
 
 
 def build_on_meta(cfg: DictConfig) -> None:
-    """Build what the run is made of without reading data or allocating memory, so that every constructor checks
-    its own options now: the data module, the callbacks, and the model (one input channel per modality, one
-    class), objective, training module and optimizer on the meta device."""
+    """Build what the run is made of without reading data or allocating memory, so that every
+    constructor checks its own options now: the data module, the callbacks, and the model (one
+    input channel per modality, one class), objective, training module and optimizer on the
+    meta device."""
     from hydra.utils import instantiate
 
     from selfflow.training.module import SelfFlowModule
 
     built("data", lambda: instantiate(cfg.data))
-    modalities = built(None, lambda: list(tokenizer_configs(cfg)))  # its messages name the groups they join
+    modalities = built(
+        None, lambda: list(tokenizer_configs(cfg))
+    )  # its messages name the groups they join
     for name, callback in (cfg.get("callbacks") or {}).items():
         if callback is not None:
             built(f"callbacks.{name}", lambda callback=callback: instantiate(callback))
     with torch.device("meta"):
         model = built(
-            "model", lambda: instantiate(cfg.model)(token_channels=dict.fromkeys(modalities, 1), num_classes=1)
+            "model",
+            lambda: instantiate(cfg.model)(
+                token_channels=dict.fromkeys(modalities, 1), num_classes=1
+            ),
         )
         objective = built("objective", lambda: instantiate(cfg.objective)(model=model))
         lr_schedule = built("lr_schedule", lambda: instantiate(cfg.lr_schedule))
@@ -176,7 +200,9 @@ def build_on_meta(cfg: DictConfig) -> None:
                 max_nonfinite_in_a_row=cfg.get("max_nonfinite_in_a_row", 5),
             ),
         )
-        optimizer = built("optimizer", lambda: module.optimizer_factory(list(objective.parameters())))
+        optimizer = built(
+            "optimizer", lambda: module.optimizer_factory(list(objective.parameters()))
+        )
         for group in optimizer.param_groups:
             built(None, lambda lr=group["lr"]: lr_schedule.check_base_lr(lr))
 
@@ -193,10 +219,11 @@ def validate_config(cfg: DictConfig) -> None:
 
 
 def tokenizer_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
-    """The tokenizers a run builds, with every argument (as checkpoints store them): one per modality of the data,
-    completed with that modality's sample geometry from the data config (channels, image_size, num_frames, fps,
-    sample_rate, duration: the arguments of its class that are `GEOMETRY_KEYS`), and the text tokenizer when one is
-    configured. Tokenizers of other modalities are configured but not built (the root default lists three)."""
+    """The tokenizers a run builds, with every argument (as checkpoints store them): one per
+    modality of the data, completed with that modality's sample geometry from the data config
+    (channels, image_size, num_frames, fps, sample_rate, duration: the arguments of its class that
+    are `GEOMETRY_KEYS`), and the text tokenizer when one is configured. Tokenizers of other
+    modalities are configured but not built (the root default lists three)."""
     geometry = sample_geometry(cfg.data)
     configured = cfg.get("tokenizer") or {}
     for modality in geometry:
@@ -220,11 +247,17 @@ def tokenizer_configs(cfg: DictConfig) -> dict[str, dict[str, Any]]:
             "experiment=text_digits, text_video_digits or text_audio_digits"
         )
     specs = {}
-    for modality, spec in configured.items():  # in the configured order: the model's modules follow it
+    for (
+        modality,
+        spec,
+    ) in configured.items():  # in the configured order: the model's modules follow it
         if modality in geometry or modality == TEXT:
             spec = OmegaConf.to_container(spec, resolve=True)
             accepted = target_parameters(spec["_target_"]) or set()
-            specs[modality] = {**spec, **{k: v for k, v in geometry.get(modality, {}).items() if k in accepted}}
+            specs[modality] = {
+                **spec,
+                **{k: v for k, v in geometry.get(modality, {}).items() if k in accepted},
+            }
     return specs
 
 
@@ -237,7 +270,9 @@ def target_parameters(target: str) -> set[str] | None:
     except Exception as error:
         broken_dependency = explain_import_failure(error)
         if broken_dependency is not None:
-            raise ConfigError(f"_target_={target} cannot be imported: {broken_dependency}") from None
+            raise ConfigError(
+                f"_target_={target} cannot be imported: {broken_dependency}"
+            ) from None
         raise ConfigError(
             f"_target_={target} cannot be imported ({type(error).__name__}: {error}); check the "
             f"spelling of the class or function"
@@ -248,4 +283,8 @@ def target_parameters(target: str) -> set[str] | None:
         return None
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in signature.parameters.values()):
         return None
-    return {name for name, p in signature.parameters.items() if p.kind is not inspect.Parameter.VAR_POSITIONAL}
+    return {
+        name
+        for name, p in signature.parameters.items()
+        if p.kind is not inspect.Parameter.VAR_POSITIONAL
+    }

@@ -1,7 +1,7 @@
-"""The README command checker: command lines found in Markdown bash blocks and tool docstrings, split as a POSIX
-shell splits them, then parsed as each program would parse them (Hydra composes the overrides of
-the commands in CONFIG_OF, argparse parses the other console scripts and `python -m tools.X`);
-nothing is run."""
+"""The README command checker: command lines found in Markdown bash blocks and tool docstrings,
+split as a POSIX shell splits them, then parsed as each program would parse them (Hydra composes the
+overrides of the commands in CONFIG_OF, argparse parses the other console scripts and `python -m
+tools.X`); nothing is run."""
 
 import argparse
 import ast
@@ -32,7 +32,19 @@ CONFIG_OF = {
     "selfflow.cli.reference": "reference",
 }
 HYDRA_FLAGS = {"--help"}
-SHELL_TOOLS = {"mkdir", "cd", "cp", "mv", "ls", "for", "curl", "wget", "sha256sum", "rsync", "export"}
+SHELL_TOOLS = {
+    "mkdir",
+    "cd",
+    "cp",
+    "mv",
+    "ls",
+    "for",
+    "curl",
+    "wget",
+    "sha256sum",
+    "rsync",
+    "export",
+}
 SHELL_TOOLS |= {"tensorboard", "wandb"}
 MULTIRUN_FLAGS = {"-m", "--multirun"}
 COMMAND_START = r"(?:selfflow-[a-z-]+(?![:\w-])|python -m tools\.)"
@@ -49,30 +61,38 @@ def documents() -> list[Path]:
 
 
 def readme_commands(pages: list[Path] | None = None) -> list[str]:
-    """Each command line of the ```bash blocks of `pages` (default: all), and each inline `selfflow-...` command
-    of the README (the other pages name commands inline in prose too)."""
+    """Each command line of the ```bash blocks of `pages` (default: all), and each inline
+    `selfflow-...` command of the README (the other pages name commands inline in prose too)."""
     commands = []
     for page in pages or documents():
         text = page.read_text()
-        commands += [line for block in re.findall(r"```bash\n(.*?)```", text, re.S) for line in logical_lines(block)]
+        commands += [
+            line
+            for block in re.findall(r"```bash\n(.*?)```", text, re.S)
+            for line in logical_lines(block)
+        ]
         if page.name == "README.md" and page.parent == ROOT:
             commands += re.findall(rf"(?<!`)`({COMMAND_START}[^`]*)`", text)
     return commands
 
 
 def tool_usage_lines() -> list[str]:
-    """The command lines (`python -m tools....`, `selfflow-...`) in the docstrings of tools/*.py and of the console
-    scripts (selfflow/cli/*.py)."""
+    """The command lines (`python -m tools....`, `selfflow-...`) in the docstrings of tools/*.py and
+    of the console scripts (selfflow/cli/*.py)."""
     lines = []
     for path in sorted([*(ROOT / "tools").glob("*.py"), *(ROOT / "selfflow" / "cli").glob("*.py")]):
         docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
-        lines += [line.strip() for line in logical_lines(docstring) if re.match(COMMAND_START, line.strip())]
+        lines += [
+            line.strip()
+            for line in logical_lines(docstring)
+            if re.match(COMMAND_START, line.strip())
+        ]
     return lines
 
 
 def shell_commands(line: str) -> list[list[str]]:
-    """The words of each command of a line (split at `&&`), as the shell gives them to the program; `$VAR` is
-    replaced by a number as the shell would expand it (e.g. $SLURM_NNODES)."""
+    """The words of each command of a line (split at `&&`), as the shell gives them to the program;
+    `$VAR` is replaced by a number as the shell would expand it (e.g. $SLURM_NNODES)."""
     words = shlex.split(re.sub(r"\$\{?[A-Z_]+\}?", "1", line), comments=True)
     commands, current = [], []
     for word in words:
@@ -85,8 +105,8 @@ def shell_commands(line: str) -> list[list[str]]:
 
 
 def compose_overrides(config: str, overrides: list[str]):
-    """Hydra composes `config` with the overrides, hydra.* ones included, or raises naming the bad one; a multirun
-    (`-m`) composes each of its jobs."""
+    """Hydra composes `config` with the overrides, hydra.* ones included, or raises naming the bad
+    one; a multirun (`-m`) composes each of its jobs."""
     flags = [o for o in overrides if o.startswith("-")]
     assert set(flags) <= HYDRA_FLAGS | MULTIRUN_FLAGS, f"unknown flags {flags}"
     overrides = [o for o in overrides if not o.startswith("-")]
@@ -105,7 +125,9 @@ def sweep_jobs(overrides: list[str]) -> list[list[str]]:
 
     parsed = OverridesParser.create().parse_overrides(overrides)
     choices = [
-        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()] if o.is_sweep_override() else [o.input_line]
+        [f"{o.get_key_element()}={v}" for v in o.sweep_string_iterator()]
+        if o.is_sweep_override()
+        else [o.input_line]
         for o in parsed
     ]
     return [list(job) for job in itertools.product(*choices)]
@@ -116,7 +138,8 @@ class Parsed(Exception):
 
 
 def console_scripts() -> dict:
-    """selfflow's argparse console scripts (the Hydra ones are in CONFIG_OF): name -> entry point."""
+    """selfflow's argparse console scripts (the Hydra ones are in CONFIG_OF): name ->
+    entry point."""
     from importlib.metadata import entry_points
 
     return {
@@ -161,12 +184,22 @@ def check_command(words: list[str], monkeypatch) -> None:
         return compose_overrides(CONFIG_OF[words[module]], words[module + 1 :])
     if program in CONFIG_OF:
         return compose_overrides(CONFIG_OF[program], words[1:])
-    if (words[:2] == ["python", "-m"] and words[2] == "pytest") or words[:2] == ["pip", "install"] or program == "ruff":
+    if (
+        (words[:2] == ["python", "-m"] and words[2] == "pytest")
+        or words[:2] == ["pip", "install"]
+        or program == "ruff"
+    ):
         return None
-    if program in SHELL_TOOLS or words[:2] == ["python", "-c"] or re.fullmatch(r"[A-Z_]+=\S*", program):
+    if (
+        program in SHELL_TOOLS
+        or words[:2] == ["python", "-c"]
+        or re.fullmatch(r"[A-Z_]+=\S*", program)
+    ):
         return None  # the shell's own tools, set-up steps and variables of the docs' scripts
     if words[:2] == ["python", "-m"] and words[2].startswith("tools."):
         return parse_tool(words, monkeypatch)
     if program in console_scripts():
         return parse_console_script(program, words[1:], monkeypatch)
-    raise AssertionError(f"a README command this test does not know how to check: {' '.join(words)}")
+    raise AssertionError(
+        f"a README command this test does not know how to check: {' '.join(words)}"
+    )

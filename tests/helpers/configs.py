@@ -1,4 +1,5 @@
-"""Configs composed from the real conf/ tree: the tests' tiny sizes, the train/sample/probe configs, the shared data."""
+"""Configs composed from the real conf/ tree: the tests' tiny sizes, the train/sample/probe configs,
+the shared data."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import pytest
 
 SHARED_DATA = Path(__file__).resolve().parents[3] / "shared" / "data"
 
-# sizes that make any train config run in seconds on a CPU (one-number batch size: single-modality data)
+# sizes that make any train config run in seconds on a CPU (one-number batch size:
+# single-modality data)
 TINY_SIZES = [
     "model.depth=2",
     "model.width=32",
@@ -29,7 +31,8 @@ TINY_SIZES = [
     "objective.student_layer=1",
     "objective.teacher_layer=2",
 ]
-# the tiny overrides of the tests: the built-in digit images, unless a later experiment=... or data=... says
+# the tiny overrides of the tests: the built-in digit images, unless a later experiment=... or
+# data=... says
 TINY = ["experiment=digits", *TINY_SIZES]
 
 # the joint default made small: tiny built-in video and audio sets (generated once into the cache)
@@ -53,7 +56,8 @@ def compose(config: str, overrides: list[str]):
 
 
 def compose_train(overrides: list[str], run_dir: Path, tiny: list[str] = TINY):
-    """The train config with `tiny` (the digit images at tiny sizes by default) and then `overrides`."""
+    """The train config with `tiny` (the digit images at tiny sizes by default) and
+    then `overrides`."""
     import selfflow.training.build  # noqa: F401 - registers the config resolvers
 
     return compose("train", [*tiny, f"run_dir={run_dir}", *overrides])

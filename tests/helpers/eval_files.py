@@ -1,5 +1,5 @@
-"""Stand-ins for the evaluation's input files (the real Inception weights cannot be downloaded here) and images
-with some structure, shared by the FID tests."""
+"""Stand-ins for the evaluation's input files (the real Inception weights cannot be downloaded here)
+and images with some structure, shared by the FID tests."""
 
 from __future__ import annotations
 
@@ -10,13 +10,16 @@ import torch
 
 
 def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
-    """The FID InceptionV3's tensors (torchvision's Inception3 with 1,008 classes and no auxiliary head, the
-    module names pytorch-fid's and torch-fidelity's files use), He-initialised so that activations stay O(1)."""
+    """The FID InceptionV3's tensors (torchvision's Inception3 with 1,008 classes and no auxiliary
+    head, the module names pytorch-fid's and torch-fidelity's files use), He-initialised so that
+    activations stay O(1)."""
     import torchvision
 
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        network = torchvision.models.inception_v3(weights=None, aux_logits=False, num_classes=1008, init_weights=False)
+        network = torchvision.models.inception_v3(
+            weights=None, aux_logits=False, num_classes=1008, init_weights=False
+        )
         for module in network.modules():
             if isinstance(module, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
@@ -25,8 +28,8 @@ def random_inception_state(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def write_inception_file(folder: Path) -> Path:
-    """A stand-in for the FID Inception weights file: same architecture, tensor names and file name, random
-    weights."""
+    """A stand-in for the FID Inception weights file: same architecture, tensor names and file name,
+    random weights."""
     from selfflow.evaluation.inception import WEIGHTS_FILE
 
     path = Path(folder) / WEIGHTS_FILE

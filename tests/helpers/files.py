@@ -1,4 +1,5 @@
-"""Files written for tests: image, audio and video class folders, tar shards, encoded images, a tiny VAE folder."""
+"""Files written for tests: image, audio and video class folders, tar shards, encoded images, a tiny
+VAE folder."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from selfflow.io.video import write_mp4
 
 
 def write_images(root: Path, per_class: int = 4) -> None:
-    """Random RGB images of different sizes and formats in two class folders (crop and resize both matter)."""
+    """Random RGB images of different sizes and formats in two class folders (crop and resize
+    both matter)."""
     rng = np.random.default_rng(0)
     for _c, name in enumerate(("cat", "dog")):
         (root / name).mkdir(parents=True)
@@ -36,12 +38,15 @@ def write_folder(root, classes=("cat", "dog"), per_class=3, size=(20, 12)):
 
 
 def write_noise_images(root: Path, per_class: int = 11) -> Path:
-    """Two classes of random 12x12 RGB images: 19 training images, 2 batches of 8 per epoch (many epochs)."""
+    """Two classes of random 12x12 RGB images: 19 training images, 2 batches of 8 per epoch
+    (many epochs)."""
     rng = np.random.default_rng(0)
     for name in ("a", "b"):
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+                root / name / f"{i}.png"
+            )
     return root
 
 
@@ -54,7 +59,9 @@ def png_bytes(value: int) -> bytes:
 
 def tone(freq: float, seconds: float, rate: int, amplitude: float = 0.5) -> np.ndarray:
     """A sine of `freq` Hz: float32 [seconds * rate]."""
-    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(np.float32)
+    return (amplitude * np.sin(2 * np.pi * freq * np.arange(int(seconds * rate)) / rate)).astype(
+        np.float32
+    )
 
 
 def write_recordings(root: Path) -> None:
@@ -86,7 +93,9 @@ def write_video_folder(root, classes=("walk", "wave"), per_class=3, num_frames=2
     """Lossless grey-ramp MP4s (`ramp_video`, offset 40 per class) in class folders."""
     for c, name in enumerate(classes):
         for i in range(per_class):
-            write_mp4(ramp_video(num_frames, size, offset=40 * c), root / name / f"{i}.mp4", fps, crf=0)
+            write_mp4(
+                ramp_video(num_frames, size, offset=40 * c), root / name / f"{i}.mp4", fps, crf=0
+            )
 
 
 def write_tar(path: Path, members: dict[str, bytes]) -> Path:
@@ -101,8 +110,8 @@ def write_tar(path: Path, members: dict[str, bytes]) -> Path:
 
 
 def write_tiny_vae(folder: Path, seed: int = 0, latent_channels: int = 4, **config) -> Path:
-    """A randomly initialised diffusers AutoencoderKL with 8x downsampling (32x32 images -> 4x4 latents) and a few
-    thousand weights, written with save_pretrained like a real VAE folder."""
+    """A randomly initialised diffusers AutoencoderKL with 8x downsampling (32x32 images -> 4x4
+    latents) and a few thousand weights, written with save_pretrained like a real VAE folder."""
     diffusers = pytest.importorskip("diffusers")
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -114,7 +123,9 @@ def write_tiny_vae(folder: Path, seed: int = 0, latent_channels: int = 4, **conf
             latent_channels=latent_channels,
             **config,
         )
-    with torch.no_grad():  # posterior std about 0.2, so that the two flips of an image stay apart in a sample
+    with (
+        torch.no_grad()
+    ):  # posterior std about 0.2, so that the two flips of an image stay apart in a sample
         vae.quant_conv.bias[latent_channels:] = -3.0
     vae.save_pretrained(folder)
     return folder

@@ -1,5 +1,5 @@
-"""Runs of selfflow in tests: the tiny trained checkpoint, sampling and shard writing in-process, and training
-subprocesses killed and restarted (exact-resume checks)."""
+"""Runs of selfflow in tests: the tiny trained checkpoint, sampling and shard writing in-process,
+and training subprocesses killed and restarted (exact-resume checks)."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ EVERY = 4
 
 
 def train_tiny_checkpoint(run_dir: Path) -> Path:
-    """Train a 2-step tiny digits run (16x16 grey, patch 4: 16 tokens; no sample grids, no probe callback); its
-    last checkpoint."""
+    """Train a 2-step tiny digits run (16x16 grey, patch 4: 16 tokens; no sample grids, no probe
+    callback); its last checkpoint."""
     from selfflow.training.build import build_run
 
     run = build_run(
@@ -63,7 +63,11 @@ def exit_status(argv: list[str]) -> int:
 
 def start(args: list[str], cwd: Path, script: str | None = None) -> subprocess.Popen:
     """selfflow-train (or the Python `script`) with `args` in a subprocess."""
-    command = [sys.executable, "-c", script, *args] if script else [sys.executable, "-m", "selfflow.cli.train", *args]
+    command = (
+        [sys.executable, "-c", script, *args]
+        if script
+        else [sys.executable, "-m", "selfflow.cli.train", *args]
+    )
     return subprocess.Popen(
         command,
         cwd=cwd,
@@ -83,7 +87,9 @@ def kill_when(process: subprocess.Popen, path: Path, timeout: float = 300) -> No
     """SIGKILL the process as soon as `path` exists (polled every few milliseconds)."""
     deadline = time.monotonic() + timeout
     while not path.exists():
-        assert process.poll() is None, f"the run ended before {path.name} appeared: {process.stderr.read()[-3000:]}"
+        assert process.poll() is None, (
+            f"the run ended before {path.name} appeared: {process.stderr.read()[-3000:]}"
+        )
         assert time.monotonic() < deadline, f"{path} never appeared"
         time.sleep(0.003)
     process.send_signal(signal.SIGKILL)
@@ -109,8 +115,8 @@ def assert_same_run(reference: Path, resumed: Path, max_steps: int = MAX_STEPS) 
 
 
 def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
-    """selfflow-train in a subprocess (tiny digits, 4 steps; each rank's state dumped under <run>/dump); its run
-    folder."""
+    """selfflow-train in a subprocess (tiny digits, 4 steps; each rank's state dumped under
+    <run>/dump); its run folder."""
     run_dir = tmp_path / name
     exe = shutil.which("selfflow-train") or "selfflow-train"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
@@ -124,13 +130,16 @@ def train_cli(tmp_path: Path, name: str, *overrides: str) -> Path:
         f"+callbacks.dump.out_dir={run_dir / 'dump'}",
         *overrides,
     ]
-    result = subprocess.run([exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
+    result = subprocess.run(
+        [exe, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return run_dir
 
 
 def resume_run_args(data: list[str], root, run_dir: Path, workers: int, *extra: str) -> list[str]:
-    """The exact-resume run (8x8 images with flips, MAX_STEPS steps, a checkpoint every EVERY) on `data` at `root`."""
+    """The exact-resume run (8x8 images with flips, MAX_STEPS steps, a checkpoint every EVERY) on
+    `data` at `root`."""
     return [
         *TINY,
         *data,

@@ -1,7 +1,9 @@
-"""Batching of samples `(data, label)` into `{"modality", "data", "label"}` dicts, dropping unreadable samples.
+"""Batching of samples `(data, label)` into `{"modality", "data", "label"}` dicts, dropping
+unreadable samples.
 
-Samples may carry further items, dicts of extra conditioning (e.g. `{"caption": str}`, `{"sizes": [6]}` of
-multi-aspect data), collated per key into the batch (strings into lists, tensors stacked: `sizes` -> [B, 6]).
+Samples may carry further items, dicts of extra conditioning (e.g. `{"caption": str}`, `{"sizes":
+[6]}` of multi-aspect data), collated per key into the batch (strings into lists, tensors stacked:
+`sizes` -> [B, 6]).
 """
 
 from __future__ import annotations
@@ -24,11 +26,15 @@ def collate_samples(modality: str) -> Callable[[list[Any]], dict[str, Any] | Non
         if len(shapes) > 1:
             raise ValueError(
                 f"the {modality} samples of one batch have different shapes {sorted(shapes)}; "
-                f"multi-aspect data (buckets) needs the bucket batch sampler of SelfFlowDataModule, "
-                f"whose batches each hold one bucket"
+                f"multi-aspect data (buckets) needs the bucket batch sampler of "
+                f"SelfFlowDataModule, whose batches each hold one bucket"
             )
         data, labels, *extra = default_collate(kept)
-        batch = {"modality": modality, "data": data, "label": torch.as_tensor(labels, dtype=torch.long)}
+        batch = {
+            "modality": modality,
+            "data": data,
+            "label": torch.as_tensor(labels, dtype=torch.long),
+        }
         for conditioning in extra:
             batch.update(conditioning)
         return batch

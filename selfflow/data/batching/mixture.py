@@ -1,8 +1,8 @@
-"""Joint batches: several modalities' datasets in one run, either one modality per step (drawn by weight)
-or samples of every modality packed into rows (`data.mode=packed`).
+"""Joint batches: several modalities' datasets in one run, either one modality per step (drawn by
+weight) or samples of every modality packed into rows (`data.mode=packed`).
 
-Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a resumed run sees the same
-data. The Lightning DataModule over these is `selfflow.training.mixture`.
+Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a resumed run sees the
+same data. The Lightning DataModule over these is `selfflow.training.mixture`.
 """
 
 from __future__ import annotations
@@ -20,25 +20,38 @@ from selfflow.tokens import PackedTokens, Tokens
 
 
 class ModalityStreams:
-    """Endless per-modality sample orders: permutations of (seed, epoch, modality, cycle), split over ranks."""
+    """Endless per-modality sample orders: permutations of (seed, epoch, modality, cycle), split
+    over ranks."""
 
-    def __init__(self, sizes: dict[str, int], offsets: dict[str, int], seed: int, num_replicas: int, rank: int):
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        offsets: dict[str, int],
+        seed: int,
+        num_replicas: int,
+        rank: int,
+    ):
         self.sizes, self.offsets, self.seed = sizes, offsets, seed
         self.num_replicas, self.rank = num_replicas, rank
         self._orders: dict[str, tuple] = {}
 
     def order(self, modality: str, epoch: int, cycle: int) -> list[int]:
-        """This rank's share of one permutation of `modality` (the latest per modality is kept: batches read it in
-        turn, so each permutation is drawn once)."""
+        """This rank's share of one permutation of `modality` (the latest per modality is kept:
+        batches read it in turn, so each permutation is drawn once)."""
         key, order = self._orders.get(modality, (None, []))
         if key != (epoch, cycle):
-            generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, hash_name(modality), cycle))
-            order = torch.randperm(self.sizes[modality], generator=generator)[self.rank :: self.num_replicas].tolist()
+            generator = torch.Generator().manual_seed(
+                mix_seed(self.seed, epoch, hash_name(modality), cycle)
+            )
+            order = torch.randperm(self.sizes[modality], generator=generator)[
+                self.rank :: self.num_replicas
+            ].tolist()
             self._orders[modality] = ((epoch, cycle), order)
         return order
 
     def take(self, modality: str, start: int, count: int, epoch: int) -> list[int]:
-        """Concat-dataset indices of this rank's samples start..start+count of `modality` in `epoch`."""
+        """Concat-dataset indices of this rank's samples start..start+count of `modality`
+        in `epoch`."""
         per_rank = max(1, self.sizes[modality] // self.num_replicas)
         out = []
         for position in range(start, start + count):
@@ -54,12 +67,14 @@ def hash_name(name: str) -> int:
 
 
 class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
-    """Batches of `(concat index, batch seed)`; per_step: each batch one modality drawn by weight with that
-    modality's batch size; packed: `batch_size` samples, each of a modality drawn by weight.
+    """Batches of `(concat index, batch seed)`; per_step: each batch one modality drawn by
+    weight with that modality's batch size; packed: `batch_size` samples, each of a modality
+    drawn by weight.
 
-    The modality draws follow (seed, epoch) only, the same on every rank: per_step, all ranks train the same
-    modality at a step (one modality per global batch, the paper's rule); packed, every rank packs the same number
-    of samples of each modality (equal work per rank). The samples themselves and the batch seeds are per rank.
+    The modality draws follow (seed, epoch) only, the same on every rank: per_step, all ranks train
+    the same modality at a step (one modality per global batch, the paper's rule); packed, every
+    rank packs the same number of samples of each modality (equal work per rank). The samples
+    themselves and the batch seeds are per rank.
     """
 
     def __init__(
@@ -89,10 +104,13 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         return self.batches_per_epoch
 
     def _choices(self, epoch: int, count: int) -> list[str]:
-        """The modality of each of `count` batch slots of `epoch`: rank 0's draw on every rank (see the class), so
-        a one-process run draws what it always did."""
+        """The modality of each of `count` batch slots of `epoch`: rank 0's draw on every rank (see
+        the class), so a one-process run draws what it always did."""
         generator = torch.Generator().manual_seed(mix_seed(self.seed, epoch, 0, 7))
-        return [self.names[i] for i in torch.multinomial(self.weights, count, replacement=True, generator=generator)]
+        return [
+            self.names[i]
+            for i in torch.multinomial(self.weights, count, replacement=True, generator=generator)
+        ]
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         epoch, skip, self._skip = self.epoch, self._skip, 0
@@ -102,7 +120,10 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
         used = dict.fromkeys(self.names, 0)
         for b in range(len(self)):
             picks = choices[b * per_batch : (b + 1) * per_batch]
-            counts = {m: picks.count(m) * (self.batch_size[m] if self.mode == "per_step" else 1) for m in set(picks)}
+            counts = {
+                m: picks.count(m) * (self.batch_size[m] if self.mode == "per_step" else 1)
+                for m in set(picks)
+            }
             indices = []
             for m in sorted(counts):
                 if b >= skip:
@@ -114,7 +135,8 @@ class MixtureBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class TaggedDataset(Dataset):
-    """Items `(modality, data, label)` of one modality's dataset (None stays None: skipped files)."""
+    """Items `(modality, data, label)` of one modality's dataset (None stays None:
+    skipped files)."""
 
     def __init__(self, dataset: Dataset, modality: str):
         self.dataset, self.modality = dataset, modality
@@ -128,8 +150,9 @@ class TaggedDataset(Dataset):
 
 
 class GroupCollate:
-    """Samples of several modalities -> {"modality": "mixed", "groups": {name: {"data", "label"}}, "pack_length"},
-    or the plain single-modality batch layout when the samples are all of one modality."""
+    """Samples of several modalities -> {"modality": "mixed", "groups": {name: {"data",
+    "label"}}, "pack_length"}, or the plain single-modality batch layout when the samples are all
+    of one modality."""
 
     def __init__(self, pack_length: int):
         self.pack_length = pack_length
@@ -155,7 +178,9 @@ def collate_groups(samples: list[Any], pack_length: int) -> dict[str, Any] | Non
     return {"modality": "mixed", "groups": out, "pack_length": pack_length}
 
 
-def pack_groups(groups: dict[str, dict[str, Tensor]], tokenizers, pack_length: int, null_label: int) -> PackedTokens:
+def pack_groups(
+    groups: dict[str, dict[str, Tensor]], tokenizers, pack_length: int, null_label: int
+) -> PackedTokens:
     """Tokenize each modality's group, then pack all samples into rows of `pack_length` tokens."""
     samples: list[Tokens] = []
     labels: list[int] = []

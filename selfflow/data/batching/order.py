@@ -1,9 +1,10 @@
-"""A data order that survives a restart: batches as a pure function of (seed, epoch, position), resumable mid-epoch.
+"""A data order that survives a restart: batches as a pure function of (seed, epoch, position),
+resumable mid-epoch.
 
-`ResumableBatchSampler` shuffles each epoch with its own generator (no draw from the global RNG) and can start an
-epoch part-way through; `SeededSamples` runs each batch's loading under a seed derived from the same
-(seed, epoch, batch), so random augmentation gives the same result whether or not the run was interrupted, with
-or without DataLoader workers.
+`ResumableBatchSampler` shuffles each epoch with its own generator (no draw from the global RNG) and
+can start an epoch part-way through; `SeededSamples` runs each batch's loading under a seed derived
+from the same (seed, epoch, batch), so random augmentation gives the same result whether or not the
+run was interrupted, with or without DataLoader workers.
 """
 
 from __future__ import annotations
@@ -21,10 +22,10 @@ from selfflow.data.batching.rng_state import mix_seed, seeded_rng
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
     """Yields batches of `(sample index, batch seed)` pairs for this rank.
 
-    Each epoch is a permutation drawn from (seed, epoch) (or the identity if not shuffled), split over
-    `num_replicas` ranks; `drop_last` keeps only full batches. Each iteration is the next epoch;
-    `set_epoch(e)` and `skip_batches(k)` make the next iteration start at batch k of epoch e (resuming mid-epoch).
-    `len()` is always the full epoch.
+    Each epoch is a permutation drawn from (seed, epoch) (or the identity if not shuffled), split
+    over `num_replicas` ranks; `drop_last` keeps only full batches. Each iteration is the next
+    epoch; `set_epoch(e)` and `skip_batches(k)` make the next iteration start at batch k of epoch e
+    (resuming mid-epoch). `len()` is always the full epoch.
     """
 
     def __init__(
@@ -42,7 +43,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.shuffle, self.num_replicas, self.rank = shuffle, num_replicas, rank
         per_rank = num_samples // num_replicas
-        # with too few samples for one full batch, keep the partial batch rather than yielding nothing
+        # with too few samples for one full batch, keep the partial batch rather than
+        # yielding nothing
         self.drop_last = drop_last and per_rank >= batch_size
         self.epoch = 0
         self._skip = 0
@@ -51,8 +53,8 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
         self.epoch = epoch
 
     def skip_batches(self, count: int) -> None:
-        """Start the next iteration after `count` batches of the current epoch (an end-of-epoch position moves on
-        to the start of the next epoch)."""
+        """Start the next iteration after `count` batches of the current epoch (an end-of-epoch
+        position moves on to the start of the next epoch)."""
         if count >= len(self):
             self.epoch, count = self.epoch + 1, 0
         self._skip = count
@@ -82,12 +84,18 @@ class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 def resumable_loader(
-    dataset: Dataset, batch_sampler: Sampler, collate_fn, seed: int, num_workers: int = 0, pin_memory: bool = False
+    dataset: Dataset,
+    batch_sampler: Sampler,
+    collate_fn,
+    seed: int,
+    num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """The training loader over `batch_sampler`'s `(index, batch seed)` batches, with its own generator: without
-    one, every new iterator (each epoch, without persistent workers) draws its workers' base seed from the global
-    RNG, between the checkpoint at an epoch's last batch and the next step, so a run resumed from that checkpoint
-    would draw other noise than the run that went on."""
+    """The training loader over `batch_sampler`'s `(index, batch seed)` batches, with its
+    own generator: without one, every new iterator (each epoch, without persistent workers) draws
+    its workers' base seed from the global RNG, between the checkpoint at an epoch's last batch and
+    the next step, so a run resumed from that checkpoint would draw other noise than the run that
+    went on."""
     return DataLoader(
         SeededSamples(dataset),
         batch_sampler=batch_sampler,
@@ -100,9 +108,10 @@ def resumable_loader(
 
 
 def trained_position(trainer) -> dict[str, int]:
-    """Where training is in the data: the epoch and how many of its batches the trainer took. Counted by the
-    trainer's loop, not read from the sampler, which the loader (and its workers) may have run ahead of it: at an
-    epoch's last batch the sampler has often moved on to the next epoch already."""
+    """Where training is in the data: the epoch and how many of its batches the trainer took.
+    Counted by the trainer's loop, not read from the sampler, which the loader (and its workers)
+    may have run ahead of it: at an epoch's last batch the sampler has often moved on to the next
+    epoch already."""
     return {
         "epoch": int(trainer.current_epoch),
         "batches_done": int(trainer.fit_loop.epoch_loop.batch_progress.current.ready),
@@ -132,7 +141,8 @@ def stored_position(state: Any) -> dict[str, int] | None:
 
 
 class SeededSamples(Dataset):
-    """Wraps a map-style dataset: item `(index, seed)` loads `dataset[index]` with the RNGs seeded from `seed`."""
+    """Wraps a map-style dataset: item `(index, seed)` loads `dataset[index]` with the RNGs seeded
+    from `seed`."""
 
     def __init__(self, dataset: Dataset):
         self.dataset = dataset
@@ -146,9 +156,10 @@ class SeededSamples(Dataset):
             return self.dataset[index]
 
     def __getitems__(self, keys: list[tuple[int, int]]) -> list[Any]:
-        """One seeding per batch (the DataLoader fetches a whole batch through this). A dataset class with a
-        `load_batch` (shards: the batch's reads in flight at once) loads the batch itself; looked up on the class,
-        so that a wrapper forwarding attributes (captions) keeps its own items."""
+        """One seeding per batch (the DataLoader fetches a whole batch through this). A dataset
+        class with a `load_batch` (shards: the batch's reads in flight at once) loads the batch
+        itself; looked up on the class, so that a wrapper forwarding attributes (captions) keeps its
+        own items."""
         indices = [index for index, _ in keys]
         with seeded_rng(keys[0][1] if keys else 0):
             if hasattr(type(self.dataset), "load_batch"):
@@ -157,13 +168,27 @@ class SeededSamples(Dataset):
 
 
 class ResumableBucketBatchSampler(ResumableBatchSampler):
-    """`ResumableBatchSampler` (same `(index, batch seed)` batches, `set_epoch` / `skip_batches` resume) whose
-    batches each hold one bucket, in `BucketBatchSampler`'s order: a pure function of (seed, epoch), sharded over
-    ranks. A bucket's partial batch is dropped, unless no bucket fills a batch at all."""
+    """`ResumableBatchSampler` (same `(index, batch seed)` batches, `set_epoch` / `skip_batches`
+    resume) whose batches each hold one bucket, in `BucketBatchSampler`'s order: a pure function of
+    (seed, epoch), sharded over ranks. A bucket's partial batch is dropped, unless no bucket fills a
+    batch at all."""
 
-    def __init__(self, bucket_ids: Sequence[int], batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0):
+    def __init__(
+        self,
+        bucket_ids: Sequence[int],
+        batch_size: int,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ):
         super().__init__(
-            len(bucket_ids), batch_size, seed=seed, shuffle=True, drop_last=True, num_replicas=num_replicas, rank=rank
+            len(bucket_ids),
+            batch_size,
+            seed=seed,
+            shuffle=True,
+            drop_last=True,
+            num_replicas=num_replicas,
+            rank=rank,
         )
         self.buckets = BucketBatchSampler(
             bucket_ids, batch_size, seed=seed, drop_last=True, num_replicas=num_replicas, rank=rank
@@ -189,4 +214,7 @@ def check_loader_options(batch_size: int, num_workers: int, key: str = "data.bat
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"{key}={batch_size!r} must be an integer >= 1")
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"data.num_workers={num_workers!r} must be an integer >= 0 (0 loads in the training process)")
+        raise ValueError(
+            f"data.num_workers={num_workers!r} must be an integer >= 0 (0 "
+            f"loads in the training process)"
+        )

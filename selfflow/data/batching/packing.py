@@ -1,4 +1,5 @@
-"""Sequence packing: samples of any modality and length placed into fixed-length rows (first-fit decreasing)."""
+"""Sequence packing: samples of any modality and length placed into fixed-length rows
+(first-fit decreasing)."""
 
 from __future__ import annotations
 
@@ -30,8 +31,11 @@ def plan_rows(lengths: list[int], row_length: int) -> list[list[int]]:
     return rows
 
 
-def pack(samples: list[Tokens], labels: list[int], row_length: int, null_label: int) -> PackedTokens:
-    """samples: one `Tokens` per sample (batch size 1, any modality); returns rows of `row_length` tokens."""
+def pack(
+    samples: list[Tokens], labels: list[int], row_length: int, null_label: int
+) -> PackedTokens:
+    """samples: one `Tokens` per sample (batch size 1, any modality); returns rows of
+    `row_length` tokens."""
     lengths = [s.num_tokens for s in samples]
     rows = plan_rows(lengths, row_length)
     channels: dict[str, int] = {}
@@ -42,8 +46,12 @@ def pack(samples: list[Tokens], labels: list[int], row_length: int, null_label: 
     x = torch.zeros(num_rows, row_length, c_max, dtype=samples[0].x.dtype, device=device)
     pos = torch.zeros(num_rows, row_length, 4, dtype=torch.long, device=device)
     segment = torch.full((num_rows, row_length), -1, dtype=torch.long, device=device)
-    masks = {m: torch.zeros(num_rows, row_length, dtype=torch.bool, device=device) for m in channels}
-    segment_labels = torch.full((num_rows, max_segments), null_label, dtype=torch.long, device=device)
+    masks = {
+        m: torch.zeros(num_rows, row_length, dtype=torch.bool, device=device) for m in channels
+    }
+    segment_labels = torch.full(
+        (num_rows, max_segments), null_label, dtype=torch.long, device=device
+    )
     segment_modality: list[list[str]] = []
     for r, members in enumerate(rows):
         start = 0

@@ -1,6 +1,8 @@
-"""Every random number generator a training step touches, captured into and restored from a checkpoint.
+"""Every random number generator a training step touches, captured into and restored from
+a checkpoint.
 
-States are stored as tensors, ints and tuples only, so that checkpoints still load with `weights_only=True`.
+States are stored as tensors, ints and tuples only, so that checkpoints still load with
+`weights_only=True`.
 """
 
 from __future__ import annotations
@@ -20,7 +22,13 @@ def capture_rng_state() -> dict[str, Any]:
     return {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "numpy": (
+            kind,
+            torch.from_numpy(keys.astype(np.int64)),
+            int(pos),
+            int(has_gauss),
+            float(gauss),
+        ),
         "python": random.getstate(),
     }
 
@@ -38,8 +46,8 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def seeded_rng(seed: int) -> Iterator[None]:
-    """Run a block with torch (CPU), numpy and Python `random` seeded from `seed`; the global states are put back
-    afterwards, so the block neither depends on nor disturbs the training stream."""
+    """Run a block with torch (CPU), numpy and Python `random` seeded from `seed`; the global states
+    are put back afterwards, so the block neither depends on nor disturbs the training stream."""
     saved = (torch.get_rng_state(), np.random.get_state(), random.getstate())
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
@@ -53,7 +61,8 @@ def seeded_rng(seed: int) -> Iterator[None]:
 
 
 def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps), so that nearby inputs give unrelated seeds."""
+    """A 63-bit seed from several integers (splitmix64 steps), so that nearby inputs give
+    unrelated seeds."""
     value = 0x9E3779B97F4A7C15
     for part in parts:
         value = (value ^ (int(part) & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF

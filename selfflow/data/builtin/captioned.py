@@ -1,5 +1,5 @@
-"""The built-in sets captioned from their classes and file names (text-conditioned runs with no download):
-"a handwritten seven", "the digit 7 moving left", "a voice saying four"."""
+"""The built-in sets captioned from their classes and file names (text-conditioned runs with
+no download): "a handwritten seven", "the digit 7 moving left", "a voice saying four"."""
 
 from __future__ import annotations
 
@@ -37,7 +37,8 @@ AUDIO_TEMPLATES = (
 
 
 class CaptionedDigits(ClassCaptions):
-    """The built-in digits (`DigitImages`) captioned from their class: "a handwritten seven", "the digit 7", ..."""
+    """The built-in digits (`DigitImages`) captioned from their class: "a handwritten seven", "the
+    digit 7", ..."""
 
     def __init__(
         self,
@@ -49,15 +50,23 @@ class CaptionedDigits(ClassCaptions):
         seed: int = 0,
     ):
         super().__init__(
-            DigitImages(split, image_size, channels, test_fraction, seed), templates, fixed=split != "train"
+            DigitImages(split, image_size, channels, test_fraction, seed),
+            templates,
+            fixed=split != "train",
         )
 
 
 class CaptionedMovingDigits(ClassCaptions):
-    """The built-in moving digits (`MovingDigits`, any of its options) captioned from the digit and its direction
-    in the file name: "the digit three moving left", "a handwritten seven moving up and to the right", ..."""
+    """The built-in moving digits (`MovingDigits`, any of its options) captioned from the digit and
+    its direction in the file name: "the digit three moving left", "a handwritten seven moving up
+    and to the right", ..."""
 
-    def __init__(self, split: str = "train", templates: list[str] | tuple[str, ...] = VIDEO_TEMPLATES, **options):
+    def __init__(
+        self,
+        split: str = "train",
+        templates: list[str] | tuple[str, ...] = VIDEO_TEMPLATES,
+        **options,
+    ):
         super().__init__(
             moving_digits.MovingDigits(split, **options),
             templates,
@@ -67,10 +76,15 @@ class CaptionedMovingDigits(ClassCaptions):
 
 
 class CaptionedSpokenDigits(ClassCaptions):
-    """The built-in spoken digits (`SpokenDigits`, any of its options) captioned from the word and the voice:
-    "a voice saying five", "a woman saying five", ..."""
+    """The built-in spoken digits (`SpokenDigits`, any of its options) captioned from the word and
+    the voice: "a voice saying five", "a woman saying five", ..."""
 
-    def __init__(self, split: str = "train", templates: list[str] | tuple[str, ...] = AUDIO_TEMPLATES, **options):
+    def __init__(
+        self,
+        split: str = "train",
+        templates: list[str] | tuple[str, ...] = AUDIO_TEMPLATES,
+        **options,
+    ):
         super().__init__(
             spoken_digits.SpokenDigits(split, **options),
             templates,

@@ -1,4 +1,5 @@
-"""Built-in image data: scikit-learn's 1,797 real 8x8 handwritten digits (ships with the package, no download)."""
+"""Built-in image data: scikit-learn's 1,797 real 8x8 handwritten digits (ships with the package,
+no download)."""
 
 from __future__ import annotations
 
@@ -21,16 +22,27 @@ class DigitImages(Dataset):
     class_names: ClassVar[list[str]] = [str(d) for d in range(10)]
 
     def __init__(
-        self, split: str = "train", image_size: int = 16, channels: int = 1, test_fraction: float = 0.15, seed: int = 0
+        self,
+        split: str = "train",
+        image_size: int = 16,
+        channels: int = 1,
+        test_fraction: float = 0.15,
+        seed: int = 0,
     ):
         from sklearn.datasets import load_digits
 
         digits = load_digits()
         keep = split_indices(len(digits.target), split, test_fraction, seed)
-        images = torch.as_tensor(digits.images[keep], dtype=torch.float32)[:, None] / 16.0  # [M, 1, 8, 8]
+        images = (
+            torch.as_tensor(digits.images[keep], dtype=torch.float32)[:, None] / 16.0
+        )  # [M, 1, 8, 8]
         if image_size != 8:
             images = F.interpolate(
-                images, size=(image_size, image_size), mode="bilinear", antialias=True, align_corners=False
+                images,
+                size=(image_size, image_size),
+                mode="bilinear",
+                antialias=True,
+                align_corners=False,
             ).clamp(0, 1)
         self.images = images.expand(-1, channels, -1, -1).contiguous()
         self.labels = torch.as_tensor(digits.target[keep], dtype=torch.long)

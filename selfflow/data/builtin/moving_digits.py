@@ -1,5 +1,5 @@
-"""Built-in video data: handwritten digits moving across a black canvas in one of several directions, written
-once as MP4 files into a cache folder and read back through VideoFolder."""
+"""Built-in video data: handwritten digits moving across a black canvas in one of several
+directions, written once as MP4 files into a cache folder and read back through VideoFolder."""
 
 from __future__ import annotations
 
@@ -16,9 +16,12 @@ from selfflow.data.folders.video_folder import VideoFolder
 from selfflow.io.cache_folders import cached_folder
 from selfflow.io.video import write_mp4
 
-DECODE_THREADS = min(4, os.cpu_count() or 1)  # clips encoded and decoded at once when made and preloaded
+DECODE_THREADS = min(
+    4, os.cpu_count() or 1
+)  # clips encoded and decoded at once when made and preloaded
 
-# (name, (dy, dx)) in pixels per frame and speed unit; names hold no '_', which separates file-name fields
+# (name, (dy, dx)) in pixels per frame and speed unit; names hold no '_', which separates
+# file-name fields
 DIRECTIONS = (
     ("right", (0, 1)),
     ("left", (0, -1)),
@@ -30,7 +33,9 @@ DIRECTIONS = (
     ("up-left", (-1, -1)),
 )
 LABELS = ("digit", "direction")
-PRELOAD_BYTES = 256 * 2**20  # the most decoded clips a split keeps in memory (the default train split: 16 MB)
+PRELOAD_BYTES = (
+    256 * 2**20
+)  # the most decoded clips a split keeps in memory (the default train split: 16 MB)
 DECODED_SPLITS = 4  # the decoded splits a process keeps (oldest dropped first)
 DECODED: dict[tuple, Tensor] = {}
 NAME_PATTERN = "{digit}_{direction}_{index}"
@@ -53,17 +58,23 @@ def render_clip(
     speed: int,
     rng: np.random.Generator,
 ) -> np.ndarray:
-    """Digits [D, D] in [0, 1] moving by `speed * move` per frame (brightest pixel wins): uint8 [T, canvas, canvas]."""
+    """Digits [D, D] in [0, 1] moving by `speed * move` per frame (brightest pixel wins): uint8 [T,
+    canvas, canvas]."""
     size = digits[0].shape[0]
     room, travel = canvas - size, speed * (num_frames - 1)
     frames = np.zeros((num_frames, canvas, canvas), np.float32)
     for digit, (dy, dx) in zip(digits, moves):
         y0, x0 = (
-            int(rng.integers(lo, hi + 1)) for lo, hi in (start_range(dy, travel, room), start_range(dx, travel, room))
+            int(rng.integers(lo, hi + 1))
+            for lo, hi in (start_range(dy, travel, room), start_range(dx, travel, room))
         )
         for t in range(num_frames):
             y, x = y0 + dy * speed * t, x0 + dx * speed * t
-            np.maximum(frames[t, y : y + size, x : x + size], digit, out=frames[t, y : y + size, x : x + size])
+            np.maximum(
+                frames[t, y : y + size, x : x + size],
+                digit,
+                out=frames[t, y : y + size, x : x + size],
+            )
     return (frames * 255).round().astype(np.uint8)
 
 
@@ -79,8 +90,10 @@ def make_moving_digits(
     fps: float,
     seed: int,
 ) -> None:
-    """`clips[split]` MP4s per split, named `{digit}_{direction}_{index}.mp4`; test clips use test digits only."""
-    rendered = []  # (frames, path): drawn in order from each split's generator, then encoded in parallel
+    """`clips[split]` MP4s per split, named `{digit}_{direction}_{index}.mp4`; test clips use test
+    digits only."""
+    # (frames, path): drawn in order from each split's generator, then encoded in parallel
+    rendered = []
     for split, count in clips.items():
         source = DigitImages(split, image_size=digit_size, channels=1, seed=seed)
         rng = np.random.default_rng([seed, split == "test"])
@@ -97,12 +110,16 @@ def make_moving_digits(
         list(pool.map(lambda clip: write_mp4(*clip, fps, crf=8), rendered))
 
 
-def check_motion(label: str, directions: int, digit_size: int, speed: int, num_frames: int, canvas: int) -> None:
+def check_motion(
+    label: str, directions: int, digit_size: int, speed: int, num_frames: int, canvas: int
+) -> None:
     """Start-up errors of the moving digits' options, naming the key."""
     if label not in LABELS:
         raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
     if directions not in (4, 8):
-        raise ValueError(f"data.dataset.directions={directions} must be 4 (axes) or 8 (axes and diagonals)")
+        raise ValueError(
+            f"data.dataset.directions={directions} must be 4 (axes) or 8 (axes and diagonals)"
+        )
     if digit_size + speed * (num_frames - 1) > canvas:
         raise ValueError(
             f"a {digit_size}-pixel digit moving {speed} pixels a frame for {num_frames} frames "
@@ -160,12 +177,11 @@ class MovingDigits(VideoFolder):
             "fps": fps,
             "seed": seed,
         }
+        motion = (num_frames, canvas_size, digit_size, speed, directions, second_digit, fps, seed)
         root = cached_folder(
             "moving_digits",
             parameters,
-            lambda folder: make_moving_digits(
-                folder, clips, num_frames, canvas_size, digit_size, speed, directions, second_digit, fps, seed
-            ),
+            lambda folder: make_moving_digits(folder, clips, *motion),
             cache_dir,
         )
         super().__init__(
@@ -183,11 +199,18 @@ class MovingDigits(VideoFolder):
         self.clips = self.decoded() if preload and len(self) * clip_bytes <= PRELOAD_BYTES else None
 
     def decoded(self) -> Tensor:
-        """Every clip of the split: [N, T, C, S, S] float32 in [0, 1], decoded once per process (the training data,
-        its probe and the reference classifiers of both labels share it; a clip that cannot be read is an error: the
-        files are this class's own)."""
-        key = (str(self.paths[0].parent), tuple(p.name for p in self.paths), self.num_frames, self.image_size,
-               self.channels, self.backend)  # fmt: skip
+        """Every clip of the split: [N, T, C, S, S] float32 in [0, 1], decoded once per process (the
+        training data, its probe and the reference classifiers of both labels share it; a clip that
+        cannot be read is an error: the files are this class's own)."""
+        names = tuple(p.name for p in self.paths)
+        key = (
+            str(self.paths[0].parent),
+            names,
+            self.num_frames,
+            self.image_size,
+            self.channels,
+            self.backend,
+        )
         if key not in DECODED:
             while len(DECODED) >= DECODED_SPLITS:
                 DECODED.pop(next(iter(DECODED)))

@@ -1,4 +1,5 @@
-"""Speech synthesis with espeak-ng, bundled by the `espeakng-loader` wheel and called through ctypes."""
+"""Speech synthesis with espeak-ng, bundled by the `espeakng-loader` wheel and called
+through ctypes."""
 
 from __future__ import annotations
 
@@ -7,17 +8,21 @@ import ctypes
 import numpy as np
 
 MISSING = (
-    "the built-in spoken digits need the espeak-ng speech synthesiser, which the espeakng-loader package "
-    "bundles: pip install espeakng-loader (or use data=audio_folder data.root=PATH with your own recordings)"
+    "the built-in spoken digits need the espeak-ng speech synthesiser, which the espeakng-loader "
+    "package bundles: pip install espeakng-loader (or use data=audio_folder data.root=PATH "
+    "with your own recordings)"
 )
 
 AUDIO_OUTPUT_SYNCHRONOUS, POS_CHARACTER, CHARS_UTF8 = 2, 1, 1
 PARAMETER = {"rate": 1, "volume": 2, "pitch": 3, "range": 4}  # espeak_PARAMETER values
-SynthCallback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+SynthCallback = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 
 class Espeak:
-    """One espeak-ng engine (the library keeps global state, so use one per process): text -> int16 samples."""
+    """One espeak-ng engine (the library keeps global state, so use one per process): text ->
+    int16 samples."""
 
     _instance: Espeak | None = None
 
@@ -27,7 +32,12 @@ class Espeak:
         except ImportError as error:
             raise ModuleNotFoundError(MISSING) from error
         self.lib = ctypes.CDLL(espeakng_loader.get_library_path())
-        self.lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
+        self.lib.espeak_Initialize.argtypes = [
+            ctypes.c_int,
+            ctypes.c_int,
+            ctypes.c_char_p,
+            ctypes.c_int,
+        ]
         self.lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
         self.lib.espeak_Synth.argtypes = [
             ctypes.c_void_p,
@@ -43,9 +53,13 @@ class Espeak:
             AUDIO_OUTPUT_SYNCHRONOUS, 0, espeakng_loader.get_data_path().encode(), 0
         )
         if self.sample_rate <= 0:
-            raise RuntimeError(f"espeak-ng failed to initialise from {espeakng_loader.get_data_path()}")
+            raise RuntimeError(
+                f"espeak-ng failed to initialise from {espeakng_loader.get_data_path()}"
+            )
         self._chunks: list[np.ndarray] = []
-        self._callback = SynthCallback(self._collect)  # kept referenced: espeak calls it during synthesis
+        self._callback = SynthCallback(
+            self._collect
+        )  # kept referenced: espeak calls it during synthesis
         self.lib.espeak_SetSynthCallback(self._callback)
 
     @classmethod
@@ -59,10 +73,15 @@ class Espeak:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(num_samples,)).copy())
         return 0
 
-    def say(self, text: str, voice: str = "en", rate: int = 175, pitch: int = 50, pitch_range: int = 50) -> np.ndarray:
-        """int16 samples [S] at `self.sample_rate`; voice e.g. `en+f3` (language + variant), rate in words/min."""
+    def say(
+        self, text: str, voice: str = "en", rate: int = 175, pitch: int = 50, pitch_range: int = 50
+    ) -> np.ndarray:
+        """int16 samples [S] at `self.sample_rate`; voice e.g. `en+f3` (language + variant), rate
+        in words/min."""
         if self.lib.espeak_SetVoiceByName(voice.encode()) != 0:
-            raise ValueError(f"espeak-ng has no voice {voice!r}; use a language with a variant, e.g. 'en+m3'")
+            raise ValueError(
+                f"espeak-ng has no voice {voice!r}; use a language with a variant, e.g. 'en+m3'"
+            )
         for name, value in (("rate", rate), ("pitch", pitch), ("range", pitch_range)):
             self.lib.espeak_SetParameter(PARAMETER[name], int(value), 0)
         self._chunks = []

@@ -1,5 +1,6 @@
-"""Built-in audio data: the words "zero" to "nine" spoken by espeak-ng in several voices, speeds and pitches,
-synthesised once into a cache folder as WAV files at the configured rate and read back through AudioFolder."""
+"""Built-in audio data: the words "zero" to "nine" spoken by espeak-ng in several voices, speeds and
+pitches, synthesised once into a cache folder as WAV files at the configured rate and read back
+through AudioFolder."""
 
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ def voice_name(voice: str) -> str:
 def synthesise_spoken_digits(
     folder: Path, voices: list[str], takes: int, test_takes: int, sample_rate: int, seed: int
 ) -> None:
-    """`takes` utterances per (digit, voice) at random speed and pitch, written at `sample_rate` (resampled in
-    one batch: torchaudio resamples a batch far faster than clip by clip); the last `test_takes` go to test/."""
+    """`takes` utterances per (digit, voice) at random speed and pitch, written at `sample_rate`
+    (resampled in one batch: torchaudio resamples a batch far faster than clip by clip); the last
+    `test_takes` go to test/."""
     from selfflow.data.builtin.speech_synth import Espeak
 
     engine = Espeak.get()
@@ -40,7 +42,9 @@ def synthesise_spoken_digits(
         for digit, word in enumerate(WORDS):
             for take in range(takes):
                 rate, pitch = int(rng.integers(120, 221)), int(rng.integers(25, 76))
-                utterances.append(torch.from_numpy(engine.say(word, voice, rate=rate, pitch=pitch) / 32768.0))
+                utterances.append(
+                    torch.from_numpy(engine.say(word, voice, rate=rate, pitch=pitch) / 32768.0)
+                )
                 split = "test" if take >= takes - test_takes else "train"
                 names.append(f"{split}/{digit}_{voice_name(voice)}_{take:03d}.wav")
     lengths = [math.ceil(len(u) * sample_rate / engine.sample_rate) for u in utterances]
@@ -51,14 +55,16 @@ def synthesise_spoken_digits(
 
 
 class SpokenDigits(AudioFolder):
-    """Spoken digits [1, S] at `sample_rate` labelled by `label`: `digit` (10 classes) or `voice` (one per voice).
+    """Spoken digits [1, S] at `sample_rate` labelled by `label`: `digit` (10 classes) or `voice`
+    (one per voice).
 
-    Made on first use (well under a second per thousand words) into `<cache_dir>/spoken_digits/<parameters hash>`;
-    needs the espeakng-loader package only then.
+    Made on first use (well under a second per thousand words) into
+    `<cache_dir>/spoken_digits/<parameters hash>`; needs the espeakng-loader package only then.
 
-    placement: where a word shorter than the clip sits in it, in every split: `centre` (each clip holds the whole
-    word with silence at both edges, so a generator learns one word per clip) or `random` (training clips at a
-    random offset, a word may touch an edge). A word longer than the clip is cropped either way.
+    placement: where a word shorter than the clip sits in it, in every split: `centre` (each clip
+    holds the whole word with silence at both edges, so a generator learns one word per clip) or
+    `random` (training clips at a random offset, a word may touch an edge). A word longer than the
+    clip is cropped either way.
     """
 
     def __init__(
@@ -78,9 +84,14 @@ class SpokenDigits(AudioFolder):
         if label not in LABELS:
             raise ValueError(f"data.dataset.label={label!r} is unknown; choose one of {LABELS}")
         if not 0 < test_takes < takes:
-            raise ValueError(f"data.dataset.test_takes={test_takes} must be between 1 and takes - 1 = {takes - 1}")
+            raise ValueError(
+                f"data.dataset.test_takes={test_takes} must be between 1 "
+                f"and takes - 1 = {takes - 1}"
+            )
         if placement not in PLACEMENTS:
-            raise ValueError(f"data.dataset.placement={placement!r} is unknown; choose one of {PLACEMENTS}")
+            raise ValueError(
+                f"data.dataset.placement={placement!r} is unknown; choose one of {PLACEMENTS}"
+            )
         voices = list(voices)
         parameters = {
             "version": 1,
@@ -93,7 +104,9 @@ class SpokenDigits(AudioFolder):
         root = cached_folder(
             "spoken_digits",
             parameters,
-            lambda folder: synthesise_spoken_digits(folder, voices, takes, test_takes, sample_rate, seed),
+            lambda folder: synthesise_spoken_digits(
+                folder, voices, takes, test_takes, sample_rate, seed
+            ),
             cache_dir,
         )
         super().__init__(

@@ -1,4 +1,5 @@
-"""A dataset of labelled sample files whose unreadable files are skipped (or fatal) through a BadFilePolicy."""
+"""A dataset of labelled sample files whose unreadable files are skipped (or fatal) through
+a BadFilePolicy."""
 
 from __future__ import annotations
 
@@ -14,16 +15,17 @@ from selfflow.io.paths import check_readable_file
 
 
 class LabelledFileDataset(Dataset):
-    """Items `(load(path), label)`; an item whose file cannot be loaded is None (see `collate_samples`).
+    """Items `(load(path), label)`; an item whose file cannot be loaded is None (see
+    `collate_samples`).
 
-    Subclasses implement `load` and find their files through `find_files` (captioned datasets extend it);
-    random crops draw from torch's generator, which Lightning seeds per worker.
+    Subclasses implement `load` and find their files through `find_files` (captioned datasets extend
+    it); random crops draw from torch's generator, which Lightning seeds per worker.
     """
 
     find_files = staticmethod(find_labelled_files)
 
-    # length buckets (audio durations, video frame counts): subclasses name the attribute holding the sorted bucket
-    # lengths (None = off) and implement `header_length` and `load_at_length`
+    # length buckets (audio durations, video frame counts): subclasses name the attribute holding
+    # the sorted bucket lengths (None = off) and implement `header_length` and `load_at_length`
     length_bucket_key: str | None = None
     _bucket_ids: list[int] | None = None
 
@@ -39,12 +41,14 @@ class LabelledFileDataset(Dataset):
         raise NotImplementedError
 
     def read(self, path: Path) -> Tensor:
-        """`load`, after refusing what is not a non-empty regular file (a pipe would block the decoder forever)."""
+        """`load`, after refusing what is not a non-empty regular file (a pipe would block the
+        decoder forever)."""
         check_readable_file(path)
         return self.load(path)
 
     def check_readable(self) -> None:
-        """Fail at start-up when no file of this split can be read (an empty split: the DataModule names it)."""
+        """Fail at start-up when no file of this split can be read (an empty split: the DataModule
+        names it)."""
         require_one_readable(
             len(self.paths),
             lambda i: self.read(self.paths[i]),
@@ -71,13 +75,15 @@ class LabelledFileDataset(Dataset):
 
     @property
     def bucket_ids(self) -> list[int] | None:
-        """Each file's length bucket (None without buckets): the longest it fills, from the headers read once on
-        first use; shorter files go to the shortest bucket."""
+        """Each file's length bucket (None without buckets): the longest it fills, from the headers
+        read once on first use; shorter files go to the shortest bucket."""
         lengths = self.bucket_lengths
         if lengths is None:
             return None
         if self._bucket_ids is None:
-            self._bucket_ids = [length_bucket(lengths, self.header_length(path)) for path in self.paths]
+            self._bucket_ids = [
+                length_bucket(lengths, self.header_length(path)) for path in self.paths
+            ]
         return self._bucket_ids
 
     def load_item(self, i: int) -> Tensor:

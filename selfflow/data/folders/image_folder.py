@@ -34,24 +34,34 @@ def load_image(
     """Decode any PIL image mode, centre-crop the largest square and resize it: [C, S, S] in [0, 1]
     (`crop="adm"`: the ADM centre crop of ImageNet training instead, see `adm_center_crop`).
 
-    `source` is a path or an open binary file; see `opened_image` and `draft_within` for what is refused.
+    `source` is a path or an open binary file; see `opened_image` and `draft_within` for what
+    is refused.
     """
     with opened_image(source) as image:
-        adm = crop == "adm"  # ADM's crop resizes from the full-scale image: no reduced-scale decoding
+        adm = (
+            crop == "adm"
+        )  # ADM's crop resizes from the full-scale image: no reduced-scale decoding
         draft_within(image, channels, None if adm else (image_size, image_size), max_pixels)
         if adm:
             return image_to_tensor(adm_center_crop(to_8bit(image, channels), image_size))
         image = to_8bit(image, channels)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        # crop and resize in one step: an extreme aspect ratio never blows up into a huge intermediate
+        # crop and resize in one step: an extreme aspect ratio never blows up into a
+        # huge intermediate
         return image_to_tensor(
-            image.resize((image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side))
+            image.resize(
+                (image_size, image_size), Image.BICUBIC, box=(left, top, left + side, top + side)
+            )
         )
 
 
 def load_image_in_bucket(
-    path, size: tuple[int, int], channels: int, random_crop: bool = False, max_pixels: int = MAX_PIXELS
+    path,
+    size: tuple[int, int],
+    channels: int,
+    random_crop: bool = False,
+    max_pixels: int = MAX_PIXELS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Decode like `load_image`, resize to cover the bucket `size` (h, w) and crop (`bucket_crop`):
     ([C, h, w] in [0, 1], sizes [6] = original h, w, crop top, left, target h, w)."""
@@ -62,8 +72,15 @@ def load_image_in_bucket(
         image = to_8bit(image, channels)
         # the crop box in the decoded image's pixels (a JPEG draft may have decoded it smaller)
         sx, sy = image.width / resized_w, image.height / resized_h
-        box = (crop.left * sx, crop.top * sy, (crop.left + target_w) * sx, (crop.top + target_h) * sy)
-        return image_to_tensor(image.resize((target_w, target_h), Image.BICUBIC, box=box)), crop.sizes
+        box = (
+            crop.left * sx,
+            crop.top * sy,
+            (crop.left + target_w) * sx,
+            (crop.top + target_h) * sy,
+        )
+        return image_to_tensor(
+            image.resize((target_w, target_h), Image.BICUBIC, box=box)
+        ), crop.sizes
 
 
 def check_image_options(channels: int, max_pixels: int) -> None:
@@ -75,14 +92,15 @@ def check_image_options(channels: int, max_pixels: int) -> None:
 
 
 class ImageFolder(Dataset):
-    """Images under `root` (see `find_labelled_files` for the layout) as [channels, S, S] in [0, 1] with labels.
+    """Images under `root` (see `find_labelled_files` for the layout) as [channels, S, S] in [0, 1]
+    with labels.
 
-    buckets (multi-aspect training, see `parse_buckets`): `dataset[BucketIndex(i)]` resizes and crops image i
-    into the bucket nearest its aspect ratio (`bucket_ids[i]`) and adds `{"sizes": [6]}` (original size, crop
-    offsets, bucket size) for the model's size conditioning; a plain index still gives the square image. hflip and
-    buckets apply to split train only.
-    bucket_multiple: the patch size that bucket sides must be multiples of. max_pixels: larger images (as decoded,
-    see `draft_within`) are skipped before decoding.
+    buckets (multi-aspect training, see `parse_buckets`): `dataset[BucketIndex(i)]` resizes and
+    crops image i into the bucket nearest its aspect ratio (`bucket_ids[i]`) and adds `{"sizes":
+    [6]}` (original size, crop offsets, bucket size) for the model's size conditioning; a plain
+    index still gives the square image. hflip and buckets apply to split train only.
+    bucket_multiple: the patch size that bucket sides must be multiples of. max_pixels: larger
+    images (as decoded, see `draft_within`) are skipped before decoding.
     """
 
     find_files = staticmethod(find_labelled_files)  # captioned folders extend it
@@ -109,7 +127,9 @@ class ImageFolder(Dataset):
         self.crop = check_crop(crop)
         self.hflip = hflip and split == "train"
         self.bad_files = BadFilePolicy(on_bad_file)
-        self.use_buckets(buckets if split == "train" else None, bucket_multiple)  # the test split stays square
+        self.use_buckets(
+            buckets if split == "train" else None, bucket_multiple
+        )  # the test split stays square
 
     def use_buckets(self, buckets, multiple: int = 1) -> None:
         """Turn multi-aspect bucketing on (a `buckets:` setting) or off (None)."""
@@ -120,8 +140,9 @@ class ImageFolder(Dataset):
 
     @property
     def bucket_ids(self) -> list[int] | None:
-        """Each sample's bucket (None without buckets), from the image headers read once on first use; a file
-        whose header cannot be read goes to the squarest bucket and is reported when it fails to load."""
+        """Each sample's bucket (None without buckets), from the image headers read once on first
+        use; a file whose header cannot be read goes to the squarest bucket and is reported when it
+        fails to load."""
         if self.bucketing is None:
             return None
         if self._bucket_ids is None:
@@ -137,7 +158,9 @@ class ImageFolder(Dataset):
 
     def _load_in_bucket(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         size = self.bucketing.buckets.sizes[self.bucket_ids[i]]
-        return load_image_in_bucket(self.paths[i], size, self.channels, self.bucketing.random_crop, self.max_pixels)
+        return load_image_in_bucket(
+            self.paths[i], size, self.channels, self.bucketing.random_crop, self.max_pixels
+        )
 
     @property
     def num_classes(self) -> int:
@@ -158,4 +181,6 @@ class ImageFolder(Dataset):
             return None
         if self.hflip and torch.rand(()) < 0.5:
             image = image.flip(-1)
-        return (image, self.labels[i]) if sizes is None else (image, self.labels[i], {"sizes": sizes})
+        return (
+            (image, self.labels[i]) if sizes is None else (image, self.labels[i], {"sizes": sizes})
+        )

@@ -52,12 +52,31 @@ from selfflow.data.shards.index import (
     scan_shard,
     shortened,
 )
-from selfflow.data.shards.sources import ByteSource, ObjectStore, ObjectStoreError, child, is_url, parent, source_for
+from selfflow.data.shards.sources import (
+    ByteSource,
+    ObjectStore,
+    ObjectStoreError,
+    child,
+    is_url,
+    parent,
+    source_for,
+)
 from selfflow.io.audio import AUDIO_EXTENSIONS, read_audio
-from selfflow.io.bad_files import BadFilePolicy, UnusableSample, failure_reason, require_one_readable
+from selfflow.io.bad_files import (
+    BadFilePolicy,
+    UnusableSample,
+    failure_reason,
+    require_one_readable,
+)
 from selfflow.io.images import IMAGE_EXTENSIONS, MAX_PIXELS
 from selfflow.io.safe_files import resolve_inside
-from selfflow.io.video import MAX_CLIP_PIXELS, MAX_FRAME_PIXELS, VIDEO_EXTENSIONS, frames_to_tensor, read_clip
+from selfflow.io.video import (
+    MAX_CLIP_PIXELS,
+    MAX_FRAME_PIXELS,
+    VIDEO_EXTENSIONS,
+    frames_to_tensor,
+    read_clip,
+)
 
 log = logging.getLogger("selfflow.data")
 
@@ -69,27 +88,37 @@ CAPTION_EXTENSION = "txt"
 JSON_EXTENSION = "json"
 JSON_LABEL_FIELDS = ("cls", "label")
 MAX_JSON_BYTES = 64 << 10  # a .json member read for its label
-WRITE_HINT = "write shards from a folder with: selfflow-shards write SOURCE_FOLDER SHARD_FOLDER --modality M"
+WRITE_HINT = (
+    "write shards from a folder with: selfflow-shards write SOURCE_FOLDER SHARD_FOLDER --modality M"
+)
 MAX_LABEL_BYTES = 32  # a .cls member: one class index as text
 MAX_CAPTION_BYTES = 64 << 10  # a .txt member
 MAX_CLASSES_FILE_BYTES = 8 << 20  # classes.json: 100k class names of 80 characters
 MAX_CLASS_NAME_CHARS = 256  # a class name becomes part of sample file names
-MAX_CLASSES = 100_000  # the default of data.dataset.max_classes: the model gets one label embedding per class
-MAX_MEMBER_BYTES = 256 << 20  # the default of data.dataset.max_member_bytes: a data member is read whole, per worker
-COALESCE_BYTES = 64 << 10  # members of a sample this close together come in one read (one GET from a store)
+MAX_CLASSES = (
+    100_000  # the default of data.dataset.max_classes: the model gets one label embedding per class
+)
+MAX_MEMBER_BYTES = (
+    256 << 20
+)  # the default of data.dataset.max_member_bytes: a data member is read whole, per worker
+COALESCE_BYTES = (
+    64 << 10
+)  # members of a sample this close together come in one read (one GET from a store)
 SLOW_SCAN_SECONDS = 10.0  # a header scan this long suggests writing indexes
 _BRACE = re.compile(r"\{([^{}]*)\}")
 _RANGE = re.compile(r"^(\d+)\.\.(\d+)$")
 
 
 def expand_braces(pattern: str) -> list[str]:
-    """`train-{000000..000002}.tar` -> train-000000.tar, train-000001.tar, train-000002.tar; `{a,b}` alternatives;
-    several groups expand as a product. Numbers keep the width of the range's first bound."""
+    """`train-{000000..000002}.tar` -> train-000000.tar, train-000001.tar, train-000002.tar;
+    `{a,b}` alternatives; several groups expand as a product. Numbers keep the width of the range's
+    first bound."""
     match = _BRACE.search(pattern)
     if match is None:
         if "{" in pattern or "}" in pattern:
             raise ValueError(
-                f"shard pattern {pattern!r} has an unbalanced brace; write e.g. 'dir/train-{{000000..000009}}.tar'"
+                f"shard pattern {pattern!r} has an unbalanced brace; write e.g. "
+                f"'dir/train-{{000000..000009}}.tar'"
             )
         return [pattern]
     body, head, tail = match[1], pattern[: match.start()], pattern[match.end() :]
@@ -104,7 +133,8 @@ def expand_braces(pattern: str) -> list[str]:
         choices = body.split(",")
     else:
         raise ValueError(
-            f"shard pattern {pattern!r}: {{{body}}} is neither a range {{000000..000009}} nor a list {{a,b}}"
+            f"shard pattern {pattern!r}: {{{body}}} is neither a range "
+            f"{{000000..000009}} nor a list {{a,b}}"
         )
     return [expanded for choice in choices for expanded in expand_braces(head + choice + tail)]
 
@@ -128,7 +158,9 @@ def _root_names(root: str | os.PathLike | Sequence, split: str) -> list[str]:
     items = [root] if isinstance(root, (str, os.PathLike)) else list(root)
     if not items:
         raise ValueError(f"data.root is an empty list of shards; {WRITE_HINT}")
-    return [name for item in items for name in expand_braces(os.fspath(item).replace("{split}", split))]
+    return [
+        name for item in items for name in expand_braces(os.fspath(item).replace("{split}", split))
+    ]
 
 
 def _members_inside(folder: Path, shards: list[Path]) -> list[Path]:
@@ -141,7 +173,9 @@ def _members_inside(folder: Path, shards: list[Path]) -> list[Path]:
     return shards
 
 
-def resolve_shards(root: str | os.PathLike | Sequence, split: str, store: ObjectStore | None = None) -> list:
+def resolve_shards(
+    root: str | os.PathLike | Sequence, split: str, store: ObjectStore | None = None
+) -> list:
     """The shard files of one split: `root` is a folder (its `<split>-*.tar`, `val-*.tar` for test
     when there is no `test-*.tar`), a tar file, a brace pattern, or a list of those. `{split}` in a
     path is the split's name. Local shards come as Paths; shards in an object store as URLs
@@ -151,7 +185,9 @@ def resolve_shards(root: str | os.PathLike | Sequence, split: str, store: Object
     shards: list = []
     for name in names:
         if is_url(name):
-            shards += [name] if name.endswith(".tar") else _split_files(source, name.rstrip("/"), split)
+            shards += (
+                [name] if name.endswith(".tar") else _split_files(source, name.rstrip("/"), split)
+            )
             continue
         path = Path(name).expanduser()
         if path.is_dir():
@@ -159,13 +195,18 @@ def resolve_shards(root: str | os.PathLike | Sequence, split: str, store: Object
         elif path.is_file():
             shards.append(path)
         else:
-            raise FileNotFoundError(f"shard {path} does not exist (data.root={name!r}); {WRITE_HINT}")
+            raise FileNotFoundError(
+                f"shard {path} does not exist (data.root={name!r}); {WRITE_HINT}"
+            )
     return shards
 
 
-def read_class_names(source: ByteSource, folder, modality: str, max_classes: int = MAX_CLASSES) -> list[str] | None:
-    """The class names in `folder/classes.json` ({"class_names": [...], "modality": ...}), None without the file;
-    a file too large, of another shape or naming more than `max_classes` classes is refused before it is used."""
+def read_class_names(
+    source: ByteSource, folder, modality: str, max_classes: int = MAX_CLASSES
+) -> list[str] | None:
+    """The class names in `folder/classes.json` ({"class_names": [...], "modality": ...}), None
+    without the file; a file too large, of another shape or naming more than `max_classes` classes
+    is refused before it is used."""
     path = child(folder, CLASSES_FILE)
     try:
         text = source.read(path, 0, MAX_CLASSES_FILE_BYTES + 1)
@@ -174,37 +215,48 @@ def read_class_names(source: ByteSource, folder, modality: str, max_classes: int
     example = 'it must be JSON like {"class_names": ["cat", "dog"], "modality": "image"}'
     if len(text) > MAX_CLASSES_FILE_BYTES:
         raise ValueError(
-            f"{path} is larger than {MAX_CLASSES_FILE_BYTES} bytes, far more than a class list needs; {example}"
+            f"{path} is larger than {MAX_CLASSES_FILE_BYTES} bytes, far more than a "
+            f"class list needs; {example}"
         )
     try:
         info = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as error:
-        raise ValueError(f"{path} is not JSON ({type(error).__name__}: {str(error)[:120]}); {example}") from None
+        raise ValueError(
+            f"{path} is not JSON ({type(error).__name__}: {str(error)[:120]}); {example}"
+        ) from None
     names = info.get("class_names") if isinstance(info, dict) else None
-    if not isinstance(names, list) or not all(isinstance(n, (str, int)) and not isinstance(n, bool) for n in names):
-        raise ValueError(f'{path} is not a class list ("class_names" must be a list of names); {example}')
+    if not isinstance(names, list) or not all(
+        isinstance(n, (str, int)) and not isinstance(n, bool) for n in names
+    ):
+        raise ValueError(
+            f'{path} is not a class list ("class_names" must be a list of names); {example}'
+        )
     if len(names) > max_classes:
         raise ValueError(
-            f"{path} names {len(names)} classes, more than data.dataset.max_classes={max_classes}; raise "
-            f"it if the shards really hold that many classes"
+            f"{path} names {len(names)} classes, more than data.dataset.max_classes={max_classes}; "
+            f"raise it if the shards really hold that many classes"
         )
     names = [str(name) for name in names]
     longest = max(names, key=len, default="")
     if len(longest) > MAX_CLASS_NAME_CHARS:
         raise ValueError(
-            f"{path} holds a class name of {len(longest)} characters, more than {MAX_CLASS_NAME_CHARS}; shorten it"
+            f"{path} holds a class name of {len(longest)} characters, more than "
+            f"{MAX_CLASS_NAME_CHARS}; shorten it"
         )
     written_for = info.get("modality")
     if written_for not in (None, modality):
         shown = shortened(str(written_for), 20)
-        raise ValueError(f"the shards next to {path} hold {shown} samples, not {modality}; use data={shown}_shards")
+        raise ValueError(
+            f"the shards next to {path} hold {shown} samples, not "
+            f"{modality}; use data={shown}_shards"
+        )
     return names
 
 
 class PackedStrings:
-    """Many strings in two numpy arrays (UTF-8 bytes and offsets): DataLoader workers share the pages instead of
-    copying them on every read (no reference counts), and a long string costs its own length only (a fixed-width
-    array would give every entry the width of the longest)."""
+    """Many strings in two numpy arrays (UTF-8 bytes and offsets): DataLoader workers share the
+    pages instead of copying them on every read (no reference counts), and a long string costs its
+    own length only (a fixed-width array would give every entry the width of the longest)."""
 
     def __init__(self, strings: list[str]):
         encoded = [text.encode("utf-8", "surrogateescape") for text in strings]
@@ -216,17 +268,25 @@ class PackedStrings:
         return len(self.offsets) - 1
 
     def __getitem__(self, i: int) -> str:
-        return self.data[self.offsets[i] : self.offsets[i + 1]].tobytes().decode("utf-8", "surrogateescape")
+        return (
+            self.data[self.offsets[i] : self.offsets[i + 1]]
+            .tobytes()
+            .decode("utf-8", "surrogateescape")
+        )
 
 
 def member_columns(table: ShardTable, extensions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """Per sample of `table`, which of `extensions` it has first (in tar order) and that member's
     (offset, size, first header offset): choice: [S] index into `extensions`, -1 for none; members:
     [S, 3], size -1 for none."""
-    rank = np.array([extensions.index(e) if e in extensions else -1 for e in table.extensions] + [-1])  # [E + 1]
+    rank = np.array(
+        [extensions.index(e) if e in extensions else -1 for e in table.extensions] + [-1]
+    )  # [E + 1]
     chosen = rank[table.members[:, EXTENSION]] >= 0  # [M]: members of one of `extensions`
     rows = np.hstack([table.members, table.headers[:, None]])[chosen]  # [R, 5]: row, first header
-    first = np.unique(rows[:, SAMPLE], return_index=True)[1]  # first row of each sample that has one
+    first = np.unique(rows[:, SAMPLE], return_index=True)[
+        1
+    ]  # first row of each sample that has one
     choice = np.full(len(table.keys), -1, dtype=np.int64)
     members = np.tile(np.array([0, -1, 0], dtype=np.int64), (len(table.keys), 1))
     choice[rows[first, SAMPLE]] = rank[rows[first, EXTENSION]]
@@ -259,7 +319,8 @@ class ShardDataset(Dataset):
     ):
         if max_member_bytes < 1 or max_classes < 1:
             raise ValueError(
-                f"data.dataset.max_member_bytes={max_member_bytes} and max_classes={max_classes} must be positive"
+                f"data.dataset.max_member_bytes={max_member_bytes} and "
+                f"max_classes={max_classes} must be positive"
             )
         self.bad_files = BadFilePolicy(on_bad_file)
         self.split, self.max_member_bytes, self.max_classes = split, max_member_bytes, max_classes
@@ -281,14 +342,17 @@ class ShardDataset(Dataset):
         self.check_readable()
 
     def _member_columns(self, tables: list[ShardTable]) -> None:
-        """The members of every sample of every shard as flat arrays: keys, data, label and caption members
-        (each row: shard, offset, size, first header), and the samples that cannot be used."""
+        """The members of every sample of every shard as flat arrays: keys, data, label and
+        caption members (each row: shard, offset, size, first header), and the samples that cannot
+        be used."""
         keys, data_ext, data, labels, label_json, captions = [], [], [], [], [], []
         self.problems: dict[int, str] = {}  # sample index -> why it cannot be used (see ShardTable)
         for shard_index, (shard, table) in enumerate(zip(self.shards, tables)):
             choice, data_members = member_columns(table, self.data_extensions)
             self._check_data_members(shard, table, choice)
-            self.problems.update({len(keys) + sample: reason for sample, reason in table.problems.items()})
+            self.problems.update(
+                {len(keys) + sample: reason for sample, reason in table.problems.items()}
+            )
             column = np.full((len(table.keys), 1), shard_index, dtype=np.int64)
             keys += table.keys
             data_ext.append(choice)
@@ -301,11 +365,13 @@ class ShardDataset(Dataset):
             captions.append(np.hstack([column, member_columns(table, (CAPTION_EXTENSION,))[1]]))
         if not keys:
             raise ValueError(
-                f"the {len(self.shards)} shards of split={self.split!r} ({self.shards[0]}, ...) hold no "
-                f"samples; {WRITE_HINT}"
+                f"the {len(self.shards)} shards of split={self.split!r} ({self.shards[0]}, ...) "
+                f"hold no samples; {WRITE_HINT}"
             )
         self.keys = PackedStrings(keys)  # [N]
-        self.data_ext = np.concatenate(data_ext).astype(np.int8)  # [N] index into data_extensions; -1: none
+        self.data_ext = np.concatenate(data_ext).astype(
+            np.int8
+        )  # [N] index into data_extensions; -1: none
         # [N, 4]: shard, offset, size, first header; size -1: no data
         self.data_members = np.concatenate(data)
         self.label_members = np.concatenate(labels)  # [N, 4]; size -1: no label
@@ -313,11 +379,15 @@ class ShardDataset(Dataset):
         self.caption_members = np.concatenate(captions)  # [N, 4]; size -1: no caption
 
     def _check_data_members(self, shard, table: ShardTable, choice: np.ndarray) -> None:
-        """A sample with no member of this modality (and no other problem) means the wrong data config."""
+        """A sample with no member of this modality (and no other problem) means the wrong
+        data config."""
         missing = [int(s) for s in np.flatnonzero(choice < 0) if int(s) not in table.problems]
         if missing:
             sample = missing[0]
-            held = sorted(table.extensions[e] for e in table.members[table.members[:, SAMPLE] == sample, EXTENSION])
+            held = sorted(
+                table.extensions[e]
+                for e in table.members[table.members[:, SAMPLE] == sample, EXTENSION]
+            )
             raise ValueError(
                 f"sample {table.keys[sample]} of shard {shard} has no {self.modality} member (it "
                 f"holds {held}; expected one of {list(self.data_extensions)}); check "
@@ -341,8 +411,8 @@ class ShardDataset(Dataset):
         unindexed = [s for s in self.shards if not is_url(s) and not index_location(s).is_file()]
         if unindexed and seconds > SLOW_SCAN_SECONDS:
             log.warning(
-                "reading the tar headers of %d shards took %.0f s; `selfflow-shards index %s` writes an "
-                "index beside each shard, read instead at every start",
+                "reading the tar headers of %d shards took %.0f s; `selfflow-shards index %s` "
+                "writes an index beside each shard, read instead at every start",
                 len(unindexed),
                 seconds,
                 unindexed[0].parent,
@@ -385,7 +455,9 @@ class ShardDataset(Dataset):
             pieces = [self.source.read(location, s, e - s) for s, e in spans]
         for piece, (s, e), length, (_, _, what, extension) in zip(pieces, spans, headers, wanted):
             if len(piece) != e - s:
-                raise UnusableSample(f"shard {location} is shorter than at start-up (changed while in use?)")
+                raise UnusableSample(
+                    f"shard {location} is shorter than at start-up (changed while in use?)"
+                )
             problem = check_member_header(piece[:length], self.keys[i], extension, e - s - length)
             if problem is not None:
                 raise UnusableSample(
@@ -432,7 +504,8 @@ class ShardDataset(Dataset):
             )
         if label < -1 or (self.class_names and label >= self.num_classes):
             raise UnusableSample(
-                f"class index {label} is out of range for the {self.num_classes} classes of {CLASSES_FILE}"
+                f"class index {label} is out of range for the {self.num_classes} "
+                f"classes of {CLASSES_FILE}"
             )
         return label
 
@@ -448,14 +521,26 @@ class ShardDataset(Dataset):
         """The `.txt` member, None without one."""
         if self.caption_members[i, 2] < 0:
             return None
-        wanted = (self.caption_members[i], MAX_CAPTION_BYTES, f".{CAPTION_EXTENSION}", CAPTION_EXTENSION)
+        wanted = (
+            self.caption_members[i],
+            MAX_CAPTION_BYTES,
+            f".{CAPTION_EXTENSION}",
+            CAPTION_EXTENSION,
+        )
         return self._read(i, [wanted])[0].decode("utf-8", errors="replace").strip()
 
     def fetch(self, i: int) -> list[bytes]:
         """The bytes of the data member and, when there is one, the label member, in one read."""
         if i in self.problems:
             raise UnusableSample(self.problems[i])
-        wanted = [(self.data_members[i], self.max_member_bytes, "data", self.data_extensions[self.data_ext[i]])]
+        wanted = [
+            (
+                self.data_members[i],
+                self.max_member_bytes,
+                "data",
+                self.data_extensions[self.data_ext[i]],
+            )
+        ]
         if self.label_members[i, 2] >= 0:
             wanted.append(self._label_member(i))
         return self._read(i, wanted)
@@ -470,8 +555,8 @@ class ShardDataset(Dataset):
         return self.finish(i, self.fetch(i))
 
     def _class_names_from_labels(self) -> list[str]:
-        """Without classes.json: read the (tiny) label members once; the names are the indices as text (at most
-        max_classes: a larger index makes its sample bad)."""
+        """Without classes.json: read the (tiny) label members once; the names are the indices as
+        text (at most max_classes: a larger index makes its sample bad)."""
         self.class_names = []  # no range check against classes.json while reading
         top = -1
         for i in np.flatnonzero(self.label_members[:, 2] >= 0):
@@ -482,7 +567,8 @@ class ShardDataset(Dataset):
         if top < 0:
             return []
         log.warning(
-            "no %s next to %s: the %d classes are named by index; selfflow-shards write writes the names",
+            "no %s next to %s: the %d classes are named by index; "
+            "selfflow-shards write writes the names",
             CLASSES_FILE,
             self.shards[0],
             top + 1,
@@ -501,8 +587,8 @@ class ShardDataset(Dataset):
         )
 
     def _item(self, i: int, load: Callable[[], tuple[Tensor, int]]):
-        """`load()`, or None (listed as a bad file) when it fails; an unreachable store stops the run instead
-        (resume=auto continues exactly), never skips every sample."""
+        """`load()`, or None (listed as a bad file) when it fails; an unreachable store stops the
+        run instead (resume=auto continues exactly), never skips every sample."""
         try:
             return load()
         except ObjectStoreError:
@@ -515,8 +601,9 @@ class ShardDataset(Dataset):
         return self._item(i, lambda: self.load(i))
 
     def load_batch(self, indices: list[int]) -> list:
-        """Items `indices` as `[self[i] for i in indices]` gives them (the same augmentation draws), with the reads
-        in flight at once: from an object store, one GET per sample, concurrently (`SeededSamples` uses this)."""
+        """Items `indices` as `[self[i] for i in indices]` gives them (the same augmentation draws),
+        with the reads in flight at once: from an object store, one GET per sample, concurrently
+        (`SeededSamples` uses this)."""
 
         def fetch(i: int):
             try:
@@ -534,7 +621,10 @@ class ShardDataset(Dataset):
                 raise result
             return self.finish(i, result)
 
-        return [self._item(i, lambda i=i, result=result: finish(i, result)) for i, result in zip(indices, fetched)]
+        return [
+            self._item(i, lambda i=i, result=result: finish(i, result))
+            for i, result in zip(indices, fetched)
+        ]
 
 
 class ImageShards(ShardDataset):
@@ -594,7 +684,9 @@ class AudioShards(ShardDataset):
         store: ObjectStore | None = None,
     ):
         if sample_rate <= 0 or duration <= 0:
-            raise ValueError(f"data.dataset.sample_rate={sample_rate} and duration={duration} must be positive")
+            raise ValueError(
+                f"data.dataset.sample_rate={sample_rate} and duration={duration} must be positive"
+            )
         self.sample_rate, self.num_samples = int(sample_rate), round(sample_rate * duration)
         self.resample, self.min_peak = resample, min_peak
         self.random_crop = split == "train"
@@ -602,11 +694,19 @@ class AudioShards(ShardDataset):
 
     def decode(self, source: BinaryIO) -> Tensor:
         """wave: [1, S]"""
-        return read_audio(source, self.sample_rate, self.num_samples, self.random_crop, self.resample, self.min_peak)
+        return read_audio(
+            source,
+            self.sample_rate,
+            self.num_samples,
+            self.random_crop,
+            self.resample,
+            self.min_peak,
+        )
 
 
 class VideoShards(ShardDataset):
-    """Videos from shards as clips [T, C, S, S] in [0, 1], decoded in memory exactly like `VideoFolder`."""
+    """Videos from shards as clips [T, C, S, S] in [0, 1], decoded in memory exactly
+    like `VideoFolder`."""
 
     modality = "video"
     extensions = VIDEO_EXTENSIONS
@@ -628,7 +728,9 @@ class VideoShards(ShardDataset):
         max_classes: int = MAX_CLASSES,
         store: ObjectStore | None = None,
     ):
-        check_clip_options(num_frames, frame_stride, fps, channels, backend, max_frame_pixels, max_clip_pixels)
+        check_clip_options(
+            num_frames, frame_stride, fps, channels, backend, max_frame_pixels, max_clip_pixels
+        )
         self.num_frames, self.frame_stride, self.fps = num_frames, frame_stride, fps
         self.image_size, self.channels, self.backend = image_size, channels, backend
         self.max_frame_pixels, self.max_clip_pixels = max_frame_pixels, max_clip_pixels

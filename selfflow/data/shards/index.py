@@ -1,20 +1,24 @@
-"""Where each sample's members lie in a tar shard: scanned from the tar headers, or read from the shard's index.
+"""Where each sample's members lie in a tar shard: scanned from the tar headers, or read from the
+shard's index.
 
-A shard's index is a small JSON file beside it, `<shard>.index.json` (`selfflow-shards write` writes one per shard,
-`selfflow-shards index DIR` indexes existing shards): the sample keys and every member's extension, data offset and
-size, as a scan of the headers finds them. A run reads one small file per shard instead of every header of every
-shard on every rank, and over an object store the index is what makes random access possible at all.
+A shard's index is a small JSON file beside it, `<shard>.index.json` (`selfflow-shards write` writes
+one per shard, `selfflow-shards index DIR` indexes existing shards): the sample keys and every
+member's extension, data offset and size, as a scan of the headers finds them. A run reads one small
+file per shard instead of every header of every shard on every rank, and over an object store the
+index is what makes random access possible at all.
 
-A stale index (its shard changed after it was written) is refused: the index records the shard's size and the
-SHA-256 of its first and last 64 KiB, checked at start-up. That costs two small reads per shard whatever its size
-(a full hash would read every byte on every rank at every start, more than the header scan it replaces), is
-independent of modification times (copies and uploads keep it valid) and catches any rewrite that changes the size,
-the first samples or the end of the archive. A change in the middle that keeps all three is caught where it matters:
-each member read through the index is checked against its own tar header (a regular file, of the indexed size,
-named for its sample), so an index never hands out bytes of another member.
+A stale index (its shard changed after it was written) is refused: the index records the shard's
+size and the SHA-256 of its first and last 64 KiB, checked at start-up. That costs two small reads
+per shard whatever its size (a full hash would read every byte on every rank at every start, more
+than the header scan it replaces), is independent of modification times (copies and uploads keep it
+valid) and catches any rewrite that changes the size, the first samples or the end of the archive. A
+change in the middle that keeps all three is caught where it matters: each member read through the
+index is checked against its own tar header (a regular file, of the indexed size, named for its
+sample), so an index never hands out bytes of another member.
 
-An index from a stranger is data too: its size is bounded before it is read, every offset and size must lie inside
-the shard, on tar's 512-byte blocks, and every name within the scan's limits, or the index is refused.
+An index from a stranger is data too: its size is bounded before it is read, every offset and size
+must lie inside the shard, on tar's 512-byte blocks, and every name within the scan's limits, or the
+index is refused.
 """
 
 from __future__ import annotations
@@ -34,17 +38,22 @@ from selfflow.data.shards.sources import ByteSource, LocalFiles
 from selfflow.io.safe_files import write_bytes_atomically
 
 TAR_BLOCK = 512
-MAX_KEY_CHARS = 1024  # a sample key (a member's name up to its first dot): real keys are short ("000123")
+MAX_KEY_CHARS = (
+    1024  # a sample key (a member's name up to its first dot): real keys are short ("000123")
+)
 INDEX_SUFFIX = ".index.json"
 INDEX_FORMAT = "selfflow-shard-index"
 INDEX_VERSION = 2  # 2: each member's first header offset ("headers"): its full name is checked
 FINGERPRINT_BYTES = 64 << 10  # hashed at each end of a shard
-MAX_INDEX_BYTES = 16 << 20  # ~500k members, 25x a shard of the writer's default 10,000 samples; ~100 MB parsed
+MAX_INDEX_BYTES = (
+    16 << 20
+)  # ~500k members, 25x a shard of the writer's default 10,000 samples; ~100 MB parsed
 MAX_REASON_CHARS = 1024
 MAX_HEADER_BYTES = 64 << 10  # a member's tar headers: extended ones (a long name) and its own block
 INDEX_HINT = "write it again with: selfflow-shards index FOLDER"
 
-# member rows: [M, 4] = (sample, extension, data offset, size); size -1: the member is not file data (a link, ...)
+# member rows: [M, 4] = (sample, extension, data offset, size); size -1: the member is not file data
+# (a link, ...)
 SAMPLE, EXTENSION, OFFSET, SIZE = range(4)
 # headers: [M] where each member's first tar header block starts: extended headers (a pax or GNU
 # long name, the only place a long or non-ASCII name is whole) come before the member's own block,
@@ -70,8 +79,13 @@ class ShardTable:
 
 
 def index_location(shard):
-    """`dir/train-000000.tar` -> `dir/train-000000.tar.index.json` (a Path stays a Path, a URL a string)."""
-    return shard.with_name(shard.name + INDEX_SUFFIX) if isinstance(shard, Path) else f"{shard}{INDEX_SUFFIX}"
+    """`dir/train-000000.tar` -> `dir/train-000000.tar.index.json` (a Path stays a Path, a URL
+    a string)."""
+    return (
+        shard.with_name(shard.name + INDEX_SUFFIX)
+        if isinstance(shard, Path)
+        else f"{shard}{INDEX_SUFFIX}"
+    )
 
 
 def shard_fingerprint(source: ByteSource, location, size: int) -> str:
@@ -83,7 +97,8 @@ def shard_fingerprint(source: ByteSource, location, size: int) -> str:
 
 
 def sample_key(member_name: str) -> tuple[str, str]:
-    """`dir/000123.seg.png` -> ("dir/000123", "seg.png"): the WebDataset key and extension of a tar member."""
+    """`dir/000123.seg.png` -> ("dir/000123", "seg.png"): the WebDataset key and extension of a
+    tar member."""
     folder, _, base = member_name.rpartition("/")
     stem, _, extension = base.partition(".")
     return (f"{folder}/{stem}" if folder else stem), extension.lower()
@@ -94,8 +109,9 @@ def shortened(name: str, keep: int = 60) -> str:
 
 
 class _ReadsWithinFile:
-    """A shard file whose reads never ask for more than the bytes left in it: tarfile reads a long-name or pax
-    header in one read of the size that header claims, and Python allocates that size before reading."""
+    """A shard file whose reads never ask for more than the bytes left in it: tarfile reads a
+    long-name or pax header in one read of the size that header claims, and Python allocates that
+    size before reading."""
 
     def __init__(self, file: BinaryIO, size: int):
         self.file, self.size = file, size
@@ -120,14 +136,14 @@ _MEMBER_KINDS = {
     tarfile.GNUTYPE_SPARSE: "a sparse file",
 }
 DUPLICATE_KEY = (
-    "its key appears more than once in the shard (members are grouped by key), so which data goes with "
-    "which label is unknown; write the shard again with one group of members per key"
+    "its key appears more than once in the shard (members are grouped by key), so which data goes "
+    "with which label is unknown; write the shard again with one group of members per key"
 )
 
 
 class _MemberGroups:
-    """Tar members grouped into samples by key as they are read (WebDataset's rule: consecutive members with
-    one key are one sample), with each sample's problem."""
+    """Tar members grouped into samples by key as they are read (WebDataset's rule: consecutive
+    members with one key are one sample), with each sample's problem."""
 
     def __init__(self, size: int):
         self.size = size
@@ -137,12 +153,16 @@ class _MemberGroups:
         self.rows: dict[tuple[int, int], tuple[int, int, int]] = {}
         self.problems: dict[int, str] = {}
         self.first_of_key: dict[str, int] = {}
-        self.grouping = True  # False after a sample of one over-long name: the next member starts a sample
+        self.grouping = (
+            True  # False after a sample of one over-long name: the next member starts a sample
+        )
 
     def add(self, member: tarfile.TarInfo) -> None:
         regular = member.isfile() and not member.issparse()
         if regular and member.offset_data + member.size > self.size:
-            raise tarfile.ReadError(f"member {shortened(member.name)} runs past the end of the file")
+            raise tarfile.ReadError(
+                f"member {shortened(member.name)} runs past the end of the file"
+            )
         if len(member.name) > MAX_KEY_CHARS:
             self.keys.append(shortened(member.name))
             self.problems[len(self.keys) - 1] = (
@@ -156,7 +176,9 @@ class _MemberGroups:
             self.keys.append(key)
             self.grouping = True
             if key in self.first_of_key:
-                self.problems[self.first_of_key[key]] = self.problems[len(self.keys) - 1] = DUPLICATE_KEY
+                self.problems[self.first_of_key[key]] = self.problems[len(self.keys) - 1] = (
+                    DUPLICATE_KEY
+                )
             self.first_of_key.setdefault(key, len(self.keys) - 1)
         sample = len(self.keys) - 1
         column = self.extensions.setdefault(extension, len(self.extensions))
@@ -168,7 +190,8 @@ class _MemberGroups:
             kind = _MEMBER_KINDS.get(member.type, "no regular file")
             self.problems.setdefault(
                 sample,
-                f"its member {shortened(member.name)} is {kind}, not file data; shards hold regular files only",
+                f"its member {shortened(member.name)} is {kind}, not file data; "
+                f"shards hold regular files only",
             )
 
     def table(self, path: Path) -> ShardTable:
@@ -189,19 +212,24 @@ class _MemberGroups:
 
 
 def scan_shard(path: Path) -> ShardTable:
-    """The samples of a local shard in tar order (WebDataset groups consecutive members by key); directories are
-    passed over. A member that is not file data (a link, device, pipe), a name longer than MAX_KEY_CHARS, a key that
-    appears twice (two groups, or one extension twice: which data goes with which label is unknown) make the
-    sample's problem.
+    """The samples of a local shard in tar order (WebDataset groups consecutive members by key);
+    directories are passed over. A member that is not file data (a link, device, pipe), a name
+    longer than MAX_KEY_CHARS, a key that appears twice (two groups, or one extension twice: which
+    data goes with which label is unknown) make the sample's problem.
 
-    A truncated or corrupt shard raises: besides tarfile's own checks, every member's data must lie inside the file
-    and the archive must end with tar's zero block (tarfile stops silently at a broken header after the first)."""
+    A truncated or corrupt shard raises: besides tarfile's own checks, every member's data must lie
+    inside the file and the archive must end with tar's zero block (tarfile stops silently at a
+    broken header after the first)."""
     size = path.stat().st_size
     groups = _MemberGroups(size)
     try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=_ReadsWithinFile(raw, size), mode="r:") as tar:
+        with (
+            open(path, "rb") as raw,
+            tarfile.open(fileobj=_ReadsWithinFile(raw, size), mode="r:") as tar,
+        ):
             while (member := tar.next()) is not None:
-                tar.members.clear()  # tarfile keeps every header it reads; nothing here looks one up again
+                # tarfile keeps every header it reads; nothing here looks one up again
+                tar.members.clear()
                 if not member.isdir():
                     groups.add(member)
             end = tar.offset
@@ -209,7 +237,8 @@ def scan_shard(path: Path) -> ShardTable:
             f.seek(end)
             if f.read(TAR_BLOCK) != bytes(TAR_BLOCK):
                 raise tarfile.ReadError(
-                    f"no end-of-archive block at byte {end}: the file is truncated or a header there is corrupt"
+                    f"no end-of-archive block at byte {end}: the file is truncated or "
+                    f"a header there is corrupt"
                 )
     except (tarfile.TarError, EOFError, ValueError, OverflowError, RecursionError) as error:
         raise ValueError(
@@ -227,7 +256,8 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def index_document(table: ShardTable) -> dict:
-    """The index file's content: JSON with the member rows as one flat list of integers (compact, quick to read)."""
+    """The index file's content: JSON with the member rows as one flat list of integers (compact,
+    quick to read)."""
     return {
         "format": INDEX_FORMAT,
         "version": INDEX_VERSION,
@@ -244,7 +274,9 @@ def index_document(table: ShardTable) -> dict:
 def write_index(shard: Path, table: ShardTable) -> Path:
     """Write `table` as the index beside the local `shard`; returns the index's path."""
     path = index_location(shard)
-    write_atomically(path, json.dumps(index_document(table), separators=(",", ":")).encode() + b"\n")
+    write_atomically(
+        path, json.dumps(index_document(table), separators=(",", ":")).encode() + b"\n"
+    )
     return path
 
 
@@ -253,8 +285,8 @@ class StaleIndex(ValueError):
 
 
 def refresh_index(shard: Path) -> str | None:
-    """Write a local shard's index unless a fresh one is beside it; returns why it was written ("missing", "stale",
-    "unreadable"), None when the index was fresh."""
+    """Write a local shard's index unless a fresh one is beside it; returns why it was written
+    ("missing", "stale", "unreadable"), None when the index was fresh."""
     try:
         if read_index(LocalFiles(), shard, shard.stat().st_size) is not None:
             return None
@@ -268,8 +300,9 @@ def refresh_index(shard: Path) -> str | None:
 
 
 def read_index(source: ByteSource, shard, shard_size: int) -> ShardTable | None:
-    """The table in `shard`'s index, None without one. An index of another version of the shard raises StaleIndex;
-    one that is too large, malformed or points outside the shard raises ValueError: both name the fix."""
+    """The table in `shard`'s index, None without one. An index of another version of the shard
+    raises StaleIndex; one that is too large, malformed or points outside the shard
+    raises ValueError: both name the fix."""
     location = index_location(shard)
     try:
         text = source.read(location, 0, MAX_INDEX_BYTES + 1)
@@ -277,34 +310,43 @@ def read_index(source: ByteSource, shard, shard_size: int) -> ShardTable | None:
         return None
     if len(text) > MAX_INDEX_BYTES:
         raise ValueError(
-            f"shard index {location} is larger than {MAX_INDEX_BYTES} bytes, far more than an index needs; {INDEX_HINT}"
+            f"shard index {location} is larger than {MAX_INDEX_BYTES} bytes, far more than an "
+            f"index needs; {INDEX_HINT}"
         )
     try:
         document = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as error:
         raise ValueError(
-            f"shard index {location} is not JSON ({type(error).__name__}: {str(error)[:120]}); {INDEX_HINT}"
+            f"shard index {location} is not JSON ({type(error).__name__}: "
+            f"{str(error)[:120]}); {INDEX_HINT}"
         ) from None
     if (
         not isinstance(document, dict)
         or document.get("format") != INDEX_FORMAT
         or document.get("version") != INDEX_VERSION
     ):
-        raise ValueError(f"{location} is not a version-{INDEX_VERSION} {INDEX_FORMAT} file; {INDEX_HINT}")
+        raise ValueError(
+            f"{location} is not a version-{INDEX_VERSION} {INDEX_FORMAT} file; {INDEX_HINT}"
+        )
     size, fingerprint = document.get("size"), document.get("sha256_first_last_64k")
     if size != shard_size or fingerprint != shard_fingerprint(source, shard, shard_size):
         raise StaleIndex(
-            f"the index {location} describes another version of {shard} (its size or the hash of its "
-            f"first and last 64 KiB differ: the shard changed after it was indexed); {INDEX_HINT}"
+            f"the index {location} describes another version of {shard} (its size or the hash of "
+            f"its first and last 64 KiB differ: the shard changed after it "
+            f"was indexed); {INDEX_HINT}"
         )
     try:
         return _checked_table(document, shard_size)
     except (TypeError, ValueError, OverflowError) as error:
-        raise ValueError(f"shard index {location} is malformed ({str(error)[:200]}); {INDEX_HINT}") from None
+        raise ValueError(
+            f"shard index {location} is malformed ({str(error)[:200]}); {INDEX_HINT}"
+        ) from None
 
 
 def _strings(value, what: str, limit: int) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) and len(v) <= limit for v in value):
+    if not isinstance(value, list) or not all(
+        isinstance(v, str) and len(v) <= limit for v in value
+    ):
         raise ValueError(f"{what} must be a list of strings of at most {limit} characters")
     return value
 
@@ -318,7 +360,9 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
         raise ValueError("members must be a flat list of integers, four per member")
     most = shard_size // TAR_BLOCK  # every member takes at least its header block
     if len(keys) > most or len(flat) // 4 > most:
-        raise ValueError(f"it lists more samples or members than a shard of {shard_size} bytes can hold")
+        raise ValueError(
+            f"it lists more samples or members than a shard of {shard_size} bytes can hold"
+        )
     members = np.asarray(flat, dtype=np.int64).reshape(-1, 4)  # [M, 4]
     samples, columns, offsets, sizes = members.T
     data = sizes >= 0
@@ -329,7 +373,9 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
         or columns.max() >= len(extensions)
         or sizes.min() < -1
     ):
-        raise ValueError("a member names a sample or extension that does not exist, or has a negative size")
+        raise ValueError(
+            "a member names a sample or extension that does not exist, or has a negative size"
+        )
     if (
         np.any(offsets[data] < TAR_BLOCK)
         or np.any(offsets[data] % TAR_BLOCK)
@@ -350,7 +396,8 @@ def _checked_table(document: dict, shard_size: int) -> ShardTable:
         for p in problems
     ):
         raise ValueError(
-            f"problems must be a list of [sample, reason] pairs (reasons of at most {MAX_REASON_CHARS} characters)"
+            f"problems must be a list of [sample, reason] pairs (reasons of at most "
+            f"{MAX_REASON_CHARS} characters)"
         )
     problems = {p[0]: p[1] for p in problems}
     fingerprint = document["sha256_first_last_64k"]

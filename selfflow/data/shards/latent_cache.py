@@ -88,11 +88,15 @@ def read_json(path: Path, what: str) -> Any:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: {what}")
     if path.stat().st_size > MAX_JSON_BYTES:
-        raise ValueError(f"{path} is larger than {MAX_JSON_BYTES} bytes; not a selfflow latent cache file")
+        raise ValueError(
+            f"{path} is larger than {MAX_JSON_BYTES} bytes; not a selfflow latent cache file"
+        )
     try:
         return json.loads(path.read_text())
     except (ValueError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); cache again with selfflow-cache") from error
+        raise ValueError(
+            f"{path} is not valid JSON ({error}); cache again with selfflow-cache"
+        ) from error
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -128,7 +132,8 @@ def read_manifest(root: str | os.PathLike) -> dict[str, Any]:
         ok = False
     if not ok:
         raise ValueError(
-            f"{path} is not a selfflow latent cache manifest of format {FORMAT}; cache again with selfflow-cache"
+            f"{path} is not a selfflow latent cache manifest of format {FORMAT}; cache "
+            f"again with selfflow-cache"
         )
     bounded_size(manifest["latent_channels"], MAX_LATENT_CHANNELS, f"{path} latent_channels")
     for side in manifest["latent_size"]:
@@ -197,13 +202,18 @@ def check_manifest(
 
 
 class ShardWriter:
-    """One rank's records of one split, as tar shards of at most `records_per_shard` records; `close()` writes the
-    rank's part of the index (`part-<split>-rNNN.json`) for `merge_index`."""
+    """One rank's records of one split, as tar shards of at most `records_per_shard` records;
+    `close()` writes the rank's part of the index (`part-<split>-rNNN.json`) for `merge_index`."""
 
     def __init__(self, folder: Path, split: str, rank: int, records_per_shard: int = 4096):
         if records_per_shard < 1:
             raise ValueError(f"records_per_shard={records_per_shard} must be >= 1")
-        self.folder, self.split, self.rank, self.records_per_shard = folder, split, rank, records_per_shard
+        self.folder, self.split, self.rank, self.records_per_shard = (
+            folder,
+            split,
+            rank,
+            records_per_shard,
+        )
         self.records: list[list[Any]] = []  # [sample index, key, shard name, data offset, label]
         self._tar: tarfile.TarFile | None = None
         self._file = self._temporary = None  # the open shard, under a temporary name until complete
@@ -217,7 +227,9 @@ class ShardWriter:
         data = record.to(torch.float16).contiguous().numpy().tobytes()
         info = tarfile.TarInfo(f"{index:09d}{RECORD_SUFFIX}")
         info.size = len(data)
-        offset = self._tar.offset + tarfile.BLOCKSIZE  # a USTAR header is one block for these short names
+        offset = (
+            self._tar.offset + tarfile.BLOCKSIZE
+        )  # a USTAR header is one block for these short names
         self._tar.addfile(info, io.BytesIO(data))
         self.records.append([int(index), str(key), self._shard_name, offset, int(label)])
         self._in_shard += 1
@@ -246,10 +258,12 @@ class ShardWriter:
 
 
 def merge_index(folder: Path, split: str, world_size: int) -> int:
-    """Rank 0, after every rank closed its writer: the parts as `index-<split>.json` in sample order (the same
-    index for any number of ranks); the parts are removed. Returns the record count."""
+    """Rank 0, after every rank closed its writer: the parts as `index-<split>.json` in sample order
+    (the same index for any number of ranks); the parts are removed. Returns the record count."""
     parts = [folder / f"part-{split}-r{rank:03d}.json" for rank in range(world_size)]
-    records = sorted((r for part in parts for r in read_json(part, "a rank did not finish")), key=lambda r: r[0])
+    records = sorted(
+        (r for part in parts for r in read_json(part, "a rank did not finish")), key=lambda r: r[0]
+    )
     shards = sorted({r[2] for r in records})
     shard_ids = {name: i for i, name in enumerate(shards)}
     write_json(
@@ -328,13 +342,23 @@ class LatentCache(Dataset):
         index = read_json(path, f"the latent cache has no {split} split")
         try:
             names = [str(n) for n in index["shards"]]
-            shard_ids, offsets, labels = (np.asarray(index[k], dtype=np.int64) for k in ("shard", "offset", "label"))
+            shard_ids, offsets, labels = (
+                np.asarray(index[k], dtype=np.int64) for k in ("shard", "offset", "label")
+            )
         except (KeyError, TypeError, ValueError, OverflowError) as error:
-            raise ValueError(f"{path} is not a latent cache index ({error}); cache again") from error
+            raise ValueError(
+                f"{path} is not a latent cache index ({error}); cache again"
+            ) from error
         shards = []
         for name in names:  # plain file names inside the cache folder (links resolved), no more
-            if Path(name).name != name or not name.endswith(".tar") or not (self.root / name).is_file():
-                raise ValueError(f"{path} names shard {name!r}, which is not a .tar file in {self.root}")
+            if (
+                Path(name).name != name
+                or not name.endswith(".tar")
+                or not (self.root / name).is_file()
+            ):
+                raise ValueError(
+                    f"{path} names shard {name!r}, which is not a .tar file in {self.root}"
+                )
             shards.append(resolve_inside(self.root, name))
         sizes = np.asarray([p.stat().st_size for p in shards] or [0], dtype=np.int64)
         lengths = {len(shard_ids), len(offsets), len(labels)}
@@ -346,11 +370,15 @@ class LatentCache(Dataset):
             or offsets.min() < 0
             or (offsets + self.record_bytes > sizes[shard_ids]).any()
         ):
-            raise ValueError(f"{path} points outside its shards (truncated or foreign files); cache again")
+            raise ValueError(
+                f"{path} points outside its shards (truncated or foreign files); cache again"
+            )
         if overlapping(shard_ids, offsets, self.record_bytes):
             raise ValueError(f"{path} lists records that overlap in their shards; cache again")
         if labels.min() < 0 or labels.max() >= max(1, len(self.class_names)):
-            raise ValueError(f"{path} has labels outside the {len(self.class_names)} classes of the manifest")
+            raise ValueError(
+                f"{path} has labels outside the {len(self.class_names)} classes of the manifest"
+            )
         return shards, shard_ids, offsets, labels
 
     @property
@@ -370,8 +398,12 @@ class LatentCache(Dataset):
             self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
         data = os.pread(self._fds[shard], self.record_bytes, int(self.offsets[i]))
         if len(data) != self.record_bytes:
-            raise ValueError(f"{self.shards[shard]} is truncated (record {i}); cache again with selfflow-cache")
-        return torch.from_numpy(np.frombuffer(data, dtype=np.float16).reshape(self.record_shape).astype(np.float32))
+            raise ValueError(
+                f"{self.shards[shard]} is truncated (record {i}); cache again with selfflow-cache"
+            )
+        return torch.from_numpy(
+            np.frombuffer(data, dtype=np.float16).reshape(self.record_shape).astype(np.float32)
+        )
 
     def __getitem__(self, i: int) -> tuple[Tensor, int]:
         moments = self.moments(i)

@@ -63,13 +63,15 @@ class ByteSource(Protocol):
     def size(self, location) -> int: ...
 
     def read(self, location, offset: int, size: int) -> bytes:
-        """Up to `size` bytes from `offset` (fewer at the end); FileNotFoundError if `location` does not exist."""
+        """Up to `size` bytes from `offset` (fewer at the end); FileNotFoundError if `location` does
+        not exist."""
 
     def glob(self, folder, pattern: str) -> list:
         """The files directly in `folder` whose names match the glob `pattern`, sorted."""
 
     def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """`[function(item) for item in items]`, concurrently where that helps (network requests)."""
+        """`[function(item) for item in items]`, concurrently where that helps
+        (network requests)."""
 
 
 def protocol_of(location) -> str | None:
@@ -90,7 +92,9 @@ class LocalFiles:
 
     def read(self, location: str | os.PathLike, offset: int, size: int) -> bytes:
         with open(location, "rb") as f:
-            size = max(0, min(size, os.fstat(f.fileno()).st_size - offset))  # never allocate past the end
+            size = max(
+                0, min(size, os.fstat(f.fileno()).st_size - offset)
+            )  # never allocate past the end
             f.seek(offset)
             return f.read(size)
 
@@ -218,8 +222,8 @@ class ObjectStore:
     ):
         if addressing_style not in ADDRESSING_STYLES:
             raise ValueError(
-                f"data.dataset.store.addressing_style={addressing_style!r} is unknown; choose one of "
-                f"{ADDRESSING_STYLES}"
+                f"data.dataset.store.addressing_style={addressing_style!r} is unknown; choose one "
+                f"of {ADDRESSING_STYLES}"
             )
         if max_connections < 1 or retries < 1 or timeout_s <= 0:
             raise ValueError(
@@ -349,7 +353,8 @@ class ObjectStore:
         return sorted(f"{folder}/{name}" for name in names if fnmatch.fnmatchcase(name, pattern))
 
     def map(self, function: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """`function` over `items` on max_connections threads (requests wait on the network, not the CPU)."""
+        """`function` over `items` on max_connections threads (requests wait on the network, not
+        the CPU)."""
         self._this_process()
         if self._threads is None:
             self._threads = ThreadPoolExecutor(
