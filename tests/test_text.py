@@ -486,3 +486,11 @@ def test_a_change_to_the_block_reaches_two_stream_text_models(monkeypatch):
     monkeypatch.setattr(TransformerBlock, "forward", identity)
     assert torch.equal(run(text), run(other))  # every block, two-stream ones too, followed
     assert len(calls) == 2 * 3 and all(second is not None for second in calls)
+
+
+def test_only_empty_captions_encode_for_a_tokenizer_without_special_tokens(encoders):
+    """The null text of unconditional samples is the empty caption; a word-level tokenizer gives it
+    no token at all, which the encoder cannot run on."""
+    text = TextTokenizer(encoders["bert"]).encode(["", ""])
+    assert text.x.shape == (2, 1, 16) and not text.valid.any()
+    assert torch.isfinite(text.pooled).all()

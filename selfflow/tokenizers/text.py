@@ -113,6 +113,12 @@ class FrozenTextEncoder:
             max_length=self.max_length,
             return_tensors="pt",
         ).to(device)
+        if batch["input_ids"].shape[1] == 0:
+            # only empty captions, and a tokenizer that adds no special tokens: one masked pad
+            # token, so that the encoder runs (it has no zero-length input)
+            pad = self.tokenizer.pad_token_id or 0
+            batch["input_ids"] = torch.full((len(captions), 1), pad, device=device)
+            batch["attention_mask"] = torch.zeros_like(batch["input_ids"])
         mask = batch["attention_mask"].bool()  # [B, T]
         with torch.autocast(device_type=torch.device(device).type, enabled=False):
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
