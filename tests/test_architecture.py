@@ -255,3 +255,16 @@ def test_functions_fit_on_a_screen():
         and node.end_lineno - node.lineno >= 60
     ]
     assert not long, "\n".join(sorted(long))
+
+
+def test_every_package_is_installed():
+    """setup.cfg lists its packages one by one: a package missing there is missing from a wheel."""
+    import configparser
+
+    setup = configparser.ConfigParser()
+    setup.read(ROOT / "setup.cfg")
+    listed = set(setup["options"]["packages"].split())
+    found = {
+        ".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "selfflow").rglob("__init__.py")
+    }
+    assert found - listed == set(), f"packages missing from setup.cfg: {sorted(found - listed)}"
