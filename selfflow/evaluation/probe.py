@@ -222,7 +222,9 @@ def probe_representations(
     return grid.rows(trained, random, layers)
 
 
-def split_loaders(splits: dict[str, Dataset], modality: str, batch_size: int, num_workers: int):
+def split_loaders(
+    splits: dict[str, Dataset], modality: str, batch_size: int, num_workers: int
+) -> dict[str, DataLoader]:
     """Split name -> the feature-extraction loader of its dataset (`probe_loader`).
 
     Args:
@@ -232,7 +234,7 @@ def split_loaders(splits: dict[str, Dataset], modality: str, batch_size: int, nu
         num_workers: Data-loader workers.
 
     Returns:
-        dict[str, DataLoader]: Split name -> its loader.
+        Split name -> its loader.
     """
     loaders = {}
     for split, dataset in splits.items():

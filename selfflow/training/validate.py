@@ -116,11 +116,12 @@ def check_keys(node: Any, path: str = "") -> None:
                         f"{path}.{key} is not an option of {target.rsplit('.', 1)[-1]}; {hint}"
                         f"allowed: {', '.join(sorted(accepted))}"
                     )
-    for key in keys:
-        full = f"{path}.{key}" if path else str(key)
+    full = {key: f"{path}.{key}" if path else str(key) for key in keys}
+    for key in keys:  # this level first: a child may interpolate a key of it (`${..root}`)
         if OmegaConf.is_missing(node, key):
-            raise ConfigError(f"{full} must be set ({full}=...); it has no default")
-        check_keys(node[key], full)
+            raise ConfigError(f"{full[key]} must be set ({full[key]}=...); it has no default")
+    for key in keys:
+        check_keys(node[key], full[key])
 
 
 def check_tokenizers_take_geometry_from_the_data(cfg: DictConfig) -> None:
