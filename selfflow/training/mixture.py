@@ -1,8 +1,8 @@
-"""Joint training data: several modalities' datasets in one run, either one modality per step (drawn
-by weight) or samples of every modality packed into rows (`data.mode=packed`).
-
-Batches follow (seed, epoch, position) only, like `ResumableBatchSampler`, so a resumed run sees the
-same data.
+"""The Lightning DataModule of joint training: several modalities' datasets in one run, one
+modality per step (drawn by weight) or samples of every modality packed into rows
+(`data.mode=packed`). The batches themselves (sampler, collate, packing) are plain PyTorch in
+`selfflow.data.batching.mixture`; they follow (seed, epoch, position) only, so a resumed run
+sees the same data.
 """
 
 from __future__ import annotations

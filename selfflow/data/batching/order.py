@@ -4,7 +4,8 @@ resumable mid-epoch.
 `ResumableBatchSampler` shuffles each epoch with its own generator (no draw from the global RNG) and
 can start an epoch part-way through; `SeededSamples` runs each batch's loading under a seed derived
 from the same (seed, epoch, batch), so random augmentation gives the same result whether or not the
-run was interrupted, with or without DataLoader workers.
+run was interrupted, with or without DataLoader workers. `ResumableBucketBatchSampler` does the
+same for bucketed data (each batch one bucket).
 """
 
 from __future__ import annotations
