@@ -17,15 +17,14 @@ from einops import rearrange, repeat
 from torch import Tensor
 
 from selfflow.tokenizers.audio import as_mono_batch, limit_peak
-from selfflow.tokenizers.autoencoders import FrozenVae
-from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.autoencoders import FrozenVae, VaeLatentTokenizer
 from selfflow.tokenizers.video import grid_positions
 from selfflow.tokens import Tokens
 
 KEY = "tokenizer.audio.vae"
 
 
-class AudioVaeTokenizer(Tokenizer):
+class AudioVaeTokenizer(VaeLatentTokenizer):
     """Mono waves [B, 1, S] <-> tokens [B, L / pf, C' pf] of the VAE latent [B, C', L].
 
     While in training mode the latent is a posterior sample (mean + std * noise), otherwise the
@@ -77,18 +76,6 @@ class AudioVaeTokenizer(Tokenizer):
         self.latent_shape = (geometry.channels, self.latent_frames)  # (C', L)
         self.token_channels = geometry.channels * self.patch_frames
 
-    @property
-    def vae(self):
-        return self.frozen.vae
-
-    @property
-    def scale(self) -> list[float]:
-        return self.frozen.scale
-
-    @property
-    def shift(self) -> list[float]:
-        return self.frozen.shift
-
     def posterior(self, wave: Tensor) -> tuple[Tensor, Tensor]:
         """waves [B, 1, S] or [B, S] -> the posterior (mean, std), each [B, C', L]."""
         wave = as_mono_batch(wave, self.num_samples, "the audio VAE tokenizer")
@@ -100,13 +87,6 @@ class AudioVaeTokenizer(Tokenizer):
         """Latents z [B, C', L] -> tokens [B, L / pf, C' pf] with ids (t, 0, 0, 0)."""
         x = rearrange(self.frozen.normalise(z), "b c (t p) -> b t (c p)", p=self.patch_frames)
         return Tokens(x=x, pos=self.positions(z.shape[0], z.device), modality=self.modality)
-
-    def encode(self, data: Tensor) -> Tokens:
-        """Waves [B, 1, S] / [B, S], or cached latents [B, C', L] -> tokens."""
-        if tuple(data.shape[1:]) == self.latent_shape:
-            return self.encode_latents(data)
-        mean, std = self.posterior(data)
-        return self.encode_latents(mean + std * torch.randn_like(std) if self.training else mean)
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:

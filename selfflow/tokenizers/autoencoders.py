@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 
 from selfflow.io.model_folders import read_vae_config, vae_folder
+from selfflow.tokenizers.base import Tokenizer
 from selfflow.tokenizers.pretrained import check_part
+from selfflow.tokens import Tokens
 
 
 @dataclass(frozen=True)
@@ -333,3 +335,35 @@ def point_vae_keys(config, folder: str | os.PathLike, modality: str | None = Non
     for spec in specs:
         if spec is not None and "vae" in spec:
             spec["vae"] = str(folder)
+
+
+class VaeLatentTokenizer(Tokenizer):
+    """What the video and audio VAE tokenizers share: the frozen VAE (`self.frozen`, a `FrozenVae`)
+    and its normalisation, and an `encode` that takes samples or latents a cache stored.
+
+    Subclasses set `frozen`, `latent_shape` (one sample's latent shape, without the batch) and
+    implement `posterior` (samples -> mean, std) and `encode_latents` (latents -> tokens).
+    """
+
+    frozen: FrozenVae
+    latent_shape: tuple[int, ...]
+
+    @property
+    def vae(self):
+        return self.frozen.vae
+
+    @property
+    def scale(self) -> list[float]:
+        return self.frozen.scale
+
+    @property
+    def shift(self) -> list[float]:
+        return self.frozen.shift
+
+    def encode(self, data: Tensor) -> Tokens:
+        """Samples, or cached latents (told apart by shape) -> tokens; a training draw samples the
+        posterior, evaluation takes its mean."""
+        if tuple(data.shape[1:]) == self.latent_shape:
+            return self.encode_latents(data)
+        mean, std = self.posterior(data)
+        return self.encode_latents(mean + std * torch.randn_like(std) if self.training else mean)

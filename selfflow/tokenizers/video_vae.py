@@ -16,15 +16,14 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor
 
-from selfflow.tokenizers.autoencoders import FrozenVae
-from selfflow.tokenizers.base import Tokenizer
+from selfflow.tokenizers.autoencoders import FrozenVae, VaeLatentTokenizer
 from selfflow.tokenizers.video import from_tubelets, grid_positions, to_tubelets, tubelet_grid
 from selfflow.tokens import Tokens
 
 KEY = "tokenizer.video.vae"
 
 
-class VideoVaeTokenizer(Tokenizer):
+class VideoVaeTokenizer(VaeLatentTokenizer):
     """Clips [B, T, C, H, W] in [0, 1] <-> tokens [B, (T'/pt)(h/p)(w/p), C' pt p p] of the VAE
     latent [B, C', T', h, w] (T' latent frames of h x w).
 
@@ -83,18 +82,6 @@ class VideoVaeTokenizer(Tokenizer):
         self.vae_batch_size = int(vae_batch_size)
         self._set_frames(num_frames)
         self.token_channels = geometry.channels * tubelet_frames * patch_size * patch_size
-
-    @property
-    def vae(self):
-        return self.frozen.vae
-
-    @property
-    def scale(self) -> list[float]:
-        return self.frozen.scale
-
-    @property
-    def shift(self) -> list[float]:
-        return self.frozen.shift
 
     def _set_frames(self, num_frames: int) -> None:
         """Latent frames and the token grid of clips of `num_frames` frames, or a one-line
@@ -156,13 +143,6 @@ class VideoVaeTokenizer(Tokenizer):
         frames = rearrange(self.frozen.normalise(z), "b c t h w -> b t c h w")
         x = to_tubelets(frames, self.tubelet_frames, self.patch_size)
         return Tokens(x=x, pos=self.positions(z.shape[0], z.device), modality=self.modality)
-
-    def encode(self, data: Tensor) -> Tokens:
-        """Clips [B, T, C, H, W] in [0, 1], or cached latents [B, C', T', h, w] -> tokens."""
-        if tuple(data.shape[1:]) == self.latent_shape:
-            return self.encode_latents(data)
-        mean, std = self.posterior(data)
-        return self.encode_latents(mean + std * torch.randn_like(std) if self.training else mean)
 
     @torch.no_grad()
     def decode(self, x: Tensor) -> Tensor:
