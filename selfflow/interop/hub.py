@@ -2,8 +2,8 @@
 machine paths, a README.md model card), loaded back by path or by hub repo id from huggingface_hub's
 local cache.
 
-Nothing is ever downloaded: `from_pretrained("OWNER/NAME")` resolves the repo in the local cache
-only (`hf download OWNER/NAME`, run by you beforehand, puts it there).
+Nothing is ever downloaded: `from_pretrained` takes a local folder, or a repo id that it resolves in
+the local hub cache only (`hf download OWNER/NAME`, run by you beforehand, puts it there).
 """
 
 from __future__ import annotations
@@ -56,7 +56,8 @@ optimizer steps.
 
 ```python
 import selfflow
-loaded = selfflow.from_pretrained("OWNER/NAME")   # or a local folder; vae=FOLDER for a latent model
+loaded = selfflow.from_pretrained("path/to/this/folder")   # vae=FOLDER for a latent model
+# or the repo id, once `hf download` has put it in the local hub cache (nothing is downloaded)
 ```
 
 ```bash
